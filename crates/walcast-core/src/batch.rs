@@ -1,0 +1,146 @@
+//! The KV batch codec: the payload of one record in KV mode, applied
+//! atomically. See `docs/FORMAT.md`.
+
+use crate::codec::{invalid, put_len_prefixed, put_varint, Reader};
+use crate::error::DecodeError;
+
+/// KV batch format version.
+pub const VERSION: u8 = 1;
+/// Largest key accepted.
+pub const MAX_KEY_LEN: u64 = 64 << 10;
+/// Largest value accepted.
+pub const MAX_VALUE_LEN: u64 = 64 << 20;
+
+const TAG_PUT: u8 = 1;
+const TAG_DELETE: u8 = 2;
+
+/// One operation of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// Set `key` to `value`.
+    Put {
+        /// The key.
+        key: Vec<u8>,
+        /// The value.
+        value: Vec<u8>,
+    },
+    /// Remove `key` (a no-op when absent).
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+    },
+}
+
+impl Op {
+    /// A put.
+    pub fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        Op::Put {
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    /// A delete.
+    pub fn delete(key: impl Into<Vec<u8>>) -> Self {
+        Op::Delete { key: key.into() }
+    }
+
+    /// The key the op touches.
+    pub fn key(&self) -> &[u8] {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key } => key,
+        }
+    }
+}
+
+/// A borrowed operation, as decoded from a record without copying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpRef<'a> {
+    /// Set `key` to `value`.
+    Put(&'a [u8], &'a [u8]),
+    /// Remove `key`.
+    Delete(&'a [u8]),
+}
+
+/// Encodes a batch. Returns an error naming the op when a key or value is
+/// above the limits.
+pub fn encode(ops: &[Op]) -> Result<Vec<u8>, crate::Error> {
+    let mut out = Vec::with_capacity(
+        2 + ops
+            .iter()
+            .map(|o| match o {
+                Op::Put { key, value } => key.len() + value.len() + 8,
+                Op::Delete { key } => key.len() + 4,
+            })
+            .sum::<usize>(),
+    );
+    out.push(VERSION);
+    put_varint(&mut out, ops.len() as u64);
+    for (i, op) in ops.iter().enumerate() {
+        if op.key().len() as u64 > MAX_KEY_LEN {
+            return Err(crate::Error::new(
+                crate::ErrorKind::InvalidInput,
+                format!("op {i}: key of {} bytes exceeds {MAX_KEY_LEN}", op.key().len()),
+            ));
+        }
+        match op {
+            Op::Put { key, value } => {
+                if value.len() as u64 > MAX_VALUE_LEN {
+                    return Err(crate::Error::new(
+                        crate::ErrorKind::InvalidInput,
+                        format!("op {i}: value of {} bytes exceeds {MAX_VALUE_LEN}", value.len()),
+                    ));
+                }
+                out.push(TAG_PUT);
+                put_len_prefixed(&mut out, key);
+                put_len_prefixed(&mut out, value);
+            }
+            Op::Delete { key } => {
+                out.push(TAG_DELETE);
+                put_len_prefixed(&mut out, key);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes and validates a whole batch into borrowed ops. Nothing is
+/// returned unless the whole payload is valid, so applying the result is
+/// all-or-nothing.
+pub fn decode(payload: &[u8]) -> Result<Vec<OpRef<'_>>, DecodeError> {
+    let mut r = Reader::new(payload, 0);
+    let version = r.u8("KV batch")?;
+    if version != VERSION {
+        return Err(DecodeError::UnsupportedVersion {
+            what: "KV batch",
+            version: u64::from(version),
+            known: u64::from(VERSION),
+        });
+    }
+    let at = r.offset();
+    let count = r.varint("KV batch op count")?;
+    // Every op takes at least 2 bytes: a bound from the bytes actually present.
+    if count > (r.remaining() as u64) / 2 {
+        return Err(invalid("KV batch", at, format!("op count {count} exceeds what the payload can hold")));
+    }
+    let mut ops = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let at = r.offset();
+        match r.u8("KV op tag")? {
+            TAG_PUT => {
+                let key = r.len_prefixed("KV key", MAX_KEY_LEN)?;
+                let value = r.len_prefixed("KV value", MAX_VALUE_LEN)?;
+                ops.push(OpRef::Put(key, value));
+            }
+            TAG_DELETE => {
+                let key = r.len_prefixed("KV key", MAX_KEY_LEN)?;
+                ops.push(OpRef::Delete(key));
+            }
+            t => return Err(invalid("KV op tag", at, format!("unknown op tag {t}"))),
+        }
+    }
+    if !r.is_empty() {
+        return Err(invalid("KV batch", r.offset(), "trailing bytes after the last op"));
+    }
+    Ok(ops)
+}

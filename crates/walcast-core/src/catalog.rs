@@ -1,0 +1,419 @@
+//! The catalog: the mutable head (`catalog/head.json`) and immutable pages of
+//! older segment entries. See `docs/FORMAT.md`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::DecodeError;
+use crate::segment::{IndexEntry, SegmentSummary};
+
+/// Catalog format version written and understood by this crate.
+pub const FORMAT: u32 = 1;
+/// Key of the head, relative to the dataset prefix.
+pub const HEAD_KEY: &str = "catalog/head.json";
+/// Largest head accepted.
+pub const MAX_HEAD_BYTES: usize = 1 << 20;
+/// Largest page accepted.
+pub const MAX_PAGE_BYTES: usize = 16 << 20;
+/// Index entries kept per segment in the catalog.
+pub const CATALOG_INDEX_SAMPLE: usize = 16;
+
+/// A dataset's random 128-bit identity, written as 32 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct DatasetId(pub [u8; 16]);
+
+impl DatasetId {
+    /// Derives an id from a caller-provided seed (the core has no randomness
+    /// of its own; drivers pass random bytes).
+    pub fn from_seed(seed: u64) -> Self {
+        let mut s = seed;
+        let mut out = [0u8; 16];
+        for chunk in out.chunks_mut(8) {
+            chunk.copy_from_slice(&crate::rng::splitmix64(&mut s).to_le_bytes());
+        }
+        DatasetId(out)
+    }
+}
+
+impl fmt::Display for DatasetId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for DatasetId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatasetId({self})")
+    }
+}
+
+impl FromStr for DatasetId {
+    type Err = DecodeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let b = s.as_bytes();
+        let bad = || DecodeError::Json(format!("dataset_id {s:?} is not 32 lowercase hex digits"));
+        if b.len() != 32 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 16];
+        for (i, pair) in b.chunks(2).enumerate() {
+            let hex = |c: u8| match c {
+                b'0'..=b'9' => Some(c - b'0'),
+                b'a'..=b'f' => Some(c - b'a' + 10),
+                _ => None,
+            };
+            out[i] = (hex(pair[0]).ok_or_else(bad)? << 4) | hex(pair[1]).ok_or_else(bad)?;
+        }
+        Ok(DatasetId(out))
+    }
+}
+
+impl Serialize for DatasetId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for DatasetId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A segment as the catalog names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentEntry {
+    /// Object key relative to the prefix.
+    pub key: String,
+    /// Epoch that sealed it.
+    pub epoch: u64,
+    /// First LSN.
+    pub first_lsn: u64,
+    /// Last LSN.
+    pub last_lsn: u64,
+    /// File size.
+    pub size: u64,
+    /// `crc32` of the whole file.
+    pub crc32: u32,
+    /// End of the records.
+    pub records_end: u64,
+    /// A sample of the segment's sparse index (at most 16 entries, the first always).
+    pub index: Vec<IndexEntry>,
+}
+
+impl SegmentEntry {
+    /// The catalog entry for a sealed segment.
+    pub fn from_summary(s: &SegmentSummary) -> Self {
+        let n = s.index.len();
+        let step = n.div_ceil(CATALOG_INDEX_SAMPLE).max(1);
+        SegmentEntry {
+            key: segment_key(s.epoch, s.first_lsn, s.last_lsn),
+            epoch: s.epoch,
+            first_lsn: s.first_lsn,
+            last_lsn: s.last_lsn,
+            size: s.size,
+            crc32: s.crc32,
+            records_end: s.records_end,
+            index: s.index.iter().step_by(step).copied().collect(),
+        }
+    }
+
+    /// The index entry to start from to read `lsn`: the last one at or below it.
+    pub fn start_for(&self, lsn: u64) -> IndexEntry {
+        self.index
+            .iter()
+            .rev()
+            .find(|e| e.lsn <= lsn)
+            .copied()
+            .unwrap_or(IndexEntry {
+                lsn: self.first_lsn,
+                offset: crate::segment::HEADER_LEN,
+            })
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let first_ok = self.index.first().is_some_and(|e| e.lsn == self.first_lsn && e.offset == crate::segment::HEADER_LEN);
+        let ordered = self.index.windows(2).all(|w| w[0].lsn < w[1].lsn && w[0].offset < w[1].offset);
+        let in_range = self.index.iter().all(|e| e.lsn <= self.last_lsn && e.offset < self.records_end);
+        if self.first_lsn == 0 || self.last_lsn < self.first_lsn {
+            return Err(format!("segment {} has an empty LSN range", self.key));
+        }
+        if !(first_ok && ordered && in_range) || self.records_end >= self.size || self.records_end < crate::segment::HEADER_LEN {
+            return Err(format!("segment {} has an inconsistent index or size", self.key));
+        }
+        Ok(())
+    }
+}
+
+/// The latest snapshot, as the head names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotEntry {
+    /// Object key relative to the prefix.
+    pub key: String,
+    /// LSN the snapshot is at.
+    pub lsn: u64,
+    /// Epoch that wrote it.
+    pub epoch: u64,
+    /// File size.
+    pub size: u64,
+    /// `crc32` of the whole file.
+    pub crc32: u32,
+    /// Number of entries.
+    pub entries: u64,
+}
+
+/// A pointer to an immutable catalog page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRef {
+    /// Object key relative to the prefix.
+    pub key: String,
+    /// 0 for a page of segments, `L` for a page of level `L - 1` references.
+    pub level: u32,
+    /// First LSN covered.
+    pub first_lsn: u64,
+    /// Last LSN covered.
+    pub last_lsn: u64,
+    /// Entries in the page.
+    pub count: u32,
+    /// `crc32` of the page's bytes.
+    pub crc32: u32,
+}
+
+/// An object no longer named by the catalog, waiting out the grace period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retired {
+    /// Object key relative to the prefix.
+    pub key: String,
+    /// Publisher clock (ms) of the commit that dropped it.
+    pub since_ms: u64,
+}
+
+/// The catalog head.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    /// Catalog format version.
+    pub format: u32,
+    /// The dataset's identity.
+    pub dataset_id: DatasetId,
+    /// Epoch of the publisher that wrote this head.
+    pub epoch: u64,
+    /// Bumped by one on every head write.
+    pub generation: u64,
+    /// Everything at or below is visible.
+    pub committed_lsn: u64,
+    /// Lowest LSN still fetchable from segments.
+    pub earliest_lsn: u64,
+    /// Publisher clock at the commit, ms since the Unix epoch.
+    #[serde(default)]
+    pub committed_at_ms: u64,
+    /// The latest snapshot.
+    pub snapshot: Option<SnapshotEntry>,
+    /// Recent segments, ascending and contiguous, ending at `committed_lsn`.
+    pub segments: Vec<SegmentEntry>,
+    /// Older entries, ascending and contiguous with `segments`.
+    #[serde(default)]
+    pub pages: Vec<PageRef>,
+    /// Objects waiting to be deleted.
+    #[serde(default)]
+    pub retired: Vec<Retired>,
+}
+
+impl Head {
+    /// A claimed, empty dataset.
+    pub fn new(dataset_id: DatasetId, epoch: u64) -> Self {
+        Head {
+            format: FORMAT,
+            dataset_id,
+            epoch,
+            generation: 1,
+            committed_lsn: 0,
+            earliest_lsn: 1,
+            committed_at_ms: 0,
+            snapshot: None,
+            segments: Vec::new(),
+            pages: Vec::new(),
+            retired: Vec::new(),
+        }
+    }
+
+    /// Serializes the head.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses and validates a head.
+    pub fn decode(bytes: &[u8]) -> Result<Head, DecodeError> {
+        if bytes.len() > MAX_HEAD_BYTES {
+            return Err(DecodeError::TooLarge {
+                what: "catalog head",
+                at: 0,
+                len: bytes.len() as u64,
+                limit: MAX_HEAD_BYTES as u64,
+            });
+        }
+        check_format(bytes)?;
+        let head: Head = serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+        head.validate().map_err(DecodeError::Json)?;
+        Ok(head)
+    }
+
+    /// The LSN ranges covered, oldest first: pages then inline segments.
+    pub fn first_covered_lsn(&self) -> Option<u64> {
+        self.pages
+            .first()
+            .map(|p| p.first_lsn)
+            .or_else(|| self.segments.first().map(|s| s.first_lsn))
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.epoch == 0 {
+            return Err("epoch 0 is not valid".into());
+        }
+        if self.earliest_lsn == 0 || self.earliest_lsn > self.committed_lsn + 1 {
+            return Err(format!(
+                "earliest_lsn {} outside 1..={}",
+                self.earliest_lsn,
+                self.committed_lsn + 1
+            ));
+        }
+        if let Some(s) = &self.snapshot {
+            if s.lsn > self.committed_lsn || s.lsn + 1 < self.earliest_lsn {
+                return Err(format!("snapshot LSN {} outside {}..={}", s.lsn, self.earliest_lsn - 1, self.committed_lsn));
+            }
+        } else if self.earliest_lsn > 1 {
+            return Err("earliest_lsn above 1 without a snapshot".into());
+        }
+        // Pages then segments: ascending, contiguous, ending at committed_lsn.
+        let mut next: Option<u64> = None;
+        for p in &self.pages {
+            if p.last_lsn < p.first_lsn || next.is_some_and(|n| n != p.first_lsn) {
+                return Err(format!("page {} is not contiguous", p.key));
+            }
+            next = Some(p.last_lsn + 1);
+        }
+        for s in &self.segments {
+            s.validate()?;
+            if next.is_some_and(|n| n != s.first_lsn) {
+                return Err(format!("segment {} is not contiguous", s.key));
+            }
+            next = Some(s.last_lsn + 1);
+        }
+        match next {
+            Some(n) if n != self.committed_lsn + 1 => {
+                return Err(format!("segments end at {} but committed_lsn is {}", n - 1, self.committed_lsn))
+            }
+            None if self.committed_lsn >= self.earliest_lsn => {
+                return Err("no segments cover committed LSNs".into())
+            }
+            _ => {}
+        }
+        if let Some(first) = self.first_covered_lsn() {
+            if first > self.earliest_lsn {
+                return Err(format!("history starts at {first}, after earliest_lsn {}", self.earliest_lsn));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_format(bytes: &[u8]) -> Result<(), DecodeError> {
+    #[derive(Deserialize)]
+    struct Probe {
+        format: u32,
+    }
+    let p: Probe = serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+    if p.format != FORMAT {
+        return Err(DecodeError::UnsupportedVersion {
+            what: "catalog",
+            version: u64::from(p.format),
+            known: u64::from(FORMAT),
+        });
+    }
+    Ok(())
+}
+
+/// An immutable catalog page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Page {
+    /// Catalog format version.
+    pub format: u32,
+    /// Level: 0 holds segments, `L > 0` holds references of level `L - 1`.
+    pub level: u32,
+    /// Segment entries (level 0).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<SegmentEntry>,
+    /// Page references (level above 0).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pages: Vec<PageRef>,
+}
+
+impl Page {
+    /// Serializes the page.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses and validates a page against the reference that named it.
+    pub fn decode(bytes: &[u8], r: &PageRef) -> Result<Page, DecodeError> {
+        if bytes.len() > MAX_PAGE_BYTES {
+            return Err(DecodeError::TooLarge {
+                what: "catalog page",
+                at: 0,
+                len: bytes.len() as u64,
+                limit: MAX_PAGE_BYTES as u64,
+            });
+        }
+        crate::codec::check_crc("catalog page", 0, r.crc32, bytes)?;
+        check_format(bytes)?;
+        let page: Page = serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+        let (first, last, count) = if page.level == 0 {
+            for s in &page.segments {
+                s.validate().map_err(DecodeError::Json)?;
+            }
+            (
+                page.segments.first().map(|s| s.first_lsn),
+                page.segments.last().map(|s| s.last_lsn),
+                page.segments.len(),
+            )
+        } else {
+            (
+                page.pages.first().map(|s| s.first_lsn),
+                page.pages.last().map(|s| s.last_lsn),
+                page.pages.len(),
+            )
+        };
+        let contiguous = if page.level == 0 {
+            page.segments.windows(2).all(|w| w[0].last_lsn + 1 == w[1].first_lsn)
+        } else {
+            page.pages
+                .windows(2)
+                .all(|w| w[0].last_lsn + 1 == w[1].first_lsn)
+                && page.pages.iter().all(|p| p.level + 1 == page.level)
+        };
+        if page.level != r.level || first != Some(r.first_lsn) || last != Some(r.last_lsn) || count != r.count as usize || !contiguous {
+            return Err(DecodeError::Json(format!("page {} does not match its reference", r.key)));
+        }
+        Ok(page)
+    }
+}
+
+/// Key of a segment: `segments/<epoch>/<first:020>-<last:020>.wseg`.
+pub fn segment_key(epoch: u64, first: u64, last: u64) -> String {
+    format!("segments/{epoch}/{first:020}-{last:020}.wseg")
+}
+
+/// Key of a snapshot: `snapshots/<lsn:020>-<epoch>.wsnap`.
+pub fn snapshot_key(lsn: u64, epoch: u64) -> String {
+    format!("snapshots/{lsn:020}-{epoch}.wsnap")
+}
+
+/// Key of a page: `catalog/pages/<level>-<first:020>-<last:020>-<epoch>.json`.
+pub fn page_key(level: u32, first: u64, last: u64, epoch: u64) -> String {
+    format!("catalog/pages/{level}-{first:020}-{last:020}-{epoch}.json")
+}

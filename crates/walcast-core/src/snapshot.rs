@@ -1,0 +1,367 @@
+//! The snapshot file: the full KV state at an LSN, in checksummed chunks that
+//! a reader decodes as bytes arrive. See `docs/FORMAT.md`.
+
+use crate::catalog::DatasetId;
+use crate::codec::{check_crc, invalid, put_len_prefixed, Reader};
+use crate::error::DecodeError;
+use crate::state::{KvState, SortedBuilder};
+
+/// Magic at the start of a snapshot.
+pub const MAGIC: [u8; 4] = *b"WCSN";
+/// Magic of a chunk header.
+pub const CHUNK_MAGIC: [u8; 4] = *b"WCCK";
+/// Magic at the end of a snapshot.
+pub const TRAILER_MAGIC: [u8; 4] = *b"WCSX";
+/// Snapshot format version.
+pub const VERSION: u16 = 1;
+/// Header bytes.
+pub const HEADER_LEN: u64 = 56;
+/// Chunk header bytes.
+pub const CHUNK_HEADER_LEN: u64 = 16;
+/// Trailer bytes.
+pub const TRAILER_LEN: u64 = 40;
+/// Largest chunk body accepted.
+pub const MAX_CHUNK_LEN: u64 = 64 << 20;
+/// Default target bytes of entries per chunk.
+pub const DEFAULT_CHUNK_BYTES: usize = 256 << 10;
+
+/// The header of a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotHeader {
+    /// The state includes every LSN up to and including this one.
+    pub lsn: u64,
+    /// Epoch of the writer that made it (0 for a replica's local copy).
+    pub epoch: u64,
+    /// Dataset the state belongs to.
+    pub dataset_id: DatasetId,
+    /// Number of entries.
+    pub entry_count: u64,
+}
+
+/// Encodes `state` as a snapshot at `lsn`.
+pub fn encode(state: &KvState, lsn: u64, epoch: u64, dataset_id: DatasetId) -> Vec<u8> {
+    encode_with_chunk_bytes(state, lsn, epoch, dataset_id, DEFAULT_CHUNK_BYTES)
+}
+
+/// Like [`encode`] with a custom chunk size.
+pub fn encode_with_chunk_bytes(
+    state: &KvState,
+    lsn: u64,
+    epoch: u64,
+    dataset_id: DatasetId,
+    chunk_bytes: usize,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(state.heap_bytes() + 4096);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&lsn.to_le_bytes());
+    out.extend_from_slice(&epoch.to_le_bytes());
+    out.extend_from_slice(&dataset_id.0);
+    out.extend_from_slice(&state.len().to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+
+    let mut index: Vec<(u64, u32, u32)> = Vec::new();
+    let mut body = Vec::with_capacity(chunk_bytes + 1024);
+    let mut count = 0u32;
+    let mut flush = |out: &mut Vec<u8>, body: &mut Vec<u8>, count: &mut u32| {
+        if *count == 0 {
+            return;
+        }
+        let offset = out.len() as u64;
+        let len = body.len() as u32;
+        let mut h = crc32fast::Hasher::new();
+        h.update(&count.to_le_bytes());
+        h.update(&len.to_le_bytes());
+        h.update(body);
+        out.extend_from_slice(&CHUNK_MAGIC);
+        out.extend_from_slice(&count.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&h.finalize().to_le_bytes());
+        out.extend_from_slice(body);
+        index.push((offset, *count, len));
+        body.clear();
+        *count = 0;
+    };
+    for (k, v) in state.iter() {
+        put_len_prefixed(&mut body, k);
+        put_len_prefixed(&mut body, v);
+        count += 1;
+        if body.len() >= chunk_bytes {
+            flush(&mut out, &mut body, &mut count);
+        }
+    }
+    flush(&mut out, &mut body, &mut count);
+
+    let index_offset = out.len() as u64;
+    let istart = out.len();
+    for (offset, count, len) in &index {
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&count.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+    let index_crc = crc32fast::hash(&out[istart..]);
+    let tstart = out.len();
+    out.extend_from_slice(&index_offset.to_le_bytes());
+    out.extend_from_slice(&state.len().to_le_bytes());
+    out.extend_from_slice(&(index.len() as u32).to_le_bytes());
+    out.extend_from_slice(&index_crc.to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes());
+    let tcrc = crc32fast::hash(&out[tstart..]);
+    out.extend_from_slice(&tcrc.to_le_bytes());
+    out.extend_from_slice(&TRAILER_MAGIC);
+    out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Header,
+    Chunks,
+    Tail,
+    Done,
+}
+
+/// Decodes a snapshot incrementally: [`feed`](Self::feed) bytes in order as
+/// they arrive, then [`finish`](Self::finish). Memory is bounded by one chunk
+/// plus the state being built.
+#[derive(Debug)]
+pub struct SnapshotDecoder {
+    buf: Vec<u8>,
+    /// File offset of `buf[0]`.
+    at: u64,
+    phase: Phase,
+    hasher: crc32fast::Hasher,
+    header: Option<SnapshotHeader>,
+    builder: SortedBuilder,
+    chunks: Vec<(u64, u32, u32)>,
+    total: u64,
+}
+
+impl Default for SnapshotDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SnapshotDecoder {
+    /// A decoder at the start of a snapshot.
+    pub fn new() -> Self {
+        SnapshotDecoder {
+            buf: Vec::new(),
+            at: 0,
+            phase: Phase::Header,
+            hasher: crc32fast::Hasher::new(),
+            header: None,
+            builder: SortedBuilder::default(),
+            chunks: Vec::new(),
+            total: 0,
+        }
+    }
+
+    /// Bytes fed so far (the offset the next byte has in the file).
+    pub fn position(&self) -> u64 {
+        self.total
+    }
+
+    /// The header, once decoded.
+    pub fn header(&self) -> Option<&SnapshotHeader> {
+        self.header.as_ref()
+    }
+
+    /// Feeds the next bytes of the file.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<(), DecodeError> {
+        if self.phase == Phase::Done && !bytes.is_empty() {
+            return Err(invalid("snapshot", self.total, "bytes after the trailer"));
+        }
+        self.hasher.update(bytes);
+        self.total += bytes.len() as u64;
+        self.buf.extend_from_slice(bytes);
+        let mut used = 0usize;
+        loop {
+            let avail = &self.buf[used..];
+            let at = self.at + used as u64;
+            match self.phase {
+                Phase::Header => {
+                    if (avail.len() as u64) < HEADER_LEN {
+                        break;
+                    }
+                    self.header = Some(decode_header(&avail[..HEADER_LEN as usize])?);
+                    used += HEADER_LEN as usize;
+                    self.phase = if self.header.is_some_and(|h| h.entry_count == 0) {
+                        Phase::Tail
+                    } else {
+                        Phase::Chunks
+                    };
+                }
+                Phase::Chunks => {
+                    if (avail.len() as u64) < CHUNK_HEADER_LEN {
+                        break;
+                    }
+                    let mut r = Reader::new(avail, at);
+                    r.magic(&CHUNK_MAGIC, "snapshot chunk")?;
+                    let count = r.u32("snapshot chunk")?;
+                    let len = r.u32("snapshot chunk")?;
+                    let stored = r.u32("snapshot chunk")?;
+                    if u64::from(len) > MAX_CHUNK_LEN {
+                        return Err(DecodeError::TooLarge {
+                            what: "snapshot chunk",
+                            at: at + 8,
+                            len: u64::from(len),
+                            limit: MAX_CHUNK_LEN,
+                        });
+                    }
+                    if count == 0 || u64::from(count) > u64::from(len) / 2 {
+                        return Err(invalid("snapshot chunk", at + 4, format!("{count} entries cannot fit {len} bytes")));
+                    }
+                    let need = (CHUNK_HEADER_LEN + u64::from(len)) as usize;
+                    if avail.len() < need {
+                        break;
+                    }
+                    let mut h = crc32fast::Hasher::new();
+                    h.update(&avail[4..12]);
+                    h.update(&avail[16..need]);
+                    let computed = h.finalize();
+                    if computed != stored {
+                        return Err(DecodeError::Checksum {
+                            what: "snapshot chunk",
+                            at,
+                            stored,
+                            computed,
+                        });
+                    }
+                    let mut er = Reader::new(&avail[16..need], at + 16);
+                    for _ in 0..count {
+                        let eat = er.offset();
+                        let k = er.len_prefixed("snapshot key", crate::batch::MAX_KEY_LEN)?;
+                        let v = er.len_prefixed("snapshot value", crate::batch::MAX_VALUE_LEN)?;
+                        if !self.builder.push(k, v) {
+                            return Err(invalid("snapshot entry", eat, "keys not strictly ascending"));
+                        }
+                    }
+                    if !er.is_empty() {
+                        return Err(invalid("snapshot chunk", er.offset(), "bytes after the chunk's entries"));
+                    }
+                    self.chunks.push((at, count, len));
+                    used += need;
+                    let expected = self.header.map_or(0, |h| h.entry_count);
+                    if self.builder.count() > expected {
+                        return Err(invalid("snapshot", at, "more entries than the header declares"));
+                    }
+                    if self.builder.count() == expected {
+                        self.phase = Phase::Tail;
+                    }
+                }
+                Phase::Tail => {
+                    let ilen = 16 * self.chunks.len() as u64;
+                    if (avail.len() as u64) < ilen + TRAILER_LEN {
+                        break;
+                    }
+                    let (index, rest) = avail.split_at(ilen as usize);
+                    let trailer = &rest[..TRAILER_LEN as usize];
+                    let mut r = Reader::new(trailer, at + ilen);
+                    let index_offset = r.u64("snapshot trailer")?;
+                    let entry_count = r.u64("snapshot trailer")?;
+                    let chunk_count = r.u32("snapshot trailer")?;
+                    let index_crc = r.u32("snapshot trailer")?;
+                    let reserved = r.u64("snapshot trailer")?;
+                    let tcrc = r.u32("snapshot trailer")?;
+                    check_crc("snapshot trailer", at + ilen + 32, tcrc, &trailer[..32])?;
+                    r.magic(&TRAILER_MAGIC, "snapshot trailer")?;
+                    check_crc("snapshot index", at, index_crc, index)?;
+                    if index_offset != at
+                        || Some(entry_count) != self.header.map(|h| h.entry_count)
+                        || chunk_count as usize != self.chunks.len()
+                        || reserved != 0
+                    {
+                        return Err(invalid("snapshot trailer", at + ilen, "trailer disagrees with the chunks read"));
+                    }
+                    let mut ir = Reader::new(index, at);
+                    for &(o, c, l) in &self.chunks {
+                        if ir.u64("snapshot index")? != o || ir.u32("snapshot index")? != c || ir.u32("snapshot index")? != l {
+                            return Err(invalid("snapshot index", at, "index disagrees with the chunks read"));
+                        }
+                    }
+                    used += (ilen + TRAILER_LEN) as usize;
+                    self.phase = Phase::Done;
+                }
+                Phase::Done => {
+                    if used < self.buf.len() {
+                        return Err(invalid("snapshot", at, "bytes after the trailer"));
+                    }
+                    break;
+                }
+            }
+        }
+        self.buf.drain(..used);
+        self.at += used as u64;
+        Ok(())
+    }
+
+    /// Checks that the whole snapshot was read (and matches the catalog's
+    /// checksum when given) and returns its header and state.
+    pub fn finish(self, expected_crc: Option<u32>) -> Result<(SnapshotHeader, KvState), DecodeError> {
+        if self.phase != Phase::Done {
+            return Err(DecodeError::Truncated {
+                what: "snapshot",
+                at: self.total,
+                need: 1,
+                have: 0,
+            });
+        }
+        let computed = self.hasher.finalize();
+        if let Some(stored) = expected_crc {
+            if stored != computed {
+                return Err(DecodeError::Checksum {
+                    what: "snapshot file (catalog checksum)",
+                    at: 0,
+                    stored,
+                    computed,
+                });
+            }
+        }
+        let header = self.header.ok_or_else(|| invalid("snapshot", 0, "no header"))?;
+        Ok((header, KvState::from_sorted_leaves(self.builder)))
+    }
+}
+
+/// Decodes and verifies a snapshot held in memory.
+pub fn decode(bytes: &[u8], expected_crc: Option<u32>) -> Result<(SnapshotHeader, KvState), DecodeError> {
+    let mut d = SnapshotDecoder::new();
+    d.feed(bytes)?;
+    d.finish(expected_crc)
+}
+
+fn decode_header(bytes: &[u8]) -> Result<SnapshotHeader, DecodeError> {
+    let mut r = Reader::new(bytes, 0);
+    r.magic(&MAGIC, "snapshot header")?;
+    let version = r.u16("snapshot header")?;
+    let flags = r.u16("snapshot header")?;
+    let lsn = r.u64("snapshot header")?;
+    let epoch = r.u64("snapshot header")?;
+    let id = r.array::<16>("snapshot header")?;
+    let entry_count = r.u64("snapshot header")?;
+    let reserved = r.u32("snapshot header")?;
+    let stored = r.u32("snapshot header")?;
+    check_crc("snapshot header", 52, stored, &bytes[..52])?;
+    if version != VERSION {
+        return Err(DecodeError::UnsupportedVersion {
+            what: "snapshot",
+            version: u64::from(version),
+            known: u64::from(VERSION),
+        });
+    }
+    if flags != 0 {
+        return Err(DecodeError::UnknownFlags { what: "snapshot", flags });
+    }
+    if reserved != 0 {
+        return Err(invalid("snapshot header", 48, "reserved field is not zero"));
+    }
+    Ok(SnapshotHeader {
+        lsn,
+        epoch,
+        dataset_id: DatasetId(id),
+        entry_count,
+    })
+}

@@ -1,0 +1,541 @@
+//! The ordered key/value state a replica serves, kept compact enough for an
+//! edge isolate.
+//!
+//! Layout: most entries live in sorted, packed *leaves* (one `Vec<u8>` of
+//! `varint key_len, key, varint value_len, value` plus a `u32` offset per
+//! entry: about 6 bytes of overhead per entry). Recent writes go to a small
+//! ordered overlay (a `BTreeMap` with tombstones), merged into the leaves it
+//! touches once it grows past a fraction of the state. Reads consult the
+//! overlay first.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use crate::batch::OpRef;
+use crate::codec::{put_len_prefixed, Reader};
+
+/// Target bytes of entries per leaf.
+const LEAF_TARGET: usize = 16 << 10;
+/// The overlay is merged once it holds this many bytes, or 1/16 of the
+/// leaves' bytes, whichever is larger.
+const OVERLAY_MIN: usize = 1 << 20;
+
+#[derive(Debug, Clone, Default)]
+struct Leaf {
+    data: Vec<u8>,
+    offs: Vec<u32>,
+}
+
+impl Leaf {
+    fn entry(&self, i: usize) -> (&[u8], &[u8]) {
+        // Leaves are only built by this module from validated entries, so the
+        // reads cannot fail; fall back to empty slices rather than panic.
+        let mut r = Reader::new(&self.data[self.offs[i] as usize..], 0);
+        let k = r.len_prefixed("leaf key", u64::MAX).unwrap_or(&[]);
+        let v = r.len_prefixed("leaf value", u64::MAX).unwrap_or(&[]);
+        (k, v)
+    }
+
+    fn key(&self, i: usize) -> &[u8] {
+        self.entry(i).0
+    }
+
+    fn len(&self) -> usize {
+        self.offs.len()
+    }
+
+    fn find(&self, key: &[u8]) -> Result<usize, usize> {
+        let (mut lo, mut hi) = (0usize, self.offs.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.key(mid).cmp(key) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Ok(mid),
+            }
+        }
+        Err(lo)
+    }
+
+    fn push(&mut self, key: &[u8], value: &[u8]) {
+        self.offs.push(self.data.len() as u32);
+        put_len_prefixed(&mut self.data, key);
+        put_len_prefixed(&mut self.data, value);
+    }
+
+    fn shrink(&mut self) {
+        self.data.shrink_to_fit();
+        self.offs.shrink_to_fit();
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.data.capacity() + self.offs.capacity() * 4
+    }
+}
+
+/// Appends sorted entries into leaves of the target size.
+#[derive(Debug, Default)]
+struct LeafWriter {
+    out: Vec<Leaf>,
+    cur: Leaf,
+}
+
+impl LeafWriter {
+    fn push(&mut self, key: &[u8], value: &[u8]) {
+        self.cur.push(key, value);
+        if self.cur.data.len() >= LEAF_TARGET {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if !self.cur.offs.is_empty() {
+            let mut leaf = std::mem::take(&mut self.cur);
+            leaf.shrink();
+            self.out.push(leaf);
+        }
+    }
+
+    fn finish(mut self) -> Vec<Leaf> {
+        self.flush();
+        self.out
+    }
+}
+
+type Overlay = BTreeMap<Box<[u8]>, Option<Box<[u8]>>>;
+
+/// An ordered map from byte keys to byte values.
+#[derive(Debug, Clone, Default)]
+pub struct KvState {
+    leaves: Vec<Leaf>,
+    leaf_bytes: usize,
+    overlay: Overlay,
+    overlay_bytes: usize,
+    len: u64,
+}
+
+impl KvState {
+    /// An empty state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of keys present.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when no key is present.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The value of `key`, if present.
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        if let Some(v) = self.overlay.get(key) {
+            return v.as_deref();
+        }
+        self.base_get(key)
+    }
+
+    fn leaf_for(&self, key: &[u8]) -> Option<usize> {
+        let n = self.leaves.partition_point(|l| l.key(0) <= key);
+        n.checked_sub(1)
+    }
+
+    fn base_get(&self, key: &[u8]) -> Option<&[u8]> {
+        let li = self.leaf_for(key)?;
+        let leaf = &self.leaves[li];
+        leaf.find(key).ok().map(|i| leaf.entry(i).1)
+    }
+
+    /// Sets `key` to `value`.
+    pub fn put(&mut self, key: &[u8], value: &[u8]) {
+        if self.get(key).is_none() {
+            self.len += 1;
+        }
+        self.overlay_bytes += key.len() + value.len() + 48;
+        self.overlay.insert(key.into(), Some(value.into()));
+        self.maybe_compact();
+    }
+
+    /// Removes `key`; a no-op when absent.
+    pub fn delete(&mut self, key: &[u8]) {
+        if self.get(key).is_none() {
+            return;
+        }
+        self.len -= 1;
+        if self.base_get(key).is_some() {
+            self.overlay_bytes += key.len() + 48;
+            self.overlay.insert(key.into(), None);
+        } else {
+            self.overlay.remove(key);
+        }
+        self.maybe_compact();
+    }
+
+    /// Applies a decoded batch. Batches are validated before they get here
+    /// ([`crate::batch::decode`] returns nothing unless all of it is valid),
+    /// so this applies all of it.
+    pub fn apply(&mut self, ops: &[OpRef<'_>]) {
+        for op in ops {
+            match *op {
+                OpRef::Put(k, v) => self.put(k, v),
+                OpRef::Delete(k) => self.delete(k),
+            }
+        }
+    }
+
+    fn maybe_compact(&mut self) {
+        if self.overlay_bytes >= OVERLAY_MIN.max(self.leaf_bytes / 16) {
+            self.compact();
+        }
+    }
+
+    /// Merges the overlay into the leaves.
+    pub fn compact(&mut self) {
+        if self.overlay.is_empty() {
+            return;
+        }
+        let overlay = std::mem::take(&mut self.overlay);
+        self.overlay_bytes = 0;
+        let old = std::mem::take(&mut self.leaves);
+        let mut out: Vec<Leaf> = Vec::with_capacity(old.len() + 1);
+        let mut ov = overlay.into_iter().peekable();
+        let nleaves = old.len();
+        let firsts: Vec<Vec<u8>> = old.iter().skip(1).map(|l| l.key(0).to_vec()).collect();
+        for (i, leaf) in old.into_iter().enumerate() {
+            // Overlay entries belonging to this leaf: below the next leaf's first key.
+            let upper = firsts.get(i).map(Vec::as_slice);
+            let touches = match (ov.peek(), upper) {
+                (Some((k, _)), Some(u)) => &**k < u,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if !touches {
+                out.push(leaf);
+                continue;
+            }
+            let mut w = LeafWriter::default();
+            let mut j = 0;
+            while j < leaf.len() || ov.peek().is_some_and(|(k, _)| upper.is_none_or(|u| &**k < u)) {
+                let next_ov = ov.peek().filter(|(k, _)| upper.is_none_or(|u| &**k < u));
+                match (j < leaf.len(), next_ov) {
+                    (true, Some((ok, _))) => {
+                        let (lk, lv) = leaf.entry(j);
+                        match lk.cmp(ok) {
+                            std::cmp::Ordering::Less => {
+                                w.push(lk, lv);
+                                j += 1;
+                            }
+                            std::cmp::Ordering::Equal => {
+                                j += 1;
+                                let (k, v) = ov.next().expect("peeked");
+                                if let Some(v) = v {
+                                    w.push(&k, &v);
+                                }
+                            }
+                            std::cmp::Ordering::Greater => {
+                                let (k, v) = ov.next().expect("peeked");
+                                if let Some(v) = v {
+                                    w.push(&k, &v);
+                                }
+                            }
+                        }
+                    }
+                    (true, None) => {
+                        let (lk, lv) = leaf.entry(j);
+                        w.push(lk, lv);
+                        j += 1;
+                    }
+                    (false, Some(_)) => {
+                        let (k, v) = ov.next().expect("peeked");
+                        if let Some(v) = v {
+                            w.push(&k, &v);
+                        }
+                    }
+                    (false, None) => break,
+                }
+            }
+            out.extend(w.finish());
+        }
+        if nleaves == 0 {
+            let mut w = LeafWriter::default();
+            for (k, v) in ov {
+                if let Some(v) = v {
+                    w.push(&k, &v);
+                }
+            }
+            out.extend(w.finish());
+        }
+        out.shrink_to_fit();
+        self.leaf_bytes = out.iter().map(|l| l.data.len()).sum();
+        self.leaves = out;
+    }
+
+    /// Iterates entries between `start` and `end` in key order.
+    pub fn range(&self, start: Bound<&[u8]>, end: Bound<&[u8]>) -> Range<'_> {
+        let (li, ei) = match start {
+            Bound::Unbounded => (0, 0),
+            Bound::Included(k) | Bound::Excluded(k) => match self.leaf_for(k) {
+                None => (0, 0),
+                Some(li) => {
+                    let leaf = &self.leaves[li];
+                    let ei = match leaf.find(k) {
+                        Ok(i) if matches!(start, Bound::Excluded(_)) => i + 1,
+                        Ok(i) | Err(i) => i,
+                    };
+                    (li, ei)
+                }
+            },
+        };
+        let empty = match (start, end) {
+            (Bound::Included(s) | Bound::Excluded(s), Bound::Included(e) | Bound::Excluded(e)) => {
+                s > e || (s == e && !(matches!(start, Bound::Included(_)) && matches!(end, Bound::Included(_))))
+            }
+            _ => false,
+        };
+        let overlay = if empty {
+            self.overlay.range::<[u8], _>((Bound::Excluded(&[][..]), Bound::Excluded(&[][..])))
+        } else {
+            self.overlay.range::<[u8], _>((start, end))
+        };
+        Range {
+            leaves: &self.leaves,
+            li: if empty { self.leaves.len() } else { li },
+            ei,
+            end: match end {
+                Bound::Unbounded => Bound::Unbounded,
+                Bound::Included(k) => Bound::Included(k.into()),
+                Bound::Excluded(k) => Bound::Excluded(k.into()),
+            },
+            overlay: if empty { None } else { Some(overlay) },
+            ov_peek: None,
+            base_peek: None,
+        }
+    }
+
+    /// Iterates entries whose key starts with `prefix`, in key order.
+    pub fn prefix(&self, prefix: &[u8]) -> Range<'_> {
+        match prefix_end(prefix) {
+            Some(end) => self.range(Bound::Included(prefix), Bound::Excluded(&end)),
+            None => self.range(Bound::Included(prefix), Bound::Unbounded),
+        }
+    }
+
+    /// Iterates every entry in key order.
+    pub fn iter(&self) -> Range<'_> {
+        self.range(Bound::Unbounded, Bound::Unbounded)
+    }
+
+    /// Approximate heap bytes held by the state.
+    pub fn heap_bytes(&self) -> usize {
+        self.leaves.iter().map(Leaf::heap_bytes).sum::<usize>()
+            + self.leaves.capacity() * std::mem::size_of::<Leaf>()
+            + self.overlay_bytes
+    }
+
+    /// Builds a state from a [`SortedBuilder`] (used by snapshot loading).
+    pub(crate) fn from_sorted_leaves(builder: SortedBuilder) -> KvState {
+        let leaves = builder.w.finish();
+        KvState {
+            leaf_bytes: leaves.iter().map(|l| l.data.len()).sum(),
+            leaves,
+            overlay: BTreeMap::new(),
+            overlay_bytes: 0,
+            len: builder.count,
+        }
+    }
+}
+
+/// Builds a [`KvState`] from entries in strictly ascending key order without
+/// going through the overlay.
+#[derive(Debug, Default)]
+pub(crate) struct SortedBuilder {
+    w: LeafWriter,
+    last: Option<Vec<u8>>,
+    count: u64,
+}
+
+impl SortedBuilder {
+    /// Appends an entry; returns false if `key` is not above the previous key.
+    pub(crate) fn push(&mut self, key: &[u8], value: &[u8]) -> bool {
+        if let Some(l) = &self.last {
+            if key <= l.as_slice() {
+                return false;
+            }
+        }
+        self.last = Some(key.to_vec());
+        self.w.push(key, value);
+        self.count += 1;
+        true
+    }
+
+    pub(crate) fn count(&self) -> u64 {
+        self.count
+    }
+}
+
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Iterator over a key range of a [`KvState`], merging leaves and overlay.
+pub struct Range<'a> {
+    leaves: &'a [Leaf],
+    li: usize,
+    ei: usize,
+    end: Bound<Box<[u8]>>,
+    overlay: Option<std::collections::btree_map::Range<'a, Box<[u8]>, Option<Box<[u8]>>>>,
+    ov_peek: Option<(&'a [u8], Option<&'a [u8]>)>,
+    base_peek: Option<(&'a [u8], &'a [u8])>,
+}
+
+impl std::fmt::Debug for Range<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Range").field("leaf", &self.li).field("entry", &self.ei).finish()
+    }
+}
+
+impl<'a> Range<'a> {
+    fn next_base(&mut self) -> Option<(&'a [u8], &'a [u8])> {
+        while self.li < self.leaves.len() {
+            let leaf = &self.leaves[self.li];
+            if self.ei < leaf.len() {
+                let e = leaf.entry(self.ei);
+                self.ei += 1;
+                let before_end = match &self.end {
+                    Bound::Unbounded => true,
+                    Bound::Included(k) => e.0 <= &**k,
+                    Bound::Excluded(k) => e.0 < &**k,
+                };
+                if !before_end {
+                    self.li = self.leaves.len();
+                    return None;
+                }
+                return Some(e);
+            }
+            self.li += 1;
+            self.ei = 0;
+        }
+        None
+    }
+
+    fn next_overlay(&mut self) -> Option<(&'a [u8], Option<&'a [u8]>)> {
+        self.overlay.as_mut()?.next().map(|(k, v)| (&**k, v.as_deref()))
+    }
+}
+
+impl<'a> Iterator for Range<'a> {
+    type Item = (&'a [u8], &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.base_peek.is_none() {
+                self.base_peek = self.next_base();
+            }
+            if self.ov_peek.is_none() {
+                self.ov_peek = self.next_overlay();
+            }
+            match (self.base_peek, self.ov_peek) {
+                (None, None) => return None,
+                (Some(b), None) => {
+                    self.base_peek = None;
+                    return Some(b);
+                }
+                (None, Some((k, v))) => {
+                    self.ov_peek = None;
+                    if let Some(v) = v {
+                        return Some((k, v));
+                    }
+                }
+                (Some(b), Some((k, v))) => match b.0.cmp(k) {
+                    std::cmp::Ordering::Less => {
+                        self.base_peek = None;
+                        return Some(b);
+                    }
+                    std::cmp::Ordering::Equal => {
+                        self.base_peek = None;
+                        self.ov_peek = None;
+                        if let Some(v) = v {
+                            return Some((k, v));
+                        }
+                    }
+                    std::cmp::Ordering::Greater => {
+                        self.ov_peek = None;
+                        if let Some(v) = v {
+                            return Some((k, v));
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn matches_btreemap(ops in proptest::collection::vec((any::<bool>(), 0u16..600, 0usize..40), 1..3000)) {
+            let mut s = KvState::new();
+            let mut m = BTreeMap::new();
+            for (i, (put, k, vlen)) in ops.iter().enumerate() {
+                let key = format!("k{k:05}").into_bytes();
+                if *put {
+                    let v = vec![(i % 251) as u8; *vlen];
+                    s.put(&key, &v);
+                    m.insert(key, v);
+                } else {
+                    s.delete(&key);
+                    m.remove(&key);
+                }
+                if i % 500 == 0 { s.compact(); }
+            }
+            prop_assert_eq!(s.len(), m.len() as u64);
+            let got: Vec<_> = s.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+            let want: Vec<_> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            prop_assert_eq!(&got, &want);
+            s.compact();
+            let got2: Vec<_> = s.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+            prop_assert_eq!(&got2, &want);
+            for k in 0u16..600 {
+                let key = format!("k{k:05}").into_bytes();
+                prop_assert_eq!(s.get(&key), m.get(&key).map(|v| v.as_slice()));
+            }
+            let lo = b"k00100".to_vec();
+            let hi = b"k00200".to_vec();
+            let got: Vec<_> = s.range(Bound::Included(&lo), Bound::Excluded(&hi)).map(|(k, _)| k.to_vec()).collect();
+            let want: Vec<_> = m.range(lo.clone()..hi.clone()).map(|(k, _)| k.clone()).collect();
+            prop_assert_eq!(got, want);
+            let got: Vec<_> = s.prefix(b"k0001").map(|(k, _)| k.to_vec()).collect();
+            let want: Vec<_> = m.keys().filter(|k| k.starts_with(b"k0001")).cloned().collect();
+            prop_assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn large_state_compacts_into_leaves() {
+        let mut s = KvState::new();
+        for i in 0..50_000u32 {
+            s.put(format!("key:{:08}", (i * 7919) % 50_000).as_bytes(), &[7u8; 100]);
+        }
+        s.compact();
+        assert_eq!(s.len(), 50_000);
+        let per_entry = s.heap_bytes() as f64 / 50_000.0;
+        // 12-byte keys + 100-byte values + ~6 bytes framing and offsets.
+        assert!(per_entry < 125.0, "{per_entry} bytes per entry");
+        assert_eq!(s.get(b"key:00012345"), Some(&[7u8; 100][..]));
+        assert_eq!(s.prefix(b"key:0001").count(), 10_000);
+    }
+}
