@@ -80,7 +80,10 @@ pub fn encode(ops: &[Op]) -> Result<Vec<u8>, crate::Error> {
         if op.key().len() as u64 > MAX_KEY_LEN {
             return Err(crate::Error::new(
                 crate::ErrorKind::InvalidInput,
-                format!("op {i}: key of {} bytes exceeds {MAX_KEY_LEN}", op.key().len()),
+                format!(
+                    "op {i}: key of {} bytes exceeds {MAX_KEY_LEN}",
+                    op.key().len()
+                ),
             ));
         }
         match op {
@@ -88,7 +91,10 @@ pub fn encode(ops: &[Op]) -> Result<Vec<u8>, crate::Error> {
                 if value.len() as u64 > MAX_VALUE_LEN {
                     return Err(crate::Error::new(
                         crate::ErrorKind::InvalidInput,
-                        format!("op {i}: value of {} bytes exceeds {MAX_VALUE_LEN}", value.len()),
+                        format!(
+                            "op {i}: value of {} bytes exceeds {MAX_VALUE_LEN}",
+                            value.len()
+                        ),
                     ));
                 }
                 out.push(TAG_PUT);
@@ -121,7 +127,11 @@ pub fn decode(payload: &[u8]) -> Result<Vec<OpRef<'_>>, DecodeError> {
     let count = r.varint("KV batch op count")?;
     // Every op takes at least 2 bytes: a bound from the bytes actually present.
     if count > (r.remaining() as u64) / 2 {
-        return Err(invalid("KV batch", at, format!("op count {count} exceeds what the payload can hold")));
+        return Err(invalid(
+            "KV batch",
+            at,
+            format!("op count {count} exceeds what the payload can hold"),
+        ));
     }
     let mut ops = Vec::with_capacity(count as usize);
     for _ in 0..count {
@@ -140,7 +150,11 @@ pub fn decode(payload: &[u8]) -> Result<Vec<OpRef<'_>>, DecodeError> {
         }
     }
     if !r.is_empty() {
-        return Err(invalid("KV batch", r.offset(), "trailing bytes after the last op"));
+        return Err(invalid(
+            "KV batch",
+            r.offset(),
+            "trailing bytes after the last op",
+        ));
     }
     Ok(ops)
 }

@@ -17,6 +17,8 @@ pub const HEAD_KEY: &str = "catalog/head.json";
 pub const MAX_HEAD_BYTES: usize = 1 << 20;
 /// Largest page accepted.
 pub const MAX_PAGE_BYTES: usize = 16 << 20;
+/// Bytes of the head's checksum prefix `{"crc32":"xxxxxxxx",`.
+pub const HEAD_PREFIX_LEN: usize = 20;
 /// Index entries kept per segment in the catalog.
 pub const CATALOG_INDEX_SAMPLE: usize = 16;
 
@@ -138,14 +140,29 @@ impl SegmentEntry {
     }
 
     fn validate(&self) -> Result<(), String> {
-        let first_ok = self.index.first().is_some_and(|e| e.lsn == self.first_lsn && e.offset == crate::segment::HEADER_LEN);
-        let ordered = self.index.windows(2).all(|w| w[0].lsn < w[1].lsn && w[0].offset < w[1].offset);
-        let in_range = self.index.iter().all(|e| e.lsn <= self.last_lsn && e.offset < self.records_end);
+        let first_ok = self
+            .index
+            .first()
+            .is_some_and(|e| e.lsn == self.first_lsn && e.offset == crate::segment::HEADER_LEN);
+        let ordered = self
+            .index
+            .windows(2)
+            .all(|w| w[0].lsn < w[1].lsn && w[0].offset < w[1].offset);
+        let in_range = self
+            .index
+            .iter()
+            .all(|e| e.lsn <= self.last_lsn && e.offset < self.records_end);
         if self.first_lsn == 0 || self.last_lsn < self.first_lsn {
             return Err(format!("segment {} has an empty LSN range", self.key));
         }
-        if !(first_ok && ordered && in_range) || self.records_end >= self.size || self.records_end < crate::segment::HEADER_LEN {
-            return Err(format!("segment {} has an inconsistent index or size", self.key));
+        if !(first_ok && ordered && in_range)
+            || self.records_end >= self.size
+            || self.records_end < crate::segment::HEADER_LEN
+        {
+            return Err(format!(
+                "segment {} has an inconsistent index or size",
+                self.key
+            ));
         }
         Ok(())
     }
@@ -209,6 +226,10 @@ pub struct Head {
     pub committed_lsn: u64,
     /// Lowest LSN still fetchable from segments.
     pub earliest_lsn: u64,
+    /// Random id of the publisher process that claimed `epoch`; tells two
+    /// claims of the same epoch apart when an acknowledgement is lost.
+    #[serde(default)]
+    pub writer: String,
     /// Publisher clock at the commit, ms since the Unix epoch.
     #[serde(default)]
     pub committed_at_ms: u64,
@@ -234,6 +255,7 @@ impl Head {
             generation: 1,
             committed_lsn: 0,
             earliest_lsn: 1,
+            writer: String::new(),
             committed_at_ms: 0,
             snapshot: None,
             segments: Vec::new(),
@@ -242,12 +264,19 @@ impl Head {
         }
     }
 
-    /// Serializes the head.
+    /// Serializes the head: JSON whose first member is `"crc32"`, eight hex
+    /// digits of the CRC-32 of every byte after the 20-byte prefix
+    /// `{"crc32":"xxxxxxxx",`.
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let rest = &json[1..];
+        let mut out = Vec::with_capacity(json.len() + HEAD_PREFIX_LEN);
+        out.extend_from_slice(format!("{{\"crc32\":\"{:08x}\",", crc32fast::hash(rest)).as_bytes());
+        out.extend_from_slice(rest);
+        out
     }
 
-    /// Parses and validates a head.
+    /// Parses and validates a head, verifying its checksum first.
     pub fn decode(bytes: &[u8]) -> Result<Head, DecodeError> {
         if bytes.len() > MAX_HEAD_BYTES {
             return Err(DecodeError::TooLarge {
@@ -257,8 +286,29 @@ impl Head {
                 limit: MAX_HEAD_BYTES as u64,
             });
         }
+        let prefix = bytes.get(..HEAD_PREFIX_LEN).unwrap_or(bytes);
+        let stored = (prefix.len() == HEAD_PREFIX_LEN
+            && prefix.starts_with(b"{\"crc32\":\"")
+            && prefix.ends_with(b"\","))
+        .then(|| std::str::from_utf8(&prefix[10..18]).ok())
+        .flatten()
+        .filter(|h| {
+            h.bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        })
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .ok_or_else(|| {
+            DecodeError::Json("the head does not start with {\"crc32\":\"<8 hex digits>\",".into())
+        })?;
+        crate::codec::check_crc(
+            "catalog head",
+            HEAD_PREFIX_LEN as u64,
+            stored,
+            &bytes[HEAD_PREFIX_LEN..],
+        )?;
         check_format(bytes)?;
-        let head: Head = serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+        let head: Head =
+            serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
         head.validate().map_err(DecodeError::Json)?;
         Ok(head)
     }
@@ -275,16 +325,24 @@ impl Head {
         if self.epoch == 0 {
             return Err("epoch 0 is not valid".into());
         }
-        if self.earliest_lsn == 0 || self.earliest_lsn > self.committed_lsn + 1 {
+        let after = self
+            .committed_lsn
+            .checked_add(1)
+            .ok_or_else(|| "committed_lsn is u64::MAX".to_string())?;
+        if self.earliest_lsn == 0 || self.earliest_lsn > after {
             return Err(format!(
-                "earliest_lsn {} outside 1..={}",
-                self.earliest_lsn,
-                self.committed_lsn + 1
+                "earliest_lsn {} outside 1..={after}",
+                self.earliest_lsn
             ));
         }
         if let Some(s) = &self.snapshot {
             if s.lsn > self.committed_lsn || s.lsn + 1 < self.earliest_lsn {
-                return Err(format!("snapshot LSN {} outside {}..={}", s.lsn, self.earliest_lsn - 1, self.committed_lsn));
+                return Err(format!(
+                    "snapshot LSN {} outside {}..={}",
+                    s.lsn,
+                    self.earliest_lsn - 1,
+                    self.committed_lsn
+                ));
             }
         } else if self.earliest_lsn > 1 {
             return Err("earliest_lsn above 1 without a snapshot".into());
@@ -295,18 +353,30 @@ impl Head {
             if p.last_lsn < p.first_lsn || next.is_some_and(|n| n != p.first_lsn) {
                 return Err(format!("page {} is not contiguous", p.key));
             }
-            next = Some(p.last_lsn + 1);
+            next = Some(
+                p.last_lsn
+                    .checked_add(1)
+                    .ok_or_else(|| format!("page {} ends at u64::MAX", p.key))?,
+            );
         }
         for s in &self.segments {
             s.validate()?;
             if next.is_some_and(|n| n != s.first_lsn) {
                 return Err(format!("segment {} is not contiguous", s.key));
             }
-            next = Some(s.last_lsn + 1);
+            next = Some(
+                s.last_lsn
+                    .checked_add(1)
+                    .ok_or_else(|| format!("segment {} ends at u64::MAX", s.key))?,
+            );
         }
         match next {
-            Some(n) if n != self.committed_lsn + 1 => {
-                return Err(format!("segments end at {} but committed_lsn is {}", n - 1, self.committed_lsn))
+            Some(n) if n != after => {
+                return Err(format!(
+                    "segments end at {} but committed_lsn is {}",
+                    n - 1,
+                    self.committed_lsn
+                ))
             }
             None if self.committed_lsn >= self.earliest_lsn => {
                 return Err("no segments cover committed LSNs".into())
@@ -315,7 +385,10 @@ impl Head {
         }
         if let Some(first) = self.first_covered_lsn() {
             if first > self.earliest_lsn {
-                return Err(format!("history starts at {first}, after earliest_lsn {}", self.earliest_lsn));
+                return Err(format!(
+                    "history starts at {first}, after earliest_lsn {}",
+                    self.earliest_lsn
+                ));
             }
         }
         Ok(())
@@ -371,7 +444,8 @@ impl Page {
         }
         crate::codec::check_crc("catalog page", 0, r.crc32, bytes)?;
         check_format(bytes)?;
-        let page: Page = serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+        let page: Page =
+            serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
         let (first, last, count) = if page.level == 0 {
             for s in &page.segments {
                 s.validate().map_err(DecodeError::Json)?;
@@ -389,15 +463,28 @@ impl Page {
             )
         };
         let contiguous = if page.level == 0 {
-            page.segments.windows(2).all(|w| w[0].last_lsn + 1 == w[1].first_lsn)
+            page.segments
+                .windows(2)
+                .all(|w| w[0].last_lsn.checked_add(1) == Some(w[1].first_lsn))
         } else {
             page.pages
                 .windows(2)
-                .all(|w| w[0].last_lsn + 1 == w[1].first_lsn)
-                && page.pages.iter().all(|p| p.level + 1 == page.level)
+                .all(|w| w[0].last_lsn.checked_add(1) == Some(w[1].first_lsn))
+                && page
+                    .pages
+                    .iter()
+                    .all(|p| p.level.checked_add(1) == Some(page.level))
         };
-        if page.level != r.level || first != Some(r.first_lsn) || last != Some(r.last_lsn) || count != r.count as usize || !contiguous {
-            return Err(DecodeError::Json(format!("page {} does not match its reference", r.key)));
+        if page.level != r.level
+            || first != Some(r.first_lsn)
+            || last != Some(r.last_lsn)
+            || count != r.count as usize
+            || !contiguous
+        {
+            return Err(DecodeError::Json(format!(
+                "page {} does not match its reference",
+                r.key
+            )));
         }
         Ok(page)
     }

@@ -47,7 +47,10 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    pub(crate) fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], DecodeError> {
+    pub(crate) fn array<const N: usize>(
+        &mut self,
+        what: &'static str,
+    ) -> Result<[u8; N], DecodeError> {
         let s = self.bytes(N as u64, what)?;
         let mut a = [0u8; N];
         a.copy_from_slice(s);
@@ -70,7 +73,11 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(self.array(what)?))
     }
 
-    pub(crate) fn magic(&mut self, expected: &[u8; 4], what: &'static str) -> Result<(), DecodeError> {
+    pub(crate) fn magic(
+        &mut self,
+        expected: &[u8; 4],
+        what: &'static str,
+    ) -> Result<(), DecodeError> {
         let at = self.offset();
         let found = self.array::<4>(what)?;
         if &found != expected {
@@ -106,11 +113,20 @@ impl<'a> Reader<'a> {
     }
 
     /// A varint length followed by that many bytes, with `len <= limit`.
-    pub(crate) fn len_prefixed(&mut self, what: &'static str, limit: u64) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn len_prefixed(
+        &mut self,
+        what: &'static str,
+        limit: u64,
+    ) -> Result<&'a [u8], DecodeError> {
         let at = self.offset();
         let len = self.varint(what)?;
         if len > limit {
-            return Err(DecodeError::TooLarge { what, at, len, limit });
+            return Err(DecodeError::TooLarge {
+                what,
+                at,
+                len,
+                limit,
+            });
         }
         self.bytes(len, what)
     }
@@ -124,7 +140,12 @@ pub(crate) fn invalid(what: &'static str, at: u64, why: impl Into<String>) -> De
     }
 }
 
-pub(crate) fn check_crc(what: &'static str, at: u64, stored: u32, bytes: &[u8]) -> Result<(), DecodeError> {
+pub(crate) fn check_crc(
+    what: &'static str,
+    at: u64,
+    stored: u32,
+    bytes: &[u8],
+) -> Result<(), DecodeError> {
     let computed = crc32fast::hash(bytes);
     if computed != stored {
         return Err(DecodeError::Checksum {
@@ -143,15 +164,6 @@ pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
         v >>= 7;
     }
     out.push(v as u8);
-}
-
-pub(crate) fn varint_len(mut v: u64) -> usize {
-    let mut n = 1;
-    while v >= 0x80 {
-        v >>= 7;
-        n += 1;
-    }
-    n
 }
 
 pub(crate) fn put_len_prefixed(out: &mut Vec<u8>, bytes: &[u8]) {

@@ -10,12 +10,17 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::batch;
-use crate::catalog::{self, DatasetId, Head, Page, PageRef, Retired, SegmentEntry, SnapshotEntry, HEAD_KEY};
+use crate::catalog::{
+    self, DatasetId, Head, Page, PageRef, Retired, SegmentEntry, SnapshotEntry, HEAD_KEY,
+};
 use crate::error::{Error, ErrorKind};
 use crate::io::{GetRequest, GetResponse, RequestId};
 use crate::rng::splitmix64;
 use crate::segment::SegmentBuilder;
 use crate::state::KvState;
+
+/// A page to upload before the head that references it: (key, bytes).
+type PageUpload = (String, Vec<u8>);
 
 /// Tuning for a [`Publisher`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -261,6 +266,7 @@ pub struct Publisher {
     head: Option<Head>,
     etag: Option<String>,
     epoch: u64,
+    writer: String,
 
     next_push: u64,
     open: Option<SegmentBuilder>,
@@ -292,6 +298,8 @@ impl Publisher {
     /// of a new dataset and retry jitter.
     pub fn new(cfg: PublisherConfig, seed: u64) -> Self {
         let state = cfg.snapshot_every.map(|_| KvState::new());
+        let mut s = seed ^ 0x5752_4954_4552;
+        let writer = format!("{:016x}", splitmix64(&mut s));
         Publisher {
             cfg,
             rng: seed,
@@ -302,6 +310,7 @@ impl Publisher {
             head: None,
             etag: None,
             epoch: 0,
+            writer,
             next_push: 0,
             open: None,
             open_since: 0,
@@ -333,7 +342,10 @@ impl Publisher {
     /// Whether another record may be pushed now without exceeding the memory bound.
     pub fn has_room(&self) -> bool {
         self.role == Role::Running
-            && (self.open.as_ref().is_none_or(|o| o.len() < self.cfg.segment_bytes)
+            && (self
+                .open
+                .as_ref()
+                .is_none_or(|o| o.len() < self.cfg.segment_bytes)
                 || self.sealed.len() < self.cfg.max_pending_segments)
     }
 
@@ -374,13 +386,20 @@ impl Publisher {
         if self.role != Role::Running || lsn != self.next_push {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
-                format!("record {lsn} pushed out of order: the publisher expects {:?}", self.next_lsn()),
+                format!(
+                    "record {lsn} pushed out of order: the publisher expects {:?}",
+                    self.next_lsn()
+                ),
             )
             .with_lsn(lsn));
         }
         if let Some(state) = &mut self.state {
             let ops = batch::decode(payload).map_err(|e| {
-                Error::new(ErrorKind::InvalidInput, format!("record is not a KV batch ({e}); snapshots need KV payloads")).with_lsn(lsn)
+                Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("record is not a KV batch ({e}); snapshots need KV payloads"),
+                )
+                .with_lsn(lsn)
             })?;
             state.apply(&ops);
         }
@@ -389,19 +408,25 @@ impl Publisher {
             return Ok(());
         }
         let epoch = self.epoch;
-        let open = self.open.get_or_insert_with(|| SegmentBuilder::new(epoch, lsn));
+        let open = self
+            .open
+            .get_or_insert_with(|| SegmentBuilder::new(epoch, lsn));
         if open.is_empty() {
             self.open_since = now;
         }
         if !open.push(payload) {
-            return Err(Error::new(ErrorKind::InvalidInput, "record larger than 64 MiB").with_lsn(lsn));
+            return Err(
+                Error::new(ErrorKind::InvalidInput, "record larger than 64 MiB").with_lsn(lsn),
+            );
         }
         self.maybe_snapshot(lsn);
         Ok(())
     }
 
     fn maybe_snapshot(&mut self, lsn: u64) {
-        let (Some(every), Some(state), Some(head)) = (self.cfg.snapshot_every, &self.state, &self.head) else {
+        let (Some(every), Some(state), Some(head)) =
+            (self.cfg.snapshot_every, &self.state, &self.head)
+        else {
             return;
         };
         let last = head.snapshot.as_ref().map_or(0, |s| s.lsn);
@@ -442,7 +467,14 @@ impl Publisher {
         })
     }
 
-    fn put(&mut self, req: Req, key: String, body: Vec<u8>, condition: PutCondition, kind: ObjectKind) -> Action {
+    fn put(
+        &mut self,
+        req: Req,
+        key: String,
+        body: Vec<u8>,
+        condition: PutCondition,
+        kind: ObjectKind,
+    ) -> Action {
         let id = self.id(req);
         Action::Put(PutRequest {
             id,
@@ -460,7 +492,11 @@ impl Publisher {
         if n == self.cfg.max_attempts {
             self.events.push_back(Event::Error(err));
         }
-        let exp = self.cfg.retry_base_ms.saturating_mul(1 << n.min(16)).min(self.cfg.retry_max_ms);
+        let exp = self
+            .cfg
+            .retry_base_ms
+            .saturating_mul(1 << n.min(16))
+            .min(self.cfg.retry_max_ms);
         exp / 2 + splitmix64(&mut self.rng) % (exp / 2 + 1)
     }
 
@@ -476,7 +512,9 @@ impl Publisher {
             Role::Fenced => return Action::Wait { until: u64::MAX },
             Role::Start => {
                 if self.retry_at > now {
-                    return Action::Wait { until: self.retry_at };
+                    return Action::Wait {
+                        until: self.retry_at,
+                    };
                 }
                 self.role = Role::Reading;
                 return self.get(Req::ClaimRead, HEAD_KEY.into());
@@ -511,7 +549,13 @@ impl Publisher {
                     self.sealed[i].up = Up::InFlight;
                     let key = self.sealed[i].entry.key.clone();
                     let body = self.sealed[i].bytes.clone();
-                    return self.put(Req::Segment(key.clone()), key, body, PutCondition::CreateOnly, ObjectKind::Segment);
+                    return self.put(
+                        Req::Segment(key.clone()),
+                        key,
+                        body,
+                        PutCondition::CreateOnly,
+                        ObjectKind::Segment,
+                    );
                 }
                 wake = wake.min(t);
             }
@@ -523,7 +567,13 @@ impl Publisher {
                     s.up = Up::InFlight;
                     let key = s.entry.key.clone();
                     let body = s.bytes.clone();
-                    return self.put(Req::Snapshot, key, body, PutCondition::CreateOnly, ObjectKind::Snapshot);
+                    return self.put(
+                        Req::Snapshot,
+                        key,
+                        body,
+                        PutCondition::CreateOnly,
+                        ObjectKind::Snapshot,
+                    );
                 }
                 wake = wake.min(t);
             }
@@ -539,7 +589,9 @@ impl Publisher {
         if let Some(a) = self.drive_deletes(now, &mut wake) {
             return a;
         }
-        Action::Wait { until: wake.max(now) }
+        Action::Wait {
+            until: wake.max(now),
+        }
     }
 
     fn drive_commit(&mut self, now: u64) -> Option<Action> {
@@ -550,10 +602,17 @@ impl Publisher {
             self.commit_retry_at = None;
             let ready = self.sealed.iter().take_while(|s| s.up == Up::Done).count();
             let committed = self.committed_lsn();
-            let snap_ready = self
-                .snapshot
-                .as_ref()
-                .is_some_and(|s| s.up == Up::Done && s.entry.lsn <= committed + self.sealed.iter().take(ready).map(|s| s.entry.last_lsn - s.entry.first_lsn + 1).sum::<u64>());
+            let snap_ready = self.snapshot.as_ref().is_some_and(|s| {
+                s.up == Up::Done
+                    && s.entry.lsn
+                        <= committed
+                            + self
+                                .sealed
+                                .iter()
+                                .take(ready)
+                                .map(|s| s.entry.last_lsn - s.entry.first_lsn + 1)
+                                .sum::<u64>()
+            });
             if ready == 0 && !snap_ready {
                 return None;
             }
@@ -562,7 +621,12 @@ impl Publisher {
                     let stage = if pages.is_empty() {
                         Stage::Cas
                     } else {
-                        Stage::Paging(pages.into_iter().map(|(k, b)| (k, (b, Up::Waiting(0)))).collect())
+                        Stage::Paging(
+                            pages
+                                .into_iter()
+                                .map(|(k, b)| (k, (b, Up::Waiting(0))))
+                                .collect(),
+                        )
                     };
                     self.commit = Some(Commit {
                         proposed,
@@ -611,7 +675,13 @@ impl Publisher {
                     }
                 }
                 if let Some((k, b)) = next {
-                    return Some(self.put(Req::Page(k.clone()), k, b, PutCondition::CreateOnly, ObjectKind::Page));
+                    return Some(self.put(
+                        Req::Page(k.clone()),
+                        k,
+                        b,
+                        PutCondition::CreateOnly,
+                        ObjectKind::Page,
+                    ));
                 }
                 if all_done {
                     c.stage = Stage::Cas;
@@ -640,7 +710,11 @@ impl Publisher {
     /// Builds the next head from the committed one plus the first `ready`
     /// sealed segments. Returns the head and the pages to upload first, or
     /// the pages that must be read before retention can drop them.
-    fn build_commit(&mut self, now: u64, ready: usize) -> Result<(Head, Vec<(String, Vec<u8>)>), Vec<PageRef>> {
+    fn build_commit(
+        &mut self,
+        now: u64,
+        ready: usize,
+    ) -> Result<(Head, Vec<PageUpload>), Vec<PageRef>> {
         let cur = self.head.as_ref().expect("running");
         let mut h = cur.clone();
         h.generation += 1;
@@ -654,7 +728,10 @@ impl Publisher {
         if let Some(s) = &self.snapshot {
             if s.up == Up::Done && s.entry.lsn <= h.committed_lsn {
                 if let Some(old) = h.snapshot.replace(s.entry.clone()) {
-                    h.retired.push(Retired { key: old.key, since_ms: now });
+                    h.retired.push(Retired {
+                        key: old.key,
+                        since_ms: now,
+                    });
                 }
             }
         }
@@ -662,11 +739,18 @@ impl Publisher {
         h.retired.retain(|r| !self.deleted.contains(&r.key));
         // Retention.
         if let (Some(retain), Some(snap)) = (self.cfg.retain_lsns, &h.snapshot) {
-            let want = (h.committed_lsn + 1).saturating_sub(retain).max(h.earliest_lsn);
+            let want = (h.committed_lsn + 1)
+                .saturating_sub(retain)
+                .max(h.earliest_lsn);
             let earliest = want.min(snap.lsn + 1);
             if earliest > h.earliest_lsn {
                 // Pages wholly below: read them (and their children) to retire their contents.
-                let dropped: Vec<PageRef> = h.pages.iter().filter(|p| p.last_lsn < earliest).cloned().collect();
+                let dropped: Vec<PageRef> = h
+                    .pages
+                    .iter()
+                    .filter(|p| p.last_lsn < earliest)
+                    .cloned()
+                    .collect();
                 let mut need = Vec::new();
                 let mut keys = Vec::new();
                 let mut stack = dropped.clone();
@@ -690,7 +774,10 @@ impl Publisher {
                 h.segments.retain(|s| s.last_lsn >= earliest);
                 for k in keys {
                     self.page_cache.remove(&k);
-                    h.retired.push(Retired { key: k, since_ms: now });
+                    h.retired.push(Retired {
+                        key: k,
+                        since_ms: now,
+                    });
                 }
                 h.earliest_lsn = earliest;
             }
@@ -715,10 +802,18 @@ impl Publisher {
             for p in &h.pages {
                 *counts.entry(p.level).or_default() += 1;
             }
-            let Some((&level, _)) = counts.iter().filter(|(_, c)| **c > fan).min_by_key(|(l, _)| **l) else {
+            let Some((&level, _)) = counts
+                .iter()
+                .filter(|(_, c)| **c > fan)
+                .min_by_key(|(l, _)| **l)
+            else {
                 break;
             };
-            let start = h.pages.iter().position(|p| p.level == level).expect("counted");
+            let start = h
+                .pages
+                .iter()
+                .position(|p| p.level == level)
+                .expect("counted");
             let moved: Vec<PageRef> = h.pages.drain(start..start + fan).collect();
             let page = Page {
                 format: catalog::FORMAT,
@@ -732,11 +827,19 @@ impl Publisher {
         Ok((h, uploads))
     }
 
-    fn page_ref(&mut self, page: &Page, level: u32, uploads: &mut Vec<(String, Vec<u8>)>) -> PageRef {
+    fn page_ref(&mut self, page: &Page, level: u32, uploads: &mut Vec<PageUpload>) -> PageRef {
         let (first, last, count) = if level == 0 {
-            (page.segments[0].first_lsn, page.segments[page.segments.len() - 1].last_lsn, page.segments.len())
+            (
+                page.segments[0].first_lsn,
+                page.segments[page.segments.len() - 1].last_lsn,
+                page.segments.len(),
+            )
         } else {
-            (page.pages[0].first_lsn, page.pages[page.pages.len() - 1].last_lsn, page.pages.len())
+            (
+                page.pages[0].first_lsn,
+                page.pages[page.pages.len() - 1].last_lsn,
+                page.pages.len(),
+            )
         };
         let bytes = page.encode();
         let key = catalog::page_key(level, first, last, self.epoch);
@@ -789,7 +892,10 @@ impl Publisher {
                 self.events.push_back(Event::Deleted { key });
             }
             Err(m) => {
-                let d = self.backoff(&key, Error::new(ErrorKind::Unavailable, m).with_object(key.clone()));
+                let d = self.backoff(
+                    &key,
+                    Error::new(ErrorKind::Unavailable, m).with_object(key.clone()),
+                );
                 self.delete_retry_at = now + d;
             }
         }
@@ -819,7 +925,11 @@ impl Publisher {
                 format!("reading the head failed: {status:?} {message}"),
             )
             .with_object(HEAD_KEY)),
-            other => Err(Error::new(ErrorKind::Unavailable, format!("unexpected answer {other:?}")).with_object(HEAD_KEY)),
+            other => Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("unexpected answer {other:?}"),
+            )
+            .with_object(HEAD_KEY)),
         }
     }
 
@@ -835,7 +945,11 @@ impl Publisher {
         };
         // Did our earlier claim land (its answer lost)?
         if let (Some(claim), Some((h, etag))) = (&self.claim, &read) {
-            if h.dataset_id == claim.dataset_id && h.epoch == claim.epoch && h.generation == claim.generation {
+            if h.dataset_id == claim.dataset_id
+                && h.epoch == claim.epoch
+                && h.generation == claim.generation
+                && h.writer == claim.writer
+            {
                 let h = h.clone();
                 let etag = etag.clone();
                 self.claimed(h, etag);
@@ -844,7 +958,13 @@ impl Publisher {
         }
         self.claim_attempts += 1;
         if self.claim_attempts > 32 {
-            self.fence(Error::new(ErrorKind::Unavailable, "could not claim the dataset after 32 attempts").with_object(HEAD_KEY));
+            self.fence(
+                Error::new(
+                    ErrorKind::Unavailable,
+                    "could not claim the dataset after 32 attempts",
+                )
+                .with_object(HEAD_KEY),
+            );
             return;
         }
         let (proposed, cond) = match read {
@@ -852,6 +972,7 @@ impl Publisher {
                 let id = DatasetId::from_seed(splitmix64(&mut self.rng));
                 let mut h = Head::new(id, 1);
                 h.committed_at_ms = now;
+                h.writer = self.writer.clone();
                 (h, PutCondition::CreateOnly)
             }
             Some((h, etag)) => {
@@ -863,6 +984,7 @@ impl Publisher {
                 p.epoch = h.epoch + 1;
                 p.generation = h.generation + 1;
                 p.committed_at_ms = now;
+                p.writer = self.writer.clone();
                 (p, PutCondition::IfMatch(etag))
             }
         };
@@ -878,7 +1000,11 @@ impl Publisher {
         self.epoch = h.epoch;
         self.claim = None;
         self.attempts.remove(HEAD_KEY);
-        self.next_push = if self.state.is_some() { 1 } else { h.committed_lsn + 1 };
+        self.next_push = if self.state.is_some() {
+            1
+        } else {
+            h.committed_lsn + 1
+        };
         self.events.push_back(Event::Claimed {
             epoch: h.epoch,
             dataset_id: h.dataset_id,
@@ -916,12 +1042,17 @@ impl Publisher {
                 };
                 match resp {
                     // Same epoch, same LSN range: the bytes are ours.
-                    PutResponse::Ok { .. } | PutResponse::AlreadyExists | PutResponse::PreconditionFailed => {
+                    PutResponse::Ok { .. }
+                    | PutResponse::AlreadyExists
+                    | PutResponse::PreconditionFailed => {
                         self.attempts.remove(&key);
                         self.sealed[i].up = Up::Done;
                     }
                     PutResponse::Failed { message } => {
-                        let d = self.backoff(&key, Error::new(ErrorKind::Unavailable, message).with_object(key.clone()));
+                        let d = self.backoff(
+                            &key,
+                            Error::new(ErrorKind::Unavailable, message).with_object(key.clone()),
+                        );
                         self.sealed[i].up = Up::Waiting(now + d);
                     }
                 }
@@ -933,7 +1064,10 @@ impl Publisher {
                 let key = s.entry.key.clone();
                 match resp {
                     PutResponse::Failed { message } => {
-                        let d = self.backoff(&key, Error::new(ErrorKind::Unavailable, message).with_object(key.clone()));
+                        let d = self.backoff(
+                            &key,
+                            Error::new(ErrorKind::Unavailable, message).with_object(key.clone()),
+                        );
                         if let Some(s) = self.snapshot.as_mut() {
                             s.up = Up::Waiting(now + d);
                         }
@@ -947,13 +1081,24 @@ impl Publisher {
             Req::Page(key) => {
                 let failed = matches!(resp, PutResponse::Failed { .. });
                 let d = if let PutResponse::Failed { message } = resp {
-                    self.backoff(&key, Error::new(ErrorKind::Unavailable, message).with_object(key.clone()))
+                    self.backoff(
+                        &key,
+                        Error::new(ErrorKind::Unavailable, message).with_object(key.clone()),
+                    )
                 } else {
                     0
                 };
-                if let Some(Commit { stage: Stage::Paging(pages), .. }) = self.commit.as_mut() {
+                if let Some(Commit {
+                    stage: Stage::Paging(pages),
+                    ..
+                }) = self.commit.as_mut()
+                {
                     if let Some((_, up)) = pages.get_mut(&key) {
-                        *up = if failed { Up::Waiting(now + d) } else { Up::Done };
+                        *up = if failed {
+                            Up::Waiting(now + d)
+                        } else {
+                            Up::Done
+                        };
                     }
                 }
             }
@@ -979,10 +1124,16 @@ impl Publisher {
         for _ in 0..c.segments {
             self.sealed.pop_front();
         }
-        if self.snapshot.as_ref().is_some_and(|s| c.proposed.snapshot.as_ref().is_some_and(|h| h.key == s.entry.key)) {
+        if self.snapshot.as_ref().is_some_and(|s| {
+            c.proposed
+                .snapshot
+                .as_ref()
+                .is_some_and(|h| h.key == s.entry.key)
+        }) {
             self.snapshot = None;
         }
-        self.deleted.retain(|k| c.proposed.retired.iter().any(|r| &r.key == k));
+        self.deleted
+            .retain(|k| c.proposed.retired.iter().any(|r| &r.key == k));
         self.events.push_back(Event::Committed {
             lsn: c.proposed.committed_lsn,
             generation: c.proposed.generation,
@@ -999,32 +1150,50 @@ impl Publisher {
         };
         match read {
             Ok(Some((h, etag))) => {
-                if h.epoch > self.epoch || h.dataset_id != c.proposed.dataset_id {
+                if h.epoch > self.epoch
+                    || h.dataset_id != c.proposed.dataset_id
+                    || (h.epoch == self.epoch && h.writer != self.writer)
+                {
                     self.commit = None;
                     self.fence(
                         Error::new(
                             ErrorKind::Fenced,
-                            format!("fenced: epoch {} now owns the dataset (ours is {})", h.epoch, self.epoch),
+                            format!(
+                                "fenced: epoch {} now owns the dataset (ours is {})",
+                                h.epoch, self.epoch
+                            ),
                         )
                         .with_object(HEAD_KEY),
                     );
                 } else if h.epoch == self.epoch && h.generation == c.proposed.generation {
                     // Our write landed; its acknowledgement was lost.
                     self.committed(etag);
-                } else if h.epoch == self.epoch && Some(h.generation) == self.head.as_ref().map(|x| x.generation) {
+                } else if h.epoch == self.epoch
+                    && Some(h.generation) == self.head.as_ref().map(|x| x.generation)
+                {
                     // Our write did not land; the head is still ours. Retry.
                     self.etag = etag;
                     self.commit = None;
-                    let d = self.backoff(HEAD_KEY, Error::new(ErrorKind::Unavailable, "head write failed").with_object(HEAD_KEY));
+                    let d = self.backoff(
+                        HEAD_KEY,
+                        Error::new(ErrorKind::Unavailable, "head write failed")
+                            .with_object(HEAD_KEY),
+                    );
                     self.commit_retry_at = Some(now + d);
                 } else {
                     // A stale read: look again.
-                    let d = self.backoff(HEAD_KEY, Error::new(ErrorKind::Unavailable, "stale head read").with_object(HEAD_KEY));
+                    let d = self.backoff(
+                        HEAD_KEY,
+                        Error::new(ErrorKind::Unavailable, "stale head read").with_object(HEAD_KEY),
+                    );
                     self.reverify_at(now + d);
                 }
             }
             Ok(None) => {
-                let d = self.backoff(HEAD_KEY, Error::new(ErrorKind::NotFound, "the head vanished").with_object(HEAD_KEY));
+                let d = self.backoff(
+                    HEAD_KEY,
+                    Error::new(ErrorKind::NotFound, "the head vanished").with_object(HEAD_KEY),
+                );
                 self.reverify_at(now + d);
             }
             Err(e) => {
@@ -1039,18 +1208,26 @@ impl Publisher {
     }
 
     fn on_page_read(&mut self, now: u64, r: PageRef, resp: GetResponse) {
-        let result = match resp {
-            GetResponse::Ok { body, .. } => Page::decode(&body, &r).map_err(|e| Error::decode(e).with_object(r.key.clone())),
-            // Already gone (deleted by an earlier publisher): nothing left to retire under it.
-            GetResponse::NotFound => Ok(Page {
-                format: catalog::FORMAT,
-                level: 0,
-                segments: Vec::new(),
-                pages: Vec::new(),
-            }),
-            other => Err(Error::new(ErrorKind::Unavailable, format!("{other:?}")).with_object(r.key.clone())),
-        };
-        let Some(Commit { stage: Stage::Reading(keys), .. }) = self.commit.as_mut() else {
+        let result =
+            match resp {
+                GetResponse::Ok { body, .. } => {
+                    Page::decode(&body, &r).map_err(|e| Error::decode(e).with_object(r.key.clone()))
+                }
+                // Already gone (deleted by an earlier publisher): nothing left to retire under it.
+                GetResponse::NotFound => Ok(Page {
+                    format: catalog::FORMAT,
+                    level: 0,
+                    segments: Vec::new(),
+                    pages: Vec::new(),
+                }),
+                other => Err(Error::new(ErrorKind::Unavailable, format!("{other:?}"))
+                    .with_object(r.key.clone())),
+            };
+        let Some(Commit {
+            stage: Stage::Reading(keys),
+            ..
+        }) = self.commit.as_mut()
+        else {
             return;
         };
         keys.remove(&r.key);

@@ -325,7 +325,14 @@ impl Replica {
 
     /// A replica resuming from a persisted position: `state` holds every
     /// batch up to `applied_lsn` of `dataset_id`.
-    pub fn restore(cfg: ReplicaConfig, seed: u64, state: KvState, applied_lsn: u64, dataset_id: DatasetId, epoch: u64) -> Self {
+    pub fn restore(
+        cfg: ReplicaConfig,
+        seed: u64,
+        state: KvState,
+        applied_lsn: u64,
+        dataset_id: DatasetId,
+        epoch: u64,
+    ) -> Self {
         let mut r = Replica::new(cfg, seed);
         r.state = state;
         r.applied = applied_lsn;
@@ -415,7 +422,11 @@ impl Replica {
         if !self.head_inflight && self.head_due.is_some_and(|t| t <= now) {
             self.head_due = None;
             self.head_inflight = true;
-            let inm = if self.head_fresh { None } else { self.etag.clone() };
+            let inm = if self.head_fresh {
+                None
+            } else {
+                self.etag.clone()
+            };
             self.head_fresh = false;
             return self.fetch(now, Job::Head, HEAD_KEY.to_string(), None, inm);
         }
@@ -511,7 +522,14 @@ impl Replica {
         }
     }
 
-    fn fetch(&mut self, _now: u64, job: Job, key: String, range: Option<ByteRange>, inm: Option<String>) -> Action {
+    fn fetch(
+        &mut self,
+        _now: u64,
+        job: Job,
+        key: String,
+        range: Option<ByteRange>,
+        inm: Option<String>,
+    ) -> Action {
         self.next_id += 1;
         let id = RequestId(self.next_id);
         self.pending.insert(id, job);
@@ -589,13 +607,18 @@ impl Replica {
                 }
             },
             GetResponse::NotFound => {
-                let err = Error::new(ErrorKind::NotFound, "no catalog head: the dataset does not exist (yet)").with_object(HEAD_KEY);
+                let err = Error::new(
+                    ErrorKind::NotFound,
+                    "no catalog head: the dataset does not exist (yet)",
+                )
+                .with_object(HEAD_KEY);
                 self.head_retry(now, err);
             }
             GetResponse::NotModified => {
                 // A 304 we did not ask for: read it again in full.
                 self.head_fresh = true;
-                let err = Error::new(ErrorKind::Unavailable, "unexpected 304 for the head").with_object(HEAD_KEY);
+                let err = Error::new(ErrorKind::Unavailable, "unexpected 304 for the head")
+                    .with_object(HEAD_KEY);
                 self.head_retry(now, err);
             }
             other => {
@@ -666,7 +689,10 @@ impl Replica {
             self.clear_plan();
         }
         // Re-plan when the head changed what we know.
-        let head_changed = self.head.as_ref().is_none_or(|h| h.generation != head.generation || h.epoch != head.epoch);
+        let head_changed = self
+            .head
+            .as_ref()
+            .is_none_or(|h| h.generation != head.generation || h.epoch != head.epoch);
         self.head = Some(head);
         if head_changed {
             self.clear_plan();
@@ -703,19 +729,28 @@ impl Replica {
     /// Finds the entries for LSN `lsn`: from the inline segments, or by
     /// descending cached pages. Returns `Err(page)` when a page must be fetched.
     fn locate(&self, head: &Head, lsn: u64) -> Result<Option<Vec<SegmentEntry>>, PageRef> {
-        if let Some(i) = head.segments.iter().position(|s| s.last_lsn >= lsn) {
-            return Ok(Some(head.segments[i..].to_vec()));
+        if head.segments.first().is_some_and(|s| s.first_lsn <= lsn) {
+            if let Some(i) = head.segments.iter().position(|s| s.last_lsn >= lsn) {
+                return Ok(Some(head.segments[i..].to_vec()));
+            }
         }
         let mut refs: &[PageRef] = &head.pages;
         loop {
-            let Some(r) = refs.iter().find(|p| p.first_lsn <= lsn && lsn <= p.last_lsn) else {
+            let Some(r) = refs
+                .iter()
+                .find(|p| p.first_lsn <= lsn && lsn <= p.last_lsn)
+            else {
                 return Ok(None);
             };
             let Some(page) = self.pages.get(&r.key) else {
                 return Err(r.clone());
             };
             if page.level == 0 {
-                let i = page.segments.iter().position(|s| s.last_lsn >= lsn).unwrap_or(0);
+                let i = page
+                    .segments
+                    .iter()
+                    .position(|s| s.last_lsn >= lsn)
+                    .unwrap_or(page.segments.len());
                 return Ok(Some(page.segments[i..].to_vec()));
             }
             refs = &page.pages;
@@ -723,13 +758,20 @@ impl Replica {
     }
 
     fn extend_plan(&mut self) {
+        if self.dataset.is_none() {
+            return;
+        }
         let Some(head) = self.head.take() else {
             return;
         };
         // Keep a bounded look-ahead.
-        while self.plan.len() < self.cfg.max_inflight * 2 && self.plan_next <= self.committed.min(head.committed_lsn) && self.page_wanted.is_none() {
+        while self.plan.len() < self.cfg.max_inflight * 2
+            && self.plan_next <= self.committed.min(head.committed_lsn)
+            && self.page_wanted.is_none()
+        {
             match self.locate(&head, self.plan_next) {
                 Ok(Some(entries)) => {
+                    let before = self.plan_next;
                     for e in entries {
                         if e.last_lsn < self.plan_next {
                             continue;
@@ -740,10 +782,20 @@ impl Replica {
                         let start = e.start_for(self.plan_next);
                         let from = self.plan_next;
                         self.plan_next = e.last_lsn + 1;
-                        self.plan.push_back(Unit { entry: e, start, from });
+                        self.plan.push_back(Unit {
+                            entry: e,
+                            start,
+                            from,
+                        });
                         if self.plan.len() >= self.cfg.max_inflight * 2 {
                             break;
                         }
+                    }
+                    if self.plan_next == before {
+                        // The catalog does not cover the LSN it claims to: re-read the head.
+                        self.head_fresh = true;
+                        self.head_due = Some(0);
+                        break;
                     }
                 }
                 Ok(None) => {
@@ -764,7 +816,9 @@ impl Replica {
     fn on_page(&mut self, now: u64, r: PageRef, resp: GetResponse) {
         self.page_inflight = false;
         let result = match resp {
-            GetResponse::Ok { body, .. } => Page::decode(&body, &r).map_err(|e| Error::decode(e).with_object(r.key.clone())),
+            GetResponse::Ok { body, .. } => {
+                Page::decode(&body, &r).map_err(|e| Error::decode(e).with_object(r.key.clone()))
+            }
             GetResponse::NotFound => {
                 // Retention removed it: re-read the head.
                 self.page_wanted = None;
@@ -792,11 +846,23 @@ impl Replica {
 
     /// A 404 for an object the head named: re-read the head (in full).
     fn missing(&mut self, now: u64, key: &str) {
-        let err = Error::new(ErrorKind::NotFound, "object named by the catalog is missing").with_object(key.to_string());
+        let err = Error::new(
+            ErrorKind::NotFound,
+            "object named by the catalog is missing",
+        )
+        .with_object(key.to_string());
         let d = self.failure(key, err);
         self.clear_plan();
+        // Plan nothing more from the head that named it until a new one is read.
+        self.head = None;
         self.head_fresh = true;
-        self.head_due = Some(now + if self.attempts.get(key).copied().unwrap_or(0) <= 1 { 0 } else { d });
+        self.head_due = Some(
+            now + if self.attempts.get(key).copied().unwrap_or(0) <= 1 {
+                0
+            } else {
+                d
+            },
+        );
         self.bootstrap = None;
     }
 
@@ -822,7 +888,12 @@ impl Replica {
         }
     }
 
-    fn verify_segment(&self, u: &Unit, body: Vec<u8>, range: Option<ContentRange>) -> Result<Verified, Error> {
+    fn verify_segment(
+        &self,
+        u: &Unit,
+        body: Vec<u8>,
+        range: Option<ContentRange>,
+    ) -> Result<Verified, Error> {
         let e = &u.entry;
         let data_err = |d| Error::decode(d).with_object(e.key.clone()).with_lsn(u.from);
         let whole = u.start.offset == segment::HEADER_LEN;
@@ -833,7 +904,11 @@ impl Replica {
                 if body.len() as u64 != e.size {
                     return Err(Error::new(
                         ErrorKind::Data,
-                        format!("segment body is {} bytes, catalog says {}", body.len(), e.size),
+                        format!(
+                            "segment body is {} bytes, catalog says {}",
+                            body.len(),
+                            e.size
+                        ),
                     )
                     .with_object(e.key.clone())
                     .with_lsn(u.from));
@@ -843,7 +918,11 @@ impl Replica {
             }
             Some(cr) => {
                 let want_end = e.records_end;
-                if whole || cr.start != u.start.offset || cr.end != want_end || body.len() as u64 != want_end - cr.start {
+                if whole
+                    || cr.start != u.start.offset
+                    || cr.end != want_end
+                    || body.len() as u64 != want_end - cr.start
+                {
                     return Err(Error::new(
                         ErrorKind::Data,
                         format!(
@@ -876,7 +955,10 @@ impl Replica {
         if last != e.last_lsn {
             return Err(Error::new(
                 ErrorKind::Data,
-                format!("segment records end at LSN {last}, catalog says {}", e.last_lsn),
+                format!(
+                    "segment records end at LSN {last}, catalog says {}",
+                    e.last_lsn
+                ),
             )
             .with_object(e.key.clone())
             .with_lsn(last + 1));
@@ -885,7 +967,8 @@ impl Replica {
     }
 
     fn apply_ready(&mut self, now: u64) {
-        while let Some(front) = self.plan.front() {
+        // One unit per poll, so the state matches the event the driver sees.
+        if let Some(front) = self.plan.front() {
             let from = front.from;
             if from != self.applied + 1 {
                 // The plan no longer lines up (after a reset): rebuild it.
@@ -905,7 +988,10 @@ impl Replica {
                         Ok(ops) => self.state.apply(&ops),
                         Err(d) => {
                             if lsn > first {
-                                self.events.push_back(Event::Applied { first, last: lsn - 1 });
+                                self.events.push_back(Event::Applied {
+                                    first,
+                                    last: lsn - 1,
+                                });
                             }
                             let err = Error::decode(d).with_object(key.clone()).with_lsn(lsn);
                             let delay = self.failure(&key, err);
@@ -959,14 +1045,25 @@ impl Replica {
                     None => (0, &body[..]),
                 };
                 if start > offset || (range.is_none() && body.len() as u64 != size) {
-                    Err(Error::new(ErrorKind::Data, format!("snapshot answer does not cover byte {offset}")).with_object(key.clone()))
+                    Err(Error::new(
+                        ErrorKind::Data,
+                        format!("snapshot answer does not cover byte {offset}"),
+                    )
+                    .with_object(key.clone()))
                 } else {
                     let skip = (offset - start) as usize;
                     let avail = bytes.get(skip..).unwrap_or(&[]);
-                    let take = avail.len().min((end - offset) as usize).max(if range.is_none() { avail.len() } else { 0 });
+                    let take = avail
+                        .len()
+                        .min((end - offset) as usize)
+                        .max(if range.is_none() { avail.len() } else { 0 });
                     let take = take.min(avail.len()).min((size - offset) as usize);
                     if take == 0 {
-                        Err(Error::new(ErrorKind::Data, format!("empty snapshot answer at byte {offset}")).with_object(key.clone()))
+                        Err(Error::new(
+                            ErrorKind::Data,
+                            format!("empty snapshot answer at byte {offset}"),
+                        )
+                        .with_object(key.clone()))
                     } else {
                         b.decoder
                             .feed(&avail[..take])
@@ -1010,8 +1107,15 @@ impl Replica {
             .finish(Some(b.entry.crc32))
             .map_err(|d| Error::decode(d).with_object(key.clone()))
             .and_then(|(h, st)| {
-                if h.lsn != b.entry.lsn || h.dataset_id != b.dataset_id || h.entry_count != b.entry.entries {
-                    Err(Error::new(ErrorKind::Data, "snapshot header disagrees with the catalog").with_object(key.clone()))
+                if h.lsn != b.entry.lsn
+                    || h.dataset_id != b.dataset_id
+                    || h.entry_count != b.entry.entries
+                {
+                    Err(Error::new(
+                        ErrorKind::Data,
+                        "snapshot header disagrees with the catalog",
+                    )
+                    .with_object(key.clone()))
                 } else {
                     Ok((h, st))
                 }
@@ -1056,7 +1160,10 @@ fn unavailable(resp: &GetResponse) -> Error {
                 None => message.clone(),
             },
         ),
-        GetResponse::RangeNotSatisfiable => Error::new(ErrorKind::Data, "416: the object is shorter than the catalog says"),
+        GetResponse::RangeNotSatisfiable => Error::new(
+            ErrorKind::Data,
+            "416: the object is shorter than the catalog says",
+        ),
         GetResponse::NotModified => Error::new(ErrorKind::Unavailable, "unexpected 304"),
         GetResponse::NotFound => Error::new(ErrorKind::NotFound, "404"),
         GetResponse::Ok { .. } => Error::new(ErrorKind::Unavailable, "unexpected answer"),

@@ -220,9 +220,12 @@ pub struct Trailer {
 }
 
 impl Trailer {
-    /// Size of the whole file this trailer describes.
+    /// Size of the whole file this trailer describes (saturating at
+    /// `u64::MAX` for a damaged trailer, which then matches no real file).
     pub fn file_size(&self) -> u64 {
-        self.footer_offset + INDEX_ENTRY_LEN * u64::from(self.index_count) + TRAILER_LEN
+        self.footer_offset
+            .saturating_add(INDEX_ENTRY_LEN * u64::from(self.index_count))
+            .saturating_add(TRAILER_LEN)
     }
 }
 
@@ -253,7 +256,11 @@ pub fn decode_trailer(bytes: &[u8]) -> Result<Trailer, DecodeError> {
         ));
     }
     if footer_offset < HEADER_LEN + RECORD_HEADER_LEN {
-        return Err(invalid("segment trailer", 0, "footer offset inside the header"));
+        return Err(invalid(
+            "segment trailer",
+            0,
+            "footer offset inside the header",
+        ));
     }
     Ok(Trailer {
         footer_offset,
@@ -275,7 +282,12 @@ pub fn decode_index(bytes: &[u8], trailer: &Trailer) -> Result<Vec<IndexEntry>, 
             have: bytes.len() as u64,
         });
     }
-    check_crc("segment index", trailer.footer_offset, trailer.index_crc, bytes)?;
+    check_crc(
+        "segment index",
+        trailer.footer_offset,
+        trailer.index_crc,
+        bytes,
+    )?;
     let mut r = Reader::new(bytes, trailer.footer_offset);
     let mut out = Vec::with_capacity(trailer.index_count as usize);
     let mut prev: Option<IndexEntry> = None;
@@ -290,7 +302,11 @@ pub fn decode_index(bytes: &[u8], trailer: &Trailer) -> Result<Vec<IndexEntry>, 
             Some(p) => e.lsn > p.lsn && e.offset > p.offset,
         };
         if !ordered || e.lsn > trailer.last_lsn || e.offset >= trailer.footer_offset {
-            return Err(invalid("segment index", at, "entries out of order or out of range"));
+            return Err(invalid(
+                "segment index",
+                at,
+                "entries out of order or out of range",
+            ));
         }
         prev = Some(e);
         out.push(e);
@@ -378,12 +394,19 @@ pub fn decode(bytes: &[u8], expected_crc: Option<u32>) -> Result<Segment<'_>, De
         return Err(invalid(
             "segment trailer",
             len - TRAILER_LEN,
-            format!("trailer describes {} bytes, file has {len}", trailer.file_size()),
+            format!(
+                "trailer describes {} bytes, file has {len}",
+                trailer.file_size()
+            ),
         ));
     }
     let header = decode_header(&bytes[..HEADER_LEN as usize])?;
     if header.first_lsn != trailer.first_lsn {
-        return Err(invalid("segment header", 16, "first LSN differs from the trailer's"));
+        return Err(invalid(
+            "segment header",
+            16,
+            "first LSN differs from the trailer's",
+        ));
     }
     let fo = trailer.footer_offset as usize;
     let index = decode_index(&bytes[fo..(len - TRAILER_LEN) as usize], &trailer)?;
@@ -396,7 +419,10 @@ pub fn decode(bytes: &[u8], expected_crc: Option<u32>) -> Result<Segment<'_>, De
         return Err(invalid(
             "segment records",
             trailer.footer_offset,
-            format!("records end at LSN {last:?}, trailer says {}", trailer.last_lsn),
+            format!(
+                "records end at LSN {last:?}, trailer says {}",
+                trailer.last_lsn
+            ),
         ));
     }
     Ok(Segment {
@@ -409,10 +435,44 @@ pub fn decode(bytes: &[u8], expected_crc: Option<u32>) -> Result<Segment<'_>, De
 
 fn shift(e: DecodeError, by: u64) -> DecodeError {
     match e {
-        DecodeError::Truncated { what, at, need, have } => DecodeError::Truncated { what, at: at + by, need, have },
-        DecodeError::BadMagic { what, at, expected, found } => DecodeError::BadMagic { what, at: at + by, expected, found },
-        DecodeError::Checksum { what, at, stored, computed } => DecodeError::Checksum { what, at: at + by, stored, computed },
-        DecodeError::Invalid { what, at, why } => DecodeError::Invalid { what, at: at + by, why },
+        DecodeError::Truncated {
+            what,
+            at,
+            need,
+            have,
+        } => DecodeError::Truncated {
+            what,
+            at: at + by,
+            need,
+            have,
+        },
+        DecodeError::BadMagic {
+            what,
+            at,
+            expected,
+            found,
+        } => DecodeError::BadMagic {
+            what,
+            at: at + by,
+            expected,
+            found,
+        },
+        DecodeError::Checksum {
+            what,
+            at,
+            stored,
+            computed,
+        } => DecodeError::Checksum {
+            what,
+            at: at + by,
+            stored,
+            computed,
+        },
+        DecodeError::Invalid { what, at, why } => DecodeError::Invalid {
+            what,
+            at: at + by,
+            why,
+        },
         other => other,
     }
 }
@@ -498,7 +558,9 @@ impl<'a> Records<'a> {
             });
         }
         self.pos += r.pos();
-        self.next_lsn += 1;
+        // Wraps after LSN u64::MAX: no record can follow it (LSN 0 never
+        // verifies against a catalog's or trailer's last LSN).
+        self.next_lsn = self.next_lsn.wrapping_add(1);
         Ok(Record { lsn, payload })
     }
 }

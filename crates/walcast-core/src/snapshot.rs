@@ -213,7 +213,11 @@ impl SnapshotDecoder {
                         });
                     }
                     if count == 0 || u64::from(count) > u64::from(len) / 2 {
-                        return Err(invalid("snapshot chunk", at + 4, format!("{count} entries cannot fit {len} bytes")));
+                        return Err(invalid(
+                            "snapshot chunk",
+                            at + 4,
+                            format!("{count} entries cannot fit {len} bytes"),
+                        ));
                     }
                     let need = (CHUNK_HEADER_LEN + u64::from(len)) as usize;
                     if avail.len() < need {
@@ -237,17 +241,29 @@ impl SnapshotDecoder {
                         let k = er.len_prefixed("snapshot key", crate::batch::MAX_KEY_LEN)?;
                         let v = er.len_prefixed("snapshot value", crate::batch::MAX_VALUE_LEN)?;
                         if !self.builder.push(k, v) {
-                            return Err(invalid("snapshot entry", eat, "keys not strictly ascending"));
+                            return Err(invalid(
+                                "snapshot entry",
+                                eat,
+                                "keys not strictly ascending",
+                            ));
                         }
                     }
                     if !er.is_empty() {
-                        return Err(invalid("snapshot chunk", er.offset(), "bytes after the chunk's entries"));
+                        return Err(invalid(
+                            "snapshot chunk",
+                            er.offset(),
+                            "bytes after the chunk's entries",
+                        ));
                     }
                     self.chunks.push((at, count, len));
                     used += need;
                     let expected = self.header.map_or(0, |h| h.entry_count);
                     if self.builder.count() > expected {
-                        return Err(invalid("snapshot", at, "more entries than the header declares"));
+                        return Err(invalid(
+                            "snapshot",
+                            at,
+                            "more entries than the header declares",
+                        ));
                     }
                     if self.builder.count() == expected {
                         self.phase = Phase::Tail;
@@ -275,12 +291,23 @@ impl SnapshotDecoder {
                         || chunk_count as usize != self.chunks.len()
                         || reserved != 0
                     {
-                        return Err(invalid("snapshot trailer", at + ilen, "trailer disagrees with the chunks read"));
+                        return Err(invalid(
+                            "snapshot trailer",
+                            at + ilen,
+                            "trailer disagrees with the chunks read",
+                        ));
                     }
                     let mut ir = Reader::new(index, at);
                     for &(o, c, l) in &self.chunks {
-                        if ir.u64("snapshot index")? != o || ir.u32("snapshot index")? != c || ir.u32("snapshot index")? != l {
-                            return Err(invalid("snapshot index", at, "index disagrees with the chunks read"));
+                        if ir.u64("snapshot index")? != o
+                            || ir.u32("snapshot index")? != c
+                            || ir.u32("snapshot index")? != l
+                        {
+                            return Err(invalid(
+                                "snapshot index",
+                                at,
+                                "index disagrees with the chunks read",
+                            ));
                         }
                     }
                     used += (ilen + TRAILER_LEN) as usize;
@@ -301,7 +328,10 @@ impl SnapshotDecoder {
 
     /// Checks that the whole snapshot was read (and matches the catalog's
     /// checksum when given) and returns its header and state.
-    pub fn finish(self, expected_crc: Option<u32>) -> Result<(SnapshotHeader, KvState), DecodeError> {
+    pub fn finish(
+        self,
+        expected_crc: Option<u32>,
+    ) -> Result<(SnapshotHeader, KvState), DecodeError> {
         if self.phase != Phase::Done {
             return Err(DecodeError::Truncated {
                 what: "snapshot",
@@ -321,13 +351,18 @@ impl SnapshotDecoder {
                 });
             }
         }
-        let header = self.header.ok_or_else(|| invalid("snapshot", 0, "no header"))?;
+        let header = self
+            .header
+            .ok_or_else(|| invalid("snapshot", 0, "no header"))?;
         Ok((header, KvState::from_sorted_leaves(self.builder)))
     }
 }
 
 /// Decodes and verifies a snapshot held in memory.
-pub fn decode(bytes: &[u8], expected_crc: Option<u32>) -> Result<(SnapshotHeader, KvState), DecodeError> {
+pub fn decode(
+    bytes: &[u8],
+    expected_crc: Option<u32>,
+) -> Result<(SnapshotHeader, KvState), DecodeError> {
     let mut d = SnapshotDecoder::new();
     d.feed(bytes)?;
     d.finish(expected_crc)
@@ -353,7 +388,10 @@ fn decode_header(bytes: &[u8]) -> Result<SnapshotHeader, DecodeError> {
         });
     }
     if flags != 0 {
-        return Err(DecodeError::UnknownFlags { what: "snapshot", flags });
+        return Err(DecodeError::UnknownFlags {
+            what: "snapshot",
+            flags,
+        });
     }
     if reserved != 0 {
         return Err(invalid("snapshot header", 48, "reserved field is not zero"));

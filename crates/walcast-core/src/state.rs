@@ -218,7 +218,11 @@ impl KvState {
             }
             let mut w = LeafWriter::default();
             let mut j = 0;
-            while j < leaf.len() || ov.peek().is_some_and(|(k, _)| upper.is_none_or(|u| &**k < u)) {
+            while j < leaf.len()
+                || ov
+                    .peek()
+                    .is_some_and(|(k, _)| upper.is_none_or(|u| &**k < u))
+            {
                 let next_ov = ov.peek().filter(|(k, _)| upper.is_none_or(|u| &**k < u));
                 match (j < leaf.len(), next_ov) {
                     (true, Some((ok, _))) => {
@@ -291,12 +295,16 @@ impl KvState {
         };
         let empty = match (start, end) {
             (Bound::Included(s) | Bound::Excluded(s), Bound::Included(e) | Bound::Excluded(e)) => {
-                s > e || (s == e && !(matches!(start, Bound::Included(_)) && matches!(end, Bound::Included(_))))
+                s > e
+                    || (s == e
+                        && !(matches!(start, Bound::Included(_))
+                            && matches!(end, Bound::Included(_))))
             }
             _ => false,
         };
         let overlay = if empty {
-            self.overlay.range::<[u8], _>((Bound::Excluded(&[][..]), Bound::Excluded(&[][..])))
+            self.overlay
+                .range::<[u8], _>((Bound::Excluded(&[][..]), Bound::Excluded(&[][..])))
         } else {
             self.overlay.range::<[u8], _>((start, end))
         };
@@ -387,20 +395,25 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+type OverlayRange<'a> = std::collections::btree_map::Range<'a, Box<[u8]>, Option<Box<[u8]>>>;
+
 /// Iterator over a key range of a [`KvState`], merging leaves and overlay.
 pub struct Range<'a> {
     leaves: &'a [Leaf],
     li: usize,
     ei: usize,
     end: Bound<Box<[u8]>>,
-    overlay: Option<std::collections::btree_map::Range<'a, Box<[u8]>, Option<Box<[u8]>>>>,
+    overlay: Option<OverlayRange<'a>>,
     ov_peek: Option<(&'a [u8], Option<&'a [u8]>)>,
     base_peek: Option<(&'a [u8], &'a [u8])>,
 }
 
 impl std::fmt::Debug for Range<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Range").field("leaf", &self.li).field("entry", &self.ei).finish()
+        f.debug_struct("Range")
+            .field("leaf", &self.li)
+            .field("entry", &self.ei)
+            .finish()
     }
 }
 
@@ -429,7 +442,10 @@ impl<'a> Range<'a> {
     }
 
     fn next_overlay(&mut self) -> Option<(&'a [u8], Option<&'a [u8]>)> {
-        self.overlay.as_mut()?.next().map(|(k, v)| (&**k, v.as_deref()))
+        self.overlay
+            .as_mut()?
+            .next()
+            .map(|(k, v)| (&**k, v.as_deref()))
     }
 }
 
@@ -528,7 +544,10 @@ mod tests {
     fn large_state_compacts_into_leaves() {
         let mut s = KvState::new();
         for i in 0..50_000u32 {
-            s.put(format!("key:{:08}", (i * 7919) % 50_000).as_bytes(), &[7u8; 100]);
+            s.put(
+                format!("key:{:08}", (i * 7919) % 50_000).as_bytes(),
+                &[7u8; 100],
+            );
         }
         s.compact();
         assert_eq!(s.len(), 50_000);

@@ -26,8 +26,47 @@ pub unsafe extern "C" fn walcast_probe_run(ptr: *const u8, len: u32) -> u32 {
         // SAFETY: guaranteed by the caller (see `# Safety`).
         unsafe { std::slice::from_raw_parts(ptr, len as usize) }
     };
-    // PROBE: replace with real core calls (decode a frame, replay, catalog JSON...).
-    walcast_core::x();
-    // PROBE: CRC32 of the input, the same crate the core frames with.
-    crc32fast::hash(input)
+    probe(input).unwrap_or(0)
+}
+
+/// Exercises the core end to end: batch codec, segment seal and verify, KV
+/// state, snapshot round trip, catalog head, and both state machines.
+/// Returns the CRC-32 of the input (read back through the whole pipeline).
+fn probe(input: &[u8]) -> Option<u32> {
+    use walcast_core::batch::{self, Op};
+    use walcast_core::catalog::{DatasetId, Head, SegmentEntry};
+    use walcast_core::publisher::{Publisher, PublisherConfig};
+    use walcast_core::replica::{Replica, ReplicaConfig};
+    use walcast_core::segment::{self, SegmentBuilder};
+    use walcast_core::snapshot;
+    use walcast_core::state::KvState;
+
+    let payload = batch::encode(&[
+        Op::put(b"k".to_vec(), input.to_vec()),
+        Op::delete(b"gone".to_vec()),
+    ])
+    .ok()?;
+    let mut b = SegmentBuilder::new(1, 1);
+    if !b.push(&payload) {
+        return None;
+    }
+    let (bytes, summary) = b.finish()?;
+    let seg = segment::decode(&bytes, Some(summary.crc32)).ok()?;
+    let mut state = KvState::new();
+    for rec in seg.records() {
+        state.apply(&batch::decode(rec.ok()?.payload).ok()?);
+    }
+    let id = DatasetId::from_seed(7);
+    let snap = snapshot::encode(&state, 1, 1, id);
+    let (_, restored) = snapshot::decode(&snap, None).ok()?;
+    let mut head = Head::new(id, 1);
+    head.committed_lsn = 1;
+    head.segments.push(SegmentEntry::from_summary(&summary));
+    let head = Head::decode(&head.encode()).ok()?;
+    let mut replica = Replica::new(ReplicaConfig::default(), 1);
+    let _ = replica.poll(0);
+    let mut publisher = Publisher::new(PublisherConfig::default(), 1);
+    let _ = publisher.poll(0);
+    let value = restored.get(b"k")?;
+    Some(crc32fast::hash(value) ^ (head.committed_lsn as u32 - 1))
 }

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Every test walcast has, in the order a failure is cheapest to find.
+# Installs what it needs (the wasm32 toolchain) and skips what is there.
+#   SIM_SEEDS=N  simulation seeds (default 2000); SIM_SEED=S replays one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step() { printf '\n== %s\n' "$*"; }
+
+step "format"
+cargo fmt --all --check
+
+step "clippy (warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "docs (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc -p walcast-core --no-deps -q
+
+step "walcast-core: unit, doc, golden, fuzz-corpus and simulation tests (${SIM_SEEDS:-2000} seeds)"
+SIM_SEEDS="${SIM_SEEDS:-2000}" cargo test -p walcast-core -- --nocapture 2>&1 |
+  grep -vE '^(running [0-9]+ tests?|)$' | grep -vE '^test .* \.\.\. ok$'
+test "${PIPESTATUS[0]}" -eq 0
+
+step "walcast-core builds for wasm32-unknown-unknown and imports nothing"
+bash scripts/check-wasm.sh
