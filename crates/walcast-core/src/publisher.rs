@@ -1120,26 +1120,35 @@ impl Publisher {
         let Some(c) = self.commit.take() else {
             return;
         };
+        self.adopt(c.proposed, etag);
+    }
+
+    /// Makes `h`, a head this publisher wrote and saw land, the base of the
+    /// next commit.
+    fn adopt(&mut self, h: Head, etag: Option<String>) {
+        self.commit = None;
         self.attempts.remove(HEAD_KEY);
-        for _ in 0..c.segments {
+        while self
+            .sealed
+            .front()
+            .is_some_and(|s| s.entry.last_lsn <= h.committed_lsn)
+        {
             self.sealed.pop_front();
         }
         if self.snapshot.as_ref().is_some_and(|s| {
-            c.proposed
-                .snapshot
-                .as_ref()
-                .is_some_and(|h| h.key == s.entry.key)
+            h.snapshot.as_ref().is_some_and(|x| x.key == s.entry.key)
+                || s.entry.lsn <= h.snapshot.as_ref().map_or(0, |x| x.lsn)
         }) {
             self.snapshot = None;
         }
         self.deleted
-            .retain(|k| c.proposed.retired.iter().any(|r| &r.key == k));
+            .retain(|k| h.retired.iter().any(|r| &r.key == k));
         self.events.push_back(Event::Committed {
-            lsn: c.proposed.committed_lsn,
-            generation: c.proposed.generation,
-            head_bytes: c.proposed.encode().len() as u64,
+            lsn: h.committed_lsn,
+            generation: h.generation,
+            head_bytes: h.encode().len() as u64,
         });
-        self.head = Some(c.proposed);
+        self.head = Some(h);
         self.etag = etag;
     }
 
@@ -1165,12 +1174,17 @@ impl Publisher {
                         )
                         .with_object(HEAD_KEY),
                     );
-                } else if h.epoch == self.epoch && h.generation == c.proposed.generation {
+                } else if h == c.proposed {
                     // Our write landed; its acknowledgement was lost.
                     self.committed(etag);
                 } else if h.epoch == self.epoch
-                    && Some(h.generation) == self.head.as_ref().map(|x| x.generation)
+                    && h.generation > self.head.as_ref().map_or(0, |x| x.generation)
                 {
+                    // An earlier write of ours landed after we thought it had
+                    // not (its answer was lost, then a stale read misled us):
+                    // build on what is really there.
+                    self.adopt(h, etag);
+                } else if self.head.as_ref() == Some(&h) {
                     // Our write did not land; the head is still ours. Retry.
                     self.etag = etag;
                     self.commit = None;

@@ -492,6 +492,19 @@ impl Replica {
             }
         }
         if self.started
+            && self.bootstrap.is_none()
+            && self.plan.is_empty()
+            && self.page_wanted.is_none()
+            && !self.head_inflight
+            && self.head_due.is_none()
+        {
+            // Nothing left to do from the head we hold: read it again.
+            if self.applied < self.committed {
+                self.head_fresh = true;
+            }
+            self.head_due = Some(now + self.cfg.poll_interval_ms);
+        }
+        if self.started
             && self.plan.is_empty()
             && self.page_wanted.is_none()
             && self.applied >= self.committed
@@ -648,7 +661,9 @@ impl Replica {
             });
             self.reset_to(head.dataset_id);
         }
-        if self.dataset == Some(head.dataset_id) && head.committed_lsn < self.applied {
+        if self.dataset == Some(head.dataset_id)
+            && (head.committed_lsn < self.applied || head.committed_lsn < self.committed)
+        {
             // A stale copy (e.g. from a CDN): never go backwards. Ask again
             // in full next time.
             self.head_fresh = true;
