@@ -224,8 +224,6 @@ enum Stage {
 #[derive(Debug)]
 struct Commit {
     proposed: Head,
-    /// Segments from the front of `sealed` included.
-    segments: usize,
     stage: Stage,
 }
 
@@ -628,11 +626,7 @@ impl Publisher {
                                 .collect(),
                         )
                     };
-                    self.commit = Some(Commit {
-                        proposed,
-                        segments: ready,
-                        stage,
-                    });
+                    self.commit = Some(Commit { proposed, stage });
                     if matches!(self.commit.as_ref().map(|c| &c.stage), Some(Stage::Cas)) {
                         return Some(self.send_cas());
                     }
@@ -641,7 +635,6 @@ impl Publisher {
                     let keys: HashSet<String> = reads.iter().map(|r| r.key.clone()).collect();
                     self.commit = Some(Commit {
                         proposed: self.head.clone().expect("running"),
-                        segments: 0,
                         stage: Stage::Reading(keys),
                     });
                     // Issue the first read now; the rest on later polls.

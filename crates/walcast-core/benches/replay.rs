@@ -1,0 +1,108 @@
+//! Replay throughput over a segment already in memory, as ratios against
+//! `crc32fast::hash` and a plain copy of the same bytes, measured in one run.
+//!
+//! `cargo bench -p walcast-core --bench replay`
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use walcast_core::batch::{self, Op};
+use walcast_core::segment::{self, SegmentBuilder};
+use walcast_core::state::KvState;
+
+/// Best of `runs` timings of `f`.
+fn best<T>(runs: usize, mut f: impl FnMut() -> T) -> Duration {
+    (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            black_box(f());
+            t.elapsed()
+        })
+        .min()
+        .unwrap_or_default()
+}
+
+fn main() {
+    // 500,000 batches of one 100-byte put: about 64 MB of segment.
+    let n = 500_000u64;
+    let mut b = SegmentBuilder::new(1, 1);
+    for i in 0..n {
+        let payload = batch::encode(&[Op::put(
+            format!("key:{:08}", i % 200_000).into_bytes(),
+            vec![(i % 251) as u8; 100],
+        )])
+        .expect("encode");
+        assert!(b.push(&payload));
+    }
+    let (bytes, summary) = b.finish().expect("non-empty");
+    let mb = bytes.len() as f64 / 1e6;
+
+    let copy = best(5, || bytes.clone());
+    let crc = best(5, || crc32fast::hash(&bytes));
+    let verify = best(5, || {
+        let seg = segment::decode(&bytes, Some(summary.crc32)).expect("valid");
+        seg.records().count()
+    });
+    let verify_decode = best(5, || {
+        let seg = segment::decode(&bytes, Some(summary.crc32)).expect("valid");
+        let mut ops = 0usize;
+        for r in seg.records() {
+            ops += batch::decode(r.expect("valid").payload)
+                .expect("batch")
+                .len();
+        }
+        ops
+    });
+    let apply = best(3, || {
+        let seg = segment::decode(&bytes, Some(summary.crc32)).expect("valid");
+        let mut state = KvState::new();
+        for r in seg.records() {
+            state.apply(&batch::decode(r.expect("valid").payload).expect("batch"));
+        }
+        state.len()
+    });
+
+    let rate = |d: Duration| mb / d.as_secs_f64();
+    println!("segment: {n} records, {mb:.1} MB");
+    println!("| step | MB/s | time vs crc32fast::hash |");
+    println!("| --- | ---: | ---: |");
+    for (name, d) in [
+        ("plain copy (memcpy)", copy),
+        ("crc32fast::hash over the file", crc),
+        (
+            "segment decode + verify (file CRC + every record CRC)",
+            verify,
+        ),
+        ("… + KV batch decode", verify_decode),
+        ("… + apply to KvState", apply),
+    ] {
+        println!(
+            "| {name} | {:.0} | {:.2}x |",
+            rate(d),
+            d.as_secs_f64() / crc.as_secs_f64()
+        );
+    }
+    println!(
+        "records/s: verify {:.1} M/s, verify+apply {:.2} M/s",
+        n as f64 / verify.as_secs_f64() / 1e6,
+        n as f64 / apply.as_secs_f64() / 1e6
+    );
+
+    // Memory: 1,000,000 keys with 100-byte values, as an edge isolate holds them.
+    let mut state = KvState::new();
+    for i in 0..1_000_000u32 {
+        state.put(
+            format!("user:{:07}", (u64::from(i) * 7919) % 1_000_000).as_bytes(),
+            &[7u8; 100],
+        );
+    }
+    state.compact();
+    let payload = state.len() * (12 + 100);
+    println!(
+        "KvState with {} keys (12-byte keys, 100-byte values): {:.1} MB heap, {:.1} bytes/entry ({:.1} of them key and value), vs 128 MB per Workers isolate",
+        state.len(),
+        state.heap_bytes() as f64 / 1e6,
+        state.heap_bytes() as f64 / state.len() as f64,
+        payload as f64 / state.len() as f64
+    );
+}
