@@ -19,9 +19,10 @@
 //!     }
 //!     other => panic!("unexpected {other:?}"),
 //! }
-//! // The head does not exist yet: the machine reports it and backs off.
-//! assert!(matches!(replica.poll(now), Action::Event(_)));
-//! assert!(matches!(replica.poll(now), Action::Wait { .. }));
+//! // The head does not exist yet: the machine notes it and backs off.
+//! assert!(matches!(replica.poll(now), Action::Wait { until } if until > now));
+//! let err = replica.status(now).last_error.expect("reported");
+//! assert_eq!(err.kind(), walcast_core::ErrorKind::NotFound);
 //! ```
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
