@@ -600,17 +600,11 @@ impl Publisher {
             self.commit_retry_at = None;
             let ready = self.sealed.iter().take_while(|s| s.up == Up::Done).count();
             let committed = self.committed_lsn();
-            let snap_ready = self.snapshot.as_ref().is_some_and(|s| {
-                s.up == Up::Done
-                    && s.entry.lsn
-                        <= committed
-                            + self
-                                .sealed
-                                .iter()
-                                .take(ready)
-                                .map(|s| s.entry.last_lsn - s.entry.first_lsn + 1)
-                                .sum::<u64>()
-            });
+            // A snapshot alone is worth a commit once the head can name it.
+            let snap_ready = self
+                .snapshot
+                .as_ref()
+                .is_some_and(|s| s.up == Up::Done && s.entry.lsn <= committed);
             if ready == 0 && !snap_ready {
                 return None;
             }

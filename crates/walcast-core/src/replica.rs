@@ -208,7 +208,7 @@ enum Job {
     Head,
     Page(PageRef),
     Segment(Unit),
-    Snapshot { offset: u64, end: u64 },
+    Snapshot { offset: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -429,7 +429,7 @@ impl Replica {
                 self.etag.clone()
             };
             self.head_fresh = false;
-            return self.fetch(now, Job::Head, HEAD_KEY.to_string(), None, inm);
+            return self.fetch(Job::Head, HEAD_KEY.to_string(), None, inm);
         }
         if self.head_inflight && !self.started {
             return self.wait(now);
@@ -448,8 +448,7 @@ impl Replica {
                 let start = b.next;
                 let end = (start + self.cfg.snapshot_window).min(b.entry.size);
                 return self.fetch(
-                    now,
-                    Job::Snapshot { offset: start, end },
+                    Job::Snapshot { offset: start },
                     key,
                     Some(ByteRange::Bounded { start, end }),
                     None,
@@ -463,7 +462,7 @@ impl Replica {
             if !self.page_inflight {
                 self.page_inflight = true;
                 let key = p.key.clone();
-                return self.fetch(now, Job::Page(p), key, None, None);
+                return self.fetch(Job::Page(p), key, None, None);
             }
         }
         let inflight = self.inflight_units.len();
@@ -489,7 +488,7 @@ impl Replica {
                     })
                 };
                 let key = u.entry.key.clone();
-                return self.fetch(now, Job::Segment(u), key, range, None);
+                return self.fetch(Job::Segment(u), key, range, None);
             }
         }
         if self.started
@@ -538,7 +537,6 @@ impl Replica {
 
     fn fetch(
         &mut self,
-        _now: u64,
         job: Job,
         key: String,
         range: Option<ByteRange>,
@@ -597,7 +595,7 @@ impl Replica {
             Job::Head => self.on_head(now, resp),
             Job::Page(p) => self.on_page(now, p, resp),
             Job::Segment(u) => self.on_segment(now, u, resp),
-            Job::Snapshot { offset, end } => self.on_snapshot(now, offset, end, resp),
+            Job::Snapshot { offset } => self.on_snapshot(now, offset, resp),
         }
     }
 
@@ -1046,7 +1044,7 @@ impl Replica {
         }
     }
 
-    fn on_snapshot(&mut self, now: u64, offset: u64, end: u64, resp: GetResponse) {
+    fn on_snapshot(&mut self, now: u64, offset: u64, resp: GetResponse) {
         let Some(b) = self.bootstrap.as_mut() else {
             return;
         };
@@ -1069,11 +1067,9 @@ impl Replica {
                 } else {
                     let skip = (offset - start) as usize;
                     let avail = bytes.get(skip..).unwrap_or(&[]);
-                    let take = avail
-                        .len()
-                        .min((end - offset) as usize)
-                        .max(if range.is_none() { avail.len() } else { 0 });
-                    let take = take.min(avail.len()).min((size - offset) as usize);
+                    // Take what arrived, up to the end of the file (a 200 or a
+                    // generous 206 may carry more than the window asked for).
+                    let take = avail.len().min((size - offset) as usize);
                     if take == 0 {
                         Err(Error::new(
                             ErrorKind::Data,
