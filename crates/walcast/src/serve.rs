@@ -1,0 +1,1 @@
+//! `walcast serve`: HTTP for a `file://` dataset.
