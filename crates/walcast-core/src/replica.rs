@@ -69,6 +69,10 @@ pub struct ReplicaConfig {
     pub snapshot_window: u64,
     /// Built-in KV state or raw records.
     pub mode: Mode,
+    /// KV mode: also hand each applied record to the driver as
+    /// [`Event::Record`] (before its [`Event::Applied`]), e.g. to append it
+    /// to a local log so a restart does not refetch it.
+    pub emit_records: bool,
 }
 
 impl Default for ReplicaConfig {
@@ -82,6 +86,7 @@ impl Default for ReplicaConfig {
             request_timeout_ms: 30_000,
             snapshot_window: 8 << 20,
             mode: Mode::Kv,
+            emit_records: false,
         }
     }
 }
@@ -97,7 +102,8 @@ pub enum Event {
         /// Last LSN applied; the new applied LSN.
         last: u64,
     },
-    /// Raw mode: a verified record, in LSN order.
+    /// A verified record, in LSN order (raw mode, or KV mode with
+    /// [`ReplicaConfig::emit_records`]).
     Record {
         /// The record's LSN.
         lsn: u64,
@@ -999,7 +1005,15 @@ impl Replica {
                 let payload = &v.bytes[s..e];
                 match self.cfg.mode {
                     Mode::Kv => match batch::decode(payload) {
-                        Ok(ops) => self.state.apply(&ops),
+                        Ok(ops) => {
+                            self.state.apply(&ops);
+                            if self.cfg.emit_records {
+                                self.events.push_back(Event::Record {
+                                    lsn,
+                                    payload: payload.to_vec(),
+                                });
+                            }
+                        }
                         Err(d) => {
                             if lsn > first {
                                 self.events.push_back(Event::Applied {

@@ -56,6 +56,22 @@ pub struct Record<'a> {
     pub payload: &'a [u8],
 }
 
+/// Appends one framed record (lsn, len, crc, payload) to `out`: the framing
+/// of segment records, also used by local logs. `payload` must be at most
+/// [`MAX_RECORD_LEN`] bytes.
+pub fn encode_record(lsn: u64, payload: &[u8], out: &mut Vec<u8>) {
+    let lsn = lsn.to_le_bytes();
+    let len = (payload.len() as u32).to_le_bytes();
+    let mut h = crc32fast::Hasher::new();
+    h.update(&lsn);
+    h.update(&len);
+    h.update(payload);
+    out.extend_from_slice(&lsn);
+    out.extend_from_slice(&len);
+    out.extend_from_slice(&h.finalize().to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
 /// Builds a segment in memory, record by record.
 #[derive(Debug)]
 pub struct SegmentBuilder {
@@ -153,16 +169,7 @@ impl SegmentBuilder {
             });
             self.last_indexed = offset;
         }
-        let lsn = self.next_lsn.to_le_bytes();
-        let len = (payload.len() as u32).to_le_bytes();
-        let mut h = crc32fast::Hasher::new();
-        h.update(&lsn);
-        h.update(&len);
-        h.update(payload);
-        self.buf.extend_from_slice(&lsn);
-        self.buf.extend_from_slice(&len);
-        self.buf.extend_from_slice(&h.finalize().to_le_bytes());
-        self.buf.extend_from_slice(payload);
+        encode_record(self.next_lsn, payload, &mut self.buf);
         self.next_lsn += 1;
         true
     }

@@ -222,6 +222,7 @@ impl Sim {
                 request_timeout_ms: 1000,
                 snapshot_window: sim.rng.random_range(64..2048),
                 mode: if raw { Mode::Raw } else { Mode::Kv },
+                emit_records: !raw && i == 0,
             };
             let slow = i == 1;
             let seed = sim.rng.random();

@@ -1,4 +1,11 @@
 //! walcast, native side: the local WAL [`wal::Writer`], the publisher on
-//! object storage, the native replica and the `walcast` binary.
+//! object storage ([`publish`]), the native replica ([`replica`]) and the
+//! `walcast` binary.
 
+pub mod demo;
+pub mod inspect;
+pub mod publish;
+pub mod replica;
 pub mod serve;
+pub mod store;
+pub mod wal;

@@ -1,1 +1,412 @@
-fn main(){}
+//! The `walcast` command: write, publish, serve, replicate, get, scan,
+//! inspect, demo. See the README for examples.
+
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use base64::Engine;
+use clap::{Parser, Subcommand};
+use walcast::publish::{Fenced, PublishOptions};
+use walcast::replica::ReplicateOptions;
+use walcast_core::batch::Op;
+use walcast_core::publisher::PublisherConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "walcast",
+    version,
+    about = "Read replicas at the edge, fed from object storage"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Commit NDJSON batches from stdin to a local WAL; prints {"lsn":N} per line.
+    Write {
+        /// WAL directory.
+        #[arg(long)]
+        wal: PathBuf,
+    },
+    /// Publish a local WAL to object storage (file://, s3://, gs://, az://, memory://).
+    Publish {
+        /// WAL directory.
+        #[arg(long)]
+        wal: PathBuf,
+        /// Dataset URL.
+        #[arg(long)]
+        to: String,
+        /// Longest time data may wait behind an upload in flight.
+        #[arg(long, default_value = "250ms", value_parser = parse_duration)]
+        flush_interval: Duration,
+        /// Seal a segment at this size.
+        #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+        segment_bytes: u64,
+        /// Write a snapshot every N LSNs (0: never).
+        #[arg(long, default_value_t = 100_000)]
+        snapshot_every: u64,
+        /// Keep this many LSNs of history in segments (older ones need the snapshot).
+        #[arg(long)]
+        retain: Option<u64>,
+        /// Delete retired objects only this long after the head stopped naming them.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        grace: Duration,
+        /// Publish everything committed so far, commit the head, and exit.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Serve a file:// dataset over HTTP (Range, ETag, If-None-Match, CORS, Cache-Control).
+    Serve {
+        /// Dataset directory.
+        dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8787")]
+        addr: SocketAddr,
+    },
+    /// Follow a dataset into a local replica directory.
+    Replicate {
+        /// Dataset URL: http(s)://, s3://, gs://, az://, file://.
+        url: String,
+        /// Local replica directory.
+        #[arg(long)]
+        local: PathBuf,
+        /// Head poll interval.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        interval: Duration,
+        /// Catch up to the head as of now, then exit.
+        #[arg(long)]
+        once: bool,
+        /// Segment GETs in flight at most.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
+    /// Print a key's value from a local replica (exit 1 when absent).
+    Get {
+        /// Local replica directory.
+        #[arg(long)]
+        local: PathBuf,
+        /// The key.
+        key: String,
+    },
+    /// Print a local replica's entries as NDJSON, in key order.
+    Scan {
+        /// Local replica directory.
+        #[arg(long)]
+        local: PathBuf,
+        /// Only keys starting with this prefix.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// At most this many entries.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Show a dataset's head, segments, pages, snapshot and coverage.
+    Inspect {
+        /// Dataset URL.
+        url: String,
+        /// Download every object and check every checksum.
+        #[arg(long)]
+        verify: bool,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Writer, publisher, `walcast serve` and a replica on embedded defaults.
+    Demo {
+        /// Stop after this long (default: until Ctrl-C).
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// Batches per second the demo writer commits.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let ms = match unit {
+        "ms" | "" => n,
+        "s" => n * 1e3,
+        "m" => n * 60e3,
+        "h" => n * 3600e3,
+        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s, m, h)")),
+    };
+    Ok(Duration::from_micros((ms * 1e3) as u64))
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mul = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        _ => return Err(format!("invalid size unit in {s:?}")),
+    };
+    Ok(n * mul)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("walcast: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli.cmd)) {
+        Ok(code) => code,
+        Err(e) => {
+            if e.downcast_ref::<Fenced>().is_some() {
+                eprintln!("walcast: {e:#}");
+                return ExitCode::from(3);
+            }
+            eprintln!("walcast: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn ctrl_c() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn run(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Write { wal } => write(wal),
+        Cmd::Publish {
+            wal,
+            to,
+            flush_interval,
+            segment_bytes,
+            snapshot_every,
+            retain,
+            grace,
+            once,
+        } => {
+            let store = walcast::store::Store::open(&to)?;
+            let opts = PublishOptions {
+                config: PublisherConfig {
+                    segment_bytes,
+                    flush_interval_ms: flush_interval.as_millis() as u64,
+                    snapshot_every: (snapshot_every > 0).then_some(snapshot_every),
+                    retain_lsns: retain,
+                    grace_ms: grace.as_millis() as u64,
+                    ..PublisherConfig::default()
+                },
+                once,
+                ..PublishOptions::default()
+            };
+            let report = walcast::publish::publish(wal, store, opts, ctrl_c(), |_| {}).await?;
+            eprintln!(
+                "walcast publish: epoch {}, committed LSN {}, {} commits",
+                report.epoch, report.committed_lsn, report.commits
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Serve { dir, addr } => {
+            let root = dir
+                .canonicalize()
+                .with_context(|| format!("{}", dir.display()))?;
+            walcast::serve::serve(
+                root,
+                addr,
+                |a| {
+                    println!("walcast serve: listening on http://{a}");
+                    let _ = std::io::stdout().flush();
+                },
+                ctrl_c(),
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Replicate {
+            url,
+            local,
+            interval,
+            once,
+            concurrency,
+        } => {
+            let opts = ReplicateOptions {
+                interval,
+                once,
+                concurrency,
+                progress: true,
+                sink: None,
+            };
+            let result = walcast::replica::replicate(&url, &local, &opts, ctrl_c()).await;
+            if std::env::var("WALCAST_REPLICATE_STATS").is_ok_and(|v| v == "1") {
+                eprintln!("requests={}", walcast::replica::last_requests());
+            }
+            let report = result?;
+            eprintln!("walcast replicate: applied LSN {}", report.applied_lsn);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Get { local, key } => {
+            let l = walcast::replica::load(&local)?;
+            match l.state.get(key.as_bytes()) {
+                Some(v) => {
+                    std::io::stdout().write_all(v)?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                None => {
+                    eprintln!("walcast: not found: {key}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        Cmd::Scan {
+            local,
+            prefix,
+            limit,
+        } => {
+            let l = walcast::replica::load(&local)?;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for (k, v) in l
+                .state
+                .prefix(prefix.as_bytes())
+                .take(limit.unwrap_or(usize::MAX))
+            {
+                let mut obj = serde_json::Map::new();
+                put_bytes(&mut obj, "key", k);
+                put_bytes(&mut obj, "value", v);
+                writeln!(out, "{}", serde_json::Value::Object(obj))?;
+            }
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Inspect { url, verify, json } => {
+            walcast::inspect::inspect(&url, verify, json).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo { duration, rate } => {
+            walcast::demo::demo(duration, rate).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn put_bytes(obj: &mut serde_json::Map<String, serde_json::Value>, name: &str, b: &[u8]) {
+    match std::str::from_utf8(b) {
+        Ok(s) => obj.insert(name.to_string(), s.into()),
+        Err(_) => obj.insert(
+            format!("{name}_b64"),
+            base64::engine::general_purpose::STANDARD.encode(b).into(),
+        ),
+    };
+}
+
+fn field_bytes(
+    o: &serde_json::Map<String, serde_json::Value>,
+    name: &str,
+) -> Result<Option<Vec<u8>>> {
+    match (o.get(name), o.get(&format!("{name}_b64"))) {
+        (Some(_), Some(_)) => bail!("both {name} and {name}_b64"),
+        (Some(v), None) => Ok(Some(
+            v.as_str()
+                .ok_or_else(|| anyhow!("{name} is not a string"))?
+                .as_bytes()
+                .to_vec(),
+        )),
+        (None, Some(v)) => {
+            let s = v
+                .as_str()
+                .ok_or_else(|| anyhow!("{name}_b64 is not a string"))?;
+            Ok(Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(s)
+                    .map_err(|e| anyhow!("{name}_b64: {e}"))?,
+            ))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+fn parse_op(v: &serde_json::Value) -> Result<Op> {
+    let o = v
+        .as_object()
+        .ok_or_else(|| anyhow!("an op must be a JSON object"))?;
+    let key = field_bytes(o, "key")?.ok_or_else(|| anyhow!("missing key"))?;
+    match o.get("op").and_then(|v| v.as_str()) {
+        Some("put") => {
+            let value = field_bytes(o, "value")?.ok_or_else(|| anyhow!("put without value"))?;
+            Ok(Op::put(key, value))
+        }
+        Some("delete") => Ok(Op::delete(key)),
+        Some(other) => bail!("unknown op {other:?} (put or delete)"),
+        None => bail!("missing \"op\""),
+    }
+}
+
+/// One NDJSON line into one atomic batch.
+fn parse_line(line: &str) -> Result<Vec<Op>> {
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| anyhow!("invalid JSON: {e}"))?;
+    if let Some(b) = v.get("batch") {
+        let arr = b
+            .as_array()
+            .ok_or_else(|| anyhow!("\"batch\" must be an array"))?;
+        if arr.is_empty() {
+            bail!("empty batch");
+        }
+        arr.iter()
+            .enumerate()
+            .map(|(i, op)| parse_op(op).map_err(|e| anyhow!("op {i}: {e}")))
+            .collect()
+    } else {
+        Ok(vec![parse_op(&v)?])
+    }
+}
+
+fn write(wal: PathBuf) -> Result<ExitCode> {
+    let w = walcast::wal::Writer::open(&wal)?;
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout().lock();
+    for (i, line) in stdin.lock().lines().enumerate() {
+        let line = line.context("reading stdin")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let ops = match parse_line(&line) {
+            Ok(ops) => ops,
+            Err(e) => {
+                eprintln!(
+                    "walcast write: line {}: {e}; nothing of it was committed",
+                    i + 1
+                );
+                return Ok(ExitCode::from(1));
+            }
+        };
+        let lsn = w.commit(&ops).with_context(|| format!("line {}", i + 1))?;
+        writeln!(out, "{{\"lsn\":{lsn}}}")?;
+        out.flush()?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,494 @@
+//! The native replica: the shared async driver ([`walcast_client::Driver`])
+//! with reqwest (`http(s)://`) or object_store (`s3://`, `file://`, …) as the
+//! fetch seam, and a local directory that survives `kill -9`.
+//!
+//! Local directory (`--local DIR`):
+//! - `state.wsnap`: a checkpoint in the snapshot format (`docs/FORMAT.md`),
+//!   epoch 0, at the checkpoint's LSN, replaced atomically (rename);
+//! - `applied.log`: a 40-byte header (`WCRL`, version `u16`, flags `u16`,
+//!   base LSN `u64`, dataset id 16 bytes, 4 reserved, `crc32` of bytes 0..36)
+//!   then every record applied after the checkpoint, framed like segment
+//!   records and fsynced at each applied unit. On open, the log is replayed
+//!   on top of the checkpoint when its header names the same dataset and LSN;
+//!   a torn tail is cut. A batch is therefore either wholly in the state or
+//!   not at all, and nothing applied is fetched again.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use walcast_client::{Fetch, Timer};
+use walcast_core::batch;
+use walcast_core::catalog::DatasetId;
+use walcast_core::io::{ContentRange, GetRequest, GetResponse};
+use walcast_core::segment::{encode_record, Records};
+use walcast_core::snapshot;
+use walcast_core::state::KvState;
+
+use crate::store::{write_atomic, Store};
+
+const LOG_MAGIC: &[u8; 4] = b"WCRL";
+const LOG_HEADER: usize = 40;
+/// Checkpoint once the log holds this many bytes.
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+
+/// What a local replica directory holds.
+#[derive(Debug, Default)]
+pub struct Local {
+    /// The state.
+    pub state: KvState,
+    /// Its applied LSN.
+    pub applied: u64,
+    /// Its dataset, if it ever synced.
+    pub dataset: Option<DatasetId>,
+}
+
+/// A replica's local directory.
+#[derive(Debug)]
+pub struct LocalDir {
+    dir: PathBuf,
+    log: Option<File>,
+    log_len: u64,
+    buf: Vec<u8>,
+}
+
+fn log_header(base: u64, id: DatasetId) -> [u8; LOG_HEADER] {
+    let mut h = [0u8; LOG_HEADER];
+    h[..4].copy_from_slice(LOG_MAGIC);
+    h[4..6].copy_from_slice(&1u16.to_le_bytes());
+    h[8..16].copy_from_slice(&base.to_le_bytes());
+    h[16..32].copy_from_slice(&id.0);
+    let crc = crc32fast::hash(&h[..36]);
+    h[36..40].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+impl LocalDir {
+    /// Opens (creating) `dir` and loads what it holds.
+    pub fn open(dir: &Path) -> Result<(LocalDir, Local)> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut local = Local::default();
+        let snap = dir.join("state.wsnap");
+        if snap.exists() {
+            let bytes = std::fs::read(&snap)?;
+            let (h, st) =
+                snapshot::decode(&bytes, None).map_err(|e| anyhow!("{}: {e}", snap.display()))?;
+            local = Local {
+                state: st,
+                applied: h.lsn,
+                dataset: Some(h.dataset_id),
+            };
+        }
+        let mut ld = LocalDir {
+            dir: dir.to_path_buf(),
+            log: None,
+            log_len: 0,
+            buf: Vec::new(),
+        };
+        // Replay the log.
+        let logp = dir.join("applied.log");
+        if let (Ok(mut f), Some(id)) = (File::open(&logp), local.dataset) {
+            let mut bytes = Vec::new();
+            f.read_to_end(&mut bytes)?;
+            let valid =
+                bytes.len() >= LOG_HEADER && bytes[..LOG_HEADER] == log_header(local.applied, id);
+            if valid {
+                let mut good = LOG_HEADER;
+                for rec in Records::new(&bytes[LOG_HEADER..], LOG_HEADER as u64, local.applied + 1)
+                {
+                    let Ok(rec) = rec else { break };
+                    let Ok(ops) = batch::decode(rec.payload) else {
+                        break;
+                    };
+                    local.state.apply(&ops);
+                    local.applied = rec.lsn;
+                    good = (rec.payload.as_ptr() as usize - bytes.as_ptr() as usize)
+                        + rec.payload.len();
+                }
+                let f = OpenOptions::new().write(true).open(&logp)?;
+                f.set_len(good as u64)?;
+                f.sync_all()?;
+                ld.log_len = good as u64;
+                let mut f = OpenOptions::new().append(true).open(&logp)?;
+                f.flush()?;
+                ld.log = Some(f);
+                // Keep the log tied to the checkpoint's base LSN: re-base it
+                // by checkpointing when it replayed anything.
+                if local.applied > 0 && good > LOG_HEADER {
+                    ld.checkpoint(&local.state, local.applied, id)?;
+                }
+            }
+        }
+        Ok((ld, local))
+    }
+
+    /// Writes a checkpoint of `state` at `lsn` and starts a fresh log.
+    pub fn checkpoint(&mut self, state: &KvState, lsn: u64, id: DatasetId) -> Result<()> {
+        let bytes = snapshot::encode(state, lsn, 0, id);
+        write_atomic(&self.dir.join("state.wsnap"), &bytes)?;
+        write_atomic(&self.dir.join("applied.log"), &log_header(lsn, id))?;
+        self.log = Some(
+            OpenOptions::new()
+                .append(true)
+                .open(self.dir.join("applied.log"))?,
+        );
+        self.log_len = LOG_HEADER as u64;
+        Ok(())
+    }
+
+    /// Buffers an applied record for the log.
+    pub fn record(&mut self, lsn: u64, payload: &[u8]) {
+        encode_record(lsn, payload, &mut self.buf);
+    }
+
+    /// Makes the buffered records durable (after an applied unit); returns
+    /// whether a checkpoint is due.
+    pub fn flush(&mut self) -> Result<bool> {
+        if self.buf.is_empty() {
+            return Ok(false);
+        }
+        let f = self
+            .log
+            .as_mut()
+            .ok_or_else(|| anyhow!("no log open: checkpoint first"))?;
+        f.write_all(&self.buf)?;
+        f.sync_data()?;
+        self.log_len += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(self.log_len > CHECKPOINT_BYTES)
+    }
+
+    /// Drops buffered records (after a reset).
+    pub fn discard(&mut self) {
+        self.buf.clear();
+    }
+}
+
+/// Loads a local replica directory (for `get` and `scan`).
+pub fn load(dir: &Path) -> Result<Local> {
+    if !dir.exists() {
+        anyhow::bail!("{}: no such replica directory", dir.display());
+    }
+    Ok(LocalDir::open(dir)?.1)
+}
+
+/// GETs over HTTP(S) with reqwest, relative to a base URL.
+#[derive(Debug, Clone)]
+pub struct HttpFetch {
+    client: reqwest::Client,
+    base: String,
+    /// GETs issued.
+    pub requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl HttpFetch {
+    /// A fetcher for objects under `base` (e.g. `https://cdn.example.com/app`).
+    pub fn new(base: &str) -> Result<HttpFetch> {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("walcast/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(HttpFetch {
+            client,
+            base: base.trim_end_matches('/').to_string(),
+            requests: Default::default(),
+        })
+    }
+}
+
+fn parse_content_range(v: &str) -> Option<ContentRange> {
+    let rest = v.strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    let start: u64 = a.trim().parse().ok()?;
+    let last: u64 = b.trim().parse().ok()?;
+    Some(ContentRange {
+        start,
+        end: last + 1,
+        total: total.trim().parse().ok(),
+    })
+}
+
+impl Fetch for HttpFetch {
+    async fn get(&self, req: GetRequest) -> GetResponse {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let url = format!("{}/{}", self.base, req.key);
+        let mut rb = self
+            .client
+            .get(&url)
+            .timeout(Duration::from_millis(req.timeout_ms));
+        if let Some(r) = req.range {
+            rb = rb.header("range", r.to_header());
+        }
+        if let Some(e) = &req.if_none_match {
+            rb = rb.header("if-none-match", e);
+        }
+        let resp = match rb.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return GetResponse::Failed {
+                    status: None,
+                    message: format!("GET {url}: {e}"),
+                }
+            }
+        };
+        let status = resp.status().as_u16();
+        let etag = resp
+            .headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let cr = resp
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_content_range);
+        match status {
+            200 | 206 => match resp.bytes().await {
+                // A body cut short arrives as what was read; the machine checks lengths.
+                Ok(b) => GetResponse::Ok {
+                    body: b.to_vec(),
+                    etag,
+                    range: if status == 206 { cr } else { None },
+                },
+                Err(e) => GetResponse::Failed {
+                    status: Some(status),
+                    message: format!("GET {url}: reading the body: {e}"),
+                },
+            },
+            304 => GetResponse::NotModified,
+            404 | 410 => GetResponse::NotFound,
+            416 => GetResponse::RangeNotSatisfiable,
+            s => GetResponse::Failed {
+                status: Some(s),
+                message: format!("GET {url}"),
+            },
+        }
+    }
+}
+
+/// GETs through a [`Store`] (s3://, gs://, az://, file://, memory://).
+#[derive(Debug, Clone)]
+pub struct StoreFetch {
+    store: Store,
+    /// GETs issued.
+    pub requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl StoreFetch {
+    /// A fetcher over `store`.
+    pub fn new(store: Store) -> Self {
+        StoreFetch {
+            store,
+            requests: Default::default(),
+        }
+    }
+}
+
+impl Fetch for StoreFetch {
+    async fn get(&self, req: GetRequest) -> GetResponse {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.store.get(&req).await
+    }
+}
+
+/// Either seam, chosen by the URL's scheme.
+#[derive(Debug, Clone)]
+pub enum AnyFetch {
+    /// `http(s)://`.
+    Http(HttpFetch),
+    /// Everything object_store opens.
+    Store(StoreFetch),
+}
+
+impl AnyFetch {
+    /// The seam for `url`.
+    pub fn for_url(url: &str) -> Result<AnyFetch> {
+        if url.starts_with("http://") || url.starts_with("https://") {
+            Ok(AnyFetch::Http(HttpFetch::new(url)?))
+        } else {
+            Ok(AnyFetch::Store(StoreFetch::new(Store::open(url)?)))
+        }
+    }
+
+    /// GETs issued so far.
+    pub fn requests(&self) -> u64 {
+        match self {
+            AnyFetch::Http(h) => h.requests.load(std::sync::atomic::Ordering::Relaxed),
+            AnyFetch::Store(s) => s.requests.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
+impl Fetch for AnyFetch {
+    async fn get(&self, req: GetRequest) -> GetResponse {
+        match self {
+            AnyFetch::Http(h) => h.get(req).await,
+            AnyFetch::Store(s) => s.get(req).await,
+        }
+    }
+}
+
+/// Wall clock and tokio timers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokioTimer;
+
+impl Timer for TokioTimer {
+    fn now_ms(&self) -> u64 {
+        crate::publish::now_ms()
+    }
+
+    async fn sleep_until(&self, at_ms: u64) {
+        let now = self.now_ms();
+        if at_ms > now {
+            tokio::time::sleep(Duration::from_millis(at_ms - now)).await;
+        }
+    }
+}
+
+static LAST_REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// GETs made by the last [`replicate`] run in this process (also when it failed).
+pub fn last_requests() -> u64 {
+    LAST_REQUESTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Live figures of a running replica, for progress displays.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Applied LSN.
+    pub applied: std::sync::atomic::AtomicU64,
+    /// Committed LSN of the newest head seen.
+    pub committed: std::sync::atomic::AtomicU64,
+}
+
+/// Options of `walcast replicate`.
+#[derive(Debug, Clone)]
+pub struct ReplicateOptions {
+    /// Where to publish live figures.
+    pub sink: Option<std::sync::Arc<Progress>>,
+    /// Head poll interval.
+    pub interval: Duration,
+    /// Catch up to the head as of the start, then return.
+    pub once: bool,
+    /// Segment GETs in flight at most.
+    pub concurrency: usize,
+    /// Show a progress bar (on a terminal).
+    pub progress: bool,
+}
+
+/// What a replicate run did.
+#[derive(Debug, Clone, Default)]
+pub struct ReplicateReport {
+    /// Applied LSN at the end.
+    pub applied_lsn: u64,
+    /// GETs made.
+    pub requests: u64,
+}
+
+/// Replicates the dataset at `url` into `local` until `stop` (or, with
+/// `once`, until caught up). A replica error in `once` mode is returned and
+/// leaves the last good state in place.
+pub async fn replicate(
+    url: &str,
+    local: &Path,
+    opts: &ReplicateOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<ReplicateReport> {
+    use walcast_client::{Driver, RunError, Until};
+    use walcast_core::replica::{Event, Replica, ReplicaConfig};
+
+    let (mut ld, loaded) = LocalDir::open(local)?;
+    let cfg = ReplicaConfig {
+        poll_interval_ms: opts.interval.as_millis() as u64,
+        max_inflight: opts.concurrency.max(1),
+        emit_records: true,
+        ..ReplicaConfig::default()
+    };
+    let seed = crate::publish::now_ms() ^ u64::from(std::process::id());
+    let mut has_log = ld.log.is_some();
+    let replica = match loaded.dataset {
+        Some(id) => Replica::restore(cfg, seed, loaded.state, loaded.applied, id, 0),
+        None => Replica::new(cfg, seed),
+    };
+    let fetch = AnyFetch::for_url(url)?;
+    let counter = fetch.clone();
+    let mut driver = Driver::new(replica, fetch, TokioTimer);
+    let pb = if opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let pb = indicatif::ProgressBar::new(0);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} LSN {pos}/{len} {wide_bar} {per_sec} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        pb
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let until = if opts.once {
+        Until::CaughtUp
+    } else {
+        Until::Stopped
+    };
+    let result = driver
+        .run(until, stop, |r, e| -> Result<()> {
+            match e {
+                Event::Record { lsn, payload } => ld.record(*lsn, payload),
+                Event::Applied { last, .. } => {
+                    let st = r.status(crate::publish::now_ms());
+                    if let Some(p) = &opts.sink {
+                        p.applied.store(*last, std::sync::atomic::Ordering::Relaxed);
+                        p.committed
+                            .store(st.committed_lsn, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    pb.set_length(st.committed_lsn);
+                    pb.set_position(*last);
+                    let id = r
+                        .dataset_id()
+                        .ok_or_else(|| anyhow!("applied without a dataset"))?;
+                    if !has_log {
+                        ld.discard();
+                        ld.checkpoint(r.state(), r.applied_lsn(), id)?;
+                        has_log = true;
+                    } else if ld.flush()? {
+                        ld.checkpoint(r.state(), r.applied_lsn(), id)?;
+                    }
+                    tracing::debug!(lsn = last, "applied");
+                }
+                Event::Bootstrapped { lsn, dataset_id } => {
+                    ld.discard();
+                    ld.checkpoint(r.state(), *lsn, *dataset_id)?;
+                    has_log = true;
+                    tracing::info!(lsn, "bootstrapped from the snapshot");
+                }
+                Event::DatasetChanged { dataset_id } => {
+                    ld.discard();
+                    tracing::warn!(%dataset_id, "the dataset changed: starting over");
+                }
+                Event::Gap { from, to } => tracing::warn!(from, to, "gap"),
+                Event::CaughtUp { lsn } => {
+                    pb.set_position(*lsn);
+                    tracing::debug!(lsn, "caught up");
+                }
+                Event::Error(err) => tracing::warn!("{err}"),
+            }
+            Ok(())
+        })
+        .await;
+    pb.finish_and_clear();
+    LAST_REQUESTS.store(counter.requests(), std::sync::atomic::Ordering::Relaxed);
+    let applied = driver.replica().applied_lsn();
+    let report = ReplicateReport {
+        applied_lsn: applied,
+        requests: counter.requests(),
+    };
+    match result {
+        Ok(_) => Ok(report),
+        Err(RunError::Replica(e)) => Err(anyhow::Error::new(e)),
+        Err(RunError::Callback(e)) => Err(e),
+    }
+}

@@ -1,0 +1,295 @@
+//! Object storage for a dataset, through the `object_store` crate:
+//! `file://`, `s3://` (any S3-compatible endpoint), `gs://`, `az://`,
+//! `memory://`. Maps the core's requests (GET with range and
+//! `If-None-Match`, conditional PUT, DELETE) onto it.
+//!
+//! On `file://`, object_store cannot replace an object conditionally, so the
+//! head's compare-and-swap is done here: under an exclusive lock on
+//! `catalog/.head.lock`, compare the current head's ETag, write a temporary
+//! file, fsync, rename over the head, fsync the directory.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use object_store::path::Path as ObjPath;
+use object_store::{
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    UpdateVersion,
+};
+use walcast_core::catalog::HEAD_KEY;
+use walcast_core::io::{ByteRange, ContentRange, GetRequest, GetResponse};
+use walcast_core::publisher::{PutCondition, PutRequest, PutResponse};
+
+/// A dataset's objects under a prefix of some object store.
+#[derive(Clone)]
+pub struct Store {
+    os: Arc<dyn ObjectStore>,
+    prefix: ObjPath,
+    /// For `file://`: the dataset directory (the head's CAS is done here).
+    local: Option<PathBuf>,
+    url: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Store({})", self.url)
+    }
+}
+
+fn env_options(scheme: &str) -> Vec<(String, String)> {
+    let pfx = match scheme {
+        "s3" | "s3a" => "AWS_",
+        "gs" => "GOOGLE_",
+        "az" | "abfs" | "abfss" | "azure" => "AZURE_",
+        _ => return Vec::new(),
+    };
+    let mut out = Vec::new();
+    for (k, v) in std::env::vars() {
+        if let Some(rest) = k.strip_prefix(pfx) {
+            let key = match (pfx, rest) {
+                // The standard AWS_ENDPOINT_URL and AWS_ALLOW_HTTP.
+                ("AWS_", "ENDPOINT_URL") => "aws_endpoint".to_string(),
+                ("AWS_", "ALLOW_HTTP") => "allow_http".to_string(),
+                _ => k.to_ascii_lowercase(),
+            };
+            out.push((key, v));
+        }
+    }
+    out
+}
+
+impl Store {
+    /// Opens the dataset at `url`.
+    pub fn open(url: &str) -> Result<Store> {
+        let parsed =
+            url::Url::parse(url).with_context(|| format!("invalid dataset URL {url:?}"))?;
+        let scheme = parsed.scheme().to_string();
+        let (os, prefix, local): (Arc<dyn ObjectStore>, ObjPath, Option<PathBuf>) = match scheme.as_str() {
+            "file" => {
+                let dir = parsed
+                    .to_file_path()
+                    .map_err(|()| anyhow!("{url}: not an absolute file path"))?;
+                std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)?;
+                (Arc::new(fs), ObjPath::default(), Some(dir))
+            }
+            "memory" => (Arc::new(object_store::memory::InMemory::new()), ObjPath::default(), None),
+            "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure" => {
+                let (os, path) = object_store::parse_url_opts(&parsed, env_options(&scheme))
+                    .with_context(|| format!("opening {url}"))?;
+                (Arc::from(os), path, None)
+            }
+            other => bail!("unsupported dataset URL scheme {other:?} in {url} (use file://, s3://, gs://, az:// or memory://)"),
+        };
+        Ok(Store {
+            os,
+            prefix,
+            local,
+            url: url.to_string(),
+        })
+    }
+
+    /// The URL it was opened with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn path(&self, key: &str) -> ObjPath {
+        let mut p = self.prefix.clone();
+        for part in key.split('/') {
+            p = p.clone().join(part);
+        }
+        p
+    }
+
+    /// Performs a GET.
+    pub async fn get(&self, req: &GetRequest) -> GetResponse {
+        if req.key == HEAD_KEY {
+            if let Some(dir) = &self.local {
+                return local_head_get(dir, req.if_none_match.as_deref());
+            }
+        }
+        let opts = GetOptions {
+            if_none_match: req.if_none_match.clone(),
+            range: req.range.map(|r| match r {
+                ByteRange::Bounded { start, end } => GetRange::Bounded(start..end),
+                ByteRange::Suffix(n) => GetRange::Suffix(n),
+            }),
+            ..Default::default()
+        };
+        let fut = async {
+            let res = self.os.get_opts(&self.path(&req.key), opts).await?;
+            let range = res.range.clone();
+            let total = res.meta.size;
+            let etag = res.meta.e_tag.clone();
+            let body = res.bytes().await?;
+            Ok::<_, object_store::Error>((body, range, total, etag))
+        };
+        let timeout = std::time::Duration::from_millis(req.timeout_ms.max(1));
+        match tokio::time::timeout(timeout, fut).await {
+            Err(_) => GetResponse::Failed {
+                status: None,
+                message: format!("GET {} timed out after {} ms", req.key, req.timeout_ms),
+            },
+            Ok(Ok((body, range, total, etag))) => GetResponse::Ok {
+                body: body.to_vec(),
+                etag,
+                range: req.range.map(|_| ContentRange {
+                    start: range.start,
+                    end: range.end,
+                    total: Some(total),
+                }),
+            },
+            Ok(Err(object_store::Error::NotFound { .. })) => GetResponse::NotFound,
+            Ok(Err(object_store::Error::NotModified { .. })) => GetResponse::NotModified,
+            Ok(Err(e))
+                if e.to_string().contains("416")
+                    || e.to_string().contains("range") && e.to_string().contains("invalid") =>
+            {
+                GetResponse::RangeNotSatisfiable
+            }
+            Ok(Err(e)) => GetResponse::Failed {
+                status: None,
+                message: e.to_string(),
+            },
+        }
+    }
+
+    /// Performs a conditional PUT.
+    pub async fn put(&self, req: &PutRequest) -> PutResponse {
+        if req.key == HEAD_KEY {
+            if let Some(dir) = &self.local {
+                let dir = dir.clone();
+                let body = req.body.clone();
+                let cond = req.condition.clone();
+                return tokio::task::spawn_blocking(move || local_head_put(&dir, &body, &cond))
+                    .await
+                    .unwrap_or_else(|e| PutResponse::Failed {
+                        message: e.to_string(),
+                    });
+            }
+        }
+        let mode = match &req.condition {
+            PutCondition::CreateOnly => PutMode::Create,
+            PutCondition::IfMatch(e) => PutMode::Update(UpdateVersion {
+                e_tag: Some(e.clone()),
+                version: None,
+            }),
+        };
+        let opts = PutOptions {
+            mode,
+            ..Default::default()
+        };
+        match self
+            .os
+            .put_opts(
+                &self.path(&req.key),
+                PutPayload::from(req.body.clone()),
+                opts,
+            )
+            .await
+        {
+            Ok(r) => PutResponse::Ok { etag: r.e_tag },
+            Err(object_store::Error::AlreadyExists { .. }) => PutResponse::AlreadyExists,
+            Err(object_store::Error::Precondition { .. }) => PutResponse::PreconditionFailed,
+            Err(e) => PutResponse::Failed {
+                message: e.to_string(),
+            },
+        }
+    }
+
+    /// Deletes an object; a missing object counts as deleted.
+    pub async fn delete(&self, key: &str) -> Result<(), String> {
+        match self.os.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Writes an object unconditionally (tests and tools only).
+    pub async fn put_raw(&self, key: &str, body: Vec<u8>) -> Result<()> {
+        if key == HEAD_KEY {
+            if let Some(dir) = &self.local {
+                return write_atomic(&dir.join(HEAD_KEY), &body);
+            }
+        }
+        self.os.put(&self.path(key), PutPayload::from(body)).await?;
+        Ok(())
+    }
+}
+
+fn local_etag(bytes: &[u8]) -> String {
+    format!("\"{:08x}-{:x}\"", crc32fast::hash(bytes), bytes.len())
+}
+
+fn local_head_get(dir: &std::path::Path, inm: Option<&str>) -> GetResponse {
+    match std::fs::read(dir.join(HEAD_KEY)) {
+        Ok(body) => {
+            let etag = local_etag(&body);
+            if inm == Some(etag.as_str()) {
+                GetResponse::NotModified
+            } else {
+                GetResponse::Ok {
+                    body,
+                    etag: Some(etag),
+                    range: None,
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => GetResponse::NotFound,
+        Err(e) => GetResponse::Failed {
+            status: None,
+            message: format!("reading {HEAD_KEY}: {e}"),
+        },
+    }
+}
+
+fn local_head_put(dir: &std::path::Path, body: &[u8], cond: &PutCondition) -> PutResponse {
+    let run = || -> Result<PutResponse> {
+        let catalog = dir.join("catalog");
+        std::fs::create_dir_all(&catalog)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(catalog.join(".head.lock"))?;
+        lock.lock()?;
+        let path = dir.join(HEAD_KEY);
+        let current = match std::fs::read(&path) {
+            Ok(b) => Some(local_etag(&b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
+        match (cond, &current) {
+            (PutCondition::CreateOnly, Some(_)) => return Ok(PutResponse::AlreadyExists),
+            (PutCondition::IfMatch(_), None) => return Ok(PutResponse::PreconditionFailed),
+            (PutCondition::IfMatch(e), Some(c)) if e != c => {
+                return Ok(PutResponse::PreconditionFailed)
+            }
+            _ => {}
+        }
+        write_atomic(&path, body)?;
+        Ok(PutResponse::Ok {
+            etag: Some(local_etag(body)),
+        })
+    };
+    run().unwrap_or_else(|e| PutResponse::Failed {
+        message: e.to_string(),
+    })
+}
+
+/// Writes `path` atomically: temporary file, fsync, rename, fsync directory.
+pub fn write_atomic(path: &std::path::Path, body: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no parent", path.display()))?;
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(body)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}

@@ -1,0 +1,910 @@
+//! End-to-end tests of the `walcast` binary: real processes, a real S3 API
+//! (moto), `walcast serve` and nginx, crashes by SIGKILL and damaged objects.
+//!
+//! Needs `scripts/e2e-deps.sh` (moto in `.tools/moto`, nginx). Set
+//! `WALCAST_E2E_SKIP=1` to skip; `WALCAST_E2E_SEED=N` replays a seed.
+//! Run with `cargo test -p walcast --test e2e -- --test-threads=1`.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::*;
+use tempfile::TempDir;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+/// Writes `n` random batches and records them in the model.
+fn write_random(wal: &Path, model: &mut Model, rng: &mut Rng, n: usize, o: GenOpts) -> Vec<u64> {
+    let batches = gen_batches(rng, n, o);
+    let lsns = write(wal, &batches);
+    model.commit(&batches, &lsns);
+    lsns
+}
+
+// ---------------------------------------------------------------------------
+// write: the NDJSON contract
+// ---------------------------------------------------------------------------
+
+/// A malformed line: `line N` on stderr, exit 1, earlier lines committed,
+/// nothing of that line; the next `write` continues at the next LSN.
+#[test]
+fn w_write_malformed_line_commits_nothing_of_it() {
+    if skip("w_write_malformed_line_commits_nothing_of_it") {
+        return;
+    }
+    let tmp = TempDir::new().unwrap();
+    let wal = tmp.path().join("wal");
+    let ds = tmp.path().join("ds");
+    let input = concat!(
+        r#"{"op":"put","key":"a","value":"1"}"#,
+        "\n",
+        r#"{"batch":[{"op":"put","key":"b","value":"2"},{"op":"delete","key":"a"}]}"#,
+        "\n",
+        r#"{"op":"put","key_b64":"/w==","value_b64":"AAEC"}"#,
+        "\n",
+        r#"{"batch":[{"op":"put","key":"c","value":"3"},{"op":"frobnicate","key":"d"}]}"#,
+        "\n",
+    );
+    let out = run(
+        &["write", "--wal", p(&wal)],
+        &Env::new(),
+        Some(input.as_bytes()),
+    )
+    .code(1);
+    assert!(
+        out.stderr.contains("line 4"),
+        "stderr must name `line 4`: {}",
+        out.describe()
+    );
+    assert_eq!(
+        parse_lsns(&out.stdout_str()),
+        vec![1, 2, 3],
+        "{}",
+        out.describe()
+    );
+
+    let out = run(
+        &["write", "--wal", p(&wal)],
+        &Env::new(),
+        Some(b"{\"op\":\"put\",\"key\":\"f\",\"value\":\"6\"}\n"),
+    )
+    .ok();
+    assert_eq!(parse_lsns(&out.stdout_str()), vec![4], "{}", out.describe());
+
+    let url = file_url(&ds);
+    publish_once(&wal, &url, &[], &Env::new()).ok();
+    assert_eq!(committed_lsn(&url, &Env::new()), 4);
+    let local = tmp.path().join("replica");
+    replicate_once(&url, &local, &Env::new()).ok();
+    let want: BTreeMap<Vec<u8>, Vec<u8>> = [
+        (b"b".to_vec(), b"2".to_vec()),
+        (vec![0xff], vec![0, 1, 2]),
+        (b"f".to_vec(), b"6".to_vec()),
+    ]
+    .into_iter()
+    .collect();
+    assert_state_eq(&scan(&local), &want, "after a malformed line");
+}
+
+// ---------------------------------------------------------------------------
+// a. S3 API (moto)
+// ---------------------------------------------------------------------------
+
+/// Publish to s3:// (moto), replicate from s3://, then incrementally again.
+#[test]
+fn a_moto_s3_publish_replicate_incremental() {
+    let name = "a_moto_s3_publish_replicate_incremental";
+    if skip(name) {
+        return;
+    }
+    let started = Instant::now();
+    let mut rng = Rng::new(seed(name));
+    let moto = Moto::start();
+    let env = moto.env();
+    let tmp = TempDir::new().unwrap();
+    let wal = tmp.path().join("wal");
+    let local = tmp.path().join("replica");
+    let url = moto.url(&format!("e2e-a-{:08x}", rng.next_u64() as u32));
+    let mut model = Model::default();
+
+    write_random(&wal, &mut model, &mut rng, 300, GenOpts::default());
+    let out = publish_once(&wal, &url, &["--segment-bytes", "65536"], &env);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.describe(), moto.logs());
+    assert_eq!(
+        committed_lsn(&url, &env),
+        model.lsn(),
+        "committed_lsn after the first publish"
+    );
+    replicate_once(&url, &local, &env).ok();
+    assert_state_eq(
+        &scan(&local),
+        &model.map,
+        "s3 replica after the first publish",
+    );
+
+    // Incremental: more batches, publish again, the same replica catches up.
+    write_random(&wal, &mut model, &mut rng, 150, GenOpts::default());
+    publish_once(&wal, &url, &["--segment-bytes", "65536"], &env).ok();
+    assert_eq!(
+        committed_lsn(&url, &env),
+        model.lsn(),
+        "committed_lsn after the second publish"
+    );
+    replicate_once(&url, &local, &env).ok();
+    assert_state_eq(
+        &scan(&local),
+        &model.map,
+        "s3 replica after the second publish",
+    );
+
+    // Nothing new: publish --once and replicate --once are no-ops.
+    publish_once(&wal, &url, &[], &env).ok();
+    replicate_once(&url, &local, &env).ok();
+    assert_state_eq(&scan(&local), &model.map, "s3 replica after an idle round");
+    run(&["inspect", &url, "--verify"], &env, None).ok();
+    eprintln!("{name}: {} batches in {:?}", model.lsn(), started.elapsed());
+}
+
+// ---------------------------------------------------------------------------
+// b. file:// served over HTTP by `walcast serve` and by nginx
+// ---------------------------------------------------------------------------
+
+/// Replicate the same file:// dataset over HTTP from `walcast serve` and from
+/// nginx; `get` and `scan --prefix --limit` on the replicas.
+#[test]
+fn b_http_serve_and_nginx() {
+    let name = "b_http_serve_and_nginx";
+    if skip(name) {
+        return;
+    }
+    let started = Instant::now();
+    let mut rng = Rng::new(seed(name));
+    let tmp = TempDir::new().unwrap();
+    let wal = tmp.path().join("wal");
+    let www = tmp.path().join("www");
+    let ds = www.join("ds");
+    let url = file_url(&ds);
+    let mut model = Model::default();
+    write_random(&wal, &mut model, &mut rng, 300, GenOpts::default());
+    publish_once(&wal, &url, &["--segment-bytes", "8192"], &Env::new()).ok();
+
+    let serve = Serve::start(&ds);
+    let nginx = Nginx::start(&www);
+    let sources = [
+        ("serve", serve.url.clone()),
+        ("nginx", format!("{}/ds", nginx.url())),
+    ];
+    let logs = |which: &str| {
+        if which == "serve" {
+            serve.logs()
+        } else {
+            nginx.logs()
+        }
+    };
+
+    for round in 0..2 {
+        if round == 1 {
+            write_random(&wal, &mut model, &mut rng, 100, GenOpts::default());
+            publish_once(&wal, &url, &["--segment-bytes", "8192"], &Env::new()).ok();
+        }
+        for (which, http_url) in &sources {
+            let local = tmp.path().join(format!("replica-{which}"));
+            let out = replicate_once(http_url, &local, &Env::new());
+            assert_eq!(
+                out.code,
+                Some(0),
+                "replicate from {which}: {}\n{}",
+                out.describe(),
+                logs(which)
+            );
+            assert_state_eq(
+                &scan(&local),
+                &model.map,
+                &format!("replica from {which}, round {round}"),
+            );
+            assert_eq!(
+                committed_lsn(http_url, &Env::new()),
+                model.lsn(),
+                "inspect {http_url}: committed_lsn"
+            );
+        }
+    }
+
+    let local = tmp.path().join("replica-nginx");
+    let (key, value) = model.some_text_key().expect("a text key in the model");
+    let out = run(&["get", "--local", p(&local), &key], &Env::new(), None).ok();
+    assert_eq!(out.stdout, value, "get {key:?}: {}", out.describe());
+    let out = run(
+        &["get", "--local", p(&local), "no-such-key"],
+        &Env::new(),
+        None,
+    )
+    .code(1);
+    assert!(
+        out.stderr.contains("not found"),
+        "get of an absent key: {}",
+        out.describe()
+    );
+
+    let out = run(
+        &[
+            "scan",
+            "--local",
+            p(&local),
+            "--prefix",
+            "k00",
+            "--limit",
+            "5",
+        ],
+        &Env::new(),
+        None,
+    )
+    .ok();
+    let want: BTreeMap<_, _> = model
+        .map
+        .iter()
+        .filter(|(k, _)| k.starts_with(b"k00"))
+        .take(5)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_state_eq(
+        &parse_scan(&out.stdout_str()),
+        &want,
+        "scan --prefix k00 --limit 5",
+    );
+    eprintln!("{name}: {} batches in {:?}", model.lsn(), started.elapsed());
+}
+
+// ---------------------------------------------------------------------------
+// c. kill -9 the publisher, again and again
+// ---------------------------------------------------------------------------
+
+/// SIGKILL a running publisher at random moments ≥ 20 times while `write`
+/// keeps committing; a final `publish --once` leaves exactly every committed
+/// batch visible, once.
+#[test]
+fn c_publisher_kill9_exactly_once() {
+    let name = "c_publisher_kill9_exactly_once";
+    if skip(name) {
+        return;
+    }
+    let started = Instant::now();
+    let deadline = Deadline::after(Duration::from_secs(150), name);
+    let mut rng = Rng::new(seed(name));
+    let tmp = TempDir::new().unwrap();
+    let wal = tmp.path().join("wal");
+    let ds = tmp.path().join("ds");
+    let logs = tmp.path().join("logs");
+    let mid = tmp.path().join("replica-mid");
+    let url = file_url(&ds);
+    let opts = GenOpts {
+        max_value: 300,
+        ..GenOpts::default()
+    };
+    let mut model = Model::default();
+    write_random(&wal, &mut model, &mut rng, 20, opts);
+
+    let kills = 24;
+    for i in 0..kills {
+        deadline.check();
+        let cmd = walcast_cmd(
+            &[
+                "publish",
+                "--wal",
+                p(&wal),
+                "--to",
+                &url,
+                "--flush-interval",
+                "20ms",
+                "--segment-bytes",
+                "2000",
+            ],
+            &Env::new(),
+        );
+        let mut publisher = Proc::spawn(&format!("publish-{i}"), cmd, &logs);
+        thread::sleep(ms(rng.below(60)));
+        let n = rng.range(1, 40) as usize;
+        write_random(&wal, &mut model, &mut rng, n, opts);
+        thread::sleep(ms(rng.below(150)));
+        if let Some(st) = publisher.try_status() {
+            panic!(
+                "publisher {i} exited on its own ({st}) instead of running until killed\n{}",
+                publisher.logs()
+            );
+        }
+        kill9(&mut publisher);
+        if rng.pct(30) {
+            let n = rng.range(1, 10) as usize;
+            write_random(&wal, &mut model, &mut rng, n, opts);
+        }
+        if i % 6 == 5 {
+            // A replica in between: prefix-consistent, at or below what was written.
+            let out = replicate_once(&url, &mid, &Env::new());
+            assert_eq!(
+                out.code,
+                Some(0),
+                "replicate after kill {i}: {}",
+                out.describe()
+            );
+            let state = scan(&mid);
+            let at = model.matching_lsns(&state);
+            assert!(
+                !at.is_empty(),
+                "replica after kill {i} equals the model at no LSN ≤ {}",
+                model.lsn()
+            );
+            eprintln!(
+                "{name}: after kill {i}: written {}, replica matches LSN(s) {at:?}",
+                model.lsn()
+            );
+        }
+    }
+    publish_once(&wal, &url, &["--segment-bytes", "2000"], &Env::new()).ok();
+    let last = model.lsn();
+    assert_eq!(
+        committed_lsn(&url, &Env::new()),
+        last,
+        "committed_lsn after the final publish --once"
+    );
+
+    let fresh = tmp.path().join("replica-fresh");
+    replicate_once(&url, &fresh, &Env::new()).ok();
+    assert_state_eq(
+        &scan(&fresh),
+        &model.map,
+        "fresh replica after 24 publisher kills",
+    );
+    replicate_once(&url, &mid, &Env::new()).ok();
+    assert_state_eq(
+        &scan(&mid),
+        &model.map,
+        "incremental replica after 24 publisher kills",
+    );
+    run(&["inspect", &url, "--verify"], &Env::new(), None).ok();
+    eprintln!(
+        "{name}: {kills} kills, {last} batches, {:?}",
+        started.elapsed()
+    );
+}
+
+fn both_logs(pubs: &[Proc]) -> String {
+    pubs.iter().map(Proc::logs).collect::<Vec<_>>().join("\n")
+}
+
+// ---------------------------------------------------------------------------
+// d. two publishers: one is fenced
+// ---------------------------------------------------------------------------
+
+/// Two long-running publishers on the same WAL and target: exactly one exits
+/// with code 3 and `fenced`; the other keeps publishing.
+#[test]
+fn d_two_publishers_one_fenced() {
+    let name = "d_two_publishers_one_fenced";
+    if skip(name) {
+        return;
+    }
+    let started = Instant::now();
+    let mut rng = Rng::new(seed(name));
+    let tmp = TempDir::new().unwrap();
+    let wal = tmp.path().join("wal");
+    let ds = tmp.path().join("ds");
+    let logs = tmp.path().join("logs");
+    let url = file_url(&ds);
+    let opts = GenOpts {
+        max_value: 200,
+        ..GenOpts::default()
+    };
+    let mut model = Model::default();
+    write_random(&wal, &mut model, &mut rng, 50, opts);
+
+    let spawn = |i: usize| {
+        let cmd = walcast_cmd(
+            &[
+                "publish",
+                "--wal",
+                p(&wal),
+                "--to",
+                &url,
+                "--flush-interval",
+                "50ms",
+                "--segment-bytes",
+                "4096",
+            ],
+            &Env::new(),
+        );
+        Proc::spawn(&format!("publisher-{i}"), cmd, &logs)
+    };
+    let mut pubs = vec![spawn(1)];
+    thread::sleep(ms(200));
+    pubs.push(spawn(2));
+
+    // Keep committing so that both try to publish; within 20 s one is fenced.
+    let deadline = Deadline::after(Duration::from_secs(20), "one publisher fenced");
+    while pubs.iter_mut().all(|p| p.running()) && !deadline.passed() {
+        write_random(&wal, &mut model, &mut rng, 3, opts);
+        thread::sleep(ms(150));
+    }
+    // Whoever is still running gets a moment to fail as well, if it would.
+    thread::sleep(ms(1000));
+    let exited: Vec<usize> = (0..2).filter(|&i| !pubs[i].running()).collect();
+    assert_eq!(
+        exited.len(),
+        1,
+        "exactly one publisher must have exited within 20 s (exited: {exited:?})\n{}",
+        both_logs(&pubs)
+    );
+    let (loser, winner) = if exited[0] == 0 { (0, 1) } else { (1, 0) };
+    let st = pubs[loser].try_status().unwrap();
+    assert_eq!(
+        st.code(),
+        Some(3),
+        "the fenced publisher must exit with code 3\n{}",
+        both_logs(&pubs)
+    );
+    assert!(
+        pubs[loser].stderr().contains("fenced"),
+        "stderr must say `fenced`\n{}",
+        both_logs(&pubs)
+    );
+    eprintln!(
+        "{name}: {} fenced after {:?}",
+        pubs[loser].name(),
+        started.elapsed()
+    );
+
+    // The survivor publishes what comes next.
+    write_random(&wal, &mut model, &mut rng, 40, opts);
+    let deadline = Deadline::after(Duration::from_secs(20), "survivor publishes");
+    let mut committed = 0;
+    while committed != model.lsn() {
+        if deadline.passed() {
+            panic!(
+                "the surviving publisher did not publish: committed_lsn {committed}, written {}\n{}",
+                model.lsn(),
+                both_logs(&pubs)
+            );
+        }
+        assert!(
+            pubs[winner].running(),
+            "the surviving publisher exited\n{}",
+            both_logs(&pubs)
+        );
+        thread::sleep(ms(200));
+        committed = committed_lsn(&url, &Env::new());
+    }
+    assert!(
+        pubs[winner].running(),
+        "the surviving publisher must keep running\n{}",
+        both_logs(&pubs)
+    );
+    kill9(&mut pubs[winner]);
+
+    let local = tmp.path().join("replica");
+    replicate_once(&url, &local, &Env::new()).ok();
+    assert_state_eq(&scan(&local), &model.map, "replica after fencing");
+    run(&["inspect", &url, "--verify"], &Env::new(), None).ok();
+    eprintln!("{name}: {} batches, {:?}", model.lsn(), started.elapsed());
+}
+
+// ---------------------------------------------------------------------------
+// e. kill -9 a replica mid catch-up; it resumes
+// ---------------------------------------------------------------------------
+
+/// A replica killed mid catch-up is prefix-consistent and resumes with fewer
+/// requests than a fresh replica makes.
+#[test]
+fn e_replica_kill9_resumes() {
+    let name = "e_replica_kill9_resumes";
+    if skip(name) {
+        return;
+    }
+    let started = Instant::now();
+    let mut rng = Rng::new(seed(name));
+    let tmp = TempDir::new().unwrap();
+    let wal = tmp.path().join("wal");
+    let ds = tmp.path().join("ds");
+    let logs = tmp.path().join("logs");
+    let url = file_url(&ds);
+    let opts = GenOpts {
+        keys: 2000,
+        max_value: 48,
+        max_ops: 3,
+        delete_pct: 10,
+    };
+    let mut model = Model::default();
+    write_random(&wal, &mut model, &mut rng, 20_000, opts);
+    eprintln!("{name}: wrote 20000 batches in {:?}", started.elapsed());
+    publish_once(&wal, &url, &["--segment-bytes", "4096"], &Env::new()).ok();
+    let head = inspect_json(&url, &Env::new());
+    eprintln!("{name}: published in {:?}: {head}", started.elapsed());
+    let serve = Serve::start(&ds);
+
+    let local = tmp.path().join("replica");
+    let cmd = walcast_cmd(
+        &[
+            "replicate",
+            &serve.url,
+            "--local",
+            p(&local),
+            "--interval",
+            "50ms",
+        ],
+        &Env::new(),
+    );
+    let mut replica = Proc::spawn("replicate", cmd, &logs);
+    let deadline = Deadline::after(Duration::from_secs(20), "replica applies something");
+    loop {
+        assert!(
+            replica.running(),
+            "replicate (not --once) exited\n{}",
+            replica.logs()
+        );
+        if deadline.passed() {
+            eprintln!(
+                "{name}: WARNING: no applied state visible through scan after 20 s; killing anyway"
+            );
+            break;
+        }
+        if local.exists() {
+            let out = run(
+                &["scan", "--local", p(&local), "--limit", "1"],
+                &Env::new(),
+                None,
+            );
+            if out.code == Some(0) && !out.stdout.is_empty() {
+                break;
+            }
+        }
+        thread::sleep(ms(30));
+    }
+    kill9(&mut replica);
+    let state = scan(&local);
+    let at = model.matching_lsns(&state);
+    assert!(
+        !at.is_empty(),
+        "a replica killed mid catch-up equals the model at no LSN ({} keys)",
+        state.len()
+    );
+    eprintln!(
+        "{name}: killed at LSN(s) {:?} of {}",
+        &at[..at.len().min(5)],
+        model.lsn()
+    );
+
+    let stats: Env = vec![("WALCAST_REPLICATE_STATS".into(), "1".into())];
+    let out = replicate_once(&serve.url, &local, &stats);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "resume after kill -9: {}\n{}",
+        out.describe(),
+        serve.logs()
+    );
+    assert_state_eq(&scan(&local), &model.map, "resumed replica");
+    let resumed = requests_stat(&out.stderr);
+
+    let fresh = tmp.path().join("replica-fresh");
+    let out = replicate_once(&serve.url, &fresh, &stats).ok();
+    assert_state_eq(&scan(&fresh), &model.map, "fresh replica");
+    let full = requests_stat(&out.stderr);
+    eprintln!(
+        "{name}: requests: resumed {resumed}, fresh {full}; {:?}",
+        started.elapsed()
+    );
+    assert!(
+        resumed < full,
+        "a resumed replica must make fewer requests ({resumed}) than a fresh one ({full})"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// f. damaged objects: never a wrong replica
+// ---------------------------------------------------------------------------
+
+struct Damaged {
+    _tmp: TempDir,
+    tmp: PathBuf,
+    ds: PathBuf,
+    model: Model,
+    synced_lsn: u64,
+    synced: BTreeMap<Vec<u8>, Vec<u8>>,
+    replica: PathBuf,
+    serve: Serve,
+    /// Relative key of the segment that holds `synced_lsn + 1`.
+    segment: String,
+}
+
+/// Two published rounds; a replica synced to the first; the segment the
+/// replica needs next is found.
+fn damaged_setup(name: &str) -> (Damaged, Rng) {
+    let mut rng = Rng::new(seed(name));
+    let tmp = TempDir::new().unwrap();
+    let root = tmp.path().to_path_buf();
+    let wal = root.join("wal");
+    let ds = root.join("ds");
+    let url = file_url(&ds);
+    let opts = GenOpts {
+        max_value: 400,
+        ..GenOpts::default()
+    };
+    let mut model = Model::default();
+    write_random(&wal, &mut model, &mut rng, 150, opts);
+    publish_once(&wal, &url, &["--segment-bytes", "4096"], &Env::new()).ok();
+    let serve = Serve::start(&ds);
+    let replica = root.join("replica");
+    replicate_once(&serve.url, &replica, &Env::new()).ok();
+    let synced = scan(&replica);
+    assert_state_eq(&synced, &model.map, "replica before the damage");
+    let synced_lsn = model.lsn();
+    write_random(&wal, &mut model, &mut rng, 150, opts);
+    publish_once(&wal, &url, &["--segment-bytes", "4096"], &Env::new()).ok();
+    assert_eq!(committed_lsn(&url, &Env::new()), model.lsn());
+
+    let want = synced_lsn + 1;
+    let mut found = None;
+    for epoch in fs::read_dir(ds.join("segments")).expect("segments/ in the dataset") {
+        let epoch = epoch.unwrap();
+        for f in fs::read_dir(epoch.path()).unwrap() {
+            let f = f.unwrap();
+            let fname = f.file_name().into_string().unwrap();
+            let Some(stem) = fname.strip_suffix(".wseg") else {
+                continue;
+            };
+            let Some((a, b)) = stem.split_once('-') else {
+                continue;
+            };
+            let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+            if a <= want && want <= b {
+                found = Some(format!(
+                    "segments/{}/{fname}",
+                    epoch.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    let segment =
+        found.unwrap_or_else(|| panic!("no segment file holds LSN {want} under {}", ds.display()));
+    eprintln!(
+        "{name}: replica synced to LSN {synced_lsn}; committed {}; damaging {segment}",
+        model.lsn()
+    );
+    (
+        Damaged {
+            _tmp: tmp,
+            tmp: root,
+            ds,
+            model,
+            synced_lsn,
+            synced,
+            replica,
+            serve,
+            segment,
+        },
+        rng,
+    )
+}
+
+/// The synced replica and a fresh one after the damage: both fail as `check`
+/// says, the synced one keeps its state, the fresh one is at some LSN.
+fn damaged_check(d: &Damaged, check: impl Fn(&Out)) {
+    let out = replicate_once(&d.serve.url, &d.replica, &Env::new());
+    check(&out);
+    assert_state_eq(
+        &scan(&d.replica),
+        &d.synced,
+        "a synced replica after the damage keeps its last good state",
+    );
+
+    let fresh = d.tmp.join("replica-fresh");
+    let out = replicate_once(&d.serve.url, &fresh, &Env::new());
+    if out.code == Some(0) {
+        // Only possible if it bootstrapped around the damage (a snapshot).
+        assert_state_eq(
+            &scan(&fresh),
+            &d.model.map,
+            "a fresh replica that reported success",
+        );
+    } else if fresh.exists() {
+        let out = run(&["scan", "--local", p(&fresh)], &Env::new(), None);
+        if out.code == Some(0) {
+            let state = parse_scan(&out.stdout_str());
+            let at = d.model.matching_lsns(&state);
+            assert!(
+                !at.is_empty(),
+                "a fresh replica after the damage equals the model at no LSN"
+            );
+        } else {
+            eprintln!(
+                "note: scan of a fresh replica that never synced: {}",
+                out.describe()
+            );
+        }
+    }
+    let url = file_url(&d.ds);
+    let out = run(&["inspect", &url, "--verify"], &Env::new(), None);
+    assert!(
+        matches!(out.code, Some(c) if c != 0),
+        "inspect --verify must fail on the damaged dataset: {}",
+        out.describe()
+    );
+    eprintln!("damaged: synced replica stayed at LSN {}", d.synced_lsn);
+}
+
+fn assert_names(out: &Out, what: &[&str]) {
+    for w in what {
+        assert!(
+            out.stderr.contains(w),
+            "stderr must contain {w:?}: {}",
+            out.describe()
+        );
+    }
+}
+
+/// f1: one flipped byte inside a segment's records.
+#[test]
+fn f1_flipped_byte_in_segment() {
+    let name = "f1_flipped_byte_in_segment";
+    if skip(name) {
+        return;
+    }
+    let (d, mut rng) = damaged_setup(name);
+    let path = d.ds.join(&d.segment);
+    let mut bytes = fs::read(&path).unwrap();
+    assert!(bytes.len() > 72, "segment too small");
+    let trailer = bytes.len() - 40;
+    let footer = u64::from_le_bytes(bytes[trailer..trailer + 8].try_into().unwrap()) as usize;
+    assert!(
+        footer > 48 && footer <= trailer,
+        "bad footer_offset {footer} in {}",
+        d.segment
+    );
+    let at = rng.range(48, footer as u64 - 1) as usize;
+    bytes[at] ^= 1 << rng.below(8);
+    fs::write(&path, &bytes).unwrap();
+    eprintln!(
+        "{name}: flipped byte {at} of {} (records end at {footer})",
+        bytes.len()
+    );
+    damaged_check(&d, |out| {
+        assert_eq!(
+            out.code,
+            Some(1),
+            "replicate over a flipped byte must exit 1: {}",
+            out.describe()
+        );
+        assert_names(out, &[&d.segment, "LSN"]);
+    });
+}
+
+/// f2: a truncated segment.
+#[test]
+fn f2_truncated_segment() {
+    let name = "f2_truncated_segment";
+    if skip(name) {
+        return;
+    }
+    let (d, mut rng) = damaged_setup(name);
+    let path = d.ds.join(&d.segment);
+    let bytes = fs::read(&path).unwrap();
+    let keep = rng.range(1, bytes.len() as u64 - 1) as usize;
+    fs::write(&path, &bytes[..keep]).unwrap();
+    eprintln!("{name}: truncated to {keep} of {} bytes", bytes.len());
+    damaged_check(&d, |out| {
+        assert_eq!(
+            out.code,
+            Some(1),
+            "replicate over a truncated segment must exit 1: {}",
+            out.describe()
+        );
+        assert_names(out, &[&d.segment]);
+    });
+}
+
+/// f3: a segment the head still names is gone.
+#[test]
+fn f3_missing_segment() {
+    let name = "f3_missing_segment";
+    if skip(name) {
+        return;
+    }
+    let (d, _rng) = damaged_setup(name);
+    fs::remove_file(d.ds.join(&d.segment)).unwrap();
+    damaged_check(&d, |out| {
+        assert!(
+            matches!(out.code, Some(c) if c != 0),
+            "replicate with a missing segment must fail: {}",
+            out.describe()
+        );
+        assert_names(out, &[&d.segment]);
+        let e = out.stderr.to_lowercase();
+        assert!(
+            e.contains("not_found") || e.contains("missing") || e.contains("not found"),
+            "stderr must say not_found/missing: {}",
+            out.describe()
+        );
+    });
+}
+
+/// f4: the head is not JSON.
+#[test]
+fn f4_garbage_head() {
+    let name = "f4_garbage_head";
+    if skip(name) {
+        return;
+    }
+    let (d, _rng) = damaged_setup(name);
+    fs::write(d.ds.join("catalog/head.json"), "not json").unwrap();
+    damaged_check(&d, |out| {
+        assert!(
+            matches!(out.code, Some(c) if c != 0),
+            "replicate with a garbage head must fail: {}",
+            out.describe()
+        );
+        assert_names(out, &["catalog/head.json"]);
+    });
+}
+
+// ---------------------------------------------------------------------------
+// The harness itself
+// ---------------------------------------------------------------------------
+
+/// moto and nginx start, answer and stop; nginx serves Range, ETag and CORS.
+#[test]
+fn s_test_servers_start() {
+    if skip("s_test_servers_start") {
+        return;
+    }
+    let moto = Moto::start();
+    let (st, _) = http(
+        "GET",
+        &format!("127.0.0.1:{}", moto.port),
+        "/moto-api/",
+        b"",
+    )
+    .unwrap();
+    assert_eq!(st, 200);
+
+    let tmp = TempDir::new().unwrap();
+    fs::create_dir_all(tmp.path().join("ds/catalog")).unwrap();
+    fs::write(tmp.path().join("ds/catalog/head.json"), "0123456789").unwrap();
+    let nginx = Nginx::start(tmp.path());
+    let addr = format!("127.0.0.1:{}", nginx.port);
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "GET /ds/catalog/head.json HTTP/1.1\r\nHost: x\r\nRange: bytes=2-4\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 206"), "{resp}\n{}", nginx.logs());
+    assert!(resp.ends_with("\r\n\r\n234"), "{resp}");
+    let lower = resp.to_lowercase();
+    assert!(lower.contains("etag:"), "{resp}");
+    assert!(lower.contains("access-control-allow-origin: *"), "{resp}");
+    assert!(
+        lower.contains("content-type: application/octet-stream"),
+        "{resp}"
+    );
+    let pid = nginx.pid();
+    drop(nginx);
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists() || {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.contains(") Z ")
+        },
+        "nginx {pid} still running after drop"
+    );
+}

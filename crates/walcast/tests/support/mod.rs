@@ -1,0 +1,1141 @@
+//! Helpers for the end-to-end tests: processes the tests start (moto, nginx,
+//! `walcast serve`, long-running `walcast` commands) stopped by PID on drop,
+//! a bounded `run` helper, and an independent model of the KV state.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+/// Environment variables passed to a command.
+pub(crate) type Env = Vec<(String, String)>;
+
+/// The `walcast` binary under test.
+pub(crate) fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_walcast"))
+}
+
+/// The workspace root (two levels above this crate).
+pub(crate) fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// True when the tests were asked to skip (`WALCAST_E2E_SKIP=1`); says so loudly.
+pub(crate) fn skip(test: &str) -> bool {
+    if std::env::var("WALCAST_E2E_SKIP").as_deref() == Ok("1") {
+        eprintln!("SKIP: {test}: WALCAST_E2E_SKIP=1 is set; the end-to-end test did not run");
+        true
+    } else {
+        false
+    }
+}
+
+/// A seed for this test: `WALCAST_E2E_SEED` or the clock. Printed.
+pub(crate) fn seed(test: &str) -> u64 {
+    let seed = match std::env::var("WALCAST_E2E_SEED") {
+        Ok(s) => s.parse().expect("WALCAST_E2E_SEED must be a u64"),
+        Err(_) => {
+            let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+            t.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32)
+        }
+    };
+    eprintln!("{test}: seed = {seed} (replay with WALCAST_E2E_SEED={seed})");
+    seed
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub(crate) fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+/// `file:///abs/path` for a directory.
+pub(crate) fn file_url(dir: &Path) -> String {
+    assert!(dir.is_absolute(), "{} is not absolute", dir.display());
+    format!("file://{}", dir.display())
+}
+
+/// A deadline for polling loops and whole tests.
+#[derive(Clone, Copy)]
+pub(crate) struct Deadline {
+    end: Instant,
+    what: &'static str,
+}
+
+impl Deadline {
+    pub(crate) fn after(d: Duration, what: &'static str) -> Deadline {
+        Deadline {
+            end: Instant::now() + d,
+            what,
+        }
+    }
+    pub(crate) fn passed(&self) -> bool {
+        Instant::now() >= self.end
+    }
+    /// Panics when the deadline has passed.
+    pub(crate) fn check(&self) {
+        assert!(!self.passed(), "time limit exceeded: {}", self.what);
+    }
+    pub(crate) fn remaining(&self) -> Duration {
+        self.end.saturating_duration_since(Instant::now())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------
+
+/// A child process the test owns: SIGKILLed and reaped on drop (also on panic).
+/// Its stdout and stderr go to files so that they never block it.
+pub(crate) struct Proc {
+    name: String,
+    child: Option<Child>,
+    status: Option<ExitStatus>,
+    stdout_path: PathBuf,
+    stderr_path: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout/stderr redirected to `logdir/<name>.{out,err}`.
+    pub(crate) fn spawn(name: &str, mut cmd: Command, logdir: &Path) -> Proc {
+        fs::create_dir_all(logdir).unwrap();
+        let stdout_path = logdir.join(format!("{name}.out"));
+        let stderr_path = logdir.join(format!("{name}.err"));
+        let out = File::create(&stdout_path).unwrap();
+        let err = File::create(&stderr_path).unwrap();
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name} ({cmd:?}): {e}"));
+        Proc {
+            name: name.to_string(),
+            child: Some(child),
+            status: None,
+            stdout_path,
+            stderr_path,
+        }
+    }
+
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The exit status if it has exited (non-blocking).
+    pub(crate) fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            if let Some(c) = self.child.as_mut() {
+                if let Some(st) = c.try_wait().expect("try_wait") {
+                    self.status = Some(st);
+                    self.child = None;
+                }
+            }
+        }
+        self.status
+    }
+
+    pub(crate) fn running(&mut self) -> bool {
+        self.try_status().is_none()
+    }
+
+    /// Waits up to `d` for it to exit.
+    pub(crate) fn wait_timeout(&mut self, d: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + d;
+        loop {
+            if let Some(st) = self.try_status() {
+                return Some(st);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL and reap. Returns the status it had if it had already exited.
+    pub(crate) fn kill9(&mut self) -> Option<ExitStatus> {
+        if let Some(mut c) = self.child.take() {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.status = Some(st);
+                return self.status;
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.status
+    }
+
+    pub(crate) fn stdout(&self) -> String {
+        fs::read_to_string(&self.stdout_path).unwrap_or_default()
+    }
+
+    pub(crate) fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// stdout and stderr for a failure message.
+    pub(crate) fn logs(&self) -> String {
+        format!(
+            "--- {} stdout ---\n{}\n--- {} stderr ---\n{}",
+            self.name,
+            tail(&self.stdout(), 4000),
+            self.name,
+            tail(&self.stderr(), 4000)
+        )
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// SIGKILL a process the test started, and reap it.
+pub(crate) fn kill9(p: &mut Proc) -> Option<ExitStatus> {
+    p.kill9()
+}
+
+fn tail(s: &str, n: usize) -> &str {
+    if s.len() <= n {
+        return s;
+    }
+    let mut i = s.len() - n;
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    &s[i..]
+}
+
+/// A `walcast` command to spawn as a long-running [`Proc`].
+pub(crate) fn walcast_cmd(args: &[&str], env: &Env) -> Command {
+    let mut cmd = Command::new(bin());
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// The result of a finished command.
+pub(crate) struct Out {
+    pub(crate) cmd: String,
+    pub(crate) code: Option<i32>,
+    pub(crate) stdout: Vec<u8>,
+    pub(crate) stderr: String,
+    pub(crate) elapsed: Duration,
+}
+
+impl Out {
+    pub(crate) fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "`{}` exited {:?} after {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.cmd,
+            self.code,
+            self.elapsed,
+            tail(&self.stdout_str(), 3000),
+            tail(&self.stderr, 3000)
+        )
+    }
+    /// Panics unless it exited 0.
+    pub(crate) fn ok(self) -> Out {
+        assert_eq!(self.code, Some(0), "expected success: {}", self.describe());
+        self
+    }
+    /// Panics unless it exited with `code`.
+    pub(crate) fn code(self, code: i32) -> Out {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "expected exit code {code}: {}",
+            self.describe()
+        );
+        self
+    }
+    /// Panics unless it exited non-zero (and was not killed).
+    pub(crate) fn failed(self) -> Out {
+        assert!(
+            matches!(self.code, Some(c) if c != 0),
+            "expected a non-zero exit code: {}",
+            self.describe()
+        );
+        self
+    }
+}
+
+/// Runs `walcast ARGS` with `env` and `stdin`, bounded by 90 s.
+pub(crate) fn run(args: &[&str], env: &Env, stdin: Option<&[u8]>) -> Out {
+    run_timeout(args, env, stdin, Duration::from_secs(90))
+}
+
+/// Runs `walcast ARGS`; kills it and panics after `limit`.
+pub(crate) fn run_timeout(args: &[&str], env: &Env, stdin: Option<&[u8]>, limit: Duration) -> Out {
+    let desc = format!("walcast {}", args.join(" "));
+    let start = Instant::now();
+    let mut cmd = walcast_cmd(args, env);
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {desc}: {e}"));
+    // Owns the child so that a panic below still kills it.
+    struct Guard(Child);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut g = Guard(child);
+    let writer = stdin.map(|data| {
+        let mut pipe = g.0.stdin.take().unwrap();
+        let data = data.to_vec();
+        thread::spawn(move || {
+            // A broken pipe is fine: the command may stop reading (e.g. a bad line).
+            let _ = pipe.write_all(&data);
+        })
+    });
+    let mut so = g.0.stdout.take().unwrap();
+    let mut se = g.0.stderr.take().unwrap();
+    let out_t = thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = so.read_to_end(&mut b);
+        b
+    });
+    let err_t = thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = se.read_to_end(&mut b);
+        b
+    });
+    let status = loop {
+        if let Some(st) = g.0.try_wait().expect("try_wait") {
+            break st;
+        }
+        if start.elapsed() > limit {
+            let _ = g.0.kill();
+            let _ = g.0.wait();
+            let stderr = String::from_utf8_lossy(&err_t.join().unwrap()).into_owned();
+            panic!(
+                "`{desc}` did not finish within {limit:?}; killed. stderr:\n{}",
+                tail(&stderr, 3000)
+            );
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    let stdout = out_t.join().unwrap();
+    let stderr = String::from_utf8_lossy(&err_t.join().unwrap()).into_owned();
+    Out {
+        cmd: desc,
+        code: status.code(),
+        stdout,
+        stderr,
+        elapsed: start.elapsed(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Servers
+// ---------------------------------------------------------------------------
+
+fn deps_hint(what: &str) -> String {
+    format!(
+        "{what} is missing: run scripts/e2e-deps.sh (or set WALCAST_E2E_SKIP=1 to skip the end-to-end tests)"
+    )
+}
+
+/// Minimal HTTP/1.1 request over std; returns (status, body).
+pub(crate) fn http(
+    method: &str,
+    host_port: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(host_port)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host_port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::other(format!("bad HTTP response: {:?}", tail(&text, 200)))
+        })?;
+    let body_start = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4)
+        .unwrap_or(resp.len());
+    Ok((status, resp[body_start..].to_vec()))
+}
+
+/// A moto S3 server on 127.0.0.1 with one bucket.
+pub(crate) struct Moto {
+    pub(crate) port: u16,
+    pub(crate) bucket: String,
+    proc: Proc,
+    _dir: TempDir,
+}
+
+impl Moto {
+    pub(crate) fn start() -> Moto {
+        let exe = workspace_root().join(".tools/moto/bin/moto_server");
+        assert!(
+            exe.exists(),
+            "{}",
+            deps_hint(&format!("moto ({})", exe.display()))
+        );
+        let dir = TempDir::new().unwrap();
+        let mut last_err = String::new();
+        for attempt in 0..3 {
+            let port = free_port();
+            let mut cmd = Command::new(&exe);
+            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .current_dir(dir.path());
+            let mut proc = Proc::spawn(&format!("moto-{attempt}"), cmd, dir.path());
+            let addr = format!("127.0.0.1:{port}");
+            let deadline = Deadline::after(Duration::from_secs(30), "moto start");
+            let mut up = false;
+            while !deadline.passed() {
+                if !proc.running() {
+                    break;
+                }
+                if let Ok((200, _)) = http("GET", &addr, "/moto-api/", b"") {
+                    up = true;
+                    break;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+            if !up {
+                last_err = proc.logs();
+                proc.kill9();
+                continue;
+            }
+            let bucket = "walcast-e2e".to_string();
+            let (st, body) = http("PUT", &addr, &format!("/{bucket}"), b"").expect("create bucket");
+            assert!(
+                st == 200,
+                "moto: create bucket: HTTP {st}: {}",
+                String::from_utf8_lossy(&body)
+            );
+            eprintln!(
+                "moto: listening on http://{addr} (pid {:?}), bucket {bucket}",
+                proc.pid()
+            );
+            return Moto {
+                port,
+                bucket,
+                proc,
+                _dir: dir,
+            };
+        }
+        panic!("moto did not start: {last_err}");
+    }
+
+    pub(crate) fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The variables the CLI needs to reach this server.
+    pub(crate) fn env(&self) -> Env {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_DEFAULT_REGION", "us-east-1".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// `s3://<bucket>/<prefix>`.
+    pub(crate) fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{}", self.bucket, prefix)
+    }
+
+    pub(crate) fn logs(&self) -> String {
+        self.proc.logs()
+    }
+}
+
+fn nginx_exe() -> PathBuf {
+    if let Some(path) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&path) {
+            let p = d.join("nginx");
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    PathBuf::from("/usr/sbin/nginx")
+}
+
+/// nginx serving a directory on 127.0.0.1 (single process, `daemon off`).
+pub(crate) struct Nginx {
+    pub(crate) port: u16,
+    proc: Proc,
+    dir: TempDir,
+}
+
+impl Nginx {
+    pub(crate) fn start(root: &Path) -> Nginx {
+        let exe = nginx_exe();
+        assert!(exe.exists(), "{}", deps_hint("nginx"));
+        let dir = TempDir::new().unwrap();
+        let p = dir.path();
+        for sub in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi", "logs"] {
+            fs::create_dir_all(p.join(sub)).unwrap();
+        }
+        let mut last_err = String::new();
+        for attempt in 0..3 {
+            let port = free_port();
+            let conf = format!(
+                r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {p}/nginx.pid;
+error_log {p}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log {p}/access.log;
+    client_body_temp_path {p}/client_body;
+    proxy_temp_path {p}/proxy;
+    fastcgi_temp_path {p}/fastcgi;
+    uwsgi_temp_path {p}/uwsgi;
+    scgi_temp_path {p}/scgi;
+    default_type application/octet-stream;
+    etag on;
+    sendfile on;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location / {{
+            add_header Access-Control-Allow-Origin "*" always;
+            add_header Access-Control-Expose-Headers "ETag, Content-Range, Content-Length, Accept-Ranges" always;
+        }}
+    }}
+}}
+"#,
+                p = p.display(),
+                root = root.display(),
+            );
+            let conf_path = p.join("nginx.conf");
+            fs::write(&conf_path, conf).unwrap();
+            let mut cmd = Command::new(&exe);
+            cmd.arg("-e")
+                .arg(p.join("error.log"))
+                .arg("-p")
+                .arg(p)
+                .arg("-c")
+                .arg(&conf_path);
+            let mut proc = Proc::spawn(&format!("nginx-{attempt}"), cmd, &p.join("logs"));
+            let addr = format!("127.0.0.1:{port}");
+            let deadline = Deadline::after(Duration::from_secs(15), "nginx start");
+            let mut up = false;
+            while !deadline.passed() {
+                if !proc.running() {
+                    break;
+                }
+                if http("GET", &addr, "/", b"").is_ok() {
+                    up = true;
+                    break;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+            if up {
+                eprintln!(
+                    "nginx: serving {} on http://{addr} (pid {:?})",
+                    root.display(),
+                    proc.pid()
+                );
+                return Nginx { port, proc, dir };
+            }
+            last_err = format!(
+                "{}\n--- error.log ---\n{}",
+                proc.logs(),
+                fs::read_to_string(p.join("error.log")).unwrap_or_default()
+            );
+            proc.kill9();
+        }
+        panic!("nginx did not start: {last_err}");
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.proc.pid().expect("nginx is running")
+    }
+
+    pub(crate) fn logs(&self) -> String {
+        format!(
+            "{}\n--- error.log ---\n{}\n--- access.log ---\n{}",
+            self.proc.logs(),
+            fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default(),
+            tail(
+                &fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default(),
+                3000
+            )
+        )
+    }
+}
+
+/// `walcast serve DIR --addr 127.0.0.1:0`.
+pub(crate) struct Serve {
+    pub(crate) url: String,
+    proc: Proc,
+    _logs: TempDir,
+}
+
+impl Serve {
+    pub(crate) fn start(dir: &Path) -> Serve {
+        let logs = TempDir::new().unwrap();
+        let cmd = walcast_cmd(
+            &["serve", dir.to_str().unwrap(), "--addr", "127.0.0.1:0"],
+            &Env::new(),
+        );
+        let mut proc = Proc::spawn("serve", cmd, logs.path());
+        let deadline = Deadline::after(Duration::from_secs(20), "walcast serve start");
+        loop {
+            let out = proc.stdout();
+            if let Some(line) = out.lines().next().filter(|_| out.contains('\n')) {
+                let url = line
+                    .strip_prefix("walcast serve: listening on ")
+                    .unwrap_or_else(|| panic!("unexpected first line of `walcast serve`: {line:?}"))
+                    .trim()
+                    .trim_end_matches('/')
+                    .to_string();
+                assert!(
+                    url.starts_with("http://127.0.0.1:"),
+                    "serve must bind 127.0.0.1: {line:?}"
+                );
+                eprintln!(
+                    "walcast serve: {} on {url} (pid {:?})",
+                    dir.display(),
+                    proc.pid()
+                );
+                return Serve {
+                    url,
+                    proc,
+                    _logs: logs,
+                };
+            }
+            if let Some(st) = proc.try_status() {
+                panic!(
+                    "`walcast serve` exited {st} before listening\n{}",
+                    proc.logs()
+                );
+            }
+            if deadline.passed() {
+                panic!(
+                    "`walcast serve` printed no listening line within 20 s\n{}",
+                    proc.logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub(crate) fn logs(&self) -> String {
+        self.proc.logs()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// CLI wrappers
+// ---------------------------------------------------------------------------
+
+/// `walcast write --wal DIR` with `batches` as NDJSON; returns the LSN of each line.
+pub(crate) fn write(wal: &Path, batches: &[Batch]) -> Vec<u64> {
+    let input = ndjson(batches);
+    let out = run(
+        &["write", "--wal", wal.to_str().unwrap()],
+        &Env::new(),
+        Some(input.as_bytes()),
+    )
+    .ok();
+    let lsns = parse_lsns(&out.stdout_str());
+    assert_eq!(
+        lsns.len(),
+        batches.len(),
+        "one {{\"lsn\":N}} per line expected: {}",
+        out.describe()
+    );
+    for w in lsns.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "LSNs must be dense: {}", out.describe());
+    }
+    lsns
+}
+
+/// Parses `{"lsn":N}` lines.
+pub(crate) fn parse_lsns(stdout: &str) -> Vec<u64> {
+    stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("write printed {l:?}: {e}"));
+            v["lsn"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("write printed {l:?}: no \"lsn\""))
+        })
+        .collect()
+}
+
+pub(crate) fn publish_once(wal: &Path, url: &str, extra: &[&str], env: &Env) -> Out {
+    let mut args = vec!["publish", "--wal", wal.to_str().unwrap(), "--to", url];
+    args.extend_from_slice(extra);
+    args.push("--once");
+    run(&args, env, None)
+}
+
+pub(crate) fn replicate_once(url: &str, local: &Path, env: &Env) -> Out {
+    run(
+        &[
+            "replicate",
+            url,
+            "--local",
+            local.to_str().unwrap(),
+            "--once",
+        ],
+        env,
+        None,
+    )
+}
+
+/// `walcast scan --local DIR` parsed into a map (checks key order).
+pub(crate) fn scan(local: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let out = run(
+        &["scan", "--local", local.to_str().unwrap()],
+        &Env::new(),
+        None,
+    )
+    .ok();
+    parse_scan(&out.stdout_str())
+}
+
+/// `walcast inspect URL --json`.
+pub(crate) fn inspect_json(url: &str, env: &Env) -> Value {
+    let out = run(&["inspect", url, "--json"], env, None).ok();
+    let text = out.stdout_str();
+    let v: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "inspect --json printed no JSON object ({e}): {}",
+            out.describe()
+        )
+    });
+    for f in ["committed_lsn", "earliest_lsn", "epoch", "segments"] {
+        assert!(!v[f].is_null(), "inspect --json lacks {f:?}: {text}");
+    }
+    v
+}
+
+pub(crate) fn committed_lsn(url: &str, env: &Env) -> u64 {
+    let v = inspect_json(url, env);
+    v["committed_lsn"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("committed_lsn is not a u64: {v}"))
+}
+
+/// The `requests=N` number from `WALCAST_REPLICATE_STATS=1` output (last one).
+pub(crate) fn requests_stat(stderr: &str) -> u64 {
+    let i = stderr
+        .rfind("requests=")
+        .unwrap_or_else(|| panic!("no `requests=N` on stderr:\n{}", tail(stderr, 2000)));
+    let digits: String = stderr[i + "requests=".len()..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("bad requests= value in {:?}", &stderr[i..]))
+}
+
+// ---------------------------------------------------------------------------
+// Model
+// ---------------------------------------------------------------------------
+
+/// SplitMix64: small, seeded, good enough for test data.
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `0..n` (n > 0).
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+    /// Uniform in `lo..=hi`.
+    pub(crate) fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+    /// True with probability `pct` percent.
+    pub(crate) fn pct(&mut self, pct: u64) -> bool {
+        self.below(100) < pct
+    }
+    pub(crate) fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next_u64() as u8).collect()
+    }
+    pub(crate) fn text(&mut self, n: usize) -> Vec<u8> {
+        const A: &[u8] =
+            b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 -_:/.\"\\{}";
+        (0..n)
+            .map(|_| A[self.below(A.len() as u64) as usize])
+            .collect()
+    }
+}
+
+/// One operation of a batch.
+#[derive(Clone, Debug)]
+pub(crate) enum Op {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+}
+
+/// One atomic batch (one NDJSON line, one LSN).
+#[derive(Clone, Debug)]
+pub(crate) struct Batch {
+    pub(crate) ops: Vec<Op>,
+    /// Written as a single-op line rather than `{"batch":[…]}` (needs one op).
+    pub(crate) single: bool,
+    /// Per op: encode UTF-8 keys/values as `key_b64`/`value_b64` anyway.
+    pub(crate) force_b64: Vec<bool>,
+}
+
+/// What the generator makes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GenOpts {
+    /// Number of distinct keys.
+    pub(crate) keys: u64,
+    /// Largest value in bytes.
+    pub(crate) max_value: usize,
+    /// Most ops in a `{"batch":[…]}` line.
+    pub(crate) max_ops: u64,
+    /// Percent of ops that are deletes.
+    pub(crate) delete_pct: u64,
+}
+
+impl Default for GenOpts {
+    fn default() -> Self {
+        GenOpts {
+            keys: 200,
+            max_value: 4096,
+            max_ops: 6,
+            delete_pct: 20,
+        }
+    }
+}
+
+/// Key number `i`: mostly `k0042`, some Unicode, some not UTF-8.
+pub(crate) fn key_of(i: u64) -> Vec<u8> {
+    match i % 10 {
+        0 => {
+            let mut k = vec![0xff, 0xfe];
+            k.extend_from_slice(&i.to_be_bytes());
+            k.push(0);
+            k
+        }
+        1 => format!("ключ/{i:04}").into_bytes(),
+        _ => format!("k{i:04}").into_bytes(),
+    }
+}
+
+fn gen_value(rng: &mut Rng, max: usize) -> Vec<u8> {
+    let len = match rng.below(100) {
+        0..=59 => rng.below(33) as usize,
+        60..=94 => rng.below(513) as usize,
+        _ => rng.range(0, max as u64) as usize,
+    }
+    .min(max);
+    if rng.pct(20) {
+        let mut v = rng.bytes(len);
+        if let Some(b) = v.first_mut() {
+            *b = 0x83; // a continuation byte first: never UTF-8
+        }
+        v
+    } else {
+        rng.text(len)
+    }
+}
+
+/// `n` random batches.
+pub(crate) fn gen_batches(rng: &mut Rng, n: usize, o: GenOpts) -> Vec<Batch> {
+    (0..n)
+        .map(|_| {
+            let single = rng.pct(50);
+            let count = if single {
+                1
+            } else {
+                rng.range(1, o.max_ops.max(1))
+            };
+            let mut ops = Vec::new();
+            let mut force_b64 = Vec::new();
+            for _ in 0..count {
+                let key = key_of(rng.below(o.keys));
+                if rng.pct(o.delete_pct) {
+                    ops.push(Op::Delete(key));
+                } else {
+                    ops.push(Op::Put(key, gen_value(rng, o.max_value)));
+                }
+                force_b64.push(rng.pct(10));
+            }
+            Batch {
+                ops,
+                single,
+                force_b64,
+            }
+        })
+        .collect()
+}
+
+fn put_bytes(obj: &mut serde_json::Map<String, Value>, field: &str, bytes: &[u8], force_b64: bool) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) if !force_b64 => {
+            obj.insert(field.to_string(), Value::String(s.to_string()));
+        }
+        _ => {
+            obj.insert(format!("{field}_b64"), Value::String(B64.encode(bytes)));
+        }
+    }
+}
+
+fn op_json(op: &Op, force_b64: bool) -> Value {
+    let mut m = serde_json::Map::new();
+    match op {
+        Op::Put(k, v) => {
+            m.insert("op".into(), json!("put"));
+            put_bytes(&mut m, "key", k, force_b64);
+            put_bytes(&mut m, "value", v, force_b64);
+        }
+        Op::Delete(k) => {
+            m.insert("op".into(), json!("delete"));
+            put_bytes(&mut m, "key", k, force_b64);
+        }
+    }
+    Value::Object(m)
+}
+
+/// One NDJSON line (no newline).
+pub(crate) fn batch_line(b: &Batch) -> String {
+    if b.single && b.ops.len() == 1 {
+        op_json(&b.ops[0], b.force_b64[0]).to_string()
+    } else {
+        let ops: Vec<Value> = b
+            .ops
+            .iter()
+            .zip(&b.force_b64)
+            .map(|(o, f)| op_json(o, *f))
+            .collect();
+        json!({ "batch": ops }).to_string()
+    }
+}
+
+/// NDJSON for `walcast write`.
+pub(crate) fn ndjson(batches: &[Batch]) -> String {
+    let mut s = String::new();
+    for b in batches {
+        s.push_str(&batch_line(b));
+        s.push('\n');
+    }
+    s
+}
+
+/// The expected state: a map plus the LSN-ordered history of batches.
+#[derive(Default, Clone)]
+pub(crate) struct Model {
+    pub(crate) map: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// `history[i]` is the batch with LSN `i + 1`.
+    pub(crate) history: Vec<Batch>,
+}
+
+impl Model {
+    pub(crate) fn apply(&mut self, b: &Batch) {
+        apply(&mut self.map, b);
+        self.history.push(b.clone());
+    }
+
+    /// Applies `batches` that `write` committed at `lsns` (checks they follow on).
+    pub(crate) fn commit(&mut self, batches: &[Batch], lsns: &[u64]) {
+        assert_eq!(batches.len(), lsns.len());
+        for (b, lsn) in batches.iter().zip(lsns) {
+            assert_eq!(
+                *lsn,
+                self.lsn() + 1,
+                "write returned LSN {lsn} after {}",
+                self.lsn()
+            );
+            self.apply(b);
+        }
+    }
+
+    pub(crate) fn lsn(&self) -> u64 {
+        self.history.len() as u64
+    }
+
+    /// The state at `lsn`.
+    pub(crate) fn at(&self, lsn: u64) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        let mut m = BTreeMap::new();
+        for b in &self.history[..lsn as usize] {
+            apply(&mut m, b);
+        }
+        m
+    }
+
+    /// Every LSN (0 included) whose state equals `state`.
+    pub(crate) fn matching_lsns(&self, state: &BTreeMap<Vec<u8>, Vec<u8>>) -> Vec<u64> {
+        let mut m = BTreeMap::new();
+        let mut out = Vec::new();
+        if &m == state {
+            out.push(0);
+        }
+        for (i, b) in self.history.iter().enumerate() {
+            apply(&mut m, b);
+            if &m == state {
+                out.push(i as u64 + 1);
+            }
+        }
+        out
+    }
+
+    /// A text key that is present, if any.
+    pub(crate) fn some_text_key(&self) -> Option<(String, Vec<u8>)> {
+        self.map.iter().find_map(|(k, v)| {
+            let s = std::str::from_utf8(k).ok()?;
+            (!s.starts_with('-')).then(|| (s.to_string(), v.clone()))
+        })
+    }
+}
+
+fn apply(m: &mut BTreeMap<Vec<u8>, Vec<u8>>, b: &Batch) {
+    for op in &b.ops {
+        match op {
+            Op::Put(k, v) => {
+                m.insert(k.clone(), v.clone());
+            }
+            Op::Delete(k) => {
+                m.remove(k);
+            }
+        }
+    }
+}
+
+fn field_bytes(v: &Value, field: &str, line: &str) -> Vec<u8> {
+    if let Some(s) = v.get(field).and_then(Value::as_str) {
+        return s.as_bytes().to_vec();
+    }
+    if let Some(s) = v.get(format!("{field}_b64")).and_then(Value::as_str) {
+        return B64.decode(s).unwrap_or_else(|e| {
+            panic!("scan: {field}_b64 is not standard padded base64 ({e}): {line}")
+        });
+    }
+    panic!("scan: line has neither {field:?} nor \"{field}_b64\": {line}")
+}
+
+/// Parses `walcast scan` NDJSON; checks keys are strictly ascending.
+pub(crate) fn parse_scan(stdout: &str) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut m = BTreeMap::new();
+    let mut prev: Option<Vec<u8>> = None;
+    for line in stdout.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("scan printed {line:?}: {e}"));
+        let k = field_bytes(&v, "key", line);
+        let val = field_bytes(&v, "value", line);
+        if let Some(p) = &prev {
+            assert!(
+                *p < k,
+                "scan: keys not in strictly ascending order at {line}"
+            );
+        }
+        prev = Some(k.clone());
+        m.insert(k, val);
+    }
+    m
+}
+
+/// Asserts two states are equal, describing the first differences.
+pub(crate) fn assert_state_eq(
+    got: &BTreeMap<Vec<u8>, Vec<u8>>,
+    want: &BTreeMap<Vec<u8>, Vec<u8>>,
+    what: &str,
+) {
+    if got == want {
+        return;
+    }
+    let show = |k: &[u8]| String::from_utf8_lossy(k).into_owned();
+    let mut diffs = Vec::new();
+    for (k, v) in want {
+        match got.get(k) {
+            None => diffs.push(format!("missing key {:?}", show(k))),
+            Some(g) if g != v => diffs.push(format!(
+                "key {:?}: got {} bytes {:?}…, want {} bytes {:?}…",
+                show(k),
+                g.len(),
+                show(&g[..g.len().min(24)]),
+                v.len(),
+                show(&v[..v.len().min(24)])
+            )),
+            _ => {}
+        }
+    }
+    for k in got.keys() {
+        if !want.contains_key(k) {
+            diffs.push(format!("extra key {:?}", show(k)));
+        }
+    }
+    let n = diffs.len();
+    diffs.truncate(12);
+    panic!(
+        "{what}: replica state differs from the model ({} keys vs {} expected, {n} differences):\n  {}",
+        got.len(),
+        want.len(),
+        diffs.join("\n  ")
+    );
+}
