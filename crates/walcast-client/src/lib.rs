@@ -52,6 +52,7 @@ pub enum Until {
 }
 
 type Pending<'a> = Pin<Box<dyn Future<Output = (RequestId, GetResponse)> + 'a>>;
+type Next<'a> = Pin<Box<dyn Future<Output = Option<(RequestId, GetResponse)>> + 'a>>;
 
 /// Drives a [`Replica`] through a [`Fetch`] seam and a [`Timer`].
 #[derive(Debug)]
@@ -127,12 +128,11 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
                     // Wake on a response, the machine's deadline, or stop.
                     let at = at.min(now.saturating_add(3_600_000));
                     let sleep = Box::pin(timer.sleep_until(at));
-                    let next: Pin<Box<dyn Future<Output = Option<(RequestId, GetResponse)>> + '_>> =
-                        if inflight.is_empty() {
-                            Box::pin(future::pending())
-                        } else {
-                            Box::pin(inflight.next())
-                        };
+                    let next: Next<'_> = if inflight.is_empty() {
+                        Box::pin(future::pending())
+                    } else {
+                        Box::pin(inflight.next())
+                    };
                     match future::select(stop.as_mut(), future::select(next, sleep)).await {
                         Either::Left(((), _)) => return Ok(replica.applied_lsn()),
                         Either::Right((Either::Left((Some((id, resp)), _)), _)) => {

@@ -1,7 +1,7 @@
 //! The `walcast` command: write, publish, serve, replicate, get, scan,
 //! inspect, demo. See the README for examples.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -386,27 +386,52 @@ fn parse_line(line: &str) -> Result<Vec<Op>> {
 }
 
 fn write(wal: PathBuf) -> Result<ExitCode> {
+    use std::io::BufRead as _;
     let w = walcast::wal::Writer::open(&wal)?;
-    let stdin = std::io::stdin();
+    let mut input = std::io::BufReader::with_capacity(1 << 20, std::io::stdin());
     let mut out = std::io::stdout().lock();
-    for (i, line) in stdin.lock().lines().enumerate() {
-        let line = line.context("reading stdin")?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let ops = match parse_line(&line) {
-            Ok(ops) => ops,
-            Err(e) => {
-                eprintln!(
-                    "walcast write: line {}: {e}; nothing of it was committed",
-                    i + 1
-                );
-                return Ok(ExitCode::from(1));
+    let mut lineno = 0usize;
+    loop {
+        // Every line already read is committed with one fsync (group
+        // commit); a line on its own (interactive input) is committed at once.
+        let mut group: Vec<Vec<u8>> = Vec::new();
+        let mut bad: Option<(usize, anyhow::Error)> = None;
+        let mut eof = false;
+        loop {
+            let mut line = String::new();
+            if input.read_line(&mut line).context("reading stdin")? == 0 {
+                eof = true;
+                break;
             }
-        };
-        let lsn = w.commit(&ops).with_context(|| format!("line {}", i + 1))?;
-        writeln!(out, "{{\"lsn\":{lsn}}}")?;
-        out.flush()?;
+            lineno += 1;
+            if !line.trim().is_empty() {
+                match parse_line(line.trim_end())
+                    .and_then(|ops| walcast_core::batch::encode(&ops).map_err(anyhow::Error::new))
+                {
+                    Ok(p) => group.push(p),
+                    Err(e) => {
+                        bad = Some((lineno, e));
+                        break;
+                    }
+                }
+            }
+            if input.buffer().is_empty() || group.len() >= 4096 {
+                break;
+            }
+        }
+        if !group.is_empty() {
+            let refs: Vec<&[u8]> = group.iter().map(Vec::as_slice).collect();
+            for lsn in w.commit_many(&refs)? {
+                writeln!(out, "{{\"lsn\":{lsn}}}")?;
+            }
+            out.flush()?;
+        }
+        if let Some((n, e)) = bad {
+            eprintln!("walcast write: line {n}: {e}; nothing of it was committed");
+            return Ok(ExitCode::from(1));
+        }
+        if eof {
+            return Ok(ExitCode::SUCCESS);
+        }
     }
-    Ok(ExitCode::SUCCESS)
 }

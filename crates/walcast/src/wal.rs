@@ -131,10 +131,16 @@ impl Writer {
 
     /// Commits a raw payload (for WALs that are not KV batches).
     pub fn commit_payload(&self, payload: &[u8]) -> Result<u64> {
-        if payload.len() as u64 > MAX_RECORD_LEN {
-            bail!("batch of {} bytes exceeds {MAX_RECORD_LEN}", payload.len());
+        Ok(self.commit_many(&[payload])?[0])
+    }
+
+    /// Commits several payloads, each its own atomic batch with its own LSN,
+    /// with one append and one fsync. Durable when this returns.
+    pub fn commit_many(&self, payloads: &[&[u8]]) -> Result<Vec<u64>> {
+        if let Some(p) = payloads.iter().find(|p| p.len() as u64 > MAX_RECORD_LEN) {
+            bail!("batch of {} bytes exceeds {MAX_RECORD_LEN}", p.len());
         }
-        let lsn = {
+        let (first, last) = {
             let mut i = self
                 .inner
                 .lock()
@@ -142,9 +148,16 @@ impl Writer {
             if i.poisoned {
                 bail!("the WAL failed earlier; reopen it");
             }
-            let lsn = i.next_lsn;
-            let mut buf = Vec::with_capacity(payload.len() + RECORD_HEADER_LEN as usize);
-            encode_record(lsn, payload, &mut buf);
+            let first = i.next_lsn;
+            let mut buf = Vec::with_capacity(
+                payloads
+                    .iter()
+                    .map(|p| p.len() + RECORD_HEADER_LEN as usize)
+                    .sum(),
+            );
+            for (k, p) in payloads.iter().enumerate() {
+                encode_record(first + k as u64, p, &mut buf);
+            }
             if let Err(e) = i.file.write_all(&buf) {
                 // Cut a partial frame so the log stays well-formed.
                 let len = i.len;
@@ -154,19 +167,20 @@ impl Writer {
                 return Err(e).context("appending to the WAL");
             }
             i.len += buf.len() as u64;
-            i.next_lsn += 1;
-            lsn
+            i.next_lsn += payloads.len() as u64;
+            (first, i.next_lsn - 1)
         };
+        // Group commit: one fsync covers everything appended before it.
         let mut synced = self
             .synced
             .lock()
             .map_err(|_| anyhow::anyhow!("WAL lock poisoned"))?;
-        if *synced < lsn {
+        if *synced < last {
             let upto = self.last_lsn();
             self.sync_file.sync_data().context("fsync of the WAL")?;
             *synced = upto;
         }
-        Ok(lsn)
+        Ok((first..=last).collect())
     }
 }
 

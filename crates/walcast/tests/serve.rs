@@ -82,7 +82,7 @@ fn etag_of(data: &[u8]) -> String {
     format!("\"{:08x}-{:x}\"", crc32fast::hash(data), data.len())
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: impl header::AsHeaderName) -> &'a str {
+fn header(headers: &HeaderMap, name: impl header::AsHeaderName) -> &str {
     headers.get(name).expect("header present").to_str().unwrap()
 }
 
