@@ -13,11 +13,18 @@ step "clippy (warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "docs (warnings are errors)"
-RUSTDOCFLAGS="-D warnings" cargo doc -p walcast-core --no-deps -q
+RUSTDOCFLAGS="-D warnings" cargo doc -p walcast-core -p walcast-client -p walcast --no-deps -q
 
 step "walcast-core: unit, doc, golden, fuzz-corpus and simulation tests (${SIM_SEEDS:-2000} seeds)"
 SIM_SEEDS="${SIM_SEEDS:-2000}" cargo test -p walcast-core -- --nocapture 2>&1 |
   grep -vE '^(running [0-9]+ tests?|)$' | grep -vE '^test .* \.\.\. ok$'
+test "${PIPESTATUS[0]}" -eq 0
+
+step "end-to-end dependencies: moto (S3 API) and nginx"
+bash scripts/e2e-deps.sh
+
+step "walcast (native): WAL, serve and end-to-end tests with real processes"
+cargo test -p walcast-client -p walcast -- --test-threads=1 2>&1 | grep -vE '^(running [0-9]+ tests?|)$'
 test "${PIPESTATUS[0]}" -eq 0
 
 step "walcast-core builds for wasm32-unknown-unknown and imports nothing"
