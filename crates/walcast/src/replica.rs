@@ -363,6 +363,8 @@ pub struct Progress {
     pub applied: std::sync::atomic::AtomicU64,
     /// Committed LSN of the newest head seen.
     pub committed: std::sync::atomic::AtomicU64,
+    /// When each applied unit landed: (first LSN, last LSN, instant).
+    pub applied_at: std::sync::Mutex<Vec<(u64, u64, std::time::Instant)>>,
 }
 
 /// Options of `walcast replicate`.
@@ -438,9 +440,12 @@ pub async fn replicate(
         .run(until, stop, |r, e| -> Result<()> {
             match e {
                 Event::Record { lsn, payload } => ld.record(*lsn, payload),
-                Event::Applied { last, .. } => {
+                Event::Applied { first, last } => {
                     let st = r.status(crate::publish::now_ms());
                     if let Some(p) = &opts.sink {
+                        if let Ok(mut v) = p.applied_at.lock() {
+                            v.push((*first, *last, std::time::Instant::now()));
+                        }
                         p.applied.store(*last, std::sync::atomic::Ordering::Relaxed);
                         p.committed
                             .store(st.committed_lsn, std::sync::atomic::Ordering::Relaxed);
