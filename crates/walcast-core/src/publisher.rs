@@ -49,6 +49,9 @@ pub struct PublisherConfig {
     pub retry_max_ms: u64,
     /// Failed attempts before an [`Event::Error`] is reported (retries go on).
     pub max_attempts: u32,
+    /// While idle, re-read the head this often (ms) to notice a newer epoch
+    /// and stop, instead of learning it only at the next commit.
+    pub head_check_ms: u64,
     /// Timeout the driver applies to GETs (ms).
     pub request_timeout_ms: u64,
 }
@@ -67,6 +70,7 @@ impl Default for PublisherConfig {
             retry_base_ms: 100,
             retry_max_ms: 10_000,
             max_attempts: 5,
+            head_check_ms: 2_000,
             request_timeout_ms: 30_000,
         }
     }
@@ -249,6 +253,7 @@ enum Req {
     PageRead(PageRef),
     Cas,
     Verify,
+    Check,
     Delete(String),
 }
 
@@ -289,6 +294,8 @@ pub struct Publisher {
     queued: VecDeque<Action>,
     page_reads: VecDeque<PageRef>,
     verify_at: Option<u64>,
+    next_check: u64,
+    check_inflight: bool,
 }
 
 impl Publisher {
@@ -328,6 +335,8 @@ impl Publisher {
             queued: VecDeque::new(),
             page_reads: VecDeque::new(),
             verify_at: None,
+            next_check: 0,
+            check_inflight: false,
         }
     }
 
@@ -582,6 +591,17 @@ impl Publisher {
         }
         if let Some(t) = self.commit_retry_at.into_iter().chain(self.verify_at).min() {
             wake = wake.min(t);
+        }
+        // While idle, look at the head now and then: a newer epoch fences us.
+        if self.commit.is_none() && !self.check_inflight && self.cfg.head_check_ms > 0 {
+            if self.next_check == 0 {
+                self.next_check = now + self.cfg.head_check_ms;
+            }
+            if self.next_check <= now {
+                self.check_inflight = true;
+                return self.get(Req::Check, HEAD_KEY.into());
+            }
+            wake = wake.min(self.next_check);
         }
         // Delete what waited out its grace period.
         if let Some(a) = self.drive_deletes(now, &mut wake) {
@@ -896,6 +916,7 @@ impl Publisher {
         match req {
             Req::ClaimRead => self.on_claim_read(now, resp),
             Req::Verify => self.on_verify(now, resp),
+            Req::Check => self.on_check(now, resp),
             Req::PageRead(r) => self.on_page_read(now, r, resp),
             _ => {}
         }
@@ -1155,7 +1176,7 @@ impl Publisher {
                         Error::new(
                             ErrorKind::Fenced,
                             format!(
-                                "fenced: epoch {} now owns the dataset (ours is {})",
+                                "epoch {} now owns the dataset (ours is {})",
                                 h.epoch, self.epoch
                             ),
                         )
@@ -1200,6 +1221,32 @@ impl Publisher {
             Err(e) => {
                 let d = self.backoff(HEAD_KEY, e);
                 self.reverify_at(now + d);
+            }
+        }
+    }
+
+    fn on_check(&mut self, now: u64, resp: GetResponse) {
+        self.check_inflight = false;
+        self.next_check = now + self.cfg.head_check_ms;
+        if self.role != Role::Running {
+            return;
+        }
+        if let Ok(Some((h, _))) = Self::decode_head(resp) {
+            let ours = self.head.as_ref();
+            let newer_epoch =
+                h.epoch > self.epoch || (h.epoch == self.epoch && h.writer != self.writer);
+            if newer_epoch || ours.is_some_and(|o| o.dataset_id != h.dataset_id) {
+                self.commit = None;
+                self.fence(
+                    Error::new(
+                        ErrorKind::Fenced,
+                        format!(
+                            "epoch {} now owns the dataset (ours is {})",
+                            h.epoch, self.epoch
+                        ),
+                    )
+                    .with_object(HEAD_KEY),
+                );
             }
         }
     }

@@ -186,6 +186,7 @@ impl Sim {
             retry_base_ms: 10,
             retry_max_ms: 1000,
             max_attempts: 3,
+            head_check_ms: rng.random_range(0..3) * 500,
             request_timeout_ms: 1000,
         };
         let n_pubs = if rng.random_bool(0.3) { 2 } else { 1 };

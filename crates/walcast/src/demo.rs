@@ -188,7 +188,10 @@ pub async fn demo(duration: Option<Duration>, rate: u64) -> Result<()> {
     let mut lags: Vec<u64> = Vec::new();
     {
         let times = commit_times.lock().map_err(|_| anyhow!("poisoned"))?;
-        let applied = progress.applied_at.lock().map_err(|_| anyhow!("poisoned"))?;
+        let applied = progress
+            .applied_at
+            .lock()
+            .map_err(|_| anyhow!("poisoned"))?;
         for &(first, last, at) in applied.iter() {
             for lsn in first..=last {
                 if let Some(c) = times.get(lsn as usize - 1) {
@@ -198,7 +201,11 @@ pub async fn demo(duration: Option<Duration>, rate: u64) -> Result<()> {
         }
     }
     lags.sort_unstable();
-    let pct = |q: f64| lags.get(((lags.len() as f64 - 1.0) * q) as usize).copied().unwrap_or(0);
+    let pct = |q: f64| {
+        lags.get(((lags.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
     println!(
         "walcast demo: wrote {} batches; published up to LSN {} (epoch {}, {} commits); replica applied LSN {} holding {} keys ({} GETs)",
         written.load(Ordering::Relaxed),

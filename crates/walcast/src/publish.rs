@@ -57,7 +57,7 @@ pub struct Fenced(pub walcast_core::Error);
 
 impl std::fmt::Display for Fenced {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "fenced: {}", self.0)
+        write!(f, "{}", self.0)
     }
 }
 
