@@ -347,13 +347,17 @@ impl Publisher {
     }
 
     /// Whether another record may be pushed now without exceeding the memory bound.
+    ///
+    /// Memory stays below `segment_bytes × (max_pending_segments + 1)` plus
+    /// one record (and the snapshot state, when snapshots are on): once the
+    /// open segment is full, [`poll`](Self::poll) must seal it, which it does
+    /// only while fewer than `max_pending_segments` wait for upload or commit.
     pub fn has_room(&self) -> bool {
         self.role == Role::Running
-            && (self
+            && self
                 .open
                 .as_ref()
                 .is_none_or(|o| o.len() < self.cfg.segment_bytes)
-                || self.sealed.len() < self.cfg.max_pending_segments)
     }
 
     /// Highest LSN named by a head this publisher committed or claimed.
@@ -1295,5 +1299,49 @@ impl Publisher {
                 self.commit_retry_at = Some(now + d);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_is_bounded_when_uploads_stall() {
+        let cfg = PublisherConfig {
+            segment_bytes: 10_000,
+            max_pending_segments: 2,
+            ..PublisherConfig::default()
+        };
+        let mut p = Publisher::new(cfg, 1);
+        let Action::Get(g) = p.poll(0) else {
+            panic!("reads the head first")
+        };
+        p.handle_get(g.id, 0, GetResponse::NotFound);
+        let Action::Put(claim) = p.poll(0) else {
+            panic!("claims")
+        };
+        p.handle_put(
+            claim.id,
+            0,
+            PutResponse::Ok {
+                etag: Some("1".into()),
+            },
+        );
+        let payload = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![0; 100])]).unwrap();
+        let mut lsn = 1;
+        // No PUT is ever answered: the backlog must stop being accepted.
+        for _ in 0..10_000 {
+            while p.has_room() {
+                p.push(lsn, &payload, 0).unwrap();
+                lsn += 1;
+            }
+            while !matches!(p.poll(0), Action::Wait { .. }) {}
+        }
+        let held: u64 = p.sealed.iter().map(|s| s.bytes.len() as u64).sum::<u64>()
+            + p.open.as_ref().map_or(0, |o| o.len());
+        // Two sealed segments and the open one, each at most one record and a footer past the target.
+        assert!(held <= 3 * (10_000 + 1_000), "holds {held} bytes");
+        assert!(lsn < 400, "accepted {lsn} records with uploads stalled");
     }
 }

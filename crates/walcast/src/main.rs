@@ -24,6 +24,15 @@ use walcast_core::publisher::PublisherConfig;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// S3-compatible endpoint (R2, MinIO, …); same as AWS_ENDPOINT_URL.
+    #[arg(long, global = true)]
+    endpoint: Option<String>,
+    /// Region of the S3 bucket; same as AWS_REGION.
+    #[arg(long, global = true)]
+    region: Option<String>,
+    /// Allow a plain-HTTP endpoint; same as AWS_ALLOW_HTTP=true.
+    #[arg(long, global = true)]
+    allow_http: bool,
 }
 
 #[derive(Subcommand)]
@@ -171,6 +180,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Flags are the environment variables object_store reads; set them before
+    // any thread starts.
+    if let Some(e) = &cli.endpoint {
+        std::env::set_var("AWS_ENDPOINT_URL", e);
+    }
+    if let Some(r) = &cli.region {
+        std::env::set_var("AWS_REGION", r);
+    }
+    if cli.allow_http {
+        std::env::set_var("AWS_ALLOW_HTTP", "true");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -178,6 +178,7 @@ fn b_http_serve_and_nginx() {
     let mut model = Model::default();
     write_random(&wal, &mut model, &mut rng, 300, GenOpts::default());
     publish_once(&wal, &url, &["--segment-bytes", "8192"], &Env::new()).ok();
+    check_segment_sizes(&ds, 8192);
 
     let serve = Serve::start(&ds);
     let nginx = Nginx::start(&www);
@@ -314,9 +315,13 @@ fn c_publisher_kill9_exactly_once() {
         );
         let mut publisher = Proc::spawn(&format!("publish-{i}"), cmd, &logs);
         thread::sleep(ms(rng.below(60)));
-        let n = rng.range(1, 40) as usize;
-        write_random(&wal, &mut model, &mut rng, n, opts);
-        thread::sleep(ms(rng.below(150)));
+        let early = rng.pct(25);
+        if !early {
+            // Commit while it runs, then kill it at a random moment.
+            let n = rng.range(1, 40) as usize;
+            write_random(&wal, &mut model, &mut rng, n, opts);
+            thread::sleep(ms(rng.below(150)));
+        }
         if let Some(st) = publisher.try_status() {
             panic!(
                 "publisher {i} exited on its own ({st}) instead of running until killed\n{}",
@@ -324,6 +329,11 @@ fn c_publisher_kill9_exactly_once() {
             );
         }
         kill9(&mut publisher);
+        if early {
+            // Killed while starting up (claiming the epoch): commit while none runs.
+            let n = rng.range(1, 40) as usize;
+            write_random(&wal, &mut model, &mut rng, n, opts);
+        }
         if rng.pct(30) {
             let n = rng.range(1, 10) as usize;
             write_random(&wal, &mut model, &mut rng, n, opts);
@@ -352,6 +362,8 @@ fn c_publisher_kill9_exactly_once() {
     }
     publish_once(&wal, &url, &["--segment-bytes", "2000"], &Env::new()).ok();
     let last = model.lsn();
+    let segments = check_segment_sizes(&ds, 2000);
+    eprintln!("{name}: {segments} segment files");
     assert_eq!(
         committed_lsn(&url, &Env::new()),
         last,
@@ -528,59 +540,74 @@ fn e_replica_kill9_resumes() {
     publish_once(&wal, &url, &["--segment-bytes", "4096"], &Env::new()).ok();
     let head = inspect_json(&url, &Env::new());
     eprintln!("{name}: published in {:?}: {head}", started.elapsed());
+
+    let segments = check_segment_sizes(&ds, 4096);
+    eprintln!("{name}: {segments} segment files");
     let serve = Serve::start(&ds);
 
-    let local = tmp.path().join("replica");
-    let cmd = walcast_cmd(
-        &[
-            "replicate",
-            &serve.url,
-            "--local",
-            p(&local),
-            "--interval",
-            "50ms",
-        ],
-        &Env::new(),
-    );
-    let mut replica = Proc::spawn("replicate", cmd, &logs);
-    let deadline = Deadline::after(Duration::from_secs(20), "replica applies something");
-    loop {
+    // Kill -9 a running replica after a delay that adapts until it is caught
+    // mid catch-up: some but not all LSNs applied. Every kill must leave a
+    // prefix-consistent state.
+    let total = model.lsn();
+    let mut delay = 30u64;
+    let mut dir_no = 0;
+    let mut local = tmp.path().join("replica-0");
+    let mut attempt = 0;
+    let applied = loop {
+        attempt += 1;
         assert!(
-            replica.running(),
-            "replicate (not --once) exited\n{}",
-            replica.logs()
+            attempt <= 40,
+            "could not kill a replica mid catch-up in 40 attempts (last delay {delay} ms)"
         );
-        if deadline.passed() {
-            eprintln!(
-                "{name}: WARNING: no applied state visible through scan after 20 s; killing anyway"
-            );
-            break;
+        let cmd = walcast_cmd(
+            &[
+                "replicate",
+                &serve.url,
+                "--local",
+                p(&local),
+                "--interval",
+                "50ms",
+            ],
+            &Env::new(),
+        );
+        let mut replica = Proc::spawn(&format!("replicate-{attempt}"), cmd, &logs);
+        thread::sleep(ms(delay));
+        if let Some(st) = replica.try_status() {
+            panic!("replicate (not --once) exited {st}\n{}", replica.logs());
         }
+        kill9(&mut replica);
+        let mut lsn = 0;
         if local.exists() {
-            let out = run(
-                &["scan", "--local", p(&local), "--limit", "1"],
-                &Env::new(),
-                None,
-            );
-            if out.code == Some(0) && !out.stdout.is_empty() {
-                break;
+            let out = run(&["scan", "--local", p(&local)], &Env::new(), None);
+            if out.code == Some(0) {
+                let state = parse_scan(&out.stdout_str());
+                let at = model.matching_lsns(&state);
+                assert!(
+                    !at.is_empty(),
+                    "a replica killed after {delay} ms equals the model at no LSN ({} keys)\n{}",
+                    state.len(),
+                    replica.logs()
+                );
+                lsn = *at.last().unwrap();
+            } else {
+                eprintln!(
+                    "{name}: scan after a kill at {delay} ms failed: {}",
+                    out.describe()
+                );
             }
         }
-        thread::sleep(ms(30));
-    }
-    kill9(&mut replica);
-    let state = scan(&local);
-    let at = model.matching_lsns(&state);
-    assert!(
-        !at.is_empty(),
-        "a replica killed mid catch-up equals the model at no LSN ({} keys)",
-        state.len()
-    );
-    eprintln!(
-        "{name}: killed at LSN(s) {:?} of {}",
-        &at[..at.len().min(5)],
-        model.lsn()
-    );
+        eprintln!("{name}: attempt {attempt}: killed after {delay} ms at LSN {lsn} of {total}");
+        if lsn == 0 {
+            delay = delay * 3 / 2 + 10;
+        } else if lsn >= total {
+            dir_no += 1;
+            local = tmp.path().join(format!("replica-{dir_no}"));
+            delay = (delay / 3).max(5);
+        } else {
+            break lsn;
+        }
+    };
+    eprintln!("{name}: replica killed mid catch-up at LSN {applied} of {total}");
 
     let stats: Env = vec![("WALCAST_REPLICATE_STATS".into(), "1".into())];
     let out = replicate_once(&serve.url, &local, &stats);
@@ -649,6 +676,7 @@ fn damaged_setup(name: &str) -> (Damaged, Rng) {
     let synced_lsn = model.lsn();
     write_random(&wal, &mut model, &mut rng, 150, opts);
     publish_once(&wal, &url, &["--segment-bytes", "4096"], &Env::new()).ok();
+    check_segment_sizes(&ds, 4096);
     assert_eq!(committed_lsn(&url, &Env::new()), model.lsn());
 
     let want = synced_lsn + 1;
@@ -676,7 +704,7 @@ fn damaged_setup(name: &str) -> (Damaged, Rng) {
     let segment =
         found.unwrap_or_else(|| panic!("no segment file holds LSN {want} under {}", ds.display()));
     eprintln!(
-        "{name}: replica synced to LSN {synced_lsn}; committed {}; damaging {segment}",
+        "{name}: replica synced to LSN {synced_lsn}; committed {}; the segment it needs next is {segment}",
         model.lsn()
     );
     (
@@ -699,6 +727,11 @@ fn damaged_setup(name: &str) -> (Damaged, Rng) {
 /// says, the synced one keeps its state, the fresh one is at some LSN.
 fn damaged_check(d: &Damaged, check: impl Fn(&Out)) {
     let out = replicate_once(&d.serve.url, &d.replica, &Env::new());
+    eprintln!(
+        "damaged: replicate --once exited {:?}, stderr:\n{}",
+        out.code,
+        out.stderr.trim_end()
+    );
     check(&out);
     assert_state_eq(
         &scan(&d.replica),

@@ -1139,3 +1139,53 @@ pub(crate) fn assert_state_eq(
         diffs.join("\n  ")
     );
 }
+
+/// Checks `--segment-bytes limit` on a file:// dataset: in every segment with
+/// more than one record, the bytes before its last record (header and the
+/// other records) are below `limit` — otherwise it should have been sealed
+/// before that record. Returns the number of segment files.
+pub(crate) fn check_segment_sizes(ds: &Path, limit: u64) -> usize {
+    let mut n = 0;
+    let mut bad = Vec::new();
+    let Ok(epochs) = fs::read_dir(ds.join("segments")) else {
+        return 0;
+    };
+    for epoch in epochs {
+        for f in fs::read_dir(epoch.unwrap().path()).unwrap() {
+            let path = f.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("wseg") {
+                continue;
+            }
+            n += 1;
+            let bytes = fs::read(&path).unwrap();
+            if bytes.len() < 72 {
+                bad.push(format!("{}: only {} bytes", path.display(), bytes.len()));
+                continue;
+            }
+            let t = bytes.len() - 40;
+            let footer = u64::from_le_bytes(bytes[t..t + 8].try_into().unwrap()) as usize;
+            let (mut off, mut last, mut records) = (32usize, 32usize, 0usize);
+            while off + 16 <= footer.min(bytes.len()) {
+                let len = u32::from_le_bytes(bytes[off + 8..off + 12].try_into().unwrap()) as usize;
+                last = off;
+                records += 1;
+                off += 16 + len;
+            }
+            if records > 1 && last as u64 >= limit {
+                bad.push(format!(
+                    "{}: {} bytes, {records} records, {last} bytes before its last record (limit {limit})",
+                    path.display(),
+                    bytes.len()
+                ));
+            }
+        }
+    }
+    let total = bad.len();
+    bad.truncate(5);
+    assert!(
+        total == 0,
+        "--segment-bytes {limit} not respected by {total} of {n} segments:\n  {}",
+        bad.join("\n  ")
+    );
+    n
+}
