@@ -234,13 +234,9 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.decode
-            .as_ref()
-            .map(|d| d as &(dyn std::error::Error + 'static))
-    }
-}
+/// The decoding detail is part of the message (and available through
+/// [`Error::decode_error`]), so it is not repeated as a `source`.
+impl std::error::Error for Error {}
 
 impl From<DecodeError> for Error {
     fn from(e: DecodeError) -> Self {

@@ -479,7 +479,9 @@ pub async fn replicate(
                     pb.set_position(*lsn);
                     tracing::debug!(lsn, "caught up");
                 }
-                Event::Error(err) => tracing::warn!("{err}"),
+                // With --once the error is returned; otherwise the replica retries.
+                Event::Error(err) if !opts.once => tracing::warn!("{err} (retrying)"),
+                Event::Error(_) => {}
             }
             Ok(())
         })
