@@ -11,8 +11,10 @@
 //! and in wasm32 (JS timers and the runtime's global `fetch`). Futures need
 //! not be `Send`.
 
+use std::cell::{Ref, RefCell};
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 
 use futures::future::{self, Either};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -55,9 +57,13 @@ type Pending<'a> = Pin<Box<dyn Future<Output = (RequestId, GetResponse)> + 'a>>;
 type Next<'a> = Pin<Box<dyn Future<Output = Option<(RequestId, GetResponse)>> + 'a>>;
 
 /// Drives a [`Replica`] through a [`Fetch`] seam and a [`Timer`].
+///
+/// The machine is shared (`Rc<RefCell<_>>`) and borrowed only between
+/// awaits, so readers (a JS `get()`, a worker's request handler) can use the
+/// state while a sync is in flight.
 #[derive(Debug)]
 pub struct Driver<F, T> {
-    replica: Replica,
+    replica: Rc<RefCell<Replica>>,
     fetch: F,
     timer: T,
 }
@@ -65,6 +71,11 @@ pub struct Driver<F, T> {
 impl<F: Fetch, T: Timer> Driver<F, T> {
     /// A driver for `replica`.
     pub fn new(replica: Replica, fetch: F, timer: T) -> Self {
+        Self::shared(Rc::new(RefCell::new(replica)), fetch, timer)
+    }
+
+    /// A driver for a machine shared with readers.
+    pub fn shared(replica: Rc<RefCell<Replica>>, fetch: F, timer: T) -> Self {
         Driver {
             replica,
             fetch,
@@ -72,19 +83,20 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
         }
     }
 
-    /// The machine (for reads of its state and status).
-    pub fn replica(&self) -> &Replica {
-        &self.replica
+    /// The machine (for reads of its state and status). Do not hold the
+    /// borrow across an await of [`run`](Self::run).
+    pub fn replica(&self) -> Ref<'_, Replica> {
+        self.replica.borrow()
+    }
+
+    /// The shared handle.
+    pub fn handle(&self) -> Rc<RefCell<Replica>> {
+        self.replica.clone()
     }
 
     /// The fetch seam.
     pub fn fetch(&self) -> &F {
         &self.fetch
-    }
-
-    /// Gives the machine back.
-    pub fn into_replica(self) -> Replica {
-        self.replica
     }
 
     /// Runs the machine. `on_event` sees every event with the machine in the
@@ -103,19 +115,20 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
         let mut inflight: FuturesUnordered<Pending<'_>> = FuturesUnordered::new();
         let fetch = &self.fetch;
         let timer = &self.timer;
-        let replica = &mut self.replica;
+        let replica = &self.replica;
         if until == Until::CaughtUp {
-            replica.sync_now(timer.now_ms());
+            replica.borrow_mut().sync_now(timer.now_ms());
         }
         loop {
             let now = timer.now_ms();
-            match replica.poll(now) {
+            let action = replica.borrow_mut().poll(now);
+            match action {
                 Action::Fetch(req) => {
                     let id = req.id;
                     inflight.push(Box::pin(async move { (id, fetch.get(req).await) }));
                 }
                 Action::Event(e) => {
-                    on_event(replica, &e).map_err(RunError::Callback)?;
+                    on_event(&replica.borrow(), &e).map_err(RunError::Callback)?;
                     match e {
                         Event::CaughtUp { lsn } if until == Until::CaughtUp => return Ok(lsn),
                         Event::Error(err) if until == Until::CaughtUp => {
@@ -134,9 +147,11 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
                         Box::pin(inflight.next())
                     };
                     match future::select(stop.as_mut(), future::select(next, sleep)).await {
-                        Either::Left(((), _)) => return Ok(replica.applied_lsn()),
+                        Either::Left(((), _)) => return Ok(replica.borrow().applied_lsn()),
                         Either::Right((Either::Left((Some((id, resp)), _)), _)) => {
-                            replica.handle_response(id, timer.now_ms(), resp);
+                            replica
+                                .borrow_mut()
+                                .handle_response(id, timer.now_ms(), resp);
                         }
                         Either::Right(_) => {}
                     }
