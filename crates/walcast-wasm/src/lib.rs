@@ -489,3 +489,46 @@ impl Fetch for SharedFetch {
         self.0.get(req).await
     }
 }
+
+/// Benchmark hook: decodes and verifies a whole segment file and applies its
+/// KV batches to a fresh state, as a replica does. Returns the number of
+/// records applied. Used by `tests/js/bench.mjs` to compare wasm with native
+/// on the same bytes.
+#[wasm_bindgen(js_name = benchReplay)]
+pub fn bench_replay(segment: &[u8]) -> Result<f64, JsValue> {
+    let seg =
+        walcast_core::segment::decode(segment, None).map_err(|e| js_error(&Error::decode(e)))?;
+    let mut state = walcast_core::state::KvState::new();
+    let mut n = 0u64;
+    for rec in seg.records() {
+        let rec = rec.map_err(|e| js_error(&Error::decode(e)))?;
+        let ops = walcast_core::batch::decode(rec.payload)
+            .map_err(|e| js_error(&Error::decode(e).with_lsn(rec.lsn)))?;
+        state.apply(&ops);
+        n += 1;
+    }
+    Ok(n as f64)
+}
+
+/// Benchmark hook: builds a state of `n` keys (`user:<7 digits>`) with
+/// `value_len`-byte values and returns `[entries, stateHeapBytes,
+/// wasmMemoryBytes]`.
+#[wasm_bindgen(js_name = benchStateMemory)]
+pub fn bench_state_memory(n: u32, value_len: u32) -> Array {
+    let mut state = walcast_core::state::KvState::new();
+    let value = vec![7u8; value_len as usize];
+    for i in 0..n {
+        let k = (u64::from(i) * 7919) % u64::from(n.max(1));
+        state.put(format!("user:{k:07}").as_bytes(), &value);
+    }
+    state.compact();
+    #[cfg(target_arch = "wasm32")]
+    let memory = core::arch::wasm32::memory_size(0) as f64 * 65536.0;
+    #[cfg(not(target_arch = "wasm32"))]
+    let memory = 0.0;
+    let out = Array::new();
+    out.push(&(state.len() as f64).into());
+    out.push(&(state.heap_bytes() as f64).into());
+    out.push(&memory.into());
+    out
+}
