@@ -36,7 +36,9 @@ fn main() {
         records = 0;
         for rec in seg.records() {
             let Ok(rec) = rec else { std::process::exit(1) };
-            let Ok(ops) = batch::decode(rec.payload) else { std::process::exit(1) };
+            let Ok(ops) = batch::decode(rec.payload) else {
+                std::process::exit(1)
+            };
             state.apply(&ops);
             records += 1;
         }

@@ -403,10 +403,14 @@ impl Replica {
 
     /// Asks for a head poll now (for `sync()`): the next [`poll`](Self::poll)
     /// fetches the head unless a fetch is already in flight.
+    ///
+    /// Failure counts start over, so a sync that keeps failing reports
+    /// [`Event::Error`] again after `max_attempts`.
     pub fn sync_now(&mut self, now: u64) {
         self.head_due = Some(now);
         self.backoff_until = None;
         self.caught_up_reported = false;
+        self.attempts.clear();
     }
 
     /// The next thing to do. Call after every input until it returns
@@ -1193,5 +1197,43 @@ fn unavailable(resp: &GetResponse) -> Error {
         GetResponse::NotModified => Error::new(ErrorKind::Unavailable, "unexpected 304"),
         GetResponse::NotFound => Error::new(ErrorKind::NotFound, "404"),
         GetResponse::Ok { .. } => Error::new(ErrorKind::Unavailable, "unexpected answer"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_sync_reports_a_persisting_failure_again() {
+        let cfg = ReplicaConfig {
+            max_attempts: 2,
+            ..ReplicaConfig::default()
+        };
+        let mut r = Replica::new(cfg, 1);
+        for sync in 0..2 {
+            r.sync_now(0);
+            let mut errors = 0;
+            let mut now = 0;
+            for _ in 0..100 {
+                match r.poll(now) {
+                    Action::Fetch(req) => r.handle_response(
+                        req.id,
+                        now,
+                        GetResponse::Failed {
+                            status: Some(503),
+                            message: "down".into(),
+                        },
+                    ),
+                    Action::Event(Event::Error(_)) => {
+                        errors += 1;
+                        break;
+                    }
+                    Action::Event(_) => {}
+                    Action::Wait { until } => now = until.max(now + 1),
+                }
+            }
+            assert_eq!(errors, 1, "sync {sync} reported its failure");
+        }
     }
 }

@@ -511,14 +511,20 @@ pub fn bench_replay(segment: &[u8]) -> Result<f64, JsValue> {
 }
 
 /// Benchmark hook: builds a state of `n` keys (`user:<7 digits>`) with
-/// `value_len`-byte values and returns `[entries, stateHeapBytes,
-/// wasmMemoryBytes]`.
+/// `value_len`-byte values, in ascending key order (as a snapshot bootstrap
+/// or an append-mostly WAL fills it) or shuffled (random updates), and
+/// returns `[entries, stateHeapBytes, wasmMemoryBytes]`. Wasm memory only
+/// grows, so measure each order in a fresh instance.
 #[wasm_bindgen(js_name = benchStateMemory)]
-pub fn bench_state_memory(n: u32, value_len: u32) -> Array {
+pub fn bench_state_memory(n: u32, value_len: u32, shuffled: bool) -> Array {
     let mut state = walcast_core::state::KvState::new();
     let value = vec![7u8; value_len as usize];
     for i in 0..n {
-        let k = (u64::from(i) * 7919) % u64::from(n.max(1));
+        let k = if shuffled {
+            (u64::from(i) * 7919) % u64::from(n.max(1))
+        } else {
+            u64::from(i)
+        };
         state.put(format!("user:{k:07}").as_bytes(), &value);
     }
     state.compact();

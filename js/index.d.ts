@@ -1,0 +1,189 @@
+// Types of the `walcast` npm package (hand-written; checked by
+// `tsc -p js/test/tsconfig.json` against js/test/usage.ts).
+//
+// The same API in every runtime: browsers, Cloudflare Workers (workerd),
+// Deno, Node and Bun. Conditional exports pick the entry that knows how to
+// load the wasm module there.
+
+/** A key or key bound: a string (encoded as UTF-8) or raw bytes. */
+export type Key = string | Uint8Array;
+
+/** `error.code` of every error walcast rejects or throws with. */
+export type ErrorCode =
+  /** A checksum or format check failed; nothing of it was applied (retrying is useless until the object is fixed). */
+  | "data"
+  /** The store could not be reached or answered 5xx/timeouts, after retries; try again later. */
+  | "unavailable"
+  /** The dataset (its head) does not exist at that URL. */
+  | "not_found"
+  /** A bad argument (empty URL, bad option, a key that is neither string nor bytes). */
+  | "invalid_input"
+  /** The dataset's writer was fenced (seen by publishers; kept for completeness). */
+  | "fenced"
+  /** The replica was closed. */
+  | "closed";
+
+/** The errors walcast rejects or throws with: an `Error` with a stable `code`. */
+export interface WalcastError extends Error {
+  code: ErrorCode;
+  /** Key of the object concerned (e.g. `segments/2/…-….wseg`), when known. */
+  object?: string;
+  /** The LSN concerned, when known. */
+  lsn?: number;
+}
+
+/** The state persisted per dataset URL (IndexedDB or a custom store). */
+export interface PersistedState {
+  /** `Replica.snapshot()` bytes: the whole state at `appliedLsn`. */
+  snapshot: Uint8Array;
+  appliedLsn: number;
+  datasetId: string | null;
+  /** `Date.now()` when written. */
+  savedAt?: number;
+}
+
+/**
+ * A custom persistence store. `save` is called after a sync that applied
+ * something (and after a reset), only when the state is newer than what this
+ * replica last loaded or saved; a store shared between processes should keep
+ * the newest (see `shouldReplace`).
+ */
+export interface PersistStore {
+  load(url: string): PersistedState | undefined | Promise<PersistedState | undefined>;
+  save(url: string, state: PersistedState, opts: { replace: boolean }): unknown | Promise<unknown>;
+}
+
+export interface OpenOptions {
+  /** Milliseconds between polls of `start()`'s background loop. Default 1000. */
+  pollInterval?: number;
+  /** Extra request headers for every GET (e.g. an auth token for a private bucket website). */
+  headers?: Record<string, string>;
+  /** How many segment GETs may be in flight at once. */
+  concurrency?: number;
+  /**
+   * Where the state is kept between sessions: `"memory"` (default: nowhere),
+   * `"indexeddb"` (browsers: one record per dataset URL, restored on open so
+   * reads are served at once, offline too), or a custom store.
+   */
+  persist?: "memory" | "indexeddb" | PersistStore;
+  /** Raw mode: records are not walcast KV batches; each goes to `onRecord`. */
+  raw?: boolean;
+  /**
+   * Raw mode: called with each verified record, in LSN order, during `sync()`.
+   * Do not call back into the replica from here.
+   */
+  onRecord?: (lsn: number, payload: Uint8Array) => void;
+  /** Errors of the background loop, of persistence and of callbacks. */
+  onError?: (error: WalcastError | Error) => void;
+}
+
+export interface ScanOptions {
+  /** Only keys starting with these bytes. */
+  prefix?: Key;
+  /** First key (inclusive). */
+  start?: Key;
+  /** Last key (exclusive). */
+  end?: Key;
+  /** At most this many entries (0 gives none). Default: all. */
+  limit?: number;
+}
+
+/** A scanned entry. `key` is a string when the key's bytes are valid UTF-8, else the bytes. */
+export interface Entry {
+  key: string | Uint8Array;
+  value: Uint8Array;
+}
+
+export interface Status {
+  /** Everything at or below is applied (0: nothing yet). */
+  appliedLsn: number;
+  /** The head's committed LSN as last seen. */
+  committedLsn: number;
+  /** The writer epoch as last seen. */
+  epoch: number;
+  /** The dataset id (32 hex digits) as last seen; null before the first head. */
+  datasetId: string | null;
+  /** Time since the applied state was the head's (ms). */
+  lagMs: number;
+  /** When the head was last polled (ms since the epoch), or null. */
+  lastPollAt: number | null;
+  /** The replica machine's phase (e.g. "idle", "fetching", "failed"). */
+  state: string;
+  /** The error of the last sync, or null after a successful one. */
+  lastError: { code: ErrorCode; message: string } | null;
+  /** GETs made so far. */
+  requests: number;
+  /** Body bytes received so far. */
+  bytesReceived: number;
+  /** Whether `start()`'s background loop runs. */
+  running: boolean;
+  /** The last persistence failure, or null. */
+  persistError: { code: string; message: string } | null;
+}
+
+/** A read replica of one dataset. */
+export declare class Replica {
+  private constructor();
+
+  /**
+   * Opens a replica of the dataset at `url` (the prefix holding `catalog/`,
+   * `segments/`, `snapshots/`). Makes no request; with `persist` it restores
+   * the last persisted state first. Rejects `invalid_input` on bad options.
+   */
+  static open(url: string | URL, options?: OpenOptions): Promise<Replica>;
+
+  /** Opens a replica from bytes of `snapshot()`: reads are served at once; `sync()` fetches only the rest. */
+  static restore(url: string | URL, snapshot: Uint8Array, options?: Omit<OpenOptions, "persist">): Promise<Replica>;
+
+  /** The dataset URL. */
+  readonly url: string;
+  /** Number of keys held. */
+  readonly size: number;
+
+  /**
+   * Catches up to the head as of now; resolves the applied LSN. Rejects with a
+   * `WalcastError` (the state stays at its last good LSN). Calls during a sync
+   * run once more after it.
+   */
+  sync(): Promise<number>;
+
+  /** The value of `key`, or undefined. */
+  get(key: Key): Uint8Array | undefined;
+  /** The value of `key` decoded as UTF-8, or undefined. */
+  getText(key: Key): string | undefined;
+  /** The value of `key` parsed as JSON, or undefined. Throws on invalid JSON. */
+  getJSON<T = unknown>(key: Key): T | undefined;
+  /** Entries in key order. */
+  scan(options?: ScanOptions): Entry[];
+
+  status(): Status;
+  /** The whole state at the applied LSN (walcast's snapshot format), for `Replica.restore`. */
+  snapshot(): Uint8Array;
+
+  /** Starts background polling: sync, wait `pollInterval`, repeat. Errors go to `status().lastError` and `onError`. */
+  start(): void;
+  /** Stops background polling (a sync in flight finishes). */
+  stop(): void;
+
+  /** Called after a sync with each applied LSN range; returns an unsubscribe function. */
+  onChange(cb: (change: { first: number; last: number }) => void): () => void;
+  /** Called when the state was replaced (re-bootstrap from a snapshot, or a new dataset); returns an unsubscribe function. */
+  onReset(cb: (reset: { lsn: number }) => void): () => void;
+
+  /** Stops polling, waits for a sync in flight and frees the wasm memory. Later calls fail with `closed`. */
+  close(): Promise<void>;
+}
+
+/**
+ * Loads the wasm module now (otherwise the first `Replica.open` does). Pass
+ * the module yourself where the entry cannot find it (bundlers, CSP): a
+ * `WebAssembly.Module`, its bytes, a `Response` or a URL.
+ */
+export declare function init(source?: WebAssembly.Module | BufferSource | Response | URL | string): Promise<void>;
+
+/** Whether a store holding `old` should take `state` (same dataset: newer LSN; another: only after a reset). */
+export declare function shouldReplace(
+  old: PersistedState | undefined,
+  state: Pick<PersistedState, "appliedLsn" | "datasetId">,
+  opts?: { replace?: boolean },
+): boolean;

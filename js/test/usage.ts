@@ -1,0 +1,82 @@
+// Exercises the public API as users write it; `tsc -p js/test/tsconfig.json`
+// checks it against js/index.d.ts (it is type-checked, never run).
+import { init, Replica, shouldReplace } from "walcast";
+import type { Entry, ErrorCode, OpenOptions, PersistedState, PersistStore, ScanOptions, Status, WalcastError } from "walcast";
+
+async function main(): Promise<void> {
+  await init();
+  const replica: Replica = await Replica.open("https://cdn.example.com/app", { persist: "indexeddb", pollInterval: 1000 });
+  const lsn: number = await replica.sync();
+  const v: Uint8Array | undefined = replica.get("user:42");
+  const vb: Uint8Array | undefined = replica.get(new Uint8Array([0xff, 1]));
+  const text: string | undefined = replica.getText("user:42");
+  const user = replica.getJSON<{ name: string }>("user:42");
+  const name: string | undefined = user?.name;
+  const rows: Entry[] = replica.scan({ prefix: "user:", limit: 100 });
+  for (const { key, value } of rows) {
+    const k: string = typeof key === "string" ? key : new TextDecoder().decode(key);
+    const n: number = value.byteLength;
+    void k;
+    void n;
+  }
+  const opts: ScanOptions = { start: "a", end: new Uint8Array([0x62]) };
+  replica.scan(opts);
+  replica.scan();
+
+  const s: Status = replica.status();
+  const nums: number[] = [s.appliedLsn, s.committedLsn, s.epoch, s.lagMs, s.requests, s.bytesReceived];
+  const at: number | null = s.lastPollAt;
+  const id: string | null = s.datasetId;
+  const state: string = s.state;
+  const code: ErrorCode | undefined = s.lastError?.code;
+  const running: boolean = s.running;
+
+  replica.start();
+  replica.stop();
+  const off: () => void = replica.onChange(({ first, last }) => console.log(first, last));
+  off();
+  replica.onReset(({ lsn }) => console.log("reset at", lsn));
+  const size: number = replica.size;
+  const url: string = replica.url;
+
+  const snap: Uint8Array = replica.snapshot();
+  const again = await Replica.restore(url, snap, { pollInterval: 500 });
+  await again.close();
+
+  try {
+    await replica.sync();
+  } catch (e) {
+    const err = e as WalcastError;
+    if (err.code === "data") console.log(err.object, err.lsn);
+  }
+
+  // Raw mode and a custom store.
+  const saved = new Map<string, PersistedState>();
+  const store: PersistStore = {
+    load: (u) => saved.get(u),
+    async save(u, st, { replace }) {
+      if (shouldReplace(saved.get(u), st, { replace })) saved.set(u, st);
+    },
+  };
+  const options: OpenOptions = {
+    raw: true,
+    persist: store,
+    headers: { authorization: "Bearer x" },
+    concurrency: 4,
+    onRecord: (l: number, payload: Uint8Array) => console.log(l, payload.length),
+    onError: (e) => console.error(e.message),
+  };
+  const raw = await Replica.open(new URL("https://cdn.example.com/raw"), options);
+  await raw.close();
+  await replica.close();
+  void [lsn, v, vb, text, name, nums, at, id, state, code, running, size];
+}
+
+// @ts-expect-error: keys are strings or bytes
+(null as unknown as Replica).get(42);
+// @ts-expect-error: persist takes a known mode
+void Replica.open("x", { persist: "localStorage" });
+// @ts-expect-error: the constructor is private; use Replica.open
+void new Replica();
+
+void main;

@@ -1,0 +1,658 @@
+// The JS conformance suite: one set of cases written against the public
+// `Replica` API of the `walcast` package, run unchanged in every runtime
+// (Node, Deno, workerd, Chromium). No imports: the runner passes everything in.
+//
+//   import { conformanceCases, runConformance } from "./conformance.js";
+//   const cases = conformanceCases({ walcast, fixtures, mutate, runtime });
+//   // register each { name, fn } with the runtime's test runner, in order, or:
+//   const { passed, failed, results } = await runConformance(ctx);
+//
+// ctx:
+//   walcast   the imported package module ({ Replica, init, shouldReplace })
+//   fixtures  an instance's fixtures from tests/js/datasets.mjs (newInstance())
+//   mutate    async (scenarioName) => the scenario's next-stage fixture
+//   runtime   a name for messages ("node", "deno", "workerd", "chromium")
+//   log       optional (...args) => void
+//
+// Cases of one scenario depend on each other's order (a mutation is one-way):
+// run them in the order given, each instance once.
+
+const enc = new TextEncoder();
+const strictUtf8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+
+export class ConformanceError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = "ConformanceError";
+  }
+}
+
+function fail(msg) {
+  throw new ConformanceError(msg);
+}
+function ok(cond, msg) {
+  if (!cond) fail(msg);
+}
+function eq(actual, expected, msg) {
+  if (actual !== expected) fail(`${msg}: got ${show(actual)}, expected ${show(expected)}`);
+}
+function show(v) {
+  if (v instanceof Uint8Array) {
+    try {
+      return JSON.stringify(strictUtf8.decode(v));
+    } catch {
+      return `0x${[...v].map((b) => b.toString(16).padStart(2, "0")).join("")}`;
+    }
+  }
+  if (typeof v === "string") return JSON.stringify(v.length > 80 ? v.slice(0, 80) + "…" : v);
+  return String(v);
+}
+function b64dec(s) {
+  const bin = atob(s);
+  const out = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+  return out;
+}
+function bytesEq(a, b) {
+  if (!(a instanceof Uint8Array) || !(b instanceof Uint8Array) || a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+function isUtf8(b) {
+  try {
+    strictUtf8.decode(b);
+    return true;
+  } catch {
+    return false;
+  }
+}
+/** A fixture key/bound ({text} or {b64}) as the API takes it. */
+function argOf(a) {
+  if (a === undefined) return undefined;
+  return a.text !== undefined ? a.text : b64dec(a.b64);
+}
+function keyBytes(k) {
+  return typeof k === "string" ? enc.encode(k) : k;
+}
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function withTimeout(p, ms, what) {
+  let t;
+  return Promise.race([
+    p.finally(() => clearTimeout(t)),
+    new Promise((_, reject) => {
+      t = setTimeout(() => reject(new ConformanceError(`${what}: no answer within ${ms} ms`)), ms);
+    }),
+  ]);
+}
+
+async function rejectsWith(p, code, what, ms = 90_000) {
+  let err = null;
+  try {
+    const v = await withTimeout(p, ms, what);
+    fail(`${what}: resolved ${show(v)}, expected a rejection with code ${show(code)}`);
+  } catch (e) {
+    if (e instanceof ConformanceError) throw e;
+    err = e;
+  }
+  ok(err instanceof Error, `${what}: rejected with a non-Error ${show(err)}`);
+  eq(err.code, code, `${what}: error.code (message: ${err.message})`);
+  return err;
+}
+
+async function until(cond, ms, what) {
+  const end = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > end) fail(`${what}: not within ${ms} ms`);
+    await sleep(20);
+  }
+}
+
+/** The replica equals the expected state: scan() entry by entry, and get() of each key. */
+function expectState(replica, expected, label) {
+  const rows = replica.scan();
+  const want = expected.entries;
+  for (let i = 0; i < Math.min(rows.length, want.length); i++) {
+    const k = b64dec(want[i][0]);
+    const v = b64dec(want[i][1]);
+    const row = rows[i];
+    const rk = keyBytes(row.key);
+    if (!bytesEq(rk, k)) fail(`${label}: scan row ${i} has key ${show(rk)}, expected ${show(k)}`);
+    if (isUtf8(k)) {
+      eq(typeof row.key, "string", `${label}: scan row ${i} (${show(k)}): a UTF-8 key comes back as a string`);
+    } else {
+      ok(row.key instanceof Uint8Array, `${label}: scan row ${i} (${show(k)}): a non-UTF-8 key comes back as a Uint8Array`);
+    }
+    ok(row.value instanceof Uint8Array, `${label}: scan row ${i}: value is a Uint8Array`);
+    if (!bytesEq(row.value, v)) fail(`${label}: value of ${show(k)} is ${show(row.value)}, expected ${show(v)}`);
+  }
+  eq(rows.length, want.length, `${label}: number of entries`);
+  for (const [kb, vb] of want) {
+    const k = b64dec(kb);
+    const got = replica.get(k);
+    if (!bytesEq(got, b64dec(vb))) fail(`${label}: get(${show(k)}) = ${show(got)}, expected ${show(b64dec(vb))}`);
+  }
+}
+
+/** Records every fetch (url, method, Range, If-None-Match) while installed. */
+function recordFetches() {
+  const orig = globalThis.fetch;
+  const log = [];
+  globalThis.fetch = function recordingFetch(input, init) {
+    const url = typeof input === "string" ? input : input instanceof URL ? input.href : input.url;
+    const headers = new Headers(init?.headers ?? (typeof input === "object" && input.headers ? input.headers : undefined));
+    log.push({ url, range: headers.get("range"), ifNoneMatch: headers.get("if-none-match") });
+    return orig.call(globalThis, input, init);
+  };
+  return {
+    log,
+    restore() {
+      globalThis.fetch = orig;
+    },
+  };
+}
+
+/** Makes every fetch to `prefix` fail as a network error would, while installed. */
+function goOffline(prefix) {
+  const orig = globalThis.fetch;
+  let count = 0;
+  globalThis.fetch = function offlineFetch(input, init) {
+    const url = typeof input === "string" ? input : input instanceof URL ? input.href : input.url;
+    if (url.startsWith(prefix)) {
+      count++;
+      return Promise.reject(new TypeError("conformance: offline"));
+    }
+    return orig.call(globalThis, input, init);
+  };
+  return {
+    get count() {
+      return count;
+    },
+    restore() {
+      globalThis.fetch = orig;
+    },
+  };
+}
+
+/** A persistence store kept in a Map (the { load, save } interface). */
+function mapStore() {
+  const m = new Map();
+  return {
+    map: m,
+    saves: 0,
+    async load(url) {
+      return m.get(url);
+    },
+    async save(url, rec) {
+      this.saves++;
+      m.set(url, { ...rec, snapshot: rec.snapshot.slice() });
+    },
+  };
+}
+
+function relKey(url, base) {
+  return url.startsWith(base + "/") ? url.slice(base.length + 1).split("?")[0] : null;
+}
+
+export function conformanceCases(ctx) {
+  const { walcast, fixtures, mutate } = ctx;
+  const log = ctx.log ?? (() => {});
+  const { Replica } = walcast;
+  const sc = fixtures.scenarios;
+  const open = [];
+  const track = (r) => (open.push(r), r);
+  const closeAll = async () => {
+    while (open.length) await open.pop().close().catch(() => {});
+  };
+  const cases = [];
+  const add = (name, fn) =>
+    cases.push({
+      name,
+      fn: async () => {
+        try {
+          await fn();
+        } finally {
+          await closeAll();
+        }
+      },
+    });
+
+  // --- API surface -------------------------------------------------------------------
+
+  add("module exports Replica with open/restore", async () => {
+    eq(typeof Replica, "function", "Replica");
+    eq(typeof Replica.open, "function", "Replica.open");
+    eq(typeof Replica.restore, "function", "Replica.restore");
+    eq(typeof walcast.init, "function", "init");
+    await walcast.init();
+  });
+
+  add("open validates its input (invalid_input)", async () => {
+    await rejectsWith(Replica.open(""), "invalid_input", "open('')");
+    await rejectsWith(Replica.open(sc.basic.url, { pollInterval: -5 }), "invalid_input", "pollInterval -5");
+    await rejectsWith(Replica.open(sc.basic.url, { concurrency: 0 }), "invalid_input", "concurrency 0");
+    await rejectsWith(Replica.open(sc.basic.url, { persist: "floppy" }), "invalid_input", "persist floppy");
+    const r = track(await Replica.open(sc.basic.url));
+    let e = null;
+    try {
+      r.get(42);
+    } catch (x) {
+      e = x;
+    }
+    eq(e?.code, "invalid_input", "get(42)");
+    e = null;
+    try {
+      r.scan({ limit: -1 });
+    } catch (x) {
+      e = x;
+    }
+    eq(e?.code, "invalid_input", "scan limit -1");
+  });
+
+  // --- basic ---------------------------------------------------------------------------
+
+  add("basic: sync reaches the head and equals the expected state", async () => {
+    const fx = sc.basic;
+    const r = track(await Replica.open(fx.url));
+    const s0 = r.status();
+    eq(s0.appliedLsn, 0, "appliedLsn before sync");
+    eq(s0.lastError, null, "lastError before sync");
+    const lsn = await withTimeout(r.sync(), 120_000, "sync");
+    eq(lsn, fx.expected.lsn, "sync() resolves the applied LSN");
+    const s = r.status();
+    eq(s.appliedLsn, fx.expected.lsn, "status().appliedLsn");
+    eq(s.committedLsn, fx.committedLsn, "status().committedLsn");
+    eq(s.datasetId, fx.datasetId, "status().datasetId");
+    eq(s.epoch, fx.epoch, "status().epoch");
+    eq(s.lastError, null, "status().lastError");
+    eq(typeof s.state, "string", "status().state");
+    eq(typeof s.lagMs, "number", "status().lagMs");
+    eq(typeof s.lastPollAt, "number", "status().lastPollAt after a sync");
+    ok(Math.abs(s.lastPollAt - Date.now()) < 600_000, `status().lastPollAt ${s.lastPollAt} is a time in ms`);
+    ok(s.requests >= 2, `status().requests ${s.requests} counts head + segments`);
+    ok(s.bytesReceived > 0, "status().bytesReceived");
+    expectState(r, fx.expected, "basic");
+  });
+
+  add("basic: get/getText/getJSON, string and byte keys, empty values, absent keys", async () => {
+    const fx = sc.basic;
+    const r = track(await Replica.open(fx.url));
+    await r.sync();
+    for (const g of fx.gets) {
+      const k = argOf(g.key);
+      const got = r.get(k);
+      if (g.absent) {
+        eq(got, undefined, `get(${show(keyBytes(k))}) of a deleted/never written key`);
+        eq(r.getText(k), undefined, `getText(${show(keyBytes(k))}) absent`);
+      } else {
+        ok(bytesEq(got, b64dec(g.value)), `get(${show(keyBytes(k))}) = ${show(got)}`);
+        // the same key passed the other way (bytes <-> string)
+        if (typeof k === "string") ok(bytesEq(r.get(enc.encode(k)), got), `get(bytes of ${show(k)})`);
+      }
+    }
+    const empty = r.get("empty-value");
+    ok(empty instanceof Uint8Array && empty.length === 0, `an empty value is an empty Uint8Array, not ${show(empty)}`);
+    eq(r.getText("empty-value"), "", "getText of an empty value");
+    eq(r.getText("ключ:1"), "кириллица", "getText of a Cyrillic key");
+    eq(r.getText("emoji:🙂"), "🙂", "getText of an emoji key");
+    eq(r.getText("\uFEFFbom"), "a key starting with a byte order mark", "a key starting with U+FEFF is not stripped");
+    eq(r.getText("nul:a\u0000b"), "a key with a NUL inside", "a key with a NUL");
+    const deadbeef = r.get(Uint8Array.of(0xff, 0x00, 0x01));
+    ok(bytesEq(deadbeef, Uint8Array.of(0xde, 0xad, 0xbe, 0xef)), `binary key: ${show(deadbeef)}`);
+    const user0 = r.getJSON("user:0");
+    if (user0 !== undefined) eq(user0.id, 0, "getJSON(user:0).id");
+    const someUser = fx.expected.entries.map(([k]) => b64dec(k)).find((k) => isUtf8(k) && strictUtf8.decode(k).startsWith("user:"));
+    const obj = r.getJSON(strictUtf8.decode(someUser));
+    eq(typeof obj, "object", `getJSON(${show(someUser)})`);
+    eq(r.getJSON("never-written"), undefined, "getJSON of an absent key");
+    // A view into a larger buffer is read as just its bytes.
+    const big = new Uint8Array([9, 9, ...enc.encode("empty-value"), 9]);
+    ok(r.get(big.subarray(2, big.length - 1)) instanceof Uint8Array, "get(subarray view)");
+  });
+
+  add("basic: scan cases (prefix, start inclusive, end exclusive, limit)", async () => {
+    const fx = sc.basic;
+    const r = track(await Replica.open(fx.url));
+    await r.sync();
+    for (const c of fx.scans) {
+      const opts = {};
+      for (const f of ["prefix", "start", "end"]) if (c[f]) opts[f] = argOf(c[f]);
+      if (c.limit !== undefined) opts.limit = c.limit;
+      const rows = c.name === "everything" ? r.scan() : r.scan(opts);
+      eq(rows.length, c.expect.length, `scan ${c.name}: row count`);
+      c.expect.forEach(([kb, vb], i) => {
+        ok(bytesEq(keyBytes(rows[i].key), b64dec(kb)), `scan ${c.name}: row ${i} key ${show(keyBytes(rows[i].key))}, expected ${show(b64dec(kb))}`);
+        ok(bytesEq(rows[i].value, b64dec(vb)), `scan ${c.name}: row ${i} value`);
+      });
+    }
+  });
+
+  add("basic: an idle sync is one conditional GET of the head", async () => {
+    const fx = sc.basic;
+    const r = track(await Replica.open(fx.url));
+    await r.sync();
+    const before = r.status();
+    const rec = recordFetches();
+    let lsn;
+    try {
+      lsn = await r.sync();
+    } finally {
+      rec.restore();
+    }
+    const after = r.status();
+    eq(lsn, fx.expected.lsn, "second sync");
+    eq(after.requests - before.requests, 1, "requests of an idle sync");
+    ok(after.bytesReceived - before.bytesReceived < 512, `an idle sync received ${after.bytesReceived - before.bytesReceived} bytes (304 has no body)`);
+    if (rec.log.length === 1) {
+      ok(rec.log[0].url.endsWith("/catalog/head.json"), `idle sync fetched ${rec.log[0].url}`);
+      ok(rec.log[0].ifNoneMatch, "the head GET is conditional (If-None-Match)");
+    } else {
+      log(`note: fetch wrapper saw ${rec.log.length} fetches (the module may not call globalThis.fetch late)`);
+    }
+  });
+
+  add("basic: onChange covers 1..lsn densely; concurrent sync() calls are safe", async () => {
+    const fx = sc.basic;
+    const r = track(await Replica.open(fx.url));
+    const events = [];
+    const unsubscribe = r.onChange((e) => events.push(e));
+    const results = await withTimeout(Promise.all([r.sync(), r.sync(), r.sync()]), 120_000, "3 concurrent syncs");
+    for (const v of results) eq(v, fx.expected.lsn, "each concurrent sync resolves the head's LSN");
+    ok(events.length > 0, "onChange fired");
+    let next = 1;
+    for (const e of events) {
+      eq(e.first, next, "onChange ranges are dense and ascending (first)");
+      ok(e.last >= e.first, `onChange range ${e.first}..${e.last}`);
+      next = e.last + 1;
+    }
+    eq(next - 1, fx.expected.lsn, "onChange ranges end at the applied LSN");
+    unsubscribe();
+    expectState(r, fx.expected, "after concurrent syncs");
+  });
+
+  add("basic: snapshot() and Replica.restore serve reads with no request; a sync then fetches only the head", async () => {
+    const fx = sc.basic;
+    const a = track(await Replica.open(fx.url));
+    await a.sync();
+    const snap = a.snapshot();
+    ok(snap instanceof Uint8Array && snap.length > 0, "snapshot() is non-empty bytes");
+    const rec = recordFetches();
+    let b;
+    try {
+      b = track(await Replica.restore(fx.url, snap));
+      expectState(b, fx.expected, "restored");
+      eq(b.status().appliedLsn, fx.expected.lsn, "restored appliedLsn");
+      eq(b.status().datasetId, fx.datasetId, "restored datasetId");
+      eq(rec.log.length, 0, "restore made no request");
+      eq(await b.sync(), fx.expected.lsn, "sync after restore");
+    } finally {
+      rec.restore();
+    }
+    const st = b.status();
+    ok(st.requests <= 2, `a restored replica at the head made ${st.requests} requests (head only)`);
+    ok(!rec.log.some((x) => /\/(segments|snapshots)\//.test(x.url)), `restored replica fetched ${rec.log.map((x) => x.url).join(", ")}`);
+  });
+
+  add("basic: raw mode hands every verified record to onRecord in LSN order", async () => {
+    const fx = sc.basic;
+    const payloads = [];
+    let next = 1;
+    let bad = null;
+    const r = track(
+      await Replica.open(fx.url, {
+        raw: true,
+        onRecord: (lsn, payload) => {
+          if (lsn !== next && !bad) bad = `record ${lsn} after ${next - 1}`;
+          next = lsn + 1;
+          payloads.push(payload.slice());
+        },
+      }),
+    );
+    eq(await withTimeout(r.sync(), 120_000, "raw sync"), fx.expected.lsn, "raw sync");
+    eq(bad, null, "records arrive densely in LSN order");
+    eq(payloads.length, fx.records.count, "number of records");
+    let total = 0;
+    for (const p of payloads) total += 4 + p.length;
+    const buf = new Uint8Array(total);
+    const dv = new DataView(buf.buffer);
+    let pos = 0;
+    for (const p of payloads) {
+      dv.setUint32(pos, p.length, true);
+      buf.set(p, pos + 4);
+      pos += 4 + p.length;
+    }
+    const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", buf));
+    const hexd = [...digest].map((b) => b.toString(16).padStart(2, "0")).join("");
+    eq(hexd, fx.records.sha256, "sha256 of (len ‖ payload) of all records = the WAL's");
+  });
+
+  add("basic: start() polls in the background, stop() stops it", async () => {
+    const fx = sc.basic;
+    const errors = [];
+    const r = track(await Replica.open(fx.url, { pollInterval: 50, onError: (e) => errors.push(e) }));
+    const changes = [];
+    r.onChange((e) => changes.push(e));
+    r.start();
+    r.start(); // idempotent
+    eq(r.status().running, true, "status().running after start()");
+    await until(() => r.status().appliedLsn === fx.expected.lsn, 120_000, "background sync reaches the head");
+    await until(() => r.status().requests > 0 && changes.length > 0, 5_000, "onChange from the loop");
+    // a few idle polls happen
+    const polled = r.status().requests;
+    await until(() => r.status().requests >= polled + 2, 10_000, "idle polls continue");
+    r.stop();
+    eq(r.status().running, false, "status().running after stop()");
+    await sleep(100); // a poll in flight may finish
+    const stopped = r.status().requests;
+    await sleep(400);
+    eq(r.status().requests, stopped, "no request after stop()");
+    eq(errors.length, 0, `onError calls: ${errors.map((e) => e.message).join("; ")}`);
+    expectState(r, fx.expected, "after background polling");
+  });
+
+  add("persist: a store keeps the state; a reopened replica serves reads offline", async () => {
+    const fx = sc.basic;
+    const store = mapStore();
+    const a = track(await Replica.open(fx.url, { persist: store }));
+    await a.sync();
+    const rec = store.map.get(fx.url);
+    ok(rec, "the store holds a record for the dataset URL after a sync");
+    eq(rec.appliedLsn, fx.expected.lsn, "persisted appliedLsn");
+    eq(rec.datasetId, fx.datasetId, "persisted datasetId");
+    ok(rec.snapshot instanceof Uint8Array && rec.snapshot.length > 0, "persisted snapshot bytes");
+    const saves = store.saves;
+    await a.sync(); // nothing new: no write
+    eq(store.saves, saves, "an idle sync writes nothing");
+    await a.close();
+
+    const off = goOffline(fixtures.base);
+    try {
+      const errors = [];
+      const b = track(await Replica.open(fx.url, { persist: store, onError: (e) => errors.push(e) }));
+      eq(off.count, 0, "opening from the store made no request");
+      eq(b.status().appliedLsn, fx.expected.lsn, "reopened appliedLsn");
+      expectState(b, fx.expected, "reopened offline");
+      await rejectsWith(b.sync(), "unavailable", "sync while offline");
+      eq(b.status().lastError?.code, "unavailable", "status().lastError.code after an offline sync");
+      eq(b.getText("ключ:1"), "кириллица", "reads still served after a failed sync");
+    } finally {
+      off.restore();
+    }
+  });
+
+  add("persist: shouldReplace keeps the newest state per dataset", async () => {
+    const { shouldReplace } = walcast;
+    eq(typeof shouldReplace, "function", "shouldReplace export");
+    const snap = Uint8Array.of(1);
+    const old = { snapshot: snap, appliedLsn: 10, datasetId: "a" };
+    eq(shouldReplace(undefined, { appliedLsn: 1, datasetId: "a" }), true, "nothing stored");
+    eq(shouldReplace(old, { appliedLsn: 11, datasetId: "a" }), true, "newer LSN");
+    eq(shouldReplace(old, { appliedLsn: 10, datasetId: "a" }), false, "same LSN");
+    eq(shouldReplace(old, { appliedLsn: 9, datasetId: "a" }), false, "older LSN");
+    eq(shouldReplace(old, { appliedLsn: 3, datasetId: "b" }), false, "other dataset without a reset");
+    eq(shouldReplace(old, { appliedLsn: 3, datasetId: "b" }, { replace: true }), true, "other dataset after a reset");
+  });
+
+  if (typeof globalThis.indexedDB !== "undefined") {
+    add("persist: indexeddb survives a reopen and serves reads offline", async () => {
+      const fx = sc.basic;
+      const a = track(await Replica.open(fx.url, { persist: "indexeddb" }));
+      await a.sync();
+      await a.close();
+      const off = goOffline(fixtures.base);
+      try {
+        const b = track(await Replica.open(fx.url, { persist: "indexeddb" }));
+        eq(off.count, 0, "opening from IndexedDB made no request");
+        eq(b.status().appliedLsn, fx.expected.lsn, "appliedLsn restored from IndexedDB");
+        expectState(b, fx.expected, "restored from IndexedDB");
+      } finally {
+        off.restore();
+      }
+    });
+  }
+
+  // --- errors ---------------------------------------------------------------------------
+
+  add("errors: a missing dataset rejects with not_found", async () => {
+    const r = track(await Replica.open(`${fixtures.base}/no-such-dataset`));
+    await rejectsWith(r.sync(), "not_found", "sync of a missing dataset");
+    eq(r.status().lastError?.code, "not_found", "status().lastError.code");
+    eq(r.status().appliedLsn, 0, "nothing applied");
+  });
+
+  add("errors: an unreachable server rejects with unavailable", async () => {
+    const r = track(await Replica.open("http://127.0.0.1:9/nothing-listens-here"));
+    await rejectsWith(r.sync(), "unavailable", "sync against a closed port");
+  });
+
+  add("close: later calls fail with code closed; close twice is fine", async () => {
+    const r = await Replica.open(sc.basic.url);
+    await r.close();
+    await r.close();
+    let e = null;
+    try {
+      r.get("x");
+    } catch (x) {
+      e = x;
+    }
+    eq(e?.code, "closed", "get after close");
+    await rejectsWith(r.sync(), "closed", "sync after close", 5_000);
+  });
+
+  // --- scenarios with a mutation (order matters) -------------------------------------
+
+  add("midhistory: a replica restored from snapshot() fetches only the tail", async () => {
+    const fx0 = sc.midhistory;
+    const a = track(await Replica.open(fx0.url));
+    eq(await a.sync(), fx0.expected.lsn, "stage 0 sync");
+    const snap = a.snapshot();
+    const fresh0 = a.status().bytesReceived;
+    await a.close();
+    const fx1 = await mutate("midhistory");
+    const tail = fx1.segments.filter((s) => s.last >= fx1.tailFrom);
+    const old = new Set(fx1.segments.filter((s) => s.last < fx1.tailFrom).map((s) => s.key));
+    const tailBytes = tail.reduce((n, s) => n + s.size, 0);
+    const rec = recordFetches();
+    let b;
+    try {
+      b = track(await Replica.restore(fx1.url, snap));
+      eq(await withTimeout(b.sync(), 120_000, "sync after restore"), fx1.expected.lsn, "sync after restore");
+    } finally {
+      rec.restore();
+    }
+    expectState(b, fx1.expected, "restored + tail");
+    const st = b.status();
+    ok(st.bytesReceived <= tailBytes + 64 * 1024, `restored replica received ${st.bytesReceived} bytes; the tail is ${tailBytes} (whole history ${fresh0 + tailBytes})`);
+    ok(st.requests <= tail.length + 3, `restored replica made ${st.requests} requests for ${tail.length} tail segments`);
+    const keys = rec.log.map((x) => relKey(x.url, fx1.url)).filter(Boolean);
+    for (const k of keys) {
+      ok(!old.has(k), `restored replica fetched ${k}, which lies wholly below LSN ${fx1.tailFrom}`);
+      ok(!k.startsWith("snapshots/"), `restored replica fetched a snapshot (${k})`);
+    }
+    if (keys.length === 0) log("note: fetch wrapper saw no requests; checked bytes and request counts only");
+  });
+
+  add("corrupt: a flipped byte is never applied; the last good state is kept", async () => {
+    const fx0 = sc.corrupt;
+    const a = track(await Replica.open(fx0.url));
+    eq(await a.sync(), fx0.expected.lsn, "stage 0 sync");
+    const fx1 = await mutate("corrupt");
+    const e = await rejectsWith(a.sync(), "data", "sync over a flipped byte", 120_000);
+    ok(typeof e.message === "string" && e.message.length > 0, "the error has a message");
+    if (e.object !== undefined && e.object !== null) {
+      ok(String(e.object).includes(fx1.expectError.object.split("/").pop()), `error.object ${show(String(e.object))} names ${fx1.expectError.object}`);
+    } else {
+      ok(e.message.includes(fx1.expectError.object.split("/").pop()), `error names the object: ${e.message}`);
+    }
+    if (e.lsn !== undefined && e.lsn !== null) eq(Number(e.lsn), fx1.expectError.lsn, "error.lsn");
+    const st = a.status();
+    eq(st.appliedLsn, fx1.goodLsn, "appliedLsn stays at the last good LSN");
+    eq(st.lastError?.code, "data", "status().lastError.code");
+    expectState(a, fx1.expected, "after the data error");
+
+    const fresh = track(await Replica.open(fx1.url));
+    await rejectsWith(fresh.sync(), "data", "a fresh replica's sync over the flipped byte", 120_000);
+    const fs = fresh.status();
+    ok(fs.appliedLsn <= fx1.goodLsn, `a fresh replica applied ${fs.appliedLsn} > ${fx1.goodLsn}`);
+    if (fs.appliedLsn === fx1.goodLsn) expectState(fresh, fx1.expected, "fresh replica at the last good LSN");
+  });
+
+  add("retention: a replica passed by retention re-bootstraps by itself", async () => {
+    const fx0 = sc.retention;
+    const store = mapStore();
+    const a = track(await Replica.open(fx0.url, { persist: store }));
+    eq(await a.sync(), fx0.expected.lsn, "stage 0 sync");
+    expectState(a, fx0.expected, "stage 0");
+    const resets = [];
+    a.onReset((e) => resets.push(e));
+    const fx1 = await mutate("retention");
+    eq(await withTimeout(a.sync(), 120_000, "sync after retention passed"), fx1.expected.lsn, "sync after retention passed");
+    expectState(a, fx1.expected, "after re-bootstrap");
+    ok(resets.length >= 1, "onReset fired for the re-bootstrap");
+    eq(a.status().lastError, null, "no error left");
+    eq(store.map.get(fx1.url)?.appliedLsn, fx1.expected.lsn, "the store holds the re-bootstrapped state");
+  });
+
+  add("newdataset: a new dataset id makes the replica start over", async () => {
+    const fx0 = sc.newdataset;
+    const store = mapStore();
+    const a = track(await Replica.open(fx0.url, { persist: store }));
+    eq(await a.sync(), fx0.expected.lsn, "stage 0 sync");
+    eq(a.status().datasetId, fx0.datasetId, "stage 0 datasetId");
+    const resets = [];
+    a.onReset((e) => resets.push(e));
+    const fx1 = await mutate("newdataset");
+    eq(await withTimeout(a.sync(), 120_000, "sync after the dataset changed"), fx1.expected.lsn, "sync after the dataset changed");
+    eq(a.status().datasetId, fx1.datasetId, "new datasetId");
+    expectState(a, fx1.expected, "new dataset");
+    ok(resets.length >= 1, "onReset fired");
+    const rec = store.map.get(fx1.url);
+    eq(rec?.datasetId, fx1.datasetId, "the store holds the new dataset");
+    eq(rec?.appliedLsn, fx1.expected.lsn, "persisted LSN of the new dataset");
+  });
+
+  return cases;
+}
+
+/** Runs every case in order (runtimes without a test runner); never throws. */
+export async function runConformance(ctx, { filter, onResult } = {}) {
+  const results = [];
+  for (const c of conformanceCases(ctx)) {
+    if (filter && !filter(c.name)) continue;
+    const t0 = Date.now();
+    let error = null;
+    try {
+      await withTimeout(c.fn(), 300_000, c.name);
+    } catch (e) {
+      error = e;
+    }
+    const r = { name: c.name, ok: !error, ms: Date.now() - t0, error: error ? String(error.stack ?? error) : null };
+    results.push(r);
+    if (onResult) onResult(r);
+  }
+  const failed = results.filter((r) => !r.ok).length;
+  return { passed: results.length - failed, failed, results };
+}
+
+export const TEST_TIMEOUT_MS = 300_000;
+export { withTimeout };

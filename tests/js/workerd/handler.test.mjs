@@ -1,0 +1,199 @@
+// Unit tests of worker/src/handler.js with a fake Replica and a fake clock:
+// when requests wait, when background syncs start, the stuck-sync watchdog,
+// key and scan encoding. `node --test tests/js/workerd/handler.test.mjs`
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { createHandler, percentBytes } from "../../../worker/src/handler.js";
+
+const enc = new TextEncoder();
+const hex = (b) => Buffer.from(b).toString("hex");
+
+/** A fake of the package's Replica: a sorted Map of hex keys, syncs under test control. */
+function fakeReplicaClass() {
+  const made = [];
+  class FakeReplica {
+    constructor(url, entries = new Map(), lsn = 0) {
+      this.url = url;
+      this.entries = entries;
+      this.lsn = lsn;
+      this.requests = 0;
+      this.bytes = 0;
+      this.syncCalls = [];
+      this.closed = false;
+      made.push(this);
+    }
+    static async open(url) {
+      return new FakeReplica(url);
+    }
+    static async restore(url, snap) {
+      return new FakeReplica(url, new Map(snap.entries), snap.lsn);
+    }
+    snapshot() {
+      return { entries: [...this.entries], lsn: this.lsn };
+    }
+    /** Each call returns a promise the test settles: this.syncCalls[i].resolve(lsn) / .reject(e). */
+    sync() {
+      let call;
+      const p = new Promise((resolve, reject) => {
+        call = {
+          resolve: (lsn) => {
+            this.lsn = lsn;
+            resolve(lsn);
+          },
+          reject,
+        };
+      });
+      this.syncCalls.push(call);
+      return p;
+    }
+    put(k, v) {
+      this.entries.set(hex(typeof k === "string" ? enc.encode(k) : k), typeof v === "string" ? enc.encode(v) : v);
+    }
+    get(key) {
+      return this.entries.get(hex(key));
+    }
+    scan({ prefix, limit }) {
+      const rows = [...this.entries.keys()]
+        .sort()
+        .filter((h) => !prefix || h.startsWith(hex(prefix)))
+        .slice(0, limit)
+        .map((h) => {
+          const kb = Buffer.from(h, "hex");
+          const s = kb.toString("utf8");
+          return { key: Buffer.from(s).equals(kb) ? s : new Uint8Array(kb), value: this.entries.get(h) };
+        });
+      return rows;
+    }
+    status() {
+      return { appliedLsn: this.lsn, requests: this.requests, bytesReceived: this.bytes, lastError: null };
+    }
+    async close() {
+      this.closed = true;
+    }
+  }
+  return { FakeReplica, made };
+}
+
+function setup(env = {}) {
+  const { FakeReplica, made } = fakeReplicaClass();
+  let t = 1_000_000;
+  const clock = { now: () => t, advance: (ms) => (t += ms) };
+  const handle = createHandler(FakeReplica, { now: clock.now, log: () => {} });
+  const deferred = [];
+  const call = (p) => handle(new Request(`http://w${p}`), { DATASET_URL: "http://ds/x", ...env }, (q) => deferred.push(q));
+  return { handle, call, made, clock, deferred };
+}
+
+const flush = () => new Promise((r) => setImmediate(r));
+
+test("the first request waits for the initial sync; later ones answer at once", async () => {
+  const { call, made } = setup();
+  const first = call("/kv/a");
+  await flush();
+  assert.equal(made.length, 1, "one replica");
+  const r = made[0];
+  assert.equal(r.syncCalls.length, 1, "the first request started a sync");
+  let answered = false;
+  first.then(() => (answered = true));
+  await flush();
+  assert.equal(answered, false, "the first request waits for the sync");
+  r.put("a", "1");
+  r.syncCalls[0].resolve(5);
+  const res = await first;
+  assert.equal(res.status, 200);
+  assert.equal(await res.text(), "1");
+  assert.equal(res.headers.get("x-walcast-lsn"), "5");
+});
+
+test("a stale replica starts a background sync (deferred); a fresh one does not", async () => {
+  const { call, made, clock, deferred } = setup({ MAX_AGE_MS: "1000" });
+  const p = call("/status");
+  await flush();
+  made[0].syncCalls[0].resolve(1);
+  await p;
+  const base = made[0].syncCalls.length;
+  clock.advance(500);
+  await call("/kv/a");
+  assert.equal(made[0].syncCalls.length, base, "within MAX_AGE_MS: no sync");
+  clock.advance(600);
+  const n = deferred.length;
+  const res = await call("/kv/a"); // answers while the sync is pending
+  assert.equal(res.status, 404);
+  assert.equal(made[0].syncCalls.length, base + 1, "past MAX_AGE_MS: one background sync");
+  assert.ok(deferred.length > n, "the sync was handed to defer (waitUntil)");
+  await call("/kv/a");
+  assert.equal(made[0].syncCalls.length, base + 1, "no second sync while one is in flight");
+  made[0].syncCalls[base].resolve(2);
+  await flush();
+  assert.equal((await (await call("/status")).json()).appliedLsn, 2);
+});
+
+test("a sync with no progress for 90 s is replaced from a snapshot; a retrying one is not", async () => {
+  const { call, made, clock } = setup({ MAX_AGE_MS: "0" });
+  const p = call("/status");
+  await flush();
+  made[0].put("k", "v");
+  made[0].syncCalls[0].resolve(7);
+  await p;
+  clock.advance(1);
+  await call("/kv/k"); // starts a background sync that never settles
+  assert.equal(made[0].syncCalls.length, 2);
+  // Retrying: requests go up; not replaced.
+  for (let i = 0; i < 5; i++) {
+    clock.advance(60_000);
+    made[0].requests++;
+    await call("/kv/k");
+  }
+  assert.equal(made.length, 1, "a sync that makes progress is left alone");
+  // Dead: nothing moves for longer than 90 s.
+  clock.advance(60_000);
+  await call("/kv/k");
+  clock.advance(60_000);
+  const res = await call("/kv/k");
+  assert.equal(made.length, 2, "replaced");
+  assert.equal(res.status, 200, "the new replica serves the carried-over state");
+  assert.equal(await res.text(), "v");
+  const st = await (await call("/status")).json();
+  assert.equal(st.appliedLsn, 7);
+  assert.equal(st.worker.restarts, 1);
+});
+
+test("first-sync failures answer 503; the next request tries again", async () => {
+  const { call, made } = setup({ FIRST_SYNC_WAIT_MS: "50" });
+  const p = call("/kv/a");
+  await flush();
+  made[0].syncCalls[0].reject(Object.assign(new Error("no head"), { code: "not_found" }));
+  const res = await p;
+  assert.equal(res.status, 503);
+  assert.equal((await res.json()).error.code, "not_found");
+  const t0 = Date.now();
+  const res2 = await call("/kv/a"); // the sync never settles: bounded by FIRST_SYNC_WAIT_MS
+  assert.equal(res2.status, 503);
+  assert.ok(Date.now() - t0 < 1000);
+});
+
+test("keys are percent-decoded bytes; scan rows carry text or base64", async () => {
+  assert.equal(hex(percentBytes("%FF%00a%2Fb")), "ff00612f62");
+  assert.equal(hex(percentBytes("ключ")), hex(enc.encode("ключ")));
+  assert.equal(hex(percentBytes("100%")), hex(enc.encode("100%")), "a lone % stays");
+  const { call, made } = setup();
+  const p = call("/status");
+  await flush();
+  made[0].put(Uint8Array.of(0xff, 1), Uint8Array.of(0xc3));
+  made[0].put("t", "text");
+  made[0].syncCalls[0].resolve(1);
+  await p;
+  const rows = await (await call("/scan")).json();
+  assert.deepEqual(rows, [
+    { key: "t", value: "text" },
+    { key_b64: "/wE=", value_b64: "ww==" },
+  ]);
+  assert.equal(hex(new Uint8Array(await (await call("/kv/%FF%01")).arrayBuffer())), "c3");
+  assert.equal(hex(new Uint8Array(await (await call("/kv?key=%FF%01")).arrayBuffer())), "c3");
+  made[0].put("a/../b", "dots");
+  assert.equal(await (await call("/kv?key=a%2F..%2Fb")).text(), "dots");
+  assert.equal((await call("/kv")).status, 400);
+  assert.deepEqual(await (await call("/scan?limit=0")).json(), []);
+  assert.equal((await call("/scan?limit=-1")).status, 400);
+  assert.equal((await call("/other")).status, 404);
+});

@@ -1,0 +1,585 @@
+// workerd runner: the walcast Worker (worker/src/index.js + handler.js) and the
+// conformance suite, in the real Cloudflare runtime.
+//
+//   node --test tests/js/workerd/workerd.test.mjs
+//
+// Generates a config.capnp in a temp dir that loads the worker with the built
+// package (js/dist: workerd.js as the module "walcast", its .wasm as a wasm
+// module), one service per scenario with DATASET_URL pointing at the
+// orchestrator's `walcast serve` on 127.0.0.1 (outbound fetch through a
+// `network` service allowing local addresses), starts `workerd serve` on free
+// ports, and checks over HTTP (/kv, /scan, /status) what the worker serves.
+// A second worker runs tests/js/conformance.js inside workerd, one case per
+// request. workerd is stopped by its PID at the end.
+//
+// Needs: js/dist (scripts/build-js.sh), workerd (scripts/browser-deps.sh).
+// WALCAST_DATASETS=<control URL> uses a running orchestrator.
+import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
+import fs from "node:fs";
+import http from "node:http";
+import path from "node:path";
+import { after, before, test } from "node:test";
+import {
+  DIST, EDGE_MODULES, REPO, argBytes, bytesEq, connectDatasets, distReady, freePort, log, makeTmp, pct, pool, show,
+  sleep, startProcess, stopAll, stopProcess, unb64, waitForHttp,
+} from "../edge/lib.mjs";
+
+const WORKERD = path.join(EDGE_MODULES, ".bin", "workerd");
+const COMPAT_DATE = "2025-11-01";
+const TIMEOUT = 300_000;
+
+if (!distReady()) throw new Error("js/dist is missing: run bash scripts/build-js.sh");
+if (!fs.existsSync(WORKERD)) throw new Error(`${WORKERD} is missing: run bash scripts/browser-deps.sh`);
+
+// --- setup ---------------------------------------------------------------------------
+
+const datasets = await connectDatasets();
+const fx = await datasets.newInstance(); // the worker services' datasets
+const fxSlow = await datasets.newInstance(); // behind the delaying proxy
+const fxConf = await datasets.newInstance(); // the in-isolate conformance run
+const fxDeno = await datasets.newInstance(); // worker/deno.js under Deno
+const instances = [fx, fxSlow, fxConf, fxDeno];
+const tmp = makeTmp("walcast-workerd-");
+
+// A proxy in front of `walcast serve` that can hold every response back, to
+// show that requests after the first never wait on object storage.
+const proxy = { delayMs: 0, requests: [] };
+const proxyServer = http.createServer((req, res) => {
+  const upstream = new URL(fx.base);
+  proxy.requests.push({ url: req.url, at: Date.now() });
+  const go = () => {
+    const up = http.request(
+      { host: upstream.hostname, port: upstream.port, path: req.url, method: req.method, headers: { ...req.headers, host: upstream.host } },
+      (r) => {
+        res.writeHead(r.statusCode, r.headers);
+        r.pipe(res);
+      },
+    );
+    up.on("error", (e) => {
+      res.writeHead(502);
+      res.end(String(e));
+    });
+    req.pipe(up);
+  };
+  if (proxy.delayMs > 0) setTimeout(go, proxy.delayMs);
+  else go();
+});
+await new Promise((r) => proxyServer.listen(0, "127.0.0.1", r));
+const proxyBase = `http://127.0.0.1:${proxyServer.address().port}`;
+const slowUrl = fxSlow.scenarios.midhistory.url.replace(new URL(fxSlow.base).origin, proxyBase);
+
+/** capnp text literal (ASCII, escaped). */
+const lit = (s) => JSON.stringify(s).replace(/[^\x20-\x7e]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, "0")}`);
+const rel = (p) => path.relative(tmp, p).split(path.sep).join("/");
+
+/** The package's modules as workerd sees them: "walcast" is the workerd entry. */
+function packageModules() {
+  const mods = [`(name = "walcast", esModule = embed ${lit(rel(path.join(DIST, "workerd.js")))})`];
+  const walk = (dir, prefix) => {
+    for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
+      const p = path.join(dir, e.name);
+      const name = prefix + e.name;
+      if (e.isDirectory()) walk(p, name + "/");
+      else if (name.endsWith(".wasm")) mods.push(`(name = ${lit(name)}, wasm = embed ${lit(rel(p))})`);
+      // node.js and web.js are other runtimes' entries; workerd.js is "walcast".
+      else if (name.endsWith(".js") && !["node.js", "web.js", "workerd.js"].includes(name)) {
+        mods.push(`(name = ${lit(name)}, esModule = embed ${lit(rel(p))})`);
+      }
+    }
+  };
+  walk(DIST, "");
+  return mods;
+}
+
+function workerService(name, modules, bindings) {
+  const b = Object.entries(bindings).map(([k, v]) =>
+    v.embed ? `(name = ${lit(k)}, text = embed ${lit(rel(v.embed))})` : `(name = ${lit(k)}, text = ${lit(String(v))})`,
+  );
+  return `(name = ${lit(name)}, worker = (
+      modules = [
+        ${modules.join(",\n        ")}
+      ],
+      compatibilityDate = ${lit(COMPAT_DATE)},
+      bindings = [ ${b.join(", ")} ],
+      globalOutbound = "net",
+    ))`;
+}
+
+const pkg = packageModules();
+const workerModules = [
+  `(name = "index.js", esModule = embed ${lit(rel(path.join(REPO, "worker/src/index.js")))})`,
+  `(name = "handler.js", esModule = embed ${lit(rel(path.join(REPO, "worker/src/handler.js")))})`,
+  ...pkg,
+];
+const names = workerModules.map((m) => /name = "([^"]+)"/.exec(m)[1]);
+assert.equal(new Set(names).size, names.length, `module names collide: ${names.join(", ")}`);
+const confModules = [
+  `(name = "main.js", esModule = embed ${lit(rel(path.join(REPO, "tests/js/workerd/conformance-worker.js")))})`,
+  `(name = "conformance.js", esModule = embed ${lit(rel(path.join(REPO, "tests/js/conformance.js")))})`,
+  ...pkg,
+];
+
+// worker/wrangler.toml as Cloudflare would build it: `wrangler deploy
+// --dry-run` bundles src/index.js with the package (alias) and the .wasm
+// (CompiledWasm rule); the bundle runs as one more service.
+const WRANGLER = path.join(EDGE_MODULES, ".bin", "wrangler");
+let bundle = null;
+if (fs.existsSync(WRANGLER)) {
+  const out = path.join(tmp, "wrangler-out");
+  const r = spawnSync(WRANGLER, ["deploy", "--dry-run", "--outdir", out], {
+    cwd: path.join(REPO, "worker"),
+    encoding: "utf8",
+    timeout: 180_000,
+    env: {
+      ...process.env,
+      WRANGLER_SEND_METRICS: "false",
+      WRANGLER_SEND_ERROR_REPORTS: "false",
+      CLOUDFLARE_CF_FETCH_ENABLED: "false",
+      WRANGLER_HIDE_BANNER: "true",
+      WRANGLER_LOG_PATH: path.join(tmp, "wrangler-logs"),
+      CI: "true",
+    },
+  });
+  const files = fs.existsSync(out) ? fs.readdirSync(out) : [];
+  bundle = { status: r.status, output: `${r.stdout ?? ""}${r.stderr ?? ""}${r.error ?? ""}`, out, files };
+  bundle.wasm = files.find((f) => f.endsWith(".wasm"));
+  bundle.ok = r.status === 0 && files.includes("index.js") && !!bundle.wasm;
+}
+
+// One worker service (an isolate, a replica) per scenario.
+const services = {};
+for (const name of ["basic", "midhistory", "corrupt", "retention", "newdataset"]) {
+  services[name] = { bindings: { DATASET_URL: fx.scenarios[name].url, MAX_AGE_MS: "0" } };
+}
+services.slow = { bindings: { DATASET_URL: slowUrl, MAX_AGE_MS: "0" } };
+services.idle = { bindings: { DATASET_URL: fxSlow.scenarios.basic.url } }; // MAX_AGE_MS default
+services.unset = { bindings: {} };
+if (bundle?.ok) {
+  services.bundled = {
+    modules: [
+      `(name = "index.js", esModule = embed ${lit(rel(path.join(bundle.out, "index.js")))})`,
+      `(name = ${lit(bundle.wasm)}, wasm = embed ${lit(rel(path.join(bundle.out, bundle.wasm)))})`,
+    ],
+    bindings: { DATASET_URL: fxSlow.scenarios.newdataset.url },
+  };
+}
+services.missing = { bindings: { DATASET_URL: `${fx.base}/no-such-dataset`, FIRST_SYNC_WAIT_MS: "3000" } };
+fs.writeFileSync(path.join(tmp, "fixtures.json"), JSON.stringify(fxConf));
+services.conformance = { modules: confModules, bindings: { FIXTURES: { embed: path.join(tmp, "fixtures.json") }, CONTROL: datasets.controlUrl } };
+
+for (const s of Object.values(services)) s.port = await freePort();
+function workerdServices() {
+  return Object.entries(services).filter(([, s]) => !s.deno);
+}
+const config = `using Workerd = import "/workerd/workerd.capnp";
+
+const config :Workerd.Config = (
+  services = [
+    ${workerdServices().map(([n, s]) => workerService(n, s.modules ?? workerModules, s.bindings)).join(",\n    ")},
+    (name = "net", network = (allow = ["public", "private", "local"])),
+  ],
+  sockets = [
+    ${workerdServices().map(([n, s]) => `(name = ${lit(`http-${n}`)}, address = ${lit(`127.0.0.1:${s.port}`)}, http = (), service = ${lit(n)})`).join(",\n    ")},
+  ],
+);
+`;
+const configPath = path.join(tmp, "config.capnp");
+fs.writeFileSync(configPath, config);
+const workerdLog = path.join(tmp, "workerd.log");
+let workerd;
+
+// worker/deno.js: the same handler under Deno.serve, one process per dataset.
+const DENO = process.env.DENO ?? path.join(REPO, "tests/js/node_modules/.bin/deno");
+const haveDeno = fs.existsSync(DENO);
+const denoServices = { "deno-basic": fxDeno.scenarios.basic.url, "deno-midhistory": fxDeno.scenarios.midhistory.url };
+const denoProcs = [];
+if (haveDeno) {
+  for (const [name, url] of Object.entries(denoServices)) {
+    services[name] = { port: await freePort(), deno: true, bindings: { DATASET_URL: url, MAX_AGE_MS: "0" } };
+  }
+}
+
+async function startDeno() {
+  for (const [name, s] of Object.entries(services).filter(([, s]) => s.deno)) {
+    const logFile = path.join(tmp, `${name}.log`);
+    const child = startProcess(
+      DENO,
+      ["run", "--allow-net", "--allow-env", "--allow-read", "--config", path.join(REPO, "worker/deno.json"), path.join(REPO, "worker/deno.js")],
+      {
+        cwd: REPO,
+        name: `deno (${name})`,
+        logFile,
+        env: {
+          ...s.bindings,
+          PORT: String(s.port),
+          DENO_NO_UPDATE_CHECK: "1",
+          DENO_NO_PROMPT: "1",
+          DENO_DIR: process.env.DENO_DIR ?? path.join(REPO, ".deno"),
+        },
+      },
+    );
+    denoProcs.push(child);
+    try {
+      await waitForHttp(`http://127.0.0.1:${s.port}/nope`, 60_000, child);
+    } catch (e) {
+      throw new Error(`${e.message}\n--- ${name} log:\n${fs.readFileSync(logFile, "utf8")}`);
+    }
+  }
+}
+
+before(async () => {
+  workerd = startProcess(WORKERD, ["serve", configPath], { cwd: tmp, name: "workerd", logFile: workerdLog });
+  try {
+    await waitForHttp(`http://127.0.0.1:${services.unset.port}/status`, 60_000, workerd);
+  } catch (e) {
+    throw new Error(`${e.message}\n--- workerd log:\n${fs.readFileSync(workerdLog, "utf8")}`);
+  }
+  log(`workerd ${workerd.pid} serving ${Object.values(services).filter((s) => !s.deno).length} services (config ${configPath})`);
+  if (haveDeno) await startDeno();
+  else log(`no deno at ${DENO} (bash scripts/js-deps.sh installs it): the worker/deno.js tests are skipped`);
+});
+
+after(async () => {
+  await stopProcess(workerd, { signal: "SIGINT" });
+  for (const d of denoProcs) await stopProcess(d);
+  await new Promise((r) => proxyServer.close(r));
+  for (const i of instances) await datasets.dropInstance(i.instance).catch(() => {});
+  await datasets.close();
+  await stopAll(); // the temp dir goes at exit (lib.mjs)
+});
+
+// --- HTTP helpers -------------------------------------------------------------------------
+
+const base = (svc) => `http://127.0.0.1:${services[svc].port}`;
+
+async function get(svc, p) {
+  const r = await fetch(base(svc) + p, { signal: AbortSignal.timeout(150_000) });
+  const body = new Uint8Array(await r.arrayBuffer());
+  return { status: r.status, headers: r.headers, body };
+}
+
+async function getJSON(svc, p) {
+  const r = await get(svc, p);
+  const text = Buffer.from(r.body).toString("utf8");
+  try {
+    return { status: r.status, json: JSON.parse(text), headers: r.headers };
+  } catch {
+    throw new Error(`GET ${p} (${svc}): ${r.status}, not JSON: ${text.slice(0, 300)}`);
+  }
+}
+
+async function status(svc) {
+  const r = await getJSON(svc, "/status");
+  assert.equal(r.status, 200, `/status of ${svc}: ${JSON.stringify(r.json)}`);
+  return r.json;
+}
+
+async function until(fn, ms, what) {
+  const end = Date.now() + ms;
+  let last;
+  for (;;) {
+    last = await fn();
+    if (last.done) return last.value;
+    if (Date.now() > end) throw new Error(`${what}: not within ${ms} ms; last: ${JSON.stringify(last.value)}`);
+    await sleep(50);
+  }
+}
+
+function rowBytes(row) {
+  const k = row.key !== undefined ? new TextEncoder().encode(row.key) : unb64(row.key_b64);
+  const v = row.value !== undefined ? new TextEncoder().encode(row.value) : unb64(row.value_b64);
+  if (row.key !== undefined && row.key_b64 !== undefined) throw new Error("a row with key and key_b64");
+  if (row.value !== undefined && row.value_b64 !== undefined) throw new Error("a row with value and value_b64");
+  return [k, v, row];
+}
+
+function isUtf8(b) {
+  try {
+    new TextDecoder("utf-8", { fatal: true }).decode(b);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function scanQuery(c) {
+  const q = [];
+  for (const f of ["prefix", "start", "end"]) if (c[f]) q.push(`${f}=${pct(argBytes(c[f]))}`);
+  if (c.limit !== undefined) q.push(`limit=${c.limit}`);
+  return q.length ? `?${q.join("&")}` : "";
+}
+
+function checkRows(rows, expect, label) {
+  for (let i = 0; i < Math.min(rows.length, expect.length); i++) {
+    const [k, v, row] = rowBytes(rows[i]);
+    const wk = unb64(expect[i][0]);
+    const wv = unb64(expect[i][1]);
+    assert.ok(bytesEq(k, wk), `${label}: row ${i} key ${show(k)}, expected ${show(wk)}`);
+    assert.ok(bytesEq(v, wv), `${label}: row ${i} (${show(k)}) value ${show(v)}, expected ${show(wv)}`);
+    assert.equal(row.key !== undefined, isUtf8(wk), `${label}: row ${i}: key as text exactly when it is UTF-8`);
+    assert.equal(row.value !== undefined, isUtf8(wv), `${label}: row ${i}: value as text exactly when it is UTF-8`);
+  }
+  assert.equal(rows.length, expect.length, `${label}: number of rows`);
+}
+
+/** Everything the worker serves equals `expected`: a full /scan and /kv of each key. */
+async function expectServed(svc, expected, label) {
+  const n = expected.entries.length;
+  assert.ok(n < 10000, "the fixture fits one /scan");
+  const r = await getJSON(svc, `/scan?limit=10000`);
+  assert.equal(r.status, 200, `${label}: /scan ${JSON.stringify(r.json)}`);
+  checkRows(r.json, expected.entries, `${label}: /scan`);
+  await pool(expected.entries, 8, async ([kb, vb]) => {
+    const k = unb64(kb);
+    const got = await get(svc, `/kv/${pct(k)}`);
+    assert.equal(got.status, 200, `${label}: /kv/${pct(k)} status`);
+    assert.ok(bytesEq(got.body, unb64(vb)), `${label}: /kv/${pct(k)} = ${show(got.body)}, expected ${show(unb64(vb))}`);
+  });
+}
+
+// --- the worker over HTTP ----------------------------------------------------------------
+
+test("worker: the first request waits for the initial sync; /status", { timeout: TIMEOUT }, async () => {
+  const f = fx.scenarios.basic;
+  const s = await status("basic");
+  assert.equal(s.appliedLsn, f.expected.lsn, "appliedLsn");
+  assert.equal(s.committedLsn, f.committedLsn, "committedLsn");
+  assert.equal(s.datasetId, f.datasetId, "datasetId");
+  assert.equal(s.epoch, f.epoch, "epoch");
+  assert.equal(s.lastError, null, "lastError");
+  assert.equal(typeof s.lagMs, "number", "lagMs");
+  assert.equal(typeof s.lastPollAt, "number", "lastPollAt");
+  assert.equal(typeof s.state, "string", "state");
+  assert.ok(s.requests >= 2, `requests ${s.requests}`);
+  assert.equal(s.worker.ready, true, "worker.ready");
+  assert.equal(s.worker.maxAgeMs, 0, "MAX_AGE_MS from the binding");
+  const idle = await status("idle");
+  assert.equal(idle.worker.maxAgeMs, 1000, "MAX_AGE_MS defaults to 1000");
+  assert.equal(idle.appliedLsn, fxSlow.scenarios.basic.expected.lsn, "idle service appliedLsn");
+});
+
+test("worker: /kv of every key and of absent keys", { timeout: TIMEOUT }, async () => {
+  const f = fx.scenarios.basic;
+  await expectServed("basic", f.expected, "basic");
+  for (const g of f.gets) {
+    const k = argBytes(g.key);
+    const r = await get("basic", `/kv/${pct(k)}`);
+    if (g.absent) {
+      assert.equal(r.status, 404, `/kv/${pct(k)} of an absent key`);
+    } else {
+      assert.equal(r.status, 200, `/kv/${pct(k)}`);
+      assert.ok(bytesEq(r.body, unb64(g.value)), `/kv/${pct(k)} = ${show(r.body)}`);
+      assert.equal(r.headers.get("content-type"), "application/octet-stream");
+      assert.equal(r.headers.get("x-walcast-lsn"), String(f.expected.lsn), "x-walcast-lsn");
+    }
+  }
+  // literal (unencoded) UTF-8 in the path, an empty value, a binary key
+  const utf8 = f.expected.entries.map(([k, v]) => [Buffer.from(k, "base64"), Buffer.from(v, "base64")]).filter(([k]) => k.toString() !== k.toString("latin1") && Buffer.from(k.toString()).equals(k));
+  assert.ok(utf8.length > 0, "the fixture has a non-ASCII UTF-8 key");
+  for (const [k, v] of utf8) {
+    const r = await get("basic", `/kv/${k.toString().replace(/[?#%]/g, encodeURIComponent)}`);
+    assert.ok(bytesEq(r.body, v), `/kv/${k.toString()} (unencoded UTF-8)`);
+  }
+  const empty = await get("basic", "/kv/empty-value");
+  assert.equal(empty.status, 200, "an empty value is 200");
+  assert.equal(empty.body.length, 0, "an empty value has an empty body");
+  const bin = await get("basic", "/kv/%FF%00%01");
+  assert.ok(bytesEq(bin.body, Uint8Array.of(0xde, 0xad, 0xbe, 0xef)), `binary key: ${show(bin.body)}`);
+});
+
+test("worker: /scan cases (prefix, start, end, limit; text or base64)", { timeout: TIMEOUT }, async () => {
+  const f = fx.scenarios.basic;
+  for (const c of f.scans) {
+    const q = c.name === "everything" ? "?limit=10000" : scanQuery(c);
+    const r = await getJSON("basic", `/scan${q}`);
+    assert.equal(r.status, 200, `/scan${q}: ${JSON.stringify(r.json)}`);
+    checkRows(r.json, c.expect, `scan ${c.name} (/scan${q})`);
+  }
+  const dflt = await getJSON("basic", "/scan");
+  assert.equal(dflt.json.length, Math.min(1000, f.expected.entries.length), "/scan without limit returns SCAN_LIMIT (1000) rows");
+});
+
+test("worker: bad requests", { timeout: TIMEOUT }, async () => {
+  assert.equal((await get("basic", "/nope")).status, 404, "unknown route");
+  assert.equal((await getJSON("basic", "/scan?limit=x")).status, 400, "limit=x");
+  const post = await fetch(`${base("basic")}/kv/a`, { method: "POST", body: "x" });
+  await post.arrayBuffer();
+  assert.equal(post.status, 405, "POST");
+  const unset = await getJSON("unset", "/kv/a");
+  assert.equal(unset.status, 500, "no DATASET_URL");
+  assert.equal(unset.json.error.code, "config");
+  const missing = await getJSON("missing", "/kv/a");
+  assert.equal(missing.status, 503, "a dataset that is not there: 503");
+  assert.equal(missing.json.error.code, "not_found", JSON.stringify(missing.json));
+  // Later requests keep answering (within FIRST_SYNC_WAIT_MS) while the dataset is missing.
+  const t = Date.now();
+  const again = await getJSON("missing", "/kv/a");
+  assert.equal(again.status, 503, "a dataset that is not there: 503 again");
+  assert.ok(Date.now() - t < 10_000, `the second request answered in ${Date.now() - t} ms`);
+  const ms = await status("missing");
+  assert.equal(ms.lastError?.code, "not_found", "status of a missing dataset");
+  assert.equal(ms.worker.ready, false, "worker.ready of a missing dataset");
+});
+
+test("worker: a later publish is picked up in the background (midhistory)", { timeout: TIMEOUT }, async () => {
+  const f0 = fx.scenarios.midhistory;
+  assert.equal((await status("midhistory")).appliedLsn, f0.expected.lsn, "stage 0");
+  await expectServed("midhistory", f0.expected, "midhistory stage 0");
+  const before = (await status("midhistory")).requests;
+  const f1 = await datasets.mutate(fx.instance, "midhistory");
+  const s = await until(async () => {
+    const s = await status("midhistory");
+    return { done: s.appliedLsn === f1.expected.lsn, value: s };
+  }, 60_000, "background sync reaches the new head");
+  assert.equal(s.lastError, null);
+  await expectServed("midhistory", f1.expected, "midhistory stage 1");
+  const tail = f1.segments.filter((x) => x.last >= f1.tailFrom).length;
+  log(`midhistory: catching up took ${s.requests - before} requests (tail: ${tail} segments), incl. idle polls`);
+});
+
+test("worker: corruption -> lastError data, the last good values still served", { timeout: TIMEOUT }, async () => {
+  const f0 = fx.scenarios.corrupt;
+  assert.equal((await status("corrupt")).appliedLsn, f0.expected.lsn, "stage 0");
+  const f1 = await datasets.mutate(fx.instance, "corrupt");
+  const s = await until(async () => {
+    const s = await status("corrupt");
+    return { done: s.lastError?.code === "data", value: s };
+  }, 120_000, "status shows lastError.code data");
+  assert.equal(s.appliedLsn, f1.goodLsn, "appliedLsn stays at the last good LSN");
+  assert.ok(s.lastError.message.includes(f1.expectError.object.split("/").pop()), `the error names the object: ${s.lastError.message}`);
+  await expectServed("corrupt", f1.expected, "after the data error");
+  assert.equal((await status("corrupt")).appliedLsn, f1.goodLsn, "still at the last good LSN");
+});
+
+test("worker: retention passed the replica -> it re-bootstraps by itself", { timeout: TIMEOUT }, async () => {
+  const f0 = fx.scenarios.retention;
+  assert.equal((await status("retention")).appliedLsn, f0.expected.lsn, "stage 0");
+  const f1 = await datasets.mutate(fx.instance, "retention");
+  await until(async () => {
+    const s = await status("retention");
+    return { done: s.appliedLsn === f1.expected.lsn && s.lastError === null, value: s };
+  }, 120_000, "re-bootstrap reaches the new head");
+  await expectServed("retention", f1.expected, "after re-bootstrap");
+});
+
+test("worker: a new dataset at the URL -> it starts over", { timeout: TIMEOUT }, async () => {
+  const f0 = fx.scenarios.newdataset;
+  const s0 = await status("newdataset");
+  assert.equal(s0.appliedLsn, f0.expected.lsn, "stage 0");
+  assert.equal(s0.datasetId, f0.datasetId, "stage 0 dataset");
+  const oldKey = unb64(f0.expected.entries.find(([k]) => Buffer.from(k, "base64").toString().startsWith("old:"))[0]);
+  assert.equal((await get("newdataset", `/kv/${pct(oldKey)}`)).status, 200, "an old: key at stage 0");
+  const f1 = await datasets.mutate(fx.instance, "newdataset");
+  await until(async () => {
+    const s = await status("newdataset");
+    return { done: s.datasetId === f1.datasetId && s.appliedLsn === f1.expected.lsn, value: s };
+  }, 120_000, "the replica follows the new dataset");
+  await expectServed("newdataset", f1.expected, "new dataset");
+  assert.equal((await get("newdataset", `/kv/${pct(oldKey)}`)).status, 404, "the old dataset's key is gone");
+});
+
+test("worker: only the first request waits on object storage", { timeout: TIMEOUT }, async () => {
+  const f0 = fxSlow.scenarios.midhistory;
+  const DELAY = 400;
+  proxy.delayMs = DELAY;
+  let t = Date.now();
+  const first = await status("slow");
+  const firstMs = Date.now() - t;
+  assert.equal(first.appliedLsn, f0.expected.lsn, "first request: synced");
+  assert.ok(firstMs >= DELAY, `the first request waited for the initial sync (${firstMs} ms)`);
+
+  // Publish more; every response from object storage now takes DELAY ms.
+  const f1 = await datasets.mutate(fxSlow.instance, "midhistory");
+  const key = f0.expected.entries[0][0];
+  const times = [];
+  const proxied = proxy.requests.length;
+  for (let i = 0; i < 10; i++) {
+    t = Date.now();
+    const r = await get("slow", `/kv/${pct(unb64(key))}`);
+    times.push(Date.now() - t);
+    assert.equal(r.status, 200);
+    await sleep(50);
+  }
+  const max = Math.max(...times);
+  log(`slow storage (${DELAY} ms a response): the first request took ${firstMs} ms; later reads ${times.join(", ")} ms`);
+  assert.ok(max < DELAY / 2, `reads after the first answered from the replica at once (max ${max} ms, storage ${DELAY} ms)`);
+  assert.ok(proxy.requests.length > proxied, "background syncs went to object storage meanwhile");
+  await until(async () => {
+    const s = await status("slow");
+    return { done: s.appliedLsn === f1.expected.lsn, value: s };
+  }, 120_000, "the background syncs catch up");
+  proxy.delayMs = 0;
+  await expectServed("slow", f1.expected, "slow, caught up");
+});
+
+test("worker: with MAX_AGE_MS 1000, reads within a second start no sync", { timeout: TIMEOUT }, async () => {
+  const s0 = await status("idle");
+  const syncs = s0.worker.syncs;
+  for (let i = 0; i < 5; i++) await get("idle", "/kv/user%3A0");
+  const s1 = await status("idle");
+  assert.ok(s1.worker.syncs - syncs <= 1, `${s1.worker.syncs - syncs} syncs for 6 requests within ~1 s`);
+  await sleep(1100);
+  await get("idle", "/kv/user%3A0");
+  await until(async () => {
+    const s = await status("idle");
+    return { done: s.worker.syncs > s1.worker.syncs && !s.worker.syncing, value: s.worker };
+  }, 10_000, "a request after MAX_AGE_MS starts a background sync");
+});
+
+// --- the conformance suite inside workerd -----------------------------------------------
+
+test("conformance in workerd", { timeout: 30 * 60_000 }, async (t) => {
+  const r = await getJSON("conformance", "/cases");
+  assert.equal(r.status, 200, JSON.stringify(r.json));
+  const names = r.json;
+  assert.ok(names.length > 10, `${names.length} cases`);
+  for (let i = 0; i < names.length; i++) {
+    await t.test(names[i], { timeout: TIMEOUT }, async () => {
+      const res = await getJSON("conformance", `/run?case=${i}`);
+      for (const l of res.json.logs ?? []) log(`workerd conformance: ${l}`);
+      if (!res.json.ok) assert.fail(`${res.json.name}: ${res.json.error}`);
+    });
+  }
+});
+
+// --- worker/wrangler.toml ---------------------------------------------------------------
+
+test("wrangler: worker/wrangler.toml builds (deploy --dry-run) and the bundle serves in workerd", { timeout: TIMEOUT, skip: bundle ? false : "no wrangler" }, async () => {
+  assert.ok(bundle.ok, `wrangler deploy --dry-run exited ${bundle.status}, wrote ${bundle.files.join(", ")}:\n${bundle.output}`);
+  const f = fxSlow.scenarios.newdataset;
+  const s = await status("bundled");
+  assert.equal(s.appliedLsn, f.expected.lsn, "appliedLsn");
+  assert.equal(s.worker.maxAgeMs, 1000, "MAX_AGE_MS default");
+  await expectServed("bundled", f.expected, "bundled worker");
+  log(`wrangler bundle: ${bundle.files.map((x) => `${x} ${fs.statSync(path.join(bundle.out, x)).size} B`).join(", ")}`);
+});
+
+// --- worker/deno.js: the same handler under Deno.serve ------------------------------------
+
+test("deno: worker/deno.js serves /status, /kv and /scan from its replica", { timeout: TIMEOUT, skip: haveDeno ? false : "no deno" }, async () => {
+  const f = fxDeno.scenarios.basic;
+  const s = await status("deno-basic");
+  assert.equal(s.appliedLsn, f.expected.lsn, "appliedLsn");
+  assert.equal(s.datasetId, f.datasetId, "datasetId");
+  assert.equal(s.worker.ready, true, "worker.ready");
+  await expectServed("deno-basic", f.expected, "deno basic");
+  for (const c of f.scans) {
+    const q = c.name === "everything" ? "?limit=10000" : scanQuery(c);
+    const r = await getJSON("deno-basic", `/scan${q}`);
+    assert.equal(r.status, 200, `/scan${q}: ${JSON.stringify(r.json)}`);
+    checkRows(r.json, c.expect, `deno scan ${c.name}`);
+  }
+  assert.equal((await get("deno-basic", "/kv/never-written")).status, 404, "absent key");
+});
+
+test("deno: a later publish is picked up in the background", { timeout: TIMEOUT, skip: haveDeno ? false : "no deno" }, async () => {
+  const f0 = fxDeno.scenarios.midhistory;
+  assert.equal((await status("deno-midhistory")).appliedLsn, f0.expected.lsn, "stage 0");
+  const f1 = await datasets.mutate(fxDeno.instance, "midhistory");
+  await until(async () => {
+    const s = await status("deno-midhistory");
+    return { done: s.appliedLsn === f1.expected.lsn, value: s };
+  }, 60_000, "background sync reaches the new head");
+  await expectServed("deno-midhistory", f1.expected, "deno midhistory stage 1");
+});
