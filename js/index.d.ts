@@ -107,8 +107,8 @@ export interface Status {
   lagMs: number;
   /** When the head was last polled (ms since the epoch), or null. */
   lastPollAt: number | null;
-  /** The replica machine's phase (e.g. "idle", "fetching", "failed"). */
-  state: string;
+  /** The replica machine's phase: "starting", "bootstrapping", "catching_up", "idle" or "retrying". */
+  state: "starting" | "bootstrapping" | "catching_up" | "idle" | "retrying" | (string & {});
   /** The error of the last sync, or null after a successful one. */
   lastError: { code: ErrorCode; message: string } | null;
   /** GETs made so far. */

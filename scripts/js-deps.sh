@@ -4,9 +4,9 @@
 #   - js/:        devDependencies (typescript, for the .d.ts check)
 #   - tests/js/:  deno (the real binary ships in the npm package), fake-indexeddb
 #                 (IndexedDB for the Node run), and `walcast` linked to ../../js
-# Uses the committed package-lock.json files (`npm ci`); writes them with
-# `npm install` when they are missing. npm does not run install scripts here,
-# and nothing here needs them.
+# Versions come from the committed package-lock.json files (written by the
+# first install). npm does not run install scripts here, and nothing here
+# needs them.
 #
 # Deno is used with DENO_NO_UPDATE_CHECK=1 DENO_NO_PROMPT=1 DENO_DIR=<repo>/.deno
 # (tests/js/run.sh sets them).
@@ -42,16 +42,15 @@ install() {
     say "skip $dir: dependencies installed"
     return
   fi
+  # `npm install` follows package-lock.json (exact versions) and writes it when
+  # missing. Not `npm ci`: npm 11 leaves other platforms' optional packages
+  # (deno's per-OS binaries) out of the lock, and `npm ci` then refuses it.
   if [[ -f $dir/package-lock.json ]]; then
-    say "$dir: npm ci"
-    (cd "$dir" && npm ci "${NPM_FLAGS[@]}") || {
-      say "$dir: npm ci failed (lock out of date?); trying npm install"
-      (cd "$dir" && npm install "${NPM_FLAGS[@]}")
-    }
+    say "$dir: npm install (from package-lock.json)"
   else
     say "$dir: npm install (writes package-lock.json)"
-    (cd "$dir" && npm install "${NPM_FLAGS[@]}")
   fi
+  (cd "$dir" && npm install "${NPM_FLAGS[@]}")
   for check in "$@"; do
     (cd "$dir" && eval "$check") >/dev/null 2>&1 || { say "error: '$check' fails in $dir after install"; exit 1; }
   done

@@ -29,3 +29,9 @@ test "${PIPESTATUS[0]}" -eq 0
 
 step "walcast-core builds for wasm32-unknown-unknown and imports nothing"
 bash scripts/check-wasm.sh
+
+step "edge: the npm package (wasm build), conformance in Node and Deno, type declarations"
+bash tests/js/run.sh
+
+step "edge: the worker in workerd, conformance and IndexedDB reloads in Chromium"
+bash tests/js/run-edge.sh

@@ -631,7 +631,55 @@ export function conformanceCases(ctx) {
     eq(rec?.appliedLsn, fx1.expected.lsn, "persisted LSN of the new dataset");
   });
 
+  if (ctx.timers) {
+    add("timers: closed replicas leave no long timer pending (the process can exit)", async () => {
+      await sleep(50);
+      const left = ctx.timers.pending();
+      ok(
+        left.length === 0,
+        `${left.length} setTimeout timer(s) of >= ${ctx.timers.minMs} ms neither fired nor cleared after every replica was closed ` +
+          `(delays ms: ${[...new Set(left)].slice(0, 8).join(", ")}); they keep Node/Deno alive and hold closures until they fire`,
+      );
+    });
+  }
+
   return cases;
+}
+
+/**
+ * Tracks setTimeout timers of at least `minMs` that are still pending (not
+ * fired, not cleared). Install before the cases run; `pending()` lists their
+ * delays. Pass the result as ctx.timers.
+ */
+export function trackTimers(minMs = 60_000) {
+  const pending = new Map();
+  const st = globalThis.setTimeout;
+  const ct = globalThis.clearTimeout;
+  globalThis.setTimeout = function trackedSetTimeout(fn, ms, ...args) {
+    let h;
+    const wrapped = typeof fn === "function" ? function (...a) {
+      pending.delete(key(h));
+      return fn.apply(this, a);
+    } : fn;
+    h = st(wrapped, ms, ...args);
+    if (Number(ms) >= minMs) pending.set(key(h), Number(ms));
+    return h;
+  };
+  globalThis.clearTimeout = function trackedClearTimeout(h) {
+    pending.delete(key(h));
+    return ct(h);
+  };
+  function key(h) {
+    return typeof h === "object" && h !== null && typeof h[Symbol.toPrimitive] === "function" ? Number(h) : h;
+  }
+  return {
+    minMs,
+    pending: () => [...pending.values()],
+    restore() {
+      globalThis.setTimeout = st;
+      globalThis.clearTimeout = ct;
+    },
+  };
 }
 
 /** Runs every case in order (runtimes without a test runner); never throws. */

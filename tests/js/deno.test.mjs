@@ -5,7 +5,7 @@
 // Uses a running orchestrator when WALCAST_DATASETS names its control URL,
 // else starts `node datasets.mjs serve` and stops it (by its PID) at the end.
 import * as walcast from "walcast";
-import { conformanceCases } from "./conformance.js";
+import { conformanceCases, trackTimers } from "./conformance.js";
 
 const here = new URL(".", import.meta.url);
 
@@ -52,7 +52,9 @@ if (!controlUrl) {
 const datasets = await client(controlUrl);
 const fixtures = await datasets.newInstance();
 
+const timers = trackTimers();
 const cases = conformanceCases({
+  timers,
   walcast,
   fixtures,
   mutate: (name) => datasets.mutate(fixtures.instance, name),

@@ -4,7 +4,7 @@
 // orchestrator when WALCAST_DATASETS names its control URL, else starts one
 // in-process. fake-indexeddb (when installed) stands in for IndexedDB.
 import { after, test } from "node:test";
-import { conformanceCases, TEST_TIMEOUT_MS } from "./conformance.js";
+import { conformanceCases, TEST_TIMEOUT_MS, trackTimers } from "./conformance.js";
 import { controlClient, startDatasets } from "./datasets.mjs";
 
 try {
@@ -29,7 +29,9 @@ after(async () => {
   if (own) await own.close();
 });
 
+const timers = trackTimers();
 const cases = conformanceCases({
+  timers,
   walcast,
   fixtures,
   mutate: (name) => datasets.mutate(fixtures.instance, name),

@@ -204,19 +204,51 @@ fn parse_content_range(v: &str) -> Option<ContentRange> {
 #[derive(Debug, Clone, Copy)]
 struct JsTimer;
 
+/// A `setTimeout` as a future; dropping it (a response won the race)
+/// clears the timeout, so no timer outlives its use.
+struct Sleep {
+    fut: JsFuture,
+    id: JsValue,
+}
+
+impl std::future::Future for Sleep {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        std::pin::Pin::new(&mut self.fut).poll(cx).map(|_| ())
+    }
+}
+
+impl Drop for Sleep {
+    fn drop(&mut self) {
+        if let Ok(ct) = get(&global(), "clearTimeout").dyn_into::<Function>() {
+            let _ = ct.call1(&global(), &self.id);
+        }
+    }
+}
+
 impl Timer for JsTimer {
     fn now_ms(&self) -> u64 {
         js_sys::Date::now() as u64
     }
 
-    async fn sleep_until(&self, at_ms: u64) {
+    fn sleep_until(&self, at_ms: u64) -> impl std::future::Future<Output = ()> {
         let delay = at_ms.saturating_sub(self.now_ms()).min(i32::MAX as u64) as f64;
+        let mut id = JsValue::UNDEFINED;
         let p = Promise::new(&mut |resolve, _reject| {
             if let Ok(st) = get(&global(), "setTimeout").dyn_into::<Function>() {
-                let _ = st.call2(&global(), &resolve, &JsValue::from_f64(delay));
+                if let Ok(v) = st.call2(&global(), &resolve, &JsValue::from_f64(delay)) {
+                    id = v;
+                }
             }
         });
-        let _ = JsFuture::from(p).await;
+        Sleep {
+            fut: JsFuture::from(p),
+            id,
+        }
     }
 }
 
@@ -324,7 +356,15 @@ impl WasmReplica {
                     Until::CaughtUp,
                     std::future::pending(),
                     |_r, e| -> Result<(), JsValue> {
-                        let cb = callbacks.borrow();
+                        // Clone the callbacks out, so a callback may register others.
+                        let cb = {
+                            let c = callbacks.borrow();
+                            Callbacks {
+                                applied: c.applied.clone(),
+                                record: c.record.clone(),
+                                reset: c.reset.clone(),
+                            }
+                        };
                         match e {
                             Event::Applied { first, last } => {
                                 if let Some(f) = &cb.applied {
