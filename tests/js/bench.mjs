@@ -75,6 +75,53 @@ try {
     if (!v) throw new Error("first read found nothing");
     report(`Node: Replica.open + sync + first read (snapshot of ${head.snapshot.entries} keys at LSN ${head.snapshot.lsn}, ${head.committed_lsn} committed)`, `${ms.toFixed(0)} ms, ${replica.status().requests} GETs`);
     replica.close?.();
+
+    // The same in workerd: the worker's first /kv request awaits the initial sync.
+    const workerd = join(root, "tests", "js", "edge", "node_modules", ".bin", "workerd");
+    const dist = join(root, "js", "dist");
+    const lit = (x) => JSON.stringify(x);
+    const { relative } = await import("node:path");
+    const emb = (p) => lit(relative(tmp, p)); // workerd embeds paths relative to the config
+    const mods = [
+      `(name = "index.js", esModule = embed ${emb(join(root, "worker/src/index.js"))})`,
+      `(name = "handler.js", esModule = embed ${emb(join(root, "worker/src/handler.js"))})`,
+      `(name = "walcast", esModule = embed ${emb(join(dist, "workerd.js"))})`,
+    ];
+    for (const f of readdirSync(dist)) if (f.endsWith(".js") && !["node.js", "web.js", "workerd.js"].includes(f)) mods.push(`(name = ${lit(f)}, esModule = embed ${emb(join(dist, f))})`);
+    for (const f of readdirSync(wasmDir)) {
+      if (f.endsWith(".wasm")) mods.push(`(name = ${lit("wasm/" + f)}, wasm = embed ${emb(join(wasmDir, f))})`);
+      else if (f.endsWith(".js")) mods.push(`(name = ${lit("wasm/" + f)}, esModule = embed ${emb(join(wasmDir, f))})`);
+    }
+    const port = 20000 + Math.floor(Math.random() * 20000);
+    writeFileSync(join(tmp, "config.capnp"), `using Workerd = import "/workerd/workerd.capnp";
+const config :Workerd.Config = (
+  services = [
+    (name = "main", worker = (modules = [ ${mods.join(", ")} ], compatibilityDate = "2025-11-01",
+      bindings = [ (name = "DATASET_URL", text = ${lit(url)}) ], globalOutbound = "net")),
+    (name = "net", network = (allow = ["public", "private", "local"])),
+  ],
+  sockets = [ (name = "http", address = ${lit(`127.0.0.1:${port}`)}, http = (), service = "main") ],
+);
+`);
+    const wd2 = spawn(workerd, ["serve", join(tmp, "config.capnp")], { stdio: ["ignore", "ignore", "inherit"] });
+    try {
+      // Wait until workerd listens (a TCP connect, no HTTP request: any request would start the sync).
+      const { connect } = await import("node:net");
+      for (let i = 0; ; i++) {
+        const ok = await new Promise((r) => { const c = connect(port, "127.0.0.1", () => { c.destroy(); r(true); }); c.on("error", () => r(false)); });
+        if (ok) break;
+        if (i > 600) throw new Error("workerd did not start");
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      const start = performance.now();
+      const res = await fetch(`http://127.0.0.1:${port}/kv/key:00012345`);
+      const body = await res.arrayBuffer();
+      const ms = performance.now() - start;
+      if (res.status !== 200 || body.byteLength !== 100) throw new Error(`workerd /kv answered ${res.status}`);
+      report(`workerd: first /kv request to a new isolate (the worker's Replica.open + sync + read, same dataset)`, `${ms.toFixed(0)} ms`);
+    } finally {
+      wd2.kill("SIGINT");
+    }
   } finally {
     serve.kill();
   }
