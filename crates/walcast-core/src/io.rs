@@ -55,6 +55,26 @@ pub struct ContentRange {
     pub total: Option<u64>,
 }
 
+impl ContentRange {
+    /// Parses an HTTP `Content-Range` value such as `bytes 0-99/1000`
+    /// (`*` for an unknown total).
+    pub fn parse(value: &str) -> Option<ContentRange> {
+        let rest = value.trim().strip_prefix("bytes ")?;
+        let (range, total) = rest.split_once('/')?;
+        let (a, b) = range.split_once('-')?;
+        let start: u64 = a.trim().parse().ok()?;
+        let last: u64 = b.trim().parse().ok()?;
+        if last < start {
+            return None;
+        }
+        Some(ContentRange {
+            start,
+            end: last + 1,
+            total: total.trim().parse().ok(),
+        })
+    }
+}
+
 /// What a GET produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GetResponse {

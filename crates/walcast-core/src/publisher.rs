@@ -1171,21 +1171,8 @@ impl Publisher {
         };
         match read {
             Ok(Some((h, etag))) => {
-                if h.epoch > self.epoch
-                    || h.dataset_id != c.proposed.dataset_id
-                    || (h.epoch == self.epoch && h.writer != self.writer)
-                {
-                    self.commit = None;
-                    self.fence(
-                        Error::new(
-                            ErrorKind::Fenced,
-                            format!(
-                                "epoch {} now owns the dataset (ours is {})",
-                                h.epoch, self.epoch
-                            ),
-                        )
-                        .with_object(HEAD_KEY),
-                    );
+                if self.taken_by_another(&h, c.proposed.dataset_id) {
+                    self.lost_to(&h);
                 } else if h == c.proposed {
                     // Our write landed; its acknowledgement was lost.
                     self.committed(etag);
@@ -1229,6 +1216,29 @@ impl Publisher {
         }
     }
 
+    /// Whether `h` shows the dataset owned by another publisher: a newer
+    /// epoch, our epoch claimed by another writer, or another dataset.
+    fn taken_by_another(&self, h: &Head, ours: DatasetId) -> bool {
+        h.epoch > self.epoch
+            || h.dataset_id != ours
+            || (h.epoch == self.epoch && h.writer != self.writer)
+    }
+
+    /// Stops for good: `h` belongs to another publisher.
+    fn lost_to(&mut self, h: &Head) {
+        self.commit = None;
+        self.fence(
+            Error::new(
+                ErrorKind::Fenced,
+                format!(
+                    "epoch {} now owns the dataset (ours is {})",
+                    h.epoch, self.epoch
+                ),
+            )
+            .with_object(HEAD_KEY),
+        );
+    }
+
     fn on_check(&mut self, now: u64, resp: GetResponse) {
         self.check_inflight = false;
         self.next_check = now + self.cfg.head_check_ms;
@@ -1236,21 +1246,10 @@ impl Publisher {
             return;
         }
         if let Ok(Some((h, _))) = Self::decode_head(resp) {
-            let ours = self.head.as_ref();
-            let newer_epoch =
-                h.epoch > self.epoch || (h.epoch == self.epoch && h.writer != self.writer);
-            if newer_epoch || ours.is_some_and(|o| o.dataset_id != h.dataset_id) {
-                self.commit = None;
-                self.fence(
-                    Error::new(
-                        ErrorKind::Fenced,
-                        format!(
-                            "epoch {} now owns the dataset (ours is {})",
-                            h.epoch, self.epoch
-                        ),
-                    )
-                    .with_object(HEAD_KEY),
-                );
+            if let Some(ours) = self.head.as_ref().map(|o| o.dataset_id) {
+                if self.taken_by_another(&h, ours) {
+                    self.lost_to(&h);
+                }
             }
         }
     }

@@ -147,7 +147,7 @@ impl Fetch for JsFetch {
             200 | 206 => {
                 let etag = header("etag");
                 let range = if status == 206 {
-                    header("content-range").and_then(|v| parse_content_range(&v))
+                    header("content-range").and_then(|v| ContentRange::parse(&v))
                 } else {
                     None
                 };
@@ -185,19 +185,6 @@ fn js_message(e: &JsValue) -> String {
     get(e, "message")
         .as_string()
         .unwrap_or_else(|| format!("{e:?}"))
-}
-
-fn parse_content_range(v: &str) -> Option<ContentRange> {
-    let rest = v.strip_prefix("bytes ")?;
-    let (range, total) = rest.split_once('/')?;
-    let (a, b) = range.split_once('-')?;
-    let start: u64 = a.trim().parse().ok()?;
-    let last: u64 = b.trim().parse().ok()?;
-    Some(ContentRange {
-        start,
-        end: last + 1,
-        total: total.trim().parse().ok(),
-    })
 }
 
 /// `Date.now()` and `setTimeout`.

@@ -197,19 +197,6 @@ impl HttpFetch {
     }
 }
 
-fn parse_content_range(v: &str) -> Option<ContentRange> {
-    let rest = v.strip_prefix("bytes ")?;
-    let (range, total) = rest.split_once('/')?;
-    let (a, b) = range.split_once('-')?;
-    let start: u64 = a.trim().parse().ok()?;
-    let last: u64 = b.trim().parse().ok()?;
-    Some(ContentRange {
-        start,
-        end: last + 1,
-        total: total.trim().parse().ok(),
-    })
-}
-
 impl Fetch for HttpFetch {
     async fn get(&self, req: GetRequest) -> GetResponse {
         self.requests
@@ -244,7 +231,7 @@ impl Fetch for HttpFetch {
             .headers()
             .get("content-range")
             .and_then(|v| v.to_str().ok())
-            .and_then(parse_content_range);
+            .and_then(ContentRange::parse);
         match status {
             200 | 206 => match resp.bytes().await {
                 // A body cut short arrives as what was read; the machine checks lengths.
