@@ -2,6 +2,7 @@
 //! object storage ([`publish`]), the native replica ([`replica`]) and the
 //! `walcast` binary.
 
+pub mod counting;
 pub mod demo;
 pub mod inspect;
 pub mod publish;

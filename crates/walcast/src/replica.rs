@@ -387,6 +387,17 @@ pub async fn replicate(
     opts: &ReplicateOptions,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<ReplicateReport> {
+    replicate_from(AnyFetch::for_url(url)?, local, opts, stop).await
+}
+
+/// [`replicate`] through a fetch seam of the caller's (for example a
+/// [`StoreFetch`] over a [`Store::open_counted`] store).
+pub async fn replicate_from(
+    fetch: AnyFetch,
+    local: &Path,
+    opts: &ReplicateOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<ReplicateReport> {
     use walcast_client::{Driver, RunError, Until};
     use walcast_core::replica::{Event, Replica, ReplicaConfig};
 
@@ -403,7 +414,6 @@ pub async fn replicate(
         Some(id) => Replica::restore(cfg, seed, loaded.state, loaded.applied, id, 0),
         None => Replica::new(cfg, seed),
     };
-    let fetch = AnyFetch::for_url(url)?;
     let counter = fetch.clone();
     let mut driver = Driver::new(replica, fetch, TokioTimer);
     let pb = if opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {

@@ -22,6 +22,8 @@ use walcast_core::catalog::HEAD_KEY;
 use walcast_core::io::{ByteRange, ContentRange, GetRequest, GetResponse};
 use walcast_core::publisher::{PutCondition, PutRequest, PutResponse};
 
+use crate::counting::{Counting, RequestStats};
+
 /// A dataset's objects under a prefix of some object store.
 #[derive(Clone)]
 pub struct Store {
@@ -30,6 +32,8 @@ pub struct Store {
     /// For `file://`: the dataset directory (the head's CAS is done here).
     local: Option<PathBuf>,
     url: String,
+    /// Counters of the requests made (see [`Store::open_counted`]).
+    stats: Option<Arc<RequestStats>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -63,6 +67,17 @@ fn env_options(scheme: &str) -> Vec<(String, String)> {
 impl Store {
     /// Opens the dataset at `url`.
     pub fn open(url: &str) -> Result<Store> {
+        Store::open_inner(url, None)
+    }
+
+    /// Opens the dataset at `url` and counts every request made through it
+    /// into `stats`: those through `object_store` (see [`Counting`]) and, on
+    /// `file://`, the head's GETs and compare-and-swap PUTs done here.
+    pub fn open_counted(url: &str, stats: Arc<RequestStats>) -> Result<Store> {
+        Store::open_inner(url, Some(stats))
+    }
+
+    fn open_inner(url: &str, stats: Option<Arc<RequestStats>>) -> Result<Store> {
         let parsed =
             url::Url::parse(url).with_context(|| format!("invalid dataset URL {url:?}"))?;
         let scheme = parsed.scheme().to_string();
@@ -83,11 +98,16 @@ impl Store {
             }
             other => bail!("unsupported dataset URL scheme {other:?} in {url} (use file://, s3://, gs://, az:// or memory://)"),
         };
+        let os: Arc<dyn ObjectStore> = match &stats {
+            Some(st) => Arc::new(Counting::new(os, st.clone())),
+            None => os,
+        };
         Ok(Store {
             os,
             prefix,
             local,
             url: url.to_string(),
+            stats,
         })
     }
 
@@ -108,7 +128,11 @@ impl Store {
     pub async fn get(&self, req: &GetRequest) -> GetResponse {
         if req.key == HEAD_KEY {
             if let Some(dir) = &self.local {
-                return local_head_get(dir, req.if_none_match.as_deref());
+                let r = local_head_get(dir, req.if_none_match.as_deref());
+                if let Some(st) = &self.stats {
+                    st.record_local_get(&r);
+                }
+                return r;
             }
         }
         let opts = GetOptions {
@@ -161,6 +185,9 @@ impl Store {
     pub async fn put(&self, req: &PutRequest) -> PutResponse {
         if req.key == HEAD_KEY {
             if let Some(dir) = &self.local {
+                if let Some(st) = &self.stats {
+                    st.record_put(req.body.len() as u64);
+                }
                 let dir = dir.clone();
                 let body = req.body.clone();
                 let cond = req.condition.clone();

@@ -1,0 +1,155 @@
+//! **replay limit**: walcast's decode + verify + apply over a segment already
+//! in memory, next to `crc32fast::hash` and a plain copy of the same bytes
+//! (the ceiling), and the same replay in wasm (Node) next to native.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use walcast_core::batch::{self, Op};
+use walcast_core::segment::{self, SegmentBuilder};
+use walcast_core::state::KvState;
+
+use crate::kv;
+
+/// What the replay scenario measured (best of several runs each).
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct ReplayResult {
+    /// Records in the segment.
+    pub(crate) records: u64,
+    /// Segment bytes.
+    pub(crate) bytes: u64,
+    /// Allocate + copy of the bytes.
+    pub(crate) copy_s: f64,
+    /// `crc32fast::hash` over the bytes.
+    pub(crate) crc_s: f64,
+    /// Decode + verify (the catalog's file checksum and every record's).
+    pub(crate) verify_s: f64,
+    /// Decode + verify + KV batch decode + apply to a `KvState`, as a replica does.
+    pub(crate) apply_s: f64,
+    /// The same without the catalog's file checksum (what the wasm hook does).
+    pub(crate) apply_nocat_s: f64,
+    /// The wasm hook (`benchReplay`) in Node, when the package is built.
+    pub(crate) wasm_s: Option<f64>,
+    /// Why there is no wasm figure.
+    pub(crate) wasm_missing: Option<String>,
+}
+
+fn best<T>(runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
+    let mut best = Duration::MAX;
+    for _ in 0..runs {
+        let t = Instant::now();
+        black_box(f()?);
+        best = best.min(t.elapsed());
+    }
+    Ok(best.as_secs_f64())
+}
+
+fn replay(bytes: &[u8], crc: Option<u32>) -> Result<u64> {
+    let seg = segment::decode(bytes, crc).map_err(|e| anyhow!("segment: {e}"))?;
+    let mut state = KvState::new();
+    for r in seg.records() {
+        let r = r.map_err(|e| anyhow!("segment record: {e}"))?;
+        state.apply(&batch::decode(r.payload).map_err(|e| anyhow!("LSN {}: {e}", r.lsn))?);
+    }
+    Ok(state.len())
+}
+
+/// Runs the scenario over one segment of `n` single-put batches.
+pub(crate) fn run(root: &Path, n: u64, tmp: &Path) -> Result<ReplayResult> {
+    let mut b = SegmentBuilder::new(1, 1);
+    for i in 0..n {
+        let (k, v) = kv(i);
+        let payload = batch::encode(&[Op::put(k, v)]).map_err(|e| anyhow!("{e}"))?;
+        if !b.push(&payload) {
+            bail!("segment builder refused record {i}");
+        }
+    }
+    let (bytes, summary) = b.finish().ok_or_else(|| anyhow!("empty segment"))?;
+    let copy_s = best(5, || Ok(bytes.clone()))?;
+    let crc_s = best(5, || Ok(crc32fast::hash(&bytes)))?;
+    let verify_s = best(5, || {
+        let seg =
+            segment::decode(&bytes, Some(summary.crc32)).map_err(|e| anyhow!("segment: {e}"))?;
+        Ok(seg.records().count())
+    })?;
+    let apply_s = best(3, || {
+        let len = replay(&bytes, Some(summary.crc32))?;
+        if len != n {
+            bail!("replayed {len} keys, expected {n}");
+        }
+        Ok(len)
+    })?;
+    let apply_nocat_s = best(3, || replay(&bytes, None))?;
+    let (wasm_s, wasm_missing) = match wasm(root, &bytes, n, tmp) {
+        Ok(s) => (Some(s), None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
+    Ok(ReplayResult {
+        records: n,
+        bytes: bytes.len() as u64,
+        copy_s,
+        crc_s,
+        verify_s,
+        apply_s,
+        apply_nocat_s,
+        wasm_s,
+        wasm_missing,
+    })
+}
+
+const NODE_SCRIPT: &str = r#"
+const [dir, seg, want] = process.argv.slice(1);
+const { readFileSync, readdirSync } = await import("node:fs");
+const { join } = await import("node:path");
+const bytes = readFileSync(join(dir, readdirSync(dir).find((f) => f.endsWith("_bg.wasm"))));
+const wasm = await import(join(dir, "walcast_wasm.js"));
+await wasm.default({ module_or_path: bytes });
+const segment = readFileSync(seg);
+let best = Infinity;
+for (let i = 0; i < 5; i++) {
+  const t = performance.now();
+  const n = wasm.benchReplay(segment);
+  best = Math.min(best, performance.now() - t);
+  if (n !== Number(want)) throw new Error(`wasm replayed ${n} records, expected ${want}`);
+}
+console.log(JSON.stringify({ ms: best }));
+"#;
+
+/// Best of 5 of the wasm replay hook in Node, in seconds.
+fn wasm(root: &Path, bytes: &[u8], n: u64, tmp: &Path) -> Result<f64> {
+    let dir = root.join("js/dist/wasm");
+    if !dir.join("walcast_wasm.js").exists() {
+        bail!(
+            "{} is not built (run `bash scripts/build-js.sh`)",
+            dir.display()
+        );
+    }
+    let seg = tmp.join("replay.wseg");
+    std::fs::write(&seg, bytes)?;
+    let out = Command::new("node")
+        .args(["--input-type=module", "-e", NODE_SCRIPT])
+        .arg(&dir)
+        .arg(&seg)
+        .arg(n.to_string())
+        .output()
+        .context("running node")?;
+    if !out.status.success() {
+        bail!(
+            "node: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .trim()
+                .lines()
+                .last()
+                .unwrap_or("failed")
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("node printed {:?}", String::from_utf8_lossy(&out.stdout)))?;
+    v["ms"]
+        .as_f64()
+        .map(|ms| ms / 1e3)
+        .ok_or_else(|| anyhow!("node printed no time"))
+}
