@@ -35,3 +35,6 @@ bash tests/js/run.sh
 
 step "edge: the worker in workerd, conformance and IndexedDB reloads in Chromium"
 bash tests/js/run-edge.sh
+
+step "benchmarks: walcast-bench --quick, walcast beside SlateDB on file:// and moto (checks every scenario produced a number; no timing assertions)"
+cargo run --release -q -p walcast-bench -- --quick --out target/bench-quick
