@@ -205,7 +205,16 @@ async fn run_job(
             }
             *first = Some(started.elapsed().as_secs_f64());
             // Every key, as a walcast replica holds every key once caught up.
-            let mut it = reader.scan::<std::ops::RangeFull>(..).await?;
+            // Fetched as walcast fetches segments: 8 MiB per request, 4 in flight
+            // (SlateDB's default reads one 4 KiB block per request, one at a time).
+            let scan = slatedb::config::ScanOptions {
+                read_ahead_bytes: 8 << 20,
+                max_fetch_tasks: 4,
+                ..Default::default()
+            };
+            let mut it = reader
+                .scan_with_options::<std::ops::RangeFull>(.., &scan)
+                .await?;
             let mut seen = 0u64;
             while let Some(kv_) = it.next().await? {
                 let (k, v) = kv(seen);

@@ -52,36 +52,59 @@ pub fn encode_with_chunk_bytes(
     chunk_bytes: usize,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(state.heap_bytes() + 4096);
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&lsn.to_le_bytes());
-    out.extend_from_slice(&epoch.to_le_bytes());
-    out.extend_from_slice(&dataset_id.0);
-    out.extend_from_slice(&state.len().to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
+    encode_to(state, lsn, epoch, dataset_id, chunk_bytes, &mut |b| {
+        out.extend_from_slice(b)
+    });
+    out
+}
+
+/// Encodes `state` as a snapshot at `lsn`, handing the bytes to `emit` in
+/// order, one chunk at a time: the same bytes as [`encode_with_chunk_bytes`]
+/// without holding the whole snapshot in memory (a replica writing its local
+/// checkpoint streams it to a file this way).
+pub fn encode_to(
+    state: &KvState,
+    lsn: u64,
+    epoch: u64,
+    dataset_id: DatasetId,
+    chunk_bytes: usize,
+    emit: &mut dyn FnMut(&[u8]),
+) {
+    let mut head = Vec::with_capacity(64);
+    head.extend_from_slice(&MAGIC);
+    head.extend_from_slice(&VERSION.to_le_bytes());
+    head.extend_from_slice(&0u16.to_le_bytes());
+    head.extend_from_slice(&lsn.to_le_bytes());
+    head.extend_from_slice(&epoch.to_le_bytes());
+    head.extend_from_slice(&dataset_id.0);
+    head.extend_from_slice(&state.len().to_le_bytes());
+    head.extend_from_slice(&0u32.to_le_bytes());
+    let crc = crc32fast::hash(&head);
+    head.extend_from_slice(&crc.to_le_bytes());
+    emit(&head);
+    let mut written = head.len() as u64;
 
     let mut index: Vec<(u64, u32, u32)> = Vec::new();
     let mut body = Vec::with_capacity(chunk_bytes + 1024);
     let mut count = 0u32;
-    let mut flush = |out: &mut Vec<u8>, body: &mut Vec<u8>, count: &mut u32| {
+    let mut flush = |body: &mut Vec<u8>, count: &mut u32, written: &mut u64| {
         if *count == 0 {
             return;
         }
-        let offset = out.len() as u64;
         let len = body.len() as u32;
         let mut h = crc32fast::Hasher::new();
         h.update(&count.to_le_bytes());
         h.update(&len.to_le_bytes());
         h.update(body);
-        out.extend_from_slice(&CHUNK_MAGIC);
-        out.extend_from_slice(&count.to_le_bytes());
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&h.finalize().to_le_bytes());
-        out.extend_from_slice(body);
-        index.push((offset, *count, len));
+        let mut ch = [0u8; 16];
+        ch[..4].copy_from_slice(&CHUNK_MAGIC);
+        ch[4..8].copy_from_slice(&count.to_le_bytes());
+        ch[8..12].copy_from_slice(&len.to_le_bytes());
+        ch[12..16].copy_from_slice(&h.finalize().to_le_bytes());
+        emit(&ch);
+        emit(body);
+        index.push((*written, *count, len));
+        *written += (ch.len() + body.len()) as u64;
         body.clear();
         *count = 0;
     };
@@ -90,29 +113,29 @@ pub fn encode_with_chunk_bytes(
         put_len_prefixed(&mut body, v);
         count += 1;
         if body.len() >= chunk_bytes {
-            flush(&mut out, &mut body, &mut count);
+            flush(&mut body, &mut count, &mut written);
         }
     }
-    flush(&mut out, &mut body, &mut count);
+    flush(&mut body, &mut count, &mut written);
 
-    let index_offset = out.len() as u64;
-    let istart = out.len();
+    let index_offset = written;
+    let mut tail = Vec::with_capacity(index.len() * 16 + 64);
     for (offset, count, len) in &index {
-        out.extend_from_slice(&offset.to_le_bytes());
-        out.extend_from_slice(&count.to_le_bytes());
-        out.extend_from_slice(&len.to_le_bytes());
+        tail.extend_from_slice(&offset.to_le_bytes());
+        tail.extend_from_slice(&count.to_le_bytes());
+        tail.extend_from_slice(&len.to_le_bytes());
     }
-    let index_crc = crc32fast::hash(&out[istart..]);
-    let tstart = out.len();
-    out.extend_from_slice(&index_offset.to_le_bytes());
-    out.extend_from_slice(&state.len().to_le_bytes());
-    out.extend_from_slice(&(index.len() as u32).to_le_bytes());
-    out.extend_from_slice(&index_crc.to_le_bytes());
-    out.extend_from_slice(&0u64.to_le_bytes());
-    let tcrc = crc32fast::hash(&out[tstart..]);
-    out.extend_from_slice(&tcrc.to_le_bytes());
-    out.extend_from_slice(&TRAILER_MAGIC);
-    out
+    let index_crc = crc32fast::hash(&tail);
+    let tstart = tail.len();
+    tail.extend_from_slice(&index_offset.to_le_bytes());
+    tail.extend_from_slice(&state.len().to_le_bytes());
+    tail.extend_from_slice(&(index.len() as u32).to_le_bytes());
+    tail.extend_from_slice(&index_crc.to_le_bytes());
+    tail.extend_from_slice(&0u64.to_le_bytes());
+    let tcrc = crc32fast::hash(&tail[tstart..]);
+    tail.extend_from_slice(&tcrc.to_le_bytes());
+    tail.extend_from_slice(&TRAILER_MAGIC);
+    emit(&tail);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

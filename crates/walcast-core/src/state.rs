@@ -144,6 +144,12 @@ impl KvState {
     }
 
     fn base_get(&self, key: &[u8]) -> Option<&[u8]> {
+        // Appends (keys past the last one, as in time-ordered or sequential
+        // keys) need no search.
+        let last = self.leaves.last()?;
+        if last.len() > 0 && key > last.key(last.len() - 1) {
+            return None;
+        }
         let li = self.leaf_for(key)?;
         let leaf = &self.leaves[li];
         leaf.find(key).ok().map(|i| leaf.entry(i).1)
@@ -151,12 +157,55 @@ impl KvState {
 
     /// Sets `key` to `value`.
     pub fn put(&mut self, key: &[u8], value: &[u8]) {
-        if self.get(key).is_none() {
-            self.len += 1;
+        if self.is_append(key) {
+            self.append(key, value);
+            return;
         }
         self.overlay_bytes += key.len() + value.len() + 48;
-        self.overlay.insert(key.into(), Some(value.into()));
+        // One overlay traversal: what the insert replaced says whether the key was present.
+        match self.overlay.insert(key.into(), Some(value.into())) {
+            Some(Some(_)) => {}
+            Some(None) => self.len += 1,
+            None => {
+                if self.base_get(key).is_none() {
+                    self.len += 1;
+                }
+            }
+        }
         self.maybe_compact();
+    }
+
+    /// True when `key` sorts after every key held, in the leaves and the overlay.
+    fn is_append(&self, key: &[u8]) -> bool {
+        let past_leaves = match self.leaves.last() {
+            None => true,
+            Some(l) => l.len() > 0 && key > l.key(l.len() - 1),
+        };
+        past_leaves
+            && self
+                .overlay
+                .last_key_value()
+                .is_none_or(|(k, _)| key > &**k)
+    }
+
+    /// Adds a key that sorts after every key held straight to the last leaf
+    /// (sequential and time-ordered keys skip the overlay).
+    fn append(&mut self, key: &[u8], value: &[u8]) {
+        let full = self
+            .leaves
+            .last()
+            .is_none_or(|l| l.data.len() >= LEAF_TARGET);
+        if full {
+            if let Some(l) = self.leaves.last_mut() {
+                l.shrink();
+            }
+            self.leaves.push(Leaf::default());
+        }
+        let leaf = self.leaves.last_mut().expect("pushed above");
+        let before = leaf.data.len();
+        leaf.push(key, value);
+        self.leaf_bytes += leaf.data.len() - before;
+        self.len += 1;
     }
 
     /// Removes `key`; a no-op when absent.
@@ -502,6 +551,47 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
+        #[test]
+        fn matches_btreemap_mostly_ascending(ops in proptest::collection::vec((0u8..10, 0u16..40, 0usize..40), 1..3000)) {
+            let mut s = KvState::new();
+            let mut m = BTreeMap::new();
+            let mut next = 0u32;
+            for (i, (kind, back, vlen)) in ops.iter().enumerate() {
+                let v = vec![(i % 251) as u8; *vlen];
+                match kind {
+                    // Mostly appends, sometimes an update or delete of a recent key.
+                    0..=6 => {
+                        let key = format!("k{next:06}").into_bytes();
+                        next += 1;
+                        s.put(&key, &v);
+                        m.insert(key, v);
+                    }
+                    7 | 8 => {
+                        let key = format!("k{:06}", next.saturating_sub(u32::from(*back))).into_bytes();
+                        s.put(&key, &v);
+                        m.insert(key, v);
+                    }
+                    _ => {
+                        let key = format!("k{:06}", next.saturating_sub(u32::from(*back))).into_bytes();
+                        s.delete(&key);
+                        m.remove(&key);
+                    }
+                }
+                if i % 700 == 0 { s.compact(); }
+                prop_assert_eq!(s.len(), m.len() as u64);
+            }
+            let got: Vec<_> = s.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+            let want: Vec<_> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            prop_assert_eq!(&got, &want);
+            s.compact();
+            let got2: Vec<_> = s.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+            prop_assert_eq!(&got2, &want);
+            for k in 0..next {
+                let key = format!("k{k:06}").into_bytes();
+                prop_assert_eq!(s.get(&key), m.get(&key).map(|v| v.as_slice()));
+            }
+        }
+
         #[test]
         fn matches_btreemap(ops in proptest::collection::vec((any::<bool>(), 0u16..600, 0usize..40), 1..3000)) {
             let mut s = KvState::new();

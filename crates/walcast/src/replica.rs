@@ -27,7 +27,7 @@ use walcast_core::segment::{encode_record, Records};
 use walcast_core::snapshot;
 use walcast_core::state::KvState;
 
-use crate::store::{write_atomic, Store};
+use crate::store::{write_atomic, write_atomic_with, Store};
 
 const LOG_MAGIC: &[u8; 4] = b"WCRL";
 const LOG_HEADER: usize = 40;
@@ -72,9 +72,23 @@ impl LocalDir {
         let mut local = Local::default();
         let snap = dir.join("state.wsnap");
         if snap.exists() {
-            let bytes = std::fs::read(&snap)?;
-            let (h, st) =
-                snapshot::decode(&bytes, None).map_err(|e| anyhow!("{}: {e}", snap.display()))?;
+            // Streamed in 1 MiB reads: loading never holds a second copy of the state.
+            let mut f = File::open(&snap).with_context(|| format!("opening {}", snap.display()))?;
+            let mut dec = snapshot::SnapshotDecoder::new();
+            let mut chunk = vec![0u8; 1 << 20];
+            loop {
+                let n = f
+                    .read(&mut chunk)
+                    .with_context(|| format!("reading {}", snap.display()))?;
+                if n == 0 {
+                    break;
+                }
+                dec.feed(&chunk[..n])
+                    .map_err(|e| anyhow!("{}: {e}", snap.display()))?;
+            }
+            let (h, st) = dec
+                .finish(None)
+                .map_err(|e| anyhow!("{}: {e}", snap.display()))?;
             local = Local {
                 state: st,
                 applied: h.lsn,
@@ -126,8 +140,16 @@ impl LocalDir {
 
     /// Writes a checkpoint of `state` at `lsn` and starts a fresh log.
     pub fn checkpoint(&mut self, state: &KvState, lsn: u64, id: DatasetId) -> Result<()> {
-        let bytes = snapshot::encode(state, lsn, 0, id);
-        write_atomic(&self.dir.join("state.wsnap"), &bytes)?;
+        // Streamed: a checkpoint never holds a second copy of the state.
+        write_atomic_with(&self.dir.join("state.wsnap"), |w| {
+            let mut res = Ok(());
+            snapshot::encode_to(state, lsn, 0, id, snapshot::DEFAULT_CHUNK_BYTES, &mut |b| {
+                if res.is_ok() {
+                    res = w.write_all(b);
+                }
+            });
+            res
+        })?;
         write_atomic(&self.dir.join("applied.log"), &log_header(lsn, id))?;
         self.log = Some(
             OpenOptions::new()

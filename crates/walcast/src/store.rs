@@ -309,12 +309,25 @@ fn local_head_put(dir: &std::path::Path, body: &[u8], cond: &PutCondition) -> Pu
 
 /// Writes `path` atomically: temporary file, fsync, rename, fsync directory.
 pub fn write_atomic(path: &std::path::Path, body: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(body))
+}
+
+/// [`write_atomic`] with the body streamed by `write` (through a buffer), so
+/// that a large body need not sit in memory whole.
+pub fn write_atomic_with(
+    path: &std::path::Path,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| anyhow!("{} has no parent", path.display()))?;
     std::fs::create_dir_all(dir)?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(body)?;
+    {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
+        write(&mut w)?;
+        w.flush()?;
+    }
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()?;
