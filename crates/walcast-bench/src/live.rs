@@ -62,7 +62,12 @@ fn due(start: Instant, n: u64, rate: u64) -> Instant {
 }
 
 /// walcast: `Writer` → `publish` → store → native replica, in this process.
-pub(crate) async fn walcast(target: &Target, name: &str, plan: LivePlan) -> Result<LiveResult> {
+pub(crate) async fn walcast(
+    target: &Target,
+    name: &str,
+    plan: LivePlan,
+    min_commit_interval_ms: u64,
+) -> Result<LiveResult> {
     let tmp = tempfile::tempdir()?;
     let wal = tmp.path().join("wal");
     let local = tmp.path().join("replica");
@@ -85,7 +90,10 @@ pub(crate) async fn walcast(target: &Target, name: &str, plan: LivePlan) -> Resu
     let publisher = {
         let store = walcast::store::Store::open_counted(&url, writer_stats.clone())?;
         let opts = walcast::publish::PublishOptions {
-            config: crate::walcast_publisher_config(),
+            config: walcast_core::publisher::PublisherConfig {
+                min_commit_interval_ms,
+                ..crate::walcast_publisher_config()
+            },
             ..Default::default()
         };
         tokio::spawn(walcast::publish::publish(

@@ -57,6 +57,11 @@ pub(crate) fn walcast_publisher_config() -> PublisherConfig {
     }
 }
 
+/// The live scenario runs walcast a second time with commits at least this
+/// far apart (`walcast publish --min-commit-interval 100ms`): at most as many
+/// commits a second as SlateDB's flushes.
+pub(crate) const SPACED_COMMIT_MS: u64 = FLUSH_MS;
+
 /// SlateDB's writer: its defaults with the shared flush interval.
 pub(crate) fn slate_settings() -> slatedb::Settings {
     slatedb::Settings {
@@ -137,6 +142,8 @@ pub(crate) struct StoreRun {
     pub(crate) live_walcast: Option<LiveResult>,
     /// SlateDB's live run.
     pub(crate) live_slatedb: Option<LiveResult>,
+    /// walcast's live run with `--min-commit-interval` [`SPACED_COMMIT_MS`].
+    pub(crate) live_walcast_spaced: Option<LiveResult>,
     /// walcast's local WAL write of the backlog (not a store operation).
     pub(crate) write_walcast_secs: Option<f64>,
     /// WAL bytes of the walcast backlog.
@@ -302,12 +309,32 @@ fn bench(cli: &Cli) -> Result<()> {
             plan.lag_secs,
             plan.idle_secs
         ));
-        match rt.block_on(live::walcast(t, "walcast-live", live_plan)) {
+        match rt.block_on(live::walcast(t, "walcast-live", live_plan, 0)) {
             Ok(r) => {
                 say(format!("  walcast: {}", live_summary(&r)));
                 run.live_walcast = Some(r);
             }
             Err(e) => fail("lag/idle walcast", e),
+        }
+        say(format!(
+            "{} lag, walcast with --min-commit-interval {SPACED_COMMIT_MS}ms",
+            t.label()
+        ));
+        let spaced_plan = LivePlan {
+            idle_for: Duration::from_secs(1),
+            ..live_plan
+        };
+        match rt.block_on(live::walcast(
+            t,
+            "walcast-live-spaced",
+            spaced_plan,
+            SPACED_COMMIT_MS,
+        )) {
+            Ok(r) => {
+                say(format!("  walcast (spaced): {}", live_summary(&r)));
+                run.live_walcast_spaced = Some(r);
+            }
+            Err(e) => fail("lag walcast --min-commit-interval", e),
         }
         say(format!("{} lag + idle, SlateDB", t.label()));
         match rt.block_on(live::slatedb(t, "slatedb-live", live_plan)) {

@@ -244,11 +244,53 @@ fn rows(run: &StoreRun, batches: u64) -> Vec<Row> {
     ]
 }
 
+/// walcast with spaced commits beside SlateDB: the lag rows only.
+fn spaced_rows(run: &StoreRun) -> Vec<Row> {
+    let lw = run.live_walcast_spaced.as_ref();
+    let ls = run.live_slatedb.as_ref();
+    let lag = |l: Option<&crate::LiveResult>, q: f64| l.map(|l| percentile(&l.lags_ms, q));
+    let row = |metric, unit, walcast, slatedb| Row {
+        scenario: "lag",
+        metric,
+        unit,
+        better: Better::Lower,
+        walcast,
+        slatedb,
+    };
+    vec![
+        row("p50", Unit::Ms, lag(lw, 0.5), lag(ls, 0.5)),
+        row("p99", Unit::Ms, lag(lw, 0.99), lag(ls, 0.99)),
+        row("max", Unit::Ms, lag(lw, 1.0), lag(ls, 1.0)),
+        row(
+            "reader requests while following",
+            Unit::Count,
+            lw.map(|l| l.follow_reader.requests() as f64),
+            ls.map(|l| l.follow_reader.requests() as f64),
+        ),
+        row(
+            "writer requests while writing",
+            Unit::Count,
+            lw.map(|l| l.follow_writer.requests() as f64),
+            ls.map(|l| l.follow_writer.requests() as f64),
+        ),
+    ]
+}
+
 /// Every figure the run should have produced and did not.
 pub(crate) fn missing(r: &Results) -> Vec<String> {
     let mut out = Vec::new();
     for run in &r.stores {
-        for row in rows(run, r.plan.batches) {
+        let spaced = spaced_rows(run).into_iter().map(|mut row| {
+            row.metric = match row.metric {
+                "p50" => "p50 (spaced commits)",
+                "p99" => "p99 (spaced commits)",
+                "max" => "max (spaced commits)",
+                "reader requests while following" => "reader requests (spaced commits)",
+                _ => "writer requests (spaced commits)",
+            };
+            row
+        });
+        for row in rows(run, r.plan.batches).into_iter().chain(spaced) {
             for (sys, v) in [("walcast", row.walcast), ("SlateDB", row.slatedb)] {
                 if !v.is_some_and(f64::is_finite) {
                     out.push(format!(
@@ -338,6 +380,27 @@ pub(crate) fn write(out: &Path, r: &Results, took: Duration) -> Result<()> {
                     ));
                 }
             }
+        }
+        writeln!(
+            md,
+            "\nThe same lag run with `walcast publish --min-commit-interval {}ms` (at most as many commits a second as SlateDB's flushes):\n",
+            crate::SPACED_COMMIT_MS
+        )?;
+        writeln!(
+            md,
+            "| scenario | metric | walcast, spaced commits | SlateDB | walcast vs SlateDB |"
+        )?;
+        writeln!(md, "| --- | --- | ---: | ---: | ---: |")?;
+        for row in spaced_rows(run) {
+            writeln!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                row.scenario,
+                row.metric,
+                fmt_value(row.walcast, row.unit),
+                fmt_value(row.slatedb, row.unit),
+                row.ratio_text()
+            )?;
         }
         if let (Some(w), Some(s)) = (&run.live_walcast, &run.live_slatedb) {
             writeln!(
@@ -435,12 +498,31 @@ fn worst_ceiling(md: &mut String, rp: &crate::replay::ReplayResult) -> Result<()
 fn chart(path: &Path, r: &Results) -> Result<()> {
     let mut series: Vec<(String, &[f64], RGBColor)> = Vec::new();
     let colors = [
-        (RGBColor(31, 119, 180), RGBColor(214, 39, 40)),
-        (RGBColor(23, 190, 207), RGBColor(255, 127, 14)),
+        (
+            RGBColor(31, 119, 180),
+            RGBColor(44, 160, 44),
+            RGBColor(214, 39, 40),
+        ),
+        (
+            RGBColor(23, 190, 207),
+            RGBColor(148, 103, 189),
+            RGBColor(255, 127, 14),
+        ),
     ];
-    for (run, (cw, cs)) in r.stores.iter().zip(colors.iter().cycle()) {
+    for (run, (cw, cp, cs)) in r.stores.iter().zip(colors.iter().cycle()) {
         if let Some(l) = &run.live_walcast {
             series.push((format!("walcast, {}", run.label), &l.lags_ms, *cw));
+        }
+        if let Some(l) = &run.live_walcast_spaced {
+            series.push((
+                format!(
+                    "walcast --min-commit-interval {}ms, {}",
+                    crate::SPACED_COMMIT_MS,
+                    run.label
+                ),
+                &l.lags_ms,
+                *cp,
+            ));
         }
         if let Some(l) = &run.live_slatedb {
             series.push((format!("SlateDB, {}", run.label), &l.lags_ms, *cs));

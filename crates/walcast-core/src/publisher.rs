@@ -30,6 +30,11 @@ pub struct PublisherConfig {
     /// Longest time (ms) a record may wait before it is sealed, even while
     /// another upload is in flight.
     pub flush_interval_ms: u64,
+    /// Shortest time (ms) between two seals, unless a segment is full: caps
+    /// segment PUTs and head commits at about `1000 / min_commit_interval_ms`
+    /// a second under steady writes, for at most this much added lag. 0 (the
+    /// default) seals whenever data waits and no upload is in flight.
+    pub min_commit_interval_ms: u64,
     /// Sealed segments waiting for upload or commit, at most.
     pub max_pending_segments: usize,
     /// Write a snapshot every this many LSNs (KV payloads only).
@@ -61,6 +66,7 @@ impl Default for PublisherConfig {
         PublisherConfig {
             segment_bytes: 8 << 20,
             flush_interval_ms: 250,
+            min_commit_interval_ms: 0,
             max_pending_segments: 4,
             snapshot_every: None,
             retain_lsns: None,
@@ -274,6 +280,7 @@ pub struct Publisher {
     next_push: u64,
     open: Option<SegmentBuilder>,
     open_since: u64,
+    last_seal_at: Option<u64>,
     sealed: VecDeque<Sealed>,
 
     state: Option<KvState>,
@@ -319,6 +326,7 @@ impl Publisher {
             next_push: 0,
             open: None,
             open_since: 0,
+            last_seal_at: None,
             sealed: VecDeque::new(),
             state,
             snapshot: None,
@@ -539,7 +547,12 @@ impl Publisher {
         if let Some(open) = &self.open {
             if !open.is_empty() && self.sealed.len() < self.cfg.max_pending_segments {
                 let due = self.open_since + self.cfg.flush_interval_ms;
-                if open.len() >= self.cfg.segment_bytes || !uploading || due <= now {
+                let spaced = self
+                    .last_seal_at
+                    .map_or(0, |t| t + self.cfg.min_commit_interval_ms);
+                let full = open.len() >= self.cfg.segment_bytes;
+                if full || (spaced <= now && (!uploading || due <= now)) {
+                    self.last_seal_at = Some(now);
                     let open = self.open.take().expect("checked");
                     if let Some((bytes, summary)) = open.finish() {
                         self.sealed.push_back(Sealed {
@@ -548,8 +561,10 @@ impl Publisher {
                             up: Up::Waiting(0),
                         });
                     }
+                } else if uploading {
+                    wake = wake.min(due.max(spaced));
                 } else {
-                    wake = wake.min(due);
+                    wake = wake.min(spaced);
                 }
             }
         }
@@ -1304,6 +1319,85 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Segments sealed while one record arrives every millisecond for a
+    /// second and every PUT succeeds at once.
+    fn segments_for_steady_writes(min_commit_interval_ms: u64) -> (usize, u64) {
+        let cfg = PublisherConfig {
+            min_commit_interval_ms,
+            head_check_ms: 0,
+            ..PublisherConfig::default()
+        };
+        let mut p = Publisher::new(cfg, 1);
+        let Action::Get(g) = p.poll(0) else {
+            panic!("reads the head first")
+        };
+        p.handle_get(g.id, 0, GetResponse::NotFound);
+        let payload = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![0; 100])]).unwrap();
+        let (mut segments, mut etag) = (0, 0u64);
+        for now in 0..=1_000u64 {
+            if now > 0 {
+                p.push(now, &payload, now).unwrap();
+            }
+            loop {
+                match p.poll(now) {
+                    Action::Put(req) => {
+                        if req.key.starts_with("segments/") {
+                            segments += 1;
+                        }
+                        etag += 1;
+                        p.handle_put(
+                            req.id,
+                            now,
+                            PutResponse::Ok {
+                                etag: Some(etag.to_string()),
+                            },
+                        );
+                    }
+                    Action::Get(req) => p.handle_get(req.id, now, GetResponse::NotFound),
+                    Action::Delete(req) => p.handle_delete(req.id, now, Ok(())),
+                    Action::Event(_) => {}
+                    Action::Wait { .. } => break,
+                }
+            }
+        }
+        // Let the last spaced seal happen.
+        for now in 1_001..1_200u64 {
+            loop {
+                match p.poll(now) {
+                    Action::Put(req) => {
+                        if req.key.starts_with("segments/") {
+                            segments += 1;
+                        }
+                        etag += 1;
+                        p.handle_put(
+                            req.id,
+                            now,
+                            PutResponse::Ok {
+                                etag: Some(etag.to_string()),
+                            },
+                        );
+                    }
+                    Action::Wait { .. } => break,
+                    _ => {}
+                }
+            }
+        }
+        (segments, p.committed_lsn())
+    }
+
+    #[test]
+    fn min_commit_interval_spaces_seals() {
+        let (eager, lsn) = segments_for_steady_writes(0);
+        assert_eq!(lsn, 1_000);
+        assert!(eager >= 900, "eager publisher sealed only {eager} segments");
+        let (spaced, lsn) = segments_for_steady_writes(100);
+        assert_eq!(lsn, 1_000, "every record is still committed");
+        assert!(
+            (9..=12).contains(&spaced),
+            "a 100 ms floor over one second sealed {spaced} segments"
+        );
+    }
 
     #[test]
     fn memory_is_bounded_when_uploads_stall() {

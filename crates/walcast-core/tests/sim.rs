@@ -169,6 +169,11 @@ impl Sim {
         let pub_cfg = PublisherConfig {
             segment_bytes: rng.random_range(100..3000),
             flush_interval_ms: rng.random_range(0..200),
+            min_commit_interval_ms: if rng.random_bool(0.3) {
+                rng.random_range(1..150)
+            } else {
+                0
+            },
             max_pending_segments: rng.random_range(1..4),
             snapshot_every: if rng.random_bool(0.8) {
                 Some(rng.random_range(5..40))

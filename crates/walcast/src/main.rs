@@ -54,6 +54,10 @@ enum Cmd {
         /// Longest time data may wait behind an upload in flight.
         #[arg(long, default_value = "250ms", value_parser = parse_duration)]
         flush_interval: Duration,
+        /// Shortest time between two commits (segment + head PUT) unless a
+        /// segment is full: fewer requests for at most this much more lag.
+        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        min_commit_interval: Duration,
         /// Seal a segment at this size.
         #[arg(long, default_value = "8MiB", value_parser = parse_size)]
         segment_bytes: u64,
@@ -226,6 +230,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             wal,
             to,
             flush_interval,
+            min_commit_interval,
             segment_bytes,
             snapshot_every,
             retain,
@@ -237,6 +242,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                 config: PublisherConfig {
                     segment_bytes,
                     flush_interval_ms: flush_interval.as_millis() as u64,
+                    min_commit_interval_ms: min_commit_interval.as_millis() as u64,
                     snapshot_every: (snapshot_every > 0).then_some(snapshot_every),
                     retain_lsns: retain,
                     grace_ms: grace.as_millis() as u64,
