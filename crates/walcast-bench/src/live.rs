@@ -46,6 +46,43 @@ pub(crate) struct LiveResult {
 
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The requests of a live run: while following, then while idle.
+struct Counts {
+    follow_reader: RequestCounts,
+    follow_writer: RequestCounts,
+    idle_reader: RequestCounts,
+    idle_writer: RequestCounts,
+    idle_secs: f64,
+}
+
+impl Counts {
+    /// Takes the counts so far, then watches `idle_for` of nothing written.
+    async fn observe(reader: &RequestStats, writer: &RequestStats, idle_for: Duration) -> Counts {
+        let (r0, w0, t0) = (reader.snapshot(), writer.snapshot(), Instant::now());
+        tokio::time::sleep(idle_for).await;
+        let (r1, w1) = (reader.snapshot(), writer.snapshot());
+        Counts {
+            follow_reader: r0,
+            follow_writer: w0,
+            idle_reader: r1.since(&r0),
+            idle_writer: w1.since(&w0),
+            idle_secs: t0.elapsed().as_secs_f64(),
+        }
+    }
+
+    fn result(self, commits: &[Instant], visible: &[Option<Instant>]) -> Result<LiveResult> {
+        Ok(LiveResult {
+            lags_ms: sorted_lags(commits, visible)?,
+            written: commits.len() as u64,
+            idle_reader: self.idle_reader,
+            idle_writer: self.idle_writer,
+            idle_secs: self.idle_secs,
+            follow_reader: self.follow_reader,
+            follow_writer: self.follow_writer,
+        })
+    }
+}
+
 fn sorted_lags(commits: &[Instant], visible: &[Option<Instant>]) -> Result<Vec<f64>> {
     let mut lags = Vec::with_capacity(commits.len());
     for (i, (c, v)) in commits.iter().zip(visible).enumerate() {
@@ -151,19 +188,7 @@ pub(crate) async fn walcast(
     };
     let last = commits.len() as u64 + 1;
     wait_for(|| applied() >= last, "the walcast replica to catch up").await?;
-    let (follow_reader, follow_writer) = (reader_stats.snapshot(), writer_stats.snapshot());
-
-    let (r0, w0, t0) = (
-        reader_stats.snapshot(),
-        writer_stats.snapshot(),
-        Instant::now(),
-    );
-    tokio::time::sleep(plan.idle_for).await;
-    let (r1, w1, idle) = (
-        reader_stats.snapshot(),
-        writer_stats.snapshot(),
-        t0.elapsed(),
-    );
+    let counts = Counts::observe(&reader_stats, &writer_stats, plan.idle_for).await;
 
     let _ = stop_tx.send(());
     publisher.await??;
@@ -181,15 +206,7 @@ pub(crate) async fn walcast(
             }
         }
     }
-    Ok(LiveResult {
-        lags_ms: sorted_lags(&commits, &visible)?,
-        written: commits.len() as u64,
-        idle_reader: r1.since(&r0),
-        idle_writer: w1.since(&w0),
-        idle_secs: idle.as_secs_f64(),
-        follow_reader,
-        follow_writer,
-    })
+    counts.result(&commits, &visible)
 }
 
 async fn wait_for(mut done: impl FnMut() -> bool, what: &str) -> Result<()> {
@@ -287,19 +304,7 @@ pub(crate) async fn slatedb(target: &Target, name: &str, plan: LivePlan) -> Resu
     }
     done.store(true, Ordering::Release);
     watcher.await??;
-    let (follow_reader, follow_writer) = (reader_stats.snapshot(), writer_stats.snapshot());
-
-    let (r0, w0, t0) = (
-        reader_stats.snapshot(),
-        writer_stats.snapshot(),
-        Instant::now(),
-    );
-    tokio::time::sleep(plan.idle_for).await;
-    let (r1, w1, idle) = (
-        reader_stats.snapshot(),
-        writer_stats.snapshot(),
-        t0.elapsed(),
-    );
+    let counts = Counts::observe(&reader_stats, &writer_stats, plan.idle_for).await;
 
     reader.close().await?;
     db.close().await?;
@@ -308,13 +313,5 @@ pub(crate) async fn slatedb(target: &Target, name: &str, plan: LivePlan) -> Resu
     for (slot, v) in all.iter_mut().zip(visible) {
         *slot = v;
     }
-    Ok(LiveResult {
-        lags_ms: sorted_lags(&commits, &all)?,
-        written: commits.len() as u64,
-        idle_reader: r1.since(&r0),
-        idle_writer: w1.since(&w0),
-        idle_secs: idle.as_secs_f64(),
-        follow_reader,
-        follow_writer,
-    })
+    counts.result(&commits, &all)
 }

@@ -396,6 +396,15 @@ fn bench(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
+fn say_measured(what: &str, m: &Measured) {
+    say(format!(
+        "  {what}: {:.2} s, {} requests, peak RSS {:.0} MB",
+        m.secs,
+        m.counts.requests(),
+        m.peak_rss as f64 / 1e6
+    ));
+}
+
 fn live_summary(r: &LiveResult) -> String {
     let p = |q| report::percentile(&r.lags_ms, q);
     format!(
@@ -436,24 +445,14 @@ fn offline_walcast(t: &Target, n: u64, tmp: &Path, run: &mut StoreRun) -> Result
         wal: wal.clone(),
         url: url.clone(),
     })?;
-    say(format!(
-        "  walcast publish: {:.2} s, {} requests, peak RSS {:.0} MB",
-        p.secs,
-        p.counts.requests(),
-        p.peak_rss as f64 / 1e6
-    ));
+    say_measured("walcast publish", &p);
     run.publish_walcast = Some(p);
     let c = child::spawn(&Job::WalcastCatchUp {
         url,
         local: tmp.join(format!("replica-{}", t.key())),
         n,
     })?;
-    say(format!(
-        "  walcast catch-up: {:.2} s, {} requests, peak RSS {:.0} MB",
-        c.secs,
-        c.counts.requests(),
-        c.peak_rss as f64 / 1e6
-    ));
+    say_measured("walcast catch-up", &c);
     run.catchup_walcast = Some(c);
     let _ = std::fs::remove_dir_all(&wal);
     Ok(())
@@ -468,24 +467,14 @@ fn offline_slatedb(t: &Target, n: u64, run: &mut StoreRun) -> Result<()> {
         path: path.clone(),
         n,
     })?;
-    say(format!(
-        "  SlateDB put + flush: {:.2} s, {} requests, peak RSS {:.0} MB",
-        p.secs,
-        p.counts.requests(),
-        p.peak_rss as f64 / 1e6
-    ));
+    say_measured("SlateDB put + flush", &p);
     run.publish_slatedb = Some(p);
     let c = child::spawn(&Job::SlateCatchUp {
         target: t.clone(),
         path,
         n,
     })?;
-    say(format!(
-        "  SlateDB catch-up: {:.2} s, {} requests, peak RSS {:.0} MB",
-        c.secs,
-        c.counts.requests(),
-        c.peak_rss as f64 / 1e6
-    ));
+    say_measured("SlateDB catch-up", &c);
     run.catchup_slatedb = Some(c);
     Ok(())
 }

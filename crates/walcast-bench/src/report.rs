@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Result;
 use plotters::prelude::*;
 
-use crate::{Results, StoreRun, FLUSH_MS, POLL_MS, VALUE_LEN};
+use crate::{LiveResult, Results, StoreRun, FLUSH_MS, POLL_MS, VALUE_LEN};
 
 /// The `q` quantile of sorted values (nearest rank); NaN when empty.
 pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -110,7 +110,6 @@ fn per_min(count: u64, secs: f64) -> f64 {
 fn rows(run: &StoreRun, batches: u64) -> Vec<Row> {
     let lw = run.live_walcast.as_ref();
     let ls = run.live_slatedb.as_ref();
-    let lag = |l: Option<&crate::LiveResult>, q: f64| l.map(|l| percentile(&l.lags_ms, q));
     let (pw, ps) = (run.publish_walcast.as_ref(), run.publish_slatedb.as_ref());
     let (cw, cs) = (run.catchup_walcast.as_ref(), run.catchup_slatedb.as_ref());
     let mb = |b: u64| b as f64 / 1e6;
@@ -125,26 +124,8 @@ fn rows(run: &StoreRun, batches: u64) -> Vec<Row> {
     };
     use Better::*;
     use Unit::*;
-    vec![
-        row("lag", "p50", Ms, Lower, lag(lw, 0.5), lag(ls, 0.5)),
-        row("lag", "p99", Ms, Lower, lag(lw, 0.99), lag(ls, 0.99)),
-        row("lag", "max", Ms, Lower, lag(lw, 1.0), lag(ls, 1.0)),
-        row(
-            "lag",
-            "reader requests while following",
-            Count,
-            Lower,
-            lw.map(|l| l.follow_reader.requests() as f64),
-            ls.map(|l| l.follow_reader.requests() as f64),
-        ),
-        row(
-            "lag",
-            "writer requests while writing",
-            Count,
-            Lower,
-            lw.map(|l| l.follow_writer.requests() as f64),
-            ls.map(|l| l.follow_writer.requests() as f64),
-        ),
+    let mut out = lag_rows(lw, ls);
+    out.extend([
         row(
             "catch-up",
             "time to the newest key",
@@ -241,14 +222,19 @@ fn rows(run: &StoreRun, batches: u64) -> Vec<Row> {
             pw.map(|m| mb(m.peak_rss)),
             ps.map(|m| mb(m.peak_rss)),
         ),
-    ]
+    ]);
+    out
 }
 
 /// walcast with spaced commits beside SlateDB: the lag rows only.
 fn spaced_rows(run: &StoreRun) -> Vec<Row> {
-    let lw = run.live_walcast_spaced.as_ref();
-    let ls = run.live_slatedb.as_ref();
-    let lag = |l: Option<&crate::LiveResult>, q: f64| l.map(|l| percentile(&l.lags_ms, q));
+    lag_rows(run.live_walcast_spaced.as_ref(), run.live_slatedb.as_ref())
+}
+
+/// The lag scenario's rows for two live runs.
+fn lag_rows(lw: Option<&LiveResult>, ls: Option<&LiveResult>) -> Vec<Row> {
+    let lag = |l: Option<&LiveResult>, q: f64| l.map(|l| percentile(&l.lags_ms, q));
+    let reqs = |l: Option<&LiveResult>, f: fn(&LiveResult) -> u64| l.map(|l| f(l) as f64);
     let row = |metric, unit, walcast, slatedb| Row {
         scenario: "lag",
         metric,
@@ -257,6 +243,8 @@ fn spaced_rows(run: &StoreRun) -> Vec<Row> {
         walcast,
         slatedb,
     };
+    let follow_reader: fn(&LiveResult) -> u64 = |l| l.follow_reader.requests();
+    let follow_writer: fn(&LiveResult) -> u64 = |l| l.follow_writer.requests();
     vec![
         row("p50", Unit::Ms, lag(lw, 0.5), lag(ls, 0.5)),
         row("p99", Unit::Ms, lag(lw, 0.99), lag(ls, 0.99)),
@@ -264,14 +252,14 @@ fn spaced_rows(run: &StoreRun) -> Vec<Row> {
         row(
             "reader requests while following",
             Unit::Count,
-            lw.map(|l| l.follow_reader.requests() as f64),
-            ls.map(|l| l.follow_reader.requests() as f64),
+            reqs(lw, follow_reader),
+            reqs(ls, follow_reader),
         ),
         row(
             "writer requests while writing",
             Unit::Count,
-            lw.map(|l| l.follow_writer.requests() as f64),
-            ls.map(|l| l.follow_writer.requests() as f64),
+            reqs(lw, follow_writer),
+            reqs(ls, follow_writer),
         ),
     ]
 }
@@ -442,7 +430,7 @@ pub(crate) fn write(out: &Path, r: &Results, took: Duration) -> Result<()> {
             Ok(())
         };
         line(
-            "plain copy (allocate + memcpy): the ceiling",
+            "plain copy (memcpy into a buffer already allocated): the ceiling",
             Some(rp.copy_s),
         )?;
         line("crc32fast::hash over the bytes", Some(rp.crc_s))?;

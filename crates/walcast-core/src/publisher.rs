@@ -1335,53 +1335,32 @@ mod tests {
         p.handle_get(g.id, 0, GetResponse::NotFound);
         let payload = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![0; 100])]).unwrap();
         let (mut segments, mut etag) = (0, 0u64);
+        // Answers everything at once until the machine waits.
+        let mut drive = |p: &mut Publisher, now: u64| loop {
+            match p.poll(now) {
+                Action::Put(req) => {
+                    segments += usize::from(req.key.starts_with("segments/"));
+                    etag += 1;
+                    let ok = PutResponse::Ok {
+                        etag: Some(etag.to_string()),
+                    };
+                    p.handle_put(req.id, now, ok);
+                }
+                Action::Get(req) => p.handle_get(req.id, now, GetResponse::NotFound),
+                Action::Delete(req) => p.handle_delete(req.id, now, Ok(())),
+                Action::Event(_) => {}
+                Action::Wait { .. } => break,
+            }
+        };
         for now in 0..=1_000u64 {
             if now > 0 {
                 p.push(now, &payload, now).unwrap();
             }
-            loop {
-                match p.poll(now) {
-                    Action::Put(req) => {
-                        if req.key.starts_with("segments/") {
-                            segments += 1;
-                        }
-                        etag += 1;
-                        p.handle_put(
-                            req.id,
-                            now,
-                            PutResponse::Ok {
-                                etag: Some(etag.to_string()),
-                            },
-                        );
-                    }
-                    Action::Get(req) => p.handle_get(req.id, now, GetResponse::NotFound),
-                    Action::Delete(req) => p.handle_delete(req.id, now, Ok(())),
-                    Action::Event(_) => {}
-                    Action::Wait { .. } => break,
-                }
-            }
+            drive(&mut p, now);
         }
         // Let the last spaced seal happen.
         for now in 1_001..1_200u64 {
-            loop {
-                match p.poll(now) {
-                    Action::Put(req) => {
-                        if req.key.starts_with("segments/") {
-                            segments += 1;
-                        }
-                        etag += 1;
-                        p.handle_put(
-                            req.id,
-                            now,
-                            PutResponse::Ok {
-                                etag: Some(etag.to_string()),
-                            },
-                        );
-                    }
-                    Action::Wait { .. } => break,
-                    _ => {}
-                }
-            }
+            drive(&mut p, now);
         }
         (segments, p.committed_lsn())
     }

@@ -550,6 +550,26 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// `s` holds what `m` holds, before and after a compaction, for every
+    /// key in `keys` too.
+    fn same_as(
+        s: &mut KvState,
+        m: &BTreeMap<Vec<u8>, Vec<u8>>,
+        keys: impl Iterator<Item = Vec<u8>>,
+    ) -> Result<(), TestCaseError> {
+        prop_assert_eq!(s.len(), m.len() as u64);
+        let want: Vec<_> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let got: Vec<_> = s.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        prop_assert_eq!(&got, &want);
+        s.compact();
+        let got: Vec<_> = s.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        prop_assert_eq!(&got, &want);
+        for key in keys {
+            prop_assert_eq!(s.get(&key), m.get(&key).map(|v| v.as_slice()));
+        }
+        Ok(())
+    }
+
     proptest! {
         #[test]
         fn matches_btreemap_mostly_ascending(ops in proptest::collection::vec((0u8..10, 0u16..40, 0usize..40), 1..3000)) {
@@ -580,16 +600,7 @@ mod tests {
                 if i % 700 == 0 { s.compact(); }
                 prop_assert_eq!(s.len(), m.len() as u64);
             }
-            let got: Vec<_> = s.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
-            let want: Vec<_> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            prop_assert_eq!(&got, &want);
-            s.compact();
-            let got2: Vec<_> = s.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
-            prop_assert_eq!(&got2, &want);
-            for k in 0..next {
-                let key = format!("k{k:06}").into_bytes();
-                prop_assert_eq!(s.get(&key), m.get(&key).map(|v| v.as_slice()));
-            }
+            same_as(&mut s, &m, (0..next).map(|k| format!("k{k:06}").into_bytes()))?;
         }
 
         #[test]
@@ -608,17 +619,7 @@ mod tests {
                 }
                 if i % 500 == 0 { s.compact(); }
             }
-            prop_assert_eq!(s.len(), m.len() as u64);
-            let got: Vec<_> = s.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
-            let want: Vec<_> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            prop_assert_eq!(&got, &want);
-            s.compact();
-            let got2: Vec<_> = s.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
-            prop_assert_eq!(&got2, &want);
-            for k in 0u16..600 {
-                let key = format!("k{k:05}").into_bytes();
-                prop_assert_eq!(s.get(&key), m.get(&key).map(|v| v.as_slice()));
-            }
+            same_as(&mut s, &m, (0u16..600).map(|k| format!("k{k:05}").into_bytes()))?;
             let lo = b"k00100".to_vec();
             let hi = b"k00200".to_vec();
             let got: Vec<_> = s.range(Bound::Included(&lo), Bound::Excluded(&hi)).map(|(k, _)| k.to_vec()).collect();

@@ -258,7 +258,7 @@ impl Fetch for HttpFetch {
             200 | 206 => match resp.bytes().await {
                 // A body cut short arrives as what was read; the machine checks lengths.
                 Ok(b) => GetResponse::Ok {
-                    body: b.to_vec(),
+                    body: Vec::from(b),
                     etag,
                     range: if status == 206 { cr } else { None },
                 },

@@ -158,7 +158,8 @@ impl Store {
                 message: format!("GET {} timed out after {} ms", req.key, req.timeout_ms),
             },
             Ok(Ok((body, range, total, etag))) => GetResponse::Ok {
-                body: body.to_vec(),
+                // No copy when the body is the only owner of its buffer.
+                body: Vec::from(body),
                 etag,
                 range: req.range.map(|_| ContentRange {
                     start: range.start,
