@@ -245,6 +245,7 @@ fn lag_rows(lw: Option<&LiveResult>, ls: Option<&LiveResult>) -> Vec<Row> {
     };
     let follow_reader: fn(&LiveResult) -> u64 = |l| l.follow_reader.requests();
     let follow_writer: fn(&LiveResult) -> u64 = |l| l.follow_writer.requests();
+    let follow_reader_bytes: fn(&LiveResult) -> u64 = |l| l.follow_reader.bytes();
     vec![
         row("p50", Unit::Ms, lag(lw, 0.5), lag(ls, 0.5)),
         row("p99", Unit::Ms, lag(lw, 0.99), lag(ls, 0.99)),
@@ -254,6 +255,12 @@ fn lag_rows(lw: Option<&LiveResult>, ls: Option<&LiveResult>) -> Vec<Row> {
             Unit::Count,
             reqs(lw, follow_reader),
             reqs(ls, follow_reader),
+        ),
+        row(
+            "reader bytes while following",
+            Unit::Mb,
+            reqs(lw, follow_reader_bytes).map(|b| b / 1e6),
+            reqs(ls, follow_reader_bytes).map(|b| b / 1e6),
         ),
         row(
             "writer requests while writing",
@@ -274,6 +281,7 @@ pub(crate) fn missing(r: &Results) -> Vec<String> {
                 "p99" => "p99 (spaced commits)",
                 "max" => "max (spaced commits)",
                 "reader requests while following" => "reader requests (spaced commits)",
+                "reader bytes while following" => "reader bytes (spaced commits)",
                 _ => "writer requests (spaced commits)",
             };
             row
