@@ -109,8 +109,7 @@ pub(crate) fn run(job_json: &str) -> Result<()> {
         .build()?;
     let stats = Arc::new(RequestStats::default());
     let start = Instant::now();
-    let mut first = None;
-    rt.block_on(run_job(&job, stats.clone(), start, &mut first))?;
+    let first = rt.block_on(run_job(&job, stats.clone(), start))?;
     let secs = start.elapsed().as_secs_f64();
     let m = Measured {
         secs,
@@ -122,12 +121,10 @@ pub(crate) fn run(job_json: &str) -> Result<()> {
     Ok(())
 }
 
-async fn run_job(
-    job: &Job,
-    stats: Arc<RequestStats>,
-    started: Instant,
-    first: &mut Option<f64>,
-) -> Result<()> {
+/// Runs `job`; returns when (seconds after `started`) the newest key was
+/// first readable, for jobs that read it before the end.
+async fn run_job(job: &Job, stats: Arc<RequestStats>, started: Instant) -> Result<Option<f64>> {
+    let mut first = None;
     match job {
         Job::WalcastPublish { wal, url } => {
             let store = walcast::store::Store::open_counted(url, stats)?;
@@ -149,19 +146,12 @@ async fn run_job(
                 concurrency: 4,
                 progress: false,
             };
-            let local = local.clone();
-            // The replica driver is not `Send` (it runs in wasm too).
-            let report = tokio::task::spawn_blocking(move || -> Result<_> {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                rt.block_on(walcast::replica::replicate_from(
-                    fetch,
-                    &local,
-                    &opts,
-                    std::future::pending(),
-                ))
-            })
+            let report = walcast::replica::spawn_replicate(
+                fetch,
+                local.clone(),
+                opts,
+                std::future::pending(),
+            )
             .await??;
             if report.applied_lsn != *n {
                 bail!(
@@ -203,7 +193,7 @@ async fn run_job(
                     v.len()
                 ),
             }
-            *first = Some(started.elapsed().as_secs_f64());
+            first = Some(started.elapsed().as_secs_f64());
             // Every key, as a walcast replica holds every key once caught up.
             // Fetched as walcast fetches segments: 8 MiB per request, 4 in flight
             // (SlateDB's default reads one 4 KiB block per request, one at a time).
@@ -233,5 +223,5 @@ async fn run_job(
             reader.close().await?;
         }
     }
-    Ok(())
+    Ok(first)
 }

@@ -152,15 +152,7 @@ pub(crate) async fn walcast(
             concurrency: 4,
             progress: false,
         };
-        let stop = stopped(&stop_tx);
-        let local = local.clone();
-        // The replica driver is not `Send` (it runs in wasm too).
-        tokio::task::spawn_blocking(move || -> Result<_> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(walcast::replica::replicate_from(fetch, &local, &opts, stop))
-        })
+        walcast::replica::spawn_replicate(fetch, local.clone(), opts, stopped(&stop_tx))
     };
     let applied = || progress.applied.load(Ordering::Relaxed);
     wait_for(|| applied() >= 1, "the walcast replica to apply LSN 1").await?;
@@ -168,13 +160,12 @@ pub(crate) async fn walcast(
     // The timed window: batch i (0-based) gets LSN i + 2.
     let commits = {
         let writer = writer.clone();
-        let plan2 = plan;
         tokio::task::spawn_blocking(move || -> Result<Vec<Instant>> {
             let start = Instant::now();
             let mut times = Vec::new();
             let mut n = 0u64;
-            while start.elapsed() < plan2.write_for {
-                if let Some(d) = due(start, n, plan2.rate).checked_duration_since(Instant::now()) {
+            while start.elapsed() < plan.write_for {
+                if let Some(d) = due(start, n, plan.rate).checked_duration_since(Instant::now()) {
                     std::thread::sleep(d);
                 }
                 let (k, v) = kv(n + 1);

@@ -107,23 +107,36 @@ fn per_min(count: u64, secs: f64) -> f64 {
     count as f64 * 60.0 / secs
 }
 
-fn rows(run: &StoreRun, batches: u64) -> Vec<Row> {
-    let lw = run.live_walcast.as_ref();
-    let ls = run.live_slatedb.as_ref();
-    let (pw, ps) = (run.publish_walcast.as_ref(), run.publish_slatedb.as_ref());
-    let (cw, cs) = (run.catchup_walcast.as_ref(), run.catchup_slatedb.as_ref());
-    let mb = |b: u64| b as f64 / 1e6;
-    let n = batches as f64;
-    let row = |scenario, metric, unit, better, walcast, slatedb| Row {
+/// One figure of walcast's and SlateDB's runs, where each ran.
+fn both<T>(w: Option<&T>, s: Option<&T>, f: impl Fn(&T) -> f64) -> (Option<f64>, Option<f64>) {
+    (w.map(&f), s.map(&f))
+}
+
+fn row(
+    scenario: &'static str,
+    metric: &'static str,
+    unit: Unit,
+    better: Better,
+    (walcast, slatedb): (Option<f64>, Option<f64>),
+) -> Row {
+    Row {
         scenario,
         metric,
         unit,
         better,
         walcast,
         slatedb,
-    };
+    }
+}
+
+fn rows(run: &StoreRun, batches: u64) -> Vec<Row> {
     use Better::*;
     use Unit::*;
+    let (lw, ls) = (run.live_walcast.as_ref(), run.live_slatedb.as_ref());
+    let (pw, ps) = (run.publish_walcast.as_ref(), run.publish_slatedb.as_ref());
+    let (cw, cs) = (run.catchup_walcast.as_ref(), run.catchup_slatedb.as_ref());
+    let mb = |b: u64| b as f64 / 1e6;
+    let n = batches as f64;
     let mut out = lag_rows(lw, ls);
     out.extend([
         row(
@@ -131,96 +144,84 @@ fn rows(run: &StoreRun, batches: u64) -> Vec<Row> {
             "time to the newest key",
             Secs,
             Lower,
-            cw.map(|m| m.first_secs),
-            cs.map(|m| m.first_secs),
+            both(cw, cs, |m| m.first_secs),
         ),
         row(
             "catch-up",
             "time to every key",
             Secs,
             Lower,
-            cw.map(|m| m.secs),
-            cs.map(|m| m.secs),
+            both(cw, cs, |m| m.secs),
         ),
         row(
             "catch-up",
             "requests",
             Count,
             Lower,
-            cw.map(|m| m.counts.requests() as f64),
-            cs.map(|m| m.counts.requests() as f64),
+            both(cw, cs, |m| m.counts.requests() as f64),
         ),
         row(
             "catch-up",
             "bytes transferred",
             Mb,
             Lower,
-            cw.map(|m| mb(m.counts.bytes())),
-            cs.map(|m| mb(m.counts.bytes())),
+            both(cw, cs, |m| mb(m.counts.bytes())),
         ),
         row(
             "catch-up",
             "peak RSS",
             Mb,
             Lower,
-            cw.map(|m| mb(m.peak_rss)),
-            cs.map(|m| mb(m.peak_rss)),
+            both(cw, cs, |m| mb(m.peak_rss)),
         ),
         row(
             "idle cost",
             "reader requests per minute",
             Count,
             Lower,
-            lw.map(|l| per_min(l.idle_reader.requests(), l.idle_secs)),
-            ls.map(|l| per_min(l.idle_reader.requests(), l.idle_secs)),
+            both(lw, ls, |l| per_min(l.idle_reader.requests(), l.idle_secs)),
         ),
         row(
             "idle cost",
             "reader bytes per minute",
             Count,
             Lower,
-            lw.map(|l| per_min(l.idle_reader.bytes(), l.idle_secs)),
-            ls.map(|l| per_min(l.idle_reader.bytes(), l.idle_secs)),
+            both(lw, ls, |l| per_min(l.idle_reader.bytes(), l.idle_secs)),
         ),
         row(
             "idle cost",
             "writer requests per minute",
             Count,
             Lower,
-            lw.map(|l| per_min(l.idle_writer.requests(), l.idle_secs)),
-            ls.map(|l| per_min(l.idle_writer.requests(), l.idle_secs)),
+            both(lw, ls, |l| per_min(l.idle_writer.requests(), l.idle_secs)),
         ),
         row(
             "publisher",
             "batches per second",
             PerSec,
             Higher,
-            pw.map(|m| n / m.secs),
-            ps.map(|m| n / m.secs),
+            both(pw, ps, |m| n / m.secs),
         ),
         row(
             "publisher",
             "MB per second uploaded",
             MbPerSec,
             Higher,
-            pw.map(|m| mb(m.counts.bytes_up) / m.secs),
-            ps.map(|m| mb(m.counts.bytes_up) / m.secs),
+            both(pw, ps, |m| mb(m.counts.bytes_up) / m.secs),
         ),
         row(
             "publisher",
             "requests",
             Count,
             Lower,
-            pw.map(|m| m.counts.requests() as f64),
-            ps.map(|m| m.counts.requests() as f64),
+            both(pw, ps, |m| m.counts.requests() as f64),
         ),
         row(
             "publisher",
             "peak RSS",
             Mb,
             Lower,
-            pw.map(|m| mb(m.peak_rss)),
-            ps.map(|m| mb(m.peak_rss)),
+            both(pw, ps, |m| mb(m.peak_rss)),
         ),
     ]);
     out
@@ -233,40 +234,26 @@ fn spaced_rows(run: &StoreRun) -> Vec<Row> {
 
 /// The lag scenario's rows for two live runs.
 fn lag_rows(lw: Option<&LiveResult>, ls: Option<&LiveResult>) -> Vec<Row> {
-    let lag = |l: Option<&LiveResult>, q: f64| l.map(|l| percentile(&l.lags_ms, q));
-    let reqs = |l: Option<&LiveResult>, f: fn(&LiveResult) -> u64| l.map(|l| f(l) as f64);
-    let row = |metric, unit, walcast, slatedb| Row {
-        scenario: "lag",
-        metric,
-        unit,
-        better: Better::Lower,
-        walcast,
-        slatedb,
-    };
-    let follow_reader: fn(&LiveResult) -> u64 = |l| l.follow_reader.requests();
-    let follow_writer: fn(&LiveResult) -> u64 = |l| l.follow_writer.requests();
-    let follow_reader_bytes: fn(&LiveResult) -> u64 = |l| l.follow_reader.bytes();
+    let lag = |q: f64| both(lw, ls, |l| percentile(&l.lags_ms, q));
+    let lag_row = |metric, unit, figures| row("lag", metric, unit, Better::Lower, figures);
     vec![
-        row("p50", Unit::Ms, lag(lw, 0.5), lag(ls, 0.5)),
-        row("p99", Unit::Ms, lag(lw, 0.99), lag(ls, 0.99)),
-        row("max", Unit::Ms, lag(lw, 1.0), lag(ls, 1.0)),
-        row(
+        lag_row("p50", Unit::Ms, lag(0.5)),
+        lag_row("p99", Unit::Ms, lag(0.99)),
+        lag_row("max", Unit::Ms, lag(1.0)),
+        lag_row(
             "reader requests while following",
             Unit::Count,
-            reqs(lw, follow_reader),
-            reqs(ls, follow_reader),
+            both(lw, ls, |l| l.follow_reader.requests() as f64),
         ),
-        row(
+        lag_row(
             "reader bytes while following",
             Unit::Mb,
-            reqs(lw, follow_reader_bytes).map(|b| b / 1e6),
-            reqs(ls, follow_reader_bytes).map(|b| b / 1e6),
+            both(lw, ls, |l| l.follow_reader.bytes() as f64 / 1e6),
         ),
-        row(
+        lag_row(
             "writer requests while writing",
             Unit::Count,
-            reqs(lw, follow_writer),
-            reqs(ls, follow_writer),
+            both(lw, ls, |l| l.follow_writer.requests() as f64),
         ),
     ]
 }

@@ -11,7 +11,7 @@ use walcast_core::batch::Op;
 use walcast_core::publisher::PublisherConfig;
 
 use crate::publish::{publish, PublishOptions};
-use crate::replica::{replicate, Progress, ReplicateOptions};
+use crate::replica::{spawn_replicate, AnyFetch, Progress, ReplicateOptions};
 
 /// Runs the demo until `duration` passes or Ctrl-C.
 pub async fn demo(duration: Option<Duration>, rate: u64) -> Result<()> {
@@ -124,17 +124,12 @@ pub async fn demo(duration: Option<Duration>, rate: u64) -> Result<()> {
             progress: false,
             sink: Some(progress.clone()),
         };
-        let stop = stopped(&stop_tx);
-        let local = local.clone();
-        let http = http.clone();
-        // The replica driver is not `Send` (it runs in wasm too): give it a
-        // current-thread runtime of its own.
-        tokio::task::spawn_blocking(move || -> Result<crate::replica::ReplicateReport> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(replicate(&http, &local, &opts, stop))
-        })
+        spawn_replicate(
+            AnyFetch::for_url(&http)?,
+            local.clone(),
+            opts,
+            stopped(&stop_tx),
+        )
     };
 
     // Live progress until Ctrl-C or the duration.

@@ -412,6 +412,23 @@ pub async fn replicate(
     replicate_from(AnyFetch::for_url(url)?, local, opts, stop).await
 }
 
+/// Runs [`replicate_from`] on a blocking thread with a current-thread
+/// runtime of its own, for callers on a multi-threaded runtime: the replica
+/// driver is not `Send` (it runs in wasm too).
+pub fn spawn_replicate(
+    fetch: AnyFetch,
+    local: PathBuf,
+    opts: ReplicateOptions,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<ReplicateReport>> {
+    tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(replicate_from(fetch, &local, &opts, stop))
+    })
+}
+
 /// [`replicate`] through a fetch seam of the caller's (for example a
 /// [`StoreFetch`] over a [`Store::open_counted`] store).
 pub async fn replicate_from(
