@@ -42,6 +42,12 @@ pub struct GetRequest {
     pub if_none_match: Option<String>,
     /// Give up and answer [`GetResponse::Failed`] after this many ms.
     pub timeout_ms: u64,
+    /// The most body bytes the machine can use: the object's size as the
+    /// catalog states it, or the format's limit (the head, a page). A driver
+    /// must never buffer more than `max_bytes + 1` bytes of a body, whatever
+    /// `Content-Length` claims: it stops reading there and hands over what it
+    /// has, and the machine reports the oversized object as a `data` error.
+    pub max_bytes: u64,
 }
 
 /// The `Content-Range` of a 206 answer.
@@ -69,7 +75,7 @@ impl ContentRange {
         }
         Some(ContentRange {
             start,
-            end: last + 1,
+            end: last.checked_add(1)?,
             total: total.trim().parse().ok(),
         })
     }

@@ -477,12 +477,18 @@ impl Publisher {
 
     fn get(&mut self, req: Req, key: String) -> Action {
         let id = self.id(req);
+        let max_bytes = if key == HEAD_KEY {
+            crate::catalog::MAX_HEAD_BYTES as u64
+        } else {
+            crate::catalog::MAX_PAGE_BYTES as u64
+        };
         Action::Get(GetRequest {
             id,
             key,
             range: None,
             if_none_match: None,
             timeout_ms: self.cfg.request_timeout_ms,
+            max_bytes,
         })
     }
 

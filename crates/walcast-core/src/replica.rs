@@ -554,6 +554,14 @@ impl Replica {
     ) -> Action {
         self.next_id += 1;
         let id = RequestId(self.next_id);
+        // The most bytes this job can use: a server that ignores `Range`
+        // may answer with the whole object, whose size the catalog states.
+        let max_bytes = match &job {
+            Job::Head => crate::catalog::MAX_HEAD_BYTES as u64,
+            Job::Page(_) => crate::catalog::MAX_PAGE_BYTES as u64,
+            Job::Segment(u) => u.entry.size,
+            Job::Snapshot { .. } => self.bootstrap.as_ref().map_or(0, |b| b.entry.size),
+        };
         self.pending.insert(id, job);
         self.requests += 1;
         Action::Fetch(GetRequest {
@@ -562,6 +570,7 @@ impl Replica {
             range,
             if_none_match: inm,
             timeout_ms: self.cfg.request_timeout_ms,
+            max_bytes,
         })
     }
 

@@ -4,19 +4,23 @@
 use anyhow::{anyhow, bail, Result};
 use serde_json::json;
 use walcast_client::Fetch;
-use walcast_core::catalog::{Head, Page, PageRef, SegmentEntry, HEAD_KEY};
+use walcast_core::catalog::{
+    Head, Page, PageRef, SegmentEntry, HEAD_KEY, MAX_HEAD_BYTES, MAX_PAGE_BYTES,
+};
 use walcast_core::io::{GetRequest, GetResponse, RequestId};
 use walcast_core::{segment, snapshot};
 
 use crate::replica::AnyFetch;
 
-async fn get(f: &AnyFetch, key: &str) -> Result<Vec<u8>> {
+/// GETs `key` whole, reading at most `max_bytes` (+1) of its body.
+async fn get(f: &AnyFetch, key: &str, max_bytes: u64) -> Result<Vec<u8>> {
     let req = GetRequest {
         id: RequestId(0),
         key: key.to_string(),
         range: None,
         if_none_match: None,
         timeout_ms: 60_000,
+        max_bytes,
     };
     match f.get(req).await {
         GetResponse::Ok { body, .. } => Ok(body),
@@ -28,14 +32,14 @@ async fn get(f: &AnyFetch, key: &str) -> Result<Vec<u8>> {
 /// Reads the head and every page; returns the head, all segment entries in
 /// LSN order, and the pages.
 pub async fn read_catalog(f: &AnyFetch) -> Result<(Head, Vec<SegmentEntry>, Vec<PageRef>)> {
-    let bytes = get(f, HEAD_KEY).await?;
+    let bytes = get(f, HEAD_KEY, MAX_HEAD_BYTES as u64).await?;
     let head = Head::decode(&bytes).map_err(|e| anyhow!("data: {HEAD_KEY}: {e}"))?;
     let mut segments = Vec::new();
     let mut pages = Vec::new();
     // Depth-first, in order.
     let mut stack: Vec<PageRef> = head.pages.iter().rev().cloned().collect();
     while let Some(r) = stack.pop() {
-        let body = get(f, &r.key).await?;
+        let body = get(f, &r.key, MAX_PAGE_BYTES as u64).await?;
         let page = Page::decode(&body, &r).map_err(|e| anyhow!("data: {}: {e}", r.key))?;
         segments.extend(page.segments);
         stack.extend(page.pages.into_iter().rev());
@@ -68,7 +72,7 @@ pub async fn inspect(url: &str, verify: bool, as_json: bool) -> Result<()> {
             indicatif::ProgressBar::hidden()
         };
         for s in &segments {
-            match get(&f, &s.key).await {
+            match get(&f, &s.key, s.size).await {
                 Ok(b) => {
                     if let Err(e) = segment::decode(&b, Some(s.crc32)) {
                         failures.push(format!("{}: {e}", s.key));
@@ -79,7 +83,7 @@ pub async fn inspect(url: &str, verify: bool, as_json: bool) -> Result<()> {
             pb.inc(1);
         }
         if let Some(sn) = &head.snapshot {
-            match get(&f, &sn.key).await {
+            match get(&f, &sn.key, sn.size).await {
                 Ok(b) => match snapshot::decode(&b, Some(sn.crc32)) {
                     Ok((h, _)) if h.lsn == sn.lsn && h.dataset_id == head.dataset_id => {}
                     Ok(_) => {
