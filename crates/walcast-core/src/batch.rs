@@ -133,7 +133,9 @@ pub fn decode(payload: &[u8]) -> Result<Vec<OpRef<'_>>, DecodeError> {
             format!("op count {count} exceeds what the payload can hold"),
         ));
     }
-    let mut ops = Vec::with_capacity(count as usize);
+    // The count is a claim: reserve for what a small batch needs and let
+    // the vector grow with ops actually decoded.
+    let mut ops = Vec::with_capacity((count as usize).min(64));
     for _ in 0..count {
         let at = r.offset();
         match r.u8("KV op tag")? {

@@ -21,6 +21,53 @@ pub const MAX_PAGE_BYTES: usize = 16 << 20;
 pub const HEAD_PREFIX_LEN: usize = 20;
 /// Index entries kept per segment in the catalog.
 pub const CATALOG_INDEX_SAMPLE: usize = 16;
+/// Highest page level accepted. Pages fan out by 32, so 16 levels cover more
+/// segments than LSNs exist; a deeper tree can only come from a hostile store.
+pub const MAX_PAGE_LEVEL: u32 = 16;
+
+/// Checks that `key` is exactly the key the format derives for the object it
+/// names, so no catalog entry can point outside the dataset's own object kinds
+/// (`../x`, the head itself, an absolute path, a query).
+fn check_key(what: &str, key: &str, expected: &str) -> Result<(), String> {
+    if key == expected {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} key {key:?} is not the key the format derives ({expected:?})"
+        ))
+    }
+}
+
+/// The kind of immutable object `key` names, if it has the exact shape of a
+/// segment, snapshot or page key; `None` for anything else (the head, a
+/// relative path with `..`, stray files).
+pub fn object_kind(key: &str) -> Option<&'static str> {
+    fn num(s: &str, width: Option<usize>) -> bool {
+        !s.is_empty()
+            && s.len() <= 20
+            && s.bytes().all(|b| b.is_ascii_digit())
+            && width.is_none_or(|w| s.len() == w)
+            && s.parse::<u64>().is_ok()
+    }
+    if let Some(rest) = key.strip_prefix("segments/") {
+        let (epoch, file) = rest.split_once('/')?;
+        let (first, last) = file.strip_suffix(".wseg")?.split_once('-')?;
+        (num(epoch, None) && num(first, Some(20)) && num(last, Some(20))).then_some("segment")
+    } else if let Some(rest) = key.strip_prefix("snapshots/") {
+        let (lsn, epoch) = rest.strip_suffix(".wsnap")?.split_once('-')?;
+        (num(lsn, Some(20)) && num(epoch, None)).then_some("snapshot")
+    } else if let Some(rest) = key.strip_prefix("catalog/pages/") {
+        let mut parts = rest.strip_suffix(".json")?.split('-');
+        let ok = num(parts.next()?, None)
+            && num(parts.next()?, Some(20))
+            && num(parts.next()?, Some(20))
+            && num(parts.next()?, None)
+            && parts.next().is_none();
+        ok.then_some("page")
+    } else {
+        None
+    }
+}
 
 /// A dataset's random 128-bit identity, written as 32 lowercase hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -155,6 +202,11 @@ impl SegmentEntry {
         if self.first_lsn == 0 || self.last_lsn < self.first_lsn {
             return Err(format!("segment {} has an empty LSN range", self.key));
         }
+        check_key(
+            "segment",
+            &self.key,
+            &segment_key(self.epoch, self.first_lsn, self.last_lsn),
+        )?;
         if !(first_ok && ordered && in_range)
             || self.records_end >= self.size
             || self.records_end < crate::segment::HEADER_LEN
@@ -200,6 +252,33 @@ pub struct PageRef {
     pub count: u32,
     /// `crc32` of the page's bytes.
     pub crc32: u32,
+}
+
+impl PageRef {
+    /// Checks the reference on its own: a page key of the right level and
+    /// range, a level the format allows, a non-empty range.
+    fn validate(&self) -> Result<(), String> {
+        if self.level > MAX_PAGE_LEVEL {
+            return Err(format!(
+                "page {} has level {}, above the limit {MAX_PAGE_LEVEL}",
+                self.key, self.level
+            ));
+        }
+        if self.last_lsn < self.first_lsn || self.first_lsn == 0 || self.count == 0 {
+            return Err(format!("page {} has an empty range", self.key));
+        }
+        let prefix = format!(
+            "catalog/pages/{}-{:020}-{:020}-",
+            self.level, self.first_lsn, self.last_lsn
+        );
+        if object_kind(&self.key) != Some("page") || !self.key.starts_with(&prefix) {
+            return Err(format!(
+                "page key {:?} is not the key the format derives for level {} and LSNs {}..={}",
+                self.key, self.level, self.first_lsn, self.last_lsn
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// An object no longer named by the catalog, waiting out the grace period.
@@ -347,9 +426,21 @@ impl Head {
         } else if self.earliest_lsn > 1 {
             return Err("earliest_lsn above 1 without a snapshot".into());
         }
+        if let Some(s) = &self.snapshot {
+            check_key("snapshot", &s.key, &snapshot_key(s.lsn, s.epoch))?;
+        }
+        for r in &self.retired {
+            if object_kind(&r.key).is_none() {
+                return Err(format!(
+                    "retired key {:?} is not a segment, snapshot or page key",
+                    r.key
+                ));
+            }
+        }
         // Pages then segments: ascending, contiguous, ending at committed_lsn.
         let mut next: Option<u64> = None;
         for p in &self.pages {
+            p.validate()?;
             if p.last_lsn < p.first_lsn || next.is_some_and(|n| n != p.first_lsn) {
                 return Err(format!("page {} is not contiguous", p.key));
             }
@@ -456,6 +547,9 @@ impl Page {
                 page.segments.len(),
             )
         } else {
+            for p in &page.pages {
+                p.validate().map_err(DecodeError::Json)?;
+            }
             (
                 page.pages.first().map(|s| s.first_lsn),
                 page.pages.last().map(|s| s.last_lsn),

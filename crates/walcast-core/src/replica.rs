@@ -36,6 +36,13 @@ use crate::segment::{self, IndexEntry, Records};
 use crate::snapshot::SnapshotDecoder;
 use crate::state::KvState;
 
+/// Catalog pages kept at once; more than the deepest valid descent
+/// ([`crate::catalog::MAX_PAGE_LEVEL`] + 1 pages).
+const MAX_CACHED_PAGES: usize = 64;
+
+/// Head reads behind the applied LSN, at the least, before a rewind.
+const REWIND_MIN_READS: u32 = 16;
+
 /// What the replica does with verified records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
@@ -69,6 +76,10 @@ pub struct ReplicaConfig {
     pub snapshot_window: u64,
     /// Built-in KV state or raw records.
     pub mode: Mode,
+    /// How long (ms) every head read must commit less than the applied LSN
+    /// before the replica concludes the dataset's history went back (a
+    /// restored bucket, not a stale cache), reports it and starts over.
+    pub rewind_after_ms: u64,
     /// KV mode: also hand each applied record to the driver as
     /// [`Event::Record`] (before its [`Event::Applied`]), e.g. to append it
     /// to a local log so a restart does not refetch it.
@@ -86,6 +97,7 @@ impl Default for ReplicaConfig {
             request_timeout_ms: 30_000,
             snapshot_window: 8 << 20,
             mode: Mode::Kv,
+            rewind_after_ms: 60_000,
             emit_records: false,
         }
     }
@@ -118,7 +130,9 @@ pub enum Event {
         /// The dataset it belongs to.
         dataset_id: DatasetId,
     },
-    /// The dataset id changed: the old state was discarded.
+    /// The dataset id changed, or its history went back behind the applied
+    /// LSN for good (a bucket restored from a backup): the old state was
+    /// discarded and the replica starts over.
     DatasetChanged {
         /// The new dataset id.
         dataset_id: DatasetId,
@@ -275,7 +289,8 @@ pub struct Replica {
     /// Page needed to extend the plan.
     page_wanted: Option<PageRef>,
     page_inflight: bool,
-    pages: HashMap<String, Page>,
+    /// Verified pages by key, with the reference each was verified against.
+    pages: HashMap<String, (PageRef, Page)>,
     /// Results by the unit's `from` LSN.
     ready: BTreeMap<u64, Verified>,
     inflight_units: HashMap<u64, ()>,
@@ -288,6 +303,9 @@ pub struct Replica {
     backoff_until: Option<u64>,
     events: VecDeque<Event>,
     caught_up_reported: bool,
+    /// Since when every head read commits less than `applied`, and how many.
+    behind_since: Option<u64>,
+    behind_reads: u32,
 }
 
 impl Replica {
@@ -327,6 +345,8 @@ impl Replica {
             backoff_until: None,
             events: VecDeque::new(),
             caught_up_reported: false,
+            behind_since: None,
+            behind_reads: 0,
         }
     }
 
@@ -623,6 +643,8 @@ impl Replica {
         match resp {
             GetResponse::NotModified if self.etag.is_some() && self.head.is_some() => {
                 self.success(HEAD_KEY);
+                self.behind_since = None;
+                self.behind_reads = 0;
                 self.last_poll_at = Some(now);
                 self.schedule_poll(now);
             }
@@ -679,17 +701,49 @@ impl Replica {
             });
             self.reset_to(head.dataset_id);
         }
-        if self.dataset == Some(head.dataset_id)
-            && (head.committed_lsn < self.applied || head.committed_lsn < self.committed)
-        {
+        if self.dataset == Some(head.dataset_id) && head.committed_lsn < self.applied {
             // A stale copy (e.g. from a CDN): never go backwards. Ask again
             // in full next time.
-            self.head_fresh = true;
-            self.schedule_poll(now);
-            return;
+            let since = *self.behind_since.get_or_insert(now);
+            self.behind_reads += 1;
+            if self.behind_reads >= REWIND_MIN_READS
+                && now.saturating_sub(since) >= self.cfg.rewind_after_ms
+            {
+                // Not a stale cache: the dataset's history went back behind
+                // what this replica applied (a bucket restored from a
+                // backup). Say so, discard the state, and follow the history
+                // the store now holds rather than wedging for good.
+                self.events.push_back(Event::Error(
+                    Error::new(
+                        ErrorKind::Data,
+                        format!(
+                            "the dataset went back in history: every head for {} ms \
+                             commits LSN {} but this replica applied {}; starting over",
+                            now - since,
+                            head.committed_lsn,
+                            self.applied
+                        ),
+                    )
+                    .with_object(HEAD_KEY)
+                    .with_lsn(head.committed_lsn),
+                ));
+                self.events.push_back(Event::DatasetChanged {
+                    dataset_id: head.dataset_id,
+                });
+                self.reset_to(head.dataset_id);
+            } else {
+                self.head_fresh = true;
+                self.schedule_poll(now);
+                return;
+            }
         }
+        self.behind_since = None;
+        self.behind_reads = 0;
         self.epoch = self.epoch.max(head.epoch);
-        self.committed = self.committed.max(head.committed_lsn);
+        // The newest head read decides what is committed: a head read earlier
+        // that claimed more (a bogus or rolled-back one) must not keep this
+        // replica waiting for LSNs the store no longer has.
+        self.committed = head.committed_lsn;
         self.committed_at_ms = head.committed_at_ms;
         self.etag = etag;
         let fresh = self.dataset.is_none();
@@ -722,10 +776,9 @@ impl Replica {
             self.clear_plan();
         }
         // Re-plan when the head changed what we know.
-        let head_changed = self
-            .head
-            .as_ref()
-            .is_none_or(|h| h.generation != head.generation || h.epoch != head.epoch);
+        // Any difference counts, not just the generation: a head that lied
+        // about an entry under a real generation must not keep its plan.
+        let head_changed = self.head.as_ref().is_none_or(|h| *h != head);
         self.head = Some(head);
         if head_changed {
             self.clear_plan();
@@ -775,8 +828,12 @@ impl Replica {
             else {
                 return Ok(None);
             };
-            let Some(page) = self.pages.get(&r.key) else {
-                return Err(r.clone());
+            // A cached page counts only for the very reference it was
+            // verified against: a page that names itself (or another page's
+            // key) must be fetched and checked against this reference.
+            let page = match self.pages.get(&r.key) {
+                Some((verified, page)) if verified == r => page,
+                _ => return Err(r.clone()),
             };
             if page.level == 0 {
                 let i = page
@@ -863,16 +920,32 @@ impl Replica {
         match result {
             Ok(page) => {
                 self.success(&r.key);
-                self.pages.insert(r.key.clone(), page);
-                if self.pages.len() > 64 {
-                    let keep = r.key.clone();
-                    self.pages.retain(|k, _| *k == keep);
+                if self.pages.len() >= MAX_CACHED_PAGES {
+                    // Keep the path being descended (one page per level, as
+                    // levels strictly decrease down the tree), drop the rest.
+                    let lsn = self.plan_next;
+                    self.pages
+                        .retain(|_, (pr, _)| pr.first_lsn <= lsn && lsn <= pr.last_lsn);
                 }
+                self.pages.insert(r.key.clone(), (r, page));
                 self.page_wanted = None;
             }
             Err(err) => {
+                self.distrust_head(now, &err);
                 let d = self.failure(&r.key, err);
                 self.backoff_until = Some(now + d);
+            }
+        }
+    }
+
+    /// An object failed verification against the entry the head gave for
+    /// it: the object or the head may be wrong. Read the head again in full
+    /// (a newer or honest one replaces the plan built from this one).
+    fn distrust_head(&mut self, now: u64, err: &Error) {
+        if err.kind() == ErrorKind::Data {
+            self.head_fresh = true;
+            if self.head_due.is_none_or(|t| t > now) && !self.head_inflight {
+                self.head_due = Some(now);
             }
         }
     }
@@ -915,6 +988,7 @@ impl Replica {
                 self.ready.insert(u.from, v);
             }
             Err(err) => {
+                self.distrust_head(now, &err);
                 let d = self.failure(&key, err);
                 self.retry_at.insert(u.from, now + d);
             }
@@ -1092,11 +1166,14 @@ impl Replica {
                     )
                     .with_object(key.clone()))
                 } else {
-                    let skip = (offset - start) as usize;
+                    // Offsets stay u64 until they are known to fit the body,
+                    // so a snapshot over 4 GiB works on 32-bit targets.
+                    let skip = usize::try_from(offset - start).unwrap_or(usize::MAX);
                     let avail = bytes.get(skip..).unwrap_or(&[]);
                     // Take what arrived, up to the end of the file (a 200 or a
                     // generous 206 may carry more than the window asked for).
-                    let take = avail.len().min((size - offset) as usize);
+                    let left = size.saturating_sub(offset);
+                    let take = usize::try_from(left).map_or(avail.len(), |l| avail.len().min(l));
                     if take == 0 {
                         Err(Error::new(
                             ErrorKind::Data,
@@ -1130,6 +1207,7 @@ impl Replica {
                     b.decoder = SnapshotDecoder::new();
                     b.next = 0;
                 }
+                self.distrust_head(now, &err);
                 let d = self.failure(&key, err);
                 self.retry_at.insert(0, now + d);
             }
@@ -1177,6 +1255,7 @@ impl Replica {
                 }
             }
             Err(err) => {
+                self.distrust_head(now, &err);
                 let d = self.failure(&key, err);
                 self.retry_at.insert(0, now + d);
                 self.bootstrap = Some(Bootstrap {

@@ -353,7 +353,7 @@ impl KvState {
         };
         let overlay = if empty {
             self.overlay
-                .range::<[u8], _>((Bound::Excluded(&[][..]), Bound::Excluded(&[][..])))
+                .range::<[u8], _>((Bound::Included(&[][..]), Bound::Excluded(&[][..])))
         } else {
             self.overlay.range::<[u8], _>((start, end))
         };
@@ -629,6 +629,91 @@ mod tests {
             let want: Vec<_> = m.keys().filter(|k| k.starts_with(b"k0001")).cloned().collect();
             prop_assert_eq!(got, want);
         }
+    }
+
+    fn bound(kind: u8, k: &[u8]) -> Bound<&[u8]> {
+        match kind % 3 {
+            0 => Bound::Included(k),
+            1 => Bound::Excluded(k),
+            _ => Bound::Unbounded,
+        }
+    }
+
+    fn in_bounds(k: &[u8], start: Bound<&[u8]>, end: Bound<&[u8]>) -> bool {
+        let above = match start {
+            Bound::Included(s) => k >= s,
+            Bound::Excluded(s) => k > s,
+            Bound::Unbounded => true,
+        };
+        let below = match end {
+            Bound::Included(e) => k <= e,
+            Bound::Excluded(e) => k < e,
+            Bound::Unbounded => true,
+        };
+        above && below
+    }
+
+    proptest! {
+        /// Any pair of bounds, inverted or equal ones included, gives what a
+        /// filter gives, with keys in the leaves and in the overlay.
+        #[test]
+        fn any_bounds_match_a_filter(
+            keys in proptest::collection::vec(0u16..300, 0..400),
+            compact_at in 0usize..400,
+            ranges in proptest::collection::vec((0u8..3, 0u16..300, 0u8..3, 0u16..300), 1..40),
+        ) {
+            let mut s = KvState::new();
+            let mut m = BTreeMap::new();
+            for (i, k) in keys.iter().enumerate() {
+                let key = format!("k{k:04}").into_bytes();
+                s.put(&key, b"v");
+                m.insert(key, b"v".to_vec());
+                if i == compact_at { s.compact(); }
+            }
+            for (sk, a, ek, b) in ranges {
+                let (a, b) = (format!("k{a:04}").into_bytes(), format!("k{b:04}").into_bytes());
+                let (start, end) = (bound(sk, &a), bound(ek, &b));
+                let got: Vec<_> = s.range(start, end).map(|(k, _)| k.to_vec()).collect();
+                let want: Vec<_> = m.keys().filter(|k| in_bounds(k, start, end)).cloned().collect();
+                prop_assert_eq!(got, want);
+            }
+        }
+    }
+
+    #[test]
+    fn inverted_and_empty_bounds_with_an_overlay_are_empty_not_a_panic() {
+        let mut s = KvState::new();
+        // Enough keys for the overlay's tree to have inner nodes.
+        for i in 0..100u8 {
+            s.put(&[b'a', i], b"0");
+        }
+        s.put(b"a", b"1");
+        s.put(b"b", b"2");
+        assert_eq!(
+            s.range(Bound::Included(b"b"), Bound::Excluded(b"a"))
+                .count(),
+            0
+        );
+        assert_eq!(
+            s.range(Bound::Excluded(b"a"), Bound::Excluded(b"a"))
+                .count(),
+            0
+        );
+        assert_eq!(
+            s.range(Bound::Included(b"a"), Bound::Excluded(b"a"))
+                .count(),
+            0
+        );
+        assert_eq!(
+            s.range(Bound::Included(b"a"), Bound::Included(b"a"))
+                .count(),
+            1
+        );
+        assert_eq!(
+            s.range(Bound::Included(b"b"), Bound::Included(b"a"))
+                .count(),
+            0
+        );
     }
 
     #[test]

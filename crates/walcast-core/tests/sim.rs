@@ -229,6 +229,7 @@ impl Sim {
                 snapshot_window: sim.rng.random_range(64..2048),
                 mode: if raw { Mode::Raw } else { Mode::Kv },
                 emit_records: !raw && i == 0,
+                rewind_after_ms: 60_000,
             };
             let slow = i == 1;
             let seed = sim.rng.random();
