@@ -1,0 +1,81 @@
+//! Applying verified units in dense LSN order, one unit per poll, and
+//! scheduling the next head read once caught up.
+
+use crate::batch;
+use crate::error::Error;
+
+use super::{Event, Mode, Replica};
+
+impl Replica {
+    pub(super) fn apply_ready(&mut self, now: u64) {
+        // One unit per poll, so the state matches the event the driver sees.
+        if let Some(front) = self.plan.front() {
+            let from = front.from;
+            if from != self.applied + 1 {
+                // The plan no longer lines up (after a reset): rebuild it.
+                self.clear_plan();
+                return;
+            }
+            let Some(v) = self.ready.remove(&from) else {
+                return;
+            };
+            let unit = self.plan.pop_front().expect("front exists");
+            let key = unit.entry.key.clone();
+            let first = self.applied + 1;
+            for &(lsn, s, e) in &v.records {
+                let payload = &v.bytes[s..e];
+                match self.cfg.mode {
+                    Mode::Kv => match batch::decode(payload) {
+                        Ok(ops) => {
+                            self.state.apply(&ops);
+                            if self.cfg.emit_records {
+                                self.events.push_back(Event::Record {
+                                    lsn,
+                                    payload: payload.to_vec(),
+                                });
+                            }
+                        }
+                        Err(d) => {
+                            if lsn > first {
+                                self.events.push_back(Event::Applied {
+                                    first,
+                                    last: lsn - 1,
+                                });
+                            }
+                            let err = Error::decode(d).with_object(key.clone()).with_lsn(lsn);
+                            let delay = self.failure(&key, err);
+                            self.clear_plan();
+                            self.backoff_until = Some(now + delay);
+                            self.head_due = Some(now);
+                            self.head_fresh = true;
+                            return;
+                        }
+                    },
+                    Mode::Raw => self.events.push_back(Event::Record {
+                        lsn,
+                        payload: payload.to_vec(),
+                    }),
+                }
+                self.applied = lsn;
+            }
+            self.success(&key);
+            self.last_error = None;
+            if self.applied >= first {
+                self.events.push_back(Event::Applied {
+                    first,
+                    last: self.applied,
+                });
+            }
+            if self.applied >= self.committed {
+                self.schedule_poll_from_last();
+            }
+        }
+    }
+
+    fn schedule_poll_from_last(&mut self) {
+        if self.head_due.is_none() && !self.head_inflight {
+            let base = self.last_poll_at.unwrap_or(0);
+            self.head_due = Some(base + self.cfg.poll_interval_ms);
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Issuing requests and accounting for their outcomes: request ids, the
+//! next wake-up time, retry backoff with jitter, per-object failure counts,
+//! and the error an unusable answer stands for.
+
+use crate::error::{Error, ErrorKind};
+use crate::io::{ByteRange, GetRequest, GetResponse, RequestId};
+use crate::rng::splitmix64;
+
+use super::{Action, Event, Job, Replica};
+
+impl Replica {
+    pub(super) fn wait(&mut self, now: u64) -> Action {
+        let mut until = u64::MAX;
+        if !self.head_inflight {
+            if let Some(t) = self.head_due {
+                until = until.min(t);
+            }
+        }
+        for t in self.retry_at.values() {
+            until = until.min(*t);
+        }
+        if let Some(t) = self.backoff_until {
+            until = until.min(t);
+        }
+        Action::Wait {
+            until: until.max(now),
+        }
+    }
+
+    pub(super) fn fetch(
+        &mut self,
+        job: Job,
+        key: String,
+        range: Option<ByteRange>,
+        inm: Option<String>,
+    ) -> Action {
+        self.next_id += 1;
+        let id = RequestId(self.next_id);
+        // The most bytes this job can use: a server that ignores `Range`
+        // may answer with the whole object, whose size the catalog states.
+        let max_bytes = match &job {
+            Job::Head => crate::catalog::MAX_HEAD_BYTES as u64,
+            Job::Page(_) => crate::catalog::MAX_PAGE_BYTES as u64,
+            Job::Segment(u) => u.entry.size,
+            Job::Snapshot { .. } => self.bootstrap.as_ref().map_or(0, |b| b.entry.size),
+        };
+        self.pending.insert(id, job);
+        self.requests += 1;
+        Action::Fetch(GetRequest {
+            id,
+            key,
+            range,
+            if_none_match: inm,
+            timeout_ms: self.cfg.request_timeout_ms,
+            max_bytes,
+        })
+    }
+
+    fn backoff_delay(&mut self, attempts: u32) -> u64 {
+        let exp = self
+            .cfg
+            .retry_base_ms
+            .saturating_mul(1u64 << attempts.min(20))
+            .min(self.cfg.retry_max_ms);
+        let jitter = splitmix64(&mut self.rng) % (exp / 2 + 1);
+        exp / 2 + jitter
+    }
+
+    /// Records a failure of `key`; returns the retry delay, and reports an
+    /// error event once attempts reach the limit.
+    pub(super) fn failure(&mut self, key: &str, err: Error) -> u64 {
+        let n = self.attempts.entry(key.to_string()).or_insert(0);
+        *n += 1;
+        let n = *n;
+        if n == self.cfg.max_attempts {
+            self.events.push_back(Event::Error(err.clone()));
+        }
+        self.last_error = Some(err);
+        self.backoff_delay(n)
+    }
+
+    pub(super) fn success(&mut self, key: &str) {
+        self.attempts.remove(key);
+    }
+}
+
+pub(super) fn unavailable(resp: &GetResponse) -> Error {
+    match resp {
+        GetResponse::Failed { status, message } => Error::new(
+            ErrorKind::Unavailable,
+            match status {
+                Some(s) => format!("HTTP {s}: {message}"),
+                None => message.clone(),
+            },
+        ),
+        GetResponse::RangeNotSatisfiable => Error::new(
+            ErrorKind::Data,
+            "416: the object is shorter than the catalog says",
+        ),
+        GetResponse::NotModified => Error::new(ErrorKind::Unavailable, "unexpected 304"),
+        GetResponse::NotFound => Error::new(ErrorKind::NotFound, "404"),
+        GetResponse::Ok { .. } => Error::new(ErrorKind::Unavailable, "unexpected answer"),
+    }
+}

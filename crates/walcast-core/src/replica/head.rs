@@ -1,0 +1,213 @@
+//! The catalog head: reading it, deciding whether to trust it (a stale
+//! cached copy, a history that went back, a new dataset), scheduling the next
+//! read, and re-reading it when an object it named turns out wrong or missing.
+
+use crate::catalog::{DatasetId, Head, HEAD_KEY};
+use crate::error::{Error, ErrorKind};
+use crate::io::GetResponse;
+use crate::snapshot::SnapshotDecoder;
+use crate::state::KvState;
+
+use super::bootstrap::Bootstrap;
+use super::fetch::unavailable;
+use super::{Event, Mode, Replica};
+
+/// Head reads behind the applied LSN, at the least, before a rewind.
+const REWIND_MIN_READS: u32 = 16;
+
+impl Replica {
+    pub(super) fn on_head(&mut self, now: u64, resp: GetResponse) {
+        self.head_inflight = false;
+        match resp {
+            GetResponse::NotModified if self.etag.is_some() && self.head.is_some() => {
+                self.success(HEAD_KEY);
+                self.behind_since = None;
+                self.behind_reads = 0;
+                self.last_poll_at = Some(now);
+                self.schedule_poll(now);
+            }
+            GetResponse::Ok { body, etag, .. } => match Head::decode(&body) {
+                Ok(head) => {
+                    self.success(HEAD_KEY);
+                    self.last_poll_at = Some(now);
+                    self.accept_head(now, head, etag);
+                }
+                Err(e) => {
+                    let err = Error::decode(e).with_object(HEAD_KEY);
+                    self.head_retry(now, err);
+                }
+            },
+            GetResponse::NotFound => {
+                let err = Error::new(
+                    ErrorKind::NotFound,
+                    "no catalog head: the dataset does not exist (yet)",
+                )
+                .with_object(HEAD_KEY);
+                self.head_retry(now, err);
+            }
+            GetResponse::NotModified => {
+                // A 304 we did not ask for: read it again in full.
+                self.head_fresh = true;
+                let err = Error::new(ErrorKind::Unavailable, "unexpected 304 for the head")
+                    .with_object(HEAD_KEY);
+                self.head_retry(now, err);
+            }
+            other => {
+                let err = unavailable(&other).with_object(HEAD_KEY);
+                self.head_retry(now, err);
+            }
+        }
+    }
+
+    fn head_retry(&mut self, now: u64, err: Error) {
+        let d = self.failure(HEAD_KEY, err);
+        self.head_fresh = true;
+        self.head_due = Some(now + d);
+    }
+
+    pub(super) fn schedule_poll(&mut self, now: u64) {
+        if self.head_due.is_none() {
+            self.head_due = Some(now + self.cfg.poll_interval_ms);
+        }
+    }
+
+    fn accept_head(&mut self, now: u64, head: Head, etag: Option<String>) {
+        self.started = true;
+        if self.dataset.is_some_and(|d| d != head.dataset_id) {
+            self.events.push_back(Event::DatasetChanged {
+                dataset_id: head.dataset_id,
+            });
+            self.reset_to(head.dataset_id);
+        }
+        if self.dataset == Some(head.dataset_id) && head.committed_lsn < self.applied {
+            // A stale copy (e.g. from a CDN): never go backwards. Ask again
+            // in full next time.
+            let since = *self.behind_since.get_or_insert(now);
+            self.behind_reads += 1;
+            if self.behind_reads >= REWIND_MIN_READS
+                && now.saturating_sub(since) >= self.cfg.rewind_after_ms
+            {
+                // Not a stale cache: the dataset's history went back behind
+                // what this replica applied (a bucket restored from a
+                // backup). Say so, discard the state, and follow the history
+                // the store now holds rather than wedging for good.
+                self.events.push_back(Event::Error(
+                    Error::new(
+                        ErrorKind::Data,
+                        format!(
+                            "the dataset went back in history: every head for {} ms \
+                             commits LSN {} but this replica applied {}; starting over",
+                            now - since,
+                            head.committed_lsn,
+                            self.applied
+                        ),
+                    )
+                    .with_object(HEAD_KEY)
+                    .with_lsn(head.committed_lsn),
+                ));
+                self.events.push_back(Event::DatasetChanged {
+                    dataset_id: head.dataset_id,
+                });
+                self.reset_to(head.dataset_id);
+            } else {
+                self.head_fresh = true;
+                self.schedule_poll(now);
+                return;
+            }
+        }
+        self.behind_since = None;
+        self.behind_reads = 0;
+        self.epoch = self.epoch.max(head.epoch);
+        // The newest head read decides what is committed: a head read earlier
+        // that claimed more (a bogus or rolled-back one) must not keep this
+        // replica waiting for LSNs the store no longer has.
+        self.committed = head.committed_lsn;
+        self.committed_at_ms = head.committed_at_ms;
+        self.etag = etag;
+        let fresh = self.dataset.is_none();
+        let gap = head.earliest_lsn > self.applied + 1;
+        let use_snapshot = self.cfg.mode == Mode::Kv
+            && head.snapshot.as_ref().is_some_and(|s| s.lsn > self.applied)
+            && (gap || fresh);
+        if use_snapshot {
+            let entry = head.snapshot.clone().expect("checked");
+            self.clear_plan();
+            self.bootstrap = Some(Bootstrap {
+                entry,
+                dataset_id: head.dataset_id,
+                decoder: SnapshotDecoder::new(),
+                next: 0,
+                inflight: false,
+            });
+            self.head = Some(head);
+            return;
+        }
+        if fresh {
+            self.dataset = Some(head.dataset_id);
+        }
+        if gap {
+            // Raw mode (or no snapshot, which a valid head rules out in KV mode).
+            let from = self.applied + 1;
+            let to = head.earliest_lsn - 1;
+            self.events.push_back(Event::Gap { from, to });
+            self.applied = to;
+            self.clear_plan();
+        }
+        // Re-plan when the head changed what we know.
+        // Any difference counts, not just the generation: a head that lied
+        // about an entry under a real generation must not keep its plan.
+        let head_changed = self.head.as_ref().is_none_or(|h| *h != head);
+        self.head = Some(head);
+        if head_changed {
+            self.clear_plan();
+        }
+        self.caught_up_reported = false;
+        if self.applied >= self.committed {
+            self.schedule_poll(now);
+        }
+    }
+
+    fn reset_to(&mut self, id: DatasetId) {
+        self.state = KvState::new();
+        self.applied = 0;
+        self.committed = 0;
+        self.epoch = 0;
+        self.dataset = Some(id);
+        self.clear_plan();
+        self.bootstrap = None;
+        self.pages.clear();
+    }
+    /// An object failed verification against the entry the head gave for
+    /// it: the object or the head may be wrong. Read the head again in full
+    /// (a newer or honest one replaces the plan built from this one).
+    pub(super) fn distrust_head(&mut self, now: u64, err: &Error) {
+        if err.kind() == ErrorKind::Data {
+            self.head_fresh = true;
+            if self.head_due.is_none_or(|t| t > now) && !self.head_inflight {
+                self.head_due = Some(now);
+            }
+        }
+    }
+
+    /// A 404 for an object the head named: re-read the head (in full).
+    pub(super) fn missing(&mut self, now: u64, key: &str) {
+        let err = Error::new(
+            ErrorKind::NotFound,
+            "object named by the catalog is missing",
+        )
+        .with_object(key.to_string());
+        let d = self.failure(key, err);
+        self.clear_plan();
+        // Plan nothing more from the head that named it until a new one is read.
+        self.head = None;
+        self.head_fresh = true;
+        self.head_due = Some(
+            now + if self.attempts.get(key).copied().unwrap_or(0) <= 1 {
+                0
+            } else {
+                d
+            },
+        );
+        self.bootstrap = None;
+    }
+}

@@ -1,0 +1,581 @@
+//! The replica's replay machine: decides what to GET, verifies what comes
+//! back, and applies batches in dense LSN order.
+//!
+//! The machine is pure: no IO, no clock, no randomness of its own. Drive it
+//! like this, and after every call that feeds it, drain [`Replica::poll`]
+//! until it returns [`Action::Wait`]:
+//!
+//! ```
+//! use walcast_core::replica::{Action, Replica, ReplicaConfig};
+//! use walcast_core::io::GetResponse;
+//!
+//! let mut replica = Replica::new(ReplicaConfig::default(), 42);
+//! let now = 0;
+//! match replica.poll(now) {
+//!     Action::Fetch(req) => {
+//!         assert_eq!(req.key, "catalog/head.json");
+//!         // perform the GET, then:
+//!         replica.handle_response(req.id, now, GetResponse::NotFound);
+//!     }
+//!     other => panic!("unexpected {other:?}"),
+//! }
+//! // The head does not exist yet: the machine notes it and backs off.
+//! assert!(matches!(replica.poll(now), Action::Wait { until } if until > now));
+//! let err = replica.status(now).last_error.expect("reported");
+//! assert_eq!(err.kind(), walcast_core::ErrorKind::NotFound);
+//! ```
+
+mod apply;
+mod bootstrap;
+mod fetch;
+mod head;
+mod plan;
+mod verify;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use crate::catalog::{DatasetId, Head, Page, PageRef, HEAD_KEY};
+use crate::error::Error;
+use crate::io::{ByteRange, GetRequest, GetResponse, RequestId};
+use crate::segment;
+use crate::state::KvState;
+
+use self::bootstrap::Bootstrap;
+use self::plan::Unit;
+use self::verify::Verified;
+
+/// What the replica does with verified records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Records are KV batches applied to the built-in [`KvState`]; the
+    /// replica bootstraps from snapshots.
+    #[default]
+    Kv,
+    /// Each verified record is handed to the caller as
+    /// [`Event::Record`]; snapshots are not used, and a gap is reported as
+    /// [`Event::Gap`].
+    Raw,
+}
+
+/// Tuning for a [`Replica`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaConfig {
+    /// How often an idle replica polls the head (ms).
+    pub poll_interval_ms: u64,
+    /// Most segment or snapshot GETs in flight at once.
+    pub max_inflight: usize,
+    /// First retry delay (ms); doubles per attempt, with jitter.
+    pub retry_base_ms: u64,
+    /// Longest retry delay (ms).
+    pub retry_max_ms: u64,
+    /// Failed attempts at one object before [`Event::Error`] is reported
+    /// (the replica keeps retrying after that, at the longest delay).
+    pub max_attempts: u32,
+    /// Timeout the driver applies to each request (ms).
+    pub request_timeout_ms: u64,
+    /// Bytes per range GET while loading a snapshot.
+    pub snapshot_window: u64,
+    /// Built-in KV state or raw records.
+    pub mode: Mode,
+    /// How long (ms) every head read must commit less than the applied LSN
+    /// before the replica concludes the dataset's history went back (a
+    /// restored bucket, not a stale cache), reports it and starts over.
+    pub rewind_after_ms: u64,
+    /// KV mode: also hand each applied record to the driver as
+    /// [`Event::Record`] (before its [`Event::Applied`]), e.g. to append it
+    /// to a local log so a restart does not refetch it.
+    pub emit_records: bool,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            poll_interval_ms: 1000,
+            max_inflight: 4,
+            retry_base_ms: 100,
+            retry_max_ms: 30_000,
+            max_attempts: 4,
+            request_timeout_ms: 30_000,
+            snapshot_window: 8 << 20,
+            mode: Mode::Kv,
+            rewind_after_ms: 60_000,
+            emit_records: false,
+        }
+    }
+}
+
+/// Something that happened, for the driver to act on or report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Batches `first..=last` were applied (atomically per batch). Persist
+    /// the position when convenient.
+    Applied {
+        /// First LSN applied.
+        first: u64,
+        /// Last LSN applied; the new applied LSN.
+        last: u64,
+    },
+    /// A verified record, in LSN order (raw mode, or KV mode with
+    /// [`ReplicaConfig::emit_records`]).
+    Record {
+        /// The record's LSN.
+        lsn: u64,
+        /// Its payload.
+        payload: Vec<u8>,
+    },
+    /// The state was replaced from a snapshot at `lsn` (a fresh start, a gap
+    /// behind retention, or a new dataset). A persisted copy must be rewritten.
+    Bootstrapped {
+        /// The snapshot's LSN, now the applied LSN.
+        lsn: u64,
+        /// The dataset it belongs to.
+        dataset_id: DatasetId,
+    },
+    /// The dataset id changed, or its history went back behind the applied
+    /// LSN for good (a bucket restored from a backup): the old state was
+    /// discarded and the replica starts over.
+    DatasetChanged {
+        /// The new dataset id.
+        dataset_id: DatasetId,
+    },
+    /// Raw mode: LSNs `from..=to` are no longer available and were skipped.
+    Gap {
+        /// First missing LSN.
+        from: u64,
+        /// Last missing LSN.
+        to: u64,
+    },
+    /// The replica holds everything committed as of the head it last read.
+    CaughtUp {
+        /// The applied LSN, equal to that head's `committed_lsn`.
+        lsn: u64,
+    },
+    /// A failure that persisted through retries. The replica keeps its last
+    /// good state and keeps retrying.
+    Error(Error),
+}
+
+/// What the driver should do next.
+#[must_use]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Perform this GET and pass the outcome to [`Replica::handle_response`].
+    Fetch(GetRequest),
+    /// Report or act on an event, then poll again.
+    Event(Event),
+    /// Nothing to do until `until` (ms), or until a response arrives.
+    Wait {
+        /// Next time to call [`Replica::poll`].
+        until: u64,
+    },
+}
+
+/// Replica state, as reported by [`Replica::status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Reading the head for the first time.
+    Starting,
+    /// Loading a snapshot.
+    Bootstrapping,
+    /// Fetching and applying segments.
+    CatchingUp,
+    /// Caught up; polling the head.
+    Idle,
+    /// Backing off after a failure.
+    Retrying,
+}
+
+impl Phase {
+    /// Stable lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Bootstrapping => "bootstrapping",
+            Phase::CatchingUp => "catching_up",
+            Phase::Idle => "idle",
+            Phase::Retrying => "retrying",
+        }
+    }
+}
+
+/// A snapshot of the replica's progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// Highest LSN applied.
+    pub applied_lsn: u64,
+    /// Highest committed LSN seen in a head.
+    pub committed_lsn: u64,
+    /// Epoch of the newest head seen.
+    pub epoch: u64,
+    /// The dataset, once known.
+    pub dataset_id: Option<DatasetId>,
+    /// ms between the commit of the newest head seen and `now`, when caught
+    /// up to it; while behind, ms since that head was committed.
+    pub lag_ms: u64,
+    /// When the head was last read successfully (200 or 304), in ms.
+    pub last_poll_at: Option<u64>,
+    /// What the machine is doing.
+    pub phase: Phase,
+    /// The last error reported, cleared by the next success.
+    pub last_error: Option<Error>,
+    /// Requests issued so far.
+    pub requests: u64,
+    /// Body bytes received so far.
+    pub bytes_received: u64,
+}
+
+#[derive(Debug, Clone)]
+enum Job {
+    Head,
+    Page(PageRef),
+    Segment(Unit),
+    Snapshot { offset: u64 },
+}
+
+/// The replay machine.
+#[derive(Debug)]
+pub struct Replica {
+    cfg: ReplicaConfig,
+    rng: u64,
+    next_id: u64,
+
+    state: KvState,
+    applied: u64,
+    dataset: Option<DatasetId>,
+    epoch: u64,
+
+    head: Option<Head>,
+    etag: Option<String>,
+    committed: u64,
+    committed_at_ms: u64,
+    last_poll_at: Option<u64>,
+    last_error: Option<Error>,
+    requests: u64,
+    bytes: u64,
+
+    /// Head fetch wanted at or after this time.
+    head_due: Option<u64>,
+    head_inflight: bool,
+    head_fresh: bool,
+    started: bool,
+
+    /// Units planned, in LSN order; the front is applied next.
+    plan: VecDeque<Unit>,
+    /// LSN after the last planned unit.
+    plan_next: u64,
+    /// Page needed to extend the plan.
+    page_wanted: Option<PageRef>,
+    page_inflight: bool,
+    /// Verified pages by key, with the reference each was verified against.
+    pages: HashMap<String, (PageRef, Page)>,
+    /// Results by the unit's `from` LSN.
+    ready: BTreeMap<u64, Verified>,
+    inflight_units: HashMap<u64, ()>,
+    /// Units waiting out a backoff: `from` -> (retry at).
+    retry_at: HashMap<u64, u64>,
+
+    bootstrap: Option<Bootstrap>,
+    pending: HashMap<RequestId, Job>,
+    attempts: HashMap<String, u32>,
+    backoff_until: Option<u64>,
+    events: VecDeque<Event>,
+    caught_up_reported: bool,
+    /// Since when every head read commits less than `applied`, and how many.
+    behind_since: Option<u64>,
+    behind_reads: u32,
+}
+
+impl Replica {
+    /// A fresh replica with no state. `seed` drives retry jitter.
+    pub fn new(cfg: ReplicaConfig, seed: u64) -> Self {
+        Replica {
+            cfg,
+            rng: seed,
+            next_id: 0,
+            state: KvState::new(),
+            applied: 0,
+            dataset: None,
+            epoch: 0,
+            head: None,
+            etag: None,
+            committed: 0,
+            committed_at_ms: 0,
+            last_poll_at: None,
+            last_error: None,
+            requests: 0,
+            bytes: 0,
+            head_due: Some(0),
+            head_inflight: false,
+            head_fresh: true,
+            started: false,
+            plan: VecDeque::new(),
+            plan_next: 1,
+            page_wanted: None,
+            page_inflight: false,
+            pages: HashMap::new(),
+            ready: BTreeMap::new(),
+            inflight_units: HashMap::new(),
+            retry_at: HashMap::new(),
+            bootstrap: None,
+            pending: HashMap::new(),
+            attempts: HashMap::new(),
+            backoff_until: None,
+            events: VecDeque::new(),
+            caught_up_reported: false,
+            behind_since: None,
+            behind_reads: 0,
+        }
+    }
+
+    /// A replica resuming from a persisted position: `state` holds every
+    /// batch up to `applied_lsn` of `dataset_id`.
+    pub fn restore(
+        cfg: ReplicaConfig,
+        seed: u64,
+        state: KvState,
+        applied_lsn: u64,
+        dataset_id: DatasetId,
+        epoch: u64,
+    ) -> Self {
+        let mut r = Replica::new(cfg, seed);
+        r.state = state;
+        r.applied = applied_lsn;
+        r.committed = applied_lsn;
+        r.dataset = Some(dataset_id);
+        r.epoch = epoch;
+        r.plan_next = applied_lsn + 1;
+        r
+    }
+
+    /// The served state (KV mode).
+    pub fn state(&self) -> &KvState {
+        &self.state
+    }
+
+    /// Highest LSN applied.
+    pub fn applied_lsn(&self) -> u64 {
+        self.applied
+    }
+
+    /// The dataset this replica follows, once known.
+    pub fn dataset_id(&self) -> Option<DatasetId> {
+        self.dataset
+    }
+
+    /// Epoch of the newest head seen.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Progress report.
+    pub fn status(&self, now: u64) -> Status {
+        let phase = if self.bootstrap.is_some() {
+            Phase::Bootstrapping
+        } else if self.backoff_until.is_some_and(|t| t > now) {
+            Phase::Retrying
+        } else if !self.started {
+            Phase::Starting
+        } else if self.applied < self.committed || !self.plan.is_empty() {
+            Phase::CatchingUp
+        } else {
+            Phase::Idle
+        };
+        Status {
+            applied_lsn: self.applied,
+            committed_lsn: self.committed,
+            epoch: self.epoch,
+            dataset_id: self.dataset,
+            lag_ms: if self.committed_at_ms == 0 {
+                0
+            } else {
+                now.saturating_sub(self.committed_at_ms)
+            },
+            last_poll_at: self.last_poll_at,
+            phase,
+            last_error: self.last_error.clone(),
+            requests: self.requests,
+            bytes_received: self.bytes,
+        }
+    }
+
+    /// Asks for a head poll now (for `sync()`): the next [`poll`](Self::poll)
+    /// fetches the head unless a fetch is already in flight.
+    ///
+    /// Failure counts start over, so a sync that keeps failing reports
+    /// [`Event::Error`] again after `max_attempts`.
+    pub fn sync_now(&mut self, now: u64) {
+        self.head_due = Some(now);
+        self.backoff_until = None;
+        self.caught_up_reported = false;
+        self.attempts.clear();
+    }
+
+    /// The next thing to do. Call after every input until it returns
+    /// [`Action::Wait`].
+    pub fn poll(&mut self, now: u64) -> Action {
+        if let Some(e) = self.events.pop_front() {
+            return Action::Event(e);
+        }
+        self.apply_ready(now);
+        if let Some(e) = self.events.pop_front() {
+            return Action::Event(e);
+        }
+        if let Some(t) = self.backoff_until {
+            if t > now {
+                return Action::Wait { until: t };
+            }
+            self.backoff_until = None;
+        }
+        // Head.
+        if !self.head_inflight && self.head_due.is_some_and(|t| t <= now) {
+            self.head_due = None;
+            self.head_inflight = true;
+            let inm = if self.head_fresh {
+                None
+            } else {
+                self.etag.clone()
+            };
+            self.head_fresh = false;
+            return self.fetch(Job::Head, HEAD_KEY.to_string(), None, inm);
+        }
+        if self.head_inflight && !self.started {
+            return self.wait(now);
+        }
+        // Snapshot.
+        if let Some(b) = &mut self.bootstrap {
+            if !b.inflight {
+                let key = b.entry.key.clone();
+                if let Some(t) = self.retry_at.get(&0).copied() {
+                    if t > now {
+                        return self.wait(now);
+                    }
+                    self.retry_at.remove(&0);
+                }
+                b.inflight = true;
+                let start = b.next;
+                let end = (start + self.cfg.snapshot_window).min(b.entry.size);
+                return self.fetch(
+                    Job::Snapshot { offset: start },
+                    key,
+                    Some(ByteRange::Bounded { start, end }),
+                    None,
+                );
+            }
+            return self.wait(now);
+        }
+        // Pages and segments.
+        self.extend_plan();
+        if let Some(p) = self.page_wanted.clone() {
+            if !self.page_inflight {
+                self.page_inflight = true;
+                let key = p.key.clone();
+                return self.fetch(Job::Page(p), key, None, None);
+            }
+        }
+        let inflight = self.inflight_units.len();
+        if inflight < self.cfg.max_inflight {
+            let next = self
+                .plan
+                .iter()
+                .find(|u| {
+                    !self.inflight_units.contains_key(&u.from)
+                        && !self.ready.contains_key(&u.from)
+                        && self.retry_at.get(&u.from).is_none_or(|t| *t <= now)
+                })
+                .cloned();
+            if let Some(u) = next {
+                self.retry_at.remove(&u.from);
+                self.inflight_units.insert(u.from, ());
+                let range = if u.start.offset == segment::HEADER_LEN {
+                    None
+                } else {
+                    Some(ByteRange::Bounded {
+                        start: u.start.offset,
+                        end: u.entry.records_end,
+                    })
+                };
+                let key = u.entry.key.clone();
+                return self.fetch(Job::Segment(u), key, range, None);
+            }
+        }
+        if self.started
+            && self.bootstrap.is_none()
+            && self.plan.is_empty()
+            && self.page_wanted.is_none()
+            && !self.head_inflight
+            && self.head_due.is_none()
+        {
+            // Nothing left to do from the head we hold: read it again.
+            if self.applied < self.committed {
+                self.head_fresh = true;
+            }
+            self.head_due = Some(now + self.cfg.poll_interval_ms);
+        }
+        if self.started
+            && self.plan.is_empty()
+            && self.page_wanted.is_none()
+            && self.applied >= self.committed
+            && !self.caught_up_reported
+            && !self.head_inflight
+        {
+            self.caught_up_reported = true;
+            return Action::Event(Event::CaughtUp { lsn: self.applied });
+        }
+        self.wait(now)
+    }
+
+    /// Feeds the outcome of request `id`. Unknown ids (e.g. answered after a
+    /// reset) are ignored.
+    pub fn handle_response(&mut self, id: RequestId, now: u64, resp: GetResponse) {
+        let Some(job) = self.pending.remove(&id) else {
+            return;
+        };
+        if let GetResponse::Ok { body, .. } = &resp {
+            self.bytes += body.len() as u64;
+        }
+        match job {
+            Job::Head => self.on_head(now, resp),
+            Job::Page(p) => self.on_page(now, p, resp),
+            Job::Segment(u) => self.on_segment(now, u, resp),
+            Job::Snapshot { offset } => self.on_snapshot(now, offset, resp),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_sync_reports_a_persisting_failure_again() {
+        let cfg = ReplicaConfig {
+            max_attempts: 2,
+            ..ReplicaConfig::default()
+        };
+        let mut r = Replica::new(cfg, 1);
+        for sync in 0..2 {
+            r.sync_now(0);
+            let mut errors = 0;
+            let mut now = 0;
+            for _ in 0..100 {
+                match r.poll(now) {
+                    Action::Fetch(req) => r.handle_response(
+                        req.id,
+                        now,
+                        GetResponse::Failed {
+                            status: Some(503),
+                            message: "down".into(),
+                        },
+                    ),
+                    Action::Event(Event::Error(_)) => {
+                        errors += 1;
+                        break;
+                    }
+                    Action::Event(_) => {}
+                    Action::Wait { until } => now = until.max(now + 1),
+                }
+            }
+            assert_eq!(errors, 1, "sync {sync} reported its failure");
+        }
+    }
+}
