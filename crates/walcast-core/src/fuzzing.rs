@@ -325,3 +325,50 @@ fn le8(s: &[u8]) -> [u8; 8] {
     a.copy_from_slice(&s[..8]);
     a
 }
+
+/// Block-indexed snapshots (format version 2):
+/// [`snapshot::indexed::decode_indexed`] on the whole input, and lazy point
+/// reads of keys taken from the input through
+/// [`snapshot::indexed::LazySnapshot`], fed from the input's own bytes. A
+/// point read must end within a few fetches, and a whole decode that
+/// succeeds must agree with every point read.
+pub fn indexed_snapshot(data: &[u8]) {
+    use crate::snapshot::indexed::{decode_indexed, LazySnapshot, Lookup, Need};
+    let whole = decode_indexed(data, None);
+    let keys: Vec<&[u8]> = data.chunks(7).take(8).collect();
+    let mut lazy = LazySnapshot::new(data.len() as u64, 4096);
+    for key in keys {
+        let mut fetches = 0;
+        let got = loop {
+            fetches += 1;
+            assert!(fetches <= 6, "a point read did not end");
+            match lazy.get(key) {
+                Err(_) => break None,
+                Ok(Lookup::Done(v)) => break Some(v),
+                Ok(Lookup::Need(Need::Suffix(n))) => {
+                    let n = usize::try_from(n).unwrap_or(usize::MAX).min(data.len());
+                    if lazy.feed_suffix(&data[data.len() - n..]).is_err() {
+                        break None;
+                    }
+                }
+                Ok(Lookup::Need(Need::Range { start, end })) => {
+                    let s = usize::try_from(start).unwrap_or(usize::MAX).min(data.len());
+                    let e = usize::try_from(end)
+                        .unwrap_or(usize::MAX)
+                        .min(data.len())
+                        .max(s);
+                    if lazy.feed_range(start, &data[s..e], key).is_err() {
+                        break None;
+                    }
+                }
+            }
+        };
+        if let (Ok((_, state)), Some(v)) = (&whole, got) {
+            assert_eq!(
+                state.get(key),
+                v.as_deref(),
+                "a point read disagrees with the whole decode"
+            );
+        }
+    }
+}

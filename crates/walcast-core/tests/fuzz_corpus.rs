@@ -80,6 +80,11 @@ fn corpus_snapshot() {
 }
 
 #[test]
+fn corpus_indexed_snapshot() {
+    run_target("indexed_snapshot", fuzzing::indexed_snapshot);
+}
+
+#[test]
 fn corpus_head() {
     run_target("head", fuzzing::head);
 }
@@ -214,6 +219,42 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let mut extra = empty_snap.clone();
     extra.push(0);
     out.push(("snapshot", "trailing-byte", extra));
+
+    // Block-indexed snapshots.
+    use walcast_core::snapshot::indexed::{encode_indexed, IndexedOptions};
+    let small = IndexedOptions {
+        block_bytes: 32,
+        index_block_bytes: 48,
+    };
+    let two_levels = encode_indexed(&st, 12, 2, id, small);
+    let one_level = encode_indexed(&st, 12, 2, id, IndexedOptions::default());
+    out.push((
+        "indexed_snapshot",
+        "empty-state",
+        encode_indexed(&KvState::new(), 0, 0, id, small),
+    ));
+    out.push(("indexed_snapshot", "two-levels", two_levels.clone()));
+    out.push(("indexed_snapshot", "one-level", one_level.clone()));
+    out.push((
+        "indexed_snapshot",
+        "golden",
+        fixtures::golden_indexed_snapshot(),
+    ));
+    out.push((
+        "indexed_snapshot",
+        "truncated",
+        truncate(two_levels.clone(), two_levels.len() - 1),
+    ));
+    out.push((
+        "indexed_snapshot",
+        "flipped-block",
+        flip(two_levels.clone(), 70),
+    ));
+    out.push((
+        "indexed_snapshot",
+        "flipped-footer",
+        flip(two_levels.clone(), two_levels.len() - 30),
+    ));
 
     // Catalog heads.
     let head = fixtures::golden_head();

@@ -144,6 +144,42 @@ fn golden_segment() {
 }
 
 #[test]
+fn golden_indexed_snapshot() {
+    use walcast_core::snapshot::indexed::{decode_indexed, LazySnapshot, Lookup, Need};
+    let encoded = fixtures::golden_indexed_snapshot();
+    let committed = check_golden("snapshot-v2.wsnap", "the block-indexed snapshot", &encoded);
+    let state = golden_state();
+    let (header, decoded) = decode_indexed(&committed, Some(crc32fast::hash(&committed)))
+        .expect("committed block-indexed snapshot decodes");
+    assert_eq!(header.lsn, LAST_LSN);
+    assert_eq!(header.dataset_id, DATASET);
+    assert!(decoded.iter().eq(state.iter()));
+    // A point read through the footer, the top index, an index block and a
+    // data block.
+    let mut lazy = LazySnapshot::new(committed.len() as u64, 1 << 20);
+    let mut fetches = 0;
+    let value = loop {
+        match lazy.get(b"alpha").expect("point read") {
+            Lookup::Done(v) => break v,
+            Lookup::Need(Need::Suffix(n)) => {
+                fetches += 1;
+                let n = (n as usize).min(committed.len());
+                lazy.feed_suffix(&committed[committed.len() - n..])
+                    .expect("footer");
+            }
+            Lookup::Need(Need::Range { start, end }) => {
+                fetches += 1;
+                lazy.feed_range(start, &committed[start as usize..end as usize], b"alpha")
+                    .expect("block");
+            }
+        }
+    };
+    assert_eq!(value.as_deref(), Some(&b"one"[..]));
+    assert_eq!(lazy.footer().expect("footer read").levels, 2);
+    assert!(fetches <= 3, "{fetches} fetches");
+}
+
+#[test]
 fn golden_snapshot() {
     let encoded = fixtures::golden_snapshot();
     let committed = check_golden("snapshot.wsnap", "the snapshot", &encoded);

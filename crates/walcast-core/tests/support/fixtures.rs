@@ -98,6 +98,21 @@ pub(crate) fn golden_snapshot() -> Vec<u8> {
     snapshot::encode_with_chunk_bytes(&golden_state(), LAST_LSN, EPOCH, DATASET, 128)
 }
 
+/// The golden block-indexed snapshot (version 2): the golden state at LSN
+/// 139, blocks of about 96 bytes, index blocks of about 64 bytes (two levels).
+pub(crate) fn golden_indexed_snapshot() -> Vec<u8> {
+    snapshot::indexed::encode_indexed(
+        &golden_state(),
+        LAST_LSN,
+        EPOCH,
+        DATASET,
+        snapshot::indexed::IndexedOptions {
+            block_bytes: 96,
+            index_block_bytes: 64,
+        },
+    )
+}
+
 /// The golden level-0 page: two older segments covering LSNs 1..=99.
 pub(crate) fn golden_page() -> Page {
     let (_, a) = build_segment(6, 1, 49, 512);

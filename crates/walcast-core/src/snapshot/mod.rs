@@ -1,6 +1,9 @@
 //! The snapshot file: the full KV state at an LSN, in checksummed chunks that
 //! a reader decodes as bytes arrive. See `docs/FORMAT.md`.
 
+pub mod block;
+pub mod indexed;
+
 use crate::catalog::DatasetId;
 use crate::codec::{check_crc, invalid, put_len_prefixed, Reader};
 use crate::error::DecodeError;

@@ -1,0 +1,375 @@
+//! Blocks of a block-indexed snapshot (format version 2): sorted entries with
+//! prefix-compressed keys and restart points, framed by a 12-byte header that
+//! carries the block's checksum. Data blocks and index blocks share this
+//! codec; an index entry's value is a [`BlockHandle`]. See `docs/FORMAT.md`.
+
+use crate::codec::{invalid, put_varint, Reader};
+use crate::error::DecodeError;
+
+/// Bytes of a block header: `len: u32, count: u32, crc: u32`.
+pub const BLOCK_HEADER_LEN: u64 = 12;
+/// Entries between restart points (a restart stores its key whole).
+pub const RESTART_INTERVAL: usize = 16;
+/// Largest block body accepted (a block holds at least one entry, and an
+/// entry's key is at most 64 KiB and its value at most 16 MiB).
+pub const MAX_BLOCK_LEN: u64 = 32 << 20;
+/// Bytes of an encoded [`BlockHandle`].
+pub const HANDLE_LEN: usize = 16;
+
+/// Where a block lives in the file, and the checksum it must carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockHandle {
+    /// Offset of the block header in the file.
+    pub offset: u64,
+    /// Bytes of the whole block, header included.
+    pub len: u32,
+    /// The block's checksum, as its header must state it.
+    pub crc: u32,
+}
+
+impl BlockHandle {
+    /// The handle's 16 bytes: `offset: u64, len: u32, crc: u32`, little-endian.
+    pub fn encode(&self) -> [u8; HANDLE_LEN] {
+        let mut b = [0u8; HANDLE_LEN];
+        b[..8].copy_from_slice(&self.offset.to_le_bytes());
+        b[8..12].copy_from_slice(&self.len.to_le_bytes());
+        b[12..].copy_from_slice(&self.crc.to_le_bytes());
+        b
+    }
+
+    /// Parses a handle found at byte `at`.
+    pub fn decode(bytes: &[u8], at: u64) -> Result<BlockHandle, DecodeError> {
+        let mut r = Reader::new(bytes, at);
+        let h = BlockHandle {
+            offset: r.u64("block handle")?,
+            len: r.u32("block handle")?,
+            crc: r.u32("block handle")?,
+        };
+        if !r.is_empty() {
+            return Err(invalid("block handle", at, "trailing bytes"));
+        }
+        if u64::from(h.len) < BLOCK_HEADER_LEN
+            || u64::from(h.len) > BLOCK_HEADER_LEN + MAX_BLOCK_LEN
+        {
+            return Err(invalid(
+                "block handle",
+                at,
+                format!("block length {} outside the format's bounds", h.len),
+            ));
+        }
+        Ok(h)
+    }
+
+    /// One past the block's last byte.
+    pub fn end(&self) -> u64 {
+        self.offset.saturating_add(u64::from(self.len))
+    }
+}
+
+/// Builds one block from entries given in strictly ascending key order.
+#[derive(Debug, Default)]
+pub struct BlockBuilder {
+    body: Vec<u8>,
+    restarts: Vec<u32>,
+    count: u32,
+    last_key: Vec<u8>,
+    first_key: Vec<u8>,
+}
+
+impl BlockBuilder {
+    /// An empty block.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends an entry; keys must ascend strictly (the caller's duty).
+    pub fn push(&mut self, key: &[u8], value: &[u8]) {
+        let shared = if self.count as usize % RESTART_INTERVAL == 0 {
+            self.restarts.push(self.body.len() as u32);
+            0
+        } else {
+            key.iter()
+                .zip(&self.last_key)
+                .take_while(|(a, b)| a == b)
+                .count()
+        };
+        if self.count == 0 {
+            self.first_key = key.to_vec();
+        }
+        put_varint(&mut self.body, shared as u64);
+        put_varint(&mut self.body, (key.len() - shared) as u64);
+        put_varint(&mut self.body, value.len() as u64);
+        self.body.extend_from_slice(&key[shared..]);
+        self.body.extend_from_slice(value);
+        self.last_key.clear();
+        self.last_key.extend_from_slice(key);
+        self.count += 1;
+    }
+
+    /// Entries so far.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Bytes the block would take now, header included.
+    pub fn size(&self) -> usize {
+        BLOCK_HEADER_LEN as usize + self.body.len() + 4 * self.restarts.len() + 4
+    }
+
+    /// The first key pushed.
+    pub fn first_key(&self) -> &[u8] {
+        &self.first_key
+    }
+
+    /// The block's bytes (header, entries, restarts), and its checksum; the
+    /// builder is left empty.
+    pub fn finish(&mut self) -> (Vec<u8>, u32) {
+        let mut body = std::mem::take(&mut self.body);
+        for r in &self.restarts {
+            body.extend_from_slice(&r.to_le_bytes());
+        }
+        body.extend_from_slice(&(self.restarts.len() as u32).to_le_bytes());
+        let len = body.len() as u32;
+        let count = self.count;
+        let mut h = crc32fast::Hasher::new();
+        h.update(&len.to_le_bytes());
+        h.update(&count.to_le_bytes());
+        h.update(&body);
+        let crc = h.finalize();
+        let mut out = Vec::with_capacity(body.len() + BLOCK_HEADER_LEN as usize);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&count.to_le_bytes());
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&body);
+        self.restarts.clear();
+        self.count = 0;
+        self.last_key.clear();
+        self.first_key.clear();
+        (out, crc)
+    }
+}
+
+/// A verified block: every entry was decoded, its keys ascend strictly, and
+/// its checksum matched the handle that named it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    /// Keys and values, ascending by key.
+    entries: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Bytes the block took on the wire.
+    wire_len: u64,
+}
+
+impl Block {
+    /// Decodes and verifies the block `bytes` (header included) that
+    /// `handle` names. `what` names the block kind in errors.
+    pub fn decode(
+        bytes: &[u8],
+        handle: &BlockHandle,
+        what: &'static str,
+    ) -> Result<Block, DecodeError> {
+        let at = handle.offset;
+        if bytes.len() as u64 != u64::from(handle.len) {
+            return Err(DecodeError::Truncated {
+                what,
+                at,
+                need: u64::from(handle.len),
+                have: bytes.len() as u64,
+            });
+        }
+        let mut r = Reader::new(bytes, at);
+        let len = r.u32(what)?;
+        let count = r.u32(what)?;
+        let crc = r.u32(what)?;
+        if u64::from(len) + BLOCK_HEADER_LEN != u64::from(handle.len) {
+            return Err(invalid(
+                what,
+                at,
+                format!("header says {len} bytes, the index {}", handle.len),
+            ));
+        }
+        if crc != handle.crc {
+            return Err(DecodeError::Checksum {
+                what,
+                at,
+                stored: handle.crc,
+                computed: crc,
+            });
+        }
+        let mut h = crc32fast::Hasher::new();
+        h.update(&bytes[..8]);
+        h.update(&bytes[BLOCK_HEADER_LEN as usize..]);
+        let computed = h.finalize();
+        if computed != crc {
+            return Err(DecodeError::Checksum {
+                what,
+                at,
+                stored: crc,
+                computed,
+            });
+        }
+        let body = &bytes[BLOCK_HEADER_LEN as usize..];
+        let body_at = at + BLOCK_HEADER_LEN;
+        if body.len() < 4 {
+            return Err(invalid(what, body_at, "no restart count"));
+        }
+        let nrestarts = u32::from_le_bytes(body[body.len() - 4..].try_into().unwrap_or([0; 4]));
+        let restarts_len = u64::from(nrestarts) * 4 + 4;
+        if restarts_len > body.len() as u64 {
+            return Err(invalid(what, body_at, "restart table outside the block"));
+        }
+        let data_end = body.len() - restarts_len as usize;
+        let want_restarts = (count as u64).div_ceil(RESTART_INTERVAL as u64);
+        if u64::from(nrestarts) != want_restarts {
+            return Err(invalid(
+                what,
+                body_at,
+                format!("{nrestarts} restarts for {count} entries"),
+            ));
+        }
+        // Never reserve from a claim: at least three bytes per entry.
+        let mut entries: Vec<(Vec<u8>, Vec<u8>)> =
+            Vec::with_capacity((count as usize).min(data_end / 3 + 1));
+        let mut r = Reader::new(&body[..data_end], body_at);
+        let mut key: Vec<u8> = Vec::new();
+        let mut restart_i = 0usize;
+        for i in 0..count as usize {
+            let entry_at = r.offset();
+            let shared = r.varint("block entry")?;
+            let unshared = r.varint("block entry")?;
+            let vlen = r.varint("block entry")?;
+            if i % RESTART_INTERVAL == 0 {
+                let stored = u32::from_le_bytes(
+                    body[data_end + restart_i * 4..data_end + restart_i * 4 + 4]
+                        .try_into()
+                        .unwrap_or([0; 4]),
+                );
+                if u64::from(stored) != entry_at - body_at || shared != 0 {
+                    return Err(invalid(what, entry_at, "restart point does not match"));
+                }
+                restart_i += 1;
+            }
+            if shared > key.len() as u64 {
+                return Err(invalid(
+                    what,
+                    entry_at,
+                    "shared prefix longer than the last key",
+                ));
+            }
+            let suffix = r.bytes(unshared, "block entry key")?;
+            let value = r.bytes(vlen, "block entry value")?;
+            let mut k = Vec::with_capacity(shared as usize + suffix.len());
+            k.extend_from_slice(&key[..shared as usize]);
+            k.extend_from_slice(suffix);
+            if i > 0 && k <= key {
+                return Err(invalid(what, entry_at, "keys do not ascend"));
+            }
+            key.clone_from(&k);
+            entries.push((k, value.to_vec()));
+        }
+        if !r.is_empty() {
+            return Err(invalid(what, r.offset(), "bytes after the last entry"));
+        }
+        Ok(Block {
+            entries,
+            wire_len: u64::from(handle.len),
+        })
+    }
+
+    /// The entries, ascending by key.
+    pub fn entries(&self) -> &[(Vec<u8>, Vec<u8>)] {
+        &self.entries
+    }
+
+    /// The value stored for `key`.
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        self.entries
+            .binary_search_by(|(k, _)| k.as_slice().cmp(key))
+            .ok()
+            .map(|i| self.entries[i].1.as_slice())
+    }
+
+    /// Index of the first entry whose key is at or above `key`.
+    pub fn lower_bound(&self, key: &[u8]) -> usize {
+        self.entries.partition_point(|(k, _)| k.as_slice() < key)
+    }
+
+    /// For an index block: the child whose range holds `key` (the last entry
+    /// whose first key is at or below it), if any.
+    pub fn child_for(&self, key: &[u8]) -> Option<usize> {
+        self.entries
+            .partition_point(|(k, _)| k.as_slice() <= key)
+            .checked_sub(1)
+    }
+
+    /// Bytes the block took on the wire (what a cache charges for it).
+    pub fn wire_len(&self) -> u64 {
+        self.wire_len
+    }
+
+    /// Bytes it holds in memory, roughly.
+    pub fn heap_bytes(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|(k, v)| (k.len() + v.len() + 48) as u64)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+    fn build(n: usize) -> (Vec<u8>, BlockHandle, Entries) {
+        let mut b = BlockBuilder::new();
+        let mut want = Vec::new();
+        for i in 0..n {
+            let k = format!("user:{:06}", i * 3).into_bytes();
+            let v = vec![i as u8; i % 7];
+            b.push(&k, &v);
+            want.push((k, v));
+        }
+        let (bytes, crc) = b.finish();
+        let h = BlockHandle {
+            offset: 56,
+            len: bytes.len() as u32,
+            crc,
+        };
+        (bytes, h, want)
+    }
+
+    #[test]
+    fn round_trips_and_finds_keys() {
+        for n in [1, 15, 16, 17, 100] {
+            let (bytes, h, want) = build(n);
+            let b = Block::decode(&bytes, &h, "data block").unwrap();
+            assert_eq!(b.entries(), &want[..]);
+            assert_eq!(b.get(b"user:000003"), (n > 1).then_some(&[1u8][..]));
+            assert_eq!(b.get(b"user:000004"), None);
+            assert_eq!(b.child_for(b"a"), None);
+            assert_eq!(b.child_for(b"user:000004"), Some(1.min(n - 1)));
+        }
+    }
+
+    #[test]
+    fn every_flipped_bit_is_an_error() {
+        let (bytes, h, _) = build(20);
+        for i in 0..bytes.len() {
+            for bit in [0, 3, 7] {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                assert!(
+                    Block::decode(&b, &h, "data block").is_err(),
+                    "byte {i} bit {bit}"
+                );
+            }
+        }
+        assert!(Block::decode(&bytes[..bytes.len() - 1], &h, "data block").is_err());
+        let other = BlockHandle {
+            crc: h.crc ^ 1,
+            ..h
+        };
+        assert!(Block::decode(&bytes, &other, "data block").is_err());
+    }
+}

@@ -1,0 +1,731 @@
+//! The block-indexed snapshot (format version 2): data blocks, an index of
+//! them (partitioned into index blocks under a top index when large), and a
+//! fixed 48-byte footer a reader finds with one suffix range GET. A point
+//! read fetches the footer, the top index, at most one index block and one
+//! data block, and verifies each before use. See `docs/FORMAT.md`.
+//!
+//! [`LazySnapshot`] is the pure point reader: ask it for a key and it answers
+//! with a value, or with the byte range it needs next ("need more bytes" is a
+//! value, not an error).
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::block::{Block, BlockBuilder, BlockHandle, HANDLE_LEN};
+use super::{SnapshotHeader, HEADER_LEN, MAGIC};
+use crate::catalog::DatasetId;
+use crate::codec::{check_crc, invalid, Reader};
+use crate::error::DecodeError;
+use crate::state::KvState;
+
+/// Version of the block-indexed snapshot.
+pub const VERSION_INDEXED: u16 = 2;
+/// Bytes of the footer.
+pub const FOOTER_LEN: u64 = 48;
+/// Magic at the end of a block-indexed snapshot.
+pub const FOOTER_MAGIC: [u8; 4] = *b"WCS2";
+/// Default target bytes of a data block.
+pub const DEFAULT_BLOCK_BYTES: usize = 16 << 10;
+/// Default target bytes of an index block.
+pub const DEFAULT_INDEX_BLOCK_BYTES: usize = 64 << 10;
+/// Bytes a reader asks for in its first suffix GET: the footer and, for all
+/// but huge snapshots, the whole top index.
+pub const SUFFIX_GUESS: u64 = 64 << 10;
+
+/// Block sizes for [`encode_indexed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexedOptions {
+    /// Target bytes of a data block.
+    pub block_bytes: usize,
+    /// Target bytes of an index block.
+    pub index_block_bytes: usize,
+}
+
+impl Default for IndexedOptions {
+    fn default() -> Self {
+        IndexedOptions {
+            block_bytes: DEFAULT_BLOCK_BYTES,
+            index_block_bytes: DEFAULT_INDEX_BLOCK_BYTES,
+        }
+    }
+}
+
+/// The footer of a block-indexed snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footer {
+    /// End of the data blocks, start of the index blocks.
+    pub index_offset: u64,
+    /// The top index block.
+    pub top: BlockHandle,
+    /// Entries in the snapshot.
+    pub entry_count: u64,
+    /// Data blocks in the snapshot.
+    pub data_blocks: u32,
+    /// 1: the top index names data blocks; 2: it names index blocks, which
+    /// name data blocks.
+    pub levels: u8,
+}
+
+impl Footer {
+    /// The footer's 48 bytes.
+    pub fn encode(&self) -> [u8; FOOTER_LEN as usize] {
+        let mut b = [0u8; FOOTER_LEN as usize];
+        b[..8].copy_from_slice(&self.index_offset.to_le_bytes());
+        b[8..24].copy_from_slice(&self.top.encode());
+        b[24..32].copy_from_slice(&self.entry_count.to_le_bytes());
+        b[32..36].copy_from_slice(&self.data_blocks.to_le_bytes());
+        b[36] = self.levels;
+        let crc = crc32fast::hash(&b[..40]);
+        b[40..44].copy_from_slice(&crc.to_le_bytes());
+        b[44..].copy_from_slice(&FOOTER_MAGIC);
+        b
+    }
+
+    /// Parses the footer of a file of `size` bytes; `bytes` are its last 48.
+    pub fn decode(bytes: &[u8], size: u64) -> Result<Footer, DecodeError> {
+        let at = size.saturating_sub(FOOTER_LEN);
+        if bytes.len() as u64 != FOOTER_LEN || size < HEADER_LEN + FOOTER_LEN {
+            return Err(DecodeError::Truncated {
+                what: "snapshot footer",
+                at,
+                need: FOOTER_LEN,
+                have: bytes.len() as u64,
+            });
+        }
+        let mut r = Reader::new(bytes, at);
+        let index_offset = r.u64("snapshot footer")?;
+        let top = BlockHandle::decode(r.bytes(HANDLE_LEN as u64, "snapshot footer")?, at + 8)?;
+        let entry_count = r.u64("snapshot footer")?;
+        let data_blocks = r.u32("snapshot footer")?;
+        let levels = r.u8("snapshot footer")?;
+        let reserved = r.bytes(3, "snapshot footer")?;
+        let crc = r.u32("snapshot footer")?;
+        r.magic(&FOOTER_MAGIC, "snapshot footer")?;
+        check_crc("snapshot footer", at, crc, &bytes[..40])?;
+        if reserved != [0, 0, 0] || !(1..=2).contains(&levels) {
+            return Err(invalid(
+                "snapshot footer",
+                at,
+                "unknown levels or reserved bits",
+            ));
+        }
+        let body_end = size - FOOTER_LEN;
+        if index_offset < HEADER_LEN
+            || index_offset > body_end
+            || top.offset < index_offset
+            || top.end() != body_end
+        {
+            return Err(invalid(
+                "snapshot footer",
+                at,
+                "the index lies outside the file",
+            ));
+        }
+        Ok(Footer {
+            index_offset,
+            top,
+            entry_count,
+            data_blocks,
+            levels,
+        })
+    }
+}
+
+fn header_bytes(lsn: u64, epoch: u64, dataset_id: DatasetId, entries: u64) -> Vec<u8> {
+    let mut head = Vec::with_capacity(HEADER_LEN as usize);
+    head.extend_from_slice(&MAGIC);
+    head.extend_from_slice(&VERSION_INDEXED.to_le_bytes());
+    head.extend_from_slice(&0u16.to_le_bytes());
+    head.extend_from_slice(&lsn.to_le_bytes());
+    head.extend_from_slice(&epoch.to_le_bytes());
+    head.extend_from_slice(&dataset_id.0);
+    head.extend_from_slice(&entries.to_le_bytes());
+    head.extend_from_slice(&0u32.to_le_bytes());
+    let crc = crc32fast::hash(&head);
+    head.extend_from_slice(&crc.to_le_bytes());
+    head
+}
+
+/// Parses a 56-byte snapshot header of version 2.
+pub fn decode_indexed_header(bytes: &[u8]) -> Result<SnapshotHeader, DecodeError> {
+    let mut r = Reader::new(bytes, 0);
+    r.magic(&MAGIC, "snapshot header")?;
+    let version = r.u16("snapshot header")?;
+    if version != VERSION_INDEXED {
+        return Err(DecodeError::UnsupportedVersion {
+            what: "block-indexed snapshot",
+            version: u64::from(version),
+            known: u64::from(VERSION_INDEXED),
+        });
+    }
+    let flags = r.u16("snapshot header")?;
+    if flags != 0 {
+        return Err(DecodeError::UnknownFlags {
+            what: "snapshot header",
+            flags,
+        });
+    }
+    let lsn = r.u64("snapshot header")?;
+    let epoch = r.u64("snapshot header")?;
+    let dataset_id = DatasetId(r.array("snapshot header")?);
+    let entry_count = r.u64("snapshot header")?;
+    let _reserved = r.u32("snapshot header")?;
+    let crc = r.u32("snapshot header")?;
+    check_crc("snapshot header", 0, crc, &bytes[..52.min(bytes.len())])?;
+    Ok(SnapshotHeader {
+        lsn,
+        epoch,
+        dataset_id,
+        entry_count,
+    })
+}
+
+/// Encodes `state` as a block-indexed snapshot at `lsn`.
+pub fn encode_indexed(
+    state: &KvState,
+    lsn: u64,
+    epoch: u64,
+    dataset_id: DatasetId,
+    opts: IndexedOptions,
+) -> Vec<u8> {
+    let mut out = header_bytes(lsn, epoch, dataset_id, state.len());
+    // Data blocks, remembering (first key, handle) of each.
+    let mut index: Vec<(Vec<u8>, BlockHandle)> = Vec::new();
+    let mut b = BlockBuilder::new();
+    let flush = |b: &mut BlockBuilder, out: &mut Vec<u8>, index: &mut Vec<_>| {
+        if b.count() == 0 {
+            return;
+        }
+        let first = b.first_key().to_vec();
+        let (bytes, crc) = b.finish();
+        let h = BlockHandle {
+            offset: out.len() as u64,
+            len: bytes.len() as u32,
+            crc,
+        };
+        out.extend_from_slice(&bytes);
+        index.push((first, h));
+    };
+    for (k, v) in state.iter() {
+        b.push(k, v);
+        if b.size() >= opts.block_bytes {
+            flush(&mut b, &mut out, &mut index);
+        }
+    }
+    flush(&mut b, &mut out, &mut index);
+    let index_offset = out.len() as u64;
+    let data_blocks = index.len() as u32;
+    // One index block if it fits, else index blocks under a top index.
+    let mut level: Vec<(Vec<u8>, BlockHandle)> = Vec::new();
+    let mut ib = BlockBuilder::new();
+    for (k, h) in &index {
+        ib.push(k, &h.encode());
+        if ib.size() >= opts.index_block_bytes {
+            flush(&mut ib, &mut out, &mut level);
+        }
+    }
+    let (top, levels) = if level.is_empty() {
+        // Everything fits in one block: it is the top index.
+        let mut top = Vec::new();
+        flush(&mut ib, &mut out, &mut top);
+        (top.pop().map(|(_, h)| h), 1u8)
+    } else {
+        flush(&mut ib, &mut out, &mut level);
+        for (k, h) in &level {
+            ib.push(k, &h.encode());
+        }
+        let mut top = Vec::new();
+        flush(&mut ib, &mut out, &mut top);
+        (top.pop().map(|(_, h)| h), 2u8)
+    };
+    // An empty state has one index block with no entries: the footer
+    // always names a block.
+    let top = top.unwrap_or_else(|| {
+        let (bytes, crc) = BlockBuilder::new().finish();
+        let h = BlockHandle {
+            offset: out.len() as u64,
+            len: bytes.len() as u32,
+            crc,
+        };
+        out.extend_from_slice(&bytes);
+        h
+    });
+    let footer = Footer {
+        index_offset,
+        top,
+        entry_count: state.len(),
+        data_blocks,
+        levels,
+    };
+    out.extend_from_slice(&footer.encode());
+    out
+}
+
+/// Whether `bytes` (at least the first 6 of a snapshot) are version 2.
+pub fn is_indexed(bytes: &[u8]) -> bool {
+    bytes.len() >= 6 && bytes[..4] == MAGIC && bytes[4..6] == VERSION_INDEXED.to_le_bytes()
+}
+
+/// What [`LazySnapshot::get`] needs to go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// The last `n` bytes of the file (the footer and, with luck, the top
+    /// index): feed them with [`LazySnapshot::feed_suffix`].
+    Suffix(u64),
+    /// Bytes `start..end` (a block): feed them with [`LazySnapshot::feed_range`].
+    Range {
+        /// First byte.
+        start: u64,
+        /// One past the last byte.
+        end: u64,
+    },
+}
+
+/// The answer to a point read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The value, or `None` when the snapshot does not hold the key.
+    Done(Option<Vec<u8>>),
+    /// Fetch this and feed it, then ask again.
+    Need(Need),
+}
+
+/// A point reader over one block-indexed snapshot, holding its footer and
+/// index blocks, and data blocks in a cache bounded in bytes (least recently
+/// used first out). Pure: it never does IO, it says what it needs.
+#[derive(Debug)]
+pub struct LazySnapshot {
+    size: u64,
+    footer: Option<Footer>,
+    /// Verified index blocks by offset (the top one and partitions).
+    index: HashMap<u64, Block>,
+    /// Verified data blocks by offset, with their last use.
+    blocks: HashMap<u64, (Block, u64)>,
+    lru: BTreeMap<u64, u64>,
+    tick: u64,
+    cache_bytes: u64,
+    cached: u64,
+    /// Blocks fetched so far (index and data).
+    pub fetched_blocks: u64,
+}
+
+impl LazySnapshot {
+    /// A reader for the snapshot of `size` bytes, caching at most
+    /// `cache_bytes` of data blocks (at least one block is always kept).
+    pub fn new(size: u64, cache_bytes: u64) -> Self {
+        LazySnapshot {
+            size,
+            footer: None,
+            index: HashMap::new(),
+            blocks: HashMap::new(),
+            lru: BTreeMap::new(),
+            tick: 0,
+            cache_bytes,
+            cached: 0,
+            fetched_blocks: 0,
+        }
+    }
+
+    /// The footer, once read.
+    pub fn footer(&self) -> Option<&Footer> {
+        self.footer.as_ref()
+    }
+
+    /// Bytes of data blocks held.
+    pub fn cached_bytes(&self) -> u64 {
+        self.cached
+    }
+
+    /// Feeds the answer to [`Need::Suffix`]: the last `bytes.len()` bytes of
+    /// the file. Verifies the footer, and the top index when it came along.
+    pub fn feed_suffix(&mut self, bytes: &[u8]) -> Result<(), DecodeError> {
+        let n = bytes.len() as u64;
+        if n < FOOTER_LEN || n > self.size {
+            return Err(DecodeError::Truncated {
+                what: "snapshot footer",
+                at: self.size.saturating_sub(n),
+                need: FOOTER_LEN,
+                have: n,
+            });
+        }
+        let footer = Footer::decode(&bytes[(n - FOOTER_LEN) as usize..], self.size)?;
+        let start = self.size - n;
+        if footer.top.offset >= start {
+            let lo = (footer.top.offset - start) as usize;
+            let hi = (footer.top.end() - start) as usize;
+            let top = Block::decode(&bytes[lo..hi], &footer.top, "snapshot top index")?;
+            self.fetched_blocks += 1;
+            self.index.insert(footer.top.offset, top);
+        }
+        self.footer = Some(footer);
+        Ok(())
+    }
+
+    /// Feeds the answer to [`Need::Range`] for the block `handle` names.
+    fn feed(&mut self, handle: &BlockHandle, bytes: &[u8], data: bool) -> Result<(), DecodeError> {
+        let what = if data {
+            "snapshot data block"
+        } else {
+            "snapshot index block"
+        };
+        let block = Block::decode(bytes, handle, what)?;
+        self.fetched_blocks += 1;
+        if data {
+            self.tick += 1;
+            self.cached += block.wire_len();
+            self.lru.insert(self.tick, handle.offset);
+            if let Some((_, old)) = self.blocks.insert(handle.offset, (block, self.tick)) {
+                self.lru.remove(&old);
+            }
+            while self.cached > self.cache_bytes && self.blocks.len() > 1 {
+                let Some((_, off)) = self.lru.pop_first() else {
+                    break;
+                };
+                if let Some((b, _)) = self.blocks.remove(&off) {
+                    self.cached -= b.wire_len();
+                }
+            }
+        } else {
+            self.index.insert(handle.offset, block);
+        }
+        Ok(())
+    }
+
+    /// The data block that holds `key`, or what to fetch to find it.
+    /// `Ok(None)`: no block can hold it (below the first key).
+    fn locate(&self, key: &[u8]) -> Result<Result<Option<(BlockHandle, bool)>, Need>, DecodeError> {
+        let Some(footer) = self.footer else {
+            return Ok(Err(Need::Suffix(SUFFIX_GUESS.min(self.size))));
+        };
+        let Some(top) = self.index.get(&footer.top.offset) else {
+            return Ok(Err(Need::Range {
+                start: footer.top.offset,
+                end: footer.top.end(),
+            }));
+        };
+        let handle_at = |b: &Block, i: usize, at: u64| BlockHandle::decode(&b.entries()[i].1, at);
+        let Some(i) = top.child_for(key) else {
+            return Ok(Ok(None));
+        };
+        let mut h = handle_at(top, i, footer.top.offset)?;
+        if footer.levels == 2 {
+            if h.offset < footer.index_offset || h.end() > footer.top.offset {
+                return Err(invalid(
+                    "snapshot top index",
+                    footer.top.offset,
+                    "an index block outside the index region",
+                ));
+            }
+            let Some(part) = self.index.get(&h.offset) else {
+                return Ok(Ok(Some((h, false))));
+            };
+            let Some(j) = part.child_for(key) else {
+                return Ok(Ok(None));
+            };
+            h = handle_at(part, j, h.offset)?;
+        }
+        if h.offset < HEADER_LEN || h.end() > footer.index_offset {
+            return Err(invalid(
+                "snapshot index",
+                footer.top.offset,
+                "a data block outside the data region",
+            ));
+        }
+        Ok(Ok(Some((h, true))))
+    }
+
+    /// Looks `key` up: its value, or the bytes needed next.
+    pub fn get(&mut self, key: &[u8]) -> Result<Lookup, DecodeError> {
+        let (h, data) = match self.locate(key)? {
+            Err(need) => return Ok(Lookup::Need(need)),
+            Ok(None) => return Ok(Lookup::Done(None)),
+            Ok(Some(x)) => x,
+        };
+        if !data {
+            return Ok(Lookup::Need(Need::Range {
+                start: h.offset,
+                end: h.end(),
+            }));
+        }
+        self.tick += 1;
+        let tick = self.tick;
+        match self.blocks.get_mut(&h.offset) {
+            Some((block, used)) => {
+                self.lru.remove(used);
+                *used = tick;
+                self.lru.insert(tick, h.offset);
+                Ok(Lookup::Done(block.get(key).map(<[u8]>::to_vec)))
+            }
+            None => Ok(Lookup::Need(Need::Range {
+                start: h.offset,
+                end: h.end(),
+            })),
+        }
+    }
+
+    /// Feeds the bytes a [`Need::Range`] for `key` asked for, starting at
+    /// `start`. Which block they must be is derived again from the key and
+    /// the verified index: bytes never name themselves.
+    pub fn feed_range(&mut self, start: u64, bytes: &[u8], key: &[u8]) -> Result<(), DecodeError> {
+        match self.locate(key)? {
+            Err(Need::Range { start: s, .. }) if s == start => {
+                let top = self
+                    .footer
+                    .map(|f| f.top)
+                    .ok_or_else(|| invalid("snapshot index", start, "a block before the footer"))?;
+                self.feed(&top, bytes, false)
+            }
+            Ok(Some((h, data))) if h.offset == start => self.feed(&h, bytes, data),
+            _ => Err(invalid(
+                "snapshot block",
+                start,
+                "bytes for a block the read did not ask for",
+            )),
+        }
+    }
+}
+
+/// Decodes a whole block-indexed snapshot held in memory, verifying every
+/// block, the index and the footer, and `crc32` (the catalog's whole-file
+/// checksum) when given.
+pub fn decode_indexed(
+    bytes: &[u8],
+    crc32: Option<u32>,
+) -> Result<(SnapshotHeader, KvState), DecodeError> {
+    if let Some(want) = crc32 {
+        check_crc("snapshot", 0, want, bytes)?;
+    }
+    let size = bytes.len() as u64;
+    if size < HEADER_LEN + FOOTER_LEN {
+        return Err(DecodeError::Truncated {
+            what: "snapshot",
+            at: 0,
+            need: HEADER_LEN + FOOTER_LEN,
+            have: size,
+        });
+    }
+    let header = decode_indexed_header(&bytes[..HEADER_LEN as usize])?;
+    let footer = Footer::decode(&bytes[(size - FOOTER_LEN) as usize..], size)?;
+    let slice = |h: &BlockHandle| &bytes[h.offset as usize..h.end() as usize];
+    let top = Block::decode(slice(&footer.top), &footer.top, "snapshot top index")?;
+    let mut data_handles = Vec::new();
+    let mut firsts = Vec::new();
+    let handles = |b: &Block, at: u64| -> Result<Vec<(Vec<u8>, BlockHandle)>, DecodeError> {
+        b.entries()
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), BlockHandle::decode(v, at)?)))
+            .collect()
+    };
+    if footer.levels == 1 {
+        for (k, h) in handles(&top, footer.top.offset)? {
+            firsts.push(k);
+            data_handles.push(h);
+        }
+    } else {
+        let mut next = footer.index_offset;
+        for (_, ih) in handles(&top, footer.top.offset)? {
+            if ih.offset != next || ih.end() > footer.top.offset {
+                return Err(invalid(
+                    "snapshot top index",
+                    ih.offset,
+                    "index blocks are not contiguous",
+                ));
+            }
+            next = ih.end();
+            let part = Block::decode(slice(&ih), &ih, "snapshot index block")?;
+            for (k, h) in handles(&part, ih.offset)? {
+                firsts.push(k);
+                data_handles.push(h);
+            }
+        }
+        if next != footer.top.offset {
+            return Err(invalid(
+                "snapshot top index",
+                next,
+                "index blocks do not reach the top index",
+            ));
+        }
+    }
+    let mut builder = crate::state::SortedBuilder::default();
+    let mut next = HEADER_LEN;
+    let mut count = 0u64;
+    let mut last: Option<Vec<u8>> = None;
+    if footer.data_blocks as usize != data_handles.len() {
+        return Err(invalid(
+            "snapshot footer",
+            size - FOOTER_LEN,
+            "data block count disagrees with the index",
+        ));
+    }
+    for (first, h) in firsts.iter().zip(&data_handles) {
+        if h.offset != next || h.end() > footer.index_offset {
+            return Err(invalid(
+                "snapshot index",
+                h.offset,
+                "data blocks are not contiguous",
+            ));
+        }
+        next = h.end();
+        let b = Block::decode(slice(h), h, "snapshot data block")?;
+        if b.entries().first().map(|(k, _)| k) != Some(first) {
+            return Err(invalid(
+                "snapshot index",
+                h.offset,
+                "first key disagrees with the block",
+            ));
+        }
+        for (k, v) in b.entries() {
+            if last.as_ref().is_some_and(|l| l >= k) {
+                return Err(invalid(
+                    "snapshot data block",
+                    h.offset,
+                    "keys do not ascend",
+                ));
+            }
+            if !builder.push(k, v) {
+                return Err(invalid(
+                    "snapshot data block",
+                    h.offset,
+                    "keys do not ascend",
+                ));
+            }
+            last = Some(k.clone());
+            count += 1;
+        }
+    }
+    if next != footer.index_offset {
+        return Err(invalid(
+            "snapshot index",
+            next,
+            "data blocks do not reach the index",
+        ));
+    }
+    if count != footer.entry_count || count != header.entry_count {
+        return Err(invalid("snapshot", 0, "entry counts disagree"));
+    }
+    Ok((header, KvState::from_sorted_leaves(builder)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn state(n: u32, vlen: usize) -> KvState {
+        let mut s = KvState::new();
+        for i in 0..n {
+            s.put(
+                format!("user:{:08}", i * 7).as_bytes(),
+                &vec![(i % 251) as u8; vlen + (i as usize % 5)],
+            );
+        }
+        s
+    }
+
+    /// Drives a point read to its end against the file's bytes; returns the
+    /// value and the GETs it took.
+    fn read(
+        lazy: &mut LazySnapshot,
+        file: &[u8],
+        key: &[u8],
+    ) -> Result<(Option<Vec<u8>>, u32), DecodeError> {
+        let mut gets = 0;
+        loop {
+            match lazy.get(key)? {
+                Lookup::Done(v) => return Ok((v, gets)),
+                Lookup::Need(Need::Suffix(n)) => {
+                    gets += 1;
+                    let n = n.min(file.len() as u64) as usize;
+                    lazy.feed_suffix(&file[file.len() - n..])?;
+                }
+                Lookup::Need(Need::Range { start, end }) => {
+                    gets += 1;
+                    assert!(gets < 10, "a point read loops");
+                    let s = (start as usize).min(file.len());
+                    let e = (end as usize).min(file.len());
+                    lazy.feed_range(start, &file[s..e], key)?;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn point_reads_on_one_and_two_levels() {
+        for (n, opts) in [
+            (0, IndexedOptions::default()),
+            (1, IndexedOptions::default()),
+            (5_000, IndexedOptions::default()),
+            (
+                5_000,
+                IndexedOptions {
+                    block_bytes: 512,
+                    index_block_bytes: 256,
+                },
+            ),
+        ] {
+            let s = state(n, 20);
+            let file = encode_indexed(&s, 9, 1, DatasetId([3; 16]), opts);
+            let (h, back) = decode_indexed(&file, Some(crc32fast::hash(&file))).unwrap();
+            assert_eq!(h.lsn, 9);
+            assert_eq!(back.len(), s.len());
+            assert!(back.iter().zip(s.iter()).all(|(a, b)| a == b));
+            let mut lazy = LazySnapshot::new(file.len() as u64, 1 << 20);
+            for i in [0u32, 1, 2, n / 2, n.saturating_sub(1), n] {
+                let key = format!("user:{:08}", i * 7);
+                let (got, gets) = read(&mut lazy, &file, key.as_bytes()).unwrap();
+                assert_eq!(got.as_deref(), s.get(key.as_bytes()), "key {key}");
+                assert!(gets <= 3, "{gets} GETs");
+                let miss = format!("user:{:08}", i * 7 + 1);
+                assert_eq!(read(&mut lazy, &file, miss.as_bytes()).unwrap().0, None);
+            }
+            if n == 5_000 && opts.index_block_bytes == 256 {
+                assert_eq!(lazy.footer().unwrap().levels, 2);
+            }
+        }
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_bytes() {
+        let s = state(20_000, 50);
+        let opts = IndexedOptions {
+            block_bytes: 4096,
+            index_block_bytes: 4096,
+        };
+        let file = encode_indexed(&s, 1, 1, DatasetId([1; 16]), opts);
+        let mut lazy = LazySnapshot::new(file.len() as u64, 32 << 10);
+        for i in (0..20_000).step_by(97) {
+            let key = format!("user:{:08}", i * 7);
+            assert_eq!(
+                read(&mut lazy, &file, key.as_bytes()).unwrap().0.as_deref(),
+                s.get(key.as_bytes())
+            );
+            assert!(lazy.cached_bytes() <= 32 << 10);
+        }
+    }
+
+    proptest! {
+        /// A flipped byte anywhere is either caught, or cannot change an
+        /// answer (it lies in bytes the read never uses).
+        #[test]
+        fn a_damaged_file_never_answers_wrong(at in 0usize..100_000, bit in 0u8..8, k in 0u32..400) {
+            let s = state(400, 8);
+            let opts = IndexedOptions { block_bytes: 256, index_block_bytes: 128 };
+            let mut file = encode_indexed(&s, 1, 1, DatasetId([1; 16]), opts);
+            let at = at % file.len();
+            file[at] ^= 1 << bit;
+            prop_assert!(decode_indexed(&file, None).is_err());
+            let key = format!("user:{:08}", k * 7);
+            let mut lazy = LazySnapshot::new(file.len() as u64, 1 << 20);
+            if let Ok((v, _)) = read(&mut lazy, &file, key.as_bytes()) {
+                prop_assert_eq!(v.as_deref(), s.get(key.as_bytes()));
+            }
+        }
+
+        /// Arbitrary bytes as a file: errors, never a panic or a loop.
+        #[test]
+        fn garbage_is_an_error(bytes in proptest::collection::vec(any::<u8>(), 0..400), key in proptest::collection::vec(any::<u8>(), 0..8)) {
+            let _ = decode_indexed(&bytes, None);
+            let mut lazy = LazySnapshot::new(bytes.len() as u64, 1 << 20);
+            let _ = read(&mut lazy, &bytes, &key);
+        }
+    }
+}
