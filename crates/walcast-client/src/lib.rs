@@ -13,21 +13,32 @@
 
 use std::cell::{Ref, RefCell};
 use std::future::Future;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::rc::Rc;
 
 use futures::future::{self, Either};
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::{FuturesUnordered, Stream, StreamExt};
 use walcast_core::io::{GetRequest, GetResponse, RequestId};
 use walcast_core::replica::{Action, Event, Replica};
 use walcast_core::Error;
 
 /// The one seam between the driver and the network or storage: perform a
 /// GET of `req.key` (relative to the dataset's base URL or prefix) with
-/// `req.range` and `req.if_none_match`, giving up after `req.timeout_ms`.
+/// `req.range` and `req.if_none_match`, giving up after `req.timeout_ms`
+/// for the whole exchange, body included.
 ///
 /// Implementations never fail: transport errors, timeouts and unexpected
-/// statuses become [`GetResponse::Failed`].
+/// statuses become [`GetResponse::Failed`]. They classify by the HTTP status
+/// (or the store's error kind), never by an error's text. They read a body
+/// as a stream and keep at most `req.max_bytes + 1` bytes of it (see
+/// [`read_body`]), whatever `Content-Length` claims, and hand a 206's
+/// `Content-Range` over as parsed by
+/// [`ContentRange::parse`](walcast_core::io::ContentRange::parse) for the
+/// machine to check against the body; a 206 without a valid one is a
+/// failure, not a whole object.
+///
+/// The [`Driver`] also gives up on a GET that has not answered within
+/// `timeout_ms`, so a seam that misses a deadline cannot stall it.
 pub trait Fetch {
     /// Performs one GET.
     fn get(&self, req: GetRequest) -> impl Future<Output = GetResponse>;
@@ -40,6 +51,70 @@ pub trait Timer {
     fn now_ms(&self) -> u64;
     /// Completes once `now_ms() >= at_ms`.
     fn sleep_until(&self, at_ms: u64) -> impl Future<Output = ()>;
+}
+
+/// The most a body reader reserves up front, whatever the size it is told:
+/// memory then grows with the bytes that actually arrive.
+pub const MAX_PREALLOC: usize = 8 << 20;
+
+/// Reads a response body given as a stream of chunks, keeping at most
+/// `max_bytes + 1` bytes: once it holds that many it stops and drops the
+/// stream (which, for a network body, closes the connection). One byte over
+/// the limit is kept so that the machine sees the object is too large and
+/// reports it as a `data` error naming the object.
+///
+/// `claimed_len` (a `Content-Length`, an object's stated size) only sizes
+/// the first reservation, capped at `max_bytes + 1` and [`MAX_PREALLOC`]: a
+/// claim is never trusted for more. A body that arrives as one chunk is
+/// handed over without a copy. The first error of the stream is returned.
+pub async fn read_body<S, B, E>(
+    body: S,
+    max_bytes: u64,
+    claimed_len: Option<u64>,
+) -> Result<Vec<u8>, E>
+where
+    S: Stream<Item = Result<B, E>>,
+    B: AsRef<[u8]> + Into<Vec<u8>>,
+{
+    let limit = usize::try_from(max_bytes.saturating_add(1)).unwrap_or(usize::MAX);
+    let mut body = pin!(body);
+    // The first chunk stays as it came until a second one arrives.
+    let mut first: Option<B> = None;
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk?;
+        let bytes = chunk.as_ref();
+        if bytes.is_empty() {
+            continue;
+        }
+        if let Some(f) = first.take() {
+            let f = f.as_ref();
+            let claim = claimed_len
+                .and_then(|c| usize::try_from(c).ok())
+                .unwrap_or(0)
+                .max(f.len() + bytes.len());
+            buf = Vec::with_capacity(claim.min(limit).min(MAX_PREALLOC));
+            buf.extend_from_slice(f);
+        } else if buf.is_empty() {
+            let full = bytes.len() >= limit;
+            first = Some(chunk);
+            if full {
+                break;
+            }
+            continue;
+        }
+        let take = bytes.len().min(limit - buf.len());
+        buf.extend_from_slice(&bytes[..take]);
+        if buf.len() >= limit {
+            break;
+        }
+    }
+    if let Some(f) = first {
+        let mut v: Vec<u8> = f.into();
+        v.truncate(limit);
+        return Ok(v);
+    }
+    Ok(buf)
 }
 
 /// When [`Driver::run`] returns.
@@ -124,8 +199,7 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
             let action = replica.borrow_mut().poll(now);
             match action {
                 Action::Fetch(req) => {
-                    let id = req.id;
-                    inflight.push(Box::pin(async move { (id, fetch.get(req).await) }));
+                    inflight.push(Box::pin(bounded_get(fetch, timer, now, req)));
                 }
                 Action::Event(e) => {
                     on_event(&replica.borrow(), &e).map_err(RunError::Callback)?;
@@ -161,6 +235,31 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
     }
 }
 
+/// `fetch.get(req)`, given up (and dropped) once `req.timeout_ms` have
+/// passed since `now`, whether or not the seam keeps its own deadline.
+async fn bounded_get<F: Fetch, T: Timer>(
+    fetch: &F,
+    timer: &T,
+    now: u64,
+    req: GetRequest,
+) -> (RequestId, GetResponse) {
+    let id = req.id;
+    let timeout_ms = req.timeout_ms.max(1);
+    let key = req.key.clone();
+    let get = pin!(fetch.get(req));
+    let deadline = pin!(timer.sleep_until(now.saturating_add(timeout_ms)));
+    match future::select(get, deadline).await {
+        Either::Left((resp, _)) => (id, resp),
+        Either::Right(((), _)) => (
+            id,
+            GetResponse::Failed {
+                status: None,
+                message: format!("GET {key}: timed out after {timeout_ms} ms"),
+            },
+        ),
+    }
+}
+
 /// Why [`Driver::run`] stopped early.
 #[derive(Debug)]
 pub enum RunError<E> {
@@ -180,3 +279,161 @@ impl<E: std::fmt::Display> std::fmt::Display for RunError<E> {
 }
 
 impl<E: std::fmt::Debug + std::fmt::Display> std::error::Error for RunError<E> {}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::task::Poll;
+
+    use futures::stream;
+    use walcast_core::catalog::HEAD_KEY;
+    use walcast_core::replica::ReplicaConfig;
+    use walcast_core::ErrorKind;
+
+    use super::*;
+
+    /// Polls `f` to completion; everything here is ready without waking.
+    fn block_on<O>(f: impl Future<Output = O>) -> O {
+        let mut f = pin!(f);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        for _ in 0..1_000_000 {
+            if let Poll::Ready(o) = f.as_mut().poll(&mut cx) {
+                return o;
+            }
+        }
+        panic!("the future did not complete");
+    }
+
+    fn chunks(parts: &[&[u8]]) -> Vec<Result<Vec<u8>, String>> {
+        parts.iter().map(|p| Ok(p.to_vec())).collect()
+    }
+
+    #[test]
+    fn read_body_keeps_at_most_max_bytes_plus_one() {
+        let body = block_on(read_body(
+            stream::iter(chunks(&[b"abc", b"def", b"ghi"])),
+            4,
+            None,
+        ));
+        assert_eq!(body.unwrap(), b"abcde");
+        // One big chunk is cut too.
+        let body = block_on(read_body(stream::iter(chunks(&[&[1u8; 100]])), 9, None));
+        assert_eq!(body.unwrap().len(), 10);
+        // Exactly max_bytes: all of it.
+        let body = block_on(read_body(stream::iter(chunks(&[b"ab", b"cd"])), 4, Some(4)));
+        assert_eq!(body.unwrap(), b"abcd");
+        // Empty chunks and an empty body.
+        let body = block_on(read_body(stream::iter(chunks(&[b"", b"a", b""])), 4, None));
+        assert_eq!(body.unwrap(), b"a");
+        let body = block_on(read_body(stream::iter(chunks(&[])), 4, Some(0)));
+        assert_eq!(body.unwrap(), b"");
+    }
+
+    #[test]
+    fn read_body_stops_reading_an_endless_stream() {
+        let pulled = Cell::new(0u64);
+        let endless = stream::repeat_with(|| {
+            pulled.set(pulled.get() + 1);
+            Ok::<_, String>(vec![b' '; 1000])
+        });
+        let body = block_on(read_body(endless, 1 << 20, None)).unwrap();
+        assert_eq!(body.len(), (1 << 20) + 1);
+        assert_eq!(pulled.get(), 1049);
+    }
+
+    #[test]
+    fn read_body_does_not_trust_a_claimed_length() {
+        // 64 TiB claimed, 3 bytes sent: nothing near the claim is reserved.
+        let body = block_on(read_body(
+            stream::iter(chunks(&[b"a", b"b", b"c"])),
+            u64::MAX,
+            Some(70_368_744_177_664),
+        ))
+        .unwrap();
+        assert_eq!(body, b"abc");
+        assert!(body.capacity() <= MAX_PREALLOC);
+        let body = block_on(read_body(
+            stream::iter(chunks(&[b"a", b"b"])),
+            10,
+            Some(u64::MAX),
+        ))
+        .unwrap();
+        assert!(body.capacity() <= 11, "{}", body.capacity());
+    }
+
+    #[test]
+    fn read_body_returns_the_first_error() {
+        let items: Vec<Result<Vec<u8>, String>> = vec![Ok(b"a".to_vec()), Err("reset".into())];
+        let r = block_on(read_body(stream::iter(items), 10, None));
+        assert_eq!(r, Err("reset".to_string()));
+    }
+
+    /// Virtual time: a sleep yields once (so that whatever else is ready
+    /// goes first), then moves the clock to its deadline and completes.
+    struct Virtual(Rc<Cell<u64>>);
+
+    impl Timer for Virtual {
+        fn now_ms(&self) -> u64 {
+            self.0.get()
+        }
+        fn sleep_until(&self, at_ms: u64) -> impl Future<Output = ()> {
+            let clock = self.0.clone();
+            let mut yielded = false;
+            future::poll_fn(move |cx| {
+                if clock.get() >= at_ms {
+                    Poll::Ready(())
+                } else if !yielded {
+                    yielded = true;
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                } else {
+                    clock.set(at_ms);
+                    Poll::Ready(())
+                }
+            })
+        }
+    }
+
+    /// A seam that never answers (a server that never finishes a body,
+    /// and a seam that keeps no deadline of its own).
+    struct Never(Cell<u32>);
+
+    impl Fetch for Never {
+        fn get(&self, _req: GetRequest) -> impl Future<Output = GetResponse> {
+            self.0.set(self.0.get() + 1);
+            future::pending()
+        }
+    }
+
+    #[test]
+    fn a_get_that_never_answers_is_given_up_after_timeout_ms() {
+        let cfg = ReplicaConfig {
+            request_timeout_ms: 1000,
+            ..ReplicaConfig::default()
+        };
+        let max_attempts = cfg.max_attempts;
+        let clock = Rc::new(Cell::new(0));
+        let timer = Virtual(clock.clone());
+        let mut driver = Driver::new(Replica::new(cfg, 1), Never(Cell::new(0)), timer);
+        // Without a deadline the run would wait for ever: stop it after a
+        // virtual hour so that the test fails instead of hanging.
+        let stop = future::poll_fn(move |_| {
+            if clock.get() > 3_600_000 {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        let r = block_on(driver.run(Until::CaughtUp, stop, |_, _| Ok::<(), ()>(())));
+        match r {
+            Err(RunError::Replica(e)) => {
+                assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+                assert!(e.to_string().contains("timed out after 1000 ms"), "{e}");
+                assert!(e.to_string().contains(HEAD_KEY), "{e}");
+            }
+            other => panic!("expected a timeout error, got {other:?}"),
+        }
+        assert_eq!(driver.fetch().0.get(), max_attempts);
+        assert!(driver.timer.now_ms() < 3_600_000);
+    }
+}

@@ -13,10 +13,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
+use futures::FutureExt as _;
 use object_store::path::Path as ObjPath;
 use object_store::{
-    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
-    UpdateVersion,
+    GetOptions, GetRange, GetResult, GetResultPayload, ObjectStore, ObjectStoreExt, PutMode,
+    PutOptions, PutPayload, UpdateVersion,
 };
 use walcast_core::catalog::HEAD_KEY;
 use walcast_core::io::{ByteRange, ContentRange, GetRequest, GetResponse};
@@ -124,11 +125,13 @@ impl Store {
         p
     }
 
-    /// Performs a GET.
+    /// Performs a GET, reading at most `req.max_bytes + 1` bytes of the body
+    /// (never reserving memory from a length the server claims), all within
+    /// `req.timeout_ms`.
     pub async fn get(&self, req: &GetRequest) -> GetResponse {
         if req.key == HEAD_KEY {
             if let Some(dir) = &self.local {
-                let r = local_head_get(dir, req.if_none_match.as_deref());
+                let r = local_head_get(dir, req.if_none_match.as_deref(), req.max_bytes);
                 if let Some(st) = &self.stats {
                     st.record_local_get(&r);
                 }
@@ -143,23 +146,31 @@ impl Store {
             }),
             ..Default::default()
         };
+        let max_bytes = req.max_bytes;
         let fut = async {
             let res = self.os.get_opts(&self.path(&req.key), opts).await?;
             let range = res.range.clone();
             let total = res.meta.size;
             let etag = res.meta.e_tag.clone();
-            let body = res.bytes().await?;
+            let body = read_payload(res, max_bytes).await?;
             Ok::<_, object_store::Error>((body, range, total, etag))
         };
+        // object_store parses a server's headers with plain arithmetic, which
+        // overflow-checked builds turn into a panic on hostile values: such an
+        // answer fails this GET, not the process.
+        let fut = std::panic::AssertUnwindSafe(fut).catch_unwind();
         let timeout = std::time::Duration::from_millis(req.timeout_ms.max(1));
         match tokio::time::timeout(timeout, fut).await {
             Err(_) => GetResponse::Failed {
                 status: None,
                 message: format!("GET {} timed out after {} ms", req.key, req.timeout_ms),
             },
-            Ok(Ok((body, range, total, etag))) => GetResponse::Ok {
-                // No copy when the body is the only owner of its buffer.
-                body: Vec::from(body),
+            Ok(Err(_)) => GetResponse::Failed {
+                status: None,
+                message: format!("GET {}: the store client failed on the answer", req.key),
+            },
+            Ok(Ok(Ok((body, range, total, etag)))) => GetResponse::Ok {
+                body,
                 etag,
                 range: req.range.map(|_| ContentRange {
                     start: range.start,
@@ -167,16 +178,11 @@ impl Store {
                     total: Some(total),
                 }),
             },
-            Ok(Err(object_store::Error::NotFound { .. })) => GetResponse::NotFound,
-            Ok(Err(object_store::Error::NotModified { .. })) => GetResponse::NotModified,
-            Ok(Err(e))
-                if e.to_string().contains("416")
-                    || e.to_string().contains("range") && e.to_string().contains("invalid") =>
-            {
-                GetResponse::RangeNotSatisfiable
-            }
-            Ok(Err(e)) => GetResponse::Failed {
-                status: None,
+            Ok(Ok(Err(object_store::Error::NotFound { .. }))) => GetResponse::NotFound,
+            Ok(Ok(Err(object_store::Error::NotModified { .. }))) => GetResponse::NotModified,
+            Ok(Ok(Err(e))) if range_not_satisfiable(&e) => GetResponse::RangeNotSatisfiable,
+            Ok(Ok(Err(e))) => GetResponse::Failed {
+                status: http_status(&e),
                 message: e.to_string(),
             },
         }
@@ -252,8 +258,102 @@ fn local_etag(bytes: &[u8]) -> String {
     format!("\"{:08x}-{:x}\"", crc32fast::hash(bytes), bytes.len())
 }
 
-fn local_head_get(dir: &std::path::Path, inm: Option<&str>) -> GetResponse {
-    match std::fs::read(dir.join(HEAD_KEY)) {
+/// The body of a GET, at most `max_bytes + 1` bytes of it: a local file is
+/// read directly (bounded), anything else as a stream (see
+/// [`walcast_client::read_body`]), so a claimed size is never allocated.
+async fn read_payload(res: GetResult, max_bytes: u64) -> object_store::Result<Vec<u8>> {
+    let claimed = res.range.end.saturating_sub(res.range.start);
+    match res.payload {
+        GetResultPayload::File(file, _) => {
+            let start = res.range.start;
+            tokio::task::spawn_blocking(move || read_file_range(file, start, claimed, max_bytes))
+                .await
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                .and_then(|r| r.map_err(|e| Box::new(e) as _))
+                .map_err(|source| object_store::Error::Generic {
+                    store: "LocalFileSystem",
+                    source,
+                })
+        }
+        GetResultPayload::Stream(s) => walcast_client::read_body(s, max_bytes, Some(claimed)).await,
+    }
+}
+
+/// Reads at most `min(len, max_bytes + 1)` bytes of `file` from `start`.
+fn read_file_range(
+    mut file: std::fs::File,
+    start: u64,
+    len: u64,
+    max_bytes: u64,
+) -> std::io::Result<Vec<u8>> {
+    use std::io::{Seek, SeekFrom};
+    file.seek(SeekFrom::Start(start))?;
+    read_bounded(file, len, max_bytes)
+}
+
+/// Reads at most `min(len, max_bytes + 1)` bytes of `r`; `len` (a size as
+/// stated) only sizes the first reservation, capped.
+fn read_bounded(r: impl std::io::Read, len: u64, max_bytes: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let take = len.min(max_bytes.saturating_add(1));
+    let cap = usize::try_from(take)
+        .unwrap_or(usize::MAX)
+        .min(walcast_client::MAX_PREALLOC);
+    let mut buf = Vec::with_capacity(cap);
+    r.take(take).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// The HTTP status of a store error that came from an HTTP answer.
+///
+/// object_store does not expose its request error type, so this reads the
+/// status where object_store itself formats it: first, in the message of
+/// the request error in the chain ("Server returned non-2xx status code:
+/// 416 Range Not Satisfiable: <body>"). Text a server or an object key
+/// puts elsewhere (a body, a URL) cannot match.
+fn http_status(e: &object_store::Error) -> Option<u16> {
+    const PREFIX: &str = "Server returned non-2xx status code: ";
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if let Some(rest) = text.strip_prefix(PREFIX) {
+            let code = rest
+                .get(..3)
+                .filter(|c| c.bytes().all(|b| b.is_ascii_digit()));
+            if let Some(code) = code.and_then(|c| c.parse().ok()) {
+                return Some(code);
+            }
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Whether a store error says the range starts past the object's end: an
+/// HTTP 416, or object_store's own range check (local and in-memory
+/// stores, and a 206 whose stated total is below the range), recognised by
+/// the message of its error kind (`InvalidGetRange::StartTooLarge`, whose
+/// type object_store does not export) at the start of an error in the chain.
+fn range_not_satisfiable(e: &object_store::Error) -> bool {
+    if http_status(e) == Some(416) {
+        return true;
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.to_string().starts_with("Wanted range starting at ") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn local_head_get(dir: &std::path::Path, inm: Option<&str>, max_bytes: u64) -> GetResponse {
+    let read = std::fs::File::open(dir.join(HEAD_KEY)).and_then(|f| {
+        let len = f.metadata()?.len();
+        read_bounded(f, len, max_bytes)
+    });
+    match read {
         Ok(body) => {
             let etag = local_etag(&body);
             if inm == Some(etag.as_str()) {
