@@ -1,0 +1,136 @@
+//! Owning the dataset: claiming it with a new epoch (or creating it),
+//! noticing a claim whose answer was lost, and fencing this publisher for
+//! good once another one owns the dataset.
+
+use crate::catalog::{DatasetId, Head, HEAD_KEY};
+use crate::error::{Error, ErrorKind};
+use crate::io::GetResponse;
+use crate::rng::splitmix64;
+
+use super::{Event, ObjectKind, Publisher, PutCondition, Req, Role};
+
+impl Publisher {
+    pub(super) fn on_claim_read(&mut self, now: u64, resp: GetResponse) {
+        let read = match Self::decode_head(resp) {
+            Ok(r) => r,
+            Err(e) => {
+                let d = self.backoff(HEAD_KEY, e);
+                self.retry_at = now + d;
+                self.role = Role::Start;
+                return;
+            }
+        };
+        // Did our earlier claim land (its answer lost)?
+        if let (Some(claim), Some((h, etag))) = (&self.claim, &read) {
+            if h.dataset_id == claim.dataset_id
+                && h.epoch == claim.epoch
+                && h.generation == claim.generation
+                && h.writer == claim.writer
+            {
+                let h = h.clone();
+                let etag = etag.clone();
+                self.claimed(h, etag);
+                return;
+            }
+        }
+        self.claim_attempts += 1;
+        if self.claim_attempts > 32 {
+            self.fence(
+                Error::new(
+                    ErrorKind::Unavailable,
+                    "could not claim the dataset after 32 attempts",
+                )
+                .with_object(HEAD_KEY),
+            );
+            return;
+        }
+        let (proposed, cond) = match read {
+            None => {
+                let id = DatasetId::from_seed(splitmix64(&mut self.rng));
+                let mut h = Head::new(id, 1);
+                h.committed_at_ms = now;
+                h.writer = self.writer.clone();
+                (h, PutCondition::CreateOnly)
+            }
+            Some((h, etag)) => {
+                let Some(etag) = etag else {
+                    self.fence(Error::new(ErrorKind::InvalidInput, "the store returned no ETag for the head: conditional writes are impossible").with_object(HEAD_KEY));
+                    return;
+                };
+                let mut p = h.clone();
+                p.epoch = h.epoch + 1;
+                p.generation = h.generation + 1;
+                p.committed_at_ms = now;
+                p.writer = self.writer.clone();
+                (p, PutCondition::IfMatch(etag))
+            }
+        };
+        self.role = Role::Claiming;
+        let body = proposed.encode();
+        self.claim = Some(proposed);
+        let a = self.put(Req::ClaimPut, HEAD_KEY.into(), body, cond, ObjectKind::Head);
+        self.queued.push_back(a);
+    }
+
+    pub(super) fn claimed(&mut self, h: Head, etag: Option<String>) {
+        self.role = Role::Running;
+        self.epoch = h.epoch;
+        self.claim = None;
+        self.attempts.remove(HEAD_KEY);
+        self.next_push = if self.state.is_some() {
+            1
+        } else {
+            h.committed_lsn + 1
+        };
+        self.events.push_back(Event::Claimed {
+            epoch: h.epoch,
+            dataset_id: h.dataset_id,
+            committed_lsn: h.committed_lsn,
+        });
+        self.head = Some(h);
+        self.etag = etag;
+    }
+
+    fn fence(&mut self, err: Error) {
+        self.role = Role::Fenced;
+        self.events.push_back(Event::Fenced(err));
+    }
+
+    /// Whether `h` shows the dataset owned by another publisher: a newer
+    /// epoch, our epoch claimed by another writer, or another dataset.
+    pub(super) fn taken_by_another(&self, h: &Head, ours: DatasetId) -> bool {
+        h.epoch > self.epoch
+            || h.dataset_id != ours
+            || (h.epoch == self.epoch && h.writer != self.writer)
+    }
+
+    /// Stops for good: `h` belongs to another publisher.
+    pub(super) fn lost_to(&mut self, h: &Head) {
+        self.commit = None;
+        self.fence(
+            Error::new(
+                ErrorKind::Fenced,
+                format!(
+                    "epoch {} now owns the dataset (ours is {})",
+                    h.epoch, self.epoch
+                ),
+            )
+            .with_object(HEAD_KEY),
+        );
+    }
+
+    pub(super) fn on_check(&mut self, now: u64, resp: GetResponse) {
+        self.check_inflight = false;
+        self.next_check = now + self.cfg.head_check_ms;
+        if self.role != Role::Running {
+            return;
+        }
+        if let Ok(Some((h, _))) = Self::decode_head(resp) {
+            if let Some(ours) = self.head.as_ref().map(|o| o.dataset_id) {
+                if self.taken_by_another(&h, ours) {
+                    self.lost_to(&h);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! Committing: building the next head from the committed one, uploading
+//! its new pages, the head's compare-and-swap, and verifying a CAS that
+//! failed or went unanswered.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::catalog::{Head, PageRef, Retired, HEAD_KEY};
+use crate::error::{Error, ErrorKind};
+use crate::io::GetResponse;
+
+use super::pages::PageUpload;
+use super::{Action, Event, ObjectKind, Publisher, PutCondition, Req, Up};
+
+/// Where a commit in progress stands.
+#[derive(Debug)]
+pub(super) enum Stage {
+    /// Reading pages whose contents must be retired.
+    Reading(HashSet<String>),
+    /// Uploading new pages.
+    Paging(HashMap<String, (Vec<u8>, Up)>),
+    /// The head PUT is in flight.
+    Cas,
+    /// Re-reading the head after a failed or unanswered CAS.
+    Verifying,
+}
+
+/// A commit in progress: the head it will write, and its stage.
+#[derive(Debug)]
+pub(super) struct Commit {
+    pub(super) proposed: Head,
+    pub(super) stage: Stage,
+}
+
+impl Publisher {
+    pub(super) fn drive_commit(&mut self, now: u64) -> Option<Action> {
+        if self.commit.is_none() {
+            if self.commit_retry_at.is_some_and(|t| t > now) {
+                return None;
+            }
+            self.commit_retry_at = None;
+            let ready = self.sealed.iter().take_while(|s| s.up == Up::Done).count();
+            let committed = self.committed_lsn();
+            // A snapshot alone is worth a commit once the head can name it.
+            let snap_ready = self
+                .snapshot
+                .as_ref()
+                .is_some_and(|s| s.up == Up::Done && s.entry.lsn <= committed);
+            if ready == 0 && !snap_ready {
+                return None;
+            }
+            match self.build_commit(now, ready) {
+                Ok((proposed, pages)) => {
+                    let stage = if pages.is_empty() {
+                        Stage::Cas
+                    } else {
+                        Stage::Paging(
+                            pages
+                                .into_iter()
+                                .map(|(k, b)| (k, (b, Up::Waiting(0))))
+                                .collect(),
+                        )
+                    };
+                    self.commit = Some(Commit { proposed, stage });
+                    if matches!(self.commit.as_ref().map(|c| &c.stage), Some(Stage::Cas)) {
+                        return Some(self.send_cas());
+                    }
+                }
+                Err(reads) => {
+                    let keys: HashSet<String> = reads.iter().map(|r| r.key.clone()).collect();
+                    self.commit = Some(Commit {
+                        proposed: self.head.clone().expect("running"),
+                        stage: Stage::Reading(keys),
+                    });
+                    // Issue the first read now; the rest on later polls.
+                    let mut it = reads.into_iter();
+                    let first = it.next().expect("non-empty");
+                    self.page_reads.extend(it);
+                    let key = first.key.clone();
+                    return Some(self.get(Req::PageRead(first), key));
+                }
+            }
+        }
+        let c = self.commit.as_mut()?;
+        match &mut c.stage {
+            Stage::Reading(_) => {
+                let r = self.page_reads.pop_front()?;
+                let key = r.key.clone();
+                Some(self.get(Req::PageRead(r), key))
+            }
+            Stage::Paging(pages) => {
+                let mut next = None;
+                let mut all_done = true;
+                for (k, (b, up)) in pages.iter_mut() {
+                    match *up {
+                        Up::Waiting(t) if t <= now && next.is_none() => {
+                            *up = Up::InFlight;
+                            next = Some((k.clone(), b.clone()));
+                            all_done = false;
+                        }
+                        Up::Done => {}
+                        _ => all_done = false,
+                    }
+                }
+                if let Some((k, b)) = next {
+                    return Some(self.put(
+                        Req::Page(k.clone()),
+                        k,
+                        b,
+                        PutCondition::CreateOnly,
+                        ObjectKind::Page,
+                    ));
+                }
+                if all_done {
+                    c.stage = Stage::Cas;
+                    return Some(self.send_cas());
+                }
+                None
+            }
+            Stage::Verifying => match self.verify_at {
+                Some(t) if t <= now => {
+                    self.verify_at = None;
+                    Some(self.get(Req::Verify, HEAD_KEY.into()))
+                }
+                _ => None,
+            },
+            Stage::Cas => None,
+        }
+    }
+
+    fn send_cas(&mut self) -> Action {
+        let c = self.commit.as_ref().expect("commit");
+        let body = c.proposed.encode();
+        let cond = PutCondition::IfMatch(self.etag.clone().unwrap_or_default());
+        self.put(Req::Cas, HEAD_KEY.into(), body, cond, ObjectKind::Head)
+    }
+
+    /// Builds the next head from the committed one plus the first `ready`
+    /// sealed segments. Returns the head and the pages to upload first, or
+    /// the pages that must be read before retention can drop them.
+    fn build_commit(
+        &mut self,
+        now: u64,
+        ready: usize,
+    ) -> Result<(Head, Vec<PageUpload>), Vec<PageRef>> {
+        let cur = self.head.as_ref().expect("running");
+        let mut h = cur.clone();
+        h.generation += 1;
+        h.epoch = self.epoch;
+        h.committed_at_ms = now;
+        for s in self.sealed.iter().take(ready) {
+            h.segments.push(s.entry.clone());
+            h.committed_lsn = s.entry.last_lsn;
+        }
+        // Snapshot.
+        if let Some(s) = &self.snapshot {
+            if s.up == Up::Done && s.entry.lsn <= h.committed_lsn {
+                if let Some(old) = h.snapshot.replace(s.entry.clone()) {
+                    h.retired.push(Retired {
+                        key: old.key,
+                        since_ms: now,
+                    });
+                }
+            }
+        }
+        // Forget retirees already deleted.
+        h.retired.retain(|r| !self.deleted.contains(&r.key));
+        // Retention.
+        self.retire_expired(&mut h, now)?;
+        // Paging.
+        let uploads = self.page_out(&mut h);
+        Ok((h, uploads))
+    }
+
+    pub(super) fn committed(&mut self, etag: Option<String>) {
+        let Some(c) = self.commit.take() else {
+            return;
+        };
+        self.adopt(c.proposed, etag);
+    }
+
+    /// Makes `h`, a head this publisher wrote and saw land, the base of the
+    /// next commit.
+    fn adopt(&mut self, h: Head, etag: Option<String>) {
+        self.commit = None;
+        self.attempts.remove(HEAD_KEY);
+        while self
+            .sealed
+            .front()
+            .is_some_and(|s| s.entry.last_lsn <= h.committed_lsn)
+        {
+            self.sealed.pop_front();
+        }
+        if self.snapshot.as_ref().is_some_and(|s| {
+            h.snapshot.as_ref().is_some_and(|x| x.key == s.entry.key)
+                || s.entry.lsn <= h.snapshot.as_ref().map_or(0, |x| x.lsn)
+        }) {
+            self.snapshot = None;
+        }
+        self.deleted
+            .retain(|k| h.retired.iter().any(|r| &r.key == k));
+        self.events.push_back(Event::Committed {
+            lsn: h.committed_lsn,
+            generation: h.generation,
+            head_bytes: h.encode().len() as u64,
+        });
+        self.head = Some(h);
+        self.etag = etag;
+    }
+
+    pub(super) fn on_verify(&mut self, now: u64, resp: GetResponse) {
+        let read = Self::decode_head(resp);
+        let Some(c) = self.commit.as_ref() else {
+            return;
+        };
+        match read {
+            Ok(Some((h, etag))) => {
+                if self.taken_by_another(&h, c.proposed.dataset_id) {
+                    self.lost_to(&h);
+                } else if h == c.proposed {
+                    // Our write landed; its acknowledgement was lost.
+                    self.committed(etag);
+                } else if h.epoch == self.epoch
+                    && h.generation > self.head.as_ref().map_or(0, |x| x.generation)
+                {
+                    // An earlier write of ours landed after we thought it had
+                    // not (its answer was lost, then a stale read misled us):
+                    // build on what is really there.
+                    self.adopt(h, etag);
+                } else if self.head.as_ref() == Some(&h) {
+                    // Our write did not land; the head is still ours. Retry.
+                    self.etag = etag;
+                    self.commit = None;
+                    let d = self.backoff(
+                        HEAD_KEY,
+                        Error::new(ErrorKind::Unavailable, "head write failed")
+                            .with_object(HEAD_KEY),
+                    );
+                    self.commit_retry_at = Some(now + d);
+                } else {
+                    // A stale read: look again.
+                    let d = self.backoff(
+                        HEAD_KEY,
+                        Error::new(ErrorKind::Unavailable, "stale head read").with_object(HEAD_KEY),
+                    );
+                    self.reverify_at(now + d);
+                }
+            }
+            Ok(None) => {
+                let d = self.backoff(
+                    HEAD_KEY,
+                    Error::new(ErrorKind::NotFound, "the head vanished").with_object(HEAD_KEY),
+                );
+                self.reverify_at(now + d);
+            }
+            Err(e) => {
+                let d = self.backoff(HEAD_KEY, e);
+                self.reverify_at(now + d);
+            }
+        }
+    }
+
+    fn reverify_at(&mut self, t: u64) {
+        self.verify_at = Some(t);
+    }
+}

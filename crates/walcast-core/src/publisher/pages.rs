@@ -1,0 +1,90 @@
+//! Catalog pages: moving the oldest inline segments into level-0 pages and
+//! full levels into a page one level up, so the head stays small.
+
+use std::collections::HashMap;
+
+use crate::catalog::{self, Head, Page, PageRef, SegmentEntry};
+
+use super::Publisher;
+
+/// A page to upload before the head that references it: (key, bytes).
+pub(super) type PageUpload = (String, Vec<u8>);
+
+impl Publisher {
+    /// Pages out `h` until it holds at most `inline_segments` segments and
+    /// at most `page_fanout` page references per level. Returns the new
+    /// pages, to upload before the head that references them.
+    pub(super) fn page_out(&mut self, h: &mut Head) -> Vec<PageUpload> {
+        let mut uploads = Vec::new();
+        let fan = self.cfg.page_fanout.max(2);
+        while h.segments.len() > self.cfg.inline_segments.max(fan) {
+            let moved: Vec<SegmentEntry> = h.segments.drain(..fan).collect();
+            let page = Page {
+                format: catalog::FORMAT,
+                level: 0,
+                segments: moved,
+                pages: Vec::new(),
+            };
+            let r = self.page_ref(&page, 0, &mut uploads);
+            h.pages.push(r);
+        }
+        loop {
+            // Find a level with more than `fan` references (they are contiguous).
+            let mut counts: HashMap<u32, usize> = HashMap::new();
+            for p in &h.pages {
+                *counts.entry(p.level).or_default() += 1;
+            }
+            let Some((&level, _)) = counts
+                .iter()
+                .filter(|(_, c)| **c > fan)
+                .min_by_key(|(l, _)| **l)
+            else {
+                break;
+            };
+            let start = h
+                .pages
+                .iter()
+                .position(|p| p.level == level)
+                .expect("counted");
+            let moved: Vec<PageRef> = h.pages.drain(start..start + fan).collect();
+            let page = Page {
+                format: catalog::FORMAT,
+                level: level + 1,
+                segments: Vec::new(),
+                pages: moved,
+            };
+            let r = self.page_ref(&page, level + 1, &mut uploads);
+            h.pages.insert(start, r);
+        }
+        uploads
+    }
+
+    fn page_ref(&mut self, page: &Page, level: u32, uploads: &mut Vec<PageUpload>) -> PageRef {
+        let (first, last, count) = if level == 0 {
+            (
+                page.segments[0].first_lsn,
+                page.segments[page.segments.len() - 1].last_lsn,
+                page.segments.len(),
+            )
+        } else {
+            (
+                page.pages[0].first_lsn,
+                page.pages[page.pages.len() - 1].last_lsn,
+                page.pages.len(),
+            )
+        };
+        let bytes = page.encode();
+        let key = catalog::page_key(level, first, last, self.epoch);
+        let r = PageRef {
+            key: key.clone(),
+            level,
+            first_lsn: first,
+            last_lsn: last,
+            count: count as u32,
+            crc32: crc32fast::hash(&bytes),
+        };
+        self.page_cache.insert(key.clone(), page.clone());
+        uploads.push((key, bytes));
+        r
+    }
+}
