@@ -81,6 +81,20 @@ enum Cmd {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8787")]
         addr: SocketAddr,
+        /// Origin whose pages may read the dataset (`https://app.example`);
+        /// repeat for more. None given: any origin (`*`).
+        #[arg(long = "cors-origin", value_name = "ORIGIN", value_parser = walcast::serve::parse_cors_origin)]
+        cors_origins: Vec<String>,
+        /// Connections served at once; further ones wait to be accepted.
+        #[arg(long, default_value_t = walcast::serve::DEFAULT_MAX_CONNECTIONS, value_parser = parse_max_connections)]
+        max_connections: usize,
+        /// A request's line and headers must arrive within this long (also
+        /// how long a kept-alive connection may wait for its next request).
+        #[arg(long, default_value = "10s", value_parser = parse_timeout)]
+        header_timeout: Duration,
+        /// Close a connection on which nothing was read or written for this long.
+        #[arg(long, default_value = "30s", value_parser = parse_timeout)]
+        idle_timeout: Duration,
     },
     /// Follow a dataset into a local replica directory.
     Replicate {
@@ -156,6 +170,20 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(format!("invalid duration unit in {s:?} (use ms, s, m, h)")),
     };
     Ok(Duration::from_micros((ms * 1e3) as u64))
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d < Duration::from_millis(1) => Err(format!("{s:?}: at least 1ms")),
+        d => Ok(d),
+    }
+}
+
+fn parse_max_connections(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=1 << 20).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?}: a number of connections from 1 to 1048576")),
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -258,13 +286,27 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Serve { dir, addr } => {
+        Cmd::Serve {
+            dir,
+            addr,
+            cors_origins,
+            max_connections,
+            header_timeout,
+            idle_timeout,
+        } => {
             let root = dir
                 .canonicalize()
                 .with_context(|| format!("{}", dir.display()))?;
-            walcast::serve::serve(
+            let opts = walcast::serve::ServeOptions {
+                cors_origins,
+                max_connections,
+                header_timeout,
+                idle_timeout,
+            };
+            walcast::serve::serve_with(
                 root,
                 addr,
+                opts,
                 |a| {
                     println!("walcast serve: listening on http://{a}");
                     let _ = std::io::stdout().flush();

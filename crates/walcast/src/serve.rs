@@ -1,19 +1,37 @@
 //! `walcast serve`: HTTP for a `file://` dataset.
 //!
-//! Serves a directory holding a walcast dataset (`catalog/head.json`,
-//! `catalog/pages/*.json`, `segments/<epoch>/<first>-<last>.wseg`,
-//! `snapshots/*.wsnap`) to browsers, workers and CDNs:
+//! Serves a directory holding a walcast dataset to browsers, workers and
+//! CDNs, and nothing else in it:
 //!
-//! - `GET`/`HEAD` of any regular file under the root, by percent-decoded URL
-//!   path; `..`, absolute paths, directories and anything resolving (through
-//!   symlinks) outside the root answer 404;
+//! - `GET`/`HEAD` of the dataset's own objects only, by percent-decoded URL
+//!   path: `catalog/head.json`, `catalog/pages/<level>-<first>-<last>-<epoch>.json`,
+//!   `segments/<epoch>/<first>-<last>.wseg` and `snapshots/<lsn>-<epoch>.wsnap`,
+//!   spelt exactly as the publisher names them (see
+//!   [`walcast_core::catalog::segment_key`] and its siblings), at the root or
+//!   under a prefix of plain directory names (a root holding several
+//!   datasets: `/<name>/catalog/head.json`). Any other path (dotfiles, lock
+//!   and staging files, near misses) answers 404 without touching the
+//!   filesystem; an object whose path resolves (through symlinks) outside
+//!   the root, or that is not a regular file, answers 404 too;
+//! - a missing object answers 404; any other IO error (permission denied,
+//!   a symlink loop, …) answers 500 and is logged with the file's path;
 //! - single byte ranges (`bytes=a-b`, `bytes=a-`, `bytes=-n`) answer 206,
 //!   unsatisfiable ones 416, multi-range or malformed ones are ignored (200);
 //! - strong ETags `"<crc32 hex>-<len hex>"` and `If-None-Match` → 304;
 //! - `Cache-Control: public, max-age=31536000, immutable` for the immutable
-//!   objects (`segments/`, `snapshots/`, `catalog/pages/`) and `no-cache` for
-//!   everything else, notably the head;
-//! - CORS for any origin, with the range/ETag headers exposed.
+//!   objects (segments, snapshots, pages) and `no-cache` for the head;
+//! - CORS for any origin (`*`), or only for the origins listed in
+//!   [`ServeOptions::cors_origins`] (the request's `Origin` is echoed when
+//!   listed; `Vary: Origin` is always sent), with the range/ETag headers
+//!   exposed.
+//!
+//! Connections are bounded ([`ServeOptions`]): at most `max_connections` are
+//! served at once (further ones wait, unaccepted, in the listen backlog); a
+//! request's head must arrive within `header_timeout` of the server starting
+//! to wait for it (which also bounds a kept-alive connection waiting for its
+//! next request); a connection on which no byte moves either way for
+//! `idle_timeout` (a silent client, a download the client stopped reading)
+//! is closed.
 //!
 //! Small files are read whole on every request (so the head, replaced by an
 //! atomic rename, is always fresh); large ones are streamed from a seek to the
@@ -25,7 +43,10 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
@@ -35,8 +56,14 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::Response;
 use axum::Router;
 use bytes::Bytes;
-use tokio::io::AsyncReadExt as _;
-use tower_http::cors::{Any, CorsLayer};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use walcast_core::catalog::{page_key, segment_key, snapshot_key, HEAD_KEY};
 
 /// Files up to this size are read whole on every request.
 const SMALL_FILE: u64 = 1 << 20;
@@ -45,10 +72,180 @@ const CHUNK: usize = 256 * 1024;
 /// Bound on cached ETags (the cache is simply cleared when it is exceeded).
 const ETAG_CACHE_MAX: usize = 16 * 1024;
 
+/// Default of [`ServeOptions::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default of [`ServeOptions::header_timeout`].
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of [`ServeOptions::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest accepted [`ServeOptions::max_connections`].
+const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
+
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 const NO_CACHE: &str = "no-cache";
 const JSON: &str = "application/json";
 const OCTETS: &str = "application/octet-stream";
+
+/// How `walcast serve` treats browsers and connections.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Origins (`https://app.example`, as [`parse_cors_origin`] normalises
+    /// them) whose pages may read the dataset; empty, or containing `*`:
+    /// any origin (`Access-Control-Allow-Origin: *`).
+    pub cors_origins: Vec<String>,
+    /// Connections served at once at most; further ones wait in the listen
+    /// backlog until one ends. At least 1.
+    pub max_connections: usize,
+    /// A request's head (request line and headers) must arrive within this
+    /// long of the server starting to wait for it, on a new connection or
+    /// after the previous response on a kept-alive one; else the connection
+    /// is closed. Not zero.
+    pub header_timeout: Duration,
+    /// A connection on which nothing has been read or written for this long
+    /// is closed (an idle keep-alive connection, a download its client
+    /// stopped reading). Not zero.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            cors_origins: Vec::new(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// Parses a `--cors-origin` value: `*`, or an origin `scheme://host[:port]`
+/// (a trailing `/` is allowed), returned the way browsers send it in
+/// `Origin` (lowercase host, no default port, no `/`).
+pub fn parse_cors_origin(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s == "*" {
+        return Ok(s.to_string());
+    }
+    let url = url::Url::parse(s)
+        .map_err(|e| format!("{s:?} is not an origin like https://app.example: {e}"))?;
+    if url.path() != "/"
+        || url.query().is_some()
+        || url.fragment().is_some()
+        || !url.username().is_empty()
+        || url.password().is_some()
+    {
+        return Err(format!(
+            "{s:?} is not an origin: only scheme://host[:port], no path, query or user"
+        ));
+    }
+    let origin = url.origin();
+    if !origin.is_tuple() {
+        return Err(format!(
+            "{s:?} is not an origin: use an http:// or https:// scheme"
+        ));
+    }
+    Ok(origin.ascii_serialization())
+}
+
+/// The dataset's object kinds, the only things served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Object {
+    Head,
+    Page,
+    Segment,
+    Snapshot,
+}
+
+impl Object {
+    /// The kind of the object at `rel`: `[<prefix>/]<key>`, where `<key>` is
+    /// one the publisher writes (see [`Object::key`]) and the optional
+    /// prefix, for a directory holding several datasets, is made of plain
+    /// names (ASCII letters, digits, `-`, `_`, `.`, not starting with `.`).
+    fn of(rel: &str) -> Option<Object> {
+        let parts: Vec<&str> = rel.split('/').collect();
+        // Keys have two (`catalog/head.json`, `snapshots/…`) or three
+        // (`catalog/pages/…`, `segments/<epoch>/…`) components.
+        for n in [2, 3] {
+            let Some(split) = parts.len().checked_sub(n) else {
+                continue;
+            };
+            let (prefix, key) = parts.split_at(split);
+            if let Some(kind) = Object::key(&key.join("/")) {
+                return prefix.iter().all(|c| plain_name(c)).then_some(kind);
+            }
+        }
+        None
+    }
+
+    /// The kind of the object at `key`, if it is a key the publisher writes,
+    /// spelt exactly as it spells it (numbers round-trip through the
+    /// catalog's key functions, so no other spelling passes).
+    fn key(rel: &str) -> Option<Object> {
+        /// `N` decimal numbers joined by `-`.
+        fn numbers<const N: usize>(s: &str) -> Option<[u64; N]> {
+            let mut out = [0u64; N];
+            let mut parts = s.split('-');
+            for n in &mut out {
+                let p = parts.next()?;
+                if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                *n = p.parse().ok()?;
+            }
+            parts.next().is_none().then_some(out)
+        }
+        if rel == HEAD_KEY {
+            return Some(Object::Head);
+        }
+        let (kind, key) = if let Some(name) = rel
+            .strip_prefix("catalog/pages/")
+            .and_then(|r| r.strip_suffix(".json"))
+        {
+            let [level, first, last, epoch] = numbers(name)?;
+            let level = u32::try_from(level).ok()?;
+            (Object::Page, page_key(level, first, last, epoch))
+        } else if let Some(rest) = rel
+            .strip_prefix("segments/")
+            .and_then(|r| r.strip_suffix(".wseg"))
+        {
+            let (epoch, name) = rest.split_once('/')?;
+            let [epoch] = numbers(epoch)?;
+            let [first, last] = numbers(name)?;
+            (Object::Segment, segment_key(epoch, first, last))
+        } else if let Some(name) = rel
+            .strip_prefix("snapshots/")
+            .and_then(|r| r.strip_suffix(".wsnap"))
+        {
+            let [lsn, epoch] = numbers(name)?;
+            (Object::Snapshot, snapshot_key(lsn, epoch))
+        } else {
+            return None;
+        };
+        (key == rel).then_some(kind)
+    }
+
+    fn cache_control(self) -> &'static str {
+        match self {
+            Object::Head => NO_CACHE,
+            Object::Page | Object::Segment | Object::Snapshot => IMMUTABLE,
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Object::Head | Object::Page => JSON,
+            Object::Segment | Object::Snapshot => OCTETS,
+        }
+    }
+}
+
+/// A directory name allowed in a dataset's prefix.
+fn plain_name(c: &str) -> bool {
+    !c.is_empty()
+        && !c.starts_with('.')
+        && c.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
 
 /// Shared state of the router.
 struct Served {
@@ -71,14 +268,23 @@ struct Entity {
     data: Option<Bytes>,
 }
 
-/// The router serving `root`.
-pub fn router(root: PathBuf) -> Router {
+/// The router serving the dataset at `root`, with CORS for
+/// `opts.cors_origins`.
+pub fn router(root: PathBuf, opts: &ServeOptions) -> Router {
     let state = Arc::new(Served {
         root,
         etags: Mutex::new(HashMap::new()),
     });
+    let origins = &opts.cors_origins;
+    let allow_origin = if origins.is_empty() || origins.iter().any(|o| o == "*") {
+        AllowOrigin::from(Any)
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    // tower-http's default `Vary` (`origin` and the preflight request
+    // headers) goes on every response, so caches keep one answer per origin.
     let cors = CorsLayer::new()
-        .allow_origin(Any)
+        .allow_origin(allow_origin)
         .allow_methods([Method::GET, Method::HEAD, Method::OPTIONS])
         .allow_headers([header::RANGE, header::IF_NONE_MATCH, header::AUTHORIZATION])
         .expose_headers([
@@ -91,13 +297,41 @@ pub fn router(root: PathBuf) -> Router {
     Router::new().fallback(handle).with_state(state).layer(cors)
 }
 
-/// Binds `addr` (port 0 allowed), calls `on_bound(actual_addr)`, and serves until `shutdown` resolves.
+/// [`serve_with`] on [`ServeOptions::default`].
 pub async fn serve(
     root: PathBuf,
     addr: SocketAddr,
     on_bound: impl FnOnce(SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_with(root, addr, ServeOptions::default(), on_bound, shutdown).await
+}
+
+/// Binds `addr` (port 0 allowed), calls `on_bound(actual_addr)`, and serves
+/// the dataset at `root` until `shutdown` resolves; then stops accepting,
+/// lets the requests in flight finish and returns.
+pub async fn serve_with(
+    root: PathBuf,
+    addr: SocketAddr,
+    opts: ServeOptions,
+    on_bound: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=MAX_CONNECTIONS_LIMIT).contains(&opts.max_connections),
+        "the connection limit must be between 1 and {MAX_CONNECTIONS_LIMIT}"
+    );
+    anyhow::ensure!(
+        !opts.header_timeout.is_zero() && !opts.idle_timeout.is_zero(),
+        "timeouts must not be zero"
+    );
+    for origin in &opts.cors_origins {
+        let parsed = parse_cors_origin(origin).map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            &parsed == origin,
+            "CORS origin {origin:?} is not in its normal form {parsed:?}"
+        );
+    }
     anyhow::ensure!(
         tokio::fs::metadata(&root)
             .await
@@ -112,11 +346,203 @@ pub async fn serve(
     let bound = listener.local_addr().context("local address")?;
     tracing::info!(root = %root.display(), addr = %bound, "walcast serve listening");
     on_bound(bound);
-    axum::serve(listener, router(root))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serving HTTP")?;
+
+    let app = router(root, &opts);
+    let limits = Limits {
+        header_timeout: opts.header_timeout,
+        idle_timeout: opts.idle_timeout,
+    };
+    // One permit per connection: at the cap, the loop stops accepting until
+    // a connection ends, and the kernel keeps new ones in the backlog.
+    let slots = Arc::new(Semaphore::new(opts.max_connections));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            p = Arc::clone(&slots).acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little
+                    // rather than spin.
+                    tracing::error!(error = %e, "walcast serve: accepting a connection");
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        tokio::spawn(connection(
+            tcp,
+            peer,
+            app.clone(),
+            limits,
+            stop_rx.clone(),
+            permit,
+        ));
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    // Every connection holds a permit until it ends.
+    let all = u32::try_from(opts.max_connections).expect("bounded above");
+    let _ = slots.acquire_many(all).await;
     Ok(())
+}
+
+/// Per-connection time limits.
+#[derive(Clone, Copy)]
+struct Limits {
+    header_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Serves one connection until it ends, its head or idle timeout passes, or
+/// the server stops (then it finishes the request in flight and closes).
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+    _slot: OwnedSemaphorePermit,
+) {
+    let _ = tcp.set_nodelay(true);
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Tracked {
+        io: tcp,
+        activity: Arc::clone(&activity),
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let conn = builder.serve_connection(io, TowerToHyperService::new(app));
+    let mut conn = std::pin::pin!(conn);
+    let mut stopping = false;
+    loop {
+        let idle_at = activity.last() + limits.idle_timeout;
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(%peer, error = %e, "walcast serve: connection ended");
+                }
+                return;
+            }
+            () = tokio::time::sleep_until(idle_at) => {
+                if activity.last() + limits.idle_timeout <= Instant::now() {
+                    tracing::debug!(%peer, "walcast serve: closing an idle connection");
+                    return;
+                }
+            }
+            _ = stop.wait_for(|stop| *stop), if !stopping => {
+                conn.as_mut().graceful_shutdown();
+                stopping = true;
+            }
+        }
+    }
+}
+
+/// When a connection last moved a byte.
+struct Activity {
+    start: Instant,
+    /// Milliseconds after `start`.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A stream that notes in its [`Activity`] every read or write that moved
+/// bytes.
+struct Tracked {
+    io: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.touch();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 async fn handle(
@@ -147,6 +573,10 @@ async fn respond(state: &Arc<Served>, method: &Method, uri: &Uri, headers: &Head
     let Some(rel) = relative_path(uri.path()) else {
         return not_found();
     };
+    // Nothing but the dataset's own objects: no filesystem access otherwise.
+    let Some(object) = Object::of(&rel) else {
+        return not_found();
+    };
     let opened = {
         let state = Arc::clone(state);
         let rel = rel.clone();
@@ -156,7 +586,11 @@ async fn respond(state: &Arc<Served>, method: &Method, uri: &Uri, headers: &Head
         Ok(Ok(entity)) => entity,
         Ok(Err(e)) if is_not_found(&e) => return not_found(),
         Ok(Err(e)) => {
-            tracing::warn!(path = rel, error = %e, "walcast serve: reading file");
+            tracing::error!(
+                path = %state.root.join(&rel).display(),
+                error = %e,
+                "walcast serve: cannot read a dataset object"
+            );
             return status_only(StatusCode::INTERNAL_SERVER_ERROR);
         }
         Err(e) => {
@@ -165,15 +599,8 @@ async fn respond(state: &Arc<Served>, method: &Method, uri: &Uri, headers: &Head
         }
     };
 
-    let cache_control = if ["segments/", "snapshots/", "catalog/pages/"]
-        .iter()
-        .any(|p| rel.starts_with(p))
-    {
-        IMMUTABLE
-    } else {
-        NO_CACHE
-    };
-    let content_type = if rel.ends_with(".json") { JSON } else { OCTETS };
+    let cache_control = object.cache_control();
+    let content_type = object.content_type();
     let etag = HeaderValue::from_str(&entity.etag).expect("ETag is ASCII");
     let builder = Response::builder()
         .header(header::ETAG, etag)
@@ -229,7 +656,11 @@ async fn respond(state: &Arc<Served>, method: &Method, uri: &Uri, headers: &Head
         match stream_slice(entity.file, start, end - start).await {
             Ok(body) => body,
             Err(e) => {
-                tracing::warn!(path = rel, error = %e, "walcast serve: seeking");
+                tracing::error!(
+                    path = %state.root.join(&rel).display(),
+                    error = %e,
+                    "walcast serve: cannot read a dataset object"
+                );
                 return status_only(StatusCode::INTERNAL_SERVER_ERROR);
             }
         }
@@ -249,13 +680,13 @@ fn not_found() -> Response {
     status_only(StatusCode::NOT_FOUND)
 }
 
+/// Whether an error opening an object means it is not there (a missing file
+/// or directory on its path, a directory in its place). Anything else,
+/// permission denied included, is the server's problem.
 fn is_not_found(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::NotFound
-            | io::ErrorKind::PermissionDenied
-            | io::ErrorKind::IsADirectory
-            | io::ErrorKind::NotADirectory
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory | io::ErrorKind::IsADirectory
     )
 }
 
@@ -314,6 +745,11 @@ fn open_entity(state: &Served, rel: &str) -> io::Result<Entity> {
     let root = state.root.canonicalize()?;
     let path = root.join(rel).canonicalize()?;
     if !path.starts_with(&root) {
+        tracing::warn!(
+            path = %root.join(rel).display(),
+            target = %path.display(),
+            "walcast serve: not serving an object that leads outside the dataset directory"
+        );
         return Err(io::Error::new(io::ErrorKind::NotFound, "outside the root"));
     }
     let mut file = File::open(&path)?;
@@ -521,6 +957,102 @@ mod tests {
         assert_eq!(parse_range(b"items=0-1", 100), Ignore);
         assert_eq!(parse_range(b"bytes 0-1", 100), Ignore);
         assert_eq!(parse_range(b"bytes=99999999999999999999-", 100), Ignore);
+    }
+
+    #[test]
+    fn objects() {
+        use Object::*;
+        let ok = [
+            ("catalog/head.json", Head),
+            (
+                "catalog/pages/0-00000000000000000001-00000000000000000005-1.json",
+                Page,
+            ),
+            (
+                "catalog/pages/4294967295-00000000000000000001-18446744073709551615-18446744073709551615.json",
+                Page,
+            ),
+            (
+                "segments/1/00000000000000000001-00000000000000000010.wseg",
+                Segment,
+            ),
+            (
+                "segments/18446744073709551615/00000000000000000001-00000000000000000010.wseg",
+                Segment,
+            ),
+            ("snapshots/00000000000000000010-1.wsnap", Snapshot),
+        ];
+        for (rel, kind) in ok {
+            assert_eq!(Object::of(rel), Some(kind), "{rel}");
+            // Under a prefix of plain names (several datasets in one root).
+            for prefix in ["i1/basic", "app", "a-b_c.d/0"] {
+                let rel = format!("{prefix}/{rel}");
+                assert_eq!(Object::of(&rel), Some(kind), "{rel}");
+            }
+            for prefix in [".git", "a/.hidden", "a/..", "a b", "a%2f", "~user", "a\\b"] {
+                let rel = format!("{prefix}/{rel}");
+                assert_eq!(Object::of(&rel), None, "{rel}");
+            }
+        }
+        assert_eq!(Object::of(&segment_key(7, 100, 200)), Some(Segment));
+        assert_eq!(Object::of(&snapshot_key(100, 7)), Some(Snapshot));
+        assert_eq!(Object::of(&page_key(2, 1, 99, 7)), Some(Page));
+        for rel in [
+            "",
+            "catalog",
+            "catalog/head.json.tmp",
+            "catalog/.head.lock",
+            "catalog/.tmpabc",
+            "catalog/pages/0.json",
+            "catalog/pages/4294967296-00000000000000000001-00000000000000000005-1.json",
+            "catalog/pages/0-00000000000000000001-00000000000000000005-01.json",
+            "catalog/pages/0-00000000000000000001-00000000000000000005-1-2.json",
+            "catalog/pages/0-00000000000000000001-00000000000000000005-.json",
+            "segments/1/1-10.wseg",
+            "segments/1/00000000000000000001-00000000000000000010.wseg#1",
+            "segments/1/00000000000000000001-00000000000000000010.wseg/x",
+            "segments/+1/00000000000000000001-00000000000000000010.wseg",
+            "segments/1/00000000000000000001-00000000000000000010-3.wseg",
+            "segments/1/x/00000000000000000001-00000000000000000010.wseg",
+            "segments/18446744073709551616/00000000000000000001-00000000000000000010.wseg",
+            "segments/1/.00000000000000000001-00000000000000000010.wseg",
+            "segments/00000000000000000001-00000000000000000010.wseg",
+            "snapshots/00000000000000000010.wsnap",
+            "snapshots/00000000000000000010-1.wsnap.tmp",
+            "snapshots/0000000000000000010-1.wsnap",
+            ".env",
+            "../catalog/head.json",
+            "a/catalog/head.json/b",
+            "catalog/head.json/catalog/pages",
+            "x/.tmp1/catalog/head.json",
+        ] {
+            assert_eq!(Object::of(rel), None, "{rel}");
+        }
+    }
+
+    #[test]
+    fn cors_origins() {
+        for (given, want) in [
+            ("*", "*"),
+            ("https://app.example", "https://app.example"),
+            ("https://App.Example/", "https://app.example"),
+            ("https://app.example:443", "https://app.example"),
+            ("http://localhost:3000", "http://localhost:3000"),
+            ("https://bücher.example", "https://xn--bcher-kva.example"),
+        ] {
+            assert_eq!(parse_cors_origin(given).as_deref(), Ok(want), "{given}");
+        }
+        for bad in [
+            "",
+            "app.example",
+            "https://app.example/path",
+            "https://app.example/?q",
+            "https://user@app.example",
+            "null",
+            "data:text/plain,x",
+        ] {
+            assert!(parse_cors_origin(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! head's compare-and-swap is done here: under an exclusive lock on
 //! `catalog/.head.lock`, compare the current head's ETag, write a temporary
 //! file, fsync, rename over the head, fsync the directory.
+//!
+//! Every file of a `file://` dataset — the head, pages, segments, snapshots —
+//! gets the one mode [`DATASET_FILE_MODE`] (0644) narrowed by the process
+//! umask, whichever path wrote it, so that a server running as another user
+//! (`walcast serve`, nginx) can read all of them or none.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -24,6 +29,12 @@ use walcast_core::io::{ByteRange, ContentRange, GetRequest, GetResponse};
 use walcast_core::publisher::{PutCondition, PutRequest, PutResponse};
 
 use crate::counting::{Counting, RequestStats};
+
+/// Mode of every file of a `file://` dataset (head, pages, segments,
+/// snapshots): owner read-write, everyone else read-only, narrowed by the
+/// process umask as any file creation is (umask 022 keeps 0644, 077 makes it
+/// 0600). Directories are created 0777 less the umask.
+pub const DATASET_FILE_MODE: u32 = 0o644;
 
 /// A dataset's objects under a prefix of some object store.
 #[derive(Clone)]
@@ -225,7 +236,10 @@ impl Store {
             )
             .await
         {
-            Ok(r) => PutResponse::Ok { etag: r.e_tag },
+            Ok(r) => {
+                self.local_mode(&req.key);
+                PutResponse::Ok { etag: r.e_tag }
+            }
             Err(object_store::Error::AlreadyExists { .. }) => PutResponse::AlreadyExists,
             Err(object_store::Error::Precondition { .. }) => PutResponse::PreconditionFailed,
             Err(e) => PutResponse::Failed {
@@ -246,11 +260,35 @@ impl Store {
     pub async fn put_raw(&self, key: &str, body: Vec<u8>) -> Result<()> {
         if key == HEAD_KEY {
             if let Some(dir) = &self.local {
-                return write_atomic(&dir.join(HEAD_KEY), &body);
+                return write_dataset_file(&dir.join(HEAD_KEY), &body);
             }
         }
         self.os.put(&self.path(key), PutPayload::from(body)).await?;
+        self.local_mode(key);
         Ok(())
+    }
+
+    /// On `file://`, brings the file object_store just wrote for `key`
+    /// (created 0666 less the umask) to [`DATASET_FILE_MODE`] less the umask.
+    fn local_mode(&self, key: &str) {
+        #[cfg(unix)]
+        if let Some(dir) = &self.local {
+            use std::os::unix::fs::PermissionsExt as _;
+            let path = dir.join(key);
+            let narrowed = std::fs::metadata(&path).and_then(|m| {
+                let mode = m.permissions().mode() & 0o7777;
+                let wanted = mode & DATASET_FILE_MODE;
+                if mode == wanted {
+                    return Ok(());
+                }
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(wanted))
+            });
+            if let Err(e) = narrowed {
+                tracing::warn!(path = %path.display(), error = %e, "setting a dataset file's mode");
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = key;
     }
 }
 
@@ -398,7 +436,7 @@ fn local_head_put(dir: &std::path::Path, body: &[u8], cond: &PutCondition) -> Pu
             }
             _ => {}
         }
-        write_atomic(&path, body)?;
+        write_dataset_file(&path, body)?;
         Ok(PutResponse::Ok {
             etag: Some(local_etag(body)),
         })
@@ -409,8 +447,15 @@ fn local_head_put(dir: &std::path::Path, body: &[u8], cond: &PutCondition) -> Pu
 }
 
 /// Writes `path` atomically: temporary file, fsync, rename, fsync directory.
+/// The file is private to its owner (0600).
 pub fn write_atomic(path: &std::path::Path, body: &[u8]) -> Result<()> {
     write_atomic_with(path, |w| w.write_all(body))
+}
+
+/// [`write_atomic`] for a file of a dataset: mode [`DATASET_FILE_MODE`]
+/// less the umask.
+fn write_dataset_file(path: &std::path::Path, body: &[u8]) -> Result<()> {
+    write_atomic_mode(path, Some(DATASET_FILE_MODE), |w| w.write_all(body))
 }
 
 /// [`write_atomic`] with the body streamed by `write` (through a buffer), so
@@ -419,11 +464,29 @@ pub fn write_atomic_with(
     path: &std::path::Path,
     write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<()> {
+    write_atomic_mode(path, None, write)
+}
+
+/// [`write_atomic_with`], the file created with `mode` (less the umask)
+/// instead of 0600.
+fn write_atomic_mode(
+    path: &std::path::Path,
+    mode: Option<u32>,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| anyhow!("{} has no parent", path.display()))?;
     std::fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    if let Some(mode) = mode {
+        use std::os::unix::fs::PermissionsExt as _;
+        builder.permissions(std::fs::Permissions::from_mode(mode));
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut tmp = builder.tempfile_in(dir)?;
     {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
         write(&mut w)?;

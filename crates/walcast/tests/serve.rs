@@ -1,17 +1,23 @@
 //! `walcast serve`: HTTP semantics of the dataset server (ranges, ETags,
-//! caching, CORS, path safety), exercised over real sockets.
+//! caching, CORS, which paths it serves, connection limits and timeouts,
+//! errors), exercised over real sockets.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
+use walcast::serve::ServeOptions;
 
-const SEGMENT: &str = "segments/1/1-10.wseg";
-const SNAPSHOT: &str = "snapshots/00000001.wsnap";
-const PAGE: &str = "catalog/pages/0.json";
+// Keys exactly as the publisher names them (checked against the catalog's
+// key functions in `keys_are_the_publishers`).
+const SEGMENT: &str = "segments/1/00000000000000000001-00000000000000000010.wseg";
+const SNAPSHOT: &str = "snapshots/00000000000000000010-1.wsnap";
+const PAGE: &str = "catalog/pages/0-00000000000000000001-00000000000000000005-1.json";
 const HEAD: &str = "catalog/head.json";
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
 
@@ -96,6 +102,10 @@ fn snapshot() -> Vec<u8> {
 }
 
 async fn start() -> Server {
+    start_with(ServeOptions::default()).await
+}
+
+async fn start_with(opts: ServeOptions) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("data");
     write(&root, HEAD, br#"{"epoch":1,"last":10}"#);
@@ -106,9 +116,10 @@ async fn start() -> Server {
 
     let (stop, stopped) = oneshot::channel::<()>();
     let (bound_tx, bound_rx) = oneshot::channel();
-    let task = tokio::spawn(walcast::serve::serve(
+    let task = tokio::spawn(walcast::serve::serve_with(
         root.clone(),
         "127.0.0.1:0".parse().unwrap(),
+        opts,
         move |addr| bound_tx.send(addr).unwrap(),
         async move {
             let _ = stopped.await;
@@ -420,20 +431,33 @@ async fn traversal_and_non_files_are_404() {
     }
     #[cfg(unix)]
     {
-        // A symlink leading outside the root is refused; one inside is fine.
+        // A symlink at an object's key leading outside the root is refused,
+        // and so is a directory of objects that leads outside; one inside
+        // the root is followed.
+        let escape = "segments/1/00000000000000000011-00000000000000000020.wseg";
         std::os::unix::fs::symlink(
             s.root.parent().unwrap().join("secret.txt"),
-            s.root.join("escape"),
+            s.root.join(escape),
         )
         .unwrap();
-        std::os::unix::fs::symlink("/etc", s.root.join("etc")).unwrap();
-        std::os::unix::fs::symlink(s.root.join(SEGMENT), s.root.join("inside")).unwrap();
-        assert_eq!(s.get("/escape", &[]).await.status(), StatusCode::NOT_FOUND);
-        assert_eq!(
-            s.get("/etc/passwd", &[]).await.status(),
-            StatusCode::NOT_FOUND
+        let outside = s.root.parent().unwrap().join("elsewhere");
+        write(
+            &outside,
+            "00000000000000000001-00000000000000000010.wseg",
+            b"outside",
         );
-        let resp = s.get("/inside", &[]).await;
+        std::os::unix::fs::symlink(&outside, s.root.join("segments/7")).unwrap();
+        let inside = "segments/2/00000000000000000001-00000000000000000010.wseg";
+        std::fs::create_dir_all(s.root.join("segments/2")).unwrap();
+        std::os::unix::fs::symlink(s.root.join(SEGMENT), s.root.join(inside)).unwrap();
+        for path in [
+            escape,
+            "segments/7/00000000000000000001-00000000000000000010.wseg",
+        ] {
+            let resp = s.get(path, &[]).await;
+            assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+        }
+        let resp = s.get(inside, &[]).await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.bytes().await.unwrap(), segment());
     }
@@ -492,4 +516,618 @@ async fn serve_rejects_missing_root() {
     )
     .await;
     assert!(err.is_err());
+}
+
+#[test]
+fn keys_are_the_publishers() {
+    use walcast_core::catalog::{page_key, segment_key, snapshot_key, HEAD_KEY};
+    assert_eq!(SEGMENT, segment_key(1, 1, 10));
+    assert_eq!(SNAPSHOT, snapshot_key(10, 1));
+    assert_eq!(PAGE, page_key(0, 1, 5, 1));
+    assert_eq!(HEAD, HEAD_KEY);
+}
+
+#[tokio::test]
+async fn only_dataset_objects_are_served() {
+    let s = start().await;
+    let staging = format!("{SEGMENT}#1");
+    let not_objects = [
+        ".env",
+        ".git/config",
+        ".htpasswd",
+        "secret.txt",
+        "index.html",
+        "wal.log",
+        "head.json",
+        // The file:// store's lock and temporary files, object_store's staging files.
+        "catalog/.head.lock",
+        "catalog/.tmpAbC123",
+        staging.as_str(),
+        "catalog/head.json.bak",
+        "catalog/head.json~",
+        "segments/1/.00000000000000000001-00000000000000000010.wseg",
+        // Near misses of the key shapes.
+        "catalog/Head.json",
+        "catalog/pages/0.json",
+        "catalog/pages/0-00000000000000000001-00000000000000000005.json",
+        "catalog/pages/0-00000000000000000001-00000000000000000005-1.json.tmp",
+        "segments/1/1-10.wseg",
+        "segments/01/00000000000000000001-00000000000000000010.wseg",
+        "segments/1/00000000000000000001-00000000000000000010.WSEG",
+        "segments/1/00000000000000000001-00000000000000000010.wseg.tmp",
+        "segments/1/00000000000000000001_00000000000000000010.wseg",
+        "segments/1/2/00000000000000000001-00000000000000000010.wseg",
+        "segments/00000000000000000001-00000000000000000010.wseg",
+        "snapshots/00000000000000000010.wsnap",
+        "snapshots/1/00000000000000000010-1.wsnap",
+        "snapshots/+0000000000000000010-1.wsnap",
+    ];
+    for rel in not_objects {
+        write(&s.root, rel, b"not a dataset object");
+    }
+    for rel in not_objects {
+        let target = format!("/{}", rel.replace('#', "%23"));
+        for method in ["GET", "HEAD"] {
+            assert_eq!(
+                s.raw_status(method, &target).await,
+                404,
+                "{method} {target}"
+            );
+        }
+    }
+    // Percent-encoded spellings of the same names.
+    for target in [
+        "/%2eenv",
+        "/catalog/%2Ehead.lock",
+        "/catalog/head%2ejson%7e",
+    ] {
+        assert_eq!(s.raw_status("GET", target).await, 404, "{target}");
+    }
+    #[cfg(unix)]
+    {
+        // Outside the key shapes nothing on disk is even looked at: a symlink
+        // loop where no key can be is 404, the same loop at a key is an IO
+        // error (500).
+        std::os::unix::fs::symlink("loop", s.root.join("loop")).unwrap();
+        assert_eq!(s.raw_status("GET", "/loop").await, 404);
+        let at_key = "segments/1/00000000000000000021-00000000000000000030.wseg";
+        std::os::unix::fs::symlink(
+            "00000000000000000021-00000000000000000030.wseg",
+            s.root.join(at_key),
+        )
+        .unwrap();
+        assert_eq!(s.raw_status("GET", &format!("/{at_key}")).await, 500);
+    }
+    // The dataset's own objects are still served, and so are those of
+    // datasets under a prefix of plain names; not under a hidden directory.
+    for rel in [HEAD, PAGE, SEGMENT, SNAPSHOT] {
+        assert_eq!(s.get(rel, &[]).await.status(), StatusCode::OK, "{rel}");
+        let nested = format!("i1/basic/{rel}");
+        write(&s.root, &nested, b"nested");
+        assert_eq!(
+            s.get(&nested, &[]).await.status(),
+            StatusCode::OK,
+            "{nested}"
+        );
+        let hidden = format!("i1/.git/{rel}");
+        write(&s.root, &hidden, b"hidden");
+        assert_eq!(
+            s.raw_status("GET", &format!("/{hidden}")).await,
+            404,
+            "{hidden}"
+        );
+    }
+    s.stop().await;
+}
+
+fn varies_on_origin(h: &HeaderMap) -> bool {
+    h.get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("origin"))
+}
+
+async fn preflight(s: &Server, origin: &str) -> reqwest::Response {
+    s.request(
+        Method::OPTIONS,
+        SEGMENT,
+        &[
+            ("origin", origin),
+            ("access-control-request-method", "GET"),
+            ("access-control-request-headers", "range"),
+        ],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn cors_origin_allowlist() {
+    let s = start_with(ServeOptions {
+        cors_origins: vec!["https://app.example".into(), "http://localhost:3000".into()],
+        ..ServeOptions::default()
+    })
+    .await;
+    for origin in ["https://app.example", "http://localhost:3000"] {
+        let resp = s.get(SEGMENT, &[("origin", origin)]).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let h = resp.headers();
+        assert_eq!(header(h, header::ACCESS_CONTROL_ALLOW_ORIGIN), origin);
+        assert!(varies_on_origin(h), "{h:?}");
+        let exposed = header(h, header::ACCESS_CONTROL_EXPOSE_HEADERS).to_ascii_lowercase();
+        assert!(exposed.contains("etag"), "{exposed}");
+
+        let resp = preflight(&s, origin).await;
+        assert!(resp.status().is_success(), "{}", resp.status());
+        let h = resp.headers();
+        assert_eq!(header(h, header::ACCESS_CONTROL_ALLOW_ORIGIN), origin);
+        assert!(varies_on_origin(h), "{h:?}");
+    }
+    for origin in [
+        "https://evil.example",
+        "https://app.example.evil.example",
+        "http://app.example",
+        "https://app.example:8443",
+        "null",
+    ] {
+        // The bytes are public either way; a browser just may not hand them
+        // to a page from another origin.
+        let resp = s.get(SEGMENT, &[("origin", origin)]).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let h = resp.headers();
+        assert!(
+            h.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_none(),
+            "{origin}: {h:?}"
+        );
+        assert!(varies_on_origin(h), "{h:?}");
+        let resp = preflight(&s, origin).await;
+        assert!(
+            resp.headers()
+                .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+                .is_none(),
+            "{origin}"
+        );
+    }
+    // No Origin at all (a CDN, curl): no CORS header, but caches are told
+    // that the answer depends on it.
+    let resp = s.get(HEAD, &[]).await;
+    assert!(resp
+        .headers()
+        .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+        .is_none());
+    assert!(varies_on_origin(resp.headers()));
+    s.stop().await;
+}
+
+/// Whether the server has closed `c` (reading whatever it sent first into
+/// `got`); never blocks.
+fn closed_by_server(c: &std::net::TcpStream, got: &mut Vec<u8>) -> bool {
+    use std::io::Read as _;
+    let mut buf = [0u8; 4096];
+    loop {
+        match (&*c).read(&mut buf) {
+            Ok(0) => return true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return true,
+        }
+    }
+}
+
+/// A connection that sent part of a request line and nothing more.
+async fn slow_connection(addr: SocketAddr) -> std::net::TcpStream {
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET /catalog/head.json HT").await.unwrap();
+    let c = c.into_std().unwrap();
+    c.set_nonblocking(true).unwrap();
+    c
+}
+
+/// `n` of [`slow_connection`].
+async fn slow_connections(addr: SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        conns.push(slow_connection(addr).await);
+    }
+    conns
+}
+
+/// Waits (up to a generous bound) until the server has closed every one of
+/// `conns`, and checks it answered none of them.
+async fn wait_all_closed(conns: &[std::net::TcpStream], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got = vec![Vec::new(); conns.len()];
+    let mut open: Vec<usize> = (0..conns.len()).collect();
+    while !open.is_empty() {
+        open.retain(|&i| !closed_by_server(&conns[i], &mut got[i]));
+        if open.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} of {} connections still open after 60 s",
+            open.len(),
+            conns.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for g in got {
+        let g = String::from_utf8_lossy(&g);
+        assert!(g.is_empty() || g.starts_with("HTTP/1.1 408"), "{what}: {g}");
+    }
+}
+
+#[tokio::test]
+async fn slow_request_heads_are_closed_after_the_header_timeout() {
+    let header_timeout = Duration::from_secs(2);
+    let s = start_with(ServeOptions {
+        header_timeout,
+        ..ServeOptions::default()
+    })
+    .await;
+    let opened = Instant::now();
+    let slow = slow_connections(s.addr, 300).await;
+    // One more that keeps sending a byte at a time: the timeout bounds the
+    // whole head, not the gap between two reads.
+    let mut drip = TcpStream::connect(s.addr).await.unwrap();
+    let drip = tokio::spawn(async move {
+        for b in b"GET /catalog/head.json HTTP/1.1\r\nX-Pad: "
+            .iter()
+            .chain([b'a'; 4096].iter())
+        {
+            if drip.write_all(&[*b]).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    });
+
+    // While they wait, a normal request is answered.
+    let resp = s.get(HEAD, &[]).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.bytes().await.unwrap(),
+        std::fs::read(s.root.join(HEAD)).unwrap()
+    );
+    let mut scratch = Vec::new();
+    let still_open = slow
+        .iter()
+        .filter(|c| !closed_by_server(c, &mut scratch))
+        .count();
+    if opened.elapsed() < header_timeout {
+        // Too early for any of them to have timed out: the request above
+        // was served beside all of them.
+        assert_eq!(still_open, slow.len());
+    }
+
+    // Then the server closes every one of them.
+    wait_all_closed(&slow, "partial request lines").await;
+    let cut_off = tokio::time::timeout(Duration::from_secs(60), drip)
+        .await
+        .expect("the dripping connection is closed within 60 s")
+        .unwrap();
+    assert!(cut_off, "the server read a 4 KiB header dripped over 400 s");
+    // And serves as before.
+    assert_eq!(s.get(SEGMENT, &[]).await.status(), StatusCode::OK);
+    s.stop().await;
+}
+
+/// Reads one response with a `Content-Length` from a keep-alive connection.
+async fn read_response(c: &mut TcpStream) -> (u16, Vec<u8>) {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 1024];
+        let n = c.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed mid-response");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .expect("content-length");
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < len {
+        let mut chunk = [0u8; 1024];
+        let n = c.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed mid-body");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(body.len(), len);
+    (status, body)
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    let s = start_with(ServeOptions {
+        idle_timeout: Duration::from_secs(1),
+        ..ServeOptions::default()
+    })
+    .await;
+    let head = std::fs::read(s.root.join(HEAD)).unwrap();
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    for _ in 0..2 {
+        c.write_all(b"GET /catalog/head.json HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_response(&mut c).await, (200, head.clone()));
+    }
+    // Then the client goes quiet; the server hangs up.
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(60), c.read_to_end(&mut rest))
+        .await
+        .expect("an idle keep-alive connection is closed within 60 s");
+    assert!(r.is_err() || rest.is_empty(), "{rest:?}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn stalled_downloads_are_closed_after_the_idle_timeout() {
+    let s = start_with(ServeOptions {
+        idle_timeout: Duration::from_millis(500),
+        ..ServeOptions::default()
+    })
+    .await;
+    let big = "snapshots/00000000000000000020-1.wsnap";
+    let len = 32 << 20;
+    write(&s.root, big, &vec![7u8; len]);
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut c = sock.connect(s.addr).await.unwrap();
+    // `Connection: close`: a transfer left to finish ends the connection.
+    c.write_all(format!("GET /{big} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut first = [0u8; 1];
+    c.read_exact(&mut first).await.unwrap();
+    // The client stops reading: once the socket buffers are full nothing
+    // moves, and the server gives up on the connection.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(60), c.read_to_end(&mut got))
+        .await
+        .expect("the stalled connection ends within 60 s");
+    assert!(
+        got.len() + 1 < len,
+        "the whole {len}-byte body arrived ({} bytes): the stalled transfer was not cut off",
+        got.len() + 1
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_wait_for_a_free_slot() {
+    let s = start_with(ServeOptions {
+        max_connections: 8,
+        header_timeout: Duration::from_secs(2),
+        ..ServeOptions::default()
+    })
+    .await;
+    let slow = slow_connections(s.addr, 8).await;
+    // A ninth connection is taken only once one of the eight is gone.
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"GET /catalog/head.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), c.read_to_end(&mut resp))
+        .await
+        .expect("the waiting connection is served within 60 s")
+        .unwrap();
+    assert!(
+        resp.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&resp)
+    );
+    let mut scratch = Vec::new();
+    let closed = slow
+        .iter()
+        .filter(|c| closed_by_server(c, &mut scratch))
+        .count();
+    assert!(
+        closed >= 1,
+        "a ninth connection was served while all eight others were open"
+    );
+    wait_all_closed(&slow, "connections at the cap").await;
+    s.stop().await;
+}
+
+/// The mode of a file this process creates without asking for one (0666
+/// less the umask) and its owner.
+fn fresh_file(dir: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt as _;
+    let probe = dir.join("probe");
+    std::fs::write(&probe, b"").unwrap();
+    let meta = std::fs::metadata(&probe).unwrap();
+    std::fs::remove_file(&probe).unwrap();
+    (meta.mode() & 0o777, meta.uid())
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(path).unwrap().mode() & 0o777
+}
+
+async fn put(
+    store: &walcast::store::Store,
+    key: &str,
+    body: &[u8],
+    condition: walcast_core::publisher::PutCondition,
+) -> Option<String> {
+    use walcast_core::publisher::{ObjectKind, PutRequest, PutResponse};
+    let kind = match key.split('/').next() {
+        Some("segments") => ObjectKind::Segment,
+        Some("snapshots") => ObjectKind::Snapshot,
+        _ if key == HEAD => ObjectKind::Head,
+        _ => ObjectKind::Page,
+    };
+    let req = PutRequest {
+        id: walcast_core::io::RequestId(1),
+        key: key.into(),
+        body: body.to_vec(),
+        condition,
+        kind,
+    };
+    match store.put(&req).await {
+        PutResponse::Ok { etag } => etag,
+        other => panic!("PUT {key}: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn dataset_files_share_one_mode() {
+    use walcast_core::publisher::PutCondition;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let store = walcast::store::Store::open(&format!("file://{}", root.display())).unwrap();
+    let etag = put(&store, HEAD, b"{\"v\":1}", PutCondition::CreateOnly).await;
+    let expected = fresh_file(dir.path()).0 & 0o644;
+    assert_eq!(mode_of(&root.join(HEAD)), expected, "new head");
+    put(
+        &store,
+        HEAD,
+        b"{\"v\":2}",
+        PutCondition::IfMatch(etag.unwrap()),
+    )
+    .await;
+    for key in [SEGMENT, PAGE, SNAPSHOT] {
+        put(&store, key, b"immutable", PutCondition::CreateOnly).await;
+    }
+    for key in [HEAD, SEGMENT, PAGE, SNAPSHOT] {
+        assert_eq!(mode_of(&root.join(key)), expected, "{key}");
+    }
+    store.put_raw(HEAD, b"{\"v\":3}".to_vec()).await.unwrap();
+    assert_eq!(
+        mode_of(&root.join(HEAD)),
+        expected,
+        "head written by put_raw"
+    );
+}
+
+/// `walcast serve` as a separate process: as another user than the one that
+/// published when the tests run as root (through `setpriv`), else as this
+/// one.
+#[tokio::test]
+async fn permission_errors_are_500_and_published_objects_readable() {
+    use std::io::BufRead as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::process::{Command, Stdio};
+    use walcast_core::publisher::PutCondition;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let root = dir.path().join("data");
+    let store = walcast::store::Store::open(&format!("file://{}", root.display())).unwrap();
+    let head = b"{\"v\":1}";
+    put(&store, HEAD, head, PutCondition::CreateOnly).await;
+    put(&store, SEGMENT, &segment(), PutCondition::CreateOnly).await;
+    let locked = "segments/1/00000000000000000011-00000000000000000020.wseg";
+    put(&store, locked, b"locked", PutCondition::CreateOnly).await;
+    std::fs::set_permissions(root.join(locked), std::fs::Permissions::from_mode(0o000)).unwrap();
+
+    let (mode, uid) = fresh_file(dir.path());
+    let as_other = uid == 0;
+    if as_other && Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("SKIP: running as root without setpriv: cannot serve as another user");
+        return;
+    }
+    let bin = env!("CARGO_BIN_EXE_walcast");
+    let mut cmd = if as_other {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            bin,
+        ]);
+        c
+    } else {
+        Command::new(bin)
+    };
+    let mut child = cmd
+        .arg("serve")
+        .arg(&root)
+        .args([
+            "--addr",
+            "127.0.0.1:0",
+            "--cors-origin",
+            "https://app.example",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let _ = tx.send(line.unwrap_or_default());
+        }
+    });
+    let line = rx.recv_timeout(Duration::from_secs(60));
+    let Ok(line) = line else {
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "walcast serve did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let base = line
+        .split("http://")
+        .nth(1)
+        .expect("listening line")
+        .trim()
+        .to_owned();
+    let client = reqwest::Client::new();
+    let get = |rel: &str, origin: Option<&str>| {
+        let mut req = client.get(format!("http://{base}/{rel}"));
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        req.send()
+    };
+
+    if !as_other || mode & 0o004 != 0 {
+        let resp = get(HEAD, None).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "the published head");
+        assert_eq!(resp.bytes().await.unwrap(), &head[..]);
+    }
+    let resp = get(SEGMENT, Some("https://app.example")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        header(resp.headers(), header::ACCESS_CONTROL_ALLOW_ORIGIN),
+        "https://app.example"
+    );
+    let resp = get(SEGMENT, Some("https://evil.example")).await.unwrap();
+    assert!(resp
+        .headers()
+        .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+        .is_none());
+    // An object the server may not read is a server problem, not a missing object.
+    let resp = get(locked, None).await.unwrap();
+    let status = resp.status();
+
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{stderr}");
+    let path = root.join(locked).display().to_string();
+    assert!(
+        stderr.contains(&path),
+        "no log line names {path}:\n{stderr}"
+    );
 }
