@@ -34,7 +34,18 @@ impl Replica {
                     Some(cr) => (cr.start, &body[..]),
                     None => (0, &body[..]),
                 };
-                if start > offset || (range.is_none() && body.len() as u64 != size) {
+                let range_lies =
+                    range.is_some_and(|cr| cr.end - cr.start != body.len() as u64 || cr.end > size);
+                if range_lies {
+                    Err(Error::new(
+                        ErrorKind::Data,
+                        format!(
+                            "snapshot answer's Content-Range disagrees with its {} bytes or the size {size}",
+                            body.len()
+                        ),
+                    )
+                    .with_object(key.clone()))
+                } else if start > offset || (range.is_none() && body.len() as u64 != size) {
                     Err(Error::new(
                         ErrorKind::Data,
                         format!("snapshot answer does not cover byte {offset}"),
