@@ -6,18 +6,33 @@
 //! `flush_interval` only bounds how long data may wait behind an upload.
 //! Memory stays bounded however large the backlog: records are read from the
 //! WAL only while the machine has room.
+//!
+//! Durable before visible: records are read only up to the WAL's durable
+//! watermark ([`crate::wal::DurableMark`]), which the writer advances after
+//! its fsync succeeds. A record written but not yet synced can vanish in a
+//! power loss, and its LSN would then be given to another batch; publishing
+//! it would make replicas diverge from the origin for good.
+//!
+//! On claiming the dataset, the publisher checks that the WAL still holds
+//! the head's committed LSN, with the bytes that were published. A WAL that
+//! ends before it lost published LSNs (restored from an old copy, a fresh
+//! directory, a disk that lied about an fsync), and one whose record there
+//! differs has given published LSNs to other batches; either way the
+//! publisher stops with an error naming the LSNs rather than publish a
+//! history that contradicts the one replicas already hold.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
 use tokio::sync::mpsc;
-use walcast_core::io::{GetResponse, RequestId};
+use walcast_core::catalog::Head;
+use walcast_core::io::{ByteRange, GetRequest, GetResponse, RequestId};
 use walcast_core::publisher::{Action, Event, Publisher, PublisherConfig, PutResponse};
 use walcast_core::ErrorKind;
 
 use crate::store::Store;
-use crate::wal::WalReader;
+use crate::wal::{DurableMark, WalReader};
 
 /// Options of `walcast publish`.
 #[derive(Debug, Clone)]
@@ -92,38 +107,62 @@ pub async fn publish(
     let mut m = Publisher::new(opts.config.clone(), seed);
     let (tx, mut rx) = mpsc::unbounded_channel::<Done>();
     let mut reader = WalReader::open(&wal_dir)?;
-    let target = if opts.once {
-        // Everything committed at the start.
-        let mut r = WalReader::open(&wal_dir)?;
-        let mut last = 0;
-        while let Some((lsn, _)) = r.next_record()? {
-            last = lsn;
+    let mut mark = DurableMark::open(&wal_dir);
+    let mut durable = match mark.read()? {
+        Some(lsn) => lsn,
+        None => {
+            tracing::warn!(
+                "{}: no durable watermark yet; records are published once a writer has made them durable",
+                wal_dir.display()
+            );
+            0
         }
-        Some(last)
-    } else {
-        None
     };
+    // With `once`: everything durable at the start.
+    let target = opts.once.then_some(durable);
     let mut report = PublishReport::default();
+    // Nothing is read from the WAL before the claim's check passed.
+    let mut wal_checked = false;
     let mut pending_record: Option<(u64, Vec<u8>)> = None;
     let mut stop = Box::pin(stop);
     loop {
         let now = now_ms();
         // Feed the WAL while the machine has room.
-        while let Some(next) = m.next_lsn() {
-            if !m.has_room() || target.is_some_and(|t| next > t) {
+        while let Some(next) = m.next_lsn().filter(|_| wal_checked) {
+            // Records at or below the committed LSN (replayed to rebuild the
+            // snapshot state) were published, hence durable, already; the
+            // claim's check found them in the WAL.
+            let committed = m.committed_lsn();
+            if !m.has_room() || target.is_some_and(|t| next > t.max(committed)) {
                 break;
+            }
+            if next > durable.max(committed) {
+                if let Some(lsn) = mark.read()? {
+                    durable = lsn;
+                }
+                if next > durable.max(committed) {
+                    break;
+                }
             }
             if reader.next_lsn() > next {
                 reader = WalReader::open(&wal_dir)?;
             }
             if pending_record.as_ref().is_none_or(|(l, _)| *l != next) {
-                pending_record = None;
-                if !reader.seek_lsn(next)? {
-                    break;
-                }
-                match reader.next_record()? {
+                let found = if reader.seek_lsn(next)? {
+                    reader.next_record()?
+                } else {
+                    None
+                };
+                match found {
                     Some(r) => pending_record = Some(r),
-                    None => break,
+                    // The writer synced this record before it advanced the
+                    // watermark: the log lost durable records.
+                    None => bail!(
+                        "{}: the WAL ends at LSN {} although its durable watermark is LSN \
+                         {durable}: durable records are missing, refusing to publish",
+                        wal_dir.display(),
+                        reader.next_lsn() - 1,
+                    ),
                 }
             }
             let (lsn, payload) = pending_record.take().expect("read above");
@@ -157,6 +196,8 @@ pub async fn publish(
                     committed_lsn,
                 } => {
                     tracing::info!(epoch, %dataset_id, committed_lsn, "claimed the dataset");
+                    check_wal_holds_head(&wal_dir, &store, m.head(), committed_lsn).await?;
+                    wal_checked = true;
                     report.epoch = epoch;
                     report.committed_lsn = committed_lsn;
                 }
@@ -208,5 +249,271 @@ pub async fn publish(
                 }
             }
         }
+    }
+}
+
+/// Checks, on claiming, that the WAL in `wal_dir` holds the head's
+/// committed LSN with the bytes published for it: a WAL that ends before it
+/// lost published LSNs, and one with other bytes there reused them. Either
+/// way, publishing on would contradict what replicas already applied.
+async fn check_wal_holds_head(
+    wal_dir: &std::path::Path,
+    store: &Store,
+    head: Option<&Head>,
+    committed: u64,
+) -> Result<()> {
+    if committed == 0 {
+        return Ok(());
+    }
+    let mut r = WalReader::open(wal_dir)?;
+    let record = if r.seek_lsn(committed)? {
+        r.next_record()?
+    } else {
+        None
+    };
+    let Some((_, ours)) = record else {
+        let last = r.next_lsn() - 1;
+        bail!(
+            "the dataset's head has committed LSN {committed} but the WAL in {} ends at LSN {last}: \
+             LSNs {}..={committed} were published and then lost from this WAL (or it is not \
+             the WAL this dataset was published from). A writer on it would give those LSNs \
+             to other batches, so nothing is published; restore the WAL, or publish it as a \
+             new dataset under another prefix",
+            wal_dir.display(),
+            last + 1,
+        );
+    };
+    // The published record at `committed`: the head's last segment ends there.
+    let Some(seg) = head
+        .and_then(|h| h.segments.last())
+        .filter(|s| s.first_lsn <= committed && committed <= s.last_lsn)
+    else {
+        return Ok(());
+    };
+    let start = seg.start_for(committed);
+    let req = GetRequest {
+        id: RequestId(0),
+        key: seg.key.clone(),
+        range: Some(ByteRange::Bounded {
+            start: start.offset,
+            end: seg.records_end,
+        }),
+        if_none_match: None,
+        timeout_ms: 30_000,
+        max_bytes: seg.records_end.saturating_sub(start.offset),
+    };
+    let mut attempt = 0;
+    let body = loop {
+        match store.get(&req).await {
+            GetResponse::Ok { body, range, .. } => {
+                // A store that ignored the range sent the whole object.
+                let skip = if range.is_some() {
+                    0
+                } else {
+                    usize::try_from(start.offset).unwrap_or(usize::MAX)
+                };
+                break body.get(skip..).map(<[u8]>::to_vec).unwrap_or_default();
+            }
+            other if attempt < 4 => {
+                attempt += 1;
+                tracing::warn!(key = %seg.key, "reading the last published segment: {other:?} (retrying)");
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            }
+            other => bail!(
+                "reading {} to check the WAL against LSN {committed}: {other:?}",
+                seg.key
+            ),
+        }
+    };
+    let recs = walcast_core::segment::Records::new(&body, start.offset, start.lsn);
+    for rec in recs {
+        let rec = rec.map_err(|e| anyhow::anyhow!("{}: {e}", seg.key))?;
+        if rec.lsn == committed {
+            if rec.payload != ours.as_slice() {
+                bail!(
+                    "the WAL in {} holds LSN {committed} with other bytes than the dataset \
+                     published (in {}): the WAL lost published LSNs and a writer gave them to \
+                     other batches. Nothing is published; restore the WAL, or publish it as a \
+                     new dataset under another prefix",
+                    wal_dir.display(),
+                    seg.key
+                );
+            }
+            return Ok(());
+        }
+    }
+    bail!("{}: no record at LSN {committed}", seg.key)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use walcast_core::batch::Op;
+
+    use super::*;
+    use crate::wal::testing::FaultIo;
+    use crate::wal::{log_path, Writer};
+
+    fn put(k: &str, v: &str) -> Vec<Op> {
+        vec![Op::put(k.as_bytes().to_vec(), v.as_bytes().to_vec())]
+    }
+
+    fn dataset(dir: &Path) -> (String, Store) {
+        let url = url::Url::from_directory_path(dir).unwrap().to_string();
+        let store = Store::open(&url).unwrap();
+        (url, store)
+    }
+
+    async fn publish_once(wal: &Path, store: &Store) -> Result<PublishReport> {
+        publish_once_with(wal, store, PublisherConfig::default()).await
+    }
+
+    async fn publish_once_with(
+        wal: &Path,
+        store: &Store,
+        config: PublisherConfig,
+    ) -> Result<PublishReport> {
+        let opts = PublishOptions {
+            config,
+            once: true,
+            ..PublishOptions::default()
+        };
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            publish(
+                wal.to_path_buf(),
+                store.clone(),
+                opts,
+                std::future::pending(),
+                |_| {},
+            ),
+        )
+        .await
+        .expect("publish --once finishes")
+    }
+
+    /// The value of `key` in a fresh replica of the dataset at `url`.
+    async fn replica_value(url: &str, key: &str) -> Option<Vec<u8>> {
+        let local = tempfile::tempdir().unwrap();
+        let opts = crate::replica::ReplicateOptions {
+            sink: None,
+            interval: Duration::from_millis(50),
+            once: true,
+            concurrency: 2,
+            progress: false,
+        };
+        crate::replica::replicate(url, local.path(), &opts, std::future::pending())
+            .await
+            .unwrap();
+        let l = crate::replica::load(local.path()).unwrap();
+        l.state.get(key.as_bytes()).map(<[u8]>::to_vec)
+    }
+
+    /// A batch written to the WAL whose fsync has not returned is not
+    /// durable: a power loss can take it, and the writer then gives its LSN
+    /// to another batch. The publisher must leave it alone until the fsync
+    /// succeeds, so the dataset never holds an LSN the WAL can lose.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publishes_only_what_the_wal_made_durable() {
+        let wal = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let (url, store) = dataset(data.path());
+        let io = Arc::new(FaultIo::new(wal.path()));
+        let w = Arc::new(Writer::open_with(wal.path(), io.clone()).unwrap());
+        assert_eq!(w.commit(&put("k1", "one")).unwrap(), 1);
+        assert_eq!(w.commit(&put("k2", "two")).unwrap(), 2);
+        // LSN 3 is written to the log, its fsync stalls.
+        io.hold();
+        let stalled = {
+            let w = w.clone();
+            std::thread::spawn(move || w.commit(&put("k3", "lost in the power cut")))
+        };
+        io.wait_stalled();
+        let report = publish_once(wal.path(), &store).await.unwrap();
+        assert_eq!(
+            report.committed_lsn, 2,
+            "published an LSN whose fsync had not returned"
+        );
+
+        // Power cut: the disk holds the log as the last fsync left it.
+        let after = tempfile::tempdir().unwrap();
+        std::fs::write(log_path(after.path()), io.durable_image()).unwrap();
+        io.release();
+        assert_eq!(stalled.join().unwrap().unwrap(), 3);
+        drop(w);
+        let w = Writer::open(after.path()).unwrap();
+        assert_eq!(w.last_lsn(), 2, "LSN 3 was lost with the power");
+        assert_eq!(w.commit(&put("k3", "kept")).unwrap(), 3);
+        drop(w);
+        let report = publish_once(after.path(), &store).await.unwrap();
+        assert_eq!(report.committed_lsn, 3);
+        // Replicas see the batch the WAL holds at LSN 3, not the lost one.
+        assert_eq!(
+            replica_value(&url, "k3").await.as_deref(),
+            Some(&b"kept"[..])
+        );
+    }
+
+    /// A writer that restarts on a WAL that lost published LSNs must not
+    /// reuse them: the publisher stops with an error naming them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refuses_a_wal_behind_the_published_head() {
+        refuses_a_wal_behind(PublisherConfig::default()).await;
+        // With snapshots on, a publisher replays the WAL from LSN 1.
+        refuses_a_wal_behind(PublisherConfig {
+            snapshot_every: Some(2),
+            ..PublisherConfig::default()
+        })
+        .await;
+    }
+
+    async fn refuses_a_wal_behind(config: PublisherConfig) {
+        let data = tempfile::tempdir().unwrap();
+        let (url, store) = dataset(data.path());
+        let wal = tempfile::tempdir().unwrap();
+        let w = Writer::open(wal.path()).unwrap();
+        for i in 1..=3 {
+            w.commit(&put(&format!("k{i}"), "v")).unwrap();
+        }
+        drop(w);
+        assert_eq!(
+            publish_once_with(wal.path(), &store, config.clone())
+                .await
+                .unwrap()
+                .committed_lsn,
+            3
+        );
+
+        // The WAL lost LSNs 2 and 3.
+        let lost = tempfile::tempdir().unwrap();
+        let w = Writer::open(lost.path()).unwrap();
+        w.commit(&put("k1", "v")).unwrap();
+        drop(w);
+        let err = publish_once_with(lost.path(), &store, config.clone())
+            .await
+            .expect_err("a WAL behind the head must be refused");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("committed LSN 3")
+                && msg.contains("ends at LSN 1")
+                && msg.contains("LSNs 2..=3"),
+            "{msg}"
+        );
+        // The writer went on and gave LSNs 2 and 3 to other batches, and more.
+        let w = Writer::open(lost.path()).unwrap();
+        for i in 2..=4 {
+            w.commit(&put(&format!("k{i}"), "reused")).unwrap();
+        }
+        drop(w);
+        let err = publish_once_with(lost.path(), &store, config.clone())
+            .await
+            .expect_err("a WAL that reused published LSNs must be refused");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("holds LSN 3 with other bytes"), "{msg}");
+        // Nothing of it became visible.
+        assert_eq!(replica_value(&url, "k4").await, None);
+        assert_eq!(replica_value(&url, "k3").await.as_deref(), Some(&b"v"[..]));
     }
 }

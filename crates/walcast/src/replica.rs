@@ -69,70 +69,27 @@ impl LocalDir {
     /// Opens (creating) `dir` and loads what it holds.
     pub fn open(dir: &Path) -> Result<(LocalDir, Local)> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut local = Local::default();
-        let snap = dir.join("state.wsnap");
-        if snap.exists() {
-            // Streamed in 1 MiB reads: loading never holds a second copy of the state.
-            let mut f = File::open(&snap).with_context(|| format!("opening {}", snap.display()))?;
-            let mut dec = snapshot::SnapshotDecoder::new();
-            let mut chunk = vec![0u8; 1 << 20];
-            loop {
-                let n = f
-                    .read(&mut chunk)
-                    .with_context(|| format!("reading {}", snap.display()))?;
-                if n == 0 {
-                    break;
-                }
-                dec.feed(&chunk[..n])
-                    .map_err(|e| anyhow!("{}: {e}", snap.display()))?;
-            }
-            let (h, st) = dec
-                .finish(None)
-                .map_err(|e| anyhow!("{}: {e}", snap.display()))?;
-            local = Local {
-                state: st,
-                applied: h.lsn,
-                dataset: Some(h.dataset_id),
-            };
-        }
+        let (local, log) = read_local(dir)?;
         let mut ld = LocalDir {
             dir: dir.to_path_buf(),
             log: None,
             log_len: 0,
             buf: Vec::new(),
         };
-        // Replay the log.
+        // Cut a torn tail off the log and append after its valid part.
         let logp = dir.join("applied.log");
-        if let (Ok(mut f), Some(id)) = (File::open(&logp), local.dataset) {
-            let mut bytes = Vec::new();
-            f.read_to_end(&mut bytes)?;
-            let valid =
-                bytes.len() >= LOG_HEADER && bytes[..LOG_HEADER] == log_header(local.applied, id);
-            if valid {
-                let mut good = LOG_HEADER;
-                for rec in Records::new(&bytes[LOG_HEADER..], LOG_HEADER as u64, local.applied + 1)
-                {
-                    let Ok(rec) = rec else { break };
-                    let Ok(ops) = batch::decode(rec.payload) else {
-                        break;
-                    };
-                    local.state.apply(&ops);
-                    local.applied = rec.lsn;
-                    good = (rec.payload.as_ptr() as usize - bytes.as_ptr() as usize)
-                        + rec.payload.len();
-                }
-                let f = OpenOptions::new().write(true).open(&logp)?;
-                f.set_len(good as u64)?;
-                f.sync_all()?;
-                ld.log_len = good as u64;
-                let mut f = OpenOptions::new().append(true).open(&logp)?;
-                f.flush()?;
-                ld.log = Some(f);
-                // Keep the log tied to the checkpoint's base LSN: re-base it
-                // by checkpointing when it replayed anything.
-                if local.applied > 0 && good > LOG_HEADER {
-                    ld.checkpoint(&local.state, local.applied, id)?;
-                }
+        if let (Some(good), Some(id)) = (log, local.dataset) {
+            let f = OpenOptions::new().write(true).open(&logp)?;
+            f.set_len(good)?;
+            f.sync_all()?;
+            ld.log_len = good;
+            let mut f = OpenOptions::new().append(true).open(&logp)?;
+            f.flush()?;
+            ld.log = Some(f);
+            // Keep the log tied to the checkpoint's base LSN: re-base it
+            // by checkpointing when it replayed anything.
+            if local.applied > 0 && good > LOG_HEADER as u64 {
+                ld.checkpoint(&local.state, local.applied, id)?;
             }
         }
         Ok((ld, local))
@@ -188,12 +145,69 @@ impl LocalDir {
     }
 }
 
-/// Loads a local replica directory (for `get` and `scan`).
+/// Reads a replica directory without writing to it: the checkpoint, then
+/// the log's records replayed on top when the log belongs to it. Also
+/// returns the byte length of the log's valid part (`None`: no usable log).
+/// A torn tail, or a log that a running `replicate` is appending to, ends
+/// the replay at the last whole record.
+fn read_local(dir: &Path) -> Result<(Local, Option<u64>)> {
+    let mut local = Local::default();
+    let snap = dir.join("state.wsnap");
+    if snap.exists() {
+        // Streamed in 1 MiB reads: loading never holds a second copy of the state.
+        let mut f = File::open(&snap).with_context(|| format!("opening {}", snap.display()))?;
+        let mut dec = snapshot::SnapshotDecoder::new();
+        let mut chunk = vec![0u8; 1 << 20];
+        loop {
+            let n = f
+                .read(&mut chunk)
+                .with_context(|| format!("reading {}", snap.display()))?;
+            if n == 0 {
+                break;
+            }
+            dec.feed(&chunk[..n])
+                .map_err(|e| anyhow!("{}: {e}", snap.display()))?;
+        }
+        let (h, st) = dec
+            .finish(None)
+            .map_err(|e| anyhow!("{}: {e}", snap.display()))?;
+        local = Local {
+            state: st,
+            applied: h.lsn,
+            dataset: Some(h.dataset_id),
+        };
+    }
+    let logp = dir.join("applied.log");
+    let (Ok(mut f), Some(id)) = (File::open(&logp), local.dataset) else {
+        return Ok((local, None));
+    };
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", logp.display()))?;
+    if bytes.len() < LOG_HEADER || bytes[..LOG_HEADER] != log_header(local.applied, id) {
+        return Ok((local, None));
+    }
+    let mut good = LOG_HEADER;
+    for rec in Records::new(&bytes[LOG_HEADER..], LOG_HEADER as u64, local.applied + 1) {
+        let Ok(rec) = rec else { break };
+        let Ok(ops) = batch::decode(rec.payload) else {
+            break;
+        };
+        local.state.apply(&ops);
+        local.applied = rec.lsn;
+        good = (rec.payload.as_ptr() as usize - bytes.as_ptr() as usize) + rec.payload.len();
+    }
+    Ok((local, Some(good as u64)))
+}
+
+/// Loads a local replica directory for `get` and `scan`, read-only: it
+/// creates, truncates, checkpoints and locks nothing, so it works on a
+/// read-only directory and beside a running `replicate`.
 pub fn load(dir: &Path) -> Result<Local> {
-    if !dir.exists() {
+    if !dir.is_dir() {
         anyhow::bail!("{}: no such replica directory", dir.display());
     }
-    Ok(LocalDir::open(dir)?.1)
+    Ok(read_local(dir)?.0)
 }
 
 /// GETs over HTTP(S) with reqwest, relative to a base URL.
@@ -219,96 +233,60 @@ impl HttpFetch {
     }
 }
 
-impl HttpFetch {
-    /// One GET, without the outer deadline.
-    async fn exchange(&self, url: &str, req: &GetRequest) -> GetResponse {
-        let failed = |status: Option<u16>, what: String| GetResponse::Failed {
-            status,
-            message: format!("GET {url}: {what}"),
-        };
-        // reqwest's timeout covers the whole exchange, body included.
+impl Fetch for HttpFetch {
+    async fn get(&self, req: GetRequest) -> GetResponse {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let url = format!("{}/{}", self.base, req.key);
         let mut rb = self
             .client
-            .get(url)
-            .timeout(Duration::from_millis(req.timeout_ms.max(1)));
+            .get(&url)
+            .timeout(Duration::from_millis(req.timeout_ms));
         if let Some(r) = req.range {
             rb = rb.header("range", r.to_header());
         }
         if let Some(e) = &req.if_none_match {
             rb = rb.header("if-none-match", e);
         }
-        let mut resp = match rb.send().await {
+        let resp = match rb.send().await {
             Ok(r) => r,
-            Err(e) if e.is_timeout() => {
-                return failed(None, format!("timed out after {} ms", req.timeout_ms))
+            Err(e) => {
+                return GetResponse::Failed {
+                    status: None,
+                    message: format!("GET {url}: {e}"),
+                }
             }
-            Err(e) => return failed(None, e.to_string()),
         };
         let status = resp.status().as_u16();
-        let range = match status {
-            200 => None,
-            206 => {
-                // Parsed, not trusted: the machine checks it against the body
-                // and the request. Without one, which bytes these are is unknown.
-                let cr = resp
-                    .headers()
-                    .get("content-range")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(ContentRange::parse);
-                match cr {
-                    Some(cr) => Some(cr),
-                    None => return failed(Some(206), "206 without a valid Content-Range".into()),
-                }
-            }
-            304 => return GetResponse::NotModified,
-            404 | 410 => return GetResponse::NotFound,
-            416 => return GetResponse::RangeNotSatisfiable,
-            s => {
-                return GetResponse::Failed {
-                    status: Some(s),
-                    message: format!("GET {url}"),
-                }
-            }
-        };
         let etag = resp
             .headers()
             .get("etag")
             .and_then(|v| v.to_str().ok())
             .map(String::from);
-        let claimed = resp.content_length();
-        // A stream of chunks, read only as far as max_bytes + 1; dropping
-        // `resp` then closes the connection.
-        let chunks = futures::stream::unfold(Some(&mut resp), |r| async move {
-            let r = r?;
-            match r.chunk().await {
-                Ok(Some(c)) => Some((Ok(c), Some(r))),
-                Ok(None) => None,
-                Err(e) => Some((Err(e), None)),
-            }
-        });
-        match walcast_client::read_body(chunks, req.max_bytes, claimed).await {
-            Ok(body) => GetResponse::Ok { body, etag, range },
-            Err(e) if e.is_timeout() => failed(
-                Some(status),
-                format!("reading the body: timed out after {} ms", req.timeout_ms),
-            ),
-            Err(e) => failed(Some(status), format!("reading the body: {e}")),
-        }
-    }
-}
-
-impl Fetch for HttpFetch {
-    async fn get(&self, req: GetRequest) -> GetResponse {
-        self.requests
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let url = format!("{}/{}", self.base, req.key);
-        // Also bounded here, whatever the client does with its timeout.
-        let limit = Duration::from_millis(req.timeout_ms.max(1));
-        match tokio::time::timeout(limit, self.exchange(&url, &req)).await {
-            Ok(r) => r,
-            Err(_) => GetResponse::Failed {
-                status: None,
-                message: format!("GET {url}: timed out after {} ms", req.timeout_ms),
+        let cr = resp
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .and_then(ContentRange::parse);
+        match status {
+            200 | 206 => match resp.bytes().await {
+                // A body cut short arrives as what was read; the machine checks lengths.
+                Ok(b) => GetResponse::Ok {
+                    body: Vec::from(b),
+                    etag,
+                    range: if status == 206 { cr } else { None },
+                },
+                Err(e) => GetResponse::Failed {
+                    status: Some(status),
+                    message: format!("GET {url}: reading the body: {e}"),
+                },
+            },
+            304 => GetResponse::NotModified,
+            404 | 410 => GetResponse::NotFound,
+            416 => GetResponse::RangeNotSatisfiable,
+            s => GetResponse::Failed {
+                status: Some(s),
+                message: format!("GET {url}"),
             },
         }
     }

@@ -1,18 +1,39 @@
 //! The local write-ahead log: [`Writer`] appends KV batches durably (fsync,
 //! group commit under concurrency); [`WalReader`] tails it, in the same
-//! process or another one.
+//! process or another one, and [`DurableMark`] says how far it may read.
 //!
-//! Layout: `DIR/wal.log` holds a 16-byte header (`WCWL`, version `u16`,
-//! 10 reserved bytes) followed by records framed exactly like segment records
-//! (`lsn u64, len u32, crc32 u32, payload`), dense from LSN 1. `DIR/wal.lock`
-//! keeps a second writer out. Recovery truncates a torn tail: a record is
-//! acknowledged only after its bytes are synced, so every acknowledged batch
-//! survives.
+//! Layout (`docs/FORMAT.md`): `DIR/wal.log` holds a 16-byte header (`WCWL`,
+//! version `u16`, 10 reserved bytes) followed by records framed exactly like
+//! segment records (`lsn u64, len u32, crc32 u32, payload`), dense from
+//! LSN 1. `DIR/wal.lock` keeps a second writer out. `DIR/wal.durable` holds
+//! the durable watermark. The directory is created `0700` and its files
+//! `0600`: batches are application data.
+//!
+//! Durable before visible. A record is in `wal.log` as soon as it is
+//! written, before its fsync returns, and a power loss can still take it;
+//! a writer reopened after that gives its LSN to another batch. So readers
+//! that publish (the publisher) read only up to the durable watermark, which
+//! the writer records after an fsync succeeds and never before: every LSN at
+//! or below it is on disk. The watermark itself needs no fsync. A stale
+//! value after a crash only holds the publisher back until a writer reopens
+//! the WAL, and [`Writer::open`] fsyncs what it recovered before recording
+//! the watermark again. (Having the publisher fsync `wal.log` itself before
+//! publishing what it read would not do: after a failed fsync Linux marks the
+//! pages clean, so a later fsync on another descriptor returns `Ok` for
+//! bytes that never reached the disk.)
+//!
+//! A failed append or fsync poisons the writer: the page cache no longer
+//! says what is on disk, so every later commit is refused. Records after the
+//! watermark are then cut from the log (best effort), so that reopening the
+//! WAL cannot take them for durable ones; their commits all failed.
+//!
+//! Recovery truncates a torn tail: a record is acknowledged only after its
+//! bytes are synced, so every acknowledged batch survives.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{bail, Context, Result};
 use walcast_core::batch::{self, Op};
@@ -21,6 +42,8 @@ use walcast_core::segment::{encode_record, MAX_RECORD_LEN, RECORD_HEADER_LEN};
 const MAGIC: &[u8; 4] = b"WCWL";
 const VERSION: u16 = 1;
 const HEADER_LEN: u64 = 16;
+const MARK_MAGIC: &[u8; 4] = b"WCWD";
+const MARK_LEN: usize = 16;
 
 fn header() -> [u8; 16] {
     let mut h = [0u8; 16];
@@ -34,20 +57,92 @@ pub fn log_path(dir: &Path) -> PathBuf {
     dir.join("wal.log")
 }
 
+/// The durable watermark file inside a WAL directory.
+pub fn durable_path(dir: &Path) -> PathBuf {
+    dir.join("wal.durable")
+}
+
+/// `wal.durable`: magic `WCWD`, the LSN (`u64`), `crc32` of the 12 bytes
+/// before it. Rewritten in place; the checksum tells a torn read.
+fn encode_mark(lsn: u64) -> [u8; MARK_LEN] {
+    let mut b = [0u8; MARK_LEN];
+    b[..4].copy_from_slice(MARK_MAGIC);
+    b[4..12].copy_from_slice(&lsn.to_le_bytes());
+    let crc = crc32fast::hash(&b[..12]);
+    b[12..].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+fn decode_mark(b: &[u8; MARK_LEN]) -> Option<u64> {
+    let crc = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
+    (&b[..4] == MARK_MAGIC && crc32fast::hash(&b[..12]) == crc)
+        .then(|| u64::from_le_bytes([b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11]]))
+}
+
+/// The durable watermark of the WAL in `dir`: the highest LSN its writer has
+/// made durable, or `None` when no writer recorded one (or it cannot be read).
+pub fn durable_lsn(dir: &Path) -> Option<u64> {
+    DurableMark::open(dir).read().ok().flatten()
+}
+
+/// Creates `dir` and any missing parent, owner-only.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b.create(dir)
+}
+
+/// Options that create a file owner-only (`0600`) when it does not exist.
+fn private_file() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o
+}
+
+/// The file operations a [`Writer`]'s durability rests on; tests put a
+/// layer that fails or stalls them in place of the OS.
+pub(crate) trait LogIo: Send + Sync {
+    /// Appends `buf` at the file's position.
+    fn append(&self, file: &mut File, buf: &[u8]) -> std::io::Result<()> {
+        file.write_all(buf)
+    }
+
+    /// Makes everything appended durable.
+    fn sync(&self, file: &File) -> std::io::Result<()> {
+        file.sync_data()
+    }
+}
+
+struct OsIo;
+
+impl LogIo for OsIo {}
+
 struct Inner {
     file: File,
     next_lsn: u64,
     len: u64,
-    poisoned: bool,
+}
+
+/// What the last successful fsync covered, and the watermark recording it.
+struct Synced {
+    lsn: u64,
+    len: u64,
+    mark: File,
 }
 
 /// A durable, append-only local WAL of KV batches.
 pub struct Writer {
+    io: Arc<dyn LogIo>,
     inner: Mutex<Inner>,
-    /// Highest LSN known synced; the fsync itself happens under this lock so
-    /// one fsync covers every record appended before it (group commit).
-    synced: Mutex<u64>,
+    /// The fsync happens under this lock so one fsync covers every record
+    /// appended before it (group commit).
+    synced: Mutex<Synced>,
     sync_file: File,
+    /// Why the writer refuses commits, after a failed append or fsync.
+    failed: OnceLock<String>,
     _lock: File,
 }
 
@@ -58,12 +153,17 @@ impl std::fmt::Debug for Writer {
 }
 
 impl Writer {
-    /// Opens (creating if needed) the WAL in `dir`, recovers it (truncating a
-    /// torn tail), and takes the directory's writer lock.
+    /// Opens (creating if needed, owner-only) the WAL in `dir`, recovers it
+    /// (truncating a torn tail), makes what it holds durable, records the
+    /// durable watermark, and takes the directory's writer lock.
     pub fn open(dir: &Path) -> Result<Writer> {
-        std::fs::create_dir_all(dir)
+        Writer::open_with(dir, Arc::new(OsIo))
+    }
+
+    pub(crate) fn open_with(dir: &Path, io: Arc<dyn LogIo>) -> Result<Writer> {
+        create_private_dir(dir)
             .with_context(|| format!("creating WAL directory {}", dir.display()))?;
-        let lock = OpenOptions::new()
+        let lock = private_file()
             .create(true)
             .truncate(false)
             .write(true)
@@ -73,7 +173,7 @@ impl Writer {
             bail!("another writer holds {}", dir.join("wal.lock").display());
         }
         let path = log_path(dir);
-        let mut file = OpenOptions::new()
+        let mut file = private_file()
             .create(true)
             .truncate(false)
             .read(true)
@@ -83,9 +183,7 @@ impl Writer {
         if file.metadata()?.len() == 0 {
             file.write_all(&header())?;
             file.sync_all()?;
-            if let Some(parent) = path.parent() {
-                File::open(parent)?.sync_all()?;
-            }
+            File::open(dir)?.sync_all()?;
         }
         let mut reader = WalReader::open(dir)?;
         let mut last = 0;
@@ -101,26 +199,49 @@ impl Writer {
                 "truncating a torn WAL tail"
             );
             file.set_len(good)?;
-            file.sync_all()?;
         }
+        // A writer that died between its append and its fsync left records
+        // that may exist only in the page cache: make them durable before
+        // the watermark says so.
+        file.sync_all()
+            .with_context(|| format!("fsync of {}", path.display()))?;
         file.seek(SeekFrom::Start(good))?;
+        let mut mark = private_file()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(durable_path(dir))
+            .context("opening wal.durable")?;
+        mark.write_all(&encode_mark(last))
+            .context("recording the durable watermark")?;
         let sync_file = file.try_clone()?;
         Ok(Writer {
+            io,
             inner: Mutex::new(Inner {
                 file,
                 next_lsn: last + 1,
                 len: good,
-                poisoned: false,
             }),
-            synced: Mutex::new(last),
+            synced: Mutex::new(Synced {
+                lsn: last,
+                len: good,
+                mark,
+            }),
             sync_file,
+            failed: OnceLock::new(),
             _lock: lock,
         })
     }
 
-    /// The LSN of the last committed batch (0 when empty).
+    /// The LSN of the last batch appended (0 when empty). After a failed
+    /// fsync, the last durable one.
     pub fn last_lsn(&self) -> u64 {
         self.inner.lock().map(|i| i.next_lsn - 1).unwrap_or(0)
+    }
+
+    /// The highest LSN made durable (what the watermark says).
+    pub fn durable_lsn(&self) -> u64 {
+        self.synced.lock().map(|s| s.lsn).unwrap_or(0)
     }
 
     /// Commits one atomic batch; durable when this returns.
@@ -134,21 +255,38 @@ impl Writer {
         Ok(self.commit_many(&[payload])?[0])
     }
 
+    /// Refuses to go on after a failed append or fsync.
+    fn check_usable(&self) -> Result<()> {
+        if let Some(why) = self.failed.get() {
+            bail!(
+                "the WAL refuses commits after an earlier failure ({why}); \
+                 open it again to recover what is on disk"
+            );
+        }
+        Ok(())
+    }
+
     /// Commits several payloads, each its own atomic batch with its own LSN,
     /// with one append and one fsync. Durable when this returns.
+    ///
+    /// After an error the outcome of these batches is unknown, and the
+    /// writer refuses every later commit (see the module docs).
     pub fn commit_many(&self, payloads: &[&[u8]]) -> Result<Vec<u64>> {
         if let Some(p) = payloads.iter().find(|p| p.len() as u64 > MAX_RECORD_LEN) {
             bail!("batch of {} bytes exceeds {MAX_RECORD_LEN}", p.len());
         }
+        if payloads.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.check_usable()?;
         let (first, last) = {
             let mut i = self
                 .inner
                 .lock()
                 .map_err(|_| anyhow::anyhow!("WAL lock poisoned"))?;
-            if i.poisoned {
-                bail!("the WAL failed earlier; reopen it");
-            }
+            self.check_usable()?;
             let first = i.next_lsn;
+            let last = first + payloads.len() as u64 - 1;
             let mut buf = Vec::with_capacity(
                 payloads
                     .iter()
@@ -158,34 +296,134 @@ impl Writer {
             for (k, p) in payloads.iter().enumerate() {
                 encode_record(first + k as u64, p, &mut buf);
             }
-            if let Err(e) = i.file.write_all(&buf) {
+            if let Err(e) = self.io.append(&mut i.file, &buf) {
+                let _ = self
+                    .failed
+                    .set(format!("appending LSNs {first}..={last} failed: {e}"));
                 // Cut a partial frame so the log stays well-formed.
                 let len = i.len;
                 let _ = i.file.set_len(len);
                 let _ = i.file.seek(SeekFrom::Start(len));
-                i.poisoned = true;
                 return Err(e).context("appending to the WAL");
             }
             i.len += buf.len() as u64;
-            i.next_lsn += payloads.len() as u64;
-            (first, i.next_lsn - 1)
+            i.next_lsn = last + 1;
+            (first, last)
         };
         // Group commit: one fsync covers everything appended before it.
-        let mut synced = self
+        let mut s = self
             .synced
             .lock()
             .map_err(|_| anyhow::anyhow!("WAL lock poisoned"))?;
-        if *synced < last {
-            let upto = self.last_lsn();
-            self.sync_file.sync_data().context("fsync of the WAL")?;
-            *synced = upto;
+        if s.lsn >= last {
+            // An fsync that succeeded covered these records.
+            return Ok((first..=last).collect());
         }
+        // The fsync that covered them (if one did) failed: a second one
+        // would find the pages clean and return Ok.
+        self.check_usable()?;
+        let (upto, upto_len) = {
+            let i = self
+                .inner
+                .lock()
+                .map_err(|_| anyhow::anyhow!("WAL lock poisoned"))?;
+            (i.next_lsn - 1, i.len)
+        };
+        if let Err(e) = self.io.sync(&self.sync_file) {
+            let _ = self.failed.set(format!(
+                "fsync failed with LSNs {}..={upto} not durable: {e}",
+                s.lsn + 1
+            ));
+            self.cut_to(&s);
+            return Err(e).context("fsync of the WAL");
+        }
+        // Only now may the publisher see these LSNs.
+        let mark = encode_mark(upto);
+        if let Err(e) = s
+            .mark
+            .seek(SeekFrom::Start(0))
+            .and_then(|_| s.mark.write_all(&mark))
+        {
+            let _ = self.failed.set(format!(
+                "recording the durable watermark at LSN {upto} failed: {e}"
+            ));
+            return Err(e).context("recording the WAL's durable watermark");
+        }
+        s.lsn = upto;
+        s.len = upto_len;
         Ok((first..=last).collect())
+    }
+
+    /// After a failed fsync: drops every record after the last durable one
+    /// from the log (best effort), so that a reopened writer cannot count
+    /// bytes the page cache holds but the disk may not as durable. No commit
+    /// of them succeeded.
+    fn cut_to(&self, s: &Synced) {
+        let Ok(mut i) = self.inner.lock() else { return };
+        let cut = i
+            .file
+            .set_len(s.len)
+            .and_then(|()| i.file.seek(SeekFrom::Start(s.len)).map(|_| ()))
+            .and_then(|()| i.file.sync_all());
+        if let Err(e) = cut {
+            tracing::error!(
+                "cutting the WAL back to LSN {} after a failed fsync: {e}",
+                s.lsn
+            );
+        }
+        i.len = s.len;
+        i.next_lsn = s.lsn + 1;
+    }
+}
+
+/// Reads a WAL directory's durable watermark (`wal.durable`), for readers
+/// in the writer's process or another one.
+#[derive(Debug)]
+pub struct DurableMark {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+impl DurableMark {
+    /// The watermark of the WAL in `dir` (the file need not exist yet).
+    pub fn open(dir: &Path) -> DurableMark {
+        DurableMark {
+            path: durable_path(dir),
+            file: None,
+        }
+    }
+
+    /// The highest LSN the writer has made durable; `None` when no writer
+    /// recorded one yet, or when the read caught the writer mid-update
+    /// (read again later).
+    pub fn read(&mut self) -> Result<Option<u64>> {
+        if self.file.is_none() {
+            match File::open(&self.path) {
+                Ok(f) => self.file = Some(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("opening {}", self.path.display()))
+                }
+            }
+        }
+        let Some(f) = self.file.as_mut() else {
+            return Ok(None);
+        };
+        let mut b = [0u8; MARK_LEN];
+        f.seek(SeekFrom::Start(0))?;
+        match f.read_exact(&mut b) {
+            Ok(()) => Ok(decode_mark(&b)),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.path.display())),
+        }
     }
 }
 
 /// Reads a WAL directory's records in order; stops (returns `None`) at the
 /// end or at an incomplete tail, and can be called again as the log grows.
+///
+/// It reads every complete record, durable or not: a reader that publishes
+/// must stop at the [`DurableMark`].
 pub struct WalReader {
     file: File,
     offset: u64,
@@ -293,9 +531,225 @@ impl WalReader {
     }
 }
 
+/// A fault-injecting [`LogIo`] for tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::fs::File;
+    use std::io::Write;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Condvar, Mutex};
+    use std::time::{Duration, Instant};
+
+    use super::{log_path, LogIo};
+
+    /// Fails the next append or fsync on request, stalls fsyncs while held,
+    /// and keeps the log's bytes as they stood after the last fsync that
+    /// succeeded: what a power loss would leave on disk.
+    #[derive(Debug)]
+    pub(crate) struct FaultIo {
+        path: PathBuf,
+        fail_append: AtomicBool,
+        fail_sync: AtomicBool,
+        held: Mutex<bool>,
+        release: Condvar,
+        stalled: AtomicBool,
+        durable: Mutex<Vec<u8>>,
+    }
+
+    impl FaultIo {
+        /// A layer for the WAL in `dir`.
+        pub(crate) fn new(dir: &Path) -> Self {
+            FaultIo {
+                path: log_path(dir),
+                fail_append: AtomicBool::new(false),
+                fail_sync: AtomicBool::new(false),
+                held: Mutex::new(false),
+                release: Condvar::new(),
+                stalled: AtomicBool::new(false),
+                durable: Mutex::new(Vec::new()),
+            }
+        }
+
+        /// The next append fails (after writing nothing).
+        pub(crate) fn fail_next_append(&self) {
+            self.fail_append.store(true, Ordering::SeqCst);
+        }
+
+        /// The next fsync fails, once: like Linux after a writeback error,
+        /// the fsync after it succeeds although the data never reached the disk.
+        pub(crate) fn fail_next_sync(&self) {
+            self.fail_sync.store(true, Ordering::SeqCst);
+        }
+
+        /// Fsyncs wait until [`release`](Self::release).
+        pub(crate) fn hold(&self) {
+            *self.held.lock().unwrap() = true;
+        }
+
+        /// Lets held fsyncs go on.
+        pub(crate) fn release(&self) {
+            *self.held.lock().unwrap() = false;
+            self.release.notify_all();
+        }
+
+        /// Waits until an fsync is stalled by [`hold`](Self::hold).
+        pub(crate) fn wait_stalled(&self) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !self.stalled.load(Ordering::SeqCst) {
+                assert!(Instant::now() < deadline, "no fsync stalled");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+
+        /// The log as the last successful fsync left it on disk.
+        pub(crate) fn durable_image(&self) -> Vec<u8> {
+            self.durable.lock().unwrap().clone()
+        }
+    }
+
+    impl LogIo for FaultIo {
+        fn append(&self, file: &mut File, buf: &[u8]) -> std::io::Result<()> {
+            if self.fail_append.swap(false, Ordering::SeqCst) {
+                return Err(std::io::Error::other("injected write failure"));
+            }
+            file.write_all(buf)
+        }
+
+        fn sync(&self, file: &File) -> std::io::Result<()> {
+            {
+                let mut held = self.held.lock().unwrap();
+                while *held {
+                    self.stalled.store(true, Ordering::SeqCst);
+                    held = self.release.wait(held).unwrap();
+                }
+            }
+            if self.fail_sync.swap(false, Ordering::SeqCst) {
+                return Err(std::io::Error::other("injected fsync failure (EIO)"));
+            }
+            file.sync_data()?;
+            *self.durable.lock().unwrap() = std::fs::read(&self.path)?;
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use super::testing::FaultIo;
     use super::*;
+
+    fn put(k: &str, v: &str) -> Vec<Op> {
+        vec![Op::put(k.as_bytes().to_vec(), v.as_bytes().to_vec())]
+    }
+
+    fn records(dir: &Path) -> Vec<u64> {
+        let mut r = WalReader::open(dir).unwrap();
+        let mut out = Vec::new();
+        while let Some((lsn, _)) = r.next_record().unwrap() {
+            out.push(lsn);
+        }
+        out
+    }
+
+    #[test]
+    fn a_failed_fsync_poisons_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = Arc::new(FaultIo::new(dir.path()));
+        let w = Writer::open_with(dir.path(), io.clone()).unwrap();
+        assert_eq!(w.commit(&put("a", "1")).unwrap(), 1);
+        io.fail_next_sync();
+        let err = w.commit(&put("b", "2")).unwrap_err();
+        assert!(format!("{err:#}").contains("fsync"), "{err:#}");
+        // The next fsync would succeed (the kernel reported the error once
+        // and marked the pages clean): the writer must not try it.
+        let err = w
+            .commit(&put("c", "3"))
+            .expect_err("a commit after a failed fsync must be refused");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("fsync") && msg.contains("earlier"), "{msg}");
+        assert!(w.commit_many(&[b"x", b"y"]).is_err());
+        assert_eq!(durable_lsn(dir.path()), Some(1));
+        drop(w);
+        // Reopening drops what the failed fsync covered and carries on.
+        let w = Writer::open(dir.path()).unwrap();
+        assert_eq!(w.last_lsn(), 1);
+        assert_eq!(w.commit(&put("b", "2")).unwrap(), 2);
+        drop(w);
+        assert_eq!(records(dir.path()), [1, 2]);
+    }
+
+    #[test]
+    fn a_commit_waiting_on_a_failed_fsync_fails_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = Arc::new(FaultIo::new(dir.path()));
+        let w = Arc::new(Writer::open_with(dir.path(), io.clone()).unwrap());
+        io.hold();
+        let a = {
+            let w = w.clone();
+            std::thread::spawn(move || w.commit(&put("a", "1")))
+        };
+        io.wait_stalled();
+        // B appends while A's fsync is in flight, then waits for the fsync lock.
+        let b = {
+            let w = w.clone();
+            std::thread::spawn(move || w.commit(&put("b", "2")))
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while w.last_lsn() < 2 {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        io.fail_next_sync();
+        io.release();
+        assert!(a.join().unwrap().is_err());
+        // B's record was written before the failed fsync; a second fsync
+        // would return Ok without its bytes being on disk.
+        assert!(
+            b.join().unwrap().is_err(),
+            "a batch covered by a failed fsync was acknowledged"
+        );
+        assert!(w.commit(&put("c", "3")).is_err());
+    }
+
+    #[test]
+    fn a_failed_append_poisons_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let io = Arc::new(FaultIo::new(dir.path()));
+        let w = Writer::open_with(dir.path(), io.clone()).unwrap();
+        assert_eq!(w.commit(&put("a", "1")).unwrap(), 1);
+        io.fail_next_append();
+        assert!(w.commit(&put("b", "2")).is_err());
+        let err = w.commit(&put("c", "3")).unwrap_err();
+        assert!(format!("{err:#}").contains("earlier"), "{err:#}");
+        drop(w);
+        let w = Writer::open(dir.path()).unwrap();
+        assert_eq!(w.commit(&put("b", "2")).unwrap(), 2);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn wal_files_and_directories_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/b/wal");
+        let w = Writer::open(&dir).unwrap();
+        w.commit(&put("k", "v")).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for d in [tmp.path().join("a"), tmp.path().join("a/b"), dir.clone()] {
+            assert_eq!(mode(&d), 0o700, "{}", d.display());
+        }
+        let mut files = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+            files += 1;
+        }
+        assert!(files >= 3, "wal.log, wal.lock and the durable watermark");
+    }
 
     #[test]
     fn commits_survive_and_torn_tail_is_cut() {

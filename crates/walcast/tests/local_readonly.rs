@@ -1,0 +1,176 @@
+//! `walcast get --local` and `walcast scan --local` only read the replica
+//! directory: no checkpoint, no log rewrite, no file left behind, and a
+//! read-only directory works.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use walcast::publish::{publish, PublishOptions};
+use walcast::replica::{replicate, ReplicateOptions};
+use walcast::store::Store;
+use walcast::wal::Writer;
+use walcast_core::batch::Op;
+
+fn walcast(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_walcast"))
+        .args(args)
+        .output()
+        .expect("running walcast")
+}
+
+/// Everything observable about a directory's entries and the directory itself.
+#[derive(Debug, PartialEq, Eq)]
+struct Entry {
+    len: u64,
+    mtime: Option<std::time::SystemTime>,
+    ctime_ino: (i64, u64),
+    crc32: u32,
+}
+
+fn snapshot(dir: &Path) -> BTreeMap<String, Entry> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = BTreeMap::new();
+    let meta = std::fs::metadata(dir).unwrap();
+    out.insert(
+        ".".to_string(),
+        Entry {
+            len: 0,
+            mtime: meta.modified().ok(),
+            ctime_ino: (meta.ctime() * 1_000_000_000 + meta.ctime_nsec(), meta.ino()),
+            crc32: 0,
+        },
+    );
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let m = e.metadata().unwrap();
+        out.insert(
+            e.file_name().to_string_lossy().into_owned(),
+            Entry {
+                len: m.len(),
+                mtime: m.modified().ok(),
+                ctime_ino: (m.ctime() * 1_000_000_000 + m.ctime_nsec(), m.ino()),
+                crc32: crc32fast::hash(&std::fs::read(e.path()).unwrap()),
+            },
+        );
+    }
+    out
+}
+
+/// A replica directory whose `applied.log` holds records after its checkpoint.
+fn replica_with_log(tmp: &Path) -> PathBuf {
+    let wal = tmp.join("wal");
+    let data = tmp.join("data");
+    let local = tmp.join("replica");
+    std::fs::create_dir_all(&data).unwrap();
+    let url = url::Url::from_directory_path(&data).unwrap().to_string();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let w = Writer::open(&wal).unwrap();
+    let step = |w: &Writer, from: u32, to: u32| {
+        for i in from..to {
+            w.commit(&[Op::put(format!("user:{i:03}"), format!("v{i}"))])
+                .unwrap();
+        }
+        rt.block_on(async {
+            let opts = PublishOptions {
+                once: true,
+                ..PublishOptions::default()
+            };
+            let store = Store::open(&url).unwrap();
+            publish(wal.clone(), store, opts, std::future::pending(), |_| {})
+                .await
+                .unwrap();
+            let opts = ReplicateOptions {
+                sink: None,
+                interval: Duration::from_millis(50),
+                once: true,
+                concurrency: 2,
+                progress: false,
+            };
+            replicate(&url, &local, &opts, std::future::pending())
+                .await
+                .unwrap();
+        });
+    };
+    step(&w, 0, 10);
+    step(&w, 10, 20);
+    let log = std::fs::metadata(local.join("applied.log")).unwrap().len();
+    assert!(log > 40, "applied.log holds records after the checkpoint");
+    local
+}
+
+fn check_reads(local: &Path) {
+    let p = local.to_str().unwrap();
+    let out = walcast(&["get", "--local", p, "user:015"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"v15");
+    let out = walcast(&["get", "--local", p, "user:999"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = walcast(&["scan", "--local", p, "--prefix", "user:01", "--limit", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "{\"key\":\"user:010\",\"value\":\"v10\"}\n\
+         {\"key\":\"user:011\",\"value\":\"v11\"}\n\
+         {\"key\":\"user:012\",\"value\":\"v12\"}\n"
+    );
+}
+
+#[test]
+fn get_and_scan_leave_the_replica_directory_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let local = replica_with_log(tmp.path());
+    let before = snapshot(&local);
+    // A coarse filesystem clock would hide a rewrite done at once.
+    std::thread::sleep(Duration::from_millis(20));
+    check_reads(&local);
+    check_reads(&local);
+    assert_eq!(
+        snapshot(&local),
+        before,
+        "get/scan changed the replica directory"
+    );
+}
+
+#[test]
+fn get_and_scan_work_on_a_read_only_copy() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let local = replica_with_log(tmp.path());
+    let ro = tmp.path().join("read-only");
+    std::fs::create_dir(&ro).unwrap();
+    for e in std::fs::read_dir(&local).unwrap() {
+        let e = e.unwrap();
+        let to = ro.join(e.file_name());
+        std::fs::copy(e.path(), &to).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o444)).unwrap();
+    }
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let before = snapshot(&ro);
+    std::thread::sleep(Duration::from_millis(20));
+    check_reads(&ro);
+    let after = snapshot(&ro);
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(
+        after, before,
+        "get/scan changed a read-only replica directory"
+    );
+    // A directory that does not exist is an error, and is not created.
+    let missing = tmp.path().join("missing");
+    let out = walcast(&["get", "--local", missing.to_str().unwrap(), "k"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!missing.exists());
+}
