@@ -233,60 +233,96 @@ impl HttpFetch {
     }
 }
 
-impl Fetch for HttpFetch {
-    async fn get(&self, req: GetRequest) -> GetResponse {
-        self.requests
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let url = format!("{}/{}", self.base, req.key);
+impl HttpFetch {
+    /// One GET, without the outer deadline.
+    async fn exchange(&self, url: &str, req: &GetRequest) -> GetResponse {
+        let failed = |status: Option<u16>, what: String| GetResponse::Failed {
+            status,
+            message: format!("GET {url}: {what}"),
+        };
+        // reqwest's timeout covers the whole exchange, body included.
         let mut rb = self
             .client
-            .get(&url)
-            .timeout(Duration::from_millis(req.timeout_ms));
+            .get(url)
+            .timeout(Duration::from_millis(req.timeout_ms.max(1)));
         if let Some(r) = req.range {
             rb = rb.header("range", r.to_header());
         }
         if let Some(e) = &req.if_none_match {
             rb = rb.header("if-none-match", e);
         }
-        let resp = match rb.send().await {
+        let mut resp = match rb.send().await {
             Ok(r) => r,
-            Err(e) => {
+            Err(e) if e.is_timeout() => {
+                return failed(None, format!("timed out after {} ms", req.timeout_ms))
+            }
+            Err(e) => return failed(None, e.to_string()),
+        };
+        let status = resp.status().as_u16();
+        let range = match status {
+            200 => None,
+            206 => {
+                // Parsed, not trusted: the machine checks it against the body
+                // and the request. Without one, which bytes these are is unknown.
+                let cr = resp
+                    .headers()
+                    .get("content-range")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(ContentRange::parse);
+                match cr {
+                    Some(cr) => Some(cr),
+                    None => return failed(Some(206), "206 without a valid Content-Range".into()),
+                }
+            }
+            304 => return GetResponse::NotModified,
+            404 | 410 => return GetResponse::NotFound,
+            416 => return GetResponse::RangeNotSatisfiable,
+            s => {
                 return GetResponse::Failed {
-                    status: None,
-                    message: format!("GET {url}: {e}"),
+                    status: Some(s),
+                    message: format!("GET {url}"),
                 }
             }
         };
-        let status = resp.status().as_u16();
         let etag = resp
             .headers()
             .get("etag")
             .and_then(|v| v.to_str().ok())
             .map(String::from);
-        let cr = resp
-            .headers()
-            .get("content-range")
-            .and_then(|v| v.to_str().ok())
-            .and_then(ContentRange::parse);
-        match status {
-            200 | 206 => match resp.bytes().await {
-                // A body cut short arrives as what was read; the machine checks lengths.
-                Ok(b) => GetResponse::Ok {
-                    body: Vec::from(b),
-                    etag,
-                    range: if status == 206 { cr } else { None },
-                },
-                Err(e) => GetResponse::Failed {
-                    status: Some(status),
-                    message: format!("GET {url}: reading the body: {e}"),
-                },
-            },
-            304 => GetResponse::NotModified,
-            404 | 410 => GetResponse::NotFound,
-            416 => GetResponse::RangeNotSatisfiable,
-            s => GetResponse::Failed {
-                status: Some(s),
-                message: format!("GET {url}"),
+        let claimed = resp.content_length();
+        // A stream of chunks, read only as far as max_bytes + 1; dropping
+        // `resp` then closes the connection.
+        let chunks = futures::stream::unfold(Some(&mut resp), |r| async move {
+            let r = r?;
+            match r.chunk().await {
+                Ok(Some(c)) => Some((Ok(c), Some(r))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
+            }
+        });
+        match walcast_client::read_body(chunks, req.max_bytes, claimed).await {
+            Ok(body) => GetResponse::Ok { body, etag, range },
+            Err(e) if e.is_timeout() => failed(
+                Some(status),
+                format!("reading the body: timed out after {} ms", req.timeout_ms),
+            ),
+            Err(e) => failed(Some(status), format!("reading the body: {e}")),
+        }
+    }
+}
+
+impl Fetch for HttpFetch {
+    async fn get(&self, req: GetRequest) -> GetResponse {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let url = format!("{}/{}", self.base, req.key);
+        // Also bounded here, whatever the client does with its timeout.
+        let limit = Duration::from_millis(req.timeout_ms.max(1));
+        match tokio::time::timeout(limit, self.exchange(&url, &req)).await {
+            Ok(r) => r,
+            Err(_) => GetResponse::Failed {
+                status: None,
+                message: format!("GET {url}: timed out after {} ms", req.timeout_ms),
             },
         }
     }
