@@ -14,9 +14,11 @@ use walcast_core::catalog::{Head, Page, PageRef, HEAD_KEY};
 use walcast_core::io::{ByteRange, ContentRange, GetRequest, GetResponse};
 use walcast_core::publisher::{
     self, DeleteRequest, Publisher, PublisherConfig, PutCondition, PutRequest, PutResponse,
+    SnapshotFormat,
 };
 use walcast_core::replica::{self, Mode, Replica, ReplicaConfig};
 use walcast_core::segment;
+use walcast_core::snapshot::indexed::IndexedOptions;
 use walcast_core::state::KvState;
 
 type Model = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -193,6 +195,14 @@ impl Sim {
             max_attempts: 3,
             head_check_ms: rng.random_range(0..3) * 500,
             request_timeout_ms: 1000,
+            snapshot_format: if rng.random_bool(0.3) {
+                SnapshotFormat::Chunked
+            } else {
+                SnapshotFormat::Indexed(IndexedOptions {
+                    block_bytes: rng.random_range(32..600),
+                    index_block_bytes: rng.random_range(32..300),
+                })
+            },
         };
         let n_pubs = if rng.random_bool(0.3) { 2 } else { 1 };
         let n_reps = rng.random_range(1..4);

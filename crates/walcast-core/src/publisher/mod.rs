@@ -64,6 +64,24 @@ pub struct PublisherConfig {
     pub head_check_ms: u64,
     /// Timeout the driver applies to GETs (ms).
     pub request_timeout_ms: u64,
+    /// The snapshot layout written (see `docs/FORMAT.md`).
+    pub snapshot_format: SnapshotFormat,
+}
+
+/// The layout of the snapshots a publisher writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotFormat {
+    /// Version 1: checksummed chunks, read front to back only.
+    Chunked,
+    /// Version 2: blocks with a partitioned index and a footer, read front to
+    /// back or by point reads (the default).
+    Indexed(crate::snapshot::indexed::IndexedOptions),
+}
+
+impl Default for SnapshotFormat {
+    fn default() -> Self {
+        SnapshotFormat::Indexed(crate::snapshot::indexed::IndexedOptions::default())
+    }
 }
 
 impl Default for PublisherConfig {
@@ -83,6 +101,7 @@ impl Default for PublisherConfig {
             max_attempts: 5,
             head_check_ms: 2_000,
             request_timeout_ms: 30_000,
+            snapshot_format: SnapshotFormat::default(),
         }
     }
 }

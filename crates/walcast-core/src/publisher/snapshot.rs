@@ -24,7 +24,18 @@ impl Publisher {
         if self.snapshot.is_some() || lsn < last + every {
             return;
         }
-        let bytes = crate::snapshot::encode(state, lsn, self.epoch, head.dataset_id);
+        let bytes = match self.cfg.snapshot_format {
+            super::SnapshotFormat::Chunked => {
+                crate::snapshot::encode(state, lsn, self.epoch, head.dataset_id)
+            }
+            super::SnapshotFormat::Indexed(opts) => crate::snapshot::indexed::encode_indexed(
+                state,
+                lsn,
+                self.epoch,
+                head.dataset_id,
+                opts,
+            ),
+        };
         let entry = SnapshotEntry {
             key: catalog::snapshot_key(lsn, self.epoch),
             lsn,

@@ -486,43 +486,70 @@ impl LazySnapshot {
 
 /// Decodes a whole block-indexed snapshot held in memory, verifying every
 /// block, the index and the footer, and `crc32` (the catalog's whole-file
-/// checksum) when given.
+/// checksum) when given. The same checks as a streaming
+/// [`SnapshotDecoder`](super::SnapshotDecoder), which reads both versions.
 pub fn decode_indexed(
     bytes: &[u8],
     crc32: Option<u32>,
 ) -> Result<(SnapshotHeader, KvState), DecodeError> {
-    if let Some(want) = crc32 {
-        check_crc("snapshot", 0, want, bytes)?;
+    if !is_indexed(bytes) {
+        return Err(invalid("snapshot", 0, "not a block-indexed snapshot"));
     }
-    let size = bytes.len() as u64;
-    if size < HEADER_LEN + FOOTER_LEN {
+    super::decode(bytes, crc32)
+}
+
+/// Checks the index region and footer of a version 2 snapshot against the
+/// data blocks a streaming reader decoded: `tail` holds the file's bytes
+/// from `tail_at` (the end of the data blocks) to `size`; `blocks` the first
+/// key and handle of each data block, in order; `entries` the entries read.
+pub(crate) fn verify_index(
+    tail: &[u8],
+    tail_at: u64,
+    size: u64,
+    blocks: &[(Vec<u8>, BlockHandle)],
+    entries: u64,
+) -> Result<(), DecodeError> {
+    if (tail.len() as u64) < FOOTER_LEN || tail_at + tail.len() as u64 != size {
         return Err(DecodeError::Truncated {
-            what: "snapshot",
-            at: 0,
-            need: HEADER_LEN + FOOTER_LEN,
-            have: size,
+            what: "snapshot index",
+            at: tail_at,
+            need: FOOTER_LEN,
+            have: tail.len() as u64,
         });
     }
-    let header = decode_indexed_header(&bytes[..HEADER_LEN as usize])?;
-    let footer = Footer::decode(&bytes[(size - FOOTER_LEN) as usize..], size)?;
-    let slice = |h: &BlockHandle| &bytes[h.offset as usize..h.end() as usize];
-    let top = Block::decode(slice(&footer.top), &footer.top, "snapshot top index")?;
-    let mut data_handles = Vec::new();
-    let mut firsts = Vec::new();
+    let footer = Footer::decode(&tail[tail.len() - FOOTER_LEN as usize..], size)?;
+    if footer.index_offset != tail_at
+        || footer.data_blocks as usize != blocks.len()
+        || footer.entry_count != entries
+    {
+        return Err(invalid(
+            "snapshot footer",
+            size - FOOTER_LEN,
+            "the footer disagrees with the data blocks read",
+        ));
+    }
+    let slice =
+        |h: &BlockHandle| &tail[(h.offset - tail_at) as usize..(h.end() - tail_at) as usize];
     let handles = |b: &Block, at: u64| -> Result<Vec<(Vec<u8>, BlockHandle)>, DecodeError> {
         b.entries()
             .iter()
             .map(|(k, v)| Ok((k.clone(), BlockHandle::decode(v, at)?)))
             .collect()
     };
-    if footer.levels == 1 {
-        for (k, h) in handles(&top, footer.top.offset)? {
-            firsts.push(k);
-            data_handles.push(h);
+    let top = Block::decode(slice(&footer.top), &footer.top, "snapshot top index")?;
+    let named = if footer.levels == 1 {
+        if footer.top.offset != tail_at {
+            return Err(invalid(
+                "snapshot index",
+                tail_at,
+                "bytes between the data and the index",
+            ));
         }
+        handles(&top, footer.top.offset)?
     } else {
-        let mut next = footer.index_offset;
-        for (_, ih) in handles(&top, footer.top.offset)? {
+        let mut next = tail_at;
+        let mut named = Vec::new();
+        for (first, ih) in handles(&top, footer.top.offset)? {
             if ih.offset != next || ih.end() > footer.top.offset {
                 return Err(invalid(
                     "snapshot top index",
@@ -532,10 +559,15 @@ pub fn decode_indexed(
             }
             next = ih.end();
             let part = Block::decode(slice(&ih), &ih, "snapshot index block")?;
-            for (k, h) in handles(&part, ih.offset)? {
-                firsts.push(k);
-                data_handles.push(h);
+            let children = handles(&part, ih.offset)?;
+            if children.first().map(|(k, _)| k) != Some(&first) {
+                return Err(invalid(
+                    "snapshot top index",
+                    ih.offset,
+                    "an index block's first key disagrees with the top index",
+                ));
             }
+            named.extend(children);
         }
         if next != footer.top.offset {
             return Err(invalid(
@@ -544,65 +576,16 @@ pub fn decode_indexed(
                 "index blocks do not reach the top index",
             ));
         }
-    }
-    let mut builder = crate::state::SortedBuilder::default();
-    let mut next = HEADER_LEN;
-    let mut count = 0u64;
-    let mut last: Option<Vec<u8>> = None;
-    if footer.data_blocks as usize != data_handles.len() {
-        return Err(invalid(
-            "snapshot footer",
-            size - FOOTER_LEN,
-            "data block count disagrees with the index",
-        ));
-    }
-    for (first, h) in firsts.iter().zip(&data_handles) {
-        if h.offset != next || h.end() > footer.index_offset {
-            return Err(invalid(
-                "snapshot index",
-                h.offset,
-                "data blocks are not contiguous",
-            ));
-        }
-        next = h.end();
-        let b = Block::decode(slice(h), h, "snapshot data block")?;
-        if b.entries().first().map(|(k, _)| k) != Some(first) {
-            return Err(invalid(
-                "snapshot index",
-                h.offset,
-                "first key disagrees with the block",
-            ));
-        }
-        for (k, v) in b.entries() {
-            if last.as_ref().is_some_and(|l| l >= k) {
-                return Err(invalid(
-                    "snapshot data block",
-                    h.offset,
-                    "keys do not ascend",
-                ));
-            }
-            if !builder.push(k, v) {
-                return Err(invalid(
-                    "snapshot data block",
-                    h.offset,
-                    "keys do not ascend",
-                ));
-            }
-            last = Some(k.clone());
-            count += 1;
-        }
-    }
-    if next != footer.index_offset {
+        named
+    };
+    if named.as_slice() != blocks {
         return Err(invalid(
             "snapshot index",
-            next,
-            "data blocks do not reach the index",
+            tail_at,
+            "the index disagrees with the data blocks read",
         ));
     }
-    if count != footer.entry_count || count != header.entry_count {
-        return Err(invalid("snapshot", 0, "entry counts disagree"));
-    }
-    Ok((header, KvState::from_sorted_leaves(builder)))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -718,6 +701,25 @@ mod tests {
             if let Ok((v, _)) = read(&mut lazy, &file, key.as_bytes()) {
                 prop_assert_eq!(v.as_deref(), s.get(key.as_bytes()));
             }
+        }
+
+        /// The streaming decoder reads version 2 fed in pieces of any size.
+        #[test]
+        fn streams_in_any_pieces(n in 0u32..600, piece in 1usize..5000, small in any::<bool>()) {
+            let s = state(n, 10);
+            let opts = if small {
+                IndexedOptions { block_bytes: 200, index_block_bytes: 100 }
+            } else {
+                IndexedOptions::default()
+            };
+            let file = encode_indexed(&s, 4, 2, DatasetId([5; 16]), opts);
+            let mut d = super::super::SnapshotDecoder::new();
+            for c in file.chunks(piece) {
+                d.feed(c).unwrap();
+            }
+            let (h, back) = d.finish(Some(crc32fast::hash(&file))).unwrap();
+            prop_assert_eq!(h.entry_count, s.len());
+            prop_assert!(back.iter().eq(s.iter()));
         }
 
         /// Arbitrary bytes as a file: errors, never a panic or a loop.

@@ -147,6 +147,10 @@ enum Phase {
     Chunks,
     Tail,
     Done,
+    /// Version 2: data blocks until the header's entry count is reached.
+    Blocks,
+    /// Version 2: the index blocks and footer, checked by `finish`.
+    IndexTail,
 }
 
 /// Decodes a snapshot incrementally: [`feed`](Self::feed) bytes in order as
@@ -162,6 +166,8 @@ pub struct SnapshotDecoder {
     header: Option<SnapshotHeader>,
     builder: SortedBuilder,
     chunks: Vec<(u64, u32, u32)>,
+    /// Version 2: the first key and handle of every data block read.
+    blocks: Vec<(Vec<u8>, block::BlockHandle)>,
     total: u64,
 }
 
@@ -182,6 +188,7 @@ impl SnapshotDecoder {
             header: None,
             builder: SortedBuilder::default(),
             chunks: Vec::new(),
+            blocks: Vec::new(),
             total: 0,
         }
     }
@@ -213,14 +220,82 @@ impl SnapshotDecoder {
                     if (avail.len() as u64) < HEADER_LEN {
                         break;
                     }
-                    self.header = Some(decode_header(&avail[..HEADER_LEN as usize])?);
-                    used += HEADER_LEN as usize;
-                    self.phase = if self.header.is_some_and(|h| h.entry_count == 0) {
-                        Phase::Tail
+                    let header_bytes = &avail[..HEADER_LEN as usize];
+                    let v2 = indexed::is_indexed(header_bytes);
+                    self.header = Some(if v2 {
+                        indexed::decode_indexed_header(header_bytes)?
                     } else {
-                        Phase::Chunks
+                        decode_header(header_bytes)?
+                    });
+                    used += HEADER_LEN as usize;
+                    let empty = self.header.is_some_and(|h| h.entry_count == 0);
+                    self.phase = match (v2, empty) {
+                        (false, true) => Phase::Tail,
+                        (false, false) => Phase::Chunks,
+                        (true, true) => Phase::IndexTail,
+                        (true, false) => Phase::Blocks,
                     };
                 }
+                Phase::Blocks => {
+                    if (avail.len() as u64) < block::BLOCK_HEADER_LEN {
+                        break;
+                    }
+                    let mut r = Reader::new(avail, at);
+                    let len = r.u32("snapshot data block")?;
+                    let _count = r.u32("snapshot data block")?;
+                    let crc = r.u32("snapshot data block")?;
+                    if u64::from(len) > block::MAX_BLOCK_LEN {
+                        return Err(DecodeError::TooLarge {
+                            what: "snapshot data block",
+                            at,
+                            len: u64::from(len),
+                            limit: block::MAX_BLOCK_LEN,
+                        });
+                    }
+                    let need = block::BLOCK_HEADER_LEN + u64::from(len);
+                    if (avail.len() as u64) < need {
+                        break;
+                    }
+                    let handle = block::BlockHandle {
+                        offset: at,
+                        len: need as u32,
+                        crc,
+                    };
+                    let b = block::Block::decode(
+                        &avail[..need as usize],
+                        &handle,
+                        "snapshot data block",
+                    )?;
+                    let Some((first, _)) = b.entries().first() else {
+                        return Err(invalid("snapshot data block", at, "an empty data block"));
+                    };
+                    self.blocks.push((first.clone(), handle));
+                    for (k, v) in b.entries() {
+                        if !self.builder.push(k, v) {
+                            return Err(invalid(
+                                "snapshot data block",
+                                at,
+                                "keys not strictly ascending",
+                            ));
+                        }
+                    }
+                    used += need as usize;
+                    let expected = self.header.map_or(0, |h| h.entry_count);
+                    if self.builder.count() > expected {
+                        return Err(invalid(
+                            "snapshot",
+                            at,
+                            "more entries than the header declares",
+                        ));
+                    }
+                    if self.builder.count() == expected {
+                        self.phase = Phase::IndexTail;
+                    }
+                }
+                // Kept whole until `finish`: the index is a small part of
+                // the file, and only the end of the input says where the
+                // footer starts.
+                Phase::IndexTail => break,
                 Phase::Chunks => {
                     if (avail.len() as u64) < CHUNK_HEADER_LEN {
                         break;
@@ -358,7 +433,15 @@ impl SnapshotDecoder {
         self,
         expected_crc: Option<u32>,
     ) -> Result<(SnapshotHeader, KvState), DecodeError> {
-        if self.phase != Phase::Done {
+        if self.phase == Phase::IndexTail {
+            indexed::verify_index(
+                &self.buf,
+                self.at,
+                self.total,
+                &self.blocks,
+                self.builder.count(),
+            )?;
+        } else if self.phase != Phase::Done {
             return Err(DecodeError::Truncated {
                 what: "snapshot",
                 at: self.total,
