@@ -371,4 +371,43 @@ pub fn indexed_snapshot(data: &[u8]) {
             );
         }
     }
+    // An ordered scan from a key taken from the input.
+    use crate::snapshot::indexed::ScanCursor;
+    let start = data.get(..3).unwrap_or(&[]);
+    let mut cursor = ScanCursor::new(start, None, 64);
+    let mut out = Vec::new();
+    let mut lazy = LazySnapshot::new(data.len() as u64, 512);
+    let mut steps = 0;
+    let complete = loop {
+        steps += 1;
+        assert!(steps <= 10_000, "a scan did not end");
+        let next = cursor.next.clone();
+        let fed = match lazy.scan_step(&mut cursor, &mut out) {
+            Err(_) => break false,
+            Ok(None) => break true,
+            Ok(Some(Need::Suffix(n))) => {
+                let n = usize::try_from(n).unwrap_or(usize::MAX).min(data.len());
+                lazy.feed_suffix(&data[data.len() - n..])
+            }
+            Ok(Some(Need::Range { start, end })) => {
+                let s = usize::try_from(start).unwrap_or(usize::MAX).min(data.len());
+                let e = usize::try_from(end)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len())
+                    .max(s);
+                lazy.feed_range(start, &data[s..e], &next)
+            }
+        };
+        if fed.is_err() {
+            break false;
+        }
+    };
+    if let (Ok((_, state)), true) = (&whole, complete) {
+        let want: Vec<_> = state
+            .range(std::ops::Bound::Included(start), std::ops::Bound::Unbounded)
+            .take(64)
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect();
+        assert_eq!(out, want, "a scan disagrees with the whole decode");
+    }
 }

@@ -484,6 +484,124 @@ impl LazySnapshot {
     }
 }
 
+/// Where an ordered scan of a [`LazySnapshot`] stands: the next key to
+/// return from, the exclusive end, and how many entries may still be
+/// returned. Keep it across [`LazySnapshot::scan_step`] calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanCursor {
+    /// Entries at or above this key are still to come.
+    pub next: Vec<u8>,
+    /// Stop before this key (`None`: the end of the snapshot).
+    pub end: Option<Vec<u8>>,
+    /// Entries still wanted.
+    pub remaining: usize,
+    done: bool,
+}
+
+impl ScanCursor {
+    /// A scan of keys in `start..end`, at most `limit` of them.
+    pub fn new(start: &[u8], end: Option<&[u8]>, limit: usize) -> Self {
+        ScanCursor {
+            next: start.to_vec(),
+            end: end.map(<[u8]>::to_vec),
+            remaining: limit,
+            done: limit == 0 || end.is_some_and(|e| e <= start),
+        }
+    }
+
+    /// Whether the scan has returned everything it will.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+}
+
+impl LazySnapshot {
+    /// Advances an ordered scan: appends the entries it can answer from
+    /// what it holds to `out`, and returns what it needs next (feed it with
+    /// [`feed_suffix`](Self::feed_suffix) or [`feed_range`](Self::feed_range)
+    /// for the key `cursor.next`), or `None` once the scan is done. Blocks
+    /// already scanned are never needed again, so a scan of any length works
+    /// within any cache size.
+    pub fn scan_step(
+        &mut self,
+        cursor: &mut ScanCursor,
+        out: &mut Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<Option<Need>, DecodeError> {
+        // Each turn either returns, finishes, or moves the cursor to the
+        // next block, so the loop ends within one turn per block.
+        while !cursor.done {
+            let (h, data) = match self.locate(&cursor.next)? {
+                Err(need) => return Ok(Some(need)),
+                Ok(None) => match self.first_key() {
+                    Some(k) if k > cursor.next.as_slice() => {
+                        cursor.next = k.to_vec();
+                        continue;
+                    }
+                    _ => {
+                        cursor.done = true;
+                        break;
+                    }
+                },
+                Ok(Some(x)) => x,
+            };
+            let Some((block, _)) = self.blocks.get(&h.offset).filter(|_| data) else {
+                return Ok(Some(Need::Range {
+                    start: h.offset,
+                    end: h.end(),
+                }));
+            };
+            for (k, v) in &block.entries()[block.lower_bound(&cursor.next)..] {
+                if cursor.end.as_ref().is_some_and(|e| k >= e) || cursor.remaining == 0 {
+                    cursor.done = true;
+                    return Ok(None);
+                }
+                out.push((k.clone(), v.clone()));
+                cursor.remaining -= 1;
+            }
+            match self.next_block_key(&cursor.next)? {
+                Some(k) if k.as_slice() > cursor.next.as_slice() => cursor.next = k,
+                _ => cursor.done = true,
+            }
+            if cursor.remaining == 0 {
+                cursor.done = true;
+            }
+        }
+        Ok(None)
+    }
+
+    /// The snapshot's first key, once the top index is held.
+    fn first_key(&self) -> Option<&[u8]> {
+        let top = self.index.get(&self.footer?.top.offset)?;
+        top.entries().first().map(|(k, _)| k.as_slice())
+    }
+
+    /// The first key of the data block after the one holding `key`.
+    fn next_block_key(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DecodeError> {
+        let Some(footer) = self.footer else {
+            return Ok(None);
+        };
+        let Some(top) = self.index.get(&footer.top.offset) else {
+            return Ok(None);
+        };
+        let Some(i) = top.child_for(key) else {
+            return Ok(None);
+        };
+        let after_top = top.entries().get(i + 1).map(|(k, _)| k.clone());
+        if footer.levels == 1 {
+            return Ok(after_top);
+        }
+        let h = BlockHandle::decode(&top.entries()[i].1, footer.top.offset)?;
+        let Some(part) = self.index.get(&h.offset) else {
+            return Ok(None);
+        };
+        let next = part
+            .child_for(key)
+            .and_then(|j| part.entries().get(j + 1))
+            .map(|(k, _)| k.clone());
+        Ok(next.or(after_top))
+    }
+}
+
 /// Decodes a whole block-indexed snapshot held in memory, verifying every
 /// block, the index and the footer, and `crc32` (the catalog's whole-file
 /// checksum) when given. The same checks as a streaming
@@ -685,7 +803,60 @@ mod tests {
         }
     }
 
+    type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+    fn scan_all(
+        lazy: &mut LazySnapshot,
+        file: &[u8],
+        cur: &mut ScanCursor,
+    ) -> Result<(Entries, u32), DecodeError> {
+        let mut out = Vec::new();
+        let mut gets = 0;
+        while let Some(need) = lazy.scan_step(cur, &mut out)? {
+            gets += 1;
+            assert!(gets < 10_000, "a scan loops");
+            match need {
+                Need::Suffix(n) => {
+                    let n = n.min(file.len() as u64) as usize;
+                    lazy.feed_suffix(&file[file.len() - n..])?;
+                }
+                Need::Range { start, end } => {
+                    let s = (start as usize).min(file.len());
+                    let e = (end as usize).min(file.len());
+                    lazy.feed_range(start, &file[s..e], &cur.next.clone())?;
+                }
+            }
+        }
+        Ok((out, gets))
+    }
+
     proptest! {
+        /// Ordered scans over one or two index levels, with a cache smaller
+        /// than the scan, equal a filter over the state.
+        #[test]
+        fn scans_match_the_state(n in 0u32..800, a in 0u32..6000, b in 0u32..6000, limit in 0usize..900, small in any::<bool>()) {
+            let s = state(n, 6);
+            let opts = if small {
+                IndexedOptions { block_bytes: 128, index_block_bytes: 96 }
+            } else {
+                IndexedOptions::default()
+            };
+            let file = encode_indexed(&s, 1, 1, DatasetId([1; 16]), opts);
+            let start = format!("user:{a:08}").into_bytes();
+            let end = (b % 3 != 0).then(|| format!("user:{b:08}").into_bytes());
+            let mut lazy = LazySnapshot::new(file.len() as u64, 512);
+            let mut cur = ScanCursor::new(&start, end.as_deref(), limit);
+            let (got, _) = scan_all(&mut lazy, &file, &mut cur).unwrap();
+            let want: Vec<_> = s
+                .iter()
+                .filter(|(k, _)| *k >= start.as_slice() && end.as_ref().is_none_or(|e| *k < e.as_slice()))
+                .take(limit)
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect();
+            prop_assert_eq!(got, want);
+            prop_assert!(cur.is_done());
+        }
+
         /// A flipped byte anywhere is either caught, or cannot change an
         /// answer (it lies in bytes the read never uses).
         #[test]
