@@ -21,7 +21,14 @@ export type ErrorCode =
   /** The dataset's writer was fenced (seen by publishers; kept for completeness). */
   | "fenced"
   /** The replica was closed. */
-  | "closed";
+  | "closed"
+  /**
+   * The wasm module trapped (a bug in walcast). The call that trapped throws
+   * this; the replica was rebuilt in a fresh module instance (its state
+   * carried over, else reloaded from `persist`, else fetched again by the
+   * next `sync()`) and keeps working.
+   */
+  | "internal";
 
 /** The errors walcast rejects or throws with: an `Error` with a stable `code`. */
 export interface WalcastError extends Error {
@@ -82,7 +89,7 @@ export interface ScanOptions {
   prefix?: Key;
   /** First key (inclusive). */
   start?: Key;
-  /** Last key (exclusive). */
+  /** Last key (exclusive). At or before `start`: no entries. */
   end?: Key;
   /** At most this many entries (0 gives none). Default: all. */
   limit?: number;
@@ -109,14 +116,19 @@ export interface Status {
   lastPollAt: number | null;
   /** The replica machine's phase: "starting", "bootstrapping", "catching_up", "idle" or "retrying". */
   state: "starting" | "bootstrapping" | "catching_up" | "idle" | "retrying" | (string & {});
-  /** The error of the last sync, or null after a successful one. */
-  lastError: { code: ErrorCode; message: string } | null;
+  /**
+   * The error of the last sync (or the last trap: code "internal"), or null
+   * after a successful sync. `object` and `lsn` say what it concerns, when known.
+   */
+  lastError: { code: ErrorCode; message: string; object?: string; lsn?: number } | null;
   /** GETs made so far. */
   requests: number;
   /** Body bytes received so far. */
   bytesReceived: number;
   /** Whether `start()`'s background loop runs. */
   running: boolean;
+  /** How often this replica was rebuilt after a trap of the wasm module. */
+  recoveries: number;
   /** The last persistence failure, or null. */
   persistError: { code: string; message: string } | null;
 }
@@ -153,7 +165,7 @@ export declare class Replica {
   getText(key: Key): string | undefined;
   /** The value of `key` parsed as JSON, or undefined. Throws on invalid JSON. */
   getJSON<T = unknown>(key: Key): T | undefined;
-  /** Entries in key order. */
+  /** Entries in key order; empty when `end` does not sort after `start` (and the prefix). */
   scan(options?: ScanOptions): Entry[];
 
   status(): Status;

@@ -1,56 +1,38 @@
 // The public API of the `walcast` npm package, shared by every runtime entry
 // (node.js, web.js, workerd.js). It wraps the wasm-bindgen class WasmReplica
-// (crates/walcast-wasm) and adds what is JS-side only: key encoding, the
-// background polling loop, change events and persistence (IndexedDB or a
-// caller's store). The entries only say where the .wasm comes from.
+// (crates/walcast-wasm) and adds what is JS-side only: the GETs (the
+// runtime's global `fetch`, bodies read as bounded streams), key encoding,
+// the background polling loop, change events, persistence (IndexedDB or a
+// caller's store), and recovery from a trap of the wasm module. The entries
+// only say where the .wasm comes from.
+//
+// Traps. Every call into the module is synchronous (the module asks for GETs
+// and timers through a queue; see crates/walcast-wasm), so a trap (a Rust
+// panic aborts; a stack overflow) surfaces at the call. The module instance
+// is then poisoned for good (borrows stay taken, its stack is not unwound),
+// so it is replaced: every live replica's state is carried over to a fresh
+// instance of the same compiled module, and the replica whose call trapped is
+// rebuilt from its last good state — its state as it was when a read trapped,
+// else its persisted copy, else empty (the next sync fetches the dataset
+// again). The call that trapped throws an Error with code "internal".
 
-import initWasm, { WasmReplica } from "./wasm/walcast_wasm.js";
+import * as glue from "./wasm/walcast_wasm.js";
 import { indexedDbStore, shouldReplace } from "./idb.js";
+
+const { WasmReplica } = glue;
 
 export { shouldReplace };
 
-// --- wasm initialisation ------------------------------------------------------
-
-let wasmSource = null; // () => source for wasm-bindgen's init (bytes, Module, URL)
-let wasmReady = null;
-
-/** Called by the runtime entry: how to get the module when first needed. */
-export function setWasmSource(fn) {
-  wasmSource = fn;
-}
-
-/**
- * Loads and instantiates the wasm module (once). `Replica.open` calls it; call
- * it yourself to load early, or to pass the module yourself (a
- * `WebAssembly.Module`, the bytes, a `Response`, or a URL).
- */
-export function init(source) {
-  if (source !== undefined) {
-    if (wasmReady) return wasmReady;
-    wasmSource = () => source;
-  }
-  if (!wasmReady) {
-    if (!wasmSource) {
-      return Promise.reject(walcastError("invalid_input", "walcast: no wasm source; import the package through its runtime entry or call init(source)"));
-    }
-    wasmReady = Promise.resolve()
-      .then(wasmSource)
-      .then((s) => initWasm({ module_or_path: s }))
-      .then(() => undefined);
-    wasmReady.catch(() => {
-      wasmReady = null; // let a later call try again
-    });
-  }
-  return wasmReady;
-}
-
-// --- helpers ------------------------------------------------------------------
+// --- errors and helpers ---------------------------------------------------------
 
 const encoder = new TextEncoder();
 const strictUtf8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
 const lenientUtf8 = new TextDecoder("utf-8", { ignoreBOM: true });
 const NO_LIMIT = 0xffffffff;
+const EMPTY = new Uint8Array(0);
 const TOKEN = Symbol("walcast.Replica");
+/** Test-only: `replica[Symbol.for("walcast.testTrap")](mode)` makes the module trap on purpose. */
+const TEST_TRAP = Symbol.for("walcast.testTrap");
 
 function walcastError(code, message, extra) {
   const e = new Error(message);
@@ -70,6 +52,13 @@ function toBytes(k, what) {
 
 function optBytes(k, what) {
   return k === undefined || k === null ? undefined : toBytes(k, what);
+}
+
+/** Byte-wise comparison, as keys are ordered. */
+function compareBytes(a, b) {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return a[i] - b[i];
+  return a.length - b.length;
 }
 
 /** A scan key: a string when it is valid UTF-8, else the bytes. */
@@ -103,12 +92,372 @@ function pickStore(persist) {
   throw walcastError("invalid_input", 'walcast: persist must be "memory", "indexeddb" or a { load, save } store');
 }
 
+function wasmOptions(options) {
+  const o = {};
+  if (options.pollInterval !== undefined) o.pollInterval = options.pollInterval;
+  if (options.concurrency !== undefined) o.concurrency = options.concurrency;
+  if (options.raw !== undefined) o.raw = !!options.raw;
+  return o;
+}
+
+function headerList(h) {
+  if (h === undefined || h === null) return [];
+  if (typeof h !== "object") throw walcastError("invalid_input", "walcast: headers must be an object of strings");
+  const out = [];
+  for (const [k, v] of Object.entries(h)) if (typeof v === "string") out.push([k, v]);
+  return out;
+}
+
+const weak = typeof WeakRef === "function" ? (o) => new WeakRef(o) : (o) => ({ deref: () => o });
+
+// --- the wasm module: one compiled module, a replaceable instance ------------------
+
+let wasmSource = null; // () => source: a WebAssembly.Module, bytes, a Response, or a URL
+let wasmReady = null;
+
+/**
+ * The instance the wasm-bindgen glue calls. The glue keeps one `wasm`
+ * object for good; it is `engine.shim`, whose properties are the current
+ * instance's exports, so a fresh instance is swapped in underneath it.
+ */
+const engine = {
+  module: null,
+  imports: null, // the glue's import object (captured while it initialises)
+  shim: null,
+  exports: null, // the current instance's exports
+  replaceable: false, // false when the glue could not be set up this way
+  pending: null, // an asynchronous replacement in progress
+};
+
+/** Called by the runtime entry: how to get the module when first needed. */
+export function setWasmSource(fn) {
+  wasmSource = fn;
+}
+
+/**
+ * Loads and instantiates the wasm module (once). `Replica.open` calls it; call
+ * it yourself to load early, or to pass the module yourself (a
+ * `WebAssembly.Module`, the bytes, a `Response`, or a URL).
+ */
+export function init(source) {
+  if (source !== undefined) {
+    if (wasmReady) return wasmReady;
+    wasmSource = () => source;
+  }
+  if (!wasmReady) {
+    if (!wasmSource) {
+      return Promise.reject(walcastError("invalid_input", "walcast: no wasm source; import the package through its runtime entry or call init(source)"));
+    }
+    wasmReady = Promise.resolve()
+      .then(wasmSource)
+      .then(compile)
+      .then(start);
+    wasmReady.catch(() => {
+      wasmReady = null; // let a later call try again
+    });
+  }
+  return wasmReady;
+}
+
+async function compile(src) {
+  src = await src;
+  if (src instanceof WebAssembly.Module) return src;
+  if (typeof src === "string" || (typeof URL === "function" && src instanceof URL) || (typeof Request === "function" && src instanceof Request)) {
+    src = await fetch(src);
+  }
+  if (typeof Response === "function" && src instanceof Response) {
+    if (!src.ok) throw walcastError("unavailable", `walcast: loading the wasm module: HTTP ${src.status}`);
+    const type = src.headers.get("content-type") ?? "";
+    if (typeof WebAssembly.compileStreaming === "function" && type.split(";")[0].trim() === "application/wasm") {
+      return WebAssembly.compileStreaming(src);
+    }
+    return WebAssembly.compile(await src.arrayBuffer());
+  }
+  if (src instanceof ArrayBuffer || ArrayBuffer.isView(src)) return WebAssembly.compile(src);
+  throw walcastError("invalid_input", "walcast: the wasm source must be a WebAssembly.Module, bytes, a Response or a URL");
+}
+
+async function start(module) {
+  engine.module = module;
+  if (!engine.imports) captureImports(module);
+  if (engine.imports) {
+    engine.replaceable = true;
+    install((await WebAssembly.instantiate(module, engine.imports)).exports);
+  } else {
+    // The glue was set up by someone else (or the runtime froze WebAssembly):
+    // its one instance for good (after a trap, replicas are rebuilt in it).
+    engine.exports = await glue.default({ module_or_path: module });
+  }
+}
+
+/**
+ * Lets the glue set itself up with `engine.shim` as its instance: its
+ * initSync constructs `new WebAssembly.Instance(module, imports)`, which here
+ * only hands over the import object.
+ */
+function captureImports(module) {
+  const shim = { __wbindgen_start() {} };
+  const Real = WebAssembly.Instance;
+  let imports = null;
+  try {
+    WebAssembly.Instance = function Instance(_module, importObject) {
+      imports = importObject;
+      return { exports: shim };
+    };
+    if (WebAssembly.Instance !== Real) glue.initSync({ module });
+  } catch {
+    // not replaceable here
+  } finally {
+    if (WebAssembly.Instance !== Real) WebAssembly.Instance = Real;
+  }
+  if (imports) {
+    engine.imports = imports;
+    engine.shim = shim;
+  }
+}
+
+const RealInstance = WebAssembly.Instance;
+
+/** Makes `exports` the instance behind the glue. */
+function install(exports) {
+  const old = engine.exports;
+  Object.assign(engine.shim, exports);
+  engine.exports = exports;
+  // The glue caches views of the old memory; detaching its buffer makes it
+  // take new ones from the fresh instance's memory.
+  if (old && old.memory && old.memory !== exports.memory) {
+    try {
+      old.memory.grow(0);
+    } catch {
+      // nothing else holds it
+    }
+  }
+  if (typeof exports.__wbindgen_start === "function") exports.__wbindgen_start();
+}
+
+// Every live WasmReplica, so a replacement reaches them all. A handle holds
+// its WasmReplica strongly until it is freed or retired, so wasm-bindgen's
+// own finalizer never frees one behind our back (after a replacement it
+// would free a pointer of the old instance in the new one).
+const handles = new Set(); // { w, dead, owner: WeakRef<Replica> }
+const finalizer =
+  typeof FinalizationRegistry === "function" ? new FinalizationRegistry((slot) => releaseHandle(slot.h)) : null;
+
+function releaseHandle(h) {
+  if (!h || h.dead) return;
+  h.dead = true;
+  handles.delete(h);
+  try {
+    h.w.free();
+  } catch {
+    // a poisoned object: dropped with its instance
+  }
+}
+
+function isTrap(e) {
+  // A trap (unreachable, out-of-bounds access, ...), or a stack overflow /
+  // failed memory growth inside the module.
+  return e instanceof WebAssembly.RuntimeError || e instanceof RangeError || e?.name === "InternalError";
+}
+
+function panicMessage() {
+  try {
+    return glue.takePanicMessage() ?? null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * Replaces the poisoned instance after a trap in a call of `culprit` (a
+ * handle; `kind` "read" when the call only read the state). Returns the
+ * Error the trapped call throws.
+ */
+function recoverFromTrap(cause, culprit, kind) {
+  const panic = panicMessage();
+  const what = panic ? `it panicked: ${panic.split("\n").slice(-1)[0]}` : `${cause?.name ?? "Error"}: ${cause?.message ?? cause}`;
+  const err = walcastError("internal", `walcast: the wasm module trapped (${what}); the replica was rebuilt`, { cause });
+  // Carry each replica's state over: a snapshot of every state that no
+  // trapped call was changing.
+  const moves = [];
+  for (const h of [...handles]) {
+    const owner = h.owner.deref();
+    let snapshot = null;
+    if (owner && (h !== culprit || kind === "read")) {
+      try {
+        snapshot = h.w.snapshot();
+      } catch {
+        snapshot = null;
+      }
+    }
+    h.dead = true;
+    handles.delete(h);
+    try {
+      h.w.__destroy_into_raw(); // its instance goes away whole
+    } catch {
+      // already detached
+    }
+    if (owner) moves.push({ owner, snapshot, culprit: h === culprit });
+  }
+  const finish = (first) => {
+    for (const m of moves) m.owner[REBUILD](m.snapshot, first && m.culprit ? err : null, "rebuilt");
+  };
+  if (!engine.replaceable) {
+    // No fresh instance to be had (the glue was set up elsewhere): new
+    // objects in the old one. Their own borrows are fresh; what the trapped
+    // call left behind stays allocated.
+    finish(true);
+    return err;
+  }
+  let exports = null;
+  try {
+    exports = new RealInstance(engine.module, engine.imports).exports;
+  } catch {
+    exports = null; // e.g. synchronous instantiation not allowed here
+  }
+  if (exports) {
+    install(exports);
+    finish(true);
+  } else {
+    for (const m of moves) m.owner[REBUILD](null, m.culprit ? err : null, "pending");
+    engine.pending = WebAssembly.instantiate(engine.module, engine.imports).then((inst) => {
+      install(inst.exports);
+      engine.pending = null;
+      finish(false);
+    });
+    engine.pending.catch(() => {
+      engine.pending = null;
+    });
+  }
+  return err;
+}
+
+/** Runs `fn(w)` on the handle's WasmReplica; a trap replaces the instance and throws code "internal". */
+function call(h, kind, fn) {
+  if (!h || h.dead) {
+    throw walcastError("unavailable", "walcast: the replica is being rebuilt after an internal error; try again");
+  }
+  try {
+    return fn(h.w);
+  } catch (e) {
+    if (!isTrap(e)) throw e;
+    throw recoverFromTrap(e, h, kind);
+  }
+}
+
+/** A new WasmReplica (`fn` constructs it); a trap while constructing also replaces the instance. */
+function construct(fn) {
+  try {
+    return fn();
+  } catch (e) {
+    if (!isTrap(e)) throw e;
+    throw recoverFromTrap(e, null, "read");
+  }
+}
+
+// --- GETs ------------------------------------------------------------------------
+
+let cacheField; // whether fetch takes `cache: "no-store"` (older workerd does not)
+function cacheFieldSupported() {
+  if (cacheField === undefined) {
+    try {
+      new Request("http://127.0.0.1/", { cache: "no-store" });
+      cacheField = true;
+    } catch {
+      cacheField = false;
+    }
+  }
+  return cacheField;
+}
+
+function errorText(e) {
+  return `${e?.name ?? "Error"}: ${e?.message ?? e}`;
+}
+
+/**
+ * Reads at most `limit` bytes of `res`'s body, as a stream: it stops there
+ * and cancels the rest, whatever Content-Length claims.
+ */
+async function readBounded(res, limit) {
+  if (!res.body) return EMPTY;
+  const reader = res.body.getReader();
+  const chunks = [];
+  let total = 0;
+  let complete = false;
+  try {
+    while (total < limit) {
+      const { done, value } = await reader.read();
+      if (done) {
+        complete = true;
+        break;
+      }
+      const room = limit - total;
+      const chunk = value.byteLength > room ? value.subarray(0, room) : value;
+      chunks.push(chunk);
+      total += chunk.byteLength;
+    }
+  } finally {
+    if (!complete) reader.cancel().catch(() => {});
+  }
+  if (chunks.length === 1) return chunks[0];
+  const out = new Uint8Array(total);
+  let at = 0;
+  for (const c of chunks) {
+    out.set(c, at);
+    at += c.byteLength;
+  }
+  return out;
+}
+
+/**
+ * Performs one GET the module asked for; resolves `{ status, body, etag,
+ * contentRange, message }` (status 0: no response), never rejects.
+ */
+async function performGet(base, headers, req, ac) {
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    ac.abort();
+  }, req.timeoutMs);
+  let status = 0;
+  try {
+    const h = {};
+    for (const [k, v] of headers) h[k] = v;
+    if (req.range) h.range = req.range;
+    if (req.ifNoneMatch) h["if-none-match"] = req.ifNoneMatch;
+    const init = { headers: h, signal: ac.signal };
+    // Our own If-None-Match must reach the server; no HTTP cache may answer for us.
+    if (cacheFieldSupported()) init.cache = "no-store";
+    // Looked up on every request, so a caller may wrap or replace it.
+    const res = await globalThis.fetch(`${base}/${req.key}`, init);
+    status = res.status;
+    if (status !== 200 && status !== 206) {
+      if (res.body) res.body.cancel().catch(() => {});
+      return { status };
+    }
+    const body = await readBounded(res, req.maxBytes + 1);
+    return { status, body, etag: res.headers.get("etag"), contentRange: res.headers.get("content-range") };
+  } catch (e) {
+    const message = timedOut ? `no answer within ${req.timeoutMs} ms` : errorText(e);
+    return { status, message: status ? `reading the body: ${message}` : message };
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 // --- Replica ------------------------------------------------------------------
+
+const RESTART = Symbol("restart"); // the instance was replaced under a running sync
+const REBUILD = Symbol("walcast.rebuild");
 
 /** A read replica of one dataset (see index.d.ts for the full contract). */
 export class Replica {
-  #w;
+  #slot = { h: null }; // the current handle (replaced after a trap)
   #url;
+  #base;
+  #headers;
+  #wasmOpts;
+  #onRecordFn = null;
   #pollInterval;
   #store;
   #onError;
@@ -121,6 +470,7 @@ export class Replica {
   // syncs: one at a time; a call during one runs once more after it
   #inflight = null;
   #queued = null;
+  #kick = null; // wakes the running sync's loop
   // events from wasm, dispatched after the sync that produced them
   #events = [];
   #changeCbs = new Set();
@@ -130,35 +480,137 @@ export class Replica {
   #persistedDataset = null;
   #resetSincePersist = false;
   #persistError = null;
+  // recovery from traps
+  #recoveries = 0;
+  #trapError = null;
+  #reloading = null;
 
   constructor(token, url, options, w, store, restored) {
     if (token !== TOKEN) {
       throw walcastError("invalid_input", "walcast: use `await Replica.open(url, options)`");
     }
     this.#url = url;
-    this.#w = w;
+    this.#base = url.replace(/\/+$/, "");
+    this.#headers = headerList(options.headers);
+    this.#wasmOpts = wasmOptions(options);
     this.#store = store;
     this.#pollInterval = options.pollInterval ?? 1000;
     this.#onError = typeof options.onError === "function" ? options.onError : null;
+    if (typeof options.onRecord === "function") this.#onRecordFn = options.onRecord;
     if (restored) {
       this.#persistedLsn = restored.appliedLsn;
       this.#persistedDataset = restored.datasetId ?? null;
     }
-    w.onApplied((first, last) => this.#event({ type: "applied", first, last }));
+    this.#attach(w);
+    if (finalizer) finalizer.register(this, this.#slot, this.#slot);
+  }
+
+  /** Wires a WasmReplica to this replica. Callbacks hold the replica weakly (it may be collected). */
+  #attach(w) {
+    const ref = weak(this);
+    const h = { w, dead: false, owner: ref };
+    handles.add(h);
+    this.#slot.h = h;
+    w.onApplied((first, last) => ref.deref()?.#event({ type: "applied", first, last }));
     w.onReset((lsn) => {
-      this.#resetSincePersist = true;
-      this.#event({ type: "reset", lsn });
+      const r = ref.deref();
+      if (!r) return;
+      r.#resetSincePersist = true;
+      r.#event({ type: "reset", lsn });
     });
-    if (typeof options.onRecord === "function") {
-      const onRecord = options.onRecord;
+    if (this.#onRecordFn) {
+      const onRecord = this.#onRecordFn;
       w.onRecord((lsn, payload) => {
         try {
           onRecord(lsn, payload);
         } catch (e) {
-          this.#emitError(e);
+          ref.deref()?.#emitError(e);
         }
       });
     }
+  }
+
+  /**
+   * The instance was replaced: take up a WasmReplica in the fresh one, from
+   * `snapshot` (the state carried over) or empty. `err` is set for the
+   * replica whose call trapped.
+   */
+  [REBUILD](snapshot, err, how) {
+    if (err) {
+      this.#recoveries++;
+      this.#trapError = err;
+    }
+    if (this.#closed) return;
+    if (how !== "rebuilt") {
+      this.#slot.h = null; // "pending": attached when the new instance is ready
+      this.#kick?.();
+      return;
+    }
+    // Plain calls here: a fresh instance that traps at once is not replaced again.
+    let w = null;
+    if (snapshot) {
+      try {
+        w = WasmReplica.restore(this.#wasmOpts, snapshot);
+      } catch {
+        w = null;
+      }
+    }
+    const empty = !w;
+    try {
+      w ??= new WasmReplica(this.#wasmOpts);
+    } catch (e) {
+      this.#slot.h = null;
+      this.#emitError(e);
+      return;
+    }
+    this.#attach(w);
+    if (empty) {
+      // The state is gone with the instance: start over from the persisted
+      // copy, else from the dataset (the next sync). A persisted copy is
+      // never overwritten with the empty state (no #resetSincePersist).
+      this.#events.push({ type: "reset", lsn: 0 });
+      if (this.#store) this.#reloading = this.#reload().finally(() => (this.#reloading = null));
+      if (!this.#inflight) queueMicrotask(() => this.#afterSync());
+    }
+    this.#kick?.();
+  }
+
+  /** After a trap: restores the persisted copy into the (empty) rebuilt replica. */
+  async #reload() {
+    let rec;
+    try {
+      rec = await this.#store.load(this.#url);
+    } catch (e) {
+      this.#emitError(e);
+      return;
+    }
+    if (this.#closed || !rec || !rec.snapshot) return;
+    const h = this.#slot.h;
+    let w;
+    try {
+      if (call(h, "read", (x) => x.status()).appliedLsn >= rec.appliedLsn) return;
+      w = construct(() => WasmReplica.restore(this.#wasmOpts, toBytes(rec.snapshot, "snapshot")));
+    } catch (e) {
+      this.#emitError(e);
+      return;
+    }
+    releaseHandle(h);
+    this.#attach(w);
+    this.#persistedLsn = rec.appliedLsn;
+    this.#persistedDataset = rec.datasetId ?? null;
+    this.#events.push({ type: "reset", lsn: rec.appliedLsn });
+    if (!this.#inflight) queueMicrotask(() => this.#afterSync());
+  }
+
+  /** The current handle, for a call. */
+  #h() {
+    if (this.#closed) throw closedError();
+    return this.#slot.h;
+  }
+
+  /** Runs `fn(w)` on this replica's WasmReplica, recovering from a trap. */
+  #call(kind, fn) {
+    return call(this.#h(), kind, fn);
   }
 
   /**
@@ -180,13 +632,11 @@ export class Replica {
     if (options.onRecord !== undefined && typeof options.onRecord !== "function") {
       throw walcastError("invalid_input", "walcast: onRecord must be a function");
     }
+    headerList(options.headers);
     const store = pickStore(options.persist);
     await init();
-    const wasmOpts = {};
-    if (options.pollInterval !== undefined) wasmOpts.pollInterval = options.pollInterval;
-    if (options.concurrency !== undefined) wasmOpts.concurrency = options.concurrency;
-    if (options.headers !== undefined) wasmOpts.headers = { ...options.headers };
-    if (options.raw !== undefined) wasmOpts.raw = !!options.raw;
+    await engine.pending;
+    const wasmOpts = wasmOptions(options);
 
     let w = null;
     let restored = null;
@@ -199,7 +649,7 @@ export class Replica {
       }
       if (rec && rec.snapshot) {
         try {
-          w = WasmReplica.restore(url, wasmOpts, toBytes(rec.snapshot, "snapshot"));
+          w = construct(() => WasmReplica.restore(wasmOpts, toBytes(rec.snapshot, "snapshot")));
           restored = rec;
         } catch (e) {
           // An unreadable copy (another version, damage): start over; the next
@@ -208,7 +658,7 @@ export class Replica {
         }
       }
     }
-    if (!w) w = new WasmReplica(url, wasmOpts);
+    if (!w) w = construct(() => new WasmReplica(wasmOpts));
     return new Replica(TOKEN, url, options, w, store, restored);
   }
 
@@ -218,20 +668,20 @@ export class Replica {
    */
   static async restore(url, snapshot, options = {}) {
     if (url instanceof URL) url = url.href;
-    const { persist: _ignored, ...rest } = options ?? {};
-    await init();
-    const wasmOpts = {};
-    for (const k of ["pollInterval", "concurrency", "headers", "raw"]) {
-      if (rest[k] !== undefined) wasmOpts[k] = rest[k];
+    if (typeof url !== "string" || url === "") {
+      throw walcastError("invalid_input", "walcast: Replica.restore needs the dataset URL as a string");
     }
-    const w = WasmReplica.restore(url, wasmOpts, toBytes(snapshot, "snapshot"));
+    const { persist: _ignored, ...rest } = options ?? {};
+    headerList(rest.headers);
+    await init();
+    await engine.pending;
+    const w = construct(() => WasmReplica.restore(wasmOptions(rest), toBytes(snapshot, "snapshot")));
     return new Replica(TOKEN, url, rest, w, null, null);
   }
 
   /** Number of keys held. */
   get size() {
-    this.#open();
-    return this.#w.size;
+    return this.#call("read", (w) => w.size);
   }
 
   /** The dataset URL this replica follows. */
@@ -258,7 +708,11 @@ export class Replica {
   #runSync() {
     const p = (async () => {
       try {
-        return await this.#w.sync();
+        if (this.#reloading) await this.#reloading;
+        if (engine.pending) await engine.pending;
+        const lsn = await this.#pump();
+        this.#trapError = null;
+        return lsn;
       } finally {
         await this.#afterSync();
       }
@@ -271,10 +725,96 @@ export class Replica {
     return p;
   }
 
+  /** Runs one sync; starts it over on the new instance when the old one was replaced under it. */
+  async #pump() {
+    for (;;) {
+      if (this.#closed) throw closedError();
+      if (engine.pending) await engine.pending.catch(noop);
+      try {
+        return await this.#drive(this.#h());
+      } catch (e) {
+        if (e !== RESTART) throw e;
+      }
+    }
+  }
+
+  /** Drives the module's sync: performs the GETs it asks for, wakes it for responses and timers. */
+  async #drive(h) {
+    const inflight = new Map(); // request id -> { ac, cancelled }
+    let wake = null;
+    let timer = null;
+    const kick = () => {
+      const w = wake;
+      wake = null;
+      if (w) w();
+    };
+    this.#kick = kick;
+    const live = () => {
+      if (h.dead || this.#slot.h !== h) throw RESTART;
+    };
+    let deliveryError = null;
+    call(h, "sync", (w) => w.syncBegin());
+    try {
+      for (;;) {
+        if (deliveryError) throw deliveryError;
+        live();
+        const r = call(h, "sync", (w) => w.syncPoll());
+        if (typeof r === "number") return r;
+        for (const req of call(h, "sync", (w) => w.takeRequests())) {
+          const entry = { ac: new AbortController(), cancelled: false };
+          inflight.set(req.id, entry);
+          performGet(this.#base, this.#headers, req, entry.ac).then((res) => {
+            inflight.delete(req.id);
+            if (entry.cancelled || h.dead) return;
+            try {
+              call(h, "sync", (w) => w.deliver(req.id, res.status, res.body, res.etag ?? undefined, res.contentRange ?? undefined, res.message));
+            } catch (e) {
+              deliveryError ??= e;
+            }
+            kick();
+          });
+        }
+        for (const id of call(h, "sync", (w) => w.takeCancelled())) {
+          const entry = inflight.get(id);
+          if (entry) {
+            entry.cancelled = true;
+            entry.ac.abort();
+            inflight.delete(id);
+          }
+        }
+        if (r === null) {
+          await new Promise((resolve) => setTimeout(resolve, 0));
+          continue;
+        }
+        const next = call(h, "sync", (w) => w.nextTimer());
+        await new Promise((resolve) => {
+          wake = resolve;
+          if (next >= 0) timer = setTimeout(kick, Math.max(0, next - Date.now()));
+        });
+        clearTimeout(timer);
+        timer = null;
+      }
+    } finally {
+      if (this.#kick === kick) this.#kick = null;
+      clearTimeout(timer);
+      for (const entry of inflight.values()) {
+        entry.cancelled = true;
+        entry.ac.abort();
+      }
+      if (!h.dead) {
+        try {
+          call(h, "sync", (w) => w.syncAbort());
+        } catch {
+          // reported by the call that trapped first
+        }
+      }
+    }
+  }
+
   /** The value of `key`, or undefined. */
   get(key) {
-    this.#open();
-    const v = this.#w.get(toBytes(key, "key"));
+    const k = toBytes(key, "key");
+    const v = this.#call("read", (w) => w.get(k));
     return v ?? undefined;
   }
 
@@ -290,18 +830,20 @@ export class Replica {
     return t === undefined ? undefined : JSON.parse(t);
   }
 
-  /** Entries in key order: `start` inclusive, `end` exclusive. */
+  /** Entries in key order: `start` inclusive, `end` exclusive; empty when `end` is not after `start`. */
   scan(options = {}) {
-    this.#open();
+    this.#h();
     const { prefix, start, end, limit } = options ?? {};
     checkCount(limit, "limit");
+    const p = optBytes(prefix, "prefix");
+    const s = optBytes(start, "start");
+    const e = optBytes(end, "end");
     if (limit === 0) return [];
-    const rows = this.#w.scan(
-      optBytes(prefix, "prefix"),
-      optBytes(start, "start"),
-      optBytes(end, "end"),
-      limit === undefined ? NO_LIMIT : Math.min(limit, NO_LIMIT),
-    );
+    if (e !== undefined) {
+      const lower = s !== undefined && (p === undefined || compareBytes(s, p) > 0) ? s : p ?? EMPTY;
+      if (compareBytes(e, lower) <= 0) return [];
+    }
+    const rows = this.#call("read", (w) => w.scan(p, s, e, limit === undefined ? NO_LIMIT : Math.min(limit, NO_LIMIT)));
     const out = new Array(rows.length);
     for (let i = 0; i < rows.length; i++) {
       const [k, v] = rows[i];
@@ -312,9 +854,16 @@ export class Replica {
 
   /** Where the replica is: LSNs, lag, state, last error, traffic. */
   status() {
-    this.#open();
-    const s = this.#w.status();
-    const lastError = s.lastError ?? null;
+    const s = this.#call("read", (w) => w.status());
+    const e = s.lastError ?? null;
+    let lastError = null;
+    if (e) {
+      lastError = { code: e.code, message: e.message };
+      if (e.object !== undefined) lastError.object = e.object;
+      if (e.lsn !== undefined) lastError.lsn = e.lsn;
+    } else if (this.#trapError) {
+      lastError = { code: "internal", message: this.#trapError.message };
+    }
     return {
       appliedLsn: s.appliedLsn,
       committedLsn: s.committedLsn,
@@ -323,10 +872,11 @@ export class Replica {
       lagMs: s.lagMs,
       lastPollAt: s.lastPollAt ?? null,
       state: s.state,
-      lastError: lastError ? { code: lastError.code, message: lastError.message } : null,
+      lastError,
       requests: s.requests,
       bytesReceived: s.bytesReceived,
       running: this.#running,
+      recoveries: this.#recoveries,
       persistError: this.#persistError
         ? { code: this.#persistError.code ?? "persist", message: String(this.#persistError.message ?? this.#persistError) }
         : null,
@@ -335,13 +885,17 @@ export class Replica {
 
   /** The whole state at the applied LSN, for `Replica.restore`. */
   snapshot() {
-    this.#open();
-    return this.#w.snapshot();
+    return this.#call("read", (w) => w.snapshot());
+  }
+
+  /** Test-only: makes the wasm module trap ("read", "abort") or the next sync trap ("sync"). */
+  [TEST_TRAP](mode) {
+    return this.#call("read", (w) => w.__testTrap(String(mode)));
   }
 
   /** Starts background polling: sync, wait `pollInterval` ms, repeat. */
   start() {
-    this.#open();
+    this.#h();
     if (this.#running) return;
     this.#running = true;
     const gen = ++this.#loopGen;
@@ -400,17 +954,15 @@ export class Replica {
     const pending = this.#queued ?? this.#inflight;
     if (pending) await pending.then(noop, noop);
     if (this.#inflight) await this.#inflight.then(noop, noop);
+    if (this.#reloading) await this.#reloading.then(noop, noop);
     this.#changeCbs.clear();
     this.#resetCbs.clear();
-    this.#w.free();
-    this.#w = null;
+    if (finalizer) finalizer.unregister(this.#slot);
+    releaseHandle(this.#slot.h);
+    this.#slot.h = null;
   }
 
   // --- internals -------------------------------------------------------------
-
-  #open() {
-    if (this.#closed) throw closedError();
-  }
 
   #event(ev) {
     this.#events.push(ev);
@@ -424,9 +976,10 @@ export class Replica {
   }
 
   async #afterSync() {
-    if (this.#events.length === 0 || this.#closed && !this.#w) return;
+    // Also right after close(): the last sync's state is still persisted.
+    if (this.#events.length === 0 || !this.#slot.h) return;
     const events = this.#events.splice(0);
-    if (this.#store) {
+    if (this.#store && events.some((e) => e.type === "applied" || e.lsn > 0)) {
       try {
         await this.#persist();
         this.#persistError = null;
@@ -437,27 +990,28 @@ export class Replica {
     }
     for (const ev of events) {
       if (ev.type === "applied") {
-        for (const cb of this.#changeCbs) this.#call(cb, { first: ev.first, last: ev.last });
+        for (const cb of this.#changeCbs) this.#callback(cb, { first: ev.first, last: ev.last });
       } else {
-        for (const cb of this.#resetCbs) this.#call(cb, { lsn: ev.lsn });
+        for (const cb of this.#resetCbs) this.#callback(cb, { lsn: ev.lsn });
       }
     }
   }
 
   async #persist() {
-    const s = this.#w.status();
+    const h = this.#slot.h;
+    const s = call(h, "read", (w) => w.status());
     const lsn = s.appliedLsn;
     const ds = s.datasetId ?? null;
     const replace = this.#resetSincePersist;
     if (!replace && lsn <= this.#persistedLsn && ds === this.#persistedDataset) return;
-    const snapshot = this.#w.snapshot();
+    const snapshot = call(h, "read", (w) => w.snapshot());
     await this.#store.save(this.#url, { snapshot, appliedLsn: lsn, datasetId: ds, savedAt: Date.now() }, { replace });
     this.#persistedLsn = lsn;
     this.#persistedDataset = ds;
     this.#resetSincePersist = false;
   }
 
-  #call(cb, arg) {
+  #callback(cb, arg) {
     try {
       cb(arg);
     } catch (e) {

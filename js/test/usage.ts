@@ -30,6 +30,9 @@ async function main(): Promise<void> {
   const state: string = s.state;
   const code: ErrorCode | undefined = s.lastError?.code;
   const running: boolean = s.running;
+  const recoveries: number = s.recoveries;
+  const errObject: string | undefined = s.lastError?.object;
+  const internal: ErrorCode = "internal";
 
   replica.start();
   replica.stop();
@@ -69,7 +72,7 @@ async function main(): Promise<void> {
   const raw = await Replica.open(new URL("https://cdn.example.com/raw"), options);
   await raw.close();
   await replica.close();
-  void [lsn, v, vb, text, name, nums, at, id, state, code, running, size];
+  void [lsn, v, vb, text, name, nums, at, id, state, code, running, recoveries, errObject, internal, size];
 }
 
 // @ts-expect-error: keys are strings or bytes

@@ -539,6 +539,154 @@ export function conformanceCases(ctx) {
     await rejectsWith(r.sync(), "closed", "sync after close", 5_000);
   });
 
+  // --- scan bounds, traps and recovery -------------------------------------------------
+
+  add("scan: end at or before start is an empty result, never a trap; the replica keeps syncing", async () => {
+    const fx = sc.basic;
+    const r = track(await Replica.open(fx.url));
+    eq(await withTimeout(r.sync(), 120_000, "sync"), fx.expected.lsn, "sync");
+    const cases = [
+      [{ start: "b", end: "a" }, "start after end"],
+      [{ start: "user:", end: "user:" }, "start equal to end"],
+      [{ start: Uint8Array.of(0xff), end: Uint8Array.of(0x00) }, "byte bounds, start after end"],
+      [{ prefix: "user:", end: "user" }, "end before the prefix"],
+      [{ prefix: "user:", start: "user:9", end: "user:1", limit: 5 }, "start after end within a prefix"],
+    ];
+    for (const [opts, what] of cases) {
+      let rows;
+      try {
+        rows = r.scan(opts);
+      } catch (e) {
+        fail(`scan ${what} threw ${e?.name}: ${e?.message} (code ${show(e?.code)})`);
+      }
+      ok(Array.isArray(rows) && rows.length === 0, `scan ${what} is empty, got ${rows?.length} rows`);
+    }
+    eq(r.status().lastError, null, "no error after the scans");
+    eq(await withTimeout(r.sync(), 60_000, "a sync after the scans"), fx.expected.lsn, "a sync after the scans settles");
+    expectState(r, fx.expected, "after the scans");
+  });
+
+  const TRAP = Symbol.for("walcast.testTrap");
+  const trapOf = (r, mode) => {
+    eq(typeof r[TRAP], "function", "the test-only trap hook replica[Symbol.for('walcast.testTrap')]");
+    let e = null;
+    try {
+      r[TRAP](mode);
+    } catch (x) {
+      e = x;
+    }
+    return e;
+  };
+
+  add("recovery: a trap in a call throws code internal; every replica keeps its state, reads and syncs", async () => {
+    const fx = sc.basic;
+    const a = track(await Replica.open(fx.url));
+    const b = track(await Replica.open(sc.midhistory.url));
+    await withTimeout(Promise.all([a.sync(), b.sync()]), 120_000, "syncs");
+    const bLsn = b.status().appliedLsn;
+    const bSize = b.size;
+    for (const mode of ["read", "abort"]) {
+      const e = trapOf(a, mode);
+      ok(e instanceof Error, `trap (${mode}): the call throws an Error, got ${show(e)}`);
+      eq(e.code, "internal", `trap (${mode}): error.code (message: ${e.message})`);
+      ok(/trap/.test(e.message), `trap (${mode}): the message says the module trapped: ${e.message}`);
+      const st = a.status();
+      eq(st.lastError?.code, "internal", `trap (${mode}): status().lastError.code`);
+      ok(st.recoveries >= 1, `trap (${mode}): status().recoveries ${st.recoveries}`);
+      eq(st.appliedLsn, fx.expected.lsn, `trap (${mode}): the state is carried over (appliedLsn)`);
+      expectState(a, fx.expected, `after a trap (${mode})`);
+      eq(b.status().appliedLsn, bLsn, `trap (${mode}): another replica keeps its LSN`);
+      eq(b.size, bSize, `trap (${mode}): another replica keeps its keys`);
+      eq(await withTimeout(a.sync(), 60_000, `sync after a trap (${mode})`), fx.expected.lsn, `sync after a trap (${mode})`);
+      eq(a.status().lastError, null, `trap (${mode}): a successful sync clears lastError`);
+      eq(await withTimeout(b.sync(), 60_000, `another replica's sync after a trap (${mode})`), bLsn, "another replica's sync");
+    }
+  });
+
+  add("recovery: a trap during sync rejects it (code internal, never hangs); the persisted copy is reloaded", async () => {
+    const fx = sc.basic;
+    const store = mapStore();
+    const errors = [];
+    const a = track(await Replica.open(fx.url, { persist: store, onError: (e) => errors.push(e) }));
+    eq(await withTimeout(a.sync(), 120_000, "sync"), fx.expected.lsn, "sync");
+    eq(store.map.get(fx.url)?.appliedLsn, fx.expected.lsn, "persisted");
+    const other = track(await Replica.open(sc.midhistory.url));
+    await withTimeout(other.sync(), 120_000, "other sync");
+    eq(trapOf(a, "sync"), null, "arming a trap in the next sync throws nothing");
+    const concurrent = other.sync(); // runs while the instance is replaced under it
+    const e = await rejectsWith(a.sync(), "internal", "the sync that trapped", 60_000);
+    ok(/trap/.test(e.message), `the message says the module trapped: ${e.message}`);
+    eq(await withTimeout(concurrent, 60_000, "a concurrent sync of another replica"), other.status().appliedLsn, "another replica's concurrent sync");
+    // Reads work at once; the persisted copy comes back before the next sync.
+    a.get("user:0");
+    eq(await withTimeout(a.sync(), 60_000, "sync after the trap"), fx.expected.lsn, "sync after the trap");
+    expectState(a, fx.expected, "after recovery from the persisted copy");
+    eq(a.status().lastError, null, "lastError cleared by the next sync");
+    eq(a.status().recoveries, 1, "recoveries");
+    eq(store.map.get(fx.url)?.appliedLsn, fx.expected.lsn, "the persisted copy was not replaced by an empty state");
+  });
+
+  add("recovery: without a persisted copy, a replica whose sync trapped starts over from the dataset", async () => {
+    const fx = sc.basic;
+    const a = track(await Replica.open(fx.url));
+    eq(await withTimeout(a.sync(), 120_000, "sync"), fx.expected.lsn, "sync");
+    const resets = [];
+    a.onReset((x) => resets.push(x));
+    trapOf(a, "sync");
+    await rejectsWith(a.sync(), "internal", "the sync that trapped", 60_000);
+    eq(a.status().appliedLsn, 0, "rebuilt empty: appliedLsn");
+    eq(a.get("user:0"), undefined, "rebuilt empty: no keys");
+    await until(() => resets.some((x) => x.lsn === 0), 5_000, "onReset({ lsn: 0 }) for the state that was lost");
+    eq(await withTimeout(a.sync(), 120_000, "sync after the trap"), fx.expected.lsn, "sync after the trap");
+    expectState(a, fx.expected, "after starting over");
+  });
+
+  // --- bounded bodies -----------------------------------------------------------------
+
+  const MAX_HEAD = 1 << 20;
+  for (const mode of ["endless", "claim"]) {
+    const what = mode === "endless" ? "an endless head body" : "a head claiming a 1 TiB Content-Length";
+    add(`limits: ${what} is cut at 1 MiB + 1 byte: data error naming catalog/head.json, bounded transfer`, async () => {
+      ok(fixtures.control, "fixtures.control (the orchestrator's control URL) is set");
+      const token = `${mode}-${ctx.runtime ?? "rt"}-${Date.now()}-${Math.random().toString(36).slice(2)}`.replace(/[^A-Za-z0-9_-]/g, "_");
+      const r = track(await Replica.open(`${fixtures.control}/hostile/${mode}/${token}`));
+      const e = await rejectsWith(r.sync(), "data", `sync against ${what}`, 120_000);
+      const named = String(e.object ?? "") + " " + e.message;
+      ok(named.includes("catalog/head.json"), `the error names catalog/head.json: object ${show(e.object)}, message ${e.message}`);
+      const st = r.status();
+      eq(st.lastError?.code, "data", "status().lastError.code");
+      ok(st.requests >= 1, "requests made");
+      ok(st.bytesReceived <= st.requests * (MAX_HEAD + 1), `${st.bytesReceived} body bytes for ${st.requests} requests: at most 1 MiB + 1 each`);
+      await r.close();
+      // What the server had to send: cut off near the limit (plus socket buffers), not the 64 MiB it offered.
+      let stats;
+      await until(async () => {
+        stats = await (await fetch(`${fixtures.control}/hostile-stats/${token}`)).json();
+        return stats.open === 0;
+      }, 30_000, "every hostile response is closed by the client");
+      ok(stats.requests >= 1, `hostile requests: ${stats.requests}`);
+      log(`limits (${mode}): ${stats.requests} requests, the server sent at most ${stats.maxSent} bytes of one (offered 64 MiB); ${st.bytesReceived} body bytes reached the replica`);
+      ok(stats.maxSent <= 24 * MAX_HEAD, `the client pulled at most ${stats.maxSent} bytes of one response (bounded near 1 MiB, far below 64 MiB)`);
+    });
+  }
+
+  add("errors: a network error whose text says 416 is a transient failure (unavailable), classified by status only", async () => {
+    const fx = sc.basic;
+    const r = track(await Replica.open(fx.url));
+    const orig = globalThis.fetch;
+    globalThis.fetch = function fake416(input, init) {
+      const url = typeof input === "string" ? input : input instanceof URL ? input.href : input.url;
+      if (url.startsWith(fixtures.base)) return Promise.reject(new TypeError("connection reset: 416 Range Not Satisfiable"));
+      return orig.call(globalThis, input, init);
+    };
+    try {
+      await rejectsWith(r.sync(), "unavailable", "sync whose fetch fails with '416' in its text", 120_000);
+    } finally {
+      globalThis.fetch = orig;
+    }
+    eq(await withTimeout(r.sync(), 120_000, "sync once the network is back"), fx.expected.lsn, "sync once the network is back");
+  });
+
   // --- scenarios with a mutation (order matters) -------------------------------------
 
   add("midhistory: a replica restored from snapshot() fetches only the tail", async () => {

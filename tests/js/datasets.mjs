@@ -563,6 +563,7 @@ export async function startDatasets({ root } = {}) {
 
     /** Fresh copies of every scenario at stage 0, under /<id>/<name>. */
     async newInstance() {
+      await api.listen(); // fixtures name the control URL (hostile bodies are served there)
       const id = `i${nextId++}`;
       const stage = {};
       const fx = { instance: id, base: `${serve.url}/${id}`, control: controlUrl, scenarios: {} };
@@ -626,7 +627,61 @@ export async function startDatasets({ root } = {}) {
   return api;
 }
 
+// --- hostile bodies ---------------------------------------------------------------------
+// GET <control>/hostile/<mode>/<token>/<key> answers 200 with a body far larger
+// than any object a replica may buffer (HOSTILE_TOTAL bytes of "x", in 64 KiB
+// chunks, written only as fast as the client reads): `endless` without a
+// Content-Length, `claim` with a Content-Length of 1 TiB (the connection is
+// cut after HOSTILE_TOTAL). GET <control>/hostile-stats/<token> answers
+// { requests, maxSent, totalSent, open }: what the client actually pulled.
+const HOSTILE_TOTAL = 64 * 1024 * 1024;
+const HOSTILE_CHUNK = Buffer.alloc(64 * 1024, "x");
+const hostileStats = new Map(); // token -> { requests, maxSent, totalSent, open }
+
+function serveHostile(mode, token, req, res) {
+  const st = hostileStats.get(token) ?? { requests: 0, maxSent: 0, totalSent: 0, open: 0 };
+  hostileStats.set(token, st);
+  st.requests++;
+  st.open++;
+  const headers = { "content-type": "application/json", "access-control-allow-origin": "*", "cache-control": "no-store", etag: '"hostile"' };
+  if (mode === "claim") headers["content-length"] = String(1024 ** 4);
+  res.writeHead(200, headers);
+  let sent = 0;
+  let done = false;
+  const finish = () => {
+    if (done) return;
+    done = true;
+    st.open--;
+    clearTimeout(deadline);
+  };
+  // A client that neither reads nor goes away is cut off after 60 s.
+  const deadline = setTimeout(() => res.destroy(), 60_000);
+  res.on("close", finish);
+  const pump = () => {
+    while (!done && sent < HOSTILE_TOTAL) {
+      sent += HOSTILE_CHUNK.length;
+      st.totalSent += HOSTILE_CHUNK.length;
+      st.maxSent = Math.max(st.maxSent, sent);
+      if (!res.write(HOSTILE_CHUNK)) return res.once("drain", pump);
+    }
+    if (done) return;
+    if (mode === "claim") res.destroy(); // short of what Content-Length claimed
+    else res.end();
+  };
+  pump();
+}
+
 async function handleControl(api, req, res) {
+  {
+    const parts = new URL(req.url, "http://x").pathname.split("/").filter(Boolean);
+    if (req.method === "GET" && parts[0] === "hostile" && parts.length >= 3 && ["endless", "claim"].includes(parts[1])) {
+      return serveHostile(parts[1], parts[2], req, res);
+    }
+    if (req.method === "GET" && parts[0] === "hostile-stats" && parts.length === 2) {
+      res.writeHead(200, { "content-type": "application/json", "access-control-allow-origin": "*", "cache-control": "no-store" });
+      return res.end(JSON.stringify(hostileStats.get(parts[1]) ?? { requests: 0, maxSent: 0, totalSent: 0, open: 0 }));
+    }
+  }
   const send = (status, body) => {
     res.writeHead(status, {
       "content-type": "application/json",
