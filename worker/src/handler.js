@@ -6,7 +6,8 @@
 //   GET /kv?key=<key>              the same, for keys with "." or ".." segments
 //   GET /scan?prefix=&start=&end=&limit=
 //                                  200, JSON [{ key, value }] in key order
-//   GET /status                    200, JSON of replica.status() (+ `worker`)
+//                                  (400 when start sorts after end)
+//   GET /status                    200, JSON of the replica's state fields (+ `worker`)
 //
 // Keys and scan bounds are percent-encoded bytes: `/kv/user%3A42`, or
 // `/kv/%FF%00` for a key that is not UTF-8. In /scan rows a key or value that
@@ -22,7 +23,12 @@
 // answers 503, default 30000), SCAN_LIMIT (default rows of /scan, 1000),
 // MAX_SCAN_LIMIT (10000),
 // DATASET_HEADERS (JSON object of headers sent with every GET, e.g. auth),
-// CONCURRENCY (parallel segment GETs).
+// CONCURRENCY (parallel segment GETs), CORS_ORIGINS (comma-separated origins
+// allowed to read from a browser; default "*": any).
+//
+// Answers never carry DATASET_URL, DATASET_HEADERS or an error's own text
+// (either may hold credentials): errors are { code, message } with a fixed
+// message per code, plus the dataset object and LSN they concern.
 
 const DEFAULT_MAX_AGE_MS = 1000;
 const DEFAULT_SCAN_LIMIT = 1000;
@@ -45,7 +51,7 @@ function intVar(env, name, dflt, min = 0) {
   const raw = env?.[name];
   if (raw === undefined || raw === null || raw === "") return dflt;
   const n = Number(raw);
-  if (!Number.isFinite(n) || n < min) throw configError(`${name} must be a number >= ${min}, got ${JSON.stringify(raw)}`);
+  if (!Number.isFinite(n) || n < min) throw configError(`${name} must be a number >= ${min}`);
   return Math.floor(n);
 }
 
@@ -100,7 +106,10 @@ export function percentBytes(s) {
   return Uint8Array.from(out);
 }
 
-/** The query string's parameters as raw bytes (first value wins; `+` is a space). */
+/**
+ * The query string's parameters as raw bytes (first value wins; `+` is a
+ * space). Parameter names must be UTF-8; null when one is not.
+ */
 function queryBytes(search) {
   const params = new Map();
   for (const part of search.replace(/^\?/, "").split("&")) {
@@ -108,10 +117,17 @@ function queryBytes(search) {
     const eq = part.indexOf("=");
     const name = eq < 0 ? part : part.slice(0, eq);
     const value = eq < 0 ? "" : part.slice(eq + 1);
-    const key = strictUtf8.decode(percentBytes(name.replace(/\+/g, " ")));
+    const key = text(percentBytes(name.replace(/\+/g, " ")));
+    if (key === undefined) return null;
     if (!params.has(key)) params.set(key, percentBytes(value.replace(/\+/g, " ")));
   }
   return params;
+}
+
+function compareBytes(a, b) {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) if (a[i] !== b[i]) return a[i] - b[i];
+  return a.length - b.length;
 }
 
 function text(bytes) {
@@ -128,20 +144,73 @@ function toBase64(bytes) {
   return btoa(s);
 }
 
-const COMMON_HEADERS = {
-  "cache-control": "no-store",
-  "access-control-allow-origin": "*",
-  "access-control-expose-headers": "x-walcast-lsn",
-};
+/**
+ * CORS_ORIGINS: "*" (the default) or a comma-separated list of origins
+ * (`https://app.example.com`). Returns null for "*", else the set.
+ */
+function corsOrigins(env) {
+  const raw = env?.CORS_ORIGINS;
+  if (raw === undefined || raw === null || String(raw).trim() === "") return null;
+  const list = String(raw)
+    .split(",")
+    .map((o) => o.trim().replace(/\/+$/, ""))
+    .filter((o) => o !== "");
+  if (list.length === 0 || list.includes("*")) return null;
+  return new Set(list.map((o) => o.toLowerCase()));
+}
 
-function json(status, body, lsn) {
-  const headers = { ...COMMON_HEADERS, "content-type": "application/json; charset=utf-8" };
+/** The CORS headers of an answer to `request`. */
+function corsHeaders(request, env) {
+  const allowed = corsOrigins(env);
+  const h = { "access-control-expose-headers": "x-walcast-lsn" };
+  if (allowed === null) {
+    h["access-control-allow-origin"] = "*";
+    return h;
+  }
+  // The answer depends on the request's Origin: caches must keep them apart.
+  h.vary = "Origin";
+  const origin = request.headers.get("origin");
+  if (origin && allowed.has(origin.toLowerCase())) h["access-control-allow-origin"] = origin;
+  else delete h["access-control-expose-headers"];
+  return h;
+}
+
+function json(status, body, lsn, cors) {
+  const headers = { "cache-control": "no-store", ...cors, "content-type": "application/json; charset=utf-8" };
   if (lsn !== undefined) headers["x-walcast-lsn"] = String(lsn);
   return new Response(JSON.stringify(body), { status, headers });
 }
 
+// What an error says in an answer: its code and a fixed message. An error's
+// own text can hold the dataset URL (with credentials in it) or a header.
+const ERROR_MESSAGES = {
+  data: "an object of the dataset failed verification; the last good state is served",
+  unavailable: "object storage is unavailable; retrying",
+  not_found: "the dataset, or an object it names, was not found",
+  invalid_input: "invalid input",
+  fenced: "the dataset is owned by another publisher",
+  internal: "internal error",
+  closed: "the replica was closed",
+};
+
+/** `{ code, message, object?, lsn? }` of an error, safe to answer with. */
+function safeError(e) {
+  if (!e) return null;
+  const code = typeof e.code === "string" && ERROR_MESSAGES[e.code] ? e.code : "internal";
+  const out = { code, message: ERROR_MESSAGES[code] };
+  if (typeof e.object === "string") out.object = e.object;
+  if (typeof e.lsn === "number" && Number.isFinite(e.lsn)) out.lsn = e.lsn;
+  return out;
+}
+
 function errorBody(e) {
-  return { error: { code: e?.code ?? "internal", message: String(e?.message ?? e) } };
+  // Configuration errors are the worker's own words (they name a variable, not its value).
+  if (e?.code === "config") return { error: { code: "config", message: String(e.message) } };
+  return { error: safeError(e) };
+}
+
+function badRequest(message) {
+  return { error: { code: "invalid_input", message } };
 }
 
 /** Resolves when `p` settles or after `ms`, whichever is first. */
@@ -180,12 +249,25 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     };
     s.promise = Replica.open(config.url, replicaOptions(config)).then((r) => {
       s.replica = r;
+      watch(s, r);
       return r;
     });
     s.promise.catch(() => {
       if (slot === s) slot = null; // let the next request try again
     });
     return s;
+  }
+
+  /**
+   * The replica's state was replaced by an empty one (a new dataset at the
+   * URL, or a rebuild after an internal error): until a sync succeeds there
+   * is nothing to serve, so requests wait for it (or answer 503) as at start.
+   */
+  function watch(s, r) {
+    if (typeof r.onReset !== "function") return;
+    r.onReset(({ lsn }) => {
+      if (lsn === 0 && s.replica === r) s.ready = false;
+    });
   }
 
   function replicaOptions(config) {
@@ -215,7 +297,8 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       },
       (e) => {
         s.lastSyncError = e;
-        log(`walcast worker: sync of ${s.url} failed: ${e?.code ?? ""} ${e?.message ?? e}`);
+        // Operator logs; the dataset URL itself stays out of them.
+        log(`walcast worker: sync failed: ${e?.code ?? ""} ${e?.message ?? e}`);
       },
     );
     const settled = p.then(() => {
@@ -230,7 +313,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
 
   /** A sync that never settled: carry the state over to a fresh replica. */
   async function replaceStuck(s) {
-    log(`walcast worker: a sync of ${s.url} made no progress in ${stuckSyncMs} ms; re-creating the replica`);
+    log(`walcast worker: a sync made no progress in ${stuckSyncMs} ms; re-creating the replica`);
     const old = s.replica;
     let fresh;
     try {
@@ -240,6 +323,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       s.ready = false;
     }
     s.replica = fresh;
+    watch(s, fresh);
     s.promise = Promise.resolve(fresh);
     s.sync = null;
     s.syncStartedAt = null;
@@ -282,49 +366,82 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
   }
 
   async function handle(request, env, defer = (p) => p.catch(() => {})) {
+    let cors;
+    try {
+      cors = corsHeaders(request, env);
+    } catch {
+      cors = {};
+    }
+    try {
+      return await route(request, env, defer, cors);
+    } catch (e) {
+      // Whatever went wrong, an answer (and the error's code only).
+      log(`walcast worker: ${request.method} ${new URL(request.url).pathname} failed: ${e?.code ?? ""} ${e?.message ?? e}`);
+      return json(e?.code === "invalid_input" ? 400 : 500, errorBody(e), undefined, cors);
+    }
+  }
+
+  async function route(request, env, defer, cors) {
     const url = new URL(request.url);
     const path = url.pathname;
     if (request.method === "OPTIONS") {
-      return new Response(null, {
-        status: 204,
-        headers: { ...COMMON_HEADERS, "access-control-allow-methods": "GET, HEAD, OPTIONS", "access-control-max-age": "86400" },
-      });
+      const headers = { ...cors };
+      if (headers["access-control-allow-origin"]) {
+        headers["access-control-allow-methods"] = "GET, HEAD, OPTIONS";
+        headers["access-control-max-age"] = "86400";
+        const asked = request.headers.get("access-control-request-headers");
+        if (asked) headers["access-control-allow-headers"] = asked;
+      }
+      return new Response(null, { status: 204, headers });
     }
     const route = path.startsWith("/kv/") || path === "/kv" ? "kv" : path === "/scan" ? "scan" : path === "/status" ? "status" : null;
-    if (!route) return json(404, { error: { code: "not_found", message: `no route ${path}; try /kv/<key>, /scan, /status` } });
+    if (!route) return json(404, { error: { code: "not_found", message: "no such route; try /kv/<key>, /scan, /status" } }, undefined, cors);
     if (request.method !== "GET" && request.method !== "HEAD") {
-      return json(405, { error: { code: "method", message: `${request.method} is not allowed; use GET` } });
+      return json(405, { error: { code: "method", message: `${request.method} is not allowed; use GET` } }, undefined, cors);
     }
+    // The query is checked before anything waits on the replica.
+    const q = queryBytes(url.search);
+    if (q === null) return json(400, badRequest("query parameter names must be percent-encoded UTF-8"), undefined, cors);
 
     let s;
     try {
       s = await replicaFor(env, defer);
     } catch (e) {
-      return json(e?.code === "config" ? 500 : 503, errorBody(e));
+      return json(e?.code === "config" ? 500 : 503, errorBody(e), undefined, cors);
     }
     const replica = s.replica;
 
     if (route === "status") {
       const st = replica.status();
+      // The replica's state fields only: no URL, no error text.
       return json(200, {
-        ...st,
+        appliedLsn: st.appliedLsn,
+        committedLsn: st.committedLsn,
+        epoch: st.epoch,
+        datasetId: st.datasetId ?? null,
+        lagMs: st.lagMs,
+        lastPollAt: st.lastPollAt ?? null,
+        state: st.state,
+        lastError: safeError(st.lastError),
+        requests: st.requests,
+        bytesReceived: st.bytesReceived,
+        recoveries: st.recoveries ?? 0,
         worker: {
-          url: s.url,
           ready: s.ready,
           lastSyncAt: s.lastSyncAt,
           syncing: s.sync !== null,
           syncs: s.syncs,
           restarts: s.restarts,
           maxAgeMs: s.config.maxAgeMs,
-          lastSyncError: s.lastSyncError ? errorBody(s.lastSyncError).error : null,
+          lastSyncError: safeError(s.lastSyncError),
         },
-      }, st.appliedLsn);
+      }, st.appliedLsn, cors);
     }
 
     if (!s.ready) {
       // No successful sync yet: nothing trustworthy to serve.
-      const e = s.lastSyncError ?? replica.status().lastError ?? new Error("the initial sync has not finished");
-      return json(503, errorBody(e));
+      const e = s.lastSyncError ?? replica.status().lastError ?? { code: "unavailable" };
+      return json(503, errorBody(e), undefined, cors);
     }
     const lsn = replica.status().appliedLsn;
 
@@ -333,18 +450,18 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       // (dot segments such as "a/../b").
       let key;
       if (path === "/kv") {
-        const q = queryBytes(url.search);
-        if (!q.has("key")) return json(400, { error: { code: "invalid_input", message: "use /kv/<key> or /kv?key=<key>" } });
+        if (!q.has("key")) return json(400, badRequest("use /kv/<key> or /kv?key=<key>"), undefined, cors);
         key = q.get("key");
       } else {
         key = percentBytes(path.slice("/kv/".length));
       }
       const value = replica.get(key);
-      if (value === undefined) return json(404, { error: { code: "not_found", message: "no such key" } }, lsn);
+      if (value === undefined) return json(404, { error: { code: "not_found", message: "no such key" } }, lsn, cors);
       return new Response(request.method === "HEAD" ? null : value, {
         status: 200,
         headers: {
-          ...COMMON_HEADERS,
+          "cache-control": "no-store",
+          ...cors,
           "content-type": "application/octet-stream",
           "content-length": String(value.byteLength),
           "x-walcast-lsn": String(lsn),
@@ -353,21 +470,23 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     }
 
     // scan
-    const q = queryBytes(url.search);
     let limit = s.config.scanLimit;
     if (q.has("limit")) {
       const raw = text(q.get("limit"));
-      if (!/^\d+$/.test(raw ?? "")) return json(400, { error: { code: "invalid_input", message: "limit must be an integer >= 0" } });
+      if (!/^\d+$/.test(raw ?? "")) return json(400, badRequest("limit must be an integer >= 0"), undefined, cors);
       limit = Number(raw);
     }
     if (limit > s.config.maxScanLimit) limit = s.config.maxScanLimit;
     const opts = { limit };
     for (const f of ["prefix", "start", "end"]) if (q.has(f)) opts[f] = q.get(f);
+    if (opts.start !== undefined && opts.end !== undefined && compareBytes(opts.start, opts.end) > 0) {
+      return json(400, badRequest("start must not sort after end (start is inclusive, end exclusive)"), lsn, cors);
+    }
     let rows;
     try {
       rows = limit === 0 ? [] : replica.scan(opts);
     } catch (e) {
-      return json(e?.code === "invalid_input" ? 400 : 500, errorBody(e));
+      return json(e?.code === "invalid_input" ? 400 : 500, errorBody(e), undefined, cors);
     }
     const out = rows.map(({ key, value }) => {
       const row = {};
@@ -378,7 +497,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       else row.value_b64 = toBase64(value);
       return row;
     });
-    return json(200, out, lsn);
+    return json(200, out, lsn, cors);
   }
 
   return handle;

@@ -197,3 +197,147 @@ test("keys are percent-decoded bytes; scan rows carry text or base64", async () 
   assert.equal((await call("/scan?limit=-1")).status, 400);
   assert.equal((await call("/other")).status, 404);
 });
+
+test("/scan with start after end answers 400; start equal to end is empty; a non-UTF-8 parameter name is 400", async () => {
+  const { call, made } = setup();
+  const p = call("/status");
+  await flush();
+  made[0].put("a", "1");
+  made[0].put("b", "2");
+  made[0].syncCalls[0].resolve(1);
+  await p;
+  const bad = await call("/scan?start=b&end=a");
+  assert.equal(bad.status, 400);
+  const body = await bad.json();
+  assert.equal(body.error.code, "invalid_input");
+  assert.match(body.error.message, /start must not sort after end/);
+  assert.equal((await call("/scan?start=%FF&end=%00")).status, 400, "byte bounds");
+  assert.equal((await call("/scan?start=a&end=a")).status, 200, "start == end: an empty range");
+  for (const q of ["/scan?%FF=1", "/scan?%C3%28=x", "/kv?%FF"]) {
+    const r = await call(q);
+    assert.equal(r.status, 400, q);
+    assert.equal((await r.json()).error.code, "invalid_input", q);
+  }
+  assert.equal((await call("/kv/a")).status, 200, "still serving");
+});
+
+test("/status and error answers carry no DATASET_URL and no error text, only codes", async () => {
+  const secretUrl = "https://user:s3cret@storage.example/bucket/app";
+  const { handle, made } = (() => {
+    const { FakeReplica, made } = fakeReplicaClass();
+    return { handle: createHandler(FakeReplica, { log: () => {} }), made };
+  })();
+  const env = { DATASET_URL: secretUrl, FIRST_SYNC_WAIT_MS: "50" };
+  const call = (p) => handle(new Request(`http://w${p}`), env, () => {});
+  const leak = (text) => /s3cret|storage\.example/.test(text);
+  const p = call("/kv/a");
+  await flush();
+  const raw = Object.assign(new Error(`GET ${secretUrl}/catalog/head.json: error sending request for url (${secretUrl})`), {
+    code: "unavailable",
+  });
+  made[0].syncCalls[0].reject(raw);
+  const first = await p;
+  assert.equal(first.status, 503);
+  const firstText = await first.text();
+  assert.ok(!leak(firstText), `503 body leaks: ${firstText}`);
+  assert.equal(JSON.parse(firstText).error.code, "unavailable");
+  made[0].status = () => ({
+    appliedLsn: 3,
+    committedLsn: 4,
+    epoch: 1,
+    datasetId: "d",
+    lagMs: 0,
+    lastPollAt: 1,
+    state: "retrying",
+    requests: 2,
+    bytesReceived: 9,
+    running: false,
+    persistError: { code: "persist", message: `cannot save ${secretUrl}` },
+    lastError: { code: "data", message: `checksum mismatch in ${secretUrl}/segments/1/a.wseg`, object: "segments/1/a.wseg", lsn: 4 },
+  });
+  const res = await call("/status");
+  const text = await res.text();
+  assert.equal(res.status, 200);
+  assert.ok(!leak(text), `/status leaks: ${text}`);
+  const st = JSON.parse(text);
+  assert.equal(st.appliedLsn, 3);
+  assert.equal(st.state, "retrying");
+  assert.deepEqual(Object.keys(st.lastError).sort(), ["code", "lsn", "message", "object"]);
+  assert.equal(st.lastError.code, "data");
+  assert.equal(st.lastError.object, "segments/1/a.wseg");
+  assert.equal(st.lastError.lsn, 4);
+  assert.equal(st.worker.url, undefined, "no worker.url");
+  assert.equal(st.worker.lastSyncError.code, "unavailable");
+  assert.equal(st.persistError, undefined, "only the replica's state fields");
+  const bad = await handle(new Request("http://w/status"), { DATASET_URL: secretUrl, MAX_AGE_MS: "x" }, () => {});
+  assert.equal(bad.status, 500);
+  assert.ok(!leak(await bad.text()), "a config error names the variable only");
+});
+
+test("CORS_ORIGINS: default any origin; with a list, only listed origins are echoed, with Vary: Origin", async () => {
+  const { call, made } = setup();
+  const p = call("/status");
+  await flush();
+  made[0].syncCalls[0].resolve(1);
+  await p;
+  const dflt = await call("/kv/x");
+  assert.equal(dflt.headers.get("access-control-allow-origin"), "*");
+  assert.equal(dflt.headers.get("vary"), null);
+
+  const { FakeReplica } = fakeReplicaClass();
+  const handle = createHandler(FakeReplica, { log: () => {} });
+  const env = { DATASET_URL: "http://ds/x", CORS_ORIGINS: " https://a.example , https://b.example/ ", FIRST_SYNC_WAIT_MS: "10" };
+  const req = (p, origin, init = {}) => handle(new Request(`http://w${p}`, { ...init, headers: { ...(origin ? { origin } : {}), ...init.headers } }), env, () => {});
+  for (const o of ["https://a.example", "https://b.example"]) {
+    const r = await req("/status", o);
+    assert.equal(r.headers.get("access-control-allow-origin"), o, o);
+    assert.equal(r.headers.get("vary"), "Origin");
+  }
+  const evil = await req("/status", "https://evil.example");
+  assert.equal(evil.headers.get("access-control-allow-origin"), null, "an unlisted origin is not echoed");
+  assert.equal(evil.headers.get("vary"), "Origin");
+  const none = await req("/nope");
+  assert.equal(none.headers.get("access-control-allow-origin"), null);
+  assert.equal(none.headers.get("vary"), "Origin");
+  const pre = await req("/kv/a", "https://a.example", { method: "OPTIONS", headers: { "access-control-request-headers": "if-none-match" } });
+  assert.equal(pre.status, 204);
+  assert.equal(pre.headers.get("access-control-allow-origin"), "https://a.example");
+  assert.match(pre.headers.get("access-control-allow-methods"), /GET/);
+  assert.equal(pre.headers.get("access-control-allow-headers"), "if-none-match");
+  const preEvil = await req("/kv/a", "https://evil.example", { method: "OPTIONS" });
+  assert.equal(preEvil.headers.get("access-control-allow-origin"), null);
+  assert.equal(preEvil.headers.get("access-control-allow-methods"), null);
+  const star = await handle(new Request("http://w/nope", { headers: { origin: "https://x.example" } }), { DATASET_URL: "http://ds/x", CORS_ORIGINS: "*" }, () => {});
+  assert.equal(star.headers.get("access-control-allow-origin"), "*");
+});
+
+test("a replica whose state was replaced by an empty one is not served until a sync succeeds", async () => {
+  const { FakeReplica, made } = fakeReplicaClass();
+  FakeReplica.prototype.onReset = function (cb) {
+    this.resetCb = cb;
+  };
+  let t = 1_000_000;
+  const handle = createHandler(FakeReplica, { now: () => t, log: () => {} });
+  const env = { DATASET_URL: "http://ds/x", MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "20" };
+  const call = (p) => handle(new Request(`http://w${p}`), env, () => {});
+  const p = call("/kv/k");
+  await flush();
+  made[0].put("k", "v");
+  made[0].syncCalls[0].resolve(5);
+  assert.equal((await p).status, 200);
+  // Rebuilt empty (e.g. after an internal error): no 404s for keys it will have again.
+  made[0].entries.clear();
+  made[0].lsn = 0;
+  made[0].resetCb({ lsn: 0 });
+  t += 1;
+  const waiting = await call("/kv/k");
+  assert.equal(waiting.status, 503, "not served while empty");
+  const pending = made[0].syncCalls.at(-1);
+  made[0].put("k", "v");
+  pending.resolve(5);
+  await flush();
+  t += 1;
+  const back = await call("/kv/k");
+  assert.equal(back.status, 200);
+  assert.equal(await back.text(), "v");
+});

@@ -39,7 +39,9 @@ const fx = await datasets.newInstance(); // the worker services' datasets
 const fxSlow = await datasets.newInstance(); // behind the delaying proxy
 const fxConf = await datasets.newInstance(); // the in-isolate conformance run
 const fxDeno = await datasets.newInstance(); // worker/deno.js under Deno
-const instances = [fx, fxSlow, fxConf, fxDeno];
+const fxMore = await datasets.newInstance(); // bad scans, CORS_ORIGINS
+const instances = [fx, fxSlow, fxConf, fxDeno, fxMore];
+const hostileToken = `workerd-${process.pid}-${Date.now()}`;
 const tmp = makeTmp("walcast-workerd-");
 
 // A proxy in front of `walcast serve` that can hold every response back, to
@@ -165,6 +167,9 @@ if (bundle?.ok) {
   };
 }
 services.missing = { bindings: { DATASET_URL: `${fx.base}/no-such-dataset`, FIRST_SYNC_WAIT_MS: "3000" } };
+services.scanbad = { bindings: { DATASET_URL: fxMore.scenarios.midhistory.url, MAX_AGE_MS: "0" } };
+services.cors = { bindings: { DATASET_URL: fxMore.scenarios.basic.url, CORS_ORIGINS: "https://app.example, https://admin.example" } };
+services.hostile = { bindings: { DATASET_URL: `${datasets.controlUrl}/hostile/endless/${hostileToken}`, MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "1000" } };
 fs.writeFileSync(path.join(tmp, "fixtures.json"), JSON.stringify(fxConf));
 services.conformance = { modules: confModules, bindings: { FIXTURES: { embed: path.join(tmp, "fixtures.json") }, CONTROL: datasets.controlUrl } };
 
@@ -253,8 +258,8 @@ after(async () => {
 
 const base = (svc) => `http://127.0.0.1:${services[svc].port}`;
 
-async function get(svc, p) {
-  const r = await fetch(base(svc) + p, { signal: AbortSignal.timeout(150_000) });
+async function get(svc, p, init = {}) {
+  const r = await fetch(base(svc) + p, { signal: AbortSignal.timeout(150_000), ...init });
   const body = new Uint8Array(await r.arrayBuffer());
   return { status: r.status, headers: r.headers, body };
 }
@@ -447,7 +452,7 @@ test("worker: corruption -> lastError data, the last good values still served", 
     return { done: s.lastError?.code === "data", value: s };
   }, 120_000, "status shows lastError.code data");
   assert.equal(s.appliedLsn, f1.goodLsn, "appliedLsn stays at the last good LSN");
-  assert.ok(s.lastError.message.includes(f1.expectError.object.split("/").pop()), `the error names the object: ${s.lastError.message}`);
+  assert.equal(s.lastError.object, f1.expectError.object, `the error names the object: ${JSON.stringify(s.lastError)}`);
   await expectServed("corrupt", f1.expected, "after the data error");
   assert.equal((await status("corrupt")).appliedLsn, f1.goodLsn, "still at the last good LSN");
 });
@@ -525,6 +530,88 @@ test("worker: with MAX_AGE_MS 1000, reads within a second start no sync", { time
     const s = await status("idle");
     return { done: s.worker.syncs > s1.worker.syncs && !s.worker.syncing, value: s.worker };
   }, 10_000, "a request after MAX_AGE_MS starts a background sync");
+});
+
+test("worker: /scan with start after end answers 400; the replica keeps syncing", { timeout: TIMEOUT }, async () => {
+  const f0 = fxMore.scenarios.midhistory;
+  assert.equal((await status("scanbad")).appliedLsn, f0.expected.lsn, "stage 0");
+  const bad = await getJSON("scanbad", "/scan?start=b&end=a");
+  assert.equal(bad.status, 400, `/scan?start=b&end=a: ${JSON.stringify(bad.json)}`);
+  assert.equal(bad.json.error.code, "invalid_input");
+  assert.match(bad.json.error.message, /start/);
+  const same = await getJSON("scanbad", "/scan?start=user%3A&end=user%3A");
+  assert.equal(same.status, 200, "start == end");
+  assert.deepEqual(same.json, [], "start == end: an empty range");
+  const inPrefix = await getJSON("scanbad", "/scan?prefix=user%3A&end=a");
+  assert.equal(inPrefix.status, 200, "end before the prefix");
+  assert.deepEqual(inPrefix.json, [], "end before the prefix: empty");
+  for (const q of ["/scan?%FF=1", "/kv?%FE%FF=a"]) {
+    const r = await getJSON("scanbad", q);
+    assert.equal(r.status, 400, `${q}: ${JSON.stringify(r.json)}`);
+    assert.equal(r.json.error.code, "invalid_input", q);
+  }
+  // Later publishes are still picked up, and reads still served.
+  const f1 = await datasets.mutate(fxMore.instance, "midhistory");
+  const s = await until(async () => {
+    const s = await status("scanbad");
+    return { done: s.appliedLsn === f1.expected.lsn, value: s };
+  }, 60_000, "a later publish is applied after the bad scans");
+  assert.equal(s.worker.lastSyncError, null, "no sync error");
+  assert.equal(s.lastError, null, "no replica error");
+  await expectServed("scanbad", f1.expected, "after the bad scans");
+});
+
+test("worker: /status carries the replica's state and error codes only, never DATASET_URL", { timeout: TIMEOUT }, async () => {
+  const hostOf = (u) => new URL(u).host;
+  for (const svc of ["basic", "missing"]) {
+    const r = await get(svc, "/status");
+    const text = Buffer.from(r.body).toString("utf8");
+    const url = services[svc].bindings.DATASET_URL;
+    assert.ok(!text.includes(hostOf(url)) && !text.includes(new URL(url).pathname), `/status of ${svc} names DATASET_URL: ${text}`);
+    const st = JSON.parse(text);
+    assert.equal(st.worker.url, undefined, "no worker.url");
+    for (const e of [st.lastError, st.worker.lastSyncError]) {
+      if (e) assert.deepEqual(Object.keys(e).filter((k) => !["code", "message", "object", "lsn"].includes(k)), [], JSON.stringify(e));
+    }
+  }
+  const missing = await getJSON("missing", "/kv/a");
+  assert.equal(missing.status, 503);
+  assert.equal(missing.json.error.code, "not_found");
+  assert.ok(!JSON.stringify(missing.json).includes(hostOf(fx.base)), `503 names the dataset URL: ${JSON.stringify(missing.json)}`);
+});
+
+test("worker: CORS_ORIGINS echoes only listed origins, with Vary: Origin; the default is any origin", { timeout: TIMEOUT }, async () => {
+  const ok = await get("cors", "/status", { headers: { origin: "https://app.example" } });
+  assert.equal(ok.status, 200);
+  assert.equal(ok.headers.get("access-control-allow-origin"), "https://app.example");
+  assert.match(ok.headers.get("vary") ?? "", /Origin/);
+  const other = await get("cors", "/kv/user%3A0", { headers: { origin: "https://evil.example" } });
+  assert.equal(other.headers.get("access-control-allow-origin"), null, "an unlisted origin gets no CORS grant");
+  assert.match(other.headers.get("vary") ?? "", /Origin/);
+  const pre = await get("cors", "/kv/user%3A0", { method: "OPTIONS", headers: { origin: "https://admin.example", "access-control-request-method": "GET" } });
+  assert.equal(pre.status, 204);
+  assert.equal(pre.headers.get("access-control-allow-origin"), "https://admin.example");
+  const preOther = await get("cors", "/kv/user%3A0", { method: "OPTIONS", headers: { origin: "https://evil.example", "access-control-request-method": "GET" } });
+  assert.equal(preOther.headers.get("access-control-allow-origin"), null);
+  const dflt = await get("basic", "/status", { headers: { origin: "https://anything.example" } });
+  assert.equal(dflt.headers.get("access-control-allow-origin"), "*", "default: any origin");
+});
+
+test("worker: a head body far over 1 MiB is cut off: data error naming catalog/head.json, bounded transfer", { timeout: TIMEOUT }, async () => {
+  const s = await until(async () => {
+    const s = await status("hostile");
+    return { done: s.lastError?.code === "data" || s.worker.lastSyncError?.code === "data", value: s };
+  }, 120_000, "status shows a data error");
+  const e = s.lastError?.code === "data" ? s.lastError : s.worker.lastSyncError;
+  assert.equal(e.object, "catalog/head.json", JSON.stringify(s));
+  assert.ok(s.bytesReceived <= s.requests * (2 ** 20 + 1), `${s.bytesReceived} body bytes in ${s.requests} requests`);
+  const kv = await getJSON("hostile", "/kv/a");
+  assert.equal(kv.status, 503);
+  assert.equal(kv.json.error.code, "data");
+  const stats = await (await fetch(`${datasets.controlUrl}/hostile-stats/${hostileToken}`)).json();
+  log(`workerd hostile head: ${stats.requests} requests, at most ${stats.maxSent} bytes sent of one (offered 64 MiB)`);
+  assert.ok(stats.requests >= 1);
+  assert.ok(stats.maxSent <= 24 * 2 ** 20, `workerd pulled ${stats.maxSent} bytes of one response`);
 });
 
 // --- the conformance suite inside workerd -----------------------------------------------
