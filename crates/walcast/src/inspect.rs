@@ -50,8 +50,13 @@ pub async fn read_catalog(f: &AnyFetch) -> Result<(Head, Vec<SegmentEntry>, Vec<
 }
 
 /// Runs `walcast inspect`.
-pub async fn inspect(url: &str, verify: bool, as_json: bool) -> Result<()> {
-    let f = AnyFetch::for_url(url)?;
+pub async fn inspect(url: &str, headers: &[String], verify: bool, as_json: bool) -> Result<()> {
+    let f = AnyFetch::for_url_with_headers(url, headers)?;
+    // A query string may carry a credential: never print it.
+    let url = match url.split_once('?') {
+        Some((base, _)) => format!("{base}?…"),
+        None => url.to_string(),
+    };
     let (head, segments, pages) = read_catalog(&f).await?;
     let mut gaps = Vec::new();
     let mut next = segments.first().map(|s| s.first_lsn);

@@ -112,6 +112,10 @@ enum Cmd {
         /// Segment GETs in flight at most.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
+        /// A header sent with every GET of an http(s):// dataset, as
+        /// 'Name: value' (repeatable), e.g. 'Authorization: Bearer …'. Never logged.
+        #[arg(long = "header", value_name = "NAME: VALUE")]
+        headers: Vec<String>,
     },
     /// Print a key's value from a local replica (exit 1 when absent).
     Get {
@@ -143,6 +147,10 @@ enum Cmd {
         /// One JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// A header sent with every GET of an http(s):// dataset, as
+        /// 'Name: value' (repeatable). Never logged.
+        #[arg(long = "header", value_name = "NAME: VALUE")]
+        headers: Vec<String>,
     },
     /// Writer, publisher, `walcast serve` and a replica on embedded defaults.
     Demo {
@@ -322,6 +330,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             interval,
             once,
             concurrency,
+            headers,
         } => {
             let opts = ReplicateOptions {
                 interval,
@@ -330,7 +339,9 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                 progress: true,
                 sink: None,
             };
-            let result = walcast::replica::replicate(&url, &local, &opts, ctrl_c()).await;
+            let result =
+                walcast::replica::replicate_with_headers(&url, &headers, &local, &opts, ctrl_c())
+                    .await;
             if std::env::var("WALCAST_REPLICATE_STATS").is_ok_and(|v| v == "1") {
                 eprintln!("requests={}", walcast::replica::last_requests());
             }
@@ -371,8 +382,13 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Inspect { url, verify, json } => {
-            walcast::inspect::inspect(&url, verify, json).await?;
+        Cmd::Inspect {
+            url,
+            verify,
+            json,
+            headers,
+        } => {
+            walcast::inspect::inspect(&url, &headers, verify, json).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo { duration, rate } => {

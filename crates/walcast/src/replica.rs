@@ -211,10 +211,13 @@ pub fn load(dir: &Path) -> Result<Local> {
 }
 
 /// GETs over HTTP(S) with reqwest, relative to a base URL.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpFetch {
     client: reqwest::Client,
     base: String,
+    /// The dataset URL's query string (e.g. `?token=…`), added to every GET
+    /// and left out of every message.
+    query: Option<String>,
     /// GETs issued.
     pub requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -222,23 +225,66 @@ pub struct HttpFetch {
 impl HttpFetch {
     /// A fetcher for objects under `base` (e.g. `https://cdn.example.com/app`).
     pub fn new(base: &str) -> Result<HttpFetch> {
+        Self::with_headers(base, &[])
+    }
+
+    /// Like [`new`](Self::new), sending `headers` (each `Name: value`, e.g.
+    /// `Authorization: Bearer …`) with every GET. Header values are marked
+    /// sensitive and never printed; a query string in `base` (a token in a
+    /// URL) is sent with every GET and left out of every message.
+    pub fn with_headers(base: &str, headers: &[String]) -> Result<HttpFetch> {
+        let mut map = reqwest::header::HeaderMap::new();
+        for h in headers {
+            let (name, value) = parse_header(h)?;
+            map.append(name, value);
+        }
         let client = reqwest::Client::builder()
             .user_agent(concat!("walcast/", env!("CARGO_PKG_VERSION")))
+            .default_headers(map)
             .build()?;
+        let (path, query) = match base.split_once('?') {
+            Some((p, q)) if !q.is_empty() => (p, Some(q.to_string())),
+            Some((p, _)) => (p, None),
+            None => (base, None),
+        };
         Ok(HttpFetch {
             client,
-            base: base.trim_end_matches('/').to_string(),
+            base: path.trim_end_matches('/').to_string(),
+            query,
             requests: Default::default(),
         })
     }
 }
 
+impl std::fmt::Debug for HttpFetch {
+    // The query and the headers may hold credentials: show neither.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpFetch")
+            .field("base", &self.base)
+            .field("query", &self.query.as_ref().map(|_| "…"))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses `Name: value` into a header whose value is marked sensitive.
+fn parse_header(h: &str) -> Result<(reqwest::header::HeaderName, reqwest::header::HeaderValue)> {
+    let (name, value) = h
+        .split_once(':')
+        .ok_or_else(|| anyhow::anyhow!("invalid_input: a header must be 'Name: value'"))?;
+    let name = reqwest::header::HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|_| anyhow::anyhow!("invalid_input: invalid header name {:?}", name.trim()))?;
+    let mut value = reqwest::header::HeaderValue::from_str(value.trim())
+        .map_err(|_| anyhow::anyhow!("invalid_input: invalid value for header {name}"))?;
+    value.set_sensitive(true);
+    Ok((name, value))
+}
+
 impl HttpFetch {
     /// One GET, without the outer deadline.
-    async fn exchange(&self, url: &str, req: &GetRequest) -> GetResponse {
+    async fn exchange(&self, url: &str, shown: &str, req: &GetRequest) -> GetResponse {
         let failed = |status: Option<u16>, what: String| GetResponse::Failed {
             status,
-            message: format!("GET {url}: {what}"),
+            message: format!("GET {shown}: {what}"),
         };
         // reqwest's timeout covers the whole exchange, body included.
         let mut rb = self
@@ -256,7 +302,8 @@ impl HttpFetch {
             Err(e) if e.is_timeout() => {
                 return failed(None, format!("timed out after {} ms", req.timeout_ms))
             }
-            Err(e) => return failed(None, e.to_string()),
+            // reqwest's error names the URL: print it without the query.
+            Err(e) => return failed(None, e.without_url().to_string()),
         };
         let status = resp.status().as_u16();
         let range = match status {
@@ -280,7 +327,7 @@ impl HttpFetch {
             s => {
                 return GetResponse::Failed {
                     status: Some(s),
-                    message: format!("GET {url}"),
+                    message: format!("GET {shown}"),
                 }
             }
         };
@@ -306,7 +353,10 @@ impl HttpFetch {
                 Some(status),
                 format!("reading the body: timed out after {} ms", req.timeout_ms),
             ),
-            Err(e) => failed(Some(status), format!("reading the body: {e}")),
+            Err(e) => failed(
+                Some(status),
+                format!("reading the body: {}", e.without_url()),
+            ),
         }
     }
 }
@@ -315,14 +365,20 @@ impl Fetch for HttpFetch {
     async fn get(&self, req: GetRequest) -> GetResponse {
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let url = format!("{}/{}", self.base, req.key);
+        // Messages name the object's URL without the query (it may hold a
+        // credential).
+        let shown = format!("{}/{}", self.base, req.key);
+        let url = match &self.query {
+            Some(q) => format!("{shown}?{q}"),
+            None => shown.clone(),
+        };
         // Also bounded here, whatever the client does with its timeout.
         let limit = Duration::from_millis(req.timeout_ms.max(1));
-        match tokio::time::timeout(limit, self.exchange(&url, &req)).await {
+        match tokio::time::timeout(limit, self.exchange(&url, &shown, &req)).await {
             Ok(r) => r,
             Err(_) => GetResponse::Failed {
                 status: None,
-                message: format!("GET {url}: timed out after {} ms", req.timeout_ms),
+                message: format!("GET {shown}: timed out after {} ms", req.timeout_ms),
             },
         }
     }
@@ -366,8 +422,20 @@ pub enum AnyFetch {
 impl AnyFetch {
     /// The seam for `url`.
     pub fn for_url(url: &str) -> Result<AnyFetch> {
+        Self::for_url_with_headers(url, &[])
+    }
+
+    /// The seam for `url`, sending `headers` (`Name: value`) with every GET
+    /// of an http(s):// dataset; other schemes take their credentials from
+    /// the environment and refuse headers.
+    pub fn for_url_with_headers(url: &str, headers: &[String]) -> Result<AnyFetch> {
         if url.starts_with("http://") || url.starts_with("https://") {
-            Ok(AnyFetch::Http(HttpFetch::new(url)?))
+            Ok(AnyFetch::Http(HttpFetch::with_headers(url, headers)?))
+        } else if !headers.is_empty() {
+            anyhow::bail!(
+                "invalid_input: --header applies to http(s):// datasets; {} takes credentials from the environment",
+                url.split("://").next().unwrap_or("this scheme")
+            )
         } else {
             Ok(AnyFetch::Store(StoreFetch::new(Store::open(url)?)))
         }
@@ -460,6 +528,24 @@ pub async fn replicate(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<ReplicateReport> {
     replicate_from(AnyFetch::for_url(url)?, local, opts, stop).await
+}
+
+/// [`replicate`] with headers (`Name: value`) sent with every GET of an
+/// http(s):// dataset, e.g. `Authorization: Bearer …`.
+pub async fn replicate_with_headers(
+    url: &str,
+    headers: &[String],
+    local: &Path,
+    opts: &ReplicateOptions,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<ReplicateReport> {
+    replicate_from(
+        AnyFetch::for_url_with_headers(url, headers)?,
+        local,
+        opts,
+        stop,
+    )
+    .await
 }
 
 /// Runs [`replicate_from`] on a blocking thread with a current-thread
