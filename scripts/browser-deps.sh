@@ -28,13 +28,11 @@ if npm_works; then
   say "skip npm: workerd $("$DIR/node_modules/.bin/workerd" --version | awk '{print $2}'), wrangler $(node -p "require('./$DIR/node_modules/wrangler/package.json').version"), playwright-core $(node -p "require('./$DIR/node_modules/playwright-core/package.json').version") already installed"
 else
   say "installing workerd, wrangler and playwright-core into $DIR/node_modules"
-  if [ -f "$DIR/package-lock.json" ]; then
-    (cd "$DIR" && npm ci --no-audit --no-fund --loglevel=error) ||
-      (cd "$DIR" && npm install --no-audit --no-fund --loglevel=error)
-  else
-    (cd "$DIR" && npm install --no-audit --no-fund --loglevel=error)
-  fi
-  npm_works || { say "error: workerd, wrangler or playwright-core still missing after npm install"; exit 1; }
+  # `npm ci` installs exactly the committed lock and never rewrites it, so
+  # the test suite leaves the working tree as it found it.
+  [ -f "$DIR/package-lock.json" ] || { say "error: $DIR/package-lock.json is missing"; exit 1; }
+  (cd "$DIR" && npm ci --no-audit --no-fund --loglevel=error)
+  npm_works || { say "error: workerd, wrangler or playwright-core still missing after npm ci"; exit 1; }
   say "installed workerd $("$DIR/node_modules/.bin/workerd" --version | awk '{print $2}')"
 fi
 

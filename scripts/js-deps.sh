@@ -4,8 +4,7 @@
 #   - js/:        devDependencies (typescript, for the .d.ts check)
 #   - tests/js/:  deno (the real binary ships in the npm package), fake-indexeddb
 #                 (IndexedDB for the Node run), and `walcast` linked to ../../js
-# Versions come from the committed package-lock.json files (written by the
-# first install). npm does not run install scripts here, and nothing here
+# Versions come from the committed package-lock.json files (`npm ci`). npm does not run install scripts here, and nothing here
 # needs them.
 #
 # Deno is used with DENO_NO_UPDATE_CHECK=1 DENO_NO_PROMPT=1 DENO_DIR=<repo>/.deno
@@ -42,15 +41,13 @@ install() {
     say "skip $dir: dependencies installed"
     return
   fi
-  # `npm install` follows package-lock.json (exact versions) and writes it when
-  # missing. Not `npm ci`: npm 11 leaves other platforms' optional packages
-  # (deno's per-OS binaries) out of the lock, and `npm ci` then refuses it.
-  if [[ -f $dir/package-lock.json ]]; then
-    say "$dir: npm install (from package-lock.json)"
-  else
-    say "$dir: npm install (writes package-lock.json)"
-  fi
-  (cd "$dir" && npm install "${NPM_FLAGS[@]}")
+  # `npm ci` installs exactly the committed package-lock.json and never
+  # rewrites it, so the test suite leaves the working tree as it found it.
+  # The locks list every platform's optional packages (deno's per-OS
+  # binaries); npm picks this machine's.
+  [[ -f $dir/package-lock.json ]] || { say "error: $dir/package-lock.json is missing"; exit 1; }
+  say "$dir: npm ci (from package-lock.json)"
+  (cd "$dir" && npm ci "${NPM_FLAGS[@]}")
   for check in "$@"; do
     (cd "$dir" && eval "$check") >/dev/null 2>&1 || { say "error: '$check' fails in $dir after install"; exit 1; }
   done
