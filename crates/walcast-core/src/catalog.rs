@@ -235,6 +235,19 @@ pub struct SnapshotEntry {
     pub crc32: u32,
     /// Number of entries.
     pub entries: u64,
+    /// The snapshot file's version (`docs/FORMAT.md`): 2 for a
+    /// block-indexed snapshot a lazy replica can read by blocks. Absent in
+    /// the JSON for version 1.
+    #[serde(default = "snapshot_version_1", skip_serializing_if = "is_version_1")]
+    pub version: u16,
+}
+
+fn snapshot_version_1() -> u16 {
+    1
+}
+
+fn is_version_1(v: &u16) -> bool {
+    *v == 1
 }
 
 /// A pointer to an immutable catalog page.

@@ -381,8 +381,9 @@ pub fn indexed_snapshot(data: &[u8]) {
     let complete = loop {
         steps += 1;
         assert!(steps <= 10_000, "a scan did not end");
+        let step = lazy.scan_step(&mut cursor, &mut out);
         let next = cursor.next.clone();
-        let fed = match lazy.scan_step(&mut cursor, &mut out) {
+        let fed = match step {
             Err(_) => break false,
             Ok(None) => break true,
             Ok(Some(Need::Suffix(n))) => {

@@ -433,6 +433,12 @@ impl SortedBuilder {
     }
 }
 
+/// The smallest key above every key starting with `prefix` (`None` when no
+/// such key exists: an empty prefix or one of only 0xff bytes).
+pub(crate) fn prefix_end_key(prefix: &[u8]) -> Option<Vec<u8>> {
+    prefix_end(prefix)
+}
+
 fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {

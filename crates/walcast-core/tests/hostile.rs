@@ -187,6 +187,7 @@ fn dataset(last: u64, per: u64, snap: Option<u64>, epoch: u64) -> Dataset {
             size: bytes.len() as u64,
             crc32: crc32fast::hash(&bytes),
             entries: st.len(),
+            version: 1,
         };
         store.put(e.key.clone(), bytes);
         e

@@ -56,6 +56,7 @@ struct Coverage {
     race_claims: u64,
     commits: u64,
     applied: u64,
+    lazy_reads: u64,
 }
 
 impl Coverage {
@@ -64,6 +65,7 @@ impl Coverage {
             ($($f:ident),*) => { $(self.$f += c.$f;)* };
         }
         sum!(
+            lazy_reads,
             f5xx,
             lost_ack,
             truncated,
@@ -131,6 +133,8 @@ struct RepActor {
     applied: u64,
     persisted: Option<(KvState, u64, walcast_core::catalog::DatasetId, u64)>,
     cfg: ReplicaConfig,
+    /// Lazy mode: reads go through `get_lazy`/`scan_lazy`; nothing persists.
+    lazy: bool,
 }
 
 struct Sim {
@@ -227,8 +231,11 @@ impl Sim {
             sim.pubs.push(Some(a));
             let _ = i;
         }
-        for i in 0..n_reps {
-            let raw = i == 2;
+        // Sometimes a lazy replica beside the others.
+        let lazy_at = sim.rng.random_bool(0.5).then_some(n_reps);
+        for i in 0..n_reps + usize::from(lazy_at.is_some()) {
+            let raw = i == 2 && Some(i) != lazy_at;
+            let lazy = Some(i) == lazy_at;
             let cfg = ReplicaConfig {
                 poll_interval_ms: sim.rng.random_range(20..400),
                 max_inflight: sim.rng.random_range(1..5),
@@ -240,6 +247,7 @@ impl Sim {
                 mode: if raw { Mode::Raw } else { Mode::Kv },
                 emit_records: !raw && i == 0,
                 rewind_after_ms: 60_000,
+                lazy_cache_bytes: lazy.then(|| sim.rng.random_range(64..4096)),
             };
             let slow = i == 1;
             let seed = sim.rng.random();
@@ -252,6 +260,7 @@ impl Sim {
                 applied: 0,
                 persisted: None,
                 cfg,
+                lazy,
             });
         }
         sim
@@ -672,12 +681,15 @@ impl Sim {
                     );
                 }
                 self.cov.applied += last - first + 1;
-                if !r.raw {
+                let lazy = r.lazy;
+                if !r.raw && !lazy {
                     self.check_state(r.m.state(), last, &format!("replica {i}"));
                 }
                 let r = &mut self.reps[i];
                 r.applied = last;
-                if !r.raw {
+                if lazy {
+                    self.check_lazy_reads(i);
+                } else if !r.raw {
                     r.persisted = Some((
                         r.m.state().clone(),
                         last,
@@ -704,6 +716,11 @@ impl Sim {
                     self.cov.gaps_rebootstrap += 1;
                 }
                 self.cov.bootstraps += 1;
+                if r.lazy {
+                    self.reps[i].applied = lsn;
+                    self.check_lazy_reads(i);
+                    return;
+                }
                 self.check_state(r.m.state(), lsn, &format!("replica {i} after bootstrap"));
                 let r = &mut self.reps[i];
                 r.applied = lsn;
@@ -732,13 +749,90 @@ impl Sim {
         }
     }
 
+    /// A lazy replica's reads, point and scan, against the origin's state
+    /// at its applied LSN: a read that is ready must be right; a pending one
+    /// queued the GETs it needs, which the network delivers later.
+    fn check_lazy_reads(&mut self, i: usize) {
+        let applied = self.reps[i].m.applied_lsn();
+        let model = self.models[applied as usize].clone();
+        let mut keys: Vec<Vec<u8>> = model.keys().take(3).cloned().collect();
+        keys.push(format!("k{}", self.rng.random_range(0..40)).into_bytes());
+        if let Some(k) = model
+            .keys()
+            .nth(self.rng.random_range(0..model.len().max(1)))
+        {
+            keys.push(k.clone());
+        }
+        for k in keys {
+            if let Ok(replica::Read::Ready(v)) = self.reps[i].m.get_lazy(&k) {
+                self.cov.lazy_reads += 1;
+                if v.as_ref() != model.get(&k) {
+                    fail(
+                        self.seed,
+                        format!("lazy replica {i} read {k:?} wrong at LSN {applied}"),
+                    );
+                }
+            }
+        }
+        let limit = self.rng.random_range(0..8);
+        let mut scan = replica::LazyScan::new(b"", None, limit);
+        if let Ok(replica::Read::Ready(got)) = self.reps[i].m.scan_lazy(&mut scan) {
+            self.cov.lazy_reads += 1;
+            let want: Vec<_> = model
+                .iter()
+                .take(limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if got != want {
+                fail(
+                    self.seed,
+                    format!("lazy replica {i} scanned wrong at LSN {applied}"),
+                );
+            }
+        }
+    }
+
+    /// At the end: every key of the final state, read lazily, is right.
+    fn check_lazy_end(&mut self, i: usize, target: u64) {
+        let model = self.models[target as usize].clone();
+        let mut scan = replica::LazyScan::new(b"", None, usize::MAX);
+        let mut last = String::new();
+        for _ in 0..100_000 {
+            match self.reps[i].m.scan_lazy(&mut scan) {
+                Ok(replica::Read::Ready(got)) => {
+                    let want: Vec<_> = model.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                    if got != want {
+                        fail(self.seed, format!("lazy replica {i}: final scan differs"));
+                    }
+                    return;
+                }
+                other => {
+                    last = format!("{other:?}");
+                    if self.net.is_empty() {
+                        self.now += 20;
+                        self.drive();
+                    } else {
+                        self.step(false, false);
+                    }
+                }
+            }
+        }
+        fail(
+            self.seed,
+            format!(
+                "lazy replica {i}: the final scan never completed: {last}, {:?}",
+                self.reps[i].m.status(self.now)
+            ),
+        );
+    }
+
     fn crash_replica(&mut self, i: usize) {
         self.cov.rep_crash += 1;
         self.inc += 1;
         let seed = self.rng.random();
         let r = &mut self.reps[i];
         r.inc = self.inc;
-        r.m = match (&r.persisted, r.raw) {
+        r.m = match (&r.persisted, r.raw || r.lazy) {
             (Some((st, lsn, id, epoch)), false) => {
                 Replica::restore(r.cfg.clone(), seed, st.clone(), *lsn, *id, *epoch)
             }
@@ -877,8 +971,11 @@ impl Sim {
                 self.pubs[0] = Some(a);
             }
         }
-        for (i, r) in self.reps.iter().enumerate() {
-            if !r.raw {
+        for i in 0..self.reps.len() {
+            let r = &self.reps[i];
+            if r.lazy {
+                self.check_lazy_end(i, target);
+            } else if !r.raw {
                 self.check_state(r.m.state(), target, &format!("replica {i} at the end"));
             }
         }
@@ -945,6 +1042,7 @@ fn simulation() {
             ("pages", total.pages),
             ("range GETs", total.range_gets),
             ("304s", total.head_304),
+            ("lazy reads answered", total.lazy_reads),
         ] {
             assert!(n > 0, "no {name} happened in {} seeds", seeds.len());
         }

@@ -24,6 +24,10 @@ impl Publisher {
         if self.snapshot.is_some() || lsn < last + every {
             return;
         }
+        let version = match self.cfg.snapshot_format {
+            super::SnapshotFormat::Chunked => 1,
+            super::SnapshotFormat::Indexed(_) => 2,
+        };
         let bytes = match self.cfg.snapshot_format {
             super::SnapshotFormat::Chunked => {
                 crate::snapshot::encode(state, lsn, self.epoch, head.dataset_id)
@@ -43,6 +47,7 @@ impl Publisher {
             size: bytes.len() as u64,
             crc32: crc32fast::hash(&bytes),
             entries: state.len(),
+            version,
         };
         self.snapshot = Some(PendingSnapshot {
             entry,

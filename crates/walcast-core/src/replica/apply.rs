@@ -27,7 +27,10 @@ impl Replica {
                 match self.cfg.mode {
                     Mode::Kv => match batch::decode(payload) {
                         Ok(ops) => {
-                            self.state.apply(&ops);
+                            match self.lazy.as_mut() {
+                                Some(l) => l.apply(lsn, &ops),
+                                None => self.state.apply(&ops),
+                            }
                             if self.cfg.emit_records {
                                 self.events.push_back(Event::Record {
                                     lsn,

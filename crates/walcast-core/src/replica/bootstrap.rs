@@ -126,6 +126,10 @@ impl Replica {
         match result {
             Ok((h, st)) => {
                 self.success(&key);
+                if let Some(l) = self.lazy.as_mut() {
+                    // The state jumps to the snapshot: the overlay starts over.
+                    l.clear();
+                }
                 self.state = st;
                 self.applied = h.lsn;
                 self.dataset = Some(h.dataset_id);

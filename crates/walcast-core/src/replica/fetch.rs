@@ -43,6 +43,11 @@ impl Replica {
             Job::Page(_) => crate::catalog::MAX_PAGE_BYTES as u64,
             Job::Segment(u) => u.entry.size,
             Job::Snapshot { .. } => self.bootstrap.as_ref().map_or(0, |b| b.entry.size),
+            Job::Block(_) => self
+                .lazy
+                .as_ref()
+                .and_then(|l| l.base.as_ref())
+                .map_or(0, |b| b.entry.size),
         };
         self.pending.insert(id, job);
         self.requests += 1;

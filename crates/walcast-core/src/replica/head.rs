@@ -126,12 +126,28 @@ impl Replica {
         self.etag = etag;
         let fresh = self.dataset.is_none();
         let gap = head.earliest_lsn > self.applied + 1;
+        if self.lazy.is_some() {
+            if fresh {
+                self.dataset = Some(head.dataset_id);
+            }
+            if self.lazy_adopt(head.snapshot.as_ref()) {
+                self.head = Some(head);
+                self.caught_up_reported = false;
+                if self.applied >= self.committed {
+                    self.schedule_poll(now);
+                }
+                return;
+            }
+        }
         let use_snapshot = self.cfg.mode == Mode::Kv
             && head.snapshot.as_ref().is_some_and(|s| s.lsn > self.applied)
             && (gap || fresh);
         if use_snapshot {
             let entry = head.snapshot.clone().expect("checked");
             self.clear_plan();
+            // Answers meant for a bootstrap this one replaces are dropped.
+            self.pending
+                .retain(|_, j| !matches!(j, super::Job::Snapshot { .. }));
             self.bootstrap = Some(Bootstrap {
                 entry,
                 dataset_id: head.dataset_id,
@@ -175,7 +191,12 @@ impl Replica {
         self.dataset = Some(id);
         self.clear_plan();
         self.bootstrap = None;
+        self.pending
+            .retain(|_, j| !matches!(j, super::Job::Snapshot { .. }));
         self.pages.clear();
+        if let Some(l) = self.lazy.as_mut() {
+            l.clear();
+        }
     }
     /// An object failed verification against the entry the head gave for
     /// it: the object or the head may be wrong. Read the head again in full
@@ -209,5 +230,7 @@ impl Replica {
             },
         );
         self.bootstrap = None;
+        self.pending
+            .retain(|_, j| !matches!(j, super::Job::Snapshot { .. }));
     }
 }

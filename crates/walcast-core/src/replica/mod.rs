@@ -29,8 +29,11 @@ mod apply;
 mod bootstrap;
 mod fetch;
 mod head;
+mod lazy;
 mod plan;
 mod verify;
+
+pub use self::lazy::{Entries, LazyScan, LazyStatus, Read};
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -85,6 +88,11 @@ pub struct ReplicaConfig {
     /// [`Event::Record`] (before its [`Event::Applied`]), e.g. to append it
     /// to a local log so a restart does not refetch it.
     pub emit_records: bool,
+    /// Lazy mode, with this many bytes of snapshot blocks cached: the
+    /// replica adopts the newest snapshot without downloading it, replays
+    /// only what follows it, and reads through
+    /// [`Replica::get_lazy`] / [`Replica::scan_lazy`]. `None`: full mode.
+    pub lazy_cache_bytes: Option<u64>,
 }
 
 impl Default for ReplicaConfig {
@@ -100,6 +108,7 @@ impl Default for ReplicaConfig {
             mode: Mode::Kv,
             rewind_after_ms: 60_000,
             emit_records: false,
+            lazy_cache_bytes: None,
         }
     }
 }
@@ -222,6 +231,8 @@ pub struct Status {
     pub requests: u64,
     /// Body bytes received so far.
     pub bytes_received: u64,
+    /// Lazy mode's cache and overlay, in lazy mode.
+    pub lazy: Option<LazyStatus>,
 }
 
 #[derive(Debug, Clone)]
@@ -230,6 +241,7 @@ enum Job {
     Page(PageRef),
     Segment(Unit),
     Snapshot { offset: u64 },
+    Block(lazy::BlockJob),
 }
 
 /// The replay machine.
@@ -283,11 +295,14 @@ pub struct Replica {
     /// Since when every head read commits less than `applied`, and how many.
     behind_since: Option<u64>,
     behind_reads: u32,
+    /// Lazy mode's base snapshot, overlay and block fetches.
+    lazy: Option<lazy::Lazy>,
 }
 
 impl Replica {
     /// A fresh replica with no state. `seed` drives retry jitter.
     pub fn new(cfg: ReplicaConfig, seed: u64) -> Self {
+        let cfg_lazy = cfg.lazy_cache_bytes;
         Replica {
             cfg,
             rng: seed,
@@ -324,6 +339,7 @@ impl Replica {
             caught_up_reported: false,
             behind_since: None,
             behind_reads: 0,
+            lazy: cfg_lazy.map(lazy::Lazy::new),
         }
     }
 
@@ -395,6 +411,7 @@ impl Replica {
             last_error: self.last_error.clone(),
             requests: self.requests,
             bytes_received: self.bytes,
+            lazy: self.lazy.as_ref().map(lazy::Lazy::status),
         }
     }
 
@@ -440,6 +457,10 @@ impl Replica {
         }
         if self.head_inflight && !self.started {
             return self.wait(now);
+        }
+        // Blocks lazy reads are waiting for.
+        if let Some(a) = self.next_block_fetch() {
+            return a;
         }
         // Snapshot.
         if let Some(b) = &mut self.bootstrap {
@@ -538,6 +559,7 @@ impl Replica {
             Job::Page(p) => self.on_page(now, p, resp),
             Job::Segment(u) => self.on_segment(now, u, resp),
             Job::Snapshot { offset } => self.on_snapshot(now, offset, resp),
+            Job::Block(b) => self.on_block(now, b, resp),
         }
     }
 }

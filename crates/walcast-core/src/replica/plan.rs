@@ -32,8 +32,11 @@ impl Replica {
         self.page_wanted = None;
         self.page_inflight = false;
         self.plan_next = self.applied + 1;
-        // Responses to dropped jobs are ignored.
-        self.pending.retain(|_, j| matches!(j, Job::Head));
+        // Responses to dropped jobs are ignored. The head, a bootstrap in
+        // progress and lazy block reads do not depend on the plan: their
+        // requests stay (a bootstrap waits for its answer).
+        self.pending
+            .retain(|_, j| matches!(j, Job::Head | Job::Block(_) | Job::Snapshot { .. }));
     }
 
     /// Finds the entries for LSN `lsn`: from the inline segments, or by

@@ -505,11 +505,13 @@ impl ScanCursor {
             next: start.to_vec(),
             end: end.map(<[u8]>::to_vec),
             remaining: limit,
-            done: limit == 0 || end.is_some_and(|e| e <= start),
+            done: end.is_some_and(|e| e <= start),
         }
     }
 
-    /// Whether the scan has returned everything it will.
+    /// Whether the scan reached its end key or the snapshot's last entry.
+    /// A scan that returned `remaining` entries is paused, not done: raise
+    /// `remaining` and step again to go on from `next`.
     pub fn is_done(&self) -> bool {
         self.done
     }
@@ -519,7 +521,8 @@ impl LazySnapshot {
     /// Advances an ordered scan: appends the entries it can answer from
     /// what it holds to `out`, and returns what it needs next (feed it with
     /// [`feed_suffix`](Self::feed_suffix) or [`feed_range`](Self::feed_range)
-    /// for the key `cursor.next`), or `None` once the scan is done. Blocks
+    /// for the key `cursor.next`), or `None` once the scan is done or has
+    /// returned `cursor.remaining` entries. Blocks
     /// already scanned are never needed again, so a scan of any length works
     /// within any cache size.
     pub fn scan_step(
@@ -530,6 +533,10 @@ impl LazySnapshot {
         // Each turn either returns, finishes, or moves the cursor to the
         // next block, so the loop ends within one turn per block.
         while !cursor.done {
+            if cursor.remaining == 0 {
+                // Paused: `next` is the first key not yet returned.
+                return Ok(None);
+            }
             let (h, data) = match self.locate(&cursor.next)? {
                 Err(need) => return Ok(Some(need)),
                 Ok(None) => match self.first_key() {
@@ -551,8 +558,12 @@ impl LazySnapshot {
                 }));
             };
             for (k, v) in &block.entries()[block.lower_bound(&cursor.next)..] {
-                if cursor.end.as_ref().is_some_and(|e| k >= e) || cursor.remaining == 0 {
+                if cursor.end.as_ref().is_some_and(|e| k >= e) {
                     cursor.done = true;
+                    return Ok(None);
+                }
+                if cursor.remaining == 0 {
+                    cursor.next = k.clone();
                     return Ok(None);
                 }
                 out.push((k.clone(), v.clone()));
@@ -561,9 +572,6 @@ impl LazySnapshot {
             match self.next_block_key(&cursor.next)? {
                 Some(k) if k.as_slice() > cursor.next.as_slice() => cursor.next = k,
                 _ => cursor.done = true,
-            }
-            if cursor.remaining == 0 {
-                cursor.done = true;
             }
         }
         Ok(None)
@@ -854,7 +862,7 @@ mod tests {
                 .map(|(k, v)| (k.to_vec(), v.to_vec()))
                 .collect();
             prop_assert_eq!(got, want);
-            prop_assert!(cur.is_done());
+            prop_assert!(cur.is_done() || cur.remaining == 0);
         }
 
         /// A flipped byte anywhere is either caught, or cannot change an

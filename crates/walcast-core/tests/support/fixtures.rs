@@ -161,6 +161,7 @@ pub(crate) fn golden_head() -> Head {
             size: snap.len() as u64,
             crc32: crc32fast::hash(&snap),
             entries: golden_state().len(),
+            version: 1,
         }),
         segments: vec![SegmentEntry::from_summary(&summary)],
         pages: vec![golden_page_ref(&page)],

@@ -1,0 +1,478 @@
+//! Lazy mode: the replica adopts the newest block-indexed snapshot without
+//! downloading it, replays only the segments after it into an overlay, and
+//! answers reads from the overlay first and the snapshot's blocks second,
+//! fetching the blocks a read needs (footer, index, data) and keeping them in
+//! a cache bounded in bytes.
+//!
+//! Every answer comes from one state the origin had: the snapshot at its LSN
+//! plus the overlay of every batch after it up to the applied LSN. A newer
+//! snapshot at or below the applied LSN replaces the base and drops the
+//! overlay entries it covers; one above it is adopted as the new state.
+
+use std::collections::BTreeMap;
+
+use crate::batch::OpRef;
+use crate::catalog::SnapshotEntry;
+use crate::error::{DecodeError, Error, ErrorKind};
+use crate::io::{ByteRange, GetResponse};
+use crate::snapshot::indexed::{LazySnapshot, Lookup, Need, ScanCursor};
+
+use super::{Event, Job, Replica};
+
+/// Per overlay entry, what the cache charges besides key and value.
+const OVERLAY_ENTRY_OVERHEAD: u64 = 64;
+
+/// The answer to a lazy read: ready, or waiting for GETs the replica has
+/// queued (drive [`Replica::poll`] and ask again after responses arrive).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Read<T> {
+    /// The answer, from one state at the applied LSN.
+    Ready(T),
+    /// Blocks are being fetched.
+    Pending,
+}
+
+/// Key-value pairs in key order, as a scan returns them.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// An ordered scan in progress; keep it across [`Replica::scan_lazy`] calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LazyScan {
+    start: Vec<u8>,
+    end: Option<Vec<u8>>,
+    limit: usize,
+    /// The snapshot being scanned, and what it returned so far.
+    base_key: Option<String>,
+    cursor: Option<ScanCursor>,
+    collected: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl LazyScan {
+    /// A scan of keys in `start..end` (`end` exclusive; `None`: to the last
+    /// key), returning at most `limit` entries.
+    pub fn new(start: &[u8], end: Option<&[u8]>, limit: usize) -> Self {
+        LazyScan {
+            start: start.to_vec(),
+            end: end.map(<[u8]>::to_vec),
+            limit,
+            base_key: None,
+            cursor: None,
+            collected: Vec::new(),
+        }
+    }
+
+    /// A scan of keys starting with `prefix`.
+    pub fn prefix(prefix: &[u8], limit: usize) -> Self {
+        let end = crate::state::prefix_end_key(prefix);
+        Self::new(prefix, end.as_deref(), limit)
+    }
+}
+
+/// Lazy mode's figures, as reported by [`Replica::status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LazyStatus {
+    /// Bytes of snapshot data blocks held.
+    pub cached_bytes: u64,
+    /// Snapshot blocks fetched so far (footer reads, index and data blocks).
+    pub blocks_fetched: u64,
+    /// Bytes held by the overlay of batches after the snapshot.
+    pub overlay_bytes: u64,
+    /// Entries in the overlay.
+    pub overlay_entries: u64,
+}
+
+/// The snapshot read lazily.
+#[derive(Debug)]
+pub(super) struct Base {
+    pub(super) entry: SnapshotEntry,
+    pub(super) snap: LazySnapshot,
+}
+
+/// A block a read needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct BlockJob {
+    pub(super) snapshot: String,
+    pub(super) need: Need,
+    pub(super) key: Vec<u8>,
+}
+
+/// Lazy mode's state.
+#[derive(Debug, Default)]
+pub(super) struct Lazy {
+    pub(super) cache_bytes: u64,
+    pub(super) base: Option<Base>,
+    /// Batches after the base: key -> (LSN of the last write, value or
+    /// deletion).
+    pub(super) overlay: BTreeMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
+    pub(super) overlay_bytes: u64,
+    /// Blocks wanted by reads, not yet requested.
+    pub(super) wanted: Vec<BlockJob>,
+    /// Blocks requested and not yet answered.
+    pub(super) inflight: Vec<BlockJob>,
+    /// A failure to report to the next read.
+    pub(super) failed: Option<Error>,
+    pub(super) blocks_fetched: u64,
+}
+
+fn entry_cost(k: &[u8], v: &Option<Vec<u8>>) -> u64 {
+    (k.len() + v.as_ref().map_or(0, Vec::len)) as u64 + OVERLAY_ENTRY_OVERHEAD
+}
+
+impl Lazy {
+    pub(super) fn new(cache_bytes: u64) -> Self {
+        Lazy {
+            cache_bytes,
+            ..Lazy::default()
+        }
+    }
+
+    /// Applies one batch at `lsn` to the overlay.
+    pub(super) fn apply(&mut self, lsn: u64, ops: &[OpRef<'_>]) {
+        for op in ops {
+            let (k, v) = match *op {
+                OpRef::Put(k, v) => (k, Some(v.to_vec())),
+                OpRef::Delete(k) => (k, None),
+            };
+            let cost = entry_cost(k, &v);
+            if let Some((_, old)) = self.overlay.insert(k.to_vec(), (lsn, v)) {
+                self.overlay_bytes -= entry_cost(k, &old);
+            }
+            self.overlay_bytes += cost;
+        }
+    }
+
+    /// Makes `entry` the base: at `applied`, the overlay keeps only writes
+    /// after the snapshot; above it, the snapshot is the whole state.
+    pub(super) fn set_base(&mut self, entry: SnapshotEntry) {
+        let lsn = entry.lsn;
+        let mut dropped = 0;
+        self.overlay.retain(|k, (l, v)| {
+            let keep = *l > lsn;
+            if !keep {
+                dropped += entry_cost(k, v);
+            }
+            keep
+        });
+        self.overlay_bytes -= dropped;
+        self.wanted.clear();
+        self.inflight.clear();
+        self.failed = None;
+        self.base = Some(Base {
+            snap: LazySnapshot::new(entry.size, self.cache_bytes),
+            entry,
+        });
+    }
+
+    /// Forgets everything (a new dataset, or a base above the applied LSN).
+    pub(super) fn clear(&mut self) {
+        self.overlay.clear();
+        self.overlay_bytes = 0;
+        self.base = None;
+        self.wanted.clear();
+        self.inflight.clear();
+        self.failed = None;
+    }
+
+    fn want(&mut self, need: Need, key: &[u8]) {
+        let Some(b) = &self.base else { return };
+        let job = BlockJob {
+            snapshot: b.entry.key.clone(),
+            need,
+            key: key.to_vec(),
+        };
+        let same = |j: &BlockJob| j.need == job.need && j.snapshot == job.snapshot;
+        if !self.wanted.iter().any(same) && !self.inflight.iter().any(same) {
+            self.wanted.push(job);
+        }
+    }
+
+    pub(super) fn status(&self) -> LazyStatus {
+        LazyStatus {
+            cached_bytes: self.base.as_ref().map_or(0, |b| b.snap.cached_bytes()),
+            blocks_fetched: self.blocks_fetched,
+            overlay_bytes: self.overlay_bytes,
+            overlay_entries: self.overlay.len() as u64,
+        }
+    }
+}
+
+impl Replica {
+    fn snapshot_error(&self, e: DecodeError) -> Error {
+        let key = self
+            .lazy
+            .as_ref()
+            .and_then(|l| l.base.as_ref())
+            .map(|b| b.entry.key.clone())
+            .unwrap_or_default();
+        Error::decode(e).with_object(key)
+    }
+
+    /// Reads `key` from the state at the applied LSN. In full mode the
+    /// answer is always ready. In lazy mode it may be [`Read::Pending`]: the
+    /// GETs it needs are queued, so drain [`poll`](Self::poll), feed the
+    /// responses, and ask again. A block that failed verification or could
+    /// not be fetched is reported once as an error naming the snapshot.
+    pub fn get_lazy(&mut self, key: &[u8]) -> Result<Read<Option<Vec<u8>>>, Error> {
+        let Some(lazy) = self.lazy.as_mut() else {
+            return Ok(Read::Ready(self.state.get(key).map(<[u8]>::to_vec)));
+        };
+        if let Some(e) = lazy.failed.take() {
+            return Err(e);
+        }
+        if let Some((_, v)) = lazy.overlay.get(key) {
+            return Ok(Read::Ready(v.clone()));
+        }
+        let Some(base) = lazy.base.as_mut() else {
+            // No block-indexed base: the state loaded whole (or empty).
+            return Ok(Read::Ready(self.state.get(key).map(<[u8]>::to_vec)));
+        };
+        match base.snap.get(key) {
+            Ok(Lookup::Done(v)) => Ok(Read::Ready(v)),
+            Ok(Lookup::Need(n)) => {
+                lazy.want(n, key);
+                Ok(Read::Pending)
+            }
+            Err(e) => Err(self.snapshot_error(e)),
+        }
+    }
+
+    /// Advances an ordered scan of the state at the applied LSN: ready with
+    /// the entries, or pending while the blocks it needs are fetched (as for
+    /// [`get_lazy`](Self::get_lazy)). Blocks already scanned are not needed
+    /// again, so a scan of any length completes within any cache size.
+    pub fn scan_lazy(
+        &mut self,
+        scan: &mut LazyScan,
+    ) -> Result<Read<Entries>, Error> {
+        let in_range =
+            |k: &[u8], end: &Option<Vec<u8>>| end.as_ref().is_none_or(|e| k < e.as_slice());
+        let Some(lazy) = self.lazy.as_mut() else {
+            let end = match &scan.end {
+                Some(e) => std::ops::Bound::Excluded(e.as_slice()),
+                None => std::ops::Bound::Unbounded,
+            };
+            let out = self
+                .state
+                .range(std::ops::Bound::Included(&scan.start), end)
+                .take(scan.limit)
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect();
+            return Ok(Read::Ready(out));
+        };
+        if let Some(e) = lazy.failed.take() {
+            return Err(e);
+        }
+        // The snapshot's part starts over when the base changed.
+        let base_key = lazy.base.as_ref().map(|b| b.entry.key.clone());
+        if scan.base_key != base_key || (scan.cursor.is_none() && base_key.is_some()) {
+            scan.base_key = base_key;
+            scan.collected.clear();
+            scan.cursor = lazy
+                .base
+                .as_ref()
+                .map(|_| ScanCursor::new(&scan.start, scan.end.as_deref(), 0));
+        }
+        if lazy.base.is_none() {
+            // The base is the state loaded whole (or empty): all present.
+            let hidden = lazy
+                .overlay
+                .range(scan.start.clone()..)
+                .take_while(|(k, _)| in_range(k, &scan.end))
+                .count();
+            let end = match &scan.end {
+                Some(e) => std::ops::Bound::Excluded(e.as_slice()),
+                None => std::ops::Bound::Unbounded,
+            };
+            scan.collected = self
+                .state
+                .range(std::ops::Bound::Included(&scan.start), end)
+                .take(scan.limit.saturating_add(hidden))
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect();
+        }
+        // Each turn returns, or collects more snapshot entries (the cursor
+        // moves forward or finishes), so the loop ends.
+        loop {
+            let snap_done = scan.cursor.as_ref().is_none_or(ScanCursor::is_done);
+            // Snapshot keys above the last one collected are not known yet:
+            // merge only up to it, unless the snapshot part is complete.
+            let frontier: Option<&[u8]> = if snap_done {
+                None
+            } else {
+                Some(scan.collected.last().map_or(&[][..], |(k, _)| k.as_slice()))
+            };
+            let below = |k: &[u8]| frontier.is_none_or(|f| k <= f);
+            let mut out = Vec::new();
+            let mut s = scan.collected.iter().peekable();
+            let mut o = lazy
+                .overlay
+                .range(scan.start.clone()..)
+                .take_while(|(k, _)| in_range(k, &scan.end) && below(k))
+                .peekable();
+            while out.len() < scan.limit {
+                let from_overlay = match (s.peek(), o.peek()) {
+                    (None, None) => break,
+                    (None, Some(_)) => true,
+                    (Some(_), None) => false,
+                    (Some((sk, _)), Some((ok, _))) => ok.as_slice() <= sk.as_slice(),
+                };
+                if from_overlay {
+                    let (k, (_, v)) = o.next().expect("peeked");
+                    if s.peek().is_some_and(|(sk, _)| sk == k) {
+                        s.next(); // the overlay wins
+                    }
+                    if let Some(v) = v {
+                        out.push((k.clone(), v.clone()));
+                    }
+                } else {
+                    let (k, v) = s.next().expect("peeked");
+                    out.push((k.clone(), v.clone()));
+                }
+            }
+            if out.len() >= scan.limit || snap_done {
+                return Ok(Read::Ready(out));
+            }
+            // More snapshot entries are needed.
+            let (Some(cursor), Some(base)) = (scan.cursor.as_mut(), lazy.base.as_mut()) else {
+                return Ok(Read::Ready(out));
+            };
+            cursor.remaining = (scan.limit - out.len()).max(16);
+            match base.snap.scan_step(cursor, &mut scan.collected) {
+                Ok(Some(need)) => {
+                    // The block is the one holding the cursor's key now.
+                    let next = cursor.next.clone();
+                    lazy.want(need, &next);
+                    return Ok(Read::Pending);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let key = base.entry.key.clone();
+                    return Err(Error::decode(e).with_object(key));
+                }
+            }
+        }
+    }
+
+    /// The next block GET lazy reads are waiting for, if any.
+    pub(super) fn next_block_fetch(&mut self) -> Option<super::Action> {
+        let lazy = self.lazy.as_mut()?;
+        if lazy.wanted.is_empty() {
+            return None;
+        }
+        let job = lazy.wanted.remove(0);
+        lazy.inflight.push(job.clone());
+        let range = match job.need {
+            Need::Suffix(n) => ByteRange::Suffix(n),
+            Need::Range { start, end } => ByteRange::Bounded { start, end },
+        };
+        // Its max_bytes is the snapshot's size (`fetch`): a server that
+        // ignores Range answers with the whole object.
+        let key = job.snapshot.clone();
+        Some(self.fetch(Job::Block(job), key, Some(range), None))
+    }
+
+    pub(super) fn on_block(&mut self, now: u64, job: BlockJob, resp: GetResponse) {
+        let Some(lazy) = self.lazy.as_mut() else {
+            return;
+        };
+        lazy.inflight.retain(|j| *j != job);
+        let Some(base) = lazy.base.as_mut() else {
+            return;
+        };
+        if base.entry.key != job.snapshot {
+            return; // an answer for a snapshot this replica left
+        }
+        let size = base.entry.size;
+        let key = job.snapshot.clone();
+        let data_err = |msg: String| Error::new(ErrorKind::Data, msg).with_object(key.clone());
+        let result: Result<(), Error> = match resp {
+            GetResponse::Ok { body, range, .. } => {
+                let (want_start, want_end) = match job.need {
+                    Need::Suffix(n) => (size - n.min(size), size),
+                    Need::Range { start, end } => (start, end),
+                };
+                let bytes = match range {
+                    Some(cr)
+                        if cr.start == want_start
+                            && cr.end == want_end
+                            && body.len() as u64 == want_end - want_start =>
+                    {
+                        Ok(&body[..])
+                    }
+                    None if body.len() as u64 == size => {
+                        Ok(&body[want_start as usize..want_end as usize])
+                    }
+                    _ => Err(data_err(format!(
+                        "answer for bytes {want_start}..{want_end} does not match the request"
+                    ))),
+                };
+                bytes.and_then(|b| {
+                    let fed = match job.need {
+                        Need::Suffix(_) => base.snap.feed_suffix(b),
+                        Need::Range { start, .. } => base.snap.feed_range(start, b, &job.key),
+                    };
+                    fed.map_err(|e| Error::decode(e).with_object(key.clone()))
+                })
+            }
+            GetResponse::NotFound => {
+                lazy.failed = Some(
+                    Error::new(
+                        ErrorKind::NotFound,
+                        "snapshot named by the catalog is missing",
+                    )
+                    .with_object(key.clone()),
+                );
+                self.missing(now, &key);
+                return;
+            }
+            other => Err(super::fetch::unavailable(&other).with_object(key.clone())),
+        };
+        match result {
+            Ok(()) => {
+                lazy.blocks_fetched = base.snap.fetched_blocks;
+                self.success(&key);
+            }
+            Err(e) => {
+                lazy.failed = Some(e.clone());
+                self.distrust_head(now, &e);
+                let _ = self.failure(&key, e);
+            }
+        }
+    }
+
+    /// Lazy mode: adopts the head's snapshot as the base when it is newer
+    /// than the applied LSN (the state jumps to it) or newer than the base
+    /// (the overlay sheds what it covers). Returns whether the state jumped.
+    pub(super) fn lazy_adopt(&mut self, snapshot: Option<&SnapshotEntry>) -> bool {
+        let applied = self.applied;
+        let Some(lazy) = self.lazy.as_mut() else {
+            return false;
+        };
+        // Version 1 snapshots have no index: they load whole, as in full
+        // mode, and the overlay sits on that state.
+        let Some(s) = snapshot.filter(|s| s.version == 2) else {
+            return false;
+        };
+        let newer_than_base = lazy.base.as_ref().is_none_or(|b| b.entry.lsn < s.lsn);
+        if s.lsn > applied {
+            lazy.clear();
+            lazy.set_base(s.clone());
+            self.state = crate::state::KvState::new();
+            self.applied = s.lsn;
+            self.plan_next = s.lsn + 1;
+            self.clear_plan();
+            self.events.push_back(Event::Bootstrapped {
+                lsn: s.lsn,
+                dataset_id: self.dataset.unwrap_or_default(),
+            });
+            true
+        } else {
+            if newer_than_base && lazy.base.as_ref().is_none_or(|b| b.entry.key != s.key) {
+                lazy.set_base(s.clone());
+                // The base replaces a state loaded whole from version 1.
+                self.state = crate::state::KvState::new();
+            }
+            false
+        }
+    }
+}

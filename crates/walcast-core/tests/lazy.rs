@@ -1,0 +1,290 @@
+//! Lazy replicas: adopt a block-indexed snapshot without downloading it,
+//! replay only the tail into an overlay, and answer point reads and ordered
+//! scans from one state at the applied LSN, fetching only the blocks a read
+//! needs.
+
+#[path = "support/fixtures.rs"]
+mod fixtures;
+
+use std::collections::HashMap;
+
+use fixtures::{build_segment, state_through, DATASET};
+use walcast_core::catalog::{snapshot_key, Head, SegmentEntry, SnapshotEntry, HEAD_KEY};
+use walcast_core::io::{ByteRange, ContentRange, GetRequest, GetResponse};
+use walcast_core::replica::{Action, LazyScan, Read, Replica, ReplicaConfig};
+use walcast_core::snapshot::indexed::{encode_indexed, IndexedOptions};
+use walcast_core::state::KvState;
+
+#[derive(Default)]
+struct Store {
+    objects: HashMap<String, Vec<u8>>,
+    gets: u64,
+    bytes: u64,
+}
+
+impl Store {
+    fn serve(&mut self, g: &GetRequest) -> GetResponse {
+        self.gets += 1;
+        let Some(body) = self.objects.get(&g.key) else {
+            return GetResponse::NotFound;
+        };
+        let len = body.len() as u64;
+        let (start, end) = match g.range {
+            None => {
+                self.bytes += len;
+                return GetResponse::Ok {
+                    body: body.clone(),
+                    etag: Some(format!("\"{:08x}\"", crc32fast::hash(body))),
+                    range: None,
+                };
+            }
+            Some(ByteRange::Bounded { start, end }) => (start, end.min(len)),
+            Some(ByteRange::Suffix(n)) => (len.saturating_sub(n), len),
+        };
+        self.bytes += end - start;
+        GetResponse::Ok {
+            body: body[start as usize..end as usize].to_vec(),
+            etag: None,
+            range: Some(ContentRange {
+                start,
+                end,
+                total: Some(len),
+            }),
+        }
+    }
+}
+
+/// A dataset of segments through `last`, a version 2 snapshot at `snap`,
+/// history from `snap + 1` on.
+fn dataset(last: u64, snap: u64, block_bytes: usize) -> Store {
+    let mut store = Store::default();
+    let mut head = Head::new(DATASET, 1);
+    let mut first = snap + 1;
+    while first <= last {
+        let end = (first + 6).min(last);
+        let (bytes, summary) = build_segment(1, first, end, 64);
+        let e = SegmentEntry::from_summary(&summary);
+        store.objects.insert(e.key.clone(), bytes);
+        head.segments.push(e);
+        first = end + 1;
+    }
+    let st = state_through(1, snap);
+    let bytes = encode_indexed(
+        &st,
+        snap,
+        1,
+        DATASET,
+        IndexedOptions {
+            block_bytes,
+            index_block_bytes: block_bytes,
+        },
+    );
+    let entry = SnapshotEntry {
+        key: snapshot_key(snap, 1),
+        lsn: snap,
+        epoch: 1,
+        size: bytes.len() as u64,
+        crc32: crc32fast::hash(&bytes),
+        entries: st.len(),
+        version: 2,
+    };
+    store.objects.insert(entry.key.clone(), bytes);
+    head.snapshot = Some(entry);
+    head.earliest_lsn = snap + 1;
+    head.committed_lsn = last;
+    head.generation = last;
+    store.objects.insert(HEAD_KEY.into(), head.encode());
+    store
+}
+
+fn lazy_cfg(cache: u64) -> ReplicaConfig {
+    ReplicaConfig {
+        poll_interval_ms: 100,
+        retry_base_ms: 10,
+        lazy_cache_bytes: Some(cache),
+        ..ReplicaConfig::default()
+    }
+}
+
+/// Drains `poll`, answering every fetch, until the machine waits.
+fn drain(r: &mut Replica, store: &mut Store, now: u64) {
+    for _ in 0..10_000 {
+        match r.poll(now) {
+            Action::Fetch(req) => {
+                let resp = store.serve(&req);
+                r.handle_response(req.id, now, resp);
+            }
+            Action::Event(_) => {}
+            Action::Wait { .. } => return,
+        }
+    }
+    panic!("poll did not settle");
+}
+
+fn get(r: &mut Replica, store: &mut Store, key: &[u8]) -> Option<Vec<u8>> {
+    for _ in 0..10 {
+        match r.get_lazy(key).expect("read") {
+            Read::Ready(v) => return v,
+            Read::Pending => drain(r, store, 0),
+        }
+    }
+    panic!("a read stayed pending");
+}
+
+fn scan(r: &mut Replica, store: &mut Store, mut s: LazyScan) -> Vec<(Vec<u8>, Vec<u8>)> {
+    for _ in 0..10_000 {
+        match r.scan_lazy(&mut s).expect("scan") {
+            Read::Ready(v) => return v,
+            Read::Pending => drain(r, store, 0),
+        }
+    }
+    panic!("a scan stayed pending");
+}
+
+fn keys(st: &KvState) -> Vec<Vec<u8>> {
+    let mut k: Vec<Vec<u8>> = st.iter().map(|(k, _)| k.to_vec()).collect();
+    k.extend((0..30u64).map(|i| format!("key/{i:03}").into_bytes()));
+    k.push(b"absent".to_vec());
+    k
+}
+
+#[test]
+fn a_cold_lazy_replica_reads_the_origin_state_without_the_snapshot() {
+    let mut store = dataset(90, 60, 128);
+    let snapshot_size = store
+        .objects
+        .iter()
+        .find(|(k, _)| k.starts_with("snapshots/"))
+        .map(|(_, v)| v.len() as u64)
+        .unwrap();
+    let mut r = Replica::new(lazy_cfg(1 << 20), 1);
+    drain(&mut r, &mut store, 0);
+    assert_eq!(r.applied_lsn(), 90);
+    // Catching up read the head and the tail's segments, no snapshot byte.
+    assert!(store.bytes < 90 * 200, "{} bytes", store.bytes);
+    let want = state_through(1, 90);
+    let before = (store.gets, store.bytes);
+    assert_eq!(
+        get(&mut r, &mut store, b"key/005").as_deref(),
+        want.get(b"key/005")
+    );
+    let point = (store.gets - before.0, store.bytes - before.1);
+    assert!(point.0 <= 3, "a cold point read took {} GETs", point.0);
+    assert!(point.1 < snapshot_size, "{point:?} of {snapshot_size}");
+    for k in keys(&want) {
+        assert_eq!(
+            get(&mut r, &mut store, &k).as_deref(),
+            want.get(&k),
+            "{k:?}"
+        );
+    }
+    let st = r.status(0);
+    assert!(st.lazy.unwrap().blocks_fetched > 0);
+}
+
+#[test]
+fn lazy_scans_merge_the_overlay_with_the_snapshot() {
+    let mut store = dataset(120, 70, 96);
+    // A cache smaller than any scan of the snapshot.
+    let mut r = Replica::new(lazy_cfg(300), 2);
+    drain(&mut r, &mut store, 0);
+    let want = state_through(1, 120);
+    let all: Vec<_> = want.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+    for limit in [0, 1, 3, 10, 1000] {
+        let got = scan(&mut r, &mut store, LazyScan::new(b"", None, limit));
+        assert_eq!(
+            got,
+            all.iter().take(limit).cloned().collect::<Vec<_>>(),
+            "limit {limit}"
+        );
+    }
+    for (a, b) in [
+        (&b"key/003"[..], Some(&b"key/017"[..])),
+        (b"key/010", None),
+        (b"\x00", Some(&b"key"[..])),
+    ] {
+        let got = scan(&mut r, &mut store, LazyScan::new(a, b, 1000));
+        let want: Vec<_> = all
+            .iter()
+            .filter(|(k, _)| k.as_slice() >= a && b.is_none_or(|b| k.as_slice() < b))
+            .cloned()
+            .collect();
+        assert_eq!(got, want, "{a:?}..{b:?}");
+    }
+    let got = scan(&mut r, &mut store, LazyScan::prefix(b"key/01", 1000));
+    let want: Vec<_> = all
+        .iter()
+        .filter(|(k, _)| k.starts_with(b"key/01"))
+        .cloned()
+        .collect();
+    assert_eq!(got, want);
+    // Inverted bounds: empty, never a panic.
+    assert!(scan(&mut r, &mut store, LazyScan::new(b"z", Some(b"a"), 10)).is_empty());
+}
+
+#[test]
+fn a_newer_snapshot_moves_the_base_without_mixing_states() {
+    let mut store = dataset(80, 40, 128);
+    let mut r = Replica::new(lazy_cfg(1 << 20), 3);
+    drain(&mut r, &mut store, 0);
+    assert_eq!(r.applied_lsn(), 80);
+    let _ = get(&mut r, &mut store, b"key/001");
+    // The publisher moves on: a snapshot at 100 and history to 110.
+    let newer = dataset(110, 100, 128);
+    store.objects.extend(newer.objects);
+    drain(&mut r, &mut store, 1_000);
+    assert_eq!(r.applied_lsn(), 110);
+    let want = state_through(1, 110);
+    for k in keys(&want) {
+        assert_eq!(
+            get(&mut r, &mut store, &k).as_deref(),
+            want.get(&k),
+            "{k:?}"
+        );
+    }
+    let all: Vec<_> = want.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+    assert_eq!(
+        scan(&mut r, &mut store, LazyScan::new(b"", None, 10_000)),
+        all
+    );
+}
+
+#[test]
+fn a_damaged_block_is_a_data_error_and_reads_go_on() {
+    let mut store = dataset(70, 60, 128);
+    let key = snapshot_key(60, 1);
+    let mut r = Replica::new(lazy_cfg(1 << 20), 4);
+    drain(&mut r, &mut store, 0);
+    // Flip a byte in the middle of the snapshot (a data block).
+    let good = store.objects[&key].clone();
+    let mut bad = good.clone();
+    let mid = bad.len() / 3;
+    bad[mid] ^= 0x40;
+    store.objects.insert(key.clone(), bad);
+    let mut saw_error = false;
+    for k in keys(&state_through(1, 70)) {
+        loop {
+            match r.get_lazy(&k) {
+                Ok(Read::Pending) => drain(&mut r, &mut store, 0),
+                Ok(Read::Ready(_)) => break,
+                Err(e) => {
+                    assert_eq!(e.kind(), walcast_core::ErrorKind::Data);
+                    assert_eq!(e.object(), Some(key.as_str()));
+                    saw_error = true;
+                    break;
+                }
+            }
+        }
+    }
+    assert!(saw_error, "the damaged block was never read");
+    // Repaired: every read is right again.
+    store.objects.insert(key, good);
+    let want = state_through(1, 70);
+    for k in keys(&want) {
+        assert_eq!(
+            get(&mut r, &mut store, &k).as_deref(),
+            want.get(&k),
+            "{k:?}"
+        );
+    }
+}
