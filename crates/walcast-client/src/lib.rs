@@ -235,6 +235,54 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
     }
 }
 
+impl<F: Fetch, T: Timer> Driver<F, T> {
+    /// Reads `key` from the state at the applied LSN. In lazy mode the
+    /// blocks the read needs are fetched here (point reads of a cold replica
+    /// fetch a footer, an index block and a data block); in full mode the
+    /// answer is immediate. Safe beside a [`run`](Self::run) of the same
+    /// machine: this only performs block GETs, and waits briefly when the
+    /// run loop took them.
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        self.read(|r| r.get_lazy(key)).await
+    }
+
+    /// An ordered scan of the state at the applied LSN (see
+    /// [`LazyScan`](walcast_core::replica::LazyScan)), fetching the blocks it
+    /// needs in lazy mode.
+    pub async fn scan(
+        &self,
+        mut scan: walcast_core::replica::LazyScan,
+    ) -> Result<walcast_core::replica::Entries, Error> {
+        self.read(move |r| r.scan_lazy(&mut scan)).await
+    }
+
+    async fn read<R>(
+        &self,
+        mut attempt: impl FnMut(&mut Replica) -> Result<walcast_core::replica::Read<R>, Error>,
+    ) -> Result<R, Error> {
+        use walcast_core::replica::Read;
+        let mut inflight: FuturesUnordered<Pending<'_>> = FuturesUnordered::new();
+        loop {
+            if let Read::Ready(v) = attempt(&mut self.replica.borrow_mut())? {
+                return Ok(v);
+            }
+            let now = self.timer.now_ms();
+            while let Some(req) = self.replica.borrow_mut().poll_read_fetch() {
+                inflight.push(Box::pin(bounded_get(&self.fetch, &self.timer, now, req)));
+            }
+            match inflight.next().await {
+                Some((id, resp)) => {
+                    self.replica
+                        .borrow_mut()
+                        .handle_response(id, self.timer.now_ms(), resp);
+                }
+                // A run loop took the GETs: let it answer them.
+                None => self.timer.sleep_until(now + 5).await,
+            }
+        }
+    }
+}
+
 /// `fetch.get(req)`, given up (and dropped) once `req.timeout_ms` have
 /// passed since `now`, whether or not the seam keeps its own deadline.
 async fn bounded_get<F: Fetch, T: Timer>(
@@ -435,5 +483,115 @@ mod tests {
         }
         assert_eq!(driver.fetch().0.get(), max_attempts);
         assert!(driver.timer.now_ms() < 3_600_000);
+    }
+
+    /// An in-memory store answering ranges, counting GETs.
+    struct Mem(std::collections::HashMap<String, Vec<u8>>, Cell<u32>);
+
+    impl Fetch for Mem {
+        fn get(&self, req: GetRequest) -> impl Future<Output = GetResponse> {
+            use walcast_core::io::{ByteRange, ContentRange};
+            self.1.set(self.1.get() + 1);
+            let resp = match self.0.get(&req.key) {
+                None => GetResponse::NotFound,
+                Some(b) => {
+                    let len = b.len() as u64;
+                    let (start, end, range) = match req.range {
+                        None => (0, len, false),
+                        Some(ByteRange::Bounded { start, end }) => (start, end.min(len), true),
+                        Some(ByteRange::Suffix(n)) => (len.saturating_sub(n), len, true),
+                    };
+                    GetResponse::Ok {
+                        body: b[start as usize..end as usize].to_vec(),
+                        etag: None,
+                        range: range.then_some(ContentRange {
+                            start,
+                            end,
+                            total: Some(len),
+                        }),
+                    }
+                }
+            };
+            future::ready(resp)
+        }
+    }
+
+    #[test]
+    fn lazy_reads_fetch_only_the_blocks_they_need() {
+        use walcast_core::batch::{self, Op};
+        use walcast_core::catalog::{snapshot_key, DatasetId, Head, SegmentEntry, SnapshotEntry};
+        use walcast_core::replica::LazyScan;
+        use walcast_core::segment::SegmentBuilder;
+        use walcast_core::snapshot::indexed::{encode_indexed, IndexedOptions};
+        use walcast_core::state::KvState;
+
+        let id = DatasetId([9; 16]);
+        let mut st = KvState::new();
+        for i in 0..20_000u32 {
+            st.put(format!("k{i:06}").as_bytes(), &[i as u8; 40]);
+        }
+        let snap = encode_indexed(&st, 1, 1, id, IndexedOptions::default());
+        // The tail: LSN 2 overwrites one key and deletes another.
+        let mut b = SegmentBuilder::new(1, 2);
+        let ops = vec![
+            Op::put(b"k000007".to_vec(), b"new".to_vec()),
+            Op::delete(b"k000008".to_vec()),
+        ];
+        assert!(b.push(&batch::encode(&ops).unwrap()));
+        let (seg, summary) = b.finish().unwrap();
+        let entry = SegmentEntry::from_summary(&summary);
+        let mut head = Head::new(id, 1);
+        head.committed_lsn = 2;
+        head.earliest_lsn = 2;
+        head.generation = 2;
+        head.segments = vec![entry.clone()];
+        head.snapshot = Some(SnapshotEntry {
+            key: snapshot_key(1, 1),
+            lsn: 1,
+            epoch: 1,
+            size: snap.len() as u64,
+            crc32: crc32fast::hash(&snap),
+            entries: st.len(),
+            version: 2,
+        });
+        let mut objects = std::collections::HashMap::new();
+        objects.insert(HEAD_KEY.to_string(), head.encode());
+        objects.insert(entry.key.clone(), seg);
+        objects.insert(snapshot_key(1, 1), snap);
+        let cfg = ReplicaConfig {
+            lazy_cache_bytes: Some(1 << 20),
+            ..ReplicaConfig::default()
+        };
+        let clock = Rc::new(Cell::new(0));
+        let mut driver = Driver::new(
+            Replica::new(cfg, 1),
+            Mem(objects, Cell::new(0)),
+            Virtual(clock),
+        );
+        let lsn = block_on(driver.run(Until::CaughtUp, future::pending(), |_, _| Ok::<(), ()>(())));
+        assert_eq!(lsn.unwrap(), 2);
+        let caught_up = driver.fetch().1.get();
+        assert_eq!(caught_up, 2, "the head and the tail's segment, no snapshot");
+        assert_eq!(
+            block_on(driver.get(b"k000007")).unwrap().as_deref(),
+            Some(&b"new"[..])
+        );
+        assert_eq!(block_on(driver.get(b"k000008")).unwrap(), None);
+        let v = block_on(driver.get(b"k012345")).unwrap();
+        assert_eq!(v.as_deref(), Some(&[12345u32 as u8; 40][..]));
+        let gets = driver.fetch().1.get() - caught_up;
+        assert!(gets <= 4, "{gets} GETs for three point reads");
+        let got = block_on(driver.scan(LazyScan::prefix(b"k00000", 100))).unwrap();
+        let keys: Vec<_> = got
+            .iter()
+            .map(|(k, _)| String::from_utf8(k.clone()).unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "k000000", "k000001", "k000002", "k000003", "k000004", "k000005", "k000006",
+                "k000007", "k000009"
+            ]
+        );
     }
 }

@@ -240,10 +240,7 @@ impl Replica {
     /// the entries, or pending while the blocks it needs are fetched (as for
     /// [`get_lazy`](Self::get_lazy)). Blocks already scanned are not needed
     /// again, so a scan of any length completes within any cache size.
-    pub fn scan_lazy(
-        &mut self,
-        scan: &mut LazyScan,
-    ) -> Result<Read<Entries>, Error> {
+    pub fn scan_lazy(&mut self, scan: &mut LazyScan) -> Result<Read<Entries>, Error> {
         let in_range =
             |k: &[u8], end: &Option<Vec<u8>>| end.as_ref().is_none_or(|e| k < e.as_slice());
         let Some(lazy) = self.lazy.as_mut() else {
@@ -350,6 +347,17 @@ impl Replica {
                     return Err(Error::decode(e).with_object(key));
                 }
             }
+        }
+    }
+
+    /// The next block GET a lazy read is waiting for, if any, for a reader
+    /// that drives its own reads beside the loop that drives
+    /// [`poll`](Self::poll) (which also issues them): perform it and pass the
+    /// outcome to [`handle_response`](Self::handle_response).
+    pub fn poll_read_fetch(&mut self) -> Option<crate::io::GetRequest> {
+        match self.next_block_fetch()? {
+            super::Action::Fetch(req) => Some(req),
+            _ => None,
         }
     }
 
