@@ -1,9 +1,10 @@
 //! walcast, native side: the local WAL [`wal::Writer`], the publisher on
-//! object storage ([`publish`]), the native replica ([`replica`]) and the
-//! `walcast` binary.
+//! object storage ([`publish`]), the native replica ([`replica`]), an
+//! in-memory replica handle for apps ([`handle`]) and the `walcast` binary.
 
 pub mod counting;
 pub mod demo;
+pub mod handle;
 pub mod inspect;
 pub mod publish;
 pub mod replica;

@@ -1,0 +1,100 @@
+//! The embedding API: `ReplicaHandle` in full and lazy mode against a
+//! dataset published by the real binary, compared with a replica made by
+//! `walcast replicate`; read-your-writes with `wait_for`.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{
+    file_url, gen_batches, publish_once, replicate_once, scan, write, Env, GenOpts, Rng,
+};
+use walcast::handle::{ReplicaHandle, ReplicaOptions};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handles_read_what_a_replicate_run_holds_and_wait_for_new_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wal = tmp.path().join("wal");
+    let ds = tmp.path().join("ds");
+    let url = file_url(&ds);
+    let mut rng = Rng::new(11);
+    let opts = GenOpts {
+        keys: 300,
+        max_value: 200,
+        ..GenOpts::default()
+    };
+    // History, a snapshot at 150, then a tail that rewrites and deletes.
+    let b = gen_batches(&mut rng, 200, opts);
+    write(&wal, &b);
+    publish_once(&wal, &url, &["--snapshot-every", "150"], &Env::new()).ok();
+    let mut committed = 200;
+    for lazy in [None, Some(4096)] {
+        let local = tmp
+            .path()
+            .join(format!("replica-before-{}", lazy.is_some()));
+        replicate_once(&url, &local, &Env::new()).ok();
+        let want = scan(&local);
+        assert!(want.len() > 50);
+        let h = ReplicaHandle::open(
+            &url,
+            ReplicaOptions {
+                lazy_cache_bytes: lazy,
+                poll_interval: Duration::from_millis(50),
+                ..ReplicaOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(h.status().applied_lsn, committed, "lazy {lazy:?}");
+        for (k, v) in want.iter().take(80) {
+            assert_eq!(h.get(k).await.unwrap().as_ref(), Some(v), "lazy {lazy:?}");
+        }
+        assert_eq!(h.get(b"no such key").await.unwrap(), None);
+        let all = h.scan(b"", None, usize::MAX).await.unwrap();
+        let all: std::collections::BTreeMap<_, _> = all.into_iter().collect();
+        assert_eq!(all, want, "lazy {lazy:?}");
+        let some = h.scan_prefix(b"k", 7).await.unwrap();
+        let expect: Vec<_> = want
+            .iter()
+            .filter(|(k, _)| k.starts_with(b"k"))
+            .take(7)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert_eq!(some, expect);
+        if lazy.is_some() {
+            let st = h.status();
+            assert!(st.lazy.is_some_and(|l| l.blocks_fetched > 0), "{st:?}");
+        }
+
+        // Read-your-writes: new batches, published, then awaited.
+        let mut sub = h.subscribe();
+        let more = gen_batches(&mut rng, 5, opts);
+        let lsns = write(&wal, &more);
+        let last = *lsns.last().unwrap();
+        committed = last;
+        publish_once(&wal, &url, &["--snapshot-every", "150"], &Env::new()).ok();
+        let applied = h.wait_for(last, Duration::from_secs(30)).await.unwrap();
+        assert!(applied >= last);
+        assert!(sub.has_changed().unwrap());
+        let _ = sub.borrow_and_update();
+        let local2 = tmp.path().join(format!("replica-{}", lazy.is_some()));
+        replicate_once(&url, &local2, &Env::new()).ok();
+        for (k, v) in scan(&local2).iter().take(50) {
+            assert_eq!(h.get(k).await.unwrap().as_ref(), Some(v));
+        }
+        let err = h
+            .wait_for(u64::MAX, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().starts_with("unavailable"), "{err}");
+        h.close().await;
+    }
+
+    // A dataset that does not exist fails the open with a clear error.
+    let missing = tmp.path().join("nothing");
+    std::fs::create_dir_all(&missing).unwrap();
+    let err = ReplicaHandle::open(&file_url(&missing), ReplicaOptions::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("catalog/head.json"), "{err}");
+}
