@@ -1,5 +1,6 @@
-//! The `walcast` command: write, publish, serve, replicate, get, scan,
-//! inspect, demo. See the README for examples.
+//! The `walcast` command: write, publish, serve, replicate, get, scan
+//! (from a local replica, or lazily from a dataset URL), inspect, demo. See
+//! the README for examples.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine;
 use clap::{Parser, Subcommand};
 use walcast::publish::{Fenced, PublishOptions};
-use walcast::replica::ReplicateOptions;
+use walcast::replica::{AnyFetch, ReplicateOptions};
 use walcast_core::batch::Op;
 use walcast_core::publisher::PublisherConfig;
 
@@ -117,25 +118,51 @@ enum Cmd {
         #[arg(long = "header", value_name = "NAME: VALUE")]
         headers: Vec<String>,
     },
-    /// Print a key's value from a local replica (exit 1 when absent).
+    /// Print a key's value from a local replica, or read lazily from a
+    /// dataset URL (exit 1 when absent).
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["local", "from"])))]
     Get {
         /// Local replica directory.
         #[arg(long)]
-        local: PathBuf,
+        local: Option<PathBuf>,
+        /// Dataset URL to read lazily, without a local replica, fetching
+        /// only what the read needs: http(s)://, s3://, gs://, az://, file://.
+        #[arg(long, value_name = "URL")]
+        from: Option<String>,
+        /// With --from: print {"gets":N,"bytes":B,"round_trips":R} to stderr.
+        #[arg(long, conflicts_with = "local")]
+        stats: bool,
+        /// With --from: a header sent with every GET of an http(s)://
+        /// dataset, as 'Name: value' (repeatable). Never logged.
+        #[arg(long = "header", value_name = "NAME: VALUE", conflicts_with = "local")]
+        headers: Vec<String>,
         /// The key.
         key: String,
     },
-    /// Print a local replica's entries as NDJSON, in key order.
+    /// Print entries as NDJSON, in key order, from a local replica or read
+    /// lazily from a dataset URL.
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["local", "from"])))]
     Scan {
         /// Local replica directory.
         #[arg(long)]
-        local: PathBuf,
+        local: Option<PathBuf>,
+        /// Dataset URL to read lazily, without a local replica, fetching
+        /// only what the read needs: http(s)://, s3://, gs://, az://, file://.
+        #[arg(long, value_name = "URL")]
+        from: Option<String>,
         /// Only keys starting with this prefix.
         #[arg(long, default_value = "")]
         prefix: String,
         /// At most this many entries.
         #[arg(long)]
         limit: Option<usize>,
+        /// With --from: print {"gets":N,"bytes":B,"round_trips":R} to stderr.
+        #[arg(long, conflicts_with = "local")]
+        stats: bool,
+        /// With --from: a header sent with every GET of an http(s)://
+        /// dataset, as 'Name: value' (repeatable). Never logged.
+        #[arg(long = "header", value_name = "NAME: VALUE", conflicts_with = "local")]
+        headers: Vec<String>,
     },
     /// Show a dataset's head, segments, pages, snapshot and coverage.
     Inspect {
@@ -349,11 +376,32 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             eprintln!("walcast replicate: applied LSN {}", report.applied_lsn);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Get { local, key } => {
-            let l = walcast::replica::load(&local)?;
-            match l.state.get(key.as_bytes()) {
+        Cmd::Get {
+            local,
+            from,
+            stats,
+            headers,
+            key,
+        } => {
+            let value = match (local, from) {
+                (Some(local), _) => walcast::replica::load(&local)?
+                    .state
+                    .get(key.as_bytes())
+                    .map(<[u8]>::to_vec),
+                (None, Some(url)) => {
+                    let fetch = AnyFetch::for_url_with_headers(&url, &headers)?;
+                    let mut r = walcast::lazy::LazyReader::new(fetch);
+                    let res = r.get(key.as_bytes()).await;
+                    if stats {
+                        eprintln!("{}", r.stats().to_json());
+                    }
+                    res?
+                }
+                (None, None) => bail!("give --local DIR or --from URL"),
+            };
+            match value {
                 Some(v) => {
-                    std::io::stdout().write_all(v)?;
+                    std::io::stdout().write_all(&v)?;
                     Ok(ExitCode::SUCCESS)
                 }
                 None => {
@@ -364,20 +412,43 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
         }
         Cmd::Scan {
             local,
+            from,
             prefix,
             limit,
+            stats,
+            headers,
         } => {
-            let l = walcast::replica::load(&local)?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            for (k, v) in l
-                .state
-                .prefix(prefix.as_bytes())
-                .take(limit.unwrap_or(usize::MAX))
-            {
+            let mut print = |k: &[u8], v: &[u8]| -> Result<()> {
                 let mut obj = serde_json::Map::new();
                 put_bytes(&mut obj, "key", k);
                 put_bytes(&mut obj, "value", v);
                 writeln!(out, "{}", serde_json::Value::Object(obj))?;
+                Ok(())
+            };
+            match (local, from) {
+                (Some(local), _) => {
+                    let l = walcast::replica::load(&local)?;
+                    for (k, v) in l
+                        .state
+                        .prefix(prefix.as_bytes())
+                        .take(limit.unwrap_or(usize::MAX))
+                    {
+                        print(k, v)?;
+                    }
+                }
+                (None, Some(url)) => {
+                    let fetch = AnyFetch::for_url_with_headers(&url, &headers)?;
+                    let mut r = walcast::lazy::LazyReader::new(fetch);
+                    let res = r.scan_prefix(prefix.as_bytes(), limit).await;
+                    if stats {
+                        eprintln!("{}", r.stats().to_json());
+                    }
+                    for (k, v) in res? {
+                        print(&k, &v)?;
+                    }
+                }
+                (None, None) => bail!("give --local DIR or --from URL"),
             }
             out.flush()?;
             Ok(ExitCode::SUCCESS)

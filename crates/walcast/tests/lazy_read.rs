@@ -1,0 +1,451 @@
+//! `walcast get --from URL` and `walcast scan --from URL`: lazy reads of a
+//! remote dataset (a version 2 snapshot plus a tail that overwrites and
+//! deletes its keys), over `file://` and over `walcast serve`, compared with
+//! `get --local` and `scan --local` of a replica made by `replicate --once`;
+//! the version 1 fallback; a damaged snapshot block; `--stats`.
+//!
+//! Real processes: the `walcast` binary for every step.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use serde_json::Value;
+use support::*;
+use tempfile::TempDir;
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+/// Keys a command line can name: UTF-8, not taken for a flag.
+fn arg_key(k: &[u8]) -> Option<String> {
+    let s = std::str::from_utf8(k).ok()?;
+    (!s.is_empty() && !s.starts_with('-')).then(|| s.to_string())
+}
+
+/// The head of a `file://` dataset, as JSON.
+fn head(ds: &Path) -> Value {
+    let bytes = std::fs::read(ds.join("catalog/head.json")).expect("head.json");
+    // The checksum prefix is a JSON member: the file is one object.
+    serde_json::from_slice(&bytes).expect("head JSON")
+}
+
+/// Writes `batches`, records them in `model`.
+fn write_batches(wal: &Path, model: &mut Model, batches: &[Batch]) {
+    let lsns = write(wal, batches);
+    model.commit(batches, &lsns);
+}
+
+/// A dataset with a version 2 snapshot at LSN 1500 (about 1000 keys, bigger
+/// than the reader's first suffix GET, so blocks are read by range) and a
+/// tail of 500 LSNs over keys 0..1300: overwrites and deletes of snapshot
+/// keys, and keys only the tail has. The tail's small segments spill into
+/// catalog pages.
+struct Dataset {
+    tmp: TempDir,
+    ds: std::path::PathBuf,
+    model: Model,
+    snapshot_lsn: u64,
+}
+
+fn dataset(name: &str) -> Dataset {
+    let mut rng = Rng::new(seed(name));
+    let tmp = TempDir::new().unwrap();
+    let wal = tmp.path().join("wal");
+    let ds = tmp.path().join("ds");
+    let url = file_url(&ds);
+    let mut model = Model::default();
+    let round1 = GenOpts {
+        keys: 1000,
+        max_value: 2048,
+        max_ops: 4,
+        delete_pct: 5,
+    };
+    write_batches(&wal, &mut model, &gen_batches(&mut rng, 1500, round1));
+    publish_once(
+        &wal,
+        &url,
+        &["--snapshot-every", "1500", "--segment-bytes", "65536"],
+        &Env::new(),
+    )
+    .ok();
+    let round2 = GenOpts {
+        keys: 1300,
+        max_value: 600,
+        max_ops: 5,
+        delete_pct: 30,
+    };
+    write_batches(&wal, &mut model, &gen_batches(&mut rng, 500, round2));
+    publish_once(
+        &wal,
+        &url,
+        &["--snapshot-every", "1500", "--segment-bytes", "1024"],
+        &Env::new(),
+    )
+    .ok();
+    let h = head(&ds);
+    assert_eq!(h["committed_lsn"], 2000, "{h}");
+    assert_eq!(h["snapshot"]["lsn"], 1500, "a snapshot at 1500: {h}");
+    let snap = ds.join(h["snapshot"]["key"].as_str().unwrap());
+    let bytes = std::fs::read(&snap).unwrap();
+    assert_eq!(&bytes[..6], b"WCSN\x02\x00", "a version 2 snapshot");
+    assert!(bytes.len() > 64 << 10, "{} bytes", bytes.len());
+    Dataset {
+        tmp,
+        ds,
+        model,
+        snapshot_lsn: 1500,
+    }
+}
+
+/// Keys of every kind: in the snapshot only, overwritten or deleted by the
+/// tail, only in the tail, never written; at most `per` of each.
+fn sample_keys(d: &Dataset, per: usize) -> Vec<String> {
+    let at_snap = d.model.at(d.snapshot_lsn);
+    let mut touched = BTreeSet::new();
+    for b in &d.model.history[d.snapshot_lsn as usize..] {
+        for op in &b.ops {
+            match op {
+                Op::Put(k, _) | Op::Delete(k) => touched.insert(k.clone()),
+            };
+        }
+    }
+    let mut kinds: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let all: BTreeSet<Vec<u8>> = at_snap
+        .keys()
+        .chain(d.model.map.keys())
+        .chain(touched.iter())
+        .cloned()
+        .collect();
+    for k in &all {
+        let Some(s) = arg_key(k) else { continue };
+        let kind = match (at_snap.get(k), d.model.map.get(k), touched.contains(k)) {
+            (Some(_), Some(_), false) => "snapshot only",
+            (Some(_), Some(_), true) => "overwritten",
+            (Some(_), None, _) => "deleted",
+            (None, Some(_), _) => "tail only",
+            (None, None, _) => "written and deleted in the tail",
+        };
+        let v = kinds.entry(kind).or_default();
+        if v.len() < per {
+            v.push(s);
+        }
+    }
+    for kind in ["snapshot only", "overwritten", "deleted", "tail only"] {
+        assert!(
+            kinds.get(kind).is_some_and(|v| !v.is_empty()),
+            "no key of kind {kind:?}: {kinds:?}"
+        );
+    }
+    let mut keys: Vec<String> = kinds.into_values().flatten().collect();
+    keys.extend(["k9999", "never", "ключ/9999", "zzz"].map(String::from));
+    keys
+}
+
+/// `get --from` and `scan --from` at `url` equal `--local` reads of `local`
+/// and the model.
+fn compare(d: &Dataset, url: &str, local: &Path, keys: &[String]) {
+    for key in keys {
+        let lazy = run(&["get", "--from", url, key], &Env::new(), None);
+        let want = d.model.map.get(key.as_bytes());
+        match want {
+            Some(v) => {
+                let lazy = lazy.ok();
+                assert_eq!(&lazy.stdout, v, "get --from {url} {key}");
+            }
+            None => {
+                let lazy = lazy.code(1);
+                assert!(lazy.stdout.is_empty(), "{}", lazy.describe());
+                assert!(lazy.stderr.contains("not found"), "{}", lazy.describe());
+            }
+        }
+        let local = run(&["get", "--local", p(local), key], &Env::new(), None);
+        assert_eq!(local.code, Some(if want.is_some() { 0 } else { 1 }));
+        assert_eq!(local.stdout, want.cloned().unwrap_or_default(), "{key}");
+    }
+    let limits: [Option<&str>; 5] = [None, Some("1"), Some("7"), Some("60"), Some("0")];
+    for prefix in ["", "k", "k0", "k01", "k12", "ключ/", "zz"] {
+        for limit in limits {
+            let mut tail = vec!["--prefix", prefix];
+            if let Some(l) = limit {
+                tail.extend(["--limit", l]);
+            }
+            let lazy = run(
+                &[&["scan", "--from", url][..], &tail].concat(),
+                &Env::new(),
+                None,
+            )
+            .ok();
+            let local_out = run(
+                &[&["scan", "--local", p(local)][..], &tail].concat(),
+                &Env::new(),
+                None,
+            )
+            .ok();
+            assert_eq!(
+                lazy.stdout_str(),
+                local_out.stdout_str(),
+                "scan --prefix {prefix:?} --limit {limit:?} from {url}"
+            );
+            let want: BTreeMap<_, _> = d
+                .model
+                .map
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix.as_bytes()))
+                .take(limit.map_or(usize::MAX, |l| l.parse().unwrap()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            assert_state_eq(
+                &parse_scan(&lazy.stdout_str()),
+                &want,
+                &format!("scan --from {url} --prefix {prefix:?} --limit {limit:?}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn lazy_reads_equal_a_replica_over_file_and_http() {
+    let d = dataset("lazy_reads_equal_a_replica_over_file_and_http");
+    let url = file_url(&d.ds);
+    let local = d.tmp.path().join("replica");
+    replicate_once(&url, &local, &Env::new()).ok();
+    assert_state_eq(&scan(&local), &d.model.map, "the replica");
+    let keys = sample_keys(&d, 25);
+    compare(&d, &url, &local, &keys);
+    let serve = Serve::start(&d.ds);
+    compare(&d, &serve.url, &local, &keys);
+
+    // --stats: one JSON line on stderr, the value on stdout.
+    let key = keys.first().unwrap();
+    let out = run(
+        &["get", "--from", &serve.url, "--stats", key],
+        &Env::new(),
+        None,
+    );
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("{\"gets\":"))
+        .unwrap_or_else(|| panic!("no stats line: {}", out.describe()));
+    let v: Value = serde_json::from_str(line).unwrap();
+    let (gets, bytes, rounds) = (
+        v["gets"].as_u64().unwrap(),
+        v["bytes"].as_u64().unwrap(),
+        v["round_trips"].as_u64().unwrap(),
+    );
+    assert!(rounds >= 2 && gets > rounds && bytes > 0, "{line}");
+    let out = run(
+        &["scan", "--from", &url, "--stats", "--limit", "3"],
+        &Env::new(),
+        None,
+    )
+    .ok();
+    assert!(
+        out.stderr.contains("\"round_trips\":"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(out.stdout_str().lines().count(), 3);
+}
+
+#[test]
+fn exactly_one_source() {
+    let tmp = TempDir::new().unwrap();
+    let dir = p(tmp.path());
+    let url = file_url(tmp.path());
+    for args in [
+        vec!["get", "k"],
+        vec!["get", "--local", dir, "--from", &url, "k"],
+        vec!["scan"],
+        vec!["scan", "--local", dir, "--from", &url],
+        vec!["get", "--local", dir, "--stats", "k"],
+    ] {
+        let out = run(&args, &Env::new(), None);
+        assert_eq!(out.code, Some(2), "{}", out.describe());
+    }
+}
+
+/// A version 1 snapshot (as publishers before version 2 wrote) is read
+/// whole, with a warning, and answers the same.
+#[test]
+fn version_1_snapshot_falls_back_to_a_whole_read() {
+    use walcast::publish::{publish, PublishOptions};
+    use walcast::store::Store;
+    use walcast::wal::Writer;
+    use walcast_core::batch::Op as KvOp;
+    use walcast_core::publisher::{PublisherConfig, SnapshotFormat};
+
+    let tmp = TempDir::new().unwrap();
+    let wal = tmp.path().join("wal");
+    let ds = tmp.path().join("ds");
+    let url = file_url(&ds);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let w = Writer::open(&wal).unwrap();
+    let round = || {
+        let opts = PublishOptions {
+            config: PublisherConfig {
+                snapshot_every: Some(300),
+                snapshot_format: SnapshotFormat::Chunked,
+                ..PublisherConfig::default()
+            },
+            once: true,
+            ..PublishOptions::default()
+        };
+        rt.block_on(publish(
+            wal.clone(),
+            Store::open(&url).unwrap(),
+            opts,
+            std::future::pending(),
+            |_| {},
+        ))
+        .unwrap();
+    };
+    for i in 0..300 {
+        w.commit(&[KvOp::put(format!("v1:{i:04}"), "x".repeat(i % 400))])
+            .unwrap();
+    }
+    round();
+    for i in 0..60 {
+        let key = format!("v1:{:04}", i * 5);
+        let op = match i % 3 {
+            0 => KvOp::delete(key),
+            1 => KvOp::put(key, format!("new {i}")),
+            _ => KvOp::put(format!("v1:tail:{i}"), "t"),
+        };
+        w.commit(&[op]).unwrap();
+    }
+    round();
+    let h = head(&ds);
+    assert_eq!(h["snapshot"]["lsn"], 300, "{h}");
+    let snap = std::fs::read(ds.join(h["snapshot"]["key"].as_str().unwrap())).unwrap();
+    assert_eq!(&snap[..6], b"WCSN\x01\x00", "a version 1 snapshot");
+
+    let local = tmp.path().join("replica");
+    replicate_once(&url, &local, &Env::new()).ok();
+    let serve = Serve::start(&ds);
+    for source in [url.as_str(), serve.url.as_str()] {
+        for key in [
+            "v1:0000",
+            "v1:0005",
+            "v1:0010",
+            "v1:0011",
+            "v1:tail:2",
+            "v1:0299",
+            "v1:9999",
+        ] {
+            let lazy = run(&["get", "--from", source, key], &Env::new(), None);
+            let loc = run(&["get", "--local", p(&local), key], &Env::new(), None);
+            assert_eq!(
+                (lazy.code, &lazy.stdout),
+                (loc.code, &loc.stdout),
+                "get {key} from {source}: {}",
+                lazy.describe()
+            );
+            if lazy.code == Some(0) || key == "v1:0000" {
+                assert!(
+                    lazy.stderr.contains("version 1"),
+                    "a warning: {}",
+                    lazy.describe()
+                );
+            }
+        }
+        for (prefix, limit) in [("v1:", "10"), ("v1:00", "1000"), ("v1:t", "2")] {
+            let lazy = run(
+                &[
+                    "scan", "--from", source, "--prefix", prefix, "--limit", limit,
+                ],
+                &Env::new(),
+                None,
+            )
+            .ok();
+            let loc = run(
+                &[
+                    "scan",
+                    "--local",
+                    p(&local),
+                    "--prefix",
+                    prefix,
+                    "--limit",
+                    limit,
+                ],
+                &Env::new(),
+                None,
+            )
+            .ok();
+            assert_eq!(lazy.stdout_str(), loc.stdout_str(), "scan {prefix} {limit}");
+        }
+    }
+}
+
+/// A flipped byte in a snapshot data block: `get --from` and `scan --from`
+/// exit 1 with a data error naming the snapshot; keys in other blocks and
+/// keys the tail settles still read.
+#[test]
+fn damaged_snapshot_block_is_a_data_error() {
+    let tmp = TempDir::new().unwrap();
+    let wal = tmp.path().join("wal");
+    let ds = tmp.path().join("ds");
+    let url = file_url(&ds);
+    let value = "v".repeat(100);
+    let mut lines = String::new();
+    for i in 0..3000 {
+        lines.push_str(&format!(
+            "{{\"op\":\"put\",\"key\":\"s:{i:04}\",\"value\":\"{value}\"}}\n"
+        ));
+    }
+    run(
+        &["write", "--wal", p(&wal)],
+        &Env::new(),
+        Some(lines.as_bytes()),
+    )
+    .ok();
+    publish_once(&wal, &url, &["--snapshot-every", "3000"], &Env::new()).ok();
+    let tail = "{\"op\":\"put\",\"key\":\"t:1\",\"value\":\"tail\"}\n\
+                {\"op\":\"put\",\"key\":\"s:0001\",\"value\":\"new\"}\n";
+    run(
+        &["write", "--wal", p(&wal)],
+        &Env::new(),
+        Some(tail.as_bytes()),
+    )
+    .ok();
+    publish_once(&wal, &url, &["--snapshot-every", "3000"], &Env::new()).ok();
+    let h = head(&ds);
+    let key = h["snapshot"]["key"].as_str().unwrap().to_string();
+    assert_eq!(h["snapshot"]["lsn"], 3000, "{h}");
+
+    // The first data block starts right after the 56-byte header; its body
+    // after the 12-byte block header. It holds s:0000.
+    let path = ds.join(&key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[56 + 12 + 40] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+
+    let serve = Serve::start(&ds);
+    for source in [url.as_str(), serve.url.as_str()] {
+        for args in [
+            vec!["get", "--from", source, "s:0000"],
+            vec!["scan", "--from", source, "--prefix", "s:"],
+        ] {
+            let out = run(&args, &Env::new(), None).code(1);
+            assert!(
+                out.stderr.contains("data") && out.stderr.contains(&key),
+                "a data error naming {key}: {}",
+                out.describe()
+            );
+            assert!(out.stdout.is_empty(), "{}", out.describe());
+        }
+        let out = run(&["get", "--from", source, "s:2999"], &Env::new(), None).ok();
+        assert_eq!(out.stdout, value.as_bytes());
+        let out = run(&["get", "--from", source, "s:0001"], &Env::new(), None).ok();
+        assert_eq!(out.stdout, b"new");
+        let out = run(&["get", "--from", source, "t:1"], &Env::new(), None).ok();
+        assert_eq!(out.stdout, b"tail");
+    }
+}
