@@ -4,6 +4,13 @@
 // The same API in every runtime: browsers, Cloudflare Workers (workerd),
 // Deno, Node and Bun. Conditional exports pick the entry that knows how to
 // load the wasm module there.
+//
+// Two modes. `Replica.open(url)` (load "full", the default) loads the whole
+// dataset into the replica at `sync()`: `get`, `getText`, `getJSON` and
+// `scan` answer synchronously. `Replica.open(url, { load: "lazy" })` gives a
+// `LazyReplica`: it reads the head and the segments after the newest
+// snapshot, never downloads the snapshot, and fetches the snapshot blocks a
+// read needs: `get`, `getText`, `getJSON` and `scan` return promises.
 
 /** A key or key bound: a string (encoded as UTF-8) or raw bytes. */
 export type Key = string | Uint8Array;
@@ -60,13 +67,21 @@ export interface PersistStore {
   save(url: string, state: PersistedState, opts: { replace: boolean }): unknown | Promise<unknown>;
 }
 
-export interface OpenOptions {
+/** Options of both modes. */
+export interface CommonOpenOptions {
   /** Milliseconds between polls of `start()`'s background loop. Default 1000. */
   pollInterval?: number;
   /** Extra request headers for every GET (e.g. an auth token for a private bucket website). */
   headers?: Record<string, string>;
   /** How many segment GETs may be in flight at once. */
   concurrency?: number;
+  /** Errors of the background loop, of persistence and of callbacks. */
+  onError?: (error: WalcastError | Error) => void;
+}
+
+/** Options of a full replica (the default): `sync()` loads the whole dataset and reads answer at once. */
+export interface FullOpenOptions extends CommonOpenOptions {
+  load?: "full";
   /**
    * Where the state is kept between sessions: `"memory"` (default: nowhere),
    * `"indexeddb"` (browsers: one record per dataset URL, restored on open so
@@ -80,9 +95,24 @@ export interface OpenOptions {
    * Do not call back into the replica from here.
    */
   onRecord?: (lsn: number, payload: Uint8Array) => void;
-  /** Errors of the background loop, of persistence and of callbacks. */
-  onError?: (error: WalcastError | Error) => void;
 }
+
+/**
+ * Options of a lazy replica: `open` syncs before it resolves (one GET of the
+ * head, plus the segments after the newest snapshot; the snapshot is not
+ * downloaded), and reads fetch the snapshot blocks they need. A lazy replica
+ * holds no whole state, so it cannot be persisted (`persist` other than
+ * `"memory"` is `invalid_input`, as is `raw`).
+ */
+export interface LazyOpenOptions extends CommonOpenOptions {
+  load: "lazy";
+  /** Bytes of snapshot data blocks kept in memory (least recently used go first). Default 8 MiB (8388608). */
+  cacheBytes?: number;
+  persist?: "memory";
+}
+
+/** `Replica.open`'s options: `load` picks the mode. */
+export type OpenOptions = FullOpenOptions | LazyOpenOptions;
 
 export interface ScanOptions {
   /** Only keys starting with these bytes. */
@@ -102,6 +132,8 @@ export interface Entry {
 }
 
 export interface Status {
+  /** How the replica loads the dataset. */
+  mode: "full" | "lazy";
   /** Everything at or below is applied (0: nothing yet). */
   appliedLsn: number;
   /** The head's committed LSN as last seen. */
@@ -125,6 +157,14 @@ export interface Status {
   requests: number;
   /** Body bytes received so far. */
   bytesReceived: number;
+  /** Lazy mode: bytes of snapshot data blocks held (at most about `cacheBytes`); 0 in full mode. */
+  cachedBytes: number;
+  /** Lazy mode: snapshot blocks fetched from the current snapshot (index and data); 0 in full mode. */
+  blocksFetched: number;
+  /** Lazy mode: bytes held by the writes after the snapshot (the overlay); 0 in full mode. */
+  overlayBytes: number;
+  /** Lazy mode: keys written (or deleted) after the snapshot; 0 in full mode. */
+  overlayEntries: number;
   /** Whether `start()`'s background loop runs. */
   running: boolean;
   /** How often this replica was rebuilt after a trap of the wasm module. */
@@ -133,22 +173,74 @@ export interface Status {
   persistError: { code: string; message: string } | null;
 }
 
-/** A read replica of one dataset. */
-export declare class Replica {
+/** What full and lazy replicas have in common. */
+export interface ReplicaBase {
+  /** The dataset URL. */
+  readonly url: string;
+  /** How the replica loads the dataset. */
+  readonly mode: "full" | "lazy";
+
+  /**
+   * Catches up to the head as of now; resolves the applied LSN. Rejects with a
+   * `WalcastError` (the state stays at its last good LSN). Calls during a sync
+   * run once more after it.
+   */
+  sync(): Promise<number>;
+  status(): Status;
+  /** Starts background polling: sync, wait `pollInterval`, repeat. Errors go to `status().lastError` and `onError`. */
+  start(): void;
+  /** Stops background polling (a sync in flight finishes). */
+  stop(): void;
+  /** Called after a sync with each applied LSN range; returns an unsubscribe function. */
+  onChange(cb: (change: { first: number; last: number }) => void): () => void;
+  /** Called when the state was replaced (re-bootstrap from a snapshot, or a new dataset); returns an unsubscribe function. */
+  onReset(cb: (reset: { lsn: number }) => void): () => void;
+  /** Stops polling, waits for a sync in flight and frees the wasm memory. Later calls fail with `closed`. */
+  close(): Promise<void>;
+}
+
+/**
+ * A lazy replica (`load: "lazy"`): every read returns a promise, answered
+ * from one state at the applied LSN (the snapshot's blocks plus the writes
+ * after it), fetching the blocks it needs. A block that fails verification
+ * or cannot be fetched rejects that read with `data`, `not_found` or
+ * `unavailable` naming the snapshot in `object`; later reads fetch it again.
+ */
+export interface LazyReplica extends ReplicaBase {
+  readonly mode: "lazy";
+  /** Unknown without reading every block: always undefined. */
+  readonly size: undefined;
+  /** The value of `key`, or undefined. */
+  get(key: Key): Promise<Uint8Array | undefined>;
+  /** The value of `key` decoded as UTF-8, or undefined. */
+  getText(key: Key): Promise<string | undefined>;
+  /** The value of `key` parsed as JSON, or undefined. Rejects on invalid JSON. */
+  getJSON<T = unknown>(key: Key): Promise<T | undefined>;
+  /** Entries in key order; empty when `end` does not sort after `start` (and the prefix). */
+  scan(options?: ScanOptions): Promise<Entry[]>;
+}
+
+/** A read replica of one dataset (full mode: reads answer at once). */
+export declare class Replica implements ReplicaBase {
   private constructor();
 
   /**
    * Opens a replica of the dataset at `url` (the prefix holding `catalog/`,
-   * `segments/`, `snapshots/`). Makes no request; with `persist` it restores
-   * the last persisted state first. Rejects `invalid_input` on bad options.
+   * `segments/`, `snapshots/`). Full mode makes no request; with `persist`
+   * it restores the last persisted state first. With `load: "lazy"` the
+   * first sync runs before it resolves (and it rejects with that sync's
+   * error). Rejects `invalid_input` on bad options.
    */
-  static open(url: string | URL, options?: OpenOptions): Promise<Replica>;
+  static open(url: string | URL, options: LazyOpenOptions): Promise<LazyReplica>;
+  static open(url: string | URL, options?: FullOpenOptions): Promise<Replica>;
+  static open(url: string | URL, options?: OpenOptions): Promise<Replica | LazyReplica>;
 
-  /** Opens a replica from bytes of `snapshot()`: reads are served at once; `sync()` fetches only the rest. */
-  static restore(url: string | URL, snapshot: Uint8Array, options?: Omit<OpenOptions, "persist">): Promise<Replica>;
+  /** Opens a replica from bytes of `snapshot()`: reads are served at once; `sync()` fetches only the rest. Full mode only. */
+  static restore(url: string | URL, snapshot: Uint8Array, options?: Omit<FullOpenOptions, "persist">): Promise<Replica>;
 
   /** The dataset URL. */
   readonly url: string;
+  readonly mode: "full";
   /** Number of keys held. */
   readonly size: number;
 

@@ -3,18 +3,21 @@
 // (crates/walcast-wasm) and adds what is JS-side only: the GETs (the
 // runtime's global `fetch`, bodies read as bounded streams), key encoding,
 // the background polling loop, change events, persistence (IndexedDB or a
-// caller's store), and recovery from a trap of the wasm module. The entries
-// only say where the .wasm comes from.
+// caller's store), lazy reads (`load: "lazy"`: get/scan return promises and
+// wait for the snapshot blocks they need), and recovery from a trap of the
+// wasm module. The entries only say where the .wasm comes from.
 //
-// Traps. Every call into the module is synchronous (the module asks for GETs
-// and timers through a queue; see crates/walcast-wasm), so a trap (a Rust
+// Traps. Every call into the module is synchronous (JS steps the module,
+// performs the GETs it asks for and hands every answer back; see
+// crates/walcast-wasm), so a trap (a Rust
 // panic aborts; a stack overflow) surfaces at the call. The module instance
 // is then poisoned for good (borrows stay taken, its stack is not unwound),
 // so it is replaced: every live replica's state is carried over to a fresh
 // instance of the same compiled module, and the replica whose call trapped is
 // rebuilt from its last good state — its state as it was when a read trapped,
 // else its persisted copy, else empty (the next sync fetches the dataset
-// again). The call that trapped throws an Error with code "internal".
+// again; a lazy replica always starts over: its next read syncs first).
+// The call that trapped throws an Error with code "internal".
 
 import * as glue from "./wasm/walcast_wasm.js";
 import { indexedDbStore, shouldReplace } from "./idb.js";
@@ -92,12 +95,69 @@ function pickStore(persist) {
   throw walcastError("invalid_input", 'walcast: persist must be "memory", "indexeddb" or a { load, save } store');
 }
 
+/** Snapshot block bytes a lazy replica caches by default. */
+const DEFAULT_CACHE_BYTES = 8 * 1024 * 1024;
+
+/** Checks `load` and `cacheBytes`; whether the replica is lazy. */
+function checkLoad(options) {
+  const load = options.load ?? "full";
+  if (load !== "full" && load !== "lazy") {
+    throw walcastError("invalid_input", `walcast: load must be "full" or "lazy", got ${String(load)}`);
+  }
+  checkCount(options.cacheBytes, "cacheBytes");
+  if (load === "lazy" && options.raw) {
+    throw walcastError("invalid_input", 'walcast: raw mode has no key-value state to read lazily (use load: "full")');
+  }
+  return load === "lazy";
+}
+
 function wasmOptions(options) {
   const o = {};
   if (options.pollInterval !== undefined) o.pollInterval = options.pollInterval;
   if (options.concurrency !== undefined) o.concurrency = options.concurrency;
   if (options.raw !== undefined) o.raw = !!options.raw;
+  if (options.load === "lazy") {
+    o.load = "lazy";
+    o.cacheBytes = options.cacheBytes ?? DEFAULT_CACHE_BYTES;
+  }
   return o;
+}
+
+/**
+ * A scan's bounds as the module takes them: `{ prefix, start, end, limit }`
+ * (limit NO_LIMIT for none), or null when nothing can match (`limit` 0, or
+ * `end` at or before the lower bound). Throws `invalid_input`.
+ */
+function scanBounds(options) {
+  const { prefix, start, end, limit } = options ?? {};
+  checkCount(limit, "limit");
+  const p = optBytes(prefix, "prefix");
+  const s = optBytes(start, "start");
+  const e = optBytes(end, "end");
+  if (limit === 0) return null;
+  if (e !== undefined) {
+    const lower = s !== undefined && (p === undefined || compareBytes(s, p) > 0) ? s : p ?? EMPTY;
+    if (compareBytes(e, lower) <= 0) return null;
+  }
+  return { prefix: p, start: s, end: e, limit: limit === undefined ? NO_LIMIT : Math.min(limit, NO_LIMIT) };
+}
+
+/** The module's `[key, value]` pairs as scan entries. */
+function entries(rows) {
+  const out = new Array(rows.length);
+  for (let i = 0; i < rows.length; i++) {
+    const [k, v] = rows[i];
+    out[i] = { key: keyOut(k), value: v };
+  }
+  return out;
+}
+
+function textOf(v) {
+  return v === undefined ? undefined : lenientUtf8.decode(v);
+}
+
+function jsonOf(t) {
+  return t === undefined ? undefined : JSON.parse(t);
 }
 
 function headerList(h) {
@@ -411,14 +471,22 @@ async function readBounded(res, limit) {
 
 /**
  * Performs one GET the module asked for; resolves `{ status, body, etag,
- * contentRange, message }` (status 0: no response), never rejects.
+ * contentRange, message }` (status 0: no response), never rejects, and
+ * always within `req.timeoutMs` (even when a custom fetch ignores the abort
+ * signal): the module waits for an answer to every GET it asked for.
  */
-async function performGet(base, headers, req, ac) {
-  let timedOut = false;
-  const timer = setTimeout(() => {
-    timedOut = true;
-    ac.abort();
-  }, req.timeoutMs);
+function performGet(base, headers, req, ac) {
+  let timer;
+  const deadline = new Promise((resolve) => {
+    timer = setTimeout(() => {
+      ac.abort();
+      resolve({ status: 0, message: `no answer within ${req.timeoutMs} ms` });
+    }, req.timeoutMs);
+  });
+  return Promise.race([fetchOnce(base, headers, req, ac), deadline]).finally(() => clearTimeout(timer));
+}
+
+async function fetchOnce(base, headers, req, ac) {
   let status = 0;
   try {
     const h = {};
@@ -438,10 +506,8 @@ async function performGet(base, headers, req, ac) {
     const body = await readBounded(res, req.maxBytes + 1);
     return { status, body, etag: res.headers.get("etag"), contentRange: res.headers.get("content-range") };
   } catch (e) {
-    const message = timedOut ? `no answer within ${req.timeoutMs} ms` : errorText(e);
+    const message = ac.signal.aborted ? `no answer within ${req.timeoutMs} ms` : errorText(e);
     return { status, message: status ? `reading the body: ${message}` : message };
-  } finally {
-    clearTimeout(timer);
   }
 }
 
@@ -470,7 +536,14 @@ export class Replica {
   // syncs: one at a time; a call during one runs once more after it
   #inflight = null;
   #queued = null;
-  #kick = null; // wakes the running sync's loop
+  // the module's GETs, and who waits for them
+  #gets = new Map(); // request id -> { ac } (of the current handle)
+  #waiters = []; // { resolve, reject }: woken by the next answer or timer
+  #wakeTimer = null;
+  #nextStep = -1; // when the module next wants a step (ms; -1: only an answer moves it)
+  // lazy mode
+  #lazy = false;
+  #lazyReady = false; // a sync succeeded since the replica was (re)built
   // events from wasm, dispatched after the sync that produced them
   #events = [];
   #changeCbs = new Set();
@@ -495,6 +568,7 @@ export class Replica {
     this.#wasmOpts = wasmOptions(options);
     this.#store = store;
     this.#pollInterval = options.pollInterval ?? 1000;
+    this.#lazy = options.load === "lazy";
     this.#onError = typeof options.onError === "function" ? options.onError : null;
     if (typeof options.onRecord === "function") this.#onRecordFn = options.onRecord;
     if (restored) {
@@ -507,6 +581,9 @@ export class Replica {
 
   /** Wires a WasmReplica to this replica. Callbacks hold the replica weakly (it may be collected). */
   #attach(w) {
+    // GETs of the replaced WasmReplica are not delivered to this one.
+    this.#abortGets();
+    if (this.#waiters.length) queueMicrotask(() => this.#wakeWaiters());
     const ref = weak(this);
     const h = { w, dead: false, owner: ref };
     handles.add(h);
@@ -543,7 +620,10 @@ export class Replica {
     if (this.#closed) return;
     if (how !== "rebuilt") {
       this.#slot.h = null; // "pending": attached when the new instance is ready
-      this.#kick?.();
+      this.#lazyReady = false;
+      this.#abortGets();
+      // Deferred: the call that trapped reports its error to its waiters first.
+      queueMicrotask(() => this.#wakeWaiters());
       return;
     }
     // Plain calls here: a fresh instance that traps at once is not replaced again.
@@ -566,13 +646,14 @@ export class Replica {
     this.#attach(w);
     if (empty) {
       // The state is gone with the instance: start over from the persisted
-      // copy, else from the dataset (the next sync). A persisted copy is
-      // never overwritten with the empty state (no #resetSincePersist).
+      // copy, else from the dataset (the next sync; a lazy replica's next
+      // read syncs first). A persisted copy is never overwritten with the
+      // empty state (no #resetSincePersist).
+      this.#lazyReady = false;
       this.#events.push({ type: "reset", lsn: 0 });
       if (this.#store) this.#reloading = this.#reload().finally(() => (this.#reloading = null));
       if (!this.#inflight) queueMicrotask(() => this.#afterSync());
     }
-    this.#kick?.();
   }
 
   /** After a trap: restores the persisted copy into the (empty) rebuilt replica. */
@@ -617,7 +698,9 @@ export class Replica {
    * Opens a replica of the dataset at `url`. With `persist: "indexeddb"` (or a
    * store) the last persisted state is restored first, so reads are served at
    * once, offline too; `sync()` then fetches only what is missing. No network
-   * request is made here.
+   * request is made here, except with `load: "lazy"`: then the first sync
+   * runs before this resolves (the head, and the segments after its
+   * snapshot; no snapshot download), and it rejects with that sync's error.
    */
   static async open(url, options = {}) {
     if (url instanceof URL) url = url.href;
@@ -632,7 +715,14 @@ export class Replica {
     if (options.onRecord !== undefined && typeof options.onRecord !== "function") {
       throw walcastError("invalid_input", "walcast: onRecord must be a function");
     }
+    const lazy = checkLoad(options);
     headerList(options.headers);
+    if (lazy && options.persist !== undefined && options.persist !== null && options.persist !== "memory") {
+      throw walcastError(
+        "invalid_input",
+        'walcast: persist needs load: "full" (a lazy replica reads the snapshot in blocks and never holds the whole state to persist)',
+      );
+    }
     const store = pickStore(options.persist);
     await init();
     await engine.pending;
@@ -659,12 +749,22 @@ export class Replica {
       }
     }
     if (!w) w = construct(() => new WasmReplica(wasmOpts));
-    return new Replica(TOKEN, url, options, w, store, restored);
+    const replica = new Replica(TOKEN, url, options, w, store, restored);
+    if (lazy) {
+      try {
+        await replica.sync();
+      } catch (e) {
+        await replica.close();
+        throw e;
+      }
+    }
+    return replica;
   }
 
   /**
    * Opens a replica from bytes of `snapshot()` (persisted however you like):
    * reads are served at once and `sync()` fetches only what is missing.
+   * Full mode only.
    */
   static async restore(url, snapshot, options = {}) {
     if (url instanceof URL) url = url.href;
@@ -672,6 +772,9 @@ export class Replica {
       throw walcastError("invalid_input", "walcast: Replica.restore needs the dataset URL as a string");
     }
     const { persist: _ignored, ...rest } = options ?? {};
+    if (checkLoad(rest)) {
+      throw walcastError("invalid_input", 'walcast: Replica.restore takes a whole state: use load: "full" (or Replica.open with load: "lazy")');
+    }
     headerList(rest.headers);
     await init();
     await engine.pending;
@@ -679,9 +782,18 @@ export class Replica {
     return new Replica(TOKEN, url, rest, w, null, null);
   }
 
-  /** Number of keys held. */
+  /** Number of keys held (full mode; undefined in lazy mode, which does not know it without reading every block). */
   get size() {
+    if (this.#lazy) {
+      this.#h();
+      return undefined;
+    }
     return this.#call("read", (w) => w.size);
+  }
+
+  /** "full" or "lazy" (how the replica loads the dataset). */
+  get mode() {
+    return this.#lazy ? "lazy" : "full";
   }
 
   /** The dataset URL this replica follows. */
@@ -712,6 +824,7 @@ export class Replica {
         if (engine.pending) await engine.pending;
         const lsn = await this.#pump();
         this.#trapError = null;
+        this.#lazyReady = true;
         return lsn;
       } finally {
         await this.#afterSync();
@@ -738,69 +851,21 @@ export class Replica {
     }
   }
 
-  /** Drives the module's sync: performs the GETs it asks for, wakes it for responses and timers. */
+  /** Drives the module's sync: steps it, and waits for answers and timers between steps. */
   async #drive(h) {
-    const inflight = new Map(); // request id -> { ac, cancelled }
-    let wake = null;
-    let timer = null;
-    const kick = () => {
-      const w = wake;
-      wake = null;
-      if (w) w();
-    };
-    this.#kick = kick;
     const live = () => {
       if (h.dead || this.#slot.h !== h) throw RESTART;
     };
-    let deliveryError = null;
     call(h, "sync", (w) => w.syncBegin());
     try {
       for (;;) {
-        if (deliveryError) throw deliveryError;
         live();
-        const r = call(h, "sync", (w) => w.syncPoll());
+        this.#step(h);
+        const r = call(h, "sync", (w) => w.syncResult());
         if (typeof r === "number") return r;
-        for (const req of call(h, "sync", (w) => w.takeRequests())) {
-          const entry = { ac: new AbortController(), cancelled: false };
-          inflight.set(req.id, entry);
-          performGet(this.#base, this.#headers, req, entry.ac).then((res) => {
-            inflight.delete(req.id);
-            if (entry.cancelled || h.dead) return;
-            try {
-              call(h, "sync", (w) => w.deliver(req.id, res.status, res.body, res.etag ?? undefined, res.contentRange ?? undefined, res.message));
-            } catch (e) {
-              deliveryError ??= e;
-            }
-            kick();
-          });
-        }
-        for (const id of call(h, "sync", (w) => w.takeCancelled())) {
-          const entry = inflight.get(id);
-          if (entry) {
-            entry.cancelled = true;
-            entry.ac.abort();
-            inflight.delete(id);
-          }
-        }
-        if (r === null) {
-          await new Promise((resolve) => setTimeout(resolve, 0));
-          continue;
-        }
-        const next = call(h, "sync", (w) => w.nextTimer());
-        await new Promise((resolve) => {
-          wake = resolve;
-          if (next >= 0) timer = setTimeout(kick, Math.max(0, next - Date.now()));
-        });
-        clearTimeout(timer);
-        timer = null;
+        await this.#progress(h);
       }
     } finally {
-      if (this.#kick === kick) this.#kick = null;
-      clearTimeout(timer);
-      for (const entry of inflight.values()) {
-        entry.cancelled = true;
-        entry.ac.abort();
-      }
       if (!h.dead) {
         try {
           call(h, "sync", (w) => w.syncAbort());
@@ -811,45 +876,166 @@ export class Replica {
     }
   }
 
-  /** The value of `key`, or undefined. */
+  // --- the module's GETs ------------------------------------------------------
+  //
+  // The module asks for GETs whenever it is stepped, by a sync or by a lazy
+  // read; they are performed here and every one is answered (a timeout or a
+  // network error is an answer too), whoever asked, so the module never
+  // waits for an answer that will not come. Each answer steps the module
+  // again and wakes everyone waiting for progress; so does the module's own
+  // timer (retries, backoff), which runs only while someone waits.
+
+  /** Runs the module until it waits, and starts the GETs it asked for. */
+  #step(h) {
+    this.#nextStep = call(h, "sync", (w) => w.step());
+    for (const req of call(h, "sync", (w) => w.takeRequests())) this.#startGet(h, req);
+  }
+
+  #startGet(h, req) {
+    const ac = new AbortController();
+    const entry = { ac };
+    this.#gets.set(req.id, entry);
+    performGet(this.#base, this.#headers, req, ac).then((res) => {
+      if (this.#gets.get(req.id) !== entry) return; // aborted (closed, or another WasmReplica now)
+      this.#gets.delete(req.id);
+      if (h.dead || this.#slot.h !== h) return;
+      let error = null;
+      try {
+        call(h, "sync", (w) => w.deliver(req.id, res.status, res.body, res.etag ?? undefined, res.contentRange ?? undefined, res.message));
+        this.#step(h);
+      } catch (e) {
+        error = e;
+      }
+      this.#wakeWaiters(error);
+    });
+  }
+
+  #abortGets() {
+    for (const entry of this.#gets.values()) entry.ac.abort();
+    this.#gets.clear();
+  }
+
+  /** Resolves at the next answer or module timer; rejects when handling an answer failed (a trap). */
+  #progress(h) {
+    return new Promise((resolve, reject) => {
+      this.#waiters.push({ resolve, reject });
+      this.#arm(h);
+    });
+  }
+
+  /** Sets the timer for the module's next step (only while someone waits). */
+  #arm(h) {
+    clearTimeout(this.#wakeTimer);
+    this.#wakeTimer = null;
+    if (this.#nextStep < 0 || this.#waiters.length === 0) return;
+    this.#wakeTimer = setTimeout(() => {
+      this.#wakeTimer = null;
+      let error = null;
+      if (!h.dead && this.#slot.h === h) {
+        try {
+          this.#step(h);
+        } catch (e) {
+          error = e;
+        }
+      }
+      this.#wakeWaiters(error);
+    }, Math.max(0, this.#nextStep - Date.now()));
+  }
+
+  /** Wakes everyone waiting for progress (with `error`: rejects them). */
+  #wakeWaiters(error = null) {
+    clearTimeout(this.#wakeTimer);
+    this.#wakeTimer = null;
+    const waiters = this.#waiters;
+    this.#waiters = [];
+    for (const w of waiters) {
+      if (error) w.reject(error);
+      else w.resolve();
+    }
+    if (error && waiters.length === 0) this.#emitError(error);
+  }
+
+  /**
+   * A lazy read: `op(w, h)` answers, or returns null while the blocks it
+   * needs are fetched (the module queued their GETs). A replica with nothing
+   * synced yet (rebuilt after a trap) syncs first.
+   */
+  async #lazyRead(op) {
+    for (;;) {
+      if (this.#closed) throw closedError();
+      if (engine.pending) await engine.pending.catch(noop);
+      if (!this.#lazyReady) {
+        await this.sync();
+        continue;
+      }
+      const h = this.#h();
+      const r = call(h, "read", (w) => op(w, h));
+      if (r !== null) return r;
+      this.#step(h);
+      await this.#progress(h);
+    }
+  }
+
+  async #lazyGet(key) {
+    const k = toBytes(key, "key");
+    return this.#lazyRead((w) => w.getLazy(k));
+  }
+
+  async #lazyScan(options) {
+    const b = scanBounds(options);
+    if (b === null) return [];
+    let id = 0;
+    let owner = null; // the handle the scan was opened on
+    try {
+      const rows = await this.#lazyRead((w, h) => {
+        if (owner !== h) {
+          id = w.scanOpen(b.prefix, b.start, b.end, b.limit);
+          owner = h;
+        }
+        return w.scanLazy(id);
+      });
+      return entries(rows);
+    } finally {
+      if (owner && !owner.dead) {
+        try {
+          owner.w.scanClose(id);
+        } catch {
+          // a poisoned instance goes away whole
+        }
+      }
+    }
+  }
+
+  /** The value of `key`, or undefined (lazy mode: a promise of it). */
   get(key) {
+    if (this.#lazy) return this.#lazyGet(key);
     const k = toBytes(key, "key");
     const v = this.#call("read", (w) => w.get(k));
     return v ?? undefined;
   }
 
-  /** The value of `key` decoded as UTF-8, or undefined. */
+  /** The value of `key` decoded as UTF-8, or undefined (lazy mode: a promise of it). */
   getText(key) {
-    const v = this.get(key);
-    return v === undefined ? undefined : lenientUtf8.decode(v);
+    if (this.#lazy) return this.#lazyGet(key).then(textOf);
+    return textOf(this.get(key));
   }
 
-  /** The value of `key` parsed as JSON, or undefined. Throws on invalid JSON. */
+  /** The value of `key` parsed as JSON, or undefined (lazy mode: a promise of it). Throws on invalid JSON. */
   getJSON(key) {
-    const t = this.getText(key);
-    return t === undefined ? undefined : JSON.parse(t);
+    if (this.#lazy) return this.#lazyGet(key).then((v) => jsonOf(textOf(v)));
+    return jsonOf(this.getText(key));
   }
 
-  /** Entries in key order: `start` inclusive, `end` exclusive; empty when `end` is not after `start`. */
+  /**
+   * Entries in key order: `start` inclusive, `end` exclusive; empty when `end`
+   * is not after `start` (lazy mode: a promise of them).
+   */
   scan(options = {}) {
+    if (this.#lazy) return this.#lazyScan(options);
     this.#h();
-    const { prefix, start, end, limit } = options ?? {};
-    checkCount(limit, "limit");
-    const p = optBytes(prefix, "prefix");
-    const s = optBytes(start, "start");
-    const e = optBytes(end, "end");
-    if (limit === 0) return [];
-    if (e !== undefined) {
-      const lower = s !== undefined && (p === undefined || compareBytes(s, p) > 0) ? s : p ?? EMPTY;
-      if (compareBytes(e, lower) <= 0) return [];
-    }
-    const rows = this.#call("read", (w) => w.scan(p, s, e, limit === undefined ? NO_LIMIT : Math.min(limit, NO_LIMIT)));
-    const out = new Array(rows.length);
-    for (let i = 0; i < rows.length; i++) {
-      const [k, v] = rows[i];
-      out[i] = { key: keyOut(k), value: v };
-    }
-    return out;
+    const b = scanBounds(options);
+    if (b === null) return [];
+    return entries(this.#call("read", (w) => w.scan(b.prefix, b.start, b.end, b.limit)));
   }
 
   /** Where the replica is: LSNs, lag, state, last error, traffic. */
@@ -865,6 +1051,7 @@ export class Replica {
       lastError = { code: "internal", message: this.#trapError.message };
     }
     return {
+      mode: s.mode,
       appliedLsn: s.appliedLsn,
       committedLsn: s.committedLsn,
       epoch: s.epoch,
@@ -875,6 +1062,10 @@ export class Replica {
       lastError,
       requests: s.requests,
       bytesReceived: s.bytesReceived,
+      cachedBytes: s.cachedBytes,
+      blocksFetched: s.blocksFetched,
+      overlayBytes: s.overlayBytes,
+      overlayEntries: s.overlayEntries,
       running: this.#running,
       recoveries: this.#recoveries,
       persistError: this.#persistError
@@ -957,6 +1148,9 @@ export class Replica {
     if (this.#reloading) await this.#reloading.then(noop, noop);
     this.#changeCbs.clear();
     this.#resetCbs.clear();
+    // GETs still in flight (lazy reads' blocks) and reads waiting for them.
+    this.#abortGets();
+    this.#wakeWaiters();
     if (finalizer) finalizer.unregister(this.#slot);
     releaseHandle(this.#slot.h);
     this.#slot.h = null;

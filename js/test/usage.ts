@@ -1,7 +1,9 @@
 // Exercises the public API as users write it; `tsc -p js/test/tsconfig.json`
 // checks it against js/index.d.ts (it is type-checked, never run).
 import { init, Replica, shouldReplace } from "walcast";
-import type { Entry, ErrorCode, OpenOptions, PersistedState, PersistStore, ScanOptions, Status, WalcastError } from "walcast";
+import type {
+  Entry, ErrorCode, LazyOpenOptions, LazyReplica, OpenOptions, PersistedState, PersistStore, ReplicaBase, ScanOptions, Status, WalcastError,
+} from "walcast";
 
 async function main(): Promise<void> {
   await init();
@@ -74,6 +76,54 @@ async function main(): Promise<void> {
   await replica.close();
   void [lsn, v, vb, text, name, nums, at, id, state, code, running, recoveries, errObject, internal, size];
 }
+
+// Lazy mode: reads return promises.
+async function lazyMode(): Promise<void> {
+  const lazy: LazyReplica = await Replica.open("https://cdn.example.com/app", { load: "lazy", cacheBytes: 8 << 20, pollInterval: 1000 });
+  const mode: "lazy" = lazy.mode;
+  const v: Uint8Array | undefined = await lazy.get("user:42");
+  const t: string | undefined = await lazy.getText(new Uint8Array([0xff]));
+  const j = await lazy.getJSON<{ name: string }>("user:42");
+  const n: string | undefined = j?.name;
+  const rows: Entry[] = await lazy.scan({ prefix: "user:", limit: 100 });
+  const all: Entry[] = await lazy.scan();
+  const lsn: number = await lazy.sync();
+  const s: Status = lazy.status();
+  const figures: number[] = [s.cachedBytes, s.blocksFetched, s.overlayBytes, s.overlayEntries];
+  const m: "full" | "lazy" = s.mode;
+  lazy.start();
+  lazy.stop();
+  lazy.onChange(({ last }) => console.log(last));
+  const opts: LazyOpenOptions = { load: "lazy", headers: { authorization: "Bearer x" }, persist: "memory" };
+  const again = await Replica.open("https://cdn.example.com/app", opts);
+  await again.close();
+  // Either mode through one type.
+  const either: ReplicaBase = Math.random() < 0.5 ? lazy : await Replica.open("https://cdn.example.com/app");
+  await either.sync();
+  const loose: OpenOptions = { load: Math.random() < 0.5 ? "lazy" : "full" };
+  const r: Replica | LazyReplica = await Replica.open("https://cdn.example.com/app", loose);
+  if (r.mode === "lazy") await r.get("k");
+  else r.get("k");
+  await lazy.close();
+  void [mode, v, t, n, rows, all, lsn, figures, m];
+
+  // @ts-expect-error: a lazy read is a promise, not the value
+  const sync: Uint8Array | undefined = lazy.get("user:42");
+  // @ts-expect-error: a lazy scan is a promise, not the rows
+  const syncRows: Entry[] = lazy.scan();
+  // @ts-expect-error: a lazy replica holds no whole state to snapshot
+  lazy.snapshot();
+  void [sync, syncRows];
+}
+
+// @ts-expect-error: a lazy replica cannot be persisted
+void Replica.open("x", { load: "lazy", persist: "indexeddb" });
+// @ts-expect-error: load is "full" or "lazy"
+void Replica.open("x", { load: "eager" });
+// @ts-expect-error: a full replica's reads are not promises
+void (null as unknown as Replica).get("k").then;
+
+void lazyMode;
 
 // @ts-expect-error: keys are strings or bytes
 (null as unknown as Replica).get(42);

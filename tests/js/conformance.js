@@ -578,6 +578,213 @@ export function conformanceCases(ctx) {
     return e;
   };
 
+  // --- lazy mode -------------------------------------------------------------------------
+
+  /** The rows of two scans are the same (keys as the API gives them, values as bytes). */
+  const sameRows = (got, want, label) => {
+    ok(Array.isArray(got), `${label}: a scan resolves an array, got ${show(got)}`);
+    for (let i = 0; i < Math.min(got.length, want.length); i++) {
+      const gk = keyBytes(got[i].key);
+      const wk = keyBytes(want[i].key);
+      if (!bytesEq(gk, wk)) fail(`${label}: row ${i} key ${show(gk)}, full mode has ${show(wk)}`);
+      eq(typeof got[i].key, typeof want[i].key, `${label}: row ${i} (${show(gk)}) key type`);
+      if (!bytesEq(got[i].value, want[i].value)) fail(`${label}: row ${i} (${show(gk)}) value ${show(got[i].value)}, full mode has ${show(want[i].value)}`);
+    }
+    eq(got.length, want.length, `${label}: number of rows`);
+  };
+  const scanOpts = (c) => {
+    const o = {};
+    for (const f of ["prefix", "start", "end"]) if (c[f]) o[f] = argOf(c[f]);
+    if (c.limit !== undefined) o.limit = c.limit;
+    return o;
+  };
+  /** Lazy reads equal the fixture's probes and scan counts, and a full replica's answers. */
+  const expectLazy = async (lazy, full, fx, label) => {
+    eq(lazy.status().appliedLsn, fx.expected.lsn, `${label}: lazy appliedLsn`);
+    eq(full.status().appliedLsn, fx.expected.lsn, `${label}: full appliedLsn`);
+    for (const p of fx.probes) {
+      const k = argOf(p.key);
+      const pending = lazy.get(k);
+      ok(pending instanceof Promise, `${label}: lazy get() returns a promise`);
+      const got = await pending;
+      const want = full.get(k);
+      if (p.absent) {
+        eq(got, undefined, `${label}: lazy get(${show(keyBytes(k))}) of an absent key (${p.kind})`);
+      } else {
+        ok(bytesEq(got, b64dec(p.value)), `${label}: lazy get(${show(keyBytes(k))}) (${p.kind}) = ${show(got)}, expected ${show(b64dec(p.value))}`);
+      }
+      ok(got === undefined ? want === undefined : bytesEq(got, want), `${label}: lazy and full get(${show(keyBytes(k))}) differ`);
+    }
+    for (const c of fx.scans) {
+      const opts = scanOpts(c);
+      const got = await (c.name === "everything" ? lazy.scan() : lazy.scan(opts));
+      eq(got.length, c.count, `${label}: lazy scan ${c.name}: row count`);
+      if (c.count > 0) {
+        ok(bytesEq(keyBytes(got[0].key), b64dec(c.first)), `${label}: lazy scan ${c.name}: first key ${show(keyBytes(got[0].key))}`);
+        ok(bytesEq(keyBytes(got[got.length - 1].key), b64dec(c.last)), `${label}: lazy scan ${c.name}: last key`);
+      }
+      sameRows(got, c.name === "everything" ? full.scan() : full.scan(opts), `${label}: scan ${c.name}`);
+    }
+  };
+
+  add("lazy: open refuses what a lazy replica cannot do (invalid_input)", async () => {
+    const fx = sc.lazy;
+    await rejectsWith(Replica.open(fx.url, { load: "eager" }), "invalid_input", "load: eager");
+    await rejectsWith(Replica.open(fx.url, { load: "lazy", cacheBytes: -1 }), "invalid_input", "cacheBytes -1");
+    await rejectsWith(Replica.open(fx.url, { load: "lazy", cacheBytes: 1.5 }), "invalid_input", "cacheBytes 1.5");
+    const pe = await rejectsWith(Replica.open(fx.url, { load: "lazy", persist: "indexeddb" }), "invalid_input", "persist indexeddb with load lazy");
+    ok(/persist/.test(pe.message) && /lazy/.test(pe.message), `the error says why: ${pe.message}`);
+    await rejectsWith(Replica.open(fx.url, { load: "lazy", persist: mapStore() }), "invalid_input", "a custom store with load lazy");
+    await rejectsWith(Replica.open(fx.url, { load: "lazy", raw: true, onRecord() {} }), "invalid_input", "raw with load lazy");
+    await rejectsWith(Replica.restore(fx.url, Uint8Array.of(1, 2, 3), { load: "lazy" }), "invalid_input", "restore with load lazy");
+    const r = track(await Replica.open(fx.url, { load: "lazy", persist: "memory" }));
+    eq(r.mode, "lazy", "mode");
+    await rejectsWith(r.get(42), "invalid_input", "lazy get(42)");
+    await rejectsWith(r.scan({ limit: -1 }), "invalid_input", "lazy scan limit -1");
+    let e = null;
+    try {
+      r.snapshot();
+    } catch (x) {
+      e = x;
+    }
+    eq(e?.code, "invalid_input", "snapshot() of a lazy replica");
+    eq(r.size, undefined, "size of a lazy replica");
+  });
+
+  add("lazy: open reads the head and the tail, no snapshot; a cold read makes few GETs and moves a small part of the snapshot", async () => {
+    const fx = sc.lazy;
+    const snap = fx.snapshotInfo;
+    const rec = recordFetches();
+    let r;
+    try {
+      r = track(await withTimeout(Replica.open(fx.url, { load: "lazy" }), 120_000, "lazy open"));
+    } finally {
+      rec.restore();
+    }
+    const s0 = r.status();
+    eq(s0.mode, "lazy", "status().mode");
+    eq(s0.appliedLsn, fx.expected.lsn, "open synced: appliedLsn");
+    eq(s0.committedLsn, fx.committedLsn, "committedLsn");
+    eq(s0.blocksFetched, 0, "no block fetched by open");
+    eq(s0.cachedBytes, 0, "nothing cached by open");
+    ok(s0.overlayEntries > 0 && s0.overlayBytes > 0, `the tail is in the overlay: ${s0.overlayEntries} entries, ${s0.overlayBytes} bytes`);
+    const tail = fx.segments.filter((x) => x.last > snap.lsn);
+    ok(s0.requests <= tail.length + 2, `open made ${s0.requests} GETs (the head and ${tail.length} tail segments)`);
+    ok(s0.bytesReceived < snap.size / 4, `open received ${s0.bytesReceived} bytes; the snapshot is ${snap.size}`);
+    const keys = rec.log.map((x) => relKey(x.url, fx.url)).filter(Boolean);
+    for (const k of keys) {
+      ok(!k.startsWith("snapshots/"), `open fetched ${k}`);
+      ok(k === "catalog/head.json" || tail.some((t) => t.key === k), `open fetched ${k}, neither the head nor a tail segment`);
+    }
+    if (keys.length === 0) log("note: fetch wrapper saw no requests; checked request and byte counts only");
+
+    const probe = fx.probes.find((p) => p.kind === "snapshot");
+    const v = await withTimeout(r.get(argOf(probe.key)), 60_000, "a cold lazy read");
+    ok(bytesEq(v, b64dec(probe.value)), `cold read of ${show(keyBytes(argOf(probe.key)))}`);
+    const s1 = r.status();
+    const gets = s1.requests - s0.requests;
+    const bytes = s1.bytesReceived - s0.bytesReceived;
+    log(`lazy cold read: ${gets} GETs, ${bytes} bytes of a ${snap.size}-byte snapshot (${s1.blocksFetched} blocks)`);
+    ok(gets >= 1 && gets < 10, `a cold read made ${gets} GETs (fewer than 10)`);
+    ok(bytes < snap.size / 4, `a cold read moved ${bytes} bytes, not under a quarter of the ${snap.size}-byte snapshot`);
+    ok(s1.blocksFetched > 0, `status().blocksFetched ${s1.blocksFetched}`);
+    ok(s1.cachedBytes > 0, `status().cachedBytes ${s1.cachedBytes}`);
+    // The same key again: from the cache.
+    ok(bytesEq(await r.get(argOf(probe.key)), b64dec(probe.value)), "a second read");
+    eq(r.status().requests, s1.requests, "a second read of the same key makes no GET");
+    eq(r.status().lastError, null, "no error");
+  });
+
+  add("lazy: get, getText, getJSON and scans equal a full replica's answers (probes, prefixes, limits, bounds)", async () => {
+    const fx = sc.lazy;
+    const full = track(await Replica.open(fx.url));
+    eq(await withTimeout(full.sync(), 120_000, "full sync"), fx.expected.lsn, "full sync");
+    eq(full.status().mode, "full", "full mode's status().mode");
+    eq(full.status().blocksFetched, 0, "full mode's blocksFetched");
+    eq(full.size, fx.expected.count, "full replica's key count");
+    const lazy = track(await Replica.open(fx.url, { load: "lazy" }));
+    await expectLazy(lazy, full, fx, "stage 0");
+    const some = fx.probes.find((p) => !p.absent && p.kind === "overwritten");
+    const t = await lazy.getText(argOf(some.key));
+    eq(t, full.getText(argOf(some.key)), "getText");
+    ok(typeof t === "string" && t.length === 100, `getText of a 100-byte value: ${show(t)}`);
+    eq(await lazy.getText("aaaa"), undefined, "getText of an absent key");
+    eq(await lazy.getJSON("aaaa"), undefined, "getJSON of an absent key");
+    let je = null;
+    try {
+      await lazy.getJSON(argOf(some.key));
+    } catch (x) {
+      je = x;
+    }
+    ok(je instanceof SyntaxError, `getJSON of a value that is not JSON rejects with a SyntaxError, got ${je}`);
+    // Reads in parallel (as a worker serves them) give the same answers.
+    const many = fx.probes.map((p) => argOf(p.key));
+    const fresh = track(await Replica.open(fx.url, { load: "lazy" }));
+    const answers = await withTimeout(Promise.all(many.map((k) => fresh.get(k))), 120_000, "parallel lazy reads");
+    many.forEach((k, i) => {
+      const want = full.get(k);
+      ok(answers[i] === undefined ? want === undefined : bytesEq(answers[i], want), `parallel read of ${show(keyBytes(k))}`);
+    });
+    const scans = await Promise.all([fresh.scan({ prefix: "user:", limit: 500 }), fresh.scan({ start: "zone:018000" }), fresh.get("acct:000004")]);
+    sameRows(scans[0], full.scan({ prefix: "user:", limit: 500 }), "parallel scan user:");
+    sameRows(scans[1], full.scan({ start: "zone:018000" }), "parallel scan from zone:018000");
+    // Empty ranges, as in full mode.
+    for (const opts of [{ start: "b", end: "a" }, { start: "item:", end: "item:" }, { prefix: "user:", end: "user" }]) {
+      const rows = await lazy.scan(opts);
+      ok(Array.isArray(rows) && rows.length === 0, `lazy scan ${JSON.stringify(opts)} is empty`);
+    }
+    eq(lazy.status().lastError, null, "no error after the reads");
+  });
+
+  add("lazy: a cache far smaller than the snapshot still answers every read and scan", async () => {
+    const fx = sc.lazy;
+    const full = track(await Replica.open(fx.url));
+    await withTimeout(full.sync(), 120_000, "full sync");
+    const lazy = track(await Replica.open(fx.url, { load: "lazy", cacheBytes: 48 * 1024 }));
+    sameRows(await withTimeout(lazy.scan(), 120_000, "a whole scan with a 48 KiB cache"), full.scan(), "whole scan, 48 KiB cache");
+    ok(lazy.status().cachedBytes <= 96 * 1024, `cachedBytes ${lazy.status().cachedBytes} stays near cacheBytes`);
+    for (const p of fx.probes.slice(0, 60)) {
+      const k = argOf(p.key);
+      const got = await lazy.get(k);
+      const want = full.get(k);
+      ok(got === undefined ? want === undefined : bytesEq(got, want), `get(${show(keyBytes(k))}) with a 48 KiB cache`);
+    }
+  });
+
+  add("lazy: close rejects later reads with closed", async () => {
+    const fx = sc.lazy;
+    const r = await Replica.open(fx.url, { load: "lazy" });
+    const pending = r.get("acct:000000");
+    await r.close();
+    try {
+      await pending; // answered, or rejected with closed: never left hanging
+    } catch (e) {
+      eq(e.code, "closed", `a read in flight at close (message: ${e.message})`);
+    }
+    await rejectsWith(r.get("acct:000000"), "closed", "get after close", 5_000);
+    await rejectsWith(r.scan(), "closed", "scan after close", 5_000);
+    await rejectsWith(r.sync(), "closed", "sync after close", 5_000);
+  });
+
+  add("lazy: a trap rebuilds the lazy replica; its next read syncs again and answers", async () => {
+    const fx = sc.lazy;
+    const full = track(await Replica.open(fx.url));
+    await withTimeout(full.sync(), 120_000, "full sync");
+    const r = track(await Replica.open(fx.url, { load: "lazy" }));
+    const p = fx.probes.find((x) => x.kind === "snapshot");
+    ok(bytesEq(await r.get(argOf(p.key)), b64dec(p.value)), "read before the trap");
+    const e = trapOf(r, "read");
+    eq(e?.code, "internal", `trap: error.code (message: ${e?.message})`);
+    ok(r.status().recoveries >= 1, "status().recoveries");
+    ok(bytesEq(await withTimeout(r.get(argOf(p.key)), 60_000, "read after the trap"), b64dec(p.value)), "read after the trap");
+    eq(r.status().appliedLsn, fx.expected.lsn, "synced again");
+    sameRows(await r.scan({ prefix: "item:", limit: 200 }), full.scan({ prefix: "item:", limit: 200 }), "scan after the trap");
+    // A trap while a sync delivers: the sync rejects; reads go on.
+    trapOf(r, "sync");
+    await rejectsWith(r.sync(), "internal", "the lazy sync that trapped", 60_000);
+    ok(bytesEq(await withTimeout(r.get(argOf(p.key)), 60_000, "read after a trap in a sync"), b64dec(p.value)), "read after a trap in a sync");
+  });
+
   add("recovery: a trap in a call throws code internal; every replica keeps its state, reads and syncs", async () => {
     const fx = sc.basic;
     const a = track(await Replica.open(fx.url));
@@ -777,6 +984,68 @@ export function conformanceCases(ctx) {
     const rec = store.map.get(fx1.url);
     eq(rec?.datasetId, fx1.datasetId, "the store holds the new dataset");
     eq(rec?.appliedLsn, fx1.expected.lsn, "persisted LSN of the new dataset");
+  });
+
+  add("lazy: writes published after open are seen after sync(); a newer snapshot moves the base", async () => {
+    const fx0 = sc.lazy;
+    const lazy = track(await Replica.open(fx0.url, { load: "lazy" }));
+    const small = track(await Replica.open(fx0.url, { load: "lazy", cacheBytes: 64 * 1024 }));
+    const full = track(await Replica.open(fx0.url));
+    await withTimeout(full.sync(), 120_000, "full sync");
+    // Warm the cache with stage 0's blocks: later answers must not come from stale blocks.
+    for (const p of fx0.probes) await lazy.get(argOf(p.key));
+    const changes = [];
+    lazy.onChange((c) => changes.push(c));
+    const fx1 = await mutate("lazy");
+    eq(await withTimeout(lazy.sync(), 120_000, "lazy sync to stage 1"), fx1.expected.lsn, "lazy sync to stage 1");
+    eq(await withTimeout(small.sync(), 120_000, "small-cache sync to stage 1"), fx1.expected.lsn, "small-cache sync");
+    eq(await withTimeout(full.sync(), 120_000, "full sync to stage 1"), fx1.expected.lsn, "full sync to stage 1");
+    ok(changes.length > 0 && changes[changes.length - 1].last === fx1.expected.lsn, `onChange reached ${fx1.expected.lsn}: ${JSON.stringify(changes.slice(-1))}`);
+    eq(lazy.status().blocksFetched > 0, true, "blocks were fetched before");
+    await expectLazy(lazy, full, fx1, "stage 1");
+    await expectLazy(small, full, fx1, "stage 1, 64 KiB cache");
+    const fx2 = await mutate("lazy");
+    ok(fx2.snapshotInfo.lsn > fx1.snapshotInfo.lsn, `stage 2 has a newer snapshot (${fx2.snapshotInfo.lsn})`);
+    eq(await withTimeout(lazy.sync(), 120_000, "lazy sync to stage 2"), fx2.expected.lsn, "lazy sync to stage 2");
+    eq(await withTimeout(full.sync(), 120_000, "full sync to stage 2"), fx2.expected.lsn, "full sync to stage 2");
+    await expectLazy(lazy, full, fx2, "stage 2 (newer snapshot)");
+    // A replica opened now starts from the newer snapshot.
+    const later = track(await Replica.open(fx2.url, { load: "lazy" }));
+    const st = later.status();
+    ok(st.bytesReceived < fx2.snapshotInfo.size / 4, `a lazy open at stage 2 received ${st.bytesReceived} bytes`);
+    await expectLazy(later, full, fx2, "stage 2, opened there");
+    eq(lazy.status().lastError, null, "no error");
+  });
+
+  add("lazydamage: a damaged snapshot block is a data error naming the snapshot; other reads go on, and all work after repair", async () => {
+    const fx0 = sc.lazydamage;
+    const r = track(await Replica.open(fx0.url, { load: "lazy" }));
+    const damaged = argOf(fx0.damagedKey);
+    const far = argOf(fx0.farKey);
+    const fx1 = await mutate("lazydamage");
+    ok(fx1.flippedByte > 0, "stage 1 is the damaged one");
+    const e = await rejectsWith(r.get(damaged), "data", `get(${show(keyBytes(damaged))}) from the damaged block`, 60_000);
+    eq(e.object, fx1.snapshot, `error.object names the snapshot (message: ${e.message})`);
+    eq(r.status().lastError?.code, "data", "status().lastError.code");
+    eq(r.status().lastError?.object, fx1.snapshot, "status().lastError.object");
+    // A key in another block still reads, and so does the overlay.
+    const farProbe = fx1.probes.find((p) => bytesEq(keyBytes(argOf(p.key)), keyBytes(far)));
+    ok(bytesEq(await withTimeout(r.get(far), 60_000, "a read in another block"), b64dec(farProbe.value)), "a key in another block");
+    // A scan across the damaged block fails the same way (and never hangs).
+    await rejectsWith(r.scan({ prefix: "d:0015" }), "data", "a scan across the damaged block", 60_000);
+    // The damage persists: the read fails again (nothing bad was cached).
+    await rejectsWith(r.get(damaged), "data", "the damaged block, read again", 60_000);
+    const fx2 = await mutate("lazydamage");
+    for (const p of fx2.probes) {
+      const got = await withTimeout(r.get(argOf(p.key)), 60_000, `get after the repair`);
+      if (p.absent) eq(got, undefined, `get(${show(keyBytes(argOf(p.key)))}) after the repair`);
+      else ok(bytesEq(got, b64dec(p.value)), `get(${show(keyBytes(argOf(p.key)))}) after the repair = ${show(got)}`);
+    }
+    for (const c of fx2.scans) {
+      const rows = await withTimeout(c.name === "everything" ? r.scan() : r.scan(scanOpts(c)), 60_000, `scan ${c.name} after the repair`);
+      eq(rows.length, c.count, `scan ${c.name} after the repair: row count`);
+    }
+    eq(await withTimeout(r.sync(), 60_000, "sync after the repair"), fx2.expected.lsn, "sync after the repair");
   });
 
   if (ctx.timers) {

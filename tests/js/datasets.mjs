@@ -28,7 +28,7 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const REPO = path.resolve(HERE, "../..");
-export const SCENARIOS = ["basic", "midhistory", "corrupt", "retention", "newdataset"];
+export const SCENARIOS = ["basic", "midhistory", "corrupt", "retention", "newdataset", "lazy", "lazydamage"];
 
 // --- small utilities ------------------------------------------------------------
 
@@ -478,8 +478,277 @@ function buildScenarios(bin, work) {
     out.newdataset = { stages: [{ dir: d.stage0, fixture: fx0 }, { dir: d.stage1, fixture: fx1 }] };
   }
 
+  out.lazy = buildLazy(bin, dirs("lazy"));
+  out.lazydamage = buildLazyDamage(bin, dirs("lazydamage"));
+
   log(`scenarios built in ${Date.now() - t0} ms`);
   return out;
+}
+
+// --- lazy scenarios -------------------------------------------------------------------------
+//
+// Datasets whose head names a block-indexed snapshot (version 2, as the
+// publisher writes by default) followed by a tail that overwrites and deletes
+// snapshot keys and adds new ones. Their fixtures carry no full entry list
+// (too large to hand to every runtime): `probes` (keys with their expected
+// values, or absent), scan specs with their expected row counts, and the
+// expected LSN and key count. The conformance cases compare lazy reads with
+// a full-mode replica of the same dataset in the same runtime.
+
+/** A 100-byte value for `key` written at `tag` ("s0", "t0", ...). */
+function value100(key, tag) {
+  const head = `${hex(key).slice(0, 40)}|${tag}|`;
+  return head + "v".repeat(Math.max(0, 100 - head.length));
+}
+
+function putOp(key, tag) {
+  const v = value100(key, tag);
+  return isUtf8(key)
+    ? { op: "put", key, keyText: new TextDecoder().decode(key), value: enc.encode(v), valueText: v }
+    : { op: "put", key, value: enc.encode(v), valueText: v };
+}
+
+function delOp(key) {
+  return isUtf8(key) ? { op: "delete", key, keyText: new TextDecoder().decode(key) } : { op: "delete", key };
+}
+
+/** NDJSON of `batches` (arrays of ops), applied to `model`. */
+function ndjsonOf(model, batches) {
+  const lines = [];
+  for (const ops of batches) {
+    model.apply(ops);
+    lines.push(JSON.stringify(ops.length === 1 ? jsonOp(ops[0]) : { batch: ops.map(jsonOp) }));
+  }
+  return lines.join("\n") + "\n";
+}
+
+function chunks(ops, n) {
+  const out = [];
+  for (let i = 0; i < ops.length; i += n) out.push(ops.slice(i, i + n));
+  return out;
+}
+
+/** The snapshot the head names: { key, lsn, size, version, entries }. */
+function headSnapshot(ds) {
+  const s = readHead(ds).snapshot;
+  return s ? { key: s.key, lsn: s.lsn, size: s.size, version: s.version ?? 1, entries: s.entries } : null;
+}
+
+function lazyFixture(ds, model, probeKeys, scanSpecs, extra = {}) {
+  const head = readHead(ds);
+  const entries = model.entries();
+  const probes = probeKeys.map(({ key, kind }) => {
+    const e = model.map.get(hex(key));
+    return e ? { key: arg(key), kind, value: b64(e.value) } : { key: arg(key), kind, absent: true };
+  });
+  const scans = scanSpecs.map((sp) => {
+    let rows = entries.filter((e) => inRange(e.key, sp));
+    if (sp.limit !== undefined) rows = rows.slice(0, sp.limit);
+    const c = { name: sp.name, count: rows.length };
+    if (rows.length) {
+      c.first = b64(rows[0].key);
+      c.last = b64(rows[rows.length - 1].key);
+    }
+    for (const f of ["prefix", "start", "end"]) if (sp[f]) c[f] = arg(sp[f]);
+    if (sp.limit !== undefined) c.limit = sp.limit;
+    return c;
+  });
+  return {
+    datasetId: head.dataset_id,
+    committedLsn: head.committed_lsn,
+    earliestLsn: head.earliest_lsn,
+    epoch: head.epoch,
+    snapshot: head.snapshot ? head.snapshot.key : null,
+    snapshotInfo: headSnapshot(ds),
+    pages: (head.pages ?? []).length,
+    segments: segmentsOf(ds),
+    expected: { lsn: model.lsn, count: entries.length },
+    probes,
+    scans,
+    ...extra,
+  };
+}
+
+// lazy: 20,000 keys of 100-byte values under four prefixes (plus a few
+// binary keys), a snapshot at LSN 200 and a tail after it. Stage 1 publishes
+// more writes (no new snapshot); stage 2 publishes a newer snapshot and a
+// short tail after it (the lazy base moves).
+function buildLazy(bin, d) {
+  const m = new Model();
+  const r = rng(6);
+  const prefixes = ["acct:", "item:", "user:", "zone:"];
+  const base = [];
+  for (let i = 0; i < 20000; i++) base.push(enc.encode(`${prefixes[i % 4]}${String(i).padStart(6, "0")}`));
+  for (let i = 0; i < 48; i++) base.push(Uint8Array.of(0xff, i, 0x00, (i * 37) & 0xff));
+  const initial = [];
+  for (let i = 0; i < 19900; i++) initial.push(putOp(base[i], "s0"));
+  // 200 batches: the snapshot at LSN 200 holds all of them (the last 148 keys come in its final batches).
+  const batches = chunks(initial, 100);
+  batches.push(base.slice(19900).map((k) => putOp(k, "s0")));
+  while (batches.length > 200) batches.splice(batches.length - 2, 2, [...batches[batches.length - 2], ...batches[batches.length - 1]]);
+  if (batches.length !== 200) throw new Error(`lazy: ${batches.length} initial batches`);
+  write(bin, d.wal, ndjsonOf(m, batches), m);
+  publish(bin, d.wal, d.ds, ["--segment-bytes", "1048576", "--snapshot-every", "200"]);
+  const snap0 = headSnapshot(d.ds);
+  if (!snap0 || snap0.lsn !== 200 || snap0.version !== 2) throw new Error(`lazy: expected a version 2 snapshot at LSN 200, head has ${JSON.stringify(snap0)}`);
+
+  const present = () => [...m.map.values()].map((e) => e.key);
+  const touched = { overwritten: new Map(), deleted: new Map(), added: new Map() };
+  /** Random tail ops: overwrites, deletes and new keys (between existing ones). */
+  const tailOps = (tag, { over, del, add, reput }) => {
+    const ops = [];
+    const keys = present();
+    for (let i = 0; i < over; i++) {
+      const k = r.pick(keys);
+      ops.push(putOp(k, tag));
+      touched.overwritten.set(hex(k), k);
+    }
+    for (let i = 0; i < del; i++) {
+      const k = r.pick(keys);
+      ops.push(delOp(k));
+      touched.deleted.set(hex(k), k);
+    }
+    for (let i = 0; i < add; i++) {
+      const k = enc.encode(`${r.pick(prefixes)}${String(r.int(20000)).padStart(6, "0")}~${tag}`);
+      ops.push(putOp(k, tag));
+      touched.added.set(hex(k), k);
+    }
+    for (const k of [...touched.deleted.values()].slice(0, reput)) ops.push(putOp(k, `${tag}r`));
+    // Shuffled, in batches of 1..8 ops.
+    for (let i = ops.length - 1; i > 0; i--) {
+      const j = r.int(i + 1);
+      [ops[i], ops[j]] = [ops[j], ops[i]];
+    }
+    const out = [];
+    for (let i = 0; i < ops.length; ) {
+      const n = 1 + r.int(8);
+      out.push(ops.slice(i, i + n));
+      i += n;
+    }
+    return out;
+  };
+  const tailFlags = ["--segment-bytes", "8192", "--snapshot-every", "0"];
+  write(bin, d.wal, ndjsonOf(m, tailOps("t0", { over: 400, del: 250, add: 150, reput: 0 })), m);
+  publish(bin, d.wal, d.ds, tailFlags);
+
+  const special = [
+    enc.encode("acct:000000"), // the first key
+    enc.encode("zone:019999"), // the last text key
+    base[base.length - 1], // a binary key
+    enc.encode("aaaa"), // below every key
+    enc.encode("item:000001~never"), // between two keys
+    Uint8Array.of(0xff, 0xff, 0xff), // above every key
+    enc.encode("item:"), // a prefix, not a key
+  ];
+  const probeKeys = () => {
+    const untouched = [];
+    for (let i = 0; untouched.length < 40 && i < 400; i++) {
+      const k = base[(i * 523) % base.length];
+      const h = hex(k);
+      if (!touched.overwritten.has(h) && !touched.deleted.has(h)) untouched.push(k);
+    }
+    const pick = (map, n) => [...map.values()].slice(0, n);
+    return [
+      ...untouched.map((key) => ({ key, kind: "snapshot" })),
+      ...pick(touched.overwritten, 40).map((key) => ({ key, kind: "overwritten" })),
+      ...pick(touched.deleted, 40).map((key) => ({ key, kind: "deleted" })),
+      ...pick(touched.added, 30).map((key) => ({ key, kind: "new" })),
+      ...special.map((key) => ({ key, kind: "edge" })),
+    ];
+  };
+  const scanSpecs = [
+    { name: "everything" },
+    { name: "prefix item:", prefix: enc.encode("item:") },
+    { name: "prefix item: limit 1", prefix: enc.encode("item:"), limit: 1 },
+    { name: "prefix item: limit 10", prefix: enc.encode("item:"), limit: 10 },
+    { name: "prefix item: limit 1000", prefix: enc.encode("item:"), limit: 1000 },
+    { name: "prefix user:0123", prefix: enc.encode("user:0123") },
+    { name: "prefix zone: from zone:019000", prefix: enc.encode("zone:"), start: enc.encode("zone:019000") },
+    { name: "acct:005000 to acct:006000", start: enc.encode("acct:005000"), end: enc.encode("acct:006000") },
+    { name: "from item:010000 limit 50", start: enc.encode("item:010000"), limit: 50 },
+    { name: "from user:010000 limit 3000 (many blocks)", start: enc.encode("user:010000"), limit: 3000 },
+    { name: "up to acct:000100", end: enc.encode("acct:000100") },
+    { name: "item:000123 to item:000128 (new keys between)", start: enc.encode("item:000123"), end: enc.encode("item:000128") },
+    { name: "binary prefix 0xff", prefix: Uint8Array.of(0xff) },
+    { name: "binary 0xff 0x10 to 0xff 0x20", start: Uint8Array.of(0xff, 0x10), end: Uint8Array.of(0xff, 0x20) },
+    { name: "no match", prefix: enc.encode("nothing:") },
+    { name: "start after every key", start: Uint8Array.of(0xff, 0xff, 0xff, 0xff) },
+    { name: "limit 0", limit: 0 },
+  ];
+  copyDir(d.ds, d.stage0);
+  const fx0 = lazyFixture(d.stage0, m, probeKeys(), scanSpecs);
+
+  // Stage 1: more writes, the same snapshot.
+  write(bin, d.wal, ndjsonOf(m, tailOps("t1", { over: 120, del: 80, add: 40, reput: 20 })), m);
+  publish(bin, d.wal, d.ds, tailFlags);
+  copyDir(d.ds, d.stage1);
+  const fx1 = lazyFixture(d.stage1, m, probeKeys(), scanSpecs);
+  if (fx1.snapshotInfo.lsn !== 200) throw new Error(`lazy: stage 1 moved the snapshot to ${fx1.snapshotInfo.lsn}`);
+
+  // Stage 2: a newer snapshot, 12 LSNs before the new head.
+  const more = tailOps("t2", { over: 300, del: 60, add: 60, reput: 10 });
+  const first = m.lsn + 1;
+  const snapAt = m.lsn + more.length - 12;
+  write(bin, d.wal, ndjsonOf(m, more), m);
+  publish(bin, d.wal, d.ds, ["--segment-bytes", "8192", "--snapshot-every", String(snapAt - 200)]);
+  const stage2 = path.join(path.dirname(d.stage1), "stage2");
+  copyDir(d.ds, stage2);
+  const fx2 = lazyFixture(stage2, m, probeKeys(), scanSpecs);
+  if (fx2.snapshotInfo.lsn !== snapAt || fx2.snapshotInfo.version !== 2) {
+    throw new Error(`lazy: stage 2 snapshot ${JSON.stringify(fx2.snapshotInfo)}, expected version 2 at LSN ${snapAt} (writes ${first}..${m.lsn})`);
+  }
+  return {
+    stages: [
+      { dir: d.stage0, fixture: fx0 },
+      { dir: d.stage1, fixture: fx1 },
+      { dir: stage2, fixture: fx2 },
+    ],
+  };
+}
+
+// lazydamage: 3,000 keys, a snapshot at LSN 30 and a short tail. Stage 1 is
+// the same dataset with one byte of `damagedKey`'s value flipped inside the
+// snapshot (its data block fails its checksum); stage 2 is stage 0 again
+// (repaired).
+function buildLazyDamage(bin, d) {
+  const m = new Model();
+  const keys = [];
+  for (let i = 0; i < 3000; i++) keys.push(enc.encode(`d:${String(i).padStart(6, "0")}`));
+  write(bin, d.wal, ndjsonOf(m, chunks(keys.map((k) => putOp(k, "s0")), 100)), m);
+  publish(bin, d.wal, d.ds, ["--snapshot-every", "30"]);
+  const tail = [];
+  for (let i = 0; i < 20; i++) tail.push([putOp(keys[i * 97], "t0"), delOp(keys[i * 97 + 3])]);
+  write(bin, d.wal, ndjsonOf(m, tail), m);
+  publish(bin, d.wal, d.ds, ["--snapshot-every", "0"]);
+  copyDir(d.ds, d.stage0);
+  const snap = headSnapshot(d.stage0);
+  if (!snap || snap.lsn !== 30 || snap.version !== 2) throw new Error(`lazydamage: expected a version 2 snapshot at LSN 30, head has ${JSON.stringify(snap)}`);
+  const damagedKey = keys[1500];
+  const farKey = keys[10];
+  const probeKeys = [damagedKey, farKey, keys[0], keys[97], keys[100], keys[2999], enc.encode("d:999999")].map((key) => ({ key, kind: "probe" }));
+  const fx0 = lazyFixture(d.stage0, m, probeKeys, [{ name: "everything" }, { name: "prefix d:0015", prefix: enc.encode("d:0015") }]);
+
+  copyDir(d.stage0, d.stage1);
+  const file = path.join(d.stage1, snap.key);
+  const bytes = fs.readFileSync(file);
+  const needle = Buffer.from(value100(damagedKey, "s0"));
+  const at = bytes.indexOf(needle);
+  if (at < 0 || bytes.indexOf(needle, at + 1) >= 0) throw new Error("lazydamage: the damaged value is not in the snapshot exactly once");
+  const flipped = at + 50;
+  if (flipped >= bytes.length - 70000) throw new Error("lazydamage: the damaged value lies in the snapshot's last 64 KiB (read with the footer)");
+  bytes[flipped] ^= 0x20;
+  fs.writeFileSync(file, bytes);
+  const fx1 = { ...fx0, damagedKey: arg(damagedKey), farKey: arg(farKey), flippedByte: flipped };
+  const stage2 = path.join(path.dirname(d.stage1), "stage2");
+  copyDir(d.stage0, stage2);
+  const fx2 = { ...fx0, damagedKey: arg(damagedKey), farKey: arg(farKey) };
+  return {
+    stages: [
+      { dir: d.stage0, fixture: { ...fx0, damagedKey: arg(damagedKey), farKey: arg(farKey) } },
+      { dir: d.stage1, fixture: fx1 },
+      { dir: stage2, fixture: fx2 },
+    ],
+  };
 }
 
 /** A Model-like view of stage 0's fixture (for corrupt: stage 1 keeps stage 0's state). */

@@ -24,7 +24,15 @@
 // MAX_SCAN_LIMIT (10000),
 // DATASET_HEADERS (JSON object of headers sent with every GET, e.g. auth),
 // CONCURRENCY (parallel segment GETs), CORS_ORIGINS (comma-separated origins
-// allowed to read from a browser; default "*": any).
+// allowed to read from a browser; default "*": any), LOAD ("full", the
+// default: the isolate loads the whole dataset; "lazy": it reads the head and
+// the segments after the newest snapshot, and fetches only the snapshot
+// blocks a request needs) and CACHE_BYTES (lazy: snapshot block bytes kept,
+// default 8 MiB).
+//
+// Lazy reads can fail on their own (a snapshot block that fails
+// verification, a store that does not answer): /kv and /scan then answer
+// 502 (`data`, `not_found`) or 503 (`unavailable`) with the error's code.
 //
 // Answers never carry DATASET_URL, DATASET_HEADERS or an error's own text
 // (either may hold credentials): errors are { code, message } with a fixed
@@ -74,10 +82,14 @@ function readConfig(env) {
     if (!headers || typeof headers !== "object" || Array.isArray(headers)) throw configError("DATASET_HEADERS must be a JSON object");
   }
   const concurrency = intVar(env, "CONCURRENCY", undefined, 1);
+  const load = env.LOAD === undefined || env.LOAD === null || env.LOAD === "" ? "full" : String(env.LOAD);
+  if (load !== "full" && load !== "lazy") throw configError('LOAD must be "full" or "lazy"');
   return {
     url,
     headers,
     concurrency,
+    load,
+    cacheBytes: intVar(env, "CACHE_BYTES", undefined),
     maxAgeMs: intVar(env, "MAX_AGE_MS", DEFAULT_MAX_AGE_MS),
     scanLimit: intVar(env, "SCAN_LIMIT", DEFAULT_SCAN_LIMIT),
     maxScanLimit: intVar(env, "MAX_SCAN_LIMIT", DEFAULT_MAX_SCAN_LIMIT, 1),
@@ -209,6 +221,17 @@ function errorBody(e) {
   return { error: safeError(e) };
 }
 
+/**
+ * The answer to a read that failed: 400 for bad input; in lazy mode a
+ * snapshot block that failed verification or is missing is 502, a store
+ * that does not answer 503.
+ */
+function readFailed(e, cors) {
+  const code = e?.code;
+  const status = code === "invalid_input" ? 400 : code === "data" || code === "not_found" ? 502 : code === "unavailable" || code === "closed" ? 503 : 500;
+  return json(status, errorBody(e), undefined, cors);
+}
+
 function badRequest(message) {
   return { error: { code: "invalid_input", message } };
 }
@@ -247,12 +270,23 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       syncs: 0,
       restarts: 0,
     };
+    if (config.load === "lazy") {
+      // A lazy replica's open is its first sync (the head and the tail after
+      // the snapshot; no snapshot download).
+      s.syncs++;
+      s.syncStartedAt = now();
+    }
     s.promise = Replica.open(config.url, replicaOptions(config)).then((r) => {
       s.replica = r;
       watch(s, r);
+      if (config.load === "lazy") opened(s);
       return r;
     });
-    s.promise.catch(() => {
+    s.promise.catch((e) => {
+      if (config.load === "lazy") {
+        s.lastSyncError = e;
+        log(`walcast worker: opening the lazy replica failed: ${e?.code ?? ""} ${e?.message ?? e}`);
+      }
       if (slot === s) slot = null; // let the next request try again
     });
     return s;
@@ -270,10 +304,22 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     });
   }
 
+  /** A lazy replica opened: its open was a successful sync. */
+  function opened(s) {
+    s.ready = true;
+    s.lastSyncAt = now();
+    s.lastSyncError = null;
+    s.syncStartedAt = null;
+  }
+
   function replicaOptions(config) {
     const o = { persist: "memory" };
     if (config.headers) o.headers = config.headers;
     if (config.concurrency !== undefined) o.concurrency = config.concurrency;
+    if (config.load === "lazy") {
+      o.load = "lazy";
+      if (config.cacheBytes !== undefined) o.cacheBytes = config.cacheBytes;
+    }
     return o;
   }
 
@@ -317,10 +363,13 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     const old = s.replica;
     let fresh;
     try {
+      // A lazy replica holds no whole state to carry over: it opens anew.
+      if (s.config.load === "lazy") throw new Error("lazy");
       fresh = await Replica.restore(s.url, old.snapshot(), replicaOptions(s.config));
     } catch {
       fresh = await Replica.open(s.url, replicaOptions(s.config));
-      s.ready = false;
+      if (s.config.load === "lazy") opened(s);
+      else s.ready = false;
     }
     s.replica = fresh;
     watch(s, fresh);
@@ -340,6 +389,13 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       if (old?.replica) defer(old.replica.close().catch(() => {}));
     }
     const s = slot;
+    if (s.config.load === "lazy" && !s.replica) {
+      // The lazy replica's open is its first sync: wait as for one. Still
+      // opening (or failed): no replica; the route answers 503.
+      defer(s.promise.catch(() => {}));
+      if (waitForFirst) await withDeadline(s.promise.catch(() => {}), s.config.firstSyncWaitMs);
+      if (!s.replica) return s;
+    }
     await s.promise;
     if (s.sync && !s.replacing) {
       const mark = progressMark(s.replica);
@@ -412,7 +468,8 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     const replica = s.replica;
 
     if (route === "status") {
-      const st = replica.status();
+      // A lazy replica still opening (or whose open failed) has no status of its own yet.
+      const st = replica ? replica.status() : { appliedLsn: 0, committedLsn: 0, epoch: 0, lagMs: 0, state: "starting", requests: 0, bytesReceived: 0, lastError: s.lastSyncError };
       // The replica's state fields only: no URL, no error text.
       return json(200, {
         appliedLsn: st.appliedLsn,
@@ -426,6 +483,11 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
         requests: st.requests,
         bytesReceived: st.bytesReceived,
         recoveries: st.recoveries ?? 0,
+        mode: st.mode ?? s.config.load,
+        cachedBytes: st.cachedBytes ?? 0,
+        blocksFetched: st.blocksFetched ?? 0,
+        overlayBytes: st.overlayBytes ?? 0,
+        overlayEntries: st.overlayEntries ?? 0,
         worker: {
           ready: s.ready,
           lastSyncAt: s.lastSyncAt,
@@ -438,13 +500,11 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       }, st.appliedLsn, cors);
     }
 
-    if (!s.ready) {
+    if (!s.ready || !replica) {
       // No successful sync yet: nothing trustworthy to serve.
-      const e = s.lastSyncError ?? replica.status().lastError ?? { code: "unavailable" };
+      const e = s.lastSyncError ?? replica?.status().lastError ?? { code: "unavailable" };
       return json(503, errorBody(e), undefined, cors);
     }
-    const lsn = replica.status().appliedLsn;
-
     if (route === "kv") {
       // /kv/<key>, or /kv?key=<key> for keys the URL parser would rewrite
       // (dot segments such as "a/../b").
@@ -455,7 +515,15 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       } else {
         key = percentBytes(path.slice("/kv/".length));
       }
-      const value = replica.get(key);
+      let value;
+      try {
+        // A promise in lazy mode (it may fetch snapshot blocks).
+        value = await replica.get(key);
+      } catch (e) {
+        return readFailed(e, cors);
+      }
+      // The LSN the answer was read at.
+      const lsn = replica.status().appliedLsn;
       if (value === undefined) return json(404, { error: { code: "not_found", message: "no such key" } }, lsn, cors);
       return new Response(request.method === "HEAD" ? null : value, {
         status: 200,
@@ -470,6 +538,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     }
 
     // scan
+    let lsn = replica.status().appliedLsn;
     let limit = s.config.scanLimit;
     if (q.has("limit")) {
       const raw = text(q.get("limit"));
@@ -484,10 +553,11 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     }
     let rows;
     try {
-      rows = limit === 0 ? [] : replica.scan(opts);
+      rows = limit === 0 ? [] : await replica.scan(opts);
     } catch (e) {
-      return json(e?.code === "invalid_input" ? 400 : 500, errorBody(e), undefined, cors);
+      return readFailed(e, cors);
     }
+    lsn = replica.status().appliedLsn;
     const out = rows.map(({ key, value }) => {
       const row = {};
       if (typeof key === "string") row.key = key;

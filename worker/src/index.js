@@ -6,7 +6,8 @@
 // than MAX_AGE_MS a catch-up sync runs in the background (ctx.waitUntil).
 //
 // Configure in wrangler.toml: DATASET_URL (the dataset prefix served over
-// HTTP, e.g. an R2 public bucket or a CDN), MAX_AGE_MS (default 1000).
+// HTTP, e.g. an R2 public bucket or a CDN), MAX_AGE_MS (default 1000), LOAD
+// ("lazy": a new isolate reads only the snapshot blocks its requests need).
 import { Replica } from "walcast";
 import { createHandler } from "./handler.js";
 

@@ -1,21 +1,30 @@
 //! # walcast-wasm
 //!
 //! The read replica for JS runtimes — browsers, Cloudflare Workers, Deno,
-//! Node — built on the shared async driver ([`walcast_client::Driver`]).
-//! One `--target web` build serves every runtime; the `walcast` npm package
-//! (`js/`) wraps [`WasmReplica`] in the documented `Replica` API and adds
-//! persistence.
+//! Node — as a thin binding of the core's replay machine
+//! ([`walcast_core::replica::Replica`]). One `--target web` build serves
+//! every runtime; the `walcast` npm package (`js/`) wraps [`WasmReplica`] in
+//! the documented `Replica` API and adds persistence.
 //!
-//! The module performs no I/O of its own and holds no JS callbacks across
-//! calls: the driver's fetch seam and timer hand their work to the JS side
-//! through a queue ([`WasmReplica::take_requests`], [`WasmReplica::deliver`],
-//! [`WasmReplica::next_timer`]), and JS polls the sync
-//! ([`WasmReplica::sync_poll`]). The GETs themselves (the runtime's global
-//! `fetch`, bodies read as streams and cut at the request's `max_bytes + 1`)
-//! are done by `js/src/replica.js`. So every call into the module is a
-//! synchronous call from JS: a trap (a panic aborts) surfaces at the caller,
-//! never in a detached microtask, and a trapped instance can be replaced by a
-//! fresh one without a callback of the old one ever reaching it.
+//! The module performs no I/O of its own, runs no futures and holds no JS
+//! callbacks across calls. JS drives the machine: [`WasmReplica::step`] runs
+//! it until it waits and says when it next wants a step;
+//! [`WasmReplica::take_requests`] hands over the GETs it asked for, which JS
+//! performs (the runtime's global `fetch`, bodies read as streams and cut at
+//! the request's `max_bytes + 1`, see `js/src/replica.js`) and hands back
+//! with [`WasmReplica::deliver`]. Every GET the machine asks for is answered
+//! exactly once (a timeout or network error is an answer too), whoever was
+//! waiting: a sync ([`WasmReplica::sync_begin`] /
+//! [`WasmReplica::sync_result`]) or a lazy read ([`WasmReplica::get_lazy`],
+//! [`WasmReplica::scan_lazy`]) that is pending until the snapshot blocks it
+//! needs arrive. So a sync may end while block GETs are in flight, and reads
+//! may go on while a sync runs, without the machine ever waiting for an
+//! answer nobody will deliver.
+//!
+//! Every call into the module is a synchronous call from JS: a trap (a
+//! panic aborts) surfaces at the caller, never in a detached task, and a
+//! trapped instance can be replaced by a fresh one without a callback of the
+//! old one ever reaching it.
 //!
 //! Bytes cross as `Uint8Array`; errors are JS `Error`s with a stable `code`
 //! (the core's [`walcast_core::ErrorKind::code`]) and, when known, the
@@ -24,19 +33,12 @@
 //! traps.
 
 use std::cell::RefCell;
-use std::future::Future;
-use std::ops::Bound;
-use std::pin::Pin;
-use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::collections::HashMap;
 
 use js_sys::{Array, Function, Object, Reflect, Uint8Array};
-use walcast_client::{Driver, Fetch, RunError, Timer, Until};
 use walcast_core::catalog::DatasetId;
-use walcast_core::io::{ContentRange, GetRequest, GetResponse};
-use walcast_core::replica::{Event, Mode, Replica, ReplicaConfig};
+use walcast_core::io::{ContentRange, GetRequest, GetResponse, RequestId};
+use walcast_core::replica::{Action, Event, LazyScan, Mode, Read, Replica, ReplicaConfig};
 use walcast_core::{snapshot, Error, ErrorKind};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
@@ -103,209 +105,36 @@ fn invalid(msg: &str) -> JsValue {
     js_error(&Error::new(ErrorKind::InvalidInput, msg))
 }
 
-// --- the I/O queue between the driver and JS ------------------------------------------
+// --- the machine and its I/O ----------------------------------------------------------
 
-/// Requests the driver wants performed, responses JS delivered, and the
-/// timers the driver waits on. Shared by the fetch seam, the timer and
-/// [`WasmReplica`]. A handful of entries at a time (the machine's
-/// concurrency), so plain vectors.
+/// Most actions one [`WasmReplica::step`] takes before it hands control back
+/// to JS (which steps again at once), so a long catch-up never holds the
+/// event loop for long.
+const STEP_ACTIONS: usize = 256;
+
+/// Snapshot block bytes a lazy replica caches unless `cacheBytes` says.
+const DEFAULT_CACHE_BYTES: u64 = 8 << 20;
+
+/// Where the running sync stands.
+enum SyncState {
+    /// Waiting for the machine to catch up to a head read after the start.
+    Running,
+    /// Caught up at this LSN.
+    Done(u64),
+    /// Failed: the machine's error after its retries, or a callback's.
+    Failed(JsValue),
+}
+
+/// The GETs between the machine and JS, and the running sync.
 #[derive(Default)]
 struct Io {
-    /// GETs to perform, in the order the machine asked.
+    /// GETs to hand to JS, in the order the machine asked.
     outbox: Vec<GetRequest>,
-    /// GETs handed to JS and not yet answered to the machine.
-    inflight: Vec<InFlight>,
-    /// GETs whose future was dropped: JS aborts them.
-    cancelled: Vec<u64>,
-    /// Pending sleeps: (sequence number, deadline ms, waker).
-    timers: Vec<(u64, u64, Option<Waker>)>,
-    next_timer: u64,
-    /// Test hook: the next delivered response panics inside the driver.
+    /// GETs handed out and not answered yet: request id -> object key.
+    inflight: HashMap<u64, String>,
+    sync: Option<SyncState>,
+    /// Test hook: the next delivered response panics.
     trap_on_delivery: bool,
-}
-
-struct InFlight {
-    id: u64,
-    key: String,
-    response: Option<GetResponse>,
-    waker: Option<Waker>,
-}
-
-type SharedIo = Rc<RefCell<Io>>;
-
-impl Io {
-    fn wake_due(&mut self, now: u64) {
-        for (_, at, w) in &mut self.timers {
-            if *at <= now {
-                if let Some(w) = w.take() {
-                    w.wake();
-                }
-            }
-        }
-    }
-
-    fn forget(&mut self, id: u64) {
-        self.inflight.retain(|f| f.id != id);
-    }
-}
-
-/// The driver's fetch seam: queues the request for JS and completes when JS
-/// delivers the response.
-struct QueuedFetch(SharedIo);
-
-struct FetchFuture {
-    io: SharedIo,
-    id: u64,
-    req: Option<GetRequest>,
-    done: bool,
-}
-
-impl Future for FetchFuture {
-    type Output = GetResponse;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<GetResponse> {
-        let id = self.id;
-        let io = self.io.clone();
-        let mut io = io.borrow_mut();
-        if let Some(req) = self.req.take() {
-            io.inflight.push(InFlight {
-                id,
-                key: req.key.clone(),
-                response: None,
-                waker: None,
-            });
-            io.outbox.push(req);
-        }
-        let Some(at) = io.inflight.iter().position(|f| f.id == id) else {
-            // Cannot happen: the entry lives until this future takes its response.
-            return Poll::Ready(GetResponse::Failed {
-                status: None,
-                message: "request lost".into(),
-            });
-        };
-        if io.inflight[at].response.is_some() {
-            let f = io.inflight.swap_remove(at);
-            self.done = true;
-            if std::mem::take(&mut io.trap_on_delivery) {
-                drop(io);
-                panic!("walcast: deliberate test trap while handling a response");
-            }
-            return Poll::Ready(f.response.unwrap_or(GetResponse::NotFound));
-        }
-        io.inflight[at].waker = Some(cx.waker().clone());
-        Poll::Pending
-    }
-}
-
-impl Drop for FetchFuture {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        if let Ok(mut io) = self.io.try_borrow_mut() {
-            if self.req.is_none() {
-                io.forget(self.id);
-                // JS may have it in flight: abort it.
-                io.cancelled.push(self.id);
-            }
-        }
-    }
-}
-
-impl Fetch for QueuedFetch {
-    fn get(&self, req: GetRequest) -> impl Future<Output = GetResponse> {
-        FetchFuture {
-            io: self.0.clone(),
-            id: req.id.0,
-            req: Some(req),
-            done: false,
-        }
-    }
-}
-
-/// `Date.now()`, and sleeps that JS ends by polling after [`WasmReplica::next_timer`].
-struct QueuedTimer(SharedIo);
-
-struct SleepFuture {
-    io: SharedIo,
-    at: u64,
-    seq: Option<u64>,
-}
-
-fn now_ms() -> u64 {
-    js_sys::Date::now() as u64
-}
-
-impl Future for SleepFuture {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let io = self.io.clone();
-        let mut io = io.borrow_mut();
-        let seq = self.seq;
-        if now_ms() >= self.at {
-            if let Some(seq) = self.seq.take() {
-                io.timers.retain(|t| t.0 != seq);
-            }
-            return Poll::Ready(());
-        }
-        let waker = Some(cx.waker().clone());
-        match seq.and_then(|s| io.timers.iter_mut().find(|t| t.0 == s)) {
-            Some(t) => t.2 = waker,
-            None => {
-                io.next_timer += 1;
-                let s = io.next_timer;
-                self.seq = Some(s);
-                io.timers.push((s, self.at, waker));
-            }
-        }
-        Poll::Pending
-    }
-}
-
-impl Drop for SleepFuture {
-    fn drop(&mut self) {
-        if let Some(seq) = self.seq {
-            if let Ok(mut io) = self.io.try_borrow_mut() {
-                io.timers.retain(|t| t.0 != seq);
-            }
-        }
-    }
-}
-
-impl Timer for QueuedTimer {
-    fn now_ms(&self) -> u64 {
-        now_ms()
-    }
-
-    fn sleep_until(&self, at_ms: u64) -> impl Future<Output = ()> {
-        SleepFuture {
-            io: self.0.clone(),
-            at: at_ms,
-            seq: None,
-        }
-    }
-}
-
-/// The sync's waker: records that the sync wants another poll.
-#[derive(Default)]
-struct Woken(AtomicBool);
-
-impl Wake for Woken {
-    fn wake(self: Arc<Self>) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-type SyncFuture = Pin<Box<dyn Future<Output = Result<u64, JsValue>>>>;
-
-struct SyncTask {
-    fut: SyncFuture,
-    woken: Arc<Woken>,
 }
 
 #[derive(Default, Clone)]
@@ -315,15 +144,24 @@ struct Callbacks {
     reset: Option<Function>,
 }
 
+/// Lazy scans in progress, by id (they live across calls while blocks are
+/// fetched).
+#[derive(Default)]
+struct Scans {
+    next: u32,
+    open: HashMap<u32, LazyScan>,
+}
+
 // --- the replica ----------------------------------------------------------------------
 
 /// A read replica of a walcast dataset, for JS.
 #[wasm_bindgen]
 pub struct WasmReplica {
-    replica: Rc<RefCell<Replica>>,
-    io: SharedIo,
-    callbacks: Rc<RefCell<Callbacks>>,
-    task: RefCell<Option<SyncTask>>,
+    replica: RefCell<Replica>,
+    io: RefCell<Io>,
+    callbacks: RefCell<Callbacks>,
+    scans: RefCell<Scans>,
+    lazy: bool,
 }
 
 fn parse_options(options: &JsValue) -> ReplicaConfig {
@@ -338,6 +176,12 @@ fn parse_options(options: &JsValue) -> ReplicaConfig {
         if get(options, "raw").as_bool() == Some(true) {
             cfg.mode = Mode::Raw;
         }
+        if get(options, "load").as_string().as_deref() == Some("lazy") {
+            let bytes = get(options, "cacheBytes")
+                .as_f64()
+                .map_or(DEFAULT_CACHE_BYTES, |b| b.max(0.0) as u64);
+            cfg.lazy_cache_bytes = Some(bytes);
+        }
     }
     cfg
 }
@@ -346,11 +190,38 @@ fn seed() -> u64 {
     (js_sys::Math::random() * (u64::MAX as f64)) as u64 ^ js_sys::Date::now() as u64
 }
 
+fn now_ms() -> u64 {
+    js_sys::Date::now() as u64
+}
+
 /// The lowest key a scan with `prefix` and `start` can return.
 fn scan_lower(prefix: &[u8], start: Option<&[u8]>) -> Vec<u8> {
     match start {
         Some(s) if s > prefix => s.to_vec(),
         _ => prefix.to_vec(),
+    }
+}
+
+/// The smallest key above every key starting with `prefix`; `None` when
+/// there is none (an empty prefix, or one of only 0xff bytes).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// The exclusive upper bound of a scan: the lower of `end` and the
+/// prefix's end (`None`: unbounded).
+fn scan_upper(prefix: &[u8], end: Option<&[u8]>) -> Option<Vec<u8>> {
+    match (end, prefix_end(prefix)) {
+        (Some(e), Some(p)) => Some(if e < p.as_slice() { e.to_vec() } else { p }),
+        (Some(e), None) => Some(e.to_vec()),
+        (None, p) => p,
     }
 }
 
@@ -396,19 +267,38 @@ fn classify(
     }
 }
 
+fn pairs(rows: Vec<(Vec<u8>, Vec<u8>)>) -> Array {
+    let out = Array::new();
+    for (k, v) in rows {
+        let pair = Array::new();
+        pair.push(&Uint8Array::from(k.as_slice()));
+        pair.push(&Uint8Array::from(v.as_slice()));
+        out.push(&pair);
+    }
+    out
+}
+
 #[wasm_bindgen]
 impl WasmReplica {
-    /// A replica with no state yet. `options`: `{ pollInterval, concurrency, raw }`.
+    /// A replica with no state yet. `options`: `{ pollInterval, concurrency,
+    /// raw, load, cacheBytes }`; `load: "lazy"` reads the newest snapshot
+    /// lazily, caching at most `cacheBytes` of its blocks.
     #[wasm_bindgen(constructor)]
     pub fn new(options: JsValue) -> WasmReplica {
         install_panic_hook();
         Self::with(Replica::new(parse_options(&options), seed()))
     }
 
-    /// A replica resuming from bytes produced by [`WasmReplica::snapshot`].
+    /// A replica resuming from bytes produced by [`WasmReplica::snapshot`]
+    /// (full mode only).
     pub fn restore(options: JsValue, snapshot: &[u8]) -> Result<WasmReplica, JsValue> {
         install_panic_hook();
         let cfg = parse_options(&options);
+        if cfg.lazy_cache_bytes.is_some() {
+            return Err(invalid(
+                "walcast: a lazy replica cannot start from a whole state; open it with load: \"full\"",
+            ));
+        }
         let (h, state) = snapshot::decode(snapshot, None)
             .map_err(|e| js_error(&Error::decode(e).with_object("persisted snapshot")))?;
         let replica = Replica::restore(cfg, seed(), state, h.lsn, h.dataset_id, h.epoch);
@@ -416,120 +306,132 @@ impl WasmReplica {
     }
 
     fn with(replica: Replica) -> WasmReplica {
+        let lazy = replica.status(0).lazy.is_some();
         WasmReplica {
-            replica: Rc::new(RefCell::new(replica)),
-            io: Rc::default(),
-            callbacks: Rc::default(),
-            task: RefCell::new(None),
+            replica: RefCell::new(replica),
+            io: RefCell::default(),
+            callbacks: RefCell::default(),
+            scans: RefCell::default(),
+            lazy,
         }
     }
 
-    /// Starts a sync: catch up to the head as of now. Drive it with
-    /// [`sync_poll`](Self::sync_poll) until that returns the applied LSN or
-    /// throws. A sync already running is restarted.
+    /// Whether this replica reads lazily (`load: "lazy"`).
+    #[wasm_bindgen(getter)]
+    pub fn lazy(&self) -> bool {
+        self.lazy
+    }
+
+    /// Runs the machine until it waits: queues the GETs it asks for (see
+    /// [`take_requests`](Self::take_requests)) and hands its events to the
+    /// callbacks and the running sync. Returns when it next wants a step
+    /// (ms since the epoch; at or before now: at once), or -1 when only an
+    /// answer can move it. Step again after every delivery.
+    pub fn step(&self) -> f64 {
+        let now = now_ms();
+        for _ in 0..STEP_ACTIONS {
+            let action = self.replica.borrow_mut().poll(now);
+            match action {
+                Action::Fetch(req) => {
+                    let mut io = self.io.borrow_mut();
+                    io.inflight.insert(req.id.0, req.key.clone());
+                    io.outbox.push(req);
+                }
+                Action::Event(e) => self.on_event(e),
+                Action::Wait { until } => {
+                    return if until == u64::MAX { -1.0 } else { until as f64 };
+                }
+            }
+        }
+        0.0
+    }
+
+    fn on_event(&self, e: Event) {
+        // Cloned out and no borrow held: a callback may call back in.
+        let cb = self.callbacks.borrow().clone();
+        let called = match &e {
+            Event::Applied { first, last } => cb.applied.as_ref().map(|f| {
+                f.call2(
+                    &JsValue::NULL,
+                    &(*first as f64).into(),
+                    &(*last as f64).into(),
+                )
+            }),
+            Event::Record { lsn, payload } => cb.record.as_ref().map(|f| {
+                f.call2(
+                    &JsValue::NULL,
+                    &(*lsn as f64).into(),
+                    &Uint8Array::from(payload.as_slice()).into(),
+                )
+            }),
+            Event::Bootstrapped { lsn, .. } => cb
+                .reset
+                .as_ref()
+                .map(|f| f.call1(&JsValue::NULL, &(*lsn as f64).into())),
+            Event::DatasetChanged { .. } => cb
+                .reset
+                .as_ref()
+                .map(|f| f.call1(&JsValue::NULL, &0.0.into())),
+            Event::CaughtUp { lsn } => {
+                self.settle(SyncState::Done(*lsn));
+                None
+            }
+            Event::Error(err) => {
+                self.settle(SyncState::Failed(js_error(err)));
+                None
+            }
+            Event::Gap { .. } => None,
+        };
+        if let Some(Err(e)) = called {
+            self.settle(SyncState::Failed(e));
+        }
+    }
+
+    /// Ends the running sync with `outcome` (the first outcome counts).
+    fn settle(&self, outcome: SyncState) {
+        let mut io = self.io.borrow_mut();
+        if matches!(io.sync, Some(SyncState::Running)) {
+            io.sync = Some(outcome);
+        }
+    }
+
+    /// Starts a sync: catch up to the head as of now. Step the machine and
+    /// ask [`sync_result`](Self::sync_result) after each step. A sync
+    /// already running is replaced.
     #[wasm_bindgen(js_name = syncBegin)]
     pub fn sync_begin(&self) {
-        self.sync_abort();
-        let replica = self.replica.clone();
-        let io = self.io.clone();
-        let callbacks = self.callbacks.clone();
-        let fut = async move {
-            let mut driver = Driver::shared(replica, QueuedFetch(io.clone()), QueuedTimer(io));
-            let result = driver
-                .run(
-                    Until::CaughtUp,
-                    std::future::pending(),
-                    |_r, e| -> Result<(), JsValue> {
-                        // Cloned out, so a callback may register others.
-                        let cb = callbacks.borrow().clone();
-                        match e {
-                            Event::Applied { first, last } => {
-                                if let Some(f) = &cb.applied {
-                                    f.call2(
-                                        &JsValue::NULL,
-                                        &(*first as f64).into(),
-                                        &(*last as f64).into(),
-                                    )?;
-                                }
-                            }
-                            Event::Record { lsn, payload } => {
-                                if let Some(f) = &cb.record {
-                                    f.call2(
-                                        &JsValue::NULL,
-                                        &(*lsn as f64).into(),
-                                        &Uint8Array::from(payload.as_slice()).into(),
-                                    )?;
-                                }
-                            }
-                            Event::Bootstrapped { lsn, .. } => {
-                                if let Some(f) = &cb.reset {
-                                    f.call1(&JsValue::NULL, &(*lsn as f64).into())?;
-                                }
-                            }
-                            Event::DatasetChanged { .. } => {
-                                if let Some(f) = &cb.reset {
-                                    f.call1(&JsValue::NULL, &0.0.into())?;
-                                }
-                            }
-                            _ => {}
-                        }
-                        Ok(())
-                    },
-                )
-                .await;
-            match result {
-                Ok(lsn) => Ok(lsn),
-                Err(RunError::Replica(e)) => Err(js_error(&e)),
-                Err(RunError::Callback(e)) => Err(e),
-            }
-        };
-        *self.task.borrow_mut() = Some(SyncTask {
-            fut: Box::pin(fut),
-            woken: Arc::default(),
-        });
+        self.replica.borrow_mut().sync_now(now_ms());
+        self.io.borrow_mut().sync = Some(SyncState::Running);
     }
 
-    /// Advances the running sync. Returns the applied LSN when it is done,
-    /// `undefined` while it waits for a delivery or a timer
-    /// ([`next_timer`](Self::next_timer)), `null` when it wants to be polled
-    /// again soon; throws the sync's error (an `Error` with a `code`).
-    #[wasm_bindgen(js_name = syncPoll)]
-    pub fn sync_poll(&self) -> Result<JsValue, JsValue> {
-        self.io.borrow_mut().wake_due(now_ms());
-        let mut slot = self.task.borrow_mut();
-        let Some(task) = slot.as_mut() else {
-            return Err(invalid("walcast: no sync is running"));
-        };
-        let waker = Waker::from(task.woken.clone());
-        let mut cx = Context::from_waker(&waker);
-        for _ in 0..16 {
-            task.woken.0.store(false, Ordering::Relaxed);
-            match task.fut.as_mut().poll(&mut cx) {
-                Poll::Ready(r) => {
-                    *slot = None;
-                    return r.map(|lsn| JsValue::from_f64(lsn as f64));
-                }
-                Poll::Pending => {
-                    if !task.woken.0.load(Ordering::Relaxed) {
-                        return Ok(JsValue::UNDEFINED);
-                    }
-                }
+    /// The running sync's outcome: the applied LSN once caught up,
+    /// `undefined` while it runs; throws its error (an `Error` with a
+    /// `code`). The sync is over once this returned an LSN or threw.
+    #[wasm_bindgen(js_name = syncResult)]
+    pub fn sync_result(&self) -> Result<JsValue, JsValue> {
+        let mut io = self.io.borrow_mut();
+        match io.sync.take() {
+            None => Err(invalid("walcast: no sync is running")),
+            Some(SyncState::Running) => {
+                io.sync = Some(SyncState::Running);
+                Ok(JsValue::UNDEFINED)
             }
+            Some(SyncState::Done(lsn)) => Ok(JsValue::from_f64(lsn as f64)),
+            Some(SyncState::Failed(e)) => Err(e),
         }
-        Ok(JsValue::NULL)
     }
 
-    /// Drops the running sync, if any (its GETs show up in
-    /// [`take_cancelled`](Self::take_cancelled)).
+    /// Stops waiting for the running sync, if any. Its GETs in flight are
+    /// still delivered: the machine expects every answer.
     #[wasm_bindgen(js_name = syncAbort)]
     pub fn sync_abort(&self) {
-        let task = self.task.borrow_mut().take();
-        drop(task);
+        self.io.borrow_mut().sync = None;
     }
 
     /// The GETs to perform now: `[{ id, key, range, ifNoneMatch, timeoutMs,
     /// maxBytes }]` (`range`: a `Range` header value or `null`). Read at most
-    /// `maxBytes + 1` bytes of a body.
+    /// `maxBytes + 1` bytes of a body, and answer each with
+    /// [`deliver`](Self::deliver), within `timeoutMs`.
     #[wasm_bindgen(js_name = takeRequests)]
     pub fn take_requests(&self) -> Array {
         let reqs = std::mem::take(&mut self.io.borrow_mut().outbox);
@@ -558,33 +460,18 @@ impl WasmReplica {
         out
     }
 
-    /// Ids of GETs the sync no longer waits for: abort them.
-    #[wasm_bindgen(js_name = takeCancelled)]
-    pub fn take_cancelled(&self) -> Array {
-        let ids = std::mem::take(&mut self.io.borrow_mut().cancelled);
-        ids.into_iter()
-            .map(|i| JsValue::from_f64(i as f64))
-            .collect()
-    }
-
-    /// When the sync next wants a poll without a delivery (ms since the
-    /// epoch), or -1.
-    #[wasm_bindgen(js_name = nextTimer)]
-    pub fn next_timer(&self) -> f64 {
-        self.io
-            .borrow()
-            .timers
-            .iter()
-            .map(|t| t.1)
-            .min()
-            .map_or(-1.0, |at| at as f64)
+    /// GETs handed out and not answered yet.
+    #[wasm_bindgen(getter, js_name = requestsInFlight)]
+    pub fn requests_in_flight(&self) -> u32 {
+        let io = self.io.borrow();
+        (io.inflight.len() - io.outbox.len().min(io.inflight.len())) as u32
     }
 
     /// Hands over the outcome of GET `id`: the HTTP `status` (0 when there
     /// was no response: network error, timeout), the body read (at most
     /// `maxBytes + 1` bytes; `undefined` when reading it failed), the `ETag`
     /// and `Content-Range` headers, and what went wrong, if anything.
-    /// Classified by `status` alone. Poll the sync afterwards.
+    /// Classified by `status` alone. Step the machine afterwards.
     pub fn deliver(
         &self,
         id: f64,
@@ -595,29 +482,33 @@ impl WasmReplica {
         message: Option<String>,
     ) {
         let id = id as u64;
-        let mut io = self.io.borrow_mut();
-        let Some(f) = io
-            .inflight
-            .iter_mut()
-            .find(|f| f.id == id && f.response.is_none())
-        else {
-            return; // not (or no longer) waited for
+        let key = {
+            let mut io = self.io.borrow_mut();
+            let Some(key) = io.inflight.remove(&id) else {
+                return; // not (or no longer) asked for
+            };
+            if std::mem::take(&mut io.trap_on_delivery) {
+                drop(io);
+                let _held = self.replica.borrow_mut();
+                panic!("walcast: deliberate test trap while handling a response");
+            }
+            key
         };
-        f.response = Some(classify(status, &f.key, body, etag, content_range, message));
-        if let Some(w) = f.waker.take() {
-            w.wake();
-        }
+        let resp = classify(status, &key, body, etag, content_range, message);
+        self.replica
+            .borrow_mut()
+            .handle_response(RequestId(id), now_ms(), resp);
     }
 
-    /// The value of `key`, or `undefined`.
+    /// The value of `key`, or `undefined` (full mode).
     pub fn get(&self, key: &[u8]) -> Option<Uint8Array> {
         self.replica.borrow().state().get(key).map(Uint8Array::from)
     }
 
-    /// Entries in key order: keys starting with `prefix`, at or after
-    /// `start`, before `end`; at most `limit` (0: no limit). Returns an array
-    /// of `[key, value]` pairs; empty when the bounds leave nothing between
-    /// them (`end` at or before `start`).
+    /// Entries in key order (full mode): keys starting with `prefix`, at or
+    /// after `start`, before `end`; at most `limit` (0: no limit). Returns an
+    /// array of `[key, value]` pairs; empty when the bounds leave nothing
+    /// between them (`end` at or before `start`).
     pub fn scan(
         &self,
         prefix: Option<Vec<u8>>,
@@ -632,9 +523,11 @@ impl WasmReplica {
         if end.as_deref().is_some_and(|e| e <= lower.as_slice()) {
             return out;
         }
-        let upper = end.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+        let upper = end
+            .as_deref()
+            .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
         let limit = if limit == 0 { u32::MAX } else { limit };
-        for (k, v) in r.state().range(Bound::Included(&lower), upper) {
+        for (k, v) in r.state().range(std::ops::Bound::Included(&lower), upper) {
             if !k.starts_with(&prefix) || out.length() >= limit {
                 break;
             }
@@ -646,12 +539,82 @@ impl WasmReplica {
         out
     }
 
-    /// Progress: `{ appliedLsn, committedLsn, epoch, datasetId, lagMs,
-    /// lastPollAt, state, lastError, requests, bytesReceived }`; `lastError`
-    /// is `{ code, message, object?, lsn? }` or `null`.
+    /// Reads `key` from the state at the applied LSN, in either mode: the
+    /// value (`Uint8Array`), `undefined` when absent, or `null` while the
+    /// snapshot blocks it needs are being fetched (their GETs are queued:
+    /// step, deliver, and ask again). Throws a block's failure once (`data`,
+    /// `not_found`, `unavailable`, naming the snapshot).
+    #[wasm_bindgen(js_name = getLazy)]
+    pub fn get_lazy(&self, key: &[u8]) -> Result<JsValue, JsValue> {
+        let read = self.replica.borrow_mut().get_lazy(key);
+        match read {
+            Ok(Read::Ready(Some(v))) => Ok(Uint8Array::from(v.as_slice()).into()),
+            Ok(Read::Ready(None)) => Ok(JsValue::UNDEFINED),
+            Ok(Read::Pending) => Ok(JsValue::NULL),
+            Err(e) => Err(js_error(&e)),
+        }
+    }
+
+    /// Starts an ordered scan for [`scan_lazy`](Self::scan_lazy) (bounds as
+    /// for [`scan`](Self::scan)); returns its id. Close it with
+    /// [`scan_close`](Self::scan_close).
+    #[wasm_bindgen(js_name = scanOpen)]
+    pub fn scan_open(
+        &self,
+        prefix: Option<Vec<u8>>,
+        start: Option<Vec<u8>>,
+        end: Option<Vec<u8>>,
+        limit: u32,
+    ) -> u32 {
+        let prefix = prefix.unwrap_or_default();
+        let lower = scan_lower(&prefix, start.as_deref());
+        let upper = scan_upper(&prefix, end.as_deref());
+        let limit = if limit == 0 {
+            usize::MAX
+        } else {
+            limit as usize
+        };
+        let mut scans = self.scans.borrow_mut();
+        scans.next = scans.next.wrapping_add(1);
+        let id = scans.next;
+        scans
+            .open
+            .insert(id, LazyScan::new(&lower, upper.as_deref(), limit));
+        id
+    }
+
+    /// Advances scan `id`: an array of `[key, value]` pairs when done,
+    /// `null` while blocks are being fetched (as for
+    /// [`get_lazy`](Self::get_lazy)); throws a block's failure once.
+    #[wasm_bindgen(js_name = scanLazy)]
+    pub fn scan_lazy(&self, id: u32) -> Result<JsValue, JsValue> {
+        let mut scans = self.scans.borrow_mut();
+        let Some(scan) = scans.open.get_mut(&id) else {
+            return Err(invalid("walcast: no such scan"));
+        };
+        let read = self.replica.borrow_mut().scan_lazy(scan);
+        match read {
+            Ok(Read::Ready(rows)) => Ok(pairs(rows).into()),
+            Ok(Read::Pending) => Ok(JsValue::NULL),
+            Err(e) => Err(js_error(&e)),
+        }
+    }
+
+    /// Forgets scan `id`.
+    #[wasm_bindgen(js_name = scanClose)]
+    pub fn scan_close(&self, id: u32) {
+        self.scans.borrow_mut().open.remove(&id);
+    }
+
+    /// Progress: `{ mode, appliedLsn, committedLsn, epoch, datasetId, lagMs,
+    /// lastPollAt, state, lastError, requests, bytesReceived, cachedBytes,
+    /// blocksFetched, overlayBytes, overlayEntries }`; `lastError` is
+    /// `{ code, message, object?, lsn? }` or `null`; the lazy figures are 0
+    /// in full mode.
     pub fn status(&self) -> JsValue {
         let st = self.replica.borrow().status(now_ms());
         let o: JsValue = Object::new().into();
+        set(&o, "mode", if self.lazy { "lazy" } else { "full" });
         set(&o, "appliedLsn", st.applied_lsn as f64);
         set(&o, "committedLsn", st.committed_lsn as f64);
         set(&o, "epoch", st.epoch as f64);
@@ -687,15 +650,28 @@ impl WasmReplica {
         set(&o, "lastError", err);
         set(&o, "requests", st.requests as f64);
         set(&o, "bytesReceived", st.bytes_received as f64);
+        let lazy = st.lazy.unwrap_or_default();
+        set(&o, "cachedBytes", lazy.cached_bytes as f64);
+        set(&o, "blocksFetched", lazy.blocks_fetched as f64);
+        set(&o, "overlayBytes", lazy.overlay_bytes as f64);
+        set(&o, "overlayEntries", lazy.overlay_entries as f64);
         o
     }
 
     /// The whole state at the applied LSN, in walcast's snapshot format, for
-    /// persistence (reopen with [`WasmReplica::restore`]).
-    pub fn snapshot(&self) -> Uint8Array {
+    /// persistence (reopen with [`WasmReplica::restore`]). Full mode only: a
+    /// lazy replica does not hold the whole state.
+    pub fn snapshot(&self) -> Result<Uint8Array, JsValue> {
+        if self.lazy {
+            return Err(invalid(
+                "walcast: a lazy replica does not hold the whole state (open it with load: \"full\" to take snapshots)",
+            ));
+        }
         let r = self.replica.borrow();
         let id = r.dataset_id().unwrap_or(DatasetId([0; 16]));
-        Uint8Array::from(snapshot::encode(r.state(), r.applied_lsn(), r.epoch(), id).as_slice())
+        Ok(Uint8Array::from(
+            snapshot::encode(r.state(), r.applied_lsn(), r.epoch(), id).as_slice(),
+        ))
     }
 
     /// Calls `cb(first, last)` after each applied run of batches.
@@ -717,17 +693,20 @@ impl WasmReplica {
         self.callbacks.borrow_mut().reset = Some(cb);
     }
 
-    /// Number of keys held.
+    /// Number of keys held (full mode; a lazy replica does not know it
+    /// without reading every block: NaN).
     #[wasm_bindgen(getter)]
     pub fn size(&self) -> f64 {
+        if self.lazy {
+            return f64::NAN;
+        }
         self.replica.borrow().state().len() as f64
     }
 
     /// Test hook: makes the module trap on purpose, so the JS layer's
     /// recovery can be tested without depending on a bug. `"read"`: panics
     /// now, inside a read that holds the state borrowed; `"sync"`: the next
-    /// response delivered to a sync panics inside the driver; `"abort"`:
-    /// traps now without a panic.
+    /// response delivered panics; `"abort"`: traps now without a panic.
     #[wasm_bindgen(js_name = __testTrap)]
     pub fn test_trap(&self, mode: &str) {
         match mode {
@@ -805,6 +784,19 @@ mod tests {
         assert_eq!(scan_lower(b"b", Some(b"a")), b"b");
         assert_eq!(scan_lower(b"b", Some(b"c")), b"c");
         assert_eq!(scan_lower(b"", None), b"");
+    }
+
+    #[test]
+    fn scan_upper_is_the_lower_of_end_and_the_prefix_end() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_end(b"\xff\xff"), None);
+        assert_eq!(prefix_end(b""), None);
+        assert_eq!(scan_upper(b"user:", None), Some(b"user;".to_vec()));
+        assert_eq!(scan_upper(b"user:", Some(b"user:5")), Some(b"user:5".to_vec()));
+        assert_eq!(scan_upper(b"user:", Some(b"zzz")), Some(b"user;".to_vec()));
+        assert_eq!(scan_upper(b"", Some(b"k")), Some(b"k".to_vec()));
+        assert_eq!(scan_upper(b"\xff", None), None);
     }
 
     #[test]

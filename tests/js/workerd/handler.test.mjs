@@ -341,3 +341,103 @@ test("a replica whose state was replaced by an empty one is not served until a s
   assert.equal(back.status, 200);
   assert.equal(await back.text(), "v");
 });
+
+test("LOAD=lazy: the replica's open is the first sync; reads are awaited; failed block reads answer 502/503", async () => {
+  const { FakeReplica, made } = fakeReplicaClass();
+  const opens = [];
+  const Lazy = class extends FakeReplica {
+    static open(url, opts) {
+      return new Promise((resolve, reject) => {
+        opens.push({
+          opts,
+          resolve: (lsn) => {
+            const r = new Lazy(url, new Map(), lsn);
+            resolve(r);
+            return r;
+          },
+          reject,
+        });
+      });
+    }
+    get(key) {
+      const v = super.get(key);
+      if (this.failWith) return Promise.reject(this.failWith);
+      return Promise.resolve(v);
+    }
+    scan(opts) {
+      if (this.failWith) return Promise.reject(this.failWith);
+      return Promise.resolve(super.scan(opts));
+    }
+    status() {
+      return { ...super.status(), mode: "lazy", cachedBytes: 7, blocksFetched: 2, overlayBytes: 3, overlayEntries: 1 };
+    }
+  };
+  let t = 1_000_000;
+  const handle = createHandler(Lazy, { now: () => t, log: () => {} });
+  const env = { DATASET_URL: "http://ds/x", LOAD: "lazy", CACHE_BYTES: "65536", MAX_AGE_MS: "60000", FIRST_SYNC_WAIT_MS: "1000" };
+  const call = (p) => handle(new Request(`http://w${p}`), env, () => {});
+  const first = call("/kv/a");
+  await flush();
+  assert.equal(opens.length, 1, "one open");
+  assert.deepEqual({ load: opens[0].opts.load, cacheBytes: opens[0].opts.cacheBytes }, { load: "lazy", cacheBytes: 65536 });
+  const r = opens[0].resolve(9);
+  r.put("a", "1");
+  const res = await first;
+  assert.equal(res.status, 200);
+  assert.equal(await res.text(), "1");
+  assert.equal(res.headers.get("x-walcast-lsn"), "9");
+  assert.equal(r.syncCalls.length, 0, "no second sync right after the open");
+  assert.equal(made.length, 1);
+  const st = await (await call("/status")).json();
+  assert.equal(st.mode, "lazy");
+  assert.equal(st.blocksFetched, 2);
+  assert.equal(st.worker.ready, true);
+  assert.equal(st.worker.syncs, 1, "the open counts as the first sync");
+  const rows = await (await call("/scan?prefix=a")).json();
+  assert.deepEqual(rows, [{ key: "a", value: "1" }]);
+  for (const [code, status] of [["data", 502], ["not_found", 502], ["unavailable", 503]]) {
+    r.failWith = Object.assign(new Error(`block of snapshots/1-1.wsnap at http://secret: ${code}`), { code, object: "snapshots/00000000000000000001-1.wsnap" });
+    for (const p of ["/kv/a", "/scan"]) {
+      const bad = await call(p);
+      assert.equal(bad.status, status, `${p} with a ${code} block`);
+      const body = await bad.json();
+      assert.equal(body.error.code, code);
+      assert.equal(body.error.object, "snapshots/00000000000000000001-1.wsnap");
+      assert.ok(!JSON.stringify(body).includes("secret"), "no error text in the answer");
+    }
+  }
+  r.failWith = null;
+  assert.equal((await call("/kv/a")).status, 200, "reads work again");
+  const bad = await handle(new Request("http://w/status"), { DATASET_URL: "http://ds/y", LOAD: "eager" }, () => {});
+  assert.equal(bad.status, 500);
+  assert.equal((await bad.json()).error.code, "config");
+});
+
+test("LOAD=lazy: an open that fails answers 503 with its code; /status answers 200; the next request opens again", async () => {
+  const { FakeReplica } = fakeReplicaClass();
+  let fail = true;
+  let opens = 0;
+  const Lazy = class extends FakeReplica {
+    static async open(url) {
+      opens++;
+      if (fail) throw Object.assign(new Error("no head"), { code: "not_found", object: "catalog/head.json" });
+      return new Lazy(url, new Map([[Buffer.from("k").toString("hex"), new TextEncoder().encode("v")]]), 3);
+    }
+  };
+  const handle = createHandler(Lazy, { log: () => {} });
+  const env = { DATASET_URL: "http://ds/x", LOAD: "lazy" };
+  const call = (p) => handle(new Request(`http://w${p}`), env, () => {});
+  const res = await call("/kv/k");
+  assert.equal(res.status, 503);
+  assert.equal((await res.json()).error.code, "not_found");
+  const st = await call("/status");
+  assert.equal(st.status, 200);
+  const body = await st.json();
+  assert.equal(body.worker.ready, false);
+  assert.equal(body.lastError.code, "not_found");
+  fail = false;
+  const ok = await call("/kv/k");
+  assert.equal(ok.status, 200);
+  assert.equal(await ok.text(), "v");
+  assert.equal(opens, 3);
+});

@@ -169,6 +169,10 @@ if (bundle?.ok) {
 services.missing = { bindings: { DATASET_URL: `${fx.base}/no-such-dataset`, FIRST_SYNC_WAIT_MS: "3000" } };
 services.scanbad = { bindings: { DATASET_URL: fxMore.scenarios.midhistory.url, MAX_AGE_MS: "0" } };
 services.cors = { bindings: { DATASET_URL: fxMore.scenarios.basic.url, CORS_ORIGINS: "https://app.example, https://admin.example" } };
+// LOAD=lazy: a fresh isolate per dataset (MAX_AGE_MS default: no background sync during the cold read).
+services.lazy = { bindings: { DATASET_URL: fx.scenarios.lazy.url, LOAD: "lazy" } };
+services.lazysmall = { bindings: { DATASET_URL: fxSlow.scenarios.lazy.url, LOAD: "lazy", CACHE_BYTES: "65536", MAX_AGE_MS: "0" } };
+services.lazydamage = { bindings: { DATASET_URL: fxMore.scenarios.lazydamage.url, LOAD: "lazy", MAX_AGE_MS: "0" } };
 services.hostile = { bindings: { DATASET_URL: `${datasets.controlUrl}/hostile/endless/${hostileToken}`, MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "1000" } };
 fs.writeFileSync(path.join(tmp, "fixtures.json"), JSON.stringify(fxConf));
 services.conformance = { modules: confModules, bindings: { FIXTURES: { embed: path.join(tmp, "fixtures.json") }, CONTROL: datasets.controlUrl } };
@@ -197,11 +201,11 @@ let workerd;
 // worker/deno.js: the same handler under Deno.serve, one process per dataset.
 const DENO = process.env.DENO ?? path.join(REPO, "tests/js/node_modules/.bin/deno");
 const haveDeno = fs.existsSync(DENO);
-const denoServices = { "deno-basic": fxDeno.scenarios.basic.url, "deno-midhistory": fxDeno.scenarios.midhistory.url };
+const denoServices = { "deno-basic": fxDeno.scenarios.basic.url, "deno-midhistory": fxDeno.scenarios.midhistory.url, "deno-lazy": fxDeno.scenarios.lazy.url };
 const denoProcs = [];
 if (haveDeno) {
   for (const [name, url] of Object.entries(denoServices)) {
-    services[name] = { port: await freePort(), deno: true, bindings: { DATASET_URL: url, MAX_AGE_MS: "0" } };
+    services[name] = { port: await freePort(), deno: true, bindings: { DATASET_URL: url, MAX_AGE_MS: "0", ...(name === "deno-lazy" ? { LOAD: "lazy" } : {}) } };
   }
 }
 
@@ -614,6 +618,115 @@ test("worker: a head body far over 1 MiB is cut off: data error naming catalog/h
   assert.ok(stats.maxSent <= 24 * 2 ** 20, `workerd pulled ${stats.maxSent} bytes of one response`);
 });
 
+// --- LOAD=lazy ----------------------------------------------------------------------------
+
+/** A full-mode replica of `url` in this Node process: the answers a lazy worker must give. */
+async function fullReplica(url) {
+  const { Replica } = await import(path.join(DIST, "node.js"));
+  const r = await Replica.open(url);
+  await r.sync();
+  return r;
+}
+
+/** What a lazy worker serves equals the fixture's probes and a full replica's scans. */
+async function expectLazyServed(svc, f, full, label) {
+  const enc = new TextEncoder();
+  await pool(f.probes, 8, async (p) => {
+    const k = argBytes(p.key);
+    const r = await get(svc, `/kv/${pct(k)}`);
+    if (p.absent) {
+      assert.equal(r.status, 404, `${label}: /kv/${pct(k)} (${p.kind}, absent): ${Buffer.from(r.body).toString()}`);
+    } else {
+      assert.equal(r.status, 200, `${label}: /kv/${pct(k)} (${p.kind}): ${Buffer.from(r.body).toString()}`);
+      assert.ok(bytesEq(r.body, unb64(p.value)), `${label}: /kv/${pct(k)} = ${show(r.body)}, expected ${show(unb64(p.value))}`);
+    }
+  });
+  for (const c of f.scans) {
+    const opts = {};
+    for (const x of ["prefix", "start", "end"]) if (c[x]) opts[x] = argBytes(c[x]);
+    opts.limit = c.limit ?? 1000; // the worker's SCAN_LIMIT
+    const r = await getJSON(svc, `/scan${scanQuery(c)}`);
+    assert.equal(r.status, 200, `${label}: /scan${scanQuery(c)}: ${JSON.stringify(r.json).slice(0, 300)}`);
+    const want = opts.limit === 0 ? [] : full.scan(opts).map((e) => [Buffer.from(typeof e.key === "string" ? enc.encode(e.key) : e.key).toString("base64"), Buffer.from(e.value).toString("base64")]);
+    checkRows(r.json, want, `${label}: scan ${c.name}`);
+  }
+}
+
+test("worker LOAD=lazy: a new isolate answers /kv with a few block GETs, without loading the dataset", { timeout: TIMEOUT }, async () => {
+  const f = fx.scenarios.lazy;
+  const probe = f.probes.find((p) => p.kind === "snapshot");
+  const t0 = Date.now();
+  const r = await get("lazy", `/kv/${pct(argBytes(probe.key))}`);
+  const ms = Date.now() - t0;
+  assert.equal(r.status, 200, Buffer.from(r.body).toString());
+  assert.ok(bytesEq(r.body, unb64(probe.value)), `value ${show(r.body)}`);
+  assert.equal(r.headers.get("x-walcast-lsn"), String(f.expected.lsn));
+  const s = await status("lazy");
+  assert.equal(s.mode, "lazy", "mode");
+  assert.equal(s.appliedLsn, f.expected.lsn, "appliedLsn");
+  assert.equal(s.worker.ready, true, "ready");
+  assert.ok(s.blocksFetched > 0 && s.cachedBytes > 0, `blocks ${s.blocksFetched}, cached ${s.cachedBytes}`);
+  const tail = f.segments.filter((x) => x.last > f.snapshotInfo.lsn).length;
+  log(`workerd lazy: the first /kv took ${ms} ms, ${s.requests} GETs (head + ${tail} tail segments + blocks), ${s.bytesReceived} bytes; the snapshot is ${f.snapshotInfo.size} bytes`);
+  assert.ok(s.requests - (tail + 1) < 10, `${s.requests} GETs: the head, ${tail} tail segments and fewer than 10 for blocks`);
+  assert.ok(s.bytesReceived < f.snapshotInfo.size / 4, `${s.bytesReceived} bytes received, not under a quarter of the ${f.snapshotInfo.size}-byte snapshot`);
+});
+
+test("worker LOAD=lazy: /kv and /scan equal a full replica's answers; later writes and a newer snapshot are picked up", { timeout: TIMEOUT }, async () => {
+  const f0 = fx.scenarios.lazy;
+  let full = await fullReplica(f0.url);
+  try {
+    await expectLazyServed("lazy", f0, full, "lazy stage 0");
+    // A 64 KiB cache answers the same.
+    const small = await fullReplica(fxSlow.scenarios.lazy.url);
+    try {
+      await expectLazyServed("lazysmall", fxSlow.scenarios.lazy, small, "lazy, CACHE_BYTES 64 KiB");
+      const st = await status("lazysmall");
+      assert.ok(st.cachedBytes <= 128 * 1024, `cachedBytes ${st.cachedBytes} with CACHE_BYTES 65536`);
+    } finally {
+      await small.close();
+    }
+    for (const stage of [1, 2]) {
+      const f = await datasets.mutate(fx.instance, "lazy");
+      await sleep(1100); // MAX_AGE_MS 1000: the next request starts a background sync
+      await until(async () => {
+        const s = await status("lazy");
+        return { done: s.appliedLsn === f.expected.lsn, value: s };
+      }, 60_000, `the lazy worker reaches stage ${stage}`);
+      await full.sync();
+      assert.equal(full.status().appliedLsn, f.expected.lsn);
+      await expectLazyServed("lazy", f, full, `lazy stage ${stage}`);
+    }
+    assert.equal((await status("lazy")).lastError, null, "no error");
+  } finally {
+    await full.close();
+  }
+});
+
+test("worker LOAD=lazy: a damaged snapshot block answers 502 (data, naming the snapshot); after the repair 200", { timeout: TIMEOUT }, async () => {
+  const f0 = fxMore.scenarios.lazydamage;
+  const value = (f, k) => unb64(f.probes.find((p) => bytesEq(argBytes(p.key), argBytes(k))).value);
+  const far = await get("lazydamage", `/kv/${pct(argBytes(f0.farKey))}`);
+  assert.equal(far.status, 200, "stage 0");
+  const f1 = await datasets.mutate(fxMore.instance, "lazydamage");
+  const bad = await getJSON("lazydamage", `/kv/${pct(argBytes(f1.damagedKey))}`);
+  assert.equal(bad.status, 502, JSON.stringify(bad.json));
+  assert.equal(bad.json.error.code, "data");
+  assert.equal(bad.json.error.object, f1.snapshot);
+  const scan = await getJSON("lazydamage", "/scan?prefix=d%3A0015");
+  assert.equal(scan.status, 502, `a scan across the damaged block: ${JSON.stringify(scan.json)}`);
+  const other = await get("lazydamage", `/kv/${pct(argBytes(f1.farKey))}`);
+  assert.equal(other.status, 200, "a key in another block");
+  assert.ok(bytesEq(other.body, value(f1, f1.farKey)));
+  const s = await status("lazydamage");
+  assert.equal(s.lastError?.code, "data");
+  assert.equal(s.lastError?.object, f1.snapshot);
+  const f2 = await datasets.mutate(fxMore.instance, "lazydamage");
+  const good = await get("lazydamage", `/kv/${pct(argBytes(f2.damagedKey))}`);
+  assert.equal(good.status, 200, "after the repair");
+  assert.ok(bytesEq(good.body, value(f2, f2.damagedKey)));
+});
+
 // --- the conformance suite inside workerd -----------------------------------------------
 
 test("conformance in workerd", { timeout: 30 * 60_000 }, async (t) => {
@@ -669,4 +782,18 @@ test("deno: a later publish is picked up in the background", { timeout: TIMEOUT,
     return { done: s.appliedLsn === f1.expected.lsn, value: s };
   }, 60_000, "background sync reaches the new head");
   await expectServed("deno-midhistory", f1.expected, "deno midhistory stage 1");
+});
+
+test("deno: worker/deno.js with LOAD=lazy serves /kv and /scan from snapshot blocks", { timeout: TIMEOUT, skip: haveDeno ? false : "no deno" }, async () => {
+  const f = fxDeno.scenarios.lazy;
+  const full = await fullReplica(f.url);
+  try {
+    await expectLazyServed("deno-lazy", f, full, "deno lazy");
+  } finally {
+    await full.close();
+  }
+  const s = await status("deno-lazy");
+  assert.equal(s.mode, "lazy");
+  assert.ok(s.blocksFetched > 0, `blocksFetched ${s.blocksFetched}`);
+  log(`deno lazy: ${s.requests} GETs, ${s.bytesReceived} bytes for ${f.probes.length} keys and ${f.scans.length} scans; the snapshot is ${f.snapshotInfo.size} bytes`);
 });
