@@ -1,138 +1,260 @@
 // Measures the edge replica (issue figures), in one run on this machine:
 //  - the wasm module's size, raw and gzipped;
-//  - Replica.open + sync to the first read, for a 100,000-key snapshot, in Node;
 //  - replay throughput (decode + verify + apply of the same segment) in wasm
 //    (Node) relative to native;
+//  - Replica.open + sync to the first read, for a 100,000-key snapshot, in
+//    Node and in workerd (the worker's first /kv request);
 //  - wasm memory of a replica state holding 1,000,000 keys with 100-byte
-//    values, against the 128 MB a Workers isolate may use.
-// Usage: node tests/js/bench.mjs   (after scripts/build-js.sh; needs target/release/walcast)
+//    values, against the 128 MB a Workers isolate may use;
+//  - a cold first read, full mode against lazy mode (`load: "lazy"`), for
+//    datasets of 100,000 and 1,000,000 keys with 100-byte values (a
+//    block-indexed snapshot of every key plus a short tail), in Node
+//    (Replica.open to the first get) and in workerd (a new isolate's first
+//    /kv request, LOAD=full vs LOAD=lazy): GETs, bytes received, ms.
+// Figures only: nothing here asserts a time.
+//
+// Usage: node tests/js/bench.mjs [size|replay|open|memory|cold]...   (default: all)
+//   after scripts/build-js.sh; needs target/release/walcast (WALCAST_BIN
+//   overrides) and, for workerd, tests/js/edge/node_modules (browser-deps.sh).
+//   WALCAST_BENCH_COLD_KEYS=100000,1000000 sets the cold-read dataset sizes.
 import { execFileSync, spawn } from "node:child_process";
-import { mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync, statSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, writeFileSync, statSync, openSync, writeSync, closeSync } from "node:fs";
+import { connect } from "node:net";
 import { tmpdir } from "node:os";
-import { join, dirname } from "node:path";
+import { join, dirname, relative } from "node:path";
 import { fileURLToPath } from "node:url";
 import { gzipSync } from "node:zlib";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
-const walcast = join(root, "target", "release", "walcast");
+const walcast = process.env.WALCAST_BIN ?? join(root, "target", "release", "walcast");
 const wasmDir = join(root, "js", "dist", "wasm");
+const dist = join(root, "js", "dist");
+const workerdBin = join(root, "tests", "js", "edge", "node_modules", ".bin", "workerd");
 const wasmFile = readdirSync(wasmDir).find((f) => f.endsWith("_bg.wasm"));
 const wasmBytes = readFileSync(join(wasmDir, wasmFile));
 const tmp = mkdtempSync(join(tmpdir(), "walcast-bench-"));
 const out = [];
 const report = (k, v) => { out.push(`| ${k} | ${v} |`); console.error(`bench: ${k}: ${v}`); };
+const sections = new Set(process.argv.slice(2));
+const want = (s) => sections.size === 0 || sections.has(s);
 
-function walcastWrite(wal, n, keyFmt) {
-  let lines = "";
-  for (let i = 0; i < n; i++) lines += JSON.stringify({ op: "put", key: keyFmt(i), value: "v".repeat(100) }) + "\n";
-  const f = join(tmp, `in-${n}.ndjson`);
-  writeFileSync(f, lines);
+function walcastWrite(wal, n, keyFmt, perLine = 1) {
+  const f = join(tmp, `in-${n}-${perLine}.ndjson`);
+  const fd = openSync(f, "w");
+  const value = "v".repeat(100);
+  for (let i = 0; i < n; i += perLine) {
+    const ops = [];
+    for (let j = i; j < Math.min(n, i + perLine); j++) ops.push({ op: "put", key: keyFmt(j), value });
+    writeSync(fd, JSON.stringify(perLine === 1 ? ops[0] : { batch: ops }) + "\n");
+  }
+  closeSync(fd);
   execFileSync("sh", ["-c", `"${walcast}" write --wal "${wal}" < "${f}" > /dev/null`]);
+  rmSync(f);
 }
 
-try {
-  report("wasm module (raw / gzip -9)", `${wasmBytes.length} B / ${gzipSync(wasmBytes, { level: 9 }).length} B`);
-
-  // Replay: one segment of 200,000 batches, native vs wasm.
-  const wal = join(tmp, "wal"), ds = join(tmp, "ds");
-  walcastWrite(wal, 200000, (i) => `key:${String(i % 100000).padStart(8, "0")}`);
-  execFileSync(walcast, ["publish", "--wal", wal, "--to", `file://${ds}`, "--once", "--segment-bytes", "1GiB", "--snapshot-every", "100000"], { stdio: "ignore" });
-  const segDir = join(ds, "segments", "1");
-  const seg = readdirSync(segDir).map((f) => join(segDir, f)).sort((a, b) => statSync(b).size - statSync(a).size)[0];
-  execFileSync("cargo", ["build", "-q", "--release", "-p", "walcast-core", "--example", "replay_file"], { cwd: root, stdio: "ignore" });
-  const native = execFileSync(join(root, "target", "release", "examples", "replay_file"), [seg]).toString();
-  const nativeMs = Number(/ms=([\d.]+)/.exec(native)[1]);
-  const records = Number(/records=(\d+)/.exec(native)[1]);
-  const wasm = await import(join(wasmDir, "walcast_wasm.js"));
-  await wasm.default({ module_or_path: wasmBytes });
-  const segBytes = readFileSync(seg);
-  let wasmMs = Infinity;
-  for (let i = 0; i < 5; i++) {
-    const t = performance.now();
-    const n = wasm.benchReplay(segBytes);
-    wasmMs = Math.min(wasmMs, performance.now() - t);
-    if (n !== records) throw new Error(`wasm applied ${n} records, native ${records}`);
-  }
-  const mb = segBytes.length / 1e6;
-  report(`replay of one ${mb.toFixed(1)} MB segment (${records} batches): native`, `${nativeMs.toFixed(1)} ms (${(mb / nativeMs * 1e3).toFixed(0)} MB/s)`);
-  report("… same bytes in wasm (Node)", `${wasmMs.toFixed(1)} ms (${(mb / wasmMs * 1e3).toFixed(0)} MB/s) = ${(nativeMs / wasmMs).toFixed(2)}x native throughput`);
-
-  // Open to first read from a 100,000-key snapshot, over `walcast serve`.
-  const serve = spawn(walcast, ["serve", ds, "--addr", "127.0.0.1:0"], { stdio: ["ignore", "pipe", "inherit"] });
+/** `walcast serve dir` on a free port; resolves { url, stop }. */
+async function serve(dir) {
+  const child = spawn(walcast, ["serve", dir, "--addr", "127.0.0.1:0"], { stdio: ["ignore", "pipe", "inherit"] });
   const url = await new Promise((resolve, reject) => {
     let buf = "";
-    serve.stdout.on("data", (d) => { buf += d; const m = /listening on (\S+)/.exec(buf); if (m) resolve(m[1]); });
-    serve.on("exit", () => reject(new Error("walcast serve exited")));
+    child.stdout.on("data", (d) => { buf += d; const m = /listening on (\S+)/.exec(buf); if (m) resolve(m[1].replace(/\/$/, "")); });
+    child.on("exit", () => reject(new Error("walcast serve exited")));
   });
-  try {
-    const { Replica } = await import(join(root, "js", "dist", "node.js"));
-    const head = JSON.parse(readFileSync(join(ds, "catalog", "head.json"), "utf8"));
-    const t = performance.now();
-    const replica = await Replica.open(url, {});
-    await replica.sync();
-    const v = replica.get("key:00012345");
-    const ms = performance.now() - t;
-    if (!v) throw new Error("first read found nothing");
-    report(`Node: Replica.open + sync + first read (snapshot of ${head.snapshot.entries} keys at LSN ${head.snapshot.lsn}, ${head.committed_lsn} committed)`, `${ms.toFixed(0)} ms, ${replica.status().requests} GETs`);
-    replica.close?.();
+  child.removeAllListeners("exit");
+  return { url, stop: () => child.kill() };
+}
 
-    // The same in workerd: the worker's first /kv request awaits the initial sync.
-    const workerd = join(root, "tests", "js", "edge", "node_modules", ".bin", "workerd");
-    const dist = join(root, "js", "dist");
-    const lit = (x) => JSON.stringify(x);
-    const { relative } = await import("node:path");
-    const emb = (p) => lit(relative(tmp, p)); // workerd embeds paths relative to the config
-    const mods = [
-      `(name = "index.js", esModule = embed ${emb(join(root, "worker/src/index.js"))})`,
-      `(name = "handler.js", esModule = embed ${emb(join(root, "worker/src/handler.js"))})`,
-      `(name = "walcast", esModule = embed ${emb(join(dist, "workerd.js"))})`,
-    ];
-    for (const f of readdirSync(dist)) if (f.endsWith(".js") && !["node.js", "web.js", "workerd.js"].includes(f)) mods.push(`(name = ${lit(f)}, esModule = embed ${emb(join(dist, f))})`);
-    for (const f of readdirSync(wasmDir)) {
-      if (f.endsWith(".wasm")) mods.push(`(name = ${lit("wasm/" + f)}, wasm = embed ${emb(join(wasmDir, f))})`);
-      else if (f.endsWith(".js")) mods.push(`(name = ${lit("wasm/" + f)}, esModule = embed ${emb(join(wasmDir, f))})`);
-    }
-    const port = 20000 + Math.floor(Math.random() * 20000);
-    writeFileSync(join(tmp, "config.capnp"), `using Workerd = import "/workerd/workerd.capnp";
+/**
+ * A workerd process serving worker/src (the package's workerd entry) with
+ * `bindings`; resolves { port, stop } once it listens. No HTTP request is
+ * made before the caller's: the first one reaches a new isolate.
+ */
+async function startWorkerd(name, bindings) {
+  const lit = (x) => JSON.stringify(x);
+  const emb = (p) => lit(relative(tmp, p)); // workerd embeds paths relative to the config
+  const mods = [
+    `(name = "index.js", esModule = embed ${emb(join(root, "worker/src/index.js"))})`,
+    `(name = "handler.js", esModule = embed ${emb(join(root, "worker/src/handler.js"))})`,
+    `(name = "walcast", esModule = embed ${emb(join(dist, "workerd.js"))})`,
+  ];
+  for (const f of readdirSync(dist)) if (f.endsWith(".js") && !["node.js", "web.js", "workerd.js"].includes(f)) mods.push(`(name = ${lit(f)}, esModule = embed ${emb(join(dist, f))})`);
+  for (const f of readdirSync(wasmDir)) {
+    if (f.endsWith(".wasm")) mods.push(`(name = ${lit("wasm/" + f)}, wasm = embed ${emb(join(wasmDir, f))})`);
+    else if (f.endsWith(".js")) mods.push(`(name = ${lit("wasm/" + f)}, esModule = embed ${emb(join(wasmDir, f))})`);
+  }
+  const port = 20000 + Math.floor(Math.random() * 20000);
+  const b = Object.entries(bindings).map(([k, v]) => `(name = ${lit(k)}, text = ${lit(String(v))})`).join(", ");
+  const config = join(tmp, `${name}.capnp`);
+  writeFileSync(config, `using Workerd = import "/workerd/workerd.capnp";
 const config :Workerd.Config = (
   services = [
     (name = "main", worker = (modules = [ ${mods.join(", ")} ], compatibilityDate = "2025-11-01",
-      bindings = [ (name = "DATASET_URL", text = ${lit(url)}) ], globalOutbound = "net")),
+      bindings = [ ${b} ], globalOutbound = "net")),
     (name = "net", network = (allow = ["public", "private", "local"])),
   ],
   sockets = [ (name = "http", address = ${lit(`127.0.0.1:${port}`)}, http = (), service = "main") ],
 );
 `);
-    const wd2 = spawn(workerd, ["serve", join(tmp, "config.capnp")], { stdio: ["ignore", "ignore", "inherit"] });
-    try {
-      // Wait until workerd listens (a TCP connect, no HTTP request: any request would start the sync).
-      const { connect } = await import("node:net");
-      for (let i = 0; ; i++) {
-        const ok = await new Promise((r) => { const c = connect(port, "127.0.0.1", () => { c.destroy(); r(true); }); c.on("error", () => r(false)); });
-        if (ok) break;
-        if (i > 600) throw new Error("workerd did not start");
-        await new Promise((r) => setTimeout(r, 50));
+  const child = spawn(workerdBin, ["serve", config], { stdio: ["ignore", "ignore", "inherit"] });
+  // Wait until workerd listens (a TCP connect, no HTTP request: any request would start the sync).
+  for (let i = 0; ; i++) {
+    const ok = await new Promise((r) => { const c = connect(port, "127.0.0.1", () => { c.destroy(); r(true); }); c.on("error", () => r(false)); });
+    if (ok) break;
+    if (i > 600 || child.exitCode !== null) throw new Error("workerd did not start");
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return {
+    port,
+    stop: () => new Promise((resolve) => { child.once("exit", resolve); child.kill("SIGINT"); }),
+  };
+}
+
+const mb = (b) => `${(b / 1e6).toFixed(b < 1e6 ? 3 : 1)} MB`;
+
+/**
+ * Cold first read of one key, full vs lazy, in Node and in workerd, for a
+ * dataset of `n` keys with 100-byte values: a snapshot of all of them
+ * (block-indexed, the publisher's default) and a tail of 100 overwrites.
+ */
+async function coldReads(n) {
+  const wal = join(tmp, `cold-wal-${n}`);
+  const ds = join(tmp, `cold-ds-${n}`);
+  const key = (i) => `key:${String(i).padStart(8, "0")}`;
+  const perLine = 1000;
+  const batches = Math.ceil(n / perLine);
+  let t = performance.now();
+  walcastWrite(wal, n, key, perLine);
+  execFileSync(walcast, ["publish", "--wal", wal, "--to", `file://${ds}`, "--once", "--snapshot-every", String(batches)], { stdio: "ignore" });
+  walcastWrite(wal, 100, (i) => key((i * 7919) % n));
+  execFileSync(walcast, ["publish", "--wal", wal, "--to", `file://${ds}`, "--once", "--snapshot-every", "0"], { stdio: "ignore" });
+  rmSync(wal, { recursive: true, force: true });
+  const head = JSON.parse(readFileSync(join(ds, "catalog", "head.json"), "utf8"));
+  const snap = head.snapshot;
+  if (!snap || snap.version !== 2 || snap.entries !== n) throw new Error(`cold ${n}: the head's snapshot is ${JSON.stringify(snap)}`);
+  console.error(`bench: cold ${n}: dataset built in ${((performance.now() - t) / 1000).toFixed(1)} s; snapshot ${mb(snap.size)} at LSN ${snap.lsn}, committed ${head.committed_lsn}`);
+  const probe = key(Math.floor(n * 0.61803));
+  const server = await serve(ds);
+  try {
+    const { Replica, init } = await import(join(dist, "node.js"));
+    await init(); // the module's compile time is not part of either figure
+    for (const load of ["full", "lazy"]) {
+      t = performance.now();
+      const r = await Replica.open(server.url, { load });
+      if (load === "full") await r.sync();
+      const v = await r.get(probe);
+      const ms = performance.now() - t;
+      if (!v || v.length !== 100) throw new Error(`cold ${n} ${load}: the first read found ${v}`);
+      const s = r.status();
+      report(`Node, ${n.toLocaleString("en")} keys (snapshot ${mb(snap.size)}), ${load}: Replica.open${load === "full" ? " + sync" : ""} + first get`, `${s.requests} GETs, ${mb(s.bytesReceived)}, ${ms.toFixed(0)} ms`);
+      await r.close();
+    }
+    if (existsSync(workerdBin)) {
+      for (const load of ["full", "lazy"]) {
+        const w = await startWorkerd(`cold-${n}-${load}`, { DATASET_URL: server.url, LOAD: load, MAX_AGE_MS: "3600000", FIRST_SYNC_WAIT_MS: "600000" });
+        try {
+          t = performance.now();
+          const res = await fetch(`http://127.0.0.1:${w.port}/kv/${probe}`);
+          const body = await res.arrayBuffer();
+          const ms = performance.now() - t;
+          if (res.status !== 200 || body.byteLength !== 100) throw new Error(`cold ${n} workerd ${load}: /kv answered ${res.status}: ${Buffer.from(body).toString().slice(0, 200)}`);
+          const s = await (await fetch(`http://127.0.0.1:${w.port}/status`)).json();
+          report(`workerd, ${n.toLocaleString("en")} keys, LOAD=${load}: a new isolate's first /kv`, `${s.requests} GETs, ${mb(s.bytesReceived)}, ${ms.toFixed(0)} ms`);
+        } finally {
+          await w.stop();
+        }
       }
-      const start = performance.now();
-      const res = await fetch(`http://127.0.0.1:${port}/kv/key:00012345`);
-      const body = await res.arrayBuffer();
-      const ms = performance.now() - start;
-      if (res.status !== 200 || body.byteLength !== 100) throw new Error(`workerd /kv answered ${res.status}`);
-      report(`workerd: first /kv request to a new isolate (the worker's Replica.open + sync + read, same dataset)`, `${ms.toFixed(0)} ms`);
-    } finally {
-      wd2.kill("SIGINT");
+    } else {
+      console.error(`bench: no workerd at ${workerdBin} (bash scripts/browser-deps.sh): the workerd cold reads are skipped`);
     }
   } finally {
-    serve.kill();
+    server.stop();
+    rmSync(ds, { recursive: true, force: true });
+  }
+}
+
+try {
+  if (want("size")) report("wasm module (raw / gzip -9)", `${wasmBytes.length} B / ${gzipSync(wasmBytes, { level: 9 }).length} B`);
+
+  if (want("replay") || want("open")) {
+    // One segment of 200,000 batches (100,000 keys), and a snapshot of them.
+    const wal = join(tmp, "wal"), ds = join(tmp, "ds");
+    walcastWrite(wal, 200000, (i) => `key:${String(i % 100000).padStart(8, "0")}`);
+    execFileSync(walcast, ["publish", "--wal", wal, "--to", `file://${ds}`, "--once", "--segment-bytes", "1GiB", "--snapshot-every", "100000"], { stdio: "ignore" });
+
+    if (want("replay")) {
+      // Replay: the segment, native vs wasm.
+      const segDir = join(ds, "segments", "1");
+      const seg = readdirSync(segDir).map((f) => join(segDir, f)).sort((a, b) => statSync(b).size - statSync(a).size)[0];
+      execFileSync("cargo", ["build", "-q", "--release", "-p", "walcast-core", "--example", "replay_file"], { cwd: root, stdio: "ignore" });
+      const native = execFileSync(join(root, "target", "release", "examples", "replay_file"), [seg]).toString();
+      const nativeMs = Number(/ms=([\d.]+)/.exec(native)[1]);
+      const records = Number(/records=(\d+)/.exec(native)[1]);
+      const wasm = await import(join(wasmDir, "walcast_wasm.js"));
+      await wasm.default({ module_or_path: wasmBytes });
+      const segBytes = readFileSync(seg);
+      let wasmMs = Infinity;
+      for (let i = 0; i < 5; i++) {
+        const t = performance.now();
+        const n = wasm.benchReplay(segBytes);
+        wasmMs = Math.min(wasmMs, performance.now() - t);
+        if (n !== records) throw new Error(`wasm applied ${n} records, native ${records}`);
+      }
+      const size = segBytes.length / 1e6;
+      report(`replay of one ${size.toFixed(1)} MB segment (${records} batches): native`, `${nativeMs.toFixed(1)} ms (${(size / nativeMs * 1e3).toFixed(0)} MB/s)`);
+      report("… same bytes in wasm (Node)", `${wasmMs.toFixed(1)} ms (${(size / wasmMs * 1e3).toFixed(0)} MB/s) = ${(nativeMs / wasmMs).toFixed(2)}x native throughput`);
+    }
+
+    if (want("open")) {
+      // Open to first read from a 100,000-key snapshot, over `walcast serve`.
+      const server = await serve(ds);
+      try {
+        const { Replica } = await import(join(dist, "node.js"));
+        const head = JSON.parse(readFileSync(join(ds, "catalog", "head.json"), "utf8"));
+        const t = performance.now();
+        const replica = await Replica.open(server.url, {});
+        await replica.sync();
+        const v = replica.get("key:00012345");
+        const ms = performance.now() - t;
+        if (!v) throw new Error("first read found nothing");
+        report(`Node: Replica.open + sync + first read (snapshot of ${head.snapshot.entries} keys at LSN ${head.snapshot.lsn}, ${head.committed_lsn} committed)`, `${ms.toFixed(0)} ms, ${replica.status().requests} GETs`);
+        await replica.close();
+
+        // The same in workerd: the worker's first /kv request awaits the initial sync.
+        if (existsSync(workerdBin)) {
+          const w = await startWorkerd("open", { DATASET_URL: server.url });
+          try {
+            const start = performance.now();
+            const res = await fetch(`http://127.0.0.1:${w.port}/kv/key:00012345`);
+            const body = await res.arrayBuffer();
+            const ms = performance.now() - start;
+            if (res.status !== 200 || body.byteLength !== 100) throw new Error(`workerd /kv answered ${res.status}`);
+            report(`workerd: first /kv request to a new isolate (the worker's Replica.open + sync + read, same dataset)`, `${ms.toFixed(0)} ms`);
+          } finally {
+            await w.stop();
+          }
+        }
+      } finally {
+        server.stop();
+      }
+    }
+    rmSync(wal, { recursive: true, force: true });
+    rmSync(ds, { recursive: true, force: true });
   }
 
-  // Memory of 1,000,000 keys with 100-byte values, in wasm: each order in a
-  // fresh module instance (wasm memory never shrinks).
-  for (const shuffled of [false, true]) {
-    const inst = await import(join(wasmDir, "walcast_wasm.js") + `?${shuffled ? "shuffled" : "sorted"}`);
-    await inst.default({ module_or_path: wasmBytes });
-    const [entries, heap, mem] = inst.benchStateMemory(1000000, 100, shuffled);
-    report(`wasm: ${entries} keys with 100-byte values, ${shuffled ? "written in random order" : "written in key order (as a snapshot bootstrap)"}`, `state ${(heap / 1e6).toFixed(1)} MB, wasm memory ${(mem / 1e6).toFixed(1)} MB (a Workers isolate may use 128 MB)`);
+  if (want("memory")) {
+    // Memory of 1,000,000 keys with 100-byte values, in wasm: each order in a
+    // fresh module instance (wasm memory never shrinks).
+    for (const shuffled of [false, true]) {
+      const inst = await import(join(wasmDir, "walcast_wasm.js") + `?${shuffled ? "shuffled" : "sorted"}`);
+      await inst.default({ module_or_path: wasmBytes });
+      const [entries, heap, mem] = inst.benchStateMemory(1000000, 100, shuffled);
+      report(`wasm: ${entries} keys with 100-byte values, ${shuffled ? "written in random order" : "written in key order (as a snapshot bootstrap)"}`, `state ${(heap / 1e6).toFixed(1)} MB, wasm memory ${(mem / 1e6).toFixed(1)} MB (a Workers isolate may use 128 MB)`);
+    }
+  }
+
+  if (want("cold")) {
+    const sizes = (process.env.WALCAST_BENCH_COLD_KEYS ?? "100000,1000000").split(",").map(Number).filter((x) => x > 0);
+    for (const n of sizes) await coldReads(n);
   }
   console.log("| figure | value |\n| --- | --- |\n" + out.join("\n"));
 } finally {
