@@ -95,6 +95,43 @@ function pickStore(persist) {
   throw walcastError("invalid_input", 'walcast: persist must be "memory", "indexeddb" or a { load, save } store');
 }
 
+/** An operation (a sync, a lazy read): counts the GETs it started that are not answered yet. */
+function newOp() {
+  return { owned: 0 };
+}
+
+/** Whether `e` is the error a trap of the module was reported with (the call that trapped). */
+function isTrapError(e) {
+  return e?.code === "internal" || e?.code === "closed" || e === RESTART;
+}
+
+/**
+ * How often at most an operation waiting for progress steps the module on
+ * its own timer (and looks for GETs whose answer was lost).
+ */
+const STEP_EVERY_MS = 1000;
+/**
+ * Request-scoped I/O (Workers): an operation is woken only by the answers to
+ * its own GETs and by its own timer, which then looks this often for what
+ * other requests' GETs brought (a promise one request resolves for another
+ * may run its continuation in the wrong request).
+ */
+const SCOPED_POLL_MS = 10;
+let scopedIo = false;
+
+/**
+ * Called by the workerd entry: I/O belongs to the request that started it,
+ * and a request must not be woken by another's promise resolution.
+ */
+export function setRequestScopedIo(on) {
+  scopedIo = !!on;
+}
+/** A GET not answered this long after its deadline lost its answer (Workers tore its I/O down). */
+const LOST_ANSWER_GRACE_MS = 5000;
+
+/** A lazy replica's module reads the head on its own at most this often (sync() reads it whenever called). */
+const LAZY_HEAD_INTERVAL_MS = 3_600_000;
+
 /** Snapshot block bytes a lazy replica caches by default. */
 const DEFAULT_CACHE_BYTES = 8 * 1024 * 1024;
 
@@ -119,6 +156,10 @@ function wasmOptions(options) {
   if (options.load === "lazy") {
     o.load = "lazy";
     o.cacheBytes = options.cacheBytes ?? DEFAULT_CACHE_BYTES;
+    // The head is read by sync() (and start()'s loop) only: a read that
+    // steps the module fetches the blocks it needs, not the head because
+    // the last read of it is old.
+    o.pollInterval = LAZY_HEAD_INTERVAL_MS;
   }
   return o;
 }
@@ -537,9 +578,8 @@ export class Replica {
   #inflight = null;
   #queued = null;
   // the module's GETs, and who waits for them
-  #gets = new Map(); // request id -> { ac } (of the current handle)
+  #gets = new Map(); // request id -> { ac, op, deadline } (of the current handle)
   #waiters = []; // { resolve, reject }: woken by the next answer or timer
-  #wakeTimer = null;
   #nextStep = -1; // when the module next wants a step (ms; -1: only an answer moves it)
   // lazy mode
   #lazy = false;
@@ -583,7 +623,7 @@ export class Replica {
   #attach(w) {
     // GETs of the replaced WasmReplica are not delivered to this one.
     this.#abortGets();
-    if (this.#waiters.length) queueMicrotask(() => this.#wakeWaiters());
+    if (this.#waiters.length && !scopedIo) queueMicrotask(() => this.#wakeWaiters());
     const ref = weak(this);
     const h = { w, dead: false, owner: ref };
     handles.add(h);
@@ -623,7 +663,7 @@ export class Replica {
       this.#lazyReady = false;
       this.#abortGets();
       // Deferred: the call that trapped reports its error to its waiters first.
-      queueMicrotask(() => this.#wakeWaiters());
+      if (!scopedIo) queueMicrotask(() => this.#wakeWaiters());
       return;
     }
     // Plain calls here: a fresh instance that traps at once is not replaced again.
@@ -856,15 +896,25 @@ export class Replica {
     const live = () => {
       if (h.dead || this.#slot.h !== h) throw RESTART;
     };
+    const op = newOp();
     call(h, "sync", (w) => w.syncBegin());
     try {
-      for (;;) {
+      let outcome = null;
+      while (!outcome) {
         live();
-        this.#step(h);
-        const r = call(h, "sync", (w) => w.syncResult());
-        if (typeof r === "number") return r;
-        await this.#progress(h);
+        this.#step(h, op);
+        try {
+          const r = call(h, "sync", (w) => w.syncResult());
+          if (typeof r === "number") outcome = { lsn: r };
+        } catch (e) {
+          if (isTrapError(e)) throw e;
+          outcome = { error: e };
+        }
+        if (!outcome) await this.#progress(h, op);
       }
+      await this.#settle(h, op);
+      if (outcome.error) throw outcome.error;
+      return outcome.lsn;
     } finally {
       if (!h.dead) {
         try {
@@ -879,75 +929,113 @@ export class Replica {
   // --- the module's GETs ------------------------------------------------------
   //
   // The module asks for GETs whenever it is stepped, by a sync or by a lazy
-  // read; they are performed here and every one is answered (a timeout or a
-  // network error is an answer too), whoever asked, so the module never
-  // waits for an answer that will not come. Each answer steps the module
-  // again and wakes everyone waiting for progress; so does the module's own
-  // timer (retries, backoff), which runs only while someone waits.
+  // read (an operation); they are performed here and every one is answered
+  // (a timeout or a network error is an answer too), so the module never
+  // waits for an answer that will not come. An answer steps the module again
+  // (new GETs belong to the operation the answered one belonged to) and wakes
+  // every operation waiting for progress. An operation settles only once
+  // the GETs it started are answered: in runtimes whose I/O belongs to a
+  // request (Workers), a request's GETs never outlive it, and while it waits
+  // it keeps a timer of its own (so it is never taken for hung while another
+  // request's GET brings what it needs). The timer also steps the module for
+  // its retries, and answers GETs whose answer was lost (their request's I/O
+  // torn down) as failed once they are well past their deadline.
 
-  /** Runs the module until it waits, and starts the GETs it asked for. */
-  #step(h) {
+  /** Runs the module until it waits, and starts the GETs it asked for (on behalf of `op`). */
+  #step(h, op) {
     this.#nextStep = call(h, "sync", (w) => w.step());
-    for (const req of call(h, "sync", (w) => w.takeRequests())) this.#startGet(h, req);
+    for (const req of call(h, "sync", (w) => w.takeRequests())) this.#startGet(h, req, op);
   }
 
-  #startGet(h, req) {
+  #startGet(h, req, op) {
     const ac = new AbortController();
-    const entry = { ac };
+    const entry = { ac, op, deadline: Date.now() + req.timeoutMs + LOST_ANSWER_GRACE_MS };
     this.#gets.set(req.id, entry);
-    performGet(this.#base, this.#headers, req, ac).then((res) => {
-      if (this.#gets.get(req.id) !== entry) return; // aborted (closed, or another WasmReplica now)
-      this.#gets.delete(req.id);
-      if (h.dead || this.#slot.h !== h) return;
-      let error = null;
+    op.owned++;
+    performGet(this.#base, this.#headers, req, ac).then((res) => this.#answer(h, req.id, entry, res));
+  }
+
+  /** Hands an answer to the module (once per GET), steps it, and wakes every waiting operation. */
+  #answer(h, id, entry, res) {
+    if (this.#gets.get(id) !== entry) return; // aborted, or answered as lost
+    this.#gets.delete(id);
+    let error = null;
+    if (!h.dead && this.#slot.h === h) {
       try {
-        call(h, "sync", (w) => w.deliver(req.id, res.status, res.body, res.etag ?? undefined, res.contentRange ?? undefined, res.message));
-        this.#step(h);
+        call(h, "sync", (w) => w.deliver(id, res.status, res.body, res.etag ?? undefined, res.contentRange ?? undefined, res.message));
+        this.#step(h, entry.op);
       } catch (e) {
         error = e;
       }
-      this.#wakeWaiters(error);
-    });
+    }
+    entry.op.owned--;
+    this.#wakeWaiters(error, entry.op);
+  }
+
+  /** Answers GETs whose answer never came (past their deadline plus a grace) as failed. */
+  #answerLost(h) {
+    const now = Date.now();
+    for (const [id, entry] of [...this.#gets]) {
+      if (entry.deadline < now) this.#answer(h, id, entry, { status: 0, message: "the answer was lost (its request's I/O was torn down)" });
+    }
   }
 
   #abortGets() {
-    for (const entry of this.#gets.values()) entry.ac.abort();
+    for (const entry of this.#gets.values()) {
+      entry.op.owned--;
+      try {
+        entry.ac.abort();
+      } catch {
+        // started on behalf of another request (Workers): it ends with it
+      }
+    }
     this.#gets.clear();
   }
 
-  /** Resolves at the next answer or module timer; rejects when handling an answer failed (a trap). */
-  #progress(h) {
-    return new Promise((resolve, reject) => {
-      this.#waiters.push({ resolve, reject });
-      this.#arm(h);
+  /**
+   * Resolves at the next answer, or at this operation's own timer (the
+   * module's next step, at most STEP_EVERY_MS away), which steps the module
+   * on its behalf. Rejects when handling an answer failed (a trap).
+   */
+  #progress(h, op) {
+    let timer = null;
+    const waiting = new Promise((resolve, reject) => {
+      this.#waiters.push({ resolve, reject, op });
+      const next = this.#nextStep < 0 ? Infinity : this.#nextStep - Date.now();
+      const most = scopedIo && op.owned === 0 ? SCOPED_POLL_MS : STEP_EVERY_MS;
+      timer = setTimeout(() => {
+        timer = null;
+        let error = null;
+        if (!h.dead && this.#slot.h === h) {
+          try {
+            this.#answerLost(h);
+            this.#step(h, op);
+          } catch (e) {
+            error = e;
+          }
+        }
+        this.#wakeWaiters(error, op);
+      }, Math.max(0, Math.min(next, most)));
+    });
+    // Cleared by the operation itself (its own request's timer).
+    return waiting.finally(() => {
+      if (timer !== null) clearTimeout(timer);
     });
   }
 
-  /** Sets the timer for the module's next step (only while someone waits). */
-  #arm(h) {
-    clearTimeout(this.#wakeTimer);
-    this.#wakeTimer = null;
-    if (this.#nextStep < 0 || this.#waiters.length === 0) return;
-    this.#wakeTimer = setTimeout(() => {
-      this.#wakeTimer = null;
-      let error = null;
-      if (!h.dead && this.#slot.h === h) {
-        try {
-          this.#step(h);
-        } catch (e) {
-          error = e;
-        }
-      }
-      this.#wakeWaiters(error);
-    }, Math.max(0, this.#nextStep - Date.now()));
+  /** Waits until every GET `op` started is answered. */
+  async #settle(h, op) {
+    while (op.owned > 0 && !h.dead && this.#slot.h === h && !this.#closed) await this.#progress(h, op);
   }
 
-  /** Wakes everyone waiting for progress (with `error`: rejects them). */
-  #wakeWaiters(error = null) {
-    clearTimeout(this.#wakeTimer);
-    this.#wakeTimer = null;
-    const waiters = this.#waiters;
-    this.#waiters = [];
+  /**
+   * Wakes every waiting operation (with `error`: rejects them); with
+   * request-scoped I/O, only `op` (the one whose GET or timer this is).
+   */
+  #wakeWaiters(error = null, op = null) {
+    const mine = scopedIo && op ? (w) => w.op === op : () => true;
+    const waiters = this.#waiters.filter(mine);
+    this.#waiters = this.#waiters.filter((w) => !mine(w));
     for (const w of waiters) {
       if (error) w.reject(error);
       else w.resolve();
@@ -960,7 +1048,7 @@ export class Replica {
    * needs are fetched (the module queued their GETs). A replica with nothing
    * synced yet (rebuilt after a trap) syncs first.
    */
-  async #lazyRead(op) {
+  async #lazyRead(read) {
     for (;;) {
       if (this.#closed) throw closedError();
       if (engine.pending) await engine.pending.catch(noop);
@@ -969,10 +1057,26 @@ export class Replica {
         continue;
       }
       const h = this.#h();
-      const r = call(h, "read", (w) => op(w, h));
-      if (r !== null) return r;
-      this.#step(h);
-      await this.#progress(h);
+      const op = newOp();
+      let outcome = null;
+      while (!outcome && !h.dead && this.#slot.h === h) {
+        if (this.#closed) throw closedError();
+        try {
+          const r = call(h, "read", (w) => read(w, h));
+          if (r !== null) outcome = { value: r };
+        } catch (e) {
+          if (isTrapError(e)) throw e;
+          outcome = { error: e };
+        }
+        if (!outcome) {
+          this.#step(h, op);
+          await this.#progress(h, op);
+        }
+      }
+      if (!outcome) continue; // another WasmReplica now: read it there
+      await this.#settle(h, op);
+      if (outcome.error) throw outcome.error;
+      return outcome.value;
     }
   }
 
@@ -1148,9 +1252,10 @@ export class Replica {
     if (this.#reloading) await this.#reloading.then(noop, noop);
     this.#changeCbs.clear();
     this.#resetCbs.clear();
-    // GETs still in flight (lazy reads' blocks) and reads waiting for them.
+    // GETs still in flight (lazy reads' blocks) and reads waiting for them
+    // (with request-scoped I/O, their own timers see the replica closed).
     this.#abortGets();
-    this.#wakeWaiters();
+    if (!scopedIo) this.#wakeWaiters();
     if (finalizer) finalizer.unregister(this.#slot);
     releaseHandle(this.#slot.h);
     this.#slot.h = null;

@@ -222,6 +222,17 @@ function errorBody(e) {
 }
 
 /**
+ * A read's promise, also handed to `defer` (ctx.waitUntil): should the
+ * client go away, the GETs the read started (which other requests may be
+ * waiting for) still finish.
+ */
+function kept(read, defer) {
+  const p = Promise.resolve(read);
+  defer(p.catch(() => {}));
+  return p;
+}
+
+/**
  * The answer to a read that failed: 400 for bad input; in lazy mode a
  * snapshot block that failed verification or is missing is 502, a store
  * that does not answer 503.
@@ -518,7 +529,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       let value;
       try {
         // A promise in lazy mode (it may fetch snapshot blocks).
-        value = await replica.get(key);
+        value = await kept(replica.get(key), defer);
       } catch (e) {
         return readFailed(e, cors);
       }
@@ -553,7 +564,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     }
     let rows;
     try {
-      rows = limit === 0 ? [] : await replica.scan(opts);
+      rows = limit === 0 ? [] : await kept(replica.scan(opts), defer);
     } catch (e) {
       return readFailed(e, cors);
     }

@@ -339,7 +339,11 @@ impl WasmReplica {
                 }
                 Action::Event(e) => self.on_event(e),
                 Action::Wait { until } => {
-                    return if until == u64::MAX { -1.0 } else { until as f64 };
+                    return if until == u64::MAX {
+                        -1.0
+                    } else {
+                        until as f64
+                    };
                 }
             }
         }
@@ -458,13 +462,6 @@ impl WasmReplica {
             out.push(&o);
         }
         out
-    }
-
-    /// GETs handed out and not answered yet.
-    #[wasm_bindgen(getter, js_name = requestsInFlight)]
-    pub fn requests_in_flight(&self) -> u32 {
-        let io = self.io.borrow();
-        (io.inflight.len() - io.outbox.len().min(io.inflight.len())) as u32
     }
 
     /// Hands over the outcome of GET `id`: the HTTP `status` (0 when there
@@ -793,7 +790,10 @@ mod tests {
         assert_eq!(prefix_end(b"\xff\xff"), None);
         assert_eq!(prefix_end(b""), None);
         assert_eq!(scan_upper(b"user:", None), Some(b"user;".to_vec()));
-        assert_eq!(scan_upper(b"user:", Some(b"user:5")), Some(b"user:5".to_vec()));
+        assert_eq!(
+            scan_upper(b"user:", Some(b"user:5")),
+            Some(b"user:5".to_vec())
+        );
         assert_eq!(scan_upper(b"user:", Some(b"zzz")), Some(b"user;".to_vec()));
         assert_eq!(scan_upper(b"", Some(b"k")), Some(b"k".to_vec()));
         assert_eq!(scan_upper(b"\xff", None), None);

@@ -172,6 +172,7 @@ services.cors = { bindings: { DATASET_URL: fxMore.scenarios.basic.url, CORS_ORIG
 // LOAD=lazy: a fresh isolate per dataset (MAX_AGE_MS default: no background sync during the cold read).
 services.lazy = { bindings: { DATASET_URL: fx.scenarios.lazy.url, LOAD: "lazy" } };
 services.lazysmall = { bindings: { DATASET_URL: fxSlow.scenarios.lazy.url, LOAD: "lazy", CACHE_BYTES: "65536", MAX_AGE_MS: "0" } };
+services.lazyburst = { bindings: { DATASET_URL: fxSlow.scenarios.lazy.url, LOAD: "lazy", CACHE_BYTES: "16384", MAX_AGE_MS: "0" } };
 services.lazydamage = { bindings: { DATASET_URL: fxMore.scenarios.lazydamage.url, LOAD: "lazy", MAX_AGE_MS: "0" } };
 services.hostile = { bindings: { DATASET_URL: `${datasets.controlUrl}/hostile/endless/${hostileToken}`, MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "1000" } };
 fs.writeFileSync(path.join(tmp, "fixtures.json"), JSON.stringify(fxConf));
@@ -698,6 +699,29 @@ test("worker LOAD=lazy: /kv and /scan equal a full replica's answers; later writ
       await expectLazyServed("lazy", f, full, `lazy stage ${stage}`);
     }
     assert.equal((await status("lazy")).lastError, null, "no error");
+  } finally {
+    await full.close();
+  }
+});
+
+test("worker LOAD=lazy: 64 concurrent requests to a new isolate all answer right (no request waits on another's I/O)", { timeout: TIMEOUT }, async () => {
+  const f = fxSlow.scenarios.lazy;
+  const full = await fullReplica(f.url);
+  try {
+    const prefixes = ["acct:", "item:", "user:", "zone:"];
+    const keys = [];
+    for (let i = 0; i < 600; i++) keys.push(new TextEncoder().encode(`${prefixes[i % 4]}${String((i * 7919) % 20000).padStart(6, "0")}`));
+    const bad = [];
+    await pool(keys, 64, async (k) => {
+      const r = await get("lazyburst", `/kv/${pct(k)}`);
+      const want = full.get(k);
+      if (want === undefined ? r.status !== 404 : r.status !== 200 || !bytesEq(r.body, want)) {
+        bad.push(`${show(k)}: ${r.status} ${Buffer.from(r.body).toString().slice(0, 120)}`);
+      }
+    });
+    const s = await status("lazyburst");
+    log(`workerd lazy burst: ${keys.length} keys, 64 at once, CACHE_BYTES 16384: ${s.requests} GETs, ${s.blocksFetched} blocks, ${s.bytesReceived} bytes`);
+    assert.deepEqual(bad.slice(0, 10), [], `${bad.length} of ${keys.length} answers wrong`);
   } finally {
     await full.close();
   }
