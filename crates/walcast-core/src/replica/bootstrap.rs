@@ -129,6 +129,7 @@ impl Replica {
                 if let Some(l) = self.lazy.as_mut() {
                     // The state jumps to the snapshot: the overlay starts over.
                     l.clear();
+                    l.state_lsn = h.lsn;
                 }
                 self.state = st;
                 self.applied = h.lsn;

@@ -109,8 +109,13 @@ pub(super) struct Lazy {
     pub(super) wanted: Vec<BlockJob>,
     /// Blocks requested and not yet answered.
     pub(super) inflight: Vec<BlockJob>,
-    /// A failure to report to the next read.
-    pub(super) failed: Option<Error>,
+    /// Failures of block GETs, each reported once to the next read that
+    /// needs that block (reads of other blocks are not affected).
+    pub(super) failed: Vec<(Need, Error)>,
+    /// The LSN of the full state beneath the overlay when there is no
+    /// block-indexed base (a version 1 bootstrap or a restored state): a base
+    /// below it would lose the writes between the two.
+    pub(super) state_lsn: u64,
     pub(super) blocks_fetched: u64,
 }
 
@@ -156,7 +161,7 @@ impl Lazy {
         self.overlay_bytes -= dropped;
         self.wanted.clear();
         self.inflight.clear();
-        self.failed = None;
+        self.failed.clear();
         self.base = Some(Base {
             snap: LazySnapshot::new(entry.size, self.cache_bytes),
             entry,
@@ -170,7 +175,12 @@ impl Lazy {
         self.base = None;
         self.wanted.clear();
         self.inflight.clear();
-        self.failed = None;
+        self.failed.clear();
+    }
+
+    fn take_failure(&mut self, need: &Need) -> Option<Error> {
+        let i = self.failed.iter().position(|(n, _)| n == need)?;
+        Some(self.failed.swap_remove(i).1)
     }
 
     fn want(&mut self, need: Need, key: &[u8]) {
@@ -216,9 +226,6 @@ impl Replica {
         let Some(lazy) = self.lazy.as_mut() else {
             return Ok(Read::Ready(self.state.get(key).map(<[u8]>::to_vec)));
         };
-        if let Some(e) = lazy.failed.take() {
-            return Err(e);
-        }
         if let Some((_, v)) = lazy.overlay.get(key) {
             return Ok(Read::Ready(v.clone()));
         }
@@ -229,6 +236,9 @@ impl Replica {
         match base.snap.get(key) {
             Ok(Lookup::Done(v)) => Ok(Read::Ready(v)),
             Ok(Lookup::Need(n)) => {
+                if let Some(e) = lazy.take_failure(&n) {
+                    return Err(e);
+                }
                 lazy.want(n, key);
                 Ok(Read::Pending)
             }
@@ -256,9 +266,6 @@ impl Replica {
                 .collect();
             return Ok(Read::Ready(out));
         };
-        if let Some(e) = lazy.failed.take() {
-            return Err(e);
-        }
         // The snapshot's part starts over when the base changed.
         let base_key = lazy.base.as_ref().map(|b| b.entry.key.clone());
         if scan.base_key != base_key || (scan.cursor.is_none() && base_key.is_some()) {
@@ -336,6 +343,9 @@ impl Replica {
             cursor.remaining = (scan.limit - out.len()).max(16);
             match base.snap.scan_step(cursor, &mut scan.collected) {
                 Ok(Some(need)) => {
+                    if let Some(e) = lazy.take_failure(&need) {
+                        return Err(e);
+                    }
                     // The block is the one holding the cursor's key now.
                     let next = cursor.next.clone();
                     lazy.want(need, &next);
@@ -423,13 +433,14 @@ impl Replica {
                 })
             }
             GetResponse::NotFound => {
-                lazy.failed = Some(
+                lazy.failed.push((
+                    job.need,
                     Error::new(
                         ErrorKind::NotFound,
                         "snapshot named by the catalog is missing",
                     )
                     .with_object(key.clone()),
-                );
+                ));
                 self.missing(now, &key);
                 return;
             }
@@ -441,7 +452,7 @@ impl Replica {
                 self.success(&key);
             }
             Err(e) => {
-                lazy.failed = Some(e.clone());
+                lazy.failed.push((job.need, e.clone()));
                 self.distrust_head(now, &e);
                 let _ = self.failure(&key, e);
             }
@@ -475,7 +486,13 @@ impl Replica {
             });
             true
         } else {
-            if newer_than_base && lazy.base.as_ref().is_none_or(|b| b.entry.key != s.key) {
+            // A base may replace a full state only if the overlay holds
+            // every write after it.
+            let state_covered = self.state.is_empty() || s.lsn >= lazy.state_lsn;
+            if newer_than_base
+                && state_covered
+                && lazy.base.as_ref().is_none_or(|b| b.entry.key != s.key)
+            {
                 lazy.set_base(s.clone());
                 // The base replaces a state loaded whole from version 1.
                 self.state = crate::state::KvState::new();

@@ -355,6 +355,10 @@ impl Replica {
     ) -> Self {
         let mut r = Replica::new(cfg, seed);
         r.state = state;
+        if let Some(l) = r.lazy.as_mut() {
+            // The restored state is the base; the overlay holds what follows.
+            l.state_lsn = applied_lsn;
+        }
         r.applied = applied_lsn;
         r.committed = applied_lsn;
         r.dataset = Some(dataset_id);
@@ -436,6 +440,13 @@ impl Replica {
         self.apply_ready(now);
         if let Some(e) = self.events.pop_front() {
             return Action::Event(e);
+        }
+        // Blocks lazy reads are waiting for: reads do not wait out the
+        // backoff of the catch-up.
+        if self.started {
+            if let Some(a) = self.next_block_fetch() {
+                return a;
+            }
         }
         if let Some(t) = self.backoff_until {
             if t > now {
