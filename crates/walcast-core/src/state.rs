@@ -374,7 +374,7 @@ impl KvState {
 
     /// Iterates entries whose key starts with `prefix`, in key order.
     pub fn prefix(&self, prefix: &[u8]) -> Range<'_> {
-        match prefix_end(prefix) {
+        match prefix_end_key(prefix) {
             Some(end) => self.range(Bound::Included(prefix), Bound::Excluded(&end)),
             None => self.range(Bound::Included(prefix), Bound::Unbounded),
         }
@@ -434,12 +434,9 @@ impl SortedBuilder {
 }
 
 /// The smallest key above every key starting with `prefix` (`None` when no
-/// such key exists: an empty prefix or one of only 0xff bytes).
-pub(crate) fn prefix_end_key(prefix: &[u8]) -> Option<Vec<u8>> {
-    prefix_end(prefix)
-}
-
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+/// such key exists: an empty prefix or one of only 0xff bytes): the
+/// exclusive end of a prefix scan.
+pub fn prefix_end_key(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {

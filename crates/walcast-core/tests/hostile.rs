@@ -280,6 +280,50 @@ fn a_page_that_names_itself_is_a_data_error_not_a_hang() {
     );
 }
 
+/// Puts the first three segments of `ds` (LSNs 1..=30) under a chain of
+/// pages `top` levels high, one reference per page, and a head naming the
+/// top page and the other segments inline.
+fn page_chain(store: &mut Store, ds: &Dataset, top: u32) {
+    let leaf = Page {
+        format: FORMAT,
+        level: 0,
+        segments: ds.segments[..3].to_vec(),
+        pages: Vec::new(),
+    };
+    let bytes = leaf.encode();
+    let mut r = PageRef {
+        key: page_key(0, 1, 30, 1),
+        level: 0,
+        first_lsn: 1,
+        last_lsn: 30,
+        count: 3,
+        crc32: crc32fast::hash(&bytes),
+    };
+    store.put(r.key.clone(), bytes);
+    for level in 1..=top {
+        let p = Page {
+            format: FORMAT,
+            level,
+            segments: Vec::new(),
+            pages: vec![r],
+        };
+        let bytes = p.encode();
+        r = PageRef {
+            key: page_key(level, 1, 30, 1),
+            level,
+            first_lsn: 1,
+            last_lsn: 30,
+            count: 1,
+            crc32: crc32fast::hash(&bytes),
+        };
+        store.put(r.key.clone(), bytes);
+    }
+    let mut head = ds.head.clone();
+    head.segments = ds.segments[3..].to_vec();
+    head.pages = vec![r];
+    store.put(HEAD_KEY, head.encode());
+}
+
 /// A page tree far deeper than any valid one (each page one level below its
 /// parent) used to evict its own path from the page cache and never finish.
 /// Levels above the format's limit are now refused at the head.
@@ -288,46 +332,7 @@ fn a_page_tree_deeper_than_the_format_allows_is_refused() {
     let errors = ends_within(20, || {
         let ds = dataset(40, 10, None, 1);
         let mut store = ds.store.clone();
-        let depth = 100u32;
-        // Level 0: the first three segments.
-        let leaf = Page {
-            format: FORMAT,
-            level: 0,
-            segments: ds.segments[..3].to_vec(),
-            pages: Vec::new(),
-        };
-        let bytes = leaf.encode();
-        let mut r = PageRef {
-            key: page_key(0, 1, 30, 1),
-            level: 0,
-            first_lsn: 1,
-            last_lsn: 30,
-            count: 3,
-            crc32: crc32fast::hash(&bytes),
-        };
-        store.put(r.key.clone(), bytes);
-        for level in 1..=depth {
-            let p = Page {
-                format: FORMAT,
-                level,
-                segments: Vec::new(),
-                pages: vec![r],
-            };
-            let bytes = p.encode();
-            r = PageRef {
-                key: page_key(level, 1, 30, 1),
-                level,
-                first_lsn: 1,
-                last_lsn: 30,
-                count: 1,
-                crc32: crc32fast::hash(&bytes),
-            };
-            store.put(r.key.clone(), bytes);
-        }
-        let mut head = ds.head.clone();
-        head.segments = ds.segments[3..].to_vec();
-        head.pages = vec![r];
-        store.put(HEAD_KEY, head.encode());
+        page_chain(&mut store, &ds, 100);
         let mut d = Driver::new(cfg(), 2);
         let mut gets = 0u64;
         d.run(
@@ -355,44 +360,7 @@ fn the_deepest_valid_page_tree_is_followed() {
     ends_within(20, || {
         let ds = dataset(40, 10, None, 1);
         let mut store = ds.store.clone();
-        let leaf = Page {
-            format: FORMAT,
-            level: 0,
-            segments: ds.segments[..3].to_vec(),
-            pages: Vec::new(),
-        };
-        let bytes = leaf.encode();
-        let mut r = PageRef {
-            key: page_key(0, 1, 30, 1),
-            level: 0,
-            first_lsn: 1,
-            last_lsn: 30,
-            count: 3,
-            crc32: crc32fast::hash(&bytes),
-        };
-        store.put(r.key.clone(), bytes);
-        for level in 1..=walcast_core::catalog::MAX_PAGE_LEVEL {
-            let p = Page {
-                format: FORMAT,
-                level,
-                segments: Vec::new(),
-                pages: vec![r],
-            };
-            let bytes = p.encode();
-            r = PageRef {
-                key: page_key(level, 1, 30, 1),
-                level,
-                first_lsn: 1,
-                last_lsn: 30,
-                count: 1,
-                crc32: crc32fast::hash(&bytes),
-            };
-            store.put(r.key.clone(), bytes);
-        }
-        let mut head = ds.head.clone();
-        head.segments = ds.segments[3..].to_vec();
-        head.pages = vec![r];
-        store.put(HEAD_KEY, head.encode());
+        page_chain(&mut store, &ds, walcast_core::catalog::MAX_PAGE_LEVEL);
         let mut d = Driver::new(cfg(), 3);
         d.run(10_000, &mut |g| store.serve(g), &mut assert_state);
         assert_eq!(d.r.applied_lsn(), 40);

@@ -154,6 +154,15 @@ fn keys(st: &KvState) -> Vec<Vec<u8>> {
     k
 }
 
+/// Every probe key and a whole scan, read lazily, equal `want`.
+fn reads_equal(r: &mut Replica, store: &mut Store, want: &KvState) {
+    for k in keys(want) {
+        assert_eq!(get(r, store, &k).as_deref(), want.get(&k), "{k:?}");
+    }
+    let all: Vec<_> = want.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+    assert_eq!(scan(r, store, LazyScan::new(b"", None, 10_000)), all);
+}
+
 #[test]
 fn a_cold_lazy_replica_reads_the_origin_state_without_the_snapshot() {
     let mut store = dataset(90, 60, 128);
@@ -241,18 +250,7 @@ fn a_newer_snapshot_moves_the_base_without_mixing_states() {
     drain(&mut r, &mut store, 1_000);
     assert_eq!(r.applied_lsn(), 110);
     let want = state_through(1, 110);
-    for k in keys(&want) {
-        assert_eq!(
-            get(&mut r, &mut store, &k).as_deref(),
-            want.get(&k),
-            "{k:?}"
-        );
-    }
-    let all: Vec<_> = want.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
-    assert_eq!(
-        scan(&mut r, &mut store, LazyScan::new(b"", None, 10_000)),
-        all
-    );
+    reads_equal(&mut r, &mut store, &want);
 }
 
 #[test]
@@ -311,16 +309,5 @@ fn a_restored_state_is_not_replaced_by_an_older_snapshot() {
     drain(&mut r, &mut store, 0);
     assert_eq!(r.applied_lsn(), 90);
     let want = state_through(1, 90);
-    for k in keys(&want) {
-        assert_eq!(
-            get(&mut r, &mut store, &k).as_deref(),
-            want.get(&k),
-            "{k:?}"
-        );
-    }
-    let all: Vec<_> = want.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
-    assert_eq!(
-        scan(&mut r, &mut store, LazyScan::new(b"", None, 10_000)),
-        all
-    );
+    reads_equal(&mut r, &mut store, &want);
 }

@@ -202,18 +202,7 @@ fn scan_lower(prefix: &[u8], start: Option<&[u8]>) -> Vec<u8> {
     }
 }
 
-/// The smallest key above every key starting with `prefix`; `None` when
-/// there is none (an empty prefix, or one of only 0xff bytes).
-fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return Some(end);
-        }
-    }
-    None
-}
+use walcast_core::state::prefix_end_key as prefix_end;
 
 /// The exclusive upper bound of a scan: the lower of `end` and the
 /// prefix's end (`None`: unbounded).

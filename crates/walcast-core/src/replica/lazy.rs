@@ -119,6 +119,14 @@ pub(super) struct Lazy {
     pub(super) blocks_fetched: u64,
 }
 
+/// A scan's exclusive end as a range bound.
+fn upper(end: &Option<Vec<u8>>) -> std::ops::Bound<&[u8]> {
+    match end {
+        Some(e) => std::ops::Bound::Excluded(e.as_slice()),
+        None => std::ops::Bound::Unbounded,
+    }
+}
+
 fn entry_cost(k: &[u8], v: &Option<Vec<u8>>) -> u64 {
     (k.len() + v.as_ref().map_or(0, Vec::len)) as u64 + OVERLAY_ENTRY_OVERHEAD
 }
@@ -254,13 +262,9 @@ impl Replica {
         let in_range =
             |k: &[u8], end: &Option<Vec<u8>>| end.as_ref().is_none_or(|e| k < e.as_slice());
         let Some(lazy) = self.lazy.as_mut() else {
-            let end = match &scan.end {
-                Some(e) => std::ops::Bound::Excluded(e.as_slice()),
-                None => std::ops::Bound::Unbounded,
-            };
             let out = self
                 .state
-                .range(std::ops::Bound::Included(&scan.start), end)
+                .range(std::ops::Bound::Included(&scan.start), upper(&scan.end))
                 .take(scan.limit)
                 .map(|(k, v)| (k.to_vec(), v.to_vec()))
                 .collect();
@@ -283,13 +287,9 @@ impl Replica {
                 .range(scan.start.clone()..)
                 .take_while(|(k, _)| in_range(k, &scan.end))
                 .count();
-            let end = match &scan.end {
-                Some(e) => std::ops::Bound::Excluded(e.as_slice()),
-                None => std::ops::Bound::Unbounded,
-            };
             scan.collected = self
                 .state
-                .range(std::ops::Bound::Included(&scan.start), end)
+                .range(std::ops::Bound::Included(&scan.start), upper(&scan.end))
                 .take(scan.limit.saturating_add(hidden))
                 .map(|(k, v)| (k.to_vec(), v.to_vec()))
                 .collect();
