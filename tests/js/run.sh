@@ -3,7 +3,8 @@
 #   1. scripts/build-js.sh   (wasm build, wasm-bindgen, wasm-opt -> js/dist)
 #   2. scripts/js-deps.sh    (typescript, deno, fake-indexeddb; skips what exists)
 #   3. tests/js/datasets.mjs serve   (datasets + walcast serve + control endpoint)
-#   4. the conformance suite in Node (node --test) and Deno (deno test)
+#   4. the conformance suite in Node (node --test), Deno (deno test) and Bun
+#      (tests/js/run-cases.mjs; Bun installed by scripts/runtime-deps.sh)
 #   5. tsc: js/index.d.ts against js/test/usage.ts
 # Every step runs even when an earlier test step failed; exits non-zero on any failure.
 # Usage: bash tests/js/run.sh [--skip-build]
@@ -69,6 +70,9 @@ step() {
 # conformance suite reports them as a failure of its own).
 step node node --test --test-force-exit --test-reporter=spec tests/js/node.test.mjs
 step deno bash -c 'cd tests/js && NO_COLOR=1 exec node_modules/.bin/deno test --quiet --allow-read --allow-net --allow-env --allow-run deno.test.mjs'
+# Bun (npm's @oven/bun-linux-x64, scripts/runtime-deps.sh): resolves "walcast"
+# through tests/js/node_modules like Node; run-cases.mjs needs no test framework.
+step bun bash -c 'WALCAST_NO_FIREFOX=1 bash scripts/runtime-deps.sh >&2 && exec tests/js/runtimes/node_modules/@oven/bun-linux-x64/bin/bun tests/js/run-cases.mjs'
 step tsc js/node_modules/.bin/tsc -p js/test/tsconfig.json
 
 # The packed tarball alone (its "files" list) installs and works by name.
