@@ -5,24 +5,27 @@
 #     cases inside an isolate  (tests/js/workerd/{handler,workerd}.test.mjs)
 #   - Chromium (Debian's, via playwright-core): the conformance cases in a
 #     page, IndexedDB reload, two tabs        (tests/js/chromium/chromium.test.mjs)
+#   - Firefox ESR (Debian's, via puppeteer-core over WebDriver BiDi): the
+#     conformance cases in a page, IndexedDB reload (tests/js/firefox/firefox.test.mjs)
 # Builds js/dist only when it is missing (scripts/build-js.sh), installs
 # workerd, playwright-core and chromium (scripts/browser-deps.sh, skips what is
 # there), starts one dataset orchestrator (tests/js/datasets.mjs) for both
 # suites, and stops every process it started. Bounded: WALCAST_EDGE_TIMEOUT
 # seconds for the suites (default 1200). Exits non-zero on any failure.
-#   bash tests/js/run-edge.sh [workerd|chromium]...   (default: both)
+#   bash tests/js/run-edge.sh [workerd|chromium|firefox]...   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 say() { printf 'run-edge: %s\n' "$*"; }
 
 suites=()
-for a in "${@:-workerd chromium}"; do
+for a in "${@:-workerd chromium firefox}"; do
   for s in $a; do
     case $s in
       workerd) suites+=(tests/js/workerd/handler.test.mjs tests/js/workerd/workerd.test.mjs) ;;
       chromium) suites+=(tests/js/chromium/chromium.test.mjs) ;;
-      *) say "unknown suite $s (workerd, chromium)"; exit 2 ;;
+      firefox) suites+=(tests/js/firefox/firefox.test.mjs) ;;
+      *) say "unknown suite $s (workerd, chromium, firefox)"; exit 2 ;;
     esac
   done
 done
@@ -32,6 +35,8 @@ if [[ ! -f js/dist/web.js || ! -f js/dist/workerd.js || ! -f js/dist/wasm/walcas
   bash scripts/build-js.sh
 fi
 bash scripts/browser-deps.sh
+# Bun, puppeteer-core and Firefox ESR (the Firefox suite).
+bash scripts/runtime-deps.sh
 # Deno, for worker/deno.js (the workerd suite skips those tests without it).
 if [[ -f scripts/js-deps.sh ]]; then bash scripts/js-deps.sh; fi
 export DENO_NO_UPDATE_CHECK=1 DENO_NO_PROMPT=1 DENO_DIR="${DENO_DIR:-$ROOT/.deno}"
