@@ -60,7 +60,9 @@ export interface PersistedState {
  * A custom persistence store. `save` is called after a sync that applied
  * something (and after a reset), only when the state is newer than what this
  * replica last loaded or saved; a store shared between processes should keep
- * the newest (see `shouldReplace`).
+ * the newest (see `shouldReplace`). `url` is the dataset URL without its
+ * query string (a token in the query is never stored, and a new token keeps
+ * the same record).
  */
 export interface PersistStore {
   load(url: string): PersistedState | undefined | Promise<PersistedState | undefined>;
@@ -71,8 +73,20 @@ export interface PersistStore {
 export interface CommonOpenOptions {
   /** Milliseconds between polls of `start()`'s background loop. Default 1000. */
   pollInterval?: number;
-  /** Extra request headers for every GET (e.g. an auth token for a private bucket website). */
+  /** Extra request headers for every GET (e.g. `{ authorization: "Bearer <token>" }` for `walcast serve --verify-key`). */
   headers?: Record<string, string>;
+  /**
+   * The fetch every GET goes through, instead of the runtime's global
+   * `fetch`: called as `fetch(url, init)` with the object's URL (the dataset
+   * URL's query string, e.g. `?token=…`, appended to every object's URL) and
+   * `init.headers` (a plain object: `range`, `if-none-match` and `headers`
+   * above) and `init.signal`; it must resolve a `Response` (200, 206 with
+   * `Content-Range`, 304, 404, …). Use it to read a private R2 bucket
+   * through its binding (`r2Fetch(env.BUCKET)` from the worker), to sign
+   * requests, or to add credentials. A fetch that ignores the signal is
+   * still cut off at the GET's timeout.
+   */
+  fetch?: (url: string, init: { headers: Record<string, string>; signal: AbortSignal; cache?: "no-store" }) => Promise<Response>;
   /** How many segment GETs may be in flight at once. */
   concurrency?: number;
   /** Errors of the background loop, of persistence and of callbacks. */

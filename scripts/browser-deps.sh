@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the edge and browser tests (tests/js/run-edge.sh) need, and
 # skips what is already there:
-#   - workerd, wrangler (to check worker/wrangler.toml builds) and
+#   - workerd, wrangler (to check worker/wrangler.toml builds), miniflare
+#     (the worker against a simulated R2 bucket) and
 #     playwright-core from npm into tests/js/edge/node_modules (versions pinned
 #     by tests/js/edge/package.json + package-lock.json)
 #   - Chromium from Debian (/usr/bin/chromium), driven by playwright-core.
@@ -19,6 +20,7 @@ npm_works() {
     "$DIR/node_modules/.bin/workerd" --version >/dev/null 2>&1 &&
     [ -f "$DIR/node_modules/playwright-core/package.json" ] &&
     [ -x "$DIR/node_modules/.bin/wrangler" ] &&
+    [ -f "$DIR/node_modules/miniflare/package.json" ] &&
     [ -f "$DIR/node_modules/.package-lock.json" ] &&
     ! [ "$DIR/package-lock.json" -nt "$DIR/node_modules/.package-lock.json" ]
 }

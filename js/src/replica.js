@@ -201,6 +201,38 @@ function jsonOf(t) {
   return t === undefined ? undefined : JSON.parse(t);
 }
 
+/** The custom fetch of `options.fetch`, or null (the runtime's global fetch, looked up per request). */
+function fetchOption(options) {
+  const f = options.fetch;
+  if (f === undefined || f === null) return null;
+  if (typeof f !== "function") throw walcastError("invalid_input", "walcast: fetch must be a function (url, init) => Promise<Response>");
+  return f;
+}
+
+/**
+ * Splits a dataset URL into its base (no trailing slash) and its query
+ * string ("" or "?…"): every object's URL is `base/key` followed by the
+ * query, so a token in the query travels with every GET.
+ */
+function splitUrl(url) {
+  const hash = url.indexOf("#");
+  if (hash >= 0) url = url.slice(0, hash);
+  const q = url.indexOf("?");
+  const base = (q >= 0 ? url.slice(0, q) : url).replace(/\/+$/, "");
+  const query = q >= 0 && q < url.length - 1 ? url.slice(q) : "";
+  return { base, query };
+}
+
+/**
+ * The key a dataset's persisted state is stored under: its URL without the
+ * query string, so a token passed in the query (which changes as tokens
+ * expire) neither changes the key nor is written to storage.
+ */
+function storeKey(url) {
+  const q = url.search(/[?#]/);
+  return q >= 0 ? url.slice(0, q) : url;
+}
+
 function headerList(h) {
   if (h === undefined || h === null) return [];
   if (typeof h !== "object") throw walcastError("invalid_input", "walcast: headers must be an object of strings");
@@ -516,7 +548,7 @@ async function readBounded(res, limit) {
  * always within `req.timeoutMs` (even when a custom fetch ignores the abort
  * signal): the module waits for an answer to every GET it asked for.
  */
-function performGet(base, headers, req, ac) {
+function performGet(io, req, ac) {
   let timer;
   const deadline = new Promise((resolve) => {
     timer = setTimeout(() => {
@@ -524,21 +556,22 @@ function performGet(base, headers, req, ac) {
       resolve({ status: 0, message: `no answer within ${req.timeoutMs} ms` });
     }, req.timeoutMs);
   });
-  return Promise.race([fetchOnce(base, headers, req, ac), deadline]).finally(() => clearTimeout(timer));
+  return Promise.race([fetchOnce(io, req, ac), deadline]).finally(() => clearTimeout(timer));
 }
 
-async function fetchOnce(base, headers, req, ac) {
+async function fetchOnce(io, req, ac) {
   let status = 0;
   try {
     const h = {};
-    for (const [k, v] of headers) h[k] = v;
+    for (const [k, v] of io.headers) h[k] = v;
     if (req.range) h.range = req.range;
     if (req.ifNoneMatch) h["if-none-match"] = req.ifNoneMatch;
     const init = { headers: h, signal: ac.signal };
     // Our own If-None-Match must reach the server; no HTTP cache may answer for us.
     if (cacheFieldSupported()) init.cache = "no-store";
-    // Looked up on every request, so a caller may wrap or replace it.
-    const res = await globalThis.fetch(`${base}/${req.key}`, init);
+    // The global fetch is looked up on every request, so a caller may wrap or replace it.
+    const url = `${io.base}/${req.key}${io.query}`;
+    const res = await (io.fetch ? io.fetch(url, init) : globalThis.fetch(url, init));
     status = res.status;
     if (status !== 200 && status !== 206) {
       if (res.body) res.body.cancel().catch(() => {});
@@ -561,8 +594,7 @@ const REBUILD = Symbol("walcast.rebuild");
 export class Replica {
   #slot = { h: null }; // the current handle (replaced after a trap)
   #url;
-  #base;
-  #headers;
+  #io; // { base, query, headers, fetch }: how GETs are made
   #wasmOpts;
   #onRecordFn = null;
   #pollInterval;
@@ -603,8 +635,7 @@ export class Replica {
       throw walcastError("invalid_input", "walcast: use `await Replica.open(url, options)`");
     }
     this.#url = url;
-    this.#base = url.replace(/\/+$/, "");
-    this.#headers = headerList(options.headers);
+    this.#io = { ...splitUrl(url), headers: headerList(options.headers), fetch: fetchOption(options) };
     this.#wasmOpts = wasmOptions(options);
     this.#store = store;
     this.#pollInterval = options.pollInterval ?? 1000;
@@ -700,7 +731,7 @@ export class Replica {
   async #reload() {
     let rec;
     try {
-      rec = await this.#store.load(this.#url);
+      rec = await this.#store.load(storeKey(this.#url));
     } catch (e) {
       this.#emitError(e);
       return;
@@ -757,6 +788,7 @@ export class Replica {
     }
     const lazy = checkLoad(options);
     headerList(options.headers);
+    fetchOption(options);
     if (lazy && options.persist !== undefined && options.persist !== null && options.persist !== "memory") {
       throw walcastError(
         "invalid_input",
@@ -773,7 +805,7 @@ export class Replica {
     if (store) {
       let rec;
       try {
-        rec = await store.load(url);
+        rec = await store.load(storeKey(url));
       } catch (e) {
         reportTo(options.onError, e);
       }
@@ -816,6 +848,7 @@ export class Replica {
       throw walcastError("invalid_input", 'walcast: Replica.restore takes a whole state: use load: "full" (or Replica.open with load: "lazy")');
     }
     headerList(rest.headers);
+    fetchOption(rest);
     await init();
     await engine.pending;
     const w = construct(() => WasmReplica.restore(wasmOptions(rest), toBytes(snapshot, "snapshot")));
@@ -952,7 +985,7 @@ export class Replica {
     const entry = { ac, op, deadline: Date.now() + req.timeoutMs + LOST_ANSWER_GRACE_MS };
     this.#gets.set(req.id, entry);
     op.owned++;
-    performGet(this.#base, this.#headers, req, ac).then((res) => this.#answer(h, req.id, entry, res));
+    performGet(this.#io, req, ac).then((res) => this.#answer(h, req.id, entry, res));
   }
 
   /** Hands an answer to the module (once per GET), steps it, and wakes every waiting operation. */
@@ -1304,7 +1337,7 @@ export class Replica {
     const replace = this.#resetSincePersist;
     if (!replace && lsn <= this.#persistedLsn && ds === this.#persistedDataset) return;
     const snapshot = call(h, "read", (w) => w.snapshot());
-    await this.#store.save(this.#url, { snapshot, appliedLsn: lsn, datasetId: ds, savedAt: Date.now() }, { replace });
+    await this.#store.save(storeKey(this.#url), { snapshot, appliedLsn: lsn, datasetId: ds, savedAt: Date.now() }, { replace });
     this.#persistedLsn = lsn;
     this.#persistedDataset = ds;
     this.#resetSincePersist = false;

@@ -351,6 +351,30 @@ export function conformanceCases(ctx) {
     }
   });
 
+  add("fetch option: every GET goes through the custom fetch, with the URL's query and the headers; persisted without the query", async () => {
+    const fx = sc.basic;
+    const seen = [];
+    const custom = (url, init) => {
+      seen.push({ url: String(url), headers: { ...(init?.headers ?? {}) } });
+      return globalThis.fetch(String(url).replace(/\?token=abc$/, ""), init);
+    };
+    const store = mapStore();
+    await rejectsWith(Replica.open(fx.url, { fetch: "nope" }), "invalid_input", "fetch that is not a function");
+    const r = track(await Replica.open(`${fx.url}?token=abc`, { fetch: custom, headers: { "x-walcast-test": "1" }, persist: store }));
+    const lsn = await withTimeout(r.sync(), 120_000, "sync through a custom fetch");
+    eq(lsn, fx.expected.lsn, "sync through a custom fetch");
+    expectState(r, fx.expected, "custom fetch");
+    ok(seen.length >= 2, `the custom fetch saw ${seen.length} GETs`);
+    eq(seen.length, r.status().requests, "every GET went through the custom fetch");
+    for (const g of seen) {
+      ok(g.url.startsWith(`${fx.url}/`) && g.url.endsWith("?token=abc"), `GET ${g.url}: the object's URL with the dataset URL's query`);
+      eq(g.headers["x-walcast-test"], "1", `GET ${g.url}: headers option`);
+    }
+    ok(seen.some((g) => g.url.includes("/catalog/head.json?")), "the head was read through it");
+    ok(store.map.has(fx.url), "persisted under the URL without its query");
+    ok(![...store.map.keys()].some((k) => k.includes("token=")), "no token in a persisted key");
+  });
+
   add("basic: onChange covers 1..lsn densely; concurrent sync() calls are safe", async () => {
     const fx = sc.basic;
     const r = track(await Replica.open(fx.url));

@@ -2,7 +2,8 @@
 # The edge and browser suites of the walcast npm package, in the real runtimes:
 #   - workerd (Cloudflare's runtime): the Worker in worker/ over HTTP (also as
 #     wrangler bundles it, and worker/deno.js under Deno), and the conformance
-#     cases inside an isolate  (tests/js/workerd/{handler,workerd}.test.mjs)
+#     cases inside an isolate, and the worker over a private R2 bucket in
+#     miniflare               (tests/js/workerd/{handler,workerd,r2}.test.mjs)
 #   - Chromium (Debian's, via playwright-core): the conformance cases in a
 #     page, IndexedDB reload, two tabs        (tests/js/chromium/chromium.test.mjs)
 #   - Firefox ESR (Debian's, via puppeteer-core over WebDriver BiDi): the
@@ -22,7 +23,7 @@ suites=()
 for a in "${@:-workerd chromium firefox}"; do
   for s in $a; do
     case $s in
-      workerd) suites+=(tests/js/workerd/handler.test.mjs tests/js/workerd/workerd.test.mjs) ;;
+      workerd) suites+=(tests/js/workerd/handler.test.mjs tests/js/workerd/workerd.test.mjs tests/js/workerd/r2.test.mjs) ;;
       chromium) suites+=(tests/js/chromium/chromium.test.mjs) ;;
       firefox) suites+=(tests/js/firefox/firefox.test.mjs) ;;
       *) say "unknown suite $s (workerd, chromium, firefox)"; exit 2 ;;

@@ -18,7 +18,10 @@
 // than MAX_AGE_MS ago (default 1000), the request starts one in the background
 // (`defer`, i.e. ctx.waitUntil on Workers) and answers from the local replica.
 //
-// Configuration (Worker vars / Deno env): DATASET_URL (required), MAX_AGE_MS,
+// Configuration (Worker vars / Deno env): DATASET_URL (required unless BUCKET
+// is bound), BUCKET (an R2 bucket binding: the dataset is read through it,
+// under DATASET_PREFIX, default the bucket's root; DATASET_URL is then
+// ignored, so a private bucket needs no public access), MAX_AGE_MS,
 // FIRST_SYNC_WAIT_MS (how long a request waits for the initial sync before it
 // answers 503, default 30000), SCAN_LIMIT (default rows of /scan, 1000),
 // MAX_SCAN_LIMIT (10000),
@@ -37,6 +40,8 @@
 // Answers never carry DATASET_URL, DATASET_HEADERS or an error's own text
 // (either may hold credentials): errors are { code, message } with a fixed
 // message per code, plus the dataset object and LSN they concern.
+
+import { R2_ORIGIN, isR2Bucket, r2Fetch } from "./r2.js";
 
 const DEFAULT_MAX_AGE_MS = 1000;
 const DEFAULT_SCAN_LIMIT = 1000;
@@ -70,8 +75,15 @@ function configError(message) {
 }
 
 function readConfig(env) {
-  const url = env?.DATASET_URL;
-  if (typeof url !== "string" || url === "") throw configError("DATASET_URL is not set");
+  // A private R2 bucket bound as BUCKET is read through the binding.
+  const bucket = isR2Bucket(env?.BUCKET) ? env.BUCKET : null;
+  let url = env?.DATASET_URL;
+  if (bucket) {
+    const prefix = String(env.DATASET_PREFIX ?? "").replace(/^\/+|\/+$/g, "");
+    url = `${R2_ORIGIN}/${prefix.split("/").map(encodeURIComponent).join("/")}`;
+  } else if (typeof url !== "string" || url === "") {
+    throw configError("DATASET_URL is not set (or bind an R2 bucket as BUCKET)");
+  }
   let headers;
   if (env.DATASET_HEADERS) {
     try {
@@ -86,6 +98,7 @@ function readConfig(env) {
   if (load !== "full" && load !== "lazy") throw configError('LOAD must be "full" or "lazy"');
   return {
     url,
+    bucket,
     headers,
     concurrency,
     load,
@@ -326,6 +339,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
   function replicaOptions(config) {
     const o = { persist: "memory" };
     if (config.headers) o.headers = config.headers;
+    if (config.bucket) o.fetch = r2Fetch(config.bucket);
     if (config.concurrency !== undefined) o.concurrency = config.concurrency;
     if (config.load === "lazy") {
       o.load = "lazy";

@@ -112,6 +112,7 @@ const pkg = packageModules();
 const workerModules = [
   `(name = "index.js", esModule = embed ${lit(rel(path.join(REPO, "worker/src/index.js")))})`,
   `(name = "handler.js", esModule = embed ${lit(rel(path.join(REPO, "worker/src/handler.js")))})`,
+  `(name = "r2.js", esModule = embed ${lit(rel(path.join(REPO, "worker/src/r2.js")))})`,
   ...pkg,
 ];
 const names = workerModules.map((m) => /name = "([^"]+)"/.exec(m)[1]);
