@@ -8,25 +8,29 @@
 #     page, IndexedDB reload, two tabs        (tests/js/chromium/chromium.test.mjs)
 #   - Firefox ESR (Debian's, via puppeteer-core over WebDriver BiDi): the
 #     conformance cases in a page, IndexedDB reload (tests/js/firefox/firefox.test.mjs)
+#   - the npm tarball as users get it: `npm pack`, installed into an empty
+#     project under the temp dir, the conformance suite there in Node, Deno,
+#     Bun, workerd (a wrangler bundle) and Chromium (tests/js/pack/pack.test.mjs)
 # Builds js/dist only when it is missing (scripts/build-js.sh), installs
 # workerd, playwright-core and chromium (scripts/browser-deps.sh, skips what is
 # there), starts one dataset orchestrator (tests/js/datasets.mjs) for both
 # suites, and stops every process it started. Bounded: WALCAST_EDGE_TIMEOUT
 # seconds for the suites (default 1200). Exits non-zero on any failure.
-#   bash tests/js/run-edge.sh [workerd|chromium|firefox]...   (default: all)
+#   bash tests/js/run-edge.sh [workerd|chromium|firefox|pack]...   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 say() { printf 'run-edge: %s\n' "$*"; }
 
 suites=()
-for a in "${@:-workerd chromium firefox}"; do
+for a in "${@:-workerd chromium firefox pack}"; do
   for s in $a; do
     case $s in
       workerd) suites+=(tests/js/workerd/handler.test.mjs tests/js/workerd/workerd.test.mjs tests/js/workerd/r2.test.mjs) ;;
       chromium) suites+=(tests/js/chromium/chromium.test.mjs) ;;
       firefox) suites+=(tests/js/firefox/firefox.test.mjs) ;;
-      *) say "unknown suite $s (workerd, chromium, firefox)"; exit 2 ;;
+      pack) suites+=(tests/js/pack/pack.test.mjs) ;;
+      *) say "unknown suite $s (workerd, chromium, firefox, pack)"; exit 2 ;;
     esac
   done
 done
@@ -36,7 +40,7 @@ if [[ ! -f js/dist/web.js || ! -f js/dist/workerd.js || ! -f js/dist/wasm/walcas
   bash scripts/build-js.sh
 fi
 bash scripts/browser-deps.sh
-# Bun, puppeteer-core and Firefox ESR (the Firefox suite).
+# Bun, puppeteer-core and Firefox ESR (the Firefox and pack suites).
 bash scripts/runtime-deps.sh
 # Deno, for worker/deno.js (the workerd suite skips those tests without it).
 if [[ -f scripts/js-deps.sh ]]; then bash scripts/js-deps.sh; fi
