@@ -5,9 +5,9 @@
 //!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
-//! use walcast::handle::{ReplicaHandle, ReplicaOptions};
+//! use walcast::{Replica, ReplicaOptions};
 //!
-//! let replica = ReplicaHandle::open("https://cdn.example.com/app", ReplicaOptions::default()).await?;
+//! let replica = Replica::open("https://cdn.example.com/app", ReplicaOptions::default()).await?;
 //! if let Some(v) = replica.get(b"user:42").await? {
 //!     println!("{}", String::from_utf8_lossy(&v));
 //! }

@@ -94,7 +94,8 @@ pub fn now_ms() -> u64 {
 
 /// Publishes the WAL in `wal_dir` to `store` until `stop` resolves (or, with
 /// `once`, until everything committed at the start is published).
-/// `on_commit` sees every committed LSN.
+/// `on_commit` sees the committed LSN found on claiming the dataset (when
+/// there is one), then every committed LSN.
 pub async fn publish(
     wal_dir: PathBuf,
     store: Store,
@@ -200,6 +201,9 @@ pub async fn publish(
                     wal_checked = true;
                     report.epoch = epoch;
                     report.committed_lsn = committed_lsn;
+                    if committed_lsn > 0 {
+                        on_commit(committed_lsn);
+                    }
                 }
                 Event::Committed {
                     lsn,
