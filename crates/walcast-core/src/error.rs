@@ -29,6 +29,12 @@ pub enum ErrorKind {
     /// object the catalog still names). Check the URL; replicas re-read the
     /// head and carry on by themselves when retention removed it.
     NotFound,
+    /// A replica that pins trusted keys met a head that is unsigned, signed
+    /// by a key it does not trust, wrongly signed, older than a signed head
+    /// it already applied, or an object whose digest differs from the one
+    /// its signed head records. Nothing from it was applied; the replica
+    /// keeps serving its last good state and retries.
+    Untrusted,
 }
 
 impl ErrorKind {
@@ -40,6 +46,7 @@ impl ErrorKind {
             ErrorKind::Fenced => "fenced",
             ErrorKind::InvalidInput => "invalid_input",
             ErrorKind::NotFound => "not_found",
+            ErrorKind::Untrusted => "untrusted",
         }
     }
 }

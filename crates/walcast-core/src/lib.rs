@@ -12,6 +12,8 @@
 //! - Formats ([`segment`], [`batch`], [`snapshot`], [`catalog`]) as specified
 //!   byte by byte in `docs/FORMAT.md`. Decoders never panic and never allocate
 //!   from a length they have not checked against the bytes present.
+//! - [`keys`]: Ed25519 keys, signatures and SHA-256 digests of signed
+//!   datasets (and of access tokens).
 //! - [`state::KvState`]: the compact ordered key/value state a replica serves.
 //! - [`replica::Replica`]: the replay machine. It asks for GETs
 //!   ([`replica::Action::Fetch`]), verifies what comes back, and applies
@@ -33,6 +35,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod io;
+pub mod keys;
 pub mod publisher;
 pub mod replica;
 mod rng;

@@ -56,6 +56,7 @@ pub mod counting;
 pub mod demo;
 pub mod handle;
 pub mod inspect;
+pub mod keyfile;
 pub mod lazy;
 pub mod publish;
 pub mod replica;

@@ -187,6 +187,13 @@ enum Cmd {
         /// Batches per second the demo writer commits.
         #[arg(long, default_value_t = 200)]
         rate: u64,
+    /// Write a new Ed25519 signing key to FILE (mode 0600, never
+    /// overwritten) and print its public key as ed25519:<base64>.
+    Keygen {
+        /// The secret key file to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
     },
 }
 
@@ -297,6 +304,11 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             segment_bytes,
             snapshot_every,
             retain,
+        Cmd::Keygen { out } => {
+            let public = walcast::keyfile::generate(&out)?;
+            println!("{public}");
+            Ok(ExitCode::SUCCESS)
+        }
             grace,
             once,
         } => {

@@ -1,0 +1,290 @@
+//! Ed25519 keys and SHA-256 digests: the formats of signed datasets.
+//!
+//! - A **public key** is written `ed25519:<base64>`: the 32-byte Ed25519
+//!   public key in standard base64 with padding (44 characters). This is how
+//!   `walcast keygen` prints it, how `walcast replicate --trust`, the JS
+//!   option `trust` and the worker's `TRUST` take it, and how a head names
+//!   its signer.
+//! - A **secret key file** holds one line: `walcast-ed25519-secret:<base64>`
+//!   with the 32-byte Ed25519 seed in standard base64 with padding, then a
+//!   newline. `walcast keygen --out FILE` writes it with mode 0600 and never
+//!   overwrites an existing file.
+//! - A **signature** is the 64-byte Ed25519 signature in standard base64 with
+//!   padding (88 characters).
+//! - A **digest** is SHA-256, written as 64 lowercase hex digits.
+//!
+//! Access tokens (`walcast token`, `walcast serve --verify-key`) reuse these
+//! formats: the same secret key file and the same `ed25519:<base64>` public
+//! keys. Every message signed under walcast starts with a domain string
+//! naming what it is (see [`HEAD_DOMAIN`], [`PAGE_DOMAIN`],
+//! [`ROTATION_DOMAIN`]), so a signature made for one purpose never verifies
+//! for another.
+//!
+//! See `docs/FORMAT.md`, "Signed datasets".
+
+use std::fmt;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use ed25519_dalek::Signer as _;
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Prefix of a public key in text.
+pub const PUBLIC_KEY_PREFIX: &str = "ed25519:";
+/// Prefix of the one line in a secret key file.
+pub const SECRET_KEY_PREFIX: &str = "walcast-ed25519-secret:";
+/// Domain string that starts the message a head signature covers.
+pub const HEAD_DOMAIN: &[u8] = b"walcast-head-v1\0";
+/// Domain string that starts the message a page signature covers.
+pub const PAGE_DOMAIN: &[u8] = b"walcast-page-v1\0";
+/// Domain string that starts the message a key rotation signature covers.
+pub const ROTATION_DOMAIN: &[u8] = b"walcast-key-rotation-v1\0";
+/// Length of a signature in base64 text.
+pub const SIGNATURE_B64_LEN: usize = 88;
+
+/// An Ed25519 public key, written `ed25519:<base64>`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublicKey(ed25519_dalek::VerifyingKey);
+
+impl PublicKey {
+    /// Parses `ed25519:<base64 of 32 bytes>`; surrounding whitespace is ignored.
+    pub fn parse(text: &str) -> Result<PublicKey> {
+        let text = text.trim();
+        let b64 = text.strip_prefix(PUBLIC_KEY_PREFIX).ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("public key must start with \"{PUBLIC_KEY_PREFIX}\""),
+            )
+        })?;
+        let bytes = decode_fixed::<32>(b64, "public key")?;
+        ed25519_dalek::VerifyingKey::from_bytes(&bytes)
+            .map(PublicKey)
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::InvalidInput,
+                    "public key is not a valid Ed25519 point",
+                )
+            })
+    }
+
+    /// The 32 raw bytes.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    /// Verifies `signature` (64 bytes) over `message`; strict verification
+    /// (no malleable or small-order signatures).
+    pub fn verify(&self, message: &[u8], signature: &[u8; 64]) -> bool {
+        let sig = ed25519_dalek::Signature::from_bytes(signature);
+        self.0.verify_strict(message, &sig).is_ok()
+    }
+
+    /// Verifies a base64 signature over `domain ‖ message`.
+    pub fn verify_b64(&self, domain: &[u8], message: &[u8], signature_b64: &str) -> bool {
+        let Ok(sig) = decode_fixed::<64>(signature_b64, "signature") else {
+            return false;
+        };
+        let mut m = Vec::with_capacity(domain.len() + message.len());
+        m.extend_from_slice(domain);
+        m.extend_from_slice(message);
+        self.verify(&m, &sig)
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{PUBLIC_KEY_PREFIX}{}",
+            STANDARD.encode(self.0.as_bytes())
+        )
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::str::FromStr for PublicKey {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<PublicKey> {
+        PublicKey::parse(s)
+    }
+}
+
+/// An Ed25519 secret key (the 32-byte seed). Its `Debug` never shows it.
+#[derive(Clone)]
+pub struct SecretKey(ed25519_dalek::SigningKey);
+
+impl SecretKey {
+    /// The key for a 32-byte seed (from the operating system's generator).
+    pub fn from_seed(seed: [u8; 32]) -> SecretKey {
+        SecretKey(ed25519_dalek::SigningKey::from_bytes(&seed))
+    }
+
+    /// Parses the contents of a secret key file (one line, see the module doc).
+    pub fn parse_file(text: &str) -> Result<SecretKey> {
+        let b64 = text.trim().strip_prefix(SECRET_KEY_PREFIX).ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("secret key file must hold one line starting with \"{SECRET_KEY_PREFIX}\""),
+            )
+        })?;
+        Ok(SecretKey::from_seed(decode_fixed::<32>(b64, "secret key")?))
+    }
+
+    /// The contents of a secret key file for this key.
+    pub fn to_file(&self) -> String {
+        format!(
+            "{SECRET_KEY_PREFIX}{}\n",
+            STANDARD.encode(self.0.to_bytes())
+        )
+    }
+
+    /// The public key.
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.0.verifying_key())
+    }
+
+    /// Signs `message` as is (64 bytes).
+    pub fn sign(&self, message: &[u8]) -> [u8; 64] {
+        self.0.sign(message).to_bytes()
+    }
+
+    /// Signs `domain ‖ message`, as base64 ([`SIGNATURE_B64_LEN`] characters).
+    pub fn sign_b64(&self, domain: &[u8], message: &[u8]) -> String {
+        let mut m = Vec::with_capacity(domain.len() + message.len());
+        m.extend_from_slice(domain);
+        m.extend_from_slice(message);
+        STANDARD.encode(self.sign(&m))
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretKey({})", self.public())
+    }
+}
+
+/// SHA-256 of `bytes` as 64 lowercase hex digits.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+/// An incremental SHA-256, for objects that arrive in pieces.
+#[derive(Clone, Default)]
+pub struct Sha256Stream(Sha256);
+
+impl Sha256Stream {
+    /// A new, empty hash.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Adds bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+    /// The digest as 64 lowercase hex digits.
+    pub fn finish_hex(self) -> String {
+        hex(&self.0.finalize())
+    }
+}
+
+impl fmt::Debug for Sha256Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Sha256Stream")
+    }
+}
+
+/// Whether `s` is a digest as written in the catalog (64 lowercase hex digits).
+pub fn is_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(D[(b >> 4) as usize] as char);
+        s.push(D[(b & 15) as usize] as char);
+    }
+    s
+}
+
+fn decode_fixed<const N: usize>(b64: &str, what: &str) -> Result<[u8; N]> {
+    // Base64 of N bytes is at most 4 * ceil(N / 3) characters: check before decoding.
+    if b64.len() != N.div_ceil(3) * 4 {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{what} must be {N} bytes in base64 (padded)"),
+        ));
+    }
+    let v = STANDARD.decode(b64).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("{what} is not valid base64: {e}"),
+        )
+    })?;
+    v.try_into()
+        .map_err(|_| Error::new(ErrorKind::InvalidInput, format!("{what} must be {N} bytes")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_sign() {
+        let sk = SecretKey::from_seed([7; 32]);
+        let file = sk.to_file();
+        assert!(file.starts_with(SECRET_KEY_PREFIX) && file.ends_with('\n'));
+        let sk2 = SecretKey::parse_file(&file).unwrap();
+        assert_eq!(sk.public(), sk2.public());
+        let pk_text = sk.public().to_string();
+        assert_eq!(pk_text.len(), PUBLIC_KEY_PREFIX.len() + 44);
+        let pk = PublicKey::parse(&pk_text).unwrap();
+        assert_eq!(pk, sk.public());
+        let sig = sk.sign_b64(HEAD_DOMAIN, b"hello");
+        assert_eq!(sig.len(), SIGNATURE_B64_LEN);
+        assert!(pk.verify_b64(HEAD_DOMAIN, b"hello", &sig));
+        assert!(!pk.verify_b64(PAGE_DOMAIN, b"hello", &sig));
+        assert!(!pk.verify_b64(HEAD_DOMAIN, b"hellp", &sig));
+        assert!(!pk.verify_b64(HEAD_DOMAIN, b"hello", "not base64"));
+        let other = SecretKey::from_seed([8; 32]).public();
+        assert!(!other.verify_b64(HEAD_DOMAIN, b"hello", &sig));
+    }
+
+    #[test]
+    fn bad_key_text_is_rejected_with_a_clear_error() {
+        for bad in [
+            "",
+            "ed25519:",
+            "rsa:AAAA",
+            "ed25519:AAAA",
+            "ed25519:!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!=",
+        ] {
+            let e = PublicKey::parse(bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}");
+        }
+        assert!(SecretKey::parse_file("ed25519:AAAA").is_err());
+        assert!(SecretKey::parse_file("walcast-ed25519-secret:AAAA").is_err());
+    }
+
+    #[test]
+    fn digests() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let mut s = Sha256Stream::new();
+        s.update(b"a");
+        s.update(b"bc");
+        assert_eq!(s.finish_hex(), sha256_hex(b"abc"));
+        assert!(is_digest(&sha256_hex(b"")));
+        assert!(!is_digest("ABC"));
+    }
+}
