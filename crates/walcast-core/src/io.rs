@@ -40,6 +40,12 @@ pub struct GetRequest {
     pub range: Option<ByteRange>,
     /// `If-None-Match` value (the ETag last seen), for the head.
     pub if_none_match: Option<String>,
+    /// Long-poll: ask the server to hold this conditional head GET for up
+    /// to this many ms until the head changes (sent as `Prefer: wait=N` and
+    /// `?wait=N`, in whole seconds; see [`wait_seconds`]). Set only for
+    /// servers that advertised support ([`LONG_POLL_HEADER`]);
+    /// `timeout_ms` already includes the wait.
+    pub wait_ms: Option<u64>,
     /// Give up and answer [`GetResponse::Failed`] after this many ms.
     pub timeout_ms: u64,
     /// The most body bytes the machine can use: the object's size as the
@@ -48,6 +54,42 @@ pub struct GetRequest {
     /// `Content-Length` claims: it stops reading there and hands over what it
     /// has, and the machine reports the oversized object as a `data` error.
     pub max_bytes: u64,
+}
+
+/// The response header with which a server says it holds conditional head
+/// GETs (long-poll); its value is the longest wait it grants, in whole
+/// seconds (`Walcast-Long-Poll: 60`).
+pub const LONG_POLL_HEADER: &str = "walcast-long-poll";
+
+/// The query parameter carrying the wait hint of a long-poll (whole
+/// seconds), so a CDN can key on it.
+pub const WAIT_PARAM: &str = "wait";
+
+/// The wait hint of `wait_ms` in whole seconds, as sent in `Prefer: wait=N`
+/// and `?wait=N` (at least 1).
+pub fn wait_seconds(wait_ms: u64) -> u64 {
+    (wait_ms / 1000).max(1)
+}
+
+/// Parses a [`LONG_POLL_HEADER`] value: the longest wait the server grants,
+/// in ms. `None` for anything but a whole number of seconds from 1 to
+/// 86,400.
+pub fn parse_long_poll(value: &str) -> Option<u64> {
+    let v = value.trim();
+    if v.is_empty() || v.len() > 5 || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let secs: u64 = v.parse().ok()?;
+    (1..=86_400).contains(&secs).then_some(secs * 1000)
+}
+
+/// What a driver saw in a response's headers besides its body, for the
+/// machine: whether the server holds long-polls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResponseMeta {
+    /// The server's [`LONG_POLL_HEADER`], parsed by [`parse_long_poll`]:
+    /// the longest wait it grants (ms). `None`: plain polling.
+    pub long_poll_max_ms: Option<u64>,
 }
 
 /// The `Content-Range` of a 206 answer.

@@ -19,6 +19,7 @@ async fn get(f: &AnyFetch, key: &str, max_bytes: u64) -> Result<Vec<u8>> {
         key: key.to_string(),
         range: None,
         if_none_match: None,
+        wait_ms: None,
         timeout_ms: 60_000,
         max_bytes,
     };

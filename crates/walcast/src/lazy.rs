@@ -473,6 +473,7 @@ impl Job {
             key,
             range,
             if_none_match: None,
+            wait_ms: None,
             timeout_ms,
             max_bytes,
         }
@@ -1125,6 +1126,7 @@ mod tests {
             key: HEAD_KEY.into(),
             range: None,
             if_none_match: None,
+            wait_ms: None,
             timeout_ms: 10_000,
             max_bytes: MAX_HEAD_BYTES as u64,
         };

@@ -303,6 +303,7 @@ async fn check_wal_holds_head(
             end: seg.records_end,
         }),
         if_none_match: None,
+        wait_ms: None,
         timeout_ms: 30_000,
         max_bytes: seg.records_end.saturating_sub(start.offset),
     };

@@ -219,6 +219,7 @@ fn get_req(key: &str, max_bytes: u64, timeout_ms: u64) -> GetRequest {
         key: key.to_string(),
         range: None,
         if_none_match: None,
+        wait_ms: None,
         timeout_ms,
         max_bytes,
     }

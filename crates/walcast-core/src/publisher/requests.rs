@@ -28,6 +28,7 @@ impl Publisher {
             key,
             range: None,
             if_none_match: None,
+            wait_ms: None,
             timeout_ms: self.cfg.request_timeout_ms,
             max_bytes,
         })

@@ -78,7 +78,8 @@ impl Replica {
     fn schedule_poll_from_last(&mut self) {
         if self.head_due.is_none() && !self.head_inflight {
             let base = self.last_poll_at.unwrap_or(0);
-            self.head_due = Some(base + self.cfg.poll_interval_ms);
+            // With long-poll, at once: the server holds the read.
+            self.head_due = Some(base + self.idle_delay());
         }
     }
 }

@@ -56,6 +56,7 @@ impl Replica {
             key,
             range,
             if_none_match: inm,
+            wait_ms: None,
             timeout_ms: self.cfg.request_timeout_ms,
             max_bytes,
         })

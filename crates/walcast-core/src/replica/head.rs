@@ -4,7 +4,7 @@
 
 use crate::catalog::{DatasetId, Head, HEAD_KEY};
 use crate::error::{Error, ErrorKind};
-use crate::io::GetResponse;
+use crate::io::{GetResponse, ResponseMeta};
 use crate::snapshot::SnapshotDecoder;
 use crate::state::KvState;
 
@@ -16,15 +16,28 @@ use super::{Event, Mode, Replica};
 const REWIND_MIN_READS: u32 = 16;
 
 impl Replica {
-    pub(super) fn on_head(&mut self, now: u64, resp: GetResponse) {
+    pub(super) fn on_head(&mut self, now: u64, resp: GetResponse, meta: ResponseMeta) {
         self.head_inflight = false;
+        let sent = self.head_req.take();
+        if matches!(resp, GetResponse::Ok { .. } | GetResponse::NotModified) {
+            // Each answer says afresh whether the server holds long-polls
+            // (a proxy or a new server in front may not).
+            self.long_poll = meta.long_poll_max_ms;
+        }
+        // A long-poll answered before half its wait without anything new: a
+        // server that does not hold, or a proxy that cached an answer. The
+        // next read waits the poll interval, so nothing spins.
+        self.long_poll_early = sent.is_some_and(|(_, sent_at, wait)| {
+            wait.is_some_and(|w| now.saturating_sub(sent_at) < w / 2)
+        });
+        let before = (self.dataset, self.committed);
         match resp {
             GetResponse::NotModified if self.etag.is_some() && self.head.is_some() => {
                 self.success(HEAD_KEY);
                 self.behind_since = None;
                 self.behind_reads = 0;
                 self.last_poll_at = Some(now);
-                self.schedule_poll(now);
+                self.schedule_next_head(now);
             }
             GetResponse::Ok { body, etag, .. } => match Head::decode(&body) {
                 Ok(head) => {
@@ -56,6 +69,48 @@ impl Replica {
                 let err = unavailable(&other).with_object(HEAD_KEY);
                 self.head_retry(now, err);
             }
+        }
+        if self.committed > before.1 || self.dataset != before.0 {
+            // Something new came: the server (or the proxy) is live.
+            self.long_poll_early = false;
+        }
+    }
+
+    /// Whether idle head reads are long-polls: the server advertised
+    /// support, this replica long-polls, and the last long-poll was held.
+    pub(super) fn long_poll_active(&self) -> bool {
+        self.cfg.long_poll_wait_ms > 0 && self.long_poll.is_some() && !self.long_poll_early
+    }
+
+    /// The wait to ask for on the next head read: only for a conditional
+    /// read (an ETag to compare) of a caught-up replica whose server holds
+    /// long-polls; at most what the server grants.
+    pub(super) fn long_poll_wait(&self, conditional: bool) -> Option<u64> {
+        if !conditional
+            || self.cfg.long_poll_wait_ms == 0
+            || self.applied < self.committed
+            || self.bootstrap.is_some()
+        {
+            return None;
+        }
+        self.long_poll
+            .map(|max| self.cfg.long_poll_wait_ms.min(max).max(1000))
+    }
+
+    /// How long a caught-up replica waits before its next head read: none
+    /// with long-poll (the server holds the read), else the poll interval.
+    pub(super) fn idle_delay(&self) -> u64 {
+        if self.long_poll_active() {
+            0
+        } else {
+            self.cfg.poll_interval_ms
+        }
+    }
+
+    /// Schedules the next head read of a caught-up replica.
+    fn schedule_next_head(&mut self, now: u64) {
+        if self.head_due.is_none() {
+            self.head_due = Some(now + self.idle_delay());
         }
     }
 
@@ -134,7 +189,7 @@ impl Replica {
                 self.head = Some(head);
                 self.caught_up_reported = false;
                 if self.applied >= self.committed {
-                    self.schedule_poll(now);
+                    self.schedule_next_head(now);
                 }
                 return;
             }
@@ -179,7 +234,7 @@ impl Replica {
         }
         self.caught_up_reported = false;
         if self.applied >= self.committed {
-            self.schedule_poll(now);
+            self.schedule_next_head(now);
         }
     }
 

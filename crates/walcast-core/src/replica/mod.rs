@@ -39,7 +39,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::catalog::{DatasetId, Head, Page, PageRef, HEAD_KEY};
 use crate::error::Error;
-use crate::io::{ByteRange, GetRequest, GetResponse, RequestId};
+use crate::io::{ByteRange, GetRequest, GetResponse, RequestId, ResponseMeta};
 use crate::segment;
 use crate::state::KvState;
 
@@ -93,6 +93,13 @@ pub struct ReplicaConfig {
     /// only what follows it, and reads through
     /// [`Replica::get_lazy`] / [`Replica::scan_lazy`]. `None`: full mode.
     pub lazy_cache_bytes: Option<u64>,
+    /// Long-poll: how long (ms) to ask a server that advertises support
+    /// (see [`LONG_POLL_HEADER`](crate::io::LONG_POLL_HEADER)) to hold an
+    /// idle replica's conditional head GET; capped by what the server
+    /// grants. With long-poll an idle replica sends about one request per
+    /// wait and sees a new head as soon as the server does; servers without
+    /// it are polled every `poll_interval_ms`. `0`: never long-poll.
+    pub long_poll_wait_ms: u64,
 }
 
 impl Default for ReplicaConfig {
@@ -109,6 +116,7 @@ impl Default for ReplicaConfig {
             rewind_after_ms: 60_000,
             emit_records: false,
             lazy_cache_bytes: None,
+            long_poll_wait_ms: 30_000,
         }
     }
 }
@@ -233,6 +241,10 @@ pub struct Status {
     pub bytes_received: u64,
     /// Lazy mode's cache and overlay, in lazy mode.
     pub lazy: Option<LazyStatus>,
+    /// Whether the head is read by long-poll (the server holds conditional
+    /// head GETs and answers in time); otherwise it is polled every
+    /// `poll_interval_ms`.
+    pub long_poll: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -297,6 +309,13 @@ pub struct Replica {
     behind_reads: u32,
     /// Lazy mode's base snapshot, overlay and block fetches.
     lazy: Option<lazy::Lazy>,
+    /// The longest wait the server grants (ms), from the last head answer.
+    long_poll: Option<u64>,
+    /// The head GET in flight: its id, when it was sent, and its wait.
+    head_req: Option<(RequestId, u64, Option<u64>)>,
+    /// The last long-poll came back early with nothing new: the next head
+    /// read waits `poll_interval_ms` (a server or proxy that does not hold).
+    long_poll_early: bool,
 }
 
 impl Replica {
@@ -340,6 +359,9 @@ impl Replica {
             behind_since: None,
             behind_reads: 0,
             lazy: cfg_lazy.map(lazy::Lazy::new),
+            long_poll: None,
+            head_req: None,
+            long_poll_early: false,
         }
     }
 
@@ -416,6 +438,7 @@ impl Replica {
             requests: self.requests,
             bytes_received: self.bytes,
             lazy: self.lazy.as_ref().map(lazy::Lazy::status),
+            long_poll: self.long_poll_active(),
         }
     }
 
@@ -425,6 +448,15 @@ impl Replica {
     /// Failure counts start over, so a sync that keeps failing reports
     /// [`Event::Error`] again after `max_attempts`.
     pub fn sync_now(&mut self, now: u64) {
+        // A long-poll in flight may be held for long: read the head now
+        // beside it (its answer, when it comes, is ignored).
+        if let Some((id, _, Some(_))) = self.head_req {
+            if self.head_inflight {
+                self.pending.remove(&id);
+                self.head_inflight = false;
+                self.head_req = None;
+            }
+        }
         self.head_due = Some(now);
         self.backoff_until = None;
         self.caught_up_reported = false;
@@ -464,7 +496,14 @@ impl Replica {
                 self.etag.clone()
             };
             self.head_fresh = false;
-            return self.fetch(Job::Head, HEAD_KEY.to_string(), None, inm);
+            let wait = self.long_poll_wait(inm.is_some());
+            let mut action = self.fetch(Job::Head, HEAD_KEY.to_string(), None, inm);
+            if let Action::Fetch(req) = &mut action {
+                req.wait_ms = wait;
+                req.timeout_ms = req.timeout_ms.saturating_add(wait.unwrap_or(0));
+                self.head_req = Some((req.id, now, wait));
+            }
+            return action;
         }
         if self.head_inflight && !self.started {
             return self.wait(now);
@@ -538,10 +577,13 @@ impl Replica {
             && self.head_due.is_none()
         {
             // Nothing left to do from the head we hold: read it again.
-            if self.applied < self.committed {
+            let delay = if self.applied < self.committed {
                 self.head_fresh = true;
-            }
-            self.head_due = Some(now + self.cfg.poll_interval_ms);
+                self.cfg.poll_interval_ms
+            } else {
+                self.idle_delay()
+            };
+            self.head_due = Some(now + delay);
         }
         if self.started
             && self.plan.is_empty()
@@ -559,6 +601,20 @@ impl Replica {
     /// Feeds the outcome of request `id`. Unknown ids (e.g. answered after a
     /// reset) are ignored.
     pub fn handle_response(&mut self, id: RequestId, now: u64, resp: GetResponse) {
+        self.handle_response_with(id, now, resp, ResponseMeta::default());
+    }
+
+    /// [`handle_response`](Self::handle_response) with what the driver saw
+    /// in the response's headers (whether the server holds long-polls).
+    /// Drivers that cannot see headers use `handle_response`: the replica
+    /// then polls.
+    pub fn handle_response_with(
+        &mut self,
+        id: RequestId,
+        now: u64,
+        resp: GetResponse,
+        meta: ResponseMeta,
+    ) {
         let Some(job) = self.pending.remove(&id) else {
             return;
         };
@@ -566,7 +622,7 @@ impl Replica {
             self.bytes += body.len() as u64;
         }
         match job {
-            Job::Head => self.on_head(now, resp),
+            Job::Head => self.on_head(now, resp, meta),
             Job::Page(p) => self.on_page(now, p, resp),
             Job::Segment(u) => self.on_segment(now, u, resp),
             Job::Snapshot { offset } => self.on_snapshot(now, offset, resp),
