@@ -180,6 +180,12 @@ impl Sim {
             } else {
                 0
             },
+            max_commits_per_sec: if rng.random_bool(0.5) {
+                rng.random_range(1..50)
+            } else {
+                0
+            },
+            commit_burst: rng.random_range(0..4),
             max_pending_segments: rng.random_range(1..4),
             snapshot_every: if rng.random_bool(0.8) {
                 Some(rng.random_range(5..40))

@@ -27,6 +27,12 @@ use crate::state::KvState;
 use self::commit::{Commit, Stage};
 use self::snapshot::PendingSnapshot;
 
+/// Default [`PublisherConfig::max_commits_per_sec`]: ten commits a second,
+/// about 20 PUTs a second under steady writes (a segment and the head each).
+pub const DEFAULT_MAX_COMMITS_PER_SEC: u32 = 10;
+/// Default [`PublisherConfig::commit_burst`].
+pub const DEFAULT_COMMIT_BURST: u32 = 2;
+
 /// Tuning for a [`Publisher`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublisherConfig {
@@ -40,6 +46,14 @@ pub struct PublisherConfig {
     /// a second under steady writes, for at most this much added lag. 0 (the
     /// default) seals whenever data waits and no upload is in flight.
     pub min_commit_interval_ms: u64,
+    /// Commit budget under steady writes: at most this many seals (each a
+    /// segment PUT and a head PUT) a second on average, unless a segment is
+    /// full. 0 turns the budget off (commit whenever data waits and no upload
+    /// is in flight). The budget refills continuously, so the first batch
+    /// after a quiet period is sealed at once.
+    pub max_commits_per_sec: u32,
+    /// Seals allowed back to back before the budget spaces them (at least 1).
+    pub commit_burst: u32,
     /// Sealed segments waiting for upload or commit, at most.
     pub max_pending_segments: usize,
     /// Write a snapshot every this many LSNs (KV payloads only).
@@ -90,6 +104,8 @@ impl Default for PublisherConfig {
             segment_bytes: 8 << 20,
             flush_interval_ms: 250,
             min_commit_interval_ms: 0,
+            max_commits_per_sec: DEFAULT_MAX_COMMITS_PER_SEC,
+            commit_burst: DEFAULT_COMMIT_BURST,
             max_pending_segments: 4,
             snapshot_every: None,
             retain_lsns: None,
@@ -280,6 +296,9 @@ pub struct Publisher {
     open: Option<SegmentBuilder>,
     open_since: u64,
     last_seal_at: Option<u64>,
+    /// The commit budget's theoretical arrival time (GCRA, ms): a seal is
+    /// within budget once `now + burst tolerance >= budget_tat`.
+    budget_tat: u64,
     sealed: VecDeque<Sealed>,
 
     state: Option<KvState>,
@@ -326,6 +345,7 @@ impl Publisher {
             open: None,
             open_since: 0,
             last_seal_at: None,
+            budget_tat: 0,
             sealed: VecDeque::new(),
             state,
             snapshot: None,
@@ -471,10 +491,12 @@ impl Publisher {
                 let due = self.open_since + self.cfg.flush_interval_ms;
                 let spaced = self
                     .last_seal_at
-                    .map_or(0, |t| t + self.cfg.min_commit_interval_ms);
+                    .map_or(0, |t| t + self.cfg.min_commit_interval_ms)
+                    .max(self.budget_allows_at());
                 let full = open.len() >= self.cfg.segment_bytes;
                 if full || (spaced <= now && (!uploading || due <= now)) {
                     self.last_seal_at = Some(now);
+                    self.spend_budget(now);
                     let open = self.open.take().expect("checked");
                     if let Some((bytes, summary)) = open.finish() {
                         self.sealed.push_back(Sealed {
@@ -551,6 +573,28 @@ impl Publisher {
         Action::Wait {
             until: wake.max(now),
         }
+    }
+
+    /// Milliseconds between two seals the budget allows under steady writes
+    /// (0: no budget).
+    fn budget_interval_ms(&self) -> u64 {
+        match self.cfg.max_commits_per_sec {
+            0 => 0,
+            r => 1_000 / u64::from(r),
+        }
+    }
+
+    /// The earliest time the commit budget allows the next seal.
+    fn budget_allows_at(&self) -> u64 {
+        let t = self.budget_interval_ms();
+        let tolerance = t.saturating_mul(u64::from(self.cfg.commit_burst.max(1) - 1));
+        self.budget_tat.saturating_sub(tolerance)
+    }
+
+    /// Records a seal at `now` against the commit budget (a full segment
+    /// spends it too, so a burst of full segments is followed by spacing).
+    fn spend_budget(&mut self, now: u64) {
+        self.budget_tat = self.budget_tat.max(now) + self.budget_interval_ms();
     }
 
     /// Feeds the outcome of a DELETE: `Ok(())` when gone (or never there).
@@ -690,27 +734,16 @@ impl Publisher {
 mod tests {
     use super::*;
 
-    /// Segments sealed while one record arrives every millisecond for a
-    /// second and every PUT succeeds at once.
-    fn segments_for_steady_writes(min_commit_interval_ms: u64) -> (usize, u64) {
-        let cfg = PublisherConfig {
-            min_commit_interval_ms,
-            head_check_ms: 0,
-            ..PublisherConfig::default()
-        };
-        let mut p = Publisher::new(cfg, 1);
-        let Action::Get(g) = p.poll(0) else {
-            panic!("reads the head first")
-        };
-        p.handle_get(g.id, 0, GetResponse::NotFound);
-        let payload = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![0; 100])]).unwrap();
-        let (mut segments, mut etag) = (0, 0u64);
-        // Answers everything at once until the machine waits.
-        let mut drive = |p: &mut Publisher, now: u64| loop {
+    /// Drives a publisher answering everything at once until it waits;
+    /// returns the times (ms) of its segment PUTs.
+    fn drive(p: &mut Publisher, now: u64, etag: &mut u64, seals: &mut Vec<u64>) {
+        loop {
             match p.poll(now) {
                 Action::Put(req) => {
-                    segments += usize::from(req.key.starts_with("segments/"));
-                    etag += 1;
+                    if req.key.starts_with("segments/") {
+                        seals.push(now);
+                    }
+                    *etag += 1;
                     let ok = PutResponse::Ok {
                         etag: Some(etag.to_string()),
                     };
@@ -721,31 +754,122 @@ mod tests {
                 Action::Event(_) => {}
                 Action::Wait { .. } => break,
             }
+        }
+    }
+
+    /// Times (ms) of the segment PUTs while a record arrives at each of
+    /// `writes` (ms) and every PUT succeeds at once, and the committed LSN
+    /// 200 ms after the last write.
+    fn seals_for(cfg: PublisherConfig, writes: &[u64]) -> (Vec<u64>, u64) {
+        let cfg = PublisherConfig {
+            head_check_ms: 0,
+            ..cfg
         };
-        for now in 0..=1_000u64 {
-            if now > 0 {
-                p.push(now, &payload, now).unwrap();
+        let mut p = Publisher::new(cfg, 1);
+        let Action::Get(g) = p.poll(0) else {
+            panic!("reads the head first")
+        };
+        p.handle_get(g.id, 0, GetResponse::NotFound);
+        let payload = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![0; 100])]).unwrap();
+        let (mut seals, mut etag) = (Vec::new(), 0u64);
+        let end = writes.last().copied().unwrap_or(0) + 200;
+        let mut next = writes.iter().peekable();
+        let mut lsn = 1;
+        for now in 0..=end {
+            while next.next_if(|&&w| w == now).is_some() {
+                p.push(lsn, &payload, now).unwrap();
+                lsn += 1;
             }
-            drive(&mut p, now);
+            drive(&mut p, now, &mut etag, &mut seals);
         }
-        // Let the last spaced seal happen.
-        for now in 1_001..1_200u64 {
-            drive(&mut p, now);
+        (seals, p.committed_lsn())
+    }
+
+    /// Segments sealed while one record arrives every millisecond for a
+    /// second.
+    fn segments_for_steady_writes(cfg: PublisherConfig) -> (usize, u64) {
+        let writes: Vec<u64> = (1..=1_000).collect();
+        let (seals, lsn) = seals_for(cfg, &writes);
+        (seals.len(), lsn)
+    }
+
+    fn unbudgeted(min_commit_interval_ms: u64) -> PublisherConfig {
+        PublisherConfig {
+            min_commit_interval_ms,
+            max_commits_per_sec: 0,
+            ..PublisherConfig::default()
         }
-        (segments, p.committed_lsn())
     }
 
     #[test]
     fn min_commit_interval_spaces_seals() {
-        let (eager, lsn) = segments_for_steady_writes(0);
+        let (eager, lsn) = segments_for_steady_writes(unbudgeted(0));
         assert_eq!(lsn, 1_000);
         assert!(eager >= 900, "eager publisher sealed only {eager} segments");
-        let (spaced, lsn) = segments_for_steady_writes(100);
+        let (spaced, lsn) = segments_for_steady_writes(unbudgeted(100));
         assert_eq!(lsn, 1_000, "every record is still committed");
         assert!(
             (9..=12).contains(&spaced),
             "a 100 ms floor over one second sealed {spaced} segments"
         );
+    }
+
+    #[test]
+    fn the_default_budget_spaces_steady_writes() {
+        let (n, lsn) = segments_for_steady_writes(PublisherConfig::default());
+        assert_eq!(lsn, 1_000, "every record is still committed");
+        let most = DEFAULT_MAX_COMMITS_PER_SEC + DEFAULT_COMMIT_BURST + 1;
+        assert!(
+            (DEFAULT_MAX_COMMITS_PER_SEC as usize..=most as usize).contains(&n),
+            "the default budget sealed {n} segments for a second of steady writes"
+        );
+        // A budget of 50 a second with a burst of 5.
+        let cfg = PublisherConfig {
+            max_commits_per_sec: 50,
+            commit_burst: 5,
+            ..PublisherConfig::default()
+        };
+        let (n, _) = segments_for_steady_writes(cfg);
+        assert!((50..=56).contains(&n), "sealed {n} segments");
+    }
+
+    #[test]
+    fn sporadic_writes_are_sealed_at_once() {
+        // A write now and then, and short bursts after quiet periods.
+        let writes = [5, 400, 401, 900, 1_300, 1_301, 1_302, 2_000];
+        let (seals, lsn) = seals_for(PublisherConfig::default(), &writes);
+        assert_eq!(lsn, writes.len() as u64);
+        // The first write after each quiet period is sealed the moment it
+        // arrives.
+        for quiet_first in [5, 400, 900, 1_300, 2_000] {
+            assert!(
+                seals.contains(&quiet_first),
+                "write at {quiet_first} ms not sealed at once: seals at {seals:?}"
+            );
+        }
+        // The budget only ever delays, never drops: the burst's tail is
+        // sealed within one budget interval.
+        let interval = 1_000 / u64::from(DEFAULT_MAX_COMMITS_PER_SEC);
+        assert!(seals
+            .iter()
+            .any(|&t| (1_301..=1_302 + interval).contains(&t)));
+    }
+
+    /// With a steady stream the budget, not the flush interval, sets the
+    /// pace; a full segment is sealed at once whatever the budget.
+    #[test]
+    fn full_segments_are_not_held_by_the_budget() {
+        let cfg = PublisherConfig {
+            segment_bytes: 1_000,
+            max_commits_per_sec: 1,
+            commit_burst: 1,
+            ..PublisherConfig::default()
+        };
+        let writes: Vec<u64> = (1..=200).collect();
+        let (seals, lsn) = seals_for(cfg, &writes);
+        assert!(lsn >= 190, "committed only {lsn} of 200 records");
+        // About 120 bytes a record: a segment fills every 8 or 9 records.
+        assert!(seals.len() >= 20, "sealed only {} segments", seals.len());
     }
 
     #[test]
