@@ -59,6 +59,14 @@ enum Cmd {
         /// segment is full: fewer requests for at most this much more lag.
         #[arg(long, default_value = "0ms", value_parser = parse_duration)]
         min_commit_interval: Duration,
+        /// Commit budget under steady writes: at most this many commits a
+        /// second on average (each a segment PUT and a head PUT); the first
+        /// batch after a quiet period is committed at once. 0: no budget.
+        #[arg(long, default_value_t = walcast_core::publisher::DEFAULT_MAX_COMMITS_PER_SEC)]
+        max_commit_rate: u32,
+        /// Commits allowed back to back before the budget spaces them.
+        #[arg(long, default_value_t = walcast_core::publisher::DEFAULT_COMMIT_BURST)]
+        commit_burst: u32,
         /// Seal a segment at this size.
         #[arg(long, default_value = "8MiB", value_parser = parse_size)]
         segment_bytes: u64,
@@ -301,6 +309,8 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             to,
             flush_interval,
             min_commit_interval,
+            max_commit_rate,
+            commit_burst,
             segment_bytes,
             snapshot_every,
             retain,
@@ -318,6 +328,8 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                     segment_bytes,
                     flush_interval_ms: flush_interval.as_millis() as u64,
                     min_commit_interval_ms: min_commit_interval.as_millis() as u64,
+                    max_commits_per_sec: max_commit_rate,
+                    commit_burst,
                     snapshot_every: (snapshot_every > 0).then_some(snapshot_every),
                     retain_lsns: retain,
                     grace_ms: grace.as_millis() as u64,
