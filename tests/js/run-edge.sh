@@ -11,26 +11,29 @@
 #   - the npm tarball as users get it: `npm pack`, installed into an empty
 #     project under the temp dir, the conformance suite there in Node, Deno,
 #     Bun, workerd (a wrangler bundle) and Chromium (tests/js/pack/pack.test.mjs)
+#   - examples/worker-kv (wrangler dev) and examples/browser-offline (Chromium,
+#     screenshots in target/examples/)   (tests/js/examples/examples.test.mjs)
 # Builds js/dist only when it is missing (scripts/build-js.sh), installs
 # workerd, playwright-core and chromium (scripts/browser-deps.sh, skips what is
 # there), starts one dataset orchestrator (tests/js/datasets.mjs) for both
 # suites, and stops every process it started. Bounded: WALCAST_EDGE_TIMEOUT
 # seconds for the suites (default 1200). Exits non-zero on any failure.
-#   bash tests/js/run-edge.sh [workerd|chromium|firefox|pack]...   (default: all)
+#   bash tests/js/run-edge.sh [workerd|chromium|firefox|pack|examples]...   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 say() { printf 'run-edge: %s\n' "$*"; }
 
 suites=()
-for a in "${@:-workerd chromium firefox pack}"; do
+for a in "${@:-workerd chromium firefox pack examples}"; do
   for s in $a; do
     case $s in
       workerd) suites+=(tests/js/workerd/handler.test.mjs tests/js/workerd/workerd.test.mjs tests/js/workerd/r2.test.mjs) ;;
       chromium) suites+=(tests/js/chromium/chromium.test.mjs) ;;
       firefox) suites+=(tests/js/firefox/firefox.test.mjs) ;;
       pack) suites+=(tests/js/pack/pack.test.mjs) ;;
-      *) say "unknown suite $s (workerd, chromium, firefox, pack)"; exit 2 ;;
+      examples) suites+=(tests/js/examples/examples.test.mjs) ;;
+      *) say "unknown suite $s (workerd, chromium, firefox, pack, examples)"; exit 2 ;;
     esac
   done
 done

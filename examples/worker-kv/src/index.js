@@ -1,0 +1,80 @@
+// A key-value reader at the edge: one walcast replica per isolate, synced
+// from DATASET_URL (object storage over HTTP), answering reads from memory.
+//
+//   GET /                      a page that reads keys through this worker
+//   GET /api/get?key=K         {"key", "value", "lsn"} (404 when absent)
+//   GET /api/scan?prefix=P&limit=N   {"rows": [{"key", "value"}], "lsn"}
+//   GET /api/status            the replica's status (applied LSN, lag, ...)
+//
+// A request that finds the last sync older than MAX_AGE_MS syncs first, so
+// every answer is at most about that stale; the others answer at once.
+import { Replica } from "walcast";
+import { PAGE } from "./page.js";
+
+let replica = null;
+let opening = null;
+let lastSync = 0;
+
+async function ready(env) {
+  if (!env.DATASET_URL) throw new Error("DATASET_URL is not set (wrangler.toml [vars])");
+  if (!replica) {
+    opening ??= Replica.open(env.DATASET_URL).finally(() => (opening = null));
+    replica = await opening;
+  }
+  const maxAge = Number(env.MAX_AGE_MS ?? 1000);
+  if (Date.now() - lastSync > maxAge) {
+    await replica.sync();
+    lastSync = Date.now();
+  }
+  return replica;
+}
+
+const json = (body, status = 200) =>
+  new Response(JSON.stringify(body), {
+    status,
+    headers: { "content-type": "application/json; charset=utf-8", "cache-control": "no-store" },
+  });
+
+const decoder = new TextDecoder("utf-8", { fatal: false });
+const text = (bytes) => decoder.decode(bytes);
+const keyText = (k) => (typeof k === "string" ? k : text(k));
+
+export default {
+  async fetch(request, env) {
+    const url = new URL(request.url);
+    if (url.pathname === "/") {
+      return new Response(PAGE, { headers: { "content-type": "text/html; charset=utf-8" } });
+    }
+    if (!url.pathname.startsWith("/api/")) return json({ error: "not found" }, 404);
+    let r;
+    try {
+      r = await ready(env);
+    } catch (e) {
+      // The replica keeps its last good state; without one there is nothing to answer.
+      if (!replica || replica.status().appliedLsn === 0) return json({ error: e.code ?? "unavailable", message: e.message }, 503);
+      r = replica;
+    }
+    const lsn = r.status().appliedLsn;
+    switch (url.pathname) {
+      case "/api/get": {
+        const key = url.searchParams.get("key");
+        if (key === null) return json({ error: "missing ?key=" }, 400);
+        const value = r.get(key);
+        if (value === undefined) return json({ key, lsn, error: "not found" }, 404);
+        return json({ key, value: text(value), lsn });
+      }
+      case "/api/scan": {
+        const prefix = url.searchParams.get("prefix") ?? "";
+        const limit = Math.min(Math.max(Number(url.searchParams.get("limit") ?? 100) || 0, 0), 1000);
+        const rows = r.scan({ prefix, limit }).map((e) => ({ key: keyText(e.key), value: text(e.value) }));
+        return json({ rows, lsn });
+      }
+      case "/api/status": {
+        const s = r.status();
+        return json({ appliedLsn: s.appliedLsn, committedLsn: s.committedLsn, lagMs: s.lagMs, state: s.state, datasetId: s.datasetId });
+      }
+      default:
+        return json({ error: "not found" }, 404);
+    }
+  },
+};
