@@ -106,7 +106,10 @@ async function main() {
       protocolTimeout: TIMEOUT,
       extraPrefsFirefox: { "network.proxy.type": 0, "app.update.enabled": false, "browser.shell.checkDefaultBrowser": false },
     });
-    log(`firefox ${await browser.version()} (pid ${browser.process()?.pid}), page ${PAGE}`);
+    const pid = browser.process()?.pid;
+    // run-edge.sh stops what a runner killed before its teardown leaves behind.
+    if (pid && process.env.WALCAST_EDGE_PIDS) fs.appendFileSync(process.env.WALCAST_EDGE_PIDS, `${pid} firefox\n`);
+    log(`firefox ${await browser.version()} (pid ${pid}), page ${PAGE}`);
   });
 
   after(async () => {
