@@ -30,10 +30,10 @@ test "${PIPESTATUS[0]}" -eq 0
 step "walcast-core builds for wasm32-unknown-unknown and imports nothing"
 bash scripts/check-wasm.sh
 
-step "edge: the npm package (wasm build), conformance in Node and Deno, type declarations"
+step "edge: the npm package (wasm build), conformance in Node, Deno and Bun, type declarations"
 bash tests/js/run.sh
 
-step "edge: the worker in workerd, conformance and IndexedDB reloads in Chromium"
+step "edge: the worker in workerd, conformance and IndexedDB reloads in Chromium and Firefox, the packed npm tarball in every runtime, the JS examples"
 bash tests/js/run-edge.sh
 
 step "benchmarks: walcast-bench --quick, walcast beside SlateDB on file:// and moto (checks every scenario produced a number; no timing assertions)"
