@@ -114,6 +114,24 @@ pub fn encode(ops: &[Op]) -> Result<Vec<u8>, crate::Error> {
 /// returned unless the whole payload is valid, so applying the result is
 /// all-or-nothing.
 pub fn decode(payload: &[u8]) -> Result<Vec<OpRef<'_>>, DecodeError> {
+    let mut ops = Vec::new();
+    decode_into(payload, &mut ops)?;
+    Ok(ops)
+}
+
+/// Like [`decode`], into `ops` (cleared first), so a replay can reuse one
+/// vector for every record. On error `ops` is left empty: nothing of an
+/// invalid batch can be applied.
+pub fn decode_into<'a>(payload: &'a [u8], ops: &mut Vec<OpRef<'a>>) -> Result<(), DecodeError> {
+    ops.clear();
+    let res = decode_ops(payload, ops);
+    if res.is_err() {
+        ops.clear();
+    }
+    res
+}
+
+fn decode_ops<'a>(payload: &'a [u8], ops: &mut Vec<OpRef<'a>>) -> Result<(), DecodeError> {
     let mut r = Reader::new(payload, 0);
     let version = r.u8("KV batch")?;
     if version != VERSION {
@@ -135,7 +153,7 @@ pub fn decode(payload: &[u8]) -> Result<Vec<OpRef<'_>>, DecodeError> {
     }
     // The count is a claim: reserve for what a small batch needs and let
     // the vector grow with ops actually decoded.
-    let mut ops = Vec::with_capacity((count as usize).min(64));
+    ops.reserve((count as usize).min(64));
     for _ in 0..count {
         let at = r.offset();
         match r.u8("KV op tag")? {
@@ -158,5 +176,5 @@ pub fn decode(payload: &[u8]) -> Result<Vec<OpRef<'_>>, DecodeError> {
             "trailing bytes after the last op",
         ));
     }
-    Ok(ops)
+    Ok(())
 }

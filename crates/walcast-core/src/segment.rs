@@ -373,9 +373,11 @@ pub struct Segment<'a> {
 }
 
 impl<'a> Segment<'a> {
-    /// Iterates the (already verified) records.
+    /// Iterates the (already verified) records. [`decode`] checked every
+    /// record's checksum and LSN over these same borrowed bytes, so the
+    /// iterator only re-reads the framing and does not hash again.
     pub fn records(&self) -> Records<'a> {
-        Records::new(self.records, HEADER_LEN, self.header.first_lsn)
+        Records::new(self.records, HEADER_LEN, self.header.first_lsn).already_verified()
     }
 }
 
@@ -493,6 +495,12 @@ pub struct Records<'a> {
     base: u64,
     next_lsn: u64,
     failed: bool,
+    /// True when every record was verified already (by [`decode`] over
+    /// the same bytes): checksums are not computed again.
+    verified: bool,
+    /// A fresh hasher, cloned per record (its CPU feature detection runs
+    /// once per iterator, not once per record).
+    hasher: crc32fast::Hasher,
 }
 
 impl<'a> Records<'a> {
@@ -505,12 +513,22 @@ impl<'a> Records<'a> {
             base,
             next_lsn: first_lsn,
             failed: false,
+            verified: false,
+            hasher: crc32fast::Hasher::new(),
         }
     }
 
     /// The LSN the next record must carry.
     pub fn next_lsn(&self) -> u64 {
         self.next_lsn
+    }
+
+    /// The same iterator over records whose checksums [`decode`] verified
+    /// already, over these same bytes: framing and LSN order are still
+    /// checked, checksums are not computed again.
+    pub fn already_verified(mut self) -> Self {
+        self.verified = true;
+        self
     }
 }
 
@@ -545,17 +563,8 @@ impl<'a> Records<'a> {
             });
         }
         let payload = r.bytes(u64::from(len), "record payload")?;
-        let mut h = crc32fast::Hasher::new();
-        h.update(&self.buf[self.pos..self.pos + 12]);
-        h.update(payload);
-        let computed = h.finalize();
-        if computed != stored {
-            return Err(DecodeError::Checksum {
-                what: "record",
-                at,
-                stored,
-                computed,
-            });
+        if !self.verified {
+            self.check(at, stored, payload)?;
         }
         if lsn != self.next_lsn {
             return Err(DecodeError::LsnOrder {
@@ -569,5 +578,23 @@ impl<'a> Records<'a> {
         // verifies against a catalog's or trailer's last LSN).
         self.next_lsn = self.next_lsn.wrapping_add(1);
         Ok(Record { lsn, payload })
+    }
+
+    /// Checks one record's checksum: `crc32` of its LSN and length (the 12
+    /// bytes at `self.pos`) then its payload.
+    fn check(&self, at: u64, stored: u32, payload: &[u8]) -> Result<(), DecodeError> {
+        let mut h = self.hasher.clone();
+        h.update(&self.buf[self.pos..self.pos + 12]);
+        h.update(payload);
+        let computed = h.finalize();
+        if computed != stored {
+            return Err(DecodeError::Checksum {
+                what: "record",
+                at,
+                stored,
+                computed,
+            });
+        }
+        Ok(())
     }
 }

@@ -74,30 +74,79 @@ impl Leaf {
 }
 
 /// Appends sorted entries into leaves of the target size.
+///
+/// Entries are written into one scratch buffer that keeps its capacity, and
+/// each leaf is then copied out at its exact size: a leaf never holds the
+/// slack of a growing vector, and the allocations a merge makes are of the
+/// sizes of the leaves it frees (little fragmentation of a wasm heap, which
+/// never shrinks). A group (the entries replacing one old leaf) ends with
+/// [`LeafWriter::end_group`]: a group below twice the target stays one
+/// leaf, so merging a few overlay entries into a leaf does not split off a
+/// small one.
 #[derive(Debug, Default)]
 struct LeafWriter {
     out: Vec<Leaf>,
-    cur: Leaf,
+    data: Vec<u8>,
+    offs: Vec<u32>,
 }
 
 impl LeafWriter {
     fn push(&mut self, key: &[u8], value: &[u8]) {
-        self.cur.push(key, value);
-        if self.cur.data.len() >= LEAF_TARGET {
-            self.flush();
+        self.offs.push(self.data.len() as u32);
+        put_len_prefixed(&mut self.data, key);
+        put_len_prefixed(&mut self.data, value);
+        if self.data.len() >= 2 * LEAF_TARGET {
+            self.emit_head();
         }
     }
 
-    fn flush(&mut self) {
-        if !self.cur.offs.is_empty() {
-            let mut leaf = std::mem::take(&mut self.cur);
-            leaf.shrink();
-            self.out.push(leaf);
+    /// Emits the entries before the first one that starts at or after
+    /// [`LEAF_TARGET`] as a leaf, keeping the rest in the scratch buffer.
+    fn emit_head(&mut self) {
+        let cut = self
+            .offs
+            .partition_point(|&o| (o as usize) < LEAF_TARGET)
+            .max(1);
+        if cut >= self.offs.len() {
+            self.emit_all();
+            return;
         }
+        let at = self.offs[cut] as usize;
+        self.out.push(Leaf {
+            data: self.data[..at].to_vec(),
+            offs: self.offs[..cut].to_vec(),
+        });
+        self.data.drain(..at);
+        self.offs.drain(..cut);
+        for o in &mut self.offs {
+            *o -= at as u32;
+        }
+    }
+
+    fn emit_all(&mut self) {
+        if !self.offs.is_empty() {
+            self.out.push(Leaf {
+                data: self.data.as_slice().to_vec(),
+                offs: self.offs.as_slice().to_vec(),
+            });
+            self.data.clear();
+            self.offs.clear();
+        }
+    }
+
+    /// Ends a group: what the scratch buffer holds becomes one leaf.
+    fn end_group(&mut self) {
+        self.emit_all();
+    }
+
+    /// Adds a leaf that needs no rewrite.
+    fn keep(&mut self, leaf: Leaf) {
+        self.end_group();
+        self.out.push(leaf);
     }
 
     fn finish(mut self) -> Vec<Leaf> {
-        self.flush();
+        self.end_group();
         self.out
     }
 }
@@ -249,7 +298,10 @@ impl KvState {
         let overlay = std::mem::take(&mut self.overlay);
         self.overlay_bytes = 0;
         let old = std::mem::take(&mut self.leaves);
-        let mut out: Vec<Leaf> = Vec::with_capacity(old.len() + 1);
+        let mut w = LeafWriter {
+            out: Vec::with_capacity(old.len() + 1),
+            ..LeafWriter::default()
+        };
         let mut ov = overlay.into_iter().peekable();
         let nleaves = old.len();
         let firsts: Vec<Vec<u8>> = old.iter().skip(1).map(|l| l.key(0).to_vec()).collect();
@@ -262,10 +314,9 @@ impl KvState {
                 (None, _) => false,
             };
             if !touches {
-                out.push(leaf);
+                w.keep(leaf);
                 continue;
             }
-            let mut w = LeafWriter::default();
             let mut j = 0;
             while j < leaf.len()
                 || ov
@@ -310,17 +361,19 @@ impl KvState {
                     (false, None) => break,
                 }
             }
-            out.extend(w.finish());
+            // The old leaf goes before the next one is written, so its
+            // memory can hold the next leaf.
+            drop(leaf);
+            w.end_group();
         }
         if nleaves == 0 {
-            let mut w = LeafWriter::default();
             for (k, v) in ov {
                 if let Some(v) = v {
                     w.push(&k, &v);
                 }
             }
-            out.extend(w.finish());
         }
+        let mut out = w.finish();
         out.shrink_to_fit();
         self.leaf_bytes = out.iter().map(|l| l.data.len()).sum();
         self.leaves = out;
