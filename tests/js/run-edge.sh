@@ -17,7 +17,7 @@
 # workerd, playwright-core and chromium (scripts/browser-deps.sh, skips what is
 # there), starts one dataset orchestrator (tests/js/datasets.mjs) for both
 # suites, and stops every process it started. Bounded: WALCAST_EDGE_TIMEOUT
-# seconds for the suites (default 1200). Exits non-zero on any failure.
+# seconds for the suites (default 2400). Exits non-zero on any failure.
 #   bash tests/js/run-edge.sh [workerd|chromium|firefox|pack|examples]...   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -75,7 +75,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-limit=${WALCAST_EDGE_TIMEOUT:-1200}
+limit=${WALCAST_EDGE_TIMEOUT:-2400}
 
 # One orchestrator for both suites; each suite takes its own instances.
 say "building and serving the datasets (tests/js/datasets.mjs)"
