@@ -18,7 +18,7 @@ use std::rc::Rc;
 
 use futures::future::{self, Either};
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
-use walcast_core::io::{GetRequest, GetResponse, RequestId};
+use walcast_core::io::{GetRequest, GetResponse, RequestId, ResponseMeta};
 use walcast_core::replica::{Action, Event, Replica};
 use walcast_core::Error;
 
@@ -39,9 +39,21 @@ use walcast_core::Error;
 ///
 /// The [`Driver`] also gives up on a GET that has not answered within
 /// `timeout_ms`, so a seam that misses a deadline cannot stall it.
+///
+/// A seam that can see response headers implements
+/// [`get_with_meta`](Fetch::get_with_meta) too: it then sends a head GET's
+/// wait hint (`req.wait_ms`: `Prefer: wait=N` and `?wait=N`) and reports the
+/// server's long-poll support, and the replica long-polls where it can.
 pub trait Fetch {
     /// Performs one GET.
     fn get(&self, req: GetRequest) -> impl Future<Output = GetResponse>;
+
+    /// Performs one GET and reports what the response's headers said
+    /// besides the body. The default performs [`get`](Fetch::get) and
+    /// reports nothing (the replica then polls).
+    fn get_with_meta(&self, req: GetRequest) -> impl Future<Output = (GetResponse, ResponseMeta)> {
+        async move { (self.get(req).await, ResponseMeta::default()) }
+    }
 }
 
 /// The caller's clock and timer.
@@ -128,8 +140,9 @@ pub enum Until {
     Stopped,
 }
 
-type Pending<'a> = Pin<Box<dyn Future<Output = (RequestId, GetResponse)> + 'a>>;
-type Next<'a> = Pin<Box<dyn Future<Output = Option<(RequestId, GetResponse)>> + 'a>>;
+type Answer = (RequestId, GetResponse, ResponseMeta);
+type Pending<'a> = Pin<Box<dyn Future<Output = Answer> + 'a>>;
+type Next<'a> = Pin<Box<dyn Future<Output = Option<Answer>> + 'a>>;
 
 /// Drives a [`Replica`] through a [`Fetch`] seam and a [`Timer`].
 ///
@@ -222,10 +235,13 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
                     };
                     match future::select(stop.as_mut(), future::select(next, sleep)).await {
                         Either::Left(((), _)) => return Ok(replica.borrow().applied_lsn()),
-                        Either::Right((Either::Left((Some((id, resp)), _)), _)) => {
-                            replica
-                                .borrow_mut()
-                                .handle_response(id, timer.now_ms(), resp);
+                        Either::Right((Either::Left((Some((id, resp, meta)), _)), _)) => {
+                            replica.borrow_mut().handle_response_with(
+                                id,
+                                timer.now_ms(),
+                                resp,
+                                meta,
+                            );
                         }
                         Either::Right(_) => {}
                     }
@@ -271,10 +287,13 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
                 inflight.push(Box::pin(bounded_get(&self.fetch, &self.timer, now, req)));
             }
             match inflight.next().await {
-                Some((id, resp)) => {
-                    self.replica
-                        .borrow_mut()
-                        .handle_response(id, self.timer.now_ms(), resp);
+                Some((id, resp, meta)) => {
+                    self.replica.borrow_mut().handle_response_with(
+                        id,
+                        self.timer.now_ms(),
+                        resp,
+                        meta,
+                    );
                 }
                 // A run loop took the GETs: let it answer them.
                 None => self.timer.sleep_until(now + 5).await,
@@ -283,27 +302,29 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
     }
 }
 
-/// `fetch.get(req)`, given up (and dropped) once `req.timeout_ms` have
-/// passed since `now`, whether or not the seam keeps its own deadline.
+/// `fetch.get_with_meta(req)`, given up (and dropped) once `req.timeout_ms`
+/// (which includes a long-poll's wait) have passed since `now`, whether or
+/// not the seam keeps its own deadline.
 async fn bounded_get<F: Fetch, T: Timer>(
     fetch: &F,
     timer: &T,
     now: u64,
     req: GetRequest,
-) -> (RequestId, GetResponse) {
+) -> Answer {
     let id = req.id;
     let timeout_ms = req.timeout_ms.max(1);
     let key = req.key.clone();
-    let get = pin!(fetch.get(req));
+    let get = pin!(fetch.get_with_meta(req));
     let deadline = pin!(timer.sleep_until(now.saturating_add(timeout_ms)));
     match future::select(get, deadline).await {
-        Either::Left((resp, _)) => (id, resp),
+        Either::Left(((resp, meta), _)) => (id, resp, meta),
         Either::Right(((), _)) => (
             id,
             GetResponse::Failed {
                 status: None,
                 message: format!("GET {key}: timed out after {timeout_ms} ms"),
             },
+            ResponseMeta::default(),
         ),
     }
 }
