@@ -21,6 +21,9 @@ pub const MAX_PAGE_BYTES: usize = 16 << 20;
 pub const HEAD_PREFIX_LEN: usize = 20;
 /// Index entries kept per segment in the catalog.
 pub const CATALOG_INDEX_SAMPLE: usize = 16;
+/// Most bytes of segment files the head may carry in its tail (decoded).
+/// Keeps the head well under [`MAX_HEAD_BYTES`] with base64's 4/3.
+pub const MAX_TAIL_BYTES: usize = 256 << 10;
 /// Highest page level accepted. Pages fan out by 32, so 16 levels cover more
 /// segments than LSNs exist; a deeper tree can only come from a hostile store.
 pub const MAX_PAGE_LEVEL: u32 = 16;
@@ -294,6 +297,39 @@ impl PageRef {
     }
 }
 
+/// A copy of one of the head's newest segment files, carried in the head so
+/// that a replica following the tail applies it without another GET. The
+/// segment object stays in the store, byte for byte the same; a reader
+/// verifies the copy exactly as a fetched whole segment (size, whole-file
+/// `crc32`, every record) against the head's entry with the same key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TailSegment {
+    /// Key of the segment entry (in the head's `segments`) this is a copy of.
+    pub key: String,
+    /// The whole segment file; base64 (standard alphabet, padded) in JSON.
+    #[serde(with = "base64_bytes")]
+    pub body: Vec<u8>,
+}
+
+mod base64_bytes {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&base64::display::Base64Display::new(
+            b,
+            &base64::engine::general_purpose::STANDARD,
+        ))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map_err(|e| serde::de::Error::custom(format!("tail body is not base64: {e}")))
+    }
+}
+
 /// An object no longer named by the catalog, waiting out the grace period.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retired {
@@ -335,6 +371,10 @@ pub struct Head {
     /// Objects waiting to be deleted.
     #[serde(default)]
     pub retired: Vec<Retired>,
+    /// Copies of the newest inline segments (at most [`MAX_TAIL_BYTES`] in
+    /// all), for replicas following the tail. Absent when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tail: Vec<TailSegment>,
 }
 
 impl Head {
@@ -353,7 +393,16 @@ impl Head {
             segments: Vec::new(),
             pages: Vec::new(),
             retired: Vec::new(),
+            tail: Vec::new(),
         }
+    }
+
+    /// The tail's copy of segment `key`, if the head carries one.
+    pub fn tail_body(&self, key: &str) -> Option<&[u8]> {
+        self.tail
+            .iter()
+            .find(|t| t.key == key)
+            .map(|t| t.body.as_slice())
     }
 
     /// Serializes the head: JSON whose first member is `"crc32"`, eight hex
@@ -441,6 +490,24 @@ impl Head {
         }
         if let Some(s) = &self.snapshot {
             check_key("snapshot", &s.key, &snapshot_key(s.lsn, s.epoch))?;
+        }
+        let mut tail_bytes = 0usize;
+        for (i, t) in self.tail.iter().enumerate() {
+            if !self.segments.iter().any(|s| s.key == t.key) {
+                return Err(format!(
+                    "tail segment {:?} is not one of the head's segments",
+                    t.key
+                ));
+            }
+            if self.tail[..i].iter().any(|u| u.key == t.key) {
+                return Err(format!("tail segment {:?} appears twice", t.key));
+            }
+            tail_bytes = tail_bytes.saturating_add(t.body.len());
+        }
+        if tail_bytes > MAX_TAIL_BYTES {
+            return Err(format!(
+                "the tail carries {tail_bytes} bytes, above the limit {MAX_TAIL_BYTES}"
+            ));
         }
         for r in &self.retired {
             if object_kind(&r.key).is_none() {

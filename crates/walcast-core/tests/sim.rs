@@ -199,6 +199,11 @@ impl Sim {
             },
             grace_ms: rng.random_range(0..3000),
             inline_segments: rng.random_range(2..6),
+            tail_bytes: if rng.random_bool(0.7) {
+                rng.random_range(0..8_000)
+            } else {
+                0
+            },
             page_fanout: rng.random_range(2..4),
             retry_base_ms: 10,
             retry_max_ms: 1000,

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::catalog::{Head, PageRef, Retired, HEAD_KEY};
+use crate::catalog::{Head, PageRef, Retired, TailSegment, HEAD_KEY};
 use crate::error::{Error, ErrorKind};
 use crate::io::GetResponse;
 
@@ -168,7 +168,40 @@ impl Publisher {
         self.retire_expired(&mut h, now)?;
         // Paging.
         let uploads = self.page_out(&mut h);
+        self.fill_tail(&mut h, ready);
         Ok((h, uploads))
+    }
+
+    /// Carries copies of the newest inline segments in the head, newest
+    /// first back to the first that has no body at hand or would take the
+    /// tail past `tail_bytes`: bodies of the segments this commit adds, and
+    /// those the committed head already carried.
+    fn fill_tail(&self, h: &mut Head, ready: usize) {
+        let budget = self.cfg.tail_bytes.min(crate::catalog::MAX_TAIL_BYTES);
+        let cur = self.head.as_ref();
+        let body = |key: &str| -> Option<&[u8]> {
+            self.sealed
+                .iter()
+                .take(ready)
+                .find(|s| s.entry.key == key)
+                .map(|s| s.bytes.as_slice())
+                .or_else(|| cur.and_then(|c| c.tail_body(key)))
+        };
+        let mut tail = Vec::new();
+        let mut total = 0usize;
+        for e in h.segments.iter().rev() {
+            let Some(b) = body(&e.key) else { break };
+            if total + b.len() > budget {
+                break;
+            }
+            total += b.len();
+            tail.push(TailSegment {
+                key: e.key.clone(),
+                body: b.to_vec(),
+            });
+        }
+        tail.reverse();
+        h.tail = tail;
     }
 
     pub(super) fn committed(&mut self, etag: Option<String>) {

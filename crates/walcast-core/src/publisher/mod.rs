@@ -32,6 +32,9 @@ use self::snapshot::PendingSnapshot;
 pub const DEFAULT_MAX_COMMITS_PER_SEC: u32 = 10;
 /// Default [`PublisherConfig::commit_burst`].
 pub const DEFAULT_COMMIT_BURST: u32 = 2;
+/// Default [`PublisherConfig::tail_bytes`]: room for the newest two or
+/// three commits at 1,000 small batches a second and ten commits a second.
+pub const DEFAULT_TAIL_BYTES: usize = 32 << 10;
 
 /// Tuning for a [`Publisher`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,6 +68,12 @@ pub struct PublisherConfig {
     pub grace_ms: u64,
     /// Segments kept inline in the head.
     pub inline_segments: usize,
+    /// Bytes of the newest segment files the head carries as copies, so a
+    /// replica following the tail applies a commit from the head alone (one
+    /// GET per commit instead of two). 0: none. Capped at
+    /// [`crate::catalog::MAX_TAIL_BYTES`]; a segment larger than this is
+    /// only ever fetched.
+    pub tail_bytes: usize,
     /// Entries per catalog page.
     pub page_fanout: usize,
     /// First retry delay (ms).
@@ -111,6 +120,7 @@ impl Default for PublisherConfig {
             retain_lsns: None,
             grace_ms: 60_000,
             inline_segments: 64,
+            tail_bytes: DEFAULT_TAIL_BYTES,
             page_fanout: 32,
             retry_base_ms: 100,
             retry_max_ms: 10_000,

@@ -32,10 +32,11 @@ mod head;
 mod lazy;
 mod plan;
 mod verify;
+mod tail;
 
 pub use self::lazy::{Entries, LazyScan, LazyStatus, Read};
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use crate::catalog::{DatasetId, Head, Page, PageRef, HEAD_KEY};
 use crate::error::Error;
@@ -294,6 +295,10 @@ pub struct Replica {
     pages: HashMap<String, (PageRef, Page)>,
     /// Results by the unit's `from` LSN.
     ready: BTreeMap<u64, Verified>,
+    /// Segments whose copy in the head's tail failed verification.
+    tail_refused: HashSet<String>,
+    /// Segments applied from the head's tail.
+    tail_units: u64,
     inflight_units: HashMap<u64, ()>,
     /// Units waiting out a backoff: `from` -> (retry at).
     retry_at: HashMap<u64, u64>,
@@ -331,9 +336,6 @@ impl Replica {
             dataset: None,
             epoch: 0,
             head: None,
-    /// The next head read is answered at once (a sync wants the head as of
-    /// now): no wait hint.
-    head_now: bool,
             etag: None,
             committed: 0,
             committed_at_ms: 0,
@@ -351,6 +353,8 @@ impl Replica {
             page_inflight: false,
             pages: HashMap::new(),
             ready: BTreeMap::new(),
+            tail_refused: HashSet::new(),
+            tail_units: 0,
             inflight_units: HashMap::new(),
             retry_at: HashMap::new(),
             bootstrap: None,
@@ -385,7 +389,6 @@ impl Replica {
             l.state_lsn = applied_lsn;
         }
         r.applied = applied_lsn;
-            head_now: false,
         r.committed = applied_lsn;
         r.dataset = Some(dataset_id);
         r.epoch = epoch;
@@ -483,7 +486,6 @@ impl Replica {
             if let Some(a) = self.next_block_fetch() {
                 return a;
             }
-        self.head_now = true;
         }
         if let Some(t) = self.backoff_until {
             if t > now {
@@ -501,8 +503,7 @@ impl Replica {
                 self.etag.clone()
             };
             self.head_fresh = false;
-            let wait = self.long_poll_wait(inm.is_some() && !self.head_now);
-            self.head_now = false;
+            let wait = self.long_poll_wait(inm.is_some());
             let mut action = self.fetch(Job::Head, HEAD_KEY.to_string(), None, inm);
             if let Action::Fetch(req) = &mut action {
                 req.wait_ms = wait;
@@ -542,6 +543,13 @@ impl Replica {
         }
         // Pages and segments.
         self.extend_plan();
+        // Segments the head carries: no GET.
+        if self.take_from_tail() {
+            self.apply_ready(now);
+            if let Some(e) = self.events.pop_front() {
+                return Action::Event(e);
+            }
+        }
         if let Some(p) = self.page_wanted.clone() {
             if !self.page_inflight {
                 self.page_inflight = true;

@@ -41,7 +41,7 @@ impl Replica {
         }
     }
 
-    fn verify_segment(
+    pub(super) fn verify_segment(
         &self,
         u: &Unit,
         body: Vec<u8>,

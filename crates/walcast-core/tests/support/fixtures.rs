@@ -169,5 +169,6 @@ pub(crate) fn golden_head() -> Head {
             key: snapshot_key(60, 6),
             since_ms: 1_794_999_990_000,
         }],
+        tail: Vec::new(),
     }
 }
