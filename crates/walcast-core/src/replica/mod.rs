@@ -336,6 +336,9 @@ impl Replica {
             dataset: None,
             epoch: 0,
             head: None,
+    /// The next head read is answered at once (a sync wants the head as of
+    /// now): no wait hint.
+    head_now: bool,
             etag: None,
             committed: 0,
             committed_at_ms: 0,
@@ -389,6 +392,7 @@ impl Replica {
             l.state_lsn = applied_lsn;
         }
         r.applied = applied_lsn;
+            head_now: false,
         r.committed = applied_lsn;
         r.dataset = Some(dataset_id);
         r.epoch = epoch;
@@ -486,6 +490,7 @@ impl Replica {
             if let Some(a) = self.next_block_fetch() {
                 return a;
             }
+        self.head_now = true;
         }
         if let Some(t) = self.backoff_until {
             if t > now {
@@ -503,7 +508,8 @@ impl Replica {
                 self.etag.clone()
             };
             self.head_fresh = false;
-            let wait = self.long_poll_wait(inm.is_some());
+            let wait = self.long_poll_wait(inm.is_some() && !self.head_now);
+            self.head_now = false;
             let mut action = self.fetch(Job::Head, HEAD_KEY.to_string(), None, inm);
             if let Action::Fetch(req) = &mut action {
                 req.wait_ms = wait;
