@@ -254,3 +254,24 @@ fn golden_page() {
     assert_eq!(decoded.segments[1].last_lsn, FIRST_LSN - 1);
     assert!(decoded.pages.is_empty());
 }
+
+/// The golden head with its newest segment carried in the tail
+/// (`docs/FORMAT.md`, "The tail"): base64 of the golden segment file.
+#[test]
+fn golden_head_with_tail() {
+    let (bytes, _) = fixtures::golden_segment();
+    let mut head = fixtures::golden_head();
+    head.tail = vec![walcast_core::catalog::TailSegment {
+        key: head.segments[0].key.clone(),
+        body: bytes.clone(),
+    }];
+    let committed = check_golden("head-tail.json", "the catalog head with a tail", &head.encode());
+    let decoded = Head::decode(&committed).expect("committed head decodes");
+    assert_eq!(decoded, head);
+    assert_eq!(decoded.tail_body(&decoded.segments[0].key), Some(&bytes[..]));
+    assert_eq!(crc32fast::hash(&bytes), SEGMENT_CRC32);
+    // Readers that do not know the tail read the same head without it.
+    let mut plain = decoded.clone();
+    plain.tail.clear();
+    assert_eq!(plain, fixtures::golden_head());
+}
