@@ -42,5 +42,6 @@ mod rng;
 pub mod segment;
 pub mod snapshot;
 pub mod state;
+pub mod token;
 
 pub use error::{DecodeError, Error, ErrorKind, Result};
