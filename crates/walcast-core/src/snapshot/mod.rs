@@ -2,6 +2,7 @@
 //! a reader decodes as bytes arrive. See `docs/FORMAT.md`.
 
 pub mod block;
+pub mod delta;
 pub mod indexed;
 
 use crate::catalog::DatasetId;

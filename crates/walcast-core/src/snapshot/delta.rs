@@ -1,0 +1,699 @@
+//! The delta snapshot (snapshot format version 3): the keys written between
+//! two LSNs, sorted, each with its newest value or a deletion mark, in the
+//! block format of version 2, with one index block, a key filter (a Bloom
+//! filter) and a fixed 64-byte footer. A replica applies a chain of deltas
+//! over a base snapshot; a cold point read fetches the index and filter of
+//! every delta with one suffix GET each (all in flight together), and then
+//! one data block of the newest delta whose filter and index say it may hold
+//! the key. See `docs/FORMAT.md`, "Delta snapshot".
+//!
+//! [`DeltaIndex`] is the pure reader of the suffix (footer, index, filter);
+//! [`DeltaIndex::lookup`] verifies one data block and reads a key from it;
+//! [`decode_delta`] verifies and decodes a whole delta.
+
+use super::block::{Block, BlockBuilder, BlockHandle, HANDLE_LEN};
+use super::{SnapshotHeader, HEADER_LEN, MAGIC};
+use crate::catalog::DatasetId;
+use crate::codec::{check_crc, invalid, Reader};
+use crate::error::DecodeError;
+
+/// Version of the delta snapshot.
+pub const VERSION_DELTA: u16 = 3;
+/// Bytes of the footer.
+pub const DELTA_FOOTER_LEN: u64 = 64;
+/// Magic at the end of a delta snapshot.
+pub const DELTA_FOOTER_MAGIC: [u8; 4] = *b"WCD1";
+/// Default target bytes of a data block.
+pub const DEFAULT_DELTA_BLOCK_BYTES: usize = 16 << 10;
+/// Bits of filter per key.
+pub const FILTER_BITS_PER_KEY: u64 = 10;
+/// Probes per key (about 1% false positives at 10 bits a key).
+pub const FILTER_PROBES: u8 = 7;
+/// Bytes of the filter header: `nbits: u32, probes: u8, reserved: [u8; 3]`.
+pub const FILTER_HEADER_LEN: usize = 8;
+/// Largest filter accepted (bits of 13 million keys).
+pub const MAX_FILTER_BYTES: u64 = 16 << 20;
+/// Largest index block accepted.
+pub const MAX_DELTA_INDEX_BYTES: u64 = 16 << 20;
+/// Tag of an entry's value: the key holds the bytes after the tag.
+pub const TAG_PUT: u8 = 0;
+/// Tag of an entry's value: the key was deleted (nothing follows the tag).
+pub const TAG_DELETE: u8 = 1;
+
+/// One key's change in a delta: the newest value, or `None` for a deletion.
+pub type Change = Option<Vec<u8>>;
+
+/// The footer of a delta snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaFooter {
+    /// The delta holds the changes after this LSN (up to the header's LSN).
+    pub base_lsn: u64,
+    /// The index block (first key and handle of every data block).
+    pub index: BlockHandle,
+    /// The key filter.
+    pub filter: BlockHandle,
+    /// Entries (changed keys) in the delta.
+    pub entry_count: u64,
+    /// Data blocks in the delta.
+    pub data_blocks: u32,
+}
+
+impl DeltaFooter {
+    /// The footer's 64 bytes.
+    pub fn encode(&self) -> [u8; DELTA_FOOTER_LEN as usize] {
+        let mut b = [0u8; DELTA_FOOTER_LEN as usize];
+        b[..8].copy_from_slice(&self.base_lsn.to_le_bytes());
+        b[8..24].copy_from_slice(&self.index.encode());
+        b[24..40].copy_from_slice(&self.filter.encode());
+        b[40..48].copy_from_slice(&self.entry_count.to_le_bytes());
+        b[48..52].copy_from_slice(&self.data_blocks.to_le_bytes());
+        let crc = crc32fast::hash(&b[..56]);
+        b[56..60].copy_from_slice(&crc.to_le_bytes());
+        b[60..].copy_from_slice(&DELTA_FOOTER_MAGIC);
+        b
+    }
+
+    /// Parses the footer of a delta of `size` bytes; `bytes` are its last 64.
+    pub fn decode(bytes: &[u8], size: u64) -> Result<DeltaFooter, DecodeError> {
+        let what = "delta footer";
+        let at = size.saturating_sub(DELTA_FOOTER_LEN);
+        if bytes.len() as u64 != DELTA_FOOTER_LEN || size < HEADER_LEN + DELTA_FOOTER_LEN {
+            return Err(DecodeError::Truncated {
+                what,
+                at,
+                need: DELTA_FOOTER_LEN,
+                have: bytes.len() as u64,
+            });
+        }
+        let mut r = Reader::new(bytes, at);
+        let base_lsn = r.u64(what)?;
+        let index = BlockHandle::decode(r.bytes(HANDLE_LEN as u64, what)?, at + 8)?;
+        let filter = decode_filter_handle(r.bytes(HANDLE_LEN as u64, what)?, at + 24)?;
+        let entry_count = r.u64(what)?;
+        let data_blocks = r.u32(what)?;
+        let reserved = r.u32(what)?;
+        let crc = r.u32(what)?;
+        r.magic(&DELTA_FOOTER_MAGIC, what)?;
+        check_crc(what, at, crc, &bytes[..56])?;
+        if reserved != 0 {
+            return Err(invalid(what, at, "reserved bits set"));
+        }
+        let body_end = size - DELTA_FOOTER_LEN;
+        if index.offset < HEADER_LEN
+            || index.end() != filter.offset
+            || filter.end() != body_end
+            || u64::from(index.len) > MAX_DELTA_INDEX_BYTES
+        {
+            return Err(invalid(
+                what,
+                at,
+                "the index or filter lies outside the file",
+            ));
+        }
+        Ok(DeltaFooter {
+            base_lsn,
+            index,
+            filter,
+            entry_count,
+            data_blocks,
+        })
+    }
+
+    /// Bytes from the index block to the end of the file: what one suffix
+    /// GET must fetch for [`DeltaIndex::decode_suffix`].
+    pub fn suffix_len(&self, size: u64) -> u64 {
+        size.saturating_sub(self.index.offset)
+    }
+}
+
+/// A filter handle: the block handle layout, with the filter's own bounds.
+fn decode_filter_handle(bytes: &[u8], at: u64) -> Result<BlockHandle, DecodeError> {
+    let mut r = Reader::new(bytes, at);
+    let h = BlockHandle {
+        offset: r.u64("delta filter handle")?,
+        len: r.u32("delta filter handle")?,
+        crc: r.u32("delta filter handle")?,
+    };
+    let len = u64::from(h.len);
+    if len < FILTER_HEADER_LEN as u64 || len > FILTER_HEADER_LEN as u64 + MAX_FILTER_BYTES {
+        return Err(invalid(
+            "delta filter handle",
+            at,
+            format!("filter length {len} outside the format's bounds"),
+        ));
+    }
+    Ok(h)
+}
+
+/// FNV-1a, 64 bits: the key hash the filter probes with.
+fn key_hash(key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The bit positions `key` sets in a filter of `nbits` bits.
+fn probes(key: &[u8], nbits: u32, k: u8) -> impl Iterator<Item = u32> {
+    let h = key_hash(key);
+    let h1 = h as u32;
+    let h2 = ((h >> 32) as u32) | 1;
+    let n = nbits.max(1);
+    (0..u32::from(k)).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) % n)
+}
+
+/// A verified key filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFilter {
+    nbits: u32,
+    probes: u8,
+    bits: Vec<u8>,
+}
+
+impl KeyFilter {
+    /// A filter for `keys` (10 bits a key, 7 probes).
+    pub fn build<'a>(keys: impl ExactSizeIterator<Item = &'a [u8]>) -> KeyFilter {
+        let n = keys.len() as u64;
+        let nbits = (n * FILTER_BITS_PER_KEY)
+            .clamp(64, MAX_FILTER_BYTES * 8)
+            .div_ceil(8)
+            * 8;
+        let nbits = nbits as u32;
+        let mut bits = vec![0u8; (nbits / 8) as usize];
+        for k in keys {
+            for p in probes(k, nbits, FILTER_PROBES) {
+                bits[(p / 8) as usize] |= 1 << (p % 8);
+            }
+        }
+        KeyFilter {
+            nbits,
+            probes: FILTER_PROBES,
+            bits,
+        }
+    }
+
+    /// The filter's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(FILTER_HEADER_LEN + self.bits.len());
+        out.extend_from_slice(&self.nbits.to_le_bytes());
+        out.push(self.probes);
+        out.extend_from_slice(&[0, 0, 0]);
+        out.extend_from_slice(&self.bits);
+        out
+    }
+
+    /// Parses and verifies the filter `handle` names.
+    pub fn decode(bytes: &[u8], handle: &BlockHandle) -> Result<KeyFilter, DecodeError> {
+        let what = "delta filter";
+        let at = handle.offset;
+        if bytes.len() as u64 != u64::from(handle.len) {
+            return Err(DecodeError::Truncated {
+                what,
+                at,
+                need: u64::from(handle.len),
+                have: bytes.len() as u64,
+            });
+        }
+        check_crc(what, at, handle.crc, bytes)?;
+        let mut r = Reader::new(bytes, at);
+        let nbits = r.u32(what)?;
+        let probes = r.u8(what)?;
+        let reserved = r.bytes(3, what)?;
+        let bits = &bytes[FILTER_HEADER_LEN..];
+        if reserved != [0, 0, 0]
+            || nbits == 0
+            || nbits % 8 != 0
+            || u64::from(nbits / 8) != bits.len() as u64
+            || !(1..=32).contains(&probes)
+        {
+            return Err(invalid(
+                what,
+                at,
+                "bit count, probe count or reserved bytes out of range",
+            ));
+        }
+        Ok(KeyFilter {
+            nbits,
+            probes,
+            bits: bits.to_vec(),
+        })
+    }
+
+    /// `false` when the delta certainly does not hold `key`.
+    pub fn may_contain(&self, key: &[u8]) -> bool {
+        probes(key, self.nbits, self.probes).all(|p| {
+            self.bits
+                .get((p / 8) as usize)
+                .is_some_and(|b| b & (1 << (p % 8)) != 0)
+        })
+    }
+
+    /// Bytes held.
+    pub fn heap_bytes(&self) -> u64 {
+        self.bits.len() as u64
+    }
+}
+
+fn header_bytes(lsn: u64, epoch: u64, dataset_id: DatasetId, entries: u64) -> Vec<u8> {
+    let mut head = Vec::with_capacity(HEADER_LEN as usize);
+    head.extend_from_slice(&MAGIC);
+    head.extend_from_slice(&VERSION_DELTA.to_le_bytes());
+    head.extend_from_slice(&0u16.to_le_bytes());
+    head.extend_from_slice(&lsn.to_le_bytes());
+    head.extend_from_slice(&epoch.to_le_bytes());
+    head.extend_from_slice(&dataset_id.0);
+    head.extend_from_slice(&entries.to_le_bytes());
+    head.extend_from_slice(&0u32.to_le_bytes());
+    let crc = crc32fast::hash(&head);
+    head.extend_from_slice(&crc.to_le_bytes());
+    head
+}
+
+/// Parses the 56-byte header of a delta snapshot.
+pub fn decode_delta_header(bytes: &[u8]) -> Result<SnapshotHeader, DecodeError> {
+    let what = "delta header";
+    let mut r = Reader::new(bytes, 0);
+    r.magic(&MAGIC, what)?;
+    let version = r.u16(what)?;
+    if version != VERSION_DELTA {
+        return Err(DecodeError::UnsupportedVersion {
+            what: "delta snapshot",
+            version: u64::from(version),
+            known: u64::from(VERSION_DELTA),
+        });
+    }
+    let flags = r.u16(what)?;
+    if flags != 0 {
+        return Err(DecodeError::UnknownFlags { what, flags });
+    }
+    let lsn = r.u64(what)?;
+    let epoch = r.u64(what)?;
+    let dataset_id = DatasetId(r.array(what)?);
+    let entry_count = r.u64(what)?;
+    let _reserved = r.u32(what)?;
+    let crc = r.u32(what)?;
+    check_crc(what, 0, crc, &bytes[..52.min(bytes.len())])?;
+    Ok(SnapshotHeader {
+        lsn,
+        epoch,
+        dataset_id,
+        entry_count,
+    })
+}
+
+/// What [`encode_delta`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaMeta {
+    /// The changes are those after this LSN...
+    pub base_lsn: u64,
+    /// ... up to and including this one.
+    pub lsn: u64,
+    /// Epoch of the writer.
+    pub epoch: u64,
+    /// The dataset.
+    pub dataset_id: DatasetId,
+}
+
+/// Encodes `changes` (keys strictly ascending; `None`: deleted) as a delta
+/// snapshot of the LSNs `meta.base_lsn + 1 ..= meta.lsn`.
+pub fn encode_delta<'a>(
+    changes: impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)> + Clone,
+    meta: DeltaMeta,
+    block_bytes: usize,
+) -> Vec<u8> {
+    let count = changes.len() as u64;
+    let filter = KeyFilter::build(changes.clone().map(|(k, _)| k));
+    let mut out = header_bytes(meta.lsn, meta.epoch, meta.dataset_id, count);
+    let mut index = BlockBuilder::new();
+    let mut b = BlockBuilder::new();
+    let mut data_blocks = 0u32;
+    let mut value = Vec::new();
+    let flush = |b: &mut BlockBuilder, out: &mut Vec<u8>| -> Option<(Vec<u8>, BlockHandle)> {
+        if b.count() == 0 {
+            return None;
+        }
+        let first = b.first_key().to_vec();
+        let (bytes, crc) = b.finish();
+        let h = BlockHandle {
+            offset: out.len() as u64,
+            len: bytes.len() as u32,
+            crc,
+        };
+        out.extend_from_slice(&bytes);
+        Some((first, h))
+    };
+    for (k, v) in changes {
+        value.clear();
+        match v {
+            Some(v) => {
+                value.push(TAG_PUT);
+                value.extend_from_slice(v);
+            }
+            None => value.push(TAG_DELETE),
+        }
+        b.push(k, &value);
+        if b.size() >= block_bytes {
+            if let Some((first, h)) = flush(&mut b, &mut out) {
+                index.push(&first, &h.encode());
+                data_blocks += 1;
+            }
+        }
+    }
+    if let Some((first, h)) = flush(&mut b, &mut out) {
+        index.push(&first, &h.encode());
+        data_blocks += 1;
+    }
+    let (ibytes, icrc) = index.finish();
+    let index_h = BlockHandle {
+        offset: out.len() as u64,
+        len: ibytes.len() as u32,
+        crc: icrc,
+    };
+    out.extend_from_slice(&ibytes);
+    let fbytes = filter.encode();
+    let filter_h = BlockHandle {
+        offset: out.len() as u64,
+        len: fbytes.len() as u32,
+        crc: crc32fast::hash(&fbytes),
+    };
+    out.extend_from_slice(&fbytes);
+    let footer = DeltaFooter {
+        base_lsn: meta.base_lsn,
+        index: index_h,
+        filter: filter_h,
+        entry_count: count,
+        data_blocks,
+    };
+    out.extend_from_slice(&footer.encode());
+    out
+}
+
+/// Whether `bytes` (at least the first 6 of a snapshot) are a delta.
+pub fn is_delta(bytes: &[u8]) -> bool {
+    bytes.len() >= 6 && bytes[..4] == MAGIC && bytes[4..6] == VERSION_DELTA.to_le_bytes()
+}
+
+fn decode_change(value: &[u8], at: u64) -> Result<Change, DecodeError> {
+    match value.split_first() {
+        Some((&TAG_PUT, v)) => Ok(Some(v.to_vec())),
+        Some((&TAG_DELETE, [])) => Ok(None),
+        _ => Err(invalid(
+            "delta entry",
+            at,
+            "the value is neither a put (tag 0) nor a bare deletion (tag 1)",
+        )),
+    }
+}
+
+/// A delta's verified footer, index and filter: what a point read needs
+/// before it fetches a data block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaIndex {
+    size: u64,
+    footer: DeltaFooter,
+    index: Block,
+    filter: KeyFilter,
+}
+
+impl DeltaIndex {
+    /// Verifies the last `bytes.len()` bytes of a delta of `size` bytes,
+    /// which must reach back to its index block (see
+    /// [`DeltaFooter::suffix_len`]; the catalog entry states it).
+    pub fn decode_suffix(bytes: &[u8], size: u64) -> Result<DeltaIndex, DecodeError> {
+        let n = bytes.len() as u64;
+        if n < DELTA_FOOTER_LEN || n > size {
+            return Err(DecodeError::Truncated {
+                what: "delta footer",
+                at: size.saturating_sub(n),
+                need: DELTA_FOOTER_LEN,
+                have: n,
+            });
+        }
+        let footer = DeltaFooter::decode(&bytes[(n - DELTA_FOOTER_LEN) as usize..], size)?;
+        let start = size - n;
+        if footer.index.offset < start {
+            return Err(DecodeError::Truncated {
+                what: "delta index",
+                at: footer.index.offset,
+                need: footer.suffix_len(size),
+                have: n,
+            });
+        }
+        let slice = |h: &BlockHandle| {
+            let lo = (h.offset - start) as usize;
+            &bytes[lo..lo + h.len as usize]
+        };
+        let index = Block::decode(slice(&footer.index), &footer.index, "delta index")?;
+        let filter = KeyFilter::decode(slice(&footer.filter), &footer.filter)?;
+        if index.entries().len() as u64 != u64::from(footer.data_blocks) {
+            return Err(invalid(
+                "delta index",
+                footer.index.offset,
+                format!(
+                    "{} index entries for {} data blocks",
+                    index.entries().len(),
+                    footer.data_blocks
+                ),
+            ));
+        }
+        let mut prev_end = HEADER_LEN;
+        for (i, (_, hb)) in index.entries().iter().enumerate() {
+            let h = BlockHandle::decode(hb, footer.index.offset)?;
+            if h.offset != prev_end || h.end() > footer.index.offset {
+                return Err(invalid(
+                    "delta index",
+                    footer.index.offset,
+                    format!("data block {i} is not where the previous one ends"),
+                ));
+            }
+            prev_end = h.end();
+        }
+        if prev_end != footer.index.offset {
+            return Err(invalid(
+                "delta index",
+                footer.index.offset,
+                "the data blocks do not reach the index",
+            ));
+        }
+        Ok(DeltaIndex {
+            size,
+            footer,
+            index,
+            filter,
+        })
+    }
+
+    /// The footer.
+    pub fn footer(&self) -> &DeltaFooter {
+        &self.footer
+    }
+
+    /// The delta's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Bytes held (index entries and filter bits).
+    pub fn heap_bytes(&self) -> u64 {
+        self.index.heap_bytes() + self.filter.heap_bytes()
+    }
+
+    /// The data block that may hold `key`: `None` when the filter or the
+    /// index rules it out.
+    pub fn block_for(&self, key: &[u8]) -> Option<BlockHandle> {
+        if !self.filter.may_contain(key) {
+            return None;
+        }
+        let i = self.index.child_for(key)?;
+        // Checked by decode_suffix.
+        BlockHandle::decode(&self.index.entries()[i].1, self.footer.index.offset).ok()
+    }
+
+    /// Verifies the data block `handle` names (as [`block_for`] gave it)
+    /// and reads `key` from it: `None` when the delta does not change the
+    /// key, `Some(None)` when it deletes it.
+    ///
+    /// [`block_for`]: Self::block_for
+    pub fn lookup(
+        &self,
+        handle: &BlockHandle,
+        bytes: &[u8],
+        key: &[u8],
+    ) -> Result<Option<Change>, DecodeError> {
+        let block = Block::decode(bytes, handle, "delta data block")?;
+        block
+            .get(key)
+            .map(|v| decode_change(v, handle.offset))
+            .transpose()
+    }
+}
+
+/// A whole delta, verified and decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delta {
+    /// The header (`lsn` is the last LSN the delta covers).
+    pub header: SnapshotHeader,
+    /// The changes are those after this LSN.
+    pub base_lsn: u64,
+    /// Changed keys, ascending, with their newest value (`None`: deleted).
+    pub changes: Vec<(Vec<u8>, Change)>,
+}
+
+/// Verifies and decodes a whole delta snapshot.
+pub fn decode_delta(bytes: &[u8]) -> Result<Delta, DecodeError> {
+    let size = bytes.len() as u64;
+    if size < HEADER_LEN + DELTA_FOOTER_LEN {
+        return Err(DecodeError::Truncated {
+            what: "delta snapshot",
+            at: 0,
+            need: HEADER_LEN + DELTA_FOOTER_LEN,
+            have: size,
+        });
+    }
+    let header = decode_delta_header(&bytes[..HEADER_LEN as usize])?;
+    let footer = DeltaFooter::decode(&bytes[(size - DELTA_FOOTER_LEN) as usize..], size)?;
+    let idx = DeltaIndex::decode_suffix(&bytes[footer.index.offset as usize..], size)?;
+    if header.entry_count != footer.entry_count || footer.base_lsn > header.lsn {
+        return Err(invalid(
+            "delta snapshot",
+            0,
+            "header and footer disagree (entry count, or base LSN above the LSN)",
+        ));
+    }
+    let mut changes: Vec<(Vec<u8>, Change)> = Vec::new();
+    for (_, hb) in idx.index.entries() {
+        let h = BlockHandle::decode(hb, footer.index.offset)?;
+        let block = Block::decode(
+            &bytes[h.offset as usize..h.end() as usize],
+            &h,
+            "delta data block",
+        )?;
+        for (k, v) in block.entries() {
+            if changes.last().is_some_and(|(last, _)| last >= k) {
+                return Err(invalid("delta data block", h.offset, "keys do not ascend"));
+            }
+            changes.push((k.clone(), decode_change(v, h.offset)?));
+        }
+    }
+    if changes.len() as u64 != header.entry_count {
+        return Err(invalid(
+            "delta snapshot",
+            0,
+            format!(
+                "{} entries, the header says {}",
+                changes.len(),
+                header.entry_count
+            ),
+        ));
+    }
+    Ok(Delta {
+        header,
+        base_lsn: footer.base_lsn,
+        changes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> DeltaMeta {
+        DeltaMeta {
+            base_lsn: 100,
+            lsn: 250,
+            epoch: 3,
+            dataset_id: DatasetId([7; 16]),
+        }
+    }
+
+    fn sample(n: usize) -> Vec<(Vec<u8>, Change)> {
+        (0..n)
+            .map(|i| {
+                let k = format!("key:{i:06}").into_bytes();
+                let v = (i % 5 != 0).then(|| vec![i as u8; 40 + i % 13]);
+                (k, v)
+            })
+            .collect()
+    }
+
+    fn encode(changes: &[(Vec<u8>, Change)], block: usize) -> Vec<u8> {
+        encode_delta(
+            changes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
+            meta(),
+            block,
+        )
+    }
+
+    #[test]
+    fn round_trip_whole_and_point_reads() {
+        let changes = sample(3000);
+        let bytes = encode(&changes, 1024);
+        let d = decode_delta(&bytes).unwrap();
+        assert_eq!(d.changes, changes);
+        assert_eq!(d.base_lsn, 100);
+        assert_eq!(d.header.lsn, 250);
+        let size = bytes.len() as u64;
+        let footer = DeltaFooter::decode(&bytes[bytes.len() - 64..], size).unwrap();
+        let idx = DeltaIndex::decode_suffix(&bytes[footer.index.offset as usize..], size).unwrap();
+        for (k, v) in &changes {
+            let h = idx.block_for(k).expect("a written key passes the filter");
+            let got = idx
+                .lookup(&h, &bytes[h.offset as usize..h.end() as usize], k)
+                .unwrap();
+            assert_eq!(got.as_ref(), Some(v));
+        }
+        // Absent keys: mostly ruled out by the filter, never found.
+        let mut passed = 0;
+        for i in 0..3000 {
+            let k = format!("nokey:{i}").into_bytes();
+            if let Some(h) = idx.block_for(&k) {
+                passed += 1;
+                let got = idx
+                    .lookup(&h, &bytes[h.offset as usize..h.end() as usize], &k)
+                    .unwrap();
+                assert_eq!(got, None);
+            }
+        }
+        assert!(
+            passed < 150,
+            "{passed} of 3000 absent keys passed the filter"
+        );
+    }
+
+    #[test]
+    fn empty_delta() {
+        let bytes = encode(&[], 1024);
+        let d = decode_delta(&bytes).unwrap();
+        assert!(d.changes.is_empty());
+        let footer = DeltaFooter::decode(&bytes[bytes.len() - 64..], bytes.len() as u64).unwrap();
+        let idx =
+            DeltaIndex::decode_suffix(&bytes[footer.index.offset as usize..], bytes.len() as u64)
+                .unwrap();
+        assert_eq!(idx.block_for(b"x"), None);
+    }
+
+    #[test]
+    fn every_flipped_byte_is_an_error() {
+        let bytes = encode(&sample(40), 256);
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x40;
+            assert!(decode_delta(&b).is_err(), "flip at {i} accepted");
+        }
+    }
+
+    #[test]
+    fn short_suffix_and_truncation_are_errors() {
+        let bytes = encode(&sample(200), 512);
+        let size = bytes.len() as u64;
+        assert!(DeltaIndex::decode_suffix(&bytes[bytes.len() - 64..], size).is_err());
+        assert!(DeltaIndex::decode_suffix(&bytes[bytes.len() - 10..], size).is_err());
+        for n in [0, 10, 56, 100, bytes.len() - 1] {
+            assert!(decode_delta(&bytes[..n]).is_err(), "truncated to {n}");
+        }
+        let e = DeltaIndex::decode_suffix(&bytes[bytes.len() - 64..], size).unwrap_err();
+        assert!(e.to_string().contains("delta index"), "{e}");
+    }
+}
