@@ -93,6 +93,14 @@ impl<'a> Reader<'a> {
 
     /// Unsigned LEB128, at most 10 bytes, minimal encoding.
     pub(crate) fn varint(&mut self, what: &'static str) -> Result<u64, DecodeError> {
+        // One byte (below 128: lengths of keys and small values, op
+        // counts) is the common case of every batch a replica applies.
+        if let Some(&b) = self.buf.get(self.pos) {
+            if b < 0x80 {
+                self.pos += 1;
+                return Ok(u64::from(b));
+            }
+        }
         let at = self.offset();
         let mut value: u64 = 0;
         for i in 0..10u32 {

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use crate::batch::OpRef;
-use crate::codec::{put_len_prefixed, Reader};
+use crate::codec::put_len_prefixed;
 
 /// Target bytes of entries per leaf.
 const LEAF_TARGET: usize = 16 << 10;
@@ -30,14 +30,20 @@ impl Leaf {
     fn entry(&self, i: usize) -> (&[u8], &[u8]) {
         // Leaves are only built by this module from validated entries, so the
         // reads cannot fail; fall back to empty slices rather than panic.
-        let mut r = Reader::new(&self.data[self.offs[i] as usize..], 0);
-        let k = r.len_prefixed("leaf key", u64::MAX).unwrap_or(&[]);
-        let v = r.len_prefixed("leaf value", u64::MAX).unwrap_or(&[]);
+        let (k, at) = len_prefixed_at(
+            &self.data,
+            self.offs.get(i).map_or(usize::MAX, |&o| o as usize),
+        );
+        let (v, _) = len_prefixed_at(&self.data, at);
         (k, v)
     }
 
     fn key(&self, i: usize) -> &[u8] {
-        self.entry(i).0
+        len_prefixed_at(
+            &self.data,
+            self.offs.get(i).map_or(usize::MAX, |&o| o as usize),
+        )
+        .0
     }
 
     fn len(&self) -> usize {
@@ -70,6 +76,38 @@ impl Leaf {
 
     fn heap_bytes(&self) -> usize {
         self.data.capacity() + self.offs.capacity() * 4
+    }
+}
+
+/// The length-prefixed bytes at `at` of a leaf's data and the position
+/// after them: the hot path of every read and merge, without the error
+/// reporting of the format readers (a leaf is written by this module only). Out of
+/// range gives empty bytes.
+#[inline]
+fn len_prefixed_at(data: &[u8], at: usize) -> (&[u8], usize) {
+    let mut len = 0usize;
+    let mut pos = at;
+    let mut shift = 0u32;
+    loop {
+        let Some(&b) = data.get(pos) else {
+            return (&[], data.len());
+        };
+        pos += 1;
+        len |= usize::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            break;
+        }
+        shift += 7;
+        if shift >= usize::BITS {
+            return (&[], data.len());
+        }
+    }
+    match pos
+        .checked_add(len)
+        .and_then(|end| data.get(pos..end).map(|s| (s, end)))
+    {
+        Some(found) => found,
+        None => (&[], data.len()),
     }
 }
 
@@ -248,7 +286,12 @@ impl KvState {
             if let Some(l) = self.leaves.last_mut() {
                 l.shrink();
             }
-            self.leaves.push(Leaf::default());
+            // Room for a full leaf at once: appends do not regrow it (a
+            // leaf is full at LEAF_TARGET, shrunk to its size then).
+            self.leaves.push(Leaf {
+                data: Vec::with_capacity(LEAF_TARGET + 256),
+                offs: Vec::new(),
+            });
         }
         let leaf = self.leaves.last_mut().expect("pushed above");
         let before = leaf.data.len();
