@@ -55,6 +55,7 @@
 pub mod counting;
 pub mod demo;
 pub mod handle;
+pub mod hints;
 pub mod inspect;
 pub mod keyfile;
 pub mod lazy;

@@ -284,6 +284,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let url = cli.cmd.dataset_url().map(str::to_string);
     match rt.block_on(run(cli.cmd)) {
         Ok(code) => code,
         Err(e) => {
@@ -291,8 +292,28 @@ fn main() -> ExitCode {
                 eprintln!("walcast: {e:#}");
                 return ExitCode::from(3);
             }
-            eprintln!("walcast: error: {e:#}");
+            // A common mistake gets one line saying what to do; the details
+            // with RUST_LOG=debug.
+            match url.and_then(|u| walcast::hints::explain(&u, &format!("{e:#}"))) {
+                Some(hint) => {
+                    tracing::debug!("{e:#}");
+                    eprintln!("walcast: error: {hint}");
+                }
+                None => eprintln!("walcast: error: {e:#}"),
+            }
             ExitCode::from(1)
+        }
+    }
+}
+
+impl Cmd {
+    /// The dataset URL the command works on, for messages.
+    fn dataset_url(&self) -> Option<&str> {
+        match self {
+            Cmd::Publish { to, .. } => Some(to),
+            Cmd::Replicate { url, .. } | Cmd::Inspect { url, .. } => Some(url),
+            Cmd::Get { from, .. } | Cmd::Scan { from, .. } => from.as_deref(),
+            _ => None,
         }
     }
 }
@@ -322,7 +343,6 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             grace,
             once,
         } => {
-            let store = walcast::store::Store::open(&to)?;
             let opts = PublishOptions {
                 config: PublisherConfig {
                     segment_bytes,
@@ -338,7 +358,17 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                 once,
                 ..PublishOptions::default()
             };
-            let report = walcast::publish::publish(wal, store, opts, ctrl_c(), |_| {}).await?;
+            // The same handle apps embed: Ctrl-C publishes what the WAL made
+            // durable, then stops.
+            let mut publisher = walcast::Publisher::spawn(&wal, &to, opts)?;
+            let ended = tokio::select! {
+                r = publisher.finished() => Some(r),
+                () = ctrl_c() => None,
+            };
+            let report = match ended {
+                Some(r) => r?,
+                None => publisher.stop().await?,
+            };
             eprintln!(
                 "walcast publish: epoch {}, committed LSN {}, {} commits",
                 report.epoch, report.committed_lsn, report.commits

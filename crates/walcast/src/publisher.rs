@@ -137,7 +137,7 @@ impl Publisher {
     /// was fenced (the error is a [`crate::publish::Fenced`]) or failed.
     /// Cancel-safe: it can be raced against a shutdown signal, then
     /// [`stop`](Self::stop) called.
-    pub async fn finished(&mut self) -> Result<&PublishReport> {
+    pub async fn finished(&mut self) -> Result<PublishReport> {
         if self.done.is_none() {
             let task = self
                 .task
@@ -148,9 +148,17 @@ impl Publisher {
             self.done =
                 Some(r.unwrap_or_else(|e| Err(anyhow!("internal: the publisher task: {e}"))));
         }
-        match self.done.as_ref() {
-            Some(Ok(report)) => Ok(report),
-            Some(Err(e)) => Err(anyhow!("{e:#}")),
+        // The first caller gets the error itself (a [`crate::publish::Fenced`]
+        // stays one); later calls get its text.
+        match self.done.take() {
+            Some(Ok(report)) => {
+                self.done = Some(Ok(report.clone()));
+                Ok(report)
+            }
+            Some(Err(e)) => {
+                self.done = Some(Err(anyhow!("{e:#}")));
+                Err(e)
+            }
             None => Err(anyhow!("internal: the publisher has no result")),
         }
     }
@@ -176,7 +184,7 @@ impl Publisher {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        self.finished().await.cloned()
+        self.finished().await
     }
 }
 

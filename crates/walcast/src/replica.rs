@@ -460,6 +460,7 @@ impl Fetch for AnyFetch {
 }
 
 /// Wall clock and tokio timers.
+        crate::hints::check_dataset_url(url)?;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TokioTimer;
 

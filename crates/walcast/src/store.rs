@@ -90,6 +90,7 @@ impl Store {
     }
 
     fn open_inner(url: &str, stats: Option<Arc<RequestStats>>) -> Result<Store> {
+        crate::hints::check_dataset_url(url)?;
         let parsed =
             url::Url::parse(url).with_context(|| format!("invalid dataset URL {url:?}"))?;
         let scheme = parsed.scheme().to_string();

@@ -1,0 +1,78 @@
+//! Messages that say what to do: a dataset URL without a scheme, a missing
+//! dataset, a bucket without credentials, a bucket in another region. Each
+//! is one line naming the URL and the fix.
+
+use anyhow::{bail, Result};
+
+/// Refuses a dataset URL without a scheme (`my-bucket/app`, `./ds`) with
+/// the forms that work; a local directory gets its `file://` URL.
+pub fn check_dataset_url(url: &str) -> Result<()> {
+    if url.contains("://") {
+        return Ok(());
+    }
+    let local = std::path::Path::new(url);
+    let as_file = std::fs::canonicalize(local)
+        .ok()
+        .and_then(|p| url::Url::from_directory_path(p).ok())
+        .map(|u| format!(" (for the directory {url:?}: {u})"))
+        .unwrap_or_default();
+    bail!(
+        "{url:?} is not a dataset URL: give it a scheme, e.g. s3://BUCKET/PREFIX, \
+         gs://BUCKET/PREFIX, az://CONTAINER/PREFIX, https://HOST/PREFIX or \
+         file:///ABSOLUTE/DIR{as_file}"
+    )
+}
+
+/// One line for an error met on the dataset at `url`, when it is one of the
+/// common mistakes; `None` for other errors. `text` is the error's text.
+pub fn explain(url: &str, text: &str) -> Option<String> {
+    let t = text.to_ascii_lowercase();
+    let scheme = url.split("://").next().unwrap_or_default();
+    let s3 = matches!(scheme, "s3" | "s3a");
+    if s3
+        && (t.contains("permanentredirect")
+            || t.contains("authorizationheadermalformed")
+            || t.contains("incorrectendpoint")
+            || (t.contains("region") && (t.contains("wrong") || t.contains("expecting")))
+            || t.contains("status: 301"))
+    {
+        return Some(format!(
+            "{url}: the bucket is in another region than the one requested: set AWS_REGION \
+             (or --region) to the bucket's region"
+        ));
+    }
+    if s3
+        && (t.contains("missing credentials")
+            || t.contains("no credentials")
+            || t.contains("error performing token request")
+            || t.contains("instance metadata")
+            || t.contains("169.254.169.254")
+            || t.contains("invalidaccesskeyid")
+            || t.contains("signaturedoesnotmatch")
+            || t.contains("accessdenied")
+            || t.contains("403"))
+    {
+        return Some(format!(
+            "{url}: no valid credentials for this bucket: set AWS_ACCESS_KEY_ID and \
+             AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL or --endpoint for an S3-compatible store)"
+        ));
+    }
+    if (matches!(scheme, "gs") && (t.contains("credential") || t.contains("401") || t.contains("403")))
+        || (matches!(scheme, "az" | "azure" | "abfs" | "abfss")
+            && (t.contains("credential") || t.contains("401") || t.contains("403")))
+    {
+        let fix = if scheme == "gs" {
+            "set GOOGLE_SERVICE_ACCOUNT (a service account key file)"
+        } else {
+            "set AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY"
+        };
+        return Some(format!("{url}: no valid credentials for this container: {fix}"));
+    }
+    if t.contains("catalog/head.json") && (t.contains("not found") || t.contains("404")) {
+        return Some(format!(
+            "{url}: no dataset here (no catalog/head.json): check the URL, or publish one first \
+             with `walcast publish --wal DIR --to {url}`"
+        ));
+    }
+    None
+}
