@@ -22,7 +22,10 @@ use anyhow::{anyhow, Context, Result};
 use walcast_client::{Fetch, Timer};
 use walcast_core::batch;
 use walcast_core::catalog::DatasetId;
-use walcast_core::io::{ContentRange, GetRequest, GetResponse};
+use walcast_core::io::{
+    parse_long_poll, wait_seconds, ContentRange, GetRequest, GetResponse, ResponseMeta,
+    LONG_POLL_HEADER, WAIT_PARAM,
+};
 use walcast_core::segment::{encode_record, Records};
 use walcast_core::snapshot;
 use walcast_core::state::KvState;
@@ -281,7 +284,13 @@ fn parse_header(h: &str) -> Result<(reqwest::header::HeaderName, reqwest::header
 
 impl HttpFetch {
     /// One GET, without the outer deadline.
-    async fn exchange(&self, url: &str, shown: &str, req: &GetRequest) -> GetResponse {
+    async fn exchange(
+        &self,
+        url: &str,
+        shown: &str,
+        req: &GetRequest,
+        meta: &mut ResponseMeta,
+    ) -> GetResponse {
         let failed = |status: Option<u16>, what: String| GetResponse::Failed {
             status,
             message: format!("GET {shown}: {what}"),
@@ -297,6 +306,9 @@ impl HttpFetch {
         if let Some(e) = &req.if_none_match {
             rb = rb.header("if-none-match", e);
         }
+        if let Some(w) = req.wait_ms {
+            rb = rb.header("prefer", format!("wait={}", wait_seconds(w)));
+        }
         let mut resp = match rb.send().await {
             Ok(r) => r,
             Err(e) if e.is_timeout() => {
@@ -305,6 +317,11 @@ impl HttpFetch {
             // reqwest's error names the URL: print it without the query.
             Err(e) => return failed(None, e.without_url().to_string()),
         };
+        meta.long_poll_max_ms = resp
+            .headers()
+            .get(LONG_POLL_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_long_poll);
         let status = resp.status().as_u16();
         let range = match status {
             200 => None,
@@ -363,24 +380,37 @@ impl HttpFetch {
 
 impl Fetch for HttpFetch {
     async fn get(&self, req: GetRequest) -> GetResponse {
+        self.get_with_meta(req).await.0
+    }
+
+    async fn get_with_meta(&self, req: GetRequest) -> (GetResponse, ResponseMeta) {
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Messages name the object's URL without the query (it may hold a
         // credential).
         let shown = format!("{}/{}", self.base, req.key);
-        let url = match &self.query {
-            Some(q) => format!("{shown}?{q}"),
-            None => shown.clone(),
+        // A long-poll's wait hint also goes in the query, for caches to key on.
+        let wait = req
+            .wait_ms
+            .map(|w| format!("{WAIT_PARAM}={}", wait_seconds(w)));
+        let url = match (&self.query, wait) {
+            (Some(q), Some(w)) => format!("{shown}?{q}&{w}"),
+            (Some(q), None) => format!("{shown}?{q}"),
+            (None, Some(w)) => format!("{shown}?{w}"),
+            (None, None) => shown.clone(),
         };
         // Also bounded here, whatever the client does with its timeout.
         let limit = Duration::from_millis(req.timeout_ms.max(1));
-        match tokio::time::timeout(limit, self.exchange(&url, &shown, &req)).await {
-            Ok(r) => r,
-            Err(_) => GetResponse::Failed {
-                status: None,
-                message: format!("GET {shown}: timed out after {} ms", req.timeout_ms),
-            },
-        }
+        let mut meta = ResponseMeta::default();
+        let resp =
+            match tokio::time::timeout(limit, self.exchange(&url, &shown, &req, &mut meta)).await {
+                Ok(r) => r,
+                Err(_) => GetResponse::Failed {
+                    status: None,
+                    message: format!("GET {shown}: timed out after {} ms", req.timeout_ms),
+                },
+            };
+        (resp, meta)
     }
 }
 
@@ -429,6 +459,7 @@ impl AnyFetch {
     /// of an http(s):// dataset; other schemes take their credentials from
     /// the environment and refuse headers.
     pub fn for_url_with_headers(url: &str, headers: &[String]) -> Result<AnyFetch> {
+        crate::hints::check_dataset_url(url)?;
         if url.starts_with("http://") || url.starts_with("https://") {
             Ok(AnyFetch::Http(HttpFetch::with_headers(url, headers)?))
         } else if !headers.is_empty() {
@@ -457,10 +488,16 @@ impl Fetch for AnyFetch {
             AnyFetch::Store(s) => s.get(req).await,
         }
     }
+
+    async fn get_with_meta(&self, req: GetRequest) -> (GetResponse, ResponseMeta) {
+        match self {
+            AnyFetch::Http(h) => h.get_with_meta(req).await,
+            AnyFetch::Store(s) => (s.get(req).await, ResponseMeta::default()),
+        }
+    }
 }
 
 /// Wall clock and tokio timers.
-        crate::hints::check_dataset_url(url)?;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TokioTimer;
 
