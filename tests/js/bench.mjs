@@ -76,6 +76,7 @@ async function startWorkerd(name, bindings) {
     `(name = "index.js", esModule = embed ${emb(join(root, "worker/src/index.js"))})`,
     `(name = "handler.js", esModule = embed ${emb(join(root, "worker/src/handler.js"))})`,
     `(name = "r2.js", esModule = embed ${emb(join(root, "worker/src/r2.js"))})`,
+    `(name = "auth.js", esModule = embed ${emb(join(root, "worker/src/auth.js"))})`,
     `(name = "walcast", esModule = embed ${emb(join(dist, "workerd.js"))})`,
   ];
   for (const f of readdirSync(dist)) if (f.endsWith(".js") && !["node.js", "web.js", "workerd.js"].includes(f)) mods.push(`(name = ${lit(f)}, esModule = embed ${emb(join(dist, f))})`);

@@ -31,7 +31,11 @@
 // default: the isolate loads the whole dataset; "lazy": it reads the head and
 // the segments after the newest snapshot, and fetches only the snapshot
 // blocks a request needs) and CACHE_BYTES (lazy: snapshot block bytes kept,
-// default 8 MiB).
+// default 8 MiB), AUTH_KEY (`ed25519:<base64>`, several separated by commas:
+// every route needs a token of `walcast token` signed by one of them, in
+// `Authorization: Bearer` or `?token=`; 401 otherwise; CORS then allows no
+// origin unless CORS_ORIGINS lists it) and AUTH_PREFIX (the path tokens must
+// cover; default DATASET_PREFIX with BUCKET, else DATASET_URL's path).
 //
 // Lazy reads can fail on their own (a snapshot block that fails
 // verification, a store that does not answer): /kv and /scan then answer
@@ -41,6 +45,7 @@
 // (either may hold credentials): errors are { code, message } with a fixed
 // message per code, plus the dataset object and LSN they concern.
 
+import { importKeys, requestToken, verifyToken } from "./auth.js";
 import { R2_ORIGIN, isR2Bucket, r2Fetch } from "./r2.js";
 
 const DEFAULT_MAX_AGE_MS = 1000;
@@ -175,13 +180,60 @@ function toBase64(bytes) {
  */
 function corsOrigins(env) {
   const raw = env?.CORS_ORIGINS;
-  if (raw === undefined || raw === null || String(raw).trim() === "") return null;
+  // With tokens required (AUTH_KEY), no origin unless listed ("*" must be asked for).
+  if (raw === undefined || raw === null || String(raw).trim() === "") return authOn(env) ? new Set() : null;
   const list = String(raw)
     .split(",")
     .map((o) => o.trim().replace(/\/+$/, ""))
     .filter((o) => o !== "");
   if (list.length === 0 || list.includes("*")) return null;
   return new Set(list.map((o) => o.toLowerCase()));
+}
+
+function authOn(env) {
+  return env?.AUTH_KEY !== undefined && env?.AUTH_KEY !== null && String(env.AUTH_KEY).trim() !== "";
+}
+
+/**
+ * AUTH_PREFIX: the dataset's path the worker's tokens must cover (no
+ * leading or trailing "/"). Default: DATASET_PREFIX with a BUCKET, else the
+ * path of DATASET_URL, so a token for `walcast serve`'s `app/…` is good for
+ * the worker serving `…/app` too.
+ */
+function authPrefix(env) {
+  if (env.AUTH_PREFIX !== undefined && env.AUTH_PREFIX !== null) return String(env.AUTH_PREFIX).replace(/^\/+|\/+$/g, "");
+  if (isR2Bucket(env.BUCKET)) return String(env.DATASET_PREFIX ?? "").replace(/^\/+|\/+$/g, "");
+  try {
+    return decodeURIComponent(new URL(env.DATASET_URL).pathname).replace(/^\/+|\/+$/g, "");
+  } catch {
+    return "";
+  }
+}
+
+/**
+ * With AUTH_KEY set: null when the request carries a valid token (see
+ * ./auth.js), else the 401 to answer (its reason in WWW-Authenticate and
+ * the body's error, never the token).
+ */
+async function authorize(request, url, env, cors, now) {
+  if (!authOn(env)) return null;
+  let keys;
+  try {
+    keys = await importKeys(String(env.AUTH_KEY));
+  } catch {
+    throw configError('AUTH_KEY must be "ed25519:<base64>" (several: separated by commas)');
+  }
+  const v = await verifyToken(requestToken(request, url), keys, Math.floor(now() / 1000), authPrefix(env));
+  if (v.ok) return null;
+  return new Response(JSON.stringify({ error: { code: "unauthorized", message: `a valid access token is required (${v.reason})` } }), {
+    status: 401,
+    headers: {
+      "cache-control": "no-store",
+      ...cors,
+      "content-type": "application/json; charset=utf-8",
+      "www-authenticate": `Bearer realm="walcast", error="invalid_token", error_description="${v.reason}"`,
+    },
+  });
 }
 
 /** The CORS headers of an answer to `request`. */
@@ -475,6 +527,14 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       }
       return new Response(null, { status: 204, headers });
     }
+    // With AUTH_KEY, nothing (not even a 404) without a valid token.
+    let refused;
+    try {
+      refused = await authorize(request, url, env, cors, now);
+    } catch (e) {
+      return json(500, errorBody(e), undefined, cors);
+    }
+    if (refused) return refused;
     const route = path.startsWith("/kv/") || path === "/kv" ? "kv" : path === "/scan" ? "scan" : path === "/status" ? "status" : null;
     if (!route) return json(404, { error: { code: "not_found", message: "no such route; try /kv/<key>, /scan, /status" } }, undefined, cors);
     if (request.method !== "GET" && request.method !== "HEAD") {

@@ -104,6 +104,12 @@ enum Cmd {
         /// Close a connection on which nothing was read or written for this long.
         #[arg(long, default_value = "30s", value_parser = parse_timeout)]
         idle_timeout: Duration,
+        /// Require an access token (`walcast token`) signed by this key,
+        /// `ed25519:<base64>`, in `Authorization: Bearer` or `?token=`;
+        /// repeat to accept several keys (a rotation). No wildcard CORS
+        /// origin then, unless `--cors-origin '*'` is given.
+        #[arg(long = "verify-key", value_name = "ed25519:KEY", value_parser = walcast_core::keys::PublicKey::parse)]
+        verify_keys: Vec<walcast_core::keys::PublicKey>,
     },
     /// Follow a dataset into a local replica directory.
     Replicate {
@@ -187,6 +193,27 @@ enum Cmd {
         #[arg(long = "header", value_name = "NAME: VALUE")]
         headers: Vec<String>,
     },
+    /// Write a new Ed25519 signing key to FILE (mode 0600, never
+    /// overwritten) and print its public key as ed25519:<base64>.
+    Keygen {
+        /// The secret key file to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a read-only access token for `walcast serve --verify-key` and
+    /// the worker's AUTH_KEY: objects under PREFIX, for TTL, signed with the
+    /// secret key in FILE (`walcast keygen`).
+    Token {
+        /// The secret key file (`walcast keygen --out FILE`).
+        #[arg(long)]
+        key: PathBuf,
+        /// The dataset prefix the token reads (`app` for app/catalog/head.json; "" for all).
+        #[arg(long)]
+        prefix: String,
+        /// How long the token is valid: 90s, 15m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = walcast_core::token::parse_ttl)]
+        ttl: u64,
+    },
     /// Writer, publisher, `walcast serve` and a replica on embedded defaults.
     Demo {
         /// Stop after this long (default: until Ctrl-C).
@@ -195,13 +222,6 @@ enum Cmd {
         /// Batches per second the demo writer commits.
         #[arg(long, default_value_t = 200)]
         rate: u64,
-    /// Write a new Ed25519 signing key to FILE (mode 0600, never
-    /// overwritten) and print its public key as ed25519:<base64>.
-    Keygen {
-        /// The secret key file to create.
-        #[arg(long)]
-        out: PathBuf,
-    },
     },
 }
 
@@ -325,6 +345,20 @@ async fn ctrl_c() {
 async fn run(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
         Cmd::Write { wal } => write(wal),
+        Cmd::Token { key, prefix, ttl } => {
+            let secret = walcast::keyfile::read_secret_key(&key)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .context("the system clock is before 1970")?
+                .as_secs();
+            println!("{}", walcast_core::token::issue(&secret, &prefix, now, ttl));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Keygen { out } => {
+            let public = walcast::keyfile::generate(&out)?;
+            println!("{public}");
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Publish {
             wal,
             to,
@@ -335,11 +369,6 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             segment_bytes,
             snapshot_every,
             retain,
-        Cmd::Keygen { out } => {
-            let public = walcast::keyfile::generate(&out)?;
-            println!("{public}");
-            Ok(ExitCode::SUCCESS)
-        }
             grace,
             once,
         } => {
@@ -382,6 +411,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             max_connections,
             header_timeout,
             idle_timeout,
+            verify_keys,
         } => {
             let root = dir
                 .canonicalize()
@@ -391,6 +421,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                 max_connections,
                 header_timeout,
                 idle_timeout,
+                verify_keys,
             };
             walcast::serve::serve_with(
                 root,

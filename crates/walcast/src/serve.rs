@@ -23,7 +23,18 @@
 //! - CORS for any origin (`*`), or only for the origins listed in
 //!   [`ServeOptions::cors_origins`] (the request's `Origin` is echoed when
 //!   listed; `Vary: Origin` is always sent), with the range/ETag headers
-//!   exposed.
+//!   exposed; with access tokens required, no origin unless listed (`*`
+//!   must then be asked for);
+//! - access tokens ([`walcast_core::token`]) when
+//!   [`ServeOptions::verify_keys`] is set: every GET/HEAD needs a valid,
+//!   unexpired token whose prefix covers the object, in `Authorization:
+//!   Bearer <token>` or the query parameter `token`; else 401 with a
+//!   `WWW-Authenticate` naming why (`missing`, `malformed`,
+//!   `bad_signature`, `expired`, `wrong_prefix`). Range and conditional
+//!   requests work as without. An immutable object fetched with the token
+//!   in the header is `private` to caches (a shared cache keyed by URL would
+//!   hand it to anyone); with the token in the query the URL carries the
+//!   token, and the answer stays `public` for caching proxies.
 //!
 //! Connections are bounded ([`ServeOptions`]): at most `max_connections` are
 //! served at once (further ones wait, unaccepted, in the listen backlog); a
@@ -64,6 +75,8 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use walcast_core::catalog::{page_key, segment_key, snapshot_key, HEAD_KEY};
+use walcast_core::keys::PublicKey;
+use walcast_core::token;
 
 /// Files up to this size are read whole on every request.
 const SMALL_FILE: u64 = 1 << 20;
@@ -82,6 +95,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
 
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+/// [`IMMUTABLE`] for an answer to a request whose token came in a header.
+const IMMUTABLE_PRIVATE: &str = "private, max-age=31536000, immutable";
 const NO_CACHE: &str = "no-cache";
 const JSON: &str = "application/json";
 const OCTETS: &str = "application/octet-stream";
@@ -105,6 +120,9 @@ pub struct ServeOptions {
     /// is closed (an idle keep-alive connection, a download its client
     /// stopped reading). Not zero.
     pub idle_timeout: Duration,
+    /// Keys whose access tokens are accepted (`--verify-key`, repeatable for
+    /// a rotation); empty: no token needed.
+    pub verify_keys: Vec<PublicKey>,
 }
 
 impl Default for ServeOptions {
@@ -114,6 +132,7 @@ impl Default for ServeOptions {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            verify_keys: Vec::new(),
         }
     }
 }
@@ -250,6 +269,7 @@ fn plain_name(c: &str) -> bool {
 /// Shared state of the router.
 struct Served {
     root: PathBuf,
+    verify_keys: Vec<PublicKey>,
     etags: Mutex<HashMap<PathBuf, CachedTag>>,
 }
 
@@ -273,10 +293,14 @@ struct Entity {
 pub fn router(root: PathBuf, opts: &ServeOptions) -> Router {
     let state = Arc::new(Served {
         root,
+        verify_keys: opts.verify_keys.clone(),
         etags: Mutex::new(HashMap::new()),
     });
     let origins = &opts.cors_origins;
-    let allow_origin = if origins.is_empty() || origins.iter().any(|o| o == "*") {
+    // With tokens required, no wildcard unless asked for.
+    let any_origin =
+        origins.iter().any(|o| o == "*") || (origins.is_empty() && opts.verify_keys.is_empty());
+    let allow_origin = if any_origin {
         AllowOrigin::from(Any)
     } else {
         AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
@@ -570,6 +594,11 @@ async fn respond(state: &Arc<Served>, method: &Method, uri: &Uri, headers: &Head
             .body(Body::empty())
             .expect("static response");
     }
+    // With tokens required, nothing (not even a 404) without a valid one.
+    let token_in_header = match authorize(state, uri, headers) {
+        Ok(in_header) => in_header,
+        Err(refused) => return refused,
+    };
     let Some(rel) = relative_path(uri.path()) else {
         return not_found();
     };
@@ -599,7 +628,10 @@ async fn respond(state: &Arc<Served>, method: &Method, uri: &Uri, headers: &Head
         }
     };
 
-    let cache_control = object.cache_control();
+    let cache_control = match object.cache_control() {
+        IMMUTABLE if token_in_header => IMMUTABLE_PRIVATE,
+        c => c,
+    };
     let content_type = object.content_type();
     let etag = HeaderValue::from_str(&entity.etag).expect("ETag is ASCII");
     let builder = Response::builder()
@@ -666,6 +698,71 @@ async fn respond(state: &Arc<Served>, method: &Method, uri: &Uri, headers: &Head
         }
     };
     builder.body(body).expect("valid response")
+}
+
+/// Checks the request's access token when tokens are required: `Ok(true)`
+/// when it came in the `Authorization` header, `Ok(false)` when in the query
+/// (or none is needed), else the 401 to answer.
+#[allow(clippy::result_large_err)]
+fn authorize(state: &Served, uri: &Uri, headers: &HeaderMap) -> Result<bool, Response> {
+    if state.verify_keys.is_empty() {
+        return Ok(false);
+    }
+    let (found, in_header) = match bearer(headers) {
+        Some(t) => (Some(t), true),
+        None => (query_token(uri), false),
+    };
+    let Some(found) = found else {
+        return Err(unauthorized("missing", "an access token is required"));
+    };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let path = percent_decode(uri.path()).unwrap_or_else(|| uri.path().to_string());
+    match token::verify_for(&found, &state.verify_keys, now, &path) {
+        Ok(_) => Ok(in_header),
+        Err(e) => {
+            tracing::info!(
+                path = uri.path(),
+                reason = e.code(),
+                "walcast serve: token refused"
+            );
+            Err(unauthorized(e.code(), &e.to_string()))
+        }
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`, if there is one.
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, rest) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim().to_string())
+}
+
+/// The value of the query parameter `token`, percent-decoded.
+fn query_token(uri: &Uri) -> Option<String> {
+    uri.query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == "token").then(|| percent_decode(v).unwrap_or_default())
+    })
+}
+
+/// 401 with `WWW-Authenticate: Bearer` naming why (`reason` is a fixed code).
+fn unauthorized(reason: &str, message: &str) -> Response {
+    Response::builder()
+        .status(StatusCode::UNAUTHORIZED)
+        .header(
+            header::WWW_AUTHENTICATE,
+            format!(
+                "Bearer realm=\"walcast\", error=\"invalid_token\", error_description=\"{reason}\""
+            ),
+        )
+        .header(header::CACHE_CONTROL, "no-store")
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from(format!("401 Unauthorized: {message}\n")))
+        .expect("valid response")
 }
 
 fn status_only(status: StatusCode) -> Response {

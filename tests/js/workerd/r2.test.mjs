@@ -1,10 +1,13 @@
-// A private R2 bucket read through its binding: the Worker (worker/src/*,
+// A private R2 bucket read through its binding, and the worker's access
+// tokens (AUTH_KEY). The Worker (worker/src/*,
 // the built package) runs in miniflare (workerd inside, R2 simulated on
 // disk under a temp dir) with the bucket bound as BUCKET and no DATASET_URL.
 // A dataset written by the native binary is put into the bucket object by
 // object; the worker must serve it in full and lazy mode, follow new
 // commits, and the R2 fetch adapter must answer Range and If-None-Match as
-// an HTTP server would.
+// an HTTP server would. A worker with AUTH_KEY answers 401 on every route
+// for a missing, malformed, wrongly signed, expired or wrong-prefix token,
+// and serves with a token of `walcast token` in the header or the query.
 //
 //   node --test tests/js/workerd/r2.test.mjs
 //
@@ -64,6 +67,7 @@ function modules() {
     { type: "ESModule", path: path.join(tmp, "src", "index.js"), contents: fs.readFileSync(path.join(REPO, "worker/src/index.js"), "utf8") },
     { type: "ESModule", path: path.join(tmp, "src", "handler.js"), contents: fs.readFileSync(path.join(REPO, "worker/src/handler.js"), "utf8") },
     { type: "ESModule", path: path.join(tmp, "src", "r2.js"), contents: fs.readFileSync(path.join(REPO, "worker/src/r2.js"), "utf8") },
+    { type: "ESModule", path: path.join(tmp, "src", "auth.js"), contents: fs.readFileSync(path.join(REPO, "worker/src/auth.js"), "utf8") },
     { type: "ESModule", path: path.join(tmp, "src", "walcast"), contents: fs.readFileSync(path.join(DIST, "workerd.js"), "utf8") },
   ];
   for (const f of fs.readdirSync(DIST)) {
@@ -84,6 +88,26 @@ let mf;
 let bucket;
 const URLS = {};
 
+// Keys and tokens of the real CLI (walcast keygen / walcast token).
+const keyFile = path.join(tmp, "auth.key");
+const otherKeyFile = path.join(tmp, "other.key");
+const authKey = run(["keygen", "--out", keyFile]).trim();
+const otherKey = run(["keygen", "--out", otherKeyFile]).trim();
+const thirdKeyFile = path.join(tmp, "third.key");
+run(["keygen", "--out", thirdKeyFile]);
+const cliToken = (file, prefix, ttl = "1h") => run(["token", "--key", file, "--prefix", prefix, "--ttl", ttl]).trim();
+
+/** Signs claims as `walcast token` does, with the seed in `file` (WebCrypto, PKCS#8 of the seed). */
+async function signToken(file, claims) {
+  const seed = Buffer.from(fs.readFileSync(file, "utf8").trim().replace(/^walcast-ed25519-secret:/, ""), "base64");
+  const pkcs8 = Buffer.concat([Buffer.from("302e020100300506032b657004220420", "hex"), seed]);
+  const key = await crypto.subtle.importKey("pkcs8", pkcs8, { name: "Ed25519" }, false, ["sign"]);
+  const body = Buffer.from(JSON.stringify(claims)).toString("base64url");
+  const msg = Buffer.concat([Buffer.from("walcast-token-v1\0"), Buffer.from(body)]);
+  const sig = Buffer.from(await crypto.subtle.sign({ name: "Ed25519" }, key, msg)).toString("base64url");
+  return `wct1.${body}.${sig}`;
+}
+
 before(async () => {
   writeRound(1, 300, ["--segment-bytes", "4096", "--snapshot-every", "200"]);
   const mods = modules();
@@ -101,6 +125,7 @@ before(async () => {
     workers: [
       worker("full", { DATASET_PREFIX: "app" }),
       worker("lazy", { DATASET_PREFIX: "app/", LOAD: "lazy", CACHE_BYTES: "16384" }),
+      worker("auth", { DATASET_PREFIX: "app", AUTH_KEY: `${otherKey}, ${authKey}` }),
       { name: "unbound", modules: mods, modulesRoot: path.join(tmp, "src"), compatibilityDate: "2025-11-01", routes: ["unbound.test/*"] },
     ],
     r2Persist: path.join(tmp, "r2"),
@@ -108,7 +133,7 @@ before(async () => {
   await mf.ready;
   bucket = await mf.getR2Bucket("BUCKET", "full");
   await upload(bucket, "app/");
-  for (const n of ["full", "lazy", "unbound"]) URLS[n] = `http://${n}.test`;
+  for (const n of ["full", "lazy", "unbound", "auth"]) URLS[n] = `http://${n}.test`;
 });
 
 after(async () => {
@@ -116,10 +141,10 @@ after(async () => {
   fs.rmSync(tmp, { recursive: true, force: true });
 });
 
-async function get(worker, p) {
-  const res = await mf.dispatchFetch(`${URLS[worker]}${p}`);
+async function get(worker, p, headers = {}) {
+  const res = await mf.dispatchFetch(`${URLS[worker]}${p}`, { headers });
   const body = await res.text();
-  return { status: res.status, body, lsn: res.headers.get("x-walcast-lsn") };
+  return { status: res.status, body, lsn: res.headers.get("x-walcast-lsn"), headers: res.headers };
 }
 
 test("full mode: the worker reads the private bucket through BUCKET", async () => {
@@ -232,3 +257,54 @@ export default {
   },
 };
 `;
+
+test("AUTH_KEY: every route needs a valid token; each refusal is 401 with its reason", async () => {
+  const now = Math.floor(Date.now() / 1000);
+  const good = cliToken(keyFile, "app");
+  const cases = [
+    ["missing", {}],
+    ["malformed", { authorization: "Bearer nope" }],
+    ["malformed", { authorization: `Bearer ${good.slice(0, -3)}.x` }],
+    ["bad_signature", { authorization: `Bearer ${cliToken(thirdKeyFile, "app")}` }],
+    ["expired", { authorization: `Bearer ${await signToken(keyFile, { scope: "read", prefix: "app", iat: now - 7200, exp: now - 3600 })}` }],
+    ["wrong_prefix", { authorization: `Bearer ${cliToken(keyFile, "apple")}` }],
+    ["wrong_prefix", { authorization: `Bearer ${cliToken(keyFile, "app/sub")}` }],
+    ["malformed", { authorization: `Bearer ${await signToken(keyFile, { scope: "write", prefix: "app", iat: now, exp: now + 60 })}` }],
+  ];
+  for (const route of ["/kv/key:00001", "/scan?limit=2", "/status", "/nope"]) {
+    for (const [why, headers] of cases) {
+      const r = await get("auth", route, headers);
+      assert.equal(r.status, 401, `${route} ${why}: ${r.body}`);
+      assert.equal(JSON.parse(r.body).error.code, "unauthorized");
+      assert.match(r.headers.get("www-authenticate"), new RegExp(`error_description="${why}"`), `${route} ${why}`);
+      assert.equal(r.headers.get("cache-control"), "no-store");
+      assert.ok(!r.body.includes("wct1."), "no token echoed");
+    }
+  }
+  // A token of either key (rotation), in the header or the query; prefix "" covers all.
+  const other = cliToken(otherKeyFile, "");
+  for (const [how, p, headers] of [
+    ["header", "/kv/key:00001", { authorization: `Bearer ${good}` }],
+    ["query", `/kv/key:00001?token=${good}`, {}],
+    ["other key", "/kv/key:00001", { authorization: `Bearer ${other}` }],
+    ["scan", `/scan?prefix=key:0000&limit=3&token=${good}`, {}],
+    ["status", "/status", { authorization: `bearer ${good}` }],
+  ]) {
+    const r = await get("auth", p, headers);
+    assert.equal(r.status, 200, `${how}: ${r.body}`);
+  }
+  assert.equal((await get("auth", `/kv/key:00001?token=${good}`)).body.startsWith("v"), true);
+  // No wildcard CORS with AUTH_KEY and no CORS_ORIGINS.
+  const r = await get("auth", "/status", { authorization: `Bearer ${good}`, origin: "https://app.example" });
+  assert.equal(r.headers.get("access-control-allow-origin"), null);
+});
+
+test("the worker's WebCrypto verifier accepts the golden token of walcast_core::token", async () => {
+  const { importKeys, verifyToken } = await import(pathToFileURL(path.join(REPO, "worker/src/auth.js")).href);
+  const [pub, token] = fs.readFileSync(path.join(REPO, "crates/walcast-core/tests/golden/token.txt"), "utf8").trim().split("\n");
+  const keys = await importKeys(pub);
+  assert.deepEqual(await verifyToken(token, keys, 4599, "app"), { ok: true, claims: { scope: "read", prefix: "app", iat: 1000, exp: 4600 } });
+  assert.deepEqual(await verifyToken(token, keys, 4600, "app"), { ok: false, reason: "expired" });
+  assert.deepEqual(await verifyToken(token, keys, 4599, "apple"), { ok: false, reason: "wrong_prefix" });
+  assert.deepEqual(await verifyToken(token.replace("wct1.e", "wct1.f"), keys, 4599, "app"), { ok: false, reason: "bad_signature" });
+});

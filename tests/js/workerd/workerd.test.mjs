@@ -113,6 +113,7 @@ const workerModules = [
   `(name = "index.js", esModule = embed ${lit(rel(path.join(REPO, "worker/src/index.js")))})`,
   `(name = "handler.js", esModule = embed ${lit(rel(path.join(REPO, "worker/src/handler.js")))})`,
   `(name = "r2.js", esModule = embed ${lit(rel(path.join(REPO, "worker/src/r2.js")))})`,
+  `(name = "auth.js", esModule = embed ${lit(rel(path.join(REPO, "worker/src/auth.js")))})`,
   ...pkg,
 ];
 const names = workerModules.map((m) => /name = "([^"]+)"/.exec(m)[1]);
