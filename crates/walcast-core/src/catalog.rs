@@ -59,6 +59,13 @@ pub fn object_kind(key: &str) -> Option<&'static str> {
     } else if let Some(rest) = key.strip_prefix("snapshots/") {
         let (lsn, epoch) = rest.strip_suffix(".wsnap")?.split_once('-')?;
         (num(lsn, Some(20)) && num(epoch, None)).then_some("snapshot")
+    } else if let Some(rest) = key.strip_prefix("deltas/") {
+        let mut parts = rest.strip_suffix(".wdelta")?.split('-');
+        let ok = num(parts.next()?, Some(20))
+            && num(parts.next()?, Some(20))
+            && num(parts.next()?, None)
+            && parts.next().is_none();
+        ok.then_some("delta")
     } else if let Some(rest) = key.strip_prefix("catalog/pages/") {
         let mut parts = rest.strip_suffix(".json")?.split('-');
         let ok = num(parts.next()?, None)
@@ -253,6 +260,57 @@ fn is_version_1(v: &u16) -> bool {
     *v == 1
 }
 
+/// Most delta snapshots a head names. A cold point read fetches the index
+/// and filter of each (all in flight together), so this bounds its GETs.
+pub const MAX_DELTAS: usize = 8;
+
+/// A delta snapshot the head names: the keys written after `base_lsn` up to
+/// `lsn`, with their newest values or deletion marks (`docs/FORMAT.md`,
+/// "Delta snapshot"). The head's deltas apply in order over its snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaEntry {
+    /// Object key relative to the prefix.
+    pub key: String,
+    /// The delta holds the changes after this LSN...
+    pub base_lsn: u64,
+    /// ... up to and including this one.
+    pub lsn: u64,
+    /// Epoch that wrote it.
+    pub epoch: u64,
+    /// File size.
+    pub size: u64,
+    /// `crc32` of the whole file.
+    pub crc32: u32,
+    /// Changed keys in the delta.
+    pub entries: u64,
+    /// Bytes from the delta's index block to its end (index, filter and
+    /// footer): the one suffix GET a point read makes first.
+    pub suffix_len: u64,
+}
+
+impl DeltaEntry {
+    fn validate(&self) -> Result<(), String> {
+        check_key(
+            "delta",
+            &self.key,
+            &delta_key(self.base_lsn, self.lsn, self.epoch),
+        )?;
+        if self.lsn <= self.base_lsn {
+            return Err(format!("delta {} has an empty LSN range", self.key));
+        }
+        let min = crate::snapshot::HEADER_LEN + crate::snapshot::delta::DELTA_FOOTER_LEN;
+        if self.size < min || self.suffix_len < crate::snapshot::delta::DELTA_FOOTER_LEN
+            || self.suffix_len > self.size - crate::snapshot::HEADER_LEN
+        {
+            return Err(format!(
+                "delta {} has an inconsistent size ({}) or suffix length ({})",
+                self.key, self.size, self.suffix_len
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A pointer to an immutable catalog page.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageRef {
@@ -371,6 +429,11 @@ pub struct Head {
     /// Objects waiting to be deleted.
     #[serde(default)]
     pub retired: Vec<Retired>,
+    /// Delta snapshots over `snapshot`, oldest first, each starting where
+    /// the one before ends (the first at the snapshot's LSN). Absent when
+    /// empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<DeltaEntry>,
     /// Copies of the newest inline segments (at most [`MAX_TAIL_BYTES`] in
     /// all), for replicas following the tail. Absent when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -393,6 +456,7 @@ impl Head {
             segments: Vec::new(),
             pages: Vec::new(),
             retired: Vec::new(),
+            deltas: Vec::new(),
             tail: Vec::new(),
         }
     }
@@ -491,6 +555,7 @@ impl Head {
         if let Some(s) = &self.snapshot {
             check_key("snapshot", &s.key, &snapshot_key(s.lsn, s.epoch))?;
         }
+        self.validate_deltas()?;
         let mut tail_bytes = 0usize;
         for (i, t) in self.tail.iter().enumerate() {
             if !self.segments.iter().any(|s| s.key == t.key) {
@@ -561,6 +626,48 @@ impl Head {
                     self.earliest_lsn
                 ));
             }
+        }
+        Ok(())
+    }
+}
+
+impl Head {
+    /// The LSN the snapshot and its deltas reach together, if there is a
+    /// snapshot.
+    pub fn delta_lsn(&self) -> Option<u64> {
+        let s = self.snapshot.as_ref()?;
+        Some(self.deltas.last().map_or(s.lsn, |d| d.lsn))
+    }
+
+    fn validate_deltas(&self) -> Result<(), String> {
+        if self.deltas.is_empty() {
+            return Ok(());
+        }
+        let Some(s) = &self.snapshot else {
+            return Err("delta snapshots without a snapshot".into());
+        };
+        if self.deltas.len() > MAX_DELTAS {
+            return Err(format!(
+                "{} delta snapshots, above the limit {MAX_DELTAS}",
+                self.deltas.len()
+            ));
+        }
+        let mut at = s.lsn;
+        for d in &self.deltas {
+            d.validate()?;
+            if d.base_lsn != at {
+                return Err(format!(
+                    "delta {} starts after LSN {}, not where the chain ends ({at})",
+                    d.key, d.base_lsn
+                ));
+            }
+            at = d.lsn;
+        }
+        if at > self.committed_lsn {
+            return Err(format!(
+                "delta snapshots reach LSN {at}, above committed_lsn {}",
+                self.committed_lsn
+            ));
         }
         Ok(())
     }
@@ -672,6 +779,11 @@ pub fn segment_key(epoch: u64, first: u64, last: u64) -> String {
 /// Key of a snapshot: `snapshots/<lsn:020>-<epoch>.wsnap`.
 pub fn snapshot_key(lsn: u64, epoch: u64) -> String {
     format!("snapshots/{lsn:020}-{epoch}.wsnap")
+}
+
+/// Key of a delta snapshot: `deltas/<base:020>-<lsn:020>-<epoch>.wdelta`.
+pub fn delta_key(base_lsn: u64, lsn: u64, epoch: u64) -> String {
+    format!("deltas/{base_lsn:020}-{lsn:020}-{epoch}.wdelta")
 }
 
 /// Key of a page: `catalog/pages/<level>-<first:020>-<last:020>-<epoch>.json`.

@@ -218,6 +218,7 @@ impl Sim {
                     index_block_bytes: rng.random_range(32..300),
                 })
             },
+            delta_every: rng.random_bool(0.5).then(|| rng.random_range(1..10)),
         };
         let n_pubs = if rng.random_bool(0.3) { 2 } else { 1 };
         let n_reps = rng.random_range(1..4);

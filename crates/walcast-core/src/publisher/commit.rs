@@ -152,8 +152,21 @@ impl Publisher {
             h.committed_lsn = s.entry.last_lsn;
         }
         // Snapshot.
-        if let Some(s) = &self.snapshot {
+        if let Some(s) = self.snapshot.as_ref().filter(|s| s.delta.is_some()) {
             if s.up == Up::Done && s.entry.lsn <= h.committed_lsn {
+                if let Some(d) = &s.delta {
+                    super::delta::add_delta(&mut h, d.clone(), now);
+                }
+            }
+        } else if let Some(s) = &self.snapshot {
+            if s.up == Up::Done && s.entry.lsn <= h.committed_lsn {
+                // The new snapshot covers every delta over the old one.
+                for d in h.deltas.drain(..) {
+                    h.retired.push(Retired {
+                        key: d.key,
+                        since_ms: now,
+                    });
+                }
                 if let Some(old) = h.snapshot.replace(s.entry.clone()) {
                     h.retired.push(Retired {
                         key: old.key,
@@ -223,9 +236,12 @@ impl Publisher {
         {
             self.sealed.pop_front();
         }
-        if self.snapshot.as_ref().is_some_and(|s| {
-            h.snapshot.as_ref().is_some_and(|x| x.key == s.entry.key)
-                || s.entry.lsn <= h.snapshot.as_ref().map_or(0, |x| x.lsn)
+        if self.snapshot.as_ref().is_some_and(|s| match &s.delta {
+            Some(d) => !super::delta::still_applies(&h, d),
+            None => {
+                h.snapshot.as_ref().is_some_and(|x| x.key == s.entry.key)
+                    || s.entry.lsn <= h.snapshot.as_ref().map_or(0, |x| x.lsn)
+            }
         }) {
             self.snapshot = None;
         }

@@ -12,6 +12,7 @@ mod commit;
 mod pages;
 mod requests;
 mod retention;
+mod delta;
 mod snapshot;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -89,6 +90,12 @@ pub struct PublisherConfig {
     pub request_timeout_ms: u64,
     /// The snapshot layout written (see `docs/FORMAT.md`).
     pub snapshot_format: SnapshotFormat,
+    /// Between snapshots, write a delta snapshot (the keys changed since the
+    /// last one) every this many LSNs, merging older deltas size-tiered so
+    /// the head names at most [`crate::catalog::MAX_DELTAS`]; a lazy replica
+    /// then replays at most this many LSNs of segments on a cold read.
+    /// Needs `snapshot_every` and the indexed snapshot format.
+    pub delta_every: Option<u64>,
 }
 
 /// The layout of the snapshots a publisher writes.
@@ -128,6 +135,7 @@ impl Default for PublisherConfig {
             head_check_ms: 2_000,
             request_timeout_ms: 30_000,
             snapshot_format: SnapshotFormat::default(),
+            delta_every: None,
         }
     }
 }
@@ -313,6 +321,9 @@ pub struct Publisher {
 
     state: Option<KvState>,
     snapshot: Option<PendingSnapshot>,
+    /// Delta snapshots on: each key written since the state's base, with the
+    /// LSN of its last write.
+    touched: std::collections::BTreeMap<Vec<u8>, u64>,
 
     commit: Option<Commit>,
     commit_retry_at: Option<u64>,
@@ -359,6 +370,7 @@ impl Publisher {
             sealed: VecDeque::new(),
             state,
             snapshot: None,
+            touched: std::collections::BTreeMap::new(),
             commit: None,
             commit_retry_at: None,
             page_cache: HashMap::new(),
@@ -450,6 +462,19 @@ impl Publisher {
                 .with_lsn(lsn)
             })?;
             state.apply(&ops);
+            if self.cfg.delta_every.is_some() {
+                for op in &ops {
+                    let k = match *op {
+                        batch::OpRef::Put(k, _) | batch::OpRef::Delete(k) => k,
+                    };
+                    match self.touched.get_mut(k) {
+                        Some(l) => *l = lsn,
+                        None => {
+                            self.touched.insert(k.to_vec(), lsn);
+                        }
+                    }
+                }
+            }
         }
         self.next_push += 1;
         if lsn <= self.committed_lsn() {

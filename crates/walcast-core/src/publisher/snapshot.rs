@@ -1,7 +1,8 @@
 //! Snapshots: encoding the replayed state every `snapshot_every` LSNs, to
 //! upload before a head names it.
 
-use crate::catalog::{self, SnapshotEntry};
+use crate::catalog::{self, DeltaEntry, SnapshotEntry, MAX_DELTAS};
+use crate::snapshot::delta::{encode_delta, DeltaFooter, DeltaMeta, DEFAULT_DELTA_BLOCK_BYTES};
 
 use super::{Publisher, Up};
 
@@ -11,6 +12,9 @@ pub(super) struct PendingSnapshot {
     pub(super) entry: SnapshotEntry,
     pub(super) bytes: Vec<u8>,
     pub(super) up: Up,
+    /// A delta snapshot: its catalog entry (`entry` then names the same key
+    /// and LSN, so uploads and commits treat both kinds alike).
+    pub(super) delta: Option<DeltaEntry>,
 }
 
 impl Publisher {
@@ -21,9 +25,14 @@ impl Publisher {
             return;
         };
         let last = head.snapshot.as_ref().map_or(0, |s| s.lsn);
-        if self.snapshot.is_some() || lsn < last + every {
+        if self.snapshot.is_some() {
             return;
         }
+        if lsn < last + every {
+            self.maybe_delta(lsn);
+            return;
+        }
+        self.touched.clear();
         let version = match self.cfg.snapshot_format {
             super::SnapshotFormat::Chunked => 1,
             super::SnapshotFormat::Indexed(_) => 2,
@@ -53,6 +62,100 @@ impl Publisher {
             entry,
             bytes,
             up: Up::Waiting(0),
+            delta: None,
+        });
+    }
+
+    /// Keys written after `after` (at the current LSN), with their values
+    /// now (`None`: deleted).
+    fn changed_after(&self, after: u64) -> usize {
+        self.touched.values().filter(|&&l| l > after).count()
+    }
+
+    /// Writes a delta snapshot when `delta_every` LSNs passed since the end
+    /// of the head's chain. The new delta covers the changes after the end
+    /// of a kept prefix of the chain: it absorbs (merges) the newest deltas
+    /// while the next older one holds at most twice its keys, and always
+    /// enough to keep the chain within [`MAX_DELTAS`]. So delta sizes grow
+    /// geometrically down the chain and each key is rewritten a few times
+    /// before the next snapshot absorbs it.
+    fn maybe_delta(&mut self, lsn: u64) {
+        let (Some(every), Some(state), Some(head)) =
+            (self.cfg.delta_every, &self.state, &self.head)
+        else {
+            return;
+        };
+        let super::SnapshotFormat::Indexed(opts) = self.cfg.snapshot_format else {
+            return;
+        };
+        let Some(snap) = &head.snapshot else {
+            return;
+        };
+        let chain_end = head.deltas.last().map_or(snap.lsn, |d| d.lsn);
+        if lsn < chain_end.saturating_add(every.max(1)) {
+            return;
+        }
+        let mut keep = head.deltas.len();
+        let mut n = self.changed_after(chain_end);
+        while keep > 0 {
+            let older = &head.deltas[keep - 1];
+            if keep + 1 > MAX_DELTAS || older.entries <= 2 * n as u64 {
+                keep -= 1;
+                n = self.changed_after(older.base_lsn);
+            } else {
+                break;
+            }
+        }
+        let base_lsn = if keep == 0 {
+            snap.lsn
+        } else {
+            head.deltas[keep - 1].lsn
+        };
+        let changes: Vec<(&[u8], Option<&[u8]>)> = self
+            .touched
+            .iter()
+            .filter(|(_, &l)| l > base_lsn)
+            .map(|(k, _)| (k.as_slice(), state.get(k)))
+            .collect();
+        let meta = DeltaMeta {
+            base_lsn,
+            lsn,
+            epoch: self.epoch,
+            dataset_id: head.dataset_id,
+        };
+        let block_bytes = opts.block_bytes.max(1).min(DEFAULT_DELTA_BLOCK_BYTES * 4);
+        let bytes = encode_delta(changes.iter().copied(), meta, block_bytes);
+        let size = bytes.len() as u64;
+        let suffix_len = DeltaFooter::decode(&bytes[bytes.len() - 64..], size)
+            .map_or(size, |f| f.suffix_len(size));
+        let key = catalog::delta_key(base_lsn, lsn, self.epoch);
+        let crc32 = crc32fast::hash(&bytes);
+        let delta = DeltaEntry {
+            key: key.clone(),
+            base_lsn,
+            lsn,
+            epoch: self.epoch,
+            size,
+            crc32,
+            entries: changes.len() as u64,
+            suffix_len,
+        };
+        // Keys written at or before the snapshot are covered by it.
+        let floor = snap.lsn;
+        self.touched.retain(|_, l| *l > floor);
+        self.snapshot = Some(PendingSnapshot {
+            entry: SnapshotEntry {
+                key,
+                lsn,
+                epoch: self.epoch,
+                size,
+                crc32,
+                entries: delta.entries,
+                version: crate::snapshot::delta::VERSION_DELTA,
+            },
+            bytes,
+            up: Up::Waiting(0),
+            delta: Some(delta),
         });
     }
 }

@@ -170,5 +170,6 @@ pub(crate) fn golden_head() -> Head {
             since_ms: 1_794_999_990_000,
         }],
         tail: Vec::new(),
+        deltas: Vec::new(),
     }
 }
