@@ -301,6 +301,7 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         level: 1,
         segments: Vec::new(),
         pages: vec![r0, r0b],
+        digests: Default::default(),
     }
     .encode();
     out.push(("page", "level-0", p0.clone()));

@@ -252,6 +252,7 @@ fn a_page_that_names_itself_is_a_data_error_not_a_hang() {
             level: 1,
             segments: Vec::new(),
             pages: vec![child],
+            digests: Default::default(),
         };
         let bytes = page.encode();
         let r = PageRef {
@@ -289,6 +290,7 @@ fn page_chain(store: &mut Store, ds: &Dataset, top: u32) {
         level: 0,
         segments: ds.segments[..3].to_vec(),
         pages: Vec::new(),
+        digests: Default::default(),
     };
     let bytes = leaf.encode();
     let mut r = PageRef {
@@ -306,6 +308,7 @@ fn page_chain(store: &mut Store, ds: &Dataset, top: u32) {
             level,
             segments: Vec::new(),
             pages: vec![r],
+            digests: Default::default(),
         };
         let bytes = p.encode();
         r = PageRef {

@@ -44,7 +44,7 @@ impl Publisher {
             );
             return;
         }
-        let (proposed, cond) = match read {
+        let (mut proposed, cond) = match read {
             None => {
                 let id = DatasetId::from_seed(splitmix64(&mut self.rng));
                 let mut h = Head::new(id, 1);
@@ -66,7 +66,8 @@ impl Publisher {
             }
         };
         self.role = Role::Claiming;
-        let body = proposed.encode();
+        self.sign_fields(&mut proposed);
+        let body = self.encode_head(&proposed);
         self.claim = Some(proposed);
         let a = self.put(Req::ClaimPut, HEAD_KEY.into(), body, cond, ObjectKind::Head);
         self.queued.push_back(a);

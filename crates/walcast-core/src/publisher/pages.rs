@@ -19,12 +19,14 @@ impl Publisher {
         let fan = self.cfg.page_fanout.max(2);
         while h.segments.len() > self.cfg.inline_segments.max(fan) {
             let moved: Vec<SegmentEntry> = h.segments.drain(..fan).collect();
-            let page = Page {
+            let mut page = Page {
                 format: catalog::FORMAT,
                 level: 0,
                 segments: moved,
                 pages: Vec::new(),
+                digests: Default::default(),
             };
+            self.page_digests(h, &mut page);
             let r = self.page_ref(&page, 0, &mut uploads);
             h.pages.push(r);
         }
@@ -47,12 +49,14 @@ impl Publisher {
                 .position(|p| p.level == level)
                 .expect("counted");
             let moved: Vec<PageRef> = h.pages.drain(start..start + fan).collect();
-            let page = Page {
+            let mut page = Page {
                 format: catalog::FORMAT,
                 level: level + 1,
                 segments: Vec::new(),
                 pages: moved,
+                digests: Default::default(),
             };
+            self.page_digests(h, &mut page);
             let r = self.page_ref(&page, level + 1, &mut uploads);
             h.pages.insert(start, r);
         }
@@ -73,8 +77,12 @@ impl Publisher {
                 page.pages.len(),
             )
         };
-        let bytes = page.encode();
+        let bytes = match &self.cfg.signing_key {
+            Some(k) => page.encode_signed(k),
+            None => page.encode(),
+        };
         let key = catalog::page_key(level, first, last, self.epoch);
+        self.note_digest(&key, &bytes);
         let r = PageRef {
             key: key.clone(),
             level,

@@ -98,6 +98,7 @@ impl Publisher {
                     level: 0,
                     segments: Vec::new(),
                     pages: Vec::new(),
+                    digests: Default::default(),
                 }),
                 other => Err(Error::new(ErrorKind::Unavailable, format!("{other:?}"))
                     .with_object(r.key.clone())),

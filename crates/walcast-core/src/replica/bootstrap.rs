@@ -67,6 +67,7 @@ impl Replica {
                         )
                         .with_object(key.clone()))
                     } else {
+                        self.trust.hash_snapshot(offset, &avail[..take]);
                         b.decoder
                             .feed(&avail[..take])
                             .map(|_| take as u64)
@@ -109,6 +110,7 @@ impl Replica {
             .decoder
             .finish(Some(b.entry.crc32))
             .map_err(|d| Error::decode(d).with_object(key.clone()))
+            .and_then(|r| self.check_snapshot_trust(&key, b.entry.size).map(|()| r))
             .and_then(|(h, st)| {
                 if h.lsn != b.entry.lsn
                     || h.dataset_id != b.dataset_id

@@ -39,16 +39,16 @@ impl Replica {
                 self.last_poll_at = Some(now);
                 self.schedule_next_head(now);
             }
-            GetResponse::Ok { body, etag, .. } => match Head::decode(&body) {
+            GetResponse::Ok { body, etag, .. } => match Head::decode(&body)
+                .map_err(|e| Error::decode(e).with_object(HEAD_KEY))
+                .and_then(|head| self.check_head_trust(&body, &head).map(|()| head))
+            {
                 Ok(head) => {
                     self.success(HEAD_KEY);
                     self.last_poll_at = Some(now);
                     self.accept_head(now, head, etag);
                 }
-                Err(e) => {
-                    let err = Error::decode(e).with_object(HEAD_KEY);
-                    self.head_retry(now, err);
-                }
+                Err(err) => self.head_retry(now, err),
             },
             GetResponse::NotFound => {
                 let err = Error::new(
@@ -181,7 +181,7 @@ impl Replica {
         self.etag = etag;
         let fresh = self.dataset.is_none();
         let gap = head.earliest_lsn > self.applied + 1;
-        if self.lazy.is_some() {
+        if self.lazy.is_some() && !self.trust.pinned() {
             if fresh {
                 self.dataset = Some(head.dataset_id);
             }
@@ -199,7 +199,13 @@ impl Replica {
             && (gap || fresh);
         if use_snapshot {
             let entry = head.snapshot.clone().expect("checked");
+            // A snapshot that just failed is not fetched again before its
+            // backoff, whatever head names it next.
+            let backoff = self.retry_at.get(&0).copied();
             self.clear_plan();
+            if let Some(t) = backoff {
+                self.retry_at.insert(0, t);
+            }
             // Answers meant for a bootstrap this one replaces are dropped.
             self.pending
                 .retain(|_, j| !matches!(j, super::Job::Snapshot { .. }));
@@ -257,7 +263,7 @@ impl Replica {
     /// it: the object or the head may be wrong. Read the head again in full
     /// (a newer or honest one replaces the plan built from this one).
     pub(super) fn distrust_head(&mut self, now: u64, err: &Error) {
-        if err.kind() == ErrorKind::Data {
+        if matches!(err.kind(), ErrorKind::Data | ErrorKind::Untrusted) {
             self.head_fresh = true;
             if self.head_due.is_none_or(|t| t > now) && !self.head_inflight {
                 self.head_due = Some(now);

@@ -31,6 +31,7 @@ mod fetch;
 mod head;
 mod lazy;
 mod plan;
+mod trust;
 mod verify;
 mod tail;
 
@@ -101,6 +102,14 @@ pub struct ReplicaConfig {
     /// wait and sees a new head as soon as the server does; servers without
     /// it are polled every `poll_interval_ms`. `0`: never long-poll.
     pub long_poll_wait_ms: u64,
+    /// Pinned keys: when not empty, apply only heads one of these keys (or
+    /// a key they endorsed through the head's rotation chain) signed, never
+    /// a signed head older than one applied, and only objects whose SHA-256
+    /// equals the digest the signed catalog records; anything else is an
+    /// [`ErrorKind::Untrusted`](crate::ErrorKind::Untrusted) error. A pinned
+    /// replica reads whole segments (no mid-segment start) and, in lazy
+    /// mode, loads the snapshot whole.
+    pub trust: Vec<crate::keys::PublicKey>,
 }
 
 impl Default for ReplicaConfig {
@@ -118,6 +127,7 @@ impl Default for ReplicaConfig {
             emit_records: false,
             lazy_cache_bytes: None,
             long_poll_wait_ms: 30_000,
+            trust: Vec::new(),
         }
     }
 }
@@ -321,12 +331,18 @@ pub struct Replica {
     /// The last long-poll came back early with nothing new: the next head
     /// read waits `poll_interval_ms` (a server or proxy that does not hold).
     long_poll_early: bool,
+    /// Pinned keys and what they accepted.
+    trust: trust::Trust,
+    /// The next head read is answered at once (a sync wants the head as of
+    /// now): no wait hint.
+    head_now: bool,
 }
 
 impl Replica {
     /// A fresh replica with no state. `seed` drives retry jitter.
     pub fn new(cfg: ReplicaConfig, seed: u64) -> Self {
         let cfg_lazy = cfg.lazy_cache_bytes;
+        let cfg_trust = cfg.trust.clone();
         Replica {
             cfg,
             rng: seed,
@@ -336,9 +352,6 @@ impl Replica {
             dataset: None,
             epoch: 0,
             head: None,
-    /// The next head read is answered at once (a sync wants the head as of
-    /// now): no wait hint.
-    head_now: bool,
             etag: None,
             committed: 0,
             committed_at_ms: 0,
@@ -372,6 +385,8 @@ impl Replica {
             long_poll: None,
             head_req: None,
             long_poll_early: false,
+            trust: trust::Trust::new(&cfg_trust),
+            head_now: false,
         }
     }
 
@@ -392,7 +407,6 @@ impl Replica {
             l.state_lsn = applied_lsn;
         }
         r.applied = applied_lsn;
-            head_now: false,
         r.committed = applied_lsn;
         r.dataset = Some(dataset_id);
         r.epoch = epoch;
@@ -469,6 +483,7 @@ impl Replica {
             }
         }
         self.head_due = Some(now);
+        self.head_now = true;
         self.backoff_until = None;
         self.caught_up_reported = false;
         self.attempts.clear();
@@ -490,7 +505,6 @@ impl Replica {
             if let Some(a) = self.next_block_fetch() {
                 return a;
             }
-        self.head_now = true;
         }
         if let Some(t) = self.backoff_until {
             if t > now {

@@ -21,6 +21,8 @@ pub(super) struct Unit {
     pub(super) start: IndexEntry,
     /// First LSN to apply from this unit.
     pub(super) from: u64,
+    /// The digest the signed catalog records for the segment (pinned only).
+    pub(super) digest: Option<String>,
 }
 
 impl Replica {
@@ -96,13 +98,21 @@ impl Replica {
                         if e.first_lsn > self.plan_next {
                             break;
                         }
-                        let start = e.start_for(self.plan_next);
+                        // A pinned replica reads whole segments: only the
+                        // whole file's digest is bound to the signed head.
+                        let start = if self.trust.pinned() {
+                            e.start_for(0)
+                        } else {
+                            e.start_for(self.plan_next)
+                        };
                         let from = self.plan_next;
                         self.plan_next = e.last_lsn + 1;
+                        let digest = self.digest_for(&head, &e.key);
                         self.plan.push_back(Unit {
                             entry: e,
                             start,
                             from,
+                            digest,
                         });
                         if self.plan.len() >= self.cfg.max_inflight * 2 {
                             break;
@@ -133,9 +143,9 @@ impl Replica {
     pub(super) fn on_page(&mut self, now: u64, r: PageRef, resp: GetResponse) {
         self.page_inflight = false;
         let result = match resp {
-            GetResponse::Ok { body, .. } => {
+            GetResponse::Ok { body, .. } => self.check_page_trust(&r, &body).and_then(|()| {
                 Page::decode(&body, &r).map_err(|e| Error::decode(e).with_object(r.key.clone()))
-            }
+            }),
             GetResponse::NotFound => {
                 // Retention removed it: re-read the head.
                 self.page_wanted = None;

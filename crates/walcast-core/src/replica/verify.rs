@@ -66,11 +66,22 @@ impl Replica {
                     .with_object(e.key.clone())
                     .with_lsn(u.from));
                 }
+                // The digest first: a pinned replica calls any change untrusted.
+                self.check_digest(&e.key, u.digest.as_deref(), &body)
+                    .map_err(|err| err.with_lsn(u.from))?;
                 segment::decode(&body, Some(e.crc32)).map_err(data_err)?;
                 (body, 0u64)
             }
             Some(cr) => {
                 let want_end = e.records_end;
+                if self.trust.pinned() {
+                    return Err(Error::new(
+                        ErrorKind::Untrusted,
+                        "a range answer where the whole segment was asked for: only whole segments are bound to the signed head",
+                    )
+                    .with_object(e.key.clone())
+                    .with_lsn(u.from));
+                }
                 if whole
                     || cr.start != u.start.offset
                     || cr.end != want_end

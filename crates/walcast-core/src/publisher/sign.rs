@@ -1,0 +1,101 @@
+//! Signed datasets on the publishing side: the signer, the key rotation
+//! chain and the digests of every object a head or page names
+//! (`docs/FORMAT.md`, "Signed datasets").
+
+use crate::catalog::{Head, HeadTrust, KeyEndorsement, Page, MAX_KEY_CHAIN};
+use crate::keys::sha256_hex;
+
+use super::Publisher;
+
+impl Publisher {
+    /// Remembers the digest of an object this publisher uploads, when it signs.
+    pub(super) fn note_digest(&mut self, key: &str, bytes: &[u8]) {
+        if self.cfg.signing_key.is_some() {
+            self.digests.insert(key.to_string(), sha256_hex(bytes));
+        }
+    }
+
+    /// The digest of `key`: one this publisher computed, or the one the head
+    /// it builds on recorded.
+    fn digest_of(&self, h: &Head, key: &str) -> Option<String> {
+        self.digests
+            .get(key)
+            .cloned()
+            .or_else(|| h.digest(key).map(str::to_string))
+    }
+
+    /// Records in `page` the digest of every object it names (signing only).
+    pub(super) fn page_digests(&self, h: &Head, page: &mut Page) {
+        if self.cfg.signing_key.is_none() {
+            return;
+        }
+        let keys = page
+            .segments
+            .iter()
+            .map(|s| s.key.clone())
+            .chain(page.pages.iter().map(|p| p.key.clone()));
+        for k in keys {
+            if let Some(d) = self.digest_of(h, &k) {
+                page.digests.insert(k, d);
+            }
+        }
+    }
+
+    /// Sets the head's signer, key chain and digests (or clears them when
+    /// this publisher does not sign).
+    pub(super) fn sign_fields(&self, h: &mut Head) {
+        let Some(key) = &self.cfg.signing_key else {
+            h.trust = None;
+            return;
+        };
+        let signer = key.public();
+        let mut chain = h
+            .trust
+            .as_ref()
+            .map(|t| t.chain.clone())
+            .unwrap_or_default();
+        if let Some(prev) = &self.cfg.previous_key {
+            let (by, new) = (prev.public().to_string(), signer.to_string());
+            if prev.public() != signer && !chain.iter().any(|e| e.by == by && e.key == new) {
+                chain.push(KeyEndorsement::sign(prev, &signer));
+            }
+        }
+        if chain.len() > MAX_KEY_CHAIN {
+            chain.drain(..chain.len() - MAX_KEY_CHAIN);
+        }
+        let keys: Vec<String> = h
+            .segments
+            .iter()
+            .map(|s| s.key.clone())
+            .chain(h.pages.iter().map(|p| p.key.clone()))
+            .chain(h.snapshot.iter().map(|s| s.key.clone()))
+            .collect();
+        let mut t = HeadTrust {
+            signer: signer.to_string(),
+            chain,
+            ..Default::default()
+        };
+        // `h` is a copy of the head it builds on: its digests are still there.
+        for k in keys {
+            if let Some(d) = self.digest_of(h, &k) {
+                t.digests.insert(k, d);
+            }
+        }
+        h.trust = Some(t);
+    }
+
+    /// The bytes of a head: signed when this publisher has a signing key.
+    pub(super) fn encode_head(&self, h: &Head) -> Vec<u8> {
+        match &self.cfg.signing_key {
+            Some(k) => h.encode_signed(k),
+            None => h.encode(),
+        }
+    }
+
+    /// Forgets digests the committed head `h` now records itself.
+    pub(super) fn forget_digests(&mut self, h: &Head) {
+        if let Some(t) = &h.trust {
+            self.digests.retain(|k, _| !t.digests.contains_key(k));
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Pinned keys: a replica configured with trusted keys
+//! ([`super::ReplicaConfig::trust`]) applies only heads a trusted key
+//! signed (following the head's key rotation chain), never a signed head
+//! older than one it applied, and only objects whose SHA-256 equals the
+//! digest the signed head (or a page it binds) records. Anything else is an
+//! [`ErrorKind::Untrusted`] error; nothing from it is applied.
+
+use crate::catalog::{head_signature, page_signature, DatasetId, Head, PageRef, HEAD_KEY};
+use crate::error::{Error, ErrorKind};
+use crate::keys::{self, PublicKey, Sha256Stream};
+
+use super::Replica;
+
+/// What a pinned replica trusts and has accepted.
+#[derive(Debug, Default)]
+pub(super) struct Trust {
+    /// Pinned keys, and keys they endorsed through a head's chain.
+    keys: Vec<PublicKey>,
+    /// The newest signed head accepted: dataset, generation, commit time.
+    last: Option<(DatasetId, u64, u64)>,
+    /// The snapshot being loaded: the next byte expected and the hash so far.
+    snap: Option<(u64, Sha256Stream)>,
+}
+
+impl Trust {
+    pub(super) fn new(keys: &[PublicKey]) -> Self {
+        Trust {
+            keys: keys.to_vec(),
+            ..Trust::default()
+        }
+    }
+
+    /// Whether this replica pins keys at all.
+    pub(super) fn pinned(&self) -> bool {
+        !self.keys.is_empty()
+    }
+
+    /// Feeds snapshot bytes starting at `offset` into the snapshot's hash.
+    pub(super) fn hash_snapshot(&mut self, offset: u64, bytes: &[u8]) {
+        if !self.pinned() {
+            return;
+        }
+        if offset == 0 {
+            self.snap = Some((0, Sha256Stream::new()));
+        }
+        match self.snap.as_mut() {
+            Some((next, h)) if *next == offset => {
+                h.update(bytes);
+                *next += bytes.len() as u64;
+            }
+            _ => self.snap = None,
+        }
+    }
+}
+
+fn untrusted(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Untrusted, msg)
+}
+
+impl Replica {
+    /// Checks a decoded head against the pinned keys (nothing to check for
+    /// an unpinned replica): signed, by a trusted key or one the chain
+    /// endorses, and not older than a signed head already accepted.
+    pub(super) fn check_head_trust(&mut self, body: &[u8], head: &Head) -> Result<(), Error> {
+        if !self.trust.pinned() {
+            return Ok(());
+        }
+        let err = |m: String| {
+            untrusted(m)
+                .with_object(HEAD_KEY)
+                .with_lsn(head.committed_lsn)
+        };
+        let (Some(t), Some((sig, signed))) = (&head.trust, head_signature(body)) else {
+            return Err(err(
+                "the head is not signed, and this replica pins keys".into()
+            ));
+        };
+        let signer = PublicKey::parse(&t.signer).map_err(|e| err(e.message().to_string()))?;
+        // Follow the rotation chain from the keys already trusted.
+        let mut trusted = self.trust.keys.clone();
+        loop {
+            let before = trusted.len();
+            for e in &t.chain {
+                if let Some((by, key)) = e.verify() {
+                    if trusted.contains(&by) && !trusted.contains(&key) {
+                        trusted.push(key);
+                    }
+                }
+            }
+            if trusted.len() == before {
+                break;
+            }
+        }
+        if !trusted.contains(&signer) {
+            return Err(err(format!(
+                "the head is signed by {signer}, which is not trusted"
+            )));
+        }
+        if !signer.verify_b64(keys::HEAD_DOMAIN, signed, sig) {
+            return Err(err(format!(
+                "the head's signature by {signer} does not verify"
+            )));
+        }
+        // Rollback: never a signed head older than one already applied.
+        if self.dataset == Some(head.dataset_id) && head.committed_lsn < self.applied {
+            return Err(err(format!(
+                "signed head commits LSN {} but this replica applied {}: refusing to go back",
+                head.committed_lsn, self.applied
+            )));
+        }
+        match self.trust.last {
+            Some((id, generation, _)) if id == head.dataset_id && head.generation < generation => {
+                return Err(err(format!(
+                    "signed head generation {} is older than generation {generation} already accepted",
+                    head.generation
+                )));
+            }
+            Some((id, _, at)) if id != head.dataset_id && head.committed_at_ms <= at => {
+                return Err(err(format!(
+                    "signed head of dataset {} is not newer than the accepted head of dataset {id}",
+                    head.dataset_id
+                )));
+            }
+            _ => {}
+        }
+        self.trust.keys = trusted;
+        self.trust.last = Some((head.dataset_id, head.generation, head.committed_at_ms));
+        Ok(())
+    }
+
+    /// The digest recorded for `key` by `head` or a cached, verified page.
+    pub(super) fn digest_for(&self, head: &Head, key: &str) -> Option<String> {
+        if !self.trust.pinned() {
+            return None;
+        }
+        head.digest(key)
+            .or_else(|| {
+                self.pages
+                    .values()
+                    .find_map(|(_, p)| p.digests.get(key).map(String::as_str))
+            })
+            .map(str::to_string)
+    }
+
+    /// Checks `bytes` of object `key` against its recorded digest (pinned
+    /// replicas only).
+    pub(super) fn check_digest(
+        &self,
+        key: &str,
+        digest: Option<&str>,
+        bytes: &[u8],
+    ) -> Result<(), Error> {
+        if !self.trust.pinned() {
+            return Ok(());
+        }
+        let Some(want) = digest else {
+            return Err(
+                untrusted("no digest for this object in the signed catalog").with_object(key)
+            );
+        };
+        let got = keys::sha256_hex(bytes);
+        if got != want {
+            return Err(untrusted(format!(
+                "SHA-256 {got} differs from {want}, the digest the signed catalog records"
+            ))
+            .with_object(key));
+        }
+        Ok(())
+    }
+
+    /// Checks a page's bytes: its digest, and its signature by a trusted key.
+    pub(super) fn check_page_trust(&self, r: &PageRef, body: &[u8]) -> Result<(), Error> {
+        if !self.trust.pinned() {
+            return Ok(());
+        }
+        let digest = self
+            .head
+            .as_ref()
+            .and_then(|h| self.digest_for(h, &r.key))
+            .or_else(|| {
+                self.pages
+                    .values()
+                    .find_map(|(_, p)| p.digests.get(&r.key).cloned())
+            });
+        self.check_digest(&r.key, digest.as_deref(), body)?;
+        let signed = page_signature(body).is_some_and(|(sig, m)| {
+            self.trust
+                .keys
+                .iter()
+                .any(|k| k.verify_b64(keys::PAGE_DOMAIN, m, sig))
+        });
+        if !signed {
+            return Err(untrusted("the page is not signed by a trusted key").with_object(&r.key));
+        }
+        Ok(())
+    }
+
+    /// Checks a loaded snapshot's hash against the digest the head records.
+    pub(super) fn check_snapshot_trust(&mut self, key: &str, size: u64) -> Result<(), Error> {
+        if !self.trust.pinned() {
+            return Ok(());
+        }
+        let want = self
+            .head
+            .as_ref()
+            .and_then(|h| h.digest(key))
+            .map(str::to_string);
+        let Some(want) = want else {
+            return Err(
+                untrusted("no digest for this snapshot in the signed head").with_object(key)
+            );
+        };
+        match self.trust.snap.take() {
+            Some((next, h)) if next == size => {
+                let got = h.finish_hex();
+                if got != want {
+                    return Err(untrusted(format!(
+                        "SHA-256 {got} differs from {want}, the digest the signed head records"
+                    ))
+                    .with_object(key));
+                }
+                Ok(())
+            }
+            _ => Err(
+                untrusted("the snapshot's bytes did not arrive in order for hashing")
+                    .with_object(key),
+            ),
+        }
+    }
+}

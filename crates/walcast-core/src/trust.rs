@@ -1,0 +1,164 @@
+//! Signed datasets in the catalog: the signed encodings of heads and pages,
+//! the signer and key rotation chain a head carries, and the digests that
+//! bind every object to the signed head (`docs/FORMAT.md`, "Signed
+//! datasets"). The types are re-exported from [`crate::catalog`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{Head, Page, HEAD_PREFIX_LEN};
+use crate::keys::{self, PublicKey, SecretKey};
+
+/// Most key rotations a head carries.
+pub const MAX_KEY_CHAIN: usize = 16;
+
+/// The signed parts of a signed head that tell a replica which key signed it
+/// and what every object it names must hash to.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HeadTrust {
+    /// The key that signed this head, `ed25519:<base64>`.
+    pub signer: String,
+    /// Key rotations, oldest first: each says "key `by` endorses key `key`".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<KeyEndorsement>,
+    /// SHA-256 (64 lowercase hex digits) of every segment, page and snapshot
+    /// the head names, by key.
+    #[serde(default)]
+    pub digests: BTreeMap<String, String>,
+}
+
+/// One key rotation: `by` signed `key` (see [`keys::ROTATION_DOMAIN`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyEndorsement {
+    /// The new key, `ed25519:<base64>`.
+    pub key: String,
+    /// The key that endorses it, `ed25519:<base64>`.
+    pub by: String,
+    /// `by`'s signature (base64) over the rotation domain and `key`'s 32 bytes.
+    pub signature: String,
+}
+
+impl KeyEndorsement {
+    /// `old` endorses `new`.
+    pub fn sign(old: &SecretKey, new: &PublicKey) -> Self {
+        KeyEndorsement {
+            key: new.to_string(),
+            by: old.public().to_string(),
+            signature: old.sign_b64(keys::ROTATION_DOMAIN, &new.to_bytes()),
+        }
+    }
+
+    /// `(by, key)` when the endorsement is well formed and `by` really
+    /// signed `key`.
+    pub fn verify(&self) -> Option<(PublicKey, PublicKey)> {
+        let by = PublicKey::parse(&self.by).ok()?;
+        let key = PublicKey::parse(&self.key).ok()?;
+        by.verify_b64(keys::ROTATION_DOMAIN, &key.to_bytes(), &self.signature)
+            .then_some((by, key))
+    }
+}
+
+/// Length of the signature member `"signature":"<88 base64>",`.
+const SIGNATURE_MEMBER_LEN: usize = 13 + keys::SIGNATURE_B64_LEN + 2;
+
+/// Splits `"signature":"<88 base64>",` off the front of `bytes`: the
+/// signature and the bytes after the member, which it covers.
+fn split_signature(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    let member = bytes.get(..SIGNATURE_MEMBER_LEN)?;
+    let sig = member
+        .strip_prefix(b"\"signature\":\"")?
+        .strip_suffix(b"\",")?;
+    Some((
+        std::str::from_utf8(sig).ok()?,
+        &bytes[SIGNATURE_MEMBER_LEN..],
+    ))
+}
+
+/// The signature of a signed head and the bytes it covers (everything after
+/// the signature member, from the next member to the final `}`); `None` for
+/// an unsigned head. The head's checksum is checked by [`Head::decode`].
+pub fn head_signature(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    split_signature(bytes.get(HEAD_PREFIX_LEN..)?)
+}
+
+/// The signature of a signed page and the bytes it covers; `None` for an
+/// unsigned page.
+pub fn page_signature(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    split_signature(bytes.strip_prefix(b"{")?)
+}
+
+/// Checks a digest map: every value a digest, every key one the document names.
+pub(crate) fn check_digests(
+    what: &str,
+    digests: &BTreeMap<String, String>,
+    named: &[&str],
+) -> Result<(), String> {
+    for (k, d) in digests {
+        if !keys::is_digest(d) {
+            return Err(format!(
+                "{what}: digest of {k:?} is not 64 lowercase hex digits"
+            ));
+        }
+        if !named.contains(&k.as_str()) {
+            return Err(format!("{what}: digest for {k:?}, which it does not name"));
+        }
+    }
+    Ok(())
+}
+
+impl Head {
+    /// Serializes and signs the head: like [`Head::encode`], with the
+    /// member `"signature":"<base64>",` right after the checksum member. The
+    /// signature covers [`keys::HEAD_DOMAIN`] followed by every byte after
+    /// that member; the checksum covers every byte after its own prefix, the
+    /// signature member included.
+    pub fn encode_signed(&self, key: &SecretKey) -> Vec<u8> {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let rest = &json[1..];
+        let sig = key.sign_b64(keys::HEAD_DOMAIN, rest);
+        let mut body = Vec::with_capacity(rest.len() + SIGNATURE_MEMBER_LEN);
+        body.extend_from_slice(format!("\"signature\":\"{sig}\",").as_bytes());
+        body.extend_from_slice(rest);
+        let mut out = Vec::with_capacity(body.len() + HEAD_PREFIX_LEN);
+        out.extend_from_slice(
+            format!("{{\"crc32\":\"{:08x}\",", crc32fast::hash(&body)).as_bytes(),
+        );
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// The digest the head records for `key`, if it is signed and names one.
+    pub fn digest(&self, key: &str) -> Option<&str> {
+        self.trust.as_ref()?.digests.get(key).map(String::as_str)
+    }
+
+    pub(crate) fn validate_trust(&self) -> Result<(), String> {
+        let Some(t) = &self.trust else {
+            return Ok(());
+        };
+        PublicKey::parse(&t.signer).map_err(|e| format!("head signer: {}", e.message()))?;
+        if t.chain.len() > MAX_KEY_CHAIN {
+            return Err(format!("key chain longer than {MAX_KEY_CHAIN}"));
+        }
+        let mut named: Vec<&str> = self.segments.iter().map(|s| s.key.as_str()).collect();
+        named.extend(self.pages.iter().map(|p| p.key.as_str()));
+        named.extend(self.snapshot.iter().map(|s| s.key.as_str()));
+        check_digests("head", &t.digests, &named)
+    }
+}
+
+impl Page {
+    /// Serializes and signs the page: `{"signature":"<base64>",` then the
+    /// unsigned encoding without its opening `{`; the signature covers
+    /// [`keys::PAGE_DOMAIN`] followed by every byte after the member.
+    pub fn encode_signed(&self, key: &SecretKey) -> Vec<u8> {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let rest = &json[1..];
+        let sig = key.sign_b64(keys::PAGE_DOMAIN, rest);
+        let mut out = Vec::with_capacity(json.len() + SIGNATURE_MEMBER_LEN);
+        out.extend_from_slice(format!("{{\"signature\":\"{sig}\",").as_bytes());
+        out.extend_from_slice(rest);
+        out
+    }
+}
