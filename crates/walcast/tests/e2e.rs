@@ -24,14 +24,6 @@ fn p(path: &Path) -> &str {
     path.to_str().expect("UTF-8 path")
 }
 
-/// Writes `n` random batches and records them in the model.
-fn write_random(wal: &Path, model: &mut Model, rng: &mut Rng, n: usize, o: GenOpts) -> Vec<u64> {
-    let batches = gen_batches(rng, n, o);
-    let lsns = write(wal, &batches);
-    model.commit(&batches, &lsns);
-    lsns
-}
-
 // ---------------------------------------------------------------------------
 // write: the NDJSON contract
 // ---------------------------------------------------------------------------
@@ -108,52 +100,13 @@ fn a_moto_s3_publish_replicate_incremental() {
     if skip(name) {
         return;
     }
-    let started = Instant::now();
     let mut rng = Rng::new(seed(name));
     let moto = Moto::start();
-    let env = moto.env();
     let tmp = TempDir::new().unwrap();
-    let wal = tmp.path().join("wal");
-    let local = tmp.path().join("replica");
     let url = moto.url(&format!("e2e-a-{:08x}", rng.next_u64() as u32));
-    let mut model = Model::default();
-
-    write_random(&wal, &mut model, &mut rng, 300, GenOpts::default());
-    let out = publish_once(&wal, &url, &["--segment-bytes", "65536"], &env);
-    assert_eq!(out.code, Some(0), "{}\n{}", out.describe(), moto.logs());
-    assert_eq!(
-        committed_lsn(&url, &env),
-        model.lsn(),
-        "committed_lsn after the first publish"
-    );
-    replicate_once(&url, &local, &env).ok();
-    assert_state_eq(
-        &scan(&local),
-        &model.map,
-        "s3 replica after the first publish",
-    );
-
-    // Incremental: more batches, publish again, the same replica catches up.
-    write_random(&wal, &mut model, &mut rng, 150, GenOpts::default());
-    publish_once(&wal, &url, &["--segment-bytes", "65536"], &env).ok();
-    assert_eq!(
-        committed_lsn(&url, &env),
-        model.lsn(),
-        "committed_lsn after the second publish"
-    );
-    replicate_once(&url, &local, &env).ok();
-    assert_state_eq(
-        &scan(&local),
-        &model.map,
-        "s3 replica after the second publish",
-    );
-
-    // Nothing new: publish --once and replicate --once are no-ops.
-    publish_once(&wal, &url, &[], &env).ok();
-    replicate_once(&url, &local, &env).ok();
-    assert_state_eq(&scan(&local), &model.map, "s3 replica after an idle round");
-    run(&["inspect", &url, "--verify"], &env, None).ok();
-    eprintln!("{name}: {} batches in {:?}", model.lsn(), started.elapsed());
+    publish_replicate_incremental(name, &url, &moto.env(), tmp.path(), &mut rng, &|| {
+        moto.logs()
+    });
 }
 
 // ---------------------------------------------------------------------------
@@ -390,10 +343,6 @@ fn c_publisher_kill9_exactly_once() {
     );
 }
 
-fn both_logs(pubs: &[Proc]) -> String {
-    pubs.iter().map(Proc::logs).collect::<Vec<_>>().join("\n")
-}
-
 // ---------------------------------------------------------------------------
 // d. two publishers: one is fenced
 // ---------------------------------------------------------------------------
@@ -406,107 +355,10 @@ fn d_two_publishers_one_fenced() {
     if skip(name) {
         return;
     }
-    let started = Instant::now();
     let mut rng = Rng::new(seed(name));
     let tmp = TempDir::new().unwrap();
-    let wal = tmp.path().join("wal");
-    let ds = tmp.path().join("ds");
-    let logs = tmp.path().join("logs");
-    let url = file_url(&ds);
-    let opts = GenOpts {
-        max_value: 200,
-        ..GenOpts::default()
-    };
-    let mut model = Model::default();
-    write_random(&wal, &mut model, &mut rng, 50, opts);
-
-    let spawn = |i: usize| {
-        let cmd = walcast_cmd(
-            &[
-                "publish",
-                "--wal",
-                p(&wal),
-                "--to",
-                &url,
-                "--flush-interval",
-                "50ms",
-                "--segment-bytes",
-                "4096",
-            ],
-            &Env::new(),
-        );
-        Proc::spawn(&format!("publisher-{i}"), cmd, &logs)
-    };
-    let mut pubs = vec![spawn(1)];
-    thread::sleep(ms(200));
-    pubs.push(spawn(2));
-
-    // Keep committing so that both try to publish; within 20 s one is fenced.
-    let deadline = Deadline::after(Duration::from_secs(20), "one publisher fenced");
-    while pubs.iter_mut().all(|p| p.running()) && !deadline.passed() {
-        write_random(&wal, &mut model, &mut rng, 3, opts);
-        thread::sleep(ms(150));
-    }
-    // Whoever is still running gets a moment to fail as well, if it would.
-    thread::sleep(ms(1000));
-    let exited: Vec<usize> = (0..2).filter(|&i| !pubs[i].running()).collect();
-    assert_eq!(
-        exited.len(),
-        1,
-        "exactly one publisher must have exited within 20 s (exited: {exited:?})\n{}",
-        both_logs(&pubs)
-    );
-    let (loser, winner) = if exited[0] == 0 { (0, 1) } else { (1, 0) };
-    let st = pubs[loser].try_status().unwrap();
-    assert_eq!(
-        st.code(),
-        Some(3),
-        "the fenced publisher must exit with code 3\n{}",
-        both_logs(&pubs)
-    );
-    assert!(
-        pubs[loser].stderr().contains("fenced"),
-        "stderr must say `fenced`\n{}",
-        both_logs(&pubs)
-    );
-    eprintln!(
-        "{name}: {} fenced after {:?}",
-        pubs[loser].name(),
-        started.elapsed()
-    );
-
-    // The survivor publishes what comes next.
-    write_random(&wal, &mut model, &mut rng, 40, opts);
-    let deadline = Deadline::after(Duration::from_secs(20), "survivor publishes");
-    let mut committed = 0;
-    while committed != model.lsn() {
-        if deadline.passed() {
-            panic!(
-                "the surviving publisher did not publish: committed_lsn {committed}, written {}\n{}",
-                model.lsn(),
-                both_logs(&pubs)
-            );
-        }
-        assert!(
-            pubs[winner].running(),
-            "the surviving publisher exited\n{}",
-            both_logs(&pubs)
-        );
-        thread::sleep(ms(200));
-        committed = committed_lsn(&url, &Env::new());
-    }
-    assert!(
-        pubs[winner].running(),
-        "the surviving publisher must keep running\n{}",
-        both_logs(&pubs)
-    );
-    kill9(&mut pubs[winner]);
-
-    let local = tmp.path().join("replica");
-    replicate_once(&url, &local, &Env::new()).ok();
-    assert_state_eq(&scan(&local), &model.map, "replica after fencing");
-    run(&["inspect", &url, "--verify"], &Env::new(), None).ok();
-    eprintln!("{name}: {} batches, {:?}", model.lsn(), started.elapsed());
+    let url = file_url(&tmp.path().join("ds"));
+    two_publishers_one_fenced(name, &url, &Env::new(), tmp.path(), &mut rng);
 }
 
 // ---------------------------------------------------------------------------

