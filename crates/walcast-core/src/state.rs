@@ -3,7 +3,7 @@
 //!
 //! Layout: most entries live in sorted, packed *leaves* (one `Vec<u8>` of
 //! `varint key_len, key, varint value_len, value` plus a `u32` offset per
-//! entry: about 6 bytes of overhead per entry). Recent writes go to a small
+//! 16 entries: about 2.3 bytes of overhead per entry). Recent writes go to a small
 //! ordered overlay (a `BTreeMap` with tombstones), merged into the leaves it
 //! touches once it grows past a fraction of the state. Reads consult the
 //! overlay first.
@@ -20,62 +20,88 @@ const LEAF_TARGET: usize = 16 << 10;
 /// leaves' bytes, whichever is larger.
 const OVERLAY_MIN: usize = 1 << 20;
 
+/// Entries between two restart points of a leaf: one `u32` offset per
+/// this many entries instead of one per entry.
+const RESTART_EVERY: u32 = 16;
+
+/// Sorted entries packed in one buffer. Entries are addressed by their byte
+/// position in `data`; `restarts` holds the position of every
+/// [`RESTART_EVERY`]th entry (the first included), so a lookup is a binary
+/// search over restarts and then a short scan.
 #[derive(Debug, Clone, Default)]
 struct Leaf {
     data: Vec<u8>,
-    offs: Vec<u32>,
+    restarts: Vec<u32>,
+    count: u32,
+    /// Position of the last entry.
+    last: u32,
 }
 
 impl Leaf {
-    fn entry(&self, i: usize) -> (&[u8], &[u8]) {
+    /// The entry at byte position `pos` and the position after it.
+    fn at(&self, pos: usize) -> (&[u8], &[u8], usize) {
         // Leaves are only built by this module from validated entries, so the
-        // reads cannot fail; fall back to empty slices rather than panic.
-        let (k, at) = len_prefixed_at(
-            &self.data,
-            self.offs.get(i).map_or(usize::MAX, |&o| o as usize),
-        );
-        let (v, _) = len_prefixed_at(&self.data, at);
-        (k, v)
+        // reads cannot fail; out of range gives empty slices rather than panic.
+        let (k, after_key) = len_prefixed_at(&self.data, pos);
+        let (v, next) = len_prefixed_at(&self.data, after_key);
+        (k, v, next)
     }
 
-    fn key(&self, i: usize) -> &[u8] {
-        len_prefixed_at(
-            &self.data,
-            self.offs.get(i).map_or(usize::MAX, |&o| o as usize),
-        )
-        .0
+    fn first_key(&self) -> &[u8] {
+        len_prefixed_at(&self.data, 0).0
     }
 
-    fn len(&self) -> usize {
-        self.offs.len()
+    fn last_key(&self) -> &[u8] {
+        len_prefixed_at(&self.data, self.last as usize).0
     }
 
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// `Ok(position)` of `key`, or `Err(position)` of the first entry above
+    /// it (the end of the data when none is).
     fn find(&self, key: &[u8]) -> Result<usize, usize> {
-        let (mut lo, mut hi) = (0usize, self.offs.len());
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            match self.key(mid).cmp(key) {
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => return Ok(mid),
+        let r = self
+            .restarts
+            .partition_point(|&p| len_prefixed_at(&self.data, p as usize).0 <= key);
+        let Some(ri) = r.checked_sub(1) else {
+            return Err(0);
+        };
+        let mut pos = self.restarts[ri] as usize;
+        let end = self
+            .restarts
+            .get(ri + 1)
+            .map_or(self.data.len(), |&p| p as usize);
+        while pos < end {
+            let (k, _, next) = self.at(pos);
+            match k.cmp(key) {
+                std::cmp::Ordering::Less => pos = next,
+                std::cmp::Ordering::Equal => return Ok(pos),
+                std::cmp::Ordering::Greater => return Err(pos),
             }
         }
-        Err(lo)
+        Err(end)
     }
 
     fn push(&mut self, key: &[u8], value: &[u8]) {
-        self.offs.push(self.data.len() as u32);
+        let pos = self.data.len() as u32;
+        if self.count % RESTART_EVERY == 0 {
+            self.restarts.push(pos);
+        }
+        self.last = pos;
+        self.count += 1;
         put_len_prefixed(&mut self.data, key);
         put_len_prefixed(&mut self.data, value);
     }
 
     fn shrink(&mut self) {
         self.data.shrink_to_fit();
-        self.offs.shrink_to_fit();
+        self.restarts.shrink_to_fit();
     }
 
     fn heap_bytes(&self) -> usize {
-        self.data.capacity() + self.offs.capacity() * 4
+        self.data.capacity() + self.restarts.capacity() * 4
     }
 }
 
@@ -124,51 +150,68 @@ fn len_prefixed_at(data: &[u8], at: usize) -> (&[u8], usize) {
 #[derive(Debug, Default)]
 struct LeafWriter {
     out: Vec<Leaf>,
-    data: Vec<u8>,
-    offs: Vec<u32>,
+    cur: Leaf,
 }
 
 impl LeafWriter {
     fn push(&mut self, key: &[u8], value: &[u8]) {
-        self.offs.push(self.data.len() as u32);
-        put_len_prefixed(&mut self.data, key);
-        put_len_prefixed(&mut self.data, value);
-        if self.data.len() >= 2 * LEAF_TARGET {
+        self.cur.push(key, value);
+        if self.cur.data.len() >= 2 * LEAF_TARGET {
             self.emit_head();
         }
     }
 
-    /// Emits the entries before the first one that starts at or after
-    /// [`LEAF_TARGET`] as a leaf, keeping the rest in the scratch buffer.
+    /// Emits the entries before the first restart point at or after
+    /// [`LEAF_TARGET`] as a leaf, keeping the rest in the scratch buffer
+    /// (cutting at a restart point keeps both parts' restarts aligned).
     fn emit_head(&mut self) {
-        let cut = self
-            .offs
-            .partition_point(|&o| (o as usize) < LEAF_TARGET)
+        let c = &mut self.cur;
+        let ri = c
+            .restarts
+            .partition_point(|&p| (p as usize) < LEAF_TARGET)
             .max(1);
-        if cut >= self.offs.len() {
+        if ri >= c.restarts.len() {
             self.emit_all();
             return;
         }
-        let at = self.offs[cut] as usize;
-        self.out.push(Leaf {
-            data: self.data[..at].to_vec(),
-            offs: self.offs[..cut].to_vec(),
-        });
-        self.data.drain(..at);
-        self.offs.drain(..cut);
-        for o in &mut self.offs {
-            *o -= at as u32;
+        let at = c.restarts[ri] as usize;
+        // The head's last entry: walk its last restart interval.
+        let mut last = c.restarts[ri - 1] as usize;
+        loop {
+            let (_, _, next) = c.at(last);
+            if next >= at {
+                break;
+            }
+            last = next;
         }
+        self.out.push(Leaf {
+            data: c.data[..at].to_vec(),
+            restarts: c.restarts[..ri].to_vec(),
+            count: ri as u32 * RESTART_EVERY,
+            last: last as u32,
+        });
+        c.data.drain(..at);
+        c.restarts.drain(..ri);
+        for p in &mut c.restarts {
+            *p -= at as u32;
+        }
+        c.count -= ri as u32 * RESTART_EVERY;
+        c.last -= at as u32;
     }
 
     fn emit_all(&mut self) {
-        if !self.offs.is_empty() {
+        let c = &mut self.cur;
+        if !c.is_empty() {
             self.out.push(Leaf {
-                data: self.data.as_slice().to_vec(),
-                offs: self.offs.as_slice().to_vec(),
+                data: c.data.as_slice().to_vec(),
+                restarts: c.restarts.as_slice().to_vec(),
+                count: c.count,
+                last: c.last,
             });
-            self.data.clear();
-            self.offs.clear();
+            c.data.clear();
+            c.restarts.clear();
+            c.count = 0;
+            c.last = 0;
         }
     }
 
@@ -226,7 +269,7 @@ impl KvState {
     }
 
     fn leaf_for(&self, key: &[u8]) -> Option<usize> {
-        let n = self.leaves.partition_point(|l| l.key(0) <= key);
+        let n = self.leaves.partition_point(|l| l.first_key() <= key);
         n.checked_sub(1)
     }
 
@@ -234,12 +277,12 @@ impl KvState {
         // Appends (keys past the last one, as in time-ordered or sequential
         // keys) need no search.
         let last = self.leaves.last()?;
-        if last.len() > 0 && key > last.key(last.len() - 1) {
+        if !last.is_empty() && key > last.last_key() {
             return None;
         }
         let li = self.leaf_for(key)?;
         let leaf = &self.leaves[li];
-        leaf.find(key).ok().map(|i| leaf.entry(i).1)
+        leaf.find(key).ok().map(|pos| leaf.at(pos).1)
     }
 
     /// Sets `key` to `value`.
@@ -266,7 +309,7 @@ impl KvState {
     fn is_append(&self, key: &[u8]) -> bool {
         let past_leaves = match self.leaves.last() {
             None => true,
-            Some(l) => l.len() > 0 && key > l.key(l.len() - 1),
+            Some(l) => !l.is_empty() && key > l.last_key(),
         };
         past_leaves
             && self
@@ -290,7 +333,7 @@ impl KvState {
             // leaf is full at LEAF_TARGET, shrunk to its size then).
             self.leaves.push(Leaf {
                 data: Vec::with_capacity(LEAF_TARGET + 256),
-                offs: Vec::new(),
+                ..Leaf::default()
             });
         }
         let leaf = self.leaves.last_mut().expect("pushed above");
@@ -347,7 +390,7 @@ impl KvState {
         };
         let mut ov = overlay.into_iter().peekable();
         let nleaves = old.len();
-        let firsts: Vec<Vec<u8>> = old.iter().skip(1).map(|l| l.key(0).to_vec()).collect();
+        let firsts: Vec<Vec<u8>> = old.iter().skip(1).map(|l| l.first_key().to_vec()).collect();
         for (i, leaf) in old.into_iter().enumerate() {
             // Overlay entries belonging to this leaf: below the next leaf's first key.
             let upper = firsts.get(i).map(Vec::as_slice);
@@ -361,22 +404,22 @@ impl KvState {
                 continue;
             }
             let mut j = 0;
-            while j < leaf.len()
+            while j < leaf.data.len()
                 || ov
                     .peek()
                     .is_some_and(|(k, _)| upper.is_none_or(|u| &**k < u))
             {
                 let next_ov = ov.peek().filter(|(k, _)| upper.is_none_or(|u| &**k < u));
-                match (j < leaf.len(), next_ov) {
+                match (j < leaf.data.len(), next_ov) {
                     (true, Some((ok, _))) => {
-                        let (lk, lv) = leaf.entry(j);
+                        let (lk, lv, next) = leaf.at(j);
                         match lk.cmp(ok) {
                             std::cmp::Ordering::Less => {
                                 w.push(lk, lv);
-                                j += 1;
+                                j = next;
                             }
                             std::cmp::Ordering::Equal => {
-                                j += 1;
+                                j = next;
                                 let (k, v) = ov.next().expect("peeked");
                                 if let Some(v) = v {
                                     w.push(&k, &v);
@@ -391,9 +434,9 @@ impl KvState {
                         }
                     }
                     (true, None) => {
-                        let (lk, lv) = leaf.entry(j);
+                        let (lk, lv, next) = leaf.at(j);
                         w.push(lk, lv);
-                        j += 1;
+                        j = next;
                     }
                     (false, Some(_)) => {
                         let (k, v) = ov.next().expect("peeked");
@@ -431,8 +474,8 @@ impl KvState {
                 Some(li) => {
                     let leaf = &self.leaves[li];
                     let ei = match leaf.find(k) {
-                        Ok(i) if matches!(start, Bound::Excluded(_)) => i + 1,
-                        Ok(i) | Err(i) => i,
+                        Ok(pos) if matches!(start, Bound::Excluded(_)) => leaf.at(pos).2,
+                        Ok(pos) | Err(pos) => pos,
                     };
                     (li, ei)
                 }
@@ -549,6 +592,7 @@ type OverlayRange<'a> = std::collections::btree_map::Range<'a, Box<[u8]>, Option
 pub struct Range<'a> {
     leaves: &'a [Leaf],
     li: usize,
+    /// Byte position of the next entry in the current leaf.
     ei: usize,
     end: Bound<Box<[u8]>>,
     overlay: Option<OverlayRange<'a>>,
@@ -569,9 +613,10 @@ impl<'a> Range<'a> {
     fn next_base(&mut self) -> Option<(&'a [u8], &'a [u8])> {
         while self.li < self.leaves.len() {
             let leaf = &self.leaves[self.li];
-            if self.ei < leaf.len() {
-                let e = leaf.entry(self.ei);
-                self.ei += 1;
+            if self.ei < leaf.data.len() {
+                let (k, v, next) = leaf.at(self.ei);
+                let e = (k, v);
+                self.ei = next;
                 let before_end = match &self.end {
                     Bound::Unbounded => true,
                     Bound::Included(k) => e.0 <= &**k,
@@ -815,6 +860,54 @@ mod tests {
         );
     }
 
+    /// Many leaves, merges that split groups at restart points, deletes,
+    /// and every kind of bound landing inside and between restart intervals.
+    #[test]
+    fn many_leaves_match_a_btreemap() {
+        let mut s = KvState::new();
+        let mut m = BTreeMap::new();
+        let mut x = 7u64;
+        for i in 0..40_000u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let key = format!("k{:06}", (x >> 33) % 30_000).into_bytes();
+            if i % 7 == 3 {
+                s.delete(&key);
+                m.remove(&key);
+            } else {
+                let v = vec![(i % 251) as u8; (x % 300) as usize];
+                s.put(&key, &v);
+                m.insert(key, v);
+            }
+        }
+        for compacted in [false, true] {
+            if compacted {
+                s.compact();
+            }
+            assert_eq!(s.len(), m.len() as u64);
+            assert!(s
+                .iter()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .eq(m.clone()));
+            for k in (0..30_000u64).step_by(97) {
+                let key = format!("k{k:06}").into_bytes();
+                assert_eq!(s.get(&key), m.get(&key).map(Vec::as_slice));
+                let got: Vec<_> = s
+                    .range(Bound::Excluded(&key), Bound::Unbounded)
+                    .take(40)
+                    .map(|(k, _)| k.to_vec())
+                    .collect();
+                let want: Vec<_> = m
+                    .range::<Vec<u8>, _>((Bound::Excluded(&key), Bound::Unbounded))
+                    .take(40)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                assert_eq!(got, want);
+            }
+        }
+    }
+
     #[test]
     fn large_state_compacts_into_leaves() {
         let mut s = KvState::new();
@@ -827,7 +920,7 @@ mod tests {
         s.compact();
         assert_eq!(s.len(), 50_000);
         let per_entry = s.heap_bytes() as f64 / 50_000.0;
-        // 12-byte keys + 100-byte values + ~6 bytes framing and offsets.
+        // 12-byte keys + 100-byte values + ~2.3 bytes framing and offsets.
         assert!(per_entry < 125.0, "{per_entry} bytes per entry");
         assert_eq!(s.get(b"key:00012345"), Some(&[7u8; 100][..]));
         assert_eq!(s.prefix(b"key:0001").count(), 10_000);
