@@ -15,6 +15,11 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "docs (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc -p walcast-core -p walcast-client -p walcast --no-deps -q
 
+step "crates as published: cargo package of walcast-core, walcast-client and walcast (metadata and file lists; about 10 s, no verify build)"
+pkg_out=$(cargo package --no-verify --allow-dirty --locked -p walcast-core -p walcast-client -p walcast 2>&1) || { echo "$pkg_out"; exit 1; }
+if grep -E "warning: manifest has no|^error" <<<"$pkg_out"; then exit 1; fi
+grep -E "Packaged" <<<"$pkg_out"
+
 step "walcast-core: unit, doc, golden, fuzz-corpus and simulation tests (${SIM_SEEDS:-2000} seeds)"
 SIM_SEEDS="${SIM_SEEDS:-2000}" cargo test -p walcast-core -- --nocapture 2>&1 |
   grep -vE '^(running [0-9]+ tests?|)$' | grep -vE '^test .* \.\.\. ok$'

@@ -7,7 +7,10 @@ use anyhow::{bail, Result};
 /// Refuses a dataset URL without a scheme (`my-bucket/app`, `./ds`) with
 /// the forms that work; a local directory gets its `file://` URL.
 pub fn check_dataset_url(url: &str) -> Result<()> {
-    if url.contains("://") {
+    if let Some((scheme, _)) = url.split_once("://") {
+        if matches!(scheme, "s3" | "s3a") {
+            check_s3_credentials(url)?;
+        }
         return Ok(());
     }
     let local = std::path::Path::new(url);
@@ -23,6 +26,31 @@ pub fn check_dataset_url(url: &str) -> Result<()> {
     )
 }
 
+/// Refuses an `s3://` URL bound for an S3-compatible endpoint
+/// (`AWS_ENDPOINT_URL`, `--endpoint`) when no credentials are set: the
+/// client would otherwise ask the EC2 instance metadata service, which an
+/// S3-compatible store never uses, and fail slowly or obscurely.
+fn check_s3_credentials(url: &str) -> Result<()> {
+    let set = |v: &str| std::env::var_os(v).is_some_and(|x| !x.is_empty());
+    let endpoint = set("AWS_ENDPOINT_URL") || set("AWS_ENDPOINT");
+    let creds = set("AWS_ACCESS_KEY_ID")
+        || set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        || set("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        || set("AWS_WEB_IDENTITY_TOKEN_FILE")
+        || set("AWS_SKIP_SIGNATURE");
+    if endpoint && !creds {
+        bail!("{}", no_s3_credentials(url));
+    }
+    Ok(())
+}
+
+fn no_s3_credentials(url: &str) -> String {
+    format!(
+        "{url}: no valid credentials for this bucket: set AWS_ACCESS_KEY_ID and \
+         AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL or --endpoint for an S3-compatible store)"
+    )
+}
+
 /// One line for an error met on the dataset at `url`, when it is one of the
 /// common mistakes; `None` for other errors. `text` is the error's text.
 pub fn explain(url: &str, text: &str) -> Option<String> {
@@ -33,6 +61,7 @@ pub fn explain(url: &str, text: &str) -> Option<String> {
         && (t.contains("permanentredirect")
             || t.contains("authorizationheadermalformed")
             || t.contains("incorrectendpoint")
+            || t.contains("incorrectly configured region")
             || (t.contains("region") && (t.contains("wrong") || t.contains("expecting")))
             || t.contains("status: 301"))
     {
@@ -52,10 +81,7 @@ pub fn explain(url: &str, text: &str) -> Option<String> {
             || t.contains("accessdenied")
             || t.contains("403"))
     {
-        return Some(format!(
-            "{url}: no valid credentials for this bucket: set AWS_ACCESS_KEY_ID and \
-             AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL or --endpoint for an S3-compatible store)"
-        ));
+        return Some(no_s3_credentials(url));
     }
     if (matches!(scheme, "gs") && (t.contains("credential") || t.contains("401") || t.contains("403")))
         || (matches!(scheme, "az" | "azure" | "abfs" | "abfss")
@@ -68,7 +94,9 @@ pub fn explain(url: &str, text: &str) -> Option<String> {
         };
         return Some(format!("{url}: no valid credentials for this container: {fix}"));
     }
-    if t.contains("catalog/head.json") && (t.contains("not found") || t.contains("404")) {
+    if t.contains("catalog/head.json")
+        && (t.contains("not_found") || t.contains("not found") || t.contains("404"))
+    {
         return Some(format!(
             "{url}: no dataset here (no catalog/head.json): check the URL, or publish one first \
              with `walcast publish --wal DIR --to {url}`"

@@ -20,7 +20,8 @@ use walcast_core::publisher::PublisherConfig;
 #[command(
     name = "walcast",
     version,
-    about = "Read replicas at the edge, fed from object storage"
+    about = "Read replicas at the edge, fed from object storage",
+    after_help = "Examples:\n  walcast demo                                   # everything on one machine, one command\n  echo '{\"op\":\"put\",\"key\":\"a\",\"value\":\"1\"}' | walcast write --wal ./wal\n  walcast publish --wal ./wal --to file:///tmp/dataset/\n  walcast serve /tmp/dataset\n  walcast replicate http://127.0.0.1:8787 --local ./replica\n  walcast get --local ./replica a\n  \n  Dataset URLs: file:///ABSOLUTE/DIR/, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX,\n  az://CONTAINER/PREFIX, memory://, and http(s)://HOST/PREFIX for reading.\n  'walcast help COMMAND' shows each command's own examples."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -39,12 +40,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Commit NDJSON batches from stdin to a local WAL; prints {"lsn":N} per line.
+    #[command(after_help = "Examples:\n  echo '{\"op\":\"put\",\"key\":\"user:1\",\"value\":\"Ada\"}' | walcast write --wal ./wal\n  echo '{\"batch\":[{\"op\":\"put\",\"key\":\"a\",\"value\":\"1\"},{\"op\":\"delete\",\"key\":\"b\"}]}' | walcast write --wal ./wal")]
     Write {
         /// WAL directory.
         #[arg(long)]
         wal: PathBuf,
     },
     /// Publish a local WAL to object storage (file://, s3://, gs://, az://, memory://).
+    #[command(after_help = "Examples:\n  walcast publish --wal ./wal --to file:///tmp/dataset/\n  AWS_REGION=eu-west-1 walcast publish --wal ./wal --to s3://my-bucket/app\n  walcast publish --wal ./wal --to file:///tmp/dataset/ --once")]
     Publish {
         /// WAL directory.
         #[arg(long)]
@@ -84,6 +87,7 @@ enum Cmd {
         once: bool,
     },
     /// Serve a file:// dataset over HTTP (Range, ETag, If-None-Match, CORS, Cache-Control).
+    #[command(after_help = "Examples:\n  walcast serve /tmp/dataset --addr 127.0.0.1:8787")]
     Serve {
         /// Dataset directory.
         dir: PathBuf,
@@ -112,6 +116,7 @@ enum Cmd {
         verify_keys: Vec<walcast_core::keys::PublicKey>,
     },
     /// Follow a dataset into a local replica directory.
+    #[command(after_help = "Examples:\n  walcast replicate http://127.0.0.1:8787 --local ./replica\n  walcast replicate s3://my-bucket/app --local ./replica --once")]
     Replicate {
         /// Dataset URL: http(s)://, s3://, gs://, az://, file://.
         url: String,
@@ -135,6 +140,7 @@ enum Cmd {
     /// Print a key's value from a local replica, or read lazily from a
     /// dataset URL (exit 1 when absent).
     #[command(group(clap::ArgGroup::new("source").required(true).args(["local", "from"])))]
+    #[command(after_help = "Examples:\n  walcast get --local ./replica user:1\n  walcast get --from https://cdn.example.com/app user:1 --stats")]
     Get {
         /// Local replica directory.
         #[arg(long)]
@@ -156,6 +162,7 @@ enum Cmd {
     /// Print entries as NDJSON, in key order, from a local replica or read
     /// lazily from a dataset URL.
     #[command(group(clap::ArgGroup::new("source").required(true).args(["local", "from"])))]
+    #[command(after_help = "Examples:\n  walcast scan --local ./replica --prefix user: --limit 10\n  walcast scan --from file:///tmp/dataset/ --prefix user:")]
     Scan {
         /// Local replica directory.
         #[arg(long)]
@@ -179,6 +186,7 @@ enum Cmd {
         headers: Vec<String>,
     },
     /// Show a dataset's head, segments, pages, snapshot and coverage.
+    #[command(after_help = "Examples:\n  walcast inspect file:///tmp/dataset/ --verify\n  walcast inspect https://cdn.example.com/app --json")]
     Inspect {
         /// Dataset URL.
         url: String,
@@ -215,6 +223,7 @@ enum Cmd {
         ttl: u64,
     },
     /// Writer, publisher, `walcast serve` and a replica on embedded defaults.
+    #[command(after_help = "Examples:\n  walcast demo --duration 30s")]
     Demo {
         /// Stop after this long (default: until Ctrl-C).
         #[arg(long, value_parser = parse_duration)]
