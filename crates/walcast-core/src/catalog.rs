@@ -262,7 +262,7 @@ fn is_version_1(v: &u16) -> bool {
 
 /// Most delta snapshots a head names. A cold point read fetches the index
 /// and filter of each (all in flight together), so this bounds its GETs.
-pub const MAX_DELTAS: usize = 8;
+pub const MAX_DELTAS: usize = 4;
 
 /// A delta snapshot the head names: the keys written after `base_lsn` up to
 /// `lsn`, with their newest values or deletion marks (`docs/FORMAT.md`,

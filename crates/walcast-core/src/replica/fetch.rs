@@ -43,11 +43,11 @@ impl Replica {
             Job::Page(_) => crate::catalog::MAX_PAGE_BYTES as u64,
             Job::Segment(u) => u.entry.size,
             Job::Snapshot { .. } => self.bootstrap.as_ref().map_or(0, |b| b.entry.size),
-            Job::Block(_) => self
+            Job::Block(j) => self
                 .lazy
                 .as_ref()
                 .and_then(|l| l.base.as_ref())
-                .map_or(0, |b| b.entry.size),
+                .map_or(0, |b| b.object_size(&j.snapshot)),
         };
         self.pending.insert(id, job);
         self.requests += 1;

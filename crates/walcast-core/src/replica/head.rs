@@ -185,7 +185,7 @@ impl Replica {
             if fresh {
                 self.dataset = Some(head.dataset_id);
             }
-            if self.lazy_adopt(head.snapshot.as_ref()) {
+            if self.lazy_adopt(head.snapshot.as_ref(), &head.deltas) {
                 self.head = Some(head);
                 self.caught_up_reported = false;
                 if self.applied >= self.committed {

@@ -12,7 +12,8 @@
 use std::collections::BTreeMap;
 
 use crate::batch::OpRef;
-use crate::catalog::SnapshotEntry;
+use crate::catalog::{DeltaEntry, SnapshotEntry};
+use crate::snapshot::delta::{Change, DeltaIndex};
 use crate::error::{DecodeError, Error, ErrorKind};
 use crate::io::{ByteRange, GetResponse};
 use crate::snapshot::indexed::{LazySnapshot, Lookup, Need, ScanCursor};
@@ -86,6 +87,48 @@ pub struct LazyStatus {
 pub(super) struct Base {
     pub(super) entry: SnapshotEntry,
     pub(super) snap: LazySnapshot,
+    /// The head's delta snapshots over it, oldest first: together with the
+    /// snapshot they are the state at the chain's end.
+    pub(super) deltas: Vec<LazyDelta>,
+}
+
+/// A delta snapshot read lazily: its verified index and filter once
+/// fetched, and the data blocks point reads fetched.
+#[derive(Debug)]
+pub(super) struct LazyDelta {
+    pub(super) entry: DeltaEntry,
+    pub(super) index: Option<DeltaIndex>,
+    /// Data blocks by offset, verified when used.
+    pub(super) blocks: BTreeMap<u64, Vec<u8>>,
+    pub(super) cached: u64,
+}
+
+impl LazyDelta {
+    fn new(entry: DeltaEntry) -> Self {
+        LazyDelta {
+            entry,
+            index: None,
+            blocks: BTreeMap::new(),
+            cached: 0,
+        }
+    }
+
+    fn suffix_need(&self) -> Need {
+        Need::Suffix(self.entry.suffix_len)
+    }
+}
+
+impl Base {
+    /// Size of the object `key` (the snapshot or one of its deltas).
+    pub(super) fn object_size(&self, key: &str) -> u64 {
+        if self.entry.key == key {
+            return self.entry.size;
+        }
+        self.deltas
+            .iter()
+            .find(|d| d.entry.key == key)
+            .map_or(0, |d| d.entry.size)
+    }
 }
 
 /// A block a read needs.
@@ -173,7 +216,188 @@ impl Lazy {
         self.base = Some(Base {
             snap: LazySnapshot::new(entry.size, self.cache_bytes),
             entry,
+            deltas: Vec::new(),
         });
+    }
+
+    /// The deltas `head` names over the base become part of it: call right
+    /// after [`set_base`](Self::set_base) on a jump to the chain's end.
+    pub(super) fn set_deltas(&mut self, deltas: &[DeltaEntry]) {
+        if let Some(b) = self.base.as_mut() {
+            b.deltas = deltas.iter().cloned().map(LazyDelta::new).collect();
+        }
+    }
+
+    /// Point read through the deltas, newest first. `Ok(Some(change))`: the
+    /// newest delta that changes `key` says so; `Ok(None)`: no delta changes
+    /// it (read the snapshot); `Err(())`: GETs are queued (pending).
+    fn delta_get(&mut self, key: &[u8]) -> Result<Result<Option<Change>, ()>, Error> {
+        let Some(base) = self.base.as_ref() else {
+            return Ok(Ok(None));
+        };
+        if base.deltas.is_empty() {
+            return Ok(Ok(None));
+        }
+        // First every index and filter, all in flight together.
+        let mut wants: Vec<(String, Need)> = Vec::new();
+        for d in &base.deltas {
+            if d.index.is_none() {
+                wants.push((d.entry.key.clone(), d.suffix_need()));
+            }
+        }
+        if wants.is_empty() {
+            // Then the data blocks of every delta that may hold the key.
+            for d in base.deltas.iter().rev() {
+                let Some(idx) = &d.index else { continue };
+                let Some(h) = idx.block_for(key) else {
+                    continue;
+                };
+                match d.blocks.get(&h.offset) {
+                    Some(bytes) if wants.is_empty() => {
+                        match idx.lookup(&h, bytes, key) {
+                            Ok(Some(c)) => return Ok(Ok(Some(c))),
+                            Ok(None) => {}
+                            Err(e) => {
+                                return Err(Error::decode(e).with_object(d.entry.key.clone()))
+                            }
+                        }
+                    }
+                    Some(_) => {}
+                    None => wants.push((
+                        d.entry.key.clone(),
+                        Need::Range {
+                            start: h.offset,
+                            end: h.end(),
+                        },
+                    )),
+                }
+            }
+        }
+        if wants.is_empty() {
+            return Ok(Ok(None));
+        }
+        for (object, need) in wants {
+            if let Some(e) = self.take_failure(&need) {
+                return Err(e);
+            }
+            self.want_in(object, need, key);
+        }
+        Ok(Err(()))
+    }
+
+    /// Loads every delta whole into the overlay (for scans, which read
+    /// ranges rather than keys). `Err(())`: GETs are queued.
+    fn deltas_into_overlay(&mut self) -> Result<Result<(), ()>, Error> {
+        let Some(base) = self.base.as_ref() else {
+            return Ok(Ok(()));
+        };
+        if base.deltas.is_empty() {
+            return Ok(Ok(()));
+        }
+        let mut wants = Vec::new();
+        for d in &base.deltas {
+            let need = Need::Range {
+                start: 0,
+                end: d.entry.size,
+            };
+            if !d.blocks.contains_key(&u64::MAX) {
+                wants.push((d.entry.key.clone(), need));
+            }
+        }
+        if !wants.is_empty() {
+            for (object, need) in wants {
+                if let Some(e) = self.take_failure(&need) {
+                    return Err(e);
+                }
+                self.want_in(object, need, b"");
+            }
+            return Ok(Err(()));
+        }
+        let Some(base) = self.base.as_mut() else {
+            return Ok(Ok(()));
+        };
+        let deltas = std::mem::take(&mut base.deltas);
+        for d in deltas {
+            let Some(bytes) = d.blocks.get(&u64::MAX) else {
+                continue;
+            };
+            let delta = crate::snapshot::delta::decode_delta(bytes)
+                .map_err(|e| Error::decode(e).with_object(d.entry.key.clone()))?;
+            for (k, v) in delta.changes {
+                let cost = entry_cost(&k, &v);
+                match self.overlay.get(&k) {
+                    // A write after the delta wins.
+                    Some((l, _)) if *l > d.entry.lsn => {}
+                    _ => {
+                        if let Some((_, old)) = self.overlay.insert(k.clone(), (d.entry.lsn, v)) {
+                            self.overlay_bytes -= entry_cost(&k, &old);
+                        }
+                        self.overlay_bytes += cost;
+                    }
+                }
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    fn want_in(&mut self, object: String, need: Need, key: &[u8]) {
+        let job = BlockJob {
+            snapshot: object,
+            need,
+            key: key.to_vec(),
+        };
+        let same = |j: &BlockJob| j.need == job.need && j.snapshot == job.snapshot;
+        if !self.wanted.iter().any(same) && !self.inflight.iter().any(same) {
+            self.wanted.push(job);
+        }
+    }
+
+    /// Feeds a delta's bytes: its suffix (index and filter), a data block,
+    /// or (for scans) the whole object.
+    fn feed_delta(&mut self, job: &BlockJob, bytes: &[u8]) -> Result<bool, DecodeError> {
+        let cache_bytes = self.cache_bytes;
+        let Some(d) = self
+            .base
+            .as_mut()
+            .and_then(|b| b.deltas.iter_mut().find(|d| d.entry.key == job.snapshot))
+        else {
+            return Ok(false);
+        };
+        let size = d.entry.size;
+        match job.need {
+            Need::Suffix(_) => {
+                d.index = Some(DeltaIndex::decode_suffix(bytes, size)?);
+            }
+            Need::Range { start: 0, end } if end == size => {
+                if crc32fast::hash(bytes) != d.entry.crc32 {
+                    return Err(crate::codec::invalid(
+                        "delta snapshot",
+                        0,
+                        "the file's crc32 is not the catalog's",
+                    ));
+                }
+                d.blocks.insert(u64::MAX, bytes.to_vec());
+            }
+            Need::Range { start, .. } => {
+                let Some(idx) = &d.index else {
+                    return Ok(true);
+                };
+                // Which block it must be comes from the verified index.
+                match idx.block_for(&job.key) {
+                    Some(h) if h.offset == start => {
+                        idx.lookup(&h, bytes, &job.key)?;
+                    }
+                    _ => return Ok(true),
+                }
+                if d.cached + bytes.len() as u64 > cache_bytes {
+                    d.blocks.retain(|k, _| *k == u64::MAX);
+                    d.cached = 0;
+                }
+                d.cached += bytes.len() as u64;
+                d.blocks.insert(start, bytes.to_vec());
+            }
+        }
+        Ok(true)
     }
 
     /// Forgets everything (a new dataset, or a base above the applied LSN).
@@ -237,6 +461,21 @@ impl Replica {
         if let Some((_, v)) = lazy.overlay.get(key) {
             return Ok(Read::Ready(v.clone()));
         }
+        match lazy.delta_get(key)? {
+            Ok(Some(change)) => return Ok(Read::Ready(change)),
+            Ok(None) => {}
+            Err(()) => {
+                // The snapshot's part goes out beside the deltas' GETs.
+                if let Some(base) = lazy.base.as_mut() {
+                    if let Ok(Lookup::Need(n)) = base.snap.get(key) {
+                        if lazy.take_failure(&n).is_none() {
+                            lazy.want(n, key);
+                        }
+                    }
+                }
+                return Ok(Read::Pending);
+            }
+        }
         let Some(base) = lazy.base.as_mut() else {
             // No block-indexed base: the state loaded whole (or empty).
             return Ok(Read::Ready(self.state.get(key).map(<[u8]>::to_vec)));
@@ -270,6 +509,10 @@ impl Replica {
                 .collect();
             return Ok(Read::Ready(out));
         };
+        // Deltas are read whole into the overlay before a scan merges.
+        if lazy.deltas_into_overlay()?.is_err() {
+            return Ok(Read::Pending);
+        }
         // The snapshot's part starts over when the base changed.
         let base_key = lazy.base.as_ref().map(|b| b.entry.key.clone());
         if scan.base_key != base_key || (scan.cursor.is_none() && base_key.is_some()) {
@@ -397,10 +640,11 @@ impl Replica {
         let Some(base) = lazy.base.as_mut() else {
             return;
         };
-        if base.entry.key != job.snapshot {
+        let size = base.object_size(&job.snapshot);
+        let is_delta = base.entry.key != job.snapshot;
+        if size == 0 {
             return; // an answer for a snapshot this replica left
         }
-        let size = base.entry.size;
         let key = job.snapshot.clone();
         let data_err = |msg: String| Error::new(ErrorKind::Data, msg).with_object(key.clone());
         let result: Result<(), Error> = match resp {
@@ -425,6 +669,15 @@ impl Replica {
                     ))),
                 };
                 bytes.and_then(|b| {
+                    if is_delta {
+                        return lazy
+                            .feed_delta(&job, b)
+                            .map(|_| ())
+                            .map_err(|e| Error::decode(e).with_object(key.clone()));
+                    }
+                    let Some(base) = lazy.base.as_mut() else {
+                        return Ok(());
+                    };
                     let fed = match job.need {
                         Need::Suffix(_) => base.snap.feed_suffix(b),
                         Need::Range { start, .. } => base.snap.feed_range(start, b, &job.key),
@@ -448,7 +701,12 @@ impl Replica {
         };
         match result {
             Ok(()) => {
-                lazy.blocks_fetched = base.snap.fetched_blocks;
+                let delta_fetches = u64::from(is_delta);
+                lazy.blocks_fetched = lazy
+                    .base
+                    .as_ref()
+                    .map_or(lazy.blocks_fetched, |b| b.snap.fetched_blocks)
+                    .max(lazy.blocks_fetched + delta_fetches);
                 self.success(&key);
             }
             Err(e) => {
@@ -462,7 +720,11 @@ impl Replica {
     /// Lazy mode: adopts the head's snapshot as the base when it is newer
     /// than the applied LSN (the state jumps to it) or newer than the base
     /// (the overlay sheds what it covers). Returns whether the state jumped.
-    pub(super) fn lazy_adopt(&mut self, snapshot: Option<&SnapshotEntry>) -> bool {
+    pub(super) fn lazy_adopt(
+        &mut self,
+        snapshot: Option<&SnapshotEntry>,
+        deltas: &[DeltaEntry],
+    ) -> bool {
         let applied = self.applied;
         let Some(lazy) = self.lazy.as_mut() else {
             return false;
@@ -474,14 +736,23 @@ impl Replica {
         };
         let newer_than_base = lazy.base.as_ref().is_none_or(|b| b.entry.lsn < s.lsn);
         if s.lsn > applied {
+            // The state jumps to the end of the snapshot's delta chain: only
+            // the segments after it are replayed.
+            let end = deltas
+                .last()
+                .filter(|_| deltas.first().is_some_and(|f| f.base_lsn == s.lsn))
+                .map_or(s.lsn, |d| d.lsn);
             lazy.clear();
             lazy.set_base(s.clone());
+            if end > s.lsn {
+                lazy.set_deltas(deltas);
+            }
             self.state = crate::state::KvState::new();
-            self.applied = s.lsn;
-            self.plan_next = s.lsn + 1;
+            self.applied = end;
+            self.plan_next = end + 1;
             self.clear_plan();
             self.events.push_back(Event::Bootstrapped {
-                lsn: s.lsn,
+                lsn: end,
                 dataset_id: self.dataset.unwrap_or_default(),
             });
             true
