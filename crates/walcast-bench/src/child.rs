@@ -145,6 +145,7 @@ async fn run_job(job: &Job, stats: Arc<RequestStats>, started: Instant) -> Resul
                 once: true,
                 concurrency: 4,
                 progress: false,
+                trust: Vec::new(),
             };
             let report = walcast::replica::spawn_replicate(
                 fetch,

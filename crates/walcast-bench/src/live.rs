@@ -151,6 +151,7 @@ pub(crate) async fn walcast(
             once: false,
             concurrency: 4,
             progress: false,
+            trust: Vec::new(),
         };
         walcast::replica::spawn_replicate(fetch, local.clone(), opts, stopped(&stop_tx))
     };

@@ -123,6 +123,7 @@ pub async fn demo(duration: Option<Duration>, rate: u64) -> Result<()> {
             concurrency: 4,
             progress: false,
             sink: Some(progress.clone()),
+            trust: Vec::new(),
         };
         spawn_replicate(
             AnyFetch::for_url(&http)?,

@@ -59,6 +59,7 @@ pub mod hints;
 pub mod inspect;
 pub mod keyfile;
 pub mod lazy;
+pub mod metrics;
 pub mod longpoll;
 pub mod publish;
 pub mod publisher;

@@ -85,6 +85,15 @@ enum Cmd {
         /// Publish everything committed so far, commit the head, and exit.
         #[arg(long)]
         once: bool,
+        /// Sign every head and page with this secret key file (`walcast
+        /// keygen`) and record every object's SHA-256 in the catalog.
+        #[arg(long, value_name = "FILE")]
+        signing_key: Option<PathBuf>,
+        /// Key rotation: the secret key file of the key that signed the
+        /// dataset until now; it endorses --signing-key in every head, so
+        /// replicas that trust it follow.
+        #[arg(long, value_name = "FILE", requires = "signing_key")]
+        previous_key: Option<PathBuf>,
     },
     /// Serve a file:// dataset over HTTP (Range, ETag, If-None-Match, CORS, Cache-Control).
     #[command(after_help = "Examples:\n  walcast serve /tmp/dataset --addr 127.0.0.1:8787")]
@@ -132,6 +141,12 @@ enum Cmd {
         /// Segment GETs in flight at most.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
+        /// Apply only heads signed by this key (ed25519:<base64>, from
+        /// `walcast keygen`) or a key it endorsed, never an older signed
+        /// head, and only objects whose digest the signed catalog records
+        /// (repeatable).
+        #[arg(long = "trust", value_name = "ed25519:KEY", value_parser = parse_public_key)]
+        trust: Vec<walcast_core::keys::PublicKey>,
         /// A header sent with every GET of an http(s):// dataset, as
         /// 'Name: value' (repeatable), e.g. 'Authorization: Bearer …'. Never logged.
         #[arg(long = "header", value_name = "NAME: VALUE")]
@@ -232,6 +247,10 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         rate: u64,
     },
+}
+
+fn parse_public_key(s: &str) -> Result<walcast_core::keys::PublicKey, String> {
+    walcast_core::keys::PublicKey::parse(s).map_err(|e| e.message().to_string())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -378,6 +397,8 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             segment_bytes,
             snapshot_every,
             retain,
+            signing_key,
+            previous_key,
             grace,
             once,
         } => {
@@ -391,6 +412,14 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                     snapshot_every: (snapshot_every > 0).then_some(snapshot_every),
                     retain_lsns: retain,
                     grace_ms: grace.as_millis() as u64,
+                    signing_key: signing_key
+                        .as_deref()
+                        .map(walcast::keyfile::read_secret_key)
+                        .transpose()?,
+                    previous_key: previous_key
+                        .as_deref()
+                        .map(walcast::keyfile::read_secret_key)
+                        .transpose()?,
                     ..PublisherConfig::default()
                 },
                 once,
@@ -452,6 +481,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             once,
             concurrency,
             headers,
+            trust,
         } => {
             let opts = ReplicateOptions {
                 interval,
@@ -459,6 +489,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                 concurrency,
                 progress: true,
                 sink: None,
+                trust,
             };
             let result =
                 walcast::replica::replicate_with_headers(&url, &headers, &local, &opts, ctrl_c())

@@ -408,6 +408,7 @@ mod tests {
             once: true,
             concurrency: 2,
             progress: false,
+            trust: Vec::new(),
         };
         crate::replica::replicate(url, local.path(), &opts, std::future::pending())
             .await

@@ -545,6 +545,9 @@ pub struct ReplicateOptions {
     pub concurrency: usize,
     /// Show a progress bar (on a terminal).
     pub progress: bool,
+    /// Pinned keys ([`walcast_core::replica::ReplicaConfig::trust`]): apply
+    /// only what a trusted key signed. Empty: any dataset, signed or not.
+    pub trust: Vec<walcast_core::keys::PublicKey>,
 }
 
 /// What a replicate run did.
@@ -619,6 +622,7 @@ pub async fn replicate_from(
         poll_interval_ms: opts.interval.as_millis() as u64,
         max_inflight: opts.concurrency.max(1),
         emit_records: true,
+        trust: opts.trust.clone(),
         ..ReplicaConfig::default()
     };
     let seed = crate::publish::now_ms() ^ u64::from(std::process::id());

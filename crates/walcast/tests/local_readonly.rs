@@ -91,6 +91,7 @@ fn replica_with_log(tmp: &Path) -> PathBuf {
                 once: true,
                 concurrency: 2,
                 progress: false,
+                trust: Vec::new(),
             };
             replicate(&url, &local, &opts, std::future::pending())
                 .await

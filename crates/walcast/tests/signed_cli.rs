@@ -1,0 +1,170 @@
+//! Signed datasets end to end with the `walcast` binary: keygen, a signed
+//! publish to a file:// dataset, pinned and unpinned replicas, a key
+//! rotation, and refusals with the `untrusted` error code.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn walcast(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_walcast"))
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running walcast");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    child.wait_with_output().expect("walcast output")
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "walcast failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn write(wal: &Path, from: u32, to: u32) {
+    let lines: String = (from..to)
+        .map(|i| format!("{{\"op\":\"put\",\"key\":\"user:{i:03}\",\"value\":\"v{i}\"}}\n"))
+        .collect();
+    ok(&walcast(
+        &["write", "--wal", wal.to_str().unwrap()],
+        Some(&lines),
+    ));
+}
+
+fn keygen(path: &Path) -> String {
+    let out = ok(&walcast(&["keygen", "--out", path.to_str().unwrap()], None));
+    let public = out.trim().to_string();
+    assert!(
+        public.starts_with("ed25519:") && public.len() == 52,
+        "{public}"
+    );
+    public
+}
+
+fn replicate(url: &str, local: &Path, trust: &[&str]) -> Output {
+    let mut args = vec![
+        "replicate",
+        url,
+        "--local",
+        local.to_str().unwrap(),
+        "--once",
+    ];
+    for t in trust {
+        args.extend(["--trust", t]);
+    }
+    walcast(&args, None)
+}
+
+fn get(local: &Path, key: &str) -> String {
+    ok(&walcast(
+        &["get", "--local", local.to_str().unwrap(), key],
+        None,
+    ))
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn signed_publish_pinned_replicas_and_rotation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wal = tmp.path().join("wal");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let url = url::Url::from_directory_path(&data).unwrap().to_string();
+    let (key_a, key_b) = (tmp.path().join("a.key"), tmp.path().join("b.key"));
+    let pub_a = keygen(&key_a);
+    let pub_b = keygen(&key_b);
+    // The secret key file: one line, owner-only, never overwritten.
+    let text = std::fs::read_to_string(&key_a).unwrap();
+    assert!(text.starts_with("walcast-ed25519-secret:") && text.ends_with('\n'));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&key_a).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let again = walcast(&["keygen", "--out", key_a.to_str().unwrap()], None);
+    assert!(!again.status.success());
+    assert_eq!(std::fs::read_to_string(&key_a).unwrap(), text);
+
+    write(&wal, 0, 50);
+    let to = [
+        "publish",
+        "--wal",
+        wal.to_str().unwrap(),
+        "--to",
+        &url,
+        "--once",
+    ];
+    let mut args = to.to_vec();
+    args.extend(["--signing-key", key_a.to_str().unwrap()]);
+    ok(&walcast(&args, None));
+    let head = std::fs::read_to_string(data.join("catalog/head.json")).unwrap();
+    assert!(
+        head.contains("\"signature\":\"") && head.contains(&pub_a),
+        "{head}"
+    );
+
+    // Pinned to A, and unpinned: both read it.
+    let pinned = tmp.path().join("pinned");
+    ok(&replicate(&url, &pinned, &[&pub_a]));
+    assert_eq!(get(&pinned, "user:049"), "v49");
+    let open = tmp.path().join("open");
+    ok(&replicate(&url, &open, &[]));
+    assert_eq!(get(&open, "user:049"), "v49");
+
+    // Pinned to B only: untrusted, nothing applied.
+    let wrong = tmp.path().join("wrong");
+    let out = replicate(&url, &wrong, &[&pub_b]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("untrusted"), "{err}");
+
+    // Rotate A -> B: the replica pinned to A follows.
+    write(&wal, 50, 80);
+    let mut args = to.to_vec();
+    args.extend([
+        "--signing-key",
+        key_b.to_str().unwrap(),
+        "--previous-key",
+        key_a.to_str().unwrap(),
+    ]);
+    ok(&walcast(&args, None));
+    ok(&replicate(&url, &pinned, &[&pub_a]));
+    assert_eq!(get(&pinned, "user:079"), "v79");
+    ok(&replicate(&url, &wrong, &[&pub_b]));
+    assert_eq!(get(&wrong, "user:079"), "v79");
+
+    // The same dataset published unsigned again: pinned replicas refuse it
+    // and keep what they have.
+    write(&wal, 80, 90);
+    ok(&walcast(&to, None));
+    let out = replicate(&url, &pinned, &[&pub_a]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("untrusted"));
+    assert_eq!(get(&pinned, "user:079"), "v79");
+    assert!(!walcast(
+        &["get", "--local", pinned.to_str().unwrap(), "user:085"],
+        None
+    )
+    .status
+    .success());
+
+    // A malformed key is refused on the command line.
+    let out = replicate(&url, &open, &["ed25519:nope"]);
+    assert!(!out.status.success());
+}
