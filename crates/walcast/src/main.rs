@@ -85,6 +85,10 @@ enum Cmd {
         /// Publish everything committed so far, commit the head, and exit.
         #[arg(long)]
         once: bool,
+        /// Also serve the (file://) dataset over HTTP on this address, as
+        /// `walcast serve` does; held head requests are woken by each commit.
+        #[arg(long, value_name = "ADDR")]
+        serve: Option<SocketAddr>,
         /// Sign every head and page with this secret key file (`walcast
         /// keygen`) and record every object's SHA-256 in the catalog.
         #[arg(long, value_name = "FILE")]
@@ -114,6 +118,11 @@ enum Cmd {
         /// how long a kept-alive connection may wait for its next request).
         #[arg(long, default_value = "10s", value_parser = parse_timeout)]
         header_timeout: Duration,
+        /// Hold a conditional head GET with a wait hint (`Prefer: wait=N`
+        /// or `?wait=N`) at most this long until the head changes (long-poll);
+        /// whole seconds, 0: answer at once.
+        #[arg(long, default_value = "60s", value_parser = parse_max_wait)]
+        max_wait: Duration,
         /// Close a connection on which nothing was read or written for this long.
         #[arg(long, default_value = "30s", value_parser = parse_timeout)]
         idle_timeout: Duration,
@@ -258,6 +267,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(
         s.find(|c: char| !c.is_ascii_digit() && c != '.')
             .unwrap_or(s.len()),
+fn parse_max_wait(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.subsec_nanos() != 0 || d > walcast::longpoll::MAX_WAIT_LIMIT => Err(format!(
+            "{s:?}: whole seconds, at most {}s",
+            walcast::longpoll::MAX_WAIT_LIMIT.as_secs()
+        )),
+        d => Ok(d),
+    }
+}
+
     );
     let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
     let ms = match unit {
@@ -347,6 +366,57 @@ fn main() -> ExitCode {
                     tracing::debug!("{e:#}");
                     eprintln!("walcast: error: {hint}");
                 }
+type ServerTask = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<()>>,
+);
+
+/// `walcast publish --serve ADDR`: serves the file:// dataset at `to` on
+/// `addr` (as `walcast serve` with its defaults), waking held head requests
+/// at each commit; returns once listening, with what stops it.
+async fn serve_while_publishing(
+    to: &str,
+    addr: SocketAddr,
+    mut commits: tokio::sync::watch::Receiver<u64>,
+) -> Result<ServerTask> {
+    let root = url::Url::parse(to)
+        .ok()
+        .filter(|u| u.scheme() == "file")
+        .and_then(|u| u.to_file_path().ok())
+        .ok_or_else(|| anyhow::anyhow!("--serve needs a file:// dataset, not {to}"))?;
+    let signal = walcast::longpoll::HeadSignal::new();
+    let opts = walcast::serve::ServeOptions {
+        head_signal: Some(signal.clone()),
+        ..walcast::serve::ServeOptions::default()
+    };
+    tokio::spawn(async move {
+        while commits.changed().await.is_ok() {
+            signal.notify();
+        }
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(walcast::serve::serve_with(
+        root,
+        addr,
+        opts,
+        move |a| {
+            println!("walcast serve: listening on http://{a}");
+            let _ = std::io::stdout().flush();
+            let _ = bound_tx.send(());
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    if bound_rx.await.is_err() {
+        // It ended before listening: say why.
+        task.await.context("walcast publish --serve")??;
+        anyhow::bail!("walcast publish --serve: the server stopped");
+    }
+    Ok((stop, task))
+}
+
                 None => eprintln!("walcast: error: {e:#}"),
             }
             ExitCode::from(1)
@@ -380,6 +450,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                 .context("the system clock is before 1970")?
                 .as_secs();
             println!("{}", walcast_core::token::issue(&secret, &prefix, now, ttl));
+            serve,
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Keygen { out } => {
@@ -399,6 +470,10 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             retain,
             signing_key,
             previous_key,
+            let server = match serve {
+                Some(addr) => Some(serve_while_publishing(&to, addr, publisher.commits()).await?),
+                None => None,
+            };
             grace,
             once,
         } => {
@@ -411,6 +486,10 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                     commit_burst,
                     snapshot_every: (snapshot_every > 0).then_some(snapshot_every),
                     retain_lsns: retain,
+            if let Some((stop, task)) = server {
+                let _ = stop.send(());
+                task.await.context("walcast publish --serve")??;
+            }
                     grace_ms: grace.as_millis() as u64,
                     signing_key: signing_key
                         .as_deref()
@@ -421,6 +500,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                         .map(walcast::keyfile::read_secret_key)
                         .transpose()?,
                     ..PublisherConfig::default()
+            max_wait,
                 },
                 once,
                 ..PublishOptions::default()
@@ -431,6 +511,8 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             let ended = tokio::select! {
                 r = publisher.finished() => Some(r),
                 () = ctrl_c() => None,
+                max_wait,
+                head_signal: None,
             };
             let report = match ended {
                 Some(r) => r?,

@@ -55,7 +55,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -63,7 +63,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::Response;
 use axum::Router;
 use bytes::Bytes;
@@ -76,6 +76,8 @@ use tokio::time::Instant;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use walcast_core::catalog::{page_key, segment_key, snapshot_key, HEAD_KEY};
 use walcast_core::keys::PublicKey;
+
+use crate::longpoll::{self, HeadSignal, HeadWatch, DEFAULT_MAX_WAIT, MAX_WAIT_LIMIT};
 use walcast_core::token;
 
 /// Files up to this size are read whole on every request.
@@ -123,6 +125,14 @@ pub struct ServeOptions {
     /// Keys whose access tokens are accepted (`--verify-key`, repeatable for
     /// a rotation); empty: no token needed.
     pub verify_keys: Vec<PublicKey>,
+    /// The longest a conditional head GET with a wait hint is held (see
+    /// [`crate::longpoll`]); zero: no long-poll. Whole seconds. A held
+    /// request keeps its connection (and its slot of `max_connections`)
+    /// but does not count as idle.
+    pub max_wait: Duration,
+    /// Wakes held head requests when a publisher in the same process
+    /// commits (`walcast publish --serve`); the file watch works without.
+    pub head_signal: Option<HeadSignal>,
 }
 
 impl Default for ServeOptions {
@@ -133,6 +143,8 @@ impl Default for ServeOptions {
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             verify_keys: Vec::new(),
+            max_wait: DEFAULT_MAX_WAIT,
+            head_signal: None,
         }
     }
 }
@@ -271,6 +283,11 @@ struct Served {
     root: PathBuf,
     verify_keys: Vec<PublicKey>,
     etags: Mutex<HashMap<PathBuf, CachedTag>>,
+    /// Long-poll: the longest wait granted (zero: none), what wakes held
+    /// requests, and the server stopping (held requests answer at once).
+    max_wait: Duration,
+    signal: HeadSignal,
+    stop: watch::Sender<bool>,
 }
 
 struct CachedTag {
@@ -289,12 +306,20 @@ struct Entity {
 }
 
 /// The router serving the dataset at `root`, with CORS for
-/// `opts.cors_origins`.
+/// `opts.cors_origins` and tokens checked with `opts.verify_keys`.
 pub fn router(root: PathBuf, opts: &ServeOptions) -> Router {
+    build(root, opts).0
+}
+
+/// The router and its shared state.
+fn build(root: PathBuf, opts: &ServeOptions) -> (Router, Arc<Served>) {
     let state = Arc::new(Served {
         root,
         verify_keys: opts.verify_keys.clone(),
         etags: Mutex::new(HashMap::new()),
+        max_wait: opts.max_wait,
+        signal: opts.head_signal.clone().unwrap_or_default(),
+        stop: watch::channel(false).0,
     });
     let origins = &opts.cors_origins;
     // With tokens required, no wildcard unless asked for.
@@ -310,15 +335,26 @@ pub fn router(root: PathBuf, opts: &ServeOptions) -> Router {
     let cors = CorsLayer::new()
         .allow_origin(allow_origin)
         .allow_methods([Method::GET, Method::HEAD, Method::OPTIONS])
-        .allow_headers([header::RANGE, header::IF_NONE_MATCH, header::AUTHORIZATION])
+        .allow_headers([
+            header::RANGE,
+            header::IF_NONE_MATCH,
+            header::AUTHORIZATION,
+            HeaderName::from_static("prefer"),
+        ])
         .expose_headers([
             header::ETAG,
             header::CONTENT_RANGE,
             header::CONTENT_LENGTH,
             header::ACCEPT_RANGES,
+            HeaderName::from_static(walcast_core::io::LONG_POLL_HEADER),
+            HeaderName::from_static("preference-applied"),
         ])
         .max_age(Duration::from_secs(24 * 60 * 60));
-    Router::new().fallback(handle).with_state(state).layer(cors)
+    let app = Router::new()
+        .fallback(handle)
+        .with_state(Arc::clone(&state))
+        .layer(cors);
+    (app, state)
 }
 
 /// [`serve_with`] on [`ServeOptions::default`].
@@ -371,7 +407,30 @@ pub async fn serve_with(
     tracing::info!(root = %root.display(), addr = %bound, "walcast serve listening");
     on_bound(bound);
 
-    let app = router(root, &opts);
+    anyhow::ensure!(
+        opts.max_wait <= MAX_WAIT_LIMIT && opts.max_wait.subsec_nanos() == 0,
+        "the longest wait must be whole seconds, at most {} s",
+        MAX_WAIT_LIMIT.as_secs()
+    );
+    let (app, served) = build(root.clone(), &opts);
+    // New heads wake held requests at once; without a watch (no inotify
+    // left, say) they re-read the head every FALLBACK_POLL.
+    let _watch = if opts.max_wait.is_zero() {
+        None
+    } else {
+        match HeadWatch::start(&root, served.signal.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(
+                    root = %root.display(),
+                    error = %e,
+                    "walcast serve: no file watch on the dataset; long-polls re-read the head every {} ms",
+                    longpoll::FALLBACK_POLL.as_millis()
+                );
+                None
+            }
+        }
+    };
     let limits = Limits {
         header_timeout: opts.header_timeout,
         idle_timeout: opts.idle_timeout,
@@ -413,6 +472,7 @@ pub async fn serve_with(
     }
     drop(listener);
     let _ = stop_tx.send(true);
+    served.stop.send_replace(true);
     // Every connection holds a permit until it ends.
     let all = u32::try_from(opts.max_connections).expect("bounded above");
     let _ = slots.acquire_many(all).await;
@@ -455,11 +515,18 @@ async fn connection(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
+    // Handlers mark the connection busy while they hold a long-poll.
+    let app = app.layer(axum::Extension(Arc::clone(&activity)));
     let conn = builder.serve_connection(io, TowerToHyperService::new(app));
     let mut conn = std::pin::pin!(conn);
     let mut stopping = false;
     loop {
-        let idle_at = activity.last() + limits.idle_timeout;
+        // A held long-poll is not idle.
+        let idle_at = if activity.held() {
+            Instant::now() + limits.idle_timeout
+        } else {
+            activity.last() + limits.idle_timeout
+        };
         tokio::select! {
             ended = conn.as_mut() => {
                 if let Err(e) = ended {
@@ -468,7 +535,7 @@ async fn connection(
                 return;
             }
             () = tokio::time::sleep_until(idle_at) => {
-                if activity.last() + limits.idle_timeout <= Instant::now() {
+                if !activity.held() && activity.last() + limits.idle_timeout <= Instant::now() {
                     tracing::debug!(%peer, "walcast serve: closing an idle connection");
                     return;
                 }
@@ -486,6 +553,8 @@ struct Activity {
     start: Instant,
     /// Milliseconds after `start`.
     last_ms: AtomicU64,
+    /// Long-polls held on the connection.
+    held: AtomicUsize,
 }
 
 impl Activity {
@@ -493,7 +562,12 @@ impl Activity {
         Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            held: AtomicUsize::new(0),
         }
+    }
+
+    fn held(&self) -> bool {
+        self.held.load(Ordering::Relaxed) > 0
     }
 
     fn touch(&self) {
@@ -569,13 +643,32 @@ impl AsyncWrite for Tracked {
     }
 }
 
+/// Marks a connection busy while a long-poll is held on it.
+struct Held(Arc<Activity>);
+
+impl Held {
+    fn new(activity: Arc<Activity>) -> Held {
+        activity.held.fetch_add(1, Ordering::Relaxed);
+        Held(activity)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.held.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn handle(
     State(state): State<Arc<Served>>,
+    activity: Option<axum::Extension<Arc<Activity>>>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    let response = respond(&state, &method, &uri, &headers).await;
+    let activity = activity.map(|a| a.0);
+    let response = respond(&state, &method, &uri, &headers, activity).await;
     tracing::debug!(
         %method,
         path = uri.path(),
@@ -586,7 +679,13 @@ async fn handle(
     response
 }
 
-async fn respond(state: &Arc<Served>, method: &Method, uri: &Uri, headers: &HeaderMap) -> Response {
+async fn respond(
+    state: &Arc<Served>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    activity: Option<Arc<Activity>>,
+) -> Response {
     if method != Method::GET && method != Method::HEAD {
         return Response::builder()
             .status(StatusCode::METHOD_NOT_ALLOWED)
@@ -606,27 +705,32 @@ async fn respond(state: &Arc<Served>, method: &Method, uri: &Uri, headers: &Head
     let Some(object) = Object::of(&rel) else {
         return not_found();
     };
-    let opened = {
-        let state = Arc::clone(state);
-        let rel = rel.clone();
-        tokio::task::spawn_blocking(move || open_entity(&state, &rel)).await
-    };
-    let entity = match opened {
-        Ok(Ok(entity)) => entity,
-        Ok(Err(e)) if is_not_found(&e) => return not_found(),
-        Ok(Err(e)) => {
-            tracing::error!(
-                path = %state.root.join(&rel).display(),
-                error = %e,
-                "walcast serve: cannot read a dataset object"
-            );
-            return status_only(StatusCode::INTERNAL_SERVER_ERROR);
+    // Long-poll: a conditional head GET with a wait hint.
+    let long_poll = object == Object::Head && !state.max_wait.is_zero();
+    let wait = if long_poll && method == Method::GET && longpoll::is_conditional(headers) {
+        match longpoll::requested_wait(uri, headers, state.max_wait) {
+            Ok(w) => w,
+            Err(msg) => return bad_request(&msg),
         }
-        Err(e) => {
-            tracing::warn!(path = rel, error = %e, "walcast serve: blocking task failed");
-            return status_only(StatusCode::INTERNAL_SERVER_ERROR);
-        }
+    } else {
+        None
     };
+    // Subscribed before the head is read, so no change is missed.
+    let changes = wait.map(|_| state.signal.subscribe());
+    let mut entity = match open_object(state, &rel).await {
+        Ok(e) => e,
+        Err(r) => return r,
+    };
+    if let (Some(wait), Some(changes)) = (wait, changes) {
+        if if_none_match(headers, &entity.etag) {
+            let _held = activity.map(Held::new);
+            match hold(state, &rel, headers, wait, changes).await {
+                Some(Ok(e)) => entity = e,
+                Some(Err(r)) => return r,
+                None => {}
+            }
+        }
+    }
 
     let cache_control = match object.cache_control() {
         IMMUTABLE if token_in_header => IMMUTABLE_PRIVATE,
@@ -638,6 +742,18 @@ async fn respond(state: &Arc<Served>, method: &Method, uri: &Uri, headers: &Head
         .header(header::ETAG, etag)
         .header(header::CACHE_CONTROL, cache_control)
         .header(header::ACCEPT_RANGES, "bytes");
+    let builder = if long_poll {
+        builder.header(
+            walcast_core::io::LONG_POLL_HEADER,
+            state.max_wait.as_secs().to_string(),
+        )
+    } else {
+        builder
+    };
+    let builder = match wait {
+        Some(w) => builder.header("preference-applied", longpoll::preference_applied(w)),
+        None => builder,
+    };
 
     if if_none_match(headers, &entity.etag) {
         return builder
@@ -762,6 +878,70 @@ fn unauthorized(reason: &str, message: &str) -> Response {
         .header(header::CACHE_CONTROL, "no-store")
         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .body(Body::from(format!("401 Unauthorized: {message}\n")))
+        .expect("valid response")
+}
+
+/// Opens the object at `rel`, or the answer for why it cannot be served.
+async fn open_object(state: &Arc<Served>, rel: &str) -> Result<Entity, Response> {
+    let opened = {
+        let state = Arc::clone(state);
+        let rel = rel.to_string();
+        tokio::task::spawn_blocking(move || open_entity(&state, &rel)).await
+    };
+    match opened {
+        Ok(Ok(entity)) => Ok(entity),
+        Ok(Err(e)) if is_not_found(&e) => Err(not_found()),
+        Ok(Err(e)) => {
+            tracing::error!(
+                path = %state.root.join(rel).display(),
+                error = %e,
+                "walcast serve: cannot read a dataset object"
+            );
+            Err(status_only(StatusCode::INTERNAL_SERVER_ERROR))
+        }
+        Err(e) => {
+            tracing::warn!(path = rel, error = %e, "walcast serve: blocking task failed");
+            Err(status_only(StatusCode::INTERNAL_SERVER_ERROR))
+        }
+    }
+}
+
+/// Holds a long-poll on the head at `rel` until its ETag no longer matches
+/// the request's `If-None-Match` (then the new head, or why it cannot be
+/// served), or `wait` runs out or the server stops (then `None`: 304).
+async fn hold(
+    state: &Arc<Served>,
+    rel: &str,
+    headers: &HeaderMap,
+    wait: Duration,
+    mut changes: watch::Receiver<u64>,
+) -> Option<Result<Entity, Response>> {
+    let deadline = Instant::now() + wait;
+    let mut stop = state.stop.subscribe();
+    loop {
+        let now = Instant::now();
+        if now >= deadline || *stop.borrow() {
+            return None;
+        }
+        let tick = (deadline - now).min(longpoll::FALLBACK_POLL);
+        tokio::select! {
+            _ = changes.changed() => {}
+            () = tokio::time::sleep(tick) => {}
+            _ = stop.wait_for(|s| *s) => return None,
+        }
+        match open_object(state, rel).await {
+            Ok(e) if if_none_match(headers, &e.etag) => continue,
+            other => return Some(other),
+        }
+    }
+}
+
+fn bad_request(message: &str) -> Response {
+    Response::builder()
+        .status(StatusCode::BAD_REQUEST)
+        .header(header::CACHE_CONTROL, NO_CACHE)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from(format!("400 Bad Request: {message}\n")))
         .expect("valid response")
 }
 
