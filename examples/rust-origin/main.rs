@@ -67,7 +67,10 @@ async fn main() -> Result<()> {
         n += 1;
         // One atomic batch: the counter and the last visit.
         let lsn = writer.commit(&[
-            Op::put(format!("views:{page}").into_bytes(), count.to_string().into_bytes()),
+            Op::put(
+                format!("views:{page}").into_bytes(),
+                count.to_string().into_bytes(),
+            ),
             Op::put(b"last_visit".to_vec(), format!("{page} #{n}").into_bytes()),
         ])?;
         eprintln!("visit {n} to {page}: LSN {lsn}");

@@ -83,7 +83,8 @@ pub fn explain(url: &str, text: &str) -> Option<String> {
     {
         return Some(no_s3_credentials(url));
     }
-    if (matches!(scheme, "gs") && (t.contains("credential") || t.contains("401") || t.contains("403")))
+    if (matches!(scheme, "gs")
+        && (t.contains("credential") || t.contains("401") || t.contains("403")))
         || (matches!(scheme, "az" | "azure" | "abfs" | "abfss")
             && (t.contains("credential") || t.contains("401") || t.contains("403")))
     {
@@ -92,7 +93,9 @@ pub fn explain(url: &str, text: &str) -> Option<String> {
         } else {
             "set AZURE_STORAGE_ACCOUNT_NAME and AZURE_STORAGE_ACCOUNT_KEY"
         };
-        return Some(format!("{url}: no valid credentials for this container: {fix}"));
+        return Some(format!(
+            "{url}: no valid credentials for this container: {fix}"
+        ));
     }
     if t.contains("catalog/head.json")
         && (t.contains("not_found") || t.contains("not found") || t.contains("404"))

@@ -89,7 +89,10 @@ fn one_line(args: &[&str], env: &[(&str, &str)], wants: &[&str]) -> String {
 fn help_shows_examples() {
     let (code, out, _) = walcast(&["--help"], &[]);
     assert_eq!(code, Some(0));
-    assert!(out.contains("Examples:") && out.contains("walcast demo"), "{out}");
+    assert!(
+        out.contains("Examples:") && out.contains("walcast demo"),
+        "{out}"
+    );
     for cmd in [
         "write",
         "publish",
@@ -175,7 +178,13 @@ fn a_missing_dataset_says_to_check_the_url_or_publish() {
     ];
     let s3 = moto.url("nothing-here");
     let line = one_line(
-        &["replicate", &s3, "--local", local.to_str().unwrap(), "--once"],
+        &[
+            "replicate",
+            &s3,
+            "--local",
+            local.to_str().unwrap(),
+            "--once",
+        ],
         &env,
         &wants,
     );
@@ -203,7 +212,13 @@ fn a_bucket_without_credentials_says_which_variables_to_set() {
         ("AWS_ALLOW_HTTP", "true"),
     ];
     one_line(
-        &["replicate", &url, "--local", local.to_str().unwrap(), "--once"],
+        &[
+            "replicate",
+            &url,
+            "--local",
+            local.to_str().unwrap(),
+            "--once",
+        ],
         &env,
         &wants,
     );

@@ -31,7 +31,9 @@ async fn publishes_in_process_reports_commits_and_stops_cleanly() {
     let mut commits = publisher.commits();
     let mut last = 0;
     for i in 0..40 {
-        last = writer.commit(&put(&format!("k{i:03}"), &format!("v{i}"))).unwrap();
+        last = writer
+            .commit(&put(&format!("k{i:03}"), &format!("v{i}")))
+            .unwrap();
     }
     assert_eq!(last, 40);
     assert_eq!(publisher.wait_for(last, WAIT).await.unwrap(), 40);
@@ -132,5 +134,8 @@ async fn a_url_without_a_scheme_is_refused_with_what_to_write() {
     let err = Publisher::spawn(tmp.path(), "my-bucket/app", PublishOptions::default())
         .expect_err("no scheme");
     let msg = format!("{err:#}");
-    assert!(msg.contains("my-bucket/app") && msg.contains("s3://"), "{msg}");
+    assert!(
+        msg.contains("my-bucket/app") && msg.contains("s3://"),
+        "{msg}"
+    );
 }
