@@ -13,7 +13,10 @@
 //    /kv request, LOAD=full vs LOAD=lazy): GETs, bytes received, ms.
 // Figures only: nothing here asserts a time.
 //
-// Usage: node tests/js/bench.mjs [size|replay|open|memory|cold]...   (default: all)
+//  - the peak memory of a lazy replica (Node) serving 10,000 random reads
+//    with an 8 MiB cache over 1,000,000 keys (WALCAST_BENCH_LAZY_KEYS).
+//
+// Usage: node tests/js/bench.mjs [size|replay|open|memory|lazypeak|cold]...   (default: all)
 //   after scripts/build-js.sh; needs target/release/walcast (WALCAST_BIN
 //   overrides) and, for workerd, tests/js/edge/node_modules (browser-deps.sh).
 //   WALCAST_BENCH_COLD_KEYS=100000,1000000 sets the cold-read dataset sizes.
@@ -114,17 +117,17 @@ const config :Workerd.Config = (
 const mb = (b) => `${(b / 1e6).toFixed(b < 1e6 ? 3 : 1)} MB`;
 
 /**
- * Cold first read of one key, full vs lazy, in Node and in workerd, for a
- * dataset of `n` keys with 100-byte values: a snapshot of all of them
- * (block-indexed, the publisher's default) and a tail of 100 overwrites.
+ * A dataset of `n` keys (`key:%08d`) with 100-byte values in tmp: a
+ * block-indexed snapshot of all of them and a tail of 100 overwrites.
+ * Returns { ds, key, snap }.
  */
-async function coldReads(n) {
+function coldDataset(n) {
   const wal = join(tmp, `cold-wal-${n}`);
   const ds = join(tmp, `cold-ds-${n}`);
   const key = (i) => `key:${String(i).padStart(8, "0")}`;
   const perLine = 1000;
   const batches = Math.ceil(n / perLine);
-  let t = performance.now();
+  const t = performance.now();
   walcastWrite(wal, n, key, perLine);
   execFileSync(walcast, ["publish", "--wal", wal, "--to", `file://${ds}`, "--once", "--snapshot-every", String(batches)], { stdio: "ignore" });
   walcastWrite(wal, 100, (i) => key((i * 7919) % n));
@@ -134,6 +137,72 @@ async function coldReads(n) {
   const snap = head.snapshot;
   if (!snap || snap.version !== 2 || snap.entries !== n) throw new Error(`cold ${n}: the head's snapshot is ${JSON.stringify(snap)}`);
   console.error(`bench: cold ${n}: dataset built in ${((performance.now() - t) / 1000).toFixed(1)} s; snapshot ${mb(snap.size)} at LSN ${snap.lsn}, committed ${head.committed_lsn}`);
+  return { ds, key, snap };
+}
+
+// A lazy replica in a Node process of its own: open with an 8 MiB cache,
+// 10,000 reads of keys drawn at random (a fixed seed), then the process's
+// peak resident memory (VmHWM) before the first read and after the last.
+const LAZY_PEAK_SCRIPT = `
+const [dist, url, n, reads, cacheBytes] = process.argv.slice(1);
+const { readFileSync } = await import("node:fs");
+const hwm = () => Number(/VmHWM:\\s+(\\d+)/.exec(readFileSync("/proc/self/status", "utf8"))[1]) * 1024;
+// The module's memory, seen by wrapping instantiate (wasm memory never shrinks: its size is its peak).
+const mems = [];
+const instantiate = WebAssembly.instantiate;
+WebAssembly.instantiate = async (...args) => {
+  const r = await instantiate(...args);
+  const m = (r.instance ?? r).exports?.memory;
+  if (m) mems.push(m);
+  return r;
+};
+const { Replica, init } = await import(dist + "/node.js");
+await init();
+const before = hwm();
+const t = performance.now();
+const r = await Replica.open(url, { load: "lazy", cacheBytes: Number(cacheBytes) });
+let x = 12345;
+for (let i = 0; i < Number(reads); i++) {
+  x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+  const k = "key:" + String(x % Number(n)).padStart(8, "0");
+  const v = await r.get(k);
+  if (!v || v.length !== 100) throw new Error("lazy read of " + k + " found " + v);
+}
+const ms = performance.now() - t;
+const s = r.status();
+const wasm = mems.length ? mems[mems.length - 1].buffer.byteLength : null;
+console.log(JSON.stringify({ before, after: hwm(), wasm, ms, cachedBytes: s.cachedBytes, blocksFetched: s.blocksFetched, requests: s.requests, bytesReceived: s.bytesReceived }));
+await r.close();
+process.exit(0);
+`;
+
+/** Peak memory of a lazy replica serving random reads over `n` keys. */
+async function lazyPeak(n, reads, cacheBytes) {
+  const { ds } = coldDataset(n);
+  const server = await serve(ds);
+  try {
+    const outp = await new Promise((resolve, reject) => {
+      const child = spawn(process.execPath, ["--input-type=module", "-e", LAZY_PEAK_SCRIPT, dist, server.url, String(n), String(reads), String(cacheBytes)], { stdio: ["ignore", "pipe", "inherit"] });
+      let buf = "";
+      child.stdout.on("data", (d) => { buf += d; });
+      child.on("exit", (code) => (code === 0 ? resolve(buf) : reject(new Error(`lazy peak child exited with ${code}`))));
+    });
+    const m = JSON.parse(outp.trim().split("\n").pop());
+    report(`Node, lazy replica over ${n.toLocaleString("en")} keys, ${reads.toLocaleString("en")} random reads, cacheBytes ${mb(cacheBytes)}: peak RSS (VmHWM) after init / after the reads`, `${mb(m.before)} / ${mb(m.after)} (+${mb(m.after - m.before)}); wasm memory ${m.wasm === null ? "not seen" : mb(m.wasm)}; cache ${mb(m.cachedBytes)}, ${m.blocksFetched} blocks fetched, ${m.requests} GETs, ${mb(m.bytesReceived)}, ${m.ms.toFixed(0)} ms`);
+  } finally {
+    server.stop();
+    rmSync(ds, { recursive: true, force: true });
+  }
+}
+
+/**
+ * Cold first read of one key, full vs lazy, in Node and in workerd, for a
+ * dataset of `n` keys with 100-byte values: a snapshot of all of them
+ * (block-indexed, the publisher's default) and a tail of 100 overwrites.
+ */
+async function coldReads(n) {
+  const { ds, key, snap } = coldDataset(n);
+  let t;
   const probe = key(Math.floor(n * 0.61803));
   const server = await serve(ds);
   try {
@@ -252,6 +321,11 @@ try {
       const [entries, heap, mem] = inst.benchStateMemory(1000000, 100, shuffled);
       report(`wasm: ${entries} keys with 100-byte values, ${shuffled ? "written in random order" : "written in key order (as a snapshot bootstrap)"}`, `state ${(heap / 1e6).toFixed(1)} MB, wasm memory ${(mem / 1e6).toFixed(1)} MB (a Workers isolate may use 128 MB)`);
     }
+  }
+
+  if (want("lazypeak")) {
+    const n = Number(process.env.WALCAST_BENCH_LAZY_KEYS ?? 1000000);
+    await lazyPeak(n, 10000, 8 << 20);
   }
 
   if (want("cold")) {
