@@ -3,6 +3,10 @@
 //! `memory://`. Maps the core's requests (GET with range and
 //! `If-None-Match`, conditional PUT, DELETE) onto it.
 //!
+//! On `gs://`, a conditional replace names the object's generation
+//! (`x-goog-if-generation-match`), not its ETag: the token handed to the core
+//! for the head carries both (`g<generation>:<ETag>`).
+//!
 //! On `file://`, object_store cannot replace an object conditionally, so the
 //! head's compare-and-swap is done here: under an exclusive lock on
 //! `catalog/.head.lock`, compare the current head's ETag, write a temporary
@@ -46,6 +50,8 @@ pub struct Store {
     url: String,
     /// Counters of the requests made (see [`Store::open_counted`]).
     stats: Option<Arc<RequestStats>>,
+    /// `gs://`: versions are generations (see [`gcs_token`]).
+    gcs: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -121,6 +127,7 @@ impl Store {
             local,
             url: url.to_string(),
             stats,
+            gcs: scheme == "gs",
         })
     }
 
@@ -150,8 +157,12 @@ impl Store {
                 return r;
             }
         }
+        let gcs = self.gcs;
         let opts = GetOptions {
-            if_none_match: req.if_none_match.clone(),
+            if_none_match: req
+                .if_none_match
+                .as_deref()
+                .map(|t| if gcs { gcs_token_parts(t).1 } else { t }.to_string()),
             range: req.range.map(|r| match r {
                 ByteRange::Bounded { start, end } => GetRange::Bounded(start..end),
                 ByteRange::Suffix(n) => GetRange::Suffix(n),
@@ -163,7 +174,11 @@ impl Store {
             let res = self.os.get_opts(&self.path(&req.key), opts).await?;
             let range = res.range.clone();
             let total = res.meta.size;
-            let etag = res.meta.e_tag.clone();
+            let etag = if gcs {
+                gcs_token(res.meta.version.as_deref(), res.meta.e_tag.as_deref())
+            } else {
+                res.meta.e_tag.clone()
+            };
             let body = read_payload(res, max_bytes).await?;
             Ok::<_, object_store::Error>((body, range, total, etag))
         };
@@ -219,6 +234,13 @@ impl Store {
         }
         let mode = match &req.condition {
             PutCondition::CreateOnly => PutMode::Create,
+            PutCondition::IfMatch(e) if self.gcs => {
+                let (generation, e_tag) = gcs_token_parts(e);
+                PutMode::Update(UpdateVersion {
+                    e_tag: Some(e_tag.to_string()),
+                    version: generation.map(str::to_string),
+                })
+            }
             PutCondition::IfMatch(e) => PutMode::Update(UpdateVersion {
                 e_tag: Some(e.clone()),
                 version: None,
@@ -239,7 +261,12 @@ impl Store {
         {
             Ok(r) => {
                 self.local_mode(&req.key);
-                PutResponse::Ok { etag: r.e_tag }
+                let etag = if self.gcs {
+                    gcs_token(r.version.as_deref(), r.e_tag.as_deref())
+                } else {
+                    r.e_tag
+                };
+                PutResponse::Ok { etag }
             }
             Err(object_store::Error::AlreadyExists { .. }) => PutResponse::AlreadyExists,
             Err(object_store::Error::Precondition { .. }) => PutResponse::PreconditionFailed,
@@ -291,6 +318,29 @@ impl Store {
         #[cfg(not(unix))]
         let _ = key;
     }
+}
+
+/// The token a `gs://` store hands the core for an object's version:
+/// `g<generation>:<ETag>`. GCS replaces an object conditionally only on its
+/// generation (object_store sends `x-goog-if-generation-match` and needs the
+/// generation for [`PutMode::Update`]), while a conditional GET compares the
+/// ETag: the token carries both, and [`gcs_token_parts`] splits it again.
+/// Without a generation it is the ETag alone.
+pub(crate) fn gcs_token(generation: Option<&str>, e_tag: Option<&str>) -> Option<String> {
+    match (generation, e_tag) {
+        (Some(g), e) => Some(format!("g{g}:{}", e.unwrap_or(""))),
+        (None, e) => e.map(str::to_string),
+    }
+}
+
+/// Splits a token of [`gcs_token`] into the generation (if it has one) and
+/// the ETag.
+pub(crate) fn gcs_token_parts(token: &str) -> (Option<&str>, &str) {
+    token
+        .strip_prefix('g')
+        .and_then(|rest| rest.split_once(':'))
+        .filter(|(g, _)| !g.is_empty() && g.bytes().all(|b| b.is_ascii_digit()))
+        .map_or((None, token), |(g, e)| (Some(g), e))
 }
 
 fn local_etag(bytes: &[u8]) -> String {
@@ -497,4 +547,23 @@ fn write_atomic_mode(
     tmp.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{gcs_token, gcs_token_parts};
+
+    #[test]
+    fn gcs_tokens_carry_the_generation_and_the_etag() {
+        let t = gcs_token(Some("1712345678901234"), Some("\"abc\"")).unwrap();
+        assert_eq!(t, "g1712345678901234:\"abc\"");
+        assert_eq!(gcs_token_parts(&t), (Some("1712345678901234"), "\"abc\""));
+        // No generation: the ETag alone, which splits back to itself.
+        assert_eq!(gcs_token(None, Some("\"x\"")).as_deref(), Some("\"x\""));
+        assert_eq!(gcs_token(None, None), None);
+        for plain in ["\"g1:x\"", "g:x", "gx:1", "abc", ""] {
+            assert_eq!(gcs_token_parts(plain), (None, plain), "{plain:?}");
+        }
+        assert_eq!(gcs_token_parts("g7:"), (Some("7"), ""));
+    }
 }
