@@ -42,6 +42,9 @@ pub(crate) struct LiveResult {
     pub(crate) follow_reader: RequestCounts,
     /// The writer's requests while writing (until the reader caught up).
     pub(crate) follow_writer: RequestCounts,
+    /// walcast: head commits the publisher made over the whole run (0 for
+    /// SlateDB).
+    pub(crate) commits: u64,
 }
 
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -79,6 +82,7 @@ impl Counts {
             idle_secs: self.idle_secs,
             follow_reader: self.follow_reader,
             follow_writer: self.follow_writer,
+            commits: 0,
         })
     }
 }
@@ -183,7 +187,7 @@ pub(crate) async fn walcast(
     let counts = Counts::observe(&reader_stats, &writer_stats, plan.idle_for).await;
 
     let _ = stop_tx.send(());
-    publisher.await??;
+    let published = publisher.await??;
     replica.await??;
 
     let mut visible = vec![None; commits.len()];
@@ -198,7 +202,9 @@ pub(crate) async fn walcast(
             }
         }
     }
-    counts.result(&commits, &visible)
+    let mut result = counts.result(&commits, &visible)?;
+    result.commits = published.commits;
+    Ok(result)
 }
 
 async fn wait_for(mut done: impl FnMut() -> bool, what: &str) -> Result<()> {

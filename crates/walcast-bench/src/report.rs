@@ -394,6 +394,25 @@ pub(crate) fn write(out: &Path, r: &Results, took: Duration) -> Result<()> {
                 fmt_value(run.write_walcast_secs, Unit::Secs),
                 run.wal_bytes as f64 / 1e6
             )?;
+            let per_commit = |l: &LiveResult| {
+                let c = l.commits.max(1) as f64;
+                (l.commits, l.follow_reader.requests() as f64 / c, l.follow_writer.requests() as f64 / c)
+            };
+            let (c, r, w) = per_commit(w);
+            write!(
+                md,
+                "walcast made {} commits: {r:.2} reader requests and {w:.2} writer requests per commit",
+                thousands(c)
+            )?;
+            if let Some(sp) = &run.live_walcast_spaced {
+                let (c, r, w) = per_commit(sp);
+                write!(
+                    md,
+                    "; with spaced commits {} commits, {r:.2} and {w:.2}",
+                    thousands(c)
+                )?;
+            }
+            writeln!(md, ".\n")?;
         } else {
             writeln!(md)?;
         }
