@@ -25,10 +25,10 @@ SIM_SEEDS="${SIM_SEEDS:-2000}" cargo test -p walcast-core -- --nocapture 2>&1 |
   grep -vE '^(running [0-9]+ tests?|)$' | grep -vE '^test .* \.\.\. ok$'
 test "${PIPESTATUS[0]}" -eq 0
 
-step "end-to-end dependencies: moto (S3 API) and nginx"
+step "end-to-end dependencies: moto (S3 API), nginx, Azurite (Azure Blob API), fake-gcs-server (GCS API)"
 bash scripts/e2e-deps.sh
 
-step "walcast (native): WAL, serve and end-to-end tests with real processes"
+step "walcast (native): WAL, serve and end-to-end tests with real processes (s3://, az://, gs://, file://, http://)"
 cargo test -p walcast-client -p walcast -- --test-threads=1 2>&1 | grep -vE '^(running [0-9]+ tests?|)$'
 test "${PIPESTATUS[0]}" -eq 0
 
