@@ -1,6 +1,7 @@
 //! The catalog: the mutable head (`catalog/head.json`) and immutable pages of
 //! older segment entries. See `docs/FORMAT.md`.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -8,6 +9,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::DecodeError;
 use crate::segment::{IndexEntry, SegmentSummary};
+use crate::trust::check_digests;
+pub use crate::trust::{head_signature, page_signature, HeadTrust, KeyEndorsement, MAX_KEY_CHAIN};
 
 /// Catalog format version written and understood by this crate.
 pub const FORMAT: u32 = 1;
@@ -438,6 +441,11 @@ pub struct Head {
     /// all), for replicas following the tail. Absent when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tail: Vec<TailSegment>,
+    /// Signed datasets only: the signer, the key rotation chain and the
+    /// digest of every object the head names (`docs/FORMAT.md`, "Signed
+    /// datasets"). Absent in unsigned heads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<HeadTrust>,
 }
 
 impl Head {
@@ -458,6 +466,7 @@ impl Head {
             retired: Vec::new(),
             deltas: Vec::new(),
             tail: Vec::new(),
+            trust: None,
         }
     }
 
@@ -627,6 +636,7 @@ impl Head {
                 ));
             }
         }
+        self.validate_trust()?;
         Ok(())
     }
 }
@@ -702,6 +712,10 @@ pub struct Page {
     /// Page references (level above 0).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pages: Vec<PageRef>,
+    /// Signed datasets only: SHA-256 of every segment or page the page
+    /// names, by key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub digests: BTreeMap<String, String>,
 }
 
 impl Page {
@@ -756,6 +770,13 @@ impl Page {
                     .iter()
                     .all(|p| p.level.checked_add(1) == Some(page.level))
         };
+        let named: Vec<&str> = page
+            .segments
+            .iter()
+            .map(|s| s.key.as_str())
+            .chain(page.pages.iter().map(|p| p.key.as_str()))
+            .collect();
+        check_digests("page", &page.digests, &named).map_err(DecodeError::Json)?;
         if page.level != r.level
             || first != Some(r.first_lsn)
             || last != Some(r.last_lsn)

@@ -144,6 +144,7 @@ impl Head {
         let mut named: Vec<&str> = self.segments.iter().map(|s| s.key.as_str()).collect();
         named.extend(self.pages.iter().map(|p| p.key.as_str()));
         named.extend(self.snapshot.iter().map(|s| s.key.as_str()));
+        named.extend(self.deltas.iter().map(|d| d.key.as_str()));
         check_digests("head", &t.digests, &named)
     }
 }

@@ -129,7 +129,7 @@ impl Publisher {
 
     fn send_cas(&mut self) -> Action {
         let c = self.commit.as_ref().expect("commit");
-        let body = c.proposed.encode();
+        let body = self.encode_head(&c.proposed);
         let cond = PutCondition::IfMatch(self.etag.clone().unwrap_or_default());
         self.put(Req::Cas, HEAD_KEY.into(), body, cond, ObjectKind::Head)
     }
@@ -182,6 +182,7 @@ impl Publisher {
         // Paging.
         let uploads = self.page_out(&mut h);
         self.fill_tail(&mut h, ready);
+        self.sign_fields(&mut h);
         Ok((h, uploads))
     }
 
@@ -252,6 +253,7 @@ impl Publisher {
             generation: h.generation,
             head_bytes: h.encode().len() as u64,
         });
+        self.forget_digests(&h);
         self.head = Some(h);
         self.etag = etag;
     }

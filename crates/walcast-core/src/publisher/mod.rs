@@ -12,6 +12,7 @@ mod commit;
 mod pages;
 mod requests;
 mod retention;
+mod sign;
 mod delta;
 mod snapshot;
 
@@ -96,6 +97,13 @@ pub struct PublisherConfig {
     /// then replays at most this many LSNs of segments on a cold read.
     /// Needs `snapshot_every` and the indexed snapshot format.
     pub delta_every: Option<u64>,
+    /// Sign every head and page with this key, and record the digest of
+    /// every object in the catalog (`docs/FORMAT.md`, "Signed datasets").
+    pub signing_key: Option<crate::keys::SecretKey>,
+    /// The key that signed the dataset before `signing_key`: it endorses the
+    /// new key in the head's key chain, so pinned replicas follow the
+    /// rotation.
+    pub previous_key: Option<crate::keys::SecretKey>,
 }
 
 /// The layout of the snapshots a publisher writes.
@@ -136,6 +144,8 @@ impl Default for PublisherConfig {
             request_timeout_ms: 30_000,
             snapshot_format: SnapshotFormat::default(),
             delta_every: None,
+            signing_key: None,
+            previous_key: None,
         }
     }
 }
@@ -300,6 +310,9 @@ enum Req {
 #[derive(Debug)]
 pub struct Publisher {
     cfg: PublisherConfig,
+    /// Digests of objects this publisher uploaded that no committed head
+    /// records yet (signing only).
+    digests: HashMap<String, String>,
     rng: u64,
     next_id: u64,
     role: Role,
@@ -353,6 +366,7 @@ impl Publisher {
         let writer = format!("{:016x}", splitmix64(&mut s));
         Publisher {
             cfg,
+            digests: HashMap::new(),
             rng: seed,
             next_id: 0,
             role: Role::Start,
@@ -534,6 +548,8 @@ impl Publisher {
                     self.spend_budget(now);
                     let open = self.open.take().expect("checked");
                     if let Some((bytes, summary)) = open.finish() {
+                        let entry = SegmentEntry::from_summary(&summary);
+                        self.note_digest(&entry.key, &bytes);
                         self.sealed.push_back(Sealed {
                             entry: SegmentEntry::from_summary(&summary),
                             bytes,

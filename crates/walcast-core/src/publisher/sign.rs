@@ -69,6 +69,7 @@ impl Publisher {
             .map(|s| s.key.clone())
             .chain(h.pages.iter().map(|p| p.key.clone()))
             .chain(h.snapshot.iter().map(|s| s.key.clone()))
+            .chain(h.deltas.iter().map(|d| d.key.clone()))
             .collect();
         let mut t = HeadTrust {
             signer: signer.to_string(),

@@ -58,6 +58,7 @@ impl Publisher {
             entries: state.len(),
             version,
         };
+        self.note_digest(&entry.key, &bytes);
         self.snapshot = Some(PendingSnapshot {
             entry,
             bytes,
@@ -143,6 +144,7 @@ impl Publisher {
         // Keys written at or before the snapshot are covered by it.
         let floor = snap.lsn;
         self.touched.retain(|_, l| *l > floor);
+        self.note_digest(&key, &bytes);
         self.snapshot = Some(PendingSnapshot {
             entry: SnapshotEntry {
                 key,

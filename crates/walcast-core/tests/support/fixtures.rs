@@ -125,6 +125,7 @@ pub(crate) fn golden_page() -> Page {
             SegmentEntry::from_summary(&b),
         ],
         pages: Vec::new(),
+        digests: Default::default(),
     }
 }
 
@@ -171,5 +172,6 @@ pub(crate) fn golden_head() -> Head {
         }],
         tail: Vec::new(),
         deltas: Vec::new(),
+        trust: None,
     }
 }
