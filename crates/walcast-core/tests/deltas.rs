@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use walcast_core::batch::{self, Op};
 use walcast_core::catalog::{object_kind, Head, HEAD_KEY, MAX_DELTAS};
 use walcast_core::io::{ByteRange, ContentRange, GetRequest, GetResponse};
-use walcast_core::replica::{Read, Replica, ReplicaConfig};
 use walcast_core::publisher::{Action, Publisher, PublisherConfig, PutCondition, PutResponse};
+use walcast_core::replica::{Read, Replica, ReplicaConfig};
 use walcast_core::snapshot::delta::{decode_delta, DeltaFooter, DeltaIndex};
 use walcast_core::snapshot::indexed::decode_indexed;
 
@@ -226,7 +226,9 @@ fn steady_writes_keep_a_short_chain_equal_to_the_origin() {
     let mut worst = Cold::default();
     let k_of = |r: u64| format!("key:{:04}", (r >> 33) % 400).into_bytes();
     for now in 1..=8_000u64 {
-        rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let k = format!("key:{:04}", (rng >> 33) % 400).into_bytes();
         let op = if (rng >> 20) % 10 == 0 {
             Op::delete(k)
@@ -254,7 +256,11 @@ fn steady_writes_keep_a_short_chain_equal_to_the_origin() {
                 for probe in [k_of(rng), k_of(rng >> 7), b"absent".to_vec()] {
                     let (v, at, cost) = cold_read(&store, &probe);
                     assert!(at >= end, "a cold replica starts at the chain's end");
-                    assert_eq!(v.as_ref(), model_at(&log, at).get(&probe), "{probe:?} at {at}");
+                    assert_eq!(
+                        v.as_ref(),
+                        model_at(&log, at).get(&probe),
+                        "{probe:?} at {at}"
+                    );
                     worst = Cold {
                         rounds: worst.rounds.max(cost.rounds),
                         gets: worst.gets.max(cost.gets),
@@ -320,7 +326,10 @@ fn a_damaged_delta_fails_the_read_naming_it() {
     let mut store2 = Store::default();
     store2.drive(&mut p, 0);
     for now in 1..=180u64 {
-        let op = Op::put(format!("key:{:03}", now % 150).into_bytes(), vec![now as u8; 50]);
+        let op = Op::put(
+            format!("key:{:03}", now % 150).into_bytes(),
+            vec![now as u8; 50],
+        );
         p.push(now, &batch::encode(&[op]).unwrap(), now).unwrap();
         store2.drive(&mut p, now);
     }
@@ -434,9 +443,7 @@ fn delta_figures_at_scale() {
             if let Some(end) = h.delta_lsn() {
                 store.objects.retain(|k, _| {
                     object_kind(k) != Some("segment")
-                        || h.segments
-                            .iter()
-                            .any(|s| &s.key == k && s.last_lsn > end)
+                        || h.segments.iter().any(|s| &s.key == k && s.last_lsn > end)
                 });
             }
             let (_, _, c) = cold_read(&store, &key((rng >> 17) % keys));
@@ -457,9 +464,7 @@ fn delta_figures_at_scale() {
         store.drive(&mut p, now + t);
     }
     let after = &store.uploaded;
-    let grown = |k: &str| {
-        after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0)
-    };
+    let grown = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
     let (segs, snaps, deltas) = (grown("segment"), grown("snapshot"), grown("delta"));
     let (pages, heads) = (grown("page"), grown("head"));
     println!(

@@ -350,10 +350,22 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         encode_delta(std::iter::empty::<(&[u8], Option<&[u8]>)>(), meta, 64),
     ));
     out.push(("delta", "golden", fixtures::golden_delta()));
-    out.push(("delta", "truncated", truncate(small.clone(), small.len() - 5)));
+    out.push((
+        "delta",
+        "truncated",
+        truncate(small.clone(), small.len() - 5),
+    ));
     out.push(("delta", "flipped-block", flip(small.clone(), 70)));
-    out.push(("delta", "flipped-filter", flip(small.clone(), small.len() - 70)));
-    out.push(("delta", "flipped-footer", flip(small.clone(), small.len() - 20)));
+    out.push((
+        "delta",
+        "flipped-filter",
+        flip(small.clone(), small.len() - 70),
+    ));
+    out.push((
+        "delta",
+        "flipped-footer",
+        flip(small.clone(), small.len() - 20),
+    ));
     out
 }
 

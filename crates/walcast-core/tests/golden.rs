@@ -196,7 +196,11 @@ fn golden_delta() {
     let idx = DeltaIndex::decode_suffix(&committed[committed.len() - n..], size).expect("suffix");
     let h = idx.block_for(b"delta").expect("delta is in the filter");
     let got = idx
-        .lookup(&h, &committed[h.offset as usize..h.end() as usize], b"delta")
+        .lookup(
+            &h,
+            &committed[h.offset as usize..h.end() as usize],
+            b"delta",
+        )
         .expect("block");
     assert_eq!(got, Some(Some(b"four".to_vec())));
 }
