@@ -76,6 +76,11 @@ enum Cmd {
         /// Write a snapshot every N LSNs (0: never).
         #[arg(long, default_value_t = 100_000)]
         snapshot_every: u64,
+        /// Between snapshots, write a delta snapshot (the keys changed since
+        /// the last one) every N LSNs, so a lazy replica's cold read replays
+        /// at most about N LSNs of segments (0: never).
+        #[arg(long, default_value_t = 0)]
+        delta_every: u64,
         /// Keep this many LSNs of history in segments (older ones need the snapshot).
         #[arg(long)]
         retain: Option<u64>,
@@ -467,6 +472,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             commit_burst,
             segment_bytes,
             snapshot_every,
+            delta_every,
             retain,
             signing_key,
             previous_key,
@@ -485,6 +491,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                     max_commits_per_sec: max_commit_rate,
                     commit_burst,
                     snapshot_every: (snapshot_every > 0).then_some(snapshot_every),
+                    delta_every: (delta_every > 0).then_some(delta_every),
                     retain_lsns: retain,
             if let Some((stop, task)) = server {
                 let _ = stop.send(());
