@@ -380,7 +380,8 @@ fn a_damaged_delta_fails_the_read_naming_it() {
 /// A 1,000,000-key dataset (loaded in batches of 1,000 puts), then steady
 /// writes of single 100-byte puts to random keys at 1,000 batches a second
 /// (`DELTA_BENCH_LSNS`, default 2,500,000, past a rewrite of the base
-/// snapshot at `DELTA_BENCH_SNAPSHOT_EVERY`, default 2,000,000 LSNs), with a
+/// snapshot, written every `DELTA_BENCH_SNAPSHOT_EVERY`, default 1,200,000,
+/// LSNs), with a
 /// delta every `DELTA_BENCH_DELTA_EVERY` (default 2,000) LSNs. Prints the
 /// publisher's uploaded bytes by kind against the WAL bytes of the steady
 /// writes, and the worst cold point read (round trips, GETs, bytes) of new
@@ -397,10 +398,8 @@ fn delta_figures_at_scale() {
     let keys = env("DELTA_BENCH_KEYS", 1_000_000);
     let steady = env("DELTA_BENCH_LSNS", 2_500_000);
     let cfg = PublisherConfig {
-        snapshot_every: Some(env("DELTA_BENCH_SNAPSHOT_EVERY", 2_000_000)),
+        snapshot_every: Some(env("DELTA_BENCH_SNAPSHOT_EVERY", 1_200_000)),
         delta_every: Some(env("DELTA_BENCH_DELTA_EVERY", 2_000)),
-        retain_lsns: Some(1),
-        grace_ms: 1_000,
         head_check_ms: 0,
         ..PublisherConfig::default()
     };
