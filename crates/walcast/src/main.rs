@@ -40,14 +40,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Commit NDJSON batches from stdin to a local WAL; prints {"lsn":N} per line.
-    #[command(after_help = "Examples:\n  echo '{\"op\":\"put\",\"key\":\"user:1\",\"value\":\"Ada\"}' | walcast write --wal ./wal\n  echo '{\"batch\":[{\"op\":\"put\",\"key\":\"a\",\"value\":\"1\"},{\"op\":\"delete\",\"key\":\"b\"}]}' | walcast write --wal ./wal")]
+    #[command(
+        after_help = "Examples:\n  echo '{\"op\":\"put\",\"key\":\"user:1\",\"value\":\"Ada\"}' | walcast write --wal ./wal\n  echo '{\"batch\":[{\"op\":\"put\",\"key\":\"a\",\"value\":\"1\"},{\"op\":\"delete\",\"key\":\"b\"}]}' | walcast write --wal ./wal"
+    )]
     Write {
         /// WAL directory.
         #[arg(long)]
         wal: PathBuf,
     },
     /// Publish a local WAL to object storage (file://, s3://, gs://, az://, memory://).
-    #[command(after_help = "Examples:\n  walcast publish --wal ./wal --to file:///tmp/dataset/\n  AWS_REGION=eu-west-1 walcast publish --wal ./wal --to s3://my-bucket/app\n  walcast publish --wal ./wal --to file:///tmp/dataset/ --once")]
+    #[command(
+        after_help = "Examples:\n  walcast publish --wal ./wal --to file:///tmp/dataset/\n  AWS_REGION=eu-west-1 walcast publish --wal ./wal --to s3://my-bucket/app\n  walcast publish --wal ./wal --to file:///tmp/dataset/ --once"
+    )]
     Publish {
         /// WAL directory.
         #[arg(long)]
@@ -70,6 +74,14 @@ enum Cmd {
         /// Commits allowed back to back before the budget spaces them.
         #[arg(long, default_value_t = walcast_core::publisher::DEFAULT_COMMIT_BURST)]
         commit_burst: u32,
+        /// Copies of the newest segments the head carries, at most this many
+        /// bytes, so following replicas need no GET for them (0: none).
+        #[arg(long, default_value = "32KiB", value_parser = parse_size)]
+        tail_bytes: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics (committed LSN,
+        /// commits, requests by kind, bytes, errors).
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<SocketAddr>,
         /// Seal a segment at this size.
         #[arg(long, default_value = "8MiB", value_parser = parse_size)]
         segment_bytes: u64,
@@ -90,10 +102,6 @@ enum Cmd {
         /// Publish everything committed so far, commit the head, and exit.
         #[arg(long)]
         once: bool,
-        /// Also serve the (file://) dataset over HTTP on this address, as
-        /// `walcast serve` does; held head requests are woken by each commit.
-        #[arg(long, value_name = "ADDR")]
-        serve: Option<SocketAddr>,
         /// Sign every head and page with this secret key file (`walcast
         /// keygen`) and record every object's SHA-256 in the catalog.
         #[arg(long, value_name = "FILE")]
@@ -103,6 +111,10 @@ enum Cmd {
         /// replicas that trust it follow.
         #[arg(long, value_name = "FILE", requires = "signing_key")]
         previous_key: Option<PathBuf>,
+        /// Also serve the (file://) dataset over HTTP on this address, as
+        /// `walcast serve` does; held head requests are woken by each commit.
+        #[arg(long, value_name = "ADDR")]
+        serve: Option<SocketAddr>,
     },
     /// Serve a file:// dataset over HTTP (Range, ETag, If-None-Match, CORS, Cache-Control).
     #[command(after_help = "Examples:\n  walcast serve /tmp/dataset --addr 127.0.0.1:8787")]
@@ -123,11 +135,6 @@ enum Cmd {
         /// how long a kept-alive connection may wait for its next request).
         #[arg(long, default_value = "10s", value_parser = parse_timeout)]
         header_timeout: Duration,
-        /// Hold a conditional head GET with a wait hint (`Prefer: wait=N`
-        /// or `?wait=N`) at most this long until the head changes (long-poll);
-        /// whole seconds, 0: answer at once.
-        #[arg(long, default_value = "60s", value_parser = parse_max_wait)]
-        max_wait: Duration,
         /// Close a connection on which nothing was read or written for this long.
         #[arg(long, default_value = "30s", value_parser = parse_timeout)]
         idle_timeout: Duration,
@@ -137,9 +144,16 @@ enum Cmd {
         /// origin then, unless `--cors-origin '*'` is given.
         #[arg(long = "verify-key", value_name = "ed25519:KEY", value_parser = walcast_core::keys::PublicKey::parse)]
         verify_keys: Vec<walcast_core::keys::PublicKey>,
+        /// Hold a conditional head GET with a wait hint (`Prefer: wait=N`
+        /// or `?wait=N`) at most this long until the head changes (long-poll);
+        /// whole seconds, 0: answer at once.
+        #[arg(long, default_value = "60s", value_parser = parse_max_wait)]
+        max_wait: Duration,
     },
     /// Follow a dataset into a local replica directory.
-    #[command(after_help = "Examples:\n  walcast replicate http://127.0.0.1:8787 --local ./replica\n  walcast replicate s3://my-bucket/app --local ./replica --once")]
+    #[command(
+        after_help = "Examples:\n  walcast replicate http://127.0.0.1:8787 --local ./replica\n  walcast replicate s3://my-bucket/app --local ./replica --once"
+    )]
     Replicate {
         /// Dataset URL: http(s)://, s3://, gs://, az://, file://.
         url: String,
@@ -165,11 +179,18 @@ enum Cmd {
         /// 'Name: value' (repeatable), e.g. 'Authorization: Bearer …'. Never logged.
         #[arg(long = "header", value_name = "NAME: VALUE")]
         headers: Vec<String>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (applied and
+        /// committed LSN, lag histogram, requests by kind, bytes, errors,
+        /// long-poll or polling).
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<SocketAddr>,
     },
     /// Print a key's value from a local replica, or read lazily from a
     /// dataset URL (exit 1 when absent).
     #[command(group(clap::ArgGroup::new("source").required(true).args(["local", "from"])))]
-    #[command(after_help = "Examples:\n  walcast get --local ./replica user:1\n  walcast get --from https://cdn.example.com/app user:1 --stats")]
+    #[command(
+        after_help = "Examples:\n  walcast get --local ./replica user:1\n  walcast get --from https://cdn.example.com/app user:1 --stats"
+    )]
     Get {
         /// Local replica directory.
         #[arg(long)]
@@ -191,7 +212,9 @@ enum Cmd {
     /// Print entries as NDJSON, in key order, from a local replica or read
     /// lazily from a dataset URL.
     #[command(group(clap::ArgGroup::new("source").required(true).args(["local", "from"])))]
-    #[command(after_help = "Examples:\n  walcast scan --local ./replica --prefix user: --limit 10\n  walcast scan --from file:///tmp/dataset/ --prefix user:")]
+    #[command(
+        after_help = "Examples:\n  walcast scan --local ./replica --prefix user: --limit 10\n  walcast scan --from file:///tmp/dataset/ --prefix user:"
+    )]
     Scan {
         /// Local replica directory.
         #[arg(long)]
@@ -215,7 +238,9 @@ enum Cmd {
         headers: Vec<String>,
     },
     /// Show a dataset's head, segments, pages, snapshot and coverage.
-    #[command(after_help = "Examples:\n  walcast inspect file:///tmp/dataset/ --verify\n  walcast inspect https://cdn.example.com/app --json")]
+    #[command(
+        after_help = "Examples:\n  walcast inspect file:///tmp/dataset/ --verify\n  walcast inspect https://cdn.example.com/app --json"
+    )]
     Inspect {
         /// Dataset URL.
         url: String,
@@ -272,16 +297,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(
         s.find(|c: char| !c.is_ascii_digit() && c != '.')
             .unwrap_or(s.len()),
-fn parse_max_wait(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
-        d if d.subsec_nanos() != 0 || d > walcast::longpoll::MAX_WAIT_LIMIT => Err(format!(
-            "{s:?}: whole seconds, at most {}s",
-            walcast::longpoll::MAX_WAIT_LIMIT.as_secs()
-        )),
-        d => Ok(d),
-    }
-}
-
     );
     let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
     let ms = match unit {
@@ -297,6 +312,16 @@ fn parse_max_wait(s: &str) -> Result<Duration, String> {
 fn parse_timeout(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
         d if d < Duration::from_millis(1) => Err(format!("{s:?}: at least 1ms")),
+        d => Ok(d),
+    }
+}
+
+fn parse_max_wait(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.subsec_nanos() != 0 || d > walcast::longpoll::MAX_WAIT_LIMIT => Err(format!(
+            "{s:?}: whole seconds, at most {}s",
+            walcast::longpoll::MAX_WAIT_LIMIT.as_secs()
+        )),
         d => Ok(d),
     }
 }
@@ -371,6 +396,25 @@ fn main() -> ExitCode {
                     tracing::debug!("{e:#}");
                     eprintln!("walcast: error: {hint}");
                 }
+                None => eprintln!("walcast: error: {e:#}"),
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+impl Cmd {
+    /// The dataset URL the command works on, for messages.
+    fn dataset_url(&self) -> Option<&str> {
+        match self {
+            Cmd::Publish { to, .. } => Some(to),
+            Cmd::Replicate { url, .. } | Cmd::Inspect { url, .. } => Some(url),
+            Cmd::Get { from, .. } | Cmd::Scan { from, .. } => from.as_deref(),
+            _ => None,
+        }
+    }
+}
+
 type ServerTask = (
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<Result<()>>,
@@ -422,25 +466,6 @@ async fn serve_while_publishing(
     Ok((stop, task))
 }
 
-                None => eprintln!("walcast: error: {e:#}"),
-            }
-            ExitCode::from(1)
-        }
-    }
-}
-
-impl Cmd {
-    /// The dataset URL the command works on, for messages.
-    fn dataset_url(&self) -> Option<&str> {
-        match self {
-            Cmd::Publish { to, .. } => Some(to),
-            Cmd::Replicate { url, .. } | Cmd::Inspect { url, .. } => Some(url),
-            Cmd::Get { from, .. } | Cmd::Scan { from, .. } => from.as_deref(),
-            _ => None,
-        }
-    }
-}
-
 async fn ctrl_c() {
     let _ = tokio::signal::ctrl_c().await;
 }
@@ -455,7 +480,6 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                 .context("the system clock is before 1970")?
                 .as_secs();
             println!("{}", walcast_core::token::issue(&secret, &prefix, now, ttl));
-            serve,
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Keygen { out } => {
@@ -470,18 +494,17 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             min_commit_interval,
             max_commit_rate,
             commit_burst,
+            tail_bytes,
+            metrics_addr,
             segment_bytes,
             snapshot_every,
             delta_every,
             retain,
             signing_key,
             previous_key,
-            let server = match serve {
-                Some(addr) => Some(serve_while_publishing(&to, addr, publisher.commits()).await?),
-                None => None,
-            };
             grace,
             once,
+            serve,
         } => {
             let opts = PublishOptions {
                 config: PublisherConfig {
@@ -490,13 +513,11 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                     min_commit_interval_ms: min_commit_interval.as_millis() as u64,
                     max_commits_per_sec: max_commit_rate,
                     commit_burst,
+                    tail_bytes: tail_bytes.min(walcast_core::catalog::MAX_TAIL_BYTES as u64)
+                        as usize,
                     snapshot_every: (snapshot_every > 0).then_some(snapshot_every),
                     delta_every: (delta_every > 0).then_some(delta_every),
                     retain_lsns: retain,
-            if let Some((stop, task)) = server {
-                let _ = stop.send(());
-                task.await.context("walcast publish --serve")??;
-            }
                     grace_ms: grace.as_millis() as u64,
                     signing_key: signing_key
                         .as_deref()
@@ -507,19 +528,41 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                         .map(walcast::keyfile::read_secret_key)
                         .transpose()?,
                     ..PublisherConfig::default()
-            max_wait,
                 },
                 once,
                 ..PublishOptions::default()
             };
             // The same handle apps embed: Ctrl-C publishes what the WAL made
             // durable, then stops.
-            let mut publisher = walcast::Publisher::spawn(&wal, &to, opts)?;
+            let mut publisher = match metrics_addr {
+                None => walcast::Publisher::spawn(&wal, &to, opts)?,
+                Some(addr) => {
+                    let stats = std::sync::Arc::new(walcast::counting::RequestStats::default());
+                    let store = walcast::store::Store::open_counted(&to, stats.clone())?;
+                    let publisher = walcast::Publisher::spawn_on(&wal, store, opts);
+                    let m = std::sync::Arc::new(walcast::metrics::PublisherMetrics::new(stats));
+                    let mut commits = publisher.commits();
+                    let mc = m.clone();
+                    tokio::spawn(async move {
+                        while commits.changed().await.is_ok() {
+                            let lsn = *commits.borrow();
+                            mc.committed(lsn);
+                        }
+                    });
+                    let bound =
+                        walcast::metrics::serve(addr, std::sync::Arc::new(move || m.encode()))
+                            .await?;
+                    eprintln!("walcast publish: metrics at http://{bound}/metrics");
+                    publisher
+                }
+            };
+            let server = match serve {
+                Some(addr) => Some(serve_while_publishing(&to, addr, publisher.commits()).await?),
+                None => None,
+            };
             let ended = tokio::select! {
                 r = publisher.finished() => Some(r),
                 () = ctrl_c() => None,
-                max_wait,
-                head_signal: None,
             };
             let report = match ended {
                 Some(r) => r?,
@@ -529,6 +572,10 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                 "walcast publish: epoch {}, committed LSN {}, {} commits",
                 report.epoch, report.committed_lsn, report.commits
             );
+            if let Some((stop, task)) = server {
+                let _ = stop.send(());
+                task.await.context("walcast publish --serve")??;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Serve {
@@ -539,6 +586,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             header_timeout,
             idle_timeout,
             verify_keys,
+            max_wait,
         } => {
             let root = dir
                 .canonicalize()
@@ -549,6 +597,8 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                 header_timeout,
                 idle_timeout,
                 verify_keys,
+                max_wait,
+                head_signal: None,
             };
             walcast::serve::serve_with(
                 root,
@@ -564,6 +614,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Replicate {
+            metrics_addr,
             url,
             local,
             interval,
@@ -580,6 +631,8 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                 sink: None,
                 trust,
             };
+            // --metrics-addr for replicate lands with walcast::replica's metered run.
+            let _ = metrics_addr;
             let result =
                 walcast::replica::replicate_with_headers(&url, &headers, &local, &opts, ctrl_c())
                     .await;

@@ -1,4 +1,0 @@
-//! Fuzz target: `walcast_core::fuzzing::delta`.
-#![no_main]
-
-libfuzzer_sys::fuzz_target!(|data: &[u8]| walcast_core::fuzzing::delta(data));
