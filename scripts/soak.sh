@@ -11,7 +11,7 @@
 #   race   SOAK_PUBLISHERS (8) publishers racing on one prefix on moto,
 #          SOAK_RACE_ROUNDS (3) times: exactly one keeps publishing
 #   sim    the deterministic simulation (crates/walcast-core/tests/sim.rs)
-#          over SIM_SEEDS (100000) seeds, release build
+#          over SIM_SEEDS (100000) seeds (the test profile is optimized)
 #   fuzz   every cargo-fuzz target in fuzz/ for FUZZ_RUNS (10000000)
 #          executions each (FUZZ_TARGETS: a subset, space-separated);
 #          installs cargo-fuzz when missing; uses the nightly toolchain when
@@ -48,20 +48,31 @@ run_step() {
   fi
 }
 
+# test_bin ARGS...: builds a test target (cargo test --no-run ARGS) and prints
+# its executable, so a long run does not hold cargo's build lock.
+test_bin() {
+  cargo test --no-run --message-format=json "$@" 2>"$out/build.log" |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1
+}
+
 for step in "${steps[@]}"; do
   case $step in
     kills)
-      run_step kills cargo test -p walcast --test soak -- --ignored --nocapture --test-threads=1 \
-        soak_publisher_kill9 soak_replica_kill9
+      bin=$(test_bin -p walcast --test soak)
+      [[ -x $bin ]] || { say "kills: building the soak tests failed (see $out/build.log)"; failed=1; continue; }
+      run_step kills "$bin" --ignored --nocapture --test-threads=1 soak_publisher_kill9 soak_replica_kill9
       ;;
     race)
       bash scripts/e2e-deps.sh >"$out/e2e-deps.log" 2>&1 || { say "race: installing moto failed (see $out/e2e-deps.log)"; failed=1; continue; }
-      run_step race cargo test -p walcast --test soak -- --ignored --nocapture --test-threads=1 \
-        soak_racing_publishers_moto
+      bin=$(test_bin -p walcast --test soak)
+      [[ -x $bin ]] || { say "race: building the soak tests failed (see $out/build.log)"; failed=1; continue; }
+      run_step race "$bin" --ignored --nocapture --test-threads=1 soak_racing_publishers_moto
       ;;
     sim)
       seeds=${SIM_SEEDS:-100000}
-      SIM_SEEDS=$seeds run_step sim cargo test --release -p walcast-core --test sim -- --nocapture
+      bin=$(test_bin -p walcast-core --test sim)
+      [[ -x $bin ]] || { say "sim: building the simulation failed (see $out/build.log)"; failed=1; continue; }
+      SIM_SEEDS=$seeds run_step sim "$bin" --nocapture
       grep -h '^simulation:' "$out/sim.log" | head -1 | sed "s/^/soak: /" | tee -a "$summary"
       ;;
     fuzz)

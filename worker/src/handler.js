@@ -24,7 +24,10 @@
 // ignored, so a private bucket needs no public access), MAX_AGE_MS,
 // FIRST_SYNC_WAIT_MS (how long a request waits for the initial sync before it
 // answers 503, default 30000), SCAN_LIMIT (default rows of /scan, 1000),
-// MAX_SCAN_LIMIT (10000),
+// MAX_SCAN_LIMIT (10000), MIN_LSN_WAIT_MS (how long a read with `?min_lsn=N`
+// or `Walcast-Min-Lsn: N` waits for LSN N to be applied before it answers 503
+// with Retry-After, default 5000; every answer carries `Walcast-Lsn`, the
+// LSN it was answered at, so a client can chain reads across isolates),
 // DATASET_HEADERS (JSON object of headers sent with every GET, e.g. auth),
 // CONCURRENCY (parallel segment GETs), CORS_ORIGINS (comma-separated origins
 // allowed to read from a browser; default "*": any), LOAD ("full", the
@@ -61,6 +64,8 @@ const STUCK_SYNC_MS = 90_000;
 // The first request waits at most this long for the initial sync, then
 // answers 503 (the sync goes on in the background).
 const DEFAULT_FIRST_SYNC_WAIT_MS = 30_000;
+/** How long a read with `min_lsn` waits for that LSN before answering 503. */
+const DEFAULT_MIN_LSN_WAIT_MS = 5_000;
 
 const strictUtf8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
 const encoder = new TextEncoder();
@@ -112,6 +117,7 @@ function readConfig(env) {
     scanLimit: intVar(env, "SCAN_LIMIT", DEFAULT_SCAN_LIMIT),
     maxScanLimit: intVar(env, "MAX_SCAN_LIMIT", DEFAULT_MAX_SCAN_LIMIT, 1),
     firstSyncWaitMs: intVar(env, "FIRST_SYNC_WAIT_MS", DEFAULT_FIRST_SYNC_WAIT_MS),
+    minLsnWaitMs: intVar(env, "MIN_LSN_WAIT_MS", DEFAULT_MIN_LSN_WAIT_MS),
   };
 }
 
@@ -239,7 +245,7 @@ async function authorize(request, url, env, cors, now) {
 /** The CORS headers of an answer to `request`. */
 function corsHeaders(request, env) {
   const allowed = corsOrigins(env);
-  const h = { "access-control-expose-headers": "x-walcast-lsn" };
+  const h = { "access-control-expose-headers": "walcast-lsn, x-walcast-lsn, retry-after" };
   if (allowed === null) {
     h["access-control-allow-origin"] = "*";
     return h;
@@ -254,8 +260,30 @@ function corsHeaders(request, env) {
 
 function json(status, body, lsn, cors) {
   const headers = { "cache-control": "no-store", ...cors, "content-type": "application/json; charset=utf-8" };
-  if (lsn !== undefined) headers["x-walcast-lsn"] = String(lsn);
+  if (lsn !== undefined) {
+    headers["walcast-lsn"] = String(lsn);
+    headers["x-walcast-lsn"] = String(lsn);
+  }
   return new Response(JSON.stringify(body), { status, headers });
+}
+
+/**
+ * The read-your-writes LSN of a request: `?min_lsn=N` or the
+ * `Walcast-Min-Lsn` header (the query wins); null when absent, undefined
+ * when malformed.
+ */
+function minLsnOf(request, q) {
+  let raw = null;
+  if (q.has("min_lsn")) raw = text(q.get("min_lsn")) ?? "";
+  else if (request.headers.has("walcast-min-lsn")) raw = request.headers.get("walcast-min-lsn").trim();
+  if (raw === null) return null;
+  if (!/^\d{1,15}$/.test(raw)) return undefined;
+  return Number(raw);
+}
+
+/** Sleeps `ms`. */
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 // What an error says in an answer: its code and a fixed message. An error's
@@ -506,7 +534,16 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       cors = {};
     }
     try {
-      return await route(request, env, defer, cors);
+      const res = await route(request, env, defer, cors);
+      // Every answer says the LSN it was answered at, once there is one.
+      if (!res.headers.has("walcast-lsn") && slot?.replica) {
+        try {
+          res.headers.set("walcast-lsn", String(slot.replica.status().appliedLsn));
+        } catch {
+          // immutable headers: answered without
+        }
+      }
+      return res;
     } catch (e) {
       // Whatever went wrong, an answer (and the error's code only).
       log(`walcast worker: ${request.method} ${new URL(request.url).pathname} failed: ${e?.code ?? ""} ${e?.message ?? e}`);
@@ -589,6 +626,34 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       // No successful sync yet: nothing trustworthy to serve.
       const e = s.lastSyncError ?? replica?.status().lastError ?? { code: "unavailable" };
       return json(503, errorBody(e), undefined, cors);
+    }
+    // Read-your-writes: answer only once `min_lsn` is applied, else 503
+    // with Retry-After when MIN_LSN_WAIT_MS pass (an LSN beyond anything
+    // committed included: never a hang).
+    const minLsn = route === "status" ? null : minLsnOf(request, q);
+    if (minLsn === undefined) return json(400, badRequest("min_lsn (or Walcast-Min-Lsn) must be an LSN: an integer >= 0"), undefined, cors);
+    if (minLsn !== null) {
+      const until = now() + s.config.minLsnWaitMs;
+      for (;;) {
+        const st = replica.status();
+        if (st.appliedLsn >= minLsn) break;
+        const left = until - now();
+        if (left <= 0) {
+          const res = json(
+            503,
+            { error: { code: "not_applied", message: "the requested LSN is not applied yet; retry", lsn: minLsn } },
+            st.appliedLsn,
+            cors,
+          );
+          res.headers.set("retry-after", "1");
+          return res;
+        }
+        const p = startSync(s);
+        defer(p);
+        await withDeadline(p, left);
+        // Nothing newer committed yet: pause before asking the store again.
+        if (replica.status().appliedLsn < minLsn && now() < until) await sleep(Math.min(100, Math.max(0, until - now())));
+      }
     }
     if (route === "kv") {
       // /kv/<key>, or /kv?key=<key> for keys the URL parser would rewrite

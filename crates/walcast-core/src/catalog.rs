@@ -302,7 +302,8 @@ impl DeltaEntry {
             return Err(format!("delta {} has an empty LSN range", self.key));
         }
         let min = crate::snapshot::HEADER_LEN + crate::snapshot::delta::DELTA_FOOTER_LEN;
-        if self.size < min || self.suffix_len < crate::snapshot::delta::DELTA_FOOTER_LEN
+        if self.size < min
+            || self.suffix_len < crate::snapshot::delta::DELTA_FOOTER_LEN
             || self.suffix_len > self.size - crate::snapshot::HEADER_LEN
         {
             return Err(format!(

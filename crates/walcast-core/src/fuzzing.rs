@@ -412,3 +412,57 @@ pub fn indexed_snapshot(data: &[u8]) {
         assert_eq!(out, want, "a scan disagrees with the whole decode");
     }
 }
+
+/// [`snapshot::delta::decode_delta`] on the whole input, and point reads of
+/// keys taken from the input through [`snapshot::delta::DeltaIndex`], fed
+/// from the input's own bytes (the suffix the footer asks for, then the data
+/// block the index names). A whole decode that succeeds must agree with
+/// every point read.
+///
+/// [`snapshot::delta::decode_delta`]: crate::snapshot::delta::decode_delta
+/// [`snapshot::delta::DeltaIndex`]: crate::snapshot::delta::DeltaIndex
+pub fn delta(data: &[u8]) {
+    use crate::snapshot::delta::{decode_delta, DeltaFooter, DeltaIndex, DELTA_FOOTER_LEN};
+    let whole = decode_delta(data);
+    let size = data.len() as u64;
+    if size < DELTA_FOOTER_LEN {
+        return;
+    }
+    let Ok(footer) = DeltaFooter::decode(&data[data.len() - DELTA_FOOTER_LEN as usize..], size)
+    else {
+        assert!(whole.is_err(), "a whole decode passed a bad footer");
+        return;
+    };
+    let n = usize::try_from(footer.suffix_len(size))
+        .unwrap_or(usize::MAX)
+        .min(data.len());
+    let Ok(idx) = DeltaIndex::decode_suffix(&data[data.len() - n..], size) else {
+        return;
+    };
+    let mut keys: Vec<Vec<u8>> = data.chunks(7).take(8).map(<[u8]>::to_vec).collect();
+    if let Ok(d) = &whole {
+        keys.extend(d.changes.iter().take(8).map(|(k, _)| k.clone()));
+    }
+    for key in keys {
+        let got = idx.block_for(&key).and_then(|h| {
+            let s = usize::try_from(h.offset).ok()?.min(data.len());
+            let e = usize::try_from(h.end()).ok()?.min(data.len()).max(s);
+            idx.lookup(&h, &data[s..e], &key).ok()
+        });
+        if let Ok(d) = &whole {
+            let want = d
+                .changes
+                .binary_search_by(|(k, _)| k.as_slice().cmp(&key))
+                .ok()
+                .map(|i| d.changes[i].1.clone());
+            match got {
+                Some(g) => assert_eq!(g, want, "a point read disagrees with the whole decode"),
+                // Ruled out by the filter or index: the key must be absent.
+                None => assert!(
+                    want.is_none() || idx.block_for(&key).is_some(),
+                    "the filter ruled out a key the delta holds"
+                ),
+            }
+        }
+    }
+}

@@ -94,6 +94,11 @@ fn corpus_page() {
     run_target("page", fuzzing::page);
 }
 
+#[test]
+fn corpus_delta() {
+    run_target("delta", fuzzing::delta);
+}
+
 fn flip(mut b: Vec<u8>, at: usize) -> Vec<u8> {
     if !b.is_empty() {
         let i = at.min(b.len() - 1);
@@ -314,13 +319,65 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     ));
     out.push(("page", "truncated", truncate(p0.clone(), p0.len() - 1)));
     out.push(("page", "flipped", flip(p0, 20)));
+
+    // Delta snapshots.
+    use walcast_core::snapshot::delta::{encode_delta, DeltaMeta};
+    let meta = DeltaMeta {
+        base_lsn: 3,
+        lsn: 9,
+        epoch: 2,
+        dataset_id: DatasetId::from_seed(4),
+    };
+    let changes: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..40u32)
+        .map(|i| {
+            let k = format!("k{i:03}").into_bytes();
+            (k, (i % 4 != 0).then(|| vec![i as u8; 9]))
+        })
+        .collect();
+    let enc = |block: usize| {
+        encode_delta(
+            changes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
+            meta,
+            block,
+        )
+    };
+    let small = enc(64);
+    out.push(("delta", "small-blocks", small.clone()));
+    out.push(("delta", "one-block", enc(1 << 16)));
+    out.push((
+        "delta",
+        "empty",
+        encode_delta(std::iter::empty::<(&[u8], Option<&[u8]>)>(), meta, 64),
+    ));
+    out.push(("delta", "golden", fixtures::golden_delta()));
+    out.push((
+        "delta",
+        "truncated",
+        truncate(small.clone(), small.len() - 5),
+    ));
+    out.push(("delta", "flipped-block", flip(small.clone(), 70)));
+    out.push((
+        "delta",
+        "flipped-filter",
+        flip(small.clone(), small.len() - 70),
+    ));
+    out.push((
+        "delta",
+        "flipped-footer",
+        flip(small.clone(), small.len() - 20),
+    ));
     out
 }
 
 #[test]
 #[ignore = "writes the seed corpus under fuzz/corpus; run by hand"]
 fn write_seed_corpus() {
+    // SEED_TARGET=<target> writes one target's seeds only.
+    let only = std::env::var("SEED_TARGET").ok();
     for (target, name, bytes) in seeds() {
+        if only.as_deref().is_some_and(|t| t != target) {
+            continue;
+        }
         let dir = fuzz_dir().join("corpus").join(target);
         std::fs::create_dir_all(&dir).expect("create corpus dir");
         std::fs::write(dir.join(format!("seed-{name}")), &bytes).expect("write seed");

@@ -180,6 +180,32 @@ fn golden_indexed_snapshot() {
 }
 
 #[test]
+fn golden_delta() {
+    use walcast_core::snapshot::delta::{decode_delta, DeltaFooter, DeltaIndex};
+    let encoded = fixtures::golden_delta();
+    let committed = check_golden("delta-v3.wdelta", "the delta snapshot", &encoded);
+    let d = decode_delta(&committed).expect("committed delta decodes");
+    assert_eq!((d.base_lsn, d.header.lsn), (60, LAST_LSN));
+    assert_eq!(d.header.dataset_id, DATASET);
+    assert_eq!(d.changes.len(), 4);
+    assert_eq!(d.changes[1], (b"beta".to_vec(), None));
+    // A point read: one suffix GET (index, filter, footer), one data block.
+    let size = committed.len() as u64;
+    let footer = DeltaFooter::decode(&committed[committed.len() - 64..], size).expect("footer");
+    let n = footer.suffix_len(size) as usize;
+    let idx = DeltaIndex::decode_suffix(&committed[committed.len() - n..], size).expect("suffix");
+    let h = idx.block_for(b"delta").expect("delta is in the filter");
+    let got = idx
+        .lookup(
+            &h,
+            &committed[h.offset as usize..h.end() as usize],
+            b"delta",
+        )
+        .expect("block");
+    assert_eq!(got, Some(Some(b"four".to_vec())));
+}
+
+#[test]
 fn golden_snapshot() {
     let encoded = fixtures::golden_snapshot();
     let committed = check_golden("snapshot.wsnap", "the snapshot", &encoded);

@@ -250,6 +250,45 @@ fn an_idle_replica_long_polls_twice_a_minute() {
 }
 
 #[test]
+fn a_sync_ends_before_the_long_poll_that_follows_it() {
+    let mut sim = Sim::caught_up(Server::Holds);
+    for round in 0..3 {
+        let now = sim.now;
+        sim.replica.sync_now(now);
+        // Drive until CaughtUp, answering only what is answered at once.
+        let mut caught_up = false;
+        for _ in 0..1000 {
+            match sim.replica.poll(sim.now) {
+                Action::Fetch(req) => sim.serve(req),
+                Action::Event(Event::CaughtUp { lsn }) => {
+                    assert_eq!(lsn, LAST_LSN);
+                    caught_up = true;
+                    break;
+                }
+                Action::Event(_) => {}
+                Action::Wait { until } => {
+                    let t = sim.now;
+                    let (ready, later): (Vec<_>, Vec<_>) =
+                        sim.due.drain(..).partition(|d| d.0 <= t + 1);
+                    sim.due = later;
+                    assert!(!ready.is_empty() || until > t, "round {round}: stuck");
+                    sim.now = t + 1;
+                    let meta = sim.meta();
+                    for (_, req, resp) in ready {
+                        sim.replica
+                            .handle_response_with(req.id, sim.now, resp, meta);
+                    }
+                }
+            }
+        }
+        assert!(
+            caught_up,
+            "round {round}: the sync ended without waiting out a long-poll"
+        );
+    }
+}
+
+#[test]
 fn a_held_long_poll_delivers_a_new_head_at_once_and_polls_again() {
     let mut sim = Sim::caught_up(Server::Holds);
     let publish_at = sim.now + 12_345;

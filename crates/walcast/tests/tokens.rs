@@ -305,6 +305,55 @@ fn serve_requires_a_valid_token_and_replicas_read_with_one() {
         resp.headers
     );
 
+    // Lazy reads (`get --from`): the token in a header, or in the URL.
+    let key = {
+        let state = {
+            let local = tmp.path().join("probe");
+            run(
+                &[
+                    "replicate",
+                    &file_url(&root.join("app")),
+                    "--local",
+                    local.to_str().unwrap(),
+                    "--once",
+                ],
+                &Env::new(),
+                None,
+            )
+            .ok();
+            scan(&local)
+        };
+        let (k, v) = state
+            .into_iter()
+            .find(|(k, _)| {
+                std::str::from_utf8(k).is_ok_and(|s| !s.is_empty() && !s.starts_with('-'))
+            })
+            .expect("a UTF-8 key");
+        (String::from_utf8(k).unwrap(), v)
+    };
+    let header_arg = format!("Authorization: Bearer {good}");
+    for args in [
+        vec![
+            "get",
+            "--from",
+            &format!("{url}/app"),
+            &key.0,
+            "--header",
+            &header_arg,
+        ],
+        vec!["get", "--from", &format!("{url}/app?token={good}"), &key.0],
+    ] {
+        let out = run(&args, &Env::new(), None).ok();
+        assert_eq!(out.stdout, key.1, "get --from with a token");
+    }
+    let out = run(
+        &["get", "--from", &format!("{url}/app"), &key.0],
+        &Env::new(),
+        None,
+    )
+    .failed();
+    assert!(out.stderr.contains("401"), "{}", out.describe());
+
     // Native replicas: the token in a header, or in the dataset URL.
     let debug: Env = vec![("RUST_LOG".into(), "walcast=debug".into())];
     let local = tmp.path().join("denied");

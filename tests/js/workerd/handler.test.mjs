@@ -441,3 +441,74 @@ test("LOAD=lazy: an open that fails answers 503 with its code; /status answers 2
   assert.equal(await ok.text(), "v");
   assert.equal(opens, 3);
 });
+
+test("min_lsn: a read waits until the LSN is applied; beyond it, 503 with Retry-After; every answer carries Walcast-Lsn", async () => {
+  const { call, made } = setup();
+  const first = call("/kv/a");
+  await flush();
+  const r = made[0];
+  r.put("a", "1");
+  r.syncCalls[0].resolve(5);
+  let res = await first;
+  assert.equal(res.headers.get("walcast-lsn"), "5");
+  // Already applied: at once.
+  res = await call("/kv/a?min_lsn=5");
+  assert.equal(res.status, 200);
+  assert.equal(res.headers.get("walcast-lsn"), "5");
+  // Not yet: the read starts a sync and answers once it applied the LSN.
+  const waiting = call("/kv/a?min_lsn=7");
+  await flush();
+  assert.equal(r.syncCalls.length, 2, "a sync for min_lsn");
+  r.put("a", "2");
+  r.syncCalls[1].resolve(7);
+  res = await waiting;
+  assert.equal(res.status, 200);
+  assert.equal(await res.text(), "2");
+  assert.equal(res.headers.get("walcast-lsn"), "7");
+  // The header works too, on /scan.
+  res = await call("/scan?prefix=a", {});
+  assert.equal(res.headers.get("walcast-lsn"), "7");
+  // Malformed: 400, never a wait.
+  for (const bad of ["x", "-1", "1.5", ""]) {
+    res = await call(`/kv/a?min_lsn=${bad}`);
+    assert.equal(res.status, 400, bad);
+    assert.equal(res.headers.get("walcast-lsn"), "7", "a 400 says the LSN too");
+  }
+  // /status and 404s carry the LSN.
+  res = await call("/status");
+  assert.equal(res.headers.get("walcast-lsn"), "7");
+  res = await call("/nope");
+  assert.equal(res.headers.get("walcast-lsn"), "7");
+});
+
+test("min_lsn beyond the committed LSN answers 503 with Retry-After after MIN_LSN_WAIT_MS, not a hang", async () => {
+  const { handle, made, clock } = setup();
+  const env = { DATASET_URL: "http://ds/x", MIN_LSN_WAIT_MS: "200" };
+  const req = (p, h = {}) => handle(new Request(`http://w${p}`, { headers: h }), env, () => {});
+  const first = req("/kv/a");
+  await flush();
+  const r = made[0];
+  r.put("a", "1");
+  r.syncCalls[0].resolve(5);
+  await first;
+  // Every sync the read starts ends at LSN 5; the clock moves on.
+  const t0 = Date.now();
+  const pending = req("/kv/a", { "walcast-min-lsn": "1000000" });
+  const settle = setInterval(() => {
+    for (const c of r.syncCalls) c.resolve(5);
+    clock.advance(50);
+  }, 20);
+  let res;
+  try {
+    res = await Promise.race([pending, new Promise((_, rej) => setTimeout(() => rej(new Error("hung")), 20_000))]);
+  } finally {
+    clearInterval(settle);
+  }
+  assert.equal(res.status, 503);
+  assert.equal(res.headers.get("retry-after"), "1");
+  assert.equal(res.headers.get("walcast-lsn"), "5");
+  const body = await res.json();
+  assert.equal(body.error.code, "not_applied");
+  assert.equal(body.error.lsn, 1000000);
+  assert.ok(Date.now() - t0 < 20_000);
+});

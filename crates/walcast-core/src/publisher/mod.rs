@@ -9,11 +9,11 @@
 
 mod claim;
 mod commit;
+mod delta;
 mod pages;
 mod requests;
 mod retention;
 mod sign;
-mod delta;
 mod snapshot;
 
 use std::collections::{HashMap, HashSet, VecDeque};

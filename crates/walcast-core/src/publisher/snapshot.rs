@@ -124,7 +124,7 @@ impl Publisher {
             epoch: self.epoch,
             dataset_id: head.dataset_id,
         };
-        let block_bytes = opts.block_bytes.max(1).min(DEFAULT_DELTA_BLOCK_BYTES * 4);
+        let block_bytes = opts.block_bytes.clamp(1, DEFAULT_DELTA_BLOCK_BYTES * 4);
         let bytes = encode_delta(changes.iter().copied(), meta, block_bytes);
         let size = bytes.len() as u64;
         let suffix_len = DeltaFooter::decode(&bytes[bytes.len() - 64..], size)

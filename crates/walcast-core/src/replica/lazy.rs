@@ -13,9 +13,9 @@ use std::collections::BTreeMap;
 
 use crate::batch::OpRef;
 use crate::catalog::{DeltaEntry, SnapshotEntry};
-use crate::snapshot::delta::{Change, DeltaIndex};
 use crate::error::{DecodeError, Error, ErrorKind};
 use crate::io::{ByteRange, GetResponse};
+use crate::snapshot::delta::{Change, DeltaIndex};
 use crate::snapshot::indexed::{LazySnapshot, Lookup, Need, ScanCursor};
 
 use super::{Event, Job, Replica};
@@ -253,15 +253,11 @@ impl Lazy {
                     continue;
                 };
                 match d.blocks.get(&h.offset) {
-                    Some(bytes) if wants.is_empty() => {
-                        match idx.lookup(&h, bytes, key) {
-                            Ok(Some(c)) => return Ok(Ok(Some(c))),
-                            Ok(None) => {}
-                            Err(e) => {
-                                return Err(Error::decode(e).with_object(d.entry.key.clone()))
-                            }
-                        }
-                    }
+                    Some(bytes) if wants.is_empty() => match idx.lookup(&h, bytes, key) {
+                        Ok(Some(c)) => return Ok(Ok(Some(c))),
+                        Ok(None) => {}
+                        Err(e) => return Err(Error::decode(e).with_object(d.entry.key.clone())),
+                    },
                     Some(_) => {}
                     None => wants.push((
                         d.entry.key.clone(),

@@ -12,6 +12,28 @@ use walcast_core::segment::{SegmentBuilder, SegmentSummary};
 use walcast_core::snapshot;
 use walcast_core::state::KvState;
 
+/// The golden delta snapshot: puts and deletions of the golden state's
+/// keys and a few more, after LSN 60 up to the golden segment's last LSN.
+pub(crate) fn golden_delta() -> Vec<u8> {
+    use walcast_core::snapshot::delta::{encode_delta, DeltaMeta};
+    let changes: Vec<(&[u8], Option<&[u8]>)> = vec![
+        (b"alpha", Some(b"one")),
+        (b"beta", None),
+        (b"delta", Some(b"four")),
+        (b"zeta", None),
+    ];
+    encode_delta(
+        changes.into_iter(),
+        DeltaMeta {
+            base_lsn: 60,
+            lsn: LAST_LSN,
+            epoch: EPOCH,
+            dataset_id: DATASET,
+        },
+        32,
+    )
+}
+
 /// Dataset id of every fixture.
 pub(crate) const DATASET: DatasetId = DatasetId([0x11; 16]);
 /// Epoch of the golden segment, snapshot and head.
