@@ -14,6 +14,9 @@
 //!   that; the dataset is stored there through the emulator's JSON upload
 //!   API instead.
 //!
+//! Retention runs against `file://` too (e2e.rs has the racing publishers
+//! there).
+//!
 //! Needs `scripts/e2e-deps.sh`. Set `WALCAST_E2E_SKIP=1` to skip;
 //! `WALCAST_E2E_SEED=N` replays a seed. Run with
 //! `cargo test -p walcast --test backends -- --test-threads=1`.
@@ -50,6 +53,8 @@ fn stored_keys(os: &dyn ObjectStore, prefix: &str) -> BTreeSet<String> {
                 .unwrap_or_else(|| panic!("{k} is not under {prefix}/"))
                 .to_string()
         })
+        // file://: the head's lock file (`catalog/.head.lock`).
+        .filter(|k| !k.split('/').any(|part| part.starts_with('.')))
         .collect()
 }
 
@@ -261,4 +266,18 @@ fn gs_fake_gcs_replicate_and_what_the_emulator_lacks() {
     replicate_once(&url, &local, &env).ok();
     assert_state_eq(&scan(&local), &model.map, "gs:// replica, second round");
     eprintln!("{name}: {} batches, dir {}", model.lsn(), p(tmp.path()));
+}
+
+/// `file://`: retention (the racing publishers are in e2e.rs).
+#[test]
+fn file_retention() {
+    let name = "file_retention";
+    if skip(name) {
+        return;
+    }
+    let mut rng = Rng::new(seed(name));
+    let tmp = TempDir::new().unwrap();
+    let os = object_store::local::LocalFileSystem::new_with_prefix(tmp.path()).unwrap();
+    let url = file_url(&tmp.path().join("ds"));
+    retention(name, &url, &Env::new(), tmp.path(), &mut rng, &os, "ds");
 }
