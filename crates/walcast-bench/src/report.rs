@@ -396,7 +396,11 @@ pub(crate) fn write(out: &Path, r: &Results, took: Duration) -> Result<()> {
             )?;
             let per_commit = |l: &LiveResult| {
                 let c = l.commits.max(1) as f64;
-                (l.commits, l.follow_reader.requests() as f64 / c, l.follow_writer.requests() as f64 / c)
+                (
+                    l.commits,
+                    l.follow_reader.requests() as f64 / c,
+                    l.follow_writer.requests() as f64 / c,
+                )
             };
             let (c, r, w) = per_commit(w);
             write!(

@@ -34,8 +34,7 @@ impl Store {
             _ => {}
         }
         self.next_etag += 1;
-        self.objects
-            .insert(key.to_string(), (body, self.next_etag));
+        self.objects.insert(key.to_string(), (body, self.next_etag));
         PutResponse::Ok {
             etag: Some(self.next_etag.to_string()),
         }
@@ -197,7 +196,12 @@ fn follow(cfg: PublisherConfig, ms: u64, tamper: Option<fn(Vec<u8>) -> Vec<u8>>)
     let head = Head::decode(&store.objects[HEAD_KEY].0).unwrap();
     for s in &head.segments {
         let (body, _) = &store.objects[&s.key];
-        assert_eq!(crc32fast::hash(body), s.crc32, "segment {} in the store", s.key);
+        assert_eq!(
+            crc32fast::hash(body),
+            s.crc32,
+            "segment {} in the store",
+            s.key
+        );
     }
     Run {
         commits: commits - before,

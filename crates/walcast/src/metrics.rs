@@ -70,7 +70,7 @@ impl ReplicaMetrics {
         let m = ReplicaMetrics {
             applied_lsn: Gauge::default(),
             committed_lsn: Gauge::default(),
-            lag: Histogram::new(LAG_BUCKETS.into_iter()),
+            lag: Histogram::new(LAG_BUCKETS),
             requests: Family::default(),
             bytes: Counter::default(),
             errors: Counter::default(),
@@ -110,7 +110,8 @@ impl ReplicaMetrics {
     /// Records an applied unit: the LSNs and the lag the replica reports.
     pub fn applied(&self, applied: u64, committed: u64, lag_ms: u64) {
         self.applied_lsn.set(applied.min(i64::MAX as u64) as i64);
-        self.committed_lsn.set(committed.min(i64::MAX as u64) as i64);
+        self.committed_lsn
+            .set(committed.min(i64::MAX as u64) as i64);
         self.lag.observe(lag_ms as f64 / 1e3);
     }
 

@@ -82,7 +82,15 @@ impl Proxy {
             })
             .expect("nginx is missing: run scripts/e2e-deps.sh (or set WALCAST_E2E_SKIP=1)");
         let dir = TempDir::new().unwrap();
-        for sub in ["cache", "client_body", "proxy", "fastcgi", "uwsgi", "scgi", "logs"] {
+        for sub in [
+            "cache",
+            "client_body",
+            "proxy",
+            "fastcgi",
+            "uwsgi",
+            "scgi",
+            "logs",
+        ] {
             fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
         let port = free_port();
@@ -98,7 +106,11 @@ impl Proxy {
         let mut proc = Proc::spawn("nginx-proxy", cmd, &dir.path().join("logs"));
         let addr = format!("127.0.0.1:{port}");
         let deadline = Deadline::after(Duration::from_secs(15), "the caching proxy to start");
-        while http("GET", &addr, "/catalog/head.json", b"").ok().map(|r| r.0) != Some(200) {
+        while http("GET", &addr, "/catalog/head.json", b"")
+            .ok()
+            .map(|r| r.0)
+            != Some(200)
+        {
             assert!(
                 proc.running(),
                 "nginx exited: {}\n{}",
@@ -118,7 +130,8 @@ impl Proxy {
         let (mut kinds, mut segments, mut head_all) = (BTreeMap::new(), BTreeMap::new(), 0);
         for line in log.lines() {
             let mut parts = line.split(' ');
-            let (Some(upstream), Some(_cache), Some(uri)) = (parts.next(), parts.next(), parts.next())
+            let (Some(upstream), Some(_cache), Some(uri)) =
+                (parts.next(), parts.next(), parts.next())
             else {
                 continue;
             };
@@ -218,7 +231,11 @@ fn fanout(replicas: usize, writes: u64, every: Duration, poll: Duration) -> Fano
         tmp.path(),
     );
     let deadline = Deadline::after(Duration::from_secs(20), "walcast serve");
-    while http("GET", &origin_addr, "/catalog/head.json", b"").ok().map(|r| r.0) != Some(200) {
+    while http("GET", &origin_addr, "/catalog/head.json", b"")
+        .ok()
+        .map(|r| r.0)
+        != Some(200)
+    {
         assert!(serve.running(), "walcast serve exited: {}", serve.logs());
         deadline.check();
         thread::sleep(Duration::from_millis(50));
@@ -344,7 +361,12 @@ fn hundred_replicas_behind_nginx_cost_the_origin_one_head_request_per_change() {
     if skip("caching_proxy") {
         return;
     }
-    let f = fanout(100, 12, Duration::from_millis(700), Duration::from_millis(200));
+    let f = fanout(
+        100,
+        12,
+        Duration::from_millis(700),
+        Duration::from_millis(200),
+    );
     eprintln!("{f:#?}");
     assert!(!f.went_backwards, "a replica went backwards");
     assert!(f.head_changes >= 6, "only {} head changes", f.head_changes);
@@ -379,7 +401,12 @@ fn bench_fanout_10_100_1000() {
     println!("| replicas | head changes | head requests at the proxy | origin head requests | per head change | origin segment GETs | lag p99 | lag max |");
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for n in [10, 100, 1_000] {
-        let f = fanout(n, 20, Duration::from_millis(500), Duration::from_millis(1000));
+        let f = fanout(
+            n,
+            20,
+            Duration::from_millis(500),
+            Duration::from_millis(1000),
+        );
         assert!(!f.went_backwards);
         println!(
             "| {} | {} | {} | {} | {:.2} | {} | {:.0} ms | {:.0} ms |",

@@ -64,7 +64,12 @@ fn publish_and_replicate_expose_prometheus_metrics() {
     let lines: String = (0..20)
         .map(|i| format!("{{\"op\":\"put\",\"key\":\"k{i}\",\"value\":\"v\"}}\n"))
         .collect();
-    run(&["write", "--wal", wal.to_str().unwrap()], &env, Some(lines.as_bytes())).ok();
+    run(
+        &["write", "--wal", wal.to_str().unwrap()],
+        &env,
+        Some(lines.as_bytes()),
+    )
+    .ok();
 
     let pub_addr = format!("127.0.0.1:{}", free_port());
     let mut publisher = Proc::spawn(
@@ -83,16 +88,28 @@ fn publish_and_replicate_expose_prometheus_metrics() {
         ),
         tmp.path(),
     );
-    let (text, s) = scrape_until(&pub_addr, "the publisher's commit", &mut [&mut publisher], |s| {
-        get(s, "walcast_publisher_committed_lsn") >= 20.0
-    });
+    let (text, s) = scrape_until(
+        &pub_addr,
+        "the publisher's commit",
+        &mut [&mut publisher],
+        |s| get(s, "walcast_publisher_committed_lsn") >= 20.0,
+    );
     assert!(get(&s, "walcast_publisher_commits_total") >= 1.0, "{text}");
     assert!(
-        get(&s, "walcast_publisher_requests_total{kind=\"put\",outcome=\"sent\"}") >= 2.0,
+        get(
+            &s,
+            "walcast_publisher_requests_total{kind=\"put\",outcome=\"sent\"}"
+        ) >= 2.0,
         "a segment and a head PUT at least:\n{text}"
     );
-    assert!(get(&s, "walcast_publisher_sent_bytes_total") > 0.0, "{text}");
-    assert!(text.contains("# TYPE walcast_publisher_errors counter"), "{text}");
+    assert!(
+        get(&s, "walcast_publisher_sent_bytes_total") > 0.0,
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE walcast_publisher_errors counter"),
+        "{text}"
+    );
 
     let rep_addr = format!("127.0.0.1:{}", free_port());
     let local = tmp.path().join("replica");
@@ -121,19 +138,37 @@ fn publish_and_replicate_expose_prometheus_metrics() {
     );
     assert_eq!(get(&s, "walcast_replica_committed_lsn"), 20.0, "{text}");
     assert!(
-        get(&s, "walcast_replica_requests_total{kind=\"head\",outcome=\"ok\"}") >= 1.0,
+        get(
+            &s,
+            "walcast_replica_requests_total{kind=\"head\",outcome=\"ok\"}"
+        ) >= 1.0,
         "{text}"
     );
-    assert!(get(&s, "walcast_replica_received_bytes_total") > 0.0, "{text}");
-    assert!(get(&s, "walcast_replica_lag_seconds_count") >= 1.0, "{text}");
-    assert_eq!(get(&s, "walcast_replica_long_poll"), 0.0, "file:// is polled:\n{text}");
+    assert!(
+        get(&s, "walcast_replica_received_bytes_total") > 0.0,
+        "{text}"
+    );
+    assert!(
+        get(&s, "walcast_replica_lag_seconds_count") >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        get(&s, "walcast_replica_long_poll"),
+        0.0,
+        "file:// is polled:\n{text}"
+    );
 
     // More writes: the replica's figures follow, and idle polls show as 304s
     // or repeated head reads.
     let more: String = (20..30)
         .map(|i| format!("{{\"op\":\"put\",\"key\":\"k{i}\",\"value\":\"v\"}}\n"))
         .collect();
-    run(&["write", "--wal", wal.to_str().unwrap()], &env, Some(more.as_bytes())).ok();
+    run(
+        &["write", "--wal", wal.to_str().unwrap()],
+        &env,
+        Some(more.as_bytes()),
+    )
+    .ok();
     let (text, s) = scrape_until(
         &rep_addr,
         "the replica to apply LSN 30",
@@ -146,9 +181,12 @@ fn publish_and_replicate_expose_prometheus_metrics() {
         .map(|(_, v)| v)
         .sum();
     assert!(heads >= 2.0, "{text}");
-    let (_, s) = scrape_until(&pub_addr, "the publisher's second commit", &mut [&mut publisher], |s| {
-        get(s, "walcast_publisher_committed_lsn") >= 30.0
-    });
+    let (_, s) = scrape_until(
+        &pub_addr,
+        "the publisher's second commit",
+        &mut [&mut publisher],
+        |s| get(s, "walcast_publisher_committed_lsn") >= 30.0,
+    );
     assert!(get(&s, "walcast_publisher_commits_total") >= 2.0);
     replica.kill9();
     publisher.kill9();
