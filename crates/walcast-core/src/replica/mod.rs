@@ -512,6 +512,22 @@ impl Replica {
             }
             self.backoff_until = None;
         }
+        // Caught up, with a long-poll due: say so before the head read that
+        // the server may hold for long (a sync ends here).
+        if self.started
+            && !self.caught_up_reported
+            && !self.head_inflight
+            && self.head_due.is_some_and(|t| t <= now)
+            && self.bootstrap.is_none()
+            && self.plan.is_empty()
+            && self.page_wanted.is_none()
+            && self
+                .long_poll_wait(!self.head_fresh && self.etag.is_some() && !self.head_now)
+                .is_some()
+        {
+            self.caught_up_reported = true;
+            return Action::Event(Event::CaughtUp { lsn: self.applied });
+        }
         // Head.
         if !self.head_inflight && self.head_due.is_some_and(|t| t <= now) {
             self.head_due = None;
