@@ -631,11 +631,35 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                 sink: None,
                 trust,
             };
-            // --metrics-addr for replicate lands with walcast::replica's metered run.
-            let _ = metrics_addr;
-            let result =
-                walcast::replica::replicate_with_headers(&url, &headers, &local, &opts, ctrl_c())
-                    .await;
+            let result = match metrics_addr {
+                None => {
+                    walcast::replica::replicate_with_headers(
+                        &url,
+                        &headers,
+                        &local,
+                        &opts,
+                        ctrl_c(),
+                    )
+                    .await
+                }
+                Some(addr) => {
+                    let m = std::sync::Arc::new(walcast::metrics::ReplicaMetrics::new());
+                    let mc = m.clone();
+                    let bound =
+                        walcast::metrics::serve(addr, std::sync::Arc::new(move || mc.encode()))
+                            .await?;
+                    eprintln!("walcast replicate: metrics at http://{bound}/metrics");
+                    walcast::replica::replicate_with_metrics(
+                        &url,
+                        &headers,
+                        &local,
+                        &opts,
+                        ctrl_c(),
+                        m,
+                    )
+                    .await
+                }
+            };
             if std::env::var("WALCAST_REPLICATE_STATS").is_ok_and(|v| v == "1") {
                 eprintln!("requests={}", walcast::replica::last_requests());
             }

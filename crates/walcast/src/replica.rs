@@ -606,6 +606,26 @@ pub fn spawn_replicate(
     })
 }
 
+/// [`replicate_with_headers`], counting into `metrics` (`walcast replicate
+/// --metrics-addr`).
+pub async fn replicate_with_metrics(
+    url: &str,
+    headers: &[String],
+    local: &Path,
+    opts: &ReplicateOptions,
+    stop: impl std::future::Future<Output = ()>,
+    metrics: std::sync::Arc<crate::metrics::ReplicaMetrics>,
+) -> Result<ReplicateReport> {
+    replicate_from_metered(
+        AnyFetch::for_url_with_headers(url, headers)?,
+        local,
+        opts,
+        stop,
+        Some(metrics),
+    )
+    .await
+}
+
 /// [`replicate`] through a fetch seam of the caller's (for example a
 /// [`StoreFetch`] over a [`Store::open_counted`] store).
 pub async fn replicate_from(
@@ -613,6 +633,16 @@ pub async fn replicate_from(
     local: &Path,
     opts: &ReplicateOptions,
     stop: impl std::future::Future<Output = ()>,
+) -> Result<ReplicateReport> {
+    replicate_from_metered(fetch, local, opts, stop, None).await
+}
+
+async fn replicate_from_metered(
+    fetch: AnyFetch,
+    local: &Path,
+    opts: &ReplicateOptions,
+    stop: impl std::future::Future<Output = ()>,
+    metrics: Option<std::sync::Arc<crate::metrics::ReplicaMetrics>>,
 ) -> Result<ReplicateReport> {
     use walcast_client::{Driver, RunError, Until};
     use walcast_core::replica::{Event, Replica, ReplicaConfig};
@@ -632,7 +662,11 @@ pub async fn replicate_from(
         None => Replica::new(cfg, seed),
     };
     let counter = fetch.clone();
-    let mut driver = Driver::new(replica, fetch, TokioTimer);
+    let mut driver = Driver::new(
+        replica,
+        crate::metrics::MeteredFetch::new(fetch, metrics.clone()),
+        TokioTimer,
+    );
     let pb = if opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let pb = indicatif::ProgressBar::new(0);
         pb.set_style(
@@ -656,6 +690,9 @@ pub async fn replicate_from(
                 Event::Record { lsn, payload } => ld.record(*lsn, payload),
                 Event::Applied { first, last } => {
                     let st = r.status(crate::publish::now_ms());
+                    if let Some(m) = &metrics {
+                        m.applied(*last, st.committed_lsn, st.lag_ms);
+                    }
                     if let Some(p) = &opts.sink {
                         if let Ok(mut v) = p.applied_at.lock() {
                             v.push((*first, *last, std::time::Instant::now()));
@@ -694,8 +731,17 @@ pub async fn replicate_from(
                     tracing::debug!(lsn, "caught up");
                 }
                 // With --once the error is returned; otherwise the replica retries.
-                Event::Error(err) if !opts.once => tracing::warn!("{err} (retrying)"),
-                Event::Error(_) => {}
+                Event::Error(err) if !opts.once => {
+                    if let Some(m) = &metrics {
+                        m.errors.inc();
+                    }
+                    tracing::warn!("{err} (retrying)")
+                }
+                Event::Error(_) => {
+                    if let Some(m) = &metrics {
+                        m.errors.inc();
+                    }
+                }
             }
             Ok(())
         })
