@@ -219,6 +219,7 @@ impl Sim {
                 })
             },
             delta_every: rng.random_bool(0.5).then(|| rng.random_range(1..10)),
+            ..PublisherConfig::default()
         };
         let n_pubs = if rng.random_bool(0.3) { 2 } else { 1 };
         let n_reps = rng.random_range(1..4);
@@ -260,6 +261,7 @@ impl Sim {
                 emit_records: !raw && i == 0,
                 rewind_after_ms: 60_000,
                 lazy_cache_bytes: lazy.then(|| sim.rng.random_range(64..4096)),
+                ..ReplicaConfig::default()
             };
             let slow = i == 1;
             let seed = sim.rng.random();
