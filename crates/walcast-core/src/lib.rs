@@ -42,7 +42,7 @@ mod rng;
 pub mod segment;
 pub mod snapshot;
 pub mod state;
-mod trust;
 pub mod token;
+mod trust;
 
 pub use error::{DecodeError, Error, ErrorKind, Result};

@@ -291,10 +291,17 @@ fn golden_head_with_tail() {
         key: head.segments[0].key.clone(),
         body: bytes.clone(),
     }];
-    let committed = check_golden("head-tail.json", "the catalog head with a tail", &head.encode());
+    let committed = check_golden(
+        "head-tail.json",
+        "the catalog head with a tail",
+        &head.encode(),
+    );
     let decoded = Head::decode(&committed).expect("committed head decodes");
     assert_eq!(decoded, head);
-    assert_eq!(decoded.tail_body(&decoded.segments[0].key), Some(&bytes[..]));
+    assert_eq!(
+        decoded.tail_body(&decoded.segments[0].key),
+        Some(&bytes[..])
+    );
     assert_eq!(crc32fast::hash(&bytes), SEGMENT_CRC32);
     // Readers that do not know the tail read the same head without it.
     let mut plain = decoded.clone();

@@ -31,9 +31,9 @@ mod fetch;
 mod head;
 mod lazy;
 mod plan;
+mod tail;
 mod trust;
 mod verify;
-mod tail;
 
 pub use self::lazy::{Entries, LazyScan, LazyStatus, Read};
 
@@ -331,11 +331,11 @@ pub struct Replica {
     /// The last long-poll came back early with nothing new: the next head
     /// read waits `poll_interval_ms` (a server or proxy that does not hold).
     long_poll_early: bool,
-    /// Pinned keys and what they accepted.
-    trust: trust::Trust,
     /// The next head read is answered at once (a sync wants the head as of
     /// now): no wait hint.
     head_now: bool,
+    /// Pinned keys and what they accepted.
+    trust: trust::Trust,
 }
 
 impl Replica {
@@ -385,8 +385,8 @@ impl Replica {
             long_poll: None,
             head_req: None,
             long_poll_early: false,
-            trust: trust::Trust::new(&cfg_trust),
             head_now: false,
+            trust: trust::Trust::new(&cfg_trust),
         }
     }
 
