@@ -73,7 +73,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
 use walcast_core::catalog::{page_key, segment_key, snapshot_key, HEAD_KEY};
 use walcast_core::keys::PublicKey;
 
@@ -335,12 +335,11 @@ fn build(root: PathBuf, opts: &ServeOptions) -> (Router, Arc<Served>) {
     let cors = CorsLayer::new()
         .allow_origin(allow_origin)
         .allow_methods([Method::GET, Method::HEAD, Method::OPTIONS])
-        .allow_headers([
-            header::RANGE,
-            header::IF_NONE_MATCH,
-            header::AUTHORIZATION,
-            HeaderName::from_static("prefer"),
-        ])
+        // Any request header a page sends (`Range`, `If-None-Match`,
+        // `Authorization`, `Prefer`, and whatever a replica's `headers`
+        // option adds): reads are GETs of public-by-URL objects, and the
+        // token check, not CORS, guards private ones.
+        .allow_headers(AllowHeaders::mirror_request())
         .expose_headers([
             header::ETAG,
             header::CONTENT_RANGE,

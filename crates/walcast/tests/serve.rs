@@ -362,7 +362,10 @@ async fn cors() {
             &[
                 ("origin", "https://example.com"),
                 ("access-control-request-method", "GET"),
-                ("access-control-request-headers", "range,if-none-match"),
+                (
+                    "access-control-request-headers",
+                    "range,if-none-match,authorization",
+                ),
             ],
         )
         .await;
@@ -662,6 +665,29 @@ async fn cors_origin_allowlist() {
         let h = resp.headers();
         assert_eq!(header(h, header::ACCESS_CONTROL_ALLOW_ORIGIN), origin);
         assert!(varies_on_origin(h), "{h:?}");
+
+        // A page's replica may add headers of its own (the JS `headers`
+        // option): the preflight allows what it asks for.
+        let resp = s
+            .request(
+                Method::OPTIONS,
+                SEGMENT,
+                &[
+                    ("origin", origin),
+                    ("access-control-request-method", "GET"),
+                    (
+                        "access-control-request-headers",
+                        "range,if-none-match,prefer,x-api-key",
+                    ),
+                ],
+            )
+            .await;
+        assert!(resp.status().is_success(), "{}", resp.status());
+        let allowed =
+            header(resp.headers(), header::ACCESS_CONTROL_ALLOW_HEADERS).to_ascii_lowercase();
+        for h in ["range", "if-none-match", "prefer", "x-api-key"] {
+            assert!(allowed.contains(h), "{h} not in {allowed}");
+        }
     }
     for origin in [
         "https://evil.example",
