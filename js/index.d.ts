@@ -35,7 +35,9 @@ export type ErrorCode =
    * carried over, else reloaded from `persist`, else fetched again by the
    * next `sync()`) and keeps working.
    */
-  | "internal";
+  | "internal"
+  /** `waitFor(lsn, { timeout })`: the LSN was not applied in time (the message names it). */
+  | "timeout";
 
 /** The errors walcast rejects or throws with: an `Error` with a stable `code`. */
 export interface WalcastError extends Error {
@@ -200,6 +202,12 @@ export interface ReplicaBase {
    * run once more after it.
    */
   sync(): Promise<number>;
+  /**
+   * Read-your-writes: resolves the applied LSN once it is at least `lsn`
+   * (for example the LSN `walcast write` printed), syncing meanwhile; rejects
+   * with code "timeout" after `timeout` ms (default 30000).
+   */
+  waitFor(lsn: number, options?: { timeout?: number }): Promise<number>;
   status(): Status;
   /** Starts background polling: sync, wait `pollInterval`, repeat. Errors go to `status().lastError` and `onError`. */
   start(): void;
@@ -264,6 +272,12 @@ export declare class Replica implements ReplicaBase {
    * run once more after it.
    */
   sync(): Promise<number>;
+  /**
+   * Read-your-writes: resolves the applied LSN once it is at least `lsn`
+   * (for example the LSN `walcast write` printed), syncing meanwhile; rejects
+   * with code "timeout" after `timeout` ms (default 30000).
+   */
+  waitFor(lsn: number, options?: { timeout?: number }): Promise<number>;
 
   /** The value of `key`, or undefined. */
   get(key: Key): Uint8Array | undefined;

@@ -890,6 +890,55 @@ export class Replica {
     return this.#runSync();
   }
 
+  /**
+   * Read-your-writes: resolves the applied LSN once it is at least `lsn`
+   * (for example the `{"lsn":N}` that `walcast write` printed). Syncs
+   * meanwhile, whether or not `start()` was called, at most every 100 ms.
+   * Rejects with code "timeout" after `timeout` ms (default 30000), naming
+   * the LSN, with the state left as it was; an error of a sync is retried
+   * until then.
+   */
+  async waitFor(lsn, options = {}) {
+    if (!Number.isSafeInteger(lsn) || lsn < 0) {
+      throw walcastError("invalid_input", `walcast: waitFor needs an LSN (an integer >= 0), got ${String(lsn)}`);
+    }
+    const timeout = options?.timeout ?? 30_000;
+    checkCount(timeout, "timeout");
+    const until = Date.now() + timeout;
+    let lastError = null;
+    for (;;) {
+      if (this.#closed) throw closedError();
+      const s = this.#call("read", (w) => w.status());
+      if (s.appliedLsn >= lsn) return s.appliedLsn;
+      const left = until - Date.now();
+      if (left <= 0) {
+        const why = lastError ? `; last error: ${lastError.message}` : "";
+        throw walcastError(
+          "timeout",
+          `walcast: LSN ${lsn} not applied within ${timeout} ms (applied ${s.appliedLsn}, committed ${s.committedLsn})${why}`,
+        );
+      }
+      const started = Date.now();
+      let timer = null;
+      const expired = new Promise((resolve) => (timer = setTimeout(resolve, left)));
+      try {
+        await Promise.race([this.sync(), expired]);
+        lastError = null;
+      } catch (e) {
+        if (e?.code === "closed") throw e;
+        lastError = e;
+      } finally {
+        clearTimeout(timer);
+      }
+      // The head did not name `lsn` yet (the publisher has not committed
+      // it): read it again shortly, not in a tight loop.
+      const pause = Math.min(100 - (Date.now() - started), until - Date.now());
+      if (pause > 0 && this.#call("read", (w) => w.status()).appliedLsn < lsn) {
+        await new Promise((resolve) => setTimeout(resolve, pause));
+      }
+    }
+  }
+
   #runSync() {
     const p = (async () => {
       try {

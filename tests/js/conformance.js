@@ -375,6 +375,18 @@ export function conformanceCases(ctx) {
     ok(![...store.map.keys()].some((k) => k.includes("token=")), "no token in a persisted key");
   });
 
+  add("waitFor: resolves once the LSN is applied, rejects with timeout past the head, refuses a bad LSN", async () => {
+    const fx = sc.basic;
+    const r = track(await Replica.open(fx.url));
+    eq(await withTimeout(r.waitFor(fx.expected.lsn), 120_000, "waitFor the head's LSN"), fx.expected.lsn, "waitFor resolves the applied LSN");
+    eq(await r.waitFor(1, { timeout: 0 }), fx.expected.lsn, "an LSN already applied resolves at once");
+    await rejectsWith(r.waitFor(fx.expected.lsn + 1000, { timeout: 300 }), "timeout", "an LSN past the head");
+    eq(r.status().appliedLsn, fx.expected.lsn, "the state is unchanged after a timeout");
+    await rejectsWith(r.waitFor(-1), "invalid_input", "a negative LSN");
+    await rejectsWith(r.waitFor("7"), "invalid_input", "an LSN that is not a number");
+    expectState(r, fx.expected, "after waitFor");
+  });
+
   add("basic: onChange covers 1..lsn densely; concurrent sync() calls are safe", async () => {
     const fx = sc.basic;
     const r = track(await Replica.open(fx.url));
