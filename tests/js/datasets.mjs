@@ -402,7 +402,8 @@ function buildScenarios(bin, work) {
     const d = dirs("corrupt");
     const m = new Model();
     const r = rng(3);
-    const flags = ["--segment-bytes", "4096", "--snapshot-every", "0"];
+    // No head tail copies: the replica must GET the segment that is damaged.
+    const flags = ["--segment-bytes", "4096", "--snapshot-every", "0", "--tail-bytes", "0"];
     write(bin, d.wal, genBatches(r, m, 300), m);
     publish(bin, d.wal, d.ds, flags);
     copyDir(d.ds, d.stage0);
