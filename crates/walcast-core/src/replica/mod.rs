@@ -256,6 +256,9 @@ pub struct Status {
     /// head GETs and answers in time); otherwise it is polled every
     /// `poll_interval_ms`.
     pub long_poll: bool,
+    /// The key (`ed25519:<base64>`) that signed the newest head a pinned
+    /// replica accepted; `None` for an unpinned replica, or before a head.
+    pub signer: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -464,6 +467,7 @@ impl Replica {
             bytes_received: self.bytes,
             lazy: self.lazy.as_ref().map(lazy::Lazy::status),
             long_poll: self.long_poll_active(),
+            signer: self.trust.signer().map(ToString::to_string),
         }
     }
 

@@ -20,6 +20,8 @@ pub(super) struct Trust {
     last: Option<(DatasetId, u64, u64)>,
     /// The snapshot being loaded: the next byte expected and the hash so far.
     snap: Option<(u64, Sha256Stream)>,
+    /// The key that signed the newest head accepted.
+    signer: Option<PublicKey>,
 }
 
 impl Trust {
@@ -33,6 +35,11 @@ impl Trust {
     /// Whether this replica pins keys at all.
     pub(super) fn pinned(&self) -> bool {
         !self.keys.is_empty()
+    }
+
+    /// The key that signed the newest head accepted (pinned replicas only).
+    pub(super) fn signer(&self) -> Option<&PublicKey> {
+        self.signer.as_ref()
     }
 
     /// Feeds snapshot bytes starting at `offset` into the snapshot's hash.
@@ -124,6 +131,7 @@ impl Replica {
             _ => {}
         }
         self.trust.keys = trusted;
+        self.trust.signer = Some(signer);
         self.trust.last = Some((head.dataset_id, head.generation, head.committed_at_ms));
         Ok(())
     }
