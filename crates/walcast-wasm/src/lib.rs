@@ -32,12 +32,17 @@
 //! `console.error` (and kept for [`take_panic_message`]) before the module
 //! traps.
 
+mod persist;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 
 use js_sys::{Array, Function, Object, Reflect, Uint8Array};
 use walcast_core::catalog::DatasetId;
-use walcast_core::io::{ContentRange, GetRequest, GetResponse, RequestId};
+use walcast_core::io::{
+    parse_long_poll, wait_seconds, ContentRange, GetRequest, GetResponse, RequestId, ResponseMeta,
+};
+use walcast_core::keys::PublicKey;
 use walcast_core::replica::{Action, Event, LazyScan, Mode, Read, Replica, ReplicaConfig};
 use walcast_core::{snapshot, Error, ErrorKind};
 use wasm_bindgen::prelude::*;
@@ -133,6 +138,10 @@ struct Io {
     /// GETs handed out and not answered yet: request id -> object key.
     inflight: HashMap<u64, String>,
     sync: Option<SyncState>,
+    /// Errors the machine reported while no sync was running (a replica
+    /// that follows the head on its own, by long-poll): for
+    /// [`WasmReplica::take_errors`].
+    errors: Vec<JsValue>,
     /// Test hook: the next delivered response panics.
     trap_on_delivery: bool,
 }
@@ -161,17 +170,49 @@ pub struct WasmReplica {
     io: RefCell<Io>,
     callbacks: RefCell<Callbacks>,
     scans: RefCell<Scans>,
+    persist: RefCell<persist::Persist>,
     lazy: bool,
 }
 
-fn parse_options(options: &JsValue) -> ReplicaConfig {
+/// The `trust` option: one `ed25519:<base64>` key or an array of them.
+fn parse_trust(v: &JsValue) -> Result<Vec<PublicKey>, JsValue> {
+    if v.is_undefined() || v.is_null() {
+        return Ok(Vec::new());
+    }
+    let items: Vec<JsValue> = if Array::is_array(v) {
+        Array::from(v).iter().collect()
+    } else {
+        vec![v.clone()]
+    };
+    if items.is_empty() {
+        return Err(invalid(
+            "walcast: trust must name at least one key (\"ed25519:<base64>\")",
+        ));
+    }
+    items
+        .iter()
+        .map(|k| {
+            let text = k.as_string().ok_or_else(|| {
+                invalid("walcast: trust must be a key \"ed25519:<base64>\" or an array of them")
+            })?;
+            PublicKey::parse(&text)
+                .map_err(|e| invalid(&format!("walcast: trust key {text:?}: {}", e.message())))
+        })
+        .collect()
+}
+
+fn parse_options(options: &JsValue) -> Result<ReplicaConfig, JsValue> {
     let mut cfg = ReplicaConfig::default();
     if options.is_object() {
+        cfg.trust = parse_trust(&get(options, "trust"))?;
         if let Some(p) = get(options, "pollInterval").as_f64() {
             cfg.poll_interval_ms = p.max(0.0) as u64;
         }
         if let Some(c) = get(options, "concurrency").as_f64() {
             cfg.max_inflight = (c as usize).max(1);
+        }
+        if get(options, "longPoll").as_bool() == Some(false) {
+            cfg.long_poll_wait_ms = 0;
         }
         if get(options, "raw").as_bool() == Some(true) {
             cfg.mode = Mode::Raw;
@@ -182,8 +223,15 @@ fn parse_options(options: &JsValue) -> ReplicaConfig {
                 .map_or(DEFAULT_CACHE_BYTES, |b| b.max(0.0) as u64);
             cfg.lazy_cache_bytes = Some(bytes);
         }
+        // Incremental persistence: collect each applied batch (full KV mode).
+        if get(options, "persistLog").as_bool() == Some(true)
+            && matches!(cfg.mode, Mode::Kv)
+            && cfg.lazy_cache_bytes.is_none()
+        {
+            cfg.emit_records = true;
+        }
     }
-    cfg
+    Ok(cfg)
 }
 
 fn seed() -> u64 {
@@ -270,19 +318,25 @@ fn pairs(rows: Vec<(Vec<u8>, Vec<u8>)>) -> Array {
 #[wasm_bindgen]
 impl WasmReplica {
     /// A replica with no state yet. `options`: `{ pollInterval, concurrency,
-    /// raw, load, cacheBytes }`; `load: "lazy"` reads the newest snapshot
-    /// lazily, caching at most `cacheBytes` of its blocks.
+    /// raw, load, cacheBytes, trust }`; `load: "lazy"` reads the newest
+    /// snapshot lazily, caching at most `cacheBytes` of its blocks; `trust`
+    /// (`"ed25519:<base64>"` or an array of them) pins keys: only heads they
+    /// sign, and objects those heads bind by digest, are applied (anything
+    /// else is an `untrusted` error). A malformed option throws
+    /// `invalid_input`.
     #[wasm_bindgen(constructor)]
-    pub fn new(options: JsValue) -> WasmReplica {
+    pub fn new(options: JsValue) -> Result<WasmReplica, JsValue> {
         install_panic_hook();
-        Self::with(Replica::new(parse_options(&options), seed()))
+        let cfg = parse_options(&options)?;
+        let logging = cfg.emit_records;
+        Ok(Self::with(Replica::new(cfg, seed()), logging))
     }
 
     /// A replica resuming from bytes produced by [`WasmReplica::snapshot`]
     /// (full mode only).
     pub fn restore(options: JsValue, snapshot: &[u8]) -> Result<WasmReplica, JsValue> {
         install_panic_hook();
-        let cfg = parse_options(&options);
+        let cfg = parse_options(&options)?;
         if cfg.lazy_cache_bytes.is_some() {
             return Err(invalid(
                 "walcast: a lazy replica cannot start from a whole state; open it with load: \"full\"",
@@ -290,18 +344,96 @@ impl WasmReplica {
         }
         let (h, state) = snapshot::decode(snapshot, None)
             .map_err(|e| js_error(&Error::decode(e).with_object("persisted snapshot")))?;
+        let logging = cfg.emit_records;
         let replica = Replica::restore(cfg, seed(), state, h.lsn, h.dataset_id, h.epoch);
-        Ok(Self::with(replica))
+        Ok(Self::with(replica, logging))
     }
 
-    fn with(replica: Replica) -> WasmReplica {
+    fn with(replica: Replica, logging: bool) -> WasmReplica {
         let lazy = replica.status(0).lazy.is_some();
         WasmReplica {
             replica: RefCell::new(replica),
             io: RefCell::default(),
             callbacks: RefCell::default(),
             scans: RefCell::default(),
+            persist: RefCell::new(persist::Persist {
+                log: logging.then(persist::AppliedLog::default),
+                damage: None,
+            }),
             lazy,
+        }
+    }
+
+    /// A replica resuming from a base snapshot (bytes of
+    /// [`WasmReplica::snapshot`]) with `chunks` of applied records replayed
+    /// on top (each a run taken with [`take_log`](Self::take_log), in LSN
+    /// order). Full mode only. A damaged base is an error; a damaged or
+    /// missing record stops the replay there (see
+    /// [`restore_damage`](Self::restore_damage)): the replica then holds the
+    /// state at the last good record's LSN and fetches the rest.
+    #[wasm_bindgen(js_name = restoreLog)]
+    pub fn restore_log(
+        options: JsValue,
+        base: &[u8],
+        chunks: Array,
+    ) -> Result<WasmReplica, JsValue> {
+        install_panic_hook();
+        let cfg = parse_options(&options)?;
+        if cfg.lazy_cache_bytes.is_some() {
+            return Err(invalid(
+                "walcast: a lazy replica cannot start from a whole state; open it with load: \"full\"",
+            ));
+        }
+        let chunks: Vec<Vec<u8>> = chunks
+            .iter()
+            .map(|c| {
+                c.dyn_into::<Uint8Array>()
+                    .map(|b| b.to_vec())
+                    .map_err(|_| invalid("walcast: persisted log chunks must be Uint8Arrays"))
+            })
+            .collect::<Result<_, _>>()?;
+        let r =
+            persist::replay(base, chunks.iter().map(Vec::as_slice)).map_err(|e| js_error(&e))?;
+        let logging = cfg.emit_records;
+        let replica = Replica::restore(cfg, seed(), r.state, r.lsn, r.dataset_id, r.epoch);
+        let w = Self::with(replica, logging);
+        w.persist.borrow_mut().damage = r.damage;
+        Ok(w)
+    }
+
+    /// Why the last [`restore_log`](Self::restore_log) stopped before the
+    /// end of the log (an Error with `code`, `object` and `lsn`), or
+    /// undefined.
+    #[wasm_bindgen(js_name = restoreDamage)]
+    pub fn restore_damage(&self) -> JsValue {
+        match &self.persist.borrow().damage {
+            Some(e) => js_error(e),
+            None => JsValue::UNDEFINED,
+        }
+    }
+
+    /// Incremental persistence (option `persistLog`): the batches applied
+    /// since the last call, as `{ first, last, bytes }` (a dense LSN run,
+    /// each record framed like a segment record), or undefined when none.
+    /// A reset (bootstrap, new dataset) drops what was collected: the state
+    /// is then written whole.
+    #[wasm_bindgen(js_name = takeLog)]
+    pub fn take_log(&self) -> JsValue {
+        let chunk = self
+            .persist
+            .borrow_mut()
+            .log
+            .as_mut()
+            .and_then(persist::AppliedLog::take);
+        match chunk {
+            Some(c) => {
+                let o: JsValue = Object::new().into();
+                set(&o, "first", c.first as f64);
+                set(&o, "last", c.last as f64);
+                set(&o, "bytes", Uint8Array::from(c.bytes.as_slice()));
+                o
+            }
+            None => JsValue::UNDEFINED,
         }
     }
 
@@ -339,7 +471,24 @@ impl WasmReplica {
         0.0
     }
 
+    /// Incremental persistence: keeps an applied record for
+    /// [`take_log`](Self::take_log). False when not collecting.
+    fn collect(&self, lsn: u64, payload: &[u8]) -> bool {
+        match self.persist.borrow_mut().log.as_mut() {
+            Some(log) => {
+                log.push(lsn, payload);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn on_event(&self, e: Event) {
+        if matches!(e, Event::Bootstrapped { .. } | Event::DatasetChanged { .. }) {
+            if let Some(log) = self.persist.borrow_mut().log.as_mut() {
+                log.clear();
+            }
+        }
         // Cloned out and no borrow held: a callback may call back in.
         let cb = self.callbacks.borrow().clone();
         let called = match &e {
@@ -350,6 +499,7 @@ impl WasmReplica {
                     &(*last as f64).into(),
                 )
             }),
+            Event::Record { lsn, payload } if self.collect(*lsn, payload) => None,
             Event::Record { lsn, payload } => cb.record.as_ref().map(|f| {
                 f.call2(
                     &JsValue::NULL,
@@ -370,7 +520,13 @@ impl WasmReplica {
                 None
             }
             Event::Error(err) => {
-                self.settle(SyncState::Failed(js_error(err)));
+                let e = js_error(err);
+                let mut io = self.io.borrow_mut();
+                if matches!(io.sync, Some(SyncState::Running)) {
+                    io.sync = Some(SyncState::Failed(e));
+                } else if io.errors.len() < 64 {
+                    io.errors.push(e);
+                }
                 None
             }
             Event::Gap { .. } => None,
@@ -421,10 +577,13 @@ impl WasmReplica {
         self.io.borrow_mut().sync = None;
     }
 
-    /// The GETs to perform now: `[{ id, key, range, ifNoneMatch, timeoutMs,
-    /// maxBytes }]` (`range`: a `Range` header value or `null`). Read at most
+    /// The GETs to perform now: `[{ id, key, range, ifNoneMatch, wait,
+    /// timeoutMs, maxBytes }]` (`range`: a `Range` header value or `null`;
+    /// `wait`: for a long-poll of the head, the wait hint in whole seconds,
+    /// sent as `Prefer: wait=N` and `?wait=N`, else `null`). Read at most
     /// `maxBytes + 1` bytes of a body, and answer each with
-    /// [`deliver`](Self::deliver), within `timeoutMs`.
+    /// [`deliver`](Self::deliver), within `timeoutMs` (which includes a
+    /// long-poll's wait).
     #[wasm_bindgen(js_name = takeRequests)]
     pub fn take_requests(&self) -> Array {
         let reqs = std::mem::take(&mut self.io.borrow_mut().outbox);
@@ -446,6 +605,12 @@ impl WasmReplica {
                     .as_deref()
                     .map_or(JsValue::NULL, JsValue::from_str),
             );
+            set(
+                &o,
+                "wait",
+                r.wait_ms
+                    .map_or(JsValue::NULL, |w| JsValue::from_f64(wait_seconds(w) as f64)),
+            );
             set(&o, "timeoutMs", r.timeout_ms as f64);
             set(&o, "maxBytes", r.max_bytes as f64);
             out.push(&o);
@@ -456,8 +621,10 @@ impl WasmReplica {
     /// Hands over the outcome of GET `id`: the HTTP `status` (0 when there
     /// was no response: network error, timeout), the body read (at most
     /// `maxBytes + 1` bytes; `undefined` when reading it failed), the `ETag`
-    /// and `Content-Range` headers, and what went wrong, if anything.
-    /// Classified by `status` alone. Step the machine afterwards.
+    /// and `Content-Range` headers, what went wrong, if anything, and the
+    /// `Walcast-Long-Poll` header (the server holds conditional head GETs;
+    /// the machine then long-polls the head). Classified by `status` alone.
+    /// Step the machine afterwards.
     pub fn deliver(
         &self,
         id: f64,
@@ -466,6 +633,7 @@ impl WasmReplica {
         etag: Option<String>,
         content_range: Option<String>,
         message: Option<String>,
+        long_poll: Option<String>,
     ) {
         let id = id as u64;
         let key = {
@@ -481,9 +649,12 @@ impl WasmReplica {
             key
         };
         let resp = classify(status, &key, body, etag, content_range, message);
+        let meta = ResponseMeta {
+            long_poll_max_ms: long_poll.as_deref().and_then(parse_long_poll),
+        };
         self.replica
             .borrow_mut()
-            .handle_response(RequestId(id), now_ms(), resp);
+            .handle_response_with(RequestId(id), now_ms(), resp, meta);
     }
 
     /// The value of `key`, or `undefined` (full mode).
@@ -594,7 +765,9 @@ impl WasmReplica {
 
     /// Progress: `{ mode, appliedLsn, committedLsn, epoch, datasetId, lagMs,
     /// lastPollAt, state, lastError, requests, bytesReceived, cachedBytes,
-    /// blocksFetched, overlayBytes, overlayEntries }`; `lastError` is
+    /// blocksFetched, overlayBytes, overlayEntries, longPoll }`; `longPoll`
+    /// says whether the head is read by long-poll (else polled every
+    /// `pollInterval`); `lastError` is
     /// `{ code, message, object?, lsn? }` or `null`; the lazy figures are 0
     /// in full mode.
     pub fn status(&self) -> JsValue {
@@ -618,6 +791,11 @@ impl WasmReplica {
                 .map_or(JsValue::NULL, |t| JsValue::from_f64(t as f64)),
         );
         set(&o, "state", st.phase.as_str());
+        set(
+            &o,
+            "signer",
+            st.signer.map_or(JsValue::NULL, |k| JsValue::from_str(&k)),
+        );
         let err = match &st.last_error {
             Some(e) => {
                 let x: JsValue = Object::new().into();
@@ -641,7 +819,18 @@ impl WasmReplica {
         set(&o, "blocksFetched", lazy.blocks_fetched as f64);
         set(&o, "overlayBytes", lazy.overlay_bytes as f64);
         set(&o, "overlayEntries", lazy.overlay_entries as f64);
+        set(&o, "longPoll", st.long_poll);
         o
+    }
+
+    /// The errors the machine reported while no sync was running (it
+    /// follows the head on its own between syncs when the server holds
+    /// long-polls): `Error`s with a `code`, oldest first; emptied by the
+    /// call.
+    #[wasm_bindgen(js_name = takeErrors)]
+    pub fn take_errors(&self) -> Array {
+        let errors = std::mem::take(&mut self.io.borrow_mut().errors);
+        errors.into_iter().collect()
     }
 
     /// The whole state at the applied LSN, in walcast's snapshot format, for
