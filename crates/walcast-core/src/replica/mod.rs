@@ -639,12 +639,16 @@ impl Replica {
             };
             self.head_due = Some(now + delay);
         }
+        // Not while the last head read failed (unreadable, not verified,
+        // untrusted): caught up means to a head read since, so a sync then
+        // ends with the error after the retries, not with the old LSN.
         if self.started
             && self.plan.is_empty()
             && self.page_wanted.is_none()
             && self.applied >= self.committed
             && !self.caught_up_reported
             && !self.head_inflight
+            && !self.attempts.contains_key(HEAD_KEY)
         {
             self.caught_up_reported = true;
             return Action::Event(Event::CaughtUp { lsn: self.applied });
