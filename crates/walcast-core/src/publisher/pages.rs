@@ -31,9 +31,17 @@ impl Publisher {
             h.pages.push(r);
         }
         loop {
-            // Find a level with more than `fan` references (they are contiguous).
+            // Find a level with more than `fan` references (they are
+            // contiguous). References wholly below `earliest_lsn` wait for
+            // retention to retire them (unfolded pages among them break the
+            // order of levels) and are left alone.
+            let below = h
+                .pages
+                .iter()
+                .take_while(|p| p.last_lsn < h.earliest_lsn)
+                .count();
             let mut counts: HashMap<u32, usize> = HashMap::new();
-            for p in &h.pages {
+            for p in &h.pages[below..] {
                 *counts.entry(p.level).or_default() += 1;
             }
             let Some((&level, _)) = counts
@@ -43,11 +51,11 @@ impl Publisher {
             else {
                 break;
             };
-            let start = h
-                .pages
-                .iter()
-                .position(|p| p.level == level)
-                .expect("counted");
+            let start = below
+                + h.pages[below..]
+                    .iter()
+                    .position(|p| p.level == level)
+                    .expect("counted");
             let moved: Vec<PageRef> = h.pages.drain(start..start + fan).collect();
             let mut page = Page {
                 format: catalog::FORMAT,

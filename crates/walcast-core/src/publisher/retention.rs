@@ -9,55 +9,94 @@ use crate::io::GetResponse;
 use super::commit::{Commit, Stage};
 use super::{Action, DeleteRequest, Publisher, Req};
 
+/// Most keys a head lists in `retired`: retention retires no more until
+/// deletions make room, so the head stays far below
+/// [`catalog::MAX_HEAD_BYTES`] (a retired entry takes at most about 130
+/// bytes of JSON).
+pub(super) const MAX_RETIRED: usize = 2048;
+
+/// Most pages read at once to retire or unfold them.
+const MAX_PAGE_READS: usize = 64;
+
 impl Publisher {
     /// Moves what retention lets go out of `h` into `h.retired`: inline
     /// segments and pages (with everything under them) wholly below the new
-    /// earliest LSN, which the snapshot must cover. Returns the pages that
-    /// must be read first, to retire their contents too.
+    /// earliest LSN, which the snapshot must cover, oldest first and no more
+    /// than [`MAX_RETIRED`] keys in `retired` at once, so the head stays
+    /// within its size bound however much retention lets go in one commit.
+    /// A page whose contents would not fit is unfolded: the page itself is
+    /// retired and its references take its place, to be retired in later
+    /// commits as deletions make room. Returns the pages that must be read
+    /// first, to retire or unfold them.
     pub(super) fn retire_expired(&mut self, h: &mut Head, now: u64) -> Result<(), Vec<PageRef>> {
-        if let (Some(retain), Some(snap)) = (self.cfg.retain_lsns, &h.snapshot) {
-            let want = (h.committed_lsn + 1)
-                .saturating_sub(retain)
-                .max(h.earliest_lsn);
-            let earliest = want.min(snap.lsn + 1);
-            if earliest > h.earliest_lsn {
-                // Pages wholly below: read them (and their children) to retire their contents.
-                let dropped: Vec<PageRef> = h
+        let (Some(retain), Some(snap)) = (self.cfg.retain_lsns, &h.snapshot) else {
+            return Ok(());
+        };
+        let want = (h.committed_lsn + 1)
+            .saturating_sub(retain)
+            .max(h.earliest_lsn);
+        let earliest = want.min(snap.lsn + 1);
+        let mut room = MAX_RETIRED.saturating_sub(h.retired.len());
+        let mut keys: Vec<String> = Vec::new();
+        // Pages wholly below, oldest first: retire each with its contents,
+        // or unfold it when they would not fit.
+        while let Some(p) = h.pages.first().filter(|p| p.last_lsn < earliest).cloned() {
+            if room == 0 {
+                break;
+            }
+            let Some(page) = self.page_cache.get(&p.key) else {
+                // Read the pages below that are not at hand, then build again.
+                let need: Vec<PageRef> = h
                     .pages
                     .iter()
-                    .filter(|p| p.last_lsn < earliest)
+                    .take_while(|q| q.last_lsn < earliest)
+                    .filter(|q| !self.page_cache.contains_key(&q.key))
+                    .take(MAX_PAGE_READS)
                     .cloned()
                     .collect();
-                let mut need = Vec::new();
-                let mut keys = Vec::new();
-                let mut stack = dropped.clone();
-                while let Some(p) = stack.pop() {
-                    keys.push(p.key.clone());
-                    match self.page_cache.get(&p.key) {
-                        None => need.push(p),
-                        Some(page) => {
-                            keys.extend(page.segments.iter().map(|s| s.key.clone()));
-                            stack.extend(page.pages.iter().cloned());
-                        }
-                    }
+                return Err(need);
+            };
+            if page.level == 0 {
+                let cost = 1 + page.segments.len();
+                // A page larger than the whole budget goes when nothing
+                // else waits, so retention always progresses.
+                if cost > room && (cost <= MAX_RETIRED || !h.retired.is_empty() || !keys.is_empty())
+                {
+                    break;
                 }
-                if !need.is_empty() {
-                    return Err(need);
-                }
-                h.pages.retain(|p| p.last_lsn >= earliest);
-                for s in h.segments.iter().filter(|s| s.last_lsn < earliest) {
-                    keys.push(s.key.clone());
-                }
-                h.segments.retain(|s| s.last_lsn >= earliest);
-                for k in keys {
-                    self.page_cache.remove(&k);
-                    h.retired.push(Retired {
-                        key: k,
-                        since_ms: now,
-                    });
-                }
-                h.earliest_lsn = earliest;
+                room = room.saturating_sub(cost);
+                keys.push(p.key.clone());
+                keys.extend(page.segments.iter().map(|s| s.key.clone()));
+                h.pages.remove(0);
+            } else {
+                // Unfold: retire the page, name its references instead.
+                room -= 1;
+                keys.push(p.key.clone());
+                let children = page.pages.clone();
+                h.pages.splice(0..1, children);
             }
+        }
+        // Inline segments wholly below (they follow every page).
+        if h.pages.is_empty() {
+            let n = h
+                .segments
+                .iter()
+                .take_while(|s| s.last_lsn < earliest)
+                .count()
+                .min(room);
+            keys.extend(h.segments.drain(..n).map(|s| s.key));
+        }
+        for k in keys {
+            self.page_cache.remove(&k);
+            h.retired.push(Retired {
+                key: k,
+                since_ms: now,
+            });
+        }
+        // The history may still start below the new earliest LSN: what did
+        // not fit stays named until later commits retire it.
+        if earliest > h.earliest_lsn {
+            h.earliest_lsn = earliest;
         }
         Ok(())
     }
