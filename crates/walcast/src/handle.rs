@@ -3,6 +3,10 @@
 //! runs in wasm) and answers `get`, `scan`, `status`, `wait_for` and change
 //! subscriptions from any task, in full mode or lazily.
 //!
+//! This is the one path every native replica takes: `walcast replicate`
+//! (full mode with a local directory), `walcast get --from` and `walcast
+//! scan --from` (lazy, not following) and apps embedding the crate.
+//!
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
 //! use walcast::{Replica, ReplicaOptions};
@@ -17,16 +21,21 @@
 //! # Ok(()) }
 //! ```
 
+use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use tokio::sync::{mpsc, oneshot, watch};
-use walcast_client::{Driver, Until};
+use walcast_client::{Driver, Fetch, RunError, Until};
+use walcast_core::io::{GetRequest, GetResponse, ResponseMeta};
+use walcast_core::keys::PublicKey;
 use walcast_core::replica::{Entries, Event, LazyScan, Replica, ReplicaConfig, Status};
 
-use crate::replica::{AnyFetch, TokioTimer};
+use crate::metrics::{MeteredFetch, ReplicaMetrics};
+use crate::replica::{AnyFetch, Persist, Progress, TokioTimer};
 
 /// How to open a [`ReplicaHandle`].
 #[derive(Debug, Clone)]
@@ -41,6 +50,17 @@ pub struct ReplicaOptions {
     pub headers: Vec<String>,
     /// Segment GETs in flight at most.
     pub concurrency: usize,
+    /// Pinned keys (`ed25519:…`): apply only heads a trusted key (or a key
+    /// it endorsed) signed, never an older signed head, and only objects
+    /// whose digest the signed catalog records. Empty: any dataset.
+    pub trust: Vec<PublicKey>,
+    /// Full mode only: a local directory the replica survives restarts in
+    /// (the layout `walcast replicate --local` writes). On open, the state it
+    /// holds is restored and only what came after is fetched.
+    pub local: Option<PathBuf>,
+    /// Follow the head after opening (`false`: catch up once, then answer
+    /// reads from that state until closed; lazy reads still fetch blocks).
+    pub follow: bool,
 }
 
 impl Default for ReplicaOptions {
@@ -50,8 +70,89 @@ impl Default for ReplicaOptions {
             lazy_cache_bytes: None,
             headers: Vec::new(),
             concurrency: 4,
+            trust: Vec::new(),
+            local: None,
+            follow: true,
         }
     }
+}
+
+/// What a replica's reads and syncs cost so far, counted at the fetch seam.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FetchStats {
+    /// GETs issued.
+    pub gets: u64,
+    /// Body bytes received.
+    pub bytes: u64,
+    /// Waves of GETs, each issued with none in flight: round trips.
+    pub round_trips: u64,
+}
+
+impl FetchStats {
+    /// One JSON line: `{"gets":N,"bytes":B,"round_trips":R}`.
+    pub fn to_json(&self) -> String {
+        format!(
+            "{{\"gets\":{},\"bytes\":{},\"round_trips\":{}}}",
+            self.gets, self.bytes, self.round_trips
+        )
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    gets: AtomicU64,
+    bytes: AtomicU64,
+    round_trips: AtomicU64,
+    inflight: AtomicU64,
+}
+
+/// Ends an in-flight count, also when the GET is dropped (timed out).
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A fetch seam counting GETs, body bytes and round trips.
+#[derive(Debug, Clone)]
+struct Counted<F> {
+    inner: F,
+    counters: Arc<Counters>,
+}
+
+impl<F: Fetch> Fetch for Counted<F> {
+    async fn get(&self, req: GetRequest) -> GetResponse {
+        self.get_with_meta(req).await.0
+    }
+
+    async fn get_with_meta(&self, req: GetRequest) -> (GetResponse, ResponseMeta) {
+        let c = &self.counters;
+        c.gets.fetch_add(1, Ordering::Relaxed);
+        if c.inflight.fetch_add(1, Ordering::Relaxed) == 0 {
+            c.round_trips.fetch_add(1, Ordering::Relaxed);
+        }
+        let _in_flight = InFlight(&c.inflight);
+        let (resp, meta) = self.inner.get_with_meta(req).await;
+        if let GetResponse::Ok { body, .. } = &resp {
+            c.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+        }
+        (resp, meta)
+    }
+}
+
+/// What `walcast replicate` adds to a handle: metrics, live figures, a
+/// progress bar, and following from the start (errors retried, also
+/// before the first catch-up).
+#[derive(Debug, Default)]
+pub(crate) struct Extras {
+    pub(crate) metrics: Option<Arc<ReplicaMetrics>>,
+    pub(crate) sink: Option<Arc<Progress>>,
+    pub(crate) progress_bar: bool,
+    /// Open at once and follow, retrying errors, instead of failing the open
+    /// on the first error of the first catch-up.
+    pub(crate) follow_at_once: bool,
 }
 
 enum Cmd {
@@ -65,7 +166,10 @@ pub struct ReplicaHandle {
     status: watch::Receiver<Status>,
     /// The latest status, also after reads (lazy mode's cache figures).
     live: Arc<Mutex<Status>>,
+    counters: Arc<Counters>,
     stop: Option<oneshot::Sender<()>>,
+    /// The thread's outcome: the applied LSN, or what ended it.
+    done: Option<oneshot::Receiver<Result<u64>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -82,40 +186,84 @@ impl ReplicaHandle {
     /// az://, file://, memory://) and catches up to the head as of now
     /// before returning (in lazy mode: to the newest snapshot and the
     /// history after it, without downloading the snapshot). Then it follows
-    /// the head in the background until [`close`](Self::close).
+    /// the head in the background until [`close`](Self::close) (unless
+    /// [`ReplicaOptions::follow`] is off).
     pub async fn open(url: &str, options: ReplicaOptions) -> Result<ReplicaHandle> {
         let fetch = AnyFetch::for_url_with_headers(url, &options.headers)?;
+        Self::open_with(fetch, options, Extras::default()).await
+    }
+
+    /// [`open`](Self::open) through a fetch seam, with what `walcast
+    /// replicate` adds.
+    pub(crate) async fn open_with(
+        fetch: AnyFetch,
+        options: ReplicaOptions,
+        extras: Extras,
+    ) -> Result<ReplicaHandle> {
+        if options.local.is_some() && options.lazy_cache_bytes.is_some() {
+            bail!("invalid_input: a local directory holds a full replica; lazy mode keeps none");
+        }
         let cfg = ReplicaConfig {
             poll_interval_ms: options.poll_interval.as_millis().max(1) as u64,
             max_inflight: options.concurrency.max(1),
             lazy_cache_bytes: options.lazy_cache_bytes,
+            emit_records: options.local.is_some(),
+            trust: options.trust.clone(),
             ..ReplicaConfig::default()
         };
         let seed = crate::publish::now_ms() ^ u64::from(std::process::id());
-        let machine = Replica::new(cfg, seed);
+        let (persist, machine) = match &options.local {
+            Some(dir) => {
+                let (persist, loaded) = Persist::open(dir)?;
+                let machine = match loaded.dataset {
+                    Some(id) => Replica::restore(cfg, seed, loaded.state, loaded.applied, id, 0),
+                    None => Replica::new(cfg, seed),
+                };
+                (Some(persist), machine)
+            }
+            None => (None, Replica::new(cfg, seed)),
+        };
+        let counters = Arc::new(Counters::default());
+        let fetch = Counted {
+            inner: MeteredFetch::new(fetch, extras.metrics.clone()),
+            counters: counters.clone(),
+        };
         let (status_tx, status) = watch::channel(machine.status(0));
         let live = Arc::new(Mutex::new(machine.status(0)));
         let live_thread = live.clone();
         let (cmds, cmd_rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = oneshot::channel();
         let (ready_tx, ready_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        let hooks = Hooks {
+            persist,
+            lazy: options.lazy_cache_bytes.is_some(),
+            follow: options.follow,
+            extras,
+            warned_v1: false,
+            bar: indicatif::ProgressBar::hidden(),
+        };
         let thread = std::thread::Builder::new()
             .name("walcast-replica".into())
             .spawn(move || {
-                follow(
+                let end = follow(
                     machine,
                     fetch,
+                    hooks,
                     (status_tx, live_thread),
                     cmd_rx,
                     stop_rx,
                     ready_tx,
-                )
+                );
+                let _ = done_tx.send(end);
             })?;
         let handle = ReplicaHandle {
             cmds,
             status,
             live,
+            counters,
             stop: Some(stop_tx),
+            done: Some(done_rx),
             thread: Some(thread),
         };
         match ready_rx.await {
@@ -124,7 +272,11 @@ impl ReplicaHandle {
                 handle.close().await;
                 Err(e)
             }
-            Err(_) => Err(anyhow!("internal: the replica thread ended while opening")),
+            Err(_) => Err(handle
+                .finish()
+                .await
+                .err()
+                .unwrap_or_else(|| anyhow!("internal: the replica thread ended while opening"))),
         }
     }
 
@@ -167,6 +319,16 @@ impl ReplicaHandle {
             .unwrap_or_else(|_| self.status.borrow().clone())
     }
 
+    /// GETs, body bytes and round trips this replica made so far (opening,
+    /// following and reads together).
+    pub fn fetch_stats(&self) -> FetchStats {
+        FetchStats {
+            gets: self.counters.gets.load(Ordering::Relaxed),
+            bytes: self.counters.bytes.load(Ordering::Relaxed),
+            round_trips: self.counters.round_trips.load(Ordering::Relaxed),
+        }
+    }
+
     /// A receiver that changes whenever the replica applies batches (or
     /// moves to a snapshot): `changed().await`, then read its status.
     pub fn subscribe(&self) -> watch::Receiver<Status> {
@@ -195,13 +357,41 @@ impl ReplicaHandle {
         }
     }
 
+    /// Resolves when the replica's thread ends on its own: an error that
+    /// stopped it (a local directory that cannot be written). Pending
+    /// while it follows.
+    pub async fn ended(&mut self) -> Result<u64> {
+        match self.done.as_mut() {
+            Some(done) => {
+                let r = done
+                    .await
+                    .unwrap_or_else(|_| Err(anyhow!("internal: the replica thread ended")));
+                self.done = None;
+                r
+            }
+            None => std::future::pending().await,
+        }
+    }
+
     /// Stops following and waits for the replica's thread to end.
-    pub async fn close(mut self) {
+    pub async fn close(self) {
+        let _ = self.finish().await;
+    }
+
+    /// Stops following, waits for the thread, and returns the applied LSN,
+    /// or the error that ended the thread.
+    pub(crate) async fn finish(mut self) -> Result<u64> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(t) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        match self.done.take() {
+            Some(done) => done
+                .await
+                .unwrap_or_else(|_| Err(anyhow!("internal: the replica thread ended"))),
+            None => Ok(self.status().applied_lsn),
         }
     }
 }
@@ -214,38 +404,119 @@ impl Drop for ReplicaHandle {
     }
 }
 
-/// The replica's thread: catch up, report readiness, then follow the head
-/// while answering reads, until stopped.
+/// What the driver loop does with each event besides the status: persist
+/// to the local directory, count metrics, report progress, warn.
+struct Hooks {
+    persist: Option<Persist>,
+    lazy: bool,
+    follow: bool,
+    extras: Extras,
+    warned_v1: bool,
+    bar: indicatif::ProgressBar,
+}
+
+impl Hooks {
+    fn on_event(&mut self, r: &Replica, e: &Event) -> Result<()> {
+        if let Some(p) = self.persist.as_mut() {
+            p.on_event(r, e)?;
+        }
+        let retrying = self.extras.follow_at_once || self.follow;
+        match e {
+            Event::Applied { first, last } => {
+                let st = r.status(crate::publish::now_ms());
+                if let Some(m) = &self.extras.metrics {
+                    m.applied(*last, st.committed_lsn, st.lag_ms);
+                }
+                if let Some(p) = &self.extras.sink {
+                    if let Ok(mut v) = p.applied_at.lock() {
+                        v.push((*first, *last, std::time::Instant::now()));
+                    }
+                    p.applied.store(*last, Ordering::Relaxed);
+                    p.committed.store(st.committed_lsn, Ordering::Relaxed);
+                }
+                self.bar.set_length(st.committed_lsn);
+                self.bar.set_position(*last);
+                tracing::debug!(lsn = last, "applied");
+            }
+            Event::Bootstrapped { lsn, .. } => {
+                // Lazy mode reads version 2 snapshots by block; a version 1
+                // snapshot (no block index) loads whole.
+                if self.lazy && !self.warned_v1 && !r.state().is_empty() {
+                    self.warned_v1 = true;
+                    tracing::warn!(
+                        "the dataset's snapshot is version 1 (no block index): it was read whole; \
+                         a publisher of this version writes snapshots that reads fetch by block"
+                    );
+                }
+                tracing::info!(lsn, "bootstrapped from the snapshot");
+            }
+            Event::DatasetChanged { dataset_id } => {
+                tracing::warn!(%dataset_id, "the dataset changed: starting over");
+            }
+            Event::Gap { from, to } => tracing::warn!(from, to, "gap"),
+            Event::CaughtUp { lsn } => {
+                self.bar.set_position(*lsn);
+                tracing::debug!(lsn, "caught up");
+            }
+            Event::Error(err) => {
+                if let Some(m) = &self.extras.metrics {
+                    m.errors.inc();
+                }
+                if retrying {
+                    tracing::warn!("{err} (retrying)");
+                }
+            }
+            Event::Record { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+fn progress_bar() -> indicatif::ProgressBar {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} LSN {pos}/{len} {wide_bar} {per_sec} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+type Seam = Counted<MeteredFetch<AnyFetch>>;
+
+/// The replica's thread, the one driver loop of every native replica:
+/// catch up, report readiness, then follow the head while answering reads,
+/// until stopped. Returns the applied LSN, or the error that ended it.
 fn follow(
     machine: Replica,
-    fetch: AnyFetch,
+    fetch: Seam,
+    mut hooks: Hooks,
     (status, live): (watch::Sender<Status>, Arc<Mutex<Status>>),
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
     stop: oneshot::Receiver<()>,
     ready: oneshot::Sender<Result<()>>,
-) {
-    let rt = match tokio::runtime::Builder::new_current_thread()
+) -> Result<u64> {
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            let _ = ready.send(Err(e.into()));
-            return;
-        }
-    };
+        .build()?;
+    if hooks.extras.progress_bar {
+        hooks.bar = progress_bar();
+    }
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         let shared = Rc::new(std::cell::RefCell::new(machine));
         let mut runner = Driver::shared(shared.clone(), fetch.clone(), TokioTimer);
         let reader = Rc::new(Driver::shared(shared.clone(), fetch, TokioTimer));
-        let set_live = |r: &Replica| {
+        let hooks = std::cell::RefCell::new(hooks);
+        let mut on_event = |r: &Replica, e: &Event| -> Result<()> {
+            hooks.borrow_mut().on_event(r, e)?;
             if let Ok(mut l) = live.lock() {
                 *l = r.status(crate::publish::now_ms());
             }
-        };
-        let publish = |r: &Replica, e: &Event| {
-            set_live(r);
             if matches!(
                 e,
                 Event::Applied { .. }
@@ -256,19 +527,38 @@ fn follow(
             ) {
                 status.send_replace(r.status(crate::publish::now_ms()));
             }
-            Ok::<(), std::convert::Infallible>(())
+            Ok(())
         };
-        // Catch up first; a failure ends the open.
-        let first = runner
-            .run(Until::CaughtUp, std::future::pending(), publish)
-            .await;
-        match first {
-            Ok(_) => {
-                let _ = ready.send(Ok(()));
+        let follow_at_once = hooks.borrow().extras.follow_at_once;
+        let following = hooks.borrow().follow;
+        // Shared: both runs below may wait on it, and a stop during the
+        // catch-up also ends the follow loop at once.
+        let stop = futures::FutureExt::shared(async {
+            let _ = stop.await;
+        });
+        let mut ready = Some(ready);
+        if follow_at_once {
+            if let Some(r) = ready.take() {
+                let _ = r.send(Ok(()));
             }
-            Err(e) => {
-                let _ = ready.send(Err(anyhow!("{e}")));
-                return;
+        } else {
+            // Catch up first; a failure ends the open.
+            let first = runner
+                .run(Until::CaughtUp, stop.clone(), &mut on_event)
+                .await;
+            if let Err(e) = first {
+                let e = match e {
+                    RunError::Replica(e) => anyhow::Error::new(e),
+                    RunError::Callback(e) => e,
+                };
+                if let Some(r) = ready.take() {
+                    let _ = r.send(Err(e));
+                }
+                hooks.borrow().bar.finish_and_clear();
+                return Ok(shared.borrow().applied_lsn());
+            }
+            if let Some(r) = ready.take() {
+                let _ = r.send(Ok(()));
             }
         }
         // Reads run beside the follow loop, on the same machine.
@@ -277,32 +567,45 @@ fn follow(
                 let reader = reader.clone();
                 let live = live.clone();
                 tokio::task::spawn_local(async move {
+                    let set_live = |reader: &Driver<Seam, TokioTimer>| {
+                        if let Ok(mut l) = live.lock() {
+                            *l = reader.replica().status(crate::publish::now_ms());
+                        }
+                    };
                     match cmd {
                         Cmd::Get(key, tx) => {
-                            let r = reader.get(&key).await.map_err(|e| anyhow!("{e}"));
-                            if let Ok(mut l) = live.lock() {
-                                *l = reader.replica().status(crate::publish::now_ms());
-                            }
+                            let r = reader.get(&key).await.map_err(anyhow::Error::new);
+                            set_live(&reader);
                             let _ = tx.send(r);
                         }
                         Cmd::Scan(scan, tx) => {
-                            let r = reader.scan(scan).await.map_err(|e| anyhow!("{e}"));
-                            if let Ok(mut l) = live.lock() {
-                                *l = reader.replica().status(crate::publish::now_ms());
-                            }
+                            let r = reader.scan(scan).await.map_err(anyhow::Error::new);
+                            set_live(&reader);
                             let _ = tx.send(r);
                         }
                     }
                 });
             }
+            std::future::pending::<()>().await;
         };
-        let stop = async {
-            let _ = stop.await;
+        let result = if following {
+            let run = runner.run(Until::Stopped, stop.clone(), &mut on_event);
+            tokio::select! {
+                r = run => r.map(|_| ()),
+                () = serve_reads => Ok(()),
+            }
+        } else {
+            tokio::select! {
+                () = stop.clone() => Ok(()),
+                () = serve_reads => Ok(()),
+            }
         };
-        let follow = runner.run(Until::Stopped, stop, publish);
-        tokio::select! {
-            _ = follow => {}
-            _ = serve_reads => {}
+        hooks.borrow().bar.finish_and_clear();
+        let applied = shared.borrow().applied_lsn();
+        match result {
+            Ok(()) => Ok(applied),
+            Err(RunError::Replica(e)) => Err(anyhow::Error::new(e)),
+            Err(RunError::Callback(e)) => Err(e),
         }
-    });
+    })
 }

@@ -49,8 +49,9 @@
 //!
 //! The modules below are the parts the binary is made of: the WAL
 //! ([`wal`]), the publish loop ([`publish`]), the replica with a local
-//! directory ([`replica`]), `walcast serve` ([`serve`]), lazy reads
-//! ([`lazy`]), `walcast inspect` ([`inspect`]).
+//! directory ([`replica`]), the handle every native replica runs on
+//! ([`handle`]: `walcast replicate`, `walcast get/scan --from` and apps),
+//! `walcast serve` ([`serve`]), `walcast inspect` ([`inspect`]).
 
 pub mod counting;
 pub mod demo;
@@ -58,7 +59,6 @@ pub mod handle;
 pub mod hints;
 pub mod inspect;
 pub mod keyfile;
-pub mod lazy;
 pub mod longpoll;
 pub mod metrics;
 pub mod publish;
@@ -68,7 +68,7 @@ pub mod serve;
 pub mod store;
 pub mod wal;
 
-pub use handle::{ReplicaHandle as Replica, ReplicaOptions};
+pub use handle::{FetchStats, ReplicaHandle as Replica, ReplicaOptions};
 pub use publish::{Fenced, PublishOptions, PublishReport};
 pub use publisher::Publisher;
 pub use wal::Writer;

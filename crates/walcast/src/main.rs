@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine;
 use clap::{Parser, Subcommand};
 use walcast::publish::{Fenced, PublishOptions};
-use walcast::replica::{AnyFetch, ReplicateOptions};
+use walcast::replica::ReplicateOptions;
 use walcast_core::batch::Op;
 use walcast_core::publisher::PublisherConfig;
 
@@ -206,6 +206,10 @@ enum Cmd {
         /// dataset, as 'Name: value' (repeatable). Never logged.
         #[arg(long = "header", value_name = "NAME: VALUE", conflicts_with = "local")]
         headers: Vec<String>,
+        /// With --from: read only what a trusted key signed
+        /// (ed25519:<base64>, repeatable), as `walcast replicate --trust`.
+        #[arg(long = "trust", value_name = "ed25519:KEY", value_parser = parse_public_key, conflicts_with = "local")]
+        trust: Vec<walcast_core::keys::PublicKey>,
         /// The key.
         key: String,
     },
@@ -236,6 +240,10 @@ enum Cmd {
         /// dataset, as 'Name: value' (repeatable). Never logged.
         #[arg(long = "header", value_name = "NAME: VALUE", conflicts_with = "local")]
         headers: Vec<String>,
+        /// With --from: read only what a trusted key signed
+        /// (ed25519:<base64>, repeatable), as `walcast replicate --trust`.
+        #[arg(long = "trust", value_name = "ed25519:KEY", value_parser = parse_public_key, conflicts_with = "local")]
+        trust: Vec<walcast_core::keys::PublicKey>,
     },
     /// Show a dataset's head, segments, pages, snapshot and coverage.
     #[command(
@@ -286,6 +294,24 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         rate: u64,
     },
+}
+
+/// `get --from` and `scan --from`: a lazy replica that catches up to the
+/// head once (fetching no snapshot) and does not follow; reads fetch the
+/// blocks they need.
+async fn open_lazy(
+    url: &str,
+    headers: Vec<String>,
+    trust: Vec<walcast_core::keys::PublicKey>,
+) -> Result<walcast::Replica> {
+    let opts = walcast::ReplicaOptions {
+        lazy_cache_bytes: Some(8 << 20),
+        headers,
+        trust,
+        follow: false,
+        ..walcast::ReplicaOptions::default()
+    };
+    walcast::Replica::open(url, opts).await
 }
 
 fn parse_public_key(s: &str) -> Result<walcast_core::keys::PublicKey, String> {
@@ -672,6 +698,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             from,
             stats,
             headers,
+            trust,
             key,
         } => {
             let value = match (local, from) {
@@ -680,12 +707,12 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                     .get(key.as_bytes())
                     .map(<[u8]>::to_vec),
                 (None, Some(url)) => {
-                    let fetch = AnyFetch::for_url_with_headers(&url, &headers)?;
-                    let mut r = walcast::lazy::LazyReader::new(fetch);
+                    let r = open_lazy(&url, headers, trust).await?;
                     let res = r.get(key.as_bytes()).await;
                     if stats {
-                        eprintln!("{}", r.stats().to_json());
+                        eprintln!("{}", r.fetch_stats().to_json());
                     }
+                    r.close().await;
                     res?
                 }
                 (None, None) => bail!("give --local DIR or --from URL"),
@@ -708,6 +735,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             limit,
             stats,
             headers,
+            trust,
         } => {
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             let mut print = |k: &[u8], v: &[u8]| -> Result<()> {
@@ -729,12 +757,14 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                     }
                 }
                 (None, Some(url)) => {
-                    let fetch = AnyFetch::for_url_with_headers(&url, &headers)?;
-                    let mut r = walcast::lazy::LazyReader::new(fetch);
-                    let res = r.scan_prefix(prefix.as_bytes(), limit).await;
+                    let r = open_lazy(&url, headers, trust).await?;
+                    let res = r
+                        .scan_prefix(prefix.as_bytes(), limit.unwrap_or(usize::MAX))
+                        .await;
                     if stats {
-                        eprintln!("{}", r.stats().to_json());
+                        eprintln!("{}", r.fetch_stats().to_json());
                     }
+                    r.close().await;
                     for (k, v) in res? {
                         print(&k, &v)?;
                     }

@@ -644,118 +644,89 @@ async fn replicate_from_metered(
     stop: impl std::future::Future<Output = ()>,
     metrics: Option<std::sync::Arc<crate::metrics::ReplicaMetrics>>,
 ) -> Result<ReplicateReport> {
-    use walcast_client::{Driver, RunError, Until};
-    use walcast_core::replica::{Event, Replica, ReplicaConfig};
+    use crate::handle::{Extras, ReplicaHandle, ReplicaOptions};
 
-    let (mut ld, loaded) = LocalDir::open(local)?;
-    let cfg = ReplicaConfig {
-        poll_interval_ms: opts.interval.as_millis() as u64,
-        max_inflight: opts.concurrency.max(1),
-        emit_records: true,
-        trust: opts.trust.clone(),
-        ..ReplicaConfig::default()
-    };
-    let seed = crate::publish::now_ms() ^ u64::from(std::process::id());
-    let mut has_log = ld.log.is_some();
-    let replica = match loaded.dataset {
-        Some(id) => Replica::restore(cfg, seed, loaded.state, loaded.applied, id, 0),
-        None => Replica::new(cfg, seed),
-    };
+    // The same handle apps embed, on a local directory: one driver loop.
     let counter = fetch.clone();
-    let mut driver = Driver::new(
-        replica,
-        crate::metrics::MeteredFetch::new(fetch, metrics.clone()),
-        TokioTimer,
-    );
-    let pb = if opts.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        let pb = indicatif::ProgressBar::new(0);
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} LSN {pos}/{len} {wide_bar} {per_sec} {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        pb
-    } else {
-        indicatif::ProgressBar::hidden()
+    let options = ReplicaOptions {
+        poll_interval: opts.interval,
+        concurrency: opts.concurrency,
+        trust: opts.trust.clone(),
+        local: Some(local.to_path_buf()),
+        follow: !opts.once,
+        ..ReplicaOptions::default()
     };
-    let until = if opts.once {
-        Until::CaughtUp
-    } else {
-        Until::Stopped
+    let extras = Extras {
+        metrics,
+        sink: opts.sink.clone(),
+        progress_bar: opts.progress,
+        follow_at_once: !opts.once,
     };
-    let result = driver
-        .run(until, stop, |r, e| -> Result<()> {
-            match e {
-                Event::Record { lsn, payload } => ld.record(*lsn, payload),
-                Event::Applied { first, last } => {
-                    let st = r.status(crate::publish::now_ms());
-                    if let Some(m) = &metrics {
-                        m.applied(*last, st.committed_lsn, st.lag_ms);
-                    }
-                    if let Some(p) = &opts.sink {
-                        if let Ok(mut v) = p.applied_at.lock() {
-                            v.push((*first, *last, std::time::Instant::now()));
-                        }
-                        p.applied.store(*last, std::sync::atomic::Ordering::Relaxed);
-                        p.committed
-                            .store(st.committed_lsn, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    pb.set_length(st.committed_lsn);
-                    pb.set_position(*last);
-                    let id = r
-                        .dataset_id()
-                        .ok_or_else(|| anyhow!("applied without a dataset"))?;
-                    if !has_log {
-                        ld.discard();
-                        ld.checkpoint(r.state(), r.applied_lsn(), id)?;
-                        has_log = true;
-                    } else if ld.flush()? {
-                        ld.checkpoint(r.state(), r.applied_lsn(), id)?;
-                    }
-                    tracing::debug!(lsn = last, "applied");
-                }
-                Event::Bootstrapped { lsn, dataset_id } => {
-                    ld.discard();
-                    ld.checkpoint(r.state(), *lsn, *dataset_id)?;
-                    has_log = true;
-                    tracing::info!(lsn, "bootstrapped from the snapshot");
-                }
-                Event::DatasetChanged { dataset_id } => {
-                    ld.discard();
-                    tracing::warn!(%dataset_id, "the dataset changed: starting over");
-                }
-                Event::Gap { from, to } => tracing::warn!(from, to, "gap"),
-                Event::CaughtUp { lsn } => {
-                    pb.set_position(*lsn);
-                    tracing::debug!(lsn, "caught up");
-                }
-                // With --once the error is returned; otherwise the replica retries.
-                Event::Error(err) if !opts.once => {
-                    if let Some(m) = &metrics {
-                        m.errors.inc();
-                    }
-                    tracing::warn!("{err} (retrying)")
-                }
-                Event::Error(_) => {
-                    if let Some(m) = &metrics {
-                        m.errors.inc();
-                    }
+    let result = async {
+        let mut handle = ReplicaHandle::open_with(fetch, options, extras).await?;
+        if !opts.once {
+            let mut stop = std::pin::pin!(stop);
+            tokio::select! {
+                r = handle.ended() => { r?; }
+                () = &mut stop => {}
+            }
+        }
+        handle.finish().await
+    }
+    .await;
+    LAST_REQUESTS.store(counter.requests(), std::sync::atomic::Ordering::Relaxed);
+    Ok(ReplicateReport {
+        applied_lsn: result?,
+        requests: counter.requests(),
+    })
+}
+
+/// A replica's local directory as the driver loop keeps it: every applied
+/// record logged and fsynced per applied unit, a checkpoint at a bootstrap,
+/// at the first apply, and whenever the log grows past its bound.
+#[derive(Debug)]
+pub(crate) struct Persist {
+    ld: LocalDir,
+    has_log: bool,
+}
+
+impl Persist {
+    /// Opens (creating) `dir`; returns what it holds to restore from.
+    pub(crate) fn open(dir: &Path) -> Result<(Persist, Local)> {
+        let (ld, local) = LocalDir::open(dir)?;
+        let has_log = ld.log.is_some();
+        Ok((Persist { ld, has_log }, local))
+    }
+
+    /// Persists what `e` says the machine `r` did.
+    pub(crate) fn on_event(
+        &mut self,
+        r: &walcast_core::replica::Replica,
+        e: &walcast_core::replica::Event,
+    ) -> Result<()> {
+        use walcast_core::replica::Event;
+        match e {
+            Event::Record { lsn, payload } => self.ld.record(*lsn, payload),
+            Event::Applied { .. } => {
+                let id = r
+                    .dataset_id()
+                    .ok_or_else(|| anyhow!("applied without a dataset"))?;
+                if !self.has_log {
+                    self.ld.discard();
+                    self.ld.checkpoint(r.state(), r.applied_lsn(), id)?;
+                    self.has_log = true;
+                } else if self.ld.flush()? {
+                    self.ld.checkpoint(r.state(), r.applied_lsn(), id)?;
                 }
             }
-            Ok(())
-        })
-        .await;
-    pb.finish_and_clear();
-    LAST_REQUESTS.store(counter.requests(), std::sync::atomic::Ordering::Relaxed);
-    let applied = driver.replica().applied_lsn();
-    let report = ReplicateReport {
-        applied_lsn: applied,
-        requests: counter.requests(),
-    };
-    match result {
-        Ok(_) => Ok(report),
-        Err(RunError::Replica(e)) => Err(anyhow::Error::new(e)),
-        Err(RunError::Callback(e)) => Err(e),
+            Event::Bootstrapped { lsn, dataset_id } => {
+                self.ld.discard();
+                self.ld.checkpoint(r.state(), *lsn, *dataset_id)?;
+                self.has_log = true;
+            }
+            Event::DatasetChanged { .. } => self.ld.discard(),
+            _ => {}
+        }
+        Ok(())
     }
 }
