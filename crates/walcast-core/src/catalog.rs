@@ -486,7 +486,9 @@ impl Head {
         let json = serde_json::to_vec(self).unwrap_or_default();
         let rest = &json[1..];
         let mut out = Vec::with_capacity(json.len() + HEAD_PREFIX_LEN);
-        out.extend_from_slice(format!("{{\"crc32\":\"{:08x}\",", crc32fast::hash(rest)).as_bytes());
+        out.extend_from_slice(
+            format!("{{\"crc32\":\"{:08x}\",", crate::crc::hash(rest)).as_bytes(),
+        );
         out.extend_from_slice(rest);
         out
     }

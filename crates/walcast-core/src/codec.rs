@@ -154,7 +154,7 @@ pub(crate) fn check_crc(
     stored: u32,
     bytes: &[u8],
 ) -> Result<(), DecodeError> {
-    let computed = crc32fast::hash(bytes);
+    let computed = crate::crc::hash(bytes);
     if computed != stored {
         return Err(DecodeError::Checksum {
             what,

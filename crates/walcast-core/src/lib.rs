@@ -31,6 +31,7 @@
 pub mod batch;
 pub mod catalog;
 mod codec;
+mod crc;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;

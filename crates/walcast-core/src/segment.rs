@@ -62,7 +62,7 @@ pub struct Record<'a> {
 pub fn encode_record(lsn: u64, payload: &[u8], out: &mut Vec<u8>) {
     let lsn = lsn.to_le_bytes();
     let len = (payload.len() as u32).to_le_bytes();
-    let mut h = crc32fast::Hasher::new();
+    let mut h = crate::crc::Hasher::new();
     h.update(&lsn);
     h.update(&len);
     h.update(payload);
@@ -118,7 +118,7 @@ impl SegmentBuilder {
         buf.extend_from_slice(&epoch.to_le_bytes());
         buf.extend_from_slice(&first_lsn.to_le_bytes());
         buf.extend_from_slice(&0u32.to_le_bytes());
-        let crc = crc32fast::hash(&buf);
+        let crc = crate::crc::hash(&buf);
         buf.extend_from_slice(&crc.to_le_bytes());
         SegmentBuilder {
             buf,
@@ -186,7 +186,7 @@ impl SegmentBuilder {
             self.buf.extend_from_slice(&e.lsn.to_le_bytes());
             self.buf.extend_from_slice(&e.offset.to_le_bytes());
         }
-        let index_crc = crc32fast::hash(&self.buf[index_start..]);
+        let index_crc = crate::crc::hash(&self.buf[index_start..]);
         let trailer_start = self.buf.len();
         let last_lsn = self.next_lsn - 1;
         self.buf.extend_from_slice(&records_end.to_le_bytes());
@@ -195,7 +195,7 @@ impl SegmentBuilder {
         self.buf
             .extend_from_slice(&(self.index.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(&index_crc.to_le_bytes());
-        let tcrc = crc32fast::hash(&self.buf[trailer_start..]);
+        let tcrc = crate::crc::hash(&self.buf[trailer_start..]);
         self.buf.extend_from_slice(&tcrc.to_le_bytes());
         self.buf.extend_from_slice(&TRAILER_MAGIC);
         let summary = SegmentSummary {
@@ -204,7 +204,7 @@ impl SegmentBuilder {
             last_lsn,
             records_end,
             size: self.buf.len() as u64,
-            crc32: crc32fast::hash(&self.buf),
+            crc32: crate::crc::hash(&self.buf),
             index: self.index,
         };
         Some((self.buf, summary))
@@ -500,7 +500,7 @@ pub struct Records<'a> {
     verified: bool,
     /// A fresh hasher, cloned per record (its CPU feature detection runs
     /// once per iterator, not once per record).
-    hasher: crc32fast::Hasher,
+    hasher: crate::crc::Hasher,
 }
 
 impl<'a> Records<'a> {
@@ -514,7 +514,7 @@ impl<'a> Records<'a> {
             next_lsn: first_lsn,
             failed: false,
             verified: false,
-            hasher: crc32fast::Hasher::new(),
+            hasher: crate::crc::Hasher::new(),
         }
     }
 

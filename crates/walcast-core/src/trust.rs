@@ -122,7 +122,7 @@ impl Head {
         body.extend_from_slice(rest);
         let mut out = Vec::with_capacity(body.len() + HEAD_PREFIX_LEN);
         out.extend_from_slice(
-            format!("{{\"crc32\":\"{:08x}\",", crc32fast::hash(&body)).as_bytes(),
+            format!("{{\"crc32\":\"{:08x}\",", crate::crc::hash(&body)).as_bytes(),
         );
         out.extend_from_slice(&body);
         out

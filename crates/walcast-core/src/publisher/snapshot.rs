@@ -54,7 +54,7 @@ impl Publisher {
             lsn,
             epoch: self.epoch,
             size: bytes.len() as u64,
-            crc32: crc32fast::hash(&bytes),
+            crc32: crate::crc::hash(&bytes),
             entries: state.len(),
             version,
         };
@@ -130,7 +130,7 @@ impl Publisher {
         let suffix_len = DeltaFooter::decode(&bytes[bytes.len() - 64..], size)
             .map_or(size, |f| f.suffix_len(size));
         let key = catalog::delta_key(base_lsn, lsn, self.epoch);
-        let crc32 = crc32fast::hash(&bytes);
+        let crc32 = crate::crc::hash(&bytes);
         let delta = DeltaEntry {
             key: key.clone(),
             base_lsn,

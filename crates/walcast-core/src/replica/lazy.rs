@@ -365,7 +365,7 @@ impl Lazy {
                 d.index = Some(DeltaIndex::decode_suffix(bytes, size)?);
             }
             Need::Range { start: 0, end } if end == size => {
-                if crc32fast::hash(bytes) != d.entry.crc32 {
+                if crate::crc::hash(bytes) != d.entry.crc32 {
                     return Err(crate::codec::invalid(
                         "delta snapshot",
                         0,

@@ -131,7 +131,7 @@ impl BlockBuilder {
         body.extend_from_slice(&(self.restarts.len() as u32).to_le_bytes());
         let len = body.len() as u32;
         let count = self.count;
-        let mut h = crc32fast::Hasher::new();
+        let mut h = crate::crc::Hasher::new();
         h.update(&len.to_le_bytes());
         h.update(&count.to_le_bytes());
         h.update(&body);
@@ -195,7 +195,7 @@ impl Block {
                 computed: crc,
             });
         }
-        let mut h = crc32fast::Hasher::new();
+        let mut h = crate::crc::Hasher::new();
         h.update(&bytes[..8]);
         h.update(&bytes[BLOCK_HEADER_LEN as usize..]);
         let computed = h.finalize();

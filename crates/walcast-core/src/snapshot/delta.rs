@@ -67,7 +67,7 @@ impl DeltaFooter {
         b[24..40].copy_from_slice(&self.filter.encode());
         b[40..48].copy_from_slice(&self.entry_count.to_le_bytes());
         b[48..52].copy_from_slice(&self.data_blocks.to_le_bytes());
-        let crc = crc32fast::hash(&b[..56]);
+        let crc = crate::crc::hash(&b[..56]);
         b[56..60].copy_from_slice(&crc.to_le_bytes());
         b[60..].copy_from_slice(&DELTA_FOOTER_MAGIC);
         b
@@ -266,7 +266,7 @@ fn header_bytes(lsn: u64, epoch: u64, dataset_id: DatasetId, entries: u64) -> Ve
     head.extend_from_slice(&dataset_id.0);
     head.extend_from_slice(&entries.to_le_bytes());
     head.extend_from_slice(&0u32.to_le_bytes());
-    let crc = crc32fast::hash(&head);
+    let crc = crate::crc::hash(&head);
     head.extend_from_slice(&crc.to_le_bytes());
     head
 }
@@ -376,7 +376,7 @@ pub fn encode_delta<'a>(
     let filter_h = BlockHandle {
         offset: out.len() as u64,
         len: fbytes.len() as u32,
-        crc: crc32fast::hash(&fbytes),
+        crc: crate::crc::hash(&fbytes),
     };
     out.extend_from_slice(&fbytes);
     let footer = DeltaFooter {

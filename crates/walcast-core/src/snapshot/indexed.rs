@@ -74,7 +74,7 @@ impl Footer {
         b[24..32].copy_from_slice(&self.entry_count.to_le_bytes());
         b[32..36].copy_from_slice(&self.data_blocks.to_le_bytes());
         b[36] = self.levels;
-        let crc = crc32fast::hash(&b[..40]);
+        let crc = crate::crc::hash(&b[..40]);
         b[40..44].copy_from_slice(&crc.to_le_bytes());
         b[44..].copy_from_slice(&FOOTER_MAGIC);
         b
@@ -140,7 +140,7 @@ fn header_bytes(lsn: u64, epoch: u64, dataset_id: DatasetId, entries: u64) -> Ve
     head.extend_from_slice(&dataset_id.0);
     head.extend_from_slice(&entries.to_le_bytes());
     head.extend_from_slice(&0u32.to_le_bytes());
-    let crc = crc32fast::hash(&head);
+    let crc = crate::crc::hash(&head);
     head.extend_from_slice(&crc.to_le_bytes());
     head
 }
@@ -773,7 +773,7 @@ mod tests {
         ] {
             let s = state(n, 20);
             let file = encode_indexed(&s, 9, 1, DatasetId([3; 16]), opts);
-            let (h, back) = decode_indexed(&file, Some(crc32fast::hash(&file))).unwrap();
+            let (h, back) = decode_indexed(&file, Some(crate::crc::hash(&file))).unwrap();
             assert_eq!(h.lsn, 9);
             assert_eq!(back.len(), s.len());
             assert!(back.iter().zip(s.iter()).all(|(a, b)| a == b));
@@ -896,7 +896,7 @@ mod tests {
             for c in file.chunks(piece) {
                 d.feed(c).unwrap();
             }
-            let (h, back) = d.finish(Some(crc32fast::hash(&file))).unwrap();
+            let (h, back) = d.finish(Some(crate::crc::hash(&file))).unwrap();
             prop_assert_eq!(h.entry_count, s.len());
             prop_assert!(back.iter().eq(s.iter()));
         }

@@ -83,7 +83,7 @@ pub fn encode_to(
     head.extend_from_slice(&dataset_id.0);
     head.extend_from_slice(&state.len().to_le_bytes());
     head.extend_from_slice(&0u32.to_le_bytes());
-    let crc = crc32fast::hash(&head);
+    let crc = crate::crc::hash(&head);
     head.extend_from_slice(&crc.to_le_bytes());
     emit(&head);
     let mut written = head.len() as u64;
@@ -96,7 +96,7 @@ pub fn encode_to(
             return;
         }
         let len = body.len() as u32;
-        let mut h = crc32fast::Hasher::new();
+        let mut h = crate::crc::Hasher::new();
         h.update(&count.to_le_bytes());
         h.update(&len.to_le_bytes());
         h.update(body);
@@ -129,14 +129,14 @@ pub fn encode_to(
         tail.extend_from_slice(&count.to_le_bytes());
         tail.extend_from_slice(&len.to_le_bytes());
     }
-    let index_crc = crc32fast::hash(&tail);
+    let index_crc = crate::crc::hash(&tail);
     let tstart = tail.len();
     tail.extend_from_slice(&index_offset.to_le_bytes());
     tail.extend_from_slice(&state.len().to_le_bytes());
     tail.extend_from_slice(&(index.len() as u32).to_le_bytes());
     tail.extend_from_slice(&index_crc.to_le_bytes());
     tail.extend_from_slice(&0u64.to_le_bytes());
-    let tcrc = crc32fast::hash(&tail[tstart..]);
+    let tcrc = crate::crc::hash(&tail[tstart..]);
     tail.extend_from_slice(&tcrc.to_le_bytes());
     tail.extend_from_slice(&TRAILER_MAGIC);
     emit(&tail);
@@ -163,7 +163,7 @@ pub struct SnapshotDecoder {
     /// File offset of `buf[0]`.
     at: u64,
     phase: Phase,
-    hasher: crc32fast::Hasher,
+    hasher: crate::crc::Hasher,
     header: Option<SnapshotHeader>,
     builder: SortedBuilder,
     chunks: Vec<(u64, u32, u32)>,
@@ -185,7 +185,7 @@ impl SnapshotDecoder {
             buf: Vec::new(),
             at: 0,
             phase: Phase::Header,
-            hasher: crc32fast::Hasher::new(),
+            hasher: crate::crc::Hasher::new(),
             header: None,
             builder: SortedBuilder::default(),
             chunks: Vec::new(),
@@ -325,7 +325,7 @@ impl SnapshotDecoder {
                     if avail.len() < need {
                         break;
                     }
-                    let mut h = crc32fast::Hasher::new();
+                    let mut h = crate::crc::Hasher::new();
                     h.update(&avail[4..12]);
                     h.update(&avail[16..need]);
                     let computed = h.finalize();
