@@ -37,7 +37,15 @@ export type ErrorCode =
    */
   | "internal"
   /** `waitFor(lsn, { timeout })`: the LSN was not applied in time (the message names it). */
-  | "timeout";
+  | "timeout"
+  /**
+   * A replica opened with `trust` refused what the dataset served: a head
+   * not signed by a trusted key (or unsigned), a signed head older than one
+   * it applied (rollback), or an object whose SHA-256 differs from the digest
+   * the signed head records. Nothing of it was applied; the replica keeps its
+   * last good state. `object` names what was refused.
+   */
+  | "untrusted";
 
 /** The errors walcast rejects or throws with: an `Error` with a stable `code`. */
 export interface WalcastError extends Error {
@@ -56,6 +64,28 @@ export interface PersistedState {
   datasetId: string | null;
   /** `Date.now()` when written. */
   savedAt?: number;
+  /**
+   * Incremental persistence: chunks of applied batches (framed like segment
+   * records, LSNs dense from the snapshot's) replayed on `snapshot` at
+   * open, in order, up to `appliedLsn`. Absent for a whole state.
+   */
+  log?: Uint8Array[];
+}
+
+/** What a sync applied, for a store's `append`. */
+export interface PersistChunk {
+  datasetId: string | null;
+  /** First and last LSN of the batches in `bytes`. */
+  first: number;
+  last: number;
+  /** The batches `first..=last`, each framed like a segment record (lsn u64, len u32, crc u32, payload). */
+  bytes: Uint8Array;
+  /**
+   * The whole state now, for a store that cannot take the chunk (its log
+   * is due for compaction, or does not end at `first - 1`); null when the
+   * replica moved on to another dataset. Call it synchronously.
+   */
+  whole(): PersistedState | null;
 }
 
 /**
@@ -68,13 +98,36 @@ export interface PersistedState {
  */
 export interface PersistStore {
   load(url: string): PersistedState | undefined | Promise<PersistedState | undefined>;
-  save(url: string, state: PersistedState, opts: { replace: boolean }): unknown | Promise<unknown>;
+  save(url: string, state: PersistedState, opts: { replace: boolean; repair: boolean }): unknown | Promise<unknown>;
+  /**
+   * Optional: incremental persistence. Called instead of `save` after a
+   * sync that applied batches on the same dataset; `load` then returns the
+   * chunks appended since the last whole state in `log`. `repair` in
+   * `save`: the copy `load` returned was damaged; the same LSN rewrites it.
+   */
+  append?(url: string, chunk: PersistChunk): unknown | Promise<unknown>;
 }
 
 /** Options of both modes. */
 export interface CommonOpenOptions {
-  /** Milliseconds between polls of `start()`'s background loop. Default 1000. */
+  /**
+   * Milliseconds between polls of `start()`'s background loop, against
+   * servers that do not hold head reads (S3, R2, a CDN, a static server).
+   * Default 1000.
+   */
   pollInterval?: number;
+  /**
+   * Long-poll: when the server says it holds head reads (`walcast serve`'s
+   * `Walcast-Long-Poll` header), `start()`'s loop sends one conditional head
+   * GET with a wait hint (`Prefer: wait=30`, `?wait=30`) after another, so a
+   * change is applied as soon as the server sees it and an idle replica
+   * makes about 2 requests a minute; a server that answers a held read at
+   * once is polled every `pollInterval` instead. `sync()` never waits on a
+   * held read, and `stop()`/`close()` abort it. `false`: always poll.
+   * Default true (ignored under Workers, whose request-scoped I/O cannot
+   * hold a read across requests).
+   */
+  longPoll?: boolean;
   /** Extra request headers for every GET (e.g. `{ authorization: "Bearer <token>" }` for `walcast serve --verify-key`). */
   headers?: Record<string, string>;
   /**
@@ -89,6 +142,16 @@ export interface CommonOpenOptions {
    * still cut off at the GET's timeout.
    */
   fetch?: (url: string, init: { headers: Record<string, string>; signal: AbortSignal; cache?: "no-store" }) => Promise<Response>;
+  /**
+   * Pins the publisher's public keys (`ed25519:<base64>`, as printed by
+   * `walcast keygen`; one or several): the replica applies only heads one of
+   * them signed (or a key they endorsed through the head's rotation chain),
+   * never a signed head older than one it applied, and only objects whose
+   * SHA-256 equals the digest the signed head records. Anything else
+   * rejects with code `untrusted`, naming the object. A malformed key is
+   * `invalid_input`. Default: no keys pinned (the CRC-32 checksums only).
+   */
+  trust?: string | string[];
   /** How many segment GETs may be in flight at once. */
   concurrency?: number;
   /** Errors of the background loop, of persistence and of callbacks. */
@@ -162,6 +225,8 @@ export interface Status {
   lagMs: number;
   /** When the head was last polled (ms since the epoch), or null. */
   lastPollAt: number | null;
+  /** With `trust`: the key that signed the newest head accepted; null without `trust` or before the first head. */
+  signer: string | null;
   /** The replica machine's phase: "starting", "bootstrapping", "catching_up", "idle" or "retrying". */
   state: "starting" | "bootstrapping" | "catching_up" | "idle" | "retrying" | (string & {});
   /**
@@ -183,6 +248,19 @@ export interface Status {
   overlayEntries: number;
   /** Whether `start()`'s background loop runs. */
   running: boolean;
+  /**
+   * Whether the head is read by long-poll (the server advertised it and holds
+   * reads) rather than polled every `pollInterval`.
+   */
+  longPoll: boolean;
+  /**
+   * GETs sent, by kind of object: `head` (plain head reads), `longPoll`
+   * (held head reads), `page`, `segment`, `snapshot` (whole, windows or
+   * lazy blocks), `delta`, `other`.
+   */
+  requestsByKind: Record<"head" | "longPoll" | "page" | "segment" | "snapshot" | "delta" | "other", number>;
+  /** Body bytes received, by kind of object (as `requestsByKind`). */
+  bytesByKind: Record<"head" | "longPoll" | "page" | "segment" | "snapshot" | "delta" | "other", number>;
   /** How often this replica was rebuilt after a trap of the wasm module. */
   recoveries: number;
   /** The last persistence failure, or null. */
@@ -209,7 +287,11 @@ export interface ReplicaBase {
    */
   waitFor(lsn: number, options?: { timeout?: number }): Promise<number>;
   status(): Status;
-  /** Starts background polling: sync, wait `pollInterval`, repeat. Errors go to `status().lastError` and `onError`. */
+  /**
+   * Starts following the head in the background: sync, then long-poll while
+   * the server holds head reads, else wait `pollInterval` and sync again.
+   * Errors go to `status().lastError` and `onError`.
+   */
   start(): void;
   /** Stops background polling (a sync in flight finishes). */
   stop(): void;
@@ -292,7 +374,11 @@ export declare class Replica implements ReplicaBase {
   /** The whole state at the applied LSN (walcast's snapshot format), for `Replica.restore`. */
   snapshot(): Uint8Array;
 
-  /** Starts background polling: sync, wait `pollInterval`, repeat. Errors go to `status().lastError` and `onError`. */
+  /**
+   * Starts following the head in the background: sync, then long-poll while
+   * the server holds head reads, else wait `pollInterval` and sync again.
+   * Errors go to `status().lastError` and `onError`.
+   */
   start(): void;
   /** Stops background polling (a sync in flight finishes). */
   stop(): void;
@@ -317,5 +403,5 @@ export declare function init(source?: WebAssembly.Module | BufferSource | Respon
 export declare function shouldReplace(
   old: PersistedState | undefined,
   state: Pick<PersistedState, "appliedLsn" | "datasetId">,
-  opts?: { replace?: boolean },
+  opts?: { replace?: boolean; repair?: boolean },
 ): boolean;

@@ -1,26 +1,65 @@
 // IndexedDB persistence for browsers (persist: "indexeddb").
 //
-// One record per dataset URL in the object store "replicas" of the database
-// "walcast": { snapshot: Uint8Array, appliedLsn, datasetId, savedAt }. A
-// record is written whole, in one readwrite transaction that first reads the
-// stored record and writes only when ours is newer, so a tab closed mid-write
+// Layout (docs/FORMAT.md, "A browser replica's IndexedDB store"), database
+// "walcast" version 2, per dataset URL:
+//   replicas[url]      the record: { format: 2, appliedLsn, datasetId,
+//                      baseLsn, baseBytes, logBytes, savedAt } (small)
+//   bases[url]         the base: snapshot bytes at baseLsn
+//   log[[url, first]]  a chunk of applied batches first..=last, framed like
+//                      segment records, dense from baseLsn + 1
+// A sync that applied N bytes of batches appends one chunk of about N bytes
+// and rewrites the small record; once the log outgrows the base (and
+// COMPACT_MIN_BYTES) the next write is a compaction: the whole state as the
+// new base, the log deleted. Every write is one readwrite transaction over
+// the three stores that first reads the record, so a tab closed mid-write
 // reopens at the old or the new LSN, never a mix, and an older tab never
-// overwrites a newer tab's state. Writers are serialized across tabs with the
-// Web Locks API where the runtime has it.
+// rolls back a newer tab's state; writers are serialized across tabs with
+// the Web Locks API where the runtime has it. A version 1 record (the whole
+// snapshot inline, { snapshot, appliedLsn, datasetId }) is still read, and
+// replaced by the next write.
 
 const DB_NAME = "walcast";
 const STORE = "replicas";
-const DB_VERSION = 1;
+const BASES = "bases";
+const LOG = "log";
+const STORES = [STORE, BASES, LOG];
+const DB_VERSION = 2;
+/** The layout version of a record (`format`). */
+const FORMAT = 2;
+/** A log this small is never compacted, whatever the base's size. */
+export const COMPACT_MIN_BYTES = 256 << 10;
 
 /**
  * Whether a store holding `old` should take `rec`. Same dataset: only a newer
  * LSN. Another dataset: only when this replica has reset to it (`replace`),
  * so a tab still on an old dataset does not overwrite one that moved on.
  */
-export function shouldReplace(old, rec, { replace = false } = {}) {
-  if (!old || !old.snapshot) return true;
+export function shouldReplace(old, rec, { replace = false, repair = false } = {}) {
+  if (!old || !(old.snapshot || old.format === FORMAT)) return true;
   if ((old.datasetId ?? null) !== (rec.datasetId ?? null)) return replace || old.datasetId == null;
-  return rec.appliedLsn > old.appliedLsn;
+  // repair: the stored copy was found damaged; the same LSN rewrites it whole.
+  return rec.appliedLsn > old.appliedLsn || (repair && rec.appliedLsn === old.appliedLsn);
+}
+
+/** Whether a log of `logBytes` over a base of `baseBytes` is due for compaction. */
+export function compactionDue(logBytes, baseBytes) {
+  return logBytes > Math.max(baseBytes, COMPACT_MIN_BYTES);
+}
+
+/**
+ * The records of a chunk (`bytes`, framed like segment records: lsn u64,
+ * len u32, crc u32, payload; little-endian) after `lsn`, or null when the
+ * framing is not whole (the module verifies checksums when it replays).
+ */
+export function recordsAfter(bytes, lsn) {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  let pos = 0;
+  while (pos + 16 <= bytes.length) {
+    const at = view.getUint32(pos, true) + view.getUint32(pos + 4, true) * 2 ** 32;
+    if (at > lsn) return bytes.subarray(pos);
+    pos += 16 + view.getUint32(pos + 8, true);
+  }
+  return pos === bytes.length ? bytes.subarray(pos) : null;
 }
 
 let dbPromise = null;
@@ -30,7 +69,8 @@ function openDb() {
     dbPromise = new Promise((resolve, reject) => {
       const r = globalThis.indexedDB.open(DB_NAME, DB_VERSION);
       r.onupgradeneeded = () => {
-        if (!r.result.objectStoreNames.contains(STORE)) r.result.createObjectStore(STORE);
+        const db = r.result;
+        for (const s of STORES) if (!db.objectStoreNames.contains(s)) db.createObjectStore(s);
       };
       r.onsuccess = () => {
         const db = r.result;
@@ -53,9 +93,9 @@ function openDb() {
 
 function transaction(db, mode) {
   try {
-    return db.transaction(STORE, mode, { durability: "strict" });
+    return db.transaction(STORES, mode, { durability: "strict" });
   } catch {
-    return db.transaction(STORE, mode);
+    return db.transaction(STORES, mode);
   }
 }
 
@@ -73,29 +113,118 @@ function withLock(url, fn) {
   return fn();
 }
 
+/** The key range of every log chunk of `url`. */
+function logRange(url) {
+  return IDBKeyRange.bound([url, 0], [url, Infinity]);
+}
+
+/** Within `tx`: `rec` (a whole state) becomes the base, the log is emptied. Returns the bytes put. */
+function putWhole(tx, url, rec) {
+  const snapshot = rec.snapshot;
+  tx.objectStore(BASES).put(snapshot, url);
+  tx.objectStore(LOG).delete(logRange(url));
+  tx.objectStore(STORE).put(
+    {
+      format: FORMAT,
+      appliedLsn: rec.appliedLsn,
+      datasetId: rec.datasetId ?? null,
+      baseLsn: rec.appliedLsn,
+      baseBytes: snapshot.length,
+      logBytes: 0,
+      savedAt: rec.savedAt ?? Date.now(),
+    },
+    url,
+  );
+  return snapshot.length;
+}
+
 export const indexedDbStore = {
+  /**
+   * The persisted state of `url`: `{ snapshot, log, appliedLsn, datasetId }`
+   * (`log`: the chunks to replay on the snapshot, in LSN order), or undefined.
+   */
   async load(url) {
     const db = await openDb();
     const tx = transaction(db, "readonly");
-    const get = tx.objectStore(STORE).get(url);
-    return done(tx, () => get.result ?? undefined);
+    const rec = tx.objectStore(STORE).get(url);
+    const base = tx.objectStore(BASES).get(url);
+    const log = tx.objectStore(LOG).getAll(logRange(url));
+    return done(tx, () => {
+      const r = rec.result;
+      if (!r) return undefined;
+      if (r.format !== FORMAT) return r.snapshot ? r : undefined; // version 1: whole inline
+      if (!(base.result instanceof Uint8Array)) return undefined;
+      return {
+        snapshot: base.result,
+        log: log.result ?? [],
+        appliedLsn: r.appliedLsn,
+        datasetId: r.datasetId ?? null,
+        baseLsn: r.baseLsn,
+        savedAt: r.savedAt,
+      };
+    });
   },
 
-  /** Resolves true when the record was written, false when the stored one is as new. */
+  /**
+   * Writes a whole state `{ snapshot, appliedLsn, datasetId }` as the new
+   * base. Resolves true when written, false when the stored one is as new.
+   */
   save(url, rec, opts = {}) {
     return withLock(url, async () => {
       const db = await openDb();
       const tx = transaction(db, "readwrite");
-      const store = tx.objectStore(STORE);
       let wrote = false;
-      const get = store.get(url);
+      const get = tx.objectStore(STORE).get(url);
       get.onsuccess = () => {
         if (shouldReplace(get.result, rec, opts)) {
-          store.put(rec, url);
+          putWhole(tx, url, rec);
           wrote = true;
         }
       };
       return done(tx, () => wrote);
+    });
+  },
+
+  /**
+   * Appends the batches `first..=last` (`bytes`, framed records) a sync of
+   * the dataset `datasetId` applied. Only the records after the stored LSN
+   * are written; when the store is on another dataset, has a gap before
+   * `first`, or its log is due for compaction, `whole()` is called (inside
+   * the transaction, synchronously) for `{ snapshot, appliedLsn, datasetId }`
+   * and written as the new base instead (null: nothing is written).
+   * Resolves `{ wrote: "log" | "base" | null, bytes }`.
+   */
+  append(url, { datasetId, first, last, bytes, whole }) {
+    return withLock(url, async () => {
+      const db = await openDb();
+      const tx = transaction(db, "readwrite");
+      const out = { wrote: null, bytes: 0 };
+      const get = tx.objectStore(STORE).get(url);
+      get.onsuccess = () => {
+        const old = get.result;
+        const writeWhole = () => {
+          const rec = whole();
+          if (rec && shouldReplace(old, rec)) {
+            out.bytes = putWhole(tx, url, rec);
+            out.wrote = "base";
+          }
+        };
+        if (!old || old.format !== FORMAT || (old.datasetId ?? null) !== (datasetId ?? null)) return writeWhole();
+        if (old.appliedLsn >= last) return undefined; // as new already (another tab)
+        if (old.appliedLsn + 1 < first) return writeWhole(); // a gap: records missing
+        const tail = old.appliedLsn + 1 === first ? bytes : recordsAfter(bytes, old.appliedLsn);
+        if (!tail || tail.length === 0) return writeWhole();
+        const logBytes = (old.logBytes ?? 0) + tail.length;
+        if (compactionDue(logBytes, old.baseBytes ?? 0)) return writeWhole();
+        // A view is cloned with its whole buffer: store exactly the records.
+        const own = tail.byteOffset === 0 && tail.byteLength === tail.buffer.byteLength ? tail : tail.slice();
+        tx.objectStore(LOG).put(own, [url, old.appliedLsn + 1]);
+        tx.objectStore(STORE).put({ ...old, appliedLsn: last, logBytes, savedAt: Date.now() }, url);
+        out.wrote = "log";
+        out.bytes = tail.length;
+        return undefined;
+      };
+      return done(tx, () => out);
     });
   },
 
@@ -105,6 +234,8 @@ export const indexedDbStore = {
       const db = await openDb();
       const tx = transaction(db, "readwrite");
       tx.objectStore(STORE).delete(url);
+      tx.objectStore(BASES).delete(url);
+      tx.objectStore(LOG).delete(logRange(url));
       return done(tx, () => undefined);
     });
   },

@@ -95,6 +95,57 @@ function pickStore(persist) {
   throw walcastError("invalid_input", 'walcast: persist must be "memory", "indexeddb" or a { load, save } store');
 }
 
+/**
+ * A WasmReplica from a persisted record: its snapshot, with its `log`
+ * chunks (incremental persistence) replayed on top. Returns `{ w, damage }`:
+ * `damage` (an Error) when the replay stopped short of `rec.appliedLsn` (a
+ * damaged or missing log record; the replica then holds the last good
+ * state before it, and the next sync fetches the rest).
+ */
+function restoreRecord(wasmOpts, rec, key) {
+  const snapshot = toBytes(rec.snapshot, "snapshot");
+  // A whole state (a custom store, layout version 1) has no log.
+  if (!Array.isArray(rec.log)) return { w: WasmReplica.restore(wasmOpts, snapshot), damage: null };
+  const w = WasmReplica.restoreLog(wasmOpts, snapshot, rec.log.map((c) => toBytes(c, "persisted log chunk")));
+  let damage = null;
+  try {
+    const got = w.status().appliedLsn;
+    const d = w.restoreDamage();
+    if (d || got < rec.appliedLsn) {
+      const why = d ? d.message : `its log ends at LSN ${got}`;
+      damage = walcastError(
+        "data",
+        `walcast: the persisted copy of ${key} (LSN ${rec.appliedLsn}) is damaged: ${why}; reopened at LSN ${got}, the rest is fetched again`,
+        { object: d?.object ?? "persisted log", lsn: d?.lsn ?? got + 1 },
+      );
+    }
+  } catch (e) {
+    w.free();
+    throw e;
+  }
+  return { w, damage };
+}
+
+/** The kinds of GET counted in `status().requestsByKind` and `bytesByKind`. */
+const KINDS = ["head", "longPoll", "page", "segment", "snapshot", "delta", "other"];
+
+function zeroKinds() {
+  const o = {};
+  for (const k of KINDS) o[k] = 0;
+  return o;
+}
+
+/** Which kind of object a GET reads, from its key (docs/FORMAT.md names them). */
+function kindOf(req) {
+  const key = req.key;
+  if (key === "catalog/head.json") return req.wait != null ? "longPoll" : "head";
+  if (key.startsWith("catalog/pages/")) return "page";
+  if (key.startsWith("segments/")) return "segment";
+  if (key.startsWith("snapshots/")) return "snapshot";
+  if (key.startsWith("deltas/")) return "delta";
+  return "other";
+}
+
 /** An operation (a sync, a lazy read): counts the GETs it started that are not answered yet. */
 function newOp() {
   return { owned: 0 };
@@ -148,11 +199,49 @@ function checkLoad(options) {
   return load === "lazy";
 }
 
+/**
+ * Checks the `trust` option: one public key `ed25519:<base64 of 32 bytes>`
+ * or a non-empty array of them. Returns the keys as an array (empty: none
+ * pinned). Throws `invalid_input`; the module parses each key again.
+ */
+function trustKeys(trust) {
+  if (trust === undefined || trust === null) return [];
+  const list = Array.isArray(trust) ? trust : [trust];
+  if (list.length === 0) throw walcastError("invalid_input", 'walcast: trust must name at least one key ("ed25519:<base64>")');
+  for (const k of list) {
+    const b64 = typeof k === "string" && k.startsWith("ed25519:") ? k.slice(8).trim() : null;
+    let ok = false;
+    if (b64 !== null && /^[A-Za-z0-9+/]{43}=$/.test(b64)) {
+      try {
+        ok = atob(b64).length === 32;
+      } catch {
+        ok = false;
+      }
+    }
+    if (!ok) {
+      throw walcastError(
+        "invalid_input",
+        `walcast: trust must be a public key "ed25519:<base64 of 32 bytes>" or an array of them, got ${typeof k === "string" ? JSON.stringify(k) : String(k)}`,
+      );
+    }
+  }
+  return list;
+}
+
 function wasmOptions(options) {
   const o = {};
+  const trust = trustKeys(options.trust);
+  if (trust.length) o.trust = trust;
   if (options.pollInterval !== undefined) o.pollInterval = options.pollInterval;
   if (options.concurrency !== undefined) o.concurrency = options.concurrency;
   if (options.raw !== undefined) o.raw = !!options.raw;
+  // Incremental persistence: the module collects each applied batch for
+  // the store's append (full KV mode; the module ignores it otherwise).
+  if (options.persist === "indexeddb" || typeof options.persist?.append === "function") o.persistLog = true;
+  // Long-poll only where a held GET may outlive the call that started it
+  // (not with request-scoped I/O: a worker's request must not wait on a
+  // head read held for another).
+  if (options.longPoll === false || scopedIo) o.longPoll = false;
   if (options.load === "lazy") {
     o.load = "lazy";
     o.cacheBytes = options.cacheBytes ?? DEFAULT_CACHE_BYTES;
@@ -566,19 +655,24 @@ async function fetchOnce(io, req, ac) {
     for (const [k, v] of io.headers) h[k] = v;
     if (req.range) h.range = req.range;
     if (req.ifNoneMatch) h["if-none-match"] = req.ifNoneMatch;
+    // A long-poll: the wait hint as RFC 7240 asks and in the query (for caches to key on).
+    if (req.wait != null) h.prefer = `wait=${req.wait}`;
     const init = { headers: h, signal: ac.signal };
     // Our own If-None-Match must reach the server; no HTTP cache may answer for us.
     if (cacheFieldSupported()) init.cache = "no-store";
     // The global fetch is looked up on every request, so a caller may wrap or replace it.
-    const url = `${io.base}/${req.key}${io.query}`;
+    let url = `${io.base}/${req.key}${io.query}`;
+    if (req.wait != null) url += `${io.query ? "&" : "?"}wait=${req.wait}`;
     const res = await (io.fetch ? io.fetch(url, init) : globalThis.fetch(url, init));
     status = res.status;
+    // Whether the server holds long-polls (each head answer says afresh).
+    const longPoll = res.headers.get("walcast-long-poll");
     if (status !== 200 && status !== 206) {
       if (res.body) res.body.cancel().catch(() => {});
-      return { status };
+      return { status, longPoll };
     }
     const body = await readBounded(res, req.maxBytes + 1);
-    return { status, body, etag: res.headers.get("etag"), contentRange: res.headers.get("content-range") };
+    return { status, body, etag: res.headers.get("etag"), contentRange: res.headers.get("content-range"), longPoll };
   } catch (e) {
     const message = ac.signal.aborted ? `no answer within ${req.timeoutMs} ms` : errorText(e);
     return { status, message: status ? `reading the body: ${message}` : message };
@@ -610,7 +704,14 @@ export class Replica {
   #inflight = null;
   #queued = null;
   // the module's GETs, and who waits for them
-  #gets = new Map(); // request id -> { ac, op, deadline } (of the current handle)
+  #gets = new Map(); // request id -> { ac, op, held, deadline } (of the current handle)
+  // Long-polls of the head the module asked for (id -> the entry in #gets,
+  // or null when not performed or aborted): the server may hold them for
+  // long, so no operation waits for them; the next sync abandons them.
+  #held = new Map();
+  #unsent = 0; // long-polls the module counted but that were never sent (no start())
+  #requestsByKind = zeroKinds(); // GETs sent, by kind of object
+  #bytesByKind = zeroKinds(); // body bytes received, by kind of object
   #waiters = []; // { resolve, reject }: woken by the next answer or timer
   #nextStep = -1; // when the module next wants a step (ms; -1: only an answer moves it)
   // lazy mode
@@ -625,6 +726,8 @@ export class Replica {
   #persistedDataset = null;
   #resetSincePersist = false;
   #persistError = null;
+  #persistRepair = false; // the persisted copy was damaged: rewrite it whole
+  #persistWhole = false; // records were lost (a failed write): write the next state whole
   // recovery from traps
   #recoveries = 0;
   #trapError = null;
@@ -645,6 +748,7 @@ export class Replica {
     if (restored) {
       this.#persistedLsn = restored.appliedLsn;
       this.#persistedDataset = restored.datasetId ?? null;
+      this.#persistRepair = !!restored.damaged;
     }
     this.#attach(w);
     if (finalizer) finalizer.register(this, this.#slot, this.#slot);
@@ -654,6 +758,7 @@ export class Replica {
   #attach(w) {
     // GETs of the replaced WasmReplica are not delivered to this one.
     this.#abortGets();
+    this.#unsent = 0;
     if (this.#waiters.length && !scopedIo) queueMicrotask(() => this.#wakeWaiters());
     const ref = weak(this);
     const h = { w, dead: false, owner: ref };
@@ -741,7 +846,16 @@ export class Replica {
     let w;
     try {
       if (call(h, "read", (x) => x.status()).appliedLsn >= rec.appliedLsn) return;
-      w = construct(() => WasmReplica.restore(this.#wasmOpts, toBytes(rec.snapshot, "snapshot")));
+      let damage = null;
+      w = construct(() => {
+        const r = restoreRecord(this.#wasmOpts, rec, storeKey(this.#url));
+        damage = r.damage;
+        return r.w;
+      });
+      if (damage) {
+        this.#persistRepair = true;
+        this.#emitError(damage);
+      }
     } catch (e) {
       this.#emitError(e);
       return;
@@ -789,6 +903,7 @@ export class Replica {
     const lazy = checkLoad(options);
     headerList(options.headers);
     fetchOption(options);
+    trustKeys(options.trust);
     if (lazy && options.persist !== undefined && options.persist !== null && options.persist !== "memory") {
       throw walcastError(
         "invalid_input",
@@ -811,8 +926,17 @@ export class Replica {
       }
       if (rec && rec.snapshot) {
         try {
-          w = construct(() => WasmReplica.restore(wasmOpts, toBytes(rec.snapshot, "snapshot")));
+          let damage = null;
+          w = construct(() => {
+            const r = restoreRecord(wasmOpts, rec, storeKey(url));
+            damage = r.damage;
+            return r.w;
+          });
           restored = rec;
+          if (damage) {
+            restored = { ...rec, damaged: true };
+            reportTo(options.onError, damage);
+          }
         } catch (e) {
           // An unreadable copy (another version, damage): start over; the next
           // persisted state replaces it.
@@ -980,6 +1104,10 @@ export class Replica {
     };
     const op = newOp();
     call(h, "sync", (w) => w.syncBegin());
+    this.#releaseHeld(h);
+    // Errors of the module following the head on its own before this sync
+    // (kept in status().lastError): this sync reports its own.
+    call(h, "sync", (w) => w.takeErrors());
     try {
       let outcome = null;
       while (!outcome) {
@@ -1030,27 +1158,66 @@ export class Replica {
   }
 
   #startGet(h, req, op) {
+    const held = req.wait != null;
+    if (held && !this.#running) {
+      // Nobody follows the head (no start()): the next sync abandons it.
+      this.#held.set(req.id, null);
+      this.#unsent++;
+      return;
+    }
     const ac = new AbortController();
-    const entry = { ac, op, deadline: Date.now() + req.timeoutMs + LOST_ANSWER_GRACE_MS };
+    const kind = kindOf(req);
+    this.#requestsByKind[kind]++;
+    const entry = { ac, op, held, kind, deadline: Date.now() + req.timeoutMs + LOST_ANSWER_GRACE_MS };
     this.#gets.set(req.id, entry);
-    op.owned++;
+    if (held) this.#held.set(req.id, entry);
+    else op.owned++;
     performGet(this.#io, req, ac).then((res) => this.#answer(h, req.id, entry, res));
+  }
+
+  /** Aborts the long-polls in flight (stop(), close()); the next sync abandons them. */
+  #parkHeld() {
+    for (const [id, entry] of this.#held) {
+      if (!entry) continue;
+      this.#gets.delete(id);
+      this.#held.set(id, null);
+      try {
+        entry.ac.abort();
+      } catch {
+        // already over
+      }
+    }
+  }
+
+  /**
+   * After syncBegin (the machine abandoned its long-poll and reads the head
+   * now): aborts the held GETs and tells the module they are over.
+   */
+  #releaseHeld(h) {
+    this.#parkHeld();
+    const ids = [...this.#held.keys()];
+    this.#held.clear();
+    for (const id of ids) call(h, "sync", (w) => w.deliver(id, 0, undefined, undefined, undefined, "abandoned for a new head read"));
   }
 
   /** Hands an answer to the module (once per GET), steps it, and wakes every waiting operation. */
   #answer(h, id, entry, res) {
     if (this.#gets.get(id) !== entry) return; // aborted, or answered as lost
     this.#gets.delete(id);
+    if (entry.held) this.#held.delete(id);
+    if (res.body) this.#bytesByKind[entry.kind] += res.body.byteLength;
     let error = null;
     if (!h.dead && this.#slot.h === h) {
       try {
-        call(h, "sync", (w) => w.deliver(id, res.status, res.body, res.etag ?? undefined, res.contentRange ?? undefined, res.message));
+        call(h, "sync", (w) =>
+          w.deliver(id, res.status, res.body, res.etag ?? undefined, res.contentRange ?? undefined, res.message, res.longPoll ?? undefined),
+        );
         this.#step(h, entry.op);
       } catch (e) {
         error = e;
       }
     }
-    entry.op.owned--;
+    if (!entry.held) entry.op.owned--;
     this.#wakeWaiters(error, entry.op);
   }
 
@@ -1064,7 +1231,7 @@ export class Replica {
 
   #abortGets() {
     for (const entry of this.#gets.values()) {
-      entry.op.owned--;
+      if (!entry.held) entry.op.owned--;
       try {
         entry.ac.abort();
       } catch {
@@ -1072,6 +1239,7 @@ export class Replica {
       }
     }
     this.#gets.clear();
+    this.#held.clear();
   }
 
   /**
@@ -1079,10 +1247,20 @@ export class Replica {
    * module's next step, at most STEP_EVERY_MS away), which steps the module
    * on its behalf. Rejects when handling an answer failed (a trap).
    */
-  #progress(h, op) {
+  #progress(h, op, stoppable = false) {
     let timer = null;
+    let wake = null;
     const waiting = new Promise((resolve, reject) => {
-      this.#waiters.push({ resolve, reject, op });
+      const waiter = { resolve, reject, op };
+      this.#waiters.push(waiter);
+      if (stoppable) {
+        // start()'s loop following the head: stop() ends the wait at once.
+        wake = () => {
+          this.#waiters = this.#waiters.filter((w) => w !== waiter);
+          resolve();
+        };
+        this.#wake = wake;
+      }
       const next = this.#nextStep < 0 ? Infinity : this.#nextStep - Date.now();
       const most = scopedIo && op.owned === 0 ? SCOPED_POLL_MS : STEP_EVERY_MS;
       timer = setTimeout(() => {
@@ -1102,6 +1280,7 @@ export class Replica {
     // Cleared by the operation itself (its own request's timer).
     return waiting.finally(() => {
       if (timer !== null) clearTimeout(timer);
+      if (wake !== null && this.#wake === wake) this.#wake = null;
     });
   }
 
@@ -1245,13 +1424,17 @@ export class Replica {
       lagMs: s.lagMs,
       lastPollAt: s.lastPollAt ?? null,
       state: s.state,
+      signer: s.signer ?? null,
       lastError,
-      requests: s.requests,
+      requests: s.requests - this.#unsent,
       bytesReceived: s.bytesReceived,
       cachedBytes: s.cachedBytes,
       blocksFetched: s.blocksFetched,
       overlayBytes: s.overlayBytes,
       overlayEntries: s.overlayEntries,
+      longPoll: !!s.longPoll,
+      requestsByKind: { ...this.#requestsByKind },
+      bytesByKind: { ...this.#bytesByKind },
       running: this.#running,
       recoveries: this.#recoveries,
       persistError: this.#persistError
@@ -1270,7 +1453,12 @@ export class Replica {
     return this.#call("read", (w) => w.__testTrap(String(mode)));
   }
 
-  /** Starts background polling: sync, wait `pollInterval` ms, repeat. */
+  /**
+   * Starts following the head in the background: sync, then, while the
+   * server holds long-polls (`walcast serve`), one held head read after
+   * another (a change is applied as soon as the server sees it); else wait
+   * `pollInterval` ms and sync again.
+   */
   start() {
     this.#h();
     if (this.#running) return;
@@ -1289,6 +1477,13 @@ export class Replica {
         this.#emitError(e);
       }
       if (!live()) break;
+      try {
+        await this.#follow(live);
+      } catch (e) {
+        if (!live()) break;
+        this.#emitError(e);
+      }
+      if (!live()) break;
       await new Promise((resolve) => {
         this.#wake = resolve;
         this.#timer = setTimeout(resolve, this.#pollInterval);
@@ -1298,10 +1493,33 @@ export class Replica {
     }
   }
 
-  /** Stops background polling (a sync in flight finishes). */
+  /**
+   * Long-poll: lets the module follow the head on its own (its held head
+   * reads, then what a new head names), stepping it on answers and on its
+   * timer, until the server stops holding (an answer came back at once: a
+   * server or proxy that does not hold; then back to polling), the module
+   * reports an error (to onError; the loop syncs after `pollInterval`),
+   * the instance is replaced, or stop().
+   */
+  async #follow(live) {
+    const h = this.#slot.h;
+    const op = newOp();
+    while (live() && !this.#closed && h && !h.dead && this.#slot.h === h) {
+      const errors = call(h, "sync", (w) => w.takeErrors());
+      if (errors.length > 0) {
+        for (const e of errors) this.#emitError(e);
+        return;
+      }
+      if (!call(h, "read", (w) => w.status()).longPoll) return;
+      await this.#progress(h, op, true);
+    }
+  }
+
+  /** Stops background polling (a sync in flight finishes; a held long-poll is aborted). */
   stop() {
     this.#running = false;
     this.#loopGen++;
+    this.#parkHeld();
     if (this.#timer !== null) clearTimeout(this.#timer);
     this.#timer = null;
     const wake = this.#wake;
@@ -1384,12 +1602,40 @@ export class Replica {
     const lsn = s.appliedLsn;
     const ds = s.datasetId ?? null;
     const replace = this.#resetSincePersist;
-    if (!replace && lsn <= this.#persistedLsn && ds === this.#persistedDataset) return;
+    const repair = this.#persistRepair;
+    // The batches applied since the last write (incremental persistence).
+    const chunk = typeof this.#store.append === "function" ? call(h, "read", (w) => w.takeLog()) : undefined;
+    if (!replace && !repair && lsn <= this.#persistedLsn && ds === this.#persistedDataset) return;
+    const key = storeKey(this.#url);
+    if (chunk && !replace && !repair && !this.#persistWhole && ds === this.#persistedDataset) {
+      // Append the chunk; the store asks for the whole state instead when
+      // its log is due for compaction or does not line up with the chunk.
+      let wholeLsn = -1;
+      const whole = () => {
+        const hh = this.#slot.h;
+        if (!hh || hh.dead) return null;
+        const st = call(hh, "read", (w) => w.status());
+        if ((st.datasetId ?? null) !== ds) return null;
+        wholeLsn = st.appliedLsn;
+        return { snapshot: call(hh, "read", (w) => w.snapshot()), appliedLsn: st.appliedLsn, datasetId: ds, savedAt: Date.now() };
+      };
+      try {
+        await this.#store.append(key, { datasetId: ds, first: chunk.first, last: chunk.last, bytes: chunk.bytes, whole });
+        // The store now holds at least this (its own copy may be newer).
+        this.#persistedLsn = Math.max(this.#persistedLsn, chunk.last, wholeLsn);
+      } catch (e) {
+        this.#persistWhole = true; // the chunk is gone: the next write is whole
+        throw e;
+      }
+      return;
+    }
     const snapshot = call(h, "read", (w) => w.snapshot());
-    await this.#store.save(storeKey(this.#url), { snapshot, appliedLsn: lsn, datasetId: ds, savedAt: Date.now() }, { replace });
+    await this.#store.save(key, { snapshot, appliedLsn: lsn, datasetId: ds, savedAt: Date.now() }, { replace, repair });
     this.#persistedLsn = lsn;
     this.#persistedDataset = ds;
     this.#resetSincePersist = false;
+    this.#persistRepair = false;
+    this.#persistWhole = false;
   }
 
   #callback(cb, arg) {

@@ -6,6 +6,9 @@
 #   4. the conformance suite in Node (node --test), Deno (deno test) and Bun
 #      (tests/js/run-cases.mjs; Bun installed by scripts/runtime-deps.sh)
 #   5. tsc: js/index.d.ts against js/test/usage.ts
+#   6. tests/js/idb.test.mjs: the IndexedDB store's layout on fake-indexeddb
+#   7. tests/js/longpoll.test.mjs: long-poll against walcast serve and through
+#      faulty proxies (about 15 s)
 # Every step runs even when an earlier test step failed; exits non-zero on any failure.
 # Usage: bash tests/js/run.sh [--skip-build]
 set -uo pipefail
@@ -69,6 +72,10 @@ step() {
 # --test-force-exit: a replica's leftover timers must not hold the run (the
 # conformance suite reports them as a failure of its own).
 step node node --test --test-force-exit --test-reporter=spec tests/js/node.test.mjs
+# The IndexedDB store of persist: "indexeddb" on its own (fake-indexeddb; about 1 s).
+step idb node --test --test-reporter=spec tests/js/idb.test.mjs
+# Long-poll against walcast serve and through faulty proxies (early, silent, caching).
+step longpoll node --test --test-force-exit --test-reporter=spec tests/js/longpoll.test.mjs
 step deno bash -c 'cd tests/js && NO_COLOR=1 exec node_modules/.bin/deno test --quiet --allow-read --allow-net --allow-env --allow-run deno.test.mjs'
 # Bun (npm's @oven/bun-linux-x64, scripts/runtime-deps.sh): resolves "walcast"
 # through tests/js/node_modules like Node; run-cases.mjs needs no test framework.

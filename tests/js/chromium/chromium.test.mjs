@@ -9,9 +9,14 @@
 //   2. reload: a replica with persist "indexeddb" syncs, the page reloads, the
 //      replica reopens from IndexedDB at the same LSN and serves reads with
 //      object storage unreachable; after more is published, a sync fetches
-//      only the head and the new segments (request counts are logged);
+//      only the head and the new segments (request counts are logged) and
+//      writes only a log chunk of what it applied (bytes put to IndexedDB
+//      counted by wrapping IDBObjectStore.put), which a reload replays; a
+//      damaged log record makes a reload open at the last good state and
+//      report a data error, and the next sync rewrites the store whole;
 //   3. two tabs on one dataset sync concurrently; a reloaded tab's state is
-//      one whole committed state.
+//      one whole committed state; a store whose last log chunk is gone
+//      opens at the state before it.
 // Datasets come from tests/js/datasets.mjs (WALCAST_DATASETS=<control URL>
 // uses a running orchestrator). Chromium is closed at the end.
 import assert from "node:assert/strict";
@@ -171,6 +176,8 @@ test("reload: the replica reopens from IndexedDB, serves reads offline, then fet
   const tail = f1.segments.filter((s) => s.last >= f1.tailFrom);
   const below = new Set(f1.segments.filter((s) => s.last < f1.tailFrom).map((s) => s.key));
   mark = requests.length;
+  const received0 = (await w(() => window.walcastTest.status("r"))).bytesReceived;
+  await w(() => window.walcastTest.meter(true));
   const second = await w(() => window.walcastTest.sync("r"));
   assert.equal(second.error, undefined, `sync after reload: ${JSON.stringify(second.error)}`);
   assert.equal(second.lsn, f1.expected.lsn, "sync after reload reaches stage 1");
@@ -194,11 +201,61 @@ test("reload: the replica reopens from IndexedDB, serves reads offline, then fet
   assert.ok(keys.length < firstKeys.length, `after reload ${keys.length} GETs, first visit ${firstKeys.length}`);
   assert.equal(second.status.requests, keys.length, "status().requests counts exactly the GETs the page made");
 
+  // Incremental persistence: the sync wrote one log chunk of what it applied
+  // (no more bytes than the records it received) and the small record.
+  const m = await w(() => window.walcastTest.meter(true));
+  const persisted1 = await w(([u]) => window.walcastTest.persisted(u), url);
+  const received = second.status.bytesReceived - received0;
+  log(
+    `reload IndexedDB writes: first sync (whole) ${persisted0.baseBytes} base bytes; ` +
+      `sync of LSNs ${f0.expected.lsn + 1}..${f1.expected.lsn}: ${m.bytes} bytes in ${m.puts} puts ` +
+      `(${JSON.stringify(m.stores)}), ${received} bytes received`,
+  );
+  assert.equal(persisted0.format, 2, "the store's layout version");
+  assert.equal(m.stores.bases, undefined, "no base rewritten by an incremental sync");
+  assert.equal(m.stores.log?.puts, 1, "one log chunk");
+  assert.ok(m.stores.log.bytes <= received, `log chunk ${m.stores.log.bytes} bytes, ${received} bytes received`);
+  assert.equal(m.stores.replicas?.puts, 1, "one record update");
+  assert.ok(m.stores.replicas.bytes < 1024, `record ${m.stores.replicas.bytes} bytes`);
+  assert.equal(persisted1.appliedLsn, f1.expected.lsn, "the record's LSN");
+  assert.equal(persisted1.baseLsn, f0.expected.lsn, "the base is still stage 0");
+  assert.equal(persisted1.logBytes, m.stores.log.bytes, "the record counts the log's bytes");
+
   // And that is persisted too: one more reload opens at stage 1.
   await load(page, true);
   const third = await w(([u]) => window.walcastTest.open("r", u, { persist: "indexeddb" }), url);
   assert.equal(third.appliedLsn, f1.expected.lsn, "a second reload opens at stage 1");
   assert.equal(await w(([e]) => window.walcastTest.compare("r", e), f1.expected.entries), null, "stage 1 from IndexedDB");
+  assert.deepEqual(await w(() => window.walcastTest.errors("r")), [], "no error replaying the log");
+
+  // A damaged log record (the first one after the base): the reload opens at
+  // the base's LSN, reports a data error naming the LSN, serves stage 0
+  // offline; a sync fetches the rest and rewrites the store whole.
+  await w(() => window.walcastTest.close("r"));
+  await w(([u]) => window.walcastTest.damageLog(u, "corrupt-first"), url);
+  await load(page, true);
+  await context.route(`${url}/**`, block);
+  try {
+    const damaged = await w(([u]) => window.walcastTest.open("r", u, { persist: "indexeddb" }), url);
+    assert.equal(damaged.appliedLsn, f0.expected.lsn, "opened at the last good LSN (the base)");
+    assert.equal(await w(([e]) => window.walcastTest.compare("r", e), f0.expected.entries), null, "stage 0, never a mix");
+    const errs = await w(() => window.walcastTest.errors("r"));
+    assert.equal(errs.length, 1, `one error reported: ${JSON.stringify(errs)}`);
+    assert.equal(errs[0].code, "data", errs[0].message);
+    assert.equal(errs[0].lsn, f0.expected.lsn + 1, errs[0].message);
+  } finally {
+    await context.unroute(`${url}/**`, block);
+  }
+  const repaired = await w(() => window.walcastTest.sync("r"));
+  assert.equal(repaired.lsn, f1.expected.lsn, `sync after the damage: ${JSON.stringify(repaired.error)}`);
+  const persisted2 = await w(([u]) => window.walcastTest.persisted(u), url);
+  assert.equal(persisted2.baseLsn, f1.expected.lsn, "the store was rewritten whole");
+  assert.equal(persisted2.logBytes, 0, "with an empty log");
+  await load(page, true);
+  const fourth = await w(([u]) => window.walcastTest.open("r", u, { persist: "indexeddb" }), url);
+  assert.equal(fourth.appliedLsn, f1.expected.lsn, "the repaired store opens at stage 1");
+  assert.equal(await w(([e]) => window.walcastTest.compare("r", e), f1.expected.entries), null, "repaired: stage 1");
+  assert.deepEqual(await w(() => window.walcastTest.errors("r")), [], "no error after the repair");
   await page.close();
 });
 
@@ -239,6 +296,7 @@ test("two tabs on one dataset sync concurrently without corrupting the store", {
   const rec = await b.evaluate(([u]) => window.walcastTest.persisted(u), [url]);
   assert.equal(rec?.appliedLsn, f1.expected.lsn, "the store's record");
   assert.equal(rec?.datasetId, f1.datasetId, "the store's dataset");
+  assert.equal(rec?.baseLsn, f0.expected.lsn, "stage 1 was appended as a log to the stage 0 base");
 
   // An older tab cannot roll the store back: a's replica (at stage 1) and a
   // fresh tab c opening from the store agree after b closed.
@@ -247,5 +305,18 @@ test("two tabs on one dataset sync concurrently without corrupting the store", {
   const rc = await open(c);
   assert.equal(rc.appliedLsn, f1.expected.lsn, "a new tab opens at stage 1");
   assert.equal(await compare(c, f1.expected.entries), null, "new tab: state");
-  await Promise.all([a.close(), c.close()]);
+
+  // The log's last chunk gone (a store torn after the record was written):
+  // a new tab opens at the state before it, reports it, and catches up.
+  await c.evaluate(([u]) => window.walcastTest.damageLog(u, "drop-last"), [url]);
+  const d = await newPage("tab-d");
+  const rd = await open(d);
+  assert.equal(rd.appliedLsn, f0.expected.lsn, "a torn store opens at the base");
+  assert.equal(await compare(d, f0.expected.entries), null, "torn store: stage 0");
+  const errs = await d.evaluate(() => window.walcastTest.errors("r"));
+  assert.equal(errs[0]?.code, "data", `the damage is reported: ${JSON.stringify(errs)}`);
+  const td = await sync(d);
+  assert.equal(td.lsn, f1.expected.lsn, `tab d catches up: ${JSON.stringify(td.error)}`);
+  assert.equal(await compare(d, f1.expected.entries), null, "tab d: stage 1");
+  await Promise.all([a.close(), c.close(), d.close()]);
 });

@@ -9,6 +9,49 @@ const { Replica } = walcast;
 let cases = null;
 let logs = [];
 const replicas = new Map(); // name -> Replica
+const errors = new Map(); // name -> errors reported to onError
+
+// --- IndexedDB meter: bytes of every value put, per object store --------------------
+// What a structured clone stores: a typed array with its whole buffer, a
+// string two bytes a character, a number 8 bytes, objects their fields.
+function cloneBytes(v) {
+  if (v === null || v === undefined || typeof v === "boolean") return 1;
+  if (typeof v === "number") return 8;
+  if (typeof v === "string") return 2 * v.length;
+  if (ArrayBuffer.isView(v)) return v.buffer.byteLength;
+  if (v instanceof ArrayBuffer) return v.byteLength;
+  if (Array.isArray(v)) return v.reduce((n, x) => n + cloneBytes(x), 0);
+  if (typeof v === "object") return Object.entries(v).reduce((n, [k, x]) => n + 2 * k.length + cloneBytes(x), 0);
+  return 0;
+}
+const meter = { puts: 0, bytes: 0, stores: {} };
+{
+  const put = IDBObjectStore.prototype.put;
+  IDBObjectStore.prototype.put = function (value, key) {
+    const b = cloneBytes(value);
+    const s = (meter.stores[this.name] ??= { puts: 0, bytes: 0 });
+    s.puts++;
+    s.bytes += b;
+    meter.puts++;
+    meter.bytes += b;
+    return put.call(this, value, key);
+  };
+}
+
+function openIdb() {
+  return new Promise((resolve, reject) => {
+    const req = indexedDB.open("walcast");
+    req.onsuccess = () => resolve(req.result);
+    req.onerror = () => reject(req.error);
+  });
+}
+
+function request(req) {
+  return new Promise((resolve, reject) => {
+    req.onsuccess = () => resolve(req.result);
+    req.onerror = () => reject(req.error);
+  });
+}
 
 function b64dec(s) {
   const bin = atob(s);
@@ -74,9 +117,60 @@ window.walcastTest = {
 
   /** Opens (or reopens) a replica kept under `name`; returns its status. No request is made. */
   async open(name, url, options = {}) {
-    const r = await Replica.open(url, options);
+    const errs = [];
+    errors.set(name, errs);
+    const r = await Replica.open(url, { ...options, onError: (e) => errs.push({ code: e.code, message: e.message, lsn: e.lsn }) });
     replicas.set(name, r);
     return r.status();
+  },
+
+  /** Errors reported to `name`'s onError since it was opened. */
+  errors(name) {
+    return errors.get(name) ?? [];
+  },
+
+  /** The IndexedDB meter: { puts, bytes, stores: { name: { puts, bytes } } } since the last reset. */
+  meter(reset = false) {
+    const out = JSON.parse(JSON.stringify(meter));
+    if (reset) {
+      meter.puts = 0;
+      meter.bytes = 0;
+      meter.stores = {};
+    }
+    return out;
+  },
+
+  /**
+   * Damages the persisted log of `url`: "drop-last" deletes its last chunk,
+   * "corrupt-first" flips a payload byte of the first record of its first
+   * chunk. Returns the chunks' first LSNs before.
+   */
+  async damageLog(url, how) {
+    const db = await openIdb();
+    try {
+      const tx = db.transaction("log", "readwrite");
+      const store = tx.objectStore("log");
+      const range = IDBKeyRange.bound([url, 0], [url, Infinity]);
+      const keys = await request(store.getAllKeys(range));
+      if (keys.length === 0) throw new Error(`no log chunk for ${url}`);
+      if (how === "drop-last") {
+        await request(store.delete(keys[keys.length - 1]));
+      } else if (how === "corrupt-first") {
+        const chunk = await request(store.get(keys[0]));
+        const copy = chunk.slice();
+        copy[16] ^= 0x20; // the first byte of the first payload
+        await request(store.put(copy, keys[0]));
+      } else {
+        throw new Error(`damageLog: unknown ${how}`);
+      }
+      await new Promise((resolve, reject) => {
+        tx.oncomplete = resolve;
+        tx.onerror = () => reject(tx.error);
+      });
+      return keys.map((k) => k[1]);
+    } finally {
+      db.close();
+    }
   },
 
   async sync(name) {
@@ -122,7 +216,10 @@ window.walcastTest = {
         req.onsuccess = () => resolve(req.result);
         req.onerror = () => reject(req.error);
       });
-      return rec ? { appliedLsn: rec.appliedLsn, datasetId: rec.datasetId, bytes: rec.snapshot?.length ?? null } : null;
+      if (!rec) return null;
+      const out = { appliedLsn: rec.appliedLsn, datasetId: rec.datasetId, bytes: rec.snapshot?.length ?? null, format: rec.format ?? 1 };
+      if (rec.format === 2) Object.assign(out, { baseLsn: rec.baseLsn, baseBytes: rec.baseBytes, logBytes: rec.logBytes });
+      return out;
     } finally {
       db.close();
     }
