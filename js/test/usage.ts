@@ -32,6 +32,12 @@ async function main(): Promise<void> {
   const state: string = s.state;
   const code: ErrorCode | undefined = s.lastError?.code;
   const running: boolean = s.running;
+  const longPolling: boolean = s.longPoll;
+  const heldReads: number = s.requestsByKind.longPoll + s.bytesByKind.segment;
+  const polling: Replica = await Replica.open("https://cdn.example.com/app", { longPoll: false });
+  void longPolling;
+  void heldReads;
+  void polling;
   const recoveries: number = s.recoveries;
   const errObject: string | undefined = s.lastError?.object;
   const internal: ErrorCode = "internal";

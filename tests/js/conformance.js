@@ -465,7 +465,8 @@ export function conformanceCases(ctx) {
   add("basic: start() polls in the background, stop() stops it", async () => {
     const fx = sc.basic;
     const errors = [];
-    const r = track(await Replica.open(fx.url, { pollInterval: 50, onError: (e) => errors.push(e) }));
+    // Polling (walcast serve would hold the head read: see the long-poll case).
+    const r = track(await Replica.open(fx.url, { pollInterval: 50, longPoll: false, onError: (e) => errors.push(e) }));
     const changes = [];
     r.onChange((e) => changes.push(e));
     r.start();
@@ -484,6 +485,28 @@ export function conformanceCases(ctx) {
     eq(r.status().requests, stopped, "no request after stop()");
     eq(errors.length, 0, `onError calls: ${errors.map((e) => e.message).join("; ")}`);
     expectState(r, fx.expected, "after background polling");
+    eq(r.status().longPoll, false, "status().longPoll with longPoll: false");
+  });
+
+  add("basic: against walcast serve, start() long-polls the head; sync() and stop() do not wait on the held read", async () => {
+    const fx = sc.basic;
+    const errors = [];
+    const r = track(await Replica.open(fx.url, { onError: (e) => errors.push(e) }));
+    eq(await r.sync(), fx.expected.lsn, "sync()");
+    eq(r.status().longPoll, true, "status().longPoll: walcast serve advertises Walcast-Long-Poll");
+    r.start();
+    // The loop's sync, then one head read the server holds (30 s): nothing else.
+    await until(() => r.status().requests >= 2, 10_000, "the loop's sync");
+    const held = r.status().requests;
+    await sleep(300);
+    ok(r.status().requests <= held + 1, `an idle long-polling replica made ${r.status().requests - held} requests in 300 ms`);
+    eq(await r.sync(), fx.expected.lsn, "a sync beside the held read");
+    r.stop();
+    const stopped = r.status().requests;
+    await sleep(200);
+    eq(r.status().requests, stopped, "no request after stop()");
+    eq(errors.length, 0, `onError calls: ${errors.map((e) => e.message).join("; ")}`);
+    expectState(r, fx.expected, "after long-polling");
   });
 
   add("persist: a store keeps the state; a reopened replica serves reads offline", async () => {

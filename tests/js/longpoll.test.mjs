@@ -1,0 +1,256 @@
+// Long-poll of the JS replica against `walcast serve`, and through proxies
+// that get long-poll wrong: `node --test tests/js/longpoll.test.mjs` (after
+// scripts/build-js.sh; uses target/debug/walcast or WALCAST_BIN).
+//
+// Each case publishes a real dataset (`walcast write` + `walcast publish
+// --once`), serves it with `walcast serve`, and puts a small Node proxy in
+// front of it that injects one fault:
+//  - "early": claims long-poll support but answers every held read at once
+//    (the wait hint is stripped before it reaches the server);
+//  - "silent": never answers a held read;
+//  - "cached": answers held reads with the first head it saw (a cache that
+//    keys on the URL and ignores the ETag), so the answer is stale.
+// No case asserts a time: request counts are bounds that a slower machine
+// only makes easier to meet.
+import assert from "node:assert/strict";
+import { execFileSync, spawn } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import http from "node:http";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, test } from "node:test";
+import { pathToFileURL } from "node:url";
+import { walcastBin } from "./datasets.mjs";
+
+const { Replica } = await import("walcast");
+const bin = walcastBin();
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const tmp = mkdtempSync(join(tmpdir(), "walcast-longpoll-"));
+const children = [];
+
+function walcast(args, input) {
+  return execFileSync(bin, args, { input, stdio: ["pipe", "pipe", "pipe"] }).toString();
+}
+
+/** A dataset of its own: `write(key, value)` commits and publishes one batch, returns its LSN. */
+function dataset(name) {
+  const wal = join(tmp, `${name}.wal`);
+  const dir = join(tmp, name);
+  const write = (key, value) => {
+    const out = walcast(["write", "--wal", wal], JSON.stringify({ op: "put", key, value }) + "\n");
+    walcast(["publish", "--wal", wal, "--to", pathToFileURL(dir).href, "--once"]);
+    return JSON.parse(out.trim().split("\n").pop()).lsn;
+  };
+  return { dir, write };
+}
+
+async function serve(dir) {
+  const child = spawn(bin, ["serve", dir, "--addr", "127.0.0.1:0"], { stdio: ["ignore", "pipe", "pipe"] });
+  children.push(child);
+  return new Promise((resolve, reject) => {
+    let buf = "";
+    child.stdout.on("data", (d) => {
+      buf += d;
+      const m = buf.match(/listening on (http:\/\/\S+)/);
+      if (m) resolve(m[1].replace(/\/+$/, ""));
+    });
+    child.on("exit", (code) => reject(new Error(`walcast serve exited ${code}`)));
+  });
+}
+
+/**
+ * A proxy in front of `origin`. `fault(req, forward)` handles each request:
+ * `forward(path, headers)` resolves the origin's `{ status, headers, body }`.
+ * Counts requests (`held`: those carrying a wait hint).
+ */
+async function proxy(origin, fault) {
+  const stats = { requests: 0, held: 0, aborted: 0 };
+  const forward = async (path, headers) => {
+    const res = await fetch(origin + path, { headers });
+    const body = new Uint8Array(await res.arrayBuffer());
+    return { status: res.status, headers: Object.fromEntries(res.headers), body };
+  };
+  const server = http.createServer(async (req, res) => {
+    stats.requests++;
+    const url = new URL(req.url, "http://x");
+    const held = url.searchParams.has("wait");
+    if (held) stats.held++;
+    res.on("close", () => {
+      if (!res.writableFinished) stats.aborted++;
+    });
+    const headers = {};
+    for (const k of ["if-none-match", "range", "prefer"]) if (req.headers[k]) headers[k] = req.headers[k];
+    try {
+      const out = await fault({ url, held, headers }, forward);
+      if (out === null) return; // never answered
+      delete out.headers["content-length"];
+      delete out.headers["content-encoding"];
+      delete out.headers["transfer-encoding"];
+      res.writeHead(out.status, out.headers);
+      res.end(out.body);
+    } catch (e) {
+      res.writeHead(502);
+      res.end(String(e));
+    }
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  return { url: `http://127.0.0.1:${server.address().port}`, stats, close: () => new Promise((r) => server.close(r)) };
+}
+
+const pathOf = (url) => url.pathname + url.search;
+const withoutWait = (url) => {
+  const u = new URL(url);
+  u.searchParams.delete("wait");
+  return pathOf(u);
+};
+
+/** Resolves once `replica` applied `lsn`, checking that its applied LSN never goes back. */
+function appliedAtLeast(replica, lsn, seen) {
+  return new Promise((resolve) => {
+    const check = () => {
+      const s = replica.status();
+      assert.ok(s.appliedLsn >= seen.max, `applied LSN went back from ${seen.max} to ${s.appliedLsn}`);
+      seen.max = s.appliedLsn;
+      return s.appliedLsn >= lsn;
+    };
+    if (check()) return resolve();
+    const off = replica.onChange(() => {
+      if (check()) {
+        off();
+        resolve();
+      }
+    });
+  });
+}
+
+after(async () => {
+  for (const c of children) c.kill("SIGTERM");
+  await sleep(100);
+  rmSync(tmp, { recursive: true, force: true });
+});
+
+test("walcast serve: start() long-polls, idles on held reads, sync() and close() never wait on one", async () => {
+  const ds = dataset("live");
+  ds.write("a", "1");
+  const origin = await serve(ds.dir);
+  const p = await proxy(origin, ({ url, headers }, forward) => forward(pathOf(url), headers));
+  const replica = await Replica.open(p.url);
+  try {
+    await replica.sync();
+    replica.start();
+    // The loop's next head read is a long-poll.
+    while (p.stats.held === 0) await sleep(20);
+    assert.equal(replica.status().longPoll, true);
+    // Idle: the held read is all there is.
+    const before = p.stats.requests;
+    await sleep(1500);
+    assert.ok(p.stats.requests - before <= 1, `an idle replica made ${p.stats.requests - before} requests in 1.5 s`);
+    // A write is applied through the held read.
+    const seen = { max: 0 };
+    const lsn = ds.write("b", "2");
+    await appliedAtLeast(replica, lsn, seen);
+    assert.equal(replica.getText("b"), "2");
+    // A sync beside a held read reads the head at once.
+    const lsn2 = ds.write("c", "3");
+    assert.ok((await replica.sync()) >= lsn2);
+    while (p.stats.held < 2) await sleep(20);
+    const st = replica.status();
+    assert.ok(st.requestsByKind.longPoll >= 2, `requestsByKind ${JSON.stringify(st.requestsByKind)}`);
+    // Counted when sent: one may still be on its way to the proxy.
+    const k = st.requestsByKind.longPoll;
+    assert.ok(k >= p.stats.held && k <= p.stats.held + 1, `${k} long-polls counted, ${p.stats.held} seen by the server`);
+    assert.equal(Object.values(st.requestsByKind).reduce((a, b) => a + b, 0), st.requests, "requestsByKind adds up to requests");
+  } finally {
+    await replica.close();
+  }
+  // close() aborted the held read.
+  while (p.stats.aborted === 0) await sleep(20);
+  await p.close();
+});
+
+test("a server that claims long-poll but answers at once: polling every pollInterval, no spin", async () => {
+  const ds = dataset("early");
+  ds.write("a", "1");
+  const origin = await serve(ds.dir);
+  // The wait hint never reaches the server: it answers 304 at once.
+  const p = await proxy(origin, ({ url, headers }, forward) => {
+    delete headers.prefer;
+    return forward(withoutWait(url), headers);
+  });
+  const errors = [];
+  const replica = await Replica.open(p.url, { pollInterval: 200, onError: (e) => errors.push(e) });
+  try {
+    await replica.sync();
+    replica.start();
+    while (p.stats.held === 0) await sleep(20);
+    const before = p.stats.requests;
+    await sleep(2000);
+    const made = p.stats.requests - before;
+    // Polling every 200 ms is about 10 plain reads and 10 early long-polls; a spin is thousands.
+    assert.ok(made <= 2 * (2000 / 200) + 4, `${made} requests in 2 s with pollInterval 200`);
+    assert.ok(made >= 2, `${made} requests in 2 s: the replica stopped reading the head`);
+    const seen = { max: 0 };
+    const lsn = ds.write("b", "2");
+    await appliedAtLeast(replica, lsn, seen);
+    assert.deepEqual(errors, []);
+  } finally {
+    await replica.close();
+    await p.close();
+  }
+});
+
+test("a server that never answers a long-poll: sync() still returns, close() aborts it", async () => {
+  const ds = dataset("silent");
+  ds.write("a", "1");
+  const origin = await serve(ds.dir);
+  const p = await proxy(origin, ({ url, held, headers }, forward) => (held ? null : forward(pathOf(url), headers)));
+  const replica = await Replica.open(p.url);
+  try {
+    await replica.sync();
+    replica.start();
+    while (p.stats.held === 0) await sleep(20);
+    const lsn = ds.write("b", "2");
+    assert.ok((await replica.sync()) >= lsn, "a sync beside an unanswered long-poll");
+    assert.equal(replica.getText("b"), "2");
+    while (p.stats.held < 2) await sleep(20);
+  } finally {
+    await replica.close();
+  }
+  while (p.stats.aborted < p.stats.held) await sleep(20);
+  await p.close();
+});
+
+test("a proxy that caches a long-poll answer: the replica never goes back and still catches up", async () => {
+  const ds = dataset("cached");
+  ds.write("a", "1");
+  ds.write("b", "2");
+  const origin = await serve(ds.dir);
+  let cached = null;
+  const p = await proxy(origin, async ({ url, held, headers }, forward) => {
+    if (!held) return forward(pathOf(url), headers);
+    // A cache keyed on the URL: the first head it saw, whatever the ETag.
+    cached ??= await forward(withoutWait(url), {});
+    return cached;
+  });
+  const errors = [];
+  const replica = await Replica.open(p.url, { pollInterval: 200, onError: (e) => errors.push(e) });
+  const seen = { max: 0 };
+  try {
+    await replica.sync();
+    replica.start();
+    while (p.stats.held === 0) await sleep(20);
+    // The cache now holds the head at LSN 2; newer heads come through plain reads only.
+    const lsn = ds.write("c", "3");
+    await appliedAtLeast(replica, lsn, seen);
+    const lsn2 = ds.write("d", "4");
+    await appliedAtLeast(replica, lsn2, seen);
+    const before = p.stats.requests;
+    await sleep(1000);
+    assert.ok(replica.status().appliedLsn >= lsn2);
+    const made = p.stats.requests - before;
+    assert.ok(made <= 2 * (1000 / 200) + 4, `${made} requests in 1 s with pollInterval 200`);
+  } finally {
+    await replica.close();
+    await p.close();
+  }
+});
