@@ -41,6 +41,11 @@ async function main(): Promise<void> {
   const recoveries: number = s.recoveries;
   const errObject: string | undefined = s.lastError?.object;
   const internal: ErrorCode = "internal";
+  const untrusted: ErrorCode = "untrusted";
+  const signer: string | null = s.signer;
+  const pinned: Replica = await Replica.open("https://cdn.example.com/app", { trust: "ed25519:iojj3XQJ8ZX9UtstPLpdcspnCb8dlBIb83SIAbQPb1w=" });
+  const pinnedLazy: LazyReplica = await Replica.open("https://cdn.example.com/app", { load: "lazy", trust: ["ed25519:a", "ed25519:b"] });
+  void [untrusted, signer, pinned, pinnedLazy];
 
   replica.start();
   replica.stop();
@@ -133,6 +138,8 @@ void lazyMode;
 
 // @ts-expect-error: keys are strings or bytes
 (null as unknown as Replica).get(42);
+// @ts-expect-error: trust takes keys as strings
+void Replica.open("x", { trust: 42 });
 // @ts-expect-error: persist takes a known mode
 void Replica.open("x", { persist: "localStorage" });
 // @ts-expect-error: the constructor is private; use Replica.open

@@ -1107,6 +1107,84 @@ export function conformanceCases(ctx) {
     eq(await withTimeout(r.sync(), 60_000, "sync after the repair"), fx2.expected.lsn, "sync after the repair");
   });
 
+  // --- signed (trust) ------------------------------------------------------------------
+
+  /** The error names `object` (error.object, else the message). */
+  const namesObject = (e, object, what) => {
+    const tail = object.split("/").pop();
+    if (e.object !== undefined && e.object !== null) ok(String(e.object).includes(tail), `${what}: error.object ${show(String(e.object))} names ${object}`);
+    else ok(String(e.message).includes(tail), `${what}: the error names ${object}: ${e.message}`);
+  };
+
+  add("signed: trust checks its keys (invalid_input)", async () => {
+    const fx = sc.signed;
+    await rejectsWith(Replica.open(fx.url, { trust: "ed25519:notakey" }), "invalid_input", "trust: a malformed key");
+    await rejectsWith(Replica.open(fx.url, { trust: fx.trustKey.replace("ed25519:", "") }), "invalid_input", "trust: a key without ed25519:");
+    await rejectsWith(Replica.open(fx.url, { trust: [] }), "invalid_input", "trust: []");
+    await rejectsWith(Replica.open(fx.url, { trust: 42 }), "invalid_input", "trust: 42");
+    await rejectsWith(Replica.open(fx.url, { trust: [fx.trustKey, 7] }), "invalid_input", "trust: [key, 7]");
+  });
+
+  add("signed: a replica trusting the publisher's key syncs and reads; status().signer names the key", async () => {
+    const fx = sc.signed;
+    const a = track(await Replica.open(fx.url, { trust: fx.trustKey }));
+    eq(a.status().signer, null, "signer before the first head");
+    eq(await withTimeout(a.sync(), 120_000, "pinned sync"), fx.expected.lsn, "pinned sync");
+    eq(a.status().signer, fx.trustKey, "status().signer");
+    eq(a.status().lastError, null, "lastError after a trusted sync");
+    expectState(a, fx.expected, "pinned replica");
+    // Several keys: one of them signed.
+    const b = track(await Replica.open(fx.url, { trust: [fx.wrongKey, fx.trustKey] }));
+    eq(await withTimeout(b.sync(), 120_000, "sync with two pinned keys"), fx.expected.lsn, "sync with two pinned keys");
+    // A replica that pins nothing reads a signed dataset as any other.
+    const c = track(await Replica.open(fx.url));
+    eq(await withTimeout(c.sync(), 120_000, "unpinned sync"), fx.expected.lsn, "unpinned sync of a signed dataset");
+    eq(c.status().signer, null, "an unpinned replica reports no signer");
+    // Lazy and pinned: reads equal the full replica's.
+    const lz = track(await Replica.open(fx.url, { load: "lazy", trust: fx.trustKey }));
+    for (const [kb, vb] of [fx.expected.entries[0], fx.expected.entries[Math.floor(fx.expected.entries.length / 2)], fx.expected.entries.at(-1)]) {
+      const got = await withTimeout(lz.get(b64dec(kb)), 60_000, "pinned lazy get");
+      ok(bytesEq(got, b64dec(vb)), `pinned lazy get(${show(b64dec(kb))}) = ${show(got)}`);
+    }
+    eq((await withTimeout(lz.scan(), 60_000, "pinned lazy scan")).length, fx.expected.entries.length, "pinned lazy scan: row count");
+  });
+
+  add("signed: a wrong key, or an unsigned dataset, is refused with untrusted", async () => {
+    const fx = sc.signed;
+    const a = track(await Replica.open(fx.url, { trust: fx.wrongKey }));
+    const e = await rejectsWith(a.sync(), "untrusted", "sync trusting another key", 120_000);
+    namesObject(e, "catalog/head.json", "wrong key");
+    ok(e.message.includes(fx.trustKey), `the error names the signer: ${e.message}`);
+    eq(a.status().appliedLsn, 0, "nothing applied under a wrong key");
+    eq(a.status().lastError?.code, "untrusted", "status().lastError.code");
+    eq(a.get(b64dec(fx.expected.entries[0][0])), undefined, "nothing readable under a wrong key");
+    const u = track(await Replica.open(sc.basic.url, { trust: fx.trustKey }));
+    const eu = await rejectsWith(u.sync(), "untrusted", "sync of an unsigned dataset with trust", 120_000);
+    namesObject(eu, "catalog/head.json", "unsigned dataset");
+    eq(u.status().appliedLsn, 0, "nothing applied from an unsigned dataset");
+  });
+
+  add("signed: a tampered signed head, then a damaged segment, are refused (untrusted); the last good state is kept", async () => {
+    const fx0 = sc.signed;
+    const a = track(await Replica.open(fx0.url, { trust: fx0.trustKey }));
+    eq(await withTimeout(a.sync(), 120_000, "stage 0 sync"), fx0.expected.lsn, "stage 0 sync");
+    const fx1 = await mutate("signed");
+    const e1 = await rejectsWith(a.sync(), "untrusted", "sync over a tampered signed head", 120_000);
+    namesObject(e1, fx1.expectError.object, "tampered head");
+    eq(a.status().appliedLsn, fx1.goodLsn, "appliedLsn stays at the last good LSN");
+    expectState(a, fx1.expected, "after the tampered head");
+    // Only the signature tells: the CRC-32 is right, so a replica pinning nothing takes it.
+    const loose = track(await Replica.open(fx1.url));
+    eq(await withTimeout(loose.sync(), 120_000, "unpinned sync of the tampered head"), fx1.realLsn, "an unpinned replica applies the tampered head");
+
+    const fx2 = await mutate("signed");
+    const e2 = await rejectsWith(a.sync(), "untrusted", "sync over a damaged segment", 120_000);
+    namesObject(e2, fx2.expectError.object, "damaged segment");
+    eq(a.status().appliedLsn, fx2.goodLsn, "appliedLsn stays at the last good LSN");
+    expectState(a, fx2.expected, "after the damaged segment");
+    eq(a.status().signer, fx0.trustKey, "status().signer after the refusals");
+  });
+
   if (ctx.timers) {
     add("timers: closed replicas leave no long timer pending (the process can exit)", async () => {
       await sleep(50);

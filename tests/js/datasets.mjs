@@ -28,7 +28,7 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const REPO = path.resolve(HERE, "../..");
-export const SCENARIOS = ["basic", "midhistory", "corrupt", "retention", "newdataset", "lazy", "lazydamage"];
+export const SCENARIOS = ["basic", "midhistory", "corrupt", "retention", "newdataset", "lazy", "lazydamage", "signed"];
 
 // --- small utilities ------------------------------------------------------------
 
@@ -481,6 +481,7 @@ function buildScenarios(bin, work) {
 
   out.lazy = buildLazy(bin, dirs("lazy"));
   out.lazydamage = buildLazyDamage(bin, dirs("lazydamage"));
+  out.signed = buildSigned(bin, dirs("signed"));
 
   log(`scenarios built in ${Date.now() - t0} ms`);
   return out;
@@ -746,6 +747,104 @@ function buildLazyDamage(bin, d) {
   return {
     stages: [
       { dir: d.stage0, fixture: { ...fx0, damagedKey: arg(damagedKey), farKey: arg(farKey) } },
+      { dir: d.stage1, fixture: fx1 },
+      { dir: stage2, fixture: fx2 },
+    ],
+  };
+}
+
+// --- signed scenario -------------------------------------------------------------------------
+
+const CRC_TABLE = (() => {
+  const t = new Uint32Array(256);
+  for (let n = 0; n < 256; n++) {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    t[n] = c >>> 0;
+  }
+  return t;
+})();
+
+/** CRC-32 (IEEE), as the head's `crc32` member. */
+function crc32(bytes) {
+  let c = 0xffffffff;
+  for (const b of bytes) c = CRC_TABLE[(c ^ b) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+/** `walcast keygen --out FILE`: the public key it prints. */
+function keygen(bin, file) {
+  fs.mkdirSync(path.dirname(file), { recursive: true });
+  fs.rmSync(file, { force: true });
+  const key = run(bin, ["keygen", "--out", file]).trim();
+  if (!/^ed25519:[A-Za-z0-9+/]{43}=$/.test(key)) throw new Error(`walcast keygen printed ${JSON.stringify(key)}`);
+  return key;
+}
+
+// signed: a dataset published with --signing-key (a snapshot, segments, no
+// head tail copies). Stage 1 publishes more, then changes one digit of a
+// digest in the signed head and fixes its CRC-32 up (only the signature
+// tells); stage 2 is stage 1's real head with one byte flipped in the
+// segment that starts at goodLsn + 1 (only the digest tells).
+function buildSigned(bin, d) {
+  const m = new Model();
+  const r = rng(7);
+  const signing = path.join(path.dirname(d.ds), "signing.key");
+  const trustKey = keygen(bin, signing);
+  const wrongKey = keygen(bin, path.join(path.dirname(d.ds), "other.key"));
+  const flags = ["--segment-bytes", "4096", "--snapshot-every", "100", "--tail-bytes", "0", "--signing-key", signing];
+  write(bin, d.wal, genBatches(r, m, 250), m);
+  publish(bin, d.wal, d.ds, flags);
+  copyDir(d.ds, d.stage0);
+  const head0 = readHead(d.stage0);
+  if (!head0.trust || head0.trust.signer !== trustKey) throw new Error(`signed: the head is not signed by ${trustKey}`);
+  if (!head0.snapshot) throw new Error("signed: no snapshot in the head");
+  const fx0 = stageFixture(d.stage0, m, { trustKey, wrongKey });
+  const good = m.lsn;
+  write(bin, d.wal, genBatches(r, m, 150), m);
+  publish(bin, d.wal, d.ds, flags);
+  const real = path.join(path.dirname(d.ds), "stage1-real");
+  copyDir(d.ds, real);
+
+  // Stage 1: a CRC-valid head whose signed bytes were changed.
+  copyDir(real, d.stage1);
+  const headFile = path.join(d.stage1, "catalog/head.json");
+  const text = fs.readFileSync(headFile, "latin1");
+  const at = text.indexOf('"digests":{');
+  const digest = at < 0 ? null : /":"([0-9a-f]{64})"/.exec(text.slice(at));
+  if (!digest) throw new Error("signed: no digest in the stage 1 head");
+  const pos = at + digest.index + 3 + 63;
+  const body = Buffer.from(text.slice(0, pos) + (text[pos] === "0" ? "1" : "0") + text.slice(pos + 1), "latin1");
+  const crc = crc32(body.subarray(20)).toString(16).padStart(8, "0");
+  body.write(`{"crc32":"${crc}",`, 0, "latin1");
+  fs.writeFileSync(headFile, body);
+  const fx1 = stageFixture(d.stage1, fx0Model(fx0), {
+    trustKey,
+    wrongKey,
+    goodLsn: good,
+    realLsn: m.lsn,
+    expectError: { code: "untrusted", object: "catalog/head.json" },
+  });
+
+  // Stage 2: the real head, one segment damaged.
+  const stage2 = path.join(path.dirname(d.stage1), "stage2");
+  copyDir(real, stage2);
+  const seg = segmentsOf(stage2).find((x) => x.first === good + 1);
+  if (!seg) throw new Error(`signed: no segment starts at LSN ${good + 1}`);
+  const file = path.join(stage2, seg.key);
+  const bytes = fs.readFileSync(file);
+  const flipped = 48 + Math.floor(bytes.readUInt32LE(40) / 2);
+  bytes[flipped] ^= 0x10;
+  fs.writeFileSync(file, bytes);
+  const fx2 = stageFixture(stage2, fx0Model(fx0), {
+    trustKey,
+    wrongKey,
+    goodLsn: good,
+    expectError: { code: "untrusted", object: seg.key, flippedByte: flipped },
+  });
+  return {
+    stages: [
+      { dir: d.stage0, fixture: fx0 },
       { dir: d.stage1, fixture: fx1 },
       { dir: stage2, fixture: fx2 },
     ],
