@@ -37,7 +37,10 @@
 // default 8 MiB), AUTH_KEY (`ed25519:<base64>`, several separated by commas:
 // every route needs a token of `walcast token` signed by one of them, in
 // `Authorization: Bearer` or `?token=`; 401 otherwise; CORS then allows no
-// origin unless CORS_ORIGINS lists it) and AUTH_PREFIX (the path tokens must
+// origin unless CORS_ORIGINS lists it), TRUST (`ed25519:<base64>`, several
+// separated by commas: the replica applies only heads these keys signed and
+// objects those heads bind by digest; /status then reports `trust: { keys,
+// signer }`; a refused dataset is an `untrusted` error) and AUTH_PREFIX (the path tokens must
 // cover; default DATASET_PREFIX with BUCKET, else DATASET_URL's path).
 //
 // Lazy reads can fail on their own (a snapshot block that fails
@@ -84,6 +87,23 @@ function configError(message) {
   return e;
 }
 
+/**
+ * TRUST: the publisher's public keys, `ed25519:<base64>`, several separated
+ * by commas; [] when unset. The replica then applies only what they signed.
+ */
+function trustVar(env) {
+  const raw = env?.TRUST;
+  if (raw === undefined || raw === null || String(raw).trim() === "") return [];
+  const keys = String(raw)
+    .split(",")
+    .map((k) => k.trim())
+    .filter((k) => k !== "");
+  if (keys.length === 0 || !keys.every((k) => /^ed25519:[A-Za-z0-9+/]{43}=$/.test(k))) {
+    throw configError('TRUST must be "ed25519:<base64>" (several: separated by commas)');
+  }
+  return keys;
+}
+
 function readConfig(env) {
   // A private R2 bucket bound as BUCKET is read through the binding.
   const bucket = isR2Bucket(env?.BUCKET) ? env.BUCKET : null;
@@ -108,6 +128,7 @@ function readConfig(env) {
   if (load !== "full" && load !== "lazy") throw configError('LOAD must be "full" or "lazy"');
   return {
     url,
+    trust: trustVar(env),
     bucket,
     headers,
     concurrency,
@@ -296,6 +317,7 @@ const ERROR_MESSAGES = {
   fenced: "the dataset is owned by another publisher",
   internal: "internal error",
   closed: "the replica was closed",
+  untrusted: "the dataset failed a check against the trusted keys (signature, rollback or digest); the last good state is served",
 };
 
 /** `{ code, message, object?, lsn? }` of an error, safe to answer with. */
@@ -421,6 +443,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     if (config.headers) o.headers = config.headers;
     if (config.bucket) o.fetch = r2Fetch(config.bucket);
     if (config.concurrency !== undefined) o.concurrency = config.concurrency;
+    if (config.trust.length) o.trust = config.trust;
     if (config.load === "lazy") {
       o.load = "lazy";
       if (config.cacheBytes !== undefined) o.cacheBytes = config.cacheBytes;
@@ -488,7 +511,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
 
   async function replicaFor(env, defer, { waitForFirst = true } = {}) {
     const config = readConfig(env);
-    if (!slot || slot.url !== config.url) {
+    if (!slot || slot.url !== config.url || slot.config.trust.join(",") !== config.trust.join(",")) {
       const old = slot;
       slot = openSlot(config);
       if (old?.replica) defer(old.replica.close().catch(() => {}));
@@ -599,11 +622,19 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
         epoch: st.epoch,
         datasetId: st.datasetId ?? null,
         lagMs: st.lagMs,
+        lagLsns: Math.max(0, st.committedLsn - st.appliedLsn),
         lastPollAt: st.lastPollAt ?? null,
+        // A worker reads the head per request (plain conditional GETs): a
+        // request's I/O cannot wait on a head read held for another.
+        headReads: st.longPoll ? "long-poll" : "polling",
         state: st.state,
+        // Public keys only: whether keys are pinned, and which one signed the head applied.
+        trust: s.config.trust.length ? { keys: s.config.trust.length, signer: st.signer ?? null } : null,
         lastError: safeError(st.lastError),
         requests: st.requests,
+        requestsByKind: st.requestsByKind ?? {},
         bytesReceived: st.bytesReceived,
+        bytesByKind: st.bytesByKind ?? {},
         recoveries: st.recoveries ?? 0,
         mode: st.mode ?? s.config.load,
         cachedBytes: st.cachedBytes ?? 0,

@@ -176,6 +176,12 @@ services.lazy = { bindings: { DATASET_URL: fx.scenarios.lazy.url, LOAD: "lazy" }
 services.lazysmall = { bindings: { DATASET_URL: fxSlow.scenarios.lazy.url, LOAD: "lazy", CACHE_BYTES: "65536", MAX_AGE_MS: "0" } };
 services.lazyburst = { bindings: { DATASET_URL: fxSlow.scenarios.lazy.url, LOAD: "lazy", CACHE_BYTES: "16384", MAX_AGE_MS: "0" } };
 services.lazydamage = { bindings: { DATASET_URL: fxMore.scenarios.lazydamage.url, LOAD: "lazy", MAX_AGE_MS: "0" } };
+// TRUST: pinned keys (the signed scenario's publisher key, another key; an unsigned dataset).
+const signedFx = fxMore.scenarios.signed;
+services.trusted = { bindings: { DATASET_URL: signedFx.url, TRUST: ` ${signedFx.wrongKey} , ${signedFx.trustKey}`, MAX_AGE_MS: "0" } };
+services.trustwrong = { bindings: { DATASET_URL: signedFx.url, TRUST: signedFx.wrongKey, MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "15000" } };
+services.trustunsigned = { bindings: { DATASET_URL: fxMore.scenarios.basic.url, TRUST: signedFx.trustKey, MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "15000" } };
+services.trustbad = { bindings: { DATASET_URL: signedFx.url, TRUST: "ed25519:nope" } };
 services.hostile = { bindings: { DATASET_URL: `${datasets.controlUrl}/hostile/endless/${hostileToken}`, MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "1000" } };
 fs.writeFileSync(path.join(tmp, "fixtures.json"), JSON.stringify(fxConf));
 services.conformance = { modules: confModules, bindings: { FIXTURES: { embed: path.join(tmp, "fixtures.json") }, CONTROL: datasets.controlUrl } };
@@ -364,6 +370,17 @@ test("worker: the first request waits for the initial sync; /status", { timeout:
   assert.equal(typeof s.lastPollAt, "number", "lastPollAt");
   assert.equal(typeof s.state, "string", "state");
   assert.ok(s.requests >= 2, `requests ${s.requests}`);
+  assert.equal(s.lagLsns, 0, "lagLsns: caught up");
+  // A worker's request-scoped I/O never holds a head read across requests,
+  // even though walcast serve advertises long-poll.
+  assert.equal(s.headReads, "polling", "headReads");
+  const kinds = ["head", "longPoll", "page", "segment", "snapshot", "delta", "other"];
+  assert.deepEqual(Object.keys(s.requestsByKind).sort(), [...kinds].sort(), "requestsByKind's kinds");
+  assert.deepEqual(Object.keys(s.bytesByKind).sort(), [...kinds].sort(), "bytesByKind's kinds");
+  assert.equal(s.requestsByKind.longPoll, 0, "no long-poll from a worker");
+  assert.ok(s.requestsByKind.head >= 1, `head reads ${JSON.stringify(s.requestsByKind)}`);
+  assert.equal(Object.values(s.requestsByKind).reduce((a, b) => a + b, 0), s.requests, "requestsByKind adds up to requests");
+  assert.equal(Object.values(s.bytesByKind).reduce((a, b) => a + b, 0), s.bytesReceived, "bytesByKind adds up to bytesReceived");
   assert.equal(s.worker.ready, true, "worker.ready");
   assert.equal(s.worker.maxAgeMs, 0, "MAX_AGE_MS from the binding");
   const idle = await status("idle");
@@ -460,6 +477,9 @@ test("worker: corruption -> lastError data, the last good values still served", 
   }, 120_000, "status shows lastError.code data");
   assert.equal(s.appliedLsn, f1.goodLsn, "appliedLsn stays at the last good LSN");
   assert.equal(s.lastError.object, f1.expectError.object, `the error names the object: ${JSON.stringify(s.lastError)}`);
+  assert.ok(s.lagLsns > 0 && s.lagLsns === s.committedLsn - s.appliedLsn, `lagLsns ${s.lagLsns} behind the committed LSN`);
+  // The error is its code, the object and a fixed message: no URL, no error text.
+  assert.ok(!JSON.stringify(s).includes("http"), `/status names no URL: ${JSON.stringify(s.lastError)}`);
   await expectServed("corrupt", f1.expected, "after the data error");
   assert.equal((await status("corrupt")).appliedLsn, f1.goodLsn, "still at the last good LSN");
 });
@@ -566,6 +586,41 @@ test("worker: /scan with start after end answers 400; the replica keeps syncing"
   assert.equal(s.worker.lastSyncError, null, "no sync error");
   assert.equal(s.lastError, null, "no replica error");
   await expectServed("scanbad", f1.expected, "after the bad scans");
+});
+
+test("worker TRUST: a pinned replica serves a signed dataset and /status names the signer; a wrong key, an unsigned dataset or a tampered head is untrusted", { timeout: TIMEOUT }, async () => {
+  const f0 = signedFx;
+  const s = await status("trusted");
+  assert.equal(s.appliedLsn, f0.expected.lsn, "appliedLsn");
+  assert.deepEqual(s.trust, { keys: 2, signer: f0.trustKey }, "/status trust: the pinned key count and the signer");
+  assert.equal(s.lastError, null, "lastError");
+  await expectServed("trusted", f0.expected, "pinned worker");
+  assert.equal((await status("basic")).trust, null, "no TRUST: trust is null");
+  // Refused: nothing to serve (503 with code untrusted), /status says why.
+  for (const svc of ["trustwrong", "trustunsigned"]) {
+    const st = await until(async () => {
+      const st = await status(svc);
+      return { done: st.lastError?.code === "untrusted" || st.worker.lastSyncError?.code === "untrusted", value: st };
+    }, 120_000, `${svc}: /status shows untrusted`);
+    assert.equal(st.appliedLsn, 0, `${svc}: nothing applied`);
+    assert.equal((st.lastError ?? st.worker.lastSyncError).object, "catalog/head.json", `${svc}: the error names the head`);
+    const kv = await getJSON(svc, `/kv/${pct(unb64(f0.expected.entries[0][0]))}`);
+    assert.equal(kv.status, 503, `${svc}: /kv before any trusted sync`);
+    assert.equal(kv.json.error.code, "untrusted", `${svc}: /kv error code`);
+  }
+  const bad = await getJSON("trustbad", "/status");
+  assert.equal(bad.status, 500, "a malformed TRUST is a configuration error");
+  assert.match(bad.json.error.message, /TRUST must be/, "the error names TRUST");
+  assert.ok(!JSON.stringify(bad.json).includes("nope"), "the error does not echo the value");
+  // A tampered signed head: the last good state is still served.
+  const f1 = await datasets.mutate(fxMore.instance, "signed");
+  const st = await until(async () => {
+    const st = await status("trusted");
+    return { done: st.lastError?.code === "untrusted", value: st };
+  }, 120_000, "status shows lastError.code untrusted");
+  assert.equal(st.lastError.object, f1.expectError.object, "the error names the head");
+  assert.equal(st.appliedLsn, f1.goodLsn, "appliedLsn stays at the last good LSN");
+  await expectServed("trusted", f1.expected, "after the tampered head");
 });
 
 test("worker: /status carries the replica's state and error codes only, never DATASET_URL", { timeout: TIMEOUT }, async () => {
