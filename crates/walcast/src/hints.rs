@@ -1,6 +1,7 @@
 //! Messages that say what to do: a dataset URL without a scheme, a missing
-//! dataset, a bucket without credentials, a bucket in another region. Each
-//! is one line naming the URL and the fix.
+//! dataset, a bucket without credentials, a bucket in another region, a
+//! dataset signed by a key `--trust` does not name, an unsigned dataset read
+//! with `--trust`. Each is one line naming the URL and the fix.
 
 use anyhow::{bail, Result};
 
@@ -95,6 +96,24 @@ pub fn explain(url: &str, text: &str) -> Option<String> {
         };
         return Some(format!(
             "{url}: no valid credentials for this container: {fix}"
+        ));
+    }
+    if t.contains("untrusted") && t.contains("which is not trusted") {
+        let signer = text
+            .split("signed by ")
+            .nth(1)
+            .and_then(|r| r.split([',', ' ']).next())
+            .unwrap_or("another key");
+        return Some(format!(
+            "{url}: the dataset is signed by {signer}, which no --trust key is or endorses: \
+             pass the public key `walcast keygen` printed for the publisher's --signing-key \
+             (or the key that endorsed it)"
+        ));
+    }
+    if t.contains("untrusted") && t.contains("not signed") && t.contains("catalog/head.json") {
+        return Some(format!(
+            "{url}: the dataset is not signed, and --trust accepts only signed datasets: \
+             publish it with `walcast publish --signing-key FILE`, or read it without --trust"
         ));
     }
     if t.contains("catalog/head.json")

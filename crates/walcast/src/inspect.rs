@@ -1,13 +1,17 @@
 //! `walcast inspect`: the head, segments, pages, snapshot, LSN coverage, and
 //! with `--verify` every checksum.
 
+use std::collections::BTreeMap;
+
 use anyhow::{anyhow, bail, Result};
 use serde_json::json;
 use walcast_client::Fetch;
 use walcast_core::catalog::{
-    Head, Page, PageRef, SegmentEntry, HEAD_KEY, MAX_HEAD_BYTES, MAX_PAGE_BYTES,
+    head_signature, page_signature, Head, Page, PageRef, SegmentEntry, HEAD_KEY, MAX_HEAD_BYTES,
+    MAX_PAGE_BYTES,
 };
 use walcast_core::io::{GetRequest, GetResponse, RequestId};
+use walcast_core::keys::{self, PublicKey};
 use walcast_core::{segment, snapshot};
 
 use crate::replica::AnyFetch;
@@ -33,8 +37,26 @@ async fn get(f: &AnyFetch, key: &str, max_bytes: u64) -> Result<Vec<u8>> {
 /// Reads the head and every page; returns the head, all segment entries in
 /// LSN order, and the pages.
 pub async fn read_catalog(f: &AnyFetch) -> Result<(Head, Vec<SegmentEntry>, Vec<PageRef>)> {
-    let bytes = get(f, HEAD_KEY, MAX_HEAD_BYTES as u64).await?;
-    let head = Head::decode(&bytes).map_err(|e| anyhow!("data: {HEAD_KEY}: {e}"))?;
+    let c = read_catalog_bytes(f).await?;
+    Ok((
+        c.head,
+        c.segments,
+        c.pages.into_iter().map(|(r, _, _)| r).collect(),
+    ))
+}
+
+/// The catalog as read: the head and its bytes, every segment entry in LSN
+/// order, and every page with its bytes and decoded digests.
+struct Catalog {
+    head_bytes: Vec<u8>,
+    head: Head,
+    segments: Vec<SegmentEntry>,
+    pages: Vec<(PageRef, Vec<u8>, BTreeMap<String, String>)>,
+}
+
+async fn read_catalog_bytes(f: &AnyFetch) -> Result<Catalog> {
+    let head_bytes = get(f, HEAD_KEY, MAX_HEAD_BYTES as u64).await?;
+    let head = Head::decode(&head_bytes).map_err(|e| anyhow!("data: {HEAD_KEY}: {e}"))?;
     let mut segments = Vec::new();
     let mut pages = Vec::new();
     // Depth-first, in order.
@@ -44,21 +66,134 @@ pub async fn read_catalog(f: &AnyFetch) -> Result<(Head, Vec<SegmentEntry>, Vec<
         let page = Page::decode(&body, &r).map_err(|e| anyhow!("data: {}: {e}", r.key))?;
         segments.extend(page.segments);
         stack.extend(page.pages.into_iter().rev());
-        pages.push(r);
+        pages.push((r, body, page.digests));
     }
     segments.extend(head.segments.iter().cloned());
-    Ok((head, segments, pages))
+    Ok(Catalog {
+        head_bytes,
+        head,
+        segments,
+        pages,
+    })
 }
 
-/// Runs `walcast inspect`.
-pub async fn inspect(url: &str, headers: &[String], verify: bool, as_json: bool) -> Result<()> {
+/// Who signed a head, and the keys a reader may accept from it.
+struct Signed {
+    signer: PublicKey,
+    /// Key rotations as `(by, key)`, each checked.
+    chain: Vec<(String, String, bool)>,
+    /// The keys whose page signatures count: the pinned keys and those the
+    /// chain endorses from them, or (nothing pinned) the head's signer.
+    keys: Vec<PublicKey>,
+}
+
+/// Checks the head's signature, and with pinned keys that its signer is
+/// one of them or endorsed by one through the chain. An unsigned head is
+/// `None` without pinned keys and an `untrusted` error with them.
+fn check_head(head_bytes: &[u8], head: &Head, trust: &[PublicKey]) -> Result<Option<Signed>> {
+    let (Some(t), Some((sig, covered))) = (&head.trust, head_signature(head_bytes)) else {
+        if trust.is_empty() {
+            return Ok(None);
+        }
+        bail!("untrusted: {HEAD_KEY} is not signed, and --trust pins keys: publish with --signing-key, or drop --trust");
+    };
+    let signer = PublicKey::parse(&t.signer)
+        .map_err(|e| anyhow!("data: {HEAD_KEY}: signer: {}", e.message()))?;
+    let chain: Vec<(String, String, bool)> = t
+        .chain
+        .iter()
+        .map(|e| (e.by.clone(), e.key.clone(), e.verify().is_some()))
+        .collect();
+    if !signer.verify_b64(keys::HEAD_DOMAIN, covered, sig) {
+        bail!("untrusted: {HEAD_KEY}: the signature by {signer} does not verify");
+    }
+    if trust.is_empty() {
+        return Ok(Some(Signed {
+            signer,
+            chain,
+            keys: vec![signer],
+        }));
+    }
+    let mut trusted = trust.to_vec();
+    loop {
+        let before = trusted.len();
+        for (by, key) in t.chain.iter().filter_map(|e| e.verify()) {
+            if trusted.contains(&by) && !trusted.contains(&key) {
+                trusted.push(key);
+            }
+        }
+        if trusted.len() == before {
+            break;
+        }
+    }
+    if !trusted.contains(&signer) {
+        bail!(
+            "untrusted: {HEAD_KEY} is signed by {signer}, which no --trust key is or endorses: \
+             pass the dataset's public key (the one `walcast keygen` printed for its --signing-key)"
+        );
+    }
+    Ok(Some(Signed {
+        signer,
+        chain,
+        keys: trusted,
+    }))
+}
+
+/// Runs `walcast inspect`. A signed dataset's signer and key rotations are
+/// shown; with `trust` (pinned keys) the head must be signed by one of them
+/// or a key they endorse. With `verify`, every object is downloaded and its
+/// checksum checked, and in a signed dataset every page's signature and
+/// every object's SHA-256 against the digest the signed catalog records.
+pub async fn inspect(
+    url: &str,
+    headers: &[String],
+    verify: bool,
+    as_json: bool,
+    trust: &[PublicKey],
+) -> Result<()> {
     let f = AnyFetch::for_url_with_headers(url, headers)?;
     // A query string may carry a credential: never print it.
     let url = match url.split_once('?') {
         Some((base, _)) => format!("{base}?…"),
         None => url.to_string(),
     };
-    let (head, segments, pages) = read_catalog(&f).await?;
+    let catalog = read_catalog_bytes(&f).await?;
+    let signed = check_head(&catalog.head_bytes, &catalog.head, trust)?;
+    let Catalog {
+        head,
+        segments,
+        pages: page_bodies,
+        ..
+    } = catalog;
+    // Every digest the signed catalog records, by key.
+    let mut digests: BTreeMap<String, String> = head
+        .trust
+        .as_ref()
+        .map(|t| t.digests.clone())
+        .unwrap_or_default();
+    for (_, _, d) in &page_bodies {
+        digests.extend(d.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    let pages: Vec<PageRef> = page_bodies.iter().map(|(r, _, _)| r.clone()).collect();
+    // The digest check of one object's bytes (signed datasets only).
+    let check_digest = |key: &str, bytes: &[u8], failures: &mut Vec<String>| {
+        if signed.is_none() {
+            return;
+        }
+        match digests.get(key) {
+            None => failures.push(format!(
+                "{key}: no digest in the signed catalog (untrusted)"
+            )),
+            Some(want) => {
+                let got = keys::sha256_hex(bytes);
+                if &got != want {
+                    failures.push(format!(
+                        "{key}: SHA-256 {got} differs from {want}, the signed catalog's (untrusted)"
+                    ));
+                }
+            }
+        }
+    };
     let mut gaps = Vec::new();
     let mut next = segments.first().map(|s| s.first_lsn);
     for s in &segments {
@@ -77,12 +212,29 @@ pub async fn inspect(url: &str, headers: &[String], verify: bool, as_json: bool)
         } else {
             indicatif::ProgressBar::hidden()
         };
+        if let Some(sg) = &signed {
+            for (r, body, _) in &page_bodies {
+                check_digest(&r.key, body, &mut failures);
+                let ok = page_signature(body).is_some_and(|(sig, m)| {
+                    sg.keys
+                        .iter()
+                        .any(|k| k.verify_b64(keys::PAGE_DOMAIN, m, sig))
+                });
+                if !ok {
+                    failures.push(format!(
+                        "{}: not signed by a trusted key (untrusted)",
+                        r.key
+                    ));
+                }
+            }
+        }
         for s in &segments {
             match get(&f, &s.key, s.size).await {
                 Ok(b) => {
                     if let Err(e) = segment::decode(&b, Some(s.crc32)) {
                         failures.push(format!("{}: {e}", s.key));
                     }
+                    check_digest(&s.key, &b, &mut failures);
                 }
                 Err(e) => failures.push(e.to_string()),
             }
@@ -90,7 +242,10 @@ pub async fn inspect(url: &str, headers: &[String], verify: bool, as_json: bool)
         }
         if let Some(sn) = &head.snapshot {
             match get(&f, &sn.key, sn.size).await {
-                Ok(b) => match snapshot::decode(&b, Some(sn.crc32)) {
+                Ok(b) => match {
+                    check_digest(&sn.key, &b, &mut failures);
+                    snapshot::decode(&b, Some(sn.crc32))
+                } {
                     Ok((h, _)) if h.lsn == sn.lsn && h.dataset_id == head.dataset_id => {}
                     Ok(_) => {
                         failures.push(format!("{}: header disagrees with the catalog", sn.key))
@@ -120,6 +275,9 @@ pub async fn inspect(url: &str, headers: &[String], verify: bool, as_json: bool)
             "retired": head.retired.len(),
             "head_bytes": head.encode().len(),
             "gaps": gaps,
+            "signer": signed.as_ref().map(|s| s.signer.to_string()),
+            "pinned": !trust.is_empty(),
+            "key_chain": signed.as_ref().map(|s| s.chain.iter().map(|(by, key, ok)| json!({"by": by, "key": key, "valid": ok})).collect::<Vec<_>>()),
             "verified": verify,
             "failures": failures,
         });
@@ -151,6 +309,26 @@ pub async fn inspect(url: &str, headers: &[String], verify: bool, as_json: bool)
             bytes
         );
         println!("retired      {} awaiting deletion", head.retired.len());
+        match &signed {
+            Some(sg) => {
+                println!(
+                    "signed       by {}{}",
+                    sg.signer,
+                    if trust.is_empty() {
+                        "  (no key pinned: give --trust to check who signed)"
+                    } else {
+                        "  (trusted)"
+                    }
+                );
+                for (by, key, ok) in &sg.chain {
+                    println!(
+                        "key chain    {by} endorses {key}{}",
+                        if *ok { "" } else { "  (INVALID)" }
+                    );
+                }
+            }
+            None => println!("signed       no"),
+        }
         match (segments.first(), segments.last()) {
             (Some(a), Some(b)) => println!(
                 "coverage     LSN {}..={}{}",

@@ -36,16 +36,39 @@ pub fn generate(out: &Path) -> Result<PublicKey> {
     Ok(key.public())
 }
 
-/// Reads a secret key file written by [`generate`].
+/// Reads a secret key file written by [`generate`]. Each way of giving the
+/// wrong file (none there, a public key, something else) is one line that
+/// says which file to give.
 pub fn read_secret_key(path: &Path) -> Result<SecretKey> {
-    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let shown = path.display();
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "{shown}: no such key file: create one with `walcast keygen --out {shown}`, \
+             or give the file it wrote"
+        ),
+        Err(e) => return Err(e).with_context(|| format!("reading {shown}")),
+    };
+    let not_a_key = |what: &str| {
+        anyhow::anyhow!(
+            "{shown} is not a walcast secret key file ({what}): give the file \
+             `walcast keygen --out FILE` wrote (one line starting with \"{}\")",
+            walcast_core::keys::SECRET_KEY_PREFIX
+        )
+    };
+    if !meta.is_file() {
+        return Err(not_a_key("not a regular file"));
+    }
     if meta.len() > 4096 {
+        return Err(not_a_key("too large"));
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {shown}"))?;
+    let text = String::from_utf8(bytes).map_err(|_| not_a_key("not text"))?;
+    if PublicKey::parse(&text).is_ok() {
         bail!(
-            "{} is not a walcast secret key file (too large)",
-            path.display()
+            "{shown} holds a public key (ed25519:…), which verifies but cannot sign: give the \
+             secret key file `walcast keygen --out FILE` wrote; its public key goes to --trust"
         );
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    SecretKey::parse_file(&text).with_context(|| format!("secret key file {}", path.display()))
+    SecretKey::parse_file(&text).map_err(|e| not_a_key(e.message()))
 }

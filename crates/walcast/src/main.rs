@@ -247,7 +247,7 @@ enum Cmd {
     },
     /// Show a dataset's head, segments, pages, snapshot and coverage.
     #[command(
-        after_help = "Examples:\n  walcast inspect file:///tmp/dataset/ --verify\n  walcast inspect https://cdn.example.com/app --json"
+        after_help = "Examples:\n  walcast inspect file:///tmp/dataset/ --verify\n  walcast inspect https://cdn.example.com/app --json\n  walcast inspect file:///tmp/dataset/ --verify --trust ed25519:…"
     )]
     Inspect {
         /// Dataset URL.
@@ -262,6 +262,11 @@ enum Cmd {
         /// 'Name: value' (repeatable). Never logged.
         #[arg(long = "header", value_name = "NAME: VALUE")]
         headers: Vec<String>,
+        /// Require the head to be signed by this key (ed25519:<base64>) or
+        /// a key it endorsed (repeatable); with --verify, also every page's
+        /// signature and every object's SHA-256.
+        #[arg(long = "trust", value_name = "ed25519:KEY", value_parser = parse_public_key)]
+        trust: Vec<walcast_core::keys::PublicKey>,
     },
     /// Write a new Ed25519 signing key to FILE (mode 0600, never
     /// overwritten) and print its public key as ed25519:<base64>.
@@ -314,8 +319,20 @@ async fn open_lazy(
     walcast::Replica::open(url, opts).await
 }
 
+/// A public key flag's value; a wrong one says what to give instead.
 fn parse_public_key(s: &str) -> Result<walcast_core::keys::PublicKey, String> {
-    walcast_core::keys::PublicKey::parse(s).map_err(|e| e.message().to_string())
+    walcast_core::keys::PublicKey::parse(s).map_err(|e| {
+        if s.trim().starts_with(walcast_core::keys::SECRET_KEY_PREFIX) {
+            "this is a secret key, which must stay with the publisher: give its public key, \
+             the ed25519:<base64> line `walcast keygen` printed"
+                .to_string()
+        } else {
+            format!(
+                "{}: give the ed25519:<base64> line `walcast keygen` printed",
+                e.message()
+            )
+        }
+    })
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -779,8 +796,9 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             verify,
             json,
             headers,
+            trust,
         } => {
-            walcast::inspect::inspect(&url, &headers, verify, json).await?;
+            walcast::inspect::inspect(&url, &headers, verify, json, &trust).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo { duration, rate } => {

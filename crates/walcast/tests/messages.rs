@@ -2,7 +2,10 @@
 //! show examples; a dataset URL without a scheme, a missing dataset (a
 //! `file://` directory and a moto bucket), a bucket without credentials
 //! (moto) and a bucket in another region each end the command with exit 1
-//! and one line on stderr that names the URL and says what to do.
+//! and one line on stderr that names the URL and says what to do; so do a
+//! wrong key file (none there, a public key, not a key), a `--trust` key that
+//! did not sign the dataset, and `--trust` on an unsigned dataset; a
+//! malformed `--trust` key is a usage error (exit 2) that says what to give.
 //!
 //! Real processes: the `walcast` binary, moto for S3. The wrong region is a
 //! fault injected by a stand-in S3 endpoint that answers every request as S3
@@ -295,4 +298,193 @@ fn a_bucket_in_another_region_says_to_set_the_region() {
         &wants,
     );
     one_line(&["inspect", "s3://bucket/app"], &env, &wants);
+}
+
+/// A signed dataset of a few keys at `ds`, published with the key in
+/// `key`; returns the key's public half.
+fn signed_dataset(tmp: &std::path::Path, ds: &std::path::Path, key: &std::path::Path) -> String {
+    let (code, public, err) = walcast(&["keygen", "--out", key.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let wal = tmp.join("wal");
+    let mut child = Command::new(bin())
+        .args(["write", "--wal", wal.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"op\":\"put\",\"key\":\"k\",\"value\":\"v\"}\n")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let url = file_url(ds);
+    let (code, _, err) = walcast(
+        &[
+            "publish",
+            "--wal",
+            wal.to_str().unwrap(),
+            "--to",
+            &url,
+            "--once",
+            "--signing-key",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    public.trim().to_string()
+}
+
+#[test]
+fn a_wrong_key_file_says_which_file_to_give() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = tmp.path().join("ds");
+    let key = tmp.path().join("a.key");
+    let public = signed_dataset(tmp.path(), &ds, &key);
+    let url = file_url(&ds);
+    let wal = tmp.path().join("wal");
+    let publish = |file: &std::path::Path, wants: &[&str]| {
+        let f = file.to_str().unwrap();
+        let args = [
+            "publish",
+            "--wal",
+            wal.to_str().unwrap(),
+            "--to",
+            &url,
+            "--once",
+            "--signing-key",
+            f,
+        ];
+        let line = one_line(&args, &[], wants);
+        assert!(line.contains(f), "names the file: {line}");
+        one_line(&["token", "--key", f, "--prefix", ""], &[], wants);
+    };
+    // None there.
+    publish(
+        &tmp.path().join("missing.key"),
+        &["no such key file", "walcast keygen --out"],
+    );
+    // The public key where the secret key belongs.
+    let pub_file = tmp.path().join("a.pub");
+    std::fs::write(&pub_file, format!("{public}\n")).unwrap();
+    publish(
+        &pub_file,
+        &["holds a public key", "walcast keygen --out FILE", "--trust"],
+    );
+    // Something else.
+    let other = tmp.path().join("notes.txt");
+    std::fs::write(&other, "hello\n").unwrap();
+    publish(
+        &other,
+        &[
+            "is not a walcast secret key file",
+            "walcast keygen --out FILE",
+        ],
+    );
+    let (code, out, err) = walcast(&["get", "--from", &url, "k"], &[]);
+    assert_eq!((code, out.as_str()), (Some(0), "v"), "{err}");
+}
+
+#[test]
+fn a_wrong_trust_key_says_which_key_to_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = tmp.path().join("ds");
+    let public = signed_dataset(tmp.path(), &ds, &tmp.path().join("a.key"));
+    let (_, other, _) = walcast(
+        &[
+            "keygen",
+            "--out",
+            tmp.path().join("b.key").to_str().unwrap(),
+        ],
+        &[],
+    );
+    let other = other.trim();
+    let url = file_url(&ds);
+    let local = tmp.path().join("r");
+    let wants = [url.as_str(), "signed by", public.as_str(), "--signing-key"];
+    one_line(&["get", "--from", &url, "--trust", other, "k"], &[], &wants);
+    one_line(&["scan", "--from", &url, "--trust", other], &[], &wants);
+    one_line(
+        &[
+            "replicate",
+            &url,
+            "--local",
+            local.to_str().unwrap(),
+            "--once",
+            "--trust",
+            other,
+        ],
+        &[],
+        &wants,
+    );
+    one_line(&["inspect", &url, "--trust", other], &[], &wants);
+
+    // An unsigned dataset read with --trust.
+    let plain = tmp.path().join("plain");
+    let wal = tmp.path().join("wal");
+    let plain_url = file_url(&plain);
+    let (code, _, err) = walcast(
+        &[
+            "publish",
+            "--wal",
+            wal.to_str().unwrap(),
+            "--to",
+            &plain_url,
+            "--once",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let wants = [
+        plain_url.as_str(),
+        "not signed",
+        "--signing-key",
+        "without --trust",
+    ];
+    one_line(
+        &["get", "--from", &plain_url, "--trust", &public, "k"],
+        &[],
+        &wants,
+    );
+    one_line(&["inspect", &plain_url, "--trust", &public], &[], &wants);
+}
+
+#[test]
+fn a_malformed_key_says_what_to_give() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = file_url(tmp.path());
+    let secret = "walcast-ed25519-secret:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    for (key, want) in [
+        (
+            "ed25519:nope",
+            "ed25519:<base64> line `walcast keygen` printed",
+        ),
+        ("nope", "ed25519:<base64> line `walcast keygen` printed"),
+        (secret, "give its public key"),
+    ] {
+        for args in [
+            vec!["get", "--from", url.as_str(), "--trust", key, "k"],
+            vec!["inspect", url.as_str(), "--trust", key],
+            vec![
+                "replicate",
+                url.as_str(),
+                "--local",
+                "r",
+                "--once",
+                "--trust",
+                key,
+            ],
+        ] {
+            let (code, _, err) = walcast(&args, &[]);
+            assert_eq!(code, Some(2), "a usage error: {err}");
+            let first = err.lines().next().unwrap_or_default();
+            assert!(
+                first.starts_with("error: invalid value") && first.contains(want),
+                "{args:?}: {err}"
+            );
+            eprintln!("walcast {}: {first}", args.join(" "));
+        }
+    }
 }
