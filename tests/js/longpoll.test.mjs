@@ -254,3 +254,50 @@ test("a proxy that caches a long-poll answer: the replica never goes back and st
     await p.close();
   }
 });
+
+test("malformed long-poll answers: a bad Walcast-Long-Poll header means polling; a garbled held answer is never applied", async () => {
+  const ds = dataset("malformed");
+  ds.write("a", "1");
+  const origin = await serve(ds.dir);
+  // First: the header is not a number of seconds.
+  const bad = await proxy(origin, async ({ url, headers }, forward) => {
+    const out = await forward(pathOf(url), headers);
+    out.headers["walcast-long-poll"] = "soon";
+    return out;
+  });
+  const r1 = await Replica.open(bad.url, { pollInterval: 100 });
+  try {
+    await r1.sync();
+    assert.equal(r1.status().longPoll, false, "a malformed Walcast-Long-Poll header is no support");
+    r1.start();
+    await sleep(500);
+    assert.equal(bad.stats.held, 0, "no wait hint sent to a server whose header is malformed");
+  } finally {
+    await r1.close();
+    await bad.close();
+  }
+  // Then: held reads answered with a garbled head.
+  const garbled = await proxy(origin, async ({ url, held, headers }, forward) => {
+    if (held) return { status: 200, headers: { etag: '"garbled"', "walcast-long-poll": "60" }, body: new TextEncoder().encode("{not a head") };
+    return forward(pathOf(url), headers);
+  });
+  const errors = [];
+  const r2 = await Replica.open(garbled.url, { pollInterval: 100, onError: (e) => errors.push(e) });
+  const seen = { max: 0 };
+  try {
+    await r2.sync();
+    r2.start();
+    while (garbled.stats.held < 2) await sleep(20);
+    const lsn = ds.write("b", "2");
+    await appliedAtLeast(r2, lsn, seen);
+    const before = garbled.stats.requests;
+    await sleep(1000);
+    const made = garbled.stats.requests - before;
+    assert.ok(made <= 3 * (1000 / 100) + 4, `${made} requests in 1 s with pollInterval 100`);
+    assert.equal(r2.getText("b"), "2");
+    for (const e of errors) assert.ok(["data", "unavailable"].includes(e.code), `error code ${e.code}: ${e.message}`);
+  } finally {
+    await r2.close();
+    await garbled.close();
+  }
+});
