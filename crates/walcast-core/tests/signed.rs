@@ -445,3 +445,54 @@ fn replicas_follow_a_chain_of_key_rotations() {
     assert_eq!(r.r.applied_lsn(), 0);
     assert!(!r.untrusted().is_empty());
 }
+
+/// The first `CaughtUp` or `Error` event after a sync starts, running
+/// `reader` against `store` for at most `ms` of virtual time.
+fn sync_outcome(reader: &mut Reader, store: &Store, ms: u64) -> Option<Event> {
+    reader.r.sync_now(reader.now);
+    let until = reader.now + ms;
+    let mut steps = 0;
+    while reader.now < until {
+        steps += 1;
+        assert!(steps < 100_000, "poll did not settle");
+        match reader.r.poll(reader.now) {
+            Action::Fetch(req) => {
+                let resp = serve(store, &req);
+                reader.r.handle_response(req.id, reader.now, resp);
+            }
+            Action::Event(e @ (Event::CaughtUp { .. } | Event::Error(_))) => return Some(e),
+            Action::Event(_) => {}
+            Action::Wait { until: t } => reader.now = t.max(reader.now + 1),
+        }
+    }
+    None
+}
+
+#[test]
+fn a_sync_over_an_untrusted_head_ends_with_the_error_not_caught_up() {
+    let mut store = Store::new();
+    publish(&mut store, cfg(Some(key(1)), None), 80, 1_000);
+    let mut r = Reader::new(&[key(1).public()]);
+    r.run(&store, 3_000);
+    assert_eq!(r.r.applied_lsn(), 80);
+    // A newer head signed by an untrusted key: a sync must not end as
+    // "caught up" at the old LSN; it ends with the untrusted error.
+    let mut bad = store.clone();
+    let mut h = head_of(&store);
+    h.generation += 1;
+    h.trust.as_mut().unwrap().signer = key(2).public().to_string();
+    put_head(&mut bad, &h, Some(&key(2)));
+    match sync_outcome(&mut r, &bad, 60_000) {
+        Some(Event::Error(e)) => {
+            assert_eq!(e.kind(), ErrorKind::Untrusted, "{e}");
+            assert_eq!(e.object(), Some(HEAD_KEY), "{e}");
+        }
+        other => panic!("a sync over an untrusted head ended with {other:?}"),
+    }
+    assert_eq!(r.r.applied_lsn(), 80);
+    // The honest head again: the next sync is caught up.
+    match sync_outcome(&mut r, &store, 60_000) {
+        Some(Event::CaughtUp { lsn }) => assert_eq!(lsn, 80),
+        other => panic!("a sync over the honest head ended with {other:?}"),
+    }
+}
