@@ -105,14 +105,14 @@ pub fn explain(url: &str, text: &str) -> Option<String> {
             .and_then(|r| r.split([',', ' ']).next())
             .unwrap_or("another key");
         return Some(format!(
-            "{url}: the dataset is signed by {signer}, which no --trust key is or endorses: \
+            "{url}: untrusted: the dataset is signed by {signer}, which no --trust key is or endorses: \
              pass the public key `walcast keygen` printed for the publisher's --signing-key \
              (or the key that endorsed it)"
         ));
     }
     if t.contains("untrusted") && t.contains("not signed") && t.contains("catalog/head.json") {
         return Some(format!(
-            "{url}: the dataset is not signed, and --trust accepts only signed datasets: \
+            "{url}: untrusted: the dataset is not signed, and --trust accepts only signed datasets: \
              publish it with `walcast publish --signing-key FILE`, or read it without --trust"
         ));
     }

@@ -95,7 +95,7 @@ fn check_head(head_bytes: &[u8], head: &Head, trust: &[PublicKey]) -> Result<Opt
         if trust.is_empty() {
             return Ok(None);
         }
-        bail!("untrusted: {HEAD_KEY} is not signed, and --trust pins keys: publish with --signing-key, or drop --trust");
+        bail!("untrusted: {HEAD_KEY}: the head is not signed, and --trust pins keys");
     };
     let signer = PublicKey::parse(&t.signer)
         .map_err(|e| anyhow!("data: {HEAD_KEY}: signer: {}", e.message()))?;
@@ -127,10 +127,7 @@ fn check_head(head_bytes: &[u8], head: &Head, trust: &[PublicKey]) -> Result<Opt
         }
     }
     if !trusted.contains(&signer) {
-        bail!(
-            "untrusted: {HEAD_KEY} is signed by {signer}, which no --trust key is or endorses: \
-             pass the dataset's public key (the one `walcast keygen` printed for its --signing-key)"
-        );
+        bail!("untrusted: {HEAD_KEY}: the head is signed by {signer}, which is not trusted");
     }
     Ok(Some(Signed {
         signer,
