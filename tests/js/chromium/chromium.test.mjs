@@ -221,12 +221,21 @@ test("reload: the replica reopens from IndexedDB, serves reads offline, then fet
   assert.equal(persisted1.baseLsn, f0.expected.lsn, "the base is still stage 0");
   assert.equal(persisted1.logBytes, m.stores.log.bytes, "the record counts the log's bytes");
 
-  // And that is persisted too: one more reload opens at stage 1.
+  // And that is persisted too: one more reload opens at stage 1 (the base
+  // with the log replayed on it), offline.
   await load(page, true);
-  const third = await w(([u]) => window.walcastTest.open("r", u, { persist: "indexeddb" }), url);
-  assert.equal(third.appliedLsn, f1.expected.lsn, "a second reload opens at stage 1");
-  assert.equal(await w(([e]) => window.walcastTest.compare("r", e), f1.expected.entries), null, "stage 1 from IndexedDB");
-  assert.deepEqual(await w(() => window.walcastTest.errors("r")), [], "no error replaying the log");
+  await page.evaluate(() => import("/dist/web.js").then((m) => m.init()));
+  await context.route(`${url}/**`, block);
+  blocked = 0;
+  try {
+    const third = await w(([u]) => window.walcastTest.open("r", u, { persist: "indexeddb" }), url);
+    assert.equal(third.appliedLsn, f1.expected.lsn, "a second reload opens at stage 1");
+    assert.equal(await w(([e]) => window.walcastTest.compare("r", e), f1.expected.entries), null, "stage 1 from IndexedDB, offline");
+    assert.deepEqual(await w(() => window.walcastTest.errors("r")), [], "no error replaying the log");
+    assert.equal(blocked, 0, "nothing tried to reach object storage");
+  } finally {
+    await context.unroute(`${url}/**`, block);
+  }
 
   // A damaged log record (the first one after the base): the reload opens at
   // the base's LSN, reports a data error naming the LSN, serves stage 0
@@ -234,6 +243,7 @@ test("reload: the replica reopens from IndexedDB, serves reads offline, then fet
   await w(() => window.walcastTest.close("r"));
   await w(([u]) => window.walcastTest.damageLog(u, "corrupt-first"), url);
   await load(page, true);
+  await page.evaluate(() => import("/dist/web.js").then((m) => m.init()));
   await context.route(`${url}/**`, block);
   try {
     const damaged = await w(([u]) => window.walcastTest.open("r", u, { persist: "indexeddb" }), url);
