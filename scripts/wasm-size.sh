@@ -2,8 +2,12 @@
 # Where the wasm module's bytes go: builds crates/walcast-wasm as
 # scripts/build-js.sh does (profile `wasm`), installs twiggy into .tools/twiggy
 # (cargo install, about 2 minutes, once) and prints the bytes of code and data
-# by crate and the largest functions (names come from cargo's output, before
-# wasm-bindgen and wasm-opt strip them), then the shipped module's size.
+# by crate and the largest functions in two forms: cargo's output (before
+# wasm-bindgen and wasm-opt), and the module as it ships (wasm-bindgen, then
+# `wasm-opt -Oz` with the flags of build-js.sh, plus -g so that the names stay
+# for this report: the code is that of the shipped module), then the shipped
+# module's sections and largest data segments, raw and gzip -9. The second
+# form needs the tools build-js.sh installs (run it once first).
 # Not part of scripts/test.sh. Usage: bash scripts/wasm-size.sh [TOP]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +24,26 @@ export CARGO_PROFILE_WASM_INHERITS=release CARGO_PROFILE_WASM_OPT_LEVEL=z \
   CARGO_PROFILE_WASM_DEBUG=false CARGO_PROFILE_WASM_PANIC=abort
 wasm_cargo build --profile wasm -p walcast-wasm >&2
 module="$WALCAST_WASM_OUT/wasm/walcast_wasm.wasm"
+echo "## cargo's output ($module)"
 "$twiggy" top -n 1000000 --format csv "$module" | python3 scripts/wasm-size.py "$top"
+export PATH="$HOME/.cargo/bin:$PATH"
+wasm_opt=.tools/binaryen/node_modules/.bin/wasm-opt
+if command -v wasm-bindgen >/dev/null && "$wasm_opt" --version >/dev/null 2>&1; then
+  dir="$WALCAST_WASM_TARGET_DIR/size"
+  rm -rf "$dir" && mkdir -p "$dir"
+  wasm-bindgen --target web --no-typescript --out-dir "$dir" --out-name walcast_wasm "$module"
+  flags=(--enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext
+    --enable-mutable-globals --enable-reference-types --enable-multivalue)
+  "$wasm_opt" -Oz "${flags[@]}" -o "$dir/shipped.wasm" "$dir/walcast_wasm_bg.wasm"
+  "$wasm_opt" -Oz -g "${flags[@]}" -o "$dir/named.wasm" "$dir/walcast_wasm_bg.wasm"
+  echo
+  echo "## as shipped (after wasm-bindgen and wasm-opt -Oz; names kept for this report)"
+  "$twiggy" top -n 1000000 --format csv "$dir/named.wasm" | python3 scripts/wasm-size.py "$top"
+  echo
+  python3 scripts/wasm-size.py --sections "$dir/shipped.wasm"
+else
+  echo "wasm-size: no wasm-bindgen or wasm-opt yet (bash scripts/build-js.sh installs them): cargo's output only" >&2
+fi
 bg=js/dist/wasm/walcast_wasm_bg.wasm
 if [[ -f $bg ]]; then
   echo
