@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use walcast::counting::{Counting, RequestCounts, RequestStats};
-use walcast_core::batch::Op;
+use walcast_core::batch::{self, Op};
 
 use crate::target::Target;
 use crate::{kv, POLL_MS};
@@ -45,6 +45,18 @@ pub(crate) struct LiveResult {
     /// walcast: head commits the publisher made over the whole run (0 for
     /// SlateDB).
     pub(crate) commits: u64,
+    /// walcast: the writer's requests within the timed window only (from the
+    /// first timed batch to the last; no start-up, no catch-up).
+    pub(crate) window_writer: RequestCounts,
+    /// walcast: the reader's requests within the timed window.
+    pub(crate) window_reader: RequestCounts,
+    /// walcast: head commits within the timed window.
+    pub(crate) window_commits: u64,
+    /// The timed window, in seconds.
+    pub(crate) window_secs: f64,
+    /// walcast: time between two head commits within the timed window, in
+    /// ms, sorted (the commit budget's spacing as it happened).
+    pub(crate) commit_gaps_ms: Vec<f64>,
 }
 
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -61,9 +73,18 @@ struct Counts {
 impl Counts {
     /// Takes the counts so far, then watches `idle_for` of nothing written.
     async fn observe(reader: &RequestStats, writer: &RequestStats, idle_for: Duration) -> Counts {
-        let (r0, w0, t0) = (reader.snapshot(), writer.snapshot(), Instant::now());
+        Counts::observe_with(|| reader.snapshot(), || writer.snapshot(), idle_for).await
+    }
+
+    /// [`Counts::observe`] with counts taken by the given functions.
+    async fn observe_with(
+        reader: impl Fn() -> RequestCounts,
+        writer: impl Fn() -> RequestCounts,
+        idle_for: Duration,
+    ) -> Counts {
+        let (r0, w0, t0) = (reader(), writer(), Instant::now());
         tokio::time::sleep(idle_for).await;
-        let (r1, w1) = (reader.snapshot(), writer.snapshot());
+        let (r1, w1) = (reader(), writer());
         Counts {
             follow_reader: r0,
             follow_writer: w0,
@@ -82,7 +103,7 @@ impl Counts {
             idle_secs: self.idle_secs,
             follow_reader: self.follow_reader,
             follow_writer: self.follow_writer,
-            commits: 0,
+            ..Default::default()
         })
     }
 }
@@ -102,12 +123,101 @@ fn due(start: Instant, n: u64, rate: u64) -> Instant {
     start + Duration::from_micros(n * 1_000_000 / rate.max(1))
 }
 
+/// How the walcast replica of a live run reads the dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub(crate) enum Via {
+    /// Straight from the object store, polling the head every `POLL_MS`.
+    Store,
+    /// Over HTTP from `walcast serve` on the `file://` dataset, in this
+    /// process and woken by each commit as `walcast publish --serve` does.
+    /// `long_poll`: the server holds conditional head reads (its default);
+    /// else it answers at once (`--max-wait 0`) and the replica polls every
+    /// `POLL_MS`.
+    Serve {
+        /// The server holds head reads until the head changes.
+        long_poll: bool,
+    },
+}
+
+/// The walcast side of a live run.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub(crate) struct WalcastSetup {
+    /// `walcast publish --min-commit-interval` (ms).
+    pub(crate) min_commit_interval_ms: u64,
+    /// `walcast publish --max-commit-rate`: `None` keeps the default budget,
+    /// `Some(0)` turns it off.
+    pub(crate) max_commits_per_sec: Option<u32>,
+    /// Where the replica reads.
+    pub(crate) via: Via,
+    /// `walcast publish --flush-interval` (ms).
+    pub(crate) flush_ms: u64,
+    /// `walcast replicate --interval` (ms): the replica's head poll.
+    pub(crate) poll_ms: u64,
+}
+
+impl WalcastSetup {
+    /// The publisher's defaults (with the bench's flush interval), the
+    /// replica on the store.
+    pub(crate) fn store(min_commit_interval_ms: u64) -> WalcastSetup {
+        WalcastSetup {
+            min_commit_interval_ms,
+            max_commits_per_sec: None,
+            via: Via::Store,
+            flush_ms: crate::FLUSH_MS,
+            poll_ms: POLL_MS,
+        }
+    }
+}
+
+/// A replica's requests and bytes, from its metrics (`walcast replicate
+/// --metrics-addr`): every GET by outcome, and the body bytes received.
+fn replica_counts(m: &walcast::metrics::ReplicaMetrics) -> RequestCounts {
+    let mut c = RequestCounts {
+        bytes_down: m.bytes.get(),
+        ..Default::default()
+    };
+    for line in m.encode().lines() {
+        let Some(rest) = line.strip_prefix("walcast_replica_requests_total{") else {
+            continue;
+        };
+        let n: u64 = rest
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0, |v| v as u64);
+        c.gets += n;
+        if rest.contains("outcome=\"not_modified\"") {
+            c.not_modified += n;
+        } else if rest.contains("outcome=\"not_found\"") {
+            c.not_found += n;
+        }
+    }
+    c
+}
+
 /// walcast: `Writer` → `publish` → store → native replica, in this process.
 pub(crate) async fn walcast(
     target: &Target,
     name: &str,
     plan: LivePlan,
     min_commit_interval_ms: u64,
+) -> Result<LiveResult> {
+    walcast_with(
+        target,
+        name,
+        plan,
+        WalcastSetup::store(min_commit_interval_ms),
+    )
+    .await
+}
+
+/// walcast: `Writer` → `publish` → store → native replica (reading the
+/// store, or `walcast serve` over HTTP), in this process.
+pub(crate) async fn walcast_with(
+    target: &Target,
+    name: &str,
+    plan: LivePlan,
+    setup: WalcastSetup,
 ) -> Result<LiveResult> {
     let tmp = tempfile::tempdir()?;
     let wal = tmp.path().join("wal");
@@ -128,41 +238,136 @@ pub(crate) async fn walcast(
     let (k, v) = kv(0);
     writer.commit(&[Op::put(k, v)])?;
 
+    // Each commit wakes the server's held head reads, as `publish --serve`.
+    let signal = walcast::longpoll::HeadSignal::new();
+    let commit_count = Arc::new(AtomicU64::new(0));
+    let commit_times: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let publisher = {
         let store = walcast::store::Store::open_counted(&url, writer_stats.clone())?;
+        let defaults = crate::walcast_publisher_config();
         let opts = walcast::publish::PublishOptions {
             config: walcast_core::publisher::PublisherConfig {
-                min_commit_interval_ms,
-                ..crate::walcast_publisher_config()
+                min_commit_interval_ms: setup.min_commit_interval_ms,
+                flush_interval_ms: setup.flush_ms,
+                max_commits_per_sec: setup
+                    .max_commits_per_sec
+                    .unwrap_or(defaults.max_commits_per_sec),
+                ..defaults
             },
             ..Default::default()
         };
+        let (signal, commit_count, commit_times) =
+            (signal.clone(), commit_count.clone(), commit_times.clone());
         tokio::spawn(walcast::publish::publish(
             wal.clone(),
             store,
             opts,
             stopped(&stop_tx),
-            |_| {},
+            move |_| {
+                commit_count.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut t) = commit_times.lock() {
+                    t.push(Instant::now());
+                }
+                signal.notify();
+            },
         ))
     };
+    let server = match setup.via {
+        Via::Store => None,
+        Via::Serve { long_poll } => {
+            let Target::File { root } = target else {
+                bail!("walcast serve serves file:// datasets only");
+            };
+            let dir = root.join(name);
+            std::fs::create_dir_all(&dir)?;
+            let opts = walcast::serve::ServeOptions {
+                head_signal: Some(signal.clone()),
+                max_wait: if long_poll {
+                    walcast::longpoll::DEFAULT_MAX_WAIT
+                } else {
+                    Duration::ZERO
+                },
+                ..Default::default()
+            };
+            let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+            let task = tokio::spawn(walcast::serve::serve_with(
+                dir,
+                "127.0.0.1:0".parse()?,
+                opts,
+                move |a| {
+                    let _ = bound_tx.send(a);
+                },
+                stopped(&stop_tx),
+            ));
+            match bound_rx.await {
+                Ok(addr) => Some((addr, task)),
+                Err(_) => {
+                    task.await??;
+                    bail!("walcast serve stopped before listening");
+                }
+            }
+        }
+    };
     let progress = Arc::new(walcast::replica::Progress::default());
+    let replica_metrics = Arc::new(walcast::metrics::ReplicaMetrics::new());
     let replica = {
-        let store = walcast::store::Store::open_counted(&url, reader_stats.clone())?;
-        let fetch = walcast::replica::AnyFetch::Store(walcast::replica::StoreFetch::new(store));
         let opts = walcast::replica::ReplicateOptions {
             sink: Some(progress.clone()),
-            interval: Duration::from_millis(POLL_MS),
+            interval: Duration::from_millis(setup.poll_ms),
             once: false,
             concurrency: 4,
             progress: false,
             trust: Vec::new(),
         };
-        walcast::replica::spawn_replicate(fetch, local.clone(), opts, stopped(&stop_tx))
+        match &server {
+            None => {
+                let store = walcast::store::Store::open_counted(&url, reader_stats.clone())?;
+                let fetch =
+                    walcast::replica::AnyFetch::Store(walcast::replica::StoreFetch::new(store));
+                walcast::replica::spawn_replicate(fetch, local.clone(), opts, stopped(&stop_tx))
+            }
+            Some((addr, _)) => {
+                // The replica driver is not `Send`: a thread and runtime of its own.
+                let (http, local, metrics, stop) = (
+                    format!("http://{addr}/"),
+                    local.clone(),
+                    replica_metrics.clone(),
+                    stopped(&stop_tx),
+                );
+                tokio::task::spawn_blocking(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(walcast::replica::replicate_with_metrics(
+                        &http,
+                        &[],
+                        &local,
+                        &opts,
+                        stop,
+                        metrics,
+                    ))
+                })
+            }
+        }
+    };
+    let over_http = server.is_some();
+    let reader_counts = || {
+        if over_http {
+            replica_counts(&replica_metrics)
+        } else {
+            reader_stats.snapshot()
+        }
     };
     let applied = || progress.applied.load(Ordering::Relaxed);
     wait_for(|| applied() >= 1, "the walcast replica to apply LSN 1").await?;
 
     // The timed window: batch i (0-based) gets LSN i + 2.
+    let window_start = (
+        reader_counts(),
+        writer_stats.snapshot(),
+        commit_count.load(Ordering::Relaxed),
+        Instant::now(),
+    );
     let commits = {
         let writer = writer.clone();
         tokio::task::spawn_blocking(move || -> Result<Vec<Instant>> {
@@ -173,22 +378,48 @@ pub(crate) async fn walcast(
                 if let Some(d) = due(start, n, plan.rate).checked_duration_since(Instant::now()) {
                     std::thread::sleep(d);
                 }
-                let (k, v) = kv(n + 1);
-                writer.commit(&[Op::put(k, v)])?;
-                times.push(Instant::now());
-                n += 1;
+                // Every batch due by now, each its own LSN, in one append and
+                // one fsync (the writer's group commit): the rate holds even
+                // when an fsync takes longer than one batch's slot.
+                let now = Instant::now();
+                let mut end = n + 1;
+                while end < n + 1_000 && due(start, end, plan.rate) <= now {
+                    end += 1;
+                }
+                let payloads = (n..end)
+                    .map(|i| {
+                        let (k, v) = kv(i + 1);
+                        batch::encode(&[Op::put(k, v)]).map_err(|e| anyhow!("{e}"))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+                writer.commit_many(&refs)?;
+                let at = Instant::now();
+                times.extend(std::iter::repeat_n(at, refs.len()));
+                n = end;
             }
             Ok(times)
         })
         .await??
     };
+    let window_end = Instant::now();
+    let window = (
+        reader_counts().since(&window_start.0),
+        writer_stats.snapshot().since(&window_start.1),
+        commit_count.load(Ordering::Relaxed) - window_start.2,
+        window_start.3.elapsed().as_secs_f64(),
+    );
     let last = commits.len() as u64 + 1;
     wait_for(|| applied() >= last, "the walcast replica to catch up").await?;
-    let counts = Counts::observe(&reader_stats, &writer_stats, plan.idle_for).await;
+    let counts =
+        Counts::observe_with(reader_counts, || writer_stats.snapshot(), plan.idle_for).await;
 
     let _ = stop_tx.send(());
     let published = publisher.await??;
     replica.await??;
+    if let Some((_, task)) = server {
+        task.await??;
+    }
 
     let mut visible = vec![None; commits.len()];
     let applied_at = progress
@@ -204,6 +435,23 @@ pub(crate) async fn walcast(
     }
     let mut result = counts.result(&commits, &visible)?;
     result.commits = published.commits;
+    (
+        result.window_reader,
+        result.window_writer,
+        result.window_commits,
+        result.window_secs,
+    ) = window;
+    let times = commit_times.lock().map_err(|_| anyhow!("poisoned"))?;
+    let in_window: Vec<Instant> = times
+        .iter()
+        .copied()
+        .filter(|t| *t >= window_start.3 && *t <= window_end)
+        .collect();
+    result.commit_gaps_ms = in_window
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1e3)
+        .collect();
+    result.commit_gaps_ms.sort_by(f64::total_cmp);
     Ok(result)
 }
 

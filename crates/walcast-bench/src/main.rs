@@ -13,6 +13,7 @@
 //! `docs/BENCHMARKS.md`.
 
 mod child;
+mod cost;
 mod live;
 mod replay;
 mod report;
@@ -27,7 +28,7 @@ use walcast_core::batch::{self, Op};
 use walcast_core::publisher::PublisherConfig;
 
 use crate::child::{Job, Measured};
-use crate::live::{LivePlan, LiveResult};
+use crate::live::{LivePlan, LiveResult, Via, WalcastSetup};
 use crate::replay::ReplayResult;
 use crate::target::{Moto, Target};
 
@@ -61,6 +62,24 @@ pub(crate) fn walcast_publisher_config() -> PublisherConfig {
 /// far apart (`walcast publish --min-commit-interval 100ms`): at most as many
 /// commits a second as SlateDB's flushes.
 pub(crate) const SPACED_COMMIT_MS: u64 = FLUSH_MS;
+
+/// The live tail over HTTP (`file://` only): `walcast serve` on the
+/// dataset, woken by each commit, and a replica reading it over HTTP, each
+/// with the commit budget and head reads named.
+pub(crate) const HTTP_SETUPS: [(&str, Option<u32>, bool); 4] = [
+    (
+        "long-poll, default budget (10 commits/s, burst 2)",
+        None,
+        true,
+    ),
+    ("long-poll, `--max-commit-rate 50`", Some(50), true),
+    (
+        "long-poll, `--max-commit-rate 0` (commit whenever data waits)",
+        Some(0),
+        true,
+    ),
+    ("polling every 100 ms, default budget", None, false),
+];
 
 /// SlateDB's writer: its defaults with the shared flush interval.
 pub(crate) fn slate_settings() -> slatedb::Settings {
@@ -99,6 +118,13 @@ struct Cli {
     /// Override the catch-up backlog (batches).
     #[arg(long)]
     batches: Option<u64>,
+    /// Only the cost scenario: requests and dollars per hour with every
+    /// default, at 1, 100 and 1,000 batches/s (report in `--out`/cost.md).
+    #[arg(long)]
+    cost: bool,
+    /// Seconds each rate of the cost scenario writes (default 30, quick 5).
+    #[arg(long, value_parser = parse_secs)]
+    cost_secs: Option<u64>,
     #[command(subcommand)]
     child: Option<ChildCmd>,
 }
@@ -144,6 +170,8 @@ pub(crate) struct StoreRun {
     pub(crate) live_slatedb: Option<LiveResult>,
     /// walcast's live run with `--min-commit-interval` [`SPACED_COMMIT_MS`].
     pub(crate) live_walcast_spaced: Option<LiveResult>,
+    /// walcast's live runs over HTTP ([`HTTP_SETUPS`]; `file://` only).
+    pub(crate) live_http: Vec<HttpRun>,
     /// walcast's local WAL write of the backlog (not a store operation).
     pub(crate) write_walcast_secs: Option<f64>,
     /// WAL bytes of the walcast backlog.
@@ -156,6 +184,17 @@ pub(crate) struct StoreRun {
     pub(crate) catchup_walcast: Option<Measured>,
     /// A fresh SlateDB reader catching up the backlog.
     pub(crate) catchup_slatedb: Option<Measured>,
+}
+
+/// One walcast live run with its replica on `walcast serve` over HTTP.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct HttpRun {
+    /// What the report calls it.
+    pub(crate) label: String,
+    /// How it was set up.
+    pub(crate) setup: WalcastSetup,
+    /// What it measured.
+    pub(crate) result: LiveResult,
 }
 
 /// The whole run.
@@ -278,6 +317,49 @@ fn bench(cli: &Cli) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    if cli.cost {
+        let secs = cli.cost_secs.unwrap_or(if cli.quick { 5 } else { 30 });
+        let mut runs = Vec::new();
+        let mut failed = Vec::new();
+        for t in &targets {
+            say(format!(
+                "{} cost: every default, {:?} batches/s, {secs} s each",
+                t.label(),
+                cost::RATES
+            ));
+            for r in rt.block_on(cost::run(t, secs)) {
+                match r {
+                    Ok(r) => {
+                        say(format!(
+                            "  {} batches/s: {} commits, writer {} requests, reader {} in {:.1} s",
+                            r.rate,
+                            r.commits,
+                            r.writer.requests(),
+                            r.reader.requests(),
+                            r.secs
+                        ));
+                        runs.push(r);
+                    }
+                    Err(e) => {
+                        say(format!("  FAILED: {e:#}"));
+                        failed.push(format!("{} cost: {e:#}", t.label()));
+                    }
+                }
+            }
+        }
+        drop(rt);
+        let md = cost::write(&cli.out, &runs, &machine(), secs)?;
+        println!("{md}");
+        say(format!("report: {}", cli.out.join("cost.md").display()));
+        if !failed.is_empty() {
+            return Err(anyhow!(
+                "{} cost run(s) failed: {}",
+                failed.len(),
+                failed.join("; ")
+            ));
+        }
+        return Ok(());
+    }
     let mut results = Results {
         plan,
         machine: machine(),
@@ -335,6 +417,49 @@ fn bench(cli: &Cli) -> Result<()> {
                 run.live_walcast_spaced = Some(r);
             }
             Err(e) => fail("lag walcast --min-commit-interval", e),
+        }
+        if matches!(t, Target::File { .. }) {
+            for (i, (label, rate, long_poll)) in HTTP_SETUPS.iter().enumerate() {
+                say(format!("{} lag over HTTP, walcast: {label}", t.label()));
+                let setup = WalcastSetup {
+                    max_commits_per_sec: *rate,
+                    via: Via::Serve {
+                        long_poll: *long_poll,
+                    },
+                    ..WalcastSetup::store(0)
+                };
+                // The first setup also measures the idle replica; quick
+                // mode writes for less time over HTTP.
+                let http_plan = LivePlan {
+                    write_for: if plan.quick {
+                        Duration::from_secs(2)
+                    } else {
+                        live_plan.write_for
+                    },
+                    idle_for: if i == 0 {
+                        live_plan.idle_for
+                    } else {
+                        Duration::from_secs(1)
+                    },
+                    ..live_plan
+                };
+                match rt.block_on(live::walcast_with(
+                    t,
+                    &format!("walcast-http-{i}"),
+                    http_plan,
+                    setup,
+                )) {
+                    Ok(r) => {
+                        say(format!("  walcast ({label}): {}", live_summary(&r)));
+                        run.live_http.push(HttpRun {
+                            label: label.to_string(),
+                            setup,
+                            result: r,
+                        });
+                    }
+                    Err(e) => fail(&format!("lag over HTTP walcast ({label})"), e),
+                }
+            }
         }
         say(format!("{} lag + idle, SlateDB", t.label()));
         match rt.block_on(live::slatedb(t, "slatedb-live", live_plan)) {
@@ -407,8 +532,20 @@ fn say_measured(what: &str, m: &Measured) {
 
 fn live_summary(r: &LiveResult) -> String {
     let p = |q| report::percentile(&r.lags_ms, q);
+    let gaps = if r.commit_gaps_ms.is_empty() {
+        String::new()
+    } else {
+        let g = |q| report::percentile(&r.commit_gaps_ms, q);
+        format!(
+            "; {} commits, gap p50 {:.0} ms p99 {:.0} ms max {:.0} ms",
+            r.commits,
+            g(0.5),
+            g(0.99),
+            g(1.0)
+        )
+    };
     format!(
-        "{} batches, lag p50 {:.0} ms p99 {:.0} ms; idle {} reader requests in {:.0} s",
+        "{} batches, lag p50 {:.0} ms p99 {:.0} ms; idle {} reader requests in {:.0} s{gaps}",
         r.written,
         p(0.5),
         p(0.99),

@@ -385,6 +385,9 @@ pub(crate) fn write(out: &Path, r: &Results, took: Duration) -> Result<()> {
                 row.ratio_text()
             )?;
         }
+        if !run.live_http.is_empty() {
+            http_table(&mut md, run)?;
+        }
         if let (Some(w), Some(s)) = (&run.live_walcast, &run.live_slatedb) {
             writeln!(
                 md,
@@ -490,6 +493,81 @@ pub(crate) fn write(out: &Path, r: &Results, took: Duration) -> Result<()> {
     Ok(())
 }
 
+/// The live tail over HTTP: each walcast setup's lag, commits and
+/// requests, with SlateDB's run on the same store below them.
+fn http_table(md: &mut String, run: &StoreRun) -> Result<()> {
+    writeln!(
+        md,
+        "\nThe live tail over HTTP: the replica reads `walcast serve` on this dataset \
+         (in the bench's process, woken by each commit as `walcast publish --serve` does) \
+         instead of the store. Writer requests are the publisher's on the store; reader \
+         requests and bytes are the replica's HTTP GETs (long-polls included). SlateDB's \
+         reader reads the store; its row is the run above.\n"
+    )?;
+    writeln!(
+        md,
+        "| setup | lag p50 | lag p99 | lag max | p99 vs SlateDB | batches | commits | writer requests | reader requests | reader bytes | reader requests per commit |"
+    )?;
+    writeln!(
+        md,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )?;
+    let slate_p99 = run
+        .live_slatedb
+        .as_ref()
+        .map(|s| percentile(&s.lags_ms, 0.99));
+    let line = |md: &mut String, label: &str, l: &LiveResult, commits: Option<u64>| {
+        let p = |q| fmt_value(Some(percentile(&l.lags_ms, q)), Unit::Ms);
+        let vs = Row {
+            scenario: "lag",
+            metric: "p99",
+            unit: Unit::Ms,
+            better: Better::Lower,
+            walcast: Some(percentile(&l.lags_ms, 0.99)),
+            slatedb: slate_p99,
+        };
+        writeln!(
+            md,
+            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            p(0.5),
+            p(0.99),
+            p(1.0),
+            if commits.is_some() {
+                vs.ratio_text()
+            } else {
+                "—".into()
+            },
+            thousands(l.written),
+            commits.map_or("—".into(), thousands),
+            thousands(l.follow_writer.requests()),
+            thousands(l.follow_reader.requests()),
+            fmt_value(Some(l.follow_reader.bytes() as f64 / 1e6), Unit::Mb),
+            commits.map_or("—".into(), |c| format!(
+                "{:.2}",
+                l.follow_reader.requests() as f64 / c.max(1) as f64
+            )),
+        )
+    };
+    for h in &run.live_http {
+        line(md, &h.label, &h.result, Some(h.result.commits))?;
+    }
+    if let Some(s) = &run.live_slatedb {
+        line(md, "SlateDB (reader on the store)", s, None)?;
+    }
+    if let Some(h) = run.live_http.first() {
+        let l = &h.result;
+        writeln!(
+            md,
+            "\nIdle, {}: the caught-up replica made {} requests in {:.0} s ({:.1} a minute).",
+            h.label,
+            l.idle_reader.requests(),
+            l.idle_secs,
+            per_min(l.idle_reader.requests(), l.idle_secs)
+        )?;
+    }
+    Ok(())
+}
+
 fn worst_ceiling(md: &mut String, rp: &crate::replay::ReplayResult) -> Result<()> {
     writeln!(
         md,
@@ -528,6 +606,18 @@ fn chart(path: &Path, r: &Results) -> Result<()> {
                 ),
                 &l.lags_ms,
                 *cp,
+            ));
+        }
+        for (h, color) in run.live_http.iter().zip([
+            RGBColor(0, 0, 0),
+            RGBColor(127, 127, 127),
+            RGBColor(188, 189, 34),
+            RGBColor(227, 119, 194),
+        ]) {
+            series.push((
+                format!("walcast over HTTP, {}", h.label.replace('`', "")),
+                &h.result.lags_ms,
+                color,
             ));
         }
         if let Some(l) = &run.live_slatedb {

@@ -27,11 +27,17 @@ use walcast::handle::{ReplicaHandle, ReplicaOptions};
 use walcast_core::batch::Op;
 use walcast_core::publisher::PublisherConfig;
 
-/// The shipped example, with its listen address, origin and cache directory
-/// replaced, run without a master process (so it needs no user switch).
-fn proxy_conf(listen: u16, origin: &str, dir: &Path) -> String {
-    let conf = fs::read_to_string(workspace_root().join("examples/caching-proxy/nginx.conf"))
-        .expect("examples/caching-proxy/nginx.conf");
+/// The shipped polling example.
+const POLLING: &str = "nginx.conf";
+/// The shipped example that collapses long-polls.
+const LONG_POLL: &str = "nginx-long-poll.conf";
+
+/// The shipped example `file` (in examples/caching-proxy), with its listen
+/// address, origin and cache directory replaced, run without a master
+/// process (so it needs no user switch).
+fn proxy_conf(file: &str, listen: u16, origin: &str, dir: &Path) -> String {
+    let path = workspace_root().join("examples/caching-proxy").join(file);
+    let conf = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let d = dir.display();
     let swaps = [
         (
@@ -67,7 +73,7 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(origin: &str) -> Proxy {
+    fn start(file: &str, origin: &str) -> Proxy {
         let exe = ["/usr/sbin/nginx", "/usr/bin/nginx"]
             .into_iter()
             .map(Path::new)
@@ -95,7 +101,7 @@ impl Proxy {
         }
         let port = free_port();
         let conf = dir.path().join("nginx.conf");
-        fs::write(&conf, proxy_conf(port, origin, dir.path())).unwrap();
+        fs::write(&conf, proxy_conf(file, port, origin, dir.path())).unwrap();
         let mut cmd = Command::new(exe);
         cmd.arg("-e")
             .arg(dir.path().join("error.log"))
@@ -170,13 +176,15 @@ struct Fanout {
     origin_segments: u64,
     segments_fetched_twice: Vec<String>,
     went_backwards: bool,
+    lag_p50_ms: f64,
     lag_p99_ms: f64,
     lag_max_ms: f64,
 }
 
 /// A writer commits `writes` batches `every` apart; `replicas` replicas
-/// poll every `poll` through the proxy until they hold the last one.
-fn fanout(replicas: usize, writes: u64, every: Duration, poll: Duration) -> Fanout {
+/// follow through the proxy configured by `conf` (polling every `poll`, or
+/// long-polling where the proxy lets them) until they hold the last one.
+fn fanout(conf: &str, replicas: usize, writes: u64, every: Duration, poll: Duration) -> Fanout {
     let tmp = TempDir::new().unwrap();
     let wal = tmp.path().join("wal");
     let ds = tmp.path().join("ds");
@@ -240,7 +248,7 @@ fn fanout(replicas: usize, writes: u64, every: Duration, poll: Duration) -> Fano
         deadline.check();
         thread::sleep(Duration::from_millis(50));
     }
-    let proxy = Proxy::start(&origin_addr);
+    let proxy = Proxy::start(conf, &origin_addr);
     let url = format!("http://127.0.0.1:{}/", proxy.port);
 
     // Replicas, and a watcher per replica: when it first held each LSN,
@@ -340,6 +348,7 @@ fn fanout(replicas: usize, writes: u64, every: Duration, poll: Duration) -> Fano
             .map(|(k, n)| format!("{k} ({n}×)"))
             .collect(),
         went_backwards: backwards.load(Ordering::SeqCst),
+        lag_p50_ms: pct(0.5),
         lag_p99_ms: pct(0.99),
         lag_max_ms: lags.last().copied().unwrap_or(f64::NAN),
     }
@@ -362,6 +371,7 @@ fn hundred_replicas_behind_nginx_cost_the_origin_one_head_request_per_change() {
         return;
     }
     let f = fanout(
+        POLLING,
         100,
         12,
         Duration::from_millis(700),
@@ -394,30 +404,42 @@ fn hundred_replicas_behind_nginx_cost_the_origin_one_head_request_per_change() {
     assert!(f.origin_segments >= 1, "no segment went through the proxy");
 }
 
-/// Origin requests and lag p99 at 10, 100 and 1,000 replicas.
+/// Origin requests and lag p99 at 10, 100 and 1,000 replicas, behind each
+/// shipped proxy configuration.
 #[test]
 #[ignore = "benchmark: run with --ignored --nocapture"]
 fn bench_fanout_10_100_1000() {
-    println!("| replicas | head changes | head requests at the proxy | origin head requests | per head change | origin segment GETs | lag p99 | lag max |");
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for n in [10, 100, 1_000] {
-        let f = fanout(
-            n,
-            20,
-            Duration::from_millis(500),
-            Duration::from_millis(1000),
-        );
-        assert!(!f.went_backwards);
-        println!(
-            "| {} | {} | {} | {} | {:.2} | {} | {:.0} ms | {:.0} ms |",
-            f.replicas,
-            f.head_changes,
-            f.proxy_head,
-            f.origin_head,
-            f.origin_head as f64 / f.head_changes.max(1) as f64,
-            f.origin_segments,
-            f.lag_p99_ms,
-            f.lag_max_ms
-        );
+    let counts: Vec<usize> = std::env::var("WALCAST_FANOUT_REPLICAS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![10, 100, 1_000]);
+    println!("| proxy | replicas | head changes | head requests at the proxy | origin head requests | per head change | origin segment GETs | lag p50 | lag p99 | lag max |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let confs: Vec<String> = std::env::var("WALCAST_FANOUT_PROXIES")
+        .map(|v| v.split(',').map(str::to_string).collect())
+        .unwrap_or_else(|_| vec![POLLING.into(), LONG_POLL.into()]);
+    for conf in &confs {
+        for &n in &counts {
+            let f = fanout(
+                conf,
+                n,
+                20,
+                Duration::from_millis(500),
+                Duration::from_millis(1000),
+            );
+            assert!(!f.went_backwards);
+            println!(
+                "| {conf} | {} | {} | {} | {} | {:.2} | {} | {:.0} ms | {:.0} ms | {:.0} ms |",
+                f.replicas,
+                f.head_changes,
+                f.proxy_head,
+                f.origin_head,
+                f.origin_head as f64 / f.head_changes.max(1) as f64,
+                f.origin_segments,
+                f.lag_p50_ms,
+                f.lag_p99_ms,
+                f.lag_max_ms
+            );
+        }
     }
 }
