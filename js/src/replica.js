@@ -1045,8 +1045,11 @@ export class Replica {
       const started = Date.now();
       let timer = null;
       const expired = new Promise((resolve) => (timer = setTimeout(resolve, left)));
+      // start()'s loop long-polls: the held read brings the commit as soon
+      // as the server has it (a sync would abandon that read for a new one).
+      const following = this.#running && s.longPoll;
       try {
-        await Promise.race([this.sync(), expired]);
+        await Promise.race([following ? this.#nextChange(Math.min(left, 1000)) : this.sync(), expired]);
         lastError = null;
       } catch (e) {
         if (e?.code === "closed") throw e;
@@ -1057,10 +1060,26 @@ export class Replica {
       // The head did not name `lsn` yet (the publisher has not committed
       // it): read it again shortly, not in a tight loop.
       const pause = Math.min(100 - (Date.now() - started), until - Date.now());
-      if (pause > 0 && this.#call("read", (w) => w.status()).appliedLsn < lsn) {
+      if (!following && pause > 0 && this.#call("read", (w) => w.status()).appliedLsn < lsn) {
         await new Promise((resolve) => setTimeout(resolve, pause));
       }
     }
+  }
+
+  /** Resolves at the next onChange or onReset, or after `ms`. */
+  #nextChange(ms) {
+    return new Promise((resolve) => {
+      let timer = null;
+      const done = () => {
+        clearTimeout(timer);
+        offChange();
+        offReset();
+        resolve();
+      };
+      const offChange = this.onChange(done);
+      const offReset = this.onReset(done);
+      timer = setTimeout(done, ms);
+    });
   }
 
   #runSync() {

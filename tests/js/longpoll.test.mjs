@@ -150,6 +150,10 @@ test("walcast serve: start() long-polls, idles on held reads, sync() and close()
     const lsn = ds.write("b", "2");
     await appliedAtLeast(replica, lsn, seen);
     assert.equal(replica.getText("b"), "2");
+    // Read-your-writes while following: waitFor waits on the held read.
+    const lsnW = ds.write("w", "5");
+    assert.ok((await replica.waitFor(lsnW, { timeout: 60_000 })) >= lsnW, "waitFor while long-polling");
+    assert.equal(replica.getText("w"), "5");
     // A sync beside a held read reads the head at once.
     const lsn2 = ds.write("c", "3");
     assert.ok((await replica.sync()) >= lsn2);
