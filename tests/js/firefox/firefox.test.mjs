@@ -133,7 +133,7 @@ async function main() {
     await page.close();
   });
 
-  test("reload: the replica reopens from IndexedDB and serves reads before its first sync, offline", { timeout: TIMEOUT }, async () => {
+  test("reload: the replica reopens from IndexedDB (the base, then the base and its log) and serves reads before its first sync, offline", { timeout: TIMEOUT }, async () => {
     const f0 = fxReload.scenarios.midhistory;
     const url = f0.url;
     const page = await newPage("reload");
@@ -183,6 +183,31 @@ async function main() {
     assert.equal(second.error, undefined, `sync after reload: ${JSON.stringify(second.error)}`);
     assert.equal(second.lsn, f1.expected.lsn, "sync after reload reaches stage 1");
     assert.equal(await w((e) => window.walcastTest.compare("r", e), f1.expected.entries), null, "state after the sync");
+    const persisted1 = await w((u) => window.walcastTest.persisted(u), url);
+    assert.equal(persisted1?.baseLsn, f0.expected.lsn, "stage 1 was appended as a log to the stage 0 base");
+    assert.ok(persisted1.logBytes > 0, "the log holds what the sync applied");
+
+    // Reload again, offline: the base with the log replayed on it.
+    await w(() => window.walcastTest.close("r"));
+    await load(page, true);
+    await w(async (u) => {
+      await (await import("/dist/web.js")).init();
+      window.refused = 0;
+      const real = window.fetch.bind(window);
+      window.fetch = (input, init) => {
+        const target = typeof input === "string" ? input : input.url;
+        if (String(target).startsWith(u + "/")) {
+          window.refused++;
+          return Promise.reject(new TypeError("offline (the test refuses the dataset)"));
+        }
+        return real(input, init);
+      };
+    }, url);
+    const third = await w((u) => window.walcastTest.open("r", u, { persist: "indexeddb" }), url);
+    assert.equal(third.appliedLsn, f1.expected.lsn, "reopened at stage 1 from the base and the log");
+    assert.equal(await w((e) => window.walcastTest.compare("r", e), f1.expected.entries), null, "stage 1 served before any sync");
+    assert.deepEqual(await w(() => window.walcastTest.errors("r")), [], "no error replaying the log");
+    assert.equal(await w(() => window.refused), 0, "no request before a sync");
     await page.close();
   });
 }
