@@ -137,6 +137,16 @@ window.bench = {
     const ms = performance.now() - t;
     return { lsn, ms, received: replicas[name].status().bytesReceived - before, meter };
   },
+  /** A new replica opened from the store (what a reload does): ms to open, the LSN. */
+  async reopen(url) {
+    const t = performance.now();
+    const r = await Replica.open(url, { persist: "indexeddb" });
+    r.get("key:00000000");
+    const ms = performance.now() - t;
+    const lsn = r.status().appliedLsn;
+    await r.close();
+    return { ms, lsn };
+  },
   async record(url) {
     const db = await req(indexedDB.open("walcast"));
     const r = await req(db.transaction("replicas").objectStore("replicas").get(url));
@@ -212,11 +222,15 @@ try {
   for (let i = 0; i < 3; i++) await round("~100 KiB", 800);
   // ~2 MiB rounds until the incremental store compacts (at most 12).
   const big = [];
+  let reopenBefore = null;
   for (let i = 0; i < 12; i++) {
     const r = await round("~2 MiB", 16_000);
     big.push(r);
     if (r.base > 0) break;
+    reopenBefore = { ...(await page.evaluate((u) => window.bench.reopen(u), dataUrl)), logBytes: r.rec.logBytes };
   }
+  const reopenAfter = await page.evaluate((u) => window.bench.reopen(u), dataUrl);
+  say(`reopen: with a ${reopenBefore?.logBytes} B log ${reopenBefore?.ms.toFixed(0)} ms; right after the compaction ${reopenAfter.ms.toFixed(0)} ms`);
 
   // --- report -----------------------------------------------------------------------
   const kib = (b) => `${(b / 1024).toFixed(1)} KiB`;
@@ -250,6 +264,12 @@ try {
     );
   } else {
     console.log(`\nNo compaction within ${big.length} syncs of ~2 MiB.`);
+  }
+  if (reopenBefore) {
+    console.log(
+      `\nA reload (Replica.open from IndexedDB to the first read): ${reopenAfter.ms.toFixed(0)} ms from the base alone (right after the compaction), ` +
+        `${reopenBefore.ms.toFixed(0)} ms from the base plus a ${kib(reopenBefore.logBytes)} log (the largest before it).`,
+    );
   }
 } finally {
   await browser.close().catch(() => {});
