@@ -98,3 +98,81 @@ async fn handles_read_what_a_replicate_run_holds_and_wait_for_new_writes() {
         .unwrap_err();
     assert!(err.to_string().contains("catalog/head.json"), "{err}");
 }
+
+/// `ReplicaOptions::local`: a full replica that survives a restart in the
+/// directory `walcast replicate --local` writes. Reopened, it restores the
+/// state and fetches only the head (nothing applied is fetched again); the
+/// directory reads with `walcast get --local`; lazy mode refuses a local
+/// directory; `fetch_stats` counts what opening cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_directory_survives_a_reopen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wal = tmp.path().join("wal");
+    let ds = tmp.path().join("ds");
+    let url = file_url(&ds);
+    let mut rng = Rng::new(12);
+    let opts = GenOpts {
+        keys: 100,
+        max_value: 100,
+        ..GenOpts::default()
+    };
+    let lsns = write(&wal, &gen_batches(&mut rng, 120, opts));
+    // Small segments: a cold open takes several GETs.
+    publish_once(
+        &wal,
+        &url,
+        &["--segment-bytes", "2048", "--tail-bytes", "0"],
+        &Env::new(),
+    )
+    .ok();
+    let local = tmp.path().join("replica");
+    let options = ReplicaOptions {
+        local: Some(local.clone()),
+        ..ReplicaOptions::default()
+    };
+    let h = ReplicaHandle::open(&url, options.clone()).await.unwrap();
+    let last = *lsns.last().unwrap();
+    assert_eq!(h.status().applied_lsn, last);
+    let cold = h.fetch_stats();
+    assert!(
+        cold.gets > 2 && cold.bytes > 0 && cold.round_trips >= 2,
+        "{cold:?}"
+    );
+    let all: std::collections::BTreeMap<_, _> = h
+        .scan(b"", None, usize::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    h.close().await;
+    assert_eq!(
+        scan(&local),
+        all,
+        "the directory holds what the handle held"
+    );
+
+    // Reopened: restored from the directory, only the head fetched.
+    let h = ReplicaHandle::open(&url, options.clone()).await.unwrap();
+    assert_eq!(h.status().applied_lsn, last);
+    let warm = h.fetch_stats();
+    assert_eq!(warm.gets, 1, "only the head: {warm:?}");
+    let again: std::collections::BTreeMap<_, _> = h
+        .scan(b"", None, usize::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(again, all);
+    h.close().await;
+
+    let err = ReplicaHandle::open(
+        &url,
+        ReplicaOptions {
+            lazy_cache_bytes: Some(1 << 20),
+            ..options
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("local directory"), "{err}");
+}
