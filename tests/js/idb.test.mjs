@@ -34,6 +34,34 @@ function frames(first, lens) {
 const whole = (lsn, bytes, datasetId = "ds") => () => ({ snapshot: new Uint8Array(bytes).fill(7), appliedLsn: lsn, datasetId });
 const noWhole = () => assert.fail("whole() was not expected");
 
+test("a version 1 database and record (the whole state inline) are upgraded, read and replaced", { skip: !fakeIdb && "fake-indexeddb is not installed" }, async () => {
+  const url = "http://x/v1";
+  // What version 1 wrote: database version 1, the record alone in
+  // "replicas". First in this file: the store has not opened (and so not
+  // upgraded) the database yet.
+  await new Promise((resolve, reject) => {
+    const r = indexedDB.open("walcast", 1);
+    r.onupgradeneeded = () => r.result.createObjectStore("replicas");
+    r.onsuccess = () => {
+      const tx = r.result.transaction("replicas", "readwrite");
+      tx.objectStore("replicas").put({ snapshot: new Uint8Array(9), appliedLsn: 4, datasetId: "ds", savedAt: 1 }, url);
+      tx.oncomplete = () => {
+        r.result.close();
+        resolve();
+      };
+      tx.onerror = () => reject(tx.error);
+    };
+    r.onerror = () => reject(r.error);
+  });
+  const rec = await store.load(url);
+  assert.equal(rec.appliedLsn, 4);
+  assert.equal(rec.snapshot.length, 9);
+  const out = await store.append(url, { datasetId: "ds", first: 5, last: 5, bytes: frames(5, [3]), whole: whole(5, 20) });
+  assert.deepEqual(out, { wrote: "base", bytes: 20 }, "the first write after version 1 is whole");
+  const after = await store.load(url);
+  assert.equal(after.baseLsn, 5);
+});
+
 test("recordsAfter cuts a chunk at an LSN", () => {
   const c = frames(10, [3, 5, 1]);
   assert.equal(recordsAfter(c, 9).length, c.length);
@@ -123,29 +151,4 @@ test("appends, slices, skips, compacts and loads", { skip: !fakeIdb && "fake-ind
 
   await store.remove(url);
   assert.equal(await store.load(url), undefined);
-});
-
-test("a version 1 record (the whole state inline) is read and replaced", { skip: !fakeIdb && "fake-indexeddb is not installed" }, async () => {
-  const url = "http://x/v1";
-  // What version 1 wrote: the record alone, in "replicas".
-  await new Promise((resolve, reject) => {
-    const r = indexedDB.open("walcast");
-    r.onsuccess = () => {
-      const tx = r.result.transaction("replicas", "readwrite");
-      tx.objectStore("replicas").put({ snapshot: new Uint8Array(9), appliedLsn: 4, datasetId: "ds", savedAt: 1 }, url);
-      tx.oncomplete = () => {
-        r.result.close();
-        resolve();
-      };
-      tx.onerror = () => reject(tx.error);
-    };
-    r.onerror = () => reject(r.error);
-  });
-  const rec = await store.load(url);
-  assert.equal(rec.appliedLsn, 4);
-  assert.equal(rec.snapshot.length, 9);
-  const out = await store.append(url, { datasetId: "ds", first: 5, last: 5, bytes: frames(5, [3]), whole: whole(5, 20) });
-  assert.deepEqual(out, { wrote: "base", bytes: 20 }, "the first write after version 1 is whole");
-  const after = await store.load(url);
-  assert.equal(after.baseLsn, 5);
 });
