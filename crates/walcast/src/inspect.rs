@@ -238,11 +238,12 @@ pub async fn inspect(
             pb.inc(1);
         }
         if let Some(sn) = &head.snapshot {
-            match get(&f, &sn.key, sn.size).await {
-                Ok(b) => match {
-                    check_digest(&sn.key, &b, &mut failures);
-                    snapshot::decode(&b, Some(sn.crc32))
-                } {
+            let got = get(&f, &sn.key, sn.size).await;
+            if let Ok(b) = &got {
+                check_digest(&sn.key, b, &mut failures);
+            }
+            match got {
+                Ok(b) => match snapshot::decode(&b, Some(sn.crc32)) {
                     Ok((h, _)) if h.lsn == sn.lsn && h.dataset_id == head.dataset_id => {}
                     Ok(_) => {
                         failures.push(format!("{}: header disagrees with the catalog", sn.key))
