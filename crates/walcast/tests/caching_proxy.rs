@@ -404,6 +404,41 @@ fn hundred_replicas_behind_nginx_cost_the_origin_one_head_request_per_change() {
     assert!(f.origin_segments >= 1, "no segment went through the proxy");
 }
 
+#[test]
+fn hundred_replicas_long_polling_through_nginx_share_one_held_origin_request() {
+    if skip("caching_proxy") {
+        return;
+    }
+    let f = fanout(
+        LONG_POLL,
+        100,
+        12,
+        Duration::from_millis(700),
+        Duration::from_millis(200),
+    );
+    eprintln!("{f:#?}");
+    assert!(!f.went_backwards, "a replica went backwards");
+    assert!(f.head_changes >= 6, "only {} head changes", f.head_changes);
+    // Replicas holding the same head wait on one held origin request.
+    assert!(
+        f.origin_head <= f.head_changes * 2 + 4,
+        "{} origin head requests for {} head changes",
+        f.origin_head,
+        f.head_changes
+    );
+    assert!(
+        f.proxy_head >= f.origin_head * 20,
+        "{} head requests reached the proxy, {} the origin",
+        f.proxy_head,
+        f.origin_head
+    );
+    assert!(
+        f.segments_fetched_twice.is_empty(),
+        "segments fetched from the origin more than once: {:?}",
+        f.segments_fetched_twice
+    );
+}
+
 /// Origin requests and lag p99 at 10, 100 and 1,000 replicas, behind each
 /// shipped proxy configuration.
 #[test]
