@@ -857,6 +857,8 @@ export class Replica {
         this.#emitError(damage);
       }
     } catch (e) {
+      // An unreadable copy: the next whole state replaces it (repair).
+      this.#persistRepair = true;
       this.#emitError(e);
       return;
     }
@@ -939,7 +941,8 @@ export class Replica {
           }
         } catch (e) {
           // An unreadable copy (another version, damage): start over; the next
-          // persisted state replaces it.
+          // persisted state replaces it, even at the same LSN (repair).
+          restored = { appliedLsn: -1, datasetId: null, damaged: true };
           reportTo(options.onError, e);
         }
       }

@@ -266,6 +266,23 @@ test("reload: the replica reopens from IndexedDB, serves reads offline, then fet
   assert.equal(fourth.appliedLsn, f1.expected.lsn, "the repaired store opens at stage 1");
   assert.equal(await w(([e]) => window.walcastTest.compare("r", e), f1.expected.entries), null, "repaired: stage 1");
   assert.deepEqual(await w(() => window.walcastTest.errors("r")), [], "no error after the repair");
+
+  // A damaged base: nothing of the copy is used (the replica opens empty and
+  // reports it); the first sync rewrites the store, at the same LSN too.
+  await w(() => window.walcastTest.close("r"));
+  await w(([u]) => window.walcastTest.damageLog(u, "corrupt-base"), url);
+  await load(page, true);
+  const fresh = await w(([u]) => window.walcastTest.open("r", u, { persist: "indexeddb" }), url);
+  assert.equal(fresh.appliedLsn, 0, "a damaged base is not used");
+  const baseErrs = await w(() => window.walcastTest.errors("r"));
+  assert.equal(baseErrs[0]?.code, "data", `the damage is reported: ${JSON.stringify(baseErrs)}`);
+  const resynced = await w(() => window.walcastTest.sync("r"));
+  assert.equal(resynced.lsn, f1.expected.lsn, `sync after a damaged base: ${JSON.stringify(resynced.error)}`);
+  await load(page, true);
+  const fifth = await w(([u]) => window.walcastTest.open("r", u, { persist: "indexeddb" }), url);
+  assert.equal(fifth.appliedLsn, f1.expected.lsn, "the rewritten store opens at stage 1");
+  assert.equal(await w(([e]) => window.walcastTest.compare("r", e), f1.expected.entries), null, "rewritten: stage 1");
+  assert.deepEqual(await w(() => window.walcastTest.errors("r")), [], "no error after the rewrite");
   await page.close();
 });
 

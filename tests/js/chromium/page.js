@@ -143,11 +143,20 @@ window.walcastTest = {
   /**
    * Damages the persisted log of `url`: "drop-last" deletes its last chunk,
    * "corrupt-first" flips a payload byte of the first record of its first
-   * chunk. Returns the chunks' first LSNs before.
+   * chunk. Returns the chunks' first LSNs before. "corrupt-base" flips a
+   * byte in the middle of the base snapshot instead.
    */
   async damageLog(url, how) {
     const db = await openIdb();
     try {
+      if (how === "corrupt-base") {
+        const tx = db.transaction("bases", "readwrite");
+        const base = await request(tx.objectStore("bases").get(url));
+        const copy = base.slice();
+        copy[copy.length >> 1] ^= 0x20;
+        await request(tx.objectStore("bases").put(copy, url));
+        return [];
+      }
       const tx = db.transaction("log", "readwrite");
       const store = tx.objectStore("log");
       const range = IDBKeyRange.bound([url, 0], [url, Infinity]);
