@@ -179,8 +179,8 @@ services.lazydamage = { bindings: { DATASET_URL: fxMore.scenarios.lazydamage.url
 // TRUST: pinned keys (the signed scenario's publisher key, another key; an unsigned dataset).
 const signedFx = fxMore.scenarios.signed;
 services.trusted = { bindings: { DATASET_URL: signedFx.url, TRUST: ` ${signedFx.wrongKey} , ${signedFx.trustKey}`, MAX_AGE_MS: "0" } };
-services.trustwrong = { bindings: { DATASET_URL: signedFx.url, TRUST: signedFx.wrongKey, MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "15000" } };
-services.trustunsigned = { bindings: { DATASET_URL: fxMore.scenarios.basic.url, TRUST: signedFx.trustKey, MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "15000" } };
+services.trustwrong = { bindings: { DATASET_URL: signedFx.url, TRUST: signedFx.wrongKey, MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "1000" } };
+services.trustunsigned = { bindings: { DATASET_URL: fxMore.scenarios.basic.url, TRUST: signedFx.trustKey, MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "1000" } };
 services.trustbad = { bindings: { DATASET_URL: signedFx.url, TRUST: "ed25519:nope" } };
 services.hostile = { bindings: { DATASET_URL: `${datasets.controlUrl}/hostile/endless/${hostileToken}`, MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "1000" } };
 fs.writeFileSync(path.join(tmp, "fixtures.json"), JSON.stringify(fxConf));
@@ -597,7 +597,7 @@ test("worker TRUST: a pinned replica serves a signed dataset and /status names t
   await expectServed("trusted", f0.expected, "pinned worker");
   assert.equal((await status("basic")).trust, null, "no TRUST: trust is null");
   // Refused: nothing to serve (503 with code untrusted), /status says why.
-  for (const svc of ["trustwrong", "trustunsigned"]) {
+  await Promise.all(["trustwrong", "trustunsigned"].map(async (svc) => {
     const st = await until(async () => {
       const st = await status(svc);
       return { done: st.lastError?.code === "untrusted" || st.worker.lastSyncError?.code === "untrusted", value: st };
@@ -607,7 +607,7 @@ test("worker TRUST: a pinned replica serves a signed dataset and /status names t
     const kv = await getJSON(svc, `/kv/${pct(unb64(f0.expected.entries[0][0]))}`);
     assert.equal(kv.status, 503, `${svc}: /kv before any trusted sync`);
     assert.equal(kv.json.error.code, "untrusted", `${svc}: /kv error code`);
-  }
+  }));
   const bad = await getJSON("trustbad", "/status");
   assert.equal(bad.status, 500, "a malformed TRUST is a configuration error");
   assert.match(bad.json.error.message, /TRUST must be/, "the error names TRUST");
