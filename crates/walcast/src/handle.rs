@@ -61,6 +61,10 @@ pub struct ReplicaOptions {
     /// Follow the head after opening (`false`: catch up once, then answer
     /// reads from that state until closed; lazy reads still fetch blocks).
     pub follow: bool,
+    /// Lazy mode: keys whose snapshot blocks (footer, index and data block)
+    /// are fetched while the open catches up, beside the tail's segments, so
+    /// a first read of them after the open needs no further round trip.
+    pub prefetch: Vec<Vec<u8>>,
 }
 
 impl Default for ReplicaOptions {
@@ -73,6 +77,7 @@ impl Default for ReplicaOptions {
             trust: Vec::new(),
             local: None,
             follow: true,
+            prefetch: Vec::new(),
         }
     }
 }
@@ -239,6 +244,7 @@ impl ReplicaHandle {
             persist,
             lazy: options.lazy_cache_bytes.is_some(),
             follow: options.follow,
+            prefetch: options.prefetch.clone(),
             extras,
             warned_v1: false,
             bar: indicatif::ProgressBar::hidden(),
@@ -410,6 +416,7 @@ struct Hooks {
     persist: Option<Persist>,
     lazy: bool,
     follow: bool,
+    prefetch: Vec<Vec<u8>>,
     extras: Extras,
     warned_v1: bool,
     bar: indicatif::ProgressBar,
@@ -511,9 +518,15 @@ fn follow(
         let shared = Rc::new(std::cell::RefCell::new(machine));
         let mut runner = Driver::shared(shared.clone(), fetch.clone(), TokioTimer);
         let reader = Rc::new(Driver::shared(shared.clone(), fetch, TokioTimer));
+        let prefetch = std::mem::take(&mut hooks.prefetch);
         let hooks = std::cell::RefCell::new(hooks);
+        // Set once lazy mode adopts the snapshot as its base.
+        let based = Rc::new(tokio::sync::Notify::new());
         let mut on_event = |r: &Replica, e: &Event| -> Result<()> {
             hooks.borrow_mut().on_event(r, e)?;
+            if matches!(e, Event::Bootstrapped { .. }) {
+                based.notify_one();
+            }
             if let Ok(mut l) = live.lock() {
                 *l = r.status(crate::publish::now_ms());
             }
@@ -542,6 +555,17 @@ fn follow(
                 let _ = r.send(Ok(()));
             }
         } else {
+            if !prefetch.is_empty() && hooks.borrow().lazy {
+                // Beside the catch-up: the blocks of the keys to be read,
+                // from the base as soon as it is adopted. On a task of its
+                // own, so GETs it issued are answered even after the open.
+                let (reader, based) = (reader.clone(), based.clone());
+                tokio::task::spawn_local(async move {
+                    based.notified().await;
+                    let reads = prefetch.iter().map(|k| reader.get(k));
+                    let _ = futures::future::join_all(reads).await;
+                });
+            }
             // Catch up first; a failure ends the open.
             let first = runner
                 .run(Until::CaughtUp, stop.clone(), &mut on_event)

@@ -303,17 +303,20 @@ enum Cmd {
 
 /// `get --from` and `scan --from`: a lazy replica that catches up to the
 /// head once (fetching no snapshot) and does not follow; reads fetch the
-/// blocks they need.
+/// blocks they need, those of `key` while it catches up.
 async fn open_lazy(
     url: &str,
     headers: Vec<String>,
     trust: Vec<walcast_core::keys::PublicKey>,
+    key: &[u8],
 ) -> Result<walcast::Replica> {
     let opts = walcast::ReplicaOptions {
         lazy_cache_bytes: Some(8 << 20),
         headers,
         trust,
         follow: false,
+        // The key's blocks come beside the tail's segments.
+        prefetch: vec![key.to_vec()],
         ..walcast::ReplicaOptions::default()
     };
     walcast::Replica::open(url, opts).await
@@ -724,7 +727,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                     .get(key.as_bytes())
                     .map(<[u8]>::to_vec),
                 (None, Some(url)) => {
-                    let r = open_lazy(&url, headers, trust).await?;
+                    let r = open_lazy(&url, headers, trust, key.as_bytes()).await?;
                     let res = r.get(key.as_bytes()).await;
                     if stats {
                         eprintln!("{}", r.fetch_stats().to_json());
@@ -774,7 +777,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                     }
                 }
                 (None, Some(url)) => {
-                    let r = open_lazy(&url, headers, trust).await?;
+                    let r = open_lazy(&url, headers, trust, prefix.as_bytes()).await?;
                     let res = r
                         .scan_prefix(prefix.as_bytes(), limit.unwrap_or(usize::MAX))
                         .await;
