@@ -625,6 +625,8 @@ impl WasmReplica {
     /// `Walcast-Long-Poll` header (the server holds conditional head GETs;
     /// the machine then long-polls the head). Classified by `status` alone.
     /// Step the machine afterwards.
+    // One argument per response field: JS passes them without building an object.
+    #[allow(clippy::too_many_arguments)]
     pub fn deliver(
         &self,
         id: f64,
