@@ -153,9 +153,10 @@ export const indexedDbStore = {
       const r = rec.result;
       if (!r) return undefined;
       if (r.format !== FORMAT) return r.snapshot ? r : undefined; // version 1: whole inline
-      if (!(base.result instanceof Uint8Array)) return undefined;
       return {
-        snapshot: base.result,
+        // A missing base reads as an empty (undecodable) one: the replica
+        // reports the damage and rewrites the store whole.
+        snapshot: base.result instanceof Uint8Array ? base.result : new Uint8Array(0),
         log: log.result ?? [],
         appliedLsn: r.appliedLsn,
         datasetId: r.datasetId ?? null,

@@ -149,6 +149,24 @@ test("appends, slices, skips, compacts and loads", { skip: !fakeIdb && "fake-ind
   rec = await store.load(url);
   assert.equal(rec.datasetId, "other");
 
+  // A record whose base is gone reads as an empty base (the replica reports it and rewrites).
+  await new Promise((resolve, reject) => {
+    const r = indexedDB.open("walcast");
+    r.onsuccess = () => {
+      const tx = r.result.transaction("bases", "readwrite");
+      tx.objectStore("bases").delete(url);
+      tx.oncomplete = () => {
+        r.result.close();
+        resolve();
+      };
+      tx.onerror = () => reject(tx.error);
+    };
+    r.onerror = () => reject(r.error);
+  });
+  rec = await store.load(url);
+  assert.equal(rec.snapshot.length, 0, "a missing base");
+  assert.equal(rec.datasetId, "other");
+
   await store.remove(url);
   assert.equal(await store.load(url), undefined);
 });
