@@ -2,9 +2,10 @@
 //! checksum in the formats.
 //!
 //! Native builds use `crc32fast` (SIMD where the CPU has it, else
-//! slicing-by-16). The wasm32 build uses the `crc` crate with one 1 KiB
-//! table instead: `crc32fast`'s portable path carries a 16 KiB table that
-//! does not compress (about 16 KB of the gzipped module), and wasm has no
+//! slicing-by-16). The wasm32 build uses the `crc` crate's slicing-by-16
+//! instead, with its 16 KiB of tables computed once at run time rather than
+//! shipped: `crc32fast`'s portable path carries them in the module, where
+//! they do not compress (about 16 KB of the gzipped module), and wasm has no
 //! CRC instructions to use. The checksums are the same bytes either way
 //! (tested below against `crc32fast`).
 
@@ -13,23 +14,32 @@ pub(crate) use crc32fast::{hash, Hasher};
 
 #[cfg(any(target_arch = "wasm32", test))]
 mod small {
-    /// CRC-32/ISO-HDLC with a 256-entry table.
-    static CRC32: crc::Crc<u32, crc::Table<1>> =
-        crc::Crc::<u32, crc::Table<1>>::new(&crc::CRC_32_ISO_HDLC);
+    use std::sync::OnceLock;
+
+    /// CRC-32/ISO-HDLC, slicing-by-16.
+    type Crc32 = crc::Crc<u32, crc::Table<16>>;
+
+    /// Built on first use: `Crc::new` is a `const fn`, but calling it here,
+    /// at run time, keeps its 16 KiB of tables out of the module's data.
+    static CRC32: OnceLock<Crc32> = OnceLock::new();
+
+    fn crc32() -> &'static Crc32 {
+        CRC32.get_or_init(|| Crc32::new(&crc::CRC_32_ISO_HDLC))
+    }
 
     /// The CRC-32 of `bytes`.
     pub(crate) fn hash(bytes: &[u8]) -> u32 {
-        CRC32.checksum(bytes)
+        crc32().checksum(bytes)
     }
 
     /// An incremental CRC-32, with the calls of `crc32fast::Hasher`.
     #[derive(Clone)]
-    pub(crate) struct Hasher(crc::Digest<'static, u32, crc::Table<1>>);
+    pub(crate) struct Hasher(crc::Digest<'static, u32, crc::Table<16>>);
 
     impl Hasher {
         /// A hasher over no bytes yet.
         pub(crate) fn new() -> Self {
-            Hasher(CRC32.digest())
+            Hasher(crc32().digest())
         }
 
         /// Adds `bytes`.
