@@ -124,11 +124,80 @@ pub fn decode(payload: &[u8]) -> Result<Vec<OpRef<'_>>, DecodeError> {
 /// invalid batch can be applied.
 pub fn decode_into<'a>(payload: &'a [u8], ops: &mut Vec<OpRef<'a>>) -> Result<(), DecodeError> {
     ops.clear();
+    if decode_fast(payload, ops) {
+        return Ok(());
+    }
+    // Anything the fast path does not take (an error, a long varint) gets
+    // the careful decoder's verdict and error.
+    ops.clear();
     let res = decode_ops(payload, ops);
     if res.is_err() {
         ops.clear();
     }
     res
+}
+
+/// The replay's hot path: a well-formed batch whose varints take at most
+/// two bytes, decoded without the careful decoder's error reporting. It
+/// accepts exactly what [`decode_ops`] accepts among such batches and
+/// returns `false` on anything else, leaving the verdict to it.
+#[inline]
+fn decode_fast<'a>(payload: &'a [u8], ops: &mut Vec<OpRef<'a>>) -> bool {
+    let Some((&VERSION, rest)) = payload.split_first() else {
+        return false;
+    };
+    let Some((count, mut rest)) = short_varint(rest) else {
+        return false;
+    };
+    // Every op takes at least 2 bytes.
+    if count > rest.len() / 2 {
+        return false;
+    }
+    ops.reserve(count.min(64));
+    for _ in 0..count {
+        let Some((&tag, r)) = rest.split_first() else {
+            return false;
+        };
+        let Some((key, r)) = short_len_prefixed(r) else {
+            return false;
+        };
+        match tag {
+            TAG_PUT => {
+                let Some((value, r)) = short_len_prefixed(r) else {
+                    return false;
+                };
+                ops.push(OpRef::Put(key, value));
+                rest = r;
+            }
+            TAG_DELETE => {
+                ops.push(OpRef::Delete(key));
+                rest = r;
+            }
+            _ => return false,
+        }
+    }
+    rest.is_empty()
+}
+
+/// A minimal varint of one or two bytes (below 16,384) and the bytes after it.
+#[inline]
+fn short_varint(b: &[u8]) -> Option<(usize, &[u8])> {
+    match *b {
+        [x, ref rest @ ..] if x < 0x80 => Some((usize::from(x), rest)),
+        // Minimal: a second byte of 0 would not be.
+        [x, y, ref rest @ ..] if (1..0x80).contains(&y) => {
+            Some((usize::from(x & 0x7f) | usize::from(y) << 7, rest))
+        }
+        _ => None,
+    }
+}
+
+/// A short varint length and that many bytes (below every key and value
+/// limit), and the bytes after them.
+#[inline]
+fn short_len_prefixed(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = short_varint(b)?;
+    (len <= rest.len()).then(|| rest.split_at(len))
 }
 
 fn decode_ops<'a>(payload: &'a [u8], ops: &mut Vec<OpRef<'a>>) -> Result<(), DecodeError> {
@@ -177,4 +246,54 @@ fn decode_ops<'a>(payload: &'a [u8], ops: &mut Vec<OpRef<'a>>) -> Result<(), Dec
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The careful decoder alone, for comparison with [`decode_into`].
+    fn careful(payload: &[u8]) -> Result<Vec<OpRef<'_>>, DecodeError> {
+        let mut ops = Vec::new();
+        decode_ops(payload, &mut ops).map(|()| ops)
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_careful_decoder() {
+        let big = vec![9u8; 300];
+        let huge = vec![8u8; 20_000];
+        let good = [
+            encode(&[Op::put(b"k".to_vec(), b"v".to_vec())]).unwrap(),
+            encode(&[
+                Op::put(b"k".to_vec(), big.clone()),
+                Op::delete(b"d".to_vec()),
+            ])
+            .unwrap(),
+            encode(&[Op::put(big.clone(), huge)]).unwrap(),
+            encode(&[]).unwrap(),
+        ];
+        let mut bad: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![2, 0],
+            vec![1, 1, 3, 0],
+            // A non-minimal two-byte length.
+            vec![1, 1, 2, 0x81, 0x00, b'k'],
+            // A count the payload cannot hold.
+            vec![1, 0x80, 0x01, 1, 0, 0],
+        ];
+        for g in &good {
+            bad.push(g[..g.len() - 1].to_vec());
+            let mut trailing = g.clone();
+            trailing.push(0);
+            bad.push(trailing);
+        }
+        for p in good.iter().chain(&bad) {
+            let mut ops = Vec::new();
+            let fast = decode_into(p, &mut ops).map(|()| ops);
+            assert_eq!(fast, careful(p), "payload {p:?}");
+        }
+        for g in &good {
+            assert!(decode(g).is_ok());
+        }
+    }
 }

@@ -148,6 +148,35 @@ fn materialize(store: &Store, head: &Head) -> BTreeMap<Vec<u8>, Vec<u8>> {
     m
 }
 
+/// What a cold full replica downloads, in bytes: the snapshot, the segments
+/// after it (what a full replica replays today), the delta chain, and the
+/// segments after the chain's end (what it would replay over the deltas).
+fn full_cold_bytes(store: &Store, head: &Head) -> (u64, u64, u64, u64) {
+    let Some(snap) = head.snapshot.as_ref() else {
+        return (0, 0, 0, 0);
+    };
+    let end = head.delta_lsn().unwrap_or(snap.lsn);
+    let mut entries: Vec<(u64, u64)> = head.segments.iter().map(|s| (s.last_lsn, s.size)).collect();
+    let mut stack = head.pages.clone();
+    while let Some(r) = stack.pop() {
+        if r.last_lsn <= snap.lsn {
+            continue;
+        }
+        let page = walcast_core::catalog::Page::decode(&store.objects[&r.key].0, &r).expect("page");
+        entries.extend(page.segments.iter().map(|s| (s.last_lsn, s.size)));
+        stack.extend(page.pages);
+    }
+    let after = |lsn: u64| {
+        entries
+            .iter()
+            .filter(|(l, _)| *l > lsn)
+            .map(|(_, s)| s)
+            .sum::<u64>()
+    };
+    let deltas = head.deltas.iter().map(|d| d.size).sum();
+    (snap.size, after(snap.lsn), deltas, after(end))
+}
+
 /// What a cold point read cost: round trips (GETs in flight together count
 /// once), GETs and bytes, from a new replica to the answer.
 #[derive(Debug, Default, Clone, Copy)]
@@ -424,6 +453,7 @@ fn delta_figures_at_scale() {
     let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
     let mut worst = Cold::default();
     let mut samples = 0;
+    let (mut full_now, mut full_deltas) = (0u64, 0u64);
     for i in 0..steady {
         rng = rng
             .wrapping_mul(6364136223846793005)
@@ -445,6 +475,15 @@ fn delta_figures_at_scale() {
                         || h.segments.iter().any(|s| &s.key == k && s.last_lsn > end)
                 });
             }
+            let (snap, segs, deltas, tail) = full_cold_bytes(&store, &h);
+            full_now += snap + segs;
+            full_deltas += snap + deltas + tail;
+            println!(
+                "  full cold start: snapshot {snap} + segments after it {segs} = {} bytes; over deltas: snapshot + deltas {deltas} + segments after the chain {tail} = {} bytes ({:.2}x)",
+                snap + segs,
+                snap + deltas + tail,
+                (snap + segs) as f64 / (snap + deltas + tail).max(1) as f64
+            );
             let (_, _, c) = cold_read(&store, &key((rng >> 17) % keys));
             samples += 1;
             worst = Cold {
@@ -480,4 +519,10 @@ fn delta_figures_at_scale() {
         (segs + snaps + deltas + pages + heads) as f64 / wal as f64,
     );
     println!("worst cold point read over {samples} samples: {worst:?}");
+    println!(
+        "full cold start, mean over the samples: {:.1} MB replaying segments after the snapshot, {:.1} MB over the delta chain ({:.2}x fewer)",
+        full_now as f64 / samples.max(1) as f64 / 1e6,
+        full_deltas as f64 / samples.max(1) as f64 / 1e6,
+        full_now as f64 / full_deltas.max(1) as f64
+    );
 }

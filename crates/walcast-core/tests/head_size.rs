@@ -126,8 +126,8 @@ fn retention_of_30k_segments_keeps_the_head_small() {
         assert!(first <= head.earliest_lsn, "history starts at {first}");
         let named = named_keys(&store, &head);
         let covers = |last: u64| last >= head.earliest_lsn;
-        let clean = head.pages.first().map_or(true, |r| covers(r.last_lsn))
-            && head.segments.first().map_or(true, |s| covers(s.last_lsn));
+        let clean = head.pages.first().is_none_or(|r| covers(r.last_lsn))
+            && head.segments.first().is_none_or(|s| covers(s.last_lsn));
         if head.earliest_lsn > FIRST - 100 && clean && head.retired.is_empty() {
             // Everything stored is named by the catalog.
             let stored: Vec<&String> = store.keys().filter(|k| *k != HEAD_KEY).collect();
