@@ -473,8 +473,11 @@ fn a_sync_over_an_untrusted_head_ends_with_the_error_not_caught_up() {
     let mut store = Store::new();
     publish(&mut store, cfg(Some(key(1)), None), 80, 1_000);
     let mut r = Reader::new(&[key(1).public()]);
+    assert_eq!(r.r.status(r.now).signer, None);
     r.run(&store, 3_000);
     assert_eq!(r.r.applied_lsn(), 80);
+    let signer = Some(key(1).public().to_string());
+    assert_eq!(r.r.status(r.now).signer, signer, "status names the signer");
     // A newer head signed by an untrusted key: a sync must not end as
     // "caught up" at the old LSN; it ends with the untrusted error.
     let mut bad = store.clone();
@@ -495,4 +498,10 @@ fn a_sync_over_an_untrusted_head_ends_with_the_error_not_caught_up() {
         Some(Event::CaughtUp { lsn }) => assert_eq!(lsn, 80),
         other => panic!("a sync over the honest head ended with {other:?}"),
     }
+    assert_eq!(r.r.status(r.now).signer, signer);
+    // An unpinned replica names no signer.
+    let mut loose = Reader::new(&[]);
+    loose.run(&store, 3_000);
+    assert_eq!(loose.r.applied_lsn(), 80);
+    assert_eq!(loose.r.status(loose.now).signer, None);
 }
