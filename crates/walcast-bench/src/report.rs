@@ -558,9 +558,14 @@ fn http_table(md: &mut String, run: &StoreRun) -> Result<()> {
         let l = &h.result;
         writeln!(
             md,
-            "\nIdle, {}: the caught-up replica made {} requests in {:.0} s ({:.1} a minute).",
+            "\nIdle, {}: the caught-up replica made {} request{} in {:.0} s ({:.1} a minute).",
             h.label,
             l.idle_reader.requests(),
+            if l.idle_reader.requests() == 1 {
+                ""
+            } else {
+                "s"
+            },
             l.idle_secs,
             per_min(l.idle_reader.requests(), l.idle_secs)
         )?;
