@@ -176,3 +176,75 @@ async fn a_local_directory_survives_a_reopen() {
     .unwrap_err();
     assert!(err.to_string().contains("local directory"), "{err}");
 }
+
+/// `walcast replicate` without `--once` runs on the handle from the start:
+/// started before the dataset exists, it waits (retrying), catches up once
+/// the dataset is published, follows new commits, and on Ctrl-C (SIGINT)
+/// stops cleanly, exit 0, naming the applied LSN; its directory then reads
+/// with `get --local`.
+#[test]
+fn replicate_waits_for_the_dataset_follows_and_stops_on_ctrl_c() {
+    use support::{run, walcast_cmd, Deadline, Proc};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let wal = tmp.path().join("wal");
+    let ds = tmp.path().join("ds");
+    std::fs::create_dir_all(&ds).unwrap();
+    let url = file_url(&ds);
+    let local = tmp.path().join("replica");
+    let mut p = Proc::spawn(
+        "replicate",
+        walcast_cmd(
+            &[
+                "replicate",
+                &url,
+                "--local",
+                local.to_str().unwrap(),
+                "--interval",
+                "50ms",
+            ],
+            &Env::new(),
+        ),
+        &tmp.path().join("logs"),
+    );
+    let get = |key: &str| {
+        run(
+            &["get", "--local", local.to_str().unwrap(), key],
+            &Env::new(),
+            None,
+        )
+    };
+    for (round, key) in ["a", "b"].iter().enumerate() {
+        let line = format!("{{\"op\":\"put\",\"key\":\"{key}\",\"value\":\"{round}\"}}\n");
+        run(
+            &["write", "--wal", wal.to_str().unwrap()],
+            &Env::new(),
+            Some(line.as_bytes()),
+        )
+        .ok();
+        publish_once(&wal, &url, &[], &Env::new()).ok();
+        let deadline = Deadline::after(Duration::from_secs(60), "the replica applies the commit");
+        while !local.is_dir() || get(key).code != Some(0) {
+            assert!(p.running(), "replicate ended: {}", p.logs());
+            deadline.check();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(get(key).stdout, round.to_string().as_bytes());
+    }
+    let pid = p.pid().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = p
+        .wait_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("replicate did not stop on SIGINT: {}", p.logs()));
+    assert!(status.success(), "{}", p.logs());
+    assert!(
+        p.stderr().contains("walcast replicate: applied LSN 2"),
+        "{}",
+        p.logs()
+    );
+    assert_eq!(get("a").stdout, b"0");
+}
