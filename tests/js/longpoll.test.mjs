@@ -104,20 +104,34 @@ const withoutWait = (url) => {
   return pathOf(u);
 };
 
+/** Resolves once `cond()` holds; fails after `ms`. */
+async function until(cond, ms, what) {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) assert.fail(`${what}: not within ${ms} ms`);
+    await sleep(20);
+  }
+}
+
 /** Resolves once `replica` applied `lsn`, checking that its applied LSN never goes back. */
-function appliedAtLeast(replica, lsn, seen) {
-  return new Promise((resolve) => {
+function appliedAtLeast(replica, lsn, seen, ms = 60_000) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`LSN ${lsn} not applied within ${ms} ms (applied ${seen.max})`)), ms);
+    const done = () => {
+      clearTimeout(timer);
+      resolve();
+    };
     const check = () => {
       const s = replica.status();
       assert.ok(s.appliedLsn >= seen.max, `applied LSN went back from ${seen.max} to ${s.appliedLsn}`);
       seen.max = s.appliedLsn;
       return s.appliedLsn >= lsn;
     };
-    if (check()) return resolve();
+    if (check()) return done();
     const off = replica.onChange(() => {
       if (check()) {
         off();
-        resolve();
+        done();
       }
     });
   });
@@ -139,7 +153,7 @@ test("walcast serve: start() long-polls, idles on held reads, sync() and close()
     await replica.sync();
     replica.start();
     // The loop's next head read is a long-poll.
-    while (p.stats.held === 0) await sleep(20);
+    await until(() => !(p.stats.held === 0), 60_000, "still p.stats.held === 0");
     assert.equal(replica.status().longPoll, true);
     // Idle: the held read is all there is.
     const before = p.stats.requests;
@@ -157,7 +171,7 @@ test("walcast serve: start() long-polls, idles on held reads, sync() and close()
     // A sync beside a held read reads the head at once.
     const lsn2 = ds.write("c", "3");
     assert.ok((await replica.sync()) >= lsn2);
-    while (p.stats.held < 2) await sleep(20);
+    await until(() => !(p.stats.held < 2), 60_000, "still p.stats.held < 2");
     const st = replica.status();
     assert.ok(st.requestsByKind.longPoll >= 2, `requestsByKind ${JSON.stringify(st.requestsByKind)}`);
     // Counted when sent: one may still be on its way to the proxy.
@@ -168,7 +182,7 @@ test("walcast serve: start() long-polls, idles on held reads, sync() and close()
     await replica.close();
   }
   // close() aborted the held read.
-  while (p.stats.aborted === 0) await sleep(20);
+  await until(() => !(p.stats.aborted === 0), 60_000, "still p.stats.aborted === 0");
   await p.close();
 });
 
@@ -186,7 +200,7 @@ test("a server that claims long-poll but answers at once: polling every pollInte
   try {
     await replica.sync();
     replica.start();
-    while (p.stats.held === 0) await sleep(20);
+    await until(() => !(p.stats.held === 0), 60_000, "still p.stats.held === 0");
     const before = p.stats.requests;
     await sleep(2000);
     const made = p.stats.requests - before;
@@ -212,15 +226,15 @@ test("a server that never answers a long-poll: sync() still returns, close() abo
   try {
     await replica.sync();
     replica.start();
-    while (p.stats.held === 0) await sleep(20);
+    await until(() => !(p.stats.held === 0), 60_000, "still p.stats.held === 0");
     const lsn = ds.write("b", "2");
     assert.ok((await replica.sync()) >= lsn, "a sync beside an unanswered long-poll");
     assert.equal(replica.getText("b"), "2");
-    while (p.stats.held < 2) await sleep(20);
+    await until(() => !(p.stats.held < 2), 60_000, "still p.stats.held < 2");
   } finally {
     await replica.close();
   }
-  while (p.stats.aborted < p.stats.held) await sleep(20);
+  await until(() => !(p.stats.aborted < p.stats.held), 60_000, "still p.stats.aborted < p.stats.held");
   await p.close();
 });
 
@@ -242,7 +256,7 @@ test("a proxy that caches a long-poll answer: the replica never goes back and st
   try {
     await replica.sync();
     replica.start();
-    while (p.stats.held === 0) await sleep(20);
+    await until(() => !(p.stats.held === 0), 60_000, "still p.stats.held === 0");
     // The cache now holds the head at LSN 2; newer heads come through plain reads only.
     const lsn = ds.write("c", "3");
     await appliedAtLeast(replica, lsn, seen);
@@ -291,7 +305,7 @@ test("malformed long-poll answers: a bad Walcast-Long-Poll header means polling;
   try {
     await r2.sync();
     r2.start();
-    while (garbled.stats.held < 2) await sleep(20);
+    await until(() => !(garbled.stats.held < 2), 60_000, "still garbled.stats.held < 2");
     const lsn = ds.write("b", "2");
     await appliedAtLeast(r2, lsn, seen);
     const before = garbled.stats.requests;
@@ -303,5 +317,44 @@ test("malformed long-poll answers: a bad Walcast-Long-Poll header means polling;
   } finally {
     await r2.close();
     await garbled.close();
+  }
+});
+
+test("held reads that fail after holding: the error reaches onError while following, and the replica recovers", async () => {
+  const ds = dataset("failing");
+  ds.write("a", "1");
+  const origin = await serve(ds.dir);
+  let failing = false;
+  // Grants 1 s waits; once failing, answers 503, holding each long-poll
+  // 600 ms first (past half its wait, so the replica keeps long-polling).
+  const p = await proxy(origin, async ({ url, held, headers }, forward) => {
+    if (failing) {
+      if (held) await sleep(600);
+      return { status: 503, headers: { "walcast-long-poll": "1" }, body: new Uint8Array(0) };
+    }
+    const out = await forward(withoutWait(url), headers);
+    if (out.headers["walcast-long-poll"]) out.headers["walcast-long-poll"] = "1";
+    if (held && out.status === 304) await sleep(600);
+    return out;
+  });
+  const errors = [];
+  const replica = await Replica.open(p.url, { onError: (e) => errors.push(e) });
+  try {
+    await replica.sync();
+    replica.start();
+    await until(() => !(p.stats.held === 0), 60_000, "still p.stats.held === 0");
+    failing = true;
+    await until(() => errors.length > 0, 60_000, "an error reported to onError");
+    assert.equal(errors[0].code, "unavailable", `onError: ${errors[0].message}`);
+    assert.equal(errors[0].object, "catalog/head.json");
+    assert.equal(replica.status().lastError?.code, "unavailable");
+    failing = false;
+    const seen = { max: 0 };
+    const lsn = ds.write("b", "2");
+    await appliedAtLeast(replica, lsn, seen);
+    assert.equal(replica.getText("b"), "2");
+  } finally {
+    await replica.close();
+    await p.close();
   }
 });
