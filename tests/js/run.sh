@@ -8,7 +8,7 @@
 #   5. tsc: js/index.d.ts against js/test/usage.ts
 #   6. tests/js/idb.test.mjs: the IndexedDB store's layout on fake-indexeddb
 #   7. tests/js/longpoll.test.mjs: long-poll against walcast serve and through
-#      faulty proxies (about 15 s)
+#      faulty proxies (about 20 s)
 # Every step runs even when an earlier test step failed; exits non-zero on any failure.
 # Usage: bash tests/js/run.sh [--skip-build]
 set -uo pipefail
