@@ -189,7 +189,7 @@ enum Cmd {
     /// dataset URL (exit 1 when absent).
     #[command(group(clap::ArgGroup::new("source").required(true).args(["local", "from"])))]
     #[command(
-        after_help = "Examples:\n  walcast get --local ./replica user:1\n  walcast get --from https://cdn.example.com/app user:1 --stats"
+        after_help = "Examples:\n  walcast get --local ./replica user:1\n  walcast get --from https://cdn.example.com/app user:1 --stats\n  walcast get --from https://cdn.example.com/app user:1 --trust ed25519:…"
     )]
     Get {
         /// Local replica directory.
