@@ -150,6 +150,15 @@ pub enum DecodeError {
     /// The catalog JSON could not be parsed or broke a rule.
     #[error("invalid catalog JSON: {0}")]
     Json(String),
+    /// Bytes whose SHA-256 differs from the digest a verified parent (a
+    /// signed head, an index) states for them: an `untrusted` error.
+    #[error("{what} at byte {at} does not match its SHA-256 digest")]
+    Digest {
+        /// What was being verified.
+        what: &'static str,
+        /// Byte offset.
+        at: u64,
+    },
 }
 
 /// A walcast error: a kind, a message, and the object and LSN it concerns.
@@ -176,8 +185,13 @@ impl Error {
 
     /// A data error wrapping a decoding failure.
     pub fn decode(err: DecodeError) -> Self {
+        let kind = if matches!(err, DecodeError::Digest { .. }) {
+            ErrorKind::Untrusted
+        } else {
+            ErrorKind::Data
+        };
         Error {
-            kind: ErrorKind::Data,
+            kind,
             message: err.to_string(),
             object: None,
             lsn: None,

@@ -169,6 +169,8 @@ pub struct SnapshotDecoder {
     chunks: Vec<(u64, u32, u32)>,
     /// Version 2: the first key and handle of every data block read.
     blocks: Vec<(Vec<u8>, block::BlockHandle)>,
+    /// Version 4: the SHA-256 of every data block read (`None` otherwise).
+    digests: Option<Vec<[u8; 32]>>,
     total: u64,
 }
 
@@ -190,6 +192,7 @@ impl SnapshotDecoder {
             builder: SortedBuilder::default(),
             chunks: Vec::new(),
             blocks: Vec::new(),
+            digests: None,
             total: 0,
         }
     }
@@ -223,6 +226,9 @@ impl SnapshotDecoder {
                     }
                     let header_bytes = &avail[..HEADER_LEN as usize];
                     let v2 = indexed::is_indexed(header_bytes);
+                    if indexed::is_verified(header_bytes) {
+                        self.digests = Some(Vec::new());
+                    }
                     self.header = Some(if v2 {
                         indexed::decode_indexed_header(header_bytes)?
                     } else {
@@ -271,6 +277,10 @@ impl SnapshotDecoder {
                         return Err(invalid("snapshot data block", at, "an empty data block"));
                     };
                     self.blocks.push((first.clone(), handle));
+                    if let Some(ds) = self.digests.as_mut() {
+                        use sha2::Digest;
+                        ds.push(sha2::Sha256::digest(&avail[..need as usize]).into());
+                    }
                     for (k, v) in b.entries() {
                         if !self.builder.push(k, v) {
                             return Err(invalid(
@@ -440,6 +450,7 @@ impl SnapshotDecoder {
                 self.at,
                 self.total,
                 &self.blocks,
+                self.digests.as_deref(),
                 self.builder.count(),
             )?;
         } else if self.phase != Phase::Done {
