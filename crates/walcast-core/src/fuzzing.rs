@@ -341,7 +341,37 @@ fn le8(s: &[u8]) -> [u8; 8] {
     a
 }
 
-/// Block-indexed snapshots (format version 2):
+/// Drives one point read of `key` over `data`: the answer, or `None` when
+/// the reader refused the bytes. Panics if the read does not end within a
+/// few fetches.
+fn bounded_point_read(
+    lazy: &mut crate::snapshot::indexed::LazySnapshot,
+    data: &[u8],
+    key: &[u8],
+) -> Option<Option<Vec<u8>>> {
+    use crate::snapshot::indexed::{Lookup, Need};
+    for _ in 0..6 {
+        match lazy.get(key).ok()? {
+            Lookup::Done(v) => return Some(v),
+            Lookup::Need(Need::Suffix(n)) => {
+                let n = usize::try_from(n).unwrap_or(usize::MAX).min(data.len());
+                lazy.feed_suffix(&data[data.len() - n..]).ok()?;
+            }
+            Lookup::Need(Need::Range { start, end }) => {
+                let s = usize::try_from(start).unwrap_or(usize::MAX).min(data.len());
+                let e = usize::try_from(end)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len())
+                    .max(s);
+                lazy.feed_range(start, &data[s..e], key).ok()?;
+            }
+        }
+    }
+    panic!("a point read did not end")
+}
+
+/// Block-indexed snapshots (format versions 2 and 4; version 4 is also
+/// read bound to its own index digest):
 /// [`snapshot::indexed::decode_indexed`] on the whole input, and lazy point
 /// reads of keys taken from the input through
 /// [`snapshot::indexed::LazySnapshot`], fed from the input's own bytes. A
@@ -384,6 +414,18 @@ pub fn indexed_snapshot(data: &[u8]) {
                 v.as_deref(),
                 "a point read disagrees with the whole decode"
             );
+        }
+    }
+    // Version 4 bound to the digest of its own top index and footer: every
+    // block is checked against its SHA-256, and an answer agrees with the
+    // whole decode.
+    if let Some(digest) = crate::snapshot::indexed::index_digest(data) {
+        let mut bound = LazySnapshot::with_index_digest(data.len() as u64, 4096, digest);
+        for key in data.chunks(5).take(4) {
+            let got = bounded_point_read(&mut bound, data, key);
+            if let (Ok((_, state)), Some(v)) = (&whole, got) {
+                assert_eq!(state.get(key), v.as_deref(), "a bound read disagrees");
+            }
         }
     }
     // An ordered scan from a key taken from the input.

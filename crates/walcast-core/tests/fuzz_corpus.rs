@@ -247,6 +247,21 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     ));
     out.push((
         "indexed_snapshot",
+        "golden-v4",
+        fixtures::golden_verified_snapshot(),
+    ));
+    {
+        use walcast_core::snapshot::indexed::encode_verified;
+        let v4 = encode_verified(&st, 12, 2, id, small);
+        out.push((
+            "indexed_snapshot",
+            "v4-flipped-footer",
+            flip(v4.clone(), v4.len() - 30),
+        ));
+        out.push(("indexed_snapshot", "v4-two-levels", v4));
+    }
+    out.push((
+        "indexed_snapshot",
         "truncated",
         truncate(two_levels.clone(), two_levels.len() - 1),
     ));

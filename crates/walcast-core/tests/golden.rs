@@ -180,6 +180,54 @@ fn golden_indexed_snapshot() {
 }
 
 #[test]
+fn golden_verified_snapshot() {
+    use walcast_core::snapshot::indexed::{
+        decode_indexed, index_digest, LazySnapshot, Lookup, Need,
+    };
+    let encoded = fixtures::golden_verified_snapshot();
+    let committed = check_golden("snapshot-v4.wsnap", "the verified snapshot", &encoded);
+    let state = golden_state();
+    let (header, decoded) = decode_indexed(&committed, Some(crc32fast::hash(&committed)))
+        .expect("committed verified snapshot decodes");
+    assert_eq!(header.lsn, LAST_LSN);
+    assert!(decoded.iter().eq(state.iter()));
+    // The index digest a signed head would record for it.
+    let digest = index_digest(&committed).expect("version 4 has an index digest");
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    if blessing() {
+        std::fs::write(golden_path("snapshot-v4.index-digest"), format!("{hex}\n"))
+            .expect("write digest");
+    }
+    let committed_digest = std::fs::read_to_string(golden_path("snapshot-v4.index-digest"))
+        .expect("golden/snapshot-v4.index-digest is committed");
+    assert_eq!(hex, committed_digest.trim(), "the index digest changed");
+    // A point read bound to the digest: footer and top index, an index
+    // block and a data block, each checked against its SHA-256.
+    let mut lazy = LazySnapshot::with_index_digest(committed.len() as u64, 1 << 20, digest);
+    let mut fetches = 0;
+    let value = loop {
+        match lazy.get(b"alpha").expect("point read") {
+            Lookup::Done(v) => break v,
+            Lookup::Need(Need::Suffix(n)) => {
+                fetches += 1;
+                let n = (n as usize).min(committed.len());
+                lazy.feed_suffix(&committed[committed.len() - n..])
+                    .expect("footer");
+            }
+            Lookup::Need(Need::Range { start, end }) => {
+                fetches += 1;
+                lazy.feed_range(start, &committed[start as usize..end as usize], b"alpha")
+                    .expect("block");
+            }
+        }
+    };
+    assert_eq!(value.as_deref(), Some(&b"one"[..]));
+    let footer = lazy.footer().expect("footer read");
+    assert_eq!((footer.levels, footer.has_digests()), (2, true));
+    assert!(fetches <= 3, "{fetches} fetches");
+}
+
+#[test]
 fn golden_delta() {
     use walcast_core::snapshot::delta::{decode_delta, DeltaFooter, DeltaIndex};
     let encoded = fixtures::golden_delta();

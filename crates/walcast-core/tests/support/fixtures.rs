@@ -135,6 +135,21 @@ pub(crate) fn golden_indexed_snapshot() -> Vec<u8> {
     )
 }
 
+/// The golden verified snapshot (version 4): the same state and block sizes
+/// as [`golden_indexed_snapshot`], with handles carrying SHA-256 digests.
+pub(crate) fn golden_verified_snapshot() -> Vec<u8> {
+    snapshot::indexed::encode_verified(
+        &golden_state(),
+        LAST_LSN,
+        EPOCH,
+        DATASET,
+        snapshot::indexed::IndexedOptions {
+            block_bytes: 96,
+            index_block_bytes: 64,
+        },
+    )
+}
+
 /// The golden level-0 page: two older segments covering LSNs 1..=99.
 pub(crate) fn golden_page() -> Page {
     let (_, a) = build_segment(6, 1, 49, 512);
