@@ -26,6 +26,13 @@ pub struct HeadTrust {
     /// the head names, by key.
     #[serde(default)]
     pub digests: BTreeMap<String, String>,
+    /// For a version 4 snapshot the head names: the SHA-256 of its top index
+    /// block followed by its footer (see
+    /// [`index_digest`](crate::snapshot::indexed::index_digest)), which binds
+    /// every block of the file through the digests its index carries. Left
+    /// out of the JSON when empty.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub index_digests: BTreeMap<String, String>,
 }
 
 /// One key rotation: `by` signed `key` (see [`keys::ROTATION_DOMAIN`]).
@@ -133,6 +140,16 @@ impl Head {
         self.trust.as_ref()?.digests.get(key).map(String::as_str)
     }
 
+    /// The index digest the head records for the version 4 snapshot `key`,
+    /// if it is signed and names one.
+    pub fn index_digest(&self, key: &str) -> Option<&str> {
+        self.trust
+            .as_ref()?
+            .index_digests
+            .get(key)
+            .map(String::as_str)
+    }
+
     pub(crate) fn validate_trust(&self) -> Result<(), String> {
         let Some(t) = &self.trust else {
             return Ok(());
@@ -145,7 +162,9 @@ impl Head {
         named.extend(self.pages.iter().map(|p| p.key.as_str()));
         named.extend(self.snapshot.iter().map(|s| s.key.as_str()));
         named.extend(self.deltas.iter().map(|d| d.key.as_str()));
-        check_digests("head", &t.digests, &named)
+        check_digests("head", &t.digests, &named)?;
+        let snapshots: Vec<&str> = self.snapshot.iter().map(|s| s.key.as_str()).collect();
+        check_digests("head (index digests)", &t.index_digests, &snapshots)
     }
 }
 

@@ -505,3 +505,45 @@ fn a_sync_over_an_untrusted_head_ends_with_the_error_not_caught_up() {
     assert_eq!(loose.r.applied_lsn(), 80);
     assert_eq!(loose.r.status(loose.now).signer, None);
 }
+
+#[test]
+fn a_verified_snapshot_is_bound_by_its_index_digest_in_the_signed_head() {
+    use walcast_core::publisher::SnapshotFormat;
+    use walcast_core::snapshot::indexed::{index_digest, IndexedOptions};
+    let mut store = Store::new();
+    let c = PublisherConfig {
+        snapshot_format: SnapshotFormat::Verified(IndexedOptions {
+            block_bytes: 256,
+            index_block_bytes: 128,
+        }),
+        ..cfg(Some(key(1)), None)
+    };
+    publish(&mut store, c, 150, 1_000);
+    let head = head_of(&store);
+    let snap = head.snapshot.as_ref().expect("the test needs a snapshot");
+    assert_eq!(snap.version, 4);
+    let bytes = &store[&snap.key].0;
+    let want: String = index_digest(bytes)
+        .expect("a version 4 snapshot")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(head.index_digest(&snap.key), Some(want.as_str()));
+    let t = head.trust.as_ref().expect("signed head");
+    assert_eq!(t.index_digests.len(), 1, "only the head's snapshot");
+    // Pinned and unpinned replicas read the dataset.
+    for trust in [vec![], vec![key(1).public()]] {
+        let mut r = Reader::new(&trust);
+        r.run(&store, 5_000);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.r.applied_lsn(), 150);
+        assert!(same(r.r.state(), &expected(150)));
+    }
+    // An index digest for an object the head does not name is refused.
+    let mut bad = head.clone();
+    if let Some(t) = bad.trust.as_mut() {
+        t.index_digests.insert("segments/none".into(), want);
+    }
+    let signed = bad.encode_signed(&key(1));
+    assert!(Head::decode(&signed).is_err());
+}

@@ -114,6 +114,11 @@ pub enum SnapshotFormat {
     /// Version 2: blocks with a partitioned index and a footer, read front to
     /// back or by point reads (the default).
     Indexed(crate::snapshot::indexed::IndexedOptions),
+    /// Version 4: version 2 whose block handles carry SHA-256 digests; a
+    /// signing publisher records the index digest in the head, so pinned
+    /// replicas can verify lazy reads block by block. Readers older than
+    /// version 4 refuse these snapshots, so it is opt-in.
+    Verified(crate::snapshot::indexed::IndexedOptions),
 }
 
 impl Default for SnapshotFormat {

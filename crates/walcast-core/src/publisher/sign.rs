@@ -7,11 +7,28 @@ use crate::keys::sha256_hex;
 
 use super::Publisher;
 
+/// Suffix of the key under which a snapshot's index digest waits for the
+/// head that names it (object keys never contain a NUL byte).
+const INDEX_SUFFIX: &str = "\0index";
+
 impl Publisher {
     /// Remembers the digest of an object this publisher uploads, when it signs.
     pub(super) fn note_digest(&mut self, key: &str, bytes: &[u8]) {
         if self.cfg.signing_key.is_some() {
             self.digests.insert(key.to_string(), sha256_hex(bytes));
+        }
+    }
+
+    /// Remembers the index digest of a version 4 snapshot this publisher
+    /// uploads, when it signs (kept beside the whole-file digests under the
+    /// key followed by [`INDEX_SUFFIX`]).
+    pub(super) fn note_index_digest(&mut self, key: &str, bytes: &[u8]) {
+        if self.cfg.signing_key.is_none() {
+            return;
+        }
+        if let Some(d) = crate::snapshot::indexed::index_digest(bytes) {
+            let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+            self.digests.insert(format!("{key}{INDEX_SUFFIX}"), hex);
         }
     }
 
@@ -82,6 +99,16 @@ impl Publisher {
                 t.digests.insert(k, d);
             }
         }
+        if let Some(s) = &h.snapshot {
+            let d = self
+                .digests
+                .get(&format!("{}{INDEX_SUFFIX}", s.key))
+                .cloned()
+                .or_else(|| h.index_digest(&s.key).map(str::to_string));
+            if let Some(d) = d {
+                t.index_digests.insert(s.key.clone(), d);
+            }
+        }
         h.trust = Some(t);
     }
 
@@ -96,7 +123,12 @@ impl Publisher {
     /// Forgets digests the committed head `h` now records itself.
     pub(super) fn forget_digests(&mut self, h: &Head) {
         if let Some(t) = &h.trust {
-            self.digests.retain(|k, _| !t.digests.contains_key(k));
+            self.digests.retain(|k, _| {
+                let index = k
+                    .strip_suffix(INDEX_SUFFIX)
+                    .is_some_and(|s| t.index_digests.contains_key(s));
+                !t.digests.contains_key(k) && !index
+            });
         }
     }
 }

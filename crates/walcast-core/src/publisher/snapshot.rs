@@ -36,12 +36,20 @@ impl Publisher {
         let version = match self.cfg.snapshot_format {
             super::SnapshotFormat::Chunked => 1,
             super::SnapshotFormat::Indexed(_) => 2,
+            super::SnapshotFormat::Verified(_) => 4,
         };
         let bytes = match self.cfg.snapshot_format {
             super::SnapshotFormat::Chunked => {
                 crate::snapshot::encode(state, lsn, self.epoch, head.dataset_id)
             }
             super::SnapshotFormat::Indexed(opts) => crate::snapshot::indexed::encode_indexed(
+                state,
+                lsn,
+                self.epoch,
+                head.dataset_id,
+                opts,
+            ),
+            super::SnapshotFormat::Verified(opts) => crate::snapshot::indexed::encode_verified(
                 state,
                 lsn,
                 self.epoch,
@@ -59,6 +67,7 @@ impl Publisher {
             version,
         };
         self.note_digest(&entry.key, &bytes);
+        self.note_index_digest(&entry.key, &bytes);
         self.snapshot = Some(PendingSnapshot {
             entry,
             bytes,
@@ -86,7 +95,9 @@ impl Publisher {
         else {
             return;
         };
-        let super::SnapshotFormat::Indexed(opts) = self.cfg.snapshot_format else {
+        let (super::SnapshotFormat::Indexed(opts) | super::SnapshotFormat::Verified(opts)) =
+            self.cfg.snapshot_format
+        else {
             return;
         };
         let Some(snap) = &head.snapshot else {
