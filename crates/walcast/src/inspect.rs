@@ -2,6 +2,8 @@
 //! with `--verify` every checksum.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::json;
@@ -255,6 +257,14 @@ pub async fn inspect(
         }
         pb.finish_and_clear();
     }
+    // The report is written at once; a reader that goes away early
+    // (`walcast inspect … | head`) ends the command quietly (see main).
+    let mut text = String::new();
+    macro_rules! say {
+        ($($arg:tt)*) => {{
+            let _ = writeln!(text, $($arg)*);
+        }};
+    }
     if as_json {
         let out = json!({
             "url": url,
@@ -279,26 +289,31 @@ pub async fn inspect(
             "verified": verify,
             "failures": failures,
         });
-        println!("{out}");
+        say!("{out}");
     } else {
-        println!("dataset      {}", head.dataset_id);
-        println!("url          {url}");
-        println!(
+        say!("dataset      {}", head.dataset_id);
+        say!("url          {url}");
+        say!(
             "epoch        {}   generation {}",
-            head.epoch, head.generation
+            head.epoch,
+            head.generation
         );
-        println!(
+        say!(
             "committed    LSN {}   earliest LSN {}",
-            head.committed_lsn, head.earliest_lsn
+            head.committed_lsn,
+            head.earliest_lsn
         );
         match &head.snapshot {
-            Some(s) => println!(
+            Some(s) => say!(
                 "snapshot     LSN {}  {} entries  {} bytes  {}",
-                s.lsn, s.entries, s.size, s.key
+                s.lsn,
+                s.entries,
+                s.size,
+                s.key
             ),
-            None => println!("snapshot     none"),
+            None => say!("snapshot     none"),
         }
-        println!(
+        say!(
             "segments     {} ({} inline, {} in {} pages), {} bytes",
             segments.len(),
             head.segments.len(),
@@ -306,10 +321,10 @@ pub async fn inspect(
             pages.len(),
             bytes
         );
-        println!("retired      {} awaiting deletion", head.retired.len());
+        say!("retired      {} awaiting deletion", head.retired.len());
         match &signed {
             Some(sg) => {
-                println!(
+                say!(
                     "signed       by {}{}",
                     sg.signer,
                     if trust.is_empty() {
@@ -319,16 +334,16 @@ pub async fn inspect(
                     }
                 );
                 for (by, key, ok) in &sg.chain {
-                    println!(
+                    say!(
                         "key chain    {by} endorses {key}{}",
                         if *ok { "" } else { "  (INVALID)" }
                     );
                 }
             }
-            None => println!("signed       no"),
+            None => say!("signed       no"),
         }
         match (segments.first(), segments.last()) {
-            (Some(a), Some(b)) => println!(
+            (Some(a), Some(b)) => say!(
                 "coverage     LSN {}..={}{}",
                 a.first_lsn,
                 b.last_lsn,
@@ -338,28 +353,35 @@ pub async fn inspect(
                     format!("  gaps {gaps:?}")
                 }
             ),
-            _ => println!("coverage     empty"),
+            _ => say!("coverage     empty"),
         }
-        println!();
-        println!(
+        say!();
+        say!(
             "{:>20} {:>20} {:>6} {:>10}  key",
-            "first LSN", "last LSN", "epoch", "bytes"
+            "first LSN",
+            "last LSN",
+            "epoch",
+            "bytes"
         );
         let show: Vec<&SegmentEntry> = if segments.len() > 20 {
-            println!("{:>20} (… {} older segments)", "", segments.len() - 20);
+            say!("{:>20} (… {} older segments)", "", segments.len() - 20);
             segments[segments.len() - 20..].iter().collect()
         } else {
             segments.iter().collect()
         };
         for s in show {
-            println!(
+            say!(
                 "{:>20} {:>20} {:>6} {:>10}  {}",
-                s.first_lsn, s.last_lsn, s.epoch, s.size, s.key
+                s.first_lsn,
+                s.last_lsn,
+                s.epoch,
+                s.size,
+                s.key
             );
         }
         if verify {
             if failures.is_empty() {
-                println!(
+                say!(
                     "\nverify       OK: {} segments{} checked",
                     segments.len(),
                     if head.snapshot.is_some() {
@@ -369,10 +391,11 @@ pub async fn inspect(
                     }
                 );
             } else {
-                println!("\nverify       {} FAILED", failures.len());
+                say!("\nverify       {} FAILED", failures.len());
             }
         }
     }
+    std::io::stdout().lock().write_all(text.as_bytes())?;
     if !failures.is_empty() {
         for f in &failures {
             eprintln!("data: {f}");

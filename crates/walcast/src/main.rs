@@ -431,6 +431,14 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli.cmd)) {
         Ok(code) => code,
         Err(e) => {
+            // The reader of stdout went away (`walcast scan | head`): what it
+            // asked for was written; end quietly, as Unix tools do.
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
             if e.downcast_ref::<Fenced>().is_some() {
                 eprintln!("walcast: {e:#}");
                 return ExitCode::from(3);

@@ -488,3 +488,78 @@ fn a_malformed_key_says_what_to_give() {
         }
     }
 }
+
+/// A reader that goes away early (`walcast scan | head -1`) ends the command
+/// quietly with exit 0: no panic, no error line.
+#[test]
+fn a_reader_that_closes_stdout_ends_the_command_quietly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wal = tmp.path().join("wal");
+    let ds = tmp.path().join("ds");
+    // Far more output than a pipe buffers, so the writes meet a closed pipe.
+    let mut input = String::new();
+    for i in 0..4000 {
+        input.push_str(&format!(
+            "{{\"op\":\"put\",\"key\":\"key-{i:05}\",\"value\":\"{}\"}}\n",
+            "v".repeat(40)
+        ));
+    }
+    let mut child = Command::new(bin())
+        .args(["write", "--wal", wal.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let url = file_url(&ds);
+    let (code, _, err) = walcast(
+        &[
+            "publish",
+            "--wal",
+            wal.to_str().unwrap(),
+            "--to",
+            &url,
+            "--once",
+            "--segment-bytes",
+            "4096",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    for args in [vec!["scan", "--from", url.as_str()]] {
+        let mut child = Command::new(bin())
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn walcast");
+        let mut first = [0u8; 1];
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_exact(&mut first)
+            .expect("the first byte of the output");
+        // stdout is closed here; the rest of the output meets a closed pipe.
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "walcast {} with its reader gone: {stderr}",
+            args.join(" ")
+        );
+        assert!(
+            !stderr.contains("panicked") && !stderr.contains("error"),
+            "walcast {} with its reader gone wrote to stderr: {stderr}",
+            args.join(" ")
+        );
+    }
+}
