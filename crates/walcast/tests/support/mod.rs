@@ -464,12 +464,33 @@ impl Moto {
                 continue;
             }
             let bucket = "walcast-e2e".to_string();
-            let (st, body) = http("PUT", &addr, &format!("/{bucket}"), b"").expect("create bucket");
-            assert!(
-                st == 200,
-                "moto: create bucket: HTTP {st}: {}",
-                String::from_utf8_lossy(&body)
-            );
+            // moto's first S3 request loads its service models: on a busy
+            // machine it can take longer than one request's read timeout, so
+            // the bucket's creation is retried (a retry may find it made).
+            let deadline = Deadline::after(Duration::from_secs(120), "moto create bucket");
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match http("PUT", &addr, &format!("/{bucket}"), b"") {
+                    Ok((200, _)) => break,
+                    Ok((409, body))
+                        if tries > 1
+                            && String::from_utf8_lossy(&body)
+                                .contains("BucketAlreadyOwnedByYou") =>
+                    {
+                        break
+                    }
+                    Ok((st, body)) => panic!(
+                        "moto: create bucket: HTTP {st}: {}",
+                        String::from_utf8_lossy(&body)
+                    ),
+                    Err(e) if !deadline.passed() && proc.running() => {
+                        eprintln!("moto: create bucket: {e}; trying again");
+                        thread::sleep(Duration::from_millis(500));
+                    }
+                    Err(e) => panic!("moto: create bucket: {e}\n{}", proc.logs()),
+                }
+            }
             eprintln!(
                 "moto: listening on http://{addr} (pid {:?}), bucket {bucket}",
                 proc.pid()
