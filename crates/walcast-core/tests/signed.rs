@@ -59,7 +59,18 @@ fn cfg(signing: Option<SecretKey>, previous: Option<SecretKey>) -> PublisherConf
 }
 
 /// Runs a publisher until it committed `last`; returns the clock.
-fn publish(store: &mut Store, cfg: PublisherConfig, last: u64, mut now: u64) -> u64 {
+fn publish(store: &mut Store, cfg: PublisherConfig, last: u64, now: u64) -> u64 {
+    publish_ops(store, cfg, last, now, &ops)
+}
+
+/// Like [`publish`], writing `ops(lsn)` at each LSN.
+fn publish_ops(
+    store: &mut Store,
+    cfg: PublisherConfig,
+    last: u64,
+    mut now: u64,
+    ops: &dyn Fn(u64) -> Vec<Op>,
+) -> u64 {
     let mut p = Publisher::new(cfg, now);
     let mut etag = store.values().map(|(_, e)| *e).max().unwrap_or(0);
     let mut committed = 0;
@@ -546,4 +557,149 @@ fn a_verified_snapshot_is_bound_by_its_index_digest_in_the_signed_head() {
     }
     let signed = bad.encode_signed(&key(1));
     assert!(Head::decode(&signed).is_err());
+}
+
+/// Drains `poll` at `now`, answering every fetch from `store`; adds the
+/// GETs and body bytes of `key` to `count`.
+fn drain_counting(r: &mut Replica, store: &Store, now: u64, key: &str, count: &mut (u64, u64)) {
+    for _ in 0..100_000 {
+        match r.poll(now) {
+            Action::Fetch(req) => {
+                let resp = serve(store, &req);
+                if req.key == key {
+                    count.0 += 1;
+                    if let GetResponse::Ok { body, .. } = &resp {
+                        count.1 += body.len() as u64;
+                    }
+                }
+                r.handle_response(req.id, now, resp);
+            }
+            Action::Event(_) => {}
+            Action::Wait { .. } => return,
+        }
+    }
+    panic!("poll did not settle");
+}
+
+#[test]
+fn a_pinned_lazy_replica_reads_a_verified_snapshot_by_blocks() {
+    use walcast_core::publisher::SnapshotFormat;
+    use walcast_core::replica::Read;
+    use walcast_core::snapshot::indexed::IndexedOptions;
+    let mut store = Store::new();
+    let c = PublisherConfig {
+        snapshot_format: SnapshotFormat::Verified(IndexedOptions {
+            block_bytes: 128,
+            index_block_bytes: 256,
+        }),
+        delta_every: None,
+        ..cfg(Some(key(1)), None)
+    };
+    // Every LSN writes a new key: the snapshot alone holds the older ones.
+    let unique = |lsn: u64| {
+        vec![Op::put(
+            format!("u{lsn:05}").into_bytes(),
+            vec![lsn as u8; 300],
+        )]
+    };
+    let last = 400;
+    publish_ops(&mut store, c, last, 1_000, &unique);
+    let head = head_of(&store);
+    let snap = head.snapshot.clone().expect("the test needs a snapshot");
+    assert!(head.deltas.is_empty());
+    let size = store[&snap.key].0.len() as u64;
+    // The keys only the snapshot holds.
+    let want: Vec<(Vec<u8>, Vec<u8>)> = (1..=snap.lsn)
+        .flat_map(unique)
+        .map(|op| match op {
+            Op::Put { key, value } => (key, value),
+            Op::Delete { .. } => unreachable!("only puts"),
+        })
+        .collect();
+    assert!(want.len() > 100, "the test needs a large snapshot");
+    let rcfg = ReplicaConfig {
+        poll_interval_ms: 50,
+        retry_base_ms: 10,
+        trust: vec![key(1).public()],
+        long_poll_wait_ms: 0,
+        lazy_cache_bytes: Some(1 << 20),
+        ..ReplicaConfig::default()
+    };
+    let mut r = Replica::new(rcfg.clone(), 7);
+    let mut count = (0, 0);
+    let mut now = 0;
+    while r.applied_lsn() < last && now < 5_000 {
+        drain_counting(&mut r, &store, now, &snap.key, &mut count);
+        now += 50;
+    }
+    assert_eq!(r.applied_lsn(), last);
+    assert_eq!(count, (0, 0), "a sync does not read the snapshot");
+    // One point read of a key only the snapshot holds: a few blocks.
+    let (k, v) = want[want.len() / 2].clone();
+    let got = loop {
+        match r.get_lazy(&k).expect("read") {
+            Read::Ready(v) => break v,
+            Read::Pending => drain_counting(&mut r, &store, now, &snap.key, &mut count),
+        }
+    };
+    assert_eq!(got.as_deref(), Some(v.as_slice()));
+    eprintln!(
+        "pinned lazy point read: {} GETs, {} bytes of a {size}-byte snapshot",
+        count.0, count.1
+    );
+    assert!(count.0 <= 3, "{} GETs", count.0);
+    assert!(count.1 < size * 3 / 4, "{} bytes of {size}", count.1);
+    // Every key reads right.
+    for (k, v) in want.iter() {
+        let got = loop {
+            match r.get_lazy(k).expect("read") {
+                Read::Ready(v) => break v,
+                Read::Pending => drain_counting(&mut r, &store, now, &snap.key, &mut count),
+            }
+        };
+        assert_eq!(got.as_deref(), Some(v.as_slice()), "{k:?}");
+    }
+
+    // A byte changed anywhere in the snapshot: a cold pinned replica's
+    // reads of it fail naming the snapshot, as `untrusted` or `data`;
+    // nothing wrong is answered and the applied LSN stays.
+    for at in [size / 3, size - 100, size - 10] {
+        let mut bad = store.clone();
+        if let Some((b, _)) = bad.get_mut(&snap.key) {
+            b[at as usize] ^= 0x40;
+        }
+        let mut r = Replica::new(rcfg.clone(), 7);
+        let mut now = 0;
+        while r.applied_lsn() < last && now < 5_000 {
+            drain_counting(&mut r, &bad, now, "", &mut (0, 0));
+            now += 50;
+        }
+        let mut saw = false;
+        for (k, v) in want.iter() {
+            loop {
+                match r.get_lazy(k) {
+                    Ok(Read::Pending) => drain_counting(&mut r, &bad, now, "", &mut (0, 0)),
+                    Ok(Read::Ready(got)) => {
+                        assert_eq!(
+                            got.as_deref(),
+                            Some(v.as_slice()),
+                            "{k:?} with byte {at} changed"
+                        );
+                        break;
+                    }
+                    Err(e) => {
+                        assert!(
+                            matches!(e.kind(), ErrorKind::Untrusted | ErrorKind::Data),
+                            "{e}"
+                        );
+                        assert_eq!(e.object(), Some(snap.key.as_str()), "{e}");
+                        saw = true;
+                        break;
+                    }
+                }
+            }
+        }
+        assert!(saw, "the changed byte {at} was never read");
+        assert_eq!(r.applied_lsn(), last);
+    }
 }

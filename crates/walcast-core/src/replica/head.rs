@@ -181,11 +181,21 @@ impl Replica {
         self.etag = etag;
         let fresh = self.dataset.is_none();
         let gap = head.earliest_lsn > self.applied + 1;
-        if self.lazy.is_some() && !self.trust.pinned() {
+        // A pinned replica reads lazily only a version 4 snapshot whose index
+        // digest the signed head records, and only without deltas (they are
+        // bound by whole-object digests): else it loads whole.
+        let pinned = self.trust.pinned();
+        let verified = head
+            .snapshot
+            .as_ref()
+            .filter(|s| pinned && s.version == 4 && head.deltas.is_empty())
+            .and_then(|s| head.index_digest(&s.key))
+            .and_then(super::lazy::parse_digest);
+        if self.lazy.is_some() && (!pinned || verified.is_some()) {
             if fresh {
                 self.dataset = Some(head.dataset_id);
             }
-            if self.lazy_adopt(head.snapshot.as_ref(), &head.deltas) {
+            if self.lazy_adopt(head.snapshot.as_ref(), &head.deltas, verified) {
                 self.head = Some(head);
                 self.caught_up_reported = false;
                 if self.applied >= self.committed {

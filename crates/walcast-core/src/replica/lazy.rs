@@ -199,7 +199,7 @@ impl Lazy {
 
     /// Makes `entry` the base: at `applied`, the overlay keeps only writes
     /// after the snapshot; above it, the snapshot is the whole state.
-    pub(super) fn set_base(&mut self, entry: SnapshotEntry) {
+    pub(super) fn set_base(&mut self, entry: SnapshotEntry, index_digest: Option<[u8; 32]>) {
         let lsn = entry.lsn;
         let mut dropped = 0;
         self.overlay.retain(|k, (l, v)| {
@@ -214,7 +214,10 @@ impl Lazy {
         self.inflight.clear();
         self.failed.clear();
         self.base = Some(Base {
-            snap: LazySnapshot::new(entry.size, self.cache_bytes),
+            snap: match index_digest {
+                Some(d) => LazySnapshot::with_index_digest(entry.size, self.cache_bytes, d),
+                None => LazySnapshot::new(entry.size, self.cache_bytes),
+            },
             entry,
             deltas: Vec::new(),
         });
@@ -716,10 +719,13 @@ impl Replica {
     /// Lazy mode: adopts the head's snapshot as the base when it is newer
     /// than the applied LSN (the state jumps to it) or newer than the base
     /// (the overlay sheds what it covers). Returns whether the state jumped.
+    /// `index_digest`: the signed head's index digest for a version 4
+    /// snapshot, which every block read is then verified against.
     pub(super) fn lazy_adopt(
         &mut self,
         snapshot: Option<&SnapshotEntry>,
         deltas: &[DeltaEntry],
+        index_digest: Option<[u8; 32]>,
     ) -> bool {
         let applied = self.applied;
         let Some(lazy) = self.lazy.as_mut() else {
@@ -727,7 +733,7 @@ impl Replica {
         };
         // Version 1 snapshots have no index: they load whole, as in full
         // mode, and the overlay sits on that state.
-        let Some(s) = snapshot.filter(|s| s.version == 2) else {
+        let Some(s) = snapshot.filter(|s| s.version == 2 || s.version == 4) else {
             return false;
         };
         let newer_than_base = lazy.base.as_ref().is_none_or(|b| b.entry.lsn < s.lsn);
@@ -739,7 +745,7 @@ impl Replica {
                 .filter(|_| deltas.first().is_some_and(|f| f.base_lsn == s.lsn))
                 .map_or(s.lsn, |d| d.lsn);
             lazy.clear();
-            lazy.set_base(s.clone());
+            lazy.set_base(s.clone(), index_digest);
             if end > s.lsn {
                 lazy.set_deltas(deltas);
             }
@@ -760,11 +766,29 @@ impl Replica {
                 && state_covered
                 && lazy.base.as_ref().is_none_or(|b| b.entry.key != s.key)
             {
-                lazy.set_base(s.clone());
+                lazy.set_base(s.clone(), index_digest);
                 // The base replaces a state loaded whole from version 1.
                 self.state = crate::state::KvState::new();
             }
             false
         }
     }
+}
+
+/// Parses 64 lowercase hex digits (a digest in a signed head).
+pub(super) fn parse_digest(hex: &str) -> Option<[u8; 32]> {
+    let b = hex.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let nib = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = nib(b[2 * i])? << 4 | nib(b[2 * i + 1])?;
+    }
+    Some(out)
 }
