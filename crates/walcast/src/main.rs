@@ -111,6 +111,12 @@ enum Cmd {
         /// replicas that trust it follow.
         #[arg(long, value_name = "FILE", requires = "signing_key")]
         previous_key: Option<PathBuf>,
+        /// Write snapshots in version 4, whose index carries each block's
+        /// SHA-256, and record its index digest in the signed head: replicas
+        /// pinned with --trust then read the snapshot by blocks instead of
+        /// whole. Readers older than version 4 refuse these snapshots.
+        #[arg(long, requires = "signing_key")]
+        verified_blocks: bool,
         /// Also serve the (file://) dataset over HTTP on this address, as
         /// `walcast serve` does; held head requests are woken by each commit.
         #[arg(long, value_name = "ADDR")]
@@ -556,6 +562,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             retain,
             signing_key,
             previous_key,
+            verified_blocks,
             grace,
             once,
             serve,
@@ -581,6 +588,11 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                         .as_deref()
                         .map(walcast::keyfile::read_secret_key)
                         .transpose()?,
+                    snapshot_format: if verified_blocks {
+                        walcast_core::publisher::SnapshotFormat::Verified(Default::default())
+                    } else {
+                        Default::default()
+                    },
                     ..PublisherConfig::default()
                 },
                 once,

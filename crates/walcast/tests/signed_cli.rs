@@ -275,3 +275,41 @@ fn lazy_reads_and_inspect_pin_keys() {
     assert!(err.contains("not signed"), "{err}");
     assert_eq!(ok(&get_from("user:091", &[])), "v91");
 }
+
+#[test]
+fn verified_blocks_publish_version_4_with_its_index_digest_in_the_signed_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wal = tmp.path().join("wal");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let url = url::Url::from_directory_path(&data).unwrap().to_string();
+    let key = tmp.path().join("a.key");
+    let public = keygen(&key);
+    write(&wal, 0, 50);
+    let args = [
+        "publish",
+        "--wal",
+        wal.to_str().unwrap(),
+        "--to",
+        &url,
+        "--once",
+        "--snapshot-every",
+        "10",
+        "--signing-key",
+        key.to_str().unwrap(),
+        "--verified-blocks",
+    ];
+    ok(&walcast(&args, None));
+    let head = std::fs::read_to_string(data.join("catalog/head.json")).unwrap();
+    assert!(head.contains("\"index_digests\":{\""), "{head}");
+    assert!(head.contains("\"version\":4"), "{head}");
+    // A pinned replica reads it.
+    let pinned = tmp.path().join("pinned");
+    ok(&replicate(&url, &pinned, &[&public]));
+    assert_eq!(get(&pinned, "user:049"), "v49");
+    assert_eq!(get(&pinned, "user:001"), "v1");
+    // The flag needs a signing key.
+    let mut no_key = args[..8].to_vec();
+    no_key.push("--verified-blocks");
+    assert!(!walcast(&no_key, None).status.success());
+}
