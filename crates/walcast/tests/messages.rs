@@ -300,25 +300,25 @@ fn a_bucket_in_another_region_says_to_set_the_region() {
     one_line(&["inspect", "s3://bucket/app"], &env, &wants);
 }
 
-/// A signed dataset of a few keys at `ds`, published with the key in
-/// `key`; returns the key's public half.
-fn signed_dataset(tmp: &std::path::Path, ds: &std::path::Path, key: &std::path::Path) -> String {
-    let (code, public, err) = walcast(&["keygen", "--out", key.to_str().unwrap()], &[]);
-    assert_eq!(code, Some(0), "{err}");
-    let wal = tmp.join("wal");
+/// Commits `ndjson` (one batch a line) to the WAL at `wal` with `walcast write`.
+fn write_wal(wal: &std::path::Path, ndjson: &[u8]) {
     let mut child = Command::new(bin())
         .args(["write", "--wal", wal.to_str().unwrap()])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"{\"op\":\"put\",\"key\":\"k\",\"value\":\"v\"}\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(ndjson).unwrap();
     assert!(child.wait().unwrap().success());
+}
+
+/// A signed dataset of a few keys at `ds`, published with the key in
+/// `key`; returns the key's public half.
+fn signed_dataset(tmp: &std::path::Path, ds: &std::path::Path, key: &std::path::Path) -> String {
+    let (code, public, err) = walcast(&["keygen", "--out", key.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let wal = tmp.join("wal");
+    write_wal(&wal, b"{\"op\":\"put\",\"key\":\"k\",\"value\":\"v\"}\n");
     let url = file_url(ds);
     let (code, _, err) = walcast(
         &[
@@ -504,19 +504,7 @@ fn a_reader_that_closes_stdout_ends_the_command_quietly() {
             "v".repeat(40)
         ));
     }
-    let mut child = Command::new(bin())
-        .args(["write", "--wal", wal.to_str().unwrap()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    write_wal(&wal, input.as_bytes());
     let url = file_url(&ds);
     let (code, _, err) = walcast(
         &[
