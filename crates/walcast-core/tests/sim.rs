@@ -1,7 +1,8 @@
 //! Deterministic simulation: publishers and replicas against a faulty
 //! in-memory object store, checking DESIGN.md's invariants after every step.
 //!
-//! `SIM_SEEDS=N` runs N seeds (default 2000); `SIM_SEED=S` replays one seed;
+//! `SIM_SEEDS=N` runs N seeds (default 2000; `SIM_FIRST=F` starts at seed F)
+//! and the regression seeds; `SIM_SEED=S` replays one seed;
 //! `SIM_VERBOSE=1` traces it. A failure prints the line that replays it.
 
 use std::collections::BTreeMap;
@@ -1009,6 +1010,12 @@ fn run_seed(seed: u64) -> Coverage {
     sim.cov
 }
 
+/// Seeds beyond the default count that once failed, run every time.
+/// 6838, 25451, 29895: a lazy replica kept reading a delta chain the head
+/// had replaced, and the publisher then deleted it (every later read: not
+/// found).
+const REGRESSION_SEEDS: &[u64] = &[6838, 25451, 29895];
+
 #[test]
 fn simulation() {
     let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
@@ -1018,7 +1025,19 @@ fn simulation() {
                 .ok()
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(2000);
-            (0..n).collect()
+            // SIM_FIRST=F starts at seed F (to split a long run in parts).
+            let first: u64 = std::env::var("SIM_FIRST")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            (first..first + n)
+                .chain(
+                    REGRESSION_SEEDS
+                        .iter()
+                        .copied()
+                        .filter(|&s| s < first || s >= first + n),
+                )
+                .collect()
         }
     };
     let mut total = Coverage::default();

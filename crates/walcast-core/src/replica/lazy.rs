@@ -90,6 +90,9 @@ pub(super) struct Base {
     /// The head's delta snapshots over it, oldest first: together with the
     /// snapshot they are the state at the chain's end.
     pub(super) deltas: Vec<LazyDelta>,
+    /// The LSN the snapshot and its delta chain reach (the snapshot's LSN
+    /// without deltas). Stays when a scan loads the deltas into the overlay.
+    pub(super) chain_end: u64,
 }
 
 /// A delta snapshot read lazily: its verified index and filter once
@@ -218,6 +221,7 @@ impl Lazy {
                 Some(d) => LazySnapshot::with_index_digest(entry.size, self.cache_bytes, d),
                 None => LazySnapshot::new(entry.size, self.cache_bytes),
             },
+            chain_end: entry.lsn,
             entry,
             deltas: Vec::new(),
         });
@@ -228,7 +232,38 @@ impl Lazy {
     pub(super) fn set_deltas(&mut self, deltas: &[DeltaEntry]) {
         if let Some(b) = self.base.as_mut() {
             b.deltas = deltas.iter().cloned().map(LazyDelta::new).collect();
+            if let Some(last) = deltas.last() {
+                b.chain_end = last.lsn;
+            }
         }
+    }
+
+    /// The head names another delta chain over the same base, reaching `end`
+    /// (at most the applied LSN, and no earlier than the chain in use): a
+    /// publisher consolidated or extended the chain, and may delete the
+    /// deltas it replaced. Reads go through the new chain from now on; the
+    /// overlay keeps only the writes after `end` (those before it are the
+    /// same in the base and the new chain). Answers for the old deltas are
+    /// ignored when they come.
+    pub(super) fn replace_deltas(&mut self, deltas: &[DeltaEntry], end: u64) {
+        let Some(b) = self.base.as_mut() else {
+            return;
+        };
+        b.deltas = deltas.iter().cloned().map(LazyDelta::new).collect();
+        b.chain_end = end;
+        let base_key = b.entry.key.clone();
+        let mut dropped = 0;
+        self.overlay.retain(|k, (l, v)| {
+            let keep = *l > end;
+            if !keep {
+                dropped += entry_cost(k, v);
+            }
+            keep
+        });
+        self.overlay_bytes -= dropped;
+        self.wanted.retain(|j| j.snapshot == base_key);
+        self.inflight.retain(|j| j.snapshot == base_key);
+        self.failed.clear();
     }
 
     /// Point read through the deltas, newest first. `Ok(Some(change))`: the
@@ -737,13 +772,29 @@ impl Replica {
             return false;
         };
         let newer_than_base = lazy.base.as_ref().is_none_or(|b| b.entry.lsn < s.lsn);
-        if s.lsn > applied {
+        // Where the snapshot and the head's delta chain over it reach.
+        let end = deltas
+            .last()
+            .filter(|_| deltas.first().is_some_and(|f| f.base_lsn == s.lsn))
+            .map_or(s.lsn, |d| d.lsn);
+        // Over the base in use, a chain that reaches further, or the same
+        // span under other keys (another epoch's), replaces the chain in use:
+        // the publisher may delete the deltas it no longer names.
+        let newer_chain = lazy.base.as_ref().is_some_and(|b| {
+            b.entry.key == s.key
+                && (end > b.chain_end
+                    || (end == b.chain_end
+                        && end > s.lsn
+                        && !b.deltas.is_empty()
+                        && !b
+                            .deltas
+                            .iter()
+                            .map(|d| &d.entry.key)
+                            .eq(deltas.iter().map(|d| &d.key))))
+        });
+        if s.lsn > applied || (newer_chain && end > applied) {
             // The state jumps to the end of the snapshot's delta chain: only
             // the segments after it are replayed.
-            let end = deltas
-                .last()
-                .filter(|_| deltas.first().is_some_and(|f| f.base_lsn == s.lsn))
-                .map_or(s.lsn, |d| d.lsn);
             lazy.clear();
             lazy.set_base(s.clone(), index_digest);
             if end > s.lsn {
@@ -758,6 +809,9 @@ impl Replica {
                 dataset_id: self.dataset.unwrap_or_default(),
             });
             true
+        } else if newer_chain {
+            lazy.replace_deltas(deltas, end);
+            false
         } else {
             // A base may replace a full state only if the overlay holds
             // every write after it.
