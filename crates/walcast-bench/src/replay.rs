@@ -25,6 +25,9 @@ pub(crate) struct ReplayResult {
     pub(crate) copy_s: f64,
     /// `crc32fast::hash` over the bytes.
     pub(crate) crc_s: f64,
+    /// SHA-256 of the bytes: what a replica pinned to a signed dataset adds
+    /// to check a segment against the digest its signed catalog names.
+    pub(crate) digest_s: f64,
     /// Decode + verify (the catalog's file checksum and every record's).
     pub(crate) verify_s: f64,
     /// Decode + verify + KV batch decode + apply to a `KvState`, as a replica does.
@@ -83,6 +86,7 @@ pub(crate) fn run(root: &Path, n: u64, tmp: &Path) -> Result<ReplayResult> {
         Ok(dst[dst.len() / 2])
     })?;
     let crc_s = best(15, || Ok(crc32fast::hash(&bytes)))?;
+    let digest_s = best(5, || Ok(walcast_core::keys::sha256_hex(&bytes)))?;
     let verify_s = best(5, || {
         let seg =
             segment::decode(&bytes, Some(summary.crc32)).map_err(|e| anyhow!("segment: {e}"))?;
@@ -105,6 +109,7 @@ pub(crate) fn run(root: &Path, n: u64, tmp: &Path) -> Result<ReplayResult> {
         bytes: bytes.len() as u64,
         copy_s,
         crc_s,
+        digest_s,
         verify_s,
         apply_s,
         apply_nocat_s,
