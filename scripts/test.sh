@@ -4,7 +4,11 @@
 #   SIM_SEEDS=N  simulation seeds (default 2000); SIM_SEED=S replays one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-step() { printf '\n== %s\n' "$*"; }
+# Each step says how long the one before it took (the suite's budget is 45
+# minutes on a fresh 2-core machine), and the last line the total.
+last=$SECONDS
+step() { printf '\n(%d s)\n== %s\n' $((SECONDS - last)) "$*"; last=$SECONDS; }
+trap 'printf "\n(%d s)\ntest.sh: %d s in all\n" $((SECONDS - last)) $SECONDS' EXIT
 
 step "format"
 cargo fmt --all --check
