@@ -199,10 +199,14 @@ fn snapshot_once(data: &[u8]) {
             assert_eq!(h1, h2, "streamed header differs");
             assert_eq!(s1.len(), h1.entry_count);
             assert!(s1.iter().eq(s2.iter()), "streamed entries differ");
-            let mut prev: Option<&[u8]> = None;
-            for (k, _) in s1.iter() {
-                assert!(prev.is_none_or(|p| p < k), "keys not strictly ascending");
-                prev = Some(k);
+            let mut prev: Option<Vec<u8>> = None;
+            let mut entries = s1.iter();
+            while let Some((k, _)) = entries.next_entry() {
+                assert!(
+                    prev.as_deref().is_none_or(|p| p < k),
+                    "keys not strictly ascending"
+                );
+                prev = Some(k.to_vec());
             }
         }
         (Err(_), Err(_)) => {}

@@ -521,10 +521,10 @@ impl Sim {
 
     fn check_state(&self, st: &KvState, lsn: u64, what: &str) {
         let model = &self.models[lsn as usize];
-        let got: Vec<(&[u8], &[u8])> = st.iter().collect();
-        let want: Vec<(&[u8], &[u8])> = model
+        let got: Vec<(std::borrow::Cow<[u8]>, &[u8])> = st.iter().collect();
+        let want: Vec<(std::borrow::Cow<[u8]>, &[u8])> = model
             .iter()
-            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .map(|(k, v)| (k.as_slice().into(), v.as_slice()))
             .collect();
         if got != want || st.len() != model.len() as u64 {
             fail(

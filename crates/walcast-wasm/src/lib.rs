@@ -686,7 +686,8 @@ impl WasmReplica {
             .as_deref()
             .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
         let limit = if limit == 0 { u32::MAX } else { limit };
-        for (k, v) in r.state().range(std::ops::Bound::Included(&lower), upper) {
+        let mut entries = r.state().range(std::ops::Bound::Included(&lower), upper);
+        while let Some((k, v)) = entries.next_entry() {
             if !k.starts_with(&prefix) || out.length() >= limit {
                 break;
             }

@@ -793,7 +793,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                         .prefix(prefix.as_bytes())
                         .take(limit.unwrap_or(usize::MAX))
                     {
-                        print(k, v)?;
+                        print(&k, v)?;
                     }
                 }
                 (None, Some(url)) => {

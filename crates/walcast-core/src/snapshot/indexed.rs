@@ -356,7 +356,8 @@ fn encode_blocks(
         out.extend_from_slice(&bytes);
         index.push((first, h, d));
     };
-    for (k, v) in state.iter() {
+    let mut entries = state.iter();
+    while let Some((k, v)) = entries.next_entry() {
         b.push(k, v);
         if b.size() >= opts.block_bytes {
             flush(&mut b, &mut out, &mut index);
@@ -1281,7 +1282,7 @@ mod tests {
             let (got, _) = scan_all(&mut lazy, &file, &mut cur).unwrap();
             let want: Vec<_> = s
                 .iter()
-                .filter(|(k, _)| *k >= start.as_slice() && end.as_ref().is_none_or(|e| *k < e.as_slice()))
+                .filter(|(k, _)| **k >= *start.as_slice() && end.as_ref().is_none_or(|e| **k < *e.as_slice()))
                 .take(limit)
                 .map(|(k, v)| (k.to_vec(), v.to_vec()))
                 .collect();

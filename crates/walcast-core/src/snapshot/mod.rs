@@ -112,7 +112,8 @@ pub fn encode_to(
         body.clear();
         *count = 0;
     };
-    for (k, v) in state.iter() {
+    let mut entries = state.iter();
+    while let Some((k, v)) = entries.next_entry() {
         put_len_prefixed(&mut body, k);
         put_len_prefixed(&mut body, v);
         count += 1;
