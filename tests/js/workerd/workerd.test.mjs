@@ -182,6 +182,11 @@ services.trusted = { bindings: { DATASET_URL: signedFx.url, TRUST: ` ${signedFx.
 services.trustwrong = { bindings: { DATASET_URL: signedFx.url, TRUST: signedFx.wrongKey, MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "1000" } };
 services.trustunsigned = { bindings: { DATASET_URL: fxMore.scenarios.basic.url, TRUST: signedFx.trustKey, MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "1000" } };
 services.trustbad = { bindings: { DATASET_URL: signedFx.url, TRUST: "ed25519:nope" } };
+// min_lsn: reads through the counting proxy (proxy.requests: the worker's GETs), a short wait.
+const MIN_LSN_WAIT_MS = 1000;
+const minLsnFx = fxMore.scenarios.newdataset; // stage 0 only (never mutated in fxMore)
+const minLsnPath = new URL(minLsnFx.url).pathname;
+services.minlsn = { bindings: { DATASET_URL: minLsnFx.url.replace(new URL(fxMore.base).origin, proxyBase), MIN_LSN_WAIT_MS: String(MIN_LSN_WAIT_MS) } };
 services.hostile = { bindings: { DATASET_URL: `${datasets.controlUrl}/hostile/endless/${hostileToken}`, MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "1000" } };
 fs.writeFileSync(path.join(tmp, "fixtures.json"), JSON.stringify(fxConf));
 services.conformance = { modules: confModules, bindings: { FIXTURES: { embed: path.join(tmp, "fixtures.json") }, CONTROL: datasets.controlUrl } };
@@ -822,6 +827,61 @@ test("conformance in workerd", { timeout: 30 * 60_000 }, async (t) => {
       if (!res.json.ok) assert.fail(`${res.json.name}: ${res.json.error}`);
     });
   }
+});
+
+test("worker: min_lsn beyond the head answers 503 with Retry-After after MIN_LSN_WAIT_MS; concurrent waits share one sync loop; malformed or huge values are 400", { timeout: TIMEOUT }, async () => {
+  const want = minLsnFx.expected.lsn;
+  const upstream = new URL(fxMore.base).origin;
+  assert.equal(new URL(fx.base).origin, upstream, "the counting proxy reaches fxMore's datasets");
+  // Applied already: at once, with the LSN it was read at.
+  let r = await get("minlsn", `/scan?limit=1&min_lsn=${want}`);
+  assert.equal(r.status, 200, Buffer.from(r.body).toString());
+  assert.equal(r.headers.get("walcast-lsn"), String(want));
+  // Malformed or out of range (more than 15 digits): 400 at once, never a wait.
+  const bad = ["x", "-1", "1.5", "1e3", "0x10", "+5", "", "%20", "١٢", "9".repeat(16), "18446744073709551616", "9".repeat(4000)];
+  for (const v of bad) {
+    r = await get("minlsn", `/kv/a?min_lsn=${v}`);
+    assert.equal(r.status, 400, `min_lsn=${v.slice(0, 40)}`);
+    assert.equal(r.headers.get("walcast-lsn"), String(want), "a 400 carries the LSN");
+    if (!/^[\x21-\x7e]+$/.test(v)) continue; // not a header value
+    r = await get("minlsn", "/scan", { headers: { "walcast-min-lsn": v } });
+    assert.equal(r.status, 400, `Walcast-Min-Lsn: ${v.slice(0, 40)}`);
+  }
+  // Far beyond anything published, 8 requests at once (query and header, /kv
+  // and /scan): each answers 503 with Retry-After, not before the wait, and
+  // the worker's GETs meanwhile are one shared loop's (a sync, a pause), not
+  // one loop per request.
+  const far = "999999999999999";
+  const heads = () => proxy.requests.filter((q) => q.url.startsWith(`${minLsnPath}/catalog/head.json`)).length;
+  const h0 = heads();
+  const s0 = await status("minlsn");
+  const n = 8;
+  const t0 = performance.now();
+  const answers = await Promise.all(
+    Array.from({ length: n }, (_, i) =>
+      i % 2 ? get("minlsn", `/kv/a?min_lsn=${far}`) : get("minlsn", "/scan?limit=1", { headers: { "Walcast-Min-Lsn": far } }),
+    ),
+  );
+  const took = performance.now() - t0;
+  for (const a of answers) {
+    assert.equal(a.status, 503);
+    assert.match(a.headers.get("retry-after") ?? "", /^\d+$/);
+    assert.equal(a.headers.get("walcast-lsn"), String(want));
+    const body = JSON.parse(Buffer.from(a.body).toString());
+    assert.equal(body.error.code, "not_applied");
+    assert.equal(body.error.lsn, Number(far));
+  }
+  assert.ok(took >= MIN_LSN_WAIT_MS - 5, `answered after ${took.toFixed(0)} ms, before MIN_LSN_WAIT_MS (${MIN_LSN_WAIT_MS})`);
+  const s1 = await status("minlsn");
+  const syncs = s1.worker.syncs - s0.worker.syncs;
+  const gets = heads() - h0;
+  // One loop: a sync, then at least 100 ms before the next (plus one in flight at each end).
+  const oneLoop = Math.ceil(took / 100) + 2;
+  log(`min_lsn: ${n} requests waited ${took.toFixed(0)} ms: ${syncs} syncs, ${gets} head GETs (one loop allows ${oneLoop})`);
+  assert.ok(syncs >= 1, "the wait asked the store again");
+  assert.ok(syncs <= oneLoop, `${syncs} syncs for ${n} concurrent waits (one loop: at most ${oneLoop})`);
+  assert.ok(gets <= oneLoop, `${gets} head GETs for ${n} concurrent waits (one loop: at most ${oneLoop})`);
+  assert.equal(s1.appliedLsn, want, "nothing applied that was never published");
 });
 
 // --- worker/wrangler.toml ---------------------------------------------------------------
