@@ -382,12 +382,19 @@ pub async fn inspect(
         if verify {
             if failures.is_empty() {
                 say!(
-                    "\nverify       OK: {} segments{} checked",
+                    "\nverify       OK: {} segments{} checked{}",
                     segments.len(),
                     if head.snapshot.is_some() {
                         " and the snapshot"
                     } else {
                         ""
+                    },
+                    match &signed {
+                        // What could not be checked: a CRC-32 is recomputed
+                        // by anyone who changes an object.
+                        None => "  (CRC-32 only: the dataset is not signed, so a changed and re-checksummed object passes)",
+                        Some(_) if trust.is_empty() => "  (CRC-32 and SHA-256 against the head's own signer: give --trust to pin who signed)",
+                        Some(_) => "  (CRC-32 and SHA-256 against the signed catalog)",
                     }
                 );
             } else {

@@ -313,3 +313,189 @@ fn verified_blocks_publish_version_4_with_its_index_digest_in_the_signed_head() 
     no_key.push("--verified-blocks");
     assert!(!walcast(&no_key, None).status.success());
 }
+
+/// Changes the record of `seg` that holds byte `at` (a payload byte) and
+/// re-checksums it so that every CRC-32 still matches: the record's own and
+/// the whole file's (the catalog's `crc32`). CRC-32 is affine over GF(2), so
+/// four more payload bytes of the same record are solved for the file's
+/// checksum to come out unchanged. Returns the tampered file.
+fn tamper_keeping_crcs(seg: &[u8], at: usize) -> Vec<u8> {
+    // The record around `at`: walk the framing from the header.
+    let mut pos = 32;
+    let (start, len) = loop {
+        let len = u32::from_le_bytes(seg[pos + 8..pos + 12].try_into().unwrap()) as usize;
+        if at >= pos + 16 && at < pos + 16 + len {
+            break (pos, len);
+        }
+        pos += 16 + len;
+        assert!(pos < seg.len(), "byte {at} is not in a record's payload");
+    };
+    assert!(len >= 6, "a payload of {len} bytes is too short");
+    // Four payload bytes other than `at` to solve for.
+    let free = if at >= start + 16 + 4 {
+        start + 16
+    } else {
+        start + 16 + len - 4
+    };
+    assert!(at < free || at >= free + 4);
+    let reseal = |b: &mut Vec<u8>| {
+        let crc =
+            crc32fast::hash(&[&b[start..start + 12], &b[start + 16..start + 16 + len]].concat());
+        b[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
+    };
+    let with = |d: u32| {
+        let mut b = seg.to_vec();
+        b[at] ^= 0x5a;
+        for i in 0..4 {
+            b[free + i] ^= (d >> (8 * i)) as u8;
+        }
+        reseal(&mut b);
+        b
+    };
+    let f0 = crc32fast::hash(&with(0));
+    let target = f0 ^ crc32fast::hash(seg);
+    // Columns: what each free bit does to the file's checksum; then Gaussian
+    // elimination over GF(2) for the bits that cancel the tamper.
+    let mut rows: Vec<(u32, u32)> = (0..32)
+        .map(|i| (crc32fast::hash(&with(1 << i)) ^ f0, 1u32 << i))
+        .collect();
+    let mut pivots: Vec<(u32, u32)> = Vec::new();
+    for (mut v, mut d) in rows.drain(..) {
+        for &(pv, pd) in &pivots {
+            if v ^ pv < v {
+                v ^= pv;
+                d ^= pd;
+            }
+        }
+        if v != 0 {
+            pivots.push((v, d));
+            pivots.sort_by_key(|b| std::cmp::Reverse(b.0));
+        }
+    }
+    let (mut v, mut d) = (target, 0u32);
+    for &(pv, pd) in &pivots {
+        if v ^ pv < v {
+            v ^= pv;
+            d ^= pd;
+        }
+    }
+    assert_eq!(
+        v, 0,
+        "the free bytes cannot cancel the change (try another record)"
+    );
+    let out = with(d);
+    assert_ne!(out, seg);
+    assert_eq!(crc32fast::hash(&out), crc32fast::hash(seg));
+    out
+}
+
+/// A segment changed and re-checksummed (record CRCs and the whole file's
+/// CRC-32 still match the catalog) passes every CRC check; `inspect
+/// --verify` still fails it on a signed dataset, through the signed SHA-256
+/// digest, naming the segment, with or without `--trust`. An unsigned copy
+/// of the same dataset (the same tampered bytes) passes, and `inspect`
+/// says that only CRC-32s were checked; with `--trust` it is refused.
+#[test]
+fn inspect_verify_catches_a_recrc_d_segment_by_its_signed_digest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wal = tmp.path().join("wal");
+    let (signed_dir, plain_dir) = (tmp.path().join("signed"), tmp.path().join("plain"));
+    let key = tmp.path().join("a.key");
+    let public = keygen(&key);
+    write(&wal, 0, 60);
+    let mut urls = Vec::new();
+    for (dir, sign) in [(&signed_dir, true), (&plain_dir, false)] {
+        std::fs::create_dir_all(dir).unwrap();
+        let url = url::Url::from_directory_path(dir).unwrap().to_string();
+        let mut args = vec![
+            "publish",
+            "--wal",
+            wal.to_str().unwrap(),
+            "--to",
+            &url,
+            "--once",
+            "--segment-bytes",
+            "1024",
+            "--snapshot-every",
+            "40",
+            // No copies of segments in the head: the file is what is read.
+            "--tail-bytes",
+            "0",
+        ];
+        if sign {
+            args.extend(["--signing-key", key.to_str().unwrap()]);
+        }
+        ok(&walcast(&args, None));
+        urls.push(url);
+    }
+    // The same segment in both copies: the first one after the snapshot.
+    let mut segs: Vec<_> = walk(&signed_dir.join("segments"));
+    segs.sort();
+    let seg_path = segs.last().unwrap().clone();
+    let rel = seg_path.strip_prefix(&signed_dir).unwrap().to_path_buf();
+    let rel_key = rel.to_str().unwrap().to_string();
+    let original = std::fs::read(&seg_path).unwrap();
+    assert_eq!(original, std::fs::read(plain_dir.join(&rel)).unwrap());
+    // The last byte of the first record's payload (a value byte).
+    let first_len = u32::from_le_bytes(original[40..44].try_into().unwrap()) as usize;
+    let tampered = tamper_keeping_crcs(&original, 32 + 16 + first_len - 1);
+    walcast_core::segment::decode(&tampered, Some(crc32fast::hash(&original)))
+        .expect("the tampered segment passes every CRC-32 check");
+    for dir in [&signed_dir, &plain_dir] {
+        std::fs::write(dir.join(&rel), &tampered).unwrap();
+    }
+
+    // Signed, pinned: the digest names the segment.
+    for trust in [&["--trust", public.as_str()][..], &[]] {
+        let mut args = vec!["inspect", &urls[0], "--verify"];
+        args.extend(trust);
+        let out = walcast(&args, None);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(1), "{trust:?}: {stdout}\n{stderr}");
+        assert!(stdout.contains("verify       1 FAILED"), "{stdout}");
+        assert!(
+            stderr.contains(&format!("data: {rel_key}: SHA-256 "))
+                && stderr.contains("the signed catalog's (untrusted)"),
+            "{trust:?}: {stderr}"
+        );
+        if trust.is_empty() {
+            assert!(stdout.contains("no key pinned: give --trust"), "{stdout}");
+        }
+    }
+    // The unsigned copy: CRC-32 cannot tell, and inspect says what it could not check.
+    let out = ok(&walcast(&["inspect", &urls[1], "--verify"], None));
+    assert!(out.contains("verify       OK"), "{out}");
+    assert!(
+        out.contains("CRC-32 only") && out.contains("not signed"),
+        "{out}"
+    );
+    let out = walcast(&["inspect", &urls[1], "--verify", "--trust", &public], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("untrusted: the dataset is not signed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Put back, both verify again.
+    std::fs::write(&seg_path, &original).unwrap();
+    ok(&walcast(
+        &["inspect", &urls[0], "--verify", "--trust", &public],
+        None,
+    ));
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
