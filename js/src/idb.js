@@ -34,11 +34,40 @@ export const COMPACT_MIN_BYTES = 256 << 10;
  * LSN. Another dataset: only when this replica has reset to it (`replace`),
  * so a tab still on an old dataset does not overwrite one that moved on.
  */
-export function shouldReplace(old, rec, { replace = false, repair = false } = {}) {
+export function shouldReplace(old, rec, { replace = false, repair = false, repairOf } = {}) {
   if (!old || !(old.snapshot || old.format === FORMAT)) return true;
+  // A record whose LSN is not one (tampered, another program's) is never kept.
+  if (!isLsn(old.appliedLsn)) return true;
   if ((old.datasetId ?? null) !== (rec.datasetId ?? null)) return replace || old.datasetId == null;
-  // repair: the stored copy was found damaged; the same LSN rewrites it whole.
+  // repair: the stored copy was found damaged; the same LSN rewrites it
+  // whole, and so does any LSN while the store still holds the damaged copy
+  // (`repairOf`: the LSN it claimed, which its bytes did not reach).
+  if (repair && repairOf !== undefined && old.appliedLsn === repairOf) return true;
   return rec.appliedLsn > old.appliedLsn || (repair && rec.appliedLsn === old.appliedLsn);
+}
+
+/** Whether `v` can be an LSN (a persisted claim is checked before use). */
+function isLsn(v) {
+  return Number.isSafeInteger(v) && v >= 0;
+}
+
+/**
+ * What is wrong with a version 2 record `r` against the bytes stored with it
+ * (`base`, the `log` chunks), or null: a record's LSNs and sizes are claims,
+ * checked before anything uses them.
+ */
+export function recordDamage(url, r, base, log) {
+  const name = `the IndexedDB record replicas[${JSON.stringify(url)}]`;
+  const show = (v) => String(v).slice(0, 40);
+  if (!isLsn(r.appliedLsn) || !isLsn(r.baseLsn) || r.baseLsn > r.appliedLsn) {
+    return `${name} claims appliedLsn ${show(r.appliedLsn)} and baseLsn ${show(r.baseLsn)}, which are not LSNs in order`;
+  }
+  const baseLen = base instanceof Uint8Array ? base.length : 0;
+  if (r.baseBytes !== baseLen) return `${name} claims a base of ${show(r.baseBytes)} bytes; ${baseLen} are stored`;
+  let logLen = 0;
+  for (const c of log) logLen += c instanceof Uint8Array ? c.length : 0;
+  if (r.logBytes !== logLen) return `${name} claims ${show(r.logBytes)} bytes of log; its chunks hold ${logLen}`;
+  return null;
 }
 
 /** Whether a log of `logBytes` over a base of `baseBytes` is due for compaction. */
@@ -153,12 +182,17 @@ export const indexedDbStore = {
       const r = rec.result;
       if (!r) return undefined;
       if (r.format !== FORMAT) return r.snapshot ? r : undefined; // version 1: whole inline
+      const chunks = log.result ?? [];
+      const damaged = recordDamage(url, r, base.result, chunks);
       return {
         // A missing base reads as an empty (undecodable) one: the replica
         // reports the damage and rewrites the store whole.
         snapshot: base.result instanceof Uint8Array ? base.result : new Uint8Array(0),
-        log: log.result ?? [],
+        log: chunks,
         appliedLsn: r.appliedLsn,
+        // Set when the record disagrees with its bytes: the replica reports
+        // it, opens at what the base and log hold, and rewrites the store whole.
+        ...(damaged ? { damaged } : {}),
         datasetId: r.datasetId ?? null,
         baseLsn: r.baseLsn,
         savedAt: r.savedAt,
@@ -211,6 +245,8 @@ export const indexedDbStore = {
           }
         };
         if (!old || old.format !== FORMAT || (old.datasetId ?? null) !== (datasetId ?? null)) return writeWhole();
+        // Claims that cannot be right (tampered): never built upon.
+        if (!isLsn(old.appliedLsn) || !isLsn(old.logBytes) || !isLsn(old.baseBytes)) return writeWhole();
         if (old.appliedLsn >= last) return undefined; // as new already (another tab)
         if (old.appliedLsn + 1 < first) return writeWhole(); // a gap: records missing
         const tail = old.appliedLsn + 1 === first ? bytes : recordsAfter(bytes, old.appliedLsn);

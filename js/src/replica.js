@@ -103,20 +103,45 @@ function pickStore(persist) {
  * state before it, and the next sync fetches the rest).
  */
 function restoreRecord(wasmOpts, rec, key) {
-  const snapshot = toBytes(rec.snapshot, "snapshot");
+  const claim = rec.appliedLsn;
+  const shown = String(claim).slice(0, 40);
+  const snapshot = binary(rec.snapshot);
+  if (!snapshot) {
+    throw walcastError("data", `walcast: the persisted copy of ${key} (LSN ${shown}) is damaged: its snapshot is not bytes; starting over`, {
+      object: "persisted snapshot",
+    });
+  }
+  // What the record claims that its bytes cannot back (checked before any
+  // use: a claimed LSN or size is never trusted, nor allocated by).
+  let why = null;
+  let object = "persisted record";
+  if (!Number.isSafeInteger(claim) || claim < 0) why = `its appliedLsn ${shown} is not an LSN`;
+  else if (typeof rec.damaged === "string") why = rec.damaged; // the store's own finding (IndexedDB: the record disagrees with its bytes)
   // A whole state (a custom store, layout version 1) has no log.
-  if (!Array.isArray(rec.log)) return { w: WasmReplica.restore(wasmOpts, snapshot), damage: null };
-  const w = WasmReplica.restoreLog(wasmOpts, snapshot, rec.log.map((c) => toBytes(c, "persisted log chunk")));
+  let chunks = null;
+  if (Array.isArray(rec.log)) {
+    chunks = [];
+    for (let i = 0; i < rec.log.length; i++) {
+      const c = binary(rec.log[i]);
+      if (!c) {
+        why ??= `persisted log chunk ${i} is not bytes`;
+        object = `persisted log chunk ${i}`;
+        break; // the replay stops before it
+      }
+      chunks.push(c);
+    }
+  }
+  const w = chunks ? WasmReplica.restoreLog(wasmOpts, snapshot, chunks) : WasmReplica.restore(wasmOpts, snapshot);
   let damage = null;
   try {
     const got = w.status().appliedLsn;
-    const d = w.restoreDamage();
-    if (d || got < rec.appliedLsn) {
-      const why = d ? d.message : `its log ends at LSN ${got}`;
+    const d = chunks ? w.restoreDamage() : undefined;
+    if (d || why || (chunks && got < claim)) {
+      const text = d ? d.message : (why ?? `its log ends at LSN ${got}`);
       damage = walcastError(
         "data",
-        `walcast: the persisted copy of ${key} (LSN ${rec.appliedLsn}) is damaged: ${why}; reopened at LSN ${got}, the rest is fetched again`,
-        { object: d?.object ?? "persisted log", lsn: d?.lsn ?? got + 1 },
+        `walcast: the persisted copy of ${key} (LSN ${shown}) is damaged: ${text}; reopened at LSN ${got}, the rest is fetched again`,
+        { object: d?.object ?? (why ? object : "persisted log"), lsn: d?.lsn ?? got + 1 },
       );
     }
   } catch (e) {
@@ -124,6 +149,27 @@ function restoreRecord(wasmOpts, rec, key) {
     throw e;
   }
   return { w, damage };
+}
+
+/** Bytes of a persisted value (never a string: a persisted copy holds bytes), or null. */
+function binary(v) {
+  if (v instanceof Uint8Array) return v;
+  if (ArrayBuffer.isView(v)) return new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
+  if (v instanceof ArrayBuffer) return new Uint8Array(v);
+  return null;
+}
+
+/**
+ * What a persistence store's `method` threw, as an error naming the store
+ * and the dataset (code `persist`; `cause`: what it threw).
+ */
+function storeError(method, key, e) {
+  if (e?.name === "WalcastError") return e;
+  const what = e instanceof Error ? `${e.name}: ${e.message}` : String(e);
+  return walcastError("persist", `walcast: the persist store's ${method}(${key}) failed: ${what.slice(0, 500)}`, {
+    object: `persist store ${method}`,
+    cause: e,
+  });
 }
 
 /** The kinds of GET counted in `status().requestsByKind` and `bytesByKind`. */
@@ -727,6 +773,7 @@ export class Replica {
   #resetSincePersist = false;
   #persistError = null;
   #persistRepair = false; // the persisted copy was damaged: rewrite it whole
+  #persistRepairOf = undefined; // the appliedLsn that damaged copy claimed
   #persistWhole = false; // records were lost (a failed write): write the next state whole
   // recovery from traps
   #recoveries = 0;
@@ -749,6 +796,7 @@ export class Replica {
       this.#persistedLsn = restored.appliedLsn;
       this.#persistedDataset = restored.datasetId ?? null;
       this.#persistRepair = !!restored.damaged;
+      this.#persistRepairOf = restored.damaged ? restored.repairOf : undefined;
     }
     this.#attach(w);
     if (finalizer) finalizer.register(this, this.#slot, this.#slot);
@@ -838,7 +886,7 @@ export class Replica {
     try {
       rec = await this.#store.load(storeKey(this.#url));
     } catch (e) {
-      this.#emitError(e);
+      this.#emitError(storeError("load", storeKey(this.#url), e));
       return;
     }
     if (this.#closed || !rec || !rec.snapshot) return;
@@ -854,19 +902,22 @@ export class Replica {
       });
       if (damage) {
         this.#persistRepair = true;
+        this.#persistRepairOf = rec.appliedLsn;
         this.#emitError(damage);
       }
     } catch (e) {
       // An unreadable copy: the next whole state replaces it (repair).
       this.#persistRepair = true;
+      this.#persistRepairOf = rec.appliedLsn;
       this.#emitError(e);
       return;
     }
     releaseHandle(h);
     this.#attach(w);
-    this.#persistedLsn = rec.appliedLsn;
+    const lsn = call(this.#slot.h, "read", (x) => x.status()).appliedLsn;
+    this.#persistedLsn = Number.isSafeInteger(rec.appliedLsn) ? rec.appliedLsn : lsn;
     this.#persistedDataset = rec.datasetId ?? null;
-    this.#events.push({ type: "reset", lsn: rec.appliedLsn });
+    this.#events.push({ type: "reset", lsn });
     if (!this.#inflight) queueMicrotask(() => this.#afterSync());
   }
 
@@ -924,7 +975,7 @@ export class Replica {
       try {
         rec = await store.load(storeKey(url));
       } catch (e) {
-        reportTo(options.onError, e);
+        reportTo(options.onError, storeError("load", storeKey(url), e));
       }
       if (rec && rec.snapshot) {
         try {
@@ -936,13 +987,15 @@ export class Replica {
           });
           restored = rec;
           if (damage) {
-            restored = { ...rec, damaged: true };
+            // Whatever it claimed, the store holds the state at the LSN reopened at.
+            const at = w.status().appliedLsn;
+            restored = { appliedLsn: at, datasetId: rec.datasetId, damaged: true, repairOf: rec.appliedLsn };
             reportTo(options.onError, damage);
           }
         } catch (e) {
           // An unreadable copy (another version, damage): start over; the next
           // persisted state replaces it, even at the same LSN (repair).
-          restored = { appliedLsn: -1, datasetId: null, damaged: true };
+          restored = { appliedLsn: -1, datasetId: null, damaged: true, repairOf: rec.appliedLsn };
           reportTo(options.onError, e);
         }
       }
@@ -1647,12 +1700,19 @@ export class Replica {
         this.#persistedLsn = Math.max(this.#persistedLsn, chunk.last, wholeLsn);
       } catch (e) {
         this.#persistWhole = true; // the chunk is gone: the next write is whole
-        throw e;
+        throw storeError("append", key, e);
       }
       return;
     }
     const snapshot = call(h, "read", (w) => w.snapshot());
-    await this.#store.save(key, { snapshot, appliedLsn: lsn, datasetId: ds, savedAt: Date.now() }, { replace, repair });
+    const opts = { replace, repair };
+    if (repair && this.#persistRepairOf !== undefined) opts.repairOf = this.#persistRepairOf;
+    try {
+      await this.#store.save(key, { snapshot, appliedLsn: lsn, datasetId: ds, savedAt: Date.now() }, opts);
+    } catch (e) {
+      throw storeError("save", key, e);
+    }
+    this.#persistRepairOf = undefined;
     this.#persistedLsn = lsn;
     this.#persistedDataset = ds;
     this.#resetSincePersist = false;

@@ -7,7 +7,7 @@
 //
 //   node --test tests/js/idb.test.mjs
 import assert from "node:assert/strict";
-import { test } from "node:test";
+import { after, test } from "node:test";
 
 let fakeIdb = true;
 try {
@@ -169,4 +169,194 @@ test("appends, slices, skips, compacts and loads", { skip: !fakeIdb && "fake-ind
 
   await store.remove(url);
   assert.equal(await store.load(url), undefined);
+});
+
+// --- the replica over its store: hostile copies, custom stores ------------------------
+//
+// A real replica (the package by name, Node entry) syncing the `midhistory`
+// dataset of the orchestrator (WALCAST_DATASETS, else one started here):
+// stage 0, then stage 1 applied as one chunk of the log.
+
+const { Replica } = await import("walcast");
+let datasets = null;
+let own = null;
+let fixtures = null;
+async function dataset() {
+  if (!fixtures) {
+    const { controlClient, startDatasets } = await import("./datasets.mjs");
+    if (process.env.WALCAST_DATASETS) datasets = controlClient(process.env.WALCAST_DATASETS);
+    else datasets = own = await startDatasets();
+    fixtures = await datasets.newInstance();
+  }
+  return fixtures;
+}
+after(async () => {
+  if (fixtures) await datasets.dropInstance(fixtures.instance).catch(() => {});
+  if (own) await own.close();
+});
+
+const b64 = (s) => new Uint8Array(Buffer.from(s, "base64"));
+const eqBytes = (a, b) => a.length === b.length && a.every((x, i) => x === b[i]);
+const asBytes = (k) => (typeof k === "string" ? new TextEncoder().encode(k) : k);
+
+/** The replica holds exactly `expected` (a fixture's entries, key order). */
+function expectState(r, expected, label) {
+  const rows = r.scan();
+  assert.equal(rows.length, expected.entries.length, `${label}: row count`);
+  expected.entries.forEach(([k, v], i) => {
+    assert.ok(eqBytes(asBytes(rows[i].key), b64(k)), `${label}: key of row ${i}`);
+    assert.ok(eqBytes(rows[i].value, b64(v)), `${label}: value of row ${i}`);
+  });
+}
+
+/** The LSNs of framed records (lsn u64, len u32, crc u32, payload); throws on a torn frame. */
+function frameLsns(bytes) {
+  const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const out = [];
+  let pos = 0;
+  while (pos < bytes.length) {
+    assert.ok(pos + 16 <= bytes.length, "a whole frame header");
+    out.push(v.getUint32(pos, true) + v.getUint32(pos + 4, true) * 2 ** 32);
+    pos += 16 + v.getUint32(pos + 8, true);
+  }
+  assert.equal(pos, bytes.length, "frames end with the chunk");
+  return out;
+}
+
+/** A fetch that is offline: counts and rejects (reads before a sync make no request). */
+function offlineFetch() {
+  const f = () => {
+    f.count++;
+    return Promise.reject(new TypeError("offline"));
+  };
+  f.count = 0;
+  return f;
+}
+
+/** A custom `{ load, save, append }` store in memory, as js/index.d.ts documents it. */
+function memoryStore() {
+  const s = {
+    rec: undefined, // { snapshot, log, appliedLsn, datasetId }
+    calls: [],
+    appendThrows: 0,
+    load(url) {
+      s.calls.push(["load", url]);
+      return s.rec && { ...s.rec, log: s.rec.log.slice() };
+    },
+    save(url, st, opts) {
+      s.calls.push(["save", st.appliedLsn, { ...opts }]);
+      if (!shouldReplace(s.rec, st, opts)) return;
+      s.rec = { snapshot: st.snapshot.slice(), log: [], appliedLsn: st.appliedLsn, datasetId: st.datasetId };
+    },
+    async append(url, c) {
+      s.calls.push(["append", c.first, c.last, c.bytes.slice()]);
+      if (s.appendThrows > 0) {
+        s.appendThrows--;
+        throw new Error("disk full");
+      }
+      if (!s.rec || s.rec.datasetId !== c.datasetId || s.rec.appliedLsn + 1 !== c.first) {
+        const w = c.whole();
+        if (w) s.rec = { snapshot: w.snapshot.slice(), log: [], appliedLsn: w.appliedLsn, datasetId: w.datasetId };
+        return;
+      }
+      s.rec.log.push(c.bytes.slice());
+      s.rec.appliedLsn = c.last;
+    },
+  };
+  return s;
+}
+
+test("a custom store with append (Node): a sync appends only the batches it applied; a reopen serves reads before its first sync; a failed append or a damaged copy never opens a state the origin did not have", async () => {
+  const fx = await dataset();
+  const f0 = fx.scenarios.midhistory;
+  const store = memoryStore();
+  let r = await Replica.open(f0.url, { persist: store });
+  assert.equal(await r.sync(), f0.expected.lsn);
+  assert.deepEqual(store.calls.map((c) => c[0]), ["load", "save"], "the bootstrap is written whole");
+  assert.equal(store.calls[1][1], f0.expected.lsn);
+  const f1 = await datasets.mutate(fx.instance, "midhistory");
+  assert.equal(await r.sync(), f1.expected.lsn);
+  assert.deepEqual(store.calls.slice(2).map((c) => c[0]), ["append"], "stage 1 is appended");
+  const [, first, last, bytes] = store.calls[2];
+  assert.deepEqual([first, last], [f0.expected.lsn + 1, f1.expected.lsn]);
+  assert.deepEqual(frameLsns(bytes), Array.from({ length: last - first + 1 }, (_, i) => first + i), "exactly the batches applied, in LSN order");
+  await r.sync();
+  assert.equal(store.calls.length, 3, "a sync that applied nothing writes nothing");
+  await r.close();
+
+  // A reopen serves reads at once, from the store alone.
+  let fetch = offlineFetch();
+  r = await Replica.open(f0.url, { persist: store, fetch });
+  assert.equal(r.status().appliedLsn, f1.expected.lsn);
+  expectState(r, f1.expected, "reopened from the custom store");
+  assert.equal(fetch.count, 0, "no request before the first sync");
+  await r.close();
+
+  // The store's copy damaged (one payload byte of the first record): the
+  // replica opens at the base (stage 0), names the chunk and the LSN, and
+  // its next sync rewrites the store whole.
+  const good = store.rec.log[0];
+  const bad = good.slice();
+  bad[16] ^= 1;
+  store.rec.log = [bad];
+  const errors = [];
+  r = await Replica.open(f0.url, { persist: store, onError: (e) => errors.push(e) });
+  assert.equal(errors.length, 1, String(errors));
+  assert.equal(errors[0].code, "data");
+  assert.equal(errors[0].object, "persisted log chunk 0");
+  assert.equal(errors[0].lsn, f0.expected.lsn + 1);
+  assert.equal(r.status().appliedLsn, f0.expected.lsn);
+  expectState(r, f0.expected, "opened at the last good state");
+  store.calls.length = 0;
+  assert.equal(await r.sync(), f1.expected.lsn);
+  assert.deepEqual(store.calls.map((c) => c[0]), ["save"], "the repair writes the whole state");
+  assert.equal(store.calls[0][2].repair, true);
+  assert.deepEqual(store.rec.log, []);
+  assert.equal(store.rec.appliedLsn, f1.expected.lsn);
+  await r.close();
+
+  // Garbage where chunks belong: the replay stops before it, naming it.
+  for (const junk of [42, "not bytes", { length: 2 ** 32, byteLength: 2 ** 32 }]) {
+    store.rec = { ...store.rec, log: [junk], appliedLsn: f1.expected.lsn + 7 };
+    const errs = [];
+    r = await Replica.open(f0.url, { persist: store, onError: (e) => errs.push(e) });
+    assert.equal(errs.length, 1, `${typeof junk}: ${errs}`);
+    assert.equal(errs[0].code, "data");
+    assert.equal(errs[0].object, "persisted log chunk 0", errs[0].message);
+    assert.match(errs[0].message, /is not bytes/);
+    assert.equal(r.status().appliedLsn, f1.expected.lsn, "the base alone");
+    await r.close();
+  }
+  store.rec = { ...store.rec, log: [], appliedLsn: f1.expected.lsn };
+
+  // An append that throws: the error names the store; a reopen serves the
+  // last state it holds (stage 0), never a mix; the next sync appends again.
+  await datasets.reset(fx.instance, "midhistory");
+  const store2 = memoryStore();
+  const errs = [];
+  r = await Replica.open(f0.url, { persist: store2, onError: (e) => errs.push(e) });
+  await r.sync();
+  await datasets.mutate(fx.instance, "midhistory");
+  store2.appendThrows = 1;
+  assert.equal(await r.sync(), f1.expected.lsn);
+  assert.equal(errs.length, 1, String(errs));
+  assert.equal(errs[0].code, "persist");
+  assert.equal(errs[0].object, "persist store append");
+  assert.match(errs[0].message, /the persist store's append\(.*midhistory\) failed: Error: disk full/);
+  assert.equal(errs[0].cause?.message, "disk full");
+  assert.equal(r.status().persistError?.code, "persist");
+  await r.close();
+  fetch = offlineFetch();
+  r = await Replica.open(f0.url, { persist: store2, fetch });
+  assert.equal(r.status().appliedLsn, f0.expected.lsn);
+  expectState(r, f0.expected, "reopened after a failed append");
+  await r.close();
+  r = await Replica.open(f0.url, { persist: store2 });
+  store2.calls.length = 0;
+  assert.equal(await r.sync(), f1.expected.lsn);
+  assert.deepEqual(store2.calls.map((c) => c.slice(0, 3)), [["append", f0.expected.lsn + 1, f1.expected.lsn]]);
+  await r.close();
+  r = await Replica.open(f0.url, { persist: store2, fetch: offlineFetch() });
+  expectState(r, f1.expected, "reopened after the append");
+  await r.close();
 });
