@@ -39,6 +39,13 @@ export type ErrorCode =
   /** `waitFor(lsn, { timeout })`: the LSN was not applied in time (the message names it). */
   | "timeout"
   /**
+   * A custom persistence store (`persist`) threw from `load`, `save` or
+   * `append` (`object`: "persist store append", …; `cause`: what it threw).
+   * Reported to `onError` and in `status().persistError`; the replica keeps
+   * its state, and after a failed `append` its next write is the whole state.
+   */
+  | "persist"
+  /**
    * A replica opened with `trust` refused what the dataset served: a head
    * not signed by a trusted key (or unsigned), a signed head older than one
    * it applied (rollback), or an object whose SHA-256 differs from the digest
@@ -98,12 +105,17 @@ export interface PersistChunk {
  */
 export interface PersistStore {
   load(url: string): PersistedState | undefined | Promise<PersistedState | undefined>;
-  save(url: string, state: PersistedState, opts: { replace: boolean; repair: boolean }): unknown | Promise<unknown>;
+  save(url: string, state: PersistedState, opts: { replace: boolean; repair: boolean; repairOf?: number }): unknown | Promise<unknown>;
   /**
    * Optional: incremental persistence. Called instead of `save` after a
    * sync that applied batches on the same dataset; `load` then returns the
    * chunks appended since the last whole state in `log`. `repair` in
-   * `save`: the copy `load` returned was damaged; the same LSN rewrites it.
+   * `save`: the copy `load` returned was damaged; the same LSN rewrites it,
+   * and so does any LSN while the store still holds that copy (`repairOf`:
+   * the `appliedLsn` it claimed). Pass `opts` on to `shouldReplace`.
+   * What `load` returns is checked before use: an `appliedLsn` that is not
+   * an integer LSN, or a `log` entry that is not bytes, is reported as a
+   * `data` error and the replica opens at the last good state before it.
    */
   append?(url: string, chunk: PersistChunk): unknown | Promise<unknown>;
 }
@@ -403,5 +415,5 @@ export declare function init(source?: WebAssembly.Module | BufferSource | Respon
 export declare function shouldReplace(
   old: PersistedState | undefined,
   state: Pick<PersistedState, "appliedLsn" | "datasetId">,
-  opts?: { replace?: boolean; repair?: boolean },
+  opts?: { replace?: boolean; repair?: boolean; repairOf?: number },
 ): boolean;

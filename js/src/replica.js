@@ -131,7 +131,17 @@ function restoreRecord(wasmOpts, rec, key) {
       chunks.push(c);
     }
   }
-  const w = chunks ? WasmReplica.restoreLog(wasmOpts, snapshot, chunks) : WasmReplica.restore(wasmOpts, snapshot);
+  let w;
+  try {
+    w = chunks ? WasmReplica.restoreLog(wasmOpts, snapshot, chunks) : WasmReplica.restore(wasmOpts, snapshot);
+  } catch (e) {
+    // A damaged base: nothing of the copy is usable. Say whose copy it is.
+    if (e?.code !== "data") throw e;
+    throw walcastError("data", `walcast: the persisted copy of ${key} (LSN ${shown}) is damaged: ${e.message}; starting over`, {
+      object: e.object ?? "persisted snapshot",
+      ...(e.lsn !== undefined ? { lsn: e.lsn } : {}),
+    });
+  }
   let damage = null;
   try {
     const got = w.status().appliedLsn;

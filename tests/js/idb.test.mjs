@@ -360,3 +360,143 @@ test("a custom store with append (Node): a sync appends only the batches it appl
   expectState(r, f1.expected, "reopened after the append");
   await r.close();
 });
+
+/** CRC-32 (IEEE), to re-checksum tampered bytes as an attacker would. */
+const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
+  let c = n;
+  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+  return c >>> 0;
+});
+function crc32(...parts) {
+  let c = 0xffffffff;
+  for (const p of parts) for (const b of p) c = CRC_TABLE[(c ^ b) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+/** Raw access to the database "walcast" (layout version 2): what a tampering hand sees. */
+async function rawIdb(fn) {
+  const db = await new Promise((resolve, reject) => {
+    const r = indexedDB.open("walcast");
+    r.onsuccess = () => resolve(r.result);
+    r.onerror = () => reject(r.error);
+  });
+  try {
+    const tx = db.transaction(["replicas", "bases", "log"], "readwrite");
+    const out = fn(tx);
+    await new Promise((resolve, reject) => {
+      tx.oncomplete = resolve;
+      tx.onerror = () => reject(tx.error);
+    });
+    return typeof out === "function" ? out() : out;
+  } finally {
+    db.close();
+  }
+}
+
+async function readCopy(url) {
+  return rawIdb((tx) => {
+    const rec = tx.objectStore("replicas").get(url);
+    const base = tx.objectStore("bases").get(url);
+    const range = IDBKeyRange.bound([url, 0], [url, Infinity]);
+    const keys = tx.objectStore("log").getAllKeys(range);
+    const chunks = tx.objectStore("log").getAll(range);
+    return () => ({ rec: rec.result, base: base.result, keys: keys.result, chunks: chunks.result });
+  });
+}
+
+async function writeCopy(url, copy) {
+  await rawIdb((tx) => {
+    tx.objectStore("replicas").put(copy.rec, url);
+    tx.objectStore("bases").put(copy.base, url);
+    tx.objectStore("log").delete(IDBKeyRange.bound([url, 0], [url, Infinity]));
+    copy.keys.forEach((k, i) => tx.objectStore("log").put(copy.chunks[i], k));
+  });
+}
+
+test("IndexedDB: a tampered record, log chunk or base (huge claimed sizes and counts, re-checksummed) is refused with a data error naming it; the replica opens at the last good state and its next write rewrites the store whole", { skip: !fakeIdb && "fake-indexeddb is not installed" }, async () => {
+  const fx = await dataset();
+  await datasets.reset(fx.instance, "midhistory");
+  const f0 = fx.scenarios.midhistory;
+  const url = f0.url;
+  let r = await Replica.open(url, { persist: "indexeddb" });
+  await r.sync();
+  const f1 = await datasets.mutate(fx.instance, "midhistory");
+  await r.sync();
+  await r.close();
+  const good = await readCopy(url);
+  assert.equal(good.rec.format, 2);
+  assert.deepEqual([good.rec.baseLsn, good.rec.appliedLsn], [f0.expected.lsn, f1.expected.lsn]);
+  assert.deepEqual(good.keys, [[url, f0.expected.lsn + 1]], "stage 1 is one chunk of the log");
+  assert.equal(good.rec.logBytes, good.chunks[0].length);
+  assert.equal(good.rec.baseBytes, good.base.length);
+
+  const clone = () => ({ rec: { ...good.rec }, base: good.base.slice(), keys: good.keys.slice(), chunks: good.chunks.map((c) => c.slice()) });
+  const u32 = (b, at, v) => new DataView(b.buffer, b.byteOffset, b.byteLength).setUint32(at, v, true);
+  const u64 = (b, at, v) => new DataView(b.buffer, b.byteOffset, b.byteLength).setBigUint64(at, v, true);
+  const S0 = { lsn: f0.expected.lsn, expected: f0.expected };
+  const S1 = { lsn: f1.expected.lsn, expected: f1.expected };
+  const EMPTY = { lsn: 0, expected: { entries: [] } };
+  const cases = [
+    ["a log record whose length claims 4 GiB more than the chunk holds", (c) => u32(c.chunks[0], 8, 0xfffffff0), S0, "persisted log chunk 0", f0.expected.lsn + 1],
+    ["a log chunk cut to one frame header claiming 4 GiB", (c) => {
+      c.chunks[0] = c.chunks[0].slice(0, 20);
+      u32(c.chunks[0], 8, 0xffffffff);
+      c.rec.logBytes = 20;
+    }, S0, "persisted log chunk 0", f0.expected.lsn + 1],
+    ["a log chunk that is not bytes but claims 2^32 of them", (c) => {
+      c.chunks[0] = { length: 2 ** 32, byteLength: 2 ** 32, buffer: null };
+      c.rec.logBytes = 0;
+    }, S0, "persisted log chunk 0", f0.expected.lsn + 1],
+    ["a record claiming 2^53 bytes of log", (c) => (c.rec.logBytes = 2 ** 53), S1, "persisted record", f1.expected.lsn + 1],
+    ["a record claiming a 1 TiB base", (c) => (c.rec.baseBytes = 2 ** 40), S1, "persisted record", f1.expected.lsn + 1],
+    ["a record whose appliedLsn is 2^64", (c) => (c.rec.appliedLsn = 2 ** 64), S1, "persisted record", f1.expected.lsn + 1],
+    ["a record whose appliedLsn is far past its log", (c) => (c.rec.appliedLsn = 1e15), S1, "persisted log", f1.expected.lsn + 1],
+    ["a base whose first chunk claims 2^32 - 1 entries (chunk CRC fixed up)", (c) => {
+      const at = 56; // the first chunk header: magic, count, len, crc
+      u32(c.base, at + 4, 0xffffffff);
+      const len = new DataView(c.base.buffer).getUint32(at + 8, true);
+      u32(c.base, at + 12, crc32(c.base.subarray(at + 4, at + 12), c.base.subarray(at + 16, at + 16 + len)));
+    }, EMPTY, "persisted snapshot", undefined],
+    ["a base whose header claims 2^32 entries (header CRC fixed up)", (c) => {
+      u64(c.base, 40, 2n ** 32n);
+      u32(c.base, 52, crc32(c.base.subarray(0, 52)));
+    }, EMPTY, "persisted snapshot", undefined],
+  ];
+  for (const [what, tamper, want, object, lsn] of cases) {
+    const copy = clone();
+    tamper(copy);
+    await writeCopy(url, copy);
+    const errors = [];
+    const fetch = offlineFetch();
+    const before = process.memoryUsage().arrayBuffers;
+    r = await Replica.open(url, { persist: "indexeddb", fetch, onError: (e) => errors.push(e) });
+    assert.ok(process.memoryUsage().arrayBuffers - before < 64 << 20, `${what}: nothing allocated by the claimed size`);
+    assert.equal(errors.length, 1, `${what}: ${errors.map(String)}`);
+    assert.equal(errors[0].code, "data", `${what}: ${errors[0]}`);
+    assert.equal(errors[0].object, object, `${what}: ${errors[0].message}`);
+    if (lsn !== undefined) assert.equal(errors[0].lsn, lsn, `${what}: ${errors[0].message}`);
+    assert.match(errors[0].message, /midhistory/, `${what}: the message names the dataset's copy`);
+    assert.equal(r.status().appliedLsn, want.lsn, what);
+    expectState(r, want.expected, what);
+    assert.equal(fetch.count, 0);
+    await r.close();
+  }
+
+  // The record's claims and the chunk both damaged: opened at the base, the
+  // next sync rewrites the store whole, over the LSN the record claimed.
+  const copy = clone();
+  copy.rec.appliedLsn = 1e15;
+  u32(copy.chunks[0], 8, 0xfffffff0);
+  await writeCopy(url, copy);
+  const errors = [];
+  r = await Replica.open(url, { persist: "indexeddb", onError: (e) => errors.push(e) });
+  assert.equal(r.status().appliedLsn, f0.expected.lsn);
+  assert.equal(await r.sync(), f1.expected.lsn);
+  await r.close();
+  assert.equal(errors.length, 1, String(errors));
+  const after = await readCopy(url);
+  assert.deepEqual([after.rec.baseLsn, after.rec.appliedLsn, after.rec.logBytes, after.keys.length], [f1.expected.lsn, f1.expected.lsn, 0, 0], "rewritten whole");
+  r = await Replica.open(url, { persist: "indexeddb", fetch: offlineFetch(), onError: (e) => assert.fail(String(e)) });
+  expectState(r, f1.expected, "after the repair");
+  await r.close();
+});
