@@ -72,7 +72,8 @@ step() {
 # --test-force-exit: a replica's leftover timers must not hold the run (the
 # conformance suite reports them as a failure of its own).
 step node node --test --test-force-exit --test-reporter=spec tests/js/node.test.mjs
-# The IndexedDB store of persist: "indexeddb" on its own (fake-indexeddb; about 1 s).
+# The IndexedDB store of persist: "indexeddb" on its own, then a replica over a
+# tampered copy and over a custom store (fake-indexeddb; about 2 s).
 step idb node --test --test-reporter=spec tests/js/idb.test.mjs
 # Long-poll against walcast serve and through faulty proxies (early, silent, caching).
 step longpoll node --test --test-force-exit --test-reporter=spec tests/js/longpoll.test.mjs
