@@ -67,6 +67,8 @@ const STUCK_SYNC_MS = 90_000;
 // The first request waits at most this long for the initial sync, then
 // answers 503 (the sync goes on in the background).
 const DEFAULT_FIRST_SYNC_WAIT_MS = 30_000;
+/** The pause between the syncs that reads waiting for a `min_lsn` start. */
+const MIN_LSN_PAUSE_MS = 100;
 /** How long a read with `min_lsn` waits for that LSN before answering 503. */
 const DEFAULT_MIN_LSN_WAIT_MS = 5_000;
 
@@ -395,6 +397,9 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       replacing: null,
       syncs: 0,
       restarts: 0,
+      // Reads waiting for a min_lsn share one loop: no sync they start
+      // begins before this time (ms; the last one's end plus a pause).
+      minLsnNextAt: 0,
     };
     if (config.load === "lazy") {
       // A lazy replica's open is its first sync (the head and the tail after
@@ -679,11 +684,19 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
           res.headers.set("retry-after", "1");
           return res;
         }
-        const p = startSync(s);
+        // Every waiting read pauses until the same time, then joins the one
+        // sync in flight: concurrent waits make one loop of GETs, not one each.
+        const pause = s.minLsnNextAt - now();
+        if (pause > 0) {
+          await sleep(Math.min(pause, left));
+          continue;
+        }
+        const p = startSync(s).then(() => {
+          // Nothing newer committed yet: a pause before asking the store again.
+          s.minLsnNextAt = Math.max(s.minLsnNextAt, now() + MIN_LSN_PAUSE_MS);
+        });
         defer(p);
         await withDeadline(p, left);
-        // Nothing newer committed yet: pause before asking the store again.
-        if (replica.status().appliedLsn < minLsn && now() < until) await sleep(Math.min(100, Math.max(0, until - now())));
       }
     }
     if (route === "kv") {
