@@ -314,53 +314,28 @@ fn verified_blocks_publish_version_4_with_its_index_digest_in_the_signed_head() 
     assert!(!walcast(&no_key, None).status.success());
 }
 
-/// Changes the record of `seg` that holds byte `at` (a payload byte) and
-/// re-checksums it so that every CRC-32 still matches: the record's own and
-/// the whole file's (the catalog's `crc32`). CRC-32 is affine over GF(2), so
-/// four more payload bytes of the same record are solved for the file's
-/// checksum to come out unchanged. Returns the tampered file.
-fn tamper_keeping_crcs(seg: &[u8], at: usize) -> Vec<u8> {
-    // The record around `at`: walk the framing from the header.
-    let mut pos = 32;
-    let (start, len) = loop {
-        let len = u32::from_le_bytes(seg[pos + 8..pos + 12].try_into().unwrap()) as usize;
-        if at >= pos + 16 && at < pos + 16 + len {
-            break (pos, len);
-        }
-        pos += 16 + len;
-        assert!(pos < seg.len(), "byte {at} is not in a record's payload");
-    };
-    assert!(len >= 6, "a payload of {len} bytes is too short");
-    // Four payload bytes other than `at` to solve for.
-    let free = if at >= start + 16 + 4 {
-        start + 16
-    } else {
-        start + 16 + len - 4
-    };
-    assert!(at < free || at >= free + 4);
-    let reseal = |b: &mut Vec<u8>| {
-        let crc =
-            crc32fast::hash(&[&b[start..start + 12], &b[start + 16..start + 16 + len]].concat());
-        b[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
-    };
+/// Flips byte `at` of `orig` and re-checksums, as an attacker would, so that
+/// every CRC-32 still matches: `reseal` fixes the inner checksum (a record's
+/// or a chunk's), and the four bytes at `free` (inside what `reseal` covers)
+/// are solved for the whole file's CRC-32 (the catalog's `crc32`) to come
+/// out unchanged: CRC-32 is affine over GF(2), so this is Gaussian
+/// elimination over 32 bits. Returns the tampered file.
+fn recrc(orig: &[u8], at: usize, free: [usize; 4], reseal: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
+    assert!(!free.contains(&at));
     let with = |d: u32| {
-        let mut b = seg.to_vec();
+        let mut b = orig.to_vec();
         b[at] ^= 0x5a;
-        for i in 0..4 {
-            b[free + i] ^= (d >> (8 * i)) as u8;
+        for (i, &f) in free.iter().enumerate() {
+            b[f] ^= (d >> (8 * i)) as u8;
         }
         reseal(&mut b);
         b
     };
     let f0 = crc32fast::hash(&with(0));
-    let target = f0 ^ crc32fast::hash(seg);
-    // Columns: what each free bit does to the file's checksum; then Gaussian
-    // elimination over GF(2) for the bits that cancel the tamper.
-    let mut rows: Vec<(u32, u32)> = (0..32)
-        .map(|i| (crc32fast::hash(&with(1 << i)) ^ f0, 1u32 << i))
-        .collect();
+    let target = f0 ^ crc32fast::hash(orig);
+    // Columns: what each free bit does to the file's checksum.
     let mut pivots: Vec<(u32, u32)> = Vec::new();
-    for (mut v, mut d) in rows.drain(..) {
+    for (mut v, mut d) in (0..32).map(|i| (crc32fast::hash(&with(1 << i)) ^ f0, 1u32 << i)) {
         for &(pv, pd) in &pivots {
             if v ^ pv < v {
                 v ^= pv;
@@ -381,12 +356,111 @@ fn tamper_keeping_crcs(seg: &[u8], at: usize) -> Vec<u8> {
     }
     assert_eq!(
         v, 0,
-        "the free bytes cannot cancel the change (try another record)"
+        "the free bytes cannot cancel the change (pick others)"
     );
     let out = with(d);
-    assert_ne!(out, seg);
-    assert_eq!(crc32fast::hash(&out), crc32fast::hash(seg));
+    assert_ne!(out, orig);
+    assert_eq!(crc32fast::hash(&out), crc32fast::hash(orig));
     out
+}
+
+/// A segment whose record holding payload byte `at` is changed, the
+/// record's CRC-32 and the file's both still matching.
+fn tamper_keeping_crcs(seg: &[u8], at: usize) -> Vec<u8> {
+    // The record around `at`: walk the framing from the header.
+    let mut pos = 32;
+    let (start, len) = loop {
+        let len = u32::from_le_bytes(seg[pos + 8..pos + 12].try_into().unwrap()) as usize;
+        if at >= pos + 16 && at < pos + 16 + len {
+            break (pos, len);
+        }
+        pos += 16 + len;
+        assert!(pos < seg.len(), "byte {at} is not in a record's payload");
+    };
+    assert!(len >= 6, "a payload of {len} bytes is too short");
+    // Four payload bytes other than `at` to solve for.
+    let f = if at >= start + 16 + 4 {
+        start + 16
+    } else {
+        start + 16 + len - 4
+    };
+    recrc(seg, at, [f, f + 1, f + 2, f + 3], |b| {
+        let crc =
+            crc32fast::hash(&[&b[start..start + 12], &b[start + 16..start + 16 + len]].concat());
+        b[start + 12..start + 16].copy_from_slice(&crc.to_le_bytes());
+    })
+}
+
+/// A version 2 snapshot (the publisher's default) with one data block whose
+/// value byte is changed, and every checksum fixed up as an attacker would:
+/// the block's CRC-32, its handle's copy in the top index, the top index's
+/// CRC-32, the footer's handle and CRC-32, and four more value bytes solved
+/// for the whole file's CRC-32 (the catalog's) to come out unchanged.
+fn tamper_snapshot_keeping_crcs(snap: &[u8]) -> Vec<u8> {
+    let u32_at = |b: &[u8], p: usize| u32::from_le_bytes(b[p..p + 4].try_into().unwrap());
+    assert_eq!(
+        u16::from_le_bytes([snap[4], snap[5]]),
+        2,
+        "a version 2 snapshot"
+    );
+    let footer = snap.len() - 48;
+    assert_eq!(&snap[footer + 44..], b"WCS2");
+    assert_eq!(u32_at(snap, footer + 32), 1, "one data block");
+    assert_eq!(snap[footer + 36], 1, "one index level");
+    let top = u64::from_le_bytes(snap[footer + 8..footer + 16].try_into().unwrap()) as usize;
+    let top_len = u32_at(snap, footer + 16) as usize;
+    // The data block at 56: len, count, crc, then entries (varint shared,
+    // varint unshared, varint value_len, key suffix, value) and restarts.
+    let (blk, len, count) = (56, u32_at(snap, 56) as usize, u32_at(snap, 60));
+    let varint = |p: &mut usize| {
+        let (mut v, mut shift) = (0usize, 0);
+        loop {
+            let b = snap[*p];
+            *p += 1;
+            v |= ((b & 0x7f) as usize) << shift;
+            if b & 0x80 == 0 {
+                return v;
+            }
+            shift += 7;
+        }
+    };
+    let mut values = Vec::new();
+    let mut p = blk + 12;
+    for _ in 0..count {
+        let _shared = varint(&mut p);
+        let unshared = varint(&mut p);
+        let vlen = varint(&mut p);
+        p += unshared;
+        values.extend(p..p + vlen);
+        p += vlen;
+    }
+    assert!(
+        p <= blk + 12 + len && values.len() >= 5,
+        "{} value bytes",
+        values.len()
+    );
+    // Where the top index holds the data block's crc (its handle's last field).
+    let old_crc = u32_at(snap, blk + 8).to_le_bytes();
+    let in_top: Vec<usize> = (top + 12..top + top_len - 3)
+        .filter(|&i| snap[i..i + 4] == old_crc)
+        .collect();
+    assert_eq!(in_top.len(), 1, "the data block's handle in the top index");
+    let handle_crc = in_top[0];
+    recrc(
+        snap,
+        values[0],
+        [values[1], values[2], values[3], values[4]],
+        |b| {
+            let crc = crc32fast::hash(&[&b[blk..blk + 8], &b[blk + 12..blk + 12 + len]].concat());
+            b[blk + 8..blk + 12].copy_from_slice(&crc.to_le_bytes());
+            b[handle_crc..handle_crc + 4].copy_from_slice(&crc.to_le_bytes());
+            let tcrc = crc32fast::hash(&[&b[top..top + 8], &b[top + 12..top + top_len]].concat());
+            b[top + 8..top + 12].copy_from_slice(&tcrc.to_le_bytes());
+            b[footer + 20..footer + 24].copy_from_slice(&tcrc.to_le_bytes());
+            let fcrc = crc32fast::hash(&b[footer..footer + 40]);
+            b[footer + 40..footer + 44].copy_from_slice(&fcrc.to_le_bytes());
+        },
+    )
 }
 
 /// A segment changed and re-checksummed (record CRCs and the whole file's
@@ -479,8 +553,31 @@ fn inspect_verify_catches_a_recrc_d_segment_by_its_signed_digest() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Put back, both verify again.
+    // The snapshot, changed and re-checksummed the same way: also refused
+    // by its signed digest, naming it.
     std::fs::write(&seg_path, &original).unwrap();
+    let snaps = walk(&signed_dir.join("snapshots"));
+    assert_eq!(snaps.len(), 1);
+    let snap_key = snaps[0]
+        .strip_prefix(&signed_dir)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let snap = std::fs::read(&snaps[0]).unwrap();
+    let bad_snap = tamper_snapshot_keeping_crcs(&snap);
+    walcast_core::snapshot::decode(&bad_snap, Some(crc32fast::hash(&snap)))
+        .expect("the tampered snapshot passes every CRC-32 check");
+    std::fs::write(&snaps[0], &bad_snap).unwrap();
+    let out = walcast(&["inspect", &urls[0], "--verify", "--trust", &public], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("data: {snap_key}: SHA-256 ")) && !stderr.contains(&rel_key),
+        "{stderr}"
+    );
+    // Put back, it verifies again.
+    std::fs::write(&snaps[0], &snap).unwrap();
     ok(&walcast(
         &["inspect", &urls[0], "--verify", "--trust", &public],
         None,
