@@ -447,6 +447,10 @@ test("IndexedDB: a tampered record, log chunk or base (huge claimed sizes and co
       c.chunks[0] = { length: 2 ** 32, byteLength: 2 ** 32, buffer: null };
       c.rec.logBytes = 0;
     }, S0, "persisted log chunk 0", f0.expected.lsn + 1],
+    ["a log chunk holding 8 MiB of junk", (c) => {
+      c.chunks[0] = new Uint8Array(8 << 20).fill(0xee);
+      c.rec.logBytes = 8 << 20;
+    }, S0, "persisted log chunk 0", f0.expected.lsn + 1],
     ["a record claiming 2^53 bytes of log", (c) => (c.rec.logBytes = 2 ** 53), S1, "persisted record", f1.expected.lsn + 1],
     ["a record claiming a 1 TiB base", (c) => (c.rec.baseBytes = 2 ** 40), S1, "persisted record", f1.expected.lsn + 1],
     ["a record whose appliedLsn is 2^64", (c) => (c.rec.appliedLsn = 2 ** 64), S1, "persisted record", f1.expected.lsn + 1],
