@@ -283,6 +283,19 @@ test("reload: the replica reopens from IndexedDB, serves reads offline, then fet
   assert.equal(fifth.appliedLsn, f1.expected.lsn, "the rewritten store opens at stage 1");
   assert.equal(await w(([e]) => window.walcastTest.compare("r", e), f1.expected.entries), null, "rewritten: stage 1");
   assert.deepEqual(await w(() => window.walcastTest.errors("r")), [], "no error after the rewrite");
+
+  // A record claiming sizes its bytes do not have (2^53 bytes of log, a 1
+  // TiB base): a data error naming the record; opened at what is stored.
+  await w(() => window.walcastTest.close("r"));
+  await w(([u]) => window.walcastTest.damageLog(u, "claims-huge"), url);
+  await load(page, true);
+  const sixth = await w(([u]) => window.walcastTest.open("r", u, { persist: "indexeddb" }), url);
+  assert.equal(sixth.appliedLsn, f1.expected.lsn, "opened at what the base holds");
+  assert.equal(await w(([e]) => window.walcastTest.compare("r", e), f1.expected.entries), null, "claims refused: stage 1");
+  const claimErrs = await w(() => window.walcastTest.errors("r"));
+  assert.equal(claimErrs.length, 1, JSON.stringify(claimErrs));
+  assert.equal(claimErrs[0].code, "data", claimErrs[0].message);
+  assert.equal(claimErrs[0].object, "persisted record", claimErrs[0].message);
   await page.close();
 });
 

@@ -119,7 +119,7 @@ window.walcastTest = {
   async open(name, url, options = {}) {
     const errs = [];
     errors.set(name, errs);
-    const r = await Replica.open(url, { ...options, onError: (e) => errs.push({ code: e.code, message: e.message, lsn: e.lsn }) });
+    const r = await Replica.open(url, { ...options, onError: (e) => errs.push({ code: e.code, message: e.message, lsn: e.lsn, object: e.object }) });
     replicas.set(name, r);
     return r.status();
   },
@@ -144,7 +144,8 @@ window.walcastTest = {
    * Damages the persisted log of `url`: "drop-last" deletes its last chunk,
    * "corrupt-first" flips a payload byte of the first record of its first
    * chunk. Returns the chunks' first LSNs before. "corrupt-base" flips a
-   * byte in the middle of the base snapshot instead.
+   * byte in the middle of the base snapshot instead; "claims-huge" makes
+   * the record claim 2^53 bytes of log and a 1 TiB base.
    */
   async damageLog(url, how) {
     const db = await openIdb();
@@ -155,6 +156,12 @@ window.walcastTest = {
         const copy = base.slice();
         copy[copy.length >> 1] ^= 0x20;
         await request(tx.objectStore("bases").put(copy, url));
+        return [];
+      }
+      if (how === "claims-huge") {
+        const tx = db.transaction("replicas", "readwrite");
+        const rec = await request(tx.objectStore("replicas").get(url));
+        await request(tx.objectStore("replicas").put({ ...rec, logBytes: 2 ** 53, baseBytes: 2 ** 40 }, url));
         return [];
       }
       const tx = db.transaction("log", "readwrite");
