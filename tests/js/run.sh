@@ -6,7 +6,8 @@
 #   4. the conformance suite in Node (node --test), Deno (deno test) and Bun
 #      (tests/js/run-cases.mjs; Bun installed by scripts/runtime-deps.sh)
 #   5. tsc: js/index.d.ts against js/test/usage.ts
-#   6. tests/js/idb.test.mjs: the IndexedDB store's layout on fake-indexeddb
+#   6. tests/js/idb.test.mjs: the IndexedDB store's layout on fake-indexeddb, and a
+#      replica over tampered copies and over a custom store with append
 #   7. tests/js/longpoll.test.mjs: long-poll against walcast serve and through
 #      faulty proxies (about 20 s)
 # Every step runs even when an earlier test step failed; exits non-zero on any failure.
