@@ -21,11 +21,31 @@ use std::ops::Bound;
 use crate::batch::OpRef;
 use crate::codec::put_varint;
 
-/// Target bytes of entries per leaf.
-const LEAF_TARGET: usize = 16 << 10;
-/// The overlay is merged once it holds this many bytes, or 1/16 of the
-/// leaves' bytes, whichever is larger.
+/// Bytes of a leaf's allocation. Leaves are written full, up to this size
+/// (an entry larger than that has a leaf of its own size), so the leaves a
+/// merge frees are holes of the size of the leaves it writes: a wasm heap,
+/// which never shrinks, does not fill with holes too small to reuse.
+const PAGE: usize = 16 << 10;
+/// The overlay is merged once it holds this many bytes, or
+/// 1/[`OVERLAY_SHARE`] of the leaves' bytes, whichever is larger.
 const OVERLAY_MIN: usize = 1 << 20;
+/// See [`OVERLAY_MIN`].
+const OVERLAY_SHARE: usize = 32;
+/// A full overlay is merged a window of leaves at a time: the next
+/// 1/`WINDOWS` of the leaves in key order (round robin) with the overlay
+/// entries between their keys, until the overlay is below its limit by
+/// 1/`WINDOWS`. A window's entries have gathered over about `WINDOWS`
+/// merges, about twice the overlay's average density, so each rewritten
+/// leaf byte takes in twice as many overlay entries as a merge of
+/// everything at once would, for an overlay of the same size; and a merge
+/// rewrites (and holds twice) a window's leaves rather than all of them.
+const WINDOWS: usize = 8;
+
+/// What an overlay entry is counted as: its key and value and about 48
+/// bytes for the tree node's share and the two allocations.
+fn overlay_cost(key: &[u8], value: Option<&[u8]>) -> usize {
+    key.len() + value.map_or(0, <[u8]>::len) + 48
+}
 
 /// Entries between two restart points of a leaf: one `u32` offset and one
 /// whole key per this many entries.
@@ -100,6 +120,11 @@ fn varint_at(data: &[u8], at: usize) -> (usize, usize) {
         }
         shift += 7;
     }
+}
+
+/// Bytes of `v` as a varint.
+fn varint_len(v: usize) -> usize {
+    (usize::BITS - (v | 1).leading_zeros()).div_ceil(7) as usize
 }
 
 /// Length of the common prefix of `a` and `b`.
@@ -219,9 +244,21 @@ impl Leaf {
         }
     }
 
-    fn shrink(&mut self) {
-        self.data.shrink_to_fit();
-        self.restarts.shrink_to_fit();
+    /// True when an entry of `key` and a `value_len`-byte value fits in the
+    /// leaf's page (always when the leaf is empty); `prev` as for
+    /// [`push`](Self::push).
+    fn fits(&self, prev: &[u8], key: &[u8], value_len: usize) -> bool {
+        if self.count == 0 {
+            return true;
+        }
+        let shared = if self.count % RESTART_EVERY == 0 {
+            0
+        } else {
+            common_prefix(prev, key)
+        };
+        let unshared = key.len() - shared;
+        let len = varint_len(shared) + varint_len(unshared) + varint_len(value_len) + unshared;
+        self.data.len() + len + value_len <= PAGE
     }
 
     fn heap_bytes(&self) -> usize {
@@ -229,16 +266,8 @@ impl Leaf {
     }
 }
 
-/// Appends sorted entries into leaves of the target size.
-///
-/// Entries are written into one scratch buffer that keeps its capacity, and
-/// each leaf is then copied out at its exact size: a leaf never holds the
-/// slack of a growing vector, and the allocations a merge makes are of the
-/// sizes of the leaves it frees (little fragmentation of a wasm heap, which
-/// never shrinks). A group (the entries replacing one old leaf) ends with
-/// [`LeafWriter::end_group`]: a group below twice the target stays one
-/// leaf, so merging a few overlay entries into a leaf does not split off a
-/// small one.
+/// Appends sorted entries into full leaves: each leaf is written in place
+/// in a [`PAGE`]-sized allocation until the next entry does not fit.
 #[derive(Debug, Default)]
 struct LeafWriter {
     out: Vec<Leaf>,
@@ -249,74 +278,117 @@ struct LeafWriter {
 
 impl LeafWriter {
     fn push(&mut self, key: &[u8], value: &[u8]) {
+        if !self.cur.fits(&self.prev, key, value.len()) {
+            self.emit();
+        }
+        if self.cur.is_empty() && self.cur.data.capacity() < PAGE {
+            self.cur.data.reserve_exact(PAGE);
+        }
         self.cur.push(&self.prev, key, value);
         self.prev.clear();
         self.prev.extend_from_slice(key);
-        if self.cur.data.len() >= 2 * LEAF_TARGET {
-            self.emit_head();
-        }
     }
 
-    /// Emits the entries before the first restart point at or after
-    /// [`LEAF_TARGET`] as a leaf, keeping the rest in the scratch buffer
-    /// (cutting at a restart point keeps both parts' restarts aligned, and
-    /// the rest starts with a whole key).
-    fn emit_head(&mut self) {
-        let c = &mut self.cur;
-        let ri = c
-            .restarts
-            .partition_point(|&p| (p as usize) < LEAF_TARGET)
-            .max(1);
-        if ri >= c.restarts.len() {
-            self.emit_all();
+    /// Ends the leaf being written. A leaf less than a quarter full (the
+    /// last of a merge, or of a small state) is cut to its size, as is one
+    /// that grew past its page for a large entry.
+    fn emit(&mut self) {
+        if self.cur.is_empty() {
             return;
         }
-        let at = c.restarts[ri] as usize;
-        self.out.push(Leaf {
-            data: c.data[..at].to_vec(),
-            restarts: c.restarts[..ri].to_vec(),
-            count: ri as u32 * RESTART_EVERY,
-        });
-        c.data.drain(..at);
-        c.restarts.drain(..ri);
-        for p in &mut c.restarts {
-            *p -= at as u32;
+        let mut leaf = std::mem::take(&mut self.cur);
+        if leaf.data.len() < PAGE / 4 || leaf.data.capacity() > PAGE {
+            leaf.data.shrink_to_fit();
         }
-        c.count -= ri as u32 * RESTART_EVERY;
-    }
-
-    fn emit_all(&mut self) {
-        let c = &mut self.cur;
-        if !c.is_empty() {
-            self.out.push(Leaf {
-                data: c.data.as_slice().to_vec(),
-                restarts: c.restarts.as_slice().to_vec(),
-                count: c.count,
-            });
-            c.data.clear();
-            c.restarts.clear();
-            c.count = 0;
-        }
-    }
-
-    /// Ends a group: what the scratch buffer holds becomes one leaf.
-    fn end_group(&mut self) {
-        self.emit_all();
+        leaf.restarts.shrink_to_fit();
+        self.out.push(leaf);
     }
 
     /// Adds a leaf that needs no rewrite.
     fn keep(&mut self, leaf: Leaf) {
-        self.end_group();
+        self.emit();
         self.out.push(leaf);
     }
 
     fn finish(mut self) -> Vec<Leaf> {
-        self.end_group();
+        self.emit();
         self.out
     }
 }
 
 type Overlay = BTreeMap<Box<[u8]>, Option<Box<[u8]>>>;
+
+/// Writes the leaves `old` merged with the overlay entries `ov` (in key
+/// order, tombstones as `None`; those below the second leaf go into the
+/// first, those from the last leaf's first key on into the last one)
+/// through `w`, taking each leaf out of `old` (an empty leaf stays in its
+/// place). Leaves no entry touches are kept as they are; each one merged is
+/// freed as soon as it is read, so its memory can hold the leaves written
+/// next. Allocates nothing but the leaves it writes.
+fn merge_leaves<'o, I>(old: &mut [Leaf], ov: I, w: &mut LeafWriter)
+where
+    I: Iterator<Item = (&'o [u8], Option<&'o [u8]>)>,
+{
+    let mut ov = ov.peekable();
+    // The key of the old leaf's entry being merged, rebuilt.
+    let mut lkey = Vec::new();
+    for i in 0..old.len() {
+        let leaf = std::mem::take(&mut old[i]);
+        // Overlay entries belonging to this leaf: below the next leaf's first key.
+        let upper = old.get(i + 1).map(Leaf::first_key);
+        let below_upper = |k: &[u8]| upper.is_none_or(|u| k < u);
+        if !ov.peek().is_some_and(|(k, _)| below_upper(k)) {
+            w.keep(leaf);
+            continue;
+        }
+        let mut j = 0;
+        // The leaf's next entry (its key in `lkey`), decoded and not yet written.
+        let mut pending: Option<&[u8]> = None;
+        loop {
+            if pending.is_none() && j < leaf.data.len() {
+                let e = entry_at(&leaf.data, j);
+                lkey.truncate(e.shared);
+                lkey.extend_from_slice(e.suffix);
+                pending = Some(e.value);
+                j = e.next;
+            }
+            let next_ov = ov.peek().copied().filter(|(k, _)| below_upper(k));
+            match (pending, next_ov) {
+                (Some(lv), Some((ok, ov_value))) => match lkey.as_slice().cmp(ok) {
+                    std::cmp::Ordering::Less => {
+                        w.push(&lkey, lv);
+                        pending = None;
+                    }
+                    std::cmp::Ordering::Equal => {
+                        pending = None;
+                        ov.next();
+                        if let Some(v) = ov_value {
+                            w.push(ok, v);
+                        }
+                    }
+                    std::cmp::Ordering::Greater => {
+                        ov.next();
+                        if let Some(v) = ov_value {
+                            w.push(ok, v);
+                        }
+                    }
+                },
+                (Some(lv), None) => {
+                    w.push(&lkey, lv);
+                    pending = None;
+                }
+                (None, Some((ok, ov_value))) => {
+                    ov.next();
+                    if let Some(v) = ov_value {
+                        w.push(ok, v);
+                    }
+                }
+                (None, None) => break,
+            }
+        }
+        drop(leaf);
+    }
+}
 
 /// An ordered map from byte keys to byte values.
 #[derive(Debug, Clone, Default)]
@@ -327,7 +399,10 @@ pub struct KvState {
     /// leaves): appends compare with it and share its prefix.
     max_key: Vec<u8>,
     overlay: Overlay,
+    /// The [`overlay_cost`] of the overlay's entries.
     overlay_bytes: usize,
+    /// The first leaf of the next window to merge.
+    next_window: usize,
     len: u64,
 }
 
@@ -379,11 +454,14 @@ impl KvState {
             self.append(key, value);
             return;
         }
-        self.overlay_bytes += key.len() + value.len() + 48;
+        self.overlay_bytes += overlay_cost(key, Some(value));
         // One overlay traversal: what the insert replaced says whether the key was present.
         match self.overlay.insert(key.into(), Some(value.into())) {
-            Some(Some(_)) => {}
-            Some(None) => self.len += 1,
+            Some(Some(old)) => self.overlay_bytes -= overlay_cost(key, Some(&old)),
+            Some(None) => {
+                self.overlay_bytes -= overlay_cost(key, None);
+                self.len += 1;
+            }
             None => {
                 if self.base_get(key).is_none() {
                     self.len += 1;
@@ -408,19 +486,15 @@ impl KvState {
         let full = self
             .leaves
             .last()
-            .is_none_or(|l| l.data.len() >= LEAF_TARGET);
+            .is_none_or(|l| !l.fits(&self.max_key, key, value.len()));
         if full {
-            if let Some(l) = self.leaves.last_mut() {
-                l.shrink();
-            }
-            // Room for a full leaf at once: appends do not regrow it (a
-            // leaf is full at LEAF_TARGET, shrunk to its size then).
-            self.leaves.push(Leaf {
-                data: Vec::with_capacity(LEAF_TARGET + 256),
-                ..Leaf::default()
-            });
+            self.leaves.push(Leaf::default());
         }
         let leaf = self.leaves.last_mut().expect("pushed above");
+        // A whole page at once: appends do not regrow it.
+        if leaf.data.capacity() < PAGE {
+            leaf.data.reserve_exact(PAGE - leaf.data.len());
+        }
         let before = leaf.data.len();
         leaf.push(&self.max_key, key, value);
         self.leaf_bytes += leaf.data.len() - before;
@@ -435,11 +509,14 @@ impl KvState {
             return;
         }
         self.len -= 1;
-        if self.base_get(key).is_some() {
-            self.overlay_bytes += key.len() + 48;
-            self.overlay.insert(key.into(), None);
+        let replaced = if self.base_get(key).is_some() {
+            self.overlay_bytes += overlay_cost(key, None);
+            self.overlay.insert(key.into(), None)
         } else {
-            self.overlay.remove(key);
+            self.overlay.remove(key)
+        };
+        if let Some(old) = replaced {
+            self.overlay_bytes -= overlay_cost(key, old.as_deref());
         }
         self.maybe_compact();
     }
@@ -457,106 +534,124 @@ impl KvState {
     }
 
     fn maybe_compact(&mut self) {
-        if self.overlay_bytes >= OVERLAY_MIN.max(self.leaf_bytes / 16) {
-            self.compact();
+        let limit = OVERLAY_MIN.max(self.leaf_bytes / OVERLAY_SHARE);
+        if self.overlay_bytes < limit {
+            return;
         }
+        if self.leaves.len() < 2 * WINDOWS {
+            self.compact();
+            return;
+        }
+        // Windows cover every leaf once in `WINDOWS` merges (leaves split as
+        // they grow, so a cycle may miss a few: then everything is merged).
+        let goal = limit - limit / WINDOWS;
+        for _ in 0..WINDOWS {
+            self.merge_window();
+            if self.overlay_bytes <= goal {
+                return;
+            }
+        }
+        self.compact();
     }
 
-    /// Merges the overlay into the leaves.
+    /// Merges the overlay into the leaves: a window at a time, from the
+    /// first (the memory of one window's old leaves then holds the next
+    /// window's new ones), or all at once in a small state.
     pub fn compact(&mut self) {
         if self.overlay.is_empty() {
             return;
         }
-        let overlay = std::mem::take(&mut self.overlay);
-        self.overlay_bytes = 0;
-        let old = std::mem::take(&mut self.leaves);
+        if self.leaves.len() >= 2 * WINDOWS {
+            self.next_window = 0;
+            while !self.merge_window() {}
+            if self.overlay.is_empty() {
+                return;
+            }
+        }
+        let mut old = std::mem::take(&mut self.leaves);
         let mut w = LeafWriter {
             out: Vec::with_capacity(old.len() + 1),
             ..LeafWriter::default()
         };
-        let mut ov = overlay.into_iter().peekable();
-        let nleaves = old.len();
-        let firsts: Vec<Vec<u8>> = old.iter().skip(1).map(|l| l.first_key().to_vec()).collect();
-        // The key of the old leaf's entry being merged, rebuilt.
-        let mut lkey = Vec::new();
-        for (i, leaf) in old.into_iter().enumerate() {
-            // Overlay entries belonging to this leaf: below the next leaf's first key.
-            let upper = firsts.get(i).map(Vec::as_slice);
-            let touches = match (ov.peek(), upper) {
-                (Some((k, _)), Some(u)) => &**k < u,
-                (Some(_), None) => true,
-                (None, _) => false,
-            };
-            if !touches {
-                w.keep(leaf);
-                continue;
-            }
-            let mut j = 0;
-            // The leaf's next entry (its key in `lkey`), decoded and not yet written.
-            let mut pending: Option<&[u8]> = None;
-            loop {
-                if pending.is_none() && j < leaf.data.len() {
-                    let e = entry_at(&leaf.data, j);
-                    lkey.truncate(e.shared);
-                    lkey.extend_from_slice(e.suffix);
-                    pending = Some(e.value);
-                    j = e.next;
-                }
-                let next_ov = ov.peek().filter(|(k, _)| upper.is_none_or(|u| &**k < u));
-                match (pending, next_ov) {
-                    (Some(lv), Some((ok, _))) => match lkey.as_slice().cmp(ok) {
-                        std::cmp::Ordering::Less => {
-                            w.push(&lkey, lv);
-                            pending = None;
-                        }
-                        std::cmp::Ordering::Equal => {
-                            pending = None;
-                            let (k, v) = ov.next().expect("peeked");
-                            if let Some(v) = v {
-                                w.push(&k, &v);
-                            }
-                        }
-                        std::cmp::Ordering::Greater => {
-                            let (k, v) = ov.next().expect("peeked");
-                            if let Some(v) = v {
-                                w.push(&k, &v);
-                            }
-                        }
-                    },
-                    (Some(lv), None) => {
-                        w.push(&lkey, lv);
-                        pending = None;
-                    }
-                    (None, Some(_)) => {
-                        let (k, v) = ov.next().expect("peeked");
-                        if let Some(v) = v {
-                            w.push(&k, &v);
-                        }
-                    }
-                    (None, None) => break,
-                }
-            }
-            // The old leaf goes before the next one is written, so its
-            // memory can hold the next leaf.
-            drop(leaf);
-            w.end_group();
-        }
-        if nleaves == 0 {
-            for (k, v) in ov {
+        let entries = self.overlay.iter().map(|(k, v)| (&**k, v.as_deref()));
+        if old.is_empty() {
+            for (k, v) in entries {
                 if let Some(v) = v {
-                    w.push(&k, &v);
+                    w.push(k, v);
                 }
             }
+        } else {
+            merge_leaves(&mut old, entries, &mut w);
         }
+        drop(old);
+        self.overlay = BTreeMap::new();
+        self.overlay_bytes = 0;
         let mut out = w.finish();
         out.shrink_to_fit();
         self.leaf_bytes = out.iter().map(|l| l.data.len()).sum();
-        match out.last() {
+        self.leaves = out;
+        self.next_window = 0;
+        self.refresh_max_key();
+    }
+
+    /// Merges the next window of leaves with the overlay entries between
+    /// their keys (the first window takes those below every leaf, the last
+    /// those above). Returns true when the window was the last one.
+    fn merge_window(&mut self) -> bool {
+        let n = self.leaves.len();
+        let a = if self.next_window < n {
+            self.next_window
+        } else {
+            0
+        };
+        let b = (a + n.div_ceil(WINDOWS)).min(n);
+        let lo = (a > 0).then(|| self.leaves[a].first_key().to_vec());
+        let hi = (b < n).then(|| self.leaves[b].first_key().to_vec());
+        let bounds = (
+            lo.as_deref().map_or(Bound::Unbounded, Bound::Included),
+            hi.as_deref().map_or(Bound::Unbounded, Bound::Excluded),
+        );
+        let old_bytes: usize = self.leaves[a..b].iter().map(|l| l.data.len()).sum();
+        // Room for the window's leaves and a quarter more: the writer's list
+        // does not regrow while pages are written.
+        let mut w = LeafWriter {
+            out: Vec::with_capacity((b - a) + (b - a) / 4 + 2),
+            ..LeafWriter::default()
+        };
+        let entries = self
+            .overlay
+            .range::<[u8], _>(bounds)
+            .map(|(k, v)| (&**k, v.as_deref()));
+        merge_leaves(&mut self.leaves[a..b], entries, &mut w);
+        // The window's entries leave the overlay (without allocating).
+        let mut taken = 0;
+        self.overlay.retain(|k, v| {
+            let inside =
+                lo.as_deref().is_none_or(|l| &**k >= l) && hi.as_deref().is_none_or(|h| &**k < h);
+            if inside {
+                taken += overlay_cost(k, v.as_deref());
+            }
+            !inside
+        });
+        self.overlay_bytes -= taken;
+        let new = w.finish();
+        let new_bytes: usize = new.iter().map(|l| l.data.len()).sum();
+        self.leaf_bytes = self.leaf_bytes - old_bytes + new_bytes;
+        self.next_window = a + new.len();
+        self.leaves.splice(a..b, new);
+        if b == n {
+            self.refresh_max_key();
+        }
+        b == n
+    }
+
+    /// Sets `max_key` from the last leaf.
+    fn refresh_max_key(&mut self) {
+        match self.leaves.last() {
             Some(l) => l.last_key_into(&mut self.max_key),
             None => self.max_key.clear(),
         }
         self.max_key.shrink_to_fit();
-        self.leaves = out;
     }
 
     /// Iterates entries between `start` and `end` in key order.
@@ -653,6 +748,7 @@ impl KvState {
             leaves,
             overlay: BTreeMap::new(),
             overlay_bytes: 0,
+            next_window: 0,
             len: builder.count,
         }
     }
@@ -857,6 +953,14 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// What the overlay's entries count, from scratch.
+    fn overlay_cost_of(s: &KvState) -> usize {
+        s.overlay
+            .iter()
+            .map(|(k, v)| overlay_cost(k, v.as_deref()))
+            .sum()
+    }
+
     /// `s` holds what `m` holds, before and after a compaction, for every
     /// key in `keys` too.
     fn same_as(
@@ -865,6 +969,7 @@ mod tests {
         keys: impl Iterator<Item = Vec<u8>>,
     ) -> Result<(), TestCaseError> {
         prop_assert_eq!(s.len(), m.len() as u64);
+        prop_assert_eq!(s.overlay_bytes, overlay_cost_of(s));
         let want: Vec<_> = m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         let got: Vec<_> = s.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
         prop_assert_eq!(&got, &want);
@@ -1155,9 +1260,13 @@ mod tests {
                 m.insert(key, v);
             }
         }
+        // Merged a window at a time along the way.
+        assert!(s.leaves.len() >= 2 * WINDOWS, "{} leaves", s.leaves.len());
+        assert_eq!(s.overlay_bytes, overlay_cost_of(&s));
         for compacted in [false, true] {
             if compacted {
                 s.compact();
+                assert!(s.overlay.is_empty());
             }
             assert_eq!(s.len(), m.len() as u64);
             assert!(s
