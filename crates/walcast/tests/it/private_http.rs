@@ -4,7 +4,7 @@
 //! `--header` and a dataset URL holding the query, and never print either
 //! credential, not even at debug level or when the server refuses them.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;

@@ -6,7 +6,7 @@
 //! process stays up, memory stays bounded by the request's `max_bytes`, and
 //! the replica machine ends with a clear error.
 
-mod support;
+use crate::support;
 
 use std::io::Write as _;
 use std::net::SocketAddr;

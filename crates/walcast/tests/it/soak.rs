@@ -19,7 +19,7 @@
 //!
 //! Each prints a `soak:` line with its figures; each prints its seed, replayed with `WALCAST_E2E_SEED`.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::Path;

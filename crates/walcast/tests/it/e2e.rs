@@ -3,9 +3,9 @@
 //!
 //! Needs `scripts/e2e-deps.sh` (moto in `.tools/moto`, nginx). Set
 //! `WALCAST_E2E_SKIP=1` to skip; `WALCAST_E2E_SEED=N` replays a seed.
-//! Run with `cargo test -p walcast --test e2e -- --test-threads=1`.
+//! Run with `cargo test -p walcast --test it -- e2e:: --test-threads=1`.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -9,7 +9,7 @@
 //! request is not answered before its wait (a lower bound) and that a write
 //! arrives well within a poll interval of ten minutes.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

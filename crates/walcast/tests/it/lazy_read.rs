@@ -6,7 +6,7 @@
 //!
 //! Real processes: the `walcast` binary for every step.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! `--metrics-addr`: `walcast publish` and `walcast replicate`, real
 //! processes, scraped over HTTP while they run.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -2,7 +2,7 @@
 //! dataset published by the real binary, compared with a replica made by
 //! `walcast replicate`; read-your-writes with `wait_for`.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

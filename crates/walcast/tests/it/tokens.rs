@@ -4,7 +4,7 @@
 //! conditional requests with a good one, in the header or the query; then a
 //! native replica reading through the token (`--header`, and `?token=`).
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -12,7 +12,7 @@
 //! does for a bucket addressed in another region (301 `PermanentRedirect`
 //! without a `Location`): moto serves every region alike.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;

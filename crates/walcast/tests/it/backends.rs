@@ -19,9 +19,9 @@
 //!
 //! Needs `scripts/e2e-deps.sh`. Set `WALCAST_E2E_SKIP=1` to skip;
 //! `WALCAST_E2E_SEED=N` replays a seed. Run with
-//! `cargo test -p walcast --test backends -- --test-threads=1`.
+//! `cargo test -p walcast --test it -- backends:: --test-threads=1`.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -8,9 +8,9 @@
 //! Needs nginx (`scripts/e2e-deps.sh`); `WALCAST_E2E_SKIP=1` skips.
 //! The benchmark mode (10, 100 and 1,000 replicas; origin requests and lag
 //! p99) runs with
-//! `cargo test --release -p walcast --test caching_proxy -- --ignored --nocapture`.
+//! `cargo test --release -p walcast --test it -- caching_proxy:: --ignored --nocapture`.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::fs;
