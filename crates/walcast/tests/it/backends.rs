@@ -31,10 +31,6 @@ use object_store::ObjectStore;
 use support::*;
 use tempfile::TempDir;
 
-fn p(path: &Path) -> &str {
-    path.to_str().expect("UTF-8 path")
-}
-
 /// Every key stored under `prefix/`, relative to it.
 fn stored_keys(os: &dyn ObjectStore, prefix: &str) -> BTreeSet<String> {
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -16,14 +16,6 @@ use std::time::{Duration, Instant};
 use support::*;
 use tempfile::TempDir;
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("UTF-8 path")
-}
-
 // ---------------------------------------------------------------------------
 // write: the NDJSON contract
 // ---------------------------------------------------------------------------
@@ -252,41 +244,14 @@ fn c_publisher_kill9_exactly_once() {
     let kills = 24;
     for i in 0..kills {
         deadline.check();
-        let cmd = walcast_cmd(
-            &[
-                "publish",
-                "--wal",
-                p(&wal),
-                "--to",
-                &url,
-                "--flush-interval",
-                "20ms",
-                "--segment-bytes",
-                "2000",
-            ],
-            &Env::new(),
-        );
-        let mut publisher = Proc::spawn(&format!("publish-{i}"), cmd, &logs);
-        thread::sleep(ms(rng.below(60)));
-        let early = rng.pct(25);
-        if !early {
-            // Commit while it runs, then kill it at a random moment.
-            let n = rng.range(1, 40) as usize;
-            write_random(&wal, &mut model, &mut rng, n, opts);
-            thread::sleep(ms(rng.below(150)));
-        }
-        if let Some(st) = publisher.try_status() {
-            panic!(
-                "publisher {i} exited on its own ({st}) instead of running until killed\n{}",
-                publisher.logs()
-            );
-        }
-        kill9(&mut publisher);
-        if early {
-            // Killed while starting up (claiming the epoch): commit while none runs.
-            let n = rng.range(1, 40) as usize;
-            write_random(&wal, &mut model, &mut rng, n, opts);
-        }
+        let round = KillRound {
+            i,
+            name: &format!("publish-{i}"),
+            wal: &wal,
+            url: &url,
+            logs: &logs,
+        };
+        round.run(&mut model, &mut rng, opts);
         if rng.pct(30) {
             let n = rng.range(1, 10) as usize;
             write_random(&wal, &mut model, &mut rng, n, opts);

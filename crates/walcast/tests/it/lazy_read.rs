@@ -15,10 +15,6 @@ use serde_json::Value;
 use support::*;
 use tempfile::TempDir;
 
-fn p(path: &Path) -> &str {
-    path.to_str().expect("UTF-8 path")
-}
-
 /// Keys a command line can name: UTF-8, not taken for a flag.
 fn arg_key(k: &[u8]) -> Option<String> {
     let s = std::str::from_utf8(k).ok()?;

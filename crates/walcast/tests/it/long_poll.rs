@@ -20,10 +20,6 @@ use std::time::{Duration, Instant};
 use support::*;
 use tempfile::TempDir;
 
-fn p(path: &Path) -> &str {
-    path.to_str().expect("UTF-8 path")
-}
-
 /// One HTTP/1.1 GET with `headers`; (status, headers lowercased, body).
 fn get(
     addr: &str,

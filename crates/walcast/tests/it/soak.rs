@@ -22,13 +22,12 @@
 use crate::support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use support::{
-    assert_state_eq, committed_lsn, file_url, gen_batches, kill9, replicate_once, run, scan, seed,
-    walcast_cmd, write, Deadline, Env, GenOpts, Model, Moto, Proc, Rng,
+    assert_state_eq, committed_lsn, file_url, kill9, ms, replicate_once, run, scan, seed,
+    walcast_cmd, write_random, Deadline, Env, GenOpts, KillRound, Model, Moto, Proc, Rng,
 };
 use tempfile::TempDir;
 
@@ -37,17 +36,6 @@ fn env_count(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-/// Commits `n` random batches to the WAL and to the model.
-fn commit(wal: &Path, model: &mut Model, rng: &mut Rng, n: usize, o: GenOpts) {
-    let batches = gen_batches(rng, n, o);
-    let lsns = write(wal, &batches);
-    model.commit(&batches, &lsns);
 }
 
 fn matches_some_lsn(model: &Model, state: &BTreeMap<Vec<u8>, Vec<u8>>, what: &str) -> u64 {
@@ -78,43 +66,18 @@ fn soak_publisher_kill9() {
         ..GenOpts::default()
     };
     let mut model = Model::default();
-    commit(&wal, &mut model, &mut rng, 20, o);
+    write_random(&wal, &mut model, &mut rng, 20, o);
     let mut early_kills = 0;
     for i in 0..kills {
-        let args = [
-            "publish",
-            "--wal",
-            wal.to_str().unwrap(),
-            "--to",
-            &url,
-            "--flush-interval",
-            "20ms",
-            "--segment-bytes",
-            "2000",
-        ];
-        let mut publisher = Proc::spawn(
-            &format!("publish-{}", i % 4),
-            walcast_cmd(&args, &Env::new()),
-            &logs,
-        );
-        thread::sleep(ms(rng.below(60)));
-        let early = rng.pct(25);
-        if !early {
-            let n = rng.range(1, 40) as usize;
-            commit(&wal, &mut model, &mut rng, n, o);
-            thread::sleep(ms(rng.below(150)));
-        }
-        if let Some(st) = publisher.try_status() {
-            panic!(
-                "publisher {i} exited on its own ({st}) instead of running until killed\n{}",
-                publisher.logs()
-            );
-        }
-        kill9(&mut publisher);
-        if early {
+        let round = KillRound {
+            i,
+            name: &format!("publish-{}", i % 4),
+            wal: &wal,
+            url: &url,
+            logs: &logs,
+        };
+        if round.run(&mut model, &mut rng, o) {
             early_kills += 1;
-            let n = rng.range(1, 40) as usize;
-            commit(&wal, &mut model, &mut rng, n, o);
         }
         if i % 10 == 9 {
             let out = replicate_once(&url, &mid, &Env::new());
@@ -197,7 +160,7 @@ fn soak_replica_kill9() {
         run(&args, &Env::new(), None).ok();
     };
     let mut model = Model::default();
-    commit(&wal, &mut model, &mut rng, 400, o);
+    write_random(&wal, &mut model, &mut rng, 400, o);
     publish(&[]);
     let (mut mid_catch_up, mut attempts) = (0usize, 0usize);
     let mut delay_max = 40u64;
@@ -207,7 +170,7 @@ fn soak_replica_kill9() {
         attempts += 1;
         // Something new to catch up on before every run.
         let n = rng.range(20, 120) as usize;
-        commit(&wal, &mut model, &mut rng, n, o);
+        write_random(&wal, &mut model, &mut rng, n, o);
         publish(&[]);
         let args = [
             "replicate",
@@ -283,7 +246,7 @@ fn soak_racing_publishers_moto() {
             ..GenOpts::default()
         };
         let mut model = Model::default();
-        commit(&wal, &mut model, &mut rng, 50, o);
+        write_random(&wal, &mut model, &mut rng, 50, o);
         let args = [
             "publish",
             "--wal",
@@ -302,7 +265,7 @@ fn soak_racing_publishers_moto() {
         let deadline = Deadline::after(Duration::from_secs(120), "all but one publisher fenced");
         while pubs.iter_mut().map(|p| p.running()).filter(|r| *r).count() > 1 && !deadline.passed()
         {
-            commit(&wal, &mut model, &mut rng, 3, o);
+            write_random(&wal, &mut model, &mut rng, 3, o);
             thread::sleep(ms(100));
         }
         thread::sleep(ms(1500));
@@ -328,7 +291,7 @@ fn soak_racing_publishers_moto() {
             assert!(p.stderr().contains("fenced"), "{}", p.logs());
         }
         // The winner publishes what comes next; then everything is there once.
-        commit(&wal, &mut model, &mut rng, 20, o);
+        write_random(&wal, &mut model, &mut rng, 20, o);
         let winner = running[0];
         let deadline = Deadline::after(Duration::from_secs(60), "the winner publishes the rest");
         while committed_lsn(&url, &env) < model.lsn() {

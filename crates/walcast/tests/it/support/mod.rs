@@ -62,6 +62,16 @@ pub(crate) fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// `n` milliseconds.
+pub(crate) fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A path as the `&str` a command line takes.
+pub(crate) fn p(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
 /// `file:///abs/path` for a directory.
 pub(crate) fn file_url(dir: &Path) -> String {
     assert!(dir.is_absolute(), "{} is not absolute", dir.display());
@@ -1037,6 +1047,76 @@ pub(crate) fn parse_lsns(stdout: &str) -> Vec<u64> {
                 .unwrap_or_else(|| panic!("write printed {l:?}: no \"lsn\""))
         })
         .collect()
+}
+
+/// One round of the publisher kill -9 tests: `walcast publish` (20 ms
+/// flushes, 2000-byte segments) started on `wal`, killed with SIGKILL at a
+/// random moment, while batches are committed.
+pub(crate) struct KillRound<'a> {
+    /// The round's number, in messages.
+    pub(crate) i: usize,
+    /// The process's name in its log file.
+    pub(crate) name: &'a str,
+    /// The WAL published.
+    pub(crate) wal: &'a Path,
+    /// The dataset URL.
+    pub(crate) url: &'a str,
+    /// Where the process's output goes.
+    pub(crate) logs: &'a Path,
+}
+
+impl KillRound<'_> {
+    /// Runs the round; true when the publisher was killed while starting
+    /// up (claiming the epoch), with the batches committed after it died.
+    pub(crate) fn run(&self, model: &mut Model, rng: &mut Rng, o: GenOpts) -> bool {
+        let args = [
+            "publish",
+            "--wal",
+            p(self.wal),
+            "--to",
+            self.url,
+            "--flush-interval",
+            "20ms",
+            "--segment-bytes",
+            "2000",
+        ];
+        let cmd = walcast_cmd(&args, &Env::new());
+        let mut publisher = Proc::spawn(self.name, cmd, self.logs);
+        thread::sleep(ms(rng.below(60)));
+        let early = rng.pct(25);
+        if !early {
+            // Commit while it runs, then kill it at a random moment.
+            let n = rng.range(1, 40) as usize;
+            write_random(self.wal, model, rng, n, o);
+            thread::sleep(ms(rng.below(150)));
+        }
+        if let Some(st) = publisher.try_status() {
+            panic!(
+                "publisher {} exited on its own ({st}) instead of running until killed\n{}",
+                self.i,
+                publisher.logs()
+            );
+        }
+        kill9(&mut publisher);
+        if early {
+            // Killed while starting up: commit while none runs.
+            let n = rng.range(1, 40) as usize;
+            write_random(self.wal, model, rng, n, o);
+        }
+        early
+    }
+}
+
+/// `walcast keygen --out PATH`: writes a signing key; returns its public
+/// half (`ed25519:` and 44 base64 characters).
+pub(crate) fn keygen(path: &Path) -> String {
+    let out = run(&["keygen", "--out", p(path)], &Env::new(), None).ok();
+    let public = out.stdout_str().trim().to_string();
+    assert!(
+        public.starts_with("ed25519:") && public.len() == 52,
+        "{public}"
+    );
+    public
 }
 
 pub(crate) fn publish_once(wal: &Path, url: &str, extra: &[&str], env: &Env) -> Out {
