@@ -19,7 +19,7 @@ use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{bin, file_url, Moto};
+use support::{bin, file_url, p, Env, Moto};
 
 /// Every variable that could give the S3 client credentials or a region.
 const AWS_VARS: &[&str] = &[
@@ -300,25 +300,13 @@ fn a_bucket_in_another_region_says_to_set_the_region() {
     one_line(&["inspect", "s3://bucket/app"], &env, &wants);
 }
 
-/// Commits `ndjson` (one batch a line) to the WAL at `wal` with `walcast write`.
-fn write_wal(wal: &std::path::Path, ndjson: &[u8]) {
-    let mut child = Command::new(bin())
-        .args(["write", "--wal", wal.to_str().unwrap()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(ndjson).unwrap();
-    assert!(child.wait().unwrap().success());
-}
-
 /// A signed dataset of a few keys at `ds`, published with the key in
 /// `key`; returns the key's public half.
 fn signed_dataset(tmp: &std::path::Path, ds: &std::path::Path, key: &std::path::Path) -> String {
-    let (code, public, err) = walcast(&["keygen", "--out", key.to_str().unwrap()], &[]);
-    assert_eq!(code, Some(0), "{err}");
+    let public = support::keygen(key);
     let wal = tmp.join("wal");
-    write_wal(&wal, b"{\"op\":\"put\",\"key\":\"k\",\"value\":\"v\"}\n");
+    let put = b"{\"op\":\"put\",\"key\":\"k\",\"value\":\"v\"}\n";
+    support::run(&["write", "--wal", p(&wal)], &Env::new(), Some(put)).ok();
     let url = file_url(ds);
     let (code, _, err) = walcast(
         &[
@@ -334,7 +322,7 @@ fn signed_dataset(tmp: &std::path::Path, ds: &std::path::Path, key: &std::path::
         &[],
     );
     assert_eq!(code, Some(0), "{err}");
-    public.trim().to_string()
+    public
 }
 
 #[test]
@@ -504,7 +492,12 @@ fn a_reader_that_closes_stdout_ends_the_command_quietly() {
             "v".repeat(40)
         ));
     }
-    write_wal(&wal, input.as_bytes());
+    support::run(
+        &["write", "--wal", p(&wal)],
+        &Env::new(),
+        Some(input.as_bytes()),
+    )
+    .ok();
     let url = file_url(&ds);
     let (code, _, err) = walcast(
         &[

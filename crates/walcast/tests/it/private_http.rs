@@ -10,7 +10,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
-use support::{file_url, gen_batches, publish_once, run, scan, write, Env, GenOpts, Rng};
+use support::{
+    file_url, gen_batches, publish_once, replicate_once, run, scan, write, Env, GenOpts, Rng,
+};
 
 const SECRET: &str = "Bearer s3cr3t-h34d3r";
 const TOKEN: &str = "t0k3n-in-the-query";
@@ -89,18 +91,7 @@ fn replicate_and_inspect_reach_a_private_dataset_without_printing_credentials() 
 
     // Without the header: refused, and neither credential is printed.
     let local = tmp.path().join("denied");
-    let out = run(
-        &[
-            "replicate",
-            &url,
-            "--local",
-            local.to_str().unwrap(),
-            "--once",
-        ],
-        &debug,
-        None,
-    )
-    .failed();
+    let out = replicate_once(&url, &local, &debug).failed();
     assert!(out.stderr.contains("401"), "{}", out.describe());
     assert!(
         !out.stderr.contains(TOKEN),
@@ -132,18 +123,7 @@ fn replicate_and_inspect_reach_a_private_dataset_without_printing_credentials() 
         );
     }
     let direct = tmp.path().join("direct");
-    run(
-        &[
-            "replicate",
-            &file_url(&ds),
-            "--local",
-            direct.to_str().unwrap(),
-            "--once",
-        ],
-        &Env::new(),
-        None,
-    )
-    .ok();
+    replicate_once(&file_url(&ds), &direct, &Env::new()).ok();
     assert_eq!(scan(&local), scan(&direct));
 
     let out = run(

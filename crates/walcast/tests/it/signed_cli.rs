@@ -2,39 +2,18 @@
 //! publish to a file:// dataset, pinned and unpinned replicas, a key
 //! rotation, and refusals with the `untrusted` error code.
 
-use std::io::Write as _;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use crate::support::{self, Env, Out};
 
-fn walcast(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_walcast"))
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running walcast");
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-    }
-    child.wait_with_output().expect("walcast output")
+use std::path::Path;
+
+/// `walcast ARGS` with `stdin`, bounded (`support::run`).
+fn walcast(args: &[&str], stdin: Option<&str>) -> Out {
+    support::run(args, &Env::new(), stdin.map(str::as_bytes))
 }
 
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "walcast failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// Its stdout; panics unless it exited 0.
+fn ok(out: &Out) -> String {
+    assert_eq!(out.code, Some(0), "walcast failed: {}", out.describe());
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
@@ -48,17 +27,7 @@ fn write(wal: &Path, from: u32, to: u32) {
     ));
 }
 
-fn keygen(path: &Path) -> String {
-    let out = ok(&walcast(&["keygen", "--out", path.to_str().unwrap()], None));
-    let public = out.trim().to_string();
-    assert!(
-        public.starts_with("ed25519:") && public.len() == 52,
-        "{public}"
-    );
-    public
-}
-
-fn replicate(url: &str, local: &Path, trust: &[&str]) -> Output {
+fn replicate(url: &str, local: &Path, trust: &[&str]) -> Out {
     let mut args = vec![
         "replicate",
         url,
@@ -89,8 +58,8 @@ fn signed_publish_pinned_replicas_and_rotation() {
     std::fs::create_dir_all(&data).unwrap();
     let url = url::Url::from_directory_path(&data).unwrap().to_string();
     let (key_a, key_b) = (tmp.path().join("a.key"), tmp.path().join("b.key"));
-    let pub_a = keygen(&key_a);
-    let pub_b = keygen(&key_b);
+    let pub_a = support::keygen(&key_a);
+    let pub_b = support::keygen(&key_b);
     // The secret key file: one line, owner-only, never overwritten.
     let text = std::fs::read_to_string(&key_a).unwrap();
     assert!(text.starts_with("walcast-ed25519-secret:") && text.ends_with('\n'));
@@ -98,7 +67,7 @@ fn signed_publish_pinned_replicas_and_rotation() {
     let mode = std::fs::metadata(&key_a).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
     let again = walcast(&["keygen", "--out", key_a.to_str().unwrap()], None);
-    assert!(!again.status.success());
+    assert!(again.code != Some(0));
     assert_eq!(std::fs::read_to_string(&key_a).unwrap(), text);
 
     write(&wal, 0, 50);
@@ -130,8 +99,8 @@ fn signed_publish_pinned_replicas_and_rotation() {
     // Pinned to B only: untrusted, nothing applied.
     let wrong = tmp.path().join("wrong");
     let out = replicate(&url, &wrong, &[&pub_b]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.code != Some(0));
+    let err = out.stderr.as_str();
     assert!(err.contains("untrusted"), "{err}");
 
     // Rotate A -> B: the replica pinned to A follows.
@@ -154,19 +123,18 @@ fn signed_publish_pinned_replicas_and_rotation() {
     write(&wal, 80, 90);
     ok(&walcast(&to, None));
     let out = replicate(&url, &pinned, &[&pub_a]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("untrusted"));
+    assert!(out.code != Some(0));
+    assert!(out.stderr.as_str().contains("untrusted"));
     assert_eq!(get(&pinned, "user:079"), "v79");
-    assert!(!walcast(
+    let out = walcast(
         &["get", "--local", pinned.to_str().unwrap(), "user:085"],
-        None
-    )
-    .status
-    .success());
+        None,
+    );
+    assert_ne!(out.code, Some(0));
 
     // A malformed key is refused on the command line.
     let out = replicate(&url, &open, &["ed25519:nope"]);
-    assert!(!out.status.success());
+    assert!(out.code != Some(0));
 }
 
 /// `walcast get/scan --from --trust` and `walcast inspect --trust`: a
@@ -182,8 +150,8 @@ fn lazy_reads_and_inspect_pin_keys() {
     std::fs::create_dir_all(&data).unwrap();
     let url = url::Url::from_directory_path(&data).unwrap().to_string();
     let (key_a, key_b) = (tmp.path().join("a.key"), tmp.path().join("b.key"));
-    let pub_a = keygen(&key_a);
-    let pub_b = keygen(&key_b);
+    let pub_a = support::keygen(&key_a);
+    let pub_b = support::keygen(&key_b);
     let publish = |extra: &[&str]| {
         let mut args = vec![
             "publish",
@@ -222,9 +190,9 @@ fn lazy_reads_and_inspect_pin_keys() {
     ));
     assert_eq!(scan.lines().count(), 10, "{scan}");
     let out = get_from("user:007", &[&pub_b]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.code, Some(1));
     assert!(out.stdout.is_empty());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = out.stderr.as_str();
     assert!(err.contains(&pub_a) && err.contains("--trust"), "{err}");
 
     // inspect: the signer; pinned and verified; another key refused.
@@ -242,8 +210,8 @@ fn lazy_reads_and_inspect_pin_keys() {
         "{shown}"
     );
     let out = walcast(&["inspect", &url, "--trust", &pub_b], None);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("signed by"));
+    assert_eq!(out.code, Some(1));
+    assert!(out.stderr.as_str().contains("signed by"));
 
     // Rotate A -> B: readers pinned to A follow the chain; inspect shows it.
     write(&wal, 60, 90);
@@ -270,8 +238,8 @@ fn lazy_reads_and_inspect_pin_keys() {
     write(&wal, 90, 95);
     publish(&[]);
     let out = get_from("user:091", &[&pub_a]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.code, Some(1));
+    let err = out.stderr.as_str();
     assert!(err.contains("not signed"), "{err}");
     assert_eq!(ok(&get_from("user:091", &[])), "v91");
 }
@@ -284,7 +252,7 @@ fn verified_blocks_publish_version_4_with_its_index_digest_in_the_signed_head() 
     std::fs::create_dir_all(&data).unwrap();
     let url = url::Url::from_directory_path(&data).unwrap().to_string();
     let key = tmp.path().join("a.key");
-    let public = keygen(&key);
+    let public = support::keygen(&key);
     write(&wal, 0, 50);
     let args = [
         "publish",
@@ -311,7 +279,7 @@ fn verified_blocks_publish_version_4_with_its_index_digest_in_the_signed_head() 
     // The flag needs a signing key.
     let mut no_key = args[..8].to_vec();
     no_key.push("--verified-blocks");
-    assert!(!walcast(&no_key, None).status.success());
+    assert_ne!(walcast(&no_key, None).code, Some(0));
 }
 
 /// Flips byte `at` of `orig` and re-checksums, as an attacker would, so that
@@ -475,7 +443,7 @@ fn inspect_verify_catches_a_recrc_d_segment_by_its_signed_digest() {
     let wal = tmp.path().join("wal");
     let (signed_dir, plain_dir) = (tmp.path().join("signed"), tmp.path().join("plain"));
     let key = tmp.path().join("a.key");
-    let public = keygen(&key);
+    let public = support::keygen(&key);
     write(&wal, 0, 60);
     let mut urls = Vec::new();
     for (dir, sign) in [(&signed_dir, true), (&plain_dir, false)] {
@@ -524,11 +492,8 @@ fn inspect_verify_catches_a_recrc_d_segment_by_its_signed_digest() {
         let mut args = vec!["inspect", &urls[0], "--verify"];
         args.extend(trust);
         let out = walcast(&args, None);
-        let (stdout, stderr) = (
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-        );
-        assert_eq!(out.status.code(), Some(1), "{trust:?}: {stdout}\n{stderr}");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), out.stderr.as_str());
+        assert_eq!(out.code, Some(1), "{trust:?}: {stdout}\n{stderr}");
         assert!(stdout.contains("verify       1 FAILED"), "{stdout}");
         assert!(
             stderr.contains(&format!("data: {rel_key}: SHA-256 "))
@@ -547,11 +512,13 @@ fn inspect_verify_catches_a_recrc_d_segment_by_its_signed_digest() {
         "{out}"
     );
     let out = walcast(&["inspect", &urls[1], "--verify", "--trust", &public], None);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.code, Some(1));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("untrusted: the dataset is not signed"),
+        out.stderr
+            .as_str()
+            .contains("untrusted: the dataset is not signed"),
         "{}",
-        String::from_utf8_lossy(&out.stderr)
+        out.stderr.as_str()
     );
     // The snapshot, changed and re-checksummed the same way: also refused
     // by its signed digest, naming it.
@@ -570,8 +537,8 @@ fn inspect_verify_catches_a_recrc_d_segment_by_its_signed_digest() {
         .expect("the tampered snapshot passes every CRC-32 check");
     std::fs::write(&snaps[0], &bad_snap).unwrap();
     let out = walcast(&["inspect", &urls[0], "--verify", "--trust", &public], None);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = out.stderr.as_str();
+    assert_eq!(out.code, Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!("data: {snap_key}: SHA-256 ")) && !stderr.contains(&rel_key),
         "{stderr}"

@@ -12,8 +12,8 @@ use std::time::Duration;
 use reqwest::header;
 use reqwest::StatusCode;
 use support::{
-    file_url, gen_batches, publish_once, run, scan, walcast_cmd, write, Deadline, Env, GenOpts,
-    Proc, Rng,
+    file_url, gen_batches, publish_once, replicate_once, run, scan, walcast_cmd, write, Deadline,
+    Env, GenOpts, Proc, Rng,
 };
 use walcast_core::keys::SecretKey;
 use walcast_core::token;
@@ -309,18 +309,7 @@ fn serve_requires_a_valid_token_and_replicas_read_with_one() {
     let key = {
         let state = {
             let local = tmp.path().join("probe");
-            run(
-                &[
-                    "replicate",
-                    &file_url(&root.join("app")),
-                    "--local",
-                    local.to_str().unwrap(),
-                    "--once",
-                ],
-                &Env::new(),
-                None,
-            )
-            .ok();
+            replicate_once(&file_url(&root.join("app")), &local, &Env::new()).ok();
             scan(&local)
         };
         let (k, v) = state
@@ -357,32 +346,10 @@ fn serve_requires_a_valid_token_and_replicas_read_with_one() {
     // Native replicas: the token in a header, or in the dataset URL.
     let debug: Env = vec![("RUST_LOG".into(), "walcast=debug".into())];
     let local = tmp.path().join("denied");
-    let out = run(
-        &[
-            "replicate",
-            &format!("{url}/app"),
-            "--local",
-            local.to_str().unwrap(),
-            "--once",
-        ],
-        &Env::new(),
-        None,
-    )
-    .failed();
+    let out = replicate_once(&format!("{url}/app"), &local, &Env::new()).failed();
     assert!(out.stderr.contains("401"), "{}", out.describe());
     let direct = tmp.path().join("direct");
-    run(
-        &[
-            "replicate",
-            &file_url(&root.join("app")),
-            "--local",
-            direct.to_str().unwrap(),
-            "--once",
-        ],
-        &Env::new(),
-        None,
-    )
-    .ok();
+    replicate_once(&file_url(&root.join("app")), &direct, &Env::new()).ok();
     let want = scan(&direct);
     assert!(!want.is_empty());
     for (name, url, header) in [
