@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the end-to-end tests (crates/walcast/tests/e2e.rs) need, and
+# Installs what the end-to-end tests (crates/walcast/tests/it/e2e.rs) need, and
 # skips what is already there:
 #   - moto server (S3 API) in a Python venv at .tools/moto
 #   - nginx (plain HTTP server) from Debian

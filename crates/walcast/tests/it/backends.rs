@@ -1,5 +1,5 @@
 //! The object stores the README promises besides `file://` and `s3://`
-//! (crates/walcast/tests/e2e.rs), each against an emulator started for real:
+//! (crates/walcast/tests/it/e2e.rs), each against an emulator started for real:
 //!
 //! - `az://` against Azurite (the Azure Storage emulator, from npm): publish,
 //!   replicate, two racing publishers (one fenced by the conditional head
