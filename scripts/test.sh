@@ -46,4 +46,8 @@ step "edge: the worker in workerd, conformance and IndexedDB reloads in Chromium
 bash tests/js/run-edge.sh
 
 step "benchmarks: walcast-bench --quick, walcast beside SlateDB on file:// and moto (checks every scenario produced a number; no timing assertions)"
-cargo run --release -q -p walcast-bench -- --quick --out target/bench-quick
+# The quick run checks that every scenario produces a number; it runs in the
+# test profile (opt-level 1, whose dependencies the native tests above built)
+# instead of compiling the whole tree again in release. Figures come from the
+# full benchmark: cargo run --release -p walcast-bench (docs/BENCHMARKS.md).
+cargo run --profile test -q -p walcast-bench -- --quick --out target/bench-quick
