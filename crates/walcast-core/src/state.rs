@@ -11,7 +11,7 @@
 //! scans rebuild keys as they go. For keys such as `user:0001234` with
 //! 100-byte values an entry takes about 105 bytes, against 112 bytes of key
 //! and value. Leaves are written full into allocations of one size
-//! ([`PAGE`]), so the memory of the leaves a merge frees holds the leaves
+//! (`PAGE`), so the memory of the leaves a merge frees holds the leaves
 //! it writes.
 //!
 //! Recent writes go to a small ordered overlay (a `BTreeMap` with
