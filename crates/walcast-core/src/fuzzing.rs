@@ -291,7 +291,7 @@ pub fn head(data: &[u8]) {
 pub fn page(data: &[u8]) {
     let crc = crc32fast::hash(data);
     let crc = if crc & 0xf == 0 { !crc } else { crc };
-    let lenient: Option<Page> = serde_json::from_slice(data).ok();
+    let lenient: Option<Page> = crate::catalog::json::page(data).ok();
     let mut r = PageRef {
         key: "catalog/pages/fuzz.json".into(),
         level: 0,

@@ -1,7 +1,7 @@
 //! The segment file: an immutable, checksummed run of WAL records with dense
 //! LSNs, a sparse LSN→offset index and a trailer. See `docs/FORMAT.md`.
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::codec::{check_crc, invalid, Reader};
 use crate::error::DecodeError;
@@ -26,8 +26,8 @@ pub const MAX_RECORD_LEN: u64 = 64 << 20;
 pub const DEFAULT_INDEX_INTERVAL: u64 = 64 << 10;
 
 /// One entry of the sparse index: the record with `lsn` starts at `offset`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "(u64, u64)", into = "(u64, u64)")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(into = "(u64, u64)")]
 pub struct IndexEntry {
     /// LSN of the indexed record.
     pub lsn: u64,

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::catalog::{Head, Page, HEAD_PREFIX_LEN};
 use crate::keys::{self, PublicKey, SecretKey};
@@ -15,7 +15,7 @@ pub const MAX_KEY_CHAIN: usize = 16;
 
 /// The signed parts of a signed head that tell a replica which key signed it
 /// and what every object it names must hash to.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct HeadTrust {
     /// The key that signed this head, `ed25519:<base64>`.
     pub signer: String,
@@ -36,7 +36,7 @@ pub struct HeadTrust {
 }
 
 /// One key rotation: `by` signed `key` (see [`keys::ROTATION_DOMAIN`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KeyEndorsement {
     /// The new key, `ed25519:<base64>`.
     pub key: String,

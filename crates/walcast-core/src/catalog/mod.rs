@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Serialize, Serializer};
 
 use crate::error::DecodeError;
 use crate::segment::{IndexEntry, SegmentSummary};
@@ -30,6 +30,8 @@ pub const MAX_TAIL_BYTES: usize = 256 << 10;
 /// Highest page level accepted. Pages fan out by 32, so 16 levels cover more
 /// segments than LSNs exist; a deeper tree can only come from a hostile store.
 pub const MAX_PAGE_LEVEL: u32 = 16;
+
+pub(crate) mod json;
 
 /// Checks that `key` is exactly the key the format derives for the object it
 /// names, so no catalog entry can point outside the dataset's own object kinds
@@ -141,15 +143,8 @@ impl Serialize for DatasetId {
     }
 }
 
-impl<'de> Deserialize<'de> for DatasetId {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
 /// A segment as the catalog names it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SegmentEntry {
     /// Object key relative to the prefix.
     pub key: String,
@@ -234,7 +229,7 @@ impl SegmentEntry {
 }
 
 /// The latest snapshot, as the head names it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SnapshotEntry {
     /// Object key relative to the prefix.
     pub key: String,
@@ -251,12 +246,8 @@ pub struct SnapshotEntry {
     /// The snapshot file's version (`docs/FORMAT.md`): 2 for a
     /// block-indexed snapshot a lazy replica can read by blocks. Absent in
     /// the JSON for version 1.
-    #[serde(default = "snapshot_version_1", skip_serializing_if = "is_version_1")]
+    #[serde(skip_serializing_if = "is_version_1")]
     pub version: u16,
-}
-
-fn snapshot_version_1() -> u16 {
-    1
 }
 
 fn is_version_1(v: &u16) -> bool {
@@ -270,7 +261,7 @@ pub const MAX_DELTAS: usize = 4;
 /// A delta snapshot the head names: the keys written after `base_lsn` up to
 /// `lsn`, with their newest values or deletion marks (`docs/FORMAT.md`,
 /// "Delta snapshot"). The head's deltas apply in order over its snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DeltaEntry {
     /// Object key relative to the prefix.
     pub key: String,
@@ -316,7 +307,7 @@ impl DeltaEntry {
 }
 
 /// A pointer to an immutable catalog page.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PageRef {
     /// Object key relative to the prefix.
     pub key: String,
@@ -364,7 +355,7 @@ impl PageRef {
 /// segment object stays in the store, byte for byte the same; a reader
 /// verifies the copy exactly as a fetched whole segment (size, whole-file
 /// `crc32`, every record) against the head's entry with the same key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TailSegment {
     /// Key of the segment entry (in the head's `segments`) this is a copy of.
     pub key: String,
@@ -374,8 +365,7 @@ pub struct TailSegment {
 }
 
 mod base64_bytes {
-    use base64::Engine as _;
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::Serializer;
 
     pub(super) fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&base64::display::Base64Display::new(
@@ -383,17 +373,10 @@ mod base64_bytes {
             &base64::engine::general_purpose::STANDARD,
         ))
     }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD
-            .decode(s.as_bytes())
-            .map_err(|e| serde::de::Error::custom(format!("tail body is not base64: {e}")))
-    }
 }
 
 /// An object no longer named by the catalog, waiting out the grace period.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Retired {
     /// Object key relative to the prefix.
     pub key: String,
@@ -402,7 +385,7 @@ pub struct Retired {
 }
 
 /// The catalog head.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Head {
     /// Catalog format version.
     pub format: u32,
@@ -523,9 +506,8 @@ impl Head {
             stored,
             &bytes[HEAD_PREFIX_LEN..],
         )?;
-        check_format(bytes)?;
-        let head: Head =
-            serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+        check_format("catalog head", bytes)?;
+        let head = json::head(bytes)?;
         head.validate().map_err(DecodeError::Json)?;
         Ok(head)
     }
@@ -686,16 +668,12 @@ impl Head {
     }
 }
 
-fn check_format(bytes: &[u8]) -> Result<(), DecodeError> {
-    #[derive(Deserialize)]
-    struct Probe {
-        format: u32,
-    }
-    let p: Probe = serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
-    if p.format != FORMAT {
+fn check_format(what: &str, bytes: &[u8]) -> Result<(), DecodeError> {
+    let format = json::format_of(what, bytes)?;
+    if format != FORMAT {
         return Err(DecodeError::UnsupportedVersion {
             what: "catalog",
-            version: u64::from(p.format),
+            version: u64::from(format),
             known: u64::from(FORMAT),
         });
     }
@@ -703,7 +681,7 @@ fn check_format(bytes: &[u8]) -> Result<(), DecodeError> {
 }
 
 /// An immutable catalog page.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Page {
     /// Catalog format version.
     pub format: u32,
@@ -738,9 +716,8 @@ impl Page {
             });
         }
         crate::codec::check_crc("catalog page", 0, r.crc32, bytes)?;
-        check_format(bytes)?;
-        let page: Page =
-            serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+        check_format("catalog page", bytes)?;
+        let page = json::page(bytes)?;
         let (first, last, count) = if page.level == 0 {
             for s in &page.segments {
                 s.validate().map_err(DecodeError::Json)?;
