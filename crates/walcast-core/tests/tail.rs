@@ -223,7 +223,14 @@ fn a_following_replica_makes_about_one_request_per_commit() {
         "{} commits: {} head GETs, {} segment GETs, {per_commit:.2} requests per commit, {} segments from the tail",
         run.commits, run.head_gets, run.segment_gets, run.tail_applied
     );
-    assert_eq!(run.segment_gets, 0, "every segment came from the head");
+    // A head carries only the segments its commit adds: a poll that finds
+    // two commits at once fetches the older one's segment.
+    assert!(
+        run.segment_gets * 10 <= run.commits,
+        "{} segment GETs in {} commits: most segments must come from the head",
+        run.segment_gets,
+        run.commits
+    );
     assert!(per_commit <= 1.2, "{per_commit:.2} requests per commit");
 }
 

@@ -186,20 +186,20 @@ impl Publisher {
         Ok((h, uploads))
     }
 
-    /// Carries copies of the newest inline segments in the head, newest
-    /// first back to the first that has no body at hand or would take the
-    /// tail past `tail_bytes`: bodies of the segments this commit adds, and
-    /// those the committed head already carried.
+    /// Carries copies of the segments this commit adds in the head, newest
+    /// first back to the first that would take the tail past `tail_bytes`.
+    /// A replica that read the committed head needs nothing else to apply
+    /// this one; segments an earlier head carried are not carried again
+    /// (each segment's bytes go into at most one head), so the heads'
+    /// uploaded bytes stay about those of the segments.
     fn fill_tail(&self, h: &mut Head, ready: usize) {
         let budget = self.cfg.tail_bytes.min(crate::catalog::MAX_TAIL_BYTES);
-        let cur = self.head.as_ref();
         let body = |key: &str| -> Option<&[u8]> {
             self.sealed
                 .iter()
                 .take(ready)
                 .find(|s| s.entry.key == key)
                 .map(|s| s.bytes.as_slice())
-                .or_else(|| cur.and_then(|c| c.tail_body(key)))
         };
         let mut tail = Vec::new();
         let mut total = 0usize;

@@ -34,8 +34,8 @@ use self::snapshot::PendingSnapshot;
 pub const DEFAULT_MAX_COMMITS_PER_SEC: u32 = 10;
 /// Default [`PublisherConfig::commit_burst`].
 pub const DEFAULT_COMMIT_BURST: u32 = 2;
-/// Default [`PublisherConfig::tail_bytes`]: room for the newest two or
-/// three commits at 1,000 small batches a second and ten commits a second.
+/// Default [`PublisherConfig::tail_bytes`]: room for a commit's segments at
+/// 1,000 small batches a second and ten commits a second, twice over.
 pub const DEFAULT_TAIL_BYTES: usize = 32 << 10;
 
 /// Tuning for a [`Publisher`].
@@ -70,9 +70,10 @@ pub struct PublisherConfig {
     pub grace_ms: u64,
     /// Segments kept inline in the head.
     pub inline_segments: usize,
-    /// Bytes of the newest segment files the head carries as copies, so a
-    /// replica following the tail applies a commit from the head alone (one
-    /// GET per commit instead of two). 0: none. Capped at
+    /// Bytes of the segment files a commit adds that its head carries as
+    /// copies, so a replica following the tail applies a commit from the
+    /// head alone (one GET per commit instead of two). Each segment is
+    /// carried by one head only. 0: none. Capped at
     /// [`crate::catalog::MAX_TAIL_BYTES`]; a segment larger than this is
     /// only ever fetched.
     pub tail_bytes: usize,
