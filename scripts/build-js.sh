@@ -22,19 +22,14 @@ source scripts/wasm-toolchain.sh || fail "wasm toolchain setup failed"
 say "toolchain $WALCAST_WASM_MODE"
 
 # --- 1. cargo -------------------------------------------------------------------
-# The module is built for size, in a profile of its own (`wasm`, defined here
-# so native release builds keep theirs): opt-level "z", one codegen unit and
-# LTO (dead code across crates goes), no debug info, panic=abort (the wasm32
-# default; the panic hook still reports the message before the trap).
-# Measured on 2026-12-02: 376,004 -> 299,195 bytes raw and 170,396 -> 139,517
-# gzip -9 after wasm-opt -Oz; `bash scripts/wasm-size.sh` shows where they go.
-export CARGO_PROFILE_WASM_INHERITS=release CARGO_PROFILE_WASM_OPT_LEVEL=z \
-  CARGO_PROFILE_WASM_LTO=true CARGO_PROFILE_WASM_CODEGEN_UNITS=1 \
-  CARGO_PROFILE_WASM_DEBUG=false CARGO_PROFILE_WASM_PANIC=abort
+# The module is built for size (scripts/wasm-toolchain.sh, wasm_module_build):
+# profile `wasm` (opt-level "z", one codegen unit, LTO, no debug info) and,
+# where the toolchain has std's sources, std built for size with panics as
+# immediate traps. `bash scripts/wasm-size.sh` shows where the bytes go.
 start=$SECONDS
-wasm_cargo build --profile wasm -p walcast-wasm || fail "wasm32 build of walcast-wasm failed"
-say "cargo build took $((SECONDS - start)) s"
-module="$WALCAST_WASM_OUT/wasm/walcast_wasm.wasm"
+wasm_module_build || fail "wasm32 build of walcast-wasm failed"
+say "cargo build took $((SECONDS - start)) s ($WALCAST_WASM_BUILD)"
+module="$WALCAST_WASM_MODULE"
 [[ -f $module ]] || fail "no module at $module"
 
 # --- 2. wasm-bindgen-cli at the Cargo.lock version -------------------------------

@@ -19,11 +19,9 @@ if ! "$twiggy" --version >/dev/null 2>&1; then
 fi
 # shellcheck source=wasm-toolchain.sh
 source scripts/wasm-toolchain.sh
-export CARGO_PROFILE_WASM_INHERITS=release CARGO_PROFILE_WASM_OPT_LEVEL=z \
-  CARGO_PROFILE_WASM_LTO=true CARGO_PROFILE_WASM_CODEGEN_UNITS=1 \
-  CARGO_PROFILE_WASM_DEBUG=false CARGO_PROFILE_WASM_PANIC=abort
-wasm_cargo build --profile wasm -p walcast-wasm >&2
-module="$WALCAST_WASM_OUT/wasm/walcast_wasm.wasm"
+wasm_module_build >&2
+module="$WALCAST_WASM_MODULE"
+echo "module built with: $WALCAST_WASM_BUILD"
 echo "## cargo's output ($module)"
 "$twiggy" top -n 1000000 --format csv "$module" | python3 scripts/wasm-size.py "$top"
 export PATH="$HOME/.cargo/bin:$PATH"

@@ -74,6 +74,57 @@ wasm_cargo() {
   fi
 }
 
+# wasm_module_build: builds crates/walcast-wasm for size, as shipped, into
+# target/wasm-module (a target dir of its own: its flags differ from the
+# other wasm builds, which would otherwise rebuild each other's
+# dependencies). Sets WALCAST_WASM_MODULE to the module's path and
+# WALCAST_WASM_BUILD to how it was built. Profile `wasm`: opt-level "z", one
+# codegen unit, LTO, no debug info. Where the toolchain allows (std sources:
+# rustup's rust-src component, or Debian's rust-web-src) std is built with
+# the module (-Zbuild-std, RUSTC_BOOTSTRAP on a stable compiler) with
+# `optimize_for_size`, and a panic is an immediate trap (no panic message
+# formatting in the module: the JS side reports a trap as code `internal`).
+# Measured on 2026-12-02: 151,789 -> 141,405 bytes gzip -9 after wasm-opt.
+# Where that build fails, the plain build (std as shipped, panic=abort) is
+# made and WALCAST_WASM_BUILD says so.
+wasm_module_build() {
+  local dir="$WALCAST_ROOT/target/wasm-module"
+  local profile=(CARGO_PROFILE_WASM_INHERITS=release CARGO_PROFILE_WASM_OPT_LEVEL=z
+    CARGO_PROFILE_WASM_LTO=true CARGO_PROFILE_WASM_CODEGEN_UNITS=1 CARGO_PROFILE_WASM_DEBUG=false)
+  local size_std=0
+  if [[ $WALCAST_WASM_MODE == rustup ]]; then
+    if rustup component list --installed 2>/dev/null | grep -q '^rust-src' ||
+      timeout 60 rustup component add rust-src >&2; then
+      size_std=1
+    fi
+  else
+    size_std=1
+  fi
+  WALCAST_WASM_MODULE="$dir/wasm32-unknown-unknown/wasm/walcast_wasm.wasm"
+  if ((size_std)) && (
+    cd "$WALCAST_ROOT" && export "${profile[@]}" CARGO_PROFILE_WASM_PANIC=immediate-abort \
+      RUSTC_BOOTSTRAP=1 RUSTFLAGS="-Zunstable-options" &&
+      if [[ $WALCAST_WASM_MODE == rustup ]]; then
+        cargo build --profile wasm -p walcast-wasm --target wasm32-unknown-unknown \
+          --target-dir "$dir" -Zbuild-std=std,panic_abort \
+          -Zbuild-std-features=optimize_for_size -Zpanic-immediate-abort
+      else
+        CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=wasm-ld RUSTC=/usr/bin/rustc \
+          /usr/bin/cargo build --profile wasm -p walcast-wasm --target wasm32-unknown-unknown \
+          --target-dir "$dir" -Zbuild-std=std,panic_abort \
+          -Zbuild-std-features=optimize_for_size -Zpanic-immediate-abort
+      fi
+  ); then
+    WALCAST_WASM_BUILD="std built for size, panics trap"
+  else
+    ((size_std)) && echo "wasm-toolchain: the size build failed; building with std as shipped" >&2
+    (cd "$WALCAST_ROOT" && export "${profile[@]}" CARGO_PROFILE_WASM_PANIC=abort &&
+      WALCAST_WASM_TARGET_DIR="$dir" wasm_cargo build --profile wasm -p walcast-wasm) || return 1
+    WALCAST_WASM_BUILD="std as shipped, panic=abort"
+  fi
+  export WALCAST_WASM_MODULE WALCAST_WASM_BUILD
+}
+
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
   # Run directly: install, then print how to build.
   set -euo pipefail

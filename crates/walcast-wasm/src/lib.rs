@@ -28,9 +28,11 @@
 //!
 //! Bytes cross as `Uint8Array`; errors are JS `Error`s with a stable `code`
 //! (the core's [`walcast_core::ErrorKind::code`]) and, when known, the
-//! `object` key and `lsn` they concern. A panic is reported on
-//! `console.error` (and kept for [`take_panic_message`]) before the module
-//! traps.
+//! `object` key and `lsn` they concern. The module as shipped
+//! (`scripts/build-js.sh`) is built with panics as immediate traps, which
+//! keeps panic message formatting out of it; a module built with std as
+//! shipped (panic=abort) reports a panic on `console.error` (and keeps it
+//! for [`take_panic_message`]) before it traps.
 
 mod persist;
 
