@@ -20,6 +20,9 @@ struct Store {
     etag: u64,
     uploaded: BTreeMap<&'static str, u64>,
     deleted: Vec<String>,
+    /// Head PUTs, and the bytes of their tails' base64 bodies.
+    head_puts: u64,
+    head_tail_bytes: u64,
 }
 
 impl Store {
@@ -38,6 +41,15 @@ impl Store {
                     }
                     let kind = object_kind(&req.key).unwrap_or("head");
                     *self.uploaded.entry(kind).or_default() += req.body.len() as u64;
+                    if kind == "head" {
+                        self.head_puts += 1;
+                        let h = Head::decode(&req.body).expect("the publisher's head decodes");
+                        self.head_tail_bytes += h
+                            .tail
+                            .iter()
+                            .map(|t| t.body.len().div_ceil(3) * 4)
+                            .sum::<usize>() as u64;
+                    }
                     self.etag += 1;
                     self.objects
                         .insert(req.key.clone(), (req.body.clone(), self.etag));
@@ -411,7 +423,10 @@ fn a_damaged_delta_fails_the_read_naming_it() {
 /// (`DELTA_BENCH_LSNS`, default 2,500,000, past a rewrite of the base
 /// snapshot, written every `DELTA_BENCH_SNAPSHOT_EVERY`, default 1,200,000,
 /// LSNs), with a
-/// delta every `DELTA_BENCH_DELTA_EVERY` (default 2,000) LSNs. Prints the
+/// delta every `DELTA_BENCH_DELTA_EVERY` (default 2,000) LSNs; the head's
+/// tail, inline segments and page fanout are the publisher's defaults unless
+/// `DELTA_BENCH_TAIL_BYTES`, `DELTA_BENCH_INLINE_SEGMENTS` or
+/// `DELTA_BENCH_PAGE_FANOUT` say otherwise. Prints the
 /// publisher's uploaded bytes by kind against the WAL bytes of the steady
 /// writes, and the worst cold point read (round trips, GETs, bytes) of new
 /// lazy replicas sampled along the run.
@@ -426,11 +441,18 @@ fn delta_figures_at_scale() {
     };
     let keys = env("DELTA_BENCH_KEYS", 1_000_000);
     let steady = env("DELTA_BENCH_LSNS", 2_500_000);
+    let defaults = PublisherConfig::default();
     let cfg = PublisherConfig {
         snapshot_every: Some(env("DELTA_BENCH_SNAPSHOT_EVERY", 1_200_000)),
         delta_every: Some(env("DELTA_BENCH_DELTA_EVERY", 2_000)),
         head_check_ms: 0,
-        ..PublisherConfig::default()
+        tail_bytes: env("DELTA_BENCH_TAIL_BYTES", defaults.tail_bytes as u64) as usize,
+        inline_segments: env(
+            "DELTA_BENCH_INLINE_SEGMENTS",
+            defaults.inline_segments as u64,
+        ) as usize,
+        page_fanout: env("DELTA_BENCH_PAGE_FANOUT", defaults.page_fanout as u64) as usize,
+        ..defaults
     };
     let mut p = Publisher::new(cfg, 11);
     let mut store = Store::default();
@@ -449,6 +471,7 @@ fn delta_figures_at_scale() {
     }
     let load_end = lsn;
     let before = store.uploaded.clone();
+    let (puts_before, tail_before) = (store.head_puts, store.head_tail_bytes);
     let mut wal = 0u64;
     let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
     let mut worst = Cold::default();
@@ -517,6 +540,14 @@ fn delta_figures_at_scale() {
         snaps as f64 / wal as f64,
         deltas as f64 / wal as f64,
         (segs + snaps + deltas + pages + heads) as f64 / wal as f64,
+    );
+    let puts = store.head_puts - puts_before;
+    let tails = store.head_tail_bytes - tail_before;
+    println!(
+        "heads: {puts} PUTs, {:.0} bytes each on average: {:.0} of tail copies (base64), {:.0} of catalog",
+        heads as f64 / puts.max(1) as f64,
+        tails as f64 / puts.max(1) as f64,
+        (heads - tails) as f64 / puts.max(1) as f64
     );
     println!("worst cold point read over {samples} samples: {worst:?}");
     println!(
