@@ -147,6 +147,17 @@ struct Run {
 
 /// One write a millisecond for `ms`, a replica polling every 100 ms.
 fn follow(cfg: PublisherConfig, ms: u64, tamper: Option<fn(Vec<u8>) -> Vec<u8>>) -> Run {
+    follow_at(cfg, ms, 1, 100, tamper)
+}
+
+/// One write every `every_ms` for `ms`, a replica polling every `poll_ms`.
+fn follow_at(
+    cfg: PublisherConfig,
+    ms: u64,
+    every_ms: u64,
+    poll_ms: u64,
+    tamper: Option<fn(Vec<u8>) -> Vec<u8>>,
+) -> Run {
     let mut store = Store::default();
     let mut p = Publisher::new(
         PublisherConfig {
@@ -163,7 +174,7 @@ fn follow(cfg: PublisherConfig, ms: u64, tamper: Option<fn(Vec<u8>) -> Vec<u8>>)
     store.tamper = tamper;
     let mut r = Replica::new(
         ReplicaConfig {
-            poll_interval_ms: 100,
+            poll_interval_ms: poll_ms,
             long_poll_wait_ms: 0,
             ..ReplicaConfig::default()
         },
@@ -177,8 +188,10 @@ fn follow(cfg: PublisherConfig, ms: u64, tamper: Option<fn(Vec<u8>) -> Vec<u8>>)
     let mut lsn = 2;
     let mut seen_error = None;
     for now in 2..ms {
-        p.push(lsn, &payload(lsn), now).unwrap();
-        lsn += 1;
+        if now % every_ms == 0 {
+            p.push(lsn, &payload(lsn), now).unwrap();
+            lsn += 1;
+        }
         drive_publisher(&mut p, &mut store, now, &mut commits);
         if let Some(e) = drive_replica(&mut r, &mut store, now) {
             seen_error = Some(e);
@@ -232,6 +245,31 @@ fn a_following_replica_makes_about_one_request_per_commit() {
         run.commits
     );
     assert!(per_commit <= 1.2, "{per_commit:.2} requests per commit");
+}
+
+/// At 100 writes a second a commit's segment is small, so heads carry the
+/// earlier heads' segments too: a replica polling once a second finds every
+/// commit since its last poll in the head it reads.
+#[test]
+fn at_low_rates_a_replica_polling_each_second_finds_every_commit_in_the_head() {
+    let run = follow_at(PublisherConfig::default(), 10_000, 10, 1_000, None);
+    assert_eq!(run.applied, 1_000);
+    assert!(run.commits >= 50, "only {} commits", run.commits);
+    eprintln!(
+        "{} commits: {} head GETs, {} segment GETs, {} segments from the tail",
+        run.commits, run.head_gets, run.segment_gets, run.tail_applied
+    );
+    assert!(
+        run.segment_gets * 10 <= run.commits,
+        "{} segment GETs for {} commits: the heads did not carry the earlier commits",
+        run.segment_gets,
+        run.commits
+    );
+    assert!(
+        run.head_gets * 5 <= run.commits,
+        "{} head GETs",
+        run.head_gets
+    );
 }
 
 #[test]

@@ -275,3 +275,530 @@ pub(crate) fn page(bytes: &[u8]) -> Result<Page, DecodeError> {
         digests: p.digests.unwrap_or_default(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{DatasetId, Head, SegmentEntry, TailSegment};
+    use crate::error::DecodeError;
+    use crate::segment::IndexEntry;
+
+    const HEAD: &str = include_str!("../../tests/golden/head.json");
+    const PAGE: &str = include_str!("../../tests/golden/page.json");
+
+    /// `text` with the one occurrence of `from` replaced by `to`.
+    fn edit(text: &str, from: &str, to: &str) -> String {
+        assert_eq!(
+            text.matches(from).count(),
+            1,
+            "{from:?} is not unique in the input"
+        );
+        text.replacen(from, to, 1)
+    }
+
+    /// The message of a `DecodeError::Json`; panics on success or another kind.
+    fn json_error<T: std::fmt::Debug>(r: Result<T, DecodeError>) -> String {
+        match r {
+            Err(DecodeError::Json(m)) => m,
+            other => panic!("expected DecodeError::Json, got {other:?}"),
+        }
+    }
+
+    fn head(text: &str) -> Result<Head, DecodeError> {
+        super::head(text.as_bytes())
+    }
+
+    fn golden() -> Head {
+        head(HEAD).expect("the golden head parses")
+    }
+
+    /// A head with one segment whose tail carries a copy of it.
+    fn head_with_tail() -> String {
+        let mut h = Head::new(DatasetId::from_seed(1), 3);
+        let key = super::super::segment_key(3, 1, 1);
+        h.committed_lsn = 1;
+        h.segments.push(SegmentEntry {
+            key: key.clone(),
+            epoch: 3,
+            first_lsn: 1,
+            last_lsn: 1,
+            size: 100,
+            crc32: 7,
+            records_end: 90,
+            index: vec![IndexEntry { lsn: 1, offset: 32 }],
+        });
+        h.tail.push(TailSegment {
+            key,
+            body: b"hello".to_vec(),
+        });
+        String::from_utf8(h.encode()).unwrap()
+    }
+
+    #[test]
+    fn golden_head_and_page_parse() {
+        let h = golden();
+        assert_eq!(h.epoch, 7);
+        assert_eq!(h.generation, 42);
+        assert_eq!(h.writer, "5f0c2a9e8b7d6c41");
+        assert_eq!(h.committed_at_ms, 1_795_000_000_000);
+        assert_eq!(h.segments.len(), 1);
+        assert_eq!(h.segments[0].index.len(), 7);
+        assert_eq!(
+            h.segments[0].index[1],
+            IndexEntry {
+                lsn: 102,
+                offset: 298
+            }
+        );
+        assert_eq!(h.pages.len(), 1);
+        assert_eq!(h.pages[0].count, 2);
+        assert_eq!(h.retired.len(), 1);
+        assert_eq!(h.retired[0].since_ms, 1_794_999_990_000);
+        let p = super::page(PAGE.as_bytes()).unwrap();
+        assert_eq!((p.format, p.level, p.segments.len()), (1, 0, 2));
+        assert!(p.pages.is_empty() && p.digests.is_empty());
+        assert_eq!(
+            super::format_of("catalog head", HEAD.as_bytes()).unwrap(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_built_head_round_trips() {
+        let text = head_with_tail();
+        let h = head(&text).unwrap();
+        assert_eq!(h.tail_body(&h.segments[0].key), Some(&b"hello"[..]));
+        assert_eq!(h.encode(), text.as_bytes());
+    }
+
+    #[test]
+    fn unknown_members_are_ignored_at_every_level() {
+        let junk =
+            r#""zz_unknown":{"a":[1,-2,3.5e-7,true,false,null,"\u00e9",{}],"b":{"c":[[]]}},"#;
+        let mut text = edit(HEAD, r#""format":1,"#, &format!(r#"{junk}"format":1,"#));
+        for at in [
+            r#"{"key":"snapshots/"#,
+            r#"{"key":"segments/"#,
+            r#"{"key":"catalog/pages/"#,
+            r#"{"key":"snapshots/00000000000000000060"#,
+        ] {
+            text = edit(&text, at, &at.replacen('{', &format!("{{{junk}"), 1));
+        }
+        // Last member of the object too (no comma after it).
+        text = edit(&text, "}]}", r#"}],"zz_last":[0]}"#);
+        assert_eq!(text.matches("zz_unknown").count(), 5);
+        assert_eq!(head(&text).unwrap(), golden());
+
+        let page = edit(PAGE, r#""level":0,"#, &format!(r#""level":0,{junk}"#));
+        let page = edit(
+            &page,
+            r#""epoch":6,"first_lsn":1,"#,
+            &format!(r#""epoch":6,{junk}"first_lsn":1,"#),
+        );
+        assert_eq!(
+            super::page(page.as_bytes()).unwrap(),
+            super::page(PAGE.as_bytes()).unwrap()
+        );
+    }
+
+    #[test]
+    fn deeply_nested_unknown_values_are_ignored_without_recursion() {
+        const DEPTH: usize = 10_000;
+        let deep = format!("{}{}", "[".repeat(DEPTH), "]".repeat(DEPTH));
+        let deep_maps = format!("{}1{}", r#"{"a":"#.repeat(DEPTH), "}".repeat(DEPTH));
+        let text = edit(
+            HEAD,
+            r#""format":1,"#,
+            &format!(r#""deep":{deep},"deep_maps":{deep_maps},"format":1,"#),
+        );
+        let unclosed = edit(
+            HEAD,
+            r#""format":1,"#,
+            &format!(r#""deep":{},"format":1,"#, "[".repeat(DEPTH)),
+        );
+        let page = edit(
+            PAGE,
+            r#""level":0,"#,
+            &format!(r#""level":0,"deep":{deep},"#),
+        );
+        // A small stack: a reader that recursed per level would overflow it.
+        let (h, bad, p, f) = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || {
+                (
+                    head(&text),
+                    head(&unclosed),
+                    super::page(page.as_bytes()),
+                    super::format_of("catalog head", text.as_bytes()),
+                )
+            })
+            .unwrap()
+            .join()
+            .expect("the reader does not overflow the stack");
+        assert_eq!(h.unwrap(), golden());
+        json_error(bad);
+        assert_eq!(p.unwrap(), super::page(PAGE.as_bytes()).unwrap());
+        assert_eq!(f.unwrap(), 1);
+    }
+
+    #[test]
+    fn a_missing_required_member_is_an_error() {
+        for (from, to) in [
+            (r#""format":1,"#, ""),
+            (r#""dataset_id":"11111111111111111111111111111111","#, ""),
+            (r#""epoch":7,"generation""#, r#""generation""#),
+            (r#""generation":42,"#, ""),
+            (r#""committed_lsn":139,"#, ""),
+            (r#""earliest_lsn":1,"#, ""),
+            (r#","segments":[{"#, r#","zegments":[{"#),
+            (r#""lsn":139,"epoch":7,"#, r#""epoch":7,"#),
+            (r#","entries":29"#, ""),
+            (r#""records_end":1673,"#, ""),
+            (r#","index":[[100"#, r#","zndex":[[100"#),
+            (r#""count":2,"#, ""),
+            (r#","since_ms":1794999990000"#, ""),
+        ] {
+            let text = edit(HEAD, from, to);
+            let msg = json_error(head(&text));
+            assert!(msg.contains("catalog head"), "{msg}");
+        }
+        let text = edit(&head_with_tail(), r#","body":"aGVsbG8=""#, "");
+        json_error(head(&text));
+        for (from, to) in [
+            (r#""format":1,"#, ""),
+            (r#""level":0,"#, ""),
+            (r#""size":1844,"#, ""),
+        ] {
+            json_error(super::page(edit(PAGE, from, to).as_bytes()));
+        }
+        json_error(super::format_of(
+            "catalog head",
+            edit(HEAD, r#""format":1,"#, "").as_bytes(),
+        ));
+        json_error(head("{}"));
+        json_error(super::page(b"{}"));
+    }
+
+    #[test]
+    fn members_of_the_wrong_type_are_errors() {
+        for (from, to) in [
+            (r#""epoch":7,"generation""#, r#""epoch":"7","generation""#),
+            (r#""epoch":7,"generation""#, r#""epoch":null,"generation""#),
+            (r#""epoch":7,"generation""#, r#""epoch":true,"generation""#),
+            (r#""epoch":7,"generation""#, r#""epoch":[7],"generation""#),
+            (
+                r#""dataset_id":"11111111111111111111111111111111""#,
+                r#""dataset_id":11111111111111111111111111111111"#,
+            ),
+            (
+                r#""dataset_id":"11111111111111111111111111111111""#,
+                r#""dataset_id":null"#,
+            ),
+            (r#""writer":"5f0c2a9e8b7d6c41""#, r#""writer":5"#),
+            (
+                r#""committed_at_ms":1795000000000"#,
+                r#""committed_at_ms":"1795000000000""#,
+            ),
+            (r#""segments":[{"#, r#""segments":null,"x":[{"#),
+            (r#""segments":[{"#, r#""segments":{"x":{"#),
+            (r#"[[100,32],"#, r#"[[100,"32"],"#),
+            (r#"[[100,32],"#, r#"[[100],"#),
+            (r#"[[100,32],"#, r#"[[100,32,1],"#),
+            (r#""lsn":139,"epoch":7,"#, r#""lsn":null,"epoch":7,"#),
+            (
+                r#""key":"snapshots/00000000000000000139"#,
+                r#""key":139,"x":"#,
+            ),
+            (r#""retired":[{"#, r#""retired":{"x":{"#),
+            (r#""pages":[{"#, r#""pages":"#),
+        ] {
+            let text = edit(HEAD, from, to);
+            json_error(head(&text));
+        }
+        json_error(super::page(
+            edit(PAGE, r#""level":0"#, r#""level":"0""#).as_bytes(),
+        ));
+        json_error(super::page(
+            edit(PAGE, r#""level":0"#, r#""level":null"#).as_bytes(),
+        ));
+        // Not an object at all.
+        for text in ["[]", "1", "\"x\"", "null", ""] {
+            json_error(head(text));
+            json_error(super::page(text.as_bytes()));
+        }
+    }
+
+    #[test]
+    fn integers_must_be_plain_and_fit_their_field() {
+        // u64 fields.
+        for bad in [
+            "-1",
+            "-0",
+            "1.0",
+            "7.0",
+            "1e3",
+            "7E0",
+            "0.7e1",
+            "18446744073709551616",
+            "99999999999999999999999",
+            "007",
+            "+7",
+            "0x7",
+        ] {
+            let text = edit(
+                HEAD,
+                r#""epoch":7,"generation""#,
+                &format!(r#""epoch":{bad},"generation""#),
+            );
+            json_error(head(&text));
+            let text = edit(
+                HEAD,
+                r#","since_ms":1794999990000"#,
+                &format!(r#","since_ms":{bad}"#),
+            );
+            json_error(head(&text));
+        }
+        // u32 fields.
+        for bad in ["4294967296", "-1", "1.5", "1e1"] {
+            let text = edit(HEAD, r#""format":1,"#, &format!(r#""format":{bad},"#));
+            json_error(head(&text));
+            json_error(super::format_of("catalog head", text.as_bytes()));
+            let text = edit(
+                HEAD,
+                r#""crc32":3727579689,"#,
+                &format!(r#""crc32":{bad},"#),
+            );
+            json_error(head(&text));
+            let text = edit(HEAD, r#""count":2,"#, &format!(r#""count":{bad},"#));
+            json_error(head(&text));
+            json_error(super::page(
+                edit(PAGE, r#""level":0,"#, &format!(r#""level":{bad},"#)).as_bytes(),
+            ));
+        }
+        // The snapshot's u16 version.
+        for bad in ["65536", "-1", "2.0"] {
+            let text = edit(
+                HEAD,
+                r#","entries":29"#,
+                &format!(r#","entries":29,"version":{bad}"#),
+            );
+            json_error(head(&text));
+        }
+    }
+
+    #[test]
+    fn the_largest_integers_fit() {
+        let text = edit(
+            HEAD,
+            r#""epoch":7,"generation""#,
+            r#""epoch":18446744073709551615,"generation""#,
+        );
+        assert_eq!(head(&text).unwrap().epoch, u64::MAX);
+        let text = edit(HEAD, r#""crc32":3727579689,"#, r#""crc32":4294967295,"#);
+        assert_eq!(head(&text).unwrap().segments[0].crc32, u32::MAX);
+        let text = edit(HEAD, r#"[[100,32],"#, r#"[[18446744073709551615,0],"#);
+        assert_eq!(
+            head(&text).unwrap().segments[0].index[0],
+            IndexEntry {
+                lsn: u64::MAX,
+                offset: 0
+            }
+        );
+        let text = edit(HEAD, r#","entries":29"#, r#","entries":29,"version":65535"#);
+        assert_eq!(head(&text).unwrap().snapshot.unwrap().version, u16::MAX);
+    }
+
+    #[test]
+    fn invalid_utf8_is_an_error_naming_its_offset() {
+        let at = HEAD.find("5f0c2a9e").unwrap();
+        for bad in [&[0xff][..], &[0xc3], &[0xed, 0xa0, 0x80], &[0xc0, 0x80]] {
+            let mut bytes = HEAD.as_bytes().to_vec();
+            bytes.splice(at..at, bad.iter().copied());
+            let msg = json_error(super::head(&bytes));
+            assert!(msg.contains(&format!("offset {at})")), "{msg}");
+            assert!(msg.contains("not UTF-8"), "{msg}");
+            let msg = json_error(super::format_of("catalog head", &bytes));
+            assert!(msg.contains(&format!("offset {at})")), "{msg}");
+        }
+        let mut bytes = PAGE.as_bytes().to_vec();
+        bytes[3] = 0x80;
+        let msg = json_error(super::page(&bytes));
+        assert!(
+            msg.contains("catalog page") && msg.contains("offset 3)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn only_whitespace_may_follow_the_object() {
+        assert_eq!(head(&format!(" \n{HEAD}\t\r\n ")).unwrap(), golden());
+        for garbage in ["x", "{}", ",", "}", "]", "0", "null", " \"", "\0", "/"] {
+            json_error(head(&format!("{HEAD}{garbage}")));
+            json_error(head(&format!("{HEAD}\n{garbage}")));
+            json_error(super::page(format!("{PAGE}{garbage}").as_bytes()));
+        }
+        // Truncated objects.
+        for cut in [1, HEAD.len() / 2, HEAD.len() - 1] {
+            json_error(head(&HEAD[..cut]));
+        }
+    }
+
+    #[test]
+    fn null_optional_members_are_absent() {
+        let mut h = golden();
+        let mut text = HEAD.to_string();
+        for (from, to) in [
+            (r#""writer":"5f0c2a9e8b7d6c41""#, r#""writer":null"#),
+            (
+                r#""committed_at_ms":1795000000000"#,
+                r#""committed_at_ms":null"#,
+            ),
+        ] {
+            text = edit(&text, from, to);
+        }
+        let text = edit(
+            &text,
+            r#"}]}"#,
+            r#"}],"deltas":null,"tail":null,"trust":null}"#,
+        );
+        h.writer = String::new();
+        h.committed_at_ms = 0;
+        assert_eq!(head(&text).unwrap(), h);
+
+        let start = text.find(r#""pages":["#).unwrap();
+        let end = text.find(r#","deltas""#).unwrap();
+        let text = format!(
+            r#"{}"pages":null,"retired":null{}"#,
+            &text[..start],
+            &text[end..]
+        );
+        h.pages.clear();
+        h.retired.clear();
+        assert_eq!(head(&text).unwrap(), h);
+
+        let start = text.find(r#""snapshot":{"#).unwrap();
+        let end = text.find(r#","segments""#).unwrap();
+        let text = format!(r#"{}"snapshot":null{}"#, &text[..start], &text[end..]);
+        h.snapshot = None;
+        assert_eq!(head(&text).unwrap(), h);
+
+        let text = edit(HEAD, r#","entries":29"#, r#","entries":29,"version":null"#);
+        assert_eq!(head(&text).unwrap().snapshot.unwrap().version, 1);
+
+        let signed = edit(
+            HEAD,
+            r#"}]}"#,
+            r#"}],"trust":{"signer":"k","chain":null,"digests":null,"index_digests":null}}"#,
+        );
+        let trust = head(&signed).unwrap().trust.expect("trust present");
+        assert_eq!(trust.signer, "k");
+        assert!(
+            trust.chain.is_empty() && trust.digests.is_empty() && trust.index_digests.is_empty()
+        );
+
+        let page = edit(
+            PAGE,
+            r#""level":0,"#,
+            r#""level":0,"pages":null,"digests":null,"#,
+        );
+        assert_eq!(
+            super::page(page.as_bytes()).unwrap(),
+            super::page(PAGE.as_bytes()).unwrap()
+        );
+        let page = r#"{"format":1,"level":2,"segments":null}"#;
+        let p = super::page(page.as_bytes()).unwrap();
+        assert_eq!(p.level, 2);
+        assert!(p.segments.is_empty() && p.pages.is_empty());
+    }
+
+    #[test]
+    fn snapshot_version_absent_means_1() {
+        assert!(!HEAD.contains("\"version\""));
+        assert_eq!(golden().snapshot.unwrap().version, 1);
+        let text = edit(HEAD, r#","entries":29"#, r#","entries":29,"version":2"#);
+        assert_eq!(head(&text).unwrap().snapshot.unwrap().version, 2);
+        let text = edit(HEAD, r#","entries":29"#, r#","version":0,"entries":29"#);
+        assert_eq!(head(&text).unwrap().snapshot.unwrap().version, 0);
+    }
+
+    #[test]
+    fn a_tail_body_that_is_not_base64_is_an_error_naming_its_key() {
+        let text = head_with_tail();
+        let key = super::super::segment_key(3, 1, 1);
+        for bad in [
+            "aGVsbG8",
+            "aGVs bG8=",
+            "aGVsbG8=x",
+            "!!!!",
+            "aGVsbG9=",
+            "aGVsbG8-",
+        ] {
+            let t = edit(&text, r#""body":"aGVsbG8=""#, &format!(r#""body":"{bad}""#));
+            let msg = json_error(head(&t));
+            assert!(
+                msg.contains(&key) && msg.contains("not base64"),
+                "{bad}: {msg}"
+            );
+        }
+        let t = edit(&text, r#""body":"aGVsbG8=""#, r#""body":"""#);
+        assert_eq!(head(&t).unwrap().tail[0].body, b"");
+        let t = edit(&text, r#""body":"aGVsbG8=""#, r#""body":"aGVs\u0062G8=""#);
+        assert_eq!(head(&t).unwrap().tail[0].body, b"hello");
+    }
+
+    #[test]
+    fn string_escapes_decode() {
+        let text = edit(
+            HEAD,
+            r#""writer":"5f0c2a9e8b7d6c41""#,
+            r#""writer":"\u00e9\u00E9 \ud83d\ude00 \uD834\uDD1E \"\\\/\b\f\n\r\t \u0000 é""#,
+        );
+        assert_eq!(
+            head(&text).unwrap().writer,
+            "éé \u{1f600} \u{1d11e} \"\\/\u{8}\u{c}\n\r\t \0 é"
+        );
+        // Escapes in member names too.
+        let text = edit(HEAD, r#""generation":42"#, r#""gener\u0061tion":42"#);
+        assert_eq!(head(&text).unwrap().generation, 42);
+    }
+
+    #[test]
+    fn malformed_strings_are_errors() {
+        for bad in [
+            r#"\ud800"#,
+            r#"\ud800x"#,
+            r#"\ud800\u0041"#,
+            r#"\ud800\ud800"#,
+            r#"\udc00"#,
+            r#"\ude00\ud83d"#,
+            r#"\u00g0"#,
+            r#"\u00e"#,
+            r#"\x41"#,
+            r#"\'"#,
+            "tab\there",
+            "new\nline",
+        ] {
+            let text = edit(
+                HEAD,
+                r#""writer":"5f0c2a9e8b7d6c41""#,
+                &format!(r#""writer":"{bad}""#),
+            );
+            json_error(head(&text));
+        }
+    }
+
+    #[test]
+    fn a_member_given_twice_keeps_its_last_value() {
+        let text = edit(
+            HEAD,
+            r#""generation":42,"#,
+            r#""generation":41,"generation":42,"#,
+        );
+        assert_eq!(head(&text).unwrap(), golden());
+        let text = edit(
+            HEAD,
+            r#""generation":42,"#,
+            r#""generation":42,"generation":43,"#,
+        );
+        assert_eq!(head(&text).unwrap().generation, 43);
+    }
+}

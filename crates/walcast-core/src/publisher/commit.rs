@@ -31,6 +31,10 @@ pub(super) struct Commit {
     pub(super) stage: Stage,
 }
 
+/// A commit whose own segments are at most `tail_bytes / CARRY_SHARE`
+/// bytes lets its head carry earlier heads' segments too (see `fill_tail`).
+pub(crate) const CARRY_SHARE: usize = 8;
+
 impl Publisher {
     pub(super) fn drive_commit(&mut self, now: u64) -> Option<Action> {
         if self.commit.is_none() {
@@ -186,20 +190,28 @@ impl Publisher {
         Ok((h, uploads))
     }
 
-    /// Carries copies of the segments this commit adds in the head, newest
-    /// first back to the first that would take the tail past `tail_bytes`.
-    /// A replica that read the committed head needs nothing else to apply
-    /// this one; segments an earlier head carried are not carried again
-    /// (each segment's bytes go into at most one head), so the heads'
-    /// uploaded bytes stay about those of the segments.
+    /// Carries copies of the newest inline segments in the head, newest
+    /// first back to the first that has no body at hand or would take the
+    /// tail past `tail_bytes`: the segments this commit adds and, while
+    /// those are small (at most [`CARRY_SHARE`] of `tail_bytes`), those the
+    /// committed head already carried. A replica that read the committed
+    /// head needs nothing else to apply this one; at low write rates a
+    /// replica polling once a second finds every commit since its last poll
+    /// in the head. Once a commit's own segments are larger, a poll finds
+    /// more commits than the tail could hold anyway, so each segment goes
+    /// into one head only and the heads' bytes stay about the segments'.
     fn fill_tail(&self, h: &mut Head, ready: usize) {
         let budget = self.cfg.tail_bytes.min(crate::catalog::MAX_TAIL_BYTES);
+        let own: usize = self.sealed.iter().take(ready).map(|s| s.bytes.len()).sum();
+        let carry = own <= budget / CARRY_SHARE;
+        let cur = self.head.as_ref().filter(|_| carry);
         let body = |key: &str| -> Option<&[u8]> {
             self.sealed
                 .iter()
                 .take(ready)
                 .find(|s| s.entry.key == key)
                 .map(|s| s.bytes.as_slice())
+                .or_else(|| cur.and_then(|c| c.tail_body(key)))
         };
         let mut tail = Vec::new();
         let mut total = 0usize;
