@@ -45,5 +45,6 @@ pub mod snapshot;
 pub mod state;
 pub mod token;
 mod trust;
+mod vecmap;
 
 pub use error::{DecodeError, Error, ErrorKind, Result};

@@ -325,7 +325,15 @@ impl LeafWriter {
     }
 }
 
-type Overlay = BTreeMap<Box<[u8]>, Option<Box<[u8]>>>;
+/// An overlay entry's value: the LSN of the write (a lazy replica's
+/// overlay keeps it to drop what a newer snapshot covers; a [`KvState`]
+/// stores 0) and the value, or `None` for a deletion.
+pub(crate) type Slot = (u64, Option<Box<[u8]>>);
+
+/// Writes not yet merged into leaves, by key. One map type serves the full
+/// state and the lazy replica's overlay (each map type is several KiB of
+/// code in the wasm module).
+pub(crate) type Overlay = BTreeMap<Box<[u8]>, Slot>;
 
 /// Writes the leaves `old` merged with the overlay entries `ov` (in key
 /// order, tombstones as `None`; those below the second leaf go into the
@@ -433,7 +441,7 @@ impl KvState {
 
     /// The value of `key`, if present.
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
-        if let Some(v) = self.overlay.get(key) {
+        if let Some((_, v)) = self.overlay.get(key) {
             return v.as_deref();
         }
         self.base_get(key)
@@ -465,9 +473,9 @@ impl KvState {
         }
         self.overlay_bytes += overlay_cost(key, Some(value));
         // One overlay traversal: what the insert replaced says whether the key was present.
-        match self.overlay.insert(key.into(), Some(value.into())) {
-            Some(Some(old)) => self.overlay_bytes -= overlay_cost(key, Some(&old)),
-            Some(None) => {
+        match self.overlay.insert(key.into(), (0, Some(value.into()))) {
+            Some((_, Some(old))) => self.overlay_bytes -= overlay_cost(key, Some(&old)),
+            Some((_, None)) => {
                 self.overlay_bytes -= overlay_cost(key, None);
                 self.len += 1;
             }
@@ -520,11 +528,11 @@ impl KvState {
         self.len -= 1;
         let replaced = if self.base_get(key).is_some() {
             self.overlay_bytes += overlay_cost(key, None);
-            self.overlay.insert(key.into(), None)
+            self.overlay.insert(key.into(), (0, None))
         } else {
             self.overlay.remove(key)
         };
-        if let Some(old) = replaced {
+        if let Some((_, old)) = replaced {
             self.overlay_bytes -= overlay_cost(key, old.as_deref());
         }
         self.maybe_compact();
@@ -582,7 +590,7 @@ impl KvState {
             out: Vec::with_capacity(old.len() + 1),
             ..LeafWriter::default()
         };
-        let entries = self.overlay.iter().map(|(k, v)| (&**k, v.as_deref()));
+        let entries = self.overlay.iter().map(|(k, (_, v))| (&**k, v.as_deref()));
         if old.is_empty() {
             for (k, v) in entries {
                 if let Some(v) = v {
@@ -630,11 +638,11 @@ impl KvState {
         let entries = self
             .overlay
             .range::<[u8], _>(bounds)
-            .map(|(k, v)| (&**k, v.as_deref()));
+            .map(|(k, (_, v))| (&**k, v.as_deref()));
         merge_leaves(&mut self.leaves[a..b], entries, &mut w);
         // The window's entries leave the overlay (without allocating).
         let mut taken = 0;
-        self.overlay.retain(|k, v| {
+        self.overlay.retain(|k, (_, v)| {
             let inside =
                 lo.as_deref().is_none_or(|l| &**k >= l) && hi.as_deref().is_none_or(|h| &**k < h);
             if inside {
@@ -801,7 +809,7 @@ pub fn prefix_end_key(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-type OverlayRange<'a> = std::collections::btree_map::Range<'a, Box<[u8]>, Option<Box<[u8]>>>;
+type OverlayRange<'a> = std::collections::btree_map::Range<'a, Box<[u8]>, Slot>;
 
 /// A leaf entry a [`Range`] has decoded: its key is in the range's key
 /// buffer, and also in the leaf when stored whole.
@@ -882,7 +890,7 @@ impl<'a> Range<'a> {
         self.overlay
             .as_mut()?
             .next()
-            .map(|(k, v)| (&**k, v.as_deref()))
+            .map(|(k, (_, v))| (&**k, v.as_deref()))
     }
 
     /// The next entry of the merge of leaves and overlay (tombstones hide
@@ -966,7 +974,7 @@ mod tests {
     fn overlay_cost_of(s: &KvState) -> usize {
         s.overlay
             .iter()
-            .map(|(k, v)| overlay_cost(k, v.as_deref()))
+            .map(|(k, (_, v))| overlay_cost(k, v.as_deref()))
             .sum()
     }
 

@@ -37,7 +37,6 @@
 mod persist;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 
 use js_sys::{Array, Function, Object, Reflect, Uint8Array};
 use walcast_core::catalog::DatasetId;
@@ -138,7 +137,7 @@ struct Io {
     /// GETs to hand to JS, in the order the machine asked.
     outbox: Vec<GetRequest>,
     /// GETs handed out and not answered yet: request id -> object key.
-    inflight: HashMap<u64, String>,
+    inflight: Vec<(u64, String)>,
     sync: Option<SyncState>,
     /// Errors the machine reported while no sync was running (a replica
     /// that follows the head on its own, by long-poll): for
@@ -160,7 +159,7 @@ struct Callbacks {
 #[derive(Default)]
 struct Scans {
     next: u32,
-    open: HashMap<u32, LazyScan>,
+    open: Vec<(u32, LazyScan)>,
 }
 
 // --- the replica ----------------------------------------------------------------------
@@ -457,7 +456,7 @@ impl WasmReplica {
             match action {
                 Action::Fetch(req) => {
                     let mut io = self.io.borrow_mut();
-                    io.inflight.insert(req.id.0, req.key.clone());
+                    io.inflight.push((req.id.0, req.key.clone()));
                     io.outbox.push(req);
                 }
                 Action::Event(e) => self.on_event(e),
@@ -642,7 +641,12 @@ impl WasmReplica {
         let id = id as u64;
         let key = {
             let mut io = self.io.borrow_mut();
-            let Some(key) = io.inflight.remove(&id) else {
+            let Some(key) = io
+                .inflight
+                .iter()
+                .position(|(i, _)| *i == id)
+                .map(|at| io.inflight.swap_remove(at).1)
+            else {
                 return; // not (or no longer) asked for
             };
             if std::mem::take(&mut io.trap_on_delivery) {
@@ -739,9 +743,10 @@ impl WasmReplica {
         let mut scans = self.scans.borrow_mut();
         scans.next = scans.next.wrapping_add(1);
         let id = scans.next;
+        scans.open.retain(|(i, _)| *i != id);
         scans
             .open
-            .insert(id, LazyScan::new(&lower, upper.as_deref(), limit));
+            .push((id, LazyScan::new(&lower, upper.as_deref(), limit)));
         id
     }
 
@@ -751,7 +756,7 @@ impl WasmReplica {
     #[wasm_bindgen(js_name = scanLazy)]
     pub fn scan_lazy(&self, id: u32) -> Result<JsValue, JsValue> {
         let mut scans = self.scans.borrow_mut();
-        let Some(scan) = scans.open.get_mut(&id) else {
+        let Some((_, scan)) = scans.open.iter_mut().find(|(i, _)| *i == id) else {
             return Err(invalid("walcast: no such scan"));
         };
         let read = self.replica.borrow_mut().scan_lazy(scan);
@@ -765,7 +770,7 @@ impl WasmReplica {
     /// Forgets scan `id`.
     #[wasm_bindgen(js_name = scanClose)]
     pub fn scan_close(&self, id: u32) {
-        self.scans.borrow_mut().open.remove(&id);
+        self.scans.borrow_mut().open.retain(|(i, _)| *i != id);
     }
 
     /// Progress: `{ mode, appliedLsn, committedLsn, epoch, datasetId, lagMs,

@@ -16,7 +16,7 @@ impl Replica {
                 self.clear_plan();
                 return;
             }
-            let Some(v) = self.ready.remove(&from) else {
+            let Some(v) = self.ready.remove(from) else {
                 return;
             };
             let unit = self.plan.pop_front().expect("front exists");

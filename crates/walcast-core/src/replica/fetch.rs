@@ -16,7 +16,7 @@ impl Replica {
                 until = until.min(t);
             }
         }
-        for t in self.retry_at.values() {
+        for (_, t) in self.retry_at.iter() {
             until = until.min(*t);
         }
         if let Some(t) = self.backoff_until {
@@ -49,7 +49,7 @@ impl Replica {
                 .and_then(|l| l.base.as_ref())
                 .map_or(0, |b| b.object_size(&j.snapshot)),
         };
-        self.pending.insert(id, job);
+        self.pending.insert(id.0, job);
         self.requests += 1;
         Action::Fetch(GetRequest {
             id,
@@ -75,9 +75,16 @@ impl Replica {
     /// Records a failure of `key`; returns the retry delay, and reports an
     /// error event once attempts reach the limit.
     pub(super) fn failure(&mut self, key: &str, err: Error) -> u64 {
-        let n = self.attempts.entry(key.to_string()).or_insert(0);
-        *n += 1;
-        let n = *n;
+        let n = match self.attempts.iter_mut().find(|(k, _)| k == key) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                self.attempts.push((key.to_string(), 1));
+                1
+            }
+        };
         if n == self.cfg.max_attempts {
             self.events.push_back(Event::Error(err.clone()));
         }
@@ -86,7 +93,7 @@ impl Replica {
     }
 
     pub(super) fn success(&mut self, key: &str) {
-        self.attempts.remove(key);
+        self.attempts.retain(|(k, _)| k != key);
     }
 }
 

@@ -211,7 +211,7 @@ impl Replica {
             let entry = head.snapshot.clone().expect("checked");
             // A snapshot that just failed is not fetched again before its
             // backoff, whatever head names it next.
-            let backoff = self.retry_at.get(&0).copied();
+            let backoff = self.retry_at.get(0).copied();
             self.clear_plan();
             if let Some(t) = backoff {
                 self.retry_at.insert(0, t);
@@ -294,7 +294,13 @@ impl Replica {
         self.head = None;
         self.head_fresh = true;
         self.head_due = Some(
-            now + if self.attempts.get(key).copied().unwrap_or(0) <= 1 {
+            now + if self
+                .attempts
+                .iter()
+                .find(|(k, _)| k == key)
+                .map_or(0, |(_, n)| *n)
+                <= 1
+            {
                 0
             } else {
                 d

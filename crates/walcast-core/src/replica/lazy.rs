@@ -9,14 +9,14 @@
 //! snapshot at or below the applied LSN replaces the base and drops the
 //! overlay entries it covers; one above it is adopted as the new state.
 
-use std::collections::BTreeMap;
-
 use crate::batch::OpRef;
 use crate::catalog::{DeltaEntry, SnapshotEntry};
 use crate::error::{DecodeError, Error, ErrorKind};
 use crate::io::{ByteRange, GetResponse};
 use crate::snapshot::delta::{Change, DeltaIndex};
 use crate::snapshot::indexed::{LazySnapshot, Lookup, Need, ScanCursor};
+use crate::state::Overlay;
+use crate::vecmap::VecMap;
 
 use super::{Event, Job, Replica};
 
@@ -101,8 +101,9 @@ pub(super) struct Base {
 pub(super) struct LazyDelta {
     pub(super) entry: DeltaEntry,
     pub(super) index: Option<DeltaIndex>,
-    /// Data blocks by offset, verified when used.
-    pub(super) blocks: BTreeMap<u64, Vec<u8>>,
+    /// Data blocks by offset, verified when used (`u64::MAX`: the whole
+    /// file, when the chain is loaded whole).
+    pub(super) blocks: VecMap<Vec<u8>>,
     pub(super) cached: u64,
 }
 
@@ -111,7 +112,7 @@ impl LazyDelta {
         LazyDelta {
             entry,
             index: None,
-            blocks: BTreeMap::new(),
+            blocks: VecMap::default(),
             cached: 0,
         }
     }
@@ -149,7 +150,7 @@ pub(super) struct Lazy {
     pub(super) base: Option<Base>,
     /// Batches after the base: key -> (LSN of the last write, value or
     /// deletion).
-    pub(super) overlay: BTreeMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
+    pub(super) overlay: Overlay,
     pub(super) overlay_bytes: u64,
     /// Blocks wanted by reads, not yet requested.
     pub(super) wanted: Vec<BlockJob>,
@@ -173,8 +174,8 @@ fn upper(end: &Option<Vec<u8>>) -> std::ops::Bound<&[u8]> {
     }
 }
 
-fn entry_cost(k: &[u8], v: &Option<Vec<u8>>) -> u64 {
-    (k.len() + v.as_ref().map_or(0, Vec::len)) as u64 + OVERLAY_ENTRY_OVERHEAD
+fn entry_cost(k: &[u8], v: Option<&[u8]>) -> u64 {
+    (k.len() + v.map_or(0, <[u8]>::len)) as u64 + OVERLAY_ENTRY_OVERHEAD
 }
 
 impl Lazy {
@@ -189,12 +190,12 @@ impl Lazy {
     pub(super) fn apply(&mut self, lsn: u64, ops: &[OpRef<'_>]) {
         for op in ops {
             let (k, v) = match *op {
-                OpRef::Put(k, v) => (k, Some(v.to_vec())),
+                OpRef::Put(k, v) => (k, Some(v)),
                 OpRef::Delete(k) => (k, None),
             };
-            let cost = entry_cost(k, &v);
-            if let Some((_, old)) = self.overlay.insert(k.to_vec(), (lsn, v)) {
-                self.overlay_bytes -= entry_cost(k, &old);
+            let cost = entry_cost(k, v);
+            if let Some((_, old)) = self.overlay.insert(k.into(), (lsn, v.map(Into::into))) {
+                self.overlay_bytes -= entry_cost(k, old.as_deref());
             }
             self.overlay_bytes += cost;
         }
@@ -208,7 +209,7 @@ impl Lazy {
         self.overlay.retain(|k, (l, v)| {
             let keep = *l > lsn;
             if !keep {
-                dropped += entry_cost(k, v);
+                dropped += entry_cost(k, v.as_deref());
             }
             keep
         });
@@ -256,7 +257,7 @@ impl Lazy {
         self.overlay.retain(|k, (l, v)| {
             let keep = *l > end;
             if !keep {
-                dropped += entry_cost(k, v);
+                dropped += entry_cost(k, v.as_deref());
             }
             keep
         });
@@ -290,7 +291,7 @@ impl Lazy {
                 let Some(h) = idx.block_for(key) else {
                     continue;
                 };
-                match d.blocks.get(&h.offset) {
+                match d.blocks.get(h.offset) {
                     Some(bytes) if wants.is_empty() => match idx.lookup(&h, bytes, key) {
                         Ok(Some(c)) => return Ok(Ok(Some(c))),
                         Ok(None) => {}
@@ -334,7 +335,7 @@ impl Lazy {
                 start: 0,
                 end: d.entry.size,
             };
-            if !d.blocks.contains_key(&u64::MAX) {
+            if !d.blocks.contains_key(u64::MAX) {
                 wants.push((d.entry.key.clone(), need));
             }
         }
@@ -352,19 +353,20 @@ impl Lazy {
         };
         let deltas = std::mem::take(&mut base.deltas);
         for d in deltas {
-            let Some(bytes) = d.blocks.get(&u64::MAX) else {
+            let Some(bytes) = d.blocks.get(u64::MAX) else {
                 continue;
             };
             let delta = crate::snapshot::delta::decode_delta(bytes)
                 .map_err(|e| Error::decode(e).with_object(d.entry.key.clone()))?;
             for (k, v) in delta.changes {
-                let cost = entry_cost(&k, &v);
-                match self.overlay.get(&k) {
+                let cost = entry_cost(&k, v.as_deref());
+                match self.overlay.get(k.as_slice()) {
                     // A write after the delta wins.
                     Some((l, _)) if *l > d.entry.lsn => {}
                     _ => {
-                        if let Some((_, old)) = self.overlay.insert(k.clone(), (d.entry.lsn, v)) {
-                            self.overlay_bytes -= entry_cost(&k, &old);
+                        let slot = (d.entry.lsn, v.map(Into::into));
+                        if let Some((_, old)) = self.overlay.insert(k.as_slice().into(), slot) {
+                            self.overlay_bytes -= entry_cost(&k, old.as_deref());
                         }
                         self.overlay_bytes += cost;
                     }
@@ -424,7 +426,7 @@ impl Lazy {
                     _ => return Ok(true),
                 }
                 if d.cached + bytes.len() as u64 > cache_bytes {
-                    d.blocks.retain(|k, _| *k == u64::MAX);
+                    d.blocks.retain(|k, _| k == u64::MAX);
                     d.cached = 0;
                 }
                 d.cached += bytes.len() as u64;
@@ -493,7 +495,7 @@ impl Replica {
             return Ok(Read::Ready(self.state.get(key).map(<[u8]>::to_vec)));
         };
         if let Some((_, v)) = lazy.overlay.get(key) {
-            return Ok(Read::Ready(v.clone()));
+            return Ok(Read::Ready(v.as_deref().map(<[u8]>::to_vec)));
         }
         match lazy.delta_get(key)? {
             Ok(Some(change)) => return Ok(Read::Ready(change)),
@@ -561,7 +563,10 @@ impl Replica {
             // The base is the state loaded whole (or empty): all present.
             let hidden = lazy
                 .overlay
-                .range(scan.start.clone()..)
+                .range::<[u8], _>((
+                    std::ops::Bound::Included(scan.start.as_slice()),
+                    std::ops::Bound::Unbounded,
+                ))
                 .take_while(|(k, _)| in_range(k, &scan.end))
                 .count();
             scan.collected = self
@@ -587,7 +592,10 @@ impl Replica {
             let mut s = scan.collected.iter().peekable();
             let mut o = lazy
                 .overlay
-                .range(scan.start.clone()..)
+                .range::<[u8], _>((
+                    std::ops::Bound::Included(scan.start.as_slice()),
+                    std::ops::Bound::Unbounded,
+                ))
                 .take_while(|(k, _)| in_range(k, &scan.end) && below(k))
                 .peekable();
             while out.len() < scan.limit {
@@ -595,15 +603,15 @@ impl Replica {
                     (None, None) => break,
                     (None, Some(_)) => true,
                     (Some(_), None) => false,
-                    (Some((sk, _)), Some((ok, _))) => ok.as_slice() <= sk.as_slice(),
+                    (Some((sk, _)), Some((ok, _))) => &***ok <= sk.as_slice(),
                 };
                 if from_overlay {
                     let (k, (_, v)) = o.next().expect("peeked");
-                    if s.peek().is_some_and(|(sk, _)| sk == k) {
+                    if s.peek().is_some_and(|(sk, _)| sk.as_slice() == &**k) {
                         s.next(); // the overlay wins
                     }
                     if let Some(v) = v {
-                        out.push((k.clone(), v.clone()));
+                        out.push((k.to_vec(), v.to_vec()));
                     }
                 } else {
                     let (k, v) = s.next().expect("peeked");

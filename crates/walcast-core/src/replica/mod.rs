@@ -37,13 +37,14 @@ mod verify;
 
 pub use self::lazy::{Entries, LazyScan, LazyStatus, Read};
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 
 use crate::catalog::{DatasetId, Head, Page, PageRef, HEAD_KEY};
 use crate::error::Error;
 use crate::io::{ByteRange, GetRequest, GetResponse, RequestId, ResponseMeta};
 use crate::segment;
 use crate::state::KvState;
+use crate::vecmap::VecMap;
 
 use self::bootstrap::Bootstrap;
 use self::plan::Unit;
@@ -305,20 +306,20 @@ pub struct Replica {
     page_wanted: Option<PageRef>,
     page_inflight: bool,
     /// Verified pages by key, with the reference each was verified against.
-    pages: HashMap<String, (PageRef, Page)>,
+    pages: Vec<(PageRef, Page)>,
     /// Results by the unit's `from` LSN.
-    ready: BTreeMap<u64, Verified>,
+    ready: VecMap<Verified>,
     /// Segments whose copy in the head's tail failed verification.
-    tail_refused: HashSet<String>,
+    tail_refused: Vec<String>,
     /// Segments applied from the head's tail.
     tail_units: u64,
-    inflight_units: HashMap<u64, ()>,
+    inflight_units: VecMap<()>,
     /// Units waiting out a backoff: `from` -> (retry at).
-    retry_at: HashMap<u64, u64>,
+    retry_at: VecMap<u64>,
 
     bootstrap: Option<Bootstrap>,
-    pending: HashMap<RequestId, Job>,
-    attempts: HashMap<String, u32>,
+    pending: VecMap<Job>,
+    attempts: Vec<(String, u32)>,
     backoff_until: Option<u64>,
     events: VecDeque<Event>,
     caught_up_reported: bool,
@@ -370,15 +371,15 @@ impl Replica {
             plan_next: 1,
             page_wanted: None,
             page_inflight: false,
-            pages: HashMap::new(),
-            ready: BTreeMap::new(),
-            tail_refused: HashSet::new(),
+            pages: Vec::new(),
+            ready: VecMap::default(),
+            tail_refused: Vec::new(),
             tail_units: 0,
-            inflight_units: HashMap::new(),
-            retry_at: HashMap::new(),
+            inflight_units: VecMap::default(),
+            retry_at: VecMap::default(),
             bootstrap: None,
-            pending: HashMap::new(),
-            attempts: HashMap::new(),
+            pending: VecMap::default(),
+            attempts: Vec::new(),
             backoff_until: None,
             events: VecDeque::new(),
             caught_up_reported: false,
@@ -481,7 +482,7 @@ impl Replica {
         // beside it (its answer, when it comes, is ignored).
         if let Some((id, _, Some(_))) = self.head_req {
             if self.head_inflight {
-                self.pending.remove(&id);
+                self.pending.remove(id.0);
                 self.head_inflight = false;
                 self.head_req = None;
             }
@@ -563,11 +564,11 @@ impl Replica {
         if let Some(b) = &mut self.bootstrap {
             if !b.inflight {
                 let key = b.entry.key.clone();
-                if let Some(t) = self.retry_at.get(&0).copied() {
+                if let Some(t) = self.retry_at.get(0).copied() {
                     if t > now {
                         return self.wait(now);
                     }
-                    self.retry_at.remove(&0);
+                    self.retry_at.remove(0);
                 }
                 b.inflight = true;
                 let start = b.next;
@@ -603,13 +604,13 @@ impl Replica {
                 .plan
                 .iter()
                 .find(|u| {
-                    !self.inflight_units.contains_key(&u.from)
-                        && !self.ready.contains_key(&u.from)
-                        && self.retry_at.get(&u.from).is_none_or(|t| *t <= now)
+                    !self.inflight_units.contains_key(u.from)
+                        && !self.ready.contains_key(u.from)
+                        && self.retry_at.get(u.from).is_none_or(|t| *t <= now)
                 })
                 .cloned();
             if let Some(u) = next {
-                self.retry_at.remove(&u.from);
+                self.retry_at.remove(u.from);
                 self.inflight_units.insert(u.from, ());
                 let range = if u.start.offset == segment::HEADER_LEN {
                     None
@@ -648,7 +649,7 @@ impl Replica {
             && self.applied >= self.committed
             && !self.caught_up_reported
             && !self.head_inflight
-            && !self.attempts.contains_key(HEAD_KEY)
+            && !self.attempts.iter().any(|(k, _)| k == HEAD_KEY)
         {
             self.caught_up_reported = true;
             return Action::Event(Event::CaughtUp { lsn: self.applied });
@@ -673,7 +674,7 @@ impl Replica {
         resp: GetResponse,
         meta: ResponseMeta,
     ) {
-        let Some(job) = self.pending.remove(&id) else {
+        let Some(job) = self.pending.remove(id.0) else {
             return;
         };
         if let GetResponse::Ok { body, .. } = &resp {

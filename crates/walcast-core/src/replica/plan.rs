@@ -60,7 +60,7 @@ impl Replica {
             // A cached page counts only for the very reference it was
             // verified against: a page that names itself (or another page's
             // key) must be fetched and checked against this reference.
-            let page = match self.pages.get(&r.key) {
+            let page = match self.pages.iter().find(|(pr, _)| pr.key == r.key) {
                 Some((verified, page)) if verified == r => page,
                 _ => return Err(r.clone()),
             };
@@ -162,9 +162,10 @@ impl Replica {
                     // levels strictly decrease down the tree), drop the rest.
                     let lsn = self.plan_next;
                     self.pages
-                        .retain(|_, (pr, _)| pr.first_lsn <= lsn && lsn <= pr.last_lsn);
+                        .retain(|(pr, _)| pr.first_lsn <= lsn && lsn <= pr.last_lsn);
                 }
-                self.pages.insert(r.key.clone(), (r, page));
+                self.pages.retain(|(pr, _)| pr.key != r.key);
+                self.pages.push((r, page));
                 self.page_wanted = None;
             }
             Err(err) => {

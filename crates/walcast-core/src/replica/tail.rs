@@ -26,8 +26,8 @@ impl Replica {
             .plan
             .iter()
             .filter(|u| {
-                !self.inflight_units.contains_key(&u.from)
-                    && !self.ready.contains_key(&u.from)
+                !self.inflight_units.contains_key(u.from)
+                    && !self.ready.contains_key(u.from)
                     && !self.tail_refused.contains(&u.entry.key)
             })
             .filter_map(|u| {
@@ -39,7 +39,7 @@ impl Replica {
         for (u, body) in units {
             match self.verify_segment(&u, body, None) {
                 Ok(v) => {
-                    self.retry_at.remove(&u.from);
+                    self.retry_at.remove(u.from);
                     self.ready.insert(u.from, v);
                     self.tail_units += 1;
                     took = true;
@@ -48,7 +48,7 @@ impl Replica {
                     if self.tail_refused.len() >= MAX_REFUSED {
                         self.tail_refused.clear();
                     }
-                    self.tail_refused.insert(u.entry.key.clone());
+                    self.tail_refused.push(u.entry.key.clone());
                     self.last_error = Some(Error::new(
                         err.kind(),
                         format!("the head's copy of the segment fails verification ({err}); fetching the object"),

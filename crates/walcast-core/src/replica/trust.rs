@@ -144,7 +144,7 @@ impl Replica {
         head.digest(key)
             .or_else(|| {
                 self.pages
-                    .values()
+                    .iter()
                     .find_map(|(_, p)| p.digests.get(key).map(String::as_str))
             })
             .map(str::to_string)
@@ -187,7 +187,7 @@ impl Replica {
             .and_then(|h| self.digest_for(h, &r.key))
             .or_else(|| {
                 self.pages
-                    .values()
+                    .iter()
                     .find_map(|(_, p)| p.digests.get(&r.key).cloned())
             });
         self.check_digest(&r.key, digest.as_deref(), body)?;

@@ -19,7 +19,7 @@ pub(super) struct Verified {
 
 impl Replica {
     pub(super) fn on_segment(&mut self, now: u64, u: Unit, resp: GetResponse) {
-        self.inflight_units.remove(&u.from);
+        self.inflight_units.remove(u.from);
         let key = u.entry.key.clone();
         let result = match resp {
             GetResponse::Ok { body, range, .. } => self.verify_segment(&u, body, range),

@@ -8,7 +8,7 @@
 //! with a value, or with the byte range it needs next ("need more bytes" is a
 //! value, not an error).
 
-use std::collections::{BTreeMap, HashMap};
+use crate::vecmap::VecMap;
 
 use sha2::{Digest, Sha256};
 
@@ -475,10 +475,10 @@ pub struct LazySnapshot {
     size: u64,
     footer: Option<Footer>,
     /// Verified index blocks by offset (the top one and partitions).
-    index: HashMap<u64, Block>,
-    /// Verified data blocks by offset, with their last use.
-    blocks: HashMap<u64, (Block, u64)>,
-    lru: BTreeMap<u64, u64>,
+    index: VecMap<Block>,
+    /// Verified data blocks by offset, with their last use (the least
+    /// recently used goes first when the cache is over its bytes).
+    blocks: VecMap<(Block, u64)>,
     tick: u64,
     cache_bytes: u64,
     cached: u64,
@@ -499,9 +499,8 @@ impl LazySnapshot {
         LazySnapshot {
             size,
             footer: None,
-            index: HashMap::new(),
-            blocks: HashMap::new(),
-            lru: BTreeMap::new(),
+            index: VecMap::default(),
+            blocks: VecMap::default(),
             tick: 0,
             cache_bytes,
             cached: 0,
@@ -614,15 +613,19 @@ impl LazySnapshot {
         if data {
             self.tick += 1;
             self.cached += block.wire_len();
-            self.lru.insert(self.tick, handle.offset);
-            if let Some((_, old)) = self.blocks.insert(handle.offset, (block, self.tick)) {
-                self.lru.remove(&old);
+            if let Some((old, _)) = self.blocks.insert(handle.offset, (block, self.tick)) {
+                self.cached -= old.wire_len();
             }
             while self.cached > self.cache_bytes && self.blocks.len() > 1 {
-                let Some((_, off)) = self.lru.pop_first() else {
+                let Some(off) = self
+                    .blocks
+                    .iter()
+                    .min_by_key(|(_, (_, used))| *used)
+                    .map(|(off, _)| off)
+                else {
                     break;
                 };
-                if let Some((b, _)) = self.blocks.remove(&off) {
+                if let Some((b, _)) = self.blocks.remove(off) {
                     self.cached -= b.wire_len();
                 }
             }
@@ -638,7 +641,7 @@ impl LazySnapshot {
         let Some(footer) = self.footer else {
             return Ok(Err(Need::Suffix(SUFFIX_GUESS.min(self.size))));
         };
-        let Some(top) = self.index.get(&footer.top.offset) else {
+        let Some(top) = self.index.get(footer.top.offset) else {
             return Ok(Err(Need::Range {
                 start: footer.top.offset,
                 end: footer.top.end(),
@@ -659,7 +662,7 @@ impl LazySnapshot {
                     "an index block outside the index region",
                 ));
             }
-            let Some(part) = self.index.get(&h.offset) else {
+            let Some(part) = self.index.get(h.offset) else {
                 return Ok(Ok(Some((h, d, false))));
             };
             let Some(j) = part.child_for(key) else {
@@ -692,11 +695,9 @@ impl LazySnapshot {
         }
         self.tick += 1;
         let tick = self.tick;
-        match self.blocks.get_mut(&h.offset) {
+        match self.blocks.get_mut(h.offset) {
             Some((block, used)) => {
-                self.lru.remove(used);
                 *used = tick;
-                self.lru.insert(tick, h.offset);
                 Ok(Lookup::Done(block.get(key).map(<[u8]>::to_vec)))
             }
             None => Ok(Lookup::Need(Need::Range {
@@ -795,7 +796,7 @@ impl LazySnapshot {
                 },
                 Ok(Some(x)) => x,
             };
-            let Some((block, _)) = self.blocks.get(&h.offset).filter(|_| data) else {
+            let Some((block, _)) = self.blocks.get(h.offset).filter(|_| data) else {
                 return Ok(Some(Need::Range {
                     start: h.offset,
                     end: h.end(),
@@ -823,7 +824,7 @@ impl LazySnapshot {
 
     /// The snapshot's first key, once the top index is held.
     fn first_key(&self) -> Option<&[u8]> {
-        let top = self.index.get(&self.footer?.top.offset)?;
+        let top = self.index.get(self.footer?.top.offset)?;
         top.entries().first().map(|(k, _)| k.as_slice())
     }
 
@@ -832,7 +833,7 @@ impl LazySnapshot {
         let Some(footer) = self.footer else {
             return Ok(None);
         };
-        let Some(top) = self.index.get(&footer.top.offset) else {
+        let Some(top) = self.index.get(footer.top.offset) else {
             return Ok(None);
         };
         let Some(i) = top.child_for(key) else {
@@ -843,7 +844,7 @@ impl LazySnapshot {
             return Ok(after_top);
         }
         let (h, _) = decode_handle(&top.entries()[i].1, footer.top.offset, footer.has_digests())?;
-        let Some(part) = self.index.get(&h.offset) else {
+        let Some(part) = self.index.get(h.offset) else {
             return Ok(None);
         };
         let next = part
