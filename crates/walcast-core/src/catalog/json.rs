@@ -295,6 +295,16 @@ mod tests {
         text.replacen(from, to, 1)
     }
 
+    /// `text` with `from` replaced by `to`, checked to still be well-formed
+    /// JSON, so that a refusal is about the catalog's shape, not the syntax.
+    fn well_formed(text: &str, from: &str, to: &str) -> String {
+        let out = edit(text, from, to);
+        if let Err(e) = serde_json::from_str::<serde_json::Value>(&out) {
+            panic!("{from:?} -> {to:?} is not well-formed JSON: {e}");
+        }
+        out
+    }
+
     /// The message of a `DecodeError::Json`; panics on success or another kind.
     fn json_error<T: std::fmt::Debug>(r: Result<T, DecodeError>) -> String {
         match r {
@@ -376,7 +386,7 @@ mod tests {
             r#""zz_unknown":{"a":[1,-2,3.5e-7,true,false,null,"\u00e9",{}],"b":{"c":[[]]}},"#;
         let mut text = edit(HEAD, r#""format":1,"#, &format!(r#"{junk}"format":1,"#));
         for at in [
-            r#"{"key":"snapshots/"#,
+            r#"{"key":"snapshots/00000000000000000139"#,
             r#"{"key":"segments/"#,
             r#"{"key":"catalog/pages/"#,
             r#"{"key":"snapshots/00000000000000000060"#,
@@ -457,22 +467,22 @@ mod tests {
             (r#""count":2,"#, ""),
             (r#","since_ms":1794999990000"#, ""),
         ] {
-            let text = edit(HEAD, from, to);
+            let text = well_formed(HEAD, from, to);
             let msg = json_error(head(&text));
             assert!(msg.contains("catalog head"), "{msg}");
         }
-        let text = edit(&head_with_tail(), r#","body":"aGVsbG8=""#, "");
+        let text = well_formed(&head_with_tail(), r#","body":"aGVsbG8=""#, "");
         json_error(head(&text));
         for (from, to) in [
             (r#""format":1,"#, ""),
             (r#""level":0,"#, ""),
             (r#""size":1844,"#, ""),
         ] {
-            json_error(super::page(edit(PAGE, from, to).as_bytes()));
+            json_error(super::page(well_formed(PAGE, from, to).as_bytes()));
         }
         json_error(super::format_of(
             "catalog head",
-            edit(HEAD, r#""format":1,"#, "").as_bytes(),
+            well_formed(HEAD, r#""format":1,"#, "").as_bytes(),
         ));
         json_error(head("{}"));
         json_error(super::page(b"{}"));
@@ -499,26 +509,27 @@ mod tests {
                 r#""committed_at_ms":"1795000000000""#,
             ),
             (r#""segments":[{"#, r#""segments":null,"x":[{"#),
-            (r#""segments":[{"#, r#""segments":{"x":{"#),
+            (r#""segments":[{"#, r#""segments":7,"x":[{"#),
             (r#"[[100,32],"#, r#"[[100,"32"],"#),
             (r#"[[100,32],"#, r#"[[100],"#),
             (r#"[[100,32],"#, r#"[[100,32,1],"#),
             (r#""lsn":139,"epoch":7,"#, r#""lsn":null,"epoch":7,"#),
             (
-                r#""key":"snapshots/00000000000000000139"#,
-                r#""key":139,"x":"#,
+                r#""key":"snapshots/00000000000000000139-7.wsnap""#,
+                r#""key":139"#,
             ),
-            (r#""retired":[{"#, r#""retired":{"x":{"#),
-            (r#""pages":[{"#, r#""pages":"#),
+            (r#""retired":[{"#, r#""retired":"x","y":[{"#),
+            (r#""pages":[{"#, r#""pages":[7,{"#),
+            (r#""segments":[{"#, r#""segments":[[],{"#),
         ] {
-            let text = edit(HEAD, from, to);
+            let text = well_formed(HEAD, from, to);
             json_error(head(&text));
         }
         json_error(super::page(
-            edit(PAGE, r#""level":0"#, r#""level":"0""#).as_bytes(),
+            well_formed(PAGE, r#""level":0"#, r#""level":"0""#).as_bytes(),
         ));
         json_error(super::page(
-            edit(PAGE, r#""level":0"#, r#""level":null"#).as_bytes(),
+            well_formed(PAGE, r#""level":0"#, r#""level":null"#).as_bytes(),
         ));
         // Not an object at all.
         for text in ["[]", "1", "\"x\"", "null", ""] {
@@ -529,58 +540,56 @@ mod tests {
 
     #[test]
     fn integers_must_be_plain_and_fit_their_field() {
-        // u64 fields.
-        for bad in [
-            "-1",
-            "-0",
-            "1.0",
-            "7.0",
-            "1e3",
-            "7E0",
-            "0.7e1",
-            "18446744073709551616",
-            "99999999999999999999999",
-            "007",
-            "+7",
-            "0x7",
-        ] {
+        /// A member: where it is in the golden head, and the text to put
+        /// there with `{}` for the number.
+        type Site = (&'static str, &'static str);
+        const U64: [Site; 3] = [
+            (r#""epoch":7,"generation""#, r#""epoch":{},"generation""#),
+            (r#","since_ms":1794999990000"#, r#","since_ms":{}"#),
+            (r#"[[100,32],"#, r#"[[100,{}],"#),
+        ];
+        const U32: [Site; 3] = [
+            (r#""format":1,"#, r#""format":{},"#),
+            (r#""crc32":3727579689,"#, r#""crc32":{},"#),
+            (r#""count":2,"#, r#""count":{},"#),
+        ];
+        const U16: [Site; 1] = [(r#","entries":29"#, r#","entries":29,"version":{}"#)];
+        // Well-formed JSON numbers that are not integers of the width.
+        let not_integers = ["-1", "-0", "1.0", "7.0", "1e3", "7E0", "0.7e1", "1e-0"];
+        let cases: [(&[Site], &str, &str); 3] = [
+            (&U64, "18446744073709551615", "18446744073709551616"),
+            (&U32, "4294967295", "4294967296"),
+            (&U16, "65535", "65536"),
+        ];
+        for (sites, max, above) in cases {
+            for (from, template) in sites {
+                let text = well_formed(HEAD, from, &template.replace("{}", max));
+                head(&text).unwrap_or_else(|e| panic!("{template} with {max}: {e}"));
+                for bad in not_integers
+                    .iter()
+                    .chain(&[above, "99999999999999999999999"])
+                {
+                    let text = well_formed(HEAD, from, &template.replace("{}", bad));
+                    json_error(head(&text));
+                }
+            }
+        }
+        let text = well_formed(HEAD, r#""format":1,"#, r#""format":1.0,"#);
+        json_error(super::format_of("catalog head", text.as_bytes()));
+        let text = well_formed(HEAD, r#""format":1,"#, r#""format":4294967296,"#);
+        json_error(super::format_of("catalog head", text.as_bytes()));
+        for bad in not_integers.iter().chain(&["4294967296"]) {
+            let page = well_formed(PAGE, r#""level":0,"#, &format!(r#""level":{bad},"#));
+            json_error(super::page(page.as_bytes()));
+        }
+        // Not JSON numbers at all.
+        for bad in ["007", "+7", "0x7", ".7", "7.", "7e", "-", "Infinity", "NaN"] {
             let text = edit(
                 HEAD,
                 r#""epoch":7,"generation""#,
                 &format!(r#""epoch":{bad},"generation""#),
             );
-            json_error(head(&text));
-            let text = edit(
-                HEAD,
-                r#","since_ms":1794999990000"#,
-                &format!(r#","since_ms":{bad}"#),
-            );
-            json_error(head(&text));
-        }
-        // u32 fields.
-        for bad in ["4294967296", "-1", "1.5", "1e1"] {
-            let text = edit(HEAD, r#""format":1,"#, &format!(r#""format":{bad},"#));
-            json_error(head(&text));
-            json_error(super::format_of("catalog head", text.as_bytes()));
-            let text = edit(
-                HEAD,
-                r#""crc32":3727579689,"#,
-                &format!(r#""crc32":{bad},"#),
-            );
-            json_error(head(&text));
-            let text = edit(HEAD, r#""count":2,"#, &format!(r#""count":{bad},"#));
-            json_error(head(&text));
-            json_error(super::page(
-                edit(PAGE, r#""level":0,"#, &format!(r#""level":{bad},"#)).as_bytes(),
-            ));
-        }
-        // The snapshot's u16 version.
-        for bad in ["65536", "-1", "2.0"] {
-            let text = edit(
-                HEAD,
-                r#","entries":29"#,
-                &format!(r#","entries":29,"version":{bad}"#),
-            );
+            assert!(serde_json::from_str::<serde_json::Value>(&text).is_err());
             json_error(head(&text));
         }
     }
