@@ -49,6 +49,7 @@ use walcast_core::{snapshot, Error, ErrorKind};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 
+#[cfg(not(panic = "immediate-abort"))]
 fn global() -> JsValue {
     js_sys::global().into()
 }
@@ -65,6 +66,15 @@ thread_local! {
     static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
+/// Reports panics on `console.error` and keeps the message for
+/// [`take_panic_message`]. A module built with panics as immediate traps
+/// never runs a hook, so it has none.
+#[cfg(panic = "immediate-abort")]
+fn install_panic_hook() {}
+
+/// Reports panics on `console.error` and keeps the message for
+/// [`take_panic_message`].
+#[cfg(not(panic = "immediate-abort"))]
 fn install_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
