@@ -272,6 +272,24 @@ fn at_low_rates_a_replica_polling_each_second_finds_every_commit_in_the_head() {
     );
 }
 
+/// At 1,000 writes a second each head carries only its own commit's
+/// segment: a replica polling once a second finds about ten commits, reads
+/// the newest from the head and fetches the others, about one request per
+/// commit in all.
+#[test]
+fn at_high_rates_a_replica_polling_each_second_makes_about_one_request_per_commit() {
+    let run = follow_at(PublisherConfig::default(), 10_000, 1, 1_000, None);
+    assert_eq!(run.applied, 10_000 - 1);
+    assert!(run.commits >= 50, "only {} commits", run.commits);
+    let per_commit = (run.head_gets + run.segment_gets) as f64 / run.commits as f64;
+    eprintln!(
+        "{} commits: {} head GETs, {} segment GETs, {per_commit:.2} requests per commit, {} segments from the tail",
+        run.commits, run.head_gets, run.segment_gets, run.tail_applied
+    );
+    assert!(per_commit <= 1.2, "{per_commit:.2} requests per commit");
+    assert!(run.tail_applied >= run.head_gets / 2, "the heads' own segments were used");
+}
+
 #[test]
 fn without_a_tail_each_commit_costs_a_segment_get() {
     let cfg = PublisherConfig {
