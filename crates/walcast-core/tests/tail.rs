@@ -287,7 +287,10 @@ fn at_high_rates_a_replica_polling_each_second_makes_about_one_request_per_commi
         run.commits, run.head_gets, run.segment_gets, run.tail_applied
     );
     assert!(per_commit <= 1.2, "{per_commit:.2} requests per commit");
-    assert!(run.tail_applied >= run.head_gets / 2, "the heads' own segments were used");
+    assert!(
+        run.tail_applied >= run.head_gets / 2,
+        "the heads' own segments were used"
+    );
 }
 
 #[test]
