@@ -242,6 +242,90 @@ fn try_cold_read(
     panic!("a cold read did not finish");
 }
 
+/// A bulk load in large batches reaches `snapshot_bytes` long before
+/// `snapshot_every` LSNs, and single puts after it reach `delta_bytes`
+/// long before `delta_every`: the publisher writes the snapshot and the
+/// deltas by bytes, so a cold point read replays little whatever the batch
+/// sizes, and answers what the origin had.
+#[test]
+fn snapshots_and_deltas_by_bytes_bound_a_cold_read_after_a_bulk_load() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(1_000_000),
+        snapshot_bytes: Some(1 << 20),
+        delta_every: Some(1_000_000),
+        delta_bytes: Some(32 << 10),
+        head_check_ms: 0,
+        tail_bytes: 0,
+        ..PublisherConfig::default()
+    };
+    let mut p = Publisher::new(cfg, 7);
+    let mut store = Store::default();
+    store.drive(&mut p, 0);
+    let mut log: Vec<Vec<Op>> = Vec::new();
+    let key = |i: u64| format!("key:{i:06}").into_bytes();
+    let mut now = 1u64;
+    // 20,000 keys in 20 batches of 1,000 puts: about 2.3 MB in 20 LSNs.
+    for chunk in 0..20u64 {
+        let ops: Vec<Op> = (chunk * 1_000..(chunk + 1) * 1_000)
+            .map(|i| Op::put(key(i), vec![(i % 251) as u8; 100]))
+            .collect();
+        let payload = batch::encode(&ops).unwrap();
+        log.push(ops);
+        p.push(now, &payload, now).unwrap();
+        now += 1;
+        store.drive(&mut p, now);
+    }
+    for t in 0..200 {
+        store.drive(&mut p, now + t);
+    }
+    now += 200;
+    let h = store.head();
+    let snap = h
+        .snapshot
+        .as_ref()
+        .expect("a snapshot by bytes after the bulk load");
+    assert!(snap.lsn < 20, "snapshot at LSN {}", snap.lsn);
+    // Then single puts of 100-byte values: a delta every 32 KiB or so.
+    let mut rng = 0x9e37_79b9_u64;
+    for _ in 0..3_000 {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let op = Op::put(key((rng >> 33) % 20_000), vec![(rng >> 40) as u8; 100]);
+        let payload = batch::encode(std::slice::from_ref(&op)).unwrap();
+        log.push(vec![op]);
+        let lsn = log.len() as u64;
+        p.push(lsn, &payload, now).unwrap();
+        now += 1;
+        store.drive(&mut p, now);
+    }
+    for t in 0..400 {
+        store.drive(&mut p, now + t);
+    }
+    let h = store.head();
+    let end = h.delta_lsn().expect("deltas by bytes");
+    assert!(!h.deltas.is_empty());
+    // What a cold replica replays after the chain: under two intervals.
+    assert!(
+        h.committed_lsn - end < 600,
+        "the chain ends at {end}, committed {}",
+        h.committed_lsn
+    );
+    for i in [0u64, 7_777, 19_999] {
+        let (v, at, cost) = cold_read(&store, &key(i));
+        assert_eq!(
+            v.as_ref(),
+            model_at(&log, at).get(&key(i)),
+            "key {i} at {at}"
+        );
+        assert!(
+            cost.bytes < 1 << 20,
+            "a cold read moved {} bytes",
+            cost.bytes
+        );
+    }
+}
+
 #[test]
 fn steady_writes_keep_a_short_chain_equal_to_the_origin() {
     let cfg = PublisherConfig {

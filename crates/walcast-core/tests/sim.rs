@@ -222,6 +222,18 @@ impl Sim {
             delta_every: rng.random_bool(0.5).then(|| rng.random_range(1..10)),
             ..PublisherConfig::default()
         };
+        // Snapshots and deltas by bytes, from a stream of their own so that
+        // every seed's scenario is otherwise what it was before they existed.
+        let mut by_bytes = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_b17e_5000_0000);
+        let pub_cfg = PublisherConfig {
+            snapshot_bytes: by_bytes
+                .random_bool(0.3)
+                .then(|| by_bytes.random_range(100..3_000)),
+            delta_bytes: by_bytes
+                .random_bool(0.3)
+                .then(|| by_bytes.random_range(50..1_000)),
+            ..pub_cfg
+        };
         let n_pubs = if rng.random_bool(0.3) { 2 } else { 1 };
         let n_reps = rng.random_range(1..4);
         let mut sim = Sim {

@@ -88,11 +88,22 @@ enum Cmd {
         /// Write a snapshot every N LSNs (0: never).
         #[arg(long, default_value_t = 100_000)]
         snapshot_every: u64,
+        /// Also write a snapshot once this many bytes of batches were written
+        /// since the last one, however few LSNs (a bulk load in large
+        /// batches); needs --snapshot-every. Unset: by LSNs only.
+        #[arg(long, value_parser = parse_size)]
+        snapshot_bytes: Option<u64>,
         /// Between snapshots, write a delta snapshot (the keys changed since
         /// the last one) every N LSNs, so a lazy replica's cold read replays
         /// at most about N LSNs of segments (0: never).
         #[arg(long, default_value_t = 0)]
         delta_every: u64,
+        /// Also write a delta snapshot once this many bytes of batches were
+        /// written since the last one, however few LSNs, so a lazy replica's
+        /// cold read replays at most about this many bytes of segments;
+        /// needs --snapshot-every. Unset: by LSNs only.
+        #[arg(long, value_parser = parse_size)]
+        delta_bytes: Option<u64>,
         /// Keep this many LSNs of history in segments (older ones need the snapshot).
         #[arg(long)]
         retain: Option<u64>,
@@ -558,7 +569,9 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             metrics_addr,
             segment_bytes,
             snapshot_every,
+            snapshot_bytes,
             delta_every,
+            delta_bytes,
             retain,
             signing_key,
             previous_key,
@@ -578,6 +591,8 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                         as usize,
                     snapshot_every: (snapshot_every > 0).then_some(snapshot_every),
                     delta_every: (delta_every > 0).then_some(delta_every),
+                    snapshot_bytes: snapshot_bytes.filter(|&b| b > 0),
+                    delta_bytes: delta_bytes.filter(|&b| b > 0),
                     retain_lsns: retain,
                     grace_ms: grace.as_millis() as u64,
                     signing_key: signing_key

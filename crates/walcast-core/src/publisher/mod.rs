@@ -63,6 +63,11 @@ pub struct PublisherConfig {
     pub max_pending_segments: usize,
     /// Write a snapshot every this many LSNs (KV payloads only).
     pub snapshot_every: Option<u64>,
+    /// Also write a snapshot once this many bytes of batches were pushed
+    /// since the last one, however few LSNs that was (a bulk load in large
+    /// batches): bounds what a replica replays after the snapshot in bytes,
+    /// not only in LSNs. Needs `snapshot_every`.
+    pub snapshot_bytes: Option<u64>,
     /// Keep at least this many LSNs of history in segments; older ones
     /// leave the catalog once a snapshot covers them.
     pub retain_lsns: Option<u64>,
@@ -98,6 +103,11 @@ pub struct PublisherConfig {
     /// then replays at most this many LSNs of segments on a cold read.
     /// Needs `snapshot_every` and the indexed snapshot format.
     pub delta_every: Option<u64>,
+    /// Also write a delta snapshot once this many bytes of batches were
+    /// pushed since the end of the chain, however few LSNs that was: a lazy
+    /// replica's cold read then replays at most about this many bytes of
+    /// segments. Needs `snapshot_every` and the indexed snapshot format.
+    pub delta_bytes: Option<u64>,
     /// Sign every head and page with this key, and record the digest of
     /// every object in the catalog (`docs/FORMAT.md`, "Signed datasets").
     pub signing_key: Option<crate::keys::SecretKey>,
@@ -138,6 +148,7 @@ impl Default for PublisherConfig {
             commit_burst: DEFAULT_COMMIT_BURST,
             max_pending_segments: 4,
             snapshot_every: None,
+            snapshot_bytes: None,
             retain_lsns: None,
             grace_ms: 60_000,
             inline_segments: 64,
@@ -150,6 +161,7 @@ impl Default for PublisherConfig {
             request_timeout_ms: 30_000,
             snapshot_format: SnapshotFormat::default(),
             delta_every: None,
+            delta_bytes: None,
             signing_key: None,
             previous_key: None,
         }
@@ -343,6 +355,10 @@ pub struct Publisher {
     /// Delta snapshots on: each key written since the state's base, with the
     /// LSN of its last write.
     touched: std::collections::BTreeMap<Vec<u8>, u64>,
+    /// Bytes of batches pushed since the newest snapshot, and since the end
+    /// of its delta chain, was made (`snapshot_bytes`, `delta_bytes`).
+    bytes_since_snapshot: u64,
+    bytes_since_delta: u64,
 
     commit: Option<Commit>,
     commit_retry_at: Option<u64>,
@@ -391,6 +407,8 @@ impl Publisher {
             state,
             snapshot: None,
             touched: std::collections::BTreeMap::new(),
+            bytes_since_snapshot: 0,
+            bytes_since_delta: 0,
             commit: None,
             commit_retry_at: None,
             page_cache: HashMap::new(),
@@ -460,6 +478,11 @@ impl Publisher {
             && self.committed_lsn() + 1 >= self.next_push
     }
 
+    /// True when the publisher writes delta snapshots (by LSNs or bytes).
+    fn deltas_on(&self) -> bool {
+        self.cfg.delta_every.is_some() || self.cfg.delta_bytes.is_some()
+    }
+
     /// Appends the record `lsn` (which must be [`next_lsn`](Self::next_lsn)).
     /// Records at or below the committed LSN only rebuild the snapshot state.
     pub fn push(&mut self, lsn: u64, payload: &[u8], now: u64) -> Result<(), Error> {
@@ -482,7 +505,18 @@ impl Publisher {
                 .with_lsn(lsn)
             })?;
             state.apply(&ops);
-            if self.cfg.delta_every.is_some() {
+            // Only what a replica would replay after the snapshot and its
+            // chain counts (a restart replays older records into the state).
+            let head = self.head.as_ref();
+            let snap = head.and_then(|h| h.snapshot.as_ref()).map_or(0, |s| s.lsn);
+            let chain_end = head.and_then(|h| h.deltas.last()).map_or(snap, |d| d.lsn);
+            if lsn > snap {
+                self.bytes_since_snapshot += payload.len() as u64;
+            }
+            if lsn > chain_end {
+                self.bytes_since_delta += payload.len() as u64;
+            }
+            if self.deltas_on() {
                 for op in &ops {
                     let k = match *op {
                         batch::OpRef::Put(k, _) | batch::OpRef::Delete(k) => k,

@@ -28,10 +28,16 @@ impl Publisher {
         if self.snapshot.is_some() {
             return;
         }
-        if lsn < last + every {
+        let by_bytes = self
+            .cfg
+            .snapshot_bytes
+            .is_some_and(|b| self.bytes_since_snapshot >= b.max(1));
+        if lsn < last.saturating_add(every) && !by_bytes {
             self.maybe_delta(lsn);
             return;
         }
+        self.bytes_since_snapshot = 0;
+        self.bytes_since_delta = 0;
         self.touched.clear();
         let version = match self.cfg.snapshot_format {
             super::SnapshotFormat::Chunked => 1,
@@ -82,17 +88,20 @@ impl Publisher {
         self.touched.values().filter(|&&l| l > after).count()
     }
 
-    /// Writes a delta snapshot when `delta_every` LSNs passed since the end
-    /// of the head's chain. The new delta covers the changes after the end
+    /// Writes a delta snapshot when `delta_every` LSNs passed, or
+    /// `delta_bytes` of batches were pushed, since the end of the head's
+    /// chain. The new delta covers the changes after the end
     /// of a kept prefix of the chain: it absorbs (merges) the newest deltas
     /// while the next older one holds at most twice its keys, and always
     /// enough to keep the chain within [`MAX_DELTAS`]. So delta sizes grow
     /// geometrically down the chain and each key is rewritten a few times
     /// before the next snapshot absorbs it.
     fn maybe_delta(&mut self, lsn: u64) {
-        let (Some(every), Some(state), Some(head)) =
-            (self.cfg.delta_every, &self.state, &self.head)
-        else {
+        if !self.deltas_on() {
+            return;
+        }
+        let every = self.cfg.delta_every.unwrap_or(u64::MAX);
+        let (Some(state), Some(head)) = (&self.state, &self.head) else {
             return;
         };
         let (super::SnapshotFormat::Indexed(opts) | super::SnapshotFormat::Verified(opts)) =
@@ -104,9 +113,17 @@ impl Publisher {
             return;
         };
         let chain_end = head.deltas.last().map_or(snap.lsn, |d| d.lsn);
-        if lsn < chain_end.saturating_add(every.max(1)) {
+        let by_bytes = self
+            .cfg
+            .delta_bytes
+            .is_some_and(|b| self.bytes_since_delta >= b.max(1));
+        if lsn < chain_end.saturating_add(every.max(1)) && !by_bytes {
             return;
         }
+        if lsn <= chain_end {
+            return;
+        }
+        self.bytes_since_delta = 0;
         let mut keep = head.deltas.len();
         let mut n = self.changed_after(chain_end);
         while keep > 0 {
