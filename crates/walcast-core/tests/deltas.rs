@@ -510,7 +510,8 @@ fn a_damaged_delta_fails_the_read_naming_it() {
 /// delta every `DELTA_BENCH_DELTA_EVERY` (default 2,000) LSNs; the head's
 /// tail, inline segments and page fanout are the publisher's defaults unless
 /// `DELTA_BENCH_TAIL_BYTES`, `DELTA_BENCH_INLINE_SEGMENTS` or
-/// `DELTA_BENCH_PAGE_FANOUT` say otherwise. Prints the
+/// `DELTA_BENCH_PAGE_FANOUT` say otherwise; `DELTA_BENCH_SNAPSHOT_BYTES` and
+/// `DELTA_BENCH_DELTA_BYTES` add the byte triggers (unset: none). Prints the
 /// publisher's uploaded bytes by kind against the WAL bytes of the steady
 /// writes, and the worst cold point read (round trips, GETs, bytes) of new
 /// lazy replicas sampled along the run.
@@ -530,6 +531,12 @@ fn delta_figures_at_scale() {
         snapshot_every: Some(env("DELTA_BENCH_SNAPSHOT_EVERY", 1_200_000)),
         delta_every: Some(env("DELTA_BENCH_DELTA_EVERY", 2_000)),
         head_check_ms: 0,
+        snapshot_bytes: std::env::var("DELTA_BENCH_SNAPSHOT_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+        delta_bytes: std::env::var("DELTA_BENCH_DELTA_BYTES")
+            .ok()
+            .and_then(|v| v.parse().ok()),
         tail_bytes: env("DELTA_BENCH_TAIL_BYTES", defaults.tail_bytes as u64) as usize,
         inline_segments: env(
             "DELTA_BENCH_INLINE_SEGMENTS",
