@@ -26,7 +26,6 @@ use std::fmt;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
-use ed25519_dalek::Signer as _;
 use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -46,7 +45,7 @@ pub const SIGNATURE_B64_LEN: usize = 88;
 
 /// An Ed25519 public key, written `ed25519:<base64>`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PublicKey(ed25519_dalek::VerifyingKey);
+pub struct PublicKey([u8; 32]);
 
 impl PublicKey {
     /// Parses `ed25519:<base64 of 32 bytes>`; surrounding whitespace is ignored.
@@ -59,26 +58,30 @@ impl PublicKey {
             )
         })?;
         let bytes = decode_fixed::<32>(b64, "public key")?;
-        ed25519_dalek::VerifyingKey::from_bytes(&bytes)
-            .map(PublicKey)
+        ed25519_compact::PublicKey::new(bytes)
+            .validate()
+            .map(|()| PublicKey(bytes))
             .map_err(|_| {
                 Error::new(
                     ErrorKind::InvalidInput,
-                    "public key is not a valid Ed25519 point",
+                    "public key is not a valid Ed25519 key (not a point, or of small order)",
                 )
             })
     }
 
     /// The 32 raw bytes.
     pub fn to_bytes(&self) -> [u8; 32] {
-        self.0.to_bytes()
+        self.0
     }
 
-    /// Verifies `signature` (64 bytes) over `message`; strict verification
-    /// (no malleable or small-order signatures).
+    /// Verifies `signature` (64 bytes) over `message` (RFC 8032 with
+    /// ed25519-compact: a non-canonical `S`, and a key or `R` of small
+    /// order, are refused).
     pub fn verify(&self, message: &[u8], signature: &[u8; 64]) -> bool {
-        let sig = ed25519_dalek::Signature::from_bytes(signature);
-        self.0.verify_strict(message, &sig).is_ok()
+        let sig = ed25519_compact::Signature::new(*signature);
+        ed25519_compact::PublicKey::new(self.0)
+            .verify(message, &sig)
+            .is_ok()
     }
 
     /// Verifies a base64 signature over `domain ‖ message`.
@@ -95,11 +98,7 @@ impl PublicKey {
 
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{PUBLIC_KEY_PREFIX}{}",
-            STANDARD.encode(self.0.as_bytes())
-        )
+        write!(f, "{PUBLIC_KEY_PREFIX}{}", STANDARD.encode(self.0))
     }
 }
 
@@ -118,12 +117,14 @@ impl std::str::FromStr for PublicKey {
 
 /// An Ed25519 secret key (the 32-byte seed). Its `Debug` never shows it.
 #[derive(Clone)]
-pub struct SecretKey(ed25519_dalek::SigningKey);
+pub struct SecretKey(ed25519_compact::KeyPair);
 
 impl SecretKey {
     /// The key for a 32-byte seed (from the operating system's generator).
     pub fn from_seed(seed: [u8; 32]) -> SecretKey {
-        SecretKey(ed25519_dalek::SigningKey::from_bytes(&seed))
+        SecretKey(ed25519_compact::KeyPair::from_seed(
+            ed25519_compact::Seed::new(seed),
+        ))
     }
 
     /// Parses the contents of a secret key file (one line, see the module doc).
@@ -141,18 +142,18 @@ impl SecretKey {
     pub fn to_file(&self) -> String {
         format!(
             "{SECRET_KEY_PREFIX}{}\n",
-            STANDARD.encode(self.0.to_bytes())
+            STANDARD.encode(*self.0.sk.seed())
         )
     }
 
     /// The public key.
     pub fn public(&self) -> PublicKey {
-        PublicKey(self.0.verifying_key())
+        PublicKey(*self.0.pk)
     }
 
     /// Signs `message` as is (64 bytes).
     pub fn sign(&self, message: &[u8]) -> [u8; 64] {
-        self.0.sign(message).to_bytes()
+        *self.0.sk.sign(message, None)
     }
 
     /// Signs `domain ‖ message`, as base64 ([`SIGNATURE_B64_LEN`] characters).
