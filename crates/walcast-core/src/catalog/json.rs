@@ -12,7 +12,8 @@
 //! compatibility rules in `docs/FORMAT.md` require; a member given twice
 //! keeps its last value. Integers must fit their field (`u32` or `u64`):
 //! fractions, exponents, negative numbers and `null` for a required member
-//! are refused. Nesting depth costs no stack (the reader keeps its own).
+//! are refused. Arrays and objects nest at most [`MAX_JSON_DEPTH`] deep;
+//! nesting costs no stack (the reader keeps its own).
 
 use std::collections::BTreeMap;
 
@@ -25,9 +26,51 @@ use crate::error::DecodeError;
 use crate::segment::IndexEntry;
 use crate::trust::{HeadTrust, KeyEndorsement};
 
+/// Deepest nesting of arrays and objects accepted in a head or page. The
+/// catalog's own members nest at most 4 deep; unknown members may add more,
+/// up to this (the limit serde_json applied before). The reader keeps a
+/// stack entry per open level, so without a limit a hostile page of 16 MiB
+/// of `[` would take hundreds of MB.
+pub(crate) const MAX_JSON_DEPTH: usize = 128;
+
+/// Refuses input nesting arrays and objects deeper than [`MAX_JSON_DEPTH`]
+/// (brackets inside strings do not count), in one pass that allocates
+/// nothing.
+fn check_depth(what: &str, bytes: &[u8]) -> Result<(), DecodeError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (at, &b) in bytes.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(DecodeError::Json(format!(
+                        "{what} nests arrays and objects deeper than {MAX_JSON_DEPTH} \
+                         (at offset {at})"
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Parses `bytes` as one JSON value of type `T`; `what` names the object in
 /// the error ("catalog head", "catalog page").
 fn parse<T: Deserialize>(what: &str, bytes: &[u8]) -> Result<T, DecodeError> {
+    check_depth(what, bytes)?;
     let text = std::str::from_utf8(bytes).map_err(|e| {
         DecodeError::Json(format!(
             "{what} is not UTF-8 (invalid byte at offset {})",
@@ -412,7 +455,9 @@ mod tests {
 
     #[test]
     fn deeply_nested_unknown_values_are_ignored_without_recursion() {
-        const DEPTH: usize = 10_000;
+        // The catalog head itself opens one object; the member's nesting
+        // may take the rest of the limit.
+        const DEPTH: usize = super::MAX_JSON_DEPTH - 1;
         let deep = format!("{}{}", "[".repeat(DEPTH), "]".repeat(DEPTH));
         let deep_maps = format!("{}1{}", r#"{"a":"#.repeat(DEPTH), "}".repeat(DEPTH));
         let text = edit(
@@ -448,6 +493,38 @@ mod tests {
         json_error(bad);
         assert_eq!(p.unwrap(), super::page(PAGE.as_bytes()).unwrap());
         assert_eq!(f.unwrap(), 1);
+    }
+
+    /// Past the limit, nesting is refused before anything is parsed, with
+    /// the offset where it went too deep; brackets in strings do not count.
+    #[test]
+    fn nesting_past_the_limit_is_refused_naming_the_offset() {
+        let over = super::MAX_JSON_DEPTH;
+        for deep in [
+            format!("{}{}", "[".repeat(over), "]".repeat(over)),
+            format!("{}1{}", r#"{"a":"#.repeat(over), "}".repeat(over)),
+            "[".repeat(1 << 20),
+        ] {
+            let text = edit(
+                HEAD,
+                r#""format":1,"#,
+                &format!(r#""deep":{deep},"format":1,"#),
+            );
+            let err = json_error(head(&text));
+            assert!(
+                err.contains(&format!("deeper than {}", super::MAX_JSON_DEPTH))
+                    && err.contains("offset"),
+                "{err}"
+            );
+            assert!(super::format_of("catalog head", text.as_bytes()).is_err());
+        }
+        let brackets = "[".repeat(10_000);
+        let text = edit(
+            HEAD,
+            r#""writer":"5f0c2a9e8b7d6c41","#,
+            &format!(r#""writer":"{brackets}","#),
+        );
+        assert_eq!(head(&text).unwrap().writer, brackets);
     }
 
     #[test]
