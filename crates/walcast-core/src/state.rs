@@ -50,10 +50,11 @@ const OVERLAY_SHARE: usize = 32;
 /// least wasm memory of the sizes tried (docs/BENCHMARKS.md).
 const WINDOWS: usize = 4;
 
-/// What an overlay entry is counted as: its key and value and about 48
-/// bytes for the tree node's share and the two allocations.
+/// What an overlay entry is counted as: its key and value and about 56
+/// bytes for the tree node's share (key, LSN and value pointers) and the
+/// two allocations.
 fn overlay_cost(key: &[u8], value: Option<&[u8]>) -> usize {
-    key.len() + value.map_or(0, <[u8]>::len) + 48
+    key.len() + value.map_or(0, <[u8]>::len) + 56
 }
 
 /// Entries between two restart points of a leaf: one `u32` offset and one
