@@ -467,6 +467,17 @@ pub enum Lookup {
     Need(Need),
 }
 
+/// What a cached data block counts against the cache's bytes: its size,
+/// and at least [`MIN_BLOCK_CHARGE`], so that a file of tiny blocks cannot
+/// make the cache hold more than `cache_bytes / MIN_BLOCK_CHARGE` of them
+/// (each read scans them for the least recently used).
+fn cache_charge(block: &Block) -> u64 {
+    block.wire_len().max(MIN_BLOCK_CHARGE)
+}
+
+/// The least a cached data block counts as (see [`cache_charge`]).
+const MIN_BLOCK_CHARGE: u64 = 1 << 10;
+
 /// A point reader over one block-indexed snapshot, holding its footer and
 /// index blocks, and data blocks in a cache bounded in bytes (least recently
 /// used first out). Pure: it never does IO, it says what it needs.
@@ -551,7 +562,7 @@ impl LazySnapshot {
         self.footer.as_ref()
     }
 
-    /// Bytes of data blocks held.
+    /// Bytes of data blocks held (a block under 1 KiB counts as 1 KiB).
     pub fn cached_bytes(&self) -> u64 {
         self.cached
     }
@@ -612,9 +623,9 @@ impl LazySnapshot {
         self.fetched_blocks += 1;
         if data {
             self.tick += 1;
-            self.cached += block.wire_len();
+            self.cached += cache_charge(&block);
             if let Some((old, _)) = self.blocks.insert(handle.offset, (block, self.tick)) {
-                self.cached -= old.wire_len();
+                self.cached -= cache_charge(&old);
             }
             while self.cached > self.cache_bytes && self.blocks.len() > 1 {
                 let Some(off) = self
@@ -626,7 +637,7 @@ impl LazySnapshot {
                     break;
                 };
                 if let Some((b, _)) = self.blocks.remove(off) {
-                    self.cached -= b.wire_len();
+                    self.cached -= cache_charge(&b);
                 }
             }
         } else {
