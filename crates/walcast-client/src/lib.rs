@@ -574,6 +574,7 @@ mod tests {
             crc32: crc32fast::hash(&snap),
             entries: st.len(),
             version: 2,
+            suffix: None,
         });
         let mut objects = std::collections::HashMap::new();
         objects.insert(HEAD_KEY.to_string(), head.encode());

@@ -242,6 +242,85 @@ fn try_cold_read(
     panic!("a cold read did not finish");
 }
 
+/// Publishes 20,000 keys in 20 batches and a snapshot of them, with the
+/// head carrying the snapshot's top index and footer when they take at most
+/// `suffix_bytes`; returns the store and the batches.
+fn published_snapshot(suffix_bytes: usize) -> (Store, Vec<Vec<Op>>) {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(20),
+        snapshot_suffix_bytes: suffix_bytes,
+        snapshot_format: walcast_core::publisher::SnapshotFormat::Indexed(
+            walcast_core::snapshot::indexed::IndexedOptions {
+                block_bytes: 4 << 10,
+                index_block_bytes: 1 << 10,
+            },
+        ),
+        head_check_ms: 0,
+        tail_bytes: 0,
+        ..PublisherConfig::default()
+    };
+    let mut p = Publisher::new(cfg, 7);
+    let mut store = Store::default();
+    store.drive(&mut p, 0);
+    let mut log = Vec::new();
+    for chunk in 0..20u64 {
+        let ops: Vec<Op> = (chunk * 1_000..(chunk + 1) * 1_000)
+            .map(|i| {
+                Op::put(
+                    format!("key:{i:06}").into_bytes(),
+                    vec![(i % 251) as u8; 100],
+                )
+            })
+            .collect();
+        p.push(chunk + 1, &batch::encode(&ops).unwrap(), chunk + 1)
+            .unwrap();
+        log.push(ops);
+        store.drive(&mut p, chunk + 1);
+    }
+    for t in 0..200 {
+        store.drive(&mut p, 21 + t);
+    }
+    (store, log)
+}
+
+/// A head that carries the snapshot's top index and footer saves a cold
+/// point read its first suffix GET: one round trip fewer, the same answers;
+/// a head whose copy is damaged (with its checksum made right) costs that
+/// GET again and still answers right.
+#[test]
+fn a_snapshot_suffix_in_the_head_saves_a_cold_read_a_round_trip() {
+    let (with, log) = published_snapshot(16 << 10);
+    let (without, _) = published_snapshot(0);
+    let head = with.head();
+    let suffix = head.snapshot.as_ref().and_then(|s| s.suffix.clone());
+    let suffix = suffix.expect("the head carries the snapshot's suffix");
+    assert!(without.head().snapshot.unwrap().suffix.is_none());
+    // A two-level index: head, top index (now in the head), index block, data block.
+    let mut damaged = Store {
+        objects: with.objects.clone(),
+        ..Store::default()
+    };
+    let mut h = head.clone();
+    let s = h.snapshot.as_mut().unwrap();
+    let mut bad = suffix.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 0x55;
+    s.suffix = Some(bad);
+    damaged.objects.get_mut(HEAD_KEY).unwrap().0 = h.encode();
+    for i in [0u64, 12_345, 19_999] {
+        let key = format!("key:{i:06}").into_bytes();
+        let (a, at_a, ca) = cold_read(&with, &key);
+        let (b, at_b, cb) = cold_read(&without, &key);
+        let (c, at_c, cc) = cold_read(&damaged, &key);
+        for (v, at) in [(&a, at_a), (&b, at_b), (&c, at_c)] {
+            assert_eq!(v.as_ref(), model_at(&log, at).get(&key), "key {i} at {at}");
+        }
+        assert_eq!(ca.rounds + 1, cb.rounds, "{ca:?} against {cb:?}");
+        assert_eq!(ca.gets + 1, cb.gets, "{ca:?} against {cb:?}");
+        assert_eq!(cc.rounds, cb.rounds, "a damaged copy is fetched instead");
+    }
+}
+
 /// A bulk load in large batches reaches `snapshot_bytes` long before
 /// `snapshot_every` LSNs, and single puts after it reach `delta_bytes`
 /// long before `delta_every`: the publisher writes the snapshot and the

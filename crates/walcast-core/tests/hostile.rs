@@ -188,6 +188,7 @@ fn dataset(last: u64, per: u64, snap: Option<u64>, epoch: u64) -> Dataset {
             crc32: crc32fast::hash(&bytes),
             entries: st.len(),
             version: 1,
+            suffix: None,
         };
         store.put(e.key.clone(), bytes);
         e

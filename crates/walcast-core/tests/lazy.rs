@@ -93,6 +93,7 @@ fn dataset_from(last: u64, snap: u64, block_bytes: usize, first: u64) -> Store {
         crc32: crc32fast::hash(&bytes),
         entries: st.len(),
         version: 2,
+        suffix: None,
     };
     store.objects.insert(entry.key.clone(), bytes);
     head.snapshot = Some(entry);

@@ -131,6 +131,7 @@ struct SnapshotJson {
     crc32: u32,
     entries: u64,
     version: Option<u16>,
+    suffix: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -253,15 +254,31 @@ pub(super) fn head(bytes: &[u8]) -> Result<Head, DecodeError> {
         earliest_lsn: h.earliest_lsn,
         writer: h.writer.unwrap_or_default(),
         committed_at_ms: h.committed_at_ms.unwrap_or_default(),
-        snapshot: h.snapshot.map(|s| SnapshotEntry {
-            key: s.key,
-            lsn: s.lsn,
-            epoch: s.epoch,
-            size: s.size,
-            crc32: s.crc32,
-            entries: s.entries,
-            version: s.version.unwrap_or(1),
-        }),
+        snapshot: match h.snapshot {
+            None => None,
+            Some(s) => Some(SnapshotEntry {
+                suffix: s
+                    .suffix
+                    .map(|b| {
+                        base64::engine::general_purpose::STANDARD
+                            .decode(b.as_bytes())
+                            .map_err(|e| {
+                                DecodeError::Json(format!(
+                                    "the suffix of snapshot {} is not base64: {e}",
+                                    s.key
+                                ))
+                            })
+                    })
+                    .transpose()?,
+                key: s.key,
+                lsn: s.lsn,
+                epoch: s.epoch,
+                size: s.size,
+                crc32: s.crc32,
+                entries: s.entries,
+                version: s.version.unwrap_or(1),
+            }),
+        },
         segments: h.segments.into_iter().map(SegmentEntry::from).collect(),
         pages: list(h.pages),
         retired: h

@@ -248,11 +248,26 @@ pub struct SnapshotEntry {
     /// the JSON for version 1.
     #[serde(skip_serializing_if = "is_version_1")]
     pub version: u16,
+    /// A block-indexed snapshot's last bytes from its top index block on
+    /// (the top index and the footer), when they are small: a lazy replica
+    /// takes them from the head instead of its first suffix GET, and
+    /// verifies them exactly as fetched ones. Base64 in JSON; absent when
+    /// not carried.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "base64_bytes::serialize_opt"
+    )]
+    pub suffix: Option<Vec<u8>>,
 }
 
 fn is_version_1(v: &u16) -> bool {
     *v == 1
 }
+
+/// Most bytes of a snapshot's suffix (top index and footer) a head may
+/// carry in [`SnapshotEntry::suffix`] (decoded).
+pub const MAX_SNAPSHOT_SUFFIX: usize = 16 << 10;
 
 /// Most delta snapshots a head names. A cold point read fetches the index
 /// and filter of each (all in flight together), so this bounds its GETs.
@@ -372,6 +387,16 @@ mod base64_bytes {
             b,
             &base64::engine::general_purpose::STANDARD,
         ))
+    }
+
+    pub(super) fn serialize_opt<S: Serializer>(
+        b: &Option<Vec<u8>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match b {
+            Some(b) => serialize(b, s),
+            None => s.serialize_none(),
+        }
     }
 }
 
@@ -548,6 +573,19 @@ impl Head {
         }
         if let Some(s) = &self.snapshot {
             check_key("snapshot", &s.key, &snapshot_key(s.lsn, s.epoch))?;
+            if let Some(suffix) = &s.suffix {
+                if suffix.len() > MAX_SNAPSHOT_SUFFIX
+                    || suffix.len() as u64 > s.size
+                    || s.version < 2
+                {
+                    return Err(format!(
+                        "snapshot {} carries a suffix of {} bytes (at most {MAX_SNAPSHOT_SUFFIX}, \
+                         within the file, for a block-indexed snapshot)",
+                        s.key,
+                        suffix.len()
+                    ));
+                }
+            }
         }
         self.validate_deltas()?;
         let mut tail_bytes = 0usize;

@@ -38,6 +38,11 @@ pub const DEFAULT_COMMIT_BURST: u32 = 2;
 /// 1,000 small batches a second and ten commits a second, twice over.
 pub const DEFAULT_TAIL_BYTES: usize = 32 << 10;
 
+/// Default [`PublisherConfig::snapshot_suffix_bytes`]: a snapshot's top
+/// index of up to about 130 partitions (some 2,000,000 keys in 16 KiB data
+/// blocks), about 5.5 KB of base64 in every head.
+pub const DEFAULT_SNAPSHOT_SUFFIX_BYTES: usize = 4 << 10;
+
 /// Tuning for a [`Publisher`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublisherConfig {
@@ -84,6 +89,11 @@ pub struct PublisherConfig {
     pub tail_bytes: usize,
     /// Entries per catalog page.
     pub page_fanout: usize,
+    /// The head carries a block-indexed snapshot's top index and footer
+    /// ([`crate::catalog::SnapshotEntry::suffix`]) when they take at most
+    /// this many bytes, so a lazy replica's cold read saves a round trip
+    /// (0: never). Capped at [`crate::catalog::MAX_SNAPSHOT_SUFFIX`].
+    pub snapshot_suffix_bytes: usize,
     /// First retry delay (ms).
     pub retry_base_ms: u64,
     /// Longest retry delay (ms).
@@ -154,6 +164,7 @@ impl Default for PublisherConfig {
             inline_segments: 64,
             tail_bytes: DEFAULT_TAIL_BYTES,
             page_fanout: 32,
+            snapshot_suffix_bytes: DEFAULT_SNAPSHOT_SUFFIX_BYTES,
             retry_base_ms: 100,
             retry_max_ms: 10_000,
             max_attempts: 5,

@@ -71,6 +71,17 @@ impl Publisher {
             crc32: crate::crc::hash(&bytes),
             entries: state.len(),
             version,
+            suffix: (version >= 2)
+                .then(|| crate::snapshot::indexed::top_suffix(&bytes))
+                .flatten()
+                .filter(|s| {
+                    s.len()
+                        <= self
+                            .cfg
+                            .snapshot_suffix_bytes
+                            .min(catalog::MAX_SNAPSHOT_SUFFIX)
+                })
+                .map(<[u8]>::to_vec),
         };
         self.note_digest(&entry.key, &bytes);
         self.note_index_digest(&entry.key, &bytes);
@@ -182,6 +193,7 @@ impl Publisher {
                 crc32,
                 entries: delta.entries,
                 version: crate::snapshot::delta::VERSION_DELTA,
+                suffix: None,
             },
             bytes,
             up: Up::Waiting(0),

@@ -51,6 +51,16 @@ pub fn footer_len(tail: &[u8]) -> u64 {
     }
 }
 
+/// A block-indexed file's last bytes from its top index block on (the top
+/// index and the footer): what a lazy reader's first suffix read needs.
+/// `None` when the file has no valid footer.
+pub fn top_suffix(file: &[u8]) -> Option<&[u8]> {
+    let flen = usize::try_from(footer_len(file)).ok()?;
+    let fb = file.get(file.len().checked_sub(flen)?..)?;
+    let footer = Footer::decode(fb, file.len() as u64).ok()?;
+    file.get(usize::try_from(footer.top.offset).ok()?..)
+}
+
 /// An index entry's value: a handle, with the block's SHA-256 in version 4.
 fn encode_handle(h: &BlockHandle, digest: Option<&[u8; 32]>) -> Vec<u8> {
     let mut v = h.encode().to_vec();

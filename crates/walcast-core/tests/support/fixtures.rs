@@ -200,6 +200,7 @@ pub(crate) fn golden_head() -> Head {
             crc32: crc32fast::hash(&snap),
             entries: golden_state().len(),
             version: 1,
+            suffix: None,
         }),
         segments: vec![SegmentEntry::from_summary(&summary)],
         pages: vec![golden_page_ref(&page)],
