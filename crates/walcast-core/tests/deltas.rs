@@ -242,6 +242,31 @@ fn try_cold_read(
     panic!("a cold read did not finish");
 }
 
+/// Loads 20,000 keys (`key:000000`, ...) in 20 batches of 1,000 puts of
+/// 100-byte values (about 2.3 MB in 20 LSNs, at LSNs 1..=20 and times
+/// 1..=20), then lets the publisher finish its uploads; returns the time
+/// after them.
+fn bulk_load(p: &mut Publisher, store: &mut Store, log: &mut Vec<Vec<Op>>) -> u64 {
+    for chunk in 0..20u64 {
+        let ops: Vec<Op> = (chunk * 1_000..(chunk + 1) * 1_000)
+            .map(|i| {
+                Op::put(
+                    format!("key:{i:06}").into_bytes(),
+                    vec![(i % 251) as u8; 100],
+                )
+            })
+            .collect();
+        p.push(chunk + 1, &batch::encode(&ops).unwrap(), chunk + 1)
+            .unwrap();
+        log.push(ops);
+        store.drive(p, chunk + 1);
+    }
+    for t in 0..200 {
+        store.drive(p, 21 + t);
+    }
+    221
+}
+
 /// Publishes 20,000 keys in 20 batches and a snapshot of them, with the
 /// head carrying the snapshot's top index and footer when they take at most
 /// `suffix_bytes`; returns the store and the batches.
@@ -263,23 +288,7 @@ fn published_snapshot(suffix_bytes: usize) -> (Store, Vec<Vec<Op>>) {
     let mut store = Store::default();
     store.drive(&mut p, 0);
     let mut log = Vec::new();
-    for chunk in 0..20u64 {
-        let ops: Vec<Op> = (chunk * 1_000..(chunk + 1) * 1_000)
-            .map(|i| {
-                Op::put(
-                    format!("key:{i:06}").into_bytes(),
-                    vec![(i % 251) as u8; 100],
-                )
-            })
-            .collect();
-        p.push(chunk + 1, &batch::encode(&ops).unwrap(), chunk + 1)
-            .unwrap();
-        log.push(ops);
-        store.drive(&mut p, chunk + 1);
-    }
-    for t in 0..200 {
-        store.drive(&mut p, 21 + t);
-    }
+    bulk_load(&mut p, &mut store, &mut log);
     (store, log)
 }
 
@@ -342,22 +351,7 @@ fn snapshots_and_deltas_by_bytes_bound_a_cold_read_after_a_bulk_load() {
     store.drive(&mut p, 0);
     let mut log: Vec<Vec<Op>> = Vec::new();
     let key = |i: u64| format!("key:{i:06}").into_bytes();
-    let mut now = 1u64;
-    // 20,000 keys in 20 batches of 1,000 puts: about 2.3 MB in 20 LSNs.
-    for chunk in 0..20u64 {
-        let ops: Vec<Op> = (chunk * 1_000..(chunk + 1) * 1_000)
-            .map(|i| Op::put(key(i), vec![(i % 251) as u8; 100]))
-            .collect();
-        let payload = batch::encode(&ops).unwrap();
-        log.push(ops);
-        p.push(now, &payload, now).unwrap();
-        now += 1;
-        store.drive(&mut p, now);
-    }
-    for t in 0..200 {
-        store.drive(&mut p, now + t);
-    }
-    now += 200;
+    let mut now = bulk_load(&mut p, &mut store, &mut log);
     let h = store.head();
     let snap = h
         .snapshot
