@@ -33,7 +33,7 @@ pub(super) struct Commit {
 
 /// A commit whose own segments are at most `tail_bytes / CARRY_SHARE`
 /// bytes lets its head carry earlier heads' segments too (see `fill_tail`).
-pub(crate) const CARRY_SHARE: usize = 8;
+const CARRY_SHARE: usize = 8;
 
 impl Publisher {
     pub(super) fn drive_commit(&mut self, now: u64) -> Option<Action> {

@@ -217,19 +217,17 @@ impl Lazy {
         self.wanted.clear();
         self.inflight.clear();
         self.failed.clear();
-        let mut snap = match index_digest {
+        let fresh = || match index_digest {
             Some(d) => LazySnapshot::with_index_digest(entry.size, self.cache_bytes, d),
             None => LazySnapshot::new(entry.size, self.cache_bytes),
         };
+        let mut snap = fresh();
         if let Some(suffix) = &entry.suffix {
             // The head carries the top index and footer: they are checked
             // exactly as a fetched suffix. Should they fail, nothing of
             // them is kept and the first read fetches the suffix instead.
             if snap.feed_suffix(suffix).is_err() {
-                snap = match index_digest {
-                    Some(d) => LazySnapshot::with_index_digest(entry.size, self.cache_bytes, d),
-                    None => LazySnapshot::new(entry.size, self.cache_bytes),
-                };
+                snap = fresh();
             }
         }
         self.base = Some(Base {
