@@ -242,10 +242,19 @@ fn try_cold_read(
     panic!("a cold read did not finish");
 }
 
-/// Loads 20,000 keys (`key:000000`, ...) in 20 batches of 1,000 puts of
-/// 100-byte values (about 2.3 MB in 20 LSNs, at LSNs 1..=20 and times
-/// 1..=20), then lets the publisher finish its uploads; returns the time
-/// after them.
+/// A publisher of `cfg` over a new store that has loaded 20,000 keys
+/// (`key:000000`, ...) in 20 batches of 1,000 puts of 100-byte values
+/// (about 2.3 MB in 20 LSNs, at LSNs 1..=20 and times 1..=20) and finished
+/// its uploads; with the batches and the time after them.
+fn bulk_loaded(cfg: PublisherConfig) -> (Publisher, Store, Vec<Vec<Op>>, u64) {
+    let mut p = Publisher::new(cfg, 7);
+    let mut store = Store::default();
+    store.drive(&mut p, 0);
+    let mut log = Vec::new();
+    let now = bulk_load(&mut p, &mut store, &mut log);
+    (p, store, log, now)
+}
+
 fn bulk_load(p: &mut Publisher, store: &mut Store, log: &mut Vec<Vec<Op>>) -> u64 {
     for chunk in 0..20u64 {
         let ops: Vec<Op> = (chunk * 1_000..(chunk + 1) * 1_000)
@@ -284,11 +293,7 @@ fn published_snapshot(suffix_bytes: usize) -> (Store, Vec<Vec<Op>>) {
         tail_bytes: 0,
         ..PublisherConfig::default()
     };
-    let mut p = Publisher::new(cfg, 7);
-    let mut store = Store::default();
-    store.drive(&mut p, 0);
-    let mut log = Vec::new();
-    bulk_load(&mut p, &mut store, &mut log);
+    let (_, store, log, _) = bulk_loaded(cfg);
     (store, log)
 }
 
@@ -346,12 +351,8 @@ fn snapshots_and_deltas_by_bytes_bound_a_cold_read_after_a_bulk_load() {
         tail_bytes: 0,
         ..PublisherConfig::default()
     };
-    let mut p = Publisher::new(cfg, 7);
-    let mut store = Store::default();
-    store.drive(&mut p, 0);
-    let mut log: Vec<Vec<Op>> = Vec::new();
+    let (mut p, mut store, mut log, mut now) = bulk_loaded(cfg);
     let key = |i: u64| format!("key:{i:06}").into_bytes();
-    let mut now = bulk_load(&mut p, &mut store, &mut log);
     let h = store.head();
     let snap = h
         .snapshot

@@ -544,6 +544,32 @@ mod tests {
         assert_eq!(head(&text).unwrap().writer, brackets);
     }
 
+    /// A snapshot's suffix in the head is refused when it is over
+    /// `MAX_SNAPSHOT_SUFFIX`, larger than the file, or on a version 1
+    /// snapshot (no top index to take), naming the snapshot; within the
+    /// limits it round-trips.
+    #[test]
+    fn a_snapshot_suffix_out_of_bounds_is_refused() {
+        let with = |version: u16, size: u64, len: usize| {
+            let mut h = golden();
+            let s = h.snapshot.as_mut().unwrap();
+            s.version = version;
+            s.size = size;
+            s.suffix = Some(vec![7; len]);
+            Head::decode(&h.encode())
+        };
+        let max = super::super::MAX_SNAPSHOT_SUFFIX;
+        let ok = with(2, 1 << 20, max).unwrap();
+        assert_eq!(ok.snapshot.unwrap().suffix.unwrap().len(), max);
+        for (version, size, len) in [(2, 1 << 20, max + 1), (2, 100, 101), (1, 1 << 20, 10)] {
+            let err = json_error(with(version, size, len));
+            assert!(
+                err.contains("snapshots/") && err.contains("suffix"),
+                "{err}"
+            );
+        }
+    }
+
     #[test]
     fn a_missing_required_member_is_an_error() {
         for (from, to) in [
