@@ -74,7 +74,11 @@ pub enum DecodeError {
         have: u64,
     },
     /// A magic number did not match.
-    #[error("bad magic for {what} at byte {at}: expected {expected:?}, found {found:?}")]
+    #[error(
+        "bad magic for {what} at byte {at}: expected {}, found {}",
+        Quoted::bytes(expected),
+        Quoted::bytes(found)
+    )]
     BadMagic {
         /// What was being read.
         what: &'static str,
@@ -267,3 +271,69 @@ impl From<DecodeError> for Error {
 
 /// Result alias for walcast operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Shows a name or bytes that came from the network in double quotes, as
+/// error messages name keys: printable ASCII as it is, `"` and `\` escaped,
+/// every other byte as `\xNN` (a non-ASCII character shows as its UTF-8
+/// bytes). A hostile name can therefore not forge a log line, and the wasm
+/// module needs none of the Unicode tables that `{:?}` on a string brings.
+pub struct Quoted<'a>(pub &'a [u8]);
+
+impl<'a> Quoted<'a> {
+    /// Quotes a string.
+    pub fn str(s: &'a str) -> Self {
+        Quoted(s.as_bytes())
+    }
+
+    /// Quotes bytes.
+    pub fn bytes(b: &'a [u8]) -> Self {
+        Quoted(b)
+    }
+}
+
+impl fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write;
+        f.write_char('"')?;
+        for &b in self.0 {
+            match b {
+                b'"' | b'\\' => {
+                    f.write_char('\\')?;
+                    f.write_char(char::from(b))?;
+                }
+                0x20..=0x7e => f.write_char(char::from(b))?,
+                _ => {
+                    const HEX: &[u8; 16] = b"0123456789abcdef";
+                    f.write_str("\\x")?;
+                    f.write_char(char::from(HEX[usize::from(b >> 4)]))?;
+                    f.write_char(char::from(HEX[usize::from(b & 15)]))?;
+                }
+            }
+        }
+        f.write_char('"')
+    }
+}
+
+impl fmt::Debug for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Quoted;
+
+    #[test]
+    fn quoted_escapes_everything_outside_printable_ascii() {
+        assert_eq!(
+            Quoted::str("segments/a.seg").to_string(),
+            "\"segments/a.seg\""
+        );
+        assert_eq!(
+            Quoted::str("a\"b\\c\nd\u{1b}[2Jé").to_string(),
+            "\"a\\\"b\\\\c\\x0ad\\x1b[2J\\xc3\\xa9\""
+        );
+        assert_eq!(Quoted::bytes(b"WC\x00\xff").to_string(), "\"WC\\x00\\xff\"");
+    }
+}

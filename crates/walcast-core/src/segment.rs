@@ -439,7 +439,8 @@ pub fn decode(bytes: &[u8], expected_crc: Option<u32>) -> Result<Segment<'_>, De
             "segment records",
             trailer.footer_offset,
             format!(
-                "records end at LSN {last:?}, trailer says {}",
+                "records end at LSN {}, trailer says {}",
+                last.map_or_else(|| "(none)".to_string(), |l| l.to_string()),
                 trailer.last_lsn
             ),
         ));

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::catalog::{Head, Page, HEAD_PREFIX_LEN};
+use crate::error::Quoted;
 use crate::keys::{self, PublicKey, SecretKey};
 
 /// Most key rotations a head carries.
@@ -104,11 +105,15 @@ pub(crate) fn check_digests(
     for (k, d) in digests {
         if !keys::is_digest(d) {
             return Err(format!(
-                "{what}: digest of {k:?} is not 64 lowercase hex digits"
+                "{what}: digest of {} is not 64 lowercase hex digits",
+                Quoted::str(k)
             ));
         }
         if !named.contains(&k.as_str()) {
-            return Err(format!("{what}: digest for {k:?}, which it does not name"));
+            return Err(format!(
+                "{what}: digest for {}, which it does not name",
+                Quoted::str(k)
+            ));
         }
     }
     Ok(())

@@ -40,6 +40,7 @@ use std::cell::RefCell;
 
 use js_sys::{Array, Function, Object, Reflect, Uint8Array};
 use walcast_core::catalog::DatasetId;
+use walcast_core::error::Quoted;
 use walcast_core::io::{
     parse_long_poll, wait_seconds, ContentRange, GetRequest, GetResponse, RequestId, ResponseMeta,
 };
@@ -206,8 +207,13 @@ fn parse_trust(v: &JsValue) -> Result<Vec<PublicKey>, JsValue> {
             let text = k.as_string().ok_or_else(|| {
                 invalid("walcast: trust must be a key \"ed25519:<base64>\" or an array of them")
             })?;
-            PublicKey::parse(&text)
-                .map_err(|e| invalid(&format!("walcast: trust key {text:?}: {}", e.message())))
+            PublicKey::parse(&text).map_err(|e| {
+                invalid(&format!(
+                    "walcast: trust key {}: {}",
+                    Quoted::str(&text),
+                    e.message()
+                ))
+            })
         })
         .collect()
 }

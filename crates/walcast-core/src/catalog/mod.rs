@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use serde::{Serialize, Serializer};
 
-use crate::error::DecodeError;
+use crate::error::{DecodeError, Quoted};
 use crate::segment::{IndexEntry, SegmentSummary};
 use crate::trust::check_digests;
 pub use crate::trust::{head_signature, page_signature, HeadTrust, KeyEndorsement, MAX_KEY_CHAIN};
@@ -41,7 +41,9 @@ fn check_key(what: &str, key: &str, expected: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{what} key {key:?} is not the key the format derives ({expected:?})"
+            "{what} key {} is not the key the format derives ({})",
+            Quoted::str(key),
+            Quoted::str(expected)
         ))
     }
 }
@@ -120,7 +122,12 @@ impl FromStr for DatasetId {
     type Err = DecodeError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let b = s.as_bytes();
-        let bad = || DecodeError::Json(format!("dataset_id {s:?} is not 32 lowercase hex digits"));
+        let bad = || {
+            DecodeError::Json(format!(
+                "dataset_id {} is not 32 lowercase hex digits",
+                Quoted::str(s)
+            ))
+        };
         if b.len() != 32 {
             return Err(bad());
         }
@@ -357,8 +364,11 @@ impl PageRef {
         );
         if object_kind(&self.key) != Some("page") || !self.key.starts_with(&prefix) {
             return Err(format!(
-                "page key {:?} is not the key the format derives for level {} and LSNs {}..={}",
-                self.key, self.level, self.first_lsn, self.last_lsn
+                "page key {} is not the key the format derives for level {} and LSNs {}..={}",
+                Quoted::str(&self.key),
+                self.level,
+                self.first_lsn,
+                self.last_lsn
             ));
         }
         Ok(())
@@ -592,12 +602,15 @@ impl Head {
         for (i, t) in self.tail.iter().enumerate() {
             if !self.segments.iter().any(|s| s.key == t.key) {
                 return Err(format!(
-                    "tail segment {:?} is not one of the head's segments",
-                    t.key
+                    "tail segment {} is not one of the head's segments",
+                    Quoted::str(&t.key)
                 ));
             }
             if self.tail[..i].iter().any(|u| u.key == t.key) {
-                return Err(format!("tail segment {:?} appears twice", t.key));
+                return Err(format!(
+                    "tail segment {} appears twice",
+                    Quoted::str(&t.key)
+                ));
             }
             tail_bytes = tail_bytes.saturating_add(t.body.len());
         }
@@ -609,8 +622,8 @@ impl Head {
         for r in &self.retired {
             if object_kind(&r.key).is_none() {
                 return Err(format!(
-                    "retired key {:?} is not a segment, snapshot or page key",
-                    r.key
+                    "retired key {} is not a segment, snapshot or page key",
+                    Quoted::str(&r.key)
                 ));
             }
         }
