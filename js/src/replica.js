@@ -633,6 +633,48 @@ function construct(fn) {
   }
 }
 
+// --- Signatures --------------------------------------------------------------------
+
+/**
+ * Makes the Ed25519 checks a response needs before the module sees it: the
+ * module carries no Ed25519 code, so a replica that pins keys has the
+ * runtime's WebCrypto verify the head's and pages' signatures, and hands the
+ * module the ids of the checks that held (`signatureChecks`,
+ * `signaturesVerified`). A check that fails, or a runtime whose WebCrypto
+ * lacks Ed25519, confirms nothing: the module then refuses the object as
+ * not signed by a trusted key (code `untrusted`). Never throws.
+ */
+async function verifySignatures(h, req, res) {
+  const key = req.key;
+  if (!res.body || (key !== "catalog/head.json" && !key.startsWith("catalog/pages/"))) return;
+  try {
+    if (!h || h.dead || !h.w.pinned) return;
+    const checks = call(h, "sync", (w) => w.signatureChecks(key, res.body));
+    if (!checks.length) return;
+    const held = await Promise.all(checks.map(ed25519Verify));
+    const ids = new Uint8Array(32 * held.filter(Boolean).length);
+    let at = 0;
+    checks.forEach((c, i) => {
+      if (held[i]) ids.set(c.id, 32 * at++);
+    });
+    if (at && !h.dead) call(h, "sync", (w) => w.signaturesVerified(ids));
+  } catch {
+    // A trap rebuilt the module (the answer goes nowhere), or WebCrypto
+    // failed: nothing confirmed.
+  }
+}
+
+/** WebCrypto's Ed25519 (RFC 8032) over one check; false when it fails or is missing. */
+async function ed25519Verify(c) {
+  try {
+    const subtle = globalThis.crypto.subtle;
+    const key = await subtle.importKey("raw", c.key, { name: "Ed25519" }, false, ["verify"]);
+    return await subtle.verify({ name: "Ed25519" }, key, c.signature, c.message);
+  } catch {
+    return false;
+  }
+}
+
 // --- GETs ------------------------------------------------------------------------
 
 let cacheField; // whether fetch takes `cache: "no-store"` (older workerd does not)
@@ -1257,7 +1299,9 @@ export class Replica {
     this.#gets.set(req.id, entry);
     if (held) this.#held.set(req.id, entry);
     else op.owned++;
-    performGet(this.#io, req, ac).then((res) => this.#answer(h, req.id, entry, res));
+    performGet(this.#io, req, ac)
+      .then((res) => verifySignatures(h, req, res).then(() => res))
+      .then((res) => this.#answer(h, req.id, entry, res));
   }
 
   /** Aborts the long-polls in flight (stop(), close()); the next sync abandons them. */

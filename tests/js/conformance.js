@@ -1129,6 +1129,9 @@ export function conformanceCases(ctx) {
     await rejectsWith(Replica.open(fx.url, { trust: [] }), "invalid_input", "trust: []");
     await rejectsWith(Replica.open(fx.url, { trust: 42 }), "invalid_input", "trust: 42");
     await rejectsWith(Replica.open(fx.url, { trust: [fx.trustKey, 7] }), "invalid_input", "trust: [key, 7]");
+    // A key of small order (the point 1, whose "signatures" anyone can make).
+    const e = await rejectsWith(Replica.open(fx.url, { trust: "ed25519:AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=" }), "invalid_input", "trust: a key of small order");
+    ok(e.message.includes("small order"), `the error says why: ${e.message}`);
   });
 
   add("signed: a replica trusting the publisher's key syncs and reads; status().signer names the key", async () => {

@@ -28,6 +28,7 @@
 //! responses back; after every input they drain `poll(now)` until it returns
 //! `Wait`.
 
+pub mod b64;
 pub mod batch;
 pub mod catalog;
 mod codec;

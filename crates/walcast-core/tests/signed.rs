@@ -171,6 +171,42 @@ struct Reader {
     r: Replica,
     now: u64,
     errors: Vec<walcast_core::Error>,
+    /// Host-verified signatures: checks this host made and confirmed.
+    confirmed: usize,
+    /// Whether this host confirms the checks that hold (false: none).
+    confirm: bool,
+}
+
+thread_local! {
+    /// Whether new readers have their host make the Ed25519 checks (as the
+    /// wasm module's JS driver does with WebCrypto).
+    static HOST_VERIFIES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the core verifying signatures, then with the host doing it.
+fn both_ways(f: impl Fn()) {
+    for host in [false, true] {
+        HOST_VERIFIES.set(host);
+        f();
+    }
+    HOST_VERIFIES.set(false);
+}
+
+/// What a host that verifies signatures does before delivering `resp` to
+/// GET `key`: makes the checks the replica lists, hands back those that hold.
+fn host_verify(r: &mut Replica, key: &str, resp: &GetResponse) -> usize {
+    let GetResponse::Ok { body, .. } = resp else {
+        return 0;
+    };
+    let ok: Vec<[u8; 32]> = r
+        .signature_checks(key, body)
+        .into_iter()
+        .filter(|c| c.verify())
+        .map(|c| c.id)
+        .collect();
+    let n = ok.len();
+    r.signatures_verified(ok);
+    n
 }
 
 impl Reader {
@@ -181,12 +217,15 @@ impl Reader {
             retry_max_ms: 100,
             trust: trust.to_vec(),
             long_poll_wait_ms: 0,
+            host_verifies_signatures: HOST_VERIFIES.get(),
             ..ReplicaConfig::default()
         };
         Reader {
             r: Replica::new(cfg, 7),
             now: 0,
             errors: Vec::new(),
+            confirmed: 0,
+            confirm: true,
         }
     }
 
@@ -206,6 +245,9 @@ impl Reader {
                 match action {
                     Action::Fetch(req) => {
                         let resp = serve(store, &req);
+                        if HOST_VERIFIES.get() && self.confirm {
+                            self.confirmed += host_verify(&mut self.r, &req.key, &resp);
+                        }
                         self.r.handle_response(req.id, self.now, resp);
                     }
                     Action::Event(Event::Error(e)) => self.errors.push(e),
@@ -252,34 +294,98 @@ fn same(a: &KvState, b: &KvState) -> bool {
 
 #[test]
 fn a_signed_dataset_is_read_by_pinned_and_unpinned_replicas() {
+    both_ways(|| {
+        let mut store = Store::new();
+        publish(&mut store, cfg(Some(key(1)), None), 150, 1_000);
+        let head = head_of(&store);
+        assert!(head_signature(&store[HEAD_KEY].0).is_some());
+        let t = head.trust.as_ref().expect("signed head");
+        assert_eq!(t.signer, key(1).public().to_string());
+        assert!(!head.pages.is_empty(), "the test needs pages");
+        assert!(head.snapshot.is_some(), "the test needs a snapshot");
+        assert!(head.earliest_lsn > 1, "the test needs a bootstrap");
+        for k in head
+            .segments
+            .iter()
+            .map(|s| &s.key)
+            .chain(head.pages.iter().map(|p| &p.key))
+        {
+            assert!(t.digests.contains_key(k), "no digest for {k}");
+        }
+        for trust in [
+            vec![],
+            vec![key(1).public()],
+            vec![key(9).public(), key(1).public()],
+        ] {
+            let mut r = Reader::new(&trust);
+            r.run(&store, 5_000);
+            assert!(r.errors.is_empty(), "{:?}", r.errors);
+            assert_eq!(r.r.applied_lsn(), 150);
+            assert!(same(r.r.state(), &expected(150)));
+        }
+    });
+}
+
+#[test]
+fn a_host_verifying_signatures_confirms_heads_chains_and_pages() {
     let mut store = Store::new();
-    publish(&mut store, cfg(Some(key(1)), None), 150, 1_000);
+    let now = publish(&mut store, cfg(Some(key(1)), None), 60, 1_000);
+    publish(&mut store, cfg(Some(key(2)), Some(key(1))), 150, now);
     let head = head_of(&store);
-    assert!(head_signature(&store[HEAD_KEY].0).is_some());
-    let t = head.trust.as_ref().expect("signed head");
-    assert_eq!(t.signer, key(1).public().to_string());
     assert!(!head.pages.is_empty(), "the test needs pages");
-    assert!(head.snapshot.is_some(), "the test needs a snapshot");
-    assert!(head.earliest_lsn > 1, "the test needs a bootstrap");
-    for k in head
-        .segments
-        .iter()
-        .map(|s| &s.key)
-        .chain(head.pages.iter().map(|p| &p.key))
-    {
-        assert!(t.digests.contains_key(k), "no digest for {k}");
-    }
-    for trust in [
-        vec![],
-        vec![key(1).public()],
-        vec![key(9).public(), key(1).public()],
-    ] {
-        let mut r = Reader::new(&trust);
-        r.run(&store, 5_000);
-        assert!(r.errors.is_empty(), "{:?}", r.errors);
-        assert_eq!(r.r.applied_lsn(), 150);
-        assert!(same(r.r.state(), &expected(150)));
-    }
+    assert_eq!(head.trust.as_ref().unwrap().chain.len(), 1);
+    HOST_VERIFIES.set(true);
+    // The checks a head needs: the chain's endorsement, then the signer's.
+    let r = Reader::new(&[key(1).public()]);
+    let checks = r.r.signature_checks(HEAD_KEY, &store[HEAD_KEY].0);
+    assert_eq!(checks.len(), 2);
+    assert!(checks.iter().all(|c| c.verify()));
+    assert_eq!(
+        (checks[0].key, checks[1].key),
+        (key(1).public(), key(2).public())
+    );
+    // An unpinned replica needs none.
+    assert!(Reader::new(&[])
+        .r
+        .signature_checks(HEAD_KEY, &store[HEAD_KEY].0)
+        .is_empty());
+    // A host that confirms what holds: the head, the chain and the pages.
+    let mut r = Reader::new(&[key(1).public()]);
+    r.run(&store, 5_000);
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.r.applied_lsn(), 150);
+    assert!(same(r.r.state(), &expected(150)));
+    // The head's two checks, then at least one page's.
+    assert!(r.confirmed >= 3, "{} checks confirmed", r.confirmed);
+    // A host that confirms nothing (a runtime without Ed25519): untrusted.
+    let mut r = Reader::new(&[key(1).public()]);
+    r.confirm = false;
+    r.run(&store, 2_000);
+    assert_eq!(r.r.applied_lsn(), 0);
+    assert_eq!(r.last().kind(), ErrorKind::Untrusted);
+    assert!(r.last().message().contains("not trusted"), "{}", r.last());
+    // Confirmations of another head's checks do not carry over: the head
+    // re-signed after a change needs its own.
+    let mut r = Reader::new(&[key(2).public()]);
+    let old: Vec<[u8; 32]> =
+        r.r.signature_checks(HEAD_KEY, &store[HEAD_KEY].0)
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+    let mut h = head_of(&store);
+    h.generation += 1;
+    let mut changed = store.clone();
+    put_head(&mut changed, &h, Some(&key(2)));
+    r.r.signatures_verified(old);
+    r.confirm = false;
+    r.run(&changed, 2_000);
+    assert_eq!(r.r.applied_lsn(), 0);
+    assert!(
+        r.last().message().contains("does not verify"),
+        "{}",
+        r.last()
+    );
+    HOST_VERIFIES.set(false);
 }
 
 #[test]
@@ -302,159 +408,167 @@ fn an_unsigned_dataset_is_read_unpinned_and_refused_pinned() {
 
 #[test]
 fn a_head_signed_by_another_key_or_changed_after_signing_is_untrusted() {
-    let mut store = Store::new();
-    publish(&mut store, cfg(Some(key(1)), None), 80, 1_000);
-    let mut r = Reader::new(&[key(1).public()]);
-    r.run(&store, 3_000);
-    assert_eq!(r.r.applied_lsn(), 80);
-    let good = store.clone();
-    // The same head signed by an untrusted key, naming it as signer.
-    let mut h = head_of(&store);
-    h.generation += 1;
-    h.trust.as_mut().unwrap().signer = key(2).public().to_string();
-    put_head(&mut store, &h, Some(&key(2)));
-    r.run(&store, 1_000);
-    assert!(r.last().message().contains("not trusted"), "{}", r.last());
-    assert_eq!(r.last().kind(), ErrorKind::Untrusted);
-    // Signed by a trusted key's name, but the bytes changed after signing
-    // (checksum recomputed): the signature does not verify.
-    let mut bytes = good[HEAD_KEY].0.clone();
-    let (_, signed) = head_signature(&bytes).unwrap();
-    let at = bytes.len() - signed.len();
-    let s = String::from_utf8(bytes[at..].to_vec()).unwrap();
-    let s = s.replace("\"generation\":", "\"generation\":1");
-    bytes.truncate(at);
-    bytes.extend_from_slice(s.as_bytes());
-    let crc = crc32fast::hash(&bytes[20..]);
-    bytes[..20].copy_from_slice(format!("{{\"crc32\":\"{crc:08x}\",").as_bytes());
-    store.insert(HEAD_KEY.into(), (bytes, 999));
-    r.run(&store, 1_000);
-    assert!(
-        r.last().message().contains("does not verify"),
-        "{}",
-        r.last()
-    );
-    // Unsigned.
-    let h = head_of(&good);
-    put_head(&mut store, &h, None);
-    r.run(&store, 1_000);
-    assert!(r.last().message().contains("not signed"), "{}", r.last());
-    // Through all of it: the last good state.
-    assert_eq!(r.r.applied_lsn(), 80);
-    assert!(same(r.r.state(), &expected(80)));
+    both_ways(|| {
+        let mut store = Store::new();
+        publish(&mut store, cfg(Some(key(1)), None), 80, 1_000);
+        let mut r = Reader::new(&[key(1).public()]);
+        r.run(&store, 3_000);
+        assert_eq!(r.r.applied_lsn(), 80);
+        let good = store.clone();
+        // The same head signed by an untrusted key, naming it as signer.
+        let mut h = head_of(&store);
+        h.generation += 1;
+        h.trust.as_mut().unwrap().signer = key(2).public().to_string();
+        put_head(&mut store, &h, Some(&key(2)));
+        r.run(&store, 1_000);
+        assert!(r.last().message().contains("not trusted"), "{}", r.last());
+        assert_eq!(r.last().kind(), ErrorKind::Untrusted);
+        // Signed by a trusted key's name, but the bytes changed after signing
+        // (checksum recomputed): the signature does not verify.
+        let mut bytes = good[HEAD_KEY].0.clone();
+        let (_, signed) = head_signature(&bytes).unwrap();
+        let at = bytes.len() - signed.len();
+        let s = String::from_utf8(bytes[at..].to_vec()).unwrap();
+        let s = s.replace("\"generation\":", "\"generation\":1");
+        bytes.truncate(at);
+        bytes.extend_from_slice(s.as_bytes());
+        let crc = crc32fast::hash(&bytes[20..]);
+        bytes[..20].copy_from_slice(format!("{{\"crc32\":\"{crc:08x}\",").as_bytes());
+        store.insert(HEAD_KEY.into(), (bytes, 999));
+        r.run(&store, 1_000);
+        assert!(
+            r.last().message().contains("does not verify"),
+            "{}",
+            r.last()
+        );
+        // Unsigned.
+        let h = head_of(&good);
+        put_head(&mut store, &h, None);
+        r.run(&store, 1_000);
+        assert!(r.last().message().contains("not signed"), "{}", r.last());
+        // Through all of it: the last good state.
+        assert_eq!(r.r.applied_lsn(), 80);
+        assert!(same(r.r.state(), &expected(80)));
+    });
 }
 
 #[test]
 fn a_tampered_segment_byte_or_a_digest_mismatch_is_untrusted() {
-    let mut store = Store::new();
-    publish(&mut store, cfg(Some(key(1)), None), 60, 1_000);
-    let mut r = Reader::new(&[key(1).public()]);
-    r.run(&store, 3_000);
-    assert_eq!(r.r.applied_lsn(), 60);
-    let now = publish(&mut store, cfg(Some(key(1)), None), 90, 50_000);
-    // Every segment after LSN 60 with one byte flipped (those the head
-    // carries in full come with the signed head itself).
-    let mut bad = store.clone();
-    let head = head_of(&store);
-    for (k, (body, _)) in bad.iter_mut() {
-        if k.starts_with("segments/") && !k.ends_with("00000000000000000060.wseg") {
-            let mid = body.len() / 2;
-            body[mid] ^= 1;
+    both_ways(|| {
+        let mut store = Store::new();
+        publish(&mut store, cfg(Some(key(1)), None), 60, 1_000);
+        let mut r = Reader::new(&[key(1).public()]);
+        r.run(&store, 3_000);
+        assert_eq!(r.r.applied_lsn(), 60);
+        let now = publish(&mut store, cfg(Some(key(1)), None), 90, 50_000);
+        // Every segment after LSN 60 with one byte flipped (those the head
+        // carries in full come with the signed head itself).
+        let mut bad = store.clone();
+        let head = head_of(&store);
+        for (k, (body, _)) in bad.iter_mut() {
+            if k.starts_with("segments/") && !k.ends_with("00000000000000000060.wseg") {
+                let mid = body.len() / 2;
+                body[mid] ^= 1;
+            }
         }
-    }
-    r.run(&bad, 2_000);
-    let last = r.last();
-    assert_eq!(last.kind(), ErrorKind::Untrusted, "{last}");
-    assert!(
-        last.object().is_some_and(|o| o.starts_with("segments/")),
-        "{last}"
-    );
-    assert!(r.r.applied_lsn() < 90);
-    assert!(same(r.r.state(), &expected(r.r.applied_lsn())));
-    // A fresh replica, and a head that records another digest for the
-    // intact snapshot (what a CRC collision with the right digest stands for).
-    let mut h = head.clone();
-    let snap = h.snapshot.as_ref().unwrap().key.clone();
-    *h.trust.as_mut().unwrap().digests.get_mut(&snap).unwrap() = "0".repeat(64);
-    let mut bad = store.clone();
-    put_head(&mut bad, &h, Some(&key(1)));
-    let mut fresh = Reader::new(&[key(1).public()]);
-    fresh.run(&bad, 2_000);
-    let last = fresh.last();
-    assert_eq!(last.kind(), ErrorKind::Untrusted, "{last}");
-    assert!(last.message().contains("SHA-256"), "{last}");
-    assert_eq!(last.object(), Some(snap.as_str()));
-    assert_eq!(fresh.r.applied_lsn(), 0);
-    // The honest objects again, under a newer head: carried on.
-    publish(&mut store, cfg(Some(key(1)), None), 100, now);
-    r.run(&store, 3_000);
-    assert_eq!(r.r.applied_lsn(), 100);
-    assert!(same(r.r.state(), &expected(100)));
+        r.run(&bad, 2_000);
+        let last = r.last();
+        assert_eq!(last.kind(), ErrorKind::Untrusted, "{last}");
+        assert!(
+            last.object().is_some_and(|o| o.starts_with("segments/")),
+            "{last}"
+        );
+        assert!(r.r.applied_lsn() < 90);
+        assert!(same(r.r.state(), &expected(r.r.applied_lsn())));
+        // A fresh replica, and a head that records another digest for the
+        // intact snapshot (what a CRC collision with the right digest stands for).
+        let mut h = head.clone();
+        let snap = h.snapshot.as_ref().unwrap().key.clone();
+        *h.trust.as_mut().unwrap().digests.get_mut(&snap).unwrap() = "0".repeat(64);
+        let mut bad = store.clone();
+        put_head(&mut bad, &h, Some(&key(1)));
+        let mut fresh = Reader::new(&[key(1).public()]);
+        fresh.run(&bad, 2_000);
+        let last = fresh.last();
+        assert_eq!(last.kind(), ErrorKind::Untrusted, "{last}");
+        assert!(last.message().contains("SHA-256"), "{last}");
+        assert_eq!(last.object(), Some(snap.as_str()));
+        assert_eq!(fresh.r.applied_lsn(), 0);
+        // The honest objects again, under a newer head: carried on.
+        publish(&mut store, cfg(Some(key(1)), None), 100, now);
+        r.run(&store, 3_000);
+        assert_eq!(r.r.applied_lsn(), 100);
+        assert!(same(r.r.state(), &expected(100)));
+    });
 }
 
 #[test]
 fn a_pinned_replica_never_goes_back_to_an_older_signed_head() {
-    let mut store = Store::new();
-    let now = publish(&mut store, cfg(Some(key(1)), None), 50, 1_000);
-    let old = store.clone();
-    publish(&mut store, cfg(Some(key(1)), None), 90, now);
-    let mut r = Reader::new(&[key(1).public()]);
-    r.run(&store, 3_000);
-    assert_eq!(r.r.applied_lsn(), 90);
-    // The older, genuinely signed head served again, for longer than an
-    // unpinned replica's rewind: refused every time, the state kept.
-    r.run(&old, 200_000);
-    assert!(r
-        .untrusted()
-        .iter()
-        .any(|e| e.message().contains("refusing to go back")));
-    assert_eq!(r.r.applied_lsn(), 90);
-    assert!(same(r.r.state(), &expected(90)));
-    // Same LSN, older generation: refused too.
-    let mut h = head_of(&store);
-    h.generation -= 1;
-    let mut older = store.clone();
-    put_head(&mut older, &h, Some(&key(1)));
-    r.run(&older, 1_000);
-    assert!(
-        r.last().message().contains("older than generation"),
-        "{}",
-        r.last()
-    );
-    assert_eq!(r.r.applied_lsn(), 90);
+    both_ways(|| {
+        let mut store = Store::new();
+        let now = publish(&mut store, cfg(Some(key(1)), None), 50, 1_000);
+        let old = store.clone();
+        publish(&mut store, cfg(Some(key(1)), None), 90, now);
+        let mut r = Reader::new(&[key(1).public()]);
+        r.run(&store, 3_000);
+        assert_eq!(r.r.applied_lsn(), 90);
+        // The older, genuinely signed head served again, for longer than an
+        // unpinned replica's rewind: refused every time, the state kept.
+        r.run(&old, 200_000);
+        assert!(r
+            .untrusted()
+            .iter()
+            .any(|e| e.message().contains("refusing to go back")));
+        assert_eq!(r.r.applied_lsn(), 90);
+        assert!(same(r.r.state(), &expected(90)));
+        // Same LSN, older generation: refused too.
+        let mut h = head_of(&store);
+        h.generation -= 1;
+        let mut older = store.clone();
+        put_head(&mut older, &h, Some(&key(1)));
+        r.run(&older, 1_000);
+        assert!(
+            r.last().message().contains("older than generation"),
+            "{}",
+            r.last()
+        );
+        assert_eq!(r.r.applied_lsn(), 90);
+    });
 }
 
 #[test]
 fn replicas_follow_a_chain_of_key_rotations() {
-    let mut store = Store::new();
-    let now = publish(&mut store, cfg(Some(key(1)), None), 40, 1_000);
-    let mut a = Reader::new(&[key(1).public()]);
-    a.run(&store, 3_000);
-    assert_eq!(a.r.applied_lsn(), 40);
-    // Rotate 1 -> 2: a replica pinned to 1 follows.
-    let now = publish(&mut store, cfg(Some(key(2)), Some(key(1))), 70, now);
-    a.run(&store, 3_000);
-    assert!(a.untrusted().is_empty(), "{:?}", a.errors);
-    assert_eq!(a.r.applied_lsn(), 70);
-    // Rotate 2 -> 3 while another replica pinned to 1 was away: the chain
-    // 1 -> 2 -> 3 in the head takes it there.
-    publish(&mut store, cfg(Some(key(3)), Some(key(2))), 100, now);
-    let chain = &head_of(&store).trust.unwrap().chain;
-    assert_eq!(chain.len(), 2);
-    for trust in [key(1).public(), key(2).public(), key(3).public()] {
-        let mut r = Reader::new(&[trust]);
-        r.run(&store, 5_000);
-        assert!(r.untrusted().is_empty(), "{trust}: {:?}", r.errors);
-        assert_eq!(r.r.applied_lsn(), 100);
-        assert!(same(r.r.state(), &expected(100)));
-    }
-    a.run(&store, 3_000);
-    assert_eq!(a.r.applied_lsn(), 100);
-    // A key nobody endorsed is not followed.
-    let mut r = Reader::new(&[key(4).public()]);
-    r.run(&store, 2_000);
-    assert_eq!(r.r.applied_lsn(), 0);
-    assert!(!r.untrusted().is_empty());
+    both_ways(|| {
+        let mut store = Store::new();
+        let now = publish(&mut store, cfg(Some(key(1)), None), 40, 1_000);
+        let mut a = Reader::new(&[key(1).public()]);
+        a.run(&store, 3_000);
+        assert_eq!(a.r.applied_lsn(), 40);
+        // Rotate 1 -> 2: a replica pinned to 1 follows.
+        let now = publish(&mut store, cfg(Some(key(2)), Some(key(1))), 70, now);
+        a.run(&store, 3_000);
+        assert!(a.untrusted().is_empty(), "{:?}", a.errors);
+        assert_eq!(a.r.applied_lsn(), 70);
+        // Rotate 2 -> 3 while another replica pinned to 1 was away: the chain
+        // 1 -> 2 -> 3 in the head takes it there.
+        publish(&mut store, cfg(Some(key(3)), Some(key(2))), 100, now);
+        let chain = &head_of(&store).trust.unwrap().chain;
+        assert_eq!(chain.len(), 2);
+        for trust in [key(1).public(), key(2).public(), key(3).public()] {
+            let mut r = Reader::new(&[trust]);
+            r.run(&store, 5_000);
+            assert!(r.untrusted().is_empty(), "{trust}: {:?}", r.errors);
+            assert_eq!(r.r.applied_lsn(), 100);
+            assert!(same(r.r.state(), &expected(100)));
+        }
+        a.run(&store, 3_000);
+        assert_eq!(a.r.applied_lsn(), 100);
+        // A key nobody endorsed is not followed.
+        let mut r = Reader::new(&[key(4).public()]);
+        r.run(&store, 2_000);
+        assert_eq!(r.r.applied_lsn(), 0);
+        assert!(!r.untrusted().is_empty());
+    });
 }
 
 /// The first `CaughtUp` or `Error` event after a sync starts, running

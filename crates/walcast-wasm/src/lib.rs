@@ -635,6 +635,44 @@ impl WasmReplica {
         out
     }
 
+    /// Whether the replica pins keys (`trust`): only then do responses
+    /// need [`signatureChecks`](Self::signature_checks).
+    #[wasm_bindgen(getter)]
+    pub fn pinned(&self) -> bool {
+        self.replica.borrow().pins_keys()
+    }
+
+    /// The Ed25519 checks delivering `body`, the answer to the GET of `key`,
+    /// needs (none unless the replica pins keys and `key` is the head or a
+    /// page): objects `{ id, key, signature, message }` of bytes. The
+    /// module carries no Ed25519 code: JS verifies each with WebCrypto and
+    /// passes the ids of those that verified to
+    /// [`signaturesVerified`](Self::signatures_verified) before it calls
+    /// [`deliver`](Self::deliver); a check not confirmed counts as failed.
+    #[wasm_bindgen(js_name = signatureChecks)]
+    pub fn signature_checks(&self, key: &str, body: &[u8]) -> Array {
+        let out = Array::new();
+        for c in self.replica.borrow().signature_checks(key, body) {
+            let o: JsValue = Object::new().into();
+            set(&o, "id", Uint8Array::from(&c.id[..]));
+            set(&o, "key", Uint8Array::from(&c.key.to_bytes()[..]));
+            set(&o, "signature", Uint8Array::from(&c.signature[..]));
+            set(&o, "message", Uint8Array::from(&c.message[..]));
+            out.push(&o);
+        }
+        out
+    }
+
+    /// Records checks from [`signatureChecks`](Self::signature_checks) that
+    /// verified: their ids, 32 bytes each, one after another.
+    #[wasm_bindgen(js_name = signaturesVerified)]
+    pub fn signatures_verified(&self, ids: &[u8]) {
+        let ids = ids
+            .chunks_exact(32)
+            .filter_map(|c| <[u8; 32]>::try_from(c).ok());
+        self.replica.borrow_mut().signatures_verified(ids);
+    }
+
     /// Hands over the outcome of GET `id`: the HTTP `status` (0 when there
     /// was no response: network error, timeout), the body read (at most
     /// `maxBytes + 1` bytes; `undefined` when reading it failed), the `ETag`

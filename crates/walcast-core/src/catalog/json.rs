@@ -230,18 +230,15 @@ fn list<J, T: From<J>>(v: Option<Vec<J>>) -> Vec<T> {
 
 /// Parses a head's JSON (its checksum already verified by the caller).
 pub(super) fn head(bytes: &[u8]) -> Result<Head, DecodeError> {
-    use base64::Engine as _;
     let h: HeadJson = parse("catalog head", bytes)?;
     let tail = h
         .tail
         .unwrap_or_default()
         .into_iter()
         .map(|t| {
-            let body = base64::engine::general_purpose::STANDARD
-                .decode(t.body.as_bytes())
-                .map_err(|e| {
-                    DecodeError::Json(format!("tail body of {} is not base64: {e}", t.key))
-                })?;
+            let body = crate::b64::decode(t.body.as_bytes()).map_err(|e| {
+                DecodeError::Json(format!("tail body of {} is not base64: {e}", t.key))
+            })?;
             Ok(TailSegment { key: t.key, body })
         })
         .collect::<Result<Vec<_>, DecodeError>>()?;
@@ -260,14 +257,12 @@ pub(super) fn head(bytes: &[u8]) -> Result<Head, DecodeError> {
                 suffix: s
                     .suffix
                     .map(|b| {
-                        base64::engine::general_purpose::STANDARD
-                            .decode(b.as_bytes())
-                            .map_err(|e| {
-                                DecodeError::Json(format!(
-                                    "the suffix of snapshot {} is not base64: {e}",
-                                    s.key
-                                ))
-                            })
+                        crate::b64::decode(b.as_bytes()).map_err(|e| {
+                            DecodeError::Json(format!(
+                                "the suffix of snapshot {} is not base64: {e}",
+                                s.key
+                            ))
+                        })
                     })
                     .transpose()?,
                 key: s.key,

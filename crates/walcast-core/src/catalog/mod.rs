@@ -393,10 +393,7 @@ mod base64_bytes {
     use serde::Serializer;
 
     pub(super) fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&base64::display::Base64Display::new(
-            b,
-            &base64::engine::general_purpose::STANDARD,
-        ))
+        s.collect_str(&crate::b64::Display(b))
     }
 
     pub(super) fn serialize_opt<S: Serializer>(

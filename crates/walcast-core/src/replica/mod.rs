@@ -111,6 +111,13 @@ pub struct ReplicaConfig {
     /// replica reads whole segments (no mid-segment start) and, in lazy
     /// mode, loads the snapshot whole.
     pub trust: Vec<crate::keys::PublicKey>,
+    /// The host makes the Ed25519 checks of a pinned replica: before it
+    /// delivers a response it asks [`Replica::signature_checks`], verifies
+    /// them, and passes those that held to [`Replica::signatures_verified`].
+    /// Always so on wasm32, whose module carries no Ed25519 code (the JS
+    /// driver uses WebCrypto); elsewhere the core verifies unless this is
+    /// set.
+    pub host_verifies_signatures: bool,
 }
 
 impl Default for ReplicaConfig {
@@ -129,6 +136,7 @@ impl Default for ReplicaConfig {
             lazy_cache_bytes: None,
             long_poll_wait_ms: 30_000,
             trust: Vec::new(),
+            host_verifies_signatures: false,
         }
     }
 }
@@ -346,7 +354,7 @@ impl Replica {
     /// A fresh replica with no state. `seed` drives retry jitter.
     pub fn new(cfg: ReplicaConfig, seed: u64) -> Self {
         let cfg_lazy = cfg.lazy_cache_bytes;
-        let cfg_trust = cfg.trust.clone();
+        let trust = trust::Trust::new(&cfg.trust, cfg.host_verifies_signatures);
         Replica {
             cfg,
             rng: seed,
@@ -390,7 +398,7 @@ impl Replica {
             head_req: None,
             long_poll_early: false,
             head_now: false,
-            trust: trust::Trust::new(&cfg_trust),
+            trust,
         }
     }
 

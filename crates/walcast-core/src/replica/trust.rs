@@ -5,9 +5,11 @@
 //! digest the signed head (or a page it binds) records. Anything else is an
 //! [`ErrorKind::Untrusted`] error; nothing from it is applied.
 
-use crate::catalog::{head_signature, page_signature, DatasetId, Head, PageRef, HEAD_KEY};
+use crate::catalog::{
+    head_signature, object_kind, page_signature, DatasetId, Head, PageRef, HEAD_KEY,
+};
 use crate::error::{Error, ErrorKind};
-use crate::keys::{self, PublicKey, Sha256Stream};
+use crate::keys::{self, PublicKey, Sha256Stream, SignatureCheck};
 
 use super::Replica;
 
@@ -22,14 +24,36 @@ pub(super) struct Trust {
     snap: Option<(u64, Sha256Stream)>,
     /// The key that signed the newest head accepted.
     signer: Option<PublicKey>,
+    /// Whether the host makes the Ed25519 checks (always so on wasm32).
+    host_verifies: bool,
+    /// Ids of the checks the host made and found valid, newest last (at
+    /// most [`VERIFIED_KEPT`]).
+    verified: Vec<[u8; 32]>,
 }
 
+/// Host-verified checks remembered: more than the responses in flight need.
+const VERIFIED_KEPT: usize = 64;
+
 impl Trust {
-    pub(super) fn new(keys: &[PublicKey]) -> Self {
+    pub(super) fn new(keys: &[PublicKey], host_verifies: bool) -> Self {
         Trust {
             keys: keys.to_vec(),
+            host_verifies: host_verifies || cfg!(target_family = "wasm"),
             ..Trust::default()
         }
+    }
+
+    /// Whether `key`'s base64 signature over `domain ‖ covered` verifies:
+    /// checked here, or, where the host verifies, found among the checks
+    /// it made.
+    fn verify(&self, key: &PublicKey, domain: &[u8], covered: &[u8], sig: &str) -> bool {
+        if !self.host_verifies {
+            return verify_here(key, domain, covered, sig);
+        }
+        keys::decode_signature(sig).is_some_and(|signature| {
+            let id = SignatureCheck::id_of(key, &signature, domain, covered);
+            self.verified.contains(&id)
+        })
     }
 
     /// Whether this replica pins keys at all.
@@ -60,6 +84,18 @@ impl Trust {
     }
 }
 
+/// Ed25519 in Rust.
+#[cfg(not(target_family = "wasm"))]
+fn verify_here(key: &PublicKey, domain: &[u8], covered: &[u8], sig: &str) -> bool {
+    key.verify_b64(domain, covered, sig)
+}
+
+/// The wasm32 core carries no Ed25519 code; its host always verifies.
+#[cfg(target_family = "wasm")]
+fn verify_here(_: &PublicKey, _: &[u8], _: &[u8], _: &str) -> bool {
+    false
+}
+
 fn untrusted(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::Untrusted, msg)
 }
@@ -88,10 +124,16 @@ impl Replica {
         loop {
             let before = trusted.len();
             for e in &t.chain {
-                if let Some((by, key)) = e.verify() {
-                    if trusted.contains(&by) && !trusted.contains(&key) {
-                        trusted.push(key);
-                    }
+                let (Ok(by), Ok(key)) = (PublicKey::parse(&e.by), PublicKey::parse(&e.key)) else {
+                    continue;
+                };
+                if trusted.contains(&by)
+                    && !trusted.contains(&key)
+                    && self
+                        .trust
+                        .verify(&by, keys::ROTATION_DOMAIN, &key.to_bytes(), &e.signature)
+                {
+                    trusted.push(key);
                 }
             }
             if trusted.len() == before {
@@ -103,7 +145,7 @@ impl Replica {
                 "the head is signed by {signer}, which is not trusted"
             )));
         }
-        if !signer.verify_b64(keys::HEAD_DOMAIN, signed, sig) {
+        if !self.trust.verify(&signer, keys::HEAD_DOMAIN, signed, sig) {
             return Err(err(format!(
                 "the head's signature by {signer} does not verify"
             )));
@@ -134,6 +176,66 @@ impl Replica {
         self.trust.signer = Some(signer);
         self.trust.last = Some((head.dataset_id, head.generation, head.committed_at_ms));
         Ok(())
+    }
+
+    /// Whether this replica pins keys ([`super::ReplicaConfig::trust`]).
+    pub fn pins_keys(&self) -> bool {
+        self.trust.pinned()
+    }
+
+    /// The Ed25519 checks delivering `body`, the answer to a GET of `key`,
+    /// will make: none unless this replica pins keys and `key` is the head
+    /// or a page. A host that verifies signatures itself (wasm32, or
+    /// [`super::ReplicaConfig::host_verifies_signatures`]) makes them and
+    /// passes the ids of those that verified to
+    /// [`signatures_verified`](Self::signatures_verified) before it hands
+    /// the response over; a check it did not confirm counts as failed.
+    pub fn signature_checks(&self, key: &str, body: &[u8]) -> Vec<SignatureCheck> {
+        let mut out = Vec::new();
+        if !self.trust.pinned() {
+            return out;
+        }
+        if key == HEAD_KEY {
+            let (Ok(head), Some((sig, signed))) = (Head::decode(body), head_signature(body)) else {
+                return out;
+            };
+            let Some(t) = &head.trust else {
+                return out;
+            };
+            for e in &t.chain {
+                if let (Ok(by), Ok(k)) = (PublicKey::parse(&e.by), PublicKey::parse(&e.key)) {
+                    out.extend(SignatureCheck::new(
+                        &by,
+                        keys::ROTATION_DOMAIN,
+                        &k.to_bytes(),
+                        &e.signature,
+                    ));
+                }
+            }
+            if let Ok(signer) = PublicKey::parse(&t.signer) {
+                out.extend(SignatureCheck::new(&signer, keys::HEAD_DOMAIN, signed, sig));
+            }
+        } else if object_kind(key) == Some("page") {
+            if let Some((sig, m)) = page_signature(body) {
+                for k in &self.trust.keys {
+                    out.extend(SignatureCheck::new(k, keys::PAGE_DOMAIN, m, sig));
+                }
+            }
+        }
+        out
+    }
+
+    /// Records checks from [`signature_checks`](Self::signature_checks)
+    /// that the host made and found valid, by id.
+    pub fn signatures_verified(&mut self, ids: impl IntoIterator<Item = [u8; 32]>) {
+        let v = &mut self.trust.verified;
+        for id in ids {
+            if !v.contains(&id) {
+                v.push(id);
+            }
+        }
+        let extra = v.len().saturating_sub(VERIFIED_KEPT);
+        v.drain(..extra);
     }
 
     /// The digest recorded for `key` by `head` or a cached, verified page.
@@ -195,7 +297,7 @@ impl Replica {
             self.trust
                 .keys
                 .iter()
-                .any(|k| k.verify_b64(keys::PAGE_DOMAIN, m, sig))
+                .any(|k| self.trust.verify(k, keys::PAGE_DOMAIN, m, sig))
         });
         if !signed {
             return Err(untrusted("the page is not signed by a trusted key").with_object(&r.key));
