@@ -1,23 +1,22 @@
 //! Decoding the catalog's JSON (heads and pages) into its types.
 //!
-//! The catalog is parsed with `miniserde`, whose JSON reader is small enough
-//! for the wasm module (one parser with no per-type code paths), into plain
-//! mirror structs that say which members are optional; the conversion to the
-//! public types below is where defaults are filled in. Encoding stays with
-//! `serde_json` (`Serialize` on the public types), so the bytes the
-//! publisher writes are unchanged.
+//! A small pull reader of its own ([`Cursor`]) reads the catalog straight
+//! into its types: one code path per member, no per-type visitor machinery
+//! and no floating point (the catalog has no fractions), which keeps the
+//! wasm module small. Encoding stays with `serde_json` (`Serialize` on the
+//! public types), so the bytes the publisher writes are unchanged.
 //!
 //! What the reader accepts: one JSON object (RFC 8259) in UTF-8, with
-//! nothing after it but whitespace. Unknown members are ignored, as the
-//! compatibility rules in `docs/FORMAT.md` require; a member given twice
-//! keeps its last value. Integers must fit their field (`u32` or `u64`):
-//! fractions, exponents, negative numbers and `null` for a required member
-//! are refused. Arrays and objects nest at most [`MAX_JSON_DEPTH`] deep;
-//! nesting costs no stack (the reader keeps its own).
+//! nothing after it but whitespace. Unknown members are ignored (they must
+//! still be well-formed JSON), as the compatibility rules in
+//! `docs/FORMAT.md` require; a member given twice keeps its last value.
+//! Integers must fit their field (`u16`, `u32` or `u64`): fractions,
+//! exponents, negative numbers, leading zeros and `null` for a required
+//! member are refused; `null` for an optional member means it is absent.
+//! Arrays and objects nest at most [`MAX_JSON_DEPTH`] deep, checked before
+//! anything is parsed.
 
 use std::collections::BTreeMap;
-
-use miniserde::Deserialize;
 
 use super::{
     DatasetId, DeltaEntry, Head, Page, PageRef, Retired, SegmentEntry, SnapshotEntry, TailSegment,
@@ -28,9 +27,8 @@ use crate::trust::{HeadTrust, KeyEndorsement};
 
 /// Deepest nesting of arrays and objects accepted in a head or page. The
 /// catalog's own members nest at most 4 deep; unknown members may add more,
-/// up to this (the limit serde_json applied before). The reader keeps a
-/// stack entry per open level, so without a limit a hostile page of 16 MiB
-/// of `[` would take hundreds of MB.
+/// up to this (the limit serde_json applies). The reader recurses once per
+/// level of an unknown member, so the limit also bounds its stack.
 pub(crate) const MAX_JSON_DEPTH: usize = 128;
 
 /// Refuses input nesting arrays and objects deeper than [`MAX_JSON_DEPTH`]
@@ -67,267 +65,595 @@ fn check_depth(what: &str, bytes: &[u8]) -> Result<(), DecodeError> {
     Ok(())
 }
 
-/// Parses `bytes` as one JSON value of type `T`; `what` names the object in
-/// the error ("catalog head", "catalog page").
-fn parse<T: Deserialize>(what: &str, bytes: &[u8]) -> Result<T, DecodeError> {
+/// A reader's failure: the byte offset where the input stopped matching
+/// what was expected.
+type R<T> = Result<T, usize>;
+
+/// A position in JSON text that is valid UTF-8.
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    /// The next byte after whitespace (not consumed).
+    fn peek(&mut self) -> Option<u8> {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.b.get(self.at) {
+            self.at += 1;
+        }
+        self.b.get(self.at).copied()
+    }
+
+    /// Consumes `c` if it comes next.
+    fn eat(&mut self, c: u8) -> bool {
+        let next = self.peek() == Some(c);
+        self.at += usize::from(next);
+        next
+    }
+
+    fn expect(&mut self, c: u8) -> R<()> {
+        if self.eat(c) {
+            Ok(())
+        } else {
+            Err(self.at)
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> R<()> {
+        self.peek();
+        if self.b[self.at..].starts_with(word) {
+            self.at += word.len();
+            Ok(())
+        } else {
+            Err(self.at)
+        }
+    }
+
+    /// An object: `member` gets each member's name with the cursor at its
+    /// value, which it must read (or [`skip`](Self::skip)).
+    fn object(&mut self, member: &mut dyn FnMut(&mut Self, &str) -> R<()>) -> R<()> {
+        self.expect(b'{')?;
+        if self.eat(b'}') {
+            return Ok(());
+        }
+        loop {
+            let name = self.string()?;
+            self.expect(b':')?;
+            member(self, &name)?;
+            if !self.eat(b',') {
+                return self.expect(b'}');
+            }
+        }
+    }
+
+    /// An array: `item` reads each element.
+    fn array(&mut self, item: &mut dyn FnMut(&mut Self) -> R<()>) -> R<()> {
+        self.expect(b'[')?;
+        if self.eat(b']') {
+            return Ok(());
+        }
+        loop {
+            item(self)?;
+            if !self.eat(b',') {
+                return self.expect(b']');
+            }
+        }
+    }
+
+    /// An array whose elements `read` reads, as a vector.
+    fn list<T>(&mut self, read: fn(&mut Self) -> R<T>) -> R<Vec<T>> {
+        let mut out = Vec::new();
+        self.array(&mut |c| read(c).map(|v| out.push(v)))?;
+        Ok(out)
+    }
+
+    /// `None` for `null`, else what `read` reads.
+    fn opt<T>(&mut self, read: impl FnOnce(&mut Self) -> R<T>) -> R<Option<T>> {
+        if self.peek() == Some(b'n') {
+            self.literal(b"null").map(|()| None)
+        } else {
+            read(self).map(Some)
+        }
+    }
+
+    fn hex4(&mut self) -> R<u32> {
+        let digits = self.b.get(self.at..self.at + 4).ok_or(self.at)?;
+        let mut n = 0;
+        for &d in digits {
+            n = n << 4 | char::from(d).to_digit(16).ok_or(self.at)?;
+        }
+        self.at += 4;
+        Ok(n)
+    }
+
+    /// A string, its escapes resolved (a lone surrogate is refused).
+    fn string(&mut self) -> R<String> {
+        self.expect(b'"')?;
+        let mut out = String::new();
+        loop {
+            let start = self.at;
+            // Copy the run up to the next quote, escape or control byte.
+            while let Some(&c) = self.b.get(self.at) {
+                if c == b'"' || c == b'\\' || c < 0x20 {
+                    break;
+                }
+                self.at += 1;
+            }
+            out.push_str(std::str::from_utf8(&self.b[start..self.at]).map_err(|_| start)?);
+            let c = *self.b.get(self.at).ok_or(self.at)?;
+            let esc = self.at;
+            self.at += 1;
+            match c {
+                b'"' => return Ok(out),
+                b'\\' => {}
+                _ => return Err(esc),
+            }
+            let e = *self.b.get(self.at).ok_or(self.at)?;
+            self.at += 1;
+            out.push(match e {
+                b'"' => '"',
+                b'\\' => '\\',
+                b'/' => '/',
+                b'b' => '\u{8}',
+                b'f' => '\u{c}',
+                b'n' => '\n',
+                b'r' => '\r',
+                b't' => '\t',
+                b'u' => {
+                    let hi = self.hex4()?;
+                    let cp = match hi {
+                        0xd800..=0xdbff => {
+                            if self.b.get(self.at..self.at + 2) != Some(b"\\u") {
+                                return Err(self.at);
+                            }
+                            self.at += 2;
+                            let lo = self.hex4()?;
+                            if !(0xdc00..=0xdfff).contains(&lo) {
+                                return Err(self.at);
+                            }
+                            0x10000 + ((hi - 0xd800) << 10) + (lo - 0xdc00)
+                        }
+                        _ => hi,
+                    };
+                    char::from_u32(cp).ok_or(esc)?
+                }
+                _ => return Err(esc),
+            });
+        }
+    }
+
+    /// A non-negative integer without sign, fraction, exponent or leading
+    /// zero, at most `max`.
+    fn uint(&mut self, max: u64) -> R<u64> {
+        self.peek();
+        let start = self.at;
+        let mut n = 0u64;
+        while let Some(d @ b'0'..=b'9') = self.b.get(self.at).copied() {
+            n = n
+                .checked_mul(10)
+                .and_then(|n| n.checked_add(u64::from(d - b'0')))
+                .filter(|&n| n <= max)
+                .ok_or(start)?;
+            self.at += 1;
+        }
+        let digits = &self.b[start..self.at];
+        if digits.is_empty()
+            || (digits.len() > 1 && digits[0] == b'0')
+            || matches!(self.b.get(self.at), Some(b'.' | b'e' | b'E'))
+        {
+            return Err(start);
+        }
+        Ok(n)
+    }
+
+    fn u64(&mut self) -> R<u64> {
+        self.uint(u64::MAX)
+    }
+
+    fn u32(&mut self) -> R<u32> {
+        self.uint(u32::MAX.into()).map(|n| n as u32)
+    }
+
+    fn u16(&mut self) -> R<u16> {
+        self.uint(u16::MAX.into()).map(|n| n as u16)
+    }
+
+    /// Any JSON value, checked and dropped (an unknown member's).
+    fn skip(&mut self) -> R<()> {
+        match self.peek().ok_or(self.at)? {
+            b'{' => self.object(&mut |c, _| c.skip()),
+            b'[' => self.array(&mut |c| c.skip()),
+            b'"' => self.string().map(drop),
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            _ => self.number(),
+        }
+    }
+
+    /// Any JSON number (RFC 8259 grammar).
+    fn number(&mut self) -> R<()> {
+        let start = self.at;
+        let digits = |c: &mut Self| {
+            let from = c.at;
+            while c.b.get(c.at).is_some_and(u8::is_ascii_digit) {
+                c.at += 1;
+            }
+            if c.at == from {
+                Err(from)
+            } else {
+                Ok(())
+            }
+        };
+        self.at += usize::from(self.b.get(self.at) == Some(&b'-'));
+        if self.b.get(self.at) == Some(&b'0') {
+            self.at += 1;
+        } else {
+            digits(self).map_err(|_| start)?;
+        }
+        if self.b.get(self.at) == Some(&b'.') {
+            self.at += 1;
+            digits(self)?;
+        }
+        if let Some(b'e' | b'E') = self.b.get(self.at) {
+            self.at += 1;
+            self.at += usize::from(matches!(self.b.get(self.at), Some(b'+' | b'-')));
+            digits(self)?;
+        }
+        Ok(())
+    }
+
+    /// An object of strings.
+    fn string_map(&mut self) -> R<BTreeMap<String, String>> {
+        let mut m = BTreeMap::new();
+        self.object(&mut |c, name| {
+            m.insert(name.to_string(), c.string()?);
+            Ok(())
+        })?;
+        Ok(m)
+    }
+}
+
+/// A required member's value, or the failure at the object's start.
+fn need<T>(v: Option<T>, at: usize) -> R<T> {
+    v.ok_or(at)
+}
+
+/// Parses `bytes` as one JSON object that `read` reads; `what` names the
+/// object in the error ("catalog head", "catalog page").
+fn parse<T>(what: &str, bytes: &[u8], read: fn(&mut Cursor) -> R<T>) -> Result<T, DecodeError> {
     check_depth(what, bytes)?;
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        DecodeError::Json(format!(
+    if let Err(e) = std::str::from_utf8(bytes) {
+        return Err(DecodeError::Json(format!(
             "{what} is not UTF-8 (invalid byte at offset {})",
             e.valid_up_to()
-        ))
-    })?;
-    miniserde::json::from_str(text).map_err(|_| {
-        DecodeError::Json(format!(
-            "{what} is not a JSON object of the catalog's shape (malformed JSON, a \
-             required member missing, or a member of the wrong type or range)"
-        ))
-    })
+        )));
+    }
+    let mut c = Cursor { b: bytes, at: 0 };
+    read(&mut c)
+        .and_then(|v| match c.peek() {
+            None => Ok(v),
+            Some(_) => Err(c.at),
+        })
+        .map_err(|at| {
+            DecodeError::Json(format!(
+                "{what} is not a JSON object of the catalog's shape (malformed JSON, a \
+                 required member missing, or a member of the wrong type or range; at \
+                 offset {at})"
+            ))
+        })
 }
 
 /// The catalog format version a head or page declares, read before anything
 /// else so that a newer format is refused as such.
 pub(super) fn format_of(what: &str, bytes: &[u8]) -> Result<u32, DecodeError> {
-    #[derive(Deserialize)]
-    struct Probe {
-        format: u32,
-    }
-    parse::<Probe>(what, bytes).map(|p| p.format)
+    parse(what, bytes, |c| {
+        let (at, mut format) = (c.at, None);
+        c.object(&mut |c, name| match name {
+            "format" => c.u32().map(|v| format = Some(v)),
+            _ => c.skip(),
+        })?;
+        need(format, at)
+    })
 }
 
-#[derive(Deserialize)]
-struct SegmentJson {
-    key: String,
-    epoch: u64,
-    first_lsn: u64,
-    last_lsn: u64,
-    size: u64,
-    crc32: u32,
-    records_end: u64,
-    index: Vec<(u64, u64)>,
-}
-
-impl From<SegmentJson> for SegmentEntry {
-    fn from(s: SegmentJson) -> Self {
-        SegmentEntry {
-            key: s.key,
-            epoch: s.epoch,
-            first_lsn: s.first_lsn,
-            last_lsn: s.last_lsn,
-            size: s.size,
-            crc32: s.crc32,
-            records_end: s.records_end,
-            index: s.index.into_iter().map(IndexEntry::from).collect(),
+fn segment(c: &mut Cursor) -> R<SegmentEntry> {
+    let at = c.at;
+    let (mut key, mut epoch, mut first_lsn, mut last_lsn) = (None, None, None, None);
+    let (mut size, mut crc32, mut records_end, mut index) = (None, None, None, None);
+    c.object(&mut |c, name| {
+        match name {
+            "key" => key = Some(c.string()?),
+            "epoch" => epoch = Some(c.u64()?),
+            "first_lsn" => first_lsn = Some(c.u64()?),
+            "last_lsn" => last_lsn = Some(c.u64()?),
+            "size" => size = Some(c.u64()?),
+            "crc32" => crc32 = Some(c.u32()?),
+            "records_end" => records_end = Some(c.u64()?),
+            "index" => {
+                index = Some(c.list(|c| {
+                    c.expect(b'[')?;
+                    let lsn = c.u64()?;
+                    c.expect(b',')?;
+                    let offset = c.u64()?;
+                    c.expect(b']')?;
+                    Ok(IndexEntry { lsn, offset })
+                })?)
+            }
+            _ => c.skip()?,
         }
-    }
+        Ok(())
+    })?;
+    Ok(SegmentEntry {
+        key: need(key, at)?,
+        epoch: need(epoch, at)?,
+        first_lsn: need(first_lsn, at)?,
+        last_lsn: need(last_lsn, at)?,
+        size: need(size, at)?,
+        crc32: need(crc32, at)?,
+        records_end: need(records_end, at)?,
+        index: need(index, at)?,
+    })
 }
 
-#[derive(Deserialize)]
-struct SnapshotJson {
-    key: String,
-    lsn: u64,
-    epoch: u64,
-    size: u64,
-    crc32: u32,
-    entries: u64,
-    version: Option<u16>,
-    suffix: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct DeltaJson {
-    key: String,
-    base_lsn: u64,
-    lsn: u64,
-    epoch: u64,
-    size: u64,
-    crc32: u32,
-    entries: u64,
-    suffix_len: u64,
-}
-
-#[derive(Deserialize)]
-struct PageRefJson {
-    key: String,
-    level: u32,
-    first_lsn: u64,
-    last_lsn: u64,
-    count: u32,
-    crc32: u32,
-}
-
-impl From<PageRefJson> for PageRef {
-    fn from(p: PageRefJson) -> Self {
-        PageRef {
-            key: p.key,
-            level: p.level,
-            first_lsn: p.first_lsn,
-            last_lsn: p.last_lsn,
-            count: p.count,
-            crc32: p.crc32,
+/// A snapshot entry; its suffix still in base64.
+fn snapshot(c: &mut Cursor) -> R<(SnapshotEntry, Option<String>)> {
+    let at = c.at;
+    let (mut key, mut lsn, mut epoch, mut size) = (None, None, None, None);
+    let (mut crc32, mut entries, mut version, mut suffix) = (None, None, None, None);
+    c.object(&mut |c, name| {
+        match name {
+            "key" => key = Some(c.string()?),
+            "lsn" => lsn = Some(c.u64()?),
+            "epoch" => epoch = Some(c.u64()?),
+            "size" => size = Some(c.u64()?),
+            "crc32" => crc32 = Some(c.u32()?),
+            "entries" => entries = Some(c.u64()?),
+            "version" => version = c.opt(Cursor::u16)?,
+            "suffix" => suffix = c.opt(Cursor::string)?,
+            _ => c.skip()?,
         }
+        Ok(())
+    })?;
+    let entry = SnapshotEntry {
+        key: need(key, at)?,
+        lsn: need(lsn, at)?,
+        epoch: need(epoch, at)?,
+        size: need(size, at)?,
+        crc32: need(crc32, at)?,
+        entries: need(entries, at)?,
+        version: version.unwrap_or(1),
+        suffix: None,
+    };
+    Ok((entry, suffix))
+}
+
+fn delta(c: &mut Cursor) -> R<DeltaEntry> {
+    let at = c.at;
+    let (mut key, mut base_lsn, mut lsn, mut epoch) = (None, None, None, None);
+    let (mut size, mut crc32, mut entries, mut suffix_len) = (None, None, None, None);
+    c.object(&mut |c, name| {
+        match name {
+            "key" => key = Some(c.string()?),
+            "base_lsn" => base_lsn = Some(c.u64()?),
+            "lsn" => lsn = Some(c.u64()?),
+            "epoch" => epoch = Some(c.u64()?),
+            "size" => size = Some(c.u64()?),
+            "crc32" => crc32 = Some(c.u32()?),
+            "entries" => entries = Some(c.u64()?),
+            "suffix_len" => suffix_len = Some(c.u64()?),
+            _ => c.skip()?,
+        }
+        Ok(())
+    })?;
+    Ok(DeltaEntry {
+        key: need(key, at)?,
+        base_lsn: need(base_lsn, at)?,
+        lsn: need(lsn, at)?,
+        epoch: need(epoch, at)?,
+        size: need(size, at)?,
+        crc32: need(crc32, at)?,
+        entries: need(entries, at)?,
+        suffix_len: need(suffix_len, at)?,
+    })
+}
+
+fn page_ref(c: &mut Cursor) -> R<PageRef> {
+    let at = c.at;
+    let (mut key, mut level, mut first_lsn) = (None, None, None);
+    let (mut last_lsn, mut count, mut crc32) = (None, None, None);
+    c.object(&mut |c, name| {
+        match name {
+            "key" => key = Some(c.string()?),
+            "level" => level = Some(c.u32()?),
+            "first_lsn" => first_lsn = Some(c.u64()?),
+            "last_lsn" => last_lsn = Some(c.u64()?),
+            "count" => count = Some(c.u32()?),
+            "crc32" => crc32 = Some(c.u32()?),
+            _ => c.skip()?,
+        }
+        Ok(())
+    })?;
+    Ok(PageRef {
+        key: need(key, at)?,
+        level: need(level, at)?,
+        first_lsn: need(first_lsn, at)?,
+        last_lsn: need(last_lsn, at)?,
+        count: need(count, at)?,
+        crc32: need(crc32, at)?,
+    })
+}
+
+/// An object of string members named in `names`, all required.
+fn strings<const N: usize>(c: &mut Cursor, names: [&str; N]) -> R<[String; N]> {
+    let at = c.at;
+    let mut got: [Option<String>; N] = std::array::from_fn(|_| None);
+    c.object(&mut |c, name| match names.iter().position(|n| *n == name) {
+        Some(i) => c.string().map(|s| got[i] = Some(s)),
+        None => c.skip(),
+    })?;
+    let mut out: [String; N] = std::array::from_fn(|_| String::new());
+    for (o, g) in out.iter_mut().zip(got) {
+        *o = need(g, at)?;
     }
+    Ok(out)
 }
 
-#[derive(Deserialize)]
-struct TailJson {
-    key: String,
-    body: String,
+fn retired(c: &mut Cursor) -> R<Retired> {
+    let at = c.at;
+    let (mut key, mut since_ms) = (None, None);
+    c.object(&mut |c, name| {
+        match name {
+            "key" => key = Some(c.string()?),
+            "since_ms" => since_ms = Some(c.u64()?),
+            _ => c.skip()?,
+        }
+        Ok(())
+    })?;
+    Ok(Retired {
+        key: need(key, at)?,
+        since_ms: need(since_ms, at)?,
+    })
 }
 
-#[derive(Deserialize)]
-struct RetiredJson {
-    key: String,
-    since_ms: u64,
+fn trust(c: &mut Cursor) -> R<HeadTrust> {
+    let at = c.at;
+    let (mut signer, mut chain, mut digests, mut index_digests) = (None, None, None, None);
+    c.object(&mut |c, name| {
+        match name {
+            "signer" => signer = Some(c.string()?),
+            "chain" => {
+                chain = c.opt(|c| {
+                    c.list(|c| {
+                        let [key, by, signature] = strings(c, ["key", "by", "signature"])?;
+                        Ok(KeyEndorsement { key, by, signature })
+                    })
+                })?
+            }
+            "digests" => digests = c.opt(Cursor::string_map)?,
+            "index_digests" => index_digests = c.opt(Cursor::string_map)?,
+            _ => c.skip()?,
+        }
+        Ok(())
+    })?;
+    Ok(HeadTrust {
+        signer: need(signer, at)?,
+        chain: chain.unwrap_or_default(),
+        digests: digests.unwrap_or_default(),
+        index_digests: index_digests.unwrap_or_default(),
+    })
 }
 
-#[derive(Deserialize)]
-struct EndorsementJson {
-    key: String,
-    by: String,
-    signature: String,
-}
-
-#[derive(Deserialize)]
-struct TrustJson {
-    signer: String,
-    chain: Option<Vec<EndorsementJson>>,
-    digests: Option<BTreeMap<String, String>>,
-    index_digests: Option<BTreeMap<String, String>>,
-}
-
-#[derive(Deserialize)]
+/// A head as read, before its base64 members are decoded.
 struct HeadJson {
-    format: u32,
+    head: Head,
     dataset_id: String,
-    epoch: u64,
-    generation: u64,
-    committed_lsn: u64,
-    earliest_lsn: u64,
-    writer: Option<String>,
-    committed_at_ms: Option<u64>,
-    snapshot: Option<SnapshotJson>,
-    segments: Vec<SegmentJson>,
-    pages: Option<Vec<PageRefJson>>,
-    retired: Option<Vec<RetiredJson>>,
-    deltas: Option<Vec<DeltaJson>>,
-    tail: Option<Vec<TailJson>>,
-    trust: Option<TrustJson>,
+    snapshot_suffix: Option<String>,
+    tail: Vec<[String; 2]>,
 }
 
-#[derive(Deserialize)]
-struct PageJson {
-    format: u32,
-    level: u32,
-    segments: Option<Vec<SegmentJson>>,
-    pages: Option<Vec<PageRefJson>>,
-    digests: Option<BTreeMap<String, String>>,
-}
-
-fn list<J, T: From<J>>(v: Option<Vec<J>>) -> Vec<T> {
-    v.unwrap_or_default().into_iter().map(T::from).collect()
+fn head_json(c: &mut Cursor) -> R<HeadJson> {
+    let at = c.at;
+    let (mut format, mut dataset_id, mut epoch, mut generation) = (None, None, None, None);
+    let (mut committed_lsn, mut earliest_lsn, mut writer) = (None, None, None);
+    let (mut committed_at_ms, mut snapshot_json, mut segments, mut pages) =
+        (None, None, None, None);
+    let (mut retired_list, mut deltas, mut tail, mut trust_json) = (None, None, None, None);
+    c.object(&mut |c, name| {
+        match name {
+            "format" => format = Some(c.u32()?),
+            "dataset_id" => dataset_id = Some(c.string()?),
+            "epoch" => epoch = Some(c.u64()?),
+            "generation" => generation = Some(c.u64()?),
+            "committed_lsn" => committed_lsn = Some(c.u64()?),
+            "earliest_lsn" => earliest_lsn = Some(c.u64()?),
+            "writer" => writer = c.opt(Cursor::string)?,
+            "committed_at_ms" => committed_at_ms = c.opt(Cursor::u64)?,
+            "snapshot" => snapshot_json = c.opt(snapshot)?,
+            "segments" => segments = Some(c.list(segment)?),
+            "pages" => pages = c.opt(|c| c.list(page_ref))?,
+            "retired" => retired_list = c.opt(|c| c.list(retired))?,
+            "deltas" => deltas = c.opt(|c| c.list(delta))?,
+            "tail" => tail = c.opt(|c| c.list(|c| strings(c, ["key", "body"])))?,
+            "trust" => trust_json = c.opt(trust)?,
+            _ => c.skip()?,
+        }
+        Ok(())
+    })?;
+    let (snapshot, snapshot_suffix) = snapshot_json.map_or((None, None), |(s, b)| (Some(s), b));
+    Ok(HeadJson {
+        head: Head {
+            format: need(format, at)?,
+            dataset_id: DatasetId::default(),
+            epoch: need(epoch, at)?,
+            generation: need(generation, at)?,
+            committed_lsn: need(committed_lsn, at)?,
+            earliest_lsn: need(earliest_lsn, at)?,
+            writer: writer.unwrap_or_default(),
+            committed_at_ms: committed_at_ms.unwrap_or_default(),
+            snapshot,
+            segments: need(segments, at)?,
+            pages: pages.unwrap_or_default(),
+            retired: retired_list.unwrap_or_default(),
+            deltas: deltas.unwrap_or_default(),
+            tail: Vec::new(),
+            trust: trust_json,
+        },
+        dataset_id: need(dataset_id, at)?,
+        snapshot_suffix,
+        tail: tail.unwrap_or_default(),
+    })
 }
 
 /// Parses a head's JSON (its checksum already verified by the caller).
 pub(super) fn head(bytes: &[u8]) -> Result<Head, DecodeError> {
-    let h: HeadJson = parse("catalog head", bytes)?;
-    let tail = h
-        .tail
-        .unwrap_or_default()
-        .into_iter()
-        .map(|t| {
-            let body = crate::b64::decode(t.body.as_bytes()).map_err(|e| {
-                DecodeError::Json(format!("tail body of {} is not base64: {e}", t.key))
-            })?;
-            Ok(TailSegment { key: t.key, body })
-        })
-        .collect::<Result<Vec<_>, DecodeError>>()?;
-    Ok(Head {
-        format: h.format,
-        dataset_id: h.dataset_id.parse::<DatasetId>()?,
-        epoch: h.epoch,
-        generation: h.generation,
-        committed_lsn: h.committed_lsn,
-        earliest_lsn: h.earliest_lsn,
-        writer: h.writer.unwrap_or_default(),
-        committed_at_ms: h.committed_at_ms.unwrap_or_default(),
-        snapshot: match h.snapshot {
-            None => None,
-            Some(s) => Some(SnapshotEntry {
-                suffix: s
-                    .suffix
-                    .map(|b| {
-                        crate::b64::decode(b.as_bytes()).map_err(|e| {
-                            DecodeError::Json(format!(
-                                "the suffix of snapshot {} is not base64: {e}",
-                                s.key
-                            ))
-                        })
-                    })
-                    .transpose()?,
-                key: s.key,
-                lsn: s.lsn,
-                epoch: s.epoch,
-                size: s.size,
-                crc32: s.crc32,
-                entries: s.entries,
-                version: s.version.unwrap_or(1),
-            }),
-        },
-        segments: h.segments.into_iter().map(SegmentEntry::from).collect(),
-        pages: list(h.pages),
-        retired: h
-            .retired
-            .unwrap_or_default()
-            .into_iter()
-            .map(|r| Retired {
-                key: r.key,
-                since_ms: r.since_ms,
-            })
-            .collect(),
-        deltas: h
-            .deltas
-            .unwrap_or_default()
-            .into_iter()
-            .map(|d| DeltaEntry {
-                key: d.key,
-                base_lsn: d.base_lsn,
-                lsn: d.lsn,
-                epoch: d.epoch,
-                size: d.size,
-                crc32: d.crc32,
-                entries: d.entries,
-                suffix_len: d.suffix_len,
-            })
-            .collect(),
+    let HeadJson {
+        mut head,
+        dataset_id,
+        snapshot_suffix,
         tail,
-        trust: h.trust.map(|t| HeadTrust {
-            signer: t.signer,
-            chain: t
-                .chain
-                .unwrap_or_default()
-                .into_iter()
-                .map(|e| KeyEndorsement {
-                    key: e.key,
-                    by: e.by,
-                    signature: e.signature,
-                })
-                .collect(),
-            digests: t.digests.unwrap_or_default(),
-            index_digests: t.index_digests.unwrap_or_default(),
-        }),
-    })
+    } = parse("catalog head", bytes, head_json)?;
+    head.dataset_id = dataset_id.parse::<DatasetId>()?;
+    for [key, body] in tail {
+        let body = crate::b64::decode(body.as_bytes())
+            .map_err(|e| DecodeError::Json(format!("tail body of {key} is not base64: {e}")))?;
+        head.tail.push(TailSegment { key, body });
+    }
+    if let (Some(s), Some(b)) = (head.snapshot.as_mut(), snapshot_suffix) {
+        s.suffix = Some(crate::b64::decode(b.as_bytes()).map_err(|e| {
+            DecodeError::Json(format!(
+                "the suffix of snapshot {} is not base64: {e}",
+                s.key
+            ))
+        })?);
+    }
+    Ok(head)
 }
 
 /// Parses a page's JSON (its checksum already verified by the caller).
 pub(crate) fn page(bytes: &[u8]) -> Result<Page, DecodeError> {
-    let p: PageJson = parse("catalog page", bytes)?;
-    Ok(Page {
-        format: p.format,
-        level: p.level,
-        segments: list(p.segments),
-        pages: list(p.pages),
-        digests: p.digests.unwrap_or_default(),
+    parse("catalog page", bytes, |c| {
+        let at = c.at;
+        let (mut format, mut level, mut segments, mut pages, mut digests) =
+            (None, None, None, None, None);
+        c.object(&mut |c, name| {
+            match name {
+                "format" => format = Some(c.u32()?),
+                "level" => level = Some(c.u32()?),
+                "segments" => segments = c.opt(|c| c.list(segment))?,
+                "pages" => pages = c.opt(|c| c.list(page_ref))?,
+                "digests" => digests = c.opt(Cursor::string_map)?,
+                _ => c.skip()?,
+            }
+            Ok(())
+        })?;
+        Ok(Page {
+            format: need(format, at)?,
+            level: need(level, at)?,
+            segments: segments.unwrap_or_default(),
+            pages: pages.unwrap_or_default(),
+            digests: digests.unwrap_or_default(),
+        })
     })
 }
 
