@@ -344,6 +344,16 @@ fn a_host_verifying_signatures_confirms_heads_chains_and_pages() {
         (checks[0].key, checks[1].key),
         (key(1).public(), key(2).public())
     );
+    // A chain that starts at a key nobody trusts gets no checks made: a
+    // hostile head cannot have the host verify its own endorsements.
+    let mut other = Store::new();
+    let t = publish(&mut other, cfg(Some(key(3)), None), 20, 1_000);
+    publish(&mut other, cfg(Some(key(4)), Some(key(3))), 40, t);
+    assert_eq!(head_of(&other).trust.unwrap().chain.len(), 1);
+    assert!(r
+        .r
+        .signature_checks(HEAD_KEY, &other[HEAD_KEY].0)
+        .is_empty());
     // An unpinned replica needs none.
     assert!(Reader::new(&[])
         .r

@@ -222,6 +222,21 @@ impl Cursor<'_> {
         }
     }
 
+    /// An object key (of a segment, snapshot, delta, page, retired object
+    /// or tail copy): printable ASCII without spaces, as every key the
+    /// format derives is. Anything else could never name a dataset object,
+    /// and is refused here, before a key can reach an error message.
+    fn key(&mut self) -> R<String> {
+        self.peek();
+        let start = self.at;
+        let k = self.string()?;
+        if k.bytes().all(|b| b.is_ascii_graphic()) {
+            Ok(k)
+        } else {
+            Err(start)
+        }
+    }
+
     /// A non-negative integer without sign, fraction, exponent or leading
     /// zero, at most `max`.
     fn uint(&mut self, max: u64) -> R<u64> {
@@ -363,7 +378,7 @@ fn segment(c: &mut Cursor) -> R<SegmentEntry> {
     let (mut size, mut crc32, mut records_end, mut index) = (None, None, None, None);
     c.object(&mut |c, name| {
         match name {
-            "key" => key = Some(c.string()?),
+            "key" => key = Some(c.key()?),
             "epoch" => epoch = Some(c.u64()?),
             "first_lsn" => first_lsn = Some(c.u64()?),
             "last_lsn" => last_lsn = Some(c.u64()?),
@@ -403,7 +418,7 @@ fn snapshot(c: &mut Cursor) -> R<(SnapshotEntry, Option<String>)> {
     let (mut crc32, mut entries, mut version, mut suffix) = (None, None, None, None);
     c.object(&mut |c, name| {
         match name {
-            "key" => key = Some(c.string()?),
+            "key" => key = Some(c.key()?),
             "lsn" => lsn = Some(c.u64()?),
             "epoch" => epoch = Some(c.u64()?),
             "size" => size = Some(c.u64()?),
@@ -434,7 +449,7 @@ fn delta(c: &mut Cursor) -> R<DeltaEntry> {
     let (mut size, mut crc32, mut entries, mut suffix_len) = (None, None, None, None);
     c.object(&mut |c, name| {
         match name {
-            "key" => key = Some(c.string()?),
+            "key" => key = Some(c.key()?),
             "base_lsn" => base_lsn = Some(c.u64()?),
             "lsn" => lsn = Some(c.u64()?),
             "epoch" => epoch = Some(c.u64()?),
@@ -464,7 +479,7 @@ fn page_ref(c: &mut Cursor) -> R<PageRef> {
     let (mut last_lsn, mut count, mut crc32) = (None, None, None);
     c.object(&mut |c, name| {
         match name {
-            "key" => key = Some(c.string()?),
+            "key" => key = Some(c.key()?),
             "level" => level = Some(c.u32()?),
             "first_lsn" => first_lsn = Some(c.u64()?),
             "last_lsn" => last_lsn = Some(c.u64()?),
@@ -504,7 +519,7 @@ fn retired(c: &mut Cursor) -> R<Retired> {
     let (mut key, mut since_ms) = (None, None);
     c.object(&mut |c, name| {
         match name {
-            "key" => key = Some(c.string()?),
+            "key" => key = Some(c.key()?),
             "since_ms" => since_ms = Some(c.u64()?),
             _ => c.skip()?,
         }
@@ -574,7 +589,18 @@ fn head_json(c: &mut Cursor) -> R<HeadJson> {
             "pages" => pages = c.opt(|c| c.list(page_ref))?,
             "retired" => retired_list = c.opt(|c| c.list(retired))?,
             "deltas" => deltas = c.opt(|c| c.list(delta))?,
-            "tail" => tail = c.opt(|c| c.list(|c| strings(c, ["key", "body"])))?,
+            "tail" => {
+                tail = c.opt(|c| {
+                    c.list(|c| {
+                        let [key, body] = strings(c, ["key", "body"])?;
+                        if key.bytes().all(|b| b.is_ascii_graphic()) {
+                            Ok([key, body])
+                        } else {
+                            Err(c.at)
+                        }
+                    })
+                })?
+            }
             "trust" => trust_json = c.opt(trust)?,
             _ => c.skip()?,
         }
@@ -1234,6 +1260,30 @@ mod tests {
             );
             json_error(head(&text));
         }
+    }
+
+    /// Object keys are printable ASCII (as every derived key is): others are
+    /// refused while reading, so no error message can carry a control byte
+    /// from the network.
+    #[test]
+    fn object_keys_outside_printable_ascii_are_refused() {
+        let golden_key = r#""key":"snapshots/00000000000000000139-7.wsnap""#;
+        for bad in [r"s\n\u001b[2Jx", "s x", r"\u00e9", r"a\u0000"] {
+            let text = well_formed(HEAD, golden_key, &format!(r#""key":"{bad}""#));
+            let msg = json_error(head(&text));
+            assert!(!msg.bytes().any(|b| b.is_ascii_control()), "{msg}");
+        }
+        let text = well_formed(
+            &head_with_tail(),
+            r#""segments":[{"key":"segments/"#,
+            r#""segments":[{"key":"x\n\u001b[2J","k2":"segments/"#,
+        );
+        json_error(head(&text));
+        let tail_key = head_with_tail();
+        let at = tail_key.find(r#""tail":[{"key":""#).unwrap() + r#""tail":[{"key":""#.len();
+        let text = format!(r"{}x\n{}", &tail_key[..at], &tail_key[at..]);
+        let msg = json_error(head(&text));
+        assert!(!msg.bytes().any(|b| b.is_ascii_control()), "{msg}");
     }
 
     #[test]

@@ -202,18 +202,40 @@ impl Replica {
             let Some(t) = &head.trust else {
                 return out;
             };
-            for e in &t.chain {
-                if let (Ok(by), Ok(k)) = (PublicKey::parse(&e.by), PublicKey::parse(&e.key)) {
-                    out.extend(SignatureCheck::new(
-                        &by,
-                        keys::ROTATION_DOMAIN,
-                        &k.to_bytes(),
-                        &e.signature,
-                    ));
+            // The chain's endorsements reachable from the keys trusted (as
+            // `check_head_trust` follows them), then the signer's, if
+            // reachable: a hostile head gets no checks made for keys
+            // nothing trusted endorses.
+            let mut reach = self.trust.keys.clone();
+            let mut listed = vec![false; t.chain.len()];
+            loop {
+                let before = out.len();
+                for (e, done) in t.chain.iter().zip(listed.iter_mut()) {
+                    let (Ok(by), Ok(k)) = (PublicKey::parse(&e.by), PublicKey::parse(&e.key))
+                    else {
+                        continue;
+                    };
+                    if *done || !reach.contains(&by) {
+                        continue;
+                    }
+                    *done = true;
+                    if let Some(c) =
+                        SignatureCheck::new(&by, keys::ROTATION_DOMAIN, &k.to_bytes(), &e.signature)
+                    {
+                        out.push(c);
+                        if !reach.contains(&k) {
+                            reach.push(k);
+                        }
+                    }
+                }
+                if out.len() == before {
+                    break;
                 }
             }
             if let Ok(signer) = PublicKey::parse(&t.signer) {
-                out.extend(SignatureCheck::new(&signer, keys::HEAD_DOMAIN, signed, sig));
+                if reach.contains(&signer) {
+                    out.extend(SignatureCheck::new(&signer, keys::HEAD_DOMAIN, signed, sig));
+                }
             }
         } else if object_kind(key) == Some("page") {
             if let Some((sig, m)) = page_signature(body) {
