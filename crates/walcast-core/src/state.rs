@@ -15,8 +15,8 @@
 //! it writes.
 //!
 //! Recent writes go to a small ordered overlay (a `BTreeMap` with
-//! tombstones); once it passes 1/32 of the leaves' bytes, its entries are
-//! merged into the leaves a window (a quarter of the leaves, round robin)
+//! tombstones); once it passes 1/48 of the leaves' bytes, its entries are
+//! merged into the leaves a window (a third of the leaves, round robin)
 //! at a time. Keys past the last one (sequential or time-ordered keys) are
 //! appended to the last leaf directly. Reads consult the overlay first.
 
@@ -36,7 +36,7 @@ const PAGE: usize = 32 << 10;
 /// 1/[`OVERLAY_SHARE`] of the leaves' bytes, whichever is larger.
 const OVERLAY_MIN: usize = 1 << 20;
 /// See [`OVERLAY_MIN`].
-const OVERLAY_SHARE: usize = 32;
+const OVERLAY_SHARE: usize = 48;
 /// A full overlay is merged a window of leaves at a time: the next
 /// 1/`WINDOWS` of the leaves in key order (round robin) with the overlay
 /// entries between their keys, until the overlay is below its limit by
@@ -45,10 +45,11 @@ const OVERLAY_SHARE: usize = 32;
 /// also holds windows merged recently), so a rewritten leaf byte takes in
 /// more overlay entries than in a merge of everything at once, for an
 /// overlay of the same size; and a merge rewrites (and holds twice) a
-/// window's leaves rather than all of them. With 32 KiB leaves and 4
-/// windows, 1,000,000 random-order writes of 100-byte values peak at the
-/// least wasm memory of the sizes tried (docs/BENCHMARKS.md).
-const WINDOWS: usize = 4;
+/// window's leaves rather than all of them. With 32 KiB leaves, an overlay
+/// of 1/48 of the leaves and 3 windows, random-order writes of 100-byte
+/// values peak at the least wasm memory of the settings tried, at every
+/// size from 800,000 to 1,200,000 keys (docs/BENCHMARKS.md).
+const WINDOWS: usize = 3;
 
 /// What an overlay entry is counted as: its key and value and about 56
 /// bytes for the tree node's share (key, LSN and value pointers) and the
