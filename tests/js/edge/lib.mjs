@@ -37,17 +37,71 @@ export async function connectDatasets() {
   };
 }
 
-/** A TCP port free on 127.0.0.1 right now. */
-export function freePort() {
+/**
+ * A TCP port free on 127.0.0.1 right now, for a child process to bind.
+ *
+ * The port is probed then released, so something else may take it before the
+ * child binds. Two things make that rare: the port is drawn from below the
+ * kernel's ephemeral range (ip_local_port_range), where neither `listen(0)`
+ * nor the local end of an outgoing connection lands, and no port is handed out
+ * twice by one process. Callers that start a server on it still retry on
+ * "Address already in use" (see `isAddrInUse`).
+ */
+export async function freePort() {
+  const [low] = ephemeralRange();
+  const span = Math.max(0, Math.min(low, 65536) - PORT_FLOOR);
+  for (let i = 0; span > 0 && i < 64; i++) {
+    const port = PORT_FLOOR + Math.floor(Math.random() * span);
+    if (handedOut.has(port)) continue;
+    if (await canListen(port)) {
+      handedOut.add(port);
+      return port;
+    }
+  }
+  for (;;) {
+    const port = await listenPort(0);
+    if (!handedOut.has(port)) {
+      handedOut.add(port);
+      return port;
+    }
+  }
+}
+
+const PORT_FLOOR = 20000;
+const handedOut = new Set();
+
+function ephemeralRange() {
+  try {
+    const [lo, hi] = fs.readFileSync("/proc/sys/net/ipv4/ip_local_port_range", "utf8").trim().split(/\s+/).map(Number);
+    if (Number.isInteger(lo) && Number.isInteger(hi)) return [lo, hi];
+  } catch {}
+  return [32768, 60999];
+}
+
+function listenPort(port) {
   return new Promise((resolve, reject) => {
     const srv = net.createServer();
     srv.unref();
     srv.on("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
+    srv.listen(port, "127.0.0.1", () => {
+      const got = srv.address().port;
+      srv.close(() => resolve(got));
     });
   });
+}
+
+async function canListen(port) {
+  try {
+    await listenPort(port);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Whether a child's log says a port it was given was taken before it bound. */
+export function isAddrInUse(logText) {
+  return /address already in use|EADDRINUSE|os error 98/i.test(logText);
 }
 
 /** Temp dirs made here; removed at exit unless WALCAST_KEEP_TMP=1. */
@@ -152,6 +206,32 @@ export async function waitForHttp(url, ms = 30_000, child) {
     await new Promise((r) => setTimeout(r, 100));
   }
   throw new Error(`${url} did not answer within ${ms} ms: ${last?.message ?? last}`);
+}
+
+/**
+ * Starts a server on a port from `freePort`: `start(port)` spawns it (logging
+ * to `logFile`), `readyUrl(port)` is polled until it answers. When the port was
+ * taken before the child bound it, the child is stopped and started again on a
+ * new port, at most `tries` times. Returns `{ child, port }`.
+ */
+export async function startOnFreePort({ start, readyUrl, logFile, timeoutMs = 60_000, tries = 4, signal }) {
+  for (let attempt = 1; ; attempt++) {
+    const port = await freePort();
+    if (fs.existsSync(logFile)) fs.writeFileSync(logFile, "");
+    const child = start(port);
+    try {
+      await waitForHttp(readyUrl(port), timeoutMs, child);
+      return { child, port };
+    } catch (e) {
+      await stopProcess(child, signal ? { signal } : undefined);
+      const text = fs.existsSync(logFile) ? fs.readFileSync(logFile, "utf8") : "";
+      if (attempt < tries && isAddrInUse(text)) {
+        log(`port ${port} was taken before the server bound it; trying another`);
+        continue;
+      }
+      throw new Error(`${e.message}\n--- log (${logFile}):\n${text}`);
+    }
+  }
 }
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));

@@ -29,13 +29,12 @@ import {
   EDGE_MODULES,
   REPO,
   distReady,
-  freePort,
   loadPlaywright,
   log,
   makeTmp,
+  startOnFreePort,
   startProcess,
   stopProcess,
-  waitForHttp,
 } from "../edge/lib.mjs";
 
 const TIMEOUT = 300_000;
@@ -93,8 +92,13 @@ let servePort;
 let base;
 
 async function startServe() {
-  serve = startProcess(bin, ["serve", DATA, "--addr", `127.0.0.1:${servePort}`], { name: "walcast serve", logFile: path.join(tmp, "serve.log") });
-  await waitForHttp(`${base}/catalog/head.json`, 30_000, serve);
+  ({ child: serve, port: servePort } = await startOnFreePort({
+    start: (port) => startProcess(bin, ["serve", DATA, "--addr", `127.0.0.1:${port}`], { name: "walcast serve", logFile: path.join(tmp, "serve.log") }),
+    readyUrl: (port) => `http://127.0.0.1:${port}/catalog/head.json`,
+    logFile: path.join(tmp, "serve.log"),
+    timeoutMs: 30_000,
+  }));
+  base = `http://127.0.0.1:${servePort}`;
 }
 
 /** A copy of examples/<name> outside the repository, with the packed tarball installed as its `walcast`. */
@@ -126,8 +130,6 @@ before(async () => {
   const packed = JSON.parse(await run("npm", ["pack", "--json", "--pack-destination", tmp], { cwd: path.join(REPO, "js") }))[0];
   tarball = path.join(tmp, packed.filename);
   await publish(cities);
-  servePort = await freePort();
-  base = `http://127.0.0.1:${servePort}`;
   await startServe();
   const { chromium } = await loadPlaywright();
   browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, timeout: 60_000 });
@@ -142,37 +144,38 @@ after(async () => {
 test("examples/worker-kv: wrangler dev against walcast serve answers reads, follows writes, and its page reads keys", { timeout: TIMEOUT }, async () => {
   const { dir, pkg } = await installExample("worker-kv");
   assert.match(pkg.scripts.start, /^wrangler dev\b/, "npm start is wrangler dev");
-  const port = await freePort();
   const logFile = path.join(tmp, "wrangler-dev.log");
   // `npm start` with this port and this dataset (wrangler.toml's [vars] name another).
-  const dev = startProcess(
-    WRANGLER,
-    ["dev", "--port", String(port), "--ip", "127.0.0.1", "--var", `DATASET_URL:${base}`, "--var", "MAX_AGE_MS:0", "--show-interactive-dev-session=false"],
-    {
-      cwd: dir,
-      name: "wrangler",
-      logFile,
-      env: {
-        WRANGLER_SEND_METRICS: "false",
-        WRANGLER_SEND_ERROR_REPORTS: "false",
-        CLOUDFLARE_CF_FETCH_ENABLED: "false",
-        WRANGLER_HIDE_BANNER: "true",
-        WRANGLER_LOG_PATH: path.join(tmp, "wrangler-logs"),
-        CI: "true",
-      },
-    },
-  );
+  const { child: dev, port } = await startOnFreePort({
+    start: (port) =>
+      startProcess(
+        WRANGLER,
+        ["dev", "--port", String(port), "--ip", "127.0.0.1", "--var", `DATASET_URL:${base}`, "--var", "MAX_AGE_MS:0", "--show-interactive-dev-session=false"],
+        {
+          cwd: dir,
+          name: "wrangler",
+          logFile,
+          env: {
+            WRANGLER_SEND_METRICS: "false",
+            WRANGLER_SEND_ERROR_REPORTS: "false",
+            CLOUDFLARE_CF_FETCH_ENABLED: "false",
+            WRANGLER_HIDE_BANNER: "true",
+            WRANGLER_LOG_PATH: path.join(tmp, "wrangler-logs"),
+            CI: "true",
+          },
+        },
+      ),
+    readyUrl: (port) => `http://127.0.0.1:${port}/api/status`,
+    logFile,
+    timeoutMs: 120_000,
+    signal: "SIGINT",
+  });
   const worker = `http://127.0.0.1:${port}`;
   const get = async (p) => {
     const r = await fetch(worker + p);
     return { status: r.status, body: await r.json() };
   };
   try {
-    try {
-      await waitForHttp(`${worker}/api/status`, 120_000, dev);
-    } catch (e) {
-      throw new Error(`${e.message}\n--- wrangler dev:\n${fs.readFileSync(logFile, "utf8")}`);
-    }
     let r = await get("/api/get?key=city:paris");
     assert.equal(r.status, 200, JSON.stringify(r.body));
     assert.deepEqual(r.body, { key: "city:paris", value: model.get("city:paris"), lsn: committed });
@@ -217,10 +220,14 @@ test("examples/worker-kv: wrangler dev against walcast serve answers reads, foll
 test("examples/browser-offline: the page shows the data live, and after a reload with every server stopped", { timeout: TIMEOUT }, async () => {
   const { dir, pkg } = await installExample("browser-offline");
   assert.match(pkg.scripts.start, /^python3 -m http\.server\b/, "npm start is python3 -m http.server");
-  const port = await freePort();
-  const web = startProcess("python3", ["-m", "http.server", String(port), "--bind", "127.0.0.1"], { cwd: dir, name: "python3", logFile: path.join(tmp, "http-server.log") });
+  const { child: web, port } = await startOnFreePort({
+    start: (port) =>
+      startProcess("python3", ["-m", "http.server", String(port), "--bind", "127.0.0.1"], { cwd: dir, name: "python3", logFile: path.join(tmp, "http-server.log") }),
+    readyUrl: (port) => `http://127.0.0.1:${port}/`,
+    logFile: path.join(tmp, "http-server.log"),
+    timeoutMs: 30_000,
+  });
   const pageUrl = `http://127.0.0.1:${port}/?dataset=${encodeURIComponent(base)}`;
-  await waitForHttp(`http://127.0.0.1:${port}/`, 30_000, web);
   const context = await browser.newContext({ viewport: { width: 1000, height: 900 } });
   try {
     const page = await context.newPage();

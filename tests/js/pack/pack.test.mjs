@@ -30,13 +30,12 @@ import {
   REPO,
   connectDatasets,
   distReady,
-  freePort,
   loadPlaywright,
   log,
   makeTmp,
+  startOnFreePort,
   startProcess,
   stopProcess,
-  waitForHttp,
 } from "../edge/lib.mjs";
 
 const TIMEOUT = 20 * 60_000;
@@ -190,11 +189,13 @@ test("workerd: a wrangler bundle of the installed package runs the conformance s
 
   const fixtures = await datasets.newInstance();
   fs.writeFileSync(path.join(project, "fixtures.json"), JSON.stringify(fixtures));
-  const port = await freePort();
   const lit = (s) => JSON.stringify(s);
-  fs.writeFileSync(
-    path.join(project, "config.capnp"),
-    `using Workerd = import "/workerd/workerd.capnp";
+  const logFile = path.join(project, "workerd.log");
+  const { child: workerd, port } = await startOnFreePort({
+    start: (port) => {
+      fs.writeFileSync(
+        path.join(project, "config.capnp"),
+        `using Workerd = import "/workerd/workerd.capnp";
 const config :Workerd.Config = (
   services = [
     (name = "main", worker = (
@@ -211,12 +212,15 @@ const config :Workerd.Config = (
   sockets = [ (name = "http", address = ${lit(`127.0.0.1:${port}`)}, http = (), service = "main") ],
 );
 `,
-  );
-  const logFile = path.join(project, "workerd.log");
-  const workerd = startProcess(WORKERD, ["serve", "config.capnp"], { cwd: project, name: "workerd", logFile });
+      );
+      return startProcess(WORKERD, ["serve", "config.capnp"], { cwd: project, name: "workerd", logFile });
+    },
+    readyUrl: (port) => `http://127.0.0.1:${port}/cases`,
+    logFile,
+    signal: "SIGINT",
+  });
   try {
     const base = `http://127.0.0.1:${port}`;
-    await waitForHttp(`${base}/cases`, 60_000, workerd);
     const names = await (await fetch(`${base}/cases`)).json();
     assert.ok(names.length > 10, `${names.length} cases`);
     let failed = 0;

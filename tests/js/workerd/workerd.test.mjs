@@ -21,7 +21,7 @@ import http from "node:http";
 import path from "node:path";
 import { after, before, test } from "node:test";
 import {
-  DIST, EDGE_MODULES, REPO, argBytes, bytesEq, connectDatasets, distReady, freePort, log, makeTmp, pct, pool, show,
+  DIST, EDGE_MODULES, REPO, argBytes, bytesEq, connectDatasets, distReady, freePort, isAddrInUse, log, makeTmp, pct, pool, show,
   sleep, startProcess, stopAll, stopProcess, unb64, waitForHttp,
 } from "../edge/lib.mjs";
 
@@ -195,7 +195,9 @@ for (const s of Object.values(services)) s.port = await freePort();
 function workerdServices() {
   return Object.entries(services).filter(([, s]) => !s.deno);
 }
-const config = `using Workerd = import "/workerd/workerd.capnp";
+const configPath = path.join(tmp, "config.capnp");
+function writeConfig() {
+  const config = `using Workerd = import "/workerd/workerd.capnp";
 
 const config :Workerd.Config = (
   services = [
@@ -207,8 +209,8 @@ const config :Workerd.Config = (
   ],
 );
 `;
-const configPath = path.join(tmp, "config.capnp");
-fs.writeFileSync(configPath, config);
+  fs.writeFileSync(configPath, config);
+}
 const workerdLog = path.join(tmp, "workerd.log");
 let workerd;
 
@@ -223,40 +225,68 @@ if (haveDeno) {
   }
 }
 
+// A port handed out by freePort may be taken before the child binds it: then
+// the child is started again on a new port (at most BIND_TRIES times).
+const BIND_TRIES = 4;
+
 async function startDeno() {
   for (const [name, s] of Object.entries(services).filter(([, s]) => s.deno)) {
     const logFile = path.join(tmp, `${name}.log`);
-    const child = startProcess(
-      DENO,
-      ["run", "--allow-net", "--allow-env", "--allow-read", "--config", path.join(REPO, "worker/deno.json"), path.join(REPO, "worker/deno.js")],
-      {
-        cwd: REPO,
-        name: `deno (${name})`,
-        logFile,
-        env: {
-          ...s.bindings,
-          PORT: String(s.port),
-          DENO_NO_UPDATE_CHECK: "1",
-          DENO_NO_PROMPT: "1",
-          DENO_DIR: process.env.DENO_DIR ?? path.join(REPO, ".deno"),
+    for (let attempt = 1; ; attempt++) {
+      fs.writeFileSync(logFile, "");
+      const child = startProcess(
+        DENO,
+        ["run", "--allow-net", "--allow-env", "--allow-read", "--config", path.join(REPO, "worker/deno.json"), path.join(REPO, "worker/deno.js")],
+        {
+          cwd: REPO,
+          name: `deno (${name})`,
+          logFile,
+          env: {
+            ...s.bindings,
+            PORT: String(s.port),
+            DENO_NO_UPDATE_CHECK: "1",
+            DENO_NO_PROMPT: "1",
+            DENO_DIR: process.env.DENO_DIR ?? path.join(REPO, ".deno"),
+          },
         },
-      },
-    );
-    denoProcs.push(child);
-    try {
-      await waitForHttp(`http://127.0.0.1:${s.port}/nope`, 60_000, child);
-    } catch (e) {
-      throw new Error(`${e.message}\n--- ${name} log:\n${fs.readFileSync(logFile, "utf8")}`);
+      );
+      try {
+        await waitForHttp(`http://127.0.0.1:${s.port}/nope`, 60_000, child);
+        denoProcs.push(child);
+        break;
+      } catch (e) {
+        await stopProcess(child);
+        const text = fs.readFileSync(logFile, "utf8");
+        if (attempt < BIND_TRIES && isAddrInUse(text)) {
+          log(`${name}: port ${s.port} was taken before deno bound it; trying another`);
+          s.port = await freePort();
+          continue;
+        }
+        throw new Error(`${e.message}\n--- ${name} log:\n${text}`);
+      }
     }
   }
 }
 
 before(async () => {
-  workerd = startProcess(WORKERD, ["serve", configPath], { cwd: tmp, name: "workerd", logFile: workerdLog });
-  try {
-    await waitForHttp(`http://127.0.0.1:${services.unset.port}/status`, 60_000, workerd);
-  } catch (e) {
-    throw new Error(`${e.message}\n--- workerd log:\n${fs.readFileSync(workerdLog, "utf8")}`);
+  for (let attempt = 1; ; attempt++) {
+    writeConfig();
+    fs.writeFileSync(workerdLog, "");
+    workerd = startProcess(WORKERD, ["serve", configPath], { cwd: tmp, name: "workerd", logFile: workerdLog });
+    try {
+      await waitForHttp(`http://127.0.0.1:${services.unset.port}/status`, 60_000, workerd);
+      break;
+    } catch (e) {
+      await stopProcess(workerd, { signal: "SIGINT" });
+      const text = fs.readFileSync(workerdLog, "utf8");
+      if (attempt < BIND_TRIES && isAddrInUse(text)) {
+        // workerd names the socket it could not bind; every port is drawn again.
+        log(`a port was taken before workerd bound it; trying new ports\n${text.trim()}`);
+        for (const s of Object.values(services)) if (!s.deno) s.port = await freePort();
+        continue;
+      }
+      throw new Error(`${e.message}\n--- workerd log:\n${text}`);
+    }
   }
   log(`workerd ${workerd.pid} serving ${Object.values(services).filter((s) => !s.deno).length} services (config ${configPath})`);
   if (haveDeno) await startDeno();

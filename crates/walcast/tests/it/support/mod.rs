@@ -56,10 +56,44 @@ pub(crate) fn seed(test: &str) -> u64 {
     seed
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port that was free a moment ago on 127.0.0.1, for a child process to bind.
+///
+/// The port is probed and released, so something may take it before the child
+/// binds it (callers that can retry do: `start_listening`). It is drawn from
+/// below the kernel's ephemeral range, where neither a `bind(0)` nor the local
+/// end of an outgoing connection lands, and never handed out twice by this
+/// process.
 pub(crate) fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().unwrap().port()
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::Mutex;
+    static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    const FLOOR: u32 = 20_000;
+    let low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768)
+        .min(65_536);
+    let mut handed = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    let handed = handed.get_or_insert_with(HashSet::new);
+    let random = RandomState::new();
+    for i in 0..64u64 {
+        if low <= FLOOR {
+            break;
+        }
+        let port = (FLOOR + (random.hash_one(i) % u64::from(low - FLOOR)) as u32) as u16;
+        if !handed.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed.insert(port);
+            return port;
+        }
+    }
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().unwrap().port();
+        if handed.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// `n` milliseconds.
