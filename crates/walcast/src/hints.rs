@@ -80,14 +80,14 @@ pub fn explain(url: &str, text: &str) -> Option<String> {
             || t.contains("invalidaccesskeyid")
             || t.contains("signaturedoesnotmatch")
             || t.contains("accessdenied")
-            || t.contains("403"))
+            || has_status(&t, "403"))
     {
         return Some(no_s3_credentials(url));
     }
     if (matches!(scheme, "gs")
-        && (t.contains("credential") || t.contains("401") || t.contains("403")))
+        && (t.contains("credential") || has_status(&t, "401") || has_status(&t, "403")))
         || (matches!(scheme, "az" | "azure" | "abfs" | "abfss")
-            && (t.contains("credential") || t.contains("401") || t.contains("403")))
+            && (t.contains("credential") || has_status(&t, "401") || has_status(&t, "403")))
     {
         let fix = if scheme == "gs" {
             "set GOOGLE_SERVICE_ACCOUNT (a service account key file)"
@@ -117,7 +117,7 @@ pub fn explain(url: &str, text: &str) -> Option<String> {
         ));
     }
     if t.contains("catalog/head.json")
-        && (t.contains("not_found") || t.contains("not found") || t.contains("404"))
+        && (t.contains("not_found") || t.contains("not found") || has_status(&t, "404"))
     {
         return Some(format!(
             "{url}: no dataset here (no catalog/head.json): check the URL, or publish one first \
@@ -125,4 +125,58 @@ pub fn explain(url: &str, text: &str) -> Option<String> {
         ));
     }
     None
+}
+
+/// Whether `text` carries the HTTP status `code` as a status: the three
+/// digits standing alone after a space, `(`, `=`, a quote or the start
+/// (`status 404`, `(404 Not Found)`), not inside a port (`127.0.0.1:40412`),
+/// an object key (`…00000404-…`) or a bucket's name (`bucket404`).
+fn has_status(text: &str, code: &str) -> bool {
+    let b = text.as_bytes();
+    text.match_indices(code).any(|(i, m)| {
+        let before = i.checked_sub(1).map(|j| b[j]);
+        let after = b.get(i + m.len()).copied();
+        matches!(
+            before,
+            None | Some(b' ' | b'(' | b'=' | b'"' | b'\'' | b'[')
+        ) && !after.is_some_and(|c| c.is_ascii_alphanumeric())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_is_a_standalone_code_not_digits_in_a_port_key_or_name() {
+        assert!(has_status("client error (404 not found) for url", "404"));
+        assert!(has_status("server returned status 403 forbidden", "403"));
+        assert!(has_status("404", "404"));
+        assert!(!has_status(
+            "http://127.0.0.1:40412/b/catalog/head.json: status 400",
+            "404"
+        ));
+        assert!(!has_status(
+            "http://127.0.0.1:14040/b/catalog/head.json",
+            "404"
+        ));
+        assert!(!has_status(
+            "http://127.0.0.1:404/b/catalog/head.json",
+            "404"
+        ));
+        assert!(!has_status("segments/00000000000000000404-e1.seg", "404"));
+        assert!(!has_status("s3://bucket404/app/catalog/head.json", "404"));
+    }
+
+    #[test]
+    fn a_port_holding_a_status_code_does_not_make_a_hint() {
+        // A 400 from an endpoint whose port holds "404" and "403".
+        let text = "get catalog/head.json: http://127.0.0.1:40403/b/catalog/head.json: \
+                    server returned status 400 bad request";
+        assert_eq!(explain("s3://b/app", text), None);
+        assert_eq!(explain("gs://b/app", text), None);
+        let missing = "get catalog/head.json: http://127.0.0.1:40403/b/catalog/head.json: \
+                       server returned status 404 not found";
+        assert!(explain("s3://b/app", missing).is_some_and(|m| m.contains("no dataset here")));
+    }
 }

@@ -236,6 +236,9 @@ test("examples/browser-offline: the page shows the data live, and after a reload
     await page.goto(pageUrl, { waitUntil: "load" });
     await page.waitForSelector("body[data-ready='1']", { timeout: 30_000 });
     await page.waitForFunction((lsn) => document.body.dataset.appliedLsn === String(lsn), committed, { timeout: 30_000 });
+    // The status is drawn every 500 ms from the replica; the table only once the
+    // sync's IndexedDB write is done (onChange): wait for the table itself.
+    await page.waitForFunction((n) => document.querySelectorAll("#rows tr").length === n, model.size, { timeout: 30_000 });
     const rows = async () =>
       page.$$eval("#rows tr", (trs) => trs.map((tr) => [...tr.querySelectorAll("td")].map((td) => td.textContent)));
     const expected = () => [...model].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
@@ -245,6 +248,7 @@ test("examples/browser-offline: the page shows the data live, and after a reload
     // Live: a new write appears without a reload (onChange re-renders the table).
     const lsn = await publish({ "city:hanoi": JSON.stringify({ country: "VN", population: 8053663 }) });
     await page.waitForFunction((lsn) => document.body.dataset.appliedLsn === String(lsn), lsn, { timeout: 30_000 });
+    await page.waitForSelector("tr[data-key='city:hanoi']", { timeout: 30_000 });
     assert.deepEqual(await rows(), expected(), "the table after a live update");
     assert.equal(await page.getAttribute("tr[data-key='city:hanoi']", "class"), "changed", "the new row is highlighted");
     assert.equal(await page.textContent("#committed"), String(lsn));

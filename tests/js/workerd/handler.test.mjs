@@ -169,7 +169,7 @@ test("first-sync failures answer 503; the next request tries again", async () =>
   const t0 = Date.now();
   const res2 = await call("/kv/a"); // the sync never settles: bounded by FIRST_SYNC_WAIT_MS
   assert.equal(res2.status, 503);
-  assert.ok(Date.now() - t0 < 1000);
+  assert.ok(Date.now() - t0 < 10_000, "the wait is bounded (the sync never settles)");
 });
 
 test("keys are percent-decoded bytes; scan rows carry text or base64", async () => {

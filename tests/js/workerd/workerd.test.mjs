@@ -570,7 +570,8 @@ test("worker: only the first request waits on object storage", { timeout: TIMEOU
   }
   const max = Math.max(...times);
   log(`slow storage (${DELAY} ms a response): the first request took ${firstMs} ms; later reads ${times.join(", ")} ms`);
-  assert.ok(max < DELAY / 2, `reads after the first answered from the replica at once (max ${max} ms, storage ${DELAY} ms)`);
+  // A read that waited on object storage takes at least DELAY ms.
+  assert.ok(max < DELAY, `reads after the first answered from the replica at once (max ${max} ms, storage ${DELAY} ms)`);
   assert.ok(proxy.requests.length > proxied, "background syncs went to object storage meanwhile");
   await until(async () => {
     const s = await status("slow");

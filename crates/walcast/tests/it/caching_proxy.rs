@@ -99,34 +99,49 @@ impl Proxy {
         ] {
             fs::create_dir_all(dir.path().join(sub)).unwrap();
         }
-        let port = free_port();
+        // The port is drawn again if another process took it before nginx
+        // bound it (nginx then exits naming the address in use).
         let conf = dir.path().join("nginx.conf");
-        fs::write(&conf, proxy_conf(file, port, origin, dir.path())).unwrap();
-        let mut cmd = Command::new(exe);
-        cmd.arg("-e")
-            .arg(dir.path().join("error.log"))
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&conf);
-        let mut proc = Proc::spawn("nginx-proxy", cmd, &dir.path().join("logs"));
-        let addr = format!("127.0.0.1:{port}");
-        let deadline = Deadline::after(Duration::from_secs(15), "the caching proxy to start");
-        while http("GET", &addr, "/catalog/head.json", b"")
-            .ok()
-            .map(|r| r.0)
-            != Some(200)
-        {
+        let error_log = dir.path().join("error.log");
+        for attempt in 1..=3 {
+            let port = free_port();
+            fs::write(&conf, proxy_conf(file, port, origin, dir.path())).unwrap();
+            let _ = fs::remove_file(&error_log);
+            let mut cmd = Command::new(&exe);
+            cmd.arg("-e")
+                .arg(&error_log)
+                .arg("-p")
+                .arg(dir.path())
+                .arg("-c")
+                .arg(&conf);
+            let mut proc = Proc::spawn("nginx-proxy", cmd, &dir.path().join("logs"));
+            let addr = format!("127.0.0.1:{port}");
+            let deadline = Deadline::after(Duration::from_secs(15), "the caching proxy to start");
+            let up = loop {
+                if http("GET", &addr, "/catalog/head.json", b"")
+                    .ok()
+                    .map(|r| r.0)
+                    == Some(200)
+                {
+                    break true;
+                }
+                if !proc.running() {
+                    break false;
+                }
+                deadline.check();
+                thread::sleep(Duration::from_millis(50));
+            };
+            if up {
+                return Proxy { port, dir, proc };
+            }
+            let errors = fs::read_to_string(&error_log).unwrap_or_default();
             assert!(
-                proc.running(),
-                "nginx exited: {}\n{}",
-                proc.logs(),
-                fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+                attempt < 3 && errors.contains("Address already in use"),
+                "nginx exited: {}\n{errors}",
+                proc.logs()
             );
-            deadline.check();
-            thread::sleep(Duration::from_millis(50));
         }
-        Proxy { port, dir, proc }
+        unreachable!("the last attempt returns or panics")
     }
 
     /// Origin requests seen so far: by kind ("head", "segment", "other")
@@ -171,6 +186,8 @@ impl Drop for Proxy {
 struct Fanout {
     replicas: usize,
     head_changes: u64,
+    /// Seconds from the first write to the last count of origin requests.
+    elapsed_s: f64,
     origin_head: u64,
     proxy_head: u64,
     origin_segments: u64,
@@ -227,17 +244,16 @@ fn fanout(conf: &str, replicas: usize, writes: u64, every: Duration, poll: Durat
         thread::sleep(Duration::from_millis(20));
     }
 
-    let origin_port = free_port();
-    let origin_addr = format!("127.0.0.1:{origin_port}");
     let mut serve = Proc::spawn(
         "serve",
         {
             let mut c = Command::new(bin());
-            c.args(["serve", ds.to_str().unwrap(), "--addr", &origin_addr]);
+            c.args(["serve", ds.to_str().unwrap(), "--addr", "127.0.0.1:0"]);
             c
         },
         tmp.path(),
     );
+    let origin_addr = serve.wait_for_addr("walcast serve: listening on");
     let deadline = Deadline::after(Duration::from_secs(20), "walcast serve");
     while http("GET", &origin_addr, "/catalog/head.json", b"")
         .ok()
@@ -290,6 +306,7 @@ fn fanout(conf: &str, replicas: usize, writes: u64, every: Duration, poll: Durat
         });
     }
     let (kinds0, _, proxy_head0) = proxy.origin_requests();
+    let started = Instant::now();
 
     // The writes: LSN 2..=writes + 1.
     let mut committed_at = BTreeMap::new();
@@ -310,6 +327,7 @@ fn fanout(conf: &str, replicas: usize, writes: u64, every: Duration, poll: Durat
     // One more poll round: late polls are counted too.
     thread::sleep(poll * 2);
     let (kinds, segments, proxy_head) = proxy.origin_requests();
+    let elapsed_s = started.elapsed().as_secs_f64();
     let head_changes = committed_head_changes(&ds, last);
 
     rt.block_on(async {
@@ -339,6 +357,7 @@ fn fanout(conf: &str, replicas: usize, writes: u64, every: Duration, poll: Durat
     Fanout {
         replicas,
         head_changes,
+        elapsed_s,
         origin_head: get(&kinds, "head") - get(&kinds0, "head"),
         proxy_head: proxy_head - proxy_head0,
         origin_segments: get(&kinds, "segment"),
@@ -368,15 +387,22 @@ fn committed_head_changes(ds: &Path, last: u64) -> u64 {
 /// No replica went backwards, the head changed at least 6 times, the origin
 /// saw about one head request per change and the proxy 20 times as many,
 /// and no segment reached the origin twice.
+///
+/// The proxy keeps the head for a second and then asks the origin again, so
+/// besides the changes the origin may see about one head request per second
+/// the run took (a slow machine stretches the run, not the count per
+/// change); however many replicas poll, the count does not grow with them.
 fn assert_one_origin_head_per_change(f: &Fanout) {
     eprintln!("{f:#?}");
     assert!(!f.went_backwards, "a replica went backwards");
     assert!(f.head_changes >= 6, "only {} head changes", f.head_changes);
+    let limit = (f.head_changes * 2 + 4).max(f.head_changes + f.elapsed_s.ceil() as u64 + 4);
     assert!(
-        f.origin_head <= f.head_changes * 2 + 4,
-        "{} origin head requests for {} head changes",
+        f.origin_head <= limit,
+        "{} origin head requests for {} head changes in {:.1} s (limit {limit})",
         f.origin_head,
-        f.head_changes
+        f.head_changes,
+        f.elapsed_s
     );
     assert!(
         f.proxy_head >= f.origin_head * 20,

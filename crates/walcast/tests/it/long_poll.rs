@@ -184,8 +184,6 @@ fn replicate_follows_publish_serve_by_long_poll() {
     let ds = tmp.path().join("ds");
     let local = tmp.path().join("local");
     write_kv(&wal, "k0", "v0");
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
     let cmd = walcast_cmd(
         &[
             "publish",
@@ -194,21 +192,12 @@ fn replicate_follows_publish_serve_by_long_poll() {
             "--to",
             &file_url(&ds),
             "--serve",
-            &addr,
+            "127.0.0.1:0",
         ],
         &Env::new(),
     );
     let mut publisher = Proc::spawn("publish", cmd, &logs);
-    let deadline = Deadline::after(Duration::from_secs(30), "publish --serve listening");
-    while !publisher.stdout().contains("listening") {
-        assert!(
-            publisher.running(),
-            "publish --serve exited:\n{}",
-            publisher.logs()
-        );
-        deadline.check();
-        thread::sleep(Duration::from_millis(50));
-    }
+    let addr = publisher.wait_for_addr("walcast serve: listening on");
     // Polling every ten minutes: only long-poll can bring a write sooner.
     let cmd = walcast_cmd(
         &[

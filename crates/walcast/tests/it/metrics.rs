@@ -71,7 +71,6 @@ fn publish_and_replicate_expose_prometheus_metrics() {
     )
     .ok();
 
-    let pub_addr = format!("127.0.0.1:{}", free_port());
     let mut publisher = Proc::spawn(
         "publish",
         walcast_cmd(
@@ -82,12 +81,13 @@ fn publish_and_replicate_expose_prometheus_metrics() {
                 "--to",
                 &file_url(&ds),
                 "--metrics-addr",
-                &pub_addr,
+                "127.0.0.1:0",
             ],
             &env,
         ),
         tmp.path(),
     );
+    let pub_addr = publisher.wait_for_addr("walcast publish: metrics at");
     let (text, s) = scrape_until(
         &pub_addr,
         "the publisher's commit",
@@ -111,7 +111,6 @@ fn publish_and_replicate_expose_prometheus_metrics() {
         "{text}"
     );
 
-    let rep_addr = format!("127.0.0.1:{}", free_port());
     let local = tmp.path().join("replica");
     let mut replica = Proc::spawn(
         "replicate",
@@ -124,12 +123,13 @@ fn publish_and_replicate_expose_prometheus_metrics() {
                 "--interval",
                 "100ms",
                 "--metrics-addr",
-                &rep_addr,
+                "127.0.0.1:0",
             ],
             &env,
         ),
         tmp.path(),
     );
+    let rep_addr = replica.wait_for_addr("walcast replicate: metrics at");
     let (text, s) = scrape_until(
         &rep_addr,
         "the replica to apply LSN 20",

@@ -233,6 +233,31 @@ impl Proc {
         fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// The `host:port` of the first `http://host:port` after `marker` in the
+    /// process's stdout or stderr, waiting up to 30 s for it (a server told
+    /// to bind port 0 prints where it listens). Panics with the logs if the
+    /// process exits first.
+    pub(crate) fn wait_for_addr(&mut self, marker: &str) -> String {
+        let deadline = Deadline::after(Duration::from_secs(30), "a listening address");
+        loop {
+            for out in [self.stdout(), self.stderr()] {
+                if let Some(rest) = out.find(marker).map(|i| &out[i + marker.len()..]) {
+                    if let Some(url) = rest.find("http://").map(|i| &rest[i + 7..]) {
+                        let end = url
+                            .find(|c: char| c == '/' || c.is_whitespace())
+                            .unwrap_or(url.len());
+                        if end > 0 && url[end..].starts_with(['/', '\n', ' ']) {
+                            return url[..end].to_string();
+                        }
+                    }
+                }
+            }
+            assert!(self.running(), "{} exited:\n{}", self.name, self.logs());
+            deadline.check();
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// stdout and stderr for a failure message.
     pub(crate) fn logs(&self) -> String {
         format!(
