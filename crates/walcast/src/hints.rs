@@ -56,6 +56,14 @@ fn no_s3_credentials(url: &str) -> String {
 /// common mistakes; `None` for other errors. `text` is the error's text.
 pub fn explain(url: &str, text: &str) -> Option<String> {
     let t = text.to_ascii_lowercase();
+    // The text without its URLs, for the checks by word: a bucket, prefix
+    // or host named like `wrong-region` or `credentials` says nothing
+    // about the error.
+    let words = t
+        .split_whitespace()
+        .filter(|w| !w.contains("://"))
+        .collect::<Vec<_>>()
+        .join(" ");
     let scheme = url.split("://").next().unwrap_or_default();
     let s3 = matches!(scheme, "s3" | "s3a");
     if s3
@@ -63,7 +71,8 @@ pub fn explain(url: &str, text: &str) -> Option<String> {
             || t.contains("authorizationheadermalformed")
             || t.contains("incorrectendpoint")
             || t.contains("incorrectly configured region")
-            || (t.contains("region") && (t.contains("wrong") || t.contains("expecting")))
+            || (words.contains("region")
+                && (words.contains("wrong") || words.contains("expecting")))
             || t.contains("status: 301"))
     {
         return Some(format!(
@@ -85,9 +94,9 @@ pub fn explain(url: &str, text: &str) -> Option<String> {
         return Some(no_s3_credentials(url));
     }
     if (matches!(scheme, "gs")
-        && (t.contains("credential") || has_status(&t, "401") || has_status(&t, "403")))
+        && (words.contains("credential") || has_status(&t, "401") || has_status(&t, "403")))
         || (matches!(scheme, "az" | "azure" | "abfs" | "abfss")
-            && (t.contains("credential") || has_status(&t, "401") || has_status(&t, "403")))
+            && (words.contains("credential") || has_status(&t, "401") || has_status(&t, "403")))
     {
         let fix = if scheme == "gs" {
             "set GOOGLE_SERVICE_ACCOUNT (a service account key file)"
@@ -175,6 +184,11 @@ mod tests {
                     server returned status 400 bad request";
         assert_eq!(explain("s3://b/app", text), None);
         assert_eq!(explain("gs://b/app", text), None);
+        // Words inside a URL (a bucket named for a region or credentials).
+        let named = "get catalog/head.json: http://127.0.0.1:9000/wrong-region-credentials/catalog/head.json: \
+                     server returned status 400 bad request";
+        assert_eq!(explain("s3://wrong-region-credentials/app", named), None);
+        assert_eq!(explain("gs://wrong-region-credentials/app", named), None);
         let missing = "get catalog/head.json: http://127.0.0.1:40403/b/catalog/head.json: \
                        server returned status 404 not found";
         assert!(explain("s3://b/app", missing).is_some_and(|m| m.contains("no dataset here")));
