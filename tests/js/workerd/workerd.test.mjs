@@ -22,7 +22,7 @@ import path from "node:path";
 import { after, before, test } from "node:test";
 import {
   DIST, EDGE_MODULES, REPO, argBytes, bytesEq, connectDatasets, distReady, freePort, isAddrInUse, log, makeTmp, pct, pool, show,
-  sleep, startProcess, stopAll, stopProcess, unb64, waitForHttp,
+  sleep, startOnFreePort, startProcess, stopAll, stopProcess, unb64, waitForHttp,
 } from "../edge/lib.mjs";
 
 const WORKERD = path.join(EDGE_MODULES, ".bin", "workerd");
@@ -221,7 +221,7 @@ const denoServices = { "deno-basic": fxDeno.scenarios.basic.url, "deno-midhistor
 const denoProcs = [];
 if (haveDeno) {
   for (const [name, url] of Object.entries(denoServices)) {
-    services[name] = { port: await freePort(), deno: true, bindings: { DATASET_URL: url, MAX_AGE_MS: "0", ...(name === "deno-lazy" ? { LOAD: "lazy" } : {}) } };
+    services[name] = { port: null, deno: true, bindings: { DATASET_URL: url, MAX_AGE_MS: "0", ...(name === "deno-lazy" ? { LOAD: "lazy" } : {}) } };
   }
 }
 
@@ -232,39 +232,30 @@ const BIND_TRIES = 4;
 async function startDeno() {
   for (const [name, s] of Object.entries(services).filter(([, s]) => s.deno)) {
     const logFile = path.join(tmp, `${name}.log`);
-    for (let attempt = 1; ; attempt++) {
-      fs.writeFileSync(logFile, "");
-      const child = startProcess(
-        DENO,
-        ["run", "--allow-net", "--allow-env", "--allow-read", "--config", path.join(REPO, "worker/deno.json"), path.join(REPO, "worker/deno.js")],
-        {
-          cwd: REPO,
-          name: `deno (${name})`,
-          logFile,
-          env: {
-            ...s.bindings,
-            PORT: String(s.port),
-            DENO_NO_UPDATE_CHECK: "1",
-            DENO_NO_PROMPT: "1",
-            DENO_DIR: process.env.DENO_DIR ?? path.join(REPO, ".deno"),
+    const { child, port } = await startOnFreePort({
+      start: (port) =>
+        startProcess(
+          DENO,
+          ["run", "--allow-net", "--allow-env", "--allow-read", "--config", path.join(REPO, "worker/deno.json"), path.join(REPO, "worker/deno.js")],
+          {
+            cwd: REPO,
+            name: `deno (${name})`,
+            logFile,
+            env: {
+              ...s.bindings,
+              PORT: String(port),
+              DENO_NO_UPDATE_CHECK: "1",
+              DENO_NO_PROMPT: "1",
+              DENO_DIR: process.env.DENO_DIR ?? path.join(REPO, ".deno"),
+            },
           },
-        },
-      );
-      try {
-        await waitForHttp(`http://127.0.0.1:${s.port}/nope`, 60_000, child);
-        denoProcs.push(child);
-        break;
-      } catch (e) {
-        await stopProcess(child);
-        const text = fs.readFileSync(logFile, "utf8");
-        if (attempt < BIND_TRIES && isAddrInUse(text)) {
-          log(`${name}: port ${s.port} was taken before deno bound it; trying another`);
-          s.port = await freePort();
-          continue;
-        }
-        throw new Error(`${e.message}\n--- ${name} log:\n${text}`);
-      }
-    }
+        ),
+      readyUrl: (port) => `http://127.0.0.1:${port}/nope`,
+      logFile,
+      tries: BIND_TRIES,
+    });
+    s.port = port;
+    denoProcs.push(child);
   }
 }
 
