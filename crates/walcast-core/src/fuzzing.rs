@@ -63,6 +63,18 @@ fn segment_once(data: &[u8]) {
         }
         assert_eq!(n, seg.trailer.last_lsn - seg.trailer.first_lsn + 1);
     }
+    // The records `decode_with` visits in its one walk are those the
+    // decoded segment iterates, in order; it fails where `decode` fails.
+    let mut visited = Vec::new();
+    let with = segment::decode_with(data, Some(crc), |r| visited.push((r.lsn, r.payload)));
+    assert_eq!(with.is_ok(), right.is_ok());
+    if let Ok(seg) = &right {
+        let walked: Vec<_> = seg
+            .records()
+            .map(|r| r.map(|r| (r.lsn, r.payload)).expect("framing verified"))
+            .collect();
+        assert_eq!(visited, walked, "decode_with visited other records");
+    }
     assert!(
         segment::decode(data, Some(crc ^ 1)).is_err(),
         "a wrong catalog checksum was accepted"

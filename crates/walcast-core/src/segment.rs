@@ -387,6 +387,19 @@ impl<'a> Segment<'a> {
 /// once it matches, the records' own checksums are not computed again (the
 /// file's covers their bytes); without it every record's is checked.
 pub fn decode(bytes: &[u8], expected_crc: Option<u32>) -> Result<Segment<'_>, DecodeError> {
+    decode_with(bytes, expected_crc, |_| {})
+}
+
+/// [`decode`], handing each record to `visit` during its one walk over the
+/// records, so a caller that wants the records does not walk them again.
+/// `visit` sees a record once its framing, LSN and (without
+/// `expected_crc`) checksum are checked, before the checks of the whole
+/// file end: a caller keeps what it gathered only when this returns `Ok`.
+pub fn decode_with<'a>(
+    bytes: &'a [u8],
+    expected_crc: Option<u32>,
+    mut visit: impl FnMut(Record<'a>),
+) -> Result<Segment<'a>, DecodeError> {
     let len = bytes.len() as u64;
     if len < HEADER_LEN + TRAILER_LEN {
         return Err(DecodeError::Truncated {
@@ -432,7 +445,9 @@ pub fn decode(bytes: &[u8], expected_crc: Option<u32>) -> Result<Segment<'_>, De
         walk = walk.already_verified();
     }
     for rec in walk {
-        last = Some(rec?.lsn);
+        let rec = rec?;
+        last = Some(rec.lsn);
+        visit(rec);
     }
     if last != Some(trailer.last_lsn) {
         return Err(invalid(

@@ -25,7 +25,6 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use crate::batch::OpRef;
-use crate::codec::put_varint;
 
 /// Bytes of a leaf's allocation. Leaves are written full, up to this size
 /// (an entry larger than that has a leaf of its own size), so the leaves a
@@ -133,9 +132,19 @@ fn varint_at(data: &[u8], at: usize) -> (usize, usize) {
     }
 }
 
-/// Bytes of `v` as a varint.
-fn varint_len(v: usize) -> usize {
-    (usize::BITS - (v | 1).leading_zeros()).div_ceil(7) as usize
+/// Most bytes of a varint of a `usize`.
+const MAX_VARINT: usize = 10;
+
+/// Writes `v` as a varint at `at` of `buf` and returns the position after it.
+#[inline]
+fn write_varint(buf: &mut [u8; 3 * MAX_VARINT], mut at: usize, mut v: usize) -> usize {
+    while v >= 0x80 {
+        buf[at] = (v as u8) | 0x80;
+        v >>= 7;
+        at += 1;
+    }
+    buf[at] = v as u8;
+    at + 1
 }
 
 /// Length of the common prefix of `a` and `b`.
@@ -222,22 +231,32 @@ impl Leaf {
         Err(end)
     }
 
-    /// Appends an entry above every key held; `prev` is the key of the last
-    /// entry (ignored at a restart point).
-    fn push(&mut self, prev: &[u8], key: &[u8], value: &[u8]) {
-        let pos = self.data.len() as u32;
-        let shared = if self.count % RESTART_EVERY == 0 {
-            self.restarts.push(pos);
-            0
-        } else {
-            common_prefix(prev, key)
-        };
+    /// Appends an entry above every key held when it fits in the leaf's
+    /// page (always when the leaf is empty) and returns true; returns false
+    /// and writes nothing when it does not fit. `prev` is the key of the
+    /// last entry (ignored at a restart point).
+    #[inline]
+    fn try_push(&mut self, prev: &[u8], key: &[u8], value: &[u8]) -> bool {
+        let restart = self.count % RESTART_EVERY == 0;
+        let shared = if restart { 0 } else { common_prefix(prev, key) };
+        let suffix = &key[shared..];
+        let mut head = [0u8; 3 * MAX_VARINT];
+        let mut n = write_varint(&mut head, 0, shared);
+        n = write_varint(&mut head, n, suffix.len());
+        n = write_varint(&mut head, n, value.len());
+        let pos = self.data.len();
+        if self.count > 0 && pos + n + suffix.len() + value.len() > PAGE {
+            return false;
+        }
+        if restart {
+            self.restarts.push(pos as u32);
+        }
         self.count += 1;
-        put_varint(&mut self.data, shared as u64);
-        put_varint(&mut self.data, (key.len() - shared) as u64);
-        put_varint(&mut self.data, value.len() as u64);
-        self.data.extend_from_slice(&key[shared..]);
+        self.data.reserve(n + suffix.len() + value.len());
+        self.data.extend_from_slice(&head[..n]);
+        self.data.extend_from_slice(suffix);
         self.data.extend_from_slice(value);
+        true
     }
 
     /// Rebuilds the key of the last entry into `buf`.
@@ -253,23 +272,6 @@ impl Leaf {
             buf.extend_from_slice(e.suffix);
             pos = e.next;
         }
-    }
-
-    /// True when an entry of `key` and a `value_len`-byte value fits in the
-    /// leaf's page (always when the leaf is empty); `prev` as for
-    /// [`push`](Self::push).
-    fn fits(&self, prev: &[u8], key: &[u8], value_len: usize) -> bool {
-        if self.count == 0 {
-            return true;
-        }
-        let shared = if self.count % RESTART_EVERY == 0 {
-            0
-        } else {
-            common_prefix(prev, key)
-        };
-        let unshared = key.len() - shared;
-        let len = varint_len(shared) + varint_len(unshared) + varint_len(value_len) + unshared;
-        self.data.len() + len + value_len <= PAGE
     }
 
     fn heap_bytes(&self) -> usize {
@@ -289,13 +291,15 @@ struct LeafWriter {
 
 impl LeafWriter {
     fn push(&mut self, key: &[u8], value: &[u8]) {
-        if !self.cur.fits(&self.prev, key, value.len()) {
-            self.emit();
-        }
         if self.cur.is_empty() && self.cur.data.capacity() < PAGE {
             self.cur.data.reserve_exact(PAGE);
         }
-        self.cur.push(&self.prev, key, value);
+        if !self.cur.try_push(&self.prev, key, value) {
+            self.emit();
+            self.cur.data.reserve_exact(PAGE);
+            // An empty leaf takes any entry.
+            self.cur.try_push(&self.prev, key, value);
+        }
         self.prev.clear();
         self.prev.extend_from_slice(key);
     }
@@ -502,21 +506,26 @@ impl KvState {
     /// Adds a key that sorts after every key held straight to the last leaf
     /// (sequential and time-ordered keys skip the overlay).
     fn append(&mut self, key: &[u8], value: &[u8]) {
-        let full = self
-            .leaves
-            .last()
-            .is_none_or(|l| !l.fits(&self.max_key, key, value.len()));
-        if full {
-            self.leaves.push(Leaf::default());
-        }
-        let leaf = self.leaves.last_mut().expect("pushed above");
-        // A whole page at once: appends do not regrow it.
-        if leaf.data.capacity() < PAGE {
-            leaf.data.reserve_exact(PAGE - leaf.data.len());
-        }
-        let before = leaf.data.len();
-        leaf.push(&self.max_key, key, value);
-        self.leaf_bytes += leaf.data.len() - before;
+        let pushed = match self.leaves.last_mut() {
+            Some(leaf) => {
+                let before = leaf.data.len();
+                leaf.try_push(&self.max_key, key, value)
+                    .then(|| leaf.data.len() - before)
+            }
+            None => None,
+        };
+        self.leaf_bytes += match pushed {
+            Some(n) => n,
+            None => {
+                // A new leaf, a whole page at once: appends do not regrow it.
+                let mut leaf = Leaf::default();
+                leaf.data.reserve_exact(PAGE);
+                leaf.try_push(&self.max_key, key, value);
+                let n = leaf.data.len();
+                self.leaves.push(leaf);
+                n
+            }
+        };
         self.max_key.clear();
         self.max_key.extend_from_slice(key);
         self.len += 1;

@@ -469,6 +469,73 @@ fn catalog_keys_outside_the_dataset_are_refused() {
     assert!(Head::decode(&ds.head.encode()).is_ok());
 }
 
+/// A head whose segment entry disagrees with the segment's own trailer
+/// (the LSNs it holds, where its records end) gets a `data` error naming the
+/// segment, and nothing of that segment is applied: a segment is checked
+/// against its catalog entry in the walk that verifies it.
+#[test]
+fn a_segment_unlike_its_catalog_entry_is_a_data_error() {
+    type Lie = fn(&mut Head);
+    // Each lie keeps the catalog itself consistent (dense LSNs, keys as
+    // the format derives them); the segment it names (the second or third of 1..=10, 11..=20, 21..=30)
+    // says otherwise, and the replica stops before it.
+    let lies: [(&str, Lie, usize, u64); 3] = [
+        (
+            "one LSN fewer",
+            |h| {
+                h.segments[2].last_lsn -= 1;
+                h.committed_lsn -= 1;
+            },
+            2,
+            20,
+        ),
+        (
+            "the boundary one LSN later",
+            |h| {
+                h.segments[1].last_lsn += 1;
+                h.segments[2].first_lsn += 1;
+                h.segments[2].index[0].lsn += 1;
+            },
+            1,
+            10,
+        ),
+        (
+            "records ending a byte sooner",
+            |h| h.segments[1].records_end -= 1,
+            1,
+            10,
+        ),
+    ];
+    for (what, lie, liar, stop) in lies {
+        let ds = dataset(30, 10, None, 1);
+        let mut store = ds.store.clone();
+        let mut head = ds.head.clone();
+        lie(&mut head);
+        // The lying entries' keys as the format derives them, holding the
+        // real segments' bytes (as a hostile store may).
+        for (e, real) in head.segments.iter_mut().zip(&ds.segments) {
+            e.key = walcast_core::catalog::segment_key(e.epoch, e.first_lsn, e.last_lsn);
+            let bytes = ds.store.objects[&real.key].clone();
+            store.put(e.key.clone(), bytes);
+        }
+        store.put(HEAD_KEY, head.encode());
+        let key = head.segments[liar].key.clone();
+        let mut d = Driver::new(cfg(), 1);
+        d.run(2_000, &mut |g| store.serve(g), &mut |r| {
+            assert!(r.applied_lsn() <= stop, "{what}: applied past the lie")
+        });
+        assert_eq!(d.r.applied_lsn(), stop, "{what}: {:?}", d.errors());
+        assert_state(&d.r);
+        let errors = d.errors();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.kind() == ErrorKind::Data && e.to_string().contains(&key)),
+            "{what}: {errors:?}"
+        );
+    }
+}
+
 // ---- the property test ----
 
 /// Re-encodes a JSON head with a valid CRC, as a hostile server could.

@@ -22,7 +22,7 @@ impl Replica {
             let unit = self.plan.pop_front().expect("front exists");
             let key = unit.entry.key.clone();
             let first = self.applied + 1;
-            for &(lsn, s, e) in &v.records {
+            for (lsn, &(s, e)) in (v.first..).zip(&v.records) {
                 let payload = &v.bytes[s..e];
                 match self.cfg.mode {
                     Mode::Kv => match batch::decode(payload) {

@@ -13,8 +13,11 @@ use super::Replica;
 #[derive(Debug)]
 pub(super) struct Verified {
     pub(super) bytes: Vec<u8>,
-    /// (lsn, start, end) of each payload to apply, ascending from `from`.
-    pub(super) records: Vec<(u64, usize, usize)>,
+    /// The LSN of the first payload in `records`.
+    pub(super) first: u64,
+    /// (start, end) in `bytes` of each payload to apply, of dense LSNs from
+    /// `first` on.
+    pub(super) records: Vec<(usize, usize)>,
 }
 
 impl Replica {
@@ -50,9 +53,7 @@ impl Replica {
         let e = &u.entry;
         let data_err = |d| Error::decode(d).with_object(e.key.clone()).with_lsn(u.from);
         let whole = u.start.offset == segment::HEADER_LEN;
-        // Work out which bytes of the file `body` holds; `checked` when
-        // `segment::decode` verified every record of the whole file already.
-        let (bytes, base, checked) = match range {
+        let cr = match range {
             None => {
                 // The whole object (asked for, or a server that ignored Range).
                 if body.len() as u64 != e.size {
@@ -70,62 +71,84 @@ impl Replica {
                 // The digest first: a pinned replica calls any change untrusted.
                 self.check_digest(&e.key, u.digest.as_deref(), &body)
                     .map_err(|err| err.with_lsn(u.from))?;
-                let seg = segment::decode(&body, Some(e.crc32)).map_err(data_err)?;
-                // Records from a start the file's own index names begin on a
-                // record boundary: their checksums were verified above.
-                let aligned = u.start.offset == segment::HEADER_LEN
-                    || seg
-                        .index
-                        .iter()
-                        .any(|i| i.offset == u.start.offset && i.lsn == u.start.lsn);
-                (body, 0u64, aligned)
-            }
-            Some(cr) => {
-                let want_end = e.records_end;
-                if self.trust.pinned() {
-                    return Err(Error::new(
-                        ErrorKind::Untrusted,
-                        "a range answer where the whole segment was asked for: only whole segments are bound to the signed head",
-                    )
-                    .with_object(e.key.clone())
-                    .with_lsn(u.from));
-                }
-                if whole
-                    || cr.start != u.start.offset
-                    || cr.end != want_end
-                    || body.len() as u64 != want_end - cr.start
+                // One walk over the records: the decode's own, which checks
+                // them, gathers those from `u.from` on.
+                // As many as the catalog names from `u.from` on, and no more
+                // than the body could frame (a record is at least 16 bytes).
+                let want = e.last_lsn.saturating_sub(u.from).saturating_add(1);
+                let mut records = Vec::with_capacity(want.min(body.len() as u64 / 16) as usize);
+                let at = body.as_ptr() as usize;
+                let t = segment::decode_with(&body, Some(e.crc32), |rec| {
+                    if rec.lsn >= u.from {
+                        let start = rec.payload.as_ptr() as usize - at;
+                        records.push((start, start + rec.payload.len()));
+                    }
+                })
+                .map_err(data_err)?
+                .trailer;
+                if t.first_lsn != e.first_lsn
+                    || t.last_lsn != e.last_lsn
+                    || t.footer_offset != e.records_end
                 {
                     return Err(Error::new(
                         ErrorKind::Data,
                         format!(
-                            "range answer {}..{} with {} bytes does not match the request {}..{}",
-                            cr.start,
-                            cr.end,
-                            body.len(),
-                            u.start.offset,
-                            want_end
+                            "segment holds LSNs {}..={} with records ending at byte {}, catalog says {}..={} ending at {}",
+                            t.first_lsn, t.last_lsn, t.footer_offset, e.first_lsn, e.last_lsn, e.records_end
                         ),
                     )
                     .with_object(e.key.clone())
                     .with_lsn(u.from));
                 }
-                (body, cr.start, false)
+                return Ok(Verified {
+                    bytes: body,
+                    first: u.from.max(e.first_lsn),
+                    records,
+                });
             }
+            Some(cr) => cr,
         };
-        let lo = (u.start.offset - base) as usize;
-        let hi = (e.records_end - base) as usize;
+        // A range answer: the records from the unit's start to their end,
+        // each checked by its own checksum.
+        let want_end = e.records_end;
+        if self.trust.pinned() {
+            return Err(Error::new(
+                ErrorKind::Untrusted,
+                "a range answer where the whole segment was asked for: only whole segments are bound to the signed head",
+            )
+            .with_object(e.key.clone())
+            .with_lsn(u.from));
+        }
+        if whole
+            || cr.start != u.start.offset
+            || cr.end != want_end
+            || body.len() as u64 != want_end - cr.start
+        {
+            return Err(Error::new(
+                ErrorKind::Data,
+                format!(
+                    "range answer {}..{} with {} bytes does not match the request {}..{}",
+                    cr.start,
+                    cr.end,
+                    body.len(),
+                    u.start.offset,
+                    want_end
+                ),
+            )
+            .with_object(e.key.clone())
+            .with_lsn(u.from));
+        }
+        // The answer starts at the unit's start (checked above).
+        let bytes = body;
+        let hi = (e.records_end - cr.start) as usize;
         let mut records = Vec::new();
         let mut last = u.start.lsn - 1;
-        let mut recs = Records::new(&bytes[lo..hi], u.start.offset, u.start.lsn);
-        if checked {
-            recs = recs.already_verified();
-        }
-        for rec in recs {
+        for rec in Records::new(&bytes[..hi], u.start.offset, u.start.lsn) {
             let rec = rec.map_err(data_err)?;
             last = rec.lsn;
             if rec.lsn >= u.from {
                 let start = rec.payload.as_ptr() as usize - bytes.as_ptr() as usize;
-                records.push((rec.lsn, start, start + rec.payload.len()));
+                records.push((start, start + rec.payload.len()));
             }
         }
         if last != e.last_lsn {
@@ -139,6 +162,10 @@ impl Replica {
             .with_object(e.key.clone())
             .with_lsn(last + 1));
         }
-        Ok(Verified { bytes, records })
+        Ok(Verified {
+            bytes,
+            first: u.from.max(u.start.lsn),
+            records,
+        })
     }
 }
