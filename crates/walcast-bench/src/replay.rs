@@ -53,15 +53,27 @@ fn best<T>(runs: usize, mut f: impl FnMut() -> Result<T>) -> Result<f64> {
     Ok(best.as_secs_f64())
 }
 
-/// Decode, verify and apply one segment into a new state, as a replica does
-/// (one batch vector reused for every record).
-fn replay(bytes: &[u8], crc: Option<u32>) -> Result<KvState> {
-    let seg = segment::decode(bytes, crc).map_err(|e| anyhow!("segment: {e}"))?;
+/// A replica's verify step (walcast-core's replica/verify.rs):
+/// `segment::decode_with` checks the file and gathers the payload position
+/// of each of its `n` records (their LSNs are dense) in its one walk.
+fn verify(bytes: &[u8], crc: Option<u32>, n: u64) -> Result<Vec<(usize, usize)>> {
+    let mut records = Vec::with_capacity(n as usize);
+    let at = bytes.as_ptr() as usize;
+    segment::decode_with(bytes, crc, |r| {
+        let start = r.payload.as_ptr() as usize - at;
+        records.push((start, start + r.payload.len()));
+    })
+    .map_err(|e| anyhow!("segment: {e}"))?;
+    Ok(records)
+}
+
+/// Decode, verify and apply one segment of `n` records into a new state, as
+/// a replica does (one batch vector reused for every record).
+fn replay(bytes: &[u8], crc: Option<u32>, n: u64) -> Result<KvState> {
     let mut state = KvState::new();
     let mut ops = Vec::new();
-    for r in seg.records() {
-        let r = r.map_err(|e| anyhow!("segment record: {e}"))?;
-        batch::decode_into(r.payload, &mut ops).map_err(|e| anyhow!("LSN {}: {e}", r.lsn))?;
+    for (lsn, (s, e)) in (1u64..).zip(verify(bytes, crc, n)?) {
+        batch::decode_into(&bytes[s..e], &mut ops).map_err(|e| anyhow!("LSN {lsn}: {e}"))?;
         state.apply(&ops);
     }
     Ok(state)
@@ -87,19 +99,15 @@ pub(crate) fn run(root: &Path, n: u64, tmp: &Path) -> Result<ReplayResult> {
     })?;
     let crc_s = best(15, || Ok(crc32fast::hash(&bytes)))?;
     let digest_s = best(5, || Ok(walcast_core::keys::sha256_hex(&bytes)))?;
-    let verify_s = best(5, || {
-        let seg =
-            segment::decode(&bytes, Some(summary.crc32)).map_err(|e| anyhow!("segment: {e}"))?;
-        Ok(seg.records().count())
-    })?;
+    let verify_s = best(5, || verify(&bytes, Some(summary.crc32), n))?;
     let apply_s = best(5, || {
-        let state = replay(&bytes, Some(summary.crc32))?;
+        let state = replay(&bytes, Some(summary.crc32), n)?;
         if state.len() != n {
             bail!("replayed {} keys, expected {n}", state.len());
         }
         Ok(state)
     })?;
-    let apply_nocat_s = best(5, || replay(&bytes, None))?;
+    let apply_nocat_s = best(5, || replay(&bytes, None, n))?;
     let (wasm_s, wasm_missing) = match wasm(root, &bytes, n, tmp) {
         Ok(s) => (Some(s), None),
         Err(e) => (None, Some(format!("{e:#}"))),
