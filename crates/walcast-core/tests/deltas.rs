@@ -81,6 +81,9 @@ impl Store {
     /// A replica's GET, with ranges, counting GETs and bytes.
     fn serve(&self, g: &GetRequest, stats: &mut Cold) -> GetResponse {
         stats.gets += 1;
+        if std::env::var_os("DELTA_TRACE").is_some() {
+            eprintln!("  GET {} {:?}", g.key, g.range);
+        }
         let Some((body, etag)) = self.objects.get(&g.key) else {
             return GetResponse::NotFound;
         };
@@ -234,6 +237,9 @@ fn try_cold_read(
         }
         assert!(!reqs.is_empty(), "a pending read asked for nothing");
         c.rounds += 1;
+        if std::env::var_os("DELTA_TRACE").is_some() {
+            eprintln!(" round {}", c.rounds);
+        }
         for req in reqs {
             let resp = store.serve(&req, &mut c);
             r.handle_response(req.id, 0, resp);
@@ -508,6 +514,69 @@ fn steady_writes_keep_a_short_chain_equal_to_the_origin() {
     );
 }
 
+/// Segments past the chain's end stay inline in the head even when
+/// `inline_segments` is smaller (up to four times it): a new lazy replica
+/// finds every segment it replays after the chain in the head, with no
+/// catalog page to fetch first. Older segments are paged out as before.
+#[test]
+fn segments_past_the_chain_stay_in_the_head() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(60),
+        delta_every: Some(6),
+        inline_segments: 2,
+        page_fanout: 2,
+        head_check_ms: 0,
+        tail_bytes: 0,
+        max_commits_per_sec: 0,
+        ..PublisherConfig::default()
+    };
+    let mut p = Publisher::new(cfg, 7);
+    let mut store = Store::default();
+    store.drive(&mut p, 0);
+    let mut log: Vec<Vec<Op>> = Vec::new();
+    let (mut checked, mut paged) = (0, 0);
+    let mut now = 0u64;
+    for lsn in 1..=300u64 {
+        let op = Op::put(
+            format!("key:{:03}", lsn % 50).into_bytes(),
+            vec![lsn as u8; 100],
+        );
+        p.push(lsn, &batch::encode(std::slice::from_ref(&op)).unwrap(), now)
+            .unwrap();
+        log.push(vec![op]);
+        // Each batch seals a segment of its own.
+        for _ in 0..4 {
+            now += 100;
+            store.drive(&mut p, now);
+        }
+        let h = store.head();
+        let Some(end) = h.delta_lsn() else {
+            continue;
+        };
+        checked += 1;
+        paged += h.pages.len();
+        assert!(
+            h.pages.iter().all(|r| r.last_lsn <= end),
+            "LSN {lsn}: a page holds segments past the chain's end {end}"
+        );
+        let inline_from = h.segments.first().map_or(u64::MAX, |s| s.first_lsn);
+        assert!(
+            inline_from <= end + 1,
+            "LSN {lsn}: segments past {end} missing"
+        );
+        let probe = format!("key:{:03}", lsn % 7).into_bytes();
+        let (v, at, cost) = cold_read(&store, &probe);
+        assert_eq!(
+            v.as_ref(),
+            model_at(&log, at).get(&probe),
+            "{probe:?} at {at}"
+        );
+        assert!(cost.rounds <= 3, "LSN {lsn}: {cost:?}");
+    }
+    assert!(checked > 200, "{checked} heads checked");
+    assert!(paged > 0, "older segments were paged out");
+}
+
 /// A store whose newest delta is damaged: a cold read through it fails with
 /// a data error naming the delta, never panics or hangs, and reads of keys
 /// the filters rule out still answer.
@@ -672,6 +741,17 @@ fn delta_figures_at_scale() {
                 snap + deltas + tail,
                 (snap + segs) as f64 / (snap + deltas + tail).max(1) as f64
             );
+            if std::env::var_os("DELTA_TRACE").is_some() {
+                let raw = &store.objects[HEAD_KEY].0;
+                let v: serde_json::Value = serde_json::from_slice(raw).unwrap();
+                let parts: Vec<String> = v
+                    .as_object()
+                    .unwrap()
+                    .iter()
+                    .map(|(k, x)| format!("{k}={}", serde_json::to_vec(x).unwrap().len()))
+                    .collect();
+                eprintln!("head {} bytes: {}", raw.len(), parts.join(" "));
+            }
             let (_, _, c) = cold_read(&store, &key((rng >> 17) % keys));
             samples += 1;
             worst = Cold {

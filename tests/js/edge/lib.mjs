@@ -234,6 +234,19 @@ export async function startOnFreePort({ start, readyUrl, logFile, timeoutMs = 60
   }
 }
 
+// The environment wrangler runs in under the tests: no metrics, error
+// reports, banner or account lookups, its logs under `logDir`.
+export function wranglerEnv(logDir) {
+  return {
+    WRANGLER_SEND_METRICS: "false",
+    WRANGLER_SEND_ERROR_REPORTS: "false",
+    CLOUDFLARE_CF_FETCH_ENABLED: "false",
+    WRANGLER_HIDE_BANNER: "true",
+    WRANGLER_LOG_PATH: logDir,
+    CI: "true",
+  };
+}
+
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 export const b64 = (bytes) => Buffer.from(bytes).toString("base64");

@@ -35,6 +35,7 @@ import {
   startOnFreePort,
   startProcess,
   stopProcess,
+  wranglerEnv,
 } from "../edge/lib.mjs";
 
 const TIMEOUT = 300_000;
@@ -155,14 +156,7 @@ test("examples/worker-kv: wrangler dev against walcast serve answers reads, foll
           cwd: dir,
           name: "wrangler",
           logFile,
-          env: {
-            WRANGLER_SEND_METRICS: "false",
-            WRANGLER_SEND_ERROR_REPORTS: "false",
-            CLOUDFLARE_CF_FETCH_ENABLED: "false",
-            WRANGLER_HIDE_BANNER: "true",
-            WRANGLER_LOG_PATH: path.join(tmp, "wrangler-logs"),
-            CI: "true",
-          },
+          env: wranglerEnv(path.join(tmp, "wrangler-logs")),
         },
       ),
     readyUrl: (port) => `http://127.0.0.1:${port}/api/status`,

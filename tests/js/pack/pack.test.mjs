@@ -36,6 +36,7 @@ import {
   startOnFreePort,
   startProcess,
   stopProcess,
+  wranglerEnv,
 } from "../edge/lib.mjs";
 
 const TIMEOUT = 20 * 60_000;
@@ -171,14 +172,7 @@ test("workerd: a wrangler bundle of the installed package runs the conformance s
     cwd: project,
     quiet: true,
     timeoutMs: 180_000,
-    env: {
-      WRANGLER_SEND_METRICS: "false",
-      WRANGLER_SEND_ERROR_REPORTS: "false",
-      CLOUDFLARE_CF_FETCH_ENABLED: "false",
-      WRANGLER_HIDE_BANNER: "true",
-      WRANGLER_LOG_PATH: path.join(project, "wrangler-logs"),
-      CI: "true",
-    },
+    env: wranglerEnv(path.join(project, "wrangler-logs")),
   });
   const files = fs.readdirSync(out);
   const wasm = files.find((f) => f.endsWith(".wasm"));

@@ -22,7 +22,7 @@ import path from "node:path";
 import { after, before, test } from "node:test";
 import {
   DIST, EDGE_MODULES, REPO, argBytes, bytesEq, connectDatasets, distReady, freePort, isAddrInUse, log, makeTmp, pct, pool, show,
-  sleep, startOnFreePort, startProcess, stopAll, stopProcess, unb64, waitForHttp,
+  sleep, startOnFreePort, startProcess, stopAll, stopProcess, unb64, waitForHttp, wranglerEnv,
 } from "../edge/lib.mjs";
 
 const WORKERD = path.join(EDGE_MODULES, ".bin", "workerd");
@@ -135,15 +135,7 @@ if (fs.existsSync(WRANGLER)) {
     cwd: path.join(REPO, "worker"),
     encoding: "utf8",
     timeout: 180_000,
-    env: {
-      ...process.env,
-      WRANGLER_SEND_METRICS: "false",
-      WRANGLER_SEND_ERROR_REPORTS: "false",
-      CLOUDFLARE_CF_FETCH_ENABLED: "false",
-      WRANGLER_HIDE_BANNER: "true",
-      WRANGLER_LOG_PATH: path.join(tmp, "wrangler-logs"),
-      CI: "true",
-    },
+    env: { ...process.env, ...wranglerEnv(path.join(tmp, "wrangler-logs")) },
   });
   const files = fs.existsSync(out) ? fs.readdirSync(out) : [];
   bundle = { status: r.status, output: `${r.stdout ?? ""}${r.stderr ?? ""}${r.error ?? ""}`, out, files };

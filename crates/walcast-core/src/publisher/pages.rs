@@ -7,6 +7,11 @@ use crate::catalog::{self, Head, Page, PageRef, SegmentEntry};
 
 use super::Publisher;
 
+/// How many times [`PublisherConfig::inline_segments`](super::PublisherConfig::inline_segments)
+/// the head may hold to keep the segments past the newest snapshot or
+/// delta inline (a bound on the head when no delta is written for long).
+const KEEP_AFTER_CHAIN: usize = 4;
+
 /// A page to upload before the head that references it: (key, bytes).
 pub(super) type PageUpload = (String, Vec<u8>);
 
@@ -14,10 +19,21 @@ impl Publisher {
     /// Pages out `h` until it holds at most `inline_segments` segments and
     /// at most `page_fanout` page references per level. Returns the new
     /// pages, to upload before the head that references them.
+    ///
+    /// Segments past the newest snapshot or delta stay inline, up to
+    /// [`KEEP_AFTER_CHAIN`] times that many: they are what a new lazy
+    /// replica reads after the chain, and it finds them in the head, with
+    /// no page to fetch first.
     pub(super) fn page_out(&mut self, h: &mut Head) -> Vec<PageUpload> {
         let mut uploads = Vec::new();
         let fan = self.cfg.page_fanout.max(2);
-        while h.segments.len() > self.cfg.inline_segments.max(fan) {
+        let floor = self.cfg.inline_segments.max(fan);
+        let chain_end = h.delta_lsn();
+        while h.segments.len() > floor {
+            let after_chain = chain_end.is_some_and(|end| h.segments[fan - 1].last_lsn > end);
+            if after_chain && h.segments.len() <= KEEP_AFTER_CHAIN * floor {
+                break;
+            }
             let moved: Vec<SegmentEntry> = h.segments.drain(..fan).collect();
             let mut page = Page {
                 format: catalog::FORMAT,
