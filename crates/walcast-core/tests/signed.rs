@@ -43,10 +43,12 @@ fn expected(last: u64) -> KvState {
     s
 }
 
+/// Small segments and few inline: the segments past a snapshot outnumber
+/// four times `inline_segments`, so heads name pages (signed, checked).
 fn cfg(signing: Option<SecretKey>, previous: Option<SecretKey>) -> PublisherConfig {
     PublisherConfig {
-        segment_bytes: 200,
-        inline_segments: 4,
+        segment_bytes: 100,
+        inline_segments: 2,
         page_fanout: 2,
         snapshot_every: Some(40),
         retain_lsns: Some(30),

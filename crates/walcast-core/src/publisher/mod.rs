@@ -78,7 +78,9 @@ pub struct PublisherConfig {
     pub retain_lsns: Option<u64>,
     /// Delete an object only this long (ms) after the commit that retired it.
     pub grace_ms: u64,
-    /// Segments kept inline in the head.
+    /// Segments kept inline in the head (at least `page_fanout`; more,
+    /// up to four times this, while the segments past the newest snapshot
+    /// or delta need the room).
     pub inline_segments: usize,
     /// Bytes of the segment files a commit adds that its head carries as
     /// copies, so a replica following the tail applies a commit from the
@@ -161,9 +163,9 @@ impl Default for PublisherConfig {
             snapshot_bytes: None,
             retain_lsns: None,
             grace_ms: 60_000,
-            inline_segments: 64,
+            inline_segments: 32,
             tail_bytes: DEFAULT_TAIL_BYTES,
-            page_fanout: 32,
+            page_fanout: 16,
             snapshot_suffix_bytes: DEFAULT_SNAPSHOT_SUFFIX_BYTES,
             retry_base_ms: 100,
             retry_max_ms: 10_000,

@@ -20,18 +20,22 @@ impl Publisher {
     /// at most `page_fanout` page references per level. Returns the new
     /// pages, to upload before the head that references them.
     ///
-    /// Segments past the newest snapshot or delta stay inline, up to
-    /// [`KEEP_AFTER_CHAIN`] times that many: they are what a new lazy
-    /// replica reads after the chain, and it finds them in the head, with
-    /// no page to fetch first.
+    /// Segments past the newest snapshot or delta stay inline when they
+    /// number at most [`KEEP_AFTER_CHAIN`] times that many: they are what a
+    /// new lazy replica reads after the chain, and it finds them in the
+    /// head, with no page to fetch first. (When there are more, as with
+    /// snapshots and no deltas, a cold read reads pages anyway.)
     pub(super) fn page_out(&mut self, h: &mut Head) -> Vec<PageUpload> {
         let mut uploads = Vec::new();
         let fan = self.cfg.page_fanout.max(2);
         let floor = self.cfg.inline_segments.max(fan);
-        let chain_end = h.delta_lsn();
+        // The end of the chain, when every segment past it fits the room.
+        let keep_after = h.delta_lsn().filter(|&end| {
+            let past = h.segments.iter().filter(|s| s.last_lsn > end).count();
+            past <= KEEP_AFTER_CHAIN * floor
+        });
         while h.segments.len() > floor {
-            let after_chain = chain_end.is_some_and(|end| h.segments[fan - 1].last_lsn > end);
-            if after_chain && h.segments.len() <= KEEP_AFTER_CHAIN * floor {
+            if keep_after.is_some_and(|end| h.segments[fan - 1].last_lsn > end) {
                 break;
             }
             let moved: Vec<SegmentEntry> = h.segments.drain(..fan).collect();
