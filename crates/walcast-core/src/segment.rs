@@ -400,6 +400,25 @@ pub fn decode_with<'a>(
     expected_crc: Option<u32>,
     mut visit: impl FnMut(Record<'a>),
 ) -> Result<Segment<'a>, DecodeError> {
+    // Only the walk is generic: the checks around it are shared.
+    let (seg, walk) = decode_frame(bytes, expected_crc)?;
+    let mut last = None;
+    for rec in walk {
+        let rec = rec?;
+        last = Some(rec.lsn);
+        visit(rec);
+    }
+    check_last(&seg, last)?;
+    Ok(seg)
+}
+
+/// The checks of [`decode_with`] before its walk: the file checksum,
+/// trailer, header and index; returns the segment and the walk over its
+/// records.
+fn decode_frame(
+    bytes: &[u8],
+    expected_crc: Option<u32>,
+) -> Result<(Segment<'_>, Records<'_>), DecodeError> {
     let len = bytes.len() as u64;
     if len < HEADER_LEN + TRAILER_LEN {
         return Err(DecodeError::Truncated {
@@ -435,7 +454,6 @@ pub fn decode_with<'a>(
     let fo = trailer.footer_offset as usize;
     let index = decode_index(&bytes[fo..(len - TRAILER_LEN) as usize], &trailer)?;
     let records = &bytes[HEADER_LEN as usize..fo];
-    let mut last = None;
     let mut walk = Records::new(records, HEADER_LEN, header.first_lsn);
     if expected_crc.is_some() {
         // The catalog's checksum of the whole file matched above: it covers
@@ -444,11 +462,19 @@ pub fn decode_with<'a>(
         // checked record by record.
         walk = walk.already_verified();
     }
-    for rec in walk {
-        let rec = rec?;
-        last = Some(rec.lsn);
-        visit(rec);
-    }
+    let seg = Segment {
+        header,
+        trailer,
+        index,
+        records,
+    };
+    Ok((seg, walk))
+}
+
+/// The check of [`decode_with`] after its walk: the records ended at the
+/// trailer's last LSN.
+fn check_last(seg: &Segment<'_>, last: Option<u64>) -> Result<(), DecodeError> {
+    let trailer = &seg.trailer;
     if last != Some(trailer.last_lsn) {
         return Err(invalid(
             "segment records",
@@ -460,12 +486,7 @@ pub fn decode_with<'a>(
             ),
         ));
     }
-    Ok(Segment {
-        header,
-        trailer,
-        index,
-        records,
-    })
+    Ok(())
 }
 
 fn shift(e: DecodeError, by: u64) -> DecodeError {
