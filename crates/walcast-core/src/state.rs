@@ -147,10 +147,25 @@ fn write_varint(buf: &mut [u8; 3 * MAX_VARINT], mut at: usize, mut v: usize) -> 
     at + 1
 }
 
-/// Length of the common prefix of `a` and `b`.
+/// Length of the common prefix of `a` and `b`, eight bytes at a time.
 #[inline]
 fn common_prefix(a: &[u8], b: &[u8]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+    let mut i = 0;
+    while let (Some(x), Some(y)) = (
+        a.get(i..).and_then(<[u8]>::first_chunk::<8>),
+        b.get(i..).and_then(<[u8]>::first_chunk::<8>),
+    ) {
+        let diff = u64::from_le_bytes(*x) ^ u64::from_le_bytes(*y);
+        if diff != 0 {
+            return i + (diff.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    i + a[i..]
+        .iter()
+        .zip(&b[i..])
+        .take_while(|(x, y)| x == y)
+        .count()
 }
 
 /// Sorted, prefix-compressed entries packed in one buffer. Entries are
@@ -980,6 +995,21 @@ impl<'a> Iterator for Range<'a> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        /// The word-at-a-time common prefix is the byte-at-a-time one.
+        #[test]
+        fn common_prefix_is_bytewise(
+            shared in proptest::collection::vec(any::<u8>(), 0..40),
+            a in proptest::collection::vec(any::<u8>(), 0..20),
+            b in proptest::collection::vec(any::<u8>(), 0..20),
+        ) {
+            let x = [shared.as_slice(), &a].concat();
+            let y = [shared.as_slice(), &b].concat();
+            let naive = x.iter().zip(&y).take_while(|(p, q)| p == q).count();
+            prop_assert_eq!(common_prefix(&x, &y), naive);
+        }
+    }
 
     /// What the overlay's entries count, from scratch.
     fn overlay_cost_of(s: &KvState) -> usize {
