@@ -22,11 +22,13 @@ impl Replica {
             let unit = self.plan.pop_front().expect("front exists");
             let key = unit.entry.key.clone();
             let first = self.applied + 1;
+            // One vector of operations serves every batch of the unit.
+            let mut ops = Vec::new();
             for (lsn, &(s, e)) in (v.first..).zip(&v.records) {
                 let payload = &v.bytes[s..e];
                 match self.cfg.mode {
-                    Mode::Kv => match batch::decode(payload) {
-                        Ok(ops) => {
+                    Mode::Kv => match batch::decode_into(payload, &mut ops) {
+                        Ok(()) => {
                             match self.lazy.as_mut() {
                                 Some(l) => l.apply(lsn, &ops),
                                 None => self.state.apply(&ops),
