@@ -72,7 +72,7 @@ fn verify(bytes: &[u8], crc: Option<u32>, n: u64) -> Result<Vec<(usize, usize)>>
 fn replay(bytes: &[u8], crc: Option<u32>, n: u64) -> Result<KvState> {
     let mut state = KvState::new();
     let mut ops = Vec::new();
-    for (lsn, (s, e)) in (1u64..).zip(verify(bytes, crc, n)?) {
+    for ((s, e), lsn) in verify(bytes, crc, n)?.into_iter().zip(1u64..) {
         batch::decode_into(&bytes[s..e], &mut ops).map_err(|e| anyhow!("LSN {lsn}: {e}"))?;
         state.apply(&ops);
     }

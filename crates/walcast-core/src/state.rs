@@ -523,6 +523,11 @@ impl KvState {
     fn append(&mut self, key: &[u8], value: &[u8]) {
         let pushed = match self.leaves.last_mut() {
             Some(leaf) => {
+                // The last leaf at a whole page (a merge or load may have cut
+                // it to its size): appends fill it without regrowing it.
+                if leaf.data.capacity() < PAGE {
+                    leaf.data.reserve_exact(PAGE - leaf.data.len());
+                }
                 let before = leaf.data.len();
                 leaf.try_push(&self.max_key, key, value)
                     .then(|| leaf.data.len() - before)
@@ -995,6 +1000,28 @@ impl<'a> Iterator for Range<'a> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Appends after a merge that cut the last leaf to its size fill it up
+    /// to one page, not past it: every leaf's allocation stays at most
+    /// [`PAGE`] (the wasm heap reuses the pages merges free).
+    #[test]
+    fn appends_keep_leaves_within_a_page() {
+        let mut s = KvState::new();
+        for i in (0..40u32).rev() {
+            s.put(format!("k{i:06}").as_bytes(), &[1u8; 100]);
+        }
+        s.compact();
+        let cut = s.leaves.last().map(|l| l.data.capacity());
+        assert!(cut.is_some_and(|c| c < PAGE / 4), "{cut:?}");
+        for i in 40..2_000u32 {
+            s.put(format!("k{i:06}").as_bytes(), &[2u8; 100]);
+        }
+        assert!(s.leaves.len() > 4);
+        for l in &s.leaves {
+            assert!(l.data.capacity() <= PAGE, "{}", l.data.capacity());
+        }
+        assert_eq!(s.get(b"k001999"), Some(&[2u8; 100][..]));
+    }
 
     proptest! {
         /// The word-at-a-time common prefix is the byte-at-a-time one.

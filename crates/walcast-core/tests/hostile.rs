@@ -18,6 +18,7 @@ use std::time::Duration;
 use fixtures::{build_segment, state_through, DATASET};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use walcast_core::batch;
 use walcast_core::catalog::{
     page_key, snapshot_key, Head, Page, PageRef, SegmentEntry, SnapshotEntry, FORMAT, HEAD_KEY,
 };
@@ -534,6 +535,46 @@ fn a_segment_unlike_its_catalog_entry_is_a_data_error() {
             "{what}: {errors:?}"
         );
     }
+}
+
+/// A dataset at the top of the LSN range, a snapshot at `u64::MAX - 2` and a
+/// segment holding `u64::MAX - 1` (the highest LSN a catalog accepts), is
+/// followed to its end: no LSN is computed past the last one (tests build
+/// with overflow checks, so such a sum would panic here).
+#[test]
+fn a_dataset_at_the_top_of_the_lsn_range_is_followed() {
+    let top = u64::MAX - 1;
+    let snap_lsn = top - 1;
+    let mut store = Store::default();
+    let (bytes, summary) = build_segment(1, top, top, 64);
+    let seg = SegmentEntry::from_summary(&summary);
+    store.put(seg.key.clone(), bytes);
+    let st = state_through(snap_lsn - 2, snap_lsn);
+    let snap = snapshot::encode_with_chunk_bytes(&st, snap_lsn, 1, DATASET, 200);
+    let entry = SnapshotEntry {
+        key: snapshot_key(snap_lsn, 1),
+        lsn: snap_lsn,
+        epoch: 1,
+        size: snap.len() as u64,
+        crc32: crc32fast::hash(&snap),
+        entries: st.len(),
+        version: 1,
+        suffix: None,
+    };
+    store.put(entry.key.clone(), snap);
+    let mut head = Head::new(DATASET, 1);
+    head.generation = 2;
+    head.committed_lsn = top;
+    head.earliest_lsn = top;
+    head.snapshot = Some(entry);
+    head.segments = vec![seg];
+    store.put(HEAD_KEY, head.encode());
+    let mut d = Driver::new(cfg(), 1);
+    d.run(2_000, &mut |g| store.serve(g), &mut |_| {});
+    assert_eq!(d.r.applied_lsn(), top, "{:?}", d.errors());
+    let mut want = st.clone();
+    want.apply(&batch::decode(&batch::encode(&fixtures::batch_for(top)).unwrap()).unwrap());
+    assert!(same_state(d.r.state(), &want));
 }
 
 // ---- the property test ----

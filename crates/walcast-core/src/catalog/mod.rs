@@ -27,8 +27,9 @@ pub const CATALOG_INDEX_SAMPLE: usize = 16;
 /// Most bytes of segment files the head may carry in its tail (decoded).
 /// Keeps the head well under [`MAX_HEAD_BYTES`] with base64's 4/3.
 pub const MAX_TAIL_BYTES: usize = 256 << 10;
-/// Highest page level accepted. Pages fan out by 32, so 16 levels cover more
-/// segments than LSNs exist; a deeper tree can only come from a hostile store.
+/// Highest page level accepted. Pages fan out by 16 by default, so 16 levels
+/// cover 2^64 segments, as many as LSNs exist; a deeper tree can only come
+/// from a hostile store.
 pub const MAX_PAGE_LEVEL: u32 = 16;
 
 pub(crate) mod json;

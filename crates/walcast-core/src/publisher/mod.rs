@@ -78,9 +78,10 @@ pub struct PublisherConfig {
     pub retain_lsns: Option<u64>,
     /// Delete an object only this long (ms) after the commit that retired it.
     pub grace_ms: u64,
-    /// Segments kept inline in the head (at least `page_fanout`; more,
-    /// up to four times this, while the segments past the newest snapshot
-    /// or delta need the room).
+    /// Segments kept inline in the head (at least `page_fanout`). The
+    /// segments past the newest snapshot or delta also stay inline while
+    /// they number at most four times this (and at most 128), so the head
+    /// then holds up to that many plus `page_fanout - 1`.
     pub inline_segments: usize,
     /// Bytes of the segment files a commit adds that its head carries as
     /// copies, so a replica following the tail applies a commit from the

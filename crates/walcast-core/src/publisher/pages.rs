@@ -8,9 +8,13 @@ use crate::catalog::{self, Head, Page, PageRef, SegmentEntry};
 use super::Publisher;
 
 /// How many times [`PublisherConfig::inline_segments`](super::PublisherConfig::inline_segments)
-/// the head may hold to keep the segments past the newest snapshot or
-/// delta inline (a bound on the head when no delta is written for long).
+/// (or `page_fanout`, when larger) the segments past the newest snapshot or
+/// delta may number and still stay inline, up to [`MAX_KEPT_AFTER_CHAIN`].
 const KEEP_AFTER_CHAIN: usize = 4;
+/// The most segments past the chain kept inline for that reason: a head of
+/// any `inline_segments` stays as far below
+/// [`MAX_HEAD_BYTES`](crate::catalog::MAX_HEAD_BYTES) as without it.
+const MAX_KEPT_AFTER_CHAIN: usize = 128;
 
 /// A page to upload before the head that references it: (key, bytes).
 pub(super) type PageUpload = (String, Vec<u8>);
@@ -21,7 +25,8 @@ impl Publisher {
     /// pages, to upload before the head that references them.
     ///
     /// Segments past the newest snapshot or delta stay inline when they
-    /// number at most [`KEEP_AFTER_CHAIN`] times that many: they are what a
+    /// number at most [`KEEP_AFTER_CHAIN`] times that many (at most
+    /// [`MAX_KEPT_AFTER_CHAIN`], unless `inline_segments` is more): they are what a
     /// new lazy replica reads after the chain, and it finds them in the
     /// head, with no page to fetch first. (When there are more, as with
     /// snapshots and no deltas, a cold read reads pages anyway.)
@@ -32,7 +37,7 @@ impl Publisher {
         // The end of the chain, when every segment past it fits the room.
         let keep_after = h.delta_lsn().filter(|&end| {
             let past = h.segments.iter().filter(|s| s.last_lsn > end).count();
-            past <= KEEP_AFTER_CHAIN * floor
+            past <= (KEEP_AFTER_CHAIN * floor).min(MAX_KEPT_AFTER_CHAIN.max(floor))
         });
         while h.segments.len() > floor {
             if keep_after.is_some_and(|end| h.segments[fan - 1].last_lsn > end) {

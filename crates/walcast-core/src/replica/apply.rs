@@ -24,7 +24,9 @@ impl Replica {
             let first = self.applied + 1;
             // One vector of operations serves every batch of the unit.
             let mut ops = Vec::new();
-            for (lsn, &(s, e)) in (v.first..).zip(&v.records) {
+            // The records first: the LSN counter is not advanced past the
+            // last one (which may be u64::MAX - 1).
+            for (&(s, e), lsn) in v.records.iter().zip(v.first..) {
                 let payload = &v.bytes[s..e];
                 match self.cfg.mode {
                     Mode::Kv => match batch::decode_into(payload, &mut ops) {

@@ -68,7 +68,7 @@ pub(crate) fn batch_for(lsn: u64) -> Vec<Op> {
     )];
     if lsn % 3 == 0 {
         ops.push(Op::delete(
-            format!("key/{:03}", (lsn * 7) % 23).into_bytes(),
+            format!("key/{:03}", lsn.wrapping_mul(7) % 23).into_bytes(),
         ));
     }
     if lsn % 5 == 0 {
