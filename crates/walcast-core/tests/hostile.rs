@@ -166,6 +166,23 @@ struct Dataset {
     segments: Vec<SegmentEntry>,
 }
 
+/// Stores a version 1 snapshot of `st` at `lsn` and returns its entry.
+fn put_snapshot(store: &mut Store, st: &KvState, lsn: u64, epoch: u64) -> SnapshotEntry {
+    let bytes = snapshot::encode_with_chunk_bytes(st, lsn, epoch, DATASET, 200);
+    let e = SnapshotEntry {
+        key: snapshot_key(lsn, epoch),
+        lsn,
+        epoch,
+        size: bytes.len() as u64,
+        crc32: crc32fast::hash(&bytes),
+        entries: st.len(),
+        version: 1,
+        suffix: None,
+    };
+    store.put(e.key.clone(), bytes);
+    e
+}
+
 fn dataset(last: u64, per: u64, snap: Option<u64>, epoch: u64) -> Dataset {
     let mut store = Store::default();
     let mut segments = Vec::new();
@@ -178,22 +195,7 @@ fn dataset(last: u64, per: u64, snap: Option<u64>, epoch: u64) -> Dataset {
         segments.push(e);
         first = end + 1;
     }
-    let snapshot = snap.map(|lsn| {
-        let st = state_through(1, lsn);
-        let bytes = snapshot::encode_with_chunk_bytes(&st, lsn, epoch, DATASET, 200);
-        let e = SnapshotEntry {
-            key: snapshot_key(lsn, epoch),
-            lsn,
-            epoch,
-            size: bytes.len() as u64,
-            crc32: crc32fast::hash(&bytes),
-            entries: st.len(),
-            version: 1,
-            suffix: None,
-        };
-        store.put(e.key.clone(), bytes);
-        e
-    });
+    let snapshot = snap.map(|lsn| put_snapshot(&mut store, &state_through(1, lsn), lsn, epoch));
     let mut head = Head::new(DATASET, epoch);
     head.generation = last + 1;
     head.committed_lsn = last;
@@ -550,18 +552,7 @@ fn a_dataset_at_the_top_of_the_lsn_range_is_followed() {
     let seg = SegmentEntry::from_summary(&summary);
     store.put(seg.key.clone(), bytes);
     let st = state_through(snap_lsn - 2, snap_lsn);
-    let snap = snapshot::encode_with_chunk_bytes(&st, snap_lsn, 1, DATASET, 200);
-    let entry = SnapshotEntry {
-        key: snapshot_key(snap_lsn, 1),
-        lsn: snap_lsn,
-        epoch: 1,
-        size: snap.len() as u64,
-        crc32: crc32fast::hash(&snap),
-        entries: st.len(),
-        version: 1,
-        suffix: None,
-    };
-    store.put(entry.key.clone(), snap);
+    let entry = put_snapshot(&mut store, &st, snap_lsn, 1);
     let mut head = Head::new(DATASET, 1);
     head.generation = 2;
     head.committed_lsn = top;
