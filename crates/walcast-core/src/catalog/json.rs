@@ -376,6 +376,7 @@ fn segment(c: &mut Cursor) -> R<SegmentEntry> {
     let at = c.at;
     let (mut key, mut epoch, mut first_lsn, mut last_lsn) = (None, None, None, None);
     let (mut size, mut crc32, mut records_end, mut index) = (None, None, None, None);
+    let mut filter = None;
     c.object(&mut |c, name| {
         match name {
             "key" => key = Some(c.key()?),
@@ -395,6 +396,26 @@ fn segment(c: &mut Cursor) -> R<SegmentEntry> {
                     Ok(IndexEntry { lsn, offset })
                 })?)
             }
+            "filter" => {
+                let text_at = c.at;
+                filter = c
+                    .opt(Cursor::string)?
+                    .map(|t| {
+                        crate::b64::decode(t.as_bytes())
+                            .ok()
+                            .filter(|b| b.len() <= super::MAX_SEGMENT_FILTER_BYTES)
+                            .and_then(|b| {
+                                crate::snapshot::delta::KeyFilter::parse(
+                                    &b,
+                                    "segment key filter",
+                                    0,
+                                )
+                                .ok()
+                            })
+                            .ok_or(text_at)
+                    })
+                    .transpose()?;
+            }
             _ => c.skip()?,
         }
         Ok(())
@@ -408,6 +429,7 @@ fn segment(c: &mut Cursor) -> R<SegmentEntry> {
         crc32: need(crc32, at)?,
         records_end: need(records_end, at)?,
         index: need(index, at)?,
+        filter,
     })
 }
 
@@ -741,6 +763,7 @@ mod tests {
             size: 100,
             crc32: 7,
             records_end: 90,
+            filter: None,
             index: vec![IndexEntry { lsn: 1, offset: 32 }],
         });
         h.tail.push(TailSegment {

@@ -9,6 +9,7 @@ use serde::{Serialize, Serializer};
 
 use crate::error::{DecodeError, Quoted};
 use crate::segment::{IndexEntry, SegmentSummary};
+use crate::snapshot::delta::KeyFilter;
 use crate::trust::check_digests;
 pub use crate::trust::{head_signature, page_signature, HeadTrust, KeyEndorsement, MAX_KEY_CHAIN};
 
@@ -170,7 +171,22 @@ pub struct SegmentEntry {
     pub records_end: u64,
     /// A sample of the segment's sparse index (at most 16 entries, the first always).
     pub index: Vec<IndexEntry>,
+    /// A filter of the keys the segment's batches write, when the head
+    /// carries one (segments past the newest snapshot or delta, written by
+    /// a publisher of delta snapshots): a lazy replica fetches the segment
+    /// only for a read of a key the filter may hold. Base64 of the filter's
+    /// bytes in JSON (`docs/FORMAT.md`); absent otherwise.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "base64_bytes::serialize_filter"
+    )]
+    pub filter: Option<KeyFilter>,
 }
+
+/// Most bytes of a segment's key filter a catalog entry may carry: the
+/// filter of 6,553 keys at 10 bits a key, plus its 8-byte header.
+pub const MAX_SEGMENT_FILTER_BYTES: usize = (8 << 10) + 8;
 
 impl SegmentEntry {
     /// The catalog entry for a sealed segment.
@@ -186,6 +202,7 @@ impl SegmentEntry {
             crc32: s.crc32,
             records_end: s.records_end,
             index: s.index.iter().step_by(step).copied().collect(),
+            filter: None,
         }
     }
 
@@ -395,6 +412,16 @@ mod base64_bytes {
 
     pub(super) fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&crate::b64::Display(b))
+    }
+
+    pub(super) fn serialize_filter<S: Serializer>(
+        f: &Option<crate::snapshot::delta::KeyFilter>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match f {
+            Some(f) => serialize(&f.encode(), s),
+            None => s.serialize_none(),
+        }
     }
 
     pub(super) fn serialize_opt<S: Serializer>(

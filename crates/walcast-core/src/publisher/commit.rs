@@ -183,6 +183,13 @@ impl Publisher {
         h.retired.retain(|r| !self.deleted.contains(&r.key));
         // Retention.
         self.retire_expired(&mut h, now)?;
+        // Key filters only for segments past the chain: a lazy replica
+        // never replays the segments the snapshot and its deltas cover.
+        if let Some(end) = h.delta_lsn() {
+            for s in h.segments.iter_mut().filter(|s| s.last_lsn <= end) {
+                s.filter = None;
+            }
+        }
         // Paging.
         let uploads = self.page_out(&mut h);
         self.fill_tail(&mut h, ready);

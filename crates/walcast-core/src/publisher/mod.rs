@@ -38,6 +38,12 @@ pub const DEFAULT_COMMIT_BURST: u32 = 2;
 /// 1,000 small batches a second and ten commits a second, twice over.
 pub const DEFAULT_TAIL_BYTES: usize = 32 << 10;
 
+/// Most key writes a segment's key filter covers: a segment with more (a
+/// bulk load) gets no filter, and a lazy replica that needs it fetches it.
+/// Its filter takes at most 5,128 bytes, within
+/// [`crate::catalog::MAX_SEGMENT_FILTER_BYTES`].
+pub const MAX_SEGMENT_FILTER_KEYS: usize = 4096;
+
 /// Default [`PublisherConfig::snapshot_suffix_bytes`]: a snapshot's top
 /// index of up to about 130 partitions (some 2,000,000 keys in 16 KiB data
 /// blocks), about 5.5 KB of base64 in every head.
@@ -357,6 +363,10 @@ pub struct Publisher {
 
     next_push: u64,
     open: Option<SegmentBuilder>,
+    /// Delta snapshots on: the hashes of the keys the open segment's
+    /// batches write, for its key filter (`None` past
+    /// [`MAX_SEGMENT_FILTER_KEYS`]: the segment gets no filter).
+    open_keys: Option<Vec<u64>>,
     open_since: u64,
     last_seal_at: Option<u64>,
     /// The commit budget's theoretical arrival time (GCRA, ms): a seal is
@@ -414,6 +424,7 @@ impl Publisher {
             writer,
             next_push: 0,
             open: None,
+            open_keys: Some(Vec::new()),
             open_since: 0,
             last_seal_at: None,
             budget_tat: 0,
@@ -531,10 +542,20 @@ impl Publisher {
                 self.bytes_since_delta += payload.len() as u64;
             }
             if self.deltas_on() {
+                let fresh = lsn > self.committed_lsn();
                 for op in &ops {
                     let k = match *op {
                         batch::OpRef::Put(k, _) | batch::OpRef::Delete(k) => k,
                     };
+                    if fresh {
+                        if let Some(keys) = self.open_keys.as_mut() {
+                            if keys.len() < MAX_SEGMENT_FILTER_KEYS {
+                                keys.push(crate::snapshot::delta::key_hash(k));
+                            } else {
+                                self.open_keys = None;
+                            }
+                        }
+                    }
                     match self.touched.get_mut(k) {
                         Some(l) => *l = lsn,
                         None => {
@@ -601,11 +622,19 @@ impl Publisher {
                     self.last_seal_at = Some(now);
                     self.spend_budget(now);
                     let open = self.open.take().expect("checked");
+                    let keys = self.open_keys.replace(Vec::new());
                     if let Some((bytes, summary)) = open.finish() {
-                        let entry = SegmentEntry::from_summary(&summary);
+                        let mut entry = SegmentEntry::from_summary(&summary);
                         self.note_digest(&entry.key, &bytes);
+                        entry.filter =
+                            keys.filter(|k| self.deltas_on() && !k.is_empty())
+                                .map(|mut k| {
+                                    k.sort_unstable();
+                                    k.dedup();
+                                    crate::snapshot::delta::KeyFilter::from_hashes(&k)
+                                });
                         self.sealed.push_back(Sealed {
-                            entry: SegmentEntry::from_summary(&summary),
+                            entry,
                             bytes,
                             up: Up::Waiting(0),
                         });

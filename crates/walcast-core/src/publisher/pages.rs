@@ -43,7 +43,13 @@ impl Publisher {
             if keep_after.is_some_and(|end| h.segments[fan - 1].last_lsn > end) {
                 break;
             }
-            let moved: Vec<SegmentEntry> = h.segments.drain(..fan).collect();
+            // Pages carry no key filters: a segment paged out is read by
+            // catching up, not by a cold read.
+            let moved: Vec<SegmentEntry> = h
+                .segments
+                .drain(..fan)
+                .map(|s| SegmentEntry { filter: None, ..s })
+                .collect();
             let mut page = Page {
                 format: catalog::FORMAT,
                 level: 0,

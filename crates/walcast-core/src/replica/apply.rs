@@ -17,6 +17,9 @@ impl Replica {
                 return;
             }
             let Some(v) = self.ready.remove(from) else {
+                // Lazy mode: a segment whose key filter the catalog gives
+                // is read only when a read needs it.
+                self.defer_front_if_able();
                 return;
             };
             let unit = self.plan.pop_front().expect("front exists");
@@ -77,6 +80,25 @@ impl Replica {
                 self.schedule_poll_from_last();
             }
         }
+    }
+
+    /// Lazy mode: counts the front unit of the plan as applied, unread,
+    /// when a read can fetch it later (see [`Replica::deferrable`]).
+    /// Returns whether it did.
+    pub(super) fn defer_front_if_able(&mut self) -> bool {
+        let able = self.plan.front().is_some_and(|u| {
+            u.from == self.applied + 1
+                && !self.ready.contains_key(u.from)
+                && !self.inflight_units.contains_key(u.from)
+                && self.deferrable(u)
+        });
+        if able {
+            self.defer_front();
+            if self.applied >= self.committed {
+                self.schedule_poll_from_last();
+            }
+        }
+        able
     }
 
     fn schedule_poll_from_last(&mut self) {

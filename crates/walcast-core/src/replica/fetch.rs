@@ -43,11 +43,7 @@ impl Replica {
             Job::Page(_) => crate::catalog::MAX_PAGE_BYTES as u64,
             Job::Segment(u) => u.entry.size,
             Job::Snapshot { .. } => self.bootstrap.as_ref().map_or(0, |b| b.entry.size),
-            Job::Block(j) => self
-                .lazy
-                .as_ref()
-                .and_then(|l| l.base.as_ref())
-                .map_or(0, |b| b.object_size(&j.snapshot)),
+            Job::Block(j) => self.lazy.as_ref().map_or(0, |l| l.object_size(&j.snapshot)),
         };
         self.pending.insert(id.0, job);
         self.requests += 1;

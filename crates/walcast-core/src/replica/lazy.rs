@@ -23,6 +23,10 @@ use super::{Event, Job, Replica};
 /// Per overlay entry, what the cache charges besides key and value.
 const OVERLAY_ENTRY_OVERHEAD: u64 = 64;
 
+/// Most segments a lazy replica holds unread at once (see
+/// [`Lazy::deferred`]); past that, segments are fetched as they come.
+pub(super) const MAX_DEFERRED: usize = 128;
+
 /// The answer to a lazy read: ready, or waiting for GETs the replica has
 /// queued (drive [`Replica::poll`] and ask again after responses arrive).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +84,9 @@ pub struct LazyStatus {
     pub overlay_bytes: u64,
     /// Entries in the overlay.
     pub overlay_entries: u64,
+    /// Segments counted as applied but not fetched yet: their key filters
+    /// say which reads must fetch them first.
+    pub deferred_segments: u64,
 }
 
 /// The snapshot read lazily.
@@ -164,6 +171,13 @@ pub(super) struct Lazy {
     /// below it would lose the writes between the two.
     pub(super) state_lsn: u64,
     pub(super) blocks_fetched: u64,
+    /// Segments past the chain the catalog gives a key filter, counted as
+    /// applied without a GET, oldest first. A read fetches (and replays
+    /// into the overlay) those newer than the overlay's write of its key
+    /// whose filter may hold the key; a scan fetches them all. Their
+    /// writes at or below the chain's end are not replayed (the base and
+    /// its deltas hold those).
+    pub(super) deferred: Vec<super::plan::Unit>,
 }
 
 /// A scan's exclusive end as a range bound.
@@ -186,7 +200,8 @@ impl Lazy {
         }
     }
 
-    /// Applies one batch at `lsn` to the overlay.
+    /// Applies one batch at `lsn` to the overlay. A key's newer write
+    /// stays (a deferred segment is replayed after newer ones).
     pub(super) fn apply(&mut self, lsn: u64, ops: &[OpRef<'_>]) {
         for op in ops {
             let (k, v) = match *op {
@@ -194,10 +209,54 @@ impl Lazy {
                 OpRef::Delete(k) => (k, None),
             };
             let cost = entry_cost(k, v);
-            if let Some((_, old)) = self.overlay.insert(k.into(), (lsn, v.map(Into::into))) {
-                self.overlay_bytes -= entry_cost(k, old.as_deref());
+            match self.overlay.get_mut(k) {
+                Some(slot) if slot.0 > lsn => continue,
+                Some(slot) => {
+                    self.overlay_bytes -= entry_cost(k, slot.1.as_deref());
+                    *slot = (lsn, v.map(Into::into));
+                }
+                None => {
+                    self.overlay.insert(k.into(), (lsn, v.map(Into::into)));
+                }
             }
             self.overlay_bytes += cost;
+        }
+    }
+
+    /// Queues the deferred segments a read of `key` must replay first:
+    /// those newer than the overlay's write of it whose filter may hold it
+    /// (`all`: every one, for a scan). `Ok(true)`: some are on their way.
+    fn want_deferred(&mut self, key: &[u8], all: bool) -> Result<bool, Error> {
+        let since = self.overlay.get(key).map_or(0, |(l, _)| *l);
+        let wants: Vec<(String, Need)> = self
+            .deferred
+            .iter()
+            .filter(|u| {
+                all || (u.entry.last_lsn > since
+                    && u.entry.filter.as_ref().is_none_or(|f| f.may_contain(key)))
+            })
+            .map(|u| {
+                let need = Need::Range {
+                    start: 0,
+                    end: u.entry.size,
+                };
+                (u.entry.key.clone(), need)
+            })
+            .collect();
+        for (object, need) in &wants {
+            if let Some(e) = self.take_failure(need) {
+                return Err(e);
+            }
+            self.want_in(object.clone(), need.clone(), key);
+        }
+        Ok(!wants.is_empty())
+    }
+
+    /// Size of the object `key` a lazy read may fetch (0: none it knows).
+    pub(super) fn object_size(&self, key: &str) -> u64 {
+        match self.deferred.iter().find(|u| u.entry.key == key) {
+            Some(u) => u.entry.size,
+            None => self.base.as_ref().map_or(0, |b| b.object_size(key)),
         }
     }
 
@@ -205,6 +264,7 @@ impl Lazy {
     /// after the snapshot; above it, the snapshot is the whole state.
     pub(super) fn set_base(&mut self, entry: SnapshotEntry, index_digest: Option<[u8; 32]>) {
         let lsn = entry.lsn;
+        self.deferred.retain(|u| u.entry.last_lsn > lsn);
         let mut dropped = 0;
         self.overlay.retain(|k, (l, v)| {
             let keep = *l > lsn;
@@ -263,6 +323,7 @@ impl Lazy {
         b.deltas = deltas.iter().cloned().map(LazyDelta::new).collect();
         b.chain_end = end;
         let base_key = b.entry.key.clone();
+        self.deferred.retain(|u| u.entry.last_lsn > end);
         let mut dropped = 0;
         self.overlay.retain(|k, (l, v)| {
             let keep = *l > end;
@@ -272,8 +333,12 @@ impl Lazy {
             keep
         });
         self.overlay_bytes -= dropped;
-        self.wanted.retain(|j| j.snapshot == base_key);
-        self.inflight.retain(|j| j.snapshot == base_key);
+        let deferred = &self.deferred;
+        let keep = |j: &BlockJob| {
+            j.snapshot == base_key || deferred.iter().any(|u| u.entry.key == j.snapshot)
+        };
+        self.wanted.retain(keep);
+        self.inflight.retain(keep);
         self.failed.clear();
     }
 
@@ -448,6 +513,7 @@ impl Lazy {
 
     /// Forgets everything (a new dataset, or a base above the applied LSN).
     pub(super) fn clear(&mut self) {
+        self.deferred.clear();
         self.overlay.clear();
         self.overlay_bytes = 0;
         self.base = None;
@@ -480,6 +546,7 @@ impl Lazy {
             blocks_fetched: self.blocks_fetched,
             overlay_bytes: self.overlay_bytes,
             overlay_entries: self.overlay.len() as u64,
+            deferred_segments: self.deferred.len() as u64,
         }
     }
 }
@@ -504,10 +571,18 @@ impl Replica {
         let Some(lazy) = self.lazy.as_mut() else {
             return Ok(Read::Ready(self.state.get(key).map(<[u8]>::to_vec)));
         };
+        // Deferred segments that may write the key after the overlay did
+        // are fetched first; the deltas' and snapshot's parts go out beside
+        // them, in case the filters were wrong.
+        let segments = lazy.want_deferred(key, false)?;
         if let Some((_, v)) = lazy.overlay.get(key) {
+            if segments {
+                return Ok(Read::Pending);
+            }
             return Ok(Read::Ready(v.as_deref().map(<[u8]>::to_vec)));
         }
         match lazy.delta_get(key)? {
+            Ok(Some(_)) if segments => return Ok(Read::Pending),
             Ok(Some(change)) => return Ok(Read::Ready(change)),
             Ok(None) => {}
             Err(()) => {
@@ -527,6 +602,7 @@ impl Replica {
             return Ok(Read::Ready(self.state.get(key).map(<[u8]>::to_vec)));
         };
         match base.snap.get(key) {
+            Ok(Lookup::Done(_)) if segments => Ok(Read::Pending),
             Ok(Lookup::Done(v)) => Ok(Read::Ready(v)),
             Ok(Lookup::Need(n)) => {
                 if let Some(e) = lazy.take_failure(&n) {
@@ -555,8 +631,10 @@ impl Replica {
                 .collect();
             return Ok(Read::Ready(out));
         };
-        // Deltas are read whole into the overlay before a scan merges.
-        if lazy.deltas_into_overlay()?.is_err() {
+        // Deferred segments and deltas are read whole into the overlay
+        // before a scan merges.
+        let segments = lazy.want_deferred(&scan.start, true)?;
+        if lazy.deltas_into_overlay()?.is_err() || segments {
             return Ok(Read::Pending);
         }
         // The snapshot's part starts over when the base changed.
@@ -681,7 +759,9 @@ impl Replica {
         // Its max_bytes is the snapshot's size (`fetch`): a server that
         // ignores Range answers with the whole object.
         let key = job.snapshot.clone();
-        Some(self.fetch(Job::Block(job), key, Some(range), None))
+        // A deferred segment is read whole, as catching up would.
+        let range = (!lazy.deferred.iter().any(|u| u.entry.key == key)).then_some(range);
+        Some(self.fetch(Job::Block(job), key, range, None))
     }
 
     pub(super) fn on_block(&mut self, now: u64, job: BlockJob, resp: GetResponse) {
@@ -689,6 +769,14 @@ impl Replica {
             return;
         };
         lazy.inflight.retain(|j| *j != job);
+        if let Some(i) = lazy
+            .deferred
+            .iter()
+            .position(|u| u.entry.key == job.snapshot)
+        {
+            self.on_deferred(now, job, i, resp);
+            return;
+        }
         let Some(base) = lazy.base.as_mut() else {
             return;
         };
@@ -767,6 +855,103 @@ impl Replica {
                 let _ = self.failure(&key, e);
             }
         }
+    }
+
+    /// Whether the planned unit `u` may be counted as applied without a
+    /// GET (see [`Lazy::deferred`]): lazy KV mode over a block-indexed base,
+    /// no records to report, a key filter from the catalog, no copy in the
+    /// head, and room to hold it.
+    pub(super) fn deferrable(&self, u: &super::plan::Unit) -> bool {
+        let Some(l) = self.lazy.as_ref() else {
+            return false;
+        };
+        self.cfg.mode == super::Mode::Kv
+            && !self.cfg.emit_records
+            && u.entry.filter.is_some()
+            && l.base.is_some()
+            && l.deferred.len() < MAX_DEFERRED
+            && self
+                .head
+                .as_ref()
+                .is_none_or(|h| h.tail_body(&u.entry.key).is_none())
+    }
+
+    /// Counts the unit at the front of the plan as applied, unread.
+    pub(super) fn defer_front(&mut self) {
+        let Some(u) = self.plan.pop_front() else {
+            return;
+        };
+        let (first, last) = (u.from, u.entry.last_lsn);
+        self.retry_at.remove(first);
+        self.applied = last;
+        if let Some(l) = self.lazy.as_mut() {
+            l.deferred.push(u);
+        }
+        self.events.push_back(Event::Applied { first, last });
+    }
+
+    /// A deferred segment a read asked for: verified whole like any
+    /// segment, then replayed into the overlay (its writes after the
+    /// chain's end; newer writes stay).
+    fn on_deferred(&mut self, now: u64, job: BlockJob, i: usize, resp: GetResponse) {
+        let Some(lazy) = self.lazy.as_ref() else {
+            return;
+        };
+        let u = lazy.deferred[i].clone();
+        let key = u.entry.key.clone();
+        let whole = super::plan::Unit {
+            start: u.entry.start_for(0),
+            ..u.clone()
+        };
+        let verified = match resp {
+            GetResponse::Ok { body, range, .. } => self.verify_segment(&whole, body, range),
+            GetResponse::NotFound => {
+                if let Some(l) = self.lazy.as_mut() {
+                    l.failed.push((
+                        job.need,
+                        Error::new(
+                            ErrorKind::NotFound,
+                            "segment named by the catalog is missing",
+                        )
+                        .with_object(key.clone()),
+                    ));
+                }
+                self.missing(now, &key);
+                return;
+            }
+            other => Err(super::fetch::unavailable(&other).with_object(key.clone())),
+        };
+        let v = match verified {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(l) = self.lazy.as_mut() {
+                    l.failed.push((job.need, e.clone()));
+                }
+                self.distrust_head(now, &e);
+                let _ = self.failure(&key, e);
+                return;
+            }
+        };
+        let Some(lazy) = self.lazy.as_mut() else {
+            return;
+        };
+        let chain_end = lazy.base.as_ref().map_or(0, |b| b.chain_end);
+        let mut ops = Vec::new();
+        for (&(s, e), lsn) in v.records.iter().zip(v.first..) {
+            if lsn <= chain_end {
+                continue;
+            }
+            if let Err(d) = crate::batch::decode_into(&v.bytes[s..e], &mut ops) {
+                let e = Error::decode(d).with_object(key.clone()).with_lsn(lsn);
+                lazy.failed.push((job.need, e.clone()));
+                let _ = self.failure(&key, e);
+                return;
+            }
+            lazy.apply(lsn, &ops);
+        }
+        lazy.deferred.retain(|d| d.entry.key != key);
+        lazy.blocks_fetched += 1;
+        self.success(&key);
     }
 
     /// Lazy mode: adopts the head's snapshot as the base when it is newer

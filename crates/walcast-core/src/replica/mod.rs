@@ -599,6 +599,12 @@ impl Replica {
                 return Action::Event(e);
             }
         }
+        // Segments a lazy read fetches only when it needs them.
+        if self.defer_front_if_able() {
+            if let Some(e) = self.events.pop_front() {
+                return Action::Event(e);
+            }
+        }
         if let Some(p) = self.page_wanted.clone() {
             if !self.page_inflight {
                 self.page_inflight = true;
@@ -615,6 +621,7 @@ impl Replica {
                     !self.inflight_units.contains_key(u.from)
                         && !self.ready.contains_key(u.from)
                         && self.retry_at.get(u.from).is_none_or(|t| *t <= now)
+                        && !self.deferrable(u)
                 })
                 .cloned();
             if let Some(u) = next {

@@ -146,7 +146,7 @@ fn decode_filter_handle(bytes: &[u8], at: u64) -> Result<BlockHandle, DecodeErro
 }
 
 /// FNV-1a, 64 bits: the key hash the filter probes with.
-fn key_hash(key: &[u8]) -> u64 {
+pub(crate) fn key_hash(key: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in key {
         h ^= u64::from(b);
@@ -157,7 +157,11 @@ fn key_hash(key: &[u8]) -> u64 {
 
 /// The bit positions `key` sets in a filter of `nbits` bits.
 fn probes(key: &[u8], nbits: u32, k: u8) -> impl Iterator<Item = u32> {
-    let h = key_hash(key);
+    hash_probes(key_hash(key), nbits, k)
+}
+
+/// The bit positions of a key of hash `h` ([`key_hash`]).
+fn hash_probes(h: u64, nbits: u32, k: u8) -> impl Iterator<Item = u32> {
     let h1 = h as u32;
     let h2 = ((h >> 32) as u32) | 1;
     let n = nbits.max(1);
@@ -175,22 +179,39 @@ pub struct KeyFilter {
 impl KeyFilter {
     /// A filter for `keys` (10 bits a key, 7 probes).
     pub fn build<'a>(keys: impl ExactSizeIterator<Item = &'a [u8]>) -> KeyFilter {
-        let n = keys.len() as u64;
+        let mut f = KeyFilter::sized(keys.len() as u64);
+        for k in keys {
+            f.insert_hash(key_hash(k));
+        }
+        f
+    }
+
+    /// A filter for the keys of these hashes ([`key_hash`]; repeats are
+    /// harmless but size the filter).
+    pub(crate) fn from_hashes(hashes: &[u64]) -> KeyFilter {
+        let mut f = KeyFilter::sized(hashes.len() as u64);
+        for &h in hashes {
+            f.insert_hash(h);
+        }
+        f
+    }
+
+    fn sized(n: u64) -> KeyFilter {
         let nbits = (n * FILTER_BITS_PER_KEY)
             .clamp(64, MAX_FILTER_BYTES * 8)
             .div_ceil(8)
             * 8;
         let nbits = nbits as u32;
-        let mut bits = vec![0u8; (nbits / 8) as usize];
-        for k in keys {
-            for p in probes(k, nbits, FILTER_PROBES) {
-                bits[(p / 8) as usize] |= 1 << (p % 8);
-            }
-        }
         KeyFilter {
             nbits,
             probes: FILTER_PROBES,
-            bits,
+            bits: vec![0u8; (nbits / 8) as usize],
+        }
+    }
+
+    fn insert_hash(&mut self, h: u64) {
+        for p in hash_probes(h, self.nbits, self.probes) {
+            self.bits[(p / 8) as usize] |= 1 << (p % 8);
         }
     }
 
@@ -217,6 +238,16 @@ impl KeyFilter {
             });
         }
         check_crc(what, at, handle.crc, bytes)?;
+        KeyFilter::parse(bytes, what, at)
+    }
+
+    /// Parses a filter's bytes (header and bits), already bound to what
+    /// names them (a checksum, or the catalog that carries them).
+    pub(crate) fn parse(
+        bytes: &[u8],
+        what: &'static str,
+        at: u64,
+    ) -> Result<KeyFilter, DecodeError> {
         let mut r = Reader::new(bytes, at);
         let nbits = r.u32(what)?;
         let probes = r.u8(what)?;
