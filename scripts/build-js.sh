@@ -65,7 +65,7 @@ out=js/dist
 wasm_dir=$out/wasm
 bg=$wasm_dir/walcast_wasm_bg.wasm
 stamp=$wasm_dir/.inputs
-inputs="$(sha256sum "$module" | cut -d' ' -f1) wasm-bindgen-$have $(wasm-opt --version 2>/dev/null | head -1)"
+inputs="$(sha256sum "$module" | cut -d' ' -f1) wasm-bindgen-$have $(wasm-opt --version 2>/dev/null | head -1) ${WALCAST_WASM_OPT_FLAGS[*]}"
 if [[ -f $stamp && -f $bg && -f $wasm_dir/walcast_wasm.js && $(cat "$stamp") == "$inputs" ]]; then
   say "skip wasm-bindgen + wasm-opt: module unchanged"
 else
@@ -74,11 +74,9 @@ else
   wasm-bindgen --target web --no-typescript --out-dir "$wasm_dir" --out-name walcast_wasm "$module" ||
     fail "wasm-bindgen failed"
   before=$(stat -c %s "$bg")
-  wasm-opt -Oz --enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext \
-    --enable-mutable-globals --enable-reference-types --enable-multivalue \
-    -o "$bg.opt" "$bg" || fail "wasm-opt failed"
+  wasm-opt "${WALCAST_WASM_OPT_FLAGS[@]}" -o "$bg.opt" "$bg" || fail "wasm-opt failed"
   mv "$bg.opt" "$bg"
-  say "wasm-opt -Oz: $before -> $(stat -c %s "$bg") bytes"
+  say "wasm-opt ${WALCAST_WASM_OPT_FLAGS[*]:0:3}: $before -> $(stat -c %s "$bg") bytes"
   printf '%s' "$inputs" >"$stamp"
 fi
 

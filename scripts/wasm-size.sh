@@ -30,10 +30,8 @@ if command -v wasm-bindgen >/dev/null && "$wasm_opt" --version >/dev/null 2>&1; 
   dir="$WALCAST_WASM_TARGET_DIR/size"
   rm -rf "$dir" && mkdir -p "$dir"
   wasm-bindgen --target web --no-typescript --out-dir "$dir" --out-name walcast_wasm "$module"
-  flags=(--enable-bulk-memory --enable-nontrapping-float-to-int --enable-sign-ext
-    --enable-mutable-globals --enable-reference-types --enable-multivalue)
-  "$wasm_opt" -Oz "${flags[@]}" -o "$dir/shipped.wasm" "$dir/walcast_wasm_bg.wasm"
-  "$wasm_opt" -Oz -g "${flags[@]}" -o "$dir/named.wasm" "$dir/walcast_wasm_bg.wasm"
+  "$wasm_opt" "${WALCAST_WASM_OPT_FLAGS[@]}" -o "$dir/shipped.wasm" "$dir/walcast_wasm_bg.wasm"
+  "$wasm_opt" "${WALCAST_WASM_OPT_FLAGS[@]}" -g -o "$dir/named.wasm" "$dir/walcast_wasm_bg.wasm"
   echo
   echo "## as shipped (after wasm-bindgen and wasm-opt -Oz; names kept for this report)"
   "$twiggy" top -n 1000000 --format csv "$dir/named.wasm" | python3 scripts/wasm-size.py "$top"

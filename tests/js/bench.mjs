@@ -35,6 +35,18 @@ const dist = join(root, "js", "dist");
 const workerdBin = join(root, "tests", "js", "edge", "node_modules", ".bin", "workerd");
 const wasmFile = readdirSync(wasmDir).find((f) => f.endsWith("_bg.wasm"));
 const wasmBytes = readFileSync(join(wasmDir, wasmFile));
+
+// The shipped module plus the benchmark hooks (`benchReplay`,
+// `benchStateMemory`), built by scripts/build-bench-wasm.sh.
+let benchPkg;
+function benchWasm() {
+  if (!benchPkg) {
+    execFileSync("bash", [join(root, "scripts", "build-bench-wasm.sh")], { cwd: root, stdio: ["ignore", "ignore", "inherit"] });
+    const dir = join(root, "target", "wasm-bench", "pkg");
+    benchPkg = { js: join(dir, "walcast_wasm.js"), bytes: readFileSync(join(dir, "walcast_wasm_bg.wasm")) };
+  }
+  return benchPkg;
+}
 const tmp = mkdtempSync(join(tmpdir(), "walcast-bench-"));
 const out = [];
 const report = (k, v) => { out.push(`| ${k} | ${v} |`); console.error(`bench: ${k}: ${v}`); };
@@ -260,8 +272,9 @@ try {
       const native = execFileSync(join(root, "target", "release", "examples", "replay_file"), [seg]).toString();
       const nativeMs = Number(/ms=([\d.]+)/.exec(native)[1]);
       const records = Number(/records=(\d+)/.exec(native)[1]);
-      const wasm = await import(join(wasmDir, "walcast_wasm.js"));
-      await wasm.default({ module_or_path: wasmBytes });
+      const bench = benchWasm();
+      const wasm = await import(bench.js);
+      await wasm.default({ module_or_path: bench.bytes });
       const segBytes = readFileSync(seg);
       let wasmMs = Infinity;
       for (let i = 0; i < 5; i++) {
@@ -315,9 +328,10 @@ try {
   if (want("memory")) {
     // Memory of 1,000,000 keys with 100-byte values, in wasm: each order in a
     // fresh module instance (wasm memory never shrinks).
+    const bench = benchWasm();
     for (const shuffled of [false, true]) {
-      const inst = await import(join(wasmDir, "walcast_wasm.js") + `?${shuffled ? "shuffled" : "sorted"}`);
-      await inst.default({ module_or_path: wasmBytes });
+      const inst = await import(bench.js + `?${shuffled ? "shuffled" : "sorted"}`);
+      await inst.default({ module_or_path: bench.bytes });
       const [entries, heap, mem] = inst.benchStateMemory(1000000, 100, shuffled);
       report(`wasm: ${entries} keys with 100-byte values, ${shuffled ? "written in random order" : "written in key order (as a snapshot bootstrap)"}`, `state ${(heap / 1e6).toFixed(1)} MB, wasm memory ${(mem / 1e6).toFixed(1)} MB (a Workers isolate may use 128 MB)`);
     }

@@ -969,20 +969,21 @@ impl WasmReplica {
 /// KV batches to a fresh state, as a replica does. Returns the number of
 /// records applied. Used by `tests/js/bench.mjs` to compare wasm with native
 /// on the same bytes.
+#[cfg(feature = "bench-hooks")]
 #[wasm_bindgen(js_name = benchReplay)]
 pub fn bench_replay(segment: &[u8]) -> Result<f64, JsValue> {
-    let seg =
-        walcast_core::segment::decode(segment, None).map_err(|e| js_error(&Error::decode(e)))?;
+    // The replica's own path: one walk that checks the records and gathers
+    // their payloads, then one reused vector of operations.
+    let mut payloads = Vec::new();
+    walcast_core::segment::decode_with(segment, None, |rec| payloads.push(rec.payload))
+        .map_err(|e| js_error(&Error::decode(e)))?;
     let mut state = walcast_core::state::KvState::new();
-    let mut n = 0u64;
-    for rec in seg.records() {
-        let rec = rec.map_err(|e| js_error(&Error::decode(e)))?;
-        let ops = walcast_core::batch::decode(rec.payload)
-            .map_err(|e| js_error(&Error::decode(e).with_lsn(rec.lsn)))?;
+    let mut ops = Vec::new();
+    for p in &payloads {
+        walcast_core::batch::decode_into(p, &mut ops).map_err(|e| js_error(&Error::decode(e)))?;
         state.apply(&ops);
-        n += 1;
     }
-    Ok(n as f64)
+    Ok(payloads.len() as f64)
 }
 
 /// Benchmark hook: builds a state of `n` keys (`user:<7 digits>`) with
@@ -990,6 +991,7 @@ pub fn bench_replay(segment: &[u8]) -> Result<f64, JsValue> {
 /// or an append-mostly WAL fills it) or shuffled (random updates), and
 /// returns `[entries, stateHeapBytes, wasmMemoryBytes]`. Wasm memory only
 /// grows, so measure each order in a fresh instance.
+#[cfg(feature = "bench-hooks")]
 #[wasm_bindgen(js_name = benchStateMemory)]
 pub fn bench_state_memory(n: u32, value_len: u32, shuffled: bool) -> Array {
     let mut state = walcast_core::state::KvState::new();

@@ -228,28 +228,26 @@ impl Lazy {
     /// (`all`: every one, for a scan). `Ok(true)`: some are on their way.
     fn want_deferred(&mut self, key: &[u8], all: bool) -> Result<bool, Error> {
         let since = self.overlay.get(key).map_or(0, |(l, _)| *l);
-        let wants: Vec<(String, Need)> = self
-            .deferred
-            .iter()
-            .filter(|u| {
-                all || (u.entry.last_lsn > since
-                    && u.entry.filter.as_ref().is_none_or(|f| f.may_contain(key)))
-            })
-            .map(|u| {
-                let need = Need::Range {
-                    start: 0,
-                    end: u.entry.size,
-                };
-                (u.entry.key.clone(), need)
-            })
-            .collect();
-        for (object, need) in &wants {
-            if let Some(e) = self.take_failure(need) {
-                return Err(e);
+        let mut any = false;
+        for i in 0..self.deferred.len() {
+            let e = &self.deferred[i].entry;
+            if !all
+                && (e.last_lsn <= since || e.filter.as_ref().is_some_and(|f| !f.may_contain(key)))
+            {
+                continue;
             }
-            self.want_in(object.clone(), need.clone(), key);
+            let need = Need::Range {
+                start: 0,
+                end: e.size,
+            };
+            let object = e.key.clone();
+            if let Some(err) = self.take_failure(&need) {
+                return Err(err);
+            }
+            self.want_in(object, need, key);
+            any = true;
         }
-        Ok(!wants.is_empty())
+        Ok(any)
     }
 
     /// Size of the object `key` a lazy read may fetch (0: none it knows).
@@ -878,12 +876,14 @@ impl Replica {
 
     /// Counts the unit at the front of the plan as applied, unread.
     pub(super) fn defer_front(&mut self) {
-        let Some(u) = self.plan.pop_front() else {
+        let Some(mut u) = self.plan.pop_front() else {
             return;
         };
         let (first, last) = (u.from, u.entry.last_lsn);
         self.retry_at.remove(first);
         self.applied = last;
+        // Read whole when a read needs it.
+        u.start = u.entry.start_for(0);
         if let Some(l) = self.lazy.as_mut() {
             l.deferred.push(u);
         }
@@ -897,61 +897,43 @@ impl Replica {
         let Some(lazy) = self.lazy.as_ref() else {
             return;
         };
-        let u = lazy.deferred[i].clone();
-        let key = u.entry.key.clone();
-        let whole = super::plan::Unit {
-            start: u.entry.start_for(0),
-            ..u.clone()
-        };
-        let verified = match resp {
-            GetResponse::Ok { body, range, .. } => self.verify_segment(&whole, body, range),
-            GetResponse::NotFound => {
-                if let Some(l) = self.lazy.as_mut() {
-                    l.failed.push((
-                        job.need,
-                        Error::new(
-                            ErrorKind::NotFound,
-                            "segment named by the catalog is missing",
-                        )
-                        .with_object(key.clone()),
-                    ));
-                }
-                self.missing(now, &key);
-                return;
-            }
+        let u = &lazy.deferred[i];
+        let key = job.snapshot.clone();
+        let result = match resp {
+            GetResponse::Ok { body, range, .. } => self.verify_segment(u, body, range),
             other => Err(super::fetch::unavailable(&other).with_object(key.clone())),
-        };
-        let v = match verified {
-            Ok(v) => v,
-            Err(e) => {
-                if let Some(l) = self.lazy.as_mut() {
-                    l.failed.push((job.need, e.clone()));
-                }
-                self.distrust_head(now, &e);
-                let _ = self.failure(&key, e);
-                return;
-            }
         };
         let Some(lazy) = self.lazy.as_mut() else {
             return;
         };
         let chain_end = lazy.base.as_ref().map_or(0, |b| b.chain_end);
-        let mut ops = Vec::new();
-        for (&(s, e), lsn) in v.records.iter().zip(v.first..) {
-            if lsn <= chain_end {
-                continue;
+        let result = result.and_then(|v| {
+            let mut ops = Vec::new();
+            for (&(s, e), lsn) in v.records.iter().zip(v.first..) {
+                if lsn > chain_end {
+                    crate::batch::decode_into(&v.bytes[s..e], &mut ops)
+                        .map_err(|d| Error::decode(d).with_object(key.clone()).with_lsn(lsn))?;
+                    lazy.apply(lsn, &ops);
+                }
             }
-            if let Err(d) = crate::batch::decode_into(&v.bytes[s..e], &mut ops) {
-                let e = Error::decode(d).with_object(key.clone()).with_lsn(lsn);
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                lazy.deferred.retain(|d| d.entry.key != key);
+                lazy.blocks_fetched += 1;
+                self.success(&key);
+            }
+            Err(e) => {
                 lazy.failed.push((job.need, e.clone()));
-                let _ = self.failure(&key, e);
-                return;
+                if e.kind() == ErrorKind::NotFound {
+                    self.missing(now, &key);
+                } else {
+                    self.distrust_head(now, &e);
+                    let _ = self.failure(&key, e);
+                }
             }
-            lazy.apply(lsn, &ops);
         }
-        lazy.deferred.retain(|d| d.entry.key != key);
-        lazy.blocks_fetched += 1;
-        self.success(&key);
     }
 
     /// Lazy mode: adopts the head's snapshot as the base when it is newer
