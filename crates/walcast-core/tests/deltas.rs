@@ -81,6 +81,9 @@ impl Store {
     /// A replica's GET, with ranges, counting GETs and bytes.
     fn serve(&self, g: &GetRequest, stats: &mut Cold) -> GetResponse {
         stats.gets += 1;
+        if object_kind(&g.key) == Some("segment") {
+            stats.segments += 1;
+        }
         if std::env::var_os("DELTA_TRACE").is_some() {
             eprintln!("  GET {} {:?}", g.key, g.range);
         }
@@ -199,11 +202,14 @@ struct Cold {
     rounds: u64,
     gets: u64,
     bytes: u64,
+    /// Of the GETs, those of segments.
+    segments: u64,
 }
 
 /// A new lazy replica reads `key`: the answer, the LSN it answered at, and
-/// what it cost. Every GET the machine asks for in one turn goes out
-/// together (one round trip).
+/// what it cost. As the JS driver does, the read waits for the first sync
+/// to catch up with the head, then asks. Every GET the machine asks for in
+/// one turn goes out together (one round trip).
 fn cold_read(store: &Store, key: &[u8]) -> (Option<Vec<u8>>, u64, Cold) {
     try_cold_read(store, key).expect("a cold read")
 }
@@ -220,19 +226,23 @@ fn try_cold_read(
     };
     let mut r = Replica::new(cfg, 3);
     let mut c = Cold::default();
+    let mut synced = false;
     for _ in 0..50 {
-        if r.applied_lsn() > 0 {
-            match r.get_lazy(key)? {
-                Read::Ready(v) => return Ok((v, r.applied_lsn(), c)),
-                Read::Pending => {}
-            }
-        }
         let mut reqs = Vec::new();
-        loop {
+        let drain = |r: &mut Replica, reqs: &mut Vec<GetRequest>, synced: &mut bool| loop {
             match r.poll(0) {
                 walcast_core::replica::Action::Fetch(req) => reqs.push(req),
-                walcast_core::replica::Action::Event(_) => {}
+                walcast_core::replica::Action::Event(e) => {
+                    *synced |= matches!(e, walcast_core::replica::Event::CaughtUp { .. });
+                }
                 walcast_core::replica::Action::Wait { .. } => break,
+            }
+        };
+        drain(&mut r, &mut reqs, &mut synced);
+        if synced {
+            match r.get_lazy(key)? {
+                Read::Ready(v) => return Ok((v, r.applied_lsn(), c)),
+                Read::Pending => drain(&mut r, &mut reqs, &mut synced),
             }
         }
         assert!(!reqs.is_empty(), "a pending read asked for nothing");
@@ -470,6 +480,7 @@ fn steady_writes_keep_a_short_chain_equal_to_the_origin() {
                         rounds: worst.rounds.max(cost.rounds),
                         gets: worst.gets.max(cost.gets),
                         bytes: worst.bytes.max(cost.bytes),
+                        segments: worst.segments.max(cost.segments),
                     };
                 }
                 // The chain keeps the segments a lazy replica replays short.
@@ -575,6 +586,123 @@ fn segments_past_the_chain_stay_in_the_head() {
     }
     assert!(checked > 200, "{checked} heads checked");
     assert!(paged > 0, "older segments were paged out");
+}
+
+/// Segments past the chain carry key filters in the head: a new lazy
+/// replica counts them applied without fetching them, so a cold read
+/// answers at the head's LSN and fetches only the segments whose filter may
+/// hold its key (none for a key they do not write). A scan reads them all.
+/// Pages and segments the chain covers carry no filter.
+#[test]
+fn a_cold_read_fetches_only_the_segments_that_may_hold_its_key() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(20),
+        delta_every: Some(1_000),
+        inline_segments: 8,
+        page_fanout: 2,
+        head_check_ms: 0,
+        tail_bytes: 0,
+        max_commits_per_sec: 0,
+        ..PublisherConfig::default()
+    };
+    let (mut p, mut store, mut log, mut now) = bulk_loaded(cfg);
+    // Past the bulk load's snapshot: 19 batches of 5 new keys each, each
+    // sealed into a segment of its own.
+    for i in 0..19u64 {
+        let ops: Vec<Op> = (0..5)
+            .map(|j| Op::put(format!("fresh:{i:02}:{j}").into_bytes(), vec![i as u8; 40]))
+            .collect();
+        let lsn = log.len() as u64 + 1;
+        p.push(lsn, &batch::encode(&ops).unwrap(), now).unwrap();
+        log.push(ops);
+        for _ in 0..4 {
+            now += 100;
+            store.drive(&mut p, now);
+        }
+    }
+    let h = store.head();
+    let end = h.delta_lsn().expect("a snapshot");
+    let past: Vec<_> = h.segments.iter().filter(|s| s.last_lsn > end).collect();
+    assert_eq!(
+        past.len(),
+        19,
+        "every new batch is a segment past the chain"
+    );
+    assert!(
+        past.iter().all(|s| s.filter.is_some()),
+        "each carries a filter"
+    );
+    assert!(h
+        .segments
+        .iter()
+        .filter(|s| s.last_lsn <= end)
+        .all(|s| s.filter.is_none()));
+    assert!(!h.pages.is_empty(), "older segments were paged out");
+    for r in &h.pages {
+        let page = walcast_core::catalog::Page::decode(&store.objects[&r.key].0, r).unwrap();
+        assert!(
+            page.segments.iter().all(|s| s.filter.is_none()),
+            "page {}",
+            r.key
+        );
+    }
+    let committed = h.committed_lsn;
+    // A key the segments do not write: no segment is fetched.
+    let key = b"key:000123".to_vec();
+    let (v, at, cost) = cold_read(&store, &key);
+    assert_eq!(at, committed, "the read answers at the head's LSN");
+    assert_eq!(v.as_ref(), model_at(&log, at).get(&key));
+    assert_eq!(cost.segments, 0, "{cost:?}");
+    assert!(cost.rounds <= 3, "{cost:?}");
+    // A key one segment writes: that segment, and at most one more the
+    // filters cannot rule out.
+    for i in [0u64, 11, 18] {
+        let key = format!("fresh:{i:02}:3").into_bytes();
+        let (v, at, cost) = cold_read(&store, &key);
+        assert_eq!(at, committed);
+        assert_eq!(v, Some(vec![i as u8; 40]), "{key:?}");
+        assert!((1..=2).contains(&cost.segments), "{key:?}: {cost:?}");
+        assert!(cost.rounds <= 3, "{key:?}: {cost:?}");
+    }
+    // A scan reads every deferred segment first, and sees every new key.
+    let mut r = Replica::new(
+        ReplicaConfig {
+            lazy_cache_bytes: Some(8 << 20),
+            ..ReplicaConfig::default()
+        },
+        5,
+    );
+    let mut scan = walcast_core::replica::LazyScan::prefix(b"fresh:", 1_000);
+    let mut stats = Cold::default();
+    let mut got = None;
+    for _ in 0..50 {
+        if r.applied_lsn() >= committed {
+            if let Read::Ready(entries) = r.scan_lazy(&mut scan).unwrap() {
+                got = Some(entries);
+                break;
+            }
+        }
+        let mut reqs = Vec::new();
+        loop {
+            match r.poll(0) {
+                walcast_core::replica::Action::Fetch(req) => reqs.push(req),
+                walcast_core::replica::Action::Event(_) => {}
+                walcast_core::replica::Action::Wait { .. } => break,
+            }
+        }
+        for req in reqs {
+            let resp = store.serve(&req, &mut stats);
+            r.handle_response(req.id, 0, resp);
+        }
+    }
+    let got = got.expect("the scan finished");
+    let want: Vec<(Vec<u8>, Vec<u8>)> = model_at(&log, committed)
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(b"fresh:"))
+        .collect();
+    assert_eq!(got.len(), 95);
+    assert_eq!(got, want);
+    assert_eq!(stats.segments, 19, "the scan fetched each segment once");
 }
 
 /// A store whose newest delta is damaged: a cold read through it fails with
@@ -758,6 +886,7 @@ fn delta_figures_at_scale() {
                 rounds: worst.rounds.max(c.rounds),
                 gets: worst.gets.max(c.gets),
                 bytes: worst.bytes.max(c.bytes),
+                segments: worst.segments.max(c.segments),
             };
             println!(
                 "at LSN {lsn}: chain {} deltas over the snapshot at {:?}; cold read {c:?}",

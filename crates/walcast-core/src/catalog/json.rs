@@ -1220,6 +1220,45 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_key_filter_round_trips_and_a_bad_one_is_an_error() {
+        let keys: Vec<&[u8]> = vec![b"a", b"b", b"c"];
+        let filter = crate::snapshot::delta::KeyFilter::build(keys.into_iter());
+        let mut h = Head::decode(head_with_tail().as_bytes()).unwrap();
+        h.segments[0].filter = Some(filter.clone());
+        let text = String::from_utf8(h.encode()).unwrap();
+        let back = head(&text).unwrap();
+        assert_eq!(back.segments[0].filter.as_ref(), Some(&filter));
+        assert!(back.segments[0].filter.as_ref().unwrap().may_contain(b"b"));
+        let good = format!(r#""filter":"{}""#, crate::b64::Display(&filter.encode()));
+        assert!(text.contains(&good), "{text}");
+        let mut wrong_probes = filter.encode();
+        wrong_probes[4] = 0;
+        let mut short = filter.encode();
+        short.pop();
+        let too_big = {
+            let mut b = vec![0u8; super::super::MAX_SEGMENT_FILTER_BYTES + 8];
+            let nbits = ((b.len() - 8) * 8) as u32;
+            b[..4].copy_from_slice(&nbits.to_le_bytes());
+            b[4] = 7;
+            b
+        };
+        for bad in [
+            "!!!!".to_string(),
+            crate::b64::Display(&wrong_probes).to_string(),
+            crate::b64::Display(&short).to_string(),
+            crate::b64::Display(&too_big).to_string(),
+            String::new(),
+        ] {
+            let t = edit(&text, &good, &format!(r#""filter":"{bad}""#));
+            let msg = json_error(head(&t));
+            assert!(msg.contains("catalog head"), "{bad}: {msg}");
+        }
+        // Absent or null: no filter.
+        let t = edit(&text, &good, r#""filter":null"#);
+        assert_eq!(head(&t).unwrap().segments[0].filter, None);
+    }
+
+    #[test]
     fn a_tail_body_that_is_not_base64_is_an_error_naming_its_key() {
         let text = head_with_tail();
         let key = super::super::segment_key(3, 1, 1);
