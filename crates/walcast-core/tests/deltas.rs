@@ -705,6 +705,60 @@ fn a_cold_read_fetches_only_the_segments_that_may_hold_its_key() {
     assert_eq!(stats.segments, 19, "the scan fetched each segment once");
 }
 
+/// A key that every delta of the chain changes: a cold read of it fetches
+/// the data blocks of at most two places that may hold it at once (the
+/// newest two deltas here, and not the snapshot), so it stays within 8 GETs
+/// in three round trips however many deltas changed the key.
+#[test]
+fn a_key_in_every_delta_costs_two_data_blocks() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(1_000),
+        delta_every: Some(50),
+        head_check_ms: 0,
+        tail_bytes: 0,
+        max_commits_per_sec: 0,
+        ..PublisherConfig::default()
+    };
+    let mut p = Publisher::new(cfg, 7);
+    let mut store = Store::default();
+    store.drive(&mut p, 0);
+    let mut log: Vec<Vec<Op>> = Vec::new();
+    let mut now = 1;
+    let mut best = 0;
+    for lsn in 1..=1_999u64 {
+        // `key:000007` in every batch of ten, other keys between.
+        let k = if lsn % 10 == 0 {
+            "key:000007".to_string()
+        } else {
+            format!("key:{:06}", (lsn * 7_919) % 500)
+        };
+        let op = Op::put(k.into_bytes(), lsn.to_le_bytes().to_vec());
+        p.push(lsn, &batch::encode(std::slice::from_ref(&op)).unwrap(), now)
+            .unwrap();
+        log.push(vec![op]);
+        now += 1;
+        store.drive(&mut p, now);
+        let h = store.head();
+        if h.deltas.len() < 3 || lsn % 10 != 9 {
+            continue;
+        }
+        let key = b"key:000007".to_vec();
+        let (v, at, cost) = cold_read(&store, &key);
+        assert_eq!(v.as_ref(), model_at(&log, at).get(&key), "at {at}");
+        assert!(cost.rounds <= 3, "LSN {lsn}: {cost:?}");
+        // The head, the snapshot's index, each delta's index and filter,
+        // two data blocks, and the segments whose filter may hold the key.
+        let limit = 2 + h.deltas.len() as u64 + 2 + cost.segments;
+        assert!(
+            cost.gets <= limit,
+            "LSN {lsn}, {} deltas: {cost:?}",
+            h.deltas.len()
+        );
+        best = best.max(h.deltas.len());
+    }
+    assert!(best >= 3, "chains of {best} deltas");
+}
+
 /// A store whose newest delta is damaged: a cold read through it fails with
 /// a data error naming the delta, never panics or hangs, and reads of keys
 /// the filters rule out still answer.

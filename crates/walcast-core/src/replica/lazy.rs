@@ -23,6 +23,10 @@ use super::{Event, Job, Replica};
 /// Per overlay entry, what the cache charges besides key and value.
 const OVERLAY_ENTRY_OVERHEAD: u64 = 64;
 
+/// Most data blocks a point read fetches at once from the places that may
+/// hold its key (see `Lazy::delta_get`).
+const SPECULATIVE_BLOCKS: usize = 2;
+
 /// Most segments a lazy replica holds unread at once (see
 /// [`Lazy::deferred`]); past that, segments are fetched as they come.
 pub(super) const MAX_DEFERRED: usize = 128;
@@ -342,8 +346,15 @@ impl Lazy {
 
     /// Point read through the deltas, newest first. `Ok(Some(change))`: the
     /// newest delta that changes `key` says so; `Ok(None)`: no delta changes
-    /// it (read the snapshot); `Err(())`: GETs are queued (pending).
-    fn delta_get(&mut self, key: &[u8]) -> Result<Result<Option<Change>, ()>, Error> {
+    /// it (read the snapshot); `Err(snapshot_too)`: GETs are queued
+    /// (pending), and the snapshot's part should go out beside them.
+    ///
+    /// Data blocks go out for at most [`SPECULATIVE_BLOCKS`] places that may
+    /// hold the key at once, newest first: the deltas whose filter and
+    /// index may hold it, then the snapshot. Each guards against a false
+    /// positive of the filter before it without another round trip, and a
+    /// read stays within a few GETs however many deltas may hold the key.
+    fn delta_get(&mut self, key: &[u8]) -> Result<Result<Option<Change>, bool>, Error> {
         let Some(base) = self.base.as_ref() else {
             return Ok(Ok(None));
         };
@@ -357,9 +368,13 @@ impl Lazy {
                 wants.push((d.entry.key.clone(), d.suffix_need()));
             }
         }
-        if wants.is_empty() {
-            // Then the data blocks of every delta that may hold the key.
+        let suffixes = !wants.is_empty();
+        if !suffixes {
+            // Then the data blocks of the newest deltas that may hold the key.
             for d in base.deltas.iter().rev() {
+                if wants.len() >= SPECULATIVE_BLOCKS {
+                    break;
+                }
                 let Some(idx) = &d.index else { continue };
                 let Some(h) = idx.block_for(key) else {
                     continue;
@@ -384,13 +399,14 @@ impl Lazy {
         if wants.is_empty() {
             return Ok(Ok(None));
         }
+        let snapshot_too = suffixes || wants.len() < SPECULATIVE_BLOCKS;
         for (object, need) in wants {
             if let Some(e) = self.take_failure(&need) {
                 return Err(e);
             }
             self.want_in(object, need, key);
         }
-        Ok(Err(()))
+        Ok(Err(snapshot_too))
     }
 
     /// Loads every delta whole into the overlay (for scans, which read
@@ -583,7 +599,8 @@ impl Replica {
             Ok(Some(_)) if segments => return Ok(Read::Pending),
             Ok(Some(change)) => return Ok(Read::Ready(change)),
             Ok(None) => {}
-            Err(()) => {
+            Err(false) => return Ok(Read::Pending),
+            Err(true) => {
                 // The snapshot's part goes out beside the deltas' GETs.
                 if let Some(base) = lazy.base.as_mut() {
                     if let Ok(Lookup::Need(n)) = base.snap.get(key) {
