@@ -836,7 +836,9 @@ fn a_damaged_delta_fails_the_read_naming_it() {
 /// tail, inline segments and page fanout are the publisher's defaults unless
 /// `DELTA_BENCH_TAIL_BYTES`, `DELTA_BENCH_INLINE_SEGMENTS` or
 /// `DELTA_BENCH_PAGE_FANOUT` say otherwise; `DELTA_BENCH_SNAPSHOT_BYTES` and
-/// `DELTA_BENCH_DELTA_BYTES` add the byte triggers (unset: none). Prints the
+/// `DELTA_BENCH_DELTA_BYTES` add the byte triggers (unset: none);
+/// `DELTA_BENCH_SAMPLE_EVERY` (default 250,000) LSNs a cold read is sampled.
+/// Prints the
 /// publisher's uploaded bytes by kind against the WAL bytes of the steady
 /// writes, and the worst cold point read (round trips, GETs, bytes) of new
 /// lazy replicas sampled along the run.
@@ -851,6 +853,7 @@ fn delta_figures_at_scale() {
     };
     let keys = env("DELTA_BENCH_KEYS", 1_000_000);
     let steady = env("DELTA_BENCH_LSNS", 2_500_000);
+    let sample_every = env("DELTA_BENCH_SAMPLE_EVERY", 250_000).max(1);
     let defaults = PublisherConfig::default();
     let cfg = PublisherConfig {
         snapshot_every: Some(env("DELTA_BENCH_SNAPSHOT_EVERY", 1_200_000)),
@@ -905,7 +908,7 @@ fn delta_figures_at_scale() {
         // 1,000 batches a second: one a millisecond.
         now += 1;
         store.drive(&mut p, now);
-        if i % 250_000 == 249_999 {
+        if i % sample_every == sample_every - 1 {
             // Segments older than the chain's end are not read any more.
             let h = store.head();
             if h.snapshot.is_none() {
