@@ -77,10 +77,11 @@ wasm_cargo() {
 # The flags of `wasm-opt` for the shipped module (scripts/build-js.sh) and the
 # modules measured beside it. `--converge` repeats -Oz while it still shrinks
 # the module. `--low-memory-unused` lets wasm-opt fold constant offsets into
-# loads and stores: it assumes no address below 1,024 is reached by
-# wrapping around (an address computed as a pointer plus a constant). The
-# module is linked stack first (data from 1 MiB, the stack below it growing
-# down), so those addresses are the last KiB of a 1 MiB stack. Measured on
+# loads and stores: it assumes the program never uses the memory below
+# address 1,024 (a folded access that would have reached it traps instead).
+# The module is linked stack first (data from 1 MiB, the stack below it
+# growing down), so that memory is the last KiB of a 1 MiB stack, which
+# the module never reaches. Measured on
 # 2026-12-03: 102,643 -> 101,935 bytes gzip -9 for the second flag,
 # -> 102,367 for the first.
 WALCAST_WASM_OPT_FLAGS=(-Oz --converge --low-memory-unused --enable-bulk-memory

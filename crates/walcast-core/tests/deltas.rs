@@ -7,10 +7,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use walcast_core::batch::{self, Op};
-use walcast_core::catalog::{object_kind, Head, HEAD_KEY, MAX_DELTAS};
+use walcast_core::catalog::{object_kind, Head, HEAD_KEY, MAX_DELTAS, MAX_HEAD_BYTES};
 use walcast_core::io::{ByteRange, ContentRange, GetRequest, GetResponse};
-use walcast_core::publisher::{Action, Publisher, PublisherConfig, PutCondition, PutResponse};
-use walcast_core::replica::{Read, Replica, ReplicaConfig};
+use walcast_core::publisher::{
+    Action, Publisher, PublisherConfig, PutCondition, PutResponse, MAX_HEAD_FILTER_BYTES,
+};
+use walcast_core::replica::{self, LazyScan, Read, Replica, ReplicaConfig};
 use walcast_core::snapshot::delta::{decode_delta, DeltaFooter, DeltaIndex};
 use walcast_core::snapshot::indexed::decode_indexed;
 
@@ -991,4 +993,340 @@ fn delta_figures_at_scale() {
         full_deltas as f64 / samples.max(1) as f64 / 1e6,
         full_now as f64 / full_deltas.max(1) as f64
     );
+}
+
+// Deferred segments and the head's filters, at their limits.
+
+impl Store {
+    fn max_head(&self) -> usize {
+        self.objects.get(HEAD_KEY).map_or(0, |(b, _)| b.len())
+    }
+}
+
+fn cfg_filters() -> PublisherConfig {
+    PublisherConfig {
+        snapshot_every: Some(1_000_000),
+        snapshot_bytes: Some(1 << 20),
+        delta_every: Some(1_000_000),
+        head_check_ms: 0,
+        tail_bytes: 0,
+        max_commits_per_sec: 0,
+        ..PublisherConfig::default()
+    }
+}
+
+/// Publisher with a snapshot after a 2.3 MB bulk load (keys key:000000..).
+fn loaded(cfg: PublisherConfig) -> (Publisher, Store, u64, u64) {
+    let mut p = Publisher::new(cfg, 7);
+    let mut store = Store::default();
+    store.drive(&mut p, 0);
+    let mut lsn = 0;
+    for chunk in 0..20u64 {
+        let ops: Vec<Op> = (chunk * 1_000..(chunk + 1) * 1_000)
+            .map(|i| Op::put(format!("key:{i:06}").into_bytes(), vec![1u8; 100]))
+            .collect();
+        lsn += 1;
+        p.push(lsn, &batch::encode(&ops).unwrap(), chunk + 1)
+            .unwrap();
+        store.drive(&mut p, chunk + 1);
+    }
+    for t in 0..200 {
+        store.drive(&mut p, 21 + t);
+    }
+    (p, store, lsn, 221)
+}
+
+fn put(p: &mut Publisher, store: &mut Store, lsn: &mut u64, now: &mut u64, k: &[u8], v: &[u8]) {
+    *lsn += 1;
+    let payload = batch::encode(&[Op::put(k.to_vec(), v.to_vec())]).unwrap();
+    p.push(*lsn, &payload, *now).unwrap();
+    for _ in 0..20 {
+        *now += 100;
+        store.drive(p, *now);
+    }
+}
+
+fn lazy_replica() -> Replica {
+    Replica::new(
+        ReplicaConfig {
+            lazy_cache_bytes: Some(8 << 20),
+            long_poll_wait_ms: 0,
+            ..ReplicaConfig::default()
+        },
+        3,
+    )
+}
+
+/// Drains the replica, serving every GET at once, until it waits.
+fn settle(r: &mut Replica, store: &Store) {
+    let mut c = Cold::default();
+    for _ in 0..10_000 {
+        match r.poll(0) {
+            replica::Action::Fetch(req) => {
+                let resp = store.serve(&req, &mut c);
+                r.handle_response(req.id, 0, resp);
+            }
+            replica::Action::Event(_) => {}
+            replica::Action::Wait { .. } => return,
+        }
+    }
+    panic!("replica did not settle");
+}
+
+/// Drains the replica, returning the GETs it asks for (not served).
+fn collect(r: &mut Replica) -> Vec<GetRequest> {
+    let mut v = Vec::new();
+    loop {
+        match r.poll(0) {
+            replica::Action::Fetch(req) => v.push(req),
+            replica::Action::Event(_) => {}
+            replica::Action::Wait { .. } => return v,
+        }
+    }
+}
+
+/// A key written in every commit: a point read fetches the deferred
+/// segment that may hold it, and while that GET is out the heads that come
+/// in defer nothing (their segments come in as when catching up), so the
+/// read answers in a few rounds however fast the writes come.
+#[test]
+fn a_read_of_a_key_every_commit_writes_is_answered_while_writes_go_on() {
+    let (mut p, mut store, mut lsn, mut now) = loaded(cfg_filters());
+    let hot = b"hot".to_vec();
+    put(&mut p, &mut store, &mut lsn, &mut now, &hot, b"v0");
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert_eq!(r.applied_lsn(), lsn);
+    assert!(r.status(0).lazy.unwrap().deferred_segments >= 1);
+    let mut c = Cold::default();
+    let mut held: Vec<GetRequest> = Vec::new();
+    for i in 1..=20 {
+        if let Read::Ready(v) = r.get_lazy(&hot).unwrap() {
+            assert!(i <= 3, "answered only at round {i}: {v:?}");
+            return;
+        }
+        held.extend(collect(&mut r));
+        // While the read's segment GETs are out, the origin commits the
+        // hot key again and the replica reads the new head (long-poll).
+        put(
+            &mut p,
+            &mut store,
+            &mut lsn,
+            &mut now,
+            &hot,
+            format!("v{i}").as_bytes(),
+        );
+        r.sync_now(0);
+        settle(&mut r, &store);
+        // Then the segment answers arrive.
+        for req in held.drain(..) {
+            let resp = store.serve(&req, &mut c);
+            r.handle_response(req.id, 0, resp);
+        }
+    }
+    panic!("a read of a key every commit writes stayed Pending for 20 commits");
+}
+
+/// A scan fetches the deferred segments whole, at most `max_inflight` at a
+/// time, and then answers with every key they write.
+#[test]
+fn a_scan_fetches_deferred_segments_max_inflight_at_a_time() {
+    let (mut p, mut store, mut lsn, mut now) = loaded(cfg_filters());
+    for i in 0..60u32 {
+        put(
+            &mut p,
+            &mut store,
+            &mut lsn,
+            &mut now,
+            format!("s{i:03}").as_bytes(),
+            &[7u8; 1000],
+        );
+    }
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    let deferred = r.status(0).lazy.unwrap().deferred_segments;
+    let mut scan = LazyScan::prefix(b"s", 10);
+    assert_eq!(r.scan_lazy(&mut scan).unwrap(), Read::Pending);
+    assert!(deferred >= 50, "{deferred} deferred");
+    let mut rounds = 0;
+    let entries = loop {
+        if let Read::Ready(e) = r.scan_lazy(&mut scan).unwrap() {
+            break e;
+        }
+        let reqs = collect(&mut r);
+        let segs = reqs
+            .iter()
+            .filter(|g| object_kind(&g.key) == Some("segment"))
+            .count();
+        assert!(
+            segs <= 4,
+            "{segs} whole-segment GETs at once (max_inflight 4)"
+        );
+        let mut c = Cold::default();
+        for req in reqs {
+            let resp = store.serve(&req, &mut c);
+            r.handle_response(req.id, 0, resp);
+        }
+        rounds += 1;
+        assert!(rounds < 100, "the scan did not finish");
+    };
+    let keys: Vec<Vec<u8>> = entries.into_iter().map(|(k, _)| k).collect();
+    let want: Vec<Vec<u8>> = (0..10u32)
+        .map(|i| format!("s{i:03}").into_bytes())
+        .collect();
+    assert_eq!(keys, want);
+    assert!(
+        rounds >= deferred / 4,
+        "{rounds} rounds for {deferred} segments"
+    );
+}
+
+/// Two deferred segments of the same size: a failed GET of one is reported
+/// to the read that needs it, not to a read of a key only the other may
+/// hold.
+#[test]
+fn a_failed_deferred_segment_is_reported_to_its_read_only() {
+    let (mut p, mut store, mut lsn, mut now) = loaded(cfg_filters());
+    put(&mut p, &mut store, &mut lsn, &mut now, b"aa", b"1");
+    put(&mut p, &mut store, &mut lsn, &mut now, b"bb", b"2");
+    let h = store.head();
+    let n = h.segments.len();
+    let (a, b) = (&h.segments[n - 2], &h.segments[n - 1]);
+    assert_eq!(a.size, b.size, "equal sizes");
+    let (a_key, b_key) = (a.key.clone(), b.key.clone());
+    assert!(!a.filter.as_ref().unwrap().may_contain(b"bb"));
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert_eq!(r.status(0).lazy.unwrap().deferred_segments, 2);
+    assert_eq!(r.get_lazy(b"aa").unwrap(), Read::Pending);
+    let reqs = collect(&mut r);
+    assert!(reqs.iter().any(|g| g.key == a_key));
+    for req in reqs {
+        let resp = if req.key == a_key {
+            GetResponse::Failed {
+                status: Some(503),
+                message: "busy".into(),
+            }
+        } else {
+            let mut c = Cold::default();
+            store.serve(&req, &mut c)
+        };
+        r.handle_response(req.id, 0, resp);
+    }
+    // A read of a key only segment B may hold.
+    if let Err(e) = r.get_lazy(b"bb") {
+        panic!("read of bb failed with segment A's error: {e}");
+    }
+    let _ = b_key;
+    let err = r
+        .get_lazy(b"aa")
+        .expect_err("the read of aa gets its failure");
+    assert!(err.to_string().contains(&a_key), "{err}");
+}
+
+/// Head size with filters: 128 segments past the chain, each of 4,096 key
+/// writes in 16 batches (a 5,128-byte filter each): the head carries at
+/// most `MAX_HEAD_FILTER_BYTES` of filters, the newest segments'.
+#[test]
+fn a_head_carries_a_bounded_amount_of_filters() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(130 * 16),
+        delta_every: Some(1_000_000),
+        head_check_ms: 0,
+        max_commits_per_sec: 0,
+        ..PublisherConfig::default()
+    };
+    let mut p = Publisher::new(cfg, 7);
+    let mut store = Store::default();
+    store.drive(&mut p, 0);
+    let mut lsn = 0u64;
+    let mut now = 1u64;
+    let mut max_head = 0usize;
+    for seg in 0..(130 + 128) {
+        for b in 0..16u64 {
+            let ops: Vec<Op> = (0..256u64)
+                .map(|i| {
+                    Op::put(
+                        format!("k{seg:03}-{:05}", b * 256 + i).into_bytes(),
+                        vec![1u8],
+                    )
+                })
+                .collect();
+            lsn += 1;
+            p.push(lsn, &batch::encode(&ops).unwrap(), now).unwrap();
+        }
+        for _ in 0..20 {
+            now += 300;
+            store.drive(&mut p, now);
+        }
+        max_head = max_head.max(store.max_head());
+    }
+    let h = store.head();
+    let end = h.delta_lsn().unwrap();
+    let past = h.segments.iter().filter(|s| s.last_lsn > end).count();
+    let with = h.segments.iter().filter(|s| s.filter.is_some()).count();
+    assert!(past >= 100, "{past} segments past the chain");
+    assert!(with >= 1, "the newest segments keep their filters");
+    assert!(h.segments.last().unwrap().filter.is_some());
+    let filters: usize = h
+        .segments
+        .iter()
+        .filter_map(|s| s.filter.as_ref())
+        .map(|f| f.encoded_len())
+        .sum();
+    assert!(
+        filters <= MAX_HEAD_FILTER_BYTES,
+        "{filters} bytes of filters"
+    );
+    assert!(max_head < MAX_HEAD_BYTES / 4, "head of {max_head} bytes");
+}
+
+/// As above, with the `retired` list of a retention pass the head also
+/// carries (grace period not over): every head still decodes.
+#[test]
+fn filters_and_retired_entries_keep_the_head_within_its_limit() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(2100),
+        delta_every: Some(1_000_000),
+        retain_lsns: Some(10),
+        grace_ms: 1 << 40,
+        head_check_ms: 0,
+        max_commits_per_sec: 0,
+        ..PublisherConfig::default()
+    };
+    let mut p = Publisher::new(cfg, 7);
+    let mut store = Store::default();
+    store.drive(&mut p, 0);
+    let mut lsn = 0u64;
+    let mut now = 1u64;
+    for i in 0..2100u64 {
+        put(
+            &mut p,
+            &mut store,
+            &mut lsn,
+            &mut now,
+            format!("t{i:05}").as_bytes(),
+            b"x",
+        );
+    }
+    assert!(store.head().retired.len() > 1_000);
+    for seg in 0..128u64 {
+        let ops: Vec<Op> = (0..4096u64)
+            .map(|i| Op::put(format!("k{seg:03}-{i:05}").into_bytes(), vec![1u8]))
+            .collect();
+        lsn += 1;
+        p.push(lsn, &batch::encode(&ops).unwrap(), now).unwrap();
+        for _ in 0..20 {
+            now += 300;
+            store.drive(&mut p, now); // panics if the head does not decode
+        }
+        assert!(
+            store.max_head() < MAX_HEAD_BYTES,
+            "segment {seg}: head of {} bytes",
+            store.max_head()
+        );
+    }
 }

@@ -190,6 +190,20 @@ impl Publisher {
                 s.filter = None;
             }
         }
+        // And at most `MAX_HEAD_FILTER_BYTES` of them, the newest segments'
+        // (the older ones' leave the head first, as the chain covers them).
+        let mut budget = super::MAX_HEAD_FILTER_BYTES;
+        for s in h.segments.iter_mut().rev() {
+            if let Some(f) = &s.filter {
+                let n = f.encoded_len();
+                if n > budget {
+                    s.filter = None;
+                    budget = 0;
+                } else {
+                    budget -= n;
+                }
+            }
+        }
         // Paging.
         let uploads = self.page_out(&mut h);
         self.fill_tail(&mut h, ready);

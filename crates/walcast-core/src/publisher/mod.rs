@@ -44,6 +44,12 @@ pub const DEFAULT_TAIL_BYTES: usize = 32 << 10;
 /// [`crate::catalog::MAX_SEGMENT_FILTER_BYTES`].
 pub const MAX_SEGMENT_FILTER_KEYS: usize = 4096;
 
+/// Most bytes of segment key filters (decoded) a head carries, the newest
+/// segments' first: a head stays far below
+/// [`crate::catalog::MAX_HEAD_BYTES`] however large the segments past the
+/// chain are (some 240 filters of 100 keys fit).
+pub const MAX_HEAD_FILTER_BYTES: usize = 32 << 10;
+
 /// Default [`PublisherConfig::snapshot_suffix_bytes`]: a snapshot's top
 /// index of up to about 130 partitions (some 2,000,000 keys in 16 KiB data
 /// blocks), about 5.5 KB of base64 in every head.

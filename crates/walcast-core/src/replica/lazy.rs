@@ -169,7 +169,7 @@ pub(super) struct Lazy {
     pub(super) inflight: Vec<BlockJob>,
     /// Failures of block GETs, each reported once to the next read that
     /// needs that block (reads of other blocks are not affected).
-    pub(super) failed: Vec<(Need, Error)>,
+    pub(super) failed: Vec<(String, Need, Error)>,
     /// The LSN of the full state beneath the overlay when there is no
     /// block-indexed base (a version 1 bootstrap or a restored state): a base
     /// below it would lose the writes between the two.
@@ -245,13 +245,18 @@ impl Lazy {
                 end: e.size,
             };
             let object = e.key.clone();
-            if let Some(err) = self.take_failure(&need) {
+            if let Some(err) = self.take_failure(&object, &need) {
                 return Err(err);
             }
             self.want_in(object, need, key);
             any = true;
         }
         Ok(any)
+    }
+
+    /// Whether `key` names a deferred segment.
+    fn is_deferred(&self, key: &str) -> bool {
+        self.deferred.iter().any(|u| u.entry.key == key)
     }
 
     /// Size of the object `key` a lazy read may fetch (0: none it knows).
@@ -401,7 +406,7 @@ impl Lazy {
         }
         let snapshot_too = suffixes || wants.len() < SPECULATIVE_BLOCKS;
         for (object, need) in wants {
-            if let Some(e) = self.take_failure(&need) {
+            if let Some(e) = self.take_failure(&object, &need) {
                 return Err(e);
             }
             self.want_in(object, need, key);
@@ -430,7 +435,7 @@ impl Lazy {
         }
         if !wants.is_empty() {
             for (object, need) in wants {
-                if let Some(e) = self.take_failure(&need) {
+                if let Some(e) = self.take_failure(&object, &need) {
                     return Err(e);
                 }
                 self.want_in(object, need, b"");
@@ -536,9 +541,19 @@ impl Lazy {
         self.failed.clear();
     }
 
-    fn take_failure(&mut self, need: &Need) -> Option<Error> {
-        let i = self.failed.iter().position(|(n, _)| n == need)?;
-        Some(self.failed.swap_remove(i).1)
+    /// The failure of the GET of `need` from `object`, reported once.
+    fn take_failure(&mut self, object: &str, need: &Need) -> Option<Error> {
+        let i = self
+            .failed
+            .iter()
+            .position(|(o, n, _)| o == object && n == need)?;
+        Some(self.failed.swap_remove(i).2)
+    }
+
+    /// [`take_failure`](Self::take_failure) for the base snapshot.
+    fn take_base_failure(&mut self, need: &Need) -> Option<Error> {
+        let object = self.base.as_ref()?.entry.key.clone();
+        self.take_failure(&object, need)
     }
 
     fn want(&mut self, need: Need, key: &[u8]) {
@@ -604,7 +619,7 @@ impl Replica {
                 // The snapshot's part goes out beside the deltas' GETs.
                 if let Some(base) = lazy.base.as_mut() {
                     if let Ok(Lookup::Need(n)) = base.snap.get(key) {
-                        if lazy.take_failure(&n).is_none() {
+                        if lazy.take_base_failure(&n).is_none() {
                             lazy.want(n, key);
                         }
                     }
@@ -620,7 +635,7 @@ impl Replica {
             Ok(Lookup::Done(_)) if segments => Ok(Read::Pending),
             Ok(Lookup::Done(v)) => Ok(Read::Ready(v)),
             Ok(Lookup::Need(n)) => {
-                if let Some(e) = lazy.take_failure(&n) {
+                if let Some(e) = lazy.take_base_failure(&n) {
                     return Err(e);
                 }
                 lazy.want(n, key);
@@ -731,7 +746,7 @@ impl Replica {
             cursor.remaining = (scan.limit - out.len()).max(16);
             match base.snap.scan_step(cursor, &mut scan.collected) {
                 Ok(Some(need)) => {
-                    if let Some(e) = lazy.take_failure(&need) {
+                    if let Some(e) = lazy.take_base_failure(&need) {
                         return Err(e);
                     }
                     // The block is the one holding the cursor's key now.
@@ -761,11 +776,20 @@ impl Replica {
 
     /// The next block GET lazy reads are waiting for, if any.
     pub(super) fn next_block_fetch(&mut self) -> Option<super::Action> {
+        let max_inflight = self.cfg.max_inflight.max(1);
         let lazy = self.lazy.as_mut()?;
-        if lazy.wanted.is_empty() {
-            return None;
-        }
-        let job = lazy.wanted.remove(0);
+        // Whole deferred segments go out at most `max_inflight` at a time
+        // (as when catching up); blocks of the snapshot and deltas at once.
+        let segments = lazy
+            .inflight
+            .iter()
+            .filter(|j| lazy.is_deferred(&j.snapshot))
+            .count();
+        let i = lazy
+            .wanted
+            .iter()
+            .position(|j| segments < max_inflight || !lazy.is_deferred(&j.snapshot))?;
+        let job = lazy.wanted.remove(i);
         lazy.inflight.push(job.clone());
         let range = match job.need {
             Need::Suffix(n) => ByteRange::Suffix(n),
@@ -775,7 +799,7 @@ impl Replica {
         // ignores Range answers with the whole object.
         let key = job.snapshot.clone();
         // A deferred segment is read whole, as catching up would.
-        let range = (!lazy.deferred.iter().any(|u| u.entry.key == key)).then_some(range);
+        let range = (!lazy.is_deferred(&key)).then_some(range);
         Some(self.fetch(Job::Block(job), key, range, None))
     }
 
@@ -842,6 +866,7 @@ impl Replica {
             }
             GetResponse::NotFound => {
                 lazy.failed.push((
+                    key.clone(),
                     job.need,
                     Error::new(
                         ErrorKind::NotFound,
@@ -865,7 +890,7 @@ impl Replica {
                 self.success(&key);
             }
             Err(e) => {
-                lazy.failed.push((job.need, e.clone()));
+                lazy.failed.push((key.clone(), job.need, e.clone()));
                 self.distrust_head(now, &e);
                 let _ = self.failure(&key, e);
             }
@@ -875,7 +900,10 @@ impl Replica {
     /// Whether the planned unit `u` may be counted as applied without a
     /// GET (see [`Lazy::deferred`]): lazy KV mode over a block-indexed base,
     /// no records to report, a key filter from the catalog, no copy in the
-    /// head, and room to hold it.
+    /// head, room to hold it, and no read waiting for a deferred segment
+    /// (else a read of a key every commit writes could wait for ever: each
+    /// new head would defer another segment it needs; the segments then
+    /// come in as when catching up).
     pub(super) fn deferrable(&self, u: &super::plan::Unit) -> bool {
         let Some(l) = self.lazy.as_ref() else {
             return false;
@@ -885,6 +913,11 @@ impl Replica {
             && u.entry.filter.is_some()
             && l.base.is_some()
             && l.deferred.len() < MAX_DEFERRED
+            && !l
+                .wanted
+                .iter()
+                .chain(&l.inflight)
+                .any(|j| l.is_deferred(&j.snapshot))
             && self
                 .head
                 .as_ref()
@@ -942,7 +975,7 @@ impl Replica {
                 self.success(&key);
             }
             Err(e) => {
-                lazy.failed.push((job.need, e.clone()));
+                lazy.failed.push((key.clone(), job.need, e.clone()));
                 if e.kind() == ErrorKind::NotFound {
                     self.missing(now, &key);
                 } else {

@@ -215,6 +215,11 @@ impl KeyFilter {
         }
     }
 
+    /// Bytes of [`encode`](Self::encode)'s output.
+    pub fn encoded_len(&self) -> usize {
+        FILTER_HEADER_LEN + self.bits.len()
+    }
+
     /// The filter's bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(FILTER_HEADER_LEN + self.bits.len());
