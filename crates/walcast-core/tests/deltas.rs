@@ -1228,7 +1228,7 @@ fn a_failed_deferred_segment_is_reported_to_its_read_only() {
 }
 
 /// Head size with filters: 128 segments past the chain, each of 4,096 key
-/// writes in 16 batches (a 5,128-byte filter each): the head carries at
+/// writes in 16 batches (an 8,200-byte filter each): the head carries at
 /// most `MAX_HEAD_FILTER_BYTES` of filters, the newest segments'.
 #[test]
 fn a_head_carries_a_bounded_amount_of_filters() {

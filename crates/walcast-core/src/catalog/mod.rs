@@ -185,7 +185,7 @@ pub struct SegmentEntry {
 }
 
 /// Most bytes of a segment's key filter a catalog entry may carry: the
-/// filter of 6,553 keys at 10 bits a key, plus its 8-byte header.
+/// filter of 4,096 keys at 16 bits a key, plus its 8-byte header.
 pub const MAX_SEGMENT_FILTER_BYTES: usize = (8 << 10) + 8;
 
 impl SegmentEntry {

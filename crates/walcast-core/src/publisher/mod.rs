@@ -40,9 +40,16 @@ pub const DEFAULT_TAIL_BYTES: usize = 32 << 10;
 
 /// Most key writes a segment's key filter covers: a segment with more (a
 /// bulk load) gets no filter, and a lazy replica that needs it fetches it.
-/// Its filter takes at most 5,128 bytes, within
+/// Its filter takes at most 8,200 bytes, within
 /// [`crate::catalog::MAX_SEGMENT_FILTER_BYTES`].
 pub const MAX_SEGMENT_FILTER_KEYS: usize = 4096;
+
+/// Bits per key of a segment's key filter, and its probes: about 0.05% false
+/// positives, so that a cold read over the 20 or so segments past a chain
+/// fetches one it does not need about once in a hundred reads.
+pub const SEGMENT_FILTER_BITS_PER_KEY: u64 = 16;
+/// See [`SEGMENT_FILTER_BITS_PER_KEY`].
+pub const SEGMENT_FILTER_PROBES: u8 = 11;
 
 /// Most bytes of segment key filters (decoded) a head carries, the newest
 /// segments' first: a head stays far below
@@ -637,7 +644,11 @@ impl Publisher {
                                 .map(|mut k| {
                                     k.sort_unstable();
                                     k.dedup();
-                                    crate::snapshot::delta::KeyFilter::from_hashes(&k)
+                                    crate::snapshot::delta::KeyFilter::from_hashes(
+                                        &k,
+                                        SEGMENT_FILTER_BITS_PER_KEY,
+                                        SEGMENT_FILTER_PROBES,
+                                    )
                                 });
                         self.sealed.push_back(Sealed {
                             entry,

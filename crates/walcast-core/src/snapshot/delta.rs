@@ -179,7 +179,7 @@ pub struct KeyFilter {
 impl KeyFilter {
     /// A filter for `keys` (10 bits a key, 7 probes).
     pub fn build<'a>(keys: impl ExactSizeIterator<Item = &'a [u8]>) -> KeyFilter {
-        let mut f = KeyFilter::sized(keys.len() as u64);
+        let mut f = KeyFilter::sized(keys.len() as u64, FILTER_BITS_PER_KEY, FILTER_PROBES);
         for k in keys {
             f.insert_hash(key_hash(k));
         }
@@ -187,24 +187,24 @@ impl KeyFilter {
     }
 
     /// A filter for the keys of these hashes ([`key_hash`]; repeats are
-    /// harmless but size the filter).
-    pub(crate) fn from_hashes(hashes: &[u64]) -> KeyFilter {
-        let mut f = KeyFilter::sized(hashes.len() as u64);
+    /// harmless but size the filter), of `bits_per_key` and `probes`.
+    pub(crate) fn from_hashes(hashes: &[u64], bits_per_key: u64, probes: u8) -> KeyFilter {
+        let mut f = KeyFilter::sized(hashes.len() as u64, bits_per_key, probes);
         for &h in hashes {
             f.insert_hash(h);
         }
         f
     }
 
-    fn sized(n: u64) -> KeyFilter {
-        let nbits = (n * FILTER_BITS_PER_KEY)
+    fn sized(n: u64, bits_per_key: u64, probes: u8) -> KeyFilter {
+        let nbits = (n * bits_per_key)
             .clamp(64, MAX_FILTER_BYTES * 8)
             .div_ceil(8)
             * 8;
         let nbits = nbits as u32;
         KeyFilter {
             nbits,
-            probes: FILTER_PROBES,
+            probes,
             bits: vec![0u8; (nbits / 8) as usize],
         }
     }
