@@ -31,6 +31,9 @@ pub const FILTER_BITS_PER_KEY: u64 = 10;
 pub const FILTER_PROBES: u8 = 7;
 /// Bytes of the filter header: `nbits: u32, probes: u8, reserved: [u8; 3]`.
 pub const FILTER_HEADER_LEN: usize = 8;
+/// Most bytes of bits [`KeyFilter::build`] gives a delta's filter (that of
+/// 209,715 keys at 10 bits a key).
+pub const MAX_BUILT_FILTER_BYTES: u64 = 256 << 10;
 /// Largest filter accepted (bits of 13 million keys).
 pub const MAX_FILTER_BYTES: u64 = 16 << 20;
 /// Largest index block accepted.
@@ -178,8 +181,23 @@ pub struct KeyFilter {
 
 impl KeyFilter {
     /// A filter for `keys` (10 bits a key, 7 probes).
+    /// A delta with more keys than fit [`MAX_BUILT_FILTER_BYTES`] at 10 bits
+    /// gets a filter of that size, with fewer probes (3 at about 5 bits a
+    /// key, some 9% false positives): its suffix, which a cold read fetches
+    /// whole, stays small however many keys the delta holds. Such a delta is
+    /// the oldest of a chain, whose newer deltas a point read checks first,
+    /// and a point read fetches blocks from two places that may hold a key
+    /// at once, so its false positives cost bytes, seldom a round trip.
     pub fn build<'a>(keys: impl ExactSizeIterator<Item = &'a [u8]>) -> KeyFilter {
-        let mut f = KeyFilter::sized(keys.len() as u64, FILTER_BITS_PER_KEY, FILTER_PROBES);
+        let n = keys.len() as u64;
+        let bits = (n * FILTER_BITS_PER_KEY).min(MAX_BUILT_FILTER_BYTES * 8);
+        // Past the cap, probes: bits a key times ln 2.
+        let probes = if bits == n * FILTER_BITS_PER_KEY {
+            FILTER_PROBES
+        } else {
+            (bits * 69 / 100 / n).clamp(1, u64::from(FILTER_PROBES)) as u8
+        };
+        let mut f = KeyFilter::sized(bits, probes);
         for k in keys {
             f.insert_hash(key_hash(k));
         }
@@ -189,18 +207,15 @@ impl KeyFilter {
     /// A filter for the keys of these hashes ([`key_hash`]; repeats are
     /// harmless but size the filter), of `bits_per_key` and `probes`.
     pub(crate) fn from_hashes(hashes: &[u64], bits_per_key: u64, probes: u8) -> KeyFilter {
-        let mut f = KeyFilter::sized(hashes.len() as u64, bits_per_key, probes);
+        let mut f = KeyFilter::sized(hashes.len() as u64 * bits_per_key, probes);
         for &h in hashes {
             f.insert_hash(h);
         }
         f
     }
 
-    fn sized(n: u64, bits_per_key: u64, probes: u8) -> KeyFilter {
-        let nbits = (n * bits_per_key)
-            .clamp(64, MAX_FILTER_BYTES * 8)
-            .div_ceil(8)
-            * 8;
+    fn sized(bits: u64, probes: u8) -> KeyFilter {
+        let nbits = bits.clamp(64, MAX_FILTER_BYTES * 8).div_ceil(8) * 8;
         let nbits = nbits as u32;
         KeyFilter {
             nbits,
@@ -708,6 +723,27 @@ mod tests {
             DeltaIndex::decode_suffix(&bytes[footer.index.offset as usize..], bytes.len() as u64)
                 .unwrap();
         assert_eq!(idx.block_for(b"x"), None);
+    }
+
+    #[test]
+    fn a_large_delta_filter_is_capped_and_holds_every_key() {
+        let keys: Vec<Vec<u8>> = (0..300_000u32)
+            .map(|i| format!("key:{i:08}").into_bytes())
+            .collect();
+        let f = KeyFilter::build(keys.iter().map(Vec::as_slice));
+        assert_eq!(
+            f.encoded_len(),
+            FILTER_HEADER_LEN + MAX_BUILT_FILTER_BYTES as usize
+        );
+        assert!(keys.iter().all(|k| f.may_contain(k)));
+        let fp = (0..100_000u32)
+            .filter(|i| f.may_contain(format!("other:{i:08}").as_bytes()))
+            .count();
+        assert!(fp < 10_000, "{fp} false positives of 100,000");
+        // Below the cap: 10 bits a key, 7 probes, as before.
+        let small = KeyFilter::build(keys[..1_000].iter().map(Vec::as_slice));
+        assert_eq!(small.encoded_len(), FILTER_HEADER_LEN + 1_250);
+        assert_eq!(small.encode()[4], FILTER_PROBES);
     }
 
     #[test]
