@@ -942,6 +942,9 @@ fn delta_figures_at_scale() {
                     .map(|(k, x)| format!("{k}={}", serde_json::to_vec(x).unwrap().len()))
                     .collect();
                 eprintln!("head {} bytes: {}", raw.len(), parts.join(" "));
+                if let Some(path) = std::env::var_os("DELTA_DUMP_HEAD") {
+                    std::fs::write(path, raw).unwrap();
+                }
             }
             let (_, _, c) = cold_read(&store, &key((rng >> 17) % keys));
             samples += 1;
