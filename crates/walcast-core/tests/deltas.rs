@@ -1239,6 +1239,9 @@ fn a_head_carries_a_bounded_amount_of_filters() {
         snapshot_every: Some(130 * 16),
         delta_every: Some(1_000_000),
         head_check_ms: 0,
+        // 128 segments past the chain stay inline (four times 32).
+        inline_segments: 32,
+        page_fanout: 16,
         max_commits_per_sec: 0,
         ..PublisherConfig::default()
     };
