@@ -12,8 +12,17 @@ deltas' and snapshots' entries written per batch: their share of the write
 amplification in steady state, the segments and heads not included.
 
     python3 scripts/delta-amp-model.py            # the table in docs/BENCHMARKS.md
+    python3 scripts/delta-amp-model.py factors    # other merge ratios
+    python3 scripts/delta-amp-model.py periodic   # fixed merge periods per level
+
+`periodic` searches schedules in which the chain's first, second and third
+deltas are rewritten every T1, T2 and T3 deltas (each dividing the one
+before), with the expected number of distinct keys m random writes touch,
+KEYS * (1 - exp(-m / KEYS)), instead of a simulation.
 """
+import math
 import random
+import sys
 
 KEYS = 1_000_000
 
@@ -58,7 +67,53 @@ def model(every, snap, k=4, factor=2.0, batches=2_400_000, seed=1):
     return deltas / total, snaps / total
 
 
+def periodic():
+    def touched(m):
+        return KEYS * (1 - math.exp(-m / KEYS))
+
+    found = []
+    for every in [2000, 4000, 8000, 12000]:
+        for snap in [300_000, 600_000, 900_000, 1_200_000, 1_800_000, 2_400_000, 3_600_000]:
+            flushes = snap // every
+
+            def divisors(n):
+                return [d for d in range(1, n + 1) if n % d == 0]
+
+            for t1 in divisors(flushes):
+                for t2 in divisors(t1):
+                    for t3 in divisors(t2):
+                        cost = KEYS
+                        for f in range(1, flushes):
+                            if f % t1 == 0:
+                                base = 0
+                            elif f % t2 == 0:
+                                base = f - f % t1
+                            elif f % t3 == 0:
+                                base = f - f % t2
+                            else:
+                                base = f - f % t3
+                            cost += touched((f - base) * every)
+                        found.append((cost / snap, every, snap, t1, t2, t3))
+    for every in [2000, 4000, 8000, 12000]:
+        amp, _, snap, t1, t2, t3 = min(f for f in found if f[1] == every)
+        print(f"delta every {every:,}: best {amp:.2f}x (snapshot every {snap:,}, periods {t1}, {t2}, {t3})")
+
+
+def factors():
+    for every in [2000, 8000]:
+        for factor in [0.5, 1, 2, 4, 8]:
+            for snap in [600_000, 1_200_000, 2_400_000]:
+                d, s = model(every, snap, factor=factor)
+                print(f"every {every:,} factor {factor} snapshot every {snap:,}: {d + s:.2f}x", flush=True)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["periodic"]:
+        periodic()
+        sys.exit()
+    if sys.argv[1:] == ["factors"]:
+        factors()
+        sys.exit()
     print("| delta every | chain | snapshot every | deltas | snapshots | both |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     for every, k, snap in [
