@@ -13,7 +13,7 @@ use walcast_core::publisher::{
     Action, Publisher, PublisherConfig, PutCondition, PutResponse, MAX_HEAD_FILTER_BYTES,
 };
 use walcast_core::replica::{self, LazyScan, Read, Replica, ReplicaConfig};
-use walcast_core::snapshot::delta::{decode_delta, DeltaFooter, DeltaIndex};
+use walcast_core::snapshot::delta::{decode_delta, DeltaFooter, DeltaIndex, KeyFilter};
 use walcast_core::snapshot::indexed::decode_indexed;
 
 #[derive(Default)]
@@ -1228,6 +1228,43 @@ fn a_failed_deferred_segment_is_reported_to_its_read_only() {
         .get_lazy(b"aa")
         .expect_err("the read of aa gets its failure");
     assert!(err.to_string().contains(&a_key), "{err}");
+}
+
+/// A head whose key filter for a deferred segment leaves out a key the
+/// segment writes: once a read fetches the segment, the replica finds the
+/// lie and the read gets a `data` error naming the segment and the batch's
+/// LSN (a read the filter ruled out would have been served stale).
+#[test]
+fn a_deferred_segment_whose_filter_lies_is_a_data_error() {
+    let (mut p, mut store, mut lsn, mut now) = loaded(cfg_filters());
+    put(&mut p, &mut store, &mut lsn, &mut now, b"aa", b"1");
+    put(&mut p, &mut store, &mut lsn, &mut now, b"bb", b"2");
+    let mut h = store.head();
+    let n = h.segments.len();
+    let lie = KeyFilter::build([b"zz".as_slice()].into_iter());
+    assert!(!lie.may_contain(b"aa") && lie.may_contain(b"zz"));
+    h.segments[n - 2].filter = Some(lie);
+    let a_key = h.segments[n - 2].key.clone();
+    let etag = store.objects[HEAD_KEY].1 + 1000;
+    store
+        .objects
+        .insert(HEAD_KEY.to_string(), (h.encode(), etag));
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert_eq!(r.status(0).lazy.unwrap().deferred_segments, 2);
+    assert_eq!(r.get_lazy(b"zz").unwrap(), Read::Pending);
+    let mut c = Cold::default();
+    for req in collect(&mut r) {
+        let resp = store.serve(&req, &mut c);
+        r.handle_response(req.id, 0, resp);
+    }
+    let err = r.get_lazy(b"zz").expect_err("the lie is found");
+    assert_eq!(err.kind(), walcast_core::ErrorKind::Data, "{err}");
+    assert_eq!(err.object(), Some(a_key.as_str()), "{err}");
+    assert_eq!(err.lsn(), Some(lsn - 1), "{err}");
+    // The segment stays deferred.
+    assert_eq!(r.status(0).lazy.unwrap().deferred_segments, 2);
 }
 
 /// Head size with filters: 128 segments past the chain, each of 4,096 key

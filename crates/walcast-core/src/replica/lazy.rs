@@ -949,6 +949,7 @@ impl Replica {
         };
         let u = &lazy.deferred[i];
         let key = job.snapshot.clone();
+        let filter = u.entry.filter.clone();
         let result = match resp {
             GetResponse::Ok { body, range, .. } => self.verify_segment(u, body, range),
             other => Err(super::fetch::unavailable(&other).with_object(key.clone())),
@@ -960,9 +961,28 @@ impl Replica {
         let result = result.and_then(|v| {
             let mut ops = Vec::new();
             for (&(s, e), lsn) in v.records.iter().zip(v.first..) {
+                crate::batch::decode_into(&v.bytes[s..e], &mut ops)
+                    .map_err(|d| Error::decode(d).with_object(key.clone()).with_lsn(lsn))?;
+                // The replica skipped this segment for every read whose key
+                // the head's filter ruled out: a filter that leaves out a
+                // key the segment writes would have served stale values.
+                // (What was applied before the lie is the segment's own
+                // verified writes: the overlay keeps a key's newest write.)
+                let lie = filter.as_ref().is_some_and(|f| {
+                    ops.iter().any(|op| {
+                        let (crate::batch::OpRef::Put(k, _) | crate::batch::OpRef::Delete(k)) = *op;
+                        !f.may_contain(k)
+                    })
+                });
+                if lie {
+                    return Err(Error::new(
+                        ErrorKind::Data,
+                        "the head's key filter for this segment does not hold a key it writes",
+                    )
+                    .with_object(key.clone())
+                    .with_lsn(lsn));
+                }
                 if lsn > chain_end {
-                    crate::batch::decode_into(&v.bytes[s..e], &mut ops)
-                        .map_err(|d| Error::decode(d).with_object(key.clone()).with_lsn(lsn))?;
                     lazy.apply(lsn, &ops);
                 }
             }
