@@ -278,16 +278,25 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
     ) -> Result<R, Error> {
         use walcast_core::replica::Read;
         let mut inflight: FuturesUnordered<Pending<'_>> = FuturesUnordered::new();
+        // Declared after `inflight`, so dropped before it: the GETs this read
+        // performed and has not answered yet are forgotten by the machine
+        // when the read ends, returned or dropped by its caller.
+        let mut outstanding = Outstanding {
+            replica: &self.replica,
+            ids: Vec::new(),
+        };
         loop {
             if let Read::Ready(v) = attempt(&mut self.replica.borrow_mut())? {
                 return Ok(v);
             }
             let now = self.timer.now_ms();
             while let Some(req) = self.replica.borrow_mut().poll_read_fetch() {
+                outstanding.ids.push(req.id);
                 inflight.push(Box::pin(bounded_get(&self.fetch, &self.timer, now, req)));
             }
             match inflight.next().await {
                 Some((id, resp, meta)) => {
+                    outstanding.ids.retain(|&i| i != id);
                     self.replica.borrow_mut().handle_response_with(
                         id,
                         self.timer.now_ms(),
@@ -297,6 +306,25 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
                 }
                 // A run loop took the GETs: let it answer them.
                 None => self.timer.sleep_until(now + 5).await,
+            }
+        }
+    }
+}
+
+/// The block GETs a lazy read performed and has not answered. A read may
+/// end with some still out (it had what it needed, or its caller dropped
+/// it): the machine would wait for their answers for ever and never ask
+/// for those blocks again, so they are abandoned when the read ends.
+struct Outstanding<'a> {
+    replica: &'a RefCell<Replica>,
+    ids: Vec<RequestId>,
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.replica.try_borrow_mut() {
+            for id in self.ids.drain(..) {
+                r.abandon_read_fetch(id);
             }
         }
     }
@@ -537,11 +565,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn lazy_reads_fetch_only_the_blocks_they_need() {
+    /// A lazy dataset: an indexed snapshot of 20,000 keys `k000000`.. (a
+    /// 40-byte value each, every byte the key's number) at LSN 1, and a
+    /// segment at LSN 2 that overwrites `k000007` with `new` and deletes
+    /// `k000008`.
+    fn lazy_objects() -> std::collections::HashMap<String, Vec<u8>> {
         use walcast_core::batch::{self, Op};
         use walcast_core::catalog::{snapshot_key, DatasetId, Head, SegmentEntry, SnapshotEntry};
-        use walcast_core::replica::LazyScan;
         use walcast_core::segment::SegmentBuilder;
         use walcast_core::snapshot::indexed::{encode_indexed, IndexedOptions};
         use walcast_core::state::KvState;
@@ -580,18 +610,26 @@ mod tests {
         objects.insert(HEAD_KEY.to_string(), head.encode());
         objects.insert(entry.key.clone(), seg);
         objects.insert(snapshot_key(1, 1), snap);
+        objects
+    }
+
+    /// A lazy replica caught up on `objects`.
+    fn lazy_driver<F: Fetch>(fetch: F) -> Driver<F, Virtual> {
         let cfg = ReplicaConfig {
             lazy_cache_bytes: Some(1 << 20),
             ..ReplicaConfig::default()
         };
-        let clock = Rc::new(Cell::new(0));
-        let mut driver = Driver::new(
-            Replica::new(cfg, 1),
-            Mem(objects, Cell::new(0)),
-            Virtual(clock),
-        );
+        let mut driver = Driver::new(Replica::new(cfg, 1), fetch, Virtual(Rc::new(Cell::new(0))));
         let lsn = block_on(driver.run(Until::CaughtUp, future::pending(), |_, _| Ok::<(), ()>(())));
         assert_eq!(lsn.unwrap(), 2);
+        driver
+    }
+
+    #[test]
+    fn lazy_reads_fetch_only_the_blocks_they_need() {
+        use walcast_core::replica::LazyScan;
+
+        let driver = lazy_driver(Mem(lazy_objects(), Cell::new(0)));
         let caught_up = driver.fetch().1.get();
         assert_eq!(caught_up, 2, "the head and the tail's segment, no snapshot");
         assert_eq!(
@@ -614,6 +652,44 @@ mod tests {
                 "k000000", "k000001", "k000002", "k000003", "k000004", "k000005", "k000006",
                 "k000007", "k000009"
             ]
+        );
+    }
+    /// A seam whose GETs wait for ever while `open` is false.
+    struct Gate(Mem, Cell<bool>);
+
+    impl Fetch for Gate {
+        fn get(&self, req: GetRequest) -> impl Future<Output = GetResponse> {
+            let open = self.1.get();
+            let resp = self.0.get(req);
+            async move {
+                if !open {
+                    future::pending::<()>().await;
+                }
+                resp.await
+            }
+        }
+    }
+
+    /// A read dropped by its caller while its GETs are out (a timeout, a
+    /// select): the machine forgets those GETs, and the next read of the key
+    /// asks again instead of waiting for their answers for ever.
+    #[test]
+    fn a_dropped_read_does_not_leave_its_gets_waiting() {
+        let driver = lazy_driver(Gate(Mem(lazy_objects(), Cell::new(0)), Cell::new(true)));
+        driver.fetch().1.set(false);
+        {
+            let mut read = pin!(driver.get(b"k012345"));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(read.as_mut().poll(&mut cx).is_pending());
+        }
+        let asked = driver.fetch().0 .1.get();
+        assert!(asked >= 1, "the dropped read performed a GET");
+        driver.fetch().1.set(true);
+        let v = block_on(driver.get(b"k012345")).unwrap();
+        assert_eq!(v.as_deref(), Some(&[12345u32 as u8; 40][..]));
+        assert!(
+            driver.fetch().0 .1.get() > asked,
+            "the block was asked for again"
         );
     }
 }

@@ -774,6 +774,22 @@ impl Replica {
         }
     }
 
+    /// Forgets a GET from [`poll_read_fetch`](Self::poll_read_fetch) whose
+    /// answer will never come: the read that performed it ended first (it
+    /// returned, or its caller dropped it). The next read that needs that
+    /// block or segment asks for it again, instead of waiting for an answer
+    /// in flight. Ids of other requests, or of answered ones, are ignored.
+    pub fn abandon_read_fetch(&mut self, id: crate::io::RequestId) {
+        if !matches!(self.pending.get(id.0), Some(super::Job::Block(_))) {
+            return;
+        }
+        if let (Some(super::Job::Block(job)), Some(lazy)) =
+            (self.pending.remove(id.0), self.lazy.as_mut())
+        {
+            lazy.inflight.retain(|j| *j != job);
+        }
+    }
+
     /// The next block GET lazy reads are waiting for, if any.
     pub(super) fn next_block_fetch(&mut self) -> Option<super::Action> {
         let max_inflight = self.cfg.max_inflight.max(1);
