@@ -654,6 +654,7 @@ mod tests {
             ]
         );
     }
+
     /// A seam whose GETs wait for ever while `open` is false.
     struct Gate(Mem, Cell<bool>);
 
