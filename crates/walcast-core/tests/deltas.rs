@@ -1267,6 +1267,53 @@ fn a_deferred_segment_whose_filter_lies_is_a_data_error() {
     assert_eq!(r.status(0).lazy.unwrap().deferred_segments, 2);
 }
 
+/// A newer snapshot arrives while a read's GET of a deferred segment past
+/// it is in flight: that GET stays counted, so the read does not ask for
+/// the segment a second time, and its answer is applied when it comes.
+#[test]
+fn a_deferred_segment_in_flight_survives_a_newer_snapshot() {
+    let (mut p, mut store, mut lsn, mut now) = loaded(cfg_filters());
+    put(&mut p, &mut store, &mut lsn, &mut now, b"aa", b"1");
+    let aa_lsn = lsn;
+    put(&mut p, &mut store, &mut lsn, &mut now, b"bb", b"2");
+    let h = store.head();
+    let b_key = h.segments.last().unwrap().key.clone();
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert_eq!(r.status(0).lazy.unwrap().deferred_segments, 2);
+    assert_eq!(r.get_lazy(b"bb").unwrap(), Read::Pending);
+    let held = collect(&mut r);
+    assert!(held.iter().any(|g| g.key == b_key), "{held:?}");
+    // A head whose snapshot is at aa's LSN: it covers aa's segment, not bb's.
+    let mut h2 = h.clone();
+    let snap = h2.snapshot.as_mut().unwrap();
+    assert!(snap.lsn < aa_lsn);
+    snap.lsn = aa_lsn;
+    snap.key = walcast_core::catalog::snapshot_key(aa_lsn, snap.epoch);
+    snap.suffix = None;
+    h2.generation += 1;
+    let etag = store.objects[HEAD_KEY].1 + 1000;
+    store
+        .objects
+        .insert(HEAD_KEY.to_string(), (h2.encode(), etag));
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert_eq!(r.status(0).lazy.unwrap().deferred_segments, 1);
+    assert_eq!(r.get_lazy(b"bb").unwrap(), Read::Pending);
+    let again = collect(&mut r);
+    assert!(
+        !again.iter().any(|g| g.key == b_key),
+        "bb's segment asked for a second time: {again:?}"
+    );
+    let mut c = Cold::default();
+    for req in held {
+        let resp = store.serve(&req, &mut c);
+        r.handle_response(req.id, 0, resp);
+    }
+    assert_eq!(r.get_lazy(b"bb").unwrap(), Read::Ready(Some(b"2".to_vec())));
+}
+
 /// Head size with filters: 128 segments past the chain, each of 4,096 key
 /// writes in 16 batches (an 8,200-byte filter each): the head carries at
 /// most `MAX_HEAD_FILTER_BYTES` of filters, the newest segments'.

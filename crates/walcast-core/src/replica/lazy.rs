@@ -281,9 +281,10 @@ impl Lazy {
             keep
         });
         self.overlay_bytes -= dropped;
-        self.wanted.clear();
-        self.inflight.clear();
-        self.failed.clear();
+        // The old base's blocks are no longer wanted; the deferred segments
+        // the new base leaves are, and a GET of one in flight stays counted
+        // (else the next read would ask for it a second time).
+        self.keep_jobs(None);
         let fresh = || match index_digest {
             Some(d) => LazySnapshot::with_index_digest(entry.size, self.cache_bytes, d),
             None => LazySnapshot::new(entry.size, self.cache_bytes),
@@ -340,9 +341,16 @@ impl Lazy {
             keep
         });
         self.overlay_bytes -= dropped;
+        self.keep_jobs(Some(&base_key));
+    }
+
+    /// Keeps the wanted and in-flight jobs of the deferred segments and of
+    /// `object` (the base, when it stays); forgets failures.
+    fn keep_jobs(&mut self, object: Option<&str>) {
         let deferred = &self.deferred;
         let keep = |j: &BlockJob| {
-            j.snapshot == base_key || deferred.iter().any(|u| u.entry.key == j.snapshot)
+            object == Some(j.snapshot.as_str())
+                || deferred.iter().any(|u| u.entry.key == j.snapshot)
         };
         self.wanted.retain(keep);
         self.inflight.retain(keep);
@@ -993,7 +1001,7 @@ impl Replica {
                 if lie {
                     return Err(Error::new(
                         ErrorKind::Data,
-                        "the head's key filter for this segment does not hold a key it writes",
+                        "the segment writes a key its head filter lacks",
                     )
                     .with_object(key.clone())
                     .with_lsn(lsn));
