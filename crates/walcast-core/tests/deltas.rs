@@ -122,6 +122,14 @@ impl Store {
     }
 }
 
+/// A publisher of `cfg` over an empty store, past its claim.
+fn started(cfg: PublisherConfig) -> (Publisher, Store) {
+    let mut p = Publisher::new(cfg, 7);
+    let mut store = Store::default();
+    store.drive(&mut p, 0);
+    (p, store)
+}
+
 /// The origin's state after the batches `1..=lsn` of `log`.
 fn model_at(log: &[Vec<Op>], lsn: u64) -> BTreeMap<Vec<u8>, Vec<u8>> {
     let mut m = BTreeMap::new();
@@ -265,9 +273,7 @@ fn try_cold_read(
 /// (about 2.3 MB in 20 LSNs, at LSNs 1..=20 and times 1..=20) and finished
 /// its uploads; with the batches and the time after them.
 fn bulk_loaded(cfg: PublisherConfig) -> (Publisher, Store, Vec<Vec<Op>>, u64) {
-    let mut p = Publisher::new(cfg, 7);
-    let mut store = Store::default();
-    store.drive(&mut p, 0);
+    let (mut p, mut store) = started(cfg);
     let mut log = Vec::new();
     let now = bulk_load(&mut p, &mut store, &mut log);
     (p, store, log, now)
@@ -430,9 +436,7 @@ fn steady_writes_keep_a_short_chain_equal_to_the_origin() {
         max_commits_per_sec: 20,
         ..PublisherConfig::default()
     };
-    let mut p = Publisher::new(cfg, 7);
-    let mut store = Store::default();
-    store.drive(&mut p, 0);
+    let (mut p, mut store) = started(cfg);
     let mut rng = 0x1234_5678_u64;
     let mut log: Vec<Vec<Op>> = Vec::new();
     let mut wal_bytes = 0u64;
@@ -543,9 +547,7 @@ fn segments_past_the_chain_stay_in_the_head() {
         max_commits_per_sec: 0,
         ..PublisherConfig::default()
     };
-    let mut p = Publisher::new(cfg, 7);
-    let mut store = Store::default();
-    store.drive(&mut p, 0);
+    let (mut p, mut store) = started(cfg);
     let mut log: Vec<Vec<Op>> = Vec::new();
     let (mut checked, mut paged) = (0, 0);
     let mut now = 0u64;
@@ -721,9 +723,7 @@ fn a_key_in_every_delta_costs_two_data_blocks() {
         max_commits_per_sec: 0,
         ..PublisherConfig::default()
     };
-    let mut p = Publisher::new(cfg, 7);
-    let mut store = Store::default();
-    store.drive(&mut p, 0);
+    let (mut p, mut store) = started(cfg);
     let mut log: Vec<Vec<Op>> = Vec::new();
     let mut now = 1;
     let mut best = 0;
@@ -1020,9 +1020,7 @@ fn cfg_filters() -> PublisherConfig {
 
 /// Publisher with a snapshot after a 2.3 MB bulk load (keys key:000000..).
 fn loaded(cfg: PublisherConfig) -> (Publisher, Store, u64, u64) {
-    let mut p = Publisher::new(cfg, 7);
-    let mut store = Store::default();
-    store.drive(&mut p, 0);
+    let (mut p, mut store) = started(cfg);
     let mut lsn = 0;
     for chunk in 0..20u64 {
         let ops: Vec<Op> = (chunk * 1_000..(chunk + 1) * 1_000)
@@ -1329,9 +1327,7 @@ fn a_head_carries_a_bounded_amount_of_filters() {
         max_commits_per_sec: 0,
         ..PublisherConfig::default()
     };
-    let mut p = Publisher::new(cfg, 7);
-    let mut store = Store::default();
-    store.drive(&mut p, 0);
+    let (mut p, mut store) = started(cfg);
     let mut lsn = 0u64;
     let mut now = 1u64;
     let mut max_head = 0usize;
@@ -1387,9 +1383,7 @@ fn filters_and_retired_entries_keep_the_head_within_its_limit() {
         max_commits_per_sec: 0,
         ..PublisherConfig::default()
     };
-    let mut p = Publisher::new(cfg, 7);
-    let mut store = Store::default();
-    store.drive(&mut p, 0);
+    let (mut p, mut store) = started(cfg);
     let mut lsn = 0u64;
     let mut now = 1u64;
     for i in 0..2100u64 {
