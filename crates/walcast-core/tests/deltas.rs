@@ -1129,6 +1129,49 @@ fn a_read_of_a_key_every_commit_writes_is_answered_while_writes_go_on() {
     panic!("a read of a key every commit writes stayed Pending for 20 commits");
 }
 
+/// A head that lands after the GET a read waited for was answered, but
+/// before the read runs again (in the JS driver both are answers on the
+/// event loop, in either order), defers nothing: its segment comes in as
+/// when catching up, so the read answers on its next run instead of
+/// needing the newly deferred segment and spending another round.
+#[test]
+fn a_head_between_a_reads_answer_and_its_next_run_defers_nothing() {
+    let (mut p, mut store, mut lsn, mut now) = loaded(cfg_filters());
+    let hot = b"hot".to_vec();
+    put(&mut p, &mut store, &mut lsn, &mut now, &hot, b"v0");
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert!(r.status(0).lazy.unwrap().deferred_segments >= 1);
+    assert!(matches!(r.get_lazy(&hot).unwrap(), Read::Pending));
+    let mut c = Cold::default();
+    for req in collect(&mut r) {
+        let resp = store.serve(&req, &mut c);
+        r.handle_response(req.id, 0, resp);
+    }
+    let deferred = r.status(0).lazy.unwrap().deferred_segments;
+    // The origin writes the key again and the new head lands first.
+    put(&mut p, &mut store, &mut lsn, &mut now, &hot, b"v1");
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert_eq!(r.applied_lsn(), lsn);
+    assert!(
+        r.status(0).lazy.unwrap().deferred_segments <= deferred,
+        "the new head deferred its segment while a read was due"
+    );
+    match r.get_lazy(&hot).unwrap() {
+        Read::Ready(v) => assert_eq!(v.as_deref(), Some(&b"v1"[..])),
+        Read::Pending => panic!("the read needs another round: the new head deferred its segment"),
+    }
+    // With no read waiting, the next head defers its segment again.
+    let deferred = r.status(0).lazy.unwrap().deferred_segments;
+    put(&mut p, &mut store, &mut lsn, &mut now, b"cold", b"c");
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert_eq!(r.applied_lsn(), lsn);
+    assert_eq!(r.status(0).lazy.unwrap().deferred_segments, deferred + 1);
+}
+
 /// A scan fetches the deferred segments whole, at most `max_inflight` at a
 /// time, and then answers with every key they write.
 #[test]

@@ -182,6 +182,10 @@ pub(super) struct Lazy {
     /// writes at or below the chain's end are not replayed (the base and
     /// its deltas hold those).
     pub(super) deferred: Vec<super::plan::Unit>,
+    /// A GET a read waited for was answered and no read has run since:
+    /// until one does, a new head defers nothing (see
+    /// [`Replica::deferrable`]).
+    pub(super) read_due: bool,
 }
 
 /// A scan's exclusive end as a range bound.
@@ -608,6 +612,7 @@ impl Replica {
         let Some(lazy) = self.lazy.as_mut() else {
             return Ok(Read::Ready(self.state.get(key).map(<[u8]>::to_vec)));
         };
+        lazy.read_due = false;
         // Deferred segments that may write the key after the overlay did
         // are fetched first; the deltas' and snapshot's parts go out beside
         // them, in case the filters were wrong.
@@ -669,6 +674,7 @@ impl Replica {
                 .collect();
             return Ok(Read::Ready(out));
         };
+        lazy.read_due = false;
         // Deferred segments and deltas are read whole into the overlay
         // before a scan merges.
         let segments = lazy.want_deferred(&scan.start, true)?;
@@ -795,6 +801,7 @@ impl Replica {
             (self.pending.remove(id.0), self.lazy.as_mut())
         {
             lazy.inflight.retain(|j| *j != job);
+            lazy.read_due = false;
         }
     }
 
@@ -832,6 +839,7 @@ impl Replica {
             return;
         };
         lazy.inflight.retain(|j| *j != job);
+        lazy.read_due = true;
         if let Some(i) = lazy
             .deferred
             .iter()
@@ -924,10 +932,12 @@ impl Replica {
     /// Whether the planned unit `u` may be counted as applied without a
     /// GET (see [`Lazy::deferred`]): lazy KV mode over a block-indexed base,
     /// no records to report, a key filter from the catalog, no copy in the
-    /// head, room to hold it, and no read waiting for a deferred segment
-    /// (else a read of a key every commit writes could wait for ever: each
-    /// new head would defer another segment it needs; the segments then
-    /// come in as when catching up).
+    /// head, room to hold it, and no read waiting: none of its GETs out,
+    /// and none answered since reads last ran. Else a head landing while a
+    /// read waits (or between an answer and the read's next run) could
+    /// defer a segment the read must then fetch, one more round each time:
+    /// a read of a key every commit writes could wait for ever. The
+    /// segments then come in as when catching up.
     pub(super) fn deferrable(&self, u: &super::plan::Unit) -> bool {
         let Some(l) = self.lazy.as_ref() else {
             return false;
@@ -937,11 +947,9 @@ impl Replica {
             && u.entry.filter.is_some()
             && l.base.is_some()
             && l.deferred.len() < MAX_DEFERRED
-            && !l
-                .wanted
-                .iter()
-                .chain(&l.inflight)
-                .any(|j| l.is_deferred(&j.snapshot))
+            && l.wanted.is_empty()
+            && l.inflight.is_empty()
+            && !l.read_due
             && self
                 .head
                 .as_ref()
