@@ -204,6 +204,13 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
         let fetch = &self.fetch;
         let timer = &self.timer;
         let replica = &self.replica;
+        // Among this run's GETs may be a lazy read's blocks (queued by a
+        // read, taken by `poll`): those still out when the run returns are
+        // abandoned, so that a read asks for them again (see `Outstanding`).
+        let mut outstanding = Outstanding {
+            replica,
+            ids: Vec::new(),
+        };
         if until == Until::CaughtUp {
             replica.borrow_mut().sync_now(timer.now_ms());
         }
@@ -212,6 +219,7 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
             let action = replica.borrow_mut().poll(now);
             match action {
                 Action::Fetch(req) => {
+                    outstanding.ids.push(req.id);
                     inflight.push(Box::pin(bounded_get(fetch, timer, now, req)));
                 }
                 Action::Event(e) => {
@@ -236,6 +244,7 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
                     match future::select(stop.as_mut(), future::select(next, sleep)).await {
                         Either::Left(((), _)) => return Ok(replica.borrow().applied_lsn()),
                         Either::Right((Either::Left((Some((id, resp, meta)), _)), _)) => {
+                            outstanding.ids.retain(|&i| i != id);
                             replica.borrow_mut().handle_response_with(
                                 id,
                                 timer.now_ms(),
@@ -311,10 +320,12 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
     }
 }
 
-/// The block GETs a lazy read performed and has not answered. A read may
-/// end with some still out (it had what it needed, or its caller dropped
-/// it): the machine would wait for their answers for ever and never ask
-/// for those blocks again, so they are abandoned when the read ends.
+/// The GETs a lazy read (or a run) performed and has not answered. A read
+/// may end with some still out (it had what it needed, or its caller
+/// dropped it), and a run returns with some out: the machine would wait for
+/// the answers of block GETs for ever and never ask for those blocks again,
+/// so they are abandoned when the read or run ends (other GETs have
+/// deadlines of their own and are left alone).
 struct Outstanding<'a> {
     replica: &'a RefCell<Replica>,
     ids: Vec<RequestId>,
@@ -655,12 +666,13 @@ mod tests {
         );
     }
 
-    /// A seam whose GETs wait for ever while `open` is false.
-    struct Gate(Mem, Cell<bool>);
+    /// A seam whose GETs of keys starting with `.2` wait for ever while
+    /// `open` is false.
+    struct Gate(Mem, Cell<bool>, &'static str);
 
     impl Fetch for Gate {
         fn get(&self, req: GetRequest) -> impl Future<Output = GetResponse> {
-            let open = self.1.get();
+            let open = self.1.get() || !req.key.starts_with(self.2);
             let resp = self.0.get(req);
             async move {
                 if !open {
@@ -676,7 +688,7 @@ mod tests {
     /// asks again instead of waiting for their answers for ever.
     #[test]
     fn a_dropped_read_does_not_leave_its_gets_waiting() {
-        let driver = lazy_driver(Gate(Mem(lazy_objects(), Cell::new(0)), Cell::new(true)));
+        let driver = lazy_driver(Gate(Mem(lazy_objects(), Cell::new(0)), Cell::new(true), ""));
         driver.fetch().1.set(false);
         {
             let mut read = pin!(driver.get(b"k012345"));
@@ -688,6 +700,48 @@ mod tests {
         driver.fetch().1.set(true);
         let v = block_on(driver.get(b"k012345")).unwrap();
         assert_eq!(v.as_deref(), Some(&[12345u32 as u8; 40][..]));
+        assert!(
+            driver.fetch().0 .1.get() > asked,
+            "the block was asked for again"
+        );
+    }
+
+    /// A run (a periodic sync beside reads) that returns while block GETs a
+    /// read queued are out (the run's `poll` performed them): the machine
+    /// forgets them, and the next read of the key asks again instead of
+    /// waiting for their answers for ever.
+    #[test]
+    fn a_run_that_returns_does_not_leave_read_gets_waiting() {
+        use walcast_core::replica::Read;
+
+        let mut driver = lazy_driver(Gate(
+            Mem(lazy_objects(), Cell::new(0)),
+            Cell::new(true),
+            "snapshots/",
+        ));
+        driver.fetch().1.set(false);
+        let pending = driver.handle().borrow_mut().get_lazy(b"k012345").unwrap();
+        assert_eq!(pending, Read::Pending);
+        let lsn = block_on(driver.run(Until::CaughtUp, future::pending(), |_, _| Ok::<(), ()>(())));
+        assert_eq!(lsn.unwrap(), 2);
+        let asked = driver.fetch().0 .1.get();
+        driver.fetch().1.set(true);
+        // Stop after a virtual hour, so that the test fails instead of
+        // hanging.
+        let clock = driver.timer.0.clone();
+        let stop = future::poll_fn(move |_| {
+            if clock.get() > 3_600_000 {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        match block_on(future::select(pin!(driver.get(b"k012345")), pin!(stop))) {
+            Either::Left((v, _)) => {
+                assert_eq!(v.unwrap().as_deref(), Some(&[12345u32 as u8; 40][..]))
+            }
+            Either::Right(_) => panic!("the read waited for a GET the run dropped"),
+        }
         assert!(
             driver.fetch().0 .1.get() > asked,
             "the block was asked for again"
