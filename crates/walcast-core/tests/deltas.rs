@@ -1172,6 +1172,103 @@ fn a_head_between_a_reads_answer_and_its_next_run_defers_nothing() {
     assert_eq!(r.status(0).lazy.unwrap().deferred_segments, deferred + 1);
 }
 
+/// A read that ended (Ready) leaves other GETs out; their answers, after
+/// it, do not hold back deferral: the next head defers its segment.
+#[test]
+fn answers_after_a_read_ended_do_not_stop_deferral() {
+    let (mut p, mut store, mut lsn, mut now) = loaded(cfg_filters());
+    // Within the base's key range, so that the read needs a data block.
+    let hot = b"key:004999z".to_vec();
+    put(&mut p, &mut store, &mut lsn, &mut now, &hot, b"v0");
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert!(matches!(r.get_lazy(&hot).unwrap(), Read::Pending));
+    let (segments, others): (Vec<_>, Vec<_>) = collect(&mut r)
+        .into_iter()
+        .partition(|g| g.key.starts_with("segments/"));
+    assert!(!segments.is_empty() && !others.is_empty(), "{others:?}");
+    let mut c = Cold::default();
+    for req in segments {
+        let resp = store.serve(&req, &mut c);
+        r.handle_response(req.id, 0, resp);
+    }
+    // The segment alone answers the read: the snapshot's part is not needed.
+    assert_eq!(r.get_lazy(&hot).unwrap(), Read::Ready(Some(b"v0".to_vec())));
+    for req in others {
+        let resp = store.serve(&req, &mut c);
+        r.handle_response(req.id, 0, resp);
+    }
+    let deferred = r.status(0).lazy.unwrap().deferred_segments;
+    put(&mut p, &mut store, &mut lsn, &mut now, b"cold", b"c");
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert_eq!(r.applied_lsn(), lsn);
+    assert_eq!(r.status(0).lazy.unwrap().deferred_segments, deferred + 1);
+}
+
+/// A block GET still out when the replica jumps to a longer chain over the
+/// same base (a new reader of the base, which has asked for nothing yet):
+/// its late answer is ignored, not fed to the new reader as bytes it did
+/// not ask for, and the read answers right.
+#[test]
+fn a_late_block_answer_after_a_jump_over_the_same_base_is_ignored() {
+    let cfg = PublisherConfig {
+        delta_every: Some(3),
+        snapshot_suffix_bytes: 0,
+        ..cfg_filters()
+    };
+    let (mut p, mut store, mut lsn, mut now) = loaded(cfg);
+    let base = store.head().snapshot.expect("a snapshot of the load").key;
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    let key = b"key:000123";
+    let mut c = Cold::default();
+    // The first round (the base's footer and index) is served; the next
+    // one (its blocks) is held.
+    assert_eq!(r.get_lazy(key).unwrap(), Read::Pending);
+    for req in collect(&mut r) {
+        let resp = store.serve(&req, &mut c);
+        r.handle_response(req.id, 0, resp);
+    }
+    assert_eq!(r.get_lazy(key).unwrap(), Read::Pending);
+    let held = collect(&mut r);
+    assert!(held.iter().any(|g| g.key == base), "{held:?}");
+    // The origin writes on; a delta past the applied LSN makes the replica
+    // jump, over the same base.
+    let before = store.head().deltas.len();
+    for i in 0..4 {
+        put(
+            &mut p,
+            &mut store,
+            &mut lsn,
+            &mut now,
+            format!("w{i}").as_bytes(),
+            b"x",
+        );
+    }
+    assert!(store.head().deltas.len() > before, "a new delta");
+    assert_eq!(store.head().snapshot.unwrap().key, base);
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert_eq!(r.applied_lsn(), lsn);
+    for req in held {
+        let resp = store.serve(&req, &mut c);
+        r.handle_response(req.id, 0, resp);
+    }
+    for _ in 0..10 {
+        match r.get_lazy(key).expect("no error from a late answer") {
+            Read::Ready(v) => {
+                assert_eq!(v, Some(vec![1u8; 100]));
+                return;
+            }
+            Read::Pending => settle(&mut r, &store),
+        }
+    }
+    panic!("the read did not answer");
+}
+
 /// A scan fetches the deferred segments whole, at most `max_inflight` at a
 /// time, and then answers with every key they write.
 #[test]

@@ -186,6 +186,8 @@ pub(super) struct Lazy {
     /// until one does, a new head defers nothing (see
     /// [`Replica::deferrable`]).
     pub(super) read_due: bool,
+    /// The last read run was [`Read::Pending`] (it waits for GETs).
+    pub(super) read_pending: bool,
 }
 
 /// A scan's exclusive end as a range bound.
@@ -609,10 +611,24 @@ impl Replica {
     /// responses, and ask again. A block that failed verification or could
     /// not be fetched is reported once as an error naming the snapshot.
     pub fn get_lazy(&mut self, key: &[u8]) -> Result<Read<Option<Vec<u8>>>, Error> {
+        let r = self.get_at_applied(key);
+        self.read_ran(&r);
+        r
+    }
+
+    /// Notes a read run's outcome: whether it waits for GETs (see
+    /// [`Lazy::read_due`]).
+    fn read_ran<T>(&mut self, r: &Result<Read<T>, Error>) {
+        if let Some(lazy) = self.lazy.as_mut() {
+            lazy.read_due = false;
+            lazy.read_pending = matches!(r, Ok(Read::Pending));
+        }
+    }
+
+    fn get_at_applied(&mut self, key: &[u8]) -> Result<Read<Option<Vec<u8>>>, Error> {
         let Some(lazy) = self.lazy.as_mut() else {
             return Ok(Read::Ready(self.state.get(key).map(<[u8]>::to_vec)));
         };
-        lazy.read_due = false;
         // Deferred segments that may write the key after the overlay did
         // are fetched first; the deltas' and snapshot's parts go out beside
         // them, in case the filters were wrong.
@@ -663,6 +679,12 @@ impl Replica {
     /// [`get_lazy`](Self::get_lazy)). Blocks already scanned are not needed
     /// again, so a scan of any length completes within any cache size.
     pub fn scan_lazy(&mut self, scan: &mut LazyScan) -> Result<Read<Entries>, Error> {
+        let r = self.scan_at_applied(scan);
+        self.read_ran(&r);
+        r
+    }
+
+    fn scan_at_applied(&mut self, scan: &mut LazyScan) -> Result<Read<Entries>, Error> {
         let in_range =
             |k: &[u8], end: &Option<Vec<u8>>| end.as_ref().is_none_or(|e| k < e.as_slice());
         let Some(lazy) = self.lazy.as_mut() else {
@@ -674,7 +696,6 @@ impl Replica {
                 .collect();
             return Ok(Read::Ready(out));
         };
-        lazy.read_due = false;
         // Deferred segments and deltas are read whole into the overlay
         // before a scan merges.
         let segments = lazy.want_deferred(&scan.start, true)?;
@@ -802,6 +823,7 @@ impl Replica {
         {
             lazy.inflight.retain(|j| *j != job);
             lazy.read_due = false;
+            lazy.read_pending = false;
         }
     }
 
@@ -838,8 +860,14 @@ impl Replica {
         let Some(lazy) = self.lazy.as_mut() else {
             return;
         };
-        lazy.inflight.retain(|j| *j != job);
-        lazy.read_due = true;
+        // An answer for a job no longer in flight is stale: the replica
+        // left its object (a jump or a new chain dropped the job) and reads
+        // ask again for what they still need.
+        let Some(at) = lazy.inflight.iter().position(|j| *j == job) else {
+            return;
+        };
+        lazy.inflight.remove(at);
+        lazy.read_due = lazy.read_pending;
         if let Some(i) = lazy
             .deferred
             .iter()
@@ -865,6 +893,11 @@ impl Replica {
                     Need::Range { start, end } => (start, end),
                 };
                 let bytes = match range {
+                    // The object's size changed under the job (a head
+                    // that names the same key with another size).
+                    _ if want_start > want_end || want_end > size => Err(data_err(format!(
+                        "bytes {want_start}..{want_end} are outside its {size} bytes"
+                    ))),
                     Some(cr)
                         if cr.start == want_start
                             && cr.end == want_end
