@@ -1,0 +1,179 @@
+//! Adopting a head's snapshot and delta chain: the base, a jump to a
+//! newer one, a longer chain over the same base, and the jobs that stay.
+
+use super::*;
+
+impl Lazy {
+    /// Makes `entry` the base: at `applied`, the overlay keeps only writes
+    /// after the snapshot; above it, the snapshot is the whole state.
+    pub(in crate::replica) fn set_base(
+        &mut self,
+        entry: SnapshotEntry,
+        index_digest: Option<[u8; 32]>,
+    ) {
+        let lsn = entry.lsn;
+        self.deferred.retain(|u| u.entry.last_lsn > lsn);
+        let mut dropped = 0;
+        self.overlay.retain(|k, (l, v)| {
+            let keep = *l > lsn;
+            if !keep {
+                dropped += entry_cost(k, v.as_deref());
+            }
+            keep
+        });
+        self.overlay_bytes -= dropped;
+        // The old base's blocks are no longer wanted; the deferred segments
+        // the new base leaves are, and a GET of one in flight stays counted
+        // (else the next read would ask for it a second time).
+        self.keep_jobs(None);
+        let fresh = || match index_digest {
+            Some(d) => LazySnapshot::with_index_digest(entry.size, self.cache_bytes, d),
+            None => LazySnapshot::new(entry.size, self.cache_bytes),
+        };
+        let mut snap = fresh();
+        if let Some(suffix) = &entry.suffix {
+            // The head carries the top index and footer: they are checked
+            // exactly as a fetched suffix. Should they fail, nothing of
+            // them is kept and the first read fetches the suffix instead.
+            if snap.feed_suffix(suffix).is_err() {
+                snap = fresh();
+            }
+        }
+        self.base = Some(Base {
+            snap,
+            chain_end: entry.lsn,
+            entry,
+            deltas: Vec::new(),
+        });
+    }
+
+    /// The deltas `head` names over the base become part of it: call right
+    /// after [`set_base`](Self::set_base) on a jump to the chain's end.
+    pub(in crate::replica) fn set_deltas(&mut self, deltas: &[DeltaEntry]) {
+        if let Some(b) = self.base.as_mut() {
+            b.deltas = deltas.iter().cloned().map(LazyDelta::new).collect();
+            if let Some(last) = deltas.last() {
+                b.chain_end = last.lsn;
+            }
+        }
+    }
+
+    /// The head names another delta chain over the same base, reaching `end`
+    /// (at most the applied LSN, and no earlier than the chain in use): a
+    /// publisher consolidated or extended the chain, and may delete the
+    /// deltas it replaced. Reads go through the new chain from now on; the
+    /// overlay keeps only the writes after `end` (those before it are the
+    /// same in the base and the new chain). Answers for the old deltas are
+    /// ignored when they come.
+    pub(in crate::replica) fn replace_deltas(&mut self, deltas: &[DeltaEntry], end: u64) {
+        let Some(b) = self.base.as_mut() else {
+            return;
+        };
+        b.deltas = deltas.iter().cloned().map(LazyDelta::new).collect();
+        b.chain_end = end;
+        let base_key = b.entry.key.clone();
+        self.deferred.retain(|u| u.entry.last_lsn > end);
+        let mut dropped = 0;
+        self.overlay.retain(|k, (l, v)| {
+            let keep = *l > end;
+            if !keep {
+                dropped += entry_cost(k, v.as_deref());
+            }
+            keep
+        });
+        self.overlay_bytes -= dropped;
+        self.keep_jobs(Some(&base_key));
+    }
+
+    /// Keeps the wanted and in-flight jobs of the deferred segments and of
+    /// `object` (the base, when it stays); forgets failures.
+    pub(super) fn keep_jobs(&mut self, object: Option<&str>) {
+        let deferred = &self.deferred;
+        let keep = |j: &BlockJob| {
+            object == Some(j.snapshot.as_str())
+                || deferred.iter().any(|u| u.entry.key == j.snapshot)
+        };
+        self.wanted.retain(keep);
+        self.inflight.retain(keep);
+        self.failed.clear();
+    }
+}
+
+impl Replica {
+    /// Lazy mode: adopts the head's snapshot as the base when it is newer
+    /// than the applied LSN (the state jumps to it) or newer than the base
+    /// (the overlay sheds what it covers). Returns whether the state jumped.
+    /// `index_digest`: the signed head's index digest for a version 4
+    /// snapshot, which every block read is then verified against.
+    pub(in crate::replica) fn lazy_adopt(
+        &mut self,
+        snapshot: Option<&SnapshotEntry>,
+        deltas: &[DeltaEntry],
+        index_digest: Option<[u8; 32]>,
+    ) -> bool {
+        let applied = self.applied;
+        let Some(lazy) = self.lazy.as_mut() else {
+            return false;
+        };
+        // Version 1 snapshots have no index: they load whole, as in full
+        // mode, and the overlay sits on that state.
+        let Some(s) = snapshot.filter(|s| s.version == 2 || s.version == 4) else {
+            return false;
+        };
+        let newer_than_base = lazy.base.as_ref().is_none_or(|b| b.entry.lsn < s.lsn);
+        // Where the snapshot and the head's delta chain over it reach.
+        let end = deltas
+            .last()
+            .filter(|_| deltas.first().is_some_and(|f| f.base_lsn == s.lsn))
+            .map_or(s.lsn, |d| d.lsn);
+        // Over the base in use, a chain that reaches further, or the same
+        // span under other keys (another epoch's), replaces the chain in use:
+        // the publisher may delete the deltas it no longer names.
+        let newer_chain = lazy.base.as_ref().is_some_and(|b| {
+            b.entry.key == s.key
+                && (end > b.chain_end
+                    || (end == b.chain_end
+                        && end > s.lsn
+                        && !b.deltas.is_empty()
+                        && !b
+                            .deltas
+                            .iter()
+                            .map(|d| &d.entry.key)
+                            .eq(deltas.iter().map(|d| &d.key))))
+        });
+        if s.lsn > applied || (newer_chain && end > applied) {
+            // The state jumps to the end of the snapshot's delta chain: only
+            // the segments after it are replayed.
+            lazy.clear();
+            lazy.set_base(s.clone(), index_digest);
+            if end > s.lsn {
+                lazy.set_deltas(deltas);
+            }
+            self.state = crate::state::KvState::new();
+            self.applied = end;
+            self.plan_next = end + 1;
+            self.clear_plan();
+            self.events.push_back(Event::Bootstrapped {
+                lsn: end,
+                dataset_id: self.dataset.unwrap_or_default(),
+            });
+            true
+        } else if newer_chain {
+            lazy.replace_deltas(deltas, end);
+            false
+        } else {
+            // A base may replace a full state only if the overlay holds
+            // every write after it.
+            let state_covered = self.state.is_empty() || s.lsn >= lazy.state_lsn;
+            if newer_than_base
+                && state_covered
+                && lazy.base.as_ref().is_none_or(|b| b.entry.key != s.key)
+            {
+                lazy.set_base(s.clone(), index_digest);
+                // The base replaces a state loaded whole from version 1.
+                self.state = crate::state::KvState::new();
+            }
+            false
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! The GETs lazy reads wait for: queued jobs, their requests, and their
+//! answers (verified, fed to the snapshot or delta readers).
+
+use super::*;
+
+impl Lazy {
+    pub(super) fn want_in(&mut self, object: String, need: Need, key: &[u8]) {
+        let job = BlockJob {
+            snapshot: object,
+            need,
+            key: key.to_vec(),
+        };
+        let same = |j: &BlockJob| j.need == job.need && j.snapshot == job.snapshot;
+        if !self.wanted.iter().any(same) && !self.inflight.iter().any(same) {
+            self.wanted.push(job);
+        }
+    }
+
+    /// Feeds a delta's bytes: its suffix (index and filter), a data block,
+    /// or (for scans) the whole object.
+    pub(super) fn feed_delta(&mut self, job: &BlockJob, bytes: &[u8]) -> Result<bool, DecodeError> {
+        let cache_bytes = self.cache_bytes;
+        let Some(d) = self
+            .base
+            .as_mut()
+            .and_then(|b| b.deltas.iter_mut().find(|d| d.entry.key == job.snapshot))
+        else {
+            return Ok(false);
+        };
+        let size = d.entry.size;
+        match job.need {
+            Need::Suffix(_) => {
+                d.index = Some(DeltaIndex::decode_suffix(bytes, size)?);
+            }
+            Need::Range { start: 0, end } if end == size => {
+                if crate::crc::hash(bytes) != d.entry.crc32 {
+                    return Err(crate::codec::invalid(
+                        "delta snapshot",
+                        0,
+                        "the file's crc32 is not the catalog's",
+                    ));
+                }
+                d.blocks.insert(u64::MAX, bytes.to_vec());
+            }
+            Need::Range { start, .. } => {
+                let Some(idx) = &d.index else {
+                    return Ok(true);
+                };
+                // Which block it must be comes from the verified index.
+                match idx.block_for(&job.key) {
+                    Some(h) if h.offset == start => {
+                        idx.lookup(&h, bytes, &job.key)?;
+                    }
+                    _ => return Ok(true),
+                }
+                if d.cached + bytes.len() as u64 > cache_bytes {
+                    d.blocks.retain(|k, _| k == u64::MAX);
+                    d.cached = 0;
+                }
+                d.cached += bytes.len() as u64;
+                d.blocks.insert(start, bytes.to_vec());
+            }
+        }
+        Ok(true)
+    }
+
+    /// The failure of the GET of `need` from `object`, reported once.
+    pub(super) fn take_failure(&mut self, object: &str, need: &Need) -> Option<Error> {
+        let i = self
+            .failed
+            .iter()
+            .position(|(o, n, _)| o == object && n == need)?;
+        Some(self.failed.swap_remove(i).2)
+    }
+
+    /// [`take_failure`](Self::take_failure) for the base snapshot.
+    pub(super) fn take_base_failure(&mut self, need: &Need) -> Option<Error> {
+        let object = self.base.as_ref()?.entry.key.clone();
+        self.take_failure(&object, need)
+    }
+
+    pub(super) fn want(&mut self, need: Need, key: &[u8]) {
+        let Some(b) = &self.base else { return };
+        let job = BlockJob {
+            snapshot: b.entry.key.clone(),
+            need,
+            key: key.to_vec(),
+        };
+        let same = |j: &BlockJob| j.need == job.need && j.snapshot == job.snapshot;
+        if !self.wanted.iter().any(same) && !self.inflight.iter().any(same) {
+            self.wanted.push(job);
+        }
+    }
+}
+
+impl Replica {
+    /// The next block GET a lazy read is waiting for, if any, for a reader
+    /// that drives its own reads beside the loop that drives
+    /// [`poll`](Self::poll) (which also issues them): perform it and pass the
+    /// outcome to [`handle_response`](Self::handle_response).
+    pub fn poll_read_fetch(&mut self) -> Option<crate::io::GetRequest> {
+        match self.next_block_fetch()? {
+            crate::replica::Action::Fetch(req) => Some(req),
+            _ => None,
+        }
+    }
+
+    /// Forgets a GET from [`poll_read_fetch`](Self::poll_read_fetch) whose
+    /// answer will never come: the read that performed it ended first (it
+    /// returned, or its caller dropped it). The next read that needs that
+    /// block or segment asks for it again, instead of waiting for an answer
+    /// in flight. Ids of other requests, or of answered ones, are ignored.
+    pub fn abandon_read_fetch(&mut self, id: crate::io::RequestId) {
+        if !matches!(self.pending.get(id.0), Some(crate::replica::Job::Block(_))) {
+            return;
+        }
+        if let (Some(crate::replica::Job::Block(job)), Some(lazy)) =
+            (self.pending.remove(id.0), self.lazy.as_mut())
+        {
+            lazy.inflight.retain(|j| *j != job);
+            lazy.read_due = false;
+            lazy.read_pending = false;
+        }
+    }
+
+    /// The next block GET lazy reads are waiting for, if any.
+    pub(in crate::replica) fn next_block_fetch(&mut self) -> Option<crate::replica::Action> {
+        let max_inflight = self.cfg.max_inflight.max(1);
+        let lazy = self.lazy.as_mut()?;
+        // Whole deferred segments go out at most `max_inflight` at a time
+        // (as when catching up); blocks of the snapshot and deltas at once.
+        let segments = lazy
+            .inflight
+            .iter()
+            .filter(|j| lazy.is_deferred(&j.snapshot))
+            .count();
+        let i = lazy
+            .wanted
+            .iter()
+            .position(|j| segments < max_inflight || !lazy.is_deferred(&j.snapshot))?;
+        let job = lazy.wanted.remove(i);
+        lazy.inflight.push(job.clone());
+        let range = match job.need {
+            Need::Suffix(n) => ByteRange::Suffix(n),
+            Need::Range { start, end } => ByteRange::Bounded { start, end },
+        };
+        // Its max_bytes is the snapshot's size (`fetch`): a server that
+        // ignores Range answers with the whole object.
+        let key = job.snapshot.clone();
+        // A deferred segment is read whole, as catching up would.
+        let range = (!lazy.is_deferred(&key)).then_some(range);
+        Some(self.fetch(Job::Block(job), key, range, None))
+    }
+
+    pub(in crate::replica) fn on_block(&mut self, now: u64, job: BlockJob, resp: GetResponse) {
+        let Some(lazy) = self.lazy.as_mut() else {
+            return;
+        };
+        // An answer for a job no longer in flight is stale: the replica
+        // left its object (a jump or a new chain dropped the job) and reads
+        // ask again for what they still need.
+        let Some(at) = lazy.inflight.iter().position(|j| *j == job) else {
+            return;
+        };
+        lazy.inflight.remove(at);
+        lazy.read_due = lazy.read_pending;
+        if let Some(i) = lazy
+            .deferred
+            .iter()
+            .position(|u| u.entry.key == job.snapshot)
+        {
+            self.on_deferred(now, job, i, resp);
+            return;
+        }
+        let Some(base) = lazy.base.as_mut() else {
+            return;
+        };
+        let size = base.object_size(&job.snapshot);
+        let is_delta = base.entry.key != job.snapshot;
+        if size == 0 {
+            return; // an answer for a snapshot this replica left
+        }
+        let key = job.snapshot.clone();
+        let data_err = |msg: String| Error::new(ErrorKind::Data, msg).with_object(key.clone());
+        let result: Result<(), Error> = match resp {
+            GetResponse::Ok { body, range, .. } => {
+                let (want_start, want_end) = match job.need {
+                    Need::Suffix(n) => (size - n.min(size), size),
+                    Need::Range { start, end } => (start, end),
+                };
+                let bytes = match range {
+                    // The object's size changed under the job (a head
+                    // that names the same key with another size).
+                    _ if want_start > want_end || want_end > size => Err(data_err(format!(
+                        "bytes {want_start}..{want_end} are outside its {size} bytes"
+                    ))),
+                    Some(cr)
+                        if cr.start == want_start
+                            && cr.end == want_end
+                            && body.len() as u64 == want_end - want_start =>
+                    {
+                        Ok(&body[..])
+                    }
+                    None if body.len() as u64 == size => {
+                        Ok(&body[want_start as usize..want_end as usize])
+                    }
+                    _ => Err(data_err(format!(
+                        "answer for bytes {want_start}..{want_end} does not match the request"
+                    ))),
+                };
+                bytes.and_then(|b| {
+                    if is_delta {
+                        return lazy
+                            .feed_delta(&job, b)
+                            .map(|_| ())
+                            .map_err(|e| Error::decode(e).with_object(key.clone()));
+                    }
+                    let Some(base) = lazy.base.as_mut() else {
+                        return Ok(());
+                    };
+                    let fed = match job.need {
+                        Need::Suffix(_) => base.snap.feed_suffix(b),
+                        Need::Range { start, .. } => base.snap.feed_range(start, b, &job.key),
+                    };
+                    fed.map_err(|e| Error::decode(e).with_object(key.clone()))
+                })
+            }
+            GetResponse::NotFound => {
+                lazy.failed.push((
+                    key.clone(),
+                    job.need,
+                    Error::new(
+                        ErrorKind::NotFound,
+                        "snapshot named by the catalog is missing",
+                    )
+                    .with_object(key.clone()),
+                ));
+                self.missing(now, &key);
+                return;
+            }
+            other => Err(crate::replica::fetch::unavailable(&other).with_object(key.clone())),
+        };
+        match result {
+            Ok(()) => {
+                let delta_fetches = u64::from(is_delta);
+                lazy.blocks_fetched = lazy
+                    .base
+                    .as_ref()
+                    .map_or(lazy.blocks_fetched, |b| b.snap.fetched_blocks)
+                    .max(lazy.blocks_fetched + delta_fetches);
+                self.success(&key);
+            }
+            Err(e) => {
+                lazy.failed.push((key.clone(), job.need, e.clone()));
+                self.distrust_head(now, &e);
+                let _ = self.failure(&key, e);
+            }
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! Lazy mode: the replica adopts the newest block-indexed snapshot without
+//! downloading it, replays only the segments after it into an overlay, and
+//! answers reads from the overlay first and the snapshot's blocks second,
+//! fetching the blocks a read needs (footer, index, data) and keeping them in
+//! a cache bounded in bytes.
+//!
+//! Every answer comes from one state the origin had: the snapshot at its LSN
+//! plus the overlay of every batch after it up to the applied LSN. A newer
+//! snapshot at or below the applied LSN replaces the base and drops the
+//! overlay entries it covers; one above it is adopted as the new state.
+//!
+//! This file holds the state ([`Lazy`]) and the public types; `adopt`
+//! takes heads' snapshots and delta chains, `read` answers reads, `blocks`
+//! runs the GETs reads wait for, and `deferred` the segments counted as
+//! applied without a GET.
+
+mod adopt;
+mod blocks;
+mod deferred;
+mod read;
+
+use crate::batch::OpRef;
+use crate::catalog::{DeltaEntry, SnapshotEntry};
+use crate::error::{DecodeError, Error, ErrorKind};
+use crate::io::{ByteRange, GetResponse};
+use crate::snapshot::delta::{Change, DeltaIndex};
+use crate::snapshot::indexed::{LazySnapshot, Lookup, Need, ScanCursor};
+use crate::state::Overlay;
+use crate::vecmap::VecMap;
+
+use super::{Event, Job, Replica};
+
+/// Per overlay entry, what the cache charges besides key and value.
+const OVERLAY_ENTRY_OVERHEAD: u64 = 64;
+
+/// Most data blocks a point read fetches at once from the places that may
+/// hold its key (see `Lazy::delta_get`).
+const SPECULATIVE_BLOCKS: usize = 2;
+
+/// Most segments a lazy replica holds unread at once (see
+/// [`Lazy::deferred`]); past that, segments are fetched as they come.
+pub(super) const MAX_DEFERRED: usize = 128;
+
+/// The answer to a lazy read: ready, or waiting for GETs the replica has
+/// queued (drive [`Replica::poll`] and ask again after responses arrive).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Read<T> {
+    /// The answer, from one state at the applied LSN.
+    Ready(T),
+    /// Blocks are being fetched.
+    Pending,
+}
+
+/// Key-value pairs in key order, as a scan returns them.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// An ordered scan in progress; keep it across [`Replica::scan_lazy`] calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LazyScan {
+    start: Vec<u8>,
+    end: Option<Vec<u8>>,
+    limit: usize,
+    /// The snapshot being scanned, and what it returned so far.
+    base_key: Option<String>,
+    cursor: Option<ScanCursor>,
+    collected: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl LazyScan {
+    /// A scan of keys in `start..end` (`end` exclusive; `None`: to the last
+    /// key), returning at most `limit` entries.
+    pub fn new(start: &[u8], end: Option<&[u8]>, limit: usize) -> Self {
+        LazyScan {
+            start: start.to_vec(),
+            end: end.map(<[u8]>::to_vec),
+            limit,
+            base_key: None,
+            cursor: None,
+            collected: Vec::new(),
+        }
+    }
+
+    /// A scan of keys starting with `prefix`.
+    pub fn prefix(prefix: &[u8], limit: usize) -> Self {
+        let end = crate::state::prefix_end_key(prefix);
+        Self::new(prefix, end.as_deref(), limit)
+    }
+}
+
+/// Lazy mode's figures, as reported by [`Replica::status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LazyStatus {
+    /// Bytes of snapshot data blocks held.
+    pub cached_bytes: u64,
+    /// Snapshot blocks fetched so far (footer reads, index and data blocks).
+    pub blocks_fetched: u64,
+    /// Bytes held by the overlay of batches after the snapshot.
+    pub overlay_bytes: u64,
+    /// Entries in the overlay.
+    pub overlay_entries: u64,
+    /// Segments counted as applied but not fetched yet: their key filters
+    /// say which reads must fetch them first.
+    pub deferred_segments: u64,
+}
+
+/// The snapshot read lazily.
+#[derive(Debug)]
+pub(super) struct Base {
+    pub(super) entry: SnapshotEntry,
+    pub(super) snap: LazySnapshot,
+    /// The head's delta snapshots over it, oldest first: together with the
+    /// snapshot they are the state at the chain's end.
+    pub(super) deltas: Vec<LazyDelta>,
+    /// The LSN the snapshot and its delta chain reach (the snapshot's LSN
+    /// without deltas). Stays when a scan loads the deltas into the overlay.
+    pub(super) chain_end: u64,
+}
+
+/// A delta snapshot read lazily: its verified index and filter once
+/// fetched, and the data blocks point reads fetched.
+#[derive(Debug)]
+pub(super) struct LazyDelta {
+    pub(super) entry: DeltaEntry,
+    pub(super) index: Option<DeltaIndex>,
+    /// Data blocks by offset, verified when used (`u64::MAX`: the whole
+    /// file, when the chain is loaded whole).
+    pub(super) blocks: VecMap<Vec<u8>>,
+    pub(super) cached: u64,
+}
+
+impl LazyDelta {
+    fn new(entry: DeltaEntry) -> Self {
+        LazyDelta {
+            entry,
+            index: None,
+            blocks: VecMap::default(),
+            cached: 0,
+        }
+    }
+
+    fn suffix_need(&self) -> Need {
+        Need::Suffix(self.entry.suffix_len)
+    }
+}
+
+impl Base {
+    /// Size of the object `key` (the snapshot or one of its deltas).
+    pub(super) fn object_size(&self, key: &str) -> u64 {
+        if self.entry.key == key {
+            return self.entry.size;
+        }
+        self.deltas
+            .iter()
+            .find(|d| d.entry.key == key)
+            .map_or(0, |d| d.entry.size)
+    }
+}
+
+/// A block a read needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct BlockJob {
+    pub(super) snapshot: String,
+    pub(super) need: Need,
+    pub(super) key: Vec<u8>,
+}
+
+/// Lazy mode's state.
+#[derive(Debug, Default)]
+pub(super) struct Lazy {
+    pub(super) cache_bytes: u64,
+    pub(super) base: Option<Base>,
+    /// Batches after the base: key -> (LSN of the last write, value or
+    /// deletion).
+    pub(super) overlay: Overlay,
+    pub(super) overlay_bytes: u64,
+    /// Blocks wanted by reads, not yet requested.
+    pub(super) wanted: Vec<BlockJob>,
+    /// Blocks requested and not yet answered.
+    pub(super) inflight: Vec<BlockJob>,
+    /// Failures of block GETs, each reported once to the next read that
+    /// needs that block (reads of other blocks are not affected).
+    pub(super) failed: Vec<(String, Need, Error)>,
+    /// The LSN of the full state beneath the overlay when there is no
+    /// block-indexed base (a version 1 bootstrap or a restored state): a base
+    /// below it would lose the writes between the two.
+    pub(super) state_lsn: u64,
+    pub(super) blocks_fetched: u64,
+    /// Segments past the chain the catalog gives a key filter, counted as
+    /// applied without a GET, oldest first. A read fetches (and replays
+    /// into the overlay) those newer than the overlay's write of its key
+    /// whose filter may hold the key; a scan fetches them all. Their
+    /// writes at or below the chain's end are not replayed (the base and
+    /// its deltas hold those).
+    pub(super) deferred: Vec<super::plan::Unit>,
+    /// A GET a read waited for was answered and no read has run since:
+    /// until one does, a new head defers nothing (see
+    /// [`Replica::deferrable`]).
+    pub(super) read_due: bool,
+    /// The last read run was [`Read::Pending`] (it waits for GETs).
+    pub(super) read_pending: bool,
+}
+
+/// A scan's exclusive end as a range bound.
+fn upper(end: &Option<Vec<u8>>) -> std::ops::Bound<&[u8]> {
+    match end {
+        Some(e) => std::ops::Bound::Excluded(e.as_slice()),
+        None => std::ops::Bound::Unbounded,
+    }
+}
+
+fn entry_cost(k: &[u8], v: Option<&[u8]>) -> u64 {
+    (k.len() + v.map_or(0, <[u8]>::len)) as u64 + OVERLAY_ENTRY_OVERHEAD
+}
+
+impl Lazy {
+    pub(super) fn new(cache_bytes: u64) -> Self {
+        Lazy {
+            cache_bytes,
+            ..Lazy::default()
+        }
+    }
+
+    /// Applies one batch at `lsn` to the overlay. A key's newer write
+    /// stays (a deferred segment is replayed after newer ones).
+    pub(super) fn apply(&mut self, lsn: u64, ops: &[OpRef<'_>]) {
+        for op in ops {
+            let (k, v) = match *op {
+                OpRef::Put(k, v) => (k, Some(v)),
+                OpRef::Delete(k) => (k, None),
+            };
+            let cost = entry_cost(k, v);
+            match self.overlay.get_mut(k) {
+                Some(slot) if slot.0 > lsn => continue,
+                Some(slot) => {
+                    self.overlay_bytes -= entry_cost(k, slot.1.as_deref());
+                    *slot = (lsn, v.map(Into::into));
+                }
+                None => {
+                    self.overlay.insert(k.into(), (lsn, v.map(Into::into)));
+                }
+            }
+            self.overlay_bytes += cost;
+        }
+    }
+
+    /// Size of the object `key` a lazy read may fetch (0: none it knows).
+    pub(super) fn object_size(&self, key: &str) -> u64 {
+        match self.deferred.iter().find(|u| u.entry.key == key) {
+            Some(u) => u.entry.size,
+            None => self.base.as_ref().map_or(0, |b| b.object_size(key)),
+        }
+    }
+
+    /// Forgets everything (a new dataset, or a base above the applied LSN).
+    pub(super) fn clear(&mut self) {
+        self.deferred.clear();
+        self.overlay.clear();
+        self.overlay_bytes = 0;
+        self.base = None;
+        self.wanted.clear();
+        self.inflight.clear();
+        self.failed.clear();
+    }
+
+    pub(super) fn status(&self) -> LazyStatus {
+        LazyStatus {
+            cached_bytes: self.base.as_ref().map_or(0, |b| b.snap.cached_bytes()),
+            blocks_fetched: self.blocks_fetched,
+            overlay_bytes: self.overlay_bytes,
+            overlay_entries: self.overlay.len() as u64,
+            deferred_segments: self.deferred.len() as u64,
+        }
+    }
+}
+
+/// Parses 64 lowercase hex digits (a digest in a signed head).
+pub(super) fn parse_digest(hex: &str) -> Option<[u8; 32]> {
+    let b = hex.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let nib = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = nib(b[2 * i])? << 4 | nib(b[2 * i + 1])?;
+    }
+    Some(out)
+}

@@ -1,0 +1,332 @@
+//! Point reads and ordered scans: the overlay first, then the newest
+//! deltas that may hold the key, then the base snapshot's blocks.
+
+use super::*;
+
+impl Lazy {
+    /// Point read through the deltas, newest first. `Ok(Some(change))`: the
+    /// newest delta that changes `key` says so; `Ok(None)`: no delta changes
+    /// it (read the snapshot); `Err(snapshot_too)`: GETs are queued
+    /// (pending), and the snapshot's part should go out beside them.
+    ///
+    /// Data blocks go out for at most [`SPECULATIVE_BLOCKS`] places that may
+    /// hold the key at once, newest first: the deltas whose filter and
+    /// index may hold it, then the snapshot. Each guards against a false
+    /// positive of the filter before it without another round trip, and a
+    /// read stays within a few GETs however many deltas may hold the key.
+    pub(super) fn delta_get(&mut self, key: &[u8]) -> Result<Result<Option<Change>, bool>, Error> {
+        let Some(base) = self.base.as_ref() else {
+            return Ok(Ok(None));
+        };
+        if base.deltas.is_empty() {
+            return Ok(Ok(None));
+        }
+        // First every index and filter, all in flight together.
+        let mut wants: Vec<(String, Need)> = Vec::new();
+        for d in &base.deltas {
+            if d.index.is_none() {
+                wants.push((d.entry.key.clone(), d.suffix_need()));
+            }
+        }
+        let suffixes = !wants.is_empty();
+        if !suffixes {
+            // Then the data blocks of the newest deltas that may hold the key.
+            for d in base.deltas.iter().rev() {
+                if wants.len() >= SPECULATIVE_BLOCKS {
+                    break;
+                }
+                let Some(idx) = &d.index else { continue };
+                let Some(h) = idx.block_for(key) else {
+                    continue;
+                };
+                match d.blocks.get(h.offset) {
+                    Some(bytes) if wants.is_empty() => match idx.lookup(&h, bytes, key) {
+                        Ok(Some(c)) => return Ok(Ok(Some(c))),
+                        Ok(None) => {}
+                        Err(e) => return Err(Error::decode(e).with_object(d.entry.key.clone())),
+                    },
+                    Some(_) => {}
+                    None => wants.push((
+                        d.entry.key.clone(),
+                        Need::Range {
+                            start: h.offset,
+                            end: h.end(),
+                        },
+                    )),
+                }
+            }
+        }
+        if wants.is_empty() {
+            return Ok(Ok(None));
+        }
+        let snapshot_too = suffixes || wants.len() < SPECULATIVE_BLOCKS;
+        for (object, need) in wants {
+            if let Some(e) = self.take_failure(&object, &need) {
+                return Err(e);
+            }
+            self.want_in(object, need, key);
+        }
+        Ok(Err(snapshot_too))
+    }
+
+    /// Loads every delta whole into the overlay (for scans, which read
+    /// ranges rather than keys). `Err(())`: GETs are queued.
+    pub(super) fn deltas_into_overlay(&mut self) -> Result<Result<(), ()>, Error> {
+        let Some(base) = self.base.as_ref() else {
+            return Ok(Ok(()));
+        };
+        if base.deltas.is_empty() {
+            return Ok(Ok(()));
+        }
+        let mut wants = Vec::new();
+        for d in &base.deltas {
+            let need = Need::Range {
+                start: 0,
+                end: d.entry.size,
+            };
+            if !d.blocks.contains_key(u64::MAX) {
+                wants.push((d.entry.key.clone(), need));
+            }
+        }
+        if !wants.is_empty() {
+            for (object, need) in wants {
+                if let Some(e) = self.take_failure(&object, &need) {
+                    return Err(e);
+                }
+                self.want_in(object, need, b"");
+            }
+            return Ok(Err(()));
+        }
+        let Some(base) = self.base.as_mut() else {
+            return Ok(Ok(()));
+        };
+        let deltas = std::mem::take(&mut base.deltas);
+        for d in deltas {
+            let Some(bytes) = d.blocks.get(u64::MAX) else {
+                continue;
+            };
+            let delta = crate::snapshot::delta::decode_delta(bytes)
+                .map_err(|e| Error::decode(e).with_object(d.entry.key.clone()))?;
+            for (k, v) in delta.changes {
+                let cost = entry_cost(&k, v.as_deref());
+                match self.overlay.get(k.as_slice()) {
+                    // A write after the delta wins.
+                    Some((l, _)) if *l > d.entry.lsn => {}
+                    _ => {
+                        let slot = (d.entry.lsn, v.map(Into::into));
+                        if let Some((_, old)) = self.overlay.insert(k.as_slice().into(), slot) {
+                            self.overlay_bytes -= entry_cost(&k, old.as_deref());
+                        }
+                        self.overlay_bytes += cost;
+                    }
+                }
+            }
+        }
+        Ok(Ok(()))
+    }
+}
+
+impl Replica {
+    pub(super) fn snapshot_error(&self, e: DecodeError) -> Error {
+        let key = self
+            .lazy
+            .as_ref()
+            .and_then(|l| l.base.as_ref())
+            .map(|b| b.entry.key.clone())
+            .unwrap_or_default();
+        Error::decode(e).with_object(key)
+    }
+
+    /// Reads `key` from the state at the applied LSN. In full mode the
+    /// answer is always ready. In lazy mode it may be [`Read::Pending`]: the
+    /// GETs it needs are queued, so drain [`poll`](Self::poll), feed the
+    /// responses, and ask again. A block that failed verification or could
+    /// not be fetched is reported once as an error naming the snapshot.
+    pub fn get_lazy(&mut self, key: &[u8]) -> Result<Read<Option<Vec<u8>>>, Error> {
+        let r = self.get_at_applied(key);
+        self.read_ran(&r);
+        r
+    }
+
+    /// Notes a read run's outcome: whether it waits for GETs (see
+    /// [`Lazy::read_due`]).
+    pub(super) fn read_ran<T>(&mut self, r: &Result<Read<T>, Error>) {
+        if let Some(lazy) = self.lazy.as_mut() {
+            lazy.read_due = false;
+            lazy.read_pending = matches!(r, Ok(Read::Pending));
+        }
+    }
+
+    pub(super) fn get_at_applied(&mut self, key: &[u8]) -> Result<Read<Option<Vec<u8>>>, Error> {
+        let Some(lazy) = self.lazy.as_mut() else {
+            return Ok(Read::Ready(self.state.get(key).map(<[u8]>::to_vec)));
+        };
+        // Deferred segments that may write the key after the overlay did
+        // are fetched first; the deltas' and snapshot's parts go out beside
+        // them, in case the filters were wrong.
+        let segments = lazy.want_deferred(key, false)?;
+        if let Some((_, v)) = lazy.overlay.get(key) {
+            if segments {
+                return Ok(Read::Pending);
+            }
+            return Ok(Read::Ready(v.as_deref().map(<[u8]>::to_vec)));
+        }
+        match lazy.delta_get(key)? {
+            Ok(Some(_)) if segments => return Ok(Read::Pending),
+            Ok(Some(change)) => return Ok(Read::Ready(change)),
+            Ok(None) => {}
+            Err(false) => return Ok(Read::Pending),
+            Err(true) => {
+                // The snapshot's part goes out beside the deltas' GETs.
+                if let Some(base) = lazy.base.as_mut() {
+                    if let Ok(Lookup::Need(n)) = base.snap.get(key) {
+                        if lazy.take_base_failure(&n).is_none() {
+                            lazy.want(n, key);
+                        }
+                    }
+                }
+                return Ok(Read::Pending);
+            }
+        }
+        let Some(base) = lazy.base.as_mut() else {
+            // No block-indexed base: the state loaded whole (or empty).
+            return Ok(Read::Ready(self.state.get(key).map(<[u8]>::to_vec)));
+        };
+        match base.snap.get(key) {
+            Ok(Lookup::Done(_)) if segments => Ok(Read::Pending),
+            Ok(Lookup::Done(v)) => Ok(Read::Ready(v)),
+            Ok(Lookup::Need(n)) => {
+                if let Some(e) = lazy.take_base_failure(&n) {
+                    return Err(e);
+                }
+                lazy.want(n, key);
+                Ok(Read::Pending)
+            }
+            Err(e) => Err(self.snapshot_error(e)),
+        }
+    }
+
+    /// Advances an ordered scan of the state at the applied LSN: ready with
+    /// the entries, or pending while the blocks it needs are fetched (as for
+    /// [`get_lazy`](Self::get_lazy)). Blocks already scanned are not needed
+    /// again, so a scan of any length completes within any cache size.
+    pub fn scan_lazy(&mut self, scan: &mut LazyScan) -> Result<Read<Entries>, Error> {
+        let r = self.scan_at_applied(scan);
+        self.read_ran(&r);
+        r
+    }
+
+    pub(super) fn scan_at_applied(&mut self, scan: &mut LazyScan) -> Result<Read<Entries>, Error> {
+        let in_range =
+            |k: &[u8], end: &Option<Vec<u8>>| end.as_ref().is_none_or(|e| k < e.as_slice());
+        let Some(lazy) = self.lazy.as_mut() else {
+            let out = self
+                .state
+                .range(std::ops::Bound::Included(&scan.start), upper(&scan.end))
+                .take(scan.limit)
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect();
+            return Ok(Read::Ready(out));
+        };
+        // Deferred segments and deltas are read whole into the overlay
+        // before a scan merges.
+        let segments = lazy.want_deferred(&scan.start, true)?;
+        if lazy.deltas_into_overlay()?.is_err() || segments {
+            return Ok(Read::Pending);
+        }
+        // The snapshot's part starts over when the base changed.
+        let base_key = lazy.base.as_ref().map(|b| b.entry.key.clone());
+        if scan.base_key != base_key || (scan.cursor.is_none() && base_key.is_some()) {
+            scan.base_key = base_key;
+            scan.collected.clear();
+            scan.cursor = lazy
+                .base
+                .as_ref()
+                .map(|_| ScanCursor::new(&scan.start, scan.end.as_deref(), 0));
+        }
+        if lazy.base.is_none() {
+            // The base is the state loaded whole (or empty): all present.
+            let hidden = lazy
+                .overlay
+                .range::<[u8], _>((
+                    std::ops::Bound::Included(scan.start.as_slice()),
+                    std::ops::Bound::Unbounded,
+                ))
+                .take_while(|(k, _)| in_range(k, &scan.end))
+                .count();
+            scan.collected = self
+                .state
+                .range(std::ops::Bound::Included(&scan.start), upper(&scan.end))
+                .take(scan.limit.saturating_add(hidden))
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect();
+        }
+        // Each turn returns, or collects more snapshot entries (the cursor
+        // moves forward or finishes), so the loop ends.
+        loop {
+            let snap_done = scan.cursor.as_ref().is_none_or(ScanCursor::is_done);
+            // Snapshot keys above the last one collected are not known yet:
+            // merge only up to it, unless the snapshot part is complete.
+            let frontier: Option<&[u8]> = if snap_done {
+                None
+            } else {
+                Some(scan.collected.last().map_or(&[][..], |(k, _)| k.as_slice()))
+            };
+            let below = |k: &[u8]| frontier.is_none_or(|f| k <= f);
+            let mut out = Vec::new();
+            let mut s = scan.collected.iter().peekable();
+            let mut o = lazy
+                .overlay
+                .range::<[u8], _>((
+                    std::ops::Bound::Included(scan.start.as_slice()),
+                    std::ops::Bound::Unbounded,
+                ))
+                .take_while(|(k, _)| in_range(k, &scan.end) && below(k))
+                .peekable();
+            while out.len() < scan.limit {
+                let from_overlay = match (s.peek(), o.peek()) {
+                    (None, None) => break,
+                    (None, Some(_)) => true,
+                    (Some(_), None) => false,
+                    (Some((sk, _)), Some((ok, _))) => &***ok <= sk.as_slice(),
+                };
+                if from_overlay {
+                    let (k, (_, v)) = o.next().expect("peeked");
+                    if s.peek().is_some_and(|(sk, _)| sk.as_slice() == &**k) {
+                        s.next(); // the overlay wins
+                    }
+                    if let Some(v) = v {
+                        out.push((k.to_vec(), v.to_vec()));
+                    }
+                } else {
+                    let (k, v) = s.next().expect("peeked");
+                    out.push((k.clone(), v.clone()));
+                }
+            }
+            if out.len() >= scan.limit || snap_done {
+                return Ok(Read::Ready(out));
+            }
+            // More snapshot entries are needed.
+            let (Some(cursor), Some(base)) = (scan.cursor.as_mut(), lazy.base.as_mut()) else {
+                return Ok(Read::Ready(out));
+            };
+            cursor.remaining = (scan.limit - out.len()).max(16);
+            match base.snap.scan_step(cursor, &mut scan.collected) {
+                Ok(Some(need)) => {
+                    if let Some(e) = lazy.take_base_failure(&need) {
+                        return Err(e);
+                    }
+                    // The block is the one holding the cursor's key now.
+                    let next = cursor.next.clone();
+                    lazy.want(need, &next);
+                    return Ok(Read::Pending);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let key = base.entry.key.clone();
+                    return Err(Error::decode(e).with_object(key));
+                }
+            }
+        }
+    }
+}
