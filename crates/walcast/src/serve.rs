@@ -5,7 +5,8 @@
 //!
 //! - `GET`/`HEAD` of the dataset's own objects only, by percent-decoded URL
 //!   path: `catalog/head.json`, `catalog/pages/<level>-<first>-<last>-<epoch>.json`,
-//!   `segments/<epoch>/<first>-<last>.wseg` and `snapshots/<lsn>-<epoch>.wsnap`,
+//!   `segments/<epoch>/<first>-<last>.wseg`, `snapshots/<lsn>-<epoch>.wsnap`
+//!   and `deltas/<base>-<lsn>-<epoch>.wdelta`,
 //!   spelt exactly as the publisher names them (see
 //!   [`walcast_core::catalog::segment_key`] and its siblings), at the root or
 //!   under a prefix of plain directory names (a root holding several
@@ -74,7 +75,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
-use walcast_core::catalog::{page_key, segment_key, snapshot_key, HEAD_KEY};
+use walcast_core::catalog::{delta_key, page_key, segment_key, snapshot_key, HEAD_KEY};
 use walcast_core::keys::PublicKey;
 
 use crate::longpoll::{self, HeadSignal, HeadWatch, DEFAULT_MAX_WAIT, MAX_WAIT_LIMIT};
@@ -185,6 +186,7 @@ enum Object {
     Page,
     Segment,
     Snapshot,
+    Delta,
 }
 
 impl Object {
@@ -249,6 +251,12 @@ impl Object {
         {
             let [lsn, epoch] = numbers(name)?;
             (Object::Snapshot, snapshot_key(lsn, epoch))
+        } else if let Some(name) = rel
+            .strip_prefix("deltas/")
+            .and_then(|r| r.strip_suffix(".wdelta"))
+        {
+            let [base, lsn, epoch] = numbers(name)?;
+            (Object::Delta, delta_key(base, lsn, epoch))
         } else {
             return None;
         };
@@ -258,14 +266,14 @@ impl Object {
     fn cache_control(self) -> &'static str {
         match self {
             Object::Head => NO_CACHE,
-            Object::Page | Object::Segment | Object::Snapshot => IMMUTABLE,
+            Object::Page | Object::Segment | Object::Snapshot | Object::Delta => IMMUTABLE,
         }
     }
 
     fn content_type(self) -> &'static str {
         match self {
             Object::Head | Object::Page => JSON,
-            Object::Segment | Object::Snapshot => OCTETS,
+            Object::Segment | Object::Snapshot | Object::Delta => OCTETS,
         }
     }
 }
@@ -1257,6 +1265,10 @@ mod tests {
                 Segment,
             ),
             ("snapshots/00000000000000000010-1.wsnap", Snapshot),
+            (
+                "deltas/00000000000000000010-00000000000000000020-1.wdelta",
+                Delta,
+            ),
         ];
         for (rel, kind) in ok {
             assert_eq!(Object::of(rel), Some(kind), "{rel}");
@@ -1273,6 +1285,7 @@ mod tests {
         assert_eq!(Object::of(&segment_key(7, 100, 200)), Some(Segment));
         assert_eq!(Object::of(&snapshot_key(100, 7)), Some(Snapshot));
         assert_eq!(Object::of(&page_key(2, 1, 99, 7)), Some(Page));
+        assert_eq!(Object::of(&delta_key(100, 200, 7)), Some(Delta));
         for rel in [
             "",
             "catalog",
@@ -1296,6 +1309,11 @@ mod tests {
             "snapshots/00000000000000000010.wsnap",
             "snapshots/00000000000000000010-1.wsnap.tmp",
             "snapshots/0000000000000000010-1.wsnap",
+            "deltas/00000000000000000010-1.wdelta",
+            "deltas/00000000000000000010-00000000000000000020.wdelta",
+            "deltas/00000000000000000010-0000000000000000020-1.wdelta",
+            "deltas/00000000000000000010-00000000000000000020-1.wdelta.tmp",
+            "deltas/00000000000000000010-00000000000000000020-1-2.wdelta",
             ".env",
             "../catalog/head.json",
             "a/catalog/head.json/b",

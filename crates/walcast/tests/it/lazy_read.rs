@@ -47,6 +47,11 @@ struct Dataset {
 }
 
 fn dataset(name: &str) -> Dataset {
+    dataset_with(name, &[])
+}
+
+/// [`dataset`], with `more` flags for the second publish (the tail).
+fn dataset_with(name: &str, more: &[&str]) -> Dataset {
     let mut rng = Rng::new(seed(name));
     let tmp = TempDir::new().unwrap();
     let wal = tmp.path().join("wal");
@@ -74,13 +79,8 @@ fn dataset(name: &str) -> Dataset {
         delete_pct: 30,
     };
     write_batches(&wal, &mut model, &gen_batches(&mut rng, 500, round2));
-    publish_once(
-        &wal,
-        &url,
-        &["--snapshot-every", "1500", "--segment-bytes", "1024"],
-        &Env::new(),
-    )
-    .ok();
+    let flags = ["--snapshot-every", "1500", "--segment-bytes", "1024"];
+    publish_once(&wal, &url, &[&flags[..], more].concat(), &Env::new()).ok();
     let h = head(&ds);
     assert_eq!(h["committed_lsn"], 2000, "{h}");
     assert_eq!(h["snapshot"]["lsn"], 1500, "a snapshot at 1500: {h}");
@@ -245,6 +245,33 @@ fn lazy_reads_equal_a_replica_over_file_and_http() {
         out.describe()
     );
     assert_eq!(out.stdout_str().lines().count(), 3);
+}
+
+/// A dataset whose tail is covered by delta snapshots: `walcast serve`
+/// serves them (with ranges), and lazy reads through them over HTTP equal
+/// the origin's state.
+#[test]
+fn lazy_reads_through_deltas_over_http() {
+    let d = dataset_with(
+        "lazy_reads_through_deltas_over_http",
+        &["--delta-every", "100"],
+    );
+    let h = head(&d.ds);
+    let deltas = h["deltas"].as_array().cloned().unwrap_or_default();
+    assert!(!deltas.is_empty(), "deltas over the snapshot: {h}");
+    let serve = Serve::start(&d.ds);
+    let key = deltas[0]["key"].as_str().unwrap();
+    let size = deltas[0]["size"].as_u64().unwrap();
+    let addr = serve.url.strip_prefix("http://").unwrap();
+    let (status, _, body) = crate::long_poll::get(addr, &format!("/{key}"), &[]);
+    assert_eq!((status, body.len() as u64), (200, size), "GET {key}");
+    let (status, _, body) =
+        crate::long_poll::get(addr, &format!("/{key}"), &[("Range", "bytes=-64")]);
+    assert_eq!((status, body.len()), (206, 64), "ranged GET {key}");
+    let local = d.tmp.path().join("replica");
+    replicate_once(&file_url(&d.ds), &local, &Env::new()).ok();
+    assert_state_eq(&scan(&local), &d.model.map, "the replica");
+    compare(&d, &serve.url, &local, &sample_keys(&d, 10));
 }
 
 #[test]

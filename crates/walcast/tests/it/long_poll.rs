@@ -21,7 +21,7 @@ use support::*;
 use tempfile::TempDir;
 
 /// One HTTP/1.1 GET with `headers`; (status, headers lowercased, body).
-fn get(
+pub(crate) fn get(
     addr: &str,
     target: &str,
     headers: &[(&str, &str)],
