@@ -1554,3 +1554,62 @@ fn filters_and_retired_entries_keep_the_head_within_its_limit() {
         );
     }
 }
+
+/// A server that ignores Range (a 200 with the whole object): a lazy read
+/// takes the whole object only when it fits the cache. For a larger one it
+/// asks for at most the range's bytes, and what a driver keeps of such an
+/// answer (`max_bytes + 1`) is a data error naming the snapshot, instead of
+/// the memory of the whole snapshot.
+#[test]
+fn a_server_ignoring_range_costs_a_large_snapshot_an_error_not_its_size() {
+    let (_, store, _, _) = loaded(cfg_filters());
+    let snap = store.head().snapshot.expect("a snapshot of the load");
+    // In the snapshot, and not written after it.
+    let key = b"key:001234";
+    for (cache, fits) in [(64 << 10, false), (8 << 20, true)] {
+        assert_eq!(snap.size <= cache, fits);
+        let cfg = ReplicaConfig {
+            lazy_cache_bytes: Some(cache),
+            long_poll_wait_ms: 0,
+            ..ReplicaConfig::default()
+        };
+        let mut r = Replica::new(cfg, 3);
+        r.sync_now(0);
+        settle(&mut r, &store);
+        let mut answer = None;
+        for _ in 0..10 {
+            match r.get_lazy(key) {
+                Ok(Read::Pending) => {}
+                done => {
+                    answer = Some(done);
+                    break;
+                }
+            }
+            for req in collect(&mut r) {
+                let whole = &store.objects[&req.key].0;
+                let size = whole.len() as u64;
+                let asked = match req.range.expect("a block read asks for a range") {
+                    ByteRange::Bounded { start, end } => end - start,
+                    ByteRange::Suffix(n) => n.min(size),
+                };
+                assert_eq!(req.max_bytes, if fits { size } else { asked }, "{req:?}");
+                let kept = whole.len().min(req.max_bytes as usize + 1);
+                let resp = GetResponse::Ok {
+                    body: whole[..kept].to_vec(),
+                    etag: None,
+                    range: None,
+                };
+                r.handle_response(req.id, 0, resp);
+            }
+        }
+        match answer {
+            Some(Ok(Read::Ready(v))) if fits => assert_eq!(v, Some(vec![1u8; 100])),
+            Some(Err(e)) if !fits => {
+                assert_eq!(e.kind(), walcast_core::ErrorKind::Data, "{e}");
+                assert_eq!(e.object(), Some(snap.key.as_str()), "{e}");
+                assert!(e.to_string().contains("ignores Range"), "{e}");
+            }
+            other => panic!("cache {cache}: {other:?}"),
+        }
+    }
+}

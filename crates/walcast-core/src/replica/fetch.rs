@@ -37,13 +37,17 @@ impl Replica {
         self.next_id += 1;
         let id = RequestId(self.next_id);
         // The most bytes this job can use: a server that ignores `Range`
-        // may answer with the whole object, whose size the catalog states.
+        // may answer with the whole object, whose size the catalog states
+        // (a lazy read takes it only when it fits the cache).
         let max_bytes = match &job {
             Job::Head => crate::catalog::MAX_HEAD_BYTES as u64,
             Job::Page(_) => crate::catalog::MAX_PAGE_BYTES as u64,
             Job::Segment(u) => u.entry.size,
             Job::Snapshot { .. } => self.bootstrap.as_ref().map_or(0, |b| b.entry.size),
-            Job::Block(j) => self.lazy.as_ref().map_or(0, |l| l.object_size(&j.snapshot)),
+            Job::Block(j) => self
+                .lazy
+                .as_ref()
+                .map_or(0, |l| l.max_bytes(&j.snapshot, range.as_ref())),
         };
         self.pending.insert(id.0, job);
         self.requests += 1;

@@ -144,8 +144,9 @@ impl Replica {
             Need::Suffix(n) => ByteRange::Suffix(n),
             Need::Range { start, end } => ByteRange::Bounded { start, end },
         };
-        // Its max_bytes is the snapshot's size (`fetch`): a server that
-        // ignores Range answers with the whole object.
+        // Its max_bytes is the object's size when it fits the cache
+        // (`Lazy::max_bytes`): a server that ignores Range answers with the
+        // whole object.
         let key = job.snapshot.clone();
         // A deferred segment is read whole, as catching up would.
         let range = (!lazy.is_deferred(&key)).then_some(range);
@@ -204,6 +205,11 @@ impl Replica {
                     None if body.len() as u64 == size => {
                         Ok(&body[want_start as usize..want_end as usize])
                     }
+                    None => Err(data_err(format!(
+                        "a whole-object answer for bytes {want_start}..{want_end}: \
+                         the server ignores Range, which a read of an object larger \
+                         than the cache needs"
+                    ))),
                     _ => Err(data_err(format!(
                         "answer for bytes {want_start}..{want_end} does not match the request"
                     ))),

@@ -251,6 +251,22 @@ impl Lazy {
         }
     }
 
+    /// The most bytes a GET of `range` of the object `key` may bring: the
+    /// whole object when no range is asked, or when it fits the cache (a
+    /// server that ignores Range then answers with all of it, which is
+    /// used); else only the range, so that a server ignoring Range costs a
+    /// read an error, not the memory of a whole large snapshot.
+    pub(super) fn max_bytes(&self, key: &str, range: Option<&ByteRange>) -> u64 {
+        let size = self.object_size(key);
+        match range {
+            Some(ByteRange::Bounded { start, end }) if size > self.cache_bytes => {
+                end.saturating_sub(*start)
+            }
+            Some(ByteRange::Suffix(n)) if size > self.cache_bytes => (*n).min(size),
+            _ => size,
+        }
+    }
+
     /// Forgets everything (a new dataset, or a base above the applied LSN).
     pub(super) fn clear(&mut self) {
         self.deferred.clear();
