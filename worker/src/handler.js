@@ -62,7 +62,11 @@ const DEFAULT_MAX_SCAN_LIMIT = 10000;
 // down with its I/O. The replica is then re-created from a snapshot of its
 // state, so the isolate keeps serving and syncing. A live sync always makes
 // progress sooner: requests time out after 30 s, retries wait at most 30 s.
-// Deno (no request-scoped I/O) passes Infinity.
+// The same holds for a lazy replica's open (its first sync) and for the open
+// of a replacement: one pending this long is abandoned and started again.
+// Requests never wait on a replacement longer than FIRST_SYNC_WAIT_MS: the
+// replica it replaces serves meanwhile. Deno (no request-scoped I/O) passes
+// Infinity.
 const STUCK_SYNC_MS = 90_000;
 // The first request waits at most this long for the initial sync, then
 // answers 503 (the sync goes on in the background).
@@ -395,6 +399,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       progressAt: null, // when the in-flight sync last made progress
       progressMark: null,
       replacing: null,
+      replacingSince: null,
       syncs: 0,
       restarts: 0,
       // Reads waiting for a min_lsn share one loop: no sync they start
@@ -408,6 +413,11 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       s.syncStartedAt = now();
     }
     s.promise = Replica.open(config.url, replicaOptions(config)).then((r) => {
+      // An open that ends after its slot was given up: nobody reads it.
+      if (slot !== s) {
+        r.close().catch(() => {});
+        return r;
+      }
       s.replica = r;
       watch(s, r);
       if (config.load === "lazy") opened(s);
@@ -501,8 +511,17 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       fresh = await Replica.restore(s.url, old.snapshot(), replicaOptions(s.config));
     } catch {
       fresh = await Replica.open(s.url, replicaOptions(s.config));
+      if (s.replica !== old) {
+        // Another replacement ended first.
+        fresh.close().catch(() => {});
+        return s.replica;
+      }
       if (s.config.load === "lazy") opened(s);
       else s.ready = false;
+    }
+    if (s.replica !== old) {
+      fresh.close().catch(() => {});
+      return s.replica;
     }
     s.replica = fresh;
     watch(s, fresh);
@@ -521,7 +540,15 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       slot = openSlot(config);
       if (old?.replica) defer(old.replica.close().catch(() => {}));
     }
-    const s = slot;
+    let s = slot;
+    if (s.config.load === "lazy" && !s.replica && now() - s.syncStartedAt > stuckSyncMs) {
+      // The lazy open made no answer for longer than a live one can take:
+      // its request's I/O is gone. Open anew.
+      log(`walcast worker: the lazy replica's open did not end in ${stuckSyncMs} ms; opening it again`);
+      const restarts = s.restarts + 1;
+      s = slot = openSlot(config);
+      s.restarts = restarts;
+    }
     if (s.config.load === "lazy" && !s.replica) {
       // The lazy replica's open is its first sync: wait as for one. Still
       // opening (or failed): no replica; the route answers 503.
@@ -530,18 +557,30 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       if (!s.replica) return s;
     }
     await s.promise;
-    if (s.sync && !s.replacing) {
+    // A replacement pending for as long as a stuck sync is stuck too.
+    if (s.sync && (!s.replacing || now() - s.replacingSince > stuckSyncMs)) {
       const mark = progressMark(s.replica);
       if (mark !== s.progressMark) {
         s.progressMark = mark;
         s.progressAt = now();
       } else if (now() - s.progressAt > stuckSyncMs) {
-        s.replacing = replaceStuck(s).finally(() => {
-          s.replacing = null;
-        });
+        const r = replaceStuck(s)
+          .catch((e) => {
+            s.lastSyncError = e;
+            s.progressAt = now(); // the next attempt after another stuckSyncMs
+            log(`walcast worker: re-creating the replica failed: ${e?.code ?? ""} ${e?.message ?? e}`);
+          })
+          .finally(() => {
+            if (s.replacing === r) s.replacing = null;
+          });
+        s.replacing = r;
+        s.replacingSince = now();
+        defer(r);
       }
     }
-    if (s.replacing) await s.replacing;
+    // The replica being replaced serves meanwhile (its state is one the
+    // origin had); a request waits for the new one only briefly.
+    if (s.replacing) await withDeadline(s.replacing, s.config.firstSyncWaitMs);
     if (!s.ready) {
       // The isolate's first request (or every request until a sync succeeds)
       // waits for the initial sync.

@@ -442,6 +442,90 @@ test("LOAD=lazy: an open that fails answers 503 with its code; /status answers 2
   assert.equal(opens, 3);
 });
 
+test("LOAD=lazy: an open whose answers never come is started again after stuckSyncMs", async () => {
+  const { FakeReplica, made } = fakeReplicaClass();
+  let opens = 0;
+  const Lazy = class extends FakeReplica {
+    static open(url) {
+      opens++;
+      // The first open's request context was torn down: it never settles.
+      if (opens === 1) return new Promise(() => {});
+      return Promise.resolve(new Lazy(url, new Map([[hex(enc.encode("k")), enc.encode("v")]]), 4));
+    }
+  };
+  let t = 1_000_000;
+  const handle = createHandler(Lazy, { now: () => t, log: () => {}, stuckSyncMs: 1000 });
+  const env = { DATASET_URL: "http://ds/x", LOAD: "lazy", FIRST_SYNC_WAIT_MS: "10" };
+  const call = (p) => handle(new Request(`http://w${p}`), env, () => {});
+  assert.equal((await call("/kv/k")).status, 503, "the open is still pending");
+  t += 500;
+  assert.equal((await call("/kv/k")).status, 503, "within stuckSyncMs: the same open");
+  assert.equal(opens, 1);
+  t += 600;
+  const res = await call("/kv/k");
+  assert.equal(opens, 2, "opened again");
+  assert.equal(res.status, 200);
+  assert.equal(await res.text(), "v");
+  const st = await (await call("/status")).json();
+  assert.equal(st.worker.restarts, 1);
+  assert.equal(made.length, 1);
+});
+
+test("LOAD=lazy: while a stuck replica's replacement opens, requests are served by the old one, not held", async () => {
+  const { FakeReplica, made } = fakeReplicaClass();
+  const opens = [];
+  const Lazy = class extends FakeReplica {
+    static open(url) {
+      return new Promise((resolve) => {
+        opens.push((lsn, v) => {
+          const r = new Lazy(url, new Map([[hex(enc.encode("k")), enc.encode(v)]]), lsn);
+          resolve(r);
+          return r;
+        });
+      });
+    }
+  };
+  let t = 1_000_000;
+  const handle = createHandler(Lazy, { now: () => t, log: () => {}, stuckSyncMs: 1000 });
+  const env = { DATASET_URL: "http://ds/x", LOAD: "lazy", MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "10" };
+  const deferred = [];
+  const call = (p) => handle(new Request(`http://w${p}`), env, (q) => deferred.push(q));
+  const first = call("/kv/k");
+  await flush();
+  const old = opens[0](3, "old");
+  assert.equal(await (await first).text(), "old");
+  t += 1;
+  assert.equal((await call("/kv/k")).status, 200); // starts a sync that never settles
+  assert.equal(old.syncCalls.length, 1);
+  t += 1_001;
+  const n = deferred.length;
+  assert.equal((await call("/kv/k")).status, 200); // still no progress: replaced
+  assert.equal(opens.length, 2, "the replacement opens");
+  assert.ok(deferred.length > n, "the replacement was handed to defer (waitUntil)");
+  // The replacement's open never answers: requests do not wait on it.
+  for (const p of ["/status", "/kv/k"]) {
+    const res = await call(p);
+    assert.equal(res.status, 200, p);
+    if (p === "/kv/k") assert.equal(await res.text(), "old");
+  }
+  // A replacement pending for longer than stuckSyncMs is started again.
+  t += 1_001;
+  await call("/kv/k");
+  assert.equal(opens.length, 3, "a second replacement");
+  opens[2](9, "new");
+  await flush();
+  await flush();
+  const res = await call("/kv/k");
+  assert.equal(await res.text(), "new");
+  assert.equal(res.headers.get("x-walcast-lsn"), "9");
+  // The first replacement ends late: the replica in use stays.
+  opens[1](8, "late");
+  await flush();
+  await flush();
+  assert.equal(await (await call("/kv/k")).text(), "new");
+  assert.ok(made[made.length - 1].closed, "the late replacement is closed");
+});
+
 test("min_lsn: a read waits until the LSN is applied; beyond it, 503 with Retry-After; every answer carries Walcast-Lsn", async () => {
   const { call, made } = setup();
   const first = call("/kv/a");
