@@ -36,6 +36,12 @@ step "walcast (native): WAL, serve and end-to-end tests with real processes (s3:
 cargo test -p walcast-client -p walcast -- --test-threads=1 2>&1 | grep -vE '^(running [0-9]+ tests?|)$'
 test "${PIPESTATUS[0]}" -eq 0
 
+# On its own: in the command above it would change the features of shared
+# dependencies and rebuild the walcast stack (about 5 minutes).
+step "walcast-wasm: unit tests of its native parts (scan bounds, response classes, persistence, open scans)"
+cargo test -p walcast-wasm 2>&1 | grep -vE '^(running [0-9]+ tests?|)$'
+test "${PIPESTATUS[0]}" -eq 0
+
 step "walcast-core builds for wasm32-unknown-unknown and imports nothing"
 bash scripts/check-wasm.sh
 

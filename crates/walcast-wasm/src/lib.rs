@@ -166,12 +166,33 @@ struct Callbacks {
 }
 
 /// Lazy scans in progress, by id (they live across calls while blocks are
-/// fetched).
+/// fetched), at most [`MAX_OPEN_SCANS`].
 #[derive(Default)]
 struct Scans {
     next: u32,
     open: Vec<(u32, LazyScan)>,
 }
+
+impl Scans {
+    /// Keeps `scan` under a new id, forgetting the oldest scan when
+    /// [`MAX_OPEN_SCANS`] are open.
+    fn open(&mut self, scan: LazyScan) -> u32 {
+        self.next = self.next.wrapping_add(1);
+        let id = self.next;
+        self.open.retain(|(i, _)| *i != id);
+        if self.open.len() >= MAX_OPEN_SCANS {
+            self.open.remove(0);
+        }
+        self.open.push((id, scan));
+        id
+    }
+}
+
+/// Most lazy scans open at once: opening one more forgets the oldest (a
+/// scan whose caller went away without closing it, as when a Worker's
+/// request is torn down while it waits), whose next step then fails with
+/// "no such scan".
+const MAX_OPEN_SCANS: usize = 64;
 
 // --- the replica ----------------------------------------------------------------------
 
@@ -794,14 +815,9 @@ impl WasmReplica {
         } else {
             limit as usize
         };
-        let mut scans = self.scans.borrow_mut();
-        scans.next = scans.next.wrapping_add(1);
-        let id = scans.next;
-        scans.open.retain(|(i, _)| *i != id);
-        scans
-            .open
-            .push((id, LazyScan::new(&lower, upper.as_deref(), limit)));
-        id
+        self.scans
+            .borrow_mut()
+            .open(LazyScan::new(&lower, upper.as_deref(), limit))
     }
 
     /// Advances scan `id`: an array of `[key, value]` pairs when done,
@@ -1019,6 +1035,18 @@ pub fn bench_state_memory(n: u32, value_len: u32, shuffled: bool) -> Array {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scans_left_open_are_bounded() {
+        let mut scans = Scans::default();
+        let ids: Vec<u32> = (0..MAX_OPEN_SCANS + 10)
+            .map(|_| scans.open(LazyScan::prefix(b"k", 10)))
+            .collect();
+        assert_eq!(scans.open.len(), MAX_OPEN_SCANS);
+        // The oldest went first; the newest are all there.
+        let kept: Vec<u32> = scans.open.iter().map(|(i, _)| *i).collect();
+        assert_eq!(kept, ids[10..]);
+    }
 
     #[test]
     fn scan_lower_is_the_larger_of_prefix_and_start() {
