@@ -1486,7 +1486,15 @@ export class Replica {
           id = w.scanOpen(b.prefix, b.start, b.end, b.limit);
           owner = h;
         }
-        return w.scanLazy(id);
+        try {
+          return w.scanLazy(id);
+        } catch (e) {
+          // Forgotten while more scans than the module keeps were open:
+          // start it again.
+          if (!String(e?.message).includes("no such scan")) throw e;
+          id = w.scanOpen(b.prefix, b.start, b.end, b.limit);
+          return w.scanLazy(id);
+        }
       });
       return entries(rows);
     } finally {

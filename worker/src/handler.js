@@ -413,12 +413,12 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       s.syncStartedAt = now();
     }
     s.promise = Replica.open(config.url, replicaOptions(config)).then((r) => {
-      // An open that ends after its slot was given up: nobody reads it.
-      if (slot !== s) {
+      s.replica = r;
+      // An open that ended after it was given up for stuck: nobody reads it.
+      if (s.abandoned) {
         r.close().catch(() => {});
         return r;
       }
-      s.replica = r;
       watch(s, r);
       if (config.load === "lazy") opened(s);
       return r;
@@ -511,15 +511,15 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       fresh = await Replica.restore(s.url, old.snapshot(), replicaOptions(s.config));
     } catch {
       fresh = await Replica.open(s.url, replicaOptions(s.config));
-      if (s.replica !== old) {
-        // Another replacement ended first.
+      if (s.replica !== old || slot !== s) {
+        // Another replacement ended first, or the slot was given up.
         fresh.close().catch(() => {});
         return s.replica;
       }
       if (s.config.load === "lazy") opened(s);
       else s.ready = false;
     }
-    if (s.replica !== old) {
+    if (s.replica !== old || slot !== s) {
       fresh.close().catch(() => {});
       return s.replica;
     }
@@ -546,6 +546,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       // its request's I/O is gone. Open anew.
       log(`walcast worker: the lazy replica's open did not end in ${stuckSyncMs} ms; opening it again`);
       const restarts = s.restarts + 1;
+      s.abandoned = true;
       s = slot = openSlot(config);
       s.restarts = restarts;
     }
@@ -579,8 +580,9 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       }
     }
     // The replica being replaced serves meanwhile (its state is one the
-    // origin had); a request waits for the new one only briefly.
-    if (s.replacing) await withDeadline(s.replacing, s.config.firstSyncWaitMs);
+    // origin had); a request waits for the new one only when there is
+    // nothing to serve yet, and then no longer than for a first sync.
+    if (s.replacing && !s.ready) await withDeadline(s.replacing, s.config.firstSyncWaitMs);
     if (!s.ready) {
       // The isolate's first request (or every request until a sync succeeds)
       // waits for the initial sync.

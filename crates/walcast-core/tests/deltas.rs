@@ -1269,6 +1269,81 @@ fn a_late_block_answer_after_a_jump_over_the_same_base_is_ignored() {
     panic!("the read did not answer");
 }
 
+/// A GET left out by a jump, sent again for the same block, then the first
+/// one abandoned (its reader went away): the second stays in flight and its
+/// answer is used, so the block is not fetched a third time.
+#[test]
+fn abandoning_a_get_left_by_a_jump_keeps_its_second_sending() {
+    let cfg = PublisherConfig {
+        delta_every: Some(3),
+        snapshot_suffix_bytes: 0,
+        ..cfg_filters()
+    };
+    let (mut p, mut store, mut lsn, mut now) = loaded(cfg);
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    let key = b"key:000123";
+    assert_eq!(r.get_lazy(key).unwrap(), Read::Pending);
+    let first = collect(&mut r);
+    assert!(
+        first
+            .iter()
+            .all(|g| matches!(g.range, Some(ByteRange::Suffix(_)))),
+        "{first:?}"
+    );
+    for i in 0..4 {
+        put(
+            &mut p,
+            &mut store,
+            &mut lsn,
+            &mut now,
+            format!("w{i}").as_bytes(),
+            b"x",
+        );
+    }
+    r.sync_now(0);
+    settle(&mut r, &store); // the jump
+    assert_eq!(r.applied_lsn(), lsn);
+    assert_eq!(r.get_lazy(key).unwrap(), Read::Pending);
+    let second = collect(&mut r);
+    for g in &first {
+        assert!(
+            second
+                .iter()
+                .any(|h| (&h.key, h.range) == (&g.key, g.range)),
+            "{g:?} sent again: {second:?}"
+        );
+    }
+    for g in &first {
+        r.abandon_read_fetch(g.id);
+    }
+    let mut c = Cold::default();
+    for g in second {
+        let resp = store.serve(&g, &mut c);
+        r.handle_response(g.id, 0, resp);
+    }
+    for _ in 0..10 {
+        match r.get_lazy(key).unwrap() {
+            Read::Ready(v) => {
+                assert_eq!(v, Some(vec![1u8; 100]));
+                return;
+            }
+            Read::Pending => {
+                for g in collect(&mut r) {
+                    assert!(
+                        !matches!(g.range, Some(ByteRange::Suffix(_))),
+                        "the suffix asked for a third time: {g:?}"
+                    );
+                    let resp = store.serve(&g, &mut c);
+                    r.handle_response(g.id, 0, resp);
+                }
+            }
+        }
+    }
+    panic!("the read did not answer");
+}
+
 /// A scan fetches the deferred segments whole, at most `max_inflight` at a
 /// time, and then answers with every key they write.
 #[test]

@@ -174,8 +174,8 @@ struct Scans {
 }
 
 impl Scans {
-    /// Keeps `scan` under a new id, forgetting the oldest scan when
-    /// [`MAX_OPEN_SCANS`] are open.
+    /// Keeps `scan` under a new id, forgetting the least recently stepped
+    /// scan (the first) when [`MAX_OPEN_SCANS`] are open.
     fn open(&mut self, scan: LazyScan) -> u32 {
         self.next = self.next.wrapping_add(1);
         let id = self.next;
@@ -186,12 +186,22 @@ impl Scans {
         self.open.push((id, scan));
         id
     }
+
+    /// Scan `id`, now the most recently stepped (the last forgotten: a
+    /// scan whose caller went away is the one that goes).
+    fn step(&mut self, id: u32) -> Option<&mut LazyScan> {
+        let at = self.open.iter().position(|(i, _)| *i == id)?;
+        let stepped = self.open.remove(at);
+        self.open.push(stepped);
+        self.open.last_mut().map(|(_, s)| s)
+    }
 }
 
-/// Most lazy scans open at once: opening one more forgets the oldest (a
-/// scan whose caller went away without closing it, as when a Worker's
-/// request is torn down while it waits), whose next step then fails with
-/// "no such scan".
+/// Most lazy scans open at once: opening one more forgets the one least
+/// recently stepped (a scan whose caller went away without closing it, as
+/// when a Worker's request is torn down while it waits); a step of a
+/// forgotten scan fails with "no such scan", and js/src/replica.js then
+/// opens it again.
 const MAX_OPEN_SCANS: usize = 64;
 
 // --- the replica ----------------------------------------------------------------------
@@ -826,7 +836,7 @@ impl WasmReplica {
     #[wasm_bindgen(js_name = scanLazy)]
     pub fn scan_lazy(&self, id: u32) -> Result<JsValue, JsValue> {
         let mut scans = self.scans.borrow_mut();
-        let Some((_, scan)) = scans.open.iter_mut().find(|(i, _)| *i == id) else {
+        let Some(scan) = scans.step(id) else {
             return Err(invalid("walcast: no such scan"));
         };
         let read = self.replica.borrow_mut().scan_lazy(scan);
@@ -1046,6 +1056,15 @@ mod tests {
         // The oldest went first; the newest are all there.
         let kept: Vec<u32> = scans.open.iter().map(|(i, _)| *i).collect();
         assert_eq!(kept, ids[10..]);
+        assert!(scans.step(ids[0]).is_none(), "forgotten");
+        // A scan stepped since is kept over one never stepped again.
+        assert!(scans.step(ids[10]).is_some());
+        scans.open(LazyScan::prefix(b"k", 10));
+        let kept: Vec<u32> = scans.open.iter().map(|(i, _)| *i).collect();
+        assert!(
+            kept.contains(&ids[10]) && !kept.contains(&ids[11]),
+            "{kept:?}"
+        );
     }
 
     #[test]

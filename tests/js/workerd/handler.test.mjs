@@ -471,7 +471,7 @@ test("LOAD=lazy: an open whose answers never come is started again after stuckSy
   assert.equal(made.length, 1);
 });
 
-test("LOAD=lazy: while a stuck replica's replacement opens, requests are served by the old one, not held", async () => {
+test("LOAD=lazy: while a stuck replica's replacement opens, requests are served by the old one, not held", { timeout: 20_000 }, async () => {
   const { FakeReplica, made } = fakeReplicaClass();
   const opens = [];
   const Lazy = class extends FakeReplica {
@@ -487,7 +487,8 @@ test("LOAD=lazy: while a stuck replica's replacement opens, requests are served 
   };
   let t = 1_000_000;
   const handle = createHandler(Lazy, { now: () => t, log: () => {}, stuckSyncMs: 1000 });
-  const env = { DATASET_URL: "http://ds/x", LOAD: "lazy", MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "10" };
+  // A request that waited on the replacement would wait the whole minute.
+  const env = { DATASET_URL: "http://ds/x", LOAD: "lazy", MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "60000" };
   const deferred = [];
   const call = (p) => handle(new Request(`http://w${p}`), env, (q) => deferred.push(q));
   const first = call("/kv/k");

@@ -25,7 +25,7 @@ impl Lazy {
         // The old base's blocks are no longer wanted; the deferred segments
         // the new base leaves are, and a GET of one in flight stays counted
         // (else the next read would ask for it a second time).
-        self.keep_jobs(None);
+        self.keep_jobs(false);
         let fresh = || match index_digest {
             Some(d) => LazySnapshot::with_index_digest(entry.size, self.cache_bytes, d),
             None => LazySnapshot::new(entry.size, self.cache_bytes),
@@ -63,15 +63,22 @@ impl Lazy {
     /// publisher consolidated or extended the chain, and may delete the
     /// deltas it replaced. Reads go through the new chain from now on; the
     /// overlay keeps only the writes after `end` (those before it are the
-    /// same in the base and the new chain). Answers for the old deltas are
-    /// ignored when they come.
+    /// same in the base and the new chain). A delta the new chain still
+    /// names keeps what was read of it, and its GETs in flight; answers for
+    /// the deltas it left are ignored when they come.
     pub(in crate::replica) fn replace_deltas(&mut self, deltas: &[DeltaEntry], end: u64) {
         let Some(b) = self.base.as_mut() else {
             return;
         };
-        b.deltas = deltas.iter().cloned().map(LazyDelta::new).collect();
+        let mut old = std::mem::take(&mut b.deltas);
+        b.deltas = deltas
+            .iter()
+            .map(|e| match old.iter().position(|d| d.entry == *e) {
+                Some(i) => old.swap_remove(i),
+                None => LazyDelta::new(e.clone()),
+            })
+            .collect();
         b.chain_end = end;
-        let base_key = b.entry.key.clone();
         self.deferred.retain(|u| u.entry.last_lsn > end);
         let mut dropped = 0;
         self.overlay.retain(|k, (l, v)| {
@@ -82,15 +89,17 @@ impl Lazy {
             keep
         });
         self.overlay_bytes -= dropped;
-        self.keep_jobs(Some(&base_key));
+        self.keep_jobs(true);
     }
 
-    /// Keeps the wanted and in-flight jobs of the deferred segments and of
-    /// `object` (the base, when it stays); forgets failures.
-    pub(super) fn keep_jobs(&mut self, object: Option<&str>) {
+    /// Keeps the wanted and in-flight jobs of the deferred segments and,
+    /// with `chain` (the base stays), of the base and its deltas; forgets
+    /// failures.
+    pub(super) fn keep_jobs(&mut self, chain: bool) {
         let deferred = &self.deferred;
+        let base = self.base.as_ref().filter(|_| chain);
         let keep = |j: &BlockJob| {
-            object == Some(j.snapshot.as_str())
+            base.is_some_and(|b| b.object_size(&j.snapshot) > 0)
                 || deferred.iter().any(|u| u.entry.key == j.snapshot)
         };
         self.wanted.retain(keep);

@@ -117,7 +117,14 @@ impl Replica {
         if let (Some(crate::replica::Job::Block(job)), Some(lazy)) =
             (self.pending.remove(id.0), self.lazy.as_mut())
         {
-            lazy.inflight.retain(|j| *j != job);
+            // A GET of the same block sent again (after a jump) stays out.
+            let again = self
+                .pending
+                .iter()
+                .any(|(_, j)| matches!(j, crate::replica::Job::Block(b) if *b == job));
+            if !again {
+                lazy.inflight.retain(|j| *j != job);
+            }
             lazy.read_due = false;
             lazy.read_pending = false;
         }

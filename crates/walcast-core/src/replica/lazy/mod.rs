@@ -306,3 +306,66 @@ pub(super) fn parse_digest(hex: &str) -> Option<[u8; 32]> {
     }
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{delta_key, snapshot_key};
+
+    fn delta(base: u64, lsn: u64) -> DeltaEntry {
+        DeltaEntry {
+            key: delta_key(base, lsn, 1),
+            base_lsn: base,
+            lsn,
+            epoch: 1,
+            size: 1_000,
+            crc32: 0,
+            entries: 10,
+            suffix_len: 200,
+        }
+    }
+
+    /// A longer chain over the same base keeps what was read of the deltas
+    /// it still names, and their GETs in flight (their answers are used,
+    /// not dropped as stale); the GETs of a delta it left are forgotten.
+    #[test]
+    fn a_longer_chain_keeps_the_deltas_it_still_names() {
+        let mut lazy = Lazy::new(1 << 20);
+        let base = SnapshotEntry {
+            key: snapshot_key(10, 1),
+            lsn: 10,
+            epoch: 1,
+            size: 5_000,
+            crc32: 0,
+            entries: 100,
+            version: 2,
+            suffix: None,
+        };
+        lazy.set_base(base, None);
+        let (d1, d2, d3) = (delta(10, 20), delta(20, 30), delta(30, 40));
+        lazy.set_deltas(&[d1.clone(), d2.clone()]);
+        lazy.base.as_mut().unwrap().deltas[0].cached = 7;
+        let job = |d: &DeltaEntry| BlockJob {
+            snapshot: d.key.clone(),
+            need: Need::Suffix(d.suffix_len),
+            key: b"k".to_vec(),
+        };
+        lazy.inflight.push(job(&d1));
+        lazy.wanted.push(job(&d2));
+        // The publisher merged d2 away: [d1, d3].
+        lazy.replace_deltas(&[d1.clone(), d3.clone()], 40);
+        let b = lazy.base.as_ref().unwrap();
+        let keys: Vec<&str> = b.deltas.iter().map(|d| d.entry.key.as_str()).collect();
+        assert_eq!(keys, [d1.key.as_str(), d3.key.as_str()]);
+        assert_eq!(b.deltas[0].cached, 7, "d1 kept what was read of it");
+        assert_eq!(b.deltas[1].cached, 0);
+        assert_eq!(lazy.inflight, [job(&d1)], "d1's GET stays in flight");
+        assert!(lazy.wanted.is_empty(), "d2's GET is forgotten");
+        // A new base forgets every job of the old chain.
+        let mut next = lazy.base.as_ref().unwrap().entry.clone();
+        next.key = snapshot_key(40, 1);
+        next.lsn = 40;
+        lazy.set_base(next, None);
+        assert!(lazy.inflight.is_empty());
+    }
+}
