@@ -505,23 +505,23 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     log(`walcast worker: a sync made no progress in ${stuckSyncMs} ms; re-creating the replica`);
     const old = s.replica;
     let fresh;
+    let reopened = false;
     try {
       // A lazy replica holds no whole state to carry over: it opens anew.
       if (s.config.load === "lazy") throw new Error("lazy");
       fresh = await Replica.restore(s.url, old.snapshot(), replicaOptions(s.config));
     } catch {
       fresh = await Replica.open(s.url, replicaOptions(s.config));
-      if (s.replica !== old || slot !== s) {
-        // Another replacement ended first, or the slot was given up.
-        fresh.close().catch(() => {});
-        return s.replica;
-      }
-      if (s.config.load === "lazy") opened(s);
-      else s.ready = false;
+      reopened = true;
     }
     if (s.replica !== old || slot !== s) {
+      // Another replacement ended first, or the slot was given up.
       fresh.close().catch(() => {});
       return s.replica;
+    }
+    if (reopened) {
+      if (s.config.load === "lazy") opened(s);
+      else s.ready = false;
     }
     s.replica = fresh;
     watch(s, fresh);

@@ -260,10 +260,7 @@ fn try_cold_read(
         if std::env::var_os("DELTA_TRACE").is_some() {
             eprintln!(" round {}", c.rounds);
         }
-        for req in reqs {
-            let resp = store.serve(&req, &mut c);
-            r.handle_response(req.id, 0, resp);
-        }
+        store.answer(&mut r, reqs, &mut c);
     }
     panic!("a cold read did not finish");
 }
@@ -1004,6 +1001,14 @@ impl Store {
     fn max_head(&self) -> usize {
         self.objects.get(HEAD_KEY).map_or(0, |(b, _)| b.len())
     }
+
+    /// Serves `reqs` and hands `r` their answers.
+    fn answer(&self, r: &mut Replica, reqs: impl IntoIterator<Item = GetRequest>, c: &mut Cold) {
+        for req in reqs {
+            let resp = self.serve(&req, c);
+            r.handle_response(req.id, 0, resp);
+        }
+    }
 }
 
 fn cfg_filters() -> PublisherConfig {
@@ -1086,6 +1091,23 @@ fn collect(r: &mut Replica) -> Vec<GetRequest> {
     }
 }
 
+/// The origin commits once more and `r` reads the new head: its segment is
+/// deferred (no read waits).
+fn next_head_defers(
+    p: &mut Publisher,
+    store: &mut Store,
+    lsn: &mut u64,
+    now: &mut u64,
+    r: &mut Replica,
+) {
+    let deferred = r.status(0).lazy.unwrap().deferred_segments;
+    put(p, store, lsn, now, b"cold", b"c");
+    r.sync_now(0);
+    settle(r, store);
+    assert_eq!(r.applied_lsn(), *lsn);
+    assert_eq!(r.status(0).lazy.unwrap().deferred_segments, deferred + 1);
+}
+
 /// A key written in every commit: a point read fetches the deferred
 /// segment that may hold it, and while that GET is out the heads that come
 /// in defer nothing (their segments come in as when catching up), so the
@@ -1121,10 +1143,7 @@ fn a_read_of_a_key_every_commit_writes_is_answered_while_writes_go_on() {
         r.sync_now(0);
         settle(&mut r, &store);
         // Then the segment answers arrive.
-        for req in held.drain(..) {
-            let resp = store.serve(&req, &mut c);
-            r.handle_response(req.id, 0, resp);
-        }
+        store.answer(&mut r, held.drain(..), &mut c);
     }
     panic!("a read of a key every commit writes stayed Pending for 20 commits");
 }
@@ -1145,10 +1164,8 @@ fn a_head_between_a_reads_answer_and_its_next_run_defers_nothing() {
     assert!(r.status(0).lazy.unwrap().deferred_segments >= 1);
     assert!(matches!(r.get_lazy(&hot).unwrap(), Read::Pending));
     let mut c = Cold::default();
-    for req in collect(&mut r) {
-        let resp = store.serve(&req, &mut c);
-        r.handle_response(req.id, 0, resp);
-    }
+    let asked = collect(&mut r);
+    store.answer(&mut r, asked, &mut c);
     let deferred = r.status(0).lazy.unwrap().deferred_segments;
     // The origin writes the key again and the new head lands first.
     put(&mut p, &mut store, &mut lsn, &mut now, &hot, b"v1");
@@ -1164,12 +1181,7 @@ fn a_head_between_a_reads_answer_and_its_next_run_defers_nothing() {
         Read::Pending => panic!("the read needs another round: the new head deferred its segment"),
     }
     // With no read waiting, the next head defers its segment again.
-    let deferred = r.status(0).lazy.unwrap().deferred_segments;
-    put(&mut p, &mut store, &mut lsn, &mut now, b"cold", b"c");
-    r.sync_now(0);
-    settle(&mut r, &store);
-    assert_eq!(r.applied_lsn(), lsn);
-    assert_eq!(r.status(0).lazy.unwrap().deferred_segments, deferred + 1);
+    next_head_defers(&mut p, &mut store, &mut lsn, &mut now, &mut r);
 }
 
 /// A read that ended (Ready) leaves other GETs out; their answers, after
@@ -1189,22 +1201,11 @@ fn answers_after_a_read_ended_do_not_stop_deferral() {
         .partition(|g| g.key.starts_with("segments/"));
     assert!(!segments.is_empty() && !others.is_empty(), "{others:?}");
     let mut c = Cold::default();
-    for req in segments {
-        let resp = store.serve(&req, &mut c);
-        r.handle_response(req.id, 0, resp);
-    }
+    store.answer(&mut r, segments, &mut c);
     // The segment alone answers the read: the snapshot's part is not needed.
     assert_eq!(r.get_lazy(&hot).unwrap(), Read::Ready(Some(b"v0".to_vec())));
-    for req in others {
-        let resp = store.serve(&req, &mut c);
-        r.handle_response(req.id, 0, resp);
-    }
-    let deferred = r.status(0).lazy.unwrap().deferred_segments;
-    put(&mut p, &mut store, &mut lsn, &mut now, b"cold", b"c");
-    r.sync_now(0);
-    settle(&mut r, &store);
-    assert_eq!(r.applied_lsn(), lsn);
-    assert_eq!(r.status(0).lazy.unwrap().deferred_segments, deferred + 1);
+    store.answer(&mut r, others, &mut c);
+    next_head_defers(&mut p, &mut store, &mut lsn, &mut now, &mut r);
 }
 
 /// A block GET still out when the replica jumps to a longer chain over the
@@ -1228,10 +1229,8 @@ fn a_late_block_answer_after_a_jump_over_the_same_base_is_ignored() {
     // The first round (the base's footer and index) is served; the next
     // one (its blocks) is held.
     assert_eq!(r.get_lazy(key).unwrap(), Read::Pending);
-    for req in collect(&mut r) {
-        let resp = store.serve(&req, &mut c);
-        r.handle_response(req.id, 0, resp);
-    }
+    let asked = collect(&mut r);
+    store.answer(&mut r, asked, &mut c);
     assert_eq!(r.get_lazy(key).unwrap(), Read::Pending);
     let held = collect(&mut r);
     assert!(held.iter().any(|g| g.key == base), "{held:?}");
@@ -1253,10 +1252,7 @@ fn a_late_block_answer_after_a_jump_over_the_same_base_is_ignored() {
     r.sync_now(0);
     settle(&mut r, &store);
     assert_eq!(r.applied_lsn(), lsn);
-    for req in held {
-        let resp = store.serve(&req, &mut c);
-        r.handle_response(req.id, 0, resp);
-    }
+    store.answer(&mut r, held, &mut c);
     for _ in 0..10 {
         match r.get_lazy(key).expect("no error from a late answer") {
             Read::Ready(v) => {
@@ -1319,10 +1315,7 @@ fn abandoning_a_get_left_by_a_jump_keeps_its_second_sending() {
         r.abandon_read_fetch(g.id);
     }
     let mut c = Cold::default();
-    for g in second {
-        let resp = store.serve(&g, &mut c);
-        r.handle_response(g.id, 0, resp);
-    }
+    store.answer(&mut r, second, &mut c);
     for _ in 0..10 {
         match r.get_lazy(key).unwrap() {
             Read::Ready(v) => {
@@ -1381,10 +1374,7 @@ fn a_scan_fetches_deferred_segments_max_inflight_at_a_time() {
             "{segs} whole-segment GETs at once (max_inflight 4)"
         );
         let mut c = Cold::default();
-        for req in reqs {
-            let resp = store.serve(&req, &mut c);
-            r.handle_response(req.id, 0, resp);
-        }
+        store.answer(&mut r, reqs, &mut c);
         rounds += 1;
         assert!(rounds < 100, "the scan did not finish");
     };
@@ -1468,10 +1458,8 @@ fn a_deferred_segment_whose_filter_lies_is_a_data_error() {
     assert_eq!(r.status(0).lazy.unwrap().deferred_segments, 2);
     assert_eq!(r.get_lazy(b"zz").unwrap(), Read::Pending);
     let mut c = Cold::default();
-    for req in collect(&mut r) {
-        let resp = store.serve(&req, &mut c);
-        r.handle_response(req.id, 0, resp);
-    }
+    let asked = collect(&mut r);
+    store.answer(&mut r, asked, &mut c);
     let err = r.get_lazy(b"zz").expect_err("the lie is found");
     assert_eq!(err.kind(), walcast_core::ErrorKind::Data, "{err}");
     assert_eq!(err.object(), Some(a_key.as_str()), "{err}");
@@ -1520,10 +1508,7 @@ fn a_deferred_segment_in_flight_survives_a_newer_snapshot() {
         "bb's segment asked for a second time: {again:?}"
     );
     let mut c = Cold::default();
-    for req in held {
-        let resp = store.serve(&req, &mut c);
-        r.handle_response(req.id, 0, resp);
-    }
+    store.answer(&mut r, held, &mut c);
     assert_eq!(r.get_lazy(b"bb").unwrap(), Read::Ready(Some(b"2".to_vec())));
 }
 

@@ -12,16 +12,7 @@ impl Lazy {
         index_digest: Option<[u8; 32]>,
     ) {
         let lsn = entry.lsn;
-        self.deferred.retain(|u| u.entry.last_lsn > lsn);
-        let mut dropped = 0;
-        self.overlay.retain(|k, (l, v)| {
-            let keep = *l > lsn;
-            if !keep {
-                dropped += entry_cost(k, v.as_deref());
-            }
-            keep
-        });
-        self.overlay_bytes -= dropped;
+        self.shed_through(lsn);
         // The old base's blocks are no longer wanted; the deferred segments
         // the new base leaves are, and a GET of one in flight stays counted
         // (else the next read would ask for it a second time).
@@ -79,17 +70,23 @@ impl Lazy {
             })
             .collect();
         b.chain_end = end;
-        self.deferred.retain(|u| u.entry.last_lsn > end);
+        self.shed_through(end);
+        self.keep_jobs(true);
+    }
+
+    /// Drops the deferred segments and overlay writes a base (or chain)
+    /// reaching `lsn` holds.
+    fn shed_through(&mut self, lsn: u64) {
+        self.deferred.retain(|u| u.entry.last_lsn > lsn);
         let mut dropped = 0;
         self.overlay.retain(|k, (l, v)| {
-            let keep = *l > end;
+            let keep = *l > lsn;
             if !keep {
                 dropped += entry_cost(k, v.as_deref());
             }
             keep
         });
         self.overlay_bytes -= dropped;
-        self.keep_jobs(true);
     }
 
     /// Keeps the wanted and in-flight jobs of the deferred segments and,
