@@ -139,10 +139,13 @@ wasm_module_build() {
           --target-dir "$dir" -Zbuild-std=std,panic_abort \
           -Zbuild-std-features=optimize_for_size -Zpanic-immediate-abort
       else
+        # Debian's cargo (1.85) predates -Zpanic-immediate-abort and the
+        # profile's `immediate-abort`: std's feature of that name does it.
         CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=wasm-ld RUSTC=/usr/bin/rustc \
+          CARGO_PROFILE_WASM_PANIC=abort \
           /usr/bin/cargo build --profile wasm -p walcast-wasm "${features[@]}" --target wasm32-unknown-unknown \
           --target-dir "$dir" -Zbuild-std=std,panic_abort \
-          -Zbuild-std-features=optimize_for_size -Zpanic-immediate-abort
+          -Zbuild-std-features=optimize_for_size,panic_immediate_abort
       fi
   ); then
     WALCAST_WASM_BUILD="std built for size, panics trap"
