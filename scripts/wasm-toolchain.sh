@@ -105,7 +105,9 @@ WALCAST_WASM_OPT_FLAGS=(-Oz --converge --low-memory-unused --enable-bulk-memory
 # Measured on 2026-12-02: 151,789 -> 141,405 bytes gzip -9 after wasm-opt.
 # -Zlocation-detail=none leaves the source paths of panic locations (of no
 # use in a trap) out of the module: 102,463 -> 101,742 bytes gzip -9 on
-# 2026-12-03.
+# 2026-12-03. With sha2's compact SHA-256 (walcast-wasm's wasm32 dependency) and
+# --cfg walcast_panic_trap on the Debian path: 100,514 B (rustup 1.95) and
+# 106,254 B (Debian 1.85) gzip -9 after wasm-opt, on 2026-12-03.
 # Where that build fails, the plain build (std as shipped, panic=abort) is
 # made and WALCAST_WASM_BUILD says so.
 #
@@ -140,9 +142,11 @@ wasm_module_build() {
           -Zbuild-std-features=optimize_for_size -Zpanic-immediate-abort
       else
         # Debian's cargo (1.85) predates -Zpanic-immediate-abort and the
-        # profile's `immediate-abort`: std's feature of that name does it.
+        # profile's `immediate-abort`: std's feature of that name does it,
+        # and --cfg walcast_panic_trap tells walcast-wasm that no panic hook
+        # can ever run (its `cfg(panic = "immediate-abort")` otherwise).
         CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER=wasm-ld RUSTC=/usr/bin/rustc \
-          CARGO_PROFILE_WASM_PANIC=abort \
+          CARGO_PROFILE_WASM_PANIC=abort RUSTFLAGS="$RUSTFLAGS --cfg walcast_panic_trap" \
           /usr/bin/cargo build --profile wasm -p walcast-wasm "${features[@]}" --target wasm32-unknown-unknown \
           --target-dir "$dir" -Zbuild-std=std,panic_abort \
           -Zbuild-std-features=optimize_for_size,panic_immediate_abort

@@ -50,7 +50,7 @@ use walcast_core::{snapshot, Error, ErrorKind};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 
-#[cfg(not(panic = "immediate-abort"))]
+#[cfg(not(any(panic = "immediate-abort", walcast_panic_trap)))]
 fn global() -> JsValue {
     js_sys::global().into()
 }
@@ -69,13 +69,16 @@ thread_local! {
 
 /// Reports panics on `console.error` and keeps the message for
 /// [`take_panic_message`]. A module built with panics as immediate traps
-/// never runs a hook, so it has none.
-#[cfg(panic = "immediate-abort")]
+/// never runs a hook, so it has none (`walcast_panic_trap`: the cfg
+/// scripts/wasm-toolchain.sh sets where the compiler predates the
+/// `immediate-abort` panic strategy and std's `panic_immediate_abort`
+/// feature does the same).
+#[cfg(any(panic = "immediate-abort", walcast_panic_trap))]
 fn install_panic_hook() {}
 
 /// Reports panics on `console.error` and keeps the message for
 /// [`take_panic_message`].
-#[cfg(not(panic = "immediate-abort"))]
+#[cfg(not(any(panic = "immediate-abort", walcast_panic_trap)))]
 fn install_panic_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
