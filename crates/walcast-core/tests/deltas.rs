@@ -758,11 +758,9 @@ fn a_key_in_every_delta_costs_two_data_blocks() {
     assert!(best >= 3, "chains of {best} deltas");
 }
 
-/// A store whose newest delta is damaged: a cold read through it fails with
-/// a data error naming the delta, never panics or hangs, and reads of keys
-/// the filters rule out still answer.
-#[test]
-fn a_damaged_delta_fails_the_read_naming_it() {
+/// A dataset of 180 single puts to 150 keys, a snapshot every 100 LSNs and
+/// a delta every 50: a snapshot with a chain over it.
+fn small_chain_store() -> Store {
     let cfg = PublisherConfig {
         snapshot_every: Some(100),
         delta_every: Some(50),
@@ -772,19 +770,98 @@ fn a_damaged_delta_fails_the_read_naming_it() {
         ..PublisherConfig::default()
     };
     let mut p = Publisher::new(cfg, 9);
-    let mut store2 = Store::default();
-    store2.drive(&mut p, 0);
+    let mut store = Store::default();
+    store.drive(&mut p, 0);
     for now in 1..=180u64 {
         let op = Op::put(
             format!("key:{:03}", now % 150).into_bytes(),
             vec![now as u8; 50],
         );
         p.push(now, &batch::encode(&[op]).unwrap(), now).unwrap();
-        store2.drive(&mut p, now);
+        store.drive(&mut p, now);
     }
     for t in 181..1_000 {
-        store2.drive(&mut p, t);
+        store.drive(&mut p, t);
     }
+    store
+}
+
+/// A delta whose file matches the catalog's crc32 but does not decode (a
+/// hostile server with a head to match, or a publisher's bug): a scan, which
+/// reads the chain whole, fails naming it, and no part of the chain is
+/// applied without the rest: a later read of a key the delta changed fails
+/// too instead of answering the older value beneath it.
+#[test]
+fn a_delta_that_fails_to_decode_leaves_no_part_of_the_chain_applied() {
+    let mut store = small_chain_store();
+    let mut h = store.head();
+    let d = h.deltas.last().expect("a delta over the snapshot").clone();
+    let bytes = store.objects[&d.key].0.clone();
+    let later: Vec<Vec<u8>> = (d.lsn + 1..=180)
+        .map(|l| format!("key:{:03}", l % 150).into_bytes())
+        .collect();
+    let (key, want) = decode_delta(&bytes)
+        .unwrap()
+        .changes
+        .into_iter()
+        .find(|(k, _)| !later.contains(k))
+        .expect("a key only the delta has");
+    assert_eq!(cold_read(&store, &key).0, want);
+    let size = bytes.len() as u64;
+    let footer = DeltaFooter::decode(&bytes[bytes.len() - 64..], size).unwrap();
+    let idx = DeltaIndex::decode_suffix(&bytes[footer.index.offset as usize..], size).unwrap();
+    let block = idx.block_for(&key).expect("the key's block");
+    let bad = &mut store.objects.get_mut(&d.key).unwrap().0;
+    bad[block.offset as usize + 20] ^= 0x10;
+    let crc = crc32fast::hash(bad);
+    h.deltas.last_mut().unwrap().crc32 = crc;
+    store.objects.get_mut(HEAD_KEY).unwrap().0 = h.encode();
+
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    let mut scan = LazyScan::prefix(b"key:", 1_000);
+    let mut err = None;
+    for _ in 0..100 {
+        match r.scan_lazy(&mut scan) {
+            Ok(Read::Ready(_)) => panic!("a scan through a damaged delta answered"),
+            Ok(Read::Pending) => {
+                let reqs = collect(&mut r);
+                store.answer(&mut r, reqs, &mut Cold::default());
+            }
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    let e = err.expect("the scan failed");
+    assert_eq!(e.kind(), walcast_core::ErrorKind::Data, "{e}");
+    assert_eq!(e.object(), Some(d.key.as_str()), "{e}");
+    for _ in 0..100 {
+        match r.get_lazy(&key) {
+            Ok(Read::Ready(v)) => {
+                panic!("a read through a damaged delta answered {v:?} (the delta has {want:?})")
+            }
+            Ok(Read::Pending) => {
+                let reqs = collect(&mut r);
+                store.answer(&mut r, reqs, &mut Cold::default());
+            }
+            Err(e) => {
+                assert_eq!(e.object(), Some(d.key.as_str()), "{e}");
+                return;
+            }
+        }
+    }
+    panic!("the read neither answered nor failed");
+}
+
+/// A store whose newest delta is damaged: a cold read through it fails with
+/// a data error naming the delta, never panics or hangs, and reads of keys
+/// the filters rule out still answer.
+#[test]
+fn a_damaged_delta_fails_the_read_naming_it() {
+    let store2 = small_chain_store();
     let h = store2.head();
     let d = h.deltas.last().expect("a delta over the snapshot").clone();
     // A key the newest delta holds and no later batch wrote.
@@ -1613,6 +1690,52 @@ fn filters_and_retired_entries_keep_the_head_within_its_limit() {
             store.max_head()
         );
     }
+}
+
+/// Deltas retire the deltas they absorb whatever `retired` holds: with
+/// nothing deleted (a grace period longer than the run) and a delta every
+/// two LSNs, the list stops at its bound of 2,048 keys, the oldest leaving
+/// it, instead of growing until the head is refused.
+#[test]
+fn retired_deltas_past_the_bound_leave_the_list_not_the_head_over_its_limit() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(100),
+        delta_every: Some(2),
+        grace_ms: 1 << 40,
+        head_check_ms: 0,
+        tail_bytes: 0,
+        max_commits_per_sec: 0,
+        ..PublisherConfig::default()
+    };
+    let (mut p, mut store) = started(cfg);
+    let (mut lsn, mut now) = (0u64, 1u64);
+    let (mut longest, mut first) = (0, None);
+    for i in 0..7_000u64 {
+        put(
+            &mut p,
+            &mut store,
+            &mut lsn,
+            &mut now,
+            format!("r{:03}", i % 500).as_bytes(),
+            b"x",
+        );
+        if i % 25 == 0 {
+            let h = store.head();
+            longest = longest.max(h.retired.len());
+            first = first.or(h.retired.iter().map(|r| r.since_ms).min());
+        }
+    }
+    longest = longest.max(store.head().retired.len());
+    assert!(
+        store.deleted.is_empty(),
+        "nothing is deleted in the grace period"
+    );
+    assert_eq!(longest, 2_048, "the list reached its bound and kept to it");
+    let h = store.head();
+    assert!(h.deltas.len() <= MAX_DELTAS);
+    // The oldest entries are the ones that left.
+    let (oldest, first) = (h.retired.iter().map(|r| r.since_ms).min(), first);
+    assert!(oldest > first, "oldest kept {oldest:?}, first {first:?}");
 }
 
 /// A server that ignores Range (a 200 with the whole object): a lazy read

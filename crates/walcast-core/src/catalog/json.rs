@@ -931,12 +931,34 @@ mod tests {
         let max = super::super::MAX_SNAPSHOT_SUFFIX;
         let ok = with(2, 1 << 20, max).unwrap();
         assert_eq!(ok.snapshot.unwrap().suffix.unwrap().len(), max);
-        for (version, size, len) in [(2, 1 << 20, max + 1), (2, 100, 101), (1, 1 << 20, 10)] {
+        for (version, size, len) in [(2, 1 << 20, max + 1), (2, 200, 201), (1, 1 << 20, 10)] {
             let err = json_error(with(version, size, len));
             assert!(
                 err.contains("snapshots/") && err.contains("suffix"),
                 "{err}"
             );
+        }
+    }
+
+    /// A snapshot smaller than its header and footer is refused, naming it:
+    /// a lazy reader of a version 2 snapshot of size 0 would otherwise ask
+    /// for an empty suffix, take the answer for one of a snapshot it left,
+    /// and ask again for ever.
+    #[test]
+    fn a_snapshot_smaller_than_its_header_and_footer_is_refused() {
+        let with = |version: u16, size: u64| {
+            let mut h = golden();
+            let s = h.snapshot.as_mut().unwrap();
+            s.version = version;
+            s.size = size;
+            Head::decode(&h.encode())
+        };
+        for (version, least) in [(1, 56), (2, 104), (4, 136)] {
+            assert!(with(version, least).is_ok(), "version {version}");
+            for size in [0, least - 1] {
+                let err = json_error(with(version, size));
+                assert!(err.contains("snapshots/") && err.contains("size"), "{err}");
+            }
         }
     }
 

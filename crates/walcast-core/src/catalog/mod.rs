@@ -608,6 +608,22 @@ impl Head {
         }
         if let Some(s) = &self.snapshot {
             check_key("snapshot", &s.key, &snapshot_key(s.lsn, s.epoch))?;
+            // A file shorter than its header and footer cannot be read, and a
+            // lazy reader must never ask for an empty suffix.
+            let least = crate::snapshot::HEADER_LEN
+                + match s.version {
+                    crate::snapshot::indexed::VERSION_VERIFIED => {
+                        crate::snapshot::indexed::FOOTER_LEN_V4
+                    }
+                    v if v >= 2 => crate::snapshot::indexed::FOOTER_LEN,
+                    _ => 0,
+                };
+            if s.size < least {
+                return Err(format!(
+                    "snapshot {} has a size of {} bytes, below the {least} of its header and footer",
+                    s.key, s.size
+                ));
+            }
             if let Some(suffix) = &s.suffix {
                 if suffix.len() > MAX_SNAPSHOT_SUFFIX
                     || suffix.len() as u64 > s.size

@@ -57,9 +57,24 @@ impl Publisher {
                     self.fence(Error::new(ErrorKind::InvalidInput, "the store returned no ETag for the head: conditional writes are impossible").with_object(HEAD_KEY));
                     return;
                 };
+                let (Some(epoch), Some(generation)) =
+                    (h.epoch.checked_add(1), h.generation.checked_add(1))
+                else {
+                    self.fence(
+                        Error::new(
+                            ErrorKind::Data,
+                            format!(
+                                "the head's epoch ({}) or generation ({}) is at its largest: no publisher can follow it",
+                                h.epoch, h.generation
+                            ),
+                        )
+                        .with_object(HEAD_KEY),
+                    );
+                    return;
+                };
                 let mut p = h.clone();
-                p.epoch = h.epoch + 1;
-                p.generation = h.generation + 1;
+                p.epoch = epoch;
+                p.generation = generation;
                 p.committed_at_ms = now;
                 p.writer = self.writer.clone();
                 (p, PutCondition::IfMatch(etag))

@@ -181,6 +181,15 @@ impl Publisher {
         }
         // Forget retirees already deleted.
         h.retired.retain(|r| !self.deleted.contains(&r.key));
+        // Snapshots and deltas retire what they replace however long the
+        // list is (deletions that keep failing, a long grace period): past
+        // `MAX_RETIRED` the oldest entries leave it, and stay in the store
+        // undeleted, so that the head keeps within its size bound.
+        let over = h
+            .retired
+            .len()
+            .saturating_sub(super::retention::MAX_RETIRED);
+        h.retired.drain(..over);
         // Retention.
         self.retire_expired(&mut h, now)?;
         // Key filters only for segments past the chain: a lazy replica

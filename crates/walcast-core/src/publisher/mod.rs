@@ -952,6 +952,38 @@ mod tests {
         }
     }
 
+    /// A head whose epoch is `u64::MAX` (a hostile or damaged store) fences
+    /// the publisher with a data error naming the head, instead of an
+    /// overflow (a panic, or a head of epoch 0 every reader refuses).
+    #[test]
+    fn a_head_at_the_largest_epoch_fences_the_claim() {
+        let mut h = Head::new(DatasetId::from_seed(5), u64::MAX);
+        h.committed_at_ms = 1;
+        let mut p = Publisher::new(PublisherConfig::default(), 1);
+        let Action::Get(g) = p.poll(0) else {
+            panic!("reads the head first")
+        };
+        let body = h.encode();
+        let resp = GetResponse::Ok {
+            body,
+            etag: Some("\"1\"".into()),
+            range: None,
+        };
+        p.handle_get(g.id, 0, resp);
+        let mut fenced = None;
+        for _ in 0..10 {
+            match p.poll(0) {
+                Action::Event(Event::Fenced(e)) => fenced = Some(e),
+                Action::Put(req) => panic!("claimed with a head of {} bytes", req.body.len()),
+                Action::Wait { .. } => break,
+                _ => {}
+            }
+        }
+        let e = fenced.expect("fenced");
+        assert_eq!(e.kind(), ErrorKind::Data, "{e}");
+        assert_eq!(e.object(), Some(crate::catalog::HEAD_KEY), "{e}");
+    }
+
     #[test]
     fn min_commit_interval_spaces_seals() {
         let (eager, lsn) = segments_for_steady_writes(unbudgeted(0));

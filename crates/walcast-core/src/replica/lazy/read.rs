@@ -100,20 +100,26 @@ impl Lazy {
         let Some(base) = self.base.as_mut() else {
             return Ok(Ok(()));
         };
-        let deltas = std::mem::take(&mut base.deltas);
-        for d in deltas {
+        // Every delta decodes before any enters the overlay: a chain applied
+        // in part would answer from a state the origin never had.
+        let mut decoded = Vec::with_capacity(base.deltas.len());
+        for d in &base.deltas {
             let Some(bytes) = d.blocks.get(u64::MAX) else {
                 continue;
             };
             let delta = crate::snapshot::delta::decode_delta(bytes)
                 .map_err(|e| Error::decode(e).with_object(d.entry.key.clone()))?;
+            decoded.push((d.entry.lsn, delta));
+        }
+        base.deltas.clear();
+        for (lsn, delta) in decoded {
             for (k, v) in delta.changes {
                 let cost = entry_cost(&k, v.as_deref());
                 match self.overlay.get(k.as_slice()) {
                     // A write after the delta wins.
-                    Some((l, _)) if *l > d.entry.lsn => {}
+                    Some((l, _)) if *l > lsn => {}
                     _ => {
-                        let slot = (d.entry.lsn, v.map(Into::into));
+                        let slot = (lsn, v.map(Into::into));
                         if let Some((_, old)) = self.overlay.insert(k.as_slice().into(), slot) {
                             self.overlay_bytes -= entry_cost(&k, old.as_deref());
                         }
