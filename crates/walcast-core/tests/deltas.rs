@@ -856,6 +856,127 @@ fn a_delta_that_fails_to_decode_leaves_no_part_of_the_chain_applied() {
     panic!("the read neither answered nor failed");
 }
 
+/// A head naming a newer snapshot that ends inside the chain in use (a
+/// hostile or broken head: an honest publisher writes a snapshot past the
+/// chain's end) does not replace the base: the writes in the chain's deltas
+/// past that snapshot would be lost to reads.
+#[test]
+fn a_snapshot_inside_the_chain_in_use_does_not_replace_the_base() {
+    let mut store = small_chain_store();
+    let h = store.head();
+    let snap = h.snapshot.clone().expect("a snapshot");
+    let d = h.deltas.last().expect("a chain").clone();
+    assert!(d.lsn > snap.lsn + 1);
+    let bytes = store.objects[&d.key].0.clone();
+    let later: Vec<Vec<u8>> = (d.lsn + 1..=180)
+        .map(|l| format!("key:{:03}", l % 150).into_bytes())
+        .collect();
+    let (key, want) = decode_delta(&bytes)
+        .unwrap()
+        .changes
+        .into_iter()
+        .find(|(k, _)| !later.contains(k))
+        .expect("a key only the delta has");
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    // The same head, naming a snapshot between the old one and the chain's
+    // end (its object does not exist) and no deltas.
+    let mut forged = h.clone();
+    let inside = d.lsn - 1;
+    let mut s2 = snap.clone();
+    s2.lsn = inside;
+    s2.key = walcast_core::catalog::snapshot_key(inside, s2.epoch);
+    s2.suffix = None;
+    forged.snapshot = Some(s2);
+    forged.deltas.clear();
+    forged.generation += 1;
+    store.etag += 1;
+    store
+        .objects
+        .insert(HEAD_KEY.into(), (forged.encode(), store.etag));
+    r.sync_now(0);
+    settle(&mut r, &store);
+    for _ in 0..100 {
+        match r.get_lazy(&key) {
+            Ok(Read::Ready(v)) => {
+                assert_eq!(v, want);
+                return;
+            }
+            Ok(Read::Pending) => {
+                let reqs = collect(&mut r);
+                store.answer(&mut r, reqs, &mut Cold::default());
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("the read did not finish");
+}
+
+/// The data blocks of the snapshot and of every delta together stay within
+/// `lazy_cache_bytes` (give or take one block), however many deltas the
+/// reads go through: the deltas share a quarter of the bound.
+#[test]
+fn the_deltas_blocks_share_the_cache_bound_with_the_snapshot() {
+    let (mut p, mut store, mut lsn, mut now) = loaded(PublisherConfig {
+        delta_bytes: Some(96 << 10),
+        ..cfg_filters()
+    });
+    let mut keys = Vec::new();
+    for batch_no in 0..40u64 {
+        let ops: Vec<Op> = (0..100u64)
+            .map(|i| {
+                let k = format!("new:{batch_no:03}:{i:03}").into_bytes();
+                keys.push(k.clone());
+                Op::put(k, vec![batch_no as u8; 100])
+            })
+            .collect();
+        lsn += 1;
+        now += 1;
+        p.push(lsn, &batch::encode(&ops).unwrap(), now).unwrap();
+        for _ in 0..20 {
+            now += 100;
+            store.drive(&mut p, now);
+        }
+    }
+    let h = store.head();
+    assert!(h.deltas.len() >= 2, "{} deltas", h.deltas.len());
+    let bound = 128u64 << 10;
+    let mut r = Replica::new(
+        ReplicaConfig {
+            lazy_cache_bytes: Some(bound),
+            long_poll_wait_ms: 0,
+            ..ReplicaConfig::default()
+        },
+        3,
+    );
+    r.sync_now(0);
+    settle(&mut r, &store);
+    let mut most = 0;
+    for (n, k) in keys.iter().enumerate().step_by(7) {
+        let mut done = false;
+        for _ in 0..50 {
+            match r.get_lazy(k).unwrap() {
+                Read::Ready(v) => {
+                    assert_eq!(v, Some(vec![(n / 100) as u8; 100]));
+                    done = true;
+                    break;
+                }
+                Read::Pending => {
+                    let reqs = collect(&mut r);
+                    store.answer(&mut r, reqs, &mut Cold::default());
+                }
+            }
+        }
+        assert!(done, "read {n} did not finish");
+        most = most.max(r.status(0).lazy.unwrap().cached_bytes);
+    }
+    assert!(
+        most <= bound + (17 << 10),
+        "{most} bytes of blocks held under a bound of {bound}"
+    );
+}
+
 /// A store whose newest delta is damaged: a cold read through it fails with
 /// a data error naming the delta, never panics or hangs, and reads of keys
 /// the filters rule out still answer.
@@ -1736,6 +1857,69 @@ fn retired_deltas_past_the_bound_leave_the_list_not_the_head_over_its_limit() {
     // The oldest entries are the ones that left.
     let (oldest, first) = (h.retired.iter().map(|r| r.since_ms).min(), first);
     assert!(oldest > first, "oldest kept {oldest:?}, first {first:?}");
+}
+
+/// A publisher taking over a dataset whose old pages are damaged: the
+/// retention that must read them waits (and reports the error), while every
+/// new record is still committed.
+#[test]
+fn an_unreadable_page_holds_back_retention_not_commits() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(50),
+        inline_segments: 2,
+        page_fanout: 2,
+        head_check_ms: 0,
+        max_commits_per_sec: 0,
+        tail_bytes: 0,
+        ..PublisherConfig::default()
+    };
+    let (mut p, mut store) = started(cfg.clone());
+    let (mut lsn, mut now) = (0u64, 1u64);
+    for i in 0..60u32 {
+        put(
+            &mut p,
+            &mut store,
+            &mut lsn,
+            &mut now,
+            format!("a{i}").as_bytes(),
+            b"x",
+        );
+    }
+    let h = store.head();
+    assert!(
+        h.snapshot.is_some() && !h.pages.is_empty(),
+        "a snapshot and pages"
+    );
+    let mut damaged = 0;
+    for (k, (b, _)) in store.objects.iter_mut() {
+        if object_kind(k) == Some("page") {
+            b[10] ^= 0x20;
+            damaged += 1;
+        }
+    }
+    assert!(damaged > 0);
+    let mut q = Publisher::new(
+        PublisherConfig {
+            snapshot_every: None,
+            retain_lsns: Some(5),
+            ..cfg
+        },
+        8,
+    );
+    store.drive(&mut q, now);
+    for i in 0..40u32 {
+        put(
+            &mut q,
+            &mut store,
+            &mut lsn,
+            &mut now,
+            format!("b{i}").as_bytes(),
+            b"y",
+        );
+    }
+    let h = store.head();
+    assert_eq!(h.committed_lsn, lsn, "every record committed");
+    assert!(!h.pages.is_empty(), "the damaged pages are still named");
 }
 
 /// A server that ignores Range (a 200 with the whole object): a lazy read

@@ -399,6 +399,9 @@ pub struct Publisher {
 
     commit: Option<Commit>,
     commit_retry_at: Option<u64>,
+    /// Retention waits until then after a page it needed could not be
+    /// read; commits go on without it meanwhile.
+    retention_retry_at: Option<u64>,
     page_cache: HashMap<String, Page>,
 
     deleting: HashSet<String>,
@@ -449,6 +452,7 @@ impl Publisher {
             bytes_since_delta: 0,
             commit: None,
             commit_retry_at: None,
+            retention_retry_at: None,
             page_cache: HashMap::new(),
             deleting: HashSet::new(),
             deleted: HashSet::new(),
@@ -533,6 +537,12 @@ impl Publisher {
                 ),
             )
             .with_lsn(lsn));
+        }
+        // Refused before anything moves: the caller may push `lsn` again.
+        if payload.len() as u64 > crate::segment::MAX_RECORD_LEN {
+            return Err(
+                Error::new(ErrorKind::InvalidInput, "record larger than 64 MiB").with_lsn(lsn),
+            );
         }
         if let Some(state) = &mut self.state {
             let ops = batch::decode(payload).map_err(|e| {
@@ -982,6 +992,56 @@ mod tests {
         let e = fenced.expect("fenced");
         assert_eq!(e.kind(), ErrorKind::Data, "{e}");
         assert_eq!(e.object(), Some(crate::catalog::HEAD_KEY), "{e}");
+    }
+
+    /// A record over the segment's bound is refused before the publisher
+    /// moves: the next LSN it expects is still that record's.
+    #[test]
+    fn a_record_too_large_leaves_the_publisher_where_it_was() {
+        let mut p = Publisher::new(PublisherConfig::default(), 1);
+        let Action::Get(g) = p.poll(0) else {
+            panic!("reads the head first")
+        };
+        p.handle_get(g.id, 0, GetResponse::NotFound);
+        let (mut etag, mut seals) = (0, Vec::new());
+        drive(&mut p, 0, &mut etag, &mut seals);
+        let small = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![1])]).unwrap();
+        p.push(1, &small, 1).unwrap();
+        let huge = vec![0u8; (crate::segment::MAX_RECORD_LEN + 1) as usize];
+        let e = p.push(2, &huge, 1).expect_err("too large");
+        assert_eq!(e.lsn(), Some(2), "{e}");
+        assert_eq!(p.next_lsn(), Some(2));
+        p.push(2, &small, 1).unwrap();
+        drive(&mut p, 300, &mut etag, &mut seals);
+        assert_eq!(p.committed_lsn(), 2);
+    }
+
+    /// Without retention no page is ever read back, so none is kept in
+    /// memory: a publisher running for days pages out without growing.
+    #[test]
+    fn pages_are_not_kept_without_retention() {
+        let cfg = PublisherConfig {
+            head_check_ms: 0,
+            max_commits_per_sec: 0,
+            inline_segments: 2,
+            page_fanout: 2,
+            ..PublisherConfig::default()
+        };
+        let mut p = Publisher::new(cfg, 1);
+        let Action::Get(g) = p.poll(0) else {
+            panic!("reads the head first")
+        };
+        p.handle_get(g.id, 0, GetResponse::NotFound);
+        let (mut etag, mut seals) = (0, Vec::new());
+        drive(&mut p, 0, &mut etag, &mut seals);
+        let small = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![1])]).unwrap();
+        for lsn in 1..=200u64 {
+            p.push(lsn, &small, lsn * 300).unwrap();
+            drive(&mut p, lsn * 300, &mut etag, &mut seals);
+        }
+        assert_eq!(p.committed_lsn(), 200);
+        assert!(!p.head.as_ref().unwrap().pages.is_empty(), "paged out");
+        assert_eq!(p.page_cache.len(), 0);
     }
 
     #[test]

@@ -130,7 +130,10 @@ impl Publisher {
             count: count as u32,
             crc32: crc32fast::hash(&bytes),
         };
-        self.page_cache.insert(key.clone(), page.clone());
+        // Only retention reads pages back.
+        if self.cfg.retain_lsns.is_some() {
+            self.page_cache.insert(key.clone(), page.clone());
+        }
         uploads.push((key, bytes));
         r
     }

@@ -27,11 +27,15 @@ impl Publisher {
     /// A page whose contents would not fit is unfolded: the page itself is
     /// retired and its references take its place, to be retired in later
     /// commits as deletions make room. Returns the pages that must be read
-    /// first, to retire or unfold them.
+    /// first, to retire or unfold them. After a page read failed, retention
+    /// waits out its backoff and commits go on without it.
     pub(super) fn retire_expired(&mut self, h: &mut Head, now: u64) -> Result<(), Vec<PageRef>> {
         let (Some(retain), Some(snap)) = (self.cfg.retain_lsns, &h.snapshot) else {
             return Ok(());
         };
+        if self.retention_retry_at.is_some_and(|t| t > now) {
+            return Ok(());
+        }
         let want = (h.committed_lsn + 1)
             .saturating_sub(retain)
             .max(h.earliest_lsn);
@@ -160,10 +164,13 @@ impl Publisher {
                 }
             }
             Err(e) => {
+                // Retention waits; the commit is built again at once without
+                // it, so an old page that cannot be read never holds back
+                // new data.
                 let d = self.backoff(&r.key, e);
                 self.commit = None;
                 self.page_reads.clear();
-                self.commit_retry_at = Some(now + d);
+                self.retention_retry_at = Some(now + d);
             }
         }
     }

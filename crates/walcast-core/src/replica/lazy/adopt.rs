@@ -18,8 +18,8 @@ impl Lazy {
         // (else the next read would ask for it a second time).
         self.keep_jobs(false);
         let fresh = || match index_digest {
-            Some(d) => LazySnapshot::with_index_digest(entry.size, self.cache_bytes, d),
-            None => LazySnapshot::new(entry.size, self.cache_bytes),
+            Some(d) => LazySnapshot::with_index_digest(entry.size, self.snapshot_cache_bytes(), d),
+            None => LazySnapshot::new(entry.size, self.snapshot_cache_bytes()),
         };
         let mut snap = fresh();
         if let Some(suffix) = &entry.suffix {
@@ -169,10 +169,14 @@ impl Replica {
             false
         } else {
             // A base may replace a full state only if the overlay holds
-            // every write after it.
+            // every write after it, and the base in use only if it covers
+            // that base's chain (the overlay holds the writes after the
+            // chain's end, not those in its deltas).
             let state_covered = self.state.is_empty() || s.lsn >= lazy.state_lsn;
+            let chain_covered = lazy.base.as_ref().is_none_or(|b| s.lsn >= b.chain_end);
             if newer_than_base
                 && state_covered
+                && chain_covered
                 && lazy.base.as_ref().is_none_or(|b| b.entry.key != s.key)
             {
                 lazy.set_base(s.clone(), index_digest);

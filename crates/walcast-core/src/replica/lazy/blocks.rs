@@ -19,14 +19,16 @@ impl Lazy {
     /// Feeds a delta's bytes: its suffix (index and filter), a data block,
     /// or (for scans) the whole object.
     pub(super) fn feed_delta(&mut self, job: &BlockJob, bytes: &[u8]) -> Result<bool, DecodeError> {
-        let cache_bytes = self.cache_bytes;
-        let Some(d) = self
-            .base
-            .as_mut()
-            .and_then(|b| b.deltas.iter_mut().find(|d| d.entry.key == job.snapshot))
-        else {
+        let budget = self.delta_cache_bytes();
+        let Some(base) = self.base.as_mut() else {
             return Ok(false);
         };
+        let Some(i) = base.deltas.iter().position(|d| d.entry.key == job.snapshot) else {
+            return Ok(false);
+        };
+        let held: u64 = base.deltas.iter().map(|d| d.cached).sum();
+        let deltas = &mut base.deltas;
+        let d = &mut deltas[i];
         let size = d.entry.size;
         match job.need {
             Need::Suffix(_) => {
@@ -53,10 +55,16 @@ impl Lazy {
                     }
                     _ => return Ok(true),
                 }
-                if d.cached + bytes.len() as u64 > cache_bytes {
-                    d.blocks.retain(|k, _| k == u64::MAX);
-                    d.cached = 0;
+                // The deltas' data blocks share a quarter of the cache: past
+                // it, every delta's blocks go (the snapshot's LRU keeps the
+                // rest of the bound).
+                if held + bytes.len() as u64 > budget {
+                    for x in deltas.iter_mut() {
+                        x.blocks.retain(|k, _| k == u64::MAX);
+                        x.cached = 0;
+                    }
                 }
+                let d = &mut deltas[i];
                 d.cached += bytes.len() as u64;
                 d.blocks.insert(start, bytes.to_vec());
             }

@@ -278,9 +278,22 @@ impl Lazy {
         self.failed.clear();
     }
 
+    /// The share of `cache_bytes` the deltas' data blocks hold at most,
+    /// together: a quarter.
+    pub(super) fn delta_cache_bytes(&self) -> u64 {
+        self.cache_bytes / 4
+    }
+
+    /// The share of `cache_bytes` the snapshot's data blocks hold at most.
+    pub(super) fn snapshot_cache_bytes(&self) -> u64 {
+        self.cache_bytes - self.delta_cache_bytes()
+    }
+
     pub(super) fn status(&self) -> LazyStatus {
         LazyStatus {
-            cached_bytes: self.base.as_ref().map_or(0, |b| b.snap.cached_bytes()),
+            cached_bytes: self.base.as_ref().map_or(0, |b| {
+                b.snap.cached_bytes() + b.deltas.iter().map(|d| d.cached).sum::<u64>()
+            }),
             blocks_fetched: self.blocks_fetched,
             overlay_bytes: self.overlay_bytes,
             overlay_entries: self.overlay.len() as u64,
