@@ -77,7 +77,9 @@ impl Publisher {
             }
             let Some((&level, _)) = counts
                 .iter()
-                .filter(|(_, c)| **c > fan)
+                // Pages above the format's deepest level would be refused:
+                // references at that level stay in the head instead.
+                .filter(|(l, c)| **c > fan && **l < catalog::MAX_PAGE_LEVEL)
                 .min_by_key(|(l, _)| **l)
             else {
                 break;
