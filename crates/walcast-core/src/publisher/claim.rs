@@ -57,9 +57,11 @@ impl Publisher {
                     self.fence(Error::new(ErrorKind::InvalidInput, "the store returned no ETag for the head: conditional writes are impossible").with_object(HEAD_KEY));
                     return;
                 };
-                let (Some(epoch), Some(generation)) =
-                    (h.epoch.checked_add(1), h.generation.checked_add(1))
-                else {
+                // Half the range: commits go on adding one to the generation.
+                let (Some(epoch), Some(generation)) = (
+                    h.epoch.checked_add(1),
+                    h.generation.checked_add(1).filter(|g| *g < u64::MAX / 2),
+                ) else {
                     self.fence(
                         Error::new(
                             ErrorKind::Data,

@@ -189,7 +189,20 @@ impl Publisher {
             .retired
             .len()
             .saturating_sub(super::retention::MAX_RETIRED);
-        h.retired.drain(..over);
+        if over > 0 {
+            let oldest = h.retired[0].key.clone();
+            h.retired.drain(..over);
+            self.events.push_back(Event::Error(
+                Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "{over} retired objects left the retired list undeleted (deletions \
+                         are not keeping up with the grace period); the oldest stays in the store"
+                    ),
+                )
+                .with_object(oldest),
+            ));
+        }
         // Retention.
         self.retire_expired(&mut h, now)?;
         // Key filters only for segments past the chain: a lazy replica

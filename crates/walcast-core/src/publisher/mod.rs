@@ -962,12 +962,20 @@ mod tests {
         }
     }
 
-    /// A head whose epoch is `u64::MAX` (a hostile or damaged store) fences
-    /// the publisher with a data error naming the head, instead of an
-    /// overflow (a panic, or a head of epoch 0 every reader refuses).
+    /// A head whose epoch is `u64::MAX`, or whose generation is past half
+    /// its range (a hostile or damaged store), fences the publisher with a
+    /// data error naming the head, instead of an overflow (a panic, or a
+    /// head of epoch 0 every reader refuses).
     #[test]
     fn a_head_at_the_largest_epoch_fences_the_claim() {
-        let mut h = Head::new(DatasetId::from_seed(5), u64::MAX);
+        for (epoch, generation) in [(u64::MAX, 1), (3, u64::MAX / 2 - 1), (3, u64::MAX)] {
+            fences_the_claim(epoch, generation);
+        }
+    }
+
+    fn fences_the_claim(epoch: u64, generation: u64) {
+        let mut h = Head::new(DatasetId::from_seed(5), epoch);
+        h.generation = generation;
         h.committed_at_ms = 1;
         let mut p = Publisher::new(PublisherConfig::default(), 1);
         let Action::Get(g) = p.poll(0) else {

@@ -55,18 +55,20 @@ impl Lazy {
                     }
                     _ => return Ok(true),
                 }
-                // The deltas' data blocks share a quarter of the cache: past
-                // it, every delta's blocks go (the snapshot's LRU keeps the
-                // rest of the bound).
+                // The deltas' data blocks share a quarter of the cache (the
+                // snapshot's LRU keeps the rest of the bound): past it, each
+                // delta keeps only the block it got last, so that a read
+                // needing one block of each, or two reads one block each of
+                // the same delta, never evict what the other waits for.
                 if held + bytes.len() as u64 > budget {
-                    for x in deltas.iter_mut() {
-                        x.blocks.retain(|k, _| k == u64::MAX);
-                        x.cached = 0;
-                    }
+                    deltas.iter_mut().for_each(LazyDelta::shed_to_last);
                 }
                 let d = &mut deltas[i];
+                if let Some(old) = d.blocks.insert(start, bytes.to_vec()) {
+                    d.cached -= old.len() as u64;
+                }
                 d.cached += bytes.len() as u64;
-                d.blocks.insert(start, bytes.to_vec());
+                d.last_block = Some(start);
             }
         }
         Ok(true)

@@ -125,7 +125,12 @@ pub(super) struct LazyDelta {
     /// Data blocks by offset, verified when used (`u64::MAX`: the whole
     /// file, when the chain is loaded whole).
     pub(super) blocks: VecMap<Vec<u8>>,
+    /// Bytes of the data blocks in `blocks` (the whole file not counted).
     pub(super) cached: u64,
+    /// Offset of the data block put in last: kept when the deltas' share
+    /// of the cache overflows, so that a read that needs a block of each
+    /// delta finds them all however small the share.
+    pub(super) last_block: Option<u64>,
 }
 
 impl LazyDelta {
@@ -135,7 +140,22 @@ impl LazyDelta {
             index: None,
             blocks: VecMap::default(),
             cached: 0,
+            last_block: None,
         }
+    }
+
+    /// Drops every data block but the last one put in.
+    pub(super) fn shed_to_last(&mut self) {
+        let last = self.last_block;
+        let mut kept = 0;
+        self.blocks.retain(|k, b| {
+            let keep = k == u64::MAX || Some(k) == last;
+            if keep && k != u64::MAX {
+                kept += b.len() as u64;
+            }
+            keep
+        });
+        self.cached = kept;
     }
 
     fn suffix_need(&self) -> Need {
@@ -278,8 +298,8 @@ impl Lazy {
         self.failed.clear();
     }
 
-    /// The share of `cache_bytes` the deltas' data blocks hold at most,
-    /// together: a quarter.
+    /// The share of `cache_bytes` the deltas' data blocks hold together: a
+    /// quarter, or each delta's last block if they take more.
     pub(super) fn delta_cache_bytes(&self) -> u64 {
         self.cache_bytes / 4
     }
