@@ -210,12 +210,14 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
         let mut outstanding = Outstanding {
             replica,
             ids: Vec::new(),
+            now: timer.now_ms(),
         };
         if until == Until::CaughtUp {
             replica.borrow_mut().sync_now(timer.now_ms());
         }
         loop {
             let now = timer.now_ms();
+            outstanding.now = now;
             let action = replica.borrow_mut().poll(now);
             match action {
                 Action::Fetch(req) => {
@@ -293,12 +295,14 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
         let mut outstanding = Outstanding {
             replica: &self.replica,
             ids: Vec::new(),
+            now: self.timer.now_ms(),
         };
         loop {
             if let Read::Ready(v) = attempt(&mut self.replica.borrow_mut())? {
                 return Ok(v);
             }
             let now = self.timer.now_ms();
+            outstanding.now = now;
             while let Some(req) = self.replica.borrow_mut().poll_read_fetch() {
                 outstanding.ids.push(req.id);
                 inflight.push(Box::pin(bounded_get(&self.fetch, &self.timer, now, req)));
@@ -322,13 +326,18 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
 
 /// The GETs a lazy read (or a run) performed and has not answered. A read
 /// may end with some still out (it had what it needed, or its caller
-/// dropped it), and a run returns with some out: the machine would wait for
-/// the answers of block GETs for ever and never ask for those blocks again,
-/// so they are abandoned when the read or run ends (other GETs have
-/// deadlines of their own and are left alone).
+/// dropped it), and a run returns with some out (caught up, stopped, an
+/// error, or dropped by its caller): the machine would wait for their
+/// answers for ever (the deadline is the dropped future's) and never send
+/// them again. So when the read or run ends, a lazy read's block GETs are
+/// abandoned (the next read asks again), and any other GET (the head, a
+/// segment, a page, a snapshot) is answered as failed, as if it had timed
+/// out at `now`: the machine retries it after its backoff.
 struct Outstanding<'a> {
     replica: &'a RefCell<Replica>,
     ids: Vec<RequestId>,
+    /// The driver's clock when last seen.
+    now: u64,
 }
 
 impl Drop for Outstanding<'_> {
@@ -336,6 +345,15 @@ impl Drop for Outstanding<'_> {
         if let Ok(mut r) = self.replica.try_borrow_mut() {
             for id in self.ids.drain(..) {
                 r.abandon_read_fetch(id);
+                // Ignored for a block abandoned above.
+                r.handle_response(
+                    id,
+                    self.now,
+                    GetResponse::Failed {
+                        status: None,
+                        message: "given up: the run or read that sent it ended".into(),
+                    },
+                );
             }
         }
     }
@@ -703,6 +721,61 @@ mod tests {
         assert!(
             driver.fetch().0 .1.get() > asked,
             "the block was asked for again"
+        );
+    }
+
+    /// A run stopped while its head GET is out (a `stop` future, or a
+    /// timeout around the run): the machine does not wait for that answer
+    /// for ever, and the next run reads the head again and catches up.
+    #[test]
+    fn a_run_stopped_with_its_head_get_out_does_not_wedge_the_next() {
+        let driver = lazy_driver(Gate(
+            Mem(lazy_objects(), Cell::new(0)),
+            Cell::new(true),
+            "catalog/head.json",
+        ));
+        let mut driver = driver;
+        driver.fetch().1.set(false);
+        let clock = driver.timer.0.clone();
+        // Ready on its second poll: before the head GET's deadline.
+        let mut polls = 0;
+        let stop = future::poll_fn(move |_| {
+            polls += 1;
+            if polls >= 2 {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        let asked = driver.fetch().0 .1.get();
+        let lsn = block_on(driver.run(Until::CaughtUp, stop, |_, _| Ok::<(), ()>(())));
+        assert_eq!(lsn.unwrap(), 2, "stopped");
+        assert_eq!(
+            driver.fetch().0 .1.get(),
+            asked + 1,
+            "the head GET went out"
+        );
+        assert!(clock.get() < 30_000, "stopped before the GET's deadline");
+        driver.fetch().1.set(true);
+        let asked = driver.fetch().0 .1.get();
+        let hour = clock.get() + 3_600_000;
+        let c = clock.clone();
+        let stop = future::poll_fn(move |_| {
+            if c.get() >= hour {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        let lsn = block_on(driver.run(Until::CaughtUp, stop, |_, _| Ok::<(), ()>(())));
+        assert_eq!(lsn.unwrap(), 2);
+        assert!(
+            clock.get() < hour,
+            "the second run waited for the first run's head GET"
+        );
+        assert!(
+            driver.fetch().0 .1.get() > asked,
+            "the second run read the head again"
         );
     }
 

@@ -724,7 +724,12 @@ impl Persist {
                 self.ld.checkpoint(r.state(), *lsn, *dataset_id)?;
                 self.has_log = true;
             }
-            Event::DatasetChanged { .. } => self.ld.discard(),
+            // The state starts over: the next apply checkpoints it, rather
+            // than appending the new history to the old checkpoint's log.
+            Event::DatasetChanged { .. } => {
+                self.ld.discard();
+                self.has_log = false;
+            }
             _ => {}
         }
         Ok(())

@@ -175,3 +175,70 @@ fn get_and_scan_work_on_a_read_only_copy() {
     assert_eq!(out.status.code(), Some(1));
     assert!(!missing.exists());
 }
+
+/// A replica directory that followed a dataset which was then started over
+/// at the same URL (a new dataset id, history from LSN 1 again, no
+/// snapshot): after the next `replicate`, the directory holds the new
+/// dataset, not the old checkpoint with the new records appended to its log
+/// (which a restart or `get --local` would read as the old dataset).
+#[test]
+fn a_dataset_started_over_replaces_the_local_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let local = replica_with_log(tmp.path());
+    let data = tmp.path().join("data");
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&data).unwrap();
+    let wal = tmp.path().join("wal2");
+    let url = url::Url::from_directory_path(&data).unwrap().to_string();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let w = Writer::open(&wal).unwrap();
+    for i in 0..5u32 {
+        w.commit(&[Op::put(format!("other:{i:03}"), format!("o{i}"))])
+            .unwrap();
+    }
+    rt.block_on(async {
+        let opts = PublishOptions {
+            once: true,
+            ..PublishOptions::default()
+        };
+        publish(
+            wal.clone(),
+            Store::open(&url).unwrap(),
+            opts,
+            std::future::pending(),
+            |_| {},
+        )
+        .await
+        .unwrap();
+        let opts = ReplicateOptions {
+            sink: None,
+            interval: Duration::from_millis(50),
+            once: true,
+            concurrency: 2,
+            progress: false,
+            trust: Vec::new(),
+        };
+        replicate(&url, &local, &opts, std::future::pending())
+            .await
+            .unwrap();
+    });
+    let p = local.to_str().unwrap();
+    let out = walcast(&["get", "--local", p, "other:003"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "o3");
+    let out = walcast(&["get", "--local", p, "user:015"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the old dataset's key is gone: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
