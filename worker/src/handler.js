@@ -750,6 +750,10 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       } else {
         key = percentBytes(path.slice("/kv/".length));
       }
+      // The LSN the answer is read at, or below it: taken before a lazy
+      // read (which may fetch blocks while a sync applies more), so that an
+      // answer is never labelled with an LSN newer than its data.
+      const lsn = replica.status().appliedLsn;
       let value;
       try {
         // A promise in lazy mode (it may fetch snapshot blocks).
@@ -757,8 +761,6 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       } catch (e) {
         return readFailed(e, cors);
       }
-      // The LSN the answer was read at.
-      const lsn = replica.status().appliedLsn;
       if (value === undefined) return json(404, { error: { code: "not_found", message: "no such key" } }, lsn, cors);
       return new Response(request.method === "HEAD" ? null : value, {
         status: 200,
@@ -767,13 +769,14 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
           ...cors,
           "content-type": "application/octet-stream",
           "content-length": String(value.byteLength),
+          "walcast-lsn": String(lsn),
           "x-walcast-lsn": String(lsn),
         },
       });
     }
 
     // scan
-    let lsn = replica.status().appliedLsn;
+    const lsn = replica.status().appliedLsn;
     let limit = s.config.scanLimit;
     if (q.has("limit")) {
       const raw = text(q.get("limit"));
@@ -792,7 +795,6 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     } catch (e) {
       return readFailed(e, cors);
     }
-    lsn = replica.status().appliedLsn;
     const out = rows.map(({ key, value }) => {
       const row = {};
       if (typeof key === "string") row.key = key;

@@ -362,6 +362,7 @@ test("LOAD=lazy: the replica's open is the first sync; reads are awaited; failed
     get(key) {
       const v = super.get(key);
       if (this.failWith) return Promise.reject(this.failWith);
+      if (this.getHook) return this.getHook().then(() => v);
       return Promise.resolve(v);
     }
     scan(opts) {
@@ -395,6 +396,20 @@ test("LOAD=lazy: the replica's open is the first sync; reads are awaited; failed
   assert.equal(st.worker.syncs, 1, "the open counts as the first sync");
   const rows = await (await call("/scan?prefix=a")).json();
   assert.deepEqual(rows, [{ key: "a", value: "1" }]);
+  // A read outrun by a sync that applied more meanwhile: the answer is
+  // labelled with an LSN it was read at or after, never a later one.
+  let release;
+  r.getHook = () => new Promise((res) => (release = res));
+  const slow = call("/kv/a");
+  await flush();
+  r.lsn = 12;
+  release();
+  const late = await slow;
+  assert.equal(late.status, 200);
+  assert.equal(late.headers.get("x-walcast-lsn"), "9");
+  assert.equal(late.headers.get("walcast-lsn"), "9", "both headers say the same");
+  r.getHook = null;
+  r.lsn = 9;
   for (const [code, status] of [["data", 502], ["not_found", 502], ["unavailable", 503]]) {
     r.failWith = Object.assign(new Error(`block of snapshots/1-1.wsnap at http://secret: ${code}`), { code, object: "snapshots/00000000000000000001-1.wsnap" });
     for (const p of ["/kv/a", "/scan"]) {
