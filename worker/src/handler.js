@@ -24,7 +24,8 @@
 // ignored, so a private bucket needs no public access), MAX_AGE_MS,
 // FIRST_SYNC_WAIT_MS (how long a request waits for the initial sync before it
 // answers 503, default 30000), SCAN_LIMIT (default rows of /scan, 1000),
-// MAX_SCAN_LIMIT (10000), MIN_LSN_WAIT_MS (how long a read with `?min_lsn=N`
+// MAX_SCAN_LIMIT (10000), MAX_CONCURRENT_SCANS (lazy scans at once, 32, at
+// most 64: more answer 503 `busy` with Retry-After), MIN_LSN_WAIT_MS (how long a read with `?min_lsn=N`
 // or `Walcast-Min-Lsn: N` waits for LSN N to be applied before it answers 503
 // with Retry-After, default 5000; every answer carries `Walcast-Lsn`, the
 // LSN it was answered at, so a client can chain reads across isolates),
@@ -57,6 +58,10 @@ import { R2_ORIGIN, isR2Bucket, r2Fetch } from "./r2.js";
 const DEFAULT_MAX_AGE_MS = 1000;
 const DEFAULT_SCAN_LIMIT = 1000;
 const DEFAULT_MAX_SCAN_LIMIT = 10000;
+// Lazy scans in progress at once (MAX_CONCURRENT_SCANS), at most what the
+// wasm module keeps open (`MAX_OPEN_SCANS`).
+const DEFAULT_MAX_CONCURRENT_SCANS = 32;
+const MODULE_OPEN_SCANS = 64;
 // On Workers, a background sync that has made no progress (no new request, no
 // byte received) for this long is taken for lost: its request context was torn
 // down with its I/O. The replica is then re-created from a snapshot of its
@@ -143,6 +148,7 @@ function readConfig(env) {
     maxAgeMs: intVar(env, "MAX_AGE_MS", DEFAULT_MAX_AGE_MS),
     scanLimit: intVar(env, "SCAN_LIMIT", DEFAULT_SCAN_LIMIT),
     maxScanLimit: intVar(env, "MAX_SCAN_LIMIT", DEFAULT_MAX_SCAN_LIMIT, 1),
+    maxConcurrentScans: Math.min(intVar(env, "MAX_CONCURRENT_SCANS", DEFAULT_MAX_CONCURRENT_SCANS, 1), MODULE_OPEN_SCANS),
     firstSyncWaitMs: intVar(env, "FIRST_SYNC_WAIT_MS", DEFAULT_FIRST_SYNC_WAIT_MS),
     minLsnWaitMs: intVar(env, "MIN_LSN_WAIT_MS", DEFAULT_MIN_LSN_WAIT_MS),
   };
@@ -405,6 +411,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       // Reads waiting for a min_lsn share one loop: no sync they start
       // begins before this time (ms; the last one's end plus a pause).
       minLsnNextAt: 0,
+      scans: 0, // lazy scans in progress
     };
     if (config.load === "lazy") {
       // A lazy replica's open is its first sync (the head and the tail after
@@ -789,11 +796,23 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     if (opts.start !== undefined && opts.end !== undefined && compareBytes(opts.start, opts.end) > 0) {
       return json(400, badRequest("start must not sort after end (start is inclusive, end exclusive)"), lsn, cors);
     }
+    // Lazy scans at once are capped below what the module keeps open (64):
+    // past that, each step would evict the scan stepped next, and every scan
+    // would start over for ever, fetching blocks.
+    const lazyScan = s.config.load === "lazy" && limit > 0;
+    if (lazyScan && s.scans >= s.config.maxConcurrentScans) {
+      const res = json(503, { error: { code: "busy", message: "too many scans at once; retry" } }, lsn, cors);
+      res.headers.set("retry-after", "1");
+      return res;
+    }
     let rows;
+    if (lazyScan) s.scans++;
     try {
       rows = limit === 0 ? [] : await kept(replica.scan(opts), defer);
     } catch (e) {
       return readFailed(e, cors);
+    } finally {
+      if (lazyScan) s.scans--;
     }
     const out = rows.map(({ key, value }) => {
       const row = {};

@@ -367,6 +367,7 @@ test("LOAD=lazy: the replica's open is the first sync; reads are awaited; failed
     }
     scan(opts) {
       if (this.failWith) return Promise.reject(this.failWith);
+      if (this.scanHook) return this.scanHook().then(() => super.scan(opts));
       return Promise.resolve(super.scan(opts));
     }
     status() {
@@ -410,6 +411,25 @@ test("LOAD=lazy: the replica's open is the first sync; reads are awaited; failed
   assert.equal(late.headers.get("walcast-lsn"), "9", "both headers say the same");
   r.getHook = null;
   r.lsn = 9;
+  // At most 32 lazy scans at once (the module keeps 64 open): the next one
+  // answers 503 busy with Retry-After, and a slot freed is taken again.
+  const releases = [];
+  r.scanHook = () => new Promise((res) => releases.push(res));
+  const held = Array.from({ length: 32 }, () => call("/scan?prefix=a"));
+  await flush();
+  assert.equal(releases.length, 32);
+  const busy = await call("/scan?prefix=a");
+  assert.equal(busy.status, 503);
+  assert.equal((await busy.json()).error.code, "busy");
+  assert.equal(busy.headers.get("retry-after"), "1");
+  releases.shift()();
+  assert.equal((await held[0]).status, 200);
+  const again = call("/scan?prefix=a");
+  await flush();
+  assert.equal(releases.length, 32, "the freed slot was taken");
+  r.scanHook = null;
+  for (const f of releases) f();
+  for (const p of [...held.slice(1), again]) assert.equal((await p).status, 200);
   for (const [code, status] of [["data", 502], ["not_found", 502], ["unavailable", 503]]) {
     r.failWith = Object.assign(new Error(`block of snapshots/1-1.wsnap at http://secret: ${code}`), { code, object: "snapshots/00000000000000000001-1.wsnap" });
     for (const p of ["/kv/a", "/scan"]) {
