@@ -91,8 +91,9 @@ pub struct ReplicaConfig {
     /// [`Event::Record`] (before its [`Event::Applied`]), e.g. to append it
     /// to a local log so a restart does not refetch it.
     pub emit_records: bool,
-    /// Lazy mode, with at most this many bytes of data blocks cached (the
-    /// delta snapshots' share a quarter of it, the snapshot's the rest): the
+    /// Lazy mode, with at most this many bytes of data blocks cached (while
+    /// the snapshot has deltas, theirs share a quarter, the snapshot's the
+    /// rest): the
     /// replica adopts the newest snapshot without downloading it, replays
     /// only what follows it, and reads through
     /// [`Replica::get_lazy`] / [`Replica::scan_lazy`]. `None`: full mode.

@@ -577,6 +577,30 @@ impl LazySnapshot {
         self.cached
     }
 
+    /// Bounds the data blocks held to `cache_bytes` from now on, dropping
+    /// the least recently used at once if they hold more (the newest one is
+    /// always kept).
+    pub fn set_cache_bytes(&mut self, cache_bytes: u64) {
+        self.cache_bytes = cache_bytes;
+        self.evict();
+    }
+
+    fn evict(&mut self) {
+        while self.cached > self.cache_bytes && self.blocks.len() > 1 {
+            let Some(off) = self
+                .blocks
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(off, _)| off)
+            else {
+                break;
+            };
+            if let Some((b, _)) = self.blocks.remove(off) {
+                self.cached -= cache_charge(&b);
+            }
+        }
+    }
+
     /// Feeds the answer to [`Need::Suffix`]: the last `bytes.len()` bytes of
     /// the file. Verifies the footer, and the top index when it came along.
     pub fn feed_suffix(&mut self, bytes: &[u8]) -> Result<(), DecodeError> {
@@ -637,19 +661,7 @@ impl LazySnapshot {
             if let Some((old, _)) = self.blocks.insert(handle.offset, (block, self.tick)) {
                 self.cached -= cache_charge(&old);
             }
-            while self.cached > self.cache_bytes && self.blocks.len() > 1 {
-                let Some(off) = self
-                    .blocks
-                    .iter()
-                    .min_by_key(|(_, (_, used))| *used)
-                    .map(|(off, _)| off)
-                else {
-                    break;
-                };
-                if let Some((b, _)) = self.blocks.remove(off) {
-                    self.cached -= cache_charge(&b);
-                }
-            }
+            self.evict();
         } else {
             self.index.insert(handle.offset, block);
         }

@@ -47,6 +47,7 @@ impl Lazy {
                 b.chain_end = last.lsn;
             }
         }
+        self.fit_cache();
     }
 
     /// The head names another delta chain over the same base, reaching `end`
@@ -72,6 +73,7 @@ impl Lazy {
         b.chain_end = end;
         self.shed_through(end);
         self.keep_jobs(true);
+        self.fit_cache();
     }
 
     /// Drops the deferred segments and overlay writes a base (or chain)

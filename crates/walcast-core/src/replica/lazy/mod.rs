@@ -304,9 +304,22 @@ impl Lazy {
         self.cache_bytes / 4
     }
 
-    /// The share of `cache_bytes` the snapshot's data blocks hold at most.
+    /// The share of `cache_bytes` the snapshot's data blocks hold at most:
+    /// all of it while the base has no deltas, else what the deltas' share
+    /// leaves.
     pub(super) fn snapshot_cache_bytes(&self) -> u64 {
-        self.cache_bytes - self.delta_cache_bytes()
+        match &self.base {
+            Some(b) if !b.deltas.is_empty() => self.cache_bytes - self.delta_cache_bytes(),
+            _ => self.cache_bytes,
+        }
+    }
+
+    /// Sets the snapshot's share after the base's deltas changed.
+    pub(super) fn fit_cache(&mut self) {
+        let n = self.snapshot_cache_bytes();
+        if let Some(b) = self.base.as_mut() {
+            b.snap.set_cache_bytes(n);
+        }
     }
 
     pub(super) fn status(&self) -> LazyStatus {
@@ -356,6 +369,31 @@ mod tests {
             entries: 10,
             suffix_len: 200,
         }
+    }
+
+    /// The snapshot's blocks have the whole cache while the base has no
+    /// deltas, three quarters while it has some, and all of it again once
+    /// the chain is gone.
+    #[test]
+    fn the_snapshot_shares_the_cache_only_with_deltas() {
+        let mut lazy = Lazy::new(1 << 20);
+        let base = SnapshotEntry {
+            key: snapshot_key(10, 1),
+            lsn: 10,
+            epoch: 1,
+            size: 5_000,
+            crc32: 0,
+            entries: 100,
+            version: 2,
+            suffix: None,
+        };
+        lazy.set_base(base, None);
+        assert_eq!(lazy.snapshot_cache_bytes(), 1 << 20);
+        lazy.set_deltas(&[delta(10, 20)]);
+        assert_eq!(lazy.snapshot_cache_bytes(), 3 << 18);
+        assert_eq!(lazy.delta_cache_bytes(), 1 << 18);
+        lazy.replace_deltas(&[], 20);
+        assert_eq!(lazy.snapshot_cache_bytes(), 1 << 20);
     }
 
     /// A longer chain over the same base keeps what was read of the deltas

@@ -112,6 +112,7 @@ impl Lazy {
             decoded.push((d.entry.lsn, delta));
         }
         base.deltas.clear();
+        self.fit_cache();
         for (lsn, delta) in decoded {
             for (k, v) in delta.changes {
                 let cost = entry_cost(&k, v.as_deref());
