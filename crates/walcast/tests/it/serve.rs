@@ -968,6 +968,55 @@ async fn connections_over_the_cap_wait_for_a_free_slot() {
     s.stop().await;
 }
 
+/// Long-polls are held on at most three quarters of the connection slots:
+/// past that one is answered at once (304 without Preference-Applied, so the
+/// replica polls), and long-polling clients never take every slot from the
+/// GETs of segments and snapshots.
+#[tokio::test]
+async fn long_polls_hold_at_most_three_quarters_of_the_connections() {
+    let s = start_with(ServeOptions {
+        max_connections: 4,
+        ..ServeOptions::default()
+    })
+    .await;
+    let etag = etag_of(br#"{"epoch":1,"last":10}"#);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(s.addr).await.unwrap();
+        let req = format!(
+            "GET /{HEAD}?wait=30 HTTP/1.1\r\nHost: x\r\nIf-None-Match: {etag}\r\nConnection: close\r\n\r\n"
+        );
+        c.write_all(req.as_bytes()).await.unwrap();
+        held.push(c);
+    }
+    // The three are held: none has answered yet.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut buf = [0u8; 1];
+    for c in &mut held {
+        let r = tokio::time::timeout(Duration::from_millis(50), c.read(&mut buf)).await;
+        assert!(
+            r.is_err(),
+            "a long-poll within the cap was answered at once"
+        );
+    }
+    let resp = s
+        .get(
+            &format!("{HEAD}?wait=30"),
+            &[("If-None-Match", etag.as_str())],
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::NOT_MODIFIED);
+    assert!(
+        resp.headers().get("preference-applied").is_none(),
+        "a fourth long-poll was held"
+    );
+    let resp = s.get(SEGMENT, &[]).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), segment().as_slice());
+    drop(held);
+    s.stop().await;
+}
+
 /// The mode of a file this process creates without asking for one (0666
 /// less the umask) and its owner.
 fn fresh_file(dir: &Path) -> (u32, u32) {

@@ -1,0 +1,368 @@
+//! The objects served: which paths name a dataset object, the files behind
+//! them with their ETags, and byte ranges.
+
+use super::*;
+
+/// The dataset's object kinds, the only things served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Object {
+    Head,
+    Page,
+    Segment,
+    Snapshot,
+    Delta,
+}
+
+impl Object {
+    /// The kind of the object at `rel`: `[<prefix>/]<key>`, where `<key>` is
+    /// one the publisher writes (see [`Object::key`]) and the optional
+    /// prefix, for a directory holding several datasets, is made of plain
+    /// names (ASCII letters, digits, `-`, `_`, `.`, not starting with `.`).
+    pub(super) fn of(rel: &str) -> Option<Object> {
+        let parts: Vec<&str> = rel.split('/').collect();
+        // Keys have two (`catalog/head.json`, `snapshots/…`) or three
+        // (`catalog/pages/…`, `segments/<epoch>/…`) components.
+        for n in [2, 3] {
+            let Some(split) = parts.len().checked_sub(n) else {
+                continue;
+            };
+            let (prefix, key) = parts.split_at(split);
+            if let Some(kind) = Object::key(&key.join("/")) {
+                return prefix.iter().all(|c| plain_name(c)).then_some(kind);
+            }
+        }
+        None
+    }
+
+    /// The kind of the object at `key`, if it is a key the publisher writes,
+    /// spelt exactly as it spells it (numbers round-trip through the
+    /// catalog's key functions, so no other spelling passes).
+    pub(super) fn key(rel: &str) -> Option<Object> {
+        /// `N` decimal numbers joined by `-`.
+        fn numbers<const N: usize>(s: &str) -> Option<[u64; N]> {
+            let mut out = [0u64; N];
+            let mut parts = s.split('-');
+            for n in &mut out {
+                let p = parts.next()?;
+                if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                *n = p.parse().ok()?;
+            }
+            parts.next().is_none().then_some(out)
+        }
+        if rel == HEAD_KEY {
+            return Some(Object::Head);
+        }
+        let (kind, key) = if let Some(name) = rel
+            .strip_prefix("catalog/pages/")
+            .and_then(|r| r.strip_suffix(".json"))
+        {
+            let [level, first, last, epoch] = numbers(name)?;
+            let level = u32::try_from(level).ok()?;
+            (Object::Page, page_key(level, first, last, epoch))
+        } else if let Some(rest) = rel
+            .strip_prefix("segments/")
+            .and_then(|r| r.strip_suffix(".wseg"))
+        {
+            let (epoch, name) = rest.split_once('/')?;
+            let [epoch] = numbers(epoch)?;
+            let [first, last] = numbers(name)?;
+            (Object::Segment, segment_key(epoch, first, last))
+        } else if let Some(name) = rel
+            .strip_prefix("snapshots/")
+            .and_then(|r| r.strip_suffix(".wsnap"))
+        {
+            let [lsn, epoch] = numbers(name)?;
+            (Object::Snapshot, snapshot_key(lsn, epoch))
+        } else if let Some(name) = rel
+            .strip_prefix("deltas/")
+            .and_then(|r| r.strip_suffix(".wdelta"))
+        {
+            let [base, lsn, epoch] = numbers(name)?;
+            (Object::Delta, delta_key(base, lsn, epoch))
+        } else {
+            return None;
+        };
+        (key == rel).then_some(kind)
+    }
+
+    pub(super) fn cache_control(self) -> &'static str {
+        match self {
+            Object::Head => NO_CACHE,
+            Object::Page | Object::Segment | Object::Snapshot | Object::Delta => IMMUTABLE,
+        }
+    }
+
+    pub(super) fn content_type(self) -> &'static str {
+        match self {
+            Object::Head | Object::Page => JSON,
+            Object::Segment | Object::Snapshot | Object::Delta => OCTETS,
+        }
+    }
+}
+
+/// A directory name allowed in a dataset's prefix.
+pub(super) fn plain_name(c: &str) -> bool {
+    !c.is_empty()
+        && !c.starts_with('.')
+        && c.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+pub(super) struct CachedTag {
+    pub(super) len: u64,
+    pub(super) mtime: Option<SystemTime>,
+    pub(super) etag: String,
+}
+
+/// An opened regular file with its validator.
+pub(super) struct Entity {
+    pub(super) file: File,
+    pub(super) len: u64,
+    pub(super) etag: String,
+    /// The whole contents, for small files.
+    pub(super) data: Option<Bytes>,
+}
+
+/// The percent-decoded URL path as a `/`-joined relative path of plain
+/// components, or `None` if it is malformed or tries to leave the root.
+pub(super) fn relative_path(uri_path: &str) -> Option<String> {
+    let decoded = percent_decode(uri_path)?;
+    let mut parts = Vec::new();
+    for seg in decoded.split('/') {
+        if seg.is_empty() {
+            continue;
+        }
+        if seg.contains(['\0', '\\']) {
+            return None;
+        }
+        let mut comps = Path::new(seg).components();
+        match (comps.next(), comps.next()) {
+            (Some(Component::Normal(_)), None) => parts.push(seg),
+            _ => return None,
+        }
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    Some(parts.join("/"))
+}
+
+pub(super) fn percent_decode(s: &str) -> Option<String> {
+    pub(super) fn hex(b: u8) -> Option<u8> {
+        match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            b'A'..=b'F' => Some(b - b'A' + 10),
+            _ => None,
+        }
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let h = b.get(i + 1..i + 3)?;
+            out.push(hex(h[0])? << 4 | hex(h[1])?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Resolves `rel` under the root (refusing anything outside it), opens it and
+/// computes its ETag. Blocking.
+pub(super) fn open_entity(state: &Served, rel: &str) -> io::Result<Entity> {
+    let root = state.root.canonicalize()?;
+    let path = root.join(rel).canonicalize()?;
+    if !path.starts_with(&root) {
+        tracing::warn!(
+            path = %root.join(rel).display(),
+            target = %path.display(),
+            "walcast serve: not serving an object that leads outside the dataset directory"
+        );
+        return Err(io::Error::new(io::ErrorKind::NotFound, "outside the root"));
+    }
+    let mut file = File::open(&path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(io::ErrorKind::NotFound, "not a file"));
+    }
+    let len = meta.len();
+    if len <= SMALL_FILE {
+        let mut data = Vec::with_capacity(len as usize);
+        file.read_to_end(&mut data)?;
+        let etag = etag_of(crc32fast::hash(&data), data.len() as u64);
+        return Ok(Entity {
+            file,
+            len: data.len() as u64,
+            etag,
+            data: Some(Bytes::from(data)),
+        });
+    }
+    let mtime = meta.modified().ok();
+    let cached = {
+        let etags = state.etags.lock().unwrap_or_else(|e| e.into_inner());
+        etags
+            .get(&path)
+            .filter(|c| c.len == len && c.mtime == mtime)
+            .map(|c| c.etag.clone())
+    };
+    let etag = match cached {
+        Some(etag) => etag,
+        None => {
+            let mut hasher = crc32fast::Hasher::new();
+            let mut buf = vec![0u8; CHUNK];
+            let mut read = 0u64;
+            loop {
+                let n = file.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                read += n as u64;
+            }
+            if read != len {
+                return Err(io::Error::other("file changed while hashing"));
+            }
+            let etag = etag_of(hasher.finalize(), len);
+            let mut etags = state.etags.lock().unwrap_or_else(|e| e.into_inner());
+            if etags.len() >= ETAG_CACHE_MAX {
+                etags.clear();
+            }
+            etags.insert(
+                path,
+                CachedTag {
+                    len,
+                    mtime,
+                    etag: etag.clone(),
+                },
+            );
+            etag
+        }
+    };
+    Ok(Entity {
+        file,
+        len,
+        etag,
+        data: None,
+    })
+}
+
+pub(super) fn etag_of(crc: u32, len: u64) -> String {
+    format!("\"{crc:08x}-{len:x}\"")
+}
+
+/// Streams `len` bytes of `file` from `start`.
+pub(super) async fn stream_slice(mut file: File, start: u64, len: u64) -> io::Result<Body> {
+    let file = tokio::task::spawn_blocking(move || {
+        file.seek(SeekFrom::Start(start))?;
+        Ok::<_, io::Error>(file)
+    })
+    .await
+    .map_err(io::Error::other)??;
+    let file = tokio::fs::File::from_std(file);
+    let stream = futures::stream::unfold((file, len), |(mut file, left)| async move {
+        if left == 0 {
+            return None;
+        }
+        let mut buf = vec![0u8; CHUNK.min(left as usize)];
+        match file.read(&mut buf).await {
+            Ok(0) => Some((
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file shrank while streaming",
+                )),
+                (file, 0),
+            )),
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(Bytes::from(buf)), (file, left - n as u64)))
+            }
+            Err(e) => Some((Err(e), (file, 0))),
+        }
+    });
+    Ok(Body::from_stream(stream))
+}
+
+/// Whether `If-None-Match` (weak comparison, as RFC 9110 requires) matches.
+pub(super) fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag)
+}
+
+/// Whether a `Range` should be honoured given `If-Range`: only if absent or
+/// strongly matching our ETag (we send no `Last-Modified`, so dates never
+/// match).
+pub(super) fn range_applies(headers: &HeaderMap, etag: &str) -> bool {
+    match headers.get(header::IF_RANGE) {
+        None => true,
+        Some(v) => v.to_str().is_ok_and(|v| v.trim() == etag),
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum RangeReq {
+    /// No (usable) range: send the whole representation.
+    Ignore,
+    /// 416.
+    Unsatisfiable,
+    /// 206 with this inclusive byte range.
+    Slice(u64, u64),
+}
+
+/// Parses a `Range` header value against a representation of `total` bytes.
+pub(super) fn parse_range(value: &[u8], total: u64) -> RangeReq {
+    pub(super) fn num(s: &str) -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok()
+    }
+    let Ok(s) = std::str::from_utf8(value) else {
+        return RangeReq::Ignore;
+    };
+    let Some((unit, spec)) = s.trim().split_once('=') else {
+        return RangeReq::Ignore;
+    };
+    if !unit.trim().eq_ignore_ascii_case("bytes") || spec.contains(',') {
+        return RangeReq::Ignore;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeReq::Ignore;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_empty() {
+        let Some(n) = num(b) else {
+            return RangeReq::Ignore;
+        };
+        if n == 0 || total == 0 {
+            return RangeReq::Unsatisfiable;
+        }
+        return RangeReq::Slice(total - n.min(total), total - 1);
+    }
+    let Some(first) = num(a) else {
+        return RangeReq::Ignore;
+    };
+    let last = if b.is_empty() {
+        None
+    } else {
+        match num(b) {
+            Some(last) if last >= first => Some(last),
+            _ => return RangeReq::Ignore,
+        }
+    };
+    if first >= total {
+        return RangeReq::Unsatisfiable;
+    }
+    RangeReq::Slice(first, last.map_or(total - 1, |l| l.min(total - 1)))
+}

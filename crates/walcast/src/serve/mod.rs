@@ -1,0 +1,384 @@
+//! `walcast serve`: HTTP for a `file://` dataset.
+//!
+//! Serves a directory holding a walcast dataset to browsers, workers and
+//! CDNs, and nothing else in it:
+//!
+//! - `GET`/`HEAD` of the dataset's own objects only, by percent-decoded URL
+//!   path: `catalog/head.json`, `catalog/pages/<level>-<first>-<last>-<epoch>.json`,
+//!   `segments/<epoch>/<first>-<last>.wseg`, `snapshots/<lsn>-<epoch>.wsnap`
+//!   and `deltas/<base>-<lsn>-<epoch>.wdelta`,
+//!   spelt exactly as the publisher names them (see
+//!   [`walcast_core::catalog::segment_key`] and its siblings), at the root or
+//!   under a prefix of plain directory names (a root holding several
+//!   datasets: `/<name>/catalog/head.json`). Any other path (dotfiles, lock
+//!   and staging files, near misses) answers 404 without touching the
+//!   filesystem; an object whose path resolves (through symlinks) outside
+//!   the root, or that is not a regular file, answers 404 too;
+//! - a missing object answers 404; any other IO error (permission denied,
+//!   a symlink loop, …) answers 500 and is logged with the file's path;
+//! - single byte ranges (`bytes=a-b`, `bytes=a-`, `bytes=-n`) answer 206,
+//!   unsatisfiable ones 416, multi-range or malformed ones are ignored (200);
+//! - strong ETags `"<crc32 hex>-<len hex>"` and `If-None-Match` → 304;
+//! - `Cache-Control: public, max-age=31536000, immutable` for the immutable
+//!   objects (segments, snapshots, pages) and `no-cache` for the head;
+//! - CORS for any origin (`*`), or only for the origins listed in
+//!   [`ServeOptions::cors_origins`] (the request's `Origin` is echoed when
+//!   listed; `Vary: Origin` is always sent), with the range/ETag headers
+//!   exposed; with access tokens required, no origin unless listed (`*`
+//!   must then be asked for);
+//! - access tokens ([`walcast_core::token`]) when
+//!   [`ServeOptions::verify_keys`] is set: every GET/HEAD needs a valid,
+//!   unexpired token whose prefix covers the object, in `Authorization:
+//!   Bearer <token>` or the query parameter `token`; else 401 with a
+//!   `WWW-Authenticate` naming why (`missing`, `malformed`,
+//!   `bad_signature`, `expired`, `wrong_prefix`). Range and conditional
+//!   requests work as without. An immutable object fetched with the token
+//!   in the header is `private` to caches (a shared cache keyed by URL would
+//!   hand it to anyone); with the token in the query the URL carries the
+//!   token, and the answer stays `public` for caching proxies.
+//!
+//! Connections are bounded ([`ServeOptions`]): at most `max_connections` are
+//! served at once (further ones wait, unaccepted, in the listen backlog); a
+//! request's head must arrive within `header_timeout` of the server starting
+//! to wait for it (which also bounds a kept-alive connection waiting for its
+//! next request); a connection on which no byte moves either way for
+//! `idle_timeout` (a silent client, a download the client stopped reading)
+//! is closed.
+//!
+//! Small files are read whole on every request (so the head, replaced by an
+//! atomic rename, is always fresh); large ones are streamed from a seek to the
+//! requested slice, their ETag computed once and cached by (path, length,
+//! modification time).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::Response;
+use axum::Router;
+use bytes::Bytes;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
+use walcast_core::catalog::{delta_key, page_key, segment_key, snapshot_key, HEAD_KEY};
+use walcast_core::keys::PublicKey;
+
+use crate::longpoll::{self, HeadSignal, HeadWatch, DEFAULT_MAX_WAIT, MAX_WAIT_LIMIT};
+use walcast_core::token;
+
+mod conn;
+mod files;
+mod respond;
+#[cfg(test)]
+mod tests;
+
+use conn::*;
+use files::*;
+use respond::*;
+
+/// Files up to this size are read whole on every request.
+const SMALL_FILE: u64 = 1 << 20;
+/// Read size when hashing or streaming large files.
+const CHUNK: usize = 256 * 1024;
+/// Bound on cached ETags (the cache is simply cleared when it is exceeded).
+const ETAG_CACHE_MAX: usize = 16 * 1024;
+
+/// Default of [`ServeOptions::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default of [`ServeOptions::header_timeout`].
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of [`ServeOptions::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest accepted [`ServeOptions::max_connections`].
+const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
+
+const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+/// [`IMMUTABLE`] for an answer to a request whose token came in a header.
+const IMMUTABLE_PRIVATE: &str = "private, max-age=31536000, immutable";
+const NO_CACHE: &str = "no-cache";
+const JSON: &str = "application/json";
+const OCTETS: &str = "application/octet-stream";
+
+/// How `walcast serve` treats browsers and connections.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Origins (`https://app.example`, as [`parse_cors_origin`] normalises
+    /// them) whose pages may read the dataset; empty, or containing `*`:
+    /// any origin (`Access-Control-Allow-Origin: *`).
+    pub cors_origins: Vec<String>,
+    /// Connections served at once at most; further ones wait in the listen
+    /// backlog until one ends. At least 1.
+    pub max_connections: usize,
+    /// A request's head (request line and headers) must arrive within this
+    /// long of the server starting to wait for it, on a new connection or
+    /// after the previous response on a kept-alive one; else the connection
+    /// is closed. Not zero.
+    pub header_timeout: Duration,
+    /// A connection on which nothing has been read or written for this long
+    /// is closed (an idle keep-alive connection, a download its client
+    /// stopped reading). Not zero.
+    pub idle_timeout: Duration,
+    /// Keys whose access tokens are accepted (`--verify-key`, repeatable for
+    /// a rotation); empty: no token needed.
+    pub verify_keys: Vec<PublicKey>,
+    /// The longest a conditional head GET with a wait hint is held (see
+    /// [`crate::longpoll`]); zero: no long-poll. Whole seconds. A held
+    /// request keeps its connection (and its slot of `max_connections`)
+    /// but does not count as idle; at most three quarters of
+    /// `max_connections` are held at once, and a long-poll past that is
+    /// answered at once (without `Preference-Applied`).
+    pub max_wait: Duration,
+    /// Wakes held head requests when a publisher in the same process
+    /// commits (`walcast publish --serve`); the file watch works without.
+    pub head_signal: Option<HeadSignal>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            cors_origins: Vec::new(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            verify_keys: Vec::new(),
+            max_wait: DEFAULT_MAX_WAIT,
+            head_signal: None,
+        }
+    }
+}
+
+/// Parses a `--cors-origin` value: `*`, or an origin `scheme://host[:port]`
+/// (a trailing `/` is allowed), returned the way browsers send it in
+/// `Origin` (lowercase host, no default port, no `/`).
+pub fn parse_cors_origin(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s == "*" {
+        return Ok(s.to_string());
+    }
+    let url = url::Url::parse(s)
+        .map_err(|e| format!("{s:?} is not an origin like https://app.example: {e}"))?;
+    if url.path() != "/"
+        || url.query().is_some()
+        || url.fragment().is_some()
+        || !url.username().is_empty()
+        || url.password().is_some()
+    {
+        return Err(format!(
+            "{s:?} is not an origin: only scheme://host[:port], no path, query or user"
+        ));
+    }
+    let origin = url.origin();
+    if !origin.is_tuple() {
+        return Err(format!(
+            "{s:?} is not an origin: use an http:// or https:// scheme"
+        ));
+    }
+    Ok(origin.ascii_serialization())
+}
+
+/// Shared state of the router.
+struct Served {
+    root: PathBuf,
+    verify_keys: Vec<PublicKey>,
+    etags: Mutex<HashMap<PathBuf, CachedTag>>,
+    /// Long-poll: the longest wait granted (zero: none), what wakes held
+    /// requests, and the server stopping (held requests answer at once).
+    max_wait: Duration,
+    signal: HeadSignal,
+    stop: watch::Sender<bool>,
+    /// Long-polls held now, and the most held at once: three quarters of
+    /// `max_connections` (a held request keeps its connection's slot), so
+    /// that long-polling clients never take every slot from other GETs.
+    holding: AtomicUsize,
+    max_holding: usize,
+}
+
+/// The router serving the dataset at `root`, with CORS for
+/// `opts.cors_origins` and tokens checked with `opts.verify_keys`.
+pub fn router(root: PathBuf, opts: &ServeOptions) -> Router {
+    build(root, opts).0
+}
+
+/// The router and its shared state.
+fn build(root: PathBuf, opts: &ServeOptions) -> (Router, Arc<Served>) {
+    let state = Arc::new(Served {
+        root,
+        verify_keys: opts.verify_keys.clone(),
+        etags: Mutex::new(HashMap::new()),
+        max_wait: opts.max_wait,
+        signal: opts.head_signal.clone().unwrap_or_default(),
+        stop: watch::channel(false).0,
+        holding: AtomicUsize::new(0),
+        max_holding: (opts.max_connections * 3 / 4).max(1),
+    });
+    let origins = &opts.cors_origins;
+    // With tokens required, no wildcard unless asked for.
+    let any_origin =
+        origins.iter().any(|o| o == "*") || (origins.is_empty() && opts.verify_keys.is_empty());
+    let allow_origin = if any_origin {
+        AllowOrigin::from(Any)
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    // tower-http's default `Vary` (`origin` and the preflight request
+    // headers) goes on every response, so caches keep one answer per origin.
+    let cors = CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::GET, Method::HEAD, Method::OPTIONS])
+        // Any request header a page sends (`Range`, `If-None-Match`,
+        // `Authorization`, `Prefer`, and whatever a replica's `headers`
+        // option adds): reads are GETs of public-by-URL objects, and the
+        // token check, not CORS, guards private ones.
+        .allow_headers(AllowHeaders::mirror_request())
+        .expose_headers([
+            header::ETAG,
+            header::CONTENT_RANGE,
+            header::CONTENT_LENGTH,
+            header::ACCEPT_RANGES,
+            HeaderName::from_static(walcast_core::io::LONG_POLL_HEADER),
+            HeaderName::from_static("preference-applied"),
+        ])
+        .max_age(Duration::from_secs(24 * 60 * 60));
+    let app = Router::new()
+        .fallback(handle)
+        .with_state(Arc::clone(&state))
+        .layer(cors);
+    (app, state)
+}
+
+/// [`serve_with`] on [`ServeOptions::default`].
+pub async fn serve(
+    root: PathBuf,
+    addr: SocketAddr,
+    on_bound: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    serve_with(root, addr, ServeOptions::default(), on_bound, shutdown).await
+}
+
+/// Binds `addr` (port 0 allowed), calls `on_bound(actual_addr)`, and serves
+/// the dataset at `root` until `shutdown` resolves; then stops accepting,
+/// lets the requests in flight finish and returns.
+pub async fn serve_with(
+    root: PathBuf,
+    addr: SocketAddr,
+    opts: ServeOptions,
+    on_bound: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=MAX_CONNECTIONS_LIMIT).contains(&opts.max_connections),
+        "the connection limit must be between 1 and {MAX_CONNECTIONS_LIMIT}"
+    );
+    anyhow::ensure!(
+        !opts.header_timeout.is_zero() && !opts.idle_timeout.is_zero(),
+        "timeouts must not be zero"
+    );
+    for origin in &opts.cors_origins {
+        let parsed = parse_cors_origin(origin).map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            &parsed == origin,
+            "CORS origin {origin:?} is not in its normal form {parsed:?}"
+        );
+    }
+    anyhow::ensure!(
+        tokio::fs::metadata(&root)
+            .await
+            .with_context(|| format!("dataset directory {}", root.display()))?
+            .is_dir(),
+        "{} is not a directory",
+        root.display()
+    );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let bound = listener.local_addr().context("local address")?;
+    tracing::info!(root = %root.display(), addr = %bound, "walcast serve listening");
+    on_bound(bound);
+
+    anyhow::ensure!(
+        opts.max_wait <= MAX_WAIT_LIMIT && opts.max_wait.subsec_nanos() == 0,
+        "the longest wait must be whole seconds, at most {} s",
+        MAX_WAIT_LIMIT.as_secs()
+    );
+    let (app, served) = build(root.clone(), &opts);
+    // New heads wake held requests at once; without a watch (no inotify
+    // left, say) they re-read the head every FALLBACK_POLL.
+    let _watch = if opts.max_wait.is_zero() {
+        None
+    } else {
+        match HeadWatch::start(&root, served.signal.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(
+                    root = %root.display(),
+                    error = %e,
+                    "walcast serve: no file watch on the dataset; long-polls re-read the head every {} ms",
+                    longpoll::FALLBACK_POLL.as_millis()
+                );
+                None
+            }
+        }
+    };
+    let limits = Limits {
+        header_timeout: opts.header_timeout,
+        idle_timeout: opts.idle_timeout,
+    };
+    // One permit per connection: at the cap, the loop stops accepting until
+    // a connection ends, and the kernel keeps new ones in the backlog.
+    let slots = Arc::new(Semaphore::new(opts.max_connections));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            p = Arc::clone(&slots).acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little
+                    // rather than spin.
+                    tracing::error!(error = %e, "walcast serve: accepting a connection");
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        tokio::spawn(connection(
+            tcp,
+            peer,
+            app.clone(),
+            limits,
+            stop_rx.clone(),
+            permit,
+        ));
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    served.stop.send_replace(true);
+    // Every connection holds a permit until it ends.
+    let all = u32::try_from(opts.max_connections).expect("bounded above");
+    let _ = slots.acquire_many(all).await;
+    Ok(())
+}

@@ -1,0 +1,345 @@
+//! One request: authorization, the object's answer (ranges, ETags, long-poll holds).
+
+use super::*;
+
+pub(super) async fn handle(
+    State(state): State<Arc<Served>>,
+    activity: Option<axum::Extension<Arc<Activity>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    let activity = activity.map(|a| a.0);
+    let response = respond(&state, &method, &uri, &headers, activity).await;
+    tracing::debug!(
+        %method,
+        path = uri.path(),
+        range = ?headers.get(header::RANGE),
+        status = response.status().as_u16(),
+        "walcast serve request"
+    );
+    response
+}
+
+pub(super) async fn respond(
+    state: &Arc<Served>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    activity: Option<Arc<Activity>>,
+) -> Response {
+    if method != Method::GET && method != Method::HEAD {
+        return Response::builder()
+            .status(StatusCode::METHOD_NOT_ALLOWED)
+            .header(header::ALLOW, "GET, HEAD, OPTIONS")
+            .body(Body::empty())
+            .expect("static response");
+    }
+    // With tokens required, nothing (not even a 404) without a valid one.
+    let token_in_header = match authorize(state, uri, headers) {
+        Ok(in_header) => in_header,
+        Err(refused) => return refused,
+    };
+    let Some(rel) = relative_path(uri.path()) else {
+        return not_found();
+    };
+    // Nothing but the dataset's own objects: no filesystem access otherwise.
+    let Some(object) = Object::of(&rel) else {
+        return not_found();
+    };
+    // Long-poll: a conditional head GET with a wait hint.
+    let long_poll = object == Object::Head && !state.max_wait.is_zero();
+    let mut wait = if long_poll && method == Method::GET && longpoll::is_conditional(headers) {
+        match longpoll::requested_wait(uri, headers, state.max_wait) {
+            Ok(w) => w,
+            Err(msg) => return bad_request(&msg),
+        }
+    } else {
+        None
+    };
+    // Subscribed before the head is read, so no change is missed.
+    let changes = wait.map(|_| state.signal.subscribe());
+    let mut entity = match open_object(state, &rel).await {
+        Ok(e) => e,
+        Err(r) => return r,
+    };
+    if let (Some(w), Some(changes)) = (wait, changes) {
+        if if_none_match(headers, &entity.etag) {
+            match HoldSlot::take(state) {
+                Some(_slot) => {
+                    let _held = activity.map(Held::new);
+                    match hold(state, &rel, headers, w, changes).await {
+                        Some(Ok(e)) => entity = e,
+                        Some(Err(r)) => return r,
+                        None => {}
+                    }
+                }
+                // Every hold is taken: answered at once, without
+                // Preference-Applied (the replica then polls).
+                None => wait = None,
+            }
+        }
+    }
+
+    let cache_control = match object.cache_control() {
+        IMMUTABLE if token_in_header => IMMUTABLE_PRIVATE,
+        c => c,
+    };
+    let content_type = object.content_type();
+    let etag = HeaderValue::from_str(&entity.etag).expect("ETag is ASCII");
+    let builder = Response::builder()
+        .header(header::ETAG, etag)
+        .header(header::CACHE_CONTROL, cache_control)
+        .header(header::ACCEPT_RANGES, "bytes");
+    let builder = if long_poll {
+        builder.header(
+            walcast_core::io::LONG_POLL_HEADER,
+            state.max_wait.as_secs().to_string(),
+        )
+    } else {
+        builder
+    };
+    let builder = match wait {
+        Some(w) => builder.header("preference-applied", longpoll::preference_applied(w)),
+        None => builder,
+    };
+
+    if if_none_match(headers, &entity.etag) {
+        return builder
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .expect("valid response");
+    }
+
+    let total = entity.len;
+    let range = if range_applies(headers, &entity.etag) {
+        let mut values = headers.get_all(header::RANGE).iter();
+        match (values.next(), values.next()) {
+            (Some(v), None) => parse_range(v.as_bytes(), total),
+            _ => RangeReq::Ignore,
+        }
+    } else {
+        RangeReq::Ignore
+    };
+    let builder = builder
+        .header(header::CONTENT_TYPE, content_type)
+        .header("x-content-type-options", "nosniff");
+    let (builder, start, end) = match range {
+        RangeReq::Unsatisfiable => {
+            return builder
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(header::CONTENT_RANGE, format!("bytes */{total}"))
+                .header(header::CONTENT_LENGTH, 0)
+                .body(Body::empty())
+                .expect("valid response");
+        }
+        RangeReq::Slice(start, last) => (
+            builder.status(StatusCode::PARTIAL_CONTENT).header(
+                header::CONTENT_RANGE,
+                format!("bytes {start}-{last}/{total}"),
+            ),
+            start,
+            last + 1,
+        ),
+        RangeReq::Ignore => (builder.status(StatusCode::OK), 0, total),
+    };
+    let builder = builder.header(header::CONTENT_LENGTH, end - start);
+    let body = if method == Method::HEAD || start == end {
+        Body::empty()
+    } else if let Some(data) = entity.data {
+        // Small file: already in memory. `end <= total == data.len()`.
+        Body::from(data.slice(start as usize..end as usize))
+    } else {
+        match stream_slice(entity.file, start, end - start).await {
+            Ok(body) => body,
+            Err(e) => {
+                tracing::error!(
+                    path = %state.root.join(&rel).display(),
+                    error = %e,
+                    "walcast serve: cannot read a dataset object"
+                );
+                return status_only(StatusCode::INTERNAL_SERVER_ERROR);
+            }
+        }
+    };
+    builder.body(body).expect("valid response")
+}
+
+/// Checks the request's access token when tokens are required: `Ok(true)`
+/// when it came in the `Authorization` header, `Ok(false)` when in the query
+/// (or none is needed), else the 401 to answer.
+#[allow(clippy::result_large_err)]
+pub(super) fn authorize(state: &Served, uri: &Uri, headers: &HeaderMap) -> Result<bool, Response> {
+    if state.verify_keys.is_empty() {
+        return Ok(false);
+    }
+    let (found, in_header) = match bearer(headers) {
+        Some(t) => (Some(t), true),
+        None => (query_token(uri), false),
+    };
+    let Some(found) = found else {
+        return Err(unauthorized("missing", "an access token is required"));
+    };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let path = percent_decode(uri.path()).unwrap_or_else(|| uri.path().to_string());
+    match token::verify_for(&found, &state.verify_keys, now, &path) {
+        Ok(_) => Ok(in_header),
+        Err(e) => {
+            tracing::info!(
+                path = uri.path(),
+                reason = e.code(),
+                "walcast serve: token refused"
+            );
+            Err(unauthorized(e.code(), &e.to_string()))
+        }
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`, if there is one.
+pub(super) fn bearer(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, rest) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| rest.trim().to_string())
+}
+
+/// The value of the query parameter `token`, percent-decoded.
+pub(super) fn query_token(uri: &Uri) -> Option<String> {
+    uri.query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == "token").then(|| percent_decode(v).unwrap_or_default())
+    })
+}
+
+/// 401 with `WWW-Authenticate: Bearer` naming why (`reason` is a fixed code).
+pub(super) fn unauthorized(reason: &str, message: &str) -> Response {
+    Response::builder()
+        .status(StatusCode::UNAUTHORIZED)
+        .header(
+            header::WWW_AUTHENTICATE,
+            format!(
+                "Bearer realm=\"walcast\", error=\"invalid_token\", error_description=\"{reason}\""
+            ),
+        )
+        .header(header::CACHE_CONTROL, "no-store")
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from(format!("401 Unauthorized: {message}\n")))
+        .expect("valid response")
+}
+
+/// Opens the object at `rel`, or the answer for why it cannot be served.
+pub(super) async fn open_object(state: &Arc<Served>, rel: &str) -> Result<Entity, Response> {
+    let opened = {
+        let state = Arc::clone(state);
+        let rel = rel.to_string();
+        tokio::task::spawn_blocking(move || open_entity(&state, &rel)).await
+    };
+    match opened {
+        Ok(Ok(entity)) => Ok(entity),
+        Ok(Err(e)) if is_not_found(&e) => Err(not_found()),
+        Ok(Err(e)) => {
+            tracing::error!(
+                path = %state.root.join(rel).display(),
+                error = %e,
+                "walcast serve: cannot read a dataset object"
+            );
+            Err(status_only(StatusCode::INTERNAL_SERVER_ERROR))
+        }
+        Err(e) => {
+            tracing::warn!(path = rel, error = %e, "walcast serve: blocking task failed");
+            Err(status_only(StatusCode::INTERNAL_SERVER_ERROR))
+        }
+    }
+}
+
+/// Holds a long-poll on the head at `rel` until its ETag no longer matches
+/// the request's `If-None-Match` (then the new head, or why it cannot be
+/// served), or `wait` runs out or the server stops (then `None`: 304).
+pub(super) async fn hold(
+    state: &Arc<Served>,
+    rel: &str,
+    headers: &HeaderMap,
+    wait: Duration,
+    mut changes: watch::Receiver<u64>,
+) -> Option<Result<Entity, Response>> {
+    let deadline = Instant::now() + wait;
+    let mut stop = state.stop.subscribe();
+    loop {
+        let now = Instant::now();
+        if now >= deadline || *stop.borrow() {
+            return None;
+        }
+        let tick = (deadline - now).min(longpoll::FALLBACK_POLL);
+        tokio::select! {
+            _ = changes.changed() => {}
+            () = tokio::time::sleep(tick) => {}
+            _ = stop.wait_for(|s| *s) => return None,
+        }
+        match open_object(state, rel).await {
+            Ok(e) if if_none_match(headers, &e.etag) => continue,
+            other => return Some(other),
+        }
+    }
+}
+
+pub(super) fn bad_request(message: &str) -> Response {
+    Response::builder()
+        .status(StatusCode::BAD_REQUEST)
+        .header(header::CACHE_CONTROL, NO_CACHE)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from(format!("400 Bad Request: {message}\n")))
+        .expect("valid response")
+}
+
+pub(super) fn status_only(status: StatusCode) -> Response {
+    Response::builder()
+        .status(status)
+        .header(header::CACHE_CONTROL, NO_CACHE)
+        .body(Body::empty())
+        .expect("static response")
+}
+
+pub(super) fn not_found() -> Response {
+    status_only(StatusCode::NOT_FOUND)
+}
+
+/// Whether an error opening an object means it is not there (a missing file
+/// or directory on its path, a directory in its place). Anything else,
+/// permission denied included, is the server's problem.
+pub(super) fn is_not_found(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory | io::ErrorKind::IsADirectory
+    )
+}
+
+/// One of the [`Served::max_holding`] long-polls that may be held at once.
+pub(super) struct HoldSlot<'a>(&'a Served);
+
+impl<'a> HoldSlot<'a> {
+    /// A slot, unless every one is taken.
+    pub(super) fn take(state: &'a Served) -> Option<HoldSlot<'a>> {
+        let mut n = state.holding.load(Ordering::Relaxed);
+        loop {
+            if n >= state.max_holding {
+                return None;
+            }
+            match state
+                .holding
+                .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(HoldSlot(state)),
+                Err(now) => n = now,
+            }
+        }
+    }
+}
+
+impl Drop for HoldSlot<'_> {
+    fn drop(&mut self) {
+        self.0.holding.fetch_sub(1, Ordering::AcqRel);
+    }
+}

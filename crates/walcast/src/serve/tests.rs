@@ -1,0 +1,155 @@
+//! Unit tests of `walcast serve`'s parts.
+
+use super::*;
+
+#[test]
+fn ranges() {
+    use RangeReq::*;
+    assert_eq!(parse_range(b"bytes=0-9", 100), Slice(0, 9));
+    assert_eq!(parse_range(b"bytes=90-200", 100), Slice(90, 99));
+    assert_eq!(parse_range(b"Bytes=10-", 100), Slice(10, 99));
+    assert_eq!(parse_range(b"bytes=-10", 100), Slice(90, 99));
+    assert_eq!(parse_range(b"bytes=-1000", 100), Slice(0, 99));
+    assert_eq!(parse_range(b"bytes=100-", 100), Unsatisfiable);
+    assert_eq!(parse_range(b"bytes=100-200", 100), Unsatisfiable);
+    assert_eq!(parse_range(b"bytes=-0", 100), Unsatisfiable);
+    assert_eq!(parse_range(b"bytes=0-", 0), Unsatisfiable);
+    assert_eq!(parse_range(b"bytes=-5", 0), Unsatisfiable);
+    assert_eq!(parse_range(b"bytes=0-1,3-4", 100), Ignore);
+    assert_eq!(parse_range(b"bytes=5-1", 100), Ignore);
+    assert_eq!(parse_range(b"bytes=-", 100), Ignore);
+    assert_eq!(parse_range(b"bytes=a-b", 100), Ignore);
+    assert_eq!(parse_range(b"bytes=+1-2", 100), Ignore);
+    assert_eq!(parse_range(b"items=0-1", 100), Ignore);
+    assert_eq!(parse_range(b"bytes 0-1", 100), Ignore);
+    assert_eq!(parse_range(b"bytes=99999999999999999999-", 100), Ignore);
+}
+
+#[test]
+fn objects() {
+    use Object::*;
+    let ok = [
+        ("catalog/head.json", Head),
+        (
+            "catalog/pages/0-00000000000000000001-00000000000000000005-1.json",
+            Page,
+        ),
+        (
+            "catalog/pages/4294967295-00000000000000000001-18446744073709551615-18446744073709551615.json",
+            Page,
+        ),
+        (
+            "segments/1/00000000000000000001-00000000000000000010.wseg",
+            Segment,
+        ),
+        (
+            "segments/18446744073709551615/00000000000000000001-00000000000000000010.wseg",
+            Segment,
+        ),
+        ("snapshots/00000000000000000010-1.wsnap", Snapshot),
+        (
+            "deltas/00000000000000000010-00000000000000000020-1.wdelta",
+            Delta,
+        ),
+    ];
+    for (rel, kind) in ok {
+        assert_eq!(Object::of(rel), Some(kind), "{rel}");
+        // Under a prefix of plain names (several datasets in one root).
+        for prefix in ["i1/basic", "app", "a-b_c.d/0"] {
+            let rel = format!("{prefix}/{rel}");
+            assert_eq!(Object::of(&rel), Some(kind), "{rel}");
+        }
+        for prefix in [".git", "a/.hidden", "a/..", "a b", "a%2f", "~user", "a\\b"] {
+            let rel = format!("{prefix}/{rel}");
+            assert_eq!(Object::of(&rel), None, "{rel}");
+        }
+    }
+    assert_eq!(Object::of(&segment_key(7, 100, 200)), Some(Segment));
+    assert_eq!(Object::of(&snapshot_key(100, 7)), Some(Snapshot));
+    assert_eq!(Object::of(&page_key(2, 1, 99, 7)), Some(Page));
+    assert_eq!(Object::of(&delta_key(100, 200, 7)), Some(Delta));
+    for rel in [
+        "",
+        "catalog",
+        "catalog/head.json.tmp",
+        "catalog/.head.lock",
+        "catalog/.tmpabc",
+        "catalog/pages/0.json",
+        "catalog/pages/4294967296-00000000000000000001-00000000000000000005-1.json",
+        "catalog/pages/0-00000000000000000001-00000000000000000005-01.json",
+        "catalog/pages/0-00000000000000000001-00000000000000000005-1-2.json",
+        "catalog/pages/0-00000000000000000001-00000000000000000005-.json",
+        "segments/1/1-10.wseg",
+        "segments/1/00000000000000000001-00000000000000000010.wseg#1",
+        "segments/1/00000000000000000001-00000000000000000010.wseg/x",
+        "segments/+1/00000000000000000001-00000000000000000010.wseg",
+        "segments/1/00000000000000000001-00000000000000000010-3.wseg",
+        "segments/1/x/00000000000000000001-00000000000000000010.wseg",
+        "segments/18446744073709551616/00000000000000000001-00000000000000000010.wseg",
+        "segments/1/.00000000000000000001-00000000000000000010.wseg",
+        "segments/00000000000000000001-00000000000000000010.wseg",
+        "snapshots/00000000000000000010.wsnap",
+        "snapshots/00000000000000000010-1.wsnap.tmp",
+        "snapshots/0000000000000000010-1.wsnap",
+        "deltas/00000000000000000010-1.wdelta",
+        "deltas/00000000000000000010-00000000000000000020.wdelta",
+        "deltas/00000000000000000010-0000000000000000020-1.wdelta",
+        "deltas/00000000000000000010-00000000000000000020-1.wdelta.tmp",
+        "deltas/00000000000000000010-00000000000000000020-1-2.wdelta",
+        ".env",
+        "../catalog/head.json",
+        "a/catalog/head.json/b",
+        "catalog/head.json/catalog/pages",
+        "x/.tmp1/catalog/head.json",
+    ] {
+        assert_eq!(Object::of(rel), None, "{rel}");
+    }
+}
+
+#[test]
+fn cors_origins() {
+    for (given, want) in [
+        ("*", "*"),
+        ("https://app.example", "https://app.example"),
+        ("https://App.Example/", "https://app.example"),
+        ("https://app.example:443", "https://app.example"),
+        ("http://localhost:3000", "http://localhost:3000"),
+        ("https://bücher.example", "https://xn--bcher-kva.example"),
+    ] {
+        assert_eq!(parse_cors_origin(given).as_deref(), Ok(want), "{given}");
+    }
+    for bad in [
+        "",
+        "app.example",
+        "https://app.example/path",
+        "https://app.example/?q",
+        "https://user@app.example",
+        "null",
+        "data:text/plain,x",
+    ] {
+        assert!(parse_cors_origin(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn paths() {
+    assert_eq!(
+        relative_path("/catalog/head.json").as_deref(),
+        Some("catalog/head.json")
+    );
+    assert_eq!(
+        relative_path("//segments///1/a.wseg").as_deref(),
+        Some("segments/1/a.wseg")
+    );
+    assert_eq!(relative_path("/a%20b").as_deref(), Some("a b"));
+    assert_eq!(relative_path("/"), None);
+    assert_eq!(relative_path("/../etc/passwd"), None);
+    assert_eq!(relative_path("/%2e%2e/etc/passwd"), None);
+    assert_eq!(relative_path("/a/%2E%2E%2f%2e%2e/x"), None);
+    assert_eq!(relative_path("/a/./b"), None);
+    assert_eq!(relative_path("/a%00b"), None);
+    assert_eq!(relative_path("/a%5c..%5cb"), None);
+    assert_eq!(relative_path("/a%zz"), None);
+    assert_eq!(relative_path("/a%2"), None);
+    assert_eq!(relative_path("/%ff"), None);
+}
