@@ -150,7 +150,7 @@ pub(super) fn relative_path(uri_path: &str) -> Option<String> {
 }
 
 pub(super) fn percent_decode(s: &str) -> Option<String> {
-    pub(super) fn hex(b: u8) -> Option<u8> {
+    fn hex(b: u8) -> Option<u8> {
         match b {
             b'0'..=b'9' => Some(b - b'0'),
             b'a'..=b'f' => Some(b - b'a' + 10),
@@ -322,7 +322,7 @@ pub(super) enum RangeReq {
 
 /// Parses a `Range` header value against a representation of `total` bytes.
 pub(super) fn parse_range(value: &[u8], total: u64) -> RangeReq {
-    pub(super) fn num(s: &str) -> Option<u64> {
+    fn num(s: &str) -> Option<u64> {
         if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }

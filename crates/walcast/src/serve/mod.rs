@@ -202,8 +202,9 @@ struct Served {
     signal: HeadSignal,
     stop: watch::Sender<bool>,
     /// Long-polls held now, and the most held at once: three quarters of
-    /// `max_connections` (a held request keeps its connection's slot), so
-    /// that long-polling clients never take every slot from other GETs.
+    /// `max_connections`, rounded down (a held request keeps its
+    /// connection's slot), so that long-polling clients never take every
+    /// slot from other GETs (with a single connection, none is held).
     holding: AtomicUsize,
     max_holding: usize,
 }
@@ -224,7 +225,7 @@ fn build(root: PathBuf, opts: &ServeOptions) -> (Router, Arc<Served>) {
         signal: opts.head_signal.clone().unwrap_or_default(),
         stop: watch::channel(false).0,
         holding: AtomicUsize::new(0),
-        max_holding: (opts.max_connections * 3 / 4).max(1),
+        max_holding: opts.max_connections * 3 / 4,
     });
     let origins = &opts.cors_origins;
     // With tokens required, no wildcard unless asked for.

@@ -989,8 +989,9 @@ async fn long_polls_hold_at_most_three_quarters_of_the_connections() {
         c.write_all(req.as_bytes()).await.unwrap();
         held.push(c);
     }
-    // The three are held: none has answered yet.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The three are held (given time to reach the hold before the fourth
+    // asks): none has answered yet.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let mut buf = [0u8; 1];
     for c in &mut held {
         let r = tokio::time::timeout(Duration::from_millis(50), c.read(&mut buf)).await;
