@@ -758,6 +758,27 @@ fn a_key_in_every_delta_costs_two_data_blocks() {
     assert!(best >= 3, "chains of {best} deltas");
 }
 
+/// In `small_chain_store`, a key the delta `bytes` (ending at `lsn`) holds
+/// and no later batch wrote, and its value there.
+fn key_only_in(bytes: &[u8], lsn: u64) -> (Vec<u8>, Option<Vec<u8>>) {
+    let later: Vec<Vec<u8>> = (lsn + 1..=180)
+        .map(|l| format!("key:{:03}", l % 150).into_bytes())
+        .collect();
+    decode_delta(bytes)
+        .unwrap()
+        .changes
+        .into_iter()
+        .find(|(k, _)| !later.contains(k))
+        .expect("a key only the delta has")
+}
+
+/// The index (and filter) of the delta file `bytes`.
+fn delta_index(bytes: &[u8]) -> DeltaIndex {
+    let size = bytes.len() as u64;
+    let footer = DeltaFooter::decode(&bytes[bytes.len() - 64..], size).unwrap();
+    DeltaIndex::decode_suffix(&bytes[footer.index.offset as usize..], size).unwrap()
+}
+
 /// A dataset of 180 single puts to 150 keys, a snapshot every 100 LSNs and
 /// a delta every 50: a snapshot with a chain over it.
 fn small_chain_store() -> Store {
@@ -797,20 +818,11 @@ fn a_delta_that_fails_to_decode_leaves_no_part_of_the_chain_applied() {
     let mut h = store.head();
     let d = h.deltas.last().expect("a delta over the snapshot").clone();
     let bytes = store.objects[&d.key].0.clone();
-    let later: Vec<Vec<u8>> = (d.lsn + 1..=180)
-        .map(|l| format!("key:{:03}", l % 150).into_bytes())
-        .collect();
-    let (key, want) = decode_delta(&bytes)
-        .unwrap()
-        .changes
-        .into_iter()
-        .find(|(k, _)| !later.contains(k))
-        .expect("a key only the delta has");
+    let (key, want) = key_only_in(&bytes, d.lsn);
     assert_eq!(cold_read(&store, &key).0, want);
-    let size = bytes.len() as u64;
-    let footer = DeltaFooter::decode(&bytes[bytes.len() - 64..], size).unwrap();
-    let idx = DeltaIndex::decode_suffix(&bytes[footer.index.offset as usize..], size).unwrap();
-    let block = idx.block_for(&key).expect("the key's block");
+    let block = delta_index(&bytes)
+        .block_for(&key)
+        .expect("the key's block");
     let bad = &mut store.objects.get_mut(&d.key).unwrap().0;
     bad[block.offset as usize + 20] ^= 0x10;
     let crc = crc32fast::hash(bad);
@@ -868,15 +880,7 @@ fn a_snapshot_inside_the_chain_in_use_does_not_replace_the_base() {
     let d = h.deltas.last().expect("a chain").clone();
     assert!(d.lsn > snap.lsn + 1);
     let bytes = store.objects[&d.key].0.clone();
-    let later: Vec<Vec<u8>> = (d.lsn + 1..=180)
-        .map(|l| format!("key:{:03}", l % 150).into_bytes())
-        .collect();
-    let (key, want) = decode_delta(&bytes)
-        .unwrap()
-        .changes
-        .into_iter()
-        .find(|(k, _)| !later.contains(k))
-        .expect("a key only the delta has");
+    let (key, want) = key_only_in(&bytes, d.lsn);
     let mut r = lazy_replica();
     r.sync_now(0);
     settle(&mut r, &store);
@@ -967,11 +971,7 @@ fn a_read_needing_a_block_of_two_deltas_finishes_under_a_tiny_cache() {
     let idx: Vec<DeltaIndex> = h
         .deltas
         .iter()
-        .map(|d| {
-            let b = &store.objects[&d.key].0;
-            let f = DeltaFooter::decode(&b[b.len() - 64..], b.len() as u64).unwrap();
-            DeltaIndex::decode_suffix(&b[f.index.offset as usize..], b.len() as u64).unwrap()
-        })
+        .map(|d| delta_index(&store.objects[&d.key].0))
         .collect();
     let holds = |i: usize, k: &[u8]| {
         decode_delta(&store.objects[&h.deltas[i].key].0)
@@ -1040,21 +1040,12 @@ fn a_damaged_delta_fails_the_read_naming_it() {
     let d = h.deltas.last().expect("a delta over the snapshot").clone();
     // A key the newest delta holds and no later batch wrote.
     let bytes = store2.objects[&d.key].0.clone();
-    let later: Vec<Vec<u8>> = (d.lsn + 1..=180)
-        .map(|l| format!("key:{:03}", l % 150).into_bytes())
-        .collect();
-    let (key, want) = decode_delta(&bytes)
-        .unwrap()
-        .changes
-        .into_iter()
-        .find(|(k, _)| !later.contains(k))
-        .expect("a key only the delta has");
+    let (key, want) = key_only_in(&bytes, d.lsn);
     let (v, _, _) = cold_read(&store2, &key);
     assert_eq!(v, want);
-    let size = bytes.len() as u64;
-    let footer = DeltaFooter::decode(&bytes[bytes.len() - 64..], size).unwrap();
-    let idx = DeltaIndex::decode_suffix(&bytes[footer.index.offset as usize..], size).unwrap();
-    let block = idx.block_for(&key).expect("the key's block");
+    let block = delta_index(&bytes)
+        .block_for(&key)
+        .expect("the key's block");
     // A flipped byte in the delta's filter, then in the key's data block.
     for at in [d.size - 70, block.offset + 20] {
         let mut bad = Store {

@@ -918,6 +918,16 @@ mod tests {
         }
     }
 
+    /// A publisher of `cfg` whose first read of the head found none.
+    fn on_an_empty_store(cfg: PublisherConfig) -> Publisher {
+        let mut p = Publisher::new(cfg, 1);
+        let Action::Get(g) = p.poll(0) else {
+            panic!("reads the head first")
+        };
+        p.handle_get(g.id, 0, GetResponse::NotFound);
+        p
+    }
+
     /// Times (ms) of the segment PUTs while a record arrives at each of
     /// `writes` (ms) and every PUT succeeds at once, and the committed LSN
     /// 200 ms after the last write.
@@ -926,11 +936,7 @@ mod tests {
             head_check_ms: 0,
             ..cfg
         };
-        let mut p = Publisher::new(cfg, 1);
-        let Action::Get(g) = p.poll(0) else {
-            panic!("reads the head first")
-        };
-        p.handle_get(g.id, 0, GetResponse::NotFound);
+        let mut p = on_an_empty_store(cfg);
         let payload = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![0; 100])]).unwrap();
         let (mut seals, mut etag) = (Vec::new(), 0u64);
         let end = writes.last().copied().unwrap_or(0) + 200;
@@ -1006,11 +1012,7 @@ mod tests {
     /// moves: the next LSN it expects is still that record's.
     #[test]
     fn a_record_too_large_leaves_the_publisher_where_it_was() {
-        let mut p = Publisher::new(PublisherConfig::default(), 1);
-        let Action::Get(g) = p.poll(0) else {
-            panic!("reads the head first")
-        };
-        p.handle_get(g.id, 0, GetResponse::NotFound);
+        let mut p = on_an_empty_store(PublisherConfig::default());
         let (mut etag, mut seals) = (0, Vec::new());
         drive(&mut p, 0, &mut etag, &mut seals);
         let small = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![1])]).unwrap();
@@ -1035,11 +1037,7 @@ mod tests {
             page_fanout: 2,
             ..PublisherConfig::default()
         };
-        let mut p = Publisher::new(cfg, 1);
-        let Action::Get(g) = p.poll(0) else {
-            panic!("reads the head first")
-        };
-        p.handle_get(g.id, 0, GetResponse::NotFound);
+        let mut p = on_an_empty_store(cfg);
         let (mut etag, mut seals) = (0, Vec::new());
         drive(&mut p, 0, &mut etag, &mut seals);
         let small = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![1])]).unwrap();
@@ -1130,11 +1128,7 @@ mod tests {
             max_pending_segments: 2,
             ..PublisherConfig::default()
         };
-        let mut p = Publisher::new(cfg, 1);
-        let Action::Get(g) = p.poll(0) else {
-            panic!("reads the head first")
-        };
-        p.handle_get(g.id, 0, GetResponse::NotFound);
+        let mut p = on_an_empty_store(cfg);
         let Action::Put(claim) = p.poll(0) else {
             panic!("claims")
         };

@@ -58,6 +58,37 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Entry> {
     out
 }
 
+/// `publish --once` of `wal` to `url`, then `replicate --once` into `local`.
+fn publish_and_replicate(rt: &tokio::runtime::Runtime, wal: &Path, url: &str, local: &Path) {
+    rt.block_on(async {
+        let opts = PublishOptions {
+            once: true,
+            ..PublishOptions::default()
+        };
+        let store = Store::open(url).unwrap();
+        publish(
+            wal.to_path_buf(),
+            store,
+            opts,
+            std::future::pending(),
+            |_| {},
+        )
+        .await
+        .unwrap();
+        let opts = ReplicateOptions {
+            sink: None,
+            interval: Duration::from_millis(50),
+            once: true,
+            concurrency: 2,
+            progress: false,
+            trust: Vec::new(),
+        };
+        replicate(url, local, &opts, std::future::pending())
+            .await
+            .unwrap();
+    });
+}
+
 /// A replica directory whose `applied.log` holds records after its checkpoint.
 fn replica_with_log(tmp: &Path) -> PathBuf {
     let wal = tmp.join("wal");
@@ -76,27 +107,7 @@ fn replica_with_log(tmp: &Path) -> PathBuf {
             w.commit(&[Op::put(format!("user:{i:03}"), format!("v{i}"))])
                 .unwrap();
         }
-        rt.block_on(async {
-            let opts = PublishOptions {
-                once: true,
-                ..PublishOptions::default()
-            };
-            let store = Store::open(&url).unwrap();
-            publish(wal.clone(), store, opts, std::future::pending(), |_| {})
-                .await
-                .unwrap();
-            let opts = ReplicateOptions {
-                sink: None,
-                interval: Duration::from_millis(50),
-                once: true,
-                concurrency: 2,
-                progress: false,
-                trust: Vec::new(),
-            };
-            replicate(&url, &local, &opts, std::future::pending())
-                .await
-                .unwrap();
-        });
+        publish_and_replicate(&rt, &wal, &url, &local);
     };
     step(&w, 0, 10);
     step(&w, 10, 20);
@@ -200,32 +211,7 @@ fn a_dataset_started_over_replaces_the_local_directory() {
         w.commit(&[Op::put(format!("other:{i:03}"), format!("o{i}"))])
             .unwrap();
     }
-    rt.block_on(async {
-        let opts = PublishOptions {
-            once: true,
-            ..PublishOptions::default()
-        };
-        publish(
-            wal.clone(),
-            Store::open(&url).unwrap(),
-            opts,
-            std::future::pending(),
-            |_| {},
-        )
-        .await
-        .unwrap();
-        let opts = ReplicateOptions {
-            sink: None,
-            interval: Duration::from_millis(50),
-            once: true,
-            concurrency: 2,
-            progress: false,
-            trust: Vec::new(),
-        };
-        replicate(&url, &local, &opts, std::future::pending())
-            .await
-            .unwrap();
-    });
+    publish_and_replicate(&rt, &wal, &url, &local);
     let p = local.to_str().unwrap();
     let out = walcast(&["get", "--local", p, "other:003"]);
     assert!(

@@ -358,6 +358,20 @@ mod tests {
     use super::*;
     use crate::catalog::{delta_key, snapshot_key};
 
+    /// A version 2 snapshot at LSN 10.
+    fn base_at_10() -> SnapshotEntry {
+        SnapshotEntry {
+            key: snapshot_key(10, 1),
+            lsn: 10,
+            epoch: 1,
+            size: 5_000,
+            crc32: 0,
+            entries: 100,
+            version: 2,
+            suffix: None,
+        }
+    }
+
     fn delta(base: u64, lsn: u64) -> DeltaEntry {
         DeltaEntry {
             key: delta_key(base, lsn, 1),
@@ -377,17 +391,7 @@ mod tests {
     #[test]
     fn the_snapshot_shares_the_cache_only_with_deltas() {
         let mut lazy = Lazy::new(1 << 20);
-        let base = SnapshotEntry {
-            key: snapshot_key(10, 1),
-            lsn: 10,
-            epoch: 1,
-            size: 5_000,
-            crc32: 0,
-            entries: 100,
-            version: 2,
-            suffix: None,
-        };
-        lazy.set_base(base, None);
+        lazy.set_base(base_at_10(), None);
         assert_eq!(lazy.snapshot_cache_bytes(), 1 << 20);
         lazy.set_deltas(&[delta(10, 20)]);
         assert_eq!(lazy.snapshot_cache_bytes(), 3 << 18);
@@ -402,17 +406,7 @@ mod tests {
     #[test]
     fn a_longer_chain_keeps_the_deltas_it_still_names() {
         let mut lazy = Lazy::new(1 << 20);
-        let base = SnapshotEntry {
-            key: snapshot_key(10, 1),
-            lsn: 10,
-            epoch: 1,
-            size: 5_000,
-            crc32: 0,
-            entries: 100,
-            version: 2,
-            suffix: None,
-        };
-        lazy.set_base(base, None);
+        lazy.set_base(base_at_10(), None);
         let (d1, d2, d3) = (delta(10, 20), delta(20, 30), delta(30, 40));
         lazy.set_deltas(&[d1.clone(), d2.clone()]);
         lazy.base.as_mut().unwrap().deltas[0].cached = 7;
