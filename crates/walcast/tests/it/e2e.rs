@@ -414,7 +414,9 @@ fn e_replica_kill9_resumes() {
             }
         }
         eprintln!("{name}: attempt {attempt}: killed after {delay} ms at LSN {lsn} of {total}");
-        if lsn == 0 {
+        // Killed inside the first segments, a resumed replica fetches them
+        // again and saves nothing to compare: too early, like LSN 0.
+        if lsn < total / 50 {
             delay = delay * 3 / 2 + 10;
         } else if lsn >= total {
             dir_no += 1;
