@@ -76,8 +76,14 @@ const STUCK_SYNC_MS = 90_000;
 // The first request waits at most this long for the initial sync, then
 // answers 503 (the sync goes on in the background).
 const DEFAULT_FIRST_SYNC_WAIT_MS = 30_000;
-/** The pause between the syncs that reads waiting for a `min_lsn` start. */
+/**
+ * The pause between the syncs that reads waiting for a `min_lsn` start: 100
+ * ms after a sync that applied something, doubling after each that did not,
+ * up to a second. A read-your-writes LSN lands within the first few pauses;
+ * requests naming an LSN that never comes cost a head GET a second, not ten.
+ */
 const MIN_LSN_PAUSE_MS = 100;
+const MAX_MIN_LSN_PAUSE_MS = 1_000;
 /** How long a read with `min_lsn` waits for that LSN before answering 503. */
 const DEFAULT_MIN_LSN_WAIT_MS = 5_000;
 
@@ -411,6 +417,8 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       // Reads waiting for a min_lsn share one loop: no sync they start
       // begins before this time (ms; the last one's end plus a pause).
       minLsnNextAt: 0,
+      minLsnPause: MIN_LSN_PAUSE_MS, // the next pause (backs off while nothing new is applied)
+      minLsnSeen: -1, // the applied LSN after the last such sync
       scans: 0, // lazy scans in progress
     };
     if (config.load === "lazy") {
@@ -740,8 +748,12 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
           continue;
         }
         const p = startSync(s).then(() => {
-          // Nothing newer committed yet: a pause before asking the store again.
-          s.minLsnNextAt = Math.max(s.minLsnNextAt, now() + MIN_LSN_PAUSE_MS);
+          // Nothing newer committed yet: a pause before asking the store
+          // again, longer each time the store had nothing new.
+          const applied = s.replica.status().appliedLsn;
+          s.minLsnPause = applied > s.minLsnSeen ? MIN_LSN_PAUSE_MS : Math.min(s.minLsnPause * 2, MAX_MIN_LSN_PAUSE_MS);
+          s.minLsnSeen = applied;
+          s.minLsnNextAt = Math.max(s.minLsnNextAt, now() + s.minLsnPause);
         });
         defer(p);
         await withDeadline(p, left);

@@ -632,3 +632,40 @@ test("min_lsn beyond the committed LSN answers 503 with Retry-After after MIN_LS
   assert.equal(body.error.lsn, 1000000);
   assert.ok(Date.now() - t0 < 20_000);
 });
+
+test("reads waiting for an LSN that does not come back off: the syncs they start thin out to one a second", async () => {
+  const { handle, made, clock } = setup();
+  const env = { DATASET_URL: "http://ds/x", MIN_LSN_WAIT_MS: "3000" };
+  const req = (p, h = {}) => handle(new Request(`http://w${p}`, { headers: h }), env, () => {});
+  const first = req("/kv/a");
+  await flush();
+  const r = made[0];
+  r.put("a", "1");
+  r.syncCalls[0].resolve(5);
+  await first;
+  const before = r.syncCalls.length;
+  // Every sync ends at LSN 5 (nothing newer is committed); the fake clock
+  // follows the real one, so a wait of 3 s of it pauses between its syncs
+  // 100, 200, 400, 800 and then 1,000 ms (a fixed 100 ms pause: about 30).
+  const waits = [1, 2, 3].map(() => req("/kv/a", { "walcast-min-lsn": "1000000" }));
+  let last = Date.now();
+  const settle = setInterval(() => {
+    for (const c of r.syncCalls) c.resolve(5);
+    const t = Date.now();
+    clock.advance(t - last);
+    last = t;
+  }, 10);
+  try {
+    for (const res of await Promise.all(waits)) assert.equal(res.status, 503);
+  } finally {
+    clearInterval(settle);
+  }
+  const syncs = r.syncCalls.length - before;
+  assert.ok(syncs >= 3 && syncs <= 9, `${syncs} syncs during a 3 s wait of three reads`);
+  // A sync that applies something resets the pause.
+  const waiting = req("/kv/a", { "walcast-min-lsn": "6" });
+  await flush();
+  r.put("a", "2");
+  for (const c of r.syncCalls) c.resolve(6);
+  assert.equal((await waiting).status, 200);
+});
