@@ -405,7 +405,18 @@ const engine = {
   exports: null, // the current instance's exports
   replaceable: false, // false when the glue could not be set up this way
   pending: null, // an asynchronous replacement in progress
+  poisoned: false, // a trap's instance is still installed: no fresh one came yet
 };
+
+// Test-only faults, armed through the trap hook: the next re-instantiations
+// of the module, or constructions of a WasmReplica in a rebuild, fail.
+const testFaults = { instantiate: 0, construct: 0 };
+function testFault(kind) {
+  if (testFaults[kind] > 0) {
+    testFaults[kind]--;
+    throw new Error(`walcast test: the ${kind} fails`);
+  }
+}
 
 /** Called by the runtime entry: how to get the module when first needed. */
 export function setWasmSource(fn) {
@@ -587,27 +598,69 @@ function recoverFromTrap(cause, culprit, kind) {
     finish(true);
     return err;
   }
+  engine.poisoned = true;
   let exports = null;
   try {
+    testFault("instantiate");
     exports = new RealInstance(engine.module, engine.imports).exports;
   } catch {
     exports = null; // e.g. synchronous instantiation not allowed here
   }
   if (exports) {
     install(exports);
+    engine.poisoned = false;
     finish(true);
   } else {
     for (const m of moves) m.owner[REBUILD](null, m.culprit ? err : null, "pending");
-    engine.pending = WebAssembly.instantiate(engine.module, engine.imports).then((inst) => {
-      install(inst.exports);
-      engine.pending = null;
-      finish(false);
-    });
-    engine.pending.catch(() => {
-      engine.pending = null;
-    });
+    // When this fails too, each replica tries again on its next sync
+    // (ensureEngine): none is left without a module for good.
+    reinstantiate().then(() => finish(false), noop);
   }
   return err;
+}
+
+/** A fresh instance of the module, asynchronously (engine.pending until it is installed or failed). */
+function reinstantiate() {
+  const p = (async () => {
+    testFault("instantiate");
+    const inst = await WebAssembly.instantiate(engine.module, engine.imports);
+    install(inst.exports);
+    engine.poisoned = false;
+  })();
+  engine.pending = p;
+  const clear = () => {
+    if (engine.pending === p) engine.pending = null;
+  };
+  p.then(clear, clear);
+  return p;
+}
+
+/**
+ * Waits for the fresh instance a trap asked for; when none is coming (the
+ * last try failed), tries again. Rejects when this try fails.
+ */
+function ensureEngine() {
+  if (engine.pending) return engine.pending;
+  if (engine.poisoned && engine.replaceable) return reinstantiate();
+  return null;
+}
+
+/** ensureEngine for a new replica: never one in a trap's instance when a fresh one can be had. */
+async function readyEngine() {
+  // A try started elsewhere (the trap's own) that fails gets one of ours.
+  let theirs = Boolean(engine.pending);
+  for (;;) {
+    try {
+      await ensureEngine();
+      return;
+    } catch (e) {
+      if (theirs) {
+        theirs = false;
+        continue;
+      }
+      throw walcastError("internal", `walcast: the wasm module could not be instantiated again after a trap (${e?.message ?? e}); try again`, { cause: e });
+    }
+  }
 }
 
 /** Runs `fn(w)` on the handle's WasmReplica; a trap replaces the instance and throws code "internal". */
@@ -913,9 +966,12 @@ export class Replica {
     }
     const empty = !w;
     try {
+      if (!w) testFault("construct");
       w ??= new WasmReplica(this.#wasmOpts);
     } catch (e) {
+      // No replica in the fresh instance: the next sync tries again (#revive).
       this.#slot.h = null;
+      this.#lazyReady = false;
       this.#emitError(e);
       return;
     }
@@ -973,6 +1029,19 @@ export class Replica {
     if (!this.#inflight) queueMicrotask(() => this.#afterSync());
   }
 
+  /**
+   * A replica left without a WasmReplica after a trap (its rebuild, or the
+   * module's re-instantiation, failed): waits for or retries the module,
+   * then takes up a fresh WasmReplica (from the persisted copy, else empty).
+   * Throws code "internal" when that fails again; the next call retries.
+   */
+  async #revive() {
+    await readyEngine();
+    if (this.#closed || this.#slot.h) return;
+    this[REBUILD](null, null, "rebuilt");
+    if (!this.#slot.h) throw walcastError("internal", "walcast: the replica could not be rebuilt after a trap; try again");
+  }
+
   /** The current handle, for a call. */
   #h() {
     if (this.#closed) throw closedError();
@@ -1017,7 +1086,7 @@ export class Replica {
     }
     const store = pickStore(options.persist);
     await init();
-    await engine.pending;
+    await readyEngine();
     const wasmOpts = wasmOptions(options);
 
     let w = null;
@@ -1082,7 +1151,7 @@ export class Replica {
     headerList(rest.headers);
     fetchOption(rest);
     await init();
-    await engine.pending;
+    await readyEngine();
     const w = construct(() => WasmReplica.restore(wasmOptions(rest), toBytes(snapshot, "snapshot")));
     return new Replica(TOKEN, url, rest, w, null, null);
   }
@@ -1193,8 +1262,8 @@ export class Replica {
   #runSync() {
     const p = (async () => {
       try {
+        await this.#revive();
         if (this.#reloading) await this.#reloading;
-        if (engine.pending) await engine.pending;
         const lsn = await this.#pump();
         this.#trapError = null;
         this.#lazyReady = true;
@@ -1215,7 +1284,7 @@ export class Replica {
   async #pump() {
     for (;;) {
       if (this.#closed) throw closedError();
-      if (engine.pending) await engine.pending.catch(noop);
+      await this.#revive();
       try {
         return await this.#drive(this.#h());
       } catch (e) {
@@ -1585,8 +1654,16 @@ export class Replica {
     return this.#call("read", (w) => w.snapshot());
   }
 
-  /** Test-only: makes the wasm module trap ("read", "abort") or the next sync trap ("sync"). */
+  /** Test-only: makes the wasm module trap ("read", "abort"), the next sync trap ("sync"), or the recovery from the next trap fail (see below). */
   [TEST_TRAP](mode) {
+    // "fail-instantiate": the next trap's fresh instance fails (both the
+    // synchronous and the asynchronous try); "fail-construct": the next
+    // rebuild's new WasmReplica fails; "clear-faults" disarms both.
+    if (mode === "fail-instantiate" || mode === "fail-construct" || mode === "clear-faults") {
+      testFaults.instantiate = mode === "fail-instantiate" ? 2 : 0;
+      testFaults.construct = mode === "fail-construct" ? 1 : 0;
+      return engine.replaceable;
+    }
     return this.#call("read", (w) => w.__testTrap(String(mode)));
   }
 
