@@ -93,16 +93,61 @@ export function recordsAfter(bytes, lsn) {
 
 let dbPromise = null;
 
+/**
+ * How long opening the database may take. Some browsers' IndexedDB never
+ * answers an open (a wedged profile, a private window of an older Safari):
+ * the call then fails with an error saying so, instead of hanging a
+ * replica's open or sync; the next call tries again.
+ */
+export const OPEN_TIMEOUT_MS = 10_000;
+let openTimeoutMs = OPEN_TIMEOUT_MS;
+
+/** Test-only: sets the open timeout and forgets the open connection (the next call opens anew). */
+export function setOpenTimeoutForTest(ms) {
+  openTimeoutMs = ms;
+  const p = dbPromise;
+  dbPromise = null;
+  p?.then(
+    (db) => db.close(),
+    () => {},
+  );
+}
+
 function openDb() {
   if (!dbPromise) {
     dbPromise = new Promise((resolve, reject) => {
-      const r = globalThis.indexedDB.open(DB_NAME, DB_VERSION);
+      let settled = false;
+      const timer = setTimeout(() => {
+        if (settled) return;
+        settled = true;
+        reject(new Error(`walcast: IndexedDB did not open within ${openTimeoutMs} ms`));
+      }, openTimeoutMs);
+      const fail = (e) => {
+        clearTimeout(timer);
+        if (settled) return;
+        settled = true;
+        reject(e);
+      };
+      let r;
+      try {
+        r = globalThis.indexedDB.open(DB_NAME, DB_VERSION);
+      } catch (e) {
+        fail(e);
+        return;
+      }
       r.onupgradeneeded = () => {
         const db = r.result;
         for (const s of STORES) if (!db.objectStoreNames.contains(s)) db.createObjectStore(s);
       };
       r.onsuccess = () => {
+        clearTimeout(timer);
         const db = r.result;
+        if (settled) {
+          // It came after the timeout: that call failed, and the next opens anew.
+          db.close();
+          return;
+        }
+        settled = true;
         // Another tab upgrading the schema: let it, reopen on next use.
         db.onversionchange = () => {
           db.close();
@@ -110,8 +155,8 @@ function openDb() {
         };
         resolve(db);
       };
-      r.onerror = () => reject(r.error);
-      r.onblocked = () => reject(new Error("walcast: IndexedDB open blocked by another tab"));
+      r.onerror = () => fail(r.error);
+      r.onblocked = () => fail(new Error("walcast: IndexedDB open blocked by another tab"));
     });
     dbPromise.catch(() => {
       dbPromise = null;

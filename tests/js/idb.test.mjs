@@ -15,7 +15,7 @@ try {
 } catch {
   fakeIdb = false;
 }
-const { indexedDbStore: store, recordsAfter, compactionDue, COMPACT_MIN_BYTES, shouldReplace } = await import("../../js/src/idb.js");
+const { indexedDbStore: store, recordsAfter, compactionDue, COMPACT_MIN_BYTES, shouldReplace, setOpenTimeoutForTest, OPEN_TIMEOUT_MS } = await import("../../js/src/idb.js");
 
 /** Framed records lsn first.. with payloads of the given lengths (checksums are not looked at here). */
 function frames(first, lens) {
@@ -503,4 +503,43 @@ test("IndexedDB: a tampered record, log chunk or base (huge claimed sizes and co
   r = await Replica.open(url, { persist: "indexeddb", fetch: offlineFetch(), onError: (e) => assert.fail(String(e)) });
   expectState(r, f1.expected, "after the repair");
   await r.close();
+});
+
+test("an IndexedDB whose open never answers fails the call after the open timeout, and a late answer is closed; the next call opens anew", { timeout: 30_000 }, async () => {
+  const real = Object.getOwnPropertyDescriptor(globalThis, "indexedDB");
+  const requests = [];
+  // A browser whose open request never fires an event (a fault real
+  // IndexedDB implementations have shown; none can be made to do it here).
+  Object.defineProperty(globalThis, "indexedDB", {
+    configurable: true,
+    value: {
+      open() {
+        const r = {};
+        requests.push(r);
+        return r;
+      },
+    },
+  });
+  try {
+    setOpenTimeoutForTest(50);
+    await assert.rejects(store.load("http://x/hang"), /IndexedDB did not open within 50 ms/);
+    assert.equal(requests.length, 1);
+    // The open answers late: that connection is closed, never used.
+    let closed = false;
+    requests[0].result = { close: () => (closed = true) };
+    requests[0].onsuccess();
+    assert.ok(closed, "a connection that opened after the timeout is closed");
+    // The next call opens again (and fails again, here).
+    await assert.rejects(store.load("http://x/hang"), /did not open/);
+    assert.equal(requests.length, 2, "a new open after the failed one");
+  } finally {
+    if (real) Object.defineProperty(globalThis, "indexedDB", real);
+    else delete globalThis.indexedDB;
+    setOpenTimeoutForTest(OPEN_TIMEOUT_MS);
+  }
+  if (fakeIdb) {
+    const url = "http://x/after-hang";
+    await store.append(url, { datasetId: "ds", first: 1, last: 1, bytes: frames(1, [3]), whole: whole(1, 20) });
+    assert.equal((await store.load(url)).appliedLsn, 1, "the real database opens once it answers");
+  }
 });
