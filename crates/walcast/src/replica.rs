@@ -244,6 +244,9 @@ impl HttpFetch {
         let client = reqwest::Client::builder()
             .user_agent(concat!("walcast/", env!("CARGO_PKG_VERSION")))
             .default_headers(map)
+            .redirect(same_origin_redirects())
+            // The previous URL may hold the access token in its query.
+            .referer(false)
             .build()?;
         let (path, query) = match base.split_once('?') {
             Some((p, q)) if !q.is_empty() => (p, Some(q.to_string())),
@@ -497,13 +500,42 @@ impl Fetch for AnyFetch {
     }
 }
 
-/// Wall clock and tokio timers.
+/// Redirects followed: at most 5, and only to the same scheme, host and
+/// port. The `--header` values (an API key, a CDN's access secret) and the
+/// token in the dataset URL's query go with every GET, so a redirect to
+/// another origin (a hostile or misconfigured server's `Location`) is not
+/// followed: the 3xx is the answer, and the GET fails naming its status.
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let Some(first) = attempt.previous().first() else {
+            return attempt.stop();
+        };
+        let url = attempt.url();
+        let same = url.scheme() == first.scheme()
+            && url.host_str() == first.host_str()
+            && url.port_or_known_default() == first.port_or_known_default();
+        if !same || attempt.previous().len() > 5 {
+            attempt.stop()
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// A clock that never goes back, and tokio timers: the wall clock's
+/// milliseconds when first read, plus the monotonic time since. A step of
+/// the wall clock (an NTP correction, a resumed VM) then moves no deadline
+/// the replica machine set: were it read anew, a step back would hold every
+/// sync until the wall clock caught up.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TokioTimer;
 
 impl Timer for TokioTimer {
     fn now_ms(&self) -> u64 {
-        crate::publish::now_ms()
+        static START: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
+        let (at, wall) =
+            START.get_or_init(|| (std::time::Instant::now(), crate::publish::now_ms()));
+        wall + u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX / 2)
     }
 
     async fn sleep_until(&self, at_ms: u64) {

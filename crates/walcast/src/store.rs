@@ -150,11 +150,51 @@ impl Store {
     pub async fn get(&self, req: &GetRequest) -> GetResponse {
         if req.key == HEAD_KEY {
             if let Some(dir) = &self.local {
-                let r = local_head_get(dir, req.if_none_match.as_deref(), req.max_bytes);
+                // Off the replica's thread and within the GET's time limit:
+                // a head on a hung mount fails this GET, as a hung server's.
+                let (dir, inm, max_bytes) = (dir.clone(), req.if_none_match.clone(), req.max_bytes);
+                let read = tokio::task::spawn_blocking(move || {
+                    local_head_get(&dir, inm.as_deref(), max_bytes)
+                });
+                let timeout = std::time::Duration::from_millis(req.timeout_ms.max(1));
+                let r = match tokio::time::timeout(timeout, read).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(_)) => GetResponse::Failed {
+                        status: None,
+                        message: format!("GET {}: reading the local file failed", req.key),
+                    },
+                    Err(_) => GetResponse::Failed {
+                        status: None,
+                        message: format!("GET {} timed out after {} ms", req.key, req.timeout_ms),
+                    },
+                };
                 if let Some(st) = &self.stats {
                     st.record_local_get(&r);
                 }
                 return r;
+            }
+        }
+        if let Some(dir) = &self.local {
+            // A FIFO or device at an object's path would block the open in
+            // object_store's worker thread for good: refused first.
+            let path = req.key.split('/').fold(dir.clone(), |p, part| p.join(part));
+            let check =
+                tokio::task::spawn_blocking(move || std::fs::metadata(path).map(|m| m.is_file()));
+            let timeout = std::time::Duration::from_millis(req.timeout_ms.max(1));
+            match tokio::time::timeout(timeout, check).await {
+                Ok(Ok(Ok(false))) => {
+                    return GetResponse::Failed {
+                        status: None,
+                        message: format!("GET {}: not a regular file", req.key),
+                    }
+                }
+                Err(_) => {
+                    return GetResponse::Failed {
+                        status: None,
+                        message: format!("GET {} timed out after {} ms", req.key, req.timeout_ms),
+                    }
+                }
+                _ => {}
             }
         }
         let gcs = self.gcs;
@@ -437,8 +477,31 @@ fn range_not_satisfiable(e: &object_store::Error) -> bool {
     false
 }
 
+/// Opens a local object for reading, refusing anything but a regular file.
+/// On unix it opens without blocking (`O_NONBLOCK`, which reads of a
+/// regular file ignore): a FIFO, device or socket placed at an object's
+/// path would otherwise block the open itself, until another process
+/// writes to it.
+pub(crate) fn open_regular(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.custom_flags(libc::O_NONBLOCK);
+    }
+    let f = o.open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
 fn local_head_get(dir: &std::path::Path, inm: Option<&str>, max_bytes: u64) -> GetResponse {
-    let read = std::fs::File::open(dir.join(HEAD_KEY)).and_then(|f| {
+    let read = open_regular(&dir.join(HEAD_KEY)).and_then(|f| {
         let len = f.metadata()?.len();
         read_bounded(f, len, max_bytes)
     });

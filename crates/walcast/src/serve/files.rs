@@ -187,15 +187,19 @@ pub(super) fn open_entity(state: &Served, rel: &str) -> io::Result<Entity> {
         );
         return Err(io::Error::new(io::ErrorKind::NotFound, "outside the root"));
     }
-    let mut file = File::open(&path)?;
+    // Never blocks on a FIFO or device at the path: anything but a regular
+    // file is not served.
+    let mut file = crate::store::open_regular(&path).map_err(|e| match e.kind() {
+        io::ErrorKind::InvalidData => io::Error::new(io::ErrorKind::NotFound, e),
+        _ => e,
+    })?;
     let meta = file.metadata()?;
-    if !meta.is_file() {
-        return Err(io::Error::new(io::ErrorKind::NotFound, "not a file"));
-    }
     let len = meta.len();
     if len <= SMALL_FILE {
         let mut data = Vec::with_capacity(len as usize);
-        file.read_to_end(&mut data)?;
+        // At most the length it had when opened (a file still growing is
+        // read as far as that).
+        (&mut file).take(len).read_to_end(&mut data)?;
         let etag = etag_of(crc32fast::hash(&data), data.len() as u64);
         return Ok(Entity {
             file,

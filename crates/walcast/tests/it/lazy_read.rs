@@ -472,3 +472,57 @@ fn damaged_snapshot_block_is_a_data_error() {
         assert_eq!(out.stdout, b"tail");
     }
 }
+
+/// A FIFO at an object's path (a hostile or broken dataset directory) fails
+/// the GET of that object, over file:// and through `walcast serve` alike,
+/// instead of blocking in the open until another process writes to it.
+#[test]
+fn a_fifo_at_an_object_path_fails_its_get_instead_of_hanging() {
+    let tmp = TempDir::new().unwrap();
+    let wal = tmp.path().join("wal");
+    let ds = tmp.path().join("ds");
+    let url = file_url(&ds);
+    let mut lines = String::new();
+    for i in 0..300 {
+        lines.push_str(&format!(
+            "{{\"op\":\"put\",\"key\":\"f:{i:04}\",\"value\":\"v{i}\"}}\n"
+        ));
+    }
+    run(
+        &["write", "--wal", p(&wal)],
+        &Env::new(),
+        Some(lines.as_bytes()),
+    )
+    .ok();
+    publish_once(&wal, &url, &["--snapshot-every", "300"], &Env::new()).ok();
+    let h = head(&ds);
+    let snap = h["snapshot"]["key"].as_str().unwrap().to_string();
+    let serve = Serve::start(&ds);
+    for (object, what) in [
+        (snap.as_str(), "the snapshot"),
+        ("catalog/head.json", "the head"),
+    ] {
+        let path = ds.join(object);
+        let kept = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfifo {}", path.display());
+        for source in [url.as_str(), serve.url.as_str()] {
+            let out = run_timeout(
+                &["get", "--from", source, "f:0001"],
+                &Env::new(),
+                None,
+                std::time::Duration::from_secs(60),
+            );
+            assert_ne!(out.code, Some(0), "{what} is a FIFO: {}", out.describe());
+            assert!(out.stdout.is_empty(), "{}", out.describe());
+        }
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, kept).unwrap();
+    }
+    let out = run(&["get", "--from", &url, "f:0001"], &Env::new(), None).ok();
+    assert_eq!(out.stdout, b"v1");
+}

@@ -157,3 +157,83 @@ fn replicate_and_inspect_reach_a_private_dataset_without_printing_credentials() 
     assert!(out.stderr.contains("--header"), "{}", out.describe());
     assert!(!out.stderr.contains("s3cr3t"), "{}", out.describe());
 }
+
+/// A server that answers every GET with `302 Location: {to}{path}`.
+fn redirecting_server(to: String) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            let mut line = String::new();
+            if r.read_line(&mut line).is_err() {
+                continue;
+            }
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+            }
+            let target = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let _ = write!(
+                c,
+                "HTTP/1.1 302 Found\r\nLocation: {to}{target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    port
+}
+
+/// A server that records every request it is sent (line and headers) and answers 404.
+fn recording_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            let mut req = String::new();
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+                req.push_str(&h);
+            }
+            log.lock().unwrap().push(req);
+            let _ = write!(
+                c,
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn a_redirect_to_another_origin_is_not_followed_and_carries_no_credential_there() {
+    let (other, seen) = recording_server();
+    // Another origin: "localhost" is not the host the dataset URL names.
+    let port = redirecting_server(format!("http://localhost:{other}"));
+    let url = format!("http://127.0.0.1:{port}/?token={TOKEN}");
+    let header = "X-Api-Key: s3cr3t-api-key";
+    let out = run(
+        &["get", "--from", &url, "k", "--header", header],
+        &Env::new(),
+        None,
+    )
+    .failed();
+    assert!(out.stderr.contains("302"), "{}", out.describe());
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.is_empty(),
+        "the redirect was followed to another origin: {seen:?}"
+    );
+    for secret in [TOKEN, "s3cr3t"] {
+        assert!(!out.stderr.contains(secret), "{}", out.describe());
+    }
+}
