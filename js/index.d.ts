@@ -179,6 +179,13 @@ export interface FullOpenOptions extends CommonOpenOptions {
    * reads are served at once, offline too), or a custom store.
    */
   persist?: "memory" | "indexeddb" | PersistStore;
+  /**
+   * How long one call of the persist store (`load`, `save`, `append`) may
+   * take, in ms, before it counts as failed (code `persist`): a store that
+   * never answers does not hold up syncs, `start()` or `close()`. Default
+   * 30000.
+   */
+  persistTimeoutMs?: number;
   /** Raw mode: records are not walcast KV batches; each goes to `onRecord`. */
   raw?: boolean;
   /**

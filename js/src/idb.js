@@ -115,7 +115,8 @@ export function setOpenTimeoutForTest(ms) {
 
 function openDb() {
   if (!dbPromise) {
-    dbPromise = new Promise((resolve, reject) => {
+    let mine = null;
+    mine = dbPromise = new Promise((resolve, reject) => {
       let settled = false;
       const timer = setTimeout(() => {
         if (settled) return;
@@ -151,7 +152,12 @@ function openDb() {
         // Another tab upgrading the schema: let it, reopen on next use.
         db.onversionchange = () => {
           db.close();
-          dbPromise = null;
+          if (dbPromise === mine) dbPromise = null;
+        };
+        // Closed by the browser (site data cleared, the backing store
+        // lost): reopen on next use instead of failing every call after.
+        db.onclose = () => {
+          if (dbPromise === mine) dbPromise = null;
         };
         resolve(db);
       };
@@ -167,10 +173,29 @@ function openDb() {
 
 function transaction(db, mode) {
   try {
-    return db.transaction(STORES, mode, { durability: "strict" });
-  } catch {
-    return db.transaction(STORES, mode);
+    try {
+      return db.transaction(STORES, mode, { durability: "strict" });
+    } catch (e) {
+      if (e?.name === "InvalidStateError") throw e;
+      return db.transaction(STORES, mode);
+    }
+  } catch (e) {
+    // A connection closed under us: this call fails, the next one reopens.
+    if (e?.name === "InvalidStateError") forget(db);
+    throw e;
   }
+}
+
+/** Drops the cached connection `db` (the next call opens a new one). */
+function forget(db) {
+  const p = dbPromise;
+  if (!p) return;
+  p.then(
+    (cur) => {
+      if (cur === db && dbPromise === p) dbPromise = null;
+    },
+    () => {},
+  );
 }
 
 function done(tx, value) {

@@ -81,6 +81,25 @@ function checkCount(v, name, { min = 0 } = {}) {
   return v;
 }
 
+/** Lazy scans one replica keeps open in the module at once (the module keeps 64). */
+const MAX_OPEN_SCANS = 48;
+
+/** Default `persistTimeoutMs`: how long one call of the persist store may take. */
+const DEFAULT_PERSIST_TIMEOUT_MS = 30_000;
+
+/**
+ * `p` (a persist store's call), or a rejection once `ms` pass: a store that
+ * never answers (a custom one, an IndexedDB lock held by a stuck tab) fails
+ * that call instead of holding up every sync, `start()` and `close()`.
+ */
+function storeCall(p, method, ms) {
+  let t;
+  const late = new Promise((_, reject) => {
+    t = setTimeout(() => reject(new Error(`${method} did not settle within ${ms} ms`)), ms);
+  });
+  return Promise.race([Promise.resolve(p), late]).finally(() => clearTimeout(t));
+}
+
 function pickStore(persist) {
   if (persist === undefined || persist === null || persist === "memory") return null;
   if (persist === "indexeddb") {
@@ -678,6 +697,11 @@ function call(h, kind, fn) {
 
 /** A new WasmReplica (`fn` constructs it); a trap while constructing also replaces the instance. */
 function construct(fn) {
+  // Never in a trapped instance, nor in one about to be replaced (its
+  // pointer would point into the fresh instance's memory, at nothing).
+  if (engine.pending || engine.poisoned) {
+    throw walcastError("unavailable", "walcast: the wasm module is being replaced after an internal error; try again");
+  }
   try {
     return fn();
   } catch (e) {
@@ -884,6 +908,9 @@ export class Replica {
   #recoveries = 0;
   #trapError = null;
   #reloading = null;
+  #openScans = 0; // lazy scans open in the module
+  #scanWaiters = []; // lazy scans waiting for a slot
+  #persistTimeoutMs = DEFAULT_PERSIST_TIMEOUT_MS;
 
   constructor(token, url, options, w, store, restored) {
     if (token !== TOKEN) {
@@ -893,6 +920,7 @@ export class Replica {
     this.#io = { ...splitUrl(url), headers: headerList(options.headers), fetch: fetchOption(options) };
     this.#wasmOpts = wasmOptions(options);
     this.#store = store;
+    this.#persistTimeoutMs = options.persistTimeoutMs ?? DEFAULT_PERSIST_TIMEOUT_MS;
     this.#pollInterval = options.pollInterval ?? 1000;
     this.#lazy = options.load === "lazy";
     this.#onError = typeof options.onError === "function" ? options.onError : null;
@@ -992,13 +1020,21 @@ export class Replica {
   async #reload() {
     let rec;
     try {
-      rec = await this.#store.load(storeKey(this.#url));
+      rec = await storeCall(this.#store.load(storeKey(this.#url)), "load", this.#persistTimeoutMs);
     } catch (e) {
       this.#emitError(storeError("load", storeKey(this.#url), e));
       return;
     }
     if (this.#closed || !rec || !rec.snapshot) return;
+    // A trap during the load may be replacing the instance: restore into the
+    // fresh one; a replica left without one reloads when it is rebuilt.
+    try {
+      await readyEngine();
+    } catch {
+      return;
+    }
     const h = this.#slot.h;
+    if (!h || h.dead || this.#closed) return;
     let w;
     try {
       if (call(h, "read", (x) => x.status()).appliedLsn >= rec.appliedLsn) return;
@@ -1071,6 +1107,7 @@ export class Replica {
     }
     checkCount(options.pollInterval, "pollInterval");
     checkCount(options.concurrency, "concurrency", { min: 1 });
+    checkCount(options.persistTimeoutMs, "persistTimeoutMs", { min: 1 });
     if (options.onRecord !== undefined && typeof options.onRecord !== "function") {
       throw walcastError("invalid_input", "walcast: onRecord must be a function");
     }
@@ -1094,11 +1131,13 @@ export class Replica {
     if (store) {
       let rec;
       try {
-        rec = await store.load(storeKey(url));
+        rec = await storeCall(store.load(storeKey(url)), "load", options.persistTimeoutMs ?? DEFAULT_PERSIST_TIMEOUT_MS);
       } catch (e) {
         reportTo(options.onError, storeError("load", storeKey(url), e));
       }
       if (rec && rec.snapshot) {
+        // The load took a while: a trap meanwhile may be replacing the instance.
+        await readyEngine();
         try {
           let damage = null;
           w = construct(() => {
@@ -1121,7 +1160,10 @@ export class Replica {
         }
       }
     }
-    if (!w) w = construct(() => new WasmReplica(wasmOpts));
+    if (!w) {
+      await readyEngine();
+      w = construct(() => new WasmReplica(wasmOpts));
+    }
     const replica = new Replica(TOKEN, url, options, w, store, restored);
     if (lazy) {
       try {
@@ -1547,6 +1589,24 @@ export class Replica {
   async #lazyScan(options) {
     const b = scanBounds(options);
     if (b === null) return [];
+    // At most MAX_OPEN_SCANS open in the module at once (it keeps 64 and
+    // forgets the least recently stepped past that): more wait their turn
+    // instead of forgetting each other and starting over without end.
+    if (this.#openScans >= MAX_OPEN_SCANS) {
+      await new Promise((resolve) => this.#scanWaiters.push(resolve));
+    } else {
+      this.#openScans++;
+    }
+    try {
+      return await this.#lazyScanOpen(b);
+    } finally {
+      const next = this.#scanWaiters.shift();
+      if (next) next();
+      else this.#openScans--;
+    }
+  }
+
+  async #lazyScanOpen(b) {
     let id = 0;
     let owner = null; // the handle the scan was opened on
     try {
@@ -1657,10 +1717,12 @@ export class Replica {
   /** Test-only: makes the wasm module trap ("read", "abort"), the next sync trap ("sync"), or the recovery from the next trap fail (see below). */
   [TEST_TRAP](mode) {
     // "fail-instantiate": the next trap's fresh instance fails (both the
-    // synchronous and the asynchronous try); "fail-construct": the next
-    // rebuild's new WasmReplica fails; "clear-faults" disarms both.
-    if (mode === "fail-instantiate" || mode === "fail-construct" || mode === "clear-faults") {
-      testFaults.instantiate = mode === "fail-instantiate" ? 2 : 0;
+    // synchronous and the asynchronous try); "async-instantiate": only the
+    // synchronous try fails (the instance comes asynchronously);
+    // "fail-construct": the next rebuild's new WasmReplica fails;
+    // "clear-faults" disarms them.
+    if (["fail-instantiate", "async-instantiate", "fail-construct", "clear-faults"].includes(mode)) {
+      testFaults.instantiate = mode === "fail-instantiate" ? 2 : mode === "async-instantiate" ? 1 : 0;
       testFaults.construct = mode === "fail-construct" ? 1 : 0;
       return engine.replaceable;
     }
@@ -1834,7 +1896,7 @@ export class Replica {
         return { snapshot: call(hh, "read", (w) => w.snapshot()), appliedLsn: st.appliedLsn, datasetId: ds, savedAt: Date.now() };
       };
       try {
-        await this.#store.append(key, { datasetId: ds, first: chunk.first, last: chunk.last, bytes: chunk.bytes, whole });
+        await storeCall(this.#store.append(key, { datasetId: ds, first: chunk.first, last: chunk.last, bytes: chunk.bytes, whole }), "append", this.#persistTimeoutMs);
         // The store now holds at least this (its own copy may be newer).
         this.#persistedLsn = Math.max(this.#persistedLsn, chunk.last, wholeLsn);
       } catch (e) {
@@ -1847,7 +1909,7 @@ export class Replica {
     const opts = { replace, repair };
     if (repair && this.#persistRepairOf !== undefined) opts.repairOf = this.#persistRepairOf;
     try {
-      await this.#store.save(key, { snapshot, appliedLsn: lsn, datasetId: ds, savedAt: Date.now() }, opts);
+      await storeCall(this.#store.save(key, { snapshot, appliedLsn: lsn, datasetId: ds, savedAt: Date.now() }, opts), "save", this.#persistTimeoutMs);
     } catch (e) {
       throw storeError("save", key, e);
     }

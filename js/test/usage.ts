@@ -77,6 +77,7 @@ async function main(): Promise<void> {
   const options: OpenOptions = {
     raw: true,
     persist: store,
+    persistTimeoutMs: 5000,
     headers: { authorization: "Bearer x" },
     concurrency: 4,
     onRecord: (l: number, payload: Uint8Array) => console.log(l, payload.length),

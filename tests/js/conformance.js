@@ -816,6 +816,19 @@ export function conformanceCases(ctx) {
     }
   });
 
+  add("lazy: more scans at once than the module keeps open all finish (they wait their turn)", async () => {
+    const fx = sc.lazy;
+    const full = track(await Replica.open(fx.url));
+    await withTimeout(full.sync(), 120_000, "full sync");
+    const want = full.scan({ limit: 400 });
+    // A cache of a few blocks: every scan waits for GETs, so all of them
+    // are open at once.
+    const lazy = track(await Replica.open(fx.url, { load: "lazy", cacheBytes: 48 * 1024 }));
+    const scans = Array.from({ length: 100 }, () => lazy.scan({ limit: 400 }));
+    const got = await withTimeout(Promise.all(scans), 240_000, "100 scans at once");
+    for (const [i, rows] of got.entries()) sameRows(rows, want, `scan ${i} of 100 at once`);
+  });
+
   add("lazy: close rejects later reads with closed", async () => {
     const fx = sc.lazy;
     const r = await Replica.open(fx.url, { load: "lazy" });
@@ -964,6 +977,60 @@ export function conformanceCases(ctx) {
         // closed
       }
     }
+  });
+
+  add("recovery: a replica opened while the module is being replaced lives in the fresh instance", async () => {
+    const fx = sc.basic;
+    const a = track(await Replica.open(fx.url));
+    eq(await withTimeout(a.sync(), 120_000, "sync"), fx.expected.lsn, "sync");
+    const saved = { snapshot: a.snapshot(), appliedLsn: fx.expected.lsn, datasetId: a.status().datasetId };
+    let release;
+    const gate = new Promise((resolve) => (release = resolve));
+    const store = {
+      async load() {
+        await gate;
+        return saved;
+      },
+      async save() {},
+    };
+    let replaceable = null;
+    try {
+      replaceable = a[TRAP]("async-instantiate");
+    } catch {
+      replaceable = null;
+    }
+    try {
+      if (replaceable !== true) {
+        log("note: the module is not replaceable here; the replacement in flight is not exercised");
+        return;
+      }
+      const opening = Replica.open(fx.url, { persist: store });
+      await sleep(50); // the open waits in the store's load
+      eq(trapOf(a, "read")?.code, "internal", "the read that trapped");
+      release(); // the load answers while the fresh instance is still coming
+      const b = track(await withTimeout(opening, 60_000, "the open"));
+      expectState(b, fx.expected, "a replica opened while the module was replaced");
+      eq(await withTimeout(b.sync(), 60_000, "its sync"), fx.expected.lsn, "its sync");
+      expectState(a, fx.expected, "the replica that trapped");
+    } finally {
+      a[TRAP]("clear-faults");
+    }
+  });
+
+  add("persist: a store call that never settles fails after persistTimeoutMs; syncs, start() and close() go on", async () => {
+    const fx = sc.basic;
+    const errors = [];
+    const never = () => new Promise(() => {});
+    const store = { load: async () => null, save: never, append: never };
+    const r = await Replica.open(fx.url, { persist: store, persistTimeoutMs: 200, onError: (e) => errors.push(e) });
+    eq(await withTimeout(r.sync(), 60_000, "a sync whose save never settles"), fx.expected.lsn, "the sync settles");
+    await until(() => errors.some((e) => e.code === "persist"), 10_000, "a persist error");
+    const e = errors.find((x) => x.code === "persist");
+    ok(/did not settle within 200 ms/.test(e.message), `the error says why: ${e.message}`);
+    eq(await withTimeout(r.sync(), 60_000, "the next sync"), fx.expected.lsn, "the next sync");
+    await withTimeout(r.close(), 10_000, "close");
+    const bad = await rejectsWith(Replica.open(fx.url, { persistTimeoutMs: 0 }), "invalid_input", "persistTimeoutMs 0");
+    ok(/persistTimeoutMs/.test(bad.message), bad.message);
   });
 
   // --- bounded bodies -----------------------------------------------------------------

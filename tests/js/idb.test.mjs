@@ -543,3 +543,31 @@ test("an IndexedDB whose open never answers fails the call after the open timeou
     assert.equal((await store.load(url)).appliedLsn, 1, "the real database opens once it answers");
   }
 });
+
+test("a connection the browser closed is replaced: the next call opens the database again", { skip: !fakeIdb && "fake-indexeddb is not installed", timeout: 30_000 }, async () => {
+  const url = "http://x/closed";
+  setOpenTimeoutForTest(OPEN_TIMEOUT_MS); // a fresh connection, captured below
+  const realOpen = indexedDB.open.bind(indexedDB);
+  const opened = [];
+  indexedDB.open = (...a) => {
+    const r = realOpen(...a);
+    r.addEventListener("success", () => opened.push(r.result));
+    return r;
+  };
+  try {
+    await store.append(url, { datasetId: "ds", first: 1, last: 1, bytes: frames(1, [3]), whole: whole(1, 20) });
+    assert.equal(opened.length, 1);
+    // Closed abnormally (the browser fires "close"): the next call reopens.
+    opened[0].close();
+    opened[0].onclose?.(new Event("close"));
+    assert.equal((await store.load(url)).appliedLsn, 1, "a load after the browser closed the connection");
+    assert.equal(opened.length, 2, "a second connection");
+    // Closed without the event: that call fails, the next one reopens.
+    opened[1].close();
+    await assert.rejects(store.load(url), (e) => e?.name === "InvalidStateError");
+    assert.equal((await store.load(url)).appliedLsn, 1, "the call after the failed one");
+    assert.equal(opened.length, 3, "a third connection");
+  } finally {
+    delete indexedDB.open;
+  }
+});
