@@ -73,6 +73,9 @@ const MODULE_OPEN_SCANS = 64;
 // replica it replaces serves meanwhile. Deno (no request-scoped I/O) passes
 // Infinity.
 const STUCK_SYNC_MS = 90_000;
+// A read (lazy mode: its block GETs) that has not finished after this long
+// answers 503 `unavailable`, and a scan's slot is freed.
+const READ_TIMEOUT_MS = 30_000;
 // The first request waits at most this long for the initial sync, then
 // answers 503 (the sync goes on in the background).
 const DEFAULT_FIRST_SYNC_WAIT_MS = 30_000;
@@ -359,10 +362,16 @@ function errorBody(e) {
  * client go away, the GETs the read started (which other requests may be
  * waiting for) still finish.
  */
-function kept(read, defer) {
+function kept(read, defer, ms) {
   const p = Promise.resolve(read);
   defer(p.catch(() => {}));
-  return p;
+  // A lazy read that never settles (its I/O torn down with another request,
+  // a sync it waits on stuck) answers 503 after `ms` and frees its scan slot.
+  let t;
+  const late = new Promise((_, reject) => {
+    t = setTimeout(() => reject(Object.assign(new Error(`the read did not finish within ${ms} ms`), { code: "unavailable" })), ms);
+  });
+  return Promise.race([p, late]).finally(() => clearTimeout(t));
 }
 
 /**
@@ -389,11 +398,11 @@ function withDeadline(p, ms) {
 /**
  * Makes the request handler. `Replica` is the walcast package's class (the
  * runtime's entry); `log` receives background errors (default console.warn);
- * `stuckSyncMs`: see STUCK_SYNC_MS.
+ * `stuckSyncMs`: see STUCK_SYNC_MS; `readTimeoutMs`: see READ_TIMEOUT_MS.
  * Returns `handle(request, env, defer)` where `defer(promise)` keeps a
  * background promise alive (ctx.waitUntil on Workers).
  */
-export function createHandler(Replica, { log = (...a) => console.warn(...a), now = () => Date.now(), stuckSyncMs = STUCK_SYNC_MS } = {}) {
+export function createHandler(Replica, { log = (...a) => console.warn(...a), now = () => Date.now(), stuckSyncMs = STUCK_SYNC_MS, readTimeoutMs = READ_TIMEOUT_MS } = {}) {
   // The isolate's replica: { url, config, promise (resolves the Replica),
   // replica, ready, lastSyncAt, sync (in-flight promise), syncStartedAt }.
   let slot = null;
@@ -776,7 +785,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       let value;
       try {
         // A promise in lazy mode (it may fetch snapshot blocks).
-        value = await kept(replica.get(key), defer);
+        value = await kept(replica.get(key), defer, readTimeoutMs);
       } catch (e) {
         return readFailed(e, cors);
       }
@@ -820,7 +829,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     let rows;
     if (lazyScan) s.scans++;
     try {
-      rows = limit === 0 ? [] : await kept(replica.scan(opts), defer);
+      rows = limit === 0 ? [] : await kept(replica.scan(opts), defer, readTimeoutMs);
     } catch (e) {
       return readFailed(e, cors);
     } finally {

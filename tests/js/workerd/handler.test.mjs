@@ -669,3 +669,37 @@ test("reads waiting for an LSN that does not come back off: the syncs they start
   for (const c of r.syncCalls) c.resolve(6);
   assert.equal((await waiting).status, 200);
 });
+
+test("LOAD=lazy: a read that never finishes answers 503 after the read timeout and frees its scan slot", { timeout: 30_000 }, async () => {
+  const { FakeReplica } = fakeReplicaClass();
+  const Lazy = class extends FakeReplica {
+    static open(url) {
+      return Promise.resolve(new Lazy(url, new Map(), 9));
+    }
+    get() {
+      return new Promise(() => {}); // its block GETs never answer
+    }
+    scan() {
+      return new Promise(() => {});
+    }
+    status() {
+      return { ...super.status(), mode: "lazy" };
+    }
+  };
+  const handle = createHandler(Lazy, { log: () => {}, readTimeoutMs: 50 });
+  const env = { DATASET_URL: "http://ds/x", LOAD: "lazy", MAX_CONCURRENT_SCANS: "2" };
+  const call = (p) => handle(new Request(`http://w${p}`), env, () => {});
+  const kv = await call("/kv/a");
+  assert.equal(kv.status, 503);
+  assert.equal((await kv.json()).error.code, "unavailable");
+  const codes = async (ps) => Promise.all((await Promise.all(ps)).map(async (r) => [r.status, (await r.json()).error.code]));
+  const first = await codes([1, 2, 3].map(() => call("/scan?prefix=a")));
+  assert.deepEqual(first.map(([, c]) => c).sort(), ["busy", "unavailable", "unavailable"]);
+  assert.ok(first.every(([s]) => s === 503));
+  // The slots the timed-out scans held are free again: not busy.
+  const again = await codes([1, 2].map(() => call("/scan?prefix=a")));
+  assert.deepEqual(again, [
+    [503, "unavailable"],
+    [503, "unavailable"],
+  ]);
+});
