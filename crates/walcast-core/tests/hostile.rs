@@ -23,7 +23,7 @@ use walcast_core::catalog::{
     page_key, snapshot_key, Head, Page, PageRef, SegmentEntry, SnapshotEntry, FORMAT, HEAD_KEY,
 };
 use walcast_core::io::{ByteRange, ContentRange, GetRequest, GetResponse};
-use walcast_core::replica::{Action, Event, Replica, ReplicaConfig};
+use walcast_core::replica::{Action, Event, Replica, ReplicaConfig, MIN_TRANSFER_BYTES_PER_SEC};
 use walcast_core::snapshot;
 use walcast_core::state::KvState;
 use walcast_core::ErrorKind;
@@ -840,4 +840,45 @@ fn hostile_store_property() {
         longest
     });
     println!("hostile store: {n} seeds, longest drain {longest} actions");
+}
+
+/// A GET of a segment or snapshot gets, on top of the base time limit, the
+/// time its bytes take at `MIN_TRANSFER_BYTES_PER_SEC`: an object larger
+/// than the base limit moves on a slow link is not cut off on every try
+/// (and fetched again from its start for ever). The head keeps the base.
+#[test]
+fn a_get_has_time_for_the_bytes_it_expects() {
+    let ds = dataset(40, 10, Some(20), 1);
+    let mut store = ds.store.clone();
+    let base = cfg().request_timeout_ms;
+    let mut seen = Vec::new();
+    let mut d = Driver::new(cfg(), 2);
+    d.run(
+        60_000,
+        &mut |g| {
+            seen.push((g.key.clone(), g.timeout_ms, g.range, g.max_bytes));
+            store.serve(g)
+        },
+        &mut |_| {},
+    );
+    assert_state(&d.r);
+    let mut big = 0;
+    for (key, timeout, range, max_bytes) in &seen {
+        if key.starts_with("catalog/") {
+            assert_eq!(*timeout, base, "{key}");
+            continue;
+        }
+        let bytes = match range {
+            Some(ByteRange::Bounded { start, end }) => end - start,
+            Some(ByteRange::Suffix(n)) => *n,
+            None => *max_bytes,
+        };
+        assert!(bytes > 0, "{key}");
+        assert!(
+            *timeout >= base + bytes * 1000 / MIN_TRANSFER_BYTES_PER_SEC,
+            "{key}: {timeout} ms for {bytes} bytes"
+        );
+        big += 1;
+    }
+    assert!(big >= 2, "a snapshot and segments were fetched: {seen:?}");
 }

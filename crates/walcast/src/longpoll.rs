@@ -20,7 +20,10 @@
 //! when a file named `head.json` changes, and a publisher in the same
 //! process (`walcast publish --serve`) signals each commit through a
 //! [`HeadSignal`]. Held requests also re-read the head every
-//! [`FALLBACK_POLL`], so a missed or unavailable watch costs at most that.
+//! [`FALLBACK_POLL`] when no watch could be started, and every
+//! [`WATCHED_POLL`] when one runs, so a missed event costs at most that
+//! (and idle long-pollers cost the server a head read every 5 s each, not
+//! two a second).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -35,8 +38,13 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(60);
 /// Longest accepted `--max-wait`.
 pub const MAX_WAIT_LIMIT: Duration = Duration::from_secs(3600);
 
-/// How often a held request re-reads the head whatever the watch says.
+/// How often a held request re-reads the head when no file watch runs.
 pub const FALLBACK_POLL: Duration = Duration::from_millis(500);
+
+/// How often a held request re-reads the head while a file watch (or an
+/// in-process publisher's [`HeadSignal`]) wakes it on every change: only
+/// against an event the watch missed.
+pub const WATCHED_POLL: Duration = Duration::from_secs(5);
 
 /// Wakes held long-polls: a new head may be there. Cheap to clone; every
 /// clone signals the same server.

@@ -680,6 +680,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                 verify_keys,
                 max_wait,
                 head_signal: None,
+                drain_timeout: walcast::serve::DEFAULT_DRAIN_TIMEOUT,
             };
             walcast::serve::serve_with(
                 root,

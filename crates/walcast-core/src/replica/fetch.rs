@@ -8,6 +8,12 @@ use crate::rng::splitmix64;
 
 use super::{Action, Event, Job, Replica};
 
+/// The slowest transfer a GET's time limit allows for, in bytes a second:
+/// a segment, snapshot window or block GET may take
+/// [`super::ReplicaConfig::request_timeout_ms`] plus the time its bytes
+/// take at this rate (an 8 MiB segment: 64 s more).
+pub const MIN_TRANSFER_BYTES_PER_SEC: u64 = 128 * 1024;
+
 impl Replica {
     pub(super) fn wait(&mut self, now: u64) -> Action {
         let mut until = u64::MAX;
@@ -49,6 +55,21 @@ impl Replica {
                 .as_ref()
                 .map_or(0, |l| l.max_bytes(&j.snapshot, range.as_ref())),
         };
+        // A segment, snapshot window or block gets the time to move the
+        // bytes it expects at MIN_TRANSFER_BYTES_PER_SEC on top of the
+        // limit, so a large object on a slow link is not cut off (and
+        // retried from the start) for ever; the head and pages, at most
+        // 1 MiB each, keep the plain limit.
+        let expected = match (&job, &range) {
+            (Job::Head | Job::Page(_), _) => 0,
+            (_, Some(ByteRange::Bounded { start, end })) => end.saturating_sub(*start),
+            (_, Some(ByteRange::Suffix(n))) => *n,
+            (_, None) => max_bytes,
+        };
+        let timeout_ms = self
+            .cfg
+            .request_timeout_ms
+            .saturating_add(expected.saturating_mul(1000) / MIN_TRANSFER_BYTES_PER_SEC);
         self.pending.insert(id.0, job);
         self.requests += 1;
         Action::Fetch(GetRequest {
@@ -57,7 +78,7 @@ impl Replica {
             range,
             if_none_match: inm,
             wait_ms: None,
-            timeout_ms: self.cfg.request_timeout_ms,
+            timeout_ms,
             max_bytes,
         })
     }

@@ -35,6 +35,7 @@ mod tail;
 mod trust;
 mod verify;
 
+pub use self::fetch::MIN_TRANSFER_BYTES_PER_SEC;
 pub use self::lazy::{Entries, LazyScan, LazyStatus, Read};
 
 use std::collections::VecDeque;
@@ -77,7 +78,9 @@ pub struct ReplicaConfig {
     /// Failed attempts at one object before [`Event::Error`] is reported
     /// (the replica keeps retrying after that, at the longest delay).
     pub max_attempts: u32,
-    /// Timeout the driver applies to each request (ms).
+    /// Timeout the driver applies to each request (ms); a GET of a
+    /// segment, snapshot window or block gets more, by the bytes it
+    /// expects ([`MIN_TRANSFER_BYTES_PER_SEC`]).
     pub request_timeout_ms: u64,
     /// Bytes per range GET while loading a snapshot.
     pub snapshot_window: u64,

@@ -104,6 +104,8 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default of [`ServeOptions::idle_timeout`].
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default of [`ServeOptions::drain_timeout`].
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest accepted [`ServeOptions::max_connections`].
 const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
 
@@ -146,6 +148,11 @@ pub struct ServeOptions {
     /// Wakes held head requests when a publisher in the same process
     /// commits (`walcast publish --serve`); the file watch works without.
     pub head_signal: Option<HeadSignal>,
+    /// On shutdown, how long responses in progress may take to finish;
+    /// connections still open then are dropped (a download its client
+    /// reads a byte at a time never counts as idle, and would otherwise hold
+    /// the shutdown for as long as the client likes).
+    pub drain_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -157,6 +164,7 @@ impl Default for ServeOptions {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             verify_keys: Vec::new(),
             max_wait: DEFAULT_MAX_WAIT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             head_signal: None,
         }
     }
@@ -207,6 +215,10 @@ struct Served {
     /// slot from other GETs (with a single connection, none is held).
     holding: AtomicUsize,
     max_holding: usize,
+    /// Whether held requests are woken on every new head (a file watch
+    /// runs, or the publisher is in this process): then they re-read the
+    /// head only every `WATCHED_POLL`, else every `FALLBACK_POLL`.
+    watched: std::sync::atomic::AtomicBool,
 }
 
 /// The router serving the dataset at `root`, with CORS for
@@ -226,6 +238,7 @@ fn build(root: PathBuf, opts: &ServeOptions) -> (Router, Arc<Served>) {
         stop: watch::channel(false).0,
         holding: AtomicUsize::new(0),
         max_holding: opts.max_connections * 3 / 4,
+        watched: std::sync::atomic::AtomicBool::new(opts.head_signal.is_some()),
     });
     let origins = &opts.cors_origins;
     // With tokens required, no wildcard unless asked for.
@@ -319,12 +332,16 @@ pub async fn serve_with(
     );
     let (app, served) = build(root.clone(), &opts);
     // New heads wake held requests at once; without a watch (no inotify
-    // left, say) they re-read the head every FALLBACK_POLL.
+    // left, say) they re-read the head every FALLBACK_POLL (with one, every
+    // WATCHED_POLL, against a missed event).
     let _watch = if opts.max_wait.is_zero() {
         None
     } else {
         match HeadWatch::start(&root, served.signal.clone()) {
-            Ok(w) => Some(w),
+            Ok(w) => {
+                served.watched.store(true, Ordering::Relaxed);
+                Some(w)
+            }
             Err(e) => {
                 tracing::warn!(
                     root = %root.display(),
@@ -344,6 +361,9 @@ pub async fn serve_with(
     // a connection ends, and the kernel keeps new ones in the backlog.
     let slots = Arc::new(Semaphore::new(opts.max_connections));
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The connections' tasks: those still running after the drain timeout
+    // are aborted.
+    let mut conns = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -366,7 +386,7 @@ pub async fn serve_with(
                 }
             },
         };
-        tokio::spawn(connection(
+        conns.spawn(connection(
             tcp,
             peer,
             app.clone(),
@@ -374,12 +394,23 @@ pub async fn serve_with(
             stop_rx.clone(),
             permit,
         ));
+        while conns.try_join_next().is_some() {}
     }
     drop(listener);
     let _ = stop_tx.send(true);
     served.stop.send_replace(true);
-    // Every connection holds a permit until it ends.
+    // Every connection holds a permit until it ends; those still open
+    // after the drain timeout are aborted.
     let all = u32::try_from(opts.max_connections).expect("bounded above");
-    let _ = slots.acquire_many(all).await;
+    if tokio::time::timeout(opts.drain_timeout, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = all as usize - slots.available_permits(),
+            "walcast serve: connections still open after the drain timeout are dropped"
+        );
+        conns.abort_all();
+    }
     Ok(())
 }

@@ -272,7 +272,12 @@ pub(super) async fn hold(
         if now >= deadline || *stop.borrow() {
             return None;
         }
-        let tick = (deadline - now).min(longpoll::FALLBACK_POLL);
+        let poll = if state.watched.load(std::sync::atomic::Ordering::Relaxed) {
+            longpoll::WATCHED_POLL
+        } else {
+            longpoll::FALLBACK_POLL
+        };
+        let tick = (deadline - now).min(poll);
         tokio::select! {
             _ = changes.changed() => {}
             () = tokio::time::sleep(tick) => {}

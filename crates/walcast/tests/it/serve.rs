@@ -463,6 +463,24 @@ async fn traversal_and_non_files_are_404() {
         let resp = s.get(inside, &[]).await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.bytes().await.unwrap(), segment());
+        // A FIFO at an object's key is not a file: 404 at once, where
+        // opening it would wait for a writer that never comes.
+        let fifo = "segments/3/00000000000000000001-00000000000000000010.wseg";
+        std::fs::create_dir_all(s.root.join("segments/3")).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(s.root.join(fifo))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        for method in ["GET", "HEAD"] {
+            let status = tokio::time::timeout(
+                Duration::from_secs(30),
+                s.raw_status(method, &format!("/{fifo}")),
+            )
+            .await
+            .expect("a FIFO is answered, not waited on");
+            assert_eq!(status, 404, "{method} of a FIFO");
+        }
     }
     // Other methods.
     let resp = s.request(Method::POST, SEGMENT, &[]).await;
@@ -1206,4 +1224,58 @@ async fn permission_errors_are_500_and_published_objects_readable() {
         stderr.contains(&path),
         "no log line names {path}:\n{stderr}"
     );
+}
+
+/// A client that keeps a download going a few bytes at a time never lets
+/// its connection go idle: shutdown waits for it only the drain timeout.
+#[tokio::test]
+async fn shutdown_drops_a_trickling_download_after_the_drain_timeout() {
+    let mut s = start_with(ServeOptions {
+        drain_timeout: Duration::from_millis(500),
+        // Longer than the test waits: only the drain timeout can end it.
+        idle_timeout: Duration::from_secs(600),
+        ..ServeOptions::default()
+    })
+    .await;
+    // Far more than the socket buffers hold, so the response is still
+    // being written while the client trickles.
+    let big = "snapshots/00000000000000000020-1.wsnap";
+    write(&s.root, big, &pattern(64 << 20, 3));
+    let addr = s.addr;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let reader = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            write!(c, "GET /{big} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut buf = [0u8; 4096];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        let _ = started_tx.send(());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    // The download has begun, at about 200 KB/s (5 minutes for all of it).
+    tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
+        .await
+        .unwrap();
+    s.stop.take().unwrap().send(()).unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(60), &mut s.task).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        stopped.is_ok(),
+        "serve did not return: it waited on the trickling download"
+    );
+    stopped.unwrap().unwrap().unwrap();
+    tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
 }
