@@ -849,7 +849,7 @@ fn hostile_store_property() {
 #[test]
 fn a_get_has_time_for_the_bytes_it_expects() {
     let ds = dataset(40, 10, Some(20), 1);
-    let mut store = ds.store.clone();
+    let store = ds.store.clone();
     let base = cfg().request_timeout_ms;
     let mut seen = Vec::new();
     let mut d = Driver::new(cfg(), 2);
