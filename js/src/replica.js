@@ -93,6 +93,7 @@ const DEFAULT_PERSIST_TIMEOUT_MS = 30_000;
  * that call instead of holding up every sync, `start()` and `close()`.
  */
 function storeCall(p, method, ms) {
+  ms = Math.min(ms, 2 ** 31 - 1); // setTimeout's largest delay (a larger one fires at once)
   let t;
   const late = new Promise((_, reject) => {
     t = setTimeout(() => reject(new Error(`${method} did not settle within ${ms} ms`)), ms);
@@ -1071,6 +1072,11 @@ export class Replica {
    * then takes up a fresh WasmReplica (from the persisted copy, else empty).
    * Throws code "internal" when that fails again; the next call retries.
    */
+  /** Whether a call must wait for the module or a fresh WasmReplica first (#revive). */
+  #needsRevive() {
+    return !this.#slot.h || engine.pending !== null || engine.poisoned;
+  }
+
   async #revive() {
     await readyEngine();
     if (this.#closed || this.#slot.h) return;
@@ -1304,7 +1310,7 @@ export class Replica {
   #runSync() {
     const p = (async () => {
       try {
-        await this.#revive();
+        if (this.#needsRevive()) await this.#revive();
         if (this.#reloading) await this.#reloading;
         const lsn = await this.#pump();
         this.#trapError = null;
@@ -1326,7 +1332,7 @@ export class Replica {
   async #pump() {
     for (;;) {
       if (this.#closed) throw closedError();
-      await this.#revive();
+      if (this.#needsRevive()) await this.#revive();
       try {
         return await this.#drive(this.#h());
       } catch (e) {

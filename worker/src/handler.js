@@ -66,16 +66,19 @@ const MODULE_OPEN_SCANS = 64;
 // byte received) for this long is taken for lost: its request context was torn
 // down with its I/O. The replica is then re-created from a snapshot of its
 // state, so the isolate keeps serving and syncing. A live sync always makes
-// progress sooner: requests time out after 30 s, retries wait at most 30 s.
+// progress sooner: requests time out after at most 120 s (30 s, plus up to
+// 90 s for the bytes of a large segment or snapshot window), retries wait
+// at most 30 s.
 // The same holds for a lazy replica's open (its first sync) and for the open
 // of a replacement: one pending this long is abandoned and started again.
 // Requests never wait on a replacement longer than FIRST_SYNC_WAIT_MS: the
 // replica it replaces serves meanwhile. Deno (no request-scoped I/O) passes
 // Infinity.
-const STUCK_SYNC_MS = 90_000;
+const STUCK_SYNC_MS = 180_000;
 // A read (lazy mode: its block GETs) that has not finished after this long
-// answers 503 `unavailable`, and a scan's slot is freed.
-const READ_TIMEOUT_MS = 30_000;
+// answers 503 `unavailable`, and a scan's slot is freed: longer than a
+// block GET's limit plus a retry.
+const READ_TIMEOUT_MS = 90_000;
 // The first request waits at most this long for the initial sync, then
 // answers 503 (the sync goes on in the background).
 const DEFAULT_FIRST_SYNC_WAIT_MS = 30_000;
@@ -428,6 +431,8 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       minLsnNextAt: 0,
       minLsnPause: MIN_LSN_PAUSE_MS, // the next pause (backs off while nothing new is applied)
       minLsnSeen: -1, // the applied LSN after the last such sync
+      minLsnSync: null, // the sync the pause was last set after, and that update
+      minLsnUpdate: null,
       scans: 0, // lazy scans in progress
     };
     if (config.load === "lazy") {
@@ -756,14 +761,22 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
           await sleep(Math.min(pause, left));
           continue;
         }
-        const p = startSync(s).then(() => {
-          // Nothing newer committed yet: a pause before asking the store
-          // again, longer each time the store had nothing new.
-          const applied = s.replica.status().appliedLsn;
-          s.minLsnPause = applied > s.minLsnSeen ? MIN_LSN_PAUSE_MS : Math.min(s.minLsnPause * 2, MAX_MIN_LSN_PAUSE_MS);
-          s.minLsnSeen = applied;
-          s.minLsnNextAt = Math.max(s.minLsnNextAt, now() + s.minLsnPause);
-        });
+        const sync = startSync(s);
+        let p = sync;
+        if (s.minLsnSync !== sync) {
+          // Once per sync, however many reads wait on it: a pause before
+          // asking the store again, longer each time it had nothing new.
+          s.minLsnSync = sync;
+          p = sync.then(() => {
+            const applied = s.replica.status().appliedLsn;
+            s.minLsnPause = applied > s.minLsnSeen ? MIN_LSN_PAUSE_MS : Math.min(s.minLsnPause * 2, MAX_MIN_LSN_PAUSE_MS);
+            s.minLsnSeen = applied;
+            s.minLsnNextAt = Math.max(s.minLsnNextAt, now() + s.minLsnPause);
+          });
+          s.minLsnUpdate = p;
+        } else {
+          p = s.minLsnUpdate;
+        }
         defer(p);
         await withDeadline(p, left);
       }

@@ -23,7 +23,9 @@ use walcast_core::catalog::{
     page_key, snapshot_key, Head, Page, PageRef, SegmentEntry, SnapshotEntry, FORMAT, HEAD_KEY,
 };
 use walcast_core::io::{ByteRange, ContentRange, GetRequest, GetResponse};
-use walcast_core::replica::{Action, Event, Replica, ReplicaConfig, MIN_TRANSFER_BYTES_PER_SEC};
+use walcast_core::replica::{
+    Action, Event, Replica, ReplicaConfig, MAX_TRANSFER_ALLOWANCE_MS, MIN_TRANSFER_BYTES_PER_SEC,
+};
 use walcast_core::snapshot;
 use walcast_core::state::KvState;
 use walcast_core::ErrorKind;
@@ -875,7 +877,9 @@ fn a_get_has_time_for_the_bytes_it_expects() {
         };
         assert!(bytes > 0, "{key}");
         assert!(
-            *timeout >= base + bytes * 1000 / MIN_TRANSFER_BYTES_PER_SEC,
+            *timeout
+                >= base
+                    + (bytes * 1000 / MIN_TRANSFER_BYTES_PER_SEC).min(MAX_TRANSFER_ALLOWANCE_MS),
             "{key}: {timeout} ms for {bytes} bytes"
         );
         big += 1;

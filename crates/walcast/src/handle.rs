@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Result};
 use tokio::sync::{mpsc, oneshot, watch};
-use walcast_client::{Driver, Fetch, RunError, Timer, Until};
+use walcast_client::{Driver, Fetch, RunError, Until};
 use walcast_core::io::{GetRequest, GetResponse, ResponseMeta};
 use walcast_core::keys::PublicKey;
 use walcast_core::replica::{Entries, Event, LazyScan, Replica, ReplicaConfig, Status};
@@ -430,7 +430,7 @@ impl Hooks {
         let retrying = self.extras.follow_at_once || self.follow;
         match e {
             Event::Applied { first, last } => {
-                let st = r.status(TokioTimer.now_ms());
+                let st = r.status(crate::publish::now_ms());
                 if let Some(m) = &self.extras.metrics {
                     m.applied(*last, st.committed_lsn, st.lag_ms);
                 }
@@ -528,7 +528,7 @@ fn follow(
                 based.notify_one();
             }
             if let Ok(mut l) = live.lock() {
-                *l = r.status(TokioTimer.now_ms());
+                *l = r.status(crate::publish::now_ms());
             }
             if matches!(
                 e,
@@ -538,7 +538,7 @@ fn follow(
                     | Event::Error(_)
                     | Event::DatasetChanged { .. }
             ) {
-                status.send_replace(r.status(TokioTimer.now_ms()));
+                status.send_replace(r.status(crate::publish::now_ms()));
             }
             Ok(())
         };
@@ -593,7 +593,7 @@ fn follow(
                 tokio::task::spawn_local(async move {
                     let set_live = |reader: &Driver<Seam, TokioTimer>| {
                         if let Ok(mut l) = live.lock() {
-                            *l = reader.replica().status(TokioTimer.now_ms());
+                            *l = reader.replica().status(crate::publish::now_ms());
                         }
                     };
                     match cmd {

@@ -128,7 +128,7 @@ test("a stale replica starts a background sync (deferred); a fresh one does not"
   assert.equal((await (await call("/status")).json()).appliedLsn, 2);
 });
 
-test("a sync with no progress for 90 s is replaced from a snapshot; a retrying one is not", async () => {
+test("a sync with no progress for 180 s is replaced from a snapshot; a retrying one is not", async () => {
   const { call, made, clock } = setup({ MAX_AGE_MS: "0" });
   const p = call("/status");
   await flush();
@@ -145,9 +145,12 @@ test("a sync with no progress for 90 s is replaced from a snapshot; a retrying o
     await call("/kv/k");
   }
   assert.equal(made.length, 1, "a sync that makes progress is left alone");
-  // Dead: nothing moves for longer than 90 s.
-  clock.advance(60_000);
-  await call("/kv/k");
+  // Dead: nothing moves for longer than 180 s.
+  for (let i = 0; i < 3; i++) {
+    clock.advance(60_000);
+    await call("/kv/k");
+  }
+  assert.equal(made.length, 1, "180 s without progress: not yet");
   clock.advance(60_000);
   const res = await call("/kv/k");
   assert.equal(made.length, 2, "replaced");
@@ -668,6 +671,26 @@ test("reads waiting for an LSN that does not come back off: the syncs they start
   r.put("a", "2");
   for (const c of r.syncCalls) c.resolve(6);
   assert.equal((await waiting).status, 200);
+  // Five reads waiting on one sync that applies something each time: the
+  // pause stays 100 ms (it is set once per sync, not once per waiting read).
+  const env2 = { ...env, MIN_LSN_WAIT_MS: "1500" };
+  const many = [1, 2, 3, 4, 5].map(() => handle(new Request("http://w/kv/a", { headers: { "walcast-min-lsn": "1000000" } }), env2, () => {}));
+  const from = r.syncCalls.length;
+  let lsn = 6;
+  last = Date.now();
+  const moving = setInterval(() => {
+    for (const c of r.syncCalls) c.resolve(++lsn);
+    const t = Date.now();
+    clock.advance(t - last);
+    last = t;
+  }, 10);
+  try {
+    await Promise.all(many);
+  } finally {
+    clearInterval(moving);
+  }
+  const busy = r.syncCalls.length - from;
+  assert.ok(busy >= 7, `${busy} syncs in 1.5 s while each applied something (100 ms apart: about 13)`);
 });
 
 test("LOAD=lazy: a read that never finishes answers 503 after the read timeout and frees its scan slot", { timeout: 30_000 }, async () => {

@@ -11,8 +11,13 @@ use super::{Action, Event, Job, Replica};
 /// The slowest transfer a GET's time limit allows for, in bytes a second:
 /// a segment, snapshot window or block GET may take
 /// [`super::ReplicaConfig::request_timeout_ms`] plus the time its bytes
-/// take at this rate (an 8 MiB segment: 64 s more).
+/// take at this rate (an 8 MiB segment: 64 s more), at most
+/// [`MAX_TRANSFER_ALLOWANCE_MS`] more.
 pub const MIN_TRANSFER_BYTES_PER_SEC: u64 = 128 * 1024;
+
+/// The most a GET's time limit grows by the bytes it expects (ms), so that
+/// drivers watching for stuck syncs (the worker's) can bound a live one.
+pub const MAX_TRANSFER_ALLOWANCE_MS: u64 = 90_000;
 
 impl Replica {
     pub(super) fn wait(&mut self, now: u64) -> Action {
@@ -66,10 +71,10 @@ impl Replica {
             (_, Some(ByteRange::Suffix(n))) => *n,
             (_, None) => max_bytes,
         };
-        let timeout_ms = self
-            .cfg
-            .request_timeout_ms
-            .saturating_add(expected.saturating_mul(1000) / MIN_TRANSFER_BYTES_PER_SEC);
+        let timeout_ms = self.cfg.request_timeout_ms.saturating_add(
+            (expected.saturating_mul(1000) / MIN_TRANSFER_BYTES_PER_SEC)
+                .min(MAX_TRANSFER_ALLOWANCE_MS),
+        );
         self.pending.insert(id.0, job);
         self.requests += 1;
         Action::Fetch(GetRequest {

@@ -35,7 +35,7 @@ mod tail;
 mod trust;
 mod verify;
 
-pub use self::fetch::MIN_TRANSFER_BYTES_PER_SEC;
+pub use self::fetch::{MAX_TRANSFER_ALLOWANCE_MS, MIN_TRANSFER_BYTES_PER_SEC};
 pub use self::lazy::{Entries, LazyScan, LazyStatus, Read};
 
 use std::collections::VecDeque;
