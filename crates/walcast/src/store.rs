@@ -153,20 +153,13 @@ impl Store {
                 // Off the replica's thread and within the GET's time limit:
                 // a head on a hung mount fails this GET, as a hung server's.
                 let (dir, inm, max_bytes) = (dir.clone(), req.if_none_match.clone(), req.max_bytes);
-                let read = tokio::task::spawn_blocking(move || {
+                let r = match blocking_within(req, move || {
                     local_head_get(&dir, inm.as_deref(), max_bytes)
-                });
-                let timeout = std::time::Duration::from_millis(req.timeout_ms.max(1));
-                let r = match tokio::time::timeout(timeout, read).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(_)) => GetResponse::Failed {
-                        status: None,
-                        message: format!("GET {}: reading the local file failed", req.key),
-                    },
-                    Err(_) => GetResponse::Failed {
-                        status: None,
-                        message: format!("GET {} timed out after {} ms", req.key, req.timeout_ms),
-                    },
+                })
+                .await
+                {
+                    Ok(r) => r,
+                    Err(failed) => failed,
                 };
                 if let Some(st) = &self.stats {
                     st.record_local_get(&r);
@@ -178,23 +171,15 @@ impl Store {
             // A FIFO or device at an object's path would block the open in
             // object_store's worker thread for good: refused first.
             let path = req.key.split('/').fold(dir.clone(), |p, part| p.join(part));
-            let check =
-                tokio::task::spawn_blocking(move || std::fs::metadata(path).map(|m| m.is_file()));
-            let timeout = std::time::Duration::from_millis(req.timeout_ms.max(1));
-            match tokio::time::timeout(timeout, check).await {
-                Ok(Ok(Ok(false))) => {
+            match blocking_within(req, move || std::fs::metadata(path).map(|m| m.is_file())).await {
+                Ok(Ok(false)) => {
                     return GetResponse::Failed {
                         status: None,
                         message: format!("GET {}: not a regular file", req.key),
                     }
                 }
-                Err(_) => {
-                    return GetResponse::Failed {
-                        status: None,
-                        message: format!("GET {} timed out after {} ms", req.key, req.timeout_ms),
-                    }
-                }
-                _ => {}
+                Err(failed) => return failed,
+                Ok(_) => {}
             }
         }
         let gcs = self.gcs;
@@ -475,6 +460,27 @@ fn range_not_satisfiable(e: &object_store::Error) -> bool {
         cur = err.source();
     }
     false
+}
+
+/// Runs blocking file work for the GET `req` off the caller's thread and
+/// within its time limit (a hung mount fails the GET, as a hung server's
+/// would); `Err` is the failed answer.
+async fn blocking_within<T: Send + 'static>(
+    req: &GetRequest,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, GetResponse> {
+    let timeout = std::time::Duration::from_millis(req.timeout_ms.max(1));
+    match tokio::time::timeout(timeout, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(_)) => Err(GetResponse::Failed {
+            status: None,
+            message: format!("GET {}: reading the local file failed", req.key),
+        }),
+        Err(_) => Err(GetResponse::Failed {
+            status: None,
+            message: format!("GET {} timed out after {} ms", req.key, req.timeout_ms),
+        }),
+    }
 }
 
 /// Opens a local object for reading, refusing anything but a regular file.

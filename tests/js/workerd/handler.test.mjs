@@ -604,9 +604,10 @@ test("min_lsn: a read waits until the LSN is applied; beyond it, 503 with Retry-
   assert.equal(res.headers.get("walcast-lsn"), "7");
 });
 
-test("min_lsn beyond the committed LSN answers 503 with Retry-After after MIN_LSN_WAIT_MS, not a hang", async () => {
+/** A handler with MIN_LSN_WAIT_MS `wait` whose replica synced to LSN 5 ("a" = "1"); `req(path, headers)`. */
+async function syncedForMinLsn(wait) {
   const { handle, made, clock } = setup();
-  const env = { DATASET_URL: "http://ds/x", MIN_LSN_WAIT_MS: "200" };
+  const env = { DATASET_URL: "http://ds/x", MIN_LSN_WAIT_MS: String(wait) };
   const req = (p, h = {}) => handle(new Request(`http://w${p}`, { headers: h }), env, () => {});
   const first = req("/kv/a");
   await flush();
@@ -614,6 +615,11 @@ test("min_lsn beyond the committed LSN answers 503 with Retry-After after MIN_LS
   r.put("a", "1");
   r.syncCalls[0].resolve(5);
   await first;
+  return { handle, env, req, r, clock };
+}
+
+test("min_lsn beyond the committed LSN answers 503 with Retry-After after MIN_LSN_WAIT_MS, not a hang", async () => {
+  const { req, r, clock } = await syncedForMinLsn(200);
   // Every sync the read starts ends at LSN 5; the clock moves on.
   const t0 = Date.now();
   const pending = req("/kv/a", { "walcast-min-lsn": "1000000" });
@@ -637,15 +643,7 @@ test("min_lsn beyond the committed LSN answers 503 with Retry-After after MIN_LS
 });
 
 test("reads waiting for an LSN that does not come back off: the syncs they start thin out to one a second", async () => {
-  const { handle, made, clock } = setup();
-  const env = { DATASET_URL: "http://ds/x", MIN_LSN_WAIT_MS: "3000" };
-  const req = (p, h = {}) => handle(new Request(`http://w${p}`, { headers: h }), env, () => {});
-  const first = req("/kv/a");
-  await flush();
-  const r = made[0];
-  r.put("a", "1");
-  r.syncCalls[0].resolve(5);
-  await first;
+  const { handle, env, req, r, clock } = await syncedForMinLsn(3000);
   const before = r.syncCalls.length;
   // Every sync ends at LSN 5 (nothing newer is committed); the fake clock
   // follows the real one, so a wait of 3 s of it pauses between its syncs

@@ -17,6 +17,25 @@ use support::{
 const SECRET: &str = "Bearer s3cr3t-h34d3r";
 const TOKEN: &str = "t0k3n-in-the-query";
 
+/// Reads one request's line and header lines from `c` (without their line
+/// ends); `None` when the connection ends before the request line.
+fn read_request(c: &std::net::TcpStream) -> Option<(String, Vec<String>)> {
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let mut line = String::new();
+    if r.read_line(&mut line).is_err() {
+        return None;
+    }
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).is_err() || h.trim().is_empty() {
+            break;
+        }
+        headers.push(h.trim_end().to_string());
+    }
+    Some((line.trim_end().to_string(), headers))
+}
+
 /// A tiny file server for `root` on a thread: 401 without both credentials,
 /// 404 for missing files, else the whole file (no Range: the replica copes).
 fn private_server(root: PathBuf) -> u16 {
@@ -25,24 +44,15 @@ fn private_server(root: PathBuf) -> u16 {
     std::thread::spawn(move || {
         for conn in l.incoming() {
             let Ok(mut c) = conn else { continue };
-            let mut r = BufReader::new(c.try_clone().unwrap());
-            let mut line = String::new();
-            if r.read_line(&mut line).is_err() {
+            let Some((line, headers)) = read_request(&c) else {
                 continue;
-            }
+            };
             let target = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-            let mut auth = None;
-            loop {
-                let mut h = String::new();
-                if r.read_line(&mut h).is_err() || h.trim().is_empty() {
-                    break;
-                }
-                if let Some((k, v)) = h.split_once(':') {
-                    if k.eq_ignore_ascii_case("authorization") {
-                        auth = Some(v.trim().to_string());
-                    }
-                }
-            }
+            let auth = headers.iter().find_map(|h| {
+                let (k, v) = h.split_once(':')?;
+                k.eq_ignore_ascii_case("authorization")
+                    .then(|| v.trim().to_string())
+            });
             let (path, query) = target.split_once('?').unwrap_or((&target, ""));
             let reply = |c: &mut std::net::TcpStream, status: &str, body: &[u8]| {
                 let _ = write!(
@@ -165,17 +175,9 @@ fn redirecting_server(to: String) -> u16 {
     std::thread::spawn(move || {
         for conn in l.incoming() {
             let Ok(mut c) = conn else { continue };
-            let mut r = BufReader::new(c.try_clone().unwrap());
-            let mut line = String::new();
-            if r.read_line(&mut line).is_err() {
+            let Some((line, _)) = read_request(&c) else {
                 continue;
-            }
-            loop {
-                let mut h = String::new();
-                if r.read_line(&mut h).is_err() || h.trim().is_empty() {
-                    break;
-                }
-            }
+            };
             let target = line.split_whitespace().nth(1).unwrap_or("/").to_string();
             let _ = write!(
                 c,
@@ -195,16 +197,10 @@ fn recording_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     std::thread::spawn(move || {
         for conn in l.incoming() {
             let Ok(mut c) = conn else { continue };
-            let mut r = BufReader::new(c.try_clone().unwrap());
-            let mut req = String::new();
-            loop {
-                let mut h = String::new();
-                if r.read_line(&mut h).is_err() || h.trim().is_empty() {
-                    break;
-                }
-                req.push_str(&h);
-            }
-            log.lock().unwrap().push(req);
+            let (line, headers) = read_request(&c).unwrap_or_default();
+            log.lock()
+                .unwrap()
+                .push(format!("{line}\n{}", headers.join("\n")));
             let _ = write!(
                 c,
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
