@@ -84,6 +84,17 @@ function checkCount(v, name, { min = 0 } = {}) {
 /** Lazy scans one replica keeps open in the module at once (the module keeps 64). */
 const MAX_OPEN_SCANS = 48;
 
+/**
+ * A lazy scan holding its slot longer than this (ms) is taken for stranded
+ * and its slot is given to a waiting scan. A runtime that tears down a
+ * request's I/O (Cloudflare Workers, when the request that started a fetch
+ * ends) can leave a scan's read never settling; without this, 48 such scans
+ * would hold every slot and each later scan would wait forever. A scan that
+ * is merely slow keeps going: past MAX_OPEN_SCANS the module forgets the
+ * least recently stepped scan, which then opens again.
+ */
+const SCAN_SLOT_STALE_MS = 120_000;
+
 /** Default `persistTimeoutMs`: how long one call of the persist store may take. */
 const DEFAULT_PERSIST_TIMEOUT_MS = 30_000;
 
@@ -909,8 +920,10 @@ export class Replica {
   #recoveries = 0;
   #trapError = null;
   #reloading = null;
-  #openScans = 0; // lazy scans open in the module
-  #scanWaiters = []; // lazy scans waiting for a slot
+  #scanSlots = new Map(); // lazy scans open in the module: slot -> Date.now() when taken
+  #scanWaiters = []; // lazy scans waiting for a slot: their wake-up functions, first come first
+  #scanStaleMs = SCAN_SLOT_STALE_MS;
+  #testHangScans = 0; // test-only: this many next scans never settle (a torn-down request's I/O)
   #persistTimeoutMs = DEFAULT_PERSIST_TIMEOUT_MS;
 
   constructor(token, url, options, w, store, restored) {
@@ -1598,17 +1611,61 @@ export class Replica {
     // At most MAX_OPEN_SCANS open in the module at once (it keeps 64 and
     // forgets the least recently stepped past that): more wait their turn
     // instead of forgetting each other and starting over without end.
-    if (this.#openScans >= MAX_OPEN_SCANS) {
-      await new Promise((resolve) => this.#scanWaiters.push(resolve));
-    } else {
-      this.#openScans++;
-    }
+    const slot = await this.#scanSlot();
     try {
+      if (this.#testHangScans > 0) {
+        this.#testHangScans--;
+        return await new Promise(() => {});
+      }
       return await this.#lazyScanOpen(b);
     } finally {
-      const next = this.#scanWaiters.shift();
-      if (next) next();
-      else this.#openScans--;
+      // The slot goes to the first waiter, if any (a stale slot was
+      // already given away).
+      if (this.#scanSlots.delete(slot)) {
+        const next = this.#scanWaiters.shift();
+        if (next) {
+          const handed = {};
+          this.#scanSlots.set(handed, Date.now());
+          next(handed);
+        }
+      }
+    }
+  }
+
+  /** A free scan slot, once one is free (or stale: SCAN_SLOT_STALE_MS). */
+  async #scanSlot() {
+    let first = this.#scanWaiters.length === 0; // else queue behind the waiters
+    for (;;) {
+      const now = Date.now();
+      let oldest = Infinity;
+      for (const [slot, at] of this.#scanSlots) {
+        if (now - at >= this.#scanStaleMs) this.#scanSlots.delete(slot);
+        else oldest = Math.min(oldest, at);
+      }
+      if (first && this.#scanSlots.size < MAX_OPEN_SCANS) {
+        const slot = {};
+        this.#scanSlots.set(slot, now);
+        return slot;
+      }
+      // Handed a slot by a release, or woken when the oldest slot turns
+      // stale. The timer is this caller's own: a stranded scan's timers
+      // may never fire.
+      const handed = await new Promise((resolve) => {
+        let timer;
+        const wake = (slot) => {
+          clearTimeout(timer);
+          const i = this.#scanWaiters.indexOf(wake);
+          if (i >= 0) this.#scanWaiters.splice(i, 1);
+          resolve(slot);
+        };
+        const wait = Math.max(1, Math.min(oldest + this.#scanStaleMs - now, this.#scanStaleMs, 2 ** 31 - 1));
+        timer = setTimeout(() => wake(null), wait);
+        // A waiter that got no slot when woken keeps its place in front.
+        if (first) this.#scanWaiters.unshift(wake);
+        else this.#scanWaiters.push(wake);
+      });
+      if (handed) return handed;
+      first = true;
     }
   }
 
@@ -1726,7 +1783,12 @@ export class Replica {
     // synchronous and the asynchronous try); "async-instantiate": only the
     // synchronous try fails (the instance comes asynchronously);
     // "fail-construct": the next rebuild's new WasmReplica fails;
-    // "clear-faults" disarms them.
+    // "clear-faults" disarms them. "hang-scans:N": this replica's next N
+    // lazy scans never settle, as if a torn-down request's I/O stranded
+    // them; "scan-stale-ms:MS": its scan slots turn stale after MS ms.
+    const [name, arg] = String(mode).split(":");
+    if (name === "hang-scans") return void (this.#testHangScans = Number(arg));
+    if (name === "scan-stale-ms") return void (this.#scanStaleMs = Number(arg));
     if (["fail-instantiate", "async-instantiate", "fail-construct", "clear-faults"].includes(mode)) {
       testFaults.instantiate = mode === "fail-instantiate" ? 2 : mode === "async-instantiate" ? 1 : 0;
       testFaults.construct = mode === "fail-construct" ? 1 : 0;

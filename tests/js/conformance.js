@@ -829,6 +829,24 @@ export function conformanceCases(ctx) {
     for (const [i, rows] of got.entries()) sameRows(rows, want, `scan ${i} of 100 at once`);
   });
 
+  add("lazy: scans stranded by torn-down I/O give their slots up; later scans answer", async () => {
+    const fx = sc.lazy;
+    const full = track(await Replica.open(fx.url));
+    await withTimeout(full.sync(), 120_000, "full sync");
+    const want = full.scan({ prefix: "item:", limit: 50 });
+    const lazy = track(await Replica.open(fx.url, { load: "lazy" }));
+    const trap = lazy[Symbol.for("walcast.testTrap")].bind(lazy);
+    // 48 scans (every slot) whose reads never settle, as a Workers request's
+    // fetches do once that request ended; their slots turn stale in 300 ms.
+    trap("scan-stale-ms:300");
+    trap("hang-scans:48");
+    for (let i = 0; i < 48; i++) lazy.scan({ prefix: "item:", limit: 50 });
+    const later = await Promise.all(
+      Array.from({ length: 3 }, () => withTimeout(lazy.scan({ prefix: "item:", limit: 50 }), 60_000, "a scan after 48 stranded ones")),
+    );
+    for (const [i, rows] of later.entries()) sameRows(rows, want, `scan ${i} after 48 stranded ones`);
+  });
+
   add("lazy: close rejects later reads with closed", async () => {
     const fx = sc.lazy;
     const r = await Replica.open(fx.url, { load: "lazy" });
