@@ -102,6 +102,9 @@ pub(crate) fn check_digests(
     digests: &BTreeMap<String, String>,
     named: &[&str],
 ) -> Result<(), String> {
+    // A set, not a scan of `named` per digest: a page of tens of thousands
+    // of entries would otherwise cost quadratic time to decode.
+    let named: std::collections::BTreeSet<&str> = named.iter().copied().collect();
     for (k, d) in digests {
         if !keys::is_digest(d) {
             return Err(format!(
@@ -109,7 +112,7 @@ pub(crate) fn check_digests(
                 Quoted::str(k)
             ));
         }
-        if !named.contains(&k.as_str()) {
+        if !named.contains(k.as_str()) {
             return Err(format!(
                 "{what}: digest for {}, which it does not name",
                 Quoted::str(k)

@@ -541,6 +541,131 @@ fn a_segment_unlike_its_catalog_entry_is_a_data_error() {
     }
 }
 
+/// A server whose every head names a new, damaged segment (a new epoch, so
+/// a new key each time) used to keep a sync going without end and without
+/// an error: failures were counted per key, and none reached the limit; the
+/// head was re-read at once after each. Now failures in a row without a
+/// success report an error, and the head reads back off.
+#[test]
+fn a_new_damaged_segment_in_every_head_ends_in_an_error_and_backs_off() {
+    let mut heads = 0u64;
+    let mut segment_gets = 0u64;
+    let mut d = Driver::new(cfg(), 3);
+    d.run(
+        60_000,
+        &mut |g| {
+            if g.key == HEAD_KEY {
+                heads += 1;
+                let (bytes, summary) = build_segment(heads, 1, 10, 64);
+                let _ = bytes;
+                let mut head = Head::new(DATASET, heads);
+                head.generation = heads;
+                head.committed_lsn = 10;
+                head.segments = vec![SegmentEntry::from_summary(&summary)];
+                GetResponse::Ok {
+                    body: head.encode(),
+                    etag: Some(format!("\"h{heads}\"")),
+                    range: None,
+                }
+            } else {
+                segment_gets += 1;
+                let epoch = g
+                    .key
+                    .split('/')
+                    .nth(1)
+                    .and_then(|e| e.parse().ok())
+                    .unwrap_or(1);
+                let (mut bytes, _) = build_segment(epoch, 1, 10, 64);
+                let mid = bytes.len() / 2;
+                bytes[mid] ^= 0x55;
+                GetResponse::Ok {
+                    body: bytes,
+                    etag: None,
+                    range: None,
+                }
+            }
+        },
+        &mut assert_state,
+    );
+    assert_eq!(d.r.applied_lsn(), 0);
+    let errors = d.errors();
+    assert!(
+        errors.iter().any(|e| e.kind() == ErrorKind::Data),
+        "no error after {heads} heads and {segment_gets} segment GETs"
+    );
+    // Backing off to at most retry_max_ms (1 s) between tries: about 60
+    // in the minute, not one a millisecond.
+    assert!(
+        heads < 400 && segment_gets < 400,
+        "{heads} head and {segment_gets} segment GETs in a minute"
+    );
+}
+
+/// A head claiming a 50 GB segment is refused before the segment is
+/// fetched (the replica would read up to the claimed size into memory), and
+/// a snapshot too large to take whole is never asked for with room for more
+/// than a window (a server ignoring `Range` would stream all of it).
+#[test]
+fn claimed_sizes_do_not_set_what_a_replica_reads_into_memory() {
+    let ds = dataset(20, 10, None, 1);
+    let mut head = ds.head.clone();
+    head.segments[1].size = 50_000_000_000;
+    let mut store = ds.store.clone();
+    store.put(HEAD_KEY, head.encode());
+    let mut d = Driver::new(cfg(), 1);
+    let mut asked = Vec::new();
+    d.run(
+        2_000,
+        &mut |g| {
+            asked.push((g.key.clone(), g.max_bytes));
+            store.serve(g)
+        },
+        &mut assert_state,
+    );
+    assert_eq!(d.r.applied_lsn(), 0);
+    assert!(
+        asked.iter().all(|(k, _)| k == HEAD_KEY),
+        "fetched beyond the head: {asked:?}"
+    );
+    let errors = d.errors();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.to_string().contains("above the limit")),
+        "{errors:?}"
+    );
+
+    // A snapshot of 100 MiB (by its entry): each window GET may bring at
+    // most the window.
+    let mut head = ds.head.clone();
+    let snap = put_snapshot(&mut store, &state_through(1, 20), 20, 1);
+    head.snapshot = Some(SnapshotEntry {
+        size: 100 << 20,
+        ..snap
+    });
+    head.earliest_lsn = 21;
+    head.segments.clear();
+    head.committed_lsn = 20;
+    store.put(HEAD_KEY, head.encode());
+    let mut d = Driver::new(cfg(), 1);
+    let mut windows = Vec::new();
+    d.run(
+        2_000,
+        &mut |g| {
+            if g.key != HEAD_KEY {
+                windows.push(g.max_bytes);
+            }
+            store.serve(g)
+        },
+        &mut assert_state,
+    );
+    assert!(!windows.is_empty());
+    assert!(
+        windows.iter().all(|&m| m <= cfg().snapshot_window),
+        "{windows:?}"
+    );
+}
+
 /// A dataset at the top of the LSN range, a snapshot at `u64::MAX - 2` and a
 /// segment holding `u64::MAX - 1` (the highest LSN a catalog accepts), is
 /// followed to its end: no LSN is computed past the last one (tests build

@@ -548,6 +548,40 @@ fn a_pinned_replica_never_goes_back_to_an_older_signed_head() {
     });
 }
 
+/// One key signing two datasets: the head of the other one, newer, served
+/// in place of the one a pinned replica follows, is refused (it used to be
+/// taken as the dataset started over, and followed).
+#[test]
+fn a_pinned_replica_does_not_switch_to_another_dataset_signed_by_its_key() {
+    both_ways(|| {
+        let mut a = Store::new();
+        publish(&mut a, cfg(Some(key(1)), None), 50, 1_000);
+        let mut b = Store::new();
+        publish_ops(&mut b, cfg(Some(key(1)), None), 60, 5_000_000, &|lsn| {
+            vec![Op::put(b"other".to_vec(), format!("b{lsn}").into_bytes())]
+        });
+        assert_ne!(head_of(&a).dataset_id, head_of(&b).dataset_id);
+        assert!(head_of(&b).committed_at_ms > head_of(&a).committed_at_ms);
+        let mut r = Reader::new(&[key(1).public()]);
+        r.run(&a, 3_000);
+        assert_eq!(r.r.applied_lsn(), 50);
+        r.run(&b, 10_000);
+        assert!(
+            r.untrusted()
+                .iter()
+                .any(|e| e.message().contains("does not switch datasets")),
+            "{:?}",
+            r.untrusted()
+        );
+        assert_eq!(r.r.applied_lsn(), 50);
+        assert!(same(r.r.state(), &expected(50)));
+        // A fresh pinned replica reads either.
+        let mut fresh = Reader::new(&[key(1).public()]);
+        fresh.run(&b, 3_000);
+        assert_eq!(fresh.r.applied_lsn(), 60);
+    });
+}
+
 #[test]
 fn replicas_follow_a_chain_of_key_rotations() {
     both_ways(|| {

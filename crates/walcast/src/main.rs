@@ -580,6 +580,10 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             once,
             serve,
         } => {
+            let most = walcast_core::publisher::MAX_SEGMENT_SEAL_BYTES;
+            if segment_bytes > most {
+                bail!("--segment-bytes {segment_bytes} is above the limit of {most} bytes");
+            }
             let opts = PublishOptions {
                 config: PublisherConfig {
                     segment_bytes,

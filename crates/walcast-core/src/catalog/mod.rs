@@ -28,6 +28,12 @@ pub const CATALOG_INDEX_SAMPLE: usize = 16;
 /// Most bytes of segment files the head may carry in its tail (decoded).
 /// Keeps the head well under [`MAX_HEAD_BYTES`] with base64's 4/3.
 pub const MAX_TAIL_BYTES: usize = 256 << 10;
+/// Largest segment file a catalog may name, so that what a replica reads
+/// into memory for one segment is bounded whatever a head claims. A
+/// publisher seals a segment once it holds
+/// [`crate::publisher::MAX_SEGMENT_SEAL_BYTES`] at most, and one record
+/// ([`crate::segment::MAX_RECORD_LEN`]) can take it past that.
+pub const MAX_SEGMENT_BYTES: u64 = 256 << 20;
 /// Highest page level accepted. Pages fan out by 16 by default, so 16 levels
 /// cover 2^64 segments, as many as LSNs exist; a deeper tree can only come
 /// from a hostile store.
@@ -240,6 +246,12 @@ impl SegmentEntry {
             &self.key,
             &segment_key(self.epoch, self.first_lsn, self.last_lsn),
         )?;
+        if self.size > MAX_SEGMENT_BYTES {
+            return Err(format!(
+                "segment {} claims {} bytes, above the limit of {MAX_SEGMENT_BYTES}",
+                self.key, self.size
+            ));
+        }
         if !(first_ok && ordered && in_range)
             || self.records_end >= self.size
             || self.records_end < crate::segment::HEADER_LEN

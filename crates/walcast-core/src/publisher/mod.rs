@@ -37,6 +37,10 @@ pub const DEFAULT_COMMIT_BURST: u32 = 2;
 /// Default [`PublisherConfig::tail_bytes`]: room for a commit's segments at
 /// 1,000 small batches a second and ten commits a second, twice over.
 pub const DEFAULT_TAIL_BYTES: usize = 32 << 10;
+/// The largest `segment_bytes` that takes effect: a larger setting seals at
+/// this size, so every segment (one record past it at most) stays within
+/// [`crate::catalog::MAX_SEGMENT_BYTES`].
+pub const MAX_SEGMENT_SEAL_BYTES: u64 = 128 << 20;
 
 /// Most key writes a segment's key filter covers: a segment with more (a
 /// bulk load) gets no filter, and a lazy replica that needs it fetches it.
@@ -65,7 +69,8 @@ pub const DEFAULT_SNAPSHOT_SUFFIX_BYTES: usize = 4 << 10;
 /// Tuning for a [`Publisher`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublisherConfig {
-    /// Seal a segment once it holds this many bytes.
+    /// Seal a segment once it holds this many bytes (at most
+    /// [`MAX_SEGMENT_SEAL_BYTES`]).
     pub segment_bytes: u64,
     /// Longest time (ms) a record may wait before it is sealed, even while
     /// another upload is in flight.
@@ -486,7 +491,7 @@ impl Publisher {
             && self
                 .open
                 .as_ref()
-                .is_none_or(|o| o.len() < self.cfg.segment_bytes)
+                .is_none_or(|o| o.len() < self.cfg.segment_bytes.min(MAX_SEGMENT_SEAL_BYTES))
     }
 
     /// Highest LSN named by a head this publisher committed or claimed.
@@ -640,7 +645,7 @@ impl Publisher {
                     .last_seal_at
                     .map_or(0, |t| t + self.cfg.min_commit_interval_ms)
                     .max(self.budget_allows_at());
-                let full = open.len() >= self.cfg.segment_bytes;
+                let full = open.len() >= self.cfg.segment_bytes.min(MAX_SEGMENT_SEAL_BYTES);
                 if full || (spaced <= now && (!uploading || due <= now)) {
                     self.last_seal_at = Some(now);
                     self.spend_budget(now);

@@ -45,7 +45,18 @@ impl Replica {
                         ),
                     )
                     .with_object(key.clone()))
-                } else if start > offset || (range.is_none() && body.len() as u64 != size) {
+                } else if range.is_none() && body.len() as u64 != size {
+                    Err(Error::new(
+                        ErrorKind::Data,
+                        format!(
+                            "snapshot answer is neither the range asked for nor the whole \
+                             {size} bytes (a server that ignores Range can serve snapshots \
+                             of at most {} bytes)",
+                            super::fetch::MAX_WHOLE_SNAPSHOT_ANSWER
+                        ),
+                    )
+                    .with_object(key.clone()))
+                } else if start > offset {
                     Err(Error::new(
                         ErrorKind::Data,
                         format!("snapshot answer does not cover byte {offset}"),

@@ -7,6 +7,7 @@ use crate::io::{ByteRange, GetRequest, GetResponse, RequestId};
 use crate::rng::splitmix64;
 
 use super::{Action, Event, Job, Replica};
+use crate::catalog::HEAD_KEY;
 
 /// The slowest transfer a GET's time limit allows for, in bytes a second:
 /// a segment, snapshot window or block GET may take
@@ -14,6 +15,11 @@ use super::{Action, Event, Job, Replica};
 /// take at this rate (an 8 MiB segment: 64 s more), at most
 /// [`MAX_TRANSFER_ALLOWANCE_MS`] more.
 pub const MIN_TRANSFER_BYTES_PER_SEC: u64 = 128 * 1024;
+
+/// The largest snapshot a replica takes as one whole answer to a window's
+/// range GET (a server that ignores `Range`); a larger one must be served
+/// by ranges, so no answer holds more than a window.
+pub const MAX_WHOLE_SNAPSHOT_ANSWER: u64 = 64 << 20;
 
 /// The most a GET's time limit grows by the bytes it expects (ms), so that
 /// drivers watching for stuck syncs (the worker's) can bound a live one.
@@ -54,7 +60,14 @@ impl Replica {
             Job::Head => crate::catalog::MAX_HEAD_BYTES as u64,
             Job::Page(_) => crate::catalog::MAX_PAGE_BYTES as u64,
             Job::Segment(u) => u.entry.size,
-            Job::Snapshot { .. } => self.bootstrap.as_ref().map_or(0, |b| b.entry.size),
+            // The whole snapshot when it is small enough to take in one
+            // answer (a server that ignores `Range`); else the window asked for.
+            Job::Snapshot { .. } => match (self.bootstrap.as_ref(), &range) {
+                (None, _) => 0,
+                (Some(b), _) if b.entry.size <= MAX_WHOLE_SNAPSHOT_ANSWER => b.entry.size,
+                (Some(_), Some(ByteRange::Bounded { start, end })) => end.saturating_sub(*start),
+                (Some(b), _) => b.entry.size,
+            },
             Job::Block(j) => self
                 .lazy
                 .as_ref()
@@ -99,7 +112,10 @@ impl Replica {
     }
 
     /// Records a failure of `key`; returns the retry delay, and reports an
-    /// error event once attempts reach the limit.
+    /// error event once attempts at `key` reach the limit, or once objects
+    /// other than the head failed [`STREAK_FACTOR`] times the limit in a
+    /// row with none of them succeeding (a server naming a new object in
+    /// every head would otherwise never reach the limit for any one key).
     pub(super) fn failure(&mut self, key: &str, err: Error) -> u64 {
         let n = match self.attempts.iter_mut().find(|(k, _)| k == key) {
             Some((_, n)) => {
@@ -107,21 +123,51 @@ impl Replica {
                 *n
             }
             None => {
+                if self.attempts.len() >= MAX_TRACKED_FAILURES {
+                    self.attempts.remove(0);
+                }
                 self.attempts.push((key.to_string(), 1));
                 1
             }
         };
-        if n == self.cfg.max_attempts {
+        let mut report = n == self.cfg.max_attempts;
+        if key != HEAD_KEY {
+            self.failure_streak = self.failure_streak.saturating_add(1);
+            report |= self.failure_streak == self.cfg.max_attempts.saturating_mul(STREAK_FACTOR);
+        }
+        if report {
             self.events.push_back(Event::Error(err.clone()));
         }
         self.last_error = Some(err);
-        self.backoff_delay(n)
+        self.backoff_delay(n.max(self.failure_streak / STREAK_FACTOR))
+    }
+
+    /// How long to wait before re-reading the head after an object failed
+    /// verification: at once the first times, then backing off as failures
+    /// without success pile up.
+    pub(super) fn distrust_delay(&mut self) -> u64 {
+        if self.failure_streak < STREAK_FACTOR {
+            0
+        } else {
+            self.backoff_delay(self.failure_streak / STREAK_FACTOR)
+        }
     }
 
     pub(super) fn success(&mut self, key: &str) {
         self.attempts.retain(|(k, _)| k != key);
+        if key != HEAD_KEY {
+            self.failure_streak = 0;
+        }
     }
 }
+
+/// Objects whose failures are counted at once; past this the oldest count
+/// is dropped (a hostile server can name endless new keys).
+const MAX_TRACKED_FAILURES: usize = 64;
+
+/// Failures in a row of objects other than the head, as a multiple of
+/// [`super::ReplicaConfig::max_attempts`], that report an error event.
+pub(super) const STREAK_FACTOR: u32 = 8;
 
 pub(super) fn unavailable(resp: &GetResponse) -> Error {
     match resp {

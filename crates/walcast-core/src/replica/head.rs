@@ -275,8 +275,9 @@ impl Replica {
     pub(super) fn distrust_head(&mut self, now: u64, err: &Error) {
         if matches!(err.kind(), ErrorKind::Data | ErrorKind::Untrusted) {
             self.head_fresh = true;
-            if self.head_due.is_none_or(|t| t > now) && !self.head_inflight {
-                self.head_due = Some(now);
+            let due = now + self.distrust_delay();
+            if self.head_due.is_none_or(|t| t > due) && !self.head_inflight {
+                self.head_due = Some(due);
             }
         }
     }

@@ -35,7 +35,9 @@ mod tail;
 mod trust;
 mod verify;
 
-pub use self::fetch::{MAX_TRANSFER_ALLOWANCE_MS, MIN_TRANSFER_BYTES_PER_SEC};
+pub use self::fetch::{
+    MAX_TRANSFER_ALLOWANCE_MS, MAX_WHOLE_SNAPSHOT_ANSWER, MIN_TRANSFER_BYTES_PER_SEC,
+};
 pub use self::lazy::{Entries, LazyScan, LazyStatus, Read};
 
 use std::collections::VecDeque;
@@ -333,6 +335,8 @@ pub struct Replica {
     bootstrap: Option<Bootstrap>,
     pending: VecMap<Job>,
     attempts: Vec<(String, u32)>,
+    /// Failures of objects other than the head since one last succeeded.
+    failure_streak: u32,
     backoff_until: Option<u64>,
     events: VecDeque<Event>,
     caught_up_reported: bool,
@@ -393,6 +397,7 @@ impl Replica {
             bootstrap: None,
             pending: VecMap::default(),
             attempts: Vec::new(),
+            failure_streak: 0,
             backoff_until: None,
             events: VecDeque::new(),
             caught_up_reported: false,
@@ -505,6 +510,7 @@ impl Replica {
         self.backoff_until = None;
         self.caught_up_reported = false;
         self.attempts.clear();
+        self.failure_streak = 0;
     }
 
     /// The next thing to do. Call after every input until it returns

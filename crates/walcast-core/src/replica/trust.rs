@@ -150,6 +150,19 @@ impl Replica {
                 "the head's signature by {signer} does not verify"
             )));
         }
+        // Another dataset signed by the same key (one key signing several
+        // datasets, one served in place of another), or a dataset started
+        // over: not followed by itself. The dataset this replica holds
+        // survives restarts (it is persisted with the state), so a
+        // restarted replica refuses likewise.
+        if let Some(d) = self.dataset.filter(|d| *d != head.dataset_id) {
+            return Err(err(format!(
+                "the head is of dataset {}, but this replica follows dataset {d}; a replica \
+                 that pins keys does not switch datasets by itself (start it over, without its \
+                 persisted state, to follow the new one)",
+                head.dataset_id
+            )));
+        }
         // Rollback: never a signed head older than one already applied.
         if self.dataset == Some(head.dataset_id) && head.committed_lsn < self.applied {
             return Err(err(format!(
