@@ -511,6 +511,9 @@ pub struct LazySnapshot {
     expect: Option<[u8; 32]>,
     /// The footer's bytes, kept until the top index is verified with them.
     footer_bytes: Vec<u8>,
+    /// The entry count the catalog states, when known: a footer saying
+    /// otherwise is another file's (see [`expect_entries`](Self::expect_entries)).
+    entries: Option<u64>,
 }
 
 impl LazySnapshot {
@@ -528,6 +531,7 @@ impl LazySnapshot {
             fetched_blocks: 0,
             expect: None,
             footer_bytes: Vec::new(),
+            entries: None,
         }
     }
 
@@ -601,6 +605,13 @@ impl LazySnapshot {
         }
     }
 
+    /// Refuses a footer that does not count `n` entries, the number the
+    /// catalog states: a file of the same size left by a dataset started
+    /// over at the same prefix is not read as this one.
+    pub fn expect_entries(&mut self, n: u64) {
+        self.entries = Some(n);
+    }
+
     /// Feeds the answer to [`Need::Suffix`]: the last `bytes.len()` bytes of
     /// the file. Verifies the footer, and the top index when it came along.
     pub fn feed_suffix(&mut self, bytes: &[u8]) -> Result<(), DecodeError> {
@@ -616,6 +627,13 @@ impl LazySnapshot {
         }
         let fb = &bytes[(n - flen) as usize..];
         let footer = Footer::decode(fb, self.size)?;
+        if let Some(n) = self.entries.filter(|&n| n != footer.entry_count) {
+            return Err(crate::codec::invalid(
+                "snapshot footer",
+                self.size - flen,
+                format!("{} entries, but the catalog says {n}", footer.entry_count),
+            ));
+        }
         if self.expect.is_some() && !footer.has_digests() {
             return Err(DecodeError::Digest {
                 what: "snapshot footer (not version 4: no block digests to verify)",

@@ -17,9 +17,15 @@ impl Lazy {
         // the new base leaves are, and a GET of one in flight stays counted
         // (else the next read would ask for it a second time).
         self.keep_jobs(false);
-        let fresh = || match index_digest {
-            Some(d) => LazySnapshot::with_index_digest(entry.size, self.snapshot_cache_bytes(), d),
-            None => LazySnapshot::new(entry.size, self.snapshot_cache_bytes()),
+        let fresh = || {
+            let mut s = match index_digest {
+                Some(d) => {
+                    LazySnapshot::with_index_digest(entry.size, self.snapshot_cache_bytes(), d)
+                }
+                None => LazySnapshot::new(entry.size, self.snapshot_cache_bytes()),
+            };
+            s.expect_entries(entry.entries);
+            s
         };
         let mut snap = fresh();
         if let Some(suffix) = &entry.suffix {

@@ -32,7 +32,21 @@ impl Lazy {
         let size = d.entry.size;
         match job.need {
             Need::Suffix(_) => {
-                d.index = Some(DeltaIndex::decode_suffix(bytes, size)?);
+                let idx = DeltaIndex::decode_suffix(bytes, size)?;
+                // The file must be the one the catalog names, not another
+                // of the same size (a dataset started over at the prefix).
+                let f = idx.footer();
+                if f.base_lsn != d.entry.base_lsn || f.entry_count != d.entry.entries {
+                    return Err(crate::codec::invalid(
+                        "delta footer",
+                        size - crate::snapshot::delta::DELTA_FOOTER_LEN,
+                        format!(
+                            "base LSN {} and {} entries, but the catalog says {} and {}",
+                            f.base_lsn, f.entry_count, d.entry.base_lsn, d.entry.entries
+                        ),
+                    ));
+                }
+                d.index = Some(idx);
             }
             Need::Range { start: 0, end } if end == size => {
                 if crate::crc::hash(bytes) != d.entry.crc32 {
