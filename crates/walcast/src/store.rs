@@ -25,12 +25,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures::FutureExt as _;
 use object_store::path::Path as ObjPath;
 use object_store::{
-    GetOptions, GetRange, GetResult, GetResultPayload, ObjectStore, ObjectStoreExt, PutMode,
-    PutOptions, PutPayload, UpdateVersion,
+    Attribute, AttributeValue, GetOptions, GetRange, GetResult, GetResultPayload, ObjectStore,
+    ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion,
 };
 use walcast_core::catalog::HEAD_KEY;
 use walcast_core::io::{ByteRange, ContentRange, GetRequest, GetResponse};
-use walcast_core::publisher::{PutCondition, PutRequest, PutResponse};
+use walcast_core::publisher::{ObjectKind, PutCondition, PutRequest, PutResponse};
 
 use crate::counting::{Counting, RequestStats};
 
@@ -39,6 +39,14 @@ use crate::counting::{Counting, RequestStats};
 /// process umask as any file creation is (umask 022 keeps 0644, 077 makes it
 /// 0600). Directories are created 0777 less the umask.
 pub const DATASET_FILE_MODE: u32 = 0o644;
+
+/// `Cache-Control` stored with the head in object stores: caches revalidate
+/// it on every read (an `ETag` match costs a `304`).
+pub const HEAD_CACHE_CONTROL: &str = "no-cache";
+
+/// `Cache-Control` stored with segments, pages, snapshots and deltas, which
+/// never change.
+pub const IMMUTABLE_CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
 
 /// A dataset's objects under a prefix of some object store.
 #[derive(Clone)]
@@ -271,10 +279,24 @@ impl Store {
                 version: None,
             }),
         };
-        let opts = PutOptions {
+        let mut opts = PutOptions {
             mode,
             ..Default::default()
         };
+        // The store serves what a CDN in front of it caches by: the head
+        // briefly, never stale (a CDN's default lifetime would hold an old
+        // head for hours), immutable objects for good. A local directory
+        // keeps no such attributes (`walcast serve` sets the headers).
+        if self.local.is_none() {
+            let cache = match req.kind {
+                ObjectKind::Head => HEAD_CACHE_CONTROL,
+                ObjectKind::Segment | ObjectKind::Page | ObjectKind::Snapshot => {
+                    IMMUTABLE_CACHE_CONTROL
+                }
+            };
+            opts.attributes
+                .insert(Attribute::CacheControl, AttributeValue::from(cache));
+        }
         match self
             .os
             .put_opts(

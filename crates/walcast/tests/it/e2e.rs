@@ -95,10 +95,62 @@ fn a_moto_s3_publish_replicate_incremental() {
     let mut rng = Rng::new(seed(name));
     let moto = Moto::start();
     let tmp = TempDir::new().unwrap();
-    let url = moto.url(&format!("e2e-a-{:08x}", rng.next_u64() as u32));
+    let prefix = format!("e2e-a-{:08x}", rng.next_u64() as u32);
+    let url = moto.url(&prefix);
     publish_replicate_incremental(name, &url, &moto.env(), tmp.path(), &mut rng, &|| {
         moto.logs()
     });
+    // The store serves the head to be revalidated on every read and the
+    // immutable objects to be cached for good (a CDN in front caches by it).
+    let os = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(format!("http://127.0.0.1:{}", moto.port))
+        .with_allow_http(true)
+        .with_bucket_name(&moto.bucket)
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .with_region("us-east-1")
+        .build()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cache_control = |key: &str| {
+        rt.block_on(async {
+            use object_store::ObjectStore as _;
+            let got = os
+                .get_opts(
+                    &object_store::path::Path::from(key),
+                    object_store::GetOptions {
+                        head: true,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            got.attributes
+                .get(&object_store::Attribute::CacheControl)
+                .map(|v| v.to_string())
+        })
+    };
+    assert_eq!(
+        cache_control(&format!("{prefix}/catalog/head.json")).as_deref(),
+        Some("no-cache"),
+        "the head"
+    );
+    let segment = rt.block_on(async {
+        use futures::TryStreamExt as _;
+        use object_store::ObjectStore as _;
+        let p = object_store::path::Path::from(format!("{prefix}/segments"));
+        os.list(Some(&p))
+            .try_next()
+            .await
+            .unwrap()
+            .expect("a segment")
+            .location
+    });
+    assert_eq!(
+        cache_control(segment.as_ref()).as_deref(),
+        Some("public, max-age=31536000, immutable"),
+        "{segment}"
+    );
 }
 
 // ---------------------------------------------------------------------------
