@@ -402,11 +402,14 @@ function splitUrl(url) {
 /**
  * The key a dataset's persisted state is stored under: its URL without the
  * query string, so a token passed in the query (which changes as tokens
- * expire) neither changes the key nor is written to storage.
+ * expire) neither changes the key nor is written to storage. A raw replica
+ * (no key-value state) keeps its own record, `#raw` appended: a key-value
+ * replica of the same URL must never open at its LSN with none of its keys.
  */
-function storeKey(url) {
+function storeKey(url, wasmOpts) {
   const q = url.search(/[?#]/);
-  return q >= 0 ? url.slice(0, q) : url;
+  const base = q >= 0 ? url.slice(0, q) : url;
+  return wasmOpts?.raw ? `${base}#raw` : base;
 }
 
 function headerList(h) {
@@ -642,7 +645,7 @@ function recoverFromTrap(cause, culprit, kind) {
     engine.poisoned = false;
     finish(true);
   } else {
-    for (const m of moves) m.owner[REBUILD](null, m.culprit ? err : null, "pending");
+    for (const m of moves) m.owner[REBUILD](m.snapshot, m.culprit ? err : null, "pending");
     // When this fails too, each replica tries again on its next sync
     // (ensureEngine): none is left without a module for good.
     reinstantiate().then(() => finish(false), noop);
@@ -925,6 +928,8 @@ export class Replica {
   #scanStaleMs = SCAN_SLOT_STALE_MS;
   #testHangScans = 0; // test-only: this many next scans never settle (a torn-down request's I/O)
   #persistTimeoutMs = DEFAULT_PERSIST_TIMEOUT_MS;
+  #carried = null; // the state a trap carried over, while the new instance is pending
+  #storeBusy = null; // the store's call not yet settled (it may outlive persistTimeoutMs)
 
   constructor(token, url, options, w, store, restored) {
     if (token !== TOKEN) {
@@ -935,7 +940,8 @@ export class Replica {
     this.#wasmOpts = wasmOptions(options);
     this.#store = store;
     this.#persistTimeoutMs = options.persistTimeoutMs ?? DEFAULT_PERSIST_TIMEOUT_MS;
-    this.#pollInterval = options.pollInterval ?? 1000;
+    // setTimeout's largest delay: a larger one fires at once (a tight loop).
+    this.#pollInterval = Math.min(options.pollInterval ?? 1000, 2 ** 31 - 1);
     this.#lazy = options.load === "lazy";
     this.#onError = typeof options.onError === "function" ? options.onError : null;
     if (typeof options.onRecord === "function") this.#onRecordFn = options.onRecord;
@@ -990,6 +996,9 @@ export class Replica {
     }
     if (this.#closed) return;
     if (how !== "rebuilt") {
+      // The state carried over, kept until the new instance is ready (a
+      // revival before the trap's own try rebuilds from it too).
+      this.#carried = snapshot;
       this.#slot.h = null; // "pending": attached when the new instance is ready
       this.#lazyReady = false;
       this.#abortGets();
@@ -997,6 +1006,8 @@ export class Replica {
       if (!scopedIo) queueMicrotask(() => this.#wakeWaiters());
       return;
     }
+    snapshot ??= this.#carried;
+    this.#carried = null;
     // Plain calls here: a fresh instance that traps at once is not replaced again.
     let w = null;
     if (snapshot) {
@@ -1034,9 +1045,9 @@ export class Replica {
   async #reload() {
     let rec;
     try {
-      rec = await storeCall(this.#store.load(storeKey(this.#url)), "load", this.#persistTimeoutMs);
+      rec = await storeCall(this.#store.load(storeKey(this.#url, this.#wasmOpts)), "load", this.#persistTimeoutMs);
     } catch (e) {
-      this.#emitError(storeError("load", storeKey(this.#url), e));
+      this.#emitError(storeError("load", storeKey(this.#url, this.#wasmOpts), e));
       return;
     }
     if (this.#closed || !rec || !rec.snapshot) return;
@@ -1054,7 +1065,7 @@ export class Replica {
       if (call(h, "read", (x) => x.status()).appliedLsn >= rec.appliedLsn) return;
       let damage = null;
       w = construct(() => {
-        const r = restoreRecord(this.#wasmOpts, rec, storeKey(this.#url));
+        const r = restoreRecord(this.#wasmOpts, rec, storeKey(this.#url, this.#wasmOpts));
         damage = r.damage;
         return r.w;
       });
@@ -1150,9 +1161,9 @@ export class Replica {
     if (store) {
       let rec;
       try {
-        rec = await storeCall(store.load(storeKey(url)), "load", options.persistTimeoutMs ?? DEFAULT_PERSIST_TIMEOUT_MS);
+        rec = await storeCall(store.load(storeKey(url, wasmOpts)), "load", options.persistTimeoutMs ?? DEFAULT_PERSIST_TIMEOUT_MS);
       } catch (e) {
-        reportTo(options.onError, storeError("load", storeKey(url), e));
+        reportTo(options.onError, storeError("load", storeKey(url, wasmOpts), e));
       }
       if (rec && rec.snapshot) {
         // The load took a while: a trap meanwhile may be replacing the instance.
@@ -1160,7 +1171,7 @@ export class Replica {
         try {
           let damage = null;
           w = construct(() => {
-            const r = restoreRecord(wasmOpts, rec, storeKey(url));
+            const r = restoreRecord(wasmOpts, rec, storeKey(url, wasmOpts));
             damage = r.damage;
             return r.w;
           });
@@ -1270,6 +1281,7 @@ export class Replica {
     let lastError = null;
     for (;;) {
       if (this.#closed) throw closedError();
+      if (this.#needsRevive()) await this.#revive();
       const s = this.#call("read", (w) => w.status());
       if (s.appliedLsn >= lsn) return s.appliedLsn;
       const left = until - Date.now();
@@ -1940,8 +1952,32 @@ export class Replica {
     }
   }
 
+  /** The store's call `p` (its own promise, which may never settle), timed. */
+  #storeCall(p, method) {
+    const raw = Promise.resolve(p);
+    this.#storeBusy = raw;
+    const done = () => {
+      if (this.#storeBusy === raw) this.#storeBusy = null;
+    };
+    raw.then(done, done);
+    return storeCall(raw, method, this.#persistTimeoutMs);
+  }
+
   async #persist() {
     const h = this.#slot.h;
+    if (this.#storeBusy) {
+      // The store has not answered the last write (a lock another tab
+      // holds, a transaction that never completes): queue nothing more,
+      // each holding a state, behind it. The batches since are dropped from
+      // the log; the first write once it answers is whole.
+      if (typeof this.#store.append === "function") call(h, "read", (w) => w.takeLog());
+      this.#persistWhole = true;
+      throw walcastError(
+        "persist",
+        `walcast: the persist store's last write for ${storeKey(this.#url, this.#wasmOpts)} has not settled (over ${this.#persistTimeoutMs} ms); this state is written whole once it does`,
+        { object: "persist store" },
+      );
+    }
     const s = call(h, "read", (w) => w.status());
     const lsn = s.appliedLsn;
     const ds = s.datasetId ?? null;
@@ -1950,7 +1986,7 @@ export class Replica {
     // The batches applied since the last write (incremental persistence).
     const chunk = typeof this.#store.append === "function" ? call(h, "read", (w) => w.takeLog()) : undefined;
     if (!replace && !repair && lsn <= this.#persistedLsn && ds === this.#persistedDataset) return;
-    const key = storeKey(this.#url);
+    const key = storeKey(this.#url, this.#wasmOpts);
     if (chunk && !replace && !repair && !this.#persistWhole && ds === this.#persistedDataset) {
       // Append the chunk; the store asks for the whole state instead when
       // its log is due for compaction or does not line up with the chunk.
@@ -1964,7 +2000,7 @@ export class Replica {
         return { snapshot: call(hh, "read", (w) => w.snapshot()), appliedLsn: st.appliedLsn, datasetId: ds, savedAt: Date.now() };
       };
       try {
-        await storeCall(this.#store.append(key, { datasetId: ds, first: chunk.first, last: chunk.last, bytes: chunk.bytes, whole }), "append", this.#persistTimeoutMs);
+        await this.#storeCall(this.#store.append(key, { datasetId: ds, first: chunk.first, last: chunk.last, bytes: chunk.bytes, whole }), "append");
         // The store now holds at least this (its own copy may be newer).
         this.#persistedLsn = Math.max(this.#persistedLsn, chunk.last, wholeLsn);
       } catch (e) {
@@ -1977,7 +2013,7 @@ export class Replica {
     const opts = { replace, repair };
     if (repair && this.#persistRepairOf !== undefined) opts.repairOf = this.#persistRepairOf;
     try {
-      await storeCall(this.#store.save(key, { snapshot, appliedLsn: lsn, datasetId: ds, savedAt: Date.now() }, opts), "save", this.#persistTimeoutMs);
+      await this.#storeCall(this.#store.save(key, { snapshot, appliedLsn: lsn, datasetId: ds, savedAt: Date.now() }, opts), "save");
     } catch (e) {
       throw storeError("save", key, e);
     }

@@ -974,7 +974,15 @@ export function conformanceCases(ctx) {
         const b = track(await Replica.open(sc.midhistory.url));
         await withTimeout(b.sync(), 120_000, "other sync");
         const bLsn = b.status().appliedLsn;
+        const bSize = b.size;
+        const bResets = [];
+        b.onReset((ev) => bResets.push(ev.lsn));
         eq(trapOf(a, "read")?.code, "internal", "the read that trapped");
+        // Another replica keeps the state it had, carried over while no
+        // instance could be made, and waitFor revives it.
+        eq(await withTimeout(b.waitFor(bLsn, { timeout: 60_000 }), 90_000, "waitFor while rebuilding"), bLsn, "waitFor revives a replica");
+        eq(b.size, bSize, "another replica keeps its keys through a failed instantiation");
+        eq(bResets.length, 0, `another replica is not reset (resets: ${bResets.join(", ")})`);
         let e2 = null;
         try {
           a.get("user:0");
@@ -1033,6 +1041,37 @@ export function conformanceCases(ctx) {
     } finally {
       a[TRAP]("clear-faults");
     }
+  });
+
+  add("persist: a raw replica and a key-value replica of one URL keep separate records", async () => {
+    const fx = sc.basic;
+    const store = mapStore();
+    let records = 0;
+    const raw = track(await Replica.open(fx.url, { raw: true, onRecord: () => records++, persist: store }));
+    eq(await withTimeout(raw.sync(), 120_000, "raw sync"), fx.expected.lsn, "raw sync");
+    ok(records > 0, "records delivered");
+    await raw.close();
+    const kv = track(await Replica.open(fx.url, { persist: store }));
+    eq(kv.status().appliedLsn, 0, "a key-value replica does not open at the raw replica's LSN");
+    eq(await withTimeout(kv.sync(), 120_000, "kv sync"), fx.expected.lsn, "kv sync");
+    expectState(kv, fx.expected, "a key-value replica beside a raw one");
+    await kv.close();
+    const again = track(await Replica.open(fx.url, { persist: store }));
+    eq(again.status().appliedLsn, fx.expected.lsn, "the key-value record reopens");
+    expectState(again, fx.expected, "reopened beside a raw record");
+    ok(store.map.size === 2, `two records (${[...store.map.keys()].join(", ")})`);
+  });
+
+  add("start: a pollInterval past setTimeout's range does not poll in a tight loop", async () => {
+    const fx = sc.basic;
+    const r = track(await Replica.open(fx.url, { pollInterval: 2 ** 31 + 5, longPoll: false }));
+    await withTimeout(r.sync(), 120_000, "sync");
+    const before = r.status().requests;
+    r.start();
+    await new Promise((res) => setTimeout(res, 500));
+    r.stop();
+    const made = r.status().requests - before;
+    ok(made <= 4, `start() made ${made} requests in 500 ms`);
   });
 
   add("persist: a store call that never settles fails after persistTimeoutMs; syncs, start() and close() go on", async () => {

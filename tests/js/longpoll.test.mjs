@@ -358,3 +358,39 @@ test("held reads that fail after holding: the error reaches onError while follow
     await p.close();
   }
 });
+
+test("persist: while the store has not answered a write, later syncs queue no writes behind it; the first after is whole", async () => {
+  const ds = dataset("busy-store");
+  ds.write("k0", "v0");
+  const origin = await serve(ds.dir);
+  let release;
+  const gate = new Promise((r) => (release = r));
+  const calls = [];
+  // The first call hangs (a lock another tab holds) until released.
+  const answer = () => (calls.length === 1 ? gate : Promise.resolve());
+  const store = {
+    load: async () => null,
+    save: () => (calls.push("save"), answer()),
+    append: () => (calls.push("append"), answer()),
+  };
+  const errors = [];
+  const r = await Replica.open(origin, { persist: store, persistTimeoutMs: 100, longPoll: false, onError: (e) => errors.push(e) });
+  try {
+    await r.sync();
+    for (let i = 1; i <= 4; i++) {
+      ds.write(`k${i}`, `v${i}`);
+      await r.sync();
+    }
+    assert.deepEqual(calls, ["save"], "one store call while it has not settled");
+    assert.ok(errors.filter((e) => e.code === "persist").length >= 4, `each skipped write is reported (${errors.map((e) => `${e.code}: ${e.message}`).join("; ")})`);
+    release();
+    await sleep(20);
+    ds.write("k5", "v5");
+    await r.sync();
+    assert.deepEqual(calls, ["save", "save"], "the first write after it settled is whole");
+    assert.equal(r.getText("k5"), "v5");
+  } finally {
+    release();
+    await r.close();
+  }
+});

@@ -496,8 +496,14 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
   }
 
   function progressMark(r) {
-    const st = r.status();
-    return `${st.requests}:${st.bytesReceived}`;
+    try {
+      const st = r.status();
+      return `${st.requests}:${st.bytesReceived}`;
+    } catch {
+      // Being rebuilt after a trap (status() throws unavailable): the sync
+      // this mark is taken for is what revives it.
+      return "rebuilding";
+    }
   }
 
   /** Starts (or joins) a sync of the slot's replica; never rejects. */

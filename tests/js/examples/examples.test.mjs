@@ -183,6 +183,9 @@ test("examples/worker-kv: wrangler dev against walcast serve answers reads, foll
       [...model].filter(([k]) => k.startsWith("city:o")).sort().map(([key, value]) => ({ key, value })),
       "scan of a prefix",
     );
+    r = await get("/api/scan?prefix=city:&limit=1.5");
+    assert.equal(r.status, 200, "a fractional limit is rounded down, not an uncaught exception");
+    assert.equal(r.body.rows.length, 1, "limit 1.5: one row");
     r = await get("/api/status");
     assert.equal(r.body.appliedLsn, committed, "status: applied LSN");
 

@@ -724,3 +724,31 @@ test("LOAD=lazy: a read that never finishes answers 503 after the read timeout a
     [503, "unavailable"],
   ]);
 });
+
+test("a replica whose status() throws while it is rebuilt after a trap is synced (the sync revives it), not left answering 503", async () => {
+  const { call, made, clock } = setup({ MAX_AGE_MS: "1000" });
+  const p = call("/kv/a");
+  await flush();
+  const r = made[0];
+  r.put("a", "1");
+  r.syncCalls[0].resolve(3);
+  assert.equal((await p).status, 200);
+  // A trap whose rebuild failed: every call but sync() throws unavailable.
+  const status = r.status.bind(r);
+  r.status = () => {
+    if (r.rebuilding) throw Object.assign(new Error("being rebuilt"), { code: "unavailable" });
+    return status();
+  };
+  r.rebuilding = true;
+  clock.advance(2_000);
+  const before = r.syncCalls.length;
+  await call("/kv/a");
+  await flush();
+  assert.equal(r.syncCalls.length, before + 1, "a sync was started");
+  r.rebuilding = false;
+  r.syncCalls[before].resolve(3);
+  await flush();
+  const res = await call("/kv/a");
+  assert.equal(res.status, 200);
+  assert.equal(await res.text(), "1");
+});
