@@ -149,6 +149,13 @@ impl BlockBuilder {
     }
 }
 
+/// What a block's entries may decode to beyond twice its bytes on the wire
+/// (prefix-compressed keys expand); past it the block is refused.
+pub const MAX_DECODED_EXTRA: u64 = 16 << 20;
+
+/// Bytes of memory an entry takes beyond its key and value (two `Vec`s).
+const ENTRY_OVERHEAD: u64 = 48;
+
 /// A verified block: every entry was decoded, its keys ascend strictly, and
 /// its checksum matched the handle that named it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,6 +239,11 @@ impl Block {
         let mut r = Reader::new(&body[..data_end], body_at);
         let mut key: Vec<u8> = Vec::new();
         let mut restart_i = 0usize;
+        // Prefix compression lets a small block name long keys; what it
+        // may decode to is bounded, so a hostile block cannot make a reader
+        // hold far more than it fetched.
+        let limit = MAX_DECODED_EXTRA + 2 * u64::from(handle.len);
+        let mut decoded = 0u64;
         for i in 0..count as usize {
             let entry_at = r.offset();
             let shared = r.varint("block entry")?;
@@ -253,6 +265,25 @@ impl Block {
                     what,
                     entry_at,
                     "shared prefix longer than the last key",
+                ));
+            }
+            if shared.saturating_add(unshared) > crate::batch::MAX_KEY_LEN {
+                return Err(invalid(
+                    what,
+                    entry_at,
+                    format!(
+                        "a key of {} bytes, above the limit of {}",
+                        shared.saturating_add(unshared),
+                        crate::batch::MAX_KEY_LEN
+                    ),
+                ));
+            }
+            decoded += shared + unshared + vlen + ENTRY_OVERHEAD;
+            if decoded > limit {
+                return Err(invalid(
+                    what,
+                    entry_at,
+                    format!("the entries decode to more than {limit} bytes"),
                 ));
             }
             let suffix = r.bytes(unshared, "block entry key")?;
@@ -301,7 +332,7 @@ impl Block {
             .checked_sub(1)
     }
 
-    /// Bytes the block took on the wire (what a cache charges for it).
+    /// Bytes the block took on the wire.
     pub fn wire_len(&self) -> u64 {
         self.wire_len
     }
@@ -310,7 +341,7 @@ impl Block {
     pub fn heap_bytes(&self) -> u64 {
         self.entries
             .iter()
-            .map(|(k, v)| (k.len() + v.len() + 48) as u64)
+            .map(|(k, v)| (k.len() + v.len()) as u64 + ENTRY_OVERHEAD)
             .sum()
     }
 }
@@ -371,5 +402,47 @@ mod tests {
             ..h
         };
         assert!(Block::decode(&bytes, &other, "data block").is_err());
+    }
+
+    fn handle_of(mut b: BlockBuilder) -> (Vec<u8>, BlockHandle) {
+        let (bytes, crc) = b.finish();
+        let h = BlockHandle {
+            offset: 56,
+            len: bytes.len() as u32,
+            crc,
+        };
+        (bytes, h)
+    }
+
+    /// Keys that each extend the last: prefix compression writes a byte or
+    /// so per entry (and a whole key per restart), but every key decodes
+    /// whole. Past what a block may decode to, it is refused.
+    #[test]
+    fn a_block_decoding_to_far_more_than_it_holds_is_refused() {
+        let mut b = BlockBuilder::new();
+        let mut key = Vec::new();
+        for _ in 0..8_000 {
+            key.push(b'a');
+            b.push(&key, b"");
+        }
+        let (bytes, h) = handle_of(b);
+        let e = Block::decode(&bytes, &h, "data block").unwrap_err();
+        assert!(e.to_string().contains("decode to more than"), "{e}");
+        // A key longer than any batch may hold.
+        let mut b = BlockBuilder::new();
+        b.push(&vec![b'k'; crate::batch::MAX_KEY_LEN as usize + 1], b"v");
+        let (bytes, h) = handle_of(b);
+        let e = Block::decode(&bytes, &h, "data block").unwrap_err();
+        assert!(e.to_string().contains("above the limit"), "{e}");
+        // The same shape, smaller, decodes (and says what it holds).
+        let mut b = BlockBuilder::new();
+        let mut key = Vec::new();
+        for _ in 0..500 {
+            key.push(b'a');
+            b.push(&key, b"");
+        }
+        let (bytes, h) = handle_of(b);
+        let block = Block::decode(&bytes, &h, "data block").unwrap();
+        assert!(block.heap_bytes() > block.wire_len());
     }
 }

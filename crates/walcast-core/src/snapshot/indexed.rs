@@ -482,7 +482,11 @@ pub enum Lookup {
 /// make the cache hold more than `cache_bytes / MIN_BLOCK_CHARGE` of them
 /// (each read scans them for the least recently used).
 fn cache_charge(block: &Block) -> u64 {
-    block.wire_len().max(MIN_BLOCK_CHARGE)
+    // What it holds decoded, or fetched when that is more.
+    block
+        .wire_len()
+        .max(block.heap_bytes())
+        .max(MIN_BLOCK_CHARGE)
 }
 
 /// The least a cached data block counts as (see [`cache_charge`]).
