@@ -929,7 +929,7 @@ export class Replica {
   #testHangScans = 0; // test-only: this many next scans never settle (a torn-down request's I/O)
   #persistTimeoutMs = DEFAULT_PERSIST_TIMEOUT_MS;
   #carried = null; // the state a trap carried over, while the new instance is pending
-  #storeBusy = null; // the store's call not yet settled (it may outlive persistTimeoutMs)
+  #storeBusy = null; // a store call that outlived persistTimeoutMs and has not settled yet
 
   constructor(token, url, options, w, store, restored) {
     if (token !== TOKEN) {
@@ -1310,7 +1310,8 @@ export class Replica {
       // The head did not name `lsn` yet (the publisher has not committed
       // it): read it again shortly, not in a tight loop.
       const pause = Math.min(100 - (Date.now() - started), until - Date.now());
-      if (!following && pause > 0 && this.#call("read", (w) => w.status()).appliedLsn < lsn) {
+      // (A trap in that sync: the next round revives the replica.)
+      if (!following && pause > 0 && !this.#needsRevive() && this.#call("read", (w) => w.status()).appliedLsn < lsn) {
         await new Promise((resolve) => setTimeout(resolve, pause));
       }
     }
@@ -1654,7 +1655,14 @@ export class Replica {
         if (now - at >= this.#scanStaleMs) this.#scanSlots.delete(slot);
         else oldest = Math.min(oldest, at);
       }
-      if (first && this.#scanSlots.size < MAX_OPEN_SCANS) {
+      // Slots freed by staleness go to the scans waiting first (a waiter
+      // whose own timer a torn-down request never fires is woken here).
+      while (this.#scanSlots.size < MAX_OPEN_SCANS && this.#scanWaiters.length > 0) {
+        const handed = {};
+        this.#scanSlots.set(handed, now);
+        this.#scanWaiters.shift()(handed);
+      }
+      if (this.#scanSlots.size < MAX_OPEN_SCANS) {
         const slot = {};
         this.#scanSlots.set(slot, now);
         return slot;
@@ -1952,15 +1960,22 @@ export class Replica {
     }
   }
 
-  /** The store's call `p` (its own promise, which may never settle), timed. */
+  /**
+   * The store's call `p`, timed. One that outlives persistTimeoutMs makes
+   * the store busy until it settles (calls within the limit may overlap).
+   */
   #storeCall(p, method) {
     const raw = Promise.resolve(p);
-    this.#storeBusy = raw;
+    let settled = false;
     const done = () => {
+      settled = true;
       if (this.#storeBusy === raw) this.#storeBusy = null;
     };
     raw.then(done, done);
-    return storeCall(raw, method, this.#persistTimeoutMs);
+    return storeCall(raw, method, this.#persistTimeoutMs).catch((e) => {
+      if (!settled) this.#storeBusy = raw;
+      throw e;
+    });
   }
 
   async #persist() {

@@ -102,9 +102,6 @@ pub(crate) fn check_digests(
     digests: &BTreeMap<String, String>,
     named: &[&str],
 ) -> Result<(), String> {
-    // A set, not a scan of `named` per digest: a page of tens of thousands
-    // of entries would otherwise cost quadratic time to decode.
-    let named: std::collections::BTreeSet<&str> = named.iter().copied().collect();
     for (k, d) in digests {
         if !keys::is_digest(d) {
             return Err(format!(
@@ -112,7 +109,15 @@ pub(crate) fn check_digests(
                 Quoted::str(k)
             ));
         }
-        if !named.contains(k.as_str()) {
+    }
+    // Every digest names an entry: one lookup in the (ordered) map per
+    // named key, not a scan of the names per digest (quadratic for a page
+    // of tens of thousands of entries). The names a validated catalog
+    // gives are distinct, so fewer matches than digests means one is
+    // unnamed; only then are the names scanned, to say which.
+    let matched = named.iter().filter(|n| digests.contains_key(**n)).count();
+    if matched < digests.len() {
+        if let Some(k) = digests.keys().find(|k| !named.contains(&k.as_str())) {
             return Err(format!(
                 "{what}: digest for {}, which it does not name",
                 Quoted::str(k)

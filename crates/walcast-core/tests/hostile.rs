@@ -601,6 +601,38 @@ fn a_new_damaged_segment_in_every_head_ends_in_an_error_and_backs_off() {
     );
 }
 
+/// A blip that fails every GET in flight once (16 at a time) is retried
+/// and reports no error: the failure streak's limit grows with how many
+/// GETs may be in flight.
+#[test]
+fn a_blip_failing_every_get_in_flight_reports_no_error() {
+    let ds = dataset(200, 5, None, 1);
+    let mut failed = std::collections::HashSet::new();
+    let mut d = Driver::new(
+        ReplicaConfig {
+            max_inflight: 16,
+            ..cfg()
+        },
+        9,
+    );
+    d.run(
+        20_000,
+        &mut |g| {
+            if g.key != HEAD_KEY && failed.insert(g.key.clone()) {
+                return GetResponse::Failed {
+                    status: Some(503),
+                    message: "blip".into(),
+                };
+            }
+            ds.store.serve(g)
+        },
+        &mut assert_state,
+    );
+    assert_eq!(d.r.applied_lsn(), 200);
+    assert!(failed.len() > 16, "{} GETs failed", failed.len());
+    assert_eq!(d.errors(), Vec::new());
+}
+
 /// A head claiming a 50 GB segment is refused before the segment is
 /// fetched (the replica would read up to the claimed size into memory), and
 /// a snapshot too large to take whole is never asked for with room for more

@@ -113,8 +113,9 @@ impl Replica {
 
     /// Records a failure of `key`; returns the retry delay, and reports an
     /// error event once attempts at `key` reach the limit, or once objects
-    /// other than the head failed [`STREAK_FACTOR`] times the limit in a
-    /// row with none of them succeeding (a server naming a new object in
+    /// other than the head failed [`STREAK_FACTOR`] (or twice
+    /// `max_inflight`, if more) times the limit in a row with none of them
+    /// succeeding (a server naming a new object in
     /// every head would otherwise never reach the limit for any one key).
     pub(super) fn failure(&mut self, key: &str, err: Error) -> u64 {
         let n = match self.attempts.iter_mut().find(|(k, _)| k == key) {
@@ -133,7 +134,12 @@ impl Replica {
         let mut report = n == self.cfg.max_attempts;
         if key != HEAD_KEY {
             self.failure_streak = self.failure_streak.saturating_add(1);
-            report |= self.failure_streak == self.cfg.max_attempts.saturating_mul(STREAK_FACTOR);
+            // A blip fails every GET in flight at once: the limit grows
+            // with how many may be.
+            let per_round = u32::try_from(self.cfg.max_inflight.saturating_mul(2))
+                .unwrap_or(u32::MAX)
+                .max(STREAK_FACTOR);
+            report |= self.failure_streak == self.cfg.max_attempts.saturating_mul(per_round);
         }
         if report {
             self.events.push_back(Event::Error(err.clone()));
@@ -166,7 +172,8 @@ impl Replica {
 const MAX_TRACKED_FAILURES: usize = 64;
 
 /// Failures in a row of objects other than the head, as a multiple of
-/// [`super::ReplicaConfig::max_attempts`], that report an error event.
+/// [`super::ReplicaConfig::max_attempts`], that report an error event (at
+/// least; twice `max_inflight` when that is more).
 pub(super) const STREAK_FACTOR: u32 = 8;
 
 pub(super) fn unavailable(resp: &GetResponse) -> Error {

@@ -149,10 +149,6 @@ impl BlockBuilder {
     }
 }
 
-/// What a block's entries may decode to beyond twice its bytes on the wire
-/// (prefix-compressed keys expand); past it the block is refused.
-pub const MAX_DECODED_EXTRA: u64 = 16 << 20;
-
 /// Bytes of memory an entry takes beyond its key and value (two `Vec`s).
 const ENTRY_OVERHEAD: u64 = 48;
 
@@ -239,11 +235,10 @@ impl Block {
         let mut r = Reader::new(&body[..data_end], body_at);
         let mut key: Vec<u8> = Vec::new();
         let mut restart_i = 0usize;
-        // Prefix compression lets a small block name long keys; what it
-        // may decode to is bounded, so a hostile block cannot make a reader
-        // hold far more than it fetched.
-        let limit = MAX_DECODED_EXTRA + 2 * u64::from(handle.len);
-        let mut decoded = 0u64;
+        // Prefix compression lets a block name keys longer than the bytes
+        // it holds; restart points (every entry among 16 states its whole
+        // key) bound that to 16 times its length, and a key is at most
+        // MAX_KEY_LEN. The cache charges what a block holds decoded.
         for i in 0..count as usize {
             let entry_at = r.offset();
             let shared = r.varint("block entry")?;
@@ -276,14 +271,6 @@ impl Block {
                         shared.saturating_add(unshared),
                         crate::batch::MAX_KEY_LEN
                     ),
-                ));
-            }
-            decoded += shared + unshared + vlen + ENTRY_OVERHEAD;
-            if decoded > limit {
-                return Err(invalid(
-                    what,
-                    entry_at,
-                    format!("the entries decode to more than {limit} bytes"),
                 ));
             }
             let suffix = r.bytes(unshared, "block entry key")?;
@@ -415,10 +402,12 @@ mod tests {
     }
 
     /// Keys that each extend the last: prefix compression writes a byte or
-    /// so per entry (and a whole key per restart), but every key decodes
-    /// whole. Past what a block may decode to, it is refused.
+    /// so per entry, but every 16th entry states its whole key, so a block
+    /// decodes to at most 16 times its length (plus each entry's overhead),
+    /// and what a cache charges for it says so. A key longer than a batch
+    /// may hold is refused.
     #[test]
-    fn a_block_decoding_to_far_more_than_it_holds_is_refused() {
+    fn what_a_block_decodes_to_is_bounded_and_charged() {
         let mut b = BlockBuilder::new();
         let mut key = Vec::new();
         for _ in 0..8_000 {
@@ -426,23 +415,16 @@ mod tests {
             b.push(&key, b"");
         }
         let (bytes, h) = handle_of(b);
-        let e = Block::decode(&bytes, &h, "data block").unwrap_err();
-        assert!(e.to_string().contains("decode to more than"), "{e}");
-        // A key longer than any batch may hold.
+        let block = Block::decode(&bytes, &h, "data block").unwrap();
+        let n = block.entries().len() as u64;
+        assert!(block.heap_bytes() > 10 * block.wire_len());
+        assert!(
+            block.heap_bytes() <= RESTART_INTERVAL as u64 * block.wire_len() + ENTRY_OVERHEAD * n
+        );
         let mut b = BlockBuilder::new();
         b.push(&vec![b'k'; crate::batch::MAX_KEY_LEN as usize + 1], b"v");
         let (bytes, h) = handle_of(b);
         let e = Block::decode(&bytes, &h, "data block").unwrap_err();
         assert!(e.to_string().contains("above the limit"), "{e}");
-        // The same shape, smaller, decodes (and says what it holds).
-        let mut b = BlockBuilder::new();
-        let mut key = Vec::new();
-        for _ in 0..500 {
-            key.push(b'a');
-            b.push(&key, b"");
-        }
-        let (bytes, h) = handle_of(b);
-        let block = Block::decode(&bytes, &h, "data block").unwrap();
-        assert!(block.heap_bytes() > block.wire_len());
     }
 }
