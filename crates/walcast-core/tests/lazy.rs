@@ -254,6 +254,38 @@ fn a_newer_snapshot_moves_the_base_without_mixing_states() {
     reads_equal(&mut r, &mut store, &want);
 }
 
+/// Reads every probe key of `want` lazily: each answer equals `want`, each
+/// failure is a `data` error naming `object` whose text holds `says`.
+/// Returns how many reads failed.
+fn data_errors_naming(
+    r: &mut Replica,
+    store: &mut Store,
+    want: &KvState,
+    object: &str,
+    says: &str,
+) -> usize {
+    let mut errors = 0;
+    for k in keys(want) {
+        loop {
+            match r.get_lazy(&k) {
+                Ok(Read::Pending) => drain(r, store, 0),
+                Ok(Read::Ready(v)) => {
+                    assert_eq!(v.as_deref(), want.get(&k), "{k:?}");
+                    break;
+                }
+                Err(e) => {
+                    assert_eq!(e.kind(), walcast_core::ErrorKind::Data, "{e}");
+                    assert_eq!(e.object(), Some(object));
+                    assert!(e.to_string().contains(says), "{e}");
+                    errors += 1;
+                    break;
+                }
+            }
+        }
+    }
+    errors
+}
+
 #[test]
 fn a_damaged_block_is_a_data_error_and_reads_go_on() {
     let mut store = dataset(70, 60, 128);
@@ -266,27 +298,10 @@ fn a_damaged_block_is_a_data_error_and_reads_go_on() {
     let mid = bad.len() / 3;
     bad[mid] ^= 0x40;
     store.objects.insert(key.clone(), bad);
-    let mut saw_error = false;
     let at_70 = state_through(1, 70);
-    for k in keys(&at_70) {
-        loop {
-            match r.get_lazy(&k) {
-                Ok(Read::Pending) => drain(&mut r, &mut store, 0),
-                Ok(Read::Ready(v)) => {
-                    // A read of a sound block is right, and never carries
-                    // another block's failure.
-                    assert_eq!(v.as_deref(), at_70.get(&k), "{k:?}");
-                    break;
-                }
-                Err(e) => {
-                    assert_eq!(e.kind(), walcast_core::ErrorKind::Data);
-                    assert_eq!(e.object(), Some(key.as_str()));
-                    saw_error = true;
-                    break;
-                }
-            }
-        }
-    }
+    // A read of a sound block is right, and never carries another block's
+    // failure.
+    let saw_error = data_errors_naming(&mut r, &mut store, &at_70, &key, "") > 0;
     assert!(saw_error, "the damaged block was never read");
     // Repaired: every read is right again.
     store.objects.insert(key, good);
@@ -326,26 +341,8 @@ fn a_snapshot_unlike_its_catalog_entry_is_not_read() {
     let mut r = Replica::new(lazy_cfg(1 << 20), 4);
     drain(&mut r, &mut store, 0);
     let at_70 = state_through(1, 70);
-    let mut errors = 0;
-    for k in keys(&at_70) {
-        loop {
-            match r.get_lazy(&k) {
-                Ok(Read::Pending) => drain(&mut r, &mut store, 0),
-                Ok(Read::Ready(v)) => {
-                    // Only what the overlay (LSNs 61..=70) holds is answered.
-                    assert_eq!(v.as_deref(), at_70.get(&k), "{k:?}");
-                    break;
-                }
-                Err(e) => {
-                    assert_eq!(e.kind(), walcast_core::ErrorKind::Data, "{e}");
-                    assert_eq!(e.object(), Some(key.as_str()));
-                    assert!(e.to_string().contains("the catalog says"), "{e}");
-                    errors += 1;
-                    break;
-                }
-            }
-        }
-    }
+    // Only what the overlay (LSNs 61..=70) holds is answered.
+    let errors = data_errors_naming(&mut r, &mut store, &at_70, &key, "the catalog says");
     assert!(
         errors > 0,
         "the snapshot was read as if it were the catalog's"
