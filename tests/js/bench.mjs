@@ -259,10 +259,10 @@ try {
   if (want("size")) report("wasm module (raw / gzip -9)", `${wasmBytes.length} B / ${gzipSync(wasmBytes, { level: 9 }).length} B`);
 
   if (want("replay") || want("open")) {
-    // One segment of 200,000 batches (100,000 keys), and a snapshot of them.
+    // One segment of 200,000 batches (100,000 keys; 26 MB, under the 128 MiB a segment may take), and a snapshot of them.
     const wal = join(tmp, "wal"), ds = join(tmp, "ds");
     walcastWrite(wal, 200000, (i) => `key:${String(i % 100000).padStart(8, "0")}`);
-    execFileSync(walcast, ["publish", "--wal", wal, "--to", `file://${ds}`, "--once", "--segment-bytes", "1GiB", "--snapshot-every", "100000"], { stdio: "ignore" });
+    execFileSync(walcast, ["publish", "--wal", wal, "--to", `file://${ds}`, "--once", "--segment-bytes", "128MiB", "--snapshot-every", "100000"], { stdio: "ignore" });
 
     if (want("replay")) {
       // Replay: the segment, native vs wasm.

@@ -104,6 +104,38 @@ fn dataset_from(last: u64, snap: u64, block_bytes: usize, first: u64) -> Store {
     store
 }
 
+/// A dataset `id` of one version 2 snapshot of `st` at `lsn`, nothing after.
+fn snapshot_only(id: walcast_core::catalog::DatasetId, st: &KvState, lsn: u64) -> Store {
+    let mut store = Store::default();
+    let bytes = encode_indexed(
+        st,
+        lsn,
+        1,
+        id,
+        IndexedOptions {
+            block_bytes: 128,
+            index_block_bytes: 128,
+        },
+    );
+    let mut head = Head::new(id, 1);
+    head.snapshot = Some(SnapshotEntry {
+        key: snapshot_key(lsn, 1),
+        lsn,
+        epoch: 1,
+        size: bytes.len() as u64,
+        crc32: crc32fast::hash(&bytes),
+        entries: st.len(),
+        version: 2,
+        suffix: None,
+    });
+    head.earliest_lsn = lsn + 1;
+    head.committed_lsn = lsn;
+    head.generation = lsn;
+    store.objects.insert(snapshot_key(lsn, 1), bytes);
+    store.objects.insert(HEAD_KEY.into(), head.encode());
+    store
+}
+
 fn lazy_cfg(cache: u64) -> ReplicaConfig {
     ReplicaConfig {
         poll_interval_ms: 100,
@@ -347,4 +379,50 @@ fn a_snapshot_unlike_its_catalog_entry_is_not_read() {
         errors > 0,
         "the snapshot was read as if it were the catalog's"
     );
+}
+
+/// A block GET in flight when the dataset is started over at the prefix
+/// (same keys, other bytes) is not taken for the same GET asked again of
+/// the new dataset: its answer is dropped, and reads serve the new state.
+#[test]
+fn a_block_answer_from_the_dataset_before_a_reset_is_dropped() {
+    let old_state = state_through(1, 60);
+    // The same keys and sizes, other values.
+    let mut new_state = KvState::new();
+    for (k, v) in old_state.iter() {
+        let v: Vec<u8> = v.iter().map(|b| b ^ 1).collect();
+        new_state.put(&k, &v);
+    }
+    let mut store = snapshot_only(DATASET, &old_state, 60);
+    let mut r = Replica::new(lazy_cfg(1 << 20), 6);
+    drain(&mut r, &mut store, 0);
+    let key = old_state.iter().next().map(|(k, _)| k.to_vec()).unwrap();
+    // A read's first GET goes out; its answer (the old bytes) is held.
+    assert!(matches!(r.get_lazy(&key), Ok(Read::Pending)));
+    let Action::Fetch(old_req) = r.poll(0) else {
+        panic!("no block GET");
+    };
+    let old_resp = store.serve(&old_req);
+    // The dataset starts over: another id, the same object keys.
+    let mut store = snapshot_only(walcast_core::catalog::DatasetId([0x22; 16]), &new_state, 60);
+    drain(&mut r, &mut store, 10_000);
+    assert!(matches!(r.get_lazy(&key), Ok(Read::Pending)));
+    let Action::Fetch(new_req) = r.poll(10_000) else {
+        panic!("no block GET after the reset");
+    };
+    assert_eq!(
+        (&new_req.key, &new_req.range),
+        (&old_req.key, &old_req.range)
+    );
+    // The old answer arrives first.
+    r.handle_response(old_req.id, 10_000, old_resp);
+    let resp = store.serve(&new_req);
+    r.handle_response(new_req.id, 10_000, resp);
+    for k in keys(&new_state) {
+        assert_eq!(
+            get(&mut r, &mut store, &k).as_deref(),
+            new_state.get(&k),
+            "{k:?}"
+        );
+    }
 }

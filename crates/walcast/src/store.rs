@@ -114,8 +114,7 @@ impl Store {
                     .to_file_path()
                     .map_err(|()| anyhow!("{url}: not an absolute file path"))?;
                 std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-                let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)?;
-                (Arc::new(fs), ObjPath::default(), Some(dir))
+                (Arc::new(local_store(&dir)?), ObjPath::default(), Some(dir))
             }
             "memory" => (Arc::new(object_store::memory::InMemory::new()), ObjPath::default(), None),
             "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure" => {
@@ -642,7 +641,15 @@ fn write_atomic_mode(
 
 #[cfg(test)]
 mod tests {
-    use super::{gcs_token, gcs_token_parts};
+    use super::{gcs_token, gcs_token_parts, local_store};
+
+    #[test]
+    fn file_datasets_sync_what_they_write() {
+        // The flag is private to object_store; its Debug output shows it.
+        let dir = std::env::temp_dir();
+        let store = local_store(&dir).unwrap();
+        assert!(format!("{store:?}").contains("fsync: true"), "{store:?}");
+    }
 
     #[test]
     fn gcs_tokens_carry_the_generation_and_the_etag() {
@@ -657,4 +664,12 @@ mod tests {
         }
         assert_eq!(gcs_token_parts("g7:"), (Some("7"), ""));
     }
+}
+
+/// The object store of a `file://` dataset: every object it writes is
+/// synced (file and directory) before the write returns, so a head, which
+/// is synced when it is replaced, never names an object a power loss could
+/// take back.
+fn local_store(dir: &std::path::Path) -> Result<object_store::local::LocalFileSystem> {
+    Ok(object_store::local::LocalFileSystem::new_with_prefix(dir)?.with_fsync(true))
 }

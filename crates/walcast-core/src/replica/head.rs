@@ -262,8 +262,11 @@ impl Replica {
         self.dataset = Some(id);
         self.clear_plan();
         self.bootstrap = None;
+        // Answers for the old dataset's snapshot and blocks are dropped: its
+        // keys may come back with other bytes, and a lazy job is matched by
+        // key and range.
         self.pending
-            .retain(|_, j| !matches!(j, super::Job::Snapshot { .. }));
+            .retain(|_, j| !matches!(j, super::Job::Snapshot { .. } | super::Job::Block(_)));
         self.pages.clear();
         if let Some(l) = self.lazy.as_mut() {
             l.clear();
