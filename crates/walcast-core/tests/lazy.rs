@@ -426,3 +426,36 @@ fn a_block_answer_from_the_dataset_before_a_reset_is_dropped() {
         );
     }
 }
+
+/// A lazy replica whose base is followed by a snapshot it cannot read by
+/// blocks (version 1) loads that one whole, keeping the writes after it:
+/// the old base is retired, and deleted after its grace period.
+#[test]
+fn a_base_followed_by_a_version_1_snapshot_is_left_before_it_is_deleted() {
+    let mut store = dataset(80, 40, 128);
+    let mut r = Replica::new(lazy_cfg(1 << 20), 3);
+    drain(&mut r, &mut store, 0);
+    assert_eq!(r.applied_lsn(), 80);
+    let _ = get(&mut r, &mut store, b"key/001");
+    // The publisher (an older one) writes a version 1 snapshot at 70 and
+    // history to 110; every segment after 40 is still there.
+    let mut newer = dataset_from(110, 70, 128, 41);
+    let mut head = Head::decode(&newer.objects[HEAD_KEY]).unwrap();
+    let v1 = walcast_core::snapshot::encode(&state_through(1, 70), 70, 1, DATASET);
+    let entry = head.snapshot.as_mut().unwrap();
+    entry.version = 1;
+    entry.size = v1.len() as u64;
+    entry.crc32 = crc32fast::hash(&v1);
+    newer.objects.insert(entry.key.clone(), v1);
+    newer.objects.insert(HEAD_KEY.into(), head.encode());
+    store.objects.extend(newer.objects);
+    drain(&mut r, &mut store, 1_000);
+    assert_eq!(r.applied_lsn(), 110);
+    drain(&mut r, &mut store, 2_000);
+    // Loaded whole, with the overlay on top: the LSN never went back.
+    assert_eq!(r.applied_lsn(), 110);
+    // The grace period of the snapshot at 40 ends.
+    store.objects.remove(&snapshot_key(40, 1));
+    let want = state_through(1, 110);
+    reads_equal(&mut r, &mut store, &want);
+}

@@ -863,3 +863,77 @@ fn a_pinned_lazy_replica_reads_a_verified_snapshot_by_blocks() {
         assert_eq!(r.applied_lsn(), last);
     }
 }
+
+/// A pinned lazy replica on a verified snapshot moves to the next one even
+/// when the head names deltas over it (which it does not read): it must not
+/// stay on its old snapshot, which the publisher retires and deletes.
+#[test]
+fn a_pinned_lazy_replica_leaves_a_retired_snapshot_for_one_with_deltas() {
+    use walcast_core::publisher::SnapshotFormat;
+    use walcast_core::replica::Read;
+    use walcast_core::snapshot::indexed::IndexedOptions;
+    let mut store = Store::new();
+    let c = PublisherConfig {
+        snapshot_format: SnapshotFormat::Verified(IndexedOptions {
+            block_bytes: 128,
+            index_block_bytes: 256,
+        }),
+        delta_every: None,
+        // No gap: the replica follows the segments (and keeps its snapshot).
+        retain_lsns: None,
+        ..cfg(Some(key(1)), None)
+    };
+    let unique = |lsn: u64| {
+        vec![Op::put(
+            format!("u{lsn:05}").into_bytes(),
+            vec![lsn as u8; 300],
+        )]
+    };
+    let now = publish_ops(&mut store, c.clone(), 400, 1_000, &unique);
+    let old = head_of(&store).snapshot.expect("a snapshot");
+    assert!(head_of(&store).deltas.is_empty());
+    let rcfg = ReplicaConfig {
+        poll_interval_ms: 50,
+        retry_base_ms: 10,
+        trust: vec![key(1).public()],
+        long_poll_wait_ms: 0,
+        lazy_cache_bytes: Some(1 << 20),
+        ..ReplicaConfig::default()
+    };
+    let mut r = Replica::new(rcfg, 7);
+    let sync = |r: &mut Replica, store: &Store, last: u64| {
+        let mut t = 0;
+        while r.applied_lsn() < last && t < 20_000 {
+            drain_counting(r, store, t, "", &mut (0, 0));
+            t += 50;
+        }
+        assert_eq!(r.applied_lsn(), last);
+    };
+    sync(&mut r, &store, 400);
+    // The publisher goes on with deltas: a newer snapshot, deltas over it.
+    let c = PublisherConfig {
+        delta_every: Some(10),
+        ..c
+    };
+    publish_ops(&mut store, c, 455, now, &unique);
+    let head = head_of(&store);
+    assert!(head.snapshot.as_ref().expect("a snapshot").lsn > old.lsn);
+    assert!(!head.deltas.is_empty(), "the test needs deltas");
+    sync(&mut r, &store, 455);
+    // The old snapshot's grace period ends.
+    store.remove(&old.key);
+    for lsn in (1..=455).step_by(7) {
+        let k = format!("u{lsn:05}").into_bytes();
+        let mut tries = 0;
+        let got = loop {
+            tries += 1;
+            assert!(tries < 100, "the read of {lsn} never settles");
+            match r.get_lazy(&k) {
+                Ok(Read::Ready(v)) => break v,
+                Ok(Read::Pending) => drain_counting(&mut r, &store, 0, "", &mut (0, 0)),
+                Err(e) => panic!("the read of {lsn}: {e}"),
+            }
+        };
+        assert_eq!(got, Some(vec![lsn as u8; 300]), "{lsn}");
+    }
+}

@@ -137,20 +137,37 @@ impl Replica {
                 }
             });
         match result {
-            Ok((h, st)) => {
+            Ok((h, mut st)) => {
                 self.success(&key);
+                let mut lsn = h.lsn;
                 if let Some(l) = self.lazy.as_mut() {
-                    // The state jumps to the snapshot: the overlay starts over.
+                    // A lazy replica past the snapshot (it left a base the
+                    // snapshot replaces) keeps its LSN when its overlay holds
+                    // every write after the snapshot: none deferred, none
+                    // below the snapshot it does not hold. Else the state
+                    // jumps to the snapshot and the overlay starts over.
+                    let from = l.base.as_ref().map_or(l.state_lsn, |b| b.chain_end);
+                    if self.applied > h.lsn && l.deferred.is_empty() && from <= h.lsn {
+                        for (k, (at, v)) in &l.overlay {
+                            if *at > h.lsn {
+                                match v {
+                                    Some(v) => st.put(k, v),
+                                    None => st.delete(k),
+                                }
+                            }
+                        }
+                        lsn = self.applied;
+                    }
                     l.clear();
-                    l.state_lsn = h.lsn;
+                    l.state_lsn = lsn;
                 }
                 self.state = st;
-                self.applied = h.lsn;
+                self.applied = lsn;
                 self.dataset = Some(h.dataset_id);
-                self.plan_next = h.lsn + 1;
+                self.plan_next = lsn + 1;
                 self.last_error = None;
                 self.events.push_back(Event::Bootstrapped {
-                    lsn: h.lsn,
+                    lsn,
                     dataset_id: h.dataset_id,
                 });
                 self.clear_plan();

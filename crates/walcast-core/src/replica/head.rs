@@ -182,20 +182,22 @@ impl Replica {
         let fresh = self.dataset.is_none();
         let gap = head.earliest_lsn > self.applied + 1;
         // A pinned replica reads lazily only a version 4 snapshot whose index
-        // digest the signed head records, and only without deltas (they are
-        // bound by whole-object digests): else it loads whole.
+        // digest the signed head records, and never the deltas (they are
+        // bound by whole-object digests): it replays the segments after the
+        // snapshot instead. Else it loads whole.
         let pinned = self.trust.pinned();
         let verified = head
             .snapshot
             .as_ref()
-            .filter(|s| pinned && s.version == 4 && head.deltas.is_empty())
+            .filter(|s| pinned && s.version == 4)
             .and_then(|s| head.index_digest(&s.key))
             .and_then(super::lazy::parse_digest);
         if self.lazy.is_some() && (!pinned || verified.is_some()) {
             if fresh {
                 self.dataset = Some(head.dataset_id);
             }
-            if self.lazy_adopt(head.snapshot.as_ref(), &head.deltas, verified) {
+            let deltas: &[crate::catalog::DeltaEntry] = if pinned { &[] } else { &head.deltas };
+            if self.lazy_adopt(head.snapshot.as_ref(), deltas, verified) {
                 self.head = Some(head);
                 self.caught_up_reported = false;
                 if self.applied >= self.committed {
@@ -204,11 +206,33 @@ impl Replica {
                 return;
             }
         }
+        // A lazy base older than the head's snapshot, which this replica
+        // cannot read by blocks (version 1, or unverifiable when pinned),
+        // is retired with the head that named it: the new snapshot is
+        // loaded whole (and the overlay's newer writes kept on top of it,
+        // see `on_snapshot`) before the old one's grace period ends.
+        let base_left = self.cfg.mode == Mode::Kv
+            && self
+                .lazy
+                .as_ref()
+                .and_then(|l| l.base.as_ref())
+                .zip(head.snapshot.as_ref())
+                .is_some_and(|(b, s)| s.lsn > b.entry.lsn && s.key != b.entry.key);
         let use_snapshot = self.cfg.mode == Mode::Kv
             && head.snapshot.as_ref().is_some_and(|s| s.lsn > self.applied)
-            && (gap || fresh);
+            && (gap || fresh)
+            || base_left;
         if use_snapshot {
             let entry = head.snapshot.clone().expect("checked");
+            if self
+                .bootstrap
+                .as_ref()
+                .is_some_and(|b| b.entry == entry && b.dataset_id == head.dataset_id)
+            {
+                // The same load is under way: it goes on.
+                self.head = Some(head);
+                return;
+            }
             // A snapshot that just failed is not fetched again before its
             // backoff, whatever head names it next.
             let backoff = self.retry_at.get(0).copied();
