@@ -2026,3 +2026,60 @@ fn a_server_ignoring_range_costs_a_large_snapshot_an_error_not_its_size() {
         }
     }
 }
+
+/// Keys of kilobytes that share most of their bytes, in blocks far larger
+/// than the default: the block-indexed snapshot's blocks would decode to
+/// more than readers take, so the publisher writes version 1 instead (read
+/// whole), and the dataset stays readable.
+#[test]
+fn a_snapshot_whose_blocks_readers_would_refuse_is_written_as_version_1() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(80),
+        snapshot_format: walcast_core::publisher::SnapshotFormat::Indexed(
+            walcast_core::snapshot::indexed::IndexedOptions {
+                block_bytes: 64 << 20,
+                index_block_bytes: 64 << 10,
+            },
+        ),
+        head_check_ms: 0,
+        tail_bytes: 0,
+        ..PublisherConfig::default()
+    };
+    let (mut p, mut store) = started(cfg);
+    // 8,000 keys "a", "aa", ...: 32 MB of keys in some 2 MB of
+    // prefix-compressed block.
+    let mut want = BTreeMap::new();
+    for lsn in 1..=80u64 {
+        let ops: Vec<Op> = (0..100)
+            .map(|i| {
+                Op::put(
+                    vec![b'a'; ((lsn - 1) * 100 + i + 1) as usize],
+                    b"v".to_vec(),
+                )
+            })
+            .collect();
+        for op in &ops {
+            if let Op::Put { key, value } = op {
+                want.insert(key.clone(), value.clone());
+            }
+        }
+        p.push(lsn, &batch::encode(&ops).unwrap(), lsn).unwrap();
+        store.drive(&mut p, lsn);
+    }
+    for t in 0..100 {
+        store.drive(&mut p, 100 + t * 100);
+    }
+    let head = store.head();
+    let snap = head
+        .snapshot
+        .clone()
+        .unwrap_or_else(|| panic!("no snapshot: committed {}", head.committed_lsn));
+    assert_eq!((snap.lsn, snap.version), (80, 1));
+    let (_, state) =
+        walcast_core::snapshot::decode(&store.objects[&snap.key].0, Some(snap.crc32)).unwrap();
+    let got: BTreeMap<Vec<u8>, Vec<u8>> = state
+        .iter()
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect();
+    assert!(got == want, "the snapshot holds the origin's state");
+}

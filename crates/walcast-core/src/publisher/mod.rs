@@ -401,6 +401,9 @@ pub struct Publisher {
     /// of its delta chain, was made (`snapshot_bytes`, `delta_bytes`).
     bytes_since_snapshot: u64,
     bytes_since_delta: u64,
+    /// The LSN of the last delta not written because readers would refuse
+    /// its blocks (0: none).
+    delta_refused_at: u64,
 
     commit: Option<Commit>,
     commit_retry_at: Option<u64>,
@@ -455,6 +458,7 @@ impl Publisher {
             touched: std::collections::BTreeMap::new(),
             bytes_since_snapshot: 0,
             bytes_since_delta: 0,
+            delta_refused_at: 0,
             commit: None,
             commit_retry_at: None,
             retention_retry_at: None,

@@ -2,7 +2,9 @@
 //! upload before a head names it.
 
 use crate::catalog::{self, DeltaEntry, SnapshotEntry, MAX_DELTAS};
-use crate::snapshot::delta::{encode_delta, DeltaFooter, DeltaMeta, DEFAULT_DELTA_BLOCK_BYTES};
+use crate::snapshot::delta::{
+    encode_delta_readable, DeltaFooter, DeltaMeta, DEFAULT_DELTA_BLOCK_BYTES,
+};
 
 use super::{Publisher, Up};
 
@@ -39,30 +41,30 @@ impl Publisher {
         self.bytes_since_snapshot = 0;
         self.bytes_since_delta = 0;
         self.touched.clear();
-        let version = match self.cfg.snapshot_format {
-            super::SnapshotFormat::Chunked => 1,
-            super::SnapshotFormat::Indexed(_) => 2,
-            super::SnapshotFormat::Verified(_) => 4,
-        };
-        let bytes = match self.cfg.snapshot_format {
-            super::SnapshotFormat::Chunked => {
-                crate::snapshot::encode(state, lsn, self.epoch, head.dataset_id)
-            }
-            super::SnapshotFormat::Indexed(opts) => crate::snapshot::indexed::encode_indexed(
+        // A block-indexed snapshot whose blocks readers would refuse (keys
+        // too long and alike) is written as version 1, read whole.
+        let indexed = match self.cfg.snapshot_format {
+            super::SnapshotFormat::Chunked => None,
+            super::SnapshotFormat::Indexed(opts) => Some((opts, false)),
+            super::SnapshotFormat::Verified(opts) => Some((opts, true)),
+        }
+        .and_then(|(opts, digests)| {
+            let bytes = crate::snapshot::indexed::encode_readable(
                 state,
                 lsn,
                 self.epoch,
                 head.dataset_id,
                 opts,
-            ),
-            super::SnapshotFormat::Verified(opts) => crate::snapshot::indexed::encode_verified(
-                state,
-                lsn,
-                self.epoch,
-                head.dataset_id,
-                opts,
-            ),
-        };
+                digests,
+            )?;
+            Some((if digests { 4 } else { 2 }, bytes))
+        });
+        let (version, bytes) = indexed.unwrap_or_else(|| {
+            (
+                1,
+                crate::snapshot::encode(state, lsn, self.epoch, head.dataset_id),
+            )
+        });
         let entry = SnapshotEntry {
             key: catalog::snapshot_key(lsn, self.epoch),
             lsn,
@@ -128,7 +130,10 @@ impl Publisher {
             .cfg
             .delta_bytes
             .is_some_and(|b| self.bytes_since_delta >= b.max(1));
-        if lsn < chain_end.saturating_add(every.max(1)) && !by_bytes {
+        // After a delta the readers would refuse, the next try waits as
+        // long as after a delta.
+        let since = chain_end.max(self.delta_refused_at);
+        if lsn < since.saturating_add(every.max(1)) && !by_bytes {
             return;
         }
         if lsn <= chain_end {
@@ -164,7 +169,12 @@ impl Publisher {
             dataset_id: head.dataset_id,
         };
         let block_bytes = opts.block_bytes.clamp(1, DEFAULT_DELTA_BLOCK_BYTES * 4);
-        let bytes = encode_delta(changes.iter().copied(), meta, block_bytes);
+        let Some(bytes) = encode_delta_readable(changes.iter().copied(), meta, block_bytes) else {
+            // Its blocks would decode to more than readers take (keys long
+            // and alike): no delta; lazy replicas replay the segments.
+            self.delta_refused_at = lsn;
+            return;
+        };
         let size = bytes.len() as u64;
         let suffix_len = DeltaFooter::decode(&bytes[bytes.len() - 64..], size)
             .map_or(size, |f| f.suffix_len(size));

@@ -74,6 +74,10 @@ pub struct BlockBuilder {
     count: u32,
     last_key: Vec<u8>,
     first_key: Vec<u8>,
+    /// What the entries so far decode to (as [`Block::heap_bytes`] counts).
+    decoded: u64,
+    /// A finished block decodes past [`decoded_limit`].
+    too_wide: bool,
 }
 
 impl BlockBuilder {
@@ -104,6 +108,14 @@ impl BlockBuilder {
         self.last_key.clear();
         self.last_key.extend_from_slice(key);
         self.count += 1;
+        self.decoded += (key.len() + value.len()) as u64 + ENTRY_OVERHEAD;
+    }
+
+    /// Whether a block this builder finished decodes to more than readers
+    /// take ([`decoded_limit`]): keys of kilobytes that share most of their
+    /// bytes, in a block of megabytes. A writer then writes another layout.
+    pub fn too_wide(&self) -> bool {
+        self.too_wide
     }
 
     /// Entries so far.
@@ -130,6 +142,8 @@ impl BlockBuilder {
         }
         body.extend_from_slice(&(self.restarts.len() as u32).to_le_bytes());
         let len = body.len() as u32;
+        self.too_wide |= self.decoded > decoded_limit(u64::from(len) + BLOCK_HEADER_LEN);
+        self.decoded = 0;
         let count = self.count;
         let mut h = crate::crc::Hasher::new();
         h.update(&len.to_le_bytes());
@@ -151,6 +165,18 @@ impl BlockBuilder {
 
 /// Bytes of memory an entry takes beyond its key and value (two `Vec`s).
 const ENTRY_OVERHEAD: u64 = 48;
+
+/// What a block's entries may decode to beyond twice its bytes on the wire
+/// (prefix-compressed keys expand, up to 16 times with restart points);
+/// past it the block is refused, so a hostile block cannot make a reader
+/// hold far more than it fetched. Writers keep every block within it (see
+/// [`BlockBuilder::too_wide`]).
+pub const MAX_DECODED_EXTRA: u64 = 16 << 20;
+
+/// What a block of `len` bytes (header included) may decode to.
+pub fn decoded_limit(len: u64) -> u64 {
+    MAX_DECODED_EXTRA + 2 * len
+}
 
 /// A verified block: every entry was decoded, its keys ascend strictly, and
 /// its checksum matched the handle that named it.
@@ -235,10 +261,12 @@ impl Block {
         let mut r = Reader::new(&body[..data_end], body_at);
         let mut key: Vec<u8> = Vec::new();
         let mut restart_i = 0usize;
-        // Prefix compression lets a block name keys longer than the bytes
-        // it holds; restart points (every entry among 16 states its whole
-        // key) bound that to 16 times its length, and a key is at most
-        // MAX_KEY_LEN. The cache charges what a block holds decoded.
+        // Prefix compression lets a small block name long keys; what it
+        // may decode to is bounded, so a hostile block cannot make a reader
+        // hold far more than it fetched. The cache charges what a block
+        // holds decoded.
+        let limit = decoded_limit(u64::from(handle.len));
+        let mut decoded = 0u64;
         for i in 0..count as usize {
             let entry_at = r.offset();
             let shared = r.varint("block entry")?;
@@ -271,6 +299,14 @@ impl Block {
                         shared.saturating_add(unshared),
                         crate::batch::MAX_KEY_LEN
                     ),
+                ));
+            }
+            decoded = decoded.saturating_add(shared + unshared + vlen + ENTRY_OVERHEAD);
+            if decoded > limit {
+                return Err(invalid(
+                    what,
+                    entry_at,
+                    format!("the entries decode to more than {limit} bytes"),
                 ));
             }
             let suffix = r.bytes(unshared, "block entry key")?;
@@ -391,7 +427,7 @@ mod tests {
         assert!(Block::decode(&bytes, &other, "data block").is_err());
     }
 
-    fn handle_of(mut b: BlockBuilder) -> (Vec<u8>, BlockHandle) {
+    fn handle_of(b: &mut BlockBuilder) -> (Vec<u8>, BlockHandle) {
         let (bytes, crc) = b.finish();
         let h = BlockHandle {
             offset: 56,
@@ -402,28 +438,40 @@ mod tests {
     }
 
     /// Keys that each extend the last: prefix compression writes a byte or
-    /// so per entry, but every 16th entry states its whole key, so a block
-    /// decodes to at most 16 times its length (plus each entry's overhead),
-    /// and what a cache charges for it says so. A key longer than a batch
-    /// may hold is refused.
+    /// so per entry (and a whole key per restart), but every key decodes
+    /// whole. Past what a block may decode to, it is refused, and the
+    /// writer that built it knows. A key longer than a batch may hold is
+    /// refused.
     #[test]
-    fn what_a_block_decodes_to_is_bounded_and_charged() {
+    fn a_block_decoding_to_far_more_than_it_holds_is_refused() {
+        // 8,000 keys of up to 8,000 bytes: about 32 MB decoded from a
+        // block of about 1 MB.
         let mut b = BlockBuilder::new();
         let mut key = Vec::new();
         for _ in 0..8_000 {
             key.push(b'a');
             b.push(&key, b"");
         }
-        let (bytes, h) = handle_of(b);
+        let (bytes, h) = handle_of(&mut b);
+        assert!(b.too_wide(), "the writer knows readers refuse it");
+        let e = Block::decode(&bytes, &h, "data block").unwrap_err();
+        assert!(e.to_string().contains("decode to more than"), "{e}");
+        // The same shape, smaller, decodes; the cache is charged what it
+        // holds decoded, not its bytes on the wire.
+        let mut b = BlockBuilder::new();
+        let mut key = Vec::new();
+        for _ in 0..500 {
+            key.push(b'a');
+            b.push(&key, b"");
+        }
+        let (bytes, h) = handle_of(&mut b);
+        assert!(!b.too_wide());
         let block = Block::decode(&bytes, &h, "data block").unwrap();
-        let n = block.entries().len() as u64;
         assert!(block.heap_bytes() > 10 * block.wire_len());
-        assert!(
-            block.heap_bytes() <= RESTART_INTERVAL as u64 * block.wire_len() + ENTRY_OVERHEAD * n
-        );
+        // A key longer than any batch may hold.
         let mut b = BlockBuilder::new();
         b.push(&vec![b'k'; crate::batch::MAX_KEY_LEN as usize + 1], b"v");
-        let (bytes, h) = handle_of(b);
+        let (bytes, h) = handle_of(&mut b);
         let e = Block::decode(&bytes, &h, "data block").unwrap_err();
         assert!(e.to_string().contains("above the limit"), "{e}");
     }

@@ -374,6 +374,27 @@ pub fn encode_delta<'a>(
     meta: DeltaMeta,
     block_bytes: usize,
 ) -> Vec<u8> {
+    encode_delta_blocks(changes, meta, block_bytes).0
+}
+
+/// [`encode_delta`], or `None` when one of its blocks would decode to more
+/// than readers take ([`super::block::decoded_limit`]: keys of kilobytes
+/// that share most of their bytes, by the hundred thousand); the writer
+/// then writes no delta.
+pub fn encode_delta_readable<'a>(
+    changes: impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)> + Clone,
+    meta: DeltaMeta,
+    block_bytes: usize,
+) -> Option<Vec<u8>> {
+    let (bytes, too_wide) = encode_delta_blocks(changes, meta, block_bytes);
+    (!too_wide).then_some(bytes)
+}
+
+fn encode_delta_blocks<'a>(
+    changes: impl ExactSizeIterator<Item = (&'a [u8], Option<&'a [u8]>)> + Clone,
+    meta: DeltaMeta,
+    block_bytes: usize,
+) -> (Vec<u8>, bool) {
     let count = changes.len() as u64;
     let filter = KeyFilter::build(changes.clone().map(|(k, _)| k));
     let mut out = header_bytes(meta.lsn, meta.epoch, meta.dataset_id, count);
@@ -438,7 +459,7 @@ pub fn encode_delta<'a>(
         data_blocks,
     };
     out.extend_from_slice(&footer.encode());
-    out
+    (out, b.too_wide() || index.too_wide())
 }
 
 /// Whether `bytes` (at least the first 6 of a snapshot) are a delta.
@@ -667,6 +688,27 @@ mod tests {
                 (k, v)
             })
             .collect()
+    }
+
+    /// A delta whose blocks readers would refuse (8,000 keys "a", "aa",
+    /// ... in one block: 32 MB of keys in some 2 MB) is not written; the
+    /// same keys in small blocks, or ordinary keys, are.
+    #[test]
+    fn a_delta_readers_would_refuse_is_not_written() {
+        let alike: Vec<(Vec<u8>, Change)> = (1..=8_000)
+            .map(|n| (vec![b'a'; n], Some(b"v".to_vec())))
+            .collect();
+        let readable = |changes: &[(Vec<u8>, Change)], block: usize| {
+            encode_delta_readable(
+                changes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
+                meta(),
+                block,
+            )
+        };
+        assert!(readable(&alike, 64 << 20).is_none());
+        let bytes = readable(&alike, 16 << 10).expect("small blocks are readable");
+        assert_eq!(decode_delta(&bytes).unwrap().changes.len(), 8_000);
+        assert!(readable(&sample(500), 64 << 20).is_some());
     }
 
     fn encode(changes: &[(Vec<u8>, Change)], block: usize) -> Vec<u8> {

@@ -317,7 +317,7 @@ pub fn encode_indexed(
     dataset_id: DatasetId,
     opts: IndexedOptions,
 ) -> Vec<u8> {
-    encode_blocks(state, lsn, epoch, dataset_id, opts, false)
+    encode_blocks(state, lsn, epoch, dataset_id, opts, false).0
 }
 
 /// Encodes `state` as a version 4 snapshot at `lsn`: version 2 whose
@@ -330,7 +330,23 @@ pub fn encode_verified(
     dataset_id: DatasetId,
     opts: IndexedOptions,
 ) -> Vec<u8> {
-    encode_blocks(state, lsn, epoch, dataset_id, opts, true)
+    encode_blocks(state, lsn, epoch, dataset_id, opts, true).0
+}
+
+/// [`encode_indexed`] (`digests` false) or [`encode_verified`] (true), or
+/// `None` when one of its blocks would decode to more than readers take
+/// ([`super::block::decoded_limit`]: keys of kilobytes that share most of
+/// their bytes, by the million); the writer then writes version 1.
+pub fn encode_readable(
+    state: &KvState,
+    lsn: u64,
+    epoch: u64,
+    dataset_id: DatasetId,
+    opts: IndexedOptions,
+    digests: bool,
+) -> Option<Vec<u8>> {
+    let (bytes, too_wide) = encode_blocks(state, lsn, epoch, dataset_id, opts, digests);
+    (!too_wide).then_some(bytes)
 }
 
 fn encode_blocks(
@@ -340,7 +356,7 @@ fn encode_blocks(
     dataset_id: DatasetId,
     opts: IndexedOptions,
     digests: bool,
-) -> Vec<u8> {
+) -> (Vec<u8>, bool) {
     let version = if digests {
         VERSION_VERIFIED
     } else {
@@ -421,7 +437,7 @@ fn encode_blocks(
         top_sha256,
     };
     out.extend_from_slice(&footer.encode());
-    out
+    (out, b.too_wide() || ib.too_wide())
 }
 
 /// Whether `bytes` (at least the first 6 of a snapshot) are version 2 or 4.
