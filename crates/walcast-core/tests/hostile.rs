@@ -601,6 +601,90 @@ fn a_new_damaged_segment_in_every_head_ends_in_an_error_and_backs_off() {
     );
 }
 
+/// The same through a page: every head names a new page, which is sound
+/// and names a new damaged segment. Reading the page is no progress, so
+/// the failures still add up to an error; and with 16 GETs in flight the
+/// error comes after as many rounds of failures (the backoff grows by
+/// rounds, not by failures).
+#[test]
+fn a_new_page_naming_a_new_damaged_segment_in_every_head_ends_in_an_error() {
+    for max_inflight in [4, 16] {
+        let mut heads = 0u64;
+        let mut pages: HashMap<String, Vec<u8>> = HashMap::new();
+        let mut d = Driver::new(
+            ReplicaConfig {
+                max_inflight,
+                retry_max_ms: 30_000,
+                ..cfg()
+            },
+            3,
+        );
+        d.run(
+            120_000,
+            &mut |g| {
+                if g.key == HEAD_KEY {
+                    heads += 1;
+                    let (_, summary) = build_segment(heads, 1, 10, 64);
+                    let page = Page {
+                        format: 1,
+                        level: 0,
+                        segments: vec![SegmentEntry::from_summary(&summary)],
+                        pages: Vec::new(),
+                        digests: Default::default(),
+                    }
+                    .encode();
+                    let key = page_key(0, 1, 10, heads);
+                    let mut head = Head::new(DATASET, heads);
+                    head.generation = heads;
+                    head.committed_lsn = 10;
+                    head.pages = vec![PageRef {
+                        key: key.clone(),
+                        level: 0,
+                        first_lsn: 1,
+                        last_lsn: 10,
+                        count: 1,
+                        crc32: crc32fast::hash(&page),
+                    }];
+                    pages.insert(key, page);
+                    return GetResponse::Ok {
+                        body: head.encode(),
+                        etag: Some(format!("\"h{heads}\"")),
+                        range: None,
+                    };
+                }
+                if let Some(page) = pages.get(&g.key) {
+                    return GetResponse::Ok {
+                        body: page.clone(),
+                        etag: None,
+                        range: None,
+                    };
+                }
+                let epoch = g
+                    .key
+                    .split('/')
+                    .nth(1)
+                    .and_then(|e| e.parse().ok())
+                    .unwrap_or(1);
+                let (mut bytes, _) = build_segment(epoch, 1, 10, 64);
+                let mid = bytes.len() / 2;
+                bytes[mid] ^= 0x55;
+                GetResponse::Ok {
+                    body: bytes,
+                    etag: None,
+                    range: None,
+                }
+            },
+            &mut assert_state,
+        );
+        assert_eq!(d.r.applied_lsn(), 0);
+        let errors = d.errors();
+        assert!(
+            errors.iter().any(|e| e.kind() == ErrorKind::Data),
+            "max_inflight {max_inflight}: no error in two minutes after {heads} heads"
+        );
+    }
+}
+
 /// A blip that fails every GET in flight once (16 at a time) is retried
 /// and reports no error: the failure streak's limit grows with how many
 /// GETs may be in flight.

@@ -69,6 +69,7 @@ impl Replica {
                 self.applied = lsn;
             }
             self.success(&key);
+            self.progress();
             self.last_error = None;
             if self.applied >= first {
                 self.events.push_back(Event::Applied {

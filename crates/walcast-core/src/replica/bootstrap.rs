@@ -139,6 +139,7 @@ impl Replica {
         match result {
             Ok((h, mut st)) => {
                 self.success(&key);
+                self.progress();
                 let mut lsn = h.lsn;
                 if let Some(l) = self.lazy.as_mut() {
                     // A lazy replica past the snapshot (it left a base the

@@ -111,59 +111,88 @@ impl Replica {
         exp / 2 + jitter
     }
 
-    /// Records a failure of `key`; returns the retry delay, and reports an
+    /// Records a failure of `key` on the way to catching up (a segment,
+    /// page, snapshot or the head); returns the retry delay, and reports an
     /// error event once attempts at `key` reach the limit, or once objects
-    /// other than the head failed [`STREAK_FACTOR`] (or twice
-    /// `max_inflight`, if more) times the limit in a row with none of them
-    /// succeeding (a server naming a new object in
-    /// every head would otherwise never reach the limit for any one key).
+    /// other than the head failed `max_attempts` rounds in a row without
+    /// the replica getting anywhere (a round: [`STREAK_FACTOR`] failures, or
+    /// twice `max_inflight` if more, as a blip fails every GET in flight).
+    /// A server naming a new object in every head would otherwise never
+    /// reach the limit for any one key; the delay grows with the rounds.
     pub(super) fn failure(&mut self, key: &str, err: Error) -> u64 {
-        let n = match self.attempts.iter_mut().find(|(k, _)| k == key) {
-            Some((_, n)) => {
-                *n += 1;
-                *n
-            }
-            None => {
-                if self.attempts.len() >= MAX_TRACKED_FAILURES {
-                    self.attempts.remove(0);
-                }
-                self.attempts.push((key.to_string(), 1));
-                1
-            }
-        };
+        let n = self.count_failure(key);
         let mut report = n == self.cfg.max_attempts;
         if key != HEAD_KEY {
             self.failure_streak = self.failure_streak.saturating_add(1);
-            // A blip fails every GET in flight at once: the limit grows
-            // with how many may be.
-            let per_round = u32::try_from(self.cfg.max_inflight.saturating_mul(2))
-                .unwrap_or(u32::MAX)
-                .max(STREAK_FACTOR);
-            report |= self.failure_streak == self.cfg.max_attempts.saturating_mul(per_round);
+            report |= self.failure_streak == self.cfg.max_attempts.saturating_mul(self.per_round());
         }
         if report {
             self.events.push_back(Event::Error(err.clone()));
         }
         self.last_error = Some(err);
-        self.backoff_delay(n.max(self.failure_streak / STREAK_FACTOR))
+        self.backoff_delay(n.max(self.failure_streak / self.per_round()))
+    }
+
+    /// Records a failure of a GET a lazy read made (a block, a deferred
+    /// segment): counted for `key`, reported once attempts at it reach the
+    /// limit, and not part of the streak that measures catching up.
+    pub(super) fn read_failure(&mut self, key: &str, err: Error) {
+        if self.count_failure(key) == self.cfg.max_attempts {
+            self.events.push_back(Event::Error(err.clone()));
+        }
+        self.last_error = Some(err);
+    }
+
+    fn count_failure(&mut self, key: &str) -> u32 {
+        match self.attempts.iter_mut().find(|(k, _)| k == key) {
+            Some((_, n)) => {
+                *n += 1;
+                *n
+            }
+            None => {
+                // The head's count is kept: it says whether the last head
+                // read failed.
+                if self.attempts.len() >= MAX_TRACKED_FAILURES {
+                    if let Some(i) = self.attempts.iter().position(|(k, _)| k != HEAD_KEY) {
+                        self.attempts.remove(i);
+                    }
+                }
+                self.attempts.push((key.to_string(), 1));
+                1
+            }
+        }
+    }
+
+    /// Failures in a row that make one round of the streak.
+    fn per_round(&self) -> u32 {
+        u32::try_from(self.cfg.max_inflight.saturating_mul(2))
+            .unwrap_or(u32::MAX)
+            .max(STREAK_FACTOR)
     }
 
     /// How long to wait before re-reading the head after an object failed
-    /// verification: at once the first times, then backing off as failures
-    /// without success pile up.
+    /// verification: at once in the first round of failures, then backing
+    /// off as rounds without progress pile up.
     pub(super) fn distrust_delay(&mut self) -> u64 {
-        if self.failure_streak < STREAK_FACTOR {
+        let rounds = self.failure_streak / self.per_round();
+        if rounds == 0 {
             0
         } else {
-            self.backoff_delay(self.failure_streak / STREAK_FACTOR)
+            self.backoff_delay(rounds)
         }
     }
 
+    /// Forgets the failures of `key` after it was read.
     pub(super) fn success(&mut self, key: &str) {
         self.attempts.retain(|(k, _)| k != key);
-        if key != HEAD_KEY {
-            self.failure_streak = 0;
-        }
+    }
+
+    /// The replica got somewhere (it applied batches, or loaded a
+    /// snapshot): the streak of failures starts over. Other reads that
+    /// succeed (a page, a lazy read's block) do not end it: a server can
+    /// answer those and fail every batch.
+    pub(super) fn progress(&mut self) {
+        self.failure_streak = 0;
     }
 }
 
@@ -171,9 +200,9 @@ impl Replica {
 /// is dropped (a hostile server can name endless new keys).
 const MAX_TRACKED_FAILURES: usize = 64;
 
-/// Failures in a row of objects other than the head, as a multiple of
-/// [`super::ReplicaConfig::max_attempts`], that report an error event (at
-/// least; twice `max_inflight` when that is more).
+/// Failures in a row of objects other than the head that make a round of
+/// the streak (at least; twice `max_inflight` when that is more):
+/// [`super::ReplicaConfig::max_attempts`] rounds report an error event.
 pub(super) const STREAK_FACTOR: u32 = 8;
 
 pub(super) fn unavailable(resp: &GetResponse) -> Error {

@@ -290,7 +290,7 @@ impl Replica {
             Err(e) => {
                 lazy.failed.push((key.clone(), job.need, e.clone()));
                 self.distrust_head(now, &e);
-                let _ = self.failure(&key, e);
+                self.read_failure(&key, e);
             }
         }
     }

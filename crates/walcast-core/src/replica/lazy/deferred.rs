@@ -142,7 +142,7 @@ impl Replica {
                     self.missing(now, &key);
                 } else {
                     self.distrust_head(now, &e);
-                    let _ = self.failure(&key, e);
+                    self.read_failure(&key, e);
                 }
             }
         }
