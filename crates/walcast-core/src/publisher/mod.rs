@@ -404,6 +404,9 @@ pub struct Publisher {
     /// The LSN of the last delta not written because readers would refuse
     /// its blocks (0: none).
     delta_refused_at: u64,
+    /// When this process first saw each key of the head's `retired` (its
+    /// grace period runs from then; see `drive_deletes`).
+    retired_seen: HashMap<String, u64>,
 
     commit: Option<Commit>,
     commit_retry_at: Option<u64>,
@@ -459,6 +462,7 @@ impl Publisher {
             bytes_since_snapshot: 0,
             bytes_since_delta: 0,
             delta_refused_at: 0,
+            retired_seen: HashMap::new(),
             commit: None,
             commit_retry_at: None,
             retention_retry_at: None,

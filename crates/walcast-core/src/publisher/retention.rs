@@ -111,12 +111,24 @@ impl Publisher {
             return None;
         }
         let head = self.head.as_ref()?;
+        // The grace period runs from when this process first saw the key
+        // retired in a head that landed (or that it claimed), and not
+        // before the head's `since_ms`: a commit may land long after it
+        // was built, and a head claimed from another writer carries that
+        // writer's clock.
+        let seen = &mut self.retired_seen;
+        if seen.len() > head.retired.len() {
+            let live: std::collections::HashSet<&str> =
+                head.retired.iter().map(|r| r.key.as_str()).collect();
+            seen.retain(|k, _| live.contains(k.as_str()));
+        }
         let mut next = None;
         for r in &head.retired {
             if self.deleted.contains(&r.key) || self.deleting.contains(&r.key) {
                 continue;
             }
-            let due = r.since_ms.saturating_add(self.cfg.grace_ms);
+            let since = (*seen.entry(r.key.clone()).or_insert(now)).max(r.since_ms);
+            let due = since.saturating_add(self.cfg.grace_ms);
             if due <= now {
                 next = Some(r.key.clone());
                 break;
