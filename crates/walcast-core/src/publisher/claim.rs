@@ -109,6 +109,12 @@ impl Publisher {
         self.etag = etag;
     }
 
+    /// Stops for good, reporting `err`.
+    pub(super) fn stop(&mut self, err: Error) {
+        self.commit = None;
+        self.fence(err);
+    }
+
     fn fence(&mut self, err: Error) {
         self.role = Role::Fenced;
         self.events.push_back(Event::Fenced(err));

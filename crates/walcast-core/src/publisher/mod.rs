@@ -360,6 +360,15 @@ enum Req {
     Verify,
     Check,
     Delete(String),
+    /// A create-only PUT found its key taken: read the object to learn
+    /// whether it holds our bytes (an earlier try whose answer was lost) or
+    /// another writer's (the epoch used before at this prefix).
+    Confirm {
+        of: Box<Req>,
+        key: String,
+        len: u64,
+        crc: u32,
+    },
 }
 
 /// The commit machine.
@@ -420,6 +429,8 @@ pub struct Publisher {
     delete_retry_at: u64,
 
     pending: HashMap<RequestId, Req>,
+    /// Length and CRC-32 of the body of each create-only PUT in flight.
+    created: HashMap<RequestId, (u64, u32)>,
     attempts: HashMap<String, u32>,
     retry_at: u64,
     events: VecDeque<Event>,
@@ -471,6 +482,7 @@ impl Publisher {
             deleted: HashSet::new(),
             delete_retry_at: 0,
             pending: HashMap::new(),
+            created: HashMap::new(),
             attempts: HashMap::new(),
             retry_at: 0,
             events: VecDeque::new(),
@@ -802,6 +814,7 @@ impl Publisher {
             Req::Verify => self.on_verify(now, resp),
             Req::Check => self.on_check(now, resp),
             Req::PageRead(r) => self.on_page_read(now, r, resp),
+            Req::Confirm { of, key, len, crc } => self.on_confirm(now, *of, key, (len, crc), resp),
             _ => {}
         }
     }
@@ -811,6 +824,37 @@ impl Publisher {
         let Some(req) = self.pending.remove(&id) else {
             return;
         };
+        let created = self.created.remove(&id);
+        match (resp, created) {
+            (PutResponse::AlreadyExists | PutResponse::PreconditionFailed, Some((len, crc))) => {
+                // Ours only if it holds our bytes: read it back.
+                let key = match &req {
+                    Req::Segment(k) | Req::Page(k) => k.clone(),
+                    Req::Snapshot => match &self.snapshot {
+                        Some(s) => s.entry.key.clone(),
+                        None => return,
+                    },
+                    _ => return,
+                };
+                let a = self.get_sized(
+                    Req::Confirm {
+                        of: Box::new(req),
+                        key: key.clone(),
+                        len,
+                        crc,
+                    },
+                    key,
+                    len,
+                );
+                self.queued.push_back(a);
+            }
+            (r, _) => self.settle_put(now, req, r),
+        }
+    }
+
+    /// Acts on what a PUT produced (for a create-only PUT whose key was
+    /// taken, once its bytes are known to be ours).
+    fn settle_put(&mut self, now: u64, req: Req, resp: PutResponse) {
         match req {
             Req::ClaimPut => match resp {
                 PutResponse::Ok { etag } if etag.is_some() => {
@@ -828,7 +872,7 @@ impl Publisher {
                     return;
                 };
                 match resp {
-                    // Same epoch, same LSN range: the bytes are ours.
+                    // Taken keys reach here once their bytes proved ours.
                     PutResponse::Ok { .. }
                     | PutResponse::AlreadyExists
                     | PutResponse::PreconditionFailed => {

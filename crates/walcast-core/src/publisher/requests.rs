@@ -6,7 +6,7 @@ use crate::error::{Error, ErrorKind};
 use crate::io::{GetRequest, GetResponse, RequestId};
 use crate::rng::splitmix64;
 
-use super::{Action, Event, ObjectKind, Publisher, PutCondition, PutRequest, Req};
+use super::{Action, Event, ObjectKind, Publisher, PutCondition, PutRequest, PutResponse, Req};
 
 impl Publisher {
     pub(super) fn id(&mut self, req: Req) -> RequestId {
@@ -17,12 +17,17 @@ impl Publisher {
     }
 
     pub(super) fn get(&mut self, req: Req, key: String) -> Action {
-        let id = self.id(req);
         let max_bytes = if key == HEAD_KEY {
             crate::catalog::MAX_HEAD_BYTES as u64
         } else {
             crate::catalog::MAX_PAGE_BYTES as u64
         };
+        self.get_sized(req, key, max_bytes)
+    }
+
+    /// A whole-object GET of at most `max_bytes` useful bytes.
+    pub(super) fn get_sized(&mut self, req: Req, key: String, max_bytes: u64) -> Action {
+        let id = self.id(req);
         Action::Get(GetRequest {
             id,
             key,
@@ -43,6 +48,10 @@ impl Publisher {
         kind: ObjectKind,
     ) -> Action {
         let id = self.id(req);
+        if condition == PutCondition::CreateOnly && kind != ObjectKind::Head {
+            self.created
+                .insert(id, (body.len() as u64, crc32fast::hash(&body)));
+        }
         Action::Put(PutRequest {
             id,
             key,
@@ -50,6 +59,46 @@ impl Publisher {
             condition,
             kind,
         })
+    }
+
+    /// The answer to reading back an object whose create-only PUT found its
+    /// key taken: our bytes settle the PUT as written; another object there
+    /// stops this publisher, since committing a head naming it would point
+    /// readers at bytes that are not ours (its epoch was used before at this
+    /// prefix, by a head since deleted or rolled back); a failed read tries
+    /// the PUT again.
+    pub(super) fn on_confirm(
+        &mut self,
+        now: u64,
+        of: Req,
+        key: String,
+        (len, crc): (u64, u32),
+        resp: GetResponse,
+    ) {
+        match resp {
+            GetResponse::Ok {
+                body, range: None, ..
+            } if body.len() as u64 == len && crc32fast::hash(&body) == crc => {
+                self.settle_put(now, of, PutResponse::Ok { etag: None });
+            }
+            GetResponse::Ok { body, .. } => {
+                let err = Error::new(
+                    ErrorKind::Fenced,
+                    format!(
+                        "{key} already holds other bytes ({}{} bytes, ours {len}): epoch {} was used before at this prefix, by a head since deleted or rolled back; publish to an empty prefix, or remove what that epoch left",
+                        if body.len() as u64 > len { "over " } else { "" },
+                        body.len(),
+                        self.epoch
+                    ),
+                )
+                .with_object(key);
+                self.stop(err);
+            }
+            other => {
+                let message = format!("reading back {key}, whose key was taken, failed: {other:?}");
+                self.settle_put(now, of, PutResponse::Failed { message });
+            }
+        }
     }
 
     pub(super) fn backoff(&mut self, key: &str, err: Error) -> u64 {

@@ -1,0 +1,168 @@
+//! Create-only PUTs that find their key taken: the publisher reads the
+//! object back, settles the PUT when it holds its own bytes (an earlier try
+//! whose answer was lost), and stops with an error naming the object when
+//! it holds another writer's (an epoch used before at this prefix, by a
+//! head since deleted). It never commits a head naming bytes it did not
+//! write.
+
+use std::collections::HashMap;
+
+use walcast_core::batch::{self, Op};
+use walcast_core::catalog::{Head, HEAD_KEY};
+use walcast_core::error::ErrorKind;
+use walcast_core::io::GetResponse;
+use walcast_core::publisher::{
+    Action, Event, Publisher, PublisherConfig, PutCondition, PutRequest, PutResponse,
+};
+
+type Objects = HashMap<String, (Vec<u8>, u64)>;
+
+fn cfg() -> PublisherConfig {
+    PublisherConfig {
+        segment_bytes: 200,
+        inline_segments: 0,
+        tail_bytes: 0,
+        max_commits_per_sec: 0,
+        head_check_ms: 0,
+        snapshot_every: None,
+        ..PublisherConfig::default()
+    }
+}
+
+/// Pushes `n` batches whose values are `fill`, driving the publisher
+/// against `objects` until it has nothing left to do; `lose` says which
+/// PUTs land but lose their answer. Returns the events.
+fn publish(
+    p: &mut Publisher,
+    objects: &mut Objects,
+    n: u64,
+    fill: u8,
+    lose: &mut dyn FnMut(&PutRequest) -> bool,
+) -> Vec<Event> {
+    let mut events = Vec::new();
+    let mut etag = objects.values().map(|(_, e)| *e).max().unwrap_or(0);
+    let mut lsn = 0;
+    for t in (0..60_000u64).step_by(10) {
+        if lsn < n && p.next_lsn() == Some(lsn + 1) && p.has_room() {
+            lsn += 1;
+            let ops = vec![Op::put(format!("k{lsn}").into_bytes(), vec![fill; 40])];
+            p.push(lsn, &batch::encode(&ops).unwrap(), t).unwrap();
+        }
+        loop {
+            match p.poll(t) {
+                Action::Put(req) => {
+                    let cur = objects.get(&req.key).map(|(_, e)| e.to_string());
+                    let ok = match &req.condition {
+                        PutCondition::CreateOnly => cur.is_none(),
+                        PutCondition::IfMatch(e) => cur.as_deref() == Some(e.as_str()),
+                    };
+                    if !ok {
+                        let resp = match req.condition {
+                            PutCondition::CreateOnly => PutResponse::AlreadyExists,
+                            PutCondition::IfMatch(_) => PutResponse::PreconditionFailed,
+                        };
+                        p.handle_put(req.id, t, resp);
+                        continue;
+                    }
+                    etag += 1;
+                    objects.insert(req.key.clone(), (req.body.clone(), etag));
+                    let resp = if lose(&req) {
+                        PutResponse::Failed {
+                            message: "connection reset".into(),
+                        }
+                    } else {
+                        PutResponse::Ok {
+                            etag: Some(etag.to_string()),
+                        }
+                    };
+                    p.handle_put(req.id, t, resp);
+                }
+                Action::Get(req) => {
+                    let resp = match objects.get(&req.key) {
+                        Some((b, e)) => GetResponse::Ok {
+                            body: b.clone(),
+                            etag: Some(e.to_string()),
+                            range: None,
+                        },
+                        None => GetResponse::NotFound,
+                    };
+                    p.handle_get(req.id, t, resp);
+                }
+                Action::Delete(req) => {
+                    objects.remove(&req.key);
+                    p.handle_delete(req.id, t, Ok(()));
+                }
+                Action::Event(e) => events.push(e),
+                Action::Wait { .. } => break,
+            }
+        }
+        if p.is_fenced() || (lsn == n && p.committed_lsn() == n) {
+            break;
+        }
+    }
+    events
+}
+
+fn head(objects: &Objects) -> Head {
+    Head::decode(&objects[HEAD_KEY].0).expect("the head decodes")
+}
+
+#[test]
+fn a_put_whose_answer_was_lost_is_settled_by_reading_it_back() {
+    let mut objects = Objects::new();
+    let mut p = Publisher::new(cfg(), 1);
+    let mut lost = Vec::new();
+    let events = publish(&mut p, &mut objects, 30, 1, &mut |req| {
+        let first = req.key.starts_with("segments/") || req.key.starts_with("catalog/pages/");
+        if first && !lost.contains(&req.key) {
+            lost.push(req.key.clone());
+            return true;
+        }
+        false
+    });
+    assert!(!p.is_fenced(), "{events:?}");
+    assert!(lost.iter().any(|k| k.starts_with("segments/")));
+    let h = head(&objects);
+    assert_eq!(h.committed_lsn, 30);
+    for s in &h.segments {
+        let (body, _) = &objects[&s.key];
+        assert_eq!(crc32fast::hash(body), s.crc32, "{}", s.key);
+    }
+}
+
+#[test]
+fn another_writers_object_at_our_key_stops_the_publisher_naming_it() {
+    let mut objects = Objects::new();
+    let mut first = Publisher::new(cfg(), 1);
+    publish(&mut first, &mut objects, 30, 1, &mut |_| false);
+    let old = head(&objects);
+    assert_eq!((old.epoch, old.committed_lsn), (1, 30));
+    let old_objects: Vec<String> = objects.keys().filter(|k| *k != HEAD_KEY).cloned().collect();
+    assert!(old_objects.iter().any(|k| k.starts_with("segments/1/")));
+
+    // The head goes (deleted by hand, or a bucket rule); the segments stay.
+    objects.remove(HEAD_KEY);
+    let mut second = Publisher::new(cfg(), 2);
+    let events = publish(&mut second, &mut objects, 30, 2, &mut |_| false);
+    assert!(second.is_fenced(), "{events:?}");
+    let err = events
+        .iter()
+        .find_map(|e| match e {
+            Event::Fenced(err) => Some(err.clone()),
+            _ => None,
+        })
+        .expect("a fenced event");
+    assert_eq!(err.kind(), ErrorKind::Fenced);
+    assert!(
+        old_objects.iter().any(|k| err.object() == Some(k.as_str())),
+        "{err}"
+    );
+    assert!(err.to_string().contains("epoch 1"), "{err}");
+    // No head names the old writer's bytes as the new writer's batches.
+    let h = head(&objects);
+    assert_ne!(h.dataset_id, old.dataset_id);
+    assert_eq!(h.committed_lsn, 0);
+    for s in &h.segments {
+        assert!(!old_objects.contains(&s.key), "{} committed", s.key);
+    }
+}
