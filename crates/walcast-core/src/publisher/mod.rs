@@ -569,6 +569,21 @@ impl Publisher {
                 Error::new(ErrorKind::InvalidInput, "record larger than 64 MiB").with_lsn(lsn),
             );
         }
+        // A caller that ignores `has_room` must not grow a segment past
+        // what catalogs accept (the open one seals in `poll`).
+        let open = self
+            .open
+            .as_ref()
+            .map_or(crate::segment::HEADER_LEN, |o| o.len());
+        // (1 MiB spare for the segment's index and trailer.)
+        let after = open + crate::segment::RECORD_HEADER_LEN + payload.len() as u64;
+        if after > crate::catalog::MAX_SEGMENT_BYTES - (1 << 20) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "the open segment is full: poll until has_room() before pushing",
+            )
+            .with_lsn(lsn));
+        }
         if let Some(state) = &mut self.state {
             let ops = batch::decode(payload).map_err(|e| {
                 Error::new(
@@ -1007,6 +1022,34 @@ mod tests {
             drive(&mut p, now, &mut etag, &mut seals);
         }
         (seals, p.committed_lsn())
+    }
+
+    #[test]
+    fn pushing_past_has_room_never_grows_a_segment_past_the_catalog_limit() {
+        let mut p = on_an_empty_store(PublisherConfig {
+            snapshot_every: None,
+            head_check_ms: 0,
+            ..PublisherConfig::default()
+        });
+        drive(&mut p, 0, &mut 0, &mut Vec::new());
+        let record = vec![7u8; crate::segment::MAX_RECORD_LEN as usize];
+        let mut lsn = 1;
+        let err = loop {
+            match p.push(lsn, &record, 1) {
+                Ok(()) => lsn += 1,
+                Err(e) => break e,
+            }
+            assert!(lsn < 10, "pushed {lsn} records of 64 MiB into one segment");
+        };
+        assert_eq!(
+            (err.kind(), err.lsn()),
+            (ErrorKind::InvalidInput, Some(lsn))
+        );
+        let open = p.open.as_ref().unwrap().len();
+        assert!(open <= crate::catalog::MAX_SEGMENT_BYTES, "{open}");
+        // Refused before anything moved: after a poll, the same LSN goes in.
+        drive(&mut p, 2, &mut 0, &mut Vec::new());
+        p.push(lsn, &record, 3).unwrap();
     }
 
     /// Segments sealed while one record arrives every millisecond for a

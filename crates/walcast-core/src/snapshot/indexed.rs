@@ -454,7 +454,10 @@ pub fn is_verified(bytes: &[u8]) -> bool {
 
 /// A block a read goes to: its handle, its digest (version 4), and whether
 /// it is a data block (else an index block).
-type Located = (BlockHandle, Option<[u8; 32]>, bool);
+/// A block a read needs: its handle, digest, whether it is a data block
+/// (else an index block), and the offset of the index block (partition)
+/// that named it, if any.
+type Located = (BlockHandle, Option<[u8; 32]>, bool, Option<u64>);
 
 /// Checks `bytes` against `digest` when there is one.
 fn verify_digest(
@@ -493,7 +496,7 @@ pub enum Lookup {
     Need(Need),
 }
 
-/// What a cached data block counts against the cache's bytes: its size,
+/// What a cached block (data, or an index partition) counts against the cache's bytes: its size,
 /// and at least [`MIN_BLOCK_CHARGE`], so that a file of tiny blocks cannot
 /// make the cache hold more than `cache_bytes / MIN_BLOCK_CHARGE` of them
 /// (each read scans them for the least recently used).
@@ -509,16 +512,18 @@ fn cache_charge(block: &Block) -> u64 {
 const MIN_BLOCK_CHARGE: u64 = 1 << 10;
 
 /// A point reader over one block-indexed snapshot, holding its footer and
-/// index blocks, and data blocks in a cache bounded in bytes (least recently
-/// used first out). Pure: it never does IO, it says what it needs.
+/// top index, and index partitions and data blocks in a cache bounded in
+/// bytes (least recently used first out). Pure: it never does IO, it says
+/// what it needs.
 #[derive(Debug)]
 pub struct LazySnapshot {
     size: u64,
     footer: Option<Footer>,
-    /// Verified index blocks by offset (the top one and partitions).
+    /// The verified top index block, by offset.
     index: VecMap<Block>,
-    /// Verified data blocks by offset, with their last use (the least
-    /// recently used goes first when the cache is over its bytes).
+    /// Verified index partitions and data blocks by offset (their regions
+    /// do not overlap), with their last use: the least recently used goes
+    /// first when the cache is over its bytes.
     blocks: VecMap<(Block, u64)>,
     tick: u64,
     cache_bytes: u64,
@@ -538,7 +543,8 @@ pub struct LazySnapshot {
 
 impl LazySnapshot {
     /// A reader for the snapshot of `size` bytes, caching at most
-    /// `cache_bytes` of data blocks (at least one block is always kept).
+    /// `cache_bytes` of index partitions and data blocks (beyond that, only
+    /// the two used last are kept); the top index is held apart.
     pub fn new(size: u64, cache_bytes: u64) -> Self {
         LazySnapshot {
             size,
@@ -596,7 +602,8 @@ impl LazySnapshot {
         self.footer.as_ref()
     }
 
-    /// Bytes of data blocks held (a block under 1 KiB counts as 1 KiB).
+    /// Bytes of index partitions and data blocks held (see [`cache_charge`]:
+    /// a block under 1 KiB counts as 1 KiB).
     pub fn cached_bytes(&self) -> u64 {
         self.cached
     }
@@ -609,8 +616,11 @@ impl LazySnapshot {
         self.evict();
     }
 
+    /// Drops the least recently used blocks while the cache is over its
+    /// bytes, keeping the two used last: a point read of a partitioned
+    /// index needs its partition and its data block at once.
     fn evict(&mut self) {
-        while self.cached > self.cache_bytes && self.blocks.len() > 1 {
+        while self.cached > self.cache_bytes && self.blocks.len() > 2 {
             let Some(off) = self
                 .blocks
                 .iter()
@@ -693,15 +703,15 @@ impl LazySnapshot {
             _ => verify_digest(bytes, digest, what, handle.offset)?,
         }
         self.fetched_blocks += 1;
-        if data {
+        if self.footer.is_some_and(|f| handle.offset == f.top.offset) {
+            self.index.insert(handle.offset, block);
+        } else {
             self.tick += 1;
             self.cached += cache_charge(&block);
             if let Some((old, _)) = self.blocks.insert(handle.offset, (block, self.tick)) {
                 self.cached -= cache_charge(&old);
             }
             self.evict();
-        } else {
-            self.index.insert(handle.offset, block);
         }
         Ok(())
     }
@@ -725,6 +735,7 @@ impl LazySnapshot {
             return Ok(Ok(None));
         };
         let (mut h, mut d) = handle_at(top, i, footer.top.offset)?;
+        let mut partition = None;
         if footer.levels == 2 {
             if h.offset < footer.index_offset || h.end() > footer.top.offset {
                 return Err(invalid(
@@ -733,12 +744,13 @@ impl LazySnapshot {
                     "an index block outside the index region",
                 ));
             }
-            let Some(part) = self.index.get(h.offset) else {
-                return Ok(Ok(Some((h, d, false))));
+            let Some((part, _)) = self.blocks.get(h.offset) else {
+                return Ok(Ok(Some((h, d, false, None))));
             };
             let Some(j) = part.child_for(key) else {
                 return Ok(Ok(None));
             };
+            partition = Some(h.offset);
             (h, d) = handle_at(part, j, h.offset)?;
         }
         if h.offset < HEADER_LEN || h.end() > footer.index_offset {
@@ -748,12 +760,22 @@ impl LazySnapshot {
                 "a data block outside the data region",
             ));
         }
-        Ok(Ok(Some((h, d, true))))
+        Ok(Ok(Some((h, d, true, partition))))
+    }
+
+    /// Marks the blocks at `offsets` used now.
+    fn touch(&mut self, offsets: impl IntoIterator<Item = u64>) {
+        for off in offsets {
+            self.tick += 1;
+            if let Some((_, used)) = self.blocks.get_mut(off) {
+                *used = self.tick;
+            }
+        }
     }
 
     /// Looks `key` up: its value, or the bytes needed next.
     pub fn get(&mut self, key: &[u8]) -> Result<Lookup, DecodeError> {
-        let (h, _, data) = match self.locate(key)? {
+        let (h, _, data, partition) = match self.locate(key)? {
             Err(need) => return Ok(Lookup::Need(need)),
             Ok(None) => return Ok(Lookup::Done(None)),
             Ok(Some(x)) => x,
@@ -764,13 +786,9 @@ impl LazySnapshot {
                 end: h.end(),
             }));
         }
-        self.tick += 1;
-        let tick = self.tick;
-        match self.blocks.get_mut(h.offset) {
-            Some((block, used)) => {
-                *used = tick;
-                Ok(Lookup::Done(block.get(key).map(<[u8]>::to_vec)))
-            }
+        self.touch(partition.into_iter().chain([h.offset]));
+        match self.blocks.get(h.offset) {
+            Some((block, _)) => Ok(Lookup::Done(block.get(key).map(<[u8]>::to_vec))),
             None => Ok(Lookup::Need(Need::Range {
                 start: h.offset,
                 end: h.end(),
@@ -790,7 +808,9 @@ impl LazySnapshot {
                     .ok_or_else(|| invalid("snapshot index", start, "a block before the footer"))?;
                 self.feed(&top, None, bytes, false)
             }
-            Ok(Some((h, d, data))) if h.offset == start => self.feed(&h, d.as_ref(), bytes, data),
+            Ok(Some((h, d, data, _))) if h.offset == start => {
+                self.feed(&h, d.as_ref(), bytes, data)
+            }
             _ => Err(invalid(
                 "snapshot block",
                 start,
@@ -853,7 +873,7 @@ impl LazySnapshot {
                 // Paused: `next` is the first key not yet returned.
                 return Ok(None);
             }
-            let (h, _, data) = match self.locate(&cursor.next)? {
+            let (h, _, data, partition) = match self.locate(&cursor.next)? {
                 Err(need) => return Ok(Some(need)),
                 Ok(None) => match self.first_key() {
                     Some(k) if k > cursor.next.as_slice() => {
@@ -867,6 +887,9 @@ impl LazySnapshot {
                 },
                 Ok(Some(x)) => x,
             };
+            if data {
+                self.touch(partition.into_iter().chain([h.offset]));
+            }
             let Some((block, _)) = self.blocks.get(h.offset).filter(|_| data) else {
                 return Ok(Some(Need::Range {
                     start: h.offset,
@@ -915,7 +938,7 @@ impl LazySnapshot {
             return Ok(after_top);
         }
         let (h, _) = decode_handle(&top.entries()[i].1, footer.top.offset, footer.has_digests())?;
-        let Some(part) = self.index.get(h.offset) else {
+        let Some((part, _)) = self.blocks.get(h.offset) else {
             return Ok(None);
         };
         let next = part
@@ -1250,7 +1273,7 @@ mod tests {
         let at = file.windows(64).position(|w| w == [0xAA; 64]).unwrap();
         let mut lazy = LazySnapshot::new(file.len() as u64, 1 << 20);
         read(&mut lazy, &file, b"user:target").unwrap();
-        let (h, _, _) = lazy.locate(b"user:target").unwrap().unwrap().unwrap();
+        let (h, _, _, _) = lazy.locate(b"user:target").unwrap().unwrap().unwrap();
         assert!(h.offset < at as u64 && (at as u64) < h.end());
         // Change the value and force the block's CRC back to what the
         // index states: a CRC-32 check alone would accept the block.
@@ -1302,6 +1325,62 @@ mod tests {
             );
             assert!(lazy.cached_bytes() <= 32 << 10);
         }
+    }
+
+    #[test]
+    fn index_partitions_share_the_cache_bound() {
+        // Many small partitions: random reads over the whole key space
+        // would, kept forever, hold every one of them.
+        let n = 60_000;
+        let s = state(n, 50);
+        let opts = IndexedOptions {
+            block_bytes: 1024,
+            index_block_bytes: 512,
+        };
+        let file = encode_indexed(&s, 1, 1, DatasetId([1; 16]), opts);
+        let cache = 16 << 10;
+        let mut lazy = LazySnapshot::new(file.len() as u64, cache);
+        let mut rng = 7u64;
+        let mut partitions = std::collections::HashSet::new();
+        for round in 0..3_000 {
+            let i = crate::rng::splitmix64(&mut rng) % n as u64;
+            let key = format!("user:{:08}", i * 7);
+            let (v, gets) = read(&mut lazy, &file, key.as_bytes()).unwrap();
+            assert_eq!(v.as_deref(), s.get(key.as_bytes()));
+            assert!(
+                round == 0 || gets <= 2,
+                "{gets} GETs for one key with the top held"
+            );
+            assert_eq!(lazy.footer.unwrap().levels, 2);
+            let (_, _, _, p) = lazy.locate(key.as_bytes()).unwrap().unwrap().unwrap();
+            partitions.insert(p.unwrap());
+            assert_eq!(lazy.index.len(), 1, "only the top index is kept apart");
+            assert!(lazy.cached_bytes() <= cache, "{}", lazy.cached_bytes());
+        }
+        assert!(
+            partitions.len() as u64 * MIN_BLOCK_CHARGE > 4 * cache,
+            "{} partitions read",
+            partitions.len()
+        );
+        // A scan across all partitions finishes within the same bound.
+        let mut cursor = ScanCursor::new(b"", None, usize::MAX);
+        let (mut out, mut needs) = (Vec::new(), 0);
+        while let Some(need) = lazy.scan_step(&mut cursor, &mut out).unwrap() {
+            needs += 1;
+            match need {
+                Need::Suffix(_) => unreachable!("the footer is held"),
+                Need::Range { start, end } => {
+                    lazy.feed_range(start, &file[start as usize..end as usize], &cursor.next)
+                }
+            }
+            .unwrap();
+            assert!(lazy.cached_bytes() <= cache);
+        }
+        assert_eq!(out.len(), n as usize);
+        assert!(
+            needs < 3 * (file.len() / 1024),
+            "{needs} fetches for one scan"
+        );
     }
 
     type Entries = Vec<(Vec<u8>, Vec<u8>)>;
