@@ -880,8 +880,17 @@ impl Sim {
             return;
         };
         let h = Head::decode(&o.body).expect("valid");
+        // Every object the head names exists, and every one it gives a
+        // whole-file CRC for holds those bytes.
         let mut keys: Vec<String> = h.segments.iter().map(|s| s.key.clone()).collect();
         keys.extend(h.snapshot.iter().map(|s| s.key.clone()));
+        keys.extend(h.deltas.iter().map(|d| d.key.clone()));
+        let mut crcs: Vec<(String, u32)> = h
+            .segments
+            .iter()
+            .map(|s| (s.key.clone(), s.crc32))
+            .collect();
+        crcs.extend(h.snapshot.iter().map(|s| (s.key.clone(), s.crc32)));
         let mut stack = h.pages.clone();
         while let Some(r) = stack.pop() {
             let Some(o) = self.store.objects.get(&r.key) else {
@@ -892,7 +901,18 @@ impl Sim {
             };
             let page = Page::decode(&o.body, &r).expect("valid page");
             keys.extend(page.segments.iter().map(|s| s.key.clone()));
+            crcs.extend(page.segments.iter().map(|s| (s.key.clone(), s.crc32)));
             stack.extend(page.pages);
+        }
+        for (k, crc) in crcs {
+            if let Some(o) = self.store.objects.get(&k) {
+                if crc32fast::hash(&o.body) != crc {
+                    fail(
+                        self.seed,
+                        format!("the current head names {k} with a CRC its bytes do not have"),
+                    );
+                }
+            }
         }
         for k in keys {
             if !self.store.objects.contains_key(&k) {

@@ -50,7 +50,7 @@ impl Publisher {
         let id = self.id(req);
         if condition == PutCondition::CreateOnly && kind != ObjectKind::Head {
             self.created
-                .insert(id, (body.len() as u64, crc32fast::hash(&body)));
+                .insert(id, (body.len() as u64, crate::crc::hash(&body)));
         }
         Action::Put(PutRequest {
             id,
@@ -78,7 +78,7 @@ impl Publisher {
         match resp {
             GetResponse::Ok {
                 body, range: None, ..
-            } if body.len() as u64 == len && crc32fast::hash(&body) == crc => {
+            } if body.len() as u64 == len && crate::crc::hash(&body) == crc => {
                 self.settle_put(now, of, PutResponse::Ok { etag: None });
             }
             GetResponse::Ok { body, .. } => {
