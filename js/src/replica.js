@@ -927,6 +927,7 @@ export class Replica {
   #scanWaiters = []; // lazy scans waiting for a slot: their wake-up functions, first come first
   #scanStaleMs = SCAN_SLOT_STALE_MS;
   #testHangScans = 0; // test-only: this many next scans never settle (a torn-down request's I/O)
+  #testFailRebuild = false; // test-only: the next rebuild makes no WasmReplica (restore and construct fail)
   #persistTimeoutMs = DEFAULT_PERSIST_TIMEOUT_MS;
   #carried = null; // the state a trap carried over, while the new instance is pending
   #storeBusy = null; // a store call that outlived persistTimeoutMs and has not settled yet
@@ -1007,11 +1008,16 @@ export class Replica {
       return;
     }
     snapshot ??= this.#carried;
+    // Put back below if no replica can be built yet: the next sync's
+    // revival restores from it then.
     this.#carried = null;
     // Plain calls here: a fresh instance that traps at once is not replaced again.
     let w = null;
+    const failRebuild = this.#testFailRebuild;
+    this.#testFailRebuild = false;
     if (snapshot) {
       try {
+        if (failRebuild) throw new Error("walcast test: the restore fails");
         w = WasmReplica.restore(this.#wasmOpts, snapshot);
       } catch {
         w = null;
@@ -1020,9 +1026,11 @@ export class Replica {
     const empty = !w;
     try {
       if (!w) testFault("construct");
+      if (failRebuild) throw new Error("walcast test: the construct fails");
       w ??= new WasmReplica(this.#wasmOpts);
     } catch (e) {
       // No replica in the fresh instance: the next sync tries again (#revive).
+      this.#carried = snapshot ?? null;
       this.#slot.h = null;
       this.#lazyReady = false;
       this.#emitError(e);
@@ -1803,11 +1811,14 @@ export class Replica {
     // synchronous and the asynchronous try); "async-instantiate": only the
     // synchronous try fails (the instance comes asynchronously);
     // "fail-construct": the next rebuild's new WasmReplica fails;
-    // "clear-faults" disarms them. "hang-scans:N": this replica's next N
+    // "clear-faults" disarms them. "fail-rebuild": this replica's next
+    // rebuild makes no WasmReplica at all (its restore and its construct
+    // fail). "hang-scans:N": this replica's next N
     // lazy scans never settle, as if a torn-down request's I/O stranded
     // them; "scan-stale-ms:MS": its scan slots turn stale after MS ms.
     const [name, arg] = String(mode).split(":");
     if (name === "hang-scans") return void (this.#testHangScans = Number(arg));
+    if (name === "fail-rebuild") return void (this.#testFailRebuild = true);
     if (name === "scan-stale-ms") return void (this.#scanStaleMs = Number(arg));
     if (["fail-instantiate", "async-instantiate", "fail-construct", "clear-faults"].includes(mode)) {
       testFaults.instantiate = mode === "fail-instantiate" ? 2 : mode === "async-instantiate" ? 1 : 0;

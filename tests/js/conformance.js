@@ -993,6 +993,14 @@ export function conformanceCases(ctx) {
         eq(await withTimeout(a.sync(), 120_000, "a sync after a failed instantiation"), fx.expected.lsn, "the replica that trapped syncs again");
         expectState(a, fx.expected, "after a failed instantiation");
         eq(await withTimeout(b.sync(), 120_000, "another replica's sync after a failed instantiation"), bLsn, "another replica syncs again");
+        // Another replica whose own rebuild makes no WasmReplica keeps the
+        // state carried over: its revival restores it, not an empty one.
+        b[TRAP]("fail-rebuild");
+        eq(trapOf(a, "read")?.code, "internal", "the read that trapped (b's rebuild failing)");
+        eq(await withTimeout(b.waitFor(bLsn, { timeout: 60_000 }), 90_000, "waitFor after a failed rebuild"), bLsn, "waitFor revives it");
+        eq(b.size, bSize, "the carried state survives a rebuild that made no replica");
+        eq(bResets.length, 0, `not reset by a failed rebuild (resets: ${bResets.join(", ")})`);
+        eq(await withTimeout(a.sync(), 120_000, "a sync after b's failed rebuild"), fx.expected.lsn, "the replica that trapped syncs again");
       } else {
         log("note: the module is not replaceable here (glue set up elsewhere); the instantiation fault is not exercised");
       }
