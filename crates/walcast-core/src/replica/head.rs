@@ -224,11 +224,11 @@ impl Replica {
             || base_left;
         if use_snapshot {
             let entry = head.snapshot.clone().expect("checked");
-            if self
-                .bootstrap
-                .as_ref()
-                .is_some_and(|b| b.entry == entry && b.dataset_id == head.dataset_id)
-            {
+            if self.bootstrap.as_ref().is_some_and(|b| {
+                b.entry.key == entry.key
+                    && b.entry.crc32 == entry.crc32
+                    && b.dataset_id == head.dataset_id
+            }) {
                 // The same load is under way: it goes on.
                 self.head = Some(head);
                 return;

@@ -763,9 +763,10 @@ impl LazySnapshot {
         Ok(Ok(Some((h, d, true, partition))))
     }
 
-    /// Marks the blocks at `offsets` used now.
-    fn touch(&mut self, offsets: impl IntoIterator<Item = u64>) {
-        for off in offsets {
+    /// Marks the index partition (if any) and then the data block at these
+    /// offsets used now.
+    fn touch(&mut self, partition: Option<u64>, block: u64) {
+        for off in [partition.unwrap_or(block), block] {
             self.tick += 1;
             if let Some((_, used)) = self.blocks.get_mut(off) {
                 *used = self.tick;
@@ -786,7 +787,7 @@ impl LazySnapshot {
                 end: h.end(),
             }));
         }
-        self.touch(partition.into_iter().chain([h.offset]));
+        self.touch(partition, h.offset);
         match self.blocks.get(h.offset) {
             Some((block, _)) => Ok(Lookup::Done(block.get(key).map(<[u8]>::to_vec))),
             None => Ok(Lookup::Need(Need::Range {
@@ -888,7 +889,7 @@ impl LazySnapshot {
                 Ok(Some(x)) => x,
             };
             if data {
-                self.touch(partition.into_iter().chain([h.offset]));
+                self.touch(partition, h.offset);
             }
             let Some((block, _)) = self.blocks.get(h.offset).filter(|_| data) else {
                 return Ok(Some(Need::Range {
