@@ -1329,6 +1329,39 @@ mod tests {
     }
 
     #[test]
+    fn blocks_count_against_the_cache_by_what_they_hold_decoded() {
+        // Keys sharing a long prefix: a block holds far more decoded than
+        // it took on the wire.
+        let prefix = "p".repeat(900);
+        let mut s = KvState::new();
+        for i in 0..4_000u32 {
+            s.put(format!("{prefix}{i:08}").as_bytes(), b"v");
+        }
+        let file = encode_indexed(&s, 1, 1, DatasetId([1; 16]), IndexedOptions::default());
+        // About four blocks' worth decoded (the file holds 3.6 MB decoded).
+        let cache = 1 << 20;
+        let mut lazy = LazySnapshot::new(file.len() as u64, cache);
+        let mut rng = 3u64;
+        let (mut wire, mut held) = (0, 0);
+        for _ in 0..500 {
+            let i = crate::rng::splitmix64(&mut rng) % 4_000;
+            let key = format!("{prefix}{i:08}");
+            let (v, _) = read(&mut lazy, &file, key.as_bytes()).unwrap();
+            assert_eq!(v.as_deref(), Some(&b"v"[..]));
+            let blocks = lazy.blocks.iter().map(|(_, (b, _))| b);
+            (wire, held) = blocks.fold((0, 0), |(w, h), b| (w + b.wire_len(), h + b.heap_bytes()));
+            assert!(
+                held <= cache,
+                "{held} bytes held decoded for a cache of {cache}"
+            );
+        }
+        assert!(
+            held > 8 * wire,
+            "the blocks held {held} decoded from {wire} on the wire"
+        );
+    }
+
+    #[test]
     fn index_partitions_share_the_cache_bound() {
         // Many small partitions: random reads over the whole key space
         // would, kept forever, hold every one of them.
