@@ -1657,6 +1657,7 @@ export class Replica {
   async #scanSlot() {
     let first = this.#scanWaiters.length === 0; // else queue behind the waiters
     for (;;) {
+      if (this.#closed) throw closedError();
       const now = Date.now();
       let oldest = Infinity;
       for (const [slot, at] of this.#scanSlots) {
@@ -1931,6 +1932,8 @@ export class Replica {
     // (with request-scoped I/O, their own timers see the replica closed).
     this.#abortGets();
     if (!scopedIo) this.#wakeWaiters();
+    // Scans waiting for a slot reject with closed now, their timers cleared.
+    for (const wake of this.#scanWaiters.splice(0)) wake(null);
     if (finalizer) finalizer.unregister(this.#slot);
     releaseHandle(this.#slot.h);
     this.#slot.h = null;

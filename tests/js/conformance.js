@@ -847,6 +847,21 @@ export function conformanceCases(ctx) {
     for (const [i, rows] of later.entries()) sameRows(rows, want, `scan ${i} after 48 stranded ones`);
   });
 
+  add("lazy: close rejects scans waiting for a slot at once, leaving no timer", async () => {
+    const fx = sc.lazy;
+    const r = await Replica.open(fx.url, { load: "lazy" });
+    const trap = r[Symbol.for("walcast.testTrap")].bind(r);
+    // Every slot held by a scan that never settles (stale only after the
+    // default two minutes), then one more scan that waits for a slot.
+    trap("hang-scans:48");
+    for (let i = 0; i < 48; i++) r.scan({ prefix: "item:", limit: 5 });
+    const waiting = r.scan({ prefix: "item:", limit: 5 });
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    await r.close();
+    // (Its slot would turn stale only after two minutes.)
+    await rejectsWith(waiting, "closed", "a scan waiting for a slot at close", 5_000);
+  });
+
   add("lazy: close rejects later reads with closed", async () => {
     const fx = sc.lazy;
     const r = await Replica.open(fx.url, { load: "lazy" });
