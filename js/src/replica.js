@@ -1922,6 +1922,8 @@ export class Replica {
     if (this.#closed) return;
     this.stop();
     this.#closed = true;
+    // Scans waiting for a slot reject with closed now, their timers cleared.
+    for (const wake of this.#scanWaiters.splice(0)) wake(null);
     const pending = this.#queued ?? this.#inflight;
     if (pending) await pending.then(noop, noop);
     if (this.#inflight) await this.#inflight.then(noop, noop);
@@ -1932,8 +1934,6 @@ export class Replica {
     // (with request-scoped I/O, their own timers see the replica closed).
     this.#abortGets();
     if (!scopedIo) this.#wakeWaiters();
-    // Scans waiting for a slot reject with closed now, their timers cleared.
-    for (const wake of this.#scanWaiters.splice(0)) wake(null);
     if (finalizer) finalizer.unregister(this.#slot);
     releaseHandle(this.#slot.h);
     this.#slot.h = null;

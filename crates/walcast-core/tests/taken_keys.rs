@@ -153,6 +153,11 @@ fn another_writers_object_at_our_key_stops_the_publisher_naming_it() {
         })
         .expect("a fenced event");
     assert_eq!(err.kind(), ErrorKind::Fenced);
+    let fenced = events
+        .iter()
+        .filter(|e| matches!(e, Event::Fenced(_)))
+        .count();
+    assert_eq!(fenced, 1, "{events:?}");
     assert!(
         old_objects.iter().any(|k| err.object() == Some(k.as_str())),
         "{err}"

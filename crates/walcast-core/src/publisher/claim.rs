@@ -117,6 +117,8 @@ impl Publisher {
 
     fn fence(&mut self, err: Error) {
         self.role = Role::Fenced;
+        // Nothing more goes out.
+        self.queued.clear();
         self.events.push_back(Event::Fenced(err));
     }
 

@@ -429,8 +429,8 @@ pub struct Publisher {
     delete_retry_at: u64,
 
     pending: HashMap<RequestId, Req>,
-    /// Length and CRC-32 of the body of each create-only PUT in flight.
-    created: HashMap<RequestId, (u64, u32)>,
+    /// Key, length and CRC-32 of the body of each create-only PUT in flight.
+    created: HashMap<RequestId, (String, u64, u32)>,
     attempts: HashMap<String, u32>,
     retry_at: u64,
     events: VecDeque<Event>,
@@ -841,16 +841,14 @@ impl Publisher {
         };
         let created = self.created.remove(&id);
         match (resp, created) {
-            (PutResponse::AlreadyExists | PutResponse::PreconditionFailed, Some((len, crc))) => {
+            (
+                PutResponse::AlreadyExists | PutResponse::PreconditionFailed,
+                Some((key, len, crc)),
+            ) => {
                 // Ours only if it holds our bytes: read it back.
-                let key = match &req {
-                    Req::Segment(k) | Req::Page(k) => k.clone(),
-                    Req::Snapshot => match &self.snapshot {
-                        Some(s) => s.entry.key.clone(),
-                        None => return,
-                    },
-                    _ => return,
-                };
+                if self.role == Role::Fenced {
+                    return;
+                }
                 let a = self.get_sized(
                     Req::Confirm {
                         of: Box::new(req),

@@ -6,7 +6,9 @@ use crate::error::{Error, ErrorKind};
 use crate::io::{GetRequest, GetResponse, RequestId};
 use crate::rng::splitmix64;
 
-use super::{Action, Event, ObjectKind, Publisher, PutCondition, PutRequest, PutResponse, Req};
+use super::{
+    Action, Event, ObjectKind, Publisher, PutCondition, PutRequest, PutResponse, Req, Role,
+};
 
 impl Publisher {
     pub(super) fn id(&mut self, req: Req) -> RequestId {
@@ -25,16 +27,25 @@ impl Publisher {
         self.get_sized(req, key, max_bytes)
     }
 
-    /// A whole-object GET of at most `max_bytes` useful bytes.
+    /// A whole-object GET of at most `max_bytes` useful bytes; one larger
+    /// than a page gets the time to move them at the replicas' slowest
+    /// assumed rate on top of the plain limit (as a replica's GET does).
     pub(super) fn get_sized(&mut self, req: Req, key: String, max_bytes: u64) -> Action {
+        use crate::replica::{MAX_TRANSFER_ALLOWANCE_MS, MIN_TRANSFER_BYTES_PER_SEC};
         let id = self.id(req);
+        let transfer = if max_bytes > crate::catalog::MAX_PAGE_BYTES as u64 {
+            (max_bytes.saturating_mul(1000) / MIN_TRANSFER_BYTES_PER_SEC)
+                .min(MAX_TRANSFER_ALLOWANCE_MS)
+        } else {
+            0
+        };
         Action::Get(GetRequest {
             id,
             key,
             range: None,
             if_none_match: None,
             wait_ms: None,
-            timeout_ms: self.cfg.request_timeout_ms,
+            timeout_ms: self.cfg.request_timeout_ms.saturating_add(transfer),
             max_bytes,
         })
     }
@@ -49,8 +60,8 @@ impl Publisher {
     ) -> Action {
         let id = self.id(req);
         if condition == PutCondition::CreateOnly && kind != ObjectKind::Head {
-            self.created
-                .insert(id, (body.len() as u64, crate::crc::hash(&body)));
+            let sum = (key.clone(), body.len() as u64, crate::crc::hash(&body));
+            self.created.insert(id, sum);
         }
         Action::Put(PutRequest {
             id,
@@ -75,6 +86,9 @@ impl Publisher {
         (len, crc): (u64, u32),
         resp: GetResponse,
     ) {
+        if self.role == Role::Fenced {
+            return;
+        }
         match resp {
             GetResponse::Ok {
                 body, range: None, ..

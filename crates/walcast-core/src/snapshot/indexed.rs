@@ -809,9 +809,16 @@ impl LazySnapshot {
                     .ok_or_else(|| invalid("snapshot index", start, "a block before the footer"))?;
                 self.feed(&top, None, bytes, false)
             }
-            Ok(Some((h, d, data, _))) if h.offset == start => {
+            Ok(Some((h, d, data, partition))) if h.offset == start => {
+                // The partition first, so that it and the block are the two
+                // used last (kept whatever the cache's bytes).
+                self.touch(partition, h.offset);
                 self.feed(&h, d.as_ref(), bytes, data)
             }
+            // The key's index partition was evicted (other reads filled the
+            // cache) after this read asked for a block under it: the bytes
+            // cannot be checked now, and are dropped; the read asks again.
+            Ok(Some((_, _, false, _))) => Ok(()),
             _ => Err(invalid(
                 "snapshot block",
                 start,
@@ -1358,6 +1365,57 @@ mod tests {
         assert!(
             held > 8 * wire,
             "the blocks held {held} decoded from {wire} on the wire"
+        );
+    }
+
+    #[test]
+    fn a_block_whose_partition_another_read_evicted_is_asked_for_again() {
+        let n = 60_000;
+        let s = state(n, 50);
+        let opts = IndexedOptions {
+            block_bytes: 1024,
+            index_block_bytes: 512,
+        };
+        let file = encode_indexed(&s, 1, 1, DatasetId([1; 16]), opts);
+        // A cache so small that only the two blocks used last stay.
+        let mut lazy = LazySnapshot::new(file.len() as u64, 1);
+        let (a, b) = (
+            b"user:00000007".to_vec(),
+            format!("user:{:08}", (n - 1) * 7),
+        );
+        let range = |lazy: &mut LazySnapshot, key: &[u8]| match lazy.get(key).unwrap() {
+            Lookup::Need(Need::Range { start, end }) => (start, end),
+            Lookup::Need(Need::Suffix(n)) => {
+                let n = n as usize;
+                lazy.feed_suffix(&file[file.len() - n..]).unwrap();
+                match lazy.get(key).unwrap() {
+                    Lookup::Need(Need::Range { start, end }) => (start, end),
+                    other => panic!("{other:?}"),
+                }
+            }
+            other => panic!("{other:?}"),
+        };
+        let bytes = |(start, end): (u64, u64)| &file[start as usize..end as usize];
+        // Read A fetches its partition and asks for its data block...
+        let pa = range(&mut lazy, &a);
+        lazy.feed_range(pa.0, bytes(pa), &a).unwrap();
+        let da = range(&mut lazy, &a);
+        assert_ne!(da, pa);
+        // ...while read B fetches its partition and block, evicting A's
+        // partition.
+        let pb = range(&mut lazy, b.as_bytes());
+        lazy.feed_range(pb.0, bytes(pb), b.as_bytes()).unwrap();
+        let db = range(&mut lazy, b.as_bytes());
+        lazy.feed_range(db.0, bytes(db), b.as_bytes()).unwrap();
+        assert_eq!(lazy.blocks.len(), 2);
+        // A's block arrives: not an error; A asks again and answers.
+        lazy.feed_range(da.0, bytes(da), &a).unwrap();
+        let (v, gets) = read(&mut lazy, &file, &a).unwrap();
+        assert_eq!(v.as_deref(), s.get(&a));
+        assert_eq!(gets, 2, "the partition and the block again");
+        assert_eq!(
+            read(&mut lazy, &file, b.as_bytes()).unwrap().0.as_deref(),
+            s.get(b.as_bytes())
         );
     }
 
