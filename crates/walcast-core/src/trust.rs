@@ -3,9 +3,7 @@
 //! bind every object to the signed head (`docs/FORMAT.md`, "Signed
 //! datasets"). The types are re-exported from [`crate::catalog`].
 
-use std::collections::BTreeMap;
-
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 use crate::catalog::{Head, Page, HEAD_PREFIX_LEN};
 use crate::error::Quoted;
@@ -26,14 +24,14 @@ pub struct HeadTrust {
     /// SHA-256 (64 lowercase hex digits) of every segment, page and snapshot
     /// the head names, by key.
     #[serde(default)]
-    pub digests: BTreeMap<String, String>,
+    pub digests: Digests,
     /// For a version 4 snapshot the head names: the SHA-256 of its top index
     /// block followed by its footer (see
     /// [`index_digest`](crate::snapshot::indexed::index_digest)), which binds
     /// every block of the file through the digests its index carries. Left
     /// out of the JSON when empty.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub index_digests: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Digests::is_empty")]
+    pub index_digests: Digests,
 }
 
 /// One key rotation: `by` signed `key` (see [`keys::ROTATION_DOMAIN`]).
@@ -96,12 +94,104 @@ pub fn page_signature(bytes: &[u8]) -> Option<(&str, &[u8])> {
     split_signature(bytes.strip_prefix(b"{")?)
 }
 
+/// Digests by object key (a head's or page's `digests`, a head's
+/// `index_digests`): a map kept as a vector sorted by key, serialized as a
+/// JSON object in key order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Digests(Vec<(String, String)>);
+
+impl Digests {
+    /// An empty map.
+    pub fn new() -> Self {
+        Digests(Vec::new())
+    }
+
+    fn find(&self, key: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(key))
+    }
+
+    /// The digest recorded for `key`.
+    pub fn get(&self, key: &str) -> Option<&String> {
+        self.find(key).ok().map(|i| &self.0[i].1)
+    }
+
+    /// Whether `key` has a digest.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.find(key).is_ok()
+    }
+
+    /// Records `digest` for `key`, returning the one it replaces.
+    pub fn insert(&mut self, key: String, digest: String) -> Option<String> {
+        if self.0.last().is_none_or(|(k, _)| *k < key) {
+            self.0.push((key, digest));
+            return None;
+        }
+        match self.find(&key) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, digest)),
+            Err(i) => {
+                self.0.insert(i, (key, digest));
+                None
+            }
+        }
+    }
+
+    /// How many keys have digests.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no key has a digest.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The keys and digests in key order.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0.iter().map(|(k, d)| (k, d))
+    }
+
+    /// The keys in order.
+    pub fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(k, _)| k)
+    }
+}
+
+impl FromIterator<(String, String)> for Digests {
+    /// Collects in any order; of repeated keys the last one stays.
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        let mut v: Vec<(String, String)> = iter.into_iter().collect();
+        // Stable: repeated keys keep their order, and the last is kept.
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out: Vec<(String, String)> = Vec::with_capacity(v.len());
+        for e in v {
+            match out.last_mut() {
+                Some(last) if last.0 == e.0 => *last = e,
+                _ => out.push(e),
+            }
+        }
+        Digests(out)
+    }
+}
+
+impl<'a> IntoIterator for &'a Digests {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (String, String)>,
+        fn(&'a (String, String)) -> (&'a String, &'a String),
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, d)| (k, d))
+    }
+}
+
+impl Serialize for Digests {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.iter())
+    }
+}
+
 /// Checks a digest map: every value a digest, every key one the document names.
-pub(crate) fn check_digests(
-    what: &str,
-    digests: &BTreeMap<String, String>,
-    named: &[&str],
-) -> Result<(), String> {
+pub(crate) fn check_digests(what: &str, digests: &Digests, named: &[&str]) -> Result<(), String> {
     for (k, d) in digests {
         if !keys::is_digest(d) {
             return Err(format!(
@@ -115,7 +205,7 @@ pub(crate) fn check_digests(
     // of tens of thousands of entries). The names a validated catalog
     // gives are distinct, so fewer matches than digests means one is
     // unnamed; only then are the names scanned, to say which.
-    let matched = named.iter().filter(|n| digests.contains_key(**n)).count();
+    let matched = named.iter().filter(|n| digests.contains_key(n)).count();
     if matched < digests.len() {
         if let Some(k) = digests.keys().find(|k| !named.contains(&k.as_str())) {
             return Err(format!(
@@ -193,5 +283,31 @@ impl Page {
         out.extend_from_slice(format!("{{\"signature\":\"{sig}\",").as_bytes());
         out.extend_from_slice(rest);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Digests;
+
+    #[test]
+    fn digests_keep_key_order_and_the_last_value_of_a_key() {
+        let pairs = [("s/2", "b"), ("c/1", "a"), ("s/10", "c"), ("c/1", "d")];
+        let owned = || pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let collected: Digests = owned().collect();
+        let mut inserted = Digests::new();
+        for (k, v) in owned() {
+            inserted.insert(k, v);
+        }
+        for m in [&collected, &inserted] {
+            let got: Vec<(&str, &str)> = m.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            assert_eq!(got, [("c/1", "d"), ("s/10", "c"), ("s/2", "b")]);
+            assert_eq!(m.get("c/1").map(String::as_str), Some("d"));
+            assert!(m.contains_key("s/2") && !m.contains_key("s/3"));
+            assert_eq!(m.len(), 3);
+        }
+        assert_eq!(collected, inserted);
+        let json = serde_json::to_string(&collected).unwrap();
+        assert_eq!(json, r#"{"c/1":"d","s/10":"c","s/2":"b"}"#);
     }
 }

@@ -496,7 +496,13 @@ fn a_tampered_segment_byte_or_a_digest_mismatch_is_untrusted() {
         // intact snapshot (what a CRC collision with the right digest stands for).
         let mut h = head.clone();
         let snap = h.snapshot.as_ref().unwrap().key.clone();
-        *h.trust.as_mut().unwrap().digests.get_mut(&snap).unwrap() = "0".repeat(64);
+        let old = h
+            .trust
+            .as_mut()
+            .unwrap()
+            .digests
+            .insert(snap.clone(), "0".repeat(64));
+        assert!(old.is_some());
         let mut bad = store.clone();
         put_head(&mut bad, &h, Some(&key(1)));
         let mut fresh = Reader::new(&[key(1).public()]);

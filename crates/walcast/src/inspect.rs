@@ -53,7 +53,7 @@ struct Catalog {
     head_bytes: Vec<u8>,
     head: Head,
     segments: Vec<SegmentEntry>,
-    pages: Vec<(PageRef, Vec<u8>, BTreeMap<String, String>)>,
+    pages: Vec<(PageRef, Vec<u8>, walcast_core::catalog::Digests)>,
 }
 
 async fn read_catalog_bytes(f: &AnyFetch) -> Result<Catalog> {
@@ -168,7 +168,12 @@ pub async fn inspect(
     let mut digests: BTreeMap<String, String> = head
         .trust
         .as_ref()
-        .map(|t| t.digests.clone())
+        .map(|t| {
+            t.digests
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
         .unwrap_or_default();
     for (_, _, d) in &page_bodies {
         digests.extend(d.iter().map(|(k, v)| (k.clone(), v.clone())));

@@ -639,6 +639,14 @@ fn write_atomic_mode(
     Ok(())
 }
 
+/// The object store of a `file://` dataset: every object it writes is
+/// synced (file and directory) before the write returns, so a head, which
+/// is synced when it is replaced, never names an object a power loss could
+/// take back.
+fn local_store(dir: &std::path::Path) -> Result<object_store::local::LocalFileSystem> {
+    Ok(object_store::local::LocalFileSystem::new_with_prefix(dir)?.with_fsync(true))
+}
+
 #[cfg(test)]
 mod tests {
     use super::{gcs_token, gcs_token_parts, local_store};
@@ -664,12 +672,4 @@ mod tests {
         }
         assert_eq!(gcs_token_parts("g7:"), (Some("7"), ""));
     }
-}
-
-/// The object store of a `file://` dataset: every object it writes is
-/// synced (file and directory) before the write returns, so a head, which
-/// is synced when it is replaced, never names an object a power loss could
-/// take back.
-fn local_store(dir: &std::path::Path) -> Result<object_store::local::LocalFileSystem> {
-    Ok(object_store::local::LocalFileSystem::new_with_prefix(dir)?.with_fsync(true))
 }

@@ -16,7 +16,7 @@
 //! Arrays and objects nest at most [`MAX_JSON_DEPTH`] deep, checked before
 //! anything is parsed.
 
-use std::collections::BTreeMap;
+use super::Digests;
 
 use super::{
     DatasetId, DeltaEntry, Head, Page, PageRef, Retired, SegmentEntry, SnapshotEntry, TailSegment,
@@ -319,8 +319,8 @@ impl Cursor<'_> {
     }
 
     /// An object of strings.
-    fn string_map(&mut self) -> R<BTreeMap<String, String>> {
-        let mut m = BTreeMap::new();
+    fn string_map(&mut self) -> R<Digests> {
+        let mut m = Digests::new();
         self.object(&mut |c, name| {
             m.insert(name.to_string(), c.string()?);
             Ok(())

@@ -1,7 +1,6 @@
 //! The catalog: the mutable head (`catalog/head.json`) and immutable pages of
 //! older segment entries. See `docs/FORMAT.md`.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -11,7 +10,9 @@ use crate::error::{DecodeError, Quoted};
 use crate::segment::{IndexEntry, SegmentSummary};
 use crate::snapshot::delta::KeyFilter;
 use crate::trust::check_digests;
-pub use crate::trust::{head_signature, page_signature, HeadTrust, KeyEndorsement, MAX_KEY_CHAIN};
+pub use crate::trust::{
+    head_signature, page_signature, Digests, HeadTrust, KeyEndorsement, MAX_KEY_CHAIN,
+};
 
 /// Catalog format version written and understood by this crate.
 pub const FORMAT: u32 = 1;
@@ -799,8 +800,8 @@ pub struct Page {
     pub pages: Vec<PageRef>,
     /// Signed datasets only: SHA-256 of every segment or page the page
     /// names, by key.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub digests: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Digests::is_empty")]
+    pub digests: Digests,
 }
 
 impl Page {

@@ -51,11 +51,9 @@ impl Publisher {
             .iter()
             .map(|s| s.key.clone())
             .chain(page.pages.iter().map(|p| p.key.clone()));
-        for k in keys {
-            if let Some(d) = self.digest_of(h, &k) {
-                page.digests.insert(k, d);
-            }
-        }
+        page.digests = keys
+            .filter_map(|k| self.digest_of(h, &k).map(|d| (k, d)))
+            .collect();
     }
 
     /// Sets the head's signer, key chain and digests (or clears them when
@@ -94,11 +92,10 @@ impl Publisher {
             ..Default::default()
         };
         // `h` is a copy of the head it builds on: its digests are still there.
-        for k in keys {
-            if let Some(d) = self.digest_of(h, &k) {
-                t.digests.insert(k, d);
-            }
-        }
+        t.digests = keys
+            .into_iter()
+            .filter_map(|k| self.digest_of(h, &k).map(|d| (k, d)))
+            .collect();
         if let Some(s) = &h.snapshot {
             let d = self
                 .digests
