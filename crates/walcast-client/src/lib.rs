@@ -634,6 +634,7 @@ mod tests {
             entries: st.len(),
             version: 2,
             suffix: None,
+            footer_crc32: None,
         });
         let mut objects = std::collections::HashMap::new();
         objects.insert(HEAD_KEY.to_string(), head.encode());

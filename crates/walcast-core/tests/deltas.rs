@@ -318,6 +318,44 @@ fn published_snapshot(suffix_bytes: usize) -> (Store, Vec<Vec<Op>>) {
     (store, log)
 }
 
+/// Another dataset's snapshot of the same size and entry count at the
+/// snapshot's key (a dataset started over at the prefix, its old snapshot
+/// still in a CDN's cache): a lazy read refuses it by the footer's CRC-32
+/// the catalog records, where size and entry count alone let it answer
+/// the other dataset's values.
+#[test]
+fn a_lazy_read_refuses_another_snapshot_of_the_same_size_by_its_footer_crc() {
+    let (mut store, _) = published_snapshot(0);
+    let head = store.head();
+    let snap = head.snapshot.clone().expect("a snapshot");
+    assert!(snap.suffix.is_none() && snap.footer_crc32.is_some());
+    let mut other = walcast_core::state::KvState::new();
+    for i in 0..20_000u64 {
+        let v = vec![(i % 251) as u8 ^ 0xff; 100];
+        other.put(format!("key:{i:06}").as_bytes(), &v);
+    }
+    let opts = walcast_core::snapshot::indexed::IndexedOptions {
+        block_bytes: 4 << 10,
+        index_block_bytes: 1 << 10,
+    };
+    let id = walcast_core::catalog::DatasetId([9; 16]);
+    let file =
+        walcast_core::snapshot::indexed::encode_indexed(&other, snap.lsn, snap.epoch, id, opts);
+    assert_eq!((file.len() as u64, other.len()), (snap.size, snap.entries));
+    store.objects.get_mut(&snap.key).expect("stored").0 = file;
+    let key = b"key:000123";
+    let err = try_cold_read(&store, key).expect_err("the other snapshot is refused");
+    assert_eq!(err.kind(), walcast_core::error::ErrorKind::Data, "{err}");
+    assert_eq!(err.object(), Some(snap.key.as_str()), "{err}");
+    // A head without the footer's CRC (as written before it) reads the
+    // other file's value: what the CRC rules out.
+    let mut h = head.clone();
+    h.snapshot.as_mut().unwrap().footer_crc32 = None;
+    store.objects.get_mut(HEAD_KEY).unwrap().0 = h.encode();
+    let (v, _, _) = cold_read(&store, key);
+    assert_eq!(v, Some(vec![123u8 ^ 0xff; 100]));
+}
+
 /// A head that carries the snapshot's top index and footer saves a cold
 /// point read its first suffix GET: one round trip fewer, the same answers;
 /// a head whose copy is damaged (with its checksum made right) costs that
@@ -805,6 +843,49 @@ fn small_chain_store() -> Store {
         store.drive(&mut p, t);
     }
     store
+}
+
+/// Another delta of the same size, base and entry count at a delta's key
+/// (a dataset started over at the prefix, cached): a lazy read refuses it
+/// by the footer's CRC-32 the catalog records.
+#[test]
+fn a_lazy_read_refuses_another_delta_of_the_same_size_by_its_footer_crc() {
+    let mut store = small_chain_store();
+    let h = store.head();
+    let d = h.deltas.last().expect("a delta over the snapshot").clone();
+    assert!(d.footer_crc32.is_some());
+    let bytes = store.objects[&d.key].0.clone();
+    let (key, want) = key_only_in(&bytes, d.lsn);
+    assert_eq!(cold_read(&store, &key).0, want);
+    let delta = decode_delta(&bytes).unwrap();
+    let flipped: Vec<(Vec<u8>, Option<Vec<u8>>)> = delta
+        .changes
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_ref().map(|v| v.iter().map(|b| b ^ 0x5a).collect()),
+            )
+        })
+        .collect();
+    let meta = walcast_core::snapshot::delta::DeltaMeta {
+        base_lsn: delta.base_lsn,
+        lsn: d.lsn,
+        epoch: d.epoch,
+        dataset_id: walcast_core::catalog::DatasetId([9; 16]),
+    };
+    let changes = flipped.iter().map(|(k, v)| (k.as_slice(), v.as_deref()));
+    let other = walcast_core::snapshot::delta::encode_delta_readable(
+        changes,
+        meta,
+        walcast_core::snapshot::delta::DEFAULT_DELTA_BLOCK_BYTES,
+    )
+    .expect("a readable delta");
+    assert_eq!(other.len(), bytes.len());
+    store.objects.get_mut(&d.key).unwrap().0 = other;
+    let err = try_cold_read(&store, &key).expect_err("the other delta is refused");
+    assert_eq!(err.kind(), walcast_core::error::ErrorKind::Data, "{err}");
+    assert_eq!(err.object(), Some(d.key.as_str()), "{err}");
 }
 
 /// A delta whose file matches the catalog's crc32 but does not decode (a

@@ -180,6 +180,7 @@ fn put_snapshot(store: &mut Store, st: &KvState, lsn: u64, epoch: u64) -> Snapsh
         entries: st.len(),
         version: 1,
         suffix: None,
+        footer_crc32: None,
     };
     store.put(e.key.clone(), bytes);
     e

@@ -94,6 +94,7 @@ fn dataset_from(last: u64, snap: u64, block_bytes: usize, first: u64) -> Store {
         entries: st.len(),
         version: 2,
         suffix: None,
+        footer_crc32: None,
     };
     store.objects.insert(entry.key.clone(), bytes);
     head.snapshot = Some(entry);
@@ -127,6 +128,7 @@ fn snapshot_only(id: walcast_core::catalog::DatasetId, st: &KvState, lsn: u64) -
         entries: st.len(),
         version: 2,
         suffix: None,
+        footer_crc32: None,
     });
     head.earliest_lsn = lsn + 1;
     head.committed_lsn = lsn;

@@ -438,6 +438,7 @@ fn snapshot(c: &mut Cursor) -> R<(SnapshotEntry, Option<String>)> {
     let at = c.at;
     let (mut key, mut lsn, mut epoch, mut size) = (None, None, None, None);
     let (mut crc32, mut entries, mut version, mut suffix) = (None, None, None, None);
+    let mut footer_crc32 = None;
     c.object(&mut |c, name| {
         match name {
             "key" => key = Some(c.key()?),
@@ -448,6 +449,7 @@ fn snapshot(c: &mut Cursor) -> R<(SnapshotEntry, Option<String>)> {
             "entries" => entries = Some(c.u64()?),
             "version" => version = c.opt(Cursor::u16)?,
             "suffix" => suffix = c.opt(Cursor::string)?,
+            "footer_crc32" => footer_crc32 = c.opt(Cursor::u32)?,
             _ => c.skip()?,
         }
         Ok(())
@@ -461,6 +463,7 @@ fn snapshot(c: &mut Cursor) -> R<(SnapshotEntry, Option<String>)> {
         entries: need(entries, at)?,
         version: version.unwrap_or(1),
         suffix: None,
+        footer_crc32,
     };
     Ok((entry, suffix))
 }
@@ -469,6 +472,7 @@ fn delta(c: &mut Cursor) -> R<DeltaEntry> {
     let at = c.at;
     let (mut key, mut base_lsn, mut lsn, mut epoch) = (None, None, None, None);
     let (mut size, mut crc32, mut entries, mut suffix_len) = (None, None, None, None);
+    let mut footer_crc32 = None;
     c.object(&mut |c, name| {
         match name {
             "key" => key = Some(c.key()?),
@@ -479,6 +483,7 @@ fn delta(c: &mut Cursor) -> R<DeltaEntry> {
             "crc32" => crc32 = Some(c.u32()?),
             "entries" => entries = Some(c.u64()?),
             "suffix_len" => suffix_len = Some(c.u64()?),
+            "footer_crc32" => footer_crc32 = c.opt(Cursor::u32)?,
             _ => c.skip()?,
         }
         Ok(())
@@ -492,6 +497,7 @@ fn delta(c: &mut Cursor) -> R<DeltaEntry> {
         crc32: need(crc32, at)?,
         entries: need(entries, at)?,
         suffix_len: need(suffix_len, at)?,
+        footer_crc32,
     })
 }
 

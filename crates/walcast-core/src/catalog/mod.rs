@@ -297,6 +297,13 @@ pub struct SnapshotEntry {
         serialize_with = "base64_bytes::serialize_opt"
     )]
     pub suffix: Option<Vec<u8>>,
+    /// A block-indexed snapshot's: the CRC-32 of its footer's fields (the
+    /// footer's own checksum), which a lazy reader checks before using it (the footer names the top index by
+    /// offset, length and CRC, and the index every block): a file of the
+    /// same size and entry count (an old dataset's, cached at a reused
+    /// prefix) is not read as this one. Absent when not written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub footer_crc32: Option<u32>,
 }
 
 fn is_version_1(v: &u16) -> bool {
@@ -333,6 +340,11 @@ pub struct DeltaEntry {
     /// Bytes from the delta's index block to its end (index, filter and
     /// footer): the one suffix GET a point read makes first.
     pub suffix_len: u64,
+    /// The CRC-32 of the delta's footer fields (its last 64 bytes but the
+    /// checksum and magic: the footer's own checksum), checked like
+    /// [`SnapshotEntry::footer_crc32`]. Absent when not written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub footer_crc32: Option<u32>,
 }
 
 impl DeltaEntry {

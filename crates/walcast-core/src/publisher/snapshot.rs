@@ -3,7 +3,7 @@
 
 use crate::catalog::{self, DeltaEntry, SnapshotEntry, MAX_DELTAS};
 use crate::snapshot::delta::{
-    encode_delta_readable, DeltaFooter, DeltaMeta, DEFAULT_DELTA_BLOCK_BYTES,
+    encode_delta_readable, DeltaFooter, DeltaMeta, DEFAULT_DELTA_BLOCK_BYTES, DELTA_FOOTER_LEN,
 };
 
 use super::{Publisher, Up};
@@ -84,6 +84,7 @@ impl Publisher {
                             .min(catalog::MAX_SNAPSHOT_SUFFIX)
                 })
                 .map(<[u8]>::to_vec),
+            footer_crc32: (version >= 2).then(|| crate::snapshot::indexed::footer_crc32(&bytes)),
         };
         self.note_digest(&entry.key, &bytes);
         self.note_index_digest(&entry.key, &bytes);
@@ -180,6 +181,7 @@ impl Publisher {
             .map_or(size, |f| f.suffix_len(size));
         let key = catalog::delta_key(base_lsn, lsn, self.epoch);
         let crc32 = crate::crc::hash(&bytes);
+        let footer_crc32 = bytes.len().checked_sub(DELTA_FOOTER_LEN as usize);
         let delta = DeltaEntry {
             key: key.clone(),
             base_lsn,
@@ -189,6 +191,7 @@ impl Publisher {
             crc32,
             entries: changes.len() as u64,
             suffix_len,
+            footer_crc32: footer_crc32.map(|at| crate::crc::hash(&bytes[at..bytes.len() - 8])),
         };
         // Keys written at or before the snapshot are covered by it.
         let floor = snap.lsn;
@@ -204,6 +207,7 @@ impl Publisher {
                 entries: delta.entries,
                 version: crate::snapshot::delta::VERSION_DELTA,
                 suffix: None,
+                footer_crc32: None,
             },
             bytes,
             up: Up::Waiting(0),

@@ -51,6 +51,15 @@ pub fn footer_len(tail: &[u8]) -> u64 {
     }
 }
 
+/// The CRC-32 of a block-indexed file's footer fields (its last
+/// [`footer_len`] bytes but the checksum and magic that end them: the
+/// footer's own checksum), which catalog entries record.
+pub fn footer_crc32(file: &[u8]) -> u32 {
+    let flen = usize::try_from(footer_len(file)).unwrap_or(usize::MAX);
+    let end = file.len().saturating_sub(8);
+    crate::crc::hash(&file[file.len().saturating_sub(flen).min(end)..end])
+}
+
 /// A block-indexed file's last bytes from its top index block on (the top
 /// index and the footer): what a lazy reader's first suffix read needs.
 /// `None` when the file has no valid footer.
@@ -539,6 +548,8 @@ pub struct LazySnapshot {
     /// The entry count the catalog states, when known: a footer saying
     /// otherwise is another file's (see [`expect_entries`](Self::expect_entries)).
     entries: Option<u64>,
+    /// The footer's CRC-32 the catalog states, when it does.
+    footer_crc32: Option<u32>,
 }
 
 impl LazySnapshot {
@@ -558,6 +569,7 @@ impl LazySnapshot {
             expect: None,
             footer_bytes: Vec::new(),
             entries: None,
+            footer_crc32: None,
         }
     }
 
@@ -602,8 +614,9 @@ impl LazySnapshot {
         self.footer.as_ref()
     }
 
-    /// Bytes of index partitions and data blocks held (see [`cache_charge`]:
-    /// a block under 1 KiB counts as 1 KiB).
+    /// Bytes of index partitions and data blocks held, as charged: what a
+    /// block holds decoded, or took on the wire when more, and at least
+    /// 1 KiB.
     pub fn cached_bytes(&self) -> u64 {
         self.cached
     }
@@ -642,6 +655,14 @@ impl LazySnapshot {
         self.entries = Some(n);
     }
 
+    /// Refuses a footer whose CRC-32 is not `crc`, the one the catalog
+    /// states: the footer binds the top index and through it every block,
+    /// so no other file (one of the same size and entry count, left by a
+    /// dataset started over at the prefix) is read as this one.
+    pub fn expect_footer_crc32(&mut self, crc: u32) {
+        self.footer_crc32 = Some(crc);
+    }
+
     /// Feeds the answer to [`Need::Suffix`]: the last `bytes.len()` bytes of
     /// the file. Verifies the footer, and the top index when it came along.
     pub fn feed_suffix(&mut self, bytes: &[u8]) -> Result<(), DecodeError> {
@@ -656,6 +677,19 @@ impl LazySnapshot {
             });
         }
         let fb = &bytes[(n - flen) as usize..];
+        // (The footer's fields: a CRC over its own checksum too is the same
+        // for every footer.)
+        let fields = &fb[..fb.len() - 8];
+        if self
+            .footer_crc32
+            .is_some_and(|c| c != crate::crc::hash(fields))
+        {
+            return Err(crate::codec::invalid(
+                "snapshot footer",
+                self.size - flen,
+                "its CRC-32 is not the catalog's: another file than the one it names",
+            ));
+        }
         let footer = Footer::decode(fb, self.size)?;
         if let Some(n) = self.entries.filter(|&n| n != footer.entry_count) {
             return Err(crate::codec::invalid(

@@ -201,6 +201,7 @@ pub(crate) fn golden_head() -> Head {
             entries: golden_state().len(),
             version: 1,
             suffix: None,
+            footer_crc32: None,
         }),
         segments: vec![SegmentEntry::from_summary(&summary)],
         pages: vec![golden_page_ref(&page)],

@@ -25,6 +25,9 @@ impl Lazy {
                 None => LazySnapshot::new(entry.size, self.snapshot_cache_bytes()),
             };
             s.expect_entries(entry.entries);
+            if let Some(c) = entry.footer_crc32 {
+                s.expect_footer_crc32(c);
+            }
             s
         };
         let mut snap = fresh();

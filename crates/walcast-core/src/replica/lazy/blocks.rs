@@ -2,6 +2,7 @@
 //! answers (verified, fed to the snapshot or delta readers).
 
 use super::*;
+use crate::snapshot::delta::DELTA_FOOTER_LEN;
 
 impl Lazy {
     pub(super) fn want_in(&mut self, object: String, need: Need, key: &[u8]) {
@@ -32,6 +33,19 @@ impl Lazy {
         let size = d.entry.size;
         match job.need {
             Need::Suffix(_) => {
+                // The footer's fields, without its checksum and magic.
+                let foot = bytes.len().saturating_sub(DELTA_FOOTER_LEN as usize);
+                let fields = &bytes[foot..bytes.len().saturating_sub(8).max(foot)];
+                if d.entry
+                    .footer_crc32
+                    .is_some_and(|c| c != crate::crc::hash(fields))
+                {
+                    return Err(crate::codec::invalid(
+                        "delta footer",
+                        size.saturating_sub(DELTA_FOOTER_LEN),
+                        "its CRC-32 is not the catalog's: another file than the one it names",
+                    ));
+                }
                 let idx = DeltaIndex::decode_suffix(bytes, size)?;
                 // The file must be the one the catalog names, not another
                 // of the same size (a dataset started over at the prefix).
@@ -39,7 +53,7 @@ impl Lazy {
                 if f.base_lsn != d.entry.base_lsn || f.entry_count != d.entry.entries {
                     return Err(crate::codec::invalid(
                         "delta footer",
-                        size - crate::snapshot::delta::DELTA_FOOTER_LEN,
+                        size - DELTA_FOOTER_LEN,
                         format!(
                             "base LSN {} and {} entries, but the catalog says {} and {}",
                             f.base_lsn, f.entry_count, d.entry.base_lsn, d.entry.entries

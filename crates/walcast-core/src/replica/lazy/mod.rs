@@ -369,6 +369,7 @@ mod tests {
             entries: 100,
             version: 2,
             suffix: None,
+            footer_crc32: None,
         }
     }
 
@@ -382,6 +383,7 @@ mod tests {
             crc32: 0,
             entries: 10,
             suffix_len: 200,
+            footer_crc32: None,
         }
     }
 
