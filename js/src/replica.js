@@ -176,6 +176,17 @@ function restoreRecord(wasmOpts, rec, key) {
   let damage = null;
   try {
     const got = w.status().appliedLsn;
+    // A key-value replica never opens at an LSN with no keys and no log
+    // from the store: older versions kept a raw replica's record (no
+    // key-value state) under this same key. An empty state is cheap to
+    // fetch again; a raw record read as one would miss every key.
+    if (!wasmOpts?.raw && got > 0 && w.size === 0 && !chunks?.some((c) => c.length > 0)) {
+      throw walcastError(
+        "data",
+        `walcast: the persisted copy of ${key} (LSN ${shown}) holds no keys and no log, as a raw replica's record kept under this key by older versions does; starting over from the dataset`,
+        { object: "persisted snapshot" },
+      );
+    }
     const d = chunks ? w.restoreDamage() : undefined;
     if (d || why || (chunks && got < claim)) {
       const text = d ? d.message : (why ?? `its log ends at LSN ${got}`);

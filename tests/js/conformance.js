@@ -1085,6 +1085,28 @@ export function conformanceCases(ctx) {
     ok(store.map.size === 2, `two records (${[...store.map.keys()].join(", ")})`);
   });
 
+  add("persist: a raw replica's record under the plain key (older versions) never opens a key-value replica with no keys", async () => {
+    const fx = sc.basic;
+    const store = mapStore();
+    const raw = track(await Replica.open(fx.url, { raw: true, onRecord: () => {}, persist: store }));
+    eq(await withTimeout(raw.sync(), 120_000, "raw sync"), fx.expected.lsn, "raw sync");
+    await raw.close();
+    const rawKey = [...store.map.keys()].find((k) => k.endsWith("#raw"));
+    ok(rawKey !== undefined, "the raw replica's record");
+    // Where older versions kept it: the key a key-value replica opens from.
+    store.map.set(rawKey.slice(0, -"#raw".length), store.map.get(rawKey));
+    store.map.delete(rawKey);
+    const errors = [];
+    const kv = track(await Replica.open(fx.url, { persist: store, onError: (e) => errors.push(e) }));
+    eq(kv.status().appliedLsn, 0, "not opened at the raw record's LSN with none of its keys");
+    ok(
+      errors.some((e) => e.code === "data" && /no keys/.test(e.message)),
+      `a data error saying so (${errors.map((e) => e.message).join("; ")})`,
+    );
+    eq(await withTimeout(kv.sync(), 120_000, "kv sync"), fx.expected.lsn, "kv sync");
+    expectState(kv, fx.expected, "the key-value replica that found a raw record");
+  });
+
   add("start: a pollInterval past setTimeout's range does not poll in a tight loop", async () => {
     const fx = sc.basic;
     const r = track(await Replica.open(fx.url, { pollInterval: 2 ** 31 + 5, longPoll: false }));
