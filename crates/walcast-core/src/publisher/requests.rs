@@ -31,11 +31,9 @@ impl Publisher {
     /// than a page gets the time to move them at the replicas' slowest
     /// assumed rate on top of the plain limit (as a replica's GET does).
     pub(super) fn get_sized(&mut self, req: Req, key: String, max_bytes: u64) -> Action {
-        use crate::replica::{MAX_TRANSFER_ALLOWANCE_MS, MIN_TRANSFER_BYTES_PER_SEC};
         let id = self.id(req);
         let transfer = if max_bytes > crate::catalog::MAX_PAGE_BYTES as u64 {
-            (max_bytes.saturating_mul(1000) / MIN_TRANSFER_BYTES_PER_SEC)
-                .min(MAX_TRANSFER_ALLOWANCE_MS)
+            crate::replica::fetch::transfer_allowance_ms(max_bytes)
         } else {
             0
         };

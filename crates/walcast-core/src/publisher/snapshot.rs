@@ -3,7 +3,7 @@
 
 use crate::catalog::{self, DeltaEntry, SnapshotEntry, MAX_DELTAS};
 use crate::snapshot::delta::{
-    encode_delta_readable, DeltaFooter, DeltaMeta, DEFAULT_DELTA_BLOCK_BYTES, DELTA_FOOTER_LEN,
+    encode_delta_readable, DeltaFooter, DeltaMeta, DEFAULT_DELTA_BLOCK_BYTES,
 };
 
 use super::{Publisher, Up};
@@ -181,7 +181,6 @@ impl Publisher {
             .map_or(size, |f| f.suffix_len(size));
         let key = catalog::delta_key(base_lsn, lsn, self.epoch);
         let crc32 = crate::crc::hash(&bytes);
-        let footer_crc32 = bytes.len().checked_sub(DELTA_FOOTER_LEN as usize);
         let delta = DeltaEntry {
             key: key.clone(),
             base_lsn,
@@ -191,7 +190,7 @@ impl Publisher {
             crc32,
             entries: changes.len() as u64,
             suffix_len,
-            footer_crc32: footer_crc32.map(|at| crate::crc::hash(&bytes[at..bytes.len() - 8])),
+            footer_crc32: Some(crate::snapshot::delta::footer_crc32(&bytes)),
         };
         // Keys written at or before the snapshot are covered by it.
         let floor = snap.lsn;

@@ -25,6 +25,14 @@ pub const MAX_WHOLE_SNAPSHOT_ANSWER: u64 = 64 << 20;
 /// drivers watching for stuck syncs (the worker's) can bound a live one.
 pub const MAX_TRANSFER_ALLOWANCE_MS: u64 = 90_000;
 
+/// The time a GET expecting `bytes` gets on top of the plain request
+/// limit: those bytes at [`MIN_TRANSFER_BYTES_PER_SEC`], at most
+/// [`MAX_TRANSFER_ALLOWANCE_MS`] (replicas' GETs and the publisher's
+/// read-backs alike).
+pub(crate) fn transfer_allowance_ms(bytes: u64) -> u64 {
+    (bytes.saturating_mul(1000) / MIN_TRANSFER_BYTES_PER_SEC).min(MAX_TRANSFER_ALLOWANCE_MS)
+}
+
 impl Replica {
     pub(super) fn wait(&mut self, now: u64) -> Action {
         let mut until = u64::MAX;
@@ -84,10 +92,10 @@ impl Replica {
             (_, Some(ByteRange::Suffix(n))) => *n,
             (_, None) => max_bytes,
         };
-        let timeout_ms = self.cfg.request_timeout_ms.saturating_add(
-            (expected.saturating_mul(1000) / MIN_TRANSFER_BYTES_PER_SEC)
-                .min(MAX_TRANSFER_ALLOWANCE_MS),
-        );
+        let timeout_ms = self
+            .cfg
+            .request_timeout_ms
+            .saturating_add(transfer_allowance_ms(expected));
         self.pending.insert(id.0, job);
         self.requests += 1;
         Action::Fetch(GetRequest {

@@ -27,7 +27,7 @@
 
 mod apply;
 mod bootstrap;
-mod fetch;
+pub(crate) mod fetch;
 mod head;
 mod lazy;
 mod plan;

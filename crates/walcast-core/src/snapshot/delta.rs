@@ -21,6 +21,18 @@ use crate::error::DecodeError;
 pub const VERSION_DELTA: u16 = 3;
 /// Bytes of the footer.
 pub const DELTA_FOOTER_LEN: u64 = 64;
+/// The CRC-32 of a delta's footer fields (the first 56 of its last
+/// [`DELTA_FOOTER_LEN`] bytes: the checksum the footer carries), which
+/// catalog entries record; `tail` is the file or any suffix of it.
+pub fn footer_crc32(tail: &[u8]) -> u32 {
+    let end = tail.len().saturating_sub(8);
+    crate::crc::hash(
+        &tail[tail
+            .len()
+            .saturating_sub(DELTA_FOOTER_LEN as usize)
+            .min(end)..end],
+    )
+}
 /// Magic at the end of a delta snapshot.
 pub const DELTA_FOOTER_MAGIC: [u8; 4] = *b"WCD1";
 /// Default target bytes of a data block.

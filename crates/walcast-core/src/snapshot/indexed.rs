@@ -53,7 +53,8 @@ pub fn footer_len(tail: &[u8]) -> u64 {
 
 /// The CRC-32 of a block-indexed file's footer fields (its last
 /// [`footer_len`] bytes but the checksum and magic that end them: the
-/// footer's own checksum), which catalog entries record.
+/// footer's own checksum: a CRC over that checksum too is the same for
+/// every footer), which catalog entries record; `file` may be any suffix.
 pub fn footer_crc32(file: &[u8]) -> u32 {
     let flen = usize::try_from(footer_len(file)).unwrap_or(usize::MAX);
     let end = file.len().saturating_sub(8);
@@ -677,13 +678,7 @@ impl LazySnapshot {
             });
         }
         let fb = &bytes[(n - flen) as usize..];
-        // (The footer's fields: a CRC over its own checksum too is the same
-        // for every footer.)
-        let fields = &fb[..fb.len() - 8];
-        if self
-            .footer_crc32
-            .is_some_and(|c| c != crate::crc::hash(fields))
-        {
+        if self.footer_crc32.is_some_and(|c| c != footer_crc32(bytes)) {
             return Err(crate::codec::invalid(
                 "snapshot footer",
                 self.size - flen,
@@ -1402,8 +1397,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_block_whose_partition_another_read_evicted_is_asked_for_again() {
+    /// 60,000 keys in 1 KiB blocks under 512-byte index partitions: a
+    /// two-level index of many partitions.
+    fn many_partitions() -> (u32, KvState, Vec<u8>) {
         let n = 60_000;
         let s = state(n, 50);
         let opts = IndexedOptions {
@@ -1411,6 +1407,12 @@ mod tests {
             index_block_bytes: 512,
         };
         let file = encode_indexed(&s, 1, 1, DatasetId([1; 16]), opts);
+        (n, s, file)
+    }
+
+    #[test]
+    fn a_block_whose_partition_another_read_evicted_is_asked_for_again() {
+        let (n, s, file) = many_partitions();
         // A cache so small that only the two blocks used last stay.
         let mut lazy = LazySnapshot::new(file.len() as u64, 1);
         let (a, b) = (
@@ -1457,13 +1459,7 @@ mod tests {
     fn index_partitions_share_the_cache_bound() {
         // Many small partitions: random reads over the whole key space
         // would, kept forever, hold every one of them.
-        let n = 60_000;
-        let s = state(n, 50);
-        let opts = IndexedOptions {
-            block_bytes: 1024,
-            index_block_bytes: 512,
-        };
-        let file = encode_indexed(&s, 1, 1, DatasetId([1; 16]), opts);
+        let (n, s, file) = many_partitions();
         let cache = 16 << 10;
         let mut lazy = LazySnapshot::new(file.len() as u64, cache);
         let mut rng = 7u64;

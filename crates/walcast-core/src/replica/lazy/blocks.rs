@@ -33,13 +33,8 @@ impl Lazy {
         let size = d.entry.size;
         match job.need {
             Need::Suffix(_) => {
-                // The footer's fields, without its checksum and magic.
-                let foot = bytes.len().saturating_sub(DELTA_FOOTER_LEN as usize);
-                let fields = &bytes[foot..bytes.len().saturating_sub(8).max(foot)];
-                if d.entry
-                    .footer_crc32
-                    .is_some_and(|c| c != crate::crc::hash(fields))
-                {
+                let crc = crate::snapshot::delta::footer_crc32(bytes);
+                if d.entry.footer_crc32.is_some_and(|c| c != crc) {
                     return Err(crate::codec::invalid(
                         "delta footer",
                         size.saturating_sub(DELTA_FOOTER_LEN),
