@@ -120,7 +120,9 @@ impl Digests {
         self.find(key).is_ok()
     }
 
-    /// Records `digest` for `key`, returning the one it replaces.
+    /// Records `digest` for `key`, returning the one it replaces (at the
+    /// end in O(1); elsewhere it shifts the keys after it: collect many
+    /// keys in any order with [`FromIterator`] instead).
     pub fn insert(&mut self, key: String, digest: String) -> Option<String> {
         if self.0.last().is_none_or(|(k, _)| *k < key) {
             self.0.push((key, digest));

@@ -318,14 +318,16 @@ impl Cursor<'_> {
         Ok(())
     }
 
-    /// An object of strings.
+    /// An object of strings (collected, then sorted once: members in any
+    /// order cost O(n log n), not an insertion each; a repeated member's
+    /// last value stays).
     fn string_map(&mut self) -> R<Digests> {
-        let mut m = Digests::new();
+        let mut m = Vec::new();
         self.object(&mut |c, name| {
-            m.insert(name.to_string(), c.string()?);
+            m.push((name.to_string(), c.string()?));
             Ok(())
         })?;
-        Ok(m)
+        Ok(m.into_iter().collect())
     }
 }
 
