@@ -718,17 +718,24 @@ fn a_blip_failing_every_get_in_flight_reports_no_error() {
     assert_eq!(d.errors(), Vec::new());
 }
 
-/// A head claiming a 50 GB segment is refused before the segment is
-/// fetched (the replica would read up to the claimed size into memory), and
-/// a snapshot too large to take whole is never asked for with room for more
-/// than a window (a server ignoring `Range` would stream all of it).
+/// A head claiming a 50 GB segment is read (publishers before the limit
+/// wrote segments past it), but that segment is never fetched (the replica
+/// would read up to the claimed size into memory): the segments before it
+/// are applied, an error names it, and a head with a snapshot past it
+/// serves. A snapshot too large to take whole is never asked for with room
+/// for more than a window (a server ignoring `Range` would stream all of
+/// it).
 #[test]
 fn claimed_sizes_do_not_set_what_a_replica_reads_into_memory() {
     let ds = dataset(20, 10, None, 1);
     let mut head = ds.head.clone();
+    let big = head.segments[1].key.clone();
     head.segments[1].size = 50_000_000_000;
     let mut store = ds.store.clone();
     store.put(HEAD_KEY, head.encode());
+    let decoded =
+        walcast_core::catalog::Head::decode(&head.encode()).expect("a head naming it is read");
+    assert_eq!(decoded.segments[1].size, 50_000_000_000);
     let mut d = Driver::new(cfg(), 1);
     let mut asked = Vec::new();
     d.run(
@@ -739,18 +746,31 @@ fn claimed_sizes_do_not_set_what_a_replica_reads_into_memory() {
         },
         &mut assert_state,
     );
-    assert_eq!(d.r.applied_lsn(), 0);
+    assert_eq!(d.r.applied_lsn(), 10, "the segment before it is applied");
     assert!(
-        asked.iter().all(|(k, _)| k == HEAD_KEY),
-        "fetched beyond the head: {asked:?}"
+        asked.iter().all(|(k, _)| *k != big),
+        "fetched the oversized segment: {asked:?}"
     );
     let errors = d.errors();
     assert!(
         errors
             .iter()
-            .any(|e| e.to_string().contains("above the limit")),
+            .any(|e| e.to_string().contains("above the limit")
+                && e.to_string().contains(&big)
+                && e.lsn() == Some(11)),
         "{errors:?}"
     );
+    // A snapshot past the oversized segment: the replica moves on.
+    let snap = put_snapshot(&mut store, &state_through(1, 20), 20, 1);
+    let mut past = head.clone();
+    past.generation += 1;
+    past.snapshot = Some(snap);
+    past.earliest_lsn = 21;
+    past.segments.clear();
+    store.put(HEAD_KEY, past.encode());
+    let mut d = Driver::new(cfg(), 1);
+    d.run(2_000, &mut |g| store.serve(g), &mut assert_state);
+    assert_eq!(d.r.applied_lsn(), 20);
 
     // A snapshot of 100 MiB (by its entry): each window GET may bring at
     // most the window.

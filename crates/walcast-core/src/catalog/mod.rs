@@ -29,9 +29,11 @@ pub const CATALOG_INDEX_SAMPLE: usize = 16;
 /// Most bytes of segment files the head may carry in its tail (decoded).
 /// Keeps the head well under [`MAX_HEAD_BYTES`] with base64's 4/3.
 pub const MAX_TAIL_BYTES: usize = 256 << 10;
-/// Largest segment file a catalog may name, so that what a replica reads
-/// into memory for one segment is bounded whatever a head claims. A
-/// publisher seals a segment once it holds
+/// Largest segment file a replica fetches, so that what it reads into
+/// memory for one segment is bounded whatever a head claims. A catalog may
+/// name a larger one (publishers before this limit wrote them): it is
+/// refused when a replica would fetch it, never read, and a snapshot past
+/// it still serves. A publisher seals a segment once it holds
 /// [`crate::publisher::MAX_SEGMENT_SEAL_BYTES`] at most, and one record
 /// ([`crate::segment::MAX_RECORD_LEN`]) can take it past that.
 pub const MAX_SEGMENT_BYTES: u64 = 256 << 20;
@@ -247,12 +249,6 @@ impl SegmentEntry {
             &self.key,
             &segment_key(self.epoch, self.first_lsn, self.last_lsn),
         )?;
-        if self.size > MAX_SEGMENT_BYTES {
-            return Err(format!(
-                "segment {} claims {} bytes, above the limit of {MAX_SEGMENT_BYTES}",
-                self.key, self.size
-            ));
-        }
         if !(first_ok && ordered && in_range)
             || self.records_end >= self.size
             || self.records_end < crate::segment::HEADER_LEN

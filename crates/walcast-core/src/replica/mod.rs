@@ -43,7 +43,7 @@ pub use self::lazy::{Entries, LazyScan, LazyStatus, Read};
 use std::collections::VecDeque;
 
 use crate::catalog::{DatasetId, Head, Page, PageRef, HEAD_KEY};
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::io::{ByteRange, GetRequest, GetResponse, RequestId, ResponseMeta};
 use crate::segment;
 use crate::state::KvState;
@@ -636,6 +636,32 @@ impl Replica {
                 })
                 .cloned();
             if let Some(u) = next {
+                if u.entry.size > crate::catalog::MAX_SEGMENT_BYTES {
+                    // Never read: a head's claim does not set what a
+                    // replica holds in memory (older publishers wrote such
+                    // segments). Retried with backoff; a newer head may
+                    // name a snapshot past it.
+                    let err = Error::new(
+                        ErrorKind::Data,
+                        format!(
+                            "segment {} claims {} bytes, above the limit of {} a replica reads",
+                            u.entry.key,
+                            u.entry.size,
+                            crate::catalog::MAX_SEGMENT_BYTES
+                        ),
+                    )
+                    .with_object(u.entry.key.clone())
+                    .with_lsn(u.from);
+                    // As for an object that fails verification: the head
+                    // is read again, in case it was not the dataset's.
+                    self.distrust_head(now, &err);
+                    let d = self.failure(&u.entry.key, err);
+                    self.retry_at.insert(u.from, now + d);
+                    if let Some(e) = self.events.pop_front() {
+                        return Action::Event(e);
+                    }
+                    return self.wait(now);
+                }
                 self.retry_at.remove(u.from);
                 self.inflight_units.insert(u.from, ());
                 let range = if u.start.offset == segment::HEADER_LEN {
