@@ -39,6 +39,18 @@ fn publish(
     fill: u8,
     lose: &mut dyn FnMut(&PutRequest) -> bool,
 ) -> Vec<Event> {
+    publish_denying(p, objects, n, fill, lose, &mut |_| false)
+}
+
+/// [`publish`], answering `403` to the GETs `deny` picks (by key).
+fn publish_denying(
+    p: &mut Publisher,
+    objects: &mut Objects,
+    n: u64,
+    fill: u8,
+    lose: &mut dyn FnMut(&PutRequest) -> bool,
+    deny: &mut dyn FnMut(&str) -> bool,
+) -> Vec<Event> {
     let mut events = Vec::new();
     let mut etag = objects.values().map(|(_, e)| *e).max().unwrap_or(0);
     let mut lsn = 0;
@@ -76,6 +88,13 @@ fn publish(
                         }
                     };
                     p.handle_put(req.id, t, resp);
+                }
+                Action::Get(req) if deny(&req.key) => {
+                    let resp = GetResponse::Failed {
+                        status: Some(403),
+                        message: "AccessDenied".into(),
+                    };
+                    p.handle_get(req.id, t, resp);
                 }
                 Action::Get(req) => {
                     let resp = match objects.get(&req.key) {
@@ -170,4 +189,66 @@ fn another_writers_object_at_our_key_stops_the_publisher_naming_it() {
     for s in &h.segments {
         assert!(!old_objects.contains(&s.key), "{} committed", s.key);
     }
+}
+
+/// A read-back that fails (a bucket policy that allows PUT but not GET)
+/// settles nothing: the PUT is retried with backoff, an error naming the
+/// object is reported once attempts reach the limit, no head names the
+/// object meanwhile, and once the read-back succeeds publishing goes on.
+#[test]
+fn a_read_back_that_fails_is_retried_and_reported_never_taken_as_ours() {
+    use std::cell::{Cell, RefCell};
+    let mut objects = Objects::new();
+    let mut p = Publisher::new(cfg(), 1);
+    let lost: RefCell<Option<String>> = RefCell::new(None);
+    let denied = Cell::new(0u32);
+    let heads_naming_it = Cell::new(0u32);
+    let events = publish_denying(
+        &mut p,
+        &mut objects,
+        30,
+        1,
+        &mut |req| {
+            if let Some(k) = lost.borrow().as_deref() {
+                if req.key == HEAD_KEY && denied.get() < 8 {
+                    let h = Head::decode(&req.body).unwrap();
+                    if h.segments.iter().any(|s| s.key == k) {
+                        heads_naming_it.set(heads_naming_it.get() + 1);
+                    }
+                }
+                return false;
+            }
+            if req.key.starts_with("segments/") {
+                *lost.borrow_mut() = Some(req.key.clone());
+                return true;
+            }
+            false
+        },
+        &mut |key| {
+            if lost.borrow().as_deref() == Some(key) && denied.get() < 8 {
+                denied.set(denied.get() + 1);
+                return true;
+            }
+            false
+        },
+    );
+    let lost = lost.take().expect("a segment PUT lost its answer");
+    assert_eq!(denied.get(), 8, "read-backs denied");
+    assert!(!p.is_fenced(), "{events:?}");
+    assert_eq!(
+        heads_naming_it.get(),
+        0,
+        "a head named {lost} before it was read back"
+    );
+    let reported = events.iter().any(|e| match e {
+        Event::Error(err) => err.object() == Some(lost.as_str()) || err.to_string().contains(&lost),
+        _ => false,
+    });
+    assert!(reported, "no error named {lost}: {events:?}");
+    let h = head(&objects);
+    assert_eq!(h.committed_lsn, 30);
+    assert!(
+        h.segments.iter().any(|s| s.key == lost) || !h.pages.is_empty(),
+        "{lost} not committed"
+    );
 }

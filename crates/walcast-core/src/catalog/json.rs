@@ -948,6 +948,33 @@ mod tests {
         }
     }
 
+    /// `footer_crc32` of a snapshot or delta: any `u32` round-trips, `null`
+    /// is leaving it out, and anything else (a sign, a fraction, past
+    /// `u32`, a string) makes the head invalid.
+    #[test]
+    fn a_footer_crc32_that_is_not_a_u32_is_refused() {
+        let mut h = golden();
+        let s = h.snapshot.as_mut().unwrap();
+        s.version = 2;
+        s.size = 1 << 20;
+        s.footer_crc32 = Some(u32::MAX);
+        let text = String::from_utf8(h.encode()).unwrap();
+        let back = Head::decode(text.as_bytes()).unwrap();
+        assert_eq!(back.snapshot.unwrap().footer_crc32, Some(u32::MAX));
+        let field = format!(r#""footer_crc32":{}"#, u32::MAX);
+        assert!(text.contains(&field), "{text}");
+        let with = |value: &str| {
+            let body = text.replacen(&field, &format!(r#""footer_crc32":{value}"#), 1);
+            // The JSON alone (the checksum prefix is a member it ignores).
+            head(&body)
+        };
+        assert_eq!(with("null").unwrap().snapshot.unwrap().footer_crc32, None);
+        assert_eq!(with("0").unwrap().snapshot.unwrap().footer_crc32, Some(0));
+        for bad in ["-1", "4294967296", "1.5", "1e3", "\"1\"", "[1]", "01"] {
+            assert!(with(bad).is_err(), "footer_crc32 {bad} was accepted");
+        }
+    }
+
     /// A snapshot smaller than its header and footer is refused, naming it:
     /// a lazy reader of a version 2 snapshot of size 0 would otherwise ask
     /// for an empty suffix, take the answer for one of a snapshot it left,
