@@ -459,6 +459,79 @@ fn snapshots_and_deltas_by_bytes_bound_a_cold_read_after_a_bulk_load() {
     }
 }
 
+/// `snapshot_ratio_percent` holds a due snapshot back until that multiple of the
+/// last snapshot's size in bytes of batches was written since it: the
+/// first one (after the bulk load) comes at once, later ones are spaced
+/// by their size rather than by `snapshot_every`, deltas are written
+/// meanwhile, and cold reads answer what the origin had throughout.
+#[test]
+fn snapshot_ratio_spaces_snapshots_by_their_size() {
+    let run = |ratio: Option<u32>| {
+        let cfg = PublisherConfig {
+            snapshot_every: Some(300),
+            snapshot_bytes: Some(1 << 20),
+            snapshot_ratio_percent: ratio,
+            delta_every: Some(100),
+            head_check_ms: 0,
+            tail_bytes: 0,
+            ..PublisherConfig::default()
+        };
+        let (mut p, mut store, mut log, mut now) = bulk_loaded(cfg);
+        let key = |i: u64| format!("key:{i:06}").into_bytes();
+        // (LSN, size) of each snapshot the heads named, and the batch
+        // bytes pushed before each LSN.
+        let mut snaps: Vec<(u64, u64)> = Vec::new();
+        let mut bytes_at = vec![0u64; log.len() + 1];
+        let mut rng = 0x9e37_79b9_u64;
+        for _ in 0..6_000 {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let op = Op::put(key((rng >> 33) % 20_000), vec![(rng >> 40) as u8; 100]);
+            let payload = batch::encode(std::slice::from_ref(&op)).unwrap();
+            log.push(vec![op]);
+            let lsn = log.len() as u64;
+            bytes_at.push(bytes_at[lsn as usize - 1] + payload.len() as u64);
+            p.push(lsn, &payload, now).unwrap();
+            now += 1;
+            store.drive(&mut p, now);
+            if let Some(s) = store.head().snapshot {
+                if snaps.last().is_none_or(|(l, _)| *l != s.lsn) {
+                    snaps.push((s.lsn, s.size));
+                }
+            }
+        }
+        for i in [0u64, 4_321, 19_999] {
+            let (v, at, _) = cold_read(&store, &key(i));
+            assert_eq!(
+                v.as_ref(),
+                model_at(&log, at).get(&key(i)),
+                "key {i} at {at}"
+            );
+        }
+        (snaps, bytes_at, store.head())
+    };
+    let (free, _, _) = run(None);
+    let (held, bytes_at, head) = run(Some(25));
+    // The first snapshot, by bytes after the load, is not held back.
+    assert_eq!(held[0].0, free[0].0, "{held:?} against {free:?}");
+    assert!(held[0].0 <= 21, "{held:?}");
+    assert!(free.len() >= 15, "by snapshot_every alone: {free:?}");
+    assert!(
+        held.len() >= 2 && held.len() * 3 < free.len(),
+        "held {held:?} against {free:?}"
+    );
+    for w in held.windows(2) {
+        let ((a, size), (b, _)) = (w[0], w[1]);
+        let since = bytes_at[b as usize] - bytes_at[a as usize];
+        assert!(
+            since as f64 >= 0.25 * size as f64,
+            "snapshot at {b} after {since} bytes, the one at {a} is {size} bytes"
+        );
+    }
+    assert!(!head.deltas.is_empty(), "deltas meanwhile");
+}
+
 #[test]
 fn steady_writes_keep_a_short_chain_equal_to_the_origin() {
     let cfg = PublisherConfig {
@@ -1151,15 +1224,16 @@ fn a_damaged_delta_fails_the_read_naming_it() {
 /// `cargo test --release -p walcast-core --test deltas -- --ignored --nocapture`.
 /// A 1,000,000-key dataset (loaded in batches of 1,000 puts), then steady
 /// writes of single 100-byte puts to random keys at 1,000 batches a second
-/// (`DELTA_BENCH_LSNS`, default 2,500,000, past a rewrite of the base
-/// snapshot, written every `DELTA_BENCH_SNAPSHOT_EVERY`, default 1,200,000,
-/// LSNs), with a
-/// delta every `DELTA_BENCH_DELTA_EVERY` (default 2,000) LSNs; the head's
+/// (`DELTA_BENCH_LSNS`, default 7,500,000, past several rewrites of the
+/// base snapshot, written every `DELTA_BENCH_SNAPSHOT_EVERY`, default
+/// 1,200,000, LSNs, but not before twice the last one's size in batches,
+/// `DELTA_BENCH_SNAPSHOT_RATIO_PERCENT`, default 200, 0 for no floor), with
+/// a delta every `DELTA_BENCH_DELTA_EVERY` (default 6,000) LSNs; the head's
 /// tail, inline segments and page fanout are the publisher's defaults unless
 /// `DELTA_BENCH_TAIL_BYTES`, `DELTA_BENCH_INLINE_SEGMENTS` or
 /// `DELTA_BENCH_PAGE_FANOUT` say otherwise; `DELTA_BENCH_SNAPSHOT_BYTES` and
 /// `DELTA_BENCH_DELTA_BYTES` add the byte triggers (unset: none);
-/// `DELTA_BENCH_SAMPLE_EVERY` (default 250,000) LSNs a cold read is sampled.
+/// `DELTA_BENCH_SAMPLE_EVERY` (default 500,000) LSNs a cold read is sampled.
 /// Prints the
 /// publisher's uploaded bytes by kind against the WAL bytes of the steady
 /// writes, and the worst cold point read (round trips, GETs, bytes) of new
@@ -1174,12 +1248,16 @@ fn delta_figures_at_scale() {
             .unwrap_or(d)
     };
     let keys = env("DELTA_BENCH_KEYS", 1_000_000);
-    let steady = env("DELTA_BENCH_LSNS", 2_500_000);
-    let sample_every = env("DELTA_BENCH_SAMPLE_EVERY", 250_000).max(1);
+    let steady = env("DELTA_BENCH_LSNS", 7_500_000);
+    let sample_every = env("DELTA_BENCH_SAMPLE_EVERY", 500_000).max(1);
     let defaults = PublisherConfig::default();
     let cfg = PublisherConfig {
         snapshot_every: Some(env("DELTA_BENCH_SNAPSHOT_EVERY", 1_200_000)),
-        delta_every: Some(env("DELTA_BENCH_DELTA_EVERY", 2_000)),
+        delta_every: Some(env("DELTA_BENCH_DELTA_EVERY", 6_000)),
+        // Later snapshots wait for twice the last one's size in batches
+        // (0: no floor).
+        snapshot_ratio_percent: Some(env("DELTA_BENCH_SNAPSHOT_RATIO_PERCENT", 200) as u32)
+            .filter(|&r| r > 0),
         head_check_ms: 0,
         // A snapshot once the load's bytes were written (the load is then
         // followed by one, as `--snapshot-bytes` makes it in practice), so

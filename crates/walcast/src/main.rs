@@ -93,6 +93,13 @@ enum Cmd {
         /// batches); needs --snapshot-every. Unset: by LSNs only.
         #[arg(long, value_parser = parse_size)]
         snapshot_bytes: Option<u64>,
+        /// Never write a snapshot before this multiple of the last one's
+        /// size in bytes of batches was written since it, whatever
+        /// --snapshot-every and --snapshot-bytes say: snapshot uploads stay
+        /// within 1/R of the batches' bytes however large the dataset (2 to
+        /// 3 with --delta-every; see docs/BENCHMARKS.md). Unset: no floor.
+        #[arg(long, value_name = "R", value_parser = parse_ratio)]
+        snapshot_ratio: Option<f64>,
         /// Between snapshots, write a delta snapshot (the keys changed since
         /// the last one) every N LSNs, so a lazy replica's cold read replays
         /// at most about N LSNs of segments (0: never).
@@ -413,6 +420,16 @@ fn parse_size(s: &str) -> Result<u64, String> {
     Ok(n * mul)
 }
 
+/// A positive, finite multiple (`--snapshot-ratio`).
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.01 && r <= 1e6 => Ok(r),
+        _ => Err(format!(
+            "invalid ratio {s:?}: a number from 0.01 to 1000000, such as 2 or 2.5"
+        )),
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -570,6 +587,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             segment_bytes,
             snapshot_every,
             snapshot_bytes,
+            snapshot_ratio,
             delta_every,
             delta_bytes,
             retain,
@@ -596,6 +614,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                     snapshot_every: (snapshot_every > 0).then_some(snapshot_every),
                     delta_every: (delta_every > 0).then_some(delta_every),
                     snapshot_bytes: snapshot_bytes.filter(|&b| b > 0),
+                    snapshot_ratio_percent: snapshot_ratio.map(|r| (r * 100.0).round() as u32),
                     delta_bytes: delta_bytes.filter(|&b| b > 0),
                     retain_lsns: retain,
                     grace_ms: grace.as_millis() as u64,

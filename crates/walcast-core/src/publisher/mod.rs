@@ -97,6 +97,17 @@ pub struct PublisherConfig {
     /// batches): bounds what a replica replays after the snapshot in bytes,
     /// not only in LSNs. Needs `snapshot_every`.
     pub snapshot_bytes: Option<u64>,
+    /// A snapshot is never due before this multiple (in percent: 200 is
+    /// twice) of the last snapshot's size in bytes of batches was pushed
+    /// since it, whatever
+    /// `snapshot_every` and `snapshot_bytes` say: snapshots then cost at
+    /// most `1 / snapshot_ratio` times the batches' bytes in uploads,
+    /// however large the dataset, and a replica bootstrapping from one
+    /// replays at most about that multiple of its size after it. The first
+    /// snapshot is not held back. With deltas, 200 to 300 uploads the
+    /// least under writes spread over the keys (docs/BENCHMARKS.md). Unset:
+    /// no floor.
+    pub snapshot_ratio_percent: Option<u32>,
     /// Keep at least this many LSNs of history in segments; older ones
     /// leave the catalog once a snapshot covers them.
     pub retain_lsns: Option<u64>,
@@ -186,6 +197,7 @@ impl Default for PublisherConfig {
             max_pending_segments: 4,
             snapshot_every: None,
             snapshot_bytes: None,
+            snapshot_ratio_percent: None,
             retain_lsns: None,
             grace_ms: 60_000,
             inline_segments: 16,

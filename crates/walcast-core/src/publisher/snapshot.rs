@@ -34,7 +34,15 @@ impl Publisher {
             .cfg
             .snapshot_bytes
             .is_some_and(|b| self.bytes_since_snapshot >= b.max(1));
-        if lsn < last.saturating_add(every) && !by_bytes {
+        // The floor: a multiple of the last snapshot's size in bytes of
+        // batches since it.
+        let held = match (self.cfg.snapshot_ratio_percent, &head.snapshot) {
+            (Some(r), Some(s)) => {
+                u128::from(self.bytes_since_snapshot) * 100 < u128::from(r) * u128::from(s.size)
+            }
+            _ => false,
+        };
+        if (lsn < last.saturating_add(every) && !by_bytes) || held {
             self.maybe_delta(lsn);
             return;
         }

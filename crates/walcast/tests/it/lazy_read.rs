@@ -254,7 +254,7 @@ fn lazy_reads_equal_a_replica_over_file_and_http() {
 fn lazy_reads_through_deltas_over_http() {
     let d = dataset_with(
         "lazy_reads_through_deltas_over_http",
-        &["--delta-every", "100"],
+        &["--delta-every", "100", "--snapshot-ratio", "2"],
     );
     let h = head(&d.ds);
     let deltas = h["deltas"].as_array().cloned().unwrap_or_default();
@@ -272,6 +272,29 @@ fn lazy_reads_through_deltas_over_http() {
     replicate_once(&file_url(&d.ds), &local, &Env::new()).ok();
     assert_state_eq(&scan(&local), &d.model.map, "the replica");
     compare(&d, &serve.url, &local, &sample_keys(&d, 10));
+}
+
+/// `--snapshot-ratio` takes a positive multiple; anything else is refused
+/// before anything is published, naming the flag's value.
+#[test]
+fn snapshot_ratio_must_be_a_positive_multiple() {
+    let tmp = TempDir::new().unwrap();
+    let wal = p(tmp.path());
+    let url = file_url(tmp.path());
+    for bad in ["0", "-1", "nan", "inf", "two"] {
+        let flag = format!("--snapshot-ratio={bad}");
+        let out = run(
+            &["publish", "--wal", wal, "--to", &url, "--once", &flag],
+            &Env::new(),
+            None,
+        );
+        assert_eq!(out.code, Some(2), "{bad}: {}", out.describe());
+        assert!(
+            out.stderr.contains("invalid ratio"),
+            "{bad}: {}",
+            out.describe()
+        );
+    }
 }
 
 #[test]
