@@ -1226,8 +1226,9 @@ fn a_damaged_delta_fails_the_read_naming_it() {
 /// writes of single 100-byte puts to random keys at 1,000 batches a second
 /// (`DELTA_BENCH_LSNS`, default 7,500,000, past several rewrites of the
 /// base snapshot, written every `DELTA_BENCH_SNAPSHOT_EVERY`, default
-/// 1,200,000, LSNs, but not before twice the last one's size in batches,
-/// `DELTA_BENCH_SNAPSHOT_RATIO_PERCENT`, default 200, 0 for no floor), with
+/// 1,200,000, LSNs, or 117 MB of batches; `DELTA_BENCH_SNAPSHOT_RATIO_PERCENT`
+/// holds one back until that share of the last one's size in batches, as
+/// `--snapshot-ratio`; default 0, no floor), with
 /// a delta every `DELTA_BENCH_DELTA_EVERY` (default 6,000) LSNs; the head's
 /// tail, inline segments and page fanout are the publisher's defaults unless
 /// `DELTA_BENCH_TAIL_BYTES`, `DELTA_BENCH_INLINE_SEGMENTS` or
@@ -1254,9 +1255,9 @@ fn delta_figures_at_scale() {
     let cfg = PublisherConfig {
         snapshot_every: Some(env("DELTA_BENCH_SNAPSHOT_EVERY", 1_200_000)),
         delta_every: Some(env("DELTA_BENCH_DELTA_EVERY", 6_000)),
-        // Later snapshots wait for twice the last one's size in batches
-        // (0: no floor).
-        snapshot_ratio_percent: Some(env("DELTA_BENCH_SNAPSHOT_RATIO_PERCENT", 200) as u32)
+        // Later snapshots wait for this share of the last one's size in
+        // batches (0, the default: no floor).
+        snapshot_ratio_percent: Some(env("DELTA_BENCH_SNAPSHOT_RATIO_PERCENT", 0) as u32)
             .filter(|&r| r > 0),
         head_check_ms: 0,
         // A snapshot once the load's bytes were written (the load is then
