@@ -423,7 +423,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
 /// A positive, finite multiple (`--snapshot-ratio`).
 fn parse_ratio(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
-        Ok(r) if r.is_finite() && r >= 0.01 && r <= 1e6 => Ok(r),
+        Ok(r) if (0.01..=1e6).contains(&r) => Ok(r),
         _ => Err(format!(
             "invalid ratio {s:?}: a number from 0.01 to 1000000, such as 2 or 2.5"
         )),

@@ -114,7 +114,7 @@ pub struct ReplicaConfig {
     /// a key they endorsed through the head's rotation chain) signed, never
     /// a signed head older than one applied, and only objects whose SHA-256
     /// equals the digest the signed catalog records; anything else is an
-    /// [`ErrorKind::Untrusted`](crate::ErrorKind::Untrusted) error. A pinned
+    /// [`ErrorKind::Untrusted`] error. A pinned
     /// replica reads whole segments (no mid-segment start) and, in lazy
     /// mode, loads the snapshot whole.
     pub trust: Vec<crate::keys::PublicKey>,
