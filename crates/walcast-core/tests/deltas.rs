@@ -1872,6 +1872,51 @@ fn a_deferred_segment_whose_filter_lies_is_a_data_error() {
     assert_eq!(r.status(0).lazy.unwrap().deferred_segments, 2);
 }
 
+/// A head naming a segment past the chain, with a key filter, that claims
+/// more than a replica reads (50 GB): the lazy replica does not defer it
+/// (a read would ask for all of it), it refuses it as when catching up, an
+/// error names it, and no GET may bring more than `MAX_SEGMENT_BYTES`.
+#[test]
+fn a_filtered_segment_claiming_more_than_a_replica_reads_is_never_deferred() {
+    let (mut p, mut store, mut lsn, mut now) = loaded(cfg_filters());
+    put(&mut p, &mut store, &mut lsn, &mut now, b"aa", b"1");
+    put(&mut p, &mut store, &mut lsn, &mut now, b"bb", b"2");
+    let mut h = store.head();
+    let n = h.segments.len();
+    assert!(h.segments[n - 2].filter.is_some());
+    h.segments[n - 2].size = 50_000_000_000;
+    let big = h.segments[n - 2].key.clone();
+    let etag = store.objects[HEAD_KEY].1 + 1000;
+    store
+        .objects
+        .insert(HEAD_KEY.to_string(), (h.encode(), etag));
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    let mut c = Cold::default();
+    for _ in 0..10_000 {
+        match r.poll(0) {
+            replica::Action::Fetch(req) => {
+                assert!(
+                    req.max_bytes <= walcast_core::catalog::MAX_SEGMENT_BYTES,
+                    "{} asked with room for {} bytes",
+                    req.key,
+                    req.max_bytes
+                );
+                assert_ne!(req.key, big, "fetched the oversized segment");
+                let resp = store.serve(&req, &mut c);
+                r.handle_response(req.id, 0, resp);
+            }
+            replica::Action::Event(_) => {}
+            replica::Action::Wait { .. } => break,
+        }
+    }
+    assert_eq!(r.status(0).lazy.unwrap().deferred_segments, 0);
+    assert!(r.applied_lsn() < lsn - 1, "applied {}", r.applied_lsn());
+    let last = r.status(0).last_error.expect("an error names it");
+    assert_eq!(last.object(), Some(big.as_str()), "{last}");
+    assert!(last.to_string().contains("above the limit"), "{last}");
+}
+
 /// A newer snapshot arrives while a read's GET of a deferred segment past
 /// it is in flight: that GET stays counted, so the read does not ask for
 /// the segment a second time, and its answer is applied when it comes.

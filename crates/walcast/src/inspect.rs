@@ -233,6 +233,17 @@ pub async fn inspect(
             }
         }
         for s in &segments {
+            if s.size > walcast_core::catalog::MAX_SEGMENT_BYTES {
+                // As a replica: never read into memory.
+                failures.push(format!(
+                    "{}: claims {} bytes, above the limit of {} a replica reads",
+                    s.key,
+                    s.size,
+                    walcast_core::catalog::MAX_SEGMENT_BYTES
+                ));
+                pb.inc(1);
+                continue;
+            }
             match get(&f, &s.key, s.size).await {
                 Ok(b) => {
                     if let Err(e) = segment::decode(&b, Some(s.crc32)) {

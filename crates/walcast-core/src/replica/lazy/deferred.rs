@@ -41,7 +41,8 @@ impl Lazy {
 impl Replica {
     /// Whether the planned unit `u` may be counted as applied without a
     /// GET (see [`Lazy::deferred`]): lazy KV mode over a block-indexed base,
-    /// no records to report, a key filter from the catalog, no copy in the
+    /// no records to report, a key filter from the catalog, a size a
+    /// replica reads (`MAX_SEGMENT_BYTES`), no copy in the
     /// head, room to hold it, and no read waiting: none of its GETs out,
     /// and none answered since reads last ran. Else a head landing while a
     /// read waits (or between an answer and the read's next run) could
@@ -55,6 +56,8 @@ impl Replica {
         self.cfg.mode == crate::replica::Mode::Kv
             && !self.cfg.emit_records
             && u.entry.filter.is_some()
+            // One a read could never fetch is refused as when catching up.
+            && u.entry.size <= crate::catalog::MAX_SEGMENT_BYTES
             && l.base.is_some()
             && l.deferred.len() < MAX_DEFERRED
             && l.wanted.is_empty()
