@@ -3,7 +3,8 @@
 //! whose answer was lost), and stops with an error naming the object when
 //! it holds another writer's (an epoch used before at this prefix, by a
 //! head since deleted). It never commits a head naming bytes it did not
-//! write.
+//! write. Also: taking over a dataset whose head names what older
+//! publishers wrote.
 
 use std::collections::HashMap;
 
@@ -250,5 +251,84 @@ fn a_read_back_that_fails_is_retried_and_reported_never_taken_as_ours() {
     assert!(
         h.segments.iter().any(|s| s.key == lost) || !h.pages.is_empty(),
         "{lost} not committed"
+    );
+}
+
+/// A dataset whose head names a segment over `MAX_SEGMENT_BYTES` (as
+/// publishers before that limit could write): a new publisher reads the
+/// head, claims the dataset and goes on publishing after it.
+#[test]
+fn a_publisher_takes_over_a_dataset_naming_an_oversized_segment() {
+    let mut objects = Objects::new();
+    let mut first = Publisher::new(cfg(), 1);
+    publish(&mut first, &mut objects, 30, 1, &mut |_| false);
+    let mut h = head(&objects);
+    let big = walcast_core::catalog::MAX_SEGMENT_BYTES + 1;
+    h.segments[0].size = big;
+    h.generation += 1;
+    let etag = objects.values().map(|(_, e)| *e).max().unwrap() + 1;
+    objects.insert(HEAD_KEY.to_string(), (h.encode(), etag));
+
+    let mut second = Publisher::new(cfg(), 2);
+    let mut etag = etag;
+    for t in (0..30_000u64).step_by(10) {
+        if let Some(lsn) = second.next_lsn() {
+            if lsn <= 40 && second.has_room() {
+                let ops = vec![Op::put(format!("k{lsn}").into_bytes(), vec![2; 40])];
+                second.push(lsn, &batch::encode(&ops).unwrap(), t).unwrap();
+            }
+        }
+        loop {
+            match second.poll(t) {
+                Action::Put(req) => {
+                    let cur = objects.get(&req.key).map(|(_, e)| e.to_string());
+                    let ok = match &req.condition {
+                        PutCondition::CreateOnly => cur.is_none(),
+                        PutCondition::IfMatch(e) => cur.as_deref() == Some(e.as_str()),
+                    };
+                    let resp = if ok {
+                        etag += 1;
+                        objects.insert(req.key.clone(), (req.body.clone(), etag));
+                        PutResponse::Ok {
+                            etag: Some(etag.to_string()),
+                        }
+                    } else if req.condition == PutCondition::CreateOnly {
+                        PutResponse::AlreadyExists
+                    } else {
+                        PutResponse::PreconditionFailed
+                    };
+                    second.handle_put(req.id, t, resp);
+                }
+                Action::Get(req) => {
+                    let resp = match objects.get(&req.key) {
+                        Some((b, e)) => GetResponse::Ok {
+                            body: b.clone(),
+                            etag: Some(e.to_string()),
+                            range: None,
+                        },
+                        None => GetResponse::NotFound,
+                    };
+                    second.handle_get(req.id, t, resp);
+                }
+                Action::Delete(req) => {
+                    objects.remove(&req.key);
+                    second.handle_delete(req.id, t, Ok(()));
+                }
+                Action::Event(e) => assert!(!matches!(e, Event::Fenced(_)), "{e:?}"),
+                Action::Wait { .. } => break,
+            }
+        }
+        if second.committed_lsn() == 40 {
+            break;
+        }
+    }
+    assert!(!second.is_fenced());
+    let h = head(&objects);
+    assert_eq!((h.epoch, h.committed_lsn), (2, 40));
+    let named_big = h.segments.iter().any(|s| s.size == big) || !h.pages.is_empty();
+    assert!(
+        named_big,
+        "the old segment's entry is kept: {:?}",
+        h.segments
     );
 }
