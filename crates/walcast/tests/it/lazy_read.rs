@@ -297,6 +297,37 @@ fn snapshot_ratio_must_be_a_positive_multiple() {
     }
 }
 
+/// `inspect --verify` over a head naming a segment above the size a
+/// replica reads: reported, naming the segment, without reading it.
+#[test]
+fn inspect_reports_an_oversized_segment_without_reading_it() {
+    let tmp = TempDir::new().unwrap();
+    let wal = tmp.path().join("wal");
+    let ds = tmp.path().join("ds");
+    let url = file_url(&ds);
+    let lines = "{\"op\":\"put\",\"key\":\"a\",\"value\":\"1\"}\n";
+    run(
+        &["write", "--wal", p(&wal)],
+        &Env::new(),
+        Some(lines.as_bytes()),
+    )
+    .ok();
+    publish_once(&wal, &url, &[], &Env::new()).ok();
+    let path = ds.join(walcast_core::catalog::HEAD_KEY);
+    let mut h = walcast_core::catalog::Head::decode(&std::fs::read(&path).unwrap()).unwrap();
+    h.segments[0].size = walcast_core::catalog::MAX_SEGMENT_BYTES + 1;
+    let key = h.segments[0].key.clone();
+    std::fs::write(&path, h.encode()).unwrap();
+    let out = run(&["inspect", &url, "--verify"], &Env::new(), None);
+    assert!(matches!(out.code, Some(c) if c != 0), "{}", out.describe());
+    let text = format!("{}{}", out.stdout_str(), out.stderr);
+    assert!(
+        text.contains(&key) && text.contains("above the limit"),
+        "{}",
+        out.describe()
+    );
+}
+
 #[test]
 fn exactly_one_source() {
     let tmp = TempDir::new().unwrap();
