@@ -532,6 +532,67 @@ fn snapshot_ratio_spaces_snapshots_by_their_size() {
     assert!(!head.deltas.is_empty(), "deltas meanwhile");
 }
 
+/// A dataset that shrinks (most keys deleted after a snapshot) is not held
+/// to the old snapshot's size: the floor weighs what the next snapshot
+/// costs, so a snapshot comes after about the ratio times the state left,
+/// not times the state that was.
+#[test]
+fn snapshot_ratio_weighs_a_dataset_that_shrank_by_what_is_left() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(20),
+        snapshot_ratio_percent: Some(100),
+        delta_every: Some(100),
+        head_check_ms: 0,
+        tail_bytes: 0,
+        ..PublisherConfig::default()
+    };
+    let (mut p, mut store, mut log, mut now) = bulk_loaded(cfg);
+    let first = store.head().snapshot.expect("a snapshot after the load");
+    assert!(first.size > 2_000_000, "{:?}", (first.lsn, first.size));
+    // Delete all but 100 of the 20,000 keys, 100 a batch.
+    let mut bytes = 0u64;
+    let mut push = |ops: Vec<Op>, store: &mut Store, log: &mut Vec<Vec<Op>>, now: &mut u64| {
+        let payload = batch::encode(&ops).unwrap();
+        log.push(ops);
+        p.push(log.len() as u64, &payload, *now).unwrap();
+        *now += 1;
+        store.drive(&mut p, *now);
+        payload.len() as u64
+    };
+    for chunk in 0..199u64 {
+        let ops = (chunk * 100..(chunk + 1) * 100)
+            .map(|i| Op::delete(format!("key:{i:06}").into_bytes()))
+            .collect();
+        bytes += push(ops, &mut store, &mut log, &mut now);
+    }
+    // Then updates of what is left, until a snapshot holds only that, in
+    // fewer bytes of batches than half the first snapshot's size (where the
+    // old size as the floor held every snapshot back).
+    let mut i = 0u64;
+    while store.head().snapshot.is_some_and(|s| s.entries != 100) && bytes < first.size / 2 {
+        let op = Op::put(
+            format!("key:{:06}", 19_900 + i % 100).into_bytes(),
+            vec![7u8; 100],
+        );
+        bytes += push(vec![op], &mut store, &mut log, &mut now);
+        i += 1;
+    }
+    let h = store.head();
+    let now_snap = h.snapshot.expect("a snapshot");
+    assert_eq!(
+        now_snap.entries,
+        100,
+        "no snapshot of the 100 keys left after {bytes} bytes of batches (the first snapshot: {} bytes, the last: {:?})",
+        first.size,
+        (now_snap.lsn, now_snap.entries, now_snap.size)
+    );
+    for k in [0u64, 19_899, 19_900, 19_999] {
+        let key = format!("key:{k:06}").into_bytes();
+        let (v, at, _) = cold_read(&store, &key);
+        assert_eq!(v.as_ref(), model_at(&log, at).get(&key), "key {k} at {at}");
+    }
+}
+
 #[test]
 fn steady_writes_keep_a_short_chain_equal_to_the_origin() {
     let cfg = PublisherConfig {

@@ -96,8 +96,10 @@ enum Cmd {
         /// Never write a snapshot before this multiple of the last one's
         /// size in bytes of batches was written since it, whatever
         /// --snapshot-every and --snapshot-bytes say: snapshot uploads stay
-        /// within 1/R of the batches' bytes however large the dataset (2 to
-        /// 3 with --delta-every; see docs/BENCHMARKS.md). Unset: no floor.
+        /// within 1/R of the batches' bytes however large the dataset (1
+        /// with --delta-every; see docs/BENCHMARKS.md). The size is scaled
+        /// down by the share of its keys left when fewer remain. Unset: no
+        /// floor.
         #[arg(long, value_name = "R", value_parser = parse_ratio)]
         snapshot_ratio: Option<f64>,
         /// Between snapshots, write a delta snapshot (the keys changed since

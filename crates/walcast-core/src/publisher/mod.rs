@@ -104,9 +104,11 @@ pub struct PublisherConfig {
     /// most `1 / snapshot_ratio` times the batches' bytes in uploads,
     /// however large the dataset, and a replica bootstrapping from one
     /// replays at most about that multiple of its size after it. The first
-    /// snapshot is not held back. With deltas, 200 to 300 uploads the
-    /// least under writes spread over the keys (docs/BENCHMARKS.md). Unset:
-    /// no floor.
+    /// snapshot is not held back. When fewer keys remain than the last
+    /// snapshot held, its size is scaled down by their share (a dataset
+    /// that shrank is weighed by what is left). With deltas, 100 uploads
+    /// the least of the settings measured under writes spread over the keys
+    /// (docs/BENCHMARKS.md). Unset: no floor.
     pub snapshot_ratio_percent: Option<u32>,
     /// Keep at least this many LSNs of history in segments; older ones
     /// leave the catalog once a snapshot covers them.

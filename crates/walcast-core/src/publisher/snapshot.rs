@@ -35,10 +35,20 @@ impl Publisher {
             .snapshot_bytes
             .is_some_and(|b| self.bytes_since_snapshot >= b.max(1));
         // The floor: a multiple of the last snapshot's size in bytes of
-        // batches since it.
+        // batches since it, scaled down by the keys left when fewer remain
+        // (a dataset that shrank): the next snapshot's cost is what it
+        // weighs, and a floor set by keys since deleted would hold
+        // snapshots back for good.
         let held = match (self.cfg.snapshot_ratio_percent, &head.snapshot) {
             (Some(r), Some(s)) => {
-                u128::from(self.bytes_since_snapshot) * 100 < u128::from(r) * u128::from(s.size)
+                let size = u128::from(s.size) * u128::from(state.len().min(s.entries))
+                    / u128::from(s.entries.max(1));
+                let size = if s.entries == 0 {
+                    u128::from(s.size)
+                } else {
+                    size
+                };
+                u128::from(self.bytes_since_snapshot) * 100 < u128::from(r) * size
             }
             _ => false,
         };
