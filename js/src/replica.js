@@ -164,7 +164,7 @@ function restoreRecord(wasmOpts, rec, key) {
   }
   let w;
   try {
-    w = chunks ? WasmReplica.restoreLog(wasmOpts, snapshot, chunks) : WasmReplica.restore(wasmOpts, snapshot);
+    w = WasmReplica.restoreLog(wasmOpts, snapshot, chunks ?? []);
   } catch (e) {
     // A damaged base: nothing of the copy is usable. Say whose copy it is.
     if (e?.code !== "data") throw e;
@@ -1029,7 +1029,7 @@ export class Replica {
     if (snapshot) {
       try {
         if (failRebuild) throw new Error("walcast test: the restore fails");
-        w = WasmReplica.restore(this.#wasmOpts, snapshot);
+        w = WasmReplica.restoreLog(this.#wasmOpts, snapshot, []);
       } catch {
         w = null;
       }
@@ -1243,7 +1243,7 @@ export class Replica {
     fetchOption(rest);
     await init();
     await readyEngine();
-    const w = construct(() => WasmReplica.restore(wasmOptions(rest), toBytes(snapshot, "snapshot")));
+    const w = construct(() => WasmReplica.restoreLog(wasmOptions(rest), toBytes(snapshot, "snapshot"), []));
     return new Replica(TOKEN, url, rest, w, null, null);
   }
 

@@ -383,23 +383,6 @@ impl WasmReplica {
         Ok(Self::with(Replica::new(cfg, seed()), logging))
     }
 
-    /// A replica resuming from bytes produced by [`WasmReplica::snapshot`]
-    /// (full mode only).
-    pub fn restore(options: JsValue, snapshot: &[u8]) -> Result<WasmReplica, JsValue> {
-        install_panic_hook();
-        let cfg = parse_options(&options)?;
-        if cfg.lazy_cache_bytes.is_some() {
-            return Err(invalid(
-                "walcast: a lazy replica cannot start from a whole state; open it with load: \"full\"",
-            ));
-        }
-        let (h, state) = snapshot::decode(snapshot, None)
-            .map_err(|e| js_error(&Error::decode(e).with_object("persisted snapshot")))?;
-        let logging = cfg.emit_records;
-        let replica = Replica::restore(cfg, seed(), state, h.lsn, h.dataset_id, h.epoch);
-        Ok(Self::with(replica, logging))
-    }
-
     fn with(replica: Replica, logging: bool) -> WasmReplica {
         let lazy = replica.status(0).lazy.is_some();
         WasmReplica {
@@ -416,7 +399,8 @@ impl WasmReplica {
     }
 
     /// A replica resuming from a base snapshot (bytes of
-    /// [`WasmReplica::snapshot`]) with `chunks` of applied records replayed
+    /// [`WasmReplica::snapshot`]; `chunks` empty to resume from it alone)
+    /// with `chunks` of applied records replayed
     /// on top (each a run taken with [`take_log`](Self::take_log), in LSN
     /// order). Full mode only. A damaged base is an error; a damaged or
     /// missing record stops the replay there (see
@@ -927,7 +911,7 @@ impl WasmReplica {
     }
 
     /// The whole state at the applied LSN, in walcast's snapshot format, for
-    /// persistence (reopen with [`WasmReplica::restore`]). Full mode only: a
+    /// persistence (reopen with [`WasmReplica::restore_log`]). Full mode only: a
     /// lazy replica does not hold the whole state.
     pub fn snapshot(&self) -> Result<Uint8Array, JsValue> {
         if self.lazy {
