@@ -354,9 +354,8 @@ fn parse<T>(what: &str, bytes: &[u8], read: fn(&mut Cursor) -> R<T>) -> Result<T
         })
         .map_err(|at| {
             DecodeError::Json(format!(
-                "{what} is not a JSON object of the catalog's shape (malformed JSON, a \
-                 required member missing, or a member of the wrong type or range; at \
-                 offset {at})"
+                "{what} is not a catalog JSON object (malformed, or a member missing \
+                 or of the wrong type or range) at offset {at}"
             ))
         })
 }

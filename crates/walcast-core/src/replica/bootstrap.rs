@@ -49,9 +49,8 @@ impl Replica {
                     Err(Error::new(
                         ErrorKind::Data,
                         format!(
-                            "snapshot answer is neither the range asked for nor the whole \
-                             {size} bytes (a server that ignores Range can serve snapshots \
-                             of at most {} bytes)",
+                            "snapshot answer is neither the range asked for nor all {size} \
+                             bytes (a server ignoring Range serves at most {} bytes)",
                             super::fetch::MAX_WHOLE_SNAPSHOT_ANSWER
                         ),
                     )

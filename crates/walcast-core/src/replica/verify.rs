@@ -114,7 +114,7 @@ impl Replica {
         if self.trust.pinned() {
             return Err(Error::new(
                 ErrorKind::Untrusted,
-                "a range answer where the whole segment was asked for: only whole segments are bound to the signed head",
+                "a range answer for a whole segment (the signed head binds whole segments only)",
             )
             .with_object(e.key.clone())
             .with_lsn(u.from));

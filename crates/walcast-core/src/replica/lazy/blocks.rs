@@ -247,8 +247,7 @@ impl Replica {
                     }
                     None => Err(data_err(format!(
                         "a whole-object answer for bytes {want_start}..{want_end}: \
-                         the server ignores Range, which a read of an object larger \
-                         than the cache needs"
+                         the server ignores Range (objects over the cache need it)"
                     ))),
                     _ => Err(data_err(format!(
                         "answer for bytes {want_start}..{want_end} does not match the request"
