@@ -2455,3 +2455,100 @@ fn retired_objects_wait_their_grace_period_from_when_the_head_lands() {
         "no object retired by a head landing after the outage was deleted"
     );
 }
+
+/// Reads `key` lazily, serving every GET, until it is answered or fails.
+fn read_settled(
+    r: &mut Replica,
+    store: &Store,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>, walcast_core::Error> {
+    for _ in 0..20 {
+        match r.get_lazy(key)? {
+            Read::Ready(v) => return Ok(v),
+            Read::Pending => settle(r, store),
+        }
+    }
+    panic!("a read stayed pending");
+}
+
+/// A head whose filter for a deferred segment lies, then the store turns
+/// honest (the publisher's own head again, same segment, true filter): the
+/// replica must read through the honest entry, not keep the lying one it
+/// deferred, which serves `aa` stale and fails every read of `zz` for as
+/// long as no newer delta or snapshot covers the segment.
+#[test]
+fn a_lying_filter_does_not_outlive_the_head_that_named_it() {
+    let (mut p, mut store, mut lsn, mut now) = loaded(cfg_filters());
+    put(&mut p, &mut store, &mut lsn, &mut now, b"aa", b"1");
+    put(&mut p, &mut store, &mut lsn, &mut now, b"bb", b"2");
+    let honest = store.objects[HEAD_KEY].clone();
+    let mut h = store.head();
+    let n = h.segments.len();
+    let lie = KeyFilter::build([b"zz".as_slice()].into_iter());
+    h.segments[n - 2].filter = Some(lie);
+    let etag = honest.1 + 1000;
+    store
+        .objects
+        .insert(HEAD_KEY.to_string(), (h.encode(), etag));
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert_eq!(r.status(0).lazy.unwrap().deferred_segments, 2);
+    // The lie is found by a read that fetches the segment.
+    assert!(read_settled(&mut r, &store, b"zz").is_err());
+    // The store turns honest: the publisher's head, with the true filter.
+    store
+        .objects
+        .insert(HEAD_KEY.to_string(), (honest.0, etag + 1));
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert_eq!(r.applied_lsn(), lsn);
+    let aa = read_settled(&mut r, &store, b"aa").map_err(|e| e.to_string());
+    let zz = read_settled(&mut r, &store, b"zz").map_err(|e| e.to_string());
+    assert_eq!(
+        (aa, zz),
+        (Ok(Some(b"1".to_vec())), Ok(None)),
+        "aa (written at LSN {}) and zz (never written), read from the honest store",
+        lsn - 1
+    );
+}
+
+/// A head claiming its delta holds 50 GB (and its index and filter 40 GB):
+/// a lazy replica's GETs of it, a point read's suffix and a scan's whole
+/// delta, may bring no more than a replica reads of any object
+/// (`MAX_SEGMENT_BYTES`), as for a segment or a snapshot window that claims
+/// as much; a driver buffers up to `max_bytes` of a body.
+#[test]
+fn claimed_delta_sizes_do_not_set_what_a_lazy_replica_reads_into_memory() {
+    let mut store = small_chain_store();
+    let mut h = store.head();
+    assert!(!h.deltas.is_empty());
+    let d = h.deltas.last_mut().unwrap();
+    d.size = 50_000_000_000;
+    d.suffix_len = 40_000_000_000;
+    let big = d.key.clone();
+    let etag = store.objects[HEAD_KEY].1 + 1000;
+    store
+        .objects
+        .insert(HEAD_KEY.to_string(), (h.encode(), etag));
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    let mut asked = Vec::new();
+    let _ = r.get_lazy(b"key:001");
+    asked.extend(collect(&mut r));
+    let _ = r.scan_lazy(&mut LazyScan::new(b"", None, 10));
+    asked.extend(collect(&mut r));
+    let to_big: Vec<_> = asked
+        .iter()
+        .filter(|g| g.key == big)
+        .map(|g| (g.range, g.max_bytes))
+        .collect();
+    assert!(!to_big.is_empty());
+    assert!(
+        to_big
+            .iter()
+            .all(|(_, m)| *m <= walcast_core::catalog::MAX_SEGMENT_BYTES),
+        "GETs of {big} may bring: {to_big:?}"
+    );
+}

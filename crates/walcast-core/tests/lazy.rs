@@ -461,3 +461,136 @@ fn a_base_followed_by_a_version_1_snapshot_is_left_before_it_is_deleted() {
     let want = state_through(1, 110);
     reads_equal(&mut r, &mut store, &want);
 }
+
+/// A scan in progress when the dataset is started over at the prefix
+/// (another id, the same snapshot key, other bytes) must not keep the
+/// entries it collected from the old dataset's snapshot.
+#[test]
+fn a_scan_across_a_dataset_reset_returns_only_the_new_state() {
+    let old_state = state_through(1, 60);
+    let mut new_state = KvState::new();
+    for (k, v) in old_state.iter() {
+        // Every value differs from the old one (some old values are empty).
+        let v: Vec<u8> = v.iter().map(|b| b ^ 1).chain([1]).collect();
+        new_state.put(&k, &v);
+    }
+    let mut store = snapshot_only(DATASET, &old_state, 60);
+    let mut r = Replica::new(lazy_cfg(1 << 20), 6);
+    drain(&mut r, &mut store, 0);
+    let mut s = LazyScan::new(b"", None, 10_000);
+    // A few rounds of the scan against the old dataset: some of its
+    // entries are collected, the scan is not finished.
+    for _ in 0..3 {
+        assert!(matches!(r.scan_lazy(&mut s), Ok(Read::Pending)));
+        drain(&mut r, &mut store, 0);
+    }
+    // The dataset starts over: another id, the same object keys.
+    let mut store = snapshot_only(walcast_core::catalog::DatasetId([0x22; 16]), &new_state, 60);
+    drain(&mut r, &mut store, 10_000);
+    assert_eq!(
+        r.dataset_id(),
+        Some(walcast_core::catalog::DatasetId([0x22; 16]))
+    );
+    let got = scan(&mut r, &mut store, s);
+    let want: Vec<_> = new_state
+        .iter()
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect();
+    let stale = got
+        .iter()
+        .filter(|(k, v)| old_state.get(k) == Some(v.as_slice()))
+        .count();
+    assert_eq!(
+        stale, 0,
+        "{stale} entries of the old dataset's snapshot returned"
+    );
+    assert_eq!(got, want);
+}
+
+/// A head that misstates its snapshot's entry count (or size, or footer
+/// CRC), then the store turns honest: the same snapshot key with the true
+/// figures. Reads must then be answered from the honest entry, not fail
+/// for as long as no newer snapshot is published.
+#[test]
+fn a_base_adopted_from_a_lying_head_is_replaced_by_the_honest_entry() {
+    let mut store = dataset(80, 40, 128);
+    let honest = store.objects[HEAD_KEY].clone();
+    let mut head = Head::decode(&honest).unwrap();
+    head.snapshot.as_mut().unwrap().entries += 1;
+    store.objects.insert(HEAD_KEY.into(), head.encode());
+    let mut r = Replica::new(lazy_cfg(1 << 20), 3);
+    drain(&mut r, &mut store, 0);
+    assert_eq!(r.applied_lsn(), 80);
+    // A key only the snapshot holds: the read needs its footer, which
+    // does not count the entries the head claims.
+    let want = state_through(1, 80);
+    let key = keys(&want)
+        .into_iter()
+        .find(|k| want.get(k).is_some() && state_through(41, 80).get(k).is_none())
+        .expect("a key only the snapshot holds");
+    assert!(matches!(r.get_lazy(&key), Ok(Read::Pending)));
+    drain(&mut r, &mut store, 0);
+    assert!(r.get_lazy(&key).is_err(), "the lie is found");
+    // The store turns honest.
+    store.objects.insert(HEAD_KEY.into(), honest);
+    for t in 1..=5 {
+        drain(&mut r, &mut store, t * 10_000);
+    }
+    assert_eq!(r.applied_lsn(), 80);
+    let mut got = None;
+    for _ in 0..10 {
+        match r.get_lazy(&key) {
+            Ok(Read::Ready(v)) => {
+                got = Some(Ok(v));
+                break;
+            }
+            Ok(Read::Pending) => drain(&mut r, &mut store, 60_000),
+            Err(e) => got = Some(Err(e.to_string())),
+        }
+    }
+    assert_eq!(got, Some(Ok(want.get(&key).map(<[u8]>::to_vec))), "{key:?}");
+}
+
+/// A full replica bootstrapping from a head that misstates its snapshot's
+/// entry count, then the store turns honest (the same snapshot key and
+/// CRC-32, the true count): the load must go on with the honest entry,
+/// not retry the lying one for as long as the snapshot stays the newest.
+#[test]
+fn a_bootstrap_started_from_a_lying_head_takes_the_honest_entry() {
+    let mut store = dataset(80, 40, 128);
+    let honest = store.objects[HEAD_KEY].clone();
+    let mut head = Head::decode(&honest).unwrap();
+    head.snapshot.as_mut().unwrap().entries += 1;
+    store.objects.insert(HEAD_KEY.into(), head.encode());
+    let cfg = ReplicaConfig {
+        lazy_cache_bytes: None,
+        ..lazy_cfg(0)
+    };
+    let mut r = Replica::new(cfg, 3);
+    drain(&mut r, &mut store, 0);
+    assert_eq!(r.applied_lsn(), 0, "the lying entry is refused");
+    // The store turns honest.
+    store.objects.insert(HEAD_KEY.into(), honest);
+    let mut head_reads = 0;
+    for t in 1..=50 {
+        let now = t * 10_000;
+        for _ in 0..1000 {
+            match r.poll(now) {
+                Action::Fetch(req) => {
+                    head_reads += u32::from(req.key == HEAD_KEY);
+                    let resp = store.serve(&req);
+                    r.handle_response(req.id, now, resp);
+                }
+                Action::Event(_) => {}
+                Action::Wait { .. } => break,
+            }
+        }
+    }
+    assert!(
+        head_reads >= 5,
+        "the honest head was read {head_reads} times"
+    );
+    let last = r.status(500_000).last_error.map(|e| e.to_string());
+    assert_eq!(r.applied_lsn(), 80, "last error: {last:?}");
+    assert!(r.state().iter().eq(state_through(1, 80).iter()));
+}

@@ -192,6 +192,9 @@ impl Replica {
             .filter(|s| pinned && s.version == 4)
             .and_then(|s| head.index_digest(&s.key))
             .and_then(super::lazy::parse_digest);
+        if let Some(l) = self.lazy.as_mut() {
+            l.refresh_deferred(&head.segments);
+        }
         if self.lazy.is_some() && (!pinned || verified.is_some()) {
             if fresh {
                 self.dataset = Some(head.dataset_id);
@@ -224,11 +227,13 @@ impl Replica {
             || base_left;
         if use_snapshot {
             let entry = head.snapshot.clone().expect("checked");
-            if self.bootstrap.as_ref().is_some_and(|b| {
-                b.entry.key == entry.key
-                    && b.entry.crc32 == entry.crc32
-                    && b.dataset_id == head.dataset_id
-            }) {
+            // (The whole entry: a load started from a head that lied about
+            // the snapshot restarts from the one that tells the truth.)
+            if self
+                .bootstrap
+                .as_ref()
+                .is_some_and(|b| b.entry == entry && b.dataset_id == head.dataset_id)
+            {
                 // The same load is under way: it goes on.
                 self.head = Some(head);
                 return;

@@ -39,6 +39,7 @@ impl Lazy {
                 snap = fresh();
             }
         }
+        self.base_gen += 1;
         self.base = Some(Base {
             snap,
             chain_end: entry.lsn,
@@ -144,7 +145,8 @@ impl Replica {
             .filter(|_| deltas.first().is_some_and(|f| f.base_lsn == s.lsn))
             .map_or(s.lsn, |d| d.lsn);
         // Over the base in use, a chain that reaches further, or the same
-        // span under other keys (another epoch's), replaces the chain in use:
+        // span under other keys (another epoch's) or other entries (a head
+        // that lied about one, then the truth), replaces the chain in use:
         // the publisher may delete the deltas it no longer names.
         let newer_chain = lazy.base.as_ref().is_some_and(|b| {
             b.entry.key == s.key
@@ -152,11 +154,7 @@ impl Replica {
                     || (end == b.chain_end
                         && end > s.lsn
                         && !b.deltas.is_empty()
-                        && !b
-                            .deltas
-                            .iter()
-                            .map(|d| &d.entry.key)
-                            .eq(deltas.iter().map(|d| &d.key))))
+                        && !b.deltas.iter().map(|d| &d.entry).eq(deltas)))
         });
         if s.lsn > applied || (newer_chain && end > applied) {
             // The state jumps to the end of the snapshot's delta chain: only
@@ -177,6 +175,16 @@ impl Replica {
             true
         } else if newer_chain {
             lazy.replace_deltas(deltas, end);
+            false
+        } else if let Some(old) = lazy.base.take_if(|b| b.entry.key == s.key && b.entry != *s) {
+            // The base's entry as this head states it (one that lied about
+            // the snapshot, then the truth): its blocks are read again, its
+            // chain stays.
+            lazy.set_base(s.clone(), index_digest);
+            if let Some(b) = lazy.base.as_mut() {
+                b.chain_end = old.chain_end;
+                b.deltas = old.deltas;
+            }
             false
         } else {
             // A base may replace a full state only if the overlay holds

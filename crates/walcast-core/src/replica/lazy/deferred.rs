@@ -32,6 +32,25 @@ impl Lazy {
         Ok(any)
     }
 
+    /// Takes the entries `segments` (a newer head's) gives the deferred
+    /// segments, where they differ: a head that lied about a segment (its
+    /// filter, size or checksum), then the truth, must not leave the lie
+    /// deciding what reads fetch and how they verify it.
+    pub(in crate::replica) fn refresh_deferred(
+        &mut self,
+        segments: &[crate::catalog::SegmentEntry],
+    ) {
+        for u in &mut self.deferred {
+            if let Some(e) = segments
+                .iter()
+                .find(|e| e.key == u.entry.key && **e != u.entry)
+            {
+                u.entry = e.clone();
+                u.start = e.start_for(0);
+            }
+        }
+    }
+
     /// Whether `key` names a deferred segment.
     pub(super) fn is_deferred(&self, key: &str) -> bool {
         self.deferred.iter().any(|u| u.entry.key == key)

@@ -60,8 +60,9 @@ pub struct LazyScan {
     start: Vec<u8>,
     end: Option<Vec<u8>>,
     limit: usize,
-    /// The snapshot being scanned, and what it returned so far.
-    base_key: Option<String>,
+    /// The base being scanned (its [`Lazy::base_gen`]), and what it
+    /// returned so far.
+    base_gen: Option<u64>,
     cursor: Option<ScanCursor>,
     collected: Vec<(Vec<u8>, Vec<u8>)>,
 }
@@ -74,7 +75,7 @@ impl LazyScan {
             start: start.to_vec(),
             end: end.map(<[u8]>::to_vec),
             limit,
-            base_key: None,
+            base_gen: None,
             cursor: None,
             collected: Vec::new(),
         }
@@ -218,6 +219,10 @@ pub(super) struct Lazy {
     pub(super) read_due: bool,
     /// The last read run was [`Read::Pending`] (it waits for GETs).
     pub(super) read_pending: bool,
+    /// Bumped whenever the base is set, so a paused scan starts its
+    /// snapshot part over on another base, even one under the same key
+    /// (a dataset started over at the prefix, or the entry corrected).
+    pub(super) base_gen: u64,
 }
 
 /// A scan's exclusive end as a range bound.
@@ -285,6 +290,8 @@ impl Lazy {
             Some(ByteRange::Suffix(n)) if size > self.cache_bytes => (*n).min(size),
             _ => size,
         }
+        // A head's claimed size never sets more than a replica reads.
+        .min(crate::catalog::MAX_SEGMENT_BYTES)
     }
 
     /// Forgets everything (a new dataset, or a base above the applied LSN).

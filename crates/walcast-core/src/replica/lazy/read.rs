@@ -242,9 +242,9 @@ impl Replica {
             return Ok(Read::Pending);
         }
         // The snapshot's part starts over when the base changed.
-        let base_key = lazy.base.as_ref().map(|b| b.entry.key.clone());
-        if scan.base_key != base_key || (scan.cursor.is_none() && base_key.is_some()) {
-            scan.base_key = base_key;
+        let base_gen = lazy.base.as_ref().map(|_| lazy.base_gen);
+        if scan.base_gen != base_gen || (scan.cursor.is_none() && base_gen.is_some()) {
+            scan.base_gen = base_gen;
             scan.collected.clear();
             scan.cursor = lazy
                 .base
