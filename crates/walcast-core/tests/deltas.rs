@@ -1295,7 +1295,9 @@ fn a_damaged_delta_fails_the_read_naming_it() {
 /// `DELTA_BENCH_TAIL_BYTES`, `DELTA_BENCH_INLINE_SEGMENTS` or
 /// `DELTA_BENCH_PAGE_FANOUT` say otherwise; `DELTA_BENCH_SNAPSHOT_BYTES` and
 /// `DELTA_BENCH_DELTA_BYTES` add the byte triggers (unset: none);
-/// `DELTA_BENCH_SAMPLE_EVERY` (default 500,000) LSNs a cold read is sampled.
+/// `DELTA_BENCH_SAMPLE_EVERY` (default 500,000) LSNs a cold read is sampled;
+/// `DELTA_BENCH_COMMIT_RATE` sets the commit budget (commits a second, the
+/// publisher's default unless set).
 /// Prints the
 /// publisher's uploaded bytes by kind against the WAL bytes of the steady
 /// writes, and the worst cold point read (round trips, GETs, bytes) of new
@@ -1335,6 +1337,10 @@ fn delta_figures_at_scale() {
             defaults.inline_segments as u64,
         ) as usize,
         page_fanout: env("DELTA_BENCH_PAGE_FANOUT", defaults.page_fanout as u64) as usize,
+        max_commits_per_sec: env(
+            "DELTA_BENCH_COMMIT_RATE",
+            u64::from(defaults.max_commits_per_sec),
+        ) as u32,
         ..defaults
     };
     let mut p = Publisher::new(cfg, 11);
