@@ -295,6 +295,18 @@ async fn check_wal_holds_head(
         return Ok(());
     };
     let start = seg.start_for(committed);
+    // The range is the head's word: read no more than a replica would.
+    let len = seg.records_end.saturating_sub(start.offset);
+    if len > walcast_core::catalog::MAX_SEGMENT_BYTES {
+        bail!(
+            "the dataset's head says LSN {committed} lies {len} bytes into {} (from its index \
+             entry at byte {}), more than a segment read ({} bytes) may hold: the WAL cannot be \
+             checked against it, so nothing is published; check the head",
+            seg.key,
+            start.offset,
+            walcast_core::catalog::MAX_SEGMENT_BYTES
+        );
+    }
     let req = GetRequest {
         id: RequestId(0),
         key: seg.key.clone(),
@@ -305,7 +317,7 @@ async fn check_wal_holds_head(
         if_none_match: None,
         wait_ms: None,
         timeout_ms: 30_000,
-        max_bytes: seg.records_end.saturating_sub(start.offset),
+        max_bytes: len,
     };
     let mut attempt = 0;
     let body = loop {

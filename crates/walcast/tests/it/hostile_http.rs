@@ -718,3 +718,62 @@ async fn http_slow_drip_is_bounded_by_the_request_timeout() {
     );
     drop(listener);
 }
+
+/// A head in the publisher's own bucket whose last segment claims 1.5 GiB
+/// (the catalog allows any size): on claiming, the publisher checks its WAL
+/// against the head's last record, which it reads from that segment. The
+/// read is bounded as a replica's (`MAX_SEGMENT_BYTES`): the publisher
+/// stops with an error naming the segment instead of buffering the claimed
+/// range (here a sparse file; over HTTP an endless body).
+#[test]
+fn the_publishers_wal_check_reads_no_more_of_a_segment_than_a_replica() {
+    use walcast_core::catalog::Head;
+    let tmp = tempfile::tempdir().unwrap();
+    let wal = tmp.path().join("wal");
+    let ds = tmp.path().join("ds");
+    let mut rng = support::Rng::new(11);
+    let batches = support::gen_batches(&mut rng, 5, support::GenOpts::default());
+    support::write(&wal, &batches);
+    let url = support::file_url(&ds);
+    support::publish_once(&wal, &url, &[], &Env::new()).ok();
+
+    // The hostile head: the last segment is 1.5 GiB, records end at its end.
+    let head_path = ds.join(HEAD_KEY);
+    let mut head = Head::decode(&std::fs::read(&head_path).unwrap()).unwrap();
+    head.tail.clear();
+    let huge: u64 = 3 << 29;
+    let seg = head.segments.last_mut().unwrap();
+    seg.size = huge;
+    seg.records_end = huge - 1;
+    let seg_key = seg.key.clone();
+    let seg_path = seg.key.split('/').fold(ds.clone(), |p, part| p.join(part));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg_path)
+        .unwrap()
+        .set_len(huge)
+        .unwrap();
+    std::fs::write(&head_path, head.encode()).unwrap();
+
+    let w = run_watched(
+        "publish",
+        &[
+            "publish",
+            "--wal",
+            wal.to_str().unwrap(),
+            "--to",
+            &url,
+            "--once",
+        ],
+        &Env::new(),
+        512,
+        Duration::from_secs(60),
+    );
+    assert!(w.hwm_kib < 512 << 10, "peak RSS {} MiB", w.hwm_kib >> 10);
+    assert_ne!(w.code, Some(0), "{}", w.logs);
+    assert!(
+        w.logs.contains(&seg_key) && w.logs.contains("nothing is published"),
+        "{}",
+        w.logs
+    );
+}
