@@ -140,7 +140,11 @@ export interface CommonOpenOptions {
    * hold a read across requests).
    */
   longPoll?: boolean;
-  /** Extra request headers for every GET (e.g. `{ authorization: "Bearer <token>" }` for `walcast serve --verify-key`). */
+  /**
+   * Extra request headers for every GET (e.g. `{ authorization: "Bearer <token>" }` for `walcast serve --verify-key`).
+   * With headers set, a redirect is followed only within the dataset's origin (at most 5 in a row; not at all where
+   * the runtime hides the target, as browsers do), so they never reach another origin.
+   */
   headers?: Record<string, string>;
   /**
    * The fetch every GET goes through, instead of the runtime's global

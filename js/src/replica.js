@@ -853,7 +853,8 @@ async function fetchOnce(io, req, ac) {
   let status = 0;
   try {
     const h = {};
-    for (const [k, v] of io.headers) h[k] = v;
+    let own = 0; // headers of the caller's (credentials, perhaps)
+    for (const [k, v] of io.headers) (h[k] = v), own++;
     if (req.range) h.range = req.range;
     if (req.ifNoneMatch) h["if-none-match"] = req.ifNoneMatch;
     // A long-poll: the wait hint as RFC 7240 asks and in the query (for caches to key on).
@@ -861,10 +862,25 @@ async function fetchOnce(io, req, ac) {
     const init = { headers: h, signal: ac.signal };
     // Our own If-None-Match must reach the server; no HTTP cache may answer for us.
     if (cacheFieldSupported()) init.cache = "no-store";
+    // With the caller's headers (an API key, a CDN's secret), redirects are
+    // followed by hand and only within the origin, as the native replica
+    // does: a hostile or misconfigured Location must not receive them.
+    if (own) init.redirect = "manual";
     // The global fetch is looked up on every request, so a caller may wrap or replace it.
     let url = `${io.base}/${req.key}${io.query}`;
     if (req.wait != null) url += `${io.query ? "&" : "?"}wait=${req.wait}`;
-    const res = await (io.fetch ? io.fetch(url, init) : globalThis.fetch(url, init));
+    let res = await (io.fetch ? io.fetch(url, init) : globalThis.fetch(url, init));
+    for (let hops = 0; own && (res.type === "opaqueredirect" || (res.status >= 300 && res.status < 400 && res.status !== 304)); hops++) {
+      if (res.body) res.body.cancel().catch(() => {});
+      const location = res.headers.get("location");
+      const next = location == null ? null : new URL(location, url);
+      if (!next || next.origin !== new URL(url).origin || hops === 5) {
+        const why = !next ? "a redirect whose target the runtime does not show" : hops === 5 ? "more than 5 redirects" : `a redirect to another origin (${next.origin})`;
+        return { status: 0, message: `${why}, not followed: the replica's headers would go with it` };
+      }
+      url = next.href;
+      res = await (io.fetch ? io.fetch(url, init) : globalThis.fetch(url, init));
+    }
     status = res.status;
     // Whether the server holds long-polls (each head answer says afresh).
     const longPoll = res.headers.get("walcast-long-poll");
