@@ -889,7 +889,10 @@ async function fetchOnce(io, req, ac) {
       return { status, longPoll };
     }
     const body = await readBounded(res, req.maxBytes + 1);
-    return { status, body, etag: res.headers.get("etag"), contentRange: res.headers.get("content-range"), longPoll };
+    const contentRange = res.headers.get("content-range");
+    // (The module refuses a 206 whose Content-Range it cannot parse; this says why.)
+    const message = status === 206 ? `a 206 answer without a valid Content-Range (${contentRange ?? "none"})` : undefined;
+    return { status, body, etag: res.headers.get("etag"), contentRange, longPoll, message };
   } catch (e) {
     const message = ac.signal.aborted ? `no answer within ${req.timeoutMs} ms` : errorText(e);
     return { status, message: status ? `reading the body: ${message}` : message };

@@ -9,8 +9,8 @@
 #   6. tests/js/idb.test.mjs: the IndexedDB store's layout on fake-indexeddb, and a
 #      replica over tampered copies and over a custom store with append
 #   7. tests/js/longpoll.test.mjs: long-poll against walcast serve and through
-#      faulty proxies (about 20 s); tests/js/redirect.test.mjs: redirects with
-#      the caller's headers
+#      faulty proxies (about 20 s); tests/js/answers.test.mjs: redirects with
+#      the caller's headers, a 206 without Content-Range
 # Every step runs even when an earlier test step failed; exits non-zero on any failure.
 # Usage: bash tests/js/run.sh [--skip-build]
 set -uo pipefail
@@ -79,8 +79,8 @@ step node node --test --test-force-exit --test-reporter=spec tests/js/node.test.
 step idb node --test --test-reporter=spec tests/js/idb.test.mjs
 # Long-poll against walcast serve and through faulty proxies (early, silent, caching).
 step longpoll node --test --test-force-exit --test-reporter=spec tests/js/longpoll.test.mjs
-# Redirects with the caller's headers: within the origin only.
-step redirect node --test --test-force-exit --test-reporter=spec tests/js/redirect.test.mjs
+# Answers the driver must not take at their word (redirects with headers, a 206 without Content-Range).
+step answers node --test --test-force-exit --test-reporter=spec tests/js/answers.test.mjs
 step deno bash -c 'cd tests/js && NO_COLOR=1 exec node_modules/.bin/deno test --quiet --allow-read --allow-net --allow-env --allow-run deno.test.mjs'
 # Bun (npm's @oven/bun-linux-x64, scripts/runtime-deps.sh): resolves "walcast"
 # through tests/js/node_modules like Node; run-cases.mjs needs no test framework.

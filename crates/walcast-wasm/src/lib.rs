@@ -333,17 +333,17 @@ fn classify(
             },
         },
     };
+    let range = content_range.as_deref().and_then(ContentRange::parse);
     match status {
         0 => failed(None),
+        // A partial answer that does not say which part it is: a failure,
+        // as the native drivers take it.
+        206 if range.is_none() => failed(Some(206)),
         200 | 206 => match body {
             Some(body) => GetResponse::Ok {
                 body,
                 etag,
-                range: if status == 206 {
-                    content_range.as_deref().and_then(ContentRange::parse)
-                } else {
-                    None
-                },
+                range: range.filter(|_| status == 206),
             },
             // The body could not be read (connection lost mid-way).
             None => failed(Some(status)),

@@ -1,7 +1,11 @@
-// Redirects and the caller's headers: `node --test tests/js/redirect.test.mjs`.
-// With `headers` set (an API key, a CDN's access secret), the replica follows
-// a redirect only within the dataset's origin, as the native replica does: a
-// hostile or misconfigured server's Location never receives them.
+// Servers' answers the JS driver must not take at their word:
+// `node --test tests/js/answers.test.mjs`.
+// - With `headers` set (an API key, a CDN's access secret), the replica
+//   follows a redirect only within the dataset's origin, as the native
+//   replica does: a hostile or misconfigured server's Location never
+//   receives them.
+// - A 206 that does not say which part it is fails as the native drivers
+//   fail it.
 import assert from "node:assert/strict";
 import http from "node:http";
 import { test } from "node:test";
@@ -75,6 +79,21 @@ test("a redirect loop within the origin ends with an error", async () => {
     assert.ok(err, "the sync reports an error");
     assert.match(String(err.message), /more than 5 redirects/, `${err.message}`);
     assert.ok(hits < 100, `${hits} requests`);
+  } finally {
+    origin.close();
+  }
+});
+
+test("a 206 without a Content-Range is a failure naming the header, not a whole object", async () => {
+  // A head the replica would accept as a whole answer (an empty dataset's).
+  const origin = await listen((req, res) => res.writeHead(206, { "content-type": "application/json" }).end("{}"));
+  try {
+    const r = await Replica.open(`http://127.0.0.1:${origin.address().port}/app`);
+    const err = await syncOnce(r);
+    await r.close().catch(() => {});
+    assert.ok(err, "the sync reports an error");
+    assert.equal(err.code, "unavailable", `${err.code}: ${err.message}`);
+    assert.match(String(err.message), /206 answer without a valid Content-Range/, `${err.message}`);
   } finally {
     origin.close();
   }
