@@ -41,12 +41,9 @@ impl Publisher {
         // snapshots back for good.
         let held = match (self.cfg.snapshot_ratio_percent, &head.snapshot) {
             (Some(r), Some(s)) => {
-                let size = u128::from(s.size) * u128::from(state.len().min(s.entries))
-                    / u128::from(s.entries.max(1));
-                let size = if s.entries == 0 {
-                    u128::from(s.size)
-                } else {
-                    size
+                let size = match s.entries {
+                    0 => u128::from(s.size),
+                    n => u128::from(s.size) * u128::from(state.len().min(n)) / u128::from(n),
                 };
                 u128::from(self.bytes_since_snapshot) * 100 < u128::from(r) * size
             }
