@@ -97,6 +97,17 @@ impl Lazy {
         Ok(true)
     }
 
+    /// Records the failure of the GET of `need` from `object` for the next
+    /// read that needs it: the newest per block, the oldest dropped past
+    /// [`MAX_FAILED`].
+    pub(super) fn fail(&mut self, object: String, need: Need, err: Error) {
+        self.take_failure(&object, &need);
+        if self.failed.len() >= MAX_FAILED {
+            self.failed.remove(0);
+        }
+        self.failed.push((object, need, err));
+    }
+
     /// The failure of the GET of `need` from `object`, reported once.
     pub(super) fn take_failure(&mut self, object: &str, need: &Need) -> Option<Error> {
         let i = self
@@ -271,7 +282,7 @@ impl Replica {
                 })
             }
             GetResponse::NotFound => {
-                lazy.failed.push((
+                lazy.fail(
                     key.clone(),
                     job.need,
                     Error::new(
@@ -279,7 +290,7 @@ impl Replica {
                         "snapshot named by the catalog is missing",
                     )
                     .with_object(key.clone()),
-                ));
+                );
                 self.missing(now, &key);
                 return;
             }
@@ -296,7 +307,7 @@ impl Replica {
                 self.success(&key);
             }
             Err(e) => {
-                lazy.failed.push((key.clone(), job.need, e.clone()));
+                lazy.fail(key.clone(), job.need, e.clone());
                 self.distrust_head(now, &e);
                 self.read_failure(&key, e);
             }

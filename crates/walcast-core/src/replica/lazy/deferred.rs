@@ -159,7 +159,7 @@ impl Replica {
                 self.success(&key);
             }
             Err(e) => {
-                lazy.failed.push((key.clone(), job.need, e.clone()));
+                lazy.fail(key.clone(), job.need, e.clone());
                 if e.kind() == ErrorKind::NotFound {
                     self.missing(now, &key);
                 } else {

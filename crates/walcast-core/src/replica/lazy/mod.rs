@@ -37,6 +37,11 @@ const OVERLAY_ENTRY_OVERHEAD: u64 = 64;
 /// hold its key (see `Lazy::delta_get`).
 const SPECULATIVE_BLOCKS: usize = 2;
 
+/// Most block failures a lazy replica keeps for reads to report: a store
+/// that fails GETs no read takes the failure of (speculative ones) must not
+/// grow the list for as long as the base stays.
+pub(super) const MAX_FAILED: usize = 64;
+
 /// Most segments a lazy replica holds unread at once (see
 /// [`Lazy::deferred`]); past that, segments are fetched as they come.
 pub(super) const MAX_DEFERRED: usize = 128;
@@ -199,7 +204,8 @@ pub(super) struct Lazy {
     /// Blocks requested and not yet answered.
     pub(super) inflight: Vec<BlockJob>,
     /// Failures of block GETs, each reported once to the next read that
-    /// needs that block (reads of other blocks are not affected).
+    /// needs that block (reads of other blocks are not affected): the
+    /// newest per block, at most [`MAX_FAILED`] (see [`Lazy::fail`]).
     pub(super) failed: Vec<(String, Need, Error)>,
     /// The LSN of the full state beneath the overlay when there is no
     /// block-indexed base (a version 1 bootstrap or a restored state): a base
@@ -392,6 +398,29 @@ mod tests {
             suffix_len: 200,
             footer_crc32: None,
         }
+    }
+
+    /// Failures no read takes keep one entry per block, and at most
+    /// `MAX_FAILED` in all, however often GETs fail.
+    #[test]
+    fn block_failures_are_kept_one_per_block_and_bounded() {
+        let mut lazy = Lazy::new(1 << 20);
+        let err = || Error::new(ErrorKind::Unavailable, "HTTP 503");
+        let need = |start: u64| Need::Range {
+            start,
+            end: start + 10,
+        };
+        for _ in 0..1_000 {
+            lazy.fail("snapshots/a".into(), need(0), err());
+        }
+        assert_eq!(lazy.failed.len(), 1);
+        for i in 0..1_000 {
+            lazy.fail("snapshots/a".into(), need(i * 10), err());
+        }
+        assert_eq!(lazy.failed.len(), MAX_FAILED);
+        // The newest are kept: the next read of the last block gets its error.
+        assert!(lazy.take_failure("snapshots/a", &need(9_990)).is_some());
+        assert!(lazy.take_failure("snapshots/a", &need(0)).is_none());
     }
 
     /// The snapshot's blocks have the whole cache while the base has no
