@@ -943,3 +943,224 @@ fn a_pinned_lazy_replica_leaves_a_retired_snapshot_for_one_with_deltas() {
         assert_eq!(got, Some(vec![lsn as u8; 300]), "{lsn}");
     }
 }
+
+// ---------------------------------------------------------------------
+// A hostile store that does not hold the trusted private key.
+// ---------------------------------------------------------------------
+
+/// Forces the CRC-32 of `msg` to `want` by choosing the 4 bytes at `at`
+/// (CRC-32 is affine over GF(2): solve for the 32 bits).
+fn force_crc32(msg: &mut [u8], at: usize, want: u32) {
+    msg[at..at + 4].copy_from_slice(&[0; 4]);
+    let base = crc32fast::hash(msg);
+    // Basis rows: (effect on the CRC, which bits of the 4 bytes give it).
+    let mut rows: Vec<(u32, u32)> = Vec::new();
+    for bit in 0..32u32 {
+        let mut m = msg.to_vec();
+        m[at + (bit / 8) as usize] ^= 1 << (bit % 8);
+        let mut v = (crc32fast::hash(&m) ^ base, 1u32 << bit);
+        for r in &rows {
+            if v.0 & (1 << (31 - r.0.leading_zeros())) != 0 {
+                v.0 ^= r.0;
+                v.1 ^= r.1;
+            }
+        }
+        if v.0 != 0 {
+            // Keep the basis reduced: clear the new pivot from the others.
+            let p = 1 << (31 - v.0.leading_zeros());
+            for r in rows.iter_mut() {
+                if r.0 & p != 0 {
+                    r.0 ^= v.0;
+                    r.1 ^= v.1;
+                }
+            }
+            rows.push(v);
+        }
+    }
+    let mut t = want ^ base;
+    let mut x = 0u32;
+    for r in &rows {
+        if t & (1 << (31 - r.0.leading_zeros())) != 0 {
+            t ^= r.0;
+            x ^= r.1;
+        }
+    }
+    assert_eq!(t, 0, "CRC forcing failed");
+    for bit in 0..32 {
+        if x & (1 << bit) != 0 {
+            msg[at + (bit / 8) as usize] ^= 1 << (bit % 8);
+        }
+    }
+    assert_eq!(crc32fast::hash(msg), want);
+}
+
+/// The store, its snapshot's entry, a pinned lazy replica's config, and
+/// the snapshot's entries.
+type V4Dataset = (
+    Store,
+    walcast_core::catalog::SnapshotEntry,
+    ReplicaConfig,
+    Vec<(Vec<u8>, Vec<u8>)>,
+);
+
+/// A published, signed dataset whose head names a version 4 snapshot
+/// without carrying its suffix, and a pinned lazy replica synced to it.
+fn v4_dataset_without_suffix() -> V4Dataset {
+    use walcast_core::publisher::SnapshotFormat;
+    use walcast_core::snapshot::indexed::IndexedOptions;
+    let mut store = Store::new();
+    let c = PublisherConfig {
+        snapshot_format: SnapshotFormat::Verified(IndexedOptions {
+            block_bytes: 128,
+            index_block_bytes: 256,
+        }),
+        delta_every: None,
+        // A large top index is not carried in the head either.
+        snapshot_suffix_bytes: 0,
+        ..cfg(Some(key(1)), None)
+    };
+    let unique = |lsn: u64| {
+        vec![Op::put(
+            format!("u{lsn:05}").into_bytes(),
+            vec![lsn as u8; 300],
+        )]
+    };
+    publish_ops(&mut store, c, 400, 1_000, &unique);
+    let snap = head_of(&store).snapshot.expect("a snapshot");
+    assert_eq!(snap.version, 4);
+    assert!(snap.suffix.is_none());
+    let want = (1..=snap.lsn)
+        .flat_map(unique)
+        .map(|op| match op {
+            Op::Put { key, value } => (key, value),
+            Op::Delete { .. } => unreachable!(),
+        })
+        .collect();
+    let rcfg = ReplicaConfig {
+        poll_interval_ms: 50,
+        retry_base_ms: 10,
+        retry_max_ms: 100,
+        trust: vec![key(1).public()],
+        long_poll_wait_ms: 0,
+        lazy_cache_bytes: Some(1 << 20),
+        ..ReplicaConfig::default()
+    };
+    (store, snap, rcfg, want)
+}
+
+/// Drains `poll` at `now`, answering with `answer` (which may lie).
+fn drain_answering(r: &mut Replica, now: u64, answer: &mut dyn FnMut(&GetRequest) -> GetResponse) {
+    for _ in 0..100_000 {
+        match r.poll(now) {
+            Action::Fetch(req) => {
+                let resp = answer(&req);
+                r.handle_response(req.id, now, resp);
+            }
+            Action::Event(_) => {}
+            Action::Wait { .. } => return,
+        }
+    }
+    panic!("poll did not settle");
+}
+
+/// One hostile answer to a pinned lazy replica's first suffix GET of its
+/// version 4 snapshot: the real last 64 KiB, with the footer changed to
+/// name a top index that starts before those bytes (its CRC-32 forced to
+/// the `footer_crc32` the signed head records). Nothing binds that footer
+/// to the index digest until its top index arrives, which can then never
+/// verify: the footer must be dropped with it, so that once the store is
+/// honest again reads fetch the true footer and are answered (not fail
+/// until the publisher writes another snapshot).
+#[test]
+fn a_forged_footer_does_not_outlive_the_answer_that_brought_it() {
+    use walcast_core::replica::Read;
+    let (store, snap, rcfg, want) = v4_dataset_without_suffix();
+    let file = store[&snap.key].0.clone();
+    let size = file.len() as u64;
+    let n: usize = 64 << 10;
+    assert!(
+        size > n as u64 + 4096,
+        "the test needs a snapshot over 64 KiB"
+    );
+    let mut forged = file[file.len() - n..].to_vec();
+    let f = forged.len() - 80;
+    let body_end = size - 80;
+    let top_len = n as u32 + 1000;
+    let top_off = body_end - u64::from(top_len);
+    forged[f..f + 8].copy_from_slice(&top_off.to_le_bytes()); // index_offset
+    forged[f + 8..f + 16].copy_from_slice(&top_off.to_le_bytes()); // top.offset
+    forged[f + 16..f + 20].copy_from_slice(&top_len.to_le_bytes()); // top.len
+    let crc = snap
+        .footer_crc32
+        .expect("the head binds the footer's CRC-32");
+    // data_blocks (bytes 64..68) absorb the change.
+    force_crc32(&mut forged[f..f + 72], 64, crc);
+    assert_eq!(
+        u32::from_le_bytes(forged[f + 72..f + 76].try_into().unwrap()),
+        crc
+    );
+
+    let mut r = Replica::new(rcfg, 7);
+    let mut now = 0;
+    while r.applied_lsn() < 400 && now < 5_000 {
+        drain_answering(&mut r, now, &mut |g| serve(&store, g));
+        now += 50;
+    }
+    assert_eq!(r.applied_lsn(), 400);
+
+    // The hostile store answers the suffix GET once.
+    let mut lied = false;
+    let (k, v) = want[want.len() / 2].clone();
+    for _ in 0..20 {
+        let mut hostile = |g: &GetRequest| {
+            if g.key == snap.key && matches!(g.range, Some(ByteRange::Suffix(_))) && !lied {
+                lied = true;
+                return GetResponse::Ok {
+                    body: forged.clone(),
+                    etag: None,
+                    range: Some(ContentRange {
+                        start: size - n as u64,
+                        end: size,
+                        total: Some(size),
+                    }),
+                };
+            }
+            serve(&store, g)
+        };
+        match r.get_lazy(&k) {
+            Ok(Read::Pending) => drain_answering(&mut r, now, &mut hostile),
+            Ok(Read::Ready(got)) => {
+                assert_eq!(got.as_deref(), Some(v.as_slice()), "a wrong answer");
+                break;
+            }
+            Err(e) => {
+                eprintln!("while the store lies: {e}");
+                break;
+            }
+        }
+    }
+    assert!(lied, "the suffix GET was answered by the hostile store");
+
+    // From now on the store is honest (and the head unchanged). Ten
+    // minutes of reads, head polls and retries.
+    let mut last_err = None;
+    let mut answered = false;
+    for _ in 0..6_000 {
+        now += 100;
+        drain_answering(&mut r, now, &mut |g| serve(&store, g));
+        match r.get_lazy(&k) {
+            Ok(Read::Ready(got)) => {
+                assert_eq!(got.as_deref(), Some(v.as_slice()));
+                answered = true;
+                break;
+            }
+            Ok(Read::Pending) => {}
+            Err(e) => last_err = Some(e),
+        }
+    }
+    assert!(
+        answered,
+        "a pinned lazy replica stays wedged after one hostile answer, the store honest \
+         for 10 minutes: {last_err:?}"
+    );
+}

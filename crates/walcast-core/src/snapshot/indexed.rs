@@ -726,11 +726,28 @@ impl LazySnapshot {
         } else {
             "snapshot index block"
         };
-        let block = Block::decode(bytes, handle, what)?;
-        match self.footer {
-            Some(f) if !data && handle.offset == f.top.offset => self.verify_top(bytes, &f)?,
-            _ => verify_digest(bytes, digest, what, handle.offset)?,
-        }
+        let top = self
+            .footer
+            .filter(|f| !data && handle.offset == f.top.offset);
+        let checked = Block::decode(bytes, handle, what).and_then(|block| {
+            match &top {
+                Some(f) => self.verify_top(bytes, f)?,
+                None => verify_digest(bytes, digest, what, handle.offset)?,
+            }
+            Ok(block)
+        });
+        let block = match checked {
+            Ok(b) => b,
+            Err(e) => {
+                if top.is_some() {
+                    // A top index that fails the footer: the footer itself
+                    // may be the lie (a forged one can match the catalog's
+                    // CRC-32), so the next read fetches it again.
+                    self.footer = None;
+                }
+                return Err(e);
+            }
+        };
         self.fetched_blocks += 1;
         if self.footer.is_some_and(|f| handle.offset == f.top.offset) {
             self.index.insert(handle.offset, block);
