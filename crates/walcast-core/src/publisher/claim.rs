@@ -75,6 +75,18 @@ impl Publisher {
                     return;
                 };
                 let mut p = h.clone();
+                // Only this epoch retires keys of this epoch or later, and
+                // only what a head can have retired is deleted: a hostile
+                // or broken writer's list must not delete what this
+                // publisher names or is about to write.
+                let kept = std::mem::take(&mut p.retired);
+                p.retired = kept
+                    .into_iter()
+                    .filter(|r| {
+                        super::retention::key_epoch(&r.key).is_some_and(|e| e < epoch)
+                            && super::retention::retirable(&h, &r.key)
+                    })
+                    .collect();
                 p.epoch = epoch;
                 p.generation = generation;
                 p.committed_at_ms = now;

@@ -181,6 +181,12 @@ impl Publisher {
         }
         // Forget retirees already deleted.
         h.retired.retain(|r| !self.deleted.contains(&r.key));
+        // Anything a head cannot have retired leaves the list undeleted.
+        let kept = std::mem::take(&mut h.retired);
+        h.retired = kept
+            .into_iter()
+            .filter(|r| super::retention::retirable(&h, &r.key))
+            .collect();
         // Snapshots and deltas retire what they replace however long the
         // list is (deletions that keep failing, a long grace period): past
         // `MAX_RETIRED` the oldest entries leave it, and stay in the store

@@ -75,20 +75,26 @@ impl Publisher {
             for p in &h.pages[below..] {
                 *counts.entry(p.level).or_default() += 1;
             }
-            let Some((&level, _)) = counts
+            let mut levels: Vec<u32> = counts
                 .iter()
                 // Pages above the format's deepest level would be refused:
                 // references at that level stay in the head instead.
                 .filter(|(l, c)| **c > fan && **l < catalog::MAX_PAGE_LEVEL)
-                .min_by_key(|(l, _)| **l)
-            else {
+                .map(|(l, _)| *l)
+                .collect();
+            levels.sort_unstable();
+            // The first `fan` adjacent references of one level: a head
+            // whose levels interleave (another writer's) pages only runs of
+            // one level, as a page holds references of one level only.
+            let run = levels.into_iter().find_map(|level| {
+                h.pages[below..]
+                    .windows(fan.max(1))
+                    .position(|w| w.iter().all(|p| p.level == level))
+                    .map(|i| (level, below + i))
+            });
+            let Some((level, start)) = run else {
                 break;
             };
-            let start = below
-                + h.pages[below..]
-                    .iter()
-                    .position(|p| p.level == level)
-                    .expect("counted");
             let moved: Vec<PageRef> = h.pages.drain(start..start + fan).collect();
             let mut page = Page {
                 format: catalog::FORMAT,

@@ -18,6 +18,56 @@ pub(super) const MAX_RETIRED: usize = 2048;
 /// Most pages read at once to retire or unfold them.
 const MAX_PAGE_READS: usize = 64;
 
+/// Whether `key`, listed in `h.retired`, is one a head can have retired:
+/// nothing the head names, nor anything its pages may still name or this
+/// publisher is about to name. Retention retires segments and level-0 pages
+/// wholly below `earliest_lsn`, higher pages it unfolds (their references
+/// then stand in the head), snapshots older than the head's, and deltas
+/// the chain (or the snapshot) covers; a head listing anything else (a
+/// hostile or broken earlier writer) must not make a publisher delete it.
+/// (Keys of the claiming epoch or later leave a claimed head's list too:
+/// only this publisher retires those, `claim.rs`.)
+pub(super) fn retirable(h: &Head, key: &str) -> bool {
+    let named = h.snapshot.as_ref().is_some_and(|s| s.key == key)
+        || h.deltas.iter().any(|d| d.key == key)
+        || h.segments.iter().any(|s| s.key == key)
+        || h.pages.iter().any(|p| p.key == key);
+    if named {
+        return false;
+    }
+    // The key's numbers, in order (its format is checked by `object_kind`).
+    let n: Vec<u64> = key
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    match (catalog::object_kind(key), n.as_slice()) {
+        (Some("segment"), [_, _, last]) => *last < h.earliest_lsn,
+        (Some("page"), [level, first, last, _]) => {
+            *last < h.earliest_lsn
+                || !h.pages.iter().any(|p| {
+                    u64::from(p.level) > *level && p.first_lsn <= *last && *first <= p.last_lsn
+                })
+        }
+        (Some("snapshot"), [lsn, _]) => h.snapshot.as_ref().is_some_and(|s| *lsn < s.lsn),
+        (Some("delta"), [_, lsn, _]) => {
+            let end = h.deltas.last().map(|d| d.lsn);
+            end.or(h.snapshot.as_ref().map(|s| s.lsn))
+                .is_some_and(|end| *lsn <= end)
+        }
+        _ => false,
+    }
+}
+
+/// The epoch a key carries (its last number but for segments, whose epoch
+/// is their directory).
+pub(super) fn key_epoch(key: &str) -> Option<u64> {
+    if let Some(rest) = key.strip_prefix("segments/") {
+        return rest.split('/').next()?.parse().ok();
+    }
+    let stem = key.rsplit_once('.')?.0;
+    stem.rsplit('-').next()?.parse().ok()
+}
+
 impl Publisher {
     /// Moves what retention lets go out of `h` into `h.retired`: inline
     /// segments and pages (with everything under them) wholly below the new
@@ -124,10 +174,17 @@ impl Publisher {
         }
         let mut next = None;
         for r in &head.retired {
-            if self.deleted.contains(&r.key) || self.deleting.contains(&r.key) {
+            if self.deleted.contains(&r.key)
+                || self.deleting.contains(&r.key)
+                || !retirable(head, &r.key)
+            {
                 continue;
             }
-            let since = (*seen.entry(r.key.clone()).or_insert(now)).max(r.since_ms);
+            // A `since_ms` past the grace period after this process saw
+            // the entry (another writer's clock far ahead, or a hostile
+            // head) does not hold the deletion back for longer.
+            let first = *seen.entry(r.key.clone()).or_insert(now);
+            let since = first.max(r.since_ms.min(first.saturating_add(self.cfg.grace_ms)));
             let due = since.saturating_add(self.cfg.grace_ms);
             if due <= now {
                 next = Some(r.key.clone());

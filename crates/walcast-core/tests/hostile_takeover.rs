@@ -1,0 +1,308 @@
+//! A new publisher taking over a dataset whose head was written by a
+//! hostile or buggy earlier publisher (or a tampered bucket): it must not
+//! delete what its own catalog names, nor write a catalog readers refuse.
+
+use std::collections::HashMap;
+
+use walcast_core::batch::{self, Op};
+use walcast_core::catalog::{Head, Page, PageRef, Retired, HEAD_KEY};
+use walcast_core::io::GetResponse;
+use walcast_core::publisher::{
+    Action, Event, Publisher, PublisherConfig, PutCondition, PutResponse,
+};
+
+type Objects = HashMap<String, (Vec<u8>, u64)>;
+
+fn cfg() -> PublisherConfig {
+    PublisherConfig {
+        segment_bytes: 200,
+        inline_segments: 8,
+        page_fanout: 8,
+        tail_bytes: 0,
+        max_commits_per_sec: 0,
+        head_check_ms: 0,
+        grace_ms: 1_000,
+        snapshot_every: None,
+        ..PublisherConfig::default()
+    }
+}
+
+/// Drives `p` against `objects` from `from` to `to` ms, pushing batches up
+/// to LSN `n`. Returns the events.
+fn run(p: &mut Publisher, objects: &mut Objects, n: u64, from: u64, to: u64) -> Vec<Event> {
+    let mut events = Vec::new();
+    let mut etag = objects.values().map(|(_, e)| *e).max().unwrap_or(0);
+    for t in (from..to).step_by(10) {
+        while let Some(lsn) = p.next_lsn().filter(|&l| l <= n && p.has_room()) {
+            let ops = vec![Op::put(format!("k{lsn}").into_bytes(), vec![7; 40])];
+            p.push(lsn, &batch::encode(&ops).unwrap(), t).unwrap();
+            if lsn % 3 == 0 {
+                break;
+            }
+        }
+        loop {
+            match p.poll(t) {
+                Action::Put(req) => {
+                    let cur = objects.get(&req.key).map(|(_, e)| e.to_string());
+                    let ok = match &req.condition {
+                        PutCondition::CreateOnly => cur.is_none(),
+                        PutCondition::IfMatch(e) => cur.as_deref() == Some(e.as_str()),
+                    };
+                    if !ok {
+                        let resp = match req.condition {
+                            PutCondition::CreateOnly => PutResponse::AlreadyExists,
+                            PutCondition::IfMatch(_) => PutResponse::PreconditionFailed,
+                        };
+                        p.handle_put(req.id, t, resp);
+                        continue;
+                    }
+                    etag += 1;
+                    objects.insert(req.key.clone(), (req.body.clone(), etag));
+                    p.handle_put(
+                        req.id,
+                        t,
+                        PutResponse::Ok {
+                            etag: Some(etag.to_string()),
+                        },
+                    );
+                }
+                Action::Get(req) => {
+                    let resp = match objects.get(&req.key) {
+                        Some((b, e)) => GetResponse::Ok {
+                            body: b.clone(),
+                            etag: Some(e.to_string()),
+                            range: None,
+                        },
+                        None => GetResponse::NotFound,
+                    };
+                    p.handle_get(req.id, t, resp);
+                }
+                Action::Delete(req) => {
+                    objects.remove(&req.key);
+                    p.handle_delete(req.id, t, Ok(()));
+                }
+                Action::Event(e) => events.push(e),
+                Action::Wait { .. } => break,
+            }
+        }
+        if p.is_fenced() {
+            break;
+        }
+    }
+    events
+}
+
+fn head(objects: &Objects) -> Head {
+    Head::decode(&objects[HEAD_KEY].0).expect("the head decodes")
+}
+
+/// Writes `h` as the dataset's head (a new version of it).
+fn tamper(objects: &mut Objects, mut h: Head) {
+    h.generation += 1;
+    let etag = objects.values().map(|(_, e)| *e).max().unwrap_or(0) + 1;
+    objects.insert(HEAD_KEY.to_string(), (h.encode(), etag));
+}
+
+/// Every object the head names, through its pages (each page decoded
+/// against its reference, as a replica does): the keys missing from the
+/// store, and the pages a replica refuses.
+fn check_catalog(objects: &Objects, h: &Head) -> (Vec<String>, Vec<String>) {
+    let mut missing = Vec::new();
+    let mut refused = Vec::new();
+    let mut named: Vec<String> = h.segments.iter().map(|s| s.key.clone()).collect();
+    named.extend(h.snapshot.iter().map(|s| s.key.clone()));
+    named.extend(h.deltas.iter().map(|d| d.key.clone()));
+    let mut refs: Vec<PageRef> = h.pages.clone();
+    while let Some(r) = refs.pop() {
+        let Some((body, _)) = objects.get(&r.key) else {
+            missing.push(r.key.clone());
+            continue;
+        };
+        match Page::decode(body, &r) {
+            Ok(p) => {
+                named.extend(p.segments.iter().map(|s| s.key.clone()));
+                refs.extend(p.pages);
+            }
+            Err(e) => refused.push(format!("{}: {e}", r.key)),
+        }
+    }
+    missing.extend(named.into_iter().filter(|k| !objects.contains_key(k)));
+    (missing, refused)
+}
+
+/// The head lists in `retired` a segment it still names: the new publisher
+/// must not delete it after the grace period (its heads go on naming it,
+/// and replicas would find it gone for good).
+#[test]
+fn a_retired_entry_naming_a_live_segment_is_not_deleted() {
+    let mut objects = Objects::new();
+    let mut first = Publisher::new(cfg(), 1);
+    run(&mut first, &mut objects, 30, 0, 3_000);
+    let mut h = head(&objects);
+    assert_eq!(h.committed_lsn, 30);
+    let live = h.segments.last().unwrap().key.clone();
+    h.retired.push(Retired {
+        key: live.clone(),
+        since_ms: 0,
+    });
+    tamper(&mut objects, h);
+
+    let mut second = Publisher::new(cfg(), 2);
+    let events = run(&mut second, &mut objects, 40, 10_000, 20_000);
+    assert!(!second.is_fenced(), "{events:?}");
+    let h = head(&objects);
+    assert_eq!((h.epoch, h.committed_lsn), (2, 40));
+    let (missing, refused) = check_catalog(&objects, &h);
+    assert!(
+        missing.is_empty() && refused.is_empty(),
+        "the committed head names objects no longer in the store: {missing:?} {refused:?}; \
+         deletions: {:?}",
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Deleted { .. }))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// The head lists in `retired` the keys the next epoch's first segment
+/// will have (they do not exist yet): the new publisher writes that segment
+/// and commits it, and must not delete it once the grace period (counted
+/// from the claim) is over.
+#[test]
+fn a_retired_entry_naming_a_future_key_does_not_delete_what_is_written_there() {
+    let mut objects = Objects::new();
+    let mut first = Publisher::new(cfg(), 1);
+    run(&mut first, &mut objects, 30, 0, 3_000);
+    let mut h = head(&objects);
+    for last in 31..=60u64 {
+        h.retired.push(Retired {
+            key: walcast_core::catalog::segment_key(h.epoch + 1, 31, last),
+            since_ms: 0,
+        });
+    }
+    tamper(&mut objects, h);
+
+    let mut second = Publisher::new(
+        PublisherConfig {
+            grace_ms: 5_000,
+            ..cfg()
+        },
+        2,
+    );
+    let events = run(&mut second, &mut objects, 60, 10_000, 30_000);
+    assert!(!second.is_fenced(), "{events:?}");
+    let h = head(&objects);
+    assert_eq!((h.epoch, h.committed_lsn), (2, 60));
+    let (missing, refused) = check_catalog(&objects, &h);
+    assert!(
+        missing.is_empty() && refused.is_empty(),
+        "the committed head names objects no longer in the store: {missing:?} {refused:?}"
+    );
+}
+
+/// A head whose page references mix levels (valid: only contiguity is
+/// checked): when paging merges a level, it must move a run of references
+/// of that level only, never upload a page every replica refuses ("does
+/// not match its reference").
+#[test]
+fn paging_a_head_with_interleaved_levels_writes_no_page_readers_refuse() {
+    let mut objects = Objects::new();
+    let mut first = Publisher::new(cfg(), 1);
+    run(&mut first, &mut objects, 400, 0, 30_000);
+    let mut h = head(&objects);
+    assert_eq!(h.committed_lsn, 400);
+    let top = h
+        .pages
+        .iter()
+        .position(|p| p.level == 1)
+        .expect("a level-1 page");
+    let r = h.pages[top].clone();
+    let page = Page::decode(&objects[&r.key].0, &r).unwrap();
+    // [c1, P'(c2..), rest]: the first child, then a new level-1 page of the
+    // others (a valid page, in the store).
+    let rest = page.pages[1..].to_vec();
+    let p2 = Page {
+        format: 1,
+        level: 1,
+        segments: Vec::new(),
+        pages: rest.clone(),
+        digests: Default::default(),
+    };
+    let bytes = p2.encode();
+    let r2 = PageRef {
+        key: walcast_core::catalog::page_key(
+            1,
+            rest[0].first_lsn,
+            rest.last().unwrap().last_lsn,
+            1,
+        ),
+        level: 1,
+        first_lsn: rest[0].first_lsn,
+        last_lsn: rest.last().unwrap().last_lsn,
+        count: rest.len() as u32,
+        crc32: crc32fast::hash(&bytes),
+    };
+    Page::decode(&bytes, &r2).expect("the tampered page is valid");
+    objects.insert(r2.key.clone(), (bytes, 1));
+    h.pages.splice(top..top + 1, [page.pages[0].clone(), r2]);
+    tamper(&mut objects, h);
+    let h = head(&objects);
+    let (missing, refused) = check_catalog(&objects, &h);
+    assert!(
+        missing.is_empty() && refused.is_empty(),
+        "{missing:?} {refused:?}"
+    );
+
+    let mut second = Publisher::new(cfg(), 2);
+    let events = run(&mut second, &mut objects, 800, 40_000, 100_000);
+    assert!(!second.is_fenced(), "{events:?}");
+    let h = head(&objects);
+    assert_eq!((h.epoch, h.committed_lsn), (2, 800));
+    let (missing, refused) = check_catalog(&objects, &h);
+    assert!(
+        missing.is_empty() && refused.is_empty(),
+        "the new publisher's catalog: missing {missing:?}, refused {refused:?}; levels {:?}",
+        h.pages.iter().map(|p| p.level).collect::<Vec<_>>()
+    );
+}
+
+/// The head's `retired` list is full (2,048 keys) of entries whose
+/// `since_ms` lies far in the future: retention, which retires nothing
+/// while the list is full, must not stop for good; such an entry waits at
+/// most twice the grace period, and the history below `earliest_lsn` is
+/// retired and deleted.
+#[test]
+fn retired_entries_dated_in_the_future_do_not_stop_retention_for_good() {
+    let c = PublisherConfig {
+        snapshot_every: Some(20),
+        retain_lsns: Some(20),
+        ..cfg()
+    };
+    let mut objects = Objects::new();
+    let mut first = Publisher::new(c.clone(), 1);
+    run(&mut first, &mut objects, 30, 0, 3_000);
+    let mut h = head(&objects);
+    h.retired.clear();
+    for i in 0..2048u64 {
+        h.retired.push(Retired {
+            key: walcast_core::catalog::segment_key(9, 1_000_000 + 2 * i, 1_000_000 + 2 * i),
+            since_ms: u64::MAX,
+        });
+    }
+    tamper(&mut objects, h);
+
+    let mut second = Publisher::new(c, 2);
+    let events = run(&mut second, &mut objects, 400, 10_000, 200_000);
+    assert!(!second.is_fenced(), "{events:?}");
+    let h = head(&objects);
+    assert_eq!(h.committed_lsn, 400);
+    let first_covered = h.first_covered_lsn().unwrap();
+    let stuck = h.retired.iter().filter(|r| r.since_ms == u64::MAX).count();
+    assert!(
+        first_covered + 100 >= h.earliest_lsn,
+        "retention stalled: history starts at {first_covered}, earliest_lsn {}; \
+         {stuck} future-dated entries still retired, {} objects stored",
+        h.earliest_lsn,
+        objects.len()
+    );
+}
