@@ -2,16 +2,13 @@
 //! hostile or buggy earlier publisher (or a tampered bucket): it must not
 //! delete what its own catalog names, nor write a catalog readers refuse.
 
-use std::collections::HashMap;
+#[path = "support/objects.rs"]
+mod objects;
 
+use objects::{head, Objects};
 use walcast_core::batch::{self, Op};
 use walcast_core::catalog::{Head, Page, PageRef, Retired, HEAD_KEY};
-use walcast_core::io::GetResponse;
-use walcast_core::publisher::{
-    Action, Event, Publisher, PublisherConfig, PutCondition, PutResponse,
-};
-
-type Objects = HashMap<String, (Vec<u8>, u64)>;
+use walcast_core::publisher::{Action, Event, Publisher, PublisherConfig};
 
 fn cfg() -> PublisherConfig {
     PublisherConfig {
@@ -43,40 +40,10 @@ fn run(p: &mut Publisher, objects: &mut Objects, n: u64, from: u64, to: u64) -> 
         loop {
             match p.poll(t) {
                 Action::Put(req) => {
-                    let cur = objects.get(&req.key).map(|(_, e)| e.to_string());
-                    let ok = match &req.condition {
-                        PutCondition::CreateOnly => cur.is_none(),
-                        PutCondition::IfMatch(e) => cur.as_deref() == Some(e.as_str()),
-                    };
-                    if !ok {
-                        let resp = match req.condition {
-                            PutCondition::CreateOnly => PutResponse::AlreadyExists,
-                            PutCondition::IfMatch(_) => PutResponse::PreconditionFailed,
-                        };
-                        p.handle_put(req.id, t, resp);
-                        continue;
-                    }
-                    etag += 1;
-                    objects.insert(req.key.clone(), (req.body.clone(), etag));
-                    p.handle_put(
-                        req.id,
-                        t,
-                        PutResponse::Ok {
-                            etag: Some(etag.to_string()),
-                        },
-                    );
+                    let resp = objects::put(objects, &mut etag, &req);
+                    p.handle_put(req.id, t, resp);
                 }
-                Action::Get(req) => {
-                    let resp = match objects.get(&req.key) {
-                        Some((b, e)) => GetResponse::Ok {
-                            body: b.clone(),
-                            etag: Some(e.to_string()),
-                            range: None,
-                        },
-                        None => GetResponse::NotFound,
-                    };
-                    p.handle_get(req.id, t, resp);
-                }
+                Action::Get(req) => p.handle_get(req.id, t, objects::get(objects, &req.key)),
                 Action::Delete(req) => {
                     objects.remove(&req.key);
                     p.handle_delete(req.id, t, Ok(()));
@@ -90,10 +57,6 @@ fn run(p: &mut Publisher, objects: &mut Objects, n: u64, from: u64, to: u64) -> 
         }
     }
     events
-}
-
-fn head(objects: &Objects) -> Head {
-    Head::decode(&objects[HEAD_KEY].0).expect("the head decodes")
 }
 
 /// Writes `h` as the dataset's head (a new version of it).

@@ -6,17 +6,15 @@
 //! write. Also: taking over a dataset whose head names what older
 //! publishers wrote.
 
-use std::collections::HashMap;
+#[path = "support/objects.rs"]
+mod objects;
 
+use objects::{head, Objects};
 use walcast_core::batch::{self, Op};
 use walcast_core::catalog::{Head, HEAD_KEY};
 use walcast_core::error::ErrorKind;
 use walcast_core::io::GetResponse;
-use walcast_core::publisher::{
-    Action, Event, Publisher, PublisherConfig, PutCondition, PutRequest, PutResponse,
-};
-
-type Objects = HashMap<String, (Vec<u8>, u64)>;
+use walcast_core::publisher::{Action, Event, Publisher, PublisherConfig, PutRequest, PutResponse};
 
 fn cfg() -> PublisherConfig {
     PublisherConfig {
@@ -63,29 +61,12 @@ fn publish_denying(
         loop {
             match p.poll(t) {
                 Action::Put(req) => {
-                    let cur = objects.get(&req.key).map(|(_, e)| e.to_string());
-                    let ok = match &req.condition {
-                        PutCondition::CreateOnly => cur.is_none(),
-                        PutCondition::IfMatch(e) => cur.as_deref() == Some(e.as_str()),
-                    };
-                    if !ok {
-                        let resp = match req.condition {
-                            PutCondition::CreateOnly => PutResponse::AlreadyExists,
-                            PutCondition::IfMatch(_) => PutResponse::PreconditionFailed,
-                        };
-                        p.handle_put(req.id, t, resp);
-                        continue;
-                    }
-                    etag += 1;
-                    objects.insert(req.key.clone(), (req.body.clone(), etag));
-                    let resp = if lose(&req) {
-                        PutResponse::Failed {
+                    let resp = match objects::put(objects, &mut etag, &req) {
+                        // Stored, and the answer lost.
+                        PutResponse::Ok { .. } if lose(&req) => PutResponse::Failed {
                             message: "connection reset".into(),
-                        }
-                    } else {
-                        PutResponse::Ok {
-                            etag: Some(etag.to_string()),
-                        }
+                        },
+                        resp => resp,
                     };
                     p.handle_put(req.id, t, resp);
                 }
@@ -96,17 +77,7 @@ fn publish_denying(
                     };
                     p.handle_get(req.id, t, resp);
                 }
-                Action::Get(req) => {
-                    let resp = match objects.get(&req.key) {
-                        Some((b, e)) => GetResponse::Ok {
-                            body: b.clone(),
-                            etag: Some(e.to_string()),
-                            range: None,
-                        },
-                        None => GetResponse::NotFound,
-                    };
-                    p.handle_get(req.id, t, resp);
-                }
+                Action::Get(req) => p.handle_get(req.id, t, objects::get(objects, &req.key)),
                 Action::Delete(req) => {
                     objects.remove(&req.key);
                     p.handle_delete(req.id, t, Ok(()));
@@ -120,10 +91,6 @@ fn publish_denying(
         }
     }
     events
-}
-
-fn head(objects: &Objects) -> Head {
-    Head::decode(&objects[HEAD_KEY].0).expect("the head decodes")
 }
 
 #[test]
