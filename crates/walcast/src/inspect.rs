@@ -12,7 +12,7 @@ use walcast_core::catalog::{
     head_signature, page_signature, Head, Page, PageRef, SegmentEntry, HEAD_KEY, MAX_HEAD_BYTES,
     MAX_PAGE_BYTES,
 };
-use walcast_core::io::{GetRequest, GetResponse, RequestId};
+use walcast_core::io::{ByteRange, GetRequest, GetResponse, RequestId};
 use walcast_core::keys::{self, PublicKey};
 use walcast_core::{segment, snapshot};
 
@@ -34,6 +34,109 @@ async fn get(f: &AnyFetch, key: &str, max_bytes: u64) -> Result<Vec<u8>> {
         GetResponse::NotFound => bail!("not_found: {key} is missing"),
         other => bail!("unavailable: GET {key}: {other:?}"),
     }
+}
+
+/// The most bytes one GET of a snapshot asks for: a snapshot is verified
+/// in ranges of this size, so the whole file is never held at once.
+const SNAPSHOT_CHUNK: u64 = walcast_core::replica::MAX_WHOLE_SNAPSHOT_ANSWER;
+
+/// Reads the snapshot `sn` names by ranges of at most [`SNAPSHOT_CHUNK`]
+/// bytes, verifying it as it arrives (every block, its index, the catalog's
+/// size and checksum), and feeds `sha` the same bytes. Memory is one range
+/// plus the state the snapshot holds; a server that sends more or less than
+/// a range asks for, or a file of another size than the catalog's, fails.
+async fn verify_snapshot(
+    f: &AnyFetch,
+    sn: &walcast_core::catalog::SnapshotEntry,
+    mut sha: Option<keys::Sha256Stream>,
+    chunk: u64,
+) -> Result<(snapshot::SnapshotHeader, Option<keys::Sha256Stream>)> {
+    let mut d = snapshot::SnapshotDecoder::new();
+    // The file's last bytes, for the footer the catalog may pin.
+    let mut last: Vec<u8> = Vec::new();
+    while d.position() < sn.size {
+        let start = d.position();
+        let end = sn.size.min(start + chunk.max(1));
+        let req = GetRequest {
+            id: RequestId(0),
+            key: sn.key.clone(),
+            range: Some(ByteRange::Bounded { start, end }),
+            if_none_match: None,
+            wait_ms: None,
+            timeout_ms: 120_000,
+            max_bytes: end - start,
+        };
+        let body = match f.get(req).await {
+            GetResponse::Ok { body, range, .. } => {
+                // A whole object (a server without ranges) is taken only
+                // as the first range of a file that fits in one.
+                let whole = range.is_none() && start == 0;
+                let ok_range = range.is_some_and(|r| r.start == start && r.end == end);
+                if !(ok_range || whole) || body.len() as u64 != end - start {
+                    bail!(
+                        "asked for bytes {start}..{end} of {} the catalog states, got {} bytes{}",
+                        sn.size,
+                        body.len(),
+                        range.map_or(String::new(), |r| format!(" as {}..{}", r.start, r.end))
+                    );
+                }
+                if let Some(total) = range.and_then(|r| r.total).filter(|t| *t != sn.size) {
+                    bail!(
+                        "the object is {total} bytes, the catalog states {}",
+                        sn.size
+                    );
+                }
+                body
+            }
+            GetResponse::NotFound => bail!("not_found: the snapshot is missing"),
+            GetResponse::RangeNotSatisfiable => bail!(
+                "the file is shorter than the {} bytes the catalog states",
+                sn.size
+            ),
+            other => bail!("unavailable: GET bytes {start}..{end}: {other:?}"),
+        };
+        if let Some(h) = sha.as_mut() {
+            h.update(&body);
+        }
+        d.feed(&body)?;
+        last.extend_from_slice(&body[body.len().saturating_sub(256)..]);
+        last.drain(..last.len().saturating_sub(256));
+    }
+    let (h, _) = d.finish(Some(sn.crc32))?;
+    if let Some(c) = sn.footer_crc32 {
+        let got = snapshot::indexed::footer_crc32(&last);
+        if got != c {
+            bail!("footer checksum {got:08x} differs from the catalog's {c:08x}");
+        }
+    }
+    Ok((h, sha))
+}
+
+/// Verifies a whole delta snapshot against its catalog entry: size,
+/// checksum, every block, and the header's and footer's LSNs, dataset and
+/// entry count.
+fn verify_delta(d: &walcast_core::catalog::DeltaEntry, head: &Head, bytes: &[u8]) -> Result<()> {
+    if bytes.len() as u64 != d.size {
+        bail!("{} bytes, the catalog states {}", bytes.len(), d.size);
+    }
+    let crc = crc32fast::hash(bytes);
+    if crc != d.crc32 {
+        bail!(
+            "checksum {crc:08x} differs from the catalog's {:08x}",
+            d.crc32
+        );
+    }
+    let delta = snapshot::delta::decode_delta(bytes)?;
+    let fields = delta.header.lsn == d.lsn
+        && delta.base_lsn == d.base_lsn
+        && delta.header.entry_count == d.entries
+        && delta.header.dataset_id == head.dataset_id
+        && d.footer_crc32
+            .is_none_or(|c| c == snapshot::delta::footer_crc32(&bytes[bytes.len() - 64..]));
+    if !fields {
+        bail!("header or footer disagrees with the catalog");
+    }
+    Ok(())
 }
 
 /// Reads the head and every page; returns the head, all segment entries in
@@ -179,8 +282,9 @@ pub async fn inspect(
         digests.extend(d.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
     let pages: Vec<PageRef> = page_bodies.iter().map(|(r, _, _)| r.clone()).collect();
-    // The digest check of one object's bytes (signed datasets only).
-    let check_digest = |key: &str, bytes: &[u8], failures: &mut Vec<String>| {
+    // The digest check of one object (signed datasets only): its SHA-256
+    // against the one the signed catalog records.
+    let check_sha = |key: &str, got: String, failures: &mut Vec<String>| {
         if signed.is_none() {
             return;
         }
@@ -189,13 +293,17 @@ pub async fn inspect(
                 "{key}: no digest in the signed catalog (untrusted)"
             )),
             Some(want) => {
-                let got = keys::sha256_hex(bytes);
                 if &got != want {
                     failures.push(format!(
                         "{key}: SHA-256 {got} differs from {want}, the signed catalog's (untrusted)"
                     ));
                 }
             }
+        }
+    };
+    let check_digest = |key: &str, bytes: &[u8], failures: &mut Vec<String>| {
+        if signed.is_some() {
+            check_sha(key, keys::sha256_hex(bytes), failures);
         }
     };
     let mut gaps = Vec::new();
@@ -256,18 +364,36 @@ pub async fn inspect(
             pb.inc(1);
         }
         if let Some(sn) = &head.snapshot {
-            let got = get(&f, &sn.key, sn.size).await;
-            if let Ok(b) = &got {
-                check_digest(&sn.key, b, &mut failures);
-            }
-            match got {
-                Ok(b) => match snapshot::decode(&b, Some(sn.crc32)) {
-                    Ok((h, _)) if h.lsn == sn.lsn && h.dataset_id == head.dataset_id => {}
-                    Ok(_) => {
-                        failures.push(format!("{}: header disagrees with the catalog", sn.key))
+            let sha = signed.is_some().then(keys::Sha256Stream::new);
+            match verify_snapshot(&f, sn, sha, SNAPSHOT_CHUNK).await {
+                Ok((h, sha)) => {
+                    if h.lsn != sn.lsn || h.dataset_id != head.dataset_id {
+                        failures.push(format!("{}: header disagrees with the catalog", sn.key));
                     }
-                    Err(e) => failures.push(format!("{}: {e}", sn.key)),
-                },
+                    if let Some(sha) = sha {
+                        check_sha(&sn.key, sha.finish_hex(), &mut failures);
+                    }
+                }
+                Err(e) => failures.push(format!("{}: {e}", sn.key)),
+            }
+        }
+        for d in &head.deltas {
+            if d.size > walcast_core::catalog::MAX_SEGMENT_BYTES {
+                failures.push(format!(
+                    "{}: claims {} bytes, above the limit of {} a replica reads",
+                    d.key,
+                    d.size,
+                    walcast_core::catalog::MAX_SEGMENT_BYTES
+                ));
+                continue;
+            }
+            match get(&f, &d.key, d.size).await {
+                Ok(b) => {
+                    check_digest(&d.key, &b, &mut failures);
+                    if let Err(e) = verify_delta(d, &head, &b) {
+                        failures.push(format!("{}: {e}", d.key));
+                    }
+                }
                 Err(e) => failures.push(e.to_string()),
             }
         }
@@ -426,4 +552,87 @@ pub async fn inspect(
         bail!("{} objects failed verification", failures.len());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use walcast_core::catalog::{DatasetId, SnapshotEntry};
+    use walcast_core::snapshot::indexed::{encode_indexed, IndexedOptions};
+    use walcast_core::state::KvState;
+
+    /// A block-indexed snapshot of 3,000 keys in a `file://` dataset, and
+    /// the catalog entry naming it.
+    fn dataset(dir: &std::path::Path) -> (AnyFetch, SnapshotEntry, std::path::PathBuf) {
+        let mut state = KvState::new();
+        for i in 0..3_000u32 {
+            state.put(format!("key:{i:06}").as_bytes(), &[i as u8; 40]);
+        }
+        let id = DatasetId([9; 16]);
+        let opts = IndexedOptions {
+            block_bytes: 1024,
+            ..IndexedOptions::default()
+        };
+        let bytes = encode_indexed(&state, 77, 1, id, opts);
+        let key = "snapshots/00000000000000000077-1.wsnap".to_string();
+        let path = dir.join(&key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        let entry = SnapshotEntry {
+            key,
+            lsn: 77,
+            epoch: 1,
+            size: bytes.len() as u64,
+            crc32: crc32fast::hash(&bytes),
+            entries: 3_000,
+            version: 2,
+            suffix: None,
+            footer_crc32: Some(snapshot::indexed::footer_crc32(&bytes)),
+        };
+        let url = format!("file://{}", dir.display());
+        (AnyFetch::for_url(&url).unwrap(), entry, path)
+    }
+
+    /// The snapshot is read by ranges no larger than asked: a file of many
+    /// ranges verifies, and its SHA-256 is the whole file's.
+    #[tokio::test]
+    async fn a_snapshot_is_verified_by_ranges() {
+        let tmp = tempfile::TempDir::new().unwrap();
+        let (f, entry, path) = dataset(tmp.path());
+        assert!(entry.size > 20 * 4096, "several ranges: {}", entry.size);
+        let sha = Some(keys::Sha256Stream::new());
+        let (h, sha) = verify_snapshot(&f, &entry, sha, 4096).await.unwrap();
+        assert_eq!((h.lsn, h.entry_count), (77, 3_000));
+        let whole = std::fs::read(&path).unwrap();
+        assert_eq!(sha.unwrap().finish_hex(), keys::sha256_hex(&whole));
+    }
+
+    /// A flipped byte, a file shorter or longer than the catalog states, or
+    /// a footer other than the one the catalog pins: each fails.
+    #[tokio::test]
+    async fn a_damaged_snapshot_fails_its_ranged_verification() {
+        let tmp = tempfile::TempDir::new().unwrap();
+        let (f, entry, path) = dataset(tmp.path());
+        let good = std::fs::read(&path).unwrap();
+        let mut flipped = good.clone();
+        flipped[good.len() / 2] ^= 1;
+        std::fs::write(&path, &flipped).unwrap();
+        assert!(verify_snapshot(&f, &entry, None, 4096).await.is_err());
+        std::fs::write(&path, &good[..good.len() - 1000]).unwrap();
+        let e = verify_snapshot(&f, &entry, None, 4096).await.unwrap_err();
+        assert!(e.to_string().contains("bytes"), "{e}");
+        let mut longer = good.clone();
+        longer.extend_from_slice(&[0; 10]);
+        std::fs::write(&path, &longer).unwrap();
+        let e = verify_snapshot(&f, &entry, None, 4096).await.unwrap_err();
+        assert!(e.to_string().contains("the catalog states"), "{e}");
+        std::fs::write(&path, &good).unwrap();
+        let pinned = SnapshotEntry {
+            footer_crc32: Some(entry.footer_crc32.unwrap() ^ 1),
+            ..entry.clone()
+        };
+        let e = verify_snapshot(&f, &pinned, None, 4096).await.unwrap_err();
+        assert!(e.to_string().contains("footer"), "{e}");
+        verify_snapshot(&f, &entry, None, 4096).await.unwrap();
+    }
 }

@@ -278,7 +278,8 @@ enum Cmd {
     Inspect {
         /// Dataset URL.
         url: String,
-        /// Download every object and check every checksum.
+        /// Download every object the catalog names (segments, the snapshot
+        /// by ranges of at most 64 MiB, deltas) and check every checksum.
         #[arg(long)]
         verify: bool,
         /// One JSON object instead of a table.
