@@ -12,6 +12,13 @@
 //!   on top of the checkpoint when its header names the same dataset and LSN;
 //!   a torn tail is cut. A batch is therefore either wholly in the state or
 //!   not at all, and nothing applied is fetched again.
+//!
+//!   Only the end of the log can be torn: a damaged record with whole
+//!   records after it is an error naming `applied.log` and the offset for
+//!   `get`/`scan --local`, while `replicate` warns, keeps the records before
+//!   the damage and fetches the rest again. A header failing its own
+//!   checksum is an error (a whole header for another checkpoint is stale,
+//!   and ignored).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -79,14 +86,34 @@ impl LocalDir {
             log_len: 0,
             buf: Vec::new(),
         };
-        // Cut a torn tail off the log and append after its valid part.
+        // Cut a torn tail off the log and append after its valid part. A
+        // damaged record with whole records after it is not a torn tail:
+        // the state stays at the last record before it, and what followed
+        // is fetched again from the dataset (the remote is the source of
+        // truth), with a warning naming the file and the offset.
         let logp = dir.join("applied.log");
-        if let (Some(good), Some(id)) = (log, local.dataset) {
-            let f = OpenOptions::new().write(true).open(&logp)?;
-            f.set_len(good)?;
-            f.sync_all()?;
+        if let (Some(log), Some(id)) = (log, local.dataset) {
+            if let Some(damage) = &log.damage {
+                tracing::warn!(
+                    "walcast replicate: {damage}; keeping the records before it (applied LSN {}) \
+                     and fetching the rest again from the dataset",
+                    local.applied
+                );
+            }
+            let good = log.good;
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&logp)
+                .with_context(|| format!("opening {}", logp.display()))?;
+            f.set_len(good)
+                .with_context(|| format!("truncating {}", logp.display()))?;
+            f.sync_all()
+                .with_context(|| format!("syncing {}", logp.display()))?;
             ld.log_len = good;
-            let mut f = OpenOptions::new().append(true).open(&logp)?;
+            let mut f = OpenOptions::new()
+                .append(true)
+                .open(&logp)
+                .with_context(|| format!("opening {}", logp.display()))?;
             f.flush()?;
             ld.log = Some(f);
             // Keep the log tied to the checkpoint's base LSN: re-base it
@@ -148,12 +175,31 @@ impl LocalDir {
     }
 }
 
+/// The usable part of a replica directory's `applied.log`.
+#[derive(Debug)]
+struct LogState {
+    /// Byte length of its valid part: the header and the whole records
+    /// replayed.
+    good: u64,
+    /// Why the replay stopped before the end of the file, when it was not
+    /// a torn tail: a damaged record with whole records after it (naming
+    /// the file and the offset).
+    damage: Option<String>,
+}
+
 /// Reads a replica directory without writing to it: the checkpoint, then
 /// the log's records replayed on top when the log belongs to it. Also
-/// returns the byte length of the log's valid part (`None`: no usable log).
-/// A torn tail, or a log that a running `replicate` is appending to, ends
-/// the replay at the last whole record.
-fn read_local(dir: &Path) -> Result<(Local, Option<u64>)> {
+/// returns the log's usable part (`None`: no log, or a stale one, left by a
+/// crash between a checkpoint and its new log).
+///
+/// A torn tail (a record cut short by a crash mid-write, or one a running
+/// `replicate` is appending to) ends the replay at the last whole record: a
+/// bad record counts as torn only when nothing after it decodes as a whole
+/// record. A damaged record with whole records after it is reported in
+/// [`LogState::damage`]; a header failing its own checksum, or a record
+/// whose checksum holds but whose batch does not decode, is an error naming
+/// the file.
+fn read_local(dir: &Path) -> Result<(Local, Option<LogState>)> {
     let mut local = Local::default();
     let snap = dir.join("state.wsnap");
     if snap.exists() {
@@ -181,36 +227,110 @@ fn read_local(dir: &Path) -> Result<(Local, Option<u64>)> {
         };
     }
     let logp = dir.join("applied.log");
-    let (Ok(mut f), Some(id)) = (File::open(&logp), local.dataset) else {
+    let Some(id) = local.dataset else {
         return Ok((local, None));
+    };
+    let mut f = match File::open(&logp) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((local, None)),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", logp.display())),
     };
     let mut bytes = Vec::new();
     f.read_to_end(&mut bytes)
         .with_context(|| format!("reading {}", logp.display()))?;
-    if bytes.len() < LOG_HEADER || bytes[..LOG_HEADER] != log_header(local.applied, id) {
+    let Some(header) = bytes.first_chunk::<LOG_HEADER>() else {
+        anyhow::bail!(
+            "{}: damaged header: {} bytes, shorter than the {LOG_HEADER}-byte header",
+            logp.display(),
+            bytes.len()
+        );
+    };
+    let stored = u32::from_le_bytes(header[36..40].try_into().expect("4 bytes"));
+    let computed = crc32fast::hash(&header[..36]);
+    if stored != computed || &header[..4] != LOG_MAGIC {
+        anyhow::bail!(
+            "{}: damaged header (offset 0): crc32 {computed:08x} of bytes 0..36, stored \
+             {stored:08x}, magic {:?}",
+            logp.display(),
+            String::from_utf8_lossy(&header[..4])
+        );
+    }
+    // A whole header for another checkpoint: stale (a crash between
+    // writing a new checkpoint and its new log), ignored.
+    if *header != log_header(local.applied, id) {
         return Ok((local, None));
     }
     let mut good = LOG_HEADER;
+    let mut damage = None;
     for rec in Records::new(&bytes[LOG_HEADER..], LOG_HEADER as u64, local.applied + 1) {
-        let Ok(rec) = rec else { break };
-        let Ok(ops) = batch::decode(rec.payload) else {
-            break;
+        let rec = match rec {
+            Ok(rec) => rec,
+            Err(e) => {
+                if whole_record_after(&bytes, good, local.applied + 1) {
+                    damage = Some(format!(
+                        "{}: damaged record at offset {good} (LSN {}), with whole records \
+                         after it: {e}",
+                        logp.display(),
+                        local.applied + 1
+                    ));
+                }
+                break;
+            }
         };
+        let at = rec.payload.as_ptr() as usize - bytes.as_ptr() as usize - 16;
+        let ops = batch::decode(rec.payload).map_err(|e| {
+            anyhow!(
+                "{}: record at offset {at} (LSN {}) does not decode: {e}",
+                logp.display(),
+                rec.lsn
+            )
+        })?;
         local.state.apply(&ops);
         local.applied = rec.lsn;
-        good = (rec.payload.as_ptr() as usize - bytes.as_ptr() as usize) + rec.payload.len();
+        good = at + 16 + rec.payload.len();
     }
-    Ok((local, Some(good as u64)))
+    Ok((
+        local,
+        Some(LogState {
+            good: good as u64,
+            damage,
+        }),
+    ))
+}
+
+/// Whether a whole record (a plausible LSN, its checksum right) starts
+/// anywhere in `bytes` after offset `bad`, where a record with LSN `lsn`
+/// failed to decode: then the bad record is damage, not a torn tail (a
+/// crash only tears the end of the log).
+fn whole_record_after(bytes: &[u8], bad: usize, lsn: u64) -> bool {
+    (bad + 1..bytes.len().saturating_sub(15)).any(|at| {
+        let found = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        // Records are at least 16 bytes: the LSN of one starting `at`
+        // is at most this far past the bad one's.
+        let most = lsn.saturating_add(((at - bad) / 16) as u64);
+        (lsn..=most).contains(&found)
+            && matches!(
+                Records::new(&bytes[at..], at as u64, found).next(),
+                Some(Ok(_))
+            )
+    })
 }
 
 /// Loads a local replica directory for `get` and `scan`, read-only: it
 /// creates, truncates, checkpoints and locks nothing, so it works on a
-/// read-only directory and beside a running `replicate`.
+/// read-only directory and beside a running `replicate`. A damaged
+/// `applied.log` (anything but a torn tail) is an error naming it and the
+/// offset: `walcast replicate` on the directory keeps the records before the
+/// damage and fetches the rest again.
 pub fn load(dir: &Path) -> Result<Local> {
     if !dir.is_dir() {
         anyhow::bail!("{}: no such replica directory", dir.display());
     }
-    Ok(read_local(dir)?.0)
+    let (local, log) = read_local(dir)?;
+    if let Some(damage) = log.and_then(|l| l.damage) {
+        anyhow::bail!("{damage}; run `walcast replicate` on the directory to fetch it again");
+    }
+    Ok(local)
 }
 
 /// GETs over HTTP(S) with reqwest, relative to a base URL.

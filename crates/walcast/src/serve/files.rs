@@ -116,13 +116,37 @@ pub(super) struct CachedTag {
     pub(super) etag: String,
 }
 
+/// Which version of a large file an ETag is for: its canonical path, length
+/// and modification time.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(super) struct TagKey {
+    pub(super) path: PathBuf,
+    pub(super) len: u64,
+    pub(super) mtime: Option<SystemTime>,
+}
+
+/// A hash of one [`TagKey`] in progress, which every request for that
+/// version awaits (an error is shared as the `io::Error` it was).
+pub(super) type Hashing =
+    futures::future::Shared<futures::future::BoxFuture<'static, Result<String, Arc<io::Error>>>>;
+
 /// An opened regular file with its validator.
 pub(super) struct Entity {
-    pub(super) file: File,
+    /// The file, for a large one (a small one is in `data`); `None` too
+    /// once a held long-poll let it go.
+    pub(super) file: Option<File>,
     pub(super) len: u64,
     pub(super) etag: String,
     /// The whole contents, for small files.
     pub(super) data: Option<Bytes>,
+}
+
+/// A file [`open_entity`] opened.
+pub(super) enum Opened {
+    /// With its ETag: a small file, or a large one whose ETag is cached.
+    Ready(Entity),
+    /// A large file whose ETag is not cached yet: see [`etag_of_file`].
+    Unhashed(File, TagKey),
 }
 
 /// The percent-decoded URL path as a `/`-joined relative path of plain
@@ -174,9 +198,10 @@ pub(super) fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// Resolves `rel` under the root (refusing anything outside it), opens it and
-/// computes its ETag. Blocking.
-pub(super) fn open_entity(state: &Served, rel: &str) -> io::Result<Entity> {
+/// Resolves `rel` under the root (refusing anything outside it) and opens
+/// it: a small file is read whole, with its ETag; a large one comes with
+/// its cached ETag, if any. Blocking.
+pub(super) fn open_entity(state: &Served, rel: &str) -> io::Result<Opened> {
     let root = state.root.canonicalize()?;
     let path = root.join(rel).canonicalize()?;
     if !path.starts_with(&root) {
@@ -198,63 +223,130 @@ pub(super) fn open_entity(state: &Served, rel: &str) -> io::Result<Entity> {
     if len <= SMALL_FILE {
         let mut data = Vec::with_capacity(len as usize);
         // At most the length it had when opened (a file still growing is
-        // read as far as that).
+        // read as far as that). The file is closed once read.
         (&mut file).take(len).read_to_end(&mut data)?;
         let etag = etag_of(crc32fast::hash(&data), data.len() as u64);
-        return Ok(Entity {
-            file,
+        return Ok(Opened::Ready(Entity {
+            file: None,
             len: data.len() as u64,
             etag,
             data: Some(Bytes::from(data)),
-        });
+        }));
     }
-    let mtime = meta.modified().ok();
-    let cached = {
-        let etags = state.etags.lock().unwrap_or_else(|e| e.into_inner());
-        etags
-            .get(&path)
-            .filter(|c| c.len == len && c.mtime == mtime)
-            .map(|c| c.etag.clone())
+    let key = TagKey {
+        path,
+        len,
+        mtime: meta.modified().ok(),
     };
-    let etag = match cached {
-        Some(etag) => etag,
-        None => {
-            let mut hasher = crc32fast::Hasher::new();
-            let mut buf = vec![0u8; CHUNK];
-            let mut read = 0u64;
-            loop {
-                let n = file.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                read += n as u64;
-            }
-            if read != len {
-                return Err(io::Error::other("file changed while hashing"));
-            }
-            let etag = etag_of(hasher.finalize(), len);
+    Ok(match cached_etag(state, &key) {
+        Some(etag) => Opened::Ready(Entity {
+            file: Some(file),
+            len,
+            etag,
+            data: None,
+        }),
+        None => Opened::Unhashed(file, key),
+    })
+}
+
+/// The cached ETag of `key`, if any.
+fn cached_etag(state: &Served, key: &TagKey) -> Option<String> {
+    let etags = state.etags.lock().unwrap_or_else(|e| e.into_inner());
+    etags
+        .get(&key.path)
+        .filter(|c| c.len == key.len && c.mtime == key.mtime)
+        .map(|c| c.etag.clone())
+}
+
+/// The ETag of the large file version `key`: cached, or hashed once however
+/// many requests ask for it at the same time. The hash runs on a blocking
+/// task of its own, so it completes into the cache even when every request
+/// waiting for it has gone (a client's retry then finds it there, or awaits
+/// the same hash, rather than starting another).
+pub(super) async fn etag_of_file(state: &Arc<Served>, key: TagKey) -> io::Result<String> {
+    let hashing = {
+        let mut hashing = state.hashing.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the `hashing` lock: a hash adds its ETag to the cache before
+        // it leaves the map, so one or the other is seen.
+        if let Some(etag) = cached_etag(state, &key) {
+            return Ok(etag);
+        }
+        hashing
+            .entry(key.clone())
+            .or_insert_with(|| start_hash(state, key))
+            .clone()
+    };
+    hashing.await.map_err(|e| match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
+    })
+}
+
+/// Starts hashing `key` on a blocking task that caches the ETag, then
+/// leaves `state.hashing` (with or without one).
+fn start_hash(state: &Arc<Served>, key: TagKey) -> Hashing {
+    use futures::FutureExt as _;
+    let state = Arc::clone(state);
+    let task = tokio::task::spawn_blocking(move || {
+        let hashed = hash_file(&key);
+        if let Ok(etag) = &hashed {
             let mut etags = state.etags.lock().unwrap_or_else(|e| e.into_inner());
             if etags.len() >= ETAG_CACHE_MAX {
                 etags.clear();
             }
             etags.insert(
-                path,
+                key.path.clone(),
                 CachedTag {
-                    len,
-                    mtime,
+                    len: key.len,
+                    mtime: key.mtime,
                     etag: etag.clone(),
                 },
             );
-            etag
         }
+        state
+            .hashing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        hashed.map_err(Arc::new)
+    });
+    async move {
+        task.await
+            .unwrap_or_else(|e| Err(Arc::new(io::Error::other(e))))
+    }
+    .boxed()
+    .shared()
+}
+
+/// The ETag of the file version `key`, read whole from a file of its own.
+/// Blocking.
+fn hash_file(key: &TagKey) -> io::Result<String> {
+    let changed = || {
+        io::Error::other(format!(
+            "{} changed while hashing it for its ETag",
+            key.path.display()
+        ))
     };
-    Ok(Entity {
-        file,
-        len,
-        etag,
-        data: None,
-    })
+    let mut file = crate::store::open_regular(&key.path)?;
+    let meta = file.metadata()?;
+    if meta.len() != key.len || meta.modified().ok() != key.mtime {
+        return Err(changed());
+    }
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut read = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        read += n as u64;
+    }
+    if read != key.len {
+        return Err(changed());
+    }
+    Ok(etag_of(hasher.finalize(), key.len))
 }
 
 pub(super) fn etag_of(crc: u32, len: u64) -> String {

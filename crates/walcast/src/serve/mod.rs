@@ -48,7 +48,15 @@
 //! Small files are read whole on every request (so the head, replaced by an
 //! atomic rename, is always fresh); large ones are streamed from a seek to the
 //! requested slice, their ETag computed once and cached by (path, length,
-//! modification time).
+//! modification time): requests for a version being hashed await that one
+//! hash, which completes into the cache even if they all leave.
+//!
+//! File descriptors: on Unix the soft `RLIMIT_NOFILE` is raised to the hard
+//! limit at start, and `max_connections` is clamped to leave a reserve of
+//! descriptors for the files requests open (a quarter of the limit, or 64,
+//! whichever is larger, but at most half of it), with a warning. A held
+//! long-poll keeps no file open, and running out of descriptors anyway
+//! answers 503 with `Retry-After` rather than 500.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -124,7 +132,8 @@ pub struct ServeOptions {
     /// any origin (`Access-Control-Allow-Origin: *`).
     pub cors_origins: Vec<String>,
     /// Connections served at once at most; further ones wait in the listen
-    /// backlog until one ends. At least 1.
+    /// backlog until one ends. At least 1. On Unix, clamped below the limit
+    /// on open files (see the module's documentation).
     pub max_connections: usize,
     /// A request's head (request line and headers) must arrive within this
     /// long of the server starting to wait for it, on a new connection or
@@ -204,6 +213,9 @@ struct Served {
     root: PathBuf,
     verify_keys: Vec<PublicKey>,
     etags: Mutex<HashMap<PathBuf, CachedTag>>,
+    /// Large files being hashed for their ETag, one hash per version,
+    /// awaited by every request for it.
+    hashing: Mutex<HashMap<TagKey, Hashing>>,
     /// Long-poll: the longest wait granted (zero: none), what wakes held
     /// requests, and the server stopping (held requests answer at once).
     max_wait: Duration,
@@ -233,6 +245,7 @@ fn build(root: PathBuf, opts: &ServeOptions) -> (Router, Arc<Served>) {
         root,
         verify_keys: opts.verify_keys.clone(),
         etags: Mutex::new(HashMap::new()),
+        hashing: Mutex::new(HashMap::new()),
         max_wait: opts.max_wait,
         signal: opts.head_signal.clone().unwrap_or_default(),
         stop: watch::channel(false).0,
@@ -273,6 +286,60 @@ fn build(root: PathBuf, opts: &ServeOptions) -> (Router, Arc<Served>) {
         .with_state(Arc::clone(&state))
         .layer(cors);
     (app, state)
+}
+
+/// `opts` with `max_connections` clamped to what the limit on open files
+/// allows once raised (see [`raise_fd_limit`] and [`connection_cap`]),
+/// with a warning when it is lowered.
+fn clamp_connections(mut opts: ServeOptions) -> ServeOptions {
+    let limit = raise_fd_limit();
+    let cap = connection_cap(opts.max_connections, limit);
+    if cap < opts.max_connections {
+        tracing::warn!(
+            asked = opts.max_connections,
+            max_connections = cap,
+            open_files_limit = limit,
+            "walcast serve: fewer connections than asked, to leave file descriptors for the \
+             files requests open (raise `ulimit -n` for more)"
+        );
+        opts.max_connections = cap;
+    }
+    opts
+}
+
+/// Raises the process's soft limit on open files (`RLIMIT_NOFILE`) to its
+/// hard limit, and returns the soft limit then in force; `None` when there
+/// is none to respect (unlimited, unknown, or not Unix).
+#[cfg(unix)]
+fn raise_fd_limit() -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
+    let (mut soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    // Where the hard limit is above what the system allows (macOS: an
+    // unlimited hard limit, `OPEN_MAX` soft), the soft one stays.
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        soft = hard;
+    }
+    (soft != RLIM_INFINITY).then_some(soft)
+}
+
+#[cfg(not(unix))]
+fn raise_fd_limit() -> Option<u64> {
+    None
+}
+
+/// The connections served at once for `asked` under a limit of `fd_limit`
+/// open files: the limit less a reserve for the files requests open (a
+/// quarter of the limit or 64, whichever is larger, but at most half the
+/// limit), at least 1.
+fn connection_cap(asked: usize, fd_limit: Option<u64>) -> usize {
+    let Some(limit) = fd_limit else {
+        return asked;
+    };
+    let reserve = (limit / 4).max(64.min(limit / 2));
+    let cap = usize::try_from(limit - reserve)
+        .unwrap_or(usize::MAX)
+        .max(1);
+    asked.min(cap)
 }
 
 /// [`serve_with`] on [`ServeOptions::default`].
@@ -330,6 +397,7 @@ pub async fn serve_with(
         "the longest wait must be whole seconds, at most {} s",
         MAX_WAIT_LIMIT.as_secs()
     );
+    let opts = clamp_connections(opts);
     let (app, served) = build(root.clone(), &opts);
     // New heads wake held requests at once; without a watch (no inotify
     // left, say) they re-read the head every FALLBACK_POLL (with one, every

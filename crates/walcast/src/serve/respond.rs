@@ -67,6 +67,10 @@ pub(super) async fn respond(
         if if_none_match(headers, &entity.etag) {
             match HoldSlot::take(state) {
                 Some(_slot) => {
+                    // A held request keeps no file open (descriptors are for
+                    // the requests being answered): a hold ending without a
+                    // new head answers 304, with no body to read.
+                    entity.file = None;
                     let _held = activity.map(Held::new);
                     match hold(state, &rel, headers, w, changes).await {
                         Some(Ok(e)) => entity = e,
@@ -150,7 +154,21 @@ pub(super) async fn respond(
         // Small file: already in memory. `end <= total == data.len()`.
         Body::from(data.slice(start as usize..end as usize))
     } else {
-        match stream_slice(entity.file, start, end - start).await {
+        // A large file let go by a hold is opened again: the same version
+        // (ETag) only, since the headers name it.
+        let file = match entity.file {
+            Some(file) => file,
+            None => match open_object(state, &rel).await {
+                Ok(Entity {
+                    file: Some(file),
+                    etag,
+                    ..
+                }) if etag == entity.etag => file,
+                Ok(_) => return retry_later(),
+                Err(r) => return r,
+            },
+        };
+        match stream_slice(file, start, end - start).await {
             Ok(body) => body,
             Err(e) => {
                 tracing::error!(
@@ -230,16 +248,41 @@ pub(super) fn unauthorized(reason: &str, message: &str) -> Response {
         .expect("valid response")
 }
 
-/// Opens the object at `rel`, or the answer for why it cannot be served.
+/// Opens the object at `rel`, with its ETag (see [`etag_of_file`]), or the
+/// answer for why it cannot be served: 404 when it is not there, 503 with
+/// `Retry-After` when the process is out of file descriptors, else 500.
 pub(super) async fn open_object(state: &Arc<Served>, rel: &str) -> Result<Entity, Response> {
     let opened = {
         let state = Arc::clone(state);
         let rel = rel.to_string();
         tokio::task::spawn_blocking(move || open_entity(&state, &rel)).await
     };
+    let opened = match opened {
+        Ok(Ok(Opened::Ready(entity))) => Ok(Ok(entity)),
+        Ok(Ok(Opened::Unhashed(file, key))) => {
+            let len = key.len;
+            Ok(etag_of_file(state, key).await.map(|etag| Entity {
+                file: Some(file),
+                len,
+                etag,
+                data: None,
+            }))
+        }
+        Ok(Err(e)) => Ok(Err(e)),
+        Err(e) => Err(e),
+    };
     match opened {
         Ok(Ok(entity)) => Ok(entity),
         Ok(Err(e)) if is_not_found(&e) => Err(not_found()),
+        Ok(Err(e)) if is_out_of_fds(&e) => {
+            tracing::warn!(
+                path = %state.root.join(rel).display(),
+                error = %e,
+                "walcast serve: out of file descriptors; answering 503 (lower \
+                 --max-connections or raise `ulimit -n`)"
+            );
+            Err(retry_later())
+        }
         Ok(Err(e)) => {
             tracing::error!(
                 path = %state.root.join(rel).display(),
@@ -305,6 +348,31 @@ pub(super) fn status_only(status: StatusCode) -> Response {
         .header(header::CACHE_CONTROL, NO_CACHE)
         .body(Body::empty())
         .expect("static response")
+}
+
+/// 503 with `Retry-After: 1`: a passing shortage (file descriptors), or an
+/// object that changed under the request.
+pub(super) fn retry_later() -> Response {
+    Response::builder()
+        .status(StatusCode::SERVICE_UNAVAILABLE)
+        .header(header::CACHE_CONTROL, "no-store")
+        .header(header::RETRY_AFTER, "1")
+        .body(Body::empty())
+        .expect("static response")
+}
+
+/// Whether an error means the process (`EMFILE`) or the system (`ENFILE`)
+/// has no file descriptor left.
+pub(super) fn is_out_of_fds(e: &io::Error) -> bool {
+    #[cfg(unix)]
+    {
+        matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = e;
+        false
+    }
 }
 
 pub(super) fn not_found() -> Response {

@@ -153,3 +153,31 @@ fn paths() {
     assert_eq!(relative_path("/a%2"), None);
     assert_eq!(relative_path("/%ff"), None);
 }
+
+#[test]
+fn connections_leave_descriptors_for_files() {
+    // No limit: as asked.
+    assert_eq!(connection_cap(1024, None), 1024);
+    // The usual 1024: a quarter kept for files.
+    assert_eq!(connection_cap(1024, Some(1024)), 768);
+    // Small limits: 64 kept, but never more than half.
+    assert_eq!(connection_cap(1024, Some(200)), 136);
+    assert_eq!(connection_cap(1024, Some(64)), 32);
+    assert_eq!(connection_cap(1024, Some(1)), 1);
+    assert_eq!(connection_cap(1024, Some(0)), 1);
+    // A high limit: as asked.
+    assert_eq!(connection_cap(1024, Some(1 << 20)), 1024);
+}
+
+#[test]
+fn out_of_descriptors_is_a_passing_shortage() {
+    #[cfg(unix)]
+    {
+        assert!(is_out_of_fds(&io::Error::from_raw_os_error(libc::EMFILE)));
+        assert!(is_out_of_fds(&io::Error::from_raw_os_error(libc::ENFILE)));
+        assert!(!is_out_of_fds(&io::Error::from_raw_os_error(libc::EACCES)));
+    }
+    let r = retry_later();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+}

@@ -1279,3 +1279,142 @@ async fn shutdown_drops_a_trickling_download_after_the_drain_timeout() {
         .await
         .unwrap();
 }
+
+/// Bytes a process has read through `read(2)` and friends (`rchar`).
+fn rchar(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A one-byte range of a large object not yet in the ETag cache (after a
+/// restart, or any change of its mtime), asked for by 8 clients at once:
+/// each request hashes the whole file for its strong ETag, in parallel, so
+/// 8 one-byte GETs make the server read 8 × the file (a 10 GB snapshot: 80
+/// GB, and no answer within a replica's 30 s timeout, whose retries start
+/// more). The hash of one file should be computed once (single-flight), or
+/// the validator should not need the whole content.
+#[test]
+fn concurrent_range_gets_of_a_large_object_hash_it_once() {
+    use std::io::{Read as _, Write as _};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write(root, HEAD, br#"{"epoch":1}"#);
+    write(root, SNAPSHOT, b"");
+    let size: u64 = 512 << 20;
+    // Sparse: no disk needed, and reads are as fast as they get.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join(SNAPSHOT))
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let serve = crate::support::Serve::start(root);
+    let pid = serve.pid();
+    let addr = serve.url.trim_start_matches("http://").to_string();
+    let before = rchar(pid);
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut c = std::net::TcpStream::connect(&addr).unwrap();
+                write!(
+                    c,
+                    "GET /{SNAPSHOT} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-0\r\nConnection: close\r\n\r\n"
+                )
+                .unwrap();
+                let mut out = Vec::new();
+                c.read_to_end(&mut out).unwrap();
+                String::from_utf8_lossy(&out).lines().next().unwrap_or("").to_string()
+            })
+        })
+        .collect();
+    for c in clients {
+        let status = c.join().unwrap();
+        assert!(status.contains(" 206 "), "{status}\n{}", serve.logs());
+    }
+    let read = rchar(pid) - before;
+    eprintln!("8 one-byte range GETs of a {size}-byte object read {read} bytes");
+    assert!(
+        read < 2 * size,
+        "8 one-byte range GETs read {} MiB of a {} MiB object",
+        read >> 20,
+        size >> 20
+    );
+}
+
+/// `walcast serve` under a file-descriptor limit below its connection cap
+/// (the default cap is 1024, as is the usual soft `RLIMIT_NOFILE`): clients
+/// that open connections and trickle nothing take every descriptor, and a
+/// client already connected then gets 500 for the head (the server cannot
+/// open the file), with new connections refused by `accept`. The cap should
+/// leave descriptors for the files requests open (clamp it to the limit
+/// less a reserve, or raise the soft limit), so that the flood waits in the
+/// backlog and the head answers.
+#[test]
+fn connections_up_to_the_fd_limit_do_not_starve_file_opens() {
+    use std::io::{Read as _, Write as _};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write(root, HEAD, br#"{"epoch":1}"#);
+    let logs = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new("sh");
+    cmd.arg("-c")
+        .arg("ulimit -n 64 && exec \"$0\" serve \"$1\" --addr 127.0.0.1:0")
+        .arg(crate::support::bin())
+        .arg(root);
+    let mut proc = crate::support::Proc::spawn("serve", cmd, logs.path());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let url = loop {
+        let out = proc.stdout();
+        if let Some(l) = out.lines().next().filter(|_| out.contains('\n')) {
+            break l
+                .strip_prefix("walcast serve: listening on ")
+                .unwrap()
+                .trim()
+                .trim_end_matches('/')
+                .to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no listening line\n{}",
+            proc.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let addr = url.trim_start_matches("http://").to_string();
+    let mut kept = std::net::TcpStream::connect(&addr).unwrap();
+    // The flood: more connections than descriptors, each a partial request.
+    let mut flood = Vec::new();
+    for _ in 0..80 {
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        let _ = c.write_all(b"GET / HTTP/1.1\r\n");
+        flood.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    write!(
+        kept,
+        "GET /{HEAD} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = kept.read_to_end(&mut out);
+    let status = String::from_utf8_lossy(&out)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    drop(flood);
+    proc.kill9();
+    assert!(
+        status.contains(" 200 "),
+        "the head answered {status:?}\n{}",
+        proc.logs()
+    );
+}

@@ -1065,6 +1065,10 @@ impl Serve {
     pub(crate) fn logs(&self) -> String {
         self.proc.logs()
     }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.proc.pid().expect("serve is running")
+    }
 }
 
 // ---------------------------------------------------------------------------
