@@ -95,6 +95,100 @@ const MAX_OPEN_SCANS = 48;
  */
 const SCAN_SLOT_STALE_MS = 120_000;
 
+/**
+ * Lazy point reads one replica runs at once; more wait their turn. Every
+ * answer to a GET wakes the reads waiting on other reads' GETs, so what one
+ * answer costs grows with the reads running: this keeps it bounded however
+ * many requests arrive at once.
+ */
+const MAX_ACTIVE_READS = 32;
+
+/**
+ * A server that answers a ranged GET with the whole object (it ignores
+ * Range): ranged GETs of the same object this soon after (ms) are answered
+ * with that copy instead of another download. The module lets one such GET
+ * of an object out at a time, so concurrent reads cost one copy.
+ */
+const WHOLE_ANSWER_KEEP_MS = 60_000;
+
+/** A point read holding its slot longer than this (ms) is taken for stranded (see SCAN_SLOT_STALE_MS). */
+const READ_SLOT_STALE_MS = 120_000;
+
+/**
+ * At most `max` holders at once, the rest waiting first come first served.
+ * A slot held `staleMs` or longer is taken back: its holder is taken for
+ * stranded (a runtime that tore its request's I/O down).
+ */
+class Slots {
+  constructor(max, staleMs) {
+    this.max = max;
+    this.staleMs = staleMs;
+    this.held = new Map(); // slot -> Date.now() when taken
+    this.waiters = []; // wake-up functions, first come first
+  }
+
+  /** A free slot, once one is free (or stale). `closed()` true: throws closedError. */
+  async take(closed) {
+    let first = this.waiters.length === 0; // else queue behind the waiters
+    for (;;) {
+      if (closed()) throw closedError();
+      const now = Date.now();
+      let oldest = Infinity;
+      for (const [slot, at] of this.held) {
+        if (now - at >= this.staleMs) this.held.delete(slot);
+        else oldest = Math.min(oldest, at);
+      }
+      // Slots freed by staleness go to those waiting first (a waiter whose
+      // own timer a torn-down request never fires is woken here).
+      while (this.held.size < this.max && this.waiters.length > 0) {
+        const handed = {};
+        this.held.set(handed, now);
+        this.waiters.shift()(handed);
+      }
+      if (this.held.size < this.max) {
+        const slot = {};
+        this.held.set(slot, now);
+        return slot;
+      }
+      // Handed a slot by a release, or woken when the oldest slot turns
+      // stale. The timer is this caller's own: a stranded holder's timers
+      // may never fire.
+      const handed = await new Promise((resolve) => {
+        let timer;
+        const wake = (slot) => {
+          clearTimeout(timer);
+          const i = this.waiters.indexOf(wake);
+          if (i >= 0) this.waiters.splice(i, 1);
+          resolve(slot);
+        };
+        const wait = Math.max(1, Math.min(oldest + this.staleMs - now, this.staleMs, 2 ** 31 - 1));
+        timer = setTimeout(() => wake(null), wait);
+        // A waiter that got no slot when woken keeps its place in front.
+        if (first) this.waiters.unshift(wake);
+        else this.waiters.push(wake);
+      });
+      if (handed) return handed;
+      first = true;
+    }
+  }
+
+  /** Gives `slot` back; it goes to the first waiter, if any (a stale slot was already given away). */
+  release(slot) {
+    if (!this.held.delete(slot)) return;
+    const next = this.waiters.shift();
+    if (next) {
+      const handed = {};
+      this.held.set(handed, Date.now());
+      next(handed);
+    }
+  }
+
+  /** Wakes every waiter empty-handed (their take() then sees closed). */
+  wakeAll() {
+    for (const wake of this.waiters.splice(0)) wake(null);
+  }
+}
+
 /** Default `persistTimeoutMs`: how long one call of the persist store may take. */
 const DEFAULT_PERSIST_TIMEOUT_MS = 30_000;
 
@@ -929,6 +1023,10 @@ export class Replica {
   // or null when not performed or aborted): the server may hold them for
   // long, so no operation waits for them; the next sync abandons them.
   #held = new Map();
+  // The last whole object a server sent for a ranged GET (it ignores
+  // Range): later ranged GETs of that key within WHOLE_ANSWER_KEEP_MS take
+  // it instead of downloading it again. { key, res, at } or null.
+  #wholeAnswer = null;
   #unsent = 0; // long-polls the module counted but that were never sent (no start())
   #requestsByKind = zeroKinds(); // GETs sent, by kind of object
   #bytesByKind = zeroKinds(); // body bytes received, by kind of object
@@ -953,9 +1051,8 @@ export class Replica {
   #recoveries = 0;
   #trapError = null;
   #reloading = null;
-  #scanSlots = new Map(); // lazy scans open in the module: slot -> Date.now() when taken
-  #scanWaiters = []; // lazy scans waiting for a slot: their wake-up functions, first come first
-  #scanStaleMs = SCAN_SLOT_STALE_MS;
+  #scanSlots = new Slots(MAX_OPEN_SCANS, SCAN_SLOT_STALE_MS); // lazy scans open in the module
+  #readSlots = new Slots(MAX_ACTIVE_READS, READ_SLOT_STALE_MS); // lazy point reads running
   #testHangScans = 0; // test-only: this many next scans never settle (a torn-down request's I/O)
   #testFailRebuild = false; // test-only: the next rebuild makes no WasmReplica (restore and construct fail)
   #persistTimeoutMs = DEFAULT_PERSIST_TIMEOUT_MS;
@@ -1475,12 +1572,20 @@ export class Replica {
     }
     const ac = new AbortController();
     const kind = kindOf(req);
-    this.#requestsByKind[kind]++;
-    const entry = { ac, op, held, kind, deadline: Date.now() + req.timeoutMs + LOST_ANSWER_GRACE_MS };
+    const kept = this.#wholeAnswer;
+    const fresh = kept && req.range && kept.key === req.key && Date.now() - kept.at < WHOLE_ANSWER_KEEP_MS;
+    if (!fresh) this.#requestsByKind[kind]++;
+    const entry = { ac, op, held, kind, fresh, deadline: Date.now() + req.timeoutMs + LOST_ANSWER_GRACE_MS };
     this.#gets.set(req.id, entry);
     if (held) this.#held.set(req.id, entry);
     else op.owned++;
-    performGet(this.#io, req, ac)
+    (fresh ? Promise.resolve(kept.res) : performGet(this.#io, req, ac))
+      .then((res) => {
+        // A whole object for a range: the module takes what it asked for
+        // from it, and verifies it as any answer.
+        if (!fresh && req.range && res.status === 200 && res.body && res.body.byteLength <= req.maxBytes) this.#wholeAnswer = { key: req.key, res, at: Date.now() };
+        return res;
+      })
       .then((res) => verifySignatures(h, req, res).then(() => res))
       .then((res) => this.#answer(h, req.id, entry, res));
   }
@@ -1515,7 +1620,7 @@ export class Replica {
     if (this.#gets.get(id) !== entry) return; // aborted, or answered as lost
     this.#gets.delete(id);
     if (entry.held) this.#held.delete(id);
-    if (res.body) this.#bytesByKind[entry.kind] += res.body.byteLength;
+    if (res.body && !entry.fresh) this.#bytesByKind[entry.kind] += res.body.byteLength;
     let error = null;
     if (!h.dead && this.#slot.h === h) {
       try {
@@ -1600,11 +1705,16 @@ export class Replica {
   }
 
   /**
-   * Wakes every waiting operation (with `error`: rejects them); with
-   * request-scoped I/O, only `op` (the one whose GET or timer this is).
+   * Wakes the operations waiting for `op`'s GET or timer (with `error`:
+   * rejects every waiting one): `op` itself, and those that own no GET in
+   * flight (they wait for GETs other operations started); with
+   * request-scoped I/O, only `op`.
    */
   #wakeWaiters(error = null, op = null) {
-    const mine = scopedIo && op ? (w) => w.op === op : () => true;
+    // Besides `op`, only operations with no GET of their own in flight
+    // may have been waiting for this one: the others are woken by their
+    // own answers (so an answer does not re-run every read waiting).
+    const mine = error ? () => true : scopedIo && op ? (w) => w.op === op : (w) => !op || w.op === op || w.op.owned === 0;
     const waiters = this.#waiters.filter(mine);
     this.#waiters = this.#waiters.filter((w) => !mine(w));
     for (const w of waiters) {
@@ -1653,7 +1763,12 @@ export class Replica {
 
   async #lazyGet(key) {
     const k = toBytes(key, "key");
-    return this.#lazyRead((w) => w.getLazy(k));
+    const slot = await this.#readSlots.take(() => this.#closed);
+    try {
+      return await this.#lazyRead((w) => w.getLazy(k));
+    } finally {
+      this.#readSlots.release(slot);
+    }
   }
 
   async #lazyScan(options) {
@@ -1662,7 +1777,7 @@ export class Replica {
     // At most MAX_OPEN_SCANS open in the module at once (it keeps 64 and
     // forgets the least recently stepped past that): more wait their turn
     // instead of forgetting each other and starting over without end.
-    const slot = await this.#scanSlot();
+    const slot = await this.#scanSlots.take(() => this.#closed);
     try {
       if (this.#testHangScans > 0) {
         this.#testHangScans--;
@@ -1670,61 +1785,7 @@ export class Replica {
       }
       return await this.#lazyScanOpen(b);
     } finally {
-      // The slot goes to the first waiter, if any (a stale slot was
-      // already given away).
-      if (this.#scanSlots.delete(slot)) {
-        const next = this.#scanWaiters.shift();
-        if (next) {
-          const handed = {};
-          this.#scanSlots.set(handed, Date.now());
-          next(handed);
-        }
-      }
-    }
-  }
-
-  /** A free scan slot, once one is free (or stale: SCAN_SLOT_STALE_MS). */
-  async #scanSlot() {
-    let first = this.#scanWaiters.length === 0; // else queue behind the waiters
-    for (;;) {
-      if (this.#closed) throw closedError();
-      const now = Date.now();
-      let oldest = Infinity;
-      for (const [slot, at] of this.#scanSlots) {
-        if (now - at >= this.#scanStaleMs) this.#scanSlots.delete(slot);
-        else oldest = Math.min(oldest, at);
-      }
-      // Slots freed by staleness go to the scans waiting first (a waiter
-      // whose own timer a torn-down request never fires is woken here).
-      while (this.#scanSlots.size < MAX_OPEN_SCANS && this.#scanWaiters.length > 0) {
-        const handed = {};
-        this.#scanSlots.set(handed, now);
-        this.#scanWaiters.shift()(handed);
-      }
-      if (this.#scanSlots.size < MAX_OPEN_SCANS) {
-        const slot = {};
-        this.#scanSlots.set(slot, now);
-        return slot;
-      }
-      // Handed a slot by a release, or woken when the oldest slot turns
-      // stale. The timer is this caller's own: a stranded scan's timers
-      // may never fire.
-      const handed = await new Promise((resolve) => {
-        let timer;
-        const wake = (slot) => {
-          clearTimeout(timer);
-          const i = this.#scanWaiters.indexOf(wake);
-          if (i >= 0) this.#scanWaiters.splice(i, 1);
-          resolve(slot);
-        };
-        const wait = Math.max(1, Math.min(oldest + this.#scanStaleMs - now, this.#scanStaleMs, 2 ** 31 - 1));
-        timer = setTimeout(() => wake(null), wait);
-        // A waiter that got no slot when woken keeps its place in front.
-        if (first) this.#scanWaiters.unshift(wake);
-        else this.#scanWaiters.push(wake);
-      });
-      if (handed) return handed;
-      first = true;
+      this.#scanSlots.release(slot);
     }
   }
 
@@ -1850,7 +1911,7 @@ export class Replica {
     const [name, arg] = String(mode).split(":");
     if (name === "hang-scans") return void (this.#testHangScans = Number(arg));
     if (name === "fail-rebuild") return void (this.#testFailRebuild = true);
-    if (name === "scan-stale-ms") return void (this.#scanStaleMs = Number(arg));
+    if (name === "scan-stale-ms") return void (this.#scanSlots.staleMs = Number(arg));
     if (["fail-instantiate", "async-instantiate", "fail-construct", "clear-faults"].includes(mode)) {
       testFaults.instantiate = mode === "fail-instantiate" ? 2 : mode === "async-instantiate" ? 1 : 0;
       testFaults.construct = mode === "fail-construct" ? 1 : 0;
@@ -1953,7 +2014,8 @@ export class Replica {
     this.stop();
     this.#closed = true;
     // Scans waiting for a slot reject with closed now, their timers cleared.
-    for (const wake of this.#scanWaiters.splice(0)) wake(null);
+    this.#scanSlots.wakeAll();
+    this.#readSlots.wakeAll();
     const pending = this.#queued ?? this.#inflight;
     if (pending) await pending.then(noop, noop);
     if (this.#inflight) await this.#inflight.then(noop, noop);

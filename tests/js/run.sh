@@ -10,7 +10,9 @@
 #      replica over tampered copies and over a custom store with append
 #   7. tests/js/longpoll.test.mjs: long-poll against walcast serve and through
 #      faulty proxies (about 20 s); tests/js/answers.test.mjs: redirects with
-#      the caller's headers, a 206 without Content-Range
+#      the caller's headers, a 206 without Content-Range; tests/js/hostile.test.mjs:
+#      many concurrent lazy reads in the worker (block GETs in flight, an origin
+#      that ignores Range, the reads each answer wakes)
 # Every step runs even when an earlier test step failed; exits non-zero on any failure.
 # Usage: bash tests/js/run.sh [--skip-build]
 set -uo pipefail
@@ -81,6 +83,7 @@ step idb node --test --test-reporter=spec tests/js/idb.test.mjs
 step longpoll node --test --test-force-exit --test-reporter=spec tests/js/longpoll.test.mjs
 # Answers the driver must not take at their word (redirects with headers, a 206 without Content-Range).
 step answers node --test --test-force-exit --test-reporter=spec tests/js/answers.test.mjs
+step hostile node --test --test-force-exit --test-reporter=spec tests/js/hostile.test.mjs
 step deno bash -c 'cd tests/js && NO_COLOR=1 exec node_modules/.bin/deno test --quiet --allow-read --allow-net --allow-env --allow-run deno.test.mjs'
 # Bun (npm's @oven/bun-linux-x64, scripts/runtime-deps.sh): resolves "walcast"
 # through tests/js/node_modules like Node; run-cases.mjs needs no test framework.

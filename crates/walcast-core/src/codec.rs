@@ -178,3 +178,16 @@ pub(crate) fn put_len_prefixed(out: &mut Vec<u8>, bytes: &[u8]) {
     put_varint(out, bytes.len() as u64);
     out.extend_from_slice(bytes);
 }
+
+/// The little-endian `u32` at `bytes[i..i + 4]`, for fields at fixed
+/// offsets of a structure whose length was checked (panics otherwise).
+pub(crate) fn le32(bytes: &[u8], i: usize) -> u32 {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(&bytes[i..i + 4]);
+    u32::from_le_bytes(w)
+}
+
+/// The little-endian `u64` at `bytes[i..i + 8]` (see [`le32`]).
+pub(crate) fn le64(bytes: &[u8], i: usize) -> u64 {
+    u64::from(le32(bytes, i)) | u64::from(le32(bytes, i + 4)) << 32
+}

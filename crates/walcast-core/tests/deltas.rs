@@ -25,6 +25,35 @@ struct Store {
     /// Head PUTs, and the bytes of their tails' base64 bodies.
     head_puts: u64,
     head_tail_bytes: u64,
+    /// Bytes of the heads' members, by what they hold (see [`head_parts`]).
+    head_parts: BTreeMap<&'static str, u64>,
+}
+
+/// A head's bytes split by what they hold: each part is what the head
+/// would lose without it (tail copies, segment filters, the rest of the
+/// segment entries, pages, deltas, the retired list, the snapshot entry);
+/// `fixed` is the rest.
+fn head_parts(h: &Head) -> Vec<(&'static str, u64)> {
+    let mut h = h.clone();
+    let mut last = h.encode().len() as u64;
+    let mut out = Vec::new();
+    let mut cut = |name: &'static str, h: &mut Head, f: &dyn Fn(&mut Head)| {
+        f(h);
+        let now = h.encode().len() as u64;
+        out.push((name, last - now));
+        last = now;
+    };
+    cut("tail", &mut h, &|h| h.tail.clear());
+    cut("filters", &mut h, &|h| {
+        h.segments.iter_mut().for_each(|s| s.filter = None)
+    });
+    cut("segments", &mut h, &|h| h.segments.clear());
+    cut("pages", &mut h, &|h| h.pages.clear());
+    cut("deltas", &mut h, &|h| h.deltas.clear());
+    cut("retired", &mut h, &|h| h.retired.clear());
+    cut("snapshot", &mut h, &|h| h.snapshot = None);
+    out.push(("fixed", last));
+    out
 }
 
 impl Store {
@@ -51,6 +80,9 @@ impl Store {
                             .iter()
                             .map(|t| t.body.len().div_ceil(3) * 4)
                             .sum::<usize>() as u64;
+                        for (part, n) in head_parts(&h) {
+                            *self.head_parts.entry(part).or_default() += n;
+                        }
                     }
                     self.etag += 1;
                     self.objects
@@ -1361,6 +1393,7 @@ fn delta_figures_at_scale() {
     let load_end = lsn;
     let before = store.uploaded.clone();
     let (puts_before, tail_before) = (store.head_puts, store.head_tail_bytes);
+    let parts_before = store.head_parts.clone();
     let mut wal = 0u64;
     let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
     let mut worst = Cold::default();
@@ -1457,6 +1490,15 @@ fn delta_figures_at_scale() {
         tails as f64 / puts.max(1) as f64,
         (heads - tails) as f64 / puts.max(1) as f64
     );
+    let parts: Vec<String> = store
+        .head_parts
+        .iter()
+        .map(|(k, v)| {
+            let d = v - parts_before.get(k).copied().unwrap_or(0);
+            format!("{k} {:.2}", d as f64 / wal as f64)
+        })
+        .collect();
+    println!("heads by part, per WAL byte: {}", parts.join(", "));
     println!("worst cold point read over {samples} samples: {worst:?}");
     println!(
         "full cold start, mean over the samples: {:.1} MB replaying segments after the snapshot, {:.1} MB over the delta chain ({:.2}x fewer)",

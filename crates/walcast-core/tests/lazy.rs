@@ -594,3 +594,73 @@ fn a_bootstrap_started_from_a_lying_head_takes_the_honest_entry() {
     assert_eq!(r.applied_lsn(), 80, "last error: {last:?}");
     assert!(r.state().iter().eq(state_through(1, 80).iter()));
 }
+
+/// Reads every key of `want` at once, answering the GETs one at a time in
+/// the order asked (a Range-ignoring server answers ranges with the whole
+/// object when `whole`), and rereads each pending key after every answer.
+/// Returns the most GETs out at once and the most of them for one object.
+fn concurrent_reads(
+    r: &mut Replica,
+    store: &mut Store,
+    want: &KvState,
+    whole: bool,
+) -> (usize, usize) {
+    let mut pending: Vec<Vec<u8>> = keys(want);
+    let mut out: std::collections::VecDeque<GetRequest> = Default::default();
+    let (mut most, mut most_one) = (0, 0);
+    for _ in 0..100_000 {
+        pending.retain(|k| match r.get_lazy(k).expect("read") {
+            Read::Ready(v) => {
+                assert_eq!(v.as_deref(), want.get(k), "{k:?}");
+                false
+            }
+            Read::Pending => true,
+        });
+        loop {
+            match r.poll(0) {
+                Action::Fetch(req) => out.push_back(req),
+                Action::Event(_) => {}
+                Action::Wait { .. } => break,
+            }
+        }
+        most = most.max(out.len());
+        for g in &out {
+            let same = out.iter().filter(|o| o.key == g.key).count();
+            most_one = most_one.max(same);
+        }
+        let Some(mut req) = out.pop_front() else {
+            assert!(pending.is_empty(), "reads left waiting with no GET out");
+            return (most, most_one);
+        };
+        if whole {
+            req.range = None;
+        }
+        let resp = store.serve(&req);
+        r.handle_response(req.id, 0, resp);
+    }
+    panic!("reads did not finish");
+}
+
+/// However many reads wait at once, the block GETs out at once stay under
+/// a fixed cap; against a server that ignores Range, a GET that may bring
+/// a whole object goes out only while no other GET of it is out. Every
+/// read still gets the origin's value.
+#[test]
+fn concurrent_reads_keep_block_gets_bounded() {
+    let mut want = KvState::new();
+    for i in 0..3_000u32 {
+        want.put(format!("k{i:05}").as_bytes(), &[i as u8; 24]);
+    }
+    for whole in [false, true] {
+        let mut store = snapshot_only(DATASET, &want, 400);
+        let mut r = Replica::new(lazy_cfg(1 << 20), 7);
+        drain(&mut r, &mut store, 0);
+        let (most, most_one) = concurrent_reads(&mut r, &mut store, &want, whole);
+        assert!(most <= 16, "{most} block GETs out at once (whole: {whole})");
+        if whole {
+            assert_eq!(most_one, 1, "whole-object GETs of the snapshot at once");
+        } else {
+            assert!(most > 8, "reads of distinct blocks go out together: {most}");
+        }
+    }
+}

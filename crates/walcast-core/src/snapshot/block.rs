@@ -3,7 +3,7 @@
 //! carries the block's checksum. Data blocks and index blocks share this
 //! codec; an index entry's value is a [`BlockHandle`]. See `docs/FORMAT.md`.
 
-use crate::codec::{invalid, put_varint, Reader};
+use crate::codec::{invalid, le32, le64, put_varint, Reader};
 use crate::error::DecodeError;
 
 /// Bytes of a block header: `len: u32, count: u32, crc: u32`.
@@ -39,15 +39,18 @@ impl BlockHandle {
 
     /// Parses a handle found at byte `at`.
     pub fn decode(bytes: &[u8], at: u64) -> Result<BlockHandle, DecodeError> {
-        let mut r = Reader::new(bytes, at);
-        let h = BlockHandle {
-            offset: r.u64("block handle")?,
-            len: r.u32("block handle")?,
-            crc: r.u32("block handle")?,
-        };
-        if !r.is_empty() {
-            return Err(invalid("block handle", at, "trailing bytes"));
+        if bytes.len() != HANDLE_LEN {
+            return Err(invalid(
+                "block handle",
+                at,
+                format!("{} bytes, a handle has {HANDLE_LEN}", bytes.len()),
+            ));
         }
+        let h = BlockHandle {
+            offset: le64(bytes, 0),
+            len: le32(bytes, 8),
+            crc: le32(bytes, 12),
+        };
         if u64::from(h.len) < BLOCK_HEADER_LEN
             || u64::from(h.len) > BLOCK_HEADER_LEN + MAX_BLOCK_LEN
         {

@@ -11,10 +11,10 @@
 //! [`DeltaIndex::lookup`] verifies one data block and reads a key from it;
 //! [`decode_delta`] verifies and decodes a whole delta.
 
-use super::block::{Block, BlockBuilder, BlockHandle, HANDLE_LEN};
+use super::block::{Block, BlockBuilder, BlockHandle};
 use super::{SnapshotHeader, HEADER_LEN, MAGIC};
 use crate::catalog::DatasetId;
-use crate::codec::{check_crc, invalid, Reader};
+use crate::codec::{check_crc, invalid, le32, le64, Reader};
 use crate::error::DecodeError;
 
 /// Version of the delta snapshot.
@@ -100,15 +100,24 @@ impl DeltaFooter {
                 have: bytes.len() as u64,
             });
         }
-        let mut r = Reader::new(bytes, at);
-        let base_lsn = r.u64(what)?;
-        let index = BlockHandle::decode(r.bytes(HANDLE_LEN as u64, what)?, at + 8)?;
-        let filter = decode_filter_handle(r.bytes(HANDLE_LEN as u64, what)?, at + 24)?;
-        let entry_count = r.u64(what)?;
-        let data_blocks = r.u32(what)?;
-        let reserved = r.u32(what)?;
-        let crc = r.u32(what)?;
-        r.magic(&DELTA_FOOTER_MAGIC, what)?;
+        // 64 bytes, checked above: fixed offsets from here on.
+        let base_lsn = le64(bytes, 0);
+        let index = BlockHandle::decode(&bytes[8..24], at + 8)?;
+        let filter = decode_filter_handle(&bytes[24..40], at + 24)?;
+        let entry_count = le64(bytes, 40);
+        let data_blocks = le32(bytes, 48);
+        let reserved = le32(bytes, 52);
+        let crc = le32(bytes, 56);
+        let mut found = [0u8; 4];
+        found.copy_from_slice(&bytes[60..]);
+        if found != DELTA_FOOTER_MAGIC {
+            return Err(DecodeError::BadMagic {
+                what,
+                at: at + 60,
+                expected: DELTA_FOOTER_MAGIC,
+                found,
+            });
+        }
         check_crc(what, at, crc, &bytes[..56])?;
         if reserved != 0 {
             return Err(invalid(what, at, "reserved bits set"));
@@ -142,12 +151,12 @@ impl DeltaFooter {
 }
 
 /// A filter handle: the block handle layout, with the filter's own bounds.
+/// `bytes` are the footer's 16 bytes of the handle.
 fn decode_filter_handle(bytes: &[u8], at: u64) -> Result<BlockHandle, DecodeError> {
-    let mut r = Reader::new(bytes, at);
     let h = BlockHandle {
-        offset: r.u64("delta filter handle")?,
-        len: r.u32("delta filter handle")?,
-        crc: r.u32("delta filter handle")?,
+        offset: le64(bytes, 0),
+        len: le32(bytes, 8),
+        crc: le32(bytes, 12),
     };
     let len = u64::from(h.len);
     if len < FILTER_HEADER_LEN as u64 || len > FILTER_HEADER_LEN as u64 + MAX_FILTER_BYTES {

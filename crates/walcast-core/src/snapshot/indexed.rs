@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use super::block::{Block, BlockBuilder, BlockHandle, HANDLE_LEN};
 use super::{SnapshotHeader, HEADER_LEN, MAGIC};
 use crate::catalog::DatasetId;
-use crate::codec::{check_crc, invalid, Reader};
+use crate::codec::{check_crc, invalid, le32, le64, Reader};
 use crate::error::DecodeError;
 use crate::state::KvState;
 
@@ -216,23 +216,30 @@ impl Footer {
         } else {
             HANDLE_LEN
         };
-        let mut r = Reader::new(bytes, at);
-        let index_offset = r.u64("snapshot footer")?;
-        let (top, top_sha256) =
-            decode_handle(r.bytes(hlen as u64, "snapshot footer")?, at + 8, digests)?;
-        let entry_count = r.u64("snapshot footer")?;
-        let data_blocks = r.u32("snapshot footer")?;
-        let levels = r.u8("snapshot footer")?;
-        let reserved = r.bytes(3, "snapshot footer")?;
-        let crc = r.u32("snapshot footer")?;
-        r.magic(
-            if digests {
-                &FOOTER_MAGIC_V4
-            } else {
-                &FOOTER_MAGIC
-            },
-            "snapshot footer",
-        )?;
+        // `flen` bytes, checked above: fixed offsets from here on.
+        let index_offset = le64(bytes, 0);
+        let (top, top_sha256) = decode_handle(&bytes[8..8 + hlen], at + 8, digests)?;
+        let o = 8 + hlen;
+        let entry_count = le64(bytes, o);
+        let data_blocks = le32(bytes, o + 8);
+        let levels = bytes[o + 12];
+        let reserved = &bytes[o + 13..o + 16];
+        let crc = le32(bytes, o + 16);
+        let magic = if digests {
+            FOOTER_MAGIC_V4
+        } else {
+            FOOTER_MAGIC
+        };
+        let mut found = [0u8; 4];
+        found.copy_from_slice(&bytes[o + 20..]);
+        if found != magic {
+            return Err(DecodeError::BadMagic {
+                what: "snapshot footer",
+                at: at + o as u64 + 20,
+                expected: magic,
+                found,
+            });
+        }
         check_crc("snapshot footer", at, crc, &bytes[..flen as usize - 8])?;
         if reserved != [0, 0, 0] || !(1..=2).contains(&levels) {
             return Err(invalid(

@@ -175,20 +175,33 @@ impl Replica {
     }
 
     /// The next block GET lazy reads are waiting for, if any.
+    ///
+    /// Whole deferred segments go out at most `max_inflight` at a time (as
+    /// when catching up), and snapshot and delta blocks at most
+    /// [`BLOCKS_PER_INFLIGHT`] times that, however many reads wait: the
+    /// rest wait their turn. A GET that may bring a whole object (see
+    /// [`Lazy::takes_whole`]) goes out only while no other GET of that
+    /// object is out, so a server that ignores Range sends one whole copy
+    /// at a time, not one per waiting read.
     pub(in crate::replica) fn next_block_fetch(&mut self) -> Option<crate::replica::Action> {
         let max_inflight = self.cfg.max_inflight.max(1);
         let lazy = self.lazy.as_mut()?;
-        // Whole deferred segments go out at most `max_inflight` at a time
-        // (as when catching up); blocks of the snapshot and deltas at once.
-        let segments = lazy
-            .inflight
-            .iter()
-            .filter(|j| lazy.is_deferred(&j.snapshot))
-            .count();
-        let i = lazy
-            .wanted
-            .iter()
-            .position(|j| segments < max_inflight || !lazy.is_deferred(&j.snapshot))?;
+        let (mut segments, mut blocks) = (0, 0);
+        for j in &lazy.inflight {
+            if lazy.is_deferred(&j.snapshot) {
+                segments += 1;
+            } else {
+                blocks += 1;
+            }
+        }
+        let i = lazy.wanted.iter().position(|j| {
+            if lazy.is_deferred(&j.snapshot) {
+                return segments < max_inflight;
+            }
+            blocks < max_inflight.max(2) * BLOCKS_PER_INFLIGHT
+                && !(lazy.takes_whole(&j.snapshot)
+                    && lazy.inflight.iter().any(|f| f.snapshot == j.snapshot))
+        })?;
         let job = lazy.wanted.remove(i);
         lazy.inflight.push(job.clone());
         let range = match job.need {
@@ -251,6 +264,7 @@ impl Replica {
                             && cr.end == want_end
                             && body.len() as u64 == want_end - want_start =>
                     {
+                        lazy.ranged = true;
                         Ok(&body[..])
                     }
                     None if body.len() as u64 == size => {

@@ -42,6 +42,12 @@ const SPECULATIVE_BLOCKS: usize = 2;
 /// grow the list for as long as the base stays.
 pub(super) const MAX_FAILED: usize = 64;
 
+/// Snapshot and delta block GETs out at once, per segment GET a replica
+/// makes at once (`ReplicaConfig::max_inflight`): a cold read needs up to
+/// six at once (a suffix of each delta and a snapshot index block), so
+/// never fewer than twice this.
+pub(super) const BLOCKS_PER_INFLIGHT: usize = 4;
+
 /// Most segments a lazy replica holds unread at once (see
 /// [`Lazy::deferred`]); past that, segments are fetched as they come.
 pub(super) const MAX_DEFERRED: usize = 128;
@@ -203,6 +209,9 @@ pub(super) struct Lazy {
     pub(super) wanted: Vec<BlockJob>,
     /// Blocks requested and not yet answered.
     pub(super) inflight: Vec<BlockJob>,
+    /// The store answered a range with that range: it honours Range, and
+    /// GETs take no more than their range (see [`Lazy::max_bytes`]).
+    pub(super) ranged: bool,
     /// Failures of block GETs, each reported once to the next read that
     /// needs that block (reads of other blocks are not affected): the
     /// newest per block, at most [`MAX_FAILED`] (see [`Lazy::fail`]).
@@ -285,19 +294,27 @@ impl Lazy {
     /// The most bytes a GET of `range` of the object `key` may bring: the
     /// whole object when no range is asked, or when it fits the cache (a
     /// server that ignores Range then answers with all of it, which is
-    /// used); else only the range, so that a server ignoring Range costs a
-    /// read an error, not the memory of a whole large snapshot.
+    /// used) and the store has not answered a range yet; else only the
+    /// range, so that
+    /// a server ignoring Range costs a read an error, not the memory of a
+    /// whole large snapshot.
     pub(super) fn max_bytes(&self, key: &str, range: Option<&ByteRange>) -> u64 {
         let size = self.object_size(key);
+        let whole = self.takes_whole(key);
         match range {
-            Some(ByteRange::Bounded { start, end }) if size > self.cache_bytes => {
-                end.saturating_sub(*start)
-            }
-            Some(ByteRange::Suffix(n)) if size > self.cache_bytes => (*n).min(size),
+            Some(ByteRange::Bounded { start, end }) if !whole => end.saturating_sub(*start),
+            Some(ByteRange::Suffix(n)) if !whole => (*n).min(size),
             _ => size,
         }
         // A head's claimed size never sets more than a replica reads.
         .min(crate::catalog::MAX_SEGMENT_BYTES)
+    }
+
+    /// Whether a ranged GET of `key` may bring the whole object: it fits
+    /// the cache and the store has not answered a range yet (once it has,
+    /// it honours Range, and an answer past the range is refused).
+    pub(super) fn takes_whole(&self, key: &str) -> bool {
+        !self.ranged && self.object_size(key) <= self.cache_bytes
     }
 
     /// Forgets everything (a new dataset, or a base above the applied LSN).
@@ -309,6 +326,7 @@ impl Lazy {
         self.wanted.clear();
         self.inflight.clear();
         self.failed.clear();
+        self.ranged = false;
     }
 
     /// The share of `cache_bytes` the deltas' data blocks hold together: a
