@@ -225,6 +225,14 @@ export interface ScanOptions {
   end?: Key;
   /** At most this many entries (0 gives none). Default: all. */
   limit?: number;
+  /**
+   * End at the entry that brings the bytes of the keys and values returned
+   * to this many or more (at least one entry is returned), so one answer
+   * stays near this size however large the values. Fewer than `limit`
+   * entries whose bytes reach it: go on from the last key plus a zero byte.
+   * Default: no bound.
+   */
+  maxBytes?: number;
 }
 
 /** A scanned entry. `key` is a string when the key's bytes are valid UTF-8, else the bytes. */

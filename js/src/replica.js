@@ -451,8 +451,9 @@ function wasmOptions(options) {
  * `end` at or before the lower bound). Throws `invalid_input`.
  */
 function scanBounds(options) {
-  const { prefix, start, end, limit } = options ?? {};
+  const { prefix, start, end, limit, maxBytes } = options ?? {};
   checkCount(limit, "limit");
+  checkCount(maxBytes, "maxBytes", { min: 1 });
   const p = optBytes(prefix, "prefix");
   const s = optBytes(start, "start");
   const e = optBytes(end, "end");
@@ -461,7 +462,8 @@ function scanBounds(options) {
     const lower = s !== undefined && (p === undefined || compareBytes(s, p) > 0) ? s : p ?? EMPTY;
     if (compareBytes(e, lower) <= 0) return null;
   }
-  return { prefix: p, start: s, end: e, limit: limit === undefined ? NO_LIMIT : Math.min(limit, NO_LIMIT) };
+  const most = (n) => (n === undefined ? NO_LIMIT : Math.min(n, NO_LIMIT));
+  return { prefix: p, start: s, end: e, limit: most(limit), maxBytes: most(maxBytes) };
 }
 
 /** The module's `[key, value]` pairs as scan entries. */
@@ -1795,7 +1797,7 @@ export class Replica {
     try {
       const rows = await this.#lazyRead((w, h) => {
         if (owner !== h) {
-          id = w.scanOpen(b.prefix, b.start, b.end, b.limit);
+          id = w.scanOpen(b.prefix, b.start, b.end, b.limit, b.maxBytes);
           owner = h;
         }
         try {
@@ -1804,7 +1806,7 @@ export class Replica {
           // Forgotten while more scans than the module keeps were open:
           // start it again.
           if (!String(e?.message).includes("no such scan")) throw e;
-          id = w.scanOpen(b.prefix, b.start, b.end, b.limit);
+          id = w.scanOpen(b.prefix, b.start, b.end, b.limit, b.maxBytes);
           return w.scanLazy(id);
         }
       });
@@ -1849,7 +1851,7 @@ export class Replica {
     this.#h();
     const b = scanBounds(options);
     if (b === null) return [];
-    return entries(this.#call("read", (w) => w.scan(b.prefix, b.start, b.end, b.limit)));
+    return entries(this.#call("read", (w) => w.scan(b.prefix, b.start, b.end, b.limit, b.maxBytes)));
   }
 
   /** Where the replica is: LSNs, lag, state, last error, traffic. */

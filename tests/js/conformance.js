@@ -690,6 +690,31 @@ export function conformanceCases(ctx) {
       }
       sameRows(got, c.name === "everything" ? full.scan() : full.scan(opts), `${label}: scan ${c.name}`);
     }
+    // maxBytes: each page is the whole scan's next entries, through the one
+    // whose keys and values reach the bound, in both modes.
+    const all = full.scan();
+    // (The first 12 pages of the smaller bounds; every page of 1 MiB.)
+    for (const maxBytes of [1, 700, 20000, 1 << 20]) {
+      let start = new Uint8Array(0);
+      let at = 0;
+      for (let page = 0; at < all.length && (page < 12 || maxBytes === 1 << 20); page++) {
+        const lazyPage = await lazy.scan({ start, maxBytes });
+        const fullPage = full.scan({ start, maxBytes });
+        let bytes = 0;
+        let n = 0;
+        while (at + n < all.length && bytes < maxBytes) {
+          bytes += keyBytes(all[at + n].key).byteLength + all[at + n].value.byteLength;
+          n++;
+        }
+        sameRows(lazyPage, all.slice(at, at + n), `${label}: lazy scan maxBytes ${maxBytes}, page ${page}`);
+        sameRows(fullPage, all.slice(at, at + n), `${label}: full scan maxBytes ${maxBytes}, page ${page}`);
+        at += n;
+        const last = keyBytes(all[at - 1].key);
+        start = new Uint8Array([...last, 0]);
+      }
+      if (maxBytes === 1 << 20) eq(at, all.length, `${label}: scan pages of maxBytes ${maxBytes} cover every entry`);
+    }
+    await rejectsWith(lazy.scan({ maxBytes: 0 }), "invalid_input", "lazy scan maxBytes 0");
   };
 
   add("lazy: open refuses what a lazy replica cannot do (invalid_input)", async () => {

@@ -24,7 +24,10 @@
 // ignored, so a private bucket needs no public access), MAX_AGE_MS,
 // FIRST_SYNC_WAIT_MS (how long a request waits for the initial sync before it
 // answers 503, default 30000), SCAN_LIMIT (default rows of /scan, 1000),
-// MAX_SCAN_LIMIT (10000), MAX_CONCURRENT_SCANS (lazy scans at once, 32, at
+// MAX_SCAN_LIMIT (10000), SCAN_MAX_BYTES (a /scan answer ends at the row
+// whose keys and values reach this many bytes, default 4 MiB, and then
+// carries `Walcast-Scan-Next`: the percent-encoded `start` of the next
+// page), MAX_CONCURRENT_SCANS (lazy scans at once, 32, at
 // most 64: more answer 503 `busy` with Retry-After), MIN_LSN_WAIT_MS (how long a read with `?min_lsn=N`
 // or `Walcast-Min-Lsn: N` waits for LSN N to be applied before it answers 503
 // with Retry-After, default 5000; every answer carries `Walcast-Lsn`, the
@@ -58,6 +61,7 @@ import { R2_ORIGIN, isR2Bucket, r2Fetch } from "./r2.js";
 const DEFAULT_MAX_AGE_MS = 1000;
 const DEFAULT_SCAN_LIMIT = 1000;
 const DEFAULT_MAX_SCAN_LIMIT = 10000;
+const DEFAULT_SCAN_MAX_BYTES = 4 << 20;
 // Lazy scans in progress at once (MAX_CONCURRENT_SCANS), at most what the
 // wasm module keeps open (`MAX_OPEN_SCANS`).
 const DEFAULT_MAX_CONCURRENT_SCANS = 32;
@@ -160,10 +164,21 @@ function readConfig(env) {
     maxAgeMs: intVar(env, "MAX_AGE_MS", DEFAULT_MAX_AGE_MS),
     scanLimit: intVar(env, "SCAN_LIMIT", DEFAULT_SCAN_LIMIT),
     maxScanLimit: intVar(env, "MAX_SCAN_LIMIT", DEFAULT_MAX_SCAN_LIMIT, 1),
+    scanMaxBytes: intVar(env, "SCAN_MAX_BYTES", DEFAULT_SCAN_MAX_BYTES, 1),
     maxConcurrentScans: Math.min(intVar(env, "MAX_CONCURRENT_SCANS", DEFAULT_MAX_CONCURRENT_SCANS, 1), MODULE_OPEN_SCANS),
     firstSyncWaitMs: intVar(env, "FIRST_SYNC_WAIT_MS", DEFAULT_FIRST_SYNC_WAIT_MS),
     minLsnWaitMs: intVar(env, "MIN_LSN_WAIT_MS", DEFAULT_MIN_LSN_WAIT_MS),
   };
+}
+
+/** Percent-encodes bytes for a query value (unreserved characters stay as they are). */
+function percentEncode(bytes) {
+  let out = "";
+  for (const b of bytes) {
+    const c = String.fromCharCode(b);
+    out += /[A-Za-z0-9\-._~]/.test(c) ? c : `%${b.toString(16).toUpperCase().padStart(2, "0")}`;
+  }
+  return out;
 }
 
 /** Percent-decodes `s` to bytes (UTF-8 for literal characters; `+` stays `+`). */
@@ -290,7 +305,7 @@ async function authorize(request, url, env, cors, now) {
 /** The CORS headers of an answer to `request`. */
 function corsHeaders(request, env) {
   const allowed = corsOrigins(env);
-  const h = { "access-control-expose-headers": "walcast-lsn, x-walcast-lsn, retry-after" };
+  const h = { "access-control-expose-headers": "walcast-lsn, x-walcast-lsn, walcast-scan-next, retry-after" };
   if (allowed === null) {
     h["access-control-allow-origin"] = "*";
     return h;
@@ -831,7 +846,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       limit = Number(raw);
     }
     if (limit > s.config.maxScanLimit) limit = s.config.maxScanLimit;
-    const opts = { limit };
+    const opts = { limit, maxBytes: s.config.scanMaxBytes };
     for (const f of ["prefix", "start", "end"]) if (q.has(f)) opts[f] = q.get(f);
     if (opts.start !== undefined && opts.end !== undefined && compareBytes(opts.start, opts.end) > 0) {
       return json(400, badRequest("start must not sort after end (start is inclusive, end exclusive)"), lsn, cors);
@@ -854,8 +869,12 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     } finally {
       if (lazyScan) s.scans--;
     }
+    let bytes = 0;
+    let last = null;
     const out = rows.map(({ key, value }) => {
       const row = {};
+      last = typeof key === "string" ? encoder.encode(key) : key;
+      bytes += last.byteLength + value.byteLength;
       if (typeof key === "string") row.key = key;
       else row.key_b64 = toBase64(key);
       const t = text(value);
@@ -863,7 +882,12 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       else row.value_b64 = toBase64(value);
       return row;
     });
-    return json(200, out, lsn, cors);
+    const res = json(200, out, lsn, cors);
+    // Cut by SCAN_MAX_BYTES: the next page starts past the last key.
+    if (rows.length < limit && bytes >= s.config.scanMaxBytes && last) {
+      res.headers.set("walcast-scan-next", percentEncode([...last, 0]));
+    }
+    return res;
   }
 
   return handle;

@@ -664,3 +664,46 @@ fn concurrent_reads_keep_block_gets_bounded() {
         }
     }
 }
+
+/// A scan bounded in bytes returns the whole scan's first entries, through
+/// the one whose keys and values reach the bound, however the overlay and
+/// the snapshot interleave; going on past its last key gives the rest.
+#[test]
+fn a_scan_bounded_in_bytes_returns_a_prefix_and_goes_on() {
+    let mut store = dataset(60, 40, 128);
+    let want = state_through(1, 60);
+    let all: Vec<(Vec<u8>, Vec<u8>)> = want.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+    assert!(all.len() > 10, "{} entries", all.len());
+    for max in [1usize, 150, 1_000, 1 << 20] {
+        let mut r = Replica::new(lazy_cfg(1 << 20), 3);
+        drain(&mut r, &mut store, 0);
+        let mut start: Vec<u8> = Vec::new();
+        let mut pages = 0;
+        loop {
+            let page = scan(
+                &mut r,
+                &mut store,
+                LazyScan::new(&start, None, 10_000).max_bytes(max),
+            );
+            let rest: Vec<_> = all.iter().filter(|(k, _)| *k >= start).cloned().collect();
+            let mut bytes = 0;
+            let n = rest
+                .iter()
+                .position(|(k, v)| {
+                    bytes += k.len() + v.len();
+                    bytes >= max
+                })
+                .map_or(rest.len(), |i| i + 1);
+            assert_eq!(page, rest[..n], "max {max}, page {pages}");
+            pages += 1;
+            if n == rest.len() {
+                break;
+            }
+            start = page.last().expect("a page holds an entry").0.clone();
+            start.push(0);
+        }
+        if max == 1 {
+            assert_eq!(pages, all.len(), "one entry a page at a 1-byte bound");
+        }
+    }
+}

@@ -743,15 +743,17 @@ impl WasmReplica {
     }
 
     /// Entries in key order (full mode): keys starting with `prefix`, at or
-    /// after `start`, before `end`; at most `limit` (0: no limit). Returns an
-    /// array of `[key, value]` pairs; empty when the bounds leave nothing
-    /// between them (`end` at or before `start`).
+    /// after `start`, before `end`; at most `limit` (0: no limit), ending
+    /// at the entry that brings the keys and values to `max_bytes`
+    /// (`u32::MAX`: no bound). Returns an array of `[key, value]` pairs; empty when the
+    /// bounds leave nothing between them (`end` at or before `start`).
     pub fn scan(
         &self,
         prefix: Option<Vec<u8>>,
         start: Option<Vec<u8>>,
         end: Option<Vec<u8>>,
         limit: u32,
+        max_bytes: u32,
     ) -> Array {
         let r = self.replica.borrow();
         let out = Array::new();
@@ -764,11 +766,13 @@ impl WasmReplica {
             .as_deref()
             .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
         let limit = if limit == 0 { u32::MAX } else { limit };
+        let mut left = max_bytes as usize;
         let mut entries = r.state().range(std::ops::Bound::Included(&lower), upper);
         while let Some((k, v)) = entries.next_entry() {
-            if !k.starts_with(&prefix) || out.length() >= limit {
+            if !k.starts_with(&prefix) || out.length() >= limit || left == 0 {
                 break;
             }
+            left = left.saturating_sub(k.len() + v.len());
             let pair = Array::new();
             pair.push(&Uint8Array::from(k));
             pair.push(&Uint8Array::from(v));
@@ -793,9 +797,9 @@ impl WasmReplica {
         }
     }
 
-    /// Starts an ordered scan for [`scan_lazy`](Self::scan_lazy) (bounds as
-    /// for [`scan`](Self::scan)); returns its id. Close it with
-    /// [`scan_close`](Self::scan_close).
+    /// Starts an ordered scan for [`scan_lazy`](Self::scan_lazy) (bounds,
+    /// `limit` and `max_bytes` as for [`scan`](Self::scan)); returns its
+    /// id. Close it with [`scan_close`](Self::scan_close).
     #[wasm_bindgen(js_name = scanOpen)]
     pub fn scan_open(
         &self,
@@ -803,6 +807,7 @@ impl WasmReplica {
         start: Option<Vec<u8>>,
         end: Option<Vec<u8>>,
         limit: u32,
+        max_bytes: u32,
     ) -> u32 {
         let prefix = prefix.unwrap_or_default();
         let lower = scan_lower(&prefix, start.as_deref());
@@ -814,7 +819,7 @@ impl WasmReplica {
         };
         self.scans
             .borrow_mut()
-            .open(LazyScan::new(&lower, upper.as_deref(), limit))
+            .open(LazyScan::new(&lower, upper.as_deref(), limit).max_bytes(max_bytes as usize))
     }
 
     /// Advances scan `id`: an array of `[key, value]` pairs when done,

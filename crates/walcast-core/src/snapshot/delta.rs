@@ -345,34 +345,7 @@ fn header_bytes(lsn: u64, epoch: u64, dataset_id: DatasetId, entries: u64) -> Ve
 
 /// Parses the 56-byte header of a delta snapshot.
 pub fn decode_delta_header(bytes: &[u8]) -> Result<SnapshotHeader, DecodeError> {
-    let what = "delta header";
-    let mut r = Reader::new(bytes, 0);
-    r.magic(&MAGIC, what)?;
-    let version = r.u16(what)?;
-    if version != VERSION_DELTA {
-        return Err(DecodeError::UnsupportedVersion {
-            what: "delta snapshot",
-            version: u64::from(version),
-            known: u64::from(VERSION_DELTA),
-        });
-    }
-    let flags = r.u16(what)?;
-    if flags != 0 {
-        return Err(DecodeError::UnknownFlags { what, flags });
-    }
-    let lsn = r.u64(what)?;
-    let epoch = r.u64(what)?;
-    let dataset_id = DatasetId(r.array(what)?);
-    let entry_count = r.u64(what)?;
-    let _reserved = r.u32(what)?;
-    let crc = r.u32(what)?;
-    check_crc(what, 0, crc, &bytes[..52.min(bytes.len())])?;
-    Ok(SnapshotHeader {
-        lsn,
-        epoch,
-        dataset_id,
-        entry_count,
-    })
+    super::decode_header_of(bytes, "delta snapshot", &[VERSION_DELTA])
 }
 
 /// What [`encode_delta`] writes.

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use super::block::{Block, BlockBuilder, BlockHandle, HANDLE_LEN};
 use super::{SnapshotHeader, HEADER_LEN, MAGIC};
 use crate::catalog::DatasetId;
-use crate::codec::{check_crc, invalid, le32, le64, Reader};
+use crate::codec::{check_crc, invalid, le32, le64};
 use crate::error::DecodeError;
 use crate::state::KvState;
 
@@ -294,36 +294,11 @@ fn header_bytes(
 
 /// Parses a 56-byte snapshot header of version 2 or 4.
 pub fn decode_indexed_header(bytes: &[u8]) -> Result<SnapshotHeader, DecodeError> {
-    let mut r = Reader::new(bytes, 0);
-    r.magic(&MAGIC, "snapshot header")?;
-    let version = r.u16("snapshot header")?;
-    if version != VERSION_INDEXED && version != VERSION_VERIFIED {
-        return Err(DecodeError::UnsupportedVersion {
-            what: "block-indexed snapshot",
-            version: u64::from(version),
-            known: u64::from(VERSION_VERIFIED),
-        });
-    }
-    let flags = r.u16("snapshot header")?;
-    if flags != 0 {
-        return Err(DecodeError::UnknownFlags {
-            what: "snapshot header",
-            flags,
-        });
-    }
-    let lsn = r.u64("snapshot header")?;
-    let epoch = r.u64("snapshot header")?;
-    let dataset_id = DatasetId(r.array("snapshot header")?);
-    let entry_count = r.u64("snapshot header")?;
-    let _reserved = r.u32("snapshot header")?;
-    let crc = r.u32("snapshot header")?;
-    check_crc("snapshot header", 0, crc, &bytes[..52.min(bytes.len())])?;
-    Ok(SnapshotHeader {
-        lsn,
-        epoch,
-        dataset_id,
-        entry_count,
-    })
+    super::decode_header_of(
+        bytes,
+        "block-indexed snapshot",
+        &[VERSION_INDEXED, VERSION_VERIFIED],
+    )
 }
 
 /// Encodes `state` as a block-indexed snapshot at `lsn` (version 2).

@@ -6,7 +6,7 @@ pub mod delta;
 pub mod indexed;
 
 use crate::catalog::DatasetId;
-use crate::codec::{check_crc, invalid, put_len_prefixed, Reader};
+use crate::codec::{check_crc, invalid, le32, le64, put_len_prefixed, Reader};
 use crate::error::DecodeError;
 use crate::state::{KvState, SortedBuilder};
 
@@ -233,7 +233,7 @@ impl SnapshotDecoder {
                     self.header = Some(if v2 {
                         indexed::decode_indexed_header(header_bytes)?
                     } else {
-                        decode_header(header_bytes)?
+                        decode_header_of(header_bytes, "snapshot", &[VERSION])?
                     });
                     used += HEADER_LEN as usize;
                     let empty = self.header.is_some_and(|h| h.entry_count == 0);
@@ -490,38 +490,55 @@ pub fn decode(
     d.finish(expected_crc)
 }
 
-fn decode_header(bytes: &[u8]) -> Result<SnapshotHeader, DecodeError> {
-    let mut r = Reader::new(bytes, 0);
-    r.magic(&MAGIC, "snapshot header")?;
-    let version = r.u16("snapshot header")?;
-    let flags = r.u16("snapshot header")?;
-    let lsn = r.u64("snapshot header")?;
-    let epoch = r.u64("snapshot header")?;
-    let id = r.array::<16>("snapshot header")?;
-    let entry_count = r.u64("snapshot header")?;
-    let reserved = r.u32("snapshot header")?;
-    let stored = r.u32("snapshot header")?;
-    check_crc("snapshot header", 52, stored, &bytes[..52])?;
-    if version != VERSION {
+/// Parses a 56-byte header, a layout every snapshot version shares, whose
+/// version is one of `versions` (else an error naming `what`, the kind of
+/// file). Version 1 must leave its reserved field 0; later versions' readers
+/// ignore it.
+pub(crate) fn decode_header_of(
+    bytes: &[u8],
+    what: &'static str,
+    versions: &[u16],
+) -> Result<SnapshotHeader, DecodeError> {
+    if bytes.len() < HEADER_LEN as usize {
+        return Err(DecodeError::Truncated {
+            what,
+            at: 0,
+            need: HEADER_LEN,
+            have: bytes.len() as u64,
+        });
+    }
+    let mut found = [0u8; 4];
+    found.copy_from_slice(&bytes[..4]);
+    if found != MAGIC {
+        return Err(DecodeError::BadMagic {
+            what,
+            at: 0,
+            expected: MAGIC,
+            found,
+        });
+    }
+    let word = le32(bytes, 4);
+    let (version, flags) = (word as u16, (word >> 16) as u16);
+    if !versions.contains(&version) {
         return Err(DecodeError::UnsupportedVersion {
-            what: "snapshot",
+            what,
             version: u64::from(version),
-            known: u64::from(VERSION),
+            known: u64::from(versions[versions.len() - 1]),
         });
     }
     if flags != 0 {
-        return Err(DecodeError::UnknownFlags {
-            what: "snapshot",
-            flags,
-        });
+        return Err(DecodeError::UnknownFlags { what, flags });
     }
-    if reserved != 0 {
-        return Err(invalid("snapshot header", 48, "reserved field is not zero"));
+    check_crc(what, 0, le32(bytes, 52), &bytes[..52])?;
+    if version == VERSION && le32(bytes, 48) != 0 {
+        return Err(invalid(what, 48, "reserved field is not zero"));
     }
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&bytes[24..40]);
     Ok(SnapshotHeader {
-        lsn,
-        epoch,
+        lsn: le64(bytes, 8),
+        epoch: le64(bytes, 16),
         dataset_id: DatasetId(id),
-        entry_count,
+        entry_count: le64(bytes, 40),
     })
 }

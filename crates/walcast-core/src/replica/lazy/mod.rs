@@ -71,6 +71,9 @@ pub struct LazyScan {
     start: Vec<u8>,
     end: Option<Vec<u8>>,
     limit: usize,
+    /// Stop after the entry that brings the keys and values returned to
+    /// this many bytes (see [`LazyScan::max_bytes`]).
+    max_bytes: usize,
     /// The base being scanned (its [`Lazy::base_gen`]), and what it
     /// returned so far.
     base_gen: Option<u64>,
@@ -86,10 +89,21 @@ impl LazyScan {
             start: start.to_vec(),
             end: end.map(<[u8]>::to_vec),
             limit,
+            max_bytes: usize::MAX,
             base_gen: None,
             cursor: None,
             collected: Vec::new(),
         }
+    }
+
+    /// Ends the scan, besides `limit`, at the first entry that brings the
+    /// bytes of the keys and values returned to `n` or more (at least one
+    /// entry is returned): what one answer holds stays near `n` however
+    /// large the values. A scan cut so returns fewer than `limit` entries;
+    /// the next one starts past the last key.
+    pub fn max_bytes(mut self, n: usize) -> Self {
+        self.max_bytes = n;
+        self
     }
 
     /// A scan of keys starting with `prefix`.

@@ -226,11 +226,20 @@ impl Replica {
     pub(super) fn scan_at_applied(&mut self, scan: &mut LazyScan) -> Result<Read<Entries>, Error> {
         let in_range =
             |k: &[u8], end: &Option<Vec<u8>>| end.as_ref().is_none_or(|e| k < e.as_slice());
+        // Whether `(k, v)` may still be taken after `bytes` were: counts it.
+        let max = scan.max_bytes;
+        let room = |bytes: &mut usize, k: &[u8], v: &[u8]| {
+            let fits = *bytes < max;
+            *bytes = bytes.saturating_add(k.len() + v.len());
+            fits
+        };
         let Some(lazy) = self.lazy.as_mut() else {
+            let mut bytes = 0;
             let out = self
                 .state
                 .range(std::ops::Bound::Included(&scan.start), upper(&scan.end))
                 .take(scan.limit)
+                .take_while(|(k, v)| room(&mut bytes, k, v))
                 .map(|(k, v)| (k.to_vec(), v.to_vec()))
                 .collect();
             return Ok(Read::Ready(out));
@@ -261,6 +270,7 @@ impl Replica {
                 ))
                 .take_while(|(k, _)| in_range(k, &scan.end))
                 .count();
+            // Not cut by bytes: the merge below takes these as all there is.
             scan.collected = self
                 .state
                 .range(std::ops::Bound::Included(&scan.start), upper(&scan.end))
@@ -281,6 +291,7 @@ impl Replica {
             };
             let below = |k: &[u8]| frontier.is_none_or(|f| k <= f);
             let mut out = Vec::new();
+            let mut bytes = 0;
             let mut s = scan.collected.iter().peekable();
             let mut o = lazy
                 .overlay
@@ -290,7 +301,7 @@ impl Replica {
                 ))
                 .take_while(|(k, _)| in_range(k, &scan.end) && below(k))
                 .peekable();
-            while out.len() < scan.limit {
+            while out.len() < scan.limit && bytes < max {
                 let from_overlay = match (s.peek(), o.peek()) {
                     (None, None) => break,
                     (None, Some(_)) => true,
@@ -303,14 +314,16 @@ impl Replica {
                         s.next(); // the overlay wins
                     }
                     if let Some(v) = v {
+                        room(&mut bytes, k, v);
                         out.push((k.to_vec(), v.to_vec()));
                     }
                 } else {
                     let (k, v) = s.next().expect("peeked");
+                    room(&mut bytes, k, v);
                     out.push((k.clone(), v.clone()));
                 }
             }
-            if out.len() >= scan.limit || snap_done {
+            if out.len() >= scan.limit || bytes >= max || snap_done {
                 return Ok(Read::Ready(out));
             }
             // More snapshot entries are needed.
