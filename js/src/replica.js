@@ -340,7 +340,8 @@ function kindOf(req) {
 
 /** An operation (a sync, a lazy read): counts the GETs it started that are not answered yet. */
 function newOp() {
-  return { owned: 0 };
+  // done: the operation has its outcome and only waits for its GETs.
+  return { owned: 0, done: false };
 }
 
 /** Whether `e` is the error a trap of the module was reported with (the call that trapped). */
@@ -1629,7 +1630,13 @@ export class Replica {
         call(h, "sync", (w) =>
           w.deliver(id, res.status, res.body, res.etag ?? undefined, res.contentRange ?? undefined, res.message, res.longPoll ?? undefined),
         );
-        this.#step(h, entry.op);
+        // The GETs the module asks for next belong to an operation that
+        // still waits: one that has its outcome would wait for them before
+        // it settles, for as long as other reads keep GETs queued. With
+        // request-scoped I/O the waiting one's own timer steps the module
+        // (I/O started here would belong to this request).
+        const next = !entry.op.done ? entry.op : scopedIo ? null : this.#waiters.find((w) => !w.op.done)?.op;
+        if (next) this.#step(h, next);
       } catch (e) {
         error = e;
       }
@@ -1757,6 +1764,7 @@ export class Replica {
         }
       }
       if (!outcome) continue; // another WasmReplica now: read it there
+      op.done = true;
       await this.#settle(h, op);
       if (outcome.error) throw outcome.error;
       return outcome.value;
