@@ -142,44 +142,44 @@ fn verify_delta(d: &walcast_core::catalog::DeltaEntry, head: &Head, bytes: &[u8]
 /// Reads the head and every page; returns the head, all segment entries in
 /// LSN order, and the pages.
 pub async fn read_catalog(f: &AnyFetch) -> Result<(Head, Vec<SegmentEntry>, Vec<PageRef>)> {
-    let c = read_catalog_bytes(f).await?;
-    Ok((
-        c.head,
-        c.segments,
-        c.pages.into_iter().map(|(r, _, _)| r).collect(),
-    ))
+    let (_, head) = read_head(f).await?;
+    let (segments, pages) = walk_pages(f, &head, |_, _, _| {}).await?;
+    Ok((head, segments, pages.into_iter().map(|(r, _)| r).collect()))
 }
 
-/// The catalog as read: the head and its bytes, every segment entry in LSN
-/// order, and every page with its bytes and decoded digests.
-struct Catalog {
-    head_bytes: Vec<u8>,
-    head: Head,
-    segments: Vec<SegmentEntry>,
-    pages: Vec<(PageRef, Vec<u8>, walcast_core::catalog::Digests)>,
-}
-
-async fn read_catalog_bytes(f: &AnyFetch) -> Result<Catalog> {
+/// The head, as read and decoded.
+async fn read_head(f: &AnyFetch) -> Result<(Vec<u8>, Head)> {
     let head_bytes = get(f, HEAD_KEY, MAX_HEAD_BYTES as u64).await?;
     let head = Head::decode(&head_bytes).map_err(|e| anyhow!("data: {HEAD_KEY}: {e}"))?;
+    Ok((head_bytes, head))
+}
+
+/// Reads every page under `head`, depth-first in order, handing each to
+/// `on_page` with its bytes and digests as it arrives (its parent's before
+/// it); returns every segment entry in LSN order and the pages with their
+/// digests. A page's bytes are dropped once handled, so memory holds one
+/// page at a time, not the tree.
+async fn walk_pages(
+    f: &AnyFetch,
+    head: &Head,
+    mut on_page: impl FnMut(&PageRef, &[u8], &walcast_core::catalog::Digests),
+) -> Result<(
+    Vec<SegmentEntry>,
+    Vec<(PageRef, walcast_core::catalog::Digests)>,
+)> {
     let mut segments = Vec::new();
     let mut pages = Vec::new();
-    // Depth-first, in order.
     let mut stack: Vec<PageRef> = head.pages.iter().rev().cloned().collect();
     while let Some(r) = stack.pop() {
         let body = get(f, &r.key, MAX_PAGE_BYTES as u64).await?;
         let page = Page::decode(&body, &r).map_err(|e| anyhow!("data: {}: {e}", r.key))?;
+        on_page(&r, &body, &page.digests);
         segments.extend(page.segments);
         stack.extend(page.pages.into_iter().rev());
-        pages.push((r, body, page.digests));
+        pages.push((r, page.digests));
     }
     segments.extend(head.segments.iter().cloned());
-    Ok(Catalog {
-        head_bytes,
-        head,
-        segments,
-        pages,
-    })
+    Ok((segments, pages))
 }
 
 /// Who signed a head, and the keys a reader may accept from it.
@@ -259,15 +259,10 @@ pub async fn inspect(
         Some((base, _)) => format!("{base}?…"),
         None => url.to_string(),
     };
-    let catalog = read_catalog_bytes(&f).await?;
-    let signed = check_head(&catalog.head_bytes, &catalog.head, trust)?;
-    let Catalog {
-        head,
-        segments,
-        pages: page_bodies,
-        ..
-    } = catalog;
-    // Every digest the signed catalog records, by key.
+    let (head_bytes, head) = read_head(&f).await?;
+    let signed = check_head(&head_bytes, &head, trust)?;
+    // Every digest the signed catalog records, by key: the head's, then
+    // each page's as the walk reads it (a page's own is its parent's).
     let mut digests: BTreeMap<String, String> = head
         .trust
         .as_ref()
@@ -278,10 +273,39 @@ pub async fn inspect(
                 .collect()
         })
         .unwrap_or_default();
-    for (_, _, d) in &page_bodies {
+    let mut failures = Vec::new();
+    // With --verify in a signed dataset, each page is checked as it is read
+    // (its SHA-256 and its signature): the walk keeps no page's bytes.
+    let (segments, page_list) = walk_pages(&f, &head, |r, body, d| {
+        if let (true, Some(sg)) = (verify, &signed) {
+            let got = keys::sha256_hex(body);
+            match digests.get(&r.key) {
+                None => failures.push(format!(
+                    "{}: no digest in the signed catalog (untrusted)",
+                    r.key
+                )),
+                Some(want) if &got != want => failures.push(format!(
+                    "{}: SHA-256 {got} differs from {want}, the signed catalog's (untrusted)",
+                    r.key
+                )),
+                Some(_) => {}
+            }
+            let ok = page_signature(body).is_some_and(|(sig, m)| {
+                sg.keys
+                    .iter()
+                    .any(|k| k.verify_b64(keys::PAGE_DOMAIN, m, sig))
+            });
+            if !ok {
+                failures.push(format!(
+                    "{}: not signed by a trusted key (untrusted)",
+                    r.key
+                ));
+            }
+        }
         digests.extend(d.iter().map(|(k, v)| (k.clone(), v.clone())));
-    }
-    let pages: Vec<PageRef> = page_bodies.iter().map(|(r, _, _)| r.clone()).collect();
+    })
+    .await?;
+    let pages: Vec<PageRef> = page_list.into_iter().map(|(r, _)| r).collect();
     // The digest check of one object (signed datasets only): its SHA-256
     // against the one the signed catalog records.
     let check_sha = |key: &str, got: String, failures: &mut Vec<String>| {
@@ -317,29 +341,12 @@ pub async fn inspect(
         next = Some(s.last_lsn + 1);
     }
     let bytes: u64 = segments.iter().map(|s| s.size).sum();
-    let mut failures = Vec::new();
     if verify {
         let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             indicatif::ProgressBar::new(segments.len() as u64 + 1)
         } else {
             indicatif::ProgressBar::hidden()
         };
-        if let Some(sg) = &signed {
-            for (r, body, _) in &page_bodies {
-                check_digest(&r.key, body, &mut failures);
-                let ok = page_signature(body).is_some_and(|(sig, m)| {
-                    sg.keys
-                        .iter()
-                        .any(|k| k.verify_b64(keys::PAGE_DOMAIN, m, sig))
-                });
-                if !ok {
-                    failures.push(format!(
-                        "{}: not signed by a trusted key (untrusted)",
-                        r.key
-                    ));
-                }
-            }
-        }
         for s in &segments {
             if s.size > walcast_core::catalog::MAX_SEGMENT_BYTES {
                 // As a replica: never read into memory.
