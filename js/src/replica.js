@@ -1575,8 +1575,9 @@ export class Replica {
     }
     const ac = new AbortController();
     const kind = kindOf(req);
-    const kept = this.#wholeAnswer;
-    const fresh = kept && req.range && kept.key === req.key && Date.now() - kept.at < WHOLE_ANSWER_KEEP_MS;
+    let kept = this.#wholeAnswer;
+    if (kept && Date.now() - kept.at >= WHOLE_ANSWER_KEEP_MS) kept = this.#wholeAnswer = null;
+    const fresh = kept && req.range && kept.key === req.key && kept.res.body.byteLength <= req.maxBytes;
     if (!fresh) this.#requestsByKind[kind]++;
     const entry = { ac, op, held, kind, fresh, deadline: Date.now() + req.timeoutMs + LOST_ANSWER_GRACE_MS };
     this.#gets.set(req.id, entry);
@@ -1625,6 +1626,9 @@ export class Replica {
     if (entry.held) this.#held.delete(id);
     if (res.body && !entry.fresh) this.#bytesByKind[entry.kind] += res.body.byteLength;
     let error = null;
+    // Who to wake is decided before the module is stepped: a read it gives
+    // new GETs to may have waited for this very answer.
+    const chosen = this.#waiting(entry.op);
     if (!h.dead && this.#slot.h === h) {
       try {
         call(h, "sync", (w) =>
@@ -1642,7 +1646,7 @@ export class Replica {
       }
     }
     if (!entry.held) entry.op.owned--;
-    this.#wakeWaiters(error, entry.op);
+    this.#wakeWaiters(error, entry.op, chosen);
   }
 
   /** Answers GETs whose answer never came (past their deadline plus a grace) as failed. */
@@ -1714,18 +1718,25 @@ export class Replica {
   }
 
   /**
+   * The waiters `op`'s GET or timer may concern: `op`'s own, and besides
+   * them only operations with no GET of their own in flight (the others
+   * are woken by their own answers, so an answer does not re-run every
+   * read waiting); with request-scoped I/O, only `op`'s.
+   */
+  #waiting(op) {
+    const mine = scopedIo && op ? (w) => w.op === op : (w) => !op || w.op === op || w.op.owned === 0;
+    return this.#waiters.filter(mine);
+  }
+
+  /**
    * Wakes the operations waiting for `op`'s GET or timer (with `error`:
    * rejects every waiting one): `op` itself, and those that own no GET in
    * flight (they wait for GETs other operations started); with
    * request-scoped I/O, only `op`.
    */
-  #wakeWaiters(error = null, op = null) {
-    // Besides `op`, only operations with no GET of their own in flight
-    // may have been waiting for this one: the others are woken by their
-    // own answers (so an answer does not re-run every read waiting).
-    const mine = error ? () => true : scopedIo && op ? (w) => w.op === op : (w) => !op || w.op === op || w.op.owned === 0;
-    const waiters = this.#waiters.filter(mine);
-    this.#waiters = this.#waiters.filter((w) => !mine(w));
+  #wakeWaiters(error = null, op = null, chosen = this.#waiting(op)) {
+    const waiters = error ? this.#waiters : chosen.filter((w) => this.#waiters.includes(w));
+    this.#waiters = this.#waiters.filter((w) => !waiters.includes(w));
     for (const w of waiters) {
       if (error) w.reject(error);
       else w.resolve();
@@ -1765,6 +1776,8 @@ export class Replica {
       }
       if (!outcome) continue; // another WasmReplica now: read it there
       op.done = true;
+      // A whole copy that failed verification is not offered again.
+      if (outcome.error?.code === "data" && outcome.error.object === this.#wholeAnswer?.key) this.#wholeAnswer = null;
       await this.#settle(h, op);
       if (outcome.error) throw outcome.error;
       return outcome.value;
@@ -2024,6 +2037,7 @@ export class Replica {
     this.stop();
     this.#closed = true;
     // Scans waiting for a slot reject with closed now, their timers cleared.
+    this.#wholeAnswer = null;
     this.#scanSlots.wakeAll();
     this.#readSlots.wakeAll();
     const pending = this.#queued ?? this.#inflight;

@@ -707,3 +707,67 @@ fn a_scan_bounded_in_bytes_returns_a_prefix_and_goes_on() {
         }
     }
 }
+
+/// A scan bounded in bytes over a lazy replica whose base is the state
+/// held whole (restored, or a version 1 snapshot) copies no more than about
+/// its bound: not `limit` whole entries it then throws away.
+#[test]
+fn a_scan_bounded_in_bytes_without_a_base_copies_about_its_bound() {
+    let mut store = dataset_from(90, 60, 128, 1);
+    let mut restored = state_through(1, 70);
+    let big = vec![7u8; 16 << 10];
+    for i in 0..300u32 {
+        restored.put(format!("big/{i:04}").as_bytes(), &big);
+    }
+    let mut r = Replica::restore(lazy_cfg(1 << 20), 5, restored, 70, DATASET, 1);
+    drain(&mut r, &mut store, 0);
+    assert_eq!(r.applied_lsn(), 90);
+    let mut s = LazyScan::prefix(b"big/", 10_000).max_bytes(1);
+    let page = loop {
+        match r.scan_lazy(&mut s).expect("scan") {
+            Read::Ready(v) => break v,
+            Read::Pending => drain(&mut r, &mut store, 0),
+        }
+    };
+    assert_eq!(page.len(), 1, "one entry reaches a 1-byte bound");
+    // What the scan keeps between calls (its Debug shows every byte held):
+    // a 1-byte bound must not hold all 300 values of 16 KiB (4.9 MB).
+    let held = format!("{s:?}").len();
+    assert!(
+        held < 1 << 20,
+        "a scan bounded to 1 byte holds {held} bytes of Debug output: every entry up to `limit` was copied"
+    );
+}
+
+/// The same over a block-indexed base whose blocks are cached (a second
+/// page of a scan, say): the scan takes about its bound from them, not
+/// `limit` entries copied out of the cache.
+#[test]
+fn a_scan_bounded_in_bytes_over_cached_blocks_copies_about_its_bound() {
+    let mut want = KvState::new();
+    let big = vec![7u8; 16 << 10];
+    for i in 0..300u32 {
+        want.put(format!("big/{i:04}").as_bytes(), &big);
+    }
+    let mut store = snapshot_only(DATASET, &want, 60);
+    let mut r = Replica::new(lazy_cfg(16 << 20), 5);
+    drain(&mut r, &mut store, 0);
+    // A first scan brings every block into the cache.
+    assert_eq!(
+        scan(&mut r, &mut store, LazyScan::new(b"", None, 10_000)).len(),
+        300
+    );
+    let mut s = LazyScan::prefix(b"big/", 10_000).max_bytes(1);
+    let page = loop {
+        match r.scan_lazy(&mut s).expect("scan") {
+            Read::Ready(v) => break v,
+            Read::Pending => drain(&mut r, &mut store, 0),
+        }
+    };
+    assert_eq!(page.len(), 1, "one entry reaches a 1-byte bound");
+    let held = format!("{s:?}").len();
+    assert!(
+        held < 1 << 20,
+        "a scan bounded to 1 byte holds {held} bytes of Debug output: entries up to `limit` were copied from the cache"
+    );
+}

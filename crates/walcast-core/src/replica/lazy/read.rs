@@ -260,6 +260,11 @@ impl Replica {
                 .as_ref()
                 .map(|_| ScanCursor::new(&scan.start, scan.end.as_deref(), 0));
         }
+        // The base-less path copies the state's entries up to `budget`
+        // bytes (`state_cut`: it stopped short); the merge takes them as
+        // all the state holds below the last one, and asks for twice as
+        // many when the overlay hid too many of them.
+        let (mut budget, mut state_cut, mut state_take) = (max, false, 0);
         if lazy.base.is_none() {
             // The base is the state loaded whole (or empty): all present.
             let hidden = lazy
@@ -270,18 +275,13 @@ impl Replica {
                 ))
                 .take_while(|(k, _)| in_range(k, &scan.end))
                 .count();
-            // Not cut by bytes: the merge below takes these as all there is.
-            scan.collected = self
-                .state
-                .range(std::ops::Bound::Included(&scan.start), upper(&scan.end))
-                .take(scan.limit.saturating_add(hidden))
-                .map(|(k, v)| (k.to_vec(), v.to_vec()))
-                .collect();
+            state_take = scan.limit.saturating_add(hidden);
+            state_cut = collect_state(&self.state, scan, state_take, budget);
         }
         // Each turn returns, or collects more snapshot entries (the cursor
         // moves forward or finishes), so the loop ends.
         loop {
-            let snap_done = scan.cursor.as_ref().is_none_or(ScanCursor::is_done);
+            let snap_done = scan.cursor.as_ref().map_or(!state_cut, ScanCursor::is_done);
             // Snapshot keys above the last one collected are not known yet:
             // merge only up to it, unless the snapshot part is complete.
             let frontier: Option<&[u8]> = if snap_done {
@@ -328,9 +328,22 @@ impl Replica {
             }
             // More snapshot entries are needed.
             let (Some(cursor), Some(base)) = (scan.cursor.as_mut(), lazy.base.as_mut()) else {
-                return Ok(Read::Ready(out));
+                if !state_cut {
+                    return Ok(Read::Ready(out));
+                }
+                budget = budget.saturating_mul(2);
+                state_cut = collect_state(&self.state, scan, state_take, budget);
+                continue;
             };
-            cursor.remaining = (scan.limit - out.len()).max(16);
+            // Entries still wanted, and no more than the bytes still wanted
+            // take at the mean size of those collected (16 to learn it), so
+            // a scan over cached blocks copies about its bound.
+            let held: usize = scan.collected.iter().map(|(k, v)| k.len() + v.len()).sum();
+            let by_bytes = match scan.collected.len() {
+                0 => 16,
+                n => (max - bytes) / (held / n).max(1) + 1,
+            };
+            cursor.remaining = (scan.limit - out.len()).max(16).min(by_bytes.max(16));
             match base.snap.scan_step(cursor, &mut scan.collected) {
                 Ok(Some(need)) => {
                     if let Some(e) = lazy.take_base_failure(&need) {
@@ -349,4 +362,28 @@ impl Replica {
             }
         }
     }
+}
+
+/// Copies at most `n` of the state's entries from `scan.start` (before its
+/// end) into `scan.collected`, until their keys and values reach `budget`
+/// bytes; true when it stopped there, short of the state's entries.
+fn collect_state(
+    state: &crate::state::KvState,
+    scan: &mut LazyScan,
+    n: usize,
+    budget: usize,
+) -> bool {
+    scan.collected.clear();
+    let mut bytes = 0usize;
+    for (k, v) in state
+        .range(std::ops::Bound::Included(&scan.start), upper(&scan.end))
+        .take(n)
+    {
+        if bytes >= budget {
+            return true;
+        }
+        bytes = bytes.saturating_add(k.len() + v.len());
+        scan.collected.push((k.to_vec(), v.to_vec()));
+    }
+    false
 }
