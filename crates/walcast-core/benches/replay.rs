@@ -43,12 +43,12 @@ fn segment_of(n: u64, key: impl Fn(u64) -> u64) -> (Vec<u8>, segment::SegmentSum
 /// A replica's verify step (replica/verify.rs): `segment::decode_with`
 /// checks the file and gathers each record's payload position (their LSNs
 /// are dense) in its one walk over the records.
-fn verify(bytes: &[u8], crc: u32, count: u64) -> Vec<(usize, usize)> {
+fn verify(bytes: &[u8], crc: u32, count: u64) -> Vec<(u32, u32)> {
     let mut records = Vec::with_capacity(count as usize);
     let at = bytes.as_ptr() as usize;
     segment::decode_with(bytes, Some(crc), |r| {
         let start = r.payload.as_ptr() as usize - at;
-        records.push((start, start + r.payload.len()));
+        records.push((start as u32, (start + r.payload.len()) as u32));
     })
     .expect("valid");
     records
@@ -60,7 +60,7 @@ fn replay(bytes: &[u8], crc: u32, count: u64) -> KvState {
     let mut state = KvState::new();
     let mut ops = Vec::new();
     for (s, e) in verify(bytes, crc, count) {
-        batch::decode_into(&bytes[s..e], &mut ops).expect("batch");
+        batch::decode_into(&bytes[s as usize..e as usize], &mut ops).expect("batch");
         state.apply(&ops);
     }
     state
@@ -94,7 +94,9 @@ fn main() {
     let verify_decode = best(15, || {
         let mut ops = 0usize;
         for (s, e) in verify(&bytes, summary.crc32, n) {
-            ops += batch::decode(&bytes[s..e]).expect("batch").len();
+            ops += batch::decode(&bytes[s as usize..e as usize])
+                .expect("batch")
+                .len();
         }
         ops
     });

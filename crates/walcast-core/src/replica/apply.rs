@@ -30,7 +30,7 @@ impl Replica {
             // The records first: the LSN counter is not advanced past the
             // last one (which may be u64::MAX - 1).
             for (&(s, e), lsn) in v.records.iter().zip(v.first..) {
-                let payload = &v.bytes[s..e];
+                let payload = &v.bytes[s as usize..e as usize];
                 match self.cfg.mode {
                     Mode::Kv => match batch::decode_into(payload, &mut ops) {
                         Ok(()) => {

@@ -16,8 +16,10 @@ pub(super) struct Verified {
     /// The LSN of the first payload in `records`.
     pub(super) first: u64,
     /// (start, end) in `bytes` of each payload to apply, of dense LSNs from
-    /// `first` on.
-    pub(super) records: Vec<(usize, usize)>,
+    /// `first` on (`u32`: a segment is at most `MAX_SEGMENT_BYTES`, and half
+    /// the size of `usize` pairs on 64-bit hosts is half the fresh memory
+    /// a large catch-up writes before it applies).
+    pub(super) records: Vec<(u32, u32)>,
 }
 
 impl Replica {
@@ -81,7 +83,7 @@ impl Replica {
                 let t = segment::decode_with(&body, Some(e.crc32), |rec| {
                     if rec.lsn >= u.from {
                         let start = rec.payload.as_ptr() as usize - at;
-                        records.push((start, start + rec.payload.len()));
+                        records.push((start as u32, (start + rec.payload.len()) as u32));
                     }
                 })
                 .map_err(data_err)?
@@ -148,7 +150,7 @@ impl Replica {
             last = rec.lsn;
             if rec.lsn >= u.from {
                 let start = rec.payload.as_ptr() as usize - bytes.as_ptr() as usize;
-                records.push((start, start + rec.payload.len()));
+                records.push((start as u32, (start + rec.payload.len()) as u32));
             }
         }
         if last != e.last_lsn {

@@ -125,7 +125,7 @@ impl Replica {
         let result = result.and_then(|v| {
             let mut ops = Vec::new();
             for (&(s, e), lsn) in v.records.iter().zip(v.first..) {
-                crate::batch::decode_into(&v.bytes[s..e], &mut ops)
+                crate::batch::decode_into(&v.bytes[s as usize..e as usize], &mut ops)
                     .map_err(|d| Error::decode(d).with_object(key.clone()).with_lsn(lsn))?;
                 // The replica skipped this segment for every read whose key
                 // the head's filter ruled out: a filter that leaves out a
