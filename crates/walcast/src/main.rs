@@ -113,7 +113,8 @@ enum Cmd {
         /// needs --snapshot-every. Unset: by LSNs only.
         #[arg(long, value_parser = parse_size)]
         delta_bytes: Option<u64>,
-        /// Keep this many LSNs of history in segments (older ones need the snapshot).
+        /// Keep this many LSNs of history in segments (older ones need the
+        /// snapshot; needs --snapshot-every).
         #[arg(long)]
         retain: Option<u64>,
         /// Delete retired objects only this long after the head stopped naming them.
@@ -420,7 +421,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "gib" => 1 << 30,
         _ => return Err(format!("invalid size unit in {s:?}")),
     };
-    Ok(n * mul)
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("size {s:?} is above 2^64 bytes"))
 }
 
 /// A positive, finite multiple (`--snapshot-ratio`).
@@ -601,6 +603,28 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             once,
             serve,
         } => {
+            // Flags that act only with snapshots: refused without them,
+            // rather than accepted and ignored.
+            if snapshot_every == 0 {
+                let needs = [
+                    ("--snapshot-bytes", snapshot_bytes.is_some()),
+                    ("--snapshot-ratio", snapshot_ratio.is_some()),
+                    ("--delta-every", delta_every > 0),
+                    ("--delta-bytes", delta_bytes.is_some()),
+                    ("--retain", retain.is_some()),
+                ];
+                if let Some((flag, _)) = needs.iter().find(|(_, set)| *set) {
+                    use clap::CommandFactory as _;
+                    Cli::command()
+                        .error(
+                            clap::error::ErrorKind::ArgumentConflict,
+                            format!(
+                                "{flag} needs snapshots: it has no effect with --snapshot-every 0"
+                            ),
+                        )
+                        .exit();
+                }
+            }
             let most = walcast_core::publisher::MAX_SEGMENT_SEAL_BYTES;
             if segment_bytes > most {
                 bail!("--segment-bytes {segment_bytes} is above the limit of {most} bytes");

@@ -192,6 +192,17 @@ impl Writer {
         }
         let good = reader.offset();
         let len = file.metadata()?.len();
+        // The watermark is written after the fsync it records: a record at
+        // or below it was acknowledged, so a "tail" that cuts one is damage
+        // to acknowledged data, never a torn write.
+        if let Some(mark) = durable_lsn(dir).filter(|&m| m > last) {
+            bail!(
+                "{}: corrupt at byte {good} (the record of LSN {}): LSNs up to {mark} were acknowledged \
+                 as durable, and opening would cut them; nothing was changed",
+                path.display(),
+                last + 1
+            );
+        }
         if len > good {
             tracing::warn!(
                 torn_bytes = len - good,
@@ -764,11 +775,13 @@ mod tests {
                 );
             }
         }
-        // Tear the last record.
+        // Tear the last record, as a writer that died before its fsync
+        // leaves it: the watermark never said it was durable.
         let path = log_path(dir.path());
         let len = std::fs::metadata(&path).unwrap().len();
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(len - 3).unwrap();
+        std::fs::write(durable_path(dir.path()), encode_mark(99)).unwrap();
         let w = Writer::open(dir.path()).unwrap();
         assert_eq!(w.last_lsn(), 99);
         assert_eq!(w.commit(&[Op::delete(b"x".to_vec())]).unwrap(), 100);
@@ -809,5 +822,71 @@ mod tests {
             Writer::open(dir.path()).is_err(),
             "a second writer is locked out"
         );
+    }
+}
+
+#[cfg(test)]
+mod attack_tests {
+    use super::*;
+
+    fn put(i: u32) -> Vec<Op> {
+        vec![Op::put(i.to_le_bytes().to_vec(), vec![7; 20])]
+    }
+
+    /// A length field damaged in an old, acknowledged record (one that the
+    /// durable watermark covers) is corruption, not a torn tail: reopening
+    /// must refuse rather than cut every later acknowledged record.
+    #[test]
+    fn damaged_length_of_an_old_record_does_not_drop_acknowledged_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let w = Writer::open(dir.path()).unwrap();
+            for i in 0..10 {
+                w.commit(&put(i)).unwrap();
+            }
+        }
+        assert_eq!(durable_lsn(dir.path()), Some(10));
+        // Record 3's length field (byte 8 of its frame): one flipped bit, a
+        // claimed length of 1 MiB + the real one, past the end of the file.
+        let path = log_path(dir.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        let frame = RECORD_HEADER_LEN as usize + batch::encode(&put(0)).unwrap().len();
+        let at = HEADER_LEN as usize + 2 * frame + 8;
+        bytes[at + 2] ^= 0x10;
+        std::fs::write(&path, &bytes).unwrap();
+        match Writer::open(dir.path()) {
+            Err(e) => assert!(format!("{e:#}").contains("corrupt"), "{e:#}"),
+            Ok(w) => panic!(
+                "opened a WAL whose acknowledged LSNs 3..=10 are damaged; it now ends at LSN {} \
+                 (file {} bytes, was {})",
+                w.last_lsn(),
+                std::fs::metadata(&path).unwrap().len(),
+                bytes.len()
+            ),
+        }
+    }
+
+    /// A flipped byte in the last acknowledged record: the watermark says it
+    /// was durable, so it is not a torn write to be cut silently.
+    #[test]
+    fn damaged_last_acknowledged_record_is_not_cut_as_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let w = Writer::open(dir.path()).unwrap();
+            for i in 0..3 {
+                w.commit(&put(i)).unwrap();
+            }
+        }
+        let path = log_path(dir.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n - 1] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        if let Ok(w) = Writer::open(dir.path()) {
+            panic!(
+                "acknowledged LSN 3 (durable watermark 3) was cut as a torn tail; WAL ends at {}",
+                w.last_lsn()
+            );
+        }
     }
 }

@@ -7,6 +7,7 @@ mod support;
 
 mod backends;
 mod caching_proxy;
+mod cli_args;
 mod e2e;
 mod examples;
 mod handle;

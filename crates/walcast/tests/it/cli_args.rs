@@ -1,0 +1,98 @@
+//! Argument handling of `walcast publish`: a size too large for a u64 is a
+//! usage error (never a panic, never a wrapped value), and a flag that needs
+//! another one is refused when that one is off, not accepted and ignored.
+//!
+//! Real processes: the `walcast` binary on a temporary WAL and dataset.
+
+use crate::support;
+
+use support::{file_url, p, run, Env};
+
+fn wal_with_records(dir: &std::path::Path, n: usize) {
+    let mut input = String::new();
+    for i in 0..n {
+        input.push_str(&format!(
+            "{{\"op\":\"put\",\"key\":\"k{i}\",\"value\":\"v\"}}\n"
+        ));
+    }
+    run(
+        &["write", "--wal", p(dir)],
+        &Env::new(),
+        Some(input.as_bytes()),
+    )
+    .ok();
+}
+
+/// `--segment-bytes 17179869184GiB` is 2^64 bytes: `parse_size` multiplies
+/// unchecked, which panics in an overflow-checked build (exit 101) and wraps
+/// to 0 in a release build (accepted as a 0-byte segment size).
+#[test]
+fn a_size_above_u64_is_a_usage_error_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (wal, data) = (tmp.path().join("wal"), tmp.path().join("data"));
+    wal_with_records(&wal, 1);
+    std::fs::create_dir_all(&data).unwrap();
+    for flag in [
+        "--segment-bytes",
+        "--tail-bytes",
+        "--snapshot-bytes",
+        "--delta-bytes",
+    ] {
+        let out = run(
+            &[
+                "publish",
+                "--wal",
+                p(&wal),
+                "--to",
+                &file_url(&data),
+                "--once",
+                flag,
+                "17179869184GiB",
+            ],
+            &Env::new(),
+            None,
+        );
+        assert_eq!(
+            out.code,
+            Some(2),
+            "{flag} 17179869184GiB (2^64 bytes) must be a usage error: {}",
+            out.describe()
+        );
+    }
+}
+
+/// `--snapshot-bytes` "needs --snapshot-every": with `--snapshot-every 0` it
+/// is accepted and silently does nothing (so is `--retain`, which drops
+/// history only behind a snapshot).
+#[test]
+fn snapshot_bytes_without_snapshots_is_not_silently_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (wal, data) = (tmp.path().join("wal"), tmp.path().join("data"));
+    wal_with_records(&wal, 20);
+    std::fs::create_dir_all(&data).unwrap();
+    let out = run(
+        &[
+            "publish",
+            "--wal",
+            p(&wal),
+            "--to",
+            &file_url(&data),
+            "--once",
+            "--snapshot-every",
+            "0",
+            "--snapshot-bytes",
+            "1",
+        ],
+        &Env::new(),
+        None,
+    );
+    if out.code == Some(0) {
+        let head: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(data.join("catalog/head.json")).unwrap())
+                .unwrap();
+        assert!(
+            !head["snapshot"].is_null(),
+            "--snapshot-bytes 1 was accepted and ignored (no snapshot after 20 LSNs): {head}"
+        );
+    }
+}
