@@ -826,7 +826,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod attack_tests {
+mod damage_tests {
     use super::*;
 
     fn put(i: u32) -> Vec<Op> {
