@@ -771,3 +771,67 @@ fn a_scan_bounded_in_bytes_over_cached_blocks_copies_about_its_bound() {
         "a scan bounded to 1 byte holds {held} bytes of Debug output: entries up to `limit` were copied from the cache"
     );
 }
+
+/// Answers every GET with the whole object, as a server that ignores Range
+/// does, cut at `max_bytes + 1` as a driver cuts a body.
+fn drain_whole(r: &mut Replica, store: &mut Store) {
+    for _ in 0..10_000 {
+        match r.poll(0) {
+            Action::Fetch(mut req) => {
+                let most = req.max_bytes.saturating_add(1) as usize;
+                req.range = None;
+                let resp = match store.serve(&req) {
+                    GetResponse::Ok { mut body, etag, .. } => {
+                        body.truncate(most);
+                        GetResponse::Ok {
+                            body,
+                            etag,
+                            range: None,
+                        }
+                    }
+                    other => other,
+                };
+                r.handle_response(req.id, 0, resp);
+            }
+            Action::Event(_) => {}
+            Action::Wait { .. } => return,
+        }
+    }
+    panic!("poll did not settle");
+}
+
+/// A store that answered ranges and then answers with whole objects (a CDN
+/// that honours Range only on a cache hit) costs one read a `data` error,
+/// not every read after it: the next GET of an object that fits the cache
+/// takes the whole answer again.
+#[test]
+fn a_store_that_stops_honouring_range_costs_one_read() {
+    let mut want = KvState::new();
+    for i in 0..3_000u32 {
+        want.put(format!("k{i:05}").as_bytes(), &[i as u8; 24]);
+    }
+    let mut store = snapshot_only(DATASET, &want, 400);
+    let mut r = Replica::new(lazy_cfg(1 << 20), 9);
+    drain(&mut r, &mut store, 0);
+    assert_eq!(
+        get(&mut r, &mut store, b"k00010").as_deref(),
+        want.get(&b"k00010"[..])
+    );
+    let key = b"k02990";
+    let mut failed = 0;
+    let got = loop {
+        match r.get_lazy(key) {
+            Ok(Read::Ready(v)) => break v,
+            Ok(Read::Pending) => drain_whole(&mut r, &mut store),
+            Err(e) => {
+                assert_eq!(e.kind(), walcast_core::error::ErrorKind::Data, "{e}");
+                failed += 1;
+                assert!(
+                    failed <= 1,
+                    "every read fails after the store stopped honouring Range: {e}"
+                );
+            }
+        }
+    };
+    assert_eq!(got.as_deref(), want.get(&key[..]));
+}

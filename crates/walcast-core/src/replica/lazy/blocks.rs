@@ -270,10 +270,17 @@ impl Replica {
                     None if body.len() as u64 == size => {
                         Ok(&body[want_start as usize..want_end as usize])
                     }
-                    None => Err(data_err(format!(
-                        "a whole-object answer for bytes {want_start}..{want_end}: \
-                         the server ignores Range (objects over the cache need it)"
-                    ))),
+                    None => {
+                        // A store that answered ranges before (a CDN that
+                        // honours Range only on a cache hit): the next GET
+                        // of an object that fits the cache takes a whole
+                        // answer again.
+                        lazy.ranged = false;
+                        Err(data_err(format!(
+                            "a whole-object answer for bytes {want_start}..{want_end}: \
+                             the server ignores Range (objects over the cache need it)"
+                        )))
+                    }
                     _ => Err(data_err(format!(
                         "answer for bytes {want_start}..{want_end} does not match the request"
                     ))),
