@@ -40,6 +40,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Commit NDJSON batches from stdin to a local WAL; prints {"lsn":N} per line.
+    ///
+    /// A line that is not UTF-8 JSON of a batch (or is over 128 MiB) stops
+    /// the command with exit 1 and an error naming the line; every line
+    /// before it is committed and acknowledged.
     #[command(
         after_help = "Examples:\n  echo '{\"op\":\"put\",\"key\":\"user:1\",\"value\":\"Ada\"}' | walcast write --wal ./wal\n  echo '{\"batch\":[{\"op\":\"put\",\"key\":\"a\",\"value\":\"1\"},{\"op\":\"delete\",\"key\":\"b\"}]}' | walcast write --wal ./wal"
     )]
@@ -323,8 +327,8 @@ enum Cmd {
         /// Stop after this long (default: until Ctrl-C).
         #[arg(long, value_parser = parse_duration)]
         duration: Option<Duration>,
-        /// Batches per second the demo writer commits.
-        #[arg(long, default_value_t = 200)]
+        /// Batches per second the demo writer commits (at least 1).
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
         rate: u64,
     },
 }
@@ -969,8 +973,12 @@ fn parse_line(line: &str) -> Result<Vec<Op>> {
     }
 }
 
+/// The longest line `walcast write` takes: a batch of the largest value
+/// the format allows (64 MiB), as base64 in JSON, with room to spare.
+const MAX_LINE_BYTES: u64 = 128 << 20;
+
 fn write(wal: PathBuf) -> Result<ExitCode> {
-    use std::io::BufRead as _;
+    use std::io::{BufRead as _, Read as _};
     let w = walcast::wal::Writer::open(&wal)?;
     let mut input = std::io::BufReader::with_capacity(1 << 20, std::io::stdin());
     let mut out = std::io::stdout().lock();
@@ -982,12 +990,27 @@ fn write(wal: PathBuf) -> Result<ExitCode> {
         let mut bad: Option<(usize, anyhow::Error)> = None;
         let mut eof = false;
         loop {
-            let mut line = String::new();
-            if input.read_line(&mut line).context("reading stdin")? == 0 {
+            // A line is read as bytes, at most MAX_LINE_BYTES of it: one
+            // that is not UTF-8 or too long is reported by number like a
+            // line of bad JSON, after the lines before it are committed.
+            let mut raw = Vec::new();
+            let n = (&mut input)
+                .take(MAX_LINE_BYTES + 1)
+                .read_until(b'\n', &mut raw)
+                .context("reading stdin")?;
+            if n == 0 {
                 eof = true;
                 break;
             }
             lineno += 1;
+            if raw.len() as u64 > MAX_LINE_BYTES {
+                bad = Some((lineno, anyhow!("longer than {MAX_LINE_BYTES} bytes")));
+                break;
+            }
+            let Ok(line) = String::from_utf8(raw) else {
+                bad = Some((lineno, anyhow!("not UTF-8")));
+                break;
+            };
             if !line.trim().is_empty() {
                 match parse_line(line.trim_end())
                     .and_then(|ops| walcast_core::batch::encode(&ops).map_err(anyhow::Error::new))

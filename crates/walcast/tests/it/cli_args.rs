@@ -96,3 +96,35 @@ fn snapshot_bytes_without_snapshots_is_not_silently_ignored() {
         );
     }
 }
+
+/// `walcast write` with a line that is not UTF-8 between good ones: the
+/// lines before it are committed and acknowledged, and the error names the
+/// line, as for a line of bad JSON.
+#[test]
+fn a_line_that_is_not_utf8_is_named_and_the_lines_before_it_committed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wal = tmp.path().join("wal");
+    let mut input = b"{\"op\":\"put\",\"key\":\"a\",\"value\":\"1\"}\n".to_vec();
+    input.extend_from_slice(b"{\"op\":\"put\",\"key\":\"b\",\"value\":\"\xff\"}\n");
+    input.extend_from_slice(b"{\"op\":\"put\",\"key\":\"c\",\"value\":\"3\"}\n");
+    let out = run(&["write", "--wal", p(&wal)], &Env::new(), Some(&input));
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    assert!(
+        out.stderr.contains("line 2") && out.stderr.contains("UTF-8"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(out.stdout_str().trim(), "{\"lsn\":1}", "{}", out.describe());
+}
+
+/// `walcast demo --rate 0` is a usage error, not a demo quietly run at
+/// one batch a second.
+#[test]
+fn a_demo_rate_of_zero_is_a_usage_error() {
+    let out = run(
+        &["demo", "--rate", "0", "--duration", "1s"],
+        &Env::new(),
+        None,
+    );
+    assert_eq!(out.code, Some(2), "{}", out.describe());
+}
