@@ -173,8 +173,13 @@ fn get(r: &mut Replica, store: &mut Store, key: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn scan(r: &mut Replica, store: &mut Store, mut s: LazyScan) -> Vec<(Vec<u8>, Vec<u8>)> {
+    scan_in(r, store, &mut s)
+}
+
+/// [`scan`], keeping the scan (what it holds between calls) for the caller.
+fn scan_in(r: &mut Replica, store: &mut Store, s: &mut LazyScan) -> Vec<(Vec<u8>, Vec<u8>)> {
     for _ in 0..10_000 {
-        match r.scan_lazy(&mut s).expect("scan") {
+        match r.scan_lazy(s).expect("scan") {
             Read::Ready(v) => return v,
             Read::Pending => drain(r, store, 0),
         }
@@ -723,12 +728,7 @@ fn a_scan_bounded_in_bytes_without_a_base_copies_about_its_bound() {
     drain(&mut r, &mut store, 0);
     assert_eq!(r.applied_lsn(), 90);
     let mut s = LazyScan::prefix(b"big/", 10_000).max_bytes(1);
-    let page = loop {
-        match r.scan_lazy(&mut s).expect("scan") {
-            Read::Ready(v) => break v,
-            Read::Pending => drain(&mut r, &mut store, 0),
-        }
-    };
+    let page = scan_in(&mut r, &mut store, &mut s);
     assert_eq!(page.len(), 1, "one entry reaches a 1-byte bound");
     // What the scan keeps between calls (its Debug shows every byte held):
     // a 1-byte bound must not hold all 300 values of 16 KiB (4.9 MB).
@@ -758,12 +758,7 @@ fn a_scan_bounded_in_bytes_over_cached_blocks_copies_about_its_bound() {
         300
     );
     let mut s = LazyScan::prefix(b"big/", 10_000).max_bytes(1);
-    let page = loop {
-        match r.scan_lazy(&mut s).expect("scan") {
-            Read::Ready(v) => break v,
-            Read::Pending => drain(&mut r, &mut store, 0),
-        }
-    };
+    let page = scan_in(&mut r, &mut store, &mut s);
     assert_eq!(page.len(), 1, "one entry reaches a 1-byte bound");
     let held = format!("{s:?}").len();
     assert!(

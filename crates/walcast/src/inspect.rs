@@ -139,6 +139,20 @@ fn verify_delta(d: &walcast_core::catalog::DeltaEntry, head: &Head, bytes: &[u8]
     Ok(())
 }
 
+/// The failure of an object whose SHA-256 is `got` in a signed dataset:
+/// none when it is the digest `digests` record for `key`.
+fn digest_failure(digests: &BTreeMap<String, String>, key: &str, got: String) -> Option<String> {
+    match digests.get(key) {
+        None => Some(format!(
+            "{key}: no digest in the signed catalog (untrusted)"
+        )),
+        Some(want) if &got != want => Some(format!(
+            "{key}: SHA-256 {got} differs from {want}, the signed catalog's (untrusted)"
+        )),
+        Some(_) => None,
+    }
+}
+
 /// Reads the head and every page; returns the head, all segment entries in
 /// LSN order, and the pages.
 pub async fn read_catalog(f: &AnyFetch) -> Result<(Head, Vec<SegmentEntry>, Vec<PageRef>)> {
@@ -278,18 +292,7 @@ pub async fn inspect(
     // (its SHA-256 and its signature): the walk keeps no page's bytes.
     let (segments, page_list) = walk_pages(&f, &head, |r, body, d| {
         if let (true, Some(sg)) = (verify, &signed) {
-            let got = keys::sha256_hex(body);
-            match digests.get(&r.key) {
-                None => failures.push(format!(
-                    "{}: no digest in the signed catalog (untrusted)",
-                    r.key
-                )),
-                Some(want) if &got != want => failures.push(format!(
-                    "{}: SHA-256 {got} differs from {want}, the signed catalog's (untrusted)",
-                    r.key
-                )),
-                Some(_) => {}
-            }
+            failures.extend(digest_failure(&digests, &r.key, keys::sha256_hex(body)));
             let ok = page_signature(body).is_some_and(|(sig, m)| {
                 sg.keys
                     .iter()
@@ -312,18 +315,7 @@ pub async fn inspect(
         if signed.is_none() {
             return;
         }
-        match digests.get(key) {
-            None => failures.push(format!(
-                "{key}: no digest in the signed catalog (untrusted)"
-            )),
-            Some(want) => {
-                if &got != want {
-                    failures.push(format!(
-                        "{key}: SHA-256 {got} differs from {want}, the signed catalog's (untrusted)"
-                    ));
-                }
-            }
-        }
+        failures.extend(digest_failure(&digests, key, got));
     };
     let check_digest = |key: &str, bytes: &[u8], failures: &mut Vec<String>| {
         if signed.is_some() {

@@ -37,6 +37,16 @@ impl BlockHandle {
         b
     }
 
+    /// The fields of a handle's 16 bytes, unchecked (`bytes` holds at
+    /// least [`HANDLE_LEN`]).
+    pub(crate) fn fields(bytes: &[u8]) -> BlockHandle {
+        BlockHandle {
+            offset: le64(bytes, 0),
+            len: le32(bytes, 8),
+            crc: le32(bytes, 12),
+        }
+    }
+
     /// Parses a handle found at byte `at`.
     pub fn decode(bytes: &[u8], at: u64) -> Result<BlockHandle, DecodeError> {
         if bytes.len() != HANDLE_LEN {
@@ -46,11 +56,7 @@ impl BlockHandle {
                 format!("{} bytes, a handle has {HANDLE_LEN}", bytes.len()),
             ));
         }
-        let h = BlockHandle {
-            offset: le64(bytes, 0),
-            len: le32(bytes, 8),
-            crc: le32(bytes, 12),
-        };
+        let h = BlockHandle::fields(bytes);
         if u64::from(h.len) < BLOCK_HEADER_LEN
             || u64::from(h.len) > BLOCK_HEADER_LEN + MAX_BLOCK_LEN
         {

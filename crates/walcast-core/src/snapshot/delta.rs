@@ -153,11 +153,7 @@ impl DeltaFooter {
 /// A filter handle: the block handle layout, with the filter's own bounds.
 /// `bytes` are the footer's 16 bytes of the handle.
 fn decode_filter_handle(bytes: &[u8], at: u64) -> Result<BlockHandle, DecodeError> {
-    let h = BlockHandle {
-        offset: le64(bytes, 0),
-        len: le32(bytes, 8),
-        crc: le32(bytes, 12),
-    };
+    let h = BlockHandle::fields(bytes);
     let len = u64::from(h.len);
     if len < FILTER_HEADER_LEN as u64 || len > FILTER_HEADER_LEN as u64 + MAX_FILTER_BYTES {
         return Err(invalid(

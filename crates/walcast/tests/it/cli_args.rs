@@ -23,6 +23,14 @@ fn wal_with_records(dir: &std::path::Path, n: usize) {
     .ok();
 }
 
+/// `walcast publish --once` of `wal` to `data` with `flags`.
+fn publish_once(wal: &std::path::Path, data: &std::path::Path, flags: &[&str]) -> support::Out {
+    let url = file_url(data);
+    let mut args = vec!["publish", "--wal", p(wal), "--to", &url, "--once"];
+    args.extend_from_slice(flags);
+    run(&args, &Env::new(), None)
+}
+
 /// `--segment-bytes 17179869184GiB` is 2^64 bytes: `parse_size` multiplies
 /// unchecked, which panics in an overflow-checked build (exit 101) and wraps
 /// to 0 in a release build (accepted as a 0-byte segment size).
@@ -38,20 +46,7 @@ fn a_size_above_u64_is_a_usage_error_not_a_panic() {
         "--snapshot-bytes",
         "--delta-bytes",
     ] {
-        let out = run(
-            &[
-                "publish",
-                "--wal",
-                p(&wal),
-                "--to",
-                &file_url(&data),
-                "--once",
-                flag,
-                "17179869184GiB",
-            ],
-            &Env::new(),
-            None,
-        );
+        let out = publish_once(&wal, &data, &[flag, "17179869184GiB"]);
         assert_eq!(
             out.code,
             Some(2),
@@ -70,21 +65,10 @@ fn snapshot_bytes_without_snapshots_is_not_silently_ignored() {
     let (wal, data) = (tmp.path().join("wal"), tmp.path().join("data"));
     wal_with_records(&wal, 20);
     std::fs::create_dir_all(&data).unwrap();
-    let out = run(
-        &[
-            "publish",
-            "--wal",
-            p(&wal),
-            "--to",
-            &file_url(&data),
-            "--once",
-            "--snapshot-every",
-            "0",
-            "--snapshot-bytes",
-            "1",
-        ],
-        &Env::new(),
-        None,
+    let out = publish_once(
+        &wal,
+        &data,
+        &["--snapshot-every", "0", "--snapshot-bytes", "1"],
     );
     if out.code == Some(0) {
         let head: serde_json::Value =
