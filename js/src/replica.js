@@ -930,6 +930,23 @@ async function readBounded(res, limit) {
 }
 
 /**
+ * A head stored gzip-compressed (`--head-encoding gzip`) that reached us
+ * as stored (a server that does not label it, file storage behind a plain
+ * HTTP server): decoded here, at most `limit` bytes of it, as the module
+ * reads JSON only. An HTTP client that decodes Content-Encoding hands over
+ * JSON already. A stream that does not decode is handed over as it came,
+ * and the module refuses it as a data error naming the head.
+ */
+async function gunzipHead(body, limit) {
+  if (body.byteLength < 2 || body[0] !== 0x1f || body[1] !== 0x8b || typeof DecompressionStream !== "function") return body;
+  try {
+    return await readBounded({ body: new Response(body).body.pipeThrough(new DecompressionStream("gzip")) }, limit);
+  } catch {
+    return body;
+  }
+}
+
+/**
  * Performs one GET the module asked for; resolves `{ status, body, etag,
  * contentRange, message }` (status 0: no response), never rejects, and
  * always within `req.timeoutMs` (even when a custom fetch ignores the abort
@@ -985,7 +1002,8 @@ async function fetchOnce(io, req, ac) {
       if (res.body) res.body.cancel().catch(() => {});
       return { status, longPoll };
     }
-    const body = await readBounded(res, req.maxBytes + 1);
+    let body = await readBounded(res, req.maxBytes + 1);
+    if (req.key === "catalog/head.json") body = await gunzipHead(body, req.maxBytes + 1);
     const contentRange = res.headers.get("content-range");
     // (The module refuses a 206 whose Content-Range it cannot parse; this says why.)
     const message = status === 206 ? `a 206 answer without a valid Content-Range (${contentRange ?? "none"})` : undefined;

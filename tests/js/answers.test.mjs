@@ -6,9 +6,20 @@
 //   receives them.
 // - A 206 that does not say which part it is fails as the native drivers
 //   fail it.
+// - A head stored gzip-compressed (`--head-encoding gzip`) is read whether
+//   the server labels it (Content-Encoding: gzip) or sends it as stored, in
+//   full and lazy mode; one that decodes past the head's 1 MiB bound, or has
+//   bytes after its stream, is a data error naming the head.
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import fs from "node:fs";
 import http from "node:http";
-import { test } from "node:test";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { after, test } from "node:test";
+import { pathToFileURL } from "node:url";
+import zlib from "node:zlib";
+import { walcastBin } from "./datasets.mjs";
 
 const { Replica } = await import("walcast");
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -96,5 +107,116 @@ test("a 206 without a Content-Range is a failure naming the header, not a whole 
     assert.match(String(err.message), /206 answer without a valid Content-Range/, `${err.message}`);
   } finally {
     origin.close();
+  }
+});
+
+// --- heads stored gzip-compressed ----------------------------------------------------
+
+const tmp = fs.mkdtempSync(path.join(tmpdir(), "walcast-answers-"));
+after(() => fs.rmSync(tmp, { recursive: true, force: true }));
+
+/** 2,000 keys, a block-indexed snapshot at LSN 20 and a tail, published with gzip heads. */
+function gzipDataset() {
+  const bin = walcastBin();
+  const wal = path.join(tmp, "wal");
+  const dir = path.join(tmp, "ds");
+  const lines = [];
+  for (let b = 0; b < 24; b++) {
+    const ops = [];
+    for (let i = 0; i < 100; i++) ops.push({ op: "put", key: `g:${String((b * 100 + i) % 2000).padStart(5, "0")}`, value: `v${b}-${i}` });
+    lines.push(JSON.stringify({ batch: ops }));
+  }
+  execFileSync(bin, ["write", "--wal", wal], { input: lines.join("\n") + "\n", stdio: ["pipe", "pipe", "pipe"] });
+  const to = pathToFileURL(dir).href;
+  execFileSync(bin, ["publish", "--wal", wal, "--to", to, "--once", "--snapshot-every", "20", "--head-encoding", "gzip"], { stdio: ["pipe", "pipe", "pipe"] });
+  const stored = fs.readFileSync(path.join(dir, "catalog/head.json"));
+  assert.deepEqual([...stored.subarray(0, 2)], [0x1f, 0x8b], "the head is stored as gzip");
+  const head = JSON.parse(zlib.gunzipSync(stored).toString("utf8"));
+  assert.equal(head.committed_lsn, 24);
+  assert.ok(head.snapshot && head.snapshot.version >= 2, JSON.stringify(head.snapshot));
+  return dir;
+}
+const gzDir = gzipDataset();
+
+/** Serves `dir` with Range; the head's answer is `head(stored)` ({ body, headers }) when given. */
+async function staticOrigin(dir, head) {
+  const server = await listen((req, res) => {
+    const key = decodeURIComponent(new URL(req.url, "http://x").pathname.replace(/^\/ds\//, ""));
+    const file = path.join(dir, key);
+    if (!fs.existsSync(file)) return res.writeHead(404).end();
+    let data = fs.readFileSync(file);
+    const h = { etag: `"${data.length}"` };
+    if (key === "catalog/head.json" && head) {
+      const a = head(data);
+      data = a.body;
+      Object.assign(h, a.headers ?? {});
+    }
+    const m = /^bytes=(\d*)-(\d*)$/.exec(req.headers.range ?? "");
+    if (!m) return res.writeHead(200, h).end(data);
+    const s = m[1] === "" ? Math.max(0, data.length - Number(m[2])) : Number(m[1]);
+    const e = m[1] === "" || m[2] === "" ? data.length : Math.min(data.length, Number(m[2]) + 1);
+    res.writeHead(206, { ...h, "content-range": `bytes ${s}-${e - 1}/${data.length}` }).end(data.subarray(s, e));
+  });
+  after(() => server.close());
+  return `http://127.0.0.1:${server.address().port}/ds`;
+}
+
+for (const [label, head] of [
+  ["sent as stored", null],
+  ["labelled Content-Encoding: gzip", (b) => ({ body: b, headers: { "content-encoding": "gzip" } })],
+]) {
+  test(`a gzip head ${label} is read in full and lazy mode`, async () => {
+    const url = await staticOrigin(gzDir, head);
+    const full = await Replica.open(url);
+    try {
+      await full.sync();
+      assert.equal(full.status().appliedLsn, 24);
+      assert.equal(new TextDecoder().decode(full.get("g:00123")), "v21-23");
+      assert.equal(full.get("g:02000"), undefined);
+    } finally {
+      await full.close();
+    }
+    const lazy = await Replica.open(url, { load: "lazy" });
+    try {
+      assert.equal(new TextDecoder().decode(await lazy.get("g:01999")), "v19-99");
+      assert.equal(new TextDecoder().decode(await lazy.get("g:00050")), "v20-50");
+      assert.equal(lazy.status().appliedLsn, 24);
+    } finally {
+      await lazy.close();
+    }
+  });
+}
+
+/** The data error a replica over `url` reports at its first sync. */
+async function headError(url) {
+  const r = await Replica.open(url);
+  try {
+    const err = await syncOnce(r);
+    assert.ok(err, "the sync reports an error");
+    assert.equal(r.status().appliedLsn, 0);
+    return err;
+  } finally {
+    await r.close().catch(() => {});
+  }
+}
+
+test("a gzip head that decodes past 1 MiB is a data error naming the head, decoded no further", async () => {
+  // The real head's JSON followed by 64 MiB of spaces (valid JSON whitespace).
+  const json = zlib.gunzipSync(fs.readFileSync(path.join(gzDir, "catalog/head.json")));
+  const bomb = zlib.gzipSync(Buffer.concat([json, Buffer.alloc(64 << 20, 0x20)]), { level: 9 });
+  assert.ok(bomb.length < 1 << 20, `${bomb.length} bytes`);
+  const err = await headError(await staticOrigin(gzDir, () => ({ body: bomb })));
+  assert.equal(err.code, "data", `${err.code}: ${err.message}`);
+  assert.equal(err.object, "catalog/head.json");
+  assert.match(String(err.message), /too large|exceeds|limit|1048576/i, err.message);
+});
+
+test("a gzip head with bytes after its stream, or cut short, is a data error naming the head", async () => {
+  const stored = fs.readFileSync(path.join(gzDir, "catalog/head.json"));
+  for (const body of [Buffer.concat([stored, Buffer.from("junk")]), stored.subarray(0, stored.length - 6)]) {
+    const err = await headError(await staticOrigin(gzDir, () => ({ body })));
+    assert.equal(err.code, "data", `${err.code}: ${err.message}`);
+    assert.equal(err.object, "catalog/head.json");
+    assert.match(String(err.message), /gzip/, err.message);
   }
 });

@@ -25,6 +25,7 @@ import http from "node:http";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
+import zlib from "node:zlib";
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const REPO = path.resolve(HERE, "../..");
@@ -233,8 +234,11 @@ function publish(bin, wal, ds, flags = []) {
   run(bin, ["publish", "--wal", wal, "--to", pathToFileURL(ds).href, "--once", ...flags]);
 }
 
+/** The head's JSON, decoded when it is stored gzip-compressed (`--head-encoding gzip`). */
 function readHead(ds) {
-  return JSON.parse(fs.readFileSync(path.join(ds, "catalog/head.json"), "utf8"));
+  const stored = fs.readFileSync(path.join(ds, "catalog/head.json"));
+  const json = stored[0] === 0x1f && stored[1] === 0x8b ? zlib.gunzipSync(stored) : stored;
+  return JSON.parse(json.toString("utf8"));
 }
 
 /** Segment files of a dataset dir: { key, first, last, size }, in LSN order. */
@@ -573,7 +577,7 @@ function lazyFixture(ds, model, probeKeys, scanSpecs, extra = {}) {
 
 // lazy: 20,000 keys of 100-byte values under four prefixes (plus a few
 // binary keys), a snapshot at LSN 200 and a tail after it. Stage 1 publishes
-// more writes (no new snapshot); stage 2 publishes a newer snapshot and a
+// more writes (no new snapshot) with its head stored gzip-compressed; stage 2 publishes a newer snapshot and a
 // short tail after it (the lazy base moves).
 function buildLazy(bin, d) {
   const m = new Model();
@@ -680,9 +684,11 @@ function buildLazy(bin, d) {
   copyDir(d.ds, d.stage0);
   const fx0 = lazyFixture(d.stage0, m, probeKeys(), scanSpecs);
 
-  // Stage 1: more writes, the same snapshot.
+  // Stage 1: more writes, the same snapshot; the head stored gzip-compressed
+  // (stage 2 goes back to JSON).
   write(bin, d.wal, ndjsonOf(m, tailOps("t1", { over: 120, del: 80, add: 40, reput: 20 })), m);
-  publish(bin, d.wal, d.ds, tailFlags);
+  publish(bin, d.wal, d.ds, [...tailFlags, "--head-encoding", "gzip"]);
+  if (fs.readFileSync(path.join(d.ds, "catalog/head.json"))[0] !== 0x1f) throw new Error("lazy: stage 1's head is not gzip");
   copyDir(d.ds, d.stage1);
   const fx1 = lazyFixture(d.stage1, m, probeKeys(), scanSpecs);
   if (fx1.snapshotInfo.lsn !== 200) throw new Error(`lazy: stage 1 moved the snapshot to ${fx1.snapshotInfo.lsn}`);

@@ -1373,6 +1373,8 @@ fn delta_figures_at_scale() {
             "DELTA_BENCH_COMMIT_RATE",
             u64::from(defaults.max_commits_per_sec),
         ) as u32,
+        // Heads stored gzip-compressed (`--head-encoding gzip`); 0: JSON.
+        head_gzip: env("DELTA_BENCH_HEAD_GZIP", 1) != 0,
         ..defaults
     };
     let mut p = Publisher::new(cfg, 11);
@@ -1403,7 +1405,16 @@ fn delta_figures_at_scale() {
         rng = rng
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
-        let op = Op::put(key((rng >> 11) % keys), vec![(rng >> 3) as u8; 100]);
+        // 100 bytes that do not compress (the heads' tail copies carry them).
+        let mut value = [0u8; 100];
+        let mut x = rng;
+        for chunk in value.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+        let op = Op::put(key((rng >> 11) % keys), value.to_vec());
         let payload = batch::encode(&[op]).unwrap();
         wal += payload.len() as u64;
         lsn += 1;
@@ -1435,14 +1446,16 @@ fn delta_figures_at_scale() {
             );
             if std::env::var_os("DELTA_TRACE").is_some() {
                 let raw = &store.objects[HEAD_KEY].0;
-                let v: serde_json::Value = serde_json::from_slice(raw).unwrap();
+                let v: serde_json::Value =
+                    serde_json::from_slice(&walcast_core::catalog::head_json(raw).unwrap())
+                        .unwrap();
                 let parts: Vec<String> = v
                     .as_object()
                     .unwrap()
                     .iter()
                     .map(|(k, x)| format!("{k}={}", serde_json::to_vec(x).unwrap().len()))
                     .collect();
-                eprintln!("head {} bytes: {}", raw.len(), parts.join(" "));
+                eprintln!("head {} bytes stored: {}", raw.len(), parts.join(" "));
                 if let Some(path) = std::env::var_os("DELTA_DUMP_HEAD") {
                     std::fs::write(path, raw).unwrap();
                 }
@@ -1484,12 +1497,6 @@ fn delta_figures_at_scale() {
     );
     let puts = store.head_puts - puts_before;
     let tails = store.head_tail_bytes - tail_before;
-    println!(
-        "heads: {puts} PUTs, {:.0} bytes each on average: {:.0} of tail copies (base64), {:.0} of catalog",
-        heads as f64 / puts.max(1) as f64,
-        tails as f64 / puts.max(1) as f64,
-        (heads - tails) as f64 / puts.max(1) as f64
-    );
     let parts: Vec<String> = store
         .head_parts
         .iter()
@@ -1498,7 +1505,21 @@ fn delta_figures_at_scale() {
             format!("{k} {:.2}", d as f64 / wal as f64)
         })
         .collect();
-    println!("heads by part, per WAL byte: {}", parts.join(", "));
+    let json = store.head_parts.values().sum::<u64>() - parts_before.values().sum::<u64>();
+    let each = |n: u64| n as f64 / puts.max(1) as f64;
+    println!(
+        "heads: {puts} PUTs, {:.0} bytes each stored, of {:.0} bytes of JSON: {:.0} of tail copies (base64), {:.0} of catalog",
+        each(heads),
+        each(json),
+        each(tails),
+        each(json.saturating_sub(tails))
+    );
+    println!(
+        "heads per WAL byte: {:.2} stored, {:.2} of JSON",
+        heads as f64 / wal as f64,
+        json as f64 / wal as f64,
+    );
+    println!("heads' JSON by part, per WAL byte: {}", parts.join(", "));
     println!("worst cold point read over {samples} samples: {worst:?}");
     println!(
         "full cold start, mean over the samples: {:.1} MB replaying segments after the snapshot, {:.1} MB over the delta chain ({:.2}x fewer)",

@@ -313,6 +313,31 @@ fn golden_head() {
     assert_eq!(decoded.pages[0].crc32, crc32fast::hash(&page_bytes));
 }
 
+/// `head.json.gz` is `gzip -9` of `head.json` (another encoder than
+/// walcast's, with the file name in its header): it decodes to the same
+/// JSON and head, and walcast's own gzip of the head does too.
+#[test]
+fn golden_head_gzip() {
+    let json = std::fs::read(golden_path("head.json")).unwrap();
+    let gz = std::fs::read(golden_path("head.json.gz")).unwrap();
+    assert_eq!(&gz[..2], &walcast_core::catalog::GZIP_MAGIC);
+    assert_eq!(
+        gz[3] & 0x08,
+        0x08,
+        "the fixture carries a file name (FNAME)"
+    );
+    assert_eq!(
+        &walcast_core::catalog::head_json(&gz).unwrap()[..],
+        &json[..]
+    );
+    let head = Head::decode(&json).unwrap();
+    assert_eq!(Head::decode(&gz).unwrap(), head);
+    let ours = walcast_core::catalog::gzip_head(&json);
+    assert_eq!(Head::decode(&ours).unwrap(), head);
+    // Level 6, no file name, mtime 0: the same bytes for the same head.
+    assert_eq!(&ours[..10], &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff][..]);
+}
+
 #[test]
 fn golden_page() {
     let page = fixtures::golden_page();

@@ -1157,3 +1157,45 @@ fn a_forged_footer_does_not_outlive_the_answer_that_brought_it() {
          for 10 minutes: {last_err:?}"
     );
 }
+
+/// A signed head stored gzip-compressed: the signature covers its JSON, so
+/// pinned replicas read it whether the core or the host verifies, and a
+/// host is asked for the same checks as for the JSON.
+#[test]
+fn a_signed_head_stored_gzip_compressed_is_read_pinned() {
+    both_ways(|| {
+        let mut store = Store::new();
+        let c = PublisherConfig {
+            head_gzip: true,
+            ..cfg(Some(key(1)), None)
+        };
+        publish(&mut store, c, 150, 1_000);
+        let stored = &store[HEAD_KEY].0;
+        assert!(stored.starts_with(&walcast_core::catalog::GZIP_MAGIC));
+        let json = walcast_core::catalog::head_json(stored).unwrap();
+        assert!(head_signature(&json).is_some());
+        assert!(json.len() > stored.len());
+        let r = Reader::new(&[key(1).public()]);
+        let (gz, plain) = (
+            r.r.signature_checks(HEAD_KEY, stored),
+            r.r.signature_checks(HEAD_KEY, &json),
+        );
+        assert_eq!(gz.len(), 1);
+        assert_eq!(
+            gz.iter().map(|c| c.id).collect::<Vec<_>>(),
+            plain.iter().map(|c| c.id).collect::<Vec<_>>()
+        );
+        for trust in [vec![], vec![key(1).public()]] {
+            let mut r = Reader::new(&trust);
+            r.run(&store, 5_000);
+            assert!(r.errors.is_empty(), "{:?}", r.errors);
+            assert_eq!(r.r.applied_lsn(), 150);
+            assert!(same(r.r.state(), &expected(150)));
+        }
+        // Signed by another key: refused as untrusted, gzip or not.
+        let mut r = Reader::new(&[key(2).public()]);
+        r.run(&store, 2_000);
+        assert_eq!(r.r.applied_lsn(), 0);
+        assert_eq!(r.last().kind(), ErrorKind::Untrusted);
+    });
+}

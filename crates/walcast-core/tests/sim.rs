@@ -232,6 +232,8 @@ impl Sim {
             delta_bytes: by_bytes
                 .random_bool(0.3)
                 .then(|| by_bytes.random_range(50..1_000)),
+            // Heads stored gzip-compressed, from a stream of its own too.
+            head_gzip: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_6219_0000_0000).random_bool(0.3),
             ..pub_cfg
         };
         let n_pubs = if rng.random_bool(0.3) { 2 } else { 1 };

@@ -9,8 +9,8 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::json;
 use walcast_client::Fetch;
 use walcast_core::catalog::{
-    head_signature, page_signature, Head, Page, PageRef, SegmentEntry, HEAD_KEY, MAX_HEAD_BYTES,
-    MAX_PAGE_BYTES,
+    head_json, head_signature, page_signature, Head, Page, PageRef, SegmentEntry, HEAD_KEY,
+    MAX_HEAD_BYTES, MAX_PAGE_BYTES,
 };
 use walcast_core::io::{ByteRange, GetRequest, GetResponse, RequestId};
 use walcast_core::keys::{self, PublicKey};
@@ -156,16 +156,20 @@ fn digest_failure(digests: &BTreeMap<String, String>, key: &str, got: String) ->
 /// Reads the head and every page; returns the head, all segment entries in
 /// LSN order, and the pages.
 pub async fn read_catalog(f: &AnyFetch) -> Result<(Head, Vec<SegmentEntry>, Vec<PageRef>)> {
-    let (_, head) = read_head(f).await?;
+    let (_, head, _) = read_head(f).await?;
     let (segments, pages) = walk_pages(f, &head, |_, _, _| {}).await?;
     Ok((head, segments, pages.into_iter().map(|(r, _)| r).collect()))
 }
 
-/// The head, as read and decoded.
-async fn read_head(f: &AnyFetch) -> Result<(Vec<u8>, Head)> {
-    let head_bytes = get(f, HEAD_KEY, MAX_HEAD_BYTES as u64).await?;
-    let head = Head::decode(&head_bytes).map_err(|e| anyhow!("data: {HEAD_KEY}: {e}"))?;
-    Ok((head_bytes, head))
+/// The head's JSON (decoded when it is stored gzip-compressed) and the
+/// head, with the bytes it is stored as.
+async fn read_head(f: &AnyFetch) -> Result<(Vec<u8>, Head, usize)> {
+    let stored = get(f, HEAD_KEY, MAX_HEAD_BYTES as u64).await?;
+    let json = head_json(&stored)
+        .map_err(|e| anyhow!("data: {HEAD_KEY}: {e}"))?
+        .into_owned();
+    let head = Head::decode(&json).map_err(|e| anyhow!("data: {HEAD_KEY}: {e}"))?;
+    Ok((json, head, stored.len()))
 }
 
 /// Reads every page under `head`, depth-first in order, handing each to
@@ -273,7 +277,7 @@ pub async fn inspect(
         Some((base, _)) => format!("{base}?…"),
         None => url.to_string(),
     };
-    let (head_bytes, head) = read_head(&f).await?;
+    let (head_bytes, head, stored) = read_head(&f).await?;
     let signed = check_head(&head_bytes, &head, trust)?;
     // Every digest the signed catalog records, by key: the head's, then
     // each page's as the walk reads it (a page's own is its parent's).
@@ -422,7 +426,8 @@ pub async fn inspect(
             "segment_bytes": bytes,
             "pages": pages.len(),
             "retired": head.retired.len(),
-            "head_bytes": head.encode().len(),
+            "head_bytes": stored,
+            "head_json_bytes": head_bytes.len(),
             "gaps": gaps,
             "signer": signed.as_ref().map(|s| s.signer.to_string()),
             "pinned": !trust.is_empty(),
@@ -444,6 +449,14 @@ pub async fn inspect(
             head.committed_lsn,
             head.earliest_lsn
         );
+        if stored == head_bytes.len() {
+            say!("head         {stored} bytes of JSON");
+        } else {
+            say!(
+                "head         {stored} bytes, gzip of {} bytes of JSON",
+                head_bytes.len()
+            );
+        }
         match &head.snapshot {
             Some(s) => say!(
                 "snapshot     LSN {}  {} entries  {} bytes  {}",

@@ -142,6 +142,12 @@ enum Cmd {
         /// whole. Readers older than version 4 refuse these snapshots.
         #[arg(long, requires = "signing_key")]
         verified_blocks: bool,
+        /// How the head is stored: `json`, or `gzip` (about half the bytes
+        /// uploaded per commit; stored with Content-Encoding: gzip).
+        /// Replicas of this release read both; older ones read a gzip head
+        /// only through an HTTP client that decodes it (browsers, workers).
+        #[arg(long, value_enum, default_value_t = HeadEncoding::Json)]
+        head_encoding: HeadEncoding,
         /// Also serve the (file://) dataset over HTTP on this address, as
         /// `walcast serve` does; held head requests are woken by each commit.
         #[arg(long, value_name = "ADDR")]
@@ -603,6 +609,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             signing_key,
             previous_key,
             verified_blocks,
+            head_encoding,
             grace,
             once,
             serve,
@@ -662,6 +669,7 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
                     } else {
                         Default::default()
                     },
+                    head_gzip: head_encoding == HeadEncoding::Gzip,
                     ..PublisherConfig::default()
                 },
                 once,
@@ -976,6 +984,15 @@ fn parse_line(line: &str) -> Result<Vec<Op>> {
 /// The longest line `walcast write` takes: a batch of the largest value
 /// the format allows (64 MiB), as base64 in JSON, with room to spare.
 const MAX_LINE_BYTES: u64 = 128 << 20;
+
+/// `walcast publish --head-encoding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum HeadEncoding {
+    /// Plain JSON.
+    Json,
+    /// One gzip stream of the JSON.
+    Gzip,
+}
 
 fn write(wal: PathBuf) -> Result<ExitCode> {
     use std::io::{BufRead as _, Read as _};

@@ -28,7 +28,7 @@ use object_store::{
     Attribute, AttributeValue, GetOptions, GetRange, GetResult, GetResultPayload, ObjectStore,
     ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion,
 };
-use walcast_core::catalog::HEAD_KEY;
+use walcast_core::catalog::{GZIP_MAGIC, HEAD_KEY};
 use walcast_core::io::{ByteRange, ContentRange, GetRequest, GetResponse};
 use walcast_core::publisher::{ObjectKind, PutCondition, PutRequest, PutResponse};
 
@@ -295,6 +295,13 @@ impl Store {
             };
             opts.attributes
                 .insert(Attribute::CacheControl, AttributeValue::from(cache));
+            // A head stored gzip-compressed says so: HTTP clients in front
+            // of the store (browsers, workers, CDNs) then decode it as they
+            // read it; walcast's own readers decode it either way.
+            if req.kind == ObjectKind::Head && req.body.starts_with(&GZIP_MAGIC) {
+                opts.attributes
+                    .insert(Attribute::ContentEncoding, AttributeValue::from("gzip"));
+            }
         }
         match self
             .os

@@ -44,6 +44,72 @@ pub const MAX_PAGE_LEVEL: u32 = 16;
 
 pub(crate) mod json;
 
+/// The first two bytes of a gzip stream (RFC 1952). A head is JSON and so
+/// starts with `{`; a head stored gzip-compressed starts with these.
+pub const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// The JSON of a head as stored: `bytes` themselves, or, when they are one
+/// gzip stream ([`GZIP_MAGIC`]), what it decodes to. Decoding stops past
+/// [`MAX_HEAD_BYTES`] (a `TooLarge` error, however far the stream would
+/// go), and a stream that is damaged, truncated or followed by anything is
+/// a `Json` error naming why.
+#[cfg(feature = "gzip")]
+pub fn head_json(bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, DecodeError> {
+    use std::io::Read as _;
+    if !bytes.starts_with(&GZIP_MAGIC) {
+        return Ok(std::borrow::Cow::Borrowed(bytes));
+    }
+    let mut gz = flate2::bufread::GzDecoder::new(bytes);
+    let mut out = Vec::new();
+    let read = (&mut gz)
+        .take(MAX_HEAD_BYTES as u64 + 1)
+        .read_to_end(&mut out);
+    if let Err(e) = read {
+        return Err(DecodeError::Json(format!(
+            "the gzip-compressed head does not decode: {e}"
+        )));
+    }
+    if out.len() > MAX_HEAD_BYTES {
+        return Err(DecodeError::TooLarge {
+            what: "catalog head (gzip-decoded)",
+            at: 0,
+            len: out.len() as u64,
+            limit: MAX_HEAD_BYTES as u64,
+        });
+    }
+    let rest = gz.into_inner().len();
+    if rest > 0 {
+        return Err(DecodeError::Json(format!(
+            "{rest} bytes follow the head's gzip stream"
+        )));
+    }
+    Ok(std::borrow::Cow::Owned(out))
+}
+
+/// Without the `gzip` feature (the wasm module, whose JS driver decodes a
+/// gzip head before it hands it over) the bytes as they are: a gzip head
+/// then fails [`Head::decode`]'s first check.
+#[cfg(not(feature = "gzip"))]
+#[inline(always)]
+pub fn head_json(bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, DecodeError> {
+    Ok(std::borrow::Cow::Borrowed(bytes))
+}
+
+/// Compresses a head's JSON ([`Head::encode`]) into one gzip stream, as a
+/// publisher with [`crate::publisher::PublisherConfig::head_gzip`] stores
+/// it. [`head_json`] gives the JSON back.
+#[cfg(feature = "gzip")]
+pub fn gzip_head(json: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut gz = flate2::write::GzEncoder::new(
+        Vec::with_capacity(json.len() / 2),
+        flate2::Compression::new(6),
+    );
+    // Writing into a Vec cannot fail.
+    let _ = gz.write_all(json);
+    gz.finish().unwrap_or_default()
+}
+
 /// Checks that `key` is exactly the key the format derives for the object it
 /// names, so no catalog entry can point outside the dataset's own object kinds
 /// (`../x`, the head itself, an absolute path, a query).
@@ -557,8 +623,11 @@ impl Head {
         out
     }
 
-    /// Parses and validates a head, verifying its checksum first.
+    /// Parses and validates a head, verifying its checksum first. A head
+    /// stored gzip-compressed is decoded first ([`head_json`]).
     pub fn decode(bytes: &[u8]) -> Result<Head, DecodeError> {
+        let json = head_json(bytes)?;
+        let bytes = &json[..];
         if bytes.len() > MAX_HEAD_BYTES {
             return Err(DecodeError::TooLarge {
                 what: "catalog head",
@@ -579,7 +648,9 @@ impl Head {
         })
         .and_then(|h| u32::from_str_radix(h, 16).ok())
         .ok_or_else(|| {
-            DecodeError::Json("the head does not start with {\"crc32\":\"<8 hex digits>\",".into())
+            DecodeError::Json(
+                "the head does not start with {\"crc32\":\"<8 hex digits>\", (nor is it gzip this reader decodes)".into(),
+            )
         })?;
         crate::codec::check_crc(
             "catalog head",
@@ -903,4 +974,78 @@ pub fn delta_key(base_lsn: u64, lsn: u64, epoch: u64) -> String {
 /// Key of a page: `catalog/pages/<level>-<first:020>-<last:020>-<epoch>.json`.
 pub fn page_key(level: u32, first: u64, last: u64, epoch: u64) -> String {
     format!("catalog/pages/{level}-{first:020}-{last:020}-{epoch}.json")
+}
+
+#[cfg(all(test, feature = "gzip"))]
+mod gzip_tests {
+    use super::*;
+    use std::io::Write as _;
+
+    const HEAD: &[u8] = include_bytes!("../../tests/golden/head.json");
+
+    fn gzip_raw(data: &[u8]) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(data).unwrap();
+        gz.finish().unwrap()
+    }
+
+    #[test]
+    fn a_gzip_head_decodes_to_the_same_head() {
+        let plain = Head::decode(HEAD).unwrap();
+        let gz = gzip_head(HEAD);
+        assert!(gz.starts_with(&GZIP_MAGIC) && gz.len() < HEAD.len());
+        assert_eq!(Head::decode(&gz).unwrap(), plain);
+        assert_eq!(&head_json(&gz).unwrap()[..], HEAD);
+        // Plain JSON is passed through untouched.
+        assert!(matches!(
+            head_json(HEAD).unwrap(),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn a_gzip_bomb_stops_at_the_head_bound() {
+        // 64 MiB of spaces after the head: less than a GET of the head
+        // may bring.
+        let mut big = HEAD.to_vec();
+        big.resize(64 << 20, b' ');
+        let gz = gzip_raw(&big);
+        assert!(gz.len() < MAX_HEAD_BYTES, "{}", gz.len());
+        let err = Head::decode(&gz).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::TooLarge { len, limit, .. }
+                if limit == MAX_HEAD_BYTES as u64 && len == limit + 1),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn damaged_truncated_or_trailed_gzip_is_refused() {
+        let gz = gzip_head(HEAD);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("truncated", gz[..gz.len() - 9].to_vec()),
+            ("magic only", GZIP_MAGIC.to_vec()),
+            ("trailing bytes", [gz.clone(), b"{}".to_vec()].concat()),
+            ("a second member", [gz.clone(), gz.clone()].concat()),
+            ("a flipped bit", {
+                let mut d = gz.clone();
+                let mid = d.len() / 2;
+                d[mid] ^= 0x10;
+                d
+            }),
+            ("not JSON inside", gzip_raw(b"\x00\x01 not a head")),
+        ];
+        for (what, bytes) in cases {
+            let err = Head::decode(&bytes).expect_err(what);
+            assert!(
+                matches!(
+                    err,
+                    DecodeError::Json(_)
+                        | DecodeError::Checksum { .. }
+                        | DecodeError::TooLarge { .. }
+                ),
+                "{what}: {err}"
+            );
+        }
+    }
 }

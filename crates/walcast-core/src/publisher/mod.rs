@@ -158,6 +158,13 @@ pub struct PublisherConfig {
     /// replica's cold read then replays at most about this many bytes of
     /// segments. Needs `snapshot_every` and the indexed snapshot format.
     pub delta_bytes: Option<u64>,
+    /// Store the head gzip-compressed (`docs/FORMAT.md`, "Head encoding"):
+    /// its catalog and the base64 of its tail copies shrink to about half,
+    /// and it is uploaded on every commit. Readers from this release on
+    /// decode it; older ones read it only through an HTTP client that
+    /// decodes `Content-Encoding: gzip` (browsers, workers), so it is
+    /// opt-in. Needs the `gzip` feature (on by default); ignored without it.
+    pub head_gzip: bool,
     /// Sign every head and page with this key, and record the digest of
     /// every object in the catalog (`docs/FORMAT.md`, "Signed datasets").
     pub signing_key: Option<crate::keys::SecretKey>,
@@ -214,6 +221,7 @@ impl Default for PublisherConfig {
             snapshot_format: SnapshotFormat::default(),
             delta_every: None,
             delta_bytes: None,
+            head_gzip: false,
             signing_key: None,
             previous_key: None,
         }
@@ -303,7 +311,7 @@ pub enum Event {
         lsn: u64,
         /// The head's generation.
         generation: u64,
-        /// Size of the head in bytes.
+        /// Size of the head's JSON in bytes (before any gzip).
         head_bytes: u64,
     },
     /// An object was deleted after its grace period.

@@ -109,12 +109,18 @@ impl Publisher {
         h.trust = Some(t);
     }
 
-    /// The bytes of a head: signed when this publisher has a signing key.
+    /// The bytes of a head: signed when this publisher has a signing key,
+    /// gzip-compressed with [`super::PublisherConfig::head_gzip`].
     pub(super) fn encode_head(&self, h: &Head) -> Vec<u8> {
-        match &self.cfg.signing_key {
+        let json = match &self.cfg.signing_key {
             Some(k) => h.encode_signed(k),
             None => h.encode(),
+        };
+        #[cfg(feature = "gzip")]
+        if self.cfg.head_gzip {
+            return crate::catalog::gzip_head(&json);
         }
+        json
     }
 
     /// Forgets digests the committed head `h` now records itself.

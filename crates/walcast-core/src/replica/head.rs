@@ -31,6 +31,21 @@ impl Replica {
             wait.is_some_and(|w| now.saturating_sub(sent_at) < w / 2)
         });
         let before = (self.dataset, self.committed);
+        // A head stored gzip-compressed: its JSON, which the signature
+        // covers (one that does not decode stays as it came, and
+        // `Head::decode` names why).
+        #[cfg(feature = "gzip")]
+        let resp = match resp {
+            GetResponse::Ok { body, etag, range } => GetResponse::Ok {
+                body: match crate::catalog::head_json(&body) {
+                    Ok(std::borrow::Cow::Owned(json)) => json,
+                    _ => body,
+                },
+                etag,
+                range,
+            },
+            other => other,
+        };
         match resp {
             GetResponse::NotModified if self.etag.is_some() && self.head.is_some() => {
                 self.success(HEAD_KEY);

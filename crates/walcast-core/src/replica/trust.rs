@@ -209,6 +209,10 @@ impl Replica {
             return out;
         }
         if key == HEAD_KEY {
+            #[cfg(feature = "gzip")]
+            let json = crate::catalog::head_json(body).unwrap_or_default();
+            #[cfg(feature = "gzip")]
+            let body = &json[..];
             let (Ok(head), Some((sig, signed))) = (Head::decode(body), head_signature(body)) else {
                 return out;
             };

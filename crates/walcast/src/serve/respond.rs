@@ -89,12 +89,28 @@ pub(super) async fn respond(
         IMMUTABLE if token_in_header => IMMUTABLE_PRIVATE,
         c => c,
     };
-    let content_type = object.content_type();
+    let mut content_type = object.content_type();
     let etag = HeaderValue::from_str(&entity.etag).expect("ETag is ASCII");
-    let builder = Response::builder()
+    let mut builder = Response::builder()
         .header(header::ETAG, etag)
         .header(header::CACHE_CONTROL, cache_control)
         .header(header::ACCEPT_RANGES, "bytes");
+    // A head stored gzip-compressed (`--head-encoding gzip`) is JSON with
+    // Content-Encoding: gzip for clients that accept it, else the stored
+    // bytes as they are (walcast's readers decode them either way).
+    if object == Object::Head
+        && entity
+            .data
+            .as_ref()
+            .is_some_and(|d| d.starts_with(&walcast_core::catalog::GZIP_MAGIC))
+    {
+        builder = builder.header(header::VARY, "accept-encoding");
+        if accepts_gzip(headers) {
+            builder = builder.header(header::CONTENT_ENCODING, "gzip");
+        } else {
+            content_type = "application/gzip";
+        }
+    }
     let builder = if long_poll {
         builder.header(
             walcast_core::io::LONG_POLL_HEADER,
@@ -181,6 +197,24 @@ pub(super) async fn respond(
         }
     };
     builder.body(body).expect("valid response")
+}
+
+/// Whether `Accept-Encoding` lists gzip with a weight above zero.
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let coding = parts.next().unwrap_or("");
+            let weight = parts
+                .find_map(|p| p.strip_prefix("q="))
+                .map_or(Some(1.0), |q| q.trim().parse::<f32>().ok());
+            (coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip"))
+                && weight.is_some_and(|w| w > 0.0)
+        })
 }
 
 /// Checks the request's access token when tokens are required: `Ok(true)`

@@ -21,11 +21,13 @@ fn arg_key(k: &[u8]) -> Option<String> {
     (!s.is_empty() && !s.starts_with('-')).then(|| s.to_string())
 }
 
-/// The head of a `file://` dataset, as JSON.
+/// The head of a `file://` dataset, as JSON (decoded when it is stored
+/// gzip-compressed).
 fn head(ds: &Path) -> Value {
     let bytes = std::fs::read(ds.join("catalog/head.json")).expect("head.json");
+    let json = walcast_core::catalog::head_json(&bytes).expect("a head");
     // The checksum prefix is a JSON member: the file is one object.
-    serde_json::from_slice(&bytes).expect("head JSON")
+    serde_json::from_slice(&json).expect("head JSON")
 }
 
 /// Writes `batches`, records them in `model`.
@@ -272,6 +274,88 @@ fn lazy_reads_through_deltas_over_http() {
     replicate_once(&file_url(&d.ds), &local, &Env::new()).ok();
     assert_state_eq(&scan(&local), &d.model.map, "the replica");
     compare(&d, &serve.url, &local, &sample_keys(&d, 10));
+}
+
+/// `--head-encoding gzip`: the head is stored as one gzip stream, and
+/// every reader reads it as the JSON head: `replicate`, `get --from` and
+/// `scan --from` over `file://` and over `walcast serve` (which labels it
+/// Content-Encoding: gzip for clients that accept gzip, and sends it as it
+/// is to others), and `inspect --verify`, which reports both sizes.
+#[test]
+fn heads_stored_gzip_compressed_are_read_everywhere() {
+    let d = dataset_with(
+        "heads_stored_gzip_compressed_are_read_everywhere",
+        &["--delta-every", "100", "--head-encoding", "gzip"],
+    );
+    let stored = std::fs::read(d.ds.join("catalog/head.json")).unwrap();
+    assert_eq!(&stored[..2], &[0x1f, 0x8b], "a gzip head");
+    let h = head(&d.ds);
+    assert!(
+        h["deltas"].as_array().is_some_and(|a| !a.is_empty()),
+        "deltas over the snapshot: {h}"
+    );
+    let url = file_url(&d.ds);
+    let local = d.tmp.path().join("replica");
+    replicate_once(&url, &local, &Env::new()).ok();
+    assert_state_eq(&scan(&local), &d.model.map, "the replica over file://");
+    let keys = sample_keys(&d, 4);
+    compare(&d, &url, &local, &keys);
+    let serve = Serve::start(&d.ds);
+    let over_http = d.tmp.path().join("replica-http");
+    replicate_once(&serve.url, &over_http, &Env::new()).ok();
+    assert_state_eq(&scan(&over_http), &d.model.map, "the replica over HTTP");
+    compare(&d, &serve.url, &local, &keys);
+
+    let addr = serve.url.strip_prefix("http://").unwrap();
+    let header = |headers: &[(String, String)], name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let (status, headers, body) = crate::long_poll::get(
+        addr,
+        "/catalog/head.json",
+        &[("Accept-Encoding", "br, gzip;q=0.5")],
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        header(&headers, "content-encoding").as_deref(),
+        Some("gzip")
+    );
+    assert_eq!(
+        header(&headers, "content-type").as_deref(),
+        Some("application/json")
+    );
+    assert_eq!(header(&headers, "vary").as_deref(), Some("accept-encoding"));
+    assert_eq!(body, stored, "the stored bytes, labelled");
+    for accept in [None, Some("identity"), Some("gzip;q=0")] {
+        let extra: Vec<(&str, &str)> = accept.map(|a| ("Accept-Encoding", a)).into_iter().collect();
+        let (status, headers, body) = crate::long_poll::get(addr, "/catalog/head.json", &extra);
+        assert_eq!(status, 200);
+        assert_eq!(header(&headers, "content-encoding"), None, "{accept:?}");
+        assert_eq!(
+            header(&headers, "content-type").as_deref(),
+            Some("application/gzip"),
+            "{accept:?}"
+        );
+        assert_eq!(body, stored, "{accept:?}");
+    }
+
+    let out = run(&["inspect", &url, "--verify"], &Env::new(), None).ok();
+    assert!(
+        out.stdout_str()
+            .contains(&format!("head         {} bytes, gzip of", stored.len())),
+        "{}",
+        out.describe()
+    );
+    let v = inspect_json(&url, &Env::new());
+    let (bytes, json) = (
+        v["head_bytes"].as_u64().unwrap(),
+        v["head_json_bytes"].as_u64().unwrap(),
+    );
+    assert_eq!(bytes, stored.len() as u64);
+    assert!(json > bytes, "{v}");
 }
 
 /// `inspect --verify` reads every delta the head names: a clean dataset
