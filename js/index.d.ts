@@ -230,7 +230,7 @@ export interface ScanOptions {
    * to this many or more (at least one entry is returned), so one answer
    * stays near this size however large the values. Fewer than `limit`
    * entries whose bytes reach it: go on from the last key plus a zero byte.
-   * Default: no bound.
+   * Default: no bound; a value above 2^32 - 1 counts as 2^32 - 1.
    */
   maxBytes?: number;
 }

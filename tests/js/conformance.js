@@ -715,6 +715,12 @@ export function conformanceCases(ctx) {
       if (maxBytes === 1 << 20) eq(at, all.length, `${label}: scan pages of maxBytes ${maxBytes} cover every entry`);
     }
     await rejectsWith(lazy.scan({ maxBytes: 0 }), "invalid_input", "lazy scan maxBytes 0");
+    // The module's bound is a u32: a larger maxBytes is its largest, no bound
+    // in practice (never a bound of what is left after 2^32, e.g. 0 for 2^32).
+    for (const maxBytes of [2 ** 32 - 1, 2 ** 32, 5e9, 1e12, 1e20]) {
+      sameRows(await lazy.scan({ maxBytes }), all, `${label}: lazy scan maxBytes ${maxBytes}`);
+      sameRows(full.scan({ maxBytes }), all, `${label}: full scan maxBytes ${maxBytes}`);
+    }
   };
 
   add("lazy: open refuses what a lazy replica cannot do (invalid_input)", async () => {

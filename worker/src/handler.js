@@ -25,9 +25,9 @@
 // FIRST_SYNC_WAIT_MS (how long a request waits for the initial sync before it
 // answers 503, default 30000), SCAN_LIMIT (default rows of /scan, 1000),
 // MAX_SCAN_LIMIT (10000), SCAN_MAX_BYTES (a /scan answer ends at the row
-// whose keys and values reach this many bytes, default 4 MiB, and then
-// carries `Walcast-Scan-Next`: the percent-encoded `start` of the next
-// page), MAX_CONCURRENT_SCANS (lazy scans at once, 32, at
+// whose keys and values reach this many bytes, default 4 MiB, at most
+// 2^32 - 1, and then carries `Walcast-Scan-Next`: the percent-encoded
+// `start` of the next page), MAX_CONCURRENT_SCANS (lazy scans at once, 32, at
 // most 64: more answer 503 `busy` with Retry-After), MIN_LSN_WAIT_MS (how long a read with `?min_lsn=N`
 // or `Walcast-Min-Lsn: N` waits for LSN N to be applied before it answers 503
 // with Retry-After, default 5000; every answer carries `Walcast-Lsn`, the
@@ -62,6 +62,10 @@ const DEFAULT_MAX_AGE_MS = 1000;
 const DEFAULT_SCAN_LIMIT = 1000;
 const DEFAULT_MAX_SCAN_LIMIT = 10000;
 const DEFAULT_SCAN_MAX_BYTES = 4 << 20;
+// The largest byte bound of a scan the module holds (a u32): a larger
+// SCAN_MAX_BYTES means this, so that an answer the module cut at it still
+// carries Walcast-Scan-Next.
+const MODULE_SCAN_MAX_BYTES = 0xffffffff;
 // Lazy scans in progress at once (MAX_CONCURRENT_SCANS), at most what the
 // wasm module keeps open (`MAX_OPEN_SCANS`).
 const DEFAULT_MAX_CONCURRENT_SCANS = 32;
@@ -164,7 +168,7 @@ function readConfig(env) {
     maxAgeMs: intVar(env, "MAX_AGE_MS", DEFAULT_MAX_AGE_MS),
     scanLimit: intVar(env, "SCAN_LIMIT", DEFAULT_SCAN_LIMIT),
     maxScanLimit: intVar(env, "MAX_SCAN_LIMIT", DEFAULT_MAX_SCAN_LIMIT, 1),
-    scanMaxBytes: intVar(env, "SCAN_MAX_BYTES", DEFAULT_SCAN_MAX_BYTES, 1),
+    scanMaxBytes: Math.min(intVar(env, "SCAN_MAX_BYTES", DEFAULT_SCAN_MAX_BYTES, 1), MODULE_SCAN_MAX_BYTES),
     maxConcurrentScans: Math.min(intVar(env, "MAX_CONCURRENT_SCANS", DEFAULT_MAX_CONCURRENT_SCANS, 1), MODULE_OPEN_SCANS),
     firstSyncWaitMs: intVar(env, "FIRST_SYNC_WAIT_MS", DEFAULT_FIRST_SYNC_WAIT_MS),
     minLsnWaitMs: intVar(env, "MIN_LSN_WAIT_MS", DEFAULT_MIN_LSN_WAIT_MS),

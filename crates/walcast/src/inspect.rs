@@ -1,7 +1,6 @@
 //! `walcast inspect`: the head, segments, pages, snapshot, LSN coverage, and
 //! with `--verify` every checksum.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 
@@ -140,9 +139,10 @@ fn verify_delta(d: &walcast_core::catalog::DeltaEntry, head: &Head, bytes: &[u8]
 }
 
 /// The failure of an object whose SHA-256 is `got` in a signed dataset:
-/// none when it is the digest `digests` record for `key`.
-fn digest_failure(digests: &BTreeMap<String, String>, key: &str, got: String) -> Option<String> {
-    match digests.get(key) {
+/// none when it is `want`, the digest the signed catalog records for `key`
+/// (in the head or page that names it).
+fn digest_failure(want: Option<&String>, key: &str, got: String) -> Option<String> {
+    match want {
         None => Some(format!(
             "{key}: no digest in the signed catalog (untrusted)"
         )),
@@ -154,11 +154,18 @@ fn digest_failure(digests: &BTreeMap<String, String>, key: &str, got: String) ->
 }
 
 /// Reads the head and every page; returns the head, all segment entries in
-/// LSN order, and the pages.
+/// LSN order, and the pages. All of them are held at once: `walcast
+/// inspect` walks the pages one at a time instead.
 pub async fn read_catalog(f: &AnyFetch) -> Result<(Head, Vec<SegmentEntry>, Vec<PageRef>)> {
     let (_, head, _) = read_head(f).await?;
-    let (segments, pages) = walk_pages(f, &head, |_, _, _| {}).await?;
-    Ok((head, segments, pages.into_iter().map(|(r, _)| r).collect()))
+    let mut walk = PageWalk::new(&head);
+    let (mut segments, mut pages) = (Vec::new(), Vec::new());
+    while let Some(p) = walk.next(f).await? {
+        segments.extend(p.page.segments);
+        pages.push(p.r);
+    }
+    segments.extend(head.segments.iter().cloned());
+    Ok((head, segments, pages))
 }
 
 /// The head's JSON (decoded when it is stored gzip-compressed) and the
@@ -172,32 +179,129 @@ async fn read_head(f: &AnyFetch) -> Result<(Vec<u8>, Head, usize)> {
     Ok((json, head, stored.len()))
 }
 
-/// Reads every page under `head`, depth-first in order, handing each to
-/// `on_page` with its bytes and digests as it arrives (its parent's before
-/// it); returns every segment entry in LSN order and the pages with their
-/// digests. A page's bytes are dropped once handled, so memory holds one
-/// page at a time, not the tree.
-async fn walk_pages(
-    f: &AnyFetch,
-    head: &Head,
-    mut on_page: impl FnMut(&PageRef, &[u8], &walcast_core::catalog::Digests),
-) -> Result<(
-    Vec<SegmentEntry>,
-    Vec<(PageRef, walcast_core::catalog::Digests)>,
-)> {
-    let mut segments = Vec::new();
-    let mut pages = Vec::new();
-    let mut stack: Vec<PageRef> = head.pages.iter().rev().cloned().collect();
-    while let Some(r) = stack.pop() {
-        let body = get(f, &r.key, MAX_PAGE_BYTES as u64).await?;
-        let page = Page::decode(&body, &r).map_err(|e| anyhow!("data: {}: {e}", r.key))?;
-        on_page(&r, &body, &page.digests);
-        segments.extend(page.segments);
-        stack.extend(page.pages.into_iter().rev());
-        pages.push((r, page.digests));
+/// One page of a [`PageWalk`]: its reference, the digest its parent
+/// records for it (signed datasets), its bytes and the page, whose child
+/// references the walk has taken (`page.pages` is empty).
+struct WalkedPage {
+    r: PageRef,
+    digest: Option<String>,
+    body: Vec<u8>,
+    page: Page,
+}
+
+/// A depth-first walk of the pages under a head, in LSN order: each page
+/// is read, handed over and dropped before the next. What the walk holds
+/// is the references still to read, each with the digest its parent
+/// records for it: at most the fanout of every level on the path to the
+/// current page. Memory is bounded by the tree's depth times its fanout,
+/// however many pages and segments it has.
+struct PageWalk {
+    stack: Vec<(PageRef, Option<String>)>,
+}
+
+impl PageWalk {
+    fn new(head: &Head) -> Self {
+        let digest = |key: &str| {
+            head.trust
+                .as_ref()
+                .and_then(|t| t.digests.get(key).cloned())
+        };
+        PageWalk {
+            stack: head
+                .pages
+                .iter()
+                .rev()
+                .map(|r| (r.clone(), digest(&r.key)))
+                .collect(),
+        }
     }
-    segments.extend(head.segments.iter().cloned());
-    Ok((segments, pages))
+
+    /// The next page, `None` after the last.
+    async fn next(&mut self, f: &AnyFetch) -> Result<Option<WalkedPage>> {
+        let Some((r, digest)) = self.stack.pop() else {
+            return Ok(None);
+        };
+        let body = get(f, &r.key, MAX_PAGE_BYTES as u64).await?;
+        let mut page = Page::decode(&body, &r).map_err(|e| anyhow!("data: {}: {e}", r.key))?;
+        for child in std::mem::take(&mut page.pages).into_iter().rev() {
+            let d = page.digests.get(&child.key).cloned();
+            self.stack.push((child, d));
+        }
+        Ok(Some(WalkedPage {
+            r,
+            digest,
+            body,
+            page,
+        }))
+    }
+}
+
+/// Segments the text report lists: the newest ones.
+const SHOWN_SEGMENTS: usize = 20;
+
+/// The segments as the report describes them, gathered one at a time in
+/// LSN order: how many, their bytes, the gaps between them, the first LSN
+/// and the newest [`SHOWN_SEGMENTS`].
+#[derive(Default)]
+struct Coverage {
+    count: usize,
+    bytes: u64,
+    first_lsn: Option<u64>,
+    next: Option<u64>,
+    gaps: Vec<(u64, u64)>,
+    newest: std::collections::VecDeque<SegmentEntry>,
+}
+
+impl Coverage {
+    fn add(&mut self, s: &SegmentEntry) {
+        if let Some(n) = self.next {
+            if s.first_lsn != n {
+                self.gaps.push((n, s.first_lsn.saturating_sub(1)));
+            }
+        }
+        self.next = Some(s.last_lsn.saturating_add(1));
+        self.first_lsn.get_or_insert(s.first_lsn);
+        self.count += 1;
+        self.bytes = self.bytes.saturating_add(s.size);
+        if self.newest.len() == SHOWN_SEGMENTS {
+            self.newest.pop_front();
+        }
+        self.newest.push_back(s.clone());
+    }
+}
+
+/// Downloads segment `s` and checks it: its checksum and framing, and in a
+/// signed dataset its SHA-256 against `digest`, the one the head or page
+/// naming it records. A segment claiming more than a replica reads is not
+/// downloaded.
+async fn verify_segment(
+    f: &AnyFetch,
+    s: &SegmentEntry,
+    signed: bool,
+    digest: Option<&String>,
+    failures: &mut Vec<String>,
+) {
+    if s.size > walcast_core::catalog::MAX_SEGMENT_BYTES {
+        // As a replica: never read into memory.
+        failures.push(format!(
+            "{}: claims {} bytes, above the limit of {} a replica reads",
+            s.key,
+            s.size,
+            walcast_core::catalog::MAX_SEGMENT_BYTES
+        ));
+        return;
+    }
+    match get(f, &s.key, s.size).await {
+        Ok(b) => {
+            if let Err(e) = segment::decode(&b, Some(s.crc32)) {
+                failures.push(format!("{}: {e}", s.key));
+            }
+            if signed {
+                failures.extend(digest_failure(digest, &s.key, keys::sha256_hex(&b)));
+            }
+        }
+        Err(e) => failures.push(e.to_string()),
+    }
 }
 
 /// Who signed a head, and the keys a reader may accept from it.
@@ -279,25 +383,33 @@ pub async fn inspect(
     };
     let (head_bytes, head, stored) = read_head(&f).await?;
     let signed = check_head(&head_bytes, &head, trust)?;
-    // Every digest the signed catalog records, by key: the head's, then
-    // each page's as the walk reads it (a page's own is its parent's).
-    let mut digests: BTreeMap<String, String> = head
-        .trust
-        .as_ref()
-        .map(|t| {
-            t.digests
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
+    // The digests the head records (signed datasets): of its pages, inline
+    // segments, snapshot and deltas. A page's are used as it is walked.
+    let head_digests = head.trust.as_ref().map(|t| &t.digests);
+    let head_digest = |key: &str| head_digests.and_then(|d| d.get(key));
     let mut failures = Vec::new();
-    // With --verify in a signed dataset, each page is checked as it is read
-    // (its SHA-256 and its signature): the walk keeps no page's bytes.
-    let (segments, page_list) = walk_pages(&f, &head, |r, body, d| {
+    let pb = if verify && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        // The snapshot, and the segments as the walk finds them.
+        indicatif::ProgressBar::new(1)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    // The pages are walked one at a time and the segments each names are
+    // counted (and with --verify checked) as it is read: nothing is kept of
+    // a page once it is handled, so memory does not grow with the catalog.
+    let mut coverage = Coverage::default();
+    let mut pages = 0usize;
+    let mut walk = PageWalk::new(&head);
+    while let Some(p) = walk.next(&f).await? {
+        pages += 1;
         if let (true, Some(sg)) = (verify, &signed) {
-            failures.extend(digest_failure(&digests, &r.key, keys::sha256_hex(body)));
-            let ok = page_signature(body).is_some_and(|(sig, m)| {
+            // The page's SHA-256 (its digest is its parent's) and signature.
+            failures.extend(digest_failure(
+                p.digest.as_ref(),
+                &p.r.key,
+                keys::sha256_hex(&p.body),
+            ));
+            let ok = page_signature(&p.body).is_some_and(|(sig, m)| {
                 sg.keys
                     .iter()
                     .any(|k| k.verify_b64(keys::PAGE_DOMAIN, m, sig))
@@ -305,67 +417,49 @@ pub async fn inspect(
             if !ok {
                 failures.push(format!(
                     "{}: not signed by a trusted key (untrusted)",
-                    r.key
+                    p.r.key
                 ));
             }
         }
-        digests.extend(d.iter().map(|(k, v)| (k.clone(), v.clone())));
-    })
-    .await?;
-    let pages: Vec<PageRef> = page_list.into_iter().map(|(r, _)| r).collect();
-    // The digest check of one object (signed datasets only): its SHA-256
-    // against the one the signed catalog records.
-    let check_sha = |key: &str, got: String, failures: &mut Vec<String>| {
-        if signed.is_none() {
-            return;
+        pb.inc_length(p.page.segments.len() as u64);
+        for s in &p.page.segments {
+            coverage.add(s);
+            if verify {
+                let d = p.page.digests.get(&s.key);
+                verify_segment(&f, s, signed.is_some(), d, &mut failures).await;
+                pb.inc(1);
+            }
         }
-        failures.extend(digest_failure(&digests, key, got));
+    }
+    pb.inc_length(head.segments.len() as u64);
+    for s in &head.segments {
+        coverage.add(s);
+        if verify {
+            verify_segment(&f, s, signed.is_some(), head_digest(&s.key), &mut failures).await;
+            pb.inc(1);
+        }
+    }
+    // The digest check of one object the head names (signed datasets
+    // only): its SHA-256 against the one the head records.
+    let check_sha = |key: &str, got: String, failures: &mut Vec<String>| {
+        if signed.is_some() {
+            failures.extend(digest_failure(head_digest(key), key, got));
+        }
     };
     let check_digest = |key: &str, bytes: &[u8], failures: &mut Vec<String>| {
         if signed.is_some() {
             check_sha(key, keys::sha256_hex(bytes), failures);
         }
     };
-    let mut gaps = Vec::new();
-    let mut next = segments.first().map(|s| s.first_lsn);
-    for s in &segments {
-        if let Some(n) = next {
-            if s.first_lsn != n {
-                gaps.push((n, s.first_lsn.saturating_sub(1)));
-            }
-        }
-        next = Some(s.last_lsn + 1);
-    }
-    let bytes: u64 = segments.iter().map(|s| s.size).sum();
+    let Coverage {
+        count: segment_count,
+        bytes,
+        first_lsn,
+        gaps,
+        newest,
+        ..
+    } = coverage;
     if verify {
-        let pb = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            indicatif::ProgressBar::new(segments.len() as u64 + 1)
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
-        for s in &segments {
-            if s.size > walcast_core::catalog::MAX_SEGMENT_BYTES {
-                // As a replica: never read into memory.
-                failures.push(format!(
-                    "{}: claims {} bytes, above the limit of {} a replica reads",
-                    s.key,
-                    s.size,
-                    walcast_core::catalog::MAX_SEGMENT_BYTES
-                ));
-                pb.inc(1);
-                continue;
-            }
-            match get(&f, &s.key, s.size).await {
-                Ok(b) => {
-                    if let Err(e) = segment::decode(&b, Some(s.crc32)) {
-                        failures.push(format!("{}: {e}", s.key));
-                    }
-                    check_digest(&s.key, &b, &mut failures);
-                }
-                Err(e) => failures.push(e.to_string()),
-            }
-            pb.inc(1);
-        }
         if let Some(sn) = &head.snapshot {
             let sha = signed.is_some().then(keys::Sha256Stream::new);
             match verify_snapshot(&f, sn, sha, SNAPSHOT_CHUNK).await {
@@ -421,10 +515,10 @@ pub async fn inspect(
             "earliest_lsn": head.earliest_lsn,
             "committed_at_ms": head.committed_at_ms,
             "snapshot": head.snapshot.as_ref().map(|s| json!({"key": s.key, "lsn": s.lsn, "size": s.size, "entries": s.entries})),
-            "segments": segments.len(),
+            "segments": segment_count,
             "inline_segments": head.segments.len(),
             "segment_bytes": bytes,
-            "pages": pages.len(),
+            "pages": pages,
             "retired": head.retired.len(),
             "head_bytes": stored,
             "head_json_bytes": head_bytes.len(),
@@ -469,10 +563,10 @@ pub async fn inspect(
         }
         say!(
             "segments     {} ({} inline, {} in {} pages), {} bytes",
-            segments.len(),
+            segment_count,
             head.segments.len(),
-            segments.len() - head.segments.len(),
-            pages.len(),
+            segment_count - head.segments.len(),
+            pages,
             bytes
         );
         say!("retired      {} awaiting deletion", head.retired.len());
@@ -496,10 +590,10 @@ pub async fn inspect(
             }
             None => say!("signed       no"),
         }
-        match (segments.first(), segments.last()) {
+        match (first_lsn, newest.back()) {
             (Some(a), Some(b)) => say!(
                 "coverage     LSN {}..={}{}",
-                a.first_lsn,
+                a,
                 b.last_lsn,
                 if gaps.is_empty() {
                     "  (no gaps)".to_string()
@@ -517,13 +611,14 @@ pub async fn inspect(
             "epoch",
             "bytes"
         );
-        let show: Vec<&SegmentEntry> = if segments.len() > 20 {
-            say!("{:>20} (… {} older segments)", "", segments.len() - 20);
-            segments[segments.len() - 20..].iter().collect()
-        } else {
-            segments.iter().collect()
-        };
-        for s in show {
+        if segment_count > newest.len() {
+            say!(
+                "{:>20} (… {} older segments)",
+                "",
+                segment_count - newest.len()
+            );
+        }
+        for s in &newest {
             say!(
                 "{:>20} {:>20} {:>6} {:>10}  {}",
                 s.first_lsn,
@@ -537,7 +632,7 @@ pub async fn inspect(
             if failures.is_empty() {
                 say!(
                     "\nverify       OK: {} segments{} checked{}",
-                    segments.len(),
+                    segment_count,
                     if head.snapshot.is_some() {
                         " and the snapshot"
                     } else {

@@ -19,6 +19,7 @@ function fakeReplicaClass() {
       this.requests = 0;
       this.bytes = 0;
       this.syncCalls = [];
+      this.scanMaxBytes = [];
       this.closed = false;
       made.push(this);
     }
@@ -52,16 +53,20 @@ function fakeReplicaClass() {
     get(key) {
       return this.entries.get(hex(key));
     }
-    scan({ prefix, limit }) {
-      const rows = [...this.entries.keys()]
-        .sort()
-        .filter((h) => !prefix || h.startsWith(hex(prefix)))
-        .slice(0, limit)
-        .map((h) => {
-          const kb = Buffer.from(h, "hex");
-          const s = kb.toString("utf8");
-          return { key: Buffer.from(s).equals(kb) ? s : new Uint8Array(kb), value: this.entries.get(h) };
-        });
+    /** Like the package's: ends at the row whose keys and values reach `maxBytes`. */
+    scan({ prefix, limit, maxBytes }) {
+      this.scanMaxBytes.push(maxBytes);
+      let left = maxBytes ?? Infinity;
+      const rows = [];
+      for (const h of [...this.entries.keys()].sort()) {
+        if (rows.length >= limit || left <= 0) break;
+        if (prefix && !h.startsWith(hex(prefix))) continue;
+        const kb = Buffer.from(h, "hex");
+        const s = kb.toString("utf8");
+        const value = this.entries.get(h);
+        left -= kb.length + value.byteLength;
+        rows.push({ key: Buffer.from(s).equals(kb) ? s : new Uint8Array(kb), value });
+      }
       return rows;
     }
     status() {
@@ -222,6 +227,42 @@ test("/scan with start after end answers 400; start equal to end is empty; a non
     assert.equal((await r.json()).error.code, "invalid_input", q);
   }
   assert.equal((await call("/kv/a")).status, 200, "still serving");
+});
+
+test("SCAN_MAX_BYTES: an answer is cut at it with Walcast-Scan-Next; above 2^32 - 1 it is 2^32 - 1, the module's largest bound", async () => {
+  const ready = async (env) => {
+    const { call, made } = setup(env);
+    const p = call("/status");
+    await flush();
+    made[0].put("a", "1");
+    made[0].put("b", "2");
+    made[0].put("c", "3");
+    made[0].syncCalls[0].resolve(1);
+    await p;
+    return { call, r: made[0] };
+  };
+  const { call, r } = await ready({ SCAN_MAX_BYTES: "3" });
+  const cut = await call("/scan");
+  assert.deepEqual(await cut.json(), [
+    { key: "a", value: "1" },
+    { key: "b", value: "2" },
+  ]);
+  assert.equal(cut.headers.get("walcast-scan-next"), "b%00");
+  assert.deepEqual(r.scanMaxBytes, [3]);
+  for (const raw of ["4294967295", "4294967296", "5000000000", "1e12", "99999999999999999999"]) {
+    const { call, r } = await ready({ SCAN_MAX_BYTES: raw });
+    const res = await call("/scan");
+    assert.equal(res.status, 200, raw);
+    assert.equal((await res.json()).length, 3, raw);
+    assert.equal(res.headers.get("walcast-scan-next"), null, raw);
+    assert.deepEqual(r.scanMaxBytes, [0xffffffff], `SCAN_MAX_BYTES=${raw}: the bound the scan is asked for`);
+  }
+  for (const raw of ["0", "-1", "x"]) {
+    const { handle } = setup();
+    const bad = await handle(new Request("http://w/scan"), { DATASET_URL: "http://ds/x", SCAN_MAX_BYTES: raw }, () => {});
+    assert.equal(bad.status, 500, raw);
+    assert.equal((await bad.json()).error.code, "config", raw);
+  }
 });
 
 test("/status and error answers carry no DATASET_URL and no error text, only codes", async () => {

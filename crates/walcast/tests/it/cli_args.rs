@@ -1,12 +1,18 @@
 //! Argument handling of `walcast publish`: a size too large for a u64 is a
 //! usage error (never a panic, never a wrapped value), and a flag that needs
 //! another one is refused when that one is off, not accepted and ignored.
+//! Input handling of `walcast write`: a line that is not UTF-8 or longer
+//! than 128 MiB is named, after the lines before it are committed.
 //!
 //! Real processes: the `walcast` binary on a temporary WAL and dataset.
 
 use crate::support;
 
-use support::{file_url, p, run, Env};
+use std::io::{Read as _, Write as _};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use support::{file_url, p, run, vm_hwm_kib, walcast_cmd, Env};
 
 fn wal_with_records(dir: &std::path::Path, n: usize) {
     let mut input = String::new();
@@ -99,6 +105,112 @@ fn a_line_that_is_not_utf8_is_named_and_the_lines_before_it_committed() {
         out.describe()
     );
     assert_eq!(out.stdout_str().trim(), "{\"lsn\":1}", "{}", out.describe());
+}
+
+/// The longest line `walcast write` takes (its MAX_LINE_BYTES).
+const MAX_LINE_BYTES: usize = 128 << 20;
+
+/// `walcast write` with a good line, then one of 192 MiB (128 MiB + 64
+/// MiB), then another good line: the error names line 2 as longer than the
+/// limit, line 1 is committed (and published: a read of the dataset finds
+/// it), nothing after it is, and the writer reads no more of the long line
+/// than the limit, so its memory stays near 128 MiB, not the line's 192.
+#[test]
+fn a_line_over_128_mib_is_named_and_the_lines_before_it_committed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (wal, data) = (tmp.path().join("wal"), tmp.path().join("data"));
+    let mut cmd = walcast_cmd(&["write", "--wal", p(&wal)], &Env::new());
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // Owns the child so that a failed assertion still kills it.
+    struct Guard(std::process::Child);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut g = Guard(cmd.spawn().expect("spawn walcast write"));
+    let pid = g.0.id();
+    let mut stdin = g.0.stdin.take().unwrap();
+    // The long line is streamed a MiB at a time; a broken pipe (the writer
+    // stopped reading) ends it.
+    let feeder = std::thread::spawn(move || -> std::io::Result<()> {
+        stdin.write_all(b"{\"op\":\"put\",\"key\":\"a\",\"value\":\"1\"}\n")?;
+        stdin.write_all(b"{\"op\":\"put\",\"key\":\"big\",\"value\":\"")?;
+        let chunk = vec![b'x'; 1 << 20];
+        for _ in 0..(MAX_LINE_BYTES + (64 << 20)) / chunk.len() {
+            stdin.write_all(&chunk)?;
+        }
+        stdin.write_all(b"\"}\n{\"op\":\"put\",\"key\":\"c\",\"value\":\"3\"}\n")
+    });
+    let mut so = g.0.stdout.take().unwrap();
+    let mut se = g.0.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = so.read_to_string(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = se.read_to_string(&mut s);
+        s
+    });
+    // Its peak memory, sampled until it exits; past 512 MiB it is stopped.
+    let start = Instant::now();
+    let mut hwm_kib = 0;
+    let status = loop {
+        if let Some(k) = vm_hwm_kib(pid) {
+            hwm_kib = hwm_kib.max(k);
+        }
+        if let Some(st) = g.0.try_wait().expect("try_wait") {
+            break st;
+        }
+        assert!(
+            hwm_kib < 512 << 10 && start.elapsed() < Duration::from_secs(120),
+            "walcast write stopped: peak RSS {} MiB after {:?}",
+            hwm_kib >> 10,
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let _ = feeder.join();
+    let (stdout, stderr) = (out_t.join().unwrap(), err_t.join().unwrap());
+    let describe = format!(
+        "{status} after {:?}, peak RSS {} MiB\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+        start.elapsed(),
+        hwm_kib >> 10
+    );
+    eprintln!(
+        "walcast write: {status} after {:?}, peak RSS {} MiB",
+        start.elapsed(),
+        hwm_kib >> 10
+    );
+    assert_eq!(status.code(), Some(1), "{describe}");
+    assert!(
+        stderr.contains("line 2")
+            && stderr.contains(&format!("longer than {MAX_LINE_BYTES} bytes")),
+        "{describe}"
+    );
+    assert_eq!(stdout.trim(), "{\"lsn\":1}", "{describe}");
+    assert!(hwm_kib > 0, "no memory sample of walcast write: {describe}");
+    assert!(
+        hwm_kib < ((MAX_LINE_BYTES as u64) >> 10) + (40 << 10),
+        "walcast write held far more than the 128 MiB it may read of a line: {describe}"
+    );
+    // What was committed is line 1 alone.
+    std::fs::create_dir_all(&data).unwrap();
+    publish_once(&wal, &data, &[]).ok();
+    let scan = run(&["scan", "--from", &file_url(&data)], &Env::new(), None).ok();
+    let rows: Vec<serde_json::Value> = scan
+        .stdout_str()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 1, "{}", scan.describe());
+    assert_eq!(rows[0]["key"], "a", "{}", scan.describe());
+    assert_eq!(rows[0]["value"], "1", "{}", scan.describe());
 }
 
 /// `walcast demo --rate 0` is a usage error, not a demo quietly run at

@@ -23,7 +23,7 @@ use walcast_client::Fetch;
 use walcast_core::catalog::{HEAD_KEY, MAX_HEAD_BYTES};
 use walcast_core::io::{ByteRange, ContentRange, GetRequest, GetResponse, RequestId};
 
-use support::{walcast_cmd, Env, Proc};
+use support::{run_watched, Env, Watched};
 
 /// The `Content-Length` an S3 endpoint answered with when the process
 /// aborted on allocation: 64 TiB.
@@ -224,68 +224,6 @@ fn describe(r: &GetResponse) -> String {
             )
         }
         other => format!("{other:?}"),
-    }
-}
-
-/// Peak resident memory (VmHWM) of a running process, in KiB.
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// What a watched child did.
-struct Watched {
-    code: Option<i32>,
-    signal: Option<i32>,
-    hwm_kib: u64,
-    elapsed: Duration,
-    stderr: String,
-    logs: String,
-}
-
-/// Runs `walcast ARGS` with `env`, sampling its peak memory; kills it when it
-/// passes `max_rss_mib` or `limit`, and says so in the result.
-fn run_watched(name: &str, args: &[&str], env: &Env, max_rss_mib: u64, limit: Duration) -> Watched {
-    let logdir = tempfile::tempdir().unwrap();
-    let start = Instant::now();
-    let mut cmd = walcast_cmd(args, env);
-    // Short logs: a panic's message, not its backtrace.
-    cmd.env("RUST_BACKTRACE", "0");
-    let mut p = Proc::spawn(name, cmd, logdir.path());
-    let pid = p.pid().unwrap();
-    let mut hwm = 0;
-    let status = loop {
-        if let Some(k) = vm_hwm_kib(pid) {
-            hwm = hwm.max(k);
-        }
-        if let Some(st) = p.try_status() {
-            break Some(st);
-        }
-        if hwm > max_rss_mib << 10 || start.elapsed() > limit {
-            p.kill9();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let elapsed = start.elapsed();
-    assert!(
-        status.is_some(),
-        "`walcast {}` was killed: peak RSS {} MiB after {elapsed:?} (limits {max_rss_mib} MiB, {limit:?})\n{}",
-        args.join(" "),
-        hwm >> 10,
-        p.logs()
-    );
-    let status = status.unwrap();
-    use std::os::unix::process::ExitStatusExt as _;
-    Watched {
-        code: status.code(),
-        signal: status.signal(),
-        hwm_kib: hwm,
-        elapsed,
-        stderr: p.stderr(),
-        logs: p.logs(),
     }
 }
 

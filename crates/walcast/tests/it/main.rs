@@ -12,6 +12,7 @@ mod e2e;
 mod examples;
 mod handle;
 mod hostile_http;
+mod inspect;
 mod lazy_read;
 mod local_readonly;
 mod long_poll;

@@ -295,6 +295,15 @@ fn tail(s: &str, n: usize) -> &str {
     &s[i..]
 }
 
+/// Peak resident memory (VmHWM) of a running process, in KiB; `None` once
+/// it has exited.
+pub(crate) fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
 /// A `walcast` command to spawn as a long-running [`Proc`].
 pub(crate) fn walcast_cmd(args: &[&str], env: &Env) -> Command {
     let mut cmd = Command::new(bin());
@@ -303,6 +312,68 @@ pub(crate) fn walcast_cmd(args: &[&str], env: &Env) -> Command {
         cmd.env(k, v);
     }
     cmd
+}
+
+/// What a watched child did.
+pub(crate) struct Watched {
+    pub(crate) code: Option<i32>,
+    pub(crate) signal: Option<i32>,
+    pub(crate) hwm_kib: u64,
+    pub(crate) elapsed: Duration,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+    pub(crate) logs: String,
+}
+
+/// Runs `walcast ARGS` with `env`, sampling its peak memory; kills it when it
+/// passes `max_rss_mib` or `limit`, and says so in the result.
+pub(crate) fn run_watched(
+    name: &str,
+    args: &[&str],
+    env: &Env,
+    max_rss_mib: u64,
+    limit: Duration,
+) -> Watched {
+    let logdir = tempfile::tempdir().unwrap();
+    let start = Instant::now();
+    let mut cmd = walcast_cmd(args, env);
+    // Short logs: a panic's message, not its backtrace.
+    cmd.env("RUST_BACKTRACE", "0");
+    let mut p = Proc::spawn(name, cmd, logdir.path());
+    let pid = p.pid().unwrap();
+    let mut hwm = 0;
+    let status = loop {
+        if let Some(k) = vm_hwm_kib(pid) {
+            hwm = hwm.max(k);
+        }
+        if let Some(st) = p.try_status() {
+            break Some(st);
+        }
+        if hwm > max_rss_mib << 10 || start.elapsed() > limit {
+            p.kill9();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    let elapsed = start.elapsed();
+    assert!(
+        status.is_some(),
+        "`walcast {}` was killed: peak RSS {} MiB after {elapsed:?} (limits {max_rss_mib} MiB, {limit:?})\n{}",
+        args.join(" "),
+        hwm >> 10,
+        p.logs()
+    );
+    let status = status.unwrap();
+    use std::os::unix::process::ExitStatusExt as _;
+    Watched {
+        code: status.code(),
+        signal: status.signal(),
+        hwm_kib: hwm,
+        elapsed,
+        stdout: p.stdout(),
+        stderr: p.stderr(),
+        logs: p.logs(),
+    }
 }
 
 /// The result of a finished command.
