@@ -220,3 +220,22 @@ test("a gzip head with bytes after its stream, or cut short, is a data error nam
     assert.match(String(err.message), /gzip/, err.message);
   }
 });
+
+test("a gzip head followed by zero bytes, an empty member or a second member is a data error naming the head", async () => {
+  // The head is one gzip stream and nothing after it (docs/FORMAT.md,
+  // "Head encoding"), whatever the runtime's DecompressionStream does
+  // with what follows the first member.
+  const stored = fs.readFileSync(path.join(gzDir, "catalog/head.json"));
+  const json = zlib.gunzipSync(stored);
+  const half = json.length >> 1;
+  const cases = [
+    ["zero bytes after the stream", Buffer.concat([stored, Buffer.alloc(8)])],
+    ["an empty second member", Buffer.concat([stored, zlib.gzipSync(Buffer.alloc(0))])],
+    ["the JSON split over two members", Buffer.concat([zlib.gzipSync(json.subarray(0, half)), zlib.gzipSync(json.subarray(half))])],
+  ];
+  for (const [what, body] of cases) {
+    const err = await headError(await staticOrigin(gzDir, () => ({ body })));
+    assert.equal(err.code, "data", `${what}: ${err.code}: ${err.message}`);
+    assert.equal(err.object, "catalog/head.json", what);
+  }
+});

@@ -689,3 +689,41 @@ fn a_fifo_at_an_object_path_fails_its_get_instead_of_hanging() {
     let out = run(&["get", "--from", &url, "f:0001"], &Env::new(), None).ok();
     assert_eq!(out.stdout, b"v1");
 }
+
+/// A head is one gzip stream of its JSON: a gzip stream of a gzip head
+/// (what a proxy that compresses `application/gzip` again would store or
+/// send) is refused by `get --from`, `scan --from`, `replicate` and
+/// `inspect` alike, as the publisher's own read of the head refuses it.
+#[test]
+fn a_gzip_head_compressed_twice_is_refused_by_every_reader() {
+    let d = dataset_with(
+        "a_gzip_head_compressed_twice_is_refused_by_every_reader",
+        &["--head-encoding", "gzip"],
+    );
+    let path = d.ds.join("catalog/head.json");
+    let stored = std::fs::read(&path).unwrap();
+    assert_eq!(&stored[..2], &[0x1f, 0x8b], "a gzip head");
+    assert!(walcast_core::catalog::Head::decode(&stored).is_ok());
+    let twice = walcast_core::catalog::gzip_head(&stored);
+    assert!(
+        walcast_core::catalog::Head::decode(&twice).is_err(),
+        "the publisher's read refuses it"
+    );
+    std::fs::write(&path, &twice).unwrap();
+    let url = file_url(&d.ds);
+    let key = String::from_utf8(d.model.map.keys().next().unwrap().clone()).unwrap();
+    let local = d.tmp.path().join("replica");
+    for args in [
+        vec!["get", "--from", &url, &key],
+        vec!["scan", "--from", &url, "--limit", "1"],
+        vec!["inspect", &url],
+        vec!["replicate", &url, "--local", p(&local), "--once"],
+    ] {
+        let out = run_timeout(&args, &Env::new(), None, std::time::Duration::from_secs(60));
+        assert!(
+            out.code != Some(0) && out.stderr.contains("catalog/head.json"),
+            "{}",
+            out.describe()
+        );
+    }
+}
