@@ -940,7 +940,13 @@ async function readBounded(res, limit) {
 async function gunzipHead(body, limit) {
   if (body.byteLength < 2 || body[0] !== 0x1f || body[1] !== 0x8b || typeof DecompressionStream !== "function") return body;
   try {
-    return await readBounded({ body: new Response(body).body.pipeThrough(new DecompressionStream("gzip")) }, limit);
+    const json = await readBounded({ body: new Response(body).body.pipeThrough(new DecompressionStream("gzip")) }, limit);
+    // One member and nothing after it, as native readers take it: some
+    // runtimes skip zero bytes after a stream or join further members,
+    // which leaves the stored trailer's length (ISIZE) not the one decoded.
+    const n = body.byteLength;
+    const isize = (body[n - 4] | (body[n - 3] << 8) | (body[n - 2] << 16) | (body[n - 1] << 24)) >>> 0;
+    return json.byteLength < limit && isize !== json.byteLength % 2 ** 32 ? body : json;
   } catch {
     return body;
   }

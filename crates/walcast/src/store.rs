@@ -44,6 +44,11 @@ pub const DATASET_FILE_MODE: u32 = 0o644;
 /// it on every read (an `ETag` match costs a `304`).
 pub const HEAD_CACHE_CONTROL: &str = "no-cache";
 
+/// `Cache-Control` stored with a head stored gzip-compressed: as
+/// [`HEAD_CACHE_CONTROL`], and served as stored (no store or cache decodes
+/// it on the way).
+pub const HEAD_GZIP_CACHE_CONTROL: &str = "no-cache, no-transform";
+
 /// `Cache-Control` stored with segments, pages, snapshots and deltas, which
 /// never change.
 pub const IMMUTABLE_CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
@@ -293,15 +298,21 @@ impl Store {
                     IMMUTABLE_CACHE_CONTROL
                 }
             };
-            opts.attributes
-                .insert(Attribute::CacheControl, AttributeValue::from(cache));
             // A head stored gzip-compressed says so: HTTP clients in front
             // of the store (browsers, workers, CDNs) then decode it as they
-            // read it; walcast's own readers decode it either way.
-            if req.kind == ObjectKind::Head && req.body.starts_with(&GZIP_MAGIC) {
+            // read it; walcast's own readers decode it either way. With
+            // `no-transform`, a store that would decode it for clients not
+            // asking for gzip (GCS's decompressive transcoding, which
+            // answers without ETag or Content-Length) serves it as stored.
+            let cache = if req.kind == ObjectKind::Head && req.body.starts_with(&GZIP_MAGIC) {
                 opts.attributes
                     .insert(Attribute::ContentEncoding, AttributeValue::from("gzip"));
-            }
+                HEAD_GZIP_CACHE_CONTROL
+            } else {
+                cache
+            };
+            opts.attributes
+                .insert(Attribute::CacheControl, AttributeValue::from(cache));
         }
         match self
             .os

@@ -59,29 +59,54 @@ pub fn head_json(bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, DecodeError
     if !bytes.starts_with(&GZIP_MAGIC) {
         return Ok(std::borrow::Cow::Borrowed(bytes));
     }
-    let mut gz = flate2::bufread::GzDecoder::new(bytes);
-    let mut out = Vec::new();
-    let read = (&mut gz)
-        .take(MAX_HEAD_BYTES as u64 + 1)
-        .read_to_end(&mut out);
-    if let Err(e) = read {
-        return Err(DecodeError::Json(format!(
-            "the gzip-compressed head does not decode: {e}"
-        )));
+    let too_large = |what, len: usize| DecodeError::TooLarge {
+        what,
+        at: 0,
+        len: len as u64,
+        limit: MAX_HEAD_BYTES as u64,
+    };
+    // The stored object is bounded as a JSON head is.
+    if bytes.len() > MAX_HEAD_BYTES {
+        return Err(too_large("catalog head (gzip)", bytes.len()));
     }
-    if out.len() > MAX_HEAD_BYTES {
-        return Err(DecodeError::TooLarge {
-            what: "catalog head (gzip-decoded)",
-            at: 0,
-            len: out.len() as u64,
-            limit: MAX_HEAD_BYTES as u64,
-        });
+    let mut gz = flate2::bufread::GzDecoder::new(bytes);
+    // Read by chunks into a buffer that never grows past the bound (plus
+    // the byte that shows a stream going past it).
+    let (mut out, mut chunk) = (Vec::new(), [0u8; 16 << 10]);
+    loop {
+        let n = match gz.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(DecodeError::Json(format!(
+                    "the gzip-compressed head does not decode: {e}"
+                )))
+            }
+        };
+        let n = n.min(MAX_HEAD_BYTES + 1 - out.len());
+        if out.capacity() < out.len() + n {
+            let want = (out.capacity() * 2)
+                .max(out.len() + n)
+                .min(MAX_HEAD_BYTES + 1);
+            out.reserve_exact(want - out.len());
+        }
+        out.extend_from_slice(&chunk[..n]);
+        if out.len() > MAX_HEAD_BYTES {
+            return Err(too_large("catalog head (gzip-decoded)", out.len()));
+        }
     }
     let rest = gz.into_inner().len();
     if rest > 0 {
         return Err(DecodeError::Json(format!(
             "{rest} bytes follow the head's gzip stream"
         )));
+    }
+    // One stream of the JSON: not a stream of another stream.
+    if out.starts_with(&GZIP_MAGIC) {
+        return Err(DecodeError::Json(
+            "the head's gzip stream holds another gzip stream, not JSON".into(),
+        ));
     }
     Ok(std::borrow::Cow::Owned(out))
 }
