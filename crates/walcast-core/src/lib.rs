@@ -23,6 +23,11 @@
 //! - [`Error`] / [`ErrorKind`]: detailed errors that name the object and LSN,
 //!   and a small stable kind that says what the caller should do.
 //!
+//! Cargo feature `gzip` (on by default; flate2, pure Rust): heads stored
+//! gzip-compressed are read ([`catalog::head_json`], in [`catalog::Head::decode`])
+//! and written ([`publisher::PublisherConfig::head_gzip`]). The wasm module
+//! goes without it; its JS driver decodes such heads before handing them over.
+//!
 //! Drivers (the native publisher, the async replica client, the wasm
 //! bindings) perform the requests these machines ask for and feed the
 //! responses back; after every input they drain `poll(now)` until it returns

@@ -303,12 +303,15 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     ));
     out.push(("head", "truncated", truncate(full.clone(), full.len() / 2)));
     // Stored gzip-compressed: whole, and decoding past the 1 MiB bound.
-    out.push(("head", "gzip", walcast_core::catalog::gzip_head(&full)));
-    out.push(("head", "gzip-past-1mib", {
-        let mut big = full.clone();
-        big.resize(2 << 20, b' ');
-        walcast_core::catalog::gzip_head(&big)
-    }));
+    #[cfg(feature = "gzip")]
+    {
+        out.push(("head", "gzip", walcast_core::catalog::gzip_head(&full)));
+        out.push(("head", "gzip-past-1mib", {
+            let mut big = full.clone();
+            big.resize(2 << 20, b' ');
+            walcast_core::catalog::gzip_head(&big)
+        }));
+    }
     out.push(("head", "unknown-field", {
         let mut s = String::from_utf8_lossy(&full).into_owned();
         s.insert_str(1, "\"future\":[1,{\"x\":null}],");

@@ -317,6 +317,7 @@ fn golden_head() {
 /// walcast's, with the file name in its header): it decodes to the same
 /// JSON and head, and walcast's own gzip of the head does too.
 #[test]
+#[cfg(feature = "gzip")]
 fn golden_head_gzip() {
     let json = std::fs::read(golden_path("head.json")).unwrap();
     let gz = std::fs::read(golden_path("head.json.gz")).unwrap();

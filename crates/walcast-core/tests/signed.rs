@@ -1162,6 +1162,7 @@ fn a_forged_footer_does_not_outlive_the_answer_that_brought_it() {
 /// pinned replicas read it whether the core or the host verifies, and a
 /// host is asked for the same checks as for the JSON.
 #[test]
+#[cfg(feature = "gzip")]
 fn a_signed_head_stored_gzip_compressed_is_read_pinned() {
     both_ways(|| {
         let mut store = Store::new();

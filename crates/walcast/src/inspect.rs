@@ -169,14 +169,15 @@ pub async fn read_catalog(f: &AnyFetch) -> Result<(Head, Vec<SegmentEntry>, Vec<
 }
 
 /// The head's JSON (decoded when it is stored gzip-compressed) and the
-/// head, with the bytes it is stored as.
-async fn read_head(f: &AnyFetch) -> Result<(Vec<u8>, Head, usize)> {
+/// head, with the bytes it is stored as and whether they are gzip.
+async fn read_head(f: &AnyFetch) -> Result<(Vec<u8>, Head, (usize, bool))> {
     let stored = get(f, HEAD_KEY, MAX_HEAD_BYTES as u64).await?;
     let json = head_json(&stored)
         .map_err(|e| anyhow!("data: {HEAD_KEY}: {e}"))?
         .into_owned();
     let head = Head::decode(&json).map_err(|e| anyhow!("data: {HEAD_KEY}: {e}"))?;
-    Ok((json, head, stored.len()))
+    let gzip = stored.starts_with(&walcast_core::catalog::GZIP_MAGIC);
+    Ok((json, head, (stored.len(), gzip)))
 }
 
 /// One page of a [`PageWalk`]: its reference, the digest its parent
@@ -239,6 +240,52 @@ impl PageWalk {
 /// Segments the text report lists: the newest ones.
 const SHOWN_SEGMENTS: usize = 20;
 
+/// Gaps or failures a report lists at most; the rest are counted.
+const MAX_LISTED: usize = 1000;
+
+/// A list that keeps its first [`MAX_LISTED`] items and counts the rest, so
+/// that what a report holds of gaps or failures does not grow with a
+/// catalog however many it has.
+struct Capped<T> {
+    items: Vec<T>,
+    total: usize,
+}
+
+impl<T> Default for Capped<T> {
+    fn default() -> Self {
+        Capped {
+            items: Vec::new(),
+            total: 0,
+        }
+    }
+}
+
+impl<T> Capped<T> {
+    fn push(&mut self, t: T) {
+        self.total += 1;
+        if self.items.len() < MAX_LISTED {
+            self.items.push(t);
+        }
+    }
+
+    fn extend(&mut self, items: impl IntoIterator<Item = T>) {
+        items.into_iter().for_each(|t| self.push(t));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    fn len(&self) -> usize {
+        self.total
+    }
+
+    /// Items counted but not kept.
+    fn unlisted(&self) -> usize {
+        self.total - self.items.len()
+    }
+}
+
 /// The segments as the report describes them, gathered one at a time in
 /// LSN order: how many, their bytes, the gaps between them, the first LSN
 /// and the newest [`SHOWN_SEGMENTS`].
@@ -248,7 +295,7 @@ struct Coverage {
     bytes: u64,
     first_lsn: Option<u64>,
     next: Option<u64>,
-    gaps: Vec<(u64, u64)>,
+    gaps: Capped<(u64, u64)>,
     newest: std::collections::VecDeque<SegmentEntry>,
 }
 
@@ -279,7 +326,7 @@ async fn verify_segment(
     s: &SegmentEntry,
     signed: bool,
     digest: Option<&String>,
-    failures: &mut Vec<String>,
+    failures: &mut Capped<String>,
 ) {
     if s.size > walcast_core::catalog::MAX_SEGMENT_BYTES {
         // As a replica: never read into memory.
@@ -381,13 +428,13 @@ pub async fn inspect(
         Some((base, _)) => format!("{base}?…"),
         None => url.to_string(),
     };
-    let (head_bytes, head, stored) = read_head(&f).await?;
+    let (head_bytes, head, (stored, gzip)) = read_head(&f).await?;
     let signed = check_head(&head_bytes, &head, trust)?;
     // The digests the head records (signed datasets): of its pages, inline
     // segments, snapshot and deltas. A page's are used as it is walked.
     let head_digests = head.trust.as_ref().map(|t| &t.digests);
     let head_digest = |key: &str| head_digests.and_then(|d| d.get(key));
-    let mut failures = Vec::new();
+    let mut failures = Capped::default();
     let pb = if verify && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         // The snapshot, and the segments as the walk finds them.
         indicatif::ProgressBar::new(1)
@@ -441,12 +488,12 @@ pub async fn inspect(
     }
     // The digest check of one object the head names (signed datasets
     // only): its SHA-256 against the one the head records.
-    let check_sha = |key: &str, got: String, failures: &mut Vec<String>| {
+    let check_sha = |key: &str, got: String, failures: &mut Capped<String>| {
         if signed.is_some() {
             failures.extend(digest_failure(head_digest(key), key, got));
         }
     };
-    let check_digest = |key: &str, bytes: &[u8], failures: &mut Vec<String>| {
+    let check_digest = |key: &str, bytes: &[u8], failures: &mut Capped<String>| {
         if signed.is_some() {
             check_sha(key, keys::sha256_hex(bytes), failures);
         }
@@ -521,13 +568,16 @@ pub async fn inspect(
             "pages": pages,
             "retired": head.retired.len(),
             "head_bytes": stored,
+            "head_encoding": if gzip { "gzip" } else { "json" },
             "head_json_bytes": head_bytes.len(),
-            "gaps": gaps,
+            "gaps": gaps.items,
+            "gaps_unlisted": gaps.unlisted(),
             "signer": signed.as_ref().map(|s| s.signer.to_string()),
             "pinned": !trust.is_empty(),
             "key_chain": signed.as_ref().map(|s| s.chain.iter().map(|(by, key, ok)| json!({"by": by, "key": key, "valid": ok})).collect::<Vec<_>>()),
             "verified": verify,
-            "failures": failures,
+            "failures": failures.items,
+            "failures_unlisted": failures.unlisted(),
         });
         say!("{out}");
     } else {
@@ -543,7 +593,7 @@ pub async fn inspect(
             head.committed_lsn,
             head.earliest_lsn
         );
-        if stored == head_bytes.len() {
+        if !gzip {
             say!("head         {stored} bytes of JSON");
         } else {
             say!(
@@ -595,10 +645,10 @@ pub async fn inspect(
                 "coverage     LSN {}..={}{}",
                 a,
                 b.last_lsn,
-                if gaps.is_empty() {
-                    "  (no gaps)".to_string()
-                } else {
-                    format!("  gaps {gaps:?}")
+                match (gaps.is_empty(), gaps.unlisted()) {
+                    (true, _) => "  (no gaps)".to_string(),
+                    (false, 0) => format!("  gaps {:?}", gaps.items),
+                    (false, n) => format!("  gaps {:?} and {n} more", gaps.items),
                 }
             ),
             _ => say!("coverage     empty"),
@@ -653,8 +703,11 @@ pub async fn inspect(
     }
     std::io::stdout().lock().write_all(text.as_bytes())?;
     if !failures.is_empty() {
-        for f in &failures {
+        for f in &failures.items {
             eprintln!("data: {f}");
+        }
+        if failures.unlisted() > 0 {
+            eprintln!("data: … and {} more", failures.unlisted());
         }
         bail!("{} objects failed verification", failures.len());
     }

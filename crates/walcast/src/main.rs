@@ -142,8 +142,9 @@ enum Cmd {
         /// whole. Readers older than version 4 refuse these snapshots.
         #[arg(long, requires = "signing_key")]
         verified_blocks: bool,
-        /// How the head is stored: `json`, or `gzip` (about half the bytes
-        /// uploaded per commit; stored with Content-Encoding: gzip).
+        /// How the head is stored: `json`, or `gzip` (the head, uploaded on
+        /// every commit, in about half its bytes; object stores keep it
+        /// with Content-Encoding: gzip, `walcast serve` labels it).
         /// Replicas of this release read both; older ones read a gzip head
         /// only through an HTTP client that decodes it (browsers, workers).
         #[arg(long, value_enum, default_value_t = HeadEncoding::Json)]

@@ -311,7 +311,8 @@ pub enum Event {
         lsn: u64,
         /// The head's generation.
         generation: u64,
-        /// Size of the head's JSON in bytes (before any gzip).
+        /// Size of the head's JSON in bytes, without a signature and
+        /// before any gzip: a measure of the catalog it holds.
         head_bytes: u64,
     },
     /// An object was deleted after its grace period.

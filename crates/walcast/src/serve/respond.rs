@@ -97,19 +97,15 @@ pub(super) async fn respond(
         .header(header::ACCEPT_RANGES, "bytes");
     // A head stored gzip-compressed (`--head-encoding gzip`) is JSON with
     // Content-Encoding: gzip for clients that accept it, else the stored
-    // bytes as they are (walcast's readers decode them either way).
-    if object == Object::Head
+    // bytes as they are (walcast's readers decode them either way). Every
+    // answer varies on Accept-Encoding; only one with a body is labelled.
+    let gzip_head = object == Object::Head
         && entity
             .data
             .as_ref()
-            .is_some_and(|d| d.starts_with(&walcast_core::catalog::GZIP_MAGIC))
-    {
+            .is_some_and(|d| d.starts_with(&walcast_core::catalog::GZIP_MAGIC));
+    if gzip_head {
         builder = builder.header(header::VARY, "accept-encoding");
-        if accepts_gzip(headers) {
-            builder = builder.header(header::CONTENT_ENCODING, "gzip");
-        } else {
-            content_type = "application/gzip";
-        }
     }
     let builder = if long_poll {
         builder.header(
@@ -140,6 +136,14 @@ pub(super) async fn respond(
         }
     } else {
         RangeReq::Ignore
+    };
+    let builder = match (gzip_head, accepts_gzip(headers)) {
+        (true, true) => builder.header(header::CONTENT_ENCODING, "gzip"),
+        (true, false) => {
+            content_type = "application/gzip";
+            builder
+        }
+        (false, _) => builder,
     };
     let builder = builder
         .header(header::CONTENT_TYPE, content_type)
@@ -199,22 +203,33 @@ pub(super) async fn respond(
     builder.body(body).expect("valid response")
 }
 
-/// Whether `Accept-Encoding` lists gzip with a weight above zero.
-fn accepts_gzip(headers: &HeaderMap) -> bool {
-    headers
+/// Whether `Accept-Encoding` takes gzip (RFC 9110 12.5.3): gzip (or
+/// x-gzip) listed with a weight above zero, or `*` so listed while gzip is
+/// not listed at all.
+pub(super) fn accepts_gzip(headers: &HeaderMap) -> bool {
+    let (mut gzip, mut any) = (None, None);
+    for item in headers
         .get_all(header::ACCEPT_ENCODING)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|item| {
-            let mut parts = item.split(';').map(str::trim);
-            let coding = parts.next().unwrap_or("");
-            let weight = parts
-                .find_map(|p| p.strip_prefix("q="))
-                .map_or(Some(1.0), |q| q.trim().parse::<f32>().ok());
-            (coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip"))
-                && weight.is_some_and(|w| w > 0.0)
-        })
+    {
+        let mut parts = item.split(';').map(str::trim);
+        let coding = parts.next().unwrap_or("");
+        let weight = parts
+            .find_map(|p| {
+                let (name, value) = p.split_once('=')?;
+                name.trim().eq_ignore_ascii_case("q").then_some(value)
+            })
+            .map_or(Some(1.0), |q| q.trim().parse::<f32>().ok());
+        let takes = weight.is_some_and(|w| w > 0.0);
+        if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+            gzip = Some(gzip.unwrap_or(false) || takes);
+        } else if coding == "*" {
+            any = Some(any.unwrap_or(false) || takes);
+        }
+    }
+    gzip.or(any).unwrap_or(false)
 }
 
 /// Checks the request's access token when tokens are required: `Ok(true)`

@@ -181,3 +181,42 @@ fn out_of_descriptors_is_a_passing_shortage() {
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(r.headers()[header::RETRY_AFTER], "1");
 }
+
+#[test]
+fn accept_encoding_takes_gzip_as_rfc_9110_weighs_it() {
+    let takes = |values: &[&str]| {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(
+                axum::http::header::ACCEPT_ENCODING,
+                axum::http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        respond::accepts_gzip(&h)
+    };
+    for yes in [
+        &["gzip"][..],
+        &["br, GZIP"],
+        &["gzip;q=0.5"],
+        &["gzip; Q=1"],
+        &["x-gzip"],
+        &["*"],
+        &["br", "gzip;q=0.1"],
+        &["gzip;q=0", "gzip"],
+    ] {
+        assert!(takes(yes), "{yes:?}");
+    }
+    for no in [
+        &[][..],
+        &["identity"],
+        &["br"],
+        &["gzip;q=0"],
+        &["gzip;Q=0.0"],
+        &["gzip;q=nan"],
+        &["gzip;q="],
+        &["*;q=0"],
+        &["*", "gzip;q=0"],
+    ] {
+        assert!(!takes(no), "{no:?}");
+    }
+}

@@ -198,3 +198,40 @@ fn the_text_report_of_a_page_tree_counts_every_segment_and_shows_the_newest() {
     assert!(listed[0].contains(&segment_key(1, 19, 19)), "{text}");
     assert!(listed[19].contains(&segment_key(1, 38, 38)), "{text}");
 }
+
+/// `inspect --verify` of a catalog whose segment files are all missing:
+/// every one fails, the report lists the first 1,000 failures and counts
+/// the rest (what it holds of them does not grow with the catalog), and
+/// the exit says how many failed.
+#[test]
+fn verify_lists_the_first_failures_and_counts_the_rest() {
+    let shape = Shape {
+        fanout: 4,
+        levels: 2,
+        per_page: 80,
+        inline: 3,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    write_dataset(tmp.path(), &shape);
+    let url = file_url(tmp.path());
+    let total = shape.segments();
+    assert!(total > 1000);
+    let out = support::run(&["inspect", &url, "--verify", "--json"], &Env::new(), None);
+    assert_ne!(out.code, Some(0), "{}", out.describe());
+    let v: serde_json::Value =
+        serde_json::from_str(out.stdout_str().trim()).expect("inspect --json");
+    let listed = v["failures"].as_array().expect("failures").len();
+    assert_eq!(listed, 1000, "{v}");
+    assert_eq!(v["failures_unlisted"], (total - 1000) as u64, "{v}");
+    assert!(
+        out.stderr.contains(&format!("… and {} more", total - 1000)),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr
+            .contains(&format!("{total} objects failed verification")),
+        "{}",
+        out.describe()
+    );
+}

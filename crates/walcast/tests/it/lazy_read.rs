@@ -329,6 +329,16 @@ fn heads_stored_gzip_compressed_are_read_everywhere() {
     );
     assert_eq!(header(&headers, "vary").as_deref(), Some("accept-encoding"));
     assert_eq!(body, stored, "the stored bytes, labelled");
+    // A 304 varies on Accept-Encoding too, and labels no body.
+    let etag = header(&headers, "etag").expect("an ETag");
+    let (status, headers, _) = crate::long_poll::get(
+        addr,
+        "/catalog/head.json",
+        &[("Accept-Encoding", "gzip"), ("If-None-Match", &etag)],
+    );
+    assert_eq!(status, 304);
+    assert_eq!(header(&headers, "content-encoding"), None);
+    assert_eq!(header(&headers, "vary").as_deref(), Some("accept-encoding"));
     for accept in [None, Some("identity"), Some("gzip;q=0")] {
         let extra: Vec<(&str, &str)> = accept.map(|a| ("Accept-Encoding", a)).into_iter().collect();
         let (status, headers, body) = crate::long_poll::get(addr, "/catalog/head.json", &extra);
@@ -356,6 +366,7 @@ fn heads_stored_gzip_compressed_are_read_everywhere() {
     );
     assert_eq!(bytes, stored.len() as u64);
     assert!(json > bytes, "{v}");
+    assert_eq!(v["head_encoding"], "gzip", "{v}");
 }
 
 /// `inspect --verify` reads every delta the head names: a clean dataset

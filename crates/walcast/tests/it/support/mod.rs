@@ -316,17 +316,25 @@ pub(crate) fn walcast_cmd(args: &[&str], env: &Env) -> Command {
 
 /// What a watched child did.
 pub(crate) struct Watched {
+    /// The exit code, if it exited.
     pub(crate) code: Option<i32>,
+    /// The signal that ended it, if one did.
     pub(crate) signal: Option<i32>,
+    /// Peak resident memory sampled (VmHWM), KiB.
     pub(crate) hwm_kib: u64,
+    /// From spawn to exit.
     pub(crate) elapsed: Duration,
+    /// What it printed on stdout.
     pub(crate) stdout: String,
+    /// What it printed on stderr.
     pub(crate) stderr: String,
+    /// Both, for failure messages.
     pub(crate) logs: String,
 }
 
 /// Runs `walcast ARGS` with `env`, sampling its peak memory; kills it when it
-/// passes `max_rss_mib` or `limit`, and says so in the result.
+/// passes `max_rss_mib` or `limit`, and then fails the test, naming the
+/// peak and the limits.
 pub(crate) fn run_watched(
     name: &str,
     args: &[&str],
