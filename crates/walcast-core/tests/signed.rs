@@ -290,6 +290,18 @@ fn put_head(store: &mut Store, head: &Head, k: Option<&SecretKey>) {
     store.insert(HEAD_KEY.into(), (bytes, e));
 }
 
+/// A replica pinning each of `trusts` (none: unpinned) reads `store` to
+/// LSN 150 without an error, to the state the publisher wrote.
+fn reads_all(store: &Store, trusts: &[Vec<PublicKey>]) {
+    for trust in trusts {
+        let mut r = Reader::new(trust);
+        r.run(store, 5_000);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.r.applied_lsn(), 150);
+        assert!(same(r.r.state(), &expected(150)));
+    }
+}
+
 fn same(a: &KvState, b: &KvState) -> bool {
     a.iter().eq(b.iter())
 }
@@ -314,17 +326,14 @@ fn a_signed_dataset_is_read_by_pinned_and_unpinned_replicas() {
         {
             assert!(t.digests.contains_key(k), "no digest for {k}");
         }
-        for trust in [
-            vec![],
-            vec![key(1).public()],
-            vec![key(9).public(), key(1).public()],
-        ] {
-            let mut r = Reader::new(&trust);
-            r.run(&store, 5_000);
-            assert!(r.errors.is_empty(), "{:?}", r.errors);
-            assert_eq!(r.r.applied_lsn(), 150);
-            assert!(same(r.r.state(), &expected(150)));
-        }
+        reads_all(
+            &store,
+            &[
+                vec![],
+                vec![key(1).public()],
+                vec![key(9).public(), key(1).public()],
+            ],
+        );
     });
 }
 
@@ -709,13 +718,7 @@ fn a_verified_snapshot_is_bound_by_its_index_digest_in_the_signed_head() {
     let t = head.trust.as_ref().expect("signed head");
     assert_eq!(t.index_digests.len(), 1, "only the head's snapshot");
     // Pinned and unpinned replicas read the dataset.
-    for trust in [vec![], vec![key(1).public()]] {
-        let mut r = Reader::new(&trust);
-        r.run(&store, 5_000);
-        assert!(r.errors.is_empty(), "{:?}", r.errors);
-        assert_eq!(r.r.applied_lsn(), 150);
-        assert!(same(r.r.state(), &expected(150)));
-    }
+    reads_all(&store, &[vec![], vec![key(1).public()]]);
     // An index digest for an object the head does not name is refused.
     let mut bad = head.clone();
     if let Some(t) = bad.trust.as_mut() {
@@ -1186,13 +1189,7 @@ fn a_signed_head_stored_gzip_compressed_is_read_pinned() {
             gz.iter().map(|c| c.id).collect::<Vec<_>>(),
             plain.iter().map(|c| c.id).collect::<Vec<_>>()
         );
-        for trust in [vec![], vec![key(1).public()]] {
-            let mut r = Reader::new(&trust);
-            r.run(&store, 5_000);
-            assert!(r.errors.is_empty(), "{:?}", r.errors);
-            assert_eq!(r.r.applied_lsn(), 150);
-            assert!(same(r.r.state(), &expected(150)));
-        }
+        reads_all(&store, &[vec![], vec![key(1).public()]]);
         // Signed by another key: refused as untrusted, gzip or not.
         let mut r = Reader::new(&[key(2).public()]);
         r.run(&store, 2_000);

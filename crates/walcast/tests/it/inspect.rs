@@ -118,12 +118,18 @@ fn write_dataset(dir: &Path, shape: &Shape) {
     std::fs::write(path, head.encode()).unwrap();
 }
 
-/// `walcast inspect --json` of a dataset of `shape`: its report, checked
-/// against the shape, and its peak memory in KiB.
-fn inspect(shape: &Shape) -> u64 {
+/// A dataset of `shape` in a new temporary directory, with its URL.
+fn written(shape: &Shape) -> (tempfile::TempDir, String) {
     let tmp = tempfile::tempdir().unwrap();
     write_dataset(tmp.path(), shape);
     let url = file_url(tmp.path());
+    (tmp, url)
+}
+
+/// `walcast inspect --json` of a dataset of `shape`: its report, checked
+/// against the shape, and its peak memory in KiB.
+fn inspect(shape: &Shape) -> u64 {
+    let (_tmp, url) = written(shape);
     let w = run_watched(
         "inspect",
         &["inspect", &url, "--json"],
@@ -180,9 +186,8 @@ fn the_text_report_of_a_page_tree_counts_every_segment_and_shows_the_newest() {
         per_page: 4,
         inline: 2,
     };
-    let tmp = tempfile::tempdir().unwrap();
-    write_dataset(tmp.path(), &shape);
-    let out = support::run(&["inspect", &file_url(tmp.path())], &Env::new(), None).ok();
+    let (_tmp, url) = written(&shape);
+    let out = support::run(&["inspect", &url], &Env::new(), None).ok();
     let text = out.stdout_str();
     assert!(
         text.contains("segments     38 (2 inline, 36 in 12 pages), 3800 bytes"),
@@ -211,9 +216,7 @@ fn verify_lists_the_first_failures_and_counts_the_rest() {
         per_page: 80,
         inline: 3,
     };
-    let tmp = tempfile::tempdir().unwrap();
-    write_dataset(tmp.path(), &shape);
-    let url = file_url(tmp.path());
+    let (_tmp, url) = written(&shape);
     let total = shape.segments();
     assert!(total > 1000);
     let out = support::run(&["inspect", &url, "--verify", "--json"], &Env::new(), None);
