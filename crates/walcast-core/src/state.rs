@@ -254,6 +254,16 @@ impl Leaf {
     fn try_push(&mut self, prev: &[u8], key: &[u8], value: &[u8]) -> bool {
         let restart = self.count % RESTART_EVERY == 0;
         let shared = if restart { 0 } else { common_prefix(prev, key) };
+        self.try_push_shared(shared, key, value)
+    }
+
+    /// [`Leaf::try_push`] given the common prefix `shared` of `key` and the
+    /// last entry's key (ignored at a restart point, which stores the
+    /// whole key).
+    #[inline]
+    fn try_push_shared(&mut self, shared: usize, key: &[u8], value: &[u8]) -> bool {
+        let restart = self.count % RESTART_EVERY == 0;
+        let shared = if restart { 0 } else { shared.min(key.len()) };
         let suffix = &key[shared..];
         let mut head = [0u8; 3 * MAX_VARINT];
         let mut n = write_varint(&mut head, 0, shared);
@@ -488,8 +498,8 @@ impl KvState {
 
     /// Sets `key` to `value`.
     pub fn put(&mut self, key: &[u8], value: &[u8]) {
-        if self.is_append(key) {
-            self.append(key, value);
+        if let Some(shared) = self.append_point(key) {
+            self.append(key, value, shared);
             return;
         }
         self.overlay_bytes += overlay_cost(key, Some(value));
@@ -509,18 +519,38 @@ impl KvState {
         self.maybe_compact();
     }
 
-    /// True when `key` sorts after every key held, in the leaves and the overlay.
-    fn is_append(&self, key: &[u8]) -> bool {
-        (self.leaves.is_empty() || key > self.max_key.as_slice())
-            && self
-                .overlay
-                .last_key_value()
-                .is_none_or(|(k, _)| key > &**k)
+    /// When `key` sorts after every key held, in the leaves and the
+    /// overlay: the length of the prefix it shares with `max_key`. One
+    /// word-at-a-time pass serves the comparison and the prefix
+    /// compression of the append.
+    #[inline]
+    fn append_point(&self, key: &[u8]) -> Option<usize> {
+        let shared = if self.leaves.is_empty() {
+            0
+        } else {
+            let shared = common_prefix(&self.max_key, key);
+            // Above `max_key`: `key` goes on where `max_key` ends or
+            // differs from it with a greater byte.
+            let above = match (self.max_key.get(shared), key.get(shared)) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(m), Some(k)) => k > m,
+            };
+            if !above {
+                return None;
+            }
+            shared
+        };
+        self.overlay
+            .last_key_value()
+            .is_none_or(|(k, _)| key > &**k)
+            .then_some(shared)
     }
 
     /// Adds a key that sorts after every key held straight to the last leaf
-    /// (sequential and time-ordered keys skip the overlay).
-    fn append(&mut self, key: &[u8], value: &[u8]) {
+    /// (sequential and time-ordered keys skip the overlay). `shared` is the
+    /// prefix it shares with `max_key`.
+    fn append(&mut self, key: &[u8], value: &[u8], shared: usize) {
         let pushed = match self.leaves.last_mut() {
             Some(leaf) => {
                 // The last leaf at a whole page (a merge or load may have cut
@@ -529,7 +559,7 @@ impl KvState {
                     leaf.data.reserve_exact(PAGE - leaf.data.len());
                 }
                 let before = leaf.data.len();
-                leaf.try_push(&self.max_key, key, value)
+                leaf.try_push_shared(shared, key, value)
                     .then(|| leaf.data.len() - before)
             }
             None => None,
@@ -546,8 +576,10 @@ impl KvState {
                 n
             }
         };
-        self.max_key.clear();
-        self.max_key.extend_from_slice(key);
+        // `max_key` keeps the prefix it shares with `key`.
+        self.max_key.truncate(shared);
+        self.max_key
+            .extend_from_slice(key.get(shared..).unwrap_or_default());
         self.len += 1;
     }
 
@@ -1065,6 +1097,31 @@ mod tests {
             prop_assert_eq!(s.get(&key), m.get(&key).map(|v| v.as_slice()));
         }
         Ok(())
+    }
+
+    proptest! {
+        /// Keys of any length over two letters, so that a key is often a
+        /// prefix of the greatest key held, or the greatest key a prefix
+        /// of it: the append path's comparison and shared prefix.
+        #[test]
+        fn matches_btreemap_with_prefix_keys(ops in proptest::collection::vec((0u8..8, proptest::collection::vec(b'a'..=b'b', 0..7), 0usize..30), 1..2000)) {
+            let mut s = KvState::new();
+            let mut m = BTreeMap::new();
+            for (i, (kind, key, vlen)) in ops.iter().enumerate() {
+                let v = vec![(i % 251) as u8; *vlen];
+                if *kind == 0 {
+                    s.delete(key);
+                    m.remove(key);
+                } else {
+                    s.put(key, &v);
+                    m.insert(key.clone(), v);
+                }
+                prop_assert_eq!(s.get(key), m.get(key).map(|v| v.as_slice()));
+                if i % 300 == 0 { s.compact(); }
+            }
+            let keys: Vec<Vec<u8>> = m.keys().cloned().collect();
+            same_as(&mut s, &m, keys.into_iter())?;
+        }
     }
 
     proptest! {
