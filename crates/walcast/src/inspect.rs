@@ -753,6 +753,37 @@ mod tests {
         (AnyFetch::for_url(&url).unwrap(), entry, path)
     }
 
+    /// Coverage lists the first [`MAX_LISTED`] gaps between the segments it
+    /// is given and counts the rest (a validated catalog has none; what a
+    /// report holds stays bounded whatever it meets).
+    #[test]
+    fn coverage_lists_the_first_gaps_and_counts_the_rest() {
+        let mut c = Coverage::default();
+        for i in 1..=1_200u64 {
+            c.add(&SegmentEntry {
+                key: walcast_core::catalog::segment_key(1, 2 * i, 2 * i),
+                epoch: 1,
+                first_lsn: 2 * i,
+                last_lsn: 2 * i,
+                size: 10,
+                crc32: 0,
+                records_end: 0,
+                index: Vec::new(),
+                filter: None,
+            });
+        }
+        // The first segment starts the coverage: no gap before it.
+        assert_eq!(c.gaps.len(), 1_199);
+        assert_eq!(c.gaps.items.len(), MAX_LISTED);
+        assert_eq!(c.gaps.items[0], (3, 3));
+        assert_eq!(c.gaps.items[MAX_LISTED - 1], (2001, 2001));
+        assert_eq!(c.gaps.unlisted(), 199);
+        assert_eq!(c.count, 1_200);
+        assert_eq!(c.bytes, 12_000);
+        assert_eq!(c.newest.len(), SHOWN_SEGMENTS);
+        assert_eq!(c.newest.back().map(|s| s.first_lsn), Some(2_400));
+    }
+
     /// The snapshot is read by ranges no larger than asked: a file of many
     /// ranges verifies, and its SHA-256 is the whole file's.
     #[tokio::test]

@@ -224,3 +224,23 @@ fn a_demo_rate_of_zero_is_a_usage_error() {
     );
     assert_eq!(out.code, Some(2), "{}", out.describe());
 }
+
+/// `--head-encoding` takes `json` or `gzip`: anything else is a usage
+/// error naming the choices, and nothing is published.
+#[test]
+fn an_unknown_head_encoding_is_a_usage_error_naming_the_choices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (wal, data) = (tmp.path().join("wal"), tmp.path().join("data"));
+    wal_with_records(&wal, 1);
+    std::fs::create_dir_all(&data).unwrap();
+    for bad in ["zstd", "GZIP ", ""] {
+        let out = publish_once(&wal, &data, &["--head-encoding", bad]);
+        assert_eq!(out.code, Some(2), "{bad:?}: {}", out.describe());
+        assert!(
+            out.stderr.contains("--head-encoding") && out.stderr.contains("json, gzip"),
+            "{bad:?}: {}",
+            out.describe()
+        );
+    }
+    assert_eq!(std::fs::read_dir(&data).unwrap().count(), 0, "published anyway");
+}
