@@ -242,5 +242,9 @@ fn an_unknown_head_encoding_is_a_usage_error_naming_the_choices() {
             out.describe()
         );
     }
-    assert_eq!(std::fs::read_dir(&data).unwrap().count(), 0, "published anyway");
+    assert_eq!(
+        std::fs::read_dir(&data).unwrap().count(),
+        0,
+        "published anyway"
+    );
 }
