@@ -318,13 +318,22 @@ impl Cursor<'_> {
         Ok(())
     }
 
-    /// An object of strings (collected, then sorted once: members in any
+    /// An object of digests (collected, then sorted once: members in any
     /// order cost O(n log n), not an insertion each; a repeated member's
-    /// last value stays).
+    /// last value stays). A value that is not a digest is refused where it
+    /// stands, so every member held takes at least the 70 bytes of JSON of
+    /// `"":"<64 hex digits>"`: members of empty strings (6 bytes each) made
+    /// a 16 MiB page hold some 15 times its size before they were checked.
     fn string_map(&mut self) -> R<Digests> {
         let mut m = Vec::new();
         self.object(&mut |c, name| {
-            m.push((name.to_string(), c.string()?));
+            c.peek();
+            let at = c.at;
+            let digest = c.string()?;
+            if !crate::keys::is_digest(&digest) {
+                return Err(at);
+            }
+            m.push((name.to_string(), digest));
             Ok(())
         })?;
         Ok(m.into_iter().collect())
@@ -1418,5 +1427,26 @@ mod tests {
             r#""generation":42,"generation":43,"#,
         );
         assert_eq!(head(&text).unwrap().generation, 43);
+    }
+
+    /// A digest member whose value is not a digest is refused where it
+    /// stands, while parsing: a page of many members such as `"":""` (six
+    /// bytes each) used to be collected whole, some fifteen times its
+    /// size in memory, before the digests were checked.
+    #[test]
+    fn a_digest_member_that_is_not_a_digest_is_refused_at_its_offset() {
+        let digest = "0".repeat(64);
+        let text = PAGE.replacen('{', &format!(r#"{{"digests":{{"a":"{digest}"}},"#), 1);
+        super::page(text.as_bytes()).expect("a well-formed digest parses");
+        for bad in [r#""""#, r#""00""#, &format!(r#""{}""#, "A".repeat(64))] {
+            let text = PAGE.replacen(
+                '{',
+                &format!(r#"{{"digests":{{"":"{digest}","b": {bad}}},"#),
+                1,
+            );
+            let at = text.find(&format!(r#""b": {bad}"#)).unwrap() + 5;
+            let msg = json_error(super::page(text.as_bytes()));
+            assert!(msg.contains(&format!("at offset {at}")), "{bad}: {msg}");
+        }
     }
 }
