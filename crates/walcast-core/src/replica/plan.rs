@@ -10,10 +10,6 @@ use crate::segment::IndexEntry;
 use super::fetch::unavailable;
 use super::{Job, Replica};
 
-/// Catalog pages kept at once; more than the deepest valid descent
-/// ([`crate::catalog::MAX_PAGE_LEVEL`] + 1 pages).
-const MAX_CACHED_PAGES: usize = 64;
-
 /// One segment's part of the plan: the LSNs `from..=entry.last_lsn`.
 #[derive(Debug, Clone)]
 pub(super) struct Unit {
@@ -140,6 +136,40 @@ impl Replica {
         self.head = Some(head);
     }
 
+    /// Drops the cached pages the head no longer leads to: a page stays
+    /// only while it lies on the head's path down to an LSN still to
+    /// apply or planned (`applied + 1 ..= plan_next`: a plan cleared by a
+    /// new head starts over at `applied + 1`). Pages a replica has walked
+    /// past, and pages only an earlier head named, are never read from
+    /// again. Keeping the pages that merely covered `plan_next` let a store
+    /// whose every head names a new page at the same LSNs (each as large
+    /// as [`crate::catalog::MAX_PAGE_BYTES`] allows) grow the cache by a
+    /// page per head read, without end.
+    fn keep_needed_pages(&mut self) {
+        let lo = self.applied.saturating_add(1);
+        let hi = self.plan_next.max(lo);
+        let needed = |r: &PageRef| r.first_lsn <= hi && lo <= r.last_lsn;
+        let mut keep = vec![false; self.pages.len()];
+        let mut refs: Vec<&PageRef> = self
+            .head
+            .iter()
+            .flat_map(|h| h.pages.iter())
+            .filter(|r| needed(r))
+            .collect();
+        while let Some(r) = refs.pop() {
+            // As in `locate`: a cached page counts only for the very
+            // reference it was verified against.
+            if let Some(i) = self.pages.iter().position(|(pr, _)| pr == r) {
+                if !keep[i] {
+                    keep[i] = true;
+                    refs.extend(self.pages[i].1.pages.iter().filter(|r| needed(r)));
+                }
+            }
+        }
+        let mut keep = keep.into_iter();
+        self.pages.retain(|_| keep.next().unwrap_or(false));
+    }
+
     pub(super) fn on_page(&mut self, now: u64, r: PageRef, resp: GetResponse) {
         self.page_inflight = false;
         let result = match resp {
@@ -157,13 +187,7 @@ impl Replica {
         match result {
             Ok(page) => {
                 self.success(&r.key);
-                if self.pages.len() >= MAX_CACHED_PAGES {
-                    // Keep the path being descended (one page per level, as
-                    // levels strictly decrease down the tree), drop the rest.
-                    let lsn = self.plan_next;
-                    self.pages
-                        .retain(|(pr, _)| pr.first_lsn <= lsn && lsn <= pr.last_lsn);
-                }
+                self.keep_needed_pages();
                 self.pages.retain(|(pr, _)| pr.key != r.key);
                 self.pages.push((r, page));
                 self.page_wanted = None;
@@ -174,5 +198,96 @@ impl Replica {
                 self.backoff_until = Some(now + d);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Action, ReplicaConfig};
+    use super::*;
+    use crate::catalog::{page_key, segment_key, DatasetId, HEAD_KEY};
+    use crate::segment::HEADER_LEN;
+
+    /// A store whose every head names a new sound page over the same LSNs
+    /// (its first segment missing, so the replica reads the head again at
+    /// once) used to grow the page cache by one page per head read, past
+    /// its limit of 64 pages (all of them covered the LSN to apply), each
+    /// as large as a page may be. Only the page the head names now stays.
+    #[test]
+    fn pages_only_earlier_heads_named_are_not_kept() {
+        let mut r = Replica::new(
+            ReplicaConfig {
+                retry_base_ms: 1,
+                retry_max_ms: 10,
+                ..ReplicaConfig::default()
+            },
+            1,
+        );
+        let (mut heads, mut now, mut most) = (0u64, 0, 0);
+        let mut page: Option<(String, Vec<u8>)> = None;
+        while heads < 200 {
+            match r.poll(now) {
+                Action::Fetch(g) => {
+                    let resp = if g.key == HEAD_KEY {
+                        heads += 1;
+                        let segments = (1..=10)
+                            .map(|lsn| SegmentEntry {
+                                key: segment_key(heads, lsn, lsn),
+                                epoch: heads,
+                                first_lsn: lsn,
+                                last_lsn: lsn,
+                                size: 100,
+                                crc32: 0,
+                                records_end: 40,
+                                index: vec![IndexEntry {
+                                    lsn,
+                                    offset: HEADER_LEN,
+                                }],
+                                filter: None,
+                            })
+                            .collect();
+                        let body = Page {
+                            format: 1,
+                            level: 0,
+                            segments,
+                            pages: Vec::new(),
+                            digests: Default::default(),
+                        }
+                        .encode();
+                        let mut head = Head::new(DatasetId::from_seed(1), heads);
+                        head.generation = heads;
+                        head.committed_lsn = 10;
+                        head.pages = vec![PageRef {
+                            key: page_key(0, 1, 10, heads),
+                            level: 0,
+                            first_lsn: 1,
+                            last_lsn: 10,
+                            count: 10,
+                            crc32: crate::crc::hash(&body),
+                        }];
+                        page = Some((head.pages[0].key.clone(), body));
+                        GetResponse::Ok {
+                            body: head.encode(),
+                            etag: Some(format!("\"h{heads}\"")),
+                            range: None,
+                        }
+                    } else {
+                        match &page {
+                            Some((key, body)) if *key == g.key => GetResponse::Ok {
+                                body: body.clone(),
+                                etag: None,
+                                range: None,
+                            },
+                            _ => GetResponse::NotFound,
+                        }
+                    };
+                    r.handle_response(g.id, now, resp);
+                    most = most.max(r.pages.len());
+                }
+                Action::Event(_) => {}
+                Action::Wait { until } => now = until.max(now + 1),
+            }
+        }
+        assert!(most <= 2, "{most} pages cached after {heads} heads");
     }
 }
