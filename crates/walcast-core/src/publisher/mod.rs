@@ -1129,6 +1129,86 @@ mod tests {
         assert_eq!(e.object(), Some(crate::catalog::HEAD_KEY), "{e}");
     }
 
+    /// Retention of a claimed head whose pages each hold more entries
+    /// than one commit can retire (a hostile or broken writer's: up to
+    /// some 100,000 in a 16 MiB page) reads one page at a time, not 64
+    /// of them into memory at once; pages of honest sizes are still read
+    /// 64 at a time.
+    #[test]
+    fn retention_reads_no_more_pages_than_one_commit_can_retire() {
+        for (count, reads) in [(retention::MAX_RETIRED as u32 * 2, 1), (8, 64)] {
+            let mut h = Head::new(DatasetId::from_seed(5), 1);
+            h.committed_at_ms = 1;
+            h.committed_lsn = 100 * u64::from(count);
+            h.pages = (0..100)
+                .map(|i| {
+                    let (first, last) = (i * u64::from(count) + 1, (i + 1) * u64::from(count));
+                    PageRef {
+                        key: crate::catalog::page_key(0, first, last, 1),
+                        level: 0,
+                        first_lsn: first,
+                        last_lsn: last,
+                        count,
+                        crc32: 0,
+                    }
+                })
+                .collect();
+            h.snapshot = Some(crate::catalog::SnapshotEntry {
+                key: crate::catalog::snapshot_key(h.committed_lsn, 1),
+                lsn: h.committed_lsn,
+                epoch: 1,
+                size: 1 << 10,
+                crc32: 0,
+                entries: 1,
+                version: 1,
+                suffix: None,
+                footer_crc32: None,
+            });
+            let cfg = PublisherConfig {
+                head_check_ms: 0,
+                max_commits_per_sec: 0,
+                retain_lsns: Some(1),
+                snapshot_every: None,
+                ..PublisherConfig::default()
+            };
+            let mut p = Publisher::new(cfg, 1);
+            let Action::Get(g) = p.poll(0) else {
+                panic!("reads the head first")
+            };
+            let resp = GetResponse::Ok {
+                body: h.encode(),
+                etag: Some("\"1\"".into()),
+                range: None,
+            };
+            p.handle_get(g.id, 0, resp);
+            let small = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![1])]).unwrap();
+            let mut pushed = false;
+            let mut page_reads = 0;
+            for now in 0..1_000 {
+                match p.poll(now) {
+                    Action::Put(req) => {
+                        let ok = PutResponse::Ok {
+                            etag: Some(format!("\"{now}\"")),
+                        };
+                        p.handle_put(req.id, now, ok);
+                    }
+                    // Page reads stay unanswered: how many are out at once.
+                    Action::Get(req) if req.key.starts_with("catalog/pages/") => page_reads += 1,
+                    Action::Get(req) => p.handle_get(req.id, now, GetResponse::NotFound),
+                    Action::Delete(req) => p.handle_delete(req.id, now, Ok(())),
+                    Action::Event(_) => {}
+                    Action::Wait { .. } if !pushed && p.committed_lsn() == h.committed_lsn => {
+                        p.push(h.committed_lsn + 1, &small, now).unwrap();
+                        pushed = true;
+                    }
+                    Action::Wait { .. } => {}
+                }
+            }
+            assert!(pushed, "claimed");
+            assert_eq!(page_reads, reads, "pages of {count} entries");
+        }
+    }
+
     /// A record over the segment's bound is refused before the publisher
     /// moves: the next LSN it expects is still that record's.
     #[test]

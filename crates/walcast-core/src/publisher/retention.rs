@@ -15,7 +15,11 @@ use super::{Action, DeleteRequest, Publisher, Req};
 /// bytes of JSON).
 pub(super) const MAX_RETIRED: usize = 2048;
 
-/// Most pages read at once to retire or unfold them.
+/// Most pages read at once to retire or unfold them. Fewer when their
+/// entries (each reference's `count`) pass what one commit can retire
+/// ([`MAX_RETIRED`]): a hostile or broken head's pages may each hold
+/// some 100,000 entries, and every page read stays in memory until it is
+/// retired.
 const MAX_PAGE_READS: usize = 64;
 
 /// Whether `key`, listed in `h.retired`, is one a head can have retired:
@@ -99,13 +103,21 @@ impl Publisher {
                 break;
             }
             let Some(page) = self.page_cache.get(&p.key) else {
-                // Read the pages below that are not at hand, then build again.
+                // Read the pages below that are not at hand, then build
+                // again: this one, and the next ones while their entries
+                // fit what this commit can retire.
+                let mut entries = 0usize;
                 let need: Vec<PageRef> = h
                     .pages
                     .iter()
                     .take_while(|q| q.last_lsn < earliest)
                     .filter(|q| !self.page_cache.contains_key(&q.key))
                     .take(MAX_PAGE_READS)
+                    .take_while(|q| {
+                        let first = entries == 0;
+                        entries = entries.saturating_add(q.count as usize).max(1);
+                        first || entries <= room
+                    })
                     .cloned()
                     .collect();
                 return Err(need);
