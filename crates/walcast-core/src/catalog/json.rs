@@ -397,14 +397,22 @@ fn segment(c: &mut Cursor) -> R<SegmentEntry> {
             "crc32" => crc32 = Some(c.u32()?),
             "records_end" => records_end = Some(c.u64()?),
             "index" => {
-                index = Some(c.list(|c| {
+                // A sample of at most CATALOG_INDEX_SAMPLE entries: refused
+                // at the first one past it, before it is held.
+                let mut entries = Vec::new();
+                c.array(&mut |c| {
+                    if entries.len() == super::CATALOG_INDEX_SAMPLE {
+                        return Err(c.at);
+                    }
                     c.expect(b'[')?;
                     let lsn = c.u64()?;
                     c.expect(b',')?;
                     let offset = c.u64()?;
                     c.expect(b']')?;
-                    Ok(IndexEntry { lsn, offset })
-                })?)
+                    entries.push(IndexEntry { lsn, offset });
+                    Ok(())
+                })?;
+                index = Some(entries);
             }
             "filter" => {
                 let text_at = c.at;
@@ -1427,6 +1435,27 @@ mod tests {
             r#""generation":42,"generation":43,"#,
         );
         assert_eq!(head(&text).unwrap().generation, 43);
+    }
+
+    /// A segment entry's `index` is a sample of at most
+    /// [`super::super::CATALOG_INDEX_SAMPLE`] entries: one more is refused
+    /// where it starts, before it is held.
+    #[test]
+    fn an_index_sample_past_sixteen_entries_is_refused_where_it_starts() {
+        let old = "[[100,32],[102,298],[109,555],[117,841],[124,1098],[132,1384],[139,1641]]";
+        let sample = |n: u64| {
+            let entries: Vec<String> = (0..n)
+                .map(|i| format!("[{},{}]", 100 + i, 32 + 100 * i))
+                .collect();
+            format!("[{}]", entries.join(","))
+        };
+        let text = well_formed(HEAD, old, &sample(16));
+        let h = head(&text).expect("16 entries");
+        assert_eq!(h.segments[0].index.len(), 16);
+        let text = well_formed(HEAD, old, &sample(17));
+        let at = text.find("[116,1632]").unwrap();
+        let msg = json_error(head(&text));
+        assert!(msg.contains(&format!("at offset {at}")), "{msg}");
     }
 
     /// A digest member whose value is not a digest is refused where it

@@ -1209,6 +1209,144 @@ mod tests {
         }
     }
 
+    /// Retention of a claimed head naming a level-0 page of 14,000
+    /// segments and a level-1 page of 10,000 references (pages no
+    /// publisher with these settings writes): listing what either names
+    /// in the head would take it past its 1 MiB bound, where every reader
+    /// refuses it, this publisher too. Each page is retired alone, an error
+    /// names it, and every head written stays within the bound.
+    #[test]
+    fn a_page_too_large_to_list_in_the_head_is_retired_alone() {
+        let seg = |lsn: u64| SegmentEntry {
+            key: crate::catalog::segment_key(1, lsn, lsn),
+            epoch: 1,
+            first_lsn: lsn,
+            last_lsn: lsn,
+            size: 100,
+            crc32: 0,
+            records_end: crate::segment::HEADER_LEN + 40,
+            index: vec![crate::segment::IndexEntry {
+                lsn,
+                offset: crate::segment::HEADER_LEN,
+            }],
+            filter: None,
+        };
+        let reference = |level: u32, first: u64, last: u64, count: u32, body: &[u8]| PageRef {
+            key: crate::catalog::page_key(level, first, last, 1),
+            level,
+            first_lsn: first,
+            last_lsn: last,
+            count,
+            crc32: crate::crc::hash(body),
+        };
+        let leaves = crate::catalog::Page {
+            format: 1,
+            level: 0,
+            segments: (1..=14_000).map(seg).collect(),
+            pages: Vec::new(),
+            digests: Default::default(),
+        }
+        .encode();
+        let children: Vec<PageRef> = (14_001..=24_000)
+            .map(|lsn| reference(0, lsn, lsn, 1, b"absent"))
+            .collect();
+        let upper = crate::catalog::Page {
+            format: 1,
+            level: 1,
+            segments: Vec::new(),
+            pages: children,
+            digests: Default::default(),
+        }
+        .encode();
+        let mut h = Head::new(DatasetId::from_seed(5), 1);
+        h.committed_at_ms = 1;
+        h.committed_lsn = 24_000;
+        h.pages = vec![
+            reference(0, 1, 14_000, 14_000, &leaves),
+            reference(1, 14_001, 24_000, 10_000, &upper),
+        ];
+        let keys = [h.pages[0].key.clone(), h.pages[1].key.clone()];
+        let bodies = [leaves, upper];
+        h.snapshot = Some(crate::catalog::SnapshotEntry {
+            key: crate::catalog::snapshot_key(h.committed_lsn, 1),
+            lsn: h.committed_lsn,
+            epoch: 1,
+            size: 1 << 10,
+            crc32: 0,
+            entries: 1,
+            version: 1,
+            suffix: None,
+            footer_crc32: None,
+        });
+        let cfg = PublisherConfig {
+            head_check_ms: 0,
+            max_commits_per_sec: 0,
+            retain_lsns: Some(1),
+            snapshot_every: None,
+            ..PublisherConfig::default()
+        };
+        let mut p = Publisher::new(cfg, 1);
+        let Action::Get(g) = p.poll(0) else {
+            panic!("reads the head first")
+        };
+        let resp = GetResponse::Ok {
+            body: h.encode(),
+            etag: Some("\"1\"".into()),
+            range: None,
+        };
+        p.handle_get(g.id, 0, resp);
+        let small = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![1])]).unwrap();
+        let (mut pushed, mut heads, mut named) = (false, 0, Vec::new());
+        let mut last = None;
+        for now in 0..2_000 {
+            match p.poll(now) {
+                Action::Put(req) => {
+                    if req.key == HEAD_KEY {
+                        heads += 1;
+                        assert!(
+                            req.body.len() <= crate::catalog::MAX_HEAD_BYTES,
+                            "a head of {} bytes",
+                            req.body.len()
+                        );
+                        last = Some(Head::decode(&req.body).expect("a head readers take"));
+                    }
+                    let ok = PutResponse::Ok {
+                        etag: Some(format!("\"{now}\"")),
+                    };
+                    p.handle_put(req.id, now, ok);
+                }
+                Action::Get(req) => {
+                    let resp = match keys.iter().position(|k| *k == req.key) {
+                        Some(i) => GetResponse::Ok {
+                            body: bodies[i].clone(),
+                            etag: None,
+                            range: None,
+                        },
+                        None => GetResponse::NotFound,
+                    };
+                    p.handle_get(req.id, now, resp);
+                }
+                Action::Delete(req) => p.handle_delete(req.id, now, Ok(())),
+                Action::Event(Event::Error(e)) => {
+                    named.extend(e.object().map(str::to_string));
+                }
+                Action::Event(_) => {}
+                Action::Wait { .. } if !pushed && p.committed_lsn() == h.committed_lsn => {
+                    p.push(h.committed_lsn + 1, &small, now).unwrap();
+                    pushed = true;
+                }
+                Action::Wait { .. } => {}
+            }
+        }
+        assert!(pushed && heads > 0, "claimed and committed");
+        let last = last.expect("a head written");
+        assert!(last.pages.is_empty(), "{:?}", last.pages);
+        for k in &keys {
+            assert!(named.contains(k), "no error names {k}: {named:?}");
+            assert!(last.retired.iter().any(|r| &r.key == k) || p.deleted.contains(k));
+        }
+    }
+
     /// A record over the segment's bound is refused before the publisher
     /// moves: the next LSN it expects is still that record's.
     #[test]

@@ -7,13 +7,19 @@ use crate::error::{Error, ErrorKind};
 use crate::io::GetResponse;
 
 use super::commit::{Commit, Stage};
-use super::{Action, DeleteRequest, Publisher, Req};
+use super::{Action, DeleteRequest, Event, Publisher, Req};
 
 /// Most keys a head lists in `retired`: retention retires no more until
 /// deletions make room, so the head stays far below
 /// [`catalog::MAX_HEAD_BYTES`] (a retired entry takes at most about 130
 /// bytes of JSON).
 pub(super) const MAX_RETIRED: usize = 2048;
+
+/// Most references a page may hold to be unfolded into the head (or
+/// `page_fanout`, when larger): a head holds fewer than `2 × page_fanout`
+/// references of a level as publishers write them. A larger page is
+/// retired alone.
+const MAX_UNFOLD: usize = 64;
 
 /// Most pages read at once to retire or unfold them. Fewer when their
 /// entries (each reference's `count`) pass what one commit can retire
@@ -122,15 +128,39 @@ impl Publisher {
                     .collect();
                 return Err(need);
             };
-            if page.level == 0 {
-                let cost = 1 + page.segments.len();
-                // A page larger than the whole budget goes when nothing
-                // else waits, so retention always progresses.
-                if cost > room && (cost <= MAX_RETIRED || !h.retired.is_empty() || !keys.is_empty())
-                {
+            let (entries, what) = if page.level == 0 {
+                (page.segments.len(), "segments")
+            } else {
+                (page.pages.len(), "pages")
+            };
+            let bound = if page.level == 0 {
+                MAX_RETIRED - 1
+            } else {
+                MAX_UNFOLD.max(self.cfg.page_fanout)
+            };
+            if entries > bound {
+                // More than a head can name in its place (a page no
+                // publisher with these settings writes): the page alone
+                // is retired, what it names stays in the store undeleted,
+                // so the head keeps within its size bound.
+                self.events.push_back(Event::Error(
+                    Error::new(
+                        ErrorKind::Data,
+                        format!(
+                            "retention: the page names {entries} {what}, more than a head                              can list in its place ({bound}); only the page is retired,                              and what it names stays in the store undeleted"
+                        ),
+                    )
+                    .with_object(p.key.clone()),
+                ));
+                room -= 1;
+                keys.push(p.key.clone());
+                h.pages.remove(0);
+            } else if page.level == 0 {
+                let cost = 1 + entries;
+                if cost > room {
                     break;
                 }
-                room = room.saturating_sub(cost);
+                room -= cost;
                 keys.push(p.key.clone());
                 keys.extend(page.segments.iter().map(|s| s.key.clone()));
                 h.pages.remove(0);

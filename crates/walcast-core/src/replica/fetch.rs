@@ -84,8 +84,9 @@ impl Replica {
         // A segment, snapshot window or block gets the time to move the
         // bytes it expects at MIN_TRANSFER_BYTES_PER_SEC on top of the
         // limit, so a large object on a slow link is not cut off (and
-        // retried from the start) for ever; the head and pages, at most
-        // 1 MiB each, keep the plain limit.
+        // retried from the start) for ever; the head (at most 1 MiB) and
+        // pages (a few KiB as publishers write them, though a page of up
+        // to 16 MiB is accepted) keep the plain limit.
         let expected = match (&job, &range) {
             (Job::Head | Job::Page(_), _) => 0,
             (_, Some(ByteRange::Bounded { start, end })) => end.saturating_sub(*start),
