@@ -37,7 +37,8 @@ pub(super) async fn connection(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+        .header_read_timeout(limits.header_timeout)
+        .max_header_size(MAX_HEAD_BYTES);
     // Handlers mark the connection busy while they hold a long-poll.
     let app = app.layer(axum::Extension(Arc::clone(&activity)));
     let conn = builder.serve_connection(io, TowerToHyperService::new(app));

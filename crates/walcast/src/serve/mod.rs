@@ -39,11 +39,11 @@
 //!
 //! Connections are bounded ([`ServeOptions`]): at most `max_connections` are
 //! served at once (further ones wait, unaccepted, in the listen backlog); a
-//! request's head must arrive within `header_timeout` of the server starting
-//! to wait for it (which also bounds a kept-alive connection waiting for its
-//! next request); a connection on which no byte moves either way for
-//! `idle_timeout` (a silent client, a download the client stopped reading)
-//! is closed.
+//! request's head may take at most 64 KiB (431 beyond) and must arrive
+//! within `header_timeout` of the server starting to wait for it (which
+//! also bounds a kept-alive connection waiting for its next request); a
+//! connection on which no byte moves either way for `idle_timeout` (a
+//! silent client, a download the client stopped reading) is closed.
 //!
 //! Small files are read whole on every request (so the head, replaced by an
 //! atomic rename, is always fresh); large ones are streamed from a seek to the
@@ -114,6 +114,13 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default of [`ServeOptions::drain_timeout`].
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest request head (request line and headers) read, in bytes: a
+/// larger one is refused with 431 and its connection closed. walcast's own
+/// requests take a few hundred bytes (a token at most 2 KiB); this leaves
+/// room for a browser's cookies while bounding what a connection still
+/// sending its head holds (hyper's default, about 400 KiB, let a thousand
+/// such connections hold 400 MB).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Largest accepted [`ServeOptions::max_connections`].
 const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
 

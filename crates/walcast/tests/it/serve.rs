@@ -858,6 +858,41 @@ async fn slow_request_heads_are_closed_after_the_header_timeout() {
     s.stop().await;
 }
 
+/// A request head over 64 KiB is refused (431, or the connection closed
+/// before it was all read), so that a connection still sending its head
+/// holds no more than that (hyper's own bound, about 400 KiB, let a
+/// thousand connections hold 400 MB for the header timeout); a large
+/// ordinary head (a 16 KiB cookie) is served.
+#[tokio::test]
+async fn request_heads_over_64_kib_are_refused() {
+    let s = start().await;
+    let cookie = "a".repeat(16 * 1024);
+    let resp = s.get(HEAD, &[("cookie", &cookie)]).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    let mut conn = TcpStream::connect(s.addr).await.unwrap();
+    let req = format!(
+        "GET /{HEAD} HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    // The server may close the connection before it has read it all, and
+    // reset it then.
+    let _ = conn.write_all(req.as_bytes()).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut got))
+        .await
+        .expect("the oversized head is answered or closed within 30 s");
+    let got = String::from_utf8_lossy(&got);
+    assert!(
+        got.is_empty() || got.starts_with("HTTP/1.1 431 "),
+        "{}",
+        got.lines().next().unwrap_or("")
+    );
+    // And serves as before.
+    assert_eq!(s.get(HEAD, &[]).await.status(), StatusCode::OK);
+    s.stop().await;
+}
+
 /// Reads one response with a `Content-Length` from a keep-alive connection.
 async fn read_response(c: &mut TcpStream) -> (u16, Vec<u8>) {
     let mut buf = Vec::new();
