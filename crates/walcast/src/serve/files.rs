@@ -113,16 +113,54 @@ pub(super) fn plain_name(c: &str) -> bool {
 pub(super) struct CachedTag {
     pub(super) len: u64,
     pub(super) mtime: Option<SystemTime>,
+    pub(super) id: FileId,
     pub(super) etag: String,
 }
 
-/// Which version of a large file an ETag is for: its canonical path, length
-/// and modification time.
+/// Which version of a large file an ETag is for: its canonical path, length,
+/// modification time and [`FileId`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) struct TagKey {
     pub(super) path: PathBuf,
     pub(super) len: u64,
     pub(super) mtime: Option<SystemTime>,
+    pub(super) id: FileId,
+}
+
+/// What tells two versions of a file apart when their length and
+/// modification time are equal: on Unix its device, inode and status-change
+/// time. A file replaced by another of the same length whose modification
+/// time was carried over (`cp -p`, `touch -r`, `tar x`, a restore) is
+/// another inode, and a file rewritten in place gets a new ctime (which,
+/// unlike the modification time, cannot be set back); either way its cached
+/// ETag no longer applies. Elsewhere, nothing more than length and time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct FileId {
+    /// Device and inode.
+    #[cfg(unix)]
+    node: (u64, u64),
+    /// Status-change time: seconds and nanoseconds.
+    #[cfg(unix)]
+    ctime: (i64, i64),
+}
+
+impl FileId {
+    /// The identity of the file `meta` describes.
+    pub(super) fn of(meta: &std::fs::Metadata) -> FileId {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            FileId {
+                node: (meta.dev(), meta.ino()),
+                ctime: (meta.ctime(), meta.ctime_nsec()),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = meta;
+            FileId {}
+        }
+    }
 }
 
 /// A hash of one [`TagKey`] in progress, which every request for that
@@ -237,6 +275,7 @@ pub(super) fn open_entity(state: &Served, rel: &str) -> io::Result<Opened> {
         path,
         len,
         mtime: meta.modified().ok(),
+        id: FileId::of(&meta),
     };
     Ok(match cached_etag(state, &key) {
         Some(etag) => Opened::Ready(Entity {
@@ -254,7 +293,7 @@ fn cached_etag(state: &Served, key: &TagKey) -> Option<String> {
     let etags = state.etags.lock().unwrap_or_else(|e| e.into_inner());
     etags
         .get(&key.path)
-        .filter(|c| c.len == key.len && c.mtime == key.mtime)
+        .filter(|c| c.len == key.len && c.mtime == key.mtime && c.id == key.id)
         .map(|c| c.etag.clone())
 }
 
@@ -299,6 +338,7 @@ fn start_hash(state: &Arc<Served>, key: TagKey) -> Hashing {
                 CachedTag {
                     len: key.len,
                     mtime: key.mtime,
+                    id: key.id,
                     etag: etag.clone(),
                 },
             );
@@ -329,7 +369,7 @@ fn hash_file(key: &TagKey) -> io::Result<String> {
     };
     let mut file = crate::store::open_regular(&key.path)?;
     let meta = file.metadata()?;
-    if meta.len() != key.len || meta.modified().ok() != key.mtime {
+    if meta.len() != key.len || meta.modified().ok() != key.mtime || FileId::of(&meta) != key.id {
         return Err(changed());
     }
     let mut hasher = crc32fast::Hasher::new();

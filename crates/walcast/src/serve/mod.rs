@@ -48,7 +48,9 @@
 //! Small files are read whole on every request (so the head, replaced by an
 //! atomic rename, is always fresh); large ones are streamed from a seek to the
 //! requested slice, their ETag computed once and cached by (path, length,
-//! modification time): requests for a version being hashed await that one
+//! modification time and, on Unix, inode and status-change time, so that a
+//! file replaced by one of the same length and modification time is hashed
+//! again): requests for a version being hashed await that one
 //! hash, which completes into the cache even if they all leave.
 //!
 //! File descriptors: on Unix the soft `RLIMIT_NOFILE` is raised to the hard

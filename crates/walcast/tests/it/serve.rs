@@ -352,6 +352,54 @@ async fn replaced_head_gets_new_etag() {
     s.stop().await;
 }
 
+/// A large object replaced (renamed over) by other bytes of the same length
+/// whose modification time was carried over (`cp -p`, `touch -r`, a
+/// restore) is another version: its ETag is that of the new bytes, the old
+/// ETag neither answers 304 nor validates a range (`If-Range`), so no client
+/// gets the new bytes under the old validator or stitches the two together.
+#[tokio::test]
+async fn large_object_replaced_with_same_length_and_mtime_gets_new_etag() {
+    let s = start().await;
+    let old = snapshot();
+    let resp = s.get(SNAPSHOT, &[]).await;
+    assert_eq!(header(resp.headers(), header::ETAG), etag_of(&old));
+    assert_eq!(resp.bytes().await.unwrap(), old);
+
+    let new = pattern(old.len(), 3);
+    assert_ne!(new, old);
+    let path = s.root.join(SNAPSHOT);
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    let tmp = s.root.join("snapshots/.replacement.tmp");
+    std::fs::write(&tmp, &new).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&tmp)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), old.len() as u64);
+    assert_eq!(meta.modified().unwrap(), mtime);
+
+    let old_etag = etag_of(&old);
+    let resp = s.get(SNAPSHOT, &[("if-none-match", &old_etag)]).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(resp.headers(), header::ETAG), etag_of(&new));
+    assert_eq!(resp.bytes().await.unwrap(), new);
+
+    let resp = s
+        .get(
+            SNAPSHOT,
+            &[("range", "bytes=1000-"), ("if-range", &old_etag)],
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(resp.headers(), header::ETAG), etag_of(&new));
+    assert_eq!(resp.bytes().await.unwrap(), new);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn cors() {
     let s = start().await;
