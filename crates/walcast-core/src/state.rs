@@ -152,10 +152,11 @@ fn write_varint(buf: &mut [u8; 3 * MAX_VARINT], mut at: usize, mut v: usize) -> 
 const SMALL: usize = 32;
 
 /// Appends `bytes` to `out`: a few bytes (the suffix of a key) one at a
-/// time, without a call to `memcpy`; longer ones by `extend_from_slice`.
+/// time, without a call to `memcpy`; longer ones by `extend_from_slice`
+/// (all of them in the wasm module, whose size counts more).
 #[inline(always)]
 fn extend_small(out: &mut Vec<u8>, bytes: &[u8]) {
-    if bytes.len() <= 16 {
+    if cfg!(not(target_arch = "wasm32")) && bytes.len() <= 16 {
         for &b in bytes {
             out.push(b);
         }
@@ -296,7 +297,11 @@ impl Leaf {
         self.count += 1;
         self.data.reserve(n + suffix.len() + value.len());
         let start = n + suffix.len();
-        if start <= SMALL && self.data.capacity() - pos >= SMALL {
+        // Native builds only: the wasm module keeps the smaller code.
+        if cfg!(not(target_arch = "wasm32"))
+            && start <= SMALL
+            && self.data.capacity() - pos >= SMALL
+        {
             // The varints and the key's suffix (a few bytes) as one copy of
             // a fixed size, cut back to theirs: no copy call, no reallocation.
             let mut small = [0u8; SMALL];

@@ -37,6 +37,14 @@ impl Replica {
             .retain(|_, j| matches!(j, Job::Head | Job::Block(_) | Job::Snapshot { .. }));
     }
 
+    /// The index of the cached page verified against `r`. A cached page
+    /// counts only for the very reference it was verified against: a page
+    /// that names itself (or another page's key) must be fetched and
+    /// checked against this reference.
+    fn cached(&self, r: &PageRef) -> Option<usize> {
+        self.pages.iter().position(|(pr, _)| pr == r)
+    }
+
     /// Finds the entries for LSN `lsn`: from the inline segments, or by
     /// descending cached pages. Returns `Err(page)` when a page must be fetched.
     fn locate(&self, head: &Head, lsn: u64) -> Result<Option<Vec<SegmentEntry>>, PageRef> {
@@ -53,13 +61,10 @@ impl Replica {
             else {
                 return Ok(None);
             };
-            // A cached page counts only for the very reference it was
-            // verified against: a page that names itself (or another page's
-            // key) must be fetched and checked against this reference.
-            let page = match self.pages.iter().find(|(pr, _)| pr.key == r.key) {
-                Some((verified, page)) if verified == r => page,
-                _ => return Err(r.clone()),
+            let Some(i) = self.cached(r) else {
+                return Err(r.clone());
             };
+            let page = &self.pages[i].1;
             if page.level == 0 {
                 let i = page
                     .segments
@@ -136,38 +141,37 @@ impl Replica {
         self.head = Some(head);
     }
 
-    /// Drops the cached pages the head no longer leads to: a page stays
-    /// only while it lies on the head's path down to an LSN still to
-    /// apply or planned (`applied + 1 ..= plan_next`: a plan cleared by a
-    /// new head starts over at `applied + 1`). Pages a replica has walked
-    /// past, and pages only an earlier head named, are never read from
-    /// again. Keeping the pages that merely covered `plan_next` let a store
-    /// whose every head names a new page at the same LSNs (each as large
-    /// as [`crate::catalog::MAX_PAGE_BYTES`] allows) grow the cache by a
-    /// page per head read, without end.
+    /// Drops the cached pages off the head's paths down to the next LSN
+    /// to apply and the next to plan (`applied + 1` and `plan_next`: a
+    /// plan cleared by a new head starts over at `applied + 1`). Pages a
+    /// replica has walked past, and pages only an earlier head named, are
+    /// never read from again; keeping every page that covered `plan_next`
+    /// let a store whose every head names a new page at the same LSNs
+    /// (each as large as [`crate::catalog::MAX_PAGE_BYTES`] allows) grow
+    /// the cache by a page per head read. Levels strictly decrease down a
+    /// path, so each holds at most [`crate::catalog::MAX_PAGE_LEVEL`] + 1
+    /// pages.
     fn keep_needed_pages(&mut self) {
         let lo = self.applied.saturating_add(1);
-        let hi = self.plan_next.max(lo);
-        let needed = |r: &PageRef| r.first_lsn <= hi && lo <= r.last_lsn;
-        let mut keep = vec![false; self.pages.len()];
-        let mut refs: Vec<&PageRef> = self
-            .head
-            .iter()
-            .flat_map(|h| h.pages.iter())
-            .filter(|r| needed(r))
-            .collect();
-        while let Some(r) = refs.pop() {
-            // As in `locate`: a cached page counts only for the very
-            // reference it was verified against.
-            if let Some(i) = self.pages.iter().position(|(pr, _)| pr == r) {
-                if !keep[i] {
-                    keep[i] = true;
-                    refs.extend(self.pages[i].1.pages.iter().filter(|r| needed(r)));
+        let mut keep: Vec<usize> = Vec::new();
+        if let Some(head) = &self.head {
+            for lsn in [lo, self.plan_next.max(lo)] {
+                let mut refs: &[PageRef] = &head.pages;
+                while let Some(i) = refs
+                    .iter()
+                    .find(|p| p.first_lsn <= lsn && lsn <= p.last_lsn)
+                    .and_then(|r| self.cached(r))
+                {
+                    keep.push(i);
+                    refs = &self.pages[i].1.pages;
                 }
             }
         }
-        let mut keep = keep.into_iter();
-        self.pages.retain(|_| keep.next().unwrap_or(false));
+        let mut i = 0;
+        self.pages.retain(|_| {
+            i += 1;
+            keep.contains(&(i - 1))
+        });
     }
 
     pub(super) fn on_page(&mut self, now: u64, r: PageRef, resp: GetResponse) {
