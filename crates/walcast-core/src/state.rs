@@ -147,24 +147,6 @@ fn write_varint(buf: &mut [u8; 3 * MAX_VARINT], mut at: usize, mut v: usize) -> 
     at + 1
 }
 
-/// Bytes an entry's varints and key suffix are copied as when they fit
-/// (see [`Leaf::try_push_shared`]).
-const SMALL: usize = 32;
-
-/// Appends `bytes` to `out`: a few bytes (the suffix of a key) one at a
-/// time, without a call to `memcpy`; longer ones by `extend_from_slice`
-/// (all of them in the wasm module, whose size counts more).
-#[inline(always)]
-fn extend_small(out: &mut Vec<u8>, bytes: &[u8]) {
-    if cfg!(not(target_arch = "wasm32")) && bytes.len() <= 16 {
-        for &b in bytes {
-            out.push(b);
-        }
-    } else {
-        out.extend_from_slice(bytes);
-    }
-}
-
 /// Length of the common prefix of `a` and `b`, eight bytes at a time.
 #[inline]
 fn common_prefix(a: &[u8], b: &[u8]) -> usize {
@@ -296,23 +278,8 @@ impl Leaf {
         }
         self.count += 1;
         self.data.reserve(n + suffix.len() + value.len());
-        let start = n + suffix.len();
-        // Native builds only: the wasm module keeps the smaller code.
-        if cfg!(not(target_arch = "wasm32"))
-            && start <= SMALL
-            && self.data.capacity() - pos >= SMALL
-        {
-            // The varints and the key's suffix (a few bytes) as one copy of
-            // a fixed size, cut back to theirs: no copy call, no reallocation.
-            let mut small = [0u8; SMALL];
-            small[..n].copy_from_slice(&head[..n]);
-            small[n..start].copy_from_slice(suffix);
-            self.data.extend_from_slice(&small);
-            self.data.truncate(pos + start);
-        } else {
-            self.data.extend_from_slice(&head[..n]);
-            self.data.extend_from_slice(suffix);
-        }
+        self.data.extend_from_slice(&head[..n]);
+        self.data.extend_from_slice(suffix);
         self.data.extend_from_slice(value);
         true
     }
@@ -611,7 +578,8 @@ impl KvState {
         };
         // `max_key` keeps the prefix it shares with `key`.
         self.max_key.truncate(shared);
-        extend_small(&mut self.max_key, key.get(shared..).unwrap_or_default());
+        self.max_key
+            .extend_from_slice(key.get(shared..).unwrap_or_default());
         self.len += 1;
     }
 
