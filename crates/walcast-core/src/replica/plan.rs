@@ -45,13 +45,29 @@ impl Replica {
         self.pages.iter().position(|(pr, _)| pr == r)
     }
 
-    /// Finds the entries for LSN `lsn`: from the inline segments, or by
-    /// descending cached pages. Returns `Err(page)` when a page must be fetched.
-    fn locate(&self, head: &Head, lsn: u64) -> Result<Option<Vec<SegmentEntry>>, PageRef> {
-        if head.segments.first().is_some_and(|s| s.first_lsn <= lsn) {
-            if let Some(i) = head.segments.iter().position(|s| s.last_lsn >= lsn) {
-                return Ok(Some(head.segments[i..].to_vec()));
-            }
+    /// Finds at most `max` entries from LSN `lsn` on: from the inline
+    /// segments, or by descending cached pages. Returns `Err(page)` when a
+    /// page must be fetched. At most `max` are copied, however many a page
+    /// holds (a hostile page may hold some 100,000: copying the rest of
+    /// the page for every few planned would take time quadratic in them).
+    fn locate(
+        &self,
+        head: &Head,
+        lsn: u64,
+        max: usize,
+    ) -> Result<Option<Vec<SegmentEntry>>, PageRef> {
+        let from = |entries: &[SegmentEntry]| {
+            let i = entries
+                .iter()
+                .position(|s| s.last_lsn >= lsn)
+                .unwrap_or(entries.len());
+            let rest = &entries[i..];
+            rest[..rest.len().min(max)].to_vec()
+        };
+        if head.segments.first().is_some_and(|s| s.first_lsn <= lsn)
+            && head.segments.last().is_some_and(|s| s.last_lsn >= lsn)
+        {
+            return Ok(Some(from(&head.segments)));
         }
         let mut refs: &[PageRef] = &head.pages;
         loop {
@@ -66,12 +82,7 @@ impl Replica {
             };
             let page = &self.pages[i].1;
             if page.level == 0 {
-                let i = page
-                    .segments
-                    .iter()
-                    .position(|s| s.last_lsn >= lsn)
-                    .unwrap_or(page.segments.len());
-                return Ok(Some(page.segments[i..].to_vec()));
+                return Ok(Some(from(&page.segments)));
             }
             refs = &page.pages;
         }
@@ -89,7 +100,8 @@ impl Replica {
             && self.plan_next <= self.committed.min(head.committed_lsn)
             && self.page_wanted.is_none()
         {
-            match self.locate(&head, self.plan_next) {
+            let room = self.cfg.max_inflight * 2 - self.plan.len();
+            match self.locate(&head, self.plan_next, room) {
                 Ok(Some(entries)) => {
                     let before = self.plan_next;
                     for e in entries {
@@ -211,6 +223,70 @@ mod tests {
     use super::*;
     use crate::catalog::{page_key, segment_key, DatasetId, HEAD_KEY};
     use crate::segment::HEADER_LEN;
+
+    /// A one-LSN segment entry of epoch 1.
+    fn one_lsn(lsn: u64) -> SegmentEntry {
+        SegmentEntry {
+            key: segment_key(1, lsn, lsn),
+            epoch: 1,
+            first_lsn: lsn,
+            last_lsn: lsn,
+            size: 100,
+            crc32: 0,
+            records_end: 40,
+            index: vec![IndexEntry {
+                lsn,
+                offset: HEADER_LEN,
+            }],
+            filter: None,
+        }
+    }
+
+    /// Planning from a page of 20,000 segments (or a head of as many)
+    /// copies what the look-ahead takes, not the rest of the page each
+    /// time: the entries from the LSN asked for on, at most as many as
+    /// asked.
+    #[test]
+    fn locate_copies_at_most_what_the_plan_takes() {
+        let r = Replica::new(ReplicaConfig::default(), 1);
+        let segments: Vec<SegmentEntry> = (1..=20_000).map(one_lsn).collect();
+        let mut head = Head::new(DatasetId::from_seed(1), 1);
+        head.committed_lsn = 20_000;
+        head.segments = segments.clone();
+        let got = r.locate(&head, 5_000, 7).expect("inline").expect("covered");
+        let lsns: Vec<u64> = got.iter().map(|e| e.first_lsn).collect();
+        assert_eq!(lsns, (5_000..5_007).collect::<Vec<_>>());
+        assert_eq!(r.locate(&head, 20_001, 7), Ok(None));
+
+        let body = Page {
+            format: 1,
+            level: 0,
+            segments,
+            pages: Vec::new(),
+            digests: Default::default(),
+        };
+        let reference = PageRef {
+            key: page_key(0, 1, 20_000, 1),
+            level: 0,
+            first_lsn: 1,
+            last_lsn: 20_000,
+            count: 20_000,
+            crc32: 0,
+        };
+        head.segments = Vec::new();
+        head.pages = vec![reference.clone()];
+        let mut r = r;
+        assert_eq!(r.locate(&head, 19_999, 7), Err(reference.clone()));
+        r.pages.push((reference, body));
+        let got = r
+            .locate(&head, 19_999, 7)
+            .expect("cached")
+            .expect("covered");
+        let lsns: Vec<u64> = got.iter().map(|e| e.first_lsn).collect();
+        assert_eq!(lsns, vec![19_999, 20_000]);
+        let got = r.locate(&head, 2, 3).expect("cached").expect("covered");
+        assert_eq!(got.len(), 3);
+    }
 
     /// A store whose every head names a new sound page over the same LSNs
     /// (its first segment missing, so the replica reads the head again at
