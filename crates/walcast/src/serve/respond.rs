@@ -82,6 +82,10 @@ pub(super) async fn respond(
                 // Preference-Applied (the replica then polls).
                 None => wait = None,
             }
+        } else {
+            // Nothing to hold for (no If-None-Match, or the head already
+            // changed): answered at once, without Preference-Applied.
+            wait = None;
         }
     }
 

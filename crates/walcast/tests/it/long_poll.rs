@@ -145,8 +145,17 @@ fn serve_holds_a_conditional_head_get_until_the_head_changes() {
     );
     assert_eq!(status, 304);
     assert_eq!(header(&hs, "preference-applied"), None);
-    let (status, _, _) = get(&addr, &format!("{head}?wait=30"), &[]);
+    let (status, hs, _) = get(&addr, &format!("{head}?wait=30"), &[]);
     assert_eq!(status, 200);
+    assert_eq!(header(&hs, "preference-applied"), None, "not held");
+    // A wait whose ETag no longer matches: the head at once, not held.
+    let (status, hs, _) = get(
+        &addr,
+        &format!("{head}?wait=30"),
+        &[("If-None-Match", "\"an-older-head\"")],
+    );
+    assert_eq!(status, 200);
+    assert_eq!(header(&hs, "preference-applied"), None, "not held");
 
     // A held request is answered with the new head once it is committed.
     let held = {
