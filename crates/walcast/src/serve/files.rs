@@ -436,6 +436,18 @@ pub(super) fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
         .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == etag)
 }
 
+/// Whether `If-Match` holds: absent, `*`, or naming `etag` (strong
+/// comparison: a weak tag never matches).
+pub(super) fn if_match(headers: &HeaderMap, etag: &str) -> bool {
+    let mut values = headers.get_all(header::IF_MATCH).iter().peekable();
+    values.peek().is_none()
+        || values
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .any(|t| t == "*" || t == etag)
+}
+
 /// Whether a `Range` should be honoured given `If-Range`: only if absent or
 /// strongly matching our ETag (we send no `Last-Modified`, so dates never
 /// match).

@@ -18,7 +18,8 @@
 //!   a symlink loop, …) answers 500 and is logged with the file's path;
 //! - single byte ranges (`bytes=a-b`, `bytes=a-`, `bytes=-n`) answer 206,
 //!   unsatisfiable ones 416, multi-range or malformed ones are ignored (200);
-//! - strong ETags `"<crc32 hex>-<len hex>"` and `If-None-Match` → 304;
+//! - strong ETags `"<crc32 hex>-<len hex>"`, `If-None-Match` → 304 and a
+//!   failing `If-Match` → 412;
 //! - `Cache-Control: public, max-age=31536000, immutable` for the immutable
 //!   objects (segments, snapshots, pages) and `no-cache` for the head;
 //! - CORS for any origin (`*`), or only for the origins listed in

@@ -63,6 +63,14 @@ pub(super) async fn respond(
         Ok(e) => e,
         Err(r) => return r,
     };
+    // RFC 9110 13.1.1: an `If-Match` no ETag of the object satisfies is
+    // answered 412, before `If-None-Match` and any hold.
+    if !if_match(headers, &entity.etag) {
+        return Response::builder()
+            .status(StatusCode::PRECONDITION_FAILED)
+            .body(Body::empty())
+            .expect("valid response");
+    }
     if let (Some(w), Some(changes)) = (wait, changes) {
         if if_none_match(headers, &entity.etag) {
             match HoldSlot::take(state) {

@@ -329,6 +329,29 @@ async fn if_none_match_is_304() {
     s.stop().await;
 }
 
+/// RFC 9110 13.1.1: `If-Match` naming the object's ETag (strongly), or
+/// `*`, is served; any other is 412, and wins over `Range`.
+#[tokio::test]
+async fn if_match_that_fails_is_412() {
+    let s = start().await;
+    let etag = etag_of(&segment());
+    let list = format!("\"nope\", {etag}");
+    for value in [etag.as_str(), list.as_str(), "*"] {
+        let resp = s.get(SEGMENT, &[("if-match", value)]).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{value}");
+        assert_eq!(resp.bytes().await.unwrap(), segment());
+    }
+    let weak = format!("W/{etag}");
+    for value in ["\"nope\"", weak.as_str()] {
+        let resp = s
+            .get(SEGMENT, &[("if-match", value), ("range", "bytes=0-9")])
+            .await;
+        assert_eq!(resp.status(), StatusCode::PRECONDITION_FAILED, "{value}");
+        assert!(resp.bytes().await.unwrap().is_empty());
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn replaced_head_gets_new_etag() {
     let s = start().await;
