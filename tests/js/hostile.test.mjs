@@ -179,14 +179,17 @@ test("LOAD=lazy: a block answer does not re-run every waiting read (no N^2 modul
   }
 });
 
-for (const load of ["full", "lazy"]) {
-  test(`/scan (${load}): an answer is bounded in bytes, not only in rows, and Walcast-Scan-Next pages through the rest`, { timeout: 120_000 }, async () => {
-    // 100 keys of 256 KiB values that are not UTF-8 (answered as base64).
-    const wal = path.join(tmp, `wal-big-${load}`);
-    const dir = path.join(tmp, `ds-big-${load}`);
+// Values answered as base64 (not UTF-8), and values of control bytes: valid
+// UTF-8 that JSON escapes six bytes for one (`\u0001`), as a value of small
+// varints is.
+for (const [load, kind] of [["full", "binary"], ["lazy", "binary"], ["full", "control"], ["lazy", "control"]]) {
+  test(`/scan (${load}, ${kind} values): an answer is bounded in bytes, not only in rows, and Walcast-Scan-Next pages through the rest`, { timeout: 120_000 }, async () => {
+    // 100 keys of 256 KiB values.
+    const wal = path.join(tmp, `wal-big-${load}-${kind}`);
+    const dir = path.join(tmp, `ds-big-${load}-${kind}`);
     const v = Buffer.alloc(256 << 10);
-    for (let i = 0; i < v.length; i++) v[i] = (i * 131 + 7) & 0xff;
-    v[0] = 0xff;
+    for (let i = 0; i < v.length; i++) v[i] = (i * 131 + 7) & (kind === "binary" ? 0xff : 0x1f);
+    if (kind === "binary") v[0] = 0xff;
     const lines = [];
     for (let b = 0; b < 10; b++) {
       const ops = [];
@@ -211,7 +214,7 @@ for (const load of ["full", "lazy"]) {
       assert.ok(body.byteLength <= 8 << 20, `page ${page}: one /scan answered ${(body.byteLength / 1e6).toFixed(1)} MB`);
       const rows = JSON.parse(new TextDecoder().decode(body));
       for (const r of rows) {
-        assert.equal(Buffer.from(r.value_b64, "base64").equals(v), true, r.key);
+        assert.equal((kind === "binary" ? Buffer.from(r.value_b64, "base64") : Buffer.from(r.value, "utf8")).equals(v), true, r.key);
         keys.push(r.key);
       }
       next = res.headers.get("walcast-scan-next");

@@ -25,7 +25,8 @@
 // FIRST_SYNC_WAIT_MS (how long a request waits for the initial sync before it
 // answers 503, default 30000), SCAN_LIMIT (default rows of /scan, 1000),
 // MAX_SCAN_LIMIT (10000), SCAN_MAX_BYTES (a /scan answer ends at the row
-// whose keys and values reach this many bytes, default 4 MiB, at most
+// whose keys and values reach this many bytes, counted as bytes and as
+// answered (JSON escapes, base64), default 4 MiB, at most
 // 2^32 - 1, and then carries `Walcast-Scan-Next`: the percent-encoded
 // `start` of the next page), MAX_CONCURRENT_SCANS (lazy scans at once, 32, at
 // most 64: more answer 503 `busy` with Retry-After), MIN_LSN_WAIT_MS (how long a read with `?min_lsn=N`
@@ -873,22 +874,33 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     } finally {
       if (lazyScan) s.scans--;
     }
-    let bytes = 0;
+    // The module cut the rows at SCAN_MAX_BYTES of keys and values; the
+    // answer is cut at it too, counting keys and values as they are
+    // answered: JSON escapes a control byte as six (`\u0001`; a value of
+    // small varints is valid UTF-8) and base64 takes four for three, so
+    // rows of 4 MiB could otherwise answer 24 MiB.
+    let bytes = 0; // the rows' keys and values
+    let answered = 0; // the same, as the answer encodes them
+    let cut = false; // cut here, before the module's end
     let last = null;
-    const out = rows.map(({ key, value }) => {
-      const row = {};
+    const parts = [];
+    for (let i = 0; i < rows.length && !cut; i++) {
+      const { key, value } = rows[i];
       last = typeof key === "string" ? encoder.encode(key) : key;
       bytes += last.byteLength + value.byteLength;
-      if (typeof key === "string") row.key = key;
-      else row.key_b64 = toBase64(key);
+      const k = typeof key === "string" ? JSON.stringify(key) : `"${toBase64(key)}"`;
       const t = text(value);
-      if (t !== undefined) row.value = t;
-      else row.value_b64 = toBase64(value);
-      return row;
+      const v = t !== undefined ? JSON.stringify(t) : `"${toBase64(value)}"`;
+      parts.push(`{"${typeof key === "string" ? "key" : "key_b64"}":${k},"${t !== undefined ? "value" : "value_b64"}":${v}}`);
+      answered += encoder.encode(k).byteLength + encoder.encode(v).byteLength - 4; // (quotes aside)
+      cut = answered >= s.config.scanMaxBytes && i < rows.length - 1;
+    }
+    const res = new Response(`[${parts.join(",")}]`, {
+      status: 200,
+      headers: { "cache-control": "no-store", ...cors, "content-type": "application/json; charset=utf-8", "walcast-lsn": String(lsn), "x-walcast-lsn": String(lsn) },
     });
-    const res = json(200, out, lsn, cors);
     // Cut by SCAN_MAX_BYTES: the next page starts past the last key.
-    if (rows.length < limit && bytes >= s.config.scanMaxBytes && last) {
+    if ((cut || (rows.length < limit && bytes >= s.config.scanMaxBytes)) && last) {
       res.headers.set("walcast-scan-next", percentEncode([...last, 0]));
     }
     return res;
