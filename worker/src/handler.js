@@ -324,12 +324,17 @@ function corsHeaders(request, env) {
 }
 
 function json(status, body, lsn, cors) {
+  return jsonText(status, JSON.stringify(body), lsn, cors);
+}
+
+/** A JSON answer whose text is already written (see `json`). */
+function jsonText(status, text, lsn, cors) {
   const headers = { "cache-control": "no-store", ...cors, "content-type": "application/json; charset=utf-8" };
   if (lsn !== undefined) {
     headers["walcast-lsn"] = String(lsn);
     headers["x-walcast-lsn"] = String(lsn);
   }
-  return new Response(JSON.stringify(body), { status, headers });
+  return new Response(text, { status, headers });
 }
 
 /**
@@ -895,10 +900,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       answered += encoder.encode(k).byteLength + encoder.encode(v).byteLength - 4; // (quotes aside)
       cut = answered >= s.config.scanMaxBytes && i < rows.length - 1;
     }
-    const res = new Response(`[${parts.join(",")}]`, {
-      status: 200,
-      headers: { "cache-control": "no-store", ...cors, "content-type": "application/json; charset=utf-8", "walcast-lsn": String(lsn), "x-walcast-lsn": String(lsn) },
-    });
+    const res = jsonText(200, `[${parts.join(",")}]`, lsn, cors);
     // Cut by SCAN_MAX_BYTES: the next page starts past the last key.
     if ((cut || (rows.length < limit && bytes >= s.config.scanMaxBytes)) && last) {
       res.headers.set("walcast-scan-next", percentEncode([...last, 0]));
