@@ -1129,6 +1129,40 @@ mod tests {
         assert_eq!(e.object(), Some(crate::catalog::HEAD_KEY), "{e}");
     }
 
+    /// A publisher that claimed `h`, given a snapshot at its committed
+    /// LSN, with retention keeping one LSN: everything below goes.
+    fn claimed_retaining_one_lsn(h: &mut Head) -> Publisher {
+        h.snapshot = Some(crate::catalog::SnapshotEntry {
+            key: crate::catalog::snapshot_key(h.committed_lsn, 1),
+            lsn: h.committed_lsn,
+            epoch: 1,
+            size: 1 << 10,
+            crc32: 0,
+            entries: 1,
+            version: 1,
+            suffix: None,
+            footer_crc32: None,
+        });
+        let cfg = PublisherConfig {
+            head_check_ms: 0,
+            max_commits_per_sec: 0,
+            retain_lsns: Some(1),
+            snapshot_every: None,
+            ..PublisherConfig::default()
+        };
+        let mut p = Publisher::new(cfg, 1);
+        let Action::Get(g) = p.poll(0) else {
+            panic!("reads the head first")
+        };
+        let resp = GetResponse::Ok {
+            body: h.encode(),
+            etag: Some("\"1\"".into()),
+            range: None,
+        };
+        p.handle_get(g.id, 0, resp);
+        p
+    }
+
     /// Retention of a claimed head whose pages each hold more entries
     /// than one commit can retire (a hostile or broken writer's: up to
     /// some 100,000 in a 16 MiB page) reads one page at a time, not 64
@@ -1153,34 +1187,7 @@ mod tests {
                     }
                 })
                 .collect();
-            h.snapshot = Some(crate::catalog::SnapshotEntry {
-                key: crate::catalog::snapshot_key(h.committed_lsn, 1),
-                lsn: h.committed_lsn,
-                epoch: 1,
-                size: 1 << 10,
-                crc32: 0,
-                entries: 1,
-                version: 1,
-                suffix: None,
-                footer_crc32: None,
-            });
-            let cfg = PublisherConfig {
-                head_check_ms: 0,
-                max_commits_per_sec: 0,
-                retain_lsns: Some(1),
-                snapshot_every: None,
-                ..PublisherConfig::default()
-            };
-            let mut p = Publisher::new(cfg, 1);
-            let Action::Get(g) = p.poll(0) else {
-                panic!("reads the head first")
-            };
-            let resp = GetResponse::Ok {
-                body: h.encode(),
-                etag: Some("\"1\"".into()),
-                range: None,
-            };
-            p.handle_get(g.id, 0, resp);
+            let mut p = claimed_retaining_one_lsn(&mut h);
             let small = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![1])]).unwrap();
             let mut pushed = false;
             let mut page_reads = 0;
@@ -1267,34 +1274,7 @@ mod tests {
         ];
         let keys = [h.pages[0].key.clone(), h.pages[1].key.clone()];
         let bodies = [leaves, upper];
-        h.snapshot = Some(crate::catalog::SnapshotEntry {
-            key: crate::catalog::snapshot_key(h.committed_lsn, 1),
-            lsn: h.committed_lsn,
-            epoch: 1,
-            size: 1 << 10,
-            crc32: 0,
-            entries: 1,
-            version: 1,
-            suffix: None,
-            footer_crc32: None,
-        });
-        let cfg = PublisherConfig {
-            head_check_ms: 0,
-            max_commits_per_sec: 0,
-            retain_lsns: Some(1),
-            snapshot_every: None,
-            ..PublisherConfig::default()
-        };
-        let mut p = Publisher::new(cfg, 1);
-        let Action::Get(g) = p.poll(0) else {
-            panic!("reads the head first")
-        };
-        let resp = GetResponse::Ok {
-            body: h.encode(),
-            etag: Some("\"1\"".into()),
-            range: None,
-        };
-        p.handle_get(g.id, 0, resp);
+        let mut p = claimed_retaining_one_lsn(&mut h);
         let small = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![1])]).unwrap();
         let (mut pushed, mut heads, mut named) = (false, 0, Vec::new());
         let mut last = None;

@@ -226,9 +226,14 @@ mod tests {
 
     /// A one-LSN segment entry of epoch 1.
     fn one_lsn(lsn: u64) -> SegmentEntry {
+        one_lsn_of(1, lsn)
+    }
+
+    /// A one-LSN segment entry of `epoch`.
+    fn one_lsn_of(epoch: u64, lsn: u64) -> SegmentEntry {
         SegmentEntry {
-            key: segment_key(1, lsn, lsn),
-            epoch: 1,
+            key: segment_key(epoch, lsn, lsn),
+            epoch,
             first_lsn: lsn,
             last_lsn: lsn,
             size: 100,
@@ -310,22 +315,7 @@ mod tests {
                 Action::Fetch(g) => {
                     let resp = if g.key == HEAD_KEY {
                         heads += 1;
-                        let segments = (1..=10)
-                            .map(|lsn| SegmentEntry {
-                                key: segment_key(heads, lsn, lsn),
-                                epoch: heads,
-                                first_lsn: lsn,
-                                last_lsn: lsn,
-                                size: 100,
-                                crc32: 0,
-                                records_end: 40,
-                                index: vec![IndexEntry {
-                                    lsn,
-                                    offset: HEADER_LEN,
-                                }],
-                                filter: None,
-                            })
-                            .collect();
+                        let segments = (1..=10).map(|lsn| one_lsn_of(heads, lsn)).collect();
                         let body = Page {
                             format: 1,
                             level: 0,
