@@ -4,14 +4,20 @@
 // only when the network fails. Requests to the dataset (another origin, or
 // anything not listed) are not touched: the replica keeps its own state in
 // IndexedDB.
-const CACHE = "walcast-browser-offline-v1";
+const CACHE = "walcast-browser-offline-v2";
 const SHELL = [
   "./",
   "./index.html",
   "./app.js",
   "./node_modules/walcast/dist/web.js",
   "./node_modules/walcast/dist/replica.js",
+  "./node_modules/walcast/dist/engine.js",
+  "./node_modules/walcast/dist/http.js",
+  "./node_modules/walcast/dist/signatures.js",
+  "./node_modules/walcast/dist/persist.js",
   "./node_modules/walcast/dist/idb.js",
+  "./node_modules/walcast/dist/slots.js",
+  "./node_modules/walcast/dist/util.js",
   "./node_modules/walcast/dist/wasm/walcast_wasm.js",
   "./node_modules/walcast/dist/wasm/walcast_wasm_bg.wasm",
 ];

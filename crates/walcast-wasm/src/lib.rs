@@ -11,7 +11,7 @@
 //! it until it waits and says when it next wants a step;
 //! [`WasmReplica::take_requests`] hands over the GETs it asked for, which JS
 //! performs (the runtime's global `fetch`, bodies read as streams and cut at
-//! the request's `max_bytes + 1`, see `js/src/replica.js`) and hands back
+//! the request's `max_bytes + 1`, see `js/src/http.js`) and hands back
 //! with [`WasmReplica::deliver`]. Every GET the machine asks for is answered
 //! exactly once (a timeout or network error is an answer too), whoever was
 //! waiting: a sync ([`WasmReplica::sync_begin`] /

@@ -1,0 +1,136 @@
+// Persistence: picking the store of `persist`, bounding its calls in time,
+// and reopening a WasmReplica from a persisted record (its base and log),
+// checked against its bytes before any use.
+
+import { WasmReplica } from "./wasm/walcast_wasm.js";
+import { indexedDbStore } from "./idb.js";
+import { walcastError } from "./util.js";
+
+/** Default `persistTimeoutMs`: how long one call of the persist store may take. */
+export const DEFAULT_PERSIST_TIMEOUT_MS = 30_000;
+
+/**
+ * `p` (a persist store's call), or a rejection once `ms` pass: a store that
+ * never answers (a custom one, an IndexedDB lock held by a stuck tab) fails
+ * that call instead of holding up every sync, `start()` and `close()`.
+ */
+export function storeCall(p, method, ms) {
+  ms = Math.min(ms, 2 ** 31 - 1); // setTimeout's largest delay (a larger one fires at once)
+  let t;
+  const late = new Promise((_, reject) => {
+    t = setTimeout(() => reject(new Error(`${method} did not settle within ${ms} ms`)), ms);
+  });
+  return Promise.race([Promise.resolve(p), late]).finally(() => clearTimeout(t));
+}
+
+export function pickStore(persist) {
+  if (persist === undefined || persist === null || persist === "memory") return null;
+  if (persist === "indexeddb") {
+    if (typeof globalThis.indexedDB === "undefined") {
+      throw walcastError("invalid_input", 'walcast: persist: "indexeddb" but this runtime has no indexedDB (use "memory")');
+    }
+    return indexedDbStore;
+  }
+  if (typeof persist === "object" && typeof persist.load === "function" && typeof persist.save === "function") {
+    return persist;
+  }
+  throw walcastError("invalid_input", 'walcast: persist must be "memory", "indexeddb" or a { load, save } store');
+}
+
+/**
+ * A WasmReplica from a persisted record: its snapshot, with its `log`
+ * chunks (incremental persistence) replayed on top. Returns `{ w, damage }`:
+ * `damage` (an Error) when the replay stopped short of `rec.appliedLsn` (a
+ * damaged or missing log record; the replica then holds the last good
+ * state before it, and the next sync fetches the rest).
+ */
+export function restoreRecord(wasmOpts, rec, key) {
+  const claim = rec.appliedLsn;
+  const shown = String(claim).slice(0, 40);
+  const snapshot = binary(rec.snapshot);
+  if (!snapshot) {
+    throw walcastError("data", `walcast: the persisted copy of ${key} (LSN ${shown}) is damaged: its snapshot is not bytes; starting over`, {
+      object: "persisted snapshot",
+    });
+  }
+  // What the record claims that its bytes cannot back (checked before any
+  // use: a claimed LSN or size is never trusted, nor allocated by).
+  let why = null;
+  let object = "persisted record";
+  if (!Number.isSafeInteger(claim) || claim < 0) why = `its appliedLsn ${shown} is not an LSN`;
+  else if (typeof rec.damaged === "string") why = rec.damaged; // the store's own finding (IndexedDB: the record disagrees with its bytes)
+  // A whole state (a custom store, layout version 1) has no log.
+  let chunks = null;
+  if (Array.isArray(rec.log)) {
+    chunks = [];
+    for (let i = 0; i < rec.log.length; i++) {
+      const c = binary(rec.log[i]);
+      if (!c) {
+        why ??= `persisted log chunk ${i} is not bytes`;
+        object = `persisted log chunk ${i}`;
+        break; // the replay stops before it
+      }
+      chunks.push(c);
+    }
+  }
+  let w;
+  try {
+    w = WasmReplica.restoreLog(wasmOpts, snapshot, chunks ?? []);
+  } catch (e) {
+    // A damaged base: nothing of the copy is usable. Say whose copy it is.
+    if (e?.code !== "data") throw e;
+    throw walcastError("data", `walcast: the persisted copy of ${key} (LSN ${shown}) is damaged: ${e.message}; starting over`, {
+      object: e.object ?? "persisted snapshot",
+      ...(e.lsn !== undefined ? { lsn: e.lsn } : {}),
+    });
+  }
+  let damage = null;
+  try {
+    const got = w.status().appliedLsn;
+    // A key-value replica never opens at an LSN with no keys and no log
+    // from the store: older versions kept a raw replica's record (no
+    // key-value state) under this same key. An empty state is cheap to
+    // fetch again; a raw record read as one would miss every key.
+    if (!wasmOpts?.raw && got > 0 && w.size === 0 && !chunks?.some((c) => c.length > 0)) {
+      throw walcastError(
+        "data",
+        `walcast: the persisted copy of ${key} (LSN ${shown}) holds no keys and no log, as a raw replica's record kept under this key by older versions does; starting over from the dataset`,
+        { object: "persisted snapshot" },
+      );
+    }
+    const d = chunks ? w.restoreDamage() : undefined;
+    if (d || why || (chunks && got < claim)) {
+      const text = d ? d.message : (why ?? `its log ends at LSN ${got}`);
+      damage = walcastError(
+        "data",
+        `walcast: the persisted copy of ${key} (LSN ${shown}) is damaged: ${text}; reopened at LSN ${got}, the rest is fetched again`,
+        { object: d?.object ?? (why ? object : "persisted log"), lsn: d?.lsn ?? got + 1 },
+      );
+    }
+  } catch (e) {
+    w.free();
+    throw e;
+  }
+  return { w, damage };
+}
+
+/** Bytes of a persisted value (never a string: a persisted copy holds bytes), or null. */
+function binary(v) {
+  if (v instanceof Uint8Array) return v;
+  if (ArrayBuffer.isView(v)) return new Uint8Array(v.buffer, v.byteOffset, v.byteLength);
+  if (v instanceof ArrayBuffer) return new Uint8Array(v);
+  return null;
+}
+
+/**
+ * What a persistence store's `method` threw, as an error naming the store
+ * and the dataset (code `persist`; `cause`: what it threw).
+ */
+export function storeError(method, key, e) {
+  if (e?.name === "WalcastError") return e;
+  const what = e instanceof Error ? `${e.name}: ${e.message}` : String(e);
+  return walcastError("persist", `walcast: the persist store's ${method}(${key}) failed: ${what.slice(0, 500)}`, {
+    object: `persist store ${method}`,
+    cause: e,
+  });
+}
