@@ -1,0 +1,145 @@
+//! The dataset's identity and the keys the format derives for its objects.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Serialize, Serializer};
+
+use crate::error::{DecodeError, Quoted};
+
+/// Checks that `key` is exactly the key the format derives for the object it
+/// names, so no catalog entry can point outside the dataset's own object kinds
+/// (`../x`, the head itself, an absolute path, a query).
+pub(super) fn check_key(what: &str, key: &str, expected: &str) -> Result<(), String> {
+    if key == expected {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} key {} is not the key the format derives ({})",
+            Quoted::str(key),
+            Quoted::str(expected)
+        ))
+    }
+}
+
+/// The kind of immutable object `key` names, if it has the exact shape of a
+/// segment, snapshot or page key; `None` for anything else (the head, a
+/// relative path with `..`, stray files).
+pub fn object_kind(key: &str) -> Option<&'static str> {
+    fn num(s: &str, width: Option<usize>) -> bool {
+        !s.is_empty()
+            && s.len() <= 20
+            && s.bytes().all(|b| b.is_ascii_digit())
+            && width.is_none_or(|w| s.len() == w)
+            && s.parse::<u64>().is_ok()
+    }
+    if let Some(rest) = key.strip_prefix("segments/") {
+        let (epoch, file) = rest.split_once('/')?;
+        let (first, last) = file.strip_suffix(".wseg")?.split_once('-')?;
+        (num(epoch, None) && num(first, Some(20)) && num(last, Some(20))).then_some("segment")
+    } else if let Some(rest) = key.strip_prefix("snapshots/") {
+        let (lsn, epoch) = rest.strip_suffix(".wsnap")?.split_once('-')?;
+        (num(lsn, Some(20)) && num(epoch, None)).then_some("snapshot")
+    } else if let Some(rest) = key.strip_prefix("deltas/") {
+        let mut parts = rest.strip_suffix(".wdelta")?.split('-');
+        let ok = num(parts.next()?, Some(20))
+            && num(parts.next()?, Some(20))
+            && num(parts.next()?, None)
+            && parts.next().is_none();
+        ok.then_some("delta")
+    } else if let Some(rest) = key.strip_prefix("catalog/pages/") {
+        let mut parts = rest.strip_suffix(".json")?.split('-');
+        let ok = num(parts.next()?, None)
+            && num(parts.next()?, Some(20))
+            && num(parts.next()?, Some(20))
+            && num(parts.next()?, None)
+            && parts.next().is_none();
+        ok.then_some("page")
+    } else {
+        None
+    }
+}
+
+/// A dataset's random 128-bit identity, written as 32 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct DatasetId(pub [u8; 16]);
+
+impl DatasetId {
+    /// Derives an id from a caller-provided seed (the core has no randomness
+    /// of its own; drivers pass random bytes).
+    pub fn from_seed(seed: u64) -> Self {
+        let mut s = seed;
+        let mut out = [0u8; 16];
+        for chunk in out.chunks_mut(8) {
+            chunk.copy_from_slice(&crate::rng::splitmix64(&mut s).to_le_bytes());
+        }
+        DatasetId(out)
+    }
+}
+
+impl fmt::Display for DatasetId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for DatasetId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatasetId({self})")
+    }
+}
+
+impl FromStr for DatasetId {
+    type Err = DecodeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let b = s.as_bytes();
+        let bad = || {
+            DecodeError::Json(format!(
+                "dataset_id {} is not 32 lowercase hex digits",
+                Quoted::str(s)
+            ))
+        };
+        if b.len() != 32 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 16];
+        for (i, pair) in b.chunks(2).enumerate() {
+            let hex = |c: u8| match c {
+                b'0'..=b'9' => Some(c - b'0'),
+                b'a'..=b'f' => Some(c - b'a' + 10),
+                _ => None,
+            };
+            out[i] = (hex(pair[0]).ok_or_else(bad)? << 4) | hex(pair[1]).ok_or_else(bad)?;
+        }
+        Ok(DatasetId(out))
+    }
+}
+
+impl Serialize for DatasetId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Key of a segment: `segments/<epoch>/<first:020>-<last:020>.wseg`.
+pub fn segment_key(epoch: u64, first: u64, last: u64) -> String {
+    format!("segments/{epoch}/{first:020}-{last:020}.wseg")
+}
+
+/// Key of a snapshot: `snapshots/<lsn:020>-<epoch>.wsnap`.
+pub fn snapshot_key(lsn: u64, epoch: u64) -> String {
+    format!("snapshots/{lsn:020}-{epoch}.wsnap")
+}
+
+/// Key of a delta snapshot: `deltas/<base:020>-<lsn:020>-<epoch>.wdelta`.
+pub fn delta_key(base_lsn: u64, lsn: u64, epoch: u64) -> String {
+    format!("deltas/{base_lsn:020}-{lsn:020}-{epoch}.wdelta")
+}
+
+/// Key of a page: `catalog/pages/<level>-<first:020>-<last:020>-<epoch>.json`.
+pub fn page_key(level: u32, first: u64, last: u64, epoch: u64) -> String {
+    format!("catalog/pages/{level}-{first:020}-{last:020}-{epoch}.json")
+}

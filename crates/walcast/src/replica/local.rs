@@ -1,0 +1,380 @@
+//! A replica's local directory (`--local DIR`), which survives `kill -9`:
+//!
+//! - `state.wsnap`: a checkpoint in the snapshot format (`docs/FORMAT.md`),
+//!   epoch 0, at the checkpoint's LSN, replaced atomically (rename);
+//! - `applied.log`: a 40-byte header (`WCRL`, version `u16`, flags `u16`,
+//!   base LSN `u64`, dataset id 16 bytes, 4 reserved, `crc32` of bytes 0..36)
+//!   then every record applied after the checkpoint, framed like segment
+//!   records and fsynced at each applied unit. On open, the log is replayed
+//!   on top of the checkpoint when its header names the same dataset and LSN;
+//!   a torn tail is cut. A batch is therefore either wholly in the state or
+//!   not at all, and nothing applied is fetched again.
+//!
+//!   Only the end of the log can be torn: a damaged record with whole
+//!   records after it is an error naming `applied.log` and the offset for
+//!   `get`/`scan --local`, while `replicate` warns, keeps the records before
+//!   the damage and fetches the rest again. A header failing its own
+//!   checksum is an error (a whole header for another checkpoint is stale,
+//!   and ignored).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context, Result};
+use walcast_core::batch;
+use walcast_core::catalog::DatasetId;
+use walcast_core::segment::{encode_record, Records};
+use walcast_core::snapshot;
+use walcast_core::state::KvState;
+
+use crate::store::{write_atomic, write_atomic_with};
+
+const LOG_MAGIC: &[u8; 4] = b"WCRL";
+const LOG_HEADER: usize = 40;
+/// Checkpoint once the log holds this many bytes.
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+
+/// What a local replica directory holds.
+#[derive(Debug, Default)]
+pub struct Local {
+    /// The state.
+    pub state: KvState,
+    /// Its applied LSN.
+    pub applied: u64,
+    /// Its dataset, if it ever synced.
+    pub dataset: Option<DatasetId>,
+}
+
+/// A replica's local directory.
+#[derive(Debug)]
+pub struct LocalDir {
+    dir: PathBuf,
+    log: Option<File>,
+    log_len: u64,
+    buf: Vec<u8>,
+}
+
+fn log_header(base: u64, id: DatasetId) -> [u8; LOG_HEADER] {
+    let mut h = [0u8; LOG_HEADER];
+    h[..4].copy_from_slice(LOG_MAGIC);
+    h[4..6].copy_from_slice(&1u16.to_le_bytes());
+    h[8..16].copy_from_slice(&base.to_le_bytes());
+    h[16..32].copy_from_slice(&id.0);
+    let crc = crc32fast::hash(&h[..36]);
+    h[36..40].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+impl LocalDir {
+    /// Opens (creating) `dir` and loads what it holds.
+    pub fn open(dir: &Path) -> Result<(LocalDir, Local)> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (local, log) = read_local(dir)?;
+        let mut ld = LocalDir {
+            dir: dir.to_path_buf(),
+            log: None,
+            log_len: 0,
+            buf: Vec::new(),
+        };
+        // Cut a torn tail off the log and append after its valid part. A
+        // damaged record with whole records after it is not a torn tail:
+        // the state stays at the last record before it, and what followed
+        // is fetched again from the dataset (the remote is the source of
+        // truth), with a warning naming the file and the offset.
+        let logp = dir.join("applied.log");
+        if let (Some(log), Some(id)) = (log, local.dataset) {
+            if let Some(damage) = &log.damage {
+                tracing::warn!(
+                    "walcast replicate: {damage}; keeping the records before it (applied LSN {}) \
+                     and fetching the rest again from the dataset",
+                    local.applied
+                );
+            }
+            let good = log.good;
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&logp)
+                .with_context(|| format!("opening {}", logp.display()))?;
+            f.set_len(good)
+                .with_context(|| format!("truncating {}", logp.display()))?;
+            f.sync_all()
+                .with_context(|| format!("syncing {}", logp.display()))?;
+            ld.log_len = good;
+            let mut f = OpenOptions::new()
+                .append(true)
+                .open(&logp)
+                .with_context(|| format!("opening {}", logp.display()))?;
+            f.flush()?;
+            ld.log = Some(f);
+            // Keep the log tied to the checkpoint's base LSN: re-base it
+            // by checkpointing when it replayed anything.
+            if local.applied > 0 && good > LOG_HEADER as u64 {
+                ld.checkpoint(&local.state, local.applied, id)?;
+            }
+        }
+        Ok((ld, local))
+    }
+
+    /// Writes a checkpoint of `state` at `lsn` and starts a fresh log.
+    pub fn checkpoint(&mut self, state: &KvState, lsn: u64, id: DatasetId) -> Result<()> {
+        // Streamed: a checkpoint never holds a second copy of the state.
+        write_atomic_with(&self.dir.join("state.wsnap"), |w| {
+            let mut res = Ok(());
+            snapshot::encode_to(state, lsn, 0, id, snapshot::DEFAULT_CHUNK_BYTES, &mut |b| {
+                if res.is_ok() {
+                    res = w.write_all(b);
+                }
+            });
+            res
+        })?;
+        write_atomic(&self.dir.join("applied.log"), &log_header(lsn, id))?;
+        self.log = Some(
+            OpenOptions::new()
+                .append(true)
+                .open(self.dir.join("applied.log"))?,
+        );
+        self.log_len = LOG_HEADER as u64;
+        Ok(())
+    }
+
+    /// Buffers an applied record for the log.
+    pub fn record(&mut self, lsn: u64, payload: &[u8]) {
+        encode_record(lsn, payload, &mut self.buf);
+    }
+
+    /// Makes the buffered records durable (after an applied unit); returns
+    /// whether a checkpoint is due.
+    pub fn flush(&mut self) -> Result<bool> {
+        if self.buf.is_empty() {
+            return Ok(false);
+        }
+        let f = self
+            .log
+            .as_mut()
+            .ok_or_else(|| anyhow!("no log open: checkpoint first"))?;
+        f.write_all(&self.buf)?;
+        f.sync_data()?;
+        self.log_len += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(self.log_len > CHECKPOINT_BYTES)
+    }
+
+    /// Drops buffered records (after a reset).
+    pub fn discard(&mut self) {
+        self.buf.clear();
+    }
+}
+
+/// The usable part of a replica directory's `applied.log`.
+#[derive(Debug)]
+struct LogState {
+    /// Byte length of its valid part: the header and the whole records
+    /// replayed.
+    good: u64,
+    /// Why the replay stopped before the end of the file, when it was not
+    /// a torn tail: a damaged record with whole records after it (naming
+    /// the file and the offset).
+    damage: Option<String>,
+}
+
+/// Reads a replica directory without writing to it: the checkpoint, then
+/// the log's records replayed on top when the log belongs to it. Also
+/// returns the log's usable part (`None`: no log, or a stale one, left by a
+/// crash between a checkpoint and its new log).
+///
+/// A torn tail (a record cut short by a crash mid-write, or one a running
+/// `replicate` is appending to) ends the replay at the last whole record: a
+/// bad record counts as torn only when nothing after it decodes as a whole
+/// record. A damaged record with whole records after it is reported in
+/// [`LogState::damage`]; a header failing its own checksum, or a record
+/// whose checksum holds but whose batch does not decode, is an error naming
+/// the file.
+fn read_local(dir: &Path) -> Result<(Local, Option<LogState>)> {
+    let mut local = Local::default();
+    let snap = dir.join("state.wsnap");
+    if snap.exists() {
+        // Streamed in 1 MiB reads: loading never holds a second copy of the state.
+        let mut f = File::open(&snap).with_context(|| format!("opening {}", snap.display()))?;
+        let mut dec = snapshot::SnapshotDecoder::new();
+        let mut chunk = vec![0u8; 1 << 20];
+        loop {
+            let n = f
+                .read(&mut chunk)
+                .with_context(|| format!("reading {}", snap.display()))?;
+            if n == 0 {
+                break;
+            }
+            dec.feed(&chunk[..n])
+                .map_err(|e| anyhow!("{}: {e}", snap.display()))?;
+        }
+        let (h, st) = dec
+            .finish(None)
+            .map_err(|e| anyhow!("{}: {e}", snap.display()))?;
+        local = Local {
+            state: st,
+            applied: h.lsn,
+            dataset: Some(h.dataset_id),
+        };
+    }
+    let logp = dir.join("applied.log");
+    let Some(id) = local.dataset else {
+        return Ok((local, None));
+    };
+    let mut f = match File::open(&logp) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((local, None)),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", logp.display())),
+    };
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", logp.display()))?;
+    let Some(header) = bytes.first_chunk::<LOG_HEADER>() else {
+        anyhow::bail!(
+            "{}: damaged header: {} bytes, shorter than the {LOG_HEADER}-byte header",
+            logp.display(),
+            bytes.len()
+        );
+    };
+    let stored = u32::from_le_bytes(header[36..40].try_into().expect("4 bytes"));
+    let computed = crc32fast::hash(&header[..36]);
+    if stored != computed || &header[..4] != LOG_MAGIC {
+        anyhow::bail!(
+            "{}: damaged header (offset 0): crc32 {computed:08x} of bytes 0..36, stored \
+             {stored:08x}, magic {:?}",
+            logp.display(),
+            String::from_utf8_lossy(&header[..4])
+        );
+    }
+    // A whole header for another checkpoint: stale (a crash between
+    // writing a new checkpoint and its new log), ignored.
+    if *header != log_header(local.applied, id) {
+        return Ok((local, None));
+    }
+    let mut good = LOG_HEADER;
+    let mut damage = None;
+    for rec in Records::new(&bytes[LOG_HEADER..], LOG_HEADER as u64, local.applied + 1) {
+        let rec = match rec {
+            Ok(rec) => rec,
+            Err(e) => {
+                if whole_record_after(&bytes, good, local.applied + 1) {
+                    damage = Some(format!(
+                        "{}: damaged record at offset {good} (LSN {}), with whole records \
+                         after it: {e}",
+                        logp.display(),
+                        local.applied + 1
+                    ));
+                }
+                break;
+            }
+        };
+        let at = rec.payload.as_ptr() as usize - bytes.as_ptr() as usize - 16;
+        let ops = batch::decode(rec.payload).map_err(|e| {
+            anyhow!(
+                "{}: record at offset {at} (LSN {}) does not decode: {e}",
+                logp.display(),
+                rec.lsn
+            )
+        })?;
+        local.state.apply(&ops);
+        local.applied = rec.lsn;
+        good = at + 16 + rec.payload.len();
+    }
+    Ok((
+        local,
+        Some(LogState {
+            good: good as u64,
+            damage,
+        }),
+    ))
+}
+
+/// Whether a whole record (a plausible LSN, its checksum right) starts
+/// anywhere in `bytes` after offset `bad`, where a record with LSN `lsn`
+/// failed to decode: then the bad record is damage, not a torn tail (a
+/// crash only tears the end of the log).
+fn whole_record_after(bytes: &[u8], bad: usize, lsn: u64) -> bool {
+    (bad + 1..bytes.len().saturating_sub(15)).any(|at| {
+        let found = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        // Records are at least 16 bytes: the LSN of one starting `at`
+        // is at most this far past the bad one's.
+        let most = lsn.saturating_add(((at - bad) / 16) as u64);
+        (lsn..=most).contains(&found)
+            && matches!(
+                Records::new(&bytes[at..], at as u64, found).next(),
+                Some(Ok(_))
+            )
+    })
+}
+
+/// Loads a local replica directory for `get` and `scan`, read-only: it
+/// creates, truncates, checkpoints and locks nothing, so it works on a
+/// read-only directory and beside a running `replicate`. A damaged
+/// `applied.log` (anything but a torn tail) is an error naming it and the
+/// offset: `walcast replicate` on the directory keeps the records before the
+/// damage and fetches the rest again.
+pub fn load(dir: &Path) -> Result<Local> {
+    if !dir.is_dir() {
+        anyhow::bail!("{}: no such replica directory", dir.display());
+    }
+    let (local, log) = read_local(dir)?;
+    if let Some(damage) = log.and_then(|l| l.damage) {
+        anyhow::bail!("{damage}; run `walcast replicate` on the directory to fetch it again");
+    }
+    Ok(local)
+}
+
+/// A replica's local directory as the driver loop keeps it: every applied
+/// record logged and fsynced per applied unit, a checkpoint at a bootstrap,
+/// at the first apply, and whenever the log grows past its bound.
+#[derive(Debug)]
+pub(crate) struct Persist {
+    ld: LocalDir,
+    has_log: bool,
+}
+
+impl Persist {
+    /// Opens (creating) `dir`; returns what it holds to restore from.
+    pub(crate) fn open(dir: &Path) -> Result<(Persist, Local)> {
+        let (ld, local) = LocalDir::open(dir)?;
+        let has_log = ld.log.is_some();
+        Ok((Persist { ld, has_log }, local))
+    }
+
+    /// Persists what `e` says the machine `r` did.
+    pub(crate) fn on_event(
+        &mut self,
+        r: &walcast_core::replica::Replica,
+        e: &walcast_core::replica::Event,
+    ) -> Result<()> {
+        use walcast_core::replica::Event;
+        match e {
+            Event::Record { lsn, payload } => self.ld.record(*lsn, payload),
+            Event::Applied { .. } => {
+                let id = r
+                    .dataset_id()
+                    .ok_or_else(|| anyhow!("applied without a dataset"))?;
+                if !self.has_log {
+                    self.ld.discard();
+                    self.ld.checkpoint(r.state(), r.applied_lsn(), id)?;
+                    self.has_log = true;
+                } else if self.ld.flush()? {
+                    self.ld.checkpoint(r.state(), r.applied_lsn(), id)?;
+                }
+            }
+            Event::Bootstrapped { lsn, dataset_id } => {
+                self.ld.discard();
+                self.ld.checkpoint(r.state(), *lsn, *dataset_id)?;
+                self.has_log = true;
+            }
+            // The state starts over: the next apply checkpoints it, rather
+            // than appending the new history to the old checkpoint's log.
+            Event::DatasetChanged { .. } => {
+                self.ld.discard();
+                self.has_log = false;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
