@@ -324,21 +324,6 @@ impl KeyFilter {
     }
 }
 
-fn header_bytes(lsn: u64, epoch: u64, dataset_id: DatasetId, entries: u64) -> Vec<u8> {
-    let mut head = Vec::with_capacity(HEADER_LEN as usize);
-    head.extend_from_slice(&MAGIC);
-    head.extend_from_slice(&VERSION_DELTA.to_le_bytes());
-    head.extend_from_slice(&0u16.to_le_bytes());
-    head.extend_from_slice(&lsn.to_le_bytes());
-    head.extend_from_slice(&epoch.to_le_bytes());
-    head.extend_from_slice(&dataset_id.0);
-    head.extend_from_slice(&entries.to_le_bytes());
-    head.extend_from_slice(&0u32.to_le_bytes());
-    let crc = crate::crc::hash(&head);
-    head.extend_from_slice(&crc.to_le_bytes());
-    head
-}
-
 /// Parses the 56-byte header of a delta snapshot.
 pub fn decode_delta_header(bytes: &[u8]) -> Result<SnapshotHeader, DecodeError> {
     super::decode_header_of(bytes, "delta snapshot", &[VERSION_DELTA])
@@ -387,7 +372,7 @@ fn encode_delta_blocks<'a>(
 ) -> (Vec<u8>, bool) {
     let count = changes.len() as u64;
     let filter = KeyFilter::build(changes.clone().map(|(k, _)| k));
-    let mut out = header_bytes(meta.lsn, meta.epoch, meta.dataset_id, count);
+    let mut out = super::encode_header(VERSION_DELTA, meta.lsn, meta.epoch, meta.dataset_id, count);
     let mut index = BlockBuilder::new();
     let mut b = BlockBuilder::new();
     let mut data_blocks = 0u32;

@@ -42,6 +42,30 @@ pub struct SnapshotHeader {
     pub entry_count: u64,
 }
 
+/// The 56-byte header every snapshot version starts with (FORMAT.md):
+/// magic, `version`, reserved, `lsn`, `epoch`, the dataset id, `entries`,
+/// reserved, and the CRC-32 of the bytes before it.
+pub(crate) fn encode_header(
+    version: u16,
+    lsn: u64,
+    epoch: u64,
+    dataset_id: DatasetId,
+    entries: u64,
+) -> Vec<u8> {
+    let mut head = Vec::with_capacity(HEADER_LEN as usize);
+    head.extend_from_slice(&MAGIC);
+    head.extend_from_slice(&version.to_le_bytes());
+    head.extend_from_slice(&0u16.to_le_bytes());
+    head.extend_from_slice(&lsn.to_le_bytes());
+    head.extend_from_slice(&epoch.to_le_bytes());
+    head.extend_from_slice(&dataset_id.0);
+    head.extend_from_slice(&entries.to_le_bytes());
+    head.extend_from_slice(&0u32.to_le_bytes());
+    let crc = crate::crc::hash(&head);
+    head.extend_from_slice(&crc.to_le_bytes());
+    head
+}
+
 /// Encodes `state` as a snapshot at `lsn`.
 pub fn encode(state: &KvState, lsn: u64, epoch: u64, dataset_id: DatasetId) -> Vec<u8> {
     encode_with_chunk_bytes(state, lsn, epoch, dataset_id, DEFAULT_CHUNK_BYTES)
@@ -74,17 +98,7 @@ pub fn encode_to(
     chunk_bytes: usize,
     emit: &mut dyn FnMut(&[u8]),
 ) {
-    let mut head = Vec::with_capacity(64);
-    head.extend_from_slice(&MAGIC);
-    head.extend_from_slice(&VERSION.to_le_bytes());
-    head.extend_from_slice(&0u16.to_le_bytes());
-    head.extend_from_slice(&lsn.to_le_bytes());
-    head.extend_from_slice(&epoch.to_le_bytes());
-    head.extend_from_slice(&dataset_id.0);
-    head.extend_from_slice(&state.len().to_le_bytes());
-    head.extend_from_slice(&0u32.to_le_bytes());
-    let crc = crate::crc::hash(&head);
-    head.extend_from_slice(&crc.to_le_bytes());
+    let head = encode_header(VERSION, lsn, epoch, dataset_id, state.len());
     emit(&head);
     let mut written = head.len() as u64;
 

@@ -56,7 +56,7 @@ fn encode_blocks(
     } else {
         VERSION_INDEXED
     };
-    let mut out = header_bytes(version, lsn, epoch, dataset_id, state.len());
+    let mut out = crate::snapshot::encode_header(version, lsn, epoch, dataset_id, state.len());
     // Data blocks, remembering (first key, handle and digest) of each.
     type Named = (Vec<u8>, BlockHandle, Option<[u8; 32]>);
     let mut index: Vec<Named> = Vec::new();

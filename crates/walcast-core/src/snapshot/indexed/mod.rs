@@ -299,27 +299,6 @@ impl Footer {
     }
 }
 
-fn header_bytes(
-    version: u16,
-    lsn: u64,
-    epoch: u64,
-    dataset_id: DatasetId,
-    entries: u64,
-) -> Vec<u8> {
-    let mut head = Vec::with_capacity(HEADER_LEN as usize);
-    head.extend_from_slice(&MAGIC);
-    head.extend_from_slice(&version.to_le_bytes());
-    head.extend_from_slice(&0u16.to_le_bytes());
-    head.extend_from_slice(&lsn.to_le_bytes());
-    head.extend_from_slice(&epoch.to_le_bytes());
-    head.extend_from_slice(&dataset_id.0);
-    head.extend_from_slice(&entries.to_le_bytes());
-    head.extend_from_slice(&0u32.to_le_bytes());
-    let crc = crate::crc::hash(&head);
-    head.extend_from_slice(&crc.to_le_bytes());
-    head
-}
-
 /// Parses a 56-byte snapshot header of version 2 or 4.
 pub fn decode_indexed_header(bytes: &[u8]) -> Result<SnapshotHeader, DecodeError> {
     super::decode_header_of(
