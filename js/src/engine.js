@@ -35,6 +35,7 @@ export const engine = {
 // Test-only faults, armed through the trap hook: the next re-instantiations
 // of the module, or constructions of a WasmReplica in a rebuild, fail.
 export const testFaults = { instantiate: 0, construct: 0 };
+/** Test-only: throws when a fault of `kind` is armed (and disarms one). */
 export function testFault(kind) {
   if (testFaults[kind] > 0) {
     testFaults[kind]--;
@@ -156,6 +157,7 @@ export const handles = new Set(); // { w, dead, owner: WeakRef<Replica> }
 export const finalizer =
   typeof FinalizationRegistry === "function" ? new FinalizationRegistry((slot) => releaseHandle(slot.h)) : null;
 
+/** Frees a handle's WasmReplica once (a poisoned one goes with its instance). */
 export function releaseHandle(h) {
   if (!h || h.dead) return;
   h.dead = true;

@@ -7,6 +7,7 @@ import { EMPTY } from "./util.js";
 /** The kinds of GET counted in `status().requestsByKind` and `bytesByKind`. */
 const KINDS = ["head", "longPoll", "page", "segment", "snapshot", "delta", "other"];
 
+/** A count of 0 for each kind. */
 export function zeroKinds() {
   const o = {};
   for (const k of KINDS) o[k] = 0;

@@ -23,6 +23,7 @@ export function storeCall(p, method, ms) {
   return Promise.race([Promise.resolve(p), late]).finally(() => clearTimeout(t));
 }
 
+/** The store `persist` names: null (memory), the IndexedDB store, or a caller's `{ load, save }`. */
 export function pickStore(persist) {
   if (persist === undefined || persist === null || persist === "memory") return null;
   if (persist === "indexeddb") {

@@ -1,12 +1,13 @@
 // Errors, key and option checks shared by the package's modules.
 
-
 const encoder = new TextEncoder();
 const strictUtf8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
 const lenientUtf8 = new TextDecoder("utf-8", { ignoreBOM: true });
 const NO_LIMIT = 0xffffffff;
+/** No bytes. */
 export const EMPTY = new Uint8Array(0);
 
+/** An Error with the package's `code` (and `extra` fields: object, lsn, cause). */
 export function walcastError(code, message, extra) {
   const e = new Error(message);
   e.name = "WalcastError";
@@ -15,6 +16,7 @@ export function walcastError(code, message, extra) {
   return e;
 }
 
+/** A key or value as bytes (a string is UTF-8 encoded); throws `invalid_input` naming `what`. */
 export function toBytes(k, what) {
   if (typeof k === "string") return encoder.encode(k);
   if (k instanceof Uint8Array) return k;
@@ -43,6 +45,7 @@ function keyOut(bytes) {
   }
 }
 
+/** `v` when undefined or an integer >= `min`; else throws `invalid_input` naming the option. */
 export function checkCount(v, name, { min = 0 } = {}) {
   if (v === undefined) return undefined;
   if (typeof v !== "number" || !Number.isFinite(v) || Math.floor(v) !== v || v < min) {
@@ -82,10 +85,12 @@ export function entries(rows) {
   return out;
 }
 
+/** A value's bytes as text (invalid UTF-8 replaced), or undefined. */
 export function textOf(v) {
   return v === undefined ? undefined : lenientUtf8.decode(v);
 }
 
+/** Text parsed as JSON, or undefined. */
 export function jsonOf(t) {
   return t === undefined ? undefined : JSON.parse(t);
 }
@@ -125,6 +130,7 @@ export function storeKey(url, wasmOpts) {
   return wasmOpts?.raw ? `${base}#raw` : base;
 }
 
+/** The `headers` option as `[name, value]` pairs (string values only); throws `invalid_input`. */
 export function headerList(h) {
   if (h === undefined || h === null) return [];
   if (typeof h !== "object") throw walcastError("invalid_input", "walcast: headers must be an object of strings");
@@ -133,8 +139,10 @@ export function headerList(h) {
   return out;
 }
 
+/** A weak reference where the runtime has WeakRef, else a strong one. */
 export const weak = typeof WeakRef === "function" ? (o) => new WeakRef(o) : (o) => ({ deref: () => o });
 
+/** Hands `e` to the `onError` callback, if any (one that throws is ignored). */
 export function reportTo(onError, e) {
   if (typeof onError === "function") {
     try {
@@ -145,8 +153,10 @@ export function reportTo(onError, e) {
   }
 }
 
+/** The error of a call on a closed replica. */
 export function closedError() {
   return walcastError("closed", "walcast: the replica is closed");
 }
 
+/** Does nothing. */
 export function noop() {}
