@@ -88,10 +88,10 @@ async function startWorkerd(name, bindings) {
   const lit = (x) => JSON.stringify(x);
   const emb = (p) => lit(relative(tmp, p)); // workerd embeds paths relative to the config
   const mods = [
-    `(name = "index.js", esModule = embed ${emb(join(root, "worker/src/index.js"))})`,
-    `(name = "handler.js", esModule = embed ${emb(join(root, "worker/src/handler.js"))})`,
-    `(name = "r2.js", esModule = embed ${emb(join(root, "worker/src/r2.js"))})`,
-    `(name = "auth.js", esModule = embed ${emb(join(root, "worker/src/auth.js"))})`,
+    // The worker's modules, its entry first.
+    ...["index.js", ...readdirSync(join(root, "worker/src")).filter((f) => f.endsWith(".js") && f !== "index.js").sort()].map(
+      (f) => `(name = ${lit(f)}, esModule = embed ${emb(join(root, "worker/src", f))})`,
+    ),
     `(name = "walcast", esModule = embed ${emb(join(dist, "workerd.js"))})`,
   ];
   for (const f of readdirSync(dist)) if (f.endsWith(".js") && !["node.js", "web.js", "workerd.js"].includes(f)) mods.push(`(name = ${lit(f)}, esModule = embed ${emb(join(dist, f))})`);

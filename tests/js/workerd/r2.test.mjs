@@ -64,10 +64,12 @@ async function upload(bucket, prefix) {
 // The package's modules as the worker imports them ("walcast" is the workerd entry).
 function modules() {
   const mods = [
-    { type: "ESModule", path: path.join(tmp, "src", "index.js"), contents: fs.readFileSync(path.join(REPO, "worker/src/index.js"), "utf8") },
-    { type: "ESModule", path: path.join(tmp, "src", "handler.js"), contents: fs.readFileSync(path.join(REPO, "worker/src/handler.js"), "utf8") },
-    { type: "ESModule", path: path.join(tmp, "src", "r2.js"), contents: fs.readFileSync(path.join(REPO, "worker/src/r2.js"), "utf8") },
-    { type: "ESModule", path: path.join(tmp, "src", "auth.js"), contents: fs.readFileSync(path.join(REPO, "worker/src/auth.js"), "utf8") },
+    // The worker's modules (worker/src/*.js), its entry first.
+    ...["index.js", ...fs.readdirSync(path.join(REPO, "worker/src")).filter((f) => f.endsWith(".js") && f !== "index.js").sort()].map((f) => ({
+      type: "ESModule",
+      path: path.join(tmp, "src", f),
+      contents: fs.readFileSync(path.join(REPO, "worker/src", f), "utf8"),
+    })),
     { type: "ESModule", path: path.join(tmp, "src", "walcast"), contents: fs.readFileSync(path.join(DIST, "workerd.js"), "utf8") },
   ];
   for (const f of fs.readdirSync(DIST)) {

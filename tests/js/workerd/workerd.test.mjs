@@ -109,11 +109,10 @@ function workerService(name, modules, bindings) {
 }
 
 const pkg = packageModules();
+// The worker's modules (worker/src/*.js, its entry index.js first), then the package's.
+const workerSrc = ["index.js", ...fs.readdirSync(path.join(REPO, "worker/src")).filter((f) => f.endsWith(".js") && f !== "index.js").sort()];
 const workerModules = [
-  `(name = "index.js", esModule = embed ${lit(rel(path.join(REPO, "worker/src/index.js")))})`,
-  `(name = "handler.js", esModule = embed ${lit(rel(path.join(REPO, "worker/src/handler.js")))})`,
-  `(name = "r2.js", esModule = embed ${lit(rel(path.join(REPO, "worker/src/r2.js")))})`,
-  `(name = "auth.js", esModule = embed ${lit(rel(path.join(REPO, "worker/src/auth.js")))})`,
+  ...workerSrc.map((f) => `(name = ${lit(f)}, esModule = embed ${lit(rel(path.join(REPO, "worker/src", f)))})`),
   ...pkg,
 ];
 const names = workerModules.map((m) => /name = "([^"]+)"/.exec(m)[1]);
