@@ -117,6 +117,8 @@ async fn open_lazy(
     walcast::Replica::open(url, opts).await
 }
 
+/// Puts `b` under `name` as text, or as base64 under `<name>_b64` when it is
+/// not UTF-8.
 fn put_bytes(obj: &mut serde_json::Map<String, serde_json::Value>, name: &str, b: &[u8]) {
     match std::str::from_utf8(b) {
         Ok(s) => obj.insert(name.to_string(), s.into()),
