@@ -27,6 +27,7 @@ import { tmpdir } from "node:os";
 import { join, dirname, relative } from "node:path";
 import { fileURLToPath } from "node:url";
 import { gzipSync } from "node:zlib";
+import { workerSources } from "./edge/lib.mjs";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const walcast = process.env.WALCAST_BIN ?? join(root, "target", "release", "walcast");
@@ -89,9 +90,7 @@ async function startWorkerd(name, bindings) {
   const emb = (p) => lit(relative(tmp, p)); // workerd embeds paths relative to the config
   const mods = [
     // The worker's modules, its entry first.
-    ...["index.js", ...readdirSync(join(root, "worker/src")).filter((f) => f.endsWith(".js") && f !== "index.js").sort()].map(
-      (f) => `(name = ${lit(f)}, esModule = embed ${emb(join(root, "worker/src", f))})`,
-    ),
+    ...workerSources().map((f) => `(name = ${lit(f)}, esModule = embed ${emb(join(root, "worker/src", f))})`),
     `(name = "walcast", esModule = embed ${emb(join(dist, "workerd.js"))})`,
   ];
   for (const f of readdirSync(dist)) if (f.endsWith(".js") && !["node.js", "web.js", "workerd.js"].includes(f)) mods.push(`(name = ${lit(f)}, esModule = embed ${emb(join(dist, f))})`);

@@ -288,6 +288,12 @@ export async function pool(items, n, fn) {
   await Promise.all(workers);
 }
 
+/** The worker's modules (worker/src/*.js) as file names, its entry index.js first. */
+export function workerSources() {
+  const dir = path.join(REPO, "worker", "src");
+  return ["index.js", ...fs.readdirSync(dir).filter((f) => f.endsWith(".js") && f !== "index.js").sort()];
+}
+
 export function distReady() {
   for (const f of ["web.js", "workerd.js", "replica.js", "wasm/walcast_wasm.js", "wasm/walcast_wasm_bg.wasm"]) {
     if (!fs.existsSync(path.join(DIST, f))) return false;

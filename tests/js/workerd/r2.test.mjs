@@ -20,7 +20,7 @@ import path from "node:path";
 import { pathToFileURL } from "node:url";
 import { after, before, test } from "node:test";
 import { walcastBin } from "../datasets.mjs";
-import { DIST, EDGE_MODULES, REPO, distReady, makeTmp } from "../edge/lib.mjs";
+import { DIST, EDGE_MODULES, REPO, distReady, makeTmp, workerSources } from "../edge/lib.mjs";
 
 if (!distReady()) throw new Error("js/dist is missing: run bash scripts/build-js.sh");
 const { Miniflare } = await import(pathToFileURL(path.join(EDGE_MODULES, "miniflare", "dist", "src", "index.js")).href);
@@ -64,8 +64,8 @@ async function upload(bucket, prefix) {
 // The package's modules as the worker imports them ("walcast" is the workerd entry).
 function modules() {
   const mods = [
-    // The worker's modules (worker/src/*.js), its entry first.
-    ...["index.js", ...fs.readdirSync(path.join(REPO, "worker/src")).filter((f) => f.endsWith(".js") && f !== "index.js").sort()].map((f) => ({
+    // The worker's modules, its entry first.
+    ...workerSources().map((f) => ({
       type: "ESModule",
       path: path.join(tmp, "src", f),
       contents: fs.readFileSync(path.join(REPO, "worker/src", f), "utf8"),

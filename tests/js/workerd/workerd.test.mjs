@@ -22,7 +22,7 @@ import path from "node:path";
 import { after, before, test } from "node:test";
 import {
   DIST, EDGE_MODULES, REPO, argBytes, bytesEq, connectDatasets, distReady, freePort, isAddrInUse, log, makeTmp, pct, pool, show,
-  sleep, startOnFreePort, startProcess, stopAll, stopProcess, unb64, waitForHttp, wranglerEnv,
+  sleep, startOnFreePort, startProcess, stopAll, stopProcess, unb64, waitForHttp, workerSources, wranglerEnv,
 } from "../edge/lib.mjs";
 
 const WORKERD = path.join(EDGE_MODULES, ".bin", "workerd");
@@ -109,10 +109,9 @@ function workerService(name, modules, bindings) {
 }
 
 const pkg = packageModules();
-// The worker's modules (worker/src/*.js, its entry index.js first), then the package's.
-const workerSrc = ["index.js", ...fs.readdirSync(path.join(REPO, "worker/src")).filter((f) => f.endsWith(".js") && f !== "index.js").sort()];
+// The worker's modules (its entry first), then the package's.
 const workerModules = [
-  ...workerSrc.map((f) => `(name = ${lit(f)}, esModule = embed ${lit(rel(path.join(REPO, "worker/src", f)))})`),
+  ...workerSources().map((f) => `(name = ${lit(f)}, esModule = embed ${lit(rel(path.join(REPO, "worker/src", f)))})`),
   ...pkg,
 ];
 const names = workerModules.map((m) => /name = "([^"]+)"/.exec(m)[1]);
