@@ -14,6 +14,16 @@ amplification in steady state, the segments and heads not included.
     python3 scripts/delta-amp-model.py            # the table in docs/BENCHMARKS.md
     python3 scripts/delta-amp-model.py factors    # other merge ratios
     python3 scripts/delta-amp-model.py periodic   # fixed merge periods per level
+    python3 scripts/delta-amp-model.py pointers   # deltas of pointers, not values
+
+`pointers` weighs the same counts in bytes for a chain whose deltas hold
+no values: each entry a fixed-size slot of a hash table (a key fingerprint
+and the position of the key's newest record in a segment, SLOT bytes with
+the table's free slots), base snapshots of SNAPSHOT_ENTRY bytes a key, WAL
+records of RECORD bytes; it adds the segments (1.15x) and, at one commit a
+second, the heads' catalog (0.13x) measured by tests/deltas/figures.rs, and the key
+filters of the segments past the chain (16 bits a key, half of them in an
+average head), and prints the total.
 
 `periodic` searches schedules in which the chain's first, second and third
 deltas are rewritten every T1, T2 and T3 deltas (each dividing the one
@@ -99,6 +109,23 @@ def periodic():
         print(f"delta every {every:,}: best {amp:.2f}x (snapshot every {snap:,}, periods {t1}, {t2}, {t3})")
 
 
+SLOT = 27.0  # 8-byte fingerprint, 8-byte LSN, 4-byte offset, 4-byte length, 75% full
+RECORD = 117.0  # WAL bytes of one single-put batch (12-byte key, 100-byte value)
+SNAPSHOT_ENTRY = 105.0  # a block-indexed snapshot's bytes a key, measured
+
+
+def pointers():
+    print("| delta every | snapshot every | deltas (entries) | deltas (bytes) | snapshots | segment filters | total |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for every in [6000, 12000, 24000]:
+        for snap in [1_200_000, 2_400_000, 4_800_000]:
+            d, s = model(every, snap, batches=2 * snap)
+            filters = every / 1000 / 2 * (1000 * 2 + 150) / (1000 * RECORD)
+            dp, sp = d * SLOT / RECORD, s * SNAPSHOT_ENTRY / RECORD
+            total = 1.15 + 0.13 + filters + dp + sp
+            print(f"| {every:,} | {snap:,} | {d:.2f}x | {dp:.2f}x | {sp:.2f}x | {filters:.2f}x | {total:.2f}x |", flush=True)
+
+
 def factors():
     for every in [2000, 8000]:
         for factor in [0.5, 1, 2, 4, 8]:
@@ -110,6 +137,9 @@ def factors():
 if __name__ == "__main__":
     if sys.argv[1:] == ["periodic"]:
         periodic()
+        sys.exit()
+    if sys.argv[1:] == ["pointers"]:
+        pointers()
         sys.exit()
     if sys.argv[1:] == ["factors"]:
         factors()

@@ -1,0 +1,600 @@
+//! The delta chain under steady writes: short, equal to the origin at its
+//! end, read a block or two at a time; a damaged or foreign delta is refused
+//! and leaves no part of the chain applied.
+
+use super::*;
+
+#[test]
+fn steady_writes_keep_a_short_chain_equal_to_the_origin() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(3_000),
+        delta_every: Some(40),
+        retain_lsns: Some(500),
+        grace_ms: 50,
+        head_check_ms: 0,
+        tail_bytes: 0,
+        max_commits_per_sec: 20,
+        ..PublisherConfig::default()
+    };
+    let (mut p, mut store) = started(cfg);
+    let mut rng = 0x1234_5678_u64;
+    let mut log: Vec<Vec<Op>> = Vec::new();
+    let mut wal_bytes = 0u64;
+    let mut max_chain = 0;
+    let mut deltas_seen = std::collections::BTreeSet::new();
+    let mut bases_seen = std::collections::BTreeSet::new();
+    let mut checked = 0;
+    let mut worst = Cold::default();
+    let k_of = |r: u64| format!("key:{:04}", (r >> 33) % 400).into_bytes();
+    for now in 1..=8_000u64 {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let k = format!("key:{:04}", (rng >> 33) % 400).into_bytes();
+        let op = if (rng >> 20) % 10 == 0 {
+            Op::delete(k)
+        } else {
+            Op::put(k, vec![(rng >> 40) as u8; 100])
+        };
+        let payload = batch::encode(std::slice::from_ref(&op)).unwrap();
+        wal_bytes += payload.len() as u64;
+        log.push(vec![op]);
+        p.push(now, &payload, now).unwrap();
+        store.drive(&mut p, now);
+        if now % 97 == 0 {
+            let h = store.head();
+            max_chain = max_chain.max(h.deltas.len());
+            assert!(h.deltas.len() <= MAX_DELTAS);
+            deltas_seen.extend(h.deltas.iter().map(|d| d.key.clone()));
+            if let (Some(s), Some(end)) = (&h.snapshot, h.delta_lsn()) {
+                bases_seen.insert(s.key.clone());
+                assert_eq!(
+                    materialize(&store, &h),
+                    model_at(&log, end),
+                    "base + deltas at LSN {end}"
+                );
+                checked += 1;
+                for probe in [k_of(rng), k_of(rng >> 7), b"absent".to_vec()] {
+                    let (v, at, cost) = cold_read(&store, &probe);
+                    assert!(at >= end, "a cold replica starts at the chain's end");
+                    assert_eq!(
+                        v.as_ref(),
+                        model_at(&log, at).get(&probe),
+                        "{probe:?} at {at}"
+                    );
+                    worst = Cold {
+                        rounds: worst.rounds.max(cost.rounds),
+                        gets: worst.gets.max(cost.gets),
+                        bytes: worst.bytes.max(cost.bytes),
+                        segments: worst.segments.max(cost.segments),
+                    };
+                }
+                // The chain keeps the segments a lazy replica replays short.
+                assert!(h.committed_lsn - end < 40 + 200, "chain ends at {end}");
+            }
+        }
+    }
+    for t in 8_001..8_400 {
+        store.drive(&mut p, t);
+    }
+    let h = store.head();
+    assert!(checked > 50, "{checked} heads checked");
+    assert!(bases_seen.len() >= 2, "a newer base replaced the first");
+    assert!(deltas_seen.len() > 20, "{} deltas", deltas_seen.len());
+    assert!(max_chain >= 2, "merges keep several deltas ({max_chain})");
+    // Absorbed deltas were retired and deleted: no delta outside the chain
+    // is left in the store once the grace period passed.
+    let live: Vec<_> = store
+        .objects
+        .keys()
+        .filter(|k| object_kind(k) == Some("delta"))
+        .filter(|k| !h.deltas.iter().any(|d| &d.key == *k))
+        .filter(|k| !h.retired.iter().any(|r| &r.key == *k))
+        .collect();
+    assert!(live.is_empty(), "unretired deltas left: {live:?}");
+    assert!(store
+        .deleted
+        .iter()
+        .any(|k| object_kind(k) == Some("delta")));
+    println!("worst cold point read: {worst:?}");
+    let up = &store.uploaded;
+    let segs = up.get("segment").copied().unwrap_or(0);
+    let snaps = up.get("snapshot").copied().unwrap_or(0);
+    let deltas = up.get("delta").copied().unwrap_or(0);
+    println!(
+        "wal {wal_bytes} B; uploaded: segments {segs}, snapshots {snaps}, deltas {deltas}, \
+         pages {}, head {}; (segments + snapshots + deltas) / wal = {:.2}; deltas / wal = {:.2}",
+        up.get("page").copied().unwrap_or(0),
+        up.get("head").copied().unwrap_or(0),
+        (segs + snaps + deltas) as f64 / wal_bytes as f64,
+        deltas as f64 / wal_bytes as f64,
+    );
+}
+
+/// Segments past the chain's end stay inline in the head even when
+/// `inline_segments` is smaller (up to four times it): a new lazy replica
+/// finds every segment it replays after the chain in the head, with no
+/// catalog page to fetch first. Older segments are paged out as before.
+#[test]
+fn segments_past_the_chain_stay_in_the_head() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(60),
+        delta_every: Some(6),
+        inline_segments: 2,
+        page_fanout: 2,
+        head_check_ms: 0,
+        tail_bytes: 0,
+        max_commits_per_sec: 0,
+        ..PublisherConfig::default()
+    };
+    let (mut p, mut store) = started(cfg);
+    let mut log: Vec<Vec<Op>> = Vec::new();
+    let (mut checked, mut paged) = (0, 0);
+    let mut now = 0u64;
+    for lsn in 1..=300u64 {
+        let op = Op::put(
+            format!("key:{:03}", lsn % 50).into_bytes(),
+            vec![lsn as u8; 100],
+        );
+        p.push(lsn, &batch::encode(std::slice::from_ref(&op)).unwrap(), now)
+            .unwrap();
+        log.push(vec![op]);
+        // Each batch seals a segment of its own.
+        for _ in 0..4 {
+            now += 100;
+            store.drive(&mut p, now);
+        }
+        let h = store.head();
+        let Some(end) = h.delta_lsn() else {
+            continue;
+        };
+        checked += 1;
+        paged += h.pages.len();
+        assert!(
+            h.pages.iter().all(|r| r.last_lsn <= end),
+            "LSN {lsn}: a page holds segments past the chain's end {end}"
+        );
+        let inline_from = h.segments.first().map_or(u64::MAX, |s| s.first_lsn);
+        assert!(
+            inline_from <= end + 1,
+            "LSN {lsn}: segments past {end} missing"
+        );
+        let probe = format!("key:{:03}", lsn % 7).into_bytes();
+        let (v, at, cost) = cold_read(&store, &probe);
+        assert_eq!(
+            v.as_ref(),
+            model_at(&log, at).get(&probe),
+            "{probe:?} at {at}"
+        );
+        assert!(cost.rounds <= 3, "LSN {lsn}: {cost:?}");
+    }
+    assert!(checked > 200, "{checked} heads checked");
+    assert!(paged > 0, "older segments were paged out");
+}
+
+/// Segments past the chain carry key filters in the head: a new lazy
+/// replica counts them applied without fetching them, so a cold read
+/// answers at the head's LSN and fetches only the segments whose filter may
+/// hold its key (none for a key they do not write). A scan reads them all.
+/// Pages and segments the chain covers carry no filter.
+#[test]
+fn a_cold_read_fetches_only_the_segments_that_may_hold_its_key() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(20),
+        delta_every: Some(1_000),
+        inline_segments: 8,
+        page_fanout: 2,
+        head_check_ms: 0,
+        tail_bytes: 0,
+        max_commits_per_sec: 0,
+        ..PublisherConfig::default()
+    };
+    let (mut p, mut store, mut log, mut now) = bulk_loaded(cfg);
+    // Past the bulk load's snapshot: 19 batches of 5 new keys each, each
+    // sealed into a segment of its own.
+    for i in 0..19u64 {
+        let ops: Vec<Op> = (0..5)
+            .map(|j| Op::put(format!("fresh:{i:02}:{j}").into_bytes(), vec![i as u8; 40]))
+            .collect();
+        let lsn = log.len() as u64 + 1;
+        p.push(lsn, &batch::encode(&ops).unwrap(), now).unwrap();
+        log.push(ops);
+        for _ in 0..4 {
+            now += 100;
+            store.drive(&mut p, now);
+        }
+    }
+    let h = store.head();
+    let end = h.delta_lsn().expect("a snapshot");
+    let past: Vec<_> = h.segments.iter().filter(|s| s.last_lsn > end).collect();
+    assert_eq!(
+        past.len(),
+        19,
+        "every new batch is a segment past the chain"
+    );
+    assert!(
+        past.iter().all(|s| s.filter.is_some()),
+        "each carries a filter"
+    );
+    assert!(h
+        .segments
+        .iter()
+        .filter(|s| s.last_lsn <= end)
+        .all(|s| s.filter.is_none()));
+    assert!(!h.pages.is_empty(), "older segments were paged out");
+    for r in &h.pages {
+        let page = walcast_core::catalog::Page::decode(&store.objects[&r.key].0, r).unwrap();
+        assert!(
+            page.segments.iter().all(|s| s.filter.is_none()),
+            "page {}",
+            r.key
+        );
+    }
+    let committed = h.committed_lsn;
+    // A key the segments do not write: no segment is fetched.
+    let key = b"key:000123".to_vec();
+    let (v, at, cost) = cold_read(&store, &key);
+    assert_eq!(at, committed, "the read answers at the head's LSN");
+    assert_eq!(v.as_ref(), model_at(&log, at).get(&key));
+    assert_eq!(cost.segments, 0, "{cost:?}");
+    assert!(cost.rounds <= 3, "{cost:?}");
+    // A key one segment writes: that segment, and at most one more the
+    // filters cannot rule out.
+    for i in [0u64, 11, 18] {
+        let key = format!("fresh:{i:02}:3").into_bytes();
+        let (v, at, cost) = cold_read(&store, &key);
+        assert_eq!(at, committed);
+        assert_eq!(v, Some(vec![i as u8; 40]), "{key:?}");
+        assert!((1..=2).contains(&cost.segments), "{key:?}: {cost:?}");
+        assert!(cost.rounds <= 3, "{key:?}: {cost:?}");
+    }
+    // A scan reads every deferred segment first, and sees every new key.
+    let mut r = Replica::new(
+        ReplicaConfig {
+            lazy_cache_bytes: Some(8 << 20),
+            ..ReplicaConfig::default()
+        },
+        5,
+    );
+    let mut scan = walcast_core::replica::LazyScan::prefix(b"fresh:", 1_000);
+    let mut stats = Cold::default();
+    let mut got = None;
+    for _ in 0..50 {
+        if r.applied_lsn() >= committed {
+            if let Read::Ready(entries) = r.scan_lazy(&mut scan).unwrap() {
+                got = Some(entries);
+                break;
+            }
+        }
+        let mut reqs = Vec::new();
+        loop {
+            match r.poll(0) {
+                walcast_core::replica::Action::Fetch(req) => reqs.push(req),
+                walcast_core::replica::Action::Event(_) => {}
+                walcast_core::replica::Action::Wait { .. } => break,
+            }
+        }
+        for req in reqs {
+            let resp = store.serve(&req, &mut stats);
+            r.handle_response(req.id, 0, resp);
+        }
+    }
+    let got = got.expect("the scan finished");
+    let want: Vec<(Vec<u8>, Vec<u8>)> = model_at(&log, committed)
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(b"fresh:"))
+        .collect();
+    assert_eq!(got.len(), 95);
+    assert_eq!(got, want);
+    assert_eq!(stats.segments, 19, "the scan fetched each segment once");
+}
+
+/// A key that every delta of the chain changes: a cold read of it fetches
+/// the data blocks of at most two places that may hold it at once (the
+/// newest two deltas here, and not the snapshot), so it stays within 8 GETs
+/// in three round trips however many deltas changed the key.
+#[test]
+fn a_key_in_every_delta_costs_two_data_blocks() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(1_000),
+        delta_every: Some(50),
+        head_check_ms: 0,
+        tail_bytes: 0,
+        max_commits_per_sec: 0,
+        ..PublisherConfig::default()
+    };
+    let (mut p, mut store) = started(cfg);
+    let mut log: Vec<Vec<Op>> = Vec::new();
+    let mut now = 1;
+    let mut best = 0;
+    for lsn in 1..=1_999u64 {
+        // `key:000007` in every batch of ten, other keys between.
+        let k = if lsn % 10 == 0 {
+            "key:000007".to_string()
+        } else {
+            format!("key:{:06}", (lsn * 7_919) % 500)
+        };
+        let op = Op::put(k.into_bytes(), lsn.to_le_bytes().to_vec());
+        p.push(lsn, &batch::encode(std::slice::from_ref(&op)).unwrap(), now)
+            .unwrap();
+        log.push(vec![op]);
+        now += 1;
+        store.drive(&mut p, now);
+        let h = store.head();
+        if h.deltas.len() < 3 || lsn % 10 != 9 {
+            continue;
+        }
+        let key = b"key:000007".to_vec();
+        let (v, at, cost) = cold_read(&store, &key);
+        assert_eq!(v.as_ref(), model_at(&log, at).get(&key), "at {at}");
+        assert!(cost.rounds <= 3, "LSN {lsn}: {cost:?}");
+        // The head, the snapshot's index, each delta's index and filter,
+        // two data blocks, and the segments whose filter may hold the key.
+        let limit = 2 + h.deltas.len() as u64 + 2 + cost.segments;
+        assert!(
+            cost.gets <= limit,
+            "LSN {lsn}, {} deltas: {cost:?}",
+            h.deltas.len()
+        );
+        best = best.max(h.deltas.len());
+    }
+    assert!(best >= 3, "chains of {best} deltas");
+}
+
+/// Another delta of the same size, base and entry count at a delta's key
+/// (a dataset started over at the prefix, cached): a lazy read refuses it
+/// by the footer's CRC-32 the catalog records.
+#[test]
+fn a_lazy_read_refuses_another_delta_of_the_same_size_by_its_footer_crc() {
+    let mut store = small_chain_store();
+    let h = store.head();
+    let d = h.deltas.last().expect("a delta over the snapshot").clone();
+    assert!(d.footer_crc32.is_some());
+    let bytes = store.objects[&d.key].0.clone();
+    let (key, want) = key_only_in(&bytes, d.lsn);
+    assert_eq!(cold_read(&store, &key).0, want);
+    let delta = decode_delta(&bytes).unwrap();
+    let flipped: Vec<(Vec<u8>, Option<Vec<u8>>)> = delta
+        .changes
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_ref().map(|v| v.iter().map(|b| b ^ 0x5a).collect()),
+            )
+        })
+        .collect();
+    let meta = walcast_core::snapshot::delta::DeltaMeta {
+        base_lsn: delta.base_lsn,
+        lsn: d.lsn,
+        epoch: d.epoch,
+        dataset_id: walcast_core::catalog::DatasetId([9; 16]),
+    };
+    let changes = flipped.iter().map(|(k, v)| (k.as_slice(), v.as_deref()));
+    let other = walcast_core::snapshot::delta::encode_delta_readable(
+        changes,
+        meta,
+        walcast_core::snapshot::delta::DEFAULT_DELTA_BLOCK_BYTES,
+    )
+    .expect("a readable delta");
+    assert_eq!(other.len(), bytes.len());
+    store.objects.get_mut(&d.key).unwrap().0 = other;
+    let err = try_cold_read(&store, &key).expect_err("the other delta is refused");
+    assert_eq!(err.kind(), walcast_core::error::ErrorKind::Data, "{err}");
+    assert_eq!(err.object(), Some(d.key.as_str()), "{err}");
+}
+
+/// A delta whose file matches the catalog's crc32 but does not decode (a
+/// hostile server with a head to match, or a publisher's bug): a scan, which
+/// reads the chain whole, fails naming it, and no part of the chain is
+/// applied without the rest: a later read of a key the delta changed fails
+/// too instead of answering the older value beneath it.
+#[test]
+fn a_delta_that_fails_to_decode_leaves_no_part_of_the_chain_applied() {
+    let mut store = small_chain_store();
+    let mut h = store.head();
+    let d = h.deltas.last().expect("a delta over the snapshot").clone();
+    let bytes = store.objects[&d.key].0.clone();
+    let (key, want) = key_only_in(&bytes, d.lsn);
+    assert_eq!(cold_read(&store, &key).0, want);
+    let block = delta_index(&bytes)
+        .block_for(&key)
+        .expect("the key's block");
+    let bad = &mut store.objects.get_mut(&d.key).unwrap().0;
+    bad[block.offset as usize + 20] ^= 0x10;
+    let crc = crc32fast::hash(bad);
+    h.deltas.last_mut().unwrap().crc32 = crc;
+    store.objects.get_mut(HEAD_KEY).unwrap().0 = h.encode();
+
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    let mut scan = LazyScan::prefix(b"key:", 1_000);
+    let mut err = None;
+    for _ in 0..100 {
+        match r.scan_lazy(&mut scan) {
+            Ok(Read::Ready(_)) => panic!("a scan through a damaged delta answered"),
+            Ok(Read::Pending) => {
+                let reqs = collect(&mut r);
+                store.answer(&mut r, reqs, &mut Cold::default());
+            }
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    let e = err.expect("the scan failed");
+    assert_eq!(e.kind(), walcast_core::ErrorKind::Data, "{e}");
+    assert_eq!(e.object(), Some(d.key.as_str()), "{e}");
+    for _ in 0..100 {
+        match r.get_lazy(&key) {
+            Ok(Read::Ready(v)) => {
+                panic!("a read through a damaged delta answered {v:?} (the delta has {want:?})")
+            }
+            Ok(Read::Pending) => {
+                let reqs = collect(&mut r);
+                store.answer(&mut r, reqs, &mut Cold::default());
+            }
+            Err(e) => {
+                assert_eq!(e.object(), Some(d.key.as_str()), "{e}");
+                return;
+            }
+        }
+    }
+    panic!("the read neither answered nor failed");
+}
+
+/// A head naming a newer snapshot that ends inside the chain in use (a
+/// hostile or broken head: an honest publisher writes a snapshot past the
+/// chain's end) does not replace the base: the writes in the chain's deltas
+/// past that snapshot would be lost to reads.
+#[test]
+fn a_snapshot_inside_the_chain_in_use_does_not_replace_the_base() {
+    let mut store = small_chain_store();
+    let h = store.head();
+    let snap = h.snapshot.clone().expect("a snapshot");
+    let d = h.deltas.last().expect("a chain").clone();
+    assert!(d.lsn > snap.lsn + 1);
+    let bytes = store.objects[&d.key].0.clone();
+    let (key, want) = key_only_in(&bytes, d.lsn);
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    // The same head, naming a snapshot between the old one and the chain's
+    // end (its object does not exist) and no deltas.
+    let mut forged = h.clone();
+    let inside = d.lsn - 1;
+    let mut s2 = snap.clone();
+    s2.lsn = inside;
+    s2.key = walcast_core::catalog::snapshot_key(inside, s2.epoch);
+    s2.suffix = None;
+    forged.snapshot = Some(s2);
+    forged.deltas.clear();
+    forged.generation += 1;
+    store.etag += 1;
+    store
+        .objects
+        .insert(HEAD_KEY.into(), (forged.encode(), store.etag));
+    r.sync_now(0);
+    settle(&mut r, &store);
+    for _ in 0..100 {
+        match r.get_lazy(&key) {
+            Ok(Read::Ready(v)) => {
+                assert_eq!(v, want);
+                return;
+            }
+            Ok(Read::Pending) => {
+                let reqs = collect(&mut r);
+                store.answer(&mut r, reqs, &mut Cold::default());
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("the read did not finish");
+}
+
+/// The data blocks of the snapshot and of every delta together stay within
+/// `lazy_cache_bytes` (give or take one block), however many deltas the
+/// reads go through: the deltas share a quarter of the bound.
+#[test]
+fn the_deltas_blocks_share_the_cache_bound_with_the_snapshot() {
+    let (store, keys) = new_keys_over_a_chain();
+    let bound = 128u64 << 10;
+    let mut r = Replica::new(
+        ReplicaConfig {
+            lazy_cache_bytes: Some(bound),
+            long_poll_wait_ms: 0,
+            ..ReplicaConfig::default()
+        },
+        3,
+    );
+    r.sync_now(0);
+    settle(&mut r, &store);
+    let mut most = 0;
+    for (n, k) in keys.iter().enumerate().step_by(7) {
+        let v = read_through(&mut r, &store, k).expect("the read finished");
+        assert_eq!(v, Some(vec![(n / 100) as u8; 100]));
+        most = most.max(r.status(0).lazy.unwrap().cached_bytes);
+    }
+    assert!(
+        most <= bound + (17 << 10),
+        "{most} bytes of blocks held under a bound of {bound}"
+    );
+}
+
+/// A key of an older delta that a newer delta's filter lets through (a
+/// false positive), read with a cache whose deltas' share is below one
+/// block: the read takes a block of each delta at once, and each must
+/// survive the other's arrival, or the read asks for them for ever.
+#[test]
+fn a_read_needing_a_block_of_two_deltas_finishes_under_a_tiny_cache() {
+    let (store, keys) = new_keys_over_a_chain();
+    let h = store.head();
+    let idx: Vec<DeltaIndex> = h
+        .deltas
+        .iter()
+        .map(|d| delta_index(&store.objects[&d.key].0))
+        .collect();
+    let holds = |i: usize, k: &[u8]| {
+        decode_delta(&store.objects[&h.deltas[i].key].0)
+            .unwrap()
+            .changes
+            .iter()
+            .any(|(x, _)| x.as_slice() == k)
+    };
+    let n = h.deltas.len();
+    let (pos, key) = keys
+        .iter()
+        .enumerate()
+        .find(|(_, k)| idx[n - 1].block_for(k).is_some() && !holds(n - 1, k) && holds(n - 2, k))
+        .expect("a false positive of the newest delta's filter among the older one's keys");
+    let mut r = Replica::new(
+        ReplicaConfig {
+            lazy_cache_bytes: Some(16 << 10),
+            long_poll_wait_ms: 0,
+            ..ReplicaConfig::default()
+        },
+        3,
+    );
+    r.sync_now(0);
+    settle(&mut r, &store);
+    let v = read_through(&mut r, &store, key).expect("the read finished");
+    assert_eq!(v, Some(vec![(pos / 100) as u8; 100]));
+}
+
+/// A store whose newest delta is damaged: a cold read through it fails with
+/// a data error naming the delta, never panics or hangs, and reads of keys
+/// the filters rule out still answer.
+#[test]
+fn a_damaged_delta_fails_the_read_naming_it() {
+    let store2 = small_chain_store();
+    let h = store2.head();
+    let d = h.deltas.last().expect("a delta over the snapshot").clone();
+    // A key the newest delta holds and no later batch wrote.
+    let bytes = store2.objects[&d.key].0.clone();
+    let (key, want) = key_only_in(&bytes, d.lsn);
+    let (v, _, _) = cold_read(&store2, &key);
+    assert_eq!(v, want);
+    let block = delta_index(&bytes)
+        .block_for(&key)
+        .expect("the key's block");
+    // A flipped byte in the delta's filter, then in the key's data block.
+    for at in [d.size - 70, block.offset + 20] {
+        let mut bad = Store {
+            objects: store2.objects.clone(),
+            ..Store::default()
+        };
+        bad.objects.get_mut(&d.key).unwrap().0[at as usize] ^= 0x10;
+        let e = try_cold_read(&bad, &key).expect_err("a damaged delta is not used");
+        assert_eq!(e.kind(), walcast_core::ErrorKind::Data, "{e}");
+        assert_eq!(e.object(), Some(d.key.as_str()), "{e}");
+    }
+    // A delta gone from the store: an error, not a hang.
+    let mut gone = Store {
+        objects: store2.objects.clone(),
+        ..Store::default()
+    };
+    gone.objects.remove(&d.key);
+    assert!(try_cold_read(&gone, &key).is_err());
+}

@@ -1,0 +1,103 @@
+//! Stores that ignore Range and deltas that claim sizes: what a lazy replica
+//! reads stays bounded.
+
+use super::*;
+
+/// A server that ignores Range (a 200 with the whole object): a lazy read
+/// takes the whole object only when it fits the cache. For a larger one it
+/// asks for at most the range's bytes, and what a driver keeps of such an
+/// answer (`max_bytes + 1`) is a data error naming the snapshot, instead of
+/// the memory of the whole snapshot.
+#[test]
+fn a_server_ignoring_range_costs_a_large_snapshot_an_error_not_its_size() {
+    let (_, store, _, _) = loaded(cfg_filters());
+    let snap = store.head().snapshot.expect("a snapshot of the load");
+    // In the snapshot, and not written after it.
+    let key = b"key:001234";
+    for (cache, fits) in [(64 << 10, false), (8 << 20, true)] {
+        assert_eq!(snap.size <= cache, fits);
+        let cfg = ReplicaConfig {
+            lazy_cache_bytes: Some(cache),
+            long_poll_wait_ms: 0,
+            ..ReplicaConfig::default()
+        };
+        let mut r = Replica::new(cfg, 3);
+        r.sync_now(0);
+        settle(&mut r, &store);
+        let mut answer = None;
+        for _ in 0..10 {
+            match r.get_lazy(key) {
+                Ok(Read::Pending) => {}
+                done => {
+                    answer = Some(done);
+                    break;
+                }
+            }
+            for req in collect(&mut r) {
+                let whole = &store.objects[&req.key].0;
+                let size = whole.len() as u64;
+                let asked = match req.range.expect("a block read asks for a range") {
+                    ByteRange::Bounded { start, end } => end - start,
+                    ByteRange::Suffix(n) => n.min(size),
+                };
+                assert_eq!(req.max_bytes, if fits { size } else { asked }, "{req:?}");
+                let kept = whole.len().min(req.max_bytes as usize + 1);
+                let resp = GetResponse::Ok {
+                    body: whole[..kept].to_vec(),
+                    etag: None,
+                    range: None,
+                };
+                r.handle_response(req.id, 0, resp);
+            }
+        }
+        match answer {
+            Some(Ok(Read::Ready(v))) if fits => assert_eq!(v, Some(vec![1u8; 100])),
+            Some(Err(e)) if !fits => {
+                assert_eq!(e.kind(), walcast_core::ErrorKind::Data, "{e}");
+                assert_eq!(e.object(), Some(snap.key.as_str()), "{e}");
+                assert!(e.to_string().contains("ignores Range"), "{e}");
+            }
+            other => panic!("cache {cache}: {other:?}"),
+        }
+    }
+}
+
+/// A head claiming its delta holds 50 GB (and its index and filter 40 GB):
+/// a lazy replica's GETs of it, a point read's suffix and a scan's whole
+/// delta, may bring no more than a replica reads of any object
+/// (`MAX_SEGMENT_BYTES`), as for a segment or a snapshot window that claims
+/// as much; a driver buffers up to `max_bytes` of a body.
+#[test]
+fn claimed_delta_sizes_do_not_set_what_a_lazy_replica_reads_into_memory() {
+    let mut store = small_chain_store();
+    let mut h = store.head();
+    assert!(!h.deltas.is_empty());
+    let d = h.deltas.last_mut().unwrap();
+    d.size = 50_000_000_000;
+    d.suffix_len = 40_000_000_000;
+    let big = d.key.clone();
+    let etag = store.objects[HEAD_KEY].1 + 1000;
+    store
+        .objects
+        .insert(HEAD_KEY.to_string(), (h.encode(), etag));
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    let mut asked = Vec::new();
+    let _ = r.get_lazy(b"key:001");
+    asked.extend(collect(&mut r));
+    let _ = r.scan_lazy(&mut LazyScan::new(b"", None, 10));
+    asked.extend(collect(&mut r));
+    let to_big: Vec<_> = asked
+        .iter()
+        .filter(|g| g.key == big)
+        .map(|g| (g.range, g.max_bytes))
+        .collect();
+    assert!(!to_big.is_empty());
+    assert!(
+        to_big
+            .iter()
+            .all(|(_, m)| *m <= walcast_core::catalog::MAX_SEGMENT_BYTES),
+        "GETs of {big} may bring: {to_big:?}"
+    );
+}
