@@ -152,12 +152,15 @@ export function errorBody(e) {
 /**
  * The answer to a read that failed: 400 for bad input; in lazy mode a
  * snapshot block that failed verification or is missing is 502, a store
- * that does not answer 503.
+ * that does not answer (or a replica being rebuilt) 503 with Retry-After.
  */
 export function readFailed(e, cors) {
   const code = e?.code;
   const status = code === "invalid_input" ? 400 : code === "data" || code === "not_found" ? 502 : code === "unavailable" || code === "closed" ? 503 : 500;
-  return json(status, errorBody(e), undefined, cors);
+  const res = json(status, errorBody(e), undefined, cors);
+  // Worth a retry: the store or the replica comes back.
+  if (status === 503) res.headers.set("retry-after", "1");
+  return res;
 }
 
 export function badRequest(message) {

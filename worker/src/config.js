@@ -55,11 +55,15 @@ export const MAX_MIN_LSN_PAUSE_MS = 1_000;
 /** How long a read with `min_lsn` waits for that LSN before answering 503. */
 const DEFAULT_MIN_LSN_WAIT_MS = 5_000;
 
-function intVar(env, name, dflt, min = 0) {
+/** The longest wait a timer can hold (2^31 - 1 ms): a longer one fires at once. */
+const MAX_WAIT_MS = 2 ** 31 - 1;
+
+function intVar(env, name, dflt, min = 0, max = Infinity) {
   const raw = env?.[name];
   if (raw === undefined || raw === null || raw === "") return dflt;
   const n = Number(raw);
   if (!Number.isFinite(n) || n < min) throw configError(`${name} must be a number >= ${min}`);
+  if (n > max) throw configError(`${name} must be at most ${max}`);
   return Math.floor(n);
 }
 
@@ -121,8 +125,8 @@ export function readConfig(env) {
     maxScanLimit: intVar(env, "MAX_SCAN_LIMIT", DEFAULT_MAX_SCAN_LIMIT, 1),
     scanMaxBytes: Math.min(intVar(env, "SCAN_MAX_BYTES", DEFAULT_SCAN_MAX_BYTES, 1), MODULE_SCAN_MAX_BYTES),
     maxConcurrentScans: Math.min(intVar(env, "MAX_CONCURRENT_SCANS", DEFAULT_MAX_CONCURRENT_SCANS, 1), MODULE_OPEN_SCANS),
-    firstSyncWaitMs: intVar(env, "FIRST_SYNC_WAIT_MS", DEFAULT_FIRST_SYNC_WAIT_MS),
-    minLsnWaitMs: intVar(env, "MIN_LSN_WAIT_MS", DEFAULT_MIN_LSN_WAIT_MS),
+    firstSyncWaitMs: intVar(env, "FIRST_SYNC_WAIT_MS", DEFAULT_FIRST_SYNC_WAIT_MS, 0, MAX_WAIT_MS),
+    minLsnWaitMs: intVar(env, "MIN_LSN_WAIT_MS", DEFAULT_MIN_LSN_WAIT_MS, 0, MAX_WAIT_MS),
   };
 }
 

@@ -232,13 +232,18 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     s.progressAt = now();
     s.progressMark = progressMark(s.replica);
     s.syncs++;
-    const p = s.replica.sync().then(
+    const r = s.replica;
+    const p = r.sync().then(
       () => {
+        // A replica replaced while this sync was out (stuck, then carried
+        // over or opened anew) is not the one this sync brought up to date.
+        if (s.replica !== r) return;
         s.ready = true;
         s.lastSyncAt = now();
         s.lastSyncError = null;
       },
       (e) => {
+        if (s.replica !== r) return;
         s.lastSyncError = e;
         // Operator logs; the dataset URL itself stays out of them.
         log(`walcast worker: sync failed: ${e?.code ?? ""} ${e?.message ?? e}`);
@@ -356,10 +361,14 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     } catch {
       cors = {};
     }
+    // Set by route() once the request is authorized: a refused request (and
+    // a preflight, which carries no token) learns nothing of the dataset,
+    // not even its LSN.
+    const req = { authorized: false };
     try {
-      const res = await route(request, env, defer, cors);
+      const res = await route(request, env, defer, cors, req);
       // Every answer says the LSN it was answered at, once there is one.
-      if (!res.headers.has("walcast-lsn") && slot?.replica) {
+      if (req.authorized && !res.headers.has("walcast-lsn") && slot?.replica) {
         try {
           res.headers.set("walcast-lsn", String(slot.replica.status().appliedLsn));
         } catch {
@@ -370,11 +379,13 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     } catch (e) {
       // Whatever went wrong, an answer (and the error's code only).
       log(`walcast worker: ${request.method} ${new URL(request.url).pathname} failed: ${e?.code ?? ""} ${e?.message ?? e}`);
-      return json(e?.code === "invalid_input" ? 400 : 500, errorBody(e), undefined, cors);
+      // By its code, as a read's failure: a replica being rebuilt after a
+      // trap (`unavailable`) is 503 with Retry-After, not 500.
+      return readFailed(e, cors);
     }
   }
 
-  async function route(request, env, defer, cors) {
+  async function route(request, env, defer, cors, req) {
     const url = new URL(request.url);
     const path = url.pathname;
     if (request.method === "OPTIONS") {
@@ -395,6 +406,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       return json(500, errorBody(e), undefined, cors);
     }
     if (refused) return refused;
+    req.authorized = true;
     const route = path.startsWith("/kv/") || path === "/kv" ? "kv" : path === "/scan" ? "scan" : path === "/status" ? "status" : null;
     if (!route) return json(404, { error: { code: "not_found", message: "no such route; try /kv/<key>, /scan, /status" } }, undefined, cors);
     if (request.method !== "GET" && request.method !== "HEAD") {
@@ -544,12 +556,20 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     // scan
     const lsn = replica.status().appliedLsn;
     let limit = s.config.scanLimit;
+    // Whether the rows may end at a limit the caller did not ask for
+    // (SCAN_LIMIT when it gave none, MAX_SCAN_LIMIT below what it gave):
+    // a page that ends there says where the next one starts.
+    let imposed = true;
     if (q.has("limit")) {
       const raw = text(q.get("limit"));
       if (!/^\d+$/.test(raw ?? "")) return json(400, badRequest("limit must be an integer >= 0"), undefined, cors);
       limit = Number(raw);
+      imposed = false;
     }
-    if (limit > s.config.maxScanLimit) limit = s.config.maxScanLimit;
+    if (limit > s.config.maxScanLimit) {
+      limit = s.config.maxScanLimit;
+      imposed = true;
+    }
     const opts = { limit, maxBytes: s.config.scanMaxBytes };
     for (const f of ["prefix", "start", "end"]) if (q.has(f)) opts[f] = q.get(f);
     if (opts.start !== undefined && opts.end !== undefined && compareBytes(opts.start, opts.end) > 0) {
@@ -595,8 +615,9 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       cut = answered >= s.config.scanMaxBytes && i < rows.length - 1;
     }
     const res = jsonText(200, `[${parts.join(",")}]`, lsn, cors);
-    // Cut by SCAN_MAX_BYTES: the next page starts past the last key.
-    if ((cut || (rows.length < limit && bytes >= s.config.scanMaxBytes)) && last) {
+    // Cut by SCAN_MAX_BYTES, or ended at a limit the caller did not set:
+    // the next page starts past the last key.
+    if ((cut || (rows.length < limit && bytes >= s.config.scanMaxBytes) || (imposed && rows.length === limit)) && last) {
       res.headers.set("walcast-scan-next", percentEncode([...last, 0]));
     }
     return res;

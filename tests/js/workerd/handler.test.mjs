@@ -54,13 +54,14 @@ function fakeReplicaClass() {
       return this.entries.get(hex(key));
     }
     /** Like the package's: ends at the row whose keys and values reach `maxBytes`. */
-    scan({ prefix, limit, maxBytes }) {
+    scan({ prefix, start, limit, maxBytes }) {
       this.scanMaxBytes.push(maxBytes);
       let left = maxBytes ?? Infinity;
       const rows = [];
       for (const h of [...this.entries.keys()].sort()) {
         if (rows.length >= limit || left <= 0) break;
         if (prefix && !h.startsWith(hex(prefix))) continue;
+        if (start && h < hex(start)) continue;
         const kb = Buffer.from(h, "hex");
         const s = kb.toString("utf8");
         const value = this.entries.get(h);
@@ -792,4 +793,117 @@ test("a replica whose status() throws while it is rebuilt after a trap is synced
   const res = await call("/kv/a");
   assert.equal(res.status, 200);
   assert.equal(await res.text(), "1");
+});
+
+test("a page that ends at SCAN_LIMIT or MAX_SCAN_LIMIT, not at the caller's limit, carries Walcast-Scan-Next", async () => {
+  const { call, made } = setup({ SCAN_LIMIT: "2", MAX_SCAN_LIMIT: "3" });
+  const p = call("/status");
+  await flush();
+  for (const k of ["a", "b", "c", "d", "e"]) made[0].put(k, "1");
+  made[0].syncCalls[0].resolve(1);
+  await p;
+  const page = async (q) => {
+    const res = await call(`/scan${q}`);
+    assert.equal(res.status, 200, q);
+    return { keys: (await res.json()).map((r) => r.key), next: res.headers.get("walcast-scan-next") };
+  };
+  // No limit given: SCAN_LIMIT ends the page, and the page says so.
+  assert.deepEqual(await page(""), { keys: ["a", "b"], next: "b%00" });
+  // More than MAX_SCAN_LIMIT asked for: cut to it, and the page says so.
+  assert.deepEqual(await page("?limit=10"), { keys: ["a", "b", "c"], next: "c%00" });
+  assert.deepEqual(await page("?limit=10&start=c%00"), { keys: ["d", "e"], next: null }, "the rest, and no more");
+  // The caller's own limit reached: it knows; nothing to say.
+  assert.deepEqual(await page("?limit=3"), { keys: ["a", "b", "c"], next: null });
+  assert.deepEqual(await page("?limit=2"), { keys: ["a", "b"], next: null });
+});
+
+test("with AUTH_KEY, a refused request and a preflight carry no Walcast-Lsn, even after an authorized read", async () => {
+  const { subtle } = globalThis.crypto;
+  const kp = await subtle.generateKey({ name: "Ed25519" }, true, ["sign", "verify"]);
+  const raw = new Uint8Array(await subtle.exportKey("raw", kp.publicKey));
+  const b64u = (b) => Buffer.from(b).toString("base64url");
+  const claims = b64u(JSON.stringify({ scope: "read", prefix: "", iat: 1, exp: 4e9 }));
+  const signed = Buffer.concat([Buffer.from("walcast-token-v1\0"), Buffer.from(claims)]);
+  const token = `wct1.${claims}.${b64u(new Uint8Array(await subtle.sign({ name: "Ed25519" }, kp.privateKey, signed)))}`;
+  const { handle, made } = setup();
+  const env = { DATASET_URL: "http://ds/x", AUTH_KEY: `ed25519:${Buffer.from(raw).toString("base64")}` };
+  const send = (path, init = {}) => handle(new Request(`http://w${path}`, init), env, () => {});
+  const first = send("/kv/a", { headers: { authorization: `Bearer ${token}` } });
+  // The token's check runs on WebCrypto's threads: wait for the sync it lets start.
+  for (let i = 0; i < 400 && !made[0]?.syncCalls.length; i++) await new Promise((r) => setTimeout(r, 5));
+  made[0].put("a", "1");
+  made[0].syncCalls[0].resolve(4242);
+  const ok = await first;
+  assert.equal(ok.status, 200);
+  assert.equal(ok.headers.get("walcast-lsn"), "4242", "an authorized answer says its LSN");
+  for (const [method, path, status] of [["GET", "/kv/a", 401], ["GET", "/nope", 401], ["DELETE", "/kv/a", 401], ["GET", "/status", 401], ["OPTIONS", "/kv/a", 204]]) {
+    const res = await send(path, { method });
+    assert.equal(res.status, status, `${method} ${path}`);
+    assert.equal(res.headers.get("walcast-lsn"), null, `${method} ${path} without a token: no LSN`);
+    assert.equal(res.headers.get("x-walcast-lsn"), null, `${method} ${path} without a token: no LSN`);
+  }
+});
+
+test("a request failing on a replica being rebuilt answers 503 unavailable with Retry-After, not 500", async () => {
+  const { call, made } = setup();
+  const p = call("/kv/a");
+  await flush();
+  const r = made[0];
+  r.put("a", "1");
+  r.syncCalls[0].resolve(3);
+  assert.equal((await p).status, 200);
+  r.get = () => {
+    throw Object.assign(new Error("being rebuilt"), { code: "unavailable" });
+  };
+  const res = await call("/kv/a");
+  assert.equal(res.status, 503);
+  assert.equal(res.headers.get("retry-after"), "1");
+  assert.equal((await res.json()).error.code, "unavailable");
+});
+
+test("a stuck sync that settles after its replica was replaced does not mark the new one ready", async () => {
+  const { call, made, clock } = setup({ MAX_AGE_MS: "0", FIRST_SYNC_WAIT_MS: "10" });
+  const p = call("/status");
+  await flush();
+  made[0].put("k", "v");
+  made[0].syncCalls[0].resolve(7);
+  await p;
+  clock.advance(1);
+  await call("/kv/k"); // a background sync that never settles
+  assert.equal(made[0].syncCalls.length, 2);
+  // The old replica's state cannot be carried over: the new one opens empty.
+  made[0].snapshot = () => {
+    throw Object.assign(new Error("being rebuilt"), { code: "unavailable" });
+  };
+  for (let i = 0; i < 4; i++) {
+    clock.advance(60_000);
+    await call("/kv/k");
+  }
+  await flush();
+  assert.equal(made.length, 2, "replaced by a replica opened anew");
+  const stale = made[0].syncCalls[1];
+  stale.resolve(7); // the old sync ends at last
+  await flush();
+  const res = await call("/kv/k");
+  assert.equal(res.status, 503, "the empty replica is not served on the old sync's word");
+  const st = await (await call("/status")).json();
+  assert.equal(st.worker.ready, false);
+  // Its own first sync makes it ready.
+  made[1].put("k", "v");
+  made[1].syncCalls.at(-1).resolve(8);
+  await flush();
+  const after = await call("/kv/k");
+  assert.equal(after.status, 200);
+  assert.equal(await after.text(), "v");
+});
+
+test("FIRST_SYNC_WAIT_MS and MIN_LSN_WAIT_MS above 2^31 - 1 ms (a timer would fire at once) are configuration errors", async () => {
+  for (const name of ["FIRST_SYNC_WAIT_MS", "MIN_LSN_WAIT_MS"]) {
+    const { handle } = setup();
+    const res = await handle(new Request("http://w/kv/a"), { DATASET_URL: "http://ds/x", [name]: "3000000000" }, () => {});
+    assert.equal(res.status, 500, name);
+    const body = await res.json();
+    assert.equal(body.error.code, "config", name);
+    assert.match(body.error.message, new RegExp(`${name} must be at most 2147483647`));
+  }
 });
