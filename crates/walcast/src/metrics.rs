@@ -278,8 +278,21 @@ impl PublisherMetrics {
     }
 }
 
+/// Connections to the metrics endpoint at once; more wait in the kernel's
+/// backlog until one ends.
+const METRICS_MAX_CONNECTIONS: usize = 64;
+/// How long a metrics connection may take to send its request head.
+const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a metrics connection stays open in all: a scrape takes
+/// milliseconds, so a connection that sends nothing, or reads its answer a
+/// byte at a time, holds a descriptor and a slot no longer than this.
+const METRICS_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves `render()` at `GET /metrics` on `addr` until the process ends.
-/// Returns the bound address (port 0 picks one).
+/// Returns the bound address (port 0 picks one). At most
+/// [`METRICS_MAX_CONNECTIONS`] connections are served at once, each for at
+/// most [`METRICS_CONNECTION_TIMEOUT`], one request each: the endpoint
+/// never holds the process's file descriptors for a client that idles.
 pub async fn serve(
     addr: SocketAddr,
     render: Arc<dyn Fn() -> String + Send + Sync>,
@@ -304,9 +317,74 @@ pub async fn serve(
         }),
     );
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::warn!("metrics endpoint stopped: {e}");
+        let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_MAX_CONNECTIONS));
+        loop {
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
+            let tcp = match listener.accept().await {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of descriptors and the like: wait rather than spin.
+                    tracing::warn!("metrics endpoint: accepting a connection: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let app = app.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                    .keep_alive(false);
+                let conn = builder.serve_connection(
+                    hyper_util::rt::TokioIo::new(tcp),
+                    hyper_util::service::TowerToHyperService::new(app),
+                );
+                let _ = tokio::time::timeout(METRICS_CONNECTION_TIMEOUT, conn).await;
+            });
         }
     });
     Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[tokio::test]
+    async fn the_endpoint_answers_a_scrape_and_closes_a_connection_that_sends_nothing() {
+        let addr = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(|| "walcast_test 1\n# EOF\n".to_string()),
+        )
+        .await
+        .unwrap();
+        // A scrape: one request, answered, then the connection ends.
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            c.read_to_end(&mut answer),
+        )
+        .await
+        .expect("the answer ends the connection")
+        .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains("walcast_test 1"), "{answer}");
+        // A client that connects and sends nothing is closed, not kept.
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(60), idle.read(&mut buf))
+            .await
+            .expect("an idle connection is closed after the header timeout");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
 }

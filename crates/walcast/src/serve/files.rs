@@ -298,10 +298,11 @@ fn cached_etag(state: &Served, key: &TagKey) -> Option<String> {
 }
 
 /// The ETag of the large file version `key`: cached, or hashed once however
-/// many requests ask for it at the same time. The hash runs on a blocking
-/// task of its own, so it completes into the cache even when every request
-/// waiting for it has gone (a client's retry then finds it there, or awaits
-/// the same hash, rather than starting another).
+/// many requests ask for it at the same time. The hash runs on a task of its
+/// own, so it completes into the cache even when every request waiting for
+/// it has gone (a client's retry then finds it there, or awaits the same
+/// hash, rather than starting another); at most [`MAX_HASHING`] hashes read
+/// files at once, the others wait their turn without a blocking thread.
 pub(super) async fn etag_of_file(state: &Arc<Served>, key: TagKey) -> io::Result<String> {
     let hashing = {
         let mut hashing = state.hashing.lock().unwrap_or_else(|e| e.into_inner());
@@ -321,34 +322,41 @@ pub(super) async fn etag_of_file(state: &Arc<Served>, key: TagKey) -> io::Result
     })
 }
 
-/// Starts hashing `key` on a blocking task that caches the ETag, then
-/// leaves `state.hashing` (with or without one).
+/// Starts hashing `key` on a task that waits for a turn (`hash_turns`),
+/// hashes on a blocking thread, caches the ETag, then leaves
+/// `state.hashing` (with or without one).
 fn start_hash(state: &Arc<Served>, key: TagKey) -> Hashing {
     use futures::FutureExt as _;
     let state = Arc::clone(state);
-    let task = tokio::task::spawn_blocking(move || {
-        let hashed = hash_file(&key);
-        if let Ok(etag) = &hashed {
-            let mut etags = state.etags.lock().unwrap_or_else(|e| e.into_inner());
-            if etags.len() >= ETAG_CACHE_MAX {
-                etags.clear();
+    let task = tokio::spawn(async move {
+        // The semaphore is never closed: a turn always comes.
+        let turn = Arc::clone(&state.hash_turns).acquire_owned().await;
+        let hashing = tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            let hashed = hash_file(&key);
+            if let Ok(etag) = &hashed {
+                let mut etags = state.etags.lock().unwrap_or_else(|e| e.into_inner());
+                cache_etag(
+                    &mut etags,
+                    key.path.clone(),
+                    CachedTag {
+                        len: key.len,
+                        mtime: key.mtime,
+                        id: key.id,
+                        etag: etag.clone(),
+                    },
+                );
             }
-            etags.insert(
-                key.path.clone(),
-                CachedTag {
-                    len: key.len,
-                    mtime: key.mtime,
-                    id: key.id,
-                    etag: etag.clone(),
-                },
-            );
-        }
-        state
-            .hashing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
-        hashed.map_err(Arc::new)
+            state
+                .hashing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
+            hashed.map_err(Arc::new)
+        });
+        hashing
+            .await
+            .unwrap_or_else(|e| Err(Arc::new(io::Error::other(e))))
     });
     async move {
         task.await
@@ -356,6 +364,18 @@ fn start_hash(state: &Arc<Served>, key: TagKey) -> Hashing {
     }
     .boxed()
     .shared()
+}
+
+/// Caches `tag` for `path`. A full cache gives up one other entry for it,
+/// so that requests cycling through more large files than it holds cost a
+/// hash each, not every cached ETag at once.
+pub(super) fn cache_etag(etags: &mut HashMap<PathBuf, CachedTag>, path: PathBuf, tag: CachedTag) {
+    if etags.len() >= ETAG_CACHE_MAX && !etags.contains_key(&path) {
+        if let Some(other) = etags.keys().next().cloned() {
+            etags.remove(&other);
+        }
+    }
+    etags.insert(path, tag);
 }
 
 /// The ETag of the file version `key`, read whole from a file of its own.

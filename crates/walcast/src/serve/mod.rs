@@ -106,8 +106,13 @@ use respond::*;
 const SMALL_FILE: u64 = 1 << 20;
 /// Read size when hashing or streaming large files.
 const CHUNK: usize = 256 * 1024;
-/// Bound on cached ETags (the cache is simply cleared when it is exceeded).
+/// Bound on cached ETags: past it, each new one takes the place of another.
 const ETAG_CACHE_MAX: usize = 16 * 1024;
+/// Large files hashed for their ETags at once. A request for one waits its
+/// turn; the blocking threads that open and read objects stay free
+/// however many large files are asked for at once (a HEAD costs a client
+/// a hundred bytes and the server a read of the whole file).
+const MAX_HASHING: usize = 2;
 
 /// Default of [`ServeOptions::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -226,6 +231,8 @@ struct Served {
     /// Large files being hashed for their ETag, one hash per version,
     /// awaited by every request for it.
     hashing: Mutex<HashMap<TagKey, Hashing>>,
+    /// Turns to hash a large file: [`MAX_HASHING`].
+    hash_turns: Arc<tokio::sync::Semaphore>,
     /// Long-poll: the longest wait granted (zero: none), what wakes held
     /// requests, and the server stopping (held requests answer at once).
     max_wait: Duration,
@@ -256,6 +263,7 @@ fn build(root: PathBuf, opts: &ServeOptions) -> (Router, Arc<Served>) {
         verify_keys: opts.verify_keys.clone(),
         etags: Mutex::new(HashMap::new()),
         hashing: Mutex::new(HashMap::new()),
+        hash_turns: Arc::new(tokio::sync::Semaphore::new(MAX_HASHING)),
         max_wait: opts.max_wait,
         signal: opts.head_signal.clone().unwrap_or_default(),
         stop: watch::channel(false).0,

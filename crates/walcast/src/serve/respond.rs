@@ -85,6 +85,11 @@ pub(super) async fn respond(
                         Some(Err(r)) => return r,
                         None => {}
                     }
+                    // The token was checked before the hold: a head that
+                    // came after it expired is not answered.
+                    if let Err(refused) = authorize(state, uri, headers) {
+                        return refused;
+                    }
                 }
                 // Every hold is taken: answered at once, without
                 // Preference-Applied (the replica then polls).
@@ -259,9 +264,11 @@ pub(super) fn authorize(state: &Served, uri: &Uri, headers: &HeaderMap) -> Resul
     let Some(found) = found else {
         return Err(unauthorized("missing", "an access token is required"));
     };
+    // A clock before 1970 has no "now" to check an expiry against: every
+    // token counts as expired.
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+        .map_or(u64::MAX, |d| d.as_secs());
     let path = percent_decode(uri.path()).unwrap_or_else(|| uri.path().to_string());
     match token::verify_for(&found, &state.verify_keys, now, &path) {
         Ok(_) => Ok(in_header),

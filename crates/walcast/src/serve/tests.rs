@@ -220,3 +220,25 @@ fn accept_encoding_takes_gzip_as_rfc_9110_weighs_it() {
         assert!(!takes(no), "{no:?}");
     }
 }
+
+#[test]
+fn a_full_etag_cache_gives_up_one_entry_for_a_new_one_not_all() {
+    let tag = |n: u64| CachedTag {
+        len: n,
+        mtime: None,
+        id: FileId::of(&std::fs::metadata(".").expect("the working directory")),
+        etag: etag_of(0, n),
+    };
+    let mut etags = HashMap::new();
+    for n in 0..ETAG_CACHE_MAX as u64 {
+        cache_etag(&mut etags, PathBuf::from(format!("f{n}")), tag(n));
+    }
+    assert_eq!(etags.len(), ETAG_CACHE_MAX);
+    cache_etag(&mut etags, PathBuf::from("new"), tag(7));
+    assert_eq!(etags.len(), ETAG_CACHE_MAX, "one entry gave way");
+    assert_eq!(etags[&PathBuf::from("new")].len, 7);
+    // A path already cached is replaced in place.
+    cache_etag(&mut etags, PathBuf::from("new"), tag(8));
+    assert_eq!(etags.len(), ETAG_CACHE_MAX);
+    assert_eq!(etags[&PathBuf::from("new")].len, 8);
+}

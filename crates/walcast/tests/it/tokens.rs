@@ -423,3 +423,60 @@ fn serve_with_tokens_takes_an_explicit_wildcard_and_rotated_keys() {
     assert!(resp.status.is_success(), "{}", resp.status);
     server.kill9();
 }
+
+#[test]
+fn a_long_poll_held_past_its_tokens_expiry_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    dataset(&root, tmp.path());
+    let key = SecretKey::from_seed([3; 32]);
+    let (mut server, url) = serve(
+        &root,
+        &key.public().to_string(),
+        &[],
+        &tmp.path().join("logs"),
+    );
+    let head = format!("{url}/app/catalog/head.json");
+    let lasting = format!("Bearer {}", token::issue(&key, "app", now(), 3600));
+    let first = Client::new().send(reqwest::Method::GET, &head, &[("authorization", &lasting)]);
+    assert_eq!(first.status, StatusCode::OK);
+    let etag = first.headers[header::ETAG].to_str().unwrap().to_string();
+    // A token that expires in 2 s holds a long-poll on the head...
+    let issued = now();
+    let short = format!("Bearer {}", token::issue(&key, "app", issued, 2));
+    let held = std::thread::spawn(move || {
+        Client::new().send(
+            reqwest::Method::GET,
+            &head,
+            &[
+                ("authorization", &short),
+                ("if-none-match", &etag),
+                ("prefer", "wait=20"),
+            ],
+        )
+    });
+    // ...and the head changes only after it expired.
+    while now() <= issued + 3 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut rng = Rng::new(12);
+    write(
+        &tmp.path().join("wal"),
+        &gen_batches(&mut rng, 5, GenOpts::default()),
+    );
+    publish_once(
+        &tmp.path().join("wal"),
+        &file_url(&root.join("app")),
+        &[],
+        &Env::new(),
+    )
+    .ok();
+    let resp = held.join().unwrap();
+    assert_eq!(
+        resp.status,
+        StatusCode::UNAUTHORIZED,
+        "a head that came after the token expired: {}",
+        String::from_utf8_lossy(&resp.body)
+    );
+    server.kill9();
+}
