@@ -705,6 +705,9 @@ export class Replica {
         }
         if (!outcome) await this.#progress(h, op);
       }
+      // A whole copy that failed verification is not offered again (as
+      // after a read).
+      if (outcome.error?.code === "data" && outcome.error.object === this.#wholeAnswer?.key) this.#wholeAnswer = null;
       await this.#settle(h, op);
       if (outcome.error) throw outcome.error;
       return outcome.lsn;

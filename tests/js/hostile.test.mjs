@@ -240,3 +240,26 @@ test("LOAD=lazy: a damaged whole-object answer is not replayed to the reads afte
     await r.close();
   }
 });
+
+test("full mode: a damaged whole-object answer is not replayed to the sync after the one it failed", { timeout: 60_000 }, async () => {
+  // The same origin: it ignores Range, and its first snapshot answer is
+  // damaged. The sync that got it may fail; the next one fetches the
+  // snapshot again and loads it.
+  const o = await origin(ds.dir, { delayMs: 0, ignoreRange: true, corrupt: 1 });
+  const r = await Replica.open(o.url);
+  try {
+    const first = await r.sync().then(
+      () => "loaded",
+      (e) => `rejected: ${e.code}`,
+    );
+    if (first !== "loaded") {
+      assert.equal(first, "rejected: data", "the damaged answer fails its sync as a data error");
+      const gets = o.stats.gets;
+      await r.sync();
+      assert.ok(o.stats.gets > gets, "the sync after it fetched the snapshot again");
+    }
+    assert.equal(r.getText(keyOf(5)), `${"v".repeat(90)}5`);
+  } finally {
+    await r.close();
+  }
+});
