@@ -289,10 +289,10 @@ const METRICS_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 const METRICS_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Serves `render()` at `GET /metrics` on `addr` until the process ends.
-/// Returns the bound address (port 0 picks one). At most
-/// [`METRICS_MAX_CONNECTIONS`] connections are served at once, each for at
-/// most [`METRICS_CONNECTION_TIMEOUT`], one request each: the endpoint
-/// never holds the process's file descriptors for a client that idles.
+/// Returns the bound address (port 0 picks one). At most 64 connections
+/// are served at once, each for one request and at most 30 s in all (5 s to
+/// send its request head): the endpoint never holds the process's file
+/// descriptors for a client that idles.
 pub async fn serve(
     addr: SocketAddr,
     render: Arc<dyn Fn() -> String + Send + Sync>,
