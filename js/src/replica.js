@@ -705,9 +705,7 @@ export class Replica {
         }
         if (!outcome) await this.#progress(h, op);
       }
-      // A whole copy that failed verification is not offered again (as
-      // after a read).
-      if (outcome.error?.code === "data" && outcome.error.object === this.#wholeAnswer?.key) this.#wholeAnswer = null;
+      this.#forgetFailedWhole(outcome.error);
       await this.#settle(h, op);
       if (outcome.error) throw outcome.error;
       return outcome.lsn;
@@ -741,6 +739,11 @@ export class Replica {
   #step(h, op) {
     this.#nextStep = call(h, "sync", (w) => w.step());
     for (const req of call(h, "sync", (w) => w.takeRequests())) this.#startGet(h, req, op);
+  }
+
+  /** A whole copy that failed verification (a sync's or a read's `error`) is not offered again. */
+  #forgetFailedWhole(error) {
+    if (error?.code === "data" && error.object === this.#wholeAnswer?.key) this.#wholeAnswer = null;
   }
 
   #startGet(h, req, op) {
@@ -954,8 +957,7 @@ export class Replica {
       }
       if (!outcome) continue; // another WasmReplica now: read it there
       op.done = true;
-      // A whole copy that failed verification is not offered again.
-      if (outcome.error?.code === "data" && outcome.error.object === this.#wholeAnswer?.key) this.#wholeAnswer = null;
+      this.#forgetFailedWhole(outcome.error);
       await this.#settle(h, op);
       if (outcome.error) throw outcome.error;
       return outcome.value;
