@@ -105,14 +105,17 @@ export interface PersistChunk {
  */
 export interface PersistStore {
   load(url: string): PersistedState | undefined | Promise<PersistedState | undefined>;
-  save(url: string, state: PersistedState, opts: { replace: boolean; repair: boolean; repairOf?: number }): unknown | Promise<unknown>;
+  save(url: string, state: PersistedState, opts: { replace: boolean; repair: boolean; repairOf?: number; rewind?: boolean }): unknown | Promise<unknown>;
   /**
    * Optional: incremental persistence. Called instead of `save` after a
    * sync that applied batches on the same dataset; `load` then returns the
    * chunks appended since the last whole state in `log`. `repair` in
    * `save`: the copy `load` returned was damaged; the same LSN rewrites it,
    * and so does any LSN while the store still holds that copy (`repairOf`:
-   * the `appliedLsn` it claimed). Pass `opts` on to `shouldReplace`.
+   * the `appliedLsn` it claimed). `rewind` in `save`: the dataset went back
+   * in history under the same id (a bucket restored from a backup) and this
+   * state replaces the stored copy of the history it left, at any LSN.
+   * Pass `opts` on to `shouldReplace`.
    * What `load` returns is checked before use: an `appliedLsn` that is not
    * an integer LSN, or a `log` entry that is not bytes, is reported as a
    * `data` error and the replica opens at the last good state before it.
@@ -430,9 +433,9 @@ export declare class Replica implements ReplicaBase {
  */
 export declare function init(source?: WebAssembly.Module | BufferSource | Response | URL | string): Promise<void>;
 
-/** Whether a store holding `old` should take `state` (same dataset: newer LSN; another: only after a reset). */
+/** Whether a store holding `old` should take `state` (same dataset: newer LSN, or any after a rewind; another: only after a reset). */
 export declare function shouldReplace(
   old: PersistedState | undefined,
   state: Pick<PersistedState, "appliedLsn" | "datasetId">,
-  opts?: { replace?: boolean; repair?: boolean; repairOf?: number },
+  opts?: { replace?: boolean; repair?: boolean; repairOf?: number; rewind?: boolean },
 ): boolean;

@@ -31,14 +31,18 @@ export const COMPACT_MIN_BYTES = 256 << 10;
 
 /**
  * Whether a store holding `old` should take `rec`. Same dataset: only a newer
- * LSN. Another dataset: only when this replica has reset to it (`replace`),
- * so a tab still on an old dataset does not overwrite one that moved on.
+ * LSN, unless this replica found that the dataset went back in history
+ * (`rewind`: a bucket restored from a backup), when the stored copy holds a
+ * history the store no longer has and any LSN replaces it. Another dataset:
+ * only when this replica has reset to it (`replace`), so a tab still on an
+ * old dataset does not overwrite one that moved on.
  */
-export function shouldReplace(old, rec, { replace = false, repair = false, repairOf } = {}) {
+export function shouldReplace(old, rec, { replace = false, repair = false, repairOf, rewind = false } = {}) {
   if (!old || !(old.snapshot || old.format === FORMAT)) return true;
   // A record whose LSN is not one (tampered, another program's) is never kept.
   if (!isLsn(old.appliedLsn)) return true;
   if ((old.datasetId ?? null) !== (rec.datasetId ?? null)) return replace || old.datasetId == null;
+  if (rewind) return true;
   // repair: the stored copy was found damaged; the same LSN rewrites it
   // whole, and so does any LSN while the store still holds the damaged copy
   // (`repairOf`: the LSN it claimed, which its bytes did not reach).
@@ -201,7 +205,8 @@ function forget(db) {
 function done(tx, value) {
   return new Promise((resolve, reject) => {
     tx.oncomplete = () => resolve(value());
-    tx.onerror = () => reject(tx.error ?? new Error("walcast: IndexedDB transaction failed"));
+    // The failed request's error (the transaction's is set only once it aborts).
+    tx.onerror = (e) => reject(e?.target?.error ?? tx.error ?? new Error("walcast: IndexedDB transaction failed"));
     tx.onabort = () => reject(tx.error ?? new Error("walcast: IndexedDB transaction aborted"));
   });
 }
@@ -248,12 +253,25 @@ export const indexedDbStore = {
     const rec = tx.objectStore(STORE).get(url);
     const base = tx.objectStore(BASES).get(url);
     const log = tx.objectStore(LOG).getAll(logRange(url));
+    // A base or log the browser cannot read back (a large value whose file
+    // it lost): the copy counts as damaged, so the replica starts from what
+    // it can read and rewrites the store whole, instead of every load failing.
+    let unreadable = null;
+    const unread = (req, what) => {
+      req.onerror = (e) => {
+        e.preventDefault();
+        e.stopPropagation();
+        unreadable ??= `${what}[${JSON.stringify(url)}] could not be read back (${req.error?.name ?? "error"}: ${req.error?.message ?? ""})`;
+      };
+    };
+    unread(base, "the IndexedDB base bases");
+    unread(log, "the IndexedDB log chunks log");
     return done(tx, () => {
       const r = rec.result;
       if (!r) return undefined;
       if (r.format !== FORMAT) return r.snapshot ? r : undefined; // version 1: whole inline
-      const chunks = log.result ?? [];
-      const damaged = recordDamage(url, r, base.result, chunks);
+      const chunks = unreadable ? [] : (log.result ?? []);
+      const damaged = unreadable ?? recordDamage(url, r, unreadable ? undefined : base.result, chunks);
       return {
         // A missing base reads as an empty (undecodable) one: the replica
         // reports the damage and rewrites the store whole.

@@ -221,6 +221,8 @@ export class Replica {
   #persistedLsn = -1;
   #persistedDataset = null;
   #resetSincePersist = false;
+  /** The dataset went back in history since the last write (see shouldReplace's `rewind`). */
+  #rewindSincePersist = false;
   #persistError = null;
   #persistRepair = false; // the persisted copy was damaged: rewrite it whole
   #persistRepairOf = undefined; // the appliedLsn that damaged copy claimed
@@ -276,6 +278,8 @@ export class Replica {
       const r = ref.deref();
       if (!r) return;
       r.#resetSincePersist = true;
+      // 0: the dataset changed; under the same id, its history went back.
+      if (lsn === 0) r.#rewindSincePersist = true;
       r.#event({ type: "reset", lsn });
     });
     if (this.#onRecordFn) {
@@ -1336,6 +1340,8 @@ export class Replica {
     }
     const snapshot = call(h, "read", (w) => w.snapshot());
     const opts = { replace, repair };
+    // The store's copy of this dataset holds the history it went back from.
+    if (this.#rewindSincePersist && ds === this.#persistedDataset) opts.rewind = true;
     if (repair && this.#persistRepairOf !== undefined) opts.repairOf = this.#persistRepairOf;
     try {
       await this.#storeCall(this.#store.save(key, { snapshot, appliedLsn: lsn, datasetId: ds, savedAt: Date.now() }, opts), "save");
@@ -1346,6 +1352,7 @@ export class Replica {
     this.#persistedLsn = lsn;
     this.#persistedDataset = ds;
     this.#resetSincePersist = false;
+    this.#rewindSincePersist = false;
     this.#persistRepair = false;
     this.#persistWhole = false;
   }

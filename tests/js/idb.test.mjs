@@ -85,6 +85,51 @@ test("shouldReplace: repair rewrites the same LSN", () => {
   assert.equal(shouldReplace(old, { appliedLsn: 9, datasetId: "a" }, { repair: true }), false);
 });
 
+test("shouldReplace: a dataset that went back in history (rewind) replaces the copy of the history it left, at any LSN", () => {
+  const old = { format: 2, appliedLsn: 1000, datasetId: "a" };
+  assert.equal(shouldReplace(old, { appliedLsn: 900, datasetId: "a" }), false);
+  assert.equal(shouldReplace(old, { appliedLsn: 900, datasetId: "a" }, { replace: true }), false);
+  assert.equal(shouldReplace(old, { appliedLsn: 900, datasetId: "a" }, { replace: true, rewind: true }), true);
+  // Another dataset still needs `replace`.
+  assert.equal(shouldReplace(old, { appliedLsn: 900, datasetId: "b" }, { rewind: true }), false);
+});
+
+test("IndexedDB: a save after a rewind replaces a newer copy of the same dataset; a base the browser cannot read back makes the copy damaged (named), not every load fail", { skip: !fakeIdb && "fake-indexeddb is not installed" }, async () => {
+  const url = "http://x/rewind";
+  assert.equal(await store.save(url, { snapshot: new Uint8Array(10).fill(1), appliedLsn: 1000, datasetId: "ds" }), true);
+  assert.equal(await store.save(url, { snapshot: new Uint8Array(5).fill(2), appliedLsn: 900, datasetId: "ds" }, { replace: true }), false);
+  assert.equal(await store.save(url, { snapshot: new Uint8Array(5).fill(2), appliedLsn: 900, datasetId: "ds" }, { replace: true, rewind: true }), true);
+  let rec = await store.load(url);
+  assert.equal(rec.appliedLsn, 900);
+  assert.deepEqual([...rec.snapshot], [2, 2, 2, 2, 2]);
+  assert.equal(rec.damaged, undefined);
+
+  // The base's read fails at the request (as when a browser lost the file
+  // behind a large value): the load answers, naming the base.
+  const proto = globalThis.IDBObjectStore.prototype;
+  const get = proto.get;
+  proto.get = function (key) {
+    const req = get.call(this, key);
+    if (this.name !== "bases") return req;
+    const failed = new EventTarget();
+    Object.defineProperty(failed, "error", { value: new DOMException("Failed to read large IndexedDB value", "NotReadableError") });
+    Object.defineProperty(failed, "result", { get: () => undefined });
+    req.addEventListener("success", () => {
+      const ev = new Event("error", { bubbles: true, cancelable: true });
+      failed.onerror?.(ev);
+    });
+    return failed;
+  };
+  try {
+    rec = await store.load(url);
+  } finally {
+    proto.get = get;
+  }
+  assert.equal(rec.appliedLsn, 900);
+  assert.equal(rec.snapshot.length, 0);
+  assert.match(rec.damaged, /bases\["http:\/\/x\/rewind"\] could not be read back \(NotReadableError/);
+});
+
 test("appends, slices, skips, compacts and loads", { skip: !fakeIdb && "fake-indexeddb is not installed" }, async () => {
   const url = "http://x/append";
   assert.equal(await store.load(url), undefined);
@@ -570,4 +615,46 @@ test("a connection the browser closed is replaced: the next call opens the datab
   } finally {
     delete indexedDB.open;
   }
+});
+
+test("a dataset that went back in history under the same id (a bucket restored from a backup): once the replica starts over, its copy replaces the persisted one of the history it left, and a reopen serves what the origin has", { timeout: 60_000 }, async () => {
+  const fx = await dataset();
+  await datasets.reset(fx.instance, "midhistory");
+  const f0 = fx.scenarios.midhistory;
+  const f1 = await datasets.mutate(fx.instance, "midhistory");
+  const store = memoryStore();
+  const errors = [];
+  let r = await Replica.open(f0.url, { persist: store, onError: (e) => errors.push(e) });
+  assert.equal(await r.sync(), f1.expected.lsn);
+  assert.equal(store.rec.appliedLsn, f1.expected.lsn);
+  // The bucket goes back to stage 0, the same dataset.
+  await datasets.reset(fx.instance, "midhistory");
+  // The replica starts over once every head for a minute says so: the
+  // clock (the module reads Date.now) moves on between syncs.
+  const realNow = Date.now;
+  let skew = 0;
+  Date.now = () => realNow() + skew;
+  try {
+    for (let i = 0; i < 40 && r.status().appliedLsn !== f0.expected.lsn; i++) {
+      skew += 5_000;
+      await r.sync().catch((e) => errors.push(e));
+    }
+  } finally {
+    Date.now = realNow;
+  }
+  assert.equal(r.status().appliedLsn, f0.expected.lsn, "the replica follows the history the store now holds");
+  assert.ok(errors.some((e) => /went back in history/.test(e.message)), "the rewind is reported");
+  // The next write replaces the copy of the history it left.
+  await r.sync();
+  await r.close();
+  assert.equal(store.rec.appliedLsn, f0.expected.lsn, "the persisted copy is the one the origin now has");
+  const saves = store.calls.filter((c) => c[0] === "save");
+  assert.equal(saves.at(-1)[2].rewind, true);
+  const fetch = offlineFetch();
+  r = await Replica.open(f0.url, { persist: store, fetch });
+  assert.equal(r.status().appliedLsn, f0.expected.lsn);
+  expectState(r, f0.expected, "reopened after the rewind");
+  assert.equal(fetch.count, 0);
+  await r.close();
+  await datasets.reset(fx.instance, "midhistory");
 });
