@@ -767,6 +767,38 @@ fn a_scan_bounded_in_bytes_over_cached_blocks_copies_about_its_bound() {
     );
 }
 
+/// A scan over many blocks merges, each turn, only what that turn
+/// collected, not everything collected before it: the entries it copies
+/// stay about those it returns however many blocks it fetched.
+#[test]
+fn a_scan_over_many_blocks_copies_each_entry_about_once() {
+    let mut want = KvState::new();
+    for i in 0..5_000u32 {
+        want.put(format!("k/{i:05}").as_bytes(), &i.to_le_bytes());
+    }
+    let mut store = snapshot_only(DATASET, &want, 60);
+    let mut r = Replica::new(lazy_cfg(1 << 20), 5);
+    drain(&mut r, &mut store, 0);
+    let mut s = LazyScan::new(b"", None, usize::MAX);
+    let mut turns = 0;
+    let got = loop {
+        turns += 1;
+        match r.scan_lazy(&mut s).expect("scan") {
+            Read::Ready(v) => break v,
+            Read::Pending => drain(&mut r, &mut store, 0),
+        }
+    };
+    let all: Vec<_> = want.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+    assert_eq!(got, all);
+    assert!(turns > 100, "{turns} turns: the scan fetches many blocks");
+    assert!(
+        s.entries_copied() <= 2 * all.len() as u64,
+        "{} entries copied for {} returned over {turns} turns",
+        s.entries_copied(),
+        all.len()
+    );
+}
+
 /// Answers every GET with the whole object, as a server that ignores Range
 /// does, cut at `max_bytes + 1` as a driver cuts a body.
 fn drain_whole(r: &mut Replica, store: &mut Store) {

@@ -310,7 +310,9 @@ impl Block {
                     ),
                 ));
             }
-            decoded = decoded.saturating_add(shared + unshared + vlen + ENTRY_OVERHEAD);
+            // `vlen` is any varint (up to u64::MAX); past `limit` it fails
+            // below either way, so the sum cannot overflow.
+            decoded = decoded.saturating_add(shared + unshared + vlen.min(limit) + ENTRY_OVERHEAD);
             if decoded > limit {
                 return Err(invalid(
                     what,
@@ -413,6 +415,32 @@ mod tests {
             assert_eq!(b.child_for(b"a"), None);
             assert_eq!(b.child_for(b"user:000004"), Some(1.min(n - 1)));
         }
+    }
+
+    /// An entry whose value length is the largest varint (u64::MAX), in a
+    /// block whose checksums are right: an error, not an overflow.
+    #[test]
+    fn a_value_length_of_u64_max_is_an_error() {
+        let mut body = vec![0u8, 0];
+        body.extend_from_slice(&[0xff; 9]);
+        body.push(0x01);
+        body.extend_from_slice(&0u32.to_le_bytes()); // restart 0
+        body.extend_from_slice(&1u32.to_le_bytes()); // one restart
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&1u32.to_le_bytes());
+        let mut h = crate::crc::Hasher::new();
+        h.update(&bytes[..8]);
+        h.update(&body);
+        let crc = h.finalize();
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        bytes.extend_from_slice(&body);
+        let handle = BlockHandle {
+            offset: 56,
+            len: bytes.len() as u32,
+            crc,
+        };
+        assert!(Block::decode(&bytes, &handle, "data block").is_err());
     }
 
     #[test]

@@ -185,6 +185,8 @@ impl Replica {
                 b.chain_end = old.chain_end;
                 b.deltas = old.deltas;
             }
+            // The snapshot was sized with no deltas beside it.
+            lazy.fit_cache();
             false
         } else {
             // A base may replace a full state only if the overlay holds

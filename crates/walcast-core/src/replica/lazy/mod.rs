@@ -79,6 +79,39 @@ pub struct LazyScan {
     base_gen: Option<u64>,
     cursor: Option<ScanCursor>,
     collected: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The merge of `collected` with the overlay so far, at the applied LSN
+    /// and overlay size `merge_at`: `merged` (its entries and their bytes)
+    /// holds every key up to `pos`, the last key merged, from
+    /// `collected[..used]` and the overlay. Each turn merges only what a
+    /// turn collected beyond it, so a scan of n blocks is not n merges of
+    /// everything before.
+    merge_at: Option<(u64, usize)>,
+    merged: Entries,
+    merged_bytes: usize,
+    used: usize,
+    pos: Option<Vec<u8>>,
+    /// Entries copied into answers, over every turn.
+    copied: u64,
+}
+
+impl LazyScan {
+    /// Forgets the merge: the next turn merges `collected` from the start.
+    #[inline(never)]
+    pub(super) fn restart_merge(&mut self) {
+        self.merge_at = None;
+        self.merged.clear();
+        self.merged_bytes = 0;
+        self.used = 0;
+        self.pos = None;
+    }
+
+    /// The merge as the answer; a call after it merges again.
+    #[inline(never)]
+    pub(super) fn answer(&mut self) -> Read<Entries> {
+        let out = std::mem::take(&mut self.merged);
+        self.restart_merge();
+        Read::Ready(out)
+    }
 }
 
 impl LazyScan {
@@ -93,6 +126,12 @@ impl LazyScan {
             base_gen: None,
             cursor: None,
             collected: Vec::new(),
+            merge_at: None,
+            merged: Vec::new(),
+            merged_bytes: 0,
+            used: 0,
+            pos: None,
+            copied: 0,
         }
     }
 
@@ -104,6 +143,14 @@ impl LazyScan {
     pub fn max_bytes(mut self, n: usize) -> Self {
         self.max_bytes = n;
         self
+    }
+
+    /// The entries this scan copied into its answers over all its turns:
+    /// about the entries it returned, as each turn merges only what it
+    /// collected (more after a sync changed the state under a scan, which
+    /// then merges again from its start).
+    pub fn entries_copied(&self) -> u64 {
+        self.copied
     }
 
     /// A scan of keys starting with `prefix`.

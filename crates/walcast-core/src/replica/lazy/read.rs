@@ -187,9 +187,11 @@ impl Replica {
                 // The snapshot's part goes out beside the deltas' GETs.
                 if let Some(base) = lazy.base.as_mut() {
                     if let Ok(Lookup::Need(n)) = base.snap.get(key) {
-                        if lazy.take_base_failure(&n).is_none() {
-                            lazy.want(n, key);
+                        // A failure kept for this block goes to this read.
+                        if let Some(e) = lazy.take_base_failure(&n) {
+                            return Err(e);
                         }
+                        lazy.want(n, key);
                     }
                 }
                 return Ok(Read::Pending);
@@ -255,6 +257,7 @@ impl Replica {
         if scan.base_gen != base_gen || (scan.cursor.is_none() && base_gen.is_some()) {
             scan.base_gen = base_gen;
             scan.collected.clear();
+            scan.restart_merge();
             scan.cursor = lazy
                 .base
                 .as_ref()
@@ -278,6 +281,13 @@ impl Replica {
             state_take = scan.limit.saturating_add(hidden);
             state_cut = collect_state(&self.state, scan, state_take, budget);
         }
+        // The merge so far holds for this state only (a sync that applied
+        // more changed the overlay).
+        let at = (self.applied, lazy.overlay.len());
+        if scan.merge_at != Some(at) {
+            scan.restart_merge();
+            scan.merge_at = Some(at);
+        }
         // Each turn returns, or collects more snapshot entries (the cursor
         // moves forward or finishes), so the loop ends.
         loop {
@@ -290,60 +300,68 @@ impl Replica {
                 Some(scan.collected.last().map_or(&[][..], |(k, _)| k.as_slice()))
             };
             let below = |k: &[u8]| frontier.is_none_or(|f| k <= f);
-            let mut out = Vec::new();
-            let mut bytes = 0;
-            let mut s = scan.collected.iter().peekable();
+            // From where the last turn's merge stopped.
+            let lower = match &scan.pos {
+                Some(p) => std::ops::Bound::Excluded(p.as_slice()),
+                None => std::ops::Bound::Included(scan.start.as_slice()),
+            };
             let mut o = lazy
                 .overlay
-                .range::<[u8], _>((
-                    std::ops::Bound::Included(scan.start.as_slice()),
-                    std::ops::Bound::Unbounded,
-                ))
+                .range::<[u8], _>((lower, std::ops::Bound::Unbounded))
                 .take_while(|(k, _)| in_range(k, &scan.end) && below(k))
                 .peekable();
-            while out.len() < scan.limit && bytes < max {
-                let from_overlay = match (s.peek(), o.peek()) {
+            let (mut i, mut last) = (scan.used, None);
+            while scan.merged.len() < scan.limit && scan.merged_bytes < max {
+                let s = scan.collected.get(i);
+                let from_overlay = match (s, o.peek()) {
                     (None, None) => break,
                     (None, Some(_)) => true,
                     (Some(_), None) => false,
                     (Some((sk, _)), Some((ok, _))) => &***ok <= sk.as_slice(),
                 };
-                if from_overlay {
+                let (k, v) = if from_overlay {
                     let (k, (_, v)) = o.next().expect("peeked");
-                    if s.peek().is_some_and(|(sk, _)| sk.as_slice() == &**k) {
-                        s.next(); // the overlay wins
+                    if s.is_some_and(|(sk, _)| sk.as_slice() == &**k) {
+                        i += 1; // the overlay wins
                     }
-                    if let Some(v) = v {
-                        room(&mut bytes, k, v);
-                        out.push((k.to_vec(), v.to_vec()));
-                    }
+                    (&**k, v.as_deref())
                 } else {
-                    let (k, v) = s.next().expect("peeked");
-                    room(&mut bytes, k, v);
-                    out.push((k.clone(), v.clone()));
+                    let (k, v) = &scan.collected[i];
+                    i += 1;
+                    (k.as_slice(), Some(v.as_slice()))
+                };
+                last = Some(k);
+                if let Some(v) = v {
+                    room(&mut scan.merged_bytes, k, v);
+                    scan.merged.push((k.to_vec(), v.to_vec()));
+                    scan.copied += 1;
                 }
             }
-            if out.len() >= scan.limit || bytes >= max || snap_done {
-                return Ok(Read::Ready(out));
+            if let Some(k) = last {
+                scan.pos = Some(k.to_vec());
             }
+            scan.used = i;
+            if scan.merged.len() >= scan.limit || scan.merged_bytes >= max || snap_done {
+                return Ok(scan.answer());
+            }
+            let (out_len, bytes) = (scan.merged.len(), scan.merged_bytes);
             // More snapshot entries are needed.
             let (Some(cursor), Some(base)) = (scan.cursor.as_mut(), lazy.base.as_mut()) else {
                 if !state_cut {
-                    return Ok(Read::Ready(out));
+                    return Ok(scan.answer());
                 }
                 budget = budget.saturating_mul(2);
                 state_cut = collect_state(&self.state, scan, state_take, budget);
                 continue;
             };
             // Entries still wanted, and no more than the bytes still wanted
-            // take at the mean size of those collected (16 to learn it), so
+            // take at the mean size of those merged (16 to learn it), so
             // a scan over cached blocks copies about its bound.
-            let held: usize = scan.collected.iter().map(|(k, v)| k.len() + v.len()).sum();
-            let by_bytes = match scan.collected.len() {
+            let by_bytes = match out_len {
                 0 => 16,
-                n => (max - bytes) / (held / n).max(1) + 1,
+                n => ((max - bytes) / (bytes / n).max(1)).saturating_add(1),
             };
-            cursor.remaining = (scan.limit - out.len()).max(16).min(by_bytes.max(16));
+            cursor.remaining = (scan.limit - out_len).max(16).min(by_bytes.max(16));
             match base.snap.scan_step(cursor, &mut scan.collected) {
                 Ok(Some(need)) => {
                     if let Some(e) = lazy.take_base_failure(&need) {
@@ -374,6 +392,7 @@ fn collect_state(
     budget: usize,
 ) -> bool {
     scan.collected.clear();
+    scan.restart_merge();
     let mut bytes = 0usize;
     for (k, v) in state
         .range(std::ops::Bound::Included(&scan.start), upper(&scan.end))
