@@ -106,6 +106,12 @@ impl Digests {
         Digests(Vec::new())
     }
 
+    /// From entries whose keys strictly ascend (the caller checked).
+    pub(crate) fn from_sorted(v: Vec<(String, String)>) -> Self {
+        debug_assert!(v.windows(2).all(|w| w[0].0 < w[1].0));
+        Digests(v)
+    }
+
     fn find(&self, key: &str) -> Result<usize, usize> {
         self.0.binary_search_by(|(k, _)| k.as_str().cmp(key))
     }

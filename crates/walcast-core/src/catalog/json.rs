@@ -318,17 +318,20 @@ impl Cursor<'_> {
         Ok(())
     }
 
-    /// An object of digests (collected, then sorted once: members in any
-    /// order cost O(n log n), not an insertion each; a repeated member's
-    /// last value stays). A value that is not a digest is refused where it
-    /// stands, so every member held takes at least the 70 bytes of JSON of
+    /// An object of digests, its members in strictly ascending key order
+    /// (as every writer serializes them): a member out of order or
+    /// repeated is refused where it stands, as is a value that is not a
+    /// digest, so every member held takes at least the 70 bytes of JSON of
     /// `"":"<64 hex digits>"`: members of empty strings (6 bytes each) made
     /// a 16 MiB page hold some 15 times its size before they were checked.
     fn string_map(&mut self) -> R<Digests> {
-        let mut m = Vec::new();
+        let mut m: Vec<(String, String)> = Vec::new();
         self.object(&mut |c, name| {
             c.peek();
             let at = c.at;
+            if m.last().is_some_and(|(k, _)| k.as_str() >= name) {
+                return Err(at);
+            }
             let digest = c.string()?;
             if !crate::keys::is_digest(&digest) {
                 return Err(at);
@@ -336,7 +339,7 @@ impl Cursor<'_> {
             m.push((name.to_string(), digest));
             Ok(())
         })?;
-        Ok(m.into_iter().collect())
+        Ok(Digests::from_sorted(m))
     }
 }
 
@@ -1476,6 +1479,26 @@ mod tests {
             let at = text.find(&format!(r#""b": {bad}"#)).unwrap() + 5;
             let msg = json_error(super::page(text.as_bytes()));
             assert!(msg.contains(&format!("at offset {at}")), "{bad}: {msg}");
+        }
+    }
+
+    /// Digests are written in strictly ascending key order; a member out
+    /// of that order, or repeated, is refused at its value.
+    #[test]
+    fn digest_members_out_of_order_or_repeated_are_refused() {
+        let d = "0".repeat(64);
+        let with = |members: &str| PAGE.replacen('{', &format!(r#"{{"digests":{{{members}}},"#), 1);
+        let ok = with(&format!(r#""a":"{d}","b":"{d}","ba":"{d}""#));
+        let p = super::page(ok.as_bytes()).expect("ascending keys parse");
+        assert_eq!(p.digests.keys().collect::<Vec<_>>(), ["a", "b", "ba"]);
+        for members in [
+            format!(r#""b":"{d}","a":"{d}""#),
+            format!(r#""a":"{d}","a":"{d}""#),
+        ] {
+            let text = with(&members);
+            let at = text.rfind(&format!(r#":"{d}""#)).unwrap() + 1;
+            let msg = json_error(super::page(text.as_bytes()));
+            assert!(msg.contains(&format!("at offset {at}")), "{members}: {msg}");
         }
     }
 }
