@@ -162,7 +162,7 @@ pub(crate) struct Extras {
 
 enum Cmd {
     Get(Vec<u8>, oneshot::Sender<Result<Option<Vec<u8>>>>),
-    Scan(LazyScan, oneshot::Sender<Result<Entries>>),
+    Scan(Box<LazyScan>, oneshot::Sender<Result<Entries>>),
 }
 
 /// A replica held in memory, followed on a thread of its own.
@@ -310,7 +310,7 @@ impl ReplicaHandle {
     async fn scan_with(&self, scan: LazyScan) -> Result<Entries> {
         let (tx, rx) = oneshot::channel();
         self.cmds
-            .send(Cmd::Scan(scan, tx))
+            .send(Cmd::Scan(Box::new(scan), tx))
             .map_err(|_| anyhow!("invalid_input: the replica is closed"))?;
         rx.await
             .map_err(|_| anyhow!("internal: the replica thread ended"))?
@@ -603,7 +603,7 @@ fn follow(
                             let _ = tx.send(r);
                         }
                         Cmd::Scan(scan, tx) => {
-                            let r = reader.scan(scan).await.map_err(anyhow::Error::new);
+                            let r = reader.scan(*scan).await.map_err(anyhow::Error::new);
                             set_live(&reader);
                             let _ = tx.send(r);
                         }
