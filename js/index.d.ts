@@ -72,6 +72,14 @@ export interface PersistedState {
   /** `Date.now()` when written. */
   savedAt?: number;
   /**
+   * True for a key-value replica's state (not a raw one's): a copy that
+   * says so opens even with no keys (a dataset whose keys were all
+   * deleted); one without it, at an LSN above 0 with no keys and no log,
+   * is taken for a raw replica's record of older versions and not opened.
+   * Keep it with the rest.
+   */
+  kv?: boolean;
+  /**
    * Incremental persistence: chunks of applied batches (framed like segment
    * records, LSNs dense from the snapshot's) replayed on `snapshot` at
    * open, in order, up to `appliedLsn`. Absent for a whole state.

@@ -232,6 +232,8 @@ function putWhole(tx, url, rec) {
       format: FORMAT,
       appliedLsn: rec.appliedLsn,
       datasetId: rec.datasetId ?? null,
+      // A key-value replica's state (not a raw one's).
+      ...(rec.kv === true ? { kv: true } : {}),
       baseLsn: rec.appliedLsn,
       baseBytes: snapshot.length,
       logBytes: 0,
@@ -282,6 +284,7 @@ export const indexedDbStore = {
         // it, opens at what the base and log hold, and rewrites the store whole.
         ...(damaged ? { damaged } : {}),
         datasetId: r.datasetId ?? null,
+        ...(r.kv === true ? { kv: true } : {}),
         baseLsn: r.baseLsn,
         savedAt: r.savedAt,
       };

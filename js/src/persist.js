@@ -92,7 +92,9 @@ export function restoreRecord(wasmOpts, rec, key) {
     // from the store: older versions kept a raw replica's record (no
     // key-value state) under this same key. An empty state is cheap to
     // fetch again; a raw record read as one would miss every key.
-    if (!wasmOpts?.raw && got > 0 && w.size === 0 && !chunks?.some((c) => c.length > 0)) {
+    // A record that says it holds a key-value state (`kv`, written since)
+    // is one: a dataset whose keys were all deleted opens from it.
+    if (!wasmOpts?.raw && rec.kv !== true && got > 0 && w.size === 0 && !chunks?.some((c) => c.length > 0)) {
       throw walcastError(
         "data",
         `walcast: the persisted copy of ${key} (LSN ${shown}) holds no keys and no log, as a raw replica's record kept under this key by older versions does; starting over from the dataset`,

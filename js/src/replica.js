@@ -1316,6 +1316,8 @@ export class Replica {
     const chunk = typeof this.#store.append === "function" ? call(h, "read", (w) => w.takeLog()) : undefined;
     if (!replace && !repair && lsn <= this.#persistedLsn && ds === this.#persistedDataset) return;
     const key = storeKey(this.#url, this.#wasmOpts);
+    // A key-value state says so: an empty one is then opened as it is.
+    const kv = this.#wasmOpts?.raw ? {} : { kv: true };
     if (chunk && !replace && !repair && !this.#persistWhole && ds === this.#persistedDataset) {
       // Append the chunk; the store asks for the whole state instead when
       // its log is due for compaction or does not line up with the chunk.
@@ -1326,7 +1328,7 @@ export class Replica {
         const st = call(hh, "read", (w) => w.status());
         if ((st.datasetId ?? null) !== ds) return null;
         wholeLsn = st.appliedLsn;
-        return { snapshot: call(hh, "read", (w) => w.snapshot()), appliedLsn: st.appliedLsn, datasetId: ds, savedAt: Date.now() };
+        return { snapshot: call(hh, "read", (w) => w.snapshot()), appliedLsn: st.appliedLsn, datasetId: ds, savedAt: Date.now(), ...kv };
       };
       try {
         await this.#storeCall(this.#store.append(key, { datasetId: ds, first: chunk.first, last: chunk.last, bytes: chunk.bytes, whole }), "append");
@@ -1344,7 +1346,7 @@ export class Replica {
     if (this.#rewindSincePersist && ds === this.#persistedDataset) opts.rewind = true;
     if (repair && this.#persistRepairOf !== undefined) opts.repairOf = this.#persistRepairOf;
     try {
-      await this.#storeCall(this.#store.save(key, { snapshot, appliedLsn: lsn, datasetId: ds, savedAt: Date.now() }, opts), "save");
+      await this.#storeCall(this.#store.save(key, { snapshot, appliedLsn: lsn, datasetId: ds, savedAt: Date.now(), ...kv }, opts), "save");
     } catch (e) {
       throw storeError("save", key, e);
     }

@@ -1138,6 +1138,33 @@ export function conformanceCases(ctx) {
     expectState(kv, fx.expected, "the key-value replica that found a raw record");
   });
 
+  add("persist: a key-value copy with no keys that says it is one (kv: a dataset whose keys were all deleted) opens as it is", async () => {
+    const fx = sc.basic;
+    const store = mapStore();
+    const raw = track(await Replica.open(fx.url, { raw: true, onRecord: () => {}, persist: store }));
+    eq(await withTimeout(raw.sync(), 120_000, "raw sync"), fx.expected.lsn, "raw sync");
+    await raw.close();
+    const rawKey = [...store.map.keys()].find((k) => k.endsWith("#raw"));
+    // An empty key-value state at an LSN above 0, as a key-value replica
+    // writes it (kv) once every key was deleted.
+    const rec = store.map.get(rawKey);
+    store.map.set(rawKey.slice(0, -"#raw".length), { ...rec, kv: true });
+    store.map.delete(rawKey);
+    const errors = [];
+    const kv = track(await Replica.open(fx.url, { persist: store, onError: (e) => errors.push(e) }));
+    eq(kv.status().appliedLsn, rec.appliedLsn, "opened at the copy's LSN");
+    eq(kv.size, 0, "with no keys");
+    ok(errors.length === 0, `no error (${errors.map((e) => e.message).join("; ")})`);
+    await kv.close();
+    // What a key-value replica writes says so.
+    const mine = mapStore();
+    const w = track(await Replica.open(fx.url, { persist: mine }));
+    await withTimeout(w.sync(), 120_000, "sync");
+    await w.close();
+    const saved = [...mine.map.values()];
+    ok(saved.length === 1 && saved[0].kv === true, "a key-value replica's copy carries kv: true");
+  });
+
   add("start: a pollInterval past setTimeout's range does not poll in a tight loop", async () => {
     const fx = sc.basic;
     const r = track(await Replica.open(fx.url, { pollInterval: 2 ** 31 + 5, longPoll: false }));
