@@ -15,11 +15,17 @@ amplification in steady state, the segments and heads not included.
     python3 scripts/delta-amp-model.py factors    # other merge ratios
     python3 scripts/delta-amp-model.py periodic   # fixed merge periods per level
     python3 scripts/delta-amp-model.py pointers   # deltas of pointers, not values
+    python3 scripts/delta-amp-model.py pointers 30  # ... with 30-byte slots
 
 `pointers` weighs the same counts in bytes for a chain whose deltas hold
 no values: each entry a fixed-size slot of a hash table (a key fingerprint
 and the position of the key's newest record in a segment, SLOT bytes with
-the table's free slots), base snapshots of SNAPSHOT_ENTRY bytes a key, WAL
+the table's free slots; 27 unless given: a slot that names its record by
+LSN, offset and length; one that also names the segment object itself, as
+a cold read must without the catalog's pages, takes about 30: a 6-byte
+fingerprint, the segment's first LSN and length in LSNs, the epoch, the
+record's offset and length, in 4 KiB pages each with its checksum, three
+quarters full), base snapshots of SNAPSHOT_ENTRY bytes a key, WAL
 records of RECORD bytes; it adds the segments (1.15x) and, at one commit a
 second, the heads' catalog (0.13x) measured by tests/deltas/figures.rs, and the key
 filters of the segments past the chain (16 bits a key, half of them in an
@@ -114,14 +120,16 @@ RECORD = 117.0  # WAL bytes of one single-put batch (12-byte key, 100-byte value
 SNAPSHOT_ENTRY = 105.0  # a block-indexed snapshot's bytes a key, measured
 
 
-def pointers():
+def pointers(slot=None):
+    slot = SLOT if slot is None else slot
+    print(f"slot: {slot:g} bytes a key")
     print("| delta every | snapshot every | deltas (entries) | deltas (bytes) | snapshots | segment filters | total |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for every in [6000, 12000, 24000]:
         for snap in [1_200_000, 2_400_000, 4_800_000]:
             d, s = model(every, snap, batches=2 * snap)
             filters = every / 1000 / 2 * (1000 * 2 + 150) / (1000 * RECORD)
-            dp, sp = d * SLOT / RECORD, s * SNAPSHOT_ENTRY / RECORD
+            dp, sp = d * slot / RECORD, s * SNAPSHOT_ENTRY / RECORD
             total = 1.15 + 0.13 + filters + dp + sp
             print(f"| {every:,} | {snap:,} | {d:.2f}x | {dp:.2f}x | {sp:.2f}x | {filters:.2f}x | {total:.2f}x |", flush=True)
 
@@ -138,8 +146,8 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["periodic"]:
         periodic()
         sys.exit()
-    if sys.argv[1:] == ["pointers"]:
-        pointers()
+    if sys.argv[1:2] == ["pointers"]:
+        pointers(float(sys.argv[2]) if len(sys.argv) > 2 else None)
         sys.exit()
     if sys.argv[1:] == ["factors"]:
         factors()
