@@ -47,6 +47,9 @@ pub(crate) async fn get(args: GetArgs) -> Result<ExitCode> {
     }
 }
 
+/// Entries a page of `scan --from` holds.
+const SCAN_PAGE: usize = 1000;
+
 /// Prints entries as NDJSON, in key order.
 pub(crate) async fn scan(args: ScanArgs) -> Result<ExitCode> {
     let ScanArgs {
@@ -79,16 +82,38 @@ pub(crate) async fn scan(args: ScanArgs) -> Result<ExitCode> {
         }
         (None, Some(url)) => {
             let r = open_lazy(&url, headers, trust, prefix.as_bytes()).await?;
-            let res = r
-                .scan_prefix(prefix.as_bytes(), limit.unwrap_or(usize::MAX))
-                .await;
+            // Pages of SCAN_PAGE entries, each printed as it comes: the
+            // output streams and memory holds one page, however long the
+            // scan. The replica does not follow the dataset, so every page
+            // reads the same state.
+            let end = walcast_core::state::prefix_end_key(prefix.as_bytes());
+            let mut start = prefix.as_bytes().to_vec();
+            let mut left = limit.unwrap_or(usize::MAX);
+            let res: Result<()> = async {
+                while left > 0 {
+                    let want = left.min(SCAN_PAGE);
+                    let page = r.scan(&start, end.as_deref(), want).await?;
+                    for (k, v) in &page {
+                        print(k, v)?;
+                    }
+                    left -= page.len();
+                    match page.last() {
+                        // The next page starts just past the last key.
+                        Some((k, _)) if page.len() == want => {
+                            start.clone_from(k);
+                            start.push(0);
+                        }
+                        _ => break,
+                    }
+                }
+                Ok(())
+            }
+            .await;
             if stats {
                 eprintln!("{}", r.fetch_stats().to_json());
             }
             r.close().await;
-            for (k, v) in res? {
-                print(&k, &v)?;
-            }
+            res?;
         }
         (None, None) => bail!("give --local DIR or --from URL"),
     }
