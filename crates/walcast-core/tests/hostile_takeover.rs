@@ -269,3 +269,52 @@ fn retired_entries_dated_in_the_future_do_not_stop_retention_for_good() {
         objects.len()
     );
 }
+
+/// The store's head goes back to an earlier head of this publisher (a
+/// bucket restored from a backup, or a write the store acknowledged and
+/// then lost) after later heads retired objects that earlier head names:
+/// the publisher deletes none of them, and stops with a `data` error
+/// naming the head and both generations instead of retrying for ever.
+#[test]
+fn a_head_that_went_back_stops_the_publisher_before_it_deletes_what_that_head_names() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(10),
+        retain_lsns: Some(1),
+        head_check_ms: 100,
+        grace_ms: 5_000,
+        ..cfg()
+    };
+    let mut objects = Objects::new();
+    let mut p = Publisher::new(cfg, 1);
+    run(&mut p, &mut objects, 20, 0, 3_000);
+    let backup = objects[HEAD_KEY].0.clone();
+    let before = Head::decode(&backup).unwrap();
+    assert_eq!(before.committed_lsn, 20);
+    run(&mut p, &mut objects, 40, 3_000, 6_000);
+    let later = head(&objects);
+    assert_eq!(later.committed_lsn, 40);
+    // The later heads retired objects the backup names.
+    let named: Vec<&str> = before.segments.iter().map(|s| s.key.as_str()).collect();
+    assert!(
+        later
+            .retired
+            .iter()
+            .any(|r| named.contains(&r.key.as_str())),
+        "retention retired none of the backup's segments: {:?}",
+        later.retired
+    );
+    let etag = objects.values().map(|(_, e)| *e).max().unwrap_or(0) + 1;
+    objects.insert(HEAD_KEY.to_string(), (backup, etag));
+    let events = run(&mut p, &mut objects, 40, 6_000, 60_000);
+    let (missing, refused) = check_catalog(&objects, &head(&objects));
+    assert!(
+        missing.is_empty() && refused.is_empty(),
+        "the store's head names objects the publisher deleted: {missing:?} {refused:?}"
+    );
+    assert!(p.is_fenced(), "the publisher goes on: {events:?}");
+    let said = events.iter().any(|e| {
+        matches!(e, Event::Fenced(err) if err.to_string().contains("went back")
+            && err.to_string().contains(&format!("generation {}", before.generation)))
+    });
+    assert!(said, "{events:?}");
+}

@@ -250,3 +250,92 @@ fn a_publisher_takes_over_a_dataset_naming_an_oversized_segment() {
         h.segments
     );
 }
+
+/// A store that refuses every conditional PUT of the head (a read-only
+/// policy, conditional writes unsupported): the claim is retried after a
+/// growing backoff, not at once, and the error that stops the publisher
+/// carries the store's answer.
+#[test]
+fn a_refused_claim_backs_off_and_its_error_carries_the_stores_answer() {
+    let mut p = Publisher::new(cfg(), 7);
+    let mut puts = Vec::new();
+    let mut events = Vec::new();
+    let mut now = 0u64;
+    while !p.is_fenced() && now < 100_000_000 {
+        match p.poll(now) {
+            Action::Get(req) => p.handle_get(req.id, now, GetResponse::NotFound),
+            Action::Put(req) => {
+                puts.push(now);
+                let message = "403 AccessDenied: conditional writes are not allowed".to_string();
+                p.handle_put(req.id, now, PutResponse::Failed { message });
+            }
+            Action::Delete(req) => p.handle_delete(req.id, now, Ok(())),
+            Action::Event(e) => events.push(e),
+            Action::Wait { until } => now = until.max(now + 1),
+        }
+    }
+    assert!(p.is_fenced(), "{events:?}");
+    while let Action::Event(e) = p.poll(now) {
+        events.push(e);
+    }
+    assert_eq!(puts.len(), 32, "{puts:?}");
+    let gaps: Vec<u64> = puts.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.iter().all(|&g| g > 0),
+        "a claim PUT right after a refused one: {gaps:?}"
+    );
+    assert!(gaps[gaps.len() - 1] > gaps[0], "no backoff: {gaps:?}");
+    let fenced = events.iter().find_map(|e| match e {
+        Event::Fenced(err) => Some(err.to_string()),
+        _ => None,
+    });
+    let fenced = fenced.expect("a Fenced event");
+    assert!(fenced.contains("AccessDenied"), "{fenced}");
+}
+
+/// A page PUT that fails once, with nothing else to do: the time its retry
+/// is due is in the `Wait` the publisher returns, so a driver that sleeps
+/// until then (as `Action::Wait` says) retries it and the commit lands.
+#[test]
+fn a_page_waiting_to_be_retried_sets_the_wait() {
+    let mut objects = Objects::new();
+    let mut etag = 0;
+    let cfg = PublisherConfig {
+        inline_segments: 1,
+        page_fanout: 2,
+        ..cfg()
+    };
+    let mut p = Publisher::new(cfg, 3);
+    let (mut now, mut failed, mut steps) = (0u64, 0, 0);
+    loop {
+        steps += 1;
+        assert!(steps < 100_000, "no progress");
+        while let Some(lsn) = p.next_lsn().filter(|&l| l <= 12 && p.has_room()) {
+            let ops = vec![Op::put(format!("k{lsn}").into_bytes(), vec![9; 120])];
+            p.push(lsn, &batch::encode(&ops).unwrap(), now).unwrap();
+        }
+        match p.poll(now) {
+            Action::Put(req) => {
+                let resp = if req.key.starts_with("catalog/pages/") && failed == 0 {
+                    failed += 1;
+                    PutResponse::Failed {
+                        message: "503 SlowDown".into(),
+                    }
+                } else {
+                    objects::put(&mut objects, &mut etag, &req)
+                };
+                p.handle_put(req.id, now, resp);
+            }
+            Action::Get(req) => p.handle_get(req.id, now, objects::get(&objects, &req.key)),
+            Action::Delete(req) => {
+                objects.remove(&req.key);
+                p.handle_delete(req.id, now, Ok(()));
+            }
+            Action::Event(_) => {}
+            Action::Wait { until } if until == u64::MAX => break,
+            Action::Wait { until } => now = until.max(now + 1),
+        }
+    }
+    assert_eq!(failed, 1, "a page PUT failed");
+    assert_eq!(head(&objects).committed_lsn, 12);
+}

@@ -35,10 +35,14 @@ impl Publisher {
         }
         self.claim_attempts += 1;
         if self.claim_attempts > 32 {
+            let last = self
+                .claim_failure
+                .as_deref()
+                .map_or(String::new(), |m| format!("; the store's last answer: {m}"));
             self.fence(
                 Error::new(
                     ErrorKind::Unavailable,
-                    "could not claim the dataset after 32 attempts",
+                    format!("could not claim the dataset after 32 attempts{last}"),
                 )
                 .with_object(HEAD_KEY),
             );
@@ -163,12 +167,17 @@ impl Publisher {
         if self.role != Role::Running {
             return;
         }
-        if let Ok(Some((h, _))) = Self::decode_head(resp) {
-            if let Some(ours) = self.head.as_ref().map(|o| o.dataset_id) {
-                if self.taken_by_another(&h, ours) {
-                    self.lost_to(&h);
-                }
+        let Some(ours) = self.head.as_ref() else {
+            return;
+        };
+        match Self::decode_head(resp) {
+            Ok(Some((h, _))) if self.taken_by_another(&h, ours.dataset_id) => self.lost_to(&h),
+            Ok(Some((h, _))) if h.generation < ours.generation => {
+                self.head_went_back(Some(h.generation))
             }
+            Ok(Some(_)) => self.behind_reads = 0,
+            Ok(None) => self.head_went_back(None),
+            Err(_) => {}
         }
     }
 }

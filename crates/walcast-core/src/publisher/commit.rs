@@ -9,7 +9,7 @@ use crate::error::{Error, ErrorKind};
 use crate::io::GetResponse;
 
 use super::pages::PageUpload;
-use super::{Action, Event, ObjectKind, Publisher, PutCondition, Req, Up};
+use super::{Action, Event, ObjectKind, Publisher, PutCondition, Req, Role, Up};
 
 /// Where a commit in progress stands.
 #[derive(Debug)]
@@ -36,7 +36,9 @@ pub(super) struct Commit {
 const CARRY_SHARE: usize = 8;
 
 impl Publisher {
-    pub(super) fn drive_commit(&mut self, now: u64) -> Option<Action> {
+    /// The commit's next request; `wake` takes the time a page waiting to
+    /// be retried is due.
+    pub(super) fn drive_commit(&mut self, now: u64, wake: &mut u64) -> Option<Action> {
         if self.commit.is_none() {
             if self.commit_retry_at.is_some_and(|t| t > now) {
                 return None;
@@ -102,6 +104,12 @@ impl Publisher {
                             all_done = false;
                         }
                         Up::Done => {}
+                        Up::Waiting(t) => {
+                            all_done = false;
+                            if t > now {
+                                *wake = (*wake).min(t);
+                            }
+                        }
                         _ => all_done = false,
                     }
                 }
@@ -290,6 +298,7 @@ impl Publisher {
     /// next commit.
     fn adopt(&mut self, h: Head, etag: Option<String>) {
         self.commit = None;
+        self.behind_reads = 0;
         self.attempts.remove(HEAD_KEY);
         while self
             .sealed
@@ -349,7 +358,12 @@ impl Publisher {
                     );
                     self.commit_retry_at = Some(now + d);
                 } else {
-                    // A stale read: look again.
+                    // A stale read: look again (a head that stays behind
+                    // stops this publisher).
+                    self.head_went_back(Some(h.generation));
+                    if self.role != Role::Running {
+                        return;
+                    }
                     let d = self.backoff(
                         HEAD_KEY,
                         Error::new(ErrorKind::Unavailable, "stale head read").with_object(HEAD_KEY),
@@ -358,6 +372,10 @@ impl Publisher {
                 }
             }
             Ok(None) => {
+                self.head_went_back(None);
+                if self.role != Role::Running {
+                    return;
+                }
                 let d = self.backoff(
                     HEAD_KEY,
                     Error::new(ErrorKind::NotFound, "the head vanished").with_object(HEAD_KEY),

@@ -101,6 +101,8 @@ pub struct Publisher {
     role: Role,
     claim: Option<Head>,
     claim_attempts: u32,
+    /// The store's answer to the last claim PUT it refused.
+    claim_failure: Option<String>,
     head: Option<Head>,
     etag: Option<String>,
     epoch: u64,
@@ -157,7 +159,16 @@ pub struct Publisher {
     verify_at: Option<u64>,
     next_check: u64,
     check_inflight: bool,
+    /// Reads in a row that found the head behind the one this publisher
+    /// committed last (see [`Publisher::head_went_back`]): while any, no
+    /// object is deleted.
+    behind_reads: u32,
 }
+
+/// Reads in a row that find the head behind this publisher's last commit
+/// before it stops (with backoff between them, some minutes: a stale read
+/// passes long before).
+const BEHIND_READS_LIMIT: u32 = 16;
 
 impl Publisher {
     /// A publisher that will claim the dataset. `seed` drives the dataset id
@@ -174,6 +185,7 @@ impl Publisher {
             role: Role::Start,
             claim: None,
             claim_attempts: 0,
+            claim_failure: None,
             head: None,
             etag: None,
             epoch: 0,
@@ -209,7 +221,34 @@ impl Publisher {
             verify_at: None,
             next_check: 0,
             check_inflight: false,
+            behind_reads: 0,
         }
+    }
+
+    /// A read found the store's head behind the one this publisher last
+    /// committed (`seen`: its generation, or no head at all): a stale read,
+    /// or the store went back (a bucket restored from a backup, a write it
+    /// acknowledged and lost). Until a read finds this publisher's head
+    /// again, nothing is deleted (what it retired since, the store's head
+    /// may name); after [`BEHIND_READS_LIMIT`] such reads it stops, naming
+    /// both generations: started again, it publishes from the head as it is.
+    pub(super) fn head_went_back(&mut self, seen: Option<u64>) {
+        self.behind_reads += 1;
+        if self.behind_reads < BEHIND_READS_LIMIT {
+            return;
+        }
+        let ours = self.head.as_ref().map_or(0, |h| h.generation);
+        let seen = seen.map_or_else(|| "no head".to_string(), |g| format!("generation {g}"));
+        self.stop(
+            Error::new(
+                ErrorKind::Data,
+                format!(
+                    "the head went back: {} reads in a row found {seen}, behind generation                      {ours} this publisher committed (a bucket restored from a backup, or a                      write the store acknowledged and lost); stopped without deleting what it                      retired since; started again, it publishes from the head as it is",
+                    self.behind_reads
+                ),
+            )
+            .with_object(HEAD_KEY),
+        );
     }
 
     /// The LSN the next [`push`](Self::push) must carry, once the dataset is
@@ -468,7 +507,7 @@ impl Publisher {
             }
         }
         // Commit.
-        if let Some(a) = self.drive_commit(now) {
+        if let Some(a) = self.drive_commit(now, &mut wake) {
             return a;
         }
         if let Some(t) = self.commit_retry_at.into_iter().chain(self.verify_at).min() {
@@ -592,8 +631,22 @@ impl Publisher {
                     let h = self.claim.take().expect("claim in flight");
                     self.claimed(h, etag);
                 }
+                PutResponse::Failed { message } => {
+                    // The store refused the write (a policy, conditional
+                    // writes it does not support, an outage): read the head
+                    // and try again after a backoff, and keep its answer
+                    // for the error if the claim never lands.
+                    self.role = Role::Start;
+                    let err = Error::new(
+                        ErrorKind::Unavailable,
+                        format!("claiming the dataset failed: {message}"),
+                    )
+                    .with_object(HEAD_KEY);
+                    self.retry_at = now + self.backoff(HEAD_KEY, err);
+                    self.claim_failure = Some(message);
+                }
                 _ => {
-                    // Lost, failed or raced: read the head and decide.
+                    // Lost or raced: read the head and decide.
                     self.role = Role::Start;
                     self.retry_at = now;
                 }

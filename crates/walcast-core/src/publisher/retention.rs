@@ -198,6 +198,10 @@ impl Publisher {
     }
 
     pub(super) fn drive_deletes(&mut self, now: u64, wake: &mut u64) -> Option<Action> {
+        // The store's head may be behind ours: it may name what ours retired.
+        if self.behind_reads > 0 {
+            return None;
+        }
         if self.delete_retry_at > now {
             *wake = (*wake).min(self.delete_retry_at);
             return None;
