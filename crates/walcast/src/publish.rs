@@ -119,6 +119,13 @@ pub async fn publish(
             0
         }
     };
+    // The WAL checked against the head as it is before claiming it: a WAL
+    // that cannot hold the dataset (the wrong one, an empty one) stops here,
+    // before its claim fences the publisher that is running on the right
+    // one. The check on claiming stays: the head may move in between.
+    if let Some(head) = current_head(&store).await {
+        check_wal_holds_head(&wal_dir, &store, Some(&head), head.committed_lsn).await?;
+    }
     // With `once`: everything durable at the start.
     let target = opts.once.then_some(durable);
     let mut report = PublishReport::default();
@@ -253,6 +260,27 @@ pub async fn publish(
                 }
             }
         }
+    }
+}
+
+/// The dataset's head as the store holds it now, if it can be read and
+/// decoded (anything else is left to the claim, which reads it again).
+async fn current_head(store: &Store) -> Option<Head> {
+    let req = GetRequest {
+        id: RequestId(0),
+        key: walcast_core::catalog::HEAD_KEY.to_string(),
+        range: None,
+        if_none_match: None,
+        wait_ms: None,
+        timeout_ms: 30_000,
+        max_bytes: walcast_core::catalog::MAX_HEAD_BYTES as u64,
+    };
+    match store.get(&req).await {
+        GetResponse::Ok { body, .. } => {
+            let json = walcast_core::catalog::head_json(&body).ok()?;
+            Head::decode(&json).ok()
+        }
+        _ => None,
     }
 }
 
@@ -530,6 +558,13 @@ mod tests {
             .expect_err("a WAL that reused published LSNs must be refused");
         let msg = format!("{err:#}");
         assert!(msg.contains("holds LSN 3 with other bytes"), "{msg}");
+        // Refused before claiming: a publisher running on the right WAL
+        // would not have been fenced.
+        let epoch = current_head(&store).await.expect("a head").epoch;
+        assert_eq!(
+            epoch, 1,
+            "a publisher refused for its WAL claimed the dataset"
+        );
         // Nothing of it became visible.
         assert_eq!(replica_value(&url, "k4").await, None);
         assert_eq!(replica_value(&url, "k3").await.as_deref(), Some(&b"v"[..]));
