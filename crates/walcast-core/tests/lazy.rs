@@ -400,7 +400,7 @@ fn a_block_answer_from_the_dataset_before_a_reset_is_dropped() {
         let v: Vec<u8> = v.iter().map(|b| b ^ 1).collect();
         new_state.put(&k, &v);
     }
-    let mut store = snapshot_only(DATASET, &old_state, 60);
+    let mut store = snapshot_only(DATASET, &old_state, 600);
     let mut r = Replica::new(lazy_cfg(1 << 20), 6);
     drain(&mut r, &mut store, 0);
     let key = old_state.iter().next().map(|(k, _)| k.to_vec()).unwrap();
@@ -411,7 +411,11 @@ fn a_block_answer_from_the_dataset_before_a_reset_is_dropped() {
     };
     let old_resp = store.serve(&old_req);
     // The dataset starts over: another id, the same object keys.
-    let mut store = snapshot_only(walcast_core::catalog::DatasetId([0x22; 16]), &new_state, 60);
+    let mut store = snapshot_only(
+        walcast_core::catalog::DatasetId([0x22; 16]),
+        &new_state,
+        600,
+    );
     drain(&mut r, &mut store, 10_000);
     assert!(matches!(r.get_lazy(&key), Ok(Read::Pending)));
     let Action::Fetch(new_req) = r.poll(10_000) else {
@@ -472,14 +476,16 @@ fn a_base_followed_by_a_version_1_snapshot_is_left_before_it_is_deleted() {
 /// entries it collected from the old dataset's snapshot.
 #[test]
 fn a_scan_across_a_dataset_reset_returns_only_the_new_state() {
-    let old_state = state_through(1, 60);
+    // Enough blocks that three rounds of the scan (reading ahead) do not
+    // finish it.
+    let old_state = state_through(1, 600);
     let mut new_state = KvState::new();
     for (k, v) in old_state.iter() {
         // Every value differs from the old one (some old values are empty).
         let v: Vec<u8> = v.iter().map(|b| b ^ 1).chain([1]).collect();
         new_state.put(&k, &v);
     }
-    let mut store = snapshot_only(DATASET, &old_state, 60);
+    let mut store = snapshot_only(DATASET, &old_state, 600);
     let mut r = Replica::new(lazy_cfg(1 << 20), 6);
     drain(&mut r, &mut store, 0);
     let mut s = LazyScan::new(b"", None, 10_000);
@@ -490,7 +496,11 @@ fn a_scan_across_a_dataset_reset_returns_only_the_new_state() {
         drain(&mut r, &mut store, 0);
     }
     // The dataset starts over: another id, the same object keys.
-    let mut store = snapshot_only(walcast_core::catalog::DatasetId([0x22; 16]), &new_state, 60);
+    let mut store = snapshot_only(
+        walcast_core::catalog::DatasetId([0x22; 16]),
+        &new_state,
+        600,
+    );
     drain(&mut r, &mut store, 10_000);
     assert_eq!(
         r.dataset_id(),
@@ -780,7 +790,7 @@ fn a_scan_over_many_blocks_copies_each_entry_about_once() {
     let mut r = Replica::new(lazy_cfg(1 << 20), 5);
     drain(&mut r, &mut store, 0);
     let mut s = LazyScan::new(b"", None, usize::MAX);
-    let mut turns = 0;
+    let (mut turns, gets) = (0, store.gets);
     let got = loop {
         turns += 1;
         match r.scan_lazy(&mut s).expect("scan") {
@@ -790,7 +800,16 @@ fn a_scan_over_many_blocks_copies_each_entry_about_once() {
     };
     let all: Vec<_> = want.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
     assert_eq!(got, all);
+    let gets = store.gets - gets;
     assert!(turns > 100, "{turns} turns: the scan fetches many blocks");
+    // Reading ahead: the blocks after the one a turn waits for (those its
+    // index block lists: this snapshot's hold a few) go out beside it, so
+    // a turn takes several blocks.
+    assert!(
+        turns * 2 < gets,
+        "{turns} turns for {gets} GETs: no read-ahead"
+    );
+    assert!(gets < 2 * turns * 8, "{gets} GETs over {turns} turns");
     assert!(
         s.entries_copied() <= 2 * all.len() as u64,
         "{} entries copied for {} returned over {turns} turns",

@@ -364,12 +364,26 @@ impl Replica {
             cursor.remaining = (scan.limit - out_len).max(16).min(by_bytes.max(16));
             match base.snap.scan_step(cursor, &mut scan.collected) {
                 Ok(Some(need)) => {
+                    // The block is the one holding the cursor's key now;
+                    // the blocks after it that the entries still wanted
+                    // will need (at the mean size of those merged so far)
+                    // go out beside it.
+                    let next = cursor.next.clone();
+                    let block = match need {
+                        Need::Range { start, end } => end.saturating_sub(start).max(1),
+                        Need::Suffix(_) => 1 << 12,
+                    };
+                    let mean = bytes.checked_div(out_len).unwrap_or(128) as u64;
+                    let ahead = (cursor.remaining as u64).saturating_mul(mean) / block;
+                    let ahead = ahead.min(SCAN_AHEAD as u64) as usize;
+                    let ahead = base.snap.blocks_ahead(&next, ahead);
                     if let Some(e) = lazy.take_base_failure(&need) {
                         return Err(e);
                     }
-                    // The block is the one holding the cursor's key now.
-                    let next = cursor.next.clone();
                     lazy.want(need, &next);
+                    for (k, n) in ahead {
+                        lazy.want(n, &k);
+                    }
                     return Ok(Read::Pending);
                 }
                 Ok(None) => {}
@@ -381,6 +395,9 @@ impl Replica {
         }
     }
 }
+
+/// Data blocks a scan fetches beside the one it waits for.
+const SCAN_AHEAD: usize = 7;
 
 /// Copies at most `n` of the state's entries from `scan.start` (before its
 /// end) into `scan.collected`, until their keys and values reach `budget`

@@ -497,6 +497,61 @@ impl LazySnapshot {
         Ok(None)
     }
 
+    /// Up to `n` data blocks after the one holding `key`, listed by the same
+    /// index block (held), that are not cached and together take at most a
+    /// quarter of the cache: each with its first key (which locates it),
+    /// for a scan to fetch beside its next block (read-ahead: their GETs go
+    /// out together, not one round trip a block).
+    #[inline(never)]
+    pub fn blocks_ahead(&self, key: &[u8], n: usize) -> Vec<(Vec<u8>, Need)> {
+        let mut out = Vec::new();
+        let Some(footer) = self.footer else {
+            return out;
+        };
+        let Some(mut ix) = self.index.get(footer.top.offset) else {
+            return out;
+        };
+        let (mut at, digests) = (footer.top.offset, footer.has_digests());
+        if footer.levels == 2 {
+            let part = ix
+                .child_for(key)
+                .and_then(|i| decode_handle(&ix.entries()[i].1, at, digests).ok());
+            let Some((b, h)) = part.and_then(|(h, _)| Some((&self.blocks.get(h.offset)?.0, h)))
+            else {
+                return out;
+            };
+            (ix, at) = (b, h.offset);
+        }
+        let Some(i) = ix.child_for(key) else {
+            return out;
+        };
+        let mut bytes = 0u64;
+        for (k, v) in ix.entries().iter().skip(i + 1).take(n) {
+            let Ok((h, _)) = decode_handle(v, at, digests) else {
+                break;
+            };
+            bytes += u64::from(h.len);
+            // Where the index points outside the data, the read that needs
+            // the block reports it.
+            if bytes > self.cache_bytes / 4
+                || h.offset < HEADER_LEN
+                || h.end() > footer.index_offset
+            {
+                break;
+            }
+            if self.blocks.get(h.offset).is_none() {
+                out.push((
+                    k.clone(),
+                    Need::Range {
+                        start: h.offset,
+                        end: h.end(),
+                    },
+                ));
+            }
+        }
+        out
+    }
+
     /// The snapshot's first key, once the top index is held.
     fn first_key(&self) -> Option<&[u8]> {
         let top = self.index.get(self.footer?.top.offset)?;
