@@ -78,9 +78,11 @@ export function restoreRecord(wasmOpts, rec, key) {
   try {
     w = WasmReplica.restoreLog(wasmOpts, snapshot, chunks ?? []);
   } catch (e) {
-    // A damaged base: nothing of the copy is usable. Say whose copy it is.
+    // A damaged base: nothing of the copy is usable. Say whose copy it is,
+    // and what the store found (a base it could not read back) if it did.
     if (e?.code !== "data") throw e;
-    throw walcastError("data", `walcast: the persisted copy of ${key} (LSN ${shown}) is damaged: ${e.message}; starting over`, {
+    const found = typeof rec.damaged === "string" ? `${rec.damaged}; ` : "";
+    throw walcastError("data", `walcast: the persisted copy of ${key} (LSN ${shown}) is damaged: ${found}${e.message}; starting over`, {
       object: e.object ?? "persisted snapshot",
       ...(e.lsn !== undefined ? { lsn: e.lsn } : {}),
     });

@@ -305,7 +305,7 @@ fn a_head_that_went_back_stops_the_publisher_before_it_deletes_what_that_head_na
     );
     let etag = objects.values().map(|(_, e)| *e).max().unwrap_or(0) + 1;
     objects.insert(HEAD_KEY.to_string(), (backup, etag));
-    let events = run(&mut p, &mut objects, 40, 6_000, 60_000);
+    let events = run(&mut p, &mut objects, 40, 6_000, 600_000);
     let (missing, refused) = check_catalog(&objects, &head(&objects));
     assert!(
         missing.is_empty() && refused.is_empty(),

@@ -818,6 +818,79 @@ fn a_scan_over_many_blocks_copies_each_entry_about_once() {
     );
 }
 
+/// Read-ahead stops at the scan's end: a prefix scan with no limit makes
+/// no more GETs than one limited to the entries the prefix holds.
+#[test]
+fn read_ahead_stops_at_the_end_of_the_scan() {
+    let mut want = KvState::new();
+    for i in 0..2_000u32 {
+        want.put(format!("k/{i:05}").as_bytes(), &i.to_le_bytes());
+    }
+    let store = snapshot_only(DATASET, &want, 60);
+    let gets = |limit: usize| {
+        let mut store = Store {
+            objects: store.objects.clone(),
+            ..Store::default()
+        };
+        let mut r = Replica::new(lazy_cfg(1 << 20), 5);
+        drain(&mut r, &mut store, 0);
+        let before = store.gets;
+        let got = scan(&mut r, &mut store, LazyScan::prefix(b"k/001", limit));
+        assert_eq!(got.len(), 100);
+        store.gets - before
+    };
+    let (exact, unlimited) = (gets(100), gets(usize::MAX));
+    assert!(
+        unlimited <= exact + 1,
+        "{unlimited} GETs without a limit, {exact} with"
+    );
+}
+
+/// The empty key, in the snapshot and written or deleted after it: a scan
+/// from the empty key returns it once, as the overlay has it, whatever
+/// the turn on which the snapshot's entries arrive.
+#[test]
+fn a_scan_from_the_empty_key_takes_its_newest_write_once() {
+    use walcast_core::batch::{self, Op};
+    use walcast_core::segment::SegmentBuilder;
+    for (op, want) in [
+        (Op::put(Vec::new(), b"new".to_vec()), Some(&b"new"[..])),
+        (Op::delete(Vec::new()), None),
+    ] {
+        let mut st = KvState::new();
+        st.put(b"", b"old");
+        for i in 0..200u32 {
+            st.put(format!("k/{i:04}").as_bytes(), b"v");
+        }
+        let mut store = snapshot_only(DATASET, &st, 60);
+        let mut b = SegmentBuilder::with_index_interval(1, 61, 64);
+        assert!(b.push(&batch::encode(&[op]).unwrap()));
+        let (bytes, summary) = b.finish().unwrap();
+        let e = SegmentEntry::from_summary(&summary);
+        let mut head = Head::decode(&store.objects[HEAD_KEY]).unwrap();
+        store.objects.insert(e.key.clone(), bytes);
+        head.segments.push(e);
+        head.committed_lsn = 61;
+        head.generation = 61;
+        store.objects.insert(HEAD_KEY.into(), head.encode());
+        for cache in [300, 1 << 20] {
+            let mut r = Replica::new(lazy_cfg(cache), 8);
+            drain(&mut r, &mut store, 0);
+            assert_eq!(r.applied_lsn(), 61);
+            let got = scan(&mut r, &mut store, LazyScan::new(b"", None, 5));
+            let empty: Vec<_> = got.iter().filter(|(k, _)| k.is_empty()).collect();
+            match want {
+                Some(v) => assert_eq!(empty, [&(Vec::new(), v.to_vec())], "cache {cache}: {got:?}"),
+                None => assert!(
+                    empty.is_empty(),
+                    "cache {cache}: a deleted key returned: {got:?}"
+                ),
+            }
+            assert_eq!(got.len(), 5, "{got:?}");
+        }
+    }
+}
+
 /// Answers every GET with the whole object, as a server that ignores Range
 /// does, cut at `max_bytes + 1` as a driver cuts a body.
 fn drain_whole(r: &mut Replica, store: &mut Store) {

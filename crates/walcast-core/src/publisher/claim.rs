@@ -173,11 +173,28 @@ impl Publisher {
         match Self::decode_head(resp) {
             Ok(Some((h, _))) if self.taken_by_another(&h, ours.dataset_id) => self.lost_to(&h),
             Ok(Some((h, _))) if h.generation < ours.generation => {
-                self.head_went_back(Some(h.generation))
+                self.head_went_back(Some(h.generation));
+                self.check_later(now);
             }
             Ok(Some(_)) => self.behind_reads = 0,
-            Ok(None) => self.head_went_back(None),
+            Ok(None) => {
+                self.head_went_back(None);
+                self.check_later(now);
+            }
             Err(_) => {}
         }
+    }
+
+    /// The next check of a head behind ours waits out a backoff, as a
+    /// commit's re-reads do: the reads that stop the publisher span a
+    /// minute or more, not 16 check intervals.
+    fn check_later(&mut self, now: u64) {
+        let err = Error::new(
+            ErrorKind::Unavailable,
+            "the head read is behind this publisher's last commit",
+        )
+        .with_object(HEAD_KEY);
+        let d = self.backoff(HEAD_KEY, err);
+        self.next_check = now + d.max(self.cfg.head_check_ms);
     }
 }

@@ -349,6 +349,7 @@ impl Publisher {
                     self.adopt(h, etag);
                 } else if self.head.as_ref() == Some(&h) {
                     // Our write did not land; the head is still ours. Retry.
+                    self.behind_reads = 0;
                     self.etag = etag;
                     self.commit = None;
                     let d = self.backoff(

@@ -243,7 +243,11 @@ impl Publisher {
             Error::new(
                 ErrorKind::Data,
                 format!(
-                    "the head went back: {} reads in a row found {seen}, behind generation                      {ours} this publisher committed (a bucket restored from a backup, or a                      write the store acknowledged and lost); stopped without deleting what it                      retired since; started again, it publishes from the head as it is",
+                    "the head went back: {} reads in a row found {seen}, behind generation \
+                     {ours} this publisher committed (a bucket restored from a backup, \
+                     or a write the store acknowledged and lost); stopped without \
+                     deleting what it retired since; started again, it publishes from \
+                     the head as it is",
                     self.behind_reads
                 ),
             )

@@ -96,7 +96,6 @@ pub struct LazyScan {
 
 impl LazyScan {
     /// Forgets the merge: the next turn merges `collected` from the start.
-    #[inline(never)]
     pub(super) fn restart_merge(&mut self) {
         self.merge_at = None;
         self.merged.clear();
@@ -106,7 +105,6 @@ impl LazyScan {
     }
 
     /// The merge as the answer; a call after it merges again.
-    #[inline(never)]
     pub(super) fn answer(&mut self) -> Read<Entries> {
         let out = std::mem::take(&mut self.merged);
         self.restart_merge();

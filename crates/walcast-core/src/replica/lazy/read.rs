@@ -294,12 +294,10 @@ impl Replica {
             let snap_done = scan.cursor.as_ref().map_or(!state_cut, ScanCursor::is_done);
             // Snapshot keys above the last one collected are not known yet:
             // merge only up to it, unless the snapshot part is complete.
-            let frontier: Option<&[u8]> = if snap_done {
-                None
-            } else {
-                Some(scan.collected.last().map_or(&[][..], |(k, _)| k.as_slice()))
-            };
-            let below = |k: &[u8]| frontier.is_none_or(|f| k <= f);
+            // Nothing collected yet: nothing is known to be below (not even
+            // the empty key, which the snapshot may still hold).
+            let frontier = scan.collected.last().map(|(k, _)| k.as_slice());
+            let below = |k: &[u8]| snap_done || frontier.is_some_and(|f| k <= f);
             // From where the last turn's merge stopped.
             let lower = match &scan.pos {
                 Some(p) => std::ops::Bound::Excluded(p.as_slice()),
@@ -369,14 +367,11 @@ impl Replica {
                     // will need (at the mean size of those merged so far)
                     // go out beside it.
                     let next = cursor.next.clone();
-                    let block = match need {
-                        Need::Range { start, end } => end.saturating_sub(start).max(1),
-                        Need::Suffix(_) => 1 << 12,
-                    };
-                    let mean = bytes.checked_div(out_len).unwrap_or(128) as u64;
-                    let ahead = (cursor.remaining as u64).saturating_mul(mean) / block;
-                    let ahead = ahead.min(SCAN_AHEAD as u64) as usize;
-                    let ahead = base.snap.blocks_ahead(&next, ahead);
+                    let mean = bytes.checked_div(out_len).unwrap_or(128);
+                    let ahead = (cursor.remaining.saturating_mul(mean)
+                        / crate::snapshot::indexed::DEFAULT_BLOCK_BYTES)
+                        .min(SCAN_AHEAD);
+                    let ahead = base.snap.blocks_ahead(&next, cursor.end.as_deref(), ahead);
                     if let Some(e) = lazy.take_base_failure(&need) {
                         return Err(e);
                     }

@@ -498,12 +498,12 @@ impl LazySnapshot {
     }
 
     /// Up to `n` data blocks after the one holding `key`, listed by the same
-    /// index block (held), that are not cached and together take at most a
-    /// quarter of the cache: each with its first key (which locates it),
-    /// for a scan to fetch beside its next block (read-ahead: their GETs go
-    /// out together, not one round trip a block).
+    /// index block (held) and starting before `end`, that are not cached and
+    /// together take at most a quarter of the cache: each with its first
+    /// key (which locates it), for a scan to fetch beside its next block
+    /// (read-ahead: their GETs go out together, not one round trip a block).
     #[inline(never)]
-    pub fn blocks_ahead(&self, key: &[u8], n: usize) -> Vec<(Vec<u8>, Need)> {
+    pub fn blocks_ahead(&self, key: &[u8], end: Option<&[u8]>, n: usize) -> Vec<(Vec<u8>, Need)> {
         let mut out = Vec::new();
         let Some(footer) = self.footer else {
             return out;
@@ -530,6 +530,9 @@ impl LazySnapshot {
             let Ok((h, _)) = decode_handle(v, at, digests) else {
                 break;
             };
+            if end.is_some_and(|e| k.as_slice() >= e) {
+                break;
+            }
             bytes += u64::from(h.len);
             // Where the index points outside the data, the read that needs
             // the block reports it.
