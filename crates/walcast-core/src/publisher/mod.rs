@@ -638,15 +638,12 @@ impl Publisher {
                 PutResponse::Failed { message } => {
                     // The store refused the write (a policy, conditional
                     // writes it does not support, an outage): read the head
-                    // and try again after a backoff, and keep its answer
-                    // for the error if the claim never lands.
+                    // and try again a little later (the claim's 32 attempts
+                    // then span seconds, so a store that never takes it
+                    // fails the claim soon), keeping its answer for the
+                    // error if the claim never lands.
                     self.role = Role::Start;
-                    let err = Error::new(
-                        ErrorKind::Unavailable,
-                        format!("claiming the dataset failed: {message}"),
-                    )
-                    .with_object(HEAD_KEY);
-                    self.retry_at = now + self.backoff(HEAD_KEY, err);
+                    self.retry_at = now + self.cfg.retry_base_ms;
                     self.claim_failure = Some(message);
                 }
                 _ => {
