@@ -1116,17 +1116,26 @@ export function conformanceCases(ctx) {
     ok(store.map.size === 2, `two records (${[...store.map.keys()].join(", ")})`);
   });
 
-  add("persist: a raw replica's record under the plain key (older versions) never opens a key-value replica with no keys", async () => {
-    const fx = sc.basic;
+  // A store holding a raw replica's record of `fx` (no key-value state, at
+  // its LSN) under the plain key, as `change` makes it; returns the store
+  // and the record as the raw replica wrote it.
+  async function rawRecordAtPlainKey(fx, change) {
     const store = mapStore();
     const raw = track(await Replica.open(fx.url, { raw: true, onRecord: () => {}, persist: store }));
     eq(await withTimeout(raw.sync(), 120_000, "raw sync"), fx.expected.lsn, "raw sync");
     await raw.close();
     const rawKey = [...store.map.keys()].find((k) => k.endsWith("#raw"));
     ok(rawKey !== undefined, "the raw replica's record");
-    // Where older versions kept it: the key a key-value replica opens from.
-    store.map.set(rawKey.slice(0, -"#raw".length), store.map.get(rawKey));
+    const rec = store.map.get(rawKey);
+    store.map.set(rawKey.slice(0, -"#raw".length), change(rec));
     store.map.delete(rawKey);
+    return { store, rec };
+  }
+
+  add("persist: a raw replica's record under the plain key (older versions) never opens a key-value replica with no keys", async () => {
+    const fx = sc.basic;
+    // Where older versions kept it: the key a key-value replica opens from.
+    const { store } = await rawRecordAtPlainKey(fx, (rec) => rec);
     const errors = [];
     const kv = track(await Replica.open(fx.url, { persist: store, onError: (e) => errors.push(e) }));
     eq(kv.status().appliedLsn, 0, "not opened at the raw record's LSN with none of its keys");
@@ -1140,16 +1149,9 @@ export function conformanceCases(ctx) {
 
   add("persist: a key-value copy with no keys that says it is one (kv: a dataset whose keys were all deleted) opens as it is", async () => {
     const fx = sc.basic;
-    const store = mapStore();
-    const raw = track(await Replica.open(fx.url, { raw: true, onRecord: () => {}, persist: store }));
-    eq(await withTimeout(raw.sync(), 120_000, "raw sync"), fx.expected.lsn, "raw sync");
-    await raw.close();
-    const rawKey = [...store.map.keys()].find((k) => k.endsWith("#raw"));
     // An empty key-value state at an LSN above 0, as a key-value replica
     // writes it (kv) once every key was deleted.
-    const rec = store.map.get(rawKey);
-    store.map.set(rawKey.slice(0, -"#raw".length), { ...rec, kv: true });
-    store.map.delete(rawKey);
+    const { store, rec } = await rawRecordAtPlainKey(fx, (r) => ({ ...r, kv: true }));
     const errors = [];
     const kv = track(await Replica.open(fx.url, { persist: store, onError: (e) => errors.push(e) }));
     eq(kv.status().appliedLsn, rec.appliedLsn, "opened at the copy's LSN");
