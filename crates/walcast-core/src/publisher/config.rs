@@ -83,7 +83,9 @@ pub struct PublisherConfig {
     /// (docs/BENCHMARKS.md). Unset: no floor.
     pub snapshot_ratio_percent: Option<u32>,
     /// Keep at least this many LSNs of history in segments; older ones
-    /// leave the catalog once a snapshot covers them.
+    /// leave the catalog once a snapshot covers them. The segment holding
+    /// the committed LSN always stays (0 keeps one LSN): a restarted
+    /// publisher checks its WAL against that record.
     pub retain_lsns: Option<u64>,
     /// Delete an object only this long (ms) after the commit that retired it.
     pub grace_ms: u64,

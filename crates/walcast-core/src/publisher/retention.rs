@@ -96,8 +96,12 @@ impl Publisher {
         if self.retention_retry_at.is_some_and(|t| t > now) {
             return Ok(());
         }
+        // The committed LSN's segment always stays (`retain` 0 keeps one
+        // LSN): a publisher restarting on a WAL compares its record there
+        // with what was published before it publishes on (the CLI's claim
+        // check); without it a WAL that reused the LSN would go unnoticed.
         let want = (h.committed_lsn + 1)
-            .saturating_sub(retain)
+            .saturating_sub(retain.max(1))
             .max(h.earliest_lsn);
         let earliest = want.min(snap.lsn + 1);
         let mut room = MAX_RETIRED.saturating_sub(h.retired.len());
@@ -147,7 +151,9 @@ impl Publisher {
                     Error::new(
                         ErrorKind::Data,
                         format!(
-                            "retention: the page names {entries} {what}, more than a head                              can list in its place ({bound}); only the page is retired,                              and what it names stays in the store undeleted"
+                            "retention: the page names {entries} {what}, more than a head \
+                             can list in its place ({bound}); only the page is retired, \
+                             and what it names stays in the store undeleted"
                         ),
                     )
                     .with_object(p.key.clone()),

@@ -265,7 +265,8 @@ pub(crate) struct PublishArgs {
     #[arg(long, value_parser = parse_size)]
     pub(crate) delta_bytes: Option<u64>,
     /// Keep this many LSNs of history in segments (older ones need the
-    /// snapshot; needs --snapshot-every).
+    /// snapshot; needs --snapshot-every). The segment holding the newest
+    /// LSN always stays: a restarted publisher checks its WAL against it.
     #[arg(long)]
     pub(crate) retain: Option<u64>,
     /// Delete retired objects only this long after the head stopped naming them.
