@@ -1077,6 +1077,117 @@ mod tests {
         }
     }
 
+    /// Retention of a claimed head naming a page that is not found: once
+    /// (a store not showing it yet), the page is read again and what it
+    /// names is retired with it; for good, only the page leaves the head
+    /// after `max_attempts` reads, and an error names it.
+    #[test]
+    fn a_page_not_found_is_read_again_before_only_it_is_retired() {
+        let seg = |lsn: u64| SegmentEntry {
+            key: crate::catalog::segment_key(1, lsn, lsn),
+            epoch: 1,
+            first_lsn: lsn,
+            last_lsn: lsn,
+            size: 100,
+            crc32: 0,
+            records_end: crate::segment::HEADER_LEN + 40,
+            index: vec![crate::segment::IndexEntry {
+                lsn,
+                offset: crate::segment::HEADER_LEN,
+            }],
+            filter: None,
+        };
+        let leaves = crate::catalog::Page {
+            format: 1,
+            level: 0,
+            segments: (1..=4).map(seg).collect(),
+            pages: Vec::new(),
+            digests: Default::default(),
+        }
+        .encode();
+        for missing_reads in [1, u32::MAX] {
+            let mut h = Head::new(DatasetId::from_seed(5), 1);
+            h.committed_at_ms = 1;
+            h.committed_lsn = 4;
+            h.pages = vec![PageRef {
+                key: crate::catalog::page_key(0, 1, 4, 1),
+                level: 0,
+                first_lsn: 1,
+                last_lsn: 4,
+                count: 4,
+                crc32: crate::crc::hash(&leaves),
+            }];
+            let page = h.pages[0].key.clone();
+            let mut p = claimed_retaining_one_lsn(&mut h);
+            let small = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![1])]).unwrap();
+            let (mut pushed, mut reads, mut named) = (false, 0u32, Vec::new());
+            let mut last = None;
+            let mut next_push = 0;
+            for now in (0..60_000).step_by(10) {
+                match p.poll(now) {
+                    Action::Put(req) => {
+                        if req.key == HEAD_KEY {
+                            last = Some(Head::decode(&req.body).unwrap());
+                        }
+                        let ok = PutResponse::Ok {
+                            etag: Some(format!("\"{now}\"")),
+                        };
+                        p.handle_put(req.id, now, ok);
+                    }
+                    Action::Get(req) if req.key == page => {
+                        reads += 1;
+                        let resp = if reads <= missing_reads {
+                            GetResponse::NotFound
+                        } else {
+                            GetResponse::Ok {
+                                body: leaves.clone(),
+                                etag: None,
+                                range: None,
+                            }
+                        };
+                        p.handle_get(req.id, now, resp);
+                    }
+                    Action::Get(req) => p.handle_get(req.id, now, GetResponse::NotFound),
+                    Action::Delete(req) => p.handle_delete(req.id, now, Ok(())),
+                    Action::Event(Event::Error(e)) => named.extend(e.object().map(str::to_string)),
+                    Action::Event(_) => {}
+                    // A commit every second or so: retention acts as commits are built.
+                    Action::Wait { .. }
+                        if now >= next_push && p.next_lsn() == Some(p.committed_lsn() + 1) =>
+                    {
+                        p.push(p.committed_lsn() + 1, &small, now).unwrap();
+                        pushed = true;
+                        next_push = now + 1_000;
+                    }
+                    Action::Wait { .. } => {}
+                }
+            }
+            let last = last.expect("a head written");
+            assert!(pushed && last.pages.is_empty(), "{:?}", last.pages);
+            let gone =
+                |k: &String| p.deleted.contains(k) || last.retired.iter().any(|r| &r.key == k);
+            assert!(gone(&page));
+            let under: Vec<String> = (1..=4)
+                .map(|l| crate::catalog::segment_key(1, l, l))
+                .collect();
+            if missing_reads == 1 {
+                assert_eq!(reads, 2, "read again after the first answer");
+                assert!(
+                    under.iter().all(gone),
+                    "what the page names was left behind"
+                );
+                assert!(!named.contains(&page), "{named:?}");
+            } else {
+                assert_eq!(
+                    reads, p.cfg.max_attempts,
+                    "reads before the page was taken for gone"
+                );
+                assert!(!under.iter().any(gone));
+                assert!(named.contains(&page), "no error names {page}: {named:?}");
+            }
+        }
+    }
+
     /// A record over the segment's bound is refused before the publisher
     /// moves: the next LSN it expects is still that record's.
     #[test]

@@ -256,14 +256,34 @@ impl Publisher {
                 GetResponse::Ok { body, .. } => {
                     Page::decode(&body, &r).map_err(|e| Error::decode(e).with_object(r.key.clone()))
                 }
-                // Already gone (deleted by an earlier publisher): nothing left to retire under it.
-                GetResponse::NotFound => Ok(Page {
-                    format: catalog::FORMAT,
-                    level: 0,
-                    segments: Vec::new(),
-                    pages: Vec::new(),
-                    digests: Default::default(),
-                }),
+                // A page the head names is not found: a store not yet showing
+                // it, or one that lost it. Read again like any failure; after
+                // `max_attempts` reads the page is taken for gone, and only it
+                // leaves the catalog: what it named (unknown now) stays in the
+                // store undeleted, and an error says so.
+                GetResponse::NotFound
+                    if self.attempts.get(&r.key).copied().unwrap_or(0) + 1
+                        >= self.cfg.max_attempts.max(1) =>
+                {
+                    self.events.push_back(Event::Error(
+                        Error::new(
+                            ErrorKind::Data,
+                            format!(
+                                "retention: the page was not found in {} reads; only the page \
+                             leaves the catalog, and what it named stays in the store undeleted",
+                                self.cfg.max_attempts.max(1)
+                            ),
+                        )
+                        .with_object(r.key.clone()),
+                    ));
+                    Ok(Page {
+                        format: catalog::FORMAT,
+                        level: r.level,
+                        segments: Vec::new(),
+                        pages: Vec::new(),
+                        digests: Default::default(),
+                    })
+                }
                 other => Err(Error::new(ErrorKind::Unavailable, format!("{other:?}"))
                     .with_object(r.key.clone())),
             };
@@ -278,6 +298,7 @@ impl Publisher {
         let done = keys.is_empty();
         match result {
             Ok(page) => {
+                self.attempts.remove(&r.key);
                 self.page_cache.insert(r.key.clone(), page);
                 if done {
                     // Rebuild the commit with the pages known.
