@@ -20,6 +20,13 @@ const MODULE_SCAN_MAX_BYTES = 0xffffffff;
 const DEFAULT_MAX_CONCURRENT_SCANS = 32;
 const MODULE_OPEN_SCANS = 64;
 
+// Lazy point reads in progress at once (MAX_CONCURRENT_READS): the module
+// runs 32 of them and queues the rest, so a flood of /kv requests would
+// otherwise queue reads without bound, each run long after its request
+// answered 503, fetching blocks nobody waits for.
+const DEFAULT_MAX_CONCURRENT_READS = 256;
+const MAX_CONCURRENT_READS = 4096;
+
 // On Workers, a background sync that has made no progress (no new request, no
 // byte received) for this long is taken for lost: its request context was torn
 // down with its I/O. The replica is then re-created from a snapshot of its
@@ -125,6 +132,7 @@ export function readConfig(env) {
     maxScanLimit: intVar(env, "MAX_SCAN_LIMIT", DEFAULT_MAX_SCAN_LIMIT, 1),
     scanMaxBytes: Math.min(intVar(env, "SCAN_MAX_BYTES", DEFAULT_SCAN_MAX_BYTES, 1), MODULE_SCAN_MAX_BYTES),
     maxConcurrentScans: Math.min(intVar(env, "MAX_CONCURRENT_SCANS", DEFAULT_MAX_CONCURRENT_SCANS, 1), MODULE_OPEN_SCANS),
+    maxConcurrentReads: Math.min(intVar(env, "MAX_CONCURRENT_READS", DEFAULT_MAX_CONCURRENT_READS, 1), MAX_CONCURRENT_READS),
     firstSyncWaitMs: intVar(env, "FIRST_SYNC_WAIT_MS", DEFAULT_FIRST_SYNC_WAIT_MS, 0, MAX_WAIT_MS),
     minLsnWaitMs: intVar(env, "MIN_LSN_WAIT_MS", DEFAULT_MIN_LSN_WAIT_MS, 0, MAX_WAIT_MS),
   };

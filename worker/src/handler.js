@@ -29,7 +29,9 @@
 // answered (JSON escapes, base64), default 4 MiB, at most
 // 2^32 - 1, and then carries `Walcast-Scan-Next`: the percent-encoded
 // `start` of the next page), MAX_CONCURRENT_SCANS (lazy scans at once, 32, at
-// most 64: more answer 503 `busy` with Retry-After), MIN_LSN_WAIT_MS (how long a read with `?min_lsn=N`
+// most 64: more answer 503 `busy` with Retry-After), MAX_CONCURRENT_READS
+// (lazy /kv reads at once, 256, at most 4096: more answer 503 `busy` with
+// Retry-After), MIN_LSN_WAIT_MS (how long a read with `?min_lsn=N`
 // or `Walcast-Min-Lsn: N` waits for LSN N to be applied before it answers 503
 // with Retry-After, default 5000; every answer carries `Walcast-Lsn`, the
 // LSN it was answered at, so a client can chain reads across isolates),
@@ -153,6 +155,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       minLsnSync: null, // the sync the pause was last set after, and that update
       minLsnUpdate: null,
       scans: 0, // lazy scans in progress
+      reads: 0, // lazy point reads in progress
     };
     if (config.load === "lazy") {
       // A lazy replica's open is its first sync (the head and the tail after
@@ -532,12 +535,21 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       // read (which may fetch blocks while a sync applies more), so that an
       // answer is never labelled with an LSN newer than its data.
       const lsn = replica.status().appliedLsn;
+      const lazyRead = s.config.load === "lazy";
+      if (lazyRead && s.reads >= s.config.maxConcurrentReads) {
+        const res = json(503, { error: { code: "busy", message: "too many reads at once; retry" } }, lsn, cors);
+        res.headers.set("retry-after", "1");
+        return res;
+      }
       let value;
+      if (lazyRead) s.reads++;
       try {
         // A promise in lazy mode (it may fetch snapshot blocks).
         value = await kept(replica.get(key), defer, readTimeoutMs);
       } catch (e) {
         return readFailed(e, cors);
+      } finally {
+        if (lazyRead) s.reads--;
       }
       if (value === undefined) return json(404, { error: { code: "not_found", message: "no such key" } }, lsn, cors);
       return new Response(request.method === "HEAD" ? null : value, {

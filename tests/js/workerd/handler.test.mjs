@@ -733,7 +733,7 @@ test("reads waiting for an LSN that does not come back off: the syncs they start
   assert.ok(busy >= 7, `${busy} syncs in 1.5 s while each applied something (100 ms apart: about 13)`);
 });
 
-test("LOAD=lazy: a read that never finishes answers 503 after the read timeout and frees its scan slot", { timeout: 30_000 }, async () => {
+test("LOAD=lazy: a read that never finishes answers 503 after the read timeout and frees its slot; reads and scans past their caps answer busy", { timeout: 30_000 }, async () => {
   const { FakeReplica } = fakeReplicaClass();
   const Lazy = class extends FakeReplica {
     static open(url) {
@@ -750,12 +750,21 @@ test("LOAD=lazy: a read that never finishes answers 503 after the read timeout a
     }
   };
   const handle = createHandler(Lazy, { log: () => {}, readTimeoutMs: 50 });
-  const env = { DATASET_URL: "http://ds/x", LOAD: "lazy", MAX_CONCURRENT_SCANS: "2" };
+  const env = { DATASET_URL: "http://ds/x", LOAD: "lazy", MAX_CONCURRENT_SCANS: "2", MAX_CONCURRENT_READS: "2" };
   const call = (p) => handle(new Request(`http://w${p}`), env, () => {});
   const kv = await call("/kv/a");
   assert.equal(kv.status, 503);
   assert.equal((await kv.json()).error.code, "unavailable");
   const codes = async (ps) => Promise.all((await Promise.all(ps)).map(async (r) => [r.status, (await r.json()).error.code]));
+  // Point reads past MAX_CONCURRENT_READS are refused at once, not queued;
+  // the slots of reads that timed out are free again.
+  const reads = await codes([1, 2, 3].map((i) => call(`/kv/k${i}`)));
+  assert.deepEqual(reads.map(([, c]) => c).sort(), ["busy", "unavailable", "unavailable"]);
+  assert.ok(reads.every(([s]) => s === 503));
+  assert.deepEqual(await codes([1, 2].map((i) => call(`/kv/k${i}`))), [
+    [503, "unavailable"],
+    [503, "unavailable"],
+  ]);
   const first = await codes([1, 2, 3].map(() => call("/scan?prefix=a")));
   assert.deepEqual(first.map(([, c]) => c).sort(), ["busy", "unavailable", "unavailable"]);
   assert.ok(first.every(([s]) => s === 503));
