@@ -44,16 +44,22 @@ function errorText(e) {
 
 /**
  * Reads at most `limit` bytes of `res`'s body, as a stream: it stops there
- * and cancels the rest, whatever Content-Length claims.
+ * and cancels the rest, whatever Content-Length claims. With `signal`, an
+ * abort cancels the stream too (a custom fetch may ignore the signal, and
+ * its body would otherwise be read on past the GET's deadline).
  */
-async function readBounded(res, limit) {
+async function readBounded(res, limit, signal) {
   if (!res.body) return EMPTY;
   const reader = res.body.getReader();
   const chunks = [];
   let total = 0;
   let complete = false;
+  const cancel = () => reader.cancel().catch(() => {});
+  if (signal?.aborted) cancel();
+  signal?.addEventListener("abort", cancel, { once: true });
   try {
     while (total < limit) {
+      if (signal?.aborted) throw new Error("aborted");
       const { done, value } = await reader.read();
       if (done) {
         complete = true;
@@ -64,8 +70,11 @@ async function readBounded(res, limit) {
       chunks.push(chunk);
       total += chunk.byteLength;
     }
+    // (A stream cancelled by the abort ends as if done.)
+    if (signal?.aborted) throw new Error("aborted");
   } finally {
-    if (!complete) reader.cancel().catch(() => {});
+    signal?.removeEventListener("abort", cancel);
+    if (!complete) cancel();
   }
   if (chunks.length === 1) return chunks[0];
   const out = new Uint8Array(total);
@@ -149,6 +158,11 @@ async function fetchOnce(io, req, ac) {
       url = next.href;
       res = await (io.fetch ? io.fetch(url, init) : globalThis.fetch(url, init));
     }
+    // Past the deadline (a fetch that ignored the signal): answered already.
+    if (ac.signal.aborted) {
+      if (res.body) res.body.cancel().catch(() => {});
+      return { status: 0, message: `no answer within ${req.timeoutMs} ms` };
+    }
     status = res.status;
     // Whether the server holds long-polls (each head answer says afresh).
     const longPoll = res.headers.get("walcast-long-poll");
@@ -156,7 +170,7 @@ async function fetchOnce(io, req, ac) {
       if (res.body) res.body.cancel().catch(() => {});
       return { status, longPoll };
     }
-    let body = await readBounded(res, req.maxBytes + 1);
+    let body = await readBounded(res, req.maxBytes + 1, ac.signal);
     if (req.key === "catalog/head.json") body = await gunzipHead(body, req.maxBytes + 1);
     const contentRange = res.headers.get("content-range");
     // (The module refuses a 206 whose Content-Range it cannot parse; this says why.)

@@ -709,6 +709,11 @@ export class Replica {
         }
         if (!outcome) await this.#progress(h, op);
       }
+      // Only its GETs are waited for now: the module's later GETs (its
+      // retries after a failed sync) are not this sync's, which would
+      // otherwise settle only once a failing server let a moment pass with
+      // none of them in flight.
+      op.done = true;
       this.#forgetFailedWhole(outcome.error);
       await this.#settle(h, op);
       if (outcome.error) throw outcome.error;
@@ -745,9 +750,9 @@ export class Replica {
     for (const req of call(h, "sync", (w) => w.takeRequests())) this.#startGet(h, req, op);
   }
 
-  /** A whole copy that failed verification (a sync's or a read's `error`) is not offered again. */
+  /** A whole copy that failed verification or its digest (a sync's or a read's `error`) is not offered again. */
   #forgetFailedWhole(error) {
-    if (error?.code === "data" && error.object === this.#wholeAnswer?.key) this.#wholeAnswer = null;
+    if ((error?.code === "data" || error?.code === "untrusted") && error.object === this.#wholeAnswer?.key) this.#wholeAnswer = null;
   }
 
   #startGet(h, req, op) {
@@ -762,8 +767,12 @@ export class Replica {
     const kind = kindOf(req);
     let kept = this.#wholeAnswer;
     if (kept && Date.now() - kept.at >= WHOLE_ANSWER_KEEP_MS) kept = this.#wholeAnswer = null;
-    const fresh = kept && req.range && kept.key === req.key && kept.res.body.byteLength <= req.maxBytes;
-    if (!fresh) this.#requestsByKind[kind]++;
+    // A range the copy already answered is asked again only as a retry
+    // (the copy failed verification, or its digest): that one goes out.
+    const range = req.range ?? "";
+    const fresh = kept && req.range && kept.key === req.key && kept.res.body.byteLength <= req.maxBytes && !kept.served.has(range);
+    if (fresh) kept.served.add(range);
+    else this.#requestsByKind[kind]++;
     const entry = { ac, op, held, kind, fresh, deadline: Date.now() + req.timeoutMs + LOST_ANSWER_GRACE_MS };
     this.#gets.set(req.id, entry);
     if (held) this.#held.set(req.id, entry);
@@ -772,7 +781,7 @@ export class Replica {
       .then((res) => {
         // A whole object for a range: the module takes what it asked for
         // from it, and verifies it as any answer.
-        if (!fresh && req.range && res.status === 200 && res.body && res.body.byteLength <= req.maxBytes) this.#wholeAnswer = { key: req.key, res, at: Date.now() };
+        if (!fresh && req.range && res.status === 200 && res.body && res.body.byteLength <= req.maxBytes) this.#wholeAnswer = { key: req.key, res, at: Date.now(), served: new Set([range]) };
         return res;
       })
       .then((res) => verifySignatures(h, req, res).then(() => res))
@@ -882,7 +891,11 @@ export class Replica {
         if (!h.dead && this.#slot.h === h) {
           try {
             this.#answerLost(h);
-            this.#step(h, op);
+            // On behalf of an operation that still waits, as an answer
+            // steps the module (`#answer`): one that has its outcome is
+            // charged no GETs it would then wait for.
+            const next = !op.done ? op : scopedIo ? null : this.#waiters.find((w) => !w.op.done)?.op;
+            if (next) this.#step(h, next);
           } catch (e) {
             error = e;
           }

@@ -263,3 +263,58 @@ test("full mode: a damaged whole-object answer is not replayed to the sync after
     await r.close();
   }
 });
+
+test("full mode: the module's retry of a range the whole copy answered goes out, so one damaged answer does not fail the sync", { timeout: 60_000 }, async () => {
+  const o = await origin(ds.dir, { delayMs: 0, ignoreRange: true, corrupt: 1 });
+  const r = await Replica.open(o.url);
+  try {
+    const first = await r.sync().then(
+      () => "loaded",
+      (e) => `rejected: ${e.code}: ${e.message}`,
+    );
+    assert.equal(first, "loaded", `snapshot GETs: ${o.stats.gets}`);
+    assert.equal(r.getText(keyOf(5)), `${"v".repeat(90)}5`);
+  } finally {
+    await r.close();
+  }
+});
+
+test("a sync that failed settles although a failing server keeps one of the module's retries in flight at every moment", { timeout: 120_000 }, async () => {
+  // Two segments too large for the head's tail, no snapshot: a fresh
+  // replica fetches both at once.
+  const wal = path.join(tmp, "wal-two");
+  const dir = path.join(tmp, "ds-two");
+  for (const i of [1, 2]) {
+    const value = "v".repeat(48 << 10);
+    execFileSync(bin, ["write", "--wal", wal], { input: JSON.stringify({ batch: [{ op: "put", key: `k${i}`, value }] }) + "\n", stdio: ["pipe", "pipe", "pipe"] });
+    execFileSync(bin, ["publish", "--wal", wal, "--to", pathToFileURL(dir).href, "--once"], { stdio: ["pipe", "pipe", "pipe"] });
+  }
+  const head = JSON.parse(fs.readFileSync(path.join(dir, "catalog/head.json"), "utf8"));
+  assert.ok(head.segments.length >= 2, JSON.stringify(head.segments));
+  // Every GET but the head's fails (503), each held until the next one
+  // arrives: one is in flight at every moment while the module retries.
+  let held = null;
+  let gets = 0;
+  const fetch = (url, init) => {
+    const key = new URL(url).pathname.replace(/^\/ds\//, "");
+    if (key === "catalog/head.json") return Promise.resolve(new Response(fs.readFileSync(path.join(dir, key)), { status: 200, headers: { etag: '"h"' } }));
+    gets++;
+    held?.();
+    return new Promise((resolve, reject) => {
+      const release = () => resolve(new Response("busy", { status: 503 }));
+      held = release;
+      init.signal.addEventListener("abort", () => reject(new DOMException("aborted", "AbortError")), { once: true });
+    });
+  };
+  const r = await Replica.open("http://origin.test/ds", { fetch });
+  try {
+    const outcome = await r.sync().then(
+      () => "synced",
+      (e) => `rejected: ${e.code}`,
+    );
+    assert.equal(outcome, "rejected: unavailable", `${gets} segment GETs; ${JSON.stringify(r.status())}`);
+  } finally {
+    held?.();
+    await r.close();
+  }
+});

@@ -24,7 +24,7 @@ const MODULE_OPEN_SCANS = 64;
 // runs 32 of them and queues the rest, so a flood of /kv requests would
 // otherwise queue reads without bound, each run long after its request
 // answered 503, fetching blocks nobody waits for.
-const DEFAULT_MAX_CONCURRENT_READS = 256;
+const DEFAULT_MAX_CONCURRENT_READS = 1024;
 const MAX_CONCURRENT_READS = 4096;
 
 // On Workers, a background sync that has made no progress (no new request, no

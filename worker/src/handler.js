@@ -30,7 +30,7 @@
 // 2^32 - 1, and then carries `Walcast-Scan-Next`: the percent-encoded
 // `start` of the next page), MAX_CONCURRENT_SCANS (lazy scans at once, 32, at
 // most 64: more answer 503 `busy` with Retry-After), MAX_CONCURRENT_READS
-// (lazy /kv reads at once, 256, at most 4096: more answer 503 `busy` with
+// (lazy /kv reads at once, 1024, at most 4096: more answer 503 `busy` with
 // Retry-After), MIN_LSN_WAIT_MS (how long a read with `?min_lsn=N`
 // or `Walcast-Min-Lsn: N` waits for LSN N to be applied before it answers 503
 // with Retry-After, default 5000; every answer carries `Walcast-Lsn`, the

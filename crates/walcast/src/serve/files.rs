@@ -299,10 +299,12 @@ fn cached_etag(state: &Served, key: &TagKey) -> Option<String> {
 
 /// The ETag of the large file version `key`: cached, or hashed once however
 /// many requests ask for it at the same time. The hash runs on a task of its
-/// own, so it completes into the cache even when every request waiting for
-/// it has gone (a client's retry then finds it there, or awaits the same
-/// hash, rather than starting another); at most [`MAX_HASHING`] hashes read
-/// files at once, the others wait their turn without a blocking thread.
+/// own, so once begun it completes into the cache even when every request
+/// waiting for it has gone (a client's retry then finds it there, or awaits
+/// the same hash, rather than starting another); at most [`MAX_HASHING`]
+/// hashes read files at once, the others wait their turn without a
+/// blocking thread, and one whose requests have all gone by its turn is
+/// given up.
 pub(super) async fn etag_of_file(state: &Arc<Served>, key: TagKey) -> io::Result<String> {
     let hashing = {
         let mut hashing = state.hashing.lock().unwrap_or_else(|e| e.into_inner());
@@ -331,6 +333,24 @@ fn start_hash(state: &Arc<Served>, key: TagKey) -> Hashing {
     let task = tokio::spawn(async move {
         // The semaphore is never closed: a turn always comes.
         let turn = Arc::clone(&state.hash_turns).acquire_owned().await;
+        {
+            // Nobody waits for it any more (requests that asked and left,
+            // a client sending HEADs for many large files and closing):
+            // no hash, so a queue of them does not hold back the ones
+            // asked for. Under the `hashing` lock, where a request takes
+            // its share of the hash: one that comes later starts another.
+            let mut hashing = state.hashing.lock().unwrap_or_else(|e| e.into_inner());
+            let waited = hashing
+                .get(&key)
+                .and_then(futures::future::Shared::strong_count)
+                .is_some_and(|n| n > 1);
+            if !waited {
+                hashing.remove(&key);
+                return Err(Arc::new(io::Error::other(
+                    "the ETag hash was given up: nobody waits for it",
+                )));
+            }
+        }
         let hashing = tokio::task::spawn_blocking(move || {
             let _turn = turn;
             let hashed = hash_file(&key);
@@ -426,7 +446,7 @@ pub(super) async fn stream_slice(mut file: File, start: u64, len: u64) -> io::Re
         if left == 0 {
             return None;
         }
-        let mut buf = vec![0u8; CHUNK.min(left as usize)];
+        let mut buf = vec![0u8; usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK))];
         match file.read(&mut buf).await {
             Ok(0) => Some((
                 Err(io::Error::new(

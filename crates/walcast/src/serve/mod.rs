@@ -52,12 +52,14 @@
 //! modification time and, on Unix, inode and status-change time, so that a
 //! file replaced by one of the same length and modification time is hashed
 //! again): requests for a version being hashed await that one
-//! hash, which completes into the cache even if they all leave.
+//! hash, which completes into the cache even if they all leave once it has
+//! begun (a hash still waiting for its turn when they have all left is
+//! given up).
 //!
 //! File descriptors: on Unix the soft `RLIMIT_NOFILE` is raised to the hard
-//! limit at start, and `max_connections` is clamped to leave a reserve of
-//! descriptors for the files requests open (a quarter of the limit, or 64,
-//! whichever is larger, but at most half of it), with a warning. A held
+//! limit at start, and `max_connections` is clamped to leave a descriptor
+//! for a file beside every connection's socket, after a reserve of 64 (at
+//! most half the limit), with a warning. A held
 //! long-poll keeps no file open, and running out of descriptors anyway
 //! answers 503 with `Retry-After` rather than 500.
 
@@ -346,15 +348,16 @@ fn raise_fd_limit() -> Option<u64> {
 }
 
 /// The connections served at once for `asked` under a limit of `fd_limit`
-/// open files: the limit less a reserve for the files requests open (a
-/// quarter of the limit or 64, whichever is larger, but at most half the
-/// limit), at least 1.
+/// open files: every connection may hold a file open besides its socket (a
+/// body being streamed, a request waiting for its ETag), so half of what
+/// is left after a reserve of 64 (at most half the limit) for the rest of
+/// the process (its listener, a publisher beside it), at least 1.
 fn connection_cap(asked: usize, fd_limit: Option<u64>) -> usize {
     let Some(limit) = fd_limit else {
         return asked;
     };
-    let reserve = (limit / 4).max(64.min(limit / 2));
-    let cap = usize::try_from(limit - reserve)
+    let reserve = 64.min(limit / 2);
+    let cap = usize::try_from((limit - reserve) / 2)
         .unwrap_or(usize::MAX)
         .max(1);
     asked.min(cap)

@@ -79,6 +79,7 @@ pub(super) async fn respond(
                     // the requests being answered): a hold ending without a
                     // new head answers 304, with no body to read.
                     entity.file = None;
+                    entity.data = None;
                     let _held = activity.map(Held::new);
                     match hold(state, &rel, headers, w, changes).await {
                         Some(Ok(e)) => entity = e,

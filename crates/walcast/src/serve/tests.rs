@@ -158,11 +158,11 @@ fn paths() {
 fn connections_leave_descriptors_for_files() {
     // No limit: as asked.
     assert_eq!(connection_cap(1024, None), 1024);
-    // The usual 1024: a quarter kept for files.
-    assert_eq!(connection_cap(1024, Some(1024)), 768);
+    // The usual 1024: 64 kept, and a file beside every connection's socket.
+    assert_eq!(connection_cap(1024, Some(1024)), 480);
     // Small limits: 64 kept, but never more than half.
-    assert_eq!(connection_cap(1024, Some(200)), 136);
-    assert_eq!(connection_cap(1024, Some(64)), 32);
+    assert_eq!(connection_cap(1024, Some(200)), 68);
+    assert_eq!(connection_cap(1024, Some(64)), 16);
     assert_eq!(connection_cap(1024, Some(1)), 1);
     assert_eq!(connection_cap(1024, Some(0)), 1);
     // A high limit: as asked.

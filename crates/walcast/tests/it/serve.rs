@@ -1453,6 +1453,88 @@ fn concurrent_range_gets_of_a_large_object_hash_it_once() {
     );
 }
 
+/// A client that asks for the first byte of each of many large objects
+/// not yet in the ETag cache and closes its connections at once (a
+/// request costs it a hundred bytes): the hashes its requests queued are
+/// given up when their turn comes and nobody waits for them, instead of
+/// the server reading every object whole while the objects replicas ask
+/// for wait behind them.
+#[test]
+fn hashes_nobody_waits_for_any_more_are_given_up() {
+    use std::io::Write as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    write(root, HEAD, br#"{"epoch":1}"#);
+    let size: u64 = 256 << 20;
+    let files = 16u64;
+    let keys: Vec<String> = (1..=files)
+        .map(|i| format!("snapshots/{:020}-1.wsnap", i * 10))
+        .collect();
+    for k in &keys {
+        write(root, k, b"");
+        // Sparse: no disk needed.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(root.join(k))
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+    }
+    let serve = crate::support::Serve::start(root);
+    let pid = serve.pid();
+    let addr = serve.url.trim_start_matches("http://").to_string();
+    let before = rchar(pid);
+    let conns: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            let mut c = std::net::TcpStream::connect(&addr).unwrap();
+            write!(
+                c,
+                "GET /{k} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-0\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            c
+        })
+        .collect();
+    // Long enough for each request to queue its hash, then gone.
+    std::thread::sleep(Duration::from_millis(300));
+    drop(conns);
+    // Until the server has read nothing more for a second.
+    let mut read = rchar(pid) - before;
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = rchar(pid) - before;
+        if now == read {
+            break;
+        }
+        read = now;
+    }
+    eprintln!("{files} abandoned one-byte GETs of {size}-byte objects read {read} bytes");
+    assert!(
+        read < 8 * size,
+        "{files} abandoned one-byte GETs made the server read {} MiB ({} objects of {} MiB)",
+        read >> 20,
+        files,
+        size >> 20
+    );
+    // The server still answers, and hashes what is asked for.
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        c,
+        "GET /{} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-0\r\nConnection: close\r\n\r\n",
+        keys[keys.len() - 1]
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut c, &mut out).unwrap();
+    let status = String::from_utf8_lossy(&out)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    assert!(status.contains(" 206 "), "{status}\n{}", serve.logs());
+}
+
 /// `walcast serve` under a file-descriptor limit below its connection cap
 /// (the default cap is 1024, as is the usual soft `RLIMIT_NOFILE`): clients
 /// that open connections and trickle nothing take every descriptor, and a
