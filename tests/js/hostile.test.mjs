@@ -318,3 +318,33 @@ test("a sync that failed settles although a failing server keeps one of the modu
     await r.close();
   }
 });
+
+test("a GET's deadline cancels the body of a custom fetch that ignores the abort signal", { timeout: 30_000 }, async () => {
+  const { performGet } = await import("../../js/dist/http.js");
+  let cancelled = false;
+  let sent = 0;
+  // Headers at once, then a byte every 20 ms of a body that never ends.
+  const fetch = () =>
+    Promise.resolve(
+      new Response(
+        new ReadableStream({
+          async pull(c) {
+            await new Promise((r) => setTimeout(r, 20));
+            sent++;
+            c.enqueue(new Uint8Array([0x7b]));
+          },
+          cancel() {
+            cancelled = true;
+          },
+        }),
+        { status: 200 },
+      ),
+    );
+  const io = { base: "http://origin.test/ds", query: "", headers: [], fetch };
+  const res = await performGet(io, { key: "segments/1/x.wseg", timeoutMs: 200, maxBytes: 1 << 20 }, new AbortController());
+  assert.equal(res.status, 0);
+  const at = sent;
+  await new Promise((r) => setTimeout(r, 300));
+  assert.ok(cancelled, "the body was cancelled at the deadline");
+  assert.ok(sent <= at + 1, `the body was read on after the deadline: ${sent - at} more bytes`);
+});
