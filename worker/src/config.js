@@ -103,6 +103,18 @@ export function readConfig(env) {
   let url = env?.DATASET_URL;
   if (bucket) {
     const prefix = String(env.DATASET_PREFIX ?? "").replace(/^\/+|\/+$/g, "");
+    // A "." or ".." segment would name another prefix once the URL is
+    // normalized than the one AUTH_PREFIX (default: this) lets tokens cover.
+    const dots = (seg) => {
+      let d = seg;
+      try {
+        d = decodeURIComponent(seg);
+      } catch {
+        // not percent-encoding: as it is
+      }
+      return seg === "." || seg === ".." || d === "." || d === "..";
+    };
+    if (prefix.split("/").some(dots)) throw configError('DATASET_PREFIX must not hold "." or ".." segments');
     url = `${R2_ORIGIN}/${prefix.split("/").map(encodeURIComponent).join("/")}`;
   } else if (typeof url !== "string" || url === "") {
     throw configError("DATASET_URL is not set (or bind an R2 bucket as BUCKET)");

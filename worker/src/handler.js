@@ -381,7 +381,13 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       return res;
     } catch (e) {
       // Whatever went wrong, an answer (and the error's code only).
-      log(`walcast worker: ${request.method} ${new URL(request.url).pathname} failed: ${e?.code ?? ""} ${e?.message ?? e}`);
+      let where = "";
+      try {
+        where = ` ${new URL(request.url).pathname}`;
+      } catch {
+        // a URL the runtime could not make whole (an empty Host): unnamed
+      }
+      log(`walcast worker: ${request.method}${where} failed: ${e?.code ?? ""} ${e?.message ?? e}`);
       // By its code, as a read's failure: a replica being rebuilt after a
       // trap (`unavailable`) is 503 with Retry-After, not 500.
       return readFailed(e, cors);
@@ -418,12 +424,42 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     // The query is checked before anything waits on the replica.
     const q = queryBytes(url.search);
     if (q === null) return json(400, badRequest("query parameter names must be percent-encoded UTF-8"), undefined, cors);
+    // Everything a request asks is checked here too: a malformed one is
+    // answered 400 at once, not after waiting for the first sync.
+    const minLsn = route === "status" ? null : minLsnOf(request, q);
+    if (minLsn === undefined) return json(400, badRequest("min_lsn (or Walcast-Min-Lsn) must be an LSN: an integer >= 0"), undefined, cors);
+    let key;
+    if (route === "kv") {
+      // /kv/<key>, or /kv?key=<key> for keys the URL parser would rewrite
+      // (dot segments such as "a/../b").
+      if (path === "/kv") {
+        if (!q.has("key")) return json(400, badRequest("use /kv/<key> or /kv?key=<key>"), undefined, cors);
+        key = q.get("key");
+      } else {
+        key = percentBytes(path.slice("/kv/".length));
+      }
+    }
+    let askedLimit = null;
+    if (route === "scan") {
+      if (q.has("limit")) {
+        const raw = text(q.get("limit"));
+        if (!/^\d+$/.test(raw ?? "")) return json(400, badRequest("limit must be an integer >= 0"), undefined, cors);
+        askedLimit = Number(raw);
+      }
+      if (q.has("start") && q.has("end") && compareBytes(q.get("start"), q.get("end")) > 0) {
+        return json(400, badRequest("start must not sort after end (start is inclusive, end exclusive)"), undefined, cors);
+      }
+    }
 
     let s;
     try {
       s = await replicaFor(env, defer);
     } catch (e) {
-      return json(e?.code === "config" ? 500 : 503, errorBody(e), undefined, cors);
+      if (e?.code === "config") return json(500, errorBody(e), undefined, cors);
+      // Not open (yet): worth a retry.
+      const res = json(503, errorBody(e), undefined, cors);
+      res.headers.set("retry-after", "1");
+      return res;
     }
     const replica = s.replica;
 
@@ -469,15 +505,16 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     }
 
     if (!s.ready || !replica) {
-      // No successful sync yet: nothing trustworthy to serve.
+      // No successful sync yet: nothing trustworthy to serve (503 with
+      // Retry-After, whatever the sync's error was).
       const e = s.lastSyncError ?? replica?.status().lastError ?? { code: "unavailable" };
-      return json(503, errorBody(e), undefined, cors);
+      const res = json(503, errorBody(e), undefined, cors);
+      res.headers.set("retry-after", "1");
+      return res;
     }
     // Read-your-writes: answer only once `min_lsn` is applied, else 503
     // with Retry-After when MIN_LSN_WAIT_MS pass (an LSN beyond anything
     // committed included: never a hang).
-    const minLsn = route === "status" ? null : minLsnOf(request, q);
-    if (minLsn === undefined) return json(400, badRequest("min_lsn (or Walcast-Min-Lsn) must be an LSN: an integer >= 0"), undefined, cors);
     if (minLsn !== null) {
       const until = now() + s.config.minLsnWaitMs;
       for (;;) {
@@ -522,15 +559,6 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       }
     }
     if (route === "kv") {
-      // /kv/<key>, or /kv?key=<key> for keys the URL parser would rewrite
-      // (dot segments such as "a/../b").
-      let key;
-      if (path === "/kv") {
-        if (!q.has("key")) return json(400, badRequest("use /kv/<key> or /kv?key=<key>"), undefined, cors);
-        key = q.get("key");
-      } else {
-        key = percentBytes(path.slice("/kv/".length));
-      }
       // The LSN the answer is read at, or below it: taken before a lazy
       // read (which may fetch blocks while a sync applies more), so that an
       // answer is never labelled with an LSN newer than its data.
@@ -572,10 +600,8 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     // (SCAN_LIMIT when it gave none, MAX_SCAN_LIMIT below what it gave):
     // a page that ends there says where the next one starts.
     let imposed = true;
-    if (q.has("limit")) {
-      const raw = text(q.get("limit"));
-      if (!/^\d+$/.test(raw ?? "")) return json(400, badRequest("limit must be an integer >= 0"), undefined, cors);
-      limit = Number(raw);
+    if (askedLimit !== null) {
+      limit = askedLimit;
       imposed = false;
     }
     if (limit > s.config.maxScanLimit) {
@@ -584,9 +610,6 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     }
     const opts = { limit, maxBytes: s.config.scanMaxBytes };
     for (const f of ["prefix", "start", "end"]) if (q.has(f)) opts[f] = q.get(f);
-    if (opts.start !== undefined && opts.end !== undefined && compareBytes(opts.start, opts.end) > 0) {
-      return json(400, badRequest("start must not sort after end (start is inclusive, end exclusive)"), lsn, cors);
-    }
     // Lazy scans at once are capped below what the module keeps open (64):
     // past that, each step would evict the scan stepped next, and every scan
     // would start over for ever, fetching blocks.

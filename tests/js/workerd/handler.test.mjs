@@ -111,6 +111,36 @@ test("the first request waits for the initial sync; later ones answer at once", 
   assert.equal(res.headers.get("x-walcast-lsn"), "5");
 });
 
+test("a malformed request to an isolate still waiting for its first sync is answered 400 at once; a request that waited in vain gets 503 with Retry-After", async () => {
+  const { call, made } = setup({ FIRST_SYNC_WAIT_MS: "50" });
+  for (const bad of ["/kv/a?min_lsn=x", "/kv", "/scan?limit=abc", "/scan?start=b&end=a"]) {
+    let answered = false;
+    const p = call(bad).then((r) => {
+      answered = true;
+      return r;
+    });
+    await flush();
+    await flush();
+    assert.equal(answered, true, `${bad} waited for the first sync`);
+    assert.equal((await p).status, 400, bad);
+  }
+  // The first sync never ends: a well-formed read waits FIRST_SYNC_WAIT_MS, then 503.
+  const res = await call("/kv/a");
+  assert.equal(made[0].syncCalls.length, 1);
+  assert.equal(res.status, 503);
+  assert.equal(res.headers.get("retry-after"), "1");
+});
+
+test("DATASET_PREFIX with a \".\" or \"..\" segment (which would name another prefix than tokens cover) is a configuration error", async () => {
+  const bucket = { get: async () => null, head: async () => null };
+  for (const prefix of ["app/../other", "..", "app/./x", "app/%2e%2e/other"]) {
+    const { call } = setup({ BUCKET: bucket, DATASET_PREFIX: prefix });
+    const res = await call("/kv/a");
+    assert.equal(res.status, 500, prefix);
+    assert.match((await res.json()).error.message, /DATASET_PREFIX/, prefix);
+  }
+});
+
 test("a stale replica starts a background sync (deferred); a fresh one does not", async () => {
   const { call, made, clock, deferred } = setup({ MAX_AGE_MS: "1000" });
   const p = call("/status");
