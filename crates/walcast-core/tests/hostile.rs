@@ -718,6 +718,60 @@ fn a_blip_failing_every_get_in_flight_reports_no_error() {
     assert_eq!(d.errors(), Vec::new());
 }
 
+/// A segment that failed is due for its retry while every slot holds a
+/// GET still in flight (large segments on a slow link): the machine must
+/// not ask to be woken now, or a driver sleeping until `until` spins
+/// without ever yielding to the I/O that would free a slot (a
+/// current-thread runtime then hangs for good at full CPU).
+#[test]
+fn a_retry_due_while_every_slot_is_busy_does_not_ask_to_be_woken_now() {
+    let ds = dataset(200, 5, None, 1);
+    let mut r = Replica::new(
+        ReplicaConfig {
+            max_inflight: 2,
+            ..cfg()
+        },
+        9,
+    );
+    let mut now = 0;
+    let mut held = Vec::new();
+    let mut failed = false;
+    for _ in 0..200 {
+        match r.poll(now) {
+            Action::Fetch(req) if req.key == HEAD_KEY => {
+                let resp = ds.store.serve(&req);
+                r.handle_response(req.id, now, resp);
+            }
+            Action::Fetch(req) if !failed => {
+                failed = true;
+                r.handle_response(
+                    req.id,
+                    now,
+                    GetResponse::Failed {
+                        status: Some(503),
+                        message: "busy".into(),
+                    },
+                );
+            }
+            // Every other GET stays in flight.
+            Action::Fetch(req) => held.push(req.id),
+            Action::Event(_) => {}
+            Action::Wait { until } => {
+                assert!(
+                    until > now || held.len() < 2,
+                    "asked to be woken at once ({until} at {now}) with every slot busy"
+                );
+                // The retry falls due; nothing answers the GETs in flight.
+                now += 5_000;
+                if now > 50_000 {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(failed && held.len() == 2, "{held:?}");
+}
+
 /// A head claiming a 50 GB segment is read (publishers before the limit
 /// wrote segments past it), but that segment is never fetched (the replica
 /// would read up to the claimed size into memory): the segments before it

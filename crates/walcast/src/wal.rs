@@ -180,6 +180,12 @@ impl Writer {
             .write(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
+        // The log itself is locked too: a `wal.lock` a running writer
+        // holds, deleted by hand as if stale, must not let a second writer
+        // append beside it (both would write the same LSNs at one offset).
+        if file.try_lock().is_err() {
+            bail!("another writer holds {}", path.display());
+        }
         if file.metadata()?.len() == 0 {
             file.write_all(&header())?;
             file.sync_all()?;
@@ -663,6 +669,25 @@ mod tests {
             out.push(lsn);
         }
         out
+    }
+
+    /// An operator deletes `wal.lock` of a running writer as if it were
+    /// stale, then starts a second writer: it must be refused, not append
+    /// the same LSNs as the first at the same offset.
+    #[test]
+    fn a_deleted_lock_file_does_not_let_a_second_writer_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Writer::open(dir.path()).unwrap();
+        assert_eq!(w.commit(&put("a", "1")).unwrap(), 1);
+        std::fs::remove_file(dir.path().join("wal.lock")).unwrap();
+        let err = Writer::open(dir.path()).expect_err("a second writer beside a running one");
+        assert!(
+            format!("{err:#}").contains("another writer holds"),
+            "{err:#}"
+        );
+        assert_eq!(w.commit(&put("b", "2")).unwrap(), 2);
+        drop(w);
+        assert_eq!(records(dir.path()), [1, 2]);
     }
 
     #[test]

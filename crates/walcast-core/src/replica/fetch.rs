@@ -41,8 +41,13 @@ impl Replica {
                 until = until.min(t);
             }
         }
+        // A retry already due waits for a free slot (or for a read that
+        // needs it, when deferred): an answer wakes the driver then. Asking
+        // to be woken now would make it spin without ever waiting.
         for (_, t) in self.retry_at.iter() {
-            until = until.min(*t);
+            if *t > now {
+                until = until.min(*t);
+            }
         }
         if let Some(t) = self.backoff_until {
             until = until.min(t);

@@ -342,6 +342,10 @@ impl Timer for TokioTimer {
         let now = self.now_ms();
         if at_ms > now {
             tokio::time::sleep(Duration::from_millis(at_ms - now)).await;
+        } else {
+            // Due already: still a turn for the runtime's I/O, so a driver
+            // woken at once again and again never starves the GETs it waits on.
+            tokio::task::yield_now().await;
         }
     }
 }

@@ -53,6 +53,10 @@ pub struct LocalDir {
     log: Option<File>,
     log_len: u64,
     buf: Vec<u8>,
+    /// `replica.lock`, locked while this process replicates into the
+    /// directory: two at once would append the same LSNs to one log and
+    /// checkpoint over each other.
+    _lock: File,
 }
 
 fn log_header(base: u64, id: DatasetId) -> [u8; LOG_HEADER] {
@@ -70,12 +74,27 @@ impl LocalDir {
     /// Opens (creating) `dir` and loads what it holds.
     pub fn open(dir: &Path) -> Result<(LocalDir, Local)> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let lockp = dir.join("replica.lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lockp)
+            .with_context(|| format!("opening {}", lockp.display()))?;
+        if lock.try_lock().is_err() {
+            anyhow::bail!(
+                "another `walcast replicate` holds {}: one process replicates into a directory \
+                 at a time (`get` and `scan --local` read it beside that one)",
+                lockp.display()
+            );
+        }
         let (local, log) = read_local(dir)?;
         let mut ld = LocalDir {
             dir: dir.to_path_buf(),
             log: None,
             log_len: 0,
             buf: Vec::new(),
+            _lock: lock,
         };
         // Cut a torn tail off the log and append after its valid part. A
         // damaged record with whole records after it is not a torn tail:
@@ -193,7 +212,14 @@ struct LogState {
 fn read_local(dir: &Path) -> Result<(Local, Option<LogState>)> {
     let mut local = Local::default();
     let snap = dir.join("state.wsnap");
-    if snap.exists() {
+    // Any error but its absence (a directory the caller may not search) is
+    // one: the state is not taken for empty.
+    let present = match std::fs::metadata(&snap) {
+        Ok(_) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", snap.display())),
+    };
+    if present {
         // Streamed in 1 MiB reads: loading never holds a second copy of the state.
         let mut f = File::open(&snap).with_context(|| format!("opening {}", snap.display()))?;
         let mut dec = snapshot::SnapshotDecoder::new();
@@ -211,6 +237,13 @@ fn read_local(dir: &Path) -> Result<(Local, Option<LogState>)> {
         let (h, st) = dec
             .finish(None)
             .map_err(|e| anyhow!("{}: {e}", snap.display()))?;
+        if h.lsn == u64::MAX {
+            anyhow::bail!(
+                "{}: the snapshot claims LSN {}, past any LSN",
+                snap.display(),
+                h.lsn
+            );
+        }
         local = Local {
             state: st,
             applied: h.lsn,
@@ -318,6 +351,13 @@ pub fn load(dir: &Path) -> Result<Local> {
         anyhow::bail!("{}: no such replica directory", dir.display());
     }
     let (local, log) = read_local(dir)?;
+    if local.dataset.is_none() {
+        anyhow::bail!(
+            "{}: holds no replica state (no state.wsnap): run `walcast replicate` into it, \
+             and read once it has applied a batch",
+            dir.display()
+        );
+    }
     if let Some(damage) = log.and_then(|l| l.damage) {
         anyhow::bail!("{damage}; run `walcast replicate` on the directory to fetch it again");
     }
@@ -376,5 +416,58 @@ impl Persist {
             _ => {}
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dataset() -> DatasetId {
+        DatasetId::from_seed(7)
+    }
+
+    /// Two `replicate` processes into one directory would append the same
+    /// LSNs to one log and checkpoint over each other: the second is
+    /// refused while the first holds the directory.
+    #[test]
+    fn one_replicate_at_a_time_holds_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut first, local) = LocalDir::open(dir.path()).unwrap();
+        first.checkpoint(&local.state, 5, dataset()).unwrap();
+        let err = LocalDir::open(dir.path()).expect_err("a second replicate");
+        assert!(format!("{err:#}").contains("replica.lock"), "{err:#}");
+        // Readers are not held back.
+        assert_eq!(load(dir.path()).unwrap().applied, 5);
+        drop(first);
+        LocalDir::open(dir.path()).unwrap();
+    }
+
+    /// A directory that holds no replica (never replicated into, or its
+    /// checkpoint gone) is an error naming it, not an empty state whose
+    /// reads answer "not found".
+    #[test]
+    fn a_directory_without_a_checkpoint_is_no_empty_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = load(dir.path()).expect_err("no state.wsnap");
+        assert!(format!("{err:#}").contains("no replica state"), "{err:#}");
+    }
+
+    /// A checkpoint claiming LSN u64::MAX (whose successor overflows).
+    #[test]
+    fn a_checkpoint_at_the_last_lsn_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = Vec::new();
+        snapshot::encode_to(
+            &KvState::default(),
+            u64::MAX,
+            0,
+            dataset(),
+            snapshot::DEFAULT_CHUNK_BYTES,
+            &mut |b| bytes.extend_from_slice(b),
+        );
+        std::fs::write(dir.path().join("state.wsnap"), bytes).unwrap();
+        let err = load(dir.path()).expect_err("LSN u64::MAX");
+        assert!(format!("{err:#}").contains("state.wsnap"), "{err:#}");
     }
 }
