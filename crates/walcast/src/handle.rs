@@ -514,7 +514,7 @@ fn follow(
         hooks.bar = progress_bar();
     }
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
+    let end = local.block_on(&rt, async move {
         let shared = Rc::new(std::cell::RefCell::new(machine));
         let mut runner = Driver::shared(shared.clone(), fetch.clone(), TokioTimer);
         let reader = Rc::new(Driver::shared(shared.clone(), fetch, TokioTimer));
@@ -631,5 +631,12 @@ fn follow(
             Err(RunError::Replica(e)) => Err(anyhow::Error::new(e)),
             Err(RunError::Callback(e)) => Err(e),
         }
-    })
+    });
+    // Without waiting for blocking reads still out (a `file://` dataset on
+    // a mount that hangs: each GET's deadline passed, its thread did not
+    // return): dropping the runtime would wait for them, and `close()` or a
+    // failed open with it, for ever.
+    drop(local);
+    rt.shutdown_background();
+    end
 }
