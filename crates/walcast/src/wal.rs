@@ -443,6 +443,8 @@ impl DurableMark {
 /// must stop at the [`DurableMark`].
 pub struct WalReader {
     file: File,
+    /// The log's path, named in every error.
+    path: PathBuf,
     offset: u64,
     next_lsn: u64,
     buf: Vec<u8>,
@@ -465,6 +467,7 @@ impl WalReader {
         }
         Ok(WalReader {
             file,
+            path,
             offset: HEADER_LEN,
             next_lsn: 1,
             buf: Vec::new(),
@@ -484,13 +487,23 @@ impl WalReader {
     /// The next record, or `None` at the (possibly incomplete) tail.
     /// A complete record with a bad checksum or LSN before the tail is an error.
     pub fn next_record(&mut self) -> Result<Option<(u64, Vec<u8>)>> {
-        let len = self.file.metadata()?.len();
+        let at = |r: &WalReader| {
+            format!(
+                "reading {} at byte {} (LSN {})",
+                r.path.display(),
+                r.offset,
+                r.next_lsn
+            )
+        };
+        let len = self.file.metadata().with_context(|| at(self))?.len();
         if len < self.offset + RECORD_HEADER_LEN {
             return Ok(None);
         }
-        self.file.seek(SeekFrom::Start(self.offset))?;
+        self.file
+            .seek(SeekFrom::Start(self.offset))
+            .with_context(|| at(self))?;
         let mut h = [0u8; 16];
-        self.file.read_exact(&mut h)?;
+        self.file.read_exact(&mut h).with_context(|| at(self))?;
         let plen = u64::from(u32::from_le_bytes([h[8], h[9], h[10], h[11]]));
         if plen > MAX_RECORD_LEN {
             // A garbage length can only come from a torn header at the tail.
@@ -506,7 +519,8 @@ impl WalReader {
         self.buf.clear();
         self.buf.extend_from_slice(&h);
         self.buf.resize(16 + plen as usize, 0);
-        self.file.read_exact(&mut self.buf[16..])?;
+        let ctx = at(self);
+        self.file.read_exact(&mut self.buf[16..]).context(ctx)?;
         let mut recs = walcast_core::segment::Records::new(&self.buf, self.offset, self.next_lsn);
         match recs.next() {
             Some(Ok(r)) => {
@@ -527,7 +541,8 @@ impl WalReader {
     fn tail_or_error(&self, len: u64, end: u64, why: &str) -> Result<Option<(u64, Vec<u8>)>> {
         if end < len {
             bail!(
-                "WAL corrupt at byte {} (LSN {}): {why}; {} bytes follow, refusing to drop them",
+                "{}: WAL corrupt at byte {} (LSN {}): {why}; {} bytes follow, refusing to drop them",
+                self.path.display(),
                 self.offset,
                 self.next_lsn,
                 len - end
@@ -688,6 +703,29 @@ mod tests {
         assert_eq!(w.commit(&put("b", "2")).unwrap(), 2);
         drop(w);
         assert_eq!(records(dir.path()), [1, 2]);
+    }
+
+    /// A reader's corruption error names the log, the byte and the LSN.
+    #[test]
+    fn a_readers_corruption_error_names_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let w = Writer::open(dir.path()).unwrap();
+            for i in 0..3 {
+                w.commit(&put(&format!("k{i}"), "v")).unwrap();
+            }
+        }
+        let path = log_path(dir.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The first record's payload: its checksum fails, records follow.
+        bytes[HEADER_LEN as usize + RECORD_HEADER_LEN as usize] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let mut r = WalReader::open(dir.path()).unwrap();
+        let msg = format!("{:#}", r.next_record().expect_err("corrupt"));
+        assert!(
+            msg.contains(&path.display().to_string()) && msg.contains("LSN 1"),
+            "{msg}"
+        );
     }
 
     #[test]
