@@ -20,6 +20,9 @@ function b64bytes(s, urlSafe) {
   t += "=".repeat((4 - (t.length % 4)) % 4);
   try {
     const bin = atob(t);
+    // Canonical only, as walcast_core's decoder takes it: bits past the
+    // last byte must be zero, or 16 spellings of one signature would pass.
+    if (btoa(bin) !== t) return null;
     const out = new Uint8Array(bin.length);
     for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
     return out;

@@ -309,4 +309,11 @@ test("the worker's WebCrypto verifier accepts the golden token of walcast_core::
   assert.deepEqual(await verifyToken(token, keys, 4600, "app"), { ok: false, reason: "expired" });
   assert.deepEqual(await verifyToken(token, keys, 4599, "apple"), { ok: false, reason: "wrong_prefix" });
   assert.deepEqual(await verifyToken(token.replace("wct1.e", "wct1.f"), keys, 4599, "app"), { ok: false, reason: "bad_signature" });
+  // The signature spelled with bits set past its last byte (base64 that
+  // decodes to the same bytes): not canonical, refused as the core does.
+  const abc = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+  const last = token[token.length - 1];
+  const respelled = token.slice(0, -1) + abc[abc.indexOf(last) | 1];
+  assert.notEqual(respelled, token);
+  assert.deepEqual(await verifyToken(respelled, keys, 4599, "app"), { ok: false, reason: "malformed" });
 });
