@@ -217,6 +217,7 @@ test("r2Fetch answers Range, If-None-Match and missing keys like an HTTP server"
       open: [206, "789", "bytes 7-9/10"],
       suffix: [206, "6789", "bytes 6-9/10"],
       clipped: [206, "89", "bytes 8-9/10"],
+      bigSuffix: [206, "0123456789", "bytes 0-9/10"],
       past: [416, "", "bytes */10"],
       bad: [416, "", null],
       notModified: [304, ""],
@@ -228,6 +229,19 @@ test("r2Fetch answers Range, If-None-Match and missing keys like an HTTP server"
   } finally {
     await probe.dispose();
   }
+});
+
+test("r2Fetch labels an answer with the range R2 says it sent, not the one asked for", async () => {
+  const { r2Fetch } = await import(pathToFileURL(path.join(REPO, "worker/src/r2.js")).href);
+  const data = new TextEncoder().encode("0123456789");
+  // A store answering bytes 0-2 whatever range it is asked for.
+  const bucket = {
+    head: async () => ({ size: 10, etag: "e" }),
+    get: async () => ({ body: new Response(data.slice(0, 3)).body, size: 10, etag: "e", range: { offset: 0, length: 3 } }),
+  };
+  const res = await r2Fetch(bucket)("https://r2.invalid/obj", { headers: { range: "bytes=5-7" } });
+  assert.equal(res.status, 206);
+  assert.equal(res.headers.get("content-range"), "bytes 0-2/10");
 });
 
 const PROBE = `
@@ -248,6 +262,7 @@ export default {
     out.open = await t(await f(u, { headers: { range: "bytes=7-" } }), "content-range");
     out.suffix = await t(await f(u, { headers: { range: "bytes=-4" } }), "content-range");
     out.clipped = await t(await f(u, { headers: { range: "bytes=8-100" } }), "content-range");
+    out.bigSuffix = await t(await f(u, { headers: { range: "bytes=-40" } }), "content-range");
     out.past = await t(await f(u, { headers: { range: "bytes=10-20" } }), "content-range");
     out.bad = await t(await f(u, { headers: { range: "bytes=1-2,4-5" } }), "content-range");
     out.notModified = await t(await f(u, { headers: { "if-none-match": etag } }));
