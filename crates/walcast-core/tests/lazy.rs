@@ -354,6 +354,56 @@ fn a_damaged_block_is_a_data_error_and_reads_go_on() {
     }
 }
 
+/// Reads of a block that keeps failing answer with the error each time,
+/// and raise no error event: an event would end a sync (or a native open)
+/// running beside them, which the block has nothing to do with.
+#[test]
+fn failing_block_reads_raise_no_error_event() {
+    let mut store = dataset(70, 60, 128);
+    let key = snapshot_key(60, 1);
+    let mut r = Replica::new(lazy_cfg(1 << 20), 4);
+    drain(&mut r, &mut store, 0);
+    let mut bad = store.objects[&key].clone();
+    let mid = bad.len() / 3;
+    bad[mid] ^= 0x40;
+    store.objects.insert(key.clone(), bad);
+    let at_70 = state_through(1, 70);
+    let mut read_errors = 0;
+    let mut events = Vec::new();
+    for _ in 0..6 {
+        for k in keys(&at_70) {
+            for _ in 0..10 {
+                match r.get_lazy(&k) {
+                    Ok(Read::Pending) => {
+                        for _ in 0..10_000 {
+                            match r.poll(0) {
+                                Action::Fetch(req) => {
+                                    let resp = store.serve(&req);
+                                    r.handle_response(req.id, 0, resp);
+                                }
+                                Action::Event(e) => events.push(e),
+                                Action::Wait { .. } => break,
+                            }
+                        }
+                    }
+                    Ok(Read::Ready(_)) => break,
+                    Err(_) => {
+                        read_errors += 1;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    assert!(read_errors >= 6, "{read_errors} read errors");
+    let errors: Vec<_> = events
+        .iter()
+        .filter(|e| matches!(e, walcast_core::replica::Event::Error(_)))
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(r.status(0).last_error.is_some());
+}
+
 /// A replica restored in lazy mode from a full state at LSN 70 keeps it as
 /// its base when the only snapshot is older (LSN 60): the writes 61..=70
 /// live in that state, not in the snapshot.

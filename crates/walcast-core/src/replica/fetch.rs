@@ -148,12 +148,13 @@ impl Replica {
     }
 
     /// Records a failure of a GET a lazy read made (a block, a deferred
-    /// segment): counted for `key`, reported once attempts at it reach the
-    /// limit, and not part of the streak that measures catching up.
+    /// segment): counted for `key` and kept as the last error, and not part
+    /// of the streak that measures catching up. No [`Event::Error`]: the
+    /// read that needed the GET answers with the error itself, and an event
+    /// would end a sync (or a native open) running beside it that had
+    /// nothing to do with the read.
     pub(super) fn read_failure(&mut self, key: &str, err: Error) {
-        if self.count_failure(key) == self.cfg.max_attempts {
-            self.events.push_back(Event::Error(err.clone()));
-        }
+        self.count_failure(key);
         self.last_error = Some(err);
     }
 
