@@ -883,7 +883,9 @@ export class Replica {
         };
         this.#wake = wake;
       }
-      const next = this.#nextStep < 0 ? Infinity : this.#nextStep - Date.now();
+      // One with its outcome steps nothing (below), so the module's next
+      // wake is not its to keep: its timer only looks for lost answers.
+      const next = op.done || this.#nextStep < 0 ? Infinity : this.#nextStep - Date.now();
       const most = scopedIo && op.owned === 0 ? SCOPED_POLL_MS : STEP_EVERY_MS;
       timer = setTimeout(() => {
         timer = null;

@@ -307,13 +307,23 @@ test("a sync that failed settles although a failing server keeps one of the modu
     });
   };
   const r = await Replica.open("http://origin.test/ds", { fetch });
+  // Timers of at most 1 ms while the sync waits for its last GET: a wait
+  // that spins instead of sleeping shows as thousands.
+  const timeout = globalThis.setTimeout;
+  let instant = 0;
+  globalThis.setTimeout = (fn, ms, ...args) => {
+    if (!(ms > 1)) instant++;
+    return timeout(fn, ms, ...args);
+  };
   try {
     const outcome = await r.sync().then(
       () => "synced",
       (e) => `rejected: ${e.code}`,
     );
     assert.equal(outcome, "rejected: unavailable", `${gets} segment GETs; ${JSON.stringify(r.status())}`);
+    assert.ok(instant < 200, `${instant} timers of at most 1 ms while the sync settled`);
   } finally {
+    globalThis.setTimeout = timeout;
     held?.();
     await r.close();
   }

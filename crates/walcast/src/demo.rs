@@ -178,7 +178,12 @@ pub async fn demo(duration: Option<Duration>, rate: u64) -> Result<()> {
     server.await??;
     let p = p?;
     let r = r?;
-    let l = crate::replica::load(&local)?;
+    // Stopped before the replica applied anything: an empty state.
+    let l = if local.join("state.wsnap").exists() {
+        crate::replica::load(&local)?
+    } else {
+        crate::replica::Local::default()
+    };
     // Publish-to-visible lag of every batch: its commit at the writer to its
     // apply at the replica.
     let mut lags: Vec<u64> = Vec::new();

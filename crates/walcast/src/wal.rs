@@ -183,6 +183,9 @@ impl Writer {
         // The log itself is locked too: a `wal.lock` a running writer
         // holds, deleted by hand as if stale, must not let a second writer
         // append beside it (both would write the same LSNs at one offset).
+        // (Unix only: on Windows a file lock is mandatory, and would keep
+        // the writer's own reader and the publisher out of the log.)
+        #[cfg(unix)]
         if file.try_lock().is_err() {
             bail!("another writer holds {}", path.display());
         }

@@ -81,12 +81,20 @@ impl LocalDir {
             .write(true)
             .open(&lockp)
             .with_context(|| format!("opening {}", lockp.display()))?;
-        if lock.try_lock().is_err() {
-            anyhow::bail!(
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
                 "another `walcast replicate` holds {}: one process replicates into a directory \
                  at a time (`get` and `scan --local` read it beside that one)",
                 lockp.display()
-            );
+            ),
+            // A file system without locks (NFS without a lock daemon, some
+            // FUSE mounts): replicated into as before, unguarded.
+            Err(std::fs::TryLockError::Error(e)) => tracing::warn!(
+                "{}: cannot be locked ({e}); nothing stops a second `walcast replicate` \
+                 from writing the directory too",
+                lockp.display()
+            ),
         }
         let (local, log) = read_local(dir)?;
         let mut ld = LocalDir {
@@ -341,6 +349,11 @@ fn whole_record_after(bytes: &[u8], bad: usize, lsn: u64) -> bool {
             return false;
         }
         let claimed = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes"));
+        // A frame running past the end is no whole record (and costs no
+        // checksum to refuse).
+        if claimed as usize > bytes.len() - at - 16 {
+            return false;
+        }
         hashed = hashed.saturating_add(claimed as usize);
         hashed > bytes.len().saturating_mul(2)
             || matches!(
@@ -488,6 +501,31 @@ mod tests {
         std::fs::write(&logp, bytes).unwrap();
         let err = load(dir.path()).expect_err("damage");
         assert!(format!("{err:#}").contains("damaged record"), "{err:#}");
+    }
+
+    /// A torn last record (a crash mid-append) whose partial payload holds
+    /// bytes that read as a frame with a plausible LSN and a huge length
+    /// is still a torn tail: such a frame runs past the end of the file.
+    #[test]
+    fn a_torn_tail_holding_a_frame_that_runs_past_the_end_is_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (mut ld, local) = LocalDir::open(dir.path()).unwrap();
+            ld.checkpoint(&local.state, 5, dataset()).unwrap();
+        }
+        let mut torn = Vec::new();
+        torn.extend_from_slice(&6u64.to_le_bytes());
+        torn.extend_from_slice(&1000u32.to_le_bytes());
+        torn.extend_from_slice(&0u32.to_le_bytes());
+        torn.extend_from_slice(&[0x41; 8]);
+        torn.extend_from_slice(&6u64.to_le_bytes());
+        torn.extend_from_slice(&u32::MAX.to_le_bytes());
+        torn.extend_from_slice(&[0x41; 40]);
+        let logp = dir.path().join("applied.log");
+        let mut bytes = std::fs::read(&logp).unwrap();
+        bytes.extend_from_slice(&torn);
+        std::fs::write(&logp, bytes).unwrap();
+        assert_eq!(load(dir.path()).unwrap().applied, 5);
     }
 
     /// A checkpoint claiming LSN u64::MAX (whose successor overflows).

@@ -79,7 +79,12 @@ pub(super) async fn respond(
                     // the requests being answered): a hold ending without a
                     // new head answers 304, with no body to read.
                     entity.file = None;
-                    entity.data = None;
+                    // Its first bytes only: a head stored gzip-compressed
+                    // still varies on Accept-Encoding in its 304.
+                    entity.data = entity
+                        .data
+                        .take()
+                        .map(|d| bytes::Bytes::copy_from_slice(&d[..d.len().min(2)]));
                     let _held = activity.map(Held::new);
                     match hold(state, &rel, headers, w, changes).await {
                         Some(Ok(e)) => entity = e,

@@ -339,6 +339,18 @@ fn heads_stored_gzip_compressed_are_read_everywhere() {
     assert_eq!(status, 304);
     assert_eq!(header(&headers, "content-encoding"), None);
     assert_eq!(header(&headers, "vary").as_deref(), Some("accept-encoding"));
+    // So does one that ends a long-poll held for a change that did not come.
+    let (status, headers, _) = crate::long_poll::get(
+        addr,
+        "/catalog/head.json",
+        &[
+            ("Accept-Encoding", "gzip"),
+            ("If-None-Match", &etag),
+            ("Prefer", "wait=1"),
+        ],
+    );
+    assert_eq!(status, 304);
+    assert_eq!(header(&headers, "vary").as_deref(), Some("accept-encoding"));
     for accept in [None, Some("identity"), Some("gzip;q=0")] {
         let extra: Vec<(&str, &str)> = accept.map(|a| ("Accept-Encoding", a)).into_iter().collect();
         let (status, headers, body) = crate::long_poll::get(addr, "/catalog/head.json", &extra);
