@@ -259,6 +259,15 @@ pub(super) fn open_entity(state: &Served, rel: &str) -> io::Result<Opened> {
     let meta = file.metadata()?;
     let len = meta.len();
     if len <= SMALL_FILE {
+        // Counted against the bytes held for answers until the last copy
+        // of them is dropped (sent, or the client gone).
+        let kib = u32::try_from(len.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+        let Ok(permit) = Arc::clone(&state.small_bytes).try_acquire_many_owned(kib) else {
+            return Err(io::Error::new(
+                io::ErrorKind::QuotaExceeded,
+                "small-file bytes in use",
+            ));
+        };
         let mut data = Vec::with_capacity(len as usize);
         // At most the length it had when opened (a file still growing is
         // read as far as that). The file is closed once read.
@@ -268,7 +277,10 @@ pub(super) fn open_entity(state: &Served, rel: &str) -> io::Result<Opened> {
             file: None,
             len: data.len() as u64,
             etag,
-            data: Some(Bytes::from(data)),
+            data: Some(Bytes::from_owner(Held {
+                data,
+                _permit: permit,
+            })),
         }));
     }
     let key = TagKey {
@@ -286,6 +298,18 @@ pub(super) fn open_entity(state: &Served, rel: &str) -> io::Result<Opened> {
         }),
         None => Opened::Unhashed(file, key),
     })
+}
+
+/// A small file's bytes with their share of the bytes held for answers.
+struct Held {
+    data: Vec<u8>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
 }
 
 /// The cached ETag of `key`, if any.

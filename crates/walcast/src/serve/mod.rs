@@ -62,6 +62,11 @@
 //! most half the limit), with a warning. A held
 //! long-poll keeps no file open, and running out of descriptors anyway
 //! answers 503 with `Retry-After` rather than 500.
+//!
+//! Memory: small files are read whole for each answer, and the bytes held
+//! for answers not yet sent are bounded ([`SMALL_BYTES_KIB`]): past it a
+//! request answers 503 with `Retry-After`, so clients that read slowly
+//! cannot make the server hold a megabyte per connection.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -115,6 +120,12 @@ const ETAG_CACHE_MAX: usize = 16 * 1024;
 /// however many large files are asked for at once (a HEAD costs a client
 /// a hundred bytes and the server a read of the whole file).
 const MAX_HASHING: usize = 2;
+
+/// Bytes of small files held in memory at once, read for answers not yet
+/// sent, counted in KiB (a semaphore's permits): past it a request answers
+/// 503 with `Retry-After`. Clients that read slowly (or not at all) would
+/// otherwise hold up to a megabyte each, a gigabyte at 1,024 connections.
+const SMALL_BYTES_KIB: usize = 256 * 1024;
 
 /// Default of [`ServeOptions::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
@@ -235,6 +246,8 @@ struct Served {
     hashing: Mutex<HashMap<TagKey, Hashing>>,
     /// Turns to hash a large file: [`MAX_HASHING`].
     hash_turns: Arc<tokio::sync::Semaphore>,
+    /// KiB of small files held for answers: [`SMALL_BYTES_KIB`].
+    small_bytes: Arc<tokio::sync::Semaphore>,
     /// Long-poll: the longest wait granted (zero: none), what wakes held
     /// requests, and the server stopping (held requests answer at once).
     max_wait: Duration,
@@ -266,6 +279,7 @@ fn build(root: PathBuf, opts: &ServeOptions) -> (Router, Arc<Served>) {
         etags: Mutex::new(HashMap::new()),
         hashing: Mutex::new(HashMap::new()),
         hash_turns: Arc::new(tokio::sync::Semaphore::new(MAX_HASHING)),
+        small_bytes: Arc::new(tokio::sync::Semaphore::new(SMALL_BYTES_KIB)),
         max_wait: opts.max_wait,
         signal: opts.head_signal.clone().unwrap_or_default(),
         stop: watch::channel(false).0,

@@ -348,6 +348,14 @@ pub(super) async fn open_object(state: &Arc<Served>, rel: &str) -> Result<Entity
     match opened {
         Ok(Ok(entity)) => Ok(entity),
         Ok(Err(e)) if is_not_found(&e) => Err(not_found()),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::QuotaExceeded => {
+            tracing::warn!(
+                path = rel,
+                "walcast serve: the bytes of small files held for answers are at their \
+                 bound (clients reading slowly); answering 503"
+            );
+            Err(retry_later())
+        }
         Ok(Err(e)) if is_out_of_fds(&e) => {
             tracing::warn!(
                 path = %state.root.join(rel).display(),

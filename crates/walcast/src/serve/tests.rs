@@ -242,3 +242,34 @@ fn a_full_etag_cache_gives_up_one_entry_for_a_new_one_not_all() {
     assert_eq!(etags.len(), ETAG_CACHE_MAX);
     assert_eq!(etags[&PathBuf::from("new")].len, 8);
 }
+
+/// Small files read for answers count against [`SMALL_BYTES_KIB`] until
+/// every copy of their bytes is dropped (the answer sent, or its client
+/// gone): past the bound an open is refused (the route answers 503), and
+/// the bytes come back once an answer lets go of them.
+#[test]
+fn small_files_held_for_answers_are_bounded_in_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = "catalog/head.json";
+    std::fs::create_dir_all(tmp.path().join("catalog")).unwrap();
+    std::fs::write(tmp.path().join(key), vec![b' '; 1 << 20]).unwrap();
+    let (_, state) = build(tmp.path().to_path_buf(), &ServeOptions::default());
+    let mut held = Vec::new();
+    let refused = loop {
+        match open_entity(&state, key) {
+            Ok(Opened::Ready(e)) => held.push(e.data.expect("small").slice(10..20)),
+            Ok(Opened::Unhashed(..)) => panic!("a small file"),
+            Err(e) => break e,
+        }
+        assert!(
+            held.len() <= SMALL_BYTES_KIB / 1024,
+            "{} MiB held",
+            held.len()
+        );
+    };
+    assert_eq!(refused.kind(), io::ErrorKind::QuotaExceeded);
+    assert_eq!(held.len(), SMALL_BYTES_KIB / 1024);
+    // A slice kept the whole file's share; dropping it frees the share.
+    held.pop();
+    assert!(matches!(open_entity(&state, key), Ok(Opened::Ready(_))));
+}
