@@ -64,7 +64,7 @@
 //! answers 503 with `Retry-After` rather than 500.
 //!
 //! Memory: small files are read whole for each answer, and the bytes held
-//! for answers not yet sent are bounded ([`SMALL_BYTES_KIB`]): past it a
+//! for answers not yet sent are bounded (256 MiB): past it a
 //! request answers 503 with `Retry-After`, so clients that read slowly
 //! cannot make the server hold a megabyte per connection.
 
