@@ -263,10 +263,7 @@ pub(super) fn open_entity(state: &Served, rel: &str) -> io::Result<Opened> {
         // of them is dropped (sent, or the client gone).
         let kib = u32::try_from(len.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
         let Ok(permit) = Arc::clone(&state.small_bytes).try_acquire_many_owned(kib) else {
-            return Err(io::Error::new(
-                io::ErrorKind::QuotaExceeded,
-                "small-file bytes in use",
-            ));
+            return Err(io::Error::other(SmallBytesFull));
         };
         let mut data = Vec::with_capacity(len as usize);
         // At most the length it had when opened (a file still growing is
@@ -299,6 +296,18 @@ pub(super) fn open_entity(state: &Served, rel: &str) -> io::Result<Opened> {
         None => Opened::Unhashed(file, key),
     })
 }
+
+/// The bytes of small files held for answers are at their bound.
+#[derive(Debug)]
+pub(super) struct SmallBytesFull;
+
+impl std::fmt::Display for SmallBytesFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the bytes of small files held for answers are at their bound")
+    }
+}
+
+impl std::error::Error for SmallBytesFull {}
 
 /// A small file's bytes with their share of the bytes held for answers.
 struct Held {

@@ -63,6 +63,15 @@ pub(super) async fn respond(
         Ok(e) => e,
         Err(r) => return r,
     };
+    // Whether the object is stored gzip-compressed (a head written with
+    // `--head-encoding gzip`), known before a hold lets its bytes go: a 304
+    // ending the hold varies on Accept-Encoding all the same.
+    let stored_gzip = |e: &Entity| {
+        e.data
+            .as_ref()
+            .is_some_and(|d| d.starts_with(&walcast_core::catalog::GZIP_MAGIC))
+    };
+    let mut gzip = stored_gzip(&entity);
     // RFC 9110 13.1.1: an `If-Match` no ETag of the object satisfies is
     // answered 412, before `If-None-Match` and any hold.
     if !if_match(headers, &entity.etag) {
@@ -79,15 +88,13 @@ pub(super) async fn respond(
                     // the requests being answered): a hold ending without a
                     // new head answers 304, with no body to read.
                     entity.file = None;
-                    // Its first bytes only: a head stored gzip-compressed
-                    // still varies on Accept-Encoding in its 304.
-                    entity.data = entity
-                        .data
-                        .take()
-                        .map(|d| bytes::Bytes::copy_from_slice(&d[..d.len().min(2)]));
+                    entity.data = None;
                     let _held = activity.map(Held::new);
                     match hold(state, &rel, headers, w, changes).await {
-                        Some(Ok(e)) => entity = e,
+                        Some(Ok(e)) => {
+                            gzip = stored_gzip(&e);
+                            entity = e;
+                        }
                         Some(Err(r)) => return r,
                         None => {}
                     }
@@ -122,11 +129,7 @@ pub(super) async fn respond(
     // Content-Encoding: gzip for clients that accept it, else the stored
     // bytes as they are (walcast's readers decode them either way). Every
     // answer varies on Accept-Encoding; only one with a body is labelled.
-    let gzip_head = object == Object::Head
-        && entity
-            .data
-            .as_ref()
-            .is_some_and(|d| d.starts_with(&walcast_core::catalog::GZIP_MAGIC));
+    let gzip_head = object == Object::Head && gzip;
     if gzip_head {
         builder = builder.header(header::VARY, "accept-encoding");
     }
@@ -348,7 +351,7 @@ pub(super) async fn open_object(state: &Arc<Served>, rel: &str) -> Result<Entity
     match opened {
         Ok(Ok(entity)) => Ok(entity),
         Ok(Err(e)) if is_not_found(&e) => Err(not_found()),
-        Ok(Err(e)) if e.kind() == io::ErrorKind::QuotaExceeded => {
+        Ok(Err(e)) if e.get_ref().is_some_and(|r| r.is::<SmallBytesFull>()) => {
             tracing::warn!(
                 path = rel,
                 "walcast serve: the bytes of small files held for answers are at their \
@@ -410,6 +413,9 @@ pub(super) async fn hold(
         }
         match open_object(state, rel).await {
             Ok(e) if if_none_match(headers, &e.etag) => continue,
+            // Short of descriptors or of the bytes held for answers for a
+            // moment: the hold goes on (its client asked to wait anyway).
+            Err(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => continue,
             other => return Some(other),
         }
     }
