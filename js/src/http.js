@@ -59,7 +59,6 @@ async function readBounded(res, limit, signal) {
   signal?.addEventListener("abort", cancel, { once: true });
   try {
     while (total < limit) {
-      if (signal?.aborted) throw new Error("aborted");
       const { done, value } = await reader.read();
       if (done) {
         complete = true;

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use fixtures::{build_segment, state_through, DATASET};
 use walcast_core::catalog::{snapshot_key, Head, SegmentEntry, SnapshotEntry, HEAD_KEY};
 use walcast_core::io::{ByteRange, ContentRange, GetRequest, GetResponse};
-use walcast_core::replica::{Action, LazyScan, Read, Replica, ReplicaConfig};
+use walcast_core::replica::{Action, Event, LazyScan, Read, Replica, ReplicaConfig};
 use walcast_core::snapshot::indexed::{encode_indexed, IndexedOptions};
 use walcast_core::state::KvState;
 
@@ -149,17 +149,39 @@ fn lazy_cfg(cache: u64) -> ReplicaConfig {
 
 /// Drains `poll`, answering every fetch, until the machine waits.
 fn drain(r: &mut Replica, store: &mut Store, now: u64) {
+    drain_events(r, store, now);
+}
+
+/// [`drain`], returning the events the machine raised.
+fn drain_events(r: &mut Replica, store: &mut Store, now: u64) -> Vec<Event> {
+    let mut events = Vec::new();
     for _ in 0..10_000 {
         match r.poll(now) {
             Action::Fetch(req) => {
                 let resp = store.serve(&req);
                 r.handle_response(req.id, now, resp);
             }
-            Action::Event(_) => {}
-            Action::Wait { .. } => return,
+            Action::Event(e) => events.push(e),
+            Action::Wait { .. } => return events,
         }
     }
     panic!("poll did not settle");
+}
+
+/// A lazy replica of a dataset at LSN 70 (its snapshot at 60, 128-byte
+/// blocks), opened; then a byte in the middle of the snapshot (a data
+/// block) is flipped. Returns the snapshot's key and its sound bytes too.
+fn opened_over_a_damaged_block() -> (Store, Replica, String, Vec<u8>) {
+    let mut store = dataset(70, 60, 128);
+    let key = snapshot_key(60, 1);
+    let mut r = Replica::new(lazy_cfg(1 << 20), 4);
+    drain(&mut r, &mut store, 0);
+    let good = store.objects[&key].clone();
+    let mut bad = good.clone();
+    let mid = bad.len() / 3;
+    bad[mid] ^= 0x40;
+    store.objects.insert(key.clone(), bad);
+    (store, r, key, good)
 }
 
 fn get(r: &mut Replica, store: &mut Store, key: &[u8]) -> Option<Vec<u8>> {
@@ -327,16 +349,7 @@ fn data_errors_naming(
 
 #[test]
 fn a_damaged_block_is_a_data_error_and_reads_go_on() {
-    let mut store = dataset(70, 60, 128);
-    let key = snapshot_key(60, 1);
-    let mut r = Replica::new(lazy_cfg(1 << 20), 4);
-    drain(&mut r, &mut store, 0);
-    // Flip a byte in the middle of the snapshot (a data block).
-    let good = store.objects[&key].clone();
-    let mut bad = good.clone();
-    let mid = bad.len() / 3;
-    bad[mid] ^= 0x40;
-    store.objects.insert(key.clone(), bad);
+    let (mut store, mut r, key, good) = opened_over_a_damaged_block();
     let at_70 = state_through(1, 70);
     // A read of a sound block is right, and never carries another block's
     // failure.
@@ -359,14 +372,7 @@ fn a_damaged_block_is_a_data_error_and_reads_go_on() {
 /// running beside them, which the block has nothing to do with.
 #[test]
 fn failing_block_reads_raise_no_error_event() {
-    let mut store = dataset(70, 60, 128);
-    let key = snapshot_key(60, 1);
-    let mut r = Replica::new(lazy_cfg(1 << 20), 4);
-    drain(&mut r, &mut store, 0);
-    let mut bad = store.objects[&key].clone();
-    let mid = bad.len() / 3;
-    bad[mid] ^= 0x40;
-    store.objects.insert(key.clone(), bad);
+    let (mut store, mut r, _, _) = opened_over_a_damaged_block();
     let at_70 = state_through(1, 70);
     let mut read_errors = 0;
     let mut events = Vec::new();
@@ -374,18 +380,7 @@ fn failing_block_reads_raise_no_error_event() {
         for k in keys(&at_70) {
             for _ in 0..10 {
                 match r.get_lazy(&k) {
-                    Ok(Read::Pending) => {
-                        for _ in 0..10_000 {
-                            match r.poll(0) {
-                                Action::Fetch(req) => {
-                                    let resp = store.serve(&req);
-                                    r.handle_response(req.id, 0, resp);
-                                }
-                                Action::Event(e) => events.push(e),
-                                Action::Wait { .. } => break,
-                            }
-                        }
-                    }
+                    Ok(Read::Pending) => events.extend(drain_events(&mut r, &mut store, 0)),
                     Ok(Read::Ready(_)) => break,
                     Err(_) => {
                         read_errors += 1;
@@ -398,7 +393,7 @@ fn failing_block_reads_raise_no_error_event() {
     assert!(read_errors >= 6, "{read_errors} read errors");
     let errors: Vec<_> = events
         .iter()
-        .filter(|e| matches!(e, walcast_core::replica::Event::Error(_)))
+        .filter(|e| matches!(e, Event::Error(_)))
         .collect();
     assert!(errors.is_empty(), "{errors:?}");
     assert!(r.status(0).last_error.is_some());

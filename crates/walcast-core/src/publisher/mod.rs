@@ -966,15 +966,9 @@ mod tests {
         }
     }
 
-    /// Retention of a claimed head naming a level-0 page of 14,000
-    /// segments and a level-1 page of 10,000 references (pages no
-    /// publisher with these settings writes): listing what either names
-    /// in the head would take it past its 1 MiB bound, where every reader
-    /// refuses it, this publisher too. Each page is retired alone, an error
-    /// names it, and every head written stays within the bound.
-    #[test]
-    fn a_page_too_large_to_list_in_the_head_is_retired_alone() {
-        let seg = |lsn: u64| SegmentEntry {
+    /// An entry for a segment of epoch 1 holding LSN `lsn` alone.
+    fn one_lsn_segment(lsn: u64) -> SegmentEntry {
+        SegmentEntry {
             key: crate::catalog::segment_key(1, lsn, lsn),
             epoch: 1,
             first_lsn: lsn,
@@ -987,7 +981,17 @@ mod tests {
                 offset: crate::segment::HEADER_LEN,
             }],
             filter: None,
-        };
+        }
+    }
+
+    /// Retention of a claimed head naming a level-0 page of 14,000
+    /// segments and a level-1 page of 10,000 references (pages no
+    /// publisher with these settings writes): listing what either names
+    /// in the head would take it past its 1 MiB bound, where every reader
+    /// refuses it, this publisher too. Each page is retired alone, an error
+    /// names it, and every head written stays within the bound.
+    #[test]
+    fn a_page_too_large_to_list_in_the_head_is_retired_alone() {
         let reference = |level: u32, first: u64, last: u64, count: u32, body: &[u8]| PageRef {
             key: crate::catalog::page_key(level, first, last, 1),
             level,
@@ -999,7 +1003,7 @@ mod tests {
         let leaves = crate::catalog::Page {
             format: 1,
             level: 0,
-            segments: (1..=14_000).map(seg).collect(),
+            segments: (1..=14_000).map(one_lsn_segment).collect(),
             pages: Vec::new(),
             digests: Default::default(),
         }
@@ -1083,24 +1087,10 @@ mod tests {
     /// after `max_attempts` reads, and an error names it.
     #[test]
     fn a_page_not_found_is_read_again_before_only_it_is_retired() {
-        let seg = |lsn: u64| SegmentEntry {
-            key: crate::catalog::segment_key(1, lsn, lsn),
-            epoch: 1,
-            first_lsn: lsn,
-            last_lsn: lsn,
-            size: 100,
-            crc32: 0,
-            records_end: crate::segment::HEADER_LEN + 40,
-            index: vec![crate::segment::IndexEntry {
-                lsn,
-                offset: crate::segment::HEADER_LEN,
-            }],
-            filter: None,
-        };
         let leaves = crate::catalog::Page {
             format: 1,
             level: 0,
-            segments: (1..=4).map(seg).collect(),
+            segments: (1..=4).map(one_lsn_segment).collect(),
             pages: Vec::new(),
             digests: Default::default(),
         }

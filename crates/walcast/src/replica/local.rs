@@ -450,6 +450,22 @@ mod tests {
         DatasetId::from_seed(7)
     }
 
+    /// A replica directory checkpointed at LSN 5, with an empty log.
+    fn checkpointed_at_5() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ld, local) = LocalDir::open(dir.path()).unwrap();
+        ld.checkpoint(&local.state, 5, dataset()).unwrap();
+        dir
+    }
+
+    /// Appends `bytes` to the directory's `applied.log` as they are.
+    fn append_to_log(dir: &tempfile::TempDir, bytes: &[u8]) {
+        let logp = dir.path().join("applied.log");
+        let mut all = std::fs::read(&logp).unwrap();
+        all.extend_from_slice(bytes);
+        std::fs::write(&logp, all).unwrap();
+    }
+
     /// Two `replicate` processes into one directory would append the same
     /// LSNs to one log and checkpoint over each other: the second is
     /// refused while the first holds the directory.
@@ -482,11 +498,7 @@ mod tests {
     /// now, and the bad record counts as damage (reads fail, naming it).
     #[test]
     fn a_log_of_frames_claiming_the_rest_of_the_file_is_damage_found_quickly() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let (mut ld, local) = LocalDir::open(dir.path()).unwrap();
-            ld.checkpoint(&local.state, 5, dataset()).unwrap();
-        }
+        let dir = checkpointed_at_5();
         let n = (1usize << 20) / 16;
         let mut tail = Vec::with_capacity(n * 16);
         for i in 0..n {
@@ -495,10 +507,7 @@ mod tests {
             tail.extend_from_slice(&rest.to_le_bytes());
             tail.extend_from_slice(&0u32.to_le_bytes());
         }
-        let logp = dir.path().join("applied.log");
-        let mut bytes = std::fs::read(&logp).unwrap();
-        bytes.extend_from_slice(&tail);
-        std::fs::write(&logp, bytes).unwrap();
+        append_to_log(&dir, &tail);
         let err = load(dir.path()).expect_err("damage");
         assert!(format!("{err:#}").contains("damaged record"), "{err:#}");
     }
@@ -508,11 +517,7 @@ mod tests {
     /// is still a torn tail: such a frame runs past the end of the file.
     #[test]
     fn a_torn_tail_holding_a_frame_that_runs_past_the_end_is_torn() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let (mut ld, local) = LocalDir::open(dir.path()).unwrap();
-            ld.checkpoint(&local.state, 5, dataset()).unwrap();
-        }
+        let dir = checkpointed_at_5();
         let mut torn = Vec::new();
         torn.extend_from_slice(&6u64.to_le_bytes());
         torn.extend_from_slice(&1000u32.to_le_bytes());
@@ -521,10 +526,7 @@ mod tests {
         torn.extend_from_slice(&6u64.to_le_bytes());
         torn.extend_from_slice(&u32::MAX.to_le_bytes());
         torn.extend_from_slice(&[0x41; 40]);
-        let logp = dir.path().join("applied.log");
-        let mut bytes = std::fs::read(&logp).unwrap();
-        bytes.extend_from_slice(&torn);
-        std::fs::write(&logp, bytes).unwrap();
+        append_to_log(&dir, &torn);
         assert_eq!(load(dir.path()).unwrap().applied, 5);
     }
 

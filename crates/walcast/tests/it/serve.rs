@@ -84,6 +84,18 @@ fn write(root: &Path, rel: &str, data: &[u8]) {
     std::fs::write(path, data).unwrap();
 }
 
+/// A file of `size` zero bytes at `rel`, sparse: no disk needed, and
+/// reads are as fast as they get.
+fn write_sparse(root: &Path, rel: &str, size: u64) {
+    write(root, rel, b"");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(root.join(rel))
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+}
+
 fn etag_of(data: &[u8]) -> String {
     format!("\"{:08x}-{:x}\"", crc32fast::hash(data), data.len())
 }
@@ -1410,15 +1422,8 @@ fn concurrent_range_gets_of_a_large_object_hash_it_once() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     write(root, HEAD, br#"{"epoch":1}"#);
-    write(root, SNAPSHOT, b"");
     let size: u64 = 512 << 20;
-    // Sparse: no disk needed, and reads are as fast as they get.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(root.join(SNAPSHOT))
-        .unwrap()
-        .set_len(size)
-        .unwrap();
+    write_sparse(root, SNAPSHOT, size);
     let serve = crate::support::Serve::start(root);
     let pid = serve.pid();
     let addr = serve.url.trim_start_matches("http://").to_string();
@@ -1471,14 +1476,7 @@ fn hashes_nobody_waits_for_any_more_are_given_up() {
         .map(|i| format!("snapshots/{:020}-1.wsnap", i * 10))
         .collect();
     for k in &keys {
-        write(root, k, b"");
-        // Sparse: no disk needed.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(root.join(k))
-            .unwrap()
-            .set_len(size)
-            .unwrap();
+        write_sparse(root, k, size);
     }
     let serve = crate::support::Serve::start(root);
     let pid = serve.pid();
