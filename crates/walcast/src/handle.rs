@@ -175,6 +175,9 @@ pub struct ReplicaHandle {
     stop: Option<oneshot::Sender<()>>,
     /// The thread's outcome: the applied LSN, or what ended it.
     done: Option<oneshot::Receiver<Result<u64>>>,
+    /// What ended the thread, set before it stops taking reads: later reads
+    /// fail with it rather than with "closed".
+    stopped: Arc<Mutex<Option<String>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -240,6 +243,8 @@ impl ReplicaHandle {
         let (stop_tx, stop_rx) = oneshot::channel();
         let (ready_tx, ready_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
+        let stopped = Arc::new(Mutex::new(None));
+        let stopped_thread = stopped.clone();
         let hooks = Hooks {
             persist,
             lazy: options.lazy_cache_bytes.is_some(),
@@ -257,7 +262,7 @@ impl ReplicaHandle {
                     fetch,
                     hooks,
                     (status_tx, live_thread),
-                    cmd_rx,
+                    (cmd_rx, stopped_thread),
                     stop_rx,
                     ready_tx,
                 );
@@ -270,6 +275,7 @@ impl ReplicaHandle {
             counters,
             stop: Some(stop_tx),
             done: Some(done_rx),
+            stopped,
             thread: Some(thread),
         };
         match ready_rx.await {
@@ -291,9 +297,18 @@ impl ReplicaHandle {
         let (tx, rx) = oneshot::channel();
         self.cmds
             .send(Cmd::Get(key.to_vec(), tx))
-            .map_err(|_| anyhow!("invalid_input: the replica is closed"))?;
+            .map_err(|_| self.gone("invalid_input: the replica is closed"))?;
         rx.await
-            .map_err(|_| anyhow!("internal: the replica thread ended"))?
+            .map_err(|_| self.gone("internal: the replica thread ended"))?
+    }
+
+    /// Why reads are no longer answered: the error that ended the replica's
+    /// thread, or `otherwise` (closed).
+    fn gone(&self, otherwise: &str) -> anyhow::Error {
+        match self.stopped.lock().ok().and_then(|s| s.clone()) {
+            Some(e) => anyhow!("{e} (the replica stopped on this error)"),
+            None => anyhow!("{otherwise}"),
+        }
     }
 
     /// Entries with keys in `start..end` (`end` exclusive; `None`: to the
@@ -311,9 +326,9 @@ impl ReplicaHandle {
         let (tx, rx) = oneshot::channel();
         self.cmds
             .send(Cmd::Scan(Box::new(scan), tx))
-            .map_err(|_| anyhow!("invalid_input: the replica is closed"))?;
+            .map_err(|_| self.gone("invalid_input: the replica is closed"))?;
         rx.await
-            .map_err(|_| anyhow!("internal: the replica thread ended"))?
+            .map_err(|_| self.gone("internal: the replica thread ended"))?
     }
 
     /// The replica's progress: applied and committed LSNs, lag, phase, the
@@ -354,7 +369,7 @@ impl ReplicaHandle {
         .await;
         match waited {
             Ok(Ok(applied)) => Ok(applied),
-            Ok(Err(_)) => Err(anyhow!("internal: the replica thread ended")),
+            Ok(Err(_)) => Err(self.gone("internal: the replica thread ended")),
             Err(_) => Err(anyhow!(
                 "unavailable: LSN {lsn} was not applied within {} ms (applied: {})",
                 timeout.as_millis(),
@@ -503,7 +518,7 @@ fn follow(
     fetch: Seam,
     mut hooks: Hooks,
     (status, live): (watch::Sender<Status>, Arc<Mutex<Status>>),
-    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+    (mut cmds, stopped): (mpsc::UnboundedReceiver<Cmd>, Arc<Mutex<Option<String>>>),
     stop: oneshot::Receiver<()>,
     ready: oneshot::Sender<Result<()>>,
 ) -> Result<u64> {
@@ -626,11 +641,17 @@ fn follow(
         };
         hooks.borrow().bar.finish_and_clear();
         let applied = shared.borrow().applied_lsn();
-        match result {
+        let end = match result {
             Ok(()) => Ok(applied),
             Err(RunError::Replica(e)) => Err(anyhow::Error::new(e)),
             Err(RunError::Callback(e)) => Err(e),
+        };
+        // Before the reads' channel closes: a read sent from now on fails
+        // with what ended the replica.
+        if let (Err(e), Ok(mut s)) = (&end, stopped.lock()) {
+            *s = Some(format!("{e:#}"));
         }
+        end
     });
     // Without waiting for blocking reads still out (a `file://` dataset on
     // a mount that hangs: each GET's deadline passed, its thread did not

@@ -404,8 +404,22 @@ impl Persist {
         Ok((Persist { ld, has_log }, local))
     }
 
-    /// Persists what `e` says the machine `r` did.
+    /// Persists what `e` says the machine `r` did; an error names the
+    /// directory.
     pub(crate) fn on_event(
+        &mut self,
+        r: &walcast_core::replica::Replica,
+        e: &walcast_core::replica::Event,
+    ) -> Result<()> {
+        self.persist(r, e).with_context(|| {
+            format!(
+                "io: the replica directory {} could not be written",
+                self.ld.dir.display()
+            )
+        })
+    }
+
+    fn persist(
         &mut self,
         r: &walcast_core::replica::Replica,
         e: &walcast_core::replica::Event,

@@ -248,3 +248,61 @@ fn replicate_waits_for_the_dataset_follows_and_stops_on_ctrl_c() {
     );
     assert_eq!(get("a").stdout, b"0");
 }
+
+/// A replica whose thread ends on an error (here its local directory,
+/// replaced by a file, cannot take the checkpoint a new dataset at the same
+/// prefix needs) answers later reads with that error, not "closed".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_after_the_replica_stopped_on_an_error_name_the_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = tmp.path().join("ds");
+    let url = file_url(&ds);
+    let mut rng = Rng::new(5);
+    let opts = GenOpts {
+        keys: 20,
+        max_value: 50,
+        ..GenOpts::default()
+    };
+    let wal = tmp.path().join("wal");
+    write(&wal, &gen_batches(&mut rng, 10, opts));
+    publish_once(&wal, &url, &[], &Env::new()).ok();
+    let local = tmp.path().join("replica");
+    let mut h = ReplicaHandle::open(
+        &url,
+        ReplicaOptions {
+            local: Some(local.clone()),
+            poll_interval: Duration::from_millis(20),
+            ..ReplicaOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    // The directory becomes a file (root writes into a read-only one).
+    std::fs::remove_dir_all(&local).unwrap();
+    std::fs::write(&local, b"not a directory").unwrap();
+    // A new dataset at the same prefix: the replica starts over and must
+    // checkpoint it.
+    std::fs::remove_dir_all(&ds).unwrap();
+    let wal2 = tmp.path().join("wal2");
+    write(&wal2, &gen_batches(&mut rng, 10, opts));
+    publish_once(&wal2, &url, &[], &Env::new()).ok();
+    let ended = tokio::time::timeout(Duration::from_secs(30), h.ended())
+        .await
+        .expect("the replica's thread ends");
+    let cause = ended.expect_err("it ended on an error").to_string();
+    assert!(
+        cause.contains(&local.display().to_string()),
+        "the error names the directory: {cause}"
+    );
+    for err in [
+        h.get(b"k").await.unwrap_err(),
+        h.scan(b"", None, 10).await.unwrap_err(),
+    ] {
+        let err = format!("{err:#}");
+        assert!(
+            err.contains(&cause) && err.contains("stopped"),
+            "a read names what stopped the replica ({cause}): {err}"
+        );
+    }
+    h.close().await;
+}
