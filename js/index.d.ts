@@ -437,9 +437,14 @@ export declare class Replica implements ReplicaBase {
 /**
  * Loads the wasm module now (otherwise the first `Replica.open` does). Pass
  * the module yourself where the entry cannot find it (bundlers, CSP): a
- * `WebAssembly.Module`, its bytes, a `Response` or a URL.
+ * `WebAssembly.Module`, its bytes, a `Response` or a URL. A load not done
+ * within `timeoutMs` (default 60000; a URL's fetch is aborted) rejects with
+ * code `timeout`, and a later call tries again.
  */
-export declare function init(source?: WebAssembly.Module | BufferSource | Response | URL | string): Promise<void>;
+export declare function init(
+  source?: WebAssembly.Module | BufferSource | Response | URL | string,
+  options?: { timeoutMs?: number },
+): Promise<void>;
 
 /** Whether a store holding `old` should take `state` (same dataset: newer LSN, or any after a rewind; another: only after a reset). */
 export declare function shouldReplace(

@@ -43,6 +43,9 @@ export function testFault(kind) {
   }
 }
 
+/** How long loading the wasm module may take, by default (`init`'s `timeoutMs`). */
+const WASM_LOAD_TIMEOUT_MS = 60_000;
+
 /** Called by the runtime entry: how to get the module when first needed. */
 export function setWasmSource(fn) {
   wasmSource = fn;
@@ -51,9 +54,10 @@ export function setWasmSource(fn) {
 /**
  * Loads and instantiates the wasm module (once). `Replica.open` calls it; call
  * it yourself to load early, or to pass the module yourself (a
- * `WebAssembly.Module`, the bytes, a `Response`, or a URL).
+ * `WebAssembly.Module`, the bytes, a `Response`, or a URL). Rejects with code
+ * "timeout" when the module is not loaded within `options.timeoutMs` (60 s).
  */
-export function init(source) {
+export function init(source, options) {
   if (source !== undefined) {
     if (wasmReady) return wasmReady;
     wasmSource = () => source;
@@ -62,9 +66,22 @@ export function init(source) {
     if (!wasmSource) {
       return Promise.reject(walcastError("invalid_input", "walcast: no wasm source; import the package through its runtime entry or call init(source)"));
     }
-    wasmReady = Promise.resolve()
+    // A server that never finishes sending the module fails the load after
+    // `timeoutMs` (the fetch is aborted) instead of holding every open.
+    const ms = options?.timeoutMs ?? WASM_LOAD_TIMEOUT_MS;
+    const ac = typeof AbortController === "function" ? new AbortController() : null;
+    let timer;
+    const expired = new Promise((_, reject) => {
+      timer = setTimeout(() => {
+        ac?.abort();
+        reject(walcastError("timeout", `walcast: loading the wasm module: not loaded within ${ms} ms`));
+      }, ms);
+    });
+    const load = Promise.resolve()
       .then(wasmSource)
-      .then(compile)
+      .then((src) => compile(src, ac?.signal));
+    wasmReady = Promise.race([load, expired])
+      .finally(() => clearTimeout(timer))
       .then(start);
     wasmReady.catch(() => {
       wasmReady = null; // let a later call try again
@@ -73,11 +90,11 @@ export function init(source) {
   return wasmReady;
 }
 
-async function compile(src) {
+async function compile(src, signal) {
   src = await src;
   if (src instanceof WebAssembly.Module) return src;
   if (typeof src === "string" || (typeof URL === "function" && src instanceof URL) || (typeof Request === "function" && src instanceof Request)) {
-    src = await fetch(src);
+    src = await fetch(src, signal ? { signal } : undefined);
   }
   if (typeof Response === "function" && src instanceof Response) {
     if (!src.ok) throw walcastError("unavailable", `walcast: loading the wasm module: HTTP ${src.status}`);

@@ -6,6 +6,7 @@
 //   receives them.
 // - A 206 that does not say which part it is fails as the native drivers
 //   fail it.
+// - A wasm module whose download stalls fails the load after its deadline.
 // - A head stored gzip-compressed (`--head-encoding gzip`) is read whether
 //   the server labels it (Content-Encoding: gzip) or sends it as stored, in
 //   full and lazy mode; one that decodes past the head's 1 MiB bound, or has
@@ -237,5 +238,51 @@ test("a gzip head followed by zero bytes, an empty member or a second member is 
     const err = await headError(await staticOrigin(gzDir, () => ({ body })));
     assert.equal(err.code, "data", `${what}: ${err.code}: ${err.message}`);
     assert.equal(err.object, "catalog/head.json", what);
+  }
+});
+
+test("a server that never finishes sending the wasm module fails the load with a timeout; the next load tries again", async () => {
+  // A process of its own: the module loads once per process.
+  const wasm = fs.readFileSync(new URL("../../js/dist/wasm/walcast_wasm_bg.wasm", import.meta.url));
+  const closed = [];
+  const server = await listen((req, res) => {
+    if (req.url === "/hang.wasm") {
+      // Headers and half the module, then nothing more.
+      res.writeHead(200, { "content-type": "application/wasm", "content-length": wasm.length });
+      res.write(wasm.subarray(0, wasm.length >> 1));
+      req.socket.on("close", () => closed.push(req.url));
+      return;
+    }
+    res.writeHead(200, { "content-type": "application/wasm" });
+    res.end(wasm);
+  });
+  try {
+    const base = `http://127.0.0.1:${server.address().port}`;
+    const script = `
+      // The browser entry (it fetches the module by URL), next to Node's.
+      const web = new URL("./web.js", import.meta.resolve("walcast"));
+      const { init, Replica } = await import(web);
+      const t0 = Date.now();
+      const err = await init(${JSON.stringify(base + "/hang.wasm")}, { timeoutMs: 500 }).then(() => null, (e) => e);
+      console.log(JSON.stringify({ code: err?.code, message: err?.message, ms: Date.now() - t0 }));
+      await init(${JSON.stringify(base + "/ok.wasm")});
+      console.log(JSON.stringify({ loaded: typeof Replica.open }));
+      process.exit(0);
+    `;
+    const { execFile } = await import("node:child_process");
+    const out = await new Promise((resolve, reject) =>
+      execFile(process.execPath, ["--input-type=module", "-e", script], { cwd: path.dirname(new URL(import.meta.url).pathname), timeout: 30_000 }, (e, stdout, stderr) =>
+        e ? reject(new Error(`${e.message}\n${stderr}`)) : resolve(stdout),
+      ),
+    );
+    const [first, second] = out.trim().split("\n").map((l) => JSON.parse(l));
+    assert.equal(first.code, "timeout", first.message);
+    assert.match(first.message, /wasm module.*500 ms/);
+    assert.deepEqual(second, { loaded: "function" });
+    for (let i = 0; i < 50 && !closed.length; i++) await sleep(20);
+    assert.deepEqual(closed, ["/hang.wasm"], "the stalled download was aborted");
+  } finally {
+    server.closeAllConnections?.();
+    server.close();
   }
 });
