@@ -921,7 +921,7 @@ impl WasmReplica {
     pub fn snapshot(&self) -> Result<Uint8Array, JsValue> {
         if self.lazy {
             return Err(invalid(
-                "walcast: a lazy replica does not hold the whole state (open it with load: \"full\" to take snapshots)",
+                "walcast: a lazy replica holds no whole state to snapshot (open it with load: \"full\")",
             ));
         }
         let r = self.replica.borrow();
