@@ -278,6 +278,9 @@ export class Replica {
       const r = ref.deref();
       if (!r) return;
       r.#resetSincePersist = true;
+      // A whole copy kept from before is another state's object, perhaps
+      // under the same key (a dataset started over at the prefix).
+      r.#wholeAnswer = null;
       // 0: the dataset changed; under the same id, its history went back.
       if (lsn === 0) r.#rewindSincePersist = true;
       r.#event({ type: "reset", lsn });

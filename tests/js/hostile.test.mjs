@@ -10,6 +10,9 @@
 //   bytes pulled for N concurrent reads must not be N whole snapshots.
 // - Every block answer must not re-run every waiting read (N reads waiting
 //   on N blocks must not cost N^2 module reads).
+// - A whole copy such an origin sent is not replayed where it is wrong: to
+//   the read after a damaged one, to the module's retry, or to reads of a
+//   new dataset at the same prefix (a snapshot under the same key).
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
@@ -32,35 +35,38 @@ after(() => fs.rmSync(tmp, { recursive: true, force: true }));
 // about 150 blocks of 16 KiB (it fits the default 8 MiB cache).
 const KEYS = 20000;
 const keyOf = (i) => `k:${String(i).padStart(6, "0")}`;
-function buildDataset() {
-  const wal = path.join(tmp, "wal");
-  const dir = path.join(tmp, "ds");
+function buildDataset(name = "ds", fill = "v") {
+  const wal = path.join(tmp, `${name}.wal`);
+  const dir = path.join(tmp, name);
   const lines = [];
   for (let b = 0; b < 20; b++) {
     const ops = [];
-    for (let i = b * 1000; i < (b + 1) * 1000; i++) ops.push({ op: "put", key: keyOf(i), value: `${"v".repeat(90)}${i}` });
+    for (let i = b * 1000; i < (b + 1) * 1000; i++) ops.push({ op: "put", key: keyOf(i), value: `${fill.repeat(90)}${i}` });
     lines.push(JSON.stringify({ batch: ops }));
   }
   execFileSync(bin, ["write", "--wal", wal], { input: lines.join("\n") + "\n", stdio: ["pipe", "pipe", "pipe"] });
   execFileSync(bin, ["publish", "--wal", wal, "--to", pathToFileURL(dir).href, "--once", "--snapshot-every", "20"], { stdio: ["pipe", "pipe", "pipe"] });
   const head = JSON.parse(fs.readFileSync(path.join(dir, "catalog/head.json"), "utf8"));
   assert.ok(head.snapshot && head.snapshot.version >= 2, `a block-indexed snapshot: ${JSON.stringify(head.snapshot)}`);
-  return { dir, snapshotSize: head.snapshot.size };
+  return { dir, snapshotSize: head.snapshot.size, snapshotKey: head.snapshot.key };
 }
 const ds = buildDataset();
 
 /**
  * Serves `dir` under /ds with Range; snapshot answers wait `delayMs` (so
  * concurrent GETs overlap) and are counted: `peak` in flight, `bytes` sent.
+ * `ignoreRange`: every answer is the whole object; `corrupt`: that many
+ * snapshot answers come damaged; `live`: files are read on every GET.
  */
-async function origin(dir, { delayMs = 200, ignoreRange = false, corrupt = 0 } = {}) {
+async function origin(dir, { delayMs = 200, ignoreRange = false, corrupt = 0, live = false } = {}) {
   const files = new Map();
   const stats = { inflight: 0, peak: 0, gets: 0, bytes: 0 };
   const server = http.createServer(async (req, res) => {
     const key = decodeURIComponent(new URL(req.url, "http://x").pathname.replace(/^\/ds\//, ""));
     const file = path.join(dir, key);
     if (!fs.existsSync(file)) return res.writeHead(404).end();
-    if (!files.has(file)) files.set(file, fs.readFileSync(file));
+    // live: read on every GET (the directory changes under the server).
+    if (!files.has(file) || live) files.set(file, fs.readFileSync(file));
     const data = files.get(file);
     const snap = key.startsWith("snapshots/");
     if (snap) {
@@ -236,6 +242,31 @@ test("LOAD=lazy: a damaged whole-object answer is not replayed to the reads afte
     const gets = o.stats.gets;
     const v = await r.getText(keyOf(5)).catch((e) => `rejected: ${e.code}: ${e.message}`);
     assert.equal(v, `${"v".repeat(90)}5`, `the read after it (snapshot GETs: ${gets} before, ${o.stats.gets} after)`);
+  } finally {
+    await r.close();
+  }
+});
+
+test("LOAD=lazy: a whole-object copy of the dataset before a reset does not answer reads of the new one", { timeout: 60_000 }, async () => {
+  // An origin that ignores Range, serving a directory that is replaced by
+  // another dataset whose snapshot has the same key. The copy the first
+  // read kept belongs to the old dataset: a read after the reset fetches.
+  const other = buildDataset("ds-other", "w");
+  assert.equal(other.snapshotKey, ds.snapshotKey, "both snapshots under one key");
+  const live = path.join(tmp, "ds-live");
+  fs.cpSync(ds.dir, live, { recursive: true });
+  const o = await origin(live, { delayMs: 0, ignoreRange: true, live: true });
+  const r = await Replica.open(o.url, { load: "lazy" });
+  const resets = [];
+  r.onReset((e) => resets.push(e));
+  try {
+    assert.equal(await r.getText(keyOf(5)), `${"v".repeat(90)}5`);
+    fs.rmSync(live, { recursive: true });
+    fs.cpSync(other.dir, live, { recursive: true });
+    await r.sync();
+    assert.ok(resets.length >= 1, `the replica started over on the new dataset: ${JSON.stringify(resets)}`);
+    const v = await r.getText(keyOf(15000)).catch((e) => `rejected: ${e.code}: ${e.message}`);
+    assert.equal(v, `${"w".repeat(90)}15000`);
   } finally {
     await r.close();
   }
