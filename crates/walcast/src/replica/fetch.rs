@@ -349,3 +349,30 @@ impl Timer for TokioTimer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sleep until a time already past still gives the runtime a turn: a
+    /// driver woken at once again and again on a current-thread runtime
+    /// (every native replica's) lets the tasks it waits on run.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_sleep_already_due_yields_to_other_tasks() {
+        let ran = std::rc::Rc::new(std::cell::Cell::new(false));
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let other = ran.clone();
+                tokio::task::spawn_local(async move { other.set(true) });
+                for _ in 0..100 {
+                    TokioTimer.sleep_until(0).await;
+                    if ran.get() {
+                        return;
+                    }
+                }
+                panic!("100 due sleeps in a row never let another task run");
+            })
+            .await;
+    }
+}
