@@ -1054,3 +1054,67 @@ fn read_all_answering_together(r: &mut Replica, store: &mut Store, want: &KvStat
     }
     panic!("{} reads never finished", pending.len());
 }
+
+/// A lazy replica loading a version 1 snapshot whole that meanwhile jumps
+/// to a newer block-indexed snapshot (a head read while the load runs)
+/// drops the load: its answers arriving after the jump never take the
+/// state back to the older snapshot.
+#[test]
+fn a_whole_load_overtaken_by_a_jump_never_takes_the_state_back() {
+    // A version 1 snapshot at 40 (read whole), history to 60.
+    let mut store = dataset(60, 40, 128);
+    let mut head = Head::decode(&store.objects[HEAD_KEY]).unwrap();
+    let v1 = walcast_core::snapshot::encode(&state_through(1, 40), 40, 1, DATASET);
+    let entry = head.snapshot.as_mut().unwrap();
+    entry.version = 1;
+    entry.size = v1.len() as u64;
+    entry.crc32 = crc32fast::hash(&v1);
+    store.objects.insert(entry.key.clone(), v1);
+    store.objects.insert(HEAD_KEY.into(), head.encode());
+    let mut r = Replica::new(lazy_cfg(1 << 20), 3);
+    // Answer everything but the snapshot's GETs, which are held.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        match r.poll(0) {
+            Action::Fetch(req) if req.key.starts_with("snapshots/") => held.push(req),
+            Action::Fetch(req) => {
+                let resp = store.serve(&req);
+                r.handle_response(req.id, 0, resp);
+            }
+            Action::Event(_) => {}
+            Action::Wait { .. } => break,
+        }
+    }
+    assert!(!held.is_empty(), "the whole load is under way");
+    // The publisher writes a block-indexed snapshot at 100, history to 110.
+    let newer = dataset_from(110, 100, 128, 41);
+    store.objects.extend(newer.objects);
+    r.sync_now(10);
+    let mut lowest_after_jump = u64::MAX;
+    let mut events = Vec::new();
+    for round in 0..200 {
+        match r.poll(10 + round) {
+            Action::Fetch(req) => {
+                let resp = store.serve(&req);
+                r.handle_response(req.id, 10 + round, resp);
+            }
+            Action::Event(e) => events.push(e),
+            Action::Wait { .. } => {
+                // Then the old load's answers arrive.
+                let Some(req) = held.pop() else { break };
+                let resp = store.serve(&req);
+                r.handle_response(req.id, 10 + round, resp);
+            }
+        }
+        if r.applied_lsn() >= 100 || lowest_after_jump != u64::MAX {
+            lowest_after_jump = lowest_after_jump.min(r.applied_lsn());
+        }
+    }
+    drain(&mut r, &mut store, 1_000);
+    assert_eq!(r.applied_lsn(), 110);
+    assert!(
+        lowest_after_jump >= 100,
+        "the state went back to LSN {lowest_after_jump} after the jump: {events:?}"
+    );
+    reads_equal(&mut r, &mut store, &state_through(1, 110));
+}
