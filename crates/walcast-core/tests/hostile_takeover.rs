@@ -318,3 +318,53 @@ fn a_head_that_went_back_stops_the_publisher_before_it_deletes_what_that_head_na
     });
     assert!(said, "{events:?}");
 }
+
+/// After this publisher claimed the dataset at a newer epoch, the store's
+/// head becomes an older writer's (epoch below ours, generation above
+/// ours: a store that does not enforce conditional writes let its write
+/// through). The publisher deletes nothing that head names, and stops with
+/// a `data` error naming both epochs, instead of writing over it.
+#[test]
+fn an_older_epochs_head_over_our_claim_stops_the_publisher_before_it_deletes() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(10),
+        retain_lsns: Some(1),
+        head_check_ms: 100,
+        grace_ms: 5_000,
+        ..cfg()
+    };
+    let mut objects = Objects::new();
+    let mut old = Publisher::new(cfg.clone(), 1);
+    run(&mut old, &mut objects, 20, 0, 3_000);
+    let older = head(&objects);
+    assert_eq!(older.committed_lsn, 20);
+    let mut p = Publisher::new(cfg, 2);
+    run(&mut p, &mut objects, 40, 3_000, 6_000);
+    let ours = head(&objects);
+    assert!(ours.epoch > older.epoch && ours.committed_lsn == 40);
+    assert!(
+        ours.retired
+            .iter()
+            .any(|r| older.segments.iter().any(|s| s.key == r.key)),
+        "retention retired none of the older writer's segments: {:?}",
+        ours.retired
+    );
+    // The older writer's write lands over our claim.
+    let mut theirs = older.clone();
+    theirs.generation = ours.generation + 3;
+    let etag = objects.values().map(|(_, e)| *e).max().unwrap_or(0) + 1;
+    objects.insert(HEAD_KEY.to_string(), (theirs.encode(), etag));
+    let events = run(&mut p, &mut objects, 40, 6_000, 600_000);
+    let (missing, refused) = check_catalog(&objects, &head(&objects));
+    assert!(
+        missing.is_empty() && refused.is_empty(),
+        "the store's head names objects the publisher deleted: {missing:?} {refused:?}"
+    );
+    assert!(p.is_fenced(), "the publisher goes on: {events:?}");
+    let said = events.iter().any(|e| {
+        matches!(e, Event::Fenced(err) if err.to_string().contains("went back")
+            && err.to_string().contains(&format!("of epoch {}", older.epoch))
+            && err.to_string().contains(&format!("of epoch {}", ours.epoch)))
+    });
+    assert!(said, "{events:?}");
+}

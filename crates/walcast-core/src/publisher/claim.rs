@@ -172,8 +172,12 @@ impl Publisher {
         };
         match Self::decode_head(resp) {
             Ok(Some((h, _))) if self.taken_by_another(&h, ours.dataset_id) => self.lost_to(&h),
-            Ok(Some((h, _))) if h.generation < ours.generation => {
-                self.head_went_back(Some(h.generation));
+            // Behind our last commit, or (whatever its generation) of an
+            // epoch below ours: an older writer's write over our claim,
+            // which only a store that does not enforce conditional writes
+            // lets through. Deletes wait while it lasts; it stops us.
+            Ok(Some((h, _))) if h.generation < ours.generation || h.epoch < self.epoch => {
+                self.head_went_back(Some(&h));
                 self.check_later(now);
             }
             Ok(Some(_)) => self.behind_reads = 0,

@@ -361,7 +361,7 @@ impl Publisher {
                 } else {
                     // A stale read: look again (a head that stays behind
                     // stops this publisher).
-                    self.head_went_back(Some(h.generation));
+                    self.head_went_back(Some(&h));
                     if self.role != Role::Running {
                         return;
                     }

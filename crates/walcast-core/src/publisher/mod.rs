@@ -232,22 +232,29 @@ impl Publisher {
     /// again, nothing is deleted (what it retired since, the store's head
     /// may name); after [`BEHIND_READS_LIMIT`] such reads it stops, naming
     /// both generations: started again, it publishes from the head as it is.
-    pub(super) fn head_went_back(&mut self, seen: Option<u64>) {
+    pub(super) fn head_went_back(&mut self, seen: Option<&Head>) {
         self.behind_reads += 1;
         if self.behind_reads < BEHIND_READS_LIMIT {
             return;
         }
-        let ours = self.head.as_ref().map_or(0, |h| h.generation);
-        let seen = seen.map_or_else(|| "no head".to_string(), |g| format!("generation {g}"));
+        let (ours, epoch) = self
+            .head
+            .as_ref()
+            .map_or((0, 0), |h| (h.generation, h.epoch));
+        let seen = seen.map_or_else(
+            || "no head".to_string(),
+            |h| format!("generation {} of epoch {}", h.generation, h.epoch),
+        );
         self.stop(
             Error::new(
                 ErrorKind::Data,
                 format!(
-                    "the head went back: {} reads in a row found {seen}, behind generation \
-                     {ours} this publisher committed (a bucket restored from a backup, \
-                     or a write the store acknowledged and lost); stopped without \
-                     deleting what it retired since; started again, it publishes from \
-                     the head as it is",
+                    "the head went back: {} reads in a row found {seen}, not generation \
+                     {ours} of epoch {epoch} this publisher committed (a bucket restored from \
+                     a backup, a write the store acknowledged and lost, or an older writer's \
+                     write that a store not enforcing conditional writes let through); \
+                     stopped without deleting what it retired since; started again, it \
+                     publishes from the head as it is",
                     self.behind_reads
                 ),
             )
