@@ -382,6 +382,22 @@ fn a_head_whose_tail_names_another_segment_is_refused() {
     head.tail[0].key = "segments/1/00000000000000000002-00000000000000000002.wseg".into();
     let err = Head::decode(&head.encode()).unwrap_err().to_string();
     assert!(err.contains("not one of the head's segments"), "{err}");
+    // More copies than the tail's bytes hold (empty bodies), each checked
+    // against the others and the segments, are refused by their count.
+    let mut many = Head::decode(&store.objects[HEAD_KEY].0).unwrap();
+    let copy = many.tail[0].clone();
+    many.tail = vec![
+        walcast_core::catalog::TailSegment {
+            body: Vec::new(),
+            ..copy
+        };
+        3_641
+    ];
+    let err = Head::decode(&many.encode()).unwrap_err().to_string();
+    assert!(
+        err.contains("the tail names 3641 segments, more than 3640"),
+        "{err}"
+    );
     // Malformed base64 is a clear error too.
     let text = String::from_utf8(store.objects[HEAD_KEY].0.clone()).unwrap();
     let at = text.find("\"body\":\"").unwrap() + 8;

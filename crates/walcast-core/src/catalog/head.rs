@@ -205,6 +205,17 @@ impl Head {
             }
         }
         self.validate_deltas()?;
+        // A segment file is at least 72 bytes: more copies than that many
+        // fit in the tail's bytes are refused before the checks below, which
+        // compare each copy with the others and with the segments.
+        let most =
+            MAX_TAIL_BYTES / (crate::segment::HEADER_LEN + crate::segment::TRAILER_LEN) as usize;
+        if self.tail.len() > most {
+            return Err(format!(
+                "the tail names {} segments, more than {most}",
+                self.tail.len()
+            ));
+        }
         let mut tail_bytes = 0usize;
         for (i, t) in self.tail.iter().enumerate() {
             if !self.segments.iter().any(|s| s.key == t.key) {

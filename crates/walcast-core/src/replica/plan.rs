@@ -56,11 +56,11 @@ impl Replica {
         lsn: u64,
         max: usize,
     ) -> Result<Option<Vec<SegmentEntry>>, PageRef> {
+        // Entries and references are validated ascending and contiguous:
+        // a binary search, not a scan per call (a walk through a page of
+        // many entries, a few planned at a time, would be quadratic).
         let from = |entries: &[SegmentEntry]| {
-            let i = entries
-                .iter()
-                .position(|s| s.last_lsn >= lsn)
-                .unwrap_or(entries.len());
+            let i = entries.partition_point(|s| s.last_lsn < lsn);
             let rest = &entries[i..];
             rest[..rest.len().min(max)].to_vec()
         };
@@ -72,8 +72,8 @@ impl Replica {
         let mut refs: &[PageRef] = &head.pages;
         loop {
             let Some(r) = refs
-                .iter()
-                .find(|p| p.first_lsn <= lsn && lsn <= p.last_lsn)
+                .get(refs.partition_point(|p| p.last_lsn < lsn))
+                .filter(|p| p.first_lsn <= lsn)
             else {
                 return Ok(None);
             };
