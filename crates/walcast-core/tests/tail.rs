@@ -385,19 +385,27 @@ fn a_head_whose_tail_names_another_segment_is_refused() {
     // More copies than the tail's bytes hold (empty bodies), each checked
     // against the others and the segments, are refused by their count.
     let mut many = Head::decode(&store.objects[HEAD_KEY].0).unwrap();
-    let copy = many.tail[0].clone();
-    many.tail = vec![
-        walcast_core::catalog::TailSegment {
+    let one = many.segments[0].clone();
+    many.segments = (1..=3_641u64)
+        .map(|l| walcast_core::catalog::SegmentEntry {
+            key: format!("segments/1/{l:020}-{l:020}.wseg"),
+            first_lsn: l,
+            last_lsn: l,
+            ..one.clone()
+        })
+        .collect();
+    many.committed_lsn = 3_641;
+    many.generation = 3_641;
+    many.tail = many
+        .segments
+        .iter()
+        .map(|s| walcast_core::catalog::TailSegment {
+            key: s.key.clone(),
             body: Vec::new(),
-            ..copy
-        };
-        3_641
-    ];
+        })
+        .collect();
     let err = Head::decode(&many.encode()).unwrap_err().to_string();
-    assert!(
-        err.contains("the tail names 3641 segments, more than 3640"),
-        "{err}"
-    );
+    assert!(err.contains("the tail carries over 262144 bytes"), "{err}");
     // Malformed base64 is a clear error too.
     let text = String::from_utf8(store.objects[HEAD_KEY].0.clone()).unwrap();
     let at = text.find("\"body\":\"").unwrap() + 8;

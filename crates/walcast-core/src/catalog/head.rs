@@ -205,17 +205,6 @@ impl Head {
             }
         }
         self.validate_deltas()?;
-        // A segment file is at least 72 bytes: more copies than that many
-        // fit in the tail's bytes are refused before the checks below, which
-        // compare each copy with the others and with the segments.
-        let most =
-            MAX_TAIL_BYTES / (crate::segment::HEADER_LEN + crate::segment::TRAILER_LEN) as usize;
-        if self.tail.len() > most {
-            return Err(format!(
-                "the tail names {} segments, more than {most}",
-                self.tail.len()
-            ));
-        }
         let mut tail_bytes = 0usize;
         for (i, t) in self.tail.iter().enumerate() {
             if !self.segments.iter().any(|s| s.key == t.key) {
@@ -230,12 +219,12 @@ impl Head {
                     Quoted::str(&t.key)
                 ));
             }
-            tail_bytes = tail_bytes.saturating_add(t.body.len());
-        }
-        if tail_bytes > MAX_TAIL_BYTES {
-            return Err(format!(
-                "the tail carries {tail_bytes} bytes, above the limit {MAX_TAIL_BYTES}"
-            ));
+            // A segment file is at least 72 bytes: the copies' count is
+            // bounded too (each is compared with those before it).
+            tail_bytes = tail_bytes.saturating_add(t.body.len().max(72));
+            if tail_bytes > MAX_TAIL_BYTES {
+                return Err(format!("the tail carries over {MAX_TAIL_BYTES} bytes"));
+            }
         }
         for r in &self.retired {
             if object_kind(&r.key).is_none() {

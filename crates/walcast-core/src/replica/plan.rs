@@ -56,9 +56,10 @@ impl Replica {
         lsn: u64,
         max: usize,
     ) -> Result<Option<Vec<SegmentEntry>>, PageRef> {
-        // Entries and references are validated ascending and contiguous:
-        // a binary search, not a scan per call (a walk through a page of
-        // many entries, a few planned at a time, would be quadratic).
+        // Entries are validated ascending and contiguous: a binary search,
+        // not a scan per call (a walk through a page of many entries, a few
+        // planned at a time, would be quadratic). A page reference found
+        // below costs a GET of its page, which outweighs scanning for it.
         let from = |entries: &[SegmentEntry]| {
             let i = entries.partition_point(|s| s.last_lsn < lsn);
             let rest = &entries[i..];
@@ -72,8 +73,8 @@ impl Replica {
         let mut refs: &[PageRef] = &head.pages;
         loop {
             let Some(r) = refs
-                .get(refs.partition_point(|p| p.last_lsn < lsn))
-                .filter(|p| p.first_lsn <= lsn)
+                .iter()
+                .find(|p| p.first_lsn <= lsn && lsn <= p.last_lsn)
             else {
                 return Ok(None);
             };

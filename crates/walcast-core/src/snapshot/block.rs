@@ -264,17 +264,22 @@ impl Block {
                 format!("{nrestarts} restarts for {count} entries"),
             ));
         }
-        // Never reserve from a claim: at least three bytes per entry.
-        let mut entries: Vec<(Vec<u8>, Vec<u8>)> =
-            Vec::with_capacity((count as usize).min(data_end / 3 + 1));
-        let mut r = Reader::new(&body[..data_end], body_at);
-        let mut key: Vec<u8> = Vec::new();
-        let mut restart_i = 0usize;
         // Prefix compression lets a small block name long keys; what it
         // may decode to is bounded, so a hostile block cannot make a reader
         // hold far more than it fetched. The cache charges what a block
         // holds decoded.
         let limit = decoded_limit(u64::from(handle.len));
+        // Never reserve from a claim: at least three bytes per entry, and
+        // no more entries than the decoded bound holds.
+        let most = data_end / 3 + 1;
+        let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(
+            (count as usize)
+                .min(most)
+                .min((limit / ENTRY_OVERHEAD) as usize),
+        );
+        let mut r = Reader::new(&body[..data_end], body_at);
+        let mut key: Vec<u8> = Vec::new();
+        let mut restart_i = 0usize;
         let mut decoded = 0u64;
         for i in 0..count as usize {
             let entry_at = r.offset();

@@ -170,10 +170,9 @@ impl Replica {
             self.plan_next = end + 1;
             self.clear_plan();
             // A whole load under way (a version 1 snapshot) is older than
-            // where the state jumped: its answers must not take it back.
+            // where the state jumped: its answers must not take it back
+            // (without a bootstrap they are dropped).
             self.bootstrap = None;
-            self.pending
-                .retain(|_, j| !matches!(j, crate::replica::Job::Snapshot { .. }));
             self.events.push_back(Event::Bootstrapped {
                 lsn: end,
                 dataset_id: self.dataset.unwrap_or_default(),
