@@ -368,3 +368,130 @@ fn an_older_epochs_head_over_our_claim_stops_the_publisher_before_it_deletes() {
     });
     assert!(said, "{events:?}");
 }
+
+/// A store that refuses every head write (a bucket policy's 403): the
+/// publisher keeps retrying, and says so again after every run of failed
+/// attempts, each time with the store's answer and the head's key.
+#[test]
+fn a_store_refusing_every_head_write_is_reported_again_with_its_answer() {
+    let mut objects = Objects::new();
+    let mut p = Publisher::new(cfg(), 3);
+    run(&mut p, &mut objects, 3, 0, 1_000);
+    let committed = head(&objects).committed_lsn;
+    let mut etag = objects.values().map(|(_, e)| *e).max().unwrap_or(0);
+    let mut errors = Vec::new();
+    for t in (1_000..600_000u64).step_by(10) {
+        while let Some(lsn) = p.next_lsn().filter(|&l| l <= 10 && p.has_room()) {
+            let ops = vec![Op::put(format!("k{lsn}").into_bytes(), vec![7; 40])];
+            p.push(lsn, &batch::encode(&ops).unwrap(), t).unwrap();
+        }
+        loop {
+            match p.poll(t) {
+                Action::Put(req) if req.key == HEAD_KEY => {
+                    let resp = walcast_core::publisher::PutResponse::Failed {
+                        message: "403 AccessDenied".into(),
+                    };
+                    p.handle_put(req.id, t, resp);
+                }
+                Action::Put(req) => {
+                    let resp = objects::put(&mut objects, &mut etag, &req);
+                    p.handle_put(req.id, t, resp);
+                }
+                Action::Get(req) => p.handle_get(req.id, t, objects::get(&objects, &req.key)),
+                Action::Delete(req) => {
+                    objects.remove(&req.key);
+                    p.handle_delete(req.id, t, Ok(()));
+                }
+                Action::Event(Event::Error(e)) => errors.push(e),
+                Action::Event(_) => {}
+                Action::Wait { .. } => break,
+            }
+        }
+    }
+    assert_eq!(head(&objects).committed_lsn, committed, "nothing committed");
+    assert!(!p.is_fenced());
+    let said: Vec<_> = errors
+        .iter()
+        .filter(|e| e.to_string().contains("403 AccessDenied") && e.object() == Some(HEAD_KEY))
+        .collect();
+    assert!(said.len() >= 2, "reported {} times: {errors:?}", said.len());
+}
+
+/// A store whose every claim PUT fails its condition (a cache answering
+/// head reads with a stale ETag): the claims are spaced by the retry base,
+/// not sent back to back, and the publisher stops naming the 412.
+#[test]
+fn claims_refused_with_412_back_off_and_the_error_says_so() {
+    let mut objects = Objects::new();
+    let mut first = Publisher::new(cfg(), 4);
+    run(&mut first, &mut objects, 3, 0, 1_000);
+    let mut p = Publisher::new(
+        PublisherConfig {
+            retry_base_ms: 100,
+            ..cfg()
+        },
+        5,
+    );
+    let mut claims = Vec::new();
+    let mut fenced = None;
+    for t in 0..60_000u64 {
+        loop {
+            match p.poll(t) {
+                Action::Put(req) if req.key == HEAD_KEY => {
+                    claims.push(t);
+                    p.handle_put(
+                        req.id,
+                        t,
+                        walcast_core::publisher::PutResponse::PreconditionFailed,
+                    );
+                }
+                Action::Put(req) => p.handle_put(
+                    req.id,
+                    t,
+                    walcast_core::publisher::PutResponse::Ok { etag: None },
+                ),
+                Action::Get(req) => p.handle_get(req.id, t, objects::get(&objects, &req.key)),
+                Action::Delete(req) => p.handle_delete(req.id, t, Ok(())),
+                Action::Event(Event::Fenced(e)) => fenced = Some(e),
+                Action::Event(_) => {}
+                Action::Wait { .. } => break,
+            }
+        }
+        if fenced.is_some() {
+            break;
+        }
+    }
+    let err = fenced.expect("the claim gives up").to_string();
+    assert!(
+        err.contains("after 32 attempts") && err.contains("412"),
+        "{err}"
+    );
+    assert_eq!(claims.len(), 32);
+    let span = claims.last().unwrap() - claims.first().unwrap();
+    assert!(span >= 31 * 100, "32 claims within {span} ms");
+}
+
+/// Another dataset's head at the prefix (a new dataset started there):
+/// the publisher stops, naming both datasets, not an epoch "owning" ours.
+#[test]
+fn another_datasets_head_stops_the_publisher_naming_both_datasets() {
+    let cfg = PublisherConfig {
+        head_check_ms: 100,
+        ..cfg()
+    };
+    let mut objects = Objects::new();
+    let mut p = Publisher::new(cfg, 6);
+    run(&mut p, &mut objects, 6, 0, 2_000);
+    let ours = head(&objects);
+    let other = walcast_core::catalog::DatasetId::from_seed(99);
+    let theirs = Head::new(other, 1);
+    let etag = objects.values().map(|(_, e)| *e).max().unwrap_or(0) + 1;
+    objects.insert(HEAD_KEY.to_string(), (theirs.encode(), etag));
+    let events = run(&mut p, &mut objects, 6, 2_000, 10_000);
+    assert!(p.is_fenced(), "{events:?}");
+    let said = events.iter().any(|e| {
+        matches!(e, Event::Fenced(err) if err.to_string().contains(&other.to_string())
+            && err.to_string().contains(&ours.dataset_id.to_string()))
+    });
+    assert!(said, "{events:?}");
+}

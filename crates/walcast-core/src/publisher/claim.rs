@@ -149,16 +149,19 @@ impl Publisher {
     /// Stops for good: `h` belongs to another publisher.
     pub(super) fn lost_to(&mut self, h: &Head) {
         self.commit = None;
-        self.fence(
-            Error::new(
-                ErrorKind::Fenced,
-                format!(
-                    "epoch {} now owns the dataset (ours is {})",
-                    h.epoch, self.epoch
-                ),
-            )
-            .with_object(HEAD_KEY),
-        );
+        let ours = self.head.as_ref().map(|o| o.dataset_id);
+        let msg = match ours {
+            // A new dataset at the prefix, or another dataset's head.
+            Some(d) if d != h.dataset_id => format!(
+                "the head is now dataset {}'s, epoch {} (ours: dataset {d}, epoch {})",
+                h.dataset_id, h.epoch, self.epoch
+            ),
+            _ => format!(
+                "epoch {} now owns the dataset (ours is {})",
+                h.epoch, self.epoch
+            ),
+        };
+        self.fence(Error::new(ErrorKind::Fenced, msg).with_object(HEAD_KEY));
     }
 
     pub(super) fn on_check(&mut self, now: u64, resp: GetResponse) {

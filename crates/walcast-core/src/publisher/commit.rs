@@ -354,8 +354,11 @@ impl Publisher {
                     self.commit = None;
                     let d = self.backoff(
                         HEAD_KEY,
-                        Error::new(ErrorKind::Unavailable, "head write failed")
-                            .with_object(HEAD_KEY),
+                        Error::new(
+                            ErrorKind::Unavailable,
+                            format!("head write failed: {}", self.cas_answer),
+                        )
+                        .with_object(HEAD_KEY),
                     );
                     self.commit_retry_at = Some(now + d);
                 } else {

@@ -163,6 +163,8 @@ pub struct Publisher {
     /// committed last (see [`Publisher::head_went_back`]): while any, no
     /// object is deleted.
     behind_reads: u32,
+    /// The store's answer to the last head write that did not commit.
+    cas_answer: String,
 }
 
 /// Reads in a row that find the head behind this publisher's last commit
@@ -222,6 +224,7 @@ impl Publisher {
             next_check: 0,
             check_inflight: false,
             behind_reads: 0,
+            cas_answer: String::new(),
         }
     }
 
@@ -653,10 +656,20 @@ impl Publisher {
                     self.retry_at = now + self.cfg.retry_base_ms;
                     self.claim_failure = Some(message);
                 }
-                _ => {
-                    // Lost or raced: read the head and decide.
+                other => {
+                    // Raced (another claim landed first) or a store whose
+                    // head reads lag its writes: read the head and decide,
+                    // a little later as above, keeping the answer too.
                     self.role = Role::Start;
-                    self.retry_at = now;
+                    self.retry_at = now + self.cfg.retry_base_ms;
+                    self.claim_failure = Some(
+                        match other {
+                            PutResponse::PreconditionFailed => "412: If-Match did not match",
+                            PutResponse::AlreadyExists => "412: a head already exists",
+                            _ => "written, without an ETag",
+                        }
+                        .into(),
+                    );
                 }
             },
             Req::Segment(key) => {
@@ -727,7 +740,15 @@ impl Publisher {
             }
             Req::Cas => match resp {
                 PutResponse::Ok { etag } if etag.is_some() => self.committed(etag),
-                _ => {
+                other => {
+                    // What the store said, for the error should the head
+                    // read back show the write did not land.
+                    self.cas_answer = match other {
+                        PutResponse::Failed { message } => message,
+                        PutResponse::PreconditionFailed => "412: If-Match did not match".into(),
+                        PutResponse::AlreadyExists => "the head already exists".into(),
+                        PutResponse::Ok { .. } => "written, without an ETag".into(),
+                    };
                     if let Some(c) = self.commit.as_mut() {
                         c.stage = Stage::Verifying;
                     }

@@ -117,7 +117,9 @@ impl Publisher {
         let n = self.attempts.entry(key.to_string()).or_insert(0);
         *n += 1;
         let n = *n;
-        if n == self.cfg.max_attempts {
+        // Reported after every `max_attempts` failures in a row, not only
+        // the first such run: a store that keeps refusing stays visible.
+        if n % self.cfg.max_attempts.max(1) == 0 {
             self.events.push_back(Event::Error(err));
         }
         let exp = self
