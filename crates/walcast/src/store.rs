@@ -65,6 +65,8 @@ pub struct Store {
     stats: Option<Arc<RequestStats>>,
     /// `gs://`: versions are generations (see [`gcs_token`]).
     gcs: bool,
+    /// A local directory's bound on a PUT or DELETE.
+    write_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for Store {
@@ -140,7 +142,15 @@ impl Store {
             url: url.to_string(),
             stats,
             gcs: scheme == "gs",
+            write_timeout: LOCAL_WRITE_TIMEOUT,
         })
+    }
+
+    /// Sets how long a PUT or DELETE on a local directory may take
+    /// ([`LOCAL_WRITE_TIMEOUT`] unless set).
+    pub fn with_write_timeout(mut self, d: std::time::Duration) -> Self {
+        self.write_timeout = d;
+        self
     }
 
     /// The URL it was opened with.
@@ -252,8 +262,28 @@ impl Store {
         }
     }
 
-    /// Performs a conditional PUT.
+    /// Performs a conditional PUT. On a local directory it fails after
+    /// [`LOCAL_WRITE_TIMEOUT`] (see [`Store::with_write_timeout`]; a mount that hangs, the head's lock held by
+    /// a stopped process) instead of holding the publisher; the write may
+    /// still land, as with any answer lost. Cloud stores bound their
+    /// requests themselves.
     pub async fn put(&self, req: &PutRequest) -> PutResponse {
+        if self.local.is_none() {
+            return self.put_now(req).await;
+        }
+        match tokio::time::timeout(self.write_timeout, self.put_now(req)).await {
+            Ok(r) => r,
+            Err(_) => PutResponse::Failed {
+                message: format!(
+                    "PUT {} into the local directory took over {} ms",
+                    req.key,
+                    self.write_timeout.as_millis()
+                ),
+            },
+        }
+    }
+
+    async fn put_now(&self, req: &PutRequest) -> PutResponse {
         if req.key == HEAD_KEY {
             if let Some(dir) = &self.local {
                 if let Some(st) = &self.stats {
@@ -340,12 +370,26 @@ impl Store {
         }
     }
 
-    /// Deletes an object; a missing object counts as deleted.
+    /// Deletes an object; a missing object counts as deleted. On a local
+    /// directory it fails after [`LOCAL_WRITE_TIMEOUT`], as a PUT does.
     pub async fn delete(&self, key: &str) -> Result<(), String> {
-        match self.os.delete(&self.path(key)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e.to_string()),
+        let delete = async {
+            match self.os.delete(&self.path(key)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        if self.local.is_none() {
+            return delete.await;
         }
+        tokio::time::timeout(self.write_timeout, delete)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "DELETE {key} in the local directory took over {} ms",
+                    self.write_timeout.as_millis()
+                ))
+            })
     }
 
     /// Writes an object unconditionally (tests and tools only).
@@ -456,6 +500,9 @@ fn read_bounded(r: impl std::io::Read, len: u64, max_bytes: u64) -> std::io::Res
     r.take(take).read_to_end(&mut buf)?;
     Ok(buf)
 }
+
+/// How long a PUT or DELETE on a local directory may take before it fails.
+pub const LOCAL_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The HTTP status of a store error that came from an HTTP answer.
 ///
@@ -582,8 +629,18 @@ fn local_head_put(dir: &std::path::Path, body: &[u8], cond: &PutCondition) -> Pu
             .open(catalog.join(".head.lock"))?;
         lock.lock()?;
         let path = dir.join(HEAD_KEY);
-        let current = match std::fs::read(&path) {
-            Ok(b) => Some(local_etag(&b)),
+        // At most a head's bound is read: a larger file (no head this
+        // publisher wrote) matches no ETag.
+        let max = walcast_core::catalog::MAX_HEAD_BYTES as u64;
+        let current = match open_regular(&path) {
+            Ok(f) => {
+                let b = read_bounded(f, max + 1, max)?;
+                Some(if b.len() as u64 > max {
+                    String::new()
+                } else {
+                    local_etag(&b)
+                })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e.into()),
         };
@@ -667,7 +724,65 @@ fn local_store(dir: &std::path::Path) -> Result<object_store::local::LocalFileSy
 
 #[cfg(test)]
 mod tests {
-    use super::{gcs_token, gcs_token_parts, local_store};
+    use super::{gcs_token, gcs_token_parts, local_store, Store};
+    use walcast_core::catalog::HEAD_KEY;
+    use walcast_core::publisher::{ObjectKind, PutCondition, PutRequest, PutResponse};
+
+    fn head_put(body: &[u8], condition: PutCondition) -> PutRequest {
+        PutRequest {
+            id: walcast_core::io::RequestId(1),
+            key: HEAD_KEY.into(),
+            body: body.to_vec(),
+            condition,
+            kind: ObjectKind::Head,
+        }
+    }
+
+    /// A head write into a directory whose head lock another process holds
+    /// (stopped mid-write) fails after the write timeout, naming the head,
+    /// instead of waiting for ever.
+    #[tokio::test]
+    async fn a_local_head_write_behind_a_held_lock_fails_after_the_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let store = Store::open(&url)
+            .unwrap()
+            .with_write_timeout(std::time::Duration::from_millis(300));
+        std::fs::create_dir_all(dir.path().join("catalog")).unwrap();
+        let lock = std::fs::File::create(dir.path().join("catalog/.head.lock")).unwrap();
+        lock.lock().unwrap();
+        let r = store.put(&head_put(b"{}", PutCondition::CreateOnly)).await;
+        match r {
+            PutResponse::Failed { message } => {
+                assert!(
+                    message.contains(HEAD_KEY) && message.contains("300 ms"),
+                    "{message}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(lock);
+    }
+
+    /// A head file far larger than any head is not read whole to compare
+    /// its ETag: it matches none, and a conditional write is refused.
+    #[tokio::test]
+    async fn a_huge_local_head_file_matches_no_etag() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let store = Store::open(&url).unwrap();
+        std::fs::create_dir_all(dir.path().join("catalog")).unwrap();
+        let f = std::fs::File::create(dir.path().join(HEAD_KEY)).unwrap();
+        // Sparse: 10 GiB claimed, nothing written.
+        f.set_len(10 << 30).unwrap();
+        let etag = super::local_etag(&[]);
+        let r = store
+            .put(&head_put(b"{}", PutCondition::IfMatch(etag)))
+            .await;
+        assert_eq!(r, PutResponse::PreconditionFailed);
+        let r = store.put(&head_put(b"{}", PutCondition::CreateOnly)).await;
+        assert_eq!(r, PutResponse::AlreadyExists);
+    }
 
     #[test]
     fn file_datasets_sync_what_they_write() {
