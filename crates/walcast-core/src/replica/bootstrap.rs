@@ -136,30 +136,29 @@ impl Replica {
                 }
             });
         match result {
-            Ok((h, mut st)) => {
+            Ok((h, st)) => {
                 self.success(&key);
                 self.progress();
                 let mut lsn = h.lsn;
                 if let Some(l) = self.lazy.as_mut() {
                     // A lazy replica past the snapshot (it left a base the
-                    // snapshot replaces) keeps its LSN when its overlay holds
-                    // every write after the snapshot: none deferred, none
-                    // below the snapshot it does not hold. Else the state
-                    // jumps to the snapshot and the overlay starts over.
+                    // snapshot replaces) keeps its LSN when its overlay and
+                    // deferred segments hold every write after the snapshot
+                    // (none below the snapshot it does not hold): they stay
+                    // on top of the snapshot's state, so the state never
+                    // goes back. Else the state jumps to the snapshot and
+                    // the overlay starts over.
                     let from = l.base.as_ref().map_or(l.state_lsn, |b| b.chain_end);
-                    if self.applied > h.lsn && l.deferred.is_empty() && from <= h.lsn {
-                        for (k, (at, v)) in &l.overlay {
-                            if *at > h.lsn {
-                                match v {
-                                    Some(v) => st.put(k, v),
-                                    None => st.delete(k),
-                                }
-                            }
-                        }
+                    if self.applied > h.lsn && from <= h.lsn {
+                        l.base = None;
+                        l.shed_through(h.lsn);
+                        l.keep_jobs(false);
                         lsn = self.applied;
+                    } else {
+                        l.clear();
                     }
-                    l.clear();
-                    l.state_lsn = lsn;
+                    // Deferred segments replay only their writes after it.
+                    l.state_lsn = h.lsn;
                 }
                 self.state = st;
                 self.applied = lsn;

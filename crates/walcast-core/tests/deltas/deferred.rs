@@ -493,3 +493,78 @@ fn a_lying_filter_does_not_outlive_the_head_that_named_it() {
         lsn - 1
     );
 }
+
+/// A lazy replica with deferred segments past its base meets a head whose
+/// newer snapshot it cannot read by blocks (version 1, at an LSN below the
+/// one it applied): it loads that snapshot whole without its applied LSN
+/// ever going back, and every read after it (of keys in deferred segments
+/// too) answers the origin's state.
+#[test]
+fn a_whole_load_under_deferred_segments_never_takes_the_state_back() {
+    let (mut p, mut store, mut lsn, mut now) = loaded(cfg_filters());
+    put(&mut p, &mut store, &mut lsn, &mut now, b"aa", b"1");
+    put(&mut p, &mut store, &mut lsn, &mut now, b"bb", b"2");
+    put(&mut p, &mut store, &mut lsn, &mut now, b"aa", b"3");
+    let top = lsn;
+    let h = store.head();
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert_eq!(r.applied_lsn(), top);
+    assert!(r.status(0).lazy.unwrap().deferred_segments >= 2);
+    // A version 1 snapshot at bb's LSN (aa was 1 then), newer than the base.
+    let at = top - 1;
+    let mut st = walcast_core::state::KvState::new();
+    for i in 0..20_000u64 {
+        st.put(format!("key:{i:06}").as_bytes(), &[1u8; 100]);
+    }
+    st.put(b"aa", b"1");
+    st.put(b"bb", b"2");
+    let v1 = walcast_core::snapshot::encode(&st, at, h.epoch, h.dataset_id);
+    let mut h2 = h.clone();
+    let snap = h2.snapshot.as_mut().unwrap();
+    assert!(snap.lsn < at);
+    snap.lsn = at;
+    snap.key = walcast_core::catalog::snapshot_key(at, snap.epoch);
+    snap.version = 1;
+    snap.size = v1.len() as u64;
+    snap.crc32 = crc32fast::hash(&v1);
+    snap.entries = st.len();
+    snap.suffix = None;
+    snap.footer_crc32 = None;
+    h2.generation += 1;
+    store.objects.insert(snap.key.clone(), (v1, 1));
+    let etag = store.objects[HEAD_KEY].1 + 1000;
+    store
+        .objects
+        .insert(HEAD_KEY.to_string(), (h2.encode(), etag));
+    r.sync_now(0);
+    let mut lowest = u64::MAX;
+    let mut c = Cold::default();
+    for _ in 0..10_000 {
+        match r.poll(0) {
+            replica::Action::Fetch(req) => {
+                let resp = store.serve(&req, &mut c);
+                r.handle_response(req.id, 0, resp);
+            }
+            replica::Action::Event(_) => {}
+            replica::Action::Wait { .. } => break,
+        }
+        lowest = lowest.min(r.applied_lsn());
+    }
+    assert!(
+        lowest >= top,
+        "the applied LSN went back to {lowest} from {top}"
+    );
+    for (k, v) in [
+        (&b"aa"[..], &b"3"[..]),
+        (b"bb", b"2"),
+        (b"key:000007", &[1u8; 100]),
+    ] {
+        assert_eq!(
+            read_through(&mut r, &store, k),
+            Some(Some(v.to_vec())),
+            "{k:?}"
+        );
+    }
+}

@@ -89,7 +89,7 @@ impl Lazy {
 
     /// Drops the deferred segments and overlay writes a base (or chain)
     /// reaching `lsn` holds.
-    fn shed_through(&mut self, lsn: u64) {
+    pub(in crate::replica) fn shed_through(&mut self, lsn: u64) {
         self.deferred.retain(|u| u.entry.last_lsn > lsn);
         let mut dropped = 0;
         self.overlay.retain(|k, (l, v)| {
@@ -105,7 +105,7 @@ impl Lazy {
     /// Keeps the wanted and in-flight jobs of the deferred segments and,
     /// with `chain` (the base stays), of the base and its deltas; forgets
     /// failures.
-    pub(super) fn keep_jobs(&mut self, chain: bool) {
+    pub(in crate::replica) fn keep_jobs(&mut self, chain: bool) {
         let deferred = &self.deferred;
         let base = self.base.as_ref().filter(|_| chain);
         let keep = |j: &BlockJob| {

@@ -121,7 +121,9 @@ impl Replica {
         let Some(lazy) = self.lazy.as_mut() else {
             return;
         };
-        let chain_end = lazy.base.as_ref().map_or(0, |b| b.chain_end);
+        // Writes at or below the chain's end (without a base: the whole
+        // state's LSN) are held there already.
+        let chain_end = lazy.base.as_ref().map_or(lazy.state_lsn, |b| b.chain_end);
         let result = result.and_then(|v| {
             let mut ops = Vec::new();
             for (&(s, e), lsn) in v.records.iter().zip(v.first..) {

@@ -198,7 +198,11 @@ impl Replica {
             }
         }
         let Some(base) = lazy.base.as_mut() else {
-            // No block-indexed base: the state loaded whole (or empty).
+            // No block-indexed base: the state loaded whole (or empty),
+            // once the deferred segments that may write the key are in.
+            if segments {
+                return Ok(Read::Pending);
+            }
             return Ok(Read::Ready(self.state.get(key).map(<[u8]>::to_vec)));
         };
         match base.snap.get(key) {
