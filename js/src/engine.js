@@ -58,27 +58,33 @@ export function setWasmSource(fn) {
  * "timeout" when the module is not loaded within `options.timeoutMs` (60 s).
  */
 export function init(source, options) {
-  if (source !== undefined) {
-    if (wasmReady) return wasmReady;
-    wasmSource = () => source;
+  if (wasmReady) return wasmReady;
+  const ms = options?.timeoutMs ?? WASM_LOAD_TIMEOUT_MS;
+  if (typeof ms !== "number" || !(ms >= 1)) {
+    return Promise.reject(walcastError("invalid_input", `walcast: init's timeoutMs must be a number of milliseconds (at least 1), not ${ms}`));
   }
-  if (!wasmReady) {
-    if (!wasmSource) {
-      return Promise.reject(walcastError("invalid_input", "walcast: no wasm source; import the package through its runtime entry or call init(source)"));
-    }
+  // A source given here is kept for the loads after a failed one, but a
+  // Response (read once, it cannot be read again) is used for this load
+  // only: after it, a load takes the source there was before.
+  const from = source !== undefined ? () => source : wasmSource;
+  if (source !== undefined && !(typeof Response === "function" && source instanceof Response)) wasmSource = from;
+  if (!from) {
+    return Promise.reject(walcastError("invalid_input", "walcast: no wasm source; import the package through its runtime entry or call init(source)"));
+  }
+  {
     // A server that never finishes sending the module fails the load after
-    // `timeoutMs` (the fetch is aborted) instead of holding every open.
-    const ms = options?.timeoutMs ?? WASM_LOAD_TIMEOUT_MS;
+    // `timeoutMs` (the fetch is aborted) instead of holding every open;
+    // setTimeout's largest delay bounds it (a larger one fires at once).
     const ac = typeof AbortController === "function" ? new AbortController() : null;
     let timer;
     const expired = new Promise((_, reject) => {
       timer = setTimeout(() => {
         ac?.abort();
         reject(walcastError("timeout", `walcast: loading the wasm module: not loaded within ${ms} ms`));
-      }, ms);
+      }, Math.min(ms, 2 ** 31 - 1));
     });
     const load = Promise.resolve()
-      .then(wasmSource)
+      .then(from)
       .then((src) => compile(src, ac?.signal));
     wasmReady = Promise.race([load, expired])
       .finally(() => clearTimeout(timer))

@@ -205,6 +205,7 @@ export class Replica {
   // Range): later ranged GETs of that key within WHOLE_ANSWER_KEEP_MS take
   // it instead of downloading it again. { key, res, at } or null.
   #wholeAnswer = null;
+  #resets = 0; // bumped on every reset: a GET sent before one keeps no whole copy
   #unsent = 0; // long-polls the module counted but that were never sent (no start())
   #requestsByKind = zeroKinds(); // GETs sent, by kind of object
   #bytesByKind = zeroKinds(); // body bytes received, by kind of object
@@ -279,8 +280,10 @@ export class Replica {
       if (!r) return;
       r.#resetSincePersist = true;
       // A whole copy kept from before is another state's object, perhaps
-      // under the same key (a dataset started over at the prefix).
+      // under the same key (a dataset started over at the prefix), as is
+      // one a GET sent before now brings.
       r.#wholeAnswer = null;
+      r.#resets++;
       // 0: the dataset changed; under the same id, its history went back.
       if (lsn === 0) r.#rewindSincePersist = true;
       r.#event({ type: "reset", lsn });
@@ -780,11 +783,12 @@ export class Replica {
     this.#gets.set(req.id, entry);
     if (held) this.#held.set(req.id, entry);
     else op.owned++;
+    const resets = this.#resets;
     (fresh ? Promise.resolve(kept.res) : performGet(this.#io, req, ac))
       .then((res) => {
         // A whole object for a range: the module takes what it asked for
         // from it, and verifies it as any answer.
-        if (!fresh && req.range && res.status === 200 && res.body && res.body.byteLength <= req.maxBytes) this.#wholeAnswer = { key: req.key, res, at: Date.now(), served: new Set([range]) };
+        if (!fresh && resets === this.#resets && req.range && res.status === 200 && res.body && res.body.byteLength <= req.maxBytes) this.#wholeAnswer = { key: req.key, res, at: Date.now(), served: new Set([range]) };
         return res;
       })
       .then((res) => verifySignatures(h, req, res).then(() => res))
