@@ -112,7 +112,9 @@ pub struct PublisherConfig {
     pub retry_base_ms: u64,
     /// Longest retry delay (ms).
     pub retry_max_ms: u64,
-    /// Failed attempts before an [`Event::Error`](super::Event::Error) is reported (retries go on).
+    /// Failed attempts in a row before an [`Event::Error`](super::Event::Error)
+    /// is reported, and again after every as many more (retries go on; 0
+    /// counts as 1).
     pub max_attempts: u32,
     /// While idle, re-read the head this often (ms) to notice a newer epoch
     /// and stop, instead of learning it only at the next commit.
