@@ -63,11 +63,18 @@ export function init(source, options) {
   if (typeof ms !== "number" || !(ms >= 1)) {
     return Promise.reject(walcastError("invalid_input", `walcast: init's timeoutMs must be a number of milliseconds (at least 1), not ${ms}`));
   }
-  // A source given here is kept for the loads after a failed one, but a
-  // Response (read once, it cannot be read again) is used for this load
-  // only: after it, a load takes the source there was before.
+  // A source given here that can be read again (a module, bytes, a URL)
+  // is kept for the loads after a failed one; anything else (a Response,
+  // or a promise of one, is read once) serves this load only: after it, a
+  // load takes the source there was before.
   const from = source !== undefined ? () => source : wasmSource;
-  if (source !== undefined && !(typeof Response === "function" && source instanceof Response)) wasmSource = from;
+  const again =
+    source instanceof WebAssembly.Module ||
+    typeof source === "string" ||
+    (typeof URL === "function" && source instanceof URL) ||
+    source instanceof ArrayBuffer ||
+    ArrayBuffer.isView(source);
+  if (again) wasmSource = from;
   if (!from) {
     return Promise.reject(walcastError("invalid_input", "walcast: no wasm source; import the package through its runtime entry or call init(source)"));
   }

@@ -275,12 +275,13 @@ impl Store {
         // disk is not given up (and written again) while it is written.
         // And a second: the head's write gives up waiting for its lock at
         // `write_timeout` itself, answering before this bound.
-        let limit = self.write_timeout
-            + std::time::Duration::from_secs(1)
-            + std::time::Duration::from_millis(
+        let limit = self
+            .write_timeout
+            .saturating_add(std::time::Duration::from_secs(1))
+            .saturating_add(std::time::Duration::from_millis(
                 (req.body.len() as u64).saturating_mul(1000)
                     / walcast_core::replica::MIN_TRANSFER_BYTES_PER_SEC,
-            );
+            ));
         match tokio::time::timeout(limit, self.put_now(req)).await {
             Ok(r) => r,
             Err(_) => PutResponse::Failed {
@@ -304,7 +305,7 @@ impl Store {
                 let cond = req.condition.clone();
                 // The lock is waited for until the write's own timeout,
                 // so a lock held for good leaves no thread behind.
-                let until = std::time::Instant::now() + self.write_timeout;
+                let until = std::time::Instant::now().checked_add(self.write_timeout);
                 return tokio::task::spawn_blocking(move || {
                     local_head_put(&dir, &body, &cond, until)
                 })
@@ -637,7 +638,7 @@ fn local_head_put(
     dir: &std::path::Path,
     body: &[u8],
     cond: &PutCondition,
-    until: std::time::Instant,
+    until: Option<std::time::Instant>,
 ) -> PutResponse {
     let run = || -> Result<PutResponse> {
         let catalog = dir.join("catalog");
@@ -650,14 +651,16 @@ fn local_head_put(
         loop {
             match lock.try_lock() {
                 Ok(()) => break,
-                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < until => {
+                Err(std::fs::TryLockError::WouldBlock)
+                    if until.is_none_or(|u| std::time::Instant::now() < u) =>
+                {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
                 Err(std::fs::TryLockError::WouldBlock) => {
                     return Ok(PutResponse::Failed {
                         message: format!(
-                            "{HEAD_KEY}: the head's lock (catalog/.head.lock) is held by \
-                             another process"
+                            "{HEAD_KEY}: the head's lock (catalog/.head.lock) stayed held \
+                             (by another process, or a write of this one still under way)"
                         ),
                     })
                 }

@@ -229,13 +229,16 @@ impl Replica {
         // is retired with the head that named it: the new snapshot is
         // loaded whole (and the overlay's newer writes kept on top of it,
         // see `on_snapshot`) before the old one's grace period ends.
+        // Likewise a state loaded whole that keeps deferred segments on
+        // top (see `on_snapshot`): a newer snapshot is loaded whole before
+        // the segments it covers may be deleted.
         let base_left = self.cfg.mode == Mode::Kv
-            && self
-                .lazy
-                .as_ref()
-                .and_then(|l| l.base.as_ref())
-                .zip(head.snapshot.as_ref())
-                .is_some_and(|(b, s)| s.lsn > b.entry.lsn && s.key != b.entry.key);
+            && self.lazy.as_ref().is_some_and(|l| {
+                head.snapshot.as_ref().is_some_and(|s| match &l.base {
+                    Some(b) => s.lsn > b.entry.lsn && s.key != b.entry.key,
+                    None => !l.deferred.is_empty() && s.lsn > l.state_lsn,
+                })
+            });
         let use_snapshot = self.cfg.mode == Mode::Kv
             && head.snapshot.as_ref().is_some_and(|s| s.lsn > self.applied)
             && (gap || fresh)

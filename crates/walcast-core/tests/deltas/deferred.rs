@@ -556,6 +556,26 @@ fn a_whole_load_under_deferred_segments_never_takes_the_state_back() {
         lowest >= top,
         "the applied LSN went back to {lowest} from {top}"
     );
+    assert_eq!(r.status(0).lazy.unwrap().deferred_segments, 1);
+    // A newer version 1 snapshot covering the segment still deferred: it
+    // is loaded whole too, before the publisher may delete that segment.
+    st.put(b"aa", b"3");
+    let v1 = walcast_core::snapshot::encode(&st, top, h.epoch, h.dataset_id);
+    let mut h3 = h2.clone();
+    let snap = h3.snapshot.as_mut().unwrap();
+    snap.lsn = top;
+    snap.key = walcast_core::catalog::snapshot_key(top, snap.epoch);
+    snap.size = v1.len() as u64;
+    snap.crc32 = crc32fast::hash(&v1);
+    h3.generation += 1;
+    store.objects.insert(snap.key.clone(), (v1, 1));
+    store
+        .objects
+        .insert(HEAD_KEY.to_string(), (h3.encode(), etag + 1));
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert_eq!(r.applied_lsn(), top);
+    assert_eq!(r.status(0).lazy.unwrap().deferred_segments, 0);
     for (k, v) in [
         (&b"aa"[..], &b"3"[..]),
         (b"bb", b"2"),
