@@ -391,6 +391,10 @@ fn a_head_whose_tail_names_another_segment_is_refused() {
             key: format!("segments/1/{l:020}-{l:020}.wseg"),
             first_lsn: l,
             last_lsn: l,
+            index: vec![walcast_core::segment::IndexEntry {
+                lsn: l,
+                offset: walcast_core::segment::HEADER_LEN,
+            }],
             ..one.clone()
         })
         .collect();
