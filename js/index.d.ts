@@ -219,7 +219,7 @@ export interface FullOpenOptions extends CommonOpenOptions {
  */
 export interface LazyOpenOptions extends CommonOpenOptions {
   load: "lazy";
-  /** Bytes of snapshot data blocks kept in memory (least recently used go first; blocks fetched for reads waiting at once may hold up to 1 MiB more). Default 8 MiB (8388608). */
+  /** Bytes of snapshot data blocks kept in memory (least recently used go first). Default 8 MiB (8388608). */
   cacheBytes?: number;
   persist?: "memory";
 }
@@ -280,7 +280,7 @@ export interface Status {
   requests: number;
   /** Body bytes received so far. */
   bytesReceived: number;
-  /** Lazy mode: bytes of snapshot data blocks held (at most about `cacheBytes`, 1 MiB more for reads waiting at once); 0 in full mode. */
+  /** Lazy mode: bytes of snapshot data blocks held (at most about `cacheBytes`); 0 in full mode. */
   cachedBytes: number;
   /** Lazy mode: snapshot blocks fetched from the current snapshot (index and data); 0 in full mode. */
   blocksFetched: number;

@@ -1118,24 +1118,3 @@ fn a_whole_load_overtaken_by_a_jump_never_takes_the_state_back() {
     );
     reads_equal(&mut r, &mut store, &state_through(1, 110));
 }
-
-/// The blocks kept for waiting reads over a tiny cache hold at most
-/// `KEEP_BYTES` more than the cache (and the two used last): reads of
-/// large values one after another do not keep every block they fetched.
-#[test]
-fn blocks_kept_beyond_the_cache_are_bounded_in_bytes() {
-    let mut want = KvState::new();
-    for i in 0..40u32 {
-        want.put(format!("k{i:05}").as_bytes(), &vec![i as u8; 200 << 10]);
-    }
-    let mut store = snapshot_only(DATASET, &want, 400);
-    let mut r = Replica::new(lazy_cfg(1), 7);
-    drain(&mut r, &mut store, 0);
-    let mut most = 0;
-    for k in keys(&want) {
-        assert_eq!(get(&mut r, &mut store, &k).as_deref(), want.get(&k));
-        most = most.max(r.status(0).lazy.unwrap().cached_bytes);
-    }
-    let bound = 1 + walcast_core::snapshot::indexed::KEEP_BYTES + 2 * (210 << 10);
-    assert!(most <= bound, "{most} bytes cached, above {bound}");
-}

@@ -98,9 +98,9 @@ pub struct ReplicaConfig {
     pub emit_records: bool,
     /// Lazy mode, with at most this many bytes of data blocks cached (while
     /// the snapshot has deltas, theirs share a quarter, the snapshot's the
-    /// rest; the snapshot's blocks used last are kept past it, twice the
-    /// block GETs out at once within 1 MiB more and the two used last, so
-    /// that concurrent reads over a tiny cache all finish): the
+    /// rest; the snapshot's blocks used last are kept whatever their bytes,
+    /// twice the block GETs out at once and two, so that concurrent reads
+    /// over a tiny cache all finish): the
     /// replica adopts the newest snapshot without downloading it, replays
     /// only what follows it, and reads through
     /// [`Replica::get_lazy`] / [`Replica::scan_lazy`]. `None`: full mode.

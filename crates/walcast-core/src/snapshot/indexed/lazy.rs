@@ -33,10 +33,6 @@ pub enum Lookup {
     Need(Need),
 }
 
-/// Bytes past `cache_bytes` that the blocks kept for waiting reads may
-/// hold (see [`LazySnapshot::set_cache`]).
-pub const KEEP_BYTES: u64 = 1 << 20;
-
 /// What a cached block (data, or an index partition) counts against the cache's bytes: its size,
 /// and at least [`MIN_BLOCK_CHARGE`], so that a file of tiny blocks cannot
 /// make the cache hold more than `cache_bytes / MIN_BLOCK_CHARGE` of them
@@ -159,11 +155,10 @@ impl LazySnapshot {
 
     /// Bounds the data blocks held to `cache_bytes` from now on, dropping
     /// the least recently used at once if they hold more, but keeping the
-    /// two used last whatever their bytes (a point read of a partitioned
-    /// index needs its partition and its data block at once) and the
-    /// `keep` used last while they hold at most [`KEEP_BYTES`] more than
-    /// `cache_bytes` (blocks fetched together for reads waiting at once
-    /// must outlast one another's arrival until those reads run).
+    /// `keep` (at least 2) used last whatever their bytes: a point read of
+    /// a partitioned index needs its partition and its data block at once,
+    /// and blocks fetched together for reads waiting at once must outlast
+    /// one another's arrival until those reads run.
     pub fn set_cache(&mut self, cache_bytes: u64, keep: usize) {
         self.cache_bytes = cache_bytes;
         self.keep_blocks(keep);
@@ -177,13 +172,9 @@ impl LazySnapshot {
     }
 
     /// Drops the least recently used blocks while the cache is over its
-    /// bytes, keeping the `keep` used last while they hold at most
-    /// [`KEEP_BYTES`] over them (the two used last whatever their bytes).
+    /// bytes, keeping the `keep` used last.
     fn evict(&mut self) {
-        while self.cached > self.cache_bytes
-            && (self.blocks.len() > self.keep
-                || (self.cached > self.cache_bytes + KEEP_BYTES && self.blocks.len() > 2))
-        {
+        while self.cached > self.cache_bytes && self.blocks.len() > self.keep {
             let Some(off) = self
                 .blocks
                 .iter()

@@ -21,7 +21,7 @@ mod tests;
 pub use self::decode::decode_indexed;
 pub(crate) use self::decode::verify_index;
 pub use self::encode::{encode_indexed, encode_readable, encode_verified};
-pub use self::lazy::{LazySnapshot, Lookup, Need, ScanCursor, KEEP_BYTES};
+pub use self::lazy::{LazySnapshot, Lookup, Need, ScanCursor};
 
 use crate::vecmap::VecMap;
 
