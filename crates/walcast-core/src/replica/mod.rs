@@ -98,9 +98,7 @@ pub struct ReplicaConfig {
     pub emit_records: bool,
     /// Lazy mode, with at most this many bytes of data blocks cached (while
     /// the snapshot has deltas, theirs share a quarter, the snapshot's the
-    /// rest; the snapshot's blocks used last are kept whatever their bytes,
-    /// twice the block GETs out at once and two, so that concurrent reads
-    /// over a tiny cache all finish): the
+    /// rest): the
     /// replica adopts the newest snapshot without downloading it, replays
     /// only what follows it, and reads through
     /// [`Replica::get_lazy`] / [`Replica::scan_lazy`]. `None`: full mode.
@@ -365,7 +363,6 @@ impl Replica {
     /// A fresh replica with no state. `seed` drives retry jitter.
     pub fn new(cfg: ReplicaConfig, seed: u64) -> Self {
         let cfg_lazy = cfg.lazy_cache_bytes;
-        let inflight = cfg.max_inflight;
         let trust = trust::Trust::new(&cfg.trust, cfg.host_verifies_signatures);
         Replica {
             cfg,
@@ -406,7 +403,7 @@ impl Replica {
             caught_up_reported: false,
             behind_since: None,
             behind_reads: 0,
-            lazy: cfg_lazy.map(|c| lazy::Lazy::new(c, inflight)),
+            lazy: cfg_lazy.map(lazy::Lazy::new),
             long_poll: None,
             head_req: None,
             long_poll_early: false,

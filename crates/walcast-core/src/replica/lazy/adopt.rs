@@ -25,7 +25,6 @@ impl Lazy {
                 None => LazySnapshot::new(entry.size, self.snapshot_cache_bytes()),
             };
             s.expect_entries(entry.entries);
-            s.keep_blocks(self.keep_blocks);
             if let Some(c) = entry.footer_crc32 {
                 s.expect_footer_crc32(c);
             }

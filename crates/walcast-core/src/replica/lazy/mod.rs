@@ -259,9 +259,6 @@ pub(super) struct BlockJob {
 #[derive(Debug, Default)]
 pub(super) struct Lazy {
     pub(super) cache_bytes: u64,
-    /// Snapshot blocks kept whatever the cache's bytes: twice the block
-    /// GETs out at most, and two (see [`LazySnapshot::set_cache`]).
-    pub(super) keep_blocks: usize,
     pub(super) base: Option<Base>,
     /// Batches after the base: key -> (LSN of the last write, value or
     /// deletion).
@@ -315,10 +312,9 @@ fn entry_cost(k: &[u8], v: Option<&[u8]>) -> u64 {
 }
 
 impl Lazy {
-    pub(super) fn new(cache_bytes: u64, max_inflight: usize) -> Self {
+    pub(super) fn new(cache_bytes: u64) -> Self {
         Lazy {
             cache_bytes,
-            keep_blocks: 2 + 2 * BLOCKS_PER_INFLIGHT * max_inflight.max(2),
             ..Lazy::default()
         }
     }
@@ -412,7 +408,7 @@ impl Lazy {
     pub(super) fn fit_cache(&mut self) {
         let n = self.snapshot_cache_bytes();
         if let Some(b) = self.base.as_mut() {
-            b.snap.set_cache(n, self.keep_blocks);
+            b.snap.set_cache_bytes(n);
         }
     }
 
@@ -485,7 +481,7 @@ mod tests {
     /// `MAX_FAILED` in all, however often GETs fail.
     #[test]
     fn block_failures_are_kept_one_per_block_and_bounded() {
-        let mut lazy = Lazy::new(1 << 20, 4);
+        let mut lazy = Lazy::new(1 << 20);
         let err = || Error::new(ErrorKind::Unavailable, "HTTP 503");
         let need = |start: u64| Need::Range {
             start,
@@ -509,7 +505,7 @@ mod tests {
     /// the chain is gone.
     #[test]
     fn the_snapshot_shares_the_cache_only_with_deltas() {
-        let mut lazy = Lazy::new(1 << 20, 4);
+        let mut lazy = Lazy::new(1 << 20);
         lazy.set_base(base_at_10(), None);
         assert_eq!(lazy.snapshot_cache_bytes(), 1 << 20);
         lazy.set_deltas(&[delta(10, 20)]);
@@ -524,7 +520,7 @@ mod tests {
     /// not dropped as stale); the GETs of a delta it left are forgotten.
     #[test]
     fn a_longer_chain_keeps_the_deltas_it_still_names() {
-        let mut lazy = Lazy::new(1 << 20, 4);
+        let mut lazy = Lazy::new(1 << 20);
         lazy.set_base(base_at_10(), None);
         let (d1, d2, d3) = (delta(10, 20), delta(20, 30), delta(30, 40));
         lazy.set_deltas(&[d1.clone(), d2.clone()]);

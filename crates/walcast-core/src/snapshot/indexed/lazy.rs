@@ -64,8 +64,6 @@ pub struct LazySnapshot {
     pub(super) blocks: VecMap<(Block, u64)>,
     tick: u64,
     cache_bytes: u64,
-    /// Blocks kept whatever their bytes (see [`set_cache`](Self::set_cache)).
-    keep: usize,
     cached: u64,
     /// Blocks fetched so far (index and data).
     pub fetched_blocks: u64,
@@ -85,8 +83,7 @@ pub struct LazySnapshot {
 impl LazySnapshot {
     /// A reader for the snapshot of `size` bytes, caching at most
     /// `cache_bytes` of index partitions and data blocks (beyond that, only
-    /// the two used last are kept; see [`set_cache`](Self::set_cache)); the
-    /// top index is held apart.
+    /// the two used last are kept); the top index is held apart.
     pub fn new(size: u64, cache_bytes: u64) -> Self {
         LazySnapshot {
             size,
@@ -95,7 +92,6 @@ impl LazySnapshot {
             blocks: VecMap::default(),
             tick: 0,
             cache_bytes,
-            keep: 2,
             cached: 0,
             fetched_blocks: 0,
             expect: None,
@@ -154,27 +150,18 @@ impl LazySnapshot {
     }
 
     /// Bounds the data blocks held to `cache_bytes` from now on, dropping
-    /// the least recently used at once if they hold more, but keeping the
-    /// `keep` (at least 2) used last whatever their bytes: a point read of
-    /// a partitioned index needs its partition and its data block at once,
-    /// and blocks fetched together for reads waiting at once must outlast
-    /// one another's arrival until those reads run.
-    pub fn set_cache(&mut self, cache_bytes: u64, keep: usize) {
+    /// the least recently used at once if they hold more (the newest one is
+    /// always kept).
+    pub fn set_cache_bytes(&mut self, cache_bytes: u64) {
         self.cache_bytes = cache_bytes;
-        self.keep_blocks(keep);
         self.evict();
     }
 
-    /// Keeps the `keep` (at least 2) blocks used last whatever their bytes
-    /// (see [`set_cache`](Self::set_cache)), from the next block on.
-    pub fn keep_blocks(&mut self, keep: usize) {
-        self.keep = keep.max(2);
-    }
-
     /// Drops the least recently used blocks while the cache is over its
-    /// bytes, keeping the `keep` used last.
+    /// bytes, keeping the two used last: a point read of a partitioned
+    /// index needs its partition and its data block at once.
     fn evict(&mut self) {
-        while self.cached > self.cache_bytes && self.blocks.len() > self.keep {
+        while self.cached > self.cache_bytes && self.blocks.len() > 2 {
             let Some(off) = self
                 .blocks
                 .iter()
