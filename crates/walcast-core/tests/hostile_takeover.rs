@@ -270,6 +270,22 @@ fn retired_entries_dated_in_the_future_do_not_stop_retention_for_good() {
     );
 }
 
+/// Puts `body` in the store as the head under the running publisher `p`
+/// (at 6 s), runs it on, and checks that the store's head names nothing it
+/// deleted and that it stopped. Returns its events.
+fn head_under_the_publisher(p: &mut Publisher, objects: &mut Objects, body: Vec<u8>) -> Vec<Event> {
+    let etag = objects.values().map(|(_, e)| *e).max().unwrap_or(0) + 1;
+    objects.insert(HEAD_KEY.to_string(), (body, etag));
+    let events = run(p, objects, 40, 6_000, 600_000);
+    let (missing, refused) = check_catalog(objects, &head(objects));
+    assert!(
+        missing.is_empty() && refused.is_empty(),
+        "the store's head names objects the publisher deleted: {missing:?} {refused:?}"
+    );
+    assert!(p.is_fenced(), "the publisher goes on: {events:?}");
+    events
+}
+
 /// The store's head goes back to an earlier head of this publisher (a
 /// bucket restored from a backup, or a write the store acknowledged and
 /// then lost) after later heads retired objects that earlier head names:
@@ -303,15 +319,7 @@ fn a_head_that_went_back_stops_the_publisher_before_it_deletes_what_that_head_na
         "retention retired none of the backup's segments: {:?}",
         later.retired
     );
-    let etag = objects.values().map(|(_, e)| *e).max().unwrap_or(0) + 1;
-    objects.insert(HEAD_KEY.to_string(), (backup, etag));
-    let events = run(&mut p, &mut objects, 40, 6_000, 600_000);
-    let (missing, refused) = check_catalog(&objects, &head(&objects));
-    assert!(
-        missing.is_empty() && refused.is_empty(),
-        "the store's head names objects the publisher deleted: {missing:?} {refused:?}"
-    );
-    assert!(p.is_fenced(), "the publisher goes on: {events:?}");
+    let events = head_under_the_publisher(&mut p, &mut objects, backup);
     let said = events.iter().any(|e| {
         matches!(e, Event::Fenced(err) if err.to_string().contains("went back")
             && err.to_string().contains(&format!("generation {}", before.generation)))
@@ -352,15 +360,7 @@ fn an_older_epochs_head_over_our_claim_stops_the_publisher_before_it_deletes() {
     // The older writer's write lands over our claim.
     let mut theirs = older.clone();
     theirs.generation = ours.generation + 3;
-    let etag = objects.values().map(|(_, e)| *e).max().unwrap_or(0) + 1;
-    objects.insert(HEAD_KEY.to_string(), (theirs.encode(), etag));
-    let events = run(&mut p, &mut objects, 40, 6_000, 600_000);
-    let (missing, refused) = check_catalog(&objects, &head(&objects));
-    assert!(
-        missing.is_empty() && refused.is_empty(),
-        "the store's head names objects the publisher deleted: {missing:?} {refused:?}"
-    );
-    assert!(p.is_fenced(), "the publisher goes on: {events:?}");
+    let events = head_under_the_publisher(&mut p, &mut objects, theirs.encode());
     let said = events.iter().any(|e| {
         matches!(e, Event::Fenced(err) if err.to_string().contains("went back")
             && err.to_string().contains(&format!("of epoch {}", older.epoch))

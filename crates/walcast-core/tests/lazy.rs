@@ -105,6 +105,19 @@ fn dataset_from(last: u64, snap: u64, block_bytes: usize, first: u64) -> Store {
     store
 }
 
+/// Makes `store`'s snapshot (at `snap`) a version 1 snapshot of the same
+/// state, which lazy replicas read whole.
+fn to_version_1(store: &mut Store, snap: u64) {
+    let mut head = Head::decode(&store.objects[HEAD_KEY]).unwrap();
+    let v1 = walcast_core::snapshot::encode(&state_through(1, snap), snap, 1, DATASET);
+    let entry = head.snapshot.as_mut().unwrap();
+    entry.version = 1;
+    entry.size = v1.len() as u64;
+    entry.crc32 = crc32fast::hash(&v1);
+    store.objects.insert(entry.key.clone(), v1);
+    store.objects.insert(HEAD_KEY.into(), head.encode());
+}
+
 /// A dataset `id` of one version 2 snapshot of `st` at `lsn`, nothing after.
 fn snapshot_only(id: walcast_core::catalog::DatasetId, st: &KvState, lsn: u64) -> Store {
     let mut store = Store::default();
@@ -496,14 +509,7 @@ fn a_base_followed_by_a_version_1_snapshot_is_left_before_it_is_deleted() {
     // The publisher (an older one) writes a version 1 snapshot at 70 and
     // history to 110; every segment after 40 is still there.
     let mut newer = dataset_from(110, 70, 128, 41);
-    let mut head = Head::decode(&newer.objects[HEAD_KEY]).unwrap();
-    let v1 = walcast_core::snapshot::encode(&state_through(1, 70), 70, 1, DATASET);
-    let entry = head.snapshot.as_mut().unwrap();
-    entry.version = 1;
-    entry.size = v1.len() as u64;
-    entry.crc32 = crc32fast::hash(&v1);
-    newer.objects.insert(entry.key.clone(), v1);
-    newer.objects.insert(HEAD_KEY.into(), head.encode());
+    to_version_1(&mut newer, 70);
     store.objects.extend(newer.objects);
     drain(&mut r, &mut store, 1_000);
     assert_eq!(r.applied_lsn(), 110);
@@ -1008,14 +1014,7 @@ fn a_store_that_stops_honouring_range_costs_one_read() {
 fn a_whole_load_overtaken_by_a_jump_never_takes_the_state_back() {
     // A version 1 snapshot at 40 (read whole), history to 60.
     let mut store = dataset(60, 40, 128);
-    let mut head = Head::decode(&store.objects[HEAD_KEY]).unwrap();
-    let v1 = walcast_core::snapshot::encode(&state_through(1, 40), 40, 1, DATASET);
-    let entry = head.snapshot.as_mut().unwrap();
-    entry.version = 1;
-    entry.size = v1.len() as u64;
-    entry.crc32 = crc32fast::hash(&v1);
-    store.objects.insert(entry.key.clone(), v1);
-    store.objects.insert(HEAD_KEY.into(), head.encode());
+    to_version_1(&mut store, 40);
     let mut r = Replica::new(lazy_cfg(1 << 20), 3);
     // Answer everything but the snapshot's GETs, which are held.
     let mut held = Vec::new();

@@ -540,18 +540,7 @@ fn a_whole_load_under_deferred_segments_never_takes_the_state_back() {
         .insert(HEAD_KEY.to_string(), (h2.encode(), etag));
     r.sync_now(0);
     let mut lowest = u64::MAX;
-    let mut c = Cold::default();
-    for _ in 0..10_000 {
-        match r.poll(0) {
-            replica::Action::Fetch(req) => {
-                let resp = store.serve(&req, &mut c);
-                r.handle_response(req.id, 0, resp);
-            }
-            replica::Action::Event(_) => {}
-            replica::Action::Wait { .. } => break,
-        }
-        lowest = lowest.min(r.applied_lsn());
-    }
+    settle_watching(&mut r, &store, |r| lowest = lowest.min(r.applied_lsn()));
     assert!(
         lowest >= top,
         "the applied LSN went back to {lowest} from {top}"

@@ -523,6 +523,11 @@ fn lazy_replica() -> Replica {
 
 /// Drains the replica, serving every GET at once, until it waits.
 fn settle(r: &mut Replica, store: &Store) {
+    settle_watching(r, store, |_| {});
+}
+
+/// [`settle`], calling `each` with the replica after every step.
+fn settle_watching(r: &mut Replica, store: &Store, mut each: impl FnMut(&Replica)) {
     let mut c = Cold::default();
     for _ in 0..10_000 {
         match r.poll(0) {
@@ -533,6 +538,7 @@ fn settle(r: &mut Replica, store: &Store) {
             replica::Action::Event(_) => {}
             replica::Action::Wait { .. } => return,
         }
+        each(r);
     }
     panic!("replica did not settle");
 }
