@@ -439,7 +439,8 @@ export declare class Replica implements ReplicaBase {
  * the module yourself where the entry cannot find it (bundlers, CSP): a
  * `WebAssembly.Module`, its bytes, a `Response` or a URL. A load not done
  * within `timeoutMs` (default 60000; a URL's fetch is aborted) rejects with
- * code `timeout`, and a later call tries again (with the same source, but
+ * code `timeout`, an answer of more than 16 MiB (sent or claimed) with
+ * `data`, and a later call tries again (with the same source, but
  * a `Response`, read once, only for that load).
  */
 export declare function init(

@@ -46,6 +46,12 @@ export function testFault(kind) {
 /** How long loading the wasm module may take, by default (`init`'s `timeoutMs`). */
 const WASM_LOAD_TIMEOUT_MS = 60_000;
 
+/**
+ * The most bytes a module answer may have (the module is some 230 KB): a
+ * server sending more, or claiming more, fails the load with `data`.
+ */
+const WASM_MAX_BYTES = 16 << 20;
+
 /** Called by the runtime entry: how to get the module when first needed. */
 export function setWasmSource(fn) {
   wasmSource = fn;
@@ -97,6 +103,7 @@ export function init(source, options) {
       .finally(() => clearTimeout(timer))
       .then(start);
     wasmReady.catch(() => {
+      ac?.abort(); // a download cut short is not read on
       wasmReady = null; // let a later call try again
     });
   }
@@ -111,11 +118,33 @@ async function compile(src, signal) {
   }
   if (typeof Response === "function" && src instanceof Response) {
     if (!src.ok) throw walcastError("unavailable", `walcast: loading the wasm module: HTTP ${src.status}`);
-    const type = src.headers.get("content-type") ?? "";
-    if (typeof WebAssembly.compileStreaming === "function" && type.split(";")[0].trim() === "application/wasm") {
-      return WebAssembly.compileStreaming(src);
+    const tooLarge = (n) => walcastError("data", `walcast: loading the wasm module: ${n} bytes, above the ${WASM_MAX_BYTES} a module may have`);
+    const claimed = Number(src.headers.get("content-length"));
+    if (claimed > WASM_MAX_BYTES) throw tooLarge(claimed);
+    // The body is counted as it streams, and cut past the bound.
+    let over = null;
+    if (src.body && typeof TransformStream === "function") {
+      let n = 0;
+      const counted = src.body.pipeThrough(
+        new TransformStream({
+          transform(chunk, c) {
+            n += chunk.byteLength;
+            if (n > WASM_MAX_BYTES) c.error((over = tooLarge(`more than ${WASM_MAX_BYTES}`)));
+            else c.enqueue(chunk);
+          },
+        }),
+      );
+      src = new Response(counted, { headers: src.headers });
     }
-    return WebAssembly.compile(await src.arrayBuffer());
+    const type = src.headers.get("content-type") ?? "";
+    try {
+      if (typeof WebAssembly.compileStreaming === "function" && type.split(";")[0].trim() === "application/wasm") {
+        return await WebAssembly.compileStreaming(src);
+      }
+      return await WebAssembly.compile(await src.arrayBuffer());
+    } catch (e) {
+      throw over ?? e;
+    }
   }
   if (src instanceof ArrayBuffer || ArrayBuffer.isView(src)) return WebAssembly.compile(src);
   throw walcastError("invalid_input", "walcast: the wasm source must be a WebAssembly.Module, bytes, a Response or a URL");

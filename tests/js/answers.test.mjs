@@ -241,7 +241,7 @@ test("a gzip head followed by zero bytes, an empty member or a second member is 
   }
 });
 
-test("a server that never finishes sending the wasm module fails the load with a timeout; the next load tries again", async () => {
+test("a server that never finishes sending the wasm module, or sends or claims far more than one, fails the load; the next load tries again", async () => {
   // A process of its own: the module loads once per process.
   const wasm = fs.readFileSync(new URL("../../js/dist/wasm/walcast_wasm_bg.wasm", import.meta.url));
   const closed = [];
@@ -252,6 +252,26 @@ test("a server that never finishes sending the wasm module fails the load with a
       res.writeHead(200, { "content-type": "application/wasm", "content-length": wasm.length });
       res.write(wasm.subarray(0, wasm.length >> 1));
       req.socket.on("close", () => closed.push(req.url));
+      return;
+    }
+    if (req.url === "/endless.wasm" || req.url === "/claims.wasm") {
+      // A module's header and a custom section claiming 4 GiB, then its
+      // zeros for ever (chunked), as a compiler waits for them; or a
+      // claimed 1 GiB and a first chunk.
+      const endless = req.url === "/endless.wasm";
+      res.writeHead(200, { "content-type": "application/wasm", ...(endless ? {} : { "content-length": 1 << 30 }) });
+      let gone = false;
+      req.socket.on("close", () => {
+        gone = true;
+        closed.push(req.url);
+      });
+      const chunk = Buffer.alloc(64 << 10);
+      const pump = () => {
+        while (!gone && endless) if (!res.write(chunk)) return res.once("drain", pump);
+      };
+      res.write(Buffer.from([0, 0x61, 0x73, 0x6d, 1, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f]));
+      res.write(chunk);
+      pump();
       return;
     }
     res.writeHead(200, { "content-type": "application/wasm" });
@@ -272,7 +292,16 @@ test("a server that never finishes sending the wasm module fails the load with a
         closed = await (await fetch(${JSON.stringify(base + "/closed")})).json();
         if (!closed.length) await new Promise((r) => setTimeout(r, 20));
       }
-      console.log(JSON.stringify({ bad, code: err?.code, message: err?.message, closed }));
+      const big = [];
+      for (const name of ["endless", "claims"]) {
+        const e = await init(${JSON.stringify(base)} + "/" + name + ".wasm", { timeoutMs: 20000 }).then(() => null, (e) => e);
+        big.push({ code: e?.code, message: e?.message });
+      }
+      for (let i = 0; i < 100 && closed.length < 3; i++) {
+        closed = await (await fetch(${JSON.stringify(base + "/closed")})).json();
+        if (closed.length < 3) await new Promise((r) => setTimeout(r, 20));
+      }
+      console.log(JSON.stringify({ bad, code: err?.code, message: err?.message, closed, big }));
       await init(${JSON.stringify(base + "/ok.wasm")});
       console.log(JSON.stringify({ loaded: typeof Replica.open }));
       process.exit(0);
@@ -287,7 +316,12 @@ test("a server that never finishes sending the wasm module fails the load with a
     assert.equal(first.bad, "invalid_input", "a timeoutMs that is no number of milliseconds");
     assert.equal(first.code, "timeout", first.message);
     assert.match(first.message, /wasm module.*500 ms/);
-    assert.deepEqual(first.closed, ["/hang.wasm"], "the stalled download was aborted");
+    assert.deepEqual(first.closed.slice().sort(), ["/claims.wasm", "/endless.wasm", "/hang.wasm"], "the stalled and oversized downloads were aborted");
+    for (const b of first.big) {
+      assert.equal(b.code, "data", b.message);
+      assert.match(b.message, /wasm module: .*bytes, above the 16777216 a module may have/);
+    }
+    assert.match(first.big[1].message, /1073741824 bytes/, "the claimed length, refused before reading");
     assert.deepEqual(second, { loaded: "function" });
   } finally {
     server.closeAllConnections?.();

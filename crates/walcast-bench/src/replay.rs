@@ -68,13 +68,11 @@ fn verify(bytes: &[u8], crc: Option<u32>, n: u64) -> Result<Vec<(usize, usize)>>
 }
 
 /// Decode, verify and apply one segment of `n` records into a new state, as
-/// a replica does (one batch vector reused for every record).
+/// a replica does (each batch checked, then applied from its bytes).
 fn replay(bytes: &[u8], crc: Option<u32>, n: u64) -> Result<KvState> {
     let mut state = KvState::new();
-    let mut ops = Vec::new();
     for ((s, e), lsn) in verify(bytes, crc, n)?.into_iter().zip(1u64..) {
-        batch::decode_into(&bytes[s..e], &mut ops).map_err(|e| anyhow!("LSN {lsn}: {e}"))?;
-        state.apply(&ops);
+        state.apply(batch::Batch::parse(&bytes[s..e]).map_err(|e| anyhow!("LSN {lsn}: {e}"))?);
     }
     Ok(state)
 }

@@ -58,10 +58,8 @@ fn verify(bytes: &[u8], crc: u32, count: u64) -> Vec<(u32, u32)> {
 /// payload decoded as a batch and applied.
 fn replay(bytes: &[u8], crc: u32, count: u64) -> KvState {
     let mut state = KvState::new();
-    let mut ops = Vec::new();
     for (s, e) in verify(bytes, crc, count) {
-        batch::decode_into(&bytes[s as usize..e as usize], &mut ops).expect("batch");
-        state.apply(&ops);
+        state.apply(batch::Batch::parse(&bytes[s as usize..e as usize]).expect("batch"));
     }
     state
 }
@@ -94,9 +92,10 @@ fn main() {
     let verify_decode = best(15, || {
         let mut ops = 0usize;
         for (s, e) in verify(&bytes, summary.crc32, n) {
-            ops += batch::decode(&bytes[s as usize..e as usize])
+            ops += batch::Batch::parse(&bytes[s as usize..e as usize])
                 .expect("batch")
-                .len();
+                .iter()
+                .count();
         }
         ops
     });

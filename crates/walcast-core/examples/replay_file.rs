@@ -36,10 +36,10 @@ fn main() {
         records = 0;
         for rec in seg.records() {
             let Ok(rec) = rec else { std::process::exit(1) };
-            let Ok(ops) = batch::decode(rec.payload) else {
+            let Ok(ops) = batch::Batch::parse(rec.payload) else {
                 std::process::exit(1)
             };
-            state.apply(&ops);
+            state.apply(ops);
             records += 1;
         }
         std::hint::black_box(state.len());

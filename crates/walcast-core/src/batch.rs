@@ -110,73 +110,139 @@ pub fn encode(ops: &[Op]) -> Result<Vec<u8>, crate::Error> {
     Ok(out)
 }
 
-/// Decodes and validates a whole batch into borrowed ops. Nothing is
-/// returned unless the whole payload is valid, so applying the result is
-/// all-or-nothing.
-pub fn decode(payload: &[u8]) -> Result<Vec<OpRef<'_>>, DecodeError> {
-    let mut ops = Vec::new();
-    decode_into(payload, &mut ops)?;
-    Ok(ops)
+/// A batch whose every operation was checked: iterating it yields them in
+/// order from the payload's bytes, allocating nothing, however many tiny
+/// operations the payload holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    /// The bytes after the op count.
+    ops: &'a [u8],
+    count: usize,
 }
 
-/// Like [`decode`], into `ops` (cleared first), so a replay can reuse one
-/// vector for every record. On error `ops` is left empty: nothing of an
-/// invalid batch can be applied.
-pub fn decode_into<'a>(payload: &'a [u8], ops: &mut Vec<OpRef<'a>>) -> Result<(), DecodeError> {
-    ops.clear();
-    if decode_fast(payload, ops) {
-        return Ok(());
+impl<'a> Batch<'a> {
+    /// Validates a whole batch without allocating. Nothing is returned
+    /// unless the whole payload is valid, so applying the result is
+    /// all-or-nothing.
+    pub fn parse(payload: &'a [u8]) -> Result<Self, DecodeError> {
+        // Anything the fast path does not take (an error, a long varint)
+        // gets the careful decoder's verdict and error.
+        match parse_fast(payload) {
+            Some(b) => Ok(b),
+            None => parse_careful(payload),
+        }
     }
-    // Anything the fast path does not take (an error, a long varint) gets
-    // the careful decoder's verdict and error.
-    ops.clear();
-    let res = decode_ops(payload, ops);
-    if res.is_err() {
-        ops.clear();
+
+    /// The number of operations.
+    pub fn len(&self) -> usize {
+        self.count
     }
-    res
+
+    /// Whether the batch holds no operation.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The operations, in order.
+    pub fn iter(&self) -> Ops<'a> {
+        Ops {
+            rest: self.ops,
+            left: self.count,
+        }
+    }
+}
+
+impl<'a> IntoIterator for Batch<'a> {
+    type Item = OpRef<'a>;
+    type IntoIter = Ops<'a>;
+
+    fn into_iter(self) -> Ops<'a> {
+        self.iter()
+    }
+}
+
+/// The operations of a [`Batch`], in order.
+#[derive(Debug, Clone)]
+pub struct Ops<'a> {
+    rest: &'a [u8],
+    left: usize,
+}
+
+impl<'a> Iterator for Ops<'a> {
+    type Item = OpRef<'a>;
+
+    #[inline]
+    fn next(&mut self) -> Option<OpRef<'a>> {
+        // The bytes were validated: the `?`s below never stop a batch
+        // early (they keep a broken invariant from panicking).
+        self.left = self.left.checked_sub(1)?;
+        let (&tag, r) = self.rest.split_first()?;
+        let (key, r) = split_len_prefixed(r)?;
+        let (op, r) = if tag == TAG_PUT {
+            let (value, r) = split_len_prefixed(r)?;
+            (OpRef::Put(key, value), r)
+        } else {
+            (OpRef::Delete(key), r)
+        };
+        self.rest = r;
+        Some(op)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+/// A varint length of a validated batch and that many bytes, and the bytes
+/// after them.
+#[inline]
+fn split_len_prefixed(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = match short_varint(b) {
+        Some(x) => x,
+        None => {
+            let mut v = 0u64;
+            let end = b.iter().take(10).position(|&x| x < 0x80)?;
+            for (i, &x) in b[..=end].iter().enumerate() {
+                v |= u64::from(x & 0x7f) << (7 * i);
+            }
+            (usize::try_from(v).ok()?, &b[end + 1..])
+        }
+    };
+    (len <= rest.len()).then(|| rest.split_at(len))
+}
+
+/// Decodes and validates a whole batch into borrowed ops (a vector of them:
+/// [`Batch::parse`] checks and yields them without one). Nothing is
+/// returned unless the whole payload is valid.
+pub fn decode(payload: &[u8]) -> Result<Vec<OpRef<'_>>, DecodeError> {
+    Batch::parse(payload).map(|b| b.iter().collect())
 }
 
 /// The replay's hot path: a well-formed batch whose varints take at most
-/// two bytes, decoded without the careful decoder's error reporting. It
-/// accepts exactly what [`decode_ops`] accepts among such batches and
-/// returns `false` on anything else, leaving the verdict to it.
+/// two bytes, checked without the careful decoder's error reporting. It
+/// accepts exactly what [`parse_careful`] accepts among such batches and
+/// returns `None` on anything else, leaving the verdict to it.
 #[inline]
-fn decode_fast<'a>(payload: &'a [u8], ops: &mut Vec<OpRef<'a>>) -> bool {
-    let Some((&VERSION, rest)) = payload.split_first() else {
-        return false;
+fn parse_fast(payload: &[u8]) -> Option<Batch<'_>> {
+    let (&VERSION, rest) = payload.split_first()? else {
+        return None;
     };
-    let Some((count, mut rest)) = short_varint(rest) else {
-        return false;
-    };
+    let (count, ops) = short_varint(rest)?;
     // Every op takes at least 2 bytes.
-    if count > rest.len() / 2 {
-        return false;
+    if count > ops.len() / 2 {
+        return None;
     }
-    ops.reserve(count.min(64));
+    let mut rest = ops;
     for _ in 0..count {
-        let Some((&tag, r)) = rest.split_first() else {
-            return false;
+        let (&tag, r) = rest.split_first()?;
+        let (_key, r) = short_len_prefixed(r)?;
+        rest = match tag {
+            TAG_PUT => short_len_prefixed(r)?.1,
+            TAG_DELETE => r,
+            _ => return None,
         };
-        let Some((key, r)) = short_len_prefixed(r) else {
-            return false;
-        };
-        match tag {
-            TAG_PUT => {
-                let Some((value, r)) = short_len_prefixed(r) else {
-                    return false;
-                };
-                ops.push(OpRef::Put(key, value));
-                rest = r;
-            }
-            TAG_DELETE => {
-                ops.push(OpRef::Delete(key));
-                rest = r;
-            }
-            _ => return false,
-        }
     }
-    rest.is_empty()
+    rest.is_empty().then_some(Batch { ops, count })
 }
 
 /// A minimal varint of one or two bytes (below 16,384) and the bytes after it.
@@ -200,7 +266,9 @@ fn short_len_prefixed(b: &[u8]) -> Option<(&[u8], &[u8])> {
     (len <= rest.len()).then(|| rest.split_at(len))
 }
 
-fn decode_ops<'a>(payload: &'a [u8], ops: &mut Vec<OpRef<'a>>) -> Result<(), DecodeError> {
+/// The careful decoder: any valid batch, and an error naming the offset of
+/// the first fault of an invalid one.
+fn parse_careful(payload: &[u8]) -> Result<Batch<'_>, DecodeError> {
     let mut r = Reader::new(payload, 0);
     let version = r.u8("KV batch")?;
     if version != VERSION {
@@ -220,20 +288,16 @@ fn decode_ops<'a>(payload: &'a [u8], ops: &mut Vec<OpRef<'a>>) -> Result<(), Dec
             format!("op count {count} exceeds what the payload can hold"),
         ));
     }
-    // The count is a claim: reserve for what a small batch needs and let
-    // the vector grow with ops actually decoded.
-    ops.reserve((count as usize).min(64));
+    let ops = &payload[r.offset() as usize..];
     for _ in 0..count {
         let at = r.offset();
         match r.u8("KV op tag")? {
             TAG_PUT => {
-                let key = r.len_prefixed("KV key", MAX_KEY_LEN)?;
-                let value = r.len_prefixed("KV value", MAX_VALUE_LEN)?;
-                ops.push(OpRef::Put(key, value));
+                r.len_prefixed("KV key", MAX_KEY_LEN)?;
+                r.len_prefixed("KV value", MAX_VALUE_LEN)?;
             }
             TAG_DELETE => {
-                let key = r.len_prefixed("KV key", MAX_KEY_LEN)?;
-                ops.push(OpRef::Delete(key));
+                r.len_prefixed("KV key", MAX_KEY_LEN)?;
             }
             t => return Err(invalid("KV op tag", at, format!("unknown op tag {t}"))),
         }
@@ -245,17 +309,20 @@ fn decode_ops<'a>(payload: &'a [u8], ops: &mut Vec<OpRef<'a>>) -> Result<(), Dec
             "trailing bytes after the last op",
         ));
     }
-    Ok(())
+    Ok(Batch {
+        ops,
+        // At most half the payload's length: it fits.
+        count: count as usize,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The careful decoder alone, for comparison with [`decode_into`].
+    /// The careful decoder alone, for comparison with [`Batch::parse`].
     fn careful(payload: &[u8]) -> Result<Vec<OpRef<'_>>, DecodeError> {
-        let mut ops = Vec::new();
-        decode_ops(payload, &mut ops).map(|()| ops)
+        parse_careful(payload).map(|b| b.iter().collect())
     }
 
     #[test]
@@ -288,8 +355,7 @@ mod tests {
             bad.push(trailing);
         }
         for p in good.iter().chain(&bad) {
-            let mut ops = Vec::new();
-            let fast = decode_into(p, &mut ops).map(|()| ops);
+            let fast = Batch::parse(p).map(|b| b.iter().collect::<Vec<_>>());
             assert_eq!(fast, careful(p), "payload {p:?}");
         }
         for g in &good {

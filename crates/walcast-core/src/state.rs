@@ -601,12 +601,12 @@ impl KvState {
         self.maybe_compact();
     }
 
-    /// Applies a decoded batch. Batches are validated before they get here
-    /// ([`crate::batch::decode`] returns nothing unless all of it is valid),
-    /// so this applies all of it.
-    pub fn apply(&mut self, ops: &[OpRef<'_>]) {
+    /// Applies a batch's operations in order. Batches are validated before
+    /// they get here ([`crate::batch::Batch::parse`] returns nothing unless
+    /// all of it is valid), so this applies all of it.
+    pub fn apply<'a>(&mut self, ops: impl IntoIterator<Item = OpRef<'a>>) {
         for op in ops {
-            match *op {
+            match op {
                 OpRef::Put(k, v) => self.put(k, v),
                 OpRef::Delete(k) => self.delete(k),
             }

@@ -882,7 +882,7 @@ fn a_dataset_at_the_top_of_the_lsn_range_is_followed() {
     d.run(2_000, &mut |g| store.serve(g), &mut |_| {});
     assert_eq!(d.r.applied_lsn(), top, "{:?}", d.errors());
     let mut want = st.clone();
-    want.apply(&batch::decode(&batch::encode(&fixtures::batch_for(top)).unwrap()).unwrap());
+    want.apply(batch::Batch::parse(&batch::encode(&fixtures::batch_for(top)).unwrap()).unwrap());
     assert!(same_state(d.r.state(), &want));
 }
 

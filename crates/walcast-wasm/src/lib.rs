@@ -991,15 +991,14 @@ impl WasmReplica {
 #[wasm_bindgen(js_name = benchReplay)]
 pub fn bench_replay(segment: &[u8]) -> Result<f64, JsValue> {
     // The replica's own path: one walk that checks the records and gathers
-    // their payloads, then one reused vector of operations.
+    // their payloads, then each batch checked and applied.
     let mut payloads = Vec::new();
     walcast_core::segment::decode_with(segment, None, |rec| payloads.push(rec.payload))
         .map_err(|e| js_error(&Error::decode(e)))?;
     let mut state = walcast_core::state::KvState::new();
-    let mut ops = Vec::new();
     for p in &payloads {
-        walcast_core::batch::decode_into(p, &mut ops).map_err(|e| js_error(&Error::decode(e)))?;
-        state.apply(&ops);
+        let ops = walcast_core::batch::Batch::parse(p).map_err(|e| js_error(&Error::decode(e)))?;
+        state.apply(ops);
     }
     Ok(payloads.len() as f64)
 }

@@ -118,8 +118,8 @@ pub(crate) fn replay<'a>(
                     break 'chunks;
                 }
             };
-            match batch::decode(rec.payload) {
-                Ok(ops) => state.apply(&ops),
+            match batch::Batch::parse(rec.payload) {
+                Ok(ops) => state.apply(ops),
                 Err(e) => {
                     damage = Some(Error::decode(e).with_object(object).with_lsn(rec.lsn));
                     break 'chunks;

@@ -54,7 +54,7 @@ fn probe(input: &[u8]) -> Option<u32> {
     let seg = segment::decode(&bytes, Some(summary.crc32)).ok()?;
     let mut state = KvState::new();
     for rec in seg.records() {
-        state.apply(&batch::decode(rec.ok()?.payload).ok()?);
+        state.apply(batch::Batch::parse(rec.ok()?.payload).ok()?);
     }
     let id = DatasetId::from_seed(7);
     let snap = snapshot::encode(&state, 1, 1, id);

@@ -356,14 +356,14 @@ impl Publisher {
             .with_lsn(lsn));
         }
         if let Some(state) = &mut self.state {
-            let ops = batch::decode(payload).map_err(|e| {
+            let ops = batch::Batch::parse(payload).map_err(|e| {
                 Error::new(
                     ErrorKind::InvalidInput,
                     format!("record is not a KV batch ({e}); snapshots need KV payloads"),
                 )
                 .with_lsn(lsn)
             })?;
-            state.apply(&ops);
+            state.apply(ops);
             // Only what a replica would replay after the snapshot and its
             // chain counts (a restart replays older records into the state).
             let head = self.head.as_ref();
@@ -377,8 +377,8 @@ impl Publisher {
             }
             if self.deltas_on() {
                 let fresh = lsn > self.committed_lsn();
-                for op in &ops {
-                    let k = match *op {
+                for op in ops {
+                    let k = match op {
                         batch::OpRef::Put(k, _) | batch::OpRef::Delete(k) => k,
                     };
                     if fresh {

@@ -25,18 +25,16 @@ impl Replica {
             let unit = self.plan.pop_front().expect("front exists");
             let key = unit.entry.key.clone();
             let first = self.applied + 1;
-            // One vector of operations serves every batch of the unit.
-            let mut ops = Vec::new();
             // The records first: the LSN counter is not advanced past the
             // last one (which may be u64::MAX - 1).
             for (&(s, e), lsn) in v.records.iter().zip(v.first..) {
                 let payload = &v.bytes[s as usize..e as usize];
                 match self.cfg.mode {
-                    Mode::Kv => match batch::decode_into(payload, &mut ops) {
-                        Ok(()) => {
+                    Mode::Kv => match batch::Batch::parse(payload) {
+                        Ok(ops) => {
                             match self.lazy.as_mut() {
-                                Some(l) => l.apply(lsn, &ops),
-                                None => self.state.apply(&ops),
+                                Some(l) => l.apply(lsn, ops),
+                                None => self.state.apply(ops),
                             }
                             if self.cfg.emit_records {
                                 self.events.push_back(Event::Record {

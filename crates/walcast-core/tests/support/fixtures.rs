@@ -105,7 +105,7 @@ pub(crate) fn state_through(first: u64, last: u64) -> KvState {
     let mut s = KvState::new();
     for lsn in first..=last {
         let payload = batch::encode(&batch_for(lsn)).expect("fixture batch encodes");
-        s.apply(&batch::decode(&payload).expect("fixture batch decodes"));
+        s.apply(batch::Batch::parse(&payload).expect("fixture batch decodes"));
     }
     s
 }

@@ -310,14 +310,14 @@ fn read_local(dir: &Path) -> Result<(Local, Option<LogState>)> {
             }
         };
         let at = rec.payload.as_ptr() as usize - bytes.as_ptr() as usize - 16;
-        let ops = batch::decode(rec.payload).map_err(|e| {
+        let ops = batch::Batch::parse(rec.payload).map_err(|e| {
             anyhow!(
                 "{}: record at offset {at} (LSN {}) does not decode: {e}",
                 logp.display(),
                 rec.lsn
             )
         })?;
-        local.state.apply(&ops);
+        local.state.apply(ops);
         local.applied = rec.lsn;
         good = at + 16 + rec.payload.len();
     }

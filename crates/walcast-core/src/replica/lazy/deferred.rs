@@ -125,9 +125,8 @@ impl Replica {
         // state's LSN) are held there already.
         let chain_end = lazy.base.as_ref().map_or(lazy.state_lsn, |b| b.chain_end);
         let result = result.and_then(|v| {
-            let mut ops = Vec::new();
             for (&(s, e), lsn) in v.records.iter().zip(v.first..) {
-                crate::batch::decode_into(&v.bytes[s as usize..e as usize], &mut ops)
+                let ops = crate::batch::Batch::parse(&v.bytes[s as usize..e as usize])
                     .map_err(|d| Error::decode(d).with_object(key.clone()).with_lsn(lsn))?;
                 // The replica skipped this segment for every read whose key
                 // the head's filter ruled out: a filter that leaves out a
@@ -136,7 +135,7 @@ impl Replica {
                 // verified writes: the overlay keeps a key's newest write.)
                 let lie = filter.as_ref().is_some_and(|f| {
                     ops.iter().any(|op| {
-                        let (crate::batch::OpRef::Put(k, _) | crate::batch::OpRef::Delete(k)) = *op;
+                        let (crate::batch::OpRef::Put(k, _) | crate::batch::OpRef::Delete(k)) = op;
                         !f.may_contain(k)
                     })
                 });
@@ -149,7 +148,7 @@ impl Replica {
                     .with_lsn(lsn));
                 }
                 if lsn > chain_end {
-                    lazy.apply(lsn, &ops);
+                    lazy.apply(lsn, ops);
                 }
             }
             Ok(())

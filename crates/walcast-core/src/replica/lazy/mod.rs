@@ -321,9 +321,9 @@ impl Lazy {
 
     /// Applies one batch at `lsn` to the overlay. A key's newer write
     /// stays (a deferred segment is replayed after newer ones).
-    pub(super) fn apply(&mut self, lsn: u64, ops: &[OpRef<'_>]) {
+    pub(super) fn apply(&mut self, lsn: u64, ops: crate::batch::Batch<'_>) {
         for op in ops {
-            let (k, v) = match *op {
+            let (k, v) = match op {
                 OpRef::Put(k, v) => (k, Some(v)),
                 OpRef::Delete(k) => (k, None),
             };
