@@ -96,7 +96,20 @@ async function readBounded(res, limit, signal) {
 async function gunzipHead(body, limit) {
   if (body.byteLength < 2 || body[0] !== 0x1f || body[1] !== 0x8b || typeof DecompressionStream !== "function") return body;
   try {
-    const json = await readBounded({ body: new Response(body).body.pipeThrough(new DecompressionStream("gzip")) }, limit);
+    // The compressed bytes go in 1 KiB at a time, as the decoder asks for
+    // them: some runtimes (Deno, workerd) inflate a whole chunk before the
+    // bound can stop them, and 1 MiB of gzip inflates to 1 GiB.
+    let at = 0;
+    const src = new ReadableStream(
+      {
+        pull(c) {
+          if (at < body.byteLength) c.enqueue(body.subarray(at, (at += 1024)));
+          else c.close();
+        },
+      },
+      { highWaterMark: 0 },
+    );
+    const json = await readBounded({ body: src.pipeThrough(new DecompressionStream("gzip")) }, limit);
     // One member and nothing after it, as native readers take it: some
     // runtimes skip zero bytes after a stream or join further members,
     // which leaves the stored trailer's length (ISIZE) not the one decoded.
