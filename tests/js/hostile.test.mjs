@@ -220,7 +220,9 @@ for (const [load, kind] of [["full", "binary"], ["lazy", "binary"], ["full", "co
       assert.ok(body.byteLength <= 8 << 20, `page ${page}: one /scan answered ${(body.byteLength / 1e6).toFixed(1)} MB`);
       const rows = JSON.parse(new TextDecoder().decode(body));
       for (const r of rows) {
-        assert.equal((kind === "binary" ? Buffer.from(r.value_b64, "base64") : Buffer.from(r.value, "utf8")).equals(v), true, r.key);
+        // Control bytes are valid UTF-8, but answered as base64: JSON's escapes would take more.
+        assert.equal(r.value, undefined, r.key);
+        assert.equal(Buffer.from(r.value_b64, "base64").equals(v), true, r.key);
         keys.push(r.key);
       }
       next = res.headers.get("walcast-scan-next");

@@ -70,6 +70,21 @@ export function text(bytes) {
   }
 }
 
+/**
+ * The UTF-8 bytes `JSON.stringify` takes for these bytes read as text,
+ * quotes aside: a control byte six (`\u0001`) or two (`\n`, `\t`, `\r`,
+ * `\b`, `\f`), a quote or backslash two, anything else itself.
+ */
+export function escapedLength(bytes) {
+  let n = bytes.length;
+  for (let i = 0; i < bytes.length; i++) {
+    const b = bytes[i];
+    if (b < 0x20) n += b === 8 || b === 9 || b === 10 || b === 12 || b === 13 ? 1 : 5;
+    else if (b === 0x22 || b === 0x5c) n++;
+  }
+  return n;
+}
+
 export function toBase64(bytes) {
   let s = "";
   for (let i = 0; i < bytes.length; i += 0x8000) s += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));

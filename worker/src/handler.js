@@ -60,7 +60,7 @@
 
 import { importKeys, requestToken, verifyToken } from "./auth.js";
 import { r2Fetch } from "./r2.js";
-import { badRequest, compareBytes, corsHeaders, encoder, errorBody, json, jsonText, minLsnOf, percentBytes, percentEncode, queryBytes, readFailed, safeError, text, toBase64 } from "./answers.js";
+import { badRequest, compareBytes, corsHeaders, encoder, errorBody, json, jsonText, minLsnOf, percentBytes, percentEncode, queryBytes, readFailed, safeError, escapedLength, text, toBase64 } from "./answers.js";
 import { MAX_MIN_LSN_PAUSE_MS, MIN_LSN_PAUSE_MS, READ_TIMEOUT_MS, STUCK_SYNC_MS, authOn, authPrefix, configError, readConfig } from "./config.js";
 
 export { percentBytes } from "./answers.js";
@@ -630,9 +630,10 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     }
     // The module cut the rows at SCAN_MAX_BYTES of keys and values; the
     // answer is cut at it too, counting keys and values as they are
-    // answered: JSON escapes a control byte as six (`\u0001`; a value of
-    // small varints is valid UTF-8) and base64 takes four for three, so
-    // rows of 4 MiB could otherwise answer 24 MiB.
+    // answered. A value goes as text only when JSON's escapes (six bytes
+    // for a control byte: a value of small varints is valid UTF-8) take no
+    // more than base64's four for three, so no value answers more than
+    // 4/3 of its bytes.
     let bytes = 0; // the rows' keys and values
     let answered = 0; // the same, as the answer encodes them
     let cut = false; // cut here, before the module's end
@@ -643,10 +644,12 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       last = typeof key === "string" ? encoder.encode(key) : key;
       bytes += last.byteLength + value.byteLength;
       const k = typeof key === "string" ? JSON.stringify(key) : `"${toBase64(key)}"`;
-      const t = text(value);
+      const b64 = 4 * Math.ceil(value.byteLength / 3);
+      const escaped = escapedLength(value);
+      const t = escaped <= b64 ? text(value) : undefined;
       const v = t !== undefined ? JSON.stringify(t) : `"${toBase64(value)}"`;
       parts.push(`{"${typeof key === "string" ? "key" : "key_b64"}":${k},"${t !== undefined ? "value" : "value_b64"}":${v}}`);
-      answered += encoder.encode(k).byteLength + encoder.encode(v).byteLength - 4; // (quotes aside)
+      answered += encoder.encode(k).byteLength - 2 + (t !== undefined ? escaped : b64); // (quotes aside)
       cut = answered >= s.config.scanMaxBytes && i < rows.length - 1;
     }
     const res = jsonText(200, `[${parts.join(",")}]`, lsn, cors);

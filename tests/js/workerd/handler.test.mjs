@@ -237,6 +237,28 @@ test("keys are percent-decoded bytes; scan rows carry text or base64", async () 
   assert.equal((await call("/other")).status, 404);
 });
 
+test("a /scan value goes as text only when JSON's escapes take no more than base64: a row answers at most 4/3 of its bytes", async () => {
+  const { call, made } = setup();
+  const p = call("/status");
+  await flush();
+  // 1 MiB of control bytes (valid UTF-8: JSON would escape each as six),
+  // text with a few escapes, and text of quotes (two bytes each, under 4/3 only when few).
+  const control = new Uint8Array(1 << 20).fill(1);
+  made[0].put("c", control);
+  made[0].put("t", 'a "quoted"\nline');
+  made[0].put("q", '"'.repeat(30));
+  made[0].syncCalls[0].resolve(1);
+  await p;
+  const res = await call("/scan");
+  const body = await res.arrayBuffer();
+  assert.ok(body.byteLength <= Math.ceil((4 / 3) * control.length) + 200, `${body.byteLength} bytes answered for a ${control.length}-byte value`);
+  const rows = JSON.parse(new TextDecoder().decode(body));
+  assert.deepEqual(rows.map((r) => Object.keys(r).join(",")), ["key,value_b64", "key,value_b64", "key,value"]);
+  assert.equal(hex(Buffer.from(rows[0].value_b64, "base64")), hex(control));
+  assert.equal(Buffer.from(rows[1].value_b64, "base64").toString(), '"'.repeat(30));
+  assert.equal(rows[2].value, 'a "quoted"\nline');
+});
+
 test("/scan with start after end answers 400; start equal to end is empty; a non-UTF-8 parameter name is 400", async () => {
   const { call, made } = setup();
   const p = call("/status");
