@@ -244,6 +244,23 @@ export interface ScanOptions {
    * Default: no bound; a value above 2^32 - 1 counts as 2^32 - 1.
    */
   maxBytes?: number;
+  /**
+   * Lazy mode: a scan whose caller gave up. Once it aborts, the scan leaves
+   * the queue of scans waiting for a turn, asks for no more blocks, and
+   * rejects with the signal's reason. Full mode ignores it.
+   */
+  signal?: AbortSignal;
+}
+
+/** A lazy read's options. */
+export interface ReadOptions {
+  /**
+   * A read whose caller gave up: once it aborts, the read leaves the queue
+   * of reads waiting for a turn, asks for no more blocks, and rejects with the
+   * signal's reason (GETs already out are still answered, and their blocks
+   * cached).
+   */
+  signal?: AbortSignal;
 }
 
 /** A scanned entry. `key` is a string when the key's bytes are valid UTF-8, else the bytes. */
@@ -357,11 +374,11 @@ export interface LazyReplica extends ReplicaBase {
   /** Unknown without reading every block: always undefined. */
   readonly size: undefined;
   /** The value of `key`, or undefined. */
-  get(key: Key): Promise<Uint8Array | undefined>;
+  get(key: Key, options?: ReadOptions): Promise<Uint8Array | undefined>;
   /** The value of `key` decoded as UTF-8, or undefined. */
-  getText(key: Key): Promise<string | undefined>;
+  getText(key: Key, options?: ReadOptions): Promise<string | undefined>;
   /** The value of `key` parsed as JSON, or undefined. Rejects on invalid JSON. */
-  getJSON<T = unknown>(key: Key): Promise<T | undefined>;
+  getJSON<T = unknown>(key: Key, options?: ReadOptions): Promise<T | undefined>;
   /** Entries in key order; empty when `end` does not sort after `start` (and the prefix). */
   scan(options?: ScanOptions): Promise<Entry[]>;
 }

@@ -67,6 +67,16 @@ const WHOLE_ANSWER_KEEP_MS = 60_000;
 const READ_SLOT_STALE_MS = 120_000;
 
 /** An operation (a sync, a lazy read): counts the GETs it started that are not answered yet. */
+/** A read's `signal` option: an `AbortSignal` or nothing. */
+function signalOption(options) {
+  const signal = options?.signal;
+  if (signal == null) return null;
+  if (typeof signal.throwIfAborted !== "function" || typeof signal.addEventListener !== "function") {
+    throw walcastError("invalid_input", "walcast: signal must be an AbortSignal");
+  }
+  return signal;
+}
+
 function newOp() {
   // done: the operation has its outcome and only waits for its GETs.
   return { owned: 0, done: false };
@@ -876,12 +886,21 @@ export class Replica {
    * module's next step, at most STEP_EVERY_MS away), which steps the module
    * on its behalf. Rejects when handling an answer failed (a trap).
    */
-  #progress(h, op, stoppable = false) {
+  #progress(h, op, stoppable = false, signal = null) {
     let timer = null;
     let wake = null;
+    let abort = null;
     const waiting = new Promise((resolve, reject) => {
       const waiter = { resolve, reject, op };
       this.#waiters.push(waiter);
+      if (signal) {
+        // A read whose caller gave up (its signal aborted) waits no more.
+        abort = () => {
+          this.#waiters = this.#waiters.filter((w) => w !== waiter);
+          resolve();
+        };
+        signal.addEventListener("abort", abort);
+      }
       if (stoppable) {
         // start()'s loop following the head: stop() ends the wait at once.
         wake = () => {
@@ -916,6 +935,7 @@ export class Replica {
     return waiting.finally(() => {
       if (timer !== null) clearTimeout(timer);
       if (wake !== null && this.#wake === wake) this.#wake = null;
+      if (abort !== null) signal.removeEventListener("abort", abort);
     });
   }
 
@@ -954,11 +974,14 @@ export class Replica {
   /**
    * A lazy read: `op(w, h)` answers, or returns null while the blocks it
    * needs are fetched (the module queued their GETs). A replica with nothing
-   * synced yet (rebuilt after a trap) syncs first.
+   * synced yet (rebuilt after a trap) syncs first. `signal` aborted: the
+   * read steps no more and rejects with its reason (its GETs out are still
+   * answered to the module, whose cache keeps what they bring).
    */
-  async #lazyRead(read) {
+  async #lazyRead(read, signal) {
     for (;;) {
       if (this.#closed) throw closedError();
+      signal?.throwIfAborted();
       if (engine.pending) await engine.pending.catch(noop);
       if (!this.#lazyReady) {
         await this.sync();
@@ -969,6 +992,10 @@ export class Replica {
       let outcome = null;
       while (!outcome && !h.dead && this.#slot.h === h) {
         if (this.#closed) throw closedError();
+        if (signal?.aborted) {
+          op.done = true;
+          throw signal.reason;
+        }
         try {
           const r = call(h, "read", (w) => read(w, h));
           if (r !== null) outcome = { value: r };
@@ -978,7 +1005,7 @@ export class Replica {
         }
         if (!outcome) {
           this.#step(h, op);
-          await this.#progress(h, op);
+          await this.#progress(h, op, false, signal);
         }
       }
       if (!outcome) continue; // another WasmReplica now: read it there
@@ -990,11 +1017,12 @@ export class Replica {
     }
   }
 
-  async #lazyGet(key) {
+  async #lazyGet(key, options) {
     const k = toBytes(key, "key");
-    const slot = await this.#readSlots.take(() => this.#closed);
+    const signal = signalOption(options);
+    const slot = await this.#readSlots.take(() => this.#closed, signal);
     try {
-      return await this.#lazyRead((w) => w.getLazy(k));
+      return await this.#lazyRead((w) => w.getLazy(k), signal);
     } finally {
       this.#readSlots.release(slot);
     }
@@ -1006,19 +1034,20 @@ export class Replica {
     // At most MAX_OPEN_SCANS open in the module at once (it keeps 64 and
     // forgets the least recently stepped past that): more wait their turn
     // instead of forgetting each other and starting over without end.
-    const slot = await this.#scanSlots.take(() => this.#closed);
+    const signal = signalOption(options);
+    const slot = await this.#scanSlots.take(() => this.#closed, signal);
     try {
       if (this.#testHangScans > 0) {
         this.#testHangScans--;
         return await new Promise(() => {});
       }
-      return await this.#lazyScanOpen(b);
+      return await this.#lazyScanOpen(b, signal);
     } finally {
       this.#scanSlots.release(slot);
     }
   }
 
-  async #lazyScanOpen(b) {
+  async #lazyScanOpen(b, signal) {
     let id = 0;
     let owner = null; // the handle the scan was opened on
     try {
@@ -1036,7 +1065,7 @@ export class Replica {
           id = w.scanOpen(b.prefix, b.start, b.end, b.limit, b.maxBytes);
           return w.scanLazy(id);
         }
-      });
+      }, signal);
       return entries(rows);
     } finally {
       if (owner && !owner.dead) {
@@ -1049,23 +1078,27 @@ export class Replica {
     }
   }
 
-  /** The value of `key`, or undefined (lazy mode: a promise of it). */
-  get(key) {
-    if (this.#lazy) return this.#lazyGet(key);
+  /**
+   * The value of `key`, or undefined (lazy mode: a promise of it; with
+   * `options.signal`, an `AbortSignal`, a read whose caller gave up rejects
+   * with the signal's reason and asks for no more blocks).
+   */
+  get(key, options) {
+    if (this.#lazy) return this.#lazyGet(key, options);
     const k = toBytes(key, "key");
     const v = this.#call("read", (w) => w.get(k));
     return v ?? undefined;
   }
 
   /** The value of `key` decoded as UTF-8, or undefined (lazy mode: a promise of it). */
-  getText(key) {
-    if (this.#lazy) return this.#lazyGet(key).then(textOf);
+  getText(key, options) {
+    if (this.#lazy) return this.#lazyGet(key, options).then(textOf);
     return textOf(this.get(key));
   }
 
   /** The value of `key` parsed as JSON, or undefined (lazy mode: a promise of it). Throws on invalid JSON. */
-  getJSON(key) {
-    if (this.#lazy) return this.#lazyGet(key).then((v) => jsonOf(textOf(v)));
+  getJSON(key, options) {
+    if (this.#lazy) return this.#lazyGet(key, options).then((v) => jsonOf(textOf(v)));
     return jsonOf(this.getText(key));
   }
 

@@ -16,11 +16,15 @@ export class Slots {
     this.waiters = []; // wake-up functions, first come first
   }
 
-  /** A free slot, once one is free (or stale). `closed()` true: throws closedError. */
-  async take(closed) {
+  /**
+   * A free slot, once one is free (or stale). `closed()` true: throws
+   * closedError; `signal` aborted: throws its reason, leaving the queue.
+   */
+  async take(closed, signal) {
     let first = this.waiters.length === 0; // else queue behind the waiters
     for (;;) {
       if (closed()) throw closedError();
+      signal?.throwIfAborted();
       const now = Date.now();
       let oldest = Infinity;
       for (const [slot, at] of this.held) {
@@ -44,14 +48,17 @@ export class Slots {
       // may never fire.
       const handed = await new Promise((resolve) => {
         let timer;
+        const abort = () => wake(null);
         const wake = (slot) => {
           clearTimeout(timer);
+          signal?.removeEventListener("abort", abort);
           const i = this.waiters.indexOf(wake);
           if (i >= 0) this.waiters.splice(i, 1);
           resolve(slot);
         };
         const wait = Math.max(1, Math.min(oldest + this.staleMs - now, this.staleMs, 2 ** 31 - 1));
         timer = setTimeout(() => wake(null), wait);
+        signal?.addEventListener("abort", abort);
         // A waiter that got no slot when woken keeps its place in front.
         if (first) this.waiters.unshift(wake);
         else this.waiters.push(wake);

@@ -99,6 +99,11 @@ async function lazyMode(): Promise<void> {
   const n: string | undefined = j?.name;
   const rows: Entry[] = await lazy.scan({ prefix: "user:", limit: 100 });
   const all: Entry[] = await lazy.scan();
+  // A caller that gives up aborts its read.
+  const ac = new AbortController();
+  const late: Uint8Array | undefined = await lazy.get("user:42", { signal: ac.signal });
+  const lateText: string | undefined = await lazy.getText("user:42", { signal: ac.signal });
+  const lateRows: Entry[] = await lazy.scan({ prefix: "user:", signal: ac.signal });
   const lsn: number = await lazy.sync();
   const s: Status = lazy.status();
   const figures: number[] = [s.cachedBytes, s.blocksFetched, s.overlayBytes, s.overlayEntries];

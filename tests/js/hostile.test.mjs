@@ -72,6 +72,8 @@ async function origin(dir, { delayMs = 200, ignoreRange = false, corrupt = 0, li
     if (snap) {
       stats.gets++;
       stats.peak = Math.max(stats.peak, ++stats.inflight);
+      // stats.gate, when set: snapshot answers wait for it (a stalled store).
+      if (stats.gate) await stats.gate;
       await new Promise((r) => setTimeout(r, delayMs));
     }
     const m = /^bytes=(\d*)-(\d*)$/.exec(req.headers.range ?? "");
@@ -124,6 +126,46 @@ test("LOAD=lazy: concurrent reads of distinct keys keep a bounded number of bloc
   // A cap per isolate (a few times CONCURRENCY) would do; what must not
   // happen is one GET per waiting request.
   assert.ok(o.stats.peak <= 32, `${o.stats.peak} snapshot GETs were in flight at once for ${n} concurrent requests (${o.stats.gets} in all)`);
+});
+
+test("LOAD=lazy: reads whose callers gave up (their signal aborted) leave the queue and fetch no more blocks", { timeout: 60_000 }, async () => {
+  const o = await origin(ds.dir, { delayMs: 0 });
+  const r = await Replica.open(o.url, { load: "lazy" });
+  try {
+    // The snapshot's index is read; then the store stalls, and twice as
+    // many reads as run at once (32), each of a key in its own block, are
+    // made; then every caller gives up.
+    await r.get(keyOf(0));
+    const before = o.stats.gets;
+    let release;
+    o.stats.gate = new Promise((res) => (release = res));
+    const n = 64;
+    const acs = Array.from({ length: n }, () => new AbortController());
+    const reads = spread(n).map((k, i) => r.get(k, { signal: acs[i].signal }));
+    while (o.stats.gets === before) await new Promise((res) => setTimeout(res, 10));
+    for (const ac of acs) ac.abort();
+    const settled = await Promise.allSettled(reads);
+    // (A read of a key in the block already cached had its answer at once.)
+    const given = settled.filter((x) => x.status === "rejected");
+    assert.deepEqual([...new Set(given.map((x) => x.reason?.name))], ["AbortError"]);
+    assert.ok(given.length >= n - 2, `${given.length} of ${n} reads rejected`);
+    // The store answers again: what goes out now is at most what the reads
+    // that had started asked for, not a block for every abandoned read.
+    release();
+    o.stats.gate = null;
+    for (let i = 0; i < 100 && o.stats.inflight > 0; i++) await new Promise((res) => setTimeout(res, 20));
+    await new Promise((res) => setTimeout(res, 300));
+    assert.ok(o.stats.gets - before <= 36, `${o.stats.gets - before} snapshot GETs for ${n} reads given up, 32 of them never started`);
+    // The replica still reads.
+    const k = spread(n)[5];
+    assert.equal(new TextDecoder().decode(await r.get(k)), `${"v".repeat(90)}${Number(k.slice(2))}`);
+    const aborted = new AbortController();
+    aborted.abort();
+    await assert.rejects(r.get(k, { signal: aborted.signal }), { name: "AbortError" });
+    await assert.rejects(r.get(k, { signal: "soon" }), { code: "invalid_input" });
+  } finally {
+    await r.close();
+  }
 });
 
 test("LOAD=lazy: a read that has its answer does not wait for GETs other reads queued", { timeout: 60_000 }, async () => {

@@ -102,13 +102,19 @@ function sleep(ms) {
  * waiting for) still finish.
  */
 function kept(read, defer, ms) {
-  const p = Promise.resolve(read);
-  defer(p.catch(() => {}));
   // A lazy read that never settles (its I/O torn down with another request,
-  // a sync it waits on stuck) answers 503 after `ms` and frees its scan slot.
+  // a sync it waits on stuck) answers 503 after `ms` and frees its slot;
+  // the read is aborted, so it leaves the replica's queue of reads waiting
+  // for a turn and fetches nothing more for a request already answered.
+  const ac = new AbortController();
+  const p = Promise.resolve(read(ac.signal));
+  defer(p.catch(() => {}));
   let t;
   const late = new Promise((_, reject) => {
-    t = setTimeout(() => reject(Object.assign(new Error(`the read did not finish within ${ms} ms`), { code: "unavailable" })), ms);
+    t = setTimeout(() => {
+      reject(Object.assign(new Error(`the read did not finish within ${ms} ms`), { code: "unavailable" }));
+      ac.abort();
+    }, ms);
   });
   return Promise.race([p, late]).finally(() => clearTimeout(t));
 }
@@ -573,7 +579,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       if (lazyRead) s.reads++;
       try {
         // A promise in lazy mode (it may fetch snapshot blocks).
-        value = await kept(replica.get(key), defer, readTimeoutMs);
+        value = await kept((signal) => replica.get(key, { signal }), defer, readTimeoutMs);
       } catch (e) {
         return readFailed(e, cors);
       } finally {
@@ -622,7 +628,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     let rows;
     if (lazyScan) s.scans++;
     try {
-      rows = limit === 0 ? [] : await kept(replica.scan(opts), defer, readTimeoutMs);
+      rows = limit === 0 ? [] : await kept((signal) => replica.scan({ ...opts, signal }), defer, readTimeoutMs);
     } catch (e) {
       return readFailed(e, cors);
     } finally {
