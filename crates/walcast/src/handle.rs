@@ -35,6 +35,10 @@ use walcast_core::keys::PublicKey;
 use walcast_core::replica::{Entries, Event, LazyScan, Replica, ReplicaConfig, Status};
 
 use crate::metrics::{MeteredFetch, ReplicaMetrics};
+
+/// Point reads a lazy replica runs at once; more wait their turn (as the
+/// JS package's).
+const MAX_ACTIVE_READS: usize = 32;
 use crate::replica::{AnyFetch, Persist, Progress, TokioTimer};
 
 /// How to open a [`ReplicaHandle`].
@@ -600,11 +604,16 @@ fn follow(
                 let _ = r.send(Ok(()));
             }
         }
-        // Reads run beside the follow loop, on the same machine.
+        // Reads run beside the follow loop, on the same machine: at most
+        // MAX_ACTIVE_READS point reads at once, the rest waiting their turn
+        // (blocks fetched for reads that have not run yet are kept past
+        // the cache only up to about the block GETs out at once).
+        let turns = Rc::new(tokio::sync::Semaphore::new(MAX_ACTIVE_READS));
         let serve_reads = async {
             while let Some(cmd) = cmds.recv().await {
                 let reader = reader.clone();
                 let live = live.clone();
+                let turns = turns.clone();
                 tokio::task::spawn_local(async move {
                     let set_live = |reader: &Driver<Seam, TokioTimer>| {
                         if let Ok(mut l) = live.lock() {
@@ -613,6 +622,7 @@ fn follow(
                     };
                     match cmd {
                         Cmd::Get(key, tx) => {
+                            let _turn = turns.acquire().await;
                             let r = reader.get(&key).await.map_err(anyhow::Error::new);
                             set_live(&reader);
                             let _ = tx.send(r);

@@ -363,6 +363,7 @@ impl Replica {
     /// A fresh replica with no state. `seed` drives retry jitter.
     pub fn new(cfg: ReplicaConfig, seed: u64) -> Self {
         let cfg_lazy = cfg.lazy_cache_bytes;
+        let inflight = cfg.max_inflight;
         let trust = trust::Trust::new(&cfg.trust, cfg.host_verifies_signatures);
         Replica {
             cfg,
@@ -403,7 +404,7 @@ impl Replica {
             caught_up_reported: false,
             behind_since: None,
             behind_reads: 0,
-            lazy: cfg_lazy.map(lazy::Lazy::new),
+            lazy: cfg_lazy.map(|c| lazy::Lazy::new(c, inflight)),
             long_poll: None,
             head_req: None,
             long_poll_early: false,

@@ -19,12 +19,11 @@ impl Lazy {
         self.keep_jobs(false);
         let fresh = || {
             let mut s = match index_digest {
-                Some(d) => {
-                    LazySnapshot::with_index_digest(entry.size, self.snapshot_cache_bytes(), d)
-                }
-                None => LazySnapshot::new(entry.size, self.snapshot_cache_bytes()),
+                Some(d) => LazySnapshot::with_index_digest(entry.size, 0, d),
+                None => LazySnapshot::new(entry.size, 0),
             };
             s.expect_entries(entry.entries);
+            s.set_cache(self.snapshot_cache_bytes(), self.fresh_blocks);
             if let Some(c) = entry.footer_crc32 {
                 s.expect_footer_crc32(c);
             }

@@ -259,6 +259,10 @@ pub(super) struct BlockJob {
 #[derive(Debug, Default)]
 pub(super) struct Lazy {
     pub(super) cache_bytes: u64,
+    /// Snapshot blocks fetched and not yet used kept past the cache's
+    /// bytes: twice the block GETs out at most, and two (see
+    /// [`LazySnapshot::set_cache`]).
+    pub(super) fresh_blocks: usize,
     pub(super) base: Option<Base>,
     /// Batches after the base: key -> (LSN of the last write, value or
     /// deletion).
@@ -312,9 +316,10 @@ fn entry_cost(k: &[u8], v: Option<&[u8]>) -> u64 {
 }
 
 impl Lazy {
-    pub(super) fn new(cache_bytes: u64) -> Self {
+    pub(super) fn new(cache_bytes: u64, max_inflight: usize) -> Self {
         Lazy {
             cache_bytes,
+            fresh_blocks: 2 + 2 * BLOCKS_PER_INFLIGHT * max_inflight.max(2),
             ..Lazy::default()
         }
     }
@@ -408,7 +413,7 @@ impl Lazy {
     pub(super) fn fit_cache(&mut self) {
         let n = self.snapshot_cache_bytes();
         if let Some(b) = self.base.as_mut() {
-            b.snap.set_cache_bytes(n);
+            b.snap.set_cache(n, self.fresh_blocks);
         }
     }
 
@@ -481,7 +486,7 @@ mod tests {
     /// `MAX_FAILED` in all, however often GETs fail.
     #[test]
     fn block_failures_are_kept_one_per_block_and_bounded() {
-        let mut lazy = Lazy::new(1 << 20);
+        let mut lazy = Lazy::new(1 << 20, 4);
         let err = || Error::new(ErrorKind::Unavailable, "HTTP 503");
         let need = |start: u64| Need::Range {
             start,
@@ -505,7 +510,7 @@ mod tests {
     /// the chain is gone.
     #[test]
     fn the_snapshot_shares_the_cache_only_with_deltas() {
-        let mut lazy = Lazy::new(1 << 20);
+        let mut lazy = Lazy::new(1 << 20, 4);
         lazy.set_base(base_at_10(), None);
         assert_eq!(lazy.snapshot_cache_bytes(), 1 << 20);
         lazy.set_deltas(&[delta(10, 20)]);
@@ -520,7 +525,7 @@ mod tests {
     /// not dropped as stale); the GETs of a delta it left are forgotten.
     #[test]
     fn a_longer_chain_keeps_the_deltas_it_still_names() {
-        let mut lazy = Lazy::new(1 << 20);
+        let mut lazy = Lazy::new(1 << 20, 4);
         lazy.set_base(base_at_10(), None);
         let (d1, d2, d3) = (delta(10, 20), delta(20, 30), delta(30, 40));
         lazy.set_deltas(&[d1.clone(), d2.clone()]);

@@ -48,6 +48,10 @@ fn cache_charge(block: &Block) -> u64 {
 /// The least a cached data block counts as (see [`cache_charge`]).
 pub(super) const MIN_BLOCK_CHARGE: u64 = 1 << 10;
 
+/// The mark of a cached block not used since it was fetched (the high
+/// bit of its last use).
+const FRESH: u64 = 1 << 63;
+
 /// A point reader over one block-indexed snapshot, holding its footer and
 /// top index, and index partitions and data blocks in a cache bounded in
 /// bytes (least recently used first out). Pure: it never does IO, it says
@@ -60,10 +64,14 @@ pub struct LazySnapshot {
     pub(super) index: VecMap<Block>,
     /// Verified index partitions and data blocks by offset (their regions
     /// do not overlap), with their last use: the least recently used goes
-    /// first when the cache is over its bytes.
+    /// first when the cache is over its bytes. A block not used since it
+    /// was fetched has [`FRESH`] set, and goes after every used one.
     pub(super) blocks: VecMap<(Block, u64)>,
     tick: u64,
     cache_bytes: u64,
+    /// Blocks fetched and not yet used kept past the cache's bytes (see
+    /// [`set_cache`](Self::set_cache)).
+    fresh_max: usize,
     cached: u64,
     /// Blocks fetched so far (index and data).
     pub fetched_blocks: u64,
@@ -92,6 +100,7 @@ impl LazySnapshot {
             blocks: VecMap::default(),
             tick: 0,
             cache_bytes,
+            fresh_max: 0,
             cached: 0,
             fetched_blocks: 0,
             expect: None,
@@ -149,27 +158,37 @@ impl LazySnapshot {
         self.cached
     }
 
-    /// Bounds the data blocks held to `cache_bytes` from now on, dropping
-    /// the least recently used at once if they hold more (the newest one is
-    /// always kept).
-    pub fn set_cache_bytes(&mut self, cache_bytes: u64) {
+    /// Bounds the blocks held to `cache_bytes` from now on, dropping the
+    /// least recently used at once if they hold more, but keeping up to
+    /// `fresh_max` blocks fetched and not yet used whatever their bytes:
+    /// reads waiting for blocks whose GETs are answered together must find
+    /// them when they run, not evicted by one another's arrival (give
+    /// about the block GETs out at once).
+    pub fn set_cache(&mut self, cache_bytes: u64, fresh_max: usize) {
         self.cache_bytes = cache_bytes;
+        self.fresh_max = fresh_max;
         self.evict();
     }
 
     /// Drops the least recently used blocks while the cache is over its
-    /// bytes, keeping the two used last: a point read of a partitioned
-    /// index needs its partition and its data block at once.
+    /// bytes, keeping the two used last (a point read of a partitioned
+    /// index needs its partition and its data block at once) and then the
+    /// `fresh_max` blocks fetched last and not used since (the oldest of
+    /// those goes first past them).
     fn evict(&mut self) {
         while self.cached > self.cache_bytes && self.blocks.len() > 2 {
-            let Some(off) = self
+            let Some((off, used)) = self
                 .blocks
                 .iter()
                 .min_by_key(|(_, (_, used))| *used)
-                .map(|(off, _)| off)
+                .map(|(off, (_, used))| (off, *used))
             else {
                 break;
             };
+            // The least recently used is fresh: so is every block held.
+            if used & FRESH != 0 && self.blocks.len() <= self.fresh_max {
+                break;
+            }
             if let Some((b, _)) = self.blocks.remove(off) {
                 self.cached -= cache_charge(&b);
             }
@@ -281,7 +300,10 @@ impl LazySnapshot {
         } else {
             self.tick += 1;
             self.cached += cache_charge(&block);
-            if let Some((old, _)) = self.blocks.insert(handle.offset, (block, self.tick)) {
+            if let Some((old, _)) = self
+                .blocks
+                .insert(handle.offset, (block, self.tick | FRESH))
+            {
                 self.cached -= cache_charge(&old);
             }
             self.evict();
@@ -360,14 +382,17 @@ impl LazySnapshot {
                 end: h.end(),
             }));
         }
-        self.touch(partition, h.offset);
-        match self.blocks.get(h.offset) {
-            Some((block, _)) => Ok(Lookup::Done(block.get(key).map(<[u8]>::to_vec))),
-            None => Ok(Lookup::Need(Need::Range {
+        // Used once the block is here: until then its partition stays
+        // fresh, kept for the block's arrival.
+        if self.blocks.get(h.offset).is_none() {
+            return Ok(Lookup::Need(Need::Range {
                 start: h.offset,
                 end: h.end(),
-            })),
+            }));
         }
+        self.touch(partition, h.offset);
+        let value = self.blocks.get(h.offset).and_then(|(b, _)| b.get(key));
+        Ok(Lookup::Done(value.map(<[u8]>::to_vec)))
     }
 
     /// Feeds the bytes a [`Need::Range`] for `key` asked for, starting at
@@ -382,10 +407,9 @@ impl LazySnapshot {
                     .ok_or_else(|| invalid("snapshot index", start, "a block before the footer"))?;
                 self.feed(&top, None, bytes, false)
             }
-            Ok(Some((h, d, data, partition))) if h.offset == start => {
-                // The partition first, so that it and the block are the two
-                // used last (kept whatever the cache's bytes).
-                self.touch(partition, h.offset);
+            // The block and its partition stay fresh (kept) until the read
+            // runs and uses them.
+            Ok(Some((h, d, data, _))) if h.offset == start => {
                 self.feed(&h, d.as_ref(), bytes, data)
             }
             // The key's index partition was evicted (other reads filled the
@@ -468,14 +492,15 @@ impl LazySnapshot {
                 },
                 Ok(Some(x)) => x,
             };
-            if data {
-                self.touch(partition, h.offset);
-            }
-            let Some((block, _)) = self.blocks.get(h.offset).filter(|_| data) else {
+            if !data || self.blocks.get(h.offset).is_none() {
                 return Ok(Some(Need::Range {
                     start: h.offset,
                     end: h.end(),
                 }));
+            }
+            self.touch(partition, h.offset);
+            let Some((block, _)) = self.blocks.get(h.offset) else {
+                break;
             };
             for (k, v) in &block.entries()[block.lower_bound(&cursor.next)..] {
                 if cursor.end.as_ref().is_some_and(|e| k >= e) {
