@@ -326,7 +326,11 @@ impl ReplicaHandle {
         self.scan_with(LazyScan::prefix(prefix, limit)).await
     }
 
-    async fn scan_with(&self, scan: LazyScan) -> Result<Entries> {
+    /// Runs `scan` as [`LazyScan`] builds it: for example bounded in bytes
+    /// with [`LazyScan::max_bytes`], so that one answer stays near that
+    /// size however large the values (the next one starts just past its
+    /// last key).
+    pub async fn scan_with(&self, scan: LazyScan) -> Result<Entries> {
         let (tx, rx) = oneshot::channel();
         self.cmds
             .send(Cmd::Scan(Box::new(scan), tx))

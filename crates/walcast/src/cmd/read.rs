@@ -50,6 +50,10 @@ pub(crate) async fn get(args: GetArgs) -> Result<ExitCode> {
 /// Entries a page of `scan --from` holds.
 const SCAN_PAGE: usize = 1000;
 
+/// Bytes of keys and values a page of `scan --from` holds: it ends at the
+/// entry that reaches them (values may be 64 MiB each).
+const SCAN_PAGE_BYTES: usize = 64 << 20;
+
 /// Prints entries as NDJSON, in key order.
 pub(crate) async fn scan(args: ScanArgs) -> Result<ExitCode> {
     let ScanArgs {
@@ -82,24 +86,28 @@ pub(crate) async fn scan(args: ScanArgs) -> Result<ExitCode> {
         }
         (None, Some(url)) => {
             let r = open_lazy(&url, headers, trust, prefix.as_bytes()).await?;
-            // Pages of SCAN_PAGE entries, each printed as it comes: the
-            // output streams and memory holds one page, however long the
-            // scan. The replica does not follow the dataset, so every page
-            // reads the same state.
+            // Pages of SCAN_PAGE entries or SCAN_PAGE_BYTES, each printed
+            // as it comes: the output streams and memory holds one page,
+            // however long the scan and large the values. The replica does
+            // not follow the dataset, so every page reads the same state.
             let end = walcast_core::state::prefix_end_key(prefix.as_bytes());
             let mut start = prefix.as_bytes().to_vec();
             let mut left = limit.unwrap_or(usize::MAX);
             let res: Result<()> = async {
                 while left > 0 {
                     let want = left.min(SCAN_PAGE);
-                    let page = r.scan(&start, end.as_deref(), want).await?;
+                    let scan = walcast_core::replica::LazyScan::new(&start, end.as_deref(), want)
+                        .max_bytes(SCAN_PAGE_BYTES);
+                    let page = r.scan_with(scan).await?;
+                    let mut bytes = 0;
                     for (k, v) in &page {
                         print(k, v)?;
+                        bytes += k.len() + v.len();
                     }
                     left -= page.len();
                     match page.last() {
                         // The next page starts just past the last key.
-                        Some((k, _)) if page.len() == want => {
+                        Some((k, _)) if page.len() == want || bytes >= SCAN_PAGE_BYTES => {
                             start.clone_from(k);
                             start.push(0);
                         }

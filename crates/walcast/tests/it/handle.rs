@@ -61,6 +61,31 @@ async fn handles_read_what_a_replicate_run_holds_and_wait_for_new_writes() {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         assert_eq!(some, expect);
+        // Bounded in bytes: pages end at the entry that reaches the bound,
+        // and paging past each one's last key reads everything once.
+        let (mut paged, mut start, mut pages) = (Vec::new(), Vec::new(), 0);
+        loop {
+            let scan =
+                walcast_core::replica::LazyScan::new(&start, None, usize::MAX).max_bytes(500);
+            let page = h.scan_with(scan).await.unwrap();
+            let bytes: usize = page.iter().map(|(k, v)| k.len() + v.len()).sum();
+            assert!(
+                page.len() <= 1 || bytes - page.last().map_or(0, |(k, v)| k.len() + v.len()) < 500,
+                "lazy {lazy:?}: a page past its bound"
+            );
+            let Some((k, _)) = page.last() else { break };
+            start = [&k[..], &[0]].concat();
+            paged.extend(page);
+            pages += 1;
+        }
+        assert!(pages > 2, "lazy {lazy:?}: {pages} pages");
+        assert_eq!(
+            paged
+                .into_iter()
+                .collect::<std::collections::BTreeMap<_, _>>(),
+            want,
+            "lazy {lazy:?}: paged by bytes"
+        );
         if lazy.is_some() {
             let st = h.status();
             assert!(st.lazy.is_some_and(|l| l.blocks_fetched > 0), "{st:?}");
