@@ -246,8 +246,8 @@ export interface ScanOptions {
   maxBytes?: number;
   /**
    * Lazy mode: a scan whose caller gave up. Once it aborts, the scan leaves
-   * the queue of scans waiting for a turn, asks for no more blocks, and
-   * rejects with the signal's reason. Full mode ignores it.
+   * the queue of scans waiting for a turn, queues no more GETs, and
+   * rejects with the signal's reason once its GETs out are answered. Full mode ignores it.
    */
   signal?: AbortSignal;
 }
@@ -256,9 +256,9 @@ export interface ScanOptions {
 export interface ReadOptions {
   /**
    * A read whose caller gave up: once it aborts, the read leaves the queue
-   * of reads waiting for a turn, asks for no more blocks, and rejects with the
-   * signal's reason (GETs already out are still answered, and their blocks
-   * cached).
+   * of reads waiting for a turn, queues no more GETs, and rejects with the
+   * signal's reason once its GETs out are answered (their blocks are
+   * cached; GETs the module had queued for it may still go out).
    */
   signal?: AbortSignal;
 }

@@ -119,11 +119,13 @@ async function compile(src, signal) {
   if (typeof Response === "function" && src instanceof Response) {
     if (!src.ok) throw walcastError("unavailable", `walcast: loading the wasm module: HTTP ${src.status}`);
     const tooLarge = (n) => walcastError("data", `walcast: loading the wasm module: ${n} bytes, above the ${WASM_MAX_BYTES} a module may have`);
-    const claimed = Number(src.headers.get("content-length"));
+    const claimed = Number(src.headers.get("content-length") ?? NaN);
     if (claimed > WASM_MAX_BYTES) throw tooLarge(claimed);
-    // The body is counted as it streams, and cut past the bound.
+    // A body of no stated length, or one the runtime decodes (whose
+    // decoded length none states), is counted as it streams and cut past
+    // the bound (the Response then compiled has no URL of its own).
     let over = null;
-    if (src.body && typeof TransformStream === "function") {
+    if ((!(claimed >= 0) || src.headers.has("content-encoding")) && src.body && typeof TransformStream === "function") {
       let n = 0;
       const counted = src.body.pipeThrough(
         new TransformStream({

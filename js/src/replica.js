@@ -975,8 +975,9 @@ export class Replica {
    * A lazy read: `op(w, h)` answers, or returns null while the blocks it
    * needs are fetched (the module queued their GETs). A replica with nothing
    * synced yet (rebuilt after a trap) syncs first. `signal` aborted: the
-   * read steps no more and rejects with its reason (its GETs out are still
-   * answered to the module, whose cache keeps what they bring).
+   * read steps no more and rejects with its reason once its GETs out are
+   * answered (the module's cache keeps what they bring; GETs the module
+   * queued for it may still go out).
    */
   async #lazyRead(read, signal) {
     for (;;) {
@@ -993,7 +994,11 @@ export class Replica {
       while (!outcome && !h.dead && this.#slot.h === h) {
         if (this.#closed) throw closedError();
         if (signal?.aborted) {
+          // Its GETs out are waited for, so that a runtime which ties I/O
+          // to the request that started it (Workers) does not tear down
+          // GETs other reads wait for too.
           op.done = true;
+          await this.#settle(h, op);
           throw signal.reason;
         }
         try {
@@ -1081,7 +1086,7 @@ export class Replica {
   /**
    * The value of `key`, or undefined (lazy mode: a promise of it; with
    * `options.signal`, an `AbortSignal`, a read whose caller gave up rejects
-   * with the signal's reason and asks for no more blocks).
+   * with the signal's reason and queues no more GETs).
    */
   get(key, options) {
     if (this.#lazy) return this.#lazyGet(key, options);

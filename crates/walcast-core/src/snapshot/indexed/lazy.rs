@@ -50,7 +50,7 @@ pub(super) const MIN_BLOCK_CHARGE: u64 = 1 << 10;
 
 /// The mark of a cached block not used since it was fetched (the high
 /// bit of its last use).
-const FRESH: u64 = 1 << 63;
+pub(super) const FRESH: u64 = 1 << 63;
 
 /// A point reader over one block-indexed snapshot, holding its footer and
 /// top index, and index partitions and data blocks in a cache bounded in
@@ -172,10 +172,22 @@ impl LazySnapshot {
 
     /// Drops the least recently used blocks while the cache is over its
     /// bytes, keeping the two used last (a point read of a partitioned
-    /// index needs its partition and its data block at once) and then the
-    /// `fresh_max` blocks fetched last and not used since (the oldest of
-    /// those goes first past them).
+    /// index needs its partition and its data block at once) and the fresh
+    /// ones: at most `fresh_max`; past them, every one ages into an
+    /// ordinary block, last used when it was fetched.
     fn evict(&mut self) {
+        if self
+            .blocks
+            .iter()
+            .filter(|(_, (_, u))| u & FRESH != 0)
+            .count()
+            > self.fresh_max
+        {
+            self.blocks.retain(|_, (_, u)| {
+                *u &= !FRESH;
+                true
+            });
+        }
         while self.cached > self.cache_bytes && self.blocks.len() > 2 {
             let Some((off, used)) = self
                 .blocks
@@ -186,7 +198,7 @@ impl LazySnapshot {
                 break;
             };
             // The least recently used is fresh: so is every block held.
-            if used & FRESH != 0 && self.blocks.len() <= self.fresh_max {
+            if used & FRESH != 0 {
                 break;
             }
             if let Some((b, _)) = self.blocks.remove(off) {
@@ -369,6 +381,16 @@ impl LazySnapshot {
         }
     }
 
+    /// A read waits for a data block under the index partition at
+    /// `partition`: the partition is kept (fresh again, as fetched now)
+    /// until the block is here and used with it.
+    fn wait_under(&mut self, partition: Option<u64>) {
+        self.tick += 1;
+        if let Some((_, used)) = partition.and_then(|p| self.blocks.get_mut(p)) {
+            *used = self.tick | FRESH;
+        }
+    }
+
     /// Looks `key` up: its value, or the bytes needed next.
     pub fn get(&mut self, key: &[u8]) -> Result<Lookup, DecodeError> {
         let (h, _, data, partition) = match self.locate(key)? {
@@ -382,9 +404,8 @@ impl LazySnapshot {
                 end: h.end(),
             }));
         }
-        // Used once the block is here: until then its partition stays
-        // fresh, kept for the block's arrival.
         if self.blocks.get(h.offset).is_none() {
+            self.wait_under(partition);
             return Ok(Lookup::Need(Need::Range {
                 start: h.offset,
                 end: h.end(),
@@ -493,6 +514,7 @@ impl LazySnapshot {
                 Ok(Some(x)) => x,
             };
             if !data || self.blocks.get(h.offset).is_none() {
+                self.wait_under(partition);
                 return Ok(Some(Need::Range {
                     start: h.offset,
                     end: h.end(),

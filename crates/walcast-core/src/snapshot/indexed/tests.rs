@@ -229,6 +229,50 @@ fn the_cache_stays_within_its_bytes() {
     }
 }
 
+/// Blocks fetched and never used (a scan's read-ahead past where it
+/// stopped, reads given up) stay fresh only up to `fresh_max`: past it the
+/// oldest ages into an ordinary block, so they do not push out a block in
+/// use however many arrive.
+#[test]
+fn blocks_never_used_do_not_push_out_the_blocks_in_use() {
+    let s = state(20_000, 50);
+    let opts = IndexedOptions {
+        block_bytes: 1024,
+        index_block_bytes: 1 << 20,
+    };
+    let file = encode_indexed(&s, 1, 1, DatasetId([1; 16]), opts);
+    // Room for about 16 blocks; at most 4 fresh.
+    let mut lazy = LazySnapshot::new(file.len() as u64, 16 << 10);
+    lazy.set_cache(16 << 10, 4);
+    let hot = b"user:00000000".to_vec();
+    read(&mut lazy, &file, &hot).unwrap();
+    let fetches_before = lazy.fetched_blocks;
+    for i in (100..20_000).step_by(100) {
+        // A block fetched for a read that never runs: fed, not used.
+        let key = format!("user:{:08}", i * 7);
+        if let Lookup::Need(Need::Range { start, end }) = lazy.get(key.as_bytes()).unwrap() {
+            lazy.feed_range(start, &file[start as usize..end as usize], key.as_bytes())
+                .unwrap();
+        }
+        let fresh = lazy
+            .blocks
+            .iter()
+            .filter(|(_, (_, u))| u & super::lazy::FRESH != 0)
+            .count();
+        assert!(fresh <= 4, "{fresh} blocks never used are kept");
+        // The block in use stays: answered without a fetch.
+        let before = lazy.fetched_blocks;
+        assert!(matches!(lazy.get(&hot).unwrap(), Lookup::Done(Some(_))));
+        assert_eq!(lazy.fetched_blocks, before);
+    }
+    assert!(lazy.fetched_blocks - fetches_before > 100);
+    assert!(
+        lazy.cached_bytes() <= (16 << 10) + 4 * 2048,
+        "{}",
+        lazy.cached_bytes()
+    );
+}
+
 #[test]
 fn blocks_count_against_the_cache_by_what_they_hold_decoded() {
     // Keys sharing a long prefix: a block holds far more decoded than
