@@ -79,7 +79,8 @@ impl HeadSignal {
 }
 
 /// A file watch on a served directory that signals a [`HeadSignal`] when a
-/// `head.json` under it changes. The watch ends when this is dropped.
+/// `head.json` under it changes (is created, written, renamed or removed:
+/// not when it is read). The watch ends when this is dropped.
 pub struct HeadWatch {
     _watcher: notify::RecommendedWatcher,
 }
@@ -97,10 +98,14 @@ impl HeadWatch {
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             match ev {
                 Ok(ev) => {
-                    if ev
-                        .paths
-                        .iter()
-                        .any(|p| p.file_name().is_some_and(|n| n == "head.json"))
+                    // A change, not a read: a hold reading the head (an
+                    // open is an event too) must not wake itself.
+                    let change = !matches!(ev.kind, notify::EventKind::Access(_));
+                    if change
+                        && ev
+                            .paths
+                            .iter()
+                            .any(|p| p.file_name().is_some_and(|n| n == "head.json"))
                     {
                         signal.notify();
                     }

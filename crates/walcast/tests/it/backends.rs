@@ -194,13 +194,25 @@ fn gs_fake_gcs_replicate_and_what_the_emulator_lacks() {
     // What the emulator lacks: object_store uploads to GCS with a plain
     // XML API PUT (`x-goog-if-generation-match: 0` for a create-only PUT),
     // which fake-gcs-server answers with 400 "invalid uploadType".
-    let (st, body) = support::http(
-        "PUT",
-        &format!("127.0.0.1:{}", gcs.port),
-        &format!("/{}/{prefix}%2Fprobe", gcs.bucket),
-        b"probe",
-    )
-    .unwrap();
+    // (The emulator may reset a connection while it is still starting up:
+    // the probe is tried again then.)
+    let probe = || {
+        support::http(
+            "PUT",
+            &format!("127.0.0.1:{}", gcs.port),
+            &format!("/{}/{prefix}%2Fprobe", gcs.bucket),
+            b"probe",
+        )
+    };
+    let mut answer = probe();
+    for _ in 0..50 {
+        if answer.is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        answer = probe();
+    }
+    let (st, body) = answer.unwrap();
     assert_eq!(
         (
             st,

@@ -119,6 +119,21 @@ fn serve_holds_a_conditional_head_get_until_the_head_changes() {
         "held for the wait"
     );
     assert_eq!(header(&hs, "preference-applied"), Some("wait=1"));
+    // A hold of an unchanged head reads it a few times, not in a loop
+    // (reading the head must not wake the hold that read it).
+    let before = crate::serve::rchar(serve.pid());
+    let (status, _, _) = get(
+        &addr,
+        &format!("{head}?wait=2"),
+        &[("If-None-Match", &etag)],
+    );
+    assert_eq!(status, 304);
+    let read = crate::serve::rchar(serve.pid()) - before;
+    assert!(
+        read < 64 * body.len() as u64 + (64 << 10),
+        "a 2 s hold of a {}-byte head read {read} bytes",
+        body.len()
+    );
     assert_eq!(header(&hs, "walcast-long-poll"), Some("60"));
     let (status, hs, _) = get(
         &addr,

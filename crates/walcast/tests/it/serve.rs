@@ -1399,7 +1399,7 @@ async fn shutdown_drops_a_trickling_download_after_the_drain_timeout() {
 }
 
 /// Bytes a process has read through `read(2)` and friends (`rchar`).
-fn rchar(pid: u32) -> u64 {
+pub(crate) fn rchar(pid: u32) -> u64 {
     let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
     io.lines()
         .find_map(|l| l.strip_prefix("rchar:"))
