@@ -19,7 +19,16 @@ pub(crate) struct AppliedLog {
     bytes: Vec<u8>,
     first: u64,
     last: u64,
+    /// The run passed [`MAX_LOG_BYTES`] and was dropped: nothing more is
+    /// collected, and the next take gives nothing (the state is then
+    /// written whole).
+    dropped: bool,
 }
+
+/// The most bytes of records collected between two takes: a catch-up of
+/// gigabytes would otherwise hold them all in memory until its sync ends,
+/// for a log the store would replace with the whole state anyway.
+pub(crate) const MAX_LOG_BYTES: usize = 64 << 20;
 
 /// What a replica keeps for incremental persistence.
 #[derive(Default)]
@@ -45,9 +54,17 @@ impl AppliedLog {
     /// Appends the record applied at `lsn`. A record that does not follow
     /// the last one (the state was replaced in between) starts the run over.
     pub(crate) fn push(&mut self, lsn: u64, payload: &[u8]) {
+        if self.dropped {
+            return;
+        }
         if self.bytes.is_empty() || lsn != self.last + 1 {
             self.bytes.clear();
             self.first = lsn;
+        }
+        if self.bytes.len() + payload.len() > MAX_LOG_BYTES {
+            self.bytes = Vec::new();
+            self.dropped = true;
+            return;
         }
         encode_record(lsn, payload, &mut self.bytes);
         self.last = lsn;
@@ -59,9 +76,10 @@ impl AppliedLog {
         self.bytes.clear();
     }
 
-    /// Takes the run collected so far, if any.
+    /// Takes the run collected so far, if any (none once it was dropped
+    /// for its size: the state is then written whole).
     pub(crate) fn take(&mut self) -> Option<LogChunk> {
-        if self.bytes.is_empty() {
+        if std::mem::take(&mut self.dropped) || self.bytes.is_empty() {
             return None;
         }
         Some(LogChunk {
@@ -200,6 +218,27 @@ mod tests {
         let mut b = base();
         b[20] ^= 0xff;
         assert!(replay(&b, []).is_err());
+    }
+
+    /// A run past MAX_LOG_BYTES is dropped, not held: the take after it
+    /// gives nothing (the state is written whole), and collecting starts
+    /// again after that take.
+    #[test]
+    fn a_run_past_the_bound_is_dropped_until_taken() {
+        let mut l = AppliedLog::default();
+        let payload = vec![7u8; 1 << 20];
+        for lsn in 1..=200 {
+            l.push(lsn, &payload);
+            assert!(
+                l.bytes.len() <= MAX_LOG_BYTES,
+                "{} bytes held at LSN {lsn}",
+                l.bytes.len()
+            );
+        }
+        assert!(l.take().is_none(), "a dropped run is not taken");
+        l.push(201, b"x");
+        let c = l.take().unwrap();
+        assert_eq!((c.first, c.last), (201, 201));
     }
 
     #[test]
