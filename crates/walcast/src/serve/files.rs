@@ -262,7 +262,13 @@ pub(super) fn open_entity(state: &Served, rel: &str) -> io::Result<Opened> {
         // Counted against the bytes held for answers until the last copy
         // of them is dropped (sent, or the client gone).
         let kib = u32::try_from(len.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
-        let Ok(permit) = Arc::clone(&state.small_bytes).try_acquire_many_owned(kib) else {
+        let head = path.ends_with("catalog/head.json");
+        let budget = if head {
+            &state.head_bytes
+        } else {
+            &state.small_bytes
+        };
+        let Ok(permit) = Arc::clone(budget).try_acquire_many_owned(kib) else {
             return Err(io::Error::other(SmallBytesFull));
         };
         let mut data = Vec::with_capacity(len as usize);

@@ -127,6 +127,12 @@ const MAX_HASHING: usize = 2;
 /// otherwise hold up to a megabyte each, a gigabyte at 1,024 connections.
 const SMALL_BYTES_KIB: usize = 256 * 1024;
 
+/// The same for heads (`catalog/head.json`), apart: clients reading other
+/// small files slowly cannot take the room every replica's head read needs
+/// (a head of tens of KiB takes more connections than the server accepts
+/// to fill it).
+const HEAD_BYTES_KIB: usize = 64 * 1024;
+
 /// Default of [`ServeOptions::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default of [`ServeOptions::header_timeout`].
@@ -246,8 +252,10 @@ struct Served {
     hashing: Mutex<HashMap<TagKey, Hashing>>,
     /// Turns to hash a large file: [`MAX_HASHING`].
     hash_turns: Arc<tokio::sync::Semaphore>,
-    /// KiB of small files held for answers: [`SMALL_BYTES_KIB`].
+    /// KiB of small files held for answers: [`SMALL_BYTES_KIB`], and of
+    /// heads: [`HEAD_BYTES_KIB`].
     small_bytes: Arc<tokio::sync::Semaphore>,
+    head_bytes: Arc<tokio::sync::Semaphore>,
     /// Long-poll: the longest wait granted (zero: none), what wakes held
     /// requests, and the server stopping (held requests answer at once).
     max_wait: Duration,
@@ -280,6 +288,7 @@ fn build(root: PathBuf, opts: &ServeOptions) -> (Router, Arc<Served>) {
         hashing: Mutex::new(HashMap::new()),
         hash_turns: Arc::new(tokio::sync::Semaphore::new(MAX_HASHING)),
         small_bytes: Arc::new(tokio::sync::Semaphore::new(SMALL_BYTES_KIB)),
+        head_bytes: Arc::new(tokio::sync::Semaphore::new(HEAD_BYTES_KIB)),
         max_wait: opts.max_wait,
         signal: opts.head_signal.clone().unwrap_or_default(),
         stop: watch::channel(false).0,

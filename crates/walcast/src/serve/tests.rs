@@ -246,32 +246,44 @@ fn a_full_etag_cache_gives_up_one_entry_for_a_new_one_not_all() {
 /// Small files read for answers count against [`SMALL_BYTES_KIB`] until
 /// every copy of their bytes is dropped (the answer sent, or its client
 /// gone): past the bound an open is refused (the route answers 503), and
-/// the bytes come back once an answer lets go of them.
+/// the bytes come back once an answer lets go of them. Heads count apart,
+/// against [`HEAD_BYTES_KIB`]: slow readers of other files do not take
+/// their room.
 #[test]
 fn small_files_held_for_answers_are_bounded_in_bytes() {
     let tmp = tempfile::tempdir().unwrap();
-    let key = "catalog/head.json";
-    std::fs::create_dir_all(tmp.path().join("catalog")).unwrap();
-    std::fs::write(tmp.path().join(key), vec![b' '; 1 << 20]).unwrap();
+    let head = "catalog/head.json";
+    let page = "catalog/pages/00000000000000000001-00000000000000000002.json";
+    std::fs::create_dir_all(tmp.path().join("catalog/pages")).unwrap();
+    std::fs::write(tmp.path().join(head), vec![b' '; 1 << 20]).unwrap();
+    std::fs::write(tmp.path().join(page), vec![b' '; 1 << 20]).unwrap();
     let (_, state) = build(tmp.path().to_path_buf(), &ServeOptions::default());
-    let mut held = Vec::new();
-    let refused = loop {
-        match open_entity(&state, key) {
-            Ok(Opened::Ready(e)) => held.push(e.data.expect("small").slice(10..20)),
-            Ok(Opened::Unhashed(..)) => panic!("a small file"),
-            Err(e) => break e,
+    for (key, bound) in [(page, SMALL_BYTES_KIB), (head, HEAD_BYTES_KIB)] {
+        let mut held = Vec::new();
+        let refused = loop {
+            match open_entity(&state, key) {
+                Ok(Opened::Ready(e)) => held.push(e.data.expect("small").slice(10..20)),
+                Ok(Opened::Unhashed(..)) => panic!("a small file"),
+                Err(e) => break e,
+            }
+            assert!(held.len() <= bound / 1024, "{} MiB held", held.len());
+        };
+        assert!(refused.get_ref().is_some_and(|r| r.is::<SmallBytesFull>()));
+        assert_eq!(held.len(), bound / 1024, "{key}");
+        // A slice kept the whole file's share; dropping it frees the share.
+        held.pop();
+        assert!(matches!(open_entity(&state, key), Ok(Opened::Ready(_))));
+        if key == page {
+            // Other small files at their bound: the head is still read.
+            assert!(matches!(open_entity(&state, head), Ok(Opened::Ready(_))));
+            held.push(match open_entity(&state, key) {
+                Ok(Opened::Ready(e)) => e.data.unwrap(),
+                _ => panic!("the share freed above"),
+            });
+            assert!(open_entity(&state, key).is_err());
+            assert!(matches!(open_entity(&state, head), Ok(Opened::Ready(_))));
         }
-        assert!(
-            held.len() <= SMALL_BYTES_KIB / 1024,
-            "{} MiB held",
-            held.len()
-        );
-    };
-    assert!(refused.get_ref().is_some_and(|r| r.is::<SmallBytesFull>()));
-    assert_eq!(held.len(), SMALL_BYTES_KIB / 1024);
-    // A slice kept the whole file's share; dropping it frees the share.
-    held.pop();
-    assert!(matches!(open_entity(&state, key), Ok(Opened::Ready(_))));
+    }
 }
 
 /// A long-poll held while the bytes held for answers are at their bound
@@ -284,8 +296,8 @@ async fn a_hold_goes_on_while_the_bytes_held_for_answers_are_at_their_bound() {
     std::fs::create_dir_all(tmp.path().join("catalog")).unwrap();
     std::fs::write(tmp.path().join("catalog/head.json"), br#"{"epoch":1}"#).unwrap();
     let (_, state) = build(tmp.path().to_path_buf(), &ServeOptions::default());
-    let _all = Arc::clone(&state.small_bytes)
-        .try_acquire_many_owned(SMALL_BYTES_KIB as u32)
+    let _all = Arc::clone(&state.head_bytes)
+        .try_acquire_many_owned(HEAD_BYTES_KIB as u32)
         .unwrap();
     let mut headers = HeaderMap::new();
     headers.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"x\""));
