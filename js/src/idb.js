@@ -3,14 +3,14 @@
 // Layout (docs/FORMAT.md, "A browser replica's IndexedDB store"), database
 // "walcast" version 2, per dataset URL:
 //   replicas[url]      the record: { format: 2, appliedLsn, datasetId,
-//                      baseLsn, baseBytes, logBytes, savedAt } (small)
+//                      baseLsn, baseBytes, logBytes, logChunks, savedAt } (small)
 //   bases[url]         the base: snapshot bytes at baseLsn
 //   log[[url, first]]  a chunk of applied batches first..=last, framed like
 //                      segment records, dense from baseLsn + 1
 // A sync that applied N bytes of batches appends one chunk of about N bytes
 // and rewrites the small record; once the log outgrows the base (and
-// COMPACT_MIN_BYTES) the next write is a compaction: the whole state as the
-// new base, the log deleted. Every write is one readwrite transaction over
+// COMPACT_MIN_BYTES), or holds COMPACT_MAX_CHUNKS chunks, the next write is
+// a compaction: the whole state as the new base, the log deleted. Every write is one readwrite transaction over
 // the three stores that first reads the record, so a tab closed mid-write
 // reopens at the old or the new LSN, never a mix, and an older tab never
 // rolls back a newer tab's state; writers are serialized across tabs with
@@ -28,6 +28,12 @@ const DB_VERSION = 2;
 const FORMAT = 2;
 /** A log this small is never compacted, whatever the base's size. */
 export const COMPACT_MIN_BYTES = 256 << 10;
+/**
+ * A log of this many chunks is compacted whatever its bytes: a replica
+ * following a large dataset's small commits would otherwise pile up
+ * chunks a reload reads one by one.
+ */
+export const COMPACT_MAX_CHUNKS = 1000;
 
 /**
  * Whether a store holding `old` should take `rec`. Same dataset: only a newer
@@ -74,9 +80,12 @@ export function recordDamage(url, r, base, log) {
   return null;
 }
 
-/** Whether a log of `logBytes` over a base of `baseBytes` is due for compaction. */
-export function compactionDue(logBytes, baseBytes) {
-  return logBytes > Math.max(baseBytes, COMPACT_MIN_BYTES);
+/**
+ * Whether a log of `logBytes` in `logChunks` chunks over a base of
+ * `baseBytes` is due for compaction.
+ */
+export function compactionDue(logBytes, baseBytes, logChunks = 0) {
+  return logBytes > Math.max(baseBytes, COMPACT_MIN_BYTES) || logChunks > COMPACT_MAX_CHUNKS;
 }
 
 /**
@@ -237,6 +246,7 @@ function putWhole(tx, url, rec) {
       baseLsn: rec.appliedLsn,
       baseBytes: snapshot.length,
       logBytes: 0,
+      logChunks: 0,
       savedAt: rec.savedAt ?? Date.now(),
     },
     url,
@@ -343,11 +353,13 @@ export const indexedDbStore = {
         const tail = old.appliedLsn + 1 === first ? bytes : recordsAfter(bytes, old.appliedLsn);
         if (!tail || tail.length === 0) return writeWhole();
         const logBytes = (old.logBytes ?? 0) + tail.length;
-        if (compactionDue(logBytes, old.baseBytes ?? 0)) return writeWhole();
+        // (A record written before chunks were counted counts from here.)
+        const logChunks = (isLsn(old.logChunks) ? old.logChunks : 0) + 1;
+        if (compactionDue(logBytes, old.baseBytes ?? 0, logChunks)) return writeWhole();
         // A view is cloned with its whole buffer: store exactly the records.
         const own = tail.byteOffset === 0 && tail.byteLength === tail.buffer.byteLength ? tail : tail.slice();
         tx.objectStore(LOG).put(own, [url, old.appliedLsn + 1]);
-        tx.objectStore(STORE).put({ ...old, appliedLsn: last, logBytes, savedAt: Date.now() }, url);
+        tx.objectStore(STORE).put({ ...old, appliedLsn: last, logBytes, logChunks, savedAt: Date.now() }, url);
         out.wrote = "log";
         out.bytes = tail.length;
         return undefined;

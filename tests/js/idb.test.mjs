@@ -15,7 +15,7 @@ try {
 } catch {
   fakeIdb = false;
 }
-const { indexedDbStore: store, recordsAfter, compactionDue, COMPACT_MIN_BYTES, shouldReplace, setOpenTimeoutForTest, OPEN_TIMEOUT_MS } = await import("../../js/src/idb.js");
+const { indexedDbStore: store, recordsAfter, compactionDue, COMPACT_MIN_BYTES, COMPACT_MAX_CHUNKS, shouldReplace, setOpenTimeoutForTest, OPEN_TIMEOUT_MS } = await import("../../js/src/idb.js");
 
 /** Framed records lsn first.. with payloads of the given lengths (checksums are not looked at here). */
 function frames(first, lens) {
@@ -76,6 +76,25 @@ test("compaction is due once the log outgrows the base and the minimum", () => {
   assert.equal(compactionDue(COMPACT_MIN_BYTES + 1, 10), true);
   assert.equal(compactionDue(5 << 20, 6 << 20), false);
   assert.equal(compactionDue(7 << 20, 6 << 20), true);
+});
+
+test("IndexedDB: a log of many small chunks over a large base is compacted by its count of chunks, not only its bytes", { skip: !fakeIdb && "fake-indexeddb is not installed" }, async () => {
+  const url = "http://x/chunks";
+  assert.equal(await store.save(url, { snapshot: new Uint8Array(1 << 20).fill(1), appliedLsn: 10, datasetId: "ds" }), true);
+  let lsn = 10;
+  const wrote = [];
+  for (let i = 0; i < 1200; i++) {
+    lsn++;
+    const out = await store.append(url, { datasetId: "ds", first: lsn, last: lsn, bytes: frames(lsn, [40]), whole: whole(lsn, 1 << 20) });
+    wrote.push(out.wrote);
+  }
+  // 1,000 chunks appended, then a compaction, then appends again.
+  assert.equal(wrote.indexOf("base"), COMPACT_MAX_CHUNKS);
+  assert.equal(wrote.filter((w) => w === "base").length, 1);
+  const rec = await store.load(url);
+  assert.equal(rec.appliedLsn, lsn);
+  assert.equal(rec.baseLsn, 10 + COMPACT_MAX_CHUNKS + 1);
+  assert.equal(rec.log.length, 1200 - COMPACT_MAX_CHUNKS - 1);
 });
 
 test("shouldReplace: repair rewrites the same LSN", () => {
