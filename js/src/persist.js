@@ -103,6 +103,11 @@ export function restoreRecord(wasmOpts, rec, key) {
         { object: "persisted snapshot" },
       );
     }
+    // The record names its base's dataset: one naming another (tampered,
+    // another program's) would have every later write refused as that
+    // dataset's.
+    const base = w.status().datasetId ?? null;
+    if (rec.datasetId != null && rec.datasetId !== base) why ??= `it names dataset ${String(rec.datasetId).slice(0, 40)}, its base ${base}`;
     const d = chunks ? w.restoreDamage() : undefined;
     if (d || why || (chunks && got < claim)) {
       const text = d ? d.message : (why ?? `its log ends at LSN ${got}`);

@@ -269,9 +269,24 @@ export class Replica {
       this.#persistedDataset = restored.datasetId ?? null;
       this.#persistRepair = !!restored.damaged;
       this.#persistRepairOf = restored.damaged ? restored.repairOf : undefined;
+      this.#resetSincePersist = !!restored.replace;
     }
     this.#attach(w);
     if (finalizer) finalizer.register(this, this.#slot, this.#slot);
+    if (restored?.replace) {
+      // A record naming another dataset than its base: rewritten now, with
+      // the state it holds (offline too), not at the next change.
+      queueMicrotask(() => {
+        if (this.#closed) return;
+        this.#persist().then(
+          () => (this.#persistError = null),
+          (e) => {
+            this.#persistError = e;
+            this.#emitError(e);
+          },
+        );
+      });
+    }
   }
 
   /** Wires a WasmReplica to this replica. Callbacks hold the replica weakly (it may be collected). */
@@ -512,7 +527,9 @@ export class Replica {
           if (damage) {
             // Whatever it claimed, the store holds the state at the LSN reopened at.
             const at = w.status().appliedLsn;
-            restored = { appliedLsn: at, datasetId: rec.datasetId, damaged: true, repairOf: rec.appliedLsn };
+            const ds = w.status().datasetId ?? null;
+            // A record naming another dataset than its base is replaced.
+            restored = { appliedLsn: at, datasetId: rec.datasetId, damaged: true, repairOf: rec.appliedLsn, replace: rec.datasetId != null && rec.datasetId !== ds };
             reportTo(options.onError, damage);
           }
         } catch (e) {

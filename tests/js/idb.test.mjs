@@ -519,6 +519,7 @@ test("IndexedDB: a tampered record, log chunk or base (huge claimed sizes and co
     ["a record claiming a 1 TiB base", (c) => (c.rec.baseBytes = 2 ** 40), S1, "persisted record", f1.expected.lsn + 1],
     ["a record whose appliedLsn is 2^64", (c) => (c.rec.appliedLsn = 2 ** 64), S1, "persisted record", f1.expected.lsn + 1],
     ["a record whose appliedLsn is far past its log", (c) => (c.rec.appliedLsn = 1e15), S1, "persisted log", f1.expected.lsn + 1],
+    ["a record naming another dataset than its base's", (c) => (c.rec.datasetId = "ab".repeat(16)), S1, "persisted record", f1.expected.lsn + 1],
     ["a base whose first chunk claims 2^32 - 1 entries (chunk CRC fixed up)", (c) => {
       const at = 56; // the first chunk header: magic, count, len, crc
       u32(c.base, at + 4, 0xffffffff);
@@ -566,6 +567,21 @@ test("IndexedDB: a tampered record, log chunk or base (huge claimed sizes and co
   assert.deepEqual([after.rec.baseLsn, after.rec.appliedLsn, after.rec.logBytes, after.keys.length], [f1.expected.lsn, f1.expected.lsn, 0, 0], "rewritten whole");
   r = await Replica.open(url, { persist: "indexeddb", fetch: offlineFetch(), onError: (e) => assert.fail(String(e)) });
   expectState(r, f1.expected, "after the repair");
+  await r.close();
+
+  // A record naming another dataset than its base: the next write
+  // replaces it (every write was refused as that other dataset's).
+  const other = clone();
+  other.rec.datasetId = "ab".repeat(16);
+  await writeCopy(url, other);
+  const seen = [];
+  r = await Replica.open(url, { persist: "indexeddb", onError: (e) => seen.push(e) });
+  assert.equal(await r.sync(), f1.expected.lsn);
+  await r.close();
+  assert.equal(seen.length, 1, String(seen));
+  assert.equal((await readCopy(url)).rec.datasetId, good.rec.datasetId, "the record names its base's dataset again");
+  r = await Replica.open(url, { persist: "indexeddb", fetch: offlineFetch(), onError: (e) => assert.fail(String(e)) });
+  expectState(r, f1.expected, "after the record was replaced");
   await r.close();
 });
 
