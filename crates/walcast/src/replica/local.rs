@@ -35,6 +35,13 @@ const LOG_HEADER: usize = 40;
 /// Checkpoint once the log holds this many bytes.
 const CHECKPOINT_BYTES: u64 = 64 << 20;
 
+/// The most of `applied.log` a load reads: a checkpoint is due past
+/// [`CHECKPOINT_BYTES`] after an applied unit (a segment, at most
+/// `MAX_SEGMENT_BYTES`), with room for one that failed. Records past it
+/// are cut as a torn tail and fetched again; a file of junk that large is
+/// refused by its header.
+const MAX_LOG_READ: u64 = CHECKPOINT_BYTES + 2 * walcast_core::catalog::MAX_SEGMENT_BYTES;
+
 /// What a local replica directory holds.
 #[derive(Debug, Default)]
 pub struct Local {
@@ -229,7 +236,9 @@ fn read_local(dir: &Path) -> Result<(Local, Option<LogState>)> {
     };
     if present {
         // Streamed in 1 MiB reads: loading never holds a second copy of the state.
-        let mut f = File::open(&snap).with_context(|| format!("opening {}", snap.display()))?;
+        // Never a FIFO or device, which would block or never end.
+        let mut f = crate::store::open_regular(&snap)
+            .with_context(|| format!("opening {}", snap.display()))?;
         let mut dec = snapshot::SnapshotDecoder::new();
         let mut chunk = vec![0u8; 1 << 20];
         loop {
@@ -262,13 +271,14 @@ fn read_local(dir: &Path) -> Result<(Local, Option<LogState>)> {
     let Some(id) = local.dataset else {
         return Ok((local, None));
     };
-    let mut f = match File::open(&logp) {
+    let f = match crate::store::open_regular(&logp) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((local, None)),
         Err(e) => return Err(e).with_context(|| format!("opening {}", logp.display())),
     };
     let mut bytes = Vec::new();
-    f.read_to_end(&mut bytes)
+    f.take(MAX_LOG_READ)
+        .read_to_end(&mut bytes)
         .with_context(|| format!("reading {}", logp.display()))?;
     let Some(header) = bytes.first_chunk::<LOG_HEADER>() else {
         anyhow::bail!(
@@ -310,6 +320,13 @@ fn read_local(dir: &Path) -> Result<(Local, Option<LogState>)> {
             }
         };
         let at = rec.payload.as_ptr() as usize - bytes.as_ptr() as usize - 16;
+        if rec.lsn == u64::MAX {
+            anyhow::bail!(
+                "{}: record at offset {at} claims LSN {}, past any LSN",
+                logp.display(),
+                rec.lsn
+            );
+        }
         let ops = batch::Batch::parse(rec.payload).map_err(|e| {
             anyhow!(
                 "{}: record at offset {at} (LSN {}) does not decode: {e}",
@@ -478,6 +495,67 @@ mod tests {
         let mut all = std::fs::read(&logp).unwrap();
         all.extend_from_slice(bytes);
         std::fs::write(&logp, all).unwrap();
+    }
+
+    /// A log file far larger than any log (a sparse file of 60 GiB) is
+    /// read no further than a log can be, and its junk header names the
+    /// file; a FIFO at a file's place is refused at once, not waited on.
+    #[test]
+    fn a_huge_or_special_file_in_the_directory_is_refused_without_reading_it_all() {
+        let dir = checkpointed_at_5();
+        let logp = dir.path().join("applied.log");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&logp)
+            .unwrap()
+            .set_len(60 << 30)
+            .unwrap();
+        // Loads the header only: the zeros past it are a torn tail.
+        let l = load(dir.path()).unwrap();
+        assert_eq!(l.applied, 5);
+        std::fs::remove_file(&logp).unwrap();
+        let junk = std::fs::File::create(&logp).unwrap();
+        junk.set_len(60 << 30).unwrap();
+        let err = format!("{:#}", load(dir.path()).unwrap_err());
+        assert!(
+            err.contains("applied.log") && err.contains("damaged header"),
+            "{err}"
+        );
+        #[cfg(unix)]
+        for name in ["applied.log", "state.wsnap"] {
+            let path = dir.path().join(name);
+            std::fs::remove_file(&path).unwrap();
+            let made = std::process::Command::new("mkfifo").arg(&path).status();
+            assert!(made.unwrap().success());
+            let err = format!("{:#}", load(dir.path()).unwrap_err());
+            assert!(err.contains(name), "{err}");
+            std::fs::remove_file(&path).unwrap();
+            if name == "applied.log" {
+                // The checkpoint alone again, for the next case.
+                let (mut ld, local) = LocalDir::open(dir.path()).unwrap();
+                ld.checkpoint(&local.state, 5, dataset()).unwrap();
+            }
+        }
+    }
+
+    /// A log record at LSN u64::MAX (after a checkpoint at u64::MAX - 1)
+    /// is refused naming the file: no LSN follows it.
+    #[test]
+    fn a_log_record_at_the_last_lsn_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ld, local) = LocalDir::open(dir.path()).unwrap();
+        ld.checkpoint(&local.state, u64::MAX - 1, dataset())
+            .unwrap();
+        drop(ld);
+        let mut rec = Vec::new();
+        let payload = batch::encode(&[batch::Op::put(b"k".to_vec(), b"v".to_vec())]).unwrap();
+        encode_record(u64::MAX, &payload, &mut rec);
+        append_to_log(&dir, &rec);
+        let err = format!("{:#}", load(dir.path()).unwrap_err());
+        assert!(
+            err.contains("applied.log") && err.contains("past any LSN"),
+            "{err}"
+        );
     }
 
     /// Two `replicate` processes into one directory would append the same
