@@ -75,6 +75,10 @@ fn parse_line(line: &str) -> Result<Vec<Op>> {
 /// the format allows (64 MiB), as base64 in JSON, with room to spare.
 const MAX_LINE_BYTES: u64 = 128 << 20;
 
+/// Batch bytes committed together at most (with one fsync): a group of
+/// large lines is not held in memory whole.
+const MAX_GROUP_BYTES: usize = 64 << 20;
+
 /// Commits stdin's lines to the WAL at `wal`; exit 1 at the first bad line.
 pub(crate) fn write(wal: PathBuf) -> Result<ExitCode> {
     use std::io::{BufRead as _, Read as _};
@@ -86,6 +90,7 @@ pub(crate) fn write(wal: PathBuf) -> Result<ExitCode> {
         // Every line already read is committed with one fsync (group
         // commit); a line on its own (interactive input) is committed at once.
         let mut group: Vec<Vec<u8>> = Vec::new();
+        let mut group_bytes = 0;
         let mut bad: Option<(usize, anyhow::Error)> = None;
         let mut eof = false;
         loop {
@@ -111,17 +116,26 @@ pub(crate) fn write(wal: PathBuf) -> Result<ExitCode> {
                 break;
             };
             if !line.trim().is_empty() {
+                let max = walcast_core::segment::MAX_RECORD_LEN;
                 match parse_line(line.trim_end())
                     .and_then(|ops| walcast_core::batch::encode(&ops).map_err(anyhow::Error::new))
-                {
-                    Ok(p) => group.push(p),
+                    .and_then(|p| match p.len() as u64 {
+                        n if n > max => Err(anyhow!(
+                            "a batch of {n} bytes, above the {max} a record may hold"
+                        )),
+                        _ => Ok(p),
+                    }) {
+                    Ok(p) => {
+                        group_bytes += p.len();
+                        group.push(p);
+                    }
                     Err(e) => {
                         bad = Some((lineno, e));
                         break;
                     }
                 }
             }
-            if input.buffer().is_empty() || group.len() >= 4096 {
+            if input.buffer().is_empty() || group.len() >= 4096 || group_bytes >= MAX_GROUP_BYTES {
                 break;
             }
         }

@@ -107,6 +107,30 @@ fn a_line_that_is_not_utf8_is_named_and_the_lines_before_it_committed() {
     assert_eq!(out.stdout_str().trim(), "{\"lsn\":1}", "{}", out.describe());
 }
 
+/// `walcast write` with a good line, then one whose batch (two values of
+/// 40 MiB) is larger than a record may hold though the line is within the
+/// line limit: the error names line 2, and line 1 is committed (the group
+/// it was read with was refused whole before).
+#[test]
+fn a_batch_larger_than_a_record_is_named_and_the_lines_before_it_committed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wal = tmp.path().join("wal");
+    let mut input = b"{\"op\":\"put\",\"key\":\"a\",\"value\":\"1\"}\n".to_vec();
+    let big = "v".repeat(40 << 20);
+    input.extend_from_slice(
+        format!("{{\"batch\":[{{\"op\":\"put\",\"key\":\"x\",\"value\":\"{big}\"}},{{\"op\":\"put\",\"key\":\"y\",\"value\":\"{big}\"}}]}}\n")
+            .as_bytes(),
+    );
+    let out = run(&["write", "--wal", p(&wal)], &Env::new(), Some(&input));
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    assert!(
+        out.stderr.contains("line 2") && out.stderr.contains("a record may hold"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(out.stdout_str().trim(), "{\"lsn\":1}", "{}", out.describe());
+}
+
 /// The longest line `walcast write` takes (its MAX_LINE_BYTES).
 const MAX_LINE_BYTES: usize = 128 << 20;
 
