@@ -77,6 +77,22 @@ fn log_header(base: u64, id: DatasetId) -> [u8; LOG_HEADER] {
     h
 }
 
+/// Removes the temporary files of atomic writes (`.tmp…`) in `dir` that a
+/// process killed mid-write left behind.
+fn sweep_temp_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with(".tmp") && e.file_type().is_ok_and(|t| t.is_file()) {
+            if let Err(err) = std::fs::remove_file(e.path()) {
+                tracing::warn!("{}: not removed ({err})", e.path().display());
+            }
+        }
+    }
+}
+
 impl LocalDir {
     /// Opens (creating) `dir` and loads what it holds.
     pub fn open(dir: &Path) -> Result<(LocalDir, Local)> {
@@ -89,7 +105,9 @@ impl LocalDir {
             .open(&lockp)
             .with_context(|| format!("opening {}", lockp.display()))?;
         match lock.try_lock() {
-            Ok(()) => {}
+            // Held: temporary files a killed checkpoint left (each as large
+            // as the state) are no one's now.
+            Ok(()) => sweep_temp_files(dir),
             Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
                 "another `walcast replicate` holds {}: one process replicates into a directory \
                  at a time (`get` and `scan --local` read it beside that one)",
@@ -536,6 +554,19 @@ mod tests {
                 ld.checkpoint(&local.state, 5, dataset()).unwrap();
             }
         }
+    }
+
+    /// A checkpoint's temporary file left by a process killed mid-write is
+    /// removed when the directory is next opened for writing.
+    #[test]
+    fn temporary_files_a_killed_checkpoint_left_are_removed() {
+        let dir = checkpointed_at_5();
+        let tmp = dir.path().join(".tmpAbC123");
+        std::fs::write(&tmp, vec![0u8; 4096]).unwrap();
+        let (_ld, local) = LocalDir::open(dir.path()).unwrap();
+        assert_eq!(local.applied, 5);
+        assert!(!tmp.exists(), "the temporary file stays");
+        assert!(dir.path().join("state.wsnap").exists());
     }
 
     /// A log record at LSN u64::MAX (after a checkpoint at u64::MAX - 1)
