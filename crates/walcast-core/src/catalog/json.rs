@@ -366,8 +366,7 @@ fn parse<T>(what: &str, bytes: &[u8], read: fn(&mut Cursor) -> R<T>) -> Result<T
         })
         .map_err(|at| {
             DecodeError::Json(format!(
-                "{what} is not a catalog JSON object (malformed, or a member missing \
-                 or of the wrong type or range) at offset {at}"
+                "{what} is not a valid catalog JSON object (at offset {at})"
             ))
         })
 }

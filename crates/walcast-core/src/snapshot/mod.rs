@@ -450,6 +450,25 @@ impl SnapshotDecoder {
         }
         self.buf.drain(..used);
         self.at += used as u64;
+        if self.phase == Phase::IndexTail {
+            // The index names each data block read by its first key and
+            // handle (at most twice: partitions and the top index), then
+            // the footer: no more is kept, whatever size was claimed.
+            let most = 4096
+                + self
+                    .blocks
+                    .iter()
+                    .map(|(k, _)| 2 * (k.len() as u64 + 64))
+                    .sum::<u64>();
+            if self.buf.len() as u64 > most {
+                return Err(DecodeError::TooLarge {
+                    what: "snapshot index",
+                    at: self.at,
+                    len: self.buf.len() as u64,
+                    limit: most,
+                });
+            }
+        }
         Ok(())
     }
 

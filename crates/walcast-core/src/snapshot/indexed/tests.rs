@@ -210,6 +210,51 @@ fn a_forged_block_with_a_valid_crc_is_untrusted() {
     assert!(matches!(err, DecodeError::Digest { .. }), "{err}");
 }
 
+/// A block-indexed snapshot decoded whole keeps no more after its data
+/// blocks than their index and a footer take, whatever size was claimed:
+/// junk past them (a size a hostile head claimed) fails as it arrives,
+/// not at the end; real snapshots of every shape still decode.
+#[test]
+fn the_bytes_after_the_data_blocks_are_bounded_by_their_index() {
+    for (n, vlen) in [(0, 0), (1, 10), (20_000, 50), (3_000, 2_000)] {
+        let s = state(n, vlen);
+        for opts in [
+            IndexedOptions::default(),
+            IndexedOptions {
+                block_bytes: 1024,
+                index_block_bytes: 512,
+            },
+        ] {
+            let file = encode_indexed(&s, 1, 1, DatasetId([1; 16]), opts);
+            let mut d = crate::snapshot::SnapshotDecoder::new();
+            for c in file.chunks(7_777) {
+                d.feed(c).unwrap();
+            }
+            assert_eq!(d.finish(None).unwrap().1.len(), s.len());
+        }
+    }
+    let empty = encode_indexed(
+        &state(0, 0),
+        1,
+        1,
+        DatasetId([1; 16]),
+        IndexedOptions::default(),
+    );
+    let mut d = crate::snapshot::SnapshotDecoder::new();
+    d.feed(&empty[..HEADER_LEN as usize]).unwrap();
+    let junk = vec![0u8; 1 << 20];
+    let mut fed = 0;
+    let err = loop {
+        match d.feed(&junk) {
+            Ok(()) => fed += junk.len(),
+            Err(e) => break e,
+        }
+        assert!(fed < 64 << 20, "64 MiB of junk kept");
+    };
+    assert!(fed < 1 << 20, "{fed} bytes kept: {err}");
+    assert!(err.to_string().contains("snapshot index"), "{err}");
+}
+
 #[test]
 fn the_cache_stays_within_its_bytes() {
     let s = state(20_000, 50);
