@@ -88,6 +88,7 @@ export function restoreRecord(wasmOpts, rec, key) {
     });
   }
   let damage = null;
+  let otherDataset = false;
   try {
     const got = w.status().appliedLsn;
     // A key-value replica never opens at an LSN with no keys and no log
@@ -107,7 +108,8 @@ export function restoreRecord(wasmOpts, rec, key) {
     // another program's) would have every later write refused as that
     // dataset's.
     const base = w.status().datasetId ?? null;
-    if (rec.datasetId != null && rec.datasetId !== base) why ??= `it names dataset ${String(rec.datasetId).slice(0, 40)}, its base ${base}`;
+    otherDataset = rec.datasetId != null && rec.datasetId !== base;
+    if (otherDataset) why ??= `it names dataset ${String(rec.datasetId).slice(0, 40)}, its base ${base}`;
     const d = chunks ? w.restoreDamage() : undefined;
     if (d || why || (chunks && got < claim)) {
       const text = d ? d.message : (why ?? `its log ends at LSN ${got}`);
@@ -121,7 +123,9 @@ export function restoreRecord(wasmOpts, rec, key) {
     w.free();
     throw e;
   }
-  return { w, damage };
+  // `replace`: the record names another dataset than its base (the next
+  // write must replace it).
+  return { w, damage, replace: otherDataset };
 }
 
 /** Bytes of a persisted value (never a string: a persisted copy holds bytes), or null. */

@@ -518,18 +518,19 @@ export class Replica {
         await readyEngine();
         try {
           let damage = null;
+          let replace = false;
           w = construct(() => {
             const r = restoreRecord(wasmOpts, rec, storeKey(url, wasmOpts));
             damage = r.damage;
+            replace = r.replace;
             return r.w;
           });
           restored = rec;
           if (damage) {
             // Whatever it claimed, the store holds the state at the LSN reopened at.
             const at = w.status().appliedLsn;
-            const ds = w.status().datasetId ?? null;
             // A record naming another dataset than its base is replaced.
-            restored = { appliedLsn: at, datasetId: rec.datasetId, damaged: true, repairOf: rec.appliedLsn, replace: rec.datasetId != null && rec.datasetId !== ds };
+            restored = { appliedLsn: at, datasetId: rec.datasetId, damaged: true, repairOf: rec.appliedLsn, replace };
             reportTo(options.onError, damage);
           }
         } catch (e) {

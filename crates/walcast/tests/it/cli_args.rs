@@ -92,15 +92,22 @@ fn snapshot_bytes_without_snapshots_is_not_silently_ignored() {
 /// line, as for a line of bad JSON.
 #[test]
 fn a_line_that_is_not_utf8_is_named_and_the_lines_before_it_committed() {
+    let mut bad = b"{\"op\":\"put\",\"key\":\"b\",\"value\":\"\xff\"}\n".to_vec();
+    bad.extend_from_slice(b"{\"op\":\"put\",\"key\":\"c\",\"value\":\"3\"}\n");
+    line_2_is_refused_and_line_1_committed(&bad, "UTF-8");
+}
+
+/// Writes a good line and then `rest` with `walcast write`: exit 1, an
+/// error naming line 2 and saying `why`, and line 1 committed alone.
+fn line_2_is_refused_and_line_1_committed(rest: &[u8], why: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let wal = tmp.path().join("wal");
     let mut input = b"{\"op\":\"put\",\"key\":\"a\",\"value\":\"1\"}\n".to_vec();
-    input.extend_from_slice(b"{\"op\":\"put\",\"key\":\"b\",\"value\":\"\xff\"}\n");
-    input.extend_from_slice(b"{\"op\":\"put\",\"key\":\"c\",\"value\":\"3\"}\n");
+    input.extend_from_slice(rest);
     let out = run(&["write", "--wal", p(&wal)], &Env::new(), Some(&input));
     assert_eq!(out.code, Some(1), "{}", out.describe());
     assert!(
-        out.stderr.contains("line 2") && out.stderr.contains("UTF-8"),
+        out.stderr.contains("line 2") && out.stderr.contains(why),
         "{}",
         out.describe()
     );
@@ -113,22 +120,9 @@ fn a_line_that_is_not_utf8_is_named_and_the_lines_before_it_committed() {
 /// it was read with was refused whole before).
 #[test]
 fn a_batch_larger_than_a_record_is_named_and_the_lines_before_it_committed() {
-    let tmp = tempfile::tempdir().unwrap();
-    let wal = tmp.path().join("wal");
-    let mut input = b"{\"op\":\"put\",\"key\":\"a\",\"value\":\"1\"}\n".to_vec();
     let big = "v".repeat(40 << 20);
-    input.extend_from_slice(
-        format!("{{\"batch\":[{{\"op\":\"put\",\"key\":\"x\",\"value\":\"{big}\"}},{{\"op\":\"put\",\"key\":\"y\",\"value\":\"{big}\"}}]}}\n")
-            .as_bytes(),
-    );
-    let out = run(&["write", "--wal", p(&wal)], &Env::new(), Some(&input));
-    assert_eq!(out.code, Some(1), "{}", out.describe());
-    assert!(
-        out.stderr.contains("line 2") && out.stderr.contains("a record may hold"),
-        "{}",
-        out.describe()
-    );
-    assert_eq!(out.stdout_str().trim(), "{\"lsn\":1}", "{}", out.describe());
+    let line = format!("{{\"batch\":[{{\"op\":\"put\",\"key\":\"x\",\"value\":\"{big}\"}},{{\"op\":\"put\",\"key\":\"y\",\"value\":\"{big}\"}}]}}\n");
+    line_2_is_refused_and_line_1_committed(line.as_bytes(), "a record may hold");
 }
 
 /// The longest line `walcast write` takes (its MAX_LINE_BYTES).
