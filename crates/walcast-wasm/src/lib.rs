@@ -416,7 +416,7 @@ impl WasmReplica {
         let cfg = parse_options(&options)?;
         if cfg.lazy_cache_bytes.is_some() {
             return Err(invalid(
-                "walcast: a lazy replica cannot start from a whole state; open it with load: \"full\"",
+                "walcast: a lazy replica holds no whole state (open it with load: \"full\")",
             ));
         }
         let chunks: Vec<Vec<u8>> = chunks
@@ -921,7 +921,7 @@ impl WasmReplica {
     pub fn snapshot(&self) -> Result<Uint8Array, JsValue> {
         if self.lazy {
             return Err(invalid(
-                "walcast: a lazy replica holds no whole state to snapshot (open it with load: \"full\")",
+                "walcast: a lazy replica holds no whole state (open it with load: \"full\")",
             ));
         }
         let r = self.replica.borrow();

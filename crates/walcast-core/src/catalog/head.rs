@@ -123,7 +123,8 @@ impl Head {
         .and_then(|h| u32::from_str_radix(h, 16).ok())
         .ok_or_else(|| {
             DecodeError::Json(
-                "the head does not start with {\"crc32\":\"<8 hex digits>\", (nor is it gzip this reader decodes)".into(),
+                "the head is not gzip and does not start with {\"crc32\":\"<8 hex digits>\","
+                    .into(),
             )
         })?;
         crate::codec::check_crc(

@@ -17,6 +17,11 @@ pub(super) struct Bootstrap {
     pub(super) decoder: SnapshotDecoder,
     pub(super) next: u64,
     pub(super) inflight: bool,
+    /// A lazy replica past the snapshot holds writes after it in a delta
+    /// chain that starts below it: the chain enters the overlay (read
+    /// whole) before the load starts, so that the state stays at the
+    /// replica's LSN instead of going back to the snapshot's.
+    pub(super) chain: bool,
 }
 
 impl Replica {
@@ -148,7 +153,15 @@ impl Replica {
                     // on top of the snapshot's state, so the state never
                     // goes back. Else the state jumps to the snapshot and
                     // the overlay starts over.
-                    let from = l.base.as_ref().map_or(l.state_lsn, |b| b.chain_end);
+                    // (A chain read into the overlay holds the writes after
+                    // its base.)
+                    let from = l.base.as_ref().map_or(l.state_lsn, |b| {
+                        if b.deltas.is_empty() {
+                            b.entry.lsn
+                        } else {
+                            b.chain_end
+                        }
+                    });
                     if self.applied > h.lsn && from <= h.lsn {
                         l.base = None;
                         l.shed_through(h.lsn);
@@ -182,6 +195,7 @@ impl Replica {
                     decoder: SnapshotDecoder::new(),
                     next: 0,
                     inflight: false,
+                    chain: false,
                     ..b
                 });
             }

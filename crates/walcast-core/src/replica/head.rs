@@ -266,12 +266,21 @@ impl Replica {
             // Answers meant for a bootstrap this one replaces are dropped.
             self.pending
                 .retain(|_, j| !matches!(j, super::Job::Snapshot { .. }));
+            let applied = self.applied;
+            let chain = self
+                .lazy
+                .as_ref()
+                .and_then(|l| l.base.as_ref())
+                .is_some_and(|b| {
+                    !b.deltas.is_empty() && b.chain_end > entry.lsn && applied > entry.lsn
+                });
             self.bootstrap = Some(Bootstrap {
                 entry,
                 dataset_id: head.dataset_id,
                 decoder: SnapshotDecoder::new(),
                 next: 0,
                 inflight: false,
+                chain,
             });
             self.head = Some(head);
             return;

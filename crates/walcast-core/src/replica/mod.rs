@@ -580,6 +580,18 @@ impl Replica {
         if let Some(a) = self.next_block_fetch() {
             return a;
         }
+        // The delta chain a whole load must not lose (see `Bootstrap::chain`),
+        // read whole first; should that fail, the load goes on without it
+        // and the state goes back to the snapshot's LSN.
+        if self.bootstrap.as_ref().is_some_and(|b| b.chain) {
+            // (A failed GET was reported when it failed.)
+            if let Some(Ok(Err(()))) = self.lazy.as_mut().map(|l| l.deltas_into_overlay()) {
+                return self.next_block_fetch().unwrap_or_else(|| self.wait(now));
+            }
+            if let Some(b) = &mut self.bootstrap {
+                b.chain = false;
+            }
+        }
         // Snapshot.
         if let Some(b) = &mut self.bootstrap {
             if !b.inflight {

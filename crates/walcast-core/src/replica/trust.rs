@@ -158,8 +158,7 @@ impl Replica {
         if let Some(d) = self.dataset.filter(|d| *d != head.dataset_id) {
             return Err(err(format!(
                 "the head is of dataset {}, but this replica follows dataset {d}; a replica \
-                 that pins keys does not switch datasets by itself (start it over without \
-                 its persisted state)",
+                 that pins keys does not switch datasets (start it without its persisted state)",
                 head.dataset_id
             )));
         }

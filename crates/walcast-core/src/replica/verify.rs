@@ -116,7 +116,7 @@ impl Replica {
         if self.trust.pinned() {
             return Err(Error::new(
                 ErrorKind::Untrusted,
-                "a range answer for a whole segment (the signed head binds whole segments only)",
+                "a range answer for a signed whole segment",
             )
             .with_object(e.key.clone())
             .with_lsn(u.from));

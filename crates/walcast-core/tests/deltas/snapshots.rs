@@ -334,3 +334,101 @@ fn a_snapshot_whose_blocks_readers_would_refuse_is_written_as_version_1() {
         .collect();
     assert!(got == want, "the snapshot holds the origin's state");
 }
+
+/// A lazy replica reading through a delta chain meets a head whose newer
+/// snapshot it cannot read by blocks (version 1) at an LSN inside that
+/// chain, below the one it applied: it reads the chain whole into its
+/// overlay before loading the snapshot, so its applied LSN never goes back
+/// and every read afterwards answers the origin's state at that LSN.
+///
+/// Should the chain be gone (deleted), the snapshot is loaded as before: the
+/// state goes back to it, and comes to the same LSN and answers again.
+#[test]
+fn a_version_1_snapshot_inside_the_chain_never_takes_a_lazy_replica_back() {
+    version_1_snapshot_inside_the_chain(false);
+    version_1_snapshot_inside_the_chain(true);
+}
+
+fn version_1_snapshot_inside_the_chain(chain_gone: bool) {
+    let (mut p, mut store, mut lsn, mut now) = loaded(PublisherConfig {
+        delta_every: Some(4),
+        ..cfg_filters()
+    });
+    let base = store.head().snapshot.unwrap().lsn;
+    let mut writes = Vec::new();
+    for i in 0..12u64 {
+        let k = format!("w:{:02}", i % 5).into_bytes();
+        let v = format!("{i}").into_bytes();
+        put(&mut p, &mut store, &mut lsn, &mut now, &k, &v);
+        writes.push((lsn, k, v));
+    }
+    let top = lsn;
+    let h = store.head();
+    let end = h.delta_lsn().unwrap();
+    assert!(!h.deltas.is_empty() && end > base + 4, "{:?}", h.deltas);
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert_eq!(r.applied_lsn(), top);
+    // A version 1 snapshot of the origin's state a little after the base,
+    // inside the chain (its first delta ends past it).
+    let at = base + 2;
+    assert!(at < end);
+    let mut st = walcast_core::state::KvState::new();
+    for i in 0..20_000u64 {
+        st.put(format!("key:{i:06}").as_bytes(), &[1u8; 100]);
+    }
+    for (l, k, v) in &writes {
+        if *l <= at {
+            st.put(k, v);
+        }
+    }
+    let v1 = walcast_core::snapshot::encode(&st, at, h.epoch, h.dataset_id);
+    let mut h2 = h.clone();
+    h2.deltas.clear();
+    let snap = h2.snapshot.as_mut().unwrap();
+    snap.lsn = at;
+    snap.key = walcast_core::catalog::snapshot_key(at, snap.epoch);
+    snap.version = 1;
+    snap.size = v1.len() as u64;
+    snap.crc32 = crc32fast::hash(&v1);
+    snap.entries = st.len();
+    snap.suffix = None;
+    snap.footer_crc32 = None;
+    h2.generation += 1;
+    store.objects.insert(snap.key.clone(), (v1, 1));
+    let etag = store.objects[HEAD_KEY].1 + 1000;
+    store
+        .objects
+        .insert(HEAD_KEY.to_string(), (h2.encode(), etag));
+    if chain_gone {
+        store.objects.retain(|k, _| object_kind(k) != Some("delta"));
+    }
+    r.sync_now(0);
+    let mut lowest = u64::MAX;
+    for _ in 0..3 {
+        settle_watching(&mut r, &store, |r| lowest = lowest.min(r.applied_lsn()));
+    }
+    if chain_gone {
+        assert_eq!(lowest, at);
+    } else {
+        assert!(
+            lowest >= top,
+            "the applied LSN went back to {lowest} from {top}"
+        );
+    }
+    assert_eq!(r.applied_lsn(), top);
+    let mut want = BTreeMap::new();
+    for (_, k, v) in &writes {
+        want.insert(k.clone(), v.clone());
+    }
+    want.insert(b"key:000007".to_vec(), vec![1u8; 100]);
+    for (k, v) in want {
+        assert_eq!(
+            read_through(&mut r, &store, &k),
+            Some(Some(v)),
+            "{}",
+            String::from_utf8_lossy(&k)
+        );
+    }
+}

@@ -71,7 +71,7 @@ impl Lazy {
 
     /// Loads every delta whole into the overlay (for scans, which read
     /// ranges rather than keys). `Err(())`: GETs are queued.
-    pub(super) fn deltas_into_overlay(&mut self) -> Result<Result<(), ()>, Error> {
+    pub(in crate::replica) fn deltas_into_overlay(&mut self) -> Result<Result<(), ()>, Error> {
         let Some(base) = self.base.as_ref() else {
             return Ok(Ok(()));
         };

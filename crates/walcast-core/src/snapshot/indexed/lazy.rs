@@ -253,7 +253,7 @@ impl LazySnapshot {
         }
         if self.expect.is_some() && !footer.has_digests() {
             return Err(DecodeError::Digest {
-                what: "snapshot footer (not version 4: no block digests to verify)",
+                what: "snapshot footer (no block digests: not version 4)",
                 at: self.size - flen,
             });
         }
