@@ -118,7 +118,7 @@ impl HttpFetch {
                 return failed(None, format!("timed out after {} ms", req.timeout_ms))
             }
             // reqwest's error names the URL: print it without the query.
-            Err(e) => return failed(None, e.without_url().to_string()),
+            Err(e) => return failed(None, error_chain(e.without_url())),
         };
         meta.long_poll_max_ms = resp
             .headers()
@@ -175,10 +175,26 @@ impl HttpFetch {
             ),
             Err(e) => failed(
                 Some(status),
-                format!("reading the body: {}", e.without_url()),
+                format!("reading the body: {}", error_chain(e.without_url())),
             ),
         }
     }
+}
+
+/// `e` and its causes, outermost first: reqwest's own text says only what
+/// failed ("error sending request"), its sources why (connection refused, a
+/// certificate, a body shorter than its `Content-Length`).
+fn error_chain(e: reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        let c_text = c.to_string();
+        if !text.ends_with(&c_text) {
+            text = format!("{text}: {c_text}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 impl Fetch for HttpFetch {

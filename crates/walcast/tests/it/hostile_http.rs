@@ -715,3 +715,35 @@ fn the_publishers_wal_check_reads_no_more_of_a_segment_than_a_replica() {
         w.logs
     );
 }
+
+/// A failed GET says why, not only what: a refused connection, and a body
+/// that ends before its `Content-Length`, keep the cause reqwest's own
+/// text leaves out.
+#[tokio::test]
+async fn http_failures_name_their_cause() {
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let f = HttpFetch::new(&format!("http://127.0.0.1:{port}")).unwrap();
+    let r = f.get(get_req(HEAD_KEY, 1000, 10_000)).await;
+    let text = describe(&r);
+    assert!(text.to_lowercase().contains("refused"), "{text}");
+
+    let server = Hostile::start(|_| {
+        Reply::new(
+            "200 OK",
+            &[("Content-Length", "1000".to_string())],
+            Body::Bytes(vec![b'x'; 10]),
+        )
+    });
+    let f = HttpFetch::new(&server.url()).unwrap();
+    let r = f.get(get_req("segments/1/x.wseg", 5000, 10_000)).await;
+    let text = describe(&r);
+    assert!(
+        text.contains("reading the body") && text.contains("before message length"),
+        "{text}"
+    );
+}
