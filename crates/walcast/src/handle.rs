@@ -624,17 +624,32 @@ fn follow(
                             *l = reader.replica().status(crate::publish::now_ms());
                         }
                     };
+                    // A read whose caller gave up (dropped its future: a
+                    // timeout, a client that hung up) leaves its turn and
+                    // its GETs at once, instead of running to its end.
                     match cmd {
-                        Cmd::Get(key, tx) => {
-                            let _turn = turns.acquire().await;
-                            let r = reader.get(&key).await.map_err(anyhow::Error::new);
-                            set_live(&reader);
-                            let _ = tx.send(r);
+                        Cmd::Get(key, mut tx) => {
+                            let read = async {
+                                let _turn = turns.acquire().await;
+                                reader.get(&key).await.map_err(anyhow::Error::new)
+                            };
+                            tokio::select! {
+                                r = read => {
+                                    set_live(&reader);
+                                    let _ = tx.send(r);
+                                }
+                                () = tx.closed() => {}
+                            }
                         }
-                        Cmd::Scan(scan, tx) => {
-                            let r = reader.scan(*scan).await.map_err(anyhow::Error::new);
-                            set_live(&reader);
-                            let _ = tx.send(r);
+                        Cmd::Scan(scan, mut tx) => {
+                            let read = reader.scan(*scan);
+                            tokio::select! {
+                                r = read => {
+                                    set_live(&reader);
+                                    let _ = tx.send(r.map_err(anyhow::Error::new));
+                                }
+                                () = tx.closed() => {}
+                            }
                         }
                     }
                 });

@@ -331,3 +331,136 @@ async fn reads_after_the_replica_stopped_on_an_error_name_the_error() {
     }
     h.close().await;
 }
+
+/// A dataset's directory served over HTTP with `Range`, whose snapshot GETs
+/// wait while the gate is shut: a store that stalls the blocks lazy reads
+/// need, and then recovers.
+struct GatedStore {
+    url: String,
+    open: tokio::sync::watch::Sender<bool>,
+    snapshot_gets: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl GatedStore {
+    async fn start(dir: std::path::PathBuf) -> GatedStore {
+        use axum::http::{header, HeaderMap, StatusCode, Uri};
+        use axum::response::IntoResponse;
+        use std::sync::atomic::Ordering;
+        let (open, gate) = tokio::sync::watch::channel(true);
+        let snapshot_gets = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = snapshot_gets.clone();
+        let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
+            let (dir, mut gate, count) = (dir.clone(), gate.clone(), count.clone());
+            async move {
+                let path = uri.path().trim_start_matches('/').to_string();
+                if path.starts_with("snapshots/") {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let _ = gate.wait_for(|open| *open).await;
+                }
+                let Ok(body) = std::fs::read(dir.join(&path)) else {
+                    return StatusCode::NOT_FOUND.into_response();
+                };
+                let len = body.len() as u64;
+                let range = headers
+                    .get(header::RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|r| r.strip_prefix("bytes="))
+                    .and_then(|r| r.split_once('-'))
+                    .map(
+                        |(a, b)| match (a.parse::<u64>().ok(), b.parse::<u64>().ok()) {
+                            (Some(a), Some(b)) => (a, (b + 1).min(len)),
+                            (Some(a), None) => (a, len),
+                            (None, Some(n)) => (len.saturating_sub(n), len),
+                            (None, None) => (0, len),
+                        },
+                    );
+                match range {
+                    None => (StatusCode::OK, body).into_response(),
+                    Some((a, b)) if a < b => (
+                        StatusCode::PARTIAL_CONTENT,
+                        [(header::CONTENT_RANGE, format!("bytes {a}-{}/{len}", b - 1))],
+                        body[a as usize..b as usize].to_vec(),
+                    )
+                        .into_response(),
+                    Some(_) => StatusCode::RANGE_NOT_SATISFIABLE.into_response(),
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        GatedStore {
+            url,
+            open,
+            snapshot_gets,
+        }
+    }
+
+    fn gets(&self) -> u64 {
+        self.snapshot_gets.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Reads whose callers gave up (a timeout dropped the future, as a server
+/// does for a client that hung up) leave the replica at once: over a store
+/// that stalls the snapshot's blocks, 64 reads given up send no GET once
+/// it answers again, and a new read is answered then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_given_up_by_their_callers_send_no_more_gets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wal = tmp.path().join("wal");
+    let ds = tmp.path().join("ds");
+    let mut rng = Rng::new(21);
+    let opts = GenOpts {
+        keys: 5_000,
+        max_value: 300,
+        max_ops: 40,
+        ..GenOpts::default()
+    };
+    let batches = gen_batches(&mut rng, 400, opts);
+    write(&wal, &batches);
+    publish_once(
+        &wal,
+        &file_url(&ds),
+        &["--snapshot-every", "400"],
+        &Env::new(),
+    )
+    .ok();
+    let store = GatedStore::start(ds.clone()).await;
+    let h = ReplicaHandle::open(
+        &store.url,
+        ReplicaOptions {
+            lazy_cache_bytes: Some(64 << 10),
+            follow: false,
+            ..ReplicaOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    store.open.send_replace(false);
+    let reads = (0..64u64).map(|i| {
+        let h = &h;
+        async move {
+            let key = support::key_of(i * 77);
+            tokio::time::timeout(Duration::from_millis(200), h.get(&key)).await
+        }
+    });
+    let given_up = futures::future::join_all(reads).await;
+    assert!(given_up.iter().all(Result::is_err), "the store stalls");
+    let stalled = store.gets();
+    assert!(stalled > 0);
+    store.open.send_replace(true);
+    // Time for reads still running to send their next GETs (none should).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        store.gets(),
+        stalled,
+        "snapshot GETs sent for reads given up after the store answered again"
+    );
+    let v = tokio::time::timeout(Duration::from_secs(30), h.get(b"k0102"))
+        .await
+        .expect("a new read is answered");
+    v.unwrap();
+    assert!(store.gets() > stalled);
+    h.close().await;
+}
