@@ -5,8 +5,9 @@
 //!
 //! Run: `cargo run --example rust-origin -- --wal /tmp/origin-wal --to file:///tmp/origin-ds [--visits N]`
 //!
-//! With `--visits N` it stops after N visits (publishing them all first);
-//! otherwise it records one visit every 100 ms until Ctrl-C.
+//! With `--visits N` it stops after N more visits (publishing them all
+//! first); otherwise it records one visit every 100 ms until Ctrl-C. Run
+//! again over the same WAL, the counters go on from the values it holds.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -49,11 +50,30 @@ async fn main() -> Result<()> {
         }
     });
 
+    // The counters go on from what the WAL holds (a restart with the same
+    // `--wal`): the newest value each one was given.
     let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut n = 0u64;
+    let mut log = walcast::wal::WalReader::open(std::path::Path::new(&wal))?;
+    while let Some((lsn, payload)) = log.next_record()? {
+        let ops = walcast_core::batch::decode(&payload)
+            .with_context(|| format!("{wal}: the batch at LSN {lsn}"))?;
+        for op in ops {
+            if let walcast_core::batch::OpRef::Put(k, v) = op {
+                let page = PAGES.iter().find(|p| k == format!("views:{p}").as_bytes());
+                if let (Some(page), Some(count)) = (
+                    page,
+                    std::str::from_utf8(v).ok().and_then(|v| v.parse().ok()),
+                ) {
+                    counts.insert(page, count);
+                }
+            }
+        }
+    }
+    let mut n: u64 = counts.values().sum();
+    let stop_at = visits.map(|v| n + v);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
-        if visits.is_some_and(|v| n >= v) {
+        if stop_at.is_some_and(|v| n >= v) {
             break;
         }
         tokio::select! {

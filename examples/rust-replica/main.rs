@@ -94,8 +94,15 @@ async fn get_key(State(r): State<Shared>, Path(key): Path<String>) -> Response {
 async fn scan(State(r): State<Shared>, RawQuery(q): RawQuery) -> Response {
     let q = params(q);
     let prefix = q.get("prefix").map(String::as_str).unwrap_or("");
-    let limit = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(100);
-    match r.scan_prefix(prefix.as_bytes(), limit).await {
+    // A page: at most 1,000 entries and 4 MiB of keys and values, whatever
+    // the client asks (a scan holds its page in memory while it runs).
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(100)
+        .min(1_000);
+    let page = walcast_core::replica::LazyScan::prefix(prefix.as_bytes(), limit).max_bytes(4 << 20);
+    match r.scan_with(page).await {
         Ok(entries) => entries
             .iter()
             .map(|(k, v)| {

@@ -7,9 +7,10 @@
 //! machine applies in LSN order, and waits as the machine says.
 //!
 //! It is runtime-agnostic: no tokio, no threads. The caller supplies the
-//! clock and the timer ([`Timer`]), so the same driver runs natively (tokio)
-//! and in wasm32 (JS timers and the runtime's global `fetch`). Futures need
-//! not be `Send`.
+//! clock and the timer ([`Timer`]), and futures need not be `Send`: the
+//! native replica (the `walcast` crate) drives it on tokio, and any other
+//! executor can. (The npm package does not use it: its JS drives the wasm
+//! machine itself, through the runtime's `fetch`.)
 
 use std::cell::{Ref, RefCell};
 use std::future::Future;
@@ -147,7 +148,7 @@ type Next<'a> = Pin<Box<dyn Future<Output = Option<Answer>> + 'a>>;
 /// Drives a [`Replica`] through a [`Fetch`] seam and a [`Timer`].
 ///
 /// The machine is shared (`Rc<RefCell<_>>`) and borrowed only between
-/// awaits, so readers (a JS `get()`, a worker's request handler) can use the
+/// awaits, so readers (a request handler on the same thread) can use the
 /// state while a sync is in flight.
 #[derive(Debug)]
 pub struct Driver<F, T> {
@@ -192,7 +193,9 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
     /// error it returns stops the run. With [`Until::CaughtUp`], returns the
     /// applied LSN once the replica holds everything committed as of the head
     /// read after the call; with [`Until::Stopped`], returns when `stop`
-    /// resolves.
+    /// resolves. Either way, should `stop` resolve first, it returns the LSN
+    /// applied by then, caught up or not (the machine's
+    /// [`status`](Replica::status) tells: `committed_lsn`).
     pub async fn run<E>(
         &mut self,
         until: Until,
@@ -213,7 +216,11 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
             now: timer.now_ms(),
         };
         if until == Until::CaughtUp {
-            replica.borrow_mut().sync_now(timer.now_ms());
+            let mut r = replica.borrow_mut();
+            // Errors of reads made while no run took them are not this
+            // run's: it returns the first error it meets.
+            r.forget_errors();
+            r.sync_now(timer.now_ms());
         }
         loop {
             let now = timer.now_ms();
@@ -683,6 +690,41 @@ mod tests {
                 "k000007", "k000009"
             ]
         );
+    }
+
+    /// A seam whose snapshot GETs answer 404 while `.1` is set.
+    struct Missing(Mem, Cell<bool>);
+
+    impl Fetch for Missing {
+        fn get(&self, req: GetRequest) -> impl Future<Output = GetResponse> {
+            let gone = self.1.get() && req.key.starts_with("snapshots/");
+            let resp = self.0.get(req);
+            async move {
+                if gone {
+                    GetResponse::NotFound
+                } else {
+                    resp.await
+                }
+            }
+        }
+    }
+
+    /// Lazy reads that failed while no run was going (their snapshot gone,
+    /// then back) leave no error for the next sync to return unread: it
+    /// reads the head and returns the LSN.
+    #[test]
+    fn errors_of_reads_no_run_took_do_not_end_the_next_sync() {
+        let mut driver = lazy_driver(Missing(Mem(lazy_objects(), Cell::new(0)), Cell::new(true)));
+        for _ in 0..6 {
+            assert!(block_on(driver.get(b"k012345")).is_err());
+        }
+        driver.fetch().1.set(false);
+        let gets = driver.fetch().0 .1.get();
+        let lsn = block_on(driver.run(Until::CaughtUp, future::pending(), |_, _| Ok::<(), ()>(())));
+        assert_eq!(lsn.unwrap(), 2);
+        assert!(driver.fetch().0 .1.get() > gets, "the sync read the head");
+        let v = block_on(driver.get(b"k012345")).unwrap();
+        assert_eq!(v.as_deref(), Some(&[12345u32 as u8; 40][..]));
     }
 
     /// A seam whose GETs of keys starting with `.2` wait for ever while

@@ -402,7 +402,11 @@ impl ReplicaHandle {
         }
     }
 
-    /// Stops following and waits for the replica's thread to end.
+    /// Stops following and waits for the replica's thread to end (which
+    /// releases a [`ReplicaOptions::local`] directory: a handle only dropped
+    /// stops its thread without waiting, so the directory may stay locked a
+    /// moment). Needs a Tokio runtime, as [`wait_for`](Self::wait_for) does;
+    /// the other calls run under any executor.
     pub async fn close(self) {
         let _ = self.finish().await;
     }

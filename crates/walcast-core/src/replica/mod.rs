@@ -514,6 +514,14 @@ impl Replica {
         self.failure_streak = 0;
     }
 
+    /// Drops the [`Event::Error`]s queued and not yet taken by
+    /// [`poll`](Self::poll): failures of lazy reads while no sync ran. Call
+    /// before [`sync_now`](Self::sync_now) when that sync ends on the first
+    /// error it meets, so that it reports its own, not an older one.
+    pub fn forget_errors(&mut self) {
+        self.events.retain(|e| !matches!(e, Event::Error(_)));
+    }
+
     /// The next thing to do. Call after every input until it returns
     /// [`Action::Wait`].
     pub fn poll(&mut self, now: u64) -> Action {

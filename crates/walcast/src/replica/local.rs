@@ -109,8 +109,9 @@ impl LocalDir {
             // as the state) are no one's now.
             Ok(()) => sweep_temp_files(dir),
             Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
-                "another `walcast replicate` holds {}: one process replicates into a directory \
-                 at a time (`get` and `scan --local` read it beside that one)",
+                "another `walcast replicate` (or a replica handle not yet closed) holds {}: one \
+                 replica writes a directory at a time (`get` and `scan --local` read it beside \
+                 that one)",
                 lockp.display()
             ),
             // A file system without locks (NFS without a lock daemon, some

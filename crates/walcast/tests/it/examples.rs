@@ -123,13 +123,15 @@ fn rust_origin_publishes_and_rust_replica_serves_reads() {
     }
 
     // A replica that follows a second run of the origin: /wait resolves
-    // once the new LSN is applied.
+    // once the new LSN is applied, and the counters went on from the WAL's.
     let (mut p, addr) = replica(&url, &[], &logs);
     let out = origin(&wal, &url, 3, &logs);
     assert!(out.contains("\"committed_lsn\":43"), "{out}");
     let (code, body) = get(&addr, "/wait?lsn=43");
     assert_eq!(code, 200, "{body}\n{}", p.logs());
-    assert_eq!(get(&addr, "/get/last_visit"), (200, "docs #3".into()));
+    assert_eq!(get(&addr, "/get/last_visit"), (200, "docs #43".into()));
+    assert_eq!(get(&addr, "/get/views:home"), (200, "11".into()));
+    assert_eq!(get(&addr, "/get/views:blog"), (200, "10".into()));
     assert_eq!(get(&addr, "/wait?lsn=x").0, 400);
     p.kill9();
 }
