@@ -224,17 +224,10 @@ impl ReplicaHandle {
             ..ReplicaConfig::default()
         };
         let seed = crate::publish::now_ms() ^ u64::from(std::process::id());
-        let (persist, machine) = match &options.local {
-            Some(dir) => {
-                let (persist, loaded) = Persist::open(dir)?;
-                let machine = match loaded.dataset {
-                    Some(id) => Replica::restore(cfg, seed, loaded.state, loaded.applied, id, 0),
-                    None => Replica::new(cfg, seed),
-                };
-                (Some(persist), machine)
-            }
-            None => (None, Replica::new(cfg, seed)),
-        };
+        // The local directory is read on the replica's thread (a state of
+        // gigabytes takes seconds to load): the caller's runtime goes on.
+        let local = options.local.clone();
+        let machine = Replica::new(cfg.clone(), seed);
         let counters = Arc::new(Counters::default());
         let fetch = Counted {
             inner: MeteredFetch::new(fetch, extras.metrics.clone()),
@@ -249,8 +242,8 @@ impl ReplicaHandle {
         let (done_tx, done_rx) = oneshot::channel();
         let stopped = Arc::new(Mutex::new(None));
         let stopped_thread = stopped.clone();
-        let hooks = Hooks {
-            persist,
+        let mut hooks = Hooks {
+            persist: None,
             lazy: options.lazy_cache_bytes.is_some(),
             follow: options.follow,
             prefetch: options.prefetch.clone(),
@@ -261,6 +254,34 @@ impl ReplicaHandle {
         let thread = std::thread::Builder::new()
             .name("walcast-replica".into())
             .spawn(move || {
+                let machine = match local.map(|dir| Persist::open(&dir)) {
+                    None => machine,
+                    Some(Err(e)) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                    Some(Ok((persist, loaded))) => {
+                        hooks.persist = Some(persist);
+                        match loaded.dataset {
+                            Some(id) => {
+                                let r = Replica::restore(
+                                    cfg,
+                                    seed,
+                                    loaded.state,
+                                    loaded.applied,
+                                    id,
+                                    0,
+                                );
+                                status_tx.send_replace(r.status(0));
+                                if let Ok(mut l) = live_thread.lock() {
+                                    *l = r.status(0);
+                                }
+                                r
+                            }
+                            None => machine,
+                        }
+                    }
+                };
                 let end = follow(
                     machine,
                     fetch,
