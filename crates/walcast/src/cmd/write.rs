@@ -51,23 +51,122 @@ fn parse_op(v: &serde_json::Value) -> Result<Op> {
     }
 }
 
-/// One NDJSON line into one atomic batch.
-fn parse_line(line: &str) -> Result<Vec<Op>> {
-    let v: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| anyhow!("invalid JSON: {e}"))?;
-    if let Some(b) = v.get("batch") {
-        let arr = b
-            .as_array()
-            .ok_or_else(|| anyhow!("\"batch\" must be an array"))?;
-        if arr.is_empty() {
-            bail!("empty batch");
+/// One NDJSON line into one atomic batch's payload, encoded op by op as the
+/// JSON is read: a `{"batch":[...]}` of millions of small ops holds one
+/// op's JSON tree at a time (a tree costs tens of times its text), so a
+/// line costs about twice its length however many ops it has.
+fn encode_line(line: &str) -> Result<Vec<u8>> {
+    use serde::Deserializer as _;
+    let mut de = serde_json::Deserializer::from_str(line);
+    // Room for the header (version, op count) before the ops.
+    let mut body = vec![0u8; HEADER_ROOM];
+    let read = de
+        .deserialize_any(LineVisitor { body: &mut body })
+        .and_then(|line| de.end().map(|()| line));
+    let (count, fields) = match read {
+        Ok(line) => line,
+        // Broken JSON says so; the rest says what the line lacks.
+        Err(e) if e.is_data() => bail!("{e}"),
+        Err(e) => bail!("invalid JSON: {e}"),
+    };
+    let Some(fields) = fields else {
+        return Ok(with_header(body, count));
+    };
+    let op = parse_op(&serde_json::Value::Object(fields))?;
+    walcast_core::batch::encode(&[op]).map_err(anyhow::Error::new)
+}
+
+/// Bytes kept before the ops for the header: the version and a varint.
+const HEADER_ROOM: usize = 11;
+
+/// The payload: the header written just before the ops, the room before it
+/// cut off in place.
+fn with_header(mut body: Vec<u8>, count: u64) -> Vec<u8> {
+    let mut header = vec![walcast_core::batch::VERSION];
+    let mut n = count;
+    while n >= 0x80 {
+        header.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    header.push(n as u8);
+    let at = HEADER_ROOM - header.len();
+    body[at..HEADER_ROOM].copy_from_slice(&header);
+    body.drain(..at);
+    body
+}
+
+/// A line's top-level object: `batch`, streamed into the payload, or the
+/// fields of one op. Yields the batch's op count, or the op's fields.
+struct LineVisitor<'a> {
+    body: &'a mut Vec<u8>,
+}
+
+impl<'de> serde::de::Visitor<'de> for LineVisitor<'_> {
+    type Value = (u64, Option<serde_json::Map<String, serde_json::Value>>);
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an op or a batch (a JSON object)")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        let mut fields = serde_json::Map::new();
+        let mut count = None;
+        while let Some(k) = m.next_key::<String>()? {
+            if k == "batch" && count.is_none() {
+                count = Some(m.next_value_seed(OpsSeed {
+                    body: &mut *self.body,
+                })?);
+            } else {
+                fields.insert(k, m.next_value()?);
+            }
         }
-        arr.iter()
-            .enumerate()
-            .map(|(i, op)| parse_op(op).map_err(|e| anyhow!("op {i}: {e}")))
-            .collect()
-    } else {
-        Ok(vec![parse_op(&v)?])
+        Ok(match count {
+            Some(n) => (n, None),
+            None => (0, Some(fields)),
+        })
+    }
+}
+
+/// A batch's array of ops, each parsed and encoded as it is read.
+struct OpsSeed<'a> {
+    body: &'a mut Vec<u8>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for OpsSeed<'_> {
+    type Value = u64;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<u64, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for OpsSeed<'_> {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("\"batch\" to be an array of ops")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<u64, A::Error> {
+        use serde::de::Error as _;
+        let mut i = 0u64;
+        while let Some(v) = seq.next_element::<serde_json::Value>()? {
+            let encoded = parse_op(&v)
+                .and_then(|op| walcast_core::batch::encode(&[op]).map_err(anyhow::Error::new))
+                .map_err(|e| {
+                    // (The encoder numbers the one op it was given.)
+                    let e = e.to_string();
+                    let e = e.strip_prefix("invalid_input: ").unwrap_or(&e);
+                    A::Error::custom(format!("op {i}: {}", e.strip_prefix("op 0: ").unwrap_or(e)))
+                })?;
+            // The one op, without the header of its one-op batch.
+            self.body.extend_from_slice(&encoded[2..]);
+            i += 1;
+        }
+        if i == 0 {
+            return Err(A::Error::custom("empty batch"));
+        }
+        Ok(i)
     }
 }
 
@@ -117,14 +216,12 @@ pub(crate) fn write(wal: PathBuf) -> Result<ExitCode> {
             };
             if !line.trim().is_empty() {
                 let max = walcast_core::segment::MAX_RECORD_LEN;
-                match parse_line(line.trim_end())
-                    .and_then(|ops| walcast_core::batch::encode(&ops).map_err(anyhow::Error::new))
-                    .and_then(|p| match p.len() as u64 {
-                        n if n > max => Err(anyhow!(
-                            "a batch of {n} bytes, above the {max} a record may hold"
-                        )),
-                        _ => Ok(p),
-                    }) {
+                match encode_line(line.trim_end()).and_then(|p| match p.len() as u64 {
+                    n if n > max => Err(anyhow!(
+                        "a batch of {n} bytes, above the {max} a record may hold"
+                    )),
+                    _ => Ok(p),
+                }) {
                     Ok(p) => {
                         group_bytes += p.len();
                         group.push(p);
@@ -152,6 +249,44 @@ pub(crate) fn write(wal: PathBuf) -> Result<ExitCode> {
         }
         if eof {
             return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ops of a line, read as a whole JSON tree (what the streaming
+    /// encoder must agree with).
+    fn tree_ops(line: &str) -> Vec<Op> {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        match v.get("batch") {
+            Some(b) => b
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| parse_op(o).unwrap())
+                .collect(),
+            None => vec![parse_op(&v).unwrap()],
+        }
+    }
+
+    #[test]
+    fn a_line_streamed_encodes_as_its_whole_tree() {
+        let many: Vec<String> = (0..300)
+            .map(|i| format!(r#"{{"op":"put","key":"k{i}","value":"{}"}}"#, "v".repeat(i)))
+            .collect();
+        for line in [
+            r#"{"op":"put","key":"a","value":"b"}"#.to_string(),
+            r#"{"value":"é\"\n","key":"k\u00e9","op":"put"}"#.to_string(),
+            r#"{"batch":[{"op":"delete","key_b64":"AAE="},{"op":"put","key":"x","value_b64":"/w=="}]}"#
+                .to_string(),
+            r#"{"x":1,"batch":[{"op":"delete","key":"a"}],"op":"put"}"#.to_string(),
+            format!(r#"{{"batch":[{}]}}"#, many.join(",")),
+        ] {
+            let want = walcast_core::batch::encode(&tree_ops(&line)).unwrap();
+            assert_eq!(encode_line(&line).unwrap(), want, "{line}");
         }
     }
 }
