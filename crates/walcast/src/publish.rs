@@ -133,6 +133,9 @@ pub async fn publish(
     let mut wal_checked = false;
     let mut pending_record: Option<(u64, Vec<u8>)> = None;
     let mut stop = Box::pin(stop);
+    // The error the machine reported last, until the next commit: a stop
+    // meanwhile ends the run with it (what was durable is not all out).
+    let mut failing: Option<walcast_core::Error> = None;
     loop {
         let now = now_ms();
         // Feed the WAL while the machine has room.
@@ -204,6 +207,7 @@ pub async fn publish(
                     committed_lsn,
                 } => {
                     tracing::info!(epoch, %dataset_id, committed_lsn, "claimed the dataset");
+                    failing = None;
                     check_wal_holds_head(&wal_dir, &store, m.head(), committed_lsn).await?;
                     wal_checked = true;
                     report.epoch = epoch;
@@ -220,6 +224,7 @@ pub async fn publish(
                     tracing::debug!(lsn, generation, head_bytes, "committed");
                     report.committed_lsn = lsn;
                     report.commits += 1;
+                    failing = None;
                     on_commit(lsn);
                 }
                 Event::Deleted { key } => tracing::debug!(%key, "deleted after the grace period"),
@@ -229,7 +234,13 @@ pub async fn publish(
                     }
                     bail!("{err}");
                 }
-                Event::Error(err) => tracing::warn!("{err} (retrying)"),
+                // With `once`, the machine's retries were the run's: it
+                // ends with the error, as `replicate --once` does.
+                Event::Error(err) if target.is_some() => bail!("{err}"),
+                Event::Error(err) => {
+                    tracing::warn!("{err} (retrying)");
+                    failing = Some(err);
+                }
             },
             Action::Wait { until } => {
                 if let Some(t) = target {
@@ -239,7 +250,10 @@ pub async fn publish(
                 }
                 let wait = Duration::from_millis(until.saturating_sub(now)).min(opts.tail_interval);
                 tokio::select! {
-                    () = &mut stop => return Ok(report),
+                    () = &mut stop => return match failing {
+                        Some(err) => Err(anyhow::anyhow!("stopped while failing: {err}")),
+                        None => Ok(report),
+                    },
                     Some(done) = rx.recv() => {
                         let now = now_ms();
                         match done {

@@ -138,7 +138,10 @@ impl Publisher {
             GetResponse::NotFound => Ok(None),
             GetResponse::Failed { status, message } => Err(Error::new(
                 ErrorKind::Unavailable,
-                format!("reading the head failed: {status:?} {message}"),
+                match status {
+                    Some(s) => format!("reading the head failed: HTTP {s}: {message}"),
+                    None => format!("reading the head failed: {message}"),
+                },
             )
             .with_object(HEAD_KEY)),
             other => Err(Error::new(

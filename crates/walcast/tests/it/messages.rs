@@ -543,3 +543,25 @@ fn a_reader_that_closes_stdout_ends_the_command_quietly() {
         args.join(" ")
     );
 }
+
+/// `publish --once` against a store that keeps failing ends, exit 1, with
+/// the error naming the object, once the publisher's retries are spent
+/// (it retried for ever before, as a publisher without `--once` does).
+#[test]
+fn publish_once_ends_on_a_store_that_keeps_failing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wal = tmp.path().join("wal");
+    let ds = tmp.path().join("ds");
+    // The head's key is a directory: every read of it fails.
+    std::fs::create_dir_all(ds.join("catalog/head.json")).unwrap();
+    let (code, _, err) = walcast(&["write", "--wal", p(&wal)], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let url = file_url(&ds);
+    let (code, _, err) = walcast(&["publish", "--wal", p(&wal), "--to", &url, "--once"], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("reading the head failed") && last.contains("catalog/head.json"),
+        "{err}"
+    );
+}
