@@ -409,6 +409,46 @@ fn a_host_verifying_signatures_confirms_heads_chains_and_pages() {
     HOST_VERIFIES.set(false);
 }
 
+/// What `publish` panicked with (a publisher fenced), if it did.
+fn fenced(store: &mut Store, cfg: PublisherConfig, last: u64, now: u64) -> Option<String> {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        publish(store, cfg, last, now);
+    }));
+    r.err().map(|e| {
+        e.downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_else(|| "?".into())
+    })
+}
+
+/// Signed or not stays the dataset's: a publisher without a key refuses a
+/// signed dataset unless told to drop the signature, and one with a key
+/// refuses history published unsigned (no digests to record), so neither
+/// silently leaves pinned replicas refusing everything after it.
+#[test]
+fn a_publisher_does_not_silently_sign_or_unsign_a_dataset() {
+    let mut store = Store::new();
+    let now = publish(&mut store, cfg(None, None), 10, 1_000);
+    let err = fenced(&mut store, cfg(Some(key(1)), None), 20, now).expect("refused");
+    assert!(err.contains("published unsigned"), "{err}");
+    assert!(head_of(&store).trust.is_none());
+
+    let mut store = Store::new();
+    let now = publish(&mut store, cfg(Some(key(1)), None), 10, 1_000);
+    let err = fenced(&mut store, cfg(None, None), 20, now).expect("refused");
+    assert!(
+        err.contains("is signed") && err.contains("--drop-signature"),
+        "{err}"
+    );
+    assert!(head_of(&store).trust.is_some());
+    let dropping = PublisherConfig {
+        drop_signature: true,
+        ..cfg(None, None)
+    };
+    publish(&mut store, dropping, 20, now + 10_000);
+    assert!(head_of(&store).trust.is_none());
+}
+
 #[test]
 fn an_unsigned_dataset_is_read_unpinned_and_refused_pinned() {
     let mut store = Store::new();

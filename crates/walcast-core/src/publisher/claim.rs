@@ -61,6 +61,28 @@ impl Publisher {
                     self.fence(Error::new(ErrorKind::InvalidInput, "the store returned no ETag for the head: conditional writes are impossible").with_object(HEAD_KEY));
                     return;
                 };
+                // Signed or not is the dataset's for good: a head without
+                // a signature would stop every reader that pins its key,
+                // and history published unsigned has no digests a signed
+                // head could record (those readers would refuse it too).
+                let refused = match (&h.trust, &self.cfg.signing_key) {
+                    (Some(t), None) if !self.cfg.drop_signature => Some(format!(
+                        "the dataset is signed (by {}): publish it with its signing key \
+                         (--signing-key), or unsigned from now on (--drop-signature; \
+                         replicas that pin its key then refuse it)",
+                        t.signer
+                    )),
+                    (None, Some(_)) if h.committed_lsn > 0 => Some(
+                        "the dataset was published unsigned: its objects have no digests a \
+                         signed head could record; sign a new dataset from its start instead"
+                            .to_string(),
+                    ),
+                    _ => None,
+                };
+                if let Some(msg) = refused {
+                    self.fence(Error::new(ErrorKind::InvalidInput, msg).with_object(HEAD_KEY));
+                    return;
+                }
                 // Half the range: commits go on adding one to the generation.
                 let (Some(epoch), Some(generation)) = (
                     h.epoch.checked_add(1),

@@ -148,6 +148,10 @@ pub struct PublisherConfig {
     /// new key in the head's key chain, so pinned replicas follow the
     /// rotation.
     pub previous_key: Option<crate::keys::SecretKey>,
+    /// Without `signing_key`, publish a dataset that was signed unsigned
+    /// from now on (replicas that pin its key then refuse it). Off, such a
+    /// publisher refuses a signed dataset when it claims it.
+    pub drop_signature: bool,
 }
 
 /// The layout of the snapshots a publisher writes.
@@ -200,6 +204,7 @@ impl Default for PublisherConfig {
             head_gzip: false,
             signing_key: None,
             previous_key: None,
+            drop_signature: false,
         }
     }
 }

@@ -284,6 +284,11 @@ pub(crate) struct PublishArgs {
     /// replicas that trust it follow.
     #[arg(long, value_name = "FILE", requires = "signing_key")]
     pub(crate) previous_key: Option<PathBuf>,
+    /// Publish a signed dataset unsigned from now on. Without it, a
+    /// publisher with no --signing-key refuses a signed dataset: every
+    /// replica pinned to its key (--trust) would refuse what it publishes.
+    #[arg(long, conflicts_with = "signing_key")]
+    pub(crate) drop_signature: bool,
     /// Write snapshots in version 4, whose index carries each block's
     /// SHA-256, and record its index digest in the signed head: replicas
     /// pinned with --trust then read the snapshot by blocks instead of

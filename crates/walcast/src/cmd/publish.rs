@@ -32,6 +32,7 @@ pub(crate) async fn publish(args: PublishArgs) -> Result<ExitCode> {
         retain,
         signing_key,
         previous_key,
+        drop_signature,
         verified_blocks,
         head_encoding,
         grace,
@@ -85,6 +86,7 @@ pub(crate) async fn publish(args: PublishArgs) -> Result<ExitCode> {
                 .as_deref()
                 .map(walcast::keyfile::read_secret_key)
                 .transpose()?,
+            drop_signature,
             snapshot_format: if verified_blocks {
                 walcast_core::publisher::SnapshotFormat::Verified(Default::default())
             } else {

@@ -120,8 +120,18 @@ fn signed_publish_pinned_replicas_and_rotation() {
 
     // The same dataset published unsigned again: pinned replicas refuse it
     // and keep what they have.
+    // (Refused without saying so.)
     write(&wal, 80, 90);
-    ok(&walcast(&to, None));
+    let out = walcast(&to, None);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    assert!(
+        out.stderr.contains("--drop-signature"),
+        "{}",
+        out.describe()
+    );
+    let mut args = to.to_vec();
+    args.push("--drop-signature");
+    ok(&walcast(&args, None));
     let out = replicate(&url, &pinned, &[&pub_a]);
     assert!(out.code != Some(0));
     assert!(out.stderr.as_str().contains("untrusted"));
@@ -236,7 +246,7 @@ fn lazy_reads_and_inspect_pin_keys() {
 
     // Unsigned again: pinned readers refuse it.
     write(&wal, 90, 95);
-    publish(&[]);
+    publish(&["--drop-signature"]);
     let out = get_from("user:091", &[&pub_a]);
     assert_eq!(out.code, Some(1));
     let err = out.stderr.as_str();
