@@ -180,7 +180,12 @@ async function fetchOnce(io, req, ac) {
     const longPoll = res.headers.get("walcast-long-poll");
     if (status !== 200 && status !== 206) {
       if (res.body) res.body.cancel().catch(() => {});
-      return { status, longPoll };
+      // A refused token says why (walcast serve and the worker:
+      // `error_description="expired"`, "missing", "wrong_prefix", ...).
+      const why = status === 401 || status === 403
+        ? /error_description="([^"]{1,64})"/.exec(res.headers.get("www-authenticate") ?? "")?.[1]
+        : undefined;
+      return { status, longPoll, message: why && `HTTP ${status} (${why})` };
     }
     let body = await readBounded(res, req.maxBytes + 1, ac.signal);
     if (req.key === "catalog/head.json") body = await gunzipHead(body, req.maxBytes + 1);

@@ -5,7 +5,7 @@
 //   replica does: a hostile or misconfigured server's Location never
 //   receives them.
 // - A 206 that does not say which part it is fails as the native drivers
-//   fail it.
+//   fail it; a 401 says why the token was refused (WWW-Authenticate).
 // - A wasm module whose download stalls fails the load after its deadline.
 // - A head stored gzip-compressed (`--head-encoding gzip`) is read whether
 //   the server labels it (Content-Encoding: gzip) or sends it as stored, in
@@ -55,6 +55,20 @@ test("a redirect to another origin is not followed, and that origin receives not
   } finally {
     origin.close();
     other.close();
+  }
+});
+
+test("a refused token's reason (WWW-Authenticate) is in the error", async () => {
+  const origin = await listen((req, res) =>
+    res.writeHead(401, { "www-authenticate": 'Bearer realm="walcast", error="invalid_token", error_description="expired"' }).end());
+  try {
+    const r = await Replica.open(`http://127.0.0.1:${origin.address().port}/app`);
+    const err = await syncOnce(r);
+    await r.close().catch(() => {});
+    assert.ok(err, "the sync reports an error");
+    assert.match(String(err.message), /HTTP 401 \(expired\)/, err.message);
+  } finally {
+    origin.close();
   }
 });
 

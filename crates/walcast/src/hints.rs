@@ -107,6 +107,19 @@ pub fn explain(url: &str, text: &str) -> Option<String> {
             "{url}: no valid credentials for this container: {fix}"
         ));
     }
+    if matches!(scheme, "http" | "https") && has_status(&t, "401") {
+        // walcast serve and the worker name the reason.
+        let why = text
+            .split("error_description=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .map_or(String::new(), |w| format!(" ({w})"));
+        return Some(format!(
+            "{url}: the server refused the request (HTTP 401{why}): pass a token it accepts, in \
+             the URL (`?token=…`) or as `--header 'Authorization: Bearer …'`; `walcast token` \
+             mints one"
+        ));
+    }
     if t.contains("untrusted") && t.contains("which is not trusted") {
         let signer = text
             .split("signed by ")
@@ -128,9 +141,16 @@ pub fn explain(url: &str, text: &str) -> Option<String> {
     if t.contains("catalog/head.json")
         && (t.contains("not_found") || t.contains("not found") || has_status(&t, "404"))
     {
+        // An HTTP server is read only: the publisher writes to the store
+        // behind it.
+        let to = if matches!(scheme, "http" | "https") {
+            "the store it serves (file://… for `walcast serve DIR`, s3://…)".to_string()
+        } else {
+            url.to_string()
+        };
         return Some(format!(
             "{url}: no dataset here (no catalog/head.json): check the URL, or publish one first \
-             with `walcast publish --wal DIR --to {url}`"
+             with `walcast publish --wal DIR --to {to}`"
         ));
     }
     None

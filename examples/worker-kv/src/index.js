@@ -96,7 +96,11 @@ async function route(request, env, ctx) {
     }
     case "/api/scan": {
       const prefix = url.searchParams.get("prefix") ?? "";
-      const limit = Math.floor(Math.min(Math.max(Number(url.searchParams.get("limit") ?? 100) || 0, 0), 1000));
+      const asked = url.searchParams.get("limit");
+      // A number of rows (rounded down), at most 1,000 answered.
+      const n = asked === null ? 100 : asked.trim() === "" ? NaN : Number(asked);
+      if (!(n >= 0)) return json({ error: "?limit= takes a number of rows" }, 400);
+      const limit = Math.floor(Math.min(n, 1000));
       const rows = r.scan({ prefix, limit }).map((e) => ({ key: keyText(e.key), value: text(e.value) }));
       return json({ rows, lsn });
     }

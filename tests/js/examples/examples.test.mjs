@@ -186,6 +186,10 @@ test("examples/worker-kv: wrangler dev against walcast serve answers reads, foll
     r = await get("/api/scan?prefix=city:&limit=1.5");
     assert.equal(r.status, 200, "a fractional limit is rounded down, not an uncaught exception");
     assert.equal(r.body.rows.length, 1, "limit 1.5: one row");
+    for (const bad of ["abc", "-5", ""]) {
+      r = await get(`/api/scan?prefix=city:&limit=${bad}`);
+      assert.equal(r.status, 400, `limit=${bad}: a malformed query`);
+    }
     r = await get("/api/status");
     assert.equal(r.body.appliedLsn, committed, "status: applied LSN");
 

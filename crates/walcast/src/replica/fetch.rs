@@ -145,10 +145,22 @@ impl HttpFetch {
             404 | 410 => return GetResponse::NotFound,
             416 => return GetResponse::RangeNotSatisfiable,
             s => {
+                // A refusal says why in `WWW-Authenticate` (walcast serve
+                // and the worker: `error_description="expired"`).
+                let why = resp
+                    .headers()
+                    .get("www-authenticate")
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|_| s == 401 || s == 403)
+                    .map(|v| {
+                        let v: String = v.chars().take(200).collect();
+                        format!(" (WWW-Authenticate: {v})")
+                    })
+                    .unwrap_or_default();
                 return GetResponse::Failed {
                     status: Some(s),
-                    message: format!("GET {shown}"),
-                }
+                    message: format!("GET {shown}{why}"),
+                };
             }
         };
         let etag = resp

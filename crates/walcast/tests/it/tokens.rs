@@ -341,7 +341,12 @@ fn serve_requires_a_valid_token_and_replicas_read_with_one() {
         None,
     )
     .failed();
-    assert!(out.stderr.contains("401"), "{}", out.describe());
+    // It says why, and what to pass.
+    assert!(
+        out.stderr.contains("401 (missing)") && out.stderr.contains("walcast token"),
+        "{}",
+        out.describe()
+    );
 
     // Native replicas: the token in a header, or in the dataset URL.
     let debug: Env = vec![("RUST_LOG".into(), "walcast=debug".into())];
