@@ -31,7 +31,25 @@ async fn get(f: &AnyFetch, key: &str, max_bytes: u64) -> Result<Vec<u8>> {
     match f.get(req).await {
         GetResponse::Ok { body, .. } => Ok(body),
         GetResponse::NotFound => bail!("not_found: {key} is missing"),
-        other => bail!("unavailable: GET {key}: {other:?}"),
+        other => bail!("unavailable: GET {key}: {}", answer_text(&other)),
+    }
+}
+
+/// What went wrong with an answer that is not the object, as a line.
+fn answer_text(r: &GetResponse) -> String {
+    match r {
+        GetResponse::Failed {
+            status: Some(s),
+            message,
+        } => format!("HTTP {s}: {message}"),
+        GetResponse::Failed {
+            status: None,
+            message,
+        } => message.clone(),
+        GetResponse::NotModified => "an unexpected 304".into(),
+        GetResponse::RangeNotSatisfiable => "an unexpected 416".into(),
+        GetResponse::NotFound => "not found".into(),
+        GetResponse::Ok { .. } => "an unexpected answer".into(),
     }
 }
 
@@ -92,7 +110,10 @@ async fn verify_snapshot(
                 "the file is shorter than the {} bytes the catalog states",
                 sn.size
             ),
-            other => bail!("unavailable: GET bytes {start}..{end}: {other:?}"),
+            other => bail!(
+                "unavailable: GET bytes {start}..{end}: {}",
+                answer_text(&other)
+            ),
         };
         if let Some(h) = sha.as_mut() {
             h.update(&body);

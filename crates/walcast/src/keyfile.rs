@@ -67,7 +67,8 @@ pub fn read_secret_key(path: &Path) -> Result<SecretKey> {
     if PublicKey::parse(&text).is_ok() {
         bail!(
             "{shown} holds a public key (ed25519:…), which verifies but cannot sign: give the \
-             secret key file `walcast keygen --out FILE` wrote; its public key goes to --trust"
+             secret key file `walcast keygen --out FILE` wrote (its public key goes to readers' \
+             --trust, or to `walcast serve --verify-key` for tokens)"
         );
     }
     SecretKey::parse_file(&text).map_err(|e| not_a_key(e.message()))

@@ -105,6 +105,14 @@ async fn run(cmd: Cmd) -> Result<ExitCode> {
             verify_keys,
             max_wait,
         } => {
+            // A directory, or the file:// URL the other commands take.
+            let dir = match dir.to_str().filter(|d| d.starts_with("file://")) {
+                Some(u) => url::Url::parse(u)
+                    .ok()
+                    .and_then(|u| u.to_file_path().ok())
+                    .with_context(|| format!("{u}: not a file:// URL of a local directory"))?,
+                None => dir,
+            };
             let root = dir
                 .canonicalize()
                 .with_context(|| format!("{}", dir.display()))?;

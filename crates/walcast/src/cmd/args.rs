@@ -51,7 +51,7 @@ pub(crate) enum Cmd {
     /// Serve a file:// dataset over HTTP (Range, ETag, If-None-Match, CORS, Cache-Control).
     #[command(after_help = "Examples:\n  walcast serve /tmp/dataset --addr 127.0.0.1:8787")]
     Serve {
-        /// Dataset directory.
+        /// Dataset directory (a path, or its file:// URL).
         dir: PathBuf,
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8787")]

@@ -261,7 +261,8 @@ fn lazy_reads_through_deltas_over_http() {
     let h = head(&d.ds);
     let deltas = h["deltas"].as_array().cloned().unwrap_or_default();
     assert!(!deltas.is_empty(), "deltas over the snapshot: {h}");
-    let serve = Serve::start(&d.ds);
+    // (Named by its file:// URL, as the other commands name it.)
+    let serve = Serve::start_at(&file_url(&d.ds));
     let key = deltas[0]["key"].as_str().unwrap();
     let size = deltas[0]["size"].as_u64().unwrap();
     let addr = serve.url.strip_prefix("http://").unwrap();

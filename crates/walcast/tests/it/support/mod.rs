@@ -1094,11 +1094,13 @@ pub(crate) struct Serve {
 
 impl Serve {
     pub(crate) fn start(dir: &Path) -> Serve {
+        Serve::start_at(dir.to_str().unwrap())
+    }
+
+    /// Serves `dir`, given as a path or a file:// URL.
+    pub(crate) fn start_at(dir: &str) -> Serve {
         let logs = TempDir::new().unwrap();
-        let cmd = walcast_cmd(
-            &["serve", dir.to_str().unwrap(), "--addr", "127.0.0.1:0"],
-            &Env::new(),
-        );
+        let cmd = walcast_cmd(&["serve", dir, "--addr", "127.0.0.1:0"], &Env::new());
         let mut proc = Proc::spawn("serve", cmd, logs.path());
         let deadline = Deadline::after(Duration::from_secs(20), "walcast serve start");
         loop {
@@ -1114,11 +1116,7 @@ impl Serve {
                     url.starts_with("http://127.0.0.1:"),
                     "serve must bind 127.0.0.1: {line:?}"
                 );
-                eprintln!(
-                    "walcast serve: {} on {url} (pid {:?})",
-                    dir.display(),
-                    proc.pid()
-                );
+                eprintln!("walcast serve: {dir} on {url} (pid {:?})", proc.pid());
                 return Serve {
                     url,
                     proc,
