@@ -106,6 +106,10 @@ impl fmt::Display for TokenError {
 
 impl std::error::Error for TokenError {}
 
+/// The largest `iat` or `exp` a token may carry: 2^53 - 1, the largest
+/// integer a JSON number holds exactly in JS.
+const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
+
 /// A prefix as tokens hold it: without leading or trailing `/`.
 pub fn normalize_prefix(prefix: &str) -> String {
     prefix.trim_matches('/').to_string()
@@ -185,6 +189,11 @@ pub fn verify_any(token: &str, keys: &[PublicKey], now: u64) -> Result<Claims, T
     }
     if claims.prefix != normalize_prefix(&claims.prefix) {
         return Err(malformed("prefix starts or ends with '/'"));
+    }
+    // JSON numbers a JS verifier (the worker's) reads exactly: both
+    // verifiers take the same tokens.
+    if claims.iat > MAX_SAFE_INTEGER || claims.exp > MAX_SAFE_INTEGER {
+        return Err(malformed("iat or exp above 2^53 - 1"));
     }
     if now >= claims.exp {
         return Err(TokenError::Expired {
@@ -329,6 +338,10 @@ mod tests {
             br#"{"scope":"read","prefix":"/a","iat":1,"exp":9999}"#,
             br#"{"scope":"read","prefix":""}"#,
             b"not json",
+            // Past what the worker's JS reads exactly: refused by both.
+            br#"{"scope":"read","prefix":"","iat":1,"exp":9007199254740992}"#,
+            br#"{"scope":"read","prefix":"","iat":9007199254740992,"exp":1}"#,
+            br#"{"scope":"read","prefix":"","iat":1,"exp":18446744073709551615}"#,
         ] {
             assert_eq!(
                 verify(&sign(claims), &pk[0], 1000).unwrap_err().code(),

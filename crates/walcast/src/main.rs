@@ -80,7 +80,28 @@ fn main() -> ExitCode {
 async fn run(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
         Cmd::Write { wal } => cmd::write::write(wal),
-        Cmd::Token { key, prefix, ttl } => {
+        Cmd::Token {
+            key,
+            prefix,
+            all,
+            ttl,
+        } => {
+            // An empty `$PREFIX` or a lone `/` must not quietly mean every
+            // dataset: that takes --all.
+            let prefix = match prefix {
+                Some(p) if walcast_core::token::normalize_prefix(&p).is_empty() => {
+                    anyhow::bail!(
+                        "--prefix {p:?} names no dataset: give the dataset's prefix \
+                         (`app` for app/catalog/head.json), or --all for a token that reads \
+                         every dataset"
+                    )
+                }
+                Some(p) => p,
+                None => {
+                    debug_assert!(all);
+                    String::new()
+                }
+            };
             let secret = walcast::keyfile::read_secret_key(&key)?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

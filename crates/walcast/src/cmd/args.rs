@@ -169,9 +169,13 @@ pub(crate) enum Cmd {
         /// The secret key file (`walcast keygen --out FILE`).
         #[arg(long)]
         key: PathBuf,
-        /// The dataset prefix the token reads (`app` for app/catalog/head.json; "" for all).
+        /// The dataset prefix the token reads (`app` for app/catalog/head.json).
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        prefix: Option<String>,
+        /// A token that reads every dataset the verifying server or worker
+        /// serves (its prefix is empty).
         #[arg(long)]
-        prefix: String,
+        all: bool,
         /// How long the token is valid: 90s, 15m, 1h, 7d.
         #[arg(long, default_value = "1h", value_parser = walcast_core::token::parse_ttl)]
         ttl: u64,

@@ -21,7 +21,9 @@
 //! - strong ETags `"<crc32 hex>-<len hex>"`, `If-None-Match` → 304 and a
 //!   failing `If-Match` → 412;
 //! - `Cache-Control: public, max-age=31536000, immutable` for the immutable
-//!   objects (segments, snapshots, pages) and `no-cache` for the head;
+//!   objects (segments, snapshots, pages; with access tokens, a max-age no
+//!   longer than the token has left, and `private` for a token in the
+//!   header) and `no-cache` for the head;
 //! - CORS for any origin (`*`), or only for the origins listed in
 //!   [`ServeOptions::cors_origins`] (the request's `Origin` is echoed when
 //!   listed; `Vary: Origin` is always sent), with the range/ETag headers
@@ -152,8 +154,9 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 const MAX_CONNECTIONS_LIMIT: usize = 1 << 20;
 
 const IMMUTABLE: &str = "public, max-age=31536000, immutable";
-/// [`IMMUTABLE`] for an answer to a request whose token came in a header.
-const IMMUTABLE_PRIVATE: &str = "private, max-age=31536000, immutable";
+/// [`IMMUTABLE`]'s max-age (a year, in seconds): an object read with a
+/// token is cached for at most what is left of the token's life.
+const IMMUTABLE_MAX_AGE: u64 = 31_536_000;
 const NO_CACHE: &str = "no-cache";
 const JSON: &str = "application/json";
 const OCTETS: &str = "application/octet-stream";

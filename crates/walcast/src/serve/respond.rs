@@ -36,8 +36,8 @@ pub(super) async fn respond(
             .expect("static response");
     }
     // With tokens required, nothing (not even a 404) without a valid one.
-    let token_in_header = match authorize(state, uri, headers) {
-        Ok(in_header) => in_header,
+    let access = match authorize(state, uri, headers) {
+        Ok(access) => access,
         Err(refused) => return refused,
     };
     let Some(rel) = relative_path(uri.path()) else {
@@ -115,15 +115,23 @@ pub(super) async fn respond(
         }
     }
 
-    let cache_control = match object.cache_control() {
-        IMMUTABLE if token_in_header => IMMUTABLE_PRIVATE,
-        c => c,
+    // An object read with a token is kept no longer than the token is
+    // valid (a cache would otherwise serve it, to whoever has the URL, long
+    // after the token expired), and privately when the token came in a
+    // header (the URL alone does not name who may read it).
+    let cache_control = match (object.cache_control(), access) {
+        (IMMUTABLE, Some(a)) => std::borrow::Cow::Owned(format!(
+            "{}, max-age={}, immutable",
+            if a.in_header { "private" } else { "public" },
+            a.valid_for.min(IMMUTABLE_MAX_AGE)
+        )),
+        (c, _) => std::borrow::Cow::Borrowed(c),
     };
     let mut content_type = object.content_type();
     let etag = HeaderValue::from_str(&entity.etag).expect("ETag is ASCII");
     let mut builder = Response::builder()
         .header(header::ETAG, etag)
-        .header(header::CACHE_CONTROL, cache_control)
+        .header(header::CACHE_CONTROL, cache_control.as_ref())
         .header(header::ACCEPT_RANGES, "bytes");
     // A head stored gzip-compressed (`--head-encoding gzip`) is JSON with
     // Content-Encoding: gzip for clients that accept it, else the stored
@@ -258,13 +266,26 @@ pub(super) fn accepts_gzip(headers: &HeaderMap) -> bool {
     gzip.or(any).unwrap_or(false)
 }
 
-/// Checks the request's access token when tokens are required: `Ok(true)`
-/// when it came in the `Authorization` header, `Ok(false)` when in the query
-/// (or none is needed), else the 401 to answer.
+/// A request's valid access token.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Access {
+    /// It came in the `Authorization` header (else in the query).
+    pub(super) in_header: bool,
+    /// Seconds until it expires.
+    pub(super) valid_for: u64,
+}
+
+/// Checks the request's access token when tokens are required: `Ok(None)`
+/// when none is needed, `Ok(Some(access))` for a valid one, else the 401 to
+/// answer.
 #[allow(clippy::result_large_err)]
-pub(super) fn authorize(state: &Served, uri: &Uri, headers: &HeaderMap) -> Result<bool, Response> {
+pub(super) fn authorize(
+    state: &Served,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<Option<Access>, Response> {
     if state.verify_keys.is_empty() {
-        return Ok(false);
+        return Ok(None);
     }
     let (found, in_header) = match bearer(headers) {
         Some(t) => (Some(t), true),
@@ -280,7 +301,10 @@ pub(super) fn authorize(state: &Served, uri: &Uri, headers: &HeaderMap) -> Resul
         .map_or(u64::MAX, |d| d.as_secs());
     let path = percent_decode(uri.path()).unwrap_or_else(|| uri.path().to_string());
     match token::verify_for(&found, &state.verify_keys, now, &path) {
-        Ok(_) => Ok(in_header),
+        Ok(claims) => Ok(Some(Access {
+            in_header,
+            valid_for: claims.exp.saturating_sub(now),
+        })),
         Err(e) => {
             tracing::info!(
                 path = uri.path(),

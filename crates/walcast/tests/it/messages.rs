@@ -347,7 +347,7 @@ fn a_wrong_key_file_says_which_file_to_give() {
         ];
         let line = one_line(&args, &[], wants);
         assert!(line.contains(f), "names the file: {line}");
-        one_line(&["token", "--key", f, "--prefix", ""], &[], wants);
+        one_line(&["token", "--key", f, "--all"], &[], wants);
     };
     // None there.
     publish(
@@ -564,4 +564,31 @@ fn publish_once_ends_on_a_store_that_keeps_failing() {
         last.contains("reading the head failed") && last.contains("catalog/head.json"),
         "{err}"
     );
+}
+
+/// `walcast token --prefix` that names no dataset (empty, as from an unset
+/// `$PREFIX`, or only slashes) is refused, saying that a token for every
+/// dataset takes `--all`; `--all` gives one with the empty prefix.
+#[test]
+fn a_token_for_every_dataset_takes_all() {
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("k.key");
+    let (code, _, err) = walcast(&["keygen", "--out", p(&key)], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    for prefix in ["", "/", "//"] {
+        one_line(
+            &["token", "--key", p(&key), "--prefix", prefix],
+            &[],
+            &["names no dataset", "--all"],
+        );
+    }
+    let (code, out, err) = walcast(&["token", "--key", p(&key), "--all"], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let public: walcast_core::keys::PublicKey = std::fs::read_to_string(&key)
+        .ok()
+        .and_then(|s| walcast_core::keys::SecretKey::parse_file(&s).ok())
+        .map(|k| k.public())
+        .unwrap();
+    let claims = walcast_core::token::verify(out.trim(), &public, 0).unwrap();
+    assert_eq!(claims.prefix, "");
 }
