@@ -280,7 +280,12 @@ export interface Status {
   epoch: number;
   /** The dataset id (32 hex digits) as last seen; null before the first head. */
   datasetId: string | null;
-  /** Time since the applied state was the head's (ms). */
+  /**
+   * Time since the newest head this replica read was committed (ms): how old
+   * the newest write it knows of is. On a dataset nobody writes it keeps
+   * growing while the replica is caught up (`appliedLsn === committedLsn`);
+   * `lastPollAt` then says how fresh the replica is.
+   */
   lagMs: number;
   /** When the head was last polled (ms since the epoch), or null. */
   lastPollAt: number | null;

@@ -52,7 +52,13 @@ function renderStatus() {
   const s = replica.status();
   $("applied").textContent = s.appliedLsn;
   $("committed").textContent = s.committedLsn;
-  $("lag").textContent = s.lastPollAt ? `${s.lagMs} ms` : "not synced yet";
+  // Caught up: as fresh as the last head read. Behind: how old the newest
+  // commit it knows of and has not applied yet is.
+  $("lag").textContent = !s.lastPollAt
+    ? "not synced yet"
+    : s.appliedLsn >= s.committedLsn
+      ? `caught up (head read ${Math.max(0, Date.now() - s.lastPollAt)} ms ago)`
+      : `${s.lagMs} ms behind`;
   $("state").textContent = s.state;
   $("error").textContent = s.lastError ? s.lastError.message : "none";
   $("error").className = s.lastError ? "error" : "";
