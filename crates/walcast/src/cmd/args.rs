@@ -334,7 +334,12 @@ pub(crate) struct GetArgs {
     #[arg(long = "trust", value_name = "ed25519:KEY", value_parser = parse_public_key, conflicts_with = "local")]
     pub(crate) trust: Vec<walcast_core::keys::PublicKey>,
     /// The key.
-    pub(crate) key: String,
+    #[arg(required_unless_present = "key_b64")]
+    pub(crate) key: Option<String>,
+    /// The key as base64, for keys that are not UTF-8 text (as `walcast
+    /// write` takes them in `key_b64`).
+    #[arg(long, value_name = "BASE64", conflicts_with = "key")]
+    pub(crate) key_b64: Option<String>,
 }
 
 /// The flags of `walcast scan`.

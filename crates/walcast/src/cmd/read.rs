@@ -18,15 +18,27 @@ pub(crate) async fn get(args: GetArgs) -> Result<ExitCode> {
         headers,
         trust,
         key,
+        key_b64,
     } = args;
+    let (key, shown) = match (key, key_b64) {
+        (Some(k), _) => (k.clone().into_bytes(), k),
+        (None, Some(b)) => {
+            use base64::Engine;
+            let k = base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .map_err(|e| anyhow::anyhow!("--key-b64 {b:?}: not base64 ({e})"))?;
+            (k, format!("(base64) {b}"))
+        }
+        (None, None) => bail!("give the key, or --key-b64"),
+    };
     let value = match (local, from) {
         (Some(local), _) => walcast::replica::load(&local)?
             .state
-            .get(key.as_bytes())
+            .get(&key)
             .map(<[u8]>::to_vec),
         (None, Some(url)) => {
-            let r = open_lazy(&url, headers, trust, key.as_bytes()).await?;
-            let res = r.get(key.as_bytes()).await;
+            let r = open_lazy(&url, headers, trust, &key).await?;
+            let res = r.get(&key).await;
             if stats {
                 eprintln!("{}", r.fetch_stats().to_json());
             }
@@ -41,7 +53,7 @@ pub(crate) async fn get(args: GetArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         None => {
-            eprintln!("walcast: not found: {key}");
+            eprintln!("walcast: not found: {shown}");
             Ok(ExitCode::from(1))
         }
     }

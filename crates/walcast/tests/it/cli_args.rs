@@ -266,3 +266,48 @@ fn an_unknown_head_encoding_is_a_usage_error_naming_the_choices() {
         "published anyway"
     );
 }
+
+/// A key that is not UTF-8 text (written with `key_b64`) is read with
+/// `get --key-b64`, from a replica directory and lazily from the dataset;
+/// a key given both ways is a usage error.
+#[test]
+fn a_binary_key_is_read_with_key_b64() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (wal, data, local) = (
+        tmp.path().join("wal"),
+        tmp.path().join("data"),
+        tmp.path().join("replica"),
+    );
+    let line = br#"{"op":"put","key_b64":"AAH/","value_b64":"/w=="}"#;
+    run(&["write", "--wal", p(&wal)], &Env::new(), Some(line)).ok();
+    publish_once(&wal, &data, &[]).ok();
+    let url = file_url(&data);
+    run(
+        &["replicate", &url, "--local", p(&local), "--once"],
+        &Env::new(),
+        None,
+    )
+    .ok();
+    for from in [&["--local", p(&local)][..], &["--from", &url]] {
+        let mut args = vec!["get"];
+        args.extend_from_slice(from);
+        args.extend(["--key-b64", "AAH/"]);
+        let out = run(&args, &Env::new(), None).ok();
+        assert_eq!(out.stdout, vec![0xff], "{}", out.describe());
+        let mut args = vec!["get"];
+        args.extend_from_slice(from);
+        args.extend(["--key-b64", "AAE="]);
+        let out = run(&args, &Env::new(), None).code(1);
+        assert!(
+            out.stderr.contains("not found: (base64) AAE="),
+            "{}",
+            out.describe()
+        );
+    }
+    run(
+        &["get", "--local", p(&local), "k", "--key-b64", "AAE="],
+        &Env::new(),
+        None,
+    )
+    .code(2);
+}
