@@ -245,6 +245,10 @@ pub fn parse_ttl(text: &str) -> Result<u64, String> {
     if secs == 0 {
         return Err(format!("duration {text:?} must be positive"));
     }
+    // (Its expiry must stay within what a token may carry.)
+    if secs > 1 << 52 {
+        return Err(format!("duration {text:?} is too long"));
+    }
     Ok(secs)
 }
 

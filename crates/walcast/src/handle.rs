@@ -306,7 +306,11 @@ impl ReplicaHandle {
         match ready_rx.await {
             Ok(Ok(())) => Ok(handle),
             Ok(Err(e)) => {
-                handle.close().await;
+                // Waits for the thread (and the directory it may hold) on
+                // Tokio; elsewhere the thread, told to stop, ends alone.
+                if tokio::runtime::Handle::try_current().is_ok() {
+                    handle.close().await;
+                }
                 Err(e)
             }
             Err(_) => Err(handle

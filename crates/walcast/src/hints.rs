@@ -55,6 +55,11 @@ fn no_s3_credentials(url: &str) -> String {
 /// One line for an error met on the dataset at `url`, when it is one of the
 /// common mistakes; `None` for other errors. `text` is the error's text.
 pub fn explain(url: &str, text: &str) -> Option<String> {
+    // The URL as shown: without its query, which may hold a token.
+    let url = match url.split_once('?') {
+        Some((u, _)) => &format!("{u}?…"),
+        None => url,
+    };
     let t = text.to_ascii_lowercase();
     // The text without its URLs, for the checks by word: a bucket, prefix
     // or host named like `wrong-region` or `credentials` says nothing

@@ -234,9 +234,17 @@ pub async fn publish(
                     }
                     bail!("{err}");
                 }
-                // With `once`, the machine's retries were the run's: it
-                // ends with the error, as `replicate --once` does.
-                Event::Error(err) if target.is_some() => bail!("{err}"),
+                // With `once`, an error again with no commit in between
+                // (the machine retried in between) ends the run, as
+                // `replicate --once` ends: the store keeps failing. One
+                // the publisher goes on from (a page it retires alone, a
+                // delete) is followed by a commit.
+                Event::Error(err)
+                    if failing.is_some()
+                        && target.is_some_and(|t| !wal_checked || m.committed_lsn() < t) =>
+                {
+                    bail!("{err}")
+                }
                 Event::Error(err) => {
                     tracing::warn!("{err} (retrying)");
                     failing = Some(err);
@@ -250,9 +258,16 @@ pub async fn publish(
                 }
                 let wait = Duration::from_millis(until.saturating_sub(now)).min(opts.tail_interval);
                 tokio::select! {
+                    // Stopped with durable batches unpublished while the
+                    // store was failing: say why they are not out.
                     () = &mut stop => return match failing {
-                        Some(err) => Err(anyhow::anyhow!("stopped while failing: {err}")),
-                        None => Ok(report),
+                        Some(err) if m.committed_lsn()
+                            < mark.read().ok().flatten().unwrap_or(durable).max(durable) =>
+                        Err(anyhow::anyhow!(
+                            "stopped while failing, LSN {} and after not published: {err}",
+                            m.committed_lsn() + 1
+                        )),
+                        _ => Ok(report),
                     },
                     Some(done) = rx.recv() => {
                         let now = now_ms();

@@ -166,8 +166,9 @@ impl Publisher {
     /// Stops cleanly: first waits (up to [`STOP_FLUSH_TIMEOUT`]) until
     /// everything the writer had made durable when `stop` was called is
     /// committed, then stops the task and returns what it did, or the
-    /// store's last error when it was failing as it stopped (no commit
-    /// since). Records it could not commit stay in the WAL for the next run.
+    /// store's last error when it was failing as it stopped with durable
+    /// records not committed. Records it could not commit stay in the WAL
+    /// for the next run.
     pub async fn stop(self) -> Result<PublishReport> {
         self.stop_within(STOP_FLUSH_TIMEOUT).await
     }

@@ -589,15 +589,33 @@ impl Replica {
             return a;
         }
         // The delta chain a whole load must not lose (see `Bootstrap::chain`),
-        // read whole first; should that fail, the load goes on without it
-        // and the state goes back to the snapshot's LSN.
+        // read whole first. A delta that failed is tried again after a
+        // backoff (the replica serves its state meanwhile); one gone (the
+        // chain retired and deleted) lets the load go on without it, and the
+        // state then goes back to the snapshot's LSN.
         if self.bootstrap.as_ref().is_some_and(|b| b.chain) {
-            // (A failed GET was reported when it failed.)
-            if let Some(Ok(Err(()))) = self.lazy.as_mut().map(|l| l.deltas_into_overlay()) {
-                return self.next_block_fetch().unwrap_or_else(|| self.wait(now));
+            if self.retry_at.get(0).is_none_or(|t| *t <= now) {
+                // Looked at again a poll interval on (a reader may take
+                // these GETs, and its answers wake no run), or after a
+                // failure's backoff.
+                let mut again = self.cfg.poll_interval_ms;
+                match self.lazy.as_mut().map(|l| l.deltas_into_overlay()) {
+                    Some(Ok(Err(()))) => {}
+                    Some(Err(e)) if e.kind() != ErrorKind::NotFound => {
+                        let key = e.object().unwrap_or_default().to_string();
+                        again = self.failure(&key, e);
+                    }
+                    _ => {
+                        if let Some(b) = &mut self.bootstrap {
+                            b.chain = false;
+                        }
+                        again = 0;
+                    }
+                }
+                self.retry_at.insert(0, now + again);
             }
-            if let Some(b) = &mut self.bootstrap {
-                b.chain = false;
+            if self.bootstrap.as_ref().is_some_and(|b| b.chain) {
+                return self.next_block_fetch().unwrap_or_else(|| self.wait(now));
             }
         }
         // Snapshot.

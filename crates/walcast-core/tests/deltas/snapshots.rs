@@ -340,16 +340,33 @@ fn a_snapshot_whose_blocks_readers_would_refuse_is_written_as_version_1() {
 /// chain, below the one it applied: it reads the chain whole into its
 /// overlay before loading the snapshot, so its applied LSN never goes back
 /// and every read afterwards answers the origin's state at that LSN.
+/// A delta whose whole GET fails once (503) is tried again after a backoff,
+/// and a block-indexed snapshot at the applied LSN that comes during the
+/// load ends it (its end would take the state back).
 ///
 /// Should the chain be gone (deleted), the snapshot is loaded as before: the
 /// state goes back to it, and comes to the same LSN and answers again.
 #[test]
 fn a_version_1_snapshot_inside_the_chain_never_takes_a_lazy_replica_back() {
-    version_1_snapshot_inside_the_chain(false);
-    version_1_snapshot_inside_the_chain(true);
+    for mode in [Mode::Chain, Mode::Flaky, Mode::Newer, Mode::Gone] {
+        version_1_snapshot_inside_the_chain(mode);
+    }
 }
 
-fn version_1_snapshot_inside_the_chain(chain_gone: bool) {
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Mode {
+    /// The chain is there.
+    Chain,
+    /// Each delta's whole GET fails once.
+    Flaky,
+    /// A version 2 snapshot at the applied LSN comes during the load.
+    Newer,
+    /// The chain was deleted.
+    Gone,
+}
+
+fn version_1_snapshot_inside_the_chain(mode: Mode) {
+    let chain_gone = mode == Mode::Gone;
     let (mut p, mut store, mut lsn, mut now) = loaded(PublisherConfig {
         delta_every: Some(4),
         ..cfg_filters()
@@ -404,10 +421,86 @@ fn version_1_snapshot_inside_the_chain(chain_gone: bool) {
     if chain_gone {
         store.objects.retain(|k, _| object_kind(k) != Some("delta"));
     }
+    // A version 2 snapshot of the state at the applied LSN.
+    let newer = {
+        let mut st = st.clone();
+        for (l, k, v) in &writes {
+            if *l > at {
+                st.put(k, v);
+            }
+        }
+        let bytes = walcast_core::snapshot::indexed::encode_indexed(
+            &st,
+            top,
+            h.epoch,
+            h.dataset_id,
+            Default::default(),
+        );
+        let mut h3 = h2.clone();
+        let snap = h3.snapshot.as_mut().unwrap();
+        snap.lsn = top;
+        snap.key = walcast_core::catalog::snapshot_key(top, snap.epoch);
+        snap.version = 2;
+        snap.size = bytes.len() as u64;
+        snap.crc32 = crc32fast::hash(&bytes);
+        snap.entries = st.len();
+        h3.generation += 1;
+        (h3, bytes)
+    };
+    let v1_key = h2.snapshot.as_ref().unwrap().key.clone();
     r.sync_now(0);
     let mut lowest = u64::MAX;
-    for _ in 0..3 {
-        settle_watching(&mut r, &store, |r| lowest = lowest.min(r.applied_lsn()));
+    let (mut t, mut c, mut failed) = (0u64, Cold::default(), Vec::new());
+    let mut held = None;
+    for _ in 0..20_000 {
+        match r.poll(t) {
+            replica::Action::Fetch(req) => {
+                let whole_delta = object_kind(&req.key) == Some("delta")
+                    && matches!(req.range, Some(ByteRange::Bounded { start: 0, .. }));
+                let resp = if mode == Mode::Flaky && whole_delta && !failed.contains(&req.key) {
+                    failed.push(req.key.clone());
+                    GetResponse::Failed {
+                        status: Some(503),
+                        message: "busy".into(),
+                    }
+                } else {
+                    store.serve(&req, &mut c)
+                };
+                if mode == Mode::Newer && req.key == v1_key && !failed.contains(&req.key) {
+                    // The load has started: the publisher writes a snapshot
+                    // at the applied LSN, and the replica reads that head
+                    // before the load's first answer.
+                    failed.push(req.key.clone());
+                    let (h3, bytes) = &newer;
+                    let snap = h3.snapshot.as_ref().unwrap();
+                    store.objects.insert(snap.key.clone(), (bytes.clone(), 1));
+                    let etag = store.objects[HEAD_KEY].1 + 1;
+                    store
+                        .objects
+                        .insert(HEAD_KEY.to_string(), (h3.encode(), etag));
+                    held = Some((req.id, resp));
+                    r.sync_now(t);
+                    continue;
+                }
+                r.handle_response(req.id, t, resp);
+                if req.key == HEAD_KEY {
+                    if let Some((id, resp)) = held.take() {
+                        r.handle_response(id, t, resp);
+                    }
+                }
+            }
+            replica::Action::Event(_) => {}
+            replica::Action::Wait { until } => {
+                if t > 120_000 {
+                    break;
+                }
+                t = until.clamp(t + 1, t + 5_000);
+            }
+        }
+        lowest = lowest.min(r.applied_lsn());
+    }
+    if mode == Mode::Flaky {
+        assert!(!failed.is_empty(), "a delta's whole GET failed");
     }
     if chain_gone {
         assert_eq!(lowest, at);

@@ -112,7 +112,9 @@ impl<'de> serde::de::Visitor<'de> for LineVisitor<'_> {
         let mut fields = serde_json::Map::new();
         let mut count = None;
         while let Some(k) = m.next_key::<String>()? {
-            if k == "batch" && count.is_none() {
+            if k == "batch" {
+                // The last `batch` counts, as in a JSON object read whole.
+                self.body.truncate(HEADER_ROOM);
                 count = Some(m.next_value_seed(OpsSeed {
                     body: &mut *self.body,
                 })?);
@@ -283,6 +285,8 @@ mod tests {
             r#"{"batch":[{"op":"delete","key_b64":"AAE="},{"op":"put","key":"x","value_b64":"/w=="}]}"#
                 .to_string(),
             r#"{"x":1,"batch":[{"op":"delete","key":"a"}],"op":"put"}"#.to_string(),
+            r#"{"batch":[{"op":"delete","key":"a"}],"batch":[{"op":"delete","key":"b"}]}"#
+                .to_string(),
             format!(r#"{{"batch":[{}]}}"#, many.join(",")),
         ] {
             let want = walcast_core::batch::encode(&tree_ops(&line)).unwrap();

@@ -464,3 +464,47 @@ async fn reads_given_up_by_their_callers_send_no_more_gets() {
     assert!(store.gets() > stalled);
     h.close().await;
 }
+
+/// Runs `f` to completion on this thread without Tokio (another executor).
+fn block_on_plain<F: std::future::Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(std::sync::Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let std::task::Poll::Ready(o) = f.as_mut().poll(&mut cx) {
+            return o;
+        }
+        std::thread::park_timeout(Duration::from_millis(50));
+    }
+}
+
+/// Opened from an executor that is not Tokio, a handle whose local
+/// directory another handle holds fails with that error (it panicked,
+/// waiting for its thread with Tokio's blocking pool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_that_fails_outside_tokio_returns_its_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wal = tmp.path().join("wal");
+    let ds = tmp.path().join("ds");
+    let url = file_url(&ds);
+    write(&wal, &gen_batches(&mut Rng::new(5), 10, GenOpts::default()));
+    publish_once(&wal, &url, &[], &Env::new()).ok();
+    let options = ReplicaOptions {
+        local: Some(tmp.path().join("replica")),
+        ..ReplicaOptions::default()
+    };
+    let held = ReplicaHandle::open(&url, options.clone()).await.unwrap();
+    let (url2, options2) = (url.clone(), options.clone());
+    let err = std::thread::spawn(move || block_on_plain(ReplicaHandle::open(&url2, options2)))
+        .join()
+        .expect("no panic")
+        .unwrap_err();
+    assert!(err.to_string().contains("replica.lock"), "{err:#}");
+    held.close().await;
+}

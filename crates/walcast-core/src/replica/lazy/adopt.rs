@@ -204,8 +204,17 @@ impl Replica {
                 && lazy.base.as_ref().is_none_or(|b| b.entry.key != s.key)
             {
                 lazy.set_base(s.clone(), index_digest);
-                // The base replaces a state loaded whole from version 1.
+                // The base replaces a state loaded whole from version 1, and
+                // a whole load under way older than it, which would take
+                // the state back when it ends.
                 self.state = crate::state::KvState::new();
+                if self
+                    .bootstrap
+                    .as_ref()
+                    .is_some_and(|b| b.entry.lsn <= s.lsn)
+                {
+                    self.bootstrap = None;
+                }
             }
             false
         }

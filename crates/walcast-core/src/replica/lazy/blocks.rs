@@ -278,7 +278,7 @@ impl Replica {
                         lazy.ranged = false;
                         Err(data_err(format!(
                             "a whole-object answer for bytes {want_start}..{want_end}: \
-                             the server ignores Range (objects over the cache need it)"
+                             the server ignores Range"
                         )))
                     }
                     _ => Err(data_err(format!(
