@@ -97,7 +97,9 @@ const authKey = run(["keygen", "--out", keyFile]).trim();
 const otherKey = run(["keygen", "--out", otherKeyFile]).trim();
 const thirdKeyFile = path.join(tmp, "third.key");
 run(["keygen", "--out", thirdKeyFile]);
-const cliToken = (file, prefix, ttl = "1h") => run(["token", "--key", file, "--prefix", prefix, "--ttl", ttl]).trim();
+// (`prefix` null: a token for every dataset, `--all`.)
+const cliToken = (file, prefix, ttl = "1h") =>
+  run(["token", "--key", file, ...(prefix === null ? ["--all"] : ["--prefix", prefix]), "--ttl", ttl]).trim();
 
 /** Signs claims as `walcast token` does, with the seed in `file` (WebCrypto, PKCS#8 of the seed). */
 async function signToken(file, claims) {
@@ -298,8 +300,8 @@ test("AUTH_KEY: every route needs a valid token; each refusal is 401 with its re
       assert.ok(!r.body.includes("wct1."), "no token echoed");
     }
   }
-  // A token of either key (rotation), in the header or the query; prefix "" covers all.
-  const other = cliToken(otherKeyFile, "");
+  // A token of either key (rotation), in the header or the query; one of --all covers every prefix.
+  const other = cliToken(otherKeyFile, null);
   for (const [how, p, headers] of [
     ["header", "/kv/key:00001", { authorization: `Bearer ${good}` }],
     ["query", `/kv/key:00001?token=${good}`, {}],
