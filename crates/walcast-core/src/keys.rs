@@ -60,7 +60,7 @@ impl PublicKey {
         if has_small_order(&bytes) || !is_point(&bytes) {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
-                "public key is not a valid Ed25519 key (not a point, or of small order)",
+                "not a valid Ed25519 public key",
             ));
         }
         Ok(PublicKey(bytes))

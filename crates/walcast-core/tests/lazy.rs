@@ -120,6 +120,16 @@ fn to_version_1(store: &mut Store, snap: u64) {
 
 /// A dataset `id` of one version 2 snapshot of `st` at `lsn`, nothing after.
 fn snapshot_only(id: walcast_core::catalog::DatasetId, st: &KvState, lsn: u64) -> Store {
+    snapshot_only_in(id, st, lsn, 128)
+}
+
+/// [`snapshot_only`] with data blocks of about `block_bytes`.
+fn snapshot_only_in(
+    id: walcast_core::catalog::DatasetId,
+    st: &KvState,
+    lsn: u64,
+    block_bytes: usize,
+) -> Store {
     let mut store = Store::default();
     let bytes = encode_indexed(
         st,
@@ -127,7 +137,7 @@ fn snapshot_only(id: walcast_core::catalog::DatasetId, st: &KvState, lsn: u64) -
         1,
         id,
         IndexedOptions {
-            block_bytes: 128,
+            block_bytes,
             index_block_bytes: 128,
         },
     );
@@ -664,16 +674,17 @@ fn a_bootstrap_started_from_a_lying_head_takes_the_honest_entry() {
 /// Reads every key of `want` at once, answering the GETs one at a time in
 /// the order asked (a Range-ignoring server answers ranges with the whole
 /// object when `whole`), and rereads each pending key after every answer.
-/// Returns the most GETs out at once and the most of them for one object.
+/// Returns the most GETs out at once, the most of them for one object, and
+/// the most bytes their answers could bring at once (their `max_bytes`).
 fn concurrent_reads(
     r: &mut Replica,
     store: &mut Store,
     want: &KvState,
     whole: bool,
-) -> (usize, usize) {
+) -> (usize, usize, u64) {
     let mut pending: Vec<Vec<u8>> = keys(want);
     let mut out: std::collections::VecDeque<GetRequest> = Default::default();
-    let (mut most, mut most_one) = (0, 0);
+    let (mut most, mut most_one, mut most_bytes) = (0, 0, 0);
     for _ in 0..100_000 {
         pending.retain(|k| match r.get_lazy(k).expect("read") {
             Read::Ready(v) => {
@@ -690,13 +701,14 @@ fn concurrent_reads(
             }
         }
         most = most.max(out.len());
+        most_bytes = most_bytes.max(out.iter().map(|g| g.max_bytes).sum::<u64>());
         for g in &out {
             let same = out.iter().filter(|o| o.key == g.key).count();
             most_one = most_one.max(same);
         }
         let Some(mut req) = out.pop_front() else {
             assert!(pending.is_empty(), "reads left waiting with no GET out");
-            return (most, most_one);
+            return (most, most_one, most_bytes);
         };
         if whole {
             req.range = None;
@@ -721,7 +733,7 @@ fn concurrent_reads_keep_block_gets_bounded() {
         let mut store = snapshot_only(DATASET, &want, 400);
         let mut r = Replica::new(lazy_cfg(1 << 20), 7);
         drain(&mut r, &mut store, 0);
-        let (most, most_one) = concurrent_reads(&mut r, &mut store, &want, whole);
+        let (most, most_one, _) = concurrent_reads(&mut r, &mut store, &want, whole);
         assert!(most <= 16, "{most} block GETs out at once (whole: {whole})");
         if whole {
             assert_eq!(most_one, 1, "whole-object GETs of the snapshot at once");
@@ -729,6 +741,27 @@ fn concurrent_reads_keep_block_gets_bounded() {
             assert!(most > 8, "reads of distinct blocks go out together: {most}");
         }
     }
+}
+
+/// A snapshot of large blocks (a hostile one may hold 32 MiB blocks): the
+/// answers of the block GETs out at once may bring at most the cache's
+/// bytes (at least 1 MiB), or one block, not sixteen of them; every read
+/// still gets the origin's value.
+#[test]
+fn large_blocks_keep_the_bytes_of_block_gets_out_bounded() {
+    let mut want = KvState::new();
+    for i in 0..4_000u32 {
+        want.put(format!("k{i:05}").as_bytes(), &[i as u8; 1_000]);
+    }
+    let mut store = snapshot_only_in(DATASET, &want, 400, 300 << 10);
+    let mut r = Replica::new(lazy_cfg(64 << 10), 7);
+    drain(&mut r, &mut store, 0);
+    let (most, _, most_bytes) = concurrent_reads(&mut r, &mut store, &want, false);
+    assert!(
+        most_bytes <= 1 << 20,
+        "{most_bytes} bytes of {most} block GETs out at once"
+    );
+    assert!(most > 1, "blocks that fit go out together: {most}");
 }
 
 /// A scan bounded in bytes returns the whole scan's first entries, through

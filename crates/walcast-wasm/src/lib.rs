@@ -220,6 +220,10 @@ pub struct WasmReplica {
     lazy: bool,
 }
 
+/// A `trust` option of the wrong shape (the JS wrapper checks it first,
+/// with a longer message).
+const TRUST_SHAPE: &str = "walcast: trust must be one or more \"ed25519:<base64>\" keys";
+
 /// The `trust` option: one `ed25519:<base64>` key or an array of them.
 fn parse_trust(v: &JsValue) -> Result<Vec<PublicKey>, JsValue> {
     if v.is_undefined() || v.is_null() {
@@ -231,16 +235,12 @@ fn parse_trust(v: &JsValue) -> Result<Vec<PublicKey>, JsValue> {
         vec![v.clone()]
     };
     if items.is_empty() {
-        return Err(invalid(
-            "walcast: trust must name at least one key (\"ed25519:<base64>\")",
-        ));
+        return Err(invalid(TRUST_SHAPE));
     }
     items
         .iter()
         .map(|k| {
-            let text = k.as_string().ok_or_else(|| {
-                invalid("walcast: trust must be a key \"ed25519:<base64>\" or an array of them")
-            })?;
+            let text = k.as_string().ok_or_else(|| invalid(TRUST_SHAPE))?;
             PublicKey::parse(&text).map_err(|e| {
                 invalid(&format!(
                     "walcast: trust key {}: {}",

@@ -38,7 +38,7 @@ impl Lazy {
                     return Err(crate::codec::invalid(
                         "delta footer",
                         size.saturating_sub(DELTA_FOOTER_LEN),
-                        "its CRC-32 is not the catalog's: another file than the one it names",
+                        "its CRC-32 is not the catalog's",
                     ));
                 }
                 let idx = DeltaIndex::decode_suffix(bytes, size)?;
@@ -186,12 +186,13 @@ impl Replica {
     pub(in crate::replica) fn next_block_fetch(&mut self) -> Option<crate::replica::Action> {
         let max_inflight = self.cfg.max_inflight.max(1);
         let lazy = self.lazy.as_mut()?;
-        let (mut segments, mut blocks) = (0, 0);
+        let (mut segments, mut blocks, mut bytes) = (0, 0, 0);
         for j in &lazy.inflight {
             if lazy.is_deferred(&j.snapshot) {
                 segments += 1;
             } else {
                 blocks += 1;
+                bytes += lazy.job_bytes(j);
             }
         }
         let i = lazy.wanted.iter().position(|j| {
@@ -199,15 +200,16 @@ impl Replica {
                 return segments < max_inflight;
             }
             blocks < max_inflight.max(2) * BLOCKS_PER_INFLIGHT
+                // What the answers out may bring stays within the cache's
+                // bytes (at least 1 MiB), past one GET: a file of 32 MiB
+                // blocks gets one out at a time.
+                && (blocks == 0 || bytes + lazy.job_bytes(j) <= lazy.cache_bytes.max(1 << 20))
                 && !(lazy.takes_whole(&j.snapshot)
                     && lazy.inflight.iter().any(|f| f.snapshot == j.snapshot))
         })?;
         let job = lazy.wanted.remove(i);
         lazy.inflight.push(job.clone());
-        let range = match job.need {
-            Need::Suffix(n) => ByteRange::Suffix(n),
-            Need::Range { start, end } => ByteRange::Bounded { start, end },
-        };
+        let range = job.range();
         // Its max_bytes is the object's size when it fits the cache
         // (`Lazy::max_bytes`): a server that ignores Range answers with the
         // whole object.

@@ -255,6 +255,16 @@ pub(super) struct BlockJob {
     pub(super) key: Vec<u8>,
 }
 
+impl BlockJob {
+    /// The bytes the job's GET asks for.
+    pub(super) fn range(&self) -> ByteRange {
+        match self.need {
+            Need::Suffix(n) => ByteRange::Suffix(n),
+            Need::Range { start, end } => ByteRange::Bounded { start, end },
+        }
+    }
+}
+
 /// Lazy mode's state.
 #[derive(Debug, Default)]
 pub(super) struct Lazy {
@@ -372,6 +382,12 @@ impl Lazy {
         }
         // A head's claimed size never sets more than a replica reads.
         .min(crate::catalog::MAX_SEGMENT_BYTES)
+    }
+
+    /// The most bytes the answer to `job`'s GET may bring (see
+    /// [`max_bytes`](Self::max_bytes)).
+    pub(super) fn job_bytes(&self, job: &BlockJob) -> u64 {
+        self.max_bytes(&job.snapshot, Some(&job.range()))
     }
 
     /// Whether a ranged GET of `key` may bring the whole object: it fits

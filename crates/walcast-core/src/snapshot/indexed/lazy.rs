@@ -240,7 +240,7 @@ impl LazySnapshot {
             return Err(crate::codec::invalid(
                 "snapshot footer",
                 self.size - flen,
-                "its CRC-32 is not the catalog's: another file than the one it names",
+                "its CRC-32 is not the catalog's",
             ));
         }
         let footer = Footer::decode(fb, self.size)?;
