@@ -60,7 +60,7 @@ impl PublicKey {
         if has_small_order(&bytes) || !is_point(&bytes) {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
-                "not a valid Ed25519 public key",
+                "not an Ed25519 public key (not a point, or of small order)",
             ));
         }
         Ok(PublicKey(bytes))

@@ -355,6 +355,27 @@ fn classify(
     }
 }
 
+/// A scan of the keys starting with `prefix`, at or after `start`, before
+/// `end`, at most `limit` (0: no limit), ending at the entry that brings
+/// the keys and values to `max_bytes`.
+fn new_scan(
+    prefix: Option<Vec<u8>>,
+    start: Option<Vec<u8>>,
+    end: Option<Vec<u8>>,
+    limit: u32,
+    max_bytes: u32,
+) -> LazyScan {
+    let prefix = prefix.unwrap_or_default();
+    let lower = scan_lower(&prefix, start.as_deref());
+    let upper = scan_upper(&prefix, end.as_deref());
+    let limit = if limit == 0 {
+        usize::MAX
+    } else {
+        limit as usize
+    };
+    LazyScan::new(&lower, upper.as_deref(), limit).max_bytes(max_bytes as usize)
+}
+
 fn pairs(rows: Vec<(Vec<u8>, Vec<u8>)>) -> Array {
     let out = Array::new();
     for (k, v) in rows {
@@ -755,30 +776,11 @@ impl WasmReplica {
         limit: u32,
         max_bytes: u32,
     ) -> Array {
-        let r = self.replica.borrow();
-        let out = Array::new();
-        let prefix = prefix.unwrap_or_default();
-        let lower = scan_lower(&prefix, start.as_deref());
-        if end.as_deref().is_some_and(|e| e <= lower.as_slice()) {
-            return out;
+        let mut scan = new_scan(prefix, start, end, limit, max_bytes);
+        match self.replica.borrow_mut().scan_lazy(&mut scan) {
+            Ok(Read::Ready(rows)) => pairs(rows),
+            _ => Array::new(),
         }
-        let upper = end
-            .as_deref()
-            .map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
-        let limit = if limit == 0 { u32::MAX } else { limit };
-        let mut left = max_bytes as usize;
-        let mut entries = r.state().range(std::ops::Bound::Included(&lower), upper);
-        while let Some((k, v)) = entries.next_entry() {
-            if !k.starts_with(&prefix) || out.length() >= limit || left == 0 {
-                break;
-            }
-            left = left.saturating_sub(k.len() + v.len());
-            let pair = Array::new();
-            pair.push(&Uint8Array::from(k));
-            pair.push(&Uint8Array::from(v));
-            out.push(&pair);
-        }
-        out
     }
 
     /// Reads `key` from the state at the applied LSN, in either mode: the
@@ -809,17 +811,8 @@ impl WasmReplica {
         limit: u32,
         max_bytes: u32,
     ) -> u32 {
-        let prefix = prefix.unwrap_or_default();
-        let lower = scan_lower(&prefix, start.as_deref());
-        let upper = scan_upper(&prefix, end.as_deref());
-        let limit = if limit == 0 {
-            usize::MAX
-        } else {
-            limit as usize
-        };
-        self.scans
-            .borrow_mut()
-            .open(LazyScan::new(&lower, upper.as_deref(), limit).max_bytes(max_bytes as usize))
+        let scan = new_scan(prefix, start, end, limit, max_bytes);
+        self.scans.borrow_mut().open(scan)
     }
 
     /// Advances scan `id`: an array of `[key, value]` pairs when done,

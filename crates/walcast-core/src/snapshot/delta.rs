@@ -442,7 +442,7 @@ pub fn is_delta(bytes: &[u8]) -> bool {
     bytes.len() >= 6 && bytes[..4] == MAGIC && bytes[4..6] == VERSION_DELTA.to_le_bytes()
 }
 
-fn decode_change(value: &[u8], at: u64) -> Result<Change, DecodeError> {
+pub(crate) fn decode_change(value: &[u8], at: u64) -> Result<Change, DecodeError> {
     match value.split_first() {
         Some((&TAG_PUT, v)) => Ok(Some(v.to_vec())),
         Some((&TAG_DELETE, [])) => Ok(None),
@@ -453,6 +453,10 @@ fn decode_change(value: &[u8], at: u64) -> Result<Change, DecodeError> {
         )),
     }
 }
+
+/// A data block a scan reads: its handle, its first key, and the first key
+/// of the block after it (`None`: it is the last).
+pub type BlockFrom<'a> = (BlockHandle, &'a [u8], Option<&'a [u8]>);
 
 /// A delta's verified footer, index and filter: what a point read needs
 /// before it fetches a data block.
@@ -550,12 +554,22 @@ impl DeltaIndex {
     /// The data block that may hold `key`: `None` when the filter or the
     /// index rules it out.
     pub fn block_for(&self, key: &[u8]) -> Option<BlockHandle> {
-        if !self.filter.may_contain(key) {
-            return None;
-        }
-        let i = self.index.child_for(key)?;
+        self.index.child_for(key)?;
+        self.block_from(key)
+            .filter(|_| self.filter.may_contain(key))
+            .map(|(h, ..)| h)
+    }
+
+    /// For a scan from `from`: the data block holding the delta's first
+    /// keys at or after it, that block's first key, and the first key of
+    /// the block after it (`None`: it is the last). `None`: no blocks.
+    pub fn block_from(&self, from: &[u8]) -> Option<BlockFrom<'_>> {
+        let entries = self.index.entries();
+        let i = self.index.child_for(from).unwrap_or(0);
+        let (first, hb) = entries.get(i)?;
         // Checked by decode_suffix.
-        BlockHandle::decode(&self.index.entries()[i].1, self.footer.index.offset).ok()
+        let h = BlockHandle::decode(hb, self.footer.index.offset).ok()?;
+        Some((h, first, entries.get(i + 1).map(|(k, _)| k.as_slice())))
     }
 
     /// Verifies the data block `handle` names (as [`block_for`] gave it)

@@ -385,9 +385,9 @@ fn a_lazy_read_refuses_another_delta_of_the_same_size_by_its_footer_crc() {
 }
 
 /// A delta whose file matches the catalog's crc32 but does not decode (a
-/// hostile server with a head to match, or a publisher's bug): a scan, which
-/// reads the chain whole, fails naming it, and no part of the chain is
-/// applied without the rest: a later read of a key the delta changed fails
+/// hostile server with a head to match, or a publisher's bug): a scan that
+/// reaches its damaged block fails naming it, and nothing of the chain is
+/// taken without that block: a later read of a key the delta changed fails
 /// too instead of answering the older value beneath it.
 #[test]
 fn a_delta_that_fails_to_decode_leaves_no_part_of_the_chain_applied() {
@@ -409,7 +409,7 @@ fn a_delta_that_fails_to_decode_leaves_no_part_of_the_chain_applied() {
     let mut r = lazy_replica();
     r.sync_now(0);
     settle(&mut r, &store);
-    let mut scan = LazyScan::prefix(b"key:", 1_000);
+    let mut scan = LazyScan::prefix(b"key:", usize::MAX);
     let mut err = None;
     for _ in 0..100 {
         match r.scan_lazy(&mut scan) {
@@ -597,4 +597,201 @@ fn a_damaged_delta_fails_the_read_naming_it() {
     };
     gone.objects.remove(&d.key);
     assert!(try_cold_read(&gone, &key).is_err());
+}
+
+/// 20,000 keys loaded and snapshotted, then nine batches that rewrite or
+/// delete a share of them, fewer every three: a chain of two or more deltas
+/// holding more than 1 MiB over the snapshot. Returns the store, the
+/// batches and the last LSN.
+fn chain_over_a_load() -> (Store, Vec<Vec<Op>>, u64) {
+    let cfg = PublisherConfig {
+        delta_every: Some(3),
+        // One snapshot at the load's end, and none after it (within 4
+        // times its size).
+        snapshot_bytes: Some(2 << 20),
+        snapshot_ratio_percent: Some(400),
+        ..cfg_filters()
+    };
+    let (mut p, mut store, mut lsn, mut now) = loaded(cfg);
+    let mut log: Vec<Vec<Op>> = (0..20u64)
+        .map(|chunk| {
+            (chunk * 1_000..(chunk + 1) * 1_000)
+                .map(|i| Op::put(format!("key:{i:06}").into_bytes(), vec![1u8; 100]))
+                .collect()
+        })
+        .collect();
+    // Nine batches, each rewriting or deleting a share of the keys, fewer
+    // every three (a delta's worth): a chain of three deltas.
+    for b in 0..9u64 {
+        let every = [2, 16, 128][b as usize / 3];
+        let ops: Vec<Op> = (0..20_000u64)
+            .filter(|i| (i * 7 + b) % every == 0)
+            .map(|i| {
+                let key = format!("key:{i:06}").into_bytes();
+                if (i + b) % 9 == 0 {
+                    Op::delete(key)
+                } else {
+                    Op::put(key, vec![(b + 2) as u8; 100])
+                }
+            })
+            .collect();
+        lsn += 1;
+        now += 1;
+        p.push(lsn, &batch::encode(&ops).unwrap(), now).unwrap();
+        log.push(ops);
+        for _ in 0..50 {
+            now += 10;
+            store.drive(&mut p, now);
+        }
+    }
+    let h = store.head();
+    assert!(h.deltas.len() >= 2, "a chain: {:?}", h.deltas);
+    let chain_bytes: u64 = h.deltas.iter().map(|d| d.size).sum();
+    assert!(chain_bytes > 1 << 20, "the chain holds {chain_bytes} bytes");
+    (store, log, lsn)
+}
+/// Steps `scan` on `r` to its answer, serving each turn's GETs together.
+fn scan_through(r: &mut Replica, store: &Store, mut scan: LazyScan) -> (Entries, Cold) {
+    let mut c = Cold::default();
+    for _ in 0..1_000 {
+        match r.scan_lazy(&mut scan).expect("a scan") {
+            Read::Ready(got) => return (got, c),
+            Read::Pending => {
+                let reqs = collect(r);
+                c.rounds += 1;
+                store.answer(r, reqs, &mut c);
+            }
+        }
+    }
+    panic!("the scan did not finish");
+}
+
+/// A scan through a chain that changed most keys reads, of each delta, the
+/// data blocks that hold its range, not the whole chain, and leaves none of
+/// it in the overlay: a scan of 10 entries costs a few blocks, and a whole
+/// scan returns the origin's state.
+#[test]
+fn a_scan_reads_the_blocks_of_the_chain_it_needs() {
+    let (store, log, lsn) = chain_over_a_load();
+    let h = store.head();
+    let chain_bytes: u64 = h.deltas.iter().map(|d| d.size).sum();
+    let end = h.deltas.last().unwrap().lsn;
+    // Keys written past the chain (the overlay holds those).
+    let past: std::collections::BTreeSet<&[u8]> = log[end as usize..]
+        .iter()
+        .flatten()
+        .map(|op| match op {
+            Op::Put { key, .. } | Op::Delete { key } => key.as_slice(),
+        })
+        .collect();
+    let want = model_at(&log, lsn);
+
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert_eq!(r.applied_lsn(), lsn);
+    let (got, c) = scan_through(&mut r, &store, LazyScan::new(b"key:010000", None, 10));
+    let expect: Vec<(Vec<u8>, Vec<u8>)> = want
+        .range(b"key:010000".to_vec()..)
+        .take(10)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert!(
+        got == expect,
+        "{} entries, want {}",
+        got.len(),
+        expect.len()
+    );
+    assert!(
+        c.bytes < chain_bytes / 8,
+        "a scan of 10 entries fetched {} bytes of a chain of {chain_bytes} ({c:?})",
+        c.bytes
+    );
+    // The overlay holds the writes past the chain, and the changes of the
+    // blocks the scan read: not the chain's thousands.
+    let chain_entries: u64 = h.deltas.iter().map(|d| d.entries).sum();
+    let status = r.status(0).lazy.expect("lazy");
+    assert!(
+        status.overlay_entries <= past.len() as u64 + 200,
+        "{status:?}: {} keys written past the chain of {chain_entries} changes",
+        past.len()
+    );
+    let (got, c) = scan_through(&mut r, &store, LazyScan::new(b"", None, usize::MAX));
+    assert!(
+        got.iter().map(|(k, v)| (k, v)).eq(want.iter()),
+        "a whole scan differs from the origin ({} entries, want {})",
+        got.len(),
+        want.len()
+    );
+    // A whole scan reads the chain's blocks once; the changes it leaves in
+    // the overlay stay within the deltas' quarter of the 8 MiB cache.
+    assert!(c.bytes < chain_bytes * 2, "{c:?}");
+    let status = r.status(0).lazy.expect("lazy");
+    eprintln!("after a whole scan: {status:?}, {c:?}");
+    assert!(
+        status.overlay_bytes <= (2 << 20) + (256 << 10),
+        "{status:?}"
+    );
+}
+
+/// Two scans stepped in turn over the chain with a cache so small that
+/// each drops the chain's changes the other wrote into the overlay (and a
+/// point read between their turns): every answer is the origin's.
+#[test]
+fn scans_that_drop_each_others_chain_changes_answer_the_origin() {
+    let (store, log, lsn) = chain_over_a_load();
+    let want = model_at(&log, lsn);
+    let mut r = Replica::new(
+        ReplicaConfig {
+            lazy_cache_bytes: Some(64 << 10),
+            long_poll_wait_ms: 0,
+            ..ReplicaConfig::default()
+        },
+        3,
+    );
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert_eq!(r.applied_lsn(), lsn);
+    let from = |k: &[u8], n: usize| -> Entries {
+        want.range(k.to_vec()..)
+            .take(n)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    let starts: [&[u8]; 2] = [b"key:000000", b"key:010000"];
+    let mut scans: Vec<Option<LazyScan>> = starts
+        .iter()
+        .map(|s| Some(LazyScan::new(s, None, 3_000)))
+        .collect();
+    let mut c = Cold::default();
+    let mut probe = 0u64;
+    for _ in 0..10_000 {
+        if scans.iter().all(Option::is_none) {
+            let status = r.status(0).lazy.expect("lazy");
+            assert!(status.overlay_bytes < 256 << 10, "{status:?}");
+            return;
+        }
+        for (i, slot) in scans.iter_mut().enumerate() {
+            let Some(scan) = slot.as_mut() else { continue };
+            if let Read::Ready(got) = r.scan_lazy(scan).expect("a scan") {
+                let expect = from(starts[i], 3_000);
+                let first_diff = got.iter().zip(&expect).position(|(a, b)| a != b);
+                assert!(
+                    got == expect,
+                    "scan {i}: {} entries (want {}), first difference at {first_diff:?}",
+                    got.len(),
+                    expect.len()
+                );
+                *slot = None;
+            }
+        }
+        probe = (probe * 31 + 7) % 20_000;
+        let key = format!("key:{probe:06}").into_bytes();
+        if let Read::Ready(v) = r.get_lazy(&key).expect("a read") {
+            assert_eq!(v.as_ref(), want.get(&key), "{key:?}");
+        }
+        let reqs = collect(&mut r);
+        store.answer(&mut r, reqs, &mut c);
+    }
+    panic!("the scans did not finish");
 }

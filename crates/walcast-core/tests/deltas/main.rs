@@ -16,7 +16,7 @@ use walcast_core::io::{ByteRange, ContentRange, GetRequest, GetResponse};
 use walcast_core::publisher::{
     Action, Publisher, PublisherConfig, PutCondition, PutResponse, MAX_HEAD_FILTER_BYTES,
 };
-use walcast_core::replica::{self, LazyScan, Read, Replica, ReplicaConfig};
+use walcast_core::replica::{self, Entries, LazyScan, Read, Replica, ReplicaConfig};
 use walcast_core::snapshot::delta::{decode_delta, DeltaFooter, DeltaIndex, KeyFilter};
 use walcast_core::snapshot::indexed::decode_indexed;
 

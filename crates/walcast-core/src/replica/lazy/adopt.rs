@@ -89,15 +89,23 @@ impl Lazy {
     /// reaching `lsn` holds.
     pub(in crate::replica) fn shed_through(&mut self, lsn: u64) {
         self.deferred.retain(|u| u.entry.last_lsn > lsn);
+        self.drop_through(lsn, None);
+        self.overlay_gen += 1;
+    }
+
+    /// Drops the overlay's writes at or before `lsn` (to keys below `keep`
+    /// when given).
+    pub(super) fn drop_through(&mut self, lsn: u64, keep: Option<&[u8]>) {
         let mut dropped = 0;
         self.overlay.retain(|k, (l, v)| {
-            let keep = *l > lsn;
-            if !keep {
+            let stay = *l > lsn || keep.is_some_and(|keep| **k >= *keep);
+            if !stay {
                 dropped += entry_cost(k, v.as_deref());
             }
-            keep
+            stay
         });
         self.overlay_bytes -= dropped;
+        self.chain_bytes = 0;
     }
 
     /// Keeps the wanted and in-flight jobs of the deferred segments and,

@@ -5,6 +5,23 @@ use super::*;
 use crate::snapshot::delta::DELTA_FOOTER_LEN;
 
 impl Lazy {
+    /// [`want_in`](Self::want_in), unless the GET failed last time: its
+    /// error goes to this read.
+    pub(super) fn want_checked(
+        &mut self,
+        object: String,
+        need: Need,
+        key: &[u8],
+    ) -> Result<(), Error> {
+        match self.take_failure(&object, &need) {
+            Some(e) => Err(e),
+            None => {
+                self.want_in(object, need, key);
+                Ok(())
+            }
+        }
+    }
+
     pub(super) fn want_in(&mut self, object: String, need: Need, key: &[u8]) {
         let job = BlockJob {
             snapshot: object,
@@ -65,15 +82,21 @@ impl Lazy {
                         "the file's crc32 is not the catalog's",
                     ));
                 }
+                if d.index.is_none() {
+                    let suffix = (size - d.entry.suffix_len.min(size)) as usize;
+                    let tail = bytes.get(suffix..).unwrap_or_default();
+                    d.index = Some(DeltaIndex::decode_suffix(tail, size)?);
+                }
                 d.blocks.insert(u64::MAX, bytes.to_vec());
             }
             Need::Range { start, .. } => {
                 let Some(idx) = &d.index else {
                     return Ok(true);
                 };
-                // Which block it must be comes from the verified index.
-                match idx.block_for(&job.key) {
-                    Some(h) if h.offset == start => {
+                // Which block it must be comes from the verified index:
+                // the one holding the read's key, or a scan's place.
+                match idx.block_from(&job.key) {
+                    Some((h, ..)) if h.offset == start => {
                         idx.lookup(&h, bytes, &job.key)?;
                     }
                     _ => return Ok(true),

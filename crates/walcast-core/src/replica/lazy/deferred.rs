@@ -23,10 +23,7 @@ impl Lazy {
                 end: e.size,
             };
             let object = e.key.clone();
-            if let Some(err) = self.take_failure(&object, &need) {
-                return Err(err);
-            }
-            self.want_in(object, need, key);
+            self.want_checked(object, need, key)?;
             any = true;
         }
         Ok(any)

@@ -80,18 +80,27 @@ pub struct LazyScan {
     cursor: Option<ScanCursor>,
     collected: Vec<(Vec<u8>, Vec<u8>)>,
     /// The merge of `collected` with the overlay so far, at the applied LSN
-    /// and overlay size `merge_at`: `merged` (its entries and their bytes)
+    /// and [`Lazy::overlay_gen`] `merge_at`: `merged` (its entries and their bytes)
     /// holds every key up to `pos`, the last key merged, from
     /// `collected[..used]` and the overlay. Each turn merges only what a
     /// turn collected beyond it, so a scan of n blocks is not n merges of
     /// everything before.
-    merge_at: Option<(u64, usize)>,
+    merge_at: Option<(u64, u64)>,
     merged: Entries,
     merged_bytes: usize,
     used: usize,
     pos: Option<Vec<u8>>,
     /// Entries copied into answers, over every turn.
     copied: u64,
+    /// The delta chain scanned (its base's [`Lazy::base_gen`] and chain
+    /// end): its changes to the keys from `start` (or `pos`) up to
+    /// `chain_hi` (exclusive; every key once `chain_done`) are in the
+    /// overlay, written a data block of each delta at a time, unless
+    /// [`Lazy::chain_shed`] moved past `shed_seen` since.
+    chain_at: Option<(u64, u64)>,
+    chain_hi: Vec<u8>,
+    chain_done: bool,
+    shed_seen: u64,
 }
 
 impl LazyScan {
@@ -102,6 +111,8 @@ impl LazyScan {
         self.merged_bytes = 0;
         self.used = 0;
         self.pos = None;
+        self.chain_hi = self.start.clone();
+        self.chain_done = self.chain_at.is_none();
     }
 
     /// The merge as the answer; a call after it merges again.
@@ -130,6 +141,10 @@ impl LazyScan {
             used: 0,
             pos: None,
             copied: 0,
+            chain_at: None,
+            chain_hi: Vec::new(),
+            chain_done: true,
+            shed_seen: 0,
         }
     }
 
@@ -278,6 +293,13 @@ pub(super) struct Lazy {
     /// deletion).
     pub(super) overlay: Overlay,
     pub(super) overlay_bytes: u64,
+    /// Counts the overlay's changes of state (a batch applied, writes
+    /// dropped under a newer base or chain): not a scan's delta changes.
+    pub(super) overlay_gen: u64,
+    /// Bytes of the chain's changes scans wrote into the overlay (at most,
+    /// since they were last dropped), and how often they were dropped.
+    pub(super) chain_bytes: u64,
+    pub(super) chain_shed: u64,
     /// Blocks wanted by reads, not yet requested.
     pub(super) wanted: Vec<BlockJob>,
     /// Blocks requested and not yet answered.
@@ -337,24 +359,31 @@ impl Lazy {
     /// Applies one batch at `lsn` to the overlay. A key's newer write
     /// stays (a deferred segment is replayed after newer ones).
     pub(super) fn apply(&mut self, lsn: u64, ops: crate::batch::Batch<'_>) {
+        self.overlay_gen += 1;
         for op in ops {
             let (k, v) = match op {
                 OpRef::Put(k, v) => (k, Some(v)),
                 OpRef::Delete(k) => (k, None),
             };
-            let cost = entry_cost(k, v);
-            match self.overlay.get_mut(k) {
-                Some(slot) if slot.0 > lsn => continue,
-                Some(slot) => {
-                    self.overlay_bytes -= entry_cost(k, slot.1.as_deref());
-                    *slot = (lsn, v.map(Into::into));
-                }
-                None => {
-                    self.overlay.insert(k.into(), (lsn, v.map(Into::into)));
-                }
-            }
-            self.overlay_bytes += cost;
+            self.write(lsn, k, v);
         }
+    }
+
+    /// Writes `key` (`None`: deleted) at `lsn` into the overlay, unless it
+    /// holds a newer write of it.
+    pub(super) fn write(&mut self, lsn: u64, k: &[u8], v: Option<&[u8]>) {
+        let cost = entry_cost(k, v);
+        match self.overlay.get_mut(k) {
+            Some(slot) if slot.0 > lsn => return,
+            Some(slot) => {
+                self.overlay_bytes -= entry_cost(k, slot.1.as_deref());
+                *slot = (lsn, v.map(Into::into));
+            }
+            None => {
+                self.overlay.insert(k.into(), (lsn, v.map(Into::into)));
+            }
+        }
+        self.overlay_bytes += cost;
     }
 
     /// Size of the object `key` a lazy read may fetch (0: none it knows).
@@ -402,6 +431,8 @@ impl Lazy {
         self.deferred.clear();
         self.overlay.clear();
         self.overlay_bytes = 0;
+        self.overlay_gen += 1;
+        self.chain_bytes = 0;
         self.base = None;
         self.wanted.clear();
         self.inflight.clear();

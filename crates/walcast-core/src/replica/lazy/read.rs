@@ -2,6 +2,8 @@
 //! deltas that may hold the key, then the base snapshot's blocks.
 
 use super::*;
+use crate::snapshot::block::Block;
+use crate::snapshot::delta::decode_change;
 
 impl Lazy {
     /// Point read through the deltas, newest first. `Ok(Some(change))`: the
@@ -61,23 +63,103 @@ impl Lazy {
         }
         let snapshot_too = suffixes || wants.len() < SPECULATIVE_BLOCKS;
         for (object, need) in wants {
-            if let Some(e) = self.take_failure(&object, &need) {
-                return Err(e);
-            }
-            self.want_in(object, need, key);
+            self.want_checked(object, need, key)?;
         }
         Ok(Err(snapshot_too))
     }
 
-    /// Loads every delta whole into the overlay (for scans, which read
-    /// ranges rather than keys). `Err(())`: GETs are queued.
+    /// The chain's changes to the keys from `from` (before `end`) that one
+    /// data block of each delta holds (or its whole file, read for a
+    /// version 1 load), written into the overlay at their deltas' LSNs
+    /// (a newer write of a key stays): every change below the returned
+    /// `Ok(Some(hi))` is there then (`None`: to `end`). `Ok(None)`: GETs
+    /// are queued (the deltas' indexes, or their blocks). Past a quarter of
+    /// the cache in such changes, those below `keep` go first (a scan's
+    /// place: it merged them), and `chain_shed` counts it.
+    pub(super) fn chain_window(
+        &mut self,
+        from: &[u8],
+        end: Option<&[u8]>,
+        keep: &[u8],
+    ) -> Result<Option<Option<Vec<u8>>>, Error> {
+        let Some(base) = self.base.as_ref() else {
+            return Ok(Some(None));
+        };
+        let mut hi = end;
+        let mut wants = Vec::new();
+        let mut blocks = Vec::new();
+        for d in &base.deltas {
+            let Some(idx) = &d.index else {
+                wants.push((d.entry.key.clone(), d.suffix_need()));
+                continue;
+            };
+            let Some((h, first, next)) = idx.block_from(from) else {
+                continue;
+            };
+            if end.is_some_and(|e| first >= e) {
+                continue;
+            }
+            if let Some(n) = next.filter(|n| hi.is_none_or(|h| *n < h)) {
+                hi = Some(n);
+            }
+            // The block, or the whole file read for a version 1 load.
+            let bytes = d.blocks.get(h.offset).map(Vec::as_slice).or_else(|| {
+                d.blocks
+                    .get(u64::MAX)
+                    .and_then(|w| w.get(h.offset as usize..h.end() as usize))
+            });
+            match bytes {
+                Some(b) => blocks.push((d, h, first.max(from), b)),
+                None => wants.push((
+                    d.entry.key.clone(),
+                    Need::Range {
+                        start: h.offset,
+                        end: h.end(),
+                    },
+                )),
+            }
+        }
+        if !wants.is_empty() {
+            for (object, need) in wants {
+                self.want_checked(object, need, from)?;
+            }
+            return Ok(None);
+        }
+        // Every block decodes before any change is written, and the newest
+        // delta's go first: whatever stops the writes leaves each key the
+        // newest change of those written (a newer write of it stays).
+        let mut decoded = Vec::new();
+        for (d, h, lo, bytes) in blocks {
+            let key = d.entry.key.clone();
+            let block = Block::decode(bytes, &h, "delta data block")
+                .map_err(|e| Error::decode(e).with_object(key.clone()))?;
+            decoded.push((d.entry.lsn, key, block, lo.to_vec(), h.offset));
+        }
+        let hi = hi.map(<[u8]>::to_vec);
+        let chain_end = base.chain_end;
+        if self.chain_bytes > self.delta_cache_bytes() && !base.deltas.is_empty() {
+            self.drop_through(chain_end, Some(keep));
+            self.chain_shed += 1;
+        }
+        for (lsn, key, block, lo, at) in decoded.into_iter().rev() {
+            for (k, v) in block.entries() {
+                if *k >= lo && hi.as_ref().is_none_or(|h| k < h) {
+                    let v = decode_change(v, at)
+                        .map_err(|e| Error::decode(e).with_object(key.clone()))?;
+                    self.chain_bytes += entry_cost(k, v.as_deref());
+                    self.write(lsn, k, v.as_deref());
+                }
+            }
+        }
+        Ok(Some(hi))
+    }
+
+    /// Loads every delta whole into the overlay (before a version 1
+    /// snapshot is loaded under them). `Err(())`: GETs are queued.
     pub(in crate::replica) fn deltas_into_overlay(&mut self) -> Result<Result<(), ()>, Error> {
         let Some(base) = self.base.as_ref() else {
             return Ok(Ok(()));
         };
-        if base.deltas.is_empty() {
-            return Ok(Ok(()));
-        }
         let mut wants = Vec::new();
         for d in &base.deltas {
             let need = Need::Range {
@@ -90,45 +172,26 @@ impl Lazy {
         }
         if !wants.is_empty() {
             for (object, need) in wants {
-                if let Some(e) = self.take_failure(&object, &need) {
-                    return Err(e);
-                }
-                self.want_in(object, need, b"");
+                self.want_checked(object, need, b"")?;
             }
             return Ok(Err(()));
         }
-        let Some(base) = self.base.as_mut() else {
-            return Ok(Ok(()));
-        };
-        // Every delta decodes before any enters the overlay: a chain applied
-        // in part would answer from a state the origin never had.
-        let mut decoded = Vec::with_capacity(base.deltas.len());
-        for d in &base.deltas {
-            let Some(bytes) = d.blocks.get(u64::MAX) else {
-                continue;
-            };
-            let delta = crate::snapshot::delta::decode_delta(bytes)
-                .map_err(|e| Error::decode(e).with_object(d.entry.key.clone()))?;
-            decoded.push((d.entry.lsn, delta));
-        }
-        base.deltas.clear();
-        self.fit_cache();
-        for (lsn, delta) in decoded {
-            for (k, v) in delta.changes {
-                let cost = entry_cost(&k, v.as_deref());
-                match self.overlay.get(k.as_slice()) {
-                    // A write after the delta wins.
-                    Some((l, _)) if *l > lsn => {}
-                    _ => {
-                        let slot = (lsn, v.map(Into::into));
-                        if let Some((_, old)) = self.overlay.insert(k.as_slice().into(), slot) {
-                            self.overlay_bytes -= entry_cost(&k, old.as_deref());
-                        }
-                        self.overlay_bytes += cost;
-                    }
-                }
+        // The changes, window by window as a scan reads them, from the
+        // whole files; the deltas go once every window is in.
+        let mut from = Vec::new();
+        loop {
+            match self.chain_window(&from, None, b"")? {
+                Some(Some(hi)) => from = hi,
+                Some(None) => break,
+                None => return Ok(Err(())),
             }
         }
+        if let Some(base) = self.base.as_mut() {
+            base.deltas.clear();
+        }
+        // They are the state now, which no scan may drop.
+        self.chain_bytes = 0;
+        self.fit_cache();
         Ok(Ok(()))
     }
 }
@@ -250,10 +313,9 @@ impl Replica {
                 .collect();
             return Ok(Read::Ready(out));
         };
-        // Deferred segments and deltas are read whole into the overlay
-        // before a scan merges.
-        let segments = lazy.want_deferred(&scan.start, true)?;
-        if lazy.deltas_into_overlay()?.is_err() || segments {
+        // Deferred segments are read whole into the overlay before a scan
+        // merges.
+        if lazy.want_deferred(&scan.start, true)? {
             return Ok(Read::Pending);
         }
         // The snapshot's part starts over when the base changed.
@@ -266,6 +328,22 @@ impl Replica {
                 .base
                 .as_ref()
                 .map(|_| ScanCursor::new(&scan.start, scan.end.as_deref(), 0));
+        }
+        // The chain's part starts over when the chain changed, and goes on
+        // from the merge's place when its changes were dropped since.
+        let chain_at = lazy
+            .base
+            .as_ref()
+            .filter(|b| !b.deltas.is_empty())
+            .map(|b| (lazy.base_gen, b.chain_end));
+        if scan.chain_at != chain_at {
+            scan.chain_at = chain_at;
+            scan.restart_merge();
+        }
+        if scan.shed_seen != lazy.chain_shed {
+            scan.shed_seen = lazy.chain_shed;
+            scan.chain_hi = scan.pos.clone().unwrap_or_else(|| scan.start.clone());
+            scan.chain_done = chain_at.is_none();
         }
         // The base-less path copies the state's entries up to `budget`
         // bytes (`state_cut`: it stopped short); the merge takes them as
@@ -287,7 +365,7 @@ impl Replica {
         }
         // The merge so far holds for this state only (a sync that applied
         // more changed the overlay).
-        let at = (self.applied, lazy.overlay.len());
+        let at = (self.applied, lazy.overlay_gen);
         if scan.merge_at != Some(at) {
             scan.restart_merge();
             scan.merge_at = Some(at);
@@ -301,7 +379,11 @@ impl Replica {
             // Nothing collected yet: nothing is known to be below (not even
             // the empty key, which the snapshot may still hold).
             let frontier = scan.collected.last().map(|(k, _)| k.as_slice());
-            let below = |k: &[u8]| snap_done || frontier.is_some_and(|f| k <= f);
+            // Nor above the chain's changes written.
+            let chain_hi = (!scan.chain_done).then_some(scan.chain_hi.as_slice());
+            let below = |k: &[u8]| {
+                (snap_done || frontier.is_some_and(|f| k <= f)) && chain_hi.is_none_or(|h| k < h)
+            };
             // From where the last turn's merge stopped.
             let lower = match &scan.pos {
                 Some(p) => std::ops::Bound::Excluded(p.as_slice()),
@@ -314,7 +396,7 @@ impl Replica {
                 .peekable();
             let (mut i, mut last) = (scan.used, None);
             while scan.merged.len() < scan.limit && scan.merged_bytes < max {
-                let s = scan.collected.get(i);
+                let s = scan.collected.get(i).filter(|(k, _)| below(k));
                 let from_overlay = match (s, o.peek()) {
                     (None, None) => break,
                     (None, Some(_)) => true,
@@ -343,8 +425,35 @@ impl Replica {
                 scan.pos = Some(k.to_vec());
             }
             scan.used = i;
-            if scan.merged.len() >= scan.limit || scan.merged_bytes >= max || snap_done {
+            let chain_done = scan.chain_done;
+            if scan.merged.len() >= scan.limit
+                || scan.merged_bytes >= max
+                || (snap_done && chain_done)
+            {
                 return Ok(scan.answer());
+            }
+            // The chain's next changes, when the merge waits for them (and,
+            // while the snapshot's part has not started, its first block
+            // beside them).
+            let frontier = scan.collected.last().map(|(k, _)| k.as_slice());
+            if !chain_done && (snap_done || frontier.is_none_or(|f| scan.chain_hi.as_slice() <= f))
+            {
+                // What the merge took is not needed again.
+                let keep = scan.pos.as_ref().unwrap_or(&scan.start);
+                let end = scan.end.as_deref();
+                let window = lazy.chain_window(&scan.chain_hi, end, keep)?;
+                // Its own dropping leaves what it has not merged.
+                scan.shed_seen = lazy.chain_shed;
+                let loaded = window.is_some();
+                match window {
+                    Some(Some(h)) if end.is_none_or(|e| h.as_slice() < e) => scan.chain_hi = h,
+                    Some(_) => scan.chain_done = true,
+                    None if frontier.is_some() || snap_done => return Ok(Read::Pending),
+                    None => {}
+                }
+                if loaded {
+                    continue;
+                }
             }
             let (out_len, bytes) = (scan.merged.len(), scan.merged_bytes);
             // More snapshot entries are needed.
