@@ -493,12 +493,6 @@ impl WasmReplica {
         }
     }
 
-    /// Whether this replica reads lazily (`load: "lazy"`).
-    #[wasm_bindgen(getter)]
-    pub fn lazy(&self) -> bool {
-        self.lazy
-    }
-
     /// Runs the machine until it waits: queues the GETs it asks for (see
     /// [`take_requests`](Self::take_requests)) and hands its events to the
     /// callbacks and the running sync. Returns when it next wants a step

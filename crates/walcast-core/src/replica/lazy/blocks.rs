@@ -103,18 +103,19 @@ impl Lazy {
                 }
                 // The deltas' data blocks share a quarter of the cache (the
                 // snapshot's LRU keeps the rest of the bound): past it, each
-                // delta keeps only the block it got last, so that a read
-                // needing one block of each, or two reads one block each of
-                // the same delta, never evict what the other waits for.
+                // delta keeps the blocks it got last, so that reads needing
+                // one block of each, or blocks of the same delta, find what
+                // they wait for when they run.
                 if held + bytes.len() as u64 > budget {
-                    deltas.iter_mut().for_each(LazyDelta::shed_to_last);
+                    deltas.iter_mut().for_each(LazyDelta::shed);
                 }
                 let d = &mut deltas[i];
                 if let Some(old) = d.blocks.insert(start, bytes.to_vec()) {
                     d.cached -= old.len() as u64;
                 }
                 d.cached += bytes.len() as u64;
-                d.last_block = Some(start);
+                d.recent[d.puts % RECENT_BLOCKS] = start;
+                d.puts += 1;
             }
         }
         Ok(true)

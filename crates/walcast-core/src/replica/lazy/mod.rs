@@ -48,6 +48,11 @@ pub(super) const MAX_FAILED: usize = 64;
 /// never fewer than twice this.
 pub(super) const BLOCKS_PER_INFLIGHT: usize = 4;
 
+/// The data blocks each delta keeps past the deltas' share of the cache:
+/// the last ones put in, so that this many reads (scans at several places,
+/// say) waiting for a block of each delta find them when they run.
+pub(super) const RECENT_BLOCKS: usize = 4;
+
 /// Most segments a lazy replica holds unread at once (see
 /// [`Lazy::deferred`]); past that, segments are fetched as they come.
 pub(super) const MAX_DEFERRED: usize = 128;
@@ -213,10 +218,12 @@ pub(super) struct LazyDelta {
     pub(super) blocks: VecMap<Vec<u8>>,
     /// Bytes of the data blocks in `blocks` (the whole file not counted).
     pub(super) cached: u64,
-    /// Offset of the data block put in last: kept when the deltas' share
-    /// of the cache overflows, so that a read that needs a block of each
-    /// delta finds them all however small the share.
-    pub(super) last_block: Option<u64>,
+    /// Offsets of the data blocks put in last (`u64::MAX`: none): kept when the deltas' share of the cache
+    /// overflows, so that reads waiting for a block of each delta (scans
+    /// at several places, say) find them all when they run.
+    pub(super) recent: [u64; RECENT_BLOCKS],
+    /// Puts so far (the next goes to `recent[puts % RECENT_BLOCKS]`).
+    pub(super) puts: usize,
 }
 
 impl LazyDelta {
@@ -226,16 +233,17 @@ impl LazyDelta {
             index: None,
             blocks: VecMap::default(),
             cached: 0,
-            last_block: None,
+            recent: [u64::MAX; RECENT_BLOCKS],
+            puts: 0,
         }
     }
 
-    /// Drops every data block but the last one put in.
-    pub(super) fn shed_to_last(&mut self) {
-        let last = self.last_block;
+    /// Drops every data block but the last ones put in.
+    pub(super) fn shed(&mut self) {
+        let recent = &self.recent;
         let mut kept = 0;
         self.blocks.retain(|k, b| {
-            let keep = k == u64::MAX || Some(k) == last;
+            let keep = k == u64::MAX || recent.contains(&k);
             if keep && k != u64::MAX {
                 kept += b.len() as u64;
             }

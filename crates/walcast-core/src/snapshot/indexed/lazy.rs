@@ -173,16 +173,20 @@ impl LazySnapshot {
     /// Drops the least recently used blocks while the cache is over its
     /// bytes, keeping the two used last (a point read of a partitioned
     /// index needs its partition and its data block at once) and the fresh
-    /// ones: at most `fresh_max`; past them, every one ages into an
-    /// ordinary block, last used when it was fetched.
+    /// ones: at most `fresh_max`, and at most twice the cache's bytes (at
+    /// least 1 MiB); past either, every one ages into an ordinary block,
+    /// last used when it was fetched.
     fn evict(&mut self) {
-        if self
-            .blocks
-            .iter()
-            .filter(|(_, (_, u))| u & FRESH != 0)
-            .count()
-            > self.fresh_max
-        {
+        // Their count, and their bytes past twice what the GETs out at once
+        // may bring (a store of large blocks nobody reads).
+        let (mut n, mut bytes) = (0, 0);
+        for (_, (b, u)) in self.blocks.iter() {
+            if u & FRESH != 0 {
+                n += 1;
+                bytes += cache_charge(b);
+            }
+        }
+        if n > self.fresh_max || bytes > 2 * self.cache_bytes.max(1 << 20) {
             self.blocks.retain(|_, (_, u)| {
                 *u &= !FRESH;
                 true
