@@ -705,6 +705,7 @@ fn a_scan_reads_the_blocks_of_the_chain_it_needs() {
         got.len(),
         expect.len()
     );
+    eprintln!("a scan of 10 entries over a chain of {chain_bytes} bytes: {c:?}");
     assert!(
         c.bytes < chain_bytes / 8,
         "a scan of 10 entries fetched {} bytes of a chain of {chain_bytes} ({c:?})",
