@@ -75,7 +75,7 @@ pub fn wait_seconds(wait_ms: u64) -> u64 {
 /// in ms. `None` for anything but a whole number of seconds from 1 to
 /// 86,400.
 pub fn parse_long_poll(value: &str) -> Option<u64> {
-    let v = value.trim();
+    let v = value.trim_ascii();
     if v.is_empty() || v.len() > 5 || !v.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -107,18 +107,18 @@ impl ContentRange {
     /// Parses an HTTP `Content-Range` value such as `bytes 0-99/1000`
     /// (`*` for an unknown total).
     pub fn parse(value: &str) -> Option<ContentRange> {
-        let rest = value.trim().strip_prefix("bytes ")?;
+        let rest = value.trim_ascii().strip_prefix("bytes ")?;
         let (range, total) = rest.split_once('/')?;
         let (a, b) = range.split_once('-')?;
-        let start: u64 = a.trim().parse().ok()?;
-        let last: u64 = b.trim().parse().ok()?;
+        let start: u64 = a.trim_ascii().parse().ok()?;
+        let last: u64 = b.trim_ascii().parse().ok()?;
         if last < start {
             return None;
         }
         Some(ContentRange {
             start,
             end: last.checked_add(1)?,
-            total: total.trim().parse().ok(),
+            total: total.trim_ascii().parse().ok(),
         })
     }
 }

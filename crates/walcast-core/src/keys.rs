@@ -47,9 +47,9 @@ pub const SIGNATURE_B64_LEN: usize = 88;
 pub struct PublicKey([u8; 32]);
 
 impl PublicKey {
-    /// Parses `ed25519:<base64 of 32 bytes>`; surrounding whitespace is ignored.
+    /// Parses `ed25519:<base64 of 32 bytes>`; surrounding ASCII whitespace is ignored.
     pub fn parse(text: &str) -> Result<PublicKey> {
-        let text = text.trim();
+        let text = text.trim_ascii();
         let b64 = text.strip_prefix(PUBLIC_KEY_PREFIX).ok_or_else(|| {
             Error::new(
                 ErrorKind::InvalidInput,
@@ -239,12 +239,15 @@ impl SecretKey {
 
     /// Parses the contents of a secret key file (one line, see the module doc).
     pub fn parse_file(text: &str) -> Result<SecretKey> {
-        let b64 = text.trim().strip_prefix(SECRET_KEY_PREFIX).ok_or_else(|| {
-            Error::new(
+        let b64 =
+            text.trim_ascii()
+                .strip_prefix(SECRET_KEY_PREFIX)
+                .ok_or_else(|| {
+                    Error::new(
                 ErrorKind::InvalidInput,
                 format!("secret key file must hold one line starting with \"{SECRET_KEY_PREFIX}\""),
             )
-        })?;
+                })?;
         Ok(SecretKey::from_seed(decode_fixed::<32>(b64, "secret key")?))
     }
 

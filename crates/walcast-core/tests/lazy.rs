@@ -1240,3 +1240,31 @@ fn unused_blocks_stay_within_twice_the_cache() {
         "the cache of {cache} bytes held {most} bytes of blocks"
     );
 }
+
+/// A scan over snapshot entries a delta deleted returns nothing, and does
+/// not keep the entries it read and the overlay hid until it returns: what
+/// it holds stays within a few blocks, not the snapshot's bytes.
+#[test]
+fn a_scan_keeps_no_entries_the_overlay_hid() {
+    let mut st = KvState::new();
+    for i in 0..4_000u32 {
+        st.put(format!("s{i:05}").as_bytes(), &[i as u8; 1 << 10]);
+    }
+    let changes: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..4_000u32)
+        .map(|i| (format!("s{i:05}").into_bytes(), None))
+        .collect();
+    let mut store = snapshot_and_delta(&st, 16 << 10, &changes);
+    let mut r = Replica::new(lazy_cfg(1 << 20), 7);
+    drain(&mut r, &mut store, 0);
+    assert_eq!(r.applied_lsn(), 20);
+    let mut s = LazyScan::new(b"", None, 10);
+    assert_eq!(scan_in(&mut r, &mut store, &mut s), Vec::new());
+    // Each byte of a key or value prints as at most five characters.
+    let held = format!("{s:?}").len() / 5;
+    eprintln!("a scan over 4,000 deleted entries holds about {held} bytes");
+    assert!(
+        held < 64 << 10,
+        "a scan that returned nothing holds about {held} bytes of the {} bytes it read",
+        st.len() << 10
+    );
+}

@@ -424,7 +424,22 @@ impl Replica {
             if let Some(k) = last {
                 scan.pos = Some(k.to_vec());
             }
-            scan.used = i;
+            // Snapshot entries the overlay hid (keys the chain or the tail
+            // deleted, say) go: a merge from the start meets the same
+            // overlay, or reads the chain again first. The last stays as
+            // the frontier (looked at again next turn).
+            let n = scan.collected.len();
+            let end = i.min(n.saturating_sub(1));
+            let from = scan.used.saturating_sub(1);
+            let mut w = from;
+            for r in from..n {
+                if r >= end || !lazy.overlay.contains_key(scan.collected[r].0.as_slice()) {
+                    scan.collected.swap(w, r);
+                    w += 1;
+                }
+            }
+            scan.collected.truncate(w);
+            scan.used = i - (n - w);
             let chain_done = scan.chain_done;
             if scan.merged.len() >= scan.limit
                 || scan.merged_bytes >= max
