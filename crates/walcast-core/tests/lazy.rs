@@ -1268,3 +1268,40 @@ fn a_scan_keeps_no_entries_the_overlay_hid() {
         st.len() << 10
     );
 }
+
+/// A head that says a delta's index and filter take all of its 5 MB: a
+/// replica with a 1 MiB cache refuses to hold them beside the cache (each
+/// delta's at most the cache's bytes, 4 MiB at least) and the read fails
+/// naming the delta, before any GET of them.
+#[test]
+fn a_delta_index_over_the_cache_is_refused_naming_the_delta() {
+    let mut st = KvState::new();
+    st.put(b"a", b"1");
+    let changes: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..50u32)
+        .map(|i| {
+            (
+                format!("d{i:03}").into_bytes(),
+                Some(vec![i as u8; 100 << 10]),
+            )
+        })
+        .collect();
+    let mut store = snapshot_and_delta(&st, 16 << 10, &changes);
+    let mut head = Head::decode(&store.objects[HEAD_KEY]).expect("a head");
+    let d = &mut head.deltas[0];
+    assert!(d.size > 5_000_000 && d.suffix_len < 64 << 10, "{d:?}");
+    d.suffix_len = d.size - walcast_core::snapshot::HEADER_LEN;
+    let delta = d.key.clone();
+    store.objects.insert(HEAD_KEY.into(), head.encode());
+    let mut r = Replica::new(lazy_cfg(1 << 20), 7);
+    drain(&mut r, &mut store, 0);
+    assert_eq!(r.applied_lsn(), 20);
+    let bytes = store.bytes;
+    let e = r.get_lazy(b"d001").expect_err("the read fails");
+    assert_eq!(
+        (e.kind(), e.object()),
+        (walcast_core::ErrorKind::Data, Some(delta.as_str())),
+        "{e}"
+    );
+    drain(&mut r, &mut store, 0);
+    assert_eq!(store.bytes, bytes, "no GET of the delta's suffix");
+}

@@ -62,11 +62,12 @@ fn a_server_ignoring_range_costs_a_large_snapshot_an_error_not_its_size() {
     }
 }
 
-/// A head claiming its delta holds 50 GB (and its index and filter 40 GB):
-/// a lazy replica's GETs of it, a point read's suffix and a scan's whole
-/// delta, may bring no more than a replica reads of any object
-/// (`MAX_SEGMENT_BYTES`), as for a segment or a snapshot window that claims
-/// as much; a driver buffers up to `max_bytes` of a body.
+/// A head claiming its delta holds 50 GB: a lazy replica's GETs of it, a
+/// point read's suffix and a scan's, may bring no more than a replica
+/// reads of any object (`MAX_SEGMENT_BYTES`), as for a segment or a
+/// snapshot window that claims as much; a driver buffers up to `max_bytes`
+/// of a body. One claiming its index and filter take 40 GB is refused
+/// before any GET of them: they would be held beside the cache.
 #[test]
 fn claimed_delta_sizes_do_not_set_what_a_lazy_replica_reads_into_memory() {
     let mut store = small_chain_store();
@@ -74,12 +75,13 @@ fn claimed_delta_sizes_do_not_set_what_a_lazy_replica_reads_into_memory() {
     assert!(!h.deltas.is_empty());
     let d = h.deltas.last_mut().unwrap();
     d.size = 50_000_000_000;
-    d.suffix_len = 40_000_000_000;
     let big = d.key.clone();
     let etag = store.objects[HEAD_KEY].1 + 1000;
     store
         .objects
         .insert(HEAD_KEY.to_string(), (h.encode(), etag));
+    let mut huge = h.clone();
+    huge.deltas.last_mut().unwrap().suffix_len = 40_000_000_000;
     let mut r = lazy_replica();
     r.sync_now(0);
     settle(&mut r, &store);
@@ -100,4 +102,13 @@ fn claimed_delta_sizes_do_not_set_what_a_lazy_replica_reads_into_memory() {
             .all(|(_, m)| *m <= walcast_core::catalog::MAX_SEGMENT_BYTES),
         "GETs of {big} may bring: {to_big:?}"
     );
+    store
+        .objects
+        .insert(HEAD_KEY.to_string(), (huge.encode(), etag + 1));
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    let e = r.get_lazy(b"key:001").expect_err("an index of 40 GB");
+    assert_eq!(e.object(), Some(big.as_str()), "{e}");
+    assert!(collect(&mut r).iter().all(|g| g.key != big));
 }

@@ -13,6 +13,19 @@ impl Lazy {
         need: Need,
         key: &[u8],
     ) -> Result<(), Error> {
+        // A delta's index and filter are held for as long as its chain,
+        // besides the cache: each at most the cache's bytes (4 MiB at
+        // least), so that a store cannot make four deltas hold 256 MiB.
+        let most = self.cache_bytes.max(MAX_INDEX_FLOOR);
+        if let Need::Suffix(n) = need {
+            if n > most {
+                return Err(Error::new(
+                    ErrorKind::Data,
+                    format!("index and filter of {n} bytes, over the cache's {most}"),
+                )
+                .with_object(object));
+            }
+        }
         match self.take_failure(&object, &need) {
             Some(e) => Err(e),
             None => {

@@ -57,6 +57,10 @@ pub(super) const RECENT_BLOCKS: usize = 4;
 /// [`Lazy::deferred`]); past that, segments are fetched as they come.
 pub(super) const MAX_DEFERRED: usize = 128;
 
+/// A delta's index and filter (its suffix) may take the lazy cache's
+/// bytes, and at least this many: the chain's are held besides the cache.
+pub(super) const MAX_INDEX_FLOOR: u64 = 4 << 20;
+
 /// The answer to a lazy read: ready, or waiting for GETs the replica has
 /// queued (drive [`Replica::poll`] and ask again after responses arrive).
 #[derive(Debug, Clone, PartialEq, Eq)]
