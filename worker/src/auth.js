@@ -11,6 +11,8 @@ const TOKEN_PREFIX = "wct1.";
 const MAX_TOKEN_LEN = 2048;
 const DOMAIN = new TextEncoder().encode("walcast-token-v1\0");
 const CLAIM_FIELDS = ["exp", "iat", "prefix", "scope"];
+/** How far (seconds) a token's `iat` may be ahead of the clock (as the Rust verifier). */
+export const MAX_CLOCK_SKEW = 300;
 
 /** Standard or URL-safe base64 (padding optional) to bytes; null when it is not base64. */
 function b64bytes(s, urlSafe) {
@@ -68,8 +70,9 @@ export function prefixCovers(prefix, path) {
 /**
  * Verifies `token` with any of `keys` (CryptoKeys) at `now` (Unix seconds)
  * for `path`. Resolves `{ ok: true, claims }` or `{ ok: false, reason }`
- * with reason `missing`, `malformed`, `bad_signature`, `expired` or
- * `wrong_prefix`. The signature is checked before the claims are decoded.
+ * with reason `missing`, `malformed`, `bad_signature`, `expired`,
+ * `not_yet_valid` (issued more than `MAX_CLOCK_SKEW` seconds ahead of
+ * `now`) or `wrong_prefix`. The signature is checked before the claims are decoded.
  */
 export async function verifyToken(token, keys, now, path) {
   if (token === null || token === undefined || token === "") return { ok: false, reason: "missing" };
@@ -110,6 +113,7 @@ export async function verifyToken(token, keys, now, path) {
   if (scope !== "read" || typeof prefix !== "string" || /^\/|\/$/.test(prefix)) return malformed;
   if (!Number.isSafeInteger(iat) || !Number.isSafeInteger(exp) || iat < 0 || exp < 0) return malformed;
   if (now >= exp) return { ok: false, reason: "expired" };
+  if (iat > now + MAX_CLOCK_SKEW) return { ok: false, reason: "not_yet_valid" };
   if (!prefixCovers(prefix, path)) return { ok: false, reason: "wrong_prefix" };
   return { ok: true, claims };
 }

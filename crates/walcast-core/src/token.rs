@@ -39,6 +39,9 @@ pub const TOKEN_PREFIX: &str = "wct1.";
 pub const MAX_TOKEN_LEN: usize = 2048;
 /// The only scope there is: read-only.
 pub const SCOPE_READ: &str = "read";
+/// How far (seconds) a token's `iat` may be ahead of the verifier's clock:
+/// a token issued later than that is refused as `not_yet_valid`.
+pub const MAX_CLOCK_SKEW: u64 = 300;
 
 /// What a token grants.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +71,14 @@ pub enum TokenError {
         /// The time it was checked at.
         now: u64,
     },
+    /// `iat` is more than [`MAX_CLOCK_SKEW`] seconds after the time it was
+    /// checked at: issued by a clock far ahead, or forged ahead of time.
+    NotYetValid {
+        /// The token's `iat`.
+        iat: u64,
+        /// The time it was checked at.
+        now: u64,
+    },
     /// The object is outside the token's prefix.
     WrongPrefix {
         /// The token's prefix.
@@ -78,12 +89,14 @@ pub enum TokenError {
 }
 
 impl TokenError {
-    /// A short stable code: `malformed`, `bad_signature`, `expired`, `wrong_prefix`.
+    /// A short stable code: `malformed`, `bad_signature`, `expired`,
+    /// `not_yet_valid`, `wrong_prefix`.
     pub fn code(&self) -> &'static str {
         match self {
             TokenError::Malformed(_) => "malformed",
             TokenError::BadSignature => "bad_signature",
             TokenError::Expired { .. } => "expired",
+            TokenError::NotYetValid { .. } => "not_yet_valid",
             TokenError::WrongPrefix { .. } => "wrong_prefix",
         }
     }
@@ -97,6 +110,10 @@ impl fmt::Display for TokenError {
             TokenError::Expired { exp, now } => {
                 write!(f, "token expired at {exp} (now {now}, Unix seconds)")
             }
+            TokenError::NotYetValid { iat, now } => write!(
+                f,
+                "token issued at {iat}, later than now ({now}, Unix seconds) by more than {MAX_CLOCK_SKEW} s"
+            ),
             TokenError::WrongPrefix { prefix, path } => {
                 write!(f, "token for prefix {prefix:?} does not cover {path:?}")
             }
@@ -201,6 +218,12 @@ pub fn verify_any(token: &str, keys: &[PublicKey], now: u64) -> Result<Claims, T
             now,
         });
     }
+    if claims.iat > now.saturating_add(MAX_CLOCK_SKEW) {
+        return Err(TokenError::NotYetValid {
+            iat: claims.iat,
+            now,
+        });
+    }
     Ok(claims)
 }
 
@@ -287,6 +310,15 @@ mod tests {
                 now: 1060
             }
         );
+        // Issued more than the clock skew allows ahead of the verifier.
+        assert_eq!(
+            verify_for(&t, &pk, 699, "app/x").unwrap_err(),
+            TokenError::NotYetValid {
+                iat: 1000,
+                now: 699
+            }
+        );
+        verify_for(&t, &pk, 700, "app/x").unwrap();
         assert_eq!(
             verify_for(&t, &pk, 1000, "apple/catalog/head.json")
                 .unwrap_err()

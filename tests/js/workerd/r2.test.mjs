@@ -324,6 +324,9 @@ test("the worker's WebCrypto verifier accepts the golden token of walcast_core::
   const keys = await importKeys(pub);
   assert.deepEqual(await verifyToken(token, keys, 4599, "app"), { ok: true, claims: { scope: "read", prefix: "app", iat: 1000, exp: 4600 } });
   assert.deepEqual(await verifyToken(token, keys, 4600, "app"), { ok: false, reason: "expired" });
+  // Issued (iat 1000) more than 300 s after the verifier's clock, as the core refuses it.
+  assert.deepEqual(await verifyToken(token, keys, 699, "app"), { ok: false, reason: "not_yet_valid" });
+  assert.equal((await verifyToken(token, keys, 700, "app")).ok, true);
   assert.deepEqual(await verifyToken(token, keys, 4599, "apple"), { ok: false, reason: "wrong_prefix" });
   assert.deepEqual(await verifyToken(token.replace("wct1.e", "wct1.f"), keys, 4599, "app"), { ok: false, reason: "bad_signature" });
   // The signature spelled with bits set past its last byte (base64 that

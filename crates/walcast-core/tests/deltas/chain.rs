@@ -552,16 +552,7 @@ fn a_read_needing_a_block_of_two_deltas_finishes_under_a_tiny_cache() {
         .enumerate()
         .find(|(_, k)| idx[n - 1].block_for(k).is_some() && !holds(n - 1, k) && holds(n - 2, k))
         .expect("a false positive of the newest delta's filter among the older one's keys");
-    let mut r = Replica::new(
-        ReplicaConfig {
-            lazy_cache_bytes: Some(16 << 10),
-            long_poll_wait_ms: 0,
-            ..ReplicaConfig::default()
-        },
-        3,
-    );
-    r.sync_now(0);
-    settle(&mut r, &store);
+    let mut r = settled_with_cache(&store, 16 << 10);
     let v = read_through(&mut r, &store, key).expect("the read finished");
     assert_eq!(v, Some(vec![(pos / 100) as u8; 100]));
 }
@@ -653,6 +644,33 @@ fn chain_over_a_load() -> (Store, Vec<Vec<Op>>, u64) {
     assert!(chain_bytes > 1 << 20, "the chain holds {chain_bytes} bytes");
     (store, log, lsn)
 }
+/// A lazy replica with a cache of `cache` bytes, synced with `store`.
+fn settled_with_cache(store: &Store, cache: u64) -> Replica {
+    let mut r = Replica::new(
+        ReplicaConfig {
+            lazy_cache_bytes: Some(cache),
+            long_poll_wait_ms: 0,
+            ..ReplicaConfig::default()
+        },
+        3,
+    );
+    r.sync_now(0);
+    settle(&mut r, store);
+    r
+}
+
+/// The first `n` entries of `want` from `start` on.
+fn entries_from(
+    want: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>,
+    start: &[u8],
+    n: usize,
+) -> Entries {
+    want.range(start.to_vec()..)
+        .take(n)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// Steps `scan` on `r` to its answer, serving each turn's GETs together.
 fn scan_through(r: &mut Replica, store: &Store, mut scan: LazyScan) -> (Entries, Cold) {
     let mut c = Cold::default();
@@ -694,11 +712,7 @@ fn a_scan_reads_the_blocks_of_the_chain_it_needs() {
     settle(&mut r, &store);
     assert_eq!(r.applied_lsn(), lsn);
     let (got, c) = scan_through(&mut r, &store, LazyScan::new(b"key:010000", None, 10));
-    let expect: Vec<(Vec<u8>, Vec<u8>)> = want
-        .range(b"key:010000".to_vec()..)
-        .take(10)
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let expect = entries_from(&want, b"key:010000", 10);
     assert!(
         got == expect,
         "{} entries, want {}",
@@ -745,23 +759,8 @@ fn a_scan_reads_the_blocks_of_the_chain_it_needs() {
 fn scans_that_drop_each_others_chain_changes_answer_the_origin() {
     let (store, log, lsn) = chain_over_a_load();
     let want = model_at(&log, lsn);
-    let mut r = Replica::new(
-        ReplicaConfig {
-            lazy_cache_bytes: Some(64 << 10),
-            long_poll_wait_ms: 0,
-            ..ReplicaConfig::default()
-        },
-        3,
-    );
-    r.sync_now(0);
-    settle(&mut r, &store);
+    let mut r = settled_with_cache(&store, 64 << 10);
     assert_eq!(r.applied_lsn(), lsn);
-    let from = |k: &[u8], n: usize| -> Entries {
-        want.range(k.to_vec()..)
-            .take(n)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    };
     let starts: [&[u8]; 2] = [b"key:000000", b"key:010000"];
     let mut scans: Vec<Option<LazyScan>> = starts
         .iter()
@@ -778,7 +777,7 @@ fn scans_that_drop_each_others_chain_changes_answer_the_origin() {
         for (i, slot) in scans.iter_mut().enumerate() {
             let Some(scan) = slot.as_mut() else { continue };
             if let Read::Ready(got) = r.scan_lazy(scan).expect("a scan") {
-                let expect = from(starts[i], 3_000);
+                let expect = entries_from(&want, starts[i], 3_000);
                 let first_diff = got.iter().zip(&expect).position(|(a, b)| a != b);
                 assert!(
                     got == expect,
@@ -808,16 +807,7 @@ fn scans_that_drop_each_others_chain_changes_answer_the_origin() {
 fn three_scans_over_a_chain_with_a_small_cache_finish() {
     let (store, log, lsn) = chain_over_a_load();
     let want = model_at(&log, lsn);
-    let mut r = Replica::new(
-        ReplicaConfig {
-            lazy_cache_bytes: Some(16 << 10),
-            long_poll_wait_ms: 0,
-            ..ReplicaConfig::default()
-        },
-        3,
-    );
-    r.sync_now(0);
-    settle(&mut r, &store);
+    let mut r = settled_with_cache(&store, 16 << 10);
     let starts: [&[u8]; 3] = [b"key:000000", b"key:006333", b"key:012666"];
     let mut scans: Vec<Option<LazyScan>> = starts
         .iter()
@@ -831,11 +821,7 @@ fn three_scans_over_a_chain_with_a_small_cache_finish() {
         for (i, slot) in scans.iter_mut().enumerate() {
             let Some(scan) = slot.as_mut() else { continue };
             if let Read::Ready(got) = r.scan_lazy(scan).expect("a scan") {
-                let expect: Entries = want
-                    .range(starts[i].to_vec()..)
-                    .take(2_000)
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
+                let expect = entries_from(&want, starts[i], 2_000);
                 assert!(got == expect, "scan {i}: {} entries", got.len());
                 *slot = None;
             }
