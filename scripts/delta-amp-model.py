@@ -6,7 +6,8 @@ Counts entries, not bytes (a delta entry and a WAL record of a single
 keys, single-key batches to uniformly random keys, a delta every EVERY
 batches chosen by the publisher's rule (publisher/snapshot.rs
 `maybe_delta`: absorb the newer deltas while the next older one holds at
-most FACTOR times the merged keys, and always enough to keep at most K
+most FACTOR times the merged keys (2 here; the publisher uses 1.5 since
+2026-12-06), and always enough to keep at most K
 deltas), a base snapshot (KEYS entries) every SNAP batches. Prints the
 deltas' and snapshots' entries written per batch: their share of the write
 amplification in steady state, the segments and heads not included.
@@ -136,7 +137,7 @@ def pointers(slot=None):
 
 def factors():
     for every in [2000, 8000]:
-        for factor in [0.5, 1, 2, 4, 8]:
+        for factor in [0.5, 1, 1.5, 2, 4, 8]:
             for snap in [600_000, 1_200_000, 2_400_000]:
                 d, s = model(every, snap, factor=factor)
                 print(f"every {every:,} factor {factor} snapshot every {snap:,}: {d + s:.2f}x", flush=True)

@@ -121,7 +121,7 @@ impl Publisher {
     /// `delta_bytes` of batches were pushed, since the end of the head's
     /// chain. The new delta covers the changes after the end
     /// of a kept prefix of the chain: it absorbs (merges) the newest deltas
-    /// while the next older one holds at most twice its keys, and always
+    /// while the next older one holds at most 1.5 times its keys, and always
     /// enough to keep the chain within [`MAX_DELTAS`]. So delta sizes grow
     /// geometrically down the chain and each key is rewritten a few times
     /// before the next snapshot absorbs it.
@@ -160,7 +160,7 @@ impl Publisher {
         let mut n = self.changed_after(chain_end);
         while keep > 0 {
             let older = &head.deltas[keep - 1];
-            if keep + 1 > MAX_DELTAS || older.entries <= 2 * n as u64 {
+            if keep + 1 > MAX_DELTAS || 2 * older.entries <= 3 * n as u64 {
                 keep -= 1;
                 n = self.changed_after(older.base_lsn);
             } else {

@@ -425,7 +425,7 @@ fn read_through(r: &mut Replica, store: &Store, k: &[u8]) -> Option<Option<Vec<u
     None
 }
 
-/// 20,000 keys loaded and snapshotted, then 4,000 new keys in batches of
+/// 20,000 keys loaded and snapshotted, then 4,800 new keys in batches of
 /// 100 (the `n`th key's value is 100 bytes of `n / 100`), a delta every
 /// 96 KiB of batches: a chain of several deltas of several blocks.
 fn new_keys_over_a_chain() -> (Store, Vec<Vec<u8>>) {
@@ -434,7 +434,7 @@ fn new_keys_over_a_chain() -> (Store, Vec<Vec<u8>>) {
         ..cfg_filters()
     });
     let mut keys = Vec::new();
-    for batch_no in 0..40u64 {
+    for batch_no in 0..48u64 {
         let ops: Vec<Op> = (0..100u64)
             .map(|i| {
                 let k = format!("new:{i:03}:{batch_no:03}").into_bytes();
@@ -451,7 +451,7 @@ fn new_keys_over_a_chain() -> (Store, Vec<Vec<u8>>) {
         }
     }
     let h = store.head();
-    assert!(h.deltas.len() >= 2, "{} deltas", h.deltas.len());
+    assert!(h.deltas.len() >= 2, "{:?}", h.deltas);
     (store, keys)
 }
 
