@@ -194,6 +194,12 @@ impl Publisher {
         let size = bytes.len() as u64;
         let suffix_len = DeltaFooter::decode(&bytes[bytes.len() - 64..], size)
             .map_or(size, |f| f.suffix_len(size));
+        if suffix_len > crate::snapshot::delta::MAX_LAZY_SUFFIX {
+            // An index and filter some lazy readers would refuse to hold
+            // (long keys that share no prefix): no delta, as above.
+            self.delta_refused_at = lsn;
+            return;
+        }
         let key = catalog::delta_key(base_lsn, lsn, self.epoch);
         let crc32 = crate::crc::hash(&bytes);
         let delta = DeltaEntry {

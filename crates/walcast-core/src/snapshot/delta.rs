@@ -50,6 +50,10 @@ pub const MAX_BUILT_FILTER_BYTES: u64 = 256 << 10;
 pub const MAX_FILTER_BYTES: u64 = 16 << 20;
 /// Largest index block accepted.
 pub const MAX_DELTA_INDEX_BYTES: u64 = 16 << 20;
+/// The index and filter (suffix) of a delta that every lazy reader takes:
+/// readers hold them beside their cache, up to its bytes and at least
+/// this many, and publishers write no delta with a larger suffix.
+pub const MAX_LAZY_SUFFIX: u64 = 4 << 20;
 /// Tag of an entry's value: the key holds the bytes after the tag.
 pub const TAG_PUT: u8 = 0;
 /// Tag of an entry's value: the key was deleted (nothing follows the tag).

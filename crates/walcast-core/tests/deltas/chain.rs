@@ -831,3 +831,112 @@ fn three_scans_over_a_chain_with_a_small_cache_finish() {
     }
     panic!("the scans did not finish in 1,000 turns: {c:?}");
 }
+
+/// Nine batches after the 20,000-key load: `deletes` deletes keys of the
+/// load (as `chain_over_a_load`), else as many puts to keys it never had.
+fn chain_of(deletes: bool) -> (Store, Vec<Vec<Op>>, u64) {
+    let cfg = PublisherConfig {
+        delta_every: Some(3),
+        snapshot_bytes: Some(2 << 20),
+        snapshot_ratio_percent: Some(400),
+        ..cfg_filters()
+    };
+    let (mut p, mut store, mut lsn, mut now) = loaded(cfg);
+    let mut log: Vec<Vec<Op>> = (0..20u64)
+        .map(|chunk| {
+            (chunk * 1_000..(chunk + 1) * 1_000)
+                .map(|i| Op::put(format!("key:{i:06}").into_bytes(), vec![1u8; 100]))
+                .collect()
+        })
+        .collect();
+    for b in 0..9u64 {
+        let every = [2, 16, 128][b as usize / 3];
+        let ops: Vec<Op> = (0..20_000u64)
+            .filter(|i| (i * 7 + b) % every == 0)
+            .map(|i| {
+                if b >= 6 {
+                    // The same in both: the tail past the chain's end.
+                    Op::put(format!("zzz:{i:06}").into_bytes(), vec![b as u8; 100])
+                } else if deletes {
+                    Op::delete(format!("key:{i:06}").into_bytes())
+                } else {
+                    Op::put(format!("other:{i:06}").into_bytes(), vec![9u8; 100])
+                }
+            })
+            .collect();
+        lsn += 1;
+        now += 1;
+        p.push(lsn, &batch::encode(&ops).unwrap(), now).unwrap();
+        log.push(ops);
+        for _ in 0..50 {
+            now += 10;
+            store.drive(&mut p, now);
+        }
+    }
+    (store, log, lsn)
+}
+
+/// A store that named a chain deleting keys (a head that lied, or another
+/// epoch's history over the same base), then the true chain over the same
+/// base to the same LSN: the replica replaces the chain, and a scan asked
+/// again after its answer must return the new state, not one missing the
+/// snapshot entries the old chain's deletions hid.
+#[test]
+fn a_scan_asked_again_after_the_chain_was_replaced_answers_the_new_chain() {
+    let (lie, _, lsn) = chain_of(true);
+    let (mut truth, log, lsn2) = chain_of(false);
+    assert_eq!(lsn, lsn2);
+    let (hl, ht) = (lie.head(), truth.head());
+    assert_eq!(hl.snapshot, ht.snapshot, "the same base");
+    assert_eq!(hl.delta_lsn(), ht.delta_lsn(), "chains to the same LSN");
+    assert!(
+        hl.delta_lsn().unwrap() >= 26,
+        "the chain holds the batches that differ"
+    );
+    assert_ne!(hl.deltas, ht.deltas);
+    // The true head under another etag, so the replica reads it.
+    truth.objects.get_mut(HEAD_KEY).unwrap().1 += 1_000;
+
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &lie);
+    assert_eq!(r.applied_lsn(), lsn);
+    let mut scan = LazyScan::new(b"key:000000", None, 2_000);
+    let (got, _) = scan_through_mut(&mut r, &lie, &mut scan);
+    assert!(!got.is_empty());
+
+    // The truth: the chain is replaced (same base, same end).
+    r.sync_now(0);
+    settle(&mut r, &truth);
+    assert_eq!(r.applied_lsn(), lsn);
+    let want = model_at(&log, lsn);
+    let expect = entries_from(&want, b"key:000000", 2_000);
+    // A new scan sees the truth...
+    let (fresh, _) = scan_through(&mut r, &truth, LazyScan::new(b"key:000000", None, 2_000));
+    assert!(fresh == expect, "a new scan: {} entries", fresh.len());
+    // ... and so must the scan asked again.
+    let (again, _) = scan_through_mut(&mut r, &truth, &mut scan);
+    let first_diff = again.iter().zip(&expect).position(|(a, b)| a != b);
+    assert!(
+        again == expect,
+        "the scan asked again: first difference at {first_diff:?}: got {:?}, want {:?}",
+        first_diff.map(|i| String::from_utf8_lossy(&again[i].0).into_owned()),
+        first_diff.map(|i| String::from_utf8_lossy(&expect[i].0).into_owned()),
+    );
+}
+
+/// [`scan_through`] on a scan kept by the caller.
+fn scan_through_mut(r: &mut Replica, store: &Store, scan: &mut LazyScan) -> (Entries, Cold) {
+    let mut c = Cold::default();
+    for _ in 0..1_000 {
+        match r.scan_lazy(scan).expect("a scan") {
+            Read::Ready(got) => return (got, c),
+            Read::Pending => {
+                let reqs = collect(r);
+                c.rounds += 1;
+                store.answer(r, reqs, &mut c);
+            }
+        }
+    }
+    panic!("the scan did not finish");
+}

@@ -112,3 +112,66 @@ fn claimed_delta_sizes_do_not_set_what_a_lazy_replica_reads_into_memory() {
     assert_eq!(e.object(), Some(big.as_str()), "{e}");
     assert!(collect(&mut r).iter().all(|g| g.key != big));
 }
+
+/// Keys of 60 KiB that share no prefix: a delta of them would carry an
+/// index over `MAX_LAZY_SUFFIX`, which lazy readers with a small cache
+/// refuse to hold beside it. The publisher writes no such delta, and a
+/// lazy replica reads the keys from the segments.
+#[test]
+fn a_delta_whose_index_readers_would_refuse_is_not_written() {
+    use walcast_core::snapshot::delta::MAX_LAZY_SUFFIX;
+    let (mut p, mut store, mut lsn, mut now) = loaded(PublisherConfig {
+        delta_every: Some(1),
+        // One snapshot at the load's end, and none after it (within 10
+        // times its size).
+        snapshot_bytes: Some(2 << 20),
+        snapshot_ratio_percent: Some(1_000),
+        ..cfg_filters()
+    });
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let keys: Vec<Vec<u8>> = (0..160)
+        .map(|_| {
+            (0..60 << 10)
+                .map(|_| {
+                    x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    (x >> 56) as u8
+                })
+                .collect()
+        })
+        .collect();
+    for chunk in keys.chunks(8) {
+        let ops: Vec<Op> = chunk
+            .iter()
+            .map(|k| Op::put(k.clone(), b"v".to_vec()))
+            .collect();
+        lsn += 1;
+        now += 1;
+        p.push(lsn, &batch::encode(&ops).unwrap(), now).unwrap();
+        for _ in 0..20 {
+            now += 100;
+            store.drive(&mut p, now);
+        }
+    }
+    let h = store.head();
+    assert_eq!(h.committed_lsn, lsn);
+    let largest = h.deltas.iter().map(|d| d.suffix_len).max().unwrap_or(0);
+    assert!(
+        largest <= MAX_LAZY_SUFFIX,
+        "a delta's suffix of {largest} bytes"
+    );
+    let mut r = Replica::new(
+        ReplicaConfig {
+            lazy_cache_bytes: Some(1 << 20),
+            long_poll_wait_ms: 0,
+            ..ReplicaConfig::default()
+        },
+        3,
+    );
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert_eq!(r.applied_lsn(), lsn);
+    for k in [&keys[0], &keys[159]] {
+        let v = read_through(&mut r, &store, k).expect("the read finished");
+        assert_eq!(v.as_deref(), Some(&b"v"[..]));
+    }
+}

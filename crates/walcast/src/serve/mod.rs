@@ -34,7 +34,7 @@
 //!   unexpired token whose prefix covers the object, in `Authorization:
 //!   Bearer <token>` or the query parameter `token`; else 401 with a
 //!   `WWW-Authenticate` naming why (`missing`, `malformed`,
-//!   `bad_signature`, `expired`, `wrong_prefix`). Range and conditional
+//!   `bad_signature`, `expired`, `not_yet_valid`, `wrong_prefix`). Range and conditional
 //!   requests work as without. An immutable object fetched with the token
 //!   in the header is `private` to caches (a shared cache keyed by URL would
 //!   hand it to anyone); with the token in the query the URL carries the

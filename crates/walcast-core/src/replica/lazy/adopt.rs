@@ -80,6 +80,9 @@ impl Lazy {
             })
             .collect();
         b.chain_end = end;
+        // Scans collect the snapshot's entries again: those they dropped
+        // as hidden by the old chain may show under this one.
+        self.base_gen += 1;
         self.shed_through(end);
         self.keep_jobs(true);
         self.fit_cache();

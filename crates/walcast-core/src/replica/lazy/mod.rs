@@ -59,7 +59,7 @@ pub(super) const MAX_DEFERRED: usize = 128;
 
 /// A delta's index and filter (its suffix) may take the lazy cache's
 /// bytes, and at least this many: the chain's are held besides the cache.
-pub(super) const MAX_INDEX_FLOOR: u64 = 4 << 20;
+pub(super) const MAX_INDEX_FLOOR: u64 = crate::snapshot::delta::MAX_LAZY_SUFFIX;
 
 /// The answer to a lazy read: ready, or waiting for GETs the replica has
 /// queued (drive [`Replica::poll`] and ask again after responses arrive).
@@ -341,9 +341,10 @@ pub(super) struct Lazy {
     pub(super) read_due: bool,
     /// The last read run was [`Read::Pending`] (it waits for GETs).
     pub(super) read_pending: bool,
-    /// Bumped whenever the base is set, so a paused scan starts its
-    /// snapshot part over on another base, even one under the same key
-    /// (a dataset started over at the prefix, or the entry corrected).
+    /// Bumped whenever the base is set or its chain replaced, so a paused
+    /// scan starts its snapshot part over on another base, even one under
+    /// the same key (a dataset started over at the prefix, or the entry
+    /// corrected), and collects again the entries it dropped as hidden.
     pub(super) base_gen: u64,
 }
 
