@@ -2,6 +2,14 @@
 
 use crate::error::DecodeError;
 
+/// `s` split at the first `sep` (an ASCII byte), without it: what
+/// `str::split_once` does with a `char`, without the code of `char`
+/// patterns in the wasm module.
+pub(crate) fn cut(s: &str, sep: u8) -> Option<(&str, &str)> {
+    let i = s.bytes().position(|b| b == sep)?;
+    Some((s.get(..i)?, s.get(i + 1..)?))
+}
+
 /// A cursor over a byte slice that reports truncation as a [`DecodeError`]
 /// and never panics. `base` is added to positions in errors so they name the
 /// offset within the whole object.

@@ -108,8 +108,8 @@ impl ContentRange {
     /// (`*` for an unknown total).
     pub fn parse(value: &str) -> Option<ContentRange> {
         let rest = value.trim_ascii().strip_prefix("bytes ")?;
-        let (range, total) = rest.split_once('/')?;
-        let (a, b) = range.split_once('-')?;
+        let (range, total) = crate::codec::cut(rest, b'/')?;
+        let (a, b) = crate::codec::cut(range, b'-')?;
         let start: u64 = a.trim_ascii().parse().ok()?;
         let last: u64 = b.trim_ascii().parse().ok()?;
         if last < start {

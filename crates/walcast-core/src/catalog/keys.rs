@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use serde::{Serialize, Serializer};
 
+use crate::codec::cut;
 use crate::error::{DecodeError, Quoted};
 
 /// Checks that `key` is exactly the key the format derives for the object it
@@ -34,26 +35,25 @@ pub fn object_kind(key: &str) -> Option<&'static str> {
             && s.parse::<u64>().is_ok()
     }
     if let Some(rest) = key.strip_prefix("segments/") {
-        let (epoch, file) = rest.split_once('/')?;
-        let (first, last) = file.strip_suffix(".wseg")?.split_once('-')?;
+        let (epoch, file) = cut(rest, b'/')?;
+        let (first, last) = cut(file.strip_suffix(".wseg")?, b'-')?;
         (num(epoch, None) && num(first, Some(20)) && num(last, Some(20))).then_some("segment")
     } else if let Some(rest) = key.strip_prefix("snapshots/") {
-        let (lsn, epoch) = rest.strip_suffix(".wsnap")?.split_once('-')?;
+        let (lsn, epoch) = cut(rest.strip_suffix(".wsnap")?, b'-')?;
         (num(lsn, Some(20)) && num(epoch, None)).then_some("snapshot")
     } else if let Some(rest) = key.strip_prefix("deltas/") {
-        let mut parts = rest.strip_suffix(".wdelta")?.split('-');
-        let ok = num(parts.next()?, Some(20))
-            && num(parts.next()?, Some(20))
-            && num(parts.next()?, None)
-            && parts.next().is_none();
+        // Numbers hold digits only, so the last one has no `-` in it: the
+        // key has exactly as many parts as it should.
+        let (base, rest) = cut(rest.strip_suffix(".wdelta")?, b'-')?;
+        let (lsn, epoch) = cut(rest, b'-')?;
+        let ok = num(base, Some(20)) && num(lsn, Some(20)) && num(epoch, None);
         ok.then_some("delta")
     } else if let Some(rest) = key.strip_prefix("catalog/pages/") {
-        let mut parts = rest.strip_suffix(".json")?.split('-');
-        let ok = num(parts.next()?, None)
-            && num(parts.next()?, Some(20))
-            && num(parts.next()?, Some(20))
-            && num(parts.next()?, None)
-            && parts.next().is_none();
+        let (level, rest) = cut(rest.strip_suffix(".json")?, b'-')?;
+        let (first, rest) = cut(rest, b'-')?;
+        let (last, epoch) = cut(rest, b'-')?;
+        let ok =
+            num(level, None) && num(first, Some(20)) && num(last, Some(20)) && num(epoch, None);
         ok.then_some("page")
     } else {
         None
@@ -142,4 +142,39 @@ pub fn delta_key(base_lsn: u64, lsn: u64, epoch: u64) -> String {
 /// Key of a page: `catalog/pages/<level>-<first:020>-<last:020>-<epoch>.json`.
 pub fn page_key(level: u32, first: u64, last: u64, epoch: u64) -> String {
     format!("catalog/pages/{level}-{first:020}-{last:020}-{epoch}.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_kind_takes_the_derived_keys_and_nothing_near_them() {
+        assert_eq!(object_kind(&segment_key(3, 1, 20)), Some("segment"));
+        assert_eq!(object_kind(&snapshot_key(7, 2)), Some("snapshot"));
+        assert_eq!(object_kind(&delta_key(7, 90, 2)), Some("delta"));
+        assert_eq!(object_kind(&page_key(1, 5, 9, 2)), Some("page"));
+        let z = "0".repeat(20);
+        for key in [
+            "head.json".to_string(),
+            format!("segments/3/{z}-{z}-{z}.wseg"),
+            format!("segments/3-{z}/{z}.wseg"),
+            format!("segments/3/{z}{z}.wseg"),
+            format!("segments//{z}-{z}.wseg"),
+            format!("segments/3/{z}-{z}.wsnap"),
+            format!("segments/x/{z}-{z}.wseg"),
+            format!("snapshots/{z}.wsnap"),
+            format!("snapshots/{z}-2-3.wsnap"),
+            format!("snapshots/0-2.wsnap"),
+            format!("deltas/{z}-{z}.wdelta"),
+            format!("deltas/{z}-{z}-2-3.wdelta"),
+            format!("deltas/{z}-{z}-.wdelta"),
+            format!("catalog/pages/1-{z}-{z}.json"),
+            format!("catalog/pages/1-{z}-{z}-2-3.json"),
+            format!("catalog/pages/1-{z}-{z}-99999999999999999999999.json"),
+            format!("catalog/pages/../1-{z}-{z}-2.json"),
+        ] {
+            assert_eq!(object_kind(&key), None, "{key}");
+        }
+    }
 }

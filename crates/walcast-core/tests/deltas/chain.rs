@@ -598,6 +598,26 @@ fn a_damaged_delta_fails_the_read_naming_it() {
 /// holding more than 1 MiB over the snapshot. Returns the store, the
 /// batches and the last LSN.
 fn chain_over_a_load() -> (Store, Vec<Vec<Op>>, u64) {
+    let (store, log, lsn) = chain_written(|b, i| {
+        let key = format!("key:{i:06}").into_bytes();
+        if (i + b) % 9 == 0 {
+            Op::delete(key)
+        } else {
+            Op::put(key, vec![(b + 2) as u8; 100])
+        }
+    });
+    let h = store.head();
+    assert!(h.deltas.len() >= 2, "a chain: {:?}", h.deltas);
+    let chain_bytes: u64 = h.deltas.iter().map(|d| d.size).sum();
+    assert!(chain_bytes > 1 << 20, "the chain holds {chain_bytes} bytes");
+    (store, log, lsn)
+}
+
+/// 20,000 keys loaded and snapshotted (one snapshot, a delta every three
+/// batches), then nine batches of `op(b, i)` for batch `b` and a share of
+/// the keys `i` below 20,000, fewer every three. Returns the store, the
+/// batches (the load's included) and the last LSN.
+fn chain_written(op: impl Fn(u64, u64) -> Op) -> (Store, Vec<Vec<Op>>, u64) {
     let cfg = PublisherConfig {
         delta_every: Some(3),
         // One snapshot at the load's end, and none after it (within 4
@@ -614,36 +634,18 @@ fn chain_over_a_load() -> (Store, Vec<Vec<Op>>, u64) {
                 .collect()
         })
         .collect();
-    // Nine batches, each rewriting or deleting a share of the keys, fewer
-    // every three (a delta's worth): a chain of three deltas.
     for b in 0..9u64 {
         let every = [2, 16, 128][b as usize / 3];
         let ops: Vec<Op> = (0..20_000u64)
             .filter(|i| (i * 7 + b) % every == 0)
-            .map(|i| {
-                let key = format!("key:{i:06}").into_bytes();
-                if (i + b) % 9 == 0 {
-                    Op::delete(key)
-                } else {
-                    Op::put(key, vec![(b + 2) as u8; 100])
-                }
-            })
+            .map(|i| op(b, i))
             .collect();
-        lsn += 1;
-        now += 1;
-        p.push(lsn, &batch::encode(&ops).unwrap(), now).unwrap();
+        push_and_drive(&mut p, &mut store, (&mut lsn, &mut now), &ops, (50, 10));
         log.push(ops);
-        for _ in 0..50 {
-            now += 10;
-            store.drive(&mut p, now);
-        }
     }
-    let h = store.head();
-    assert!(h.deltas.len() >= 2, "a chain: {:?}", h.deltas);
-    let chain_bytes: u64 = h.deltas.iter().map(|d| d.size).sum();
-    assert!(chain_bytes > 1 << 20, "the chain holds {chain_bytes} bytes");
     (store, log, lsn)
 }
+
 /// A lazy replica with a cache of `cache` bytes, synced with `store`.
 fn settled_with_cache(store: &Store, cache: u64) -> Replica {
     let mut r = Replica::new(
@@ -673,18 +675,7 @@ fn entries_from(
 
 /// Steps `scan` on `r` to its answer, serving each turn's GETs together.
 fn scan_through(r: &mut Replica, store: &Store, mut scan: LazyScan) -> (Entries, Cold) {
-    let mut c = Cold::default();
-    for _ in 0..1_000 {
-        match r.scan_lazy(&mut scan).expect("a scan") {
-            Read::Ready(got) => return (got, c),
-            Read::Pending => {
-                let reqs = collect(r);
-                c.rounds += 1;
-                store.answer(r, reqs, &mut c);
-            }
-        }
-    }
-    panic!("the scan did not finish");
+    scan_through_mut(r, store, &mut scan)
 }
 
 /// A scan through a chain that changed most keys reads, of each delta, the
@@ -835,45 +826,16 @@ fn three_scans_over_a_chain_with_a_small_cache_finish() {
 /// Nine batches after the 20,000-key load: `deletes` deletes keys of the
 /// load (as `chain_over_a_load`), else as many puts to keys it never had.
 fn chain_of(deletes: bool) -> (Store, Vec<Vec<Op>>, u64) {
-    let cfg = PublisherConfig {
-        delta_every: Some(3),
-        snapshot_bytes: Some(2 << 20),
-        snapshot_ratio_percent: Some(400),
-        ..cfg_filters()
-    };
-    let (mut p, mut store, mut lsn, mut now) = loaded(cfg);
-    let mut log: Vec<Vec<Op>> = (0..20u64)
-        .map(|chunk| {
-            (chunk * 1_000..(chunk + 1) * 1_000)
-                .map(|i| Op::put(format!("key:{i:06}").into_bytes(), vec![1u8; 100]))
-                .collect()
-        })
-        .collect();
-    for b in 0..9u64 {
-        let every = [2, 16, 128][b as usize / 3];
-        let ops: Vec<Op> = (0..20_000u64)
-            .filter(|i| (i * 7 + b) % every == 0)
-            .map(|i| {
-                if b >= 6 {
-                    // The same in both: the tail past the chain's end.
-                    Op::put(format!("zzz:{i:06}").into_bytes(), vec![b as u8; 100])
-                } else if deletes {
-                    Op::delete(format!("key:{i:06}").into_bytes())
-                } else {
-                    Op::put(format!("other:{i:06}").into_bytes(), vec![9u8; 100])
-                }
-            })
-            .collect();
-        lsn += 1;
-        now += 1;
-        p.push(lsn, &batch::encode(&ops).unwrap(), now).unwrap();
-        log.push(ops);
-        for _ in 0..50 {
-            now += 10;
-            store.drive(&mut p, now);
+    chain_written(|b, i| {
+        if b >= 6 {
+            // The same in both: the tail past the chain's end.
+            Op::put(format!("zzz:{i:06}").into_bytes(), vec![b as u8; 100])
+        } else if deletes {
+            Op::delete(format!("key:{i:06}").into_bytes())
+        } else {
+            Op::put(format!("other:{i:06}").into_bytes(), vec![9u8; 100])
         }
-    }
-    (store, log, lsn)
+    })
 }
 
 /// A store that named a chain deleting keys (a head that lied, or another
@@ -925,7 +887,8 @@ fn a_scan_asked_again_after_the_chain_was_replaced_answers_the_new_chain() {
     );
 }
 
-/// [`scan_through`] on a scan kept by the caller.
+/// Steps `scan` on `r` to its answer, serving each turn's GETs together
+/// (the scan stays the caller's, to be asked again).
 fn scan_through_mut(r: &mut Replica, store: &Store, scan: &mut LazyScan) -> (Entries, Cold) {
     let mut c = Cold::default();
     for _ in 0..1_000 {

@@ -144,13 +144,7 @@ fn a_delta_whose_index_readers_would_refuse_is_not_written() {
             .iter()
             .map(|k| Op::put(k.clone(), b"v".to_vec()))
             .collect();
-        lsn += 1;
-        now += 1;
-        p.push(lsn, &batch::encode(&ops).unwrap(), now).unwrap();
-        for _ in 0..20 {
-            now += 100;
-            store.drive(&mut p, now);
-        }
+        push_and_drive(&mut p, &mut store, (&mut lsn, &mut now), &ops, (20, 100));
     }
     let h = store.head();
     assert_eq!(h.committed_lsn, lsn);

@@ -442,13 +442,7 @@ fn new_keys_over_a_chain() -> (Store, Vec<Vec<u8>>) {
                 Op::put(k, vec![batch_no as u8; 100])
             })
             .collect();
-        lsn += 1;
-        now += 1;
-        p.push(lsn, &batch::encode(&ops).unwrap(), now).unwrap();
-        for _ in 0..20 {
-            now += 100;
-            store.drive(&mut p, now);
-        }
+        push_and_drive(&mut p, &mut store, (&mut lsn, &mut now), &ops, (20, 100));
     }
     let h = store.head();
     assert!(h.deltas.len() >= 2, "{:?}", h.deltas);
@@ -478,6 +472,25 @@ fn cfg_filters() -> PublisherConfig {
         tail_bytes: 0,
         max_commits_per_sec: 0,
         ..PublisherConfig::default()
+    }
+}
+
+/// Pushes `ops` as the batch after `lsn`, a millisecond after `now`, then
+/// drives the publisher `rounds` times, `step` ms apart (`lsn` and `now`
+/// move on).
+fn push_and_drive(
+    p: &mut Publisher,
+    store: &mut Store,
+    (lsn, now): (&mut u64, &mut u64),
+    ops: &[Op],
+    (rounds, step): (usize, u64),
+) {
+    *lsn += 1;
+    *now += 1;
+    p.push(*lsn, &batch::encode(ops).unwrap(), *now).unwrap();
+    for _ in 0..rounds {
+        *now += step;
+        store.drive(p, *now);
     }
 }
 
