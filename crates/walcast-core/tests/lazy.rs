@@ -1305,3 +1305,88 @@ fn a_delta_index_over_the_cache_is_refused_naming_the_delta() {
     drain(&mut r, &mut store, 0);
     assert_eq!(store.bytes, bytes, "no GET of the delta's suffix");
 }
+
+/// Block GETs of a snapshot are out (300 KiB blocks, up to the 1 MiB the
+/// replica lets out at once) when a newer snapshot makes the replica jump:
+/// those GETs still count until they are answered, so the answers out at
+/// once stay within that bound across the jump, not twice it; every read
+/// still gets the origin's value once they are answered.
+#[test]
+fn a_jump_keeps_counting_the_block_gets_still_out() {
+    let mut want = KvState::new();
+    for i in 0..4_000u32 {
+        want.put(format!("k{i:05}").as_bytes(), &[i as u8; 1_000]);
+    }
+    let mut store = snapshot_only_in(DATASET, &want, 400, 300 << 10);
+    let mut r = Replica::new(lazy_cfg(64 << 10), 7);
+    drain(&mut r, &mut store, 0);
+    let probes: Vec<Vec<u8>> = keys(&want).into_iter().step_by(97).collect();
+    let mut out: Vec<GetRequest> = Vec::new();
+    // What the snapshots' GETs out may bring (the head's GET is not a
+    // block GET).
+    let out_bytes = |out: &[GetRequest]| {
+        out.iter()
+            .filter(|g| g.key != HEAD_KEY)
+            .map(|g| g.max_bytes)
+            .sum::<u64>()
+    };
+    let ask = |r: &mut Replica, out: &mut Vec<GetRequest>, now: u64| {
+        for k in &probes {
+            let _ = r.get_lazy(k).expect("a read");
+        }
+        loop {
+            match r.poll(now) {
+                Action::Fetch(req) => out.push(req),
+                Action::Event(_) => {}
+                Action::Wait { .. } => break,
+            }
+        }
+    };
+    // Answer the old snapshot's GETs one at a time until at least two data
+    // blocks are out unanswered.
+    for _ in 0..100 {
+        ask(&mut r, &mut out, 0);
+        if out_bytes(&out) >= 600 << 10 {
+            break;
+        }
+        let req = out.remove(0);
+        let resp = store.serve(&req);
+        r.handle_response(req.id, 0, resp);
+    }
+    let stale = out_bytes(&out);
+    assert!(stale >= 600 << 10, "{stale} bytes of block GETs out");
+
+    // The publisher writes a newer snapshot of the same state: the replica
+    // reads the head and jumps to it, its old GETs still out.
+    let newer = snapshot_only_in(DATASET, &want, 500, 300 << 10);
+    store.objects.extend(newer.objects);
+    r.sync_now(1_000);
+    let (mut most, mut new_gets) = (stale, 0);
+    for _ in 0..100 {
+        ask(&mut r, &mut out, 1_000);
+        most = most.max(out_bytes(&out));
+        // The head and the new snapshot's GETs are answered; the old ones
+        // are held.
+        let Some(at) = out.iter().position(|g| g.key != snapshot_key(400, 1)) else {
+            break;
+        };
+        let req = out.remove(at);
+        new_gets += u64::from(req.key == snapshot_key(500, 1));
+        let resp = store.serve(&req);
+        r.handle_response(req.id, 1_000, resp);
+    }
+    assert_eq!(r.applied_lsn(), 500, "the replica jumped");
+    assert!(new_gets >= 1, "the new snapshot was read");
+    assert!(
+        most <= 1 << 20,
+        "{most} bytes of block GETs out at once across the jump ({stale} before it)"
+    );
+    // The old answers arrive; every read goes on to the origin's value.
+    for req in std::mem::take(&mut out) {
+        let resp = store.serve(&req);
+        r.handle_response(req.id, 1_000, resp);
+    }
+    for k in &probes {
+        assert_eq!(get(&mut r, &mut store, k).as_deref(), want.get(k), "{k:?}");
+    }
+}

@@ -334,6 +334,11 @@ pub struct Replica {
 
     bootstrap: Option<Bootstrap>,
     pending: VecMap<Job>,
+    /// The bytes each lazy block GET out may bring (its `max_bytes`), by
+    /// request id, until it is answered or abandoned. A jump or a reset
+    /// forgets the jobs, not the GETs: their answers still take memory in
+    /// the driver, so they count against the bound on GETs out until then.
+    block_gets: VecMap<u64>,
     attempts: Vec<(String, u32)>,
     /// Failures of objects other than the head since one last succeeded.
     failure_streak: u32,
@@ -397,6 +402,7 @@ impl Replica {
             retry_at: VecMap::default(),
             bootstrap: None,
             pending: VecMap::default(),
+            block_gets: VecMap::default(),
             attempts: Vec::new(),
             failure_streak: 0,
             backoff_until: None,
@@ -765,6 +771,7 @@ impl Replica {
         resp: GetResponse,
         meta: ResponseMeta,
     ) {
+        self.block_gets.remove(id.0);
         let Some(job) = self.pending.remove(id.0) else {
             return;
         };

@@ -192,6 +192,7 @@ impl Replica {
     /// block or segment asks for it again, instead of waiting for an answer
     /// in flight. Ids of other requests, or of answered ones, are ignored.
     pub fn abandon_read_fetch(&mut self, id: crate::io::RequestId) {
+        self.block_gets.remove(id.0);
         if !matches!(self.pending.get(id.0), Some(crate::replica::Job::Block(_))) {
             return;
         }
@@ -223,15 +224,15 @@ impl Replica {
     pub(in crate::replica) fn next_block_fetch(&mut self) -> Option<crate::replica::Action> {
         let max_inflight = self.cfg.max_inflight.max(1);
         let lazy = self.lazy.as_mut()?;
-        let (mut segments, mut blocks, mut bytes) = (0, 0, 0);
-        for j in &lazy.inflight {
-            if lazy.is_deferred(&j.snapshot) {
-                segments += 1;
-            } else {
-                blocks += 1;
-                bytes += lazy.job_bytes(j);
-            }
-        }
+        // Every block GET out counts, those of jobs a jump or a reset
+        // forgot included, at the bytes its answer may bring.
+        let blocks = self.block_gets.len();
+        let bytes: u64 = self.block_gets.iter().map(|(_, b)| b).sum();
+        let segments = lazy
+            .inflight
+            .iter()
+            .filter(|j| lazy.is_deferred(&j.snapshot))
+            .count();
         let i = lazy.wanted.iter().position(|j| {
             if lazy.is_deferred(&j.snapshot) {
                 return segments < max_inflight;
@@ -253,7 +254,12 @@ impl Replica {
         let key = job.snapshot.clone();
         // A deferred segment is read whole, as catching up would.
         let range = (!lazy.is_deferred(&key)).then_some(range);
-        Some(self.fetch(Job::Block(job), key, range, None))
+        let block = range.is_some();
+        let action = self.fetch(Job::Block(job), key, range, None);
+        if let (true, crate::replica::Action::Fetch(req)) = (block, &action) {
+            self.block_gets.insert(req.id.0, req.max_bytes);
+        }
+        Some(action)
     }
 
     pub(in crate::replica) fn on_block(&mut self, now: u64, job: BlockJob, resp: GetResponse) {
