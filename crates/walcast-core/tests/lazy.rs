@@ -1390,3 +1390,42 @@ fn a_jump_keeps_counting_the_block_gets_still_out() {
         assert_eq!(get(&mut r, &mut store, k).as_deref(), want.get(k), "{k:?}");
     }
 }
+
+/// A delta of 2 MiB blocks (one value each) read a key at a time with a
+/// 1 MiB cache: past the deltas' share of the cache, the delta keeps its
+/// last blocks only while they hold at most twice the bytes of the GETs out
+/// at once (2 MiB here), then its last one, not its last four: a store of
+/// 32 MiB blocks does not make a chain hold sixteen of them. Every read
+/// still gets the delta's value.
+#[test]
+fn a_delta_of_large_blocks_keeps_only_its_last_past_the_bound() {
+    let mut st = KvState::new();
+    st.put(b"a", b"1");
+    let changes: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..8u32)
+        .map(|i| {
+            (
+                format!("d{i:03}").into_bytes(),
+                Some(vec![i as u8; 2 << 20]),
+            )
+        })
+        .collect();
+    let mut store = snapshot_and_delta(&st, 16 << 10, &changes);
+    let mut r = Replica::new(lazy_cfg(1 << 20), 7);
+    drain(&mut r, &mut store, 0);
+    assert_eq!(r.applied_lsn(), 20);
+    let mut most = 0;
+    for (k, v) in &changes {
+        assert_eq!(get(&mut r, &mut store, k).as_ref(), v.as_ref());
+        most = most.max(r.status(0).lazy.expect("lazy").cached_bytes);
+    }
+    assert!(
+        most <= (4 << 20) + (64 << 10),
+        "{most} bytes of blocks held (a block is 2 MiB)"
+    );
+    let got = scan(&mut r, &mut store, LazyScan::new(b"d", None, 100));
+    let want: Vec<(Vec<u8>, Vec<u8>)> = changes
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone().unwrap()))
+        .collect();
+    assert!(got == want, "a scan of the delta: {} entries", got.len());
+}

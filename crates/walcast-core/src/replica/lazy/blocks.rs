@@ -51,6 +51,7 @@ impl Lazy {
     /// or (for scans) the whole object.
     pub(super) fn feed_delta(&mut self, job: &BlockJob, bytes: &[u8]) -> Result<bool, DecodeError> {
         let budget = self.delta_cache_bytes();
+        let most = 2 * self.cache_bytes.max(1 << 20);
         let Some(base) = self.base.as_mut() else {
             return Ok(false);
         };
@@ -119,8 +120,17 @@ impl Lazy {
                 // delta keeps the blocks it got last, so that reads needing
                 // one block of each, or blocks of the same delta, find what
                 // they wait for when they run.
-                if held + bytes.len() as u64 > budget {
-                    deltas.iter_mut().for_each(LazyDelta::shed);
+                // Those last blocks are kept while they hold at most twice
+                // what the GETs out at once may bring (as the snapshot's
+                // fresh blocks); past that, each delta keeps its last one:
+                // a store of 32 MiB blocks does not make four deltas hold
+                // sixteen of them.
+                let len = bytes.len() as u64;
+                if held + len > budget {
+                    deltas.iter_mut().for_each(|d| d.shed(RECENT_BLOCKS));
+                    if deltas.iter().map(|d| d.cached).sum::<u64>() + len > most {
+                        deltas.iter_mut().for_each(|d| d.shed(1));
+                    }
                 }
                 let d = &mut deltas[i];
                 if let Some(old) = d.blocks.insert(start, bytes.to_vec()) {

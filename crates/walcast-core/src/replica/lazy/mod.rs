@@ -50,7 +50,9 @@ pub(super) const BLOCKS_PER_INFLIGHT: usize = 4;
 
 /// The data blocks each delta keeps past the deltas' share of the cache:
 /// the last ones put in, so that this many reads (scans at several places,
-/// say) waiting for a block of each delta find them when they run.
+/// say) waiting for a block of each delta find them when they run. Only
+/// while they hold at most twice the bytes of the block GETs out at once;
+/// past that, each delta keeps its last block.
 pub(super) const RECENT_BLOCKS: usize = 4;
 
 /// Most segments a lazy replica holds unread at once (see
@@ -242,12 +244,14 @@ impl LazyDelta {
         }
     }
 
-    /// Drops every data block but the last ones put in.
-    pub(super) fn shed(&mut self) {
-        let recent = &self.recent;
+    /// Drops every data block but the last `n` put in (at most
+    /// [`RECENT_BLOCKS`]).
+    pub(super) fn shed(&mut self, n: usize) {
+        let (recent, puts) = (&self.recent, self.puts);
         let mut kept = 0;
         self.blocks.retain(|k, b| {
-            let keep = k == u64::MAX || recent.contains(&k);
+            let keep =
+                k == u64::MAX || (1..=n.min(puts)).any(|j| recent[(puts - j) % RECENT_BLOCKS] == k);
             if keep && k != u64::MAX {
                 kept += b.len() as u64;
             }
