@@ -75,18 +75,27 @@ impl Lazy {
     /// `Ok(Some(hi))` is there then (`None`: to `end`). `Ok(None)`: GETs
     /// are queued (the deltas' indexes, or their blocks). Past a quarter of
     /// the cache in such changes, those below `keep` go first (a scan's
-    /// place: it merged them), and `chain_shed` counts it.
+    /// place: it merged them), and `chain_shed` counts it. While it waits
+    /// for blocks, up to `ahead` blocks after each go out beside them (a
+    /// long scan's next windows: not one round trip a window), as long as
+    /// four scans' windows fit the deltas' share of the cache.
     pub(super) fn chain_window(
         &mut self,
         from: &[u8],
         end: Option<&[u8]>,
         keep: &[u8],
+        ahead: usize,
     ) -> Result<Option<Option<Vec<u8>>>, Error> {
         let Some(base) = self.base.as_ref() else {
             return Ok(Some(None));
         };
+        // A window and the blocks read ahead of it take at most this of
+        // each delta: four scans' fit the deltas' share of the cache, so
+        // that blocks read ahead do not evict those scans wait for.
+        let room = self.delta_cache_bytes() / (RECENT_BLOCKS * base.deltas.len().max(1)) as u64;
         let mut hi = end;
         let mut wants = Vec::new();
+        let mut later = Vec::new();
         let mut blocks = Vec::new();
         for d in &base.deltas {
             let Some(idx) = &d.index else {
@@ -101,6 +110,27 @@ impl Lazy {
             }
             if let Some(n) = next.filter(|n| hi.is_none_or(|h| *n < h)) {
                 hi = Some(n);
+            }
+            let (mut k, mut took) = (next, h.end() - h.offset);
+            for _ in 0..ahead {
+                let Some((h, first, next)) = k
+                    .filter(|k| end.is_none_or(|e| *k < e))
+                    .and_then(|k| idx.block_from(k))
+                else {
+                    break;
+                };
+                took += h.end() - h.offset;
+                if took > room {
+                    break;
+                }
+                if d.blocks.get(h.offset).is_none() && d.blocks.get(u64::MAX).is_none() {
+                    let need = Need::Range {
+                        start: h.offset,
+                        end: h.end(),
+                    };
+                    later.push((d.entry.key.clone(), need, first.to_vec()));
+                }
+                k = next;
             }
             // The block, or the whole file read for a version 1 load.
             let bytes = d.blocks.get(h.offset).map(Vec::as_slice).or_else(|| {
@@ -122,6 +152,9 @@ impl Lazy {
         if !wants.is_empty() {
             for (object, need) in wants {
                 self.want_checked(object, need, from)?;
+            }
+            for (object, need, first) in later {
+                self.want_in(object, need, &first);
             }
             return Ok(None);
         }
@@ -180,7 +213,7 @@ impl Lazy {
         // whole files; the deltas go once every window is in.
         let mut from = Vec::new();
         loop {
-            match self.chain_window(&from, None, b"")? {
+            match self.chain_window(&from, None, b"", 0)? {
                 Some(Some(hi)) => from = hi,
                 Some(None) => break,
                 None => return Ok(Err(())),
@@ -456,7 +489,18 @@ impl Replica {
                 // What the merge took is not needed again.
                 let keep = scan.pos.as_ref().unwrap_or(&scan.start);
                 let end = scan.end.as_deref();
-                let window = lazy.chain_window(&scan.chain_hi, end, keep)?;
+                // The blocks the entries still wanted may take (at the
+                // mean size of those merged so far), as the snapshot's.
+                let mean = scan
+                    .merged_bytes
+                    .checked_div(scan.merged.len())
+                    .unwrap_or(128);
+                let wanted = (scan.limit - scan.merged.len())
+                    .saturating_mul(mean)
+                    .min(max - scan.merged_bytes);
+                let ahead = (wanted / crate::snapshot::delta::DEFAULT_DELTA_BLOCK_BYTES)
+                    .min(RECENT_BLOCKS - 1);
+                let window = lazy.chain_window(&scan.chain_hi, end, keep, ahead)?;
                 // Its own dropping leaves what it has not merged.
                 scan.shed_seen = lazy.chain_shed;
                 let loaded = window.is_some();
