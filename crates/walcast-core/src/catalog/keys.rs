@@ -165,7 +165,7 @@ mod tests {
             format!("segments/x/{z}-{z}.wseg"),
             format!("snapshots/{z}.wsnap"),
             format!("snapshots/{z}-2-3.wsnap"),
-            format!("snapshots/0-2.wsnap"),
+            "snapshots/0-2.wsnap".to_string(),
             format!("deltas/{z}-{z}.wdelta"),
             format!("deltas/{z}-{z}-2-3.wdelta"),
             format!("deltas/{z}-{z}-.wdelta"),
