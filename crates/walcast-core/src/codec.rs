@@ -7,7 +7,8 @@ use crate::error::DecodeError;
 /// patterns in the wasm module.
 pub(crate) fn cut(s: &str, sep: u8) -> Option<(&str, &str)> {
     let i = s.bytes().position(|b| b == sep)?;
-    Some((s.get(..i)?, s.get(i + 1..)?))
+    // An ASCII byte is a whole character: both ends are boundaries.
+    Some((&s[..i], &s[i + 1..]))
 }
 
 /// A cursor over a byte slice that reports truncation as a [`DecodeError`]

@@ -27,37 +27,60 @@ pub(super) fn check_key(what: &str, key: &str, expected: &str) -> Result<(), Str
 /// segment, snapshot or page key; `None` for anything else (the head, a
 /// relative path with `..`, stray files).
 pub fn object_kind(key: &str) -> Option<&'static str> {
-    fn num(s: &str, width: Option<usize>) -> bool {
-        !s.is_empty()
-            && s.len() <= 20
-            && s.bytes().all(|b| b.is_ascii_digit())
-            && width.is_none_or(|w| s.len() == w)
-            && s.parse::<u64>().is_ok()
+    // Each shape: its prefix, suffix and kind, and its numbers between
+    // them, each with its width (0: any) and the byte after it (0: the
+    // last). Numbers hold digits only, so the last has no separator in it:
+    // a key has exactly the parts of its shape.
+    type Shape = (
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static [(usize, u8)],
+    );
+    const SHAPES: [Shape; 4] = [
+        (
+            "segments/",
+            ".wseg",
+            "segment",
+            &[(0, b'/'), (20, b'-'), (20, 0)],
+        ),
+        ("snapshots/", ".wsnap", "snapshot", &[(20, b'-'), (0, 0)]),
+        (
+            "deltas/",
+            ".wdelta",
+            "delta",
+            &[(20, b'-'), (20, b'-'), (0, 0)],
+        ),
+        (
+            "catalog/pages/",
+            ".json",
+            "page",
+            &[(0, b'-'), (20, b'-'), (20, b'-'), (0, 0)],
+        ),
+    ];
+    for (prefix, suffix, kind, numbers) in SHAPES {
+        let Some(rest) = key.strip_prefix(prefix) else {
+            continue;
+        };
+        let mut rest = rest.strip_suffix(suffix)?;
+        for &(width, sep) in numbers {
+            let (n, more) = match sep {
+                0 => (rest, ""),
+                _ => cut(rest, sep)?,
+            };
+            let ok = !n.is_empty()
+                && n.len() <= 20
+                && n.bytes().all(|b| b.is_ascii_digit())
+                && (width == 0 || n.len() == width)
+                && n.parse::<u64>().is_ok();
+            if !ok {
+                return None;
+            }
+            rest = more;
+        }
+        return Some(kind);
     }
-    if let Some(rest) = key.strip_prefix("segments/") {
-        let (epoch, file) = cut(rest, b'/')?;
-        let (first, last) = cut(file.strip_suffix(".wseg")?, b'-')?;
-        (num(epoch, None) && num(first, Some(20)) && num(last, Some(20))).then_some("segment")
-    } else if let Some(rest) = key.strip_prefix("snapshots/") {
-        let (lsn, epoch) = cut(rest.strip_suffix(".wsnap")?, b'-')?;
-        (num(lsn, Some(20)) && num(epoch, None)).then_some("snapshot")
-    } else if let Some(rest) = key.strip_prefix("deltas/") {
-        // Numbers hold digits only, so the last one has no `-` in it: the
-        // key has exactly as many parts as it should.
-        let (base, rest) = cut(rest.strip_suffix(".wdelta")?, b'-')?;
-        let (lsn, epoch) = cut(rest, b'-')?;
-        let ok = num(base, Some(20)) && num(lsn, Some(20)) && num(epoch, None);
-        ok.then_some("delta")
-    } else if let Some(rest) = key.strip_prefix("catalog/pages/") {
-        let (level, rest) = cut(rest.strip_suffix(".json")?, b'-')?;
-        let (first, rest) = cut(rest, b'-')?;
-        let (last, epoch) = cut(rest, b'-')?;
-        let ok =
-            num(level, None) && num(first, Some(20)) && num(last, Some(20)) && num(epoch, None);
-        ok.then_some("page")
-    } else {
-        None
-    }
+    None
 }
 
 /// A dataset's random 128-bit identity, written as 32 lowercase hex digits.

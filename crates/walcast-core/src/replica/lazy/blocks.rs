@@ -127,9 +127,9 @@ impl Lazy {
                 // sixteen of them.
                 let len = bytes.len() as u64;
                 if held + len > budget {
-                    deltas.iter_mut().for_each(|d| d.shed(RECENT_BLOCKS));
+                    deltas.iter_mut().for_each(|d| d.shed(false));
                     if deltas.iter().map(|d| d.cached).sum::<u64>() + len > most {
-                        deltas.iter_mut().for_each(|d| d.shed(1));
+                        deltas.iter_mut().for_each(|d| d.shed(true));
                     }
                 }
                 let d = &mut deltas[i];

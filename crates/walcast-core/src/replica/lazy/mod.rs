@@ -244,14 +244,17 @@ impl LazyDelta {
         }
     }
 
-    /// Drops every data block but the last `n` put in (at most
-    /// [`RECENT_BLOCKS`]).
-    pub(super) fn shed(&mut self, n: usize) {
-        let (recent, puts) = (&self.recent, self.puts);
+    /// Drops every data block but the last ones put in (with `last_only`,
+    /// but the last one put in: it alone is kept from then on).
+    pub(super) fn shed(&mut self, last_only: bool) {
+        if last_only {
+            let last = self.recent[(self.puts + RECENT_BLOCKS - 1) % RECENT_BLOCKS];
+            self.recent = [last; RECENT_BLOCKS];
+        }
+        let recent = &self.recent;
         let mut kept = 0;
         self.blocks.retain(|k, b| {
-            let keep =
-                k == u64::MAX || (1..=n.min(puts)).any(|j| recent[(puts - j) % RECENT_BLOCKS] == k);
+            let keep = k == u64::MAX || recent.contains(&k);
             if keep && k != u64::MAX {
                 kept += b.len() as u64;
             }

@@ -78,7 +78,8 @@ impl Lazy {
     /// place: it merged them), and `chain_shed` counts it. While it waits
     /// for blocks, up to `ahead` blocks after each go out beside them (a
     /// long scan's next windows: not one round trip a window), as long as
-    /// four scans' windows fit the deltas' share of the cache.
+    /// four scans' windows over the longest chain fit the deltas' share of
+    /// the cache.
     pub(super) fn chain_window(
         &mut self,
         from: &[u8],
@@ -90,16 +91,17 @@ impl Lazy {
             return Ok(Some(None));
         };
         // A window and the blocks read ahead of it take at most this of
-        // each delta: four scans' fit the deltas' share of the cache, so
-        // that blocks read ahead do not evict those scans wait for.
-        let room = self.delta_cache_bytes() / (RECENT_BLOCKS * base.deltas.len().max(1)) as u64;
+        // each delta: four scans' fit the deltas' share of the cache (a
+        // quarter) with the longest chain, so that blocks read ahead do not
+        // evict those scans wait for.
+        let room = self.cache_bytes / (4 * RECENT_BLOCKS * crate::catalog::MAX_DELTAS) as u64;
         let mut hi = end;
+        // Each with the key of a block read ahead.
         let mut wants = Vec::new();
-        let mut later = Vec::new();
         let mut blocks = Vec::new();
         for d in &base.deltas {
             let Some(idx) = &d.index else {
-                wants.push((d.entry.key.clone(), d.suffix_need()));
+                wants.push((d.entry.key.clone(), d.suffix_need(), None));
                 continue;
             };
             let Some((h, first, next)) = idx.block_from(from) else {
@@ -123,12 +125,12 @@ impl Lazy {
                 if took > room {
                     break;
                 }
-                if d.blocks.get(h.offset).is_none() && d.blocks.get(u64::MAX).is_none() {
+                if !d.blocks.contains_key(h.offset) {
                     let need = Need::Range {
                         start: h.offset,
                         end: h.end(),
                     };
-                    later.push((d.entry.key.clone(), need, first.to_vec()));
+                    wants.push((d.entry.key.clone(), need, Some(first.to_vec())));
                 }
                 k = next;
             }
@@ -146,15 +148,17 @@ impl Lazy {
                         start: h.offset,
                         end: h.end(),
                     },
+                    None,
                 )),
             }
         }
-        if !wants.is_empty() {
-            for (object, need) in wants {
-                self.want_checked(object, need, from)?;
-            }
-            for (object, need, first) in later {
-                self.want_in(object, need, &first);
+        // Blocks are read ahead only beside those the window waits for.
+        if wants.iter().any(|w| w.2.is_none()) {
+            for (object, need, first) in wants {
+                match first {
+                    None => self.want_checked(object, need, from)?,
+                    Some(k) => self.want_in(object, need, &k),
+                }
             }
             return Ok(None);
         }
