@@ -1429,3 +1429,196 @@ fn a_delta_of_large_blocks_keeps_only_its_last_past_the_bound() {
         .collect();
     assert!(got == want, "a scan of the delta: {} entries", got.len());
 }
+
+/// A version 2 snapshot of `st` at LSN 10 and two deltas over it, LSNs
+/// 11..=20 of `a` and 21..=30 of `b` (a segment holds them too).
+fn snapshot_and_two_deltas(
+    st: &KvState,
+    a: &[(Vec<u8>, Option<Vec<u8>>)],
+    b: &[(Vec<u8>, Option<Vec<u8>>)],
+) -> Store {
+    use walcast_core::catalog::{delta_key, DeltaEntry};
+    use walcast_core::snapshot::delta::{encode_delta, DeltaFooter, DeltaMeta};
+    let mut store = snapshot_only_in(DATASET, st, 10, 16 << 10);
+    let mut head = Head::decode(&store.objects[HEAD_KEY]).expect("a head");
+    for (base, lsn, changes) in [(10u64, 20u64, a), (20, 30, b)] {
+        let bytes = encode_delta(
+            changes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
+            DeltaMeta {
+                base_lsn: base,
+                lsn,
+                epoch: 1,
+                dataset_id: DATASET,
+            },
+            16 << 10,
+        );
+        let size = bytes.len() as u64;
+        let footer = DeltaFooter::decode(&bytes[bytes.len() - 64..], size).expect("a footer");
+        head.deltas.push(DeltaEntry {
+            key: delta_key(base, lsn, 1),
+            base_lsn: base,
+            lsn,
+            epoch: 1,
+            size,
+            crc32: crc32fast::hash(&bytes),
+            entries: changes.len() as u64,
+            suffix_len: footer.suffix_len(size),
+            footer_crc32: None,
+        });
+        store.objects.insert(delta_key(base, lsn, 1), bytes);
+    }
+    let (bytes, summary) = build_segment(1, 11, 30, 64);
+    let e = SegmentEntry::from_summary(&summary);
+    store.objects.insert(e.key.clone(), bytes);
+    head.segments.push(e);
+    head.committed_lsn = 30;
+    head.generation = 30;
+    store.objects.insert(HEAD_KEY.into(), head.encode());
+    store
+}
+
+/// Three scans stepped in turn over two deltas of 300 KiB blocks (one
+/// value each) with a 1 MiB cache, their GETs answered in the order sent
+/// and in reverse: the blocks one scan's answers bring do not evict those
+/// another waits for, past the bound on the deltas' last blocks too, so
+/// each finishes with the newest delta's values.
+#[test]
+fn three_scans_over_two_deltas_of_large_blocks_finish() {
+    let mut st = KvState::new();
+    st.put(b"a", b"1");
+    let n = 24u32;
+    let a: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..n)
+        .map(|i| (format!("d{i:03}").into_bytes(), Some(vec![b'a'; 300 << 10])))
+        .collect();
+    let b: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..n)
+        .map(|i| (format!("d{i:03}").into_bytes(), Some(vec![b'b'; 300 << 10])))
+        .collect();
+    for lifo in [false, true] {
+        let mut store = snapshot_and_two_deltas(&st, &a, &b);
+        let mut r = Replica::new(lazy_cfg(1 << 20), 7);
+        drain(&mut r, &mut store, 0);
+        assert_eq!(r.applied_lsn(), 30);
+        let starts: [&[u8]; 3] = [b"d000", b"d008", b"d016"];
+        let mut scans: Vec<Option<LazyScan>> = starts
+            .iter()
+            .map(|s| Some(LazyScan::new(s, None, 8)))
+            .collect();
+        let mut done = [0usize; 3];
+        let mut gets = 0;
+        let mut finished = false;
+        for turn in 0..2_000 {
+            if scans.iter().all(Option::is_none) {
+                finished = true;
+                break;
+            }
+            for (i, slot) in scans.iter_mut().enumerate() {
+                let Some(s) = slot.as_mut() else { continue };
+                if let Read::Ready(got) = r.scan_lazy(s).expect("a scan") {
+                    assert_eq!(got.len(), 8, "scan {i}");
+                    assert!(got.iter().all(|(_, v)| v[0] == b'b'), "scan {i}");
+                    *slot = None;
+                    done[i] = turn;
+                }
+            }
+            let mut reqs = Vec::new();
+            loop {
+                match r.poll(0) {
+                    Action::Fetch(req) => reqs.push(req),
+                    Action::Event(_) => {}
+                    Action::Wait { .. } => break,
+                }
+            }
+            if lifo {
+                reqs.reverse();
+            }
+            for req in reqs {
+                gets += 1;
+                let resp = store.serve(&req);
+                r.handle_response(req.id, 0, resp);
+            }
+        }
+        eprintln!(
+            "lifo {lifo}: finished {finished}, scans done at turns {done:?}, {gets} GETs (48 blocks needed at most)"
+        );
+        assert!(
+            finished,
+            "lifo {lifo}: three scans did not finish in 2,000 turns ({gets} GETs)"
+        );
+    }
+}
+
+/// As [`three_scans_over_two_deltas_of_large_blocks_finish`], run as the
+/// drivers run reads: each GET answered alone, in the order sent, and the
+/// scan that sent it runs right after (scans owning no GET run when
+/// nothing is out).
+#[test]
+fn three_scans_over_large_delta_blocks_finish_run_as_drivers_run_them() {
+    let mut st = KvState::new();
+    st.put(b"a", b"1");
+    let n = 24u32;
+    let a: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..n)
+        .map(|i| (format!("d{i:03}").into_bytes(), Some(vec![b'a'; 300 << 10])))
+        .collect();
+    let b: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..n)
+        .map(|i| (format!("d{i:03}").into_bytes(), Some(vec![b'b'; 300 << 10])))
+        .collect();
+    let mut store = snapshot_and_two_deltas(&st, &a, &b);
+    let mut r = Replica::new(lazy_cfg(1 << 20), 7);
+    drain(&mut r, &mut store, 0);
+    let starts: [&[u8]; 3] = [b"d000", b"d008", b"d016"];
+    let mut scans: Vec<Option<LazyScan>> = starts
+        .iter()
+        .map(|s| Some(LazyScan::new(s, None, 8)))
+        .collect();
+    let mut queue: std::collections::VecDeque<(GetRequest, usize)> = Default::default();
+    let mut gets = 0;
+    let run = |i: usize,
+               scans: &mut Vec<Option<LazyScan>>,
+               r: &mut Replica,
+               queue: &mut std::collections::VecDeque<(GetRequest, usize)>| {
+        let Some(s) = scans[i].as_mut() else { return };
+        if let Read::Ready(got) = r.scan_lazy(s).expect("a scan") {
+            assert_eq!(got.len(), 8);
+            scans[i] = None;
+            return;
+        }
+        while let Some(req) = r.poll_read_fetch() {
+            queue.push_back((req, i));
+        }
+    };
+    for i in 0..3 {
+        run(i, &mut scans, &mut r, &mut queue);
+    }
+    for _ in 0..20_000 {
+        if scans.iter().all(Option::is_none) {
+            break;
+        }
+        match queue.pop_front() {
+            Some((req, owner)) => {
+                gets += 1;
+                let resp = store.serve(&req);
+                r.handle_response(req.id, 0, resp);
+                run(owner, &mut scans, &mut r, &mut queue);
+            }
+            None => {
+                for i in 0..3 {
+                    run(i, &mut scans, &mut r, &mut queue);
+                }
+            }
+        }
+        // Scans that own no GET out look again (a driver's short sleep).
+        for i in 0..3 {
+            if !queue.iter().any(|(_, o)| *o == i) {
+                run(i, &mut scans, &mut r, &mut queue);
+            }
+        }
+    }
+    eprintln!(
+        "driver order: finished {}, {gets} GETs (48 blocks needed at most)",
+        scans.iter().all(Option::is_none)
+    );
+    assert!(
+        scans.iter().all(Option::is_none),
+        "driver order: no finish after {gets} GETs"
+    );
+}

@@ -916,3 +916,64 @@ fn scan_through_mut(r: &mut Replica, store: &Store, scan: &mut LazyScan) -> (Ent
     }
     panic!("the scan did not finish");
 }
+
+/// The GETs a whole scan over the chain reads ahead in one round fail (a
+/// 503), every other GET is answered: the scan asks again for those blocks
+/// when it needs them, and answers the origin's state, instead of failing
+/// with the error of a GET it made only ahead of need.
+#[test]
+fn a_failed_read_ahead_does_not_fail_the_scan() {
+    let (store, log, lsn) = chain_over_a_load();
+    let want = model_at(&log, lsn);
+    let mut r = settled_with_cache(&store, 8 << 20);
+    let mut scan = LazyScan::new(b"", None, usize::MAX);
+    let mut c = Cold::default();
+    let mut failed_once = false;
+    for round in 0..1_000 {
+        match r.scan_lazy(&mut scan) {
+            Ok(Read::Ready(got)) => {
+                assert!(got.iter().map(|(k, v)| (k, v)).eq(want.iter()));
+                assert!(failed_once, "no GET read ahead failed");
+                return;
+            }
+            Err(e) => panic!("round {round}: the scan failed: {e}"),
+            Ok(Read::Pending) => {}
+        }
+        let reqs = collect(&mut r);
+        // The lowest offset asked of each delta this round: its window.
+        let mut lowest: HashMap<String, u64> = HashMap::new();
+        for g in &reqs {
+            if let Some(ByteRange::Bounded { start, .. }) = g.range {
+                if g.key.starts_with("deltas/") {
+                    let e = lowest.entry(g.key.clone()).or_insert(start);
+                    *e = (*e).min(start);
+                }
+            }
+        }
+        let mut failed_now = 0;
+        for g in reqs {
+            let ahead = match g.range {
+                Some(ByteRange::Bounded { start, .. }) => {
+                    g.key.starts_with("deltas/") && lowest.get(&g.key).is_some_and(|l| *l < start)
+                }
+                _ => false,
+            };
+            if ahead && !failed_once {
+                failed_now += 1;
+                r.handle_response(
+                    g.id,
+                    0,
+                    GetResponse::Failed {
+                        status: Some(503),
+                        message: "busy".into(),
+                    },
+                );
+            } else {
+                let resp = store.serve(&g, &mut c);
+                r.handle_response(g.id, 0, resp);
+            }
+        }
+        failed_once |= failed_now > 0;
+    }
+    panic!("the scan did not finish");
+}

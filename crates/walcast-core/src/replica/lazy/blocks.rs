@@ -29,17 +29,18 @@ impl Lazy {
         match self.take_failure(&object, &need) {
             Some(e) => Err(e),
             None => {
-                self.want_in(object, need, key);
+                self.want_in(object, need, key, false);
                 Ok(())
             }
         }
     }
 
-    pub(super) fn want_in(&mut self, object: String, need: Need, key: &[u8]) {
+    pub(super) fn want_in(&mut self, object: String, need: Need, key: &[u8], ahead: bool) {
         let job = BlockJob {
             snapshot: object,
             need,
             key: key.to_vec(),
+            ahead,
         };
         let same = |j: &BlockJob| j.need == job.need && j.snapshot == job.snapshot;
         if !self.wanted.iter().any(same) && !self.inflight.iter().any(same) {
@@ -120,16 +121,21 @@ impl Lazy {
                 // delta keeps the blocks it got last, so that reads needing
                 // one block of each, or blocks of the same delta, find what
                 // they wait for when they run.
-                // Those last blocks are kept while they hold at most twice
-                // what the GETs out at once may bring (as the snapshot's
-                // fresh blocks); past that, each delta keeps its last one:
-                // a store of 32 MiB blocks does not make four deltas hold
-                // sixteen of them.
+                // As many of each one's last blocks are kept as hold at
+                // most twice what the GETs out at once may bring (as the
+                // snapshot's fresh blocks), and at least the last: a store
+                // of 32 MiB blocks does not make four deltas hold sixteen
+                // of them, and blocks answered together all stay.
                 let len = bytes.len() as u64;
                 if held + len > budget {
-                    deltas.iter_mut().for_each(|d| d.shed(false));
-                    if deltas.iter().map(|d| d.cached).sum::<u64>() + len > most {
-                        deltas.iter_mut().for_each(|d| d.shed(true));
+                    let mut n = RECENT_BLOCKS;
+                    loop {
+                        deltas.iter_mut().for_each(|d| d.shed(n));
+                        let kept: u64 = deltas.iter().map(|d| d.cached).sum();
+                        if n == 1 || kept <= most {
+                            break;
+                        }
+                        n -= 1;
                     }
                 }
                 let d = &mut deltas[i];
@@ -176,6 +182,7 @@ impl Lazy {
             snapshot: b.entry.key.clone(),
             need,
             key: key.to_vec(),
+            ahead: false,
         };
         let same = |j: &BlockJob| j.need == job.need && j.snapshot == job.snapshot;
         if !self.wanted.iter().any(same) && !self.inflight.iter().any(same) {
@@ -374,6 +381,8 @@ impl Replica {
         };
         match result {
             Ok(()) => {
+                // A failure kept from an earlier GET of the block is old news.
+                lazy.take_failure(&key, &job.need);
                 let delta_fetches = u64::from(is_delta);
                 lazy.blocks_fetched = lazy
                     .base
@@ -383,7 +392,9 @@ impl Replica {
                 self.success(&key);
             }
             Err(e) => {
-                lazy.fail(key.clone(), job.need, e.clone());
+                if !job.ahead {
+                    lazy.fail(key.clone(), job.need, e.clone());
+                }
                 self.distrust_head(now, &e);
                 self.read_failure(&key, e);
             }

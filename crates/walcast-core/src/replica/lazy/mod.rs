@@ -50,9 +50,9 @@ pub(super) const BLOCKS_PER_INFLIGHT: usize = 4;
 
 /// The data blocks each delta keeps past the deltas' share of the cache:
 /// the last ones put in, so that this many reads (scans at several places,
-/// say) waiting for a block of each delta find them when they run. Only
-/// while they hold at most twice the bytes of the block GETs out at once;
-/// past that, each delta keeps its last block.
+/// say) waiting for a block of each delta find them when they run. Fewer
+/// (as many of each delta's last) when they would hold more than twice the
+/// bytes of the block GETs out at once, and at least the last.
 pub(super) const RECENT_BLOCKS: usize = 4;
 
 /// Most segments a lazy replica holds unread at once (see
@@ -244,12 +244,13 @@ impl LazyDelta {
         }
     }
 
-    /// Drops every data block but the last ones put in (with `last_only`,
-    /// but the last one put in: it alone is kept from then on).
-    pub(super) fn shed(&mut self, last_only: bool) {
-        if last_only {
-            let last = self.recent[(self.puts + RECENT_BLOCKS - 1) % RECENT_BLOCKS];
-            self.recent = [last; RECENT_BLOCKS];
+    /// Drops every data block but the last `n` put in (at most
+    /// [`RECENT_BLOCKS`]): the ring's older slots take the last one's
+    /// offset, until puts fill them again.
+    pub(super) fn shed(&mut self, n: usize) {
+        let last = (self.puts + RECENT_BLOCKS - 1) % RECENT_BLOCKS;
+        for j in n..RECENT_BLOCKS {
+            self.recent[(last + RECENT_BLOCKS - j) % RECENT_BLOCKS] = self.recent[last];
         }
         let recent = &self.recent;
         let mut kept = 0;
@@ -287,6 +288,9 @@ pub(super) struct BlockJob {
     pub(super) snapshot: String,
     pub(super) need: Need,
     pub(super) key: Vec<u8>,
+    /// Read ahead of a scan: a failure is not kept for a read (the scan
+    /// asks for the block again when it needs it).
+    pub(super) ahead: bool,
 }
 
 impl BlockJob {
@@ -601,6 +605,7 @@ mod tests {
             snapshot: d.key.clone(),
             need: Need::Suffix(d.suffix_len),
             key: b"k".to_vec(),
+            ahead: false,
         };
         lazy.inflight.push(job(&d1));
         lazy.wanted.push(job(&d2));

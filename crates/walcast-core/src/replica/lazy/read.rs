@@ -125,7 +125,7 @@ impl Lazy {
                 if took > room {
                     break;
                 }
-                if !d.blocks.contains_key(h.offset) {
+                if !d.blocks.contains_key(h.offset) && !d.blocks.contains_key(u64::MAX) {
                     let need = Need::Range {
                         start: h.offset,
                         end: h.end(),
@@ -157,7 +157,7 @@ impl Lazy {
             for (object, need, first) in wants {
                 match first {
                     None => self.want_checked(object, need, from)?,
-                    Some(k) => self.want_in(object, need, &k),
+                    Some(k) => self.want_in(object, need, &k, true),
                 }
             }
             return Ok(None);
