@@ -1172,42 +1172,7 @@ fn snapshot_and_delta(
     block_bytes: usize,
     changes: &[(Vec<u8>, Option<Vec<u8>>)],
 ) -> Store {
-    use walcast_core::catalog::{delta_key, DeltaEntry};
-    use walcast_core::snapshot::delta::{encode_delta, DeltaFooter, DeltaMeta};
-    let mut store = snapshot_only_in(DATASET, st, 10, block_bytes);
-    let mut head = Head::decode(&store.objects[HEAD_KEY]).expect("a head");
-    let bytes = encode_delta(
-        changes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
-        DeltaMeta {
-            base_lsn: 10,
-            lsn: 20,
-            epoch: 1,
-            dataset_id: DATASET,
-        },
-        16 << 10,
-    );
-    let size = bytes.len() as u64;
-    let footer = DeltaFooter::decode(&bytes[bytes.len() - 64..], size).expect("a footer");
-    head.deltas.push(DeltaEntry {
-        key: delta_key(10, 20, 1),
-        base_lsn: 10,
-        lsn: 20,
-        epoch: 1,
-        size,
-        crc32: crc32fast::hash(&bytes),
-        entries: changes.len() as u64,
-        suffix_len: footer.suffix_len(size),
-        footer_crc32: None,
-    });
-    store.objects.insert(delta_key(10, 20, 1), bytes);
-    let (bytes, summary) = build_segment(1, 11, 20, 64);
-    let e = SegmentEntry::from_summary(&summary);
-    store.objects.insert(e.key.clone(), bytes);
-    head.segments.push(e);
-    head.committed_lsn = 20;
-    head.generation = 20;
-    store.objects.insert(HEAD_KEY.into(), head.encode());
-    store
+    snapshot_and_deltas(st, block_bytes, &[changes])
 }
 
 /// Point reads of keys a delta holds fetch the snapshot's block for the
@@ -1430,18 +1395,20 @@ fn a_delta_of_large_blocks_keeps_only_its_last_past_the_bound() {
     assert!(got == want, "a scan of the delta: {} entries", got.len());
 }
 
-/// A version 2 snapshot of `st` at LSN 10 and two deltas over it, LSNs
-/// 11..=20 of `a` and 21..=30 of `b` (a segment holds them too).
-fn snapshot_and_two_deltas(
-    st: &KvState,
-    a: &[(Vec<u8>, Option<Vec<u8>>)],
-    b: &[(Vec<u8>, Option<Vec<u8>>)],
-) -> Store {
+/// A key and its new value, or its deletion.
+type Change = (Vec<u8>, Option<Vec<u8>>);
+
+/// A version 2 snapshot of `st` at LSN 10 (blocks of about `block_bytes`)
+/// and a chain of deltas over it, the `i`th of `chain[i]` over LSNs
+/// `11 + 10i..=20 + 10i` (a segment holds them too).
+fn snapshot_and_deltas(st: &KvState, block_bytes: usize, chain: &[&[Change]]) -> Store {
     use walcast_core::catalog::{delta_key, DeltaEntry};
     use walcast_core::snapshot::delta::{encode_delta, DeltaFooter, DeltaMeta};
-    let mut store = snapshot_only_in(DATASET, st, 10, 16 << 10);
+    let mut store = snapshot_only_in(DATASET, st, 10, block_bytes);
     let mut head = Head::decode(&store.objects[HEAD_KEY]).expect("a head");
-    for (base, lsn, changes) in [(10u64, 20u64, a), (20, 30, b)] {
+    let mut base = 10;
+    for changes in chain {
+        let lsn = base + 10;
         let bytes = encode_delta(
             changes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
             DeltaMeta {
@@ -1466,13 +1433,14 @@ fn snapshot_and_two_deltas(
             footer_crc32: None,
         });
         store.objects.insert(delta_key(base, lsn, 1), bytes);
+        base = lsn;
     }
-    let (bytes, summary) = build_segment(1, 11, 30, 64);
+    let (bytes, summary) = build_segment(1, 11, base, 64);
     let e = SegmentEntry::from_summary(&summary);
     store.objects.insert(e.key.clone(), bytes);
     head.segments.push(e);
-    head.committed_lsn = 30;
-    head.generation = 30;
+    head.committed_lsn = base;
+    head.generation = base;
     store.objects.insert(HEAD_KEY.into(), head.encode());
     store
 }
@@ -1494,7 +1462,7 @@ fn three_scans_over_two_deltas_of_large_blocks_finish() {
         .map(|i| (format!("d{i:03}").into_bytes(), Some(vec![b'b'; 300 << 10])))
         .collect();
     for lifo in [false, true] {
-        let mut store = snapshot_and_two_deltas(&st, &a, &b);
+        let mut store = snapshot_and_deltas(&st, 16 << 10, &[&a, &b]);
         let mut r = Replica::new(lazy_cfg(1 << 20), 7);
         drain(&mut r, &mut store, 0);
         assert_eq!(r.applied_lsn(), 30);
@@ -1562,7 +1530,7 @@ fn three_scans_over_large_delta_blocks_finish_run_as_drivers_run_them() {
     let b: Vec<(Vec<u8>, Option<Vec<u8>>)> = (0..n)
         .map(|i| (format!("d{i:03}").into_bytes(), Some(vec![b'b'; 300 << 10])))
         .collect();
-    let mut store = snapshot_and_two_deltas(&st, &a, &b);
+    let mut store = snapshot_and_deltas(&st, 16 << 10, &[&a, &b]);
     let mut r = Replica::new(lazy_cfg(1 << 20), 7);
     drain(&mut r, &mut store, 0);
     let starts: [&[u8]; 3] = [b"d000", b"d008", b"d016"];
