@@ -144,6 +144,7 @@ impl Publisher {
             committed_lsn: h.committed_lsn,
         });
         self.head = Some(h);
+        self.deletes_quiet_until = None;
         self.etag = etag;
     }
 

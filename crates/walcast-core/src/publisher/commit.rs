@@ -325,6 +325,7 @@ impl Publisher {
         });
         self.forget_digests(&h);
         self.head = Some(h);
+        self.deletes_quiet_until = None;
         self.etag = etag;
     }
 

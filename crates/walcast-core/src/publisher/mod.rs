@@ -136,6 +136,10 @@ pub struct Publisher {
     /// When this process first saw each key of the head's `retired` (its
     /// grace period runs from then; see `drive_deletes`).
     retired_seen: HashMap<String, u64>,
+    /// No entry of the head's `retired` is due for deletion before this
+    /// time (`drive_deletes` skips its walk until then); `None` after the
+    /// head or the deletions under way changed.
+    deletes_quiet_until: Option<u64>,
 
     commit: Option<Commit>,
     commit_retry_at: Option<u64>,
@@ -206,6 +210,7 @@ impl Publisher {
             bytes_since_delta: 0,
             delta_refused_at: 0,
             retired_seen: HashMap::new(),
+            deletes_quiet_until: None,
             commit: None,
             commit_retry_at: None,
             retention_retry_at: None,
@@ -575,6 +580,7 @@ impl Publisher {
             return;
         };
         self.deleting.remove(&key);
+        self.deletes_quiet_until = None;
         match result {
             Ok(()) => {
                 self.deleted.insert(key.clone());

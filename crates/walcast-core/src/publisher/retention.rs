@@ -212,6 +212,11 @@ impl Publisher {
             *wake = (*wake).min(self.delete_retry_at);
             return None;
         }
+        // Nothing became due since the last walk over this head's list.
+        if let Some(t) = self.deletes_quiet_until.filter(|&t| t > now) {
+            *wake = (*wake).min(t);
+            return None;
+        }
         let head = self.head.as_ref()?;
         // The grace period runs from when this process first saw the key
         // retired in a head that landed (or that it claimed), and not
@@ -224,7 +229,7 @@ impl Publisher {
                 head.retired.iter().map(|r| r.key.as_str()).collect();
             seen.retain(|k, _| live.contains(k.as_str()));
         }
-        let mut next = None;
+        let (mut next, mut quiet) = (None, u64::MAX);
         for r in &head.retired {
             if self.deleted.contains(&r.key)
                 || self.deleting.contains(&r.key)
@@ -242,9 +247,13 @@ impl Publisher {
                 next = Some(r.key.clone());
                 break;
             }
-            *wake = (*wake).min(due);
+            quiet = quiet.min(due);
         }
-        let key = next?;
+        *wake = (*wake).min(quiet);
+        let Some(key) = next else {
+            self.deletes_quiet_until = Some(quiet);
+            return None;
+        };
         self.deleting.insert(key.clone());
         let id = self.id(Req::Delete(key.clone()));
         Some(Action::Delete(DeleteRequest { id, key }))

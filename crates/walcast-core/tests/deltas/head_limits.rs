@@ -113,7 +113,7 @@ fn filters_and_retired_entries_keep_the_head_within_its_limit() {
 fn retired_deltas_past_the_bound_leave_the_list_not_the_head_over_its_limit() {
     let cfg = PublisherConfig {
         snapshot_every: Some(100),
-        delta_every: Some(2),
+        delta_every: Some(1),
         grace_ms: 1 << 40,
         head_check_ms: 0,
         tail_bytes: 0,
@@ -123,7 +123,7 @@ fn retired_deltas_past_the_bound_leave_the_list_not_the_head_over_its_limit() {
     let (mut p, mut store) = started(cfg);
     let (mut lsn, mut now) = (0u64, 1u64);
     let (mut longest, mut first) = (0, None);
-    for i in 0..7_000u64 {
+    for i in 0..2_600u64 {
         put(
             &mut p,
             &mut store,
