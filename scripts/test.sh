@@ -32,8 +32,12 @@ test "${PIPESTATUS[0]}" -eq 0
 step "end-to-end dependencies: moto (S3 API), nginx, Azurite (Azure Blob API), fake-gcs-server (GCS API)"
 bash scripts/e2e-deps.sh
 
+# walcast-bench is built here (it has no tests of its own) so that its
+# dependencies share this build's features: built on its own, SlateDB's
+# feature choices (serde on bytes, futures' executor, ...) would rebuild the
+# whole tokio, object_store and walcast stack for the benchmark step.
 step "walcast (native): WAL, serve and end-to-end tests with real processes (s3://, az://, gs://, file://, http://)"
-cargo test -p walcast-client -p walcast -- --test-threads=1 2>&1 | grep -vE '^(running [0-9]+ tests?|)$'
+cargo test -p walcast-client -p walcast -p walcast-bench -- --test-threads=1 2>&1 | grep -vE '^(running [0-9]+ tests?|)$'
 test "${PIPESTATUS[0]}" -eq 0
 
 # On its own: in the command above it would change the features of shared
@@ -53,7 +57,8 @@ bash tests/js/run-edge.sh
 
 step "benchmarks: walcast-bench --quick, walcast beside SlateDB on file:// and moto (checks every scenario produced a number; no timing assertions)"
 # The quick run checks that every scenario produces a number; it runs in the
-# test profile (opt-level 1, whose dependencies the native tests above built)
+# test profile (opt-level 1, whose dependencies the native tests above built
+# with the same features)
 # instead of compiling the whole tree again in release. Figures come from the
 # full benchmark: cargo run --release -p walcast-bench (docs/BENCHMARKS.md).
 cargo run --profile test -q -p walcast-bench -- --quick --out target/bench-quick

@@ -155,6 +155,9 @@ pub struct Driver<F, T> {
     replica: Rc<RefCell<Replica>>,
     fetch: F,
     timer: T,
+    /// GETs a read or run ended with while its caller held a borrow of the
+    /// machine, with the clock then: settled at the next call.
+    orphans: RefCell<Vec<(RequestId, u64)>>,
 }
 
 impl<F: Fetch, T: Timer> Driver<F, T> {
@@ -169,6 +172,7 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
             replica,
             fetch,
             timer,
+            orphans: RefCell::new(Vec::new()),
         }
     }
 
@@ -212,9 +216,11 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
         // abandoned, so that a read asks for them again (see `Outstanding`).
         let mut outstanding = Outstanding {
             replica,
+            orphans: &self.orphans,
             ids: Vec::new(),
             now: timer.now_ms(),
         };
+        outstanding.settle_orphans(&mut replica.borrow_mut());
         if until == Until::CaughtUp {
             let mut r = replica.borrow_mut();
             // Errors of reads made while no run took them are not this
@@ -301,9 +307,11 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
         // when the read ends, returned or dropped by its caller.
         let mut outstanding = Outstanding {
             replica: &self.replica,
+            orphans: &self.orphans,
             ids: Vec::new(),
             now: self.timer.now_ms(),
         };
+        outstanding.settle_orphans(&mut self.replica.borrow_mut());
         loop {
             if let Read::Ready(v) = attempt(&mut self.replica.borrow_mut())? {
                 return Ok(v);
@@ -339,28 +347,57 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
 /// them again. So when the read or run ends, a lazy read's block GETs are
 /// abandoned (the next read asks again), and any other GET (the head, a
 /// segment, a page, a snapshot) is answered as failed, as if it had timed
-/// out at `now`: the machine retries it after its backoff.
+/// out at `now`: the machine retries it after its backoff. A read dropped
+/// while its caller holds a borrow of the machine leaves its GETs to the
+/// driver's next call, which settles them first.
 struct Outstanding<'a> {
     replica: &'a RefCell<Replica>,
+    orphans: &'a RefCell<Vec<(RequestId, u64)>>,
     ids: Vec<RequestId>,
     /// The driver's clock when last seen.
     now: u64,
 }
 
+impl Outstanding<'_> {
+    /// Settles the GETs earlier reads and runs could not (see `Drop`).
+    fn settle_orphans(&self, r: &mut Replica) {
+        for (id, now) in self.orphans.take() {
+            give_up(r, id, now);
+        }
+    }
+}
+
+/// Forgets `id`, a GET no one will answer: abandoned if a lazy read's
+/// block, failed as timed out at `now` otherwise.
+fn give_up(r: &mut Replica, id: RequestId, now: u64) {
+    r.abandon_read_fetch(id);
+    // Ignored for a block abandoned above.
+    r.handle_response(
+        id,
+        now,
+        GetResponse::Failed {
+            status: None,
+            message: "given up: the run or read that sent it ended".into(),
+        },
+    );
+}
+
 impl Drop for Outstanding<'_> {
     fn drop(&mut self) {
-        if let Ok(mut r) = self.replica.try_borrow_mut() {
-            for id in self.ids.drain(..) {
-                r.abandon_read_fetch(id);
-                // Ignored for a block abandoned above.
-                r.handle_response(
-                    id,
-                    self.now,
-                    GetResponse::Failed {
-                        status: None,
-                        message: "given up: the run or read that sent it ended".into(),
-                    },
-                );
+        match self.replica.try_borrow_mut() {
+            Ok(mut r) => {
+                self.settle_orphans(&mut r);
+                for id in self.ids.drain(..) {
+                    give_up(&mut r, id, self.now);
+                }
+            }
+            // The caller holds the machine (it dropped the read inside a
+            // borrow): the next call settles these.
+            Err(_) => {
+                let now = self.now;
+                self.orphans
+                    .borrow_mut()
+                    .extend(self.ids.drain(..).map(|id| (id, now)));
             }
         }
     }
@@ -761,6 +798,38 @@ mod tests {
         driver.fetch().1.set(true);
         let v = block_on(driver.get(b"k012345")).unwrap();
         assert_eq!(v.as_deref(), Some(&[12345u32 as u8; 40][..]));
+        assert!(
+            driver.fetch().0 .1.get() > asked,
+            "the block was asked for again"
+        );
+    }
+
+    /// A read dropped while its caller holds a borrow of the machine (the
+    /// driver cannot reach the machine then): the next read settles the
+    /// dropped read's GETs first, and asks for the block again instead of
+    /// waiting for their answers for ever.
+    #[test]
+    fn a_read_dropped_inside_a_borrow_does_not_leave_its_gets_waiting() {
+        let driver = lazy_driver(Gate(Mem(lazy_objects(), Cell::new(0)), Cell::new(true), ""));
+        driver.fetch().1.set(false);
+        {
+            let mut read = Box::pin(driver.get(b"k012345"));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(read.as_mut().poll(&mut cx).is_pending());
+            let held = driver.replica();
+            drop(read);
+            drop(held);
+        }
+        assert_eq!(
+            driver.orphans.borrow().len(),
+            1,
+            "the block GET waits to be settled"
+        );
+        let asked = driver.fetch().0 .1.get();
+        driver.fetch().1.set(true);
+        let v = block_on(driver.get(b"k012345")).unwrap();
+        assert_eq!(v.as_deref(), Some(&[12345u32 as u8; 40][..]));
+        assert!(driver.orphans.borrow().is_empty());
         assert!(
             driver.fetch().0 .1.get() > asked,
             "the block was asked for again"
