@@ -717,9 +717,13 @@ export function conformanceCases(ctx) {
     await rejectsWith(lazy.scan({ maxBytes: 0 }), "invalid_input", "lazy scan maxBytes 0");
     // The module's bound is a u32: a larger maxBytes is its largest, no bound
     // in practice (never a bound of what is left after 2^32, e.g. 0 for 2^32).
+    // Over the first 64 entries: any bound would cut them short.
+    const range = { start: keyBytes(all[0].key), end: keyBytes(all[Math.min(64, all.length - 1)].key) };
+    const first = all.slice(0, Math.min(64, all.length - 1));
+    ok(first.length > 1, `${label}: entries to bound`);
     for (const maxBytes of [2 ** 32 - 1, 2 ** 32, 5e9, 1e12, 1e20]) {
-      sameRows(await lazy.scan({ maxBytes }), all, `${label}: lazy scan maxBytes ${maxBytes}`);
-      sameRows(full.scan({ maxBytes }), all, `${label}: full scan maxBytes ${maxBytes}`);
+      sameRows(await lazy.scan({ ...range, maxBytes }), first, `${label}: lazy scan maxBytes ${maxBytes}`);
+      sameRows(full.scan({ ...range, maxBytes }), first, `${label}: full scan maxBytes ${maxBytes}`);
     }
   };
 
