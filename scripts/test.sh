@@ -8,10 +8,24 @@ cd "$(dirname "$0")/.."
 # minutes on a fresh 2-core machine), and the last line the total.
 last=$SECONDS
 step() { printf '\n(%d s)\n== %s\n' $((SECONDS - last)) "$*"; last=$SECONDS; }
-trap 'printf "\n(%d s)\ntest.sh: %d s in all\n" $((SECONDS - last)) $SECONDS' EXIT
+deps_pid=""
+trap '[[ -z $deps_pid ]] || kill "$deps_pid" 2>/dev/null; printf "\n(%d s)\ntest.sh: %d s in all\n" $((SECONDS - last)) $SECONDS' EXIT
 
 step "format"
 cargo fmt --all --check
+
+# What the later steps run against (moto, nginx, Azurite, fake-gcs-server;
+# Deno, TypeScript, fake-indexeddb; workerd, wrangler, playwright-core and
+# Chromium; Bun, puppeteer-core and Firefox) installs in the background
+# while the steps before them compile: installs wait on the network and the
+# disk, builds on the CPU. One script after another (apt-get takes a lock);
+# each skips what is there, and the steps that need them run them again
+# (then a quick check).
+mkdir -p target
+deps_log=target/test-deps.log
+(bash scripts/e2e-deps.sh && bash scripts/js-deps.sh && bash scripts/browser-deps.sh &&
+  bash scripts/runtime-deps.sh) >"$deps_log" 2>&1 &
+deps_pid=$!
 
 step "clippy (warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
@@ -29,8 +43,12 @@ SIM_SEEDS="${SIM_SEEDS:-2000}" cargo test -p walcast-core -- --nocapture 2>&1 |
   grep -vE '^(running [0-9]+ tests?|)$' | grep -vE '^test .* \.\.\. ok$'
 test "${PIPESTATUS[0]}" -eq 0
 
-step "end-to-end dependencies: moto (S3 API), nginx, Azurite (Azure Blob API), fake-gcs-server (GCS API)"
-bash scripts/e2e-deps.sh
+step "dependencies installed in the background since the start (log: $deps_log)"
+deps_rc=0
+wait "$deps_pid" || deps_rc=$?
+deps_pid=""
+cat "$deps_log"
+((deps_rc == 0)) || { echo "test.sh: installing the test dependencies failed ($deps_rc)"; exit 1; }
 
 # walcast-bench is built here (it has no tests of its own) so that its
 # dependencies share this build's features: built on its own, SlateDB's
