@@ -1590,3 +1590,116 @@ fn three_scans_over_large_delta_blocks_finish_run_as_drivers_run_them() {
         "driver order: no finish after {gets} GETs"
     );
 }
+
+/// The block GETs a lazy read is waiting for, performed by the caller.
+fn read_fetches(r: &mut Replica) -> Vec<GetRequest> {
+    std::iter::from_fn(|| r.poll_read_fetch()).collect()
+}
+
+/// Where a ranged GET of the snapshot starts (`None` for any other GET).
+fn snapshot_start(g: &GetRequest) -> Option<u64> {
+    match g.range {
+        Some(ByteRange::Bounded { start, .. }) if g.key.starts_with("snapshots/") => Some(start),
+        _ => None,
+    }
+}
+
+fn busy() -> GetResponse {
+    GetResponse::Failed {
+        status: Some(503),
+        message: "busy".into(),
+    }
+}
+
+/// A snapshot of 2,000 keys in 128-byte blocks, and a lazy replica
+/// opened on it.
+fn opened_over_many_blocks() -> (KvState, Store, Replica) {
+    let mut want = KvState::new();
+    for i in 0..2_000u32 {
+        want.put(format!("k/{i:05}").as_bytes(), &i.to_le_bytes());
+    }
+    let mut store = snapshot_only(DATASET, &want, 60);
+    let mut r = Replica::new(lazy_cfg(1 << 20), 5);
+    drain(&mut r, &mut store, 0);
+    (want, store, r)
+}
+
+/// GETs a scan over the snapshot sends ahead of the block it waits for
+/// (those after the round's lowest offset) that fail do not fail the scan:
+/// it reads those blocks again when it needs them.
+#[test]
+fn a_failed_read_ahead_of_a_snapshot_scan_does_not_fail_it() {
+    let (want, mut store, mut r) = opened_over_many_blocks();
+    let mut s = LazyScan::new(b"", None, usize::MAX);
+    let mut failed = 0;
+    for round in 0..10_000 {
+        match r.scan_lazy(&mut s) {
+            Ok(Read::Ready(got)) => {
+                let all: Vec<_> = want.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+                assert!(got == all, "the scan's entries differ from the origin's");
+                assert!(failed >= 10, "only {failed} GETs read ahead failed");
+                return;
+            }
+            Err(e) => panic!("round {round}: the scan failed: {e}"),
+            Ok(Read::Pending) => {}
+        }
+        let reqs = read_fetches(&mut r);
+        let lowest = reqs.iter().filter_map(snapshot_start).min();
+        for g in reqs {
+            let ahead = snapshot_start(&g).is_some_and(|s| Some(s) > lowest);
+            if ahead && failed < 10 {
+                failed += 1;
+                r.handle_response(g.id, 0, busy());
+            } else {
+                let resp = store.serve(&g);
+                r.handle_response(g.id, 0, resp);
+            }
+        }
+    }
+    panic!("the scan did not finish");
+}
+
+/// A block a scan comes to wait for while its GET, sent ahead of need, is
+/// still out: that GET's failure is the scan's (a data block it waits for
+/// failed), not a reason to send it again and again unseen.
+#[test]
+fn a_block_a_scan_waits_for_fails_it_when_its_read_ahead_fails() {
+    let (_, mut store, mut r) = opened_over_many_blocks();
+    let mut s = LazyScan::new(b"", None, usize::MAX);
+    // Answer everything until a round sends GETs ahead; hold those.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        assert!(matches!(r.scan_lazy(&mut s), Ok(Read::Pending)));
+        let reqs = read_fetches(&mut r);
+        let lowest = reqs.iter().filter_map(snapshot_start).min();
+        for g in reqs {
+            if snapshot_start(&g).is_some_and(|s| Some(s) > lowest) {
+                held.push(g);
+            } else {
+                let resp = store.serve(&g);
+                r.handle_response(g.id, 0, resp);
+            }
+        }
+        if !held.is_empty() {
+            break;
+        }
+    }
+    assert!(!held.is_empty(), "no GET went out ahead");
+    // The scan now waits for the first block read ahead: no GET of its own.
+    assert!(matches!(r.scan_lazy(&mut s), Ok(Read::Pending)));
+    held.sort_by_key(|g| snapshot_start(g));
+    let next = held.remove(0);
+    let again: Vec<_> = read_fetches(&mut r);
+    assert!(
+        again.iter().all(|g| g.range != next.range),
+        "the block was asked for twice at once"
+    );
+    r.handle_response(next.id, 0, busy());
+    match r.scan_lazy(&mut s) {
+        Err(e) => {
+            assert_eq!(e.object(), Some(next.key.as_str()), "{e}");
+            assert!(e.to_string().contains("503"), "{e}");
+        }
+        other => panic!("the scan did not see its block's failure: {other:?}"),
+    }
+}

@@ -42,9 +42,16 @@ impl Lazy {
             key: key.to_vec(),
             ahead,
         };
-        let same = |j: &BlockJob| j.need == job.need && j.snapshot == job.snapshot;
-        if !self.wanted.iter().any(same) && !self.inflight.iter().any(same) {
-            self.wanted.push(job);
+        match self
+            .wanted
+            .iter_mut()
+            .chain(&mut self.inflight)
+            .find(|j| j.same(&job))
+        {
+            // A block a read waits for, asked or read ahead already: its
+            // failure is then kept for reads.
+            Some(j) => j.ahead &= ahead,
+            None => self.wanted.push(job),
         }
     }
 
@@ -176,18 +183,11 @@ impl Lazy {
         self.take_failure(&object, need)
     }
 
-    pub(super) fn want(&mut self, need: Need, key: &[u8]) {
+    /// Asks for a block of the base snapshot, read ahead of a scan's need
+    /// when `ahead` (its failure is not kept for reads).
+    pub(super) fn want(&mut self, need: Need, key: &[u8], ahead: bool) {
         let Some(b) = &self.base else { return };
-        let job = BlockJob {
-            snapshot: b.entry.key.clone(),
-            need,
-            key: key.to_vec(),
-            ahead: false,
-        };
-        let same = |j: &BlockJob| j.need == job.need && j.snapshot == job.snapshot;
-        if !self.wanted.iter().any(same) && !self.inflight.iter().any(same) {
-            self.wanted.push(job);
-        }
+        self.want_in(b.entry.key.clone(), need, key, ahead);
     }
 }
 
@@ -220,9 +220,9 @@ impl Replica {
             let again = self
                 .pending
                 .iter()
-                .any(|(_, j)| matches!(j, crate::replica::Job::Block(b) if *b == job));
+                .any(|(_, j)| matches!(j, crate::replica::Job::Block(b) if b.same(&job)));
             if !again {
-                lazy.inflight.retain(|j| *j != job);
+                lazy.inflight.retain(|j| !j.same(&job));
             }
             lazy.read_due = false;
             lazy.read_pending = false;
@@ -286,10 +286,11 @@ impl Replica {
         // An answer for a job no longer in flight is stale: the replica
         // left its object (a jump or a new chain dropped the job) and reads
         // ask again for what they still need.
-        let Some(at) = lazy.inflight.iter().position(|j| *j == job) else {
+        let Some(at) = lazy.inflight.iter().position(|j| j.same(&job)) else {
             return;
         };
-        lazy.inflight.remove(at);
+        // Asked ahead of need when sent, a read may have come to wait for it.
+        let job = lazy.inflight.remove(at);
         lazy.read_due = lazy.read_pending;
         if let Some(i) = lazy
             .deferred

@@ -294,6 +294,12 @@ pub(super) struct BlockJob {
 }
 
 impl BlockJob {
+    /// The same bytes of the same object (whether read ahead or not: a
+    /// read may come to wait for a block asked ahead of need).
+    pub(super) fn same(&self, other: &BlockJob) -> bool {
+        self.need == other.need && self.snapshot == other.snapshot
+    }
+
     /// The bytes the job's GET asks for.
     pub(super) fn range(&self) -> ByteRange {
         match self.need {

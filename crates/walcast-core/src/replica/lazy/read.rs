@@ -291,7 +291,7 @@ impl Replica {
                         if let Some(e) = lazy.take_base_failure(&n) {
                             return Err(e);
                         }
-                        lazy.want(n, key);
+                        lazy.want(n, key, false);
                     }
                 }
                 return Ok(Read::Pending);
@@ -312,7 +312,7 @@ impl Replica {
                 if let Some(e) = lazy.take_base_failure(&n) {
                     return Err(e);
                 }
-                lazy.want(n, key);
+                lazy.want(n, key, false);
                 Ok(Read::Pending)
             }
             Err(e) => Err(self.snapshot_error(e)),
@@ -551,9 +551,9 @@ impl Replica {
                     if let Some(e) = lazy.take_base_failure(&need) {
                         return Err(e);
                     }
-                    lazy.want(need, &next);
+                    lazy.want(need, &next, false);
                     for (k, n) in ahead {
-                        lazy.want(n, &k);
+                        lazy.want(n, &k, true);
                     }
                     return Ok(Read::Pending);
                 }
