@@ -1687,7 +1687,7 @@ fn a_block_a_scan_waits_for_fails_it_when_its_read_ahead_fails() {
     assert!(!held.is_empty(), "no GET went out ahead");
     // The scan now waits for the first block read ahead: no GET of its own.
     assert!(matches!(r.scan_lazy(&mut s), Ok(Read::Pending)));
-    held.sort_by_key(|g| snapshot_start(g));
+    held.sort_by_key(snapshot_start);
     let next = held.remove(0);
     let again: Vec<_> = read_fetches(&mut r);
     assert!(
