@@ -60,10 +60,11 @@ pub struct LocalDir {
     log: Option<File>,
     log_len: u64,
     buf: Vec<u8>,
-    /// `replica.lock`, locked while this process replicates into the
-    /// directory: two at once would append the same LSNs to one log and
-    /// checkpoint over each other.
-    _lock: File,
+    /// `replica.lock` and the directory itself, locked while this process
+    /// replicates into the directory: two at once would append the same
+    /// LSNs to one log and checkpoint over each other. (The directory's
+    /// lock holds when `replica.lock` is deleted by hand.)
+    _lock: (File, Option<File>),
 }
 
 fn log_header(base: u64, id: DatasetId) -> [u8; LOG_HEADER] {
@@ -104,7 +105,18 @@ impl LocalDir {
             .write(true)
             .open(&lockp)
             .with_context(|| format!("opening {}", lockp.display()))?;
-        match lock.try_lock() {
+        // Where a directory opens as a file (Unix), its lock too: a file
+        // system that locks no directories leaves `replica.lock` alone.
+        let dir_lock = File::open(dir).ok();
+        let locked = lock
+            .try_lock()
+            .and_then(|()| match dir_lock.as_ref().map(File::try_lock) {
+                Some(Err(std::fs::TryLockError::WouldBlock)) => {
+                    Err(std::fs::TryLockError::WouldBlock)
+                }
+                _ => Ok(()),
+            });
+        match locked {
             // Held: temporary files a killed checkpoint left (each as large
             // as the state) are no one's now.
             Ok(()) => sweep_temp_files(dir),
@@ -128,7 +140,7 @@ impl LocalDir {
             log: None,
             log_len: 0,
             buf: Vec::new(),
-            _lock: lock,
+            _lock: (lock, dir_lock),
         };
         // Cut a torn tail off the log and append after its valid part. A
         // damaged record with whole records after it is not a torn tail:
@@ -602,6 +614,19 @@ mod tests {
         assert!(format!("{err:#}").contains("replica.lock"), "{err:#}");
         // Readers are not held back.
         assert_eq!(load(dir.path()).unwrap().applied, 5);
+        drop(first);
+        LocalDir::open(dir.path()).unwrap();
+    }
+
+    /// `replica.lock` deleted by hand while a `replicate` holds the
+    /// directory: a second is still refused (the directory is locked too).
+    #[test]
+    fn a_deleted_lock_file_does_not_let_a_second_replicate_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, _) = LocalDir::open(dir.path()).unwrap();
+        std::fs::remove_file(dir.path().join("replica.lock")).unwrap();
+        let err = LocalDir::open(dir.path()).expect_err("a second replicate");
+        assert!(format!("{err:#}").contains("replica.lock"), "{err:#}");
         drop(first);
         LocalDir::open(dir.path()).unwrap();
     }
