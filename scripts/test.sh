@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 last=$SECONDS
 step() { printf '\n(%d s)\n== %s\n' $((SECONDS - last)) "$*"; last=$SECONDS; }
 deps_pid=""
-trap '[[ -z $deps_pid ]] || kill "$deps_pid" 2>/dev/null; printf "\n(%d s)\ntest.sh: %d s in all\n" $((SECONDS - last)) $SECONDS' EXIT
+trap '[[ -z $deps_pid ]] || kill -- "-$deps_pid" 2>/dev/null; printf "\n(%d s)\ntest.sh: %d s in all\n" $((SECONDS - last)) $SECONDS' EXIT
 
 step "format"
 cargo fmt --all --check
@@ -20,11 +20,13 @@ cargo fmt --all --check
 # while the steps before them compile: installs wait on the network and the
 # disk, builds on the CPU. One script after another (apt-get takes a lock);
 # each skips what is there, and the steps that need them run them again
-# (then a quick check).
+# (then a quick check). In a session of their own, so that a run that
+# ends early stops them all (the EXIT trap kills the group), not only the
+# shell that started them.
 mkdir -p target
 deps_log=target/test-deps.log
-(bash scripts/e2e-deps.sh && bash scripts/js-deps.sh && bash scripts/browser-deps.sh &&
-  bash scripts/runtime-deps.sh) >"$deps_log" 2>&1 &
+setsid bash -c 'bash scripts/e2e-deps.sh && bash scripts/js-deps.sh &&
+  bash scripts/browser-deps.sh && bash scripts/runtime-deps.sh' >"$deps_log" 2>&1 </dev/null &
 deps_pid=$!
 
 step "clippy (warnings are errors)"

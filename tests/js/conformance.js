@@ -717,7 +717,8 @@ export function conformanceCases(ctx) {
     await rejectsWith(lazy.scan({ maxBytes: 0 }), "invalid_input", "lazy scan maxBytes 0");
     // The module's bound is a u32: a larger maxBytes is its largest, no bound
     // in practice (never a bound of what is left after 2^32, e.g. 0 for 2^32).
-    // Over the first 64 entries: any bound would cut them short.
+    // Over the first 64 entries: 2^32 taken modulo 2^32 (a bound of 0)
+    // would cut them to one.
     const range = { start: keyBytes(all[0].key), end: keyBytes(all[Math.min(64, all.length - 1)].key) };
     const first = all.slice(0, Math.min(64, all.length - 1));
     ok(first.length > 1, `${label}: entries to bound`);

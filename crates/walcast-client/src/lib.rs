@@ -220,7 +220,6 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
             ids: Vec::new(),
             now: timer.now_ms(),
         };
-        outstanding.settle_orphans(&mut replica.borrow_mut());
         if until == Until::CaughtUp {
             let mut r = replica.borrow_mut();
             // Errors of reads made while no run took them are not this
@@ -231,7 +230,11 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
         loop {
             let now = timer.now_ms();
             outstanding.now = now;
-            let action = replica.borrow_mut().poll(now);
+            let action = {
+                let mut r = replica.borrow_mut();
+                outstanding.settle_orphans(&mut r);
+                r.poll(now)
+            };
             match action {
                 Action::Fetch(req) => {
                     outstanding.ids.push(req.id);
@@ -311,10 +314,15 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
             ids: Vec::new(),
             now: self.timer.now_ms(),
         };
-        outstanding.settle_orphans(&mut self.replica.borrow_mut());
         loop {
-            if let Read::Ready(v) = attempt(&mut self.replica.borrow_mut())? {
-                return Ok(v);
+            {
+                let mut r = self.replica.borrow_mut();
+                // Each pass: a read dropped meanwhile may have left the
+                // GET this one waits for.
+                outstanding.settle_orphans(&mut r);
+                if let Read::Ready(v) = attempt(&mut r)? {
+                    return Ok(v);
+                }
             }
             let now = self.timer.now_ms();
             outstanding.now = now;
@@ -349,7 +357,7 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
 /// segment, a page, a snapshot) is answered as failed, as if it had timed
 /// out at `now`: the machine retries it after its backoff. A read dropped
 /// while its caller holds a borrow of the machine leaves its GETs to the
-/// driver's next call, which settles them first.
+/// driver, whose next call and reads under way settle them first.
 struct Outstanding<'a> {
     replica: &'a RefCell<Replica>,
     orphans: &'a RefCell<Vec<(RequestId, u64)>>,
@@ -834,6 +842,27 @@ mod tests {
             driver.fetch().0 .1.get() > asked,
             "the block was asked for again"
         );
+    }
+
+    /// A read under way that waits for the GET another read sent, dropped
+    /// inside a borrow: it settles that GET itself and asks again, instead
+    /// of waiting for the next call on the driver.
+    #[test]
+    fn a_read_waiting_on_a_read_dropped_inside_a_borrow_asks_again() {
+        let driver = lazy_driver(Gate(Mem(lazy_objects(), Cell::new(0)), Cell::new(true), ""));
+        driver.fetch().1.set(false);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut first = Box::pin(driver.get(b"k012345"));
+        let mut second = Box::pin(driver.get(b"k012345"));
+        assert!(first.as_mut().poll(&mut cx).is_pending());
+        assert!(second.as_mut().poll(&mut cx).is_pending());
+        let held = driver.replica();
+        drop(first);
+        drop(held);
+        driver.fetch().1.set(true);
+        let v = block_on(second).unwrap();
+        assert_eq!(v.as_deref(), Some(&[12345u32 as u8; 40][..]));
+        assert!(driver.orphans.borrow().is_empty());
     }
 
     /// A run stopped while its head GET is out (a `stop` future, or a

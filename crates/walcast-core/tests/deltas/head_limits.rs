@@ -107,7 +107,7 @@ fn filters_and_retired_entries_keep_the_head_within_its_limit() {
 
 /// Deltas retire the deltas they absorb whatever `retired` holds: with
 /// nothing deleted (a grace period longer than the run) and a delta every
-/// two LSNs, the list stops at its bound of 2,048 keys, the oldest leaving
+/// LSN, the list stops at its bound of 2,048 keys, the oldest leaving
 /// it, instead of growing until the head is refused.
 #[test]
 fn retired_deltas_past_the_bound_leave_the_list_not_the_head_over_its_limit() {

@@ -620,6 +620,7 @@ mod tests {
 
     /// `replica.lock` deleted by hand while a `replicate` holds the
     /// directory: a second is still refused (the directory is locked too).
+    #[cfg(unix)]
     #[test]
     fn a_deleted_lock_file_does_not_let_a_second_replicate_in() {
         let dir = tempfile::tempdir().unwrap();
