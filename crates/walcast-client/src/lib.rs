@@ -789,18 +789,27 @@ mod tests {
         }
     }
 
+    /// A lazy replica caught up, whose GETs from now on wait at a closed
+    /// gate (`.1`).
+    fn gated() -> Driver<Gate, Virtual> {
+        let driver = lazy_driver(Gate(Mem(lazy_objects(), Cell::new(0)), Cell::new(true), ""));
+        driver.fetch().1.set(false);
+        driver
+    }
+
+    /// Polls `f` once: it waits (its GETs are out at the gate).
+    fn poll_pending<O>(f: Pin<&mut impl Future<Output = O>>) {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(f.poll(&mut cx).is_pending());
+    }
+
     /// A read dropped by its caller while its GETs are out (a timeout, a
     /// select): the machine forgets those GETs, and the next read of the key
     /// asks again instead of waiting for their answers for ever.
     #[test]
     fn a_dropped_read_does_not_leave_its_gets_waiting() {
-        let driver = lazy_driver(Gate(Mem(lazy_objects(), Cell::new(0)), Cell::new(true), ""));
-        driver.fetch().1.set(false);
-        {
-            let mut read = pin!(driver.get(b"k012345"));
-            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            assert!(read.as_mut().poll(&mut cx).is_pending());
-        }
+        let driver = gated();
+        poll_pending(pin!(driver.get(b"k012345")));
         let asked = driver.fetch().0 .1.get();
         assert!(asked >= 1, "the dropped read performed a GET");
         driver.fetch().1.set(true);
@@ -818,16 +827,12 @@ mod tests {
     /// waiting for their answers for ever.
     #[test]
     fn a_read_dropped_inside_a_borrow_does_not_leave_its_gets_waiting() {
-        let driver = lazy_driver(Gate(Mem(lazy_objects(), Cell::new(0)), Cell::new(true), ""));
-        driver.fetch().1.set(false);
-        {
-            let mut read = Box::pin(driver.get(b"k012345"));
-            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            assert!(read.as_mut().poll(&mut cx).is_pending());
-            let held = driver.replica();
-            drop(read);
-            drop(held);
-        }
+        let driver = gated();
+        let mut read = Box::pin(driver.get(b"k012345"));
+        poll_pending(read.as_mut());
+        let held = driver.replica();
+        drop(read);
+        drop(held);
         assert_eq!(
             driver.orphans.borrow().len(),
             1,
@@ -849,13 +854,11 @@ mod tests {
     /// of waiting for the next call on the driver.
     #[test]
     fn a_read_waiting_on_a_read_dropped_inside_a_borrow_asks_again() {
-        let driver = lazy_driver(Gate(Mem(lazy_objects(), Cell::new(0)), Cell::new(true), ""));
-        driver.fetch().1.set(false);
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let driver = gated();
         let mut first = Box::pin(driver.get(b"k012345"));
         let mut second = Box::pin(driver.get(b"k012345"));
-        assert!(first.as_mut().poll(&mut cx).is_pending());
-        assert!(second.as_mut().poll(&mut cx).is_pending());
+        poll_pending(first.as_mut());
+        poll_pending(second.as_mut());
         let held = driver.replica();
         drop(first);
         drop(held);

@@ -866,13 +866,7 @@ fn a_scan_bounded_in_bytes_over_cached_blocks_copies_about_its_bound() {
 /// stay about those it returns however many blocks it fetched.
 #[test]
 fn a_scan_over_many_blocks_copies_each_entry_about_once() {
-    let mut want = KvState::new();
-    for i in 0..5_000u32 {
-        want.put(format!("k/{i:05}").as_bytes(), &i.to_le_bytes());
-    }
-    let mut store = snapshot_only(DATASET, &want, 60);
-    let mut r = Replica::new(lazy_cfg(1 << 20), 5);
-    drain(&mut r, &mut store, 0);
+    let (want, mut store, mut r) = opened_over_many_blocks(5_000);
     let mut s = LazyScan::new(b"", None, usize::MAX);
     let (mut turns, gets) = (0, store.gets);
     let got = loop {
@@ -1611,11 +1605,11 @@ fn busy() -> GetResponse {
     }
 }
 
-/// A snapshot of 2,000 keys in 128-byte blocks, and a lazy replica
-/// opened on it.
-fn opened_over_many_blocks() -> (KvState, Store, Replica) {
+/// A snapshot of `n` keys `k/00000`.. in 128-byte blocks, and a lazy
+/// replica opened on it.
+fn opened_over_many_blocks(n: u32) -> (KvState, Store, Replica) {
     let mut want = KvState::new();
-    for i in 0..2_000u32 {
+    for i in 0..n {
         want.put(format!("k/{i:05}").as_bytes(), &i.to_le_bytes());
     }
     let mut store = snapshot_only(DATASET, &want, 60);
@@ -1629,7 +1623,7 @@ fn opened_over_many_blocks() -> (KvState, Store, Replica) {
 /// it reads those blocks again when it needs them.
 #[test]
 fn a_failed_read_ahead_of_a_snapshot_scan_does_not_fail_it() {
-    let (want, mut store, mut r) = opened_over_many_blocks();
+    let (want, mut store, mut r) = opened_over_many_blocks(2_000);
     let mut s = LazyScan::new(b"", None, usize::MAX);
     let mut failed = 0;
     for round in 0..10_000 {
@@ -1664,7 +1658,7 @@ fn a_failed_read_ahead_of_a_snapshot_scan_does_not_fail_it() {
 /// failed), not a reason to send it again and again unseen.
 #[test]
 fn a_block_a_scan_waits_for_fails_it_when_its_read_ahead_fails() {
-    let (_, mut store, mut r) = opened_over_many_blocks();
+    let (_, mut store, mut r) = opened_over_many_blocks(2_000);
     let mut s = LazyScan::new(b"", None, usize::MAX);
     // Answer everything until a round sends GETs ahead; hold those.
     let mut held = Vec::new();
