@@ -156,8 +156,9 @@ pub struct Driver<F, T> {
     fetch: F,
     timer: T,
     /// GETs a read or run ended with while its caller held a borrow of the
-    /// machine, with the clock then: settled at the next call.
-    orphans: RefCell<Vec<(RequestId, u64)>>,
+    /// machine, with the clock then: settled at the next call of this
+    /// driver or of a [`sibling`](Self::sibling).
+    orphans: Rc<RefCell<Vec<(RequestId, u64)>>>,
 }
 
 impl<F: Fetch, T: Timer> Driver<F, T> {
@@ -172,7 +173,22 @@ impl<F: Fetch, T: Timer> Driver<F, T> {
             replica,
             fetch,
             timer,
-            orphans: RefCell::new(Vec::new()),
+            orphans: Rc::default(),
+        }
+    }
+
+    /// A second driver of this one's machine (a reader beside a run, say),
+    /// through its own seam and timer. Use it rather than
+    /// [`shared`](Self::shared) over [`handle`](Self::handle): siblings
+    /// settle each other's abandoned GETs, which a read dropped while its
+    /// caller held a borrow of the machine leaves behind (two drivers made
+    /// with `shared` each settle only their own, at their next call).
+    pub fn sibling<F2: Fetch, T2: Timer>(&self, fetch: F2, timer: T2) -> Driver<F2, T2> {
+        Driver {
+            replica: self.replica.clone(),
+            fetch,
+            timer,
+            orphans: self.orphans.clone(),
         }
     }
 
@@ -865,6 +881,35 @@ mod tests {
         driver.fetch().1.set(true);
         let v = block_on(second).unwrap();
         assert_eq!(v.as_deref(), Some(&[12345u32 as u8; 40][..]));
+        assert!(driver.orphans.borrow().is_empty());
+    }
+
+    /// A read of one driver dropped inside a borrow, while a sibling (a
+    /// reader beside a run, as `walcast`'s handle has) waits on its GET:
+    /// the sibling settles that GET and asks again at once, instead of
+    /// waiting until the GET's deadline passes (virtual time here).
+    #[test]
+    fn a_sibling_settles_the_gets_of_a_read_dropped_inside_a_borrow() {
+        let driver = gated();
+        let clock = driver.timer.0.clone();
+        let sibling = driver.sibling(
+            Gate(Mem(lazy_objects(), Cell::new(0)), Cell::new(true), ""),
+            Virtual(clock.clone()),
+        );
+        let mut first = Box::pin(driver.get(b"k012345"));
+        poll_pending(first.as_mut());
+        let held = driver.replica();
+        drop(first);
+        drop(held);
+        let start = clock.get();
+        let v = block_on(sibling.get(b"k012345")).unwrap();
+        assert_eq!(v.as_deref(), Some(&[12345u32 as u8; 40][..]));
+        assert!(
+            clock.get() - start < 1_000,
+            "the sibling waited {} ms for a GET no one would answer",
+            clock.get() - start
+        );
+        assert!(sibling.fetch().0 .1.get() >= 1, "the sibling asked again");
         assert!(driver.orphans.borrow().is_empty());
     }
 

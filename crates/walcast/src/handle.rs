@@ -569,7 +569,7 @@ fn follow(
     let end = local.block_on(&rt, async move {
         let shared = Rc::new(std::cell::RefCell::new(machine));
         let mut runner = Driver::shared(shared.clone(), fetch.clone(), TokioTimer);
-        let reader = Rc::new(Driver::shared(shared.clone(), fetch, TokioTimer));
+        let reader = Rc::new(runner.sibling(fetch, TokioTimer));
         let prefetch = std::mem::take(&mut hooks.prefetch);
         let hooks = std::cell::RefCell::new(hooks);
         // Set once lazy mode adopts the snapshot as its base.
