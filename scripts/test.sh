@@ -22,12 +22,28 @@ cargo fmt --all --check
 # each skips what is there, and the steps that need them run them again
 # (then a quick check). In a session of their own, so that a run that
 # ends early stops them all (the EXIT trap kills the group), not only the
-# shell that started them.
+# shell that started them. The native end-to-end tests wait for the first
+# script alone (its exit status goes to $e2e_rc), so that a failed JS or
+# browser install fails the edge steps, which install again and name it,
+# not the native ones.
 mkdir -p target
 deps_log=target/test-deps.log
-setsid bash -c 'bash scripts/e2e-deps.sh && bash scripts/js-deps.sh &&
-  bash scripts/browser-deps.sh && bash scripts/runtime-deps.sh' >"$deps_log" 2>&1 </dev/null &
+e2e_rc=target/test-deps.e2e-rc
+rm -f "$e2e_rc"
+setsid bash -c 'bash scripts/e2e-deps.sh; rc=$?; echo $rc >"$0.tmp" && mv "$0.tmp" "$0"
+  ((rc == 0)) || exit $rc
+  bash scripts/js-deps.sh && bash scripts/browser-deps.sh && bash scripts/runtime-deps.sh' \
+  "$e2e_rc" >"$deps_log" 2>&1 </dev/null &
 deps_pid=$!
+# Waits for the background installs to end; prints their log once.
+deps_wait() {
+  [[ -n $deps_pid ]] || return 0
+  local rc=0
+  wait "$deps_pid" || rc=$?
+  deps_pid=""
+  cat "$deps_log"
+  ((rc == 0)) || echo "test.sh: a background install failed ($rc); the steps that need it install again"
+}
 
 step "clippy (warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
@@ -45,12 +61,14 @@ SIM_SEEDS="${SIM_SEEDS:-2000}" cargo test -p walcast-core -- --nocapture 2>&1 |
   grep -vE '^(running [0-9]+ tests?|)$' | grep -vE '^test .* \.\.\. ok$'
 test "${PIPESTATUS[0]}" -eq 0
 
-step "dependencies installed in the background since the start (log: $deps_log)"
-deps_rc=0
-wait "$deps_pid" || deps_rc=$?
-deps_pid=""
-cat "$deps_log"
-((deps_rc == 0)) || { echo "test.sh: installing the test dependencies failed ($deps_rc)"; exit 1; }
+step "end-to-end dependencies, installed in the background since the start (log: $deps_log)"
+while [[ ! -f $e2e_rc ]] && kill -0 "$deps_pid" 2>/dev/null; do sleep 1; done
+if [[ "$(cat "$e2e_rc" 2>/dev/null)" != 0 ]]; then
+  deps_wait
+  echo "test.sh: installing the end-to-end dependencies failed (scripts/e2e-deps.sh)"
+  exit 1
+fi
+echo "scripts/e2e-deps.sh done (the JS and browser installs go on beside the native tests)"
 
 # walcast-bench is built here (it has no tests of its own) so that its
 # dependencies share this build's features: built on its own, SlateDB's
@@ -68,6 +86,9 @@ test "${PIPESTATUS[0]}" -eq 0
 
 step "walcast-core builds for wasm32-unknown-unknown and imports nothing"
 bash scripts/check-wasm.sh
+
+step "the JS, browser and runtime installs begun at the start (log: $deps_log)"
+deps_wait
 
 step "edge: the npm package (wasm build), conformance in Node, Deno and Bun, type declarations"
 bash tests/js/run.sh
