@@ -103,8 +103,15 @@ pub async fn publish(
     stop: impl std::future::Future<Output = ()>,
     mut on_commit: impl FnMut(u64),
 ) -> Result<PublishReport> {
-    let seed =
-        now_ms() ^ u64::from(std::process::id()).rotate_left(32) ^ (&opts as *const _ as u64);
+    // The seed makes this process's writer id, which alone tells two claims
+    // of one epoch apart: from the OS's randomness, so that two processes
+    // started alike (pid 1 in two containers, in the same millisecond) do
+    // not share it; the clock and pid only where that randomness fails.
+    let mut bytes = [0u8; 8];
+    let seed = match getrandom::fill(&mut bytes) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => now_ms() ^ u64::from(std::process::id()).rotate_left(32),
+    };
     let mut m = Publisher::new(opts.config.clone(), seed);
     let (tx, mut rx) = mpsc::unbounded_channel::<Done>();
     let mut reader = WalReader::open(&wal_dir)?;

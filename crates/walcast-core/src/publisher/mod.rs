@@ -583,6 +583,7 @@ impl Publisher {
         self.deletes_quiet_until = None;
         match result {
             Ok(()) => {
+                self.attempts.remove(&key);
                 self.deleted.insert(key.clone());
                 self.events.push_back(Event::Deleted { key });
             }
@@ -717,6 +718,7 @@ impl Publisher {
                     _ => {
                         s.up = Up::Done;
                         s.bytes = Vec::new();
+                        self.attempts.remove(&key);
                     }
                 }
             }
@@ -728,6 +730,9 @@ impl Publisher {
                         Error::new(ErrorKind::Unavailable, message).with_object(key.clone()),
                     )
                 } else {
+                    // Its failures in a row end here (each page key is
+                    // written once: an entry left would stay for good).
+                    self.attempts.remove(&key);
                     0
                 };
                 if let Some(Commit {
@@ -1252,6 +1257,78 @@ mod tests {
         assert_eq!(p.committed_lsn(), 200);
         assert!(!p.head.as_ref().unwrap().pages.is_empty(), "paged out");
         assert_eq!(p.page_cache.len(), 0);
+    }
+
+    /// Every page, snapshot, delta and delete fails once, then lands: the
+    /// count of failures in a row each left ends with it, so a publisher
+    /// under a flaky store keeps no entry per object it ever wrote.
+    #[test]
+    fn failures_of_objects_that_then_landed_are_forgotten() {
+        let cfg = PublisherConfig {
+            head_check_ms: 0,
+            max_commits_per_sec: 0,
+            inline_segments: 2,
+            page_fanout: 2,
+            snapshot_every: Some(40),
+            delta_every: Some(10),
+            retain_lsns: Some(20),
+            grace_ms: 0,
+            retry_base_ms: 1,
+            retry_max_ms: 2,
+            ..PublisherConfig::default()
+        };
+        let mut p = on_an_empty_store(cfg);
+        let (mut etag, mut failed) = (0u64, std::collections::HashSet::new());
+        drive(&mut p, 0, &mut etag, &mut Vec::new());
+        let small = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![1])]).unwrap();
+        let (mut kinds, mut now) = (std::collections::BTreeSet::new(), 0);
+        for lsn in 1..=420u64 {
+            if lsn <= 400 {
+                p.push(lsn, &small, now).unwrap();
+            }
+            for _ in 0..20 {
+                now += 5;
+                loop {
+                    match p.poll(now) {
+                        Action::Put(req) => {
+                            let kind = match req.key.split('/').next().unwrap_or("") {
+                                "catalog" if req.key != HEAD_KEY => "pages".to_string(),
+                                k => k.to_string(),
+                            };
+                            let flaky = kind != "segments" && req.key != HEAD_KEY;
+                            if flaky && failed.insert(req.key.clone()) {
+                                kinds.insert(kind);
+                                let message = "503: try again".into();
+                                p.handle_put(req.id, now, PutResponse::Failed { message });
+                            } else {
+                                etag += 1;
+                                let ok = PutResponse::Ok {
+                                    etag: Some(etag.to_string()),
+                                };
+                                p.handle_put(req.id, now, ok);
+                            }
+                        }
+                        Action::Get(req) => p.handle_get(req.id, now, GetResponse::NotFound),
+                        Action::Delete(req) => {
+                            let first = failed.insert(format!("delete {}", req.key));
+                            let r = if first { Err("503".into()) } else { Ok(()) };
+                            if first {
+                                kinds.insert("delete".into());
+                            }
+                            p.handle_delete(req.id, now, r);
+                        }
+                        Action::Event(_) => {}
+                        Action::Wait { .. } => break,
+                    }
+                }
+            }
+        }
+        assert_eq!(p.committed_lsn(), 400);
+        for k in ["delete", "deltas", "pages", "snapshots"] {
+            assert!(kinds.contains(k), "no {k} failed: {kinds:?}");
+        }
+        let left: Vec<_> = p.attempts.keys().filter(|k| *k != HEAD_KEY).collect();
+        assert!(left.is_empty(), "{} counts left: {left:?}", left.len());
     }
 
     #[test]
