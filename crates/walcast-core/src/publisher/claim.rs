@@ -21,6 +21,18 @@ impl Publisher {
             }
         };
         // Did our earlier claim land (its answer lost)?
+        if let (Some(_), Some((_, None))) = (&self.claim, &read) {
+            // Our claim may have landed, but with no ETag every commit's
+            // conditional write would fail for ever: fenced, as below.
+            self.fence(
+                Error::new(
+                    ErrorKind::InvalidInput,
+                    "the store returned no ETag for the head: conditional writes are impossible",
+                )
+                .with_object(HEAD_KEY),
+            );
+            return;
+        }
         if let (Some(claim), Some((h, etag))) = (&self.claim, &read) {
             if h.dataset_id == claim.dataset_id
                 && h.epoch == claim.epoch

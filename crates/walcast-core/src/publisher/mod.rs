@@ -918,6 +918,45 @@ mod tests {
         assert_eq!(e.object(), Some(crate::catalog::HEAD_KEY), "{e}");
     }
 
+    /// A store that gives no ETag, on the claim's PUT nor on the head read
+    /// that finds the claim landed: the publisher stops at once with an
+    /// error saying so, rather than taking the claim and failing every
+    /// conditional write after it for ever.
+    #[test]
+    fn a_claim_found_landed_without_an_etag_fences() {
+        let mut p = Publisher::new(PublisherConfig::default(), 1);
+        let (mut fenced, mut claim) = (None, None);
+        for now in 0..200 {
+            match p.poll(now) {
+                Action::Get(g) => {
+                    let resp = match &claim {
+                        None => GetResponse::NotFound,
+                        Some(body) => GetResponse::Ok {
+                            body: Clone::clone(body),
+                            etag: None,
+                            range: None,
+                        },
+                    };
+                    p.handle_get(g.id, now, resp);
+                }
+                Action::Put(req) => {
+                    assert_eq!(req.key, HEAD_KEY, "only the claim is written");
+                    assert!(claim.is_none(), "claimed a second time");
+                    claim = Some(req.body.to_vec());
+                    p.handle_put(req.id, now, PutResponse::Ok { etag: None });
+                }
+                Action::Event(Event::Fenced(e)) => {
+                    fenced = Some(e);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let e = fenced.expect("fenced");
+        assert!(e.to_string().contains("no ETag"), "{e}");
+        assert_eq!(e.object(), Some(HEAD_KEY), "{e}");
+    }
+
     /// A publisher that claimed `h`, given a snapshot at its committed
     /// LSN, with retention keeping one LSN: everything below goes.
     fn claimed_retaining_one_lsn(h: &mut Head) -> Publisher {
