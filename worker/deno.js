@@ -5,9 +5,10 @@
 //   DATASET_URL=http://127.0.0.1:8787/app PORT=8000 \
 //     deno run --allow-net --allow-env --allow-read --config worker/deno.json worker/deno.js
 //
-// Env: DATASET_URL (required), PORT (default 8000), HOSTNAME (default
-// 127.0.0.1; 0.0.0.0 to listen on every interface), MAX_AGE_MS (default 1000),
-// and the other variables src/handler.js lists.
+// Env: DATASET_URL (required), PORT (default 8000), LISTEN_HOST (default
+// 127.0.0.1; 0.0.0.0 to listen on every interface: not HOSTNAME, which
+// containers set to their own name), MAX_AGE_MS (default 1000), and the other
+// variables src/handler.js lists.
 import { Replica } from "walcast";
 import { createHandler } from "./src/handler.js";
 
@@ -18,6 +19,13 @@ if (!env.DATASET_URL) {
 }
 // A background sync here is never torn down from outside: no stuck-sync watchdog.
 const handle = createHandler(Replica, { stuckSyncMs: Infinity });
+const origin = (url) => {
+  try {
+    return new URL(url).origin;
+  } catch {
+    return "a dataset URL that does not parse";
+  }
+};
 const defer = (p) => {
   p.catch(() => {});
 };
@@ -25,8 +33,9 @@ const defer = (p) => {
 Deno.serve(
   {
     port: Number(env.PORT ?? 8000),
-    hostname: env.HOSTNAME ?? "127.0.0.1",
-    onListen: ({ hostname, port }) => console.log(`walcast worker: listening on http://${hostname}:${port}/ for ${env.DATASET_URL}`),
+    hostname: env.LISTEN_HOST || "127.0.0.1",
+    // The dataset's origin only: its URL may carry a token in its query.
+    onListen: ({ hostname, port }) => console.log(`walcast worker: listening on http://${hostname}:${port}/ for ${origin(env.DATASET_URL)}`),
   },
   (request) => handle(request, env, defer),
 );

@@ -211,7 +211,10 @@ const denoServices = { "deno-basic": fxDeno.scenarios.basic.url, "deno-midhistor
 const denoProcs = [];
 if (haveDeno) {
   for (const [name, url] of Object.entries(denoServices)) {
-    services[name] = { port: null, deno: true, bindings: { DATASET_URL: url, MAX_AGE_MS: "0", ...(name === "deno-lazy" ? { LOAD: "lazy" } : {}) } };
+    // HOSTNAME as containers set it (their own name, which may not resolve):
+    // the server still listens on 127.0.0.1 (LISTEN_HOST names the address).
+    const more = name === "deno-lazy" ? { LOAD: "lazy" } : { HOSTNAME: "walcast-no-such-host.invalid" };
+    services[name] = { port: null, deno: true, bindings: { DATASET_URL: url, MAX_AGE_MS: "0", ...more } };
   }
 }
 
