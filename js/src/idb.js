@@ -44,6 +44,8 @@ export const COMPACT_MAX_CHUNKS = 1000;
  * old dataset does not overwrite one that moved on.
  */
 export function shouldReplace(old, rec, { replace = false, repair = false, repairOf, rewind = false } = {}) {
+  // Written by a newer walcast (another tab, say): never overwritten here.
+  if (newerLayout(old)) return false;
   if (!old || !(old.snapshot || old.format === FORMAT)) return true;
   // A record whose LSN is not one (tampered, another program's) is never kept.
   if (!isLsn(old.appliedLsn)) return true;
@@ -54,6 +56,22 @@ export function shouldReplace(old, rec, { replace = false, repair = false, repai
   // (`repairOf`: the LSN it claimed, which its bytes did not reach).
   if (repair && repairOf !== undefined && old.appliedLsn === repairOf) return true;
   return rec.appliedLsn > old.appliedLsn || (repair && rec.appliedLsn === old.appliedLsn);
+}
+
+/** Whether the stored record `r` has a layout newer than this version's. */
+function newerLayout(r) {
+  return Number.isSafeInteger(r?.format) && r.format > FORMAT;
+}
+
+/**
+ * What is wrong with the layout of a stored record `r` (neither version 1,
+ * the whole state inline with no `format`, nor this version's), or null.
+ */
+function layoutDamage(url, r) {
+  const name = `the IndexedDB record replicas[${JSON.stringify(url)}]`;
+  if (r === null || typeof r !== "object") return `${name} is not a record (${typeof r})`;
+  if (r.format === FORMAT || (r.format === undefined && r.snapshot)) return null;
+  return `${name} has no layout this version reads (format ${String(r.format).slice(0, 40)})`;
 }
 
 /** Whether `v` can be an LSN (a persisted claim is checked before use). */
@@ -213,7 +231,13 @@ function forget(db) {
 
 function done(tx, value) {
   return new Promise((resolve, reject) => {
-    tx.oncomplete = () => resolve(value());
+    tx.oncomplete = () => {
+      try {
+        resolve(value());
+      } catch (e) {
+        reject(e);
+      }
+    };
     // The failed request's error (the transaction's is set only once it aborts).
     tx.onerror = (e) => reject(e?.target?.error ?? tx.error ?? new Error("walcast: IndexedDB transaction failed"));
     tx.onabort = () => reject(tx.error ?? new Error("walcast: IndexedDB transaction aborted"));
@@ -280,8 +304,18 @@ export const indexedDbStore = {
     unread(log, "the IndexedDB log chunks log");
     return done(tx, () => {
       const r = rec.result;
-      if (!r) return undefined;
-      if (r.format !== FORMAT) return r.snapshot ? r : undefined; // version 1: whole inline
+      if (r === undefined) return undefined;
+      if (newerLayout(r)) {
+        // Neither read nor overwritten (shouldReplace): a newer version's.
+        throw new Error(
+          `the IndexedDB record replicas[${JSON.stringify(url)}] has layout format ${r.format}, newer than this version's ${FORMAT} (a newer walcast wrote it): not read, and not overwritten`,
+        );
+      }
+      const layout = layoutDamage(url, r);
+      // Damaged (its layout unknown): nothing of it is used; the replica
+      // reports it, starts over and rewrites the store whole.
+      if (layout) return { snapshot: new Uint8Array(0), log: [], appliedLsn: r?.appliedLsn, damaged: layout, datasetId: null };
+      if (r.format !== FORMAT) return r; // version 1: whole inline
       const chunks = unreadable ? [] : (log.result ?? []);
       const damaged = unreadable ?? recordDamage(url, r, unreadable ? undefined : base.result, chunks);
       return {

@@ -583,6 +583,48 @@ test("IndexedDB: a tampered record, log chunk or base (huge claimed sizes and co
   r = await Replica.open(url, { persist: "indexeddb", fetch: offlineFetch(), onError: (e) => assert.fail(String(e)) });
   expectState(r, f1.expected, "after the record was replaced");
   await r.close();
+
+  // A record of a layout this version does not know (its format damaged, or
+  // no record at all): reported as damage, nothing of it served; the next
+  // write rewrites the store whole.
+  for (const [what, tamper] of [
+    ["a format that is a string", (c) => (c.rec.format = "2")],
+    ["no format and no snapshot", (c) => delete c.rec.format],
+    ["a record that is a number", (c) => (c.rec = 7)],
+  ]) {
+    const bad = clone();
+    tamper(bad);
+    await writeCopy(url, bad);
+    const errs = [];
+    r = await Replica.open(url, { persist: "indexeddb", fetch: offlineFetch(), onError: (e) => errs.push(e) });
+    assert.equal(errs.length, 1, `${what}: ${errs.map(String)}`);
+    assert.equal(errs[0].code, "data", `${what}: ${errs[0]}`);
+    assert.match(errs[0].message, /replicas\[.*(layout|not a record)/, `${what}: ${errs[0].message}`);
+    assert.equal(r.status().appliedLsn, 0, `${what}: nothing of it is served`);
+    await r.close();
+    r = await Replica.open(url, { persist: "indexeddb", onError: (e) => errs.push(e) });
+    assert.equal(await r.sync(), f1.expected.lsn, what);
+    await r.close();
+    assert.equal((await readCopy(url)).rec.format, 2, `${what}: rewritten whole`);
+  }
+
+  // A record a newer walcast wrote (a layout past this version's, another
+  // tab): a persist error names it; it is neither read nor overwritten.
+  const newer = clone();
+  newer.rec.format = 3;
+  newer.rec.appliedLsn = 5e6;
+  await writeCopy(url, newer);
+  const newerErrors = [];
+  r = await Replica.open(url, { persist: "indexeddb", onError: (e) => newerErrors.push(e) });
+  assert.equal(r.status().appliedLsn, 0, "the newer layout is not read");
+  assert.equal(await r.sync(), f1.expected.lsn);
+  await r.close();
+  assert.ok(newerErrors.length >= 1, "the newer layout is reported");
+  assert.equal(newerErrors[0].code, "persist", String(newerErrors[0]));
+  assert.match(newerErrors[0].message, /layout format 3, newer/, newerErrors[0].message);
+  const kept = await readCopy(url);
+  assert.deepEqual([kept.rec.format, kept.rec.appliedLsn], [3, 5e6], "the newer record is not overwritten");
+  await writeCopy(url, good);
 });
 
 test("an IndexedDB whose open never answers fails the call after the open timeout, and a late answer is closed; the next call opens anew", { timeout: 30_000 }, async () => {
