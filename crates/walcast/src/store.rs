@@ -65,7 +65,7 @@ pub struct Store {
     stats: Option<Arc<RequestStats>>,
     /// `gs://`: versions are generations (see [`gcs_token`]).
     gcs: bool,
-    /// A local directory's bound on a PUT or DELETE.
+    /// The bound on a DELETE, and on a PUT besides its body's time.
     write_timeout: std::time::Duration,
 }
 
@@ -75,6 +75,15 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// object_store's client options walcast sets unless the environment does.
+/// Its default bound of 30 s on a whole request would fail every PUT or GET
+/// of a large snapshot on a slow link, again and again: walcast bounds each
+/// request itself, by the bytes it moves (GETs by the machines' limits, PUTs
+/// and DELETEs in [`Store::put`] and [`Store::delete`]), so the client's
+/// total bound is a backstop, and a transfer that stalls fails after a
+/// minute without a byte.
+const CLIENT_DEFAULTS: [(&str, &str); 2] = [("timeout", "24h"), ("read_timeout", "60s")];
+
 fn env_options(scheme: &str) -> Vec<(String, String)> {
     let pfx = match scheme {
         "s3" | "s3a" => "AWS_",
@@ -82,7 +91,11 @@ fn env_options(scheme: &str) -> Vec<(String, String)> {
         "az" | "abfs" | "abfss" | "azure" => "AZURE_",
         _ => return Vec::new(),
     };
-    let mut out = Vec::new();
+    // First, so that the environment's own (AWS_TIMEOUT, say) win.
+    let mut out: Vec<(String, String)> = CLIENT_DEFAULTS
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     for (k, v) in std::env::vars() {
         if let Some(rest) = k.strip_prefix(pfx) {
             let key = match (pfx, rest) {
@@ -146,7 +159,7 @@ impl Store {
         })
     }
 
-    /// Sets how long a PUT or DELETE on a local directory may take
+    /// Sets how long a DELETE may take, and a PUT besides its body's time
     /// ([`LOCAL_WRITE_TIMEOUT`] unless set).
     pub fn with_write_timeout(mut self, d: std::time::Duration) -> Self {
         self.write_timeout = d;
@@ -262,17 +275,15 @@ impl Store {
         }
     }
 
-    /// Performs a conditional PUT. On a local directory it fails after
-    /// [`LOCAL_WRITE_TIMEOUT`] (see [`Store::with_write_timeout`]; a mount that hangs, the head's lock held by
-    /// a stopped process) instead of holding the publisher; the write may
-    /// still land, as with any answer lost. Cloud stores bound their
-    /// requests themselves.
+    /// Performs a conditional PUT. It fails after [`LOCAL_WRITE_TIMEOUT`]
+    /// (see [`Store::with_write_timeout`]) and the time its body takes at
+    /// 128 KiB a second (a mount that hangs, the head's lock held by a
+    /// stopped process, a store that stops reading) instead of holding the
+    /// publisher; the write may still land, as with any answer lost.
     pub async fn put(&self, req: &PutRequest) -> PutResponse {
-        if self.local.is_none() {
-            return self.put_now(req).await;
-        }
         // Plus the body at 128 KiB a second: a large snapshot on a slow
-        // disk is not given up (and written again) while it is written.
+        // disk or link is not given up (and written again) while it is
+        // written.
         // And a second: the head's write gives up waiting for its lock at
         // `write_timeout` itself, answering before this bound.
         let limit = self
@@ -286,8 +297,13 @@ impl Store {
             Ok(r) => r,
             Err(_) => PutResponse::Failed {
                 message: format!(
-                    "PUT {} into the local directory took over {} ms",
+                    "PUT {}{} took over {} ms",
                     req.key,
+                    if self.local.is_some() {
+                        " into the local directory"
+                    } else {
+                        ""
+                    },
                     limit.as_millis()
                 ),
             },
@@ -386,8 +402,8 @@ impl Store {
         }
     }
 
-    /// Deletes an object; a missing object counts as deleted. On a local
-    /// directory it fails after [`LOCAL_WRITE_TIMEOUT`], as a PUT does.
+    /// Deletes an object; a missing object counts as deleted. It fails
+    /// after [`LOCAL_WRITE_TIMEOUT`], as a PUT does.
     pub async fn delete(&self, key: &str) -> Result<(), String> {
         let delete = async {
             match self.os.delete(&self.path(key)).await {
@@ -395,14 +411,11 @@ impl Store {
                 Err(e) => Err(e.to_string()),
             }
         };
-        if self.local.is_none() {
-            return delete.await;
-        }
         tokio::time::timeout(self.write_timeout, delete)
             .await
             .unwrap_or_else(|_| {
                 Err(format!(
-                    "DELETE {key} in the local directory took over {} ms",
+                    "DELETE {key} took over {} ms",
                     self.write_timeout.as_millis()
                 ))
             })
@@ -517,7 +530,9 @@ fn read_bounded(r: impl std::io::Read, len: u64, max_bytes: u64) -> std::io::Res
     Ok(buf)
 }
 
-/// How long a PUT or DELETE on a local directory may take before it fails.
+/// How long a DELETE may take before it fails, and a PUT besides its
+/// body's time at 128 KiB a second (on a local directory and a cloud store
+/// alike).
 pub const LOCAL_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The HTTP status of a store error that came from an HTTP answer.
@@ -763,7 +778,7 @@ fn local_store(dir: &std::path::Path) -> Result<object_store::local::LocalFileSy
 
 #[cfg(test)]
 mod tests {
-    use super::{gcs_token, gcs_token_parts, local_store, Store};
+    use super::{env_options, gcs_token, gcs_token_parts, local_store, Store, CLIENT_DEFAULTS};
     use walcast_core::catalog::HEAD_KEY;
     use walcast_core::publisher::{ObjectKind, PutCondition, PutRequest, PutResponse};
 
@@ -775,6 +790,26 @@ mod tests {
             condition,
             kind: ObjectKind::Head,
         }
+    }
+
+    /// Cloud stores are opened with walcast's client options first (the
+    /// environment's after them win): no 30 s bound on a whole request,
+    /// which a large snapshot's PUT on a slow link never met, and a bound
+    /// on a stalled one; object_store accepts them for every scheme.
+    #[test]
+    fn cloud_stores_take_the_client_options_without_a_total_30_s_bound() {
+        for scheme in ["s3", "gs", "az"] {
+            let opts = env_options(scheme);
+            let first: Vec<(&str, &str)> = opts
+                .iter()
+                .take(2)
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            assert_eq!(first, CLIENT_DEFAULTS, "{scheme}");
+        }
+        assert!(env_options("file").is_empty());
+        // The values parse: an unparseable duration fails the open.
+        Store::open("s3://walcast-bucket/prefix").expect("s3 opens with the options");
     }
 
     /// A head write into a directory whose head lock another process holds
