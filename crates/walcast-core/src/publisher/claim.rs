@@ -223,7 +223,13 @@ impl Publisher {
                 self.head_went_back(None);
                 self.check_later(now);
             }
-            Err(_) => {}
+            // A head this publisher cannot read (damaged, or a newer
+            // release's): reported after `max_attempts` checks in a row, as
+            // a commit's reads of it are, and checked again after a backoff.
+            Err(e) => {
+                let d = self.backoff(HEAD_KEY, e);
+                self.next_check = now + d.max(self.cfg.head_check_ms);
+            }
         }
     }
 

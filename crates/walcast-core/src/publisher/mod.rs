@@ -957,6 +957,42 @@ mod tests {
         assert_eq!(e.object(), Some(HEAD_KEY), "{e}");
     }
 
+    /// An idle publisher whose checks of the head read bytes it cannot
+    /// decode (a damaged head, or a newer release's) says so after
+    /// `max_attempts` checks, naming the head, and checks less often.
+    #[test]
+    fn idle_checks_that_cannot_read_the_head_are_reported() {
+        let mut p = on_an_empty_store(PublisherConfig::default());
+        let (mut etag, mut seals) = (0, Vec::new());
+        drive(&mut p, 0, &mut etag, &mut seals);
+        assert!(p.head.is_some(), "claimed");
+        let (mut errors, mut checks) = (Vec::new(), Vec::new());
+        let mut now = 0;
+        while now < 600_000 && errors.is_empty() {
+            match p.poll(now) {
+                Action::Get(g) => {
+                    assert_eq!(g.key, HEAD_KEY);
+                    checks.push(now);
+                    let resp = GetResponse::Ok {
+                        body: b"{\"format\": 99}".to_vec(),
+                        etag: Some("\"x\"".into()),
+                        range: None,
+                    };
+                    p.handle_get(g.id, now, resp);
+                }
+                Action::Event(Event::Error(e)) => errors.push(e),
+                Action::Wait { until } => now = until.max(now + 1),
+                other => panic!("{other:?}"),
+            }
+        }
+        let e = errors.first().expect("reported");
+        assert_eq!(e.object(), Some(HEAD_KEY), "{e}");
+        let n = p.cfg.max_attempts as usize;
+        assert_eq!(checks.len(), n, "reported at the {n}th check: {checks:?}");
+        let gaps: Vec<u64> = checks.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "backs off: {gaps:?}");
+    }
+
     /// A publisher that claimed `h`, given a snapshot at its committed
     /// LSN, with retention keeping one LSN: everything below goes.
     fn claimed_retaining_one_lsn(h: &mut Head) -> Publisher {
