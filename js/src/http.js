@@ -54,6 +54,12 @@ async function readBounded(res, limit, signal) {
   const chunks = [];
   let total = 0;
   let complete = false;
+  // A declared length within the bound: the body goes straight into one
+  // buffer of that size, so a large answer is not held twice (its chunks,
+  // then their join). Past it (a length that lied, a body the runtime
+  // decoded), the chunks are gathered and joined as without one.
+  const declared = Number(res.headers?.get?.("content-length") ?? NaN);
+  let buf = Number.isSafeInteger(declared) && declared > 0 && declared <= limit ? new Uint8Array(declared) : null;
   const cancel = () => reader.cancel().catch(() => {});
   if (signal?.aborted) cancel();
   signal?.addEventListener("abort", cancel, { once: true });
@@ -66,7 +72,12 @@ async function readBounded(res, limit, signal) {
       }
       const room = limit - total;
       const chunk = value.byteLength > room ? value.subarray(0, room) : value;
-      chunks.push(chunk);
+      if (buf && total + chunk.byteLength <= buf.byteLength) buf.set(chunk, total);
+      else {
+        if (buf) chunks.push(buf.subarray(0, total));
+        buf = null;
+        chunks.push(chunk);
+      }
       total += chunk.byteLength;
     }
     // (A stream cancelled by the abort ends as if done.)
@@ -75,6 +86,7 @@ async function readBounded(res, limit, signal) {
     signal?.removeEventListener("abort", cancel);
     if (!complete) cancel();
   }
+  if (buf) return total === buf.byteLength ? buf : buf.slice(0, total);
   if (chunks.length === 1) return chunks[0];
   const out = new Uint8Array(total);
   let at = 0;

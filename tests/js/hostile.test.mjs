@@ -405,6 +405,38 @@ test("a sync that failed settles although a failing server keeps one of the modu
   }
 });
 
+test("a body is read into one buffer of its declared length when that is within the bound, and read whole whatever the length claims", { timeout: 30_000 }, async () => {
+  const { performGet } = await import("../../js/dist/http.js");
+  const body = new Uint8Array(300_000).map((_, i) => (i * 7) & 0xff);
+  // The body in chunks of 1,000 bytes, under a Content-Length that may lie.
+  const fetchWith = (length) => () =>
+    Promise.resolve(
+      new Response(
+        new ReadableStream({
+          start(c) {
+            for (let at = 0; at < body.length; at += 1000) c.enqueue(body.slice(at, at + 1000));
+            c.close();
+          },
+        }),
+        { status: 200, headers: length === undefined ? {} : { "content-length": String(length) } },
+      ),
+    );
+  for (const [what, length, maxBytes, want] of [
+    ["the true length", body.length, 1 << 20, body.length],
+    ["no length", undefined, 1 << 20, body.length],
+    ["a length that claims less", 1000, 1 << 20, body.length],
+    ["a length that claims more", body.length + 5000, 1 << 20, body.length],
+    ["a length past the bound", body.length, 100_000, 100_001],
+  ]) {
+    const io = { base: "http://origin.test/ds", query: "", headers: [], fetch: fetchWith(length) };
+    const res = await performGet(io, { key: "segments/1/x.wseg", timeoutMs: 5000, maxBytes }, new AbortController());
+    assert.equal(res.status, 200, what);
+    assert.equal(res.body.byteLength, want, what);
+    assert.deepEqual(res.body, body.subarray(0, want), what);
+    assert.equal(res.body.buffer.byteLength, want, `${what}: the answer holds no buffer larger than its bytes`);
+  }
+});
+
 test("a GET's deadline cancels the body of a custom fetch that ignores the abort signal", { timeout: 30_000 }, async () => {
   const { performGet } = await import("../../js/dist/http.js");
   let cancelled = false;
