@@ -560,7 +560,9 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
         } else {
           p = s.minLsnUpdate;
         }
-        defer(p);
+        // (A status() that throws, the replica being rebuilt, rejects p: the
+        // request answers 503; the kept copy logs no unhandled rejection.)
+        defer(p.catch(() => {}));
         await withDeadline(p, left);
       }
     }
