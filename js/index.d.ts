@@ -354,6 +354,8 @@ export interface ReplicaBase {
   /**
    * Starts following the head in the background: sync, then long-poll while
    * the server holds head reads, else wait `pollInterval` and sync again.
+   * A page in the background (`document.visibilityState === "hidden"`)
+   * polls instead of holding a read, and long-polls again once shown.
    * Errors go to `status().lastError` and `onError`.
    */
   start(): void;
@@ -441,6 +443,8 @@ export declare class Replica implements ReplicaBase {
   /**
    * Starts following the head in the background: sync, then long-poll while
    * the server holds head reads, else wait `pollInterval` and sync again.
+   * A page in the background (`document.visibilityState === "hidden"`)
+   * polls instead of holding a read, and long-polls again once shown.
    * Errors go to `status().lastError` and `onError`.
    */
   start(): void;

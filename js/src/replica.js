@@ -101,6 +101,11 @@ const STEP_EVERY_MS = 1000;
 const SCOPED_POLL_MS = 10;
 let scopedIo = false;
 
+/** Whether this is a page the user does not see (a background tab). */
+function pageHidden() {
+  return globalThis.document?.visibilityState === "hidden";
+}
+
 /**
  * Called by the workerd entry: I/O belongs to the request that started it,
  * and a request must not be woken by another's promise resolution.
@@ -202,6 +207,7 @@ export class Replica {
   #loopGen = 0;
   #timer = null;
   #wake = null;
+  #onVisibility = null; // start()'s listener of the page's visibilitychange
   // syncs: one at a time; a call during one runs once more after it
   #inflight = null;
   #queued = null;
@@ -648,7 +654,7 @@ export class Replica {
       const expired = new Promise((resolve) => (timer = setTimeout(resolve, left)));
       // start()'s loop long-polls: the held read brings the commit as soon
       // as the server has it (a sync would abandon that read for a new one).
-      const following = this.#running && s.longPoll;
+      const following = this.#running && s.longPoll && !pageHidden();
       try {
         await Promise.race([following ? this.#nextChange(Math.min(left, 1000)) : this.sync(), expired]);
         lastError = null;
@@ -791,8 +797,9 @@ export class Replica {
 
   #startGet(h, req, op) {
     const held = req.wait != null;
-    if (held && !this.#running) {
-      // Nobody follows the head (no start()): the next sync abandons it.
+    if (held && (!this.#running || pageHidden())) {
+      // Nobody follows the head (no start(), or a page in the background):
+      // the next sync abandons it.
       this.#held.set(req.id, null);
       this.#unsent++;
       return;
@@ -1216,6 +1223,22 @@ export class Replica {
     if (this.#running) return;
     this.#running = true;
     const gen = ++this.#loopGen;
+    // A page in the background polls instead of holding a long-poll:
+    // browsers give an origin six HTTP/1.1 connections, shared by its tabs,
+    // and a held read keeps one. Hidden, the held read is aborted and the
+    // loop polls every `pollInterval`; shown again, it syncs at once and
+    // follows the head.
+    const doc = globalThis.document;
+    if (!this.#onVisibility && typeof doc?.addEventListener === "function") {
+      this.#onVisibility = () => {
+        if (!this.#running) return;
+        if (pageHidden()) this.#parkHeld();
+        const wake = this.#wake;
+        this.#wake = null;
+        if (wake) wake();
+      };
+      doc.addEventListener("visibilitychange", this.#onVisibility);
+    }
     this.#loop(gen);
   }
 
@@ -1256,7 +1279,7 @@ export class Replica {
   async #follow(live) {
     const h = this.#slot.h;
     const op = newOp();
-    while (live() && !this.#closed && h && !h.dead && this.#slot.h === h) {
+    while (live() && !this.#closed && h && !h.dead && this.#slot.h === h && !pageHidden()) {
       const errors = call(h, "sync", (w) => w.takeErrors());
       if (errors.length > 0) {
         for (const e of errors) this.#emitError(e);
@@ -1271,6 +1294,8 @@ export class Replica {
   stop() {
     this.#running = false;
     this.#loopGen++;
+    if (this.#onVisibility) globalThis.document?.removeEventListener?.("visibilitychange", this.#onVisibility);
+    this.#onVisibility = null;
     this.#parkHeld();
     if (this.#timer !== null) clearTimeout(this.#timer);
     this.#timer = null;

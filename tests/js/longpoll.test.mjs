@@ -186,6 +186,52 @@ test("walcast serve: start() long-polls, idles on held reads, sync() and close()
   await p.close();
 });
 
+test("a page in the background polls instead of holding a long-poll (browsers share six connections an origin among its tabs); shown again, it long-polls", async () => {
+  const ds = dataset("hidden");
+  ds.write("a", "1");
+  const origin = await serve(ds.dir);
+  const p = await proxy(origin, ({ url, headers }, forward) => forward(pathOf(url), headers));
+  // A page's document, as a browser tab has one (Node has none).
+  const doc = Object.assign(new EventTarget(), { visibilityState: "visible" });
+  globalThis.document = doc;
+  const show = (state) => {
+    doc.visibilityState = state;
+    doc.dispatchEvent(new Event("visibilitychange"));
+  };
+  const replica = await Replica.open(p.url, { pollInterval: 100 });
+  const seen = { max: 0 };
+  try {
+    await replica.sync();
+    replica.start();
+    await until(() => p.stats.held >= 1, 60_000, "no long-poll while shown");
+    // Hidden: the held read is aborted, and writes arrive by polling.
+    show("hidden");
+    await until(() => p.stats.aborted >= 1, 60_000, "the held read was not aborted when hidden");
+    const held = p.stats.held;
+    const polled = p.stats.requests;
+    for (const [k, v] of [["b", "2"], ["c", "3"]]) {
+      const lsn = ds.write(k, v);
+      await appliedAtLeast(replica, lsn, seen);
+      assert.equal(replica.getText(k), v);
+    }
+    const lsnW = ds.write("w", "4");
+    assert.ok((await replica.waitFor(lsnW, { timeout: 60_000 })) >= lsnW, "waitFor while hidden");
+    assert.equal(p.stats.held, held, "no long-poll was sent while hidden");
+    assert.ok(p.stats.requests > polled, "the hidden page polled");
+    // Shown again: it follows the head with held reads.
+    show("visible");
+    await until(() => p.stats.held > held, 60_000, "no long-poll once shown again");
+    const lsn = ds.write("d", "5");
+    await appliedAtLeast(replica, lsn, seen);
+    assert.equal(replica.getText("d"), "5");
+    assert.equal(replica.status().longPoll, true);
+  } finally {
+    await replica.close();
+    delete globalThis.document;
+  }
+  await p.close();
+});
+
 test("a server that claims long-poll but answers at once: polling every pollInterval, no spin", async () => {
   const ds = dataset("early");
   ds.write("a", "1");
