@@ -194,17 +194,23 @@ impl Writer {
             file.sync_all()?;
             File::open(dir)?.sync_all()?;
         }
+        let watermark = durable_lsn(dir);
         let mut reader = WalReader::open(dir)?;
         let mut last = 0;
+        // The end of the watermark's record: what the last writer knew durable.
+        let mut marked_end = reader.offset();
         while let Some((lsn, _)) = reader.next_record()? {
             last = lsn;
+            if watermark.is_some_and(|m| lsn <= m) {
+                marked_end = reader.offset();
+            }
         }
         let good = reader.offset();
         let len = file.metadata()?.len();
         // The watermark is written after the fsync it records: a record at
         // or below it was acknowledged, so a "tail" that cuts one is damage
         // to acknowledged data, never a torn write.
-        if let Some(mark) = durable_lsn(dir).filter(|&m| m > last) {
+        if let Some(mark) = watermark.filter(|&m| m > last) {
             bail!(
                 "{}: corrupt at byte {good} (the record of LSN {}): LSNs up to {mark} were acknowledged \
                  as durable, and opening would cut them; nothing was changed",
@@ -222,7 +228,27 @@ impl Writer {
         }
         // A writer that died between its append and its fsync left records
         // that may exist only in the page cache: make them durable before
-        // the watermark says so.
+        // the watermark says so. Should that fsync fail (a writeback error
+        // the page cache keeps: the next fsync would succeed without the
+        // bytes reaching the disk), the records past the watermark, which
+        // no commit acknowledged, are cut before the error returns, so that
+        // no later open counts them as durable.
+        if let Err(e) = io.sync(&file) {
+            if watermark.is_some() && marked_end < good {
+                let cut = file.set_len(marked_end).and_then(|()| io.sync(&file));
+                if let Err(c) = cut {
+                    tracing::error!(
+                        "cutting {} back to its watermark after a failed fsync: {c}",
+                        path.display()
+                    );
+                }
+            }
+            return Err(anyhow::Error::new(e).context(format!(
+                "fsync of {} (the records after the watermark, which no commit acknowledged, \
+                 are cut)",
+                path.display()
+            )));
+        }
         file.sync_all()
             .with_context(|| format!("fsync of {}", path.display()))?;
         file.seek(SeekFrom::Start(good))?;
@@ -756,6 +782,35 @@ mod tests {
         assert_eq!(w.commit(&put("b", "2")).unwrap(), 2);
         drop(w);
         assert_eq!(records(dir.path()), [1, 2]);
+    }
+
+    /// A writer died between appending LSN 4 and its fsync, and the
+    /// kernel's writeback of it failed: the open's fsync reports the error
+    /// (once: the next would succeed without the bytes on disk). The open
+    /// fails and cuts LSN 4, which no commit acknowledged, so the next open
+    /// does not count it as durable.
+    #[test]
+    fn a_failed_fsync_at_open_cuts_what_no_commit_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Writer::open(dir.path()).unwrap();
+        for (k, v) in [("a", "1"), ("b", "2"), ("c", "3")] {
+            w.commit(&put(k, v)).unwrap();
+        }
+        drop(w);
+        let mut frame = Vec::new();
+        encode_record(4, &batch::encode(&put("d", "4")).unwrap(), &mut frame);
+        let mut f = OpenOptions::new().append(true).open(log_path(dir.path())).unwrap();
+        f.write_all(&frame).unwrap();
+        drop(f);
+        assert_eq!(records(dir.path()), [1, 2, 3, 4]);
+        let io = Arc::new(FaultIo::new(dir.path()));
+        io.fail_next_sync();
+        let err = Writer::open_with(dir.path(), io).expect_err("the fsync failed");
+        assert!(format!("{err:#}").contains("fsync"), "{err:#}");
+        let w = Writer::open(dir.path()).unwrap();
+        assert_eq!((w.last_lsn(), w.durable_lsn()), (3, 3));
+        assert_eq!(durable_lsn(dir.path()), Some(3));
+        assert_eq!(w.commit(&put("d", "5")).unwrap(), 4);
     }
 
     #[test]
