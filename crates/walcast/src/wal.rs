@@ -568,7 +568,11 @@ impl WalReader {
     /// A bad record that is the last thing in the file is a torn write (never
     /// acknowledged); one followed by more bytes is corruption, an error.
     fn tail_or_error(&self, len: u64, end: u64, why: &str) -> Result<Option<(u64, Vec<u8>)>> {
-        if end < len {
+        // Zeros from the bad record to the end are a tail too: a filesystem
+        // that kept a crashed append's new length but not its data (ext4
+        // with data=writeback, some network filesystems) leaves them, and
+        // they hold no record (a record's LSN is never 0).
+        if end < len && !self.zeros_from_here(len) {
             bail!(
                 "{}: WAL corrupt at byte {} (LSN {}): {why}; {} bytes follow, refusing to drop them",
                 self.path.display(),
@@ -579,6 +583,25 @@ impl WalReader {
         }
         tracing::debug!(offset = self.offset, why, "stopping at a torn WAL tail");
         Ok(None)
+    }
+
+    /// Whether every byte from the next record's offset to `len` is zero
+    /// (false when they cannot be read).
+    fn zeros_from_here(&self, len: u64) -> bool {
+        let mut f = &self.file;
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return false;
+        }
+        let mut left = len.saturating_sub(self.offset);
+        let mut buf = vec![0u8; 64 << 10];
+        while left > 0 {
+            let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            if f.read_exact(&mut buf[..n]).is_err() || buf[..n].iter().any(|&b| b != 0) {
+                return false;
+            }
+            left -= n as u64;
+        }
+        true
     }
 
     /// Skips records until the next one is `lsn` (which must not be behind).
@@ -811,6 +834,38 @@ mod tests {
         assert_eq!((w.last_lsn(), w.durable_lsn()), (3, 3));
         assert_eq!(durable_lsn(dir.path()), Some(3));
         assert_eq!(w.commit(&put("d", "5")).unwrap(), 4);
+    }
+
+    /// A crash left the log longer than what reached the disk, the rest
+    /// zeros (a filesystem that kept the new length, not the data): the
+    /// zeros are a torn tail, cut at open, not damage that keeps the WAL
+    /// from opening. Garbage that is not all zeros still refuses.
+    #[test]
+    fn a_tail_of_zeros_a_crash_left_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Writer::open(dir.path()).unwrap();
+        for (k, v) in [("a", "1"), ("b", "2"), ("c", "3")] {
+            w.commit(&put(k, v)).unwrap();
+        }
+        drop(w);
+        let path = log_path(dir.path());
+        let len = std::fs::metadata(&path).unwrap().len();
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(len + 4096).unwrap();
+        let w = Writer::open(dir.path()).unwrap();
+        assert_eq!(w.last_lsn(), 3);
+        assert_eq!(w.commit(&put("d", "4")).unwrap(), 4);
+        drop(w);
+        assert_eq!(records(dir.path()), [1, 2, 3, 4]);
+        // Not all zeros: refused, nothing changed.
+        let len = std::fs::metadata(&path).unwrap().len();
+        let mut f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len + 4096).unwrap();
+        f.seek(SeekFrom::Start(len + 4000)).unwrap();
+        f.write_all(&[1]).unwrap();
+        drop(f);
+        let err = Writer::open(dir.path()).expect_err("garbage after the records");
+        assert!(format!("{err:#}").contains("refusing to drop"), "{err:#}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len + 4096);
     }
 
     #[test]
