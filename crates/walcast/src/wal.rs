@@ -822,7 +822,10 @@ mod tests {
         drop(w);
         let mut frame = Vec::new();
         encode_record(4, &batch::encode(&put("d", "4")).unwrap(), &mut frame);
-        let mut f = OpenOptions::new().append(true).open(log_path(dir.path())).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(log_path(dir.path()))
+            .unwrap();
         f.write_all(&frame).unwrap();
         drop(f);
         assert_eq!(records(dir.path()), [1, 2, 3, 4]);
@@ -850,7 +853,12 @@ mod tests {
         drop(w);
         let path = log_path(dir.path());
         let len = std::fs::metadata(&path).unwrap().len();
-        OpenOptions::new().write(true).open(&path).unwrap().set_len(len + 4096).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len + 4096)
+            .unwrap();
         let w = Writer::open(dir.path()).unwrap();
         assert_eq!(w.last_lsn(), 3);
         assert_eq!(w.commit(&put("d", "4")).unwrap(), 4);

@@ -328,6 +328,18 @@ fn read_local(dir: &Path) -> Result<(Local, Option<LogState>)> {
             String::from_utf8_lossy(&header[..4])
         );
     }
+    // A version, flags or reserved bytes this release does not know (a
+    // newer release's log): an error, neither a stale log nor one to
+    // overwrite.
+    let version = u16::from_le_bytes([header[4], header[5]]);
+    let flags = u16::from_le_bytes([header[6], header[7]]);
+    if version != 1 || flags != 0 || header[32..36] != [0; 4] {
+        anyhow::bail!(
+            "{}: a log of version {version}, flags {flags:#06x} (this release reads version 1, \
+             flags 0, with zero reserved bytes): written by a newer walcast?",
+            logp.display()
+        );
+    }
     // A whole header for another checkpoint: stale (a crash between
     // writing a new checkpoint and its new log), ignored.
     if *header != log_header(local.applied, id) {
@@ -566,6 +578,35 @@ mod tests {
                 let (mut ld, local) = LocalDir::open(dir.path()).unwrap();
                 ld.checkpoint(&local.state, 5, dataset()).unwrap();
             }
+        }
+    }
+
+    /// A log whose header holds (its checksum too) but names a version,
+    /// flags or reserved bytes this release does not know: an error naming
+    /// the file for reads and for `replicate`, not a stale log to ignore
+    /// (a silent rollback) and overwrite.
+    #[test]
+    fn a_log_of_a_newer_version_is_an_error_not_a_stale_log() {
+        for (at, value) in [(4usize, 2u8), (6, 1), (33, 1)] {
+            let dir = checkpointed_at_5();
+            let logp = dir.path().join("applied.log");
+            let mut h = log_header(5, dataset());
+            h[at] = value;
+            let crc = crc32fast::hash(&h[..36]);
+            h[36..40].copy_from_slice(&crc.to_le_bytes());
+            std::fs::write(&logp, h).unwrap();
+            let err = format!("{:#}", load(dir.path()).unwrap_err());
+            assert!(
+                err.contains("applied.log") && err.contains("version"),
+                "{err}"
+            );
+            let err = format!("{:#}", LocalDir::open(dir.path()).unwrap_err());
+            assert!(err.contains("applied.log"), "{err}");
+            assert_eq!(
+                std::fs::read(&logp).unwrap(),
+                h,
+                "the log was left as it was"
+            );
         }
     }
 
