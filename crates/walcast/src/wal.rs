@@ -94,6 +94,38 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     b.create(dir)
 }
 
+/// Whether the first `len` bytes of `file` are all zero.
+fn all_zeros(mut file: &File, len: u64) -> std::io::Result<bool> {
+    file.seek(SeekFrom::Start(0))?;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut left = len;
+    while left > 0 {
+        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        file.read_exact(&mut buf[..n])?;
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        left -= n as u64;
+    }
+    Ok(true)
+}
+
+/// Takes `file`'s lock for this writer: refused when another holds it, and
+/// an error naming the cause when the file system cannot lock.
+fn take_lock(file: &File, path: &Path) -> Result<()> {
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            bail!("another writer holds {}", path.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(anyhow::Error::new(e).context(format!(
+            "locking {} (a file system without locks cannot hold a WAL: one writer \
+             at a time is what keeps it whole)",
+            path.display()
+        ))),
+    }
+}
+
 /// Options that create a file owner-only (`0600`) when it does not exist.
 fn private_file() -> OpenOptions {
     let mut o = OpenOptions::new();
@@ -169,9 +201,7 @@ impl Writer {
             .write(true)
             .open(dir.join("wal.lock"))
             .context("opening wal.lock")?;
-        if lock.try_lock().is_err() {
-            bail!("another writer holds {}", dir.join("wal.lock").display());
-        }
+        take_lock(&lock, &dir.join("wal.lock"))?;
         let path = log_path(dir);
         let mut file = private_file()
             .create(true)
@@ -186,8 +216,18 @@ impl Writer {
         // (Unix only: on Windows a file lock is mandatory, and would keep
         // the writer's own reader and the publisher out of the log.)
         #[cfg(unix)]
-        if file.try_lock().is_err() {
-            bail!("another writer holds {}", path.display());
+        take_lock(&file, &path)?;
+        // A log of zeros alone holds no record: a crash right after the
+        // file was created can leave its length without its header. Begun
+        // again, unless the watermark says records were acknowledged.
+        let len = file.metadata()?.len();
+        if len > 0 && durable_lsn(dir).unwrap_or(0) == 0 && all_zeros(&file, len)? {
+            tracing::warn!(
+                bytes = len,
+                "a WAL of zeros alone: writing its header again"
+            );
+            file.set_len(0)?;
+            file.seek(SeekFrom::Start(0))?;
         }
         if file.metadata()?.len() == 0 {
             file.write_all(&header())?;
@@ -487,11 +527,14 @@ impl WalReader {
         let mut h = [0u8; 16];
         file.read_exact(&mut h)
             .with_context(|| format!("{}: no WAL header", path.display()))?;
-        if &h[..4] != MAGIC || h[4..6] != VERSION.to_le_bytes() {
+        if &h[..4] != MAGIC {
+            bail!("{} is not a walcast WAL (no WAL magic)", path.display());
+        }
+        let version = u16::from_le_bytes([h[4], h[5]]);
+        if version != VERSION {
             bail!(
-                "{} is not a walcast WAL (version {})",
-                path.display(),
-                VERSION
+                "{} is a walcast WAL of version {version}; this release reads version {VERSION}",
+                path.display()
             );
         }
         Ok(WalReader {
@@ -874,6 +917,32 @@ mod tests {
         let err = Writer::open(dir.path()).expect_err("garbage after the records");
         assert!(format!("{err:#}").contains("refusing to drop"), "{err:#}");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), len + 4096);
+    }
+
+    /// A crash right after the log was created left its length, not its
+    /// header (zeros alone): the log holds no record and is begun again.
+    /// The same zeros where the watermark says records were acknowledged
+    /// are damage: refused, the file left as it was.
+    #[test]
+    fn a_log_of_zeros_alone_is_begun_again_unless_records_were_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = log_path(dir.path());
+        std::fs::write(&path, [0u8; 16]).unwrap();
+        let w = Writer::open(dir.path()).unwrap();
+        assert_eq!(w.commit(&put("a", "1")).unwrap(), 1);
+        drop(w);
+        assert_eq!(records(dir.path()), [1]);
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::write(&path, vec![0u8; len as usize]).unwrap();
+        let err = Writer::open(dir.path()).expect_err("LSN 1 was acknowledged");
+        assert!(format!("{err:#}").contains("wal.log"), "{err:#}");
+        assert_eq!(std::fs::read(&path).unwrap(), vec![0u8; len as usize]);
+        // A log of another version is named as such.
+        let mut h = header();
+        h[4] = 9;
+        std::fs::write(&path, h).unwrap();
+        let err = format!("{:#}", Writer::open(dir.path()).unwrap_err());
+        assert!(err.contains("version 9"), "{err}");
     }
 
     #[test]
