@@ -753,6 +753,43 @@ mod tests {
         );
     }
 
+    /// Settings past what the machine can do (a poll every 0 ms, more
+    /// GETs at once than a count doubled can hold, in full mode and lazy):
+    /// taken within bounds, so a sync still ends caught up, after a few
+    /// GETs, instead of reading the head for ever or planning nothing.
+    #[test]
+    fn absurd_settings_still_catch_up() {
+        for (poll, inflight, lazy) in [
+            (0, 4, None),
+            (1000, usize::MAX, None),
+            (0, usize::MAX, Some(1 << 20)),
+            (u64::MAX, 1 << 63, None),
+        ] {
+            let cfg = ReplicaConfig {
+                poll_interval_ms: poll,
+                max_inflight: inflight,
+                lazy_cache_bytes: lazy,
+                ..ReplicaConfig::default()
+            };
+            let fetch = Mem(lazy_objects(), Cell::new(0));
+            let clock = Rc::new(Cell::new(0));
+            let mut driver = Driver::new(Replica::new(cfg, 1), fetch, Virtual(clock));
+            let mut run = Box::pin(driver.run(Until::CaughtUp, future::pending(), |_, _| {
+                Ok::<(), ()>(())
+            }));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let lsn = (0..10_000).find_map(|_| match run.as_mut().poll(&mut cx) {
+                Poll::Ready(r) => Some(r),
+                Poll::Pending => None,
+            });
+            let lsn = lsn.unwrap_or_else(|| panic!("no end ({poll} ms, {inflight} at once)"));
+            drop(run);
+            assert_eq!(lsn.unwrap(), 2, "{poll} ms, {inflight} at once");
+            let gets = driver.fetch().1.get();
+            assert!(gets <= 4, "{gets} GETs ({poll} ms, {inflight} at once)");
+        }
+    }
+
     /// A seam whose snapshot GETs answer 404 while `.1` is set.
     struct Missing(Mem, Cell<bool>);
 

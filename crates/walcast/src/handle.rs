@@ -216,7 +216,7 @@ impl ReplicaHandle {
             bail!("invalid_input: a local directory holds a full replica; lazy mode keeps none");
         }
         let cfg = ReplicaConfig {
-            poll_interval_ms: options.poll_interval.as_millis().max(1) as u64,
+            poll_interval_ms: u64::try_from(options.poll_interval.as_millis()).unwrap_or(u64::MAX),
             max_inflight: options.concurrency.max(1),
             lazy_cache_bytes: options.lazy_cache_bytes,
             emit_records: options.local.is_some(),

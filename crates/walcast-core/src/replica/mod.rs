@@ -66,7 +66,17 @@ pub enum Mode {
     Raw,
 }
 
-/// Tuning for a [`Replica`].
+/// The most GETs in flight a [`ReplicaConfig::max_inflight`] asks for
+/// that a replica sends at once.
+pub const MAX_INFLIGHT: usize = 1024;
+
+/// The longest poll interval (ms) a [`ReplicaConfig`] takes (about 49
+/// days); a longer one is taken as this.
+pub const MAX_CONFIG_MS: u64 = u32::MAX as u64;
+
+/// Tuning for a [`Replica`]: [`Replica::new`] takes `poll_interval_ms`
+/// within `1..=`[`MAX_CONFIG_MS`] and `max_inflight` within
+/// `1..=`[`MAX_INFLIGHT`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaConfig {
     /// How often an idle replica polls the head (ms).
@@ -366,7 +376,14 @@ pub struct Replica {
 
 impl Replica {
     /// A fresh replica with no state. `seed` drives retry jitter.
-    pub fn new(cfg: ReplicaConfig, seed: u64) -> Self {
+    pub fn new(mut cfg: ReplicaConfig, seed: u64) -> Self {
+        // A poll every 0 ms would read the head again before a sync could
+        // report it caught up, and a count or a time past these bounds
+        // would overflow the machine's arithmetic (a GET count doubled, a
+        // deadline added to the clock): kept within them, whatever a
+        // caller asks.
+        cfg.poll_interval_ms = cfg.poll_interval_ms.clamp(1, MAX_CONFIG_MS);
+        cfg.max_inflight = cfg.max_inflight.clamp(1, MAX_INFLIGHT);
         let cfg_lazy = cfg.lazy_cache_bytes;
         let inflight = cfg.max_inflight;
         let trust = trust::Trust::new(&cfg.trust, cfg.host_verifies_signatures);
