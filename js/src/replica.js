@@ -24,7 +24,7 @@ import { kindOf, performGet, zeroKinds } from "./http.js";
 import { DEFAULT_PERSIST_TIMEOUT_MS, pickStore, restoreRecord, storeCall, storeError } from "./persist.js";
 import { verifySignatures } from "./signatures.js";
 import { Slots } from "./slots.js";
-import { checkCount, closedError, entries, fetchOption, headerList, jsonOf, noop, reportTo, scanBounds, splitUrl, storeKey, textOf, toBytes, walcastError, weak } from "./util.js";
+import { MAX_KEY_LEN, checkCount, closedError, entries, fetchOption, headerList, jsonOf, noop, reportTo, scanBounds, splitUrl, storeKey, textOf, toBytes, walcastError, weak } from "./util.js";
 
 export { shouldReplace };
 export { init, setWasmSource };
@@ -123,6 +123,23 @@ const LAZY_HEAD_INTERVAL_MS = 3_600_000;
 const DEFAULT_CACHE_BYTES = 8 * 1024 * 1024;
 
 /** Checks `load` and `cacheBytes`; whether the replica is lazy. */
+/** Throws `invalid_input` for options `open` and `restore` cannot take. */
+function checkOptions(options) {
+  if (options === null || typeof options !== "object") {
+    throw walcastError("invalid_input", "walcast: options must be an object");
+  }
+  // (Past setTimeout's range it is taken as MAX_TIMER_MS; 0 as 1 ms.)
+  checkCount(options.pollInterval, "pollInterval");
+  checkCount(options.concurrency, "concurrency", { min: 1 });
+  checkCount(options.persistTimeoutMs, "persistTimeoutMs", { min: 1 });
+  if (options.onRecord !== undefined && typeof options.onRecord !== "function") {
+    throw walcastError("invalid_input", "walcast: onRecord must be a function");
+  }
+}
+
+/** The longest delay setTimeout keeps (ms). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 function checkLoad(options) {
   const load = options.load ?? "full";
   if (load !== "full" && load !== "lazy") {
@@ -266,7 +283,7 @@ export class Replica {
     this.#store = store;
     this.#persistTimeoutMs = options.persistTimeoutMs ?? DEFAULT_PERSIST_TIMEOUT_MS;
     // setTimeout's largest delay: a larger one fires at once (a tight loop).
-    this.#pollInterval = Math.min(options.pollInterval ?? 1000, 2 ** 31 - 1);
+    this.#pollInterval = Math.min(options.pollInterval ?? 1000, MAX_TIMER_MS);
     this.#lazy = options.load === "lazy";
     this.#onError = typeof options.onError === "function" ? options.onError : null;
     if (typeof options.onRecord === "function") this.#onRecordFn = options.onRecord;
@@ -486,15 +503,7 @@ export class Replica {
     if (typeof url !== "string" || url === "") {
       throw walcastError("invalid_input", "walcast: Replica.open needs the dataset URL as a string");
     }
-    if (options === null || typeof options !== "object") {
-      throw walcastError("invalid_input", "walcast: options must be an object");
-    }
-    checkCount(options.pollInterval, "pollInterval");
-    checkCount(options.concurrency, "concurrency", { min: 1 });
-    checkCount(options.persistTimeoutMs, "persistTimeoutMs", { min: 1 });
-    if (options.onRecord !== undefined && typeof options.onRecord !== "function") {
-      throw walcastError("invalid_input", "walcast: onRecord must be a function");
-    }
+    checkOptions(options);
     const lazy = checkLoad(options);
     headerList(options.headers);
     fetchOption(options);
@@ -573,6 +582,7 @@ export class Replica {
     if (typeof url !== "string" || url === "") {
       throw walcastError("invalid_input", "walcast: Replica.restore needs the dataset URL as a string");
     }
+    checkOptions(options ?? {});
     const { persist: _ignored, ...rest } = options ?? {};
     if (checkLoad(rest)) {
       throw walcastError("invalid_input", 'walcast: Replica.restore takes a whole state: use load: "full" (or Replica.open with load: "lazy")');
@@ -651,7 +661,7 @@ export class Replica {
       }
       const started = Date.now();
       let timer = null;
-      const expired = new Promise((resolve) => (timer = setTimeout(resolve, left)));
+      const expired = new Promise((resolve) => (timer = setTimeout(resolve, Math.min(left, MAX_TIMER_MS))));
       // start()'s loop long-polls: the held read brings the commit as soon
       // as the server has it (a sync would abandon that read for a new one).
       const following = this.#running && s.longPoll && !pageHidden();
@@ -739,6 +749,8 @@ export class Replica {
       let outcome = null;
       while (!outcome) {
         live();
+        // close() ends a sync under way (its GETs aborted), not waits for it.
+        if (this.#closed) throw closedError();
         this.#step(h, op);
         try {
           const r = call(h, "sync", (w) => w.syncResult());
@@ -1049,6 +1061,7 @@ export class Replica {
 
   async #lazyGet(key, options) {
     const k = toBytes(key, "key");
+    if (k.length > MAX_KEY_LEN) return void this.#h();
     const signal = signalOption(options);
     const slot = await this.#readSlots.take(() => this.#closed, signal);
     try {
@@ -1116,6 +1129,8 @@ export class Replica {
   get(key, options) {
     if (this.#lazy) return this.#lazyGet(key, options);
     const k = toBytes(key, "key");
+    // No key is longer: not copied into the module.
+    if (k.length > MAX_KEY_LEN) return void this.#h();
     const v = this.#call("read", (w) => w.get(k));
     return v ?? undefined;
   }
@@ -1327,6 +1342,12 @@ export class Replica {
     this.#wholeAnswer = null;
     this.#scanSlots.wakeAll();
     this.#readSlots.wakeAll();
+    // A sync under way (a large snapshot, a server that does not answer)
+    // ends now with a closed error: its GETs are aborted and it is woken.
+    if (this.#inflight) {
+      this.#abortGets();
+      if (!scopedIo) this.#wakeWaiters();
+    }
     const pending = this.#queued ?? this.#inflight;
     if (pending) await pending.then(noop, noop);
     if (this.#inflight) await this.#inflight.then(noop, noop);

@@ -25,8 +25,20 @@ export function toBytes(k, what) {
   throw walcastError("invalid_input", `walcast: ${what} must be a string or a Uint8Array`);
 }
 
+/** The longest key a dataset holds (bytes; a batch refuses longer ones). */
+export const MAX_KEY_LEN = 64 << 10;
+
+/**
+ * A scan bound as bytes, cut to MAX_KEY_LEN + 1 bytes: against keys of at
+ * most MAX_KEY_LEN bytes, that cut orders exactly as the whole bound does
+ * (a key at or past either is past the first MAX_KEY_LEN bytes of the bound,
+ * or equal to them and so before both), and a bound of gigabytes is not
+ * copied into the module.
+ */
 function optBytes(k, what) {
-  return k === undefined || k === null ? undefined : toBytes(k, what);
+  if (k === undefined || k === null) return undefined;
+  const b = toBytes(k, what);
+  return b.length > MAX_KEY_LEN + 1 ? b.subarray(0, MAX_KEY_LEN + 1) : b;
 }
 
 /** Byte-wise comparison, as keys are ordered. */
@@ -46,10 +58,11 @@ function keyOut(bytes) {
 }
 
 /** `v` when undefined or an integer >= `min`; else throws `invalid_input` naming the option. */
-export function checkCount(v, name, { min = 0 } = {}) {
+export function checkCount(v, name, { min = 0, max = Number.MAX_SAFE_INTEGER } = {}) {
   if (v === undefined) return undefined;
-  if (typeof v !== "number" || !Number.isFinite(v) || Math.floor(v) !== v || v < min) {
-    throw walcastError("invalid_input", `walcast: ${name} must be an integer >= ${min}, got ${String(v)}`);
+  if (typeof v !== "number" || !Number.isFinite(v) || Math.floor(v) !== v || v < min || v > max) {
+    const range = max === Number.MAX_SAFE_INTEGER ? `>= ${min}` : `in ${min}..=${max}`;
+    throw walcastError("invalid_input", `walcast: ${name} must be an integer ${range}, got ${String(v)}`);
   }
   return v;
 }
@@ -60,6 +73,9 @@ export function checkCount(v, name, { min = 0 } = {}) {
  * `end` at or before the lower bound). Throws `invalid_input`.
  */
 export function scanBounds(options) {
+  if (options !== undefined && (options === null || typeof options !== "object")) {
+    throw walcastError("invalid_input", "walcast: scan takes an options object ({ prefix, start, end, limit, maxBytes })");
+  }
   const { prefix, start, end, limit, maxBytes } = options ?? {};
   checkCount(limit, "limit");
   checkCount(maxBytes, "maxBytes", { min: 1 });

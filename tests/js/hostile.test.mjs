@@ -437,6 +437,39 @@ test("a body is read into one buffer of its declared length when that is within 
   }
 });
 
+test("a key or bound of gigabytes is not copied into the module (no trap, no rebuilt instance), in full and lazy mode; a scan's options must be an object; restore checks its options as open does", { timeout: 120_000 }, async () => {
+  const o = await origin(ds.dir, { delayMs: 0 });
+  // 4 GiB - 1 of zeros: Node maps them lazily, and only a copy touches them.
+  const huge = new Uint8Array(2 ** 32 - 1);
+  for (const load of ["full", "lazy"]) {
+    const r = await Replica.open(o.url, { load });
+    try {
+      await r.sync();
+      assert.equal(await r.get(huge), undefined, `${load}: get`);
+      assert.equal(await r.get(huge.subarray(0, (64 << 10) + 1)), undefined, `${load}: a key one byte too long`);
+      assert.deepEqual(await r.scan({ prefix: huge }), [], `${load}: a prefix no key can have`);
+      // A start of zeros past the longest key: every key (none starts with 0) is after it.
+      const all = await r.scan({ limit: 5 });
+      assert.deepEqual(await r.scan({ start: huge, limit: 5 }), all, `${load}: a huge start`);
+      assert.deepEqual(await r.scan({ end: huge, limit: 5 }), [], `${load}: a huge end of zeros`);
+      assert.equal(r.status().recoveries, 0, `${load}: no trap`);
+      assert.equal(await r.getText(keyOf(7)), `${"v".repeat(90)}7`);
+      let e = null;
+      try {
+        await r.scan("k:");
+      } catch (x) {
+        e = x;
+      }
+      assert.equal(e?.code, "invalid_input", `${load}: scan("k:")`);
+    } finally {
+      await r.close();
+    }
+  }
+  for (const bad of [{ pollInterval: "fast" }, { pollInterval: -1 }, { concurrency: 0 }, { onRecord: 5 }]) {
+    await assert.rejects(Replica.restore(o.url, new Uint8Array(0), bad), (e) => e.code === "invalid_input", JSON.stringify(bad));
+  }
+});
+
 test("a GET's deadline cancels the body of a custom fetch that ignores the abort signal", { timeout: 30_000 }, async () => {
   const { performGet } = await import("../../js/dist/http.js");
   let cancelled = false;

@@ -232,6 +232,28 @@ test("a page in the background polls instead of holding a long-poll (browsers sh
   await p.close();
 });
 
+test("close() ends a sync under way (a server that never answers): the sync rejects as closed, close() does not wait for it", async () => {
+  const ds = dataset("closing");
+  ds.write("a", "1");
+  const origin = await serve(ds.dir);
+  const p = await proxy(origin, () => null);
+  const replica = await Replica.open(p.url, { longPoll: false });
+  const sync = replica.sync();
+  const outcome = sync.then(
+    () => "resolved",
+    (e) => e.code,
+  );
+  await until(() => p.stats.requests >= 1, 60_000, "the sync sent no GET");
+  let closed = false;
+  const closing = replica.close().then(() => (closed = true));
+  // The head is never answered: close() ends the sync, not waits for it.
+  await until(() => closed, 10_000, "close() waited for the sync");
+  await closing;
+  assert.equal(await outcome, "closed");
+  await until(() => p.stats.aborted >= 1, 10_000, "the GET was not aborted");
+  await p.close();
+});
+
 test("a server that claims long-poll but answers at once: polling every pollInterval, no spin", async () => {
   const ds = dataset("early");
   ds.write("a", "1");
