@@ -365,7 +365,7 @@ export interface ReplicaBase {
   onChange(cb: (change: { first: number; last: number }) => void): () => void;
   /** Called when the state was replaced (re-bootstrap from a snapshot, or a new dataset); returns an unsubscribe function. */
   onReset(cb: (reset: { lsn: number }) => void): () => void;
-  /** Stops polling, waits for a sync in flight and frees the wasm memory. Later calls fail with `closed`. */
+  /** Stops polling, ends a sync in flight (it rejects with `closed`) and frees the wasm memory; every call of it resolves once that is done. Later calls of the other methods fail with `closed`. */
   close(): Promise<void>;
 }
 
@@ -456,7 +456,7 @@ export declare class Replica implements ReplicaBase {
   /** Called when the state was replaced (re-bootstrap from a snapshot, or a new dataset); returns an unsubscribe function. */
   onReset(cb: (reset: { lsn: number }) => void): () => void;
 
-  /** Stops polling, waits for a sync in flight and frees the wasm memory. Later calls fail with `closed`. */
+  /** Stops polling, ends a sync in flight (it rejects with `closed`) and frees the wasm memory; every call of it resolves once that is done. Later calls of the other methods fail with `closed`. */
   close(): Promise<void>;
 }
 

@@ -225,6 +225,7 @@ export class Replica {
   #timer = null;
   #wake = null;
   #onVisibility = null; // start()'s listener of the page's visibilitychange
+  #closing = null; // close()'s promise
   // syncs: one at a time; a call during one runs once more after it
   #inflight = null;
   #queued = null;
@@ -1322,6 +1323,7 @@ export class Replica {
   /** `cb({ first, last })` after each applied LSN range; returns an unsubscribe function. */
   onChange(cb) {
     if (typeof cb !== "function") throw walcastError("invalid_input", "walcast: onChange needs a function");
+    this.#h(); // closed: an error, not a callback never called
     this.#changeCbs.add(cb);
     return () => this.#changeCbs.delete(cb);
   }
@@ -1329,13 +1331,19 @@ export class Replica {
   /** `cb({ lsn })` when the state was replaced (re-bootstrap, new dataset); returns an unsubscribe function. */
   onReset(cb) {
     if (typeof cb !== "function") throw walcastError("invalid_input", "walcast: onReset needs a function");
+    this.#h();
     this.#resetCbs.add(cb);
     return () => this.#resetCbs.delete(cb);
   }
 
-  /** Stops polling, waits for a sync in flight, and frees the wasm memory. */
-  async close() {
-    if (this.#closed) return;
+  /** Stops polling, ends a sync in flight (it rejects as closed), and frees the wasm memory; every call resolves once that is done. */
+  close() {
+    // Every call resolves when the replica is closed, not only the first.
+    this.#closing ??= this.#close();
+    return this.#closing;
+  }
+
+  async #close() {
     this.stop();
     this.#closed = true;
     // Scans waiting for a slot reject with closed now, their timers cleared.

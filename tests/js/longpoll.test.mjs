@@ -246,10 +246,14 @@ test("close() ends a sync under way (a server that never answers): the sync reje
   await until(() => p.stats.requests >= 1, 60_000, "the sync sent no GET");
   let closed = false;
   const closing = replica.close().then(() => (closed = true));
+  // A second close() resolves with the first, not before it.
+  const second = replica.close().then(() => closed);
   // The head is never answered: close() ends the sync, not waits for it.
   await until(() => closed, 10_000, "close() waited for the sync");
   await closing;
+  assert.equal(await second, true, "a second close() resolved before the first");
   assert.equal(await outcome, "closed");
+  assert.throws(() => replica.onChange(() => {}), (e) => e.code === "closed", "onChange after close");
   await until(() => p.stats.aborted >= 1, 10_000, "the GET was not aborted");
   await p.close();
 });

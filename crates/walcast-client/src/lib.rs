@@ -774,9 +774,8 @@ mod tests {
             let fetch = Mem(lazy_objects(), Cell::new(0));
             let clock = Rc::new(Cell::new(0));
             let mut driver = Driver::new(Replica::new(cfg, 1), fetch, Virtual(clock));
-            let mut run = Box::pin(driver.run(Until::CaughtUp, future::pending(), |_, _| {
-                Ok::<(), ()>(())
-            }));
+            let mut run =
+                Box::pin(driver.run(Until::CaughtUp, future::pending(), |_, _| Ok::<(), ()>(())));
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
             let lsn = (0..10_000).find_map(|_| match run.as_mut().poll(&mut cx) {
                 Poll::Ready(r) => Some(r),

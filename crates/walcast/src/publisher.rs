@@ -61,12 +61,20 @@ impl Publisher {
         to: &str,
         options: PublishOptions,
     ) -> Result<Publisher> {
+        // Said as an error rather than as tokio::spawn's panic.
+        tokio::runtime::Handle::try_current().map_err(|_| {
+            anyhow::anyhow!(
+                "invalid_input: Publisher::spawn needs a tokio runtime: call it inside one \
+                 (#[tokio::main], Runtime::block_on or enter)"
+            )
+        })?;
         let store = Store::open(to)?;
         Ok(Self::spawn_on(wal_dir, store, options))
     }
 
     /// [`spawn`](Self::spawn) onto a [`Store`] of the caller's (for example
-    /// one opened with [`Store::open_counted`]).
+    /// one opened with [`Store::open_counted`]). Panics outside a tokio
+    /// runtime, as `tokio::spawn` does.
     pub fn spawn_on(wal_dir: impl AsRef<Path>, store: Store, options: PublishOptions) -> Publisher {
         let wal_dir = wal_dir.as_ref().to_path_buf();
         let (tx, committed) = watch::channel(0u64);
@@ -196,5 +204,18 @@ impl Drop for Publisher {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Outside a tokio runtime `spawn` says so in its error, instead of
+    /// panicking inside `tokio::spawn`.
+    #[test]
+    fn spawn_outside_a_runtime_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = super::Publisher::spawn(dir.path(), "memory:///", Default::default())
+            .expect_err("no runtime");
+        assert!(err.to_string().contains("tokio runtime"), "{err}");
     }
 }
