@@ -379,6 +379,9 @@ export const indexedDbStore = {
             out.wrote = "base";
           }
         };
+        // A newer release's record is not overwritten: no whole state is
+        // made (whole() serializes all of it) only to be refused.
+        if (newerLayout(old)) return undefined;
         if (!old || old.format !== FORMAT || (old.datasetId ?? null) !== (datasetId ?? null)) return writeWhole();
         // Claims that cannot be right (tampered): never built upon.
         if (!isLsn(old.appliedLsn) || !isLsn(old.logBytes) || !isLsn(old.baseBytes)) return writeWhole();

@@ -94,6 +94,12 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     b.create(dir)
 }
 
+/// `wal.unsynced`: present after an fsync failed at open (see
+/// `Writer::open`).
+fn unsynced_path(dir: &Path) -> PathBuf {
+    dir.join("wal.unsynced")
+}
+
 /// Whether the first `len` bytes of `file` are all zero.
 fn all_zeros(mut file: &File, len: u64) -> std::io::Result<bool> {
     file.seek(SeekFrom::Start(0))?;
@@ -234,6 +240,16 @@ impl Writer {
             file.sync_all()?;
             File::open(dir)?.sync_all()?;
         }
+        let unsynced = unsynced_path(dir);
+        if let Ok(note) = std::fs::read_to_string(&unsynced) {
+            bail!(
+                "{}: {} Check the disk; then delete {} to keep the log as it reads now \
+                 (or move the WAL directory aside and publish from a fresh one)",
+                unsynced.display(),
+                note.trim(),
+                unsynced.display()
+            );
+        }
         let watermark = durable_lsn(dir);
         let mut reader = WalReader::open(dir)?;
         let mut last = 0;
@@ -269,24 +285,28 @@ impl Writer {
         // A writer that died between its append and its fsync left records
         // that may exist only in the page cache: make them durable before
         // the watermark says so. Should that fsync fail (a writeback error
-        // the page cache keeps: the next fsync would succeed without the
-        // bytes reaching the disk), the records past the watermark, which
-        // no commit acknowledged, are cut before the error returns, so that
-        // no later open counts them as durable.
+        // the page cache keeps), the next one would succeed without the
+        // bytes reaching the disk: `wal.unsynced` records the failure, and
+        // every open refuses until an operator removes it. Nothing is cut:
+        // the watermark (not fsynced itself) may lag what was acknowledged.
         if let Err(e) = io.sync(&file) {
-            if watermark.is_some() && marked_end < good {
-                let cut = file.set_len(marked_end).and_then(|()| io.sync(&file));
-                if let Err(c) = cut {
-                    tracing::error!(
-                        "cutting {} back to its watermark after a failed fsync: {c}",
-                        path.display()
-                    );
-                }
+            let note = format!(
+                "an fsync of {} failed at open ({e}): the records after LSN {} \
+                 (byte {marked_end}) may not be on disk\n",
+                path.display(),
+                watermark.unwrap_or(0)
+            );
+            let kept = std::fs::write(unsynced_path(dir), note)
+                .and_then(|()| File::open(unsynced_path(dir))?.sync_all())
+                .and_then(|()| File::open(dir)?.sync_all());
+            if let Err(m) = kept {
+                tracing::error!("recording the failed fsync in wal.unsynced: {m}");
             }
             return Err(anyhow::Error::new(e).context(format!(
-                "fsync of {} (the records after the watermark, which no commit acknowledged, \
-                 are cut)",
-                path.display()
+                "fsync of {} failed: the records after LSN {} may not be on disk (recorded in {})",
+                path.display(),
+                watermark.unwrap_or(0),
+                unsynced_path(dir).display()
             )));
         }
         file.sync_all()
@@ -611,11 +631,12 @@ impl WalReader {
     /// A bad record that is the last thing in the file is a torn write (never
     /// acknowledged); one followed by more bytes is corruption, an error.
     fn tail_or_error(&self, len: u64, end: u64, why: &str) -> Result<Option<(u64, Vec<u8>)>> {
-        // Zeros from the bad record to the end are a tail too: a filesystem
-        // that kept a crashed append's new length but not its data (ext4
+        // A bad record followed by zeros alone is a tail too: a filesystem
+        // that kept a crashed append's new length but not all its data (ext4
         // with data=writeback, some network filesystems) leaves them, and
-        // they hold no record (a record's LSN is never 0).
-        if end < len && !self.zeros_from_here(len) {
+        // they hold no record (a record's LSN is never 0). Like any tail, it
+        // is cut only above the watermark (`Writer::open`).
+        if end < len && !self.zeros_from(end, len) {
             bail!(
                 "{}: WAL corrupt at byte {} (LSN {}): {why}; {} bytes follow, refusing to drop them",
                 self.path.display(),
@@ -628,14 +649,14 @@ impl WalReader {
         Ok(None)
     }
 
-    /// Whether every byte from the next record's offset to `len` is zero
-    /// (false when they cannot be read).
-    fn zeros_from_here(&self, len: u64) -> bool {
+    /// Whether every byte from `from` to `len` is zero (false when they
+    /// cannot be read).
+    fn zeros_from(&self, from: u64, len: u64) -> bool {
         let mut f = &self.file;
-        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+        if f.seek(SeekFrom::Start(from)).is_err() {
             return false;
         }
-        let mut left = len.saturating_sub(self.offset);
+        let mut left = len.saturating_sub(from);
         let mut buf = vec![0u8; 64 << 10];
         while left > 0 {
             let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
@@ -853,10 +874,10 @@ mod tests {
     /// A writer died between appending LSN 4 and its fsync, and the
     /// kernel's writeback of it failed: the open's fsync reports the error
     /// (once: the next would succeed without the bytes on disk). The open
-    /// fails and cuts LSN 4, which no commit acknowledged, so the next open
-    /// does not count it as durable.
+    /// fails, and so does every open after it, naming `wal.unsynced`, until
+    /// an operator removes it; nothing is cut.
     #[test]
-    fn a_failed_fsync_at_open_cuts_what_no_commit_acknowledged() {
+    fn a_failed_fsync_at_open_is_not_forgotten_by_the_next_open() {
         let dir = tempfile::tempdir().unwrap();
         let w = Writer::open(dir.path()).unwrap();
         for (k, v) in [("a", "1"), ("b", "2"), ("c", "3")] {
@@ -876,10 +897,15 @@ mod tests {
         io.fail_next_sync();
         let err = Writer::open_with(dir.path(), io).expect_err("the fsync failed");
         assert!(format!("{err:#}").contains("fsync"), "{err:#}");
+        let err = format!("{:#}", Writer::open(dir.path()).expect_err("still refused"));
+        assert!(
+            err.contains("wal.unsynced") && err.contains("LSN 3"),
+            "{err}"
+        );
+        assert_eq!(records(dir.path()), [1, 2, 3, 4], "nothing was cut");
+        std::fs::remove_file(dir.path().join("wal.unsynced")).unwrap();
         let w = Writer::open(dir.path()).unwrap();
-        assert_eq!((w.last_lsn(), w.durable_lsn()), (3, 3));
-        assert_eq!(durable_lsn(dir.path()), Some(3));
-        assert_eq!(w.commit(&put("d", "5")).unwrap(), 4);
+        assert_eq!((w.last_lsn(), w.durable_lsn()), (4, 4));
     }
 
     /// A crash left the log longer than what reached the disk, the rest
@@ -907,6 +933,26 @@ mod tests {
         assert_eq!(w.commit(&put("d", "4")).unwrap(), 4);
         drop(w);
         assert_eq!(records(dir.path()), [1, 2, 3, 4]);
+        // A frame whose end did not reach the disk (zeros in its place),
+        // zeros after it: a tail too.
+        let mut frame = Vec::new();
+        encode_record(
+            5,
+            &batch::encode(&put("e", &"x".repeat(200))).unwrap(),
+            &mut frame,
+        );
+        let cut = frame.len() - 100;
+        frame[cut..].fill(0);
+        frame.extend_from_slice(&[0; 4096]);
+        OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&frame)
+            .unwrap();
+        let w = Writer::open(dir.path()).unwrap();
+        assert_eq!(w.last_lsn(), 4);
+        drop(w);
         // Not all zeros: refused, nothing changed.
         let len = std::fs::metadata(&path).unwrap().len();
         let mut f = OpenOptions::new().write(true).open(&path).unwrap();

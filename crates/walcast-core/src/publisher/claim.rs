@@ -9,6 +9,10 @@ use crate::rng::splitmix64;
 
 use super::{Event, ObjectKind, Publisher, PutCondition, Req, Role};
 
+/// The key the idle checks' failures in a row are counted under (apart
+/// from the head's writes, and reset by a check that reads the head).
+const CHECK_KEY: &str = "head check";
+
 impl Publisher {
     pub(super) fn on_claim_read(&mut self, now: u64, resp: GetResponse) {
         let read = match Self::decode_head(resp) {
@@ -218,7 +222,10 @@ impl Publisher {
                 self.head_went_back(Some(&h));
                 self.check_later(now);
             }
-            Ok(Some(_)) => self.behind_reads = 0,
+            Ok(Some(_)) => {
+                self.behind_reads = 0;
+                self.attempts.remove(CHECK_KEY);
+            }
             Ok(None) => {
                 self.head_went_back(None);
                 self.check_later(now);
@@ -227,7 +234,7 @@ impl Publisher {
             // release's): reported after `max_attempts` checks in a row, as
             // a commit's reads of it are, and checked again after a backoff.
             Err(e) => {
-                let d = self.backoff(HEAD_KEY, e);
+                let d = self.backoff(CHECK_KEY, e);
                 self.next_check = now + d.max(self.cfg.head_check_ms);
             }
         }

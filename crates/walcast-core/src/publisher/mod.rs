@@ -993,6 +993,42 @@ mod tests {
         assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "backs off: {gaps:?}");
     }
 
+    /// Idle checks that fail now and then, each followed by one that reads
+    /// the head: never `max_attempts` in a row, so never reported, and the
+    /// checks keep their interval.
+    #[test]
+    fn scattered_failed_idle_checks_are_not_reported() {
+        let mut p = on_an_empty_store(PublisherConfig::default());
+        let (mut etag, mut seals) = (0, Vec::new());
+        drive(&mut p, 0, &mut etag, &mut seals);
+        let ours = p.head.as_ref().unwrap().encode();
+        let (mut errors, mut checks, mut now) = (Vec::new(), 0u32, 0);
+        while checks < 40 {
+            match p.poll(now) {
+                Action::Get(g) => {
+                    checks += 1;
+                    let body = if checks % 4 == 0 {
+                        ours.clone()
+                    } else {
+                        b"{".to_vec()
+                    };
+                    let resp = GetResponse::Ok {
+                        body,
+                        etag: Some(etag.to_string()),
+                        range: None,
+                    };
+                    p.handle_get(g.id, now, resp);
+                }
+                Action::Event(Event::Error(e)) => errors.push(e),
+                Action::Wait { until } => now = until.max(now + 1),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(errors.is_empty(), "{errors:?}");
+        let most = 40 * p.cfg.retry_max_ms.max(p.cfg.head_check_ms);
+        assert!(now < most, "checks spread over {now} ms");
+    }
+
     /// A publisher that claimed `h`, given a snapshot at its committed
     /// LSN, with retention keeping one LSN: everything below goes.
     fn claimed_retaining_one_lsn(h: &mut Head) -> Publisher {
