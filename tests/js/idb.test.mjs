@@ -62,6 +62,18 @@ test("a version 1 database and record (the whole state inline) are upgraded, rea
   assert.equal(after.baseLsn, 5);
 });
 
+test("IndexedDB: a newer release's record is neither overwritten nor built against: an append makes no whole state", { skip: !fakeIdb && "fake-indexeddb is not installed" }, async () => {
+  const url = "http://x/newer";
+  await rawPut(url, { format: 3, appliedLsn: 9, datasetId: "ds" });
+  let made = 0;
+  const counted = () => (made++, whole(10, 8)());
+  const out = await store.append(url, { datasetId: "ds", first: 10, last: 10, bytes: frames(10, [3]), whole: counted });
+  assert.deepEqual(out, { wrote: null, bytes: 0 });
+  assert.equal(made, 0, "a whole state was made only to be refused");
+  assert.equal(await store.save(url, whole(20, 8)()), false, "save refuses too");
+  await assert.rejects(store.load(url), /layout format 3, newer/);
+});
+
 test("recordsAfter cuts a chunk at an LSN", () => {
   const c = frames(10, [3, 5, 1]);
   assert.equal(recordsAfter(c, 9).length, c.length);
@@ -455,6 +467,13 @@ async function rawIdb(fn) {
   } finally {
     db.close();
   }
+}
+
+/** Puts `rec` as the record of `url`, as a tampering hand (or another release) would. */
+async function rawPut(url, rec) {
+  await rawIdb((tx) => {
+    tx.objectStore("replicas").put(rec, url);
+  });
 }
 
 async function readCopy(url) {
