@@ -100,11 +100,11 @@ fn unsynced_path(dir: &Path) -> PathBuf {
     dir.join("wal.unsynced")
 }
 
-/// Whether the first `len` bytes of `file` are all zero.
-fn all_zeros(mut file: &File, len: u64) -> std::io::Result<bool> {
-    file.seek(SeekFrom::Start(0))?;
+/// Whether the bytes of `file` from `from` to `to` are all zero.
+fn zeros_between(mut file: &File, from: u64, to: u64) -> std::io::Result<bool> {
+    file.seek(SeekFrom::Start(from))?;
     let mut buf = vec![0u8; 64 << 10];
-    let mut left = len;
+    let mut left = to.saturating_sub(from);
     while left > 0 {
         let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
         file.read_exact(&mut buf[..n])?;
@@ -227,7 +227,7 @@ impl Writer {
         // file was created can leave its length without its header. Begun
         // again, unless the watermark says records were acknowledged.
         let len = file.metadata()?.len();
-        if len > 0 && durable_lsn(dir).unwrap_or(0) == 0 && all_zeros(&file, len)? {
+        if len > 0 && durable_lsn(dir).unwrap_or(0) == 0 && zeros_between(&file, 0, len)? {
             tracing::warn!(
                 bytes = len,
                 "a WAL of zeros alone: writing its header again"
@@ -652,20 +652,7 @@ impl WalReader {
     /// Whether every byte from `from` to `len` is zero (false when they
     /// cannot be read).
     fn zeros_from(&self, from: u64, len: u64) -> bool {
-        let mut f = &self.file;
-        if f.seek(SeekFrom::Start(from)).is_err() {
-            return false;
-        }
-        let mut left = len.saturating_sub(from);
-        let mut buf = vec![0u8; 64 << 10];
-        while left > 0 {
-            let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-            if f.read_exact(&mut buf[..n]).is_err() || buf[..n].iter().any(|&b| b != 0) {
-                return false;
-            }
-            left -= n as u64;
-        }
-        true
+        zeros_between(&self.file, from, len).unwrap_or(false)
     }
 
     /// Skips records until the next one is `lsn` (which must not be behind).
@@ -871,6 +858,16 @@ mod tests {
         assert_eq!(records(dir.path()), [1, 2]);
     }
 
+    /// A WAL directory holding LSNs 1 to 3, committed and closed.
+    fn three_commits() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Writer::open(dir.path()).unwrap();
+        for (k, v) in [("a", "1"), ("b", "2"), ("c", "3")] {
+            w.commit(&put(k, v)).unwrap();
+        }
+        dir
+    }
+
     /// A writer died between appending LSN 4 and its fsync, and the
     /// kernel's writeback of it failed: the open's fsync reports the error
     /// (once: the next would succeed without the bytes on disk). The open
@@ -878,12 +875,7 @@ mod tests {
     /// an operator removes it; nothing is cut.
     #[test]
     fn a_failed_fsync_at_open_is_not_forgotten_by_the_next_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let w = Writer::open(dir.path()).unwrap();
-        for (k, v) in [("a", "1"), ("b", "2"), ("c", "3")] {
-            w.commit(&put(k, v)).unwrap();
-        }
-        drop(w);
+        let dir = three_commits();
         let mut frame = Vec::new();
         encode_record(4, &batch::encode(&put("d", "4")).unwrap(), &mut frame);
         let mut f = OpenOptions::new()
@@ -914,12 +906,7 @@ mod tests {
     /// from opening. Garbage that is not all zeros still refuses.
     #[test]
     fn a_tail_of_zeros_a_crash_left_is_cut() {
-        let dir = tempfile::tempdir().unwrap();
-        let w = Writer::open(dir.path()).unwrap();
-        for (k, v) in [("a", "1"), ("b", "2"), ("c", "3")] {
-            w.commit(&put(k, v)).unwrap();
-        }
-        drop(w);
+        let dir = three_commits();
         let path = log_path(dir.path());
         let len = std::fs::metadata(&path).unwrap().len();
         OpenOptions::new()
