@@ -12,7 +12,7 @@
 // again; a lazy replica always starts over: its next read syncs first).
 
 import * as glue from "./wasm/walcast_wasm.js";
-import { noop, walcastError } from "./util.js";
+import { MAX_TIMER_MS, noop, walcastError } from "./util.js";
 
 let wasmSource = null; // () => source: a WebAssembly.Module, bytes, a Response, or a URL
 let wasmReady = null;
@@ -94,7 +94,7 @@ export function init(source, options) {
       timer = setTimeout(() => {
         ac?.abort();
         reject(walcastError("timeout", `walcast: loading the wasm module: not loaded within ${ms} ms`));
-      }, Math.min(ms, 2 ** 31 - 1));
+      }, Math.min(ms, MAX_TIMER_MS));
     });
     const load = Promise.resolve()
       .then(from)

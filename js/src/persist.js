@@ -4,7 +4,7 @@
 
 import { WasmReplica } from "./wasm/walcast_wasm.js";
 import { indexedDbStore } from "./idb.js";
-import { walcastError } from "./util.js";
+import { MAX_TIMER_MS, walcastError } from "./util.js";
 
 /** Default `persistTimeoutMs`: how long one call of the persist store may take. */
 export const DEFAULT_PERSIST_TIMEOUT_MS = 30_000;
@@ -15,7 +15,7 @@ export const DEFAULT_PERSIST_TIMEOUT_MS = 30_000;
  * that call instead of holding up every sync, `start()` and `close()`.
  */
 export function storeCall(p, method, ms) {
-  ms = Math.min(ms, 2 ** 31 - 1); // setTimeout's largest delay (a larger one fires at once)
+  ms = Math.min(ms, MAX_TIMER_MS);
   let t;
   const late = new Promise((_, reject) => {
     t = setTimeout(() => reject(new Error(`${method} did not settle within ${ms} ms`)), ms);

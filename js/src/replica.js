@@ -24,7 +24,7 @@ import { kindOf, performGet, zeroKinds } from "./http.js";
 import { DEFAULT_PERSIST_TIMEOUT_MS, pickStore, restoreRecord, storeCall, storeError } from "./persist.js";
 import { verifySignatures } from "./signatures.js";
 import { Slots } from "./slots.js";
-import { MAX_KEY_LEN, checkCount, closedError, entries, fetchOption, headerList, jsonOf, noop, reportTo, scanBounds, splitUrl, storeKey, textOf, toBytes, walcastError, weak } from "./util.js";
+import { MAX_KEY_LEN, MAX_TIMER_MS, checkCount, closedError, entries, fetchOption, headerList, jsonOf, noop, reportTo, scanBounds, splitUrl, storeKey, textOf, toBytes, walcastError, weak } from "./util.js";
 
 export { shouldReplace };
 export { init, setWasmSource };
@@ -136,9 +136,6 @@ function checkOptions(options) {
     throw walcastError("invalid_input", "walcast: onRecord must be a function");
   }
 }
-
-/** The longest delay setTimeout keeps (ms). */
-const MAX_TIMER_MS = 2 ** 31 - 1;
 
 function checkLoad(options) {
   const load = options.load ?? "full";

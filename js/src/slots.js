@@ -1,7 +1,7 @@
 // A bounded set of slots (lazy reads and scans running at once) whose
 // holders may be stranded by a runtime that tears their I/O down.
 
-import { closedError } from "./util.js";
+import { MAX_TIMER_MS, closedError } from "./util.js";
 
 /**
  * At most `max` holders at once, the rest waiting first come first served.
@@ -56,7 +56,7 @@ export class Slots {
           if (i >= 0) this.waiters.splice(i, 1);
           resolve(slot);
         };
-        const wait = Math.max(1, Math.min(oldest + this.staleMs - now, this.staleMs, 2 ** 31 - 1));
+        const wait = Math.max(1, Math.min(oldest + this.staleMs - now, this.staleMs, MAX_TIMER_MS));
         timer = setTimeout(() => wake(null), wait);
         signal?.addEventListener("abort", abort);
         // A waiter that got no slot when woken keeps its place in front.

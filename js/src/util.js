@@ -25,6 +25,9 @@ export function toBytes(k, what) {
   throw walcastError("invalid_input", `walcast: ${what} must be a string or a Uint8Array`);
 }
 
+/** The longest delay setTimeout keeps (ms): a longer one fires at once. */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+
 /** The longest key a dataset holds (bytes; a batch refuses longer ones). */
 export const MAX_KEY_LEN = 64 << 10;
 
