@@ -145,6 +145,7 @@ const ERROR_MESSAGES = {
   fenced: "the dataset is owned by another publisher",
   internal: "internal error",
   closed: "the replica was closed",
+  busy: "too many requests at once; retry",
   untrusted: "the dataset failed a check against the trusted keys (signature, rollback or digest); the last good state is served",
 };
 

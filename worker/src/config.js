@@ -27,6 +27,14 @@ const MODULE_OPEN_SCANS = 64;
 const DEFAULT_MAX_CONCURRENT_READS = 1024;
 const MAX_CONCURRENT_READS = 4096;
 
+// Requests waiting at once, for the first sync or for a `min_lsn`
+// (MAX_WAITING_REQUESTS), in either mode. Each holds its request and its
+// promises for up to FIRST_SYNC_WAIT_MS or MIN_LSN_WAIT_MS: a flood of them
+// against a dataset that is slow or never answers would otherwise fill the
+// isolate's memory. More answer 503 `busy` at once.
+const DEFAULT_MAX_WAITING_REQUESTS = 1024;
+const MAX_WAITING_REQUESTS = 65536;
+
 // On Workers, a background sync that has made no progress (no new request, no
 // byte received) for this long is taken for lost: its request context was torn
 // down with its I/O. The replica is then re-created from a snapshot of its
@@ -145,6 +153,7 @@ export function readConfig(env) {
     scanMaxBytes: Math.min(intVar(env, "SCAN_MAX_BYTES", DEFAULT_SCAN_MAX_BYTES, 1), MODULE_SCAN_MAX_BYTES),
     maxConcurrentScans: Math.min(intVar(env, "MAX_CONCURRENT_SCANS", DEFAULT_MAX_CONCURRENT_SCANS, 1), MODULE_OPEN_SCANS),
     maxConcurrentReads: Math.min(intVar(env, "MAX_CONCURRENT_READS", DEFAULT_MAX_CONCURRENT_READS, 1), MAX_CONCURRENT_READS),
+    maxWaitingRequests: Math.min(intVar(env, "MAX_WAITING_REQUESTS", DEFAULT_MAX_WAITING_REQUESTS, 1), MAX_WAITING_REQUESTS),
     firstSyncWaitMs: intVar(env, "FIRST_SYNC_WAIT_MS", DEFAULT_FIRST_SYNC_WAIT_MS, 0, MAX_WAIT_MS),
     minLsnWaitMs: intVar(env, "MIN_LSN_WAIT_MS", DEFAULT_MIN_LSN_WAIT_MS, 0, MAX_WAIT_MS),
   };

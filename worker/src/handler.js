@@ -31,6 +31,8 @@
 // `start` of the next page), MAX_CONCURRENT_SCANS (lazy scans at once, 32, at
 // most 64: more answer 503 `busy` with Retry-After), MAX_CONCURRENT_READS
 // (lazy /kv reads at once, 1024, at most 4096: more answer 503 `busy` with
+// Retry-After), MAX_WAITING_REQUESTS (requests waiting for the first sync
+// or a min_lsn at once, 1024, at most 65536: more answer 503 `busy` with
 // Retry-After), MIN_LSN_WAIT_MS (how long a read with `?min_lsn=N`
 // or `Walcast-Min-Lsn: N` waits for LSN N to be applied before it answers 503
 // with Retry-After, default 5000; every answer carries `Walcast-Lsn`, the
@@ -162,6 +164,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       minLsnUpdate: null,
       scans: 0, // lazy scans in progress
       reads: 0, // lazy point reads in progress
+      waiting: 0, // requests waiting for a first sync or a min_lsn
     };
     if (config.load === "lazy") {
       // A lazy replica's open is its first sync (the head and the tail after
@@ -301,7 +304,25 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     return fresh;
   }
 
-  async function replicaFor(env, defer, { waitForFirst = true } = {}) {
+  /**
+   * Waits for `p` at most `ms`, unless MAX_WAITING_REQUESTS requests wait
+   * already: then at once, with `turn.busy` set (the route answers 503
+   * `busy` if there is still nothing to serve).
+   */
+  async function waitTurn(s, p, ms, turn) {
+    if (s.waiting >= s.config.maxWaitingRequests) {
+      turn.busy = true;
+      return;
+    }
+    s.waiting++;
+    try {
+      await withDeadline(p, ms);
+    } finally {
+      s.waiting--;
+    }
+  }
+
+  async function replicaFor(env, defer, turn = {}) {
     const config = readConfig(env);
     if (!slot || slot.url !== config.url || slot.config.trust.join(",") !== config.trust.join(",")) {
       const old = slot;
@@ -322,7 +343,7 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       // The lazy replica's open is its first sync: wait as for one. Still
       // opening (or failed): no replica; the route answers 503.
       defer(s.promise.catch(() => {}));
-      if (waitForFirst) await withDeadline(s.promise.catch(() => {}), s.config.firstSyncWaitMs);
+      await waitTurn(s, s.promise.catch(() => {}), s.config.firstSyncWaitMs, turn);
       if (!s.replica) return s;
     }
     await s.promise;
@@ -350,13 +371,13 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     // The replica being replaced serves meanwhile (its state is one the
     // origin had); a request waits for the new one only when there is
     // nothing to serve yet, and then no longer than for a first sync.
-    if (s.replacing && !s.ready) await withDeadline(s.replacing, s.config.firstSyncWaitMs);
+    if (s.replacing && !s.ready) await waitTurn(s, s.replacing, s.config.firstSyncWaitMs, turn);
     if (!s.ready) {
       // The isolate's first request (or every request until a sync succeeds)
       // waits for the initial sync.
       const p = startSync(s);
       defer(p);
-      if (waitForFirst) await withDeadline(p, s.config.firstSyncWaitMs);
+      await waitTurn(s, p, s.config.firstSyncWaitMs, turn);
     } else if (!s.sync && (s.lastSyncAt === null || now() - s.lastSyncAt >= s.config.maxAgeMs)) {
       defer(startSync(s));
     }
@@ -397,6 +418,57 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
       // By its code, as a read's failure: a replica being rebuilt after a
       // trap (`unavailable`) is 503 with Retry-After, not 500.
       return readFailed(e, cors);
+    }
+  }
+
+  /**
+   * Read-your-writes: waits until `minLsn` is applied (undefined), or
+   * answers 503 with Retry-After when MIN_LSN_WAIT_MS pass (an LSN beyond
+   * anything committed included: never a hang).
+   */
+  async function waitForLsn(s, replica, minLsn, cors, defer) {
+    const until = now() + s.config.minLsnWaitMs;
+    for (;;) {
+      const st = replica.status();
+      if (st.appliedLsn >= minLsn) return undefined;
+      const left = until - now();
+      if (left <= 0) {
+        const res = json(
+          503,
+          { error: { code: "not_applied", message: "the requested LSN is not applied yet; retry", lsn: minLsn } },
+          st.appliedLsn,
+          cors,
+        );
+        res.headers.set("retry-after", "1");
+        return res;
+      }
+      // Every waiting read pauses until the same time, then joins the one
+      // sync in flight: concurrent waits make one loop of GETs, not one each.
+      const pause = s.minLsnNextAt - now();
+      if (pause > 0) {
+        await sleep(Math.min(pause, left));
+        continue;
+      }
+      const sync = startSync(s);
+      let p = sync;
+      if (s.minLsnSync !== sync) {
+        // Once per sync, however many reads wait on it: a pause before
+        // asking the store again, longer each time it had nothing new.
+        s.minLsnSync = sync;
+        p = sync.then(() => {
+          const applied = s.replica.status().appliedLsn;
+          s.minLsnPause = applied > s.minLsnSeen ? MIN_LSN_PAUSE_MS : Math.min(s.minLsnPause * 2, MAX_MIN_LSN_PAUSE_MS);
+          s.minLsnSeen = applied;
+          s.minLsnNextAt = Math.max(s.minLsnNextAt, now() + s.minLsnPause);
+        });
+        s.minLsnUpdate = p;
+      } else {
+        p = s.minLsnUpdate;
+      }
+      // (A status() that throws, the replica being rebuilt, rejects p: the
+      // request answers 503; the kept copy logs no unhandled rejection.)
+      defer(p.catch(() => {}));
+      await withDeadline(p, left);
     }
   }
 
@@ -458,8 +530,9 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     }
 
     let s;
+    const turn = { busy: false };
     try {
-      s = await replicaFor(env, defer);
+      s = await replicaFor(env, defer, turn);
     } catch (e) {
       if (e?.code === "config") return json(500, errorBody(e), undefined, cors);
       // Not open (yet): worth a retry.
@@ -512,58 +585,27 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
 
     if (!s.ready || !replica) {
       // No successful sync yet: nothing trustworthy to serve (503 with
-      // Retry-After, whatever the sync's error was).
-      const e = s.lastSyncError ?? replica?.status().lastError ?? { code: "unavailable" };
+      // Retry-After, whatever the sync's error was; `busy` for a request
+      // that found too many waiting to wait itself).
+      const e = turn.busy ? { code: "busy", message: "too many requests waiting for the first sync; retry" } : (s.lastSyncError ?? replica?.status().lastError ?? { code: "unavailable" });
       const res = json(503, errorBody(e), undefined, cors);
       res.headers.set("retry-after", "1");
       return res;
     }
-    // Read-your-writes: answer only once `min_lsn` is applied, else 503
-    // with Retry-After when MIN_LSN_WAIT_MS pass (an LSN beyond anything
-    // committed included: never a hang).
-    if (minLsn !== null) {
-      const until = now() + s.config.minLsnWaitMs;
-      for (;;) {
-        const st = replica.status();
-        if (st.appliedLsn >= minLsn) break;
-        const left = until - now();
-        if (left <= 0) {
-          const res = json(
-            503,
-            { error: { code: "not_applied", message: "the requested LSN is not applied yet; retry", lsn: minLsn } },
-            st.appliedLsn,
-            cors,
-          );
-          res.headers.set("retry-after", "1");
-          return res;
-        }
-        // Every waiting read pauses until the same time, then joins the one
-        // sync in flight: concurrent waits make one loop of GETs, not one each.
-        const pause = s.minLsnNextAt - now();
-        if (pause > 0) {
-          await sleep(Math.min(pause, left));
-          continue;
-        }
-        const sync = startSync(s);
-        let p = sync;
-        if (s.minLsnSync !== sync) {
-          // Once per sync, however many reads wait on it: a pause before
-          // asking the store again, longer each time it had nothing new.
-          s.minLsnSync = sync;
-          p = sync.then(() => {
-            const applied = s.replica.status().appliedLsn;
-            s.minLsnPause = applied > s.minLsnSeen ? MIN_LSN_PAUSE_MS : Math.min(s.minLsnPause * 2, MAX_MIN_LSN_PAUSE_MS);
-            s.minLsnSeen = applied;
-            s.minLsnNextAt = Math.max(s.minLsnNextAt, now() + s.minLsnPause);
-          });
-          s.minLsnUpdate = p;
-        } else {
-          p = s.minLsnUpdate;
-        }
-        // (A status() that throws, the replica being rebuilt, rejects p: the
-        // request answers 503; the kept copy logs no unhandled rejection.)
-        defer(p.catch(() => {}));
-        await withDeadline(p, left);
+    // Read-your-writes (waitForLsn), with at most MAX_WAITING_REQUESTS
+    // requests waiting at once.
+    if (minLsn !== null && replica.status().appliedLsn < minLsn) {
+      if (s.waiting >= s.config.maxWaitingRequests) {
+        const res = json(503, { error: { code: "busy", message: "too many requests waiting at once; retry" } }, replica.status().appliedLsn, cors);
+        res.headers.set("retry-after", "1");
+        return res;
+      }
+      s.waiting++;
+      try {
+        const res = await waitForLsn(s, replica, minLsn, cors, defer);
+        if (res) return res;
+      } finally {
+        s.waiting--;
       }
     }
     if (route === "kv") {

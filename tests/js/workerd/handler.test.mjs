@@ -968,3 +968,38 @@ test("FIRST_SYNC_WAIT_MS and MIN_LSN_WAIT_MS above 2^31 - 1 ms (a timer would fi
     assert.match(body.error.message, new RegExp(`${name} must be at most 2147483647`));
   }
 });
+
+test("requests waiting for the first sync or for a min_lsn are capped by MAX_WAITING_REQUESTS: more answer 503 busy at once", async () => {
+  const { call, made } = setup({ MAX_WAITING_REQUESTS: "2" });
+  let answered = 0;
+  const waits = [1, 2, 3].map((i) => call(`/kv/k${i}`).then((r) => (answered++, r)));
+  await flush();
+  await flush();
+  // Two wait for the first sync; the third is turned away at once.
+  assert.equal(answered, 1);
+  const r = made[0];
+  r.put("k1", "1");
+  r.put("k2", "2");
+  r.put("k3", "3");
+  r.syncCalls[0].resolve(5);
+  const got = await Promise.all(waits);
+  const codes = await Promise.all(got.map(async (res) => (res.status === 200 ? 200 : (await res.json()).error.code)));
+  assert.deepEqual(codes, [200, 200, "busy"]);
+  assert.equal(got[2].headers.get("retry-after"), "1");
+  // Once the wait is over, its places are free: min_lsn waits count too.
+  answered = 0;
+  const lsnWaits = [1, 2, 3].map(() => call("/kv/k1?min_lsn=7").then((res) => (answered++, res)));
+  await flush();
+  await flush();
+  assert.equal(answered, 1);
+  const calls = r.syncCalls.length;
+  r.syncCalls[calls - 1].resolve(7);
+  const after = await Promise.all(lsnWaits);
+  const lsnCodes = await Promise.all(after.map(async (res) => (res.status === 200 ? 200 : (await res.json()).error.code)));
+  assert.deepEqual(lsnCodes, [200, 200, "busy"]);
+  // An LSN already applied never waits, however many wait.
+  assert.equal((await call("/kv/k1?min_lsn=7")).status, 200);
+  // MAX_WAITING_REQUESTS=0 is a configuration error.
+  const zero = await setup({ MAX_WAITING_REQUESTS: "0" }).call("/kv/a");
+  assert.equal(zero.status, 500);
+});
