@@ -638,11 +638,17 @@ impl WalReader {
         // is cut only above the watermark (`Writer::open`).
         if end < len && !self.zeros_from(end, len) {
             bail!(
-                "{}: WAL corrupt at byte {} (LSN {}): {why}; {} bytes follow, refusing to drop them",
+                "{}: WAL corrupt at byte {} (LSN {}): {why}; {} bytes follow, refusing to drop them. \
+                 A crash during a group commit can leave its writes on disk out of order; to keep \
+                 the records before LSN {} and lose those after, copy the file aside, then \
+                 `truncate -s {} {}`",
                 self.path.display(),
                 self.offset,
                 self.next_lsn,
-                len - end
+                len - end,
+                self.next_lsn,
+                self.offset,
+                self.path.display()
             );
         }
         tracing::debug!(offset = self.offset, why, "stopping at a torn WAL tail");
@@ -949,7 +955,20 @@ mod tests {
         drop(f);
         let err = Writer::open(dir.path()).expect_err("garbage after the records");
         assert!(format!("{err:#}").contains("refusing to drop"), "{err:#}");
+        // It says how to keep what comes before.
+        assert!(
+            format!("{err:#}").contains(&format!("truncate -s {len} {}", path.display())),
+            "{err:#}"
+        );
         assert_eq!(std::fs::metadata(&path).unwrap().len(), len + 4096);
+        // Which does: the log opens with the records before.
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+        assert_eq!(Writer::open(dir.path()).unwrap().last_lsn(), 4);
     }
 
     /// A crash right after the log was created left its length, not its

@@ -10,9 +10,12 @@ use crate::error::DecodeError;
 pub const BLOCK_HEADER_LEN: u64 = 12;
 /// Entries between restart points (a restart stores its key whole).
 pub const RESTART_INTERVAL: usize = 16;
-/// Largest block body accepted (a block holds at least one entry, and an
-/// entry's key is at most 64 KiB and its value at most 16 MiB).
-pub const MAX_BLOCK_LEN: u64 = 32 << 20;
+/// Largest block body accepted: a block holds at least one entry, and the
+/// largest entry (a key of 64 KiB, a value of up to 64 MiB: a batch's
+/// limits) fits one alone. Writers close a block before an entry that would
+/// take it past this ([`BlockBuilder::fits`]). Readers before 2026-12-07
+/// took 32 MiB.
+pub const MAX_BLOCK_LEN: u64 = 65 << 20;
 /// Bytes of an encoded [`BlockHandle`].
 pub const HANDLE_LEN: usize = 16;
 
@@ -95,6 +98,15 @@ impl BlockBuilder {
         Self::default()
     }
 
+    /// Whether an entry of `key_len` and `value_len` bytes keeps the block's
+    /// body within [`MAX_BLOCK_LEN`] (counted as if its key shared nothing,
+    /// with a restart point); an empty block takes any entry a batch holds.
+    /// Writers close the block first when it does not.
+    pub fn fits(&self, key_len: usize, value_len: usize) -> bool {
+        let entry = (3 * 10 + 4 + key_len + value_len) as u64;
+        self.count == 0 || (self.size() as u64) + entry <= MAX_BLOCK_LEN
+    }
+
     /// Appends an entry; keys must ascend strictly (the caller's duty).
     pub fn push(&mut self, key: &[u8], value: &[u8]) {
         let shared = if self.count as usize % RESTART_INTERVAL == 0 {
@@ -122,7 +134,8 @@ impl BlockBuilder {
 
     /// Whether a block this builder finished decodes to more than readers
     /// take ([`decoded_limit`]): keys of kilobytes that share most of their
-    /// bytes, in a block of megabytes. A writer then writes another layout.
+    /// bytes, in a block of megabytes; or is longer than they take
+    /// ([`MAX_BLOCK_LEN`]). A writer then writes another layout.
     pub fn too_wide(&self) -> bool {
         self.too_wide
     }
@@ -150,6 +163,10 @@ impl BlockBuilder {
             body.extend_from_slice(&r.to_le_bytes());
         }
         body.extend_from_slice(&(self.restarts.len() as u32).to_le_bytes());
+        // A body past what readers take (an index block of thousands of
+        // 64 KiB keys: nothing closes the top one early) is too wide too;
+        // its length may not even fit the header's u32.
+        self.too_wide |= body.len() as u64 > MAX_BLOCK_LEN;
         let len = body.len() as u32;
         self.too_wide |= self.decoded > decoded_limit(u64::from(len) + BLOCK_HEADER_LEN);
         self.decoded = 0;

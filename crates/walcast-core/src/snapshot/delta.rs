@@ -404,6 +404,12 @@ fn encode_delta_blocks<'a>(
             }
             None => value.push(TAG_DELETE),
         }
+        if !b.fits(k.len(), value.len()) {
+            if let Some((first, h)) = flush(&mut b, &mut out) {
+                index.push(&first, &h.encode());
+                data_blocks += 1;
+            }
+        }
         b.push(k, &value);
         if b.size() >= block_bytes {
             if let Some((first, h)) = flush(&mut b, &mut out) {
@@ -677,6 +683,26 @@ mod tests {
                 (k, v)
             })
             .collect()
+    }
+
+    /// Values up to a batch's 64 MiB among small ones: each large one gets
+    /// a block of its own, and the delta reads.
+    #[test]
+    fn values_as_large_as_a_batch_takes_are_written_readably() {
+        let changes: Vec<(Vec<u8>, Change)> = vec![
+            (b"a".to_vec(), Some(b"xyz".to_vec())),
+            (b"b".to_vec(), Some(vec![7u8; (64 << 20) - 9])),
+            (b"c".to_vec(), None),
+            (b"d".to_vec(), Some(vec![9u8; 40 << 20])),
+            (b"e".to_vec(), Some(b"last".to_vec())),
+        ];
+        let bytes = encode_delta_readable(
+            changes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
+            meta(),
+            DEFAULT_DELTA_BLOCK_BYTES,
+        )
+        .expect("readable");
+        assert_eq!(decode_delta(&bytes).unwrap().changes, changes);
     }
 
     /// A delta whose blocks readers would refuse (8,000 keys "a", "aa",

@@ -78,6 +78,9 @@ fn encode_blocks(
     };
     let mut entries = state.iter();
     while let Some((k, v)) = entries.next_entry() {
+        if !b.fits(k.len(), v.len()) {
+            flush(&mut b, &mut out, &mut index);
+        }
         b.push(k, v);
         if b.size() >= opts.block_bytes {
             flush(&mut b, &mut out, &mut index);

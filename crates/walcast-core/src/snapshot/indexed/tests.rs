@@ -577,3 +577,107 @@ proptest! {
         let _ = read(&mut lazy, &bytes, &key);
     }
 }
+
+/// Values as large as a batch takes (64 MiB less the 9 bytes of a batch of
+/// one put of a 1-byte key; past the 32 MiB a block
+/// body once held) and a 40 MiB one beside small entries: each gets a block
+/// of its own, every reader takes the snapshot (whole, streamed, lazily),
+/// and so does version 1.
+#[test]
+fn values_as_large_as_a_batch_takes_are_written_readably() {
+    let mut s = KvState::new();
+    s.put(b"a", b"xyz");
+    s.put(b"b", &vec![7u8; (64 << 20) - 9]);
+    s.put(b"c", b"small");
+    s.put(b"d", &vec![9u8; 40 << 20]);
+    s.put(b"e", b"last");
+    let file = encode_readable(
+        &s,
+        3,
+        1,
+        DatasetId([2; 16]),
+        IndexedOptions::default(),
+        false,
+    )
+    .expect("readable");
+    let (_, back) = decode_indexed(&file, Some(crate::crc::hash(&file))).unwrap();
+    assert!(back.iter().eq(s.iter()));
+    let (_, streamed) = crate::snapshot::decode(&file, None).unwrap();
+    assert!(streamed.iter().eq(s.iter()));
+    let mut lazy = LazySnapshot::new(file.len() as u64, 1 << 20);
+    for k in [&b"a"[..], b"b", b"c", b"d", b"e"] {
+        assert_eq!(
+            read(&mut lazy, &file, k).unwrap().0.as_deref(),
+            s.get(k),
+            "{k:?}"
+        );
+    }
+    let v1 = crate::snapshot::encode(&s, 3, 1, DatasetId([2; 16]));
+    let (_, back) = crate::snapshot::decode(&v1, None).unwrap();
+    assert!(back.iter().eq(s.iter()));
+}
+
+/// Keys of 64 KiB that share nothing, more of them than the top index
+/// block (which nothing closes early) can hold: no unreadable version 2;
+/// version 1 (the writer's fallback) reads.
+#[test]
+fn a_top_index_longer_than_readers_take_is_not_written() {
+    let mut s = KvState::new();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..1_100u32 {
+        let mut k = vec![0u8; 64 << 10];
+        k[..4].copy_from_slice(&i.to_be_bytes());
+        for b in &mut k[4..] {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        s.put(&k, b"v");
+    }
+    let opts = IndexedOptions::default();
+    assert!(encode_readable(&s, 3, 1, DatasetId([2; 16]), opts, false).is_none());
+    let v1 = crate::snapshot::encode(&s, 3, 1, DatasetId([2; 16]));
+    assert_eq!(crate::snapshot::decode(&v1, None).unwrap().1.len(), 1_100);
+}
+
+/// A footer naming a top index larger than the cache (and 4 MiB) is a
+/// `data` error before any GET of it: a store cannot make a replica hold a
+/// 65 MiB top for the life of the snapshot.
+#[test]
+fn a_top_index_larger_than_the_cache_is_refused() {
+    // Keys of 208 bytes that share only their first few: a block each.
+    let key = |i: u32| format!("{i:08}{}", "k".repeat(200));
+    let mut s = KvState::new();
+    for i in 0..30_000 {
+        s.put(key(i).as_bytes(), b"v");
+    }
+    let opts = IndexedOptions {
+        block_bytes: 64,
+        index_block_bytes: 64 << 20,
+    };
+    let file = encode_indexed(&s, 9, 1, DatasetId([3; 16]), opts);
+    let footer =
+        Footer::decode(&file[file.len() - FOOTER_LEN as usize..], file.len() as u64).unwrap();
+    assert!(u64::from(footer.top.len) > 4 << 20, "{}", footer.top.len);
+    let tail = |n: u64| &file[file.len() - n.min(file.len() as u64) as usize..];
+    let mut small = LazySnapshot::new(file.len() as u64, 1 << 20);
+    let err = match small.get(key(7).as_bytes()).unwrap() {
+        Lookup::Need(Need::Suffix(n)) => small.feed_suffix(tail(n)).unwrap_err(),
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        err.to_string()
+            .contains("top index is larger than the cache"),
+        "{err}"
+    );
+    // A cache that holds it reads.
+    let mut big = LazySnapshot::new(file.len() as u64, 64 << 20);
+    assert_eq!(
+        read(&mut big, &file, key(7).as_bytes())
+            .unwrap()
+            .0
+            .as_deref(),
+        Some(&b"v"[..])
+    );
+}
