@@ -435,6 +435,29 @@ fn a_restored_state_is_not_replaced_by_an_older_snapshot() {
     reads_equal(&mut r, &mut store, &want);
 }
 
+/// The same with an empty restored state (every key deleted by LSN 70):
+/// an empty state is no licence to take the older snapshot, which would
+/// bring back keys deleted after it. Reads answer the restored state and
+/// the writes after it.
+#[test]
+fn an_empty_restored_state_is_not_replaced_by_an_older_snapshot() {
+    let mut store = dataset_from(90, 60, 128, 1);
+    let mut r = Replica::restore(lazy_cfg(1 << 20), 5, KvState::new(), 70, DATASET, 1);
+    drain(&mut r, &mut store, 0);
+    assert_eq!(r.applied_lsn(), 90);
+    let want = state_through(71, 90);
+    reads_equal(&mut r, &mut store, &want);
+    // Keys of the snapshot written at none of 71..=90 answer nothing.
+    let gone: Vec<_> = keys(&state_through(1, 60))
+        .into_iter()
+        .filter(|k| want.get(k).is_none())
+        .collect();
+    assert!(!gone.is_empty());
+    for k in gone {
+        assert_eq!(get(&mut r, &mut store, &k), None, "{k:?}");
+    }
+}
+
 /// A snapshot file whose footer counts other entries than the catalog
 /// states (another file of the same size, left by a dataset started over at
 /// the prefix) is a `data` error naming it: nothing of it is served.

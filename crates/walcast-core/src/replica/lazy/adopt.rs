@@ -207,7 +207,9 @@ impl Replica {
             // every write after it, and the base in use only if it covers
             // that base's chain (the overlay holds the writes after the
             // chain's end, not those in its deltas).
-            let state_covered = self.state.is_empty() || s.lsn >= lazy.state_lsn;
+            // (An empty state counts: all its keys may have been deleted
+            // after the base, and the base would bring them back.)
+            let state_covered = s.lsn >= lazy.state_lsn;
             let chain_covered = lazy.base.as_ref().is_none_or(|b| s.lsn >= b.chain_end);
             if newer_than_base
                 && state_covered
@@ -215,6 +217,7 @@ impl Replica {
                 && lazy.base.as_ref().is_none_or(|b| b.entry.key != s.key)
             {
                 lazy.set_base(s.clone(), index_digest);
+                lazy.state_lsn = 0;
                 // The base replaces a state loaded whole from version 1, and
                 // a whole load under way older than it, which would take
                 // the state back when it ends.

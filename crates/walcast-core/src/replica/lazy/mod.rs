@@ -468,6 +468,8 @@ impl Lazy {
         self.inflight.clear();
         self.failed.clear();
         self.ranged = false;
+        // The state goes with it (its caller empties it).
+        self.state_lsn = 0;
     }
 
     /// The share of `cache_bytes` the deltas' data blocks hold together: a
