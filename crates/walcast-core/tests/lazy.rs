@@ -555,6 +555,70 @@ fn a_base_followed_by_a_version_1_snapshot_is_left_before_it_is_deleted() {
     reads_equal(&mut r, &mut store, &want);
 }
 
+/// A whole load of a version 1 snapshot under way, while the old base's
+/// snapshot is deleted: a read of one of its blocks meets a 404, which
+/// makes the replica read the head again, and neither starts the load over
+/// (it would start over for as long as reads come, and never end) nor
+/// raises an error event.
+#[test]
+fn a_read_that_meets_a_deleted_block_does_not_start_a_whole_load_over() {
+    let mut cfg = lazy_cfg(1 << 20);
+    cfg.snapshot_window = 64;
+    let mut store = dataset(80, 40, 128);
+    let mut r = Replica::new(cfg, 3);
+    drain(&mut r, &mut store, 0);
+    let mut newer = dataset_from(110, 70, 128, 41);
+    to_version_1(&mut newer, 70);
+    store.objects.extend(newer.objects);
+    let v1 = snapshot_key(70, 1);
+    assert!(
+        store.objects[&v1].len() > 4 * 64,
+        "a load of several windows: {}",
+        store.objects[&v1].len()
+    );
+    store.objects.remove(&snapshot_key(40, 1));
+    let (mut starts, mut events, mut reads) = (Vec::new(), Vec::new(), 0);
+    let mut now = 1_000;
+    for _ in 0..100_000 {
+        match r.poll(now) {
+            Action::Fetch(req) => {
+                if req.key == v1 {
+                    if let Some(ByteRange::Bounded { start, .. }) = req.range {
+                        starts.push(start);
+                    }
+                }
+                let resp = store.serve(&req);
+                r.handle_response(req.id, now, resp);
+                // Between the load's windows, a read of a block of the
+                // deleted base.
+                if req.key == v1 && reads < 3 {
+                    reads += 1;
+                    // Written at LSN 5, 10, 15 only: in the base alone.
+                    let _ = r.get_lazy(&[0, 5 * reads, 0xff]);
+                }
+            }
+            Action::Event(e) => events.push(e),
+            Action::Wait { .. } => {
+                if r.applied_lsn() == 110 && starts.len() > 1 {
+                    break;
+                }
+                now += 100;
+            }
+        }
+    }
+    assert!(
+        starts.windows(2).all(|w| w[0] < w[1]),
+        "the load started over: windows at {starts:?}"
+    );
+    let errors: Vec<_> = events
+        .iter()
+        .filter(|e| matches!(e, Event::Error(_)))
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(r.applied_lsn(), 110);
+    reads_equal(&mut r, &mut store, &state_through(1, 110));
+}
+
 /// A scan in progress when the dataset is started over at the prefix
 /// (another id, the same snapshot key, other bytes) must not keep the
 /// entries it collected from the old dataset's snapshot.

@@ -366,16 +366,13 @@ impl Replica {
                 })
             }
             GetResponse::NotFound => {
-                lazy.fail(
-                    key.clone(),
-                    job.need,
-                    Error::new(
-                        ErrorKind::NotFound,
-                        "snapshot named by the catalog is missing",
-                    )
-                    .with_object(key.clone()),
-                );
-                self.missing(now, &key);
+                let e = Error::new(
+                    ErrorKind::NotFound,
+                    "snapshot named by the catalog is missing",
+                )
+                .with_object(key.clone());
+                lazy.fail(key.clone(), job.need, e.clone());
+                self.read_missing(now, &key, e);
                 return;
             }
             other => Err(crate::replica::fetch::unavailable(&other).with_object(key.clone())),

@@ -159,7 +159,7 @@ impl Replica {
             Err(e) => {
                 lazy.fail(key.clone(), job.need, e.clone());
                 if e.kind() == ErrorKind::NotFound {
-                    self.missing(now, &key);
+                    self.read_missing(now, &key, e);
                 } else {
                     self.distrust_head(now, &e);
                     self.read_failure(&key, e);
