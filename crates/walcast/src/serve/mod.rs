@@ -46,7 +46,9 @@
 //! within `header_timeout` of the server starting to wait for it (which
 //! also bounds a kept-alive connection waiting for its next request); a
 //! connection on which no byte moves either way for `idle_timeout` (a
-//! silent client, a download the client stopped reading) is closed.
+//! silent client, a download the client stopped reading) is closed, unless
+//! the server itself is at work on its request (a held long-poll, or an
+//! ETag being hashed or waiting for its turn to be).
 //!
 //! Small files are read whole on every request (so the head, replaced by an
 //! atomic rename, is always fresh); large ones are streamed from a seek to the

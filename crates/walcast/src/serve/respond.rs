@@ -59,10 +59,15 @@ pub(super) async fn respond(
     };
     // Subscribed before the head is read, so no change is missed.
     let changes = wait.map(|_| state.signal.subscribe());
+    // Opening may hash a large file for its ETag, or wait for a turn to:
+    // the server's own work, not an idle client. The connection counts as
+    // busy meanwhile, so the idle timeout cannot cut the request off.
+    let busy = activity.as_ref().map(|a| Held::new(Arc::clone(a)));
     let mut entity = match open_object(state, &rel).await {
         Ok(e) => e,
         Err(r) => return r,
     };
+    drop(busy);
     // Whether the object is stored gzip-compressed (a head written with
     // `--head-encoding gzip`), known before a hold lets its bytes go: a 304
     // ending the hold varies on Accept-Encoding all the same.

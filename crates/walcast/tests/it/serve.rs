@@ -1067,6 +1067,39 @@ async fn stalled_downloads_are_closed_after_the_idle_timeout() {
     s.stop().await;
 }
 
+/// Hashing a large file for its ETag (the first request after a start, or
+/// a new snapshot) is the server's work, not an idle client: the idle
+/// timeout does not cut the request off, however long the hash takes.
+#[tokio::test]
+async fn a_request_waiting_for_its_etag_hash_is_not_idle() {
+    let s = start_with(ServeOptions {
+        idle_timeout: Duration::from_millis(50),
+        ..ServeOptions::default()
+    })
+    .await;
+    let big = "snapshots/00000000000000000020-1.wsnap";
+    let len: u64 = 4 << 30;
+    write_sparse(&s.root, big, len);
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(format!("HEAD /{big} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 1024];
+        let n = c.read(&mut chunk).await.unwrap();
+        assert!(
+            n > 0,
+            "the connection was closed while the server hashed the file"
+        );
+        got.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&got).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains(&format!("content-length: {len}")), "{head}");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn connections_over_the_cap_wait_for_a_free_slot() {
     let s = start_with(ServeOptions {
