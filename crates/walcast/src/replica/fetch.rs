@@ -299,7 +299,7 @@ impl AnyFetch {
                 url.split("://").next().unwrap_or("this scheme")
             )
         } else {
-            Ok(AnyFetch::Store(StoreFetch::new(Store::open(url)?)))
+            Ok(AnyFetch::Store(StoreFetch::new(Store::open_existing(url)?)))
         }
     }
 
