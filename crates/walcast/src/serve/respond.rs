@@ -189,12 +189,17 @@ pub(super) async fn respond(
         .header("x-content-type-options", "nosniff");
     let (builder, start, end) = match range {
         RangeReq::Unsatisfiable => {
-            return builder
+            let mut res = builder
                 .status(StatusCode::RANGE_NOT_SATISFIABLE)
                 .header(header::CONTENT_RANGE, format!("bytes */{total}"))
                 .header(header::CONTENT_LENGTH, 0)
                 .body(Body::empty())
                 .expect("valid response");
+            // Not the object's `immutable`: a shared cache that keys on the
+            // URL alone must not answer later GETs of it with this.
+            res.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            return res;
         }
         RangeReq::Slice(start, last) => (
             builder.status(StatusCode::PARTIAL_CONTENT).header(

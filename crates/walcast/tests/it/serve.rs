@@ -294,6 +294,14 @@ async fn unsatisfiable_range_is_416() {
             header(resp.headers(), header::CONTENT_RANGE),
             "bytes */1000"
         );
+        // Never stored by a cache (one keyed on the URL alone would answer
+        // the segment's later GETs with it).
+        let cc: Vec<_> = resp
+            .headers()
+            .get_all(header::CACHE_CONTROL)
+            .iter()
+            .collect();
+        assert_eq!(cc, ["no-store"], "{value}");
         assert!(resp.bytes().await.unwrap().is_empty());
     }
     let total = snapshot().len();
