@@ -115,7 +115,7 @@ impl Replica {
         })
     }
 
-    pub(super) fn backoff_delay(&mut self, attempts: u32) -> u64 {
+    fn backoff_delay(&mut self, attempts: u32) -> u64 {
         let exp = self
             .cfg
             .retry_base_ms

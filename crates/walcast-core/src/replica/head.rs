@@ -344,21 +344,16 @@ impl Replica {
     /// A 404 for an object the head named: re-read the head (in full).
     /// A block or deferred segment a lazy read asked for is missing: the
     /// head that named it is old news (its publisher deleted the object
-    /// under a newer one). The head is read again (at once the first time,
-    /// then backing off), as a read failure: no [`Event::Error`], no share
-    /// of the catch-up streak, and the plan and a whole load under way,
-    /// which do not depend on that object, go on (a load cut short by
-    /// every such read would start over for as long as reads come).
+    /// under a newer one). The head is read again at once (a conditional
+    /// GET), as a read failure: no [`Event::Error`], no share of the
+    /// catch-up streak, and the plan and a whole load under way, which do
+    /// not depend on that object, go on (a load cut short by every such
+    /// read would start over for as long as reads come). The failure is
+    /// kept for the block: the next read of it answers with it at once.
     pub(super) fn read_missing(&mut self, now: u64, key: &str, err: Error) {
         self.read_failure(key, err);
-        let n = self
-            .attempts
-            .iter()
-            .find(|(k, _)| k == key)
-            .map_or(0, |(_, n)| *n);
-        let due = now + if n <= 1 { 0 } else { self.backoff_delay(n) };
         self.head_fresh = true;
-        self.head_due = Some(self.head_due.map_or(due, |d| d.min(due)));
+        self.head_due = Some(now);
     }
 
     pub(super) fn missing(&mut self, now: u64, key: &str) {

@@ -128,17 +128,17 @@ pub fn encode_to(
     };
     let mut entries = state.iter();
     while let Some((k, v)) = entries.next_entry() {
-        // A chunk is closed before an entry that would take it past what
-        // readers take (one entry a batch holds fits alone).
-        if count > 0 && (body.len() + 2 * 10 + k.len() + v.len()) as u64 > MAX_CHUNK_LEN {
+        // A chunk is closed once it holds `chunk_bytes`, and before an
+        // entry that would take it past what readers take (one entry a
+        // batch holds fits alone).
+        if body.len() >= chunk_bytes
+            || (body.len() + 2 * 10 + k.len() + v.len()) as u64 > MAX_CHUNK_LEN
+        {
             flush(&mut body, &mut count, &mut written);
         }
         put_len_prefixed(&mut body, k);
         put_len_prefixed(&mut body, v);
         count += 1;
-        if body.len() >= chunk_bytes {
-            flush(&mut body, &mut count, &mut written);
-        }
     }
     flush(&mut body, &mut count, &mut written);
 

@@ -258,7 +258,7 @@ impl LazySnapshot {
             return Err(crate::codec::invalid(
                 "snapshot footer",
                 self.size - flen,
-                "its top index is larger than the cache (4 MiB at least)",
+                "top index over the cache",
             ));
         }
         if let Some(n) = self.entries.filter(|&n| n != footer.entry_count) {

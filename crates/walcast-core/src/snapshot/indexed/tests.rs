@@ -668,7 +668,7 @@ fn a_top_index_larger_than_the_cache_is_refused() {
     };
     assert!(
         err.to_string()
-            .contains("top index is larger than the cache"),
+            .contains("top index over the cache"),
         "{err}"
     );
     // A cache that holds it reads.
