@@ -576,8 +576,9 @@ fn a_read_that_meets_a_deleted_block_does_not_start_a_whole_load_over() {
         "a load of several windows: {}",
         store.objects[&v1].len()
     );
-    store.objects.remove(&snapshot_key(40, 1));
-    let (mut starts, mut events, mut reads) = (Vec::new(), Vec::new(), 0);
+    let base = snapshot_key(40, 1);
+    store.objects.remove(&base);
+    let (mut starts, mut events, mut reads, mut missing) = (Vec::new(), Vec::new(), 0, 0);
     let mut now = 1_000;
     for _ in 0..100_000 {
         match r.poll(now) {
@@ -587,6 +588,7 @@ fn a_read_that_meets_a_deleted_block_does_not_start_a_whole_load_over() {
                         starts.push(start);
                     }
                 }
+                missing += u32::from(req.key == base);
                 let resp = store.serve(&req);
                 r.handle_response(req.id, now, resp);
                 // Between the load's windows, a read of a block of the
@@ -606,6 +608,7 @@ fn a_read_that_meets_a_deleted_block_does_not_start_a_whole_load_over() {
             }
         }
     }
+    assert!(missing > 0, "no read met the deleted snapshot");
     assert!(
         starts.windows(2).all(|w| w[0] < w[1]),
         "the load started over: windows at {starts:?}"

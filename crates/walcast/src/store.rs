@@ -117,24 +117,14 @@ impl Store {
         Store::open_inner(url, None)
     }
 
-    /// Opens the dataset at `url` to read it: on `file://`, a directory that
-    /// does not exist is an error saying there is no dataset there (it is
-    /// not created, as [`open`](Self::open) does for a publisher).
-    pub fn open_existing(url: &str) -> Result<Store> {
-        if let Some(dir) = url::Url::parse(url)
+    /// The directory of a `file://` URL when it does not exist (a reader
+    /// does not create it, as [`open`](Self::open) does for a publisher).
+    pub fn missing_local_dir(url: &str) -> Option<PathBuf> {
+        url::Url::parse(url)
             .ok()
             .filter(|u| u.scheme() == "file")
             .and_then(|u| u.to_file_path().ok())
-        {
-            if !dir.is_dir() {
-                bail!(
-                    "{url}: no dataset here ({} is not a directory): check the URL, or publish \
-                     one first with `walcast publish --wal DIR --to {url}`",
-                    dir.display()
-                );
-            }
-        }
-        Store::open_inner(url, None)
+            .filter(|dir| !dir.is_dir())
     }
 
     /// Opens the dataset at `url` and counts every request made through it
@@ -802,24 +792,6 @@ mod tests {
     use super::{env_options, gcs_token, gcs_token_parts, local_store, Store, CLIENT_DEFAULTS};
     use walcast_core::catalog::HEAD_KEY;
     use walcast_core::publisher::{ObjectKind, PutCondition, PutRequest, PutResponse};
-
-    /// A reader of a `file://` directory that does not exist says there is
-    /// no dataset there, and creates nothing (a typo in `get --from`).
-    #[test]
-    fn readers_of_a_missing_directory_create_nothing() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("typo").join("app");
-        let url = url::Url::from_directory_path(&dir).unwrap().to_string();
-        let Err(err) = Store::open_existing(&url) else {
-            panic!("{url} opened");
-        };
-        assert!(format!("{err:#}").contains("no dataset here"), "{err:#}");
-        assert!(!tmp.path().join("typo").exists());
-        // A publisher's open creates it.
-        Store::open(&url).unwrap();
-        assert!(dir.is_dir());
-        Store::open_existing(&url).unwrap();
-    }
 
     fn head_put(body: &[u8], condition: PutCondition) -> PutRequest {
         PutRequest {

@@ -35,7 +35,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use walcast_core::batch::{self, Op};
 use walcast_core::segment::{encode_record, MAX_RECORD_LEN, RECORD_HEADER_LEN};
 
@@ -255,7 +255,24 @@ impl Writer {
         let mut last = 0;
         // The end of the watermark's record: what the last writer knew durable.
         let mut marked_end = reader.offset();
-        while let Some((lsn, _)) = reader.next_record()? {
+        // Damage past the watermark may be a group commit that reached the
+        // disk out of order in a crash (records never acknowledged): the
+        // error says how an operator who judges so keeps the rest.
+        let hint = |e: anyhow::Error, reader: &WalReader| {
+            let (at, bad) = (reader.offset(), reader.next_lsn());
+            if watermark.is_some_and(|m| bad <= m) {
+                return e;
+            }
+            anyhow!(
+                "{e:#}. If the machine crashed while writing, a group commit may have reached \
+                 the disk out of order (records never acknowledged: none at or below the durable \
+                 watermark, {}); to keep the records before LSN {bad} and lose those after, copy \
+                 the file aside, then `truncate -s {at} {}`",
+                watermark.unwrap_or(0),
+                path.display()
+            )
+        };
+        while let Some((lsn, _)) = reader.next_record().map_err(|e| hint(e, &reader))? {
             last = lsn;
             if watermark.is_some_and(|m| lsn <= m) {
                 marked_end = reader.offset();
@@ -638,17 +655,11 @@ impl WalReader {
         // is cut only above the watermark (`Writer::open`).
         if end < len && !self.zeros_from(end, len) {
             bail!(
-                "{}: WAL corrupt at byte {} (LSN {}): {why}; {} bytes follow, refusing to drop them. \
-                 A crash during a group commit can leave its writes on disk out of order; to keep \
-                 the records before LSN {} and lose those after, copy the file aside, then \
-                 `truncate -s {} {}`",
+                "{}: WAL corrupt at byte {} (LSN {}): {why}; {} bytes follow, refusing to drop them",
                 self.path.display(),
                 self.offset,
                 self.next_lsn,
-                len - end,
-                self.next_lsn,
-                self.offset,
-                self.path.display()
+                len - end
             );
         }
         tracing::debug!(offset = self.offset, why, "stopping at a torn WAL tail");
@@ -1169,6 +1180,33 @@ mod damage_tests {
                 bytes.len()
             ),
         }
+    }
+
+    /// A bad checksum in an acknowledged record with records after it: an
+    /// error that does not suggest cutting the log there (a crash cannot
+    /// have torn what was acknowledged; the disk damaged it).
+    #[test]
+    fn damage_to_acknowledged_records_suggests_no_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let w = Writer::open(dir.path()).unwrap();
+            for i in 0..10 {
+                w.commit(&put(i)).unwrap();
+            }
+        }
+        let path = log_path(dir.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        let frame = RECORD_HEADER_LEN as usize + batch::encode(&put(0)).unwrap().len();
+        bytes[HEADER_LEN as usize + 2 * frame + frame - 1] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let Err(e) = Writer::open(dir.path()) else {
+            panic!("opened a WAL whose acknowledged LSN 3 is damaged");
+        };
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("refusing to drop") && !e.contains("truncate -s"),
+            "{e}"
+        );
     }
 
     /// A flipped byte in the last acknowledged record: the watermark says it

@@ -341,21 +341,23 @@ impl Replica {
         }
     }
 
-    /// A 404 for an object the head named: re-read the head (in full).
     /// A block or deferred segment a lazy read asked for is missing: the
-    /// head that named it is old news (its publisher deleted the object
-    /// under a newer one). The head is read again at once (a conditional
-    /// GET), as a read failure: no [`Event::Error`], no share of the
-    /// catch-up streak, and the plan and a whole load under way, which do
-    /// not depend on that object, go on (a load cut short by every such
-    /// read would start over for as long as reads come). The failure is
-    /// kept for the block: the next read of it answers with it at once.
+    /// head that named it may be old news (its publisher deleted the object
+    /// under a newer one). The head is read again at once (conditional, not
+    /// held as a long-poll), as a read failure: no [`Event::Error`], no
+    /// share of the catch-up streak, and the plan and a whole load under
+    /// way, which do not depend on that object, go on (a load cut short by
+    /// every such read would start over for as long as reads come). The
+    /// failure is kept for the block: the next read of it answers with it
+    /// at once.
     pub(super) fn read_missing(&mut self, now: u64, key: &str, err: Error) {
         self.read_failure(key, err);
-        self.head_fresh = true;
+        self.head_now = true;
         self.head_due = Some(now);
     }
 
+    /// A 404 for an object the head named on the way to catching up:
+    /// re-read the head (in full).
     pub(super) fn missing(&mut self, now: u64, key: &str) {
         let err = Error::new(
             ErrorKind::NotFound,

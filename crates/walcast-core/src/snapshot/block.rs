@@ -10,12 +10,12 @@ use crate::error::DecodeError;
 pub const BLOCK_HEADER_LEN: u64 = 12;
 /// Entries between restart points (a restart stores its key whole).
 pub const RESTART_INTERVAL: usize = 16;
-/// Largest block body accepted: a block holds at least one entry, and the
-/// largest entry (a key of 64 KiB, a value of up to 64 MiB: a batch's
-/// limits) fits one alone. Writers close a block before an entry that would
-/// take it past this ([`BlockBuilder::fits`]). Readers before 2026-12-07
-/// took 32 MiB.
-pub const MAX_BLOCK_LEN: u64 = 65 << 20;
+/// Largest block body accepted. Writers close a block before an entry that
+/// would take it past this ([`BlockBuilder::fits`]); an entry that passes
+/// it alone (a value over about 32 MiB; a batch takes up to 64 MiB) makes
+/// the block too wide ([`BlockBuilder::too_wide`]), and the writer writes
+/// another layout (version 1 snapshots, whose chunks take 64 MiB).
+pub const MAX_BLOCK_LEN: u64 = 32 << 20;
 /// Bytes of an encoded [`BlockHandle`].
 pub const HANDLE_LEN: usize = 16;
 
@@ -100,8 +100,8 @@ impl BlockBuilder {
 
     /// Whether an entry of `key_len` and `value_len` bytes keeps the block's
     /// body within [`MAX_BLOCK_LEN`] (counted as if its key shared nothing,
-    /// with a restart point); an empty block takes any entry a batch holds.
-    /// Writers close the block first when it does not.
+    /// with a restart point), or the block is empty. Writers close the
+    /// block first when it does not.
     pub fn fits(&self, key_len: usize, value_len: usize) -> bool {
         let entry = (3 * 10 + 4 + key_len + value_len) as u64;
         self.count == 0 || (self.size() as u64) + entry <= MAX_BLOCK_LEN
@@ -163,9 +163,10 @@ impl BlockBuilder {
             body.extend_from_slice(&r.to_le_bytes());
         }
         body.extend_from_slice(&(self.restarts.len() as u32).to_le_bytes());
-        // A body past what readers take (an index block of thousands of
-        // 64 KiB keys: nothing closes the top one early) is too wide too;
-        // its length may not even fit the header's u32.
+        // A body past what readers take (one entry of a value over 32 MiB;
+        // a top index block of thousands of 64 KiB keys, which nothing
+        // closes early) is too wide too; its length may not even fit the
+        // header's u32.
         self.too_wide |= body.len() as u64 > MAX_BLOCK_LEN;
         let len = body.len() as u32;
         self.too_wide |= self.decoded > decoded_limit(u64::from(len) + BLOCK_HEADER_LEN);

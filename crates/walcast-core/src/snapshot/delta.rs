@@ -685,24 +685,29 @@ mod tests {
             .collect()
     }
 
-    /// Values up to a batch's 64 MiB among small ones: each large one gets
-    /// a block of its own, and the delta reads.
+    /// A value past what a block takes (32 MiB) makes no unreadable delta
+    /// (none is written); values up to it among small ones get a block of
+    /// their own each, and the delta reads.
     #[test]
-    fn values_as_large_as_a_batch_takes_are_written_readably() {
-        let changes: Vec<(Vec<u8>, Change)> = vec![
+    fn values_past_what_a_block_takes_make_no_unreadable_delta() {
+        let encode = |changes: &[(Vec<u8>, Change)]| {
+            encode_delta_readable(
+                changes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
+                meta(),
+                DEFAULT_DELTA_BLOCK_BYTES,
+            )
+        };
+        let mut changes: Vec<(Vec<u8>, Change)> = vec![
             (b"a".to_vec(), Some(b"xyz".to_vec())),
-            (b"b".to_vec(), Some(vec![7u8; (64 << 20) - 9])),
+            (b"b".to_vec(), Some(vec![7u8; (32 << 20) - 64])),
             (b"c".to_vec(), None),
-            (b"d".to_vec(), Some(vec![9u8; 40 << 20])),
+            (b"d".to_vec(), Some(vec![9u8; (32 << 20) - 64])),
             (b"e".to_vec(), Some(b"last".to_vec())),
         ];
-        let bytes = encode_delta_readable(
-            changes.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
-            meta(),
-            DEFAULT_DELTA_BLOCK_BYTES,
-        )
-        .expect("readable");
+        let bytes = encode(&changes).expect("readable");
         assert_eq!(decode_delta(&bytes).unwrap().changes, changes);
+        changes[1].1 = Some(vec![7u8; (64 << 20) - 9]);
+        assert!(encode(&changes).is_none());
     }
 
     /// A delta whose blocks readers would refuse (8,000 keys "a", "aa",

@@ -248,7 +248,10 @@ impl Fetch for HttpFetch {
 /// GETs through a [`Store`] (s3://, gs://, az://, file://, memory://).
 #[derive(Debug, Clone)]
 pub struct StoreFetch {
-    store: Store,
+    /// The store, once open: a `file://` directory that did not exist yet
+    /// is opened at the first GET that finds it.
+    store: std::sync::Arc<std::sync::OnceLock<Store>>,
+    url: String,
     /// GETs issued.
     pub requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -257,9 +260,25 @@ impl StoreFetch {
     /// A fetcher over `store`.
     pub fn new(store: Store) -> Self {
         StoreFetch {
-            store,
+            url: store.url().to_string(),
+            store: std::sync::Arc::new(std::sync::OnceLock::from(store)),
             requests: Default::default(),
         }
+    }
+
+    /// A fetcher of the dataset at `url`. A `file://` directory that does
+    /// not exist is not created (a reader's typo would leave one behind):
+    /// every GET answers 404, as for a dataset not published yet, until it
+    /// exists.
+    pub fn open(url: &str) -> Result<Self> {
+        if Store::missing_local_dir(url).is_some() {
+            return Ok(StoreFetch {
+                store: Default::default(),
+                url: url.to_string(),
+                requests: Default::default(),
+            });
+        }
+        Ok(StoreFetch::new(Store::open(url)?))
     }
 }
 
@@ -267,7 +286,20 @@ impl Fetch for StoreFetch {
     async fn get(&self, req: GetRequest) -> GetResponse {
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.store.get(&req).await
+        let store = match self.store.get() {
+            Some(store) => store,
+            None if Store::missing_local_dir(&self.url).is_some() => return GetResponse::NotFound,
+            None => match Store::open(&self.url) {
+                Ok(store) => self.store.get_or_init(|| store),
+                Err(e) => {
+                    return GetResponse::Failed {
+                        status: None,
+                        message: format!("{e:#}"),
+                    }
+                }
+            },
+        };
+        store.get(&req).await
     }
 }
 
@@ -299,7 +331,7 @@ impl AnyFetch {
                 url.split("://").next().unwrap_or("this scheme")
             )
         } else {
-            Ok(AnyFetch::Store(StoreFetch::new(Store::open_existing(url)?)))
+            Ok(AnyFetch::Store(StoreFetch::open(url)?))
         }
     }
 
@@ -402,5 +434,36 @@ mod tests {
                 panic!("100 due sleeps in a row never let another task run");
             })
             .await;
+    }
+
+    /// A reader of a `file://` directory that does not exist creates
+    /// nothing (a typo in `get --from` left one behind): its GETs answer
+    /// 404, as for a dataset not published yet, and find the dataset once
+    /// its publisher made the directory.
+    #[tokio::test]
+    async fn readers_of_a_missing_directory_create_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("typo").join("app");
+        let url = url::Url::from_directory_path(&dir).unwrap().to_string();
+        let AnyFetch::Store(f) = AnyFetch::for_url(&url).unwrap() else {
+            panic!("not a store");
+        };
+        let head = |id| GetRequest {
+            id: walcast_core::io::RequestId(id),
+            key: walcast_core::catalog::HEAD_KEY.to_string(),
+            range: None,
+            if_none_match: None,
+            wait_ms: None,
+            timeout_ms: 10_000,
+            max_bytes: 1 << 20,
+        };
+        assert!(matches!(f.get(head(1)).await, GetResponse::NotFound));
+        assert!(!tmp.path().join("typo").exists());
+        std::fs::create_dir_all(dir.join("catalog")).unwrap();
+        std::fs::write(dir.join(walcast_core::catalog::HEAD_KEY), b"{}").unwrap();
+        match f.clone().get(head(2)).await {
+            GetResponse::Ok { body, .. } => assert_eq!(body, b"{}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -248,19 +248,6 @@ impl LazySnapshot {
             ));
         }
         let footer = Footer::decode(fb, self.size)?;
-        // The top index is held for as long as the snapshot, beside the
-        // cache: at most the cache's bytes (4 MiB at least), as a delta's.
-        if u64::from(footer.top.len)
-            > self
-                .cache_bytes
-                .max(crate::snapshot::delta::MAX_LAZY_SUFFIX)
-        {
-            return Err(crate::codec::invalid(
-                "snapshot footer",
-                self.size - flen,
-                "top index over the cache",
-            ));
-        }
         if let Some(n) = self.entries.filter(|&n| n != footer.entry_count) {
             return Err(crate::codec::invalid(
                 "snapshot footer",
