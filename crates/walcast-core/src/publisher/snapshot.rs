@@ -57,7 +57,8 @@ impl Publisher {
         self.bytes_since_delta = 0;
         self.touched.clear();
         // A block-indexed snapshot whose blocks readers would refuse (keys
-        // too long and alike) is written as version 1, read whole.
+        // too long and alike, a value over 32 MiB) is written as version 1,
+        // read whole.
         let indexed = match self.cfg.snapshot_format {
             super::SnapshotFormat::Chunked => None,
             super::SnapshotFormat::Indexed(opts) => Some((opts, false)),
@@ -187,7 +188,8 @@ impl Publisher {
         let block_bytes = opts.block_bytes.clamp(1, DEFAULT_DELTA_BLOCK_BYTES * 4);
         let Some(bytes) = encode_delta_readable(changes.iter().copied(), meta, block_bytes) else {
             // Its blocks would decode to more than readers take (keys long
-            // and alike): no delta; lazy replicas replay the segments.
+            // and alike), or pass 32 MiB (a value that large): no delta;
+            // lazy replicas replay the segments.
             self.delta_refused_at = lsn;
             return;
         };
