@@ -310,16 +310,22 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
    * `busy` if there is still nothing to serve).
    */
   async function waitTurn(s, p, ms, turn) {
-    if (s.waiting >= s.config.maxWaitingRequests) {
-      turn.busy = true;
-      return;
-    }
+    if (!(await asWaiting(s, () => withDeadline(p, ms)))) turn.busy = true;
+  }
+
+  /**
+   * Runs `wait()` as one of at most MAX_WAITING_REQUESTS waiting requests;
+   * false, without running it, when that many wait already.
+   */
+  async function asWaiting(s, wait) {
+    if (s.waiting >= s.config.maxWaitingRequests) return false;
     s.waiting++;
     try {
-      await withDeadline(p, ms);
+      await wait();
     } finally {
       s.waiting--;
     }
+    return true;
   }
 
   async function replicaFor(env, defer, turn = {}) {
@@ -595,18 +601,12 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     // Read-your-writes (waitForLsn), with at most MAX_WAITING_REQUESTS
     // requests waiting at once.
     if (minLsn !== null && replica.status().appliedLsn < minLsn) {
-      if (s.waiting >= s.config.maxWaitingRequests) {
-        const res = json(503, { error: { code: "busy", message: "too many requests waiting at once; retry" } }, replica.status().appliedLsn, cors);
+      let res;
+      if (!(await asWaiting(s, async () => (res = await waitForLsn(s, replica, minLsn, cors, defer))))) {
+        res = json(503, { error: { code: "busy", message: "too many requests waiting at once; retry" } }, replica.status().appliedLsn, cors);
         res.headers.set("retry-after", "1");
-        return res;
       }
-      s.waiting++;
-      try {
-        const res = await waitForLsn(s, replica, minLsn, cors, defer);
-        if (res) return res;
-      } finally {
-        s.waiting--;
-      }
+      if (res) return res;
     }
     if (route === "kv") {
       // The LSN the answer is read at, or below it: taken before a lazy

@@ -1149,18 +1149,22 @@ mod damage_tests {
         vec![Op::put(i.to_le_bytes().to_vec(), vec![7; 20])]
     }
 
+    /// A WAL directory of `n` acknowledged commits, `put(0..n)`.
+    fn committed(n: u32) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Writer::open(dir.path()).unwrap();
+        for i in 0..n {
+            w.commit(&put(i)).unwrap();
+        }
+        dir
+    }
+
     /// A length field damaged in an old, acknowledged record (one that the
     /// durable watermark covers) is corruption, not a torn tail: reopening
     /// must refuse rather than cut every later acknowledged record.
     #[test]
     fn damaged_length_of_an_old_record_does_not_drop_acknowledged_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let w = Writer::open(dir.path()).unwrap();
-            for i in 0..10 {
-                w.commit(&put(i)).unwrap();
-            }
-        }
+        let dir = committed(10);
         assert_eq!(durable_lsn(dir.path()), Some(10));
         // Record 3's length field (byte 8 of its frame): one flipped bit, a
         // claimed length of 1 MiB + the real one, past the end of the file.
@@ -1187,13 +1191,7 @@ mod damage_tests {
     /// have torn what was acknowledged; the disk damaged it).
     #[test]
     fn damage_to_acknowledged_records_suggests_no_cut() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let w = Writer::open(dir.path()).unwrap();
-            for i in 0..10 {
-                w.commit(&put(i)).unwrap();
-            }
-        }
+        let dir = committed(10);
         let path = log_path(dir.path());
         let mut bytes = std::fs::read(&path).unwrap();
         let frame = RECORD_HEADER_LEN as usize + batch::encode(&put(0)).unwrap().len();
@@ -1213,13 +1211,7 @@ mod damage_tests {
     /// was durable, so it is not a torn write to be cut silently.
     #[test]
     fn damaged_last_acknowledged_record_is_not_cut_as_a_torn_tail() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let w = Writer::open(dir.path()).unwrap();
-            for i in 0..3 {
-                w.commit(&put(i)).unwrap();
-            }
-        }
+        let dir = committed(3);
         let path = log_path(dir.path());
         let mut bytes = std::fs::read(&path).unwrap();
         let n = bytes.len();

@@ -39,7 +39,8 @@ pub(super) async fn connection(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_header_size(MAX_HEAD_BYTES);
-    // Handlers mark the connection busy while they hold a long-poll.
+    // Handlers mark the connection busy while they hold a long-poll or
+    // hash a file for its ETag.
     let app = app.layer(axum::Extension(Arc::clone(&activity)));
     let conn = builder.serve_connection(io, TowerToHyperService::new(app));
     let mut conn = std::pin::pin!(conn);
@@ -167,7 +168,8 @@ impl AsyncWrite for Tracked {
     }
 }
 
-/// Marks a connection busy while a long-poll is held on it.
+/// Marks a connection busy (never idle) while the server works on its
+/// request: a held long-poll, or a file being opened and hashed for its ETag.
 pub(super) struct Held(Arc<Activity>);
 
 impl Held {
