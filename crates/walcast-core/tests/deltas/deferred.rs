@@ -577,3 +577,69 @@ fn a_whole_load_under_deferred_segments_never_takes_the_state_back() {
         );
     }
 }
+
+/// A deferred segment deleted under a newer head whose delta holds its
+/// writes (the origin moved on while the replica held an old head): the
+/// read that meets the 404 gets an error naming the segment, no error
+/// event, and the replica reads the head at once; the next read answers
+/// from the newer chain.
+#[test]
+fn a_deferred_segment_deleted_under_a_newer_head_sends_reads_to_it() {
+    let cfg = PublisherConfig {
+        delta_every: Some(2),
+        ..cfg_filters()
+    };
+    let (mut p, mut store, mut lsn, mut now) = loaded(cfg);
+    put(&mut p, &mut store, &mut lsn, &mut now, b"aa", b"1");
+    let h = store.head();
+    let seg = h
+        .segments
+        .last()
+        .expect("a segment past the chain")
+        .key
+        .clone();
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    assert!(r.status(0).lazy.unwrap().deferred_segments >= 1);
+    let old_lsn = r.applied_lsn();
+    // The origin writes on; a delta takes the segment's writes in.
+    for i in 0..4u8 {
+        put(&mut p, &mut store, &mut lsn, &mut now, &[b'b', i], b"2");
+    }
+    let h = store.head();
+    assert!(
+        h.deltas.last().is_some_and(|d| d.lsn >= old_lsn),
+        "a delta over the segment: {:?}",
+        h.deltas
+    );
+    store.objects.remove(&seg).expect("the segment was there");
+    assert_eq!(r.get_lazy(b"aa").unwrap(), Read::Pending);
+    let mut c = Cold::default();
+    let mut errors = Vec::new();
+    let mut answer = None;
+    for _ in 0..20 {
+        loop {
+            match r.poll(0) {
+                replica::Action::Fetch(req) => {
+                    let resp = store.serve(&req, &mut c);
+                    r.handle_response(req.id, 0, resp);
+                }
+                replica::Action::Event(replica::Event::Error(e)) => errors.push(e),
+                replica::Action::Event(_) => {}
+                replica::Action::Wait { .. } => break,
+            }
+        }
+        match r.get_lazy(b"aa") {
+            Ok(Read::Ready(v)) => {
+                answer = Some(v);
+                break;
+            }
+            Ok(Read::Pending) => {}
+            Err(e) => assert!(e.to_string().contains(&seg), "{e}"),
+        }
+    }
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(answer, Some(Some(b"1".to_vec())), "the read never answered");
+    assert_eq!(r.applied_lsn(), lsn);
+}
