@@ -38,8 +38,15 @@ function cacheFieldSupported() {
   return cacheField;
 }
 
-function errorText(e) {
-  return `${e?.name ?? "Error"}: ${e?.message ?? e}`;
+/**
+ * The runtime's text of a failed fetch, with every URL in it (which may
+ * carry the dataset URL's credentials or `?token=`) replaced by the
+ * object's key, as the native replica leaves the URL out of its errors.
+ */
+function errorText(e, io, key) {
+  let text = `${e?.name ?? "Error"}: ${e?.message ?? e}`.replace(/[a-z][a-z0-9+.-]*:\/\/[^\s'"`<>]*/gi, key);
+  if (io.query) text = text.split(io.query).join("");
+  return text;
 }
 
 /**
@@ -206,7 +213,7 @@ async function fetchOnce(io, req, ac) {
     const message = status === 206 ? `a 206 answer without a valid Content-Range (${contentRange ?? "none"})` : undefined;
     return { status, body, etag: res.headers.get("etag"), contentRange, longPoll, message };
   } catch (e) {
-    const message = ac.signal.aborted ? `no answer within ${req.timeoutMs} ms` : errorText(e);
+    const message = ac.signal.aborted ? `no answer within ${req.timeoutMs} ms` : errorText(e, io, req.key);
     return { status, message: status ? `reading the body: ${message}` : message };
   }
 }

@@ -433,11 +433,16 @@ export class Replica {
     try {
       if (call(h, "read", (x) => x.status()).appliedLsn >= rec.appliedLsn) return;
       let damage = null;
+      let replace = false;
       w = construct(() => {
         const r = restoreRecord(this.#wasmOpts, rec, storeKey(this.#url, this.#wasmOpts));
         damage = r.damage;
+        replace = r.replace;
         return r.w;
       });
+      // A record naming another dataset than its base: the next write
+      // replaces it, as after an open (an append to it would be refused).
+      if (replace) this.#resetSincePersist = true;
       if (damage) {
         this.#persistRepair = true;
         this.#persistRepairOf = rec.appliedLsn;

@@ -110,6 +110,31 @@ test("a redirect loop within the origin ends with an error", async () => {
   }
 });
 
+test("a failed GET's error names the object, never the dataset URL's credentials or token", async () => {
+  const origin = await listen((req, res) => res.writeHead(302, { location: "http://[" }).end());
+  try {
+    const port = origin.address().port;
+    // The runtime's own error quotes the URL (Node refuses credentials in
+    // one; Deno names the base of a Location it cannot parse).
+    for (const [url, opts] of [
+      [`http://user:s3cret@127.0.0.1:${port}/app?token=SECRET-TOKEN`, {}],
+      [`http://127.0.0.1:${port}/app?token=SECRET-TOKEN`, { headers: secrets }],
+    ]) {
+      const r = await Replica.open(url, opts);
+      const err = await syncOnce(r);
+      const last = r.status().lastError;
+      await r.close().catch(() => {});
+      assert.ok(err, `${url}: the sync reports an error`);
+      for (const text of [String(err.message), JSON.stringify(last)]) {
+        assert.doesNotMatch(text, /s3cret|SECRET-TOKEN/, text);
+        assert.match(text, /catalog\/head\.json/, text);
+      }
+    }
+  } finally {
+    origin.close();
+  }
+});
+
 test("a 206 without a Content-Range is a failure naming the header, not a whole object", async () => {
   // A head the replica would accept as a whole answer (an empty dataset's).
   const origin = await listen((req, res) => res.writeHead(206, { "content-type": "application/json" }).end("{}"));
@@ -365,5 +390,58 @@ test("a server that never finishes sending the wasm module, or sends or claims f
   } finally {
     server.closeAllConnections?.();
     server.close();
+  }
+});
+
+// --- a sync after an outage ------------------------------------------------------
+
+/** 40 segments of 5 batches each and no snapshot, in a directory. */
+function segmentsDataset() {
+  const bin = walcastBin();
+  const wal = path.join(tmp, "segs-wal");
+  const dir = path.join(tmp, "segs");
+  const lines = [];
+  for (let b = 0; b < 200; b++) lines.push(JSON.stringify({ batch: [{ op: "put", key: `k${b % 50}`, value: "x".repeat(400) + b }] }));
+  execFileSync(bin, ["write", "--wal", wal], { input: lines.join("\n") + "\n", stdio: ["pipe", "pipe", "pipe"] });
+  const to = pathToFileURL(dir).href;
+  execFileSync(bin, ["publish", "--wal", wal, "--to", to, "--once", "--snapshot-every", "0", "--segment-bytes", "2000"], { stdio: ["pipe", "pipe", "pipe"] });
+  return dir;
+}
+
+test("a sync after an outage reports its own outcome, not errors of the last sync's GETs answered after it ended", async () => {
+  const dir = segmentsDataset();
+  let failing = true;
+  const origin = await listen(async (req, res) => {
+    const key = decodeURIComponent(new URL(req.url, "http://x").pathname.replace(/^\/ds\//, ""));
+    if (failing && key.startsWith("segments/")) {
+      await sleep(100);
+      return res.writeHead(503).end();
+    }
+    const file = path.join(dir, key);
+    if (!fs.existsSync(file)) return res.writeHead(404).end();
+    res.writeHead(200).end(fs.readFileSync(file));
+  });
+  try {
+    const url = `http://127.0.0.1:${origin.address().port}/ds`;
+    let stale = 0;
+    for (let trial = 0; trial < 3; trial++) {
+      failing = true;
+      const r = await Replica.open(url, { concurrency: 4 });
+      await assert.rejects(r.sync(), "the sync in the outage fails");
+      // The outage's GETs still out are answered (failing) after it ended.
+      await sleep(800);
+      failing = false;
+      try {
+        await r.sync();
+        assert.equal(r.status().appliedLsn, 200);
+      } catch (e) {
+        stale++;
+      } finally {
+        await r.close().catch(() => {});
+      }
+    }
+    assert.equal(stale, 0, "syncs after the outage failed with its errors");
+  } finally {
+    origin.close();
   }
 });

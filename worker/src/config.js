@@ -20,6 +20,13 @@ const MODULE_SCAN_MAX_BYTES = 0xffffffff;
 const DEFAULT_MAX_CONCURRENT_SCANS = 32;
 const MODULE_OPEN_SCANS = 64;
 
+// The memory lazy scans in progress may take together (SCAN_MEMORY_BYTES):
+// until it answers, a scan holds up to twice SCAN_MAX_BYTES in the module
+// (the rows it collected, then their merge with the newer writes), and the
+// module's memory never shrinks. Scans past it answer 503 `busy`; one scan
+// always runs.
+const DEFAULT_SCAN_MEMORY_BYTES = 32 << 20;
+
 // Lazy point reads in progress at once (MAX_CONCURRENT_READS): the module
 // runs 32 of them and queues the rest, so a flood of /kv requests would
 // otherwise queue reads without bound, each run long after its request
@@ -152,6 +159,7 @@ export function readConfig(env) {
     maxScanLimit: intVar(env, "MAX_SCAN_LIMIT", DEFAULT_MAX_SCAN_LIMIT, 1),
     scanMaxBytes: Math.min(intVar(env, "SCAN_MAX_BYTES", DEFAULT_SCAN_MAX_BYTES, 1), MODULE_SCAN_MAX_BYTES),
     maxConcurrentScans: Math.min(intVar(env, "MAX_CONCURRENT_SCANS", DEFAULT_MAX_CONCURRENT_SCANS, 1), MODULE_OPEN_SCANS),
+    scanMemoryBytes: intVar(env, "SCAN_MEMORY_BYTES", DEFAULT_SCAN_MEMORY_BYTES, 1),
     maxConcurrentReads: Math.min(intVar(env, "MAX_CONCURRENT_READS", DEFAULT_MAX_CONCURRENT_READS, 1), MAX_CONCURRENT_READS),
     maxWaitingRequests: Math.min(intVar(env, "MAX_WAITING_REQUESTS", DEFAULT_MAX_WAITING_REQUESTS, 1), MAX_WAITING_REQUESTS),
     firstSyncWaitMs: intVar(env, "FIRST_SYNC_WAIT_MS", DEFAULT_FIRST_SYNC_WAIT_MS, 0, MAX_WAIT_MS),

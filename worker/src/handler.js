@@ -29,7 +29,9 @@
 // answered (JSON escapes, base64), default 4 MiB, at most
 // 2^32 - 1, and then carries `Walcast-Scan-Next`: the percent-encoded
 // `start` of the next page), MAX_CONCURRENT_SCANS (lazy scans at once, 32, at
-// most 64: more answer 503 `busy` with Retry-After), MAX_CONCURRENT_READS
+// most 64: more answer 503 `busy` with Retry-After), SCAN_MEMORY_BYTES (the
+// memory lazy scans at once may take, each counted at twice SCAN_MAX_BYTES,
+// 32 MiB: more answer 503 `busy`; one always runs), MAX_CONCURRENT_READS
 // (lazy /kv reads at once, 1024, at most 4096: more answer 503 `busy` with
 // Retry-After), MAX_WAITING_REQUESTS (requests waiting for the first sync
 // or a min_lsn at once, 1024, at most 65536: more answer 503 `busy` with
@@ -663,8 +665,11 @@ export function createHandler(Replica, { log = (...a) => console.warn(...a), now
     // Lazy scans at once are capped below what the module keeps open (64):
     // past that, each step would evict the scan stepped next, and every scan
     // would start over for ever, fetching blocks.
+    // And by the memory they may take together (SCAN_MEMORY_BYTES), each
+    // counted at twice SCAN_MAX_BYTES: its rows, then their merge.
     const lazyScan = s.config.load === "lazy" && limit > 0;
-    if (lazyScan && s.scans >= s.config.maxConcurrentScans) {
+    const scanMemory = (s.scans + 1) * 2 * s.config.scanMaxBytes;
+    if (lazyScan && (s.scans >= s.config.maxConcurrentScans || (s.scans > 0 && scanMemory > s.config.scanMemoryBytes))) {
       const res = json(503, { error: { code: "busy", message: "too many scans at once; retry" } }, lsn, cors);
       res.headers.set("retry-after", "1");
       return res;

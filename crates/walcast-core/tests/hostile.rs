@@ -602,6 +602,43 @@ fn a_new_damaged_segment_in_every_head_ends_in_an_error_and_backs_off() {
     );
 }
 
+/// A server whose every head names a new segment (a new epoch, so a new
+/// key each time) and answers 404 for it: the first miss of each key used
+/// to read the head again at once, so head, 404, head went on without a
+/// pause. Now, after rounds of failures, the head reads back off as for a
+/// damaged segment, and an error says what is missing.
+#[test]
+fn a_new_missing_segment_in_every_head_backs_off() {
+    let (mut heads, mut gets) = (0u64, 0u64);
+    let mut d = Driver::new(cfg(), 3);
+    d.run(
+        60_000,
+        &mut |g| {
+            gets += 1;
+            if g.key != HEAD_KEY {
+                return GetResponse::NotFound;
+            }
+            heads += 1;
+            let (_, summary) = build_segment(heads, 1, 10, 64);
+            let mut head = Head::new(DATASET, heads);
+            head.generation = heads;
+            head.committed_lsn = 10;
+            head.segments = vec![SegmentEntry::from_summary(&summary)];
+            GetResponse::Ok {
+                body: head.encode(),
+                etag: Some(format!("\"h{heads}\"")),
+                range: None,
+            }
+        },
+        &mut assert_state,
+    );
+    assert!(
+        d.errors().iter().any(|e| e.kind() == ErrorKind::NotFound),
+        "no error after {heads} heads"
+    );
+    assert!(gets < 400, "{gets} GETs ({heads} heads) in a minute");
+}
+
 /// The same through a page: every head names a new page, which is sound
 /// and names a new damaged segment. Reading the page is no progress, so
 /// the failures still add up to an error; and with 16 GETs in flight the

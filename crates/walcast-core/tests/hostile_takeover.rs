@@ -495,3 +495,73 @@ fn another_datasets_head_stops_the_publisher_naming_both_datasets() {
     });
     assert!(said, "{events:?}");
 }
+
+/// The publisher's defaults (segments of any size, the tail carried),
+/// committing at once.
+fn quiet() -> PublisherConfig {
+    PublisherConfig {
+        max_commits_per_sec: 0,
+        head_check_ms: 0,
+        snapshot_every: None,
+        ..PublisherConfig::default()
+    }
+}
+
+/// A claimed head's tail copy that is not the segment's bytes: the new
+/// publisher carries no such copy into its heads (replicas would refuse it
+/// and fetch the segment, on every head that carried it).
+#[test]
+fn a_bad_tail_copy_in_a_claimed_head_is_not_carried_on() {
+    let mut objects = Objects::new();
+    let mut a = Publisher::new(quiet(), 1);
+    run(&mut a, &mut objects, 3, 0, 500);
+    let mut h = head(&objects);
+    assert!(!h.tail.is_empty(), "A's head carries a tail");
+    let key = h.tail[0].key.clone();
+    let n = h.tail[0].body.len();
+    h.tail[0].body[n / 2] ^= 0xff;
+    tamper(&mut objects, h);
+    let mut b = Publisher::new(quiet(), 2);
+    run(&mut b, &mut objects, 4, 1000, 1500);
+    let h = head(&objects);
+    assert!(
+        h.committed_lsn >= 4 && h.epoch == 2,
+        "{} {}",
+        h.committed_lsn,
+        h.epoch
+    );
+    let stored = &objects[&key].0;
+    let carried = h.tail_body(&key);
+    assert!(
+        carried.is_none() || carried == Some(stored.as_slice()),
+        "B's head (epoch {}) carries a copy of {key} that is not the stored object",
+        h.epoch
+    );
+}
+
+/// A claimed head whose delta claims u64::MAX entries: the publisher's
+/// merge rule does not overflow.
+#[test]
+fn a_delta_entry_count_at_u64_max_does_not_panic_the_publisher() {
+    let cfg = |every| PublisherConfig {
+        snapshot_every: Some(every),
+        delta_every: Some(1),
+        ..quiet()
+    };
+    let mut objects = Objects::new();
+    let mut a = Publisher::new(cfg(3), 1);
+    run(&mut a, &mut objects, 4, 0, 2_000);
+    let mut h = head(&objects);
+    assert_eq!(h.snapshot.as_ref().map(|s| s.lsn), Some(3), "{h:?}");
+    assert_eq!(h.deltas.len(), 1, "{h:?}");
+    h.deltas[0].entries = u64::MAX;
+    tamper(&mut objects, h);
+    let mut b = Publisher::new(cfg(100), 2);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run(&mut b, &mut objects, 6, 3_000, 4_000)
+    }));
+    assert!(
+        r.is_ok(),
+        "the publisher panicked on a claimed head's delta entry count"
+    );
+}

@@ -24,7 +24,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use tokio::sync::mpsc;
 use walcast_core::catalog::Head;
 use walcast_core::io::{ByteRange, GetRequest, GetResponse, RequestId};
@@ -116,13 +116,19 @@ pub async fn publish(
     let (tx, mut rx) = mpsc::unbounded_channel::<Done>();
     let mut reader = WalReader::open(&wal_dir)?;
     let mut mark = DurableMark::open(&wal_dir);
-    let mut durable = match mark.read()? {
-        Some(lsn) => lsn,
-        None => {
+    let mut durable = match mark.read() {
+        Ok(Some(lsn)) => lsn,
+        Ok(None) => {
             tracing::warn!(
                 "{}: no durable watermark yet; records are published once a writer has made them durable",
                 wal_dir.display()
             );
+            0
+        }
+        // `--once` publishes what is durable now, which is unknown.
+        Err(e) if opts.once => return Err(e).context("reading the WAL's durable watermark"),
+        Err(e) => {
+            tracing::warn!("{e:#}; records are published once the writer has rewritten it");
             0
         }
     };
@@ -133,6 +139,7 @@ pub async fn publish(
     if let Some(head) = current_head(&store).await {
         check_wal_holds_head(&wal_dir, &store, Some(&head), head.committed_lsn).await?;
     }
+    let mut mark_failed = false;
     // With `once`: everything durable at the start.
     let target = opts.once.then_some(durable);
     let mut report = PublishReport::default();
@@ -155,8 +162,16 @@ pub async fn publish(
                 break;
             }
             if next > durable.max(committed) {
-                if let Some(lsn) = mark.read()? {
-                    durable = lsn;
+                match mark.read() {
+                    Ok(Some(lsn)) => durable = lsn,
+                    Ok(None) => {}
+                    // Said once; the writer rewrites a mark torn by a crash.
+                    Err(e) => {
+                        if !mark_failed {
+                            tracing::warn!("{e:#}");
+                        }
+                        mark_failed = true;
+                    }
                 }
                 if next > durable.max(committed) {
                     break;
@@ -498,6 +513,31 @@ mod tests {
             .unwrap();
         let l = crate::replica::load(local.path()).unwrap();
         l.state.get(key.as_bytes()).map(<[u8]>::to_vec)
+    }
+
+    /// A durable watermark torn by a crash (it fails its checksum on every
+    /// read): `publish --once`, which publishes what is durable now, fails
+    /// naming the file instead of publishing nothing and saying it is done.
+    /// The writer mends it when it next opens the WAL.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_torn_durable_watermark_fails_publish_once() {
+        let wal = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let (_url, store) = dataset(data.path());
+        let w = Writer::open(wal.path()).unwrap();
+        assert_eq!(w.commit(&put("k1", "one")).unwrap(), 1);
+        drop(w);
+        let mark = crate::wal::durable_path(wal.path());
+        let mut bytes = std::fs::read(&mark).unwrap();
+        bytes[5] ^= 0xff;
+        std::fs::write(&mark, &bytes).unwrap();
+        let err = publish_once(wal.path(), &store)
+            .await
+            .expect_err("published with no watermark to go by");
+        assert!(format!("{err:#}").contains("wal.durable"), "{err:#}");
+        drop(Writer::open(wal.path()).unwrap());
+        let report = publish_once(wal.path(), &store).await.unwrap();
+        assert_eq!(report.committed_lsn, 1);
     }
 
     /// A batch written to the WAL whose fsync has not returned is not

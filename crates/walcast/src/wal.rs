@@ -44,6 +44,9 @@ const VERSION: u16 = 1;
 const HEADER_LEN: u64 = 16;
 const MARK_MAGIC: &[u8; 4] = b"WCWD";
 const MARK_LEN: usize = 16;
+/// Reads of `wal.durable` before a checksum mismatch is taken for a torn
+/// write rather than a read that raced the writer's 16-byte rewrite.
+const MARK_READS: u32 = 16;
 
 fn header() -> [u8; 16] {
     let mut h = [0u8; 16];
@@ -517,26 +520,44 @@ impl DurableMark {
     }
 
     /// The highest LSN the writer has made durable; `None` when no writer
-    /// recorded one yet, or when the read caught the writer mid-update
-    /// (read again later).
+    /// recorded one yet. A read that caught the writer mid-update is read
+    /// again; a mark that still fails its checksum (a write torn by a
+    /// crash, which the writer mends when it next opens the WAL) is an
+    /// error naming the file.
     pub fn read(&mut self) -> Result<Option<u64>> {
+        for _ in 0..MARK_READS {
+            if let Some(v) = self.read_once()? {
+                return Ok(v);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        anyhow::bail!(
+            "{} fails its checksum in {MARK_READS} reads: a write torn by a crash \
+             (the WAL's writer rewrites it when it opens the WAL)",
+            self.path.display()
+        )
+    }
+
+    /// One read: `None` when the mark fails its checksum.
+    fn read_once(&mut self) -> Result<Option<Option<u64>>> {
         if self.file.is_none() {
             match File::open(&self.path) {
                 Ok(f) => self.file = Some(f),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(None)),
                 Err(e) => {
                     return Err(e).with_context(|| format!("opening {}", self.path.display()))
                 }
             }
         }
         let Some(f) = self.file.as_mut() else {
-            return Ok(None);
+            return Ok(Some(None));
         };
         let mut b = [0u8; MARK_LEN];
         f.seek(SeekFrom::Start(0))?;
         match f.read_exact(&mut b) {
-            Ok(()) => Ok(decode_mark(&b)),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+            Ok(()) => Ok(decode_mark(&b).map(Some)),
+            // Created, not yet written: no watermark recorded.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(Some(None)),
             Err(e) => Err(e).with_context(|| format!("reading {}", self.path.display())),
         }
     }

@@ -473,7 +473,8 @@ test("LOAD=lazy: the replica's open is the first sync; reads are awaited; failed
   };
   let t = 1_000_000;
   const handle = createHandler(Lazy, { now: () => t, log: () => {} });
-  const env = { DATASET_URL: "http://ds/x", LOAD: "lazy", CACHE_BYTES: "65536", MAX_AGE_MS: "60000", FIRST_SYNC_WAIT_MS: "1000" };
+  // (Scans of at most 64 KiB: 32 of them within SCAN_MEMORY_BYTES.)
+  const env = { DATASET_URL: "http://ds/x", LOAD: "lazy", CACHE_BYTES: "65536", MAX_AGE_MS: "60000", FIRST_SYNC_WAIT_MS: "1000", SCAN_MAX_BYTES: "65536" };
   const call = (p) => handle(new Request(`http://w${p}`), env, () => {});
   const first = call("/kv/a");
   await flush();
@@ -826,6 +827,33 @@ test("LOAD=lazy: a read that never finishes answers 503 after the read timeout a
     [503, "unavailable"],
     [503, "unavailable"],
   ]);
+});
+
+test("lazy scans at once are bounded by the memory they may take (SCAN_MEMORY_BYTES, each at twice SCAN_MAX_BYTES), one always running", async () => {
+  const { FakeReplica } = fakeReplicaClass();
+  const Lazy = class extends FakeReplica {
+    static open(url) {
+      return Promise.resolve(new Lazy(url, new Map(), 9));
+    }
+    scan() {
+      return new Promise(() => {}); // its block GETs never answer
+    }
+    status() {
+      return { ...super.status(), mode: "lazy" };
+    }
+  };
+  const handle = createHandler(Lazy, { log: () => {}, readTimeoutMs: 50 });
+  const codes = async (env, n) => {
+    const call = (p) => handle(new Request(`http://w${p}`), env, () => {});
+    const res = await Promise.all(Array.from({ length: n }, (_, i) => call(`/scan?prefix=${i}`)));
+    for (const r of res) if (r.status === 503 && r.headers.get("retry-after") === null) assert.fail("503 without Retry-After");
+    return Promise.all(res.map(async (r) => (await r.json()).error.code)).then((c) => c.sort());
+  };
+  const base = { DATASET_URL: "http://ds/x", LOAD: "lazy", SCAN_MAX_BYTES: "1000" };
+  // Two scans take 4,000 bytes: a third would pass 5,000.
+  assert.deepEqual(await codes({ ...base, SCAN_MEMORY_BYTES: "5000" }, 4), ["busy", "busy", "unavailable", "unavailable"]);
+  // A bound below one scan's share still lets one run.
+  assert.deepEqual(await codes({ ...base, DATASET_URL: "http://ds/y", SCAN_MEMORY_BYTES: "10" }, 2), ["busy", "unavailable"]);
 });
 
 test("a replica whose status() throws while it is rebuilt after a trap is synced (the sync revives it), not left answering 503", async () => {

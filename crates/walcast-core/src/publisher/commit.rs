@@ -2,9 +2,9 @@
 //! its new pages, the head's compare-and-swap, and verifying a CAS that
 //! failed or went unanswered.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
-use crate::catalog::{Head, PageRef, Retired, TailSegment, HEAD_KEY};
+use crate::catalog::{Head, Retired, TailSegment, HEAD_KEY};
 use crate::error::{Error, ErrorKind};
 use crate::io::GetResponse;
 
@@ -14,8 +14,6 @@ use super::{Action, Event, ObjectKind, Publisher, PutCondition, Req, Role, Up};
 /// Where a commit in progress stands.
 #[derive(Debug)]
 pub(super) enum Stage {
-    /// Reading pages whose contents must be retired.
-    Reading(HashSet<String>),
     /// Uploading new pages.
     Paging(HashMap<String, (Vec<u8>, Up)>),
     /// The head PUT is in flight.
@@ -51,48 +49,29 @@ impl Publisher {
                 .snapshot
                 .as_ref()
                 .is_some_and(|s| s.up == Up::Done && s.entry.lsn <= committed);
-            if ready == 0 && !snap_ready {
+            // So are pages retention asked for, once read.
+            if ready == 0 && !snap_ready && !self.pages_read {
                 return None;
             }
-            match self.build_commit(now, ready) {
-                Ok((proposed, pages)) => {
-                    let stage = if pages.is_empty() {
-                        Stage::Cas
-                    } else {
-                        Stage::Paging(
-                            pages
-                                .into_iter()
-                                .map(|(k, b)| (k, (b, Up::Waiting(0))))
-                                .collect(),
-                        )
-                    };
-                    self.commit = Some(Commit { proposed, stage });
-                    if matches!(self.commit.as_ref().map(|c| &c.stage), Some(Stage::Cas)) {
-                        return Some(self.send_cas());
-                    }
-                }
-                Err(reads) => {
-                    let keys: HashSet<String> = reads.iter().map(|r| r.key.clone()).collect();
-                    self.commit = Some(Commit {
-                        proposed: self.head.clone().expect("running"),
-                        stage: Stage::Reading(keys),
-                    });
-                    // Issue the first read now; the rest on later polls.
-                    let mut it = reads.into_iter();
-                    let first = it.next().expect("non-empty");
-                    self.page_reads.extend(it);
-                    let key = first.key.clone();
-                    return Some(self.get(Req::PageRead(first), key));
-                }
+            self.pages_read = false;
+            let (proposed, pages) = self.build_commit(now, ready);
+            let stage = if pages.is_empty() {
+                Stage::Cas
+            } else {
+                Stage::Paging(
+                    pages
+                        .into_iter()
+                        .map(|(k, b)| (k, (b, Up::Waiting(0))))
+                        .collect(),
+                )
+            };
+            self.commit = Some(Commit { proposed, stage });
+            if matches!(self.commit.as_ref().map(|c| &c.stage), Some(Stage::Cas)) {
+                return Some(self.send_cas());
             }
         }
         let c = self.commit.as_mut()?;
         match &mut c.stage {
-            Stage::Reading(_) => {
-                let r = self.page_reads.pop_front()?;
-                let key = r.key.clone();
-                Some(self.get(Req::PageRead(r), key))
-            }
             Stage::Paging(pages) => {
                 let mut next = None;
                 let mut all_done = true;
@@ -147,13 +126,10 @@ impl Publisher {
     }
 
     /// Builds the next head from the committed one plus the first `ready`
-    /// sealed segments. Returns the head and the pages to upload first, or
-    /// the pages that must be read before retention can drop them.
-    fn build_commit(
-        &mut self,
-        now: u64,
-        ready: usize,
-    ) -> Result<(Head, Vec<PageUpload>), Vec<PageRef>> {
+    /// sealed segments. Returns the head and the pages to upload first.
+    /// Retention that needs pages not at hand asks for them on the side and
+    /// retires nothing they hold in this commit.
+    fn build_commit(&mut self, now: u64, ready: usize) -> (Head, Vec<PageUpload>) {
         let cur = self.head.as_ref().expect("running");
         let mut h = cur.clone();
         h.generation += 1;
@@ -218,7 +194,7 @@ impl Publisher {
             ));
         }
         // Retention.
-        self.retire_expired(&mut h, now)?;
+        self.retire_expired(&mut h, now);
         // Key filters only for segments past the chain: a lazy replica
         // never replays the segments the snapshot and its deltas cover.
         if let Some(end) = h.delta_lsn() {
@@ -244,7 +220,7 @@ impl Publisher {
         let uploads = self.page_out(&mut h);
         self.fill_tail(&mut h, ready);
         self.sign_fields(&mut h);
-        Ok((h, uploads))
+        (h, uploads)
     }
 
     /// Carries copies of the newest inline segments in the head, newest
@@ -262,18 +238,24 @@ impl Publisher {
         let own: usize = self.sealed.iter().take(ready).map(|s| s.bytes.len()).sum();
         let carry = own <= budget / CARRY_SHARE;
         let cur = self.head.as_ref().filter(|_| carry);
-        let body = |key: &str| -> Option<&[u8]> {
+        // A copy the committed head carried is carried on only when it is
+        // the segment's bytes: after a claim that head is another
+        // publisher's, and a wrong copy would be republished (and signed).
+        let body = |e: &crate::catalog::SegmentEntry| -> Option<&[u8]> {
             self.sealed
                 .iter()
                 .take(ready)
-                .find(|s| s.entry.key == key)
+                .find(|s| s.entry.key == e.key)
                 .map(|s| s.bytes.as_slice())
-                .or_else(|| cur.and_then(|c| c.tail_body(key)))
+                .or_else(|| {
+                    cur.and_then(|c| c.tail_body(&e.key))
+                        .filter(|b| b.len() as u64 == e.size && crate::crc::hash(b) == e.crc32)
+                })
         };
         let mut tail = Vec::new();
         let mut total = 0usize;
         for e in h.segments.iter().rev() {
-            let Some(b) = body(&e.key) else { break };
+            let Some(b) = body(e) else { break };
             if total + b.len() > budget {
                 break;
             }

@@ -159,7 +159,13 @@ pub struct Publisher {
     retry_at: u64,
     events: VecDeque<Event>,
     queued: VecDeque<Action>,
+    /// Pages retention asked for, not yet read.
     page_reads: VecDeque<PageRef>,
+    /// Keys of the page reads out.
+    page_reading: HashSet<String>,
+    /// Every page retention asked for has been read: a commit may retire
+    /// them even with no new segment to name.
+    pages_read: bool,
     verify_at: Option<u64>,
     next_check: u64,
     check_inflight: bool,
@@ -225,6 +231,8 @@ impl Publisher {
             events: VecDeque::new(),
             queued: VecDeque::new(),
             page_reads: VecDeque::new(),
+            page_reading: HashSet::new(),
+            pages_read: false,
             verify_at: None,
             next_check: 0,
             check_inflight: false,
@@ -527,6 +535,9 @@ impl Publisher {
         }
         // Commit.
         if let Some(a) = self.drive_commit(now, &mut wake) {
+            return a;
+        }
+        if let Some(a) = self.drive_page_reads() {
             return a;
         }
         if let Some(t) = self.commit_retry_at.into_iter().chain(self.verify_at).min() {
@@ -1066,11 +1077,11 @@ mod tests {
     /// Retention of a claimed head whose pages each hold more entries
     /// than one commit can retire (a hostile or broken writer's: up to
     /// some 100,000 in a 16 MiB page) reads one page at a time, not 64
-    /// of them into memory at once; pages of honest sizes are still read
-    /// 64 at a time.
+    /// of them into memory at once; pages of honest sizes are read 4 at a
+    /// time.
     #[test]
     fn retention_reads_no_more_pages_than_one_commit_can_retire() {
-        for (count, reads) in [(retention::MAX_RETIRED as u32 * 2, 1), (8, 64)] {
+        for (count, reads) in [(retention::MAX_RETIRED as u32 * 2, 1), (8, 4)] {
             let mut h = Head::new(DatasetId::from_seed(5), 1);
             h.committed_at_ms = 1;
             h.committed_lsn = 100 * u64::from(count);
@@ -1326,6 +1337,119 @@ mod tests {
                 assert!(named.contains(&page), "no error names {page}: {named:?}");
             }
         }
+    }
+
+    /// Retention that must read pages first reads them on the side: while
+    /// a page GET is out (a store that hangs until the driver's time
+    /// limit), new LSNs are committed as usual, and no more than
+    /// `MAX_PAGE_READS_IN_FLIGHT` page GETs (each up to 16 MiB) are out at
+    /// once. Once the pages are read, a later commit retires them.
+    #[test]
+    fn page_reads_for_retention_do_not_hold_back_commits() {
+        let mut h = Head::new(DatasetId::from_seed(5), 1);
+        h.committed_at_ms = 1;
+        h.committed_lsn = 64;
+        let page_body = |first: u64| {
+            crate::catalog::Page {
+                format: 1,
+                level: 0,
+                segments: (first..first + 8).map(one_lsn_segment).collect(),
+                pages: Vec::new(),
+                digests: Default::default(),
+            }
+            .encode()
+        };
+        h.pages = (0..8u64)
+            .map(|i| PageRef {
+                key: crate::catalog::page_key(0, 1 + 8 * i, 8 + 8 * i, 1),
+                level: 0,
+                first_lsn: 1 + 8 * i,
+                last_lsn: 8 + 8 * i,
+                count: 8,
+                crc32: crate::crc::hash(&page_body(1 + 8 * i)),
+            })
+            .collect();
+        let mut p = claimed_retaining_one_lsn(&mut h);
+        let small = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![1])]).unwrap();
+        let mut held: Vec<crate::io::GetRequest> = Vec::new();
+        let mut most_out = 0;
+        let mut last = None;
+        for now in (0..20_000).step_by(10) {
+            if now == 10_000 {
+                // The store answers at last.
+                for req in held.drain(..) {
+                    let first = req
+                        .key
+                        .split(['-', '.', '/'])
+                        .filter_map(|t| t.parse().ok())
+                        .nth(1)
+                        .unwrap();
+                    let resp = GetResponse::Ok {
+                        body: page_body(first),
+                        etag: None,
+                        range: None,
+                    };
+                    p.handle_get(req.id, now, resp);
+                }
+            }
+            if p.next_lsn() == Some(p.committed_lsn() + 1) && now % 1_000 == 0 {
+                p.push(p.committed_lsn() + 1, &small, now).unwrap();
+            }
+            loop {
+                match p.poll(now) {
+                    Action::Put(req) => {
+                        if req.key == HEAD_KEY {
+                            last = Some(Head::decode(&req.body).unwrap());
+                        }
+                        let ok = PutResponse::Ok {
+                            etag: Some(format!("\"{now}-{}\"", req.key.len())),
+                        };
+                        p.handle_put(req.id, now, ok);
+                    }
+                    Action::Get(req) if req.key.starts_with("catalog/pages/") => {
+                        if now < 10_000 {
+                            held.push(req);
+                            most_out = most_out.max(held.len());
+                        } else {
+                            let first = req
+                                .key
+                                .split(['-', '.', '/'])
+                                .filter_map(|t| t.parse().ok())
+                                .nth(1)
+                                .unwrap();
+                            let resp = GetResponse::Ok {
+                                body: page_body(first),
+                                etag: None,
+                                range: None,
+                            };
+                            p.handle_get(req.id, now, resp);
+                        }
+                    }
+                    Action::Get(req) => p.handle_get(req.id, now, GetResponse::NotFound),
+                    Action::Delete(req) => p.handle_delete(req.id, now, Ok(())),
+                    Action::Event(_) => {}
+                    Action::Wait { .. } => break,
+                }
+            }
+            if now == 9_990 {
+                assert!(!held.is_empty(), "retention asked for pages");
+                assert!(
+                    p.committed_lsn() >= 64 + 9,
+                    "commits waited for the page reads: committed {}",
+                    p.committed_lsn()
+                );
+                assert_eq!(most_out, 4, "page reads out at once");
+            }
+        }
+        let last = last.expect("heads written");
+        assert!(last.pages.is_empty(), "pages left: {:?}", last.pages);
+        assert!(
+            last.retired
+                .iter()
+                .any(|r| r.key == crate::catalog::segment_key(1, 1, 1))
+                || p.deleted.contains(&crate::catalog::segment_key(1, 1, 1)),
+            "what the pages named was not retired"
+        );
     }
 
     /// A record over the segment's bound is refused before the publisher

@@ -6,7 +6,6 @@ use crate::catalog::{self, Head, Page, PageRef, Retired};
 use crate::error::{Error, ErrorKind};
 use crate::io::GetResponse;
 
-use super::commit::{Commit, Stage};
 use super::{Action, DeleteRequest, Event, Publisher, Req};
 
 /// Most keys a head lists in `retired`: retention retires no more until
@@ -27,6 +26,10 @@ const MAX_UNFOLD: usize = 64;
 /// some 100,000 entries, and every page read stays in memory until it is
 /// retired.
 const MAX_PAGE_READS: usize = 64;
+
+/// Most of those page GETs out at once: each answer may be up to
+/// `MAX_PAGE_BYTES` until it is decoded.
+const MAX_PAGE_READS_IN_FLIGHT: usize = 4;
 
 /// Whether `key`, listed in `h.retired`, is one a head can have retired:
 /// nothing the head names, nor anything its pages may still name or this
@@ -86,15 +89,17 @@ impl Publisher {
     /// within its size bound however much retention lets go in one commit.
     /// A page whose contents would not fit is unfolded: the page itself is
     /// retired and its references take its place, to be retired in later
-    /// commits as deletions make room. Returns the pages that must be read
-    /// first, to retire or unfold them. After a page read failed, retention
-    /// waits out its backoff and commits go on without it.
-    pub(super) fn retire_expired(&mut self, h: &mut Head, now: u64) -> Result<(), Vec<PageRef>> {
+    /// commits as deletions make room. Pages it must read first, to retire
+    /// or unfold them, are asked for on the side ([`Self::drive_page_reads`])
+    /// and this commit stops before them: a page read that is slow or fails
+    /// never holds back new data. After a page read failed, retention waits
+    /// out its backoff.
+    pub(super) fn retire_expired(&mut self, h: &mut Head, now: u64) {
         let (Some(retain), Some(snap)) = (self.cfg.retain_lsns, &h.snapshot) else {
-            return Ok(());
+            return;
         };
         if self.retention_retry_at.is_some_and(|t| t > now) {
-            return Ok(());
+            return;
         }
         // The committed LSN's segment always stays (`retain` 0 keeps one
         // LSN): a publisher restarting on a WAL compares its record there
@@ -113,15 +118,19 @@ impl Publisher {
                 break;
             }
             let Some(page) = self.page_cache.get(&p.key) else {
-                // Read the pages below that are not at hand, then build
-                // again: this one, and the next ones while their entries
-                // fit what this commit can retire.
+                // Ask for the pages below that are not at hand (this one,
+                // and the next ones while their entries fit what a commit
+                // can retire); a later commit retires them.
                 let mut entries = 0usize;
                 let need: Vec<PageRef> = h
                     .pages
                     .iter()
                     .take_while(|q| q.last_lsn < earliest)
                     .filter(|q| !self.page_cache.contains_key(&q.key))
+                    .filter(|q| {
+                        !self.page_reading.contains(&q.key)
+                            && !self.page_reads.iter().any(|r| r.key == q.key)
+                    })
                     .take(MAX_PAGE_READS)
                     .take_while(|q| {
                         let first = entries == 0;
@@ -130,7 +139,8 @@ impl Publisher {
                     })
                     .cloned()
                     .collect();
-                return Err(need);
+                self.page_reads.extend(need);
+                break;
             };
             let (entries, what) = if page.level == 0 {
                 (page.segments.len(), "segments")
@@ -200,7 +210,18 @@ impl Publisher {
         if earliest > h.earliest_lsn {
             h.earliest_lsn = earliest;
         }
-        Ok(())
+    }
+
+    /// The next page GET retention asked for, while fewer than
+    /// [`MAX_PAGE_READS_IN_FLIGHT`] are out.
+    pub(super) fn drive_page_reads(&mut self) -> Option<Action> {
+        if self.page_reading.len() >= MAX_PAGE_READS_IN_FLIGHT {
+            return None;
+        }
+        let r = self.page_reads.pop_front()?;
+        let key = r.key.clone();
+        self.page_reading.insert(key.clone());
+        Some(self.get(Req::PageRead(r), key))
     }
 
     pub(super) fn drive_deletes(&mut self, now: u64, wake: &mut u64) -> Option<Action> {
@@ -296,30 +317,17 @@ impl Publisher {
                 other => Err(Error::new(ErrorKind::Unavailable, format!("{other:?}"))
                     .with_object(r.key.clone())),
             };
-        let Some(Commit {
-            stage: Stage::Reading(keys),
-            ..
-        }) = self.commit.as_mut()
-        else {
-            return;
-        };
-        keys.remove(&r.key);
-        let done = keys.is_empty();
+        self.page_reading.remove(&r.key);
         match result {
             Ok(page) => {
+                // The next commit retires it.
                 self.attempts.remove(&r.key);
                 self.page_cache.insert(r.key.clone(), page);
-                if done {
-                    // Rebuild the commit with the pages known.
-                    self.commit = None;
-                }
+                self.pages_read = self.page_reading.is_empty() && self.page_reads.is_empty();
             }
             Err(e) => {
-                // Retention waits; the commit is built again at once without
-                // it, so an old page that cannot be read never holds back
-                // new data.
+                // Retention waits out the backoff; commits never waited.
                 let d = self.backoff(&r.key, e);
-                self.commit = None;
                 self.page_reads.clear();
                 self.retention_retry_at = Some(now + d);
             }

@@ -161,7 +161,9 @@ impl Publisher {
         let mut n = self.changed_after(chain_end);
         while keep > 0 {
             let older = &head.deltas[keep - 1];
-            if keep + 1 > MAX_DELTAS || 2 * older.entries <= 3 * n as u64 {
+            if keep + 1 > MAX_DELTAS
+                || older.entries.saturating_mul(2) <= (n as u64).saturating_mul(3)
+            {
                 keep -= 1;
                 n = self.changed_after(older.base_lsn);
             } else {

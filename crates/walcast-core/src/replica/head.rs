@@ -369,6 +369,11 @@ impl Replica {
         // Plan nothing more from the head that named it until a new one is read.
         self.head = None;
         self.head_fresh = true;
+        // A first miss of this key reads the head again at once while the
+        // replica is getting somewhere (an honest head moved on); after
+        // rounds of failures, it waits as a distrusted head does (a hostile
+        // store naming a new missing key in every head would otherwise
+        // loop head, 404, head without a pause).
         self.head_due = Some(
             now + if self
                 .attempts
@@ -377,7 +382,7 @@ impl Replica {
                 .map_or(0, |(_, n)| *n)
                 <= 1
             {
-                0
+                self.distrust_delay()
             } else {
                 d
             },

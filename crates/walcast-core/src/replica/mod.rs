@@ -537,6 +537,13 @@ impl Replica {
         self.failure_streak = 0;
     }
 
+    /// Events queued and not yet returned by [`poll`](Self::poll): a driver
+    /// that starts a sync takes an error among them for an earlier one's
+    /// (GETs of a sync that ended, answered after it).
+    pub fn queued_events(&self) -> usize {
+        self.events.len()
+    }
+
     /// Drops the [`Event::Error`]s queued and not yet taken by
     /// [`poll`](Self::poll): failures of lazy reads while no sync ran. Call
     /// before [`sync_now`](Self::sync_now) when that sync ends on the first

@@ -525,10 +525,17 @@ impl LazySnapshot {
                 }));
             }
             self.touch(partition, h.offset);
+            // The block's entries up to the next block's first key: what
+            // the index says it holds, as a point read finds it (a block
+            // holding more, out of order, is not scanned past its range).
+            let upper = self.next_block_key(&cursor.next)?;
             let Some((block, _)) = self.blocks.get(h.offset) else {
                 break;
             };
             for (k, v) in &block.entries()[block.lower_bound(&cursor.next)..] {
+                if upper.as_ref().is_some_and(|u| k >= u) {
+                    break;
+                }
                 if cursor.end.as_ref().is_some_and(|e| k >= e) {
                     cursor.done = true;
                     return Ok(None);
@@ -540,8 +547,8 @@ impl LazySnapshot {
                 out.push((k.clone(), v.clone()));
                 cursor.remaining -= 1;
             }
-            match self.next_block_key(&cursor.next)? {
-                Some(k) if k.as_slice() > cursor.next.as_slice() => cursor.next = k,
+            match upper {
+                Some(k) if k > cursor.next => cursor.next = k,
                 _ => cursor.done = true,
             }
         }
