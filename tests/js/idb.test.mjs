@@ -646,6 +646,36 @@ test("IndexedDB: a tampered record, log chunk or base (huge claimed sizes and co
   await writeCopy(url, good);
 });
 
+test("IndexedDB: a record naming another dataset than its base, reloaded after a trap, is replaced at the next write, not left refusing every append", { skip: !fakeIdb && "fake-indexeddb is not installed" }, async () => {
+  const fx = await dataset();
+  await datasets.reset(fx.instance, "midhistory");
+  const f0 = fx.scenarios.midhistory;
+  const url = f0.url;
+  // No copy left by the tests before.
+  await rawIdb((tx) => {
+    for (const name of ["replicas", "bases"]) tx.objectStore(name).delete(url);
+    tx.objectStore("log").delete(IDBKeyRange.bound([url, 0], [url, Infinity]));
+  });
+  const r = await Replica.open(url, { persist: "indexeddb", onError: () => {} });
+  let f1;
+  try {
+    assert.equal(await r.sync(), f0.expected.lsn);
+    const good = await readCopy(url);
+    // Another hand writes the record over, naming another dataset.
+    await rawPut(url, { ...good.rec, datasetId: "ab".repeat(16) });
+    f1 = await datasets.mutate(fx.instance, "midhistory");
+    // The next answer traps: the replica is rebuilt and reloads the record.
+    r[Symbol.for("walcast.testTrap")]("sync");
+    let lsn = await r.sync().catch(() => null);
+    for (let i = 0; i < 5 && lsn !== f1.expected.lsn; i++) lsn = await r.sync().catch(() => null);
+    assert.equal(lsn, f1.expected.lsn);
+  } finally {
+    await r.close();
+  }
+  const after = await readCopy(url);
+  assert.deepEqual([after.rec.datasetId === "ab".repeat(16), after.rec.appliedLsn], [false, f1.expected.lsn], "the record was replaced with the state synced");
+});
+
 test("an IndexedDB whose open never answers fails the call after the open timeout, and a late answer is closed; the next call opens anew", { timeout: 30_000 }, async () => {
   const real = Object.getOwnPropertyDescriptor(globalThis, "indexedDB");
   const requests = [];

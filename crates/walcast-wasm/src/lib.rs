@@ -159,8 +159,6 @@ struct Io {
     errors: Vec<JsValue>,
     /// Test hook: the next delivered response panics.
     trap_on_delivery: bool,
-    /// Events the machine had queued when the running sync began.
-    stale: usize,
 }
 
 #[derive(Default, Clone)]
@@ -510,13 +508,7 @@ impl WasmReplica {
                     io.inflight.push((req.id.0, req.key.clone()));
                     io.outbox.push(req);
                 }
-                Action::Event(e) => {
-                    let mut io = self.io.borrow_mut();
-                    let stale = io.stale > 0;
-                    io.stale -= usize::from(stale);
-                    drop(io);
-                    self.on_event(e, stale);
-                }
+                Action::Event(e) => self.on_event(e),
                 Action::Wait { until } => {
                     return if until == u64::MAX {
                         -1.0
@@ -541,7 +533,7 @@ impl WasmReplica {
         }
     }
 
-    fn on_event(&self, e: Event, stale: bool) {
+    fn on_event(&self, e: Event) {
         if matches!(e, Event::Bootstrapped { .. } | Event::DatasetChanged { .. }) {
             if let Some(log) = self.persist.borrow_mut().log.as_mut() {
                 log.clear();
@@ -580,7 +572,7 @@ impl WasmReplica {
             Event::Error(err) => {
                 let e = js_error(err);
                 let mut io = self.io.borrow_mut();
-                if !stale && matches!(io.sync, Some(SyncState::Running)) {
+                if matches!(io.sync, Some(SyncState::Running)) {
                     io.sync = Some(SyncState::Failed(e));
                 } else if io.errors.len() < 64 {
                     io.errors.push(e);
@@ -607,12 +599,19 @@ impl WasmReplica {
     /// already running is replaced.
     #[wasm_bindgen(js_name = syncBegin)]
     pub fn sync_begin(&self) {
-        let mut r = self.replica.borrow_mut();
-        r.sync_now(now_ms());
-        // An error queued by GETs of an earlier sync answered after it
-        // ended (an outage's) is not this sync's: it goes to `takeErrors`.
-        self.io.borrow_mut().stale = r.queued_events();
-        drop(r);
+        // The events queued now are taken first, as while no sync runs: an
+        // error among them (GETs of an earlier sync answered after it
+        // ended, an outage's) is not this sync's, and goes to `takeErrors`.
+        self.io.borrow_mut().sync = None;
+        let now = now_ms();
+        let queued = self.replica.borrow().queued_events();
+        for _ in 0..queued {
+            let action = self.replica.borrow_mut().poll(now);
+            if let Action::Event(e) = action {
+                self.on_event(e);
+            }
+        }
+        self.replica.borrow_mut().sync_now(now);
         self.io.borrow_mut().sync = Some(SyncState::Running);
     }
 
