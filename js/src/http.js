@@ -44,7 +44,7 @@ function cacheFieldSupported() {
  * object's key, as the native replica leaves the URL out of its errors.
  */
 function errorText(e, io, key) {
-  let text = `${e?.name ?? "Error"}: ${e?.message ?? e}`.replace(/[a-z][a-z0-9+.-]*:\/\/[^\s'"`<>]*/gi, key);
+  let text = `${e?.name ?? "Error"}: ${e?.message ?? e}`.replace(/[a-z][a-z0-9+.-]*:\/\/[^\s'"`<>]*[^\s'"`<>),.:;]/gi, key);
   if (io.query) text = text.split(io.query).join("");
   return text;
 }

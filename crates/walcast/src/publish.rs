@@ -139,7 +139,7 @@ pub async fn publish(
     if let Some(head) = current_head(&store).await {
         check_wal_holds_head(&wal_dir, &store, Some(&head), head.committed_lsn).await?;
     }
-    let mut mark_failed = false;
+    let mut mark_retry_at: Option<std::time::Instant> = None;
     // With `once`: everything durable at the start.
     let target = opts.once.then_some(durable);
     let mut report = PublishReport::default();
@@ -162,15 +162,21 @@ pub async fn publish(
                 break;
             }
             if next > durable.max(committed) {
-                match mark.read() {
-                    Ok(Some(lsn)) => durable = lsn,
-                    Ok(None) => {}
-                    // Said once; the writer rewrites a mark torn by a crash.
-                    Err(e) => {
-                        if !mark_failed {
-                            tracing::warn!("{e:#}");
+                // A mark torn by a crash (the writer rewrites it when it
+                // opens the WAL) is read again once a second, and said once.
+                if mark_retry_at.is_none_or(|t| t <= std::time::Instant::now()) {
+                    match mark.read() {
+                        Ok(read) => {
+                            durable = read.unwrap_or(durable);
+                            mark_retry_at = None;
                         }
-                        mark_failed = true;
+                        Err(e) => {
+                            if mark_retry_at.is_none() {
+                                tracing::warn!("{e:#}");
+                            }
+                            mark_retry_at =
+                                Some(std::time::Instant::now() + Duration::from_secs(1));
+                        }
                     }
                 }
                 if next > durable.max(committed) {

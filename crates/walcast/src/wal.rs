@@ -529,7 +529,7 @@ impl DurableMark {
             if let Some(v) = self.read_once()? {
                 return Ok(v);
             }
-            std::thread::sleep(std::time::Duration::from_millis(1));
+            std::thread::yield_now();
         }
         anyhow::bail!(
             "{} fails its checksum in {MARK_READS} reads: a write torn by a crash \
@@ -1048,7 +1048,7 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while w.last_lsn() < 2 {
             assert!(std::time::Instant::now() < deadline);
-            std::thread::sleep(std::time::Duration::from_millis(1));
+            std::thread::yield_now();
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
         io.fail_next_sync();

@@ -1127,6 +1127,152 @@ mod tests {
         }
     }
 
+    /// Names `n` pages of `count` entries each (never stored) in `h`.
+    fn hostile_pages(h: &mut Head, count: u32, n: u64) {
+        h.committed_at_ms = 1;
+        h.committed_lsn = n * u64::from(count);
+        h.pages = (0..n)
+            .map(|i| {
+                let (first, last) = (i * u64::from(count) + 1, (i + 1) * u64::from(count));
+                PageRef {
+                    key: crate::catalog::page_key(0, first, last, 1),
+                    level: 0,
+                    first_lsn: first,
+                    last_lsn: last,
+                    count,
+                    crc32: 0,
+                }
+            })
+            .collect();
+    }
+
+    /// Page GETs that do not answer while commits go on: each commit does
+    /// not ask for more pages (each up to 16 MiB, cached until retired);
+    /// one batch is asked for at a time.
+    #[test]
+    fn page_reads_asked_across_commits_stay_within_one_batch() {
+        let mut h = Head::new(DatasetId::from_seed(5), 1);
+        hostile_pages(&mut h, retention::MAX_RETIRED as u32 * 2, 100);
+        let mut p = claimed_retaining_one_lsn(&mut h);
+        let small = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![1])]).unwrap();
+        for now in 0..2_000u64 {
+            match p.poll(now) {
+                Action::Put(req) => {
+                    let ok = PutResponse::Ok {
+                        etag: Some(format!("\"{now}\"")),
+                    };
+                    p.handle_put(req.id, now, ok);
+                }
+                Action::Get(req) if req.key.starts_with("catalog/pages/") => {}
+                Action::Get(req) => p.handle_get(req.id, now, GetResponse::NotFound),
+                Action::Delete(req) => p.handle_delete(req.id, now, Ok(())),
+                Action::Event(_) => {}
+                Action::Wait { .. } => {
+                    if p.next_lsn() == Some(p.committed_lsn() + 1) && now % 50 == 0 {
+                        p.push(p.committed_lsn() + 1, &small, now).unwrap();
+                    }
+                }
+            }
+        }
+        let asked = p.page_reads.len() + p.page_reading.len();
+        assert!(
+            asked <= 1,
+            "pages asked for (each up to 16 MiB, cached until retired): {asked}"
+        );
+    }
+
+    /// One of four page reads fails and the other three are read: no head
+    /// is written with nothing new (retention waits out its backoff).
+    #[test]
+    fn a_failed_page_read_makes_no_empty_commit() {
+        let mut h = Head::new(DatasetId::from_seed(5), 1);
+        h.committed_at_ms = 1;
+        h.committed_lsn = 64;
+        let page_body = |first: u64| {
+            crate::catalog::Page {
+                format: 1,
+                level: 0,
+                segments: (first..first + 8).map(one_lsn_segment).collect(),
+                pages: Vec::new(),
+                digests: Default::default(),
+            }
+            .encode()
+        };
+        h.pages = (0..8u64)
+            .map(|i| PageRef {
+                key: crate::catalog::page_key(0, 1 + 8 * i, 8 + 8 * i, 1),
+                level: 0,
+                first_lsn: 1 + 8 * i,
+                last_lsn: 8 + 8 * i,
+                count: 8,
+                crc32: crate::crc::hash(&page_body(1 + 8 * i)),
+            })
+            .collect();
+        let mut p = claimed_retaining_one_lsn(&mut h);
+        let small = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![1])]).unwrap();
+        let mut held = Vec::new();
+        let mut heads = Vec::new();
+        let mut pushed = false;
+        for now in 0..500u64 {
+            if now == 200 {
+                let mut it = held.drain(..);
+                let first: crate::io::GetRequest = it.next().unwrap();
+                p.handle_get(
+                    first.id,
+                    now,
+                    GetResponse::Failed {
+                        status: Some(500),
+                        message: "x".into(),
+                    },
+                );
+                for r in it {
+                    let r: crate::io::GetRequest = r;
+                    let first = r
+                        .key
+                        .split(['-', '.', '/'])
+                        .filter_map(|t| t.parse().ok())
+                        .nth(1)
+                        .unwrap();
+                    p.handle_get(
+                        r.id,
+                        now,
+                        GetResponse::Ok {
+                            body: page_body(first),
+                            etag: None,
+                            range: None,
+                        },
+                    );
+                }
+            }
+            match p.poll(now) {
+                Action::Put(req) => {
+                    if req.key == HEAD_KEY {
+                        heads.push((now, Head::decode(&req.body).unwrap()));
+                    }
+                    let ok = PutResponse::Ok {
+                        etag: Some(format!("\"{now}\"")),
+                    };
+                    p.handle_put(req.id, now, ok);
+                }
+                Action::Get(req) if req.key.starts_with("catalog/pages/") => held.push(req),
+                Action::Get(req) => p.handle_get(req.id, now, GetResponse::NotFound),
+                Action::Delete(req) => p.handle_delete(req.id, now, Ok(())),
+                Action::Event(_) => {}
+                Action::Wait { .. } if !pushed => {
+                    p.push(p.committed_lsn() + 1, &small, now).unwrap();
+                    pushed = true;
+                }
+                Action::Wait { .. } => {}
+            }
+        }
+        let after: Vec<_> = heads.iter().filter(|(t, _)| *t >= 200).collect();
+        assert!(
+            after.is_empty(),
+            "head writes with nothing new: {}",
+            after.len()
+        );
+    }
+
     /// An entry for a segment of epoch 1 holding LSN `lsn` alone.
     fn one_lsn_segment(lsn: u64) -> SegmentEntry {
         SegmentEntry {

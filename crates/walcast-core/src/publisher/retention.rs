@@ -118,6 +118,11 @@ impl Publisher {
                 break;
             }
             let Some(page) = self.page_cache.get(&p.key) else {
+                // One batch asked for at a time: the commit that retires
+                // it asks for the next (`pages_read`).
+                if !self.page_reading.is_empty() || !self.page_reads.is_empty() {
+                    break;
+                }
                 // Ask for the pages below that are not at hand (this one,
                 // and the next ones while their entries fit what a commit
                 // can retire); a later commit retires them.
@@ -127,10 +132,6 @@ impl Publisher {
                     .iter()
                     .take_while(|q| q.last_lsn < earliest)
                     .filter(|q| !self.page_cache.contains_key(&q.key))
-                    .filter(|q| {
-                        !self.page_reading.contains(&q.key)
-                            && !self.page_reads.iter().any(|r| r.key == q.key)
-                    })
                     .take(MAX_PAGE_READS)
                     .take_while(|q| {
                         let first = entries == 0;
@@ -323,7 +324,9 @@ impl Publisher {
                 // The next commit retires it.
                 self.attempts.remove(&r.key);
                 self.page_cache.insert(r.key.clone(), page);
-                self.pages_read = self.page_reading.is_empty() && self.page_reads.is_empty();
+                self.pages_read = self.page_reading.is_empty()
+                    && self.page_reads.is_empty()
+                    && self.retention_retry_at.is_none_or(|t| t <= now);
             }
             Err(e) => {
                 // Retention waits out the backoff; commits never waited.
