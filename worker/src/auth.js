@@ -33,12 +33,32 @@ function b64bytes(s, urlSafe) {
   }
 }
 
+// The encodings of the Ed25519 points of small order (as libsodium and the
+// core's `keys::has_small_order` refuse them), compared with the sign bit of
+// x cleared: such a key "verifies" signatures of anyone's making.
+const run = (first, fill, last) => [first, ...Array(30).fill(fill), last];
+const SMALL_ORDER = [
+  run(0x00, 0x00, 0x00),
+  run(0x01, 0x00, 0x00),
+  [0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef, 0x98, 0xf0, 0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88, 0x6d, 0x53, 0xfc, 0x05],
+  [0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10, 0x67, 0x0f, 0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77, 0x92, 0xac, 0x03, 0x7a],
+  run(0xec, 0xff, 0x7f),
+  run(0xed, 0xff, 0x7f),
+  run(0xee, 0xff, 0x7f),
+];
+
+/** Whether a 32-byte key is a point of small order. */
+function hasSmallOrder(raw) {
+  return SMALL_ORDER.some((s) => s.every((b, i) => b === (i === 31 ? raw[i] & 0x7f : raw[i])));
+}
+
 /** `ed25519:<base64 of 32 bytes>` to the raw key; throws naming the problem. */
 export function parsePublicKey(text) {
   const t = String(text).trim();
   if (!t.startsWith("ed25519:")) throw new Error('a key must be "ed25519:<base64>"');
   const raw = b64bytes(t.slice("ed25519:".length), false);
   if (!raw || raw.length !== 32) throw new Error("an ed25519 key must be 32 bytes in base64");
+  if (hasSmallOrder(raw)) throw new Error("not an Ed25519 public key (a point of small order verifies anyone's signatures)");
   return raw;
 }
 

@@ -449,6 +449,35 @@ fn a_publisher_does_not_silently_sign_or_unsign_a_dataset() {
     assert!(head_of(&store).trust.is_none());
 }
 
+/// A signed head changed in the store (a digest, and so the object it
+/// names, swapped by whoever can write to the bucket), stored unsigned or
+/// signed by another key: a publisher with the signing key does not claim
+/// it and sign it again (pinned replicas would then take what it names),
+/// and says why.
+#[test]
+fn a_publisher_does_not_sign_again_a_head_whose_signature_fails() {
+    for by in [None, Some(key(9))] {
+        let mut store = Store::new();
+        let now = publish(&mut store, cfg(Some(key(1)), None), 10, 1_000);
+        let mut h = head_of(&store);
+        let t = h.trust.as_mut().expect("signed");
+        let seg = h.segments[0].key.clone();
+        t.digests.insert(seg.clone(), "00".repeat(32));
+        put_head(&mut store, &h, by.as_ref());
+        let err = fenced(&mut store, cfg(Some(key(1)), None), 20, now).expect("refused");
+        assert!(err.contains("does not verify"), "{err}");
+        assert_eq!(
+            head_of(&store).committed_lsn,
+            10,
+            "a head was written over it"
+        );
+        let mut r = Reader::new(&[key(1).public()]);
+        r.run(&store, 3_000);
+        assert_eq!(r.r.applied_lsn(), 0);
+        assert!(!r.untrusted().is_empty());
+    }
+}
+
 #[test]
 fn an_unsigned_dataset_is_read_unpinned_and_refused_pinned() {
     let mut store = Store::new();

@@ -71,5 +71,48 @@ pub fn read_secret_key(path: &Path) -> Result<SecretKey> {
              --trust, or to `walcast serve --verify-key` for tokens)"
         );
     }
-    SecretKey::parse_file(&text).map_err(|e| not_a_key(e.message()))
+    let key = SecretKey::parse_file(&text).map_err(|e| not_a_key(e.message()))?;
+    // Anyone who can write the file can swap the key (`keygen` writes it
+    // 0600); one others can read is said (a mounted secret is often 0644).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o022 != 0 {
+            bail!(
+                "{shown} is writable by others (mode {mode:04o}): anyone who can write it \
+                 can change the key; `chmod 600 {shown}`"
+            );
+        }
+        if mode & 0o044 != 0 {
+            tracing::warn!("{shown} is readable by others (mode {mode:04o}): `chmod 600 {shown}`");
+        }
+    }
+    Ok(key)
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    /// A key file others can write is refused, naming its mode; one others
+    /// can only read is used (a warning says so).
+    #[test]
+    fn a_key_file_others_can_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.key");
+        let public = generate(&path).unwrap();
+        let set = |mode| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode));
+        set(0o666).unwrap();
+        let err = format!("{:#}", read_secret_key(&path).unwrap_err());
+        assert!(err.contains("writable by others (mode 0666)"), "{err}");
+        set(0o620).unwrap();
+        assert!(read_secret_key(&path).is_err());
+        set(0o644).unwrap();
+        assert_eq!(read_secret_key(&path).unwrap().public(), public);
+        set(0o600).unwrap();
+        assert_eq!(read_secret_key(&path).unwrap().public(), public);
+    }
 }

@@ -986,6 +986,18 @@ test("a stuck sync that settles after its replica was replaced does not mark the
   assert.equal(await after.text(), "v");
 });
 
+test("an AUTH_KEY of small order (which would verify anyone's token) is a configuration error: no request is served under it", async () => {
+  const b64 = (bytes) => btoa(String.fromCharCode(...bytes));
+  const point = (first, fill, last) => [first, ...Array(30).fill(fill), last];
+  // The identity (1, sign bit set too), 0, and p - 1.
+  for (const raw of [point(0x01, 0, 0), point(0x01, 0, 0x80), point(0x00, 0, 0), point(0xec, 0xff, 0x7f)]) {
+    const { handle } = setup();
+    const res = await handle(new Request("http://w/kv/a", { headers: { authorization: "Bearer x" } }), { DATASET_URL: "http://ds/x", AUTH_KEY: `ed25519:${b64(raw)}` }, () => {});
+    assert.equal(res.status, 500, String(raw));
+    assert.equal((await res.json()).error.code, "config", String(raw));
+  }
+});
+
 test("FIRST_SYNC_WAIT_MS and MIN_LSN_WAIT_MS above 2^31 - 1 ms (a timer would fire at once) are configuration errors", async () => {
   for (const name of ["FIRST_SYNC_WAIT_MS", "MIN_LSN_WAIT_MS"]) {
     const { handle } = setup();

@@ -15,6 +15,10 @@ const CHECK_KEY: &str = "head check";
 
 impl Publisher {
     pub(super) fn on_claim_read(&mut self, now: u64, resp: GetResponse) {
+        let body = match &resp {
+            GetResponse::Ok { body, .. } => body.clone(),
+            _ => Vec::new(),
+        };
         let read = match Self::decode_head(resp) {
             Ok(r) => r,
             Err(e) => {
@@ -99,6 +103,10 @@ impl Publisher {
                     self.fence(Error::new(ErrorKind::InvalidInput, msg).with_object(HEAD_KEY));
                     return;
                 }
+                if let Err(e) = self.check_signed(&body, &h) {
+                    self.fence(e);
+                    return;
+                }
                 // Half the range: commits go on adding one to the generation.
                 let (Some(epoch), Some(generation)) = (
                     h.epoch.checked_add(1),
@@ -170,7 +178,7 @@ impl Publisher {
         self.fence(err);
     }
 
-    fn fence(&mut self, err: Error) {
+    pub(super) fn fence(&mut self, err: Error) {
         self.role = Role::Fenced;
         // Nothing more goes out.
         self.queued.clear();

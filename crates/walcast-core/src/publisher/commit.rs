@@ -312,6 +312,10 @@ impl Publisher {
     }
 
     pub(super) fn on_verify(&mut self, now: u64, resp: GetResponse) {
+        let body = match &resp {
+            GetResponse::Ok { body, .. } => body.clone(),
+            _ => Vec::new(),
+        };
         let read = Self::decode_head(resp);
         let Some(c) = self.commit.as_ref() else {
             return;
@@ -328,8 +332,12 @@ impl Publisher {
                 {
                     // An earlier write of ours landed after we thought it had
                     // not (its answer was lost, then a stale read misled us):
-                    // build on what is really there.
-                    self.adopt(h, etag);
+                    // build on what is really there, once its signature says
+                    // it is ours.
+                    match self.check_signed(&body, &h) {
+                        Ok(()) => self.adopt(h, etag),
+                        Err(e) => self.fence(e),
+                    }
                 } else if self.head.as_ref() == Some(&h) {
                     // Our write did not land; the head is still ours. Retry.
                     self.behind_reads = 0;

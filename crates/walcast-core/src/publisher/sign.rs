@@ -2,8 +2,9 @@
 //! chain and the digests of every object a head or page names
 //! (`docs/FORMAT.md`, "Signed datasets").
 
-use crate::catalog::{Head, HeadTrust, KeyEndorsement, Page, MAX_KEY_CHAIN};
-use crate::keys::sha256_hex;
+use crate::catalog::{head_signature, Head, HeadTrust, KeyEndorsement, Page, MAX_KEY_CHAIN};
+use crate::error::{Error, ErrorKind};
+use crate::keys::{self, sha256_hex, PublicKey};
 
 use super::Publisher;
 
@@ -54,6 +55,52 @@ impl Publisher {
         page.digests = keys
             .filter_map(|k| self.digest_of(h, &k).map(|d| (k, d)))
             .collect();
+    }
+
+    /// A signed head read from the store (`body`, decoded as `h`) that this
+    /// publisher is about to build on: signing what it names again needs
+    /// the head's signature to verify by this publisher's key, its
+    /// previous key, or a key their chain in the head endorses. Otherwise
+    /// a bucket's writer could change a digest (and the object it names)
+    /// and have this publisher sign it for every replica that pins its
+    /// key. Nothing to check when this publisher does not sign, or the
+    /// head is not signed (refused elsewhere when it names history).
+    pub(super) fn check_signed(&self, body: &[u8], h: &Head) -> Result<(), Error> {
+        let (Some(key), Some(t)) = (&self.cfg.signing_key, &h.trust) else {
+            return Ok(());
+        };
+        let mut trusted: Vec<PublicKey> = std::iter::once(key.public())
+            .chain(self.cfg.previous_key.as_ref().map(|k| k.public()))
+            .collect();
+        loop {
+            let before = trusted.len();
+            for (by, new) in t.chain.iter().filter_map(KeyEndorsement::verify) {
+                if trusted.contains(&by) && !trusted.contains(&new) {
+                    trusted.push(new);
+                }
+            }
+            if trusted.len() == before {
+                break;
+            }
+        }
+        let signed = head_signature(body).is_some_and(|(sig, covered)| {
+            PublicKey::parse(&t.signer).is_ok_and(|signer| {
+                trusted.contains(&signer) && signer.verify_b64(keys::HEAD_DOMAIN, covered, sig)
+            })
+        });
+        if signed {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Untrusted,
+            format!(
+                "the head's signature (signer {}) does not verify by the signing key, the \
+                 previous key or a key they endorse: the head or what it names may have been \
+                 changed in the store, and this publisher does not sign it again",
+                t.signer
+            ),
+        )
+        .with_object(crate::catalog::HEAD_KEY))
     }
 
     /// Sets the head's signer, key chain and digests (or clears them when
