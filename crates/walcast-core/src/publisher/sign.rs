@@ -96,7 +96,8 @@ impl Publisher {
             format!(
                 "the head's signature (signer {}) does not verify by the signing key, the \
                  previous key or a key they endorse: the head or what it names may have been \
-                 changed in the store, and this publisher does not sign it again",
+                 changed in the store, and this publisher does not sign it again (a dataset \
+                 signed by another key of yours is published with that key as --previous-key)",
                 t.signer
             ),
         )
