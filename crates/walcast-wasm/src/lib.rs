@@ -599,10 +599,10 @@ impl WasmReplica {
     /// already running is replaced.
     #[wasm_bindgen(js_name = syncBegin)]
     pub fn sync_begin(&self) {
-        // The events queued now are taken first, as while no sync runs: an
+        // The events queued now are taken first, before this sync runs: an
         // error among them (GETs of an earlier sync answered after it
-        // ended, an outage's) is not this sync's, and goes to `takeErrors`.
-        self.io.borrow_mut().sync = None;
+        // ended, an outage's) is not this sync's, and goes to `takeErrors`
+        // (or to a sync this one replaces).
         let now = now_ms();
         let queued = self.replica.borrow().queued_events();
         for _ in 0..queued {

@@ -369,10 +369,7 @@ impl Replica {
                 }
                 Ok(())
             }
-            _ => Err(
-                untrusted("the snapshot's bytes did not arrive in order for hashing")
-                    .with_object(key),
-            ),
+            _ => Err(untrusted("snapshot bytes out of order for hashing").with_object(key)),
         }
     }
 }

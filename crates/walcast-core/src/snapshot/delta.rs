@@ -459,7 +459,7 @@ pub(crate) fn decode_change(value: &[u8], at: u64) -> Result<Change, DecodeError
         _ => Err(invalid(
             "delta entry",
             at,
-            "the value is neither a put (tag 0) nor a bare deletion (tag 1)",
+            "a value tag other than 0 (put) or 1 (deletion)",
         )),
     }
 }
