@@ -31,6 +31,9 @@ enum Server {
     /// Claims support and never answers a long-poll (the driver's deadline
     /// fails it).
     NeverAnswers,
+    /// Claims support and answers every long-poll at once with the head of
+    /// another dataset (two backends of other datasets behind one URL).
+    AlternatesDatasets,
 }
 
 struct Sim {
@@ -147,6 +150,16 @@ impl Sim {
             return;
         }
         match (req.wait_ms, self.server) {
+            (Some(_), Server::AlternatesDatasets) => {
+                let h = Head::decode(&self.head).unwrap();
+                let mut other = golden_head();
+                if h.dataset_id == other.dataset_id {
+                    other.dataset_id = walcast_core::catalog::DatasetId::from_seed(99);
+                }
+                self.head = other.encode();
+                let resp = slice(&self.head.clone(), None);
+                self.due.push((now + 1, req, resp));
+            }
             (Some(w), Server::Holds) => {
                 // Answered when the head changes (see `step`) or at the end.
                 self.due.push((now + w, req, GetResponse::NotModified));
@@ -183,7 +196,9 @@ impl Sim {
                 Action::Wait { until: wake } => {
                     self.max_applied = self.max_applied.max(self.replica.applied_lsn());
                     assert!(
-                        self.replica.applied_lsn() >= self.max_applied,
+                        // (A change of dataset starts the state over.)
+                        self.server == Server::AlternatesDatasets
+                            || self.replica.applied_lsn() >= self.max_applied,
                         "the replica went backwards"
                     );
                     // The next thing to happen: a wake-up, an answer, a new head.
@@ -405,4 +420,25 @@ fn long_poll_requests_carry_the_wait_and_a_longer_deadline() {
     let t = sim.now;
     sim.run_until(t + MINUTE);
     assert!(sim.head_gets.iter().all(|g| g.1.is_none()));
+}
+
+/// Every long-poll answered at once with the head of another dataset (two
+/// backends behind one URL, each answering the other's ETag at once): a
+/// change of dataset is not taken for news that makes an early answer
+/// fine, so the replica polls at its interval, not back to back.
+#[test]
+fn a_server_alternating_datasets_on_long_polls_is_polled_at_the_interval() {
+    let mut sim = Sim::new(Server::AlternatesDatasets, ReplicaConfig::default());
+    let page = fixtures::golden_page();
+    sim.objects
+        .insert(fixtures::golden_page_ref(&page.encode()).key, page.encode());
+    for (first, last) in [(1, 49), (50, 99)] {
+        let (bytes, summary) = build_segment(6, first, last, 512);
+        sim.objects
+            .insert(SegmentEntry::from_summary(&summary).key, bytes);
+    }
+    let start = sim.now;
+    sim.run_until(start + MINUTE);
+    let gets = sim.head_gets_since(start);
+    assert!(gets <= 62, "{gets} head GETs in a minute");
 }

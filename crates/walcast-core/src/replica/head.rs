@@ -85,8 +85,10 @@ impl Replica {
                 self.head_retry(now, err);
             }
         }
-        if self.committed > before.1 || self.dataset != before.0 {
-            // Something new came: the server (or the proxy) is live.
+        if self.dataset == before.0 && self.committed > before.1 {
+            // Something new came: the server (or the proxy) is live. (Not
+            // a change of dataset: two backends behind one URL answer each
+            // other's long-polls at once, each with "news".)
             self.long_poll_early = false;
         }
     }

@@ -349,6 +349,9 @@ pub struct Replica {
     /// forgets the jobs, not the GETs: their answers still take memory in
     /// the driver, so they count against the bound on GETs out until then.
     block_gets: VecMap<u64>,
+    /// Deferred-segment GETs out (by request id), until answered or
+    /// abandoned: a jump forgets their jobs, not the GETs.
+    segment_gets: VecMap<()>,
     attempts: Vec<(String, u32)>,
     /// Failures of objects other than the head since one last succeeded.
     failure_streak: u32,
@@ -420,6 +423,7 @@ impl Replica {
             bootstrap: None,
             pending: VecMap::default(),
             block_gets: VecMap::default(),
+            segment_gets: VecMap::default(),
             attempts: Vec::new(),
             failure_streak: 0,
             backoff_until: None,
@@ -796,6 +800,7 @@ impl Replica {
         meta: ResponseMeta,
     ) {
         self.block_gets.remove(id.0);
+        self.segment_gets.remove(id.0);
         let Some(job) = self.pending.remove(id.0) else {
             return;
         };

@@ -643,3 +643,57 @@ fn a_deferred_segment_deleted_under_a_newer_head_sends_reads_to_it() {
     assert_eq!(answer, Some(Some(b"1".to_vec())), "the read never answered");
     assert_eq!(r.applied_lsn(), lsn);
 }
+
+/// Deferred-segment GETs whose answers are late, while every head brings
+/// a delta past the applied LSN (a jump, which forgets their jobs): they
+/// still count against `max_inflight` until answered, so a read that keeps
+/// waiting does not send a new batch of whole-segment GETs after each jump.
+#[test]
+fn deferred_segment_gets_out_stay_bounded_across_jumps() {
+    let cfg = PublisherConfig {
+        delta_every: Some(3),
+        ..cfg_filters()
+    };
+    let (mut p, mut store, mut lsn, mut now) = loaded(cfg);
+    let hot = b"hot".to_vec();
+    put(&mut p, &mut store, &mut lsn, &mut now, &hot, b"v0");
+    let mut r = lazy_replica();
+    r.sync_now(0);
+    settle(&mut r, &store);
+    let mut out: Vec<GetRequest> = Vec::new();
+    let mut most = 0;
+    for i in 0..30 {
+        let _ = r.get_lazy(&hot);
+        for g in collect(&mut r) {
+            if g.key.starts_with("segments/") {
+                out.push(g);
+            } else {
+                let resp = store.serve(&g, &mut Cold::default());
+                r.handle_response(g.id, 0, resp);
+            }
+        }
+        most = most.max(out.len());
+        // The origin writes on: a delta past the applied LSN, then a
+        // segment or two past it.
+        for j in 0..4 {
+            let v = format!("v{i}.{j}");
+            put(&mut p, &mut store, &mut lsn, &mut now, &hot, v.as_bytes());
+        }
+        r.sync_now(0);
+        // Heads, pages and catch-up served; segment GETs held.
+        for _ in 0..10_000 {
+            match r.poll(0) {
+                replica::Action::Fetch(g) => {
+                    let resp = store.serve(&g, &mut Cold::default());
+                    r.handle_response(g.id, 0, resp);
+                }
+                replica::Action::Event(_) => {}
+                replica::Action::Wait { .. } => break,
+            }
+        }
+    }
+    assert!(
+        most <= 4,
+        "{most} deferred-segment GETs out at once (max_inflight 4)"
+    );
+}

@@ -210,6 +210,7 @@ impl Replica {
     /// in flight. Ids of other requests, or of answered ones, are ignored.
     pub fn abandon_read_fetch(&mut self, id: crate::io::RequestId) {
         self.block_gets.remove(id.0);
+        self.segment_gets.remove(id.0);
         if !matches!(self.pending.get(id.0), Some(crate::replica::Job::Block(_))) {
             return;
         }
@@ -245,11 +246,7 @@ impl Replica {
         // forgot included, at the bytes its answer may bring.
         let blocks = self.block_gets.len();
         let bytes: u64 = self.block_gets.iter().map(|(_, b)| b).sum();
-        let segments = lazy
-            .inflight
-            .iter()
-            .filter(|j| lazy.is_deferred(&j.snapshot))
-            .count();
+        let segments = self.segment_gets.len();
         let i = lazy.wanted.iter().position(|j| {
             if lazy.is_deferred(&j.snapshot) {
                 return segments < max_inflight;
@@ -273,8 +270,12 @@ impl Replica {
         let range = (!lazy.is_deferred(&key)).then_some(range);
         let block = range.is_some();
         let action = self.fetch(Job::Block(job), key, range, None);
-        if let (true, crate::replica::Action::Fetch(req)) = (block, &action) {
-            self.block_gets.insert(req.id.0, req.max_bytes);
+        if let crate::replica::Action::Fetch(req) = &action {
+            if block {
+                self.block_gets.insert(req.id.0, req.max_bytes);
+            } else {
+                self.segment_gets.insert(req.id.0, ());
+            }
         }
         Some(action)
     }
