@@ -542,6 +542,21 @@ fn a_segment_unlike_its_catalog_entry_is_a_data_error() {
     }
 }
 
+/// The `n`th head of a server whose every head is of a new epoch and names
+/// one segment of it (LSNs 1..=10): a new key each time.
+fn head_naming_a_new_segment(n: u64) -> GetResponse {
+    let (_, summary) = build_segment(n, 1, 10, 64);
+    let mut head = Head::new(DATASET, n);
+    head.generation = n;
+    head.committed_lsn = 10;
+    head.segments = vec![SegmentEntry::from_summary(&summary)];
+    GetResponse::Ok {
+        body: head.encode(),
+        etag: Some(format!("\"h{n}\"")),
+        range: None,
+    }
+}
+
 /// A server whose every head names a new, damaged segment (a new epoch, so
 /// a new key each time) used to keep a sync going without end and without
 /// an error: failures were counted per key, and none reached the limit; the
@@ -557,17 +572,7 @@ fn a_new_damaged_segment_in_every_head_ends_in_an_error_and_backs_off() {
         &mut |g| {
             if g.key == HEAD_KEY {
                 heads += 1;
-                let (bytes, summary) = build_segment(heads, 1, 10, 64);
-                let _ = bytes;
-                let mut head = Head::new(DATASET, heads);
-                head.generation = heads;
-                head.committed_lsn = 10;
-                head.segments = vec![SegmentEntry::from_summary(&summary)];
-                GetResponse::Ok {
-                    body: head.encode(),
-                    etag: Some(format!("\"h{heads}\"")),
-                    range: None,
-                }
+                head_naming_a_new_segment(heads)
             } else {
                 segment_gets += 1;
                 let epoch = g
@@ -619,16 +624,7 @@ fn a_new_missing_segment_in_every_head_backs_off() {
                 return GetResponse::NotFound;
             }
             heads += 1;
-            let (_, summary) = build_segment(heads, 1, 10, 64);
-            let mut head = Head::new(DATASET, heads);
-            head.generation = heads;
-            head.committed_lsn = 10;
-            head.segments = vec![SegmentEntry::from_summary(&summary)];
-            GetResponse::Ok {
-                body: head.encode(),
-                etag: Some(format!("\"h{heads}\"")),
-                range: None,
-            }
+            head_naming_a_new_segment(heads)
         },
         &mut assert_state,
     );

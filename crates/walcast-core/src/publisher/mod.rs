@@ -1181,23 +1181,23 @@ mod tests {
         );
     }
 
-    /// One of four page reads fails and the other three are read: no head
-    /// is written with nothing new (retention waits out its backoff).
-    #[test]
-    fn a_failed_page_read_makes_no_empty_commit() {
+    /// The level-0 page of the eight one-LSN segments from `first`.
+    fn eight_segment_page(first: u64) -> Vec<u8> {
+        crate::catalog::Page {
+            format: 1,
+            level: 0,
+            segments: (first..first + 8).map(one_lsn_segment).collect(),
+            pages: Vec::new(),
+            digests: Default::default(),
+        }
+        .encode()
+    }
+
+    /// A head committed at LSN 64 whose history is eight such pages.
+    fn head_of_eight_pages() -> Head {
         let mut h = Head::new(DatasetId::from_seed(5), 1);
         h.committed_at_ms = 1;
         h.committed_lsn = 64;
-        let page_body = |first: u64| {
-            crate::catalog::Page {
-                format: 1,
-                level: 0,
-                segments: (first..first + 8).map(one_lsn_segment).collect(),
-                pages: Vec::new(),
-                digests: Default::default(),
-            }
-            .encode()
-        };
         h.pages = (0..8u64)
             .map(|i| PageRef {
                 key: crate::catalog::page_key(0, 1 + 8 * i, 8 + 8 * i, 1),
@@ -1205,9 +1205,31 @@ mod tests {
                 first_lsn: 1 + 8 * i,
                 last_lsn: 8 + 8 * i,
                 count: 8,
-                crc32: crate::crc::hash(&page_body(1 + 8 * i)),
+                crc32: crate::crc::hash(&eight_segment_page(1 + 8 * i)),
             })
             .collect();
+        h
+    }
+
+    /// The store's answer to a GET of one of [`head_of_eight_pages`]'s pages.
+    fn eight_page_answer(key: &str) -> GetResponse {
+        let first = key
+            .split(['-', '.', '/'])
+            .filter_map(|t| t.parse().ok())
+            .nth(1)
+            .expect("a page key");
+        GetResponse::Ok {
+            body: eight_segment_page(first),
+            etag: None,
+            range: None,
+        }
+    }
+
+    /// One of four page reads fails and the other three are read: no head
+    /// is written with nothing new (retention waits out its backoff).
+    #[test]
+    fn a_failed_page_read_makes_no_empty_commit() {
+        let mut h = head_of_eight_pages();
         let mut p = claimed_retaining_one_lsn(&mut h);
         let small = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![1])]).unwrap();
         let mut held = Vec::new();
@@ -1227,21 +1249,7 @@ mod tests {
                 );
                 for r in it {
                     let r: crate::io::GetRequest = r;
-                    let first = r
-                        .key
-                        .split(['-', '.', '/'])
-                        .filter_map(|t| t.parse().ok())
-                        .nth(1)
-                        .unwrap();
-                    p.handle_get(
-                        r.id,
-                        now,
-                        GetResponse::Ok {
-                            body: page_body(first),
-                            etag: None,
-                            range: None,
-                        },
-                    );
+                    p.handle_get(r.id, now, eight_page_answer(&r.key));
                 }
             }
             match p.poll(now) {
@@ -1492,29 +1500,7 @@ mod tests {
     /// once. Once the pages are read, a later commit retires them.
     #[test]
     fn page_reads_for_retention_do_not_hold_back_commits() {
-        let mut h = Head::new(DatasetId::from_seed(5), 1);
-        h.committed_at_ms = 1;
-        h.committed_lsn = 64;
-        let page_body = |first: u64| {
-            crate::catalog::Page {
-                format: 1,
-                level: 0,
-                segments: (first..first + 8).map(one_lsn_segment).collect(),
-                pages: Vec::new(),
-                digests: Default::default(),
-            }
-            .encode()
-        };
-        h.pages = (0..8u64)
-            .map(|i| PageRef {
-                key: crate::catalog::page_key(0, 1 + 8 * i, 8 + 8 * i, 1),
-                level: 0,
-                first_lsn: 1 + 8 * i,
-                last_lsn: 8 + 8 * i,
-                count: 8,
-                crc32: crate::crc::hash(&page_body(1 + 8 * i)),
-            })
-            .collect();
+        let mut h = head_of_eight_pages();
         let mut p = claimed_retaining_one_lsn(&mut h);
         let small = batch::encode(&[batch::Op::put(b"k".to_vec(), vec![1])]).unwrap();
         let mut held: Vec<crate::io::GetRequest> = Vec::new();
@@ -1524,18 +1510,7 @@ mod tests {
             if now == 10_000 {
                 // The store answers at last.
                 for req in held.drain(..) {
-                    let first = req
-                        .key
-                        .split(['-', '.', '/'])
-                        .filter_map(|t| t.parse().ok())
-                        .nth(1)
-                        .unwrap();
-                    let resp = GetResponse::Ok {
-                        body: page_body(first),
-                        etag: None,
-                        range: None,
-                    };
-                    p.handle_get(req.id, now, resp);
+                    p.handle_get(req.id, now, eight_page_answer(&req.key));
                 }
             }
             if p.next_lsn() == Some(p.committed_lsn() + 1) && now % 1_000 == 0 {
@@ -1557,18 +1532,7 @@ mod tests {
                             held.push(req);
                             most_out = most_out.max(held.len());
                         } else {
-                            let first = req
-                                .key
-                                .split(['-', '.', '/'])
-                                .filter_map(|t| t.parse().ok())
-                                .nth(1)
-                                .unwrap();
-                            let resp = GetResponse::Ok {
-                                body: page_body(first),
-                                etag: None,
-                                range: None,
-                            };
-                            p.handle_get(req.id, now, resp);
+                            p.handle_get(req.id, now, eight_page_answer(&req.key));
                         }
                     }
                     Action::Get(req) => p.handle_get(req.id, now, GetResponse::NotFound),
