@@ -1515,6 +1515,7 @@ fn snapshot_and_deltas(st: &KvState, block_bytes: usize, chain: &[&[Change]]) ->
             entries: changes.len() as u64,
             suffix_len: footer.suffix_len(size),
             footer_crc32: None,
+            slots: None,
         });
         store.objects.insert(delta_key(base, lsn, 1), bytes);
         base = lsn;

@@ -58,6 +58,7 @@ struct Coverage {
     commits: u64,
     applied: u64,
     lazy_reads: u64,
+    pointer_gets: u64,
 }
 
 impl Coverage {
@@ -67,6 +68,7 @@ impl Coverage {
         }
         sum!(
             lazy_reads,
+            pointer_gets,
             f5xx,
             lost_ack,
             truncated,
@@ -234,6 +236,9 @@ impl Sim {
                 .then(|| by_bytes.random_range(50..1_000)),
             // Heads stored gzip-compressed, from a stream of its own too.
             head_gzip: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_6219_0000_0000).random_bool(0.3),
+            // Deltas of pointers, likewise.
+            pointer_deltas: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_9017_0000_0000)
+                .random_bool(0.5),
             ..pub_cfg
         };
         let n_pubs = if rng.random_bool(0.3) { 2 } else { 1 };
@@ -373,6 +378,10 @@ impl Sim {
             None => (body.clone(), None),
             Some(r) => {
                 self.cov.range_gets += 1;
+                // A pointer delta's pages or blocks (version 5).
+                if body.len() > 6 && body[..4] == *b"WCSN" && body[4..6] == [5, 0] {
+                    self.cov.pointer_gets += 1;
+                }
                 let (s, e) = match r {
                     ByteRange::Bounded { start, end } => (start, end.min(len)),
                     ByteRange::Suffix(n) => (len.saturating_sub(n), len),
@@ -1110,6 +1119,7 @@ fn simulation() {
             ("range GETs", total.range_gets),
             ("304s", total.head_304),
             ("lazy reads answered", total.lazy_reads),
+            ("pointer delta GETs", total.pointer_gets),
         ] {
             assert!(n > 0, "no {name} happened in {} seeds", seeds.len());
         }

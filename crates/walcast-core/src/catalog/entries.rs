@@ -188,6 +188,20 @@ pub struct DeltaEntry {
     /// [`SnapshotEntry::footer_crc32`]. Absent when not written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub footer_crc32: Option<u32>,
+    /// A pointer delta (version 5): its slot pages and their bytes, which
+    /// place a key's page with no GET first. Absent: a value delta
+    /// (version 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<SlotPages>,
+}
+
+/// The slot pages of a pointer delta, as its head entry states them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SlotPages {
+    /// Number of pages.
+    pub pages: u32,
+    /// Bytes of each.
+    pub page_bytes: u32,
 }
 
 impl DeltaEntry {
@@ -201,6 +215,21 @@ impl DeltaEntry {
             return Err(format!("delta {} has an empty LSN range", self.key));
         }
         let min = crate::snapshot::HEADER_LEN + crate::snapshot::delta::DELTA_FOOTER_LEN;
+        if let Some(s) = self.slots {
+            let pages_end =
+                u64::from(s.pages) * u64::from(s.page_bytes) + crate::snapshot::HEADER_LEN;
+            if s.pages == 0
+                || !(crate::snapshot::pointer::MIN_PAGE_BYTES
+                    ..=crate::snapshot::pointer::MAX_PAGE_BYTES)
+                    .contains(&s.page_bytes)
+                || pages_end.saturating_add(self.suffix_len) > self.size
+            {
+                return Err(format!(
+                    "delta {} has slot pages ({} of {} bytes) that its size ({}) cannot hold",
+                    self.key, s.pages, s.page_bytes, self.size
+                ));
+            }
+        }
         if self.size < min
             || self.suffix_len < crate::snapshot::delta::DELTA_FOOTER_LEN
             || self.suffix_len > self.size - crate::snapshot::HEADER_LEN

@@ -19,7 +19,8 @@
 use super::Digests;
 
 use super::{
-    DatasetId, DeltaEntry, Head, Page, PageRef, Retired, SegmentEntry, SnapshotEntry, TailSegment,
+    DatasetId, DeltaEntry, Head, Page, PageRef, Retired, SegmentEntry, SlotPages, SnapshotEntry,
+    TailSegment,
 };
 use crate::error::DecodeError;
 use crate::segment::IndexEntry;
@@ -492,10 +493,11 @@ fn delta(c: &mut Cursor) -> R<DeltaEntry> {
     let at = c.at;
     let (mut key, mut base_lsn, mut lsn, mut epoch) = (None, None, None, None);
     let (mut size, mut crc32, mut entries, mut suffix_len) = (None, None, None, None);
-    let mut footer_crc32 = None;
+    let (mut footer_crc32, mut slots) = (None, None);
     c.object(&mut |c, name| {
         match name {
             "key" => key = Some(c.key()?),
+            "slots" => slots = Some(slot_pages(c)?),
             "base_lsn" => base_lsn = Some(c.u64()?),
             "lsn" => lsn = Some(c.u64()?),
             "epoch" => epoch = Some(c.u64()?),
@@ -518,6 +520,24 @@ fn delta(c: &mut Cursor) -> R<DeltaEntry> {
         entries: need(entries, at)?,
         suffix_len: need(suffix_len, at)?,
         footer_crc32,
+        slots,
+    })
+}
+
+fn slot_pages(c: &mut Cursor) -> R<SlotPages> {
+    let at = c.at;
+    let (mut pages, mut page_bytes) = (None, None);
+    c.object(&mut |c, name| {
+        match name {
+            "pages" => pages = Some(c.u32()?),
+            "page_bytes" => page_bytes = Some(c.u32()?),
+            _ => c.skip()?,
+        }
+        Ok(())
+    })?;
+    Ok(SlotPages {
+        pages: need(pages, at)?,
+        page_bytes: need(page_bytes, at)?,
     })
 }
 

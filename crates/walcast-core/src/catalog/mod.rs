@@ -14,7 +14,7 @@ mod keys;
 mod page;
 
 pub use self::entries::{
-    DeltaEntry, PageRef, Retired, SegmentEntry, SnapshotEntry, TailSegment, MAX_DELTAS,
+    DeltaEntry, PageRef, Retired, SegmentEntry, SlotPages, SnapshotEntry, TailSegment, MAX_DELTAS,
     MAX_SEGMENT_FILTER_BYTES, MAX_SNAPSHOT_SUFFIX,
 };
 #[cfg(feature = "gzip")]

@@ -134,6 +134,13 @@ pub struct PublisherConfig {
     /// replica's cold read then replays at most about this many bytes of
     /// segments. Needs `snapshot_every` and the indexed snapshot format.
     pub delta_bytes: Option<u64>,
+    /// Write deltas of pointers (`docs/FORMAT.md`, "Pointer delta"): each
+    /// key's entry names the record in a segment that wrote it last, not
+    /// its value, so merging deltas rewrites some 30 bytes a key, not the
+    /// values. A delta that would name a record this publisher did not
+    /// write (before a restart) or one over
+    /// [`crate::snapshot::pointer::MAX_POINTED_PAYLOAD`] is a value delta.
+    pub pointer_deltas: bool,
     /// Store the head gzip-compressed (`docs/FORMAT.md`, "Head encoding"):
     /// its catalog and the base64 of its tail copies shrink to about half,
     /// and it is uploaded on every commit. Readers from this release on
@@ -201,6 +208,7 @@ impl Default for PublisherConfig {
             snapshot_format: SnapshotFormat::default(),
             delta_every: None,
             delta_bytes: None,
+            pointer_deltas: false,
             head_gzip: false,
             signing_key: None,
             previous_key: None,

@@ -47,6 +47,16 @@ enum Up {
     Done,
 }
 
+/// A key's last write: its LSN, and where the record is in the segment
+/// this publisher wrote it to (`offset` 0: not known, a record replayed
+/// after a restart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Touch {
+    lsn: u64,
+    offset: u32,
+    len: u32,
+}
+
 #[derive(Debug)]
 struct Sealed {
     entry: SegmentEntry,
@@ -124,8 +134,11 @@ pub struct Publisher {
     state: Option<KvState>,
     snapshot: Option<PendingSnapshot>,
     /// Delta snapshots on: each key written since the state's base, with the
-    /// LSN of its last write.
-    touched: std::collections::BTreeMap<Vec<u8>, u64>,
+    /// LSN of its last write and where its record is.
+    touched: std::collections::BTreeMap<Vec<u8>, Touch>,
+    /// Segments this publisher sealed past its snapshot: first LSN to last
+    /// LSN (the records [`Touch`] places are in them).
+    sealed_ranges: std::collections::BTreeMap<u64, u64>,
     /// Bytes of batches pushed since the newest snapshot, and since the end
     /// of its delta chain, was made (`snapshot_bytes`, `delta_bytes`).
     bytes_since_snapshot: u64,
@@ -212,6 +225,7 @@ impl Publisher {
             state,
             snapshot: None,
             touched: std::collections::BTreeMap::new(),
+            sealed_ranges: std::collections::BTreeMap::new(),
             bytes_since_snapshot: 0,
             bytes_since_delta: 0,
             delta_refused_at: 0,
@@ -330,6 +344,23 @@ impl Publisher {
     }
 
     /// True when the publisher writes delta snapshots (by LSNs or bytes).
+    /// Where the record `t` names is, as a pointer delta names it (`None`:
+    /// a record this publisher did not write, or one too large).
+    fn pointer(&self, t: &Touch) -> Option<crate::snapshot::pointer::Pointer> {
+        if t.offset == 0 || t.len > crate::snapshot::pointer::MAX_POINTED_PAYLOAD {
+            return None;
+        }
+        let (&first, &last) = self.sealed_ranges.range(..=t.lsn).next_back()?;
+        (t.lsn <= last).then_some(crate::snapshot::pointer::Pointer {
+            lsn: t.lsn,
+            epoch: self.epoch,
+            first,
+            last,
+            offset: u64::from(t.offset),
+            len: t.len,
+        })
+    }
+
     fn deltas_on(&self) -> bool {
         self.cfg.delta_every.is_some() || self.cfg.delta_bytes.is_some()
     }
@@ -403,10 +434,17 @@ impl Publisher {
                             }
                         }
                     }
+                    // A fresh record goes at the end of the open segment;
+                    // a replayed one is in a segment of the catalog.
+                    let t = Touch {
+                        lsn,
+                        offset: if fresh { open as u32 } else { 0 },
+                        len: payload.len() as u32,
+                    };
                     match self.touched.get_mut(k) {
-                        Some(l) => *l = lsn,
+                        Some(l) => *l = t,
                         None => {
-                            self.touched.insert(k.to_vec(), lsn);
+                            self.touched.insert(k.to_vec(), t);
                         }
                     }
                 }
@@ -471,6 +509,10 @@ impl Publisher {
                     let open = self.open.take().expect("checked");
                     let keys = self.open_keys.replace(Vec::new());
                     if let Some((bytes, summary)) = open.finish() {
+                        if self.deltas_on() {
+                            self.sealed_ranges
+                                .insert(summary.first_lsn, summary.last_lsn);
+                        }
                         let mut entry = SegmentEntry::from_summary(&summary);
                         self.note_digest(&entry.key, &bytes);
                         entry.filter =
@@ -489,6 +531,9 @@ impl Publisher {
                             bytes,
                             up: Up::Waiting(0),
                         });
+                        if self.cfg.pointer_deltas {
+                            self.maybe_delta(summary.last_lsn);
+                        }
                     }
                 } else if uploading {
                     wake = wake.min(due.max(spaced));

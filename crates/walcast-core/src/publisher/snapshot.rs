@@ -5,6 +5,9 @@ use crate::catalog::{self, DeltaEntry, SnapshotEntry, MAX_DELTAS};
 use crate::snapshot::delta::{
     encode_delta_readable, DeltaFooter, DeltaMeta, DEFAULT_DELTA_BLOCK_BYTES,
 };
+use crate::snapshot::pointer::{
+    encode_pointer_delta, Pointer, PointerFooter, PointerMeta, DEFAULT_PAGE_BYTES,
+};
 
 use super::{Publisher, Up};
 
@@ -56,6 +59,9 @@ impl Publisher {
         self.bytes_since_snapshot = 0;
         self.bytes_since_delta = 0;
         self.touched.clear();
+        self.sealed_ranges = self.sealed_ranges.split_off(&lsn.saturating_add(1));
+        // (The open segment's records are still placed: its range goes in
+        // at its seal.)
         // A block-indexed snapshot whose blocks readers would refuse (keys
         // too long and alike, a value over 32 MiB) is written as version 1,
         // read whole.
@@ -115,7 +121,7 @@ impl Publisher {
     /// Keys written after `after` (at the current LSN), with their values
     /// now (`None`: deleted).
     fn changed_after(&self, after: u64) -> usize {
-        self.touched.values().filter(|&&l| l > after).count()
+        self.touched.values().filter(|t| t.lsn > after).count()
     }
 
     /// Writes a delta snapshot when `delta_every` LSNs passed, or
@@ -126,8 +132,13 @@ impl Publisher {
     /// enough to keep the chain within [`MAX_DELTAS`]. So delta sizes grow
     /// geometrically down the chain and each key is rewritten a few times
     /// before the next snapshot absorbs it.
-    fn maybe_delta(&mut self, lsn: u64) {
-        if !self.deltas_on() {
+    pub(super) fn maybe_delta(&mut self, lsn: u64) {
+        if !self.deltas_on() || self.snapshot.is_some() {
+            return;
+        }
+        // Pointer deltas are made as a segment is sealed (`lsn` its last):
+        // every record they name is then in a sealed segment.
+        if self.cfg.pointer_deltas && self.open.as_ref().is_some_and(|o| !o.is_empty()) {
             return;
         }
         let every = self.cfg.delta_every.unwrap_or(u64::MAX);
@@ -175,19 +186,64 @@ impl Publisher {
         } else {
             head.deltas[keep - 1].lsn
         };
-        let changes: Vec<(&[u8], Option<&[u8]>)> = self
-            .touched
-            .iter()
-            .filter(|(_, &l)| l > base_lsn)
-            .map(|(k, _)| (k.as_slice(), state.get(k)))
-            .collect();
+        let changed = || self.touched.iter().filter(|(_, t)| t.lsn > base_lsn);
+        let block_bytes = opts.block_bytes.clamp(1, DEFAULT_DELTA_BLOCK_BYTES * 4);
+        let pointers: Option<Vec<(&[u8], Pointer)>> = self
+            .cfg
+            .pointer_deltas
+            // (Over a version 1 snapshot, which loads whole, value deltas.)
+            .then_some(())
+            .filter(|()| snap.version != 1)
+            .map(|()| {
+                changed()
+                    .map(|(k, t)| Some((k.as_slice(), self.pointer(t)?)))
+                    .collect()
+            })
+            .flatten();
+        let pointed = pointers.and_then(|p| {
+            let meta = PointerMeta {
+                base_lsn,
+                lsn,
+                epoch: self.epoch,
+                dataset_id: head.dataset_id,
+            };
+            let n = p.len() as u64;
+            let bytes = encode_pointer_delta(p.into_iter(), meta, DEFAULT_PAGE_BYTES, block_bytes)?;
+            let f = PointerFooter::decode(&bytes[bytes.len() - 64..], bytes.len() as u64).ok()?;
+            Some((bytes, n, f))
+        });
+        let changes: Vec<(&[u8], Option<&[u8]>)> = match pointed {
+            Some(_) => Vec::new(),
+            None => changed()
+                .map(|(k, _)| (k.as_slice(), state.get(k)))
+                .collect(),
+        };
         let meta = DeltaMeta {
             base_lsn,
             lsn,
             epoch: self.epoch,
             dataset_id: head.dataset_id,
         };
-        let block_bytes = opts.block_bytes.clamp(1, DEFAULT_DELTA_BLOCK_BYTES * 4);
+        if let Some((bytes, n, f)) = pointed {
+            let size = bytes.len() as u64;
+            let delta = DeltaEntry {
+                key: catalog::delta_key(base_lsn, lsn, self.epoch),
+                base_lsn,
+                lsn,
+                epoch: self.epoch,
+                size,
+                crc32: crate::crc::hash(&bytes),
+                entries: n,
+                suffix_len: size - f.index.offset,
+                footer_crc32: Some(crate::snapshot::delta::footer_crc32(&bytes)),
+                slots: Some(catalog::SlotPages {
+                    pages: f.pages,
+                    page_bytes: f.page_bytes,
+                }),
+            };
+            self.pend_delta(delta, bytes, snap.lsn);
+            return;
+        }
         let Some(bytes) = encode_delta_readable(changes.iter().copied(), meta, block_bytes) else {
             // Its blocks would decode to more than readers take (keys long
             // and alike), or pass 32 MiB (a value that large): no delta;
@@ -216,10 +272,16 @@ impl Publisher {
             entries: changes.len() as u64,
             suffix_len,
             footer_crc32: Some(crate::snapshot::delta::footer_crc32(&bytes)),
+            slots: None,
         };
+        self.pend_delta(delta, bytes, snap.lsn);
+    }
+
+    /// Queues the delta `delta` for upload.
+    fn pend_delta(&mut self, delta: DeltaEntry, bytes: Vec<u8>, snap_lsn: u64) {
         // Keys written at or before the snapshot are covered by it.
-        let floor = snap.lsn;
-        self.touched.retain(|_, l| *l > floor);
+        self.touched.retain(|_, t| t.lsn > snap_lsn);
+        let (key, lsn, size, crc32) = (delta.key.clone(), delta.lsn, delta.size, delta.crc32);
         self.note_digest(&key, &bytes);
         self.snapshot = Some(PendingSnapshot {
             entry: SnapshotEntry {
@@ -229,7 +291,10 @@ impl Publisher {
                 size,
                 crc32,
                 entries: delta.entries,
-                version: crate::snapshot::delta::VERSION_DELTA,
+                version: match delta.slots {
+                    Some(_) => crate::snapshot::pointer::VERSION_POINTER,
+                    None => crate::snapshot::delta::VERSION_DELTA,
+                },
                 suffix: None,
                 footer_crc32: None,
             },

@@ -476,6 +476,9 @@ pub struct DeltaIndex {
     footer: DeltaFooter,
     index: Block,
     filter: KeyFilter,
+    /// A pointer delta's LSN and epoch (its entries are pointers; its
+    /// footer here is the pointer footer's fields, with no filter).
+    pointers: Option<(u64, u64)>,
 }
 
 impl DeltaIndex {
@@ -508,6 +511,79 @@ impl DeltaIndex {
         };
         let index = Block::decode(slice(&footer.index), &footer.index, "delta index")?;
         let filter = KeyFilter::decode(slice(&footer.filter), &footer.filter)?;
+        DeltaIndex::checked(size, footer, index, filter, HEADER_LEN, None)
+    }
+
+    /// Verifies the suffix (index block and footer) of a pointer delta of
+    /// `size` bytes at `lsn` and `epoch` (see [`DeltaIndex::decode_suffix`]);
+    /// its data blocks' entries are pointers.
+    pub fn decode_pointer_suffix(
+        bytes: &[u8],
+        size: u64,
+        lsn: u64,
+        epoch: u64,
+    ) -> Result<DeltaIndex, DecodeError> {
+        use super::pointer::{PointerFooter, POINTER_FOOTER_LEN};
+        let n = bytes.len() as u64;
+        if n < POINTER_FOOTER_LEN || n > size {
+            return Err(DecodeError::Truncated {
+                what: "pointer delta footer",
+                at: size.saturating_sub(n),
+                need: POINTER_FOOTER_LEN,
+                have: n,
+            });
+        }
+        let f = PointerFooter::decode(&bytes[(n - POINTER_FOOTER_LEN) as usize..], size)?;
+        let start = size - n;
+        if f.index.offset < start {
+            return Err(DecodeError::Truncated {
+                what: "delta index",
+                at: f.index.offset,
+                need: size - f.index.offset,
+                have: n,
+            });
+        }
+        let lo = (f.index.offset - start) as usize;
+        let index = Block::decode(
+            &bytes[lo..lo + f.index.len as usize],
+            &f.index,
+            "delta index",
+        )?;
+        let footer = DeltaFooter {
+            base_lsn: f.base_lsn,
+            index: f.index,
+            filter: BlockHandle {
+                offset: f.index.end(),
+                len: 0,
+                crc: 0,
+            },
+            entry_count: f.entry_count,
+            data_blocks: f.data_blocks,
+        };
+        let pages_end = HEADER_LEN + u64::from(f.pages) * u64::from(f.page_bytes);
+        let all = KeyFilter::sized(64, 1);
+        let mut idx = DeltaIndex::checked(size, footer, index, all, pages_end, None)?;
+        idx.filter.bits.fill(0xff);
+        idx.pointers = Some((lsn, epoch));
+        Ok(idx)
+    }
+
+    /// A pointer delta's LSN and epoch (`None`: a value delta).
+    pub fn pointers(&self) -> Option<(u64, u64)> {
+        self.pointers
+    }
+
+    /// The index checked against the footer: as many entries as data
+    /// blocks, contiguous from `first` (the end of the header, or of a
+    /// pointer delta's slot pages) to the index block.
+    fn checked(
+        size: u64,
+        footer: DeltaFooter,
+        index: Block,
+        filter: KeyFilter,
+        first: u64,
+        pointers: Option<(u64, u64)>,
+    ) -> Result<DeltaIndex, DecodeError> {
         if index.entries().len() as u64 != u64::from(footer.data_blocks) {
             return Err(invalid(
                 "delta index",
@@ -519,7 +595,7 @@ impl DeltaIndex {
                 ),
             ));
         }
-        let mut prev_end = HEADER_LEN;
+        let mut prev_end = first;
         for (i, (_, hb)) in index.entries().iter().enumerate() {
             let h = BlockHandle::decode(hb, footer.index.offset)?;
             if h.offset != prev_end || h.end() > footer.index.offset {
@@ -543,6 +619,7 @@ impl DeltaIndex {
             footer,
             index,
             filter,
+            pointers,
         })
     }
 
@@ -594,6 +671,11 @@ impl DeltaIndex {
         key: &[u8],
     ) -> Result<Option<Change>, DecodeError> {
         let block = Block::decode(bytes, handle, "delta data block")?;
+        if self.pointers.is_some() {
+            // (Verified; a pointer delta's point reads go through its
+            // slot pages.)
+            return Ok(None);
+        }
         block
             .get(key)
             .map(|v| decode_change(v, handle.offset))

@@ -4,6 +4,7 @@
 pub mod block;
 pub mod delta;
 pub mod indexed;
+pub mod pointer;
 
 use crate::catalog::DatasetId;
 use crate::codec::{check_crc, invalid, le32, le64, put_len_prefixed, Reader};

@@ -65,8 +65,10 @@ fn delta_figures_at_scale() {
         ) as u32,
         // Heads stored gzip-compressed (`--head-encoding gzip`); 0: JSON.
         head_gzip: env("DELTA_BENCH_HEAD_GZIP", 1) != 0,
+        pointer_deltas: env("DELTA_BENCH_POINTERS", 0) != 0,
         ..defaults
     };
+    let cfg_pointers = cfg.pointer_deltas;
     let mut p = Publisher::new(cfg, 11);
     let mut store = Store::default();
     store.drive(&mut p, 0);
@@ -83,6 +85,8 @@ fn delta_figures_at_scale() {
         store.drive(&mut p, now);
     }
     let load_end = lsn;
+    // Every key's value now, to check the cold reads.
+    let mut values: Vec<[u8; 100]> = (0..keys).map(|i| [(i % 251) as u8; 100]).collect();
     let before = store.uploaded.clone();
     let (puts_before, tail_before) = (store.head_puts, store.head_tail_bytes);
     let parts_before = store.head_parts.clone();
@@ -104,7 +108,9 @@ fn delta_figures_at_scale() {
             x ^= x << 17;
             chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
         }
-        let op = Op::put(key((rng >> 11) % keys), value.to_vec());
+        let id = (rng >> 11) % keys;
+        values[id as usize] = value;
+        let op = Op::put(key(id), value.to_vec());
         let payload = batch::encode(&[op]).unwrap();
         wal += payload.len() as u64;
         lsn += 1;
@@ -119,7 +125,8 @@ fn delta_figures_at_scale() {
                 println!("at LSN {lsn}: no snapshot yet (a cold replica replays every segment)");
                 continue;
             }
-            if let Some(end) = h.delta_lsn() {
+            // (Pointer deltas name records in them.)
+            if let Some(end) = h.delta_lsn().filter(|_| !cfg_pointers) {
                 // (By the last LSN in the key: those the head lists in
                 // pages, past the inline ones, stay too.)
                 let last_lsn = |k: &str| {
@@ -156,7 +163,9 @@ fn delta_figures_at_scale() {
                     std::fs::write(path, raw).unwrap();
                 }
             }
-            let (_, _, c) = cold_read(&store, &key((rng >> 17) % keys));
+            let id = (rng >> 17) % keys;
+            let (v, _, c) = cold_read(&store, &key(id));
+            assert_eq!(v.as_deref(), Some(&values[id as usize][..]), "key {id}");
             samples += 1;
             worst = Cold {
                 rounds: worst.rounds.max(c.rounds),

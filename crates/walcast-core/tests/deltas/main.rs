@@ -25,6 +25,7 @@ mod deferred;
 mod figures;
 mod head_limits;
 mod hostile;
+mod pointers;
 mod retention;
 mod snapshots;
 
@@ -203,10 +204,16 @@ fn materialize(store: &Store, head: &Head) -> BTreeMap<Vec<u8>, Vec<u8>> {
     for d in &head.deltas {
         let bytes = &store.objects[&d.key].0;
         assert_eq!(crc32fast::hash(bytes), d.crc32, "{}", d.key);
-        let delta = decode_delta(bytes).unwrap();
-        assert_eq!((delta.base_lsn, delta.header.lsn), (d.base_lsn, d.lsn));
-        assert_eq!(delta.changes.len() as u64, d.entries);
-        for (k, v) in delta.changes {
+        let changes = match d.slots {
+            Some(_) => pointer_changes(store, d),
+            None => {
+                let delta = decode_delta(bytes).unwrap();
+                assert_eq!((delta.base_lsn, delta.header.lsn), (d.base_lsn, d.lsn));
+                delta.changes
+            }
+        };
+        assert_eq!(changes.len() as u64, d.entries);
+        for (k, v) in changes {
             match v {
                 Some(v) => {
                     m.insert(k, v);
@@ -218,6 +225,47 @@ fn materialize(store: &Store, head: &Head) -> BTreeMap<Vec<u8>, Vec<u8>> {
         }
     }
     m
+}
+
+/// A pointer delta's changes, in key order, its records read from the
+/// store's segments.
+fn pointer_changes(
+    store: &Store,
+    d: &walcast_core::catalog::DeltaEntry,
+) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    use walcast_core::snapshot::block::{Block, BlockHandle};
+    use walcast_core::snapshot::pointer::{decode_entries, resolve, Resolved};
+    let bytes = &store.objects[&d.key].0;
+    let size = bytes.len() as u64;
+    let idx = DeltaIndex::decode_pointer_suffix(
+        &bytes[(size - d.suffix_len) as usize..],
+        size,
+        d.lsn,
+        d.epoch,
+    )
+    .unwrap();
+    assert_eq!(idx.footer().base_lsn, d.base_lsn);
+    let index_h = idx.footer().index;
+    let index = Block::decode(
+        &bytes[index_h.offset as usize..index_h.end() as usize],
+        &index_h,
+        "index",
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    for (_, hb) in index.entries() {
+        let h = BlockHandle::decode(hb, 0).unwrap();
+        let b = Block::decode(&bytes[h.offset as usize..h.end() as usize], &h, "block").unwrap();
+        for (k, p) in decode_entries(&b, d.base_lsn, d.lsn, d.epoch).unwrap() {
+            let seg = &store.objects[&p.segment_key()].0;
+            let r = p.range();
+            match resolve(&seg[r.start as usize..r.end as usize], &p, &k).unwrap() {
+                Resolved::Change(v) => out.push((k, v)),
+                Resolved::NotHere => panic!("{}: {k:?} is not in its record", d.key),
+            }
+        }
+    }
+    out
 }
 
 /// What a cold full replica downloads, in bytes: the snapshot, the segments

@@ -36,12 +36,38 @@ impl Lazy {
     }
 
     pub(super) fn want_in(&mut self, object: String, need: Need, key: &[u8], ahead: bool) {
-        let job = BlockJob {
+        self.want_job(BlockJob {
             snapshot: object,
             need,
             key: key.to_vec(),
             ahead,
+            record: None,
+        });
+    }
+
+    /// Asks for the record `p` names, unless its GET failed last time: its
+    /// error goes to this read.
+    pub(super) fn want_record(&mut self, p: Pointer, key: &[u8]) -> Result<(), Error> {
+        let object = p.segment_key();
+        let r = p.range();
+        let need = Need::Range {
+            start: r.start,
+            end: r.end,
         };
+        if let Some(e) = self.take_failure(&object, &need) {
+            return Err(e);
+        }
+        self.want_job(BlockJob {
+            snapshot: object,
+            need,
+            key: key.to_vec(),
+            ahead: false,
+            record: Some(p),
+        });
+        Ok(())
+    }
+
+    fn want_job(&mut self, job: BlockJob) {
         match self
             .wanted
             .iter_mut()
@@ -50,7 +76,7 @@ impl Lazy {
         {
             // A block a read waits for, asked or read ahead already: its
             // failure is then kept for reads.
-            Some(j) => j.ahead &= ahead,
+            Some(j) => j.ahead &= job.ahead,
             None => self.wanted.push(job),
         }
     }
@@ -80,7 +106,12 @@ impl Lazy {
                         "its CRC-32 is not the catalog's",
                     ));
                 }
-                let idx = DeltaIndex::decode_suffix(bytes, size)?;
+                let idx = match d.entry.slots {
+                    Some(_) => {
+                        DeltaIndex::decode_pointer_suffix(bytes, size, d.entry.lsn, d.entry.epoch)?
+                    }
+                    None => DeltaIndex::decode_suffix(bytes, size)?,
+                };
                 // The file must be the one the catalog names, not another
                 // of the same size (a dataset started over at the prefix).
                 let f = idx.footer();
@@ -95,6 +126,10 @@ impl Lazy {
                     ));
                 }
                 d.index = Some(idx);
+            }
+            Need::Range { start: 0, end } if end == size && d.entry.slots.is_some() => {
+                // (A pointer delta is never loaded whole.)
+                return Ok(true);
             }
             Need::Range { start: 0, end } if end == size => {
                 if crate::crc::hash(bytes) != d.entry.crc32 {
@@ -112,16 +147,30 @@ impl Lazy {
                 d.blocks.insert(u64::MAX, bytes.to_vec());
             }
             Need::Range { start, .. } => {
-                let Some(idx) = &d.index else {
-                    return Ok(true);
-                };
-                // Which block it must be comes from the verified index:
-                // the one holding the read's key, or a scan's place.
-                match idx.block_from(&job.key) {
-                    Some((h, ..)) if h.offset == start => {
-                        idx.lookup(&h, bytes, &job.key)?;
+                match d.entry.slots {
+                    // A slot page: the one the read's key hashes to.
+                    Some(sp) if start < slot_pages_end(sp) => {
+                        let (page, r) =
+                            crate::snapshot::pointer::page_range(sp.pages, sp.page_bytes, &job.key);
+                        if r.start != start {
+                            return Ok(true);
+                        }
+                        d.page_of().lookup(bytes, page, &job.key)?;
                     }
-                    _ => return Ok(true),
+                    _ => {
+                        let Some(idx) = &d.index else {
+                            return Ok(true);
+                        };
+                        // Which block it must be comes from the verified
+                        // index: the one holding the read's key, or a
+                        // scan's place.
+                        match idx.block_from(&job.key) {
+                            Some((h, ..)) if h.offset == start => {
+                                idx.lookup(&h, bytes, &job.key)?;
+                            }
+                            _ => return Ok(true),
+                        }
+                    }
                 }
                 // The deltas' data blocks share a quarter of the cache (the
                 // snapshot's LRU keeps the rest of the bound): past it, each
@@ -191,7 +240,67 @@ impl Lazy {
     }
 }
 
+/// Where a pointer delta's slot pages end.
+pub(super) fn slot_pages_end(sp: crate::catalog::SlotPages) -> u64 {
+    crate::snapshot::HEADER_LEN + u64::from(sp.pages) * u64::from(sp.page_bytes)
+}
+
 impl Replica {
+    /// The answer to a GET of a record a pointer delta names: exactly its
+    /// range (a whole segment is never taken), kept once its framing
+    /// verifies.
+    fn on_record(&mut self, now: u64, job: BlockJob, p: Pointer, resp: GetResponse) {
+        let Some(lazy) = self.lazy.as_mut() else {
+            return;
+        };
+        let key = job.snapshot.clone();
+        let r = p.range();
+        let result = match resp {
+            GetResponse::Ok { body, range, .. } => {
+                let exact = range.is_some_and(|cr| cr.start == r.start && cr.end == r.end)
+                    && body.len() as u64 == r.end - r.start;
+                if exact {
+                    lazy.ranged = true;
+                }
+                match crate::snapshot::pointer::resolve(&body, &p, &job.key) {
+                    Ok(_) if exact => {
+                        lazy.keep_record(key.clone(), p.offset, body.to_vec());
+                        Ok(())
+                    }
+                    Ok(_) => Err(Error::new(
+                        ErrorKind::Data,
+                        format!(
+                            "answer for bytes {}..{} does not match the request",
+                            r.start, r.end
+                        ),
+                    )),
+                    Err(e) => Err(Error::decode(e)),
+                }
+            }
+            GetResponse::NotFound => {
+                let e = Error::new(ErrorKind::NotFound, "segment named by a delta is missing")
+                    .with_object(key.clone());
+                lazy.fail(key.clone(), job.need, e.clone());
+                self.read_missing(now, &key, e);
+                return;
+            }
+            other => Err(crate::replica::fetch::unavailable(&other)),
+        };
+        match result {
+            Ok(()) => {
+                lazy.take_failure(&key, &job.need);
+                lazy.blocks_fetched += 1;
+                self.success(&key);
+            }
+            Err(e) => {
+                let e = e.with_object(key.clone()).with_lsn(p.lsn);
+                lazy.fail(key.clone(), job.need, e.clone());
+                self.distrust_head(now, &e);
+                self.read_failure(&key, e);
+            }
+        }
+    }
+
     /// The next block GET a lazy read is waiting for, if any, for a reader
     /// that drives its own reads beside the loop that drives
     /// [`poll`](Self::poll) (which also issues them): perform it and pass the
@@ -248,7 +357,7 @@ impl Replica {
         let bytes: u64 = self.block_gets.iter().map(|(_, b)| b).sum();
         let segments = self.segment_gets.len();
         let i = lazy.wanted.iter().position(|j| {
-            if lazy.is_deferred(&j.snapshot) {
+            if j.record.is_none() && lazy.is_deferred(&j.snapshot) {
                 return segments < max_inflight;
             }
             blocks < max_inflight.max(2) * BLOCKS_PER_INFLIGHT
@@ -256,7 +365,8 @@ impl Replica {
                 // bytes (at least 1 MiB), past one GET: a file of 32 MiB
                 // blocks gets one out at a time.
                 && (blocks == 0 || bytes + lazy.job_bytes(j) <= lazy.cache_bytes.max(1 << 20))
-                && !(lazy.takes_whole(&j.snapshot)
+                && !(j.record.is_none()
+                    && lazy.takes_whole(&j.snapshot)
                     && lazy.inflight.iter().any(|f| f.snapshot == j.snapshot))
         })?;
         let job = lazy.wanted.remove(i);
@@ -267,7 +377,7 @@ impl Replica {
         // whole object.
         let key = job.snapshot.clone();
         // A deferred segment is read whole, as catching up would.
-        let range = (!lazy.is_deferred(&key)).then_some(range);
+        let range = (job.record.is_some() || !lazy.is_deferred(&key)).then_some(range);
         let block = range.is_some();
         let action = self.fetch(Job::Block(job), key, range, None);
         if let crate::replica::Action::Fetch(req) = &action {
@@ -293,6 +403,10 @@ impl Replica {
         // Asked ahead of need when sent, a read may have come to wait for it.
         let job = lazy.inflight.remove(at);
         lazy.read_due = lazy.read_pending;
+        if let Some(p) = job.record {
+            self.on_record(now, job, p, resp);
+            return;
+        }
         if let Some(i) = lazy
             .deferred
             .iter()

@@ -25,6 +25,7 @@ use crate::error::{DecodeError, Error, ErrorKind};
 use crate::io::{ByteRange, GetResponse};
 use crate::snapshot::delta::{Change, DeltaIndex};
 use crate::snapshot::indexed::{LazySnapshot, Lookup, Need, ScanCursor};
+use crate::snapshot::pointer::Pointer;
 use crate::state::Overlay;
 use crate::vecmap::VecMap;
 
@@ -267,6 +268,22 @@ impl LazyDelta {
     fn suffix_need(&self) -> Need {
         Need::Suffix(self.entry.suffix_len)
     }
+
+    /// A pointer delta's slot pages, as its entry names them (call only
+    /// when `entry.slots` is set).
+    pub(super) fn page_of(&self) -> crate::snapshot::pointer::PageOf {
+        let sp = self.entry.slots.unwrap_or(crate::catalog::SlotPages {
+            pages: 1,
+            page_bytes: 0,
+        });
+        crate::snapshot::pointer::PageOf {
+            base_lsn: self.entry.base_lsn,
+            lsn: self.entry.lsn,
+            epoch: self.entry.epoch,
+            pages: sp.pages,
+            page_bytes: sp.page_bytes,
+        }
+    }
 }
 
 impl Base {
@@ -291,6 +308,9 @@ pub(super) struct BlockJob {
     /// Read ahead of a scan: a failure is not kept for a read (the scan
     /// asks for the block again when it needs it).
     pub(super) ahead: bool,
+    /// A record a pointer delta names (`snapshot` is then its segment):
+    /// the range exactly, never a whole answer.
+    pub(super) record: Option<Pointer>,
 }
 
 impl BlockJob {
@@ -329,6 +349,11 @@ pub(super) struct Lazy {
     /// since they were last dropped), and how often they were dropped.
     pub(super) chain_bytes: u64,
     pub(super) chain_shed: u64,
+    /// Records pointer deltas named, fetched for reads: segment key, the
+    /// record's offset, its bytes (verified when used), oldest first,
+    /// within [`Lazy::records_cache_bytes`] but the newest.
+    pub(super) records: Vec<(String, u64, Vec<u8>)>,
+    pub(super) records_bytes: u64,
     /// Blocks wanted by reads, not yet requested.
     pub(super) wanted: Vec<BlockJob>,
     /// Blocks requested and not yet answered.
@@ -446,7 +471,10 @@ impl Lazy {
     /// The most bytes the answer to `job`'s GET may bring (see
     /// [`max_bytes`](Self::max_bytes)).
     pub(super) fn job_bytes(&self, job: &BlockJob) -> u64 {
-        self.max_bytes(&job.snapshot, Some(&job.range()))
+        match &job.record {
+            Some(p) => p.range().end - p.offset,
+            None => self.max_bytes(&job.snapshot, Some(&job.range())),
+        }
     }
 
     /// Whether a ranged GET of `key` may bring the whole object: it fits
@@ -467,9 +495,44 @@ impl Lazy {
         self.wanted.clear();
         self.inflight.clear();
         self.failed.clear();
+        self.records.clear();
+        self.records_bytes = 0;
         self.ranged = false;
         // The state goes with it (its caller empties it).
         self.state_lsn = 0;
+    }
+
+    /// The share of `cache_bytes` the records pointer deltas name take, an
+    /// eighth (the newest is kept past it).
+    pub(super) fn records_cache_bytes(&self) -> u64 {
+        self.cache_bytes / 8
+    }
+
+    /// The record `p` names, if fetched.
+    pub(super) fn record(&self, p: &Pointer) -> Option<&[u8]> {
+        let key = p.segment_key();
+        self.records
+            .iter()
+            .rev()
+            .find(|(k, o, _)| *o == p.offset && *k == key)
+            .map(|(.., b)| b.as_slice())
+    }
+
+    /// Keeps a fetched record, dropping the oldest past the records' share.
+    pub(super) fn keep_record(&mut self, key: String, offset: u64, bytes: Vec<u8>) {
+        if self
+            .records
+            .iter()
+            .any(|(k, o, _)| *o == offset && *k == key)
+        {
+            return;
+        }
+        self.records_bytes += bytes.len() as u64;
+        self.records.push((key, offset, bytes));
+        while self.records_bytes > self.records_cache_bytes() && self.records.len() > 1 {
+            let (.., b) = self.records.remove(0);
+            self.records_bytes -= b.len() as u64;
+        }
     }
 
     /// The share of `cache_bytes` the deltas' data blocks hold together: a
@@ -498,9 +561,10 @@ impl Lazy {
 
     pub(super) fn status(&self) -> LazyStatus {
         LazyStatus {
-            cached_bytes: self.base.as_ref().map_or(0, |b| {
-                b.snap.cached_bytes() + b.deltas.iter().map(|d| d.cached).sum::<u64>()
-            }),
+            cached_bytes: self.records_bytes
+                + self.base.as_ref().map_or(0, |b| {
+                    b.snap.cached_bytes() + b.deltas.iter().map(|d| d.cached).sum::<u64>()
+                }),
             blocks_fetched: self.blocks_fetched,
             overlay_bytes: self.overlay_bytes,
             overlay_entries: self.overlay.len() as u64,
@@ -558,6 +622,7 @@ mod tests {
             entries: 10,
             suffix_len: 200,
             footer_crc32: None,
+            slots: None,
         }
     }
 
@@ -614,6 +679,7 @@ mod tests {
             need: Need::Suffix(d.suffix_len),
             key: b"k".to_vec(),
             ahead: false,
+            record: None,
         };
         lazy.inflight.push(job(&d1));
         lazy.wanted.push(job(&d2));

@@ -4,6 +4,7 @@
 use super::*;
 use crate::snapshot::block::Block;
 use crate::snapshot::delta::decode_change;
+use crate::snapshot::pointer::{decode_entries, page_range, resolve, Resolved};
 
 impl Lazy {
     /// Point read through the deltas, newest first. `Ok(Some(change))`: the
@@ -23,30 +24,71 @@ impl Lazy {
         if base.deltas.is_empty() {
             return Ok(Ok(None));
         }
-        // First every index and filter, all in flight together.
+        // First every index and filter, and the slot page of the key in
+        // each pointer delta, all in flight together.
         let mut wants: Vec<(String, Need)> = Vec::new();
         for d in &base.deltas {
-            if d.index.is_none() {
-                wants.push((d.entry.key.clone(), d.suffix_need()));
+            match d.entry.slots {
+                Some(sp) => {
+                    let (_, r) = page_range(sp.pages, sp.page_bytes, key);
+                    if !d.blocks.contains_key(r.start) {
+                        let need = Need::Range {
+                            start: r.start,
+                            end: r.end,
+                        };
+                        wants.push((d.entry.key.clone(), need));
+                    }
+                }
+                None if d.index.is_none() => wants.push((d.entry.key.clone(), d.suffix_need())),
+                None => {}
             }
         }
         let suffixes = !wants.is_empty();
+        let mut records = Vec::new();
         if !suffixes {
-            // Then the data blocks of the newest deltas that may hold the key.
+            // Then the data blocks (or records) of the newest deltas that
+            // may hold the key.
             for d in base.deltas.iter().rev() {
-                if wants.len() >= SPECULATIVE_BLOCKS {
+                if wants.len() + records.len() >= SPECULATIVE_BLOCKS {
                     break;
+                }
+                let named = |e: DecodeError| Error::decode(e).with_object(d.entry.key.clone());
+                if let Some(sp) = d.entry.slots {
+                    let (page, r) = page_range(sp.pages, sp.page_bytes, key);
+                    let bytes = d.blocks.get(r.start).map_or(&[][..], Vec::as_slice);
+                    // A key's fingerprint names it almost surely: the
+                    // record says.
+                    for p in d.page_of().lookup(bytes, page, key).map_err(named)? {
+                        match self.record(&p) {
+                            Some(rec) if wants.is_empty() && records.is_empty() => {
+                                match resolve(rec, &p, key) {
+                                    Ok(Resolved::Change(c)) => return Ok(Ok(Some(c))),
+                                    Ok(Resolved::NotHere) => {}
+                                    Err(e) => {
+                                        return Err(Error::decode(e)
+                                            .with_object(p.segment_key())
+                                            .with_lsn(p.lsn))
+                                    }
+                                }
+                            }
+                            Some(_) => {}
+                            None => records.push(p),
+                        }
+                    }
+                    continue;
                 }
                 let Some(idx) = &d.index else { continue };
                 let Some(h) = idx.block_for(key) else {
                     continue;
                 };
                 match d.blocks.get(h.offset) {
-                    Some(bytes) if wants.is_empty() => match idx.lookup(&h, bytes, key) {
-                        Ok(Some(c)) => return Ok(Ok(Some(c))),
-                        Ok(None) => {}
-                        Err(e) => return Err(Error::decode(e).with_object(d.entry.key.clone())),
-                    },
+                    Some(bytes) if wants.is_empty() && records.is_empty() => {
+                        match idx.lookup(&h, bytes, key) {
+                            Ok(Some(c)) => return Ok(Ok(Some(c))),
+                            Ok(None) => {}
+                            Err(e) => return Err(named(e)),
+                        }
+                    }
                     Some(_) => {}
                     None => wants.push((
                         d.entry.key.clone(),
@@ -58,12 +100,17 @@ impl Lazy {
                 }
             }
         }
-        if wants.is_empty() {
+        if wants.is_empty() && records.is_empty() {
             return Ok(Ok(None));
         }
-        let snapshot_too = suffixes || wants.len() < SPECULATIVE_BLOCKS;
+        // A record a slot names holds the key but for a fingerprint's
+        // one in four billion: the snapshot's block waits for it.
+        let snapshot_too = suffixes || (records.is_empty() && wants.len() < SPECULATIVE_BLOCKS);
         for (object, need) in wants {
             self.want_checked(object, need, key)?;
+        }
+        for p in records {
+            self.want_record(p, key)?;
         }
         Ok(Err(snapshot_too))
     }
@@ -168,17 +215,90 @@ impl Lazy {
         let mut decoded = Vec::new();
         for (d, h, lo, bytes) in blocks {
             let key = d.entry.key.clone();
-            let block = Block::decode(bytes, &h, "delta data block")
-                .map_err(|e| Error::decode(e).with_object(key.clone()))?;
-            decoded.push((d.entry.lsn, key, block, lo.to_vec(), h.offset));
+            let named = |e: DecodeError| Error::decode(e).with_object(key.clone());
+            let block = Block::decode(bytes, &h, "delta data block").map_err(named)?;
+            // A pointer delta's entries in the window: keys with the
+            // records that wrote them.
+            let pointers = match d.index.as_ref().and_then(DeltaIndex::pointers) {
+                Some((lsn, epoch)) => {
+                    let mut e =
+                        decode_entries(&block, d.entry.base_lsn, lsn, epoch).map_err(named)?;
+                    e.retain(|(k, _)| k.as_slice() >= lo);
+                    Some(e)
+                }
+                None => None,
+            };
+            decoded.push((d.entry.lsn, key, block, lo.to_vec(), h.offset, pointers));
         }
-        let hi = hi.map(<[u8]>::to_vec);
+        let mut hi = hi.map(<[u8]>::to_vec);
         let chain_end = base.chain_end;
-        if self.chain_bytes > self.delta_cache_bytes() && !base.deltas.is_empty() {
+        let has_deltas = !base.deltas.is_empty();
+        // The records a window waits for stay within what the records'
+        // share of the cache holds (half of it, shared by the pointer
+        // deltas; at least one record of each) and [`WINDOW_RECORDS`] of
+        // each: the window ends before the entry past them.
+        let pointed = decoded.iter().filter(|d| d.5.is_some()).count() as u64;
+        let room = self.records_cache_bytes() / 2 / pointed.max(1);
+        for (.., pointers) in &decoded {
+            let Some(entries) = pointers else { continue };
+            let mut took = 0u64;
+            for (i, (k, p)) in entries.iter().enumerate() {
+                if hi.as_ref().is_some_and(|h| k >= h) {
+                    break;
+                }
+                took += p.range().end - p.offset;
+                if i > 0 && (i >= WINDOW_RECORDS || took > room) {
+                    hi = Some(k.clone());
+                    break;
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        for (.., pointers) in &decoded {
+            for (k, p) in pointers.iter().flatten() {
+                if hi.as_ref().is_none_or(|h| k < h) && self.record(p).is_none() {
+                    missing.push((k.clone(), *p));
+                }
+            }
+        }
+        if !missing.is_empty() {
+            for (k, p) in missing {
+                self.want_record(p, &k)?;
+            }
+            return Ok(None);
+        }
+        if self.chain_bytes > self.delta_cache_bytes() && has_deltas {
             self.drop_through(chain_end, Some(keep));
             self.chain_shed += 1;
         }
-        for (lsn, key, block, lo, at) in decoded.into_iter().rev() {
+        for (lsn, key, block, lo, at, pointers) in decoded.into_iter().rev() {
+            if let Some(entries) = pointers {
+                for (k, p) in entries {
+                    if hi.as_ref().is_some_and(|h| k >= *h) {
+                        break;
+                    }
+                    let rec = self.record(&p).unwrap_or_default();
+                    let v = match resolve(rec, &p, &k) {
+                        Ok(Resolved::Change(v)) => v,
+                        Ok(Resolved::NotHere) => {
+                            return Err(Error::new(
+                                ErrorKind::Data,
+                                "a pointer names a record that does not write its key",
+                            )
+                            .with_object(key)
+                            .with_lsn(p.lsn))
+                        }
+                        Err(e) => {
+                            return Err(Error::decode(e)
+                                .with_object(p.segment_key())
+                                .with_lsn(p.lsn))
+                        }
+                    };
+                    self.chain_bytes += entry_cost(&k, v.as_deref());
+                    self.write(lsn, &k, v.as_deref());
+                }
+                continue;
+            }
             for (k, v) in block.entries() {
                 if *k >= lo && hi.as_ref().is_none_or(|h| k < h) {
                     let v = decode_change(v, at)
@@ -192,11 +312,19 @@ impl Lazy {
     }
 
     /// Loads every delta whole into the overlay (before a version 1
-    /// snapshot is loaded under them). `Err(())`: GETs are queued.
+    /// snapshot is loaded under them). `Err(())`: GETs are queued. A
+    /// pointer delta is not loaded so (its values are in segments): the
+    /// load goes on without the chain, as when a delta is gone.
     pub(in crate::replica) fn deltas_into_overlay(&mut self) -> Result<Result<(), ()>, Error> {
         let Some(base) = self.base.as_ref() else {
             return Ok(Ok(()));
         };
+        if let Some(d) = base.deltas.iter().find(|d| d.entry.slots.is_some()) {
+            return Err(
+                Error::new(ErrorKind::NotFound, "a pointer delta is not loaded whole")
+                    .with_object(d.entry.key.clone()),
+            );
+        }
         let mut wants = Vec::new();
         for d in &base.deltas {
             let need = Need::Range {
@@ -566,6 +694,9 @@ impl Replica {
         }
     }
 }
+
+/// Most records one window of a scan waits for, of each pointer delta.
+const WINDOW_RECORDS: usize = 64;
 
 /// Data blocks a scan fetches beside the one it waits for.
 const SCAN_AHEAD: usize = 7;

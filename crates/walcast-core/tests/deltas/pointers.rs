@@ -1,0 +1,185 @@
+//! Pointer deltas (version 5): the chain names each key's record in a
+//! segment, not its value. Cold reads and scans answer as the origin, in
+//! the round trips and GETs of a value chain, for a fraction of its bytes.
+
+use super::*;
+
+/// Steady writes and deletes to 400 keys with pointer deltas: every chain
+/// the head names equals the origin at its end, cold point reads answer as
+/// the origin within three round trips and eight GETs, and whole scans
+/// through a settled lazy replica return the origin's state.
+#[test]
+fn pointer_chains_answer_cold_reads_and_scans_as_the_origin() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(3_000),
+        delta_every: Some(40),
+        retain_lsns: Some(500),
+        grace_ms: 50,
+        head_check_ms: 0,
+        tail_bytes: 0,
+        max_commits_per_sec: 20,
+        pointer_deltas: true,
+        ..PublisherConfig::default()
+    };
+    let (mut p, mut store) = started(cfg);
+    let mut rng = 0x1234_5678_u64;
+    let mut log: Vec<Vec<Op>> = Vec::new();
+    let mut pointer_deltas = std::collections::BTreeSet::new();
+    let mut worst = Cold::default();
+    let mut scans = 0;
+    let k_of = |r: u64| format!("key:{:04}", (r >> 33) % 400).into_bytes();
+    for now in 1..=6_000u64 {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let k = k_of(rng);
+        let op = if (rng >> 20) % 10 == 0 {
+            Op::delete(k)
+        } else {
+            Op::put(k, vec![(rng >> 40) as u8; 100])
+        };
+        let payload = batch::encode(std::slice::from_ref(&op)).unwrap();
+        log.push(vec![op]);
+        p.push(now, &payload, now).unwrap();
+        store.drive(&mut p, now);
+        if now % 97 != 0 {
+            continue;
+        }
+        let h = store.head();
+        let (Some(_), Some(end)) = (&h.snapshot, h.delta_lsn()) else {
+            continue;
+        };
+        pointer_deltas.extend(
+            h.deltas
+                .iter()
+                .filter(|d| d.slots.is_some())
+                .map(|d| d.key.clone()),
+        );
+        assert_eq!(
+            materialize(&store, &h),
+            model_at(&log, end),
+            "chain at {end}"
+        );
+        for probe in [k_of(rng), k_of(rng >> 7), b"absent".to_vec()] {
+            let (v, at, cost) = cold_read(&store, &probe);
+            assert_eq!(
+                v.as_ref(),
+                model_at(&log, at).get(&probe),
+                "{probe:?} at {at}"
+            );
+            worst = Cold {
+                rounds: worst.rounds.max(cost.rounds),
+                gets: worst.gets.max(cost.gets),
+                bytes: worst.bytes.max(cost.bytes),
+                segments: worst.segments.max(cost.segments),
+            };
+        }
+        if now % (97 * 3) == 0 {
+            // A whole scan with a small cache: windows of records.
+            let mut r = settled_with(&store, 16 << 10);
+            let at = r.applied_lsn();
+            let (got, _) = scan_all(&mut r, &store, LazyScan::new(b"", None, 1_000));
+            let want: Entries = model_at(&log, at).into_iter().collect();
+            assert_eq!(got, want, "scan at {at}");
+            scans += 1;
+        }
+    }
+    assert!(
+        pointer_deltas.len() > 20,
+        "{} pointer deltas",
+        pointer_deltas.len()
+    );
+    assert!(scans > 5, "{scans} scans");
+    assert!(
+        worst.rounds <= 3 && worst.gets <= 8,
+        "worst cold read {worst:?}"
+    );
+    println!("worst cold point read: {worst:?}");
+}
+
+/// The same writes publish a fraction of the delta bytes as pointers: the
+/// values stay in their segments.
+#[test]
+fn pointer_deltas_upload_a_fraction_of_value_deltas() {
+    let run = |pointer_deltas: bool| {
+        let cfg = PublisherConfig {
+            // One snapshot after the load, none after it.
+            snapshot_every: Some(1),
+            snapshot_bytes: Some(200_000),
+            snapshot_ratio_percent: Some(100_000),
+            delta_every: Some(200),
+            head_check_ms: 0,
+            tail_bytes: 0,
+            pointer_deltas,
+            ..PublisherConfig::default()
+        };
+        let (mut p, mut store) = started(cfg);
+        let mut rng = 7u64;
+        // A base first: 2,000 keys in 2 batches, then a snapshot.
+        for b in 0..2u64 {
+            let ops: Vec<Op> = (b * 1_000..(b + 1) * 1_000)
+                .map(|i| Op::put(format!("key:{i:06}").into_bytes(), vec![1; 100]))
+                .collect();
+            p.push(b + 1, &batch::encode(&ops).unwrap(), b + 1).unwrap();
+            store.drive(&mut p, b + 1);
+        }
+        for now in 3..=20_000u64 {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let k = format!("key:{:06}", (rng >> 33) % 2_000).into_bytes();
+            let op = Op::put(k, vec![(rng >> 40) as u8; 100]);
+            p.push(now, &batch::encode(&[op]).unwrap(), now).unwrap();
+            store.drive(&mut p, now);
+        }
+        let h = store.head();
+        assert!(h.deltas.iter().all(|d| d.slots.is_some() == pointer_deltas));
+        store.uploaded.get("delta").copied().unwrap_or(0)
+    };
+    let (values, pointers) = (run(false), run(true));
+    println!("delta bytes: values {values}, pointers {pointers}");
+    assert!(
+        pointers * 5 < values * 2,
+        "values {values}, pointers {pointers}"
+    );
+}
+
+/// A lazy replica with `cache` bytes of cache, synced with `store`.
+fn settled_with(store: &Store, cache: u64) -> Replica {
+    let mut r = Replica::new(
+        ReplicaConfig {
+            lazy_cache_bytes: Some(cache),
+            long_poll_wait_ms: 0,
+            ..ReplicaConfig::default()
+        },
+        3,
+    );
+    r.sync_now(0);
+    settle(&mut r, store);
+    r
+}
+
+/// Steps `scan` to its answer.
+fn scan_all(r: &mut Replica, store: &Store, mut scan: LazyScan) -> (Entries, Cold) {
+    let mut c = Cold::default();
+    for _ in 0..100_000 {
+        match r.scan_lazy(&mut scan).expect("a scan") {
+            Read::Ready(e) => return (e, c),
+            Read::Pending => settle_counting(r, store, &mut c),
+        }
+    }
+    panic!("the scan did not finish");
+}
+
+fn settle_counting(r: &mut Replica, store: &Store, c: &mut Cold) {
+    loop {
+        match r.poll(0) {
+            replica::Action::Fetch(req) => {
+                let resp = store.serve(&req, c);
+                r.handle_response(req.id, 0, resp);
+            }
+            replica::Action::Event(_) => {}
+            replica::Action::Wait { .. } => return,
+        }
+    }
+}
