@@ -551,3 +551,85 @@ pub fn delta(data: &[u8]) {
         }
     }
 }
+
+/// A pointer delta (version 5) read as a lazy replica reads it: the footer
+/// and suffix, every data block the index names (their pointers decoded),
+/// and the slot page of keys taken from the input and from the blocks, with
+/// the records their slots name resolved against the input's own bytes
+/// (standing for a segment). Nothing may panic or allocate past the input.
+pub fn pointer_delta(data: &[u8]) {
+    use crate::snapshot::delta::DeltaIndex;
+    use crate::snapshot::pointer::{
+        decode_entries, decode_pointer_header, resolve, PageOf, PointerFooter, POINTER_FOOTER_LEN,
+    };
+    let size = data.len() as u64;
+    if size < POINTER_FOOTER_LEN {
+        return;
+    }
+    let Ok(f) = PointerFooter::decode(&data[data.len() - POINTER_FOOTER_LEN as usize..], size)
+    else {
+        return;
+    };
+    let (lsn, epoch) = decode_pointer_header(data)
+        .map(|h| (h.lsn, h.epoch))
+        .unwrap_or((u64::MAX, u64::MAX));
+    let slice = |s: u64, e: u64| {
+        let s = usize::try_from(s).unwrap_or(usize::MAX).min(data.len());
+        let e = usize::try_from(e)
+            .unwrap_or(usize::MAX)
+            .min(data.len())
+            .max(s);
+        &data[s..e]
+    };
+    let mut keys: Vec<Vec<u8>> = data.chunks(9).take(6).map(<[u8]>::to_vec).collect();
+    let whole = crate::snapshot::pointer::decode_pointer_delta(data);
+    if let Ok(idx) =
+        DeltaIndex::decode_pointer_suffix(slice(f.index.offset, size), size, lsn, epoch)
+    {
+        let mut from: &[u8] = b"";
+        for _ in 0..f.data_blocks.min(64) {
+            let Some((h, _, next)) = idx.block_from(from) else {
+                break;
+            };
+            if let Ok(b) = crate::snapshot::block::Block::decode(
+                slice(h.offset, h.end()),
+                &h,
+                "delta data block",
+            ) {
+                if let Ok(e) = decode_entries(&b, f.base_lsn, lsn, epoch) {
+                    keys.extend(e.into_iter().take(4).map(|(k, _)| k));
+                }
+            }
+            match next {
+                Some(n) => from = n,
+                None => break,
+            }
+        }
+    }
+    let po = PageOf {
+        base_lsn: f.base_lsn,
+        lsn,
+        epoch,
+        pages: f.pages,
+        page_bytes: f.page_bytes,
+    };
+    if let Ok(d) = &whole {
+        // A delta that verifies whole names every entry's pointer in its
+        // key's page.
+        for (k, p) in d.entries.iter().take(16) {
+            let (page, r) = f.page_range(k);
+            let found = po.lookup(slice(r.start, r.end), page, k);
+            assert!(found.is_ok_and(|f| f.contains(p)), "a slot page lost {k:?}");
+        }
+    }
+    for key in keys {
+        let (page, r) = f.page_range(&key);
+        let Ok(found) = po.lookup(slice(r.start, r.end), page, &key) else {
+            continue;
+        };
+        for p in found.iter().take(4) {
+            let r = p.range();
+            let _ = resolve(slice(r.start, r.end), p, &key);
+        }
+    }
+}

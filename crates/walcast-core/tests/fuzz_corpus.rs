@@ -99,6 +99,11 @@ fn corpus_delta() {
     run_target("delta", fuzzing::delta);
 }
 
+#[test]
+fn corpus_pointer_delta() {
+    run_target("pointer_delta", fuzzing::pointer_delta);
+}
+
 fn flip(mut b: Vec<u8>, at: usize) -> Vec<u8> {
     if !b.is_empty() {
         let i = at.min(b.len() - 1);
@@ -375,6 +380,20 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         encode_delta(std::iter::empty::<(&[u8], Option<&[u8]>)>(), meta, 64),
     ));
     out.push(("delta", "golden", fixtures::golden_delta()));
+    // Pointer deltas.
+    let golden = fixtures::golden_pointer_delta();
+    out.push(("pointer_delta", "golden", golden.clone()));
+    out.push((
+        "pointer_delta",
+        "truncated",
+        truncate(golden.clone(), golden.len() - 3),
+    ));
+    out.push(("pointer_delta", "flipped-page", flip(golden.clone(), 100)));
+    out.push((
+        "pointer_delta",
+        "flipped-block",
+        flip(golden.clone(), golden.len() - 90),
+    ));
     out.push((
         "delta",
         "truncated",

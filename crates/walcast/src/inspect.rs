@@ -132,7 +132,7 @@ async fn verify_snapshot(
     Ok((h, sha))
 }
 
-/// Verifies a whole delta snapshot against its catalog entry: size,
+/// Verifies a whole delta snapshot (value or pointer) against its catalog entry: size,
 /// checksum, every block, and the header's and footer's LSNs, dataset and
 /// entry count.
 fn verify_delta(d: &walcast_core::catalog::DeltaEntry, head: &Head, bytes: &[u8]) -> Result<()> {
@@ -146,11 +146,20 @@ fn verify_delta(d: &walcast_core::catalog::DeltaEntry, head: &Head, bytes: &[u8]
             d.crc32
         );
     }
-    let delta = snapshot::delta::decode_delta(bytes)?;
-    let fields = delta.header.lsn == d.lsn
-        && delta.base_lsn == d.base_lsn
-        && delta.header.entry_count == d.entries
-        && delta.header.dataset_id == head.dataset_id
+    let (header, base_lsn) = match d.slots {
+        Some(_) => {
+            let p = snapshot::pointer::decode_pointer_delta(bytes)?;
+            (p.header, p.base_lsn)
+        }
+        None => {
+            let delta = snapshot::delta::decode_delta(bytes)?;
+            (delta.header, delta.base_lsn)
+        }
+    };
+    let fields = header.lsn == d.lsn
+        && base_lsn == d.base_lsn
+        && header.entry_count == d.entries
+        && header.dataset_id == head.dataset_id
         && d.footer_crc32
             .is_none_or(|c| c == snapshot::delta::footer_crc32(&bytes[bytes.len() - 64..]));
     if !fields {

@@ -396,6 +396,28 @@ impl PageOf {
     /// record says whether it holds the key), after verifying the page
     /// (`bytes`, fetched at `at`).
     pub fn lookup(&self, bytes: &[u8], page: u32, key: &[u8]) -> Result<Vec<Pointer>, DecodeError> {
+        let (want_page, fp) = place(super::delta::key_hash(key), self.pages);
+        if want_page != page {
+            let at = HEADER_LEN + u64::from(page) * u64::from(self.page_bytes);
+            return Err(invalid("slot page", at, "is not the key's page"));
+        }
+        let mut found = Vec::new();
+        self.slots(bytes, page, &mut |f, p| {
+            if f == fp {
+                found.push(p);
+            }
+        })?;
+        Ok(found)
+    }
+
+    /// Verifies slot page `page` (`bytes`) and calls `each` with every
+    /// slot's fingerprint and pointer; returns the slots' count.
+    pub fn slots(
+        &self,
+        bytes: &[u8],
+        page: u32,
+        each: &mut dyn FnMut(u32, Pointer),
+    ) -> Result<u32, DecodeError> {
         let what = "slot page";
         let at = HEADER_LEN + u64::from(page) * u64::from(self.page_bytes);
         if bytes.len() != self.page_bytes as usize || page >= self.pages {
@@ -412,24 +434,19 @@ impl PageOf {
         {
             return Err(invalid(what, at, "belongs to another delta or page"));
         }
-        let (want_page, fp) = place(super::delta::key_hash(key), self.pages);
-        if want_page != page {
-            return Err(invalid(what, at, "is not the key's page"));
-        }
         let count = le32(bytes, 20);
         let mut r = Reader::new(&bytes[PAGE_HEADER_LEN..end], at + PAGE_HEADER_LEN as u64);
-        let mut found = Vec::new();
         for _ in 0..count {
             let f = r.u32(what)?;
-            let p = Pointer::decode(&mut r, self.base_lsn, self.lsn, self.epoch)?;
-            if f == fp {
-                found.push(p);
-            }
+            each(
+                f,
+                Pointer::decode(&mut r, self.base_lsn, self.lsn, self.epoch)?,
+            );
         }
-        if r.remaining() > 0 && bytes[end - r.remaining()..end].iter().any(|&b| b != 0) {
+        if bytes[end - r.remaining()..end].iter().any(|&b| b != 0) {
             return Err(invalid(what, at, "bytes after its slots"));
         }
-        Ok(found)
+        Ok(count)
     }
 }
 
@@ -500,6 +517,118 @@ pub fn decode_entries(
             Ok((k.clone(), p))
         })
         .collect()
+}
+
+/// A whole pointer delta, verified and decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PointerDelta {
+    /// The header (`lsn` is the last LSN the delta covers).
+    pub header: SnapshotHeader,
+    /// The changes are those after this LSN.
+    pub base_lsn: u64,
+    /// Changed keys, ascending, with the records that wrote them last.
+    pub entries: Vec<(Vec<u8>, Pointer)>,
+}
+
+/// Verifies and decodes a whole pointer delta: header, footer, index, every
+/// data block (keys ascending), and every slot page, which must hold
+/// exactly one slot per entry, in the entry's page, with its pointer.
+pub fn decode_pointer_delta(bytes: &[u8]) -> Result<PointerDelta, DecodeError> {
+    let what = "pointer delta";
+    let size = bytes.len() as u64;
+    if size < HEADER_LEN + POINTER_FOOTER_LEN {
+        return Err(DecodeError::Truncated {
+            what,
+            at: 0,
+            need: HEADER_LEN + POINTER_FOOTER_LEN,
+            have: size,
+        });
+    }
+    let header = decode_pointer_header(&bytes[..HEADER_LEN as usize])?;
+    let f = PointerFooter::decode(&bytes[(size - POINTER_FOOTER_LEN) as usize..], size)?;
+    let (lsn, epoch) = (header.lsn, header.epoch);
+    let idx = super::delta::DeltaIndex::decode_pointer_suffix(
+        &bytes[f.index.offset as usize..],
+        size,
+        lsn,
+        epoch,
+    )?;
+    if header.entry_count != f.entry_count || f.base_lsn >= lsn {
+        return Err(invalid(what, 0, "header and footer disagree"));
+    }
+    let mut entries: Vec<(Vec<u8>, Pointer)> = Vec::new();
+    let mut from: Vec<u8> = Vec::new();
+    for _ in 0..f.data_blocks {
+        let Some((h, _, next)) = idx.block_from(&from) else {
+            break;
+        };
+        let block = Block::decode(
+            &bytes[h.offset as usize..h.end() as usize],
+            &h,
+            "delta data block",
+        )?;
+        for (k, p) in decode_entries(&block, f.base_lsn, lsn, epoch)? {
+            if entries.last().is_some_and(|(last, _)| *last >= k) {
+                return Err(invalid("delta data block", h.offset, "keys do not ascend"));
+            }
+            entries.push((k, p));
+        }
+        match next {
+            Some(n) => from = n.to_vec(),
+            None => break,
+        }
+    }
+    if entries.len() as u64 != header.entry_count {
+        return Err(invalid(
+            what,
+            0,
+            format!(
+                "{} entries, the header says {}",
+                entries.len(),
+                header.entry_count
+            ),
+        ));
+    }
+    let po = PageOf {
+        base_lsn: f.base_lsn,
+        lsn,
+        epoch,
+        pages: f.pages,
+        page_bytes: f.page_bytes,
+    };
+    let mut slots = 0u64;
+    for page in 0..f.pages {
+        let at = (HEADER_LEN + u64::from(page) * u64::from(f.page_bytes)) as usize;
+        let b = &bytes[at..at + f.page_bytes as usize];
+        // Every slot in the page its fingerprint's key hashes to is
+        // checked below, by key.
+        slots += u64::from(po.slots(b, page, &mut |_, _| {})?);
+    }
+    for (k, p) in &entries {
+        let (page, r) = f.page_range(k);
+        if !po
+            .lookup(&bytes[r.start as usize..r.end as usize], page, k)?
+            .contains(p)
+        {
+            return Err(invalid(
+                what,
+                r.start,
+                "a key's slot page does not name its pointer",
+            ));
+        }
+    }
+    if slots != header.entry_count {
+        return Err(invalid(
+            what,
+            0,
+            format!("{slots} slots for {} entries", header.entry_count),
+        ));
+    }
+    Ok(PointerDelta {
+        header,
+        base_lsn: f.base_lsn,
+        entries,
+    })
 }
 
 #[cfg(test)]

@@ -34,6 +34,49 @@ pub(crate) fn golden_delta() -> Vec<u8> {
     )
 }
 
+/// The golden pointer delta (version 5): the keys the golden segment's
+/// records 120..=139 write, each pointing at the last of them that does,
+/// after LSN 119; slot pages of 256 bytes, data blocks of about 48.
+pub(crate) fn golden_pointer_delta() -> Vec<u8> {
+    use std::collections::BTreeMap;
+    use walcast_core::snapshot::pointer::{encode_pointer_delta, Pointer, PointerMeta};
+    let mut last: BTreeMap<Vec<u8>, Pointer> = BTreeMap::new();
+    let mut offset = walcast_core::segment::HEADER_LEN;
+    for lsn in FIRST_LSN..=LAST_LSN {
+        let payload = batch::encode(&batch_for(lsn)).expect("fixture batch encodes");
+        let p = Pointer {
+            lsn,
+            epoch: EPOCH,
+            first: FIRST_LSN,
+            last: LAST_LSN,
+            offset,
+            len: payload.len() as u32,
+        };
+        offset += walcast_core::segment::RECORD_HEADER_LEN + payload.len() as u64;
+        if lsn < 120 {
+            continue;
+        }
+        for op in batch_for(lsn) {
+            let k = match op {
+                Op::Put { key, .. } | Op::Delete { key } => key,
+            };
+            last.insert(k, p);
+        }
+    }
+    encode_pointer_delta(
+        last.iter().map(|(k, p)| (k.as_slice(), *p)),
+        PointerMeta {
+            base_lsn: 119,
+            lsn: LAST_LSN,
+            epoch: EPOCH,
+            dataset_id: DATASET,
+        },
+        256,
+        48,
+    )
+    .expect("the golden pointer delta encodes")
+}
+
 /// Dataset id of every fixture.
 pub(crate) const DATASET: DatasetId = DatasetId([0x11; 16]);
 /// Epoch of the golden segment, snapshot and head.

@@ -268,6 +268,14 @@ pub(crate) struct PublishArgs {
     /// needs --snapshot-every. Unset: by LSNs only.
     #[arg(long, value_parser = parse_size)]
     pub(crate) delta_bytes: Option<u64>,
+    /// Write deltas whose entries point at each key's record in a segment
+    /// instead of holding its value (docs/FORMAT.md, "Pointer delta"):
+    /// merging deltas then rewrites some 30 bytes a key, not the values,
+    /// and cold point reads cost the same round trips; an ordered scan
+    /// fetches a record per key the chain changed. Readers older than
+    /// this release refuse these deltas.
+    #[arg(long)]
+    pub(crate) pointer_deltas: bool,
     /// Keep this many LSNs of history in segments (older ones need the
     /// snapshot; needs --snapshot-every). The segment holding the newest
     /// LSN always stays: a restarted publisher checks its WAL against it.

@@ -29,6 +29,7 @@ pub(crate) async fn publish(args: PublishArgs) -> Result<ExitCode> {
         snapshot_ratio,
         delta_every,
         delta_bytes,
+        pointer_deltas,
         retain,
         signing_key,
         previous_key,
@@ -47,6 +48,7 @@ pub(crate) async fn publish(args: PublishArgs) -> Result<ExitCode> {
             ("--snapshot-ratio", snapshot_ratio.is_some()),
             ("--delta-every", delta_every > 0),
             ("--delta-bytes", delta_bytes.is_some()),
+            ("--pointer-deltas", pointer_deltas),
             ("--retain", retain.is_some()),
         ];
         if let Some((flag, _)) = needs.iter().find(|(_, set)| *set) {
@@ -58,6 +60,15 @@ pub(crate) async fn publish(args: PublishArgs) -> Result<ExitCode> {
                 )
                 .exit();
         }
+    }
+    if pointer_deltas && delta_every == 0 && delta_bytes.is_none() {
+        use clap::CommandFactory as _;
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--pointer-deltas needs --delta-every or --delta-bytes: it has no effect without deltas",
+            )
+            .exit();
     }
     let most = walcast_core::publisher::MAX_SEGMENT_SEAL_BYTES;
     if segment_bytes > most {
@@ -76,6 +87,7 @@ pub(crate) async fn publish(args: PublishArgs) -> Result<ExitCode> {
             snapshot_bytes: snapshot_bytes.filter(|&b| b > 0),
             snapshot_ratio_percent: snapshot_ratio.map(|r| (r * 100.0).round() as u32),
             delta_bytes: delta_bytes.filter(|&b| b > 0),
+            pointer_deltas,
             retain_lsns: retain,
             grace_ms: grace.as_millis() as u64,
             signing_key: signing_key

@@ -277,6 +277,44 @@ fn lazy_reads_through_deltas_over_http() {
     compare(&d, &serve.url, &local, &sample_keys(&d, 10));
 }
 
+/// `--pointer-deltas`: the chain's deltas name records in segments; lazy
+/// reads through them over HTTP (`get --from`, ranged GETs of the slot
+/// pages and the records) equal the origin's state, and `inspect --verify`
+/// verifies them whole.
+#[test]
+fn lazy_reads_through_pointer_deltas_over_http() {
+    let d = dataset_with(
+        "lazy_reads_through_pointer_deltas_over_http",
+        &[
+            "--delta-every",
+            "100",
+            "--snapshot-ratio",
+            "2",
+            "--pointer-deltas",
+        ],
+    );
+    let h = head(&d.ds);
+    let deltas = h["deltas"].as_array().cloned().unwrap_or_default();
+    assert!(
+        deltas
+            .iter()
+            .any(|d| d["slots"]["pages"].as_u64().is_some()),
+        "pointer deltas over the snapshot: {h}"
+    );
+    let serve = Serve::start_at(&file_url(&d.ds));
+    let local = d.tmp.path().join("replica");
+    replicate_once(&file_url(&d.ds), &local, &Env::new()).ok();
+    assert_state_eq(&scan(&local), &d.model.map, "the replica");
+    compare(&d, &serve.url, &local, &sample_keys(&d, 10));
+    // (A delta that fails to verify whole fails the command.)
+    run(
+        &["inspect", &file_url(&d.ds), "--verify"],
+        &Env::new(),
+        None,
+    )
+    .ok();
+}
+
 /// `--head-encoding gzip`: the head is stored as one gzip stream, and
 /// every reader reads it as the JSON head: `replicate`, `get --from` and
 /// `scan --from` over `file://` and over `walcast serve` (which labels it
