@@ -188,18 +188,15 @@ impl Publisher {
         };
         let changed = || self.touched.iter().filter(|(_, t)| t.lsn > base_lsn);
         let block_bytes = opts.block_bytes.clamp(1, DEFAULT_DELTA_BLOCK_BYTES * 4);
-        let pointers: Option<Vec<(&[u8], Pointer)>> = self
-            .cfg
-            .pointer_deltas
-            // (Over a version 1 snapshot, which loads whole, value deltas.)
-            .then_some(())
-            .filter(|()| snap.version != 1)
-            .map(|()| {
+        // (Over a version 1 snapshot, which loads whole, value deltas.)
+        let pointers: Option<Vec<(&[u8], Pointer)>> =
+            if self.cfg.pointer_deltas && snap.version != 1 {
                 changed()
                     .map(|(k, t)| Some((k.as_slice(), self.pointer(t)?)))
                     .collect()
-            })
-            .flatten();
+            } else {
+                None
+            };
         let pointed = pointers.and_then(|p| {
             let meta = PointerMeta {
                 base_lsn,
