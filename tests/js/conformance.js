@@ -837,6 +837,18 @@ export function conformanceCases(ctx) {
     eq(lazy.status().lastError, null, "no error after the reads");
   });
 
+  add("lazy: through a chain of pointer deltas, reads and scans equal a full replica's answers, with a large cache and a tiny one", async () => {
+    const fx = sc.lazydeltas;
+    ok(fx.pointerDeltas >= 2, `the head names ${fx.pointerDeltas} pointer deltas`);
+    const full = track(await Replica.open(fx.url));
+    eq(await withTimeout(full.sync(), 120_000, "full sync"), fx.expected.lsn, "full sync");
+    for (const cacheBytes of [8 << 20, 16 << 10]) {
+      const lazy = track(await Replica.open(fx.url, { load: "lazy", cacheBytes }));
+      await expectLazy(lazy, full, fx, `pointer deltas, cache ${cacheBytes}`);
+      eq(lazy.status().lastError, null, "no error after the reads");
+    }
+  });
+
   add("lazy: a cache far smaller than the snapshot still answers every read and scan", async () => {
     const fx = sc.lazy;
     const full = track(await Replica.open(fx.url));

@@ -29,7 +29,7 @@ import zlib from "node:zlib";
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const REPO = path.resolve(HERE, "../..");
-export const SCENARIOS = ["basic", "midhistory", "corrupt", "retention", "newdataset", "lazy", "lazydamage", "signed"];
+export const SCENARIOS = ["basic", "midhistory", "corrupt", "retention", "newdataset", "lazy", "lazydamage", "lazydeltas", "signed"];
 
 // --- small utilities ------------------------------------------------------------
 
@@ -485,6 +485,7 @@ function buildScenarios(bin, work) {
 
   out.lazy = buildLazy(bin, dirs("lazy"));
   out.lazydamage = buildLazyDamage(bin, dirs("lazydamage"));
+  out.lazydeltas = buildLazyDeltas(bin, dirs("lazydeltas"));
   out.signed = buildSigned(bin, dirs("signed"));
 
   log(`scenarios built in ${Date.now() - t0} ms`);
@@ -712,6 +713,49 @@ function buildLazy(bin, d) {
       { dir: stage2, fixture: fx2 },
     ],
   };
+}
+
+// lazydeltas: 5,000 keys of 100-byte values and a snapshot at LSN 50, then
+// 120 batches that overwrite, delete and add keys, published in one run
+// with pointer deltas every 20 LSNs (--pointer-deltas): the head names a
+// chain of deltas whose entries point at records in segments, and a few
+// segments past it.
+function buildLazyDeltas(bin, d) {
+  const m = new Model();
+  const r = rng(0x5eed0d17);
+  const keys = [];
+  for (let i = 0; i < 5000; i++) keys.push(enc.encode(`p:${String(i).padStart(6, "0")}`));
+  write(bin, d.wal, ndjsonOf(m, chunks(keys.map((k) => putOp(k, "s0")), 100)), m);
+  publish(bin, d.wal, d.ds, ["--snapshot-every", "50"]);
+  const batches = [];
+  for (let b = 0; b < 120; b++) {
+    const ops = [];
+    for (let j = 1 + r.int(6); j > 0; j--) {
+      const k = r.int(10) === 0 ? enc.encode(`q:${String(r.int(400)).padStart(4, "0")}`) : keys[r.int(keys.length)];
+      ops.push(r.int(5) === 0 ? delOp(k) : putOp(k, `t${b}`));
+    }
+    batches.push(ops);
+  }
+  write(bin, d.wal, ndjsonOf(m, batches), m);
+  publish(bin, d.wal, d.ds, ["--snapshot-every", "100000", "--delta-every", "20", "--pointer-deltas", "--segment-bytes", "2048"]);
+  const head = readHead(d.ds);
+  const pointers = (head.deltas ?? []).filter((x) => x.slots);
+  if (pointers.length < 2) throw new Error(`lazydeltas: expected pointer deltas, head has ${JSON.stringify(head.deltas)}`);
+  copyDir(d.ds, d.stage0);
+  const touched = [...new Set(batches.flat().map((o) => hex(o.key)))].slice(0, 60).map((h) => Uint8Array.from(Buffer.from(h, "hex")));
+  const probes = [
+    ...keys.filter((_, i) => i % 211 === 0).map((key) => ({ key, kind: "snapshot" })),
+    ...touched.map((key) => ({ key, kind: "written" })),
+    { key: enc.encode("q:9999"), kind: "edge" },
+  ];
+  const scanSpecs = [
+    { name: "everything" },
+    { name: "prefix q:", prefix: enc.encode("q:") },
+    { name: "prefix p:001 limit 40", prefix: enc.encode("p:001"), limit: 40 },
+    { name: "p:002000 to p:002300", start: enc.encode("p:002000"), end: enc.encode("p:002300") },
+  ];
+  const fx = lazyFixture(d.stage0, m, probes, scanSpecs, { pointerDeltas: pointers.length });
+  return { stages: [{ dir: d.stage0, fixture: fx }] };
 }
 
 // lazydamage: 3,000 keys, a snapshot at LSN 30 and a short tail. Stage 1 is

@@ -486,32 +486,7 @@ impl DeltaIndex {
     /// which must reach back to its index block (see
     /// [`DeltaFooter::suffix_len`]; the catalog entry states it).
     pub fn decode_suffix(bytes: &[u8], size: u64) -> Result<DeltaIndex, DecodeError> {
-        let n = bytes.len() as u64;
-        if n < DELTA_FOOTER_LEN || n > size {
-            return Err(DecodeError::Truncated {
-                what: "delta footer",
-                at: size.saturating_sub(n),
-                need: DELTA_FOOTER_LEN,
-                have: n,
-            });
-        }
-        let footer = DeltaFooter::decode(&bytes[(n - DELTA_FOOTER_LEN) as usize..], size)?;
-        let start = size - n;
-        if footer.index.offset < start {
-            return Err(DecodeError::Truncated {
-                what: "delta index",
-                at: footer.index.offset,
-                need: footer.suffix_len(size),
-                have: n,
-            });
-        }
-        let slice = |h: &BlockHandle| {
-            let lo = (h.offset - start) as usize;
-            &bytes[lo..lo + h.len as usize]
-        };
-        let index = Block::decode(slice(&footer.index), &footer.index, "delta index")?;
-        let filter = KeyFilter::decode(slice(&footer.filter), &footer.filter)?;
-        DeltaIndex::checked(size, footer, index, filter, HEADER_LEN, None)
+        DeltaIndex::suffix(bytes, size, None)
     }
 
     /// Verifies the suffix (index block and footer) of a pointer delta of
@@ -523,49 +498,70 @@ impl DeltaIndex {
         lsn: u64,
         epoch: u64,
     ) -> Result<DeltaIndex, DecodeError> {
-        use super::pointer::{PointerFooter, POINTER_FOOTER_LEN};
+        DeltaIndex::suffix(bytes, size, Some((lsn, epoch)))
+    }
+
+    fn suffix(
+        bytes: &[u8],
+        size: u64,
+        pointers: Option<(u64, u64)>,
+    ) -> Result<DeltaIndex, DecodeError> {
         let n = bytes.len() as u64;
-        if n < POINTER_FOOTER_LEN || n > size {
+        if n < DELTA_FOOTER_LEN || n > size {
             return Err(DecodeError::Truncated {
-                what: "pointer delta footer",
+                what: "delta footer",
                 at: size.saturating_sub(n),
-                need: POINTER_FOOTER_LEN,
+                need: DELTA_FOOTER_LEN,
                 have: n,
             });
         }
-        let f = PointerFooter::decode(&bytes[(n - POINTER_FOOTER_LEN) as usize..], size)?;
+        let last = &bytes[(n - DELTA_FOOTER_LEN) as usize..];
+        // A pointer delta's footer as a value delta's, with no filter; its
+        // data blocks start where its slot pages end.
+        let (footer, first) = match pointers {
+            None => (DeltaFooter::decode(last, size)?, HEADER_LEN),
+            Some(_) => {
+                let f = super::pointer::PointerFooter::decode(last, size)?;
+                let footer = DeltaFooter {
+                    base_lsn: f.base_lsn,
+                    index: f.index,
+                    filter: BlockHandle {
+                        offset: f.index.end(),
+                        len: 0,
+                        crc: 0,
+                    },
+                    entry_count: f.entry_count,
+                    data_blocks: f.data_blocks,
+                };
+                (
+                    footer,
+                    HEADER_LEN + u64::from(f.pages) * u64::from(f.page_bytes),
+                )
+            }
+        };
         let start = size - n;
-        if f.index.offset < start {
+        if footer.index.offset < start {
             return Err(DecodeError::Truncated {
                 what: "delta index",
-                at: f.index.offset,
-                need: size - f.index.offset,
+                at: footer.index.offset,
+                need: size - footer.index.offset,
                 have: n,
             });
         }
-        let lo = (f.index.offset - start) as usize;
-        let index = Block::decode(
-            &bytes[lo..lo + f.index.len as usize],
-            &f.index,
-            "delta index",
-        )?;
-        let footer = DeltaFooter {
-            base_lsn: f.base_lsn,
-            index: f.index,
-            filter: BlockHandle {
-                offset: f.index.end(),
-                len: 0,
-                crc: 0,
-            },
-            entry_count: f.entry_count,
-            data_blocks: f.data_blocks,
+        let slice = |h: &BlockHandle| {
+            let lo = (h.offset - start) as usize;
+            &bytes[lo..lo + h.len as usize]
         };
-        let pages_end = HEADER_LEN + u64::from(f.pages) * u64::from(f.page_bytes);
-        let all = KeyFilter::sized(64, 1);
-        let mut idx = DeltaIndex::checked(size, footer, index, all, pages_end, None)?;
-        idx.filter.bits.fill(0xff);
-        idx.pointers = Some((lsn, epoch));
-        Ok(idx)
+        let index = Block::decode(slice(&footer.index), &footer.index, "delta index")?;
+        let filter = match pointers {
+            None => KeyFilter::decode(slice(&footer.filter), &footer.filter)?,
+            Some(_) => {
+                let mut all = KeyFilter::sized(64, 1);
+                all.bits.fill(0xff);
+                all
+            }
+        };
+        DeltaIndex::checked(size, footer, index, filter, first, pointers)
     }
 
     /// A pointer delta's LSN and epoch (`None`: a value delta).

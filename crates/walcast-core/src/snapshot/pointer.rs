@@ -100,27 +100,25 @@ impl Pointer {
         lsn: u64,
         epoch: u64,
     ) -> Result<Pointer, DecodeError> {
-        let what = "pointer";
         let at = r.offset();
         let mut v = [0u64; 6];
         for x in &mut v {
-            *x = r.varint(what)?;
+            *x = r.varint("pointer")?;
         }
-        let bad = || invalid(what, at, "names no record of the delta's LSNs");
-        let rec = base_lsn.checked_add(v[0]).ok_or_else(bad)?;
-        let first = rec.checked_sub(v[1]).ok_or_else(bad)?;
-        let p = Pointer {
-            lsn: rec,
-            epoch: epoch.checked_sub(v[5]).ok_or_else(bad)?,
-            first,
-            last: first.checked_add(v[2]).ok_or_else(bad)?,
-            offset: v[3],
-            len: u32::try_from(v[4]).map_err(|_| bad())?,
-        };
-        if !p.fits(base_lsn, lsn, epoch) {
-            return Err(bad());
-        }
-        Ok(p)
+        let p = (|| {
+            let rec = base_lsn.checked_add(v[0])?;
+            let first = rec.checked_sub(v[1])?;
+            Some(Pointer {
+                lsn: rec,
+                epoch: epoch.checked_sub(v[5])?,
+                first,
+                last: first.checked_add(v[2])?,
+                offset: v[3],
+                len: u32::try_from(v[4]).ok()?,
+            })
+        })()
+        .filter(|p| p.fits(base_lsn, lsn, epoch));
+        p.ok_or_else(|| invalid("pointer", at, "names no record of the delta's LSNs"))
     }
 }
 

@@ -246,61 +246,6 @@ pub(super) fn slot_pages_end(sp: crate::catalog::SlotPages) -> u64 {
 }
 
 impl Replica {
-    /// The answer to a GET of a record a pointer delta names: exactly its
-    /// range (a whole segment is never taken), kept once its framing
-    /// verifies.
-    fn on_record(&mut self, now: u64, job: BlockJob, p: Pointer, resp: GetResponse) {
-        let Some(lazy) = self.lazy.as_mut() else {
-            return;
-        };
-        let key = job.snapshot.clone();
-        let r = p.range();
-        let result = match resp {
-            GetResponse::Ok { body, range, .. } => {
-                let exact = range.is_some_and(|cr| cr.start == r.start && cr.end == r.end)
-                    && body.len() as u64 == r.end - r.start;
-                if exact {
-                    lazy.ranged = true;
-                }
-                match crate::snapshot::pointer::resolve(&body, &p, &job.key) {
-                    Ok(_) if exact => {
-                        lazy.keep_record(key.clone(), p.offset, body.to_vec());
-                        Ok(())
-                    }
-                    Ok(_) => Err(Error::new(
-                        ErrorKind::Data,
-                        format!(
-                            "answer for bytes {}..{} does not match the request",
-                            r.start, r.end
-                        ),
-                    )),
-                    Err(e) => Err(Error::decode(e)),
-                }
-            }
-            GetResponse::NotFound => {
-                let e = Error::new(ErrorKind::NotFound, "segment named by a delta is missing")
-                    .with_object(key.clone());
-                lazy.fail(key.clone(), job.need, e.clone());
-                self.read_missing(now, &key, e);
-                return;
-            }
-            other => Err(crate::replica::fetch::unavailable(&other)),
-        };
-        match result {
-            Ok(()) => {
-                lazy.take_failure(&key, &job.need);
-                lazy.blocks_fetched += 1;
-                self.success(&key);
-            }
-            Err(e) => {
-                let e = e.with_object(key.clone()).with_lsn(p.lsn);
-                lazy.fail(key.clone(), job.need, e.clone());
-                self.distrust_head(now, &e);
-                self.read_failure(&key, e);
-            }
-        }
-    }
-
     /// The next block GET a lazy read is waiting for, if any, for a reader
     /// that drives its own reads beside the loop that drives
     /// [`poll`](Self::poll) (which also issues them): perform it and pass the
@@ -403,14 +348,11 @@ impl Replica {
         // Asked ahead of need when sent, a read may have come to wait for it.
         let job = lazy.inflight.remove(at);
         lazy.read_due = lazy.read_pending;
-        if let Some(p) = job.record {
-            self.on_record(now, job, p, resp);
-            return;
-        }
         if let Some(i) = lazy
             .deferred
             .iter()
             .position(|u| u.entry.key == job.snapshot)
+            .filter(|_| job.record.is_none())
         {
             self.on_deferred(now, job, i, resp);
             return;
@@ -418,7 +360,12 @@ impl Replica {
         let Some(base) = lazy.base.as_mut() else {
             return;
         };
-        let size = base.object_size(&job.snapshot);
+        // A record's GET takes its range: the whole segment, never the
+        // record's end, is no answer for it.
+        let size = match job.record {
+            Some(p) => p.range().end,
+            None => base.object_size(&job.snapshot),
+        };
         let is_delta = base.entry.key != job.snapshot;
         if size == 0 {
             return; // an answer for a snapshot this replica left
@@ -464,6 +411,12 @@ impl Replica {
                     ))),
                 };
                 bytes.and_then(|b| {
+                    if let Some(p) = job.record {
+                        crate::snapshot::pointer::resolve(b, &p, &job.key)
+                            .map_err(|e| Error::decode(e).with_object(key.clone()))?;
+                        lazy.keep_record(key.clone(), p.offset, b.to_vec());
+                        return Ok(());
+                    }
                     if is_delta {
                         return lazy
                             .feed_delta(&job, b)
@@ -483,7 +436,7 @@ impl Replica {
             GetResponse::NotFound => {
                 let e = Error::new(
                     ErrorKind::NotFound,
-                    "snapshot named by the catalog is missing",
+                    "object named by the catalog is missing",
                 )
                 .with_object(key.clone());
                 lazy.fail(key.clone(), job.need, e.clone());
@@ -496,7 +449,7 @@ impl Replica {
             Ok(()) => {
                 // A failure kept from an earlier GET of the block is old news.
                 lazy.take_failure(&key, &job.need);
-                let delta_fetches = u64::from(is_delta);
+                let delta_fetches = u64::from(is_delta || job.record.is_some());
                 lazy.blocks_fetched = lazy
                     .base
                     .as_ref()
