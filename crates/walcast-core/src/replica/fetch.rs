@@ -81,10 +81,11 @@ impl Replica {
                 (Some(_), Some(ByteRange::Bounded { start, end })) => end.saturating_sub(*start),
                 (Some(b), _) => b.entry.size,
             },
-            Job::Block(j) => self
-                .lazy
-                .as_ref()
-                .map_or(0, |l| l.max_bytes(&j.snapshot, range.as_ref())),
+            Job::Block(j) => self.lazy.as_ref().map_or(0, |l| match j.record {
+                // A record: its range, never its segment whole.
+                Some(_) => l.job_bytes(j),
+                None => l.max_bytes(&j.snapshot, range.as_ref()),
+            }),
         };
         // A segment, snapshot window or block gets the time to move the
         // bytes it expects at MIN_TRANSFER_BYTES_PER_SEC on top of the

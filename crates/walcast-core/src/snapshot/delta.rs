@@ -479,6 +479,8 @@ pub struct DeltaIndex {
     /// A pointer delta's LSN and epoch (its entries are pointers; its
     /// footer here is the pointer footer's fields, with no filter).
     pointers: Option<(u64, u64)>,
+    /// A pointer delta's slot pages and their bytes, as its footer states.
+    pages: (u32, u32),
 }
 
 impl DeltaIndex {
@@ -518,10 +520,12 @@ impl DeltaIndex {
         let last = &bytes[(n - DELTA_FOOTER_LEN) as usize..];
         // A pointer delta's footer as a value delta's, with no filter; its
         // data blocks start where its slot pages end.
+        let mut pages = (0, 0);
         let (footer, first) = match pointers {
             None => (DeltaFooter::decode(last, size)?, HEADER_LEN),
             Some(_) => {
                 let f = super::pointer::PointerFooter::decode(last, size)?;
+                pages = (f.pages, f.page_bytes);
                 let footer = DeltaFooter {
                     base_lsn: f.base_lsn,
                     index: f.index,
@@ -561,7 +565,15 @@ impl DeltaIndex {
                 all
             }
         };
-        DeltaIndex::checked(size, footer, index, filter, first, pointers)
+        let mut idx = DeltaIndex::checked(size, footer, index, filter, first, pointers)?;
+        idx.pages = pages;
+        Ok(idx)
+    }
+
+    /// A pointer delta's slot pages and their bytes (`(0, 0)` for a value
+    /// delta).
+    pub fn pointer_pages(&self) -> (u32, u32) {
+        self.pages
     }
 
     /// A pointer delta's LSN and epoch (`None`: a value delta).
@@ -616,6 +628,7 @@ impl DeltaIndex {
             index,
             filter,
             pointers,
+            pages: (0, 0),
         })
     }
 

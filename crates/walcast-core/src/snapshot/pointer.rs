@@ -32,8 +32,9 @@ pub const DEFAULT_PAGE_BYTES: u32 = 16 << 10;
 pub const MIN_PAGE_BYTES: u32 = 256;
 /// See [`MIN_PAGE_BYTES`].
 pub const MAX_PAGE_BYTES: u32 = 256 << 10;
-/// Bytes of a page's header: `base_lsn: u64, lsn: u64, page: u32, count: u32`.
-pub const PAGE_HEADER_LEN: usize = 24;
+/// Bytes of a page's header: `base_lsn: u64, lsn: u64, page: u32, pages:
+/// u32, count: u32`.
+pub const PAGE_HEADER_LEN: usize = 28;
 /// Largest record payload a pointer may name: a cold read fetches the
 /// record whole, so a key last written by a larger batch is not pointed
 /// to (the writer writes a value delta instead).
@@ -80,6 +81,7 @@ impl Pointer {
             && self.epoch <= epoch
             && self.len <= MAX_POINTED_PAYLOAD
             && self.offset >= crate::segment::HEADER_LEN
+            && self.offset <= crate::catalog::MAX_SEGMENT_BYTES
             && self.range().end <= crate::catalog::MAX_SEGMENT_BYTES
     }
 
@@ -215,12 +217,12 @@ pub fn page_range(pages: u32, page_bytes: u32, key: &[u8]) -> (u32, std::ops::Ra
     (page, start..start + u64::from(page_bytes))
 }
 
-/// A key hash's page of `pages` and its fingerprint.
+/// A key hash's page of `pages` and its fingerprint. The page comes from
+/// the hash mixed by a multiply (FNV-1a's low bits of keys alike, such as
+/// sequential ones, crowd a few pages).
 fn place(h: u64, pages: u32) -> (u32, u32) {
-    (
-        ((u64::from(h as u32) * u64::from(pages)) >> 32) as u32,
-        (h >> 32) as u32,
-    )
+    let m = h.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+    (((m * u64::from(pages)) >> 32) as u32, (h >> 32) as u32)
 }
 
 /// What [`encode_pointer_delta`] writes.
@@ -273,7 +275,14 @@ pub fn encode_pointer_delta<'a>(
         .saturating_mul(100)
         .div_ceil(room * FILL_PERCENT)
         .max(1);
+    // Keys whose hashes crowd one page (chosen to, say) make no pointer
+    // delta past twice the pages they need: the writer writes a value
+    // delta instead.
+    let most = pages * 2 + 8;
     let body = loop {
+        if pages > most {
+            return None;
+        }
         let n = u32::try_from(pages).ok()?;
         let mut fill = vec![(0u64, 0u32); n as usize];
         for (h, s) in &slots {
@@ -296,7 +305,8 @@ pub fn encode_pointer_delta<'a>(
                 p[..8].copy_from_slice(&meta.base_lsn.to_le_bytes());
                 p[8..16].copy_from_slice(&meta.lsn.to_le_bytes());
                 p[16..20].copy_from_slice(&(i as u32).to_le_bytes());
-                p[20..24].copy_from_slice(&f.1.to_le_bytes());
+                p[20..24].copy_from_slice(&n.to_le_bytes());
+                p[24..28].copy_from_slice(&f.1.to_le_bytes());
                 let end = p.len() - 4;
                 let crc = crate::crc::hash(&p[..end]);
                 p[end..].copy_from_slice(&crc.to_le_bytes());
@@ -418,7 +428,10 @@ impl PageOf {
     ) -> Result<u32, DecodeError> {
         let what = "slot page";
         let at = HEADER_LEN + u64::from(page) * u64::from(self.page_bytes);
-        if bytes.len() != self.page_bytes as usize || page >= self.pages {
+        if bytes.len() != self.page_bytes as usize
+            || page >= self.pages
+            || self.page_bytes < MIN_PAGE_BYTES
+        {
             return Err(DecodeError::Truncated {
                 what,
                 at,
@@ -428,11 +441,16 @@ impl PageOf {
         }
         let end = bytes.len() - 4;
         check_crc(what, at, le32(bytes, end), &bytes[..end])?;
-        if le64(bytes, 0) != self.base_lsn || le64(bytes, 8) != self.lsn || le32(bytes, 16) != page
+        // (The page count too: a head that states other pages than the
+        // file's would otherwise read a valid page that is not the key's.)
+        if le64(bytes, 0) != self.base_lsn
+            || le64(bytes, 8) != self.lsn
+            || le32(bytes, 16) != page
+            || le32(bytes, 20) != self.pages
         {
             return Err(invalid(what, at, "belongs to another delta or page"));
         }
-        let count = le32(bytes, 20);
+        let count = le32(bytes, 24);
         let mut r = Reader::new(&bytes[PAGE_HEADER_LEN..end], at + PAGE_HEADER_LEN as u64);
         for _ in 0..count {
             let f = r.u32(what)?;
@@ -594,33 +612,33 @@ pub fn decode_pointer_delta(bytes: &[u8]) -> Result<PointerDelta, DecodeError> {
         pages: f.pages,
         page_bytes: f.page_bytes,
     };
-    let mut slots = 0u64;
+    // Every slot is one entry's: the slots of each page, matched one for
+    // one with the entries that hash to it.
+    let mut by_page: Vec<Vec<(u32, Pointer)>> = Vec::new();
     for page in 0..f.pages {
         let at = (HEADER_LEN + u64::from(page) * u64::from(f.page_bytes)) as usize;
-        let b = &bytes[at..at + f.page_bytes as usize];
-        // Every slot in the page its fingerprint's key hashes to is
-        // checked below, by key.
-        slots += u64::from(po.slots(b, page, &mut |_, _| {})?);
+        let mut slots = Vec::new();
+        po.slots(
+            &bytes[at..at + f.page_bytes as usize],
+            page,
+            &mut |fp, p| slots.push((fp, p)),
+        )?;
+        by_page.push(slots);
     }
     for (k, p) in &entries {
-        let (page, r) = f.page_range(k);
-        if !po
-            .lookup(&bytes[r.start as usize..r.end as usize], page, k)?
-            .contains(p)
-        {
+        let (page, fp) = place(super::delta::key_hash(k), f.pages);
+        let slots = &mut by_page[page as usize];
+        let Some(i) = slots.iter().position(|s| *s == (fp, *p)) else {
             return Err(invalid(
                 what,
-                r.start,
+                0,
                 "a key's slot page does not name its pointer",
             ));
-        }
+        };
+        slots.swap_remove(i);
     }
-    if slots != header.entry_count {
-        return Err(invalid(
-            what,
-            0,
-            format!("{slots} slots for {} entries", header.entry_count),
-        ));
+    if by_page.iter().any(|s| !s.is_empty()) {
+        return Err(invalid(what, 0, "a slot names no entry"));
     }
     Ok(PointerDelta {
         header,

@@ -117,8 +117,10 @@ impl Lazy {
     pub(in crate::replica) fn keep_jobs(&mut self, chain: bool) {
         let deferred = &self.deferred;
         let base = self.base.as_ref().filter(|_| chain);
+        // (Records stay: they are immutable, whatever names them.)
         let keep = |j: &BlockJob| {
-            base.is_some_and(|b| b.object_size(&j.snapshot) > 0)
+            j.record.is_some()
+                || base.is_some_and(|b| b.object_size(&j.snapshot) > 0)
                 || deferred.iter().any(|u| u.entry.key == j.snapshot)
         };
         self.wanted.retain(keep);

@@ -113,9 +113,14 @@ impl Lazy {
                     None => DeltaIndex::decode_suffix(bytes, size)?,
                 };
                 // The file must be the one the catalog names, not another
-                // of the same size (a dataset started over at the prefix).
+                // of the same size (a dataset started over at the prefix),
+                // and a pointer delta's pages those the head states.
                 let f = idx.footer();
-                if f.base_lsn != d.entry.base_lsn || f.entry_count != d.entry.entries {
+                let pages = d.entry.slots.map_or((0, 0), |s| (s.pages, s.page_bytes));
+                if f.base_lsn != d.entry.base_lsn
+                    || f.entry_count != d.entry.entries
+                    || idx.pointer_pages() != pages
+                {
                     return Err(crate::codec::invalid(
                         "delta footer",
                         size - DELTA_FOOTER_LEN,
@@ -153,7 +158,11 @@ impl Lazy {
                         let (page, r) =
                             crate::snapshot::pointer::page_range(sp.pages, sp.page_bytes, &job.key);
                         if r.start != start {
-                            return Ok(true);
+                            return Err(crate::codec::invalid(
+                                "slot page",
+                                start,
+                                "is not the key's page",
+                            ));
                         }
                         d.page_of().lookup(bytes, page, &job.key)?;
                     }

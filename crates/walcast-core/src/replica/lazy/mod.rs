@@ -503,9 +503,14 @@ impl Lazy {
     }
 
     /// The share of `cache_bytes` the records pointer deltas name take, an
-    /// eighth (the newest is kept past it).
+    /// eighth, and at least one record of the largest size a pointer names
+    /// for each delta of a chain (the newest is kept past it).
     pub(super) fn records_cache_bytes(&self) -> u64 {
-        self.cache_bytes / 8
+        // (At least a record of the largest size from each delta of a
+        // chain: a scan's window holds them together.)
+        let floor = crate::catalog::MAX_DELTAS as u64
+            * (u64::from(crate::snapshot::pointer::MAX_POINTED_PAYLOAD) + 16);
+        (self.cache_bytes / 8).max(floor)
     }
 
     /// The record `p` names, if fetched.

@@ -4,7 +4,7 @@
 use super::*;
 use crate::snapshot::block::Block;
 use crate::snapshot::delta::decode_change;
-use crate::snapshot::pointer::{decode_entries, page_range, resolve, Resolved};
+use crate::snapshot::pointer::{decode_entries, page_range, resolve, Pointer, Resolved};
 
 impl Lazy {
     /// Point read through the deltas, newest first. `Ok(Some(change))`: the
@@ -57,25 +57,44 @@ impl Lazy {
                     let (page, r) = page_range(sp.pages, sp.page_bytes, key);
                     let bytes = d.blocks.get(r.start).map_or(&[][..], Vec::as_slice);
                     // A key's fingerprint names it almost surely: the
-                    // record says.
-                    for p in d.page_of().lookup(bytes, page, key).map_err(named)? {
-                        match self.record(&p) {
-                            Some(rec) if wants.is_empty() && records.is_empty() => {
-                                match resolve(rec, &p, key) {
-                                    Ok(Resolved::Change(c)) => return Ok(Ok(Some(c))),
-                                    Ok(Resolved::NotHere) => {}
-                                    Err(e) => {
-                                        return Err(Error::decode(e)
-                                            .with_object(p.segment_key())
-                                            .with_lsn(p.lsn))
-                                    }
-                                }
+                    // records say. Another key's record may write this key
+                    // too, earlier: the newest that writes it answers.
+                    let found = d.page_of().lookup(bytes, page, key).map_err(named)?;
+                    let missing: Vec<Pointer> = found
+                        .iter()
+                        .filter(|p| self.record(p).is_none())
+                        .copied()
+                        .collect();
+                    if !missing.is_empty() {
+                        records.extend(missing);
+                        continue;
+                    }
+                    let mut newest: Option<(u64, Change)> = None;
+                    for p in &found {
+                        let rec = self.record(p).unwrap_or_default();
+                        match resolve(rec, p, key) {
+                            Ok(Resolved::Change(c))
+                                if newest.as_ref().is_none_or(|n| n.0 < p.lsn) =>
+                            {
+                                newest = Some((p.lsn, c));
                             }
-                            Some(_) => {}
-                            None => records.push(p),
+                            Ok(_) => {}
+                            Err(e) => {
+                                return Err(Error::decode(e)
+                                    .with_object(p.segment_key())
+                                    .with_lsn(p.lsn))
+                            }
                         }
                     }
-                    continue;
+                    match newest {
+                        Some((_, c)) if wants.is_empty() && records.is_empty() => {
+                            return Ok(Ok(Some(c)))
+                        }
+                        // A newer delta's part is still out: it may hold
+                        // the key.
+                        Some(_) => break,
+                        None => continue,
+                    }
                 }
                 let Some(idx) = &d.index else { continue };
                 let Some(h) = idx.block_for(key) else {
