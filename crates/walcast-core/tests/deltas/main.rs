@@ -321,9 +321,18 @@ fn try_cold_read(
     store: &Store,
     key: &[u8],
 ) -> Result<(Option<Vec<u8>>, u64, Cold), walcast_core::Error> {
+    try_cold_read_cached(store, key, 8 << 20)
+}
+
+/// [`try_cold_read`] with a cache of `cache` bytes.
+fn try_cold_read_cached(
+    store: &Store,
+    key: &[u8],
+    cache: u64,
+) -> Result<(Option<Vec<u8>>, u64, Cold), walcast_core::Error> {
     let cfg = ReplicaConfig {
         poll_interval_ms: 1_000,
-        lazy_cache_bytes: Some(8 << 20),
+        lazy_cache_bytes: Some(cache),
         ..ReplicaConfig::default()
     };
     let mut r = Replica::new(cfg, 3);

@@ -311,3 +311,76 @@ fn a_head_stating_other_slot_pages_fails_the_read_not_answers_stale() {
         }
     }
 }
+
+/// A chain of pointer deltas each smaller than a lazy replica's cache but
+/// larger together: a cold read still sends every slot page in one round
+/// trip (they are never counted at their delta's whole size), so it takes
+/// three round trips.
+#[test]
+fn slot_pages_of_a_chain_larger_than_the_cache_go_out_together() {
+    let cfg = PublisherConfig {
+        // A snapshot once the base is in, none after it.
+        snapshot_every: Some(40),
+        snapshot_ratio_percent: Some(1_000_000),
+        delta_every: Some(4),
+        head_check_ms: 0,
+        tail_bytes: 0,
+        pointer_deltas: true,
+        ..PublisherConfig::default()
+    };
+    let (mut p, mut store) = started(cfg);
+    let key = |i: u64| format!("k:{i:06}").into_bytes();
+    let mut now = 0;
+    let mut model = BTreeMap::new();
+    let mut rng = 99u64;
+    // A base of 40,000 keys, then batches of 1,000 random keys.
+    for b in 0..(40 + 60u64) {
+        // (A commit each: the budget allows ten a second.)
+        now += 200;
+        let ops: Vec<Op> = (0..1_000u64)
+            .map(|i| {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let k = if b < 40 {
+                    b * 1_000 + i
+                } else {
+                    (rng >> 33) % 40_000
+                };
+                Op::put(key(k), vec![b as u8; 8])
+            })
+            .collect();
+        for op in &ops {
+            if let Op::Put { key, value } = op {
+                model.insert(key.clone(), value.clone());
+            }
+        }
+        p.push(b + 1, &batch::encode(&ops).unwrap(), now).unwrap();
+        store.drive(&mut p, now);
+    }
+    for t in (now + 1..now + 20_000).step_by(100) {
+        store.drive(&mut p, t);
+    }
+    let h = store.head();
+    let sizes: Vec<u64> = h.deltas.iter().map(|d| d.size).collect();
+    let cache = 1u64 << 20;
+    let spans: Vec<(u64, u64, u64)> = h
+        .deltas
+        .iter()
+        .map(|d| (d.base_lsn, d.lsn, d.entries))
+        .collect();
+    assert!(
+        h.deltas.len() >= 2 && h.deltas.iter().all(|d| d.slots.is_some()),
+        "{sizes:?} {spans:?} snapshot {:?}",
+        h.snapshot.as_ref().map(|s| (s.lsn, s.entries))
+    );
+    assert!(
+        sizes.iter().filter(|&&s| s <= cache).sum::<u64>() > cache,
+        "{sizes:?}"
+    );
+    for i in [5u64, 1_500, 7_000, 15_000, 25_000, 39_999] {
+        let (v, _, c) = try_cold_read_cached(&store, &key(i), cache).unwrap();
+        assert_eq!(v.as_ref(), model.get(&key(i)), "key {i}");
+        assert!(c.rounds <= 3, "key {i}: {c:?} over deltas of {sizes:?}");
+    }
+}

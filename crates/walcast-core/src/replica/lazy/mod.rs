@@ -480,8 +480,19 @@ impl Lazy {
     /// Whether a ranged GET of `key` may bring the whole object: it fits
     /// the cache and the store has not answered a range yet (once it has,
     /// it honours Range, and an answer past the range is refused).
+    ///
+    /// Never for a pointer delta: its slot pages go out together on a cold
+    /// read, and counted at its whole size they would not fit the bytes
+    /// GETs out may bring (a server that ignores Range fails its reads, as
+    /// for a snapshot larger than the cache).
     pub(super) fn takes_whole(&self, key: &str) -> bool {
-        !self.ranged && self.object_size(key) <= self.cache_bytes
+        !self.ranged
+            && self.object_size(key) <= self.cache_bytes
+            && !self.base.as_ref().is_some_and(|b| {
+                b.deltas
+                    .iter()
+                    .any(|d| d.entry.slots.is_some() && d.entry.key == key)
+            })
     }
 
     /// Forgets everything (a new dataset, or a base above the applied LSN).
