@@ -646,21 +646,6 @@ fn chain_written(op: impl Fn(u64, u64) -> Op) -> (Store, Vec<Vec<Op>>, u64) {
     (store, log, lsn)
 }
 
-/// A lazy replica with a cache of `cache` bytes, synced with `store`.
-fn settled_with_cache(store: &Store, cache: u64) -> Replica {
-    let mut r = Replica::new(
-        ReplicaConfig {
-            lazy_cache_bytes: Some(cache),
-            long_poll_wait_ms: 0,
-            ..ReplicaConfig::default()
-        },
-        3,
-    );
-    r.sync_now(0);
-    settle(&mut r, store);
-    r
-}
-
 /// The first `n` entries of `want` from `start` on.
 fn entries_from(
     want: &std::collections::BTreeMap<Vec<u8>, Vec<u8>>,

@@ -592,6 +592,21 @@ fn lazy_replica() -> Replica {
 }
 
 /// Drains the replica, serving every GET at once, until it waits.
+/// A lazy replica with a cache of `cache` bytes, synced with `store`.
+fn settled_with_cache(store: &Store, cache: u64) -> Replica {
+    let mut r = Replica::new(
+        ReplicaConfig {
+            lazy_cache_bytes: Some(cache),
+            long_poll_wait_ms: 0,
+            ..ReplicaConfig::default()
+        },
+        3,
+    );
+    r.sync_now(0);
+    settle(&mut r, store);
+    r
+}
+
 fn settle(r: &mut Replica, store: &Store) {
     settle_watching(r, store, |_| {});
 }

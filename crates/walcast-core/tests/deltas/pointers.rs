@@ -76,9 +76,9 @@ fn pointer_chains_answer_cold_reads_and_scans_as_the_origin() {
         }
         if now % (97 * 3) == 0 {
             // A whole scan with a small cache: windows of records.
-            let mut r = settled_with(&store, 16 << 10);
+            let mut r = settled_with_cache(&store, 16 << 10);
             let at = r.applied_lsn();
-            let (got, _) = scan_all(&mut r, &store, LazyScan::new(b"", None, 1_000));
+            let got = scan_all(&mut r, &store, LazyScan::new(b"", None, 1_000));
             let want: Entries = model_at(&log, at).into_iter().collect();
             assert_eq!(got, want, "scan at {at}");
             scans += 1;
@@ -144,44 +144,15 @@ fn pointer_deltas_upload_a_fraction_of_value_deltas() {
     );
 }
 
-/// A lazy replica with `cache` bytes of cache, synced with `store`.
-fn settled_with(store: &Store, cache: u64) -> Replica {
-    let mut r = Replica::new(
-        ReplicaConfig {
-            lazy_cache_bytes: Some(cache),
-            long_poll_wait_ms: 0,
-            ..ReplicaConfig::default()
-        },
-        3,
-    );
-    r.sync_now(0);
-    settle(&mut r, store);
-    r
-}
-
 /// Steps `scan` to its answer.
-fn scan_all(r: &mut Replica, store: &Store, mut scan: LazyScan) -> (Entries, Cold) {
-    let mut c = Cold::default();
+fn scan_all(r: &mut Replica, store: &Store, mut scan: LazyScan) -> Entries {
     for _ in 0..100_000 {
         match r.scan_lazy(&mut scan).expect("a scan") {
-            Read::Ready(e) => return (e, c),
-            Read::Pending => settle_counting(r, store, &mut c),
+            Read::Ready(e) => return e,
+            Read::Pending => settle(r, store),
         }
     }
     panic!("the scan did not finish");
-}
-
-fn settle_counting(r: &mut Replica, store: &Store, c: &mut Cold) {
-    loop {
-        match r.poll(0) {
-            replica::Action::Fetch(req) => {
-                let resp = store.serve(&req, c);
-                r.handle_response(req.id, 0, resp);
-            }
-            replica::Action::Event(_) => {}
-            replica::Action::Wait { .. } => return,
-        }
-    }
 }
 
 /// Two keys whose fingerprints collide, both written by one batch, and the
@@ -206,17 +177,7 @@ fn a_colliding_fingerprint_never_answers_an_older_write() {
             seen.insert(fnv(&k), k.clone()).map(|other| (k, other))
         })
         .unwrap();
-    let cfg = PublisherConfig {
-        snapshot_every: Some(1),
-        snapshot_bytes: Some(1),
-        snapshot_ratio_percent: Some(1_000_000),
-        delta_every: Some(3),
-        head_check_ms: 0,
-        tail_bytes: 0,
-        pointer_deltas: true,
-        ..PublisherConfig::default()
-    };
-    let (mut p, mut store) = started(cfg);
+    let (mut p, mut store) = started(snapshot_first_then_pointer_deltas());
     let batches = [
         vec![Op::put(b"z".to_vec(), vec![0; 10])],
         vec![
@@ -242,11 +203,11 @@ fn a_colliding_fingerprint_never_answers_an_older_write() {
         "{:?}",
         h.deltas
     );
-    let mut r = settled_with(&store, 1 << 20);
+    let mut r = settled_with_cache(&store, 1 << 20);
     let mut get = |k: &[u8]| loop {
         match r.get_lazy(k).expect("a read") {
             Read::Ready(v) => return v,
-            Read::Pending => settle_counting(&mut r, &store, &mut Cold::default()),
+            Read::Pending => settle(&mut r, &store),
         }
     };
     assert_eq!(get(&b).as_deref(), Some(&b"b"[..]));
@@ -262,17 +223,7 @@ fn a_colliding_fingerprint_never_answers_an_older_write() {
 /// `data` error naming the delta, never answers the snapshot's older value.
 #[test]
 fn a_head_stating_other_slot_pages_fails_the_read_not_answers_stale() {
-    let cfg = PublisherConfig {
-        snapshot_every: Some(1),
-        snapshot_bytes: Some(1),
-        snapshot_ratio_percent: Some(1_000_000),
-        delta_every: Some(3),
-        head_check_ms: 0,
-        tail_bytes: 0,
-        pointer_deltas: true,
-        ..PublisherConfig::default()
-    };
-    let (mut p, mut store) = started(cfg);
+    let (mut p, mut store) = started(snapshot_first_then_pointer_deltas());
     let key = |i: u64| format!("k:{i:05}").into_bytes();
     let mut now = 0;
     for round in 0..2u64 {
@@ -382,5 +333,20 @@ fn slot_pages_of_a_chain_larger_than_the_cache_go_out_together() {
         let (v, _, c) = try_cold_read_cached(&store, &key(i), cache).unwrap();
         assert_eq!(v.as_ref(), model.get(&key(i)), "key {i}");
         assert!(c.rounds <= 3, "key {i}: {c:?} over deltas of {sizes:?}");
+    }
+}
+
+/// A snapshot at the first LSN and none after it, then a pointer delta
+/// every 3 LSNs.
+fn snapshot_first_then_pointer_deltas() -> PublisherConfig {
+    PublisherConfig {
+        snapshot_every: Some(1),
+        snapshot_bytes: Some(1),
+        snapshot_ratio_percent: Some(1_000_000),
+        delta_every: Some(3),
+        head_check_ms: 0,
+        tail_bytes: 0,
+        pointer_deltas: true,
+        ..PublisherConfig::default()
     }
 }
