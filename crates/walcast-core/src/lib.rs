@@ -43,6 +43,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod io;
 pub mod keys;
+mod overlay;
 pub mod publisher;
 pub mod replica;
 mod rng;

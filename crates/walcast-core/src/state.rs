@@ -14,14 +14,13 @@
 //! (`PAGE`), so the memory of the leaves a merge frees holds the leaves
 //! it writes.
 //!
-//! Recent writes go to a small ordered overlay (a `BTreeMap` with
+//! Recent writes go to a small ordered overlay (`overlay.rs`, with
 //! tombstones); once it passes 1/48 of the leaves' bytes, its entries are
 //! merged into the leaves a window (a third of the leaves, round robin)
 //! at a time. Keys past the last one (sequential or time-ordered keys) are
 //! appended to the last leaf directly. Reads consult the overlay first.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use crate::batch::OpRef;
@@ -51,7 +50,7 @@ const OVERLAY_SHARE: usize = 48;
 const WINDOWS: usize = 3;
 
 /// What an overlay entry is counted as: its key and value and about 56
-/// bytes for the tree node's share (key, LSN and value pointers) and the
+/// bytes for the map's share (key, LSN and value pointers) and the
 /// two allocations.
 fn overlay_cost(key: &[u8], value: Option<&[u8]>) -> usize {
     key.len() + value.map_or(0, <[u8]>::len) + 56
@@ -356,15 +355,7 @@ impl LeafWriter {
     }
 }
 
-/// An overlay entry's value: the LSN of the write (a lazy replica's
-/// overlay keeps it to drop what a newer snapshot covers; a [`KvState`]
-/// stores 0) and the value, or `None` for a deletion.
-pub(crate) type Slot = (u64, Option<Box<[u8]>>);
-
-/// Writes not yet merged into leaves, by key. One map type serves the full
-/// state and the lazy replica's overlay (each map type is several KiB of
-/// code in the wasm module).
-pub(crate) type Overlay = BTreeMap<Box<[u8]>, Slot>;
+pub(crate) use crate::overlay::Overlay;
 
 /// Writes the leaves `old` merged with the overlay entries `ov` (in key
 /// order, tombstones as `None`; those below the second leaf go into the
@@ -543,7 +534,7 @@ impl KvState {
         };
         self.overlay
             .last_key_value()
-            .is_none_or(|(k, _)| key > &**k)
+            .is_none_or(|(k, _)| key > k)
             .then_some(shared)
     }
 
@@ -653,7 +644,7 @@ impl KvState {
             out: Vec::with_capacity(old.len() + 1),
             ..LeafWriter::default()
         };
-        let entries = self.overlay.iter().map(|(k, (_, v))| (&**k, v.as_deref()));
+        let entries = self.overlay.iter().map(|(k, (_, v))| (k, v.as_deref()));
         if old.is_empty() {
             for (k, v) in entries {
                 if let Some(v) = v {
@@ -664,7 +655,7 @@ impl KvState {
             merge_leaves(&mut old, entries, &mut w);
         }
         drop(old);
-        self.overlay = BTreeMap::new();
+        self.overlay = Overlay::new();
         self.overlay_bytes = 0;
         let mut out = w.finish();
         out.shrink_to_fit();
@@ -700,14 +691,14 @@ impl KvState {
         };
         let entries = self
             .overlay
-            .range::<[u8], _>(bounds)
-            .map(|(k, (_, v))| (&**k, v.as_deref()));
+            .range(bounds)
+            .map(|(k, (_, v))| (k, v.as_deref()));
         merge_leaves(&mut self.leaves[a..b], entries, &mut w);
         // The window's entries leave the overlay (without allocating).
         let mut taken = 0;
         self.overlay.retain(|k, (_, v)| {
             let inside =
-                lo.as_deref().is_none_or(|l| &**k >= l) && hi.as_deref().is_none_or(|h| &**k < h);
+                lo.as_deref().is_none_or(|l| k >= l) && hi.as_deref().is_none_or(|h| k < h);
             if inside {
                 taken += overlay_cost(k, v.as_deref());
             }
@@ -748,7 +739,7 @@ impl KvState {
         let overlay = if empty {
             None
         } else {
-            Some(self.overlay.range::<[u8], _>((start, end)))
+            Some(self.overlay.range((start, end)))
         };
         let mut r = Range {
             leaves: &self.leaves,
@@ -826,7 +817,7 @@ impl KvState {
                 max_key
             },
             leaves,
-            overlay: BTreeMap::new(),
+            overlay: Overlay::new(),
             overlay_bytes: 0,
             next_window: 0,
             len: builder.count,
@@ -872,7 +863,7 @@ pub fn prefix_end_key(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-type OverlayRange<'a> = std::collections::btree_map::Range<'a, Box<[u8]>, Slot>;
+type OverlayRange<'a> = crate::overlay::Range<'a>;
 
 /// A leaf entry a [`Range`] has decoded: its key is in the range's key
 /// buffer, and also in the leaf when stored whole.
@@ -953,7 +944,7 @@ impl<'a> Range<'a> {
         self.overlay
             .as_mut()?
             .next()
-            .map(|(k, (_, v))| (&**k, v.as_deref()))
+            .map(|(k, (_, v))| (k, v.as_deref()))
     }
 
     /// The next entry of the merge of leaves and overlay (tombstones hide
@@ -1032,6 +1023,7 @@ impl<'a> Iterator for Range<'a> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     /// Appends after a merge that cut the last leaf to its size fill it up
     /// to one page, not past it: every leaf's allocation stays at most

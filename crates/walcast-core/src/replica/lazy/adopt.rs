@@ -101,7 +101,7 @@ impl Lazy {
     pub(super) fn drop_through(&mut self, lsn: u64, keep: Option<&[u8]>) {
         let mut dropped = 0;
         self.overlay.retain(|k, (l, v)| {
-            let stay = *l > lsn || keep.is_some_and(|keep| **k >= *keep);
+            let stay = *l > lsn || keep.is_some_and(|keep| k >= keep);
             if !stay {
                 dropped += entry_cost(k, v.as_deref());
             }

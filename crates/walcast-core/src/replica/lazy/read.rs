@@ -538,7 +538,7 @@ impl Replica {
             // The base is the state loaded whole (or empty): all present.
             let hidden = lazy
                 .overlay
-                .range::<[u8], _>((
+                .range((
                     std::ops::Bound::Included(scan.start.as_slice()),
                     std::ops::Bound::Unbounded,
                 ))
@@ -575,7 +575,7 @@ impl Replica {
             };
             let mut o = lazy
                 .overlay
-                .range::<[u8], _>((lower, std::ops::Bound::Unbounded))
+                .range((lower, std::ops::Bound::Unbounded))
                 .take_while(|(k, _)| in_range(k, &scan.end) && below(k))
                 .peekable();
             let (mut i, mut last) = (scan.used, None);
@@ -585,14 +585,14 @@ impl Replica {
                     (None, None) => break,
                     (None, Some(_)) => true,
                     (Some(_), None) => false,
-                    (Some((sk, _)), Some((ok, _))) => &***ok <= sk.as_slice(),
+                    (Some((sk, _)), Some((ok, _))) => &**ok <= sk.as_slice(),
                 };
                 let (k, v) = if from_overlay {
                     let (k, (_, v)) = o.next().expect("peeked");
-                    if s.is_some_and(|(sk, _)| sk.as_slice() == &**k) {
+                    if s.is_some_and(|(sk, _)| sk.as_slice() == k) {
                         i += 1; // the overlay wins
                     }
-                    (&**k, v.as_deref())
+                    (k, v.as_deref())
                 } else {
                     let (k, v) = &scan.collected[i];
                     i += 1;
