@@ -149,6 +149,7 @@ impl<'a> Reader<'a> {
     }
 }
 
+#[inline(never)]
 pub(crate) fn invalid(what: &'static str, at: u64, why: impl Into<String>) -> DecodeError {
     DecodeError::Invalid {
         what,
@@ -157,6 +158,7 @@ pub(crate) fn invalid(what: &'static str, at: u64, why: impl Into<String>) -> De
     }
 }
 
+#[inline(never)]
 pub(crate) fn check_crc(
     what: &'static str,
     at: u64,

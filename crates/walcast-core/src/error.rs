@@ -177,6 +177,7 @@ pub struct Error {
 
 impl Error {
     /// A new error of `kind` with a human-readable message.
+    #[inline(never)]
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Error {
             kind,
@@ -188,6 +189,7 @@ impl Error {
     }
 
     /// A data error wrapping a decoding failure.
+    #[inline(never)]
     pub fn decode(err: DecodeError) -> Self {
         let kind = if matches!(err, DecodeError::Digest { .. }) {
             ErrorKind::Untrusted
@@ -205,6 +207,7 @@ impl Error {
 
     /// Names the object (key relative to the dataset prefix) this error concerns.
     #[must_use]
+    #[inline(never)]
     pub fn with_object(mut self, key: impl Into<String>) -> Self {
         self.object = Some(key.into());
         self
@@ -212,6 +215,7 @@ impl Error {
 
     /// Names the LSN this error concerns.
     #[must_use]
+    #[inline(never)]
     pub fn with_lsn(mut self, lsn: u64) -> Self {
         self.lsn = Some(lsn);
         self

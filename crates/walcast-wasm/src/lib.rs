@@ -63,6 +63,7 @@ fn set(obj: &JsValue, key: &str, value: impl Into<JsValue>) {
     let _ = Reflect::set(obj, &JsValue::from_str(key), &value.into());
 }
 
+#[cfg(not(any(panic = "immediate-abort", walcast_panic_trap)))]
 thread_local! {
     static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
 }
@@ -104,7 +105,11 @@ fn install_panic_hook() {
 /// say what went wrong).
 #[wasm_bindgen(js_name = takePanicMessage)]
 pub fn take_panic_message() -> Option<String> {
-    LAST_PANIC.with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.take()))
+    #[cfg(not(any(panic = "immediate-abort", walcast_panic_trap)))]
+    return LAST_PANIC.with(|p| p.try_borrow_mut().ok().and_then(|mut p| p.take()));
+    // Panics trap at once in this build: no message is ever kept.
+    #[cfg(any(panic = "immediate-abort", walcast_panic_trap))]
+    None
 }
 
 /// A JS `Error` carrying the core error's `code`, `object` and `lsn`.
@@ -1126,3 +1131,7 @@ mod tests {
         );
     }
 }
+
+#[cfg(all(not(target_feature = "atomics"), target_family = "wasm"))]
+#[global_allocator]
+static TALC: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();

@@ -646,7 +646,7 @@ impl Publisher {
             Err(m) => {
                 let d = self.backoff(
                     &key,
-                    Error::new(ErrorKind::Unavailable, m).with_object(key.clone()),
+                    Error::new(ErrorKind::Unavailable, m).with_object(&key),
                 );
                 self.delete_retry_at = now + d;
             }
@@ -750,7 +750,7 @@ impl Publisher {
                     PutResponse::Failed { message } => {
                         let d = self.backoff(
                             &key,
-                            Error::new(ErrorKind::Unavailable, message).with_object(key.clone()),
+                            Error::new(ErrorKind::Unavailable, message).with_object(&key),
                         );
                         self.sealed[i].up = Up::Waiting(now + d);
                     }
@@ -765,7 +765,7 @@ impl Publisher {
                     PutResponse::Failed { message } => {
                         let d = self.backoff(
                             &key,
-                            Error::new(ErrorKind::Unavailable, message).with_object(key.clone()),
+                            Error::new(ErrorKind::Unavailable, message).with_object(&key),
                         );
                         if let Some(s) = self.snapshot.as_mut() {
                             s.up = Up::Waiting(now + d);
@@ -783,7 +783,7 @@ impl Publisher {
                 let d = if let PutResponse::Failed { message } = resp {
                     self.backoff(
                         &key,
-                        Error::new(ErrorKind::Unavailable, message).with_object(key.clone()),
+                        Error::new(ErrorKind::Unavailable, message).with_object(&key),
                     )
                 } else {
                     // Its failures in a row end here (each page key is

@@ -167,7 +167,7 @@ impl Publisher {
                              and what it names stays in the store undeleted"
                         ),
                     )
-                    .with_object(p.key.clone()),
+                    .with_object(&p.key),
                 ));
                 room -= 1;
                 keys.push(p.key.clone());
@@ -282,42 +282,42 @@ impl Publisher {
     }
 
     pub(super) fn on_page_read(&mut self, now: u64, r: PageRef, resp: GetResponse) {
-        let result =
-            match resp {
-                GetResponse::Ok { body, .. } => {
-                    Page::decode(&body, &r).map_err(|e| Error::decode(e).with_object(r.key.clone()))
-                }
-                // A page the head names is not found: a store not yet showing
-                // it, or one that lost it. Read again like any failure; after
-                // `max_attempts` reads the page is taken for gone, and only it
-                // leaves the catalog: what it named (unknown now) stays in the
-                // store undeleted, and an error says so.
-                GetResponse::NotFound
-                    if self.attempts.get(&r.key).copied().unwrap_or(0) + 1
-                        >= self.cfg.max_attempts.max(1) =>
-                {
-                    self.events.push_back(Event::Error(
-                        Error::new(
-                            ErrorKind::Data,
-                            format!(
-                                "retention: the page was not found in {} reads; only the page \
+        let result = match resp {
+            GetResponse::Ok { body, .. } => {
+                Page::decode(&body, &r).map_err(|e| Error::decode(e).with_object(&r.key))
+            }
+            // A page the head names is not found: a store not yet showing
+            // it, or one that lost it. Read again like any failure; after
+            // `max_attempts` reads the page is taken for gone, and only it
+            // leaves the catalog: what it named (unknown now) stays in the
+            // store undeleted, and an error says so.
+            GetResponse::NotFound
+                if self.attempts.get(&r.key).copied().unwrap_or(0) + 1
+                    >= self.cfg.max_attempts.max(1) =>
+            {
+                self.events.push_back(Event::Error(
+                    Error::new(
+                        ErrorKind::Data,
+                        format!(
+                            "retention: the page was not found in {} reads; only the page \
                              leaves the catalog, and what it named stays in the store undeleted",
-                                self.cfg.max_attempts.max(1)
-                            ),
-                        )
-                        .with_object(r.key.clone()),
-                    ));
-                    Ok(Page {
-                        format: catalog::FORMAT,
-                        level: r.level,
-                        segments: Vec::new(),
-                        pages: Vec::new(),
-                        digests: Default::default(),
-                    })
-                }
-                other => Err(Error::new(ErrorKind::Unavailable, format!("{other:?}"))
-                    .with_object(r.key.clone())),
-            };
+                            self.cfg.max_attempts.max(1)
+                        ),
+                    )
+                    .with_object(&r.key),
+                ));
+                Ok(Page {
+                    format: catalog::FORMAT,
+                    level: r.level,
+                    segments: Vec::new(),
+                    pages: Vec::new(),
+                    digests: Default::default(),
+                })
+            }
+            other => {
+                Err(Error::new(ErrorKind::Unavailable, format!("{other:?}")).with_object(&r.key))
+            }
+        };
         self.page_reading.remove(&r.key);
         match result {
             Ok(page) => {

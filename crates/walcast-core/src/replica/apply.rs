@@ -50,7 +50,7 @@ impl Replica {
                                     last: lsn - 1,
                                 });
                             }
-                            let err = Error::decode(d).with_object(key.clone()).with_lsn(lsn);
+                            let err = Error::decode(d).with_object(&key).with_lsn(lsn);
                             let delay = self.failure(&key, err);
                             self.clear_plan();
                             self.backoff_until = Some(now + delay);

@@ -49,7 +49,7 @@ impl Replica {
                             body.len()
                         ),
                     )
-                    .with_object(key.clone()))
+                    .with_object(&key))
                 } else if range.is_none() && body.len() as u64 != size {
                     Err(Error::new(
                         ErrorKind::Data,
@@ -59,13 +59,13 @@ impl Replica {
                             super::fetch::MAX_WHOLE_SNAPSHOT_ANSWER
                         ),
                     )
-                    .with_object(key.clone()))
+                    .with_object(&key))
                 } else if start > offset {
                     Err(Error::new(
                         ErrorKind::Data,
                         format!("snapshot answer does not cover byte {offset}"),
                     )
-                    .with_object(key.clone()))
+                    .with_object(&key))
                 } else {
                     // Offsets stay u64 until they are known to fit the body,
                     // so a snapshot over 4 GiB works on 32-bit targets.
@@ -80,13 +80,13 @@ impl Replica {
                             ErrorKind::Data,
                             format!("empty snapshot answer at byte {offset}"),
                         )
-                        .with_object(key.clone()))
+                        .with_object(&key))
                     } else {
                         self.trust.hash_snapshot(offset, &avail[..take]);
                         b.decoder
                             .feed(&avail[..take])
                             .map(|_| take as u64)
-                            .map_err(|d| Error::decode(d).with_object(key.clone()))
+                            .map_err(|d| Error::decode(d).with_object(&key))
                     }
                 }
             }
@@ -94,7 +94,7 @@ impl Replica {
                 self.missing(now, &key);
                 return;
             }
-            other => Err(unavailable(&other).with_object(key.clone())),
+            other => Err(unavailable(&other).with_object(&key)),
         };
         match fed {
             Ok(n) => {
@@ -124,7 +124,7 @@ impl Replica {
         let result = b
             .decoder
             .finish(Some(b.entry.crc32))
-            .map_err(|d| Error::decode(d).with_object(key.clone()))
+            .map_err(|d| Error::decode(d).with_object(&key))
             .and_then(|r| self.check_snapshot_trust(&key, b.entry.size).map(|()| r))
             .and_then(|(h, st)| {
                 if h.lsn != b.entry.lsn
@@ -135,7 +135,7 @@ impl Replica {
                         ErrorKind::Data,
                         "snapshot header disagrees with the catalog",
                     )
-                    .with_object(key.clone()))
+                    .with_object(&key))
                 } else {
                     Ok((h, st))
                 }

@@ -723,7 +723,7 @@ impl Replica {
                             crate::catalog::MAX_SEGMENT_BYTES
                         ),
                     )
-                    .with_object(u.entry.key.clone())
+                    .with_object(&u.entry.key)
                     .with_lsn(u.from);
                     // As for an object that fails verification: the head
                     // is read again, in case it was not the dataset's.

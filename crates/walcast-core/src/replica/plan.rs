@@ -191,7 +191,7 @@ impl Replica {
         self.page_inflight = false;
         let result = match resp {
             GetResponse::Ok { body, .. } => self.check_page_trust(&r, &body).and_then(|()| {
-                Page::decode(&body, &r).map_err(|e| Error::decode(e).with_object(r.key.clone()))
+                Page::decode(&body, &r).map_err(|e| Error::decode(e).with_object(&r.key))
             }),
             GetResponse::NotFound => {
                 // Retention removed it: re-read the head.
@@ -199,7 +199,7 @@ impl Replica {
                 self.missing(now, &r.key);
                 return;
             }
-            other => Err(unavailable(&other).with_object(r.key.clone())),
+            other => Err(unavailable(&other).with_object(&r.key)),
         };
         match result {
             Ok(page) => {

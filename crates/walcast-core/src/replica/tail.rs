@@ -53,7 +53,7 @@ impl Replica {
                         err.kind(),
                         format!("the head's copy of the segment fails verification ({err}); fetching the object"),
                     )
-                    .with_object(u.entry.key.clone())
+                    .with_object(&u.entry.key)
                     .with_lsn(u.from));
                 }
             }

@@ -32,7 +32,7 @@ impl Replica {
                 self.missing(now, &key);
                 return;
             }
-            other => Err(unavailable(&other).with_object(key.clone())),
+            other => Err(unavailable(&other).with_object(&key)),
         };
         match result {
             Ok(v) => {
@@ -53,7 +53,7 @@ impl Replica {
         range: Option<ContentRange>,
     ) -> Result<Verified, Error> {
         let e = &u.entry;
-        let data_err = |d| Error::decode(d).with_object(e.key.clone()).with_lsn(u.from);
+        let data_err = |d| Error::decode(d).with_object(&e.key).with_lsn(u.from);
         let whole = u.start.offset == segment::HEADER_LEN;
         let cr = match range {
             None => {
@@ -67,7 +67,7 @@ impl Replica {
                             e.size
                         ),
                     )
-                    .with_object(e.key.clone())
+                    .with_object(&e.key)
                     .with_lsn(u.from));
                 }
                 // The digest first: a pinned replica calls any change untrusted.
@@ -99,7 +99,7 @@ impl Replica {
                             t.first_lsn, t.last_lsn, t.footer_offset, e.first_lsn, e.last_lsn, e.records_end
                         ),
                     )
-                    .with_object(e.key.clone())
+                    .with_object(&e.key)
                     .with_lsn(u.from));
                 }
                 return Ok(Verified {
@@ -118,7 +118,7 @@ impl Replica {
                 ErrorKind::Untrusted,
                 "a range answer for a signed whole segment",
             )
-            .with_object(e.key.clone())
+            .with_object(&e.key)
             .with_lsn(u.from));
         }
         if whole
@@ -137,7 +137,7 @@ impl Replica {
                     want_end
                 ),
             )
-            .with_object(e.key.clone())
+            .with_object(&e.key)
             .with_lsn(u.from));
         }
         // The answer starts at the unit's start (checked above).
@@ -161,7 +161,7 @@ impl Replica {
                     e.last_lsn
                 ),
             )
-            .with_object(e.key.clone())
+            .with_object(&e.key)
             .with_lsn(last + 1));
         }
         Ok(Verified {

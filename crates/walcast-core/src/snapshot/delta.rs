@@ -95,15 +95,7 @@ impl DeltaFooter {
     /// Parses the footer of a delta of `size` bytes; `bytes` are its last 64.
     pub fn decode(bytes: &[u8], size: u64) -> Result<DeltaFooter, DecodeError> {
         let what = "delta footer";
-        let at = size.saturating_sub(DELTA_FOOTER_LEN);
-        if bytes.len() as u64 != DELTA_FOOTER_LEN || size < HEADER_LEN + DELTA_FOOTER_LEN {
-            return Err(DecodeError::Truncated {
-                what,
-                at,
-                need: DELTA_FOOTER_LEN,
-                have: bytes.len() as u64,
-            });
-        }
+        let at = super::check_footer(what, bytes, size, DELTA_FOOTER_LEN, DELTA_FOOTER_MAGIC)?;
         // 64 bytes, checked above: fixed offsets from here on.
         let base_lsn = le64(bytes, 0);
         let index = BlockHandle::decode(&bytes[8..24], at + 8)?;
@@ -111,18 +103,6 @@ impl DeltaFooter {
         let entry_count = le64(bytes, 40);
         let data_blocks = le32(bytes, 48);
         let reserved = le32(bytes, 52);
-        let crc = le32(bytes, 56);
-        let mut found = [0u8; 4];
-        found.copy_from_slice(&bytes[60..]);
-        if found != DELTA_FOOTER_MAGIC {
-            return Err(DecodeError::BadMagic {
-                what,
-                at: at + 60,
-                expected: DELTA_FOOTER_MAGIC,
-                found,
-            });
-        }
-        check_crc(what, at, crc, &bytes[..56])?;
         if reserved != 0 {
             return Err(invalid(what, at, "reserved bits set"));
         }

@@ -43,6 +43,41 @@ pub struct SnapshotHeader {
     pub entry_count: u64,
 }
 
+/// Checks the frame of a footer that ends a file of `size` bytes (`bytes`
+/// are its last `len`): its length, then its last 4 bytes (`magic`), then
+/// the CRC-32 before them, of the bytes before that. Returns the footer's
+/// offset in the file.
+pub(crate) fn check_footer(
+    what: &'static str,
+    bytes: &[u8],
+    size: u64,
+    len: u64,
+    magic: [u8; 4],
+) -> Result<u64, DecodeError> {
+    let at = size.saturating_sub(len);
+    let n = bytes.len();
+    if n as u64 != len || size < HEADER_LEN + len || n < 8 {
+        return Err(DecodeError::Truncated {
+            what,
+            at,
+            need: len,
+            have: n as u64,
+        });
+    }
+    let mut found = [0u8; 4];
+    found.copy_from_slice(&bytes[n - 4..]);
+    if found != magic {
+        return Err(DecodeError::BadMagic {
+            what,
+            at: at + len - 4,
+            expected: magic,
+            found,
+        });
+    }
+    check_crc(what, at, le32(bytes, n - 8), &bytes[..n - 8])?;
+    Ok(at)
+}
+
 /// The 56-byte header every snapshot version starts with (FORMAT.md):
 /// magic, `version`, reserved, `lsn`, `epoch`, the dataset id, `entries`,
 /// reserved, and the CRC-32 of the bytes before it.

@@ -161,24 +161,7 @@ impl PointerFooter {
     /// its last 64.
     pub fn decode(bytes: &[u8], size: u64) -> Result<PointerFooter, DecodeError> {
         let what = "pointer delta footer";
-        let at = size.saturating_sub(POINTER_FOOTER_LEN);
-        if bytes.len() as u64 != POINTER_FOOTER_LEN || size < HEADER_LEN + POINTER_FOOTER_LEN {
-            return Err(DecodeError::Truncated {
-                what,
-                at,
-                need: POINTER_FOOTER_LEN,
-                have: bytes.len() as u64,
-            });
-        }
-        if bytes[60..] != POINTER_FOOTER_MAGIC {
-            return Err(DecodeError::BadMagic {
-                what,
-                at: at + 60,
-                expected: POINTER_FOOTER_MAGIC,
-                found: [bytes[60], bytes[61], bytes[62], bytes[63]],
-            });
-        }
-        check_crc(what, at, le32(bytes, 56), &bytes[..56])?;
+        let at = super::check_footer(what, bytes, size, POINTER_FOOTER_LEN, POINTER_FOOTER_MAGIC)?;
         let f = PointerFooter {
             base_lsn: le64(bytes, 0),
             index: BlockHandle::decode(&bytes[8..24], at + 8)?,

@@ -380,7 +380,7 @@ impl Replica {
             return; // an answer for a snapshot this replica left
         }
         let key = job.snapshot.clone();
-        let data_err = |msg: String| Error::new(ErrorKind::Data, msg).with_object(key.clone());
+        let data_err = |msg: String| Error::new(ErrorKind::Data, msg).with_object(&key);
         let result: Result<(), Error> = match resp {
             GetResponse::Ok { body, range, .. } => {
                 let (want_start, want_end) = match job.need {
@@ -422,7 +422,7 @@ impl Replica {
                 bytes.and_then(|b| {
                     if let Some(p) = job.record {
                         crate::snapshot::pointer::resolve(b, &p, &job.key)
-                            .map_err(|e| Error::decode(e).with_object(key.clone()))?;
+                            .map_err(|e| Error::decode(e).with_object(&key))?;
                         lazy.keep_record(key.clone(), p.offset, b.to_vec());
                         return Ok(());
                     }
@@ -430,7 +430,7 @@ impl Replica {
                         return lazy
                             .feed_delta(&job, b)
                             .map(|_| ())
-                            .map_err(|e| Error::decode(e).with_object(key.clone()));
+                            .map_err(|e| Error::decode(e).with_object(&key));
                     }
                     let Some(base) = lazy.base.as_mut() else {
                         return Ok(());
@@ -439,7 +439,7 @@ impl Replica {
                         Need::Suffix(_) => base.snap.feed_suffix(b),
                         Need::Range { start, .. } => base.snap.feed_range(start, b, &job.key),
                     };
-                    fed.map_err(|e| Error::decode(e).with_object(key.clone()))
+                    fed.map_err(|e| Error::decode(e).with_object(&key))
                 })
             }
             GetResponse::NotFound => {
@@ -447,12 +447,12 @@ impl Replica {
                     ErrorKind::NotFound,
                     "object named by the catalog is missing",
                 )
-                .with_object(key.clone());
+                .with_object(&key);
                 lazy.fail(key.clone(), job.need, e.clone());
                 self.read_missing(now, &key, e);
                 return;
             }
-            other => Err(crate::replica::fetch::unavailable(&other).with_object(key.clone())),
+            other => Err(crate::replica::fetch::unavailable(&other).with_object(&key)),
         };
         match result {
             Ok(()) => {

@@ -113,7 +113,7 @@ impl Replica {
         let filter = u.entry.filter.clone();
         let result = match resp {
             GetResponse::Ok { body, range, .. } => self.verify_segment(u, body, range),
-            other => Err(crate::replica::fetch::unavailable(&other).with_object(key.clone())),
+            other => Err(crate::replica::fetch::unavailable(&other).with_object(&key)),
         };
         let Some(lazy) = self.lazy.as_mut() else {
             return;
@@ -124,7 +124,7 @@ impl Replica {
         let result = result.and_then(|v| {
             for (&(s, e), lsn) in v.records.iter().zip(v.first..) {
                 let ops = crate::batch::Batch::parse(&v.bytes[s as usize..e as usize])
-                    .map_err(|d| Error::decode(d).with_object(key.clone()).with_lsn(lsn))?;
+                    .map_err(|d| Error::decode(d).with_object(&key).with_lsn(lsn))?;
                 // The replica skipped this segment for every read whose key
                 // the head's filter ruled out: a filter that leaves out a
                 // key the segment writes would have served stale values.
@@ -141,7 +141,7 @@ impl Replica {
                         ErrorKind::Data,
                         "the segment writes a key its head filter lacks",
                     )
-                    .with_object(key.clone())
+                    .with_object(&key)
                     .with_lsn(lsn));
                 }
                 if lsn > chain_end {

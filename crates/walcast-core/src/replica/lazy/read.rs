@@ -52,7 +52,7 @@ impl Lazy {
                 if wants.len() + records.len() >= SPECULATIVE_BLOCKS {
                     break;
                 }
-                let named = |e: DecodeError| Error::decode(e).with_object(d.entry.key.clone());
+                let named = |e: DecodeError| Error::decode(e).with_object(&d.entry.key);
                 if let Some(sp) = d.entry.slots {
                     let (page, r) = page_range(sp.pages, sp.page_bytes, key);
                     let bytes = d.blocks.get(r.start).map_or(&[][..], Vec::as_slice);
@@ -234,7 +234,7 @@ impl Lazy {
         let mut decoded = Vec::new();
         for (d, h, lo, bytes) in blocks {
             let key = d.entry.key.clone();
-            let named = |e: DecodeError| Error::decode(e).with_object(key.clone());
+            let named = |e: DecodeError| Error::decode(e).with_object(&key);
             let block = Block::decode(bytes, &h, "delta data block").map_err(named)?;
             // A pointer delta's entries in the window: keys with the
             // records that wrote them.
@@ -320,8 +320,7 @@ impl Lazy {
             }
             for (k, v) in block.entries() {
                 if *k >= lo && hi.as_ref().is_none_or(|h| k < h) {
-                    let v = decode_change(v, at)
-                        .map_err(|e| Error::decode(e).with_object(key.clone()))?;
+                    let v = decode_change(v, at).map_err(|e| Error::decode(e).with_object(&key))?;
                     self.chain_bytes += entry_cost(k, v.as_deref());
                     self.write(lsn, k, v.as_deref());
                 }
@@ -341,7 +340,7 @@ impl Lazy {
         if let Some(d) = base.deltas.iter().find(|d| d.entry.slots.is_some()) {
             return Err(
                 Error::new(ErrorKind::NotFound, "a pointer delta is not loaded whole")
-                    .with_object(d.entry.key.clone()),
+                    .with_object(&d.entry.key),
             );
         }
         let mut wants = Vec::new();

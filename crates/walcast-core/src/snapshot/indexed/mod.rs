@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 use super::block::{Block, BlockBuilder, BlockHandle, HANDLE_LEN};
 use super::{SnapshotHeader, HEADER_LEN, MAGIC};
 use crate::catalog::DatasetId;
-use crate::codec::{check_crc, invalid, le32, le64};
+use crate::codec::{invalid, le32, le64};
 use crate::error::DecodeError;
 use crate::state::KvState;
 
@@ -229,16 +229,13 @@ impl Footer {
     /// (version 2) or 80 (version 4, magic `WCS4`).
     pub fn decode(bytes: &[u8], size: u64) -> Result<Footer, DecodeError> {
         let flen = footer_len(bytes);
-        let at = size.saturating_sub(flen);
-        if bytes.len() as u64 != flen || size < HEADER_LEN + flen {
-            return Err(DecodeError::Truncated {
-                what: "snapshot footer",
-                at,
-                need: flen,
-                have: bytes.len() as u64,
-            });
-        }
         let digests = flen == FOOTER_LEN_V4;
+        let magic = if digests {
+            FOOTER_MAGIC_V4
+        } else {
+            FOOTER_MAGIC
+        };
+        let at = super::check_footer("snapshot footer", bytes, size, flen, magic)?;
         let hlen = if digests {
             DIGEST_HANDLE_LEN
         } else {
@@ -252,23 +249,6 @@ impl Footer {
         let data_blocks = le32(bytes, o + 8);
         let levels = bytes[o + 12];
         let reserved = &bytes[o + 13..o + 16];
-        let crc = le32(bytes, o + 16);
-        let magic = if digests {
-            FOOTER_MAGIC_V4
-        } else {
-            FOOTER_MAGIC
-        };
-        let mut found = [0u8; 4];
-        found.copy_from_slice(&bytes[o + 20..]);
-        if found != magic {
-            return Err(DecodeError::BadMagic {
-                what: "snapshot footer",
-                at: at + o as u64 + 20,
-                expected: magic,
-                found,
-            });
-        }
-        check_crc("snapshot footer", at, crc, &bytes[..flen as usize - 8])?;
         if reserved != [0, 0, 0] || !(1..=2).contains(&levels) {
             return Err(invalid(
                 "snapshot footer",
