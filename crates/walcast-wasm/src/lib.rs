@@ -63,6 +63,14 @@ fn set(obj: &JsValue, key: &str, value: impl Into<JsValue>) {
     let _ = Reflect::set(obj, &JsValue::from_str(key), &value.into());
 }
 
+// The module's allocator: talc, whose code is a quarter of dlmalloc's (std's
+// allocator on wasm32; about 1.5 KB of the gzipped module), with the same
+// memory for a full replica of 1,000,000 keys (docs/BENCHMARKS.md). It
+// grows wasm memory as dlmalloc does and never shrinks it.
+#[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
+#[global_allocator]
+static TALC: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
+
 #[cfg(not(any(panic = "immediate-abort", walcast_panic_trap)))]
 thread_local! {
     static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
@@ -1131,7 +1139,3 @@ mod tests {
         );
     }
 }
-
-#[cfg(all(not(target_feature = "atomics"), target_family = "wasm"))]
-#[global_allocator]
-static TALC: talc::wasm::WasmDynamicTalc = talc::wasm::new_wasm_dynamic_allocator();
