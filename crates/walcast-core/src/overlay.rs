@@ -6,7 +6,9 @@
 //! binary-searches the chunks by their last key, then the chunk; an insert
 //! moves at most a chunk's entries, and a full chunk splits in two (or, at
 //! the end of the map, a new chunk starts, so keys written in order fill
-//! their chunks). It does what the replica needs of `BTreeMap` (point
+//! their chunks); a chunk that removes leave under a quarter full joins a
+//! neighbour it fits in, and `retain` joins every pair of neighbours that
+//! fit in one. It does what the replica needs of `BTreeMap` (point
 //! reads, ordered ranges, retain) in a fraction of its code, which counts
 //! in the wasm module, with about the same memory per entry.
 
@@ -137,20 +139,39 @@ impl Overlay {
             return None;
         };
         let (_, slot) = self.chunks[c].remove(i);
-        if self.chunks[c].is_empty() {
-            self.chunks.remove(c);
-        }
         self.len -= 1;
+        // A chunk left nearly empty joins a neighbour it fits in, so that
+        // removes do not leave a chunk's allocation behind for a few entries.
+        let n = self.chunks[c].len();
+        if n < CHUNK / 4 {
+            if self.chunks.get(c + 1).is_some_and(|x| x.len() + n <= CHUNK) {
+                let next = self.chunks.remove(c + 1);
+                self.chunks[c].extend(next);
+            } else if c > 0 && self.chunks[c - 1].len() + n <= CHUNK {
+                let cur = self.chunks.remove(c);
+                self.chunks[c - 1].extend(cur);
+            } else if n == 0 {
+                self.chunks.remove(c);
+            }
+        }
         Some(slot)
     }
 
-    /// Keeps the entries for which `keep` says true, in order.
+    /// Keeps the entries for which `keep` says true, in order; then joins
+    /// neighbouring chunks that fit in one (any two neighbours left hold
+    /// more than a chunk's entries: the chunks stay over half full).
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&[u8], &mut Slot) -> bool) {
-        for ch in &mut self.chunks {
+        let mut chunks: Vec<Vec<Entry>> = Vec::with_capacity(self.chunks.len());
+        for mut ch in std::mem::take(&mut self.chunks) {
             ch.retain_mut(|(k, s)| keep(k, s));
+            match chunks.last_mut() {
+                Some(last) if last.len() + ch.len() <= CHUNK => last.append(&mut ch),
+                _ => chunks.push(ch),
+            }
         }
-        self.chunks.retain(|ch| !ch.is_empty());
-        self.len = self.chunks.iter().map(Vec::len).sum();
+        chunks.retain(|ch| !ch.is_empty());
+        self.len = chunks.iter().map(Vec::len).sum();
+        self.chunks = chunks;
     }
 
     /// The entry with the greatest key.
@@ -293,6 +314,40 @@ mod tests {
                 prop_assert_eq!(o.contains_key(&k), m.contains_key(&k));
             }
         }
+    }
+
+    /// The allocations held stay within a small multiple of the entries,
+    /// however the entries left are spread.
+    #[test]
+    fn removes_and_retains_leave_no_sparse_chunks() {
+        let key = |i: u32| i.wrapping_mul(2_654_435_761).to_be_bytes().into();
+        let fill = |o: &mut Overlay| {
+            for i in 0..100 * CHUNK as u32 {
+                o.insert(key(i), (0, None));
+            }
+        };
+        // At most 4 chunks per CHUNK entries, plus one.
+        let sparse = |o: &Overlay| o.chunks.len() > 4 * o.len() / CHUNK + 1;
+        let mut o = Overlay::new();
+        fill(&mut o);
+        for i in (0..100 * CHUNK as u32).filter(|i| i % 100 != 0) {
+            assert!(o.remove(&key(i)).is_some());
+            assert!(
+                !sparse(&o),
+                "{} chunks for {} entries",
+                o.chunks.len(),
+                o.len()
+            );
+        }
+        let mut o = Overlay::new();
+        fill(&mut o);
+        let mut n = 0u32;
+        o.retain(|_, _| {
+            n += 1;
+            n % 100 == 0
+        });
+        assert_eq!(o.len(), CHUNK);
+        assert!(o.chunks.len() <= 2, "{} chunks", o.chunks.len());
     }
 
     #[test]

@@ -1340,8 +1340,9 @@ mod tests {
     #[test]
     fn inverted_and_empty_bounds_with_an_overlay_are_empty_not_a_panic() {
         let mut s = KvState::new();
-        // Enough keys for the overlay's tree to have inner nodes.
-        for i in 0..100u8 {
+        // Enough keys for the overlay to hold several chunks (in descending
+        // order, so that they go to the overlay, not to the last leaf).
+        for i in (0..=255u8).rev() {
             s.put(&[b'a', i], b"0");
         }
         s.put(b"a", b"1");
