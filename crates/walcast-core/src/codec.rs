@@ -149,6 +149,8 @@ impl<'a> Reader<'a> {
     }
 }
 
+// `invalid` and `check_crc` stay out of line: every decoder calls them, and
+// inlined they cost the wasm module more than a call (docs/BENCHMARKS.md).
 #[inline(never)]
 pub(crate) fn invalid(what: &'static str, at: u64, why: impl Into<String>) -> DecodeError {
     DecodeError::Invalid {

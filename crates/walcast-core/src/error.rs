@@ -177,6 +177,9 @@ pub struct Error {
 
 impl Error {
     /// A new error of `kind` with a human-readable message.
+    // Out of line, as are `decode`, `with_object` and `with_lsn`: error
+    // paths are cold, and inlined into every decoder and handler they cost
+    // the wasm module kilobytes (docs/BENCHMARKS.md).
     #[inline(never)]
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Error {

@@ -503,16 +503,7 @@ fn a_snapshot_inside_the_chain_in_use_does_not_replace_the_base() {
 fn the_deltas_blocks_share_the_cache_bound_with_the_snapshot() {
     let (store, keys) = new_keys_over_a_chain();
     let bound = 128u64 << 10;
-    let mut r = Replica::new(
-        ReplicaConfig {
-            lazy_cache_bytes: Some(bound),
-            long_poll_wait_ms: 0,
-            ..ReplicaConfig::default()
-        },
-        3,
-    );
-    r.sync_now(0);
-    settle(&mut r, &store);
+    let mut r = settled_with_cache(&store, bound);
     let mut most = 0;
     for (n, k) in keys.iter().enumerate().step_by(7) {
         let v = read_through(&mut r, &store, k).expect("the read finished");
