@@ -170,6 +170,7 @@ impl Publisher {
         self.head = Some(h);
         self.deletes_quiet_until = None;
         self.etag = etag;
+        self.start_placing();
     }
 
     /// Stops for good, reporting `err`.

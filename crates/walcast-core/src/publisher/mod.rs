@@ -13,6 +13,7 @@ mod commit;
 mod config;
 mod delta;
 mod pages;
+mod replayed;
 mod requests;
 mod retention;
 mod sign;
@@ -38,6 +39,7 @@ pub use self::config::{
     MAX_SEGMENT_FILTER_KEYS, MAX_SEGMENT_SEAL_BYTES, SEGMENT_FILTER_BITS_PER_KEY,
     SEGMENT_FILTER_PROBES,
 };
+use self::replayed::Placing;
 use self::snapshot::PendingSnapshot;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +86,8 @@ enum Req {
     Snapshot,
     Page(String),
     PageRead(PageRef),
+    /// A page read to place replayed records (`replayed.rs`).
+    PlaceRead(PageRef),
     Cas,
     Verify,
     Check,
@@ -136,9 +140,13 @@ pub struct Publisher {
     /// Delta snapshots on: each key written since the state's base, with the
     /// LSN of its last write and where its record is.
     touched: std::collections::BTreeMap<Vec<u8>, Touch>,
-    /// Segments this publisher sealed past its snapshot: first LSN to last
-    /// LSN (the records [`Touch`] places are in them).
-    sealed_ranges: std::collections::BTreeMap<u64, u64>,
+    /// Segments past the snapshot whose records [`Touch`] places: first LSN
+    /// to last LSN and epoch. Those this publisher sealed, and after a
+    /// restart those of the claimed head whose layout the replayed records
+    /// matched ([`Replayed`]).
+    sealed_ranges: std::collections::BTreeMap<u64, (u64, u64)>,
+    /// After a restart: the catalog's segments the replayed records sit in.
+    placing: Placing,
     /// Bytes of batches pushed since the newest snapshot, and since the end
     /// of its delta chain, was made (`snapshot_bytes`, `delta_bytes`).
     bytes_since_snapshot: u64,
@@ -226,6 +234,7 @@ impl Publisher {
             snapshot: None,
             touched: std::collections::BTreeMap::new(),
             sealed_ranges: std::collections::BTreeMap::new(),
+            placing: Placing::default(),
             bytes_since_snapshot: 0,
             bytes_since_delta: 0,
             delta_refused_at: 0,
@@ -306,6 +315,7 @@ impl Publisher {
     /// only while fewer than `max_pending_segments` wait for upload or commit.
     pub fn has_room(&self) -> bool {
         self.role == Role::Running
+            && !self.placing_waits()
             && self
                 .open
                 .as_ref()
@@ -350,10 +360,10 @@ impl Publisher {
         if t.offset == 0 || t.len > crate::snapshot::pointer::MAX_POINTED_PAYLOAD {
             return None;
         }
-        let (&first, &last) = self.sealed_ranges.range(..=t.lsn).next_back()?;
+        let (&first, &(last, epoch)) = self.sealed_ranges.range(..=t.lsn).next_back()?;
         (t.lsn <= last).then_some(crate::snapshot::pointer::Pointer {
             lsn: t.lsn,
-            epoch: self.epoch,
+            epoch,
             first,
             last,
             offset: u64::from(t.offset),
@@ -421,6 +431,10 @@ impl Publisher {
             }
             if self.deltas_on() {
                 let fresh = lsn > self.committed_lsn();
+                let replayed_at = match fresh || !self.cfg.pointer_deltas {
+                    true => 0,
+                    false => self.place_replayed(lsn, payload.len() as u64),
+                };
                 for op in ops {
                     let k = match op {
                         batch::OpRef::Put(k, _) | batch::OpRef::Delete(k) => k,
@@ -435,10 +449,11 @@ impl Publisher {
                         }
                     }
                     // A fresh record goes at the end of the open segment;
-                    // a replayed one is in a segment of the catalog.
+                    // a replayed one is in a segment of the catalog (0:
+                    // not one of the claimed head's).
                     let t = Touch {
                         lsn,
-                        offset: if fresh { open as u32 } else { 0 },
+                        offset: if fresh { open as u32 } else { replayed_at },
                         len: payload.len() as u32,
                     };
                     match self.touched.get_mut(k) {
@@ -511,7 +526,7 @@ impl Publisher {
                     if let Some((bytes, summary)) = open.finish() {
                         if self.deltas_on() {
                             self.sealed_ranges
-                                .insert(summary.first_lsn, summary.last_lsn);
+                                .insert(summary.first_lsn, (summary.last_lsn, summary.epoch));
                         }
                         let mut entry = SegmentEntry::from_summary(&summary);
                         self.note_digest(&entry.key, &bytes);
@@ -583,6 +598,9 @@ impl Publisher {
             return a;
         }
         if let Some(a) = self.drive_page_reads() {
+            return a;
+        }
+        if let Some(a) = self.drive_place_reads(now, &mut wake) {
             return a;
         }
         if let Some(t) = self.commit_retry_at.into_iter().chain(self.verify_at).min() {
@@ -663,6 +681,7 @@ impl Publisher {
             Req::Verify => self.on_verify(now, resp),
             Req::Check => self.on_check(now, resp),
             Req::PageRead(r) => self.on_page_read(now, r, resp),
+            Req::PlaceRead(r) => self.on_place_read(now, r, resp),
             Req::Confirm { of, key, len, crc } => self.on_confirm(now, *of, key, (len, crc), resp),
             _ => {}
         }

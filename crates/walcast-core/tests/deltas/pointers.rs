@@ -350,3 +350,109 @@ fn snapshot_first_then_pointer_deltas() -> PublisherConfig {
         ..PublisherConfig::default()
     }
 }
+
+/// A publisher restarted over a dataset with pointer deltas places the
+/// records it replays in the catalog's segments (the head's, and those of
+/// the pages it reads at the claim, levels above 0 included), so its deltas,
+/// those that absorb its predecessor's included, still point at records;
+/// and cold reads over them answer as the origin.
+#[test]
+fn a_restarted_publisher_keeps_writing_pointer_deltas() {
+    // Every segment past the snapshot in the head; then most of them in
+    // pages of two levels and more.
+    restarted_publisher_writes_pointer_deltas(400, 8);
+    restarted_publisher_writes_pointer_deltas(4, 2);
+}
+
+fn restarted_publisher_writes_pointer_deltas(inline_segments: usize, page_fanout: usize) {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(1),
+        snapshot_bytes: Some(1),
+        snapshot_ratio_percent: Some(1_000_000),
+        delta_every: Some(25),
+        head_check_ms: 0,
+        tail_bytes: 0,
+        inline_segments,
+        page_fanout,
+        max_commits_per_sec: 0,
+        pointer_deltas: true,
+        ..PublisherConfig::default()
+    };
+    let mut log: Vec<Vec<Op>> = Vec::new();
+    let mut rng = 0x5eed_u64;
+    let mut write =
+        |p: &mut Publisher, store: &mut Store, log: &mut Vec<Vec<Op>>, lsn: u64, now: u64| {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let ops: Vec<Op> = (0..1 + (rng >> 60) % 3)
+                .map(|i| {
+                    let k = format!("key:{:03}", ((rng >> 33) + i * 7) % 150).into_bytes();
+                    if (rng >> 20) % 9 == 0 {
+                        Op::delete(k)
+                    } else {
+                        Op::put(k, vec![(rng >> 40) as u8; 40 + (rng >> 50) as usize % 60])
+                    }
+                })
+                .collect();
+            p.push(lsn, &batch::encode(&ops).unwrap(), now).unwrap();
+            log.push(ops);
+            store.drive(p, now);
+        };
+    let (mut a, mut store) = started(cfg.clone());
+    for lsn in 1..=400u64 {
+        write(&mut a, &mut store, &mut log, lsn, lsn);
+    }
+    let first = store.head();
+    assert_eq!(first.committed_lsn, 400);
+    assert!(first.deltas.iter().all(|d| d.slots.is_some()), "{first:?}");
+    if inline_segments < 10 {
+        assert!(first.pages.iter().any(|p| p.level > 0), "{:?}", first.pages);
+    }
+    let a_epoch = first.epoch;
+    drop(a);
+
+    // A new process: it claims, replays the WAL into its state (once the
+    // pages it reads let it), then publishes new records.
+    let mut b = Publisher::new(cfg, 11);
+    store.drive(&mut b, 1_000);
+    assert_eq!(b.next_lsn(), Some(1));
+    assert!(b.has_room(), "the claim's page reads are answered");
+    for (i, ops) in log.iter().enumerate() {
+        b.push(i as u64 + 1, &batch::encode(ops).unwrap(), 1_000)
+            .unwrap();
+    }
+    store.drive(&mut b, 1_000);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut absorbed = 0;
+    for lsn in 401..=700u64 {
+        write(&mut b, &mut store, &mut log, lsn, 1_000 + lsn);
+        let h = store.head();
+        for d in h.deltas.iter().filter(|d| d.epoch > a_epoch) {
+            if seen.insert(d.key.clone()) {
+                assert!(d.slots.is_some(), "a value delta after the restart: {d:?}");
+                if d.base_lsn < 400 {
+                    absorbed += 1;
+                }
+            }
+        }
+        let end = h.delta_lsn().unwrap();
+        if lsn % 13 == 0 {
+            assert_eq!(
+                materialize(&store, &h),
+                model_at(&log, end),
+                "chain at {end}"
+            );
+            for probe in [lsn, lsn * 7, lsn * 31] {
+                let k = format!("key:{:03}", probe % 150).into_bytes();
+                let (v, at, _) = cold_read(&store, &k);
+                assert_eq!(v.as_ref(), model_at(&log, at).get(&k), "{k:?} at {at}");
+            }
+        }
+    }
+    assert!(seen.len() >= 8, "{} deltas after the restart", seen.len());
+    assert!(
+        absorbed > 0,
+        "no delta after the restart absorbed one before it"
+    );
+}
