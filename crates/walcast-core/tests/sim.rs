@@ -59,6 +59,9 @@ struct Coverage {
     applied: u64,
     lazy_reads: u64,
     pointer_gets: u64,
+    /// Pointer deltas naming a record of an earlier epoch: a restarted
+    /// publisher placed the records it replayed.
+    replayed_pointers: u64,
 }
 
 impl Coverage {
@@ -69,6 +72,7 @@ impl Coverage {
         sum!(
             lazy_reads,
             pointer_gets,
+            replayed_pointers,
             f5xx,
             lost_ack,
             truncated,
@@ -436,6 +440,14 @@ impl Sim {
                 return PutResponse::PreconditionFailed
             }
             _ => {}
+        }
+        if p.body.len() > 6 && p.body[..4] == *b"WCSN" && p.body[4..6] == [5, 0] {
+            // A record of an earlier epoch's segment: placed after a restart.
+            if let Ok(d) = walcast_core::snapshot::pointer::decode_pointer_delta(&p.body) {
+                if d.entries.iter().any(|(_, x)| x.epoch < d.header.epoch) {
+                    self.cov.replayed_pointers += 1;
+                }
+            }
         }
         self.store.next_etag += 1;
         let etag = self.store.next_etag;
@@ -1120,6 +1132,10 @@ fn simulation() {
             ("304s", total.head_304),
             ("lazy reads answered", total.lazy_reads),
             ("pointer delta GETs", total.pointer_gets),
+            (
+                "pointer deltas over a restarted publisher's replayed records",
+                total.replayed_pointers,
+            ),
         ] {
             assert!(n > 0, "no {name} happened in {} seeds", seeds.len());
         }

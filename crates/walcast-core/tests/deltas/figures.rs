@@ -19,7 +19,10 @@ use super::*;
 /// `DELTA_BENCH_DELTA_BYTES` add the byte triggers (unset: none);
 /// `DELTA_BENCH_SAMPLE_EVERY` (default 500,000) LSNs a cold read is sampled;
 /// `DELTA_BENCH_COMMIT_RATE` sets the commit budget (commits a second, the
-/// publisher's default unless set).
+/// publisher's default unless set); `DELTA_BENCH_RESTART_EVERY` restarts
+/// the publisher every that many steady LSNs (a new process claims the
+/// dataset and replays the whole WAL into its state, as `walcast publish`
+/// does; default 0, never).
 /// Prints the
 /// publisher's uploaded bytes by kind against the WAL bytes of the steady
 /// writes, and the worst cold point read (round trips, GETs, bytes) of new
@@ -69,18 +72,42 @@ fn delta_figures_at_scale() {
         ..defaults
     };
     let cfg_pointers = cfg.pointer_deltas;
-    let mut p = Publisher::new(cfg, 11);
+    let restart_every = env("DELTA_BENCH_RESTART_EVERY", 0);
+    let mut restarts = 0u64;
+    let mut p = Publisher::new(cfg.clone(), 11);
     let mut store = Store::default();
     store.drive(&mut p, 0);
     let key = |i: u64| format!("key:{i:08}").into_bytes();
-    let mut lsn = 0u64;
-    let mut now = 1u64;
-    for chunk in 0..keys.div_ceil(1_000) {
+    let load_batch = |chunk: u64| {
         let ops: Vec<Op> = (chunk * 1_000..((chunk + 1) * 1_000).min(keys))
             .map(|i| Op::put(key(i), vec![(i % 251) as u8; 100]))
             .collect();
+        batch::encode(&ops).unwrap()
+    };
+    // The next steady write: its key and value, and its batch.
+    let steady_write = |rng: &mut u64| {
+        *rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        // 100 bytes that do not compress (the heads' tail copies carry them).
+        let mut value = [0u8; 100];
+        let mut x = *rng;
+        for chunk in value.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+        let id = (*rng >> 11) % keys;
+        let payload = batch::encode(&[Op::put(key(id), value.to_vec())]).unwrap();
+        (id, value, payload)
+    };
+    const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut lsn = 0u64;
+    let mut now = 1u64;
+    for chunk in 0..keys.div_ceil(1_000) {
         lsn += 1;
-        p.push(lsn, &batch::encode(&ops).unwrap(), now).unwrap();
+        p.push(lsn, &load_batch(chunk), now).unwrap();
         now += 1;
         store.drive(&mut p, now);
     }
@@ -91,33 +118,43 @@ fn delta_figures_at_scale() {
     let (puts_before, tail_before) = (store.head_puts, store.head_tail_bytes);
     let parts_before = store.head_parts.clone();
     let mut wal = 0u64;
-    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut rng = SEED;
     let mut worst = Cold::default();
     let mut samples = 0;
     let (mut full_now, mut full_deltas) = (0u64, 0u64);
     for i in 0..steady {
-        rng = rng
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        // 100 bytes that do not compress (the heads' tail copies carry them).
-        let mut value = [0u8; 100];
-        let mut x = rng;
-        for chunk in value.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-        }
-        let id = (rng >> 11) % keys;
+        let (id, value, payload) = steady_write(&mut rng);
         values[id as usize] = value;
-        let op = Op::put(key(id), value.to_vec());
-        let payload = batch::encode(&[op]).unwrap();
         wal += payload.len() as u64;
         lsn += 1;
         p.push(lsn, &payload, now).unwrap();
         // 1,000 batches a second: one a millisecond.
         now += 1;
         store.drive(&mut p, now);
+        if restart_every > 0 && i % restart_every == restart_every - 1 {
+            // A new process: it claims the dataset (reading the pages it
+            // asks for), replays the WAL into its state, and goes on.
+            for t in 0..2_000 {
+                store.drive(&mut p, now + t);
+            }
+            now += 2_000;
+            p = Publisher::new(cfg.clone(), 11 + restarts + 1);
+            store.drive(&mut p, now);
+            let mut replay = SEED;
+            for l in 1..=lsn {
+                let payload = match l <= load_end {
+                    true => load_batch(l - 1),
+                    false => steady_write(&mut replay).2,
+                };
+                while !p.has_room() {
+                    now += 1;
+                    store.drive(&mut p, now);
+                }
+                p.push(l, &payload, now).unwrap();
+            }
+            store.drive(&mut p, now);
+            restarts += 1;
+        }
         if i % sample_every == sample_every - 1 {
             // Segments older than the chain's end are not read any more.
             let h = store.head();
@@ -188,7 +225,7 @@ fn delta_figures_at_scale() {
     let (segs, snaps, deltas) = (grown("segment"), grown("snapshot"), grown("delta"));
     let (pages, heads) = (grown("page"), grown("head"));
     println!(
-        "{keys} keys loaded in {load_end} batches, then {steady} steady batches ({wal} WAL bytes)"
+        "{keys} keys loaded in {load_end} batches, then {steady} steady batches ({wal} WAL bytes); {restarts} restarts"
     );
     println!(
         "uploaded during steady writes: segments {segs}, snapshots {snaps}, deltas {deltas}, pages {pages}, heads {heads}"
