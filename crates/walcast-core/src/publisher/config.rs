@@ -137,9 +137,10 @@ pub struct PublisherConfig {
     /// Write deltas of pointers (`docs/FORMAT.md`, "Pointer delta"): each
     /// key's entry names the record in a segment that wrote it last, not
     /// its value, so merging deltas rewrites some 30 bytes a key, not the
-    /// values. A delta that would name a record this publisher did not
-    /// write (before a restart) or one over
-    /// [`crate::snapshot::pointer::MAX_POINTED_PAYLOAD`] is a value delta.
+    /// values. After a restart the publisher places the records it replays
+    /// in the catalog's segments (reading the pages that list them). A
+    /// delta that would name a record it could not place, or one over
+    /// [`crate::snapshot::pointer::MAX_POINTED_PAYLOAD`], is a value delta.
     pub pointer_deltas: bool,
     /// Store the head gzip-compressed (`docs/FORMAT.md`, "Head encoding"):
     /// its catalog and the base64 of its tail copies shrink to about half,

@@ -280,10 +280,13 @@ fn lazy_reads_through_deltas_over_http() {
 /// `--pointer-deltas`: the chain's deltas name records in segments; lazy
 /// reads through them over HTTP (`get --from`, ranged GETs of the slot
 /// pages and the records) equal the origin's state, and `inspect --verify`
-/// verifies them whole.
+/// verifies them whole. A later `publish --once` (a new process, which
+/// replays the WAL) still writes pointer deltas, those that absorb the
+/// last run's included: it places the replayed records in the catalog's
+/// segments, most of them listed in pages.
 #[test]
 fn lazy_reads_through_pointer_deltas_over_http() {
-    let d = dataset_with(
+    let mut d = dataset_with(
         "lazy_reads_through_pointer_deltas_over_http",
         &[
             "--delta-every",
@@ -307,6 +310,57 @@ fn lazy_reads_through_pointer_deltas_over_http() {
     assert_state_eq(&scan(&local), &d.model.map, "the replica");
     compare(&d, &serve.url, &local, &sample_keys(&d, 10));
     // (A delta that fails to verify whole fails the command.)
+    run(
+        &["inspect", &file_url(&d.ds), "--verify"],
+        &Env::new(),
+        None,
+    )
+    .ok();
+
+    let epoch = h["epoch"].as_u64().unwrap();
+    let wal = d.tmp.path().join("wal");
+    let mut rng = Rng::new(seed("a later run"));
+    let round3 = GenOpts {
+        keys: 1300,
+        max_value: 600,
+        max_ops: 5,
+        delete_pct: 10,
+    };
+    write_batches(&wal, &mut d.model, &gen_batches(&mut rng, 400, round3));
+    let flags = [
+        "--snapshot-every",
+        "1500",
+        "--segment-bytes",
+        "1024",
+        "--delta-every",
+        "100",
+        "--snapshot-ratio",
+        "2",
+        "--pointer-deltas",
+    ];
+    publish_once(&wal, &file_url(&d.ds), &flags, &Env::new()).ok();
+    let h = head(&d.ds);
+    assert_eq!(h["committed_lsn"], 2400, "{h}");
+    assert!(h["pages"].as_array().is_some_and(|p| !p.is_empty()), "{h}");
+    let later: Vec<_> = h["deltas"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|x| x["epoch"].as_u64() > Some(epoch))
+        .collect();
+    assert!(
+        later.iter().any(|x| x["base_lsn"].as_u64() < Some(2000)),
+        "a delta of the later run absorbing the last run's: {h}"
+    );
+    assert!(
+        later.iter().all(|x| x["slots"]["pages"].as_u64().is_some()),
+        "every delta of the later run points at records: {h}"
+    );
+    let local = d.tmp.path().join("replica2");
+    replicate_once(&file_url(&d.ds), &local, &Env::new()).ok();
+    assert_state_eq(&scan(&local), &d.model.map, "the replica");
+    compare(&d, &serve.url, &local, &sample_keys(&d, 10));
     run(
         &["inspect", &file_url(&d.ds), "--verify"],
         &Env::new(),
