@@ -142,8 +142,8 @@ pub struct Publisher {
     touched: std::collections::BTreeMap<Vec<u8>, Touch>,
     /// Segments past the snapshot whose records [`Touch`] places: first LSN
     /// to last LSN and epoch. Those this publisher sealed, and after a
-    /// restart those of the claimed head whose layout the replayed records
-    /// matched ([`Replayed`]).
+    /// restart those of the catalog whose layout the replayed records
+    /// matched (`replayed.rs`).
     sealed_ranges: std::collections::BTreeMap<u64, (u64, u64)>,
     /// After a restart: the catalog's segments the replayed records sit in.
     placing: Placing,
@@ -600,7 +600,7 @@ impl Publisher {
         if let Some(a) = self.drive_page_reads() {
             return a;
         }
-        if let Some(a) = self.drive_place_reads(now, &mut wake) {
+        if let Some(a) = self.drive_place_reads() {
             return a;
         }
         if let Some(t) = self.commit_retry_at.into_iter().chain(self.verify_at).min() {
@@ -681,7 +681,7 @@ impl Publisher {
             Req::Verify => self.on_verify(now, resp),
             Req::Check => self.on_check(now, resp),
             Req::PageRead(r) => self.on_page_read(now, r, resp),
-            Req::PlaceRead(r) => self.on_place_read(now, r, resp),
+            Req::PlaceRead(r) => self.on_place_read(r, resp),
             Req::Confirm { of, key, len, crc } => self.on_confirm(now, *of, key, (len, crc), resp),
             _ => {}
         }

@@ -40,6 +40,8 @@ struct Store {
     head_tail_bytes: u64,
     /// Bytes of the heads' members, by what they hold (see [`head_parts`]).
     head_parts: BTreeMap<&'static str, u64>,
+    /// Errors the publishers reported.
+    errors: u64,
 }
 
 /// A head's bytes split by what they hold: each part is what the head
@@ -119,6 +121,7 @@ impl Store {
                     self.deleted.push(req.key.clone());
                     p.handle_delete(req.id, now, Ok(()));
                 }
+                Action::Event(walcast_core::publisher::Event::Error(_)) => self.errors += 1,
                 Action::Event(_) => {}
                 Action::Wait { .. } => break,
             }

@@ -456,3 +456,78 @@ fn restarted_publisher_writes_pointer_deltas(inline_segments: usize, page_fanout
         "no delta after the restart absorbed one before it"
     );
 }
+
+/// A restarted publisher whose catalog pages cannot be read does not hold
+/// its replay back nor report an error: it gives placing up and publishes
+/// on, the keys it could not place in value deltas, its new records' in
+/// pointer deltas; cold reads answer as the origin.
+#[test]
+fn a_restart_whose_pages_cannot_be_read_publishes_on() {
+    let cfg = PublisherConfig {
+        snapshot_every: Some(1),
+        snapshot_bytes: Some(1),
+        snapshot_ratio_percent: Some(1_000_000),
+        delta_every: Some(25),
+        head_check_ms: 0,
+        tail_bytes: 0,
+        inline_segments: 4,
+        page_fanout: 2,
+        max_commits_per_sec: 0,
+        pointer_deltas: true,
+        ..PublisherConfig::default()
+    };
+    let (mut a, mut store) = started(cfg.clone());
+    let mut log: Vec<Vec<Op>> = Vec::new();
+    let op = |lsn: u64| {
+        let k = format!("key:{:03}", (lsn * 37) % 120).into_bytes();
+        vec![Op::put(k, vec![lsn as u8; 30 + (lsn % 50) as usize])]
+    };
+    for lsn in 1..=300u64 {
+        log.push(op(lsn));
+        a.push(lsn, &batch::encode(&log[lsn as usize - 1]).unwrap(), lsn)
+            .unwrap();
+        store.drive(&mut a, lsn);
+    }
+    assert!(!store.head().pages.is_empty());
+    drop(a);
+    // The pages are gone while the new process claims and replays.
+    let pages: HashMap<String, (Vec<u8>, u64)> = store
+        .objects
+        .iter()
+        .filter(|(k, _)| object_kind(k) == Some("page"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    store.objects.retain(|k, _| !pages.contains_key(k));
+    let mut b = Publisher::new(cfg, 11);
+    store.drive(&mut b, 1_000);
+    for (i, ops) in log.iter().enumerate() {
+        assert!(b.has_room(), "the replay waits at LSN {}", i + 1);
+        b.push(i as u64 + 1, &batch::encode(ops).unwrap(), 1_000)
+            .unwrap();
+    }
+    store.objects.extend(pages);
+    for lsn in 301..=450u64 {
+        log.push(op(lsn));
+        b.push(
+            lsn,
+            &batch::encode(&log[lsn as usize - 1]).unwrap(),
+            1_000 + lsn,
+        )
+        .unwrap();
+        store.drive(&mut b, 1_000 + lsn);
+    }
+    let h = store.head();
+    assert_eq!(h.committed_lsn, 450);
+    assert_eq!(store.errors, 0, "no error reported");
+    let end = h.delta_lsn().unwrap();
+    assert_eq!(
+        materialize(&store, &h),
+        model_at(&log, end),
+        "chain at {end}"
+    );
+    for i in 0..120u64 {
+        let k = format!("key:{i:03}").into_bytes();
+        let (v, at, _) = cold_read(&store, &k);
+        assert_eq!(v.as_ref(), model_at(&log, at).get(&k), "{k:?} at {at}");
+    }
+}
