@@ -364,8 +364,10 @@ fn a_restarted_publisher_keeps_writing_pointer_deltas() {
     restarted_publisher_writes_pointer_deltas(4, 2);
 }
 
-fn restarted_publisher_writes_pointer_deltas(inline_segments: usize, page_fanout: usize) {
-    let cfg = PublisherConfig {
+/// A snapshot at the first LSN and none after it, a pointer delta every 25
+/// LSNs, `inline_segments` in the head and pages of `page_fanout`.
+fn restart_config(inline_segments: usize, page_fanout: usize) -> PublisherConfig {
+    PublisherConfig {
         snapshot_every: Some(1),
         snapshot_bytes: Some(1),
         snapshot_ratio_percent: Some(1_000_000),
@@ -377,7 +379,11 @@ fn restarted_publisher_writes_pointer_deltas(inline_segments: usize, page_fanout
         max_commits_per_sec: 0,
         pointer_deltas: true,
         ..PublisherConfig::default()
-    };
+    }
+}
+
+fn restarted_publisher_writes_pointer_deltas(inline_segments: usize, page_fanout: usize) {
+    let cfg = restart_config(inline_segments, page_fanout);
     let mut log: Vec<Vec<Op>> = Vec::new();
     let mut rng = 0x5eed_u64;
     let mut write =
@@ -463,19 +469,7 @@ fn restarted_publisher_writes_pointer_deltas(inline_segments: usize, page_fanout
 /// pointer deltas; cold reads answer as the origin.
 #[test]
 fn a_restart_whose_pages_cannot_be_read_publishes_on() {
-    let cfg = PublisherConfig {
-        snapshot_every: Some(1),
-        snapshot_bytes: Some(1),
-        snapshot_ratio_percent: Some(1_000_000),
-        delta_every: Some(25),
-        head_check_ms: 0,
-        tail_bytes: 0,
-        inline_segments: 4,
-        page_fanout: 2,
-        max_commits_per_sec: 0,
-        pointer_deltas: true,
-        ..PublisherConfig::default()
-    };
+    let cfg = restart_config(4, 2);
     let (mut a, mut store) = started(cfg.clone());
     let mut log: Vec<Vec<Op>> = Vec::new();
     let op = |lsn: u64| {

@@ -305,17 +305,21 @@ fn lazy_reads_through_pointer_deltas_over_http() {
         "pointer deltas over the snapshot: {h}"
     );
     let serve = Serve::start_at(&file_url(&d.ds));
-    let local = d.tmp.path().join("replica");
-    replicate_once(&file_url(&d.ds), &local, &Env::new()).ok();
-    assert_state_eq(&scan(&local), &d.model.map, "the replica");
-    compare(&d, &serve.url, &local, &sample_keys(&d, 10));
-    // (A delta that fails to verify whole fails the command.)
-    run(
-        &["inspect", &file_url(&d.ds), "--verify"],
-        &Env::new(),
-        None,
-    )
-    .ok();
+    // A replica, lazy reads over HTTP and `inspect --verify` (a delta that
+    // fails to verify whole fails the command) against the origin.
+    let readers_agree = |d: &Dataset, replica: &str| {
+        let local = d.tmp.path().join(replica);
+        replicate_once(&file_url(&d.ds), &local, &Env::new()).ok();
+        assert_state_eq(&scan(&local), &d.model.map, "the replica");
+        compare(d, &serve.url, &local, &sample_keys(d, 10));
+        run(
+            &["inspect", &file_url(&d.ds), "--verify"],
+            &Env::new(),
+            None,
+        )
+        .ok();
+    };
+    readers_agree(&d, "replica");
 
     let epoch = h["epoch"].as_u64().unwrap();
     let wal = d.tmp.path().join("wal");
@@ -357,16 +361,7 @@ fn lazy_reads_through_pointer_deltas_over_http() {
         later.iter().all(|x| x["slots"]["pages"].as_u64().is_some()),
         "every delta of the later run points at records: {h}"
     );
-    let local = d.tmp.path().join("replica2");
-    replicate_once(&file_url(&d.ds), &local, &Env::new()).ok();
-    assert_state_eq(&scan(&local), &d.model.map, "the replica");
-    compare(&d, &serve.url, &local, &sample_keys(&d, 10));
-    run(
-        &["inspect", &file_url(&d.ds), "--verify"],
-        &Env::new(),
-        None,
-    )
-    .ok();
+    readers_agree(&d, "replica2");
 }
 
 /// `--head-encoding gzip`: the head is stored as one gzip stream, and
