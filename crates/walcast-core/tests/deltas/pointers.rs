@@ -469,6 +469,28 @@ fn restarted_publisher_writes_pointer_deltas(inline_segments: usize, page_fanout
 /// pointer deltas; cold reads answer as the origin.
 #[test]
 fn a_restart_whose_pages_cannot_be_read_publishes_on() {
+    // Gone, then answering with bytes that fail the reference's checksum,
+    // then with a page that is not the one its reference names.
+    restart_over_unreadable_pages(|_, v| {
+        v.take();
+    });
+    restart_over_unreadable_pages(|_, v| {
+        if let Some((b, _)) = v {
+            let mid = b.len() / 2;
+            b[mid] ^= 0x20;
+        }
+    });
+    restart_over_unreadable_pages(|k, v| {
+        if let Some((b, _)) = v {
+            *b = format!("{{\"format\":1,\"level\":0,\"key\":\"{k}\"}}").into_bytes();
+        }
+    });
+}
+
+/// Publishes 300 LSNs, then restarts over the same store with every page
+/// damaged by `damage` (given its key and its bytes, `None` to remove it)
+/// while the new publisher claims and replays; the pages come back after.
+fn restart_over_unreadable_pages(damage: impl Fn(&str, &mut Option<(Vec<u8>, u64)>)) {
     let cfg = restart_config(4, 2);
     let (mut a, mut store) = started(cfg.clone());
     let mut log: Vec<Vec<Op>> = Vec::new();
@@ -484,14 +506,21 @@ fn a_restart_whose_pages_cannot_be_read_publishes_on() {
     }
     assert!(!store.head().pages.is_empty());
     drop(a);
-    // The pages are gone while the new process claims and replays.
+    // The pages are damaged while the new process claims and replays.
     let pages: HashMap<String, (Vec<u8>, u64)> = store
         .objects
         .iter()
         .filter(|(k, _)| object_kind(k) == Some("page"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    store.objects.retain(|k, _| !pages.contains_key(k));
+    for (k, v) in &pages {
+        let mut d = Some(v.clone());
+        damage(k, &mut d);
+        match d {
+            Some(d) => store.objects.insert(k.clone(), d),
+            None => store.objects.remove(k),
+        };
+    }
     let mut b = Publisher::new(cfg, 11);
     store.drive(&mut b, 1_000);
     for (i, ops) in log.iter().enumerate() {
